@@ -1,0 +1,113 @@
+//! Lowering a convolution to matrix products: im2col (gather patches into columns) and its
+//! adjoint col2im (scatter-add columns back into an image).
+//!
+//! The column matrix of one image and group is [C/g * R * S, P * Q], row (c, r, s), column
+//! (p, q): element = x[c, p*stride_h - pad_top + r*dil_h, q*stride_w - pad_left + s*dil_w],
+//! zero where that lands in the padding.
+
+use stride_tensor::Elem;
+
+use super::ConvGeom;
+
+/// For output column q, the input column is q*stride + offset. Returns the range of q for
+/// which it lies inside [0, w): the padding-free interior, so inner loops need no checks.
+#[inline]
+pub(crate) fn valid_range(
+    len_out: usize,
+    stride: usize,
+    offset: isize,
+    w: usize,
+) -> (usize, usize) {
+    // Smallest q with q*stride + offset >= 0.
+    let lo = if offset >= 0 {
+        0
+    } else {
+        ((-offset) as usize).div_ceil(stride)
+    };
+    // Largest q with q*stride + offset <= w - 1, plus one.
+    let hi = if (w as isize) - 1 - offset < 0 {
+        0
+    } else {
+        (((w as isize) - 1 - offset) as usize) / stride + 1
+    };
+    (lo.min(len_out), hi.min(len_out).max(lo.min(len_out)))
+}
+
+/// Fills `col` ([C/g*R*S, P*Q]) from `x` (the C/g channels of one image and group, [C/g, H, W]).
+pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+    let (h, w, p, q) = (g.h, g.w, g.p, g.q);
+    let (sh, sw) = g.stride;
+    let (dh, dw) = g.dilation;
+    debug_assert_eq!(x.len(), g.cg() * h * w);
+    debug_assert_eq!(col.len(), g.cg() * g.r * g.s * p * q);
+    let mut rows = col.chunks_exact_mut(p * q);
+    for c in 0..g.cg() {
+        let xc = &x[c * h * w..(c + 1) * h * w];
+        for r in 0..g.r {
+            for s in 0..g.s {
+                let row = rows.next().expect("col has C/g*R*S rows");
+                let off_w = (s * dw) as isize - g.pad.2 as isize;
+                let (q0, q1) = valid_range(q, sw, off_w, w);
+                for op in 0..p {
+                    let dst = &mut row[op * q..(op + 1) * q];
+                    let ih = (op * sh + r * dh) as isize - g.pad.0 as isize;
+                    if ih < 0 || ih >= h as isize || q0 == q1 {
+                        dst.fill(T::zero());
+                        continue;
+                    }
+                    let src = &xc[ih as usize * w..(ih as usize + 1) * w];
+                    dst[..q0].fill(T::zero());
+                    dst[q1..].fill(T::zero());
+                    let start = (q0 as isize * sw as isize + off_w) as usize;
+                    if sw == 1 {
+                        dst[q0..q1].copy_from_slice(&src[start..start + (q1 - q0)]);
+                    } else {
+                        for (i, d) in dst[q0..q1].iter_mut().enumerate() {
+                            *d = src[start + i * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the columns of `col` back into `x` ([C/g, H, W]); the adjoint of [`im2col`].
+pub(crate) fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T]) {
+    let (h, w, p, q) = (g.h, g.w, g.p, g.q);
+    let (sh, sw) = g.stride;
+    let (dh, dw) = g.dilation;
+    debug_assert_eq!(x.len(), g.cg() * h * w);
+    let mut rows = col.chunks_exact(p * q);
+    for c in 0..g.cg() {
+        let xc = &mut x[c * h * w..(c + 1) * h * w];
+        for r in 0..g.r {
+            for s in 0..g.s {
+                let row = rows.next().expect("col has C/g*R*S rows");
+                let off_w = (s * dw) as isize - g.pad.2 as isize;
+                let (q0, q1) = valid_range(q, sw, off_w, w);
+                if q0 == q1 {
+                    continue;
+                }
+                for op in 0..p {
+                    let ih = (op * sh + r * dh) as isize - g.pad.0 as isize;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let src = &row[op * q + q0..op * q + q1];
+                    let dst = &mut xc[ih as usize * w..(ih as usize + 1) * w];
+                    let start = (q0 as isize * sw as isize + off_w) as usize;
+                    if sw == 1 {
+                        for (d, &v) in dst[start..start + src.len()].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (i, &v) in src.iter().enumerate() {
+                            dst[start + i * sw] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

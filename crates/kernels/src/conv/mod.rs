@@ -1,0 +1,229 @@
+//! 2-D convolution, NCHW, forward and both gradients. A transposed convolution is the same
+//! three kernels with the roles of forward and data-gradient swapped (see `ConvGeom`).
+//!
+//! Algorithm choice lives in one place, [`Algo::choose`].
+
+mod depthwise;
+mod geom;
+mod im2col;
+pub mod reference;
+
+use rayon::prelude::*;
+use stride_tensor::Elem;
+
+pub use geom::{resolve_padding, window_out, Conv2dOptions, ConvGeom, Padding};
+
+use crate::gemm::{matmul, MatRef};
+
+/// The convolution algorithms, each a short function below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// 1x1, stride 1, no padding: the image already is the column matrix; one GEMM per image.
+    Pointwise,
+    /// One input channel per group: direct shifted multiply-adds (wins on depthwise layers and
+    /// single-channel inputs, where im2col would be mostly copying).
+    Depthwise,
+    /// Everything else: im2col then a packed GEMM per image and group.
+    Im2col,
+}
+
+impl Algo {
+    pub fn choose(g: &ConvGeom) -> Algo {
+        if g.is_pointwise() {
+            Algo::Pointwise
+        } else if g.is_depthwise() && g.groups > 1 {
+            Algo::Depthwise
+        } else if g.is_depthwise() && g.r * g.s <= 9 {
+            // A single-channel image with a small kernel: GEMM would have an inner dimension of
+            // at most 9, where packing costs more than it saves.
+            Algo::Depthwise
+        } else {
+            Algo::Im2col
+        }
+    }
+}
+
+/// How to split a batch over the thread pool: by image when there are enough images,
+/// otherwise inside each matrix product.
+fn split(n: usize) -> (bool, usize) {
+    let t = rayon::current_num_threads();
+    if n >= t {
+        (true, 1)
+    } else {
+        (false, t)
+    }
+}
+
+/// y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K].
+pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    debug_assert_eq!(x.len(), g.n * g.c * g.h * g.w);
+    debug_assert_eq!(w.len(), g.k * g.cg() * g.r * g.s);
+    match Algo::choose(g) {
+        Algo::Depthwise => depthwise::forward(g, x, w, bias),
+        algo => gemm_forward(g, algo, x, w, bias),
+    }
+}
+
+/// dx [N, C, H, W] from dy [N, K, P, Q]: the transposed convolution of dy with w.
+pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
+    debug_assert_eq!(dy.len(), g.n * g.k * g.p * g.q);
+    match Algo::choose(g) {
+        Algo::Depthwise => depthwise::backward_data(g, dy, w),
+        algo => gemm_backward_data(g, algo, dy, w),
+    }
+}
+
+/// dw [K, C/g, R, S] from x and dy (summed over the batch).
+pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
+    match Algo::choose(g) {
+        Algo::Depthwise => depthwise::backward_filter(g, x, dy),
+        algo => gemm_backward_filter(g, algo, x, dy),
+    }
+}
+
+/// dbias [K] = sum of dy over N, P, Q.
+pub fn backward_bias<T: Elem>(g: &ConvGeom, dy: &[T]) -> Vec<T> {
+    channel_sums(dy, g.n, g.k, g.p * g.q)
+}
+
+/// Sum over N and the plane of an [N, C, plane] buffer.
+pub fn channel_sums<T: Elem>(x: &[T], n: usize, c: usize, plane: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); c];
+    for i in 0..n {
+        for (ch, o) in out.iter_mut().enumerate() {
+            *o += x[(i * c + ch) * plane..(i * c + ch + 1) * plane]
+                .iter()
+                .copied()
+                .sum::<T>();
+        }
+    }
+    out
+}
+
+fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let (pq, chw, crs, kg) = (g.p * g.q, g.c * g.h * g.w, g.cg() * g.r * g.s, g.kg());
+    let mut y = vec![T::zero(); g.n * g.k * pq];
+    let (by_image, threads) = split(g.n);
+    let one = |(n, yn): (usize, &mut [T]), col: &mut Vec<T>| {
+        if let Some(b) = bias {
+            for (k, row) in yn.chunks_exact_mut(pq).enumerate() {
+                row.fill(b[k]);
+            }
+        }
+        for gi in 0..g.groups {
+            let xg = &x[n * chw + gi * g.cg() * g.h * g.w..n * chw + (gi + 1) * g.cg() * g.h * g.w];
+            let cols: &[T] = if algo == Algo::Pointwise {
+                xg
+            } else {
+                col.resize(crs * pq, T::zero());
+                im2col::im2col(g, xg, col);
+                col
+            };
+            // y[n, group] [K/g, PQ] (+)= w[group] [K/g, C/g*R*S] x col [C/g*R*S, PQ]
+            let wg = MatRef::rows(&w[gi * kg * crs..(gi + 1) * kg * crs], kg, crs);
+            matmul(
+                wg,
+                MatRef::rows(cols, crs, pq),
+                &mut yn[gi * kg * pq..(gi + 1) * kg * pq],
+                pq,
+                bias.is_some(),
+                threads,
+            );
+        }
+    };
+    let chunk = (g.k * pq).max(1);
+    if by_image {
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_with(Vec::new(), |col, item| one(item, col));
+    } else {
+        let mut col = Vec::new();
+        y.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|item| one(item, &mut col));
+    }
+    y
+}
+
+fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> Vec<T> {
+    let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    let (by_image, threads) = split(g.n);
+    let one = |(n, dxn): (usize, &mut [T]), col: &mut Vec<T>| {
+        for gi in 0..g.groups {
+            let dyg = &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
+            let wg = MatRef::rows(&w[gi * kg * crs..(gi + 1) * kg * crs], kg, crs).t();
+            let dxg = &mut dxn[gi * g.cg() * hw..(gi + 1) * g.cg() * hw];
+            // col [C/g*R*S, PQ] = w[group]^T [C/g*R*S, K/g] x dy[n, group] [K/g, PQ]
+            if algo == Algo::Pointwise {
+                matmul(wg, MatRef::rows(dyg, kg, pq), dxg, pq, false, threads);
+            } else {
+                col.resize(crs * pq, T::zero());
+                matmul(wg, MatRef::rows(dyg, kg, pq), col, pq, false, threads);
+                im2col::col2im(g, col, dxg);
+            }
+        }
+    };
+    let chunk = (g.c * hw).max(1);
+    if by_image {
+        dx.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_with(Vec::new(), |col, item| one(item, col));
+    } else {
+        let mut col = Vec::new();
+        dx.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|item| one(item, &mut col));
+    }
+    dx
+}
+
+fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) -> Vec<T> {
+    let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
+    let (by_image, threads) = split(g.n);
+    // Partial sums over a range of images; the ranges are summed at the end.
+    let partial = |images: std::ops::Range<usize>| -> Vec<T> {
+        let mut dw = vec![T::zero(); g.k * crs];
+        let mut col = Vec::new();
+        for n in images {
+            for gi in 0..g.groups {
+                let xg = &x[(n * g.c + gi * g.cg()) * hw..(n * g.c + (gi + 1) * g.cg()) * hw];
+                let dyg = &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
+                let cols: &[T] = if algo == Algo::Pointwise {
+                    xg
+                } else {
+                    col.resize(crs * pq, T::zero());
+                    im2col::im2col(g, xg, &mut col);
+                    &col
+                };
+                // dw[group] [K/g, C/g*R*S] += dy [K/g, PQ] x col^T [PQ, C/g*R*S]
+                let dwg = &mut dw[gi * kg * crs..(gi + 1) * kg * crs];
+                matmul(
+                    MatRef::rows(dyg, kg, pq),
+                    MatRef::rows(cols, crs, pq).t(),
+                    dwg,
+                    crs,
+                    true,
+                    threads,
+                );
+            }
+        }
+        dw
+    };
+    if !by_image {
+        return partial(0..g.n);
+    }
+    let t = rayon::current_num_threads().min(g.n).max(1);
+    let parts: Vec<Vec<T>> = (0..t)
+        .into_par_iter()
+        .map(|i| partial(i * g.n / t..(i + 1) * g.n / t))
+        .collect();
+    let mut iter = parts.into_iter();
+    let mut dw = iter.next().unwrap_or_else(|| vec![T::zero(); g.k * crs]);
+    for p in iter {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
+}

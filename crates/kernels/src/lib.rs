@@ -1,0 +1,6 @@
+//! Stride's CPU kernels over plain slices in NCHW order. All `unsafe` of the project lives
+//! here (the one call into the `gemm` crate); every fast path has a portable reference kernel
+//! beside it that the tests use as the oracle.
+
+pub mod conv;
+pub mod gemm;

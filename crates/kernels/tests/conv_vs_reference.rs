@@ -1,0 +1,172 @@
+//! Every convolution algorithm against the naive reference, over random geometry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use stride_kernels::conv::{self, reference, Algo, Conv2dOptions, ConvGeom, Padding};
+use stride_tensor::Rng;
+
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    cg: usize,
+    kg: usize,
+    groups: usize,
+    h: usize,
+    w: usize,
+    r: usize,
+    s: usize,
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    padding: Padding,
+    bias: bool,
+}
+
+fn padding() -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| {
+            Padding::Explicit {
+                top,
+                bottom,
+                left,
+                right,
+            }
+        }),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        (1usize..10, 1usize..10, 1usize..5, 1usize..5),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        padding(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((n, cg, kg, groups), (h, w, r, s), (sh, sw, dh, dw), padding, bias)| Case {
+                n,
+                cg,
+                kg,
+                groups,
+                h,
+                w,
+                r,
+                s,
+                stride: (sh, sw),
+                dilation: (dh, dw),
+                padding,
+                bias,
+            },
+        )
+}
+
+static VALID: AtomicUsize = AtomicUsize::new(0);
+
+fn check(c: &Case) -> Result<(), TestCaseError> {
+    let opts = Conv2dOptions {
+        stride: c.stride,
+        dilation: c.dilation,
+        padding: c.padding,
+        groups: c.groups,
+        output_padding: (0, 0),
+    };
+    let x_shape = [c.n, c.cg * c.groups, c.h, c.w];
+    let w_shape = [c.kg * c.groups, c.cg, c.r, c.s];
+    let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else {
+        // Geometry errors are tested elsewhere; here only valid geometry matters.
+        return Ok(());
+    };
+    VALID.fetch_add(1, Ordering::Relaxed);
+    let mut rng = Rng::seed(7);
+    let x = rng.normal::<f64>(&x_shape, 0.0, 1.0).unwrap();
+    let w = rng.normal::<f64>(&w_shape, 0.0, 1.0).unwrap();
+    let b = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
+    let dy = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let bias = c.bias.then_some(b.data());
+    let close = |a: &[f64], b: &[f64], what: &str| -> Result<(), TestCaseError> {
+        prop_assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            prop_assert!(
+                (x - y).abs() <= 1e-9 * (1.0 + y.abs()),
+                "{} [{}]: {} vs {} ({:?}, {:?})",
+                what,
+                i,
+                x,
+                y,
+                g,
+                Algo::choose(&g)
+            );
+        }
+        Ok(())
+    };
+    close(
+        &conv::forward(&g, x.data(), w.data(), bias),
+        &reference::forward(&g, x.data(), w.data(), bias),
+        "forward",
+    )?;
+    close(
+        &conv::backward_data(&g, dy.data(), w.data()),
+        &reference::backward_data(&g, dy.data(), w.data()),
+        "backward_data",
+    )?;
+    close(
+        &conv::backward_filter(&g, x.data(), dy.data()),
+        &reference::backward_filter(&g, x.data(), dy.data()),
+        "backward_filter",
+    )?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn fast_conv_matches_reference(c in case()) {
+        check(&c)?;
+    }
+}
+
+#[test]
+fn most_random_cases_have_valid_geometry() {
+    // Runs the property over a fixed sample and checks it did not just skip everything.
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..200 {
+        let c = case().new_tree(&mut runner).unwrap().current();
+        check(&c).unwrap();
+    }
+    assert!(
+        VALID.load(Ordering::Relaxed) >= 100,
+        "only {} of 200 cases had valid geometry",
+        VALID.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn every_algorithm_is_exercised() {
+    let geo = |x: [usize; 4], w: [usize; 4], o: Conv2dOptions| {
+        Algo::choose(&ConvGeom::conv2d(&x, &w, &o).unwrap())
+    };
+    assert_eq!(
+        geo([2, 8, 5, 5], [4, 8, 1, 1], Conv2dOptions::default()),
+        Algo::Pointwise
+    );
+    assert_eq!(
+        geo(
+            [2, 8, 5, 5],
+            [8, 1, 3, 3],
+            Conv2dOptions::default().groups(8)
+        ),
+        Algo::Depthwise
+    );
+    assert_eq!(
+        geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()),
+        Algo::Depthwise
+    );
+    assert_eq!(
+        geo([2, 8, 5, 5], [4, 8, 3, 3], Conv2dOptions::default()),
+        Algo::Im2col
+    );
+}
