@@ -4,3 +4,7 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod norm;
+pub mod pool;
+pub mod softmax;
+pub mod unary;

@@ -1,0 +1,394 @@
+//! Pooling over NCHW planes: max, average, Lp, adaptive, and channel (depth-window) max.
+
+use rayon::prelude::*;
+use stride_tensor::{Elem, Error, Result};
+
+use crate::conv::{resolve_padding, Padding};
+
+/// Options of max/avg/Lp pooling, with PyTorch's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2dOptions {
+    pub kernel: (usize, usize),
+    /// Defaults to the kernel size.
+    pub stride: Option<(usize, usize)>,
+    /// Explicit padding must be at most half the kernel on each side (PyTorch's rule), so every
+    /// window holds at least one real element. `Same` is TensorFlow's rule.
+    pub padding: Padding,
+    /// Round the output size up, so a partial window at the end still yields an output.
+    pub ceil_mode: bool,
+    /// Average pooling only: count padded positions in the divisor (PyTorch's default; use
+    /// `false` for TensorFlow's "same" average pooling).
+    pub count_include_pad: bool,
+}
+
+impl Pool2dOptions {
+    pub fn new(k: usize) -> Self {
+        Pool2dOptions { kernel: (k, k), stride: None, padding: Padding::Valid, ceil_mode: false, count_include_pad: true }
+    }
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = Some((s, s));
+        self
+    }
+    pub fn padding(mut self, p: Padding) -> Self {
+        self.padding = p;
+        self
+    }
+    pub fn ceil_mode(mut self, on: bool) -> Self {
+        self.ceil_mode = on;
+        self
+    }
+    pub fn count_include_pad(mut self, on: bool) -> Self {
+        self.count_include_pad = on;
+        self
+    }
+}
+
+/// Geometry of one pooling call: [N, C, H, W] -> [N, C, P, Q].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub p: usize,
+    pub q: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    /// (top, bottom, left, right)
+    pub pad: (usize, usize, usize, usize),
+    pub count_include_pad: bool,
+}
+
+/// Checks a 4-D NCHW shape.
+pub fn nchw(op: &'static str, shape: &[usize]) -> Result<[usize; 4]> {
+    match *shape {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        _ => Err(Error::shape(op, format!("expects a 4-D [N, C, H, W] input, got shape {shape:?}"))),
+    }
+}
+
+fn pool_axis(op: &'static str, axis: &str, input: usize, k: usize, s: usize, pad: (usize, usize), ceil: bool) -> Result<usize> {
+    let padded = input + pad.0 + pad.1;
+    if k == 0 || s == 0 {
+        return Err(Error::arg(op, format!("kernel {k} and stride {s} must be at least 1")));
+    }
+    if padded < k {
+        return Err(Error::geometry(op, format!("kernel {k} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})", pad.0, pad.1)));
+    }
+    let span = padded - k;
+    let mut out = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
+    // PyTorch: the last window must start inside the input or the left padding.
+    if ceil && (out - 1) * s >= input + pad.0 {
+        out -= 1;
+    }
+    Ok(out)
+}
+
+impl PoolGeom {
+    pub fn new(op: &'static str, x: &[usize], o: &Pool2dOptions) -> Result<Self> {
+        let [n, c, h, w] = nchw(op, x)?;
+        let (kh, kw) = o.kernel;
+        let (sh, sw) = o.stride.unwrap_or(o.kernel);
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
+            return Err(Error::arg(op, format!("kernel {:?} and stride {:?} must be at least 1", o.kernel, (sh, sw))));
+        }
+        let ph = resolve_padding(o.padding, true, h, kh, sh);
+        let pw = resolve_padding(o.padding, false, w, kw, sw);
+        if let Padding::Explicit { .. } = o.padding {
+            if ph.0.max(ph.1) > kh / 2 || pw.0.max(pw.1) > kw / 2 {
+                return Err(Error::arg(op, format!("padding {:?} must be at most half the kernel {:?}", (ph.0, ph.1, pw.0, pw.1), o.kernel)));
+            }
+        }
+        let ceil = o.ceil_mode && o.padding != Padding::Same;
+        let p = pool_axis(op, "height", h, kh, sh, ph, ceil)?;
+        let q = pool_axis(op, "width", w, kw, sw, pw, ceil)?;
+        Ok(PoolGeom { n, c, h, w, p, q, kernel: (kh, kw), stride: (sh, sw), pad: (ph.0, ph.1, pw.0, pw.1), count_include_pad: o.count_include_pad })
+    }
+
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.p, self.q]
+    }
+
+    /// Window of output (i, j): input rows and columns (clipped to the image) and the
+    /// window's size counting padding, as PyTorch computes it.
+    #[inline]
+    fn window(&self, i: usize, j: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>, usize) {
+        let hs = (i * self.stride.0) as isize - self.pad.0 as isize;
+        let ws = (j * self.stride.1) as isize - self.pad.2 as isize;
+        let he = (hs + self.kernel.0 as isize).min((self.h + self.pad.1) as isize);
+        let we = (ws + self.kernel.1 as isize).min((self.w + self.pad.3) as isize);
+        let size = ((he - hs) * (we - ws)) as usize;
+        let clip = |a: isize, hi: usize| a.clamp(0, hi as isize) as usize;
+        (clip(hs, self.h)..clip(he, self.h), clip(ws, self.w)..clip(we, self.w), size)
+    }
+}
+
+/// Runs `f(output plane, input plane)` over all N*C planes in parallel.
+fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
+    if out_plane == 0 || in_plane == 0 {
+        return;
+    }
+    out.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).for_each(|(o, i)| f(o, i));
+}
+
+/// Max pooling; also returns, per output, the flat index in its input plane of the maximum.
+pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let mut y = vec![(T::zero(), 0u32); g.n * g.c * pq];
+    planes(x, hw, &mut y, pq, |out, xp| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let (rows, cols, _) = g.window(i, j);
+                let mut best = (T::neg_infinity(), (rows.start * g.w + cols.start) as u32);
+                for r in rows {
+                    for c in cols.clone() {
+                        let v = xp[r * g.w + c];
+                        if v > best.0 || v.is_nan() {
+                            best = (v, (r * g.w + c) as u32);
+                            if v.is_nan() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                out[i * g.q + j] = best;
+            }
+        }
+    });
+    y.into_iter().unzip()
+}
+
+fn avg_divisor(g: &PoolGeom, rows: &std::ops::Range<usize>, cols: &std::ops::Range<usize>, size: usize) -> usize {
+    if g.count_include_pad {
+        size
+    } else {
+        rows.len() * cols.len()
+    }
+}
+
+pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let mut y = vec![T::zero(); g.n * g.c * pq];
+    planes(x, hw, &mut y, pq, |out, xp| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let (rows, cols, size) = g.window(i, j);
+                let div = avg_divisor(g, &rows, &cols, size);
+                let mut acc = T::zero();
+                for r in rows {
+                    acc += xp[r * g.w + cols.start..r * g.w + cols.end].iter().copied().sum::<T>();
+                }
+                out[i * g.q + j] = acc / T::c(div as f64);
+            }
+        }
+    });
+    y
+}
+
+pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    planes(dy, pq, &mut dx, hw, |dxp, dyp| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let (rows, cols, size) = g.window(i, j);
+                let v = dyp[i * g.q + j] / T::c(avg_divisor(g, &rows, &cols, size) as f64);
+                for r in rows {
+                    for d in &mut dxp[r * g.w + cols.start..r * g.w + cols.end] {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// Lp (power-average) pooling: y = (sum over the window of |x|^p)^(1/p); padding adds 0.
+pub fn lp_forward<T: Elem>(g: &PoolGeom, x: &[T], p: T) -> Vec<T> {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let mut y = vec![T::zero(); g.n * g.c * pq];
+    planes(x, hw, &mut y, pq, |out, xp| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let (rows, cols, _) = g.window(i, j);
+                let mut acc = T::zero();
+                for r in rows {
+                    for &v in &xp[r * g.w + cols.start..r * g.w + cols.end] {
+                        acc += v.abs().powf(p);
+                    }
+                }
+                out[i * g.q + j] = acc.powf(T::one() / p);
+            }
+        }
+    });
+    y
+}
+
+/// dx = dy * sign(x) |x|^(p-1) / y^(p-1); zero where the window's norm is zero.
+pub fn lp_backward<T: Elem>(g: &PoolGeom, x: &[T], y: &[T], dy: &[T], p: T) -> Vec<T> {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    if hw == 0 || pq == 0 {
+        return dx;
+    }
+    let pm1 = p - T::one();
+    dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(y.par_chunks(pq).zip(dy.par_chunks(pq))).for_each(|((dxp, xp), (yp, dyp))| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let yv = yp[i * g.q + j];
+                if yv == T::zero() {
+                    continue;
+                }
+                let scale = dyp[i * g.q + j] / yv.powf(pm1);
+                let (rows, cols, _) = g.window(i, j);
+                for r in rows {
+                    for c in cols.clone() {
+                        let v = xp[r * g.w + c];
+                        dxp[r * g.w + c] += scale * v.signum() * v.abs().powf(pm1);
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// Adaptive pooling bins: output i covers [floor(i*H/P), ceil((i+1)*H/P)).
+#[inline]
+pub fn adaptive_bin(i: usize, input: usize, out: usize) -> std::ops::Range<usize> {
+    (i * input / out)..((i + 1) * input).div_ceil(out)
+}
+
+/// Checks the target size of an adaptive pool.
+pub fn adaptive_check(op: &'static str, x: &[usize], out: (usize, usize)) -> Result<[usize; 4]> {
+    let d = nchw(op, x)?;
+    if out.0 == 0 || out.1 == 0 || d[2] == 0 || d[3] == 0 {
+        return Err(Error::arg(op, format!("output size {out:?} and input size {:?} must be non-zero", (d[2], d[3]))));
+    }
+    Ok(d)
+}
+
+/// Adaptive average pooling of [N, C, H, W] to [N, C, P, Q].
+pub fn adaptive_avg_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)) -> Vec<T> {
+    let [n, c, h, w] = d;
+    let (p, q) = out;
+    let mut y = vec![T::zero(); n * c * p * q];
+    planes(x, h * w, &mut y, p * q, |o, xp| {
+        for i in 0..p {
+            let rows = adaptive_bin(i, h, p);
+            for j in 0..q {
+                let cols = adaptive_bin(j, w, q);
+                let cnt = T::c((rows.len() * cols.len()) as f64);
+                let s: T = rows.clone().map(|r| xp[r * w + cols.start..r * w + cols.end].iter().copied().sum::<T>()).sum();
+                o[i * q + j] = s / cnt;
+            }
+        }
+    });
+    y
+}
+
+pub fn adaptive_avg_backward<T: Elem>(dy: &[T], d: [usize; 4], out: (usize, usize)) -> Vec<T> {
+    let [n, c, h, w] = d;
+    let (p, q) = out;
+    let mut dx = vec![T::zero(); n * c * h * w];
+    planes(dy, p * q, &mut dx, h * w, |dxp, dyp| {
+        for i in 0..p {
+            let rows = adaptive_bin(i, h, p);
+            for j in 0..q {
+                let cols = adaptive_bin(j, w, q);
+                let v = dyp[i * q + j] / T::c((rows.len() * cols.len()) as f64);
+                for r in rows.clone() {
+                    for dd in &mut dxp[r * w + cols.start..r * w + cols.end] {
+                        *dd += v;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// Adaptive max pooling; returns the values and each maximum's flat index in its plane.
+pub fn adaptive_max_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)) -> (Vec<T>, Vec<u32>) {
+    let [n, c, h, w] = d;
+    let (p, q) = out;
+    let mut y = vec![(T::zero(), 0u32); n * c * p * q];
+    planes(x, h * w, &mut y, p * q, |o, xp| {
+        for i in 0..p {
+            let rows = adaptive_bin(i, h, p);
+            for j in 0..q {
+                let cols = adaptive_bin(j, w, q);
+                let mut best = (T::neg_infinity(), (rows.start * w + cols.start) as u32);
+                for r in rows.clone() {
+                    for cc in cols.clone() {
+                        let v = xp[r * w + cc];
+                        if v > best.0 || (v.is_nan() && !best.0.is_nan()) {
+                            best = (v, (r * w + cc) as u32);
+                        }
+                    }
+                }
+                o[i * q + j] = best;
+            }
+        }
+    });
+    y.into_iter().unzip()
+}
+
+/// Scatters output gradients to the recorded positions: [N*C planes of `pq`] -> planes of `hw`.
+pub fn scatter_planes<T: Elem>(dy: &[T], idx: &[u32], planes: usize, pq: usize, hw: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); planes * hw];
+    if hw == 0 || pq == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(hw).zip(dy.par_chunks(pq).zip(idx.par_chunks(pq))).for_each(|(dxp, (dyp, ip))| {
+        for (&d, &i) in dyp.iter().zip(ip) {
+            dxp[i as usize] += d;
+        }
+    });
+    dx
+}
+
+/// Channel (depth-window) max pooling, TensorFlow's `max_pool` with a window over channels:
+/// output channel j is the maximum of input channels j*stride .. j*stride + depth.
+/// Returns the values and the winning channel of each output.
+pub fn channel_max_forward<T: Elem>(x: &[T], d: [usize; 4], depth: usize, stride: usize) -> (Vec<T>, Vec<u32>) {
+    let [n, c, h, w] = d;
+    let hw = h * w;
+    let co = (c - depth) / stride + 1;
+    let mut vals = vec![T::zero(); n * co * hw];
+    let mut idx = vec![0u32; n * co * hw];
+    for b in 0..n {
+        for j in 0..co {
+            let o = (b * co + j) * hw;
+            let first = (b * c + j * stride) * hw;
+            vals[o..o + hw].copy_from_slice(&x[first..first + hw]);
+            idx[o..o + hw].fill((j * stride) as u32);
+            for ch in j * stride + 1..j * stride + depth {
+                let src = &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+                for ((v, i), &s) in vals[o..o + hw].iter_mut().zip(&mut idx[o..o + hw]).zip(src) {
+                    if s > *v || (s.is_nan() && !v.is_nan()) {
+                        *v = s;
+                        *i = ch as u32;
+                    }
+                }
+            }
+        }
+    }
+    (vals, idx)
+}
+
+pub fn channel_max_backward<T: Elem>(dy: &[T], idx: &[u32], d: [usize; 4], co: usize) -> Vec<T> {
+    let [n, c, h, w] = d;
+    let hw = h * w;
+    let mut dx = vec![T::zero(); n * c * hw];
+    for b in 0..n {
+        for j in 0..co {
+            for pix in 0..hw {
+                let o = (b * co + j) * hw + pix;
+                dx[(b * c + idx[o] as usize) * hw + pix] += dy[o];
+            }
+        }
+    }
+    dx
+}

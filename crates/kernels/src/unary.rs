@@ -1,0 +1,160 @@
+//! Element-wise functions and their derivatives, side by side.
+
+use stride_tensor::Elem;
+
+/// An element-wise function y = f(x). Parameters are stored as f64 and converted per element
+/// type. `grad` returns dy/dx from x and y (whichever is cheaper).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    /// min(max(x, 0), 6)
+    Relu6,
+    /// x if x > 0 else slope * x
+    LeakyRelu(f64),
+    /// x if x > 0 else alpha * (exp(x) - 1)
+    Elu(f64),
+    /// scale * elu(x, alpha) with the self-normalising constants
+    Selu,
+    /// x * Phi(x), exact (erf), as PyTorch's default
+    Gelu,
+    /// x * sigmoid(x)
+    Silu,
+    /// x * relu6(x + 3) / 6
+    HardSwish,
+    Tanh,
+    Sigmoid,
+    /// log(1 + exp(beta x)) / beta, linear above `threshold` (PyTorch's rule)
+    Softplus { beta: f64, threshold: f64 },
+    Exp,
+    /// Natural log.
+    Log,
+    Sqrt,
+    Neg,
+    Abs,
+    Square,
+    /// x^p for a constant p.
+    Pow(f64),
+    /// x + c
+    AddScalar(f64),
+    /// x * c
+    MulScalar(f64),
+    /// min(max(x, lo), hi); the gradient is 1 inside [lo, hi] and 0 outside.
+    Clamp(f64, f64),
+}
+
+const SELU_ALPHA: f64 = 1.673_263_242_354_377_3;
+const SELU_SCALE: f64 = 1.050_700_987_355_480_5;
+
+#[inline]
+fn sigmoid<T: Elem>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+impl Unary {
+    #[inline]
+    pub fn apply<T: Elem>(self, x: T) -> T {
+        let zero = T::zero();
+        match self {
+            Unary::Relu => x.max(zero),
+            Unary::Relu6 => x.max(zero).min(T::c(6.0)),
+            Unary::LeakyRelu(a) => if x > zero { x } else { T::c(a) * x },
+            Unary::Elu(a) => if x > zero { x } else { T::c(a) * x.exp_m1() },
+            Unary::Selu => T::c(SELU_SCALE) * if x > zero { x } else { T::c(SELU_ALPHA) * x.exp_m1() },
+            Unary::Gelu => x * T::c(0.5 * (1.0 + libm::erf(x.as_f64() / std::f64::consts::SQRT_2))),
+            Unary::Silu => x * sigmoid(x),
+            Unary::HardSwish => x * (x + T::c(3.0)).max(zero).min(T::c(6.0)) / T::c(6.0),
+            Unary::Tanh => x.tanh(),
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Softplus { beta, threshold } => {
+                let bx = T::c(beta) * x;
+                if bx > T::c(threshold) { x } else { bx.exp().ln_1p() / T::c(beta) }
+            }
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Neg => -x,
+            Unary::Abs => x.abs(),
+            Unary::Square => x * x,
+            Unary::Pow(p) => x.powf(T::c(p)),
+            Unary::AddScalar(c) => x + T::c(c),
+            Unary::MulScalar(c) => x * T::c(c),
+            Unary::Clamp(lo, hi) => x.max(T::c(lo)).min(T::c(hi)),
+        }
+    }
+
+    /// dy/dx at x, where y = self.apply(x).
+    #[inline]
+    pub fn grad<T: Elem>(self, x: T, y: T) -> T {
+        let (zero, one) = (T::zero(), T::one());
+        let step = |c: bool| if c { one } else { zero };
+        match self {
+            Unary::Relu => step(x > zero),
+            Unary::Relu6 => step(x > zero && x < T::c(6.0)),
+            Unary::LeakyRelu(a) => if x > zero { one } else { T::c(a) },
+            Unary::Elu(a) => if x > zero { one } else { T::c(a) * x.exp() },
+            Unary::Selu => T::c(SELU_SCALE) * if x > zero { one } else { T::c(SELU_ALPHA) * x.exp() },
+            Unary::Gelu => {
+                let xf = x.as_f64();
+                let cdf = 0.5 * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * xf * xf).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                T::c(cdf + xf * pdf)
+            }
+            Unary::Silu => {
+                let s = sigmoid(x);
+                s * (one + x * (one - s))
+            }
+            Unary::HardSwish => {
+                if x < T::c(-3.0) {
+                    zero
+                } else if x > T::c(3.0) {
+                    one
+                } else {
+                    (T::c(2.0) * x + T::c(3.0)) / T::c(6.0)
+                }
+            }
+            Unary::Tanh => one - y * y,
+            Unary::Sigmoid => y * (one - y),
+            Unary::Softplus { beta, threshold } => {
+                let bx = T::c(beta) * x;
+                if bx > T::c(threshold) { one } else { sigmoid(bx) }
+            }
+            Unary::Exp => y,
+            Unary::Log => one / x,
+            Unary::Sqrt => T::c(0.5) / y,
+            Unary::Neg => -one,
+            Unary::Abs => x.signum() * step(x != zero),
+            Unary::Square => T::c(2.0) * x,
+            Unary::Pow(p) => T::c(p) * x.powf(T::c(p - 1.0)),
+            Unary::AddScalar(_) => one,
+            Unary::MulScalar(c) => T::c(c),
+            Unary::Clamp(lo, hi) => step(x >= T::c(lo) && x <= T::c(hi)),
+        }
+    }
+
+    /// Short lower-case name, for errors and debug output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Relu => "relu",
+            Unary::Relu6 => "relu6",
+            Unary::LeakyRelu(_) => "leaky_relu",
+            Unary::Elu(_) => "elu",
+            Unary::Selu => "selu",
+            Unary::Gelu => "gelu",
+            Unary::Silu => "silu",
+            Unary::HardSwish => "hardswish",
+            Unary::Tanh => "tanh",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Softplus { .. } => "softplus",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Sqrt => "sqrt",
+            Unary::Neg => "neg",
+            Unary::Abs => "abs",
+            Unary::Square => "square",
+            Unary::Pow(_) => "pow",
+            Unary::AddScalar(_) => "add_scalar",
+            Unary::MulScalar(_) => "mul_scalar",
+            Unary::Clamp(..) => "clamp",
+        }
+    }
+}
