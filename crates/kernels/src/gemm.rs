@@ -110,6 +110,16 @@ pub fn matmul<T: Elem>(
     }
 }
 
+/// Threads worth using for an m x k x n product: the whole pool for large products, one for
+/// small ones where splitting costs more than it saves.
+pub fn auto_threads(m: usize, k: usize, n: usize) -> usize {
+    if (m as f64) * (k as f64) * (n as f64) >= 96.0 * 96.0 * 96.0 {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

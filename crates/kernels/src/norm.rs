@@ -21,9 +21,18 @@ pub fn batch_stats<T: Elem>(x: &[T], n: usize, c: usize, l: usize, eps: f64) -> 
         .into_par_iter()
         .map(|ch| {
             let plane = |b: usize| &x[(b * c + ch) * l..(b * c + ch + 1) * l];
-            let sum: f64 = (0..n).map(|b| plane(b).iter().map(|v| v.as_f64()).sum::<f64>()).sum();
+            let sum: f64 = (0..n)
+                .map(|b| plane(b).iter().map(|v| v.as_f64()).sum::<f64>())
+                .sum();
             let mean = sum / m;
-            let ss: f64 = (0..n).map(|b| plane(b).iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>()).sum();
+            let ss: f64 = (0..n)
+                .map(|b| {
+                    plane(b)
+                        .iter()
+                        .map(|v| (v.as_f64() - mean).powi(2))
+                        .sum::<f64>()
+                })
+                .sum();
             let var = ss / m;
             let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
             (T::c(mean), T::c(1.0 / (var + eps).sqrt()), T::c(unbiased))
@@ -37,19 +46,30 @@ pub fn batch_stats<T: Elem>(x: &[T], n: usize, c: usize, l: usize, eps: f64) -> 
 }
 
 /// y = gamma * (x - mean) * invstd + beta, per channel.
-pub fn normalize<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+pub fn normalize<T: Elem>(
+    x: &[T],
+    c: usize,
+    l: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    beta: &[T],
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     if l == 0 {
         return y;
     }
-    y.par_chunks_mut(l).zip(x.par_chunks(l)).enumerate().for_each(|(i, (yp, xp))| {
-        let ch = i % c;
-        let a = gamma[ch] * invstd[ch];
-        let b = beta[ch] - mean[ch] * a;
-        for (o, &v) in yp.iter_mut().zip(xp) {
-            *o = a * v + b;
-        }
-    });
+    y.par_chunks_mut(l)
+        .zip(x.par_chunks(l))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| {
+            let ch = i % c;
+            let a = gamma[ch] * invstd[ch];
+            let b = beta[ch] - mean[ch] * a;
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = a * v + b;
+            }
+        });
     y
 }
 
@@ -57,7 +77,17 @@ pub fn normalize<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T],
 /// (training mode); without, they are constants (evaluation mode).
 /// Returns (dx, dgamma, dbeta).
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: Elem>(dy: &[T], x: &[T], n: usize, c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], batch_stats: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub fn backward<T: Elem>(
+    dy: &[T],
+    x: &[T],
+    n: usize,
+    c: usize,
+    l: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    batch_stats: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let sums: Vec<(T, T)> = (0..c)
         .into_par_iter()
         .map(|ch| {

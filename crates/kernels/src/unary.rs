@@ -24,7 +24,10 @@ pub enum Unary {
     Tanh,
     Sigmoid,
     /// log(1 + exp(beta x)) / beta, linear above `threshold` (PyTorch's rule)
-    Softplus { beta: f64, threshold: f64 },
+    Softplus {
+        beta: f64,
+        threshold: f64,
+    },
     Exp,
     /// Natural log.
     Log,
@@ -57,9 +60,28 @@ impl Unary {
         match self {
             Unary::Relu => x.max(zero),
             Unary::Relu6 => x.max(zero).min(T::c(6.0)),
-            Unary::LeakyRelu(a) => if x > zero { x } else { T::c(a) * x },
-            Unary::Elu(a) => if x > zero { x } else { T::c(a) * x.exp_m1() },
-            Unary::Selu => T::c(SELU_SCALE) * if x > zero { x } else { T::c(SELU_ALPHA) * x.exp_m1() },
+            Unary::LeakyRelu(a) => {
+                if x > zero {
+                    x
+                } else {
+                    T::c(a) * x
+                }
+            }
+            Unary::Elu(a) => {
+                if x > zero {
+                    x
+                } else {
+                    T::c(a) * x.exp_m1()
+                }
+            }
+            Unary::Selu => {
+                T::c(SELU_SCALE)
+                    * if x > zero {
+                        x
+                    } else {
+                        T::c(SELU_ALPHA) * x.exp_m1()
+                    }
+            }
             Unary::Gelu => x * T::c(0.5 * (1.0 + libm::erf(x.as_f64() / std::f64::consts::SQRT_2))),
             Unary::Silu => x * sigmoid(x),
             Unary::HardSwish => x * (x + T::c(3.0)).max(zero).min(T::c(6.0)) / T::c(6.0),
@@ -67,7 +89,11 @@ impl Unary {
             Unary::Sigmoid => sigmoid(x),
             Unary::Softplus { beta, threshold } => {
                 let bx = T::c(beta) * x;
-                if bx > T::c(threshold) { x } else { bx.exp().ln_1p() / T::c(beta) }
+                if bx > T::c(threshold) {
+                    x
+                } else {
+                    bx.exp().ln_1p() / T::c(beta)
+                }
             }
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
@@ -90,9 +116,28 @@ impl Unary {
         match self {
             Unary::Relu => step(x > zero),
             Unary::Relu6 => step(x > zero && x < T::c(6.0)),
-            Unary::LeakyRelu(a) => if x > zero { one } else { T::c(a) },
-            Unary::Elu(a) => if x > zero { one } else { T::c(a) * x.exp() },
-            Unary::Selu => T::c(SELU_SCALE) * if x > zero { one } else { T::c(SELU_ALPHA) * x.exp() },
+            Unary::LeakyRelu(a) => {
+                if x > zero {
+                    one
+                } else {
+                    T::c(a)
+                }
+            }
+            Unary::Elu(a) => {
+                if x > zero {
+                    one
+                } else {
+                    T::c(a) * x.exp()
+                }
+            }
+            Unary::Selu => {
+                T::c(SELU_SCALE)
+                    * if x > zero {
+                        one
+                    } else {
+                        T::c(SELU_ALPHA) * x.exp()
+                    }
+            }
             Unary::Gelu => {
                 let xf = x.as_f64();
                 let cdf = 0.5 * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
@@ -116,7 +161,11 @@ impl Unary {
             Unary::Sigmoid => y * (one - y),
             Unary::Softplus { beta, threshold } => {
                 let bx = T::c(beta) * x;
-                if bx > T::c(threshold) { one } else { sigmoid(bx) }
+                if bx > T::c(threshold) {
+                    one
+                } else {
+                    sigmoid(bx)
+                }
             }
             Unary::Exp => y,
             Unary::Log => one / x,

@@ -1,0 +1,113 @@
+//! Reverse-mode sweep: topological order from the loss, then each node's rule once.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use stride_tensor::{Elem, Error, ErrorKind, Result, Tensor};
+
+use crate::var::{Node, Var};
+
+impl<T: Elem> Var<T> {
+    /// Back-propagates from this scalar: fills `grad()` of every parameter it depends on,
+    /// adding to gradients already there (call `zero_grad` between steps).
+    pub fn backward(&self) -> Result<()> {
+        let v = self.value();
+        if v.numel() != 1 {
+            return Err(Error::new(
+                ErrorKind::Autograd,
+                "backward",
+                format!(
+                    "needs a scalar (one element) to start from, got shape {:?}",
+                    v.shape()
+                ),
+            ));
+        }
+        self.backward_with(Tensor::ones(v.shape())?)
+    }
+
+    /// Back-propagates a given output gradient (same shape as the value).
+    pub fn backward_with(&self, grad: Tensor<T>) -> Result<()> {
+        if grad.shape() != self.value_ref().shape() {
+            return Err(Error::new(
+                ErrorKind::Autograd,
+                "backward",
+                format!(
+                    "gradient shape {:?} differs from the value's {:?}",
+                    grad.shape(),
+                    self.shape()
+                ),
+            ));
+        }
+        if !self.requires_grad() {
+            return Err(Error::new(
+                ErrorKind::Autograd,
+                "backward",
+                "this value does not depend on any parameter (was it computed under no_grad?)",
+            ));
+        }
+        let order = topo_order(self);
+        let key = |v: &Var<T>| Rc::as_ptr(&v.0) as usize;
+        let mut grads: HashMap<usize, Tensor<T>> = HashMap::new();
+        grads.insert(key(self), grad);
+        for node in order.iter().rev() {
+            let Some(g) = grads.remove(&key(node)) else {
+                continue;
+            };
+            let Some(op) = &node.0.op else {
+                // A leaf: accumulate.
+                let mut slot = node.0.grad.borrow_mut();
+                match slot.as_mut() {
+                    Some(acc) => acc.add_assign(&g)?,
+                    None => *slot = Some(g),
+                }
+                continue;
+            };
+            let inputs: Vec<Tensor<T>> = node.0.parents.iter().map(|p| p.value()).collect();
+            let out = node.value();
+            let pg = op.backward(&g, &inputs, &out)?;
+            for (parent, pgrad) in node.0.parents.iter().zip(pg) {
+                let Some(pgrad) = pgrad else { continue };
+                if !parent.requires_grad() {
+                    continue;
+                }
+                debug_assert_eq!(
+                    pgrad.shape(),
+                    parent.value_ref().shape(),
+                    "{} gradient shape",
+                    op.name()
+                );
+                match grads.get_mut(&key(parent)) {
+                    Some(acc) => acc.add_assign(&pgrad)?,
+                    None => {
+                        grads.insert(key(parent), pgrad);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Nodes reachable from `root` that need gradients, each after all of its parents.
+fn topo_order<T: Elem>(root: &Var<T>) -> Vec<Var<T>> {
+    let mut order = Vec::new();
+    let mut seen: std::collections::HashSet<*const Node<T>> = std::collections::HashSet::new();
+    // Iterative post-order DFS: deep networks must not overflow the stack.
+    let mut stack: Vec<(Var<T>, bool)> = vec![(root.clone(), false)];
+    while let Some((v, expanded)) = stack.pop() {
+        if expanded {
+            order.push(v);
+            continue;
+        }
+        if !seen.insert(Rc::as_ptr(&v.0)) {
+            continue;
+        }
+        stack.push((v.clone(), true));
+        for p in &v.0.parents {
+            if p.requires_grad() && !seen.contains(&Rc::as_ptr(&p.0)) {
+                stack.push((p.clone(), false));
+            }
+        }
+    }
+    order
+}

@@ -1,0 +1,101 @@
+//! Matrix product (through the `gemm` crate) and the linear layer's function.
+
+use stride_kernels::gemm::{auto_threads, matmul as gemm, MatRef};
+use stride_tensor::{Elem, Result, Tensor};
+
+use crate::op::Op;
+use crate::Var;
+
+fn dims2(op: &'static str, what: &str, s: &[usize]) -> Result<(usize, usize)> {
+    match *s {
+        [a, b] => Ok((a, b)),
+        _ => Err(stride_tensor::Error::shape(
+            op,
+            format!("{what} must be 2-D, got shape {s:?}"),
+        )),
+    }
+}
+
+/// [m, k] x [k, n] of plain tensors; `ta`/`tb` read the stored matrices transposed.
+pub fn matmul_tensors<T: Elem>(
+    a: &Tensor<T>,
+    ta: bool,
+    b: &Tensor<T>,
+    tb: bool,
+) -> Result<Tensor<T>> {
+    let (ar, ac) = dims2("matmul", "left operand", a.shape())?;
+    let (br, bc) = dims2("matmul", "right operand", b.shape())?;
+    let mut av = MatRef::rows(a.data(), ar, ac);
+    let mut bv = MatRef::rows(b.data(), br, bc);
+    if ta {
+        av = av.t();
+    }
+    if tb {
+        bv = bv.t();
+    }
+    if av.cols != bv.rows {
+        stride_tensor::bail!(
+            shape,
+            "matmul",
+            "inner dimensions differ: [{}, {}] x [{}, {}]",
+            av.rows,
+            av.cols,
+            bv.rows,
+            bv.cols
+        );
+    }
+    let (m, k, n) = (av.rows, av.cols, bv.cols);
+    stride_tensor::shape::numel("matmul", &[m, n])?;
+    let mut c = vec![T::zero(); m * n];
+    gemm(av, bv, &mut c, n, false, auto_threads(m, k, n));
+    Tensor::from_vec(c, &[m, n])
+}
+
+impl<T: Elem> Var<T> {
+    /// Matrix product of 2-D values: [m, k] x [k, n] -> [m, n].
+    pub fn matmul(&self, other: &Var<T>) -> Result<Var<T>> {
+        let v = matmul_tensors(&self.value(), false, &other.value(), false)?;
+        Ok(Var::from_op(v, Op::MatMul, &[self, other]))
+    }
+}
+
+pub(crate) fn matmul_backward<T: Elem>(
+    g: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+) -> Result<Vec<Tensor<T>>> {
+    // dA = G B^T, dB = A^T G
+    Ok(vec![
+        matmul_tensors(g, false, b, true)?,
+        matmul_tensors(a, true, g, false)?,
+    ])
+}
+
+/// y = x W^T + b, PyTorch's `F.linear`: x [N, in], weight [out, in], bias [out] (composite).
+pub fn linear<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>) -> Result<Var<T>> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    let (_, fin) = dims2("linear", "input", &xs)?;
+    let (fout, win) = dims2("linear", "weight", &ws)?;
+    if fin != win {
+        stride_tensor::bail!(
+            shape,
+            "linear",
+            "input has {fin} features but the weight expects {win} (weight [{fout}, {win}])"
+        );
+    }
+    let y = x.matmul(&weight.permute(&[1, 0])?)?;
+    match bias {
+        Some(b) => {
+            if b.shape() != [fout] {
+                stride_tensor::bail!(
+                    shape,
+                    "linear",
+                    "bias has shape {:?}, expected [{fout}]",
+                    b.shape()
+                );
+            }
+            y.add(b)
+        }
+        None => Ok(y),
+    }
+}

@@ -1,0 +1,176 @@
+//! Batch normalisation (primitive) and dropout (composite).
+
+use stride_kernels::norm;
+use stride_tensor::{Elem, Result, Rng, Tensor};
+
+use crate::op::Op;
+use crate::Var;
+
+/// Options of [`batch_norm`] with PyTorch's defaults (momentum 0.1, eps 1e-5).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormOptions {
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+impl Default for BatchNormOptions {
+    fn default() -> Self {
+        BatchNormOptions {
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+}
+
+/// Batch norm over axis 1 of x ([N, C] or [N, C, H, W]; any trailing axes).
+/// Training: normalises with the batch's statistics and moves the running ones towards them
+/// (`running = (1 - momentum) * running + momentum * batch`, with the unbiased variance, as
+/// PyTorch). Evaluation: normalises with the running statistics and changes nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm<T: Elem>(
+    x: &Var<T>,
+    gamma: &Var<T>,
+    beta: &Var<T>,
+    running_mean: &mut Tensor<T>,
+    running_var: &mut Tensor<T>,
+    training: bool,
+    opts: BatchNormOptions,
+) -> Result<Var<T>> {
+    const OP: &str = "batch_norm";
+    let s = x.shape();
+    if s.len() < 2 {
+        stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
+    }
+    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+    for (name, t) in [
+        ("weight", gamma.shape()),
+        ("bias", beta.shape()),
+        ("running_mean", running_mean.shape().to_vec()),
+        ("running_var", running_var.shape().to_vec()),
+    ] {
+        if t != [c] {
+            stride_tensor::bail!(
+                shape,
+                OP,
+                "{name} has shape {t:?} but the input has {c} channels (input {s:?})"
+            );
+        }
+    }
+    if !(opts.eps > 0.0) || !(0.0..=1.0).contains(&opts.momentum) {
+        stride_tensor::bail!(
+            arg,
+            OP,
+            "eps must be positive and momentum in [0, 1], got eps {} momentum {}",
+            opts.eps,
+            opts.momentum
+        );
+    }
+    let xv = x.value();
+    let (mean, invstd) = if training {
+        if n * l <= 1 {
+            stride_tensor::bail!(
+                shape,
+                OP,
+                "training needs more than one value per channel, got input {s:?}"
+            );
+        }
+        let st = norm::batch_stats(xv.data(), n, c, l, opts.eps);
+        let m = T::c(opts.momentum);
+        for (r, &b) in running_mean.data_mut().iter_mut().zip(&st.mean) {
+            *r = (T::one() - m) * *r + m * b;
+        }
+        for (r, &b) in running_var.data_mut().iter_mut().zip(&st.var_unbiased) {
+            *r = (T::one() - m) * *r + m * b;
+        }
+        (st.mean, st.invstd)
+    } else {
+        let inv = running_var
+            .data()
+            .iter()
+            .map(|&v| T::one() / (v + T::c(opts.eps)).sqrt())
+            .collect();
+        (running_mean.data().to_vec(), inv)
+    };
+    let y = norm::normalize(
+        xv.data(),
+        c,
+        l,
+        &mean,
+        &invstd,
+        gamma.value_ref().data(),
+        beta.value_ref().data(),
+    );
+    let y = Tensor::from_vec(y, &s)?;
+    Ok(Var::from_op(
+        y,
+        Op::BatchNorm {
+            mean,
+            invstd,
+            training,
+        },
+        &[x, gamma, beta],
+    ))
+}
+
+pub(crate) fn batch_norm_backward<T: Elem>(
+    g: &Tensor<T>,
+    x: &[Tensor<T>],
+    mean: &[T],
+    invstd: &[T],
+    training: bool,
+) -> Result<Vec<Option<Tensor<T>>>> {
+    let s = x[0].shape();
+    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+    let (dx, dg, db) = norm::backward(
+        g.data(),
+        x[0].data(),
+        n,
+        c,
+        l,
+        mean,
+        invstd,
+        x[1].data(),
+        training,
+    );
+    Ok(vec![
+        Some(Tensor::from_vec(dx, s)?),
+        Some(Tensor::from_vec(dg, &[c])?),
+        Some(Tensor::from_vec(db, &[c])?),
+    ])
+}
+
+/// Inverted dropout: in training, zeroes each element with probability `p` and scales the
+/// rest by 1/(1-p); in evaluation, the identity (composite: a product with a constant mask).
+pub fn dropout<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> Result<Var<T>> {
+    if !(0.0..=1.0).contains(&p) {
+        stride_tensor::bail!(arg, "dropout", "probability must be in [0, 1], got {p}");
+    }
+    if !training || p == 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+    let shape = x.shape();
+    let mask = Tensor::from_fn(&shape, |_| {
+        T::c(if rng.uniform01() >= p { keep } else { 0.0 })
+    })?;
+    x.mul(&Var::constant(mask))
+}
+
+/// Dropout2d: zeroes whole channels of [N, C, H, W] with probability `p` (composite).
+pub fn dropout2d<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> Result<Var<T>> {
+    if !(0.0..=1.0).contains(&p) {
+        stride_tensor::bail!(arg, "dropout2d", "probability must be in [0, 1], got {p}");
+    }
+    let s = x.shape();
+    if s.len() != 4 {
+        stride_tensor::bail!(shape, "dropout2d", "expects [N, C, H, W], got {s:?}");
+    }
+    if !training || p == 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+    let mask = Tensor::from_fn(&[s[0], s[1], 1, 1], |_| {
+        T::c(if rng.uniform01() >= p { keep } else { 0.0 })
+    })?;
+    x.mul(&Var::constant(mask))
+}

@@ -1,0 +1,165 @@
+//! `Var`: a tensor on the tape. Leaves are inputs and parameters; every other `Var` remembers
+//! the primitive that made it and its inputs, until it is dropped.
+
+use std::cell::{Cell, Ref, RefCell};
+use std::rc::Rc;
+
+use stride_tensor::{Elem, Result, Tensor};
+
+use crate::op::Op;
+
+pub(crate) struct Node<T: Elem> {
+    pub(crate) value: RefCell<Tensor<T>>,
+    pub(crate) grad: RefCell<Option<Tensor<T>>>,
+    pub(crate) requires_grad: bool,
+    pub(crate) op: Option<Op<T>>,
+    pub(crate) parents: Vec<Var<T>>,
+}
+
+/// A tensor that takes part in automatic differentiation. Cloning shares the same node.
+pub struct Var<T: Elem = f32>(pub(crate) Rc<Node<T>>);
+
+impl<T: Elem> Clone for Var<T> {
+    fn clone(&self) -> Self {
+        Var(self.0.clone())
+    }
+}
+
+impl<T: Elem> std::fmt::Debug for Var<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = self.0.op.as_ref().map_or("leaf", |o| o.name());
+        write!(f, "Var({op}, {:?})", self.0.value.borrow())
+    }
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// While alive, ops record nothing (inference mode): every result is a leaf, so each
+/// intermediate is freed as soon as the next op has used it. Restores the previous mode on drop.
+pub struct NoGradGuard(bool);
+
+impl NoGradGuard {
+    pub fn new() -> Self {
+        NoGradGuard(GRAD_ENABLED.with(|g| g.replace(false)))
+    }
+}
+
+impl Default for NoGradGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.0));
+    }
+}
+
+/// Runs `f` with recording off (see [`NoGradGuard`]).
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = NoGradGuard::new();
+    f()
+}
+
+/// Whether ops are being recorded on this thread.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+impl<T: Elem> Var<T> {
+    fn leaf(value: Tensor<T>, requires_grad: bool) -> Self {
+        Var(Rc::new(Node {
+            value: RefCell::new(value),
+            grad: RefCell::new(None),
+            requires_grad,
+            op: None,
+            parents: Vec::new(),
+        }))
+    }
+    /// A constant: no gradient flows into it.
+    pub fn constant(value: Tensor<T>) -> Self {
+        Self::leaf(value, false)
+    }
+    /// A trainable parameter (or an input whose gradient you want): gradients accumulate in it.
+    pub fn parameter(value: Tensor<T>) -> Self {
+        Self::leaf(value, true)
+    }
+
+    /// The result of primitive `op` on `parents`. Recorded only when gradients are enabled and
+    /// some parent needs one; otherwise a constant.
+    pub(crate) fn from_op(value: Tensor<T>, op: Op<T>, parents: &[&Var<T>]) -> Self {
+        let record = is_grad_enabled() && parents.iter().any(|p| p.requires_grad());
+        if !record {
+            return Self::constant(value);
+        }
+        Var(Rc::new(Node {
+            value: RefCell::new(value),
+            grad: RefCell::new(None),
+            requires_grad: true,
+            op: Some(op),
+            parents: parents.iter().map(|&p| p.clone()).collect(),
+        }))
+    }
+
+    /// The current value (cheap: the storage is shared).
+    pub fn value(&self) -> Tensor<T> {
+        self.0.value.borrow().clone()
+    }
+    /// Borrow the value without cloning.
+    pub fn value_ref(&self) -> Ref<'_, Tensor<T>> {
+        self.0.value.borrow()
+    }
+    pub fn shape(&self) -> Vec<usize> {
+        self.0.value.borrow().shape().to_vec()
+    }
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad
+    }
+    pub fn is_leaf(&self) -> bool {
+        self.0.op.is_none()
+    }
+    /// The accumulated gradient of a parameter, if `backward` has reached it.
+    pub fn grad(&self) -> Option<Tensor<T>> {
+        self.0.grad.borrow().clone()
+    }
+    pub fn zero_grad(&self) {
+        *self.0.grad.borrow_mut() = None;
+    }
+    /// Replaces the value of a leaf (optimizer steps, loading weights); shapes must agree.
+    pub fn set_value(&self, value: Tensor<T>) -> Result<()> {
+        if !self.is_leaf() {
+            stride_tensor::bail!(
+                arg,
+                "set_value",
+                "only leaves (parameters, constants) can be assigned"
+            );
+        }
+        let mut v = self.0.value.borrow_mut();
+        if v.shape() != value.shape() {
+            stride_tensor::bail!(
+                shape,
+                "set_value",
+                "new value has shape {:?}, the variable has {:?}",
+                value.shape(),
+                v.shape()
+            );
+        }
+        *v = value;
+        Ok(())
+    }
+    /// The same value cut from the tape: a constant.
+    pub fn detach(&self) -> Var<T> {
+        Var::constant(self.value())
+    }
+    /// Whether two handles name the same node.
+    pub fn same(&self, other: &Var<T>) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
+    /// Name of the primitive that produced this value ("leaf" for leaves).
+    pub fn op_name(&self) -> &'static str {
+        self.0.op.as_ref().map_or("leaf", |o| o.name())
+    }
+}
