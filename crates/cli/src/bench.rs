@@ -1,0 +1,123 @@
+//! `stride bench`: Stride's side of the shared benchmark suite (bench/SPEC.md). Each figure is
+//! one JSON line in the same form the peers' script prints, so the two can be compared line
+//! for line.
+
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use stride_autograd::{conv2d, conv_transpose2d, no_grad, Conv2dOptions, Padding, Result, Rng, Var};
+use stride_kernels::conv::{self, ConvGeom};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Which benchmark to run.
+    #[arg(long, value_enum, default_value = "conv")]
+    bench: Bench,
+    /// Only these B3 shapes (comma-separated ids, e.g. c3,c4); default all nine.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Timed calls per figure (the median is reported); at least 20 per SPEC.md.
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// B3: single convolution layers, forward and backward.
+    Conv,
+}
+
+/// One B3 shape: id, N, Cin, Cout, H (= W), kernel, stride, padding, groups, transposed.
+type Shape = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize, bool);
+
+const B3: [Shape; 9] = [
+    ("c1", 64, 1, 20, 28, 3, 1, 0, 1, false),
+    ("c2", 64, 20, 50, 13, 5, 1, 0, 1, false),
+    ("c3", 8, 64, 64, 56, 3, 1, 1, 1, false),
+    ("c4", 8, 256, 256, 14, 3, 1, 1, 1, false),
+    ("c5", 8, 64, 256, 56, 1, 1, 0, 1, false),
+    ("c6", 8, 128, 128, 56, 3, 1, 1, 128, false),
+    ("c7", 8, 64, 128, 56, 3, 2, 1, 1, false),
+    ("t1", 32, 256, 128, 4, 4, 1, 0, 1, true),
+    ("t2", 32, 64, 1, 8, 4, 4, 0, 1, true),
+];
+
+const WARMUP: usize = 3;
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.reps == 0 {
+        return Err(stride_autograd::Error::arg("bench", "--reps must be at least 1"));
+    }
+    match args.bench {
+        Bench::Conv => conv_bench(args),
+    }
+}
+
+fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..WARMUP {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let m = t.len() / 2;
+    if t.len() % 2 == 1 {
+        t[m]
+    } else {
+        0.5 * (t[m - 1] + t[m])
+    }
+}
+
+fn conv_bench(args: &BenchArgs) -> Result<()> {
+    let known: Vec<&str> = B3.iter().map(|s| s.0).collect();
+    if let Some(bad) = args.shapes.iter().find(|s| !known.contains(&s.as_str())) {
+        return Err(stride_autograd::Error::arg("bench", format!("unknown shape '{bad}'; the B3 shapes are {}", known.join(","))));
+    }
+    let mut rng = Rng::seed(3);
+    for &(id, n, cin, cout, h, k, s, p, groups, transposed) in &B3 {
+        if !args.shapes.is_empty() && !args.shapes.iter().any(|x| x == id) {
+            continue;
+        }
+        let opts = Conv2dOptions::default().stride(s).padding(Padding::uniform(p)).groups(groups);
+        let x = Var::constant(rng.normal::<f32>(&[n, cin, h, h], 0.0, 1.0)?);
+        let wshape = if transposed { [cin, cout / groups, k, k] } else { [cout, cin / groups, k, k] };
+        let w = Var::constant(rng.normal::<f32>(&wshape, 0.0, 0.05)?);
+        let b = Var::constant(rng.normal::<f32>(&[cout], 0.0, 1.0)?);
+        let geom = if transposed { ConvGeom::conv_transpose2d(&x.shape(), &wshape, &opts)? } else { ConvGeom::conv2d(&x.shape(), &wshape, &opts)? };
+        let fwd = || if transposed { conv_transpose2d(&x, &w, Some(&b), &opts) } else { conv2d(&x, &w, Some(&b), &opts) };
+        let y = no_grad(fwd)?;
+        let gy = rng.normal::<f32>(&y.shape(), 0.0, 1.0)?;
+        let (xv, wv) = (x.value(), w.value());
+        let t_fwd = median_seconds(args.reps, || {
+            let _ = no_grad(fwd);
+        });
+        // Input gradient + weight gradient, as the peers' convolution_backward (no bias).
+        let t_bwd = median_seconds(args.reps, || {
+            if transposed {
+                std::hint::black_box(conv::forward(&geom, gy.data(), wv.data(), None));
+                std::hint::black_box(conv::backward_filter(&geom, gy.data(), xv.data()));
+            } else {
+                std::hint::black_box(conv::backward_data(&geom, gy.data(), wv.data()));
+                std::hint::black_box(conv::backward_filter(&geom, xv.data(), gy.data()));
+            }
+        });
+        // SPEC.md's FLOPs: the same count for a convolution and its transpose.
+        let flops = geom.flops();
+        for (name, secs, fl) in [("conv_fwd", t_fwd, flops), ("conv_bwd", t_bwd, 2.0 * flops)] {
+            let rec = json!({
+                "bench": name, "impl": "stride", "shape": id,
+                "value": (fl / secs / 1e9 * 1000.0).round() / 1000.0, "unit": "GFLOP/s",
+                "median_ms": (secs * 1e7).round() / 1e4, "gflop": (fl / 1e9 * 1e4).round() / 1e4,
+                "algo": format!("{:?}", conv::Algo::choose(&geom)), "threads": rayon::current_num_threads(),
+            });
+            println!("{rec}");
+        }
+    }
+    Ok(())
+}
