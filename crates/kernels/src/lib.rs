@@ -6,5 +6,6 @@ pub mod conv;
 pub mod gemm;
 pub mod norm;
 pub mod pool;
+pub mod simd;
 pub mod softmax;
 pub mod unary;

@@ -1,65 +1,195 @@
 //! Direct kernels for one input channel per group (depthwise convolution, and single-channel
 //! inputs such as MNIST's first layer). Each output plane is a sum of R*S shifted, scaled
-//! copies of one input plane: no lowering, no zeros multiplied, and the inner loop runs over
-//! the padding-free interior of a row.
+//! copies of one input plane: no lowering and no zeros multiplied.
+//!
+//! The input plane is first copied into a zero-bordered buffer, so the hot loops have no
+//! bounds logic; outputs are then computed eight at a time with every tap accumulated in
+//! registers (vectorised through `multiversion!`).
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::im2col::valid_range;
 use super::ConvGeom;
+use crate::{multiversion, simd};
 
-/// Calls `f(out_index, in_index)` for each (output q, input column) pair of one kernel tap
-/// and output row, or nothing when the row falls in the padding.
-#[inline(always)]
-fn for_tap(
-    g: &ConvGeom,
+/// A plane copied into a zero buffer of `rows x cols` at offset (`top`, `left`).
+fn bordered<T: Elem>(
+    src: &[T],
+    h: usize,
+    w: usize,
+    top: usize,
+    left: usize,
+    rows: usize,
+    cols: usize,
+    buf: &mut Vec<T>,
+) {
+    buf.clear();
+    buf.resize(rows * cols, T::zero());
+    for i in 0..h.min(rows.saturating_sub(top)) {
+        let n = w.min(cols.saturating_sub(left));
+        buf[(i + top) * cols + left..(i + top) * cols + left + n]
+            .copy_from_slice(&src[i * w..i * w + n]);
+    }
+}
+
+/// The strides, dilations and output size of one correlation pass over a bordered plane.
+#[derive(Clone, Copy)]
+struct Pass {
+    rows: usize,
+    cols: usize,
+    stride: (usize, usize),
+    dil: (usize, usize),
     r: usize,
     s: usize,
-    op: usize,
-    mut f: impl FnMut(usize, usize, usize, usize),
+}
+
+/// Accumulates `B` consecutive outputs of row `i` starting at column `j`, every tap in
+/// registers (B/8 independent vector accumulators hide the add latency).
+#[inline(always)]
+fn block<T: Elem, const B: usize>(
+    p: &Pass,
+    src: &[T],
+    width: usize,
+    taps: &[T],
+    i: usize,
+    j: usize,
+    orow: &mut [T],
 ) {
-    let ih = (op * g.stride.0 + r * g.dilation.0) as isize - g.pad.0 as isize;
-    if ih < 0 || ih >= g.h as isize {
-        return;
+    let (sh, sw) = p.stride;
+    let (dh, dw) = p.dil;
+    let mut acc = [T::zero(); B];
+    acc.copy_from_slice(&orow[j..j + B]);
+    for r in 0..p.r {
+        let row = &src[(i * sh + r * dh) * width..];
+        for s in 0..p.s {
+            let wv = taps[r * p.s + s];
+            let base = j * sw + s * dw;
+            if sw == 1 {
+                let x: &[T; B] = row[base..base + B].try_into().expect("B elements");
+                for l in 0..B {
+                    acc[l] += wv * x[l];
+                }
+            } else {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    *a += wv * row[base + l * sw];
+                }
+            }
+        }
     }
-    let off_w = (s * g.dilation.1) as isize - g.pad.2 as isize;
-    let (q0, q1) = valid_range(g.q, g.stride.1, off_w, g.w);
-    if q0 < q1 {
-        let start = ih as usize * g.w + (q0 as isize * g.stride.1 as isize + off_w) as usize;
-        f(op * g.q + q0, start, q1 - q0, g.stride.1);
+    orow[j..j + B].copy_from_slice(&acc);
+}
+
+multiversion! {
+    /// out[i, j] += sum_{r,s} taps[r, s] * src[(i*sh + r*dh) * width + j*sw + s*dw]
+    fn correlate<T: Elem>(p: Pass, src: &[T], width: usize, taps: &[T], out: &mut [T]) {
+        for i in 0..p.rows {
+            let orow = &mut out[i * p.cols..(i + 1) * p.cols];
+            let mut j = 0;
+            while j + 32 <= p.cols {
+                block::<T, 32>(&p, src, width, taps, i, j, orow);
+                j += 32;
+            }
+            if j + 16 <= p.cols {
+                block::<T, 16>(&p, src, width, taps, i, j, orow);
+                j += 16;
+            }
+            while j + 8 <= p.cols {
+                block::<T, 8>(&p, src, width, taps, i, j, orow);
+                j += 8;
+            }
+            while j < p.cols {
+                block::<T, 1>(&p, src, width, taps, i, j, orow);
+                j += 1;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dst[(i*sh + r*dh) * width + j*sw + s*dw] += taps[r, s] * dy[i, j]: the scatter form of
+    /// the input gradient, for strides above one.
+    fn scatter<T: Elem>(p: Pass, dy: &[T], taps: &[T], width: usize, dst: &mut [T]) {
+        let (sh, sw) = p.stride;
+        let (dh, dw) = p.dil;
+        for i in 0..p.rows {
+            let drow = &dy[i * p.cols..(i + 1) * p.cols];
+            for r in 0..p.r {
+                for s in 0..p.s {
+                    let start = (i * sh + r * dh) * width + s * dw;
+                    simd::scatter_axpy(taps[r * p.s + s], drow, sw, &mut dst[start..]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dw[r, s] += sum_{i,j} dy[i, j] * src[(i*sh + r*dh) * width + j*sw + s*dw]
+    fn filter_grad<T: Elem>(p: Pass, dy: &[T], src: &[T], width: usize, dw_out: &mut [T]) {
+        let (sh, sw) = p.stride;
+        let (dh, dwl) = p.dil;
+        for r in 0..p.r {
+            for s in 0..p.s {
+                let mut acc = T::zero();
+                for i in 0..p.rows {
+                    let row = &src[(i * sh + r * dh) * width + s * dwl..];
+                    acc += simd::dot_strided(&dy[i * p.cols..(i + 1) * p.cols], row, sw);
+                }
+                dw_out[r * p.s + s] += acc;
+            }
+        }
+    }
+}
+
+impl ConvGeom {
+    /// The bordered input plane's size: the padded image, grown if needed to cover every
+    /// window (transposed geometry can ask for rows past the bottom padding).
+    fn bordered_size(&self) -> (usize, usize) {
+        let need_h = (self.p - 1) * self.stride.0 + (self.r - 1) * self.dilation.0 + 1;
+        let need_w = (self.q - 1) * self.stride.1 + (self.s - 1) * self.dilation.1 + 1;
+        (
+            (self.h + self.pad.0 + self.pad.1).max(need_h),
+            (self.w + self.pad.2 + self.pad.3).max(need_w),
+        )
+    }
+    fn pass(&self) -> Pass {
+        Pass {
+            rows: self.p,
+            cols: self.q,
+            stride: self.stride,
+            dil: self.dilation,
+            r: self.r,
+            s: self.s,
+        }
     }
 }
 
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
+    let (bh, bw) = g.bordered_size();
     let mut y = vec![T::zero(); g.n * g.k * pq];
-    y.par_chunks_mut(pq.max(1))
+    // One task per (image, input channel): the bordered plane is made once for all the
+    // output channels that read it.
+    let kg = g.kg();
+    y.par_chunks_mut((kg * pq).max(1))
         .enumerate()
-        .for_each(|(plane, out)| {
-            let (n, k) = (plane / g.k, plane % g.k);
-            let c = k / g.kg();
-            let xin = &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw];
-            out.fill(bias.map_or(T::zero(), |b| b[k]));
-            for r in 0..g.r {
-                for s in 0..g.s {
-                    let wv = w[k * rs + r * g.s + s];
-                    for op in 0..g.p {
-                        for_tap(g, r, s, op, |o, i, len, st| {
-                            let dst = &mut out[o..o + len];
-                            if st == 1 {
-                                for (d, &v) in dst.iter_mut().zip(&xin[i..i + len]) {
-                                    *d += wv * v;
-                                }
-                            } else {
-                                for (j, d) in dst.iter_mut().enumerate() {
-                                    *d += wv * xin[i + j * st];
-                                }
-                            }
-                        });
-                    }
-                }
+        .for_each_init(Vec::new, |buf, (plane, out)| {
+            let (n, c) = (plane / g.c, plane % g.c);
+            bordered(
+                &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw],
+                g.h,
+                g.w,
+                g.pad.0,
+                g.pad.2,
+                bh,
+                bw,
+                buf,
+            );
+            for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
+                let k = c * kg + j;
+                o.fill(bias.map_or(T::zero(), |b| b[k]));
+                correlate(g.pass(), buf, bw, &w[k * rs..(k + 1) * rs], o);
             }
         });
     y
@@ -69,63 +199,87 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
     let mut dx = vec![T::zero(); g.n * g.c * hw];
-    dx.par_chunks_mut(hw.max(1))
-        .enumerate()
-        .for_each(|(plane, out)| {
+    let (a, b) = ((g.r - 1) * g.dilation.0, (g.s - 1) * g.dilation.1);
+    // Stride 1 with padding inside the kernel's reach: a correlation of the bordered dy with
+    // the flipped kernel (gathers, registers). Otherwise: scatter into a bordered dx and crop.
+    let gather = g.stride == (1, 1) && g.pad.0 <= a && g.pad.2 <= b;
+    dx.par_chunks_mut(hw.max(1)).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(buf, flipped), (plane, out)| {
             let (n, c) = (plane / g.c, plane % g.c);
             for k in c * kg..(c + 1) * kg {
                 let dyk = &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq];
-                for r in 0..g.r {
-                    for s in 0..g.s {
-                        let wv = w[k * rs + r * g.s + s];
-                        for op in 0..g.p {
-                            for_tap(g, r, s, op, |o, i, len, st| {
-                                for (j, &v) in dyk[o..o + len].iter().enumerate() {
-                                    out[i + j * st] += wv * v;
-                                }
-                            });
+                let wk = &w[k * rs..(k + 1) * rs];
+                if gather {
+                    // dx[i, j] = sum_{r',s'} wflip[r', s'] * dyb[i + pt + r'*dh, j + pl + s'*dw],
+                    // with dy placed at (a, b) in the bordered buffer dyb.
+                    let (rows, cols) = (
+                        (g.h + g.pad.0 + a).max(a + g.p),
+                        (g.w + g.pad.2 + b).max(b + g.q),
+                    );
+                    bordered(dyk, g.p, g.q, a, b, rows, cols, buf);
+                    flipped.clear();
+                    flipped.extend(wk.iter().rev().copied());
+                    let p = Pass {
+                        rows: g.h,
+                        cols: g.w,
+                        stride: (1, 1),
+                        dil: g.dilation,
+                        r: g.r,
+                        s: g.s,
+                    };
+                    let off = g.pad.0 * cols + g.pad.2;
+                    correlate(p, &buf[off..], cols, flipped, out);
+                } else {
+                    let (bh, bw) = g.bordered_size();
+                    buf.clear();
+                    buf.resize(bh * bw, T::zero());
+                    scatter(g.pass(), dyk, wk, bw, buf);
+                    for i in 0..g.h {
+                        let src =
+                            &buf[(i + g.pad.0) * bw + g.pad.2..(i + g.pad.0) * bw + g.pad.2 + g.w];
+                        for (o, &v) in out[i * g.w..(i + 1) * g.w].iter_mut().zip(src) {
+                            *o += v;
                         }
                     }
                 }
             }
-        });
+        },
+    );
     dx
 }
 
 /// dw[k, 0, r, s] = sum_n sum_{p,q} dy[n, k, p, q] * x[n, c(k), p*sh + r*dh - pt, q*sw + s*dw - pl].
 pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
-    let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
+    let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
+    let (bh, bw) = g.bordered_size();
+    // One task per input channel: its bordered planes serve all K/groups filters that read it.
     let mut dw = vec![T::zero(); g.k * rs];
-    dw.par_chunks_mut(rs).enumerate().for_each(|(k, out)| {
-        let c = k / g.kg();
-        for n in 0..g.n {
-            let dyk = &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq];
-            let xin = &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw];
-            for r in 0..g.r {
-                for s in 0..g.s {
-                    let mut acc = T::zero();
-                    for op in 0..g.p {
-                        for_tap(g, r, s, op, |o, i, len, st| {
-                            let d = &dyk[o..o + len];
-                            if st == 1 {
-                                acc += d
-                                    .iter()
-                                    .zip(&xin[i..i + len])
-                                    .map(|(&a, &b)| a * b)
-                                    .sum::<T>();
-                            } else {
-                                acc += d
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(j, &a)| a * xin[i + j * st])
-                                    .sum::<T>();
-                            }
-                        });
-                    }
-                    out[r * g.s + s] += acc;
+    dw.par_chunks_mut(kg * rs)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (c, out)| {
+            for n in 0..g.n {
+                bordered(
+                    &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw],
+                    g.h,
+                    g.w,
+                    g.pad.0,
+                    g.pad.2,
+                    bh,
+                    bw,
+                    buf,
+                );
+                for j in 0..kg {
+                    let k = c * kg + j;
+                    filter_grad(
+                        g.pass(),
+                        &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq],
+                        buf,
+                        bw,
+                        &mut out[j * rs..(j + 1) * rs],
+                    );
                 }
             }
-        }
-    });
+        });
     dw
 }

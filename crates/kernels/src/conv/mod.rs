@@ -20,10 +20,13 @@ use crate::gemm::{matmul, MatRef};
 pub enum Algo {
     /// 1x1, stride 1, no padding: the image already is the column matrix; one GEMM per image.
     Pointwise,
-    /// One input channel per group: direct shifted multiply-adds (wins on depthwise layers and
-    /// single-channel inputs, where im2col would be mostly copying).
+    /// One input channel per group and several groups: direct shifted multiply-adds. Measured
+    /// on B3's c6 (8x128x56x56, 3x3, groups 128): 18 GFLOP/s forward against 12 for im2col,
+    /// whose per-group products are only matrix-vector products.
     Depthwise,
-    /// Everything else: im2col then a packed GEMM per image and group.
+    /// Everything else: im2col then a packed GEMM per image and group. This includes
+    /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
+    /// column matrix, and one GEMM (45 GFLOP/s forward) beats K direct passes (12).
     Im2col,
 }
 
@@ -32,10 +35,6 @@ impl Algo {
         if g.is_pointwise() {
             Algo::Pointwise
         } else if g.is_depthwise() && g.groups > 1 {
-            Algo::Depthwise
-        } else if g.is_depthwise() && g.r * g.s <= 9 {
-            // A single-channel image with a small kernel: GEMM would have an inner dimension of
-            // at most 9, where packing costs more than it saves.
             Algo::Depthwise
         } else {
             Algo::Im2col
