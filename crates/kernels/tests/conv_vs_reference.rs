@@ -163,6 +163,10 @@ fn every_algorithm_is_exercised() {
     );
     assert_eq!(
         geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()),
+        Algo::Im2col
+    );
+    assert_eq!(
+        geo([2, 4, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(4)),
         Algo::Depthwise
     );
     assert_eq!(
