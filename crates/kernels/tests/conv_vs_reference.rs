@@ -166,7 +166,11 @@ fn every_algorithm_is_exercised() {
         Algo::Im2col
     );
     assert_eq!(
-        geo([2, 4, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(4)),
+        geo(
+            [2, 4, 5, 5],
+            [8, 1, 3, 3],
+            Conv2dOptions::default().groups(4)
+        ),
         Algo::Depthwise
     );
     assert_eq!(

@@ -39,6 +39,13 @@ impl Rng {
 
     /// Elements drawn from a normal distribution N(mean, std^2).
     pub fn normal<T: Elem>(&mut self, shape: &[usize], mean: f64, std: f64) -> Result<Tensor<T>> {
+        if !(std >= 0.0) || !std.is_finite() || !mean.is_finite() {
+            crate::bail!(
+                arg,
+                "normal",
+                "needs a finite mean and a finite std >= 0, got mean {mean}, std {std}"
+            );
+        }
         let dist = Normal::new(mean, std)
             .map_err(|e| Error::arg("normal", format!("mean {mean}, std {std}: {e}")))?;
         let n = numel("normal", shape)?;
