@@ -128,6 +128,20 @@ impl<T: Elem> Var<T> {
     pub fn zero_grad(&self) {
         *self.0.grad.borrow_mut() = None;
     }
+    /// Replaces the accumulated gradient (gradient clipping, tests); the shape must match.
+    pub fn set_grad(&self, grad: Tensor<T>) -> Result<()> {
+        if grad.shape() != self.value_ref().shape() {
+            stride_tensor::bail!(
+                shape,
+                "set_grad",
+                "gradient has shape {:?}, the variable has {:?}",
+                grad.shape(),
+                self.shape()
+            );
+        }
+        *self.0.grad.borrow_mut() = Some(grad);
+        Ok(())
+    }
     /// Replaces the value of a leaf (optimizer steps, loading weights); shapes must agree.
     pub fn set_value(&self, value: Tensor<T>) -> Result<()> {
         if !self.is_leaf() {

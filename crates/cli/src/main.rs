@@ -1,6 +1,7 @@
 //! `stride`: the command line. Parses strings into typed configs and hands them to the library.
 
 mod bench;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Trains a CNN (by default the tutorial network on the embedded MNIST).
+    Train(train::TrainArgs),
+    /// Lists the model zoo.
+    Models,
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
 }
@@ -39,8 +44,15 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let result = match cli.command {
-        Command::Bench(args) => bench::run(&args),
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Train(args) => train::run(&args),
+        Command::Models => {
+            for m in stride_models::ZOO {
+                println!("{:<10} {}", m.name, m.about);
+            }
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(&args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

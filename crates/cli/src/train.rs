@@ -1,0 +1,180 @@
+//! `stride train`: trains a zoo model on a data set and reports test accuracy.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use stride_autograd::{no_grad, Rng, Tensor, Var};
+use stride_models::InputSpec;
+use stride_nn::schedule::Schedule;
+use stride_nn::{Ctx, Module};
+use stride_train::{OptimizerKind, TrainConfig};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Zoo model to train (`stride models` lists them).
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// `mnist` (embedded, 8,000/2,000 digits), `fashion-mnist` (Debian's dataset-fashion-mnist),
+    /// or a folder with the four IDX files of MNIST's layout (raw or .gz).
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: Opt,
+    /// Learning rate (at the start of the schedule).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Momentum (SGD only).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// L2 weight decay (decoupled for adamw).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Learning-rate schedule over the epochs.
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: Sched,
+    /// Seed for initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for this run's files (metrics.csv, model.safetensors); default: a new folder
+    /// under runs/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print every layer's output shape for one batch before training.
+    #[arg(long)]
+    debug: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Sched {
+    /// The same rate every epoch.
+    Constant,
+    /// Cosine annealing to zero over the run.
+    Cosine,
+    /// Divide by 10 every third of the run.
+    Step,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Opt {
+    Sgd,
+    Nesterov,
+    Adam,
+    Adamw,
+}
+
+/// A fresh run folder under runs/: runs/<model>-<data>-<n>.
+fn default_out(model: &str, data: &str) -> PathBuf {
+    let tag: String = data
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (1..)
+        .map(|n| PathBuf::from(format!("runs/{model}-{tag}-{n}")))
+        .find(|p| !p.exists())
+        .expect("an unused name")
+}
+
+pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let data = stride_data::load(&a.data)?;
+    let t = &data.train;
+    let spec = InputSpec {
+        channels: t.channels,
+        height: t.height,
+        width: t.width,
+        classes: t.classes,
+    };
+    let mut model = stride_models::build(&a.model, &mut Rng::seed(a.seed), spec)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&a.model, &a.data));
+    println!(
+        "training {} ({} parameters) on {}: {} training / {} test images of {}x{}x{}, {} classes; run folder {}",
+        a.model,
+        model.num_parameters(),
+        data.name,
+        t.len(),
+        data.test.len(),
+        t.channels,
+        t.height,
+        t.width,
+        t.classes,
+        out.display()
+    );
+    if a.debug {
+        let x = Var::constant(Tensor::zeros(&[
+            a.batch_size,
+            t.channels,
+            t.height,
+            t.width,
+        ])?);
+        let mut ctx = Ctx::eval();
+        ctx.debug = true;
+        eprintln!("    {:<48}    {:?}", "input", x.shape());
+        no_grad(|| model.forward(&x, &mut ctx))?;
+    }
+    let optimizer = match a.optimizer {
+        Opt::Sgd => OptimizerKind::Sgd {
+            momentum: a.momentum,
+            nesterov: false,
+        },
+        Opt::Nesterov => OptimizerKind::Sgd {
+            momentum: a.momentum,
+            nesterov: true,
+        },
+        Opt::Adam => OptimizerKind::Adam,
+        Opt::Adamw => OptimizerKind::AdamW,
+    };
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        optimizer,
+        weight_decay: a.weight_decay,
+        schedule: match a.schedule {
+            Sched::Constant => Schedule::Constant,
+            Sched::Cosine => Schedule::Cosine {
+                t_max: a.epochs,
+                eta_min: 0.0,
+            },
+            Sched::Step => Schedule::Step {
+                step_size: a.epochs.div_ceil(3),
+                gamma: 0.1,
+            },
+        },
+        normalize: true,
+        seed: a.seed,
+        out_dir: Some(out.clone()),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let reports = stride_train::train(&mut model, &data, &cfg, |r| {
+        println!(
+            "epoch {}/{}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.0} images/s",
+            r.epoch,
+            cfg.epochs,
+            r.train_loss,
+            r.train_accuracy,
+            r.test.loss,
+            r.test.accuracy,
+            r.images_per_second
+        );
+    })?;
+    let last = reports.last().expect("at least one epoch");
+    println!(
+        "wrote {} and {}",
+        out.join("metrics.csv").display(),
+        out.join("model.safetensors").display()
+    );
+    println!("test accuracy {:.4}", last.test.accuracy);
+    Ok(())
+}

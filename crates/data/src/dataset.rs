@@ -1,0 +1,245 @@
+//! Labelled image sets held as bytes, and where they come from (`--data`).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+use crate::idx;
+
+/// Images as bytes in NCHW order with one class label each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataset {
+    /// [N, C, H, W] pixel bytes.
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    /// Pixels of one image.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.channels * self.height * self.width;
+        &self.images[i * n..(i + 1) * n]
+    }
+    /// Mean and standard deviation of all pixels scaled to [0, 1].
+    pub fn pixel_stats(&self) -> (f32, f32) {
+        let n = self.images.len().max(1) as f64;
+        let mean = self.images.iter().map(|&b| b as f64).sum::<f64>() / n / 255.0;
+        let var = self
+            .images
+            .iter()
+            .map(|&b| (b as f64 / 255.0 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean as f32, var.sqrt() as f32)
+    }
+    /// Examples per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes];
+        for &l in &self.labels {
+            c[l as usize] += 1;
+        }
+        c
+    }
+}
+
+/// A training set and a test set of the same image size and classes.
+#[derive(Clone, Debug)]
+pub struct Split {
+    pub name: String,
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+/// Where Debian's `dataset-fashion-mnist` installs Fashion-MNIST.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+const EMBEDDED: [&[u8]; 4] = [
+    include_bytes!("../../../data/mnist/train-images-idx3-ubyte.gz"),
+    include_bytes!("../../../data/mnist/train-labels-idx1-ubyte.gz"),
+    include_bytes!("../../../data/mnist/t10k-images-idx3-ubyte.gz"),
+    include_bytes!("../../../data/mnist/t10k-labels-idx1-ubyte.gz"),
+];
+const IDX_NAMES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Builds a data set from an IDX image file and an IDX label file, checking they agree.
+pub fn from_idx(
+    images: idx::Idx,
+    labels: idx::Idx,
+    image_path: &Path,
+    label_path: &Path,
+) -> Result<Dataset> {
+    let (n, h, w) = match images.dims[..] {
+        [n, h, w] => (n, h, w),
+        _ => {
+            return Err(DataError::format(
+                image_path,
+                format!(
+                    "image file has dimensions {:?}, expected [count, height, width]",
+                    images.dims
+                ),
+            ))
+        }
+    };
+    if labels.dims.len() != 1 {
+        return Err(DataError::format(
+            label_path,
+            format!(
+                "label file has dimensions {:?}, expected [count]",
+                labels.dims
+            ),
+        ));
+    }
+    if labels.dims[0] != n {
+        return Err(DataError::format(
+            label_path,
+            format!(
+                "{} labels for {n} images in {}",
+                labels.dims[0],
+                image_path.display()
+            ),
+        ));
+    }
+    if n == 0 || h == 0 || w == 0 {
+        return Err(DataError::format(
+            image_path,
+            format!("no images (dimensions {:?})", images.dims),
+        ));
+    }
+    let classes = labels.data.iter().copied().max().unwrap_or(0) as usize + 1;
+    Ok(Dataset {
+        images: images.data,
+        labels: labels.data,
+        channels: 1,
+        height: h,
+        width: w,
+        classes,
+    })
+}
+
+fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Result<Split> {
+    if (train.channels, train.height, train.width) != (test.channels, test.height, test.width) {
+        return Err(DataError::format(
+            test_path,
+            format!(
+                "test images are {}x{}x{} but training images are {}x{}x{}",
+                test.channels, test.height, test.width, train.channels, train.height, train.width
+            ),
+        ));
+    }
+    if let Some(&bad) = test.labels.iter().find(|&&l| l as usize >= train.classes) {
+        return Err(DataError::format(
+            test_path,
+            format!(
+                "test label {bad} is outside the training labels 0..{}",
+                train.classes
+            ),
+        ));
+    }
+    let mut train = train;
+    let mut test = test;
+    train.classes = train.classes.max(test.classes);
+    test.classes = train.classes;
+    Ok(Split {
+        name: name.to_string(),
+        train,
+        test,
+    })
+}
+
+/// The embedded MNIST: 8,000 training and 2,000 test digits (see data/mnist/make_idx.py).
+pub fn embedded_mnist() -> Result<Split> {
+    let p: Vec<PathBuf> = IDX_NAMES
+        .iter()
+        .map(|n| PathBuf::from(format!("<embedded mnist>/{n}.gz")))
+        .collect();
+    let parsed: Vec<idx::Idx> = EMBEDDED
+        .iter()
+        .zip(&p)
+        .map(|(b, p)| idx::parse(p, b))
+        .collect::<Result<_>>()?;
+    let mut it = parsed.into_iter();
+    let (ti, tl, vi, vl) = (
+        it.next().unwrap(),
+        it.next().unwrap(),
+        it.next().unwrap(),
+        it.next().unwrap(),
+    );
+    let train = from_idx(ti, tl, &p[0], &p[1])?;
+    let test = from_idx(vi, vl, &p[2], &p[3])?;
+    check_pair("mnist", train, test, &p[2])
+}
+
+/// The file for `name` in `dir`, raw or gzipped (MNIST's file names, also with `.` for `-`
+/// before "idx" as some mirrors write them).
+fn find_idx(dir: &Path, name: &str) -> Option<PathBuf> {
+    let dotted = name.replacen("-idx", ".idx", 1);
+    [
+        name.to_string(),
+        format!("{name}.gz"),
+        dotted.clone(),
+        format!("{dotted}.gz"),
+    ]
+    .into_iter()
+    .map(|f| dir.join(f))
+    .find(|p| p.is_file())
+}
+
+/// A folder holding the four IDX files under MNIST's names, raw or `.gz`.
+pub fn idx_folder(dir: &Path, name: &str) -> Result<Split> {
+    let mut paths = Vec::new();
+    for n in IDX_NAMES {
+        paths.push(find_idx(dir, n).ok_or_else(|| DataError::format(dir, format!("no {n} (or {n}.gz) here: an IDX data set folder holds the four files of MNIST's layout")))?);
+    }
+    let parsed: Vec<idx::Idx> = paths.iter().map(|p| idx::read(p)).collect::<Result<_>>()?;
+    let mut it = parsed.into_iter();
+    let (ti, tl, vi, vl) = (
+        it.next().unwrap(),
+        it.next().unwrap(),
+        it.next().unwrap(),
+        it.next().unwrap(),
+    );
+    let train = from_idx(ti, tl, &paths[0], &paths[1])?;
+    let test = from_idx(vi, vl, &paths[2], &paths[3])?;
+    check_pair(name, train, test, &paths[2])
+}
+
+/// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder.
+pub fn load(spec: &str) -> Result<Split> {
+    match spec {
+        "mnist" => embedded_mnist(),
+        "fashion-mnist" => {
+            let dir = Path::new(FASHION_MNIST_DIR);
+            if !dir.is_dir() {
+                return Err(DataError::Other(format!("fashion-mnist: {FASHION_MNIST_DIR} does not exist; install it with `apt-get install dataset-fashion-mnist`, or pass the folder that holds its four IDX files")));
+            }
+            idx_folder(dir, "fashion-mnist")
+        }
+        path => {
+            let dir = Path::new(path);
+            if !dir.is_dir() {
+                return Err(DataError::Other(format!(
+                    "--data {path}: not `mnist`, `fashion-mnist` or an existing folder"
+                )));
+            }
+            idx_folder(
+                dir,
+                &dir.file_name()
+                    .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()),
+            )
+        }
+    }
+}

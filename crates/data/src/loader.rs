@@ -1,0 +1,91 @@
+//! Batching: seeded shuffling, fixed batch size, optional drop-last, bytes to f32 in [0, 1].
+
+use stride_tensor::{Rng, Tensor};
+
+use crate::Dataset;
+
+/// One batch: images [B, C, H, W] scaled to [0, 1] (then standardised if asked), and their
+/// class indices.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub images: Tensor<f32>,
+    pub labels: Vec<usize>,
+}
+
+/// An iterator over the batches of one epoch.
+pub struct Batches<'a> {
+    ds: &'a Dataset,
+    order: Vec<usize>,
+    pos: usize,
+    batch_size: usize,
+    drop_last: bool,
+    /// (mean, std) to standardise pixels with after scaling to [0, 1].
+    norm: (f32, f32),
+}
+
+impl<'a> Batches<'a> {
+    /// Batches of `batch_size` (at least 1) in a shuffled order when `rng` is given, else in
+    /// file order. `drop_last` skips a final partial batch.
+    pub fn new(ds: &'a Dataset, batch_size: usize, rng: Option<&mut Rng>, drop_last: bool) -> Self {
+        let mut order: Vec<usize> = (0..ds.len()).collect();
+        if let Some(rng) = rng {
+            // Fisher-Yates with the seeded generator: the same seed gives the same epochs.
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+        }
+        Batches {
+            ds,
+            order,
+            pos: 0,
+            batch_size: batch_size.max(1),
+            drop_last,
+            norm: (0.0, 1.0),
+        }
+    }
+
+    /// Standardises pixels: (x / 255 - mean) / std.
+    pub fn normalized(mut self, mean: f32, std: f32) -> Self {
+        self.norm = (mean, if std > 0.0 { std } else { 1.0 });
+        self
+    }
+
+    /// How many batches this epoch yields.
+    pub fn num_batches(&self) -> usize {
+        let n = self.order.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        let rest = self.order.len() - self.pos;
+        if rest == 0 || (self.drop_last && rest < self.batch_size) {
+            return None;
+        }
+        let idx = &self.order[self.pos..self.pos + rest.min(self.batch_size)];
+        self.pos += idx.len();
+        let ds = self.ds;
+        let per = ds.channels * ds.height * ds.width;
+        let mut pixels = Vec::with_capacity(idx.len() * per);
+        let (mean, inv_std) = (self.norm.0, 1.0 / self.norm.1);
+        for &i in idx {
+            pixels.extend(
+                ds.image(i)
+                    .iter()
+                    .map(|&b| (b as f32 * (1.0 / 255.0) - mean) * inv_std),
+            );
+        }
+        let images = Tensor::from_vec(pixels, &[idx.len(), ds.channels, ds.height, ds.width])
+            .expect("batch shape matches its pixels");
+        Some(Batch {
+            images,
+            labels: idx.iter().map(|&i| ds.labels[i] as usize).collect(),
+        })
+    }
+}

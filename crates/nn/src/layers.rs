@@ -1,0 +1,271 @@
+//! Layers as modules over the core ops, configured with PyTorch's names.
+
+use stride_autograd::{
+    self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var,
+};
+
+use crate::module::{join, Ctx, Module, Slot};
+use crate::{init, Result};
+
+/// 2-D convolution with a [out, in/groups, k, k] weight and an optional bias.
+pub struct Conv2d {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub opts: Conv2dOptions,
+}
+
+impl Conv2d {
+    /// PyTorch's default initialisation.
+    pub fn new(
+        rng: &mut Rng,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        opts: Conv2dOptions,
+        bias: bool,
+    ) -> Result<Self> {
+        if opts.groups == 0 || in_channels % opts.groups != 0 {
+            return Err(ag::Error::arg(
+                "Conv2d",
+                format!(
+                    "groups {} must divide the {in_channels} input channels",
+                    opts.groups
+                ),
+            )
+            .into());
+        }
+        let (w, b) = init::torch_default(
+            rng,
+            &[out_channels, in_channels / opts.groups, kernel, kernel],
+        )?;
+        Ok(Conv2d {
+            weight: Var::parameter(w),
+            bias: bias.then(|| Var::parameter(b)),
+            opts,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        Ok(ag::conv2d(x, &self.weight, self.bias.as_ref(), &self.opts)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        f(join(prefix, "weight"), Slot::Param(&self.weight));
+        if let Some(b) = &self.bias {
+            f(join(prefix, "bias"), Slot::Param(b));
+        }
+    }
+    fn describe(&self) -> String {
+        let s = self.weight.shape();
+        format!(
+            "Conv2d({}, {}, k{}x{}, stride {:?}, {:?})",
+            s[1] * self.opts.groups,
+            s[0],
+            s[2],
+            s[3],
+            self.opts.stride,
+            self.opts.padding
+        )
+    }
+}
+
+/// y = x W^T + b with W [out, in].
+pub struct Linear {
+    pub weight: Var,
+    pub bias: Option<Var>,
+}
+
+impl Linear {
+    pub fn new(rng: &mut Rng, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let (w, b) = init::torch_default(rng, &[out_features, in_features])?;
+        Ok(Linear {
+            weight: Var::parameter(w),
+            bias: bias.then(|| Var::parameter(b)),
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        Ok(ag::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        f(join(prefix, "weight"), Slot::Param(&self.weight));
+        if let Some(b) = &self.bias {
+            f(join(prefix, "bias"), Slot::Param(b));
+        }
+    }
+    fn describe(&self) -> String {
+        let s = self.weight.shape();
+        format!("Linear({}, {})", s[1], s[0])
+    }
+}
+
+/// Batch normalisation over channels (BatchNorm1d for [N, C], BatchNorm2d for [N, C, H, W]).
+pub struct BatchNorm {
+    pub weight: Var,
+    pub bias: Var,
+    pub running_mean: Tensor<f32>,
+    pub running_var: Tensor<f32>,
+    /// Counted as PyTorch does, saved as a float.
+    pub num_batches_tracked: Tensor<f32>,
+    pub opts: BatchNormOptions,
+}
+
+impl BatchNorm {
+    pub fn new(channels: usize) -> Result<Self> {
+        Ok(BatchNorm {
+            weight: Var::parameter(Tensor::ones(&[channels])?),
+            bias: Var::parameter(Tensor::zeros(&[channels])?),
+            running_mean: Tensor::zeros(&[channels])?,
+            running_var: Tensor::ones(&[channels])?,
+            num_batches_tracked: Tensor::zeros(&[1])?,
+            opts: BatchNormOptions::default(),
+        })
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        if ctx.training {
+            self.num_batches_tracked.data_mut()[0] += 1.0;
+        }
+        Ok(ag::batch_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            &mut self.running_mean,
+            &mut self.running_var,
+            ctx.training,
+            self.opts,
+        )?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        f(join(prefix, "weight"), Slot::Param(&self.weight));
+        f(join(prefix, "bias"), Slot::Param(&self.bias));
+        f(
+            join(prefix, "running_mean"),
+            Slot::Buffer(&mut self.running_mean),
+        );
+        f(
+            join(prefix, "running_var"),
+            Slot::Buffer(&mut self.running_var),
+        );
+        f(
+            join(prefix, "num_batches_tracked"),
+            Slot::Buffer(&mut self.num_batches_tracked),
+        );
+    }
+    fn describe(&self) -> String {
+        format!("BatchNorm({})", self.running_mean.numel())
+    }
+}
+
+/// Max or average pooling.
+pub enum Pool {
+    Max(Pool2dOptions),
+    Avg(Pool2dOptions),
+}
+
+impl Module for Pool {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        Ok(match self {
+            Pool::Max(o) => ag::max_pool2d(x, o)?,
+            Pool::Avg(o) => ag::avg_pool2d(x, o)?,
+        })
+    }
+    fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
+    fn describe(&self) -> String {
+        match self {
+            Pool::Max(o) => format!(
+                "MaxPool2d(k{:?}, stride {:?})",
+                o.kernel,
+                o.stride.unwrap_or(o.kernel)
+            ),
+            Pool::Avg(o) => format!(
+                "AvgPool2d(k{:?}, stride {:?})",
+                o.kernel,
+                o.stride.unwrap_or(o.kernel)
+            ),
+        }
+    }
+}
+
+/// An element-wise activation.
+pub struct Activation(pub Unary);
+
+impl Module for Activation {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        Ok(ag::ops::arith::unary(x, self.0)?)
+    }
+    fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
+    fn describe(&self) -> String {
+        self.0.name().to_string()
+    }
+}
+
+/// [N, ...] -> [N, product of the rest].
+pub struct Flatten;
+
+impl Module for Flatten {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        Ok(x.flatten()?)
+    }
+    fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
+    fn describe(&self) -> String {
+        "Flatten".into()
+    }
+}
+
+/// Dropout with probability p (identity in evaluation).
+pub struct Dropout(pub f64);
+
+impl Module for Dropout {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        Ok(ag::dropout(x, self.0, ctx.training, &mut ctx.rng)?)
+    }
+    fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
+    fn describe(&self) -> String {
+        format!("Dropout({})", self.0)
+    }
+}
+
+/// Layers applied in order; children are named 0, 1, 2, ... as in PyTorch's `nn.Sequential`.
+#[derive(Default)]
+pub struct Sequential {
+    pub layers: Vec<Box<dyn Module>>,
+}
+
+impl Sequential {
+    pub fn new() -> Self {
+        Sequential { layers: Vec::new() }
+    }
+    pub fn push(mut self, m: impl Module + 'static) -> Self {
+        self.layers.push(Box::new(m));
+        self
+    }
+}
+
+impl Module for Sequential {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        let mut h = x.clone();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            h = l
+                .forward(&h, ctx)
+                .map_err(|e| e.context(format!("layer {i} ({})", l.describe())))?;
+            if ctx.debug {
+                eprintln!("{i:>3} {:<48} -> {:?}", l.describe(), h.shape());
+            }
+        }
+        Ok(h)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.visit(&join(prefix, &i.to_string()), f);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("Sequential({} layers)", self.layers.len())
+    }
+}

@@ -1,0 +1,235 @@
+//! Optimizers: SGD (momentum, Nesterov, L2 weight decay), Adam, AdamW. Each follows PyTorch's
+//! update rule exactly, so a run can be compared step for step.
+
+use stride_autograd::Var;
+
+use crate::Result;
+
+/// Updates parameters from their accumulated gradients.
+pub trait Optimizer {
+    /// One update of every parameter that has a gradient.
+    fn step(&mut self, params: &[Var]) -> Result<()>;
+    fn lr(&self) -> f64;
+    fn set_lr(&mut self, lr: f64);
+}
+
+/// Clears the gradients of `params` (call before each backward pass).
+pub fn zero_grad(params: &[Var]) {
+    for p in params {
+        p.zero_grad();
+    }
+}
+
+fn check_hyper(name: &'static str, ok: bool, what: String) -> Result<()> {
+    if !ok {
+        return Err(stride_autograd::Error::arg(name, what).into());
+    }
+    Ok(())
+}
+
+/// State slots, one per parameter position, created on first use.
+fn slot(state: &mut Vec<Option<Vec<f32>>>, i: usize, n: usize) -> &mut Vec<f32> {
+    if state.len() <= i {
+        state.resize(i + 1, None);
+    }
+    state[i].get_or_insert_with(|| vec![0.0; n])
+}
+
+/// Stochastic gradient descent, PyTorch's `torch.optim.SGD`.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    velocity: Vec<Option<Vec<f32>>>,
+}
+
+impl Sgd {
+    pub fn new(lr: f64, momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Self> {
+        check_hyper(
+            "Sgd",
+            lr >= 0.0 && lr.is_finite(),
+            format!("learning rate must be finite and >= 0, got {lr}"),
+        )?;
+        check_hyper(
+            "Sgd",
+            (0.0..1.0).contains(&momentum) || momentum == 0.0,
+            format!("momentum must be in [0, 1), got {momentum}"),
+        )?;
+        check_hyper(
+            "Sgd",
+            !nesterov || momentum > 0.0,
+            "Nesterov momentum needs momentum > 0".into(),
+        )?;
+        check_hyper(
+            "Sgd",
+            weight_decay >= 0.0,
+            format!("weight decay must be >= 0, got {weight_decay}"),
+        )?;
+        Ok(Sgd {
+            lr,
+            momentum,
+            nesterov,
+            weight_decay,
+            velocity: Vec::new(),
+        })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &[Var]) -> Result<()> {
+        let (lr, mu, wd) = (
+            self.lr as f32,
+            self.momentum as f32,
+            self.weight_decay as f32,
+        );
+        for (i, p) in params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let mut w = p.value();
+            let first = self.velocity.get(i).is_none_or(|s| s.is_none());
+            let buf = if mu > 0.0 {
+                Some(slot(&mut self.velocity, i, g.numel()))
+            } else {
+                None
+            };
+            let mut buf = buf;
+            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
+                let mut d = gv + wd * *wv;
+                if let Some(b) = buf.as_deref_mut() {
+                    b[j] = if first { d } else { mu * b[j] + d };
+                    d = if self.nesterov { d + mu * b[j] } else { b[j] };
+                }
+                *wv -= lr * d;
+            }
+            p.set_value(w)?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}
+
+/// Adam (`decoupled = false`, L2 weight decay added to the gradient) and AdamW
+/// (`decoupled = true`, weights shrunk by lr * weight_decay before the update), as PyTorch.
+#[derive(Clone, Debug)]
+pub struct Adam {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub decoupled: bool,
+    step: u64,
+    m: Vec<Option<Vec<f32>>>,
+    v: Vec<Option<Vec<f32>>>,
+}
+
+impl Adam {
+    pub fn new(
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+        decoupled: bool,
+    ) -> Result<Self> {
+        check_hyper(
+            "Adam",
+            lr >= 0.0 && lr.is_finite(),
+            format!("learning rate must be finite and >= 0, got {lr}"),
+        )?;
+        check_hyper(
+            "Adam",
+            (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
+            format!("betas must be in [0, 1), got {betas:?}"),
+        )?;
+        check_hyper("Adam", eps > 0.0, format!("eps must be > 0, got {eps}"))?;
+        check_hyper(
+            "Adam",
+            weight_decay >= 0.0,
+            format!("weight decay must be >= 0, got {weight_decay}"),
+        )?;
+        Ok(Adam {
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            decoupled,
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        })
+    }
+    /// PyTorch's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay.
+    pub fn default_with_lr(lr: f64) -> Result<Self> {
+        Self::new(lr, (0.9, 0.999), 1e-8, 0.0, false)
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, params: &[Var]) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = self.betas;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let (lr, eps, wd) = (self.lr, self.eps, self.weight_decay);
+        for (i, p) in params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let n = g.numel();
+            let mut w = p.value();
+            slot(&mut self.m, i, n);
+            slot(&mut self.v, i, n);
+            let (m, v) = (
+                self.m[i].as_mut().expect("slot"),
+                self.v[i].as_mut().expect("slot"),
+            );
+            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
+                let mut gj = gv as f64;
+                if self.decoupled {
+                    *wv = (*wv as f64 * (1.0 - lr * wd)) as f32;
+                } else {
+                    gj += wd * *wv as f64;
+                }
+                m[j] = (b1 * m[j] as f64 + (1.0 - b1) * gj) as f32;
+                v[j] = (b2 * v[j] as f64 + (1.0 - b2) * gj * gj) as f32;
+                let denom = (v[j] as f64 / c2).sqrt() + eps;
+                *wv = (*wv as f64 - lr * (m[j] as f64 / c1) / denom) as f32;
+            }
+            p.set_value(w)?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}
+
+/// The global L2 norm of the gradients of `params`.
+pub fn grad_norm(params: &[Var]) -> f64 {
+    params
+        .iter()
+        .filter_map(|p| p.grad())
+        .map(|g| g.data().iter().map(|&v| (v as f64).powi(2)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(params: &[Var], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(params);
+    if norm > max_norm && norm > 0.0 {
+        let s = (max_norm / (norm + 1e-6)) as f32;
+        for p in params {
+            if let Some(g) = p.grad() {
+                p.set_grad(g.scale(s))?;
+            }
+        }
+    }
+    Ok(norm)
+}
