@@ -1,6 +1,8 @@
 //! `stride train`: trains a zoo model on a data set and reports test accuracy.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use stride_autograd::{no_grad, Rng, Tensor, Var};
@@ -43,6 +45,9 @@ pub struct TrainArgs {
     /// under runs/.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run saved in --out (after Ctrl-C or a crash) exactly where it stopped.
+    #[arg(long, requires = "out")]
+    resume: bool,
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
     debug: bool,
@@ -157,7 +162,15 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let reports = stride_train::train(&mut model, &data, &cfg, |r| {
+    // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    let outcome = stride_train::train(&mut model, &data, &cfg, a.resume, Some(&stop), |r| {
         println!(
             "epoch {}/{}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.0} images/s",
             r.epoch,
@@ -169,7 +182,25 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             r.images_per_second
         );
     })?;
-    let last = reports.last().expect("at least one epoch");
+    if let Some((epoch, step)) = outcome.interrupted {
+        println!(
+            "interrupted during epoch {epoch} after step {step}; checkpoint saved in {}",
+            out.display()
+        );
+        println!(
+            "resume: run the same command with --out {} --resume",
+            out.display()
+        );
+        return Ok(());
+    }
+    let Some(last) = outcome.reports.last() else {
+        println!(
+            "nothing to do: the run in {} already finished its {} epochs",
+            out.display(),
+            cfg.epochs
+        );
+        return Ok(());
+    };
     println!(
         "wrote {} and {}",
         out.join("metrics.csv").display(),

@@ -39,8 +39,14 @@ fn embedded_mnist_is_the_documented_split() {
         assert_eq!((img[0], img[27], img[783]), (0, 0, 0));
         assert!(img.iter().any(|&p| p > 200), "image {i} has no dark stroke");
     }
-    let inked = (0..100).map(|i| s.train.image(i).iter().filter(|&&p| p > 0).count()).sum::<usize>() / 100;
-    assert!((80..250).contains(&inked), "{inked} inked pixels per image on average");
+    let inked = (0..100)
+        .map(|i| s.train.image(i).iter().filter(|&&p| p > 0).count())
+        .sum::<usize>()
+        / 100;
+    assert!(
+        (80..250).contains(&inked),
+        "{inked} inked pixels per image on average"
+    );
 }
 
 #[test]

@@ -11,6 +11,43 @@ pub trait Optimizer {
     fn step(&mut self, params: &[Var]) -> Result<()>;
     fn lr(&self) -> f64;
     fn set_lr(&mut self, lr: f64);
+    /// The optimizer's state as named flat vectors (for checkpoints): `<slot>.<param index>`,
+    /// plus `step` where the rule counts steps.
+    fn state(&self) -> Vec<(String, Vec<f32>)>;
+    /// Restores what [`Optimizer::state`] returned.
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()>;
+}
+
+fn export(name: &str, slots: &[Option<Vec<f32>>], out: &mut Vec<(String, Vec<f32>)>) {
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(v) = s {
+            out.push((format!("{name}.{i}"), v.clone()));
+        }
+    }
+}
+
+fn import(name: &str, state: &[(String, Vec<f32>)]) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut slots: Vec<Option<Vec<f32>>> = Vec::new();
+    for (key, v) in state {
+        let Some(rest) = key.strip_prefix(name).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
+        let i: usize = rest.parse().map_err(|_| {
+            stride_autograd::Error::arg("optimizer state", format!("bad entry name '{key}'"))
+        })?;
+        if i > 1_000_000 {
+            return Err(stride_autograd::Error::arg(
+                "optimizer state",
+                format!("entry '{key}' names parameter {i}"),
+            )
+            .into());
+        }
+        if slots.len() <= i {
+            slots.resize(i + 1, None);
+        }
+        slots[i] = Some(v.clone());
+    }
+    Ok(slots)
 }
 
 /// Clears the gradients of `params` (call before each backward pass).
@@ -112,6 +149,15 @@ impl Optimizer for Sgd {
     fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        let mut out = Vec::new();
+        export("momentum_buffer", &self.velocity, &mut out);
+        out
+    }
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
+        self.velocity = import("momentum_buffer", state)?;
+        Ok(())
+    }
 }
 
 /// Adam (`decoupled = false`, L2 weight decay added to the gradient) and AdamW
@@ -208,6 +254,22 @@ impl Optimizer for Adam {
     fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        let mut out = vec![("step".to_string(), vec![self.step as f32])];
+        export("exp_avg", &self.m, &mut out);
+        export("exp_avg_sq", &self.v, &mut out);
+        out
+    }
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
+        self.step = state
+            .iter()
+            .find(|(k, _)| k == "step")
+            .and_then(|(_, v)| v.first())
+            .map_or(0, |&s| s as u64);
+        self.m = import("exp_avg", state)?;
+        self.v = import("exp_avg_sq", state)?;
+        Ok(())
+    }
 }
 
 /// The global L2 norm of the gradients of `params`.
@@ -232,4 +294,106 @@ pub fn clip_grad_norm(params: &[Var], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+/// RMSprop, PyTorch's `torch.optim.RMSprop` (not centered): v = alpha v + (1 - alpha) g^2,
+/// then p -= lr g / (sqrt(v) + eps), with optional momentum on that step and L2 weight decay.
+#[derive(Clone, Debug)]
+pub struct RmsProp {
+    pub lr: f64,
+    pub alpha: f64,
+    pub eps: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    square: Vec<Option<Vec<f32>>>,
+    velocity: Vec<Option<Vec<f32>>>,
+}
+
+impl RmsProp {
+    pub fn new(lr: f64, alpha: f64, eps: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
+        check_hyper(
+            "RmsProp",
+            lr >= 0.0 && lr.is_finite(),
+            format!("learning rate must be finite and >= 0, got {lr}"),
+        )?;
+        check_hyper(
+            "RmsProp",
+            (0.0..1.0).contains(&alpha),
+            format!("alpha must be in [0, 1), got {alpha}"),
+        )?;
+        check_hyper(
+            "RmsProp",
+            eps > 0.0 && momentum >= 0.0 && weight_decay >= 0.0,
+            format!(
+                "eps {eps} must be > 0, momentum {momentum} and weight decay {weight_decay} >= 0"
+            ),
+        )?;
+        Ok(RmsProp {
+            lr,
+            alpha,
+            eps,
+            momentum,
+            weight_decay,
+            square: Vec::new(),
+            velocity: Vec::new(),
+        })
+    }
+}
+
+impl Optimizer for RmsProp {
+    fn step(&mut self, params: &[Var]) -> Result<()> {
+        for (i, p) in params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let n = g.numel();
+            let mut w = p.value();
+            slot(&mut self.square, i, n);
+            slot(&mut self.velocity, i, n);
+            let (sq, vel) = (
+                self.square[i].as_mut().expect("slot"),
+                self.velocity[i].as_mut().expect("slot"),
+            );
+            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
+                let gj = gv as f64 + self.weight_decay * *wv as f64;
+                sq[j] = (self.alpha * sq[j] as f64 + (1.0 - self.alpha) * gj * gj) as f32;
+                let step = gj / ((sq[j] as f64).sqrt() + self.eps);
+                let d = if self.momentum > 0.0 {
+                    vel[j] = (self.momentum * vel[j] as f64 + step) as f32;
+                    vel[j] as f64
+                } else {
+                    step
+                };
+                *wv = (*wv as f64 - self.lr * d) as f32;
+            }
+            p.set_value(w)?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        let mut out = Vec::new();
+        export("square_avg", &self.square, &mut out);
+        export("momentum_buffer", &self.velocity, &mut out);
+        out
+    }
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
+        self.square = import("square_avg", state)?;
+        self.velocity = import("momentum_buffer", state)?;
+        Ok(())
+    }
+}
+
+/// Limits every gradient element to [-limit, limit].
+pub fn clip_grad_value(params: &[Var], limit: f64) -> Result<()> {
+    let l = limit.abs() as f32;
+    for p in params {
+        if let Some(g) = p.grad() {
+            p.set_grad(g.map(|v| v.clamp(-l, l)))?;
+        }
+    }
+    Ok(())
 }

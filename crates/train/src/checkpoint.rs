@@ -27,6 +27,15 @@ pub fn state_dict(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
 
 /// Writes `tensors` to `path` as safetensors (f32), atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor<f32>)]) -> Result<()> {
+    save_with_metadata(path, tensors, None)
+}
+
+/// Like [`save`], with string metadata in the file's header.
+pub fn save_with_metadata(
+    path: &Path,
+    tensors: &[(String, Tensor<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -42,7 +51,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor<f32>)]) -> Result<()> {
         .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-    let data = safetensors::serialize(views, None)
+    let data = safetensors::serialize(views, metadata)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     write_atomic(path, &data)
 }
@@ -80,14 +89,28 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// Reads a safetensors file; every tensor must be f32. Names, shapes and byte ranges are
 /// checked by the safetensors crate before any data is used.
 pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
+    Ok(load_with_metadata(path)?.0)
+}
+
+/// Like [`load`], also returning the header's metadata (empty when there is none).
+pub fn load_with_metadata(
+    path: &Path,
+) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
     let bytes =
         std::fs::read(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+    let bad = |e: safetensors::SafeTensorError| {
         TrainError::Checkpoint(format!(
             "{}: not a valid safetensors file: {e}",
             path.display()
         ))
-    })?;
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(bad)?;
+    let metadata = SafeTensors::read_metadata(&bytes)
+        .map_err(bad)?
+        .1
+        .metadata()
+        .clone()
+        .unwrap_or_default();
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -102,14 +125,12 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        out.insert(
-            name.clone(),
-            Tensor::from_vec(data, view.shape()).map_err(|e| {
-                TrainError::Checkpoint(format!("{}: tensor '{name}': {e}", path.display()))
-            })?,
-        );
+        let t = Tensor::from_vec(data, view.shape()).map_err(|e| {
+            TrainError::Checkpoint(format!("{}: tensor '{name}': {e}", path.display()))
+        })?;
+        out.insert(name.clone(), t);
     }
-    Ok(out)
+    Ok((out, metadata))
 }
 
 /// Copies `tensors` into `model`, checking every name and shape first and reporting all

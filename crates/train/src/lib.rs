@@ -181,15 +181,146 @@ fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
     })
 }
 
-/// Trains `model` on `data.train`, evaluating on `data.test` after every epoch. `on_epoch` is
-/// called with each epoch's report (for printing). Writes metrics.csv and model.safetensors
-/// (after every epoch, atomically) when `cfg.out_dir` is set.
+/// A seed for (run seed, epoch, step): every shuffle and dropout mask is a function of where
+/// training is, so a resumed run draws exactly what an uninterrupted one would.
+fn mix(seed: u64, epoch: usize, step: usize) -> u64 {
+    let mut z = seed
+        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Where a run stands: the epoch being trained (1-based), steps done in it, and its running sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Position {
+    epoch: usize,
+    step: usize,
+    loss_sum: f64,
+    right: usize,
+    seen: usize,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+const WEIGHTS: &str = "model.safetensors";
+
+fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Saves weights, buffers, optimizer state and the position: everything a resume needs.
+fn save_checkpoint(
+    dir: &std::path::Path,
+    model: &mut dyn Module,
+    opt: &dyn Optimizer,
+    pos: Position,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let mut tensors = checkpoint::state_dict(model);
+    for (name, v) in opt.state() {
+        let n = v.len();
+        tensors.push((
+            format!("optimizer.{name}"),
+            stride_autograd::Tensor::from_vec(v, &[n])?,
+        ));
+    }
+    let meta: std::collections::HashMap<String, String> = [
+        ("format", "stride-checkpoint-1".to_string()),
+        ("epoch", pos.epoch.to_string()),
+        ("step", pos.step.to_string()),
+        ("loss_sum", format!("{:e}", pos.loss_sum)),
+        ("right", pos.right.to_string()),
+        ("seen", pos.seen.to_string()),
+        ("seed", cfg.seed.to_string()),
+        ("optimizer", format!("{:?}", cfg.optimizer)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    checkpoint::save_with_metadata(&dir.join(CHECKPOINT), &tensors, Some(meta))
+}
+
+/// Loads a run folder's checkpoint into the model and optimizer; returns where to continue.
+fn load_checkpoint(
+    dir: &std::path::Path,
+    model: &mut dyn Module,
+    opt: &mut dyn Optimizer,
+    cfg: &TrainConfig,
+) -> Result<Position> {
+    let path = dir.join(CHECKPOINT);
+    let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
+    let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
+    if meta.get("format").map(String::as_str) != Some("stride-checkpoint-1") {
+        return Err(bad("not a Stride training checkpoint (no format tag)"));
+    }
+    for (key, want) in [
+        ("seed", cfg.seed.to_string()),
+        ("optimizer", format!("{:?}", cfg.optimizer)),
+    ] {
+        if meta.get(key) != Some(&want) {
+            return Err(bad(&format!(
+                "was written with {key} {}, this run has {want}",
+                meta.get(key).map_or("(none)", String::as_str)
+            )));
+        }
+    }
+    let num = |k: &str| -> Result<f64> {
+        meta.get(k)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| bad(&format!("metadata '{k}' is missing or not a number")))
+    };
+    let pos = Position {
+        epoch: num("epoch")? as usize,
+        step: num("step")? as usize,
+        loss_sum: num("loss_sum")?,
+        right: num("right")? as usize,
+        seen: num("seen")? as usize,
+    };
+    if pos.epoch == 0 {
+        return Err(bad("epoch 0 in metadata"));
+    }
+    let opt_keys: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("optimizer."))
+        .cloned()
+        .collect();
+    let state: Vec<(String, Vec<f32>)> = opt_keys
+        .iter()
+        .map(|k| {
+            (
+                k["optimizer.".len()..].to_string(),
+                tensors.remove(k).expect("key").into_vec(),
+            )
+        })
+        .collect();
+    checkpoint::load_into(model, &tensors)?;
+    opt.load_state(&state)?;
+    Ok(pos)
+}
+
+/// What became of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub reports: Vec<EpochReport>,
+    /// Set when `stop` was raised: the (epoch, step) the saved checkpoint resumes from.
+    pub interrupted: Option<(usize, usize)>,
+}
+
+/// Trains `model` on `data.train`, evaluating on `data.test` after every epoch; `on_epoch`
+/// gets each epoch's report. With `cfg.out_dir`, writes metrics.csv, model.safetensors and a
+/// resumable checkpoint.safetensors after every epoch (atomically). With `resume`, continues
+/// the run saved in `cfg.out_dir` exactly where it stopped. When `stop` becomes true, the
+/// current step finishes, the checkpoint is saved and the run returns.
 pub fn train(
     model: &mut dyn Module,
     data: &Split,
     cfg: &TrainConfig,
+    resume: bool,
+    stop: Option<&std::sync::atomic::AtomicBool>,
     mut on_epoch: impl FnMut(&EpochReport),
-) -> Result<Vec<EpochReport>> {
+) -> Result<Outcome> {
     if cfg.epochs == 0 || cfg.batch_size == 0 {
         return Err(TrainError::Config(format!(
             "epochs ({}) and batch size ({}) must be at least 1",
@@ -198,32 +329,49 @@ pub fn train(
     }
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
-    let mut shuffle = Rng::seed(cfg.seed);
-    let mut ctx = Ctx::train(cfg.seed.wrapping_add(1));
-    let mut metrics = match &cfg.out_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
-            let path = dir.join("metrics.csv");
-            let mut f = std::fs::File::create(&path)
-                .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut pos = Position {
+        epoch: 1,
+        ..Position::default()
+    };
+    let mut metrics = None;
+    if let Some(dir) = &cfg.out_dir {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        if resume {
+            pos = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
+        }
+        let path = dir.join("metrics.csv");
+        let existed = resume && path.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resume)
+            .write(true)
+            .truncate(!resume)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        if !existed {
             writeln!(
                 f,
                 "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr"
             )
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-            Some(f)
+            .map_err(|e| io_err(&path, e))?;
         }
-        None => None,
-    };
+        metrics = Some(f);
+    } else if resume {
+        return Err(TrainError::Config(
+            "resuming needs the run folder (out_dir) that holds the checkpoint".into(),
+        ));
+    }
     let norm = if cfg.normalize {
         data.train.pixel_stats()
     } else {
         (0.0, 1.0)
     };
+    let mut ctx = Ctx::train(cfg.seed);
     let mut reports = Vec::new();
-    for epoch in 1..=cfg.epochs {
+    while pos.epoch <= cfg.epochs {
+        let epoch = pos.epoch;
         opt.set_lr(cfg.schedule.lr(cfg.lr, epoch - 1));
+        let mut shuffle = Rng::seed(mix(cfg.seed, epoch, usize::MAX));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
             .normalized(norm.0, norm.1);
         let bar = if cfg.progress {
@@ -237,9 +385,11 @@ pub fn train(
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        bar.set_position(pos.step as u64);
         let start = Instant::now();
-        let (mut loss_sum, mut right, mut seen) = (0.0f64, 0usize, 0usize);
-        for (step, Batch { images, labels }) in batches.enumerate() {
+        let seen_before = pos.seen;
+        for (step, Batch { images, labels }) in batches.enumerate().skip(pos.step) {
+            ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
             optim::zero_grad(&params);
             let logits = model.forward(&Var::constant(images), &mut ctx)?;
             let loss = cross_entropy(&logits, &labels, 0.0)?;
@@ -254,27 +404,43 @@ pub fn train(
             }
             loss.backward()?;
             opt.step(&params)?;
-            loss_sum += lv as f64 * labels.len() as f64;
-            right += correct(&logits, &labels)?;
-            seen += labels.len();
+            pos.loss_sum += lv as f64 * labels.len() as f64;
+            pos.right += correct(&logits, &labels)?;
+            pos.seen += labels.len();
+            pos.step = step + 1;
             bar.inc(1);
+            let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
             bar.set_message(format!(
-                "loss {:.4} acc {:.4} {:.0} img/s",
-                loss_sum / seen as f64,
-                right as f64 / seen as f64,
-                seen as f64 / start.elapsed().as_secs_f64()
+                "loss {:.4} acc {:.4} {ips:.0} img/s",
+                pos.loss_sum / pos.seen as f64,
+                pos.right as f64 / pos.seen as f64
             ));
+            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                bar.abandon();
+                if let Some(dir) = &cfg.out_dir {
+                    save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+                }
+                return Ok(Outcome {
+                    reports,
+                    interrupted: Some((epoch, pos.step)),
+                });
+            }
         }
-        let ips = seen as f64 / start.elapsed().as_secs_f64();
+        let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let test = evaluate(model, &data.test, 500, norm)?;
+        let seen = pos.seen.max(1) as f64;
         let report = EpochReport {
             epoch,
-            train_loss: loss_sum / seen as f64,
-            train_accuracy: right as f64 / seen as f64,
+            train_loss: pos.loss_sum / seen,
+            train_accuracy: pos.right as f64 / seen,
             test,
             images_per_second: ips,
             lr: opt.lr(),
+        };
+        pos = Position {
+            epoch: epoch + 1,
+            ..Position::default()
         };
         if let (Some(f), Some(dir)) = (metrics.as_mut(), &cfg.out_dir) {
             writeln!(
@@ -289,14 +455,15 @@ pub fn train(
                 report.lr
             )
             .and_then(|_| f.flush())
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-            checkpoint::save(
-                &dir.join("model.safetensors"),
-                &checkpoint::state_dict(model),
-            )?;
+            .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
+            checkpoint::save(&dir.join(WEIGHTS), &checkpoint::state_dict(model))?;
+            save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
         }
         on_epoch(&report);
         reports.push(report);
     }
-    Ok(reports)
+    Ok(Outcome {
+        reports,
+        interrupted: None,
+    })
 }
