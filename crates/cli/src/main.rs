@@ -48,7 +48,7 @@ fn main() {
         Command::Train(args) => train::run(&args),
         Command::Models => {
             for m in stride_models::ZOO {
-                println!("{:<10} {}", m.name, m.about);
+                println!("{:<10} {:>3} epochs  {}", m.name, m.epochs, m.about);
             }
             Ok(())
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use stride_autograd::{no_grad, Rng, Tensor, Var};
+use stride_data::Augment;
 use stride_models::InputSpec;
 use stride_nn::schedule::Schedule;
 use stride_nn::{Ctx, Module};
@@ -20,8 +21,9 @@ pub struct TrainArgs {
     /// or a folder with the four IDX files of MNIST's layout (raw or .gz).
     #[arg(long, default_value = "mnist")]
     data: String,
-    #[arg(long, default_value_t = 15)]
-    epochs: usize,
+    /// Epochs (default: the model's, see `stride models`).
+    #[arg(long)]
+    epochs: Option<usize>,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     #[arg(long, value_enum, default_value = "adam")]
@@ -35,6 +37,10 @@ pub struct TrainArgs {
     /// L2 weight decay (decoupled for adamw).
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// Augmentation of training images: `auto` (horizontal flips for fashion-mnist, none for
+    /// digits), `none`, or a list such as `hflip,crop4,rotate10,erase0.5`.
+    #[arg(long, default_value = "auto")]
+    augment: String,
     /// Learning-rate schedule over the epochs.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: Sched,
@@ -99,6 +105,15 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         classes: t.classes,
     };
     let mut model = stride_models::build(&a.model, &mut Rng::seed(a.seed), spec)?;
+    let epochs = a.epochs.unwrap_or(stride_models::entry(&a.model)?.epochs);
+    let augment = match a.augment.as_str() {
+        "auto" if a.data == "fashion-mnist" => Augment {
+            hflip: true,
+            ..Augment::default()
+        },
+        "auto" => Augment::default(),
+        spec => Augment::parse(spec)?,
+    };
     let out = a
         .out
         .clone()
@@ -141,7 +156,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         Opt::Adamw => OptimizerKind::AdamW,
     };
     let cfg = TrainConfig {
-        epochs: a.epochs,
+        epochs,
         batch_size: a.batch_size,
         lr: a.lr,
         optimizer,
@@ -149,15 +164,16 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         schedule: match a.schedule {
             Sched::Constant => Schedule::Constant,
             Sched::Cosine => Schedule::Cosine {
-                t_max: a.epochs,
+                t_max: epochs,
                 eta_min: 0.0,
             },
             Sched::Step => Schedule::Step {
-                step_size: a.epochs.div_ceil(3),
+                step_size: epochs.div_ceil(3),
                 gamma: 0.1,
             },
         },
         normalize: true,
+        augment,
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

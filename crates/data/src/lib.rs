@@ -1,11 +1,13 @@
 //! Stride's data: readers for the real formats (IDX today), the embedded MNIST, and batching.
 #![forbid(unsafe_code)]
 
+mod augment;
 mod dataset;
 mod error;
 pub mod idx;
 mod loader;
 
+pub use augment::Augment;
 pub use dataset::{embedded_mnist, from_idx, idx_folder, load, Dataset, Split, FASHION_MNIST_DIR};
 pub use error::{DataError, Result};
 pub use loader::{Batch, Batches};

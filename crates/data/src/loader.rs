@@ -2,7 +2,7 @@
 
 use stride_tensor::{Rng, Tensor};
 
-use crate::Dataset;
+use crate::{Augment, Dataset};
 
 /// One batch: images [B, C, H, W] scaled to [0, 1] (then standardised if asked), and their
 /// class indices.
@@ -21,6 +21,8 @@ pub struct Batches<'a> {
     drop_last: bool,
     /// (mean, std) to standardise pixels with after scaling to [0, 1].
     norm: (f32, f32),
+    /// Augmentation and the seed its draws derive from (with each image's place in the epoch).
+    augment: Option<(Augment, u64)>,
 }
 
 impl<'a> Batches<'a> {
@@ -41,12 +43,22 @@ impl<'a> Batches<'a> {
             batch_size: batch_size.max(1),
             drop_last,
             norm: (0.0, 1.0),
+            augment: None,
         }
     }
 
     /// Standardises pixels: (x / 255 - mean) / std.
     pub fn normalized(mut self, mean: f32, std: f32) -> Self {
         self.norm = (mean, if std > 0.0 { std } else { 1.0 });
+        self
+    }
+
+    /// Augments every image; the draws for the image at position i of the epoch come from
+    /// (seed, i), so a resumed epoch sees the same images.
+    pub fn augmented(mut self, augment: &Augment, seed: u64) -> Self {
+        if !augment.is_identity() {
+            self.augment = Some((augment.clone(), seed));
+        }
         self
     }
 

@@ -197,30 +197,72 @@ fn planes<T: Elem, U: Send>(
 }
 
 /// Max pooling; also returns, per output, the flat index in its input plane of the maximum.
+/// A NaN in a window wins (so it is never hidden).
 pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     let (hw, pq) = (g.h * g.w, g.p * g.q);
-    let mut y = vec![(T::zero(), 0u32); g.n * g.c * pq];
-    planes(x, hw, &mut y, pq, |out, xp| {
-        for i in 0..g.p {
-            for j in 0..g.q {
-                let (rows, cols, _) = g.window(i, j);
-                let mut best = (T::neg_infinity(), (rows.start * g.w + cols.start) as u32);
-                for r in rows {
-                    for c in cols.clone() {
-                        let v = xp[r * g.w + c];
-                        if v > best.0 || v.is_nan() {
-                            best = (v, (r * g.w + c) as u32);
-                            if v.is_nan() {
-                                break;
-                            }
-                        }
+    let mut y = vec![T::zero(); g.n * g.c * pq];
+    let mut idx = vec![0u32; g.n * g.c * pq];
+    if hw == 0 || pq == 0 {
+        return (y, idx);
+    }
+    let fast = g.kernel == (2, 2) && g.stride == (2, 2) && g.pad == (0, 0, 0, 0);
+    y.par_chunks_mut(pq)
+        .zip(idx.par_chunks_mut(pq))
+        .zip(x.par_chunks(hw))
+        .for_each(|((out, arg), xp)| {
+            if fast {
+                max_2x2(g, xp, out, arg)
+            } else {
+                max_window(g, xp, out, arg)
+            }
+        });
+    (y, idx)
+}
+
+#[inline(always)]
+fn better<T: Elem>(v: T, best: T) -> bool {
+    v > best || (v.is_nan() && !best.is_nan())
+}
+
+/// The general window loop.
+fn max_window<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
+    for i in 0..g.p {
+        for j in 0..g.q {
+            let (rows, cols, _) = g.window(i, j);
+            let (mut bv, mut bi) = (T::neg_infinity(), rows.start * g.w + cols.start);
+            for r in rows {
+                for c in cols.clone() {
+                    let v = xp[r * g.w + c];
+                    if better(v, bv) {
+                        (bv, bi) = (v, r * g.w + c);
                     }
                 }
-                out[i * g.q + j] = best;
+            }
+            out[i * g.q + j] = bv;
+            arg[i * g.q + j] = bi as u32;
+        }
+    }
+}
+
+crate::multiversion! {
+    /// 2x2 windows, stride 2, no padding: the common case, two input rows at a time.
+    fn max_2x2<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
+        for i in 0..g.p {
+            let (r0, r1) = (&xp[2 * i * g.w..(2 * i + 1) * g.w], &xp[(2 * i + 1) * g.w..(2 * i + 2) * g.w]);
+            let (o, a) = (&mut out[i * g.q..(i + 1) * g.q], &mut arg[i * g.q..(i + 1) * g.q]);
+            for j in 0..g.q {
+                let base = 2 * i * g.w + 2 * j;
+                let (mut bv, mut bi) = (r0[2 * j], base);
+                for (v, at) in [(r0[2 * j + 1], base + 1), (r1[2 * j], base + g.w), (r1[2 * j + 1], base + g.w + 1)] {
+                    if better(v, bv) {
+                        (bv, bi) = (v, at);
+                    }
+                }
+                o[j] = bv;
+                a[j] = bi as u32;
             }
         }
-    });
-    y.into_iter().unzip()
+    }
 }
 
 fn avg_divisor(

@@ -20,25 +20,31 @@ pub struct InputSpec {
 pub struct ZooEntry {
     pub name: &'static str,
     pub about: &'static str,
+    /// Epochs `stride train` runs by default for this model.
+    pub epochs: usize,
     pub build: fn(&mut Rng, InputSpec) -> Result<Sequential>,
 }
 
 /// Every model, by name.
 pub const ZOO: &[ZooEntry] = &[
-    ZooEntry { name: "cnn", about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10", build: tutorial_cnn },
-    ZooEntry { name: "cnn-bn", about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout, dense 128, dense 10", build: cnn_bn },
+    ZooEntry { name: "cnn", about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10", epochs: 15, build: tutorial_cnn },
+    ZooEntry { name: "cnn-bn", about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout, dense 128, dense 10", epochs: 12, build: cnn_bn },
 ];
 
 /// Builds the zoo model `name`.
 pub fn build(name: &str, rng: &mut Rng, spec: InputSpec) -> Result<Sequential> {
-    let entry = ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
+    (entry(name)?.build)(rng, spec)
+}
+
+/// The zoo entry called `name`, or an error listing the zoo.
+pub fn entry(name: &str) -> Result<&'static ZooEntry> {
+    Ok(ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
         let names: Vec<&str> = ZOO.iter().map(|e| e.name).collect();
         Error::arg(
             "model",
             format!("unknown model '{name}'; the zoo has {}", names.join(", ")),
         )
-    })?;
-    (entry.build)(rng, spec)
+    })?)
 }
 
 /// Spatial size after a valid conv of kernel k then a 2x2 pool, or an error naming the layer.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{cross_entropy, no_grad, Rng, Var};
-use stride_data::{Batch, Batches, Dataset, Split};
+use stride_data::{Augment, Batch, Batches, Dataset, Split};
 use stride_nn::optim::{self, Adam, Optimizer, Sgd};
 use stride_nn::schedule::Schedule;
 use stride_nn::{Ctx, Module};
@@ -61,6 +61,8 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Standardise inputs with the training set's pixel mean and std (else only scale to [0, 1]).
     pub normalize: bool,
+    /// Augmentation of training images.
+    pub augment: Augment,
     pub seed: u64,
     /// Where metrics.csv and model.safetensors go; nothing is written when `None`.
     pub out_dir: Option<PathBuf>,
@@ -78,6 +80,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             schedule: Schedule::Constant,
             normalize: true,
+            augment: Augment::default(),
             seed: 0,
             out_dir: None,
             progress: false,
@@ -373,7 +376,8 @@ pub fn train(
         opt.set_lr(cfg.schedule.lr(cfg.lr, epoch - 1));
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, usize::MAX));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
-            .normalized(norm.0, norm.1);
+            .normalized(norm.0, norm.1)
+            .augmented(&cfg.augment, mix(cfg.seed, epoch, usize::MAX - 1));
         let bar = if cfg.progress {
             ProgressBar::new(batches.num_batches() as u64)
         } else {
