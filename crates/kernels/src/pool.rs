@@ -205,7 +205,6 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     if hw == 0 || pq == 0 {
         return (y, idx);
     }
-    // Every window whole (no padding, no ceil-mode partial window at the end).
     let fast = g.kernel == (2, 2) && g.stride == (2, 2) && g.pad == (0, 0, 0, 0) && 2 * g.p <= g.h && 2 * g.q <= g.w;
     y.par_chunks_mut(pq)
         .zip(idx.par_chunks_mut(pq))
