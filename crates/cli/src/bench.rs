@@ -28,6 +28,10 @@ pub struct BenchArgs {
 enum Bench {
     /// B3: single convolution layers, forward and backward.
     Conv,
+    /// B1: the tutorial CNN, training steps (SGD) and inference, batch 64.
+    Lenet,
+    /// B1 and B3.
+    All,
 }
 
 /// One B3 shape: id, N, Cin, Cout, H (= W), kernel, stride, padding, groups, transposed.
@@ -67,6 +71,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     match args.bench {
         Bench::Conv => conv_bench(args),
+        Bench::Lenet => lenet_bench(args),
+        Bench::All => lenet_bench(args).and_then(|_| conv_bench(args)),
     }
 }
 
@@ -157,6 +163,60 @@ fn conv_bench(args: &BenchArgs) -> Result<()> {
             });
             println!("{rec}");
         }
+    }
+    Ok(())
+}
+
+/// B1: SPEC.md's `lenet_train` (forward, backward, plain SGD lr 0.01 on random data, batch 64)
+/// and `lenet_infer` (forward only), in images per second.
+fn lenet_bench(args: &BenchArgs) -> Result<()> {
+    use stride_nn::optim::{zero_grad, Optimizer, Sgd};
+    use stride_nn::{Ctx, Module};
+    let spec = stride_models::InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        classes: 10,
+    };
+    let mut model = stride_models::build("cnn", &mut Rng::seed(2), spec).map_err(|e| e.source)?;
+    let mut rng = Rng::seed(2);
+    let x = Var::constant(rng.normal::<f32>(&[64, 1, 28, 28], 0.0, 1.0)?);
+    let labels: Vec<usize> = (0..64).map(|_| rng.below(10)).collect();
+    let params = model.parameters();
+    let mut opt = Sgd::new(0.01, 0.0, false, 0.0).map_err(|e| e.source)?;
+    let mut ctx = Ctx::train(0);
+    let steps = args.reps.max(50);
+    let mut step = || -> Result<()> {
+        zero_grad(&params);
+        let logits = model.forward(&x, &mut ctx).map_err(|e| e.source)?;
+        stride_autograd::cross_entropy(&logits, &labels, 0.0)?.backward()?;
+        opt.step(&params).map_err(|e| e.source)
+    };
+    for _ in 0..5 {
+        step()?;
+    }
+    // Median over 5 timed blocks of `steps` / 5 steps each.
+    let block = (steps / 5).max(1);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..block {
+            step()?;
+        }
+        times.push(t.elapsed().as_secs_f64() / block as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    let train_s = times[2];
+    let mut eval = Ctx::eval();
+    let infer_s = median_seconds(steps, || {
+        let _ = no_grad(|| model.forward(&x, &mut eval));
+    });
+    for (name, secs) in [("lenet_train", train_s), ("lenet_infer", infer_s)] {
+        let rec = json!({
+            "bench": name, "impl": "stride", "value": (64.0 / secs * 10.0).round() / 10.0, "unit": "images/s",
+            "median_ms": (secs * 1e7).round() / 1e4, "batch": 64, "threads": rayon::current_num_threads(),
+        });
+        println!("{rec}");
     }
     Ok(())
 }

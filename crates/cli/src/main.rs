@@ -1,6 +1,7 @@
 //! `stride`: the command line. Parses strings into typed configs and hands them to the library.
 
 mod bench;
+mod infer;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,11 @@ struct Cli {
 enum Command {
     /// Trains a CNN (by default the tutorial network on the embedded MNIST).
     Train(train::TrainArgs),
+    /// Evaluates trained weights on a data set's test split: accuracy, per class, confusion.
+    Eval(infer::EvalArgs),
+    /// Runs a model in evaluation mode on the tensor `input` of a safetensors file and writes
+    /// `output`, for tensor-by-tensor comparison with other frameworks.
+    Run(infer::RunArgs),
     /// Lists the model zoo.
     Models,
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
@@ -46,6 +52,8 @@ fn main() {
     }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Train(args) => train::run(&args),
+        Command::Eval(args) => infer::eval(&args),
+        Command::Run(args) => infer::run(&args),
         Command::Models => {
             for m in stride_models::ZOO {
                 println!("{:<10} {:>3} epochs  {}", m.name, m.epochs, m.about);

@@ -86,10 +86,27 @@ impl Iterator for Batches<'_> {
         let per = ds.channels * ds.height * ds.width;
         let mut pixels = Vec::with_capacity(idx.len() * per);
         let (mean, inv_std) = (self.norm.0, 1.0 / self.norm.1);
-        for &i in idx {
+        let mut scratch = vec![0u8; per];
+        for (k, &i) in idx.iter().enumerate() {
+            let img = match &self.augment {
+                Some((a, seed)) => {
+                    // The image's place in the epoch picks its draws.
+                    let place = (self.pos - idx.len() + k) as u64;
+                    let mut rng = Rng::seed(seed ^ place.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    a.apply(
+                        ds.image(i),
+                        ds.channels,
+                        ds.height,
+                        ds.width,
+                        &mut rng,
+                        &mut scratch,
+                    );
+                    &scratch[..]
+                }
+                None => ds.image(i),
+            };
             pixels.extend(
-                ds.image(i)
-                    .iter()
+                img.iter()
                     .map(|&b| (b as f32 * (1.0 / 255.0) - mean) * inv_std),
             );
         }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use stride_data::{embedded_mnist, idx, load, Batches};
+use stride_data::{embedded_mnist, idx, load, Augment, Batches};
 use stride_tensor::Rng;
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -152,4 +152,50 @@ fn batches_cover_the_epoch_once_in_a_seeded_order() {
     assert_eq!(Batches::new(ds, 300, None, true).num_batches(), 6);
     assert_eq!(Batches::new(ds, 300, None, true).count(), 6);
     assert!(b[0].images.data().iter().all(|&v| (0.0..=1.0).contains(&v)));
+}
+
+#[test]
+fn augmented_batches_differ_from_plain_ones_and_repeat_with_the_seed() {
+    let s = embedded_mnist().unwrap();
+    let plain: Vec<_> = Batches::new(&s.test, 100, None, false).take(2).collect();
+    let flip = Augment {
+        hflip: true,
+        ..Augment::default()
+    };
+    let aug = |seed| {
+        Batches::new(&s.test, 100, None, false)
+            .augmented(&flip, seed)
+            .take(2)
+            .map(|b| b.images)
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (aug(5), aug(5));
+    assert_eq!(a, b, "the same seed gives the same images");
+    assert_ne!(a, aug(6));
+    // About half the images are mirrored: compare each to its plain version.
+    let per = 28 * 28;
+    let mut mirrored = 0;
+    for (x, y) in a.iter().zip(&plain) {
+        for (p, q) in x.data().chunks(per).zip(y.images.data().chunks(per)) {
+            if p != q {
+                mirrored += 1;
+                for r in 0..28 {
+                    for c in 0..28 {
+                        assert_eq!(p[r * 28 + c], q[r * 28 + 27 - c]);
+                    }
+                }
+            }
+        }
+    }
+    assert!((60..140).contains(&mirrored), "{mirrored} of 200 mirrored");
+    // Identity augmentation changes nothing.
+    let same: Vec<_> = Batches::new(&s.test, 100, None, false)
+        .augmented(&Augment::default(), 1)
+        .take(2)
+        .map(|b| b.images)
+        .collect();
+    assert_eq!(
+        same,
+        plain.iter().map(|b| b.images.clone()).collect::<Vec<_>>()
+    );
 }

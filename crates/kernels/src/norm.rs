@@ -103,10 +103,7 @@ pub fn normalize<T: Elem>(
         .for_each(|(i, (yp, xp))| {
             let ch = i % c;
             let a = gamma[ch] * invstd[ch];
-            let b = beta[ch] - mean[ch] * a;
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = a * v + b;
-            }
+            affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
         });
     y
 }

@@ -205,7 +205,11 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     if hw == 0 || pq == 0 {
         return (y, idx);
     }
-    let fast = g.kernel == (2, 2) && g.stride == (2, 2) && g.pad == (0, 0, 0, 0) && 2 * g.p <= g.h && 2 * g.q <= g.w;
+    let fast = g.kernel == (2, 2)
+        && g.stride == (2, 2)
+        && g.pad == (0, 0, 0, 0)
+        && 2 * g.p <= g.h
+        && 2 * g.q <= g.w;
     y.par_chunks_mut(pq)
         .zip(idx.par_chunks_mut(pq))
         .zip(x.par_chunks(hw))

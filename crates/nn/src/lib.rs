@@ -2,6 +2,7 @@
 //! optimizers.
 #![forbid(unsafe_code)]
 
+pub mod blocks;
 pub mod init;
 pub mod layers;
 mod module;
