@@ -16,10 +16,7 @@ impl<T: Elem> Var<T> {
             return Err(Error::new(
                 ErrorKind::Autograd,
                 "backward",
-                format!(
-                    "needs a scalar (one element) to start from, got shape {:?}",
-                    v.shape()
-                ),
+                format!("needs a scalar (one element) to start from, got shape {:?}", v.shape()),
             ));
         }
         self.backward_with(Tensor::ones(v.shape())?)
@@ -31,19 +28,11 @@ impl<T: Elem> Var<T> {
             return Err(Error::new(
                 ErrorKind::Autograd,
                 "backward",
-                format!(
-                    "gradient shape {:?} differs from the value's {:?}",
-                    grad.shape(),
-                    self.shape()
-                ),
+                format!("gradient shape {:?} differs from the value's {:?}", grad.shape(), self.shape()),
             ));
         }
         if !self.requires_grad() {
-            return Err(Error::new(
-                ErrorKind::Autograd,
-                "backward",
-                "this value does not depend on any parameter (was it computed under no_grad?)",
-            ));
+            return Err(Error::new(ErrorKind::Autograd, "backward", "this value does not depend on any parameter (was it computed under no_grad?)"));
         }
         let order = topo_order(self);
         let key = |v: &Var<T>| Rc::as_ptr(&v.0) as usize;
@@ -70,12 +59,7 @@ impl<T: Elem> Var<T> {
                 if !parent.requires_grad() {
                     continue;
                 }
-                debug_assert_eq!(
-                    pgrad.shape(),
-                    parent.value_ref().shape(),
-                    "{} gradient shape",
-                    op.name()
-                );
+                debug_assert_eq!(pgrad.shape(), parent.value_ref().shape(), "{} gradient shape", op.name());
                 match grads.get_mut(&key(parent)) {
                     Some(acc) => acc.add_assign(&pgrad)?,
                     None => {

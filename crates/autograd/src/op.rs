@@ -16,73 +16,27 @@ pub(crate) enum Op<T: Elem> {
     Mul,
     Div,
     Unary(Unary),
-    Sum {
-        axes: Vec<usize>,
-        keepdim: bool,
-    },
-    Max {
-        axis: usize,
-        argmax: Vec<usize>,
-    },
+    Sum { axes: Vec<usize>, keepdim: bool },
+    Max { axis: usize, argmax: Vec<usize> },
     Reshape,
-    Permute {
-        perm: Vec<usize>,
-    },
-    Narrow {
-        axis: usize,
-        start: usize,
-    },
-    Pad {
-        pads: Vec<(usize, usize)>,
-    },
-    Concat {
-        axis: usize,
-        sizes: Vec<usize>,
-    },
-    UpsampleNearest {
-        scale: (usize, usize),
-    },
+    Permute { perm: Vec<usize> },
+    Narrow { axis: usize, start: usize },
+    Pad { pads: Vec<(usize, usize)> },
+    Concat { axis: usize, sizes: Vec<usize> },
+    UpsampleNearest { scale: (usize, usize) },
     MatMul,
-    Conv2d {
-        geom: ConvGeom,
-    },
-    ConvTranspose2d {
-        geom: ConvGeom,
-    },
-    MaxPool2d {
-        geom: PoolGeom,
-        argmax: Vec<u32>,
-    },
-    AvgPool2d {
-        geom: PoolGeom,
-    },
-    LpPool2d {
-        geom: PoolGeom,
-        p: f64,
-    },
-    AdaptiveAvgPool2d {
-        out: (usize, usize),
-    },
-    AdaptiveMaxPool2d {
-        argmax: Vec<u32>,
-    },
-    ChannelMaxPool {
-        argmax: Vec<u32>,
-    },
-    BatchNorm {
-        mean: Vec<T>,
-        invstd: Vec<T>,
-        training: bool,
-    },
-    Softmax {
-        axis: usize,
-    },
-    LogSoftmax {
-        axis: usize,
-    },
-    Nll {
-        targets: Vec<usize>,
-    },
+    Conv2d { geom: ConvGeom },
+    ConvTranspose2d { geom: ConvGeom },
+    MaxPool2d { geom: PoolGeom, argmax: Vec<u32> },
+    AvgPool2d { geom: PoolGeom },
+    LpPool2d { geom: PoolGeom, p: f64 },
+    AdaptiveAvgPool2d { out: (usize, usize) },
+    AdaptiveMaxPool2d { argmax: Vec<u32> },
+    ChannelMaxPool { argmax: Vec<u32> },
+    BatchNorm { mean: Vec<T>, invstd: Vec<T>, training: bool },
+    Softmax { axis: usize },
+    LogSoftmax { axis: usize },
+    Nll { targets: Vec<usize> },
 }
 
 /// Names of every primitive, in declaration order: the count a backend has to implement.
@@ -153,18 +107,11 @@ impl<T: Elem> Op<T> {
 
     /// Gradients for each input, given the output gradient `g`, the input values and the
     /// output value. `None` for an input that gets no gradient (targets, running stats).
-    pub(crate) fn backward(
-        &self,
-        g: &Tensor<T>,
-        x: &[Tensor<T>],
-        y: &Tensor<T>,
-    ) -> Result<Vec<Option<Tensor<T>>>> {
+    pub(crate) fn backward(&self, g: &Tensor<T>, x: &[Tensor<T>], y: &Tensor<T>) -> Result<Vec<Option<Tensor<T>>>> {
         use ops::*;
         let some = |v: Vec<Tensor<T>>| v.into_iter().map(Some).collect();
         Ok(match self {
-            Op::Add | Op::Sub | Op::Mul | Op::Div => {
-                some(arith::binary_backward(self, g, &x[0], &x[1])?)
-            }
+            Op::Add | Op::Sub | Op::Mul | Op::Div => some(arith::binary_backward(self, g, &x[0], &x[1])?),
             Op::Unary(u) => vec![Some(arith::unary_backward(*u, g, &x[0], y)?)],
             Op::Sum { axes, keepdim } => {
                 vec![Some(reduce::sum_backward(g, x[0].shape(), axes, *keepdim)?)]
@@ -174,12 +121,7 @@ impl<T: Elem> Op<T> {
             }
             Op::Reshape => vec![Some(g.reshape(x[0].shape())?)],
             Op::Permute { perm } => vec![Some(shape::permute_backward(g, perm)?)],
-            Op::Narrow { axis, start } => vec![Some(shape::narrow_backward(
-                g,
-                x[0].shape(),
-                *axis,
-                *start,
-            )?)],
+            Op::Narrow { axis, start } => vec![Some(shape::narrow_backward(g, x[0].shape(), *axis, *start)?)],
             Op::Pad { pads } => vec![Some(g.unpad(pads)?)],
             Op::Concat { axis, sizes } => some(g.split(*axis, sizes)?),
             Op::UpsampleNearest { scale } => {
@@ -200,11 +142,7 @@ impl<T: Elem> Op<T> {
             Op::ChannelMaxPool { argmax } => {
                 vec![Some(pool::channel_max_backward(g, x[0].shape(), argmax)?)]
             }
-            Op::BatchNorm {
-                mean,
-                invstd,
-                training,
-            } => norm::batch_norm_backward(g, x, mean, invstd, *training)?,
+            Op::BatchNorm { mean, invstd, training } => norm::batch_norm_backward(g, x, mean, invstd, *training)?,
             Op::Softmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, false)?)],
             Op::LogSoftmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, true)?)],
             Op::Nll { targets } => vec![Some(loss::nll_backward(g, x[0].shape(), targets)?)],

@@ -71,13 +71,7 @@ pub fn is_grad_enabled() -> bool {
 
 impl<T: Elem> Var<T> {
     fn leaf(value: Tensor<T>, requires_grad: bool) -> Self {
-        Var(Rc::new(Node {
-            value: RefCell::new(value),
-            grad: RefCell::new(None),
-            requires_grad,
-            op: None,
-            parents: Vec::new(),
-        }))
+        Var(Rc::new(Node { value: RefCell::new(value), grad: RefCell::new(None), requires_grad, op: None, parents: Vec::new() }))
     }
     /// A constant: no gradient flows into it.
     pub fn constant(value: Tensor<T>) -> Self {
@@ -131,13 +125,7 @@ impl<T: Elem> Var<T> {
     /// Replaces the accumulated gradient (gradient clipping, tests); the shape must match.
     pub fn set_grad(&self, grad: Tensor<T>) -> Result<()> {
         if grad.shape() != self.value_ref().shape() {
-            stride_tensor::bail!(
-                shape,
-                "set_grad",
-                "gradient has shape {:?}, the variable has {:?}",
-                grad.shape(),
-                self.shape()
-            );
+            stride_tensor::bail!(shape, "set_grad", "gradient has shape {:?}, the variable has {:?}", grad.shape(), self.shape());
         }
         *self.0.grad.borrow_mut() = Some(grad);
         Ok(())
@@ -145,21 +133,11 @@ impl<T: Elem> Var<T> {
     /// Replaces the value of a leaf (optimizer steps, loading weights); shapes must agree.
     pub fn set_value(&self, value: Tensor<T>) -> Result<()> {
         if !self.is_leaf() {
-            stride_tensor::bail!(
-                arg,
-                "set_value",
-                "only leaves (parameters, constants) can be assigned"
-            );
+            stride_tensor::bail!(arg, "set_value", "only leaves (parameters, constants) can be assigned");
         }
         let mut v = self.0.value.borrow_mut();
         if v.shape() != value.shape() {
-            stride_tensor::bail!(
-                shape,
-                "set_value",
-                "new value has shape {:?}, the variable has {:?}",
-                value.shape(),
-                v.shape()
-            );
+            stride_tensor::bail!(shape, "set_value", "new value has shape {:?}, the variable has {:?}", value.shape(), v.shape());
         }
         *v = value;
         Ok(())

@@ -11,33 +11,18 @@ fn padding() -> impl Strategy<Value = Padding> {
     prop_oneof![
         Just(Padding::Valid),
         Just(Padding::Same),
-        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| {
-            Padding::Explicit {
-                top,
-                bottom,
-                left,
-                right,
-            }
-        }),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| { Padding::Explicit { top, bottom, left, right } }),
     ]
 }
 
 fn conv_opts() -> impl Strategy<Value = Conv2dOptions> {
-    (
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        padding(),
-        1usize..4,
-    )
-        .prop_map(|(sh, sw, dh, dw, padding, groups)| Conv2dOptions {
-            stride: (sh, sw),
-            dilation: (dh, dw),
-            padding,
-            groups,
-            output_padding: (0, 0),
-        })
+    (1usize..4, 1usize..4, 1usize..4, 1usize..4, padding(), 1usize..4).prop_map(|(sh, sw, dh, dw, padding, groups)| Conv2dOptions {
+        stride: (sh, sw),
+        dilation: (dh, dw),
+        padding,
+        groups,
+        output_padding: (0, 0),
+    })
 }
 
 proptest! {
@@ -109,13 +94,7 @@ fn activation_gradients() {
     let mut rng = Rng::seed(1);
     // Keep away from the kinks at 0 (and relu6's at 6, hardswish's at +-3) by construction.
     let x = randn(&mut rng, &[3, 7]).map(|v| if v.abs() < 0.05 { v + 0.1 } else { v } * 4.0);
-    let xs = [x.map(|v| {
-        if (v - 6.0).abs() < 0.05 || (v.abs() - 3.0).abs() < 0.05 {
-            v + 0.2
-        } else {
-            v
-        }
-    })];
+    let xs = [x.map(|v| if (v - 6.0).abs() < 0.05 || (v.abs() - 3.0).abs() < 0.05 { v + 0.2 } else { v })];
     type F = fn(&Var<f64>) -> Result<Var<f64>>;
     let fns: [(&str, F); 16] = [
         ("relu", |v| v.relu()),
@@ -141,11 +120,7 @@ fn activation_gradients() {
         }
     }
     let pos = [xs[0].map(|v| v.abs() + 0.5)];
-    for (name, f) in [
-        ("ln", (|v| v.ln()) as F),
-        ("sqrt", |v| v.sqrt()),
-        ("pow", |v| v.powf(2.5)),
-    ] {
+    for (name, f) in [("ln", (|v| v.ln()) as F), ("sqrt", |v| v.sqrt()), ("pow", |v| v.powf(2.5))] {
         if let Err(e) = grad_check(&pos, |v| f(&v[0])) {
             panic!("{name}: {e}");
         }
@@ -158,10 +133,7 @@ fn broadcasting_arithmetic_gradients() {
     let a = randn(&mut rng, &[2, 3, 4]);
     let b = randn(&mut rng, &[3, 1]);
     let c = randn(&mut rng, &[4]).map(|v| v.abs() + 0.5);
-    grad_check(&[a, b, c], |v| {
-        v[0].add(&v[1])?.mul(&v[2])?.sub(&v[1])?.div(&v[2])
-    })
-    .unwrap();
+    grad_check(&[a, b, c], |v| v[0].add(&v[1])?.mul(&v[2])?.sub(&v[1])?.div(&v[2])).unwrap();
 }
 
 #[test]
@@ -179,10 +151,7 @@ fn reduction_and_shape_gradients() {
     grad_check(&xs, |v| v[0].narrow(3, 1, 3)).unwrap();
     grad_check(&xs, |v| v[0].pad(&[(1, 0), (2, 1)], 0.5)).unwrap();
     grad_check(&xs, |v| v[0].flatten()).unwrap();
-    grad_check(&[randn(&mut rng, &[2, 6, 2, 3])], |v| {
-        v[0].channel_shuffle(3)
-    })
-    .unwrap();
+    grad_check(&[randn(&mut rng, &[2, 6, 2, 3])], |v| v[0].channel_shuffle(3)).unwrap();
     grad_check(&xs, |v| v[0].upsample_nearest2d((2, 3))).unwrap();
     grad_check(&xs, |v| {
         let parts = v[0].split(1, &[1, 2])?;
@@ -194,22 +163,11 @@ fn reduction_and_shape_gradients() {
 #[test]
 fn matmul_and_linear_gradients() {
     let mut rng = Rng::seed(4);
-    let (x, w, b) = (
-        randn(&mut rng, &[5, 7]),
-        randn(&mut rng, &[3, 7]),
-        randn(&mut rng, &[3]),
-    );
-    grad_check(&[x.clone(), w.clone(), b], |v| {
-        linear(&v[0], &v[1], Some(&v[2]))
-    })
-    .unwrap();
+    let (x, w, b) = (randn(&mut rng, &[5, 7]), randn(&mut rng, &[3, 7]), randn(&mut rng, &[3]));
+    grad_check(&[x.clone(), w.clone(), b], |v| linear(&v[0], &v[1], Some(&v[2]))).unwrap();
     grad_check(&[x, randn(&mut rng, &[7, 4])], |v| v[0].matmul(&v[1])).unwrap();
     // Large enough for the threaded product.
-    grad_check(
-        &[randn(&mut rng, &[100, 120]), randn(&mut rng, &[120, 110])],
-        |v| v[0].matmul(&v[1]),
-    )
-    .unwrap();
+    grad_check(&[randn(&mut rng, &[100, 120]), randn(&mut rng, &[120, 110])], |v| v[0].matmul(&v[1])).unwrap();
 }
 
 #[test]
@@ -223,15 +181,7 @@ fn batch_norm_gradients_in_both_modes() {
             let res = grad_check(&[x.clone(), g.clone(), b.clone()], |v| {
                 let mut rm = Tensor::from_fn(&[c], |i| 0.1 * i as f64).unwrap();
                 let mut rv = Tensor::from_fn(&[c], |i| 1.0 + 0.5 * i as f64).unwrap();
-                batch_norm(
-                    &v[0],
-                    &v[1],
-                    &v[2],
-                    &mut rm,
-                    &mut rv,
-                    training,
-                    BatchNormOptions::default(),
-                )
+                batch_norm(&v[0], &v[1], &v[2], &mut rm, &mut rv, training, BatchNormOptions::default())
             });
             assert!(res.is_ok(), "{shape:?} training={training}: {res:?}");
         }
@@ -245,46 +195,25 @@ fn softmax_and_loss_gradients() {
     let t = [0, 4, 2, 2];
     grad_check(&[randn(&mut rng, &[2, 3, 4])], |v| softmax(&v[0], 1)).unwrap();
     grad_check(&[randn(&mut rng, &[2, 3, 4])], |v| log_softmax(&v[0], 2)).unwrap();
-    grad_check(std::slice::from_ref(&logits), |v| {
-        nll_loss(&log_softmax(&v[0], 1)?, &t)
-    })
-    .unwrap();
-    grad_check(std::slice::from_ref(&logits), |v| {
-        cross_entropy(&v[0], &t, 0.0)
-    })
-    .unwrap();
-    grad_check(std::slice::from_ref(&logits), |v| {
-        cross_entropy(&v[0], &t, 0.1)
-    })
-    .unwrap();
+    grad_check(std::slice::from_ref(&logits), |v| nll_loss(&log_softmax(&v[0], 1)?, &t)).unwrap();
+    grad_check(std::slice::from_ref(&logits), |v| cross_entropy(&v[0], &t, 0.0)).unwrap();
+    grad_check(std::slice::from_ref(&logits), |v| cross_entropy(&v[0], &t, 0.1)).unwrap();
     let p = randn(&mut rng, &[3, 4]).map(|v| 1.0 / (1.0 + (-v).exp()));
     let y = randn(&mut rng, &[3, 4]).map(|v| if v > 0.0 { 1.0 } else { 0.3 });
     for r in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-        grad_check(&[p.clone(), y.clone()], |v| {
-            binary_cross_entropy(&v[0], &v[1], r)
-        })
-        .unwrap();
-        grad_check(&[p.clone(), y.clone()], |v| {
-            binary_cross_entropy_with_logits(&v[0], &v[1], r)
-        })
-        .unwrap();
+        grad_check(&[p.clone(), y.clone()], |v| binary_cross_entropy(&v[0], &v[1], r)).unwrap();
+        grad_check(&[p.clone(), y.clone()], |v| binary_cross_entropy_with_logits(&v[0], &v[1], r)).unwrap();
         grad_check(&[p.clone(), y.clone()], |v| mse_loss(&v[0], &v[1], r)).unwrap();
         grad_check(&[p.clone(), y.clone()], |v| l1_loss(&v[0], &v[1], r)).unwrap();
     }
     let sigma = randn(&mut rng, &[3, 4]).map(|v| v.abs() + 0.1);
-    grad_check(&[randn(&mut rng, &[3, 4]), sigma], |v| {
-        gaussian_kl(&v[0], &v[1])
-    })
-    .unwrap();
+    grad_check(&[randn(&mut rng, &[3, 4]), sigma], |v| gaussian_kl(&v[0], &v[1])).unwrap();
 }
 
 #[test]
 fn dropout_gradient_uses_the_same_mask() {
     let mut rng = Rng::seed(7);
     let x = randn(&mut rng, &[4, 6, 3, 3]);
-    grad_check(std::slice::from_ref(&x), |v| {
-        dropout(&v[0], 0.3, true, &mut Rng::seed(11))
-    })
-    .unwrap();
+    grad_check(std::slice::from_ref(&x), |v| dropout(&v[0], 0.3, true, &mut Rng::seed(11))).unwrap();
     grad_check(&[x], |v| dropout2d(&v[0], 0.5, true, &mut Rng::seed(12))).unwrap();
 }

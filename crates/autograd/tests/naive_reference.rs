@@ -12,21 +12,9 @@ use stride_kernels::conv::ConvGeom;
 /// Transposed convolution from its definition: scatter every input pixel times the kernel
 /// into a full-size buffer, then crop the padding. Independent of `ConvGeom`'s arithmetic.
 fn naive_conv_transpose(x: &Tensor<f64>, w: &Tensor<f64>, o: &Conv2dOptions) -> Tensor<f64> {
-    let [n, ci, h, wd] = x.shape()[..] else {
-        unreachable!()
-    };
-    let [_, cog, r, s] = w.shape()[..] else {
-        unreachable!()
-    };
-    let Padding::Explicit {
-        top,
-        bottom,
-        left,
-        right,
-    } = o.padding
-    else {
-        unreachable!()
-    };
+    let [n, ci, h, wd] = x.shape()[..] else { unreachable!() };
+    let [_, cog, r, s] = w.shape()[..] else { unreachable!() };
+    let Padding::Explicit { top, bottom, left, right } = o.padding else { unreachable!() };
     let g = o.groups;
     let cig = ci / g;
     let (fh, fw) = (
@@ -43,13 +31,9 @@ fn naive_conv_transpose(x: &Tensor<f64>, w: &Tensor<f64>, o: &Conv2dOptions) -> 
                     for j in 0..wd {
                         for a in 0..r {
                             for e in 0..s {
-                                let (y, z) = (
-                                    i * o.stride.0 + a * o.dilation.0,
-                                    j * o.stride.1 + e * o.dilation.1,
-                                );
-                                full[((b * co + grp * cog + oc) * fh + y) * fw + z] += x.data()
-                                    [((b * ci + c) * h + i) * wd + j]
-                                    * w.data()[((c * cog + oc) * r + a) * s + e];
+                                let (y, z) = (i * o.stride.0 + a * o.dilation.0, j * o.stride.1 + e * o.dilation.1);
+                                full[((b * co + grp * cog + oc) * fh + y) * fw + z] +=
+                                    x.data()[((b * ci + c) * h + i) * wd + j] * w.data()[((c * cog + oc) * r + a) * s + e];
                             }
                         }
                     }
@@ -58,25 +42,12 @@ fn naive_conv_transpose(x: &Tensor<f64>, w: &Tensor<f64>, o: &Conv2dOptions) -> 
         }
     }
     let t = Tensor::from_vec(full, &[n, co, fh, fw]).unwrap();
-    t.narrow(2, top, fh - top - bottom)
-        .unwrap()
-        .narrow(3, left, fw - left - right)
-        .unwrap()
+    t.narrow(2, top, fh - top - bottom).unwrap().narrow(3, left, fw - left - right).unwrap()
 }
 
 /// Pooling from the definition: every output looks at its window in a padded copy.
-fn naive_pool(
-    x: &Tensor<f64>,
-    k: usize,
-    st: usize,
-    pad: usize,
-    ceil: bool,
-    kind: &str,
-    cip: bool,
-) -> Tensor<f64> {
-    let [n, c, h, w] = x.shape()[..] else {
-        unreachable!()
-    };
+fn naive_pool(x: &Tensor<f64>, k: usize, st: usize, pad: usize, ceil: bool, kind: &str, cip: bool) -> Tensor<f64> {
+    let [n, c, h, w] = x.shape()[..] else { unreachable!() };
     let size = |len: usize| {
         let span = (len + 2 * pad - k) as f64 / st as f64;
         let mut out = if ceil { span.ceil() } else { span.floor() } as usize + 1;
@@ -94,10 +65,7 @@ fn naive_pool(
                     let (mut best, mut sum, mut real, mut total) = (f64::NEG_INFINITY, 0.0, 0, 0);
                     for a in 0..k {
                         for e in 0..k {
-                            let (y, z) = (
-                                (i * st + a) as isize - pad as isize,
-                                (j * st + e) as isize - pad as isize,
-                            );
+                            let (y, z) = ((i * st + a) as isize - pad as isize, (j * st + e) as isize - pad as isize);
                             // Positions past the right padding do not count (PyTorch's divisor).
                             if y >= (h + pad) as isize || z >= (w + pad) as isize {
                                 continue;
@@ -181,10 +149,7 @@ fn batch_norm_matches_definition() {
     .unwrap()
     .value();
     for c in 0..2 {
-        let vals: Vec<(usize, f64)> = (0..3)
-            .flat_map(|n| (0..20).map(move |i| ((n * 2 + c) * 20 + i)))
-            .map(|i| (i, x.data()[i]))
-            .collect();
+        let vals: Vec<(usize, f64)> = (0..3).flat_map(|n| (0..20).map(move |i| ((n * 2 + c) * 20 + i))).map(|i| (i, x.data()[i])).collect();
         let m = vals.iter().map(|v| v.1).sum::<f64>() / 60.0;
         let var = vals.iter().map(|v| (v.1 - m).powi(2)).sum::<f64>() / 60.0;
         for (i, v) in vals {
@@ -208,8 +173,7 @@ fn batch_norm_matches_definition() {
     .unwrap()
     .value();
     assert_eq!((rm.clone(), rv.clone()), before);
-    let want =
-        (x.data()[0] - rm.data()[0]) / (rv.data()[0] + 1e-5).sqrt() * g.data()[0] + b.data()[0];
+    let want = (x.data()[0] - rm.data()[0]) / (rv.data()[0] + 1e-5).sqrt() * g.data()[0] + b.data()[0];
     assert!((y.data()[0] - want).abs() < 1e-10);
 }
 
@@ -221,20 +185,14 @@ fn small_ops_match_definitions() {
     // Channel max pool, depth 3 stride 2: channels {0,1,2}, {2,3,4}.
     let y = channel_max_pool(&xv, 3, 2).unwrap().value();
     assert_eq!(y.shape(), [2, 2, 3, 2]);
-    for (n, j, pix) in (0..2).flat_map(|n| (0..2).flat_map(move |j| (0..6).map(move |p| (n, j, p))))
-    {
-        let want = (j * 2..j * 2 + 3)
-            .map(|c| x.data()[(n * 6 + c) * 6 + pix])
-            .fold(f64::NEG_INFINITY, f64::max);
+    for (n, j, pix) in (0..2).flat_map(|n| (0..2).flat_map(move |j| (0..6).map(move |p| (n, j, p)))) {
+        let want = (j * 2..j * 2 + 3).map(|c| x.data()[(n * 6 + c) * 6 + pix]).fold(f64::NEG_INFINITY, f64::max);
         assert_eq!(y.data()[(n * 2 + j) * 6 + pix], want);
     }
     // Upsampling copies each pixel into a block.
     let u = xv.upsample_nearest2d((2, 3)).unwrap().value();
     assert_eq!(u.shape(), [2, 6, 6, 6]);
-    assert_eq!(
-        u.data()[((1 * 6 + 4) * 6 + 5) * 6 + 4],
-        x.data()[((1 * 6 + 4) * 3 + 2) * 2 + 1]
-    );
+    assert_eq!(u.data()[((1 * 6 + 4) * 6 + 5) * 6 + 4], x.data()[((1 * 6 + 4) * 3 + 2) * 2 + 1]);
     // Channel shuffle with 2 groups of 3: new order 0,3,1,4,2,5.
     let sh = xv.channel_shuffle(2).unwrap().value();
     for (new, old) in [0, 3, 1, 4, 2, 5].into_iter().enumerate() {
@@ -246,65 +204,28 @@ fn small_ops_match_definitions() {
     for row in 0..4 {
         let r = &sm.data()[row * 7..row * 7 + 7];
         assert!((r.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        let e: Vec<f64> = logits.data()[row * 7..row * 7 + 7]
-            .iter()
-            .map(|v| v.exp())
-            .collect();
-        assert_close(
-            r,
-            &e.iter()
-                .map(|v| v / e.iter().sum::<f64>())
-                .collect::<Vec<_>>(),
-            1e-12,
-            "softmax",
-        );
+        let e: Vec<f64> = logits.data()[row * 7..row * 7 + 7].iter().map(|v| v.exp()).collect();
+        assert_close(r, &e.iter().map(|v| v / e.iter().sum::<f64>()).collect::<Vec<_>>(), 1e-12, "softmax");
     }
     // Softmax does not overflow on large logits.
-    let big = log_softmax(
-        &Var::constant(Tensor::from_vec(vec![1000.0f32, 0.0], &[1, 2]).unwrap()),
-        1,
-    )
-    .unwrap()
-    .value();
+    let big = log_softmax(&Var::constant(Tensor::from_vec(vec![1000.0f32, 0.0], &[1, 2]).unwrap()), 1).unwrap().value();
     assert!(big.data().iter().all(|v| v.is_finite()));
     // Binary cross-entropy on probabilities 0 and 1 is finite (log floored at -100).
     let p = Var::constant(Tensor::from_vec(vec![0.0f32, 1.0], &[2]).unwrap());
     let y1 = Var::constant(Tensor::from_vec(vec![1.0f32, 0.0], &[2]).unwrap());
-    assert_eq!(
-        binary_cross_entropy(&p, &y1, Reduction::Sum)
-            .unwrap()
-            .value()
-            .item()
-            .unwrap(),
-        200.0
-    );
+    assert_eq!(binary_cross_entropy(&p, &y1, Reduction::Sum).unwrap().value().item().unwrap(), 200.0);
 }
 
 #[test]
 fn same_padding_follows_tensorflow_also_with_stride_and_even_kernels() {
     // (input, kernel, stride) -> (output, pad before, pad after), TensorFlow's rule.
-    for (h, k, s, out, before, after) in [
-        (7, 4, 2, 4, 1, 2),
-        (8, 4, 2, 4, 1, 1),
-        (5, 2, 1, 5, 0, 1),
-        (6, 3, 2, 3, 0, 1),
-        (7, 3, 2, 4, 1, 1),
-        (4, 4, 1, 4, 1, 2),
-        (1, 3, 3, 1, 1, 1),
-    ] {
+    for (h, k, s, out, before, after) in
+        [(7, 4, 2, 4, 1, 2), (8, 4, 2, 4, 1, 1), (5, 2, 1, 5, 0, 1), (6, 3, 2, 3, 0, 1), (7, 3, 2, 4, 1, 1), (4, 4, 1, 4, 1, 2), (1, 3, 3, 1, 1, 1)]
+    {
         let o = Conv2dOptions::default().stride(s).padding(Padding::Same);
         let g = ConvGeom::conv2d(&[1, 1, h, h], &[1, 1, k, k], &o).unwrap();
-        assert_eq!(
-            (g.p, g.pad.0, g.pad.1),
-            (out, before, after),
-            "h {h} k {k} s {s}"
-        );
-        let pg = stride_kernels::pool::PoolGeom::new(
-            "t",
-            &[1, 1, h, h],
-            &Pool2dOptions::new(k).stride(s).padding(Padding::Same),
-        )
-        .unwrap();
+        assert_eq!((g.p, g.pad.0, g.pad.1), (out, before, after), "h {h} k {k} s {s}");
+        let pg = stride_kernels::pool::PoolGeom::new("t", &[1, 1, h, h], &Pool2dOptions::new(k).stride(s).padding(Padding::Same)).unwrap();
         assert_eq!(pg.p, out, "pool h {h} k {k} s {s}");
     }
     // Transposed "same": output = input * stride (the VAE generator's 4x4 -> 4x4, k4 s1).

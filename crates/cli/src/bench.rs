@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use stride_autograd::{
-    conv2d, conv_transpose2d, no_grad, Conv2dOptions, Padding, Result, Rng, Var,
-};
+use stride_autograd::{conv2d, conv_transpose2d, no_grad, Conv2dOptions, Padding, Result, Rng, Var};
 use stride_kernels::conv::{self, ConvGeom};
 
 #[derive(Args)]
@@ -35,18 +33,7 @@ enum Bench {
 }
 
 /// One B3 shape: id, N, Cin, Cout, H (= W), kernel, stride, padding, groups, transposed.
-type Shape = (
-    &'static str,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    bool,
-);
+type Shape = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize, bool);
 
 const B3: [Shape; 9] = [
     ("c1", 64, 1, 20, 28, 3, 1, 0, 1, false),
@@ -64,10 +51,7 @@ const WARMUP: usize = 3;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.reps == 0 {
-        return Err(stride_autograd::Error::arg(
-            "bench",
-            "--reps must be at least 1",
-        ));
+        return Err(stride_autograd::Error::arg("bench", "--reps must be at least 1"));
     }
     match args.bench {
         Bench::Conv => conv_bench(args),
@@ -99,36 +83,19 @@ fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
 fn conv_bench(args: &BenchArgs) -> Result<()> {
     let known: Vec<&str> = B3.iter().map(|s| s.0).collect();
     if let Some(bad) = args.shapes.iter().find(|s| !known.contains(&s.as_str())) {
-        return Err(stride_autograd::Error::arg(
-            "bench",
-            format!(
-                "unknown shape '{bad}'; the B3 shapes are {}",
-                known.join(",")
-            ),
-        ));
+        return Err(stride_autograd::Error::arg("bench", format!("unknown shape '{bad}'; the B3 shapes are {}", known.join(","))));
     }
     let mut rng = Rng::seed(3);
     for &(id, n, cin, cout, h, k, s, p, groups, transposed) in &B3 {
         if !args.shapes.is_empty() && !args.shapes.iter().any(|x| x == id) {
             continue;
         }
-        let opts = Conv2dOptions::default()
-            .stride(s)
-            .padding(Padding::uniform(p))
-            .groups(groups);
+        let opts = Conv2dOptions::default().stride(s).padding(Padding::uniform(p)).groups(groups);
         let x = Var::constant(rng.normal::<f32>(&[n, cin, h, h], 0.0, 1.0)?);
-        let wshape = if transposed {
-            [cin, cout / groups, k, k]
-        } else {
-            [cout, cin / groups, k, k]
-        };
+        let wshape = if transposed { [cin, cout / groups, k, k] } else { [cout, cin / groups, k, k] };
         let w = Var::constant(rng.normal::<f32>(&wshape, 0.0, 0.05)?);
         let b = Var::constant(rng.normal::<f32>(&[cout], 0.0, 1.0)?);
-        let geom = if transposed {
-            ConvGeom::conv_transpose2d(&x.shape(), &wshape, &opts)?
-        } else {
-            ConvGeom::conv2d(&x.shape(), &wshape, &opts)?
-        };
+        let geom = if transposed { ConvGeom::conv_transpose2d(&x.shape(), &wshape, &opts)? } else { ConvGeom::conv2d(&x.shape(), &wshape, &opts)? };
         let fwd = || {
             if transposed {
                 conv_transpose2d(&x, &w, Some(&b), &opts)
@@ -172,12 +139,7 @@ fn conv_bench(args: &BenchArgs) -> Result<()> {
 fn lenet_bench(args: &BenchArgs) -> Result<()> {
     use stride_nn::optim::{zero_grad, Optimizer, Sgd};
     use stride_nn::{Ctx, Module};
-    let spec = stride_models::InputSpec {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
+    let spec = stride_models::InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
     let mut model = stride_models::build("cnn", &mut Rng::seed(2), spec).map_err(|e| e.source)?;
     let mut rng = Rng::seed(2);
     let x = Var::constant(rng.normal::<f32>(&[64, 1, 28, 28], 0.0, 1.0)?);

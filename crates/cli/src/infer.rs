@@ -40,12 +40,8 @@ pub struct RunArgs {
 }
 
 /// Builds `model` for `spec` and loads `weights` into it (optimizer entries are ignored).
-fn load_model(
-    model: &str,
-    spec: InputSpec,
-    weights: &PathBuf,
-) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
-    let mut m = stride_models::build(model, &mut Rng::seed(0), spec)?;
+fn load_model(model: &str, spec: InputSpec, weights: &PathBuf) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
+    let mut m = stride_models::build_any(model, &mut Rng::seed(0), spec)?;
     let mut tensors = checkpoint::load(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
     checkpoint::load_into(&mut m, &tensors)?;
@@ -55,34 +51,17 @@ fn load_model(
 pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     let data = stride_data::load(&a.data)?;
     let t = &data.train;
-    let spec = InputSpec {
-        channels: t.channels,
-        height: t.height,
-        width: t.width,
-        classes: t.classes,
-    };
+    let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = load_model(&a.model, spec, &a.weights)?;
     let ev = stride_train::evaluate(&mut model, &data.test, 500, t.pixel_stats())?;
-    println!(
-        "{} on the {} test images of {}: loss {:.4}",
-        a.model,
-        data.test.len(),
-        data.name,
-        ev.loss
-    );
+    println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
     for (c, acc) in ev.per_class_accuracy().iter().enumerate() {
-        println!(
-            "  class {c:>2}: {acc:.4} ({} images)",
-            ev.confusion[c].iter().sum::<usize>()
-        );
+        println!("  class {c:>2}: {acc:.4} ({} images)", ev.confusion[c].iter().sum::<usize>());
     }
     println!("confusion matrix (rows: true class, columns: predicted):");
     for row in &ev.confusion {
-        println!(
-            "  {}",
-            row.iter().map(|v| format!("{v:>5}")).collect::<String>()
-        );
+        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
     }
     println!("test accuracy {:.4}", ev.accuracy);
     Ok(())
@@ -90,31 +69,13 @@ pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tensors = checkpoint::load(&a.input)?;
-    let x = tensors.get("input").ok_or_else(|| {
-        format!(
-            "{}: no tensor named 'input' (found: {:?})",
-            a.input.display(),
-            tensors.keys().collect::<Vec<_>>()
-        )
-    })?;
+    let x = tensors
+        .get("input")
+        .ok_or_else(|| format!("{}: no tensor named 'input' (found: {:?})", a.input.display(), tensors.keys().collect::<Vec<_>>()))?;
     let [_, c, h, w] = x.shape()[..] else {
-        return Err(format!(
-            "{}: 'input' has shape {:?}, expected [N, C, H, W]",
-            a.input.display(),
-            x.shape()
-        )
-        .into());
+        return Err(format!("{}: 'input' has shape {:?}, expected [N, C, H, W]", a.input.display(), x.shape()).into());
     };
-    let mut model = load_model(
-        &a.model,
-        InputSpec {
-            channels: c,
-            height: h,
-            width: w,
-            classes: a.classes,
-        },
-        &a.weights,
-    )?;
+    let mut model = load_model(&a.model, InputSpec { channels: c, height: h, width: w, classes: a.classes }, &a.weights)?;
     let y = no_grad(|| model.forward(&Var::constant(x.clone()), &mut Ctx::eval()))?;
     checkpoint::save(&a.output, &[("output".to_string(), y.value())])?;
     println!("wrote 'output' {:?} to {}", y.shape(), a.output.display());

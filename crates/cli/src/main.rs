@@ -7,11 +7,7 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "stride",
-    version,
-    about = "Convolutional neural networks in Rust: build, train, look inside, fast."
-)]
+#[command(name = "stride", version, about = "Convolutional neural networks in Rust: build, train, look inside, fast.")]
 struct Cli {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, global = true)]
@@ -42,10 +38,7 @@ fn main() {
             eprintln!("error: --threads must be at least 1");
             std::process::exit(2);
         }
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-        {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
             eprintln!("error: cannot set up {t} threads: {e}");
             std::process::exit(1);
         }

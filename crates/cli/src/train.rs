@@ -14,14 +14,15 @@ use stride_train::{OptimizerKind, TrainConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Zoo model to train (`stride models` lists them).
+    /// Zoo model to train (`stride models` lists them), or a TOML model file (see
+    /// examples/models/).
     #[arg(long, default_value = "cnn")]
     model: String,
     /// `mnist` (embedded, 8,000/2,000 digits), `fashion-mnist` (Debian's dataset-fashion-mnist),
     /// or a folder with the four IDX files of MNIST's layout (raw or .gz).
     #[arg(long, default_value = "mnist")]
     data: String,
-    /// Epochs (default: the model's, see `stride models`).
+    /// Epochs (default: the zoo model's, see `stride models`; 10 for a model file).
     #[arg(long)]
     epochs: Option<usize>,
     #[arg(long, default_value_t = 64)]
@@ -77,47 +78,32 @@ enum Opt {
     Adamw,
 }
 
-/// A fresh run folder under runs/: runs/<model>-<data>-<n>.
+/// A fresh run folder under runs/: runs/<model>-<data>-<n>, names reduced to safe characters.
 fn default_out(model: &str, data: &str) -> PathBuf {
-    let tag: String = data
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    (1..)
-        .map(|n| PathBuf::from(format!("runs/{model}-{tag}-{n}")))
-        .find(|p| !p.exists())
-        .expect("an unused name")
+    let tag = |s: &str| -> String {
+        let base = std::path::Path::new(s).file_stem().map_or(s.to_string(), |f| f.to_string_lossy().into_owned());
+        base.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect()
+    };
+    let (m, d) = (tag(model), tag(data));
+    (1..).map(|n| PathBuf::from(format!("runs/{m}-{d}-{n}"))).find(|p| !p.exists()).expect("an unused name")
 }
 
 pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     let data = stride_data::load(&a.data)?;
     let t = &data.train;
-    let spec = InputSpec {
-        channels: t.channels,
-        height: t.height,
-        width: t.width,
-        classes: t.classes,
+    let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
+    let mut model = stride_models::build_any(&a.model, &mut Rng::seed(a.seed), spec)?;
+    let epochs = match a.epochs {
+        Some(e) => e,
+        None if a.model.ends_with(".toml") => 10,
+        None => stride_models::entry(&a.model)?.epochs,
     };
-    let mut model = stride_models::build(&a.model, &mut Rng::seed(a.seed), spec)?;
-    let epochs = a.epochs.unwrap_or(stride_models::entry(&a.model)?.epochs);
     let augment = match a.augment.as_str() {
-        "auto" if a.data == "fashion-mnist" => Augment {
-            hflip: true,
-            ..Augment::default()
-        },
+        "auto" if a.data == "fashion-mnist" => Augment { hflip: true, ..Augment::default() },
         "auto" => Augment::default(),
         spec => Augment::parse(spec)?,
     };
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out(&a.model, &a.data));
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.model, &a.data));
     println!(
         "training {} ({} parameters) on {}: {} training / {} test images of {}x{}x{}, {} classes; run folder {}",
         a.model,
@@ -132,26 +118,15 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         out.display()
     );
     if a.debug {
-        let x = Var::constant(Tensor::zeros(&[
-            a.batch_size,
-            t.channels,
-            t.height,
-            t.width,
-        ])?);
+        let x = Var::constant(Tensor::zeros(&[a.batch_size, t.channels, t.height, t.width])?);
         let mut ctx = Ctx::eval();
         ctx.debug = true;
         eprintln!("    {:<48}    {:?}", "input", x.shape());
         no_grad(|| model.forward(&x, &mut ctx))?;
     }
     let optimizer = match a.optimizer {
-        Opt::Sgd => OptimizerKind::Sgd {
-            momentum: a.momentum,
-            nesterov: false,
-        },
-        Opt::Nesterov => OptimizerKind::Sgd {
-            momentum: a.momentum,
-            nesterov: true,
-        },
+        Opt::Sgd => OptimizerKind::Sgd { momentum: a.momentum, nesterov: false },
+        Opt::Nesterov => OptimizerKind::Sgd { momentum: a.momentum, nesterov: true },
         Opt::Adam => OptimizerKind::Adam,
         Opt::Adamw => OptimizerKind::AdamW,
     };
@@ -163,14 +138,8 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         weight_decay: a.weight_decay,
         schedule: match a.schedule {
             Sched::Constant => Schedule::Constant,
-            Sched::Cosine => Schedule::Cosine {
-                t_max: epochs,
-                eta_min: 0.0,
-            },
-            Sched::Step => Schedule::Step {
-                step_size: epochs.div_ceil(3),
-                gamma: 0.1,
-            },
+            Sched::Cosine => Schedule::Cosine { t_max: epochs, eta_min: 0.0 },
+            Sched::Step => Schedule::Step { step_size: epochs.div_ceil(3), gamma: 0.1 },
         },
         normalize: true,
         augment,
@@ -189,39 +158,19 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     let outcome = stride_train::train(&mut model, &data, &cfg, a.resume, Some(&stop), |r| {
         println!(
             "epoch {}/{}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.0} images/s",
-            r.epoch,
-            cfg.epochs,
-            r.train_loss,
-            r.train_accuracy,
-            r.test.loss,
-            r.test.accuracy,
-            r.images_per_second
+            r.epoch, cfg.epochs, r.train_loss, r.train_accuracy, r.test.loss, r.test.accuracy, r.images_per_second
         );
     })?;
     if let Some((epoch, step)) = outcome.interrupted {
-        println!(
-            "interrupted during epoch {epoch} after step {step}; checkpoint saved in {}",
-            out.display()
-        );
-        println!(
-            "resume: run the same command with --out {} --resume",
-            out.display()
-        );
+        println!("interrupted during epoch {epoch} after step {step}; checkpoint saved in {}", out.display());
+        println!("resume: run the same command with --out {} --resume", out.display());
         return Ok(());
     }
     let Some(last) = outcome.reports.last() else {
-        println!(
-            "nothing to do: the run in {} already finished its {} epochs",
-            out.display(),
-            cfg.epochs
-        );
+        println!("nothing to do: the run in {} already finished its {} epochs", out.display(), cfg.epochs);
         return Ok(());
     };
-    println!(
-        "wrote {} and {}",
-        out.join("metrics.csv").display(),
-        out.join("model.safetensors").display()
-    );
+    println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
     println!("test accuracy {:.4}", last.test.accuracy);
     Ok(())
 }

@@ -28,11 +28,8 @@ impl Augment {
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut a = Augment::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let num = |prefix: &str| {
-                item[prefix.len()..].parse::<f64>().map_err(|_| {
-                    format!("augmentation '{item}': expected a number after '{prefix}'")
-                })
-            };
+            let num =
+                |prefix: &str| item[prefix.len()..].parse::<f64>().map_err(|_| format!("augmentation '{item}': expected a number after '{prefix}'"));
             match item {
                 "none" => {}
                 "hflip" => a.hflip = true,
@@ -68,18 +65,11 @@ impl Augment {
         let flip_v = self.vflip && rng.uniform01() < 0.5;
         let (dy, dx) = if self.crop_pad > 0 {
             let p = self.crop_pad as isize;
-            (
-                rng.below(2 * self.crop_pad + 1) as isize - p,
-                rng.below(2 * self.crop_pad + 1) as isize - p,
-            )
+            (rng.below(2 * self.crop_pad + 1) as isize - p, rng.below(2 * self.crop_pad + 1) as isize - p)
         } else {
             (0, 0)
         };
-        let angle = if self.rotate_deg > 0.0 {
-            (rng.uniform01() * 2.0 - 1.0) * self.rotate_deg.to_radians()
-        } else {
-            0.0
-        };
+        let angle = if self.rotate_deg > 0.0 { (rng.uniform01() * 2.0 - 1.0) * self.rotate_deg.to_radians() } else { 0.0 };
         let (sin, cos) = angle.sin_cos();
         let (cy, cx) = ((h as f64 - 1.0) / 2.0, (w as f64 - 1.0) / 2.0);
         // Each output pixel reads the source pixel it comes from (inverse mapping).
@@ -99,11 +89,7 @@ impl Augment {
                 }
                 let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
                 for ch in 0..c {
-                    out[(ch * h + y) * w + x] = if inside {
-                        img[(ch * h + sy as usize) * w + sx as usize]
-                    } else {
-                        0
-                    };
+                    out[(ch * h + y) * w + x] = if inside { img[(ch * h + sy as usize) * w + sx as usize] } else { 0 };
                 }
             }
         }
@@ -139,23 +125,14 @@ mod tests {
     #[test]
     fn identity_and_flips() {
         assert_eq!(run(&Augment::default(), 1), img());
-        let h = Augment {
-            hflip: true,
-            ..Augment::default()
-        };
+        let h = Augment { hflip: true, ..Augment::default() };
         let outs: Vec<Vec<u8>> = (0..20).map(|s| run(&h, s)).collect();
-        assert!(
-            outs.iter().any(|o| *o == img()),
-            "some draws keep the image"
-        );
+        assert!(outs.iter().any(|o| *o == img()), "some draws keep the image");
         let flipped = outs.iter().find(|o| **o != img()).expect("some draws flip");
         for ch in 0..2 {
             for y in 0..5 {
                 for x in 0..4 {
-                    assert_eq!(
-                        flipped[(ch * 5 + y) * 4 + x],
-                        img()[(ch * 5 + y) * 4 + 3 - x]
-                    );
+                    assert_eq!(flipped[(ch * 5 + y) * 4 + x], img()[(ch * 5 + y) * 4 + 3 - x]);
                 }
             }
         }
@@ -163,10 +140,7 @@ mod tests {
 
     #[test]
     fn crops_translate_rotations_keep_pixels_and_erasing_blanks() {
-        let c = Augment {
-            crop_pad: 1,
-            ..Augment::default()
-        };
+        let c = Augment { crop_pad: 1, ..Augment::default() };
         for s in 0..10 {
             let o = run(&c, s);
             // A shift by at most one pixel: every kept pixel value exists in the source.
@@ -174,30 +148,16 @@ mod tests {
             assert!(o.iter().filter(|&&v| v != 0).count() >= 2 * 4 * 3);
         }
         assert_eq!(run(&c, 3), run(&c, 3), "seeded");
-        let r = Augment {
-            rotate_deg: 0.0,
-            ..Augment::default()
-        };
+        let r = Augment { rotate_deg: 0.0, ..Augment::default() };
         assert_eq!(run(&r, 0), img());
-        let e = Augment {
-            erase_p: 1.0,
-            ..Augment::default()
-        };
+        let e = Augment { erase_p: 1.0, ..Augment::default() };
         let o = run(&e, 4);
         assert!(o.iter().filter(|&&v| v == 0).count() >= 2);
         assert_eq!(
             Augment::parse("hflip, crop4,rotate10,erase0.5").unwrap(),
-            Augment {
-                hflip: true,
-                crop_pad: 4,
-                rotate_deg: 10.0,
-                erase_p: 0.5,
-                ..Augment::default()
-            }
+            Augment { hflip: true, crop_pad: 4, rotate_deg: 10.0, erase_p: 0.5, ..Augment::default() }
         );
-        assert!(Augment::parse("shear")
-            .unwrap_err()
-            .contains("unknown augmentation 'shear'"));
+        assert!(Augment::parse("shear").unwrap_err().contains("unknown augmentation 'shear'"));
         assert!(Augment::parse("erase2").is_err() && Augment::parse("cropx").is_err());
     }
 }

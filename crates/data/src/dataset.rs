@@ -33,12 +33,7 @@ impl Dataset {
     pub fn pixel_stats(&self) -> (f32, f32) {
         let n = self.images.len().max(1) as f64;
         let mean = self.images.iter().map(|&b| b as f64).sum::<f64>() / n / 255.0;
-        let var = self
-            .images
-            .iter()
-            .map(|&b| (b as f64 / 255.0 - mean).powi(2))
-            .sum::<f64>()
-            / n;
+        let var = self.images.iter().map(|&b| (b as f64 / 255.0 - mean).powi(2)).sum::<f64>() / n;
         (mean as f32, var.sqrt() as f32)
     }
     /// Examples per class.
@@ -68,66 +63,25 @@ const EMBEDDED: [&[u8]; 4] = [
     include_bytes!("../../../data/mnist/t10k-images-idx3-ubyte.gz"),
     include_bytes!("../../../data/mnist/t10k-labels-idx1-ubyte.gz"),
 ];
-const IDX_NAMES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
+const IDX_NAMES: [&str; 4] = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
 /// Builds a data set from an IDX image file and an IDX label file, checking they agree.
-pub fn from_idx(
-    images: idx::Idx,
-    labels: idx::Idx,
-    image_path: &Path,
-    label_path: &Path,
-) -> Result<Dataset> {
+pub fn from_idx(images: idx::Idx, labels: idx::Idx, image_path: &Path, label_path: &Path) -> Result<Dataset> {
     let (n, h, w) = match images.dims[..] {
         [n, h, w] => (n, h, w),
-        _ => {
-            return Err(DataError::format(
-                image_path,
-                format!(
-                    "image file has dimensions {:?}, expected [count, height, width]",
-                    images.dims
-                ),
-            ))
-        }
+        _ => return Err(DataError::format(image_path, format!("image file has dimensions {:?}, expected [count, height, width]", images.dims))),
     };
     if labels.dims.len() != 1 {
-        return Err(DataError::format(
-            label_path,
-            format!(
-                "label file has dimensions {:?}, expected [count]",
-                labels.dims
-            ),
-        ));
+        return Err(DataError::format(label_path, format!("label file has dimensions {:?}, expected [count]", labels.dims)));
     }
     if labels.dims[0] != n {
-        return Err(DataError::format(
-            label_path,
-            format!(
-                "{} labels for {n} images in {}",
-                labels.dims[0],
-                image_path.display()
-            ),
-        ));
+        return Err(DataError::format(label_path, format!("{} labels for {n} images in {}", labels.dims[0], image_path.display())));
     }
     if n == 0 || h == 0 || w == 0 {
-        return Err(DataError::format(
-            image_path,
-            format!("no images (dimensions {:?})", images.dims),
-        ));
+        return Err(DataError::format(image_path, format!("no images (dimensions {:?})", images.dims)));
     }
     let classes = labels.data.iter().copied().max().unwrap_or(0) as usize + 1;
-    Ok(Dataset {
-        images: images.data,
-        labels: labels.data,
-        channels: 1,
-        height: h,
-        width: w,
-        classes,
-    })
+    Ok(Dataset { images: images.data, labels: labels.data, channels: 1, height: h, width: w, classes })
 }
 
 fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Result<Split> {
@@ -141,43 +95,21 @@ fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Re
         ));
     }
     if let Some(&bad) = test.labels.iter().find(|&&l| l as usize >= train.classes) {
-        return Err(DataError::format(
-            test_path,
-            format!(
-                "test label {bad} is outside the training labels 0..{}",
-                train.classes
-            ),
-        ));
+        return Err(DataError::format(test_path, format!("test label {bad} is outside the training labels 0..{}", train.classes)));
     }
     let mut train = train;
     let mut test = test;
     train.classes = train.classes.max(test.classes);
     test.classes = train.classes;
-    Ok(Split {
-        name: name.to_string(),
-        train,
-        test,
-    })
+    Ok(Split { name: name.to_string(), train, test })
 }
 
 /// The embedded MNIST: 8,000 training and 2,000 test digits (see data/mnist/make_idx.py).
 pub fn embedded_mnist() -> Result<Split> {
-    let p: Vec<PathBuf> = IDX_NAMES
-        .iter()
-        .map(|n| PathBuf::from(format!("<embedded mnist>/{n}.gz")))
-        .collect();
-    let parsed: Vec<idx::Idx> = EMBEDDED
-        .iter()
-        .zip(&p)
-        .map(|(b, p)| idx::parse(p, b))
-        .collect::<Result<_>>()?;
+    let p: Vec<PathBuf> = IDX_NAMES.iter().map(|n| PathBuf::from(format!("<embedded mnist>/{n}.gz"))).collect();
+    let parsed: Vec<idx::Idx> = EMBEDDED.iter().zip(&p).map(|(b, p)| idx::parse(p, b)).collect::<Result<_>>()?;
     let mut it = parsed.into_iter();
-    let (ti, tl, vi, vl) = (
-        it.next().unwrap(),
-        it.next().unwrap(),
-        it.next().unwrap(),
-        it.next().unwrap(),
-    );
+    let (ti, tl, vi, vl) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     let train = from_idx(ti, tl, &p[0], &p[1])?;
     let test = from_idx(vi, vl, &p[2], &p[3])?;
     check_pair("mnist", train, test, &p[2])
@@ -187,37 +119,27 @@ pub fn embedded_mnist() -> Result<Split> {
 /// before "idx" as some mirrors write them).
 fn find_idx(dir: &Path, name: &str) -> Option<PathBuf> {
     let dotted = name.replacen("-idx", ".idx", 1);
-    [
-        name.to_string(),
-        format!("{name}.gz"),
-        dotted.clone(),
-        format!("{dotted}.gz"),
-    ]
-    .into_iter()
-    .map(|f| dir.join(f))
-    .find(|p| p.is_file())
+    [name.to_string(), format!("{name}.gz"), dotted.clone(), format!("{dotted}.gz")].into_iter().map(|f| dir.join(f)).find(|p| p.is_file())
 }
 
 /// A folder holding the four IDX files under MNIST's names, raw or `.gz`.
 pub fn idx_folder(dir: &Path, name: &str) -> Result<Split> {
     let mut paths = Vec::new();
     for n in IDX_NAMES {
-        paths.push(find_idx(dir, n).ok_or_else(|| DataError::format(dir, format!("no {n} (or {n}.gz) here: an IDX data set folder holds the four files of MNIST's layout")))?);
+        paths.push(find_idx(dir, n).ok_or_else(|| {
+            DataError::format(dir, format!("no {n} (or {n}.gz) here: an IDX data set folder holds the four files of MNIST's layout"))
+        })?);
     }
     let parsed: Vec<idx::Idx> = paths.iter().map(|p| idx::read(p)).collect::<Result<_>>()?;
     let mut it = parsed.into_iter();
-    let (ti, tl, vi, vl) = (
-        it.next().unwrap(),
-        it.next().unwrap(),
-        it.next().unwrap(),
-        it.next().unwrap(),
-    );
+    let (ti, tl, vi, vl) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     let train = from_idx(ti, tl, &paths[0], &paths[1])?;
     let test = from_idx(vi, vl, &paths[2], &paths[3])?;
     check_pair(name, train, test, &paths[2])
 }
 
-/// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder.
+/// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder:
+/// CIFAR-10's binary batches (`data_batch_1.bin` ...), or the four IDX files of MNIST's layout.
 pub fn load(spec: &str) -> Result<Split> {
     match spec {
         "mnist" => embedded_mnist(),
@@ -231,15 +153,12 @@ pub fn load(spec: &str) -> Result<Split> {
         path => {
             let dir = Path::new(path);
             if !dir.is_dir() {
-                return Err(DataError::Other(format!(
-                    "--data {path}: not `mnist`, `fashion-mnist` or an existing folder"
-                )));
+                return Err(DataError::Other(format!("--data {path}: not `mnist`, `fashion-mnist` or an existing folder")));
             }
-            idx_folder(
-                dir,
-                &dir.file_name()
-                    .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()),
-            )
+            if crate::cifar::is_cifar_folder(dir) {
+                return crate::cifar::cifar10_folder(dir);
+            }
+            idx_folder(dir, &dir.file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()))
         }
     }
 }

@@ -5,10 +5,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{0}")]
@@ -19,10 +16,7 @@ pub enum DataError {
 
 impl DataError {
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        DataError::Format {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        DataError::Format { path: path.into(), msg: msg.into() }
     }
 }
 

@@ -2,12 +2,14 @@
 #![forbid(unsafe_code)]
 
 mod augment;
+mod cifar;
 mod dataset;
 mod error;
 pub mod idx;
 mod loader;
 
 pub use augment::Augment;
+pub use cifar::cifar10_folder;
 pub use dataset::{embedded_mnist, from_idx, idx_folder, load, Dataset, Split, FASHION_MNIST_DIR};
 pub use error::{DataError, Result};
 pub use loader::{Batch, Batches};

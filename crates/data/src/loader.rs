@@ -36,15 +36,7 @@ impl<'a> Batches<'a> {
                 order.swap(i, rng.below(i + 1));
             }
         }
-        Batches {
-            ds,
-            order,
-            pos: 0,
-            batch_size: batch_size.max(1),
-            drop_last,
-            norm: (0.0, 1.0),
-            augment: None,
-        }
+        Batches { ds, order, pos: 0, batch_size: batch_size.max(1), drop_last, norm: (0.0, 1.0), augment: None }
     }
 
     /// Standardises pixels: (x / 255 - mean) / std.
@@ -93,28 +85,14 @@ impl Iterator for Batches<'_> {
                     // The image's place in the epoch picks its draws.
                     let place = (self.pos - idx.len() + k) as u64;
                     let mut rng = Rng::seed(seed ^ place.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    a.apply(
-                        ds.image(i),
-                        ds.channels,
-                        ds.height,
-                        ds.width,
-                        &mut rng,
-                        &mut scratch,
-                    );
+                    a.apply(ds.image(i), ds.channels, ds.height, ds.width, &mut rng, &mut scratch);
                     &scratch[..]
                 }
                 None => ds.image(i),
             };
-            pixels.extend(
-                img.iter()
-                    .map(|&b| (b as f32 * (1.0 / 255.0) - mean) * inv_std),
-            );
+            pixels.extend(img.iter().map(|&b| (b as f32 * (1.0 / 255.0) - mean) * inv_std));
         }
-        let images = Tensor::from_vec(pixels, &[idx.len(), ds.channels, ds.height, ds.width])
-            .expect("batch shape matches its pixels");
-        Some(Batch {
-            images,
-            labels: idx.iter().map(|&i| ds.labels[i] as usize).collect(),
-        })
+        let images = Tensor::from_vec(pixels, &[idx.len(), ds.channels, ds.height, ds.width]).expect("batch shape matches its pixels");
+        Some(Batch { images, labels: idx.iter().map(|&i| ds.labels[i] as usize).collect() })
     }
 }

@@ -18,20 +18,9 @@ fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
 fn embedded_mnist_is_the_documented_split() {
     let s = embedded_mnist().unwrap();
     assert_eq!((s.train.len(), s.test.len()), (8000, 2000));
-    assert_eq!(
-        (
-            s.train.channels,
-            s.train.height,
-            s.train.width,
-            s.train.classes
-        ),
-        (1, 28, 28, 10)
-    );
+    assert_eq!((s.train.channels, s.train.height, s.train.width, s.train.classes), (1, 28, 28, 10));
     // Stratified: 20% of each digit's 1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978.
-    assert_eq!(
-        s.test.class_counts(),
-        vec![200, 225, 198, 206, 196, 173, 203, 214, 189, 196]
-    );
+    assert_eq!(s.test.class_counts(), vec![200, 225, 198, 206, 196, 173, 203, 214, 189, 196]);
     assert_eq!(s.train.class_counts().iter().sum::<usize>(), 8000);
     // Real digits: blank corners, the full byte range, and about a fifth of the pixels inked.
     for i in 0..100 {
@@ -39,14 +28,8 @@ fn embedded_mnist_is_the_documented_split() {
         assert_eq!((img[0], img[27], img[783]), (0, 0, 0));
         assert!(img.iter().any(|&p| p > 200), "image {i} has no dark stroke");
     }
-    let inked = (0..100)
-        .map(|i| s.train.image(i).iter().filter(|&&p| p > 0).count())
-        .sum::<usize>()
-        / 100;
-    assert!(
-        (80..250).contains(&inked),
-        "{inked} inked pixels per image on average"
-    );
+    let inked = (0..100).map(|i| s.train.image(i).iter().filter(|&&p| p > 0).count()).sum::<usize>() / 100;
+    assert!((80..250).contains(&inked), "{inked} inked pixels per image on average");
 }
 
 #[test]
@@ -57,23 +40,15 @@ fn corrupt_idx_files_are_named_errors() {
     assert!(err(&[1, 2, 3, 4, 5]).contains("bad magic number"));
     assert!(err(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 0]).contains("element type 0x0d is not supported"));
     assert!(err(&[0, 0, 8, 3, 0, 0]).contains("header declares 3 dimensions"));
-    assert!(err(&idx_bytes(&[2, 3], &[1, 2, 3, 4, 5]))
-        .contains("truncated: dimensions [2, 3] need 6 bytes of data, found 5"));
+    assert!(err(&idx_bytes(&[2, 3], &[1, 2, 3, 4, 5])).contains("truncated: dimensions [2, 3] need 6 bytes of data, found 5"));
     assert!(err(&idx_bytes(&[2], &[1, 2, 3])).contains("trailing bytes"));
     // A header that claims 2^64 elements is an error, not an allocation.
     assert!(err(&idx_bytes(&[u32::MAX, u32::MAX, u32::MAX], &[])).contains("declare more than"));
     // Truncated gzip.
-    let gz = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../data/mnist/t10k-labels-idx1-ubyte.gz"
-    ))
-    .unwrap();
+    let gz = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/mnist/t10k-labels-idx1-ubyte.gz")).unwrap();
     assert!(err(&gz[..gz.len() / 2]).contains("not a valid gzip stream"));
     assert_eq!(idx::parse(p, &gz).unwrap().dims, vec![2000]);
-    assert_eq!(
-        idx::parse(p, &idx_bytes(&[2, 1], &[7, 9])).unwrap().data,
-        vec![7, 9]
-    );
+    assert_eq!(idx::parse(p, &idx_bytes(&[2, 1], &[7, 9])).unwrap().data, vec![7, 9]);
 }
 
 #[test]
@@ -82,51 +57,21 @@ fn folders_are_checked_file_by_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
     assert!(e.contains("no train-images-idx3-ubyte"), "{e}");
-    std::fs::write(
-        dir.join("train-images-idx3-ubyte"),
-        idx_bytes(&[2, 2, 2], &[0; 8]),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("train-labels-idx1-ubyte"),
-        idx_bytes(&[3], &[0, 1, 2]),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("t10k-images-idx3-ubyte"),
-        idx_bytes(&[1, 2, 2], &[0; 4]),
-    )
-    .unwrap();
+    std::fs::write(dir.join("train-images-idx3-ubyte"), idx_bytes(&[2, 2, 2], &[0; 8])).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[3], &[0, 1, 2])).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx_bytes(&[1, 2, 2], &[0; 4])).unwrap();
     std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[1], &[1])).unwrap();
     let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
     assert!(e.contains("3 labels for 2 images"), "{e}");
-    std::fs::write(
-        dir.join("train-labels-idx1-ubyte"),
-        idx_bytes(&[2], &[0, 1]),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("t10k-images-idx3-ubyte"),
-        idx_bytes(&[1, 3, 2], &[0; 6]),
-    )
-    .unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[2], &[0, 1])).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx_bytes(&[1, 3, 2], &[0; 6])).unwrap();
     let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
-    assert!(
-        e.contains("test images are 1x3x2 but training images are 1x2x2"),
-        "{e}"
-    );
-    std::fs::write(
-        dir.join("t10k-images-idx3-ubyte"),
-        idx_bytes(&[1, 2, 2], &[0; 4]),
-    )
-    .unwrap();
+    assert!(e.contains("test images are 1x3x2 but training images are 1x2x2"), "{e}");
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx_bytes(&[1, 2, 2], &[0; 4])).unwrap();
     let s = load(dir.to_str().unwrap()).unwrap();
     assert_eq!((s.train.len(), s.test.len(), s.train.classes), (2, 1, 2));
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(load("/no/such/folder")
-        .unwrap_err()
-        .to_string()
-        .contains("not `mnist`, `fashion-mnist` or an existing folder"));
+    assert!(load("/no/such/folder").unwrap_err().to_string().contains("not `mnist`, `fashion-mnist` or an existing folder"));
 }
 
 #[test]
@@ -138,17 +83,10 @@ fn batches_cover_the_epoch_once_in_a_seeded_order() {
     assert_eq!(b[0].images.shape(), [300, 1, 28, 28]);
     assert_eq!(b[6].labels.len(), 200);
     let mut counts = [0; 10];
-    b.iter()
-        .flat_map(|x| &x.labels)
-        .for_each(|&l| counts[l] += 1);
+    b.iter().flat_map(|x| &x.labels).for_each(|&l| counts[l] += 1);
     assert_eq!(counts.to_vec(), ds.class_counts());
-    let again: Vec<_> = Batches::new(ds, 300, Some(&mut Rng::seed(1)), false)
-        .map(|x| x.labels)
-        .collect();
-    assert_eq!(
-        again,
-        b.iter().map(|x| x.labels.clone()).collect::<Vec<_>>()
-    );
+    let again: Vec<_> = Batches::new(ds, 300, Some(&mut Rng::seed(1)), false).map(|x| x.labels).collect();
+    assert_eq!(again, b.iter().map(|x| x.labels.clone()).collect::<Vec<_>>());
     assert_eq!(Batches::new(ds, 300, None, true).num_batches(), 6);
     assert_eq!(Batches::new(ds, 300, None, true).count(), 6);
     assert!(b[0].images.data().iter().all(|&v| (0.0..=1.0).contains(&v)));
@@ -158,17 +96,8 @@ fn batches_cover_the_epoch_once_in_a_seeded_order() {
 fn augmented_batches_differ_from_plain_ones_and_repeat_with_the_seed() {
     let s = embedded_mnist().unwrap();
     let plain: Vec<_> = Batches::new(&s.test, 100, None, false).take(2).collect();
-    let flip = Augment {
-        hflip: true,
-        ..Augment::default()
-    };
-    let aug = |seed| {
-        Batches::new(&s.test, 100, None, false)
-            .augmented(&flip, seed)
-            .take(2)
-            .map(|b| b.images)
-            .collect::<Vec<_>>()
-    };
+    let flip = Augment { hflip: true, ..Augment::default() };
+    let aug = |seed| Batches::new(&s.test, 100, None, false).augmented(&flip, seed).take(2).map(|b| b.images).collect::<Vec<_>>();
     let (a, b) = (aug(5), aug(5));
     assert_eq!(a, b, "the same seed gives the same images");
     assert_ne!(a, aug(6));
@@ -189,13 +118,6 @@ fn augmented_batches_differ_from_plain_ones_and_repeat_with_the_seed() {
     }
     assert!((60..140).contains(&mirrored), "{mirrored} of 200 mirrored");
     // Identity augmentation changes nothing.
-    let same: Vec<_> = Batches::new(&s.test, 100, None, false)
-        .augmented(&Augment::default(), 1)
-        .take(2)
-        .map(|b| b.images)
-        .collect();
-    assert_eq!(
-        same,
-        plain.iter().map(|b| b.images.clone()).collect::<Vec<_>>()
-    );
+    let same: Vec<_> = Batches::new(&s.test, 100, None, false).augmented(&Augment::default(), 1).take(2).map(|b| b.images).collect();
+    assert_eq!(same, plain.iter().map(|b| b.images.clone()).collect::<Vec<_>>());
 }

@@ -15,23 +15,11 @@ pub struct MatRef<'a, T> {
 impl<'a, T> MatRef<'a, T> {
     /// A row-major `rows x cols` matrix.
     pub fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rows, cols, rs: cols, cs: 1 }
     }
     /// The transpose, free: only the strides swap.
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
     /// One past the largest offset this view reads.
     fn extent(&self) -> usize {
@@ -47,24 +35,11 @@ impl<'a, T> MatRef<'a, T> {
 /// `threads > 1` lets the gemm crate split the product over rayon's pool.
 ///
 /// Panics if the views or `c` are too small for the shapes: that is a bug in the caller.
-pub fn matmul<T: Elem>(
-    a: MatRef<T>,
-    b: MatRef<T>,
-    c: &mut [T],
-    c_rs: usize,
-    accumulate: bool,
-    threads: usize,
-) {
+pub fn matmul<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_rs: usize, accumulate: bool, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions {k} and {}", b.rows);
-    assert!(
-        a.extent() <= a.data.len() && b.extent() <= b.data.len(),
-        "matmul: view out of bounds"
-    );
-    assert!(
-        m == 0 || n == 0 || (m - 1) * c_rs + n <= c.len(),
-        "matmul: output out of bounds"
-    );
+    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
+    assert!(m == 0 || n == 0 || (m - 1) * c_rs + n <= c.len(), "matmul: output out of bounds");
     assert!(c_rs >= n || m <= 1, "matmul: output rows overlap");
     if m == 0 || n == 0 {
         return;
@@ -77,11 +52,7 @@ pub fn matmul<T: Elem>(
         }
         return;
     }
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every offset the product reads or writes inside the
     // slices; `c` is borrowed mutably, so it cannot alias `a` or `b`; strides fit in isize
     // because every offset is below a slice length.
@@ -131,22 +102,11 @@ mod tests {
         let b: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.11).cos()).collect();
         // b stored as n x k, used transposed.
         let mut c = vec![1.0; m * n];
-        matmul(
-            MatRef::rows(&a, m, k),
-            MatRef::rows(&b, n, k).t(),
-            &mut c,
-            n,
-            true,
-            2,
-        );
+        matmul(MatRef::rows(&a, m, k), MatRef::rows(&b, n, k).t(), &mut c, n, true, 2);
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = 1.0 + (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum::<f64>();
-                assert!(
-                    (c[i * n + j] - want).abs() < 1e-12,
-                    "({i},{j}) {} vs {want}",
-                    c[i * n + j]
-                );
+                assert!((c[i * n + j] - want).abs() < 1e-12, "({i},{j}) {} vs {want}", c[i * n + j]);
             }
         }
     }

@@ -58,20 +58,12 @@ pub fn batch_stats<T: Elem>(x: &[T], n: usize, c: usize, l: usize, eps: f64) -> 
     let per: Vec<(T, T, T)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mean, var) = if n * l == 0 {
-                (0.0, 0.0)
-            } else {
-                channel_moments(x, n, c, l, ch)
-            };
+            let (mean, var) = if n * l == 0 { (0.0, 0.0) } else { channel_moments(x, n, c, l, ch) };
             let unbiased = if m > 1.0 { var * m / (m - 1.0) } else { var };
             (T::c(mean), T::c(1.0 / (var + eps).sqrt()), T::c(unbiased))
         })
         .collect();
-    BatchStats {
-        mean: per.iter().map(|p| p.0).collect(),
-        invstd: per.iter().map(|p| p.1).collect(),
-        var_unbiased: per.iter().map(|p| p.2).collect(),
-    }
+    BatchStats { mean: per.iter().map(|p| p.0).collect(), invstd: per.iter().map(|p| p.1).collect(), var_unbiased: per.iter().map(|p| p.2).collect() }
 }
 
 crate::multiversion! {
@@ -84,27 +76,16 @@ crate::multiversion! {
 }
 
 /// y = gamma * (x - mean) * invstd + beta, per channel.
-pub fn normalize<T: Elem>(
-    x: &[T],
-    c: usize,
-    l: usize,
-    mean: &[T],
-    invstd: &[T],
-    gamma: &[T],
-    beta: &[T],
-) -> Vec<T> {
+pub fn normalize<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     if l == 0 {
         return y;
     }
-    y.par_chunks_mut(l)
-        .zip(x.par_chunks(l))
-        .enumerate()
-        .for_each(|(i, (yp, xp))| {
-            let ch = i % c;
-            let a = gamma[ch] * invstd[ch];
-            affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
-        });
+    y.par_chunks_mut(l).zip(x.par_chunks(l)).enumerate().for_each(|(i, (yp, xp))| {
+        let ch = i % c;
+        let a = gamma[ch] * invstd[ch];
+        affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
+    });
     y
 }
 
@@ -142,21 +123,18 @@ pub fn backward<T: Elem>(
     let m = T::c((n * l) as f64);
     let mut dx = vec![T::zero(); x.len()];
     if l > 0 {
-        dx.par_chunks_mut(l)
-            .zip(dy.par_chunks(l).zip(x.par_chunks(l)))
-            .enumerate()
-            .for_each(|(i, (dxp, (dyp, xp)))| {
-                let ch = i % c;
-                let g = gamma[ch] * invstd[ch];
-                // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
-                let (a, b, k) = if batch_stats {
-                    let b = -g * invstd[ch] * dgamma[ch] / m;
-                    (g, b, -g * dbeta[ch] / m - b * mean[ch])
-                } else {
-                    (g, T::zero(), T::zero())
-                };
-                affine2(dxp, dyp, xp, a, b, k);
-            });
+        dx.par_chunks_mut(l).zip(dy.par_chunks(l).zip(x.par_chunks(l))).enumerate().for_each(|(i, (dxp, (dyp, xp)))| {
+            let ch = i % c;
+            let g = gamma[ch] * invstd[ch];
+            // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
+            let (a, b, k) = if batch_stats {
+                let b = -g * invstd[ch] * dgamma[ch] / m;
+                (g, b, -g * dbeta[ch] / m - b * mean[ch])
+            } else {
+                (g, T::zero(), T::zero())
+            };
+            affine2(dxp, dyp, xp, a, b, k);
+        });
     }
     (dx, dgamma, dbeta)
 }

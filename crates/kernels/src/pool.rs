@@ -23,13 +23,7 @@ pub struct Pool2dOptions {
 
 impl Pool2dOptions {
     pub fn new(k: usize) -> Self {
-        Pool2dOptions {
-            kernel: (k, k),
-            stride: None,
-            padding: Padding::Valid,
-            ceil_mode: false,
-            count_include_pad: true,
-        }
+        Pool2dOptions { kernel: (k, k), stride: None, padding: Padding::Valid, ceil_mode: false, count_include_pad: true }
     }
     pub fn stride(mut self, s: usize) -> Self {
         self.stride = Some((s, s));
@@ -69,38 +63,23 @@ pub struct PoolGeom {
 pub fn nchw(op: &'static str, shape: &[usize]) -> Result<[usize; 4]> {
     match *shape {
         [n, c, h, w] => Ok([n, c, h, w]),
-        _ => Err(Error::shape(
-            op,
-            format!("expects a 4-D [N, C, H, W] input, got shape {shape:?}"),
-        )),
+        _ => Err(Error::shape(op, format!("expects a 4-D [N, C, H, W] input, got shape {shape:?}"))),
     }
 }
 
-fn pool_axis(
-    op: &'static str,
-    axis: &str,
-    input: usize,
-    k: usize,
-    s: usize,
-    pad: (usize, usize),
-    ceil: bool,
-) -> Result<usize> {
+fn pool_axis(op: &'static str, axis: &str, input: usize, k: usize, s: usize, pad: (usize, usize), ceil: bool) -> Result<usize> {
     let padded = input + pad.0 + pad.1;
     if k == 0 || s == 0 {
-        return Err(Error::arg(
-            op,
-            format!("kernel {k} and stride {s} must be at least 1"),
-        ));
+        return Err(Error::arg(op, format!("kernel {k} and stride {s} must be at least 1")));
     }
     if padded < k {
-        return Err(Error::geometry(op, format!("kernel {k} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})", pad.0, pad.1)));
+        return Err(Error::geometry(
+            op,
+            format!("kernel {k} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})", pad.0, pad.1),
+        ));
     }
     let span = padded - k;
-    let mut out = if ceil {
-        span.div_ceil(s) + 1
-    } else {
-        span / s + 1
-    };
+    let mut out = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
     // PyTorch: the last window must start inside the input or the left padding.
     if ceil && (out - 1) * s >= input + pad.0 {
         out -= 1;
@@ -114,44 +93,19 @@ impl PoolGeom {
         let (kh, kw) = o.kernel;
         let (sh, sw) = o.stride.unwrap_or(o.kernel);
         if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
-            return Err(Error::arg(
-                op,
-                format!(
-                    "kernel {:?} and stride {:?} must be at least 1",
-                    o.kernel,
-                    (sh, sw)
-                ),
-            ));
+            return Err(Error::arg(op, format!("kernel {:?} and stride {:?} must be at least 1", o.kernel, (sh, sw))));
         }
         let ph = resolve_padding(o.padding, true, h, kh, sh);
         let pw = resolve_padding(o.padding, false, w, kw, sw);
         if let Padding::Explicit { .. } = o.padding {
             if ph.0.max(ph.1) > kh / 2 || pw.0.max(pw.1) > kw / 2 {
-                return Err(Error::arg(
-                    op,
-                    format!(
-                        "padding {:?} must be at most half the kernel {:?}",
-                        (ph.0, ph.1, pw.0, pw.1),
-                        o.kernel
-                    ),
-                ));
+                return Err(Error::arg(op, format!("padding {:?} must be at most half the kernel {:?}", (ph.0, ph.1, pw.0, pw.1), o.kernel)));
             }
         }
         let ceil = o.ceil_mode && o.padding != Padding::Same;
         let p = pool_axis(op, "height", h, kh, sh, ph, ceil)?;
         let q = pool_axis(op, "width", w, kw, sw, pw, ceil)?;
-        Ok(PoolGeom {
-            n,
-            c,
-            h,
-            w,
-            p,
-            q,
-            kernel: (kh, kw),
-            stride: (sh, sw),
-            pad: (ph.0, ph.1, pw.0, pw.1),
-            count_include_pad: o.count_include_pad,
-        })
+        Ok(PoolGeom { n, c, h, w, p, q, kernel: (kh, kw), stride: (sh, sw), pad: (ph.0, ph.1, pw.0, pw.1), count_include_pad: o.count_include_pad })
     }
 
     pub fn out_shape(&self) -> [usize; 4] {
@@ -161,39 +115,23 @@ impl PoolGeom {
     /// Window of output (i, j): input rows and columns (clipped to the image) and the
     /// window's size counting padding, as PyTorch computes it.
     #[inline]
-    fn window(
-        &self,
-        i: usize,
-        j: usize,
-    ) -> (std::ops::Range<usize>, std::ops::Range<usize>, usize) {
+    fn window(&self, i: usize, j: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>, usize) {
         let hs = (i * self.stride.0) as isize - self.pad.0 as isize;
         let ws = (j * self.stride.1) as isize - self.pad.2 as isize;
         let he = (hs + self.kernel.0 as isize).min((self.h + self.pad.1) as isize);
         let we = (ws + self.kernel.1 as isize).min((self.w + self.pad.3) as isize);
         let size = ((he - hs) * (we - ws)) as usize;
         let clip = |a: isize, hi: usize| a.clamp(0, hi as isize) as usize;
-        (
-            clip(hs, self.h)..clip(he, self.h),
-            clip(ws, self.w)..clip(we, self.w),
-            size,
-        )
+        (clip(hs, self.h)..clip(he, self.h), clip(ws, self.w)..clip(we, self.w), size)
     }
 }
 
 /// Runs `f(output plane, input plane)` over all N*C planes in parallel.
-fn planes<T: Elem, U: Send>(
-    x: &[T],
-    in_plane: usize,
-    out: &mut [U],
-    out_plane: usize,
-    f: impl Fn(&mut [U], &[T]) + Sync + Send,
-) {
+fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
     if out_plane == 0 || in_plane == 0 {
         return;
     }
-    out.par_chunks_mut(out_plane)
-        .zip(x.par_chunks(in_plane))
-        .for_each(|(o, i)| f(o, i));
+    out.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).for_each(|(o, i)| f(o, i));
 }
 
 /// Max pooling; also returns, per output, the flat index in its input plane of the maximum.
@@ -205,21 +143,14 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     if hw == 0 || pq == 0 {
         return (y, idx);
     }
-    let fast = g.kernel == (2, 2)
-        && g.stride == (2, 2)
-        && g.pad == (0, 0, 0, 0)
-        && 2 * g.p <= g.h
-        && 2 * g.q <= g.w;
-    y.par_chunks_mut(pq)
-        .zip(idx.par_chunks_mut(pq))
-        .zip(x.par_chunks(hw))
-        .for_each(|((out, arg), xp)| {
-            if fast {
-                max_2x2(g, xp, out, arg)
-            } else {
-                max_window(g, xp, out, arg)
-            }
-        });
+    let fast = g.kernel == (2, 2) && g.stride == (2, 2) && g.pad == (0, 0, 0, 0) && 2 * g.p <= g.h && 2 * g.q <= g.w;
+    y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).for_each(|((out, arg), xp)| {
+        if fast {
+            max_2x2(g, xp, out, arg)
+        } else {
+            max_window(g, xp, out, arg)
+        }
+    });
     (y, idx)
 }
 
@@ -269,12 +200,7 @@ crate::multiversion! {
     }
 }
 
-fn avg_divisor(
-    g: &PoolGeom,
-    rows: &std::ops::Range<usize>,
-    cols: &std::ops::Range<usize>,
-    size: usize,
-) -> usize {
+fn avg_divisor(g: &PoolGeom, rows: &std::ops::Range<usize>, cols: &std::ops::Range<usize>, size: usize) -> usize {
     if g.count_include_pad {
         size
     } else {
@@ -292,10 +218,7 @@ pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
                 let div = avg_divisor(g, &rows, &cols, size);
                 let mut acc = T::zero();
                 for r in rows {
-                    acc += xp[r * g.w + cols.start..r * g.w + cols.end]
-                        .iter()
-                        .copied()
-                        .sum::<T>();
+                    acc += xp[r * g.w + cols.start..r * g.w + cols.end].iter().copied().sum::<T>();
                 }
                 out[i * g.q + j] = acc / T::c(div as f64);
             }
@@ -352,27 +275,24 @@ pub fn lp_backward<T: Elem>(g: &PoolGeom, x: &[T], y: &[T], dy: &[T], p: T) -> V
         return dx;
     }
     let pm1 = p - T::one();
-    dx.par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .zip(y.par_chunks(pq).zip(dy.par_chunks(pq)))
-        .for_each(|((dxp, xp), (yp, dyp))| {
-            for i in 0..g.p {
-                for j in 0..g.q {
-                    let yv = yp[i * g.q + j];
-                    if yv == T::zero() {
-                        continue;
-                    }
-                    let scale = dyp[i * g.q + j] / yv.powf(pm1);
-                    let (rows, cols, _) = g.window(i, j);
-                    for r in rows {
-                        for c in cols.clone() {
-                            let v = xp[r * g.w + c];
-                            dxp[r * g.w + c] += scale * v.signum() * v.abs().powf(pm1);
-                        }
+    dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(y.par_chunks(pq).zip(dy.par_chunks(pq))).for_each(|((dxp, xp), (yp, dyp))| {
+        for i in 0..g.p {
+            for j in 0..g.q {
+                let yv = yp[i * g.q + j];
+                if yv == T::zero() {
+                    continue;
+                }
+                let scale = dyp[i * g.q + j] / yv.powf(pm1);
+                let (rows, cols, _) = g.window(i, j);
+                for r in rows {
+                    for c in cols.clone() {
+                        let v = xp[r * g.w + c];
+                        dxp[r * g.w + c] += scale * v.signum() * v.abs().powf(pm1);
                     }
                 }
             }
-        });
+        }
+    });
     dx
 }
 
@@ -386,13 +306,7 @@ pub fn adaptive_bin(i: usize, input: usize, out: usize) -> std::ops::Range<usize
 pub fn adaptive_check(op: &'static str, x: &[usize], out: (usize, usize)) -> Result<[usize; 4]> {
     let d = nchw(op, x)?;
     if out.0 == 0 || out.1 == 0 || d[2] == 0 || d[3] == 0 {
-        return Err(Error::arg(
-            op,
-            format!(
-                "output size {out:?} and input size {:?} must be non-zero",
-                (d[2], d[3])
-            ),
-        ));
+        return Err(Error::arg(op, format!("output size {out:?} and input size {:?} must be non-zero", (d[2], d[3]))));
     }
     Ok(d)
 }
@@ -408,15 +322,7 @@ pub fn adaptive_avg_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)
             for j in 0..q {
                 let cols = adaptive_bin(j, w, q);
                 let cnt = T::c((rows.len() * cols.len()) as f64);
-                let s: T = rows
-                    .clone()
-                    .map(|r| {
-                        xp[r * w + cols.start..r * w + cols.end]
-                            .iter()
-                            .copied()
-                            .sum::<T>()
-                    })
-                    .sum();
+                let s: T = rows.clone().map(|r| xp[r * w + cols.start..r * w + cols.end].iter().copied().sum::<T>()).sum();
                 o[i * q + j] = s / cnt;
             }
         }
@@ -446,11 +352,7 @@ pub fn adaptive_avg_backward<T: Elem>(dy: &[T], d: [usize; 4], out: (usize, usiz
 }
 
 /// Adaptive max pooling; returns the values and each maximum's flat index in its plane.
-pub fn adaptive_max_forward<T: Elem>(
-    x: &[T],
-    d: [usize; 4],
-    out: (usize, usize),
-) -> (Vec<T>, Vec<u32>) {
+pub fn adaptive_max_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)) -> (Vec<T>, Vec<u32>) {
     let [n, c, h, w] = d;
     let (p, q) = out;
     let mut y = vec![(T::zero(), 0u32); n * c * p * q];
@@ -476,36 +378,23 @@ pub fn adaptive_max_forward<T: Elem>(
 }
 
 /// Scatters output gradients to the recorded positions: [N*C planes of `pq`] -> planes of `hw`.
-pub fn scatter_planes<T: Elem>(
-    dy: &[T],
-    idx: &[u32],
-    planes: usize,
-    pq: usize,
-    hw: usize,
-) -> Vec<T> {
+pub fn scatter_planes<T: Elem>(dy: &[T], idx: &[u32], planes: usize, pq: usize, hw: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); planes * hw];
     if hw == 0 || pq == 0 {
         return dx;
     }
-    dx.par_chunks_mut(hw)
-        .zip(dy.par_chunks(pq).zip(idx.par_chunks(pq)))
-        .for_each(|(dxp, (dyp, ip))| {
-            for (&d, &i) in dyp.iter().zip(ip) {
-                dxp[i as usize] += d;
-            }
-        });
+    dx.par_chunks_mut(hw).zip(dy.par_chunks(pq).zip(idx.par_chunks(pq))).for_each(|(dxp, (dyp, ip))| {
+        for (&d, &i) in dyp.iter().zip(ip) {
+            dxp[i as usize] += d;
+        }
+    });
     dx
 }
 
 /// Channel (depth-window) max pooling, TensorFlow's `max_pool` with a window over channels:
 /// output channel j is the maximum of input channels j*stride .. j*stride + depth.
 /// Returns the values and the winning channel of each output.
-pub fn channel_max_forward<T: Elem>(
-    x: &[T],
-    d: [usize; 4],
-    depth: usize,
-    stride: usize,
-) -> (Vec<T>, Vec<u32>) {
+pub fn channel_max_forward<T: Elem>(x: &[T], d: [usize; 4], depth: usize, stride: usize) -> (Vec<T>, Vec<u32>) {
     let [n, c, h, w] = d;
     let hw = h * w;
     let co = (c - depth) / stride + 1;

@@ -76,11 +76,7 @@ pub fn scatter_axpy<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {
 #[inline(always)]
 pub fn dot_strided<T: Elem>(a: &[T], b: &[T], stride: usize) -> T {
     if stride != 1 {
-        return a
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * b[i * stride])
-            .fold(T::zero(), |s, v| s + v);
+        return a.iter().enumerate().map(|(i, &v)| v * b[i * stride]).fold(T::zero(), |s, v| s + v);
     }
     let b = &b[..a.len()];
     let mut acc = [T::zero(); 8];

@@ -26,20 +26,11 @@ pub fn log_softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> 
 }
 
 pub fn softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> Vec<T> {
-    log_softmax(x, outer, dim, inner)
-        .into_iter()
-        .map(|v| v.exp())
-        .collect()
+    log_softmax(x, outer, dim, inner).into_iter().map(|v| v.exp()).collect()
 }
 
 /// dx = y * (dy - sum(dy * y)) for y = softmax(x).
-pub fn softmax_backward<T: Elem>(
-    y: &[T],
-    dy: &[T],
-    outer: usize,
-    dim: usize,
-    inner: usize,
-) -> Vec<T> {
+pub fn softmax_backward<T: Elem>(y: &[T], dy: &[T], outer: usize, dim: usize, inner: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     each_row(outer, dim, inner, |at| {
         let dot: T = (0..dim).map(|k| dy[at(k)] * y[at(k)]).sum();
@@ -52,13 +43,7 @@ pub fn softmax_backward<T: Elem>(
 }
 
 /// dx = dy - softmax * sum(dy) for y = log_softmax(x).
-pub fn log_softmax_backward<T: Elem>(
-    y: &[T],
-    dy: &[T],
-    outer: usize,
-    dim: usize,
-    inner: usize,
-) -> Vec<T> {
+pub fn log_softmax_backward<T: Elem>(y: &[T], dy: &[T], outer: usize, dim: usize, inner: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     each_row(outer, dim, inner, |at| {
         let s: T = (0..dim).map(|k| dy[at(k)]).sum();

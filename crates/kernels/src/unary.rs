@@ -74,14 +74,7 @@ impl Unary {
                     T::c(a) * x.exp_m1()
                 }
             }
-            Unary::Selu => {
-                T::c(SELU_SCALE)
-                    * if x > zero {
-                        x
-                    } else {
-                        T::c(SELU_ALPHA) * x.exp_m1()
-                    }
-            }
+            Unary::Selu => T::c(SELU_SCALE) * if x > zero { x } else { T::c(SELU_ALPHA) * x.exp_m1() },
             Unary::Gelu => x * T::c(0.5 * (1.0 + libm::erf(x.as_f64() / std::f64::consts::SQRT_2))),
             Unary::Silu => x * sigmoid(x),
             Unary::HardSwish => x * (x + T::c(3.0)).max(zero).min(T::c(6.0)) / T::c(6.0),
@@ -130,14 +123,7 @@ impl Unary {
                     T::c(a) * x.exp()
                 }
             }
-            Unary::Selu => {
-                T::c(SELU_SCALE)
-                    * if x > zero {
-                        one
-                    } else {
-                        T::c(SELU_ALPHA) * x.exp()
-                    }
-            }
+            Unary::Selu => T::c(SELU_SCALE) * if x > zero { one } else { T::c(SELU_ALPHA) * x.exp() },
             Unary::Gelu => {
                 let xf = x.as_f64();
                 let cdf = 0.5 * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));

@@ -27,14 +27,7 @@ fn padding() -> impl Strategy<Value = Padding> {
     prop_oneof![
         Just(Padding::Valid),
         Just(Padding::Same),
-        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| {
-            Padding::Explicit {
-                top,
-                bottom,
-                left,
-                right,
-            }
-        }),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| { Padding::Explicit { top, bottom, left, right } }),
     ]
 }
 
@@ -46,34 +39,26 @@ fn case() -> impl Strategy<Value = Case> {
         padding(),
         any::<bool>(),
     )
-        .prop_map(
-            |((n, cg, kg, groups), (h, w, r, s), (sh, sw, dh, dw), padding, bias)| Case {
-                n,
-                cg,
-                kg,
-                groups,
-                h,
-                w,
-                r,
-                s,
-                stride: (sh, sw),
-                dilation: (dh, dw),
-                padding,
-                bias,
-            },
-        )
+        .prop_map(|((n, cg, kg, groups), (h, w, r, s), (sh, sw, dh, dw), padding, bias)| Case {
+            n,
+            cg,
+            kg,
+            groups,
+            h,
+            w,
+            r,
+            s,
+            stride: (sh, sw),
+            dilation: (dh, dw),
+            padding,
+            bias,
+        })
 }
 
 static VALID: AtomicUsize = AtomicUsize::new(0);
 
 fn check(c: &Case) -> Result<(), TestCaseError> {
-    let opts = Conv2dOptions {
-        stride: c.stride,
-        dilation: c.dilation,
-        padding: c.padding,
-        groups: c.groups,
-        output_padding: (0, 0),
-    };
+    let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: c.groups, output_padding: (0, 0) };
     let x_shape = [c.n, c.cg * c.groups, c.h, c.w];
     let w_shape = [c.kg * c.groups, c.cg, c.r, c.s];
     let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else {
@@ -90,34 +75,13 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     let close = |a: &[f64], b: &[f64], what: &str| -> Result<(), TestCaseError> {
         prop_assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            prop_assert!(
-                (x - y).abs() <= 1e-9 * (1.0 + y.abs()),
-                "{} [{}]: {} vs {} ({:?}, {:?})",
-                what,
-                i,
-                x,
-                y,
-                g,
-                Algo::choose(&g)
-            );
+            prop_assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{} [{}]: {} vs {} ({:?}, {:?})", what, i, x, y, g, Algo::choose(&g));
         }
         Ok(())
     };
-    close(
-        &conv::forward(&g, x.data(), w.data(), bias),
-        &reference::forward(&g, x.data(), w.data(), bias),
-        "forward",
-    )?;
-    close(
-        &conv::backward_data(&g, dy.data(), w.data()),
-        &reference::backward_data(&g, dy.data(), w.data()),
-        "backward_data",
-    )?;
-    close(
-        &conv::backward_filter(&g, x.data(), dy.data()),
-        &reference::backward_filter(&g, x.data(), dy.data()),
-        "backward_filter",
-    )?;
+    close(&conv::forward(&g, x.data(), w.data(), bias), &reference::forward(&g, x.data(), w.data(), bias), "forward")?;
+    close(&conv::backward_data(&g, dy.data(), w.data()), &reference::backward_data(&g, dy.data(), w.data()), "backward_data")?;
+    close(&conv::backward_filter(&g, x.data(), dy.data()), &reference::backward_filter(&g, x.data(), dy.data()), "backward_filter")?;
     Ok(())
 }
 
@@ -137,44 +101,15 @@ fn most_random_cases_have_valid_geometry() {
         let c = case().new_tree(&mut runner).unwrap().current();
         check(&c).unwrap();
     }
-    assert!(
-        VALID.load(Ordering::Relaxed) >= 100,
-        "only {} of 200 cases had valid geometry",
-        VALID.load(Ordering::Relaxed)
-    );
+    assert!(VALID.load(Ordering::Relaxed) >= 100, "only {} of 200 cases had valid geometry", VALID.load(Ordering::Relaxed));
 }
 
 #[test]
 fn every_algorithm_is_exercised() {
-    let geo = |x: [usize; 4], w: [usize; 4], o: Conv2dOptions| {
-        Algo::choose(&ConvGeom::conv2d(&x, &w, &o).unwrap())
-    };
-    assert_eq!(
-        geo([2, 8, 5, 5], [4, 8, 1, 1], Conv2dOptions::default()),
-        Algo::Pointwise
-    );
-    assert_eq!(
-        geo(
-            [2, 8, 5, 5],
-            [8, 1, 3, 3],
-            Conv2dOptions::default().groups(8)
-        ),
-        Algo::Depthwise
-    );
-    assert_eq!(
-        geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()),
-        Algo::Im2col
-    );
-    assert_eq!(
-        geo(
-            [2, 4, 5, 5],
-            [8, 1, 3, 3],
-            Conv2dOptions::default().groups(4)
-        ),
-        Algo::Depthwise
-    );
-    assert_eq!(
-        geo([2, 8, 5, 5], [4, 8, 3, 3], Conv2dOptions::default()),
-        Algo::Im2col
-    );
+    let geo = |x: [usize; 4], w: [usize; 4], o: Conv2dOptions| Algo::choose(&ConvGeom::conv2d(&x, &w, &o).unwrap());
+    assert_eq!(geo([2, 8, 5, 5], [4, 8, 1, 1], Conv2dOptions::default()), Algo::Pointwise);
+    assert_eq!(geo([2, 8, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(8)), Algo::Depthwise);
+    assert_eq!(geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()), Algo::Im2col);
+    assert_eq!(geo([2, 4, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(4)), Algo::Depthwise);
+    assert_eq!(geo([2, 8, 5, 5], [4, 8, 3, 3], Conv2dOptions::default()), Algo::Im2col);
 }

@@ -1,10 +1,12 @@
 //! The model zoo: networks by name, built for a given input shape and class count.
 #![forbid(unsafe_code)]
 
+mod file;
+
+pub use file::from_toml;
+
 use stride_autograd::{Conv2dOptions, Error, Padding, Pool2dOptions, Rng, Unary};
-use stride_nn::layers::{
-    Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential,
-};
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential};
 use stride_nn::Result;
 
 /// What a model is built for: [channels, height, width] of one image and the class count.
@@ -27,8 +29,18 @@ pub struct ZooEntry {
 
 /// Every model, by name.
 pub const ZOO: &[ZooEntry] = &[
-    ZooEntry { name: "cnn", about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10", epochs: 15, build: tutorial_cnn },
-    ZooEntry { name: "cnn-bn", about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout, dense 128, dense 10", epochs: 12, build: cnn_bn },
+    ZooEntry {
+        name: "cnn",
+        about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10",
+        epochs: 15,
+        build: tutorial_cnn,
+    },
+    ZooEntry {
+        name: "cnn-bn",
+        about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout, dense 128, dense 10",
+        epochs: 12,
+        build: cnn_bn,
+    },
 ];
 
 /// Builds the zoo model `name`.
@@ -36,41 +48,42 @@ pub fn build(name: &str, rng: &mut Rng, spec: InputSpec) -> Result<Sequential> {
     (entry(name)?.build)(rng, spec)
 }
 
+/// A zoo name, or a path to a TOML model file (ending in `.toml`).
+pub fn build_any(name_or_path: &str, rng: &mut Rng, spec: InputSpec) -> Result<Sequential> {
+    if !name_or_path.ends_with(".toml") {
+        return build(name_or_path, rng, spec);
+    }
+    let text = std::fs::read_to_string(name_or_path).map_err(|e| Error::arg("model file", format!("{name_or_path}: {e}")))?;
+    if text.len() > 1 << 20 {
+        return Err(Error::arg("model file", format!("{name_or_path}: larger than 1 MiB")).into());
+    }
+    from_toml(name_or_path, &text, rng, spec)
+}
+
 /// The zoo entry called `name`, or an error listing the zoo.
 pub fn entry(name: &str) -> Result<&'static ZooEntry> {
     Ok(ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
         let names: Vec<&str> = ZOO.iter().map(|e| e.name).collect();
-        Error::arg(
-            "model",
-            format!("unknown model '{name}'; the zoo has {}", names.join(", ")),
-        )
+        Error::arg("model", format!("unknown model '{name}'; the zoo has {}", names.join(", ")))
     })?)
 }
 
 /// Spatial size after a valid conv of kernel k then a 2x2 pool, or an error naming the layer.
 fn shrink(layer: &str, size: usize, k: usize) -> Result<usize> {
     if size < k + 1 {
-        return Err(Error::geometry("model", format!("{layer}: input size {size} is too small for a {k}x{k} convolution followed by 2x2 pooling")).into());
+        return Err(
+            Error::geometry("model", format!("{layer}: input size {size} is too small for a {k}x{k} convolution followed by 2x2 pooling")).into()
+        );
     }
     Ok((size - k + 1) / 2)
 }
 
 /// The network of "Convolutional neural networks from scratch" (SPEC.md's B1).
 pub fn tutorial_cnn(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
-    let (h, w) = (
-        shrink("conv2", shrink("conv1", s.height, 3)?, 5)?,
-        shrink("conv2", shrink("conv1", s.width, 3)?, 5)?,
-    );
+    let (h, w) = (shrink("conv2", shrink("conv1", s.height, 3)?, 5)?, shrink("conv2", shrink("conv1", s.width, 3)?, 5)?);
     let pool = || Pool::Avg(Pool2dOptions::new(2));
     Ok(Sequential::new()
-        .push(Conv2d::new(
-            rng,
-            s.channels,
-            20,
-            3,
-            Conv2dOptions::default(),
-            true,
-        )?)
+        .push(Conv2d::new(rng, s.channels, 20, 3, Conv2dOptions::default(), true)?)
         .push(Activation(Unary::Relu))
         .push(pool())
         .push(Conv2d::new(rng, 20, 50, 5, Conv2dOptions::default(), true)?)
@@ -87,14 +100,7 @@ pub fn cnn_bn(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
     let same = Conv2dOptions::default().padding(Padding::Same);
     let (h, w) = (s.height / 4, s.width / 4);
     if h == 0 || w == 0 {
-        return Err(Error::geometry(
-            "cnn-bn",
-            format!(
-                "input {}x{} is too small for two 2x2 poolings",
-                s.height, s.width
-            ),
-        )
-        .into());
+        return Err(Error::geometry("cnn-bn", format!("input {}x{} is too small for two 2x2 poolings", s.height, s.width)).into());
     }
     Ok(Sequential::new()
         .push(Conv2d::new(rng, s.channels, 32, 3, same, false)?)

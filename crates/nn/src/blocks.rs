@@ -15,45 +15,22 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
-    pub fn new(
-        rng: &mut Rng,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        opts: Conv2dOptions,
-        bias: bool,
-    ) -> Result<Self> {
+    pub fn new(rng: &mut Rng, in_channels: usize, out_channels: usize, kernel: usize, opts: Conv2dOptions, bias: bool) -> Result<Self> {
         if opts.groups == 0 || out_channels % opts.groups != 0 || in_channels % opts.groups != 0 {
-            return Err(ag::Error::arg(
-                "ConvTranspose2d",
-                format!(
-                    "groups {} must divide {in_channels} and {out_channels}",
-                    opts.groups
-                ),
-            )
-            .into());
+            return Err(ag::Error::arg("ConvTranspose2d", format!("groups {} must divide {in_channels} and {out_channels}", opts.groups)).into());
         }
         // PyTorch computes the fan-in of a transposed convolution's weight from its dim 1.
         let shape = [in_channels, out_channels / opts.groups, kernel, kernel];
         let (w, _) = init::torch_default(rng, &shape)?;
         let bound = 1.0 / (init::fans(&shape).0 as f64).sqrt();
         let b = rng.uniform(&[out_channels], -bound, bound)?;
-        Ok(ConvTranspose2d {
-            weight: Var::parameter(w),
-            bias: bias.then(|| Var::parameter(b)),
-            opts,
-        })
+        Ok(ConvTranspose2d { weight: Var::parameter(w), bias: bias.then(|| Var::parameter(b)), opts })
     }
 }
 
 impl Module for ConvTranspose2d {
     fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
-        Ok(ag::conv_transpose2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            &self.opts,
-        )?)
+        Ok(ag::conv_transpose2d(x, &self.weight, self.bias.as_ref(), &self.opts)?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         f(join(prefix, "weight"), Slot::Param(&self.weight));
@@ -63,14 +40,7 @@ impl Module for ConvTranspose2d {
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();
-        format!(
-            "ConvTranspose2d({}, {}, k{}x{}, stride {:?})",
-            s[0],
-            s[1] * self.opts.groups,
-            s[2],
-            s[3],
-            self.opts.stride
-        )
+        format!("ConvTranspose2d({}, {}, k{}x{}, stride {:?})", s[0], s[1] * self.opts.groups, s[2], s[3], self.opts.stride)
     }
 }
 
@@ -82,34 +52,10 @@ pub struct DepthwiseSeparableConv2d {
 }
 
 impl DepthwiseSeparableConv2d {
-    pub fn new(
-        rng: &mut Rng,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        opts: Conv2dOptions,
-        bias: bool,
-    ) -> Result<Self> {
+    pub fn new(rng: &mut Rng, in_channels: usize, out_channels: usize, kernel: usize, opts: Conv2dOptions, bias: bool) -> Result<Self> {
         Ok(DepthwiseSeparableConv2d {
-            depthwise: Conv2d::new(
-                rng,
-                in_channels,
-                in_channels,
-                kernel,
-                Conv2dOptions {
-                    groups: in_channels,
-                    ..opts
-                },
-                bias,
-            )?,
-            pointwise: Conv2d::new(
-                rng,
-                in_channels,
-                out_channels,
-                1,
-                Conv2dOptions::default(),
-                bias,
-            )?,
+            depthwise: Conv2d::new(rng, in_channels, in_channels, kernel, Conv2dOptions { groups: in_channels, ..opts }, bias)?,
+            pointwise: Conv2d::new(rng, in_channels, out_channels, 1, Conv2dOptions::default(), bias)?,
         })
     }
 }
@@ -124,11 +70,7 @@ impl Module for DepthwiseSeparableConv2d {
         self.pointwise.visit(&join(prefix, "pointwise"), f);
     }
     fn describe(&self) -> String {
-        format!(
-            "DepthwiseSeparable({}, {})",
-            self.depthwise.describe(),
-            self.pointwise.describe()
-        )
+        format!("DepthwiseSeparable({}, {})", self.depthwise.describe(), self.pointwise.describe())
     }
 }
 
@@ -219,15 +161,7 @@ impl Module for Residual {
             None => x.clone(),
         };
         if y.shape() != s.shape() {
-            return Err(ag::Error::shape(
-                "Residual",
-                format!(
-                    "the block gives {:?} but the shortcut gives {:?}",
-                    y.shape(),
-                    s.shape()
-                ),
-            )
-            .into());
+            return Err(ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into());
         }
         Ok(y.add(&s)?)
     }
@@ -250,11 +184,7 @@ pub struct Concat {
 
 impl Module for Concat {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let outs: Vec<Var> = self
-            .branches
-            .iter_mut()
-            .map(|b| b.forward(x, ctx))
-            .collect::<Result<_>>()?;
+        let outs: Vec<Var> = self.branches.iter_mut().map(|b| b.forward(x, ctx)).collect::<Result<_>>()?;
         let refs: Vec<&Var> = outs.iter().collect();
         Ok(ag::concat(&refs, 1)?)
     }

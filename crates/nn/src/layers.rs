@@ -1,8 +1,6 @@
 //! Layers as modules over the core ops, configured with PyTorch's names.
 
-use stride_autograd::{
-    self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var,
-};
+use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
 use crate::module::{join, Ctx, Module, Slot};
 use crate::{init, Result};
@@ -16,33 +14,12 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// PyTorch's default initialisation.
-    pub fn new(
-        rng: &mut Rng,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        opts: Conv2dOptions,
-        bias: bool,
-    ) -> Result<Self> {
+    pub fn new(rng: &mut Rng, in_channels: usize, out_channels: usize, kernel: usize, opts: Conv2dOptions, bias: bool) -> Result<Self> {
         if opts.groups == 0 || in_channels % opts.groups != 0 {
-            return Err(ag::Error::arg(
-                "Conv2d",
-                format!(
-                    "groups {} must divide the {in_channels} input channels",
-                    opts.groups
-                ),
-            )
-            .into());
+            return Err(ag::Error::arg("Conv2d", format!("groups {} must divide the {in_channels} input channels", opts.groups)).into());
         }
-        let (w, b) = init::torch_default(
-            rng,
-            &[out_channels, in_channels / opts.groups, kernel, kernel],
-        )?;
-        Ok(Conv2d {
-            weight: Var::parameter(w),
-            bias: bias.then(|| Var::parameter(b)),
-            opts,
-        })
+        let (w, b) = init::torch_default(rng, &[out_channels, in_channels / opts.groups, kernel, kernel])?;
+        Ok(Conv2d { weight: Var::parameter(w), bias: bias.then(|| Var::parameter(b)), opts })
     }
 }
 
@@ -58,15 +35,7 @@ impl Module for Conv2d {
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();
-        format!(
-            "Conv2d({}, {}, k{}x{}, stride {:?}, {:?})",
-            s[1] * self.opts.groups,
-            s[0],
-            s[2],
-            s[3],
-            self.opts.stride,
-            self.opts.padding
-        )
+        format!("Conv2d({}, {}, k{}x{}, stride {:?}, {:?})", s[1] * self.opts.groups, s[0], s[2], s[3], self.opts.stride, self.opts.padding)
     }
 }
 
@@ -79,10 +48,7 @@ pub struct Linear {
 impl Linear {
     pub fn new(rng: &mut Rng, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let (w, b) = init::torch_default(rng, &[out_features, in_features])?;
-        Ok(Linear {
-            weight: Var::parameter(w),
-            bias: bias.then(|| Var::parameter(b)),
-        })
+        Ok(Linear { weight: Var::parameter(w), bias: bias.then(|| Var::parameter(b)) })
     }
 }
 
@@ -131,31 +97,14 @@ impl Module for BatchNorm {
         if ctx.training {
             self.num_batches_tracked.data_mut()[0] += 1.0;
         }
-        Ok(ag::batch_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            &mut self.running_mean,
-            &mut self.running_var,
-            ctx.training,
-            self.opts,
-        )?)
+        Ok(ag::batch_norm(x, &self.weight, &self.bias, &mut self.running_mean, &mut self.running_var, ctx.training, self.opts)?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         f(join(prefix, "weight"), Slot::Param(&self.weight));
         f(join(prefix, "bias"), Slot::Param(&self.bias));
-        f(
-            join(prefix, "running_mean"),
-            Slot::Buffer(&mut self.running_mean),
-        );
-        f(
-            join(prefix, "running_var"),
-            Slot::Buffer(&mut self.running_var),
-        );
-        f(
-            join(prefix, "num_batches_tracked"),
-            Slot::Buffer(&mut self.num_batches_tracked),
-        );
+        f(join(prefix, "running_mean"), Slot::Buffer(&mut self.running_mean));
+        f(join(prefix, "running_var"), Slot::Buffer(&mut self.running_var));
+        f(join(prefix, "num_batches_tracked"), Slot::Buffer(&mut self.num_batches_tracked));
     }
     fn describe(&self) -> String {
         format!("BatchNorm({})", self.running_mean.numel())
@@ -178,16 +127,8 @@ impl Module for Pool {
     fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
     fn describe(&self) -> String {
         match self {
-            Pool::Max(o) => format!(
-                "MaxPool2d(k{:?}, stride {:?})",
-                o.kernel,
-                o.stride.unwrap_or(o.kernel)
-            ),
-            Pool::Avg(o) => format!(
-                "AvgPool2d(k{:?}, stride {:?})",
-                o.kernel,
-                o.stride.unwrap_or(o.kernel)
-            ),
+            Pool::Max(o) => format!("MaxPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
+            Pool::Avg(o) => format!("AvgPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
         }
     }
 }
@@ -251,9 +192,7 @@ impl Module for Sequential {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut h = x.clone();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            h = l
-                .forward(&h, ctx)
-                .map_err(|e| e.context(format!("layer {i} ({})", l.describe())))?;
+            h = l.forward(&h, ctx).map_err(|e| e.context(format!("layer {i} ({})", l.describe())))?;
             if ctx.debug {
                 eprintln!("{i:>3} {:<48} -> {:?}", l.describe(), h.shape());
             }

@@ -40,10 +40,7 @@ impl std::error::Error for Error {}
 
 impl From<stride_autograd::Error> for Error {
     fn from(source: stride_autograd::Error) -> Self {
-        Error {
-            context: Vec::new(),
-            source,
-        }
+        Error { context: Vec::new(), source }
     }
 }
 

@@ -16,18 +16,10 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn train(seed: u64) -> Self {
-        Ctx {
-            training: true,
-            rng: Rng::seed(seed),
-            debug: false,
-        }
+        Ctx { training: true, rng: Rng::seed(seed), debug: false }
     }
     pub fn eval() -> Self {
-        Ctx {
-            training: false,
-            rng: Rng::seed(0),
-            debug: false,
-        }
+        Ctx { training: false, rng: Rng::seed(0), debug: false }
     }
 }
 
@@ -59,10 +51,7 @@ pub trait Module {
     }
     /// Number of trainable scalars.
     fn num_parameters(&mut self) -> usize {
-        self.parameters()
-            .iter()
-            .map(|p| p.value_ref().numel())
-            .sum()
+        self.parameters().iter().map(|p| p.value_ref().numel()).sum()
     }
 }
 

@@ -32,15 +32,9 @@ fn import(name: &str, state: &[(String, Vec<f32>)]) -> Result<Vec<Option<Vec<f32
         let Some(rest) = key.strip_prefix(name).and_then(|r| r.strip_prefix('.')) else {
             continue;
         };
-        let i: usize = rest.parse().map_err(|_| {
-            stride_autograd::Error::arg("optimizer state", format!("bad entry name '{key}'"))
-        })?;
+        let i: usize = rest.parse().map_err(|_| stride_autograd::Error::arg("optimizer state", format!("bad entry name '{key}'")))?;
         if i > 1_000_000 {
-            return Err(stride_autograd::Error::arg(
-                "optimizer state",
-                format!("entry '{key}' names parameter {i}"),
-            )
-            .into());
+            return Err(stride_autograd::Error::arg("optimizer state", format!("entry '{key}' names parameter {i}")).into());
         }
         if slots.len() <= i {
             slots.resize(i + 1, None);
@@ -84,52 +78,22 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(lr: f64, momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Self> {
-        check_hyper(
-            "Sgd",
-            lr >= 0.0 && lr.is_finite(),
-            format!("learning rate must be finite and >= 0, got {lr}"),
-        )?;
-        check_hyper(
-            "Sgd",
-            (0.0..1.0).contains(&momentum) || momentum == 0.0,
-            format!("momentum must be in [0, 1), got {momentum}"),
-        )?;
-        check_hyper(
-            "Sgd",
-            !nesterov || momentum > 0.0,
-            "Nesterov momentum needs momentum > 0".into(),
-        )?;
-        check_hyper(
-            "Sgd",
-            weight_decay >= 0.0,
-            format!("weight decay must be >= 0, got {weight_decay}"),
-        )?;
-        Ok(Sgd {
-            lr,
-            momentum,
-            nesterov,
-            weight_decay,
-            velocity: Vec::new(),
-        })
+        check_hyper("Sgd", lr >= 0.0 && lr.is_finite(), format!("learning rate must be finite and >= 0, got {lr}"))?;
+        check_hyper("Sgd", (0.0..1.0).contains(&momentum) || momentum == 0.0, format!("momentum must be in [0, 1), got {momentum}"))?;
+        check_hyper("Sgd", !nesterov || momentum > 0.0, "Nesterov momentum needs momentum > 0".into())?;
+        check_hyper("Sgd", weight_decay >= 0.0, format!("weight decay must be >= 0, got {weight_decay}"))?;
+        Ok(Sgd { lr, momentum, nesterov, weight_decay, velocity: Vec::new() })
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &[Var]) -> Result<()> {
-        let (lr, mu, wd) = (
-            self.lr as f32,
-            self.momentum as f32,
-            self.weight_decay as f32,
-        );
+        let (lr, mu, wd) = (self.lr as f32, self.momentum as f32, self.weight_decay as f32);
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let mut w = p.value();
             let first = self.velocity.get(i).is_none_or(|s| s.is_none());
-            let buf = if mu > 0.0 {
-                Some(slot(&mut self.velocity, i, g.numel()))
-            } else {
-                None
-            };
+            let buf = if mu > 0.0 { Some(slot(&mut self.velocity, i, g.numel())) } else { None };
             let mut buf = buf;
             for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
                 let mut d = gv + wd * *wv;
@@ -175,39 +139,12 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(
-        lr: f64,
-        betas: (f64, f64),
-        eps: f64,
-        weight_decay: f64,
-        decoupled: bool,
-    ) -> Result<Self> {
-        check_hyper(
-            "Adam",
-            lr >= 0.0 && lr.is_finite(),
-            format!("learning rate must be finite and >= 0, got {lr}"),
-        )?;
-        check_hyper(
-            "Adam",
-            (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
-            format!("betas must be in [0, 1), got {betas:?}"),
-        )?;
+    pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64, decoupled: bool) -> Result<Self> {
+        check_hyper("Adam", lr >= 0.0 && lr.is_finite(), format!("learning rate must be finite and >= 0, got {lr}"))?;
+        check_hyper("Adam", (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1), format!("betas must be in [0, 1), got {betas:?}"))?;
         check_hyper("Adam", eps > 0.0, format!("eps must be > 0, got {eps}"))?;
-        check_hyper(
-            "Adam",
-            weight_decay >= 0.0,
-            format!("weight decay must be >= 0, got {weight_decay}"),
-        )?;
-        Ok(Adam {
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            decoupled,
-            step: 0,
-            m: Vec::new(),
-            v: Vec::new(),
-        })
+        check_hyper("Adam", weight_decay >= 0.0, format!("weight decay must be >= 0, got {weight_decay}"))?;
+        Ok(Adam { lr, betas, eps, weight_decay, decoupled, step: 0, m: Vec::new(), v: Vec::new() })
     }
     /// PyTorch's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay.
     pub fn default_with_lr(lr: f64) -> Result<Self> {
@@ -228,10 +165,7 @@ impl Optimizer for Adam {
             let mut w = p.value();
             slot(&mut self.m, i, n);
             slot(&mut self.v, i, n);
-            let (m, v) = (
-                self.m[i].as_mut().expect("slot"),
-                self.v[i].as_mut().expect("slot"),
-            );
+            let (m, v) = (self.m[i].as_mut().expect("slot"), self.v[i].as_mut().expect("slot"));
             for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
                 let mut gj = gv as f64;
                 if self.decoupled {
@@ -261,11 +195,7 @@ impl Optimizer for Adam {
         out
     }
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        self.step = state
-            .iter()
-            .find(|(k, _)| k == "step")
-            .and_then(|(_, v)| v.first())
-            .map_or(0, |&s| s as u64);
+        self.step = state.iter().find(|(k, _)| k == "step").and_then(|(_, v)| v.first()).map_or(0, |&s| s as u64);
         self.m = import("exp_avg", state)?;
         self.v = import("exp_avg_sq", state)?;
         Ok(())
@@ -274,12 +204,7 @@ impl Optimizer for Adam {
 
 /// The global L2 norm of the gradients of `params`.
 pub fn grad_norm(params: &[Var]) -> f64 {
-    params
-        .iter()
-        .filter_map(|p| p.grad())
-        .map(|g| g.data().iter().map(|&v| (v as f64).powi(2)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt()
+    params.iter().filter_map(|p| p.grad()).map(|g| g.data().iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
@@ -311,32 +236,14 @@ pub struct RmsProp {
 
 impl RmsProp {
     pub fn new(lr: f64, alpha: f64, eps: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
-        check_hyper(
-            "RmsProp",
-            lr >= 0.0 && lr.is_finite(),
-            format!("learning rate must be finite and >= 0, got {lr}"),
-        )?;
-        check_hyper(
-            "RmsProp",
-            (0.0..1.0).contains(&alpha),
-            format!("alpha must be in [0, 1), got {alpha}"),
-        )?;
+        check_hyper("RmsProp", lr >= 0.0 && lr.is_finite(), format!("learning rate must be finite and >= 0, got {lr}"))?;
+        check_hyper("RmsProp", (0.0..1.0).contains(&alpha), format!("alpha must be in [0, 1), got {alpha}"))?;
         check_hyper(
             "RmsProp",
             eps > 0.0 && momentum >= 0.0 && weight_decay >= 0.0,
-            format!(
-                "eps {eps} must be > 0, momentum {momentum} and weight decay {weight_decay} >= 0"
-            ),
+            format!("eps {eps} must be > 0, momentum {momentum} and weight decay {weight_decay} >= 0"),
         )?;
-        Ok(RmsProp {
-            lr,
-            alpha,
-            eps,
-            momentum,
-            weight_decay,
-            square: Vec::new(),
-            velocity: Vec::new(),
-        })
+        Ok(RmsProp { lr, alpha, eps, momentum, weight_decay, square: Vec::new(), velocity: Vec::new() })
     }
 }
 
@@ -348,10 +255,7 @@ impl Optimizer for RmsProp {
             let mut w = p.value();
             slot(&mut self.square, i, n);
             slot(&mut self.velocity, i, n);
-            let (sq, vel) = (
-                self.square[i].as_mut().expect("slot"),
-                self.velocity[i].as_mut().expect("slot"),
-            );
+            let (sq, vel) = (self.square[i].as_mut().expect("slot"), self.velocity[i].as_mut().expect("slot"));
             for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
                 let gj = gv as f64 + self.weight_decay * *wv as f64;
                 sq[j] = (self.alpha * sq[j] as f64 + (1.0 - self.alpha) * gj * gj) as f32;

@@ -35,22 +35,14 @@ impl Schedule {
     pub fn lr(&self, base: f64, epoch: usize) -> f64 {
         match self {
             Schedule::Constant => base,
-            Schedule::Step { step_size, gamma } => {
-                base * gamma.powi((epoch / (*step_size).max(1)) as i32)
-            }
-            Schedule::MultiStep { milestones, gamma } => {
-                base * gamma.powi(milestones.iter().filter(|&&m| m <= epoch).count() as i32)
-            }
+            Schedule::Step { step_size, gamma } => base * gamma.powi((epoch / (*step_size).max(1)) as i32),
+            Schedule::MultiStep { milestones, gamma } => base * gamma.powi(milestones.iter().filter(|&&m| m <= epoch).count() as i32),
             Schedule::Exponential { gamma } => base * gamma.powi(epoch as i32),
             Schedule::Cosine { t_max, eta_min } => {
                 let t = epoch.min(*t_max) as f64 / (*t_max).max(1) as f64;
                 eta_min + (base - eta_min) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
             }
-            Schedule::Warmup {
-                epochs,
-                start_factor,
-                then,
-            } => {
+            Schedule::Warmup { epochs, start_factor, then } => {
                 if epoch < *epochs {
                     base * (start_factor + (1.0 - start_factor) * epoch as f64 / *epochs as f64)
                 } else {
@@ -76,14 +68,7 @@ pub struct ReduceOnPlateau {
 impl ReduceOnPlateau {
     /// PyTorch's defaults are factor 0.1, patience 10, threshold 1e-4.
     pub fn new(factor: f64, patience: usize, threshold: f64, min_lr: f64) -> Self {
-        ReduceOnPlateau {
-            factor,
-            patience,
-            threshold,
-            min_lr,
-            best: f64::INFINITY,
-            bad_epochs: 0,
-        }
+        ReduceOnPlateau { factor, patience, threshold, min_lr, best: f64::INFINITY, bad_epochs: 0 }
     }
     /// Feeds one epoch's metric; returns the new learning rate.
     pub fn step(&mut self, metric: f64, lr: f64) -> f64 {
@@ -108,34 +93,21 @@ mod tests {
     #[test]
     fn schedules_match_pytorch_formulas() {
         let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
-        let s = Schedule::Step {
-            step_size: 3,
-            gamma: 0.1,
-        };
+        let s = Schedule::Step { step_size: 3, gamma: 0.1 };
         let got: Vec<f64> = (0..7).map(|e| s.lr(1.0, e)).collect();
         for (g, w) in got.iter().zip([1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]) {
             close(*g, w);
         }
-        let m = Schedule::MultiStep {
-            milestones: vec![2, 5],
-            gamma: 0.5,
-        };
+        let m = Schedule::MultiStep { milestones: vec![2, 5], gamma: 0.5 };
         close(m.lr(0.2, 1), 0.2);
         close(m.lr(0.2, 2), 0.1);
         close(m.lr(0.2, 6), 0.05);
         close(Schedule::Exponential { gamma: 0.9 }.lr(2.0, 3), 2.0 * 0.729);
-        let c = Schedule::Cosine {
-            t_max: 10,
-            eta_min: 0.0,
-        };
+        let c = Schedule::Cosine { t_max: 10, eta_min: 0.0 };
         close(c.lr(0.1, 0), 0.1);
         close(c.lr(0.1, 5), 0.05);
         close(c.lr(0.1, 10), 0.0);
-        let w = Schedule::Warmup {
-            epochs: 2,
-            start_factor: 0.5,
-            then: Box::new(Schedule::Constant),
-        };
+        let w = Schedule::Warmup { epochs: 2, start_factor: 0.5, then: Box::new(Schedule::Constant) };
         close(w.lr(1.0, 0), 0.5);
         close(w.lr(1.0, 1), 0.75);
         close(w.lr(1.0, 2), 1.0);
@@ -145,20 +117,9 @@ mod tests {
     fn plateau_waits_for_patience_then_reduces() {
         let mut p = ReduceOnPlateau::new(0.1, 2, 1e-4, 1e-6);
         let mut lr = 1.0;
-        for (metric, want) in [
-            (1.0, 1.0),
-            (0.9, 1.0),
-            (0.95, 1.0),
-            (0.92, 1.0),
-            (0.91, 0.1),
-            (0.99, 0.1),
-            (0.5, 0.1),
-        ] {
+        for (metric, want) in [(1.0, 1.0), (0.9, 1.0), (0.95, 1.0), (0.92, 1.0), (0.91, 0.1), (0.99, 0.1), (0.5, 0.1)] {
             lr = p.step(metric, lr);
-            assert!(
-                (lr - want).abs() < 1e-12,
-                "metric {metric}: lr {lr}, want {want}"
-            );
+            assert!((lr - want).abs() < 1e-12, "metric {metric}: lr {lr}, want {want}");
         }
     }
 }

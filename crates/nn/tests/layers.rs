@@ -1,12 +1,8 @@
 //! Layers: shapes, PyTorch parameter names and counts, modes, and their errors.
 
 use stride_autograd::{Conv2dOptions, Padding, Pool2dOptions, Rng, Tensor, Unary, Var};
-use stride_nn::blocks::{
-    Concat, ConvTranspose2d, DepthwiseSeparableConv2d, Dropout2d, OtherPool, Pad, Residual,
-};
-use stride_nn::layers::{
-    Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential,
-};
+use stride_nn::blocks::{Concat, ConvTranspose2d, DepthwiseSeparableConv2d, Dropout2d, OtherPool, Pad, Residual};
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential};
 use stride_nn::{Ctx, Module, Slot};
 
 fn names(m: &mut dyn Module) -> Vec<String> {
@@ -23,40 +19,16 @@ fn input(shape: &[usize]) -> Var {
 fn sequential_names_and_counts_follow_pytorch() {
     let rng = &mut Rng::seed(0);
     let mut m = Sequential::new()
-        .push(
-            Conv2d::new(
-                rng,
-                3,
-                8,
-                3,
-                Conv2dOptions::default().padding(Padding::Same),
-                false,
-            )
-            .unwrap(),
-        )
+        .push(Conv2d::new(rng, 3, 8, 3, Conv2dOptions::default().padding(Padding::Same), false).unwrap())
         .push(BatchNorm::new(8).unwrap())
         .push(Activation(Unary::Relu))
         .push(Pool::Max(Pool2dOptions::new(2)))
         .push(Flatten)
         .push(Linear::new(rng, 8 * 4 * 4, 10, true).unwrap());
-    assert_eq!(
-        names(&mut m),
-        [
-            "0.weight",
-            "1.weight",
-            "1.bias",
-            "1.running_mean",
-            "1.running_var",
-            "1.num_batches_tracked",
-            "5.weight",
-            "5.bias"
-        ]
-    );
+    assert_eq!(names(&mut m), ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked", "5.weight", "5.bias"]);
     // Same counts as torch: 3*8*9 + 8 + 8 + 128*10 + 10.
     assert_eq!(m.num_parameters(), 216 + 16 + 1290);
-    let y = m
-        .forward(&input(&[2, 3, 8, 8]), &mut Ctx::train(0))
-        .unwrap();
+    let y = m.forward(&input(&[2, 3, 8, 8]), &mut Ctx::train(0)).unwrap();
     assert_eq!(y.shape(), [2, 10]);
     // PyTorch's default init bound for Linear(128, 10): 1/sqrt(128).
     let w = m.parameters()[3].value();
@@ -68,11 +40,7 @@ fn batch_norm_and_dropout_follow_the_mode() {
     let mut bn = BatchNorm::new(3).unwrap();
     let x = input(&[4, 3, 5, 5]);
     bn.forward(&x, &mut Ctx::eval()).unwrap();
-    assert_eq!(
-        bn.running_mean.data(),
-        &[0.0; 3],
-        "evaluation leaves running statistics alone"
-    );
+    assert_eq!(bn.running_mean.data(), &[0.0; 3], "evaluation leaves running statistics alone");
     bn.forward(&x, &mut Ctx::train(0)).unwrap();
     assert!(bn.running_mean.data().iter().any(|&v| v != 0.0));
     assert_eq!(bn.num_batches_tracked.data(), &[1.0]);
@@ -89,15 +57,9 @@ fn batch_norm_and_dropout_follow_the_mode() {
     let dropped = d.forward(&x, &mut Ctx::train(3)).unwrap().value();
     let zeros = dropped.data().iter().filter(|&&v| v == 0.0).count();
     assert!((100..200).contains(&zeros), "{zeros} of 300 dropped");
-    let ch = Dropout2d(0.5)
-        .forward(&x, &mut Ctx::train(4))
-        .unwrap()
-        .value();
+    let ch = Dropout2d(0.5).forward(&x, &mut Ctx::train(4)).unwrap().value();
     for plane in ch.data().chunks(25) {
-        assert!(
-            plane.iter().all(|&v| v == 0.0) || plane.iter().all(|&v| v != 0.0),
-            "whole channels drop"
-        );
+        assert!(plane.iter().all(|&v| v == 0.0) || plane.iter().all(|&v| v != 0.0), "whole channels drop");
     }
 }
 
@@ -106,28 +68,10 @@ fn blocks_have_the_right_shapes() {
     let rng = &mut Rng::seed(2);
     let ctx = &mut Ctx::train(0);
     let x = input(&[2, 4, 6, 6]);
-    let mut t = ConvTranspose2d::new(
-        rng,
-        4,
-        3,
-        4,
-        Conv2dOptions::default()
-            .stride(2)
-            .padding(Padding::uniform(1)),
-        true,
-    )
-    .unwrap();
+    let mut t = ConvTranspose2d::new(rng, 4, 3, 4, Conv2dOptions::default().stride(2).padding(Padding::uniform(1)), true).unwrap();
     assert_eq!(t.forward(&x, ctx).unwrap().shape(), [2, 3, 12, 12]);
     assert_eq!(names(&mut t), ["weight", "bias"]);
-    let mut s = DepthwiseSeparableConv2d::new(
-        rng,
-        4,
-        8,
-        3,
-        Conv2dOptions::default().padding(Padding::Same),
-        false,
-    )
-    .unwrap();
+    let mut s = DepthwiseSeparableConv2d::new(rng, 4, 8, 3, Conv2dOptions::default().padding(Padding::Same), false).unwrap();
     assert_eq!(s.forward(&x, ctx).unwrap().shape(), [2, 8, 6, 6]);
     assert_eq!(names(&mut s), ["depthwise.weight", "pointwise.weight"]);
     assert_eq!(s.num_parameters(), 4 * 9 + 4 * 8);
@@ -137,62 +81,19 @@ fn blocks_have_the_right_shapes() {
         (OtherPool::AdaptiveMax(1, 1), [2, 4, 1, 1]),
         (OtherPool::GlobalAvg, [2, 4, 1, 1]),
         (OtherPool::GlobalMax, [2, 4, 1, 1]),
-        (
-            OtherPool::ChannelMax {
-                depth: 2,
-                stride: 2,
-            },
-            [2, 2, 6, 6],
-        ),
+        (OtherPool::ChannelMax { depth: 2, stride: 2 }, [2, 2, 6, 6]),
     ] {
-        assert_eq!(
-            p.forward(&x, ctx).unwrap().shape(),
-            shape,
-            "{}",
-            p.describe()
-        );
+        assert_eq!(p.forward(&x, ctx).unwrap().shape(), shape, "{}", p.describe());
     }
-    assert_eq!(
-        Pad {
-            pad: (0, 1, 0, 1),
-            value: 0.0
-        }
-        .forward(&x, ctx)
-        .unwrap()
-        .shape(),
-        [2, 4, 7, 7]
-    );
-    let conv = |rng: &mut Rng, o| {
-        Box::new(
-            Conv2d::new(
-                rng,
-                4,
-                o,
-                3,
-                Conv2dOptions::default().padding(Padding::Same),
-                false,
-            )
-            .unwrap(),
-        ) as Box<dyn Module>
-    };
-    let mut r = Residual {
-        body: conv(rng, 4),
-        shortcut: None,
-    };
+    assert_eq!(Pad { pad: (0, 1, 0, 1), value: 0.0 }.forward(&x, ctx).unwrap().shape(), [2, 4, 7, 7]);
+    let conv =
+        |rng: &mut Rng, o| Box::new(Conv2d::new(rng, 4, o, 3, Conv2dOptions::default().padding(Padding::Same), false).unwrap()) as Box<dyn Module>;
+    let mut r = Residual { body: conv(rng, 4), shortcut: None };
     assert_eq!(r.forward(&x, ctx).unwrap().shape(), [2, 4, 6, 6]);
     assert_eq!(names(&mut r), ["body.weight"]);
-    let mut bad = Residual {
-        body: conv(rng, 5),
-        shortcut: None,
-    };
-    assert!(bad
-        .forward(&x, ctx)
-        .unwrap_err()
-        .to_string()
-        .contains("the block gives [2, 5, 6, 6] but the shortcut gives [2, 4, 6, 6]"));
-    let mut c = Concat {
-        branches: vec![conv(rng, 2), conv(rng, 3)],
-    };
+    let mut bad = Residual { body: conv(rng, 5), shortcut: None };
+    assert!(bad.forward(&x, ctx).unwrap_err().to_string().contains("the block gives [2, 5, 6, 6] but the shortcut gives [2, 4, 6, 6]"));
+    let mut c = Concat { branches: vec![conv(rng, 2), conv(rng, 3)] };
     assert_eq!(c.forward(&x, ctx).unwrap().shape(), [2, 5, 6, 6]);
     assert_eq!(names(&mut c), ["0.weight", "1.weight"]);
 }
@@ -203,15 +104,9 @@ fn shape_errors_name_the_layer() {
     let mut m = Sequential::new()
         .push(Conv2d::new(rng, 1, 20, 3, Conv2dOptions::default(), true).unwrap())
         .push(Conv2d::new(rng, 50, 20, 3, Conv2dOptions::default(), true).unwrap());
-    let e = m
-        .forward(&input(&[1, 1, 8, 8]), &mut Ctx::eval())
-        .unwrap_err()
-        .to_string();
+    let e = m.forward(&input(&[1, 1, 8, 8]), &mut Ctx::eval()).unwrap_err().to_string();
     assert!(e.starts_with("layer 1 (Conv2d(50, 20, k3x3"), "{e}");
-    assert!(
-        e.contains("conv2d: input has 20 channels but the weight expects 50"),
-        "{e}"
-    );
+    assert!(e.contains("conv2d: input has 20 channels but the weight expects 50"), "{e}");
     assert!(Conv2d::new(rng, 6, 4, 3, Conv2dOptions::default().groups(4), true).is_err());
     let _ = Tensor::<f32>::zeros(&[1]).unwrap();
 }

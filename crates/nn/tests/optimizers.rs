@@ -6,22 +6,11 @@ use stride_nn::optim::{clip_grad_norm, clip_grad_value, Adam, Optimizer, RmsProp
 use stride_nn::schedule::Schedule;
 
 fn refs() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/optim_refs.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/optim_refs.json")).unwrap()).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 #[test]
@@ -29,46 +18,18 @@ fn optimizers_match_pytorch_step_by_step() {
     let r = refs();
     let cases: Vec<(&str, Box<dyn Optimizer>)> = vec![
         ("sgd", Box::new(Sgd::new(0.1, 0.0, false, 0.0).unwrap())),
-        (
-            "sgd_momentum_wd",
-            Box::new(Sgd::new(0.1, 0.9, false, 0.01).unwrap()),
-        ),
-        (
-            "sgd_nesterov",
-            Box::new(Sgd::new(0.05, 0.8, true, 0.0).unwrap()),
-        ),
-        (
-            "adam",
-            Box::new(Adam::new(0.01, (0.9, 0.999), 1e-8, 0.0, false).unwrap()),
-        ),
-        (
-            "adam_wd",
-            Box::new(Adam::new(0.01, (0.8, 0.99), 1e-6, 0.1, false).unwrap()),
-        ),
-        (
-            "adamw",
-            Box::new(Adam::new(0.01, (0.9, 0.999), 1e-8, 0.1, true).unwrap()),
-        ),
-        (
-            "rmsprop",
-            Box::new(RmsProp::new(0.01, 0.99, 1e-8, 0.0, 0.0).unwrap()),
-        ),
-        (
-            "rmsprop_momentum_wd",
-            Box::new(RmsProp::new(0.01, 0.9, 1e-8, 0.5, 0.05).unwrap()),
-        ),
+        ("sgd_momentum_wd", Box::new(Sgd::new(0.1, 0.9, false, 0.01).unwrap())),
+        ("sgd_nesterov", Box::new(Sgd::new(0.05, 0.8, true, 0.0).unwrap())),
+        ("adam", Box::new(Adam::new(0.01, (0.9, 0.999), 1e-8, 0.0, false).unwrap())),
+        ("adam_wd", Box::new(Adam::new(0.01, (0.8, 0.99), 1e-6, 0.1, false).unwrap())),
+        ("adamw", Box::new(Adam::new(0.01, (0.9, 0.999), 1e-8, 0.1, true).unwrap())),
+        ("rmsprop", Box::new(RmsProp::new(0.01, 0.99, 1e-8, 0.0, 0.0).unwrap())),
+        ("rmsprop_momentum_wd", Box::new(RmsProp::new(0.01, 0.9, 1e-8, 0.5, 0.05).unwrap())),
     ];
     for (name, mut opt) in cases {
         let p = Var::parameter(Tensor::from_vec(floats(&r["p0"]), &[5]).unwrap());
-        for (step, (g, want)) in r["grads"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(r["optimizers"][name].as_array().unwrap())
-            .enumerate()
-        {
-            p.set_grad(Tensor::from_vec(floats(g), &[5]).unwrap())
-                .unwrap();
+        for (step, (g, want)) in r["grads"].as_array().unwrap().iter().zip(r["optimizers"][name].as_array().unwrap()).enumerate() {
+            p.set_grad(Tensor::from_vec(floats(g), &[5]).unwrap()).unwrap();
             opt.step(std::slice::from_ref(&p)).unwrap();
             for (a, b) in p.value().data().iter().zip(floats(want)) {
                 assert!((a - b).abs() < 2e-6, "{name} step {}: {a} vs {b}", step + 1);
@@ -81,36 +42,15 @@ fn optimizers_match_pytorch_step_by_step() {
 fn schedules_match_pytorch() {
     let r = refs();
     let cases = [
-        (
-            "step_3_0.5",
-            Schedule::Step {
-                step_size: 3,
-                gamma: 0.5,
-            },
-        ),
-        (
-            "multistep_2_7_0.1",
-            Schedule::MultiStep {
-                milestones: vec![2, 7],
-                gamma: 0.1,
-            },
-        ),
+        ("step_3_0.5", Schedule::Step { step_size: 3, gamma: 0.5 }),
+        ("multistep_2_7_0.1", Schedule::MultiStep { milestones: vec![2, 7], gamma: 0.1 }),
         ("exponential_0.9", Schedule::Exponential { gamma: 0.9 }),
-        (
-            "cosine_10_0.001",
-            Schedule::Cosine {
-                t_max: 10,
-                eta_min: 0.001,
-            },
-        ),
+        ("cosine_10_0.001", Schedule::Cosine { t_max: 10, eta_min: 0.001 }),
     ];
     for (name, s) in cases {
         for (epoch, want) in r["schedules"][name].as_array().unwrap().iter().enumerate() {
             let got = s.lr(0.1, epoch);
-            assert!(
-                (got - want.as_f64().unwrap()).abs() < 1e-12,
-                "{name} epoch {epoch}: {got} vs {want}"
-            );
+            assert!((got - want.as_f64().unwrap()).abs() < 1e-12, "{name} epoch {epoch}: {got} vs {want}");
         }
     }
 }
@@ -118,31 +58,20 @@ fn schedules_match_pytorch() {
 #[test]
 fn gradient_clipping() {
     let p = Var::parameter(Tensor::from_vec(vec![0.0f32; 2], &[2]).unwrap());
-    p.set_grad(Tensor::from_vec(vec![3.0, 4.0], &[2]).unwrap())
-        .unwrap();
+    p.set_grad(Tensor::from_vec(vec![3.0, 4.0], &[2]).unwrap()).unwrap();
     let before = clip_grad_norm(std::slice::from_ref(&p), 1.0).unwrap();
     assert!((before - 5.0).abs() < 1e-9);
     let g = p.grad().unwrap();
     assert!((g.data()[0] - 0.6).abs() < 1e-5 && (g.data()[1] - 0.8).abs() < 1e-5);
-    p.set_grad(Tensor::from_vec(vec![-3.0, 0.5], &[2]).unwrap())
-        .unwrap();
+    p.set_grad(Tensor::from_vec(vec![-3.0, 0.5], &[2]).unwrap()).unwrap();
     clip_grad_value(std::slice::from_ref(&p), 1.0).unwrap();
     assert_eq!(p.grad().unwrap().data(), &[-1.0, 0.5]);
 }
 
 #[test]
 fn bad_hyper_parameters_are_errors() {
-    assert!(Sgd::new(-0.1, 0.0, false, 0.0)
-        .unwrap_err()
-        .to_string()
-        .contains("learning rate"));
-    assert!(Sgd::new(0.1, 0.0, true, 0.0)
-        .unwrap_err()
-        .to_string()
-        .contains("Nesterov"));
-    assert!(Adam::new(0.1, (1.0, 0.9), 1e-8, 0.0, false)
-        .unwrap_err()
-        .to_string()
-        .contains("betas"));
+    assert!(Sgd::new(-0.1, 0.0, false, 0.0).unwrap_err().to_string().contains("learning rate"));
+    assert!(Sgd::new(0.1, 0.0, true, 0.0).unwrap_err().to_string().contains("Nesterov"));
+    assert!(Adam::new(0.1, (1.0, 0.9), 1e-8, 0.0, false).unwrap_err().to_string().contains("betas"));
     assert!(RmsProp::new(0.1, 0.99, 0.0, 0.0, 0.0).is_err());
 }

@@ -27,11 +27,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, op: &'static str, msg: impl Into<String>) -> Self {
-        Error {
-            kind,
-            op,
-            msg: msg.into(),
-        }
+        Error { kind, op, msg: msg.into() }
     }
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Self::new(ErrorKind::Shape, op, msg)

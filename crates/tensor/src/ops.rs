@@ -7,26 +7,13 @@ use crate::{Elem, Result, Tensor};
 impl<T: Elem> Tensor<T> {
     /// `f` applied to every element.
     pub fn map(&self, f: impl Fn(T) -> T) -> Self {
-        Tensor::from_parts(
-            self.data().iter().map(|&x| f(x)).collect(),
-            self.shape().to_vec(),
-        )
+        Tensor::from_parts(self.data().iter().map(|&x| f(x)).collect(), self.shape().to_vec())
     }
 
     /// `f(a, b)` element by element, broadcasting the two shapes against each other.
-    pub fn zip_map(
-        &self,
-        other: &Tensor<T>,
-        op: &'static str,
-        f: impl Fn(T, T) -> T,
-    ) -> Result<Self> {
+    pub fn zip_map(&self, other: &Tensor<T>, op: &'static str, f: impl Fn(T, T) -> T) -> Result<Self> {
         if self.shape() == other.shape() {
-            let data = self
-                .data()
-                .iter()
-                .zip(other.data())
-                .map(|(&a, &b)| f(a, b))
-                .collect();
+            let data = self.data().iter().zip(other.data()).map(|(&a, &b)| f(a, b)).collect();
             return Ok(Tensor::from_parts(data, self.shape().to_vec()));
         }
         let out = shape::broadcast_shape(op, self.shape(), other.shape())?;
@@ -41,12 +28,7 @@ impl<T: Elem> Tensor<T> {
         if self.shape() == to {
             return self.data().to_vec();
         }
-        gather_strided(
-            self.data(),
-            to,
-            &shape::broadcast_strides(self.shape(), to),
-            0,
-        )
+        gather_strided(self.data(), to, &shape::broadcast_strides(self.shape(), to), 0)
     }
 
     pub fn add(&self, o: &Tensor<T>) -> Result<Self> {
@@ -68,13 +50,7 @@ impl<T: Elem> Tensor<T> {
     /// Adds `other` (same shape) into `self` in place.
     pub fn add_assign(&mut self, other: &Tensor<T>) -> Result<()> {
         if self.shape() != other.shape() {
-            crate::bail!(
-                shape,
-                "add_assign",
-                "shape {:?} vs {:?}",
-                self.shape(),
-                other.shape()
-            );
+            crate::bail!(shape, "add_assign", "shape {:?} vs {:?}", self.shape(), other.shape());
         }
         for (a, &b) in self.data_mut().iter_mut().zip(other.data()) {
             *a += b;
@@ -87,29 +63,15 @@ impl<T: Elem> Tensor<T> {
         for &a in axes {
             shape::check_axis("sum", a, self.shape())?;
         }
-        let keep_shape: Vec<usize> = self
-            .shape()
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-            .collect();
+        let keep_shape: Vec<usize> = self.shape().iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
         let mut out = vec![T::zero(); keep_shape.iter().product()];
         // Read the input in order, writing each element to its reduced position.
         let st = shape::broadcast_strides(&keep_shape, self.shape());
-        let idx_map = gather_strided(
-            &(0..out.len()).collect::<Vec<usize>>(),
-            self.shape(),
-            &st,
-            0,
-        );
+        let idx_map = gather_strided(&(0..out.len()).collect::<Vec<usize>>(), self.shape(), &st, 0);
         for (&x, &o) in self.data().iter().zip(&idx_map) {
             out[o] += x;
         }
-        let shape = if keepdim {
-            keep_shape
-        } else {
-            drop_axes(self.shape(), axes)
-        };
+        let shape = if keepdim { keep_shape } else { drop_axes(self.shape(), axes) };
         Ok(Tensor::from_parts(out, shape))
     }
 
@@ -132,17 +94,10 @@ impl<T: Elem> Tensor<T> {
         }
         let r = self.rank();
         if shape.len() > r {
-            crate::bail!(
-                shape,
-                "sum_to",
-                "cannot reduce {:?} to the larger rank {shape:?}",
-                self.shape()
-            );
+            crate::bail!(shape, "sum_to", "cannot reduce {:?} to the larger rank {shape:?}", self.shape());
         }
         let off = r - shape.len();
-        let axes: Vec<usize> = (0..r)
-            .filter(|&i| i < off || (shape[i - off] == 1 && self.shape()[i] != 1))
-            .collect();
+        let axes: Vec<usize> = (0..r).filter(|&i| i < off || (shape[i - off] == 1 && self.shape()[i] != 1)).collect();
         let s = self.sum_axes(&axes, true)?;
         s.reshape(shape)
     }
@@ -152,12 +107,7 @@ impl<T: Elem> Tensor<T> {
         shape::check_axis("max", axis, self.shape())?;
         let dim = self.shape()[axis];
         if dim == 0 {
-            crate::bail!(
-                shape,
-                "max",
-                "axis {axis} of shape {:?} is empty",
-                self.shape()
-            );
+            crate::bail!(shape, "max", "axis {axis} of shape {:?} is empty", self.shape());
         }
         let outer: usize = self.shape()[..axis].iter().product();
         let inner: usize = self.shape()[axis + 1..].iter().product();
@@ -197,28 +147,12 @@ impl<T: Elem> Tensor<T> {
     /// Largest absolute difference to `other` (same shape), for tests and checks.
     pub fn max_abs_diff(&self, other: &Tensor<T>) -> Result<f64> {
         if self.shape() != other.shape() {
-            crate::bail!(
-                shape,
-                "max_abs_diff",
-                "shape {:?} vs {:?}",
-                self.shape(),
-                other.shape()
-            );
+            crate::bail!(shape, "max_abs_diff", "shape {:?} vs {:?}", self.shape(), other.shape());
         }
-        Ok(self
-            .data()
-            .iter()
-            .zip(other.data())
-            .map(|(a, b)| (a.as_f64() - b.as_f64()).abs())
-            .fold(0.0, f64::max))
+        Ok(self.data().iter().zip(other.data()).map(|(a, b)| (a.as_f64() - b.as_f64()).abs()).fold(0.0, f64::max))
     }
 }
 
 fn drop_axes(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    shape
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !axes.contains(i))
-        .map(|(_, &d)| d)
-        .collect()
+    shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
 }

@@ -31,23 +31,16 @@ impl Rng {
             crate::bail!(arg, "uniform", "needs finite lo < hi, got [{lo}, {hi})");
         }
         let n = numel("uniform", shape)?;
-        let data = (0..n)
-            .map(|_| T::c(lo + (hi - lo) * self.uniform01()))
-            .collect();
+        let data = (0..n).map(|_| T::c(lo + (hi - lo) * self.uniform01())).collect();
         Tensor::from_vec(data, shape)
     }
 
     /// Elements drawn from a normal distribution N(mean, std^2).
     pub fn normal<T: Elem>(&mut self, shape: &[usize], mean: f64, std: f64) -> Result<Tensor<T>> {
         if !(std >= 0.0) || !std.is_finite() || !mean.is_finite() {
-            crate::bail!(
-                arg,
-                "normal",
-                "needs a finite mean and a finite std >= 0, got mean {mean}, std {std}"
-            );
+            crate::bail!(arg, "normal", "needs a finite mean and a finite std >= 0, got mean {mean}, std {std}");
         }
-        let dist = Normal::new(mean, std)
-            .map_err(|e| Error::arg("normal", format!("mean {mean}, std {std}: {e}")))?;
+        let dist = Normal::new(mean, std).map_err(|e| Error::arg("normal", format!("mean {mean}, std {std}: {e}")))?;
         let n = numel("normal", shape)?;
         let data = (0..n).map(|_| T::c(dist.sample(&mut self.0))).collect();
         Tensor::from_vec(data, shape)

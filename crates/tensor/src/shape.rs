@@ -13,13 +13,7 @@ pub fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
         n = n
             .checked_mul(d)
             .filter(|&n| n <= MAX_ELEMENTS)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::TooLarge,
-                    op,
-                    format!("shape {shape:?} has more than {MAX_ELEMENTS} elements"),
-                )
-            })?;
+            .ok_or_else(|| Error::new(ErrorKind::TooLarge, op, format!("shape {shape:?} has more than {MAX_ELEMENTS} elements")))?;
     }
     Ok(n)
 }
@@ -38,26 +32,13 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank {
-            a[i + a.len() - rank]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= rank {
-            b[i + b.len() - rank]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,
-            _ => {
-                return Err(Error::shape(
-                    op,
-                    format!("shapes {a:?} and {b:?} do not broadcast (axis {i}: {da} vs {db})"),
-                ))
-            }
+            _ => return Err(Error::shape(op, format!("shapes {a:?} and {b:?} do not broadcast (axis {i}: {da} vs {db})"))),
         };
     }
     Ok(out)
@@ -68,27 +49,13 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
 pub fn broadcast_strides(from: &[usize], to: &[usize]) -> Vec<usize> {
     let own = strides(from);
     let off = to.len() - from.len();
-    (0..to.len())
-        .map(|i| {
-            if i < off || from[i - off] == 1 {
-                0
-            } else {
-                own[i - off]
-            }
-        })
-        .collect()
+    (0..to.len()).map(|i| if i < off || from[i - off] == 1 { 0 } else { own[i - off] }).collect()
 }
 
 /// Checks that `axis < rank`.
 pub fn check_axis(op: &'static str, axis: usize, shape: &[usize]) -> Result<()> {
     if axis >= shape.len() {
-        return Err(Error::arg(
-            op,
-            format!(
-                "axis {axis} is out of range for shape {shape:?} (rank {})",
-                shape.len()
-            ),
-        ));
+        return Err(Error::arg(op, format!("axis {axis} is out of range for shape {shape:?} (rank {})", shape.len())));
     }
     Ok(())
 }

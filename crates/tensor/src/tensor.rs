@@ -28,26 +28,15 @@ impl<T: Elem> Tensor<T> {
     pub fn from_vec(data: Vec<T>, shape: &[usize]) -> Result<Self> {
         let n = numel("Tensor::from_vec", shape)?;
         if n != data.len() {
-            crate::bail!(
-                shape,
-                "Tensor::from_vec",
-                "shape {shape:?} needs {n} elements, got {}",
-                data.len()
-            );
+            crate::bail!(shape, "Tensor::from_vec", "shape {shape:?} needs {n} elements, got {}", data.len());
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            data: Arc::new(data),
-        })
+        Ok(Tensor { shape: shape.to_vec(), data: Arc::new(data) })
     }
 
     /// Internal constructor for kernels that built `data` for `shape` themselves.
     pub(crate) fn from_parts(data: Vec<T>, shape: Vec<usize>) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Tensor {
-            shape,
-            data: Arc::new(data),
-        }
+        Tensor { shape, data: Arc::new(data) }
     }
 
     pub fn full(shape: &[usize], value: T) -> Result<Self> {
@@ -93,64 +82,35 @@ impl<T: Elem> Tensor<T> {
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<T> {
         if self.data.len() != 1 {
-            crate::bail!(
-                shape,
-                "Tensor::item",
-                "needs exactly one element, shape is {:?}",
-                self.shape
-            );
+            crate::bail!(shape, "Tensor::item", "needs exactly one element, shape is {:?}", self.shape);
         }
         Ok(self.data[0])
     }
     /// Elements converted to another float type.
     pub fn cast<U: Elem>(&self) -> Tensor<U> {
-        Tensor::from_parts(
-            self.data.iter().map(|&x| U::c(x.as_f64())).collect(),
-            self.shape.clone(),
-        )
+        Tensor::from_parts(self.data.iter().map(|&x| U::c(x.as_f64())).collect(), self.shape.clone())
     }
 
     /// Same elements, new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         let n = numel("reshape", shape)?;
         if n != self.numel() {
-            crate::bail!(
-                shape,
-                "reshape",
-                "cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)",
-                self.shape,
-                self.numel()
-            );
+            crate::bail!(shape, "reshape", "cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)", self.shape, self.numel());
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            data: self.data.clone(),
-        })
+        Ok(Tensor { shape: shape.to_vec(), data: self.data.clone() })
     }
 
     /// Axes reordered: output axis `i` is input axis `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> Result<Self> {
         let r = self.rank();
         let mut seen = vec![false; r];
-        if perm.len() != r
-            || perm
-                .iter()
-                .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
-        {
-            crate::bail!(
-                arg,
-                "permute",
-                "{perm:?} is not a permutation of the {r} axes of {:?}",
-                self.shape
-            );
+        if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
+            crate::bail!(arg, "permute", "{perm:?} is not a permutation of the {r} axes of {:?}", self.shape);
         }
         let in_strides = shape::strides(&self.shape);
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
         let read: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-        Ok(Self::from_parts(
-            gather_strided(&self.data, &out_shape, &read, 0),
-            out_shape,
-        ))
+        Ok(Self::from_parts(gather_strided(&self.data, &out_shape, &read, 0), out_shape))
     }
 
     /// `len` entries of `axis` starting at `start` (a view copied out).
@@ -158,13 +118,7 @@ impl<T: Elem> Tensor<T> {
         shape::check_axis("narrow", axis, &self.shape)?;
         let dim = self.shape[axis];
         if start.checked_add(len).is_none_or(|end| end > dim) {
-            crate::bail!(
-                arg,
-                "narrow",
-                "range {start}..{} is outside axis {axis} of size {dim} (shape {:?})",
-                start.saturating_add(len),
-                self.shape
-            );
+            crate::bail!(arg, "narrow", "range {start}..{} is outside axis {axis} of size {dim} (shape {:?})", start.saturating_add(len), self.shape);
         }
         let outer: usize = self.shape[..axis].iter().product();
         let inner: usize = self.shape[axis + 1..].iter().product();
@@ -180,25 +134,12 @@ impl<T: Elem> Tensor<T> {
 
     /// Tensors joined along `axis`; all other axes must agree.
     pub fn concat(parts: &[&Tensor<T>], axis: usize) -> Result<Self> {
-        let first = parts
-            .first()
-            .ok_or_else(|| Error::arg("concat", "needs at least one tensor"))?;
+        let first = parts.first().ok_or_else(|| Error::arg("concat", "needs at least one tensor"))?;
         shape::check_axis("concat", axis, &first.shape)?;
         for (i, p) in parts.iter().enumerate() {
-            let same = p.rank() == first.rank()
-                && p.shape
-                    .iter()
-                    .zip(&first.shape)
-                    .enumerate()
-                    .all(|(a, (x, y))| a == axis || x == y);
+            let same = p.rank() == first.rank() && p.shape.iter().zip(&first.shape).enumerate().all(|(a, (x, y))| a == axis || x == y);
             if !same {
-                crate::bail!(
-                    shape,
-                    "concat",
-                    "tensor {i} has shape {:?}, which does not match {:?} outside axis {axis}",
-                    p.shape,
-                    first.shape
-                );
+                crate::bail!(shape, "concat", "tensor {i} has shape {:?}, which does not match {:?} outside axis {axis}", p.shape, first.shape);
             }
         }
         let outer: usize = first.shape[..axis].iter().product();
@@ -221,12 +162,7 @@ impl<T: Elem> Tensor<T> {
     pub fn split(&self, axis: usize, sizes: &[usize]) -> Result<Vec<Self>> {
         shape::check_axis("split", axis, &self.shape)?;
         if sizes.iter().sum::<usize>() != self.shape[axis] {
-            crate::bail!(
-                arg,
-                "split",
-                "sizes {sizes:?} do not add up to axis {axis} of size {}",
-                self.shape[axis]
-            );
+            crate::bail!(arg, "split", "sizes {sizes:?} do not add up to axis {axis} of size {}", self.shape[axis]);
         }
         let mut start = 0;
         sizes
@@ -244,35 +180,18 @@ impl<T: Elem> Tensor<T> {
     /// axis order and right-aligned).
     pub fn pad(&self, pads: &[(usize, usize)], value: T) -> Result<Self> {
         if pads.len() > self.rank() {
-            crate::bail!(
-                arg,
-                "pad",
-                "{} padding pairs for a rank-{} tensor {:?}",
-                pads.len(),
-                self.rank(),
-                self.shape
-            );
+            crate::bail!(arg, "pad", "{} padding pairs for a rank-{} tensor {:?}", pads.len(), self.rank(), self.shape);
         }
         let off = self.rank() - pads.len();
-        let full: Vec<(usize, usize)> = (0..self.rank())
-            .map(|i| if i < off { (0, 0) } else { pads[i - off] })
-            .collect();
+        let full: Vec<(usize, usize)> = (0..self.rank()).map(|i| if i < off { (0, 0) } else { pads[i - off] }).collect();
         let mut out_shape = Vec::with_capacity(self.rank());
         for (d, &(b, a)) in self.shape.iter().zip(&full) {
-            out_shape.push(
-                d.checked_add(b)
-                    .and_then(|x| x.checked_add(a))
-                    .ok_or_else(|| Error::arg("pad", "padding overflows"))?,
-            );
+            out_shape.push(d.checked_add(b).and_then(|x| x.checked_add(a)).ok_or_else(|| Error::arg("pad", "padding overflows"))?);
         }
         let n = numel("pad", &out_shape)?;
         let mut out = vec![value; n];
         let out_strides = shape::strides(&out_shape);
-        let offset: usize = full
-            .iter()
-            .zip(&out_strides)
-            .map(|(&(b, _), s)| b * s)
-            .sum();
+        let offset: usize = full.iter().zip(&out_strides).map(|(&(b, _), s)| b * s).sum();
         scatter_strided(&self.data, &self.shape, &out_strides, offset, &mut out);
         Ok(Self::from_parts(out, out_shape))
     }
@@ -280,13 +199,7 @@ impl<T: Elem> Tensor<T> {
     /// Inverse of [`Tensor::pad`]: removes `pads[i] = (before, after)` from each axis.
     pub fn unpad(&self, pads: &[(usize, usize)]) -> Result<Self> {
         if pads.len() > self.rank() {
-            crate::bail!(
-                arg,
-                "unpad",
-                "{} pairs for a rank-{} tensor",
-                pads.len(),
-                self.rank()
-            );
+            crate::bail!(arg, "unpad", "{} pairs for a rank-{} tensor", pads.len(), self.rank());
         }
         let off = self.rank() - pads.len();
         let mut t = self.clone();
@@ -294,11 +207,7 @@ impl<T: Elem> Tensor<T> {
             let axis = off + i;
             let d = t.shape[axis];
             if b + a > d {
-                crate::bail!(
-                    arg,
-                    "unpad",
-                    "cannot remove {b}+{a} from axis {axis} of size {d}"
-                );
+                crate::bail!(arg, "unpad", "cannot remove {b}+{a} from axis {axis} of size {d}");
             }
             if b + a > 0 {
                 t = t.narrow(axis, b, d - b - a)?;
@@ -311,29 +220,16 @@ impl<T: Elem> Tensor<T> {
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Self> {
         let target = shape::broadcast_shape("broadcast_to", &self.shape, shape)?;
         if target != shape {
-            crate::bail!(
-                shape,
-                "broadcast_to",
-                "{:?} does not broadcast to {shape:?}",
-                self.shape
-            );
+            crate::bail!(shape, "broadcast_to", "{:?} does not broadcast to {shape:?}", self.shape);
         }
         numel("broadcast_to", shape)?;
         let st = shape::broadcast_strides(&self.shape, shape);
-        Ok(Self::from_parts(
-            gather_strided(&self.data, shape, &st, 0),
-            shape.to_vec(),
-        ))
+        Ok(Self::from_parts(gather_strided(&self.data, shape, &st, 0), shape.to_vec()))
     }
 }
 
 /// Reads `src` with the given per-axis strides into a new contiguous buffer of `shape`.
-pub(crate) fn gather_strided<T: Copy>(
-    src: &[T],
-    shape: &[usize],
-    strides: &[usize],
-    offset: usize,
-) -> Vec<T> {
+pub(crate) fn gather_strided<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], offset: usize) -> Vec<T> {
     let n: usize = shape.iter().product();
     let mut out = Vec::with_capacity(n);
     if n == 0 {
@@ -372,13 +268,7 @@ pub(crate) fn gather_strided<T: Copy>(
 }
 
 /// Writes contiguous `src` of `shape` into `dst` at the given strides and offset.
-fn scatter_strided<T: Copy>(
-    src: &[T],
-    shape: &[usize],
-    dst_strides: &[usize],
-    offset: usize,
-    dst: &mut [T],
-) {
+fn scatter_strided<T: Copy>(src: &[T], shape: &[usize], dst_strides: &[usize], offset: usize, dst: &mut [T]) {
     if src.is_empty() {
         return;
     }

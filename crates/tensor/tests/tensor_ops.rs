@@ -20,10 +20,7 @@ fn at(x: &Tensor<f64>, idx: &[usize]) -> f64 {
 fn indices(shape: &[usize]) -> Vec<Vec<usize>> {
     let mut out = vec![vec![]];
     for &d in shape {
-        out = out
-            .into_iter()
-            .flat_map(|p| (0..d).map(move |i| [p.clone(), vec![i]].concat()))
-            .collect();
+        out = out.into_iter().flat_map(|p| (0..d).map(move |i| [p.clone(), vec![i]].concat())).collect();
     }
     out
 }
@@ -86,21 +83,12 @@ fn broadcasting_follows_numpy() {
     let c = a.add(&b).unwrap();
     assert_eq!(c.shape(), [2, 4, 3]);
     for idx in indices(c.shape()) {
-        assert_eq!(
-            at(&c, &idx),
-            at(&a, &[idx[0], 0, idx[2]]) + at(&b, &[idx[1], 0])
-        );
+        assert_eq!(at(&c, &idx), at(&a, &[idx[0], 0, idx[2]]) + at(&b, &[idx[1], 0]));
     }
     // The adjoint: summing the broadcast back gives each source element times its copies.
     let ones = Tensor::<f64>::ones(&[2, 4, 3]).unwrap();
     assert_eq!(ones.sum_to(&[4, 1]).unwrap().data(), &[6.0; 4]);
-    assert_eq!(
-        a.broadcast_to(&[2, 4, 3])
-            .unwrap()
-            .sum_to(&[2, 1, 3])
-            .unwrap(),
-        a.scale(4.0)
-    );
+    assert_eq!(a.broadcast_to(&[2, 4, 3]).unwrap().sum_to(&[2, 1, 3]).unwrap(), a.scale(4.0));
     assert!(a.add(&t(&[3, 2])).is_err());
 }
 
@@ -111,33 +99,18 @@ fn seeded_random_tensors_repeat_and_have_the_right_moments() {
     assert_eq!(a, b);
     let mean = a.data().iter().sum::<f64>() / 20000.0;
     let var = a.data().iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 20000.0;
-    assert!(
-        (mean - 1.0).abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05,
-        "mean {mean} std {}",
-        var.sqrt()
-    );
+    assert!((mean - 1.0).abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05, "mean {mean} std {}", var.sqrt());
     let u = Rng::seed(6).uniform::<f32>(&[10000], -1.0, 3.0).unwrap();
     assert!(u.data().iter().all(|&v| (-1.0..3.0).contains(&v)));
-    assert_ne!(
-        Rng::seed(6).uniform::<f32>(&[8], 0.0, 1.0).unwrap(),
-        Rng::seed(7).uniform::<f32>(&[8], 0.0, 1.0).unwrap()
-    );
+    assert_ne!(Rng::seed(6).uniform::<f32>(&[8], 0.0, 1.0).unwrap(), Rng::seed(7).uniform::<f32>(&[8], 0.0, 1.0).unwrap());
     assert!(Rng::seed(1).normal::<f32>(&[2], 0.0, -1.0).is_err());
     assert!(Rng::seed(1).uniform::<f32>(&[2], 1.0, 1.0).is_err());
 }
 
 #[test]
 fn constructors_check_sizes() {
-    assert_eq!(
-        Tensor::<f32>::from_vec(vec![1.0; 5], &[2, 3])
-            .unwrap_err()
-            .to_string(),
-        "Tensor::from_vec: shape [2, 3] needs 6 elements, got 5"
-    );
-    assert_eq!(
-        Tensor::<f32>::zeros(&[1 << 40]).unwrap_err().kind,
-        ErrorKind::TooLarge
-    );
+    assert_eq!(Tensor::<f32>::from_vec(vec![1.0; 5], &[2, 3]).unwrap_err().to_string(), "Tensor::from_vec: shape [2, 3] needs 6 elements, got 5");
+    assert_eq!(Tensor::<f32>::zeros(&[1 << 40]).unwrap_err().kind, ErrorKind::TooLarge);
     assert!(t(&[2, 3]).item().is_err());
     assert_eq!(Tensor::scalar(2.5f32).item().unwrap(), 2.5);
     let x = t(&[2, 3]);

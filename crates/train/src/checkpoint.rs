@@ -31,44 +31,23 @@ pub fn save(path: &Path, tensors: &[(String, Tensor<f32>)]) -> Result<()> {
 }
 
 /// Like [`save`], with string metadata in the file's header.
-pub fn save_with_metadata(
-    path: &Path,
-    tensors: &[(String, Tensor<f32>)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape().to_vec(),
-            )
-        })
-        .collect();
+pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor<f32>)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.data().iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape().to_vec())).collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
         .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-    let data = safetensors::serialize(views, metadata)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    let data = safetensors::serialize(views, metadata).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     write_atomic(path, &data)
 }
 
 /// Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map_or("checkpoint".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy()), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -93,41 +72,18 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
 }
 
 /// Like [`load`], also returning the header's metadata (empty when there is none).
-pub fn load_with_metadata(
-    path: &Path,
-) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
-    let bytes =
-        std::fs::read(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    let bad = |e: safetensors::SafeTensorError| {
-        TrainError::Checkpoint(format!(
-            "{}: not a valid safetensors file: {e}",
-            path.display()
-        ))
-    };
+pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let bad = |e: safetensors::SafeTensorError| TrainError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).map_err(bad)?;
-    let metadata = SafeTensors::read_metadata(&bytes)
-        .map_err(bad)?
-        .1
-        .metadata()
-        .clone()
-        .unwrap_or_default();
+    let metadata = SafeTensors::read_metadata(&bytes).map_err(bad)?.1.metadata().clone().unwrap_or_default();
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: tensor '{name}' has dtype {:?}, expected F32",
-                path.display(),
-                view.dtype()
-            )));
+            return Err(TrainError::Checkpoint(format!("{}: tensor '{name}' has dtype {:?}, expected F32", path.display(), view.dtype())));
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
-        let t = Tensor::from_vec(data, view.shape()).map_err(|e| {
-            TrainError::Checkpoint(format!("{}: tensor '{name}': {e}", path.display()))
-        })?;
+        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let t = Tensor::from_vec(data, view.shape()).map_err(|e| TrainError::Checkpoint(format!("{}: tensor '{name}': {e}", path.display())))?;
         out.insert(name.clone(), t);
     }
     Ok((out, metadata))
@@ -145,10 +101,7 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
         };
         match tensors.get(&name) {
             None => problems.push(format!("missing '{name}' {shape:?}")),
-            Some(t) if t.shape() != shape => problems.push(format!(
-                "'{name}' has shape {:?}, the model needs {shape:?}",
-                t.shape()
-            )),
+            Some(t) if t.shape() != shape => problems.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape())),
             Some(_) => {}
         }
         seen.insert(name);
@@ -157,10 +110,7 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
     unexpected.sort();
     problems.extend(unexpected.into_iter().map(|k| format!("unexpected '{k}'")));
     if !problems.is_empty() {
-        return Err(TrainError::Checkpoint(format!(
-            "weights do not fit the model: {}",
-            problems.join("; ")
-        )));
+        return Err(TrainError::Checkpoint(format!("weights do not fit the model: {}", problems.join("; "))));
     }
     let mut result = Ok(());
     model.visit("", &mut |name, slot| {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod curves;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,11 +25,7 @@ pub enum TrainError {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     #[error("the loss became {loss} at epoch {epoch}, step {step}: training stopped; the last good checkpoint is kept (try a lower learning rate)")]
-    Diverged {
-        epoch: usize,
-        step: usize,
-        loss: f32,
-    },
+    Diverged { epoch: usize, step: usize, loss: f32 },
     #[error("{0}")]
     Config(String),
 }
@@ -100,11 +97,7 @@ pub struct Evaluation {
 impl Evaluation {
     /// Accuracy of each class (NaN for a class with no examples).
     pub fn per_class_accuracy(&self) -> Vec<f64> {
-        self.confusion
-            .iter()
-            .enumerate()
-            .map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>() as f64)
-            .collect()
+        self.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>() as f64).collect()
     }
 }
 
@@ -120,32 +113,19 @@ pub struct EpochReport {
 }
 
 fn correct(logits: &Var, labels: &[usize]) -> Result<usize> {
-    Ok(logits
-        .argmax(1)?
-        .iter()
-        .zip(labels)
-        .filter(|(p, t)| p == t)
-        .count())
+    Ok(logits.argmax(1)?.iter().zip(labels).filter(|(p, t)| p == t).count())
 }
 
 /// Evaluates `model` on `ds` in evaluation mode, without recording gradients; inputs are
 /// standardised with `norm` = (mean, std).
-pub fn evaluate(
-    model: &mut dyn Module,
-    ds: &Dataset,
-    batch_size: usize,
-    norm: (f32, f32),
-) -> Result<Evaluation> {
+pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (f32, f32)) -> Result<Evaluation> {
     let mut ctx = Ctx::eval();
     let (mut loss, mut right) = (0.0, 0usize);
     let mut confusion = vec![vec![0; ds.classes]; ds.classes];
     no_grad(|| -> Result<()> {
-        for Batch { images, labels } in
-            Batches::new(ds, batch_size, None, false).normalized(norm.0, norm.1)
-        {
+        for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm.0, norm.1) {
             let logits = model.forward(&Var::constant(images), &mut ctx)?;
-            loss +=
-                cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
+            loss += cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
             let pred = logits.argmax(1)?;
             for (&p, &t) in pred.iter().zip(&labels) {
                 confusion[t][p.min(ds.classes - 1)] += 1;
@@ -155,41 +135,21 @@ pub fn evaluate(
         Ok(())
     })?;
     let n = ds.len().max(1) as f64;
-    Ok(Evaluation {
-        loss: loss / n,
-        accuracy: right as f64 / n,
-        confusion,
-    })
+    Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, confusion })
 }
 
 fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
     Ok(match cfg.optimizer {
-        OptimizerKind::Sgd { momentum, nesterov } => {
-            Box::new(Sgd::new(cfg.lr, momentum, nesterov, cfg.weight_decay)?)
-        }
-        OptimizerKind::Adam => Box::new(Adam::new(
-            cfg.lr,
-            (0.9, 0.999),
-            1e-8,
-            cfg.weight_decay,
-            false,
-        )?),
-        OptimizerKind::AdamW => Box::new(Adam::new(
-            cfg.lr,
-            (0.9, 0.999),
-            1e-8,
-            cfg.weight_decay,
-            true,
-        )?),
+        OptimizerKind::Sgd { momentum, nesterov } => Box::new(Sgd::new(cfg.lr, momentum, nesterov, cfg.weight_decay)?),
+        OptimizerKind::Adam => Box::new(Adam::new(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, false)?),
+        OptimizerKind::AdamW => Box::new(Adam::new(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, true)?),
     })
 }
 
 /// A seed for (run seed, epoch, step): every shuffle and dropout mask is a function of where
 /// training is, so a resumed run draws exactly what an uninterrupted one would.
 fn mix(seed: u64, epoch: usize, step: usize) -> u64 {
-    let mut z = seed
-        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -213,20 +173,11 @@ fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
 }
 
 /// Saves weights, buffers, optimizer state and the position: everything a resume needs.
-fn save_checkpoint(
-    dir: &std::path::Path,
-    model: &mut dyn Module,
-    opt: &dyn Optimizer,
-    pos: Position,
-    cfg: &TrainConfig,
-) -> Result<()> {
+fn save_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &dyn Optimizer, pos: Position, cfg: &TrainConfig) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
     for (name, v) in opt.state() {
         let n = v.len();
-        tensors.push((
-            format!("optimizer.{name}"),
-            stride_autograd::Tensor::from_vec(v, &[n])?,
-        ));
+        tensors.push((format!("optimizer.{name}"), stride_autograd::Tensor::from_vec(v, &[n])?));
     }
     let meta: std::collections::HashMap<String, String> = [
         ("format", "stride-checkpoint-1".to_string()),
@@ -245,27 +196,16 @@ fn save_checkpoint(
 }
 
 /// Loads a run folder's checkpoint into the model and optimizer; returns where to continue.
-fn load_checkpoint(
-    dir: &std::path::Path,
-    model: &mut dyn Module,
-    opt: &mut dyn Optimizer,
-    cfg: &TrainConfig,
-) -> Result<Position> {
+fn load_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &mut dyn Optimizer, cfg: &TrainConfig) -> Result<Position> {
     let path = dir.join(CHECKPOINT);
     let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
     let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
     if meta.get("format").map(String::as_str) != Some("stride-checkpoint-1") {
         return Err(bad("not a Stride training checkpoint (no format tag)"));
     }
-    for (key, want) in [
-        ("seed", cfg.seed.to_string()),
-        ("optimizer", format!("{:?}", cfg.optimizer)),
-    ] {
+    for (key, want) in [("seed", cfg.seed.to_string()), ("optimizer", format!("{:?}", cfg.optimizer))] {
         if meta.get(key) != Some(&want) {
-            return Err(bad(&format!(
-                "was written with {key} {}, this run has {want}",
-                meta.get(key).map_or("(none)", String::as_str)
-            )));
+            return Err(bad(&format!("was written with {key} {}, this run has {want}", meta.get(key).map_or("(none)", String::as_str))));
         }
     }
     let num = |k: &str| -> Result<f64> {
@@ -284,20 +224,9 @@ fn load_checkpoint(
     if pos.epoch == 0 {
         return Err(bad("epoch 0 in metadata"));
     }
-    let opt_keys: Vec<String> = tensors
-        .keys()
-        .filter(|k| k.starts_with("optimizer."))
-        .cloned()
-        .collect();
-    let state: Vec<(String, Vec<f32>)> = opt_keys
-        .iter()
-        .map(|k| {
-            (
-                k["optimizer.".len()..].to_string(),
-                tensors.remove(k).expect("key").into_vec(),
-            )
-        })
-        .collect();
+    let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
+    let state: Vec<(String, Vec<f32>)> =
+        opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
     Ok(pos)
@@ -325,17 +254,11 @@ pub fn train(
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Outcome> {
     if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(TrainError::Config(format!(
-            "epochs ({}) and batch size ({}) must be at least 1",
-            cfg.epochs, cfg.batch_size
-        )));
+        return Err(TrainError::Config(format!("epochs ({}) and batch size ({}) must be at least 1", cfg.epochs, cfg.batch_size)));
     }
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
-    let mut pos = Position {
-        epoch: 1,
-        ..Position::default()
-    };
+    let mut pos = Position { epoch: 1, ..Position::default() };
     let mut metrics = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -344,31 +267,16 @@ pub fn train(
         }
         let path = dir.join("metrics.csv");
         let existed = resume && path.exists();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(resume)
-            .write(true)
-            .truncate(!resume)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(resume).write(true).truncate(!resume).open(&path).map_err(|e| io_err(&path, e))?;
         if !existed {
-            writeln!(
-                f,
-                "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr"
-            )
-            .map_err(|e| io_err(&path, e))?;
+            writeln!(f, "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr").map_err(|e| io_err(&path, e))?;
         }
         metrics = Some(f);
     } else if resume {
-        return Err(TrainError::Config(
-            "resuming needs the run folder (out_dir) that holds the checkpoint".into(),
-        ));
+        return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }
-    let norm = if cfg.normalize {
-        data.train.pixel_stats()
-    } else {
-        (0.0, 1.0)
-    };
+    let norm = if cfg.normalize { data.train.pixel_stats() } else { (0.0, 1.0) };
     let mut ctx = Ctx::train(cfg.seed);
     let mut reports = Vec::new();
     while pos.epoch <= cfg.epochs {
@@ -378,57 +286,55 @@ pub fn train(
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
             .normalized(norm.0, norm.1)
             .augmented(&cfg.augment, mix(cfg.seed, epoch, usize::MAX - 1));
-        let bar = if cfg.progress {
-            ProgressBar::new(batches.num_batches() as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
         bar.set_position(pos.step as u64);
         let start = Instant::now();
         let seen_before = pos.seen;
-        for (step, Batch { images, labels }) in batches.enumerate().skip(pos.step) {
-            ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
-            optim::zero_grad(&params);
-            let logits = model.forward(&Var::constant(images), &mut ctx)?;
-            let loss = cross_entropy(&logits, &labels, 0.0)?;
-            let lv = loss.value().item()?;
-            if !lv.is_finite() {
-                bar.abandon();
-                return Err(TrainError::Diverged {
-                    epoch,
-                    step: step + 1,
-                    loss: lv,
-                });
-            }
-            loss.backward()?;
-            opt.step(&params)?;
-            pos.loss_sum += lv as f64 * labels.len() as f64;
-            pos.right += correct(&logits, &labels)?;
-            pos.seen += labels.len();
-            pos.step = step + 1;
-            bar.inc(1);
-            let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "loss {:.4} acc {:.4} {ips:.0} img/s",
-                pos.loss_sum / pos.seen as f64,
-                pos.right as f64 / pos.seen as f64
-            ));
-            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-                bar.abandon();
-                if let Some(dir) = &cfg.out_dir {
-                    save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+        // A background thread prepares the next batches (decode, augment, standardise) while
+        // this one trains; dropping the receiver on an early return stops it.
+        let interrupted = std::thread::scope(|scope| -> Result<bool> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let skip = pos.step;
+            scope.spawn(move || {
+                for item in batches.enumerate().skip(skip) {
+                    if tx.send(item).is_err() {
+                        break;
+                    }
                 }
-                return Ok(Outcome {
-                    reports,
-                    interrupted: Some((epoch, pos.step)),
-                });
+            });
+            for (step, Batch { images, labels }) in rx {
+                ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
+                optim::zero_grad(&params);
+                let logits = model.forward(&Var::constant(images), &mut ctx)?;
+                let loss = cross_entropy(&logits, &labels, 0.0)?;
+                let lv = loss.value().item()?;
+                if !lv.is_finite() {
+                    bar.abandon();
+                    return Err(TrainError::Diverged { epoch, step: step + 1, loss: lv });
+                }
+                loss.backward()?;
+                opt.step(&params)?;
+                pos.loss_sum += lv as f64 * labels.len() as f64;
+                pos.right += correct(&logits, &labels)?;
+                pos.seen += labels.len();
+                pos.step = step + 1;
+                bar.inc(1);
+                let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
+                bar.set_message(format!("loss {:.4} acc {:.4} {ips:.0} img/s", pos.loss_sum / pos.seen as f64, pos.right as f64 / pos.seen as f64));
+                if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                    return Ok(true);
+                }
             }
+            Ok(false)
+        })?;
+        if interrupted {
+            bar.abandon();
+            if let Some(dir) = &cfg.out_dir {
+                save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+            }
+            return Ok(Outcome { reports, interrupted: Some((epoch, pos.step)) });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
@@ -442,32 +348,21 @@ pub fn train(
             images_per_second: ips,
             lr: opt.lr(),
         };
-        pos = Position {
-            epoch: epoch + 1,
-            ..Position::default()
-        };
+        pos = Position { epoch: epoch + 1, ..Position::default() };
         if let (Some(f), Some(dir)) = (metrics.as_mut(), &cfg.out_dir) {
             writeln!(
                 f,
                 "{},{:.6},{:.6},{:.6},{:.6},{:.1},{}",
-                epoch,
-                report.train_loss,
-                report.train_accuracy,
-                report.test.loss,
-                report.test.accuracy,
-                ips,
-                report.lr
+                epoch, report.train_loss, report.train_accuracy, report.test.loss, report.test.accuracy, ips, report.lr
             )
             .and_then(|_| f.flush())
             .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
             checkpoint::save(&dir.join(WEIGHTS), &checkpoint::state_dict(model))?;
             save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+            curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
         }
         on_epoch(&report);
         reports.push(report);
     }
-    Ok(Outcome {
-        reports,
-        interrupted: None,
-    })
+    Ok(Outcome { reports, interrupted: None })
 }

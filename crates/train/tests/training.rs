@@ -12,34 +12,16 @@ use stride_train::{checkpoint, train, OptimizerKind, TrainConfig, TrainError};
 
 fn take(ds: &Dataset, n: usize) -> Dataset {
     let per = ds.channels * ds.height * ds.width;
-    Dataset {
-        images: ds.images[..n * per].to_vec(),
-        labels: ds.labels[..n].to_vec(),
-        ..ds.clone()
-    }
+    Dataset { images: ds.images[..n * per].to_vec(), labels: ds.labels[..n].to_vec(), ..ds.clone() }
 }
 
 fn small(train_n: usize, test_n: usize) -> Split {
     let s = embedded_mnist().unwrap();
-    Split {
-        name: "mnist-small".into(),
-        train: take(&s.train, train_n),
-        test: take(&s.test, test_n),
-    }
+    Split { name: "mnist-small".into(), train: take(&s.train, train_n), test: take(&s.test, test_n) }
 }
 
 fn model(seed: u64) -> Sequential {
-    build(
-        "cnn",
-        &mut Rng::seed(seed),
-        InputSpec {
-            channels: 1,
-            height: 28,
-            width: 28,
-            classes: 10,
-        },
-    )
-    .unwrap()
+    build("cnn", &mut Rng::seed(seed), InputSpec { channels: 1, height: 28, width: 28, classes: 10 }).unwrap()
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -67,17 +49,8 @@ fn a_short_run_learns() {
     let out = train(&mut m, &data, &cfg(2, None), false, None, |_| {}).unwrap();
     let r = &out.reports;
     assert_eq!(r.len(), 2);
-    assert!(
-        r[1].train_loss < r[0].train_loss,
-        "{} then {}",
-        r[0].train_loss,
-        r[1].train_loss
-    );
-    assert!(
-        r[1].test.accuracy > 0.85,
-        "held-out accuracy {}",
-        r[1].test.accuracy
-    );
+    assert!(r[1].train_loss < r[0].train_loss, "{} then {}", r[0].train_loss, r[1].train_loss);
+    assert!(r[1].test.accuracy > 0.85, "held-out accuracy {}", r[1].test.accuracy);
     assert_eq!(r[1].test.confusion.iter().flatten().sum::<usize>(), 500);
 }
 
@@ -86,74 +59,25 @@ fn stop_and_resume_equals_an_uninterrupted_run_bit_for_bit() {
     let data = small(320, 64);
     let whole = tmp("whole");
     let mut a = model(7);
-    train(
-        &mut a,
-        &data,
-        &cfg(2, Some(whole.clone())),
-        false,
-        None,
-        |_| {},
-    )
-    .unwrap();
+    train(&mut a, &data, &cfg(2, Some(whole.clone())), false, None, |_| {}).unwrap();
 
     // Stopped after the first step of epoch 1, then resumed to the end.
     let parts = tmp("parts");
     let stop = AtomicBool::new(true);
-    let out = train(
-        &mut model(7),
-        &data,
-        &cfg(2, Some(parts.clone())),
-        false,
-        Some(&stop),
-        |_| {},
-    )
-    .unwrap();
+    let out = train(&mut model(7), &data, &cfg(2, Some(parts.clone())), false, Some(&stop), |_| {}).unwrap();
     assert_eq!(out.interrupted, Some((1, 1)));
     let mut b = model(99); // different initial weights: everything must come from the checkpoint
-    train(
-        &mut b,
-        &data,
-        &cfg(2, Some(parts.clone())),
-        true,
-        None,
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(
-        checkpoint::state_dict(&mut a),
-        checkpoint::state_dict(&mut b)
-    );
+    train(&mut b, &data, &cfg(2, Some(parts.clone())), true, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
 
     // Stopped at the epoch boundary (a 1-epoch run), then extended to 2 epochs.
     let boundary = tmp("boundary");
-    train(
-        &mut model(7),
-        &data,
-        &cfg(1, Some(boundary.clone())),
-        false,
-        None,
-        |_| {},
-    )
-    .unwrap();
+    train(&mut model(7), &data, &cfg(1, Some(boundary.clone())), false, None, |_| {}).unwrap();
     let mut c = model(5);
-    let out = train(
-        &mut c,
-        &data,
-        &cfg(2, Some(boundary.clone())),
-        true,
-        None,
-        |_| {},
-    )
-    .unwrap();
+    let out = train(&mut c, &data, &cfg(2, Some(boundary.clone())), true, None, |_| {}).unwrap();
     assert_eq!(out.reports.len(), 1);
-    assert_eq!(
-        checkpoint::state_dict(&mut a),
-        checkpoint::state_dict(&mut c)
-    );
-    assert_eq!(
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        std::fs::read(boundary.join("model.safetensors")).unwrap()
-    );
+    assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut c));
+    assert_eq!(std::fs::read(whole.join("model.safetensors")).unwrap(), std::fs::read(boundary.join("model.safetensors")).unwrap());
     let csv = std::fs::read_to_string(boundary.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     for d in [whole, parts, boundary] {
@@ -166,60 +90,21 @@ fn checkpoints_round_trip_exactly_and_refuse_what_does_not_fit() {
     let dir = tmp("roundtrip");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("w.safetensors");
-    let mut a = build(
-        "cnn-bn",
-        &mut Rng::seed(1),
-        InputSpec {
-            channels: 1,
-            height: 28,
-            width: 28,
-            classes: 10,
-        },
-    )
-    .unwrap();
+    let mut a = build("cnn-bn", &mut Rng::seed(1), InputSpec { channels: 1, height: 28, width: 28, classes: 10 }).unwrap();
     let sd = checkpoint::state_dict(&mut a);
     let names: Vec<&str> = sd.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(
-        &names[..7],
-        [
-            "0.weight",
-            "1.weight",
-            "1.bias",
-            "1.running_mean",
-            "1.running_var",
-            "1.num_batches_tracked",
-            "4.weight"
-        ]
-    );
+    assert_eq!(&names[..7], ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked", "4.weight"]);
     checkpoint::save(&path, &sd).unwrap();
-    let mut b = build(
-        "cnn-bn",
-        &mut Rng::seed(2),
-        InputSpec {
-            channels: 1,
-            height: 28,
-            width: 28,
-            classes: 10,
-        },
-    )
-    .unwrap();
+    let mut b = build("cnn-bn", &mut Rng::seed(2), InputSpec { channels: 1, height: 28, width: 28, classes: 10 }).unwrap();
     checkpoint::load_into(&mut b, &checkpoint::load(&path).unwrap()).unwrap();
     assert_eq!(checkpoint::state_dict(&mut b), sd);
 
     // Every problem is reported, and nothing is changed.
     let mut wrong = model(3);
     let before = checkpoint::state_dict(&mut wrong);
-    let e = checkpoint::load_into(&mut wrong, &checkpoint::load(&path).unwrap())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("'0.weight' has shape [32, 1, 3, 3], the model needs [20, 1, 3, 3]"),
-        "{e}"
-    );
-    assert!(
-        e.contains("missing '3.weight'") && e.contains("unexpected '1.running_mean'"),
-        "{e}"
-    );
+    let e = checkpoint::load_into(&mut wrong, &checkpoint::load(&path).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("'0.weight' has shape [32, 1, 3, 3], the model needs [20, 1, 3, 3]"), "{e}");
+    assert!(e.contains("missing '3.weight'") && e.contains("unexpected '1.running_mean'"), "{e}");
     assert_eq!(checkpoint::state_dict(&mut wrong), before);
 
     // Corrupt and truncated files are errors, never panics.
@@ -241,11 +126,7 @@ fn checkpoints_round_trip_exactly_and_refuse_what_does_not_fit() {
     }
     assert!(checkpoint::load(&dir.join("absent")).is_err());
     // No temporary files are left behind by the atomic writes.
-    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .contains(".tmp")));
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -253,53 +134,15 @@ fn checkpoints_round_trip_exactly_and_refuse_what_does_not_fit() {
 fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let data = small(256, 64);
     let dir = tmp("nan");
-    let sgd = |lr| TrainConfig {
-        optimizer: OptimizerKind::Sgd {
-            momentum: 0.0,
-            nesterov: false,
-        },
-        lr,
-        ..cfg(1, Some(dir.clone()))
-    };
+    let sgd = |lr| TrainConfig { optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, lr, ..cfg(1, Some(dir.clone())) };
     train(&mut model(1), &data, &sgd(0.01), false, None, |_| {}).unwrap();
     let good = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
-    let e = train(
-        &mut model(1),
-        &data,
-        &TrainConfig {
-            epochs: 2,
-            ..sgd(1e300)
-        },
-        true,
-        None,
-        |_| {},
-    )
-    .unwrap_err();
+    let e = train(&mut model(1), &data, &TrainConfig { epochs: 2, ..sgd(1e300) }, true, None, |_| {}).unwrap_err();
     assert!(matches!(e, TrainError::Diverged { epoch: 2, .. }), "{e}");
-    assert!(
-        e.to_string()
-            .contains("training stopped; the last good checkpoint is kept"),
-        "{e}"
-    );
-    assert_eq!(
-        std::fs::read(dir.join("checkpoint.safetensors")).unwrap(),
-        good
-    );
+    assert!(e.to_string().contains("training stopped; the last good checkpoint is kept"), "{e}");
+    assert_eq!(std::fs::read(dir.join("checkpoint.safetensors")).unwrap(), good);
     // A resume with another seed or optimizer is refused with the reason.
-    let e = train(
-        &mut model(1),
-        &data,
-        &TrainConfig {
-            seed: 3,
-            epochs: 2,
-            ..sgd(0.01)
-        },
-        true,
-        None,
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = train(&mut model(1), &data, &TrainConfig { seed: 3, epochs: 2, ..sgd(0.01) }, true, None, |_| {}).unwrap_err().to_string();
     assert!(e.contains("was written with seed 0, this run has 3"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -17,12 +17,7 @@ fn binary<T: Elem>(a: &Var<T>, b: &Var<T>, op: Op<T>) -> Result<Var<T>> {
     Ok(Var::from_op(v, op, &[a, b]))
 }
 
-pub(crate) fn binary_backward<T: Elem>(
-    op: &Op<T>,
-    g: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
-) -> Result<Vec<Tensor<T>>> {
+pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>) -> Result<Vec<Tensor<T>>> {
     let (ga, gb) = match op {
         Op::Add => (g.clone(), g.clone()),
         Op::Sub => (g.clone(), g.scale(-T::one())),
@@ -43,19 +38,8 @@ pub fn unary<T: Elem>(x: &Var<T>, f: Unary) -> Result<Var<T>> {
     Ok(Var::from_op(v, Op::Unary(f), &[x]))
 }
 
-pub(crate) fn unary_backward<T: Elem>(
-    f: Unary,
-    g: &Tensor<T>,
-    x: &Tensor<T>,
-    y: &Tensor<T>,
-) -> Result<Tensor<T>> {
-    let d: Vec<T> = g
-        .data()
-        .iter()
-        .zip(x.data())
-        .zip(y.data())
-        .map(|((&g, &x), &y)| g * f.grad(x, y))
-        .collect();
+pub(crate) fn unary_backward<T: Elem>(f: Unary, g: &Tensor<T>, x: &Tensor<T>, y: &Tensor<T>) -> Result<Tensor<T>> {
+    let d: Vec<T> = g.data().iter().zip(x.data()).zip(y.data()).map(|((&g, &x), &y)| g * f.grad(x, y)).collect();
     Tensor::from_vec(d, x.shape())
 }
 
@@ -110,11 +94,7 @@ impl<T: Elem> Var<T> {
     }
     pub fn softplus_with(&self, beta: f64, threshold: f64) -> Result<Var<T>> {
         if beta <= 0.0 || !beta.is_finite() {
-            stride_tensor::bail!(
-                arg,
-                "softplus",
-                "beta must be positive and finite, got {beta}"
-            );
+            stride_tensor::bail!(arg, "softplus", "beta must be positive and finite, got {beta}");
         }
         unary(self, Unary::Softplus { beta, threshold })
     }

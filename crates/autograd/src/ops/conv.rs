@@ -11,12 +11,7 @@ use crate::Var;
 fn check_bias<T: Elem>(op: &'static str, bias: Option<&Var<T>>, channels: usize) -> Result<()> {
     if let Some(b) = bias {
         if b.shape() != [channels] {
-            stride_tensor::bail!(
-                shape,
-                op,
-                "bias has shape {:?}, expected [{channels}] (one per output channel)",
-                b.shape()
-            );
+            stride_tensor::bail!(shape, op, "bias has shape {:?}, expected [{channels}] (one per output channel)", b.shape());
         }
     }
     Ok(())
@@ -30,48 +25,21 @@ fn parents<'a, T: Elem>(x: &'a Var<T>, w: &'a Var<T>, b: Option<&'a Var<T>>) -> 
 
 /// 2-D convolution (cross-correlation, as every framework): x [N, C, H, W], weight
 /// [K, C/groups, R, S], bias [K] -> [N, K, P, Q].
-pub fn conv2d<T: Elem>(
-    x: &Var<T>,
-    weight: &Var<T>,
-    bias: Option<&Var<T>>,
-    opts: &Conv2dOptions,
-) -> Result<Var<T>> {
+pub fn conv2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
     let geom = ConvGeom::conv2d(&x.shape(), &weight.shape(), opts)?;
     check_bias("conv2d", bias, geom.k)?;
     let bv = bias.map(|b| b.value());
-    let y = k::forward(
-        &geom,
-        x.value_ref().data(),
-        weight.value_ref().data(),
-        bv.as_ref().map(|b| b.data()),
-    );
+    let y = k::forward(&geom, x.value_ref().data(), weight.value_ref().data(), bv.as_ref().map(|b| b.data()));
     let y = Tensor::from_vec(y, &geom.small_shape())?;
-    Ok(Var::from_op(
-        y,
-        Op::Conv2d { geom },
-        &parents(x, weight, bias),
-    ))
+    Ok(Var::from_op(y, Op::Conv2d { geom }, &parents(x, weight, bias)))
 }
 
-pub(crate) fn conv2d_backward<T: Elem>(
-    geom: &ConvGeom,
-    g: &Tensor<T>,
-    x: &[Tensor<T>],
-) -> Result<Vec<Option<Tensor<T>>>> {
-    let dx = Tensor::from_vec(
-        k::backward_data(geom, g.data(), x[1].data()),
-        &geom.large_shape(),
-    )?;
-    let dw = Tensor::from_vec(
-        k::backward_filter(geom, x[0].data(), g.data()),
-        &geom.weight_shape(),
-    )?;
+pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>]) -> Result<Vec<Option<Tensor<T>>>> {
+    let dx = Tensor::from_vec(k::backward_data(geom, g.data(), x[1].data()), &geom.large_shape())?;
+    let dw = Tensor::from_vec(k::backward_filter(geom, x[0].data(), g.data()), &geom.weight_shape())?;
     let mut out = vec![Some(dx), Some(dw)];
     if x.len() > 2 {
-        out.push(Some(Tensor::from_vec(
-            k::backward_bias(geom, g.data()),
-            &[geom.k],
-        )?));
+        out.push(Some(Tensor::from_vec(k::backward_bias(geom, g.data()), &[geom.k])?));
     }
     Ok(out)
 }
@@ -79,12 +47,7 @@ pub(crate) fn conv2d_backward<T: Elem>(
 /// Transposed convolution (the adjoint of `conv2d`, "deconvolution"): x [N, Cin, H, W],
 /// weight [Cin, Cout/groups, R, S] (PyTorch's layout), bias [Cout] -> [N, Cout, Hout, Wout],
 /// Hout = (H-1)*stride - pad_top - pad_bottom + dilation*(R-1) + output_padding + 1.
-pub fn conv_transpose2d<T: Elem>(
-    x: &Var<T>,
-    weight: &Var<T>,
-    bias: Option<&Var<T>>,
-    opts: &Conv2dOptions,
-) -> Result<Var<T>> {
+pub fn conv_transpose2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
     let geom = ConvGeom::conv_transpose2d(&x.shape(), &weight.shape(), opts)?;
     check_bias("conv_transpose2d", bias, geom.c)?;
     let mut y = k::backward_data(&geom, x.value_ref().data(), weight.value_ref().data());
@@ -97,32 +60,15 @@ pub fn conv_transpose2d<T: Elem>(
         }
     }
     let y = Tensor::from_vec(y, &geom.large_shape())?;
-    Ok(Var::from_op(
-        y,
-        Op::ConvTranspose2d { geom },
-        &parents(x, weight, bias),
-    ))
+    Ok(Var::from_op(y, Op::ConvTranspose2d { geom }, &parents(x, weight, bias)))
 }
 
-pub(crate) fn conv_transpose2d_backward<T: Elem>(
-    geom: &ConvGeom,
-    g: &Tensor<T>,
-    x: &[Tensor<T>],
-) -> Result<Vec<Option<Tensor<T>>>> {
-    let dx = Tensor::from_vec(
-        k::forward(geom, g.data(), x[1].data(), None),
-        &geom.small_shape(),
-    )?;
-    let dw = Tensor::from_vec(
-        k::backward_filter(geom, g.data(), x[0].data()),
-        &geom.weight_shape(),
-    )?;
+pub(crate) fn conv_transpose2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>]) -> Result<Vec<Option<Tensor<T>>>> {
+    let dx = Tensor::from_vec(k::forward(geom, g.data(), x[1].data(), None), &geom.small_shape())?;
+    let dw = Tensor::from_vec(k::backward_filter(geom, g.data(), x[0].data()), &geom.weight_shape())?;
     let mut out = vec![Some(dx), Some(dw)];
     if x.len() > 2 {
-        out.push(Some(Tensor::from_vec(
-            k::channel_sums(g.data(), geom.n, geom.c, geom.h * geom.w),
-            &[geom.c],
-        )?));
+        out.push(Some(Tensor::from_vec(k::channel_sums(g.data(), geom.n, geom.c, geom.h * geom.w), &[geom.c])?));
     }
     Ok(out)
 }

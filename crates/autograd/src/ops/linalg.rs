@@ -9,20 +9,12 @@ use crate::Var;
 fn dims2(op: &'static str, what: &str, s: &[usize]) -> Result<(usize, usize)> {
     match *s {
         [a, b] => Ok((a, b)),
-        _ => Err(stride_tensor::Error::shape(
-            op,
-            format!("{what} must be 2-D, got shape {s:?}"),
-        )),
+        _ => Err(stride_tensor::Error::shape(op, format!("{what} must be 2-D, got shape {s:?}"))),
     }
 }
 
 /// [m, k] x [k, n] of plain tensors; `ta`/`tb` read the stored matrices transposed.
-pub fn matmul_tensors<T: Elem>(
-    a: &Tensor<T>,
-    ta: bool,
-    b: &Tensor<T>,
-    tb: bool,
-) -> Result<Tensor<T>> {
+pub fn matmul_tensors<T: Elem>(a: &Tensor<T>, ta: bool, b: &Tensor<T>, tb: bool) -> Result<Tensor<T>> {
     let (ar, ac) = dims2("matmul", "left operand", a.shape())?;
     let (br, bc) = dims2("matmul", "right operand", b.shape())?;
     let mut av = MatRef::rows(a.data(), ar, ac);
@@ -34,15 +26,7 @@ pub fn matmul_tensors<T: Elem>(
         bv = bv.t();
     }
     if av.cols != bv.rows {
-        stride_tensor::bail!(
-            shape,
-            "matmul",
-            "inner dimensions differ: [{}, {}] x [{}, {}]",
-            av.rows,
-            av.cols,
-            bv.rows,
-            bv.cols
-        );
+        stride_tensor::bail!(shape, "matmul", "inner dimensions differ: [{}, {}] x [{}, {}]", av.rows, av.cols, bv.rows, bv.cols);
     }
     let (m, k, n) = (av.rows, av.cols, bv.cols);
     stride_tensor::shape::numel("matmul", &[m, n])?;
@@ -59,16 +43,9 @@ impl<T: Elem> Var<T> {
     }
 }
 
-pub(crate) fn matmul_backward<T: Elem>(
-    g: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
-) -> Result<Vec<Tensor<T>>> {
+pub(crate) fn matmul_backward<T: Elem>(g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>) -> Result<Vec<Tensor<T>>> {
     // dA = G B^T, dB = A^T G
-    Ok(vec![
-        matmul_tensors(g, false, b, true)?,
-        matmul_tensors(a, true, g, false)?,
-    ])
+    Ok(vec![matmul_tensors(g, false, b, true)?, matmul_tensors(a, true, g, false)?])
 }
 
 /// y = x W^T + b, PyTorch's `F.linear`: x [N, in], weight [out, in], bias [out] (composite).
@@ -77,22 +54,13 @@ pub fn linear<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>) -> Re
     let (_, fin) = dims2("linear", "input", &xs)?;
     let (fout, win) = dims2("linear", "weight", &ws)?;
     if fin != win {
-        stride_tensor::bail!(
-            shape,
-            "linear",
-            "input has {fin} features but the weight expects {win} (weight [{fout}, {win}])"
-        );
+        stride_tensor::bail!(shape, "linear", "input has {fin} features but the weight expects {win} (weight [{fout}, {win}])");
     }
     let y = x.matmul(&weight.permute(&[1, 0])?)?;
     match bias {
         Some(b) => {
             if b.shape() != [fout] {
-                stride_tensor::bail!(
-                    shape,
-                    "linear",
-                    "bias has shape {:?}, expected [{fout}]",
-                    b.shape()
-                );
+                stride_tensor::bail!(shape, "linear", "bias has shape {:?}, expected [{fout}]", b.shape());
             }
             y.add(b)
         }

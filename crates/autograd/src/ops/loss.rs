@@ -12,11 +12,7 @@ fn split_axis(op: &'static str, shape: &[usize], axis: usize) -> Result<(usize, 
     if shape[axis] == 0 {
         stride_tensor::bail!(shape, op, "axis {axis} of shape {shape:?} is empty");
     }
-    Ok((
-        shape[..axis].iter().product(),
-        shape[axis],
-        shape[axis + 1..].iter().product(),
-    ))
+    Ok((shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product()))
 }
 
 /// Softmax along `axis`.
@@ -33,18 +29,9 @@ pub fn log_softmax<T: Elem>(x: &Var<T>, axis: usize) -> Result<Var<T>> {
     Ok(Var::from_op(y, Op::LogSoftmax { axis }, &[x]))
 }
 
-pub(crate) fn softmax_backward<T: Elem>(
-    g: &Tensor<T>,
-    y: &Tensor<T>,
-    axis: usize,
-    log: bool,
-) -> Result<Tensor<T>> {
+pub(crate) fn softmax_backward<T: Elem>(g: &Tensor<T>, y: &Tensor<T>, axis: usize, log: bool) -> Result<Tensor<T>> {
     let (o, d, i) = split_axis("softmax", y.shape(), axis)?;
-    let dx = if log {
-        k::log_softmax_backward(y.data(), g.data(), o, d, i)
-    } else {
-        k::softmax_backward(y.data(), g.data(), o, d, i)
-    };
+    let dx = if log { k::log_softmax_backward(y.data(), g.data(), o, d, i) } else { k::softmax_backward(y.data(), g.data(), o, d, i) };
     Tensor::from_vec(dx, y.shape())
 }
 
@@ -56,11 +43,7 @@ fn check_targets(op: &'static str, shape: &[usize], targets: &[usize]) -> Result
         stride_tensor::bail!(shape, op, "{} targets for a batch of {n}", targets.len());
     }
     if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t >= c) {
-        stride_tensor::bail!(
-            arg,
-            op,
-            "target {t} at position {i} is not a class index below {c}"
-        );
+        stride_tensor::bail!(arg, op, "target {t} at position {i} is not a class index below {c}");
     }
     if n == 0 {
         stride_tensor::bail!(shape, op, "the batch is empty");
@@ -72,26 +55,12 @@ fn check_targets(op: &'static str, shape: &[usize], targets: &[usize]) -> Result
 pub fn nll_loss<T: Elem>(logp: &Var<T>, targets: &[usize]) -> Result<Var<T>> {
     let (n, c) = check_targets("nll_loss", &logp.shape(), targets)?;
     let v = logp.value();
-    let total: f64 = targets
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| v.data()[i * c + t].as_f64())
-        .sum();
+    let total: f64 = targets.iter().enumerate().map(|(i, &t)| v.data()[i * c + t].as_f64()).sum();
     let loss = Tensor::scalar(T::c(-total / n as f64));
-    Ok(Var::from_op(
-        loss,
-        Op::Nll {
-            targets: targets.to_vec(),
-        },
-        &[logp],
-    ))
+    Ok(Var::from_op(loss, Op::Nll { targets: targets.to_vec() }, &[logp]))
 }
 
-pub(crate) fn nll_backward<T: Elem>(
-    g: &Tensor<T>,
-    shape: &[usize],
-    targets: &[usize],
-) -> Result<Tensor<T>> {
+pub(crate) fn nll_backward<T: Elem>(g: &Tensor<T>, shape: &[usize], targets: &[usize]) -> Result<Tensor<T>> {
     let (n, c) = (shape[0], shape[1]);
     let gv = g.item()? / T::c(n as f64);
     let mut dx = vec![T::zero(); n * c];
@@ -103,17 +72,9 @@ pub(crate) fn nll_backward<T: Elem>(
 
 /// Softmax cross-entropy of logits [N, C] against class indices, batch mean, with optional
 /// label smoothing ε: the target puts 1-ε on the class and ε/C on every class (PyTorch's rule).
-pub fn cross_entropy<T: Elem>(
-    logits: &Var<T>,
-    targets: &[usize],
-    label_smoothing: f64,
-) -> Result<Var<T>> {
+pub fn cross_entropy<T: Elem>(logits: &Var<T>, targets: &[usize], label_smoothing: f64) -> Result<Var<T>> {
     if !(0.0..=1.0).contains(&label_smoothing) {
-        stride_tensor::bail!(
-            arg,
-            "cross_entropy",
-            "label_smoothing must be in [0, 1], got {label_smoothing}"
-        );
+        stride_tensor::bail!(arg, "cross_entropy", "label_smoothing must be in [0, 1], got {label_smoothing}");
     }
     check_targets("cross_entropy", &logits.shape(), targets)?;
     let logp = log_softmax(logits, 1)?;
@@ -123,8 +84,7 @@ pub fn cross_entropy<T: Elem>(
     }
     // The smoothing term: -(1/N) sum_n (1/C) sum_c logp[n, c], which is -mean(logp).
     let uniform = logp.mean_all()?.mul_scalar(-1.0)?;
-    nll.mul_scalar(1.0 - label_smoothing)?
-        .add(&uniform.mul_scalar(label_smoothing)?)
+    nll.mul_scalar(1.0 - label_smoothing)?.add(&uniform.mul_scalar(label_smoothing)?)
 }
 
 /// How an element-wise loss is reduced.
@@ -147,13 +107,7 @@ fn reduce<T: Elem>(v: Var<T>, r: Reduction) -> Result<Var<T>> {
 
 fn same_shape<T: Elem>(op: &'static str, a: &Var<T>, b: &Var<T>) -> Result<()> {
     if a.shape() != b.shape() {
-        stride_tensor::bail!(
-            shape,
-            op,
-            "prediction has shape {:?} but the target has {:?}",
-            a.shape(),
-            b.shape()
-        );
+        stride_tensor::bail!(shape, op, "prediction has shape {:?} but the target has {:?}", a.shape(), b.shape());
     }
     Ok(())
 }
@@ -163,22 +117,14 @@ fn same_shape<T: Elem>(op: &'static str, a: &Var<T>, b: &Var<T>) -> Result<()> {
 pub fn binary_cross_entropy<T: Elem>(p: &Var<T>, y: &Var<T>, r: Reduction) -> Result<Var<T>> {
     same_shape("binary_cross_entropy", p, y)?;
     let log_p = p.ln()?.clamp(-100.0, f64::INFINITY)?;
-    let log_1mp = p
-        .mul_scalar(-1.0)?
-        .add_scalar(1.0)?
-        .ln()?
-        .clamp(-100.0, f64::INFINITY)?;
+    let log_1mp = p.mul_scalar(-1.0)?.add_scalar(1.0)?.ln()?.clamp(-100.0, f64::INFINITY)?;
     let one_minus_y = y.mul_scalar(-1.0)?.add_scalar(1.0)?;
     let l = y.mul(&log_p)?.add(&one_minus_y.mul(&log_1mp)?)?.neg()?;
     reduce(l, r)
 }
 
 /// Binary cross-entropy on logits, stable for any x: softplus(x) - x*y.
-pub fn binary_cross_entropy_with_logits<T: Elem>(
-    x: &Var<T>,
-    y: &Var<T>,
-    r: Reduction,
-) -> Result<Var<T>> {
+pub fn binary_cross_entropy_with_logits<T: Elem>(x: &Var<T>, y: &Var<T>, r: Reduction) -> Result<Var<T>> {
     same_shape("binary_cross_entropy_with_logits", x, y)?;
     reduce(x.softplus()?.sub(&x.mul(y)?)?, r)
 }
@@ -201,17 +147,9 @@ pub fn gaussian_kl<T: Elem>(mu: &Var<T>, sigma: &Var<T>) -> Result<Var<T>> {
     same_shape("gaussian_kl", mu, sigma)?;
     let s = mu.shape();
     if s.len() != 2 || s[0] == 0 {
-        stride_tensor::bail!(
-            shape,
-            "gaussian_kl",
-            "expects non-empty [N, D] mu and sigma, got {s:?}"
-        );
+        stride_tensor::bail!(shape, "gaussian_kl", "expects non-empty [N, D] mu and sigma, got {s:?}");
     }
     let s2 = sigma.square()?;
-    let inner = mu
-        .square()?
-        .add(&s2)?
-        .sub(&s2.add_scalar(1e-8)?.ln()?)?
-        .add_scalar(-1.0)?;
+    let inner = mu.square()?.add(&s2)?.sub(&s2.add_scalar(1e-8)?.ln()?)?.add_scalar(-1.0)?;
     inner.sum_all()?.mul_scalar(0.5 / s[0] as f64)
 }

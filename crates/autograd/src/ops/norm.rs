@@ -15,10 +15,7 @@ pub struct BatchNormOptions {
 
 impl Default for BatchNormOptions {
     fn default() -> Self {
-        BatchNormOptions {
-            momentum: 0.1,
-            eps: 1e-5,
-        }
+        BatchNormOptions { momentum: 0.1, eps: 1e-5 }
     }
 }
 
@@ -49,30 +46,16 @@ pub fn batch_norm<T: Elem>(
         ("running_var", running_var.shape().to_vec()),
     ] {
         if t != [c] {
-            stride_tensor::bail!(
-                shape,
-                OP,
-                "{name} has shape {t:?} but the input has {c} channels (input {s:?})"
-            );
+            stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
         }
     }
     if !(opts.eps > 0.0) || !(0.0..=1.0).contains(&opts.momentum) {
-        stride_tensor::bail!(
-            arg,
-            OP,
-            "eps must be positive and momentum in [0, 1], got eps {} momentum {}",
-            opts.eps,
-            opts.momentum
-        );
+        stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
     }
     let xv = x.value();
     let (mean, invstd) = if training {
         if n * l <= 1 {
-            stride_tensor::bail!(
-                shape,
-                OP,
-                "training needs more than one value per channel, got input {s:?}"
-            );
+            stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
         }
         let st = norm::batch_stats(xv.data(), n, c, l, opts.eps);
         let m = T::c(opts.momentum);
@@ -84,32 +67,12 @@ pub fn batch_norm<T: Elem>(
         }
         (st.mean, st.invstd)
     } else {
-        let inv = running_var
-            .data()
-            .iter()
-            .map(|&v| T::one() / (v + T::c(opts.eps)).sqrt())
-            .collect();
+        let inv = running_var.data().iter().map(|&v| T::one() / (v + T::c(opts.eps)).sqrt()).collect();
         (running_mean.data().to_vec(), inv)
     };
-    let y = norm::normalize(
-        xv.data(),
-        c,
-        l,
-        &mean,
-        &invstd,
-        gamma.value_ref().data(),
-        beta.value_ref().data(),
-    );
+    let y = norm::normalize(xv.data(), c, l, &mean, &invstd, gamma.value_ref().data(), beta.value_ref().data());
     let y = Tensor::from_vec(y, &s)?;
-    Ok(Var::from_op(
-        y,
-        Op::BatchNorm {
-            mean,
-            invstd,
-            training,
-        },
-        &[x, gamma, beta],
-    ))
+    Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training }, &[x, gamma, beta]))
 }
 
 pub(crate) fn batch_norm_backward<T: Elem>(
@@ -121,22 +84,8 @@ pub(crate) fn batch_norm_backward<T: Elem>(
 ) -> Result<Vec<Option<Tensor<T>>>> {
     let s = x[0].shape();
     let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-    let (dx, dg, db) = norm::backward(
-        g.data(),
-        x[0].data(),
-        n,
-        c,
-        l,
-        mean,
-        invstd,
-        x[1].data(),
-        training,
-    );
-    Ok(vec![
-        Some(Tensor::from_vec(dx, s)?),
-        Some(Tensor::from_vec(dg, &[c])?),
-        Some(Tensor::from_vec(db, &[c])?),
-    ])
+    let (dx, dg, db) = norm::backward(g.data(), x[0].data(), n, c, l, mean, invstd, x[1].data(), training);
+    Ok(vec![Some(Tensor::from_vec(dx, s)?), Some(Tensor::from_vec(dg, &[c])?), Some(Tensor::from_vec(db, &[c])?)])
 }
 
 /// Inverted dropout: in training, zeroes each element with probability `p` and scales the
@@ -150,9 +99,7 @@ pub fn dropout<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> Re
     }
     let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
     let shape = x.shape();
-    let mask = Tensor::from_fn(&shape, |_| {
-        T::c(if rng.uniform01() >= p { keep } else { 0.0 })
-    })?;
+    let mask = Tensor::from_fn(&shape, |_| T::c(if rng.uniform01() >= p { keep } else { 0.0 }))?;
     x.mul(&Var::constant(mask))
 }
 
@@ -169,8 +116,6 @@ pub fn dropout2d<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> 
         return Ok(x.clone());
     }
     let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
-    let mask = Tensor::from_fn(&[s[0], s[1], 1, 1], |_| {
-        T::c(if rng.uniform01() >= p { keep } else { 0.0 })
-    })?;
+    let mask = Tensor::from_fn(&[s[0], s[1], 1, 1], |_| T::c(if rng.uniform01() >= p { keep } else { 0.0 }))?;
     x.mul(&Var::constant(mask))
 }

@@ -9,14 +9,7 @@ impl<T: Elem> Var<T> {
     /// Sum over `axes` (see [`Var::sum_all`] for every axis).
     pub fn sum(&self, axes: &[usize], keepdim: bool) -> Result<Var<T>> {
         let v = self.value_ref().sum_axes(axes, keepdim)?;
-        Ok(Var::from_op(
-            v,
-            Op::Sum {
-                axes: axes.to_vec(),
-                keepdim,
-            },
-            &[self],
-        ))
+        Ok(Var::from_op(v, Op::Sum { axes: axes.to_vec(), keepdim }, &[self]))
     }
     /// Sum of every element, as a rank-0 value.
     pub fn sum_all(&self) -> Result<Var<T>> {
@@ -28,11 +21,7 @@ impl<T: Elem> Var<T> {
         let shape = self.shape();
         let count: usize = axes.iter().filter_map(|&a| shape.get(a)).product();
         if count == 0 {
-            stride_tensor::bail!(
-                shape,
-                "mean",
-                "mean over axes {axes:?} of shape {shape:?} has no elements"
-            );
+            stride_tensor::bail!(shape, "mean", "mean over axes {axes:?} of shape {shape:?} has no elements");
         }
         self.sum(axes, keepdim)?.mul_scalar(1.0 / count as f64)
     }
@@ -52,31 +41,13 @@ impl<T: Elem> Var<T> {
     }
 }
 
-pub(crate) fn sum_backward<T: Elem>(
-    g: &Tensor<T>,
-    in_shape: &[usize],
-    axes: &[usize],
-    keepdim: bool,
-) -> Result<Tensor<T>> {
-    let kept: Vec<usize> = in_shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
-    let g = if keepdim {
-        g.clone()
-    } else {
-        g.reshape(&kept)?
-    };
+pub(crate) fn sum_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], axes: &[usize], keepdim: bool) -> Result<Tensor<T>> {
+    let kept: Vec<usize> = in_shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let g = if keepdim { g.clone() } else { g.reshape(&kept)? };
     g.broadcast_to(in_shape)
 }
 
-pub(crate) fn max_backward<T: Elem>(
-    g: &Tensor<T>,
-    in_shape: &[usize],
-    axis: usize,
-    argmax: &[usize],
-) -> Result<Tensor<T>> {
+pub(crate) fn max_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], axis: usize, argmax: &[usize]) -> Result<Tensor<T>> {
     let dim = in_shape[axis];
     let inner: usize = in_shape[axis + 1..].iter().product();
     let mut dx = vec![T::zero(); in_shape.iter().product()];

@@ -21,13 +21,7 @@ impl<T: Elem> Var<T> {
     }
     pub fn permute(&self, perm: &[usize]) -> Result<Var<T>> {
         let v = self.value_ref().permute(perm)?;
-        Ok(Var::from_op(
-            v,
-            Op::Permute {
-                perm: perm.to_vec(),
-            },
-            &[self],
-        ))
+        Ok(Var::from_op(v, Op::Permute { perm: perm.to_vec() }, &[self]))
     }
     /// Entries `start..start+len` of `axis`.
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Var<T>> {
@@ -37,28 +31,13 @@ impl<T: Elem> Var<T> {
     /// Constant padding, `pads[i] = (before, after)` for the last `pads.len()` axes in order.
     pub fn pad(&self, pads: &[(usize, usize)], value: f64) -> Result<Var<T>> {
         let v = self.value_ref().pad(pads, T::c(value))?;
-        Ok(Var::from_op(
-            v,
-            Op::Pad {
-                pads: pads.to_vec(),
-            },
-            &[self],
-        ))
+        Ok(Var::from_op(v, Op::Pad { pads: pads.to_vec() }, &[self]))
     }
     /// Pieces of `axis` with the given sizes (composite: narrows).
     pub fn split(&self, axis: usize, sizes: &[usize]) -> Result<Vec<Var<T>>> {
-        let dim = *self.shape().get(axis).ok_or_else(|| {
-            Error::arg(
-                "split",
-                format!("axis {axis} out of range for shape {:?}", self.shape()),
-            )
-        })?;
+        let dim = *self.shape().get(axis).ok_or_else(|| Error::arg("split", format!("axis {axis} out of range for shape {:?}", self.shape())))?;
         if sizes.iter().sum::<usize>() != dim {
-            stride_tensor::bail!(
-                arg,
-                "split",
-                "sizes {sizes:?} do not add up to axis {axis} of size {dim}"
-            );
+            stride_tensor::bail!(arg, "split", "sizes {sizes:?} do not add up to axis {axis} of size {dim}");
         }
         let mut start = 0;
         sizes
@@ -77,32 +56,18 @@ impl<T: Elem> Var<T> {
             stride_tensor::bail!(shape, "channel_shuffle", "expects [N, C, H, W], got {s:?}");
         };
         if groups == 0 || c % groups != 0 {
-            stride_tensor::bail!(
-                arg,
-                "channel_shuffle",
-                "groups {groups} must divide the {c} channels"
-            );
+            stride_tensor::bail!(arg, "channel_shuffle", "groups {groups} must divide the {c} channels");
         }
-        self.reshape(&[n, groups, c / groups, h, w])?
-            .permute(&[0, 2, 1, 3, 4])?
-            .reshape(&[n, c, h, w])
+        self.reshape(&[n, groups, c / groups, h, w])?.permute(&[0, 2, 1, 3, 4])?.reshape(&[n, c, h, w])
     }
     /// Nearest-neighbour upsampling of [N, C, H, W] by integer factors.
     pub fn upsample_nearest2d(&self, scale: (usize, usize)) -> Result<Var<T>> {
         let s = self.shape();
         let [n, c, h, w] = s[..] else {
-            stride_tensor::bail!(
-                shape,
-                "upsample_nearest2d",
-                "expects [N, C, H, W], got {s:?}"
-            );
+            stride_tensor::bail!(shape, "upsample_nearest2d", "expects [N, C, H, W], got {s:?}");
         };
         if scale.0 == 0 || scale.1 == 0 {
-            stride_tensor::bail!(
-                arg,
-                "upsample_nearest2d",
-                "scale factors must be at least 1, got {scale:?}"
-            );
+            stride_tensor::bail!(arg, "upsample_nearest2d", "scale factors must be at least 1, got {scale:?}");
         }
         let (oh, ow) = (h * scale.0, w * scale.1);
         let out_shape = [n, c, oh, ow];
@@ -134,22 +99,13 @@ pub(crate) fn permute_backward<T: Elem>(g: &Tensor<T>, perm: &[usize]) -> Result
     g.permute(&inv)
 }
 
-pub(crate) fn narrow_backward<T: Elem>(
-    g: &Tensor<T>,
-    in_shape: &[usize],
-    axis: usize,
-    start: usize,
-) -> Result<Tensor<T>> {
+pub(crate) fn narrow_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], axis: usize, start: usize) -> Result<Tensor<T>> {
     let mut pads = vec![(0, 0); in_shape.len()];
     pads[axis] = (start, in_shape[axis] - start - g.shape()[axis]);
     g.pad(&pads, T::zero())
 }
 
-pub(crate) fn upsample_backward<T: Elem>(
-    g: &Tensor<T>,
-    in_shape: &[usize],
-    scale: (usize, usize),
-) -> Result<Tensor<T>> {
+pub(crate) fn upsample_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], scale: (usize, usize)) -> Result<Tensor<T>> {
     let (h, w) = (in_shape[2], in_shape[3]);
     let (oh, ow) = (h * scale.0, w * scale.1);
     let mut dx = vec![T::zero(); in_shape.iter().product()];

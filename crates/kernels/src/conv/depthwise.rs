@@ -13,22 +13,12 @@ use super::ConvGeom;
 use crate::{multiversion, simd};
 
 /// A plane copied into a zero buffer of `rows x cols` at offset (`top`, `left`).
-fn bordered<T: Elem>(
-    src: &[T],
-    h: usize,
-    w: usize,
-    top: usize,
-    left: usize,
-    rows: usize,
-    cols: usize,
-    buf: &mut Vec<T>,
-) {
+fn bordered<T: Elem>(src: &[T], h: usize, w: usize, top: usize, left: usize, rows: usize, cols: usize, buf: &mut Vec<T>) {
     buf.clear();
     buf.resize(rows * cols, T::zero());
     for i in 0..h.min(rows.saturating_sub(top)) {
         let n = w.min(cols.saturating_sub(left));
-        buf[(i + top) * cols + left..(i + top) * cols + left + n]
-            .copy_from_slice(&src[i * w..i * w + n]);
+        buf[(i + top) * cols + left..(i + top) * cols + left + n].copy_from_slice(&src[i * w..i * w + n]);
     }
 }
 
@@ -46,15 +36,7 @@ struct Pass {
 /// Accumulates `B` consecutive outputs of row `i` starting at column `j`, every tap in
 /// registers (B/8 independent vector accumulators hide the add latency).
 #[inline(always)]
-fn block<T: Elem, const B: usize>(
-    p: &Pass,
-    src: &[T],
-    width: usize,
-    taps: &[T],
-    i: usize,
-    j: usize,
-    orow: &mut [T],
-) {
+fn block<T: Elem, const B: usize>(p: &Pass, src: &[T], width: usize, taps: &[T], i: usize, j: usize, orow: &mut [T]) {
     let (sh, sw) = p.stride;
     let (dh, dw) = p.dil;
     let mut acc = [T::zero(); B];
@@ -147,20 +129,10 @@ impl ConvGeom {
     fn bordered_size(&self) -> (usize, usize) {
         let need_h = (self.p - 1) * self.stride.0 + (self.r - 1) * self.dilation.0 + 1;
         let need_w = (self.q - 1) * self.stride.1 + (self.s - 1) * self.dilation.1 + 1;
-        (
-            (self.h + self.pad.0 + self.pad.1).max(need_h),
-            (self.w + self.pad.2 + self.pad.3).max(need_w),
-        )
+        ((self.h + self.pad.0 + self.pad.1).max(need_h), (self.w + self.pad.2 + self.pad.3).max(need_w))
     }
     fn pass(&self) -> Pass {
-        Pass {
-            rows: self.p,
-            cols: self.q,
-            stride: self.stride,
-            dil: self.dilation,
-            r: self.r,
-            s: self.s,
-        }
+        Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
     }
 }
 
@@ -172,26 +144,15 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     // One task per (image, input channel): the bordered plane is made once for all the
     // output channels that read it.
     let kg = g.kg();
-    y.par_chunks_mut((kg * pq).max(1))
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (plane, out)| {
-            let (n, c) = (plane / g.c, plane % g.c);
-            bordered(
-                &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw],
-                g.h,
-                g.w,
-                g.pad.0,
-                g.pad.2,
-                bh,
-                bw,
-                buf,
-            );
-            for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
-                let k = c * kg + j;
-                o.fill(bias.map_or(T::zero(), |b| b[k]));
-                correlate(g.pass(), buf, bw, &w[k * rs..(k + 1) * rs], o);
-            }
-        });
+    y.par_chunks_mut((kg * pq).max(1)).enumerate().for_each_init(Vec::new, |buf, (plane, out)| {
+        let (n, c) = (plane / g.c, plane % g.c);
+        bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
+        for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
+            let k = c * kg + j;
+            o.fill(bias.map_or(T::zero(), |b| b[k]));
+            correlate(g.pass(), buf, bw, &w[k * rs..(k + 1) * rs], o);
+        }
+    });
     y
 }
 
@@ -213,21 +174,11 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                 if gather {
                     // dx[i, j] = sum_{r',s'} wflip[r', s'] * dyb[i + pt + r'*dh, j + pl + s'*dw],
                     // with dy placed at (a, b) in the bordered buffer dyb.
-                    let (rows, cols) = (
-                        (g.h + g.pad.0 + a).max(a + g.p),
-                        (g.w + g.pad.2 + b).max(b + g.q),
-                    );
+                    let (rows, cols) = ((g.h + g.pad.0 + a).max(a + g.p), (g.w + g.pad.2 + b).max(b + g.q));
                     bordered(dyk, g.p, g.q, a, b, rows, cols, buf);
                     flipped.clear();
                     flipped.extend(wk.iter().rev().copied());
-                    let p = Pass {
-                        rows: g.h,
-                        cols: g.w,
-                        stride: (1, 1),
-                        dil: g.dilation,
-                        r: g.r,
-                        s: g.s,
-                    };
+                    let p = Pass { rows: g.h, cols: g.w, stride: (1, 1), dil: g.dilation, r: g.r, s: g.s };
                     let off = g.pad.0 * cols + g.pad.2;
                     correlate(p, &buf[off..], cols, flipped, out);
                 } else {
@@ -236,8 +187,7 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                     buf.resize(bh * bw, T::zero());
                     scatter(g.pass(), dyk, wk, bw, buf);
                     for i in 0..g.h {
-                        let src =
-                            &buf[(i + g.pad.0) * bw + g.pad.2..(i + g.pad.0) * bw + g.pad.2 + g.w];
+                        let src = &buf[(i + g.pad.0) * bw + g.pad.2..(i + g.pad.0) * bw + g.pad.2 + g.w];
                         for (o, &v) in out[i * g.w..(i + 1) * g.w].iter_mut().zip(src) {
                             *o += v;
                         }
@@ -255,31 +205,14 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
     let (bh, bw) = g.bordered_size();
     // One task per input channel: its bordered planes serve all K/groups filters that read it.
     let mut dw = vec![T::zero(); g.k * rs];
-    dw.par_chunks_mut(kg * rs)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (c, out)| {
-            for n in 0..g.n {
-                bordered(
-                    &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw],
-                    g.h,
-                    g.w,
-                    g.pad.0,
-                    g.pad.2,
-                    bh,
-                    bw,
-                    buf,
-                );
-                for j in 0..kg {
-                    let k = c * kg + j;
-                    filter_grad(
-                        g.pass(),
-                        &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq],
-                        buf,
-                        bw,
-                        &mut out[j * rs..(j + 1) * rs],
-                    );
-                }
+    dw.par_chunks_mut(kg * rs).enumerate().for_each_init(Vec::new, |buf, (c, out)| {
+        for n in 0..g.n {
+            bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
+            for j in 0..kg {
+                let k = c * kg + j;
+                filter_grad(g.pass(), &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], buf, bw, &mut out[j * rs..(j + 1) * rs]);
             }
-        });
+        }
+    });
     dw
 }

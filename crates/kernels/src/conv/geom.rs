@@ -17,32 +17,17 @@ pub enum Padding {
     /// extra row or column at the bottom/right when it is odd.
     Same,
     /// Explicit padding per side.
-    Explicit {
-        top: usize,
-        bottom: usize,
-        left: usize,
-        right: usize,
-    },
+    Explicit { top: usize, bottom: usize, left: usize, right: usize },
 }
 
 impl Padding {
     /// The same padding on all four sides (PyTorch's `padding=p`).
     pub fn uniform(p: usize) -> Self {
-        Padding::Explicit {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        }
+        Padding::Explicit { top: p, bottom: p, left: p, right: p }
     }
     /// PyTorch's `padding=(ph, pw)`.
     pub fn hw(ph: usize, pw: usize) -> Self {
-        Padding::Explicit {
-            top: ph,
-            bottom: ph,
-            left: pw,
-            right: pw,
-        }
+        Padding::Explicit { top: ph, bottom: ph, left: pw, right: pw }
     }
 }
 
@@ -59,13 +44,7 @@ pub struct Conv2dOptions {
 
 impl Default for Conv2dOptions {
     fn default() -> Self {
-        Conv2dOptions {
-            stride: (1, 1),
-            padding: Padding::Valid,
-            dilation: (1, 1),
-            groups: 1,
-            output_padding: (0, 0),
-        }
+        Conv2dOptions { stride: (1, 1), padding: Padding::Valid, dilation: (1, 1), groups: 1, output_padding: (0, 0) }
     }
 }
 
@@ -93,13 +72,7 @@ impl Conv2dOptions {
 }
 
 /// The padding (before, after) of one spatial axis for a *forward* window op.
-pub fn resolve_padding(
-    padding: Padding,
-    axis_h: bool,
-    input: usize,
-    k_eff: usize,
-    stride: usize,
-) -> (usize, usize) {
+pub fn resolve_padding(padding: Padding, axis_h: bool, input: usize, k_eff: usize, stride: usize) -> (usize, usize) {
     match padding {
         Padding::Valid => (0, 0),
         Padding::Same => {
@@ -107,12 +80,7 @@ pub fn resolve_padding(
             let total = ((out.max(1) - 1) * stride + k_eff).saturating_sub(input);
             (total / 2, total - total / 2)
         }
-        Padding::Explicit {
-            top,
-            bottom,
-            left,
-            right,
-        } => {
+        Padding::Explicit { top, bottom, left, right } => {
             if axis_h {
                 (top, bottom)
             } else {
@@ -123,29 +91,14 @@ pub fn resolve_padding(
 }
 
 /// Output size of a forward window op on one axis, or an error naming the numbers.
-pub fn window_out(
-    op: &'static str,
-    axis: &str,
-    input: usize,
-    pad: (usize, usize),
-    k: usize,
-    dil: usize,
-    stride: usize,
-) -> Result<usize> {
+pub fn window_out(op: &'static str, axis: &str, input: usize, pad: (usize, usize), k: usize, dil: usize, stride: usize) -> Result<usize> {
     let k_eff = (k - 1) * dil + 1;
     let padded = input + pad.0 + pad.1;
     if padded < k_eff {
-        let dil_note = if dil > 1 {
-            format!(" (dilation {dil}: effective {k_eff})")
-        } else {
-            String::new()
-        };
+        let dil_note = if dil > 1 { format!(" (dilation {dil}: effective {k_eff})") } else { String::new() };
         return Err(Error::geometry(
             op,
-            format!(
-                "kernel {k}{dil_note} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})",
-                pad.0, pad.1
-            ),
+            format!("kernel {k}{dil_note} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})", pad.0, pad.1),
         ));
     }
     Ok((padded - k_eff) / stride + 1)
@@ -173,28 +126,16 @@ pub struct ConvGeom {
 fn dims4(op: &'static str, what: &str, shape: &[usize]) -> Result<[usize; 4]> {
     match *shape {
         [a, b, c, d] => Ok([a, b, c, d]),
-        _ => Err(Error::shape(
-            op,
-            format!(
-                "{what} must be 4-D, got shape {shape:?} (rank {})",
-                shape.len()
-            ),
-        )),
+        _ => Err(Error::shape(op, format!("{what} must be 4-D, got shape {shape:?} (rank {})", shape.len()))),
     }
 }
 
 fn check_common(op: &'static str, o: &Conv2dOptions) -> Result<()> {
     if o.stride.0 == 0 || o.stride.1 == 0 {
-        return Err(Error::arg(
-            op,
-            format!("stride must be at least 1, got {:?}", o.stride),
-        ));
+        return Err(Error::arg(op, format!("stride must be at least 1, got {:?}", o.stride)));
     }
     if o.dilation.0 == 0 || o.dilation.1 == 0 {
-        return Err(Error::arg(
-            op,
-            format!("dilation must be at least 1, got {:?}", o.dilation),
-        ));
+        return Err(Error::arg(op, format!("dilation must be at least 1, got {:?}", o.dilation)));
     }
     if o.groups == 0 {
         return Err(Error::arg(op, "groups must be at least 1, got 0"));
@@ -217,30 +158,13 @@ impl ConvGeom {
             return Err(Error::shape(OP, format!("input has {c} channels but the weight expects {} (weight {weight:?}, groups {g})", cg * g)));
         }
         if r == 0 || s == 0 || k == 0 || c == 0 {
-            return Err(Error::shape(
-                OP,
-                format!("input {x:?} or weight {weight:?} has no channels or an empty kernel"),
-            ));
+            return Err(Error::shape(OP, format!("input {x:?} or weight {weight:?} has no channels or an empty kernel")));
         }
         let ph = resolve_padding(o.padding, true, h, (r - 1) * o.dilation.0 + 1, o.stride.0);
         let pw = resolve_padding(o.padding, false, w, (s - 1) * o.dilation.1 + 1, o.stride.1);
         let p = window_out(OP, "height", h, ph, r, o.dilation.0, o.stride.0)?;
         let q = window_out(OP, "width", w, pw, s, o.dilation.1, o.stride.1)?;
-        let g = ConvGeom {
-            n,
-            c,
-            k,
-            h,
-            w,
-            p,
-            q,
-            r,
-            s,
-            stride: o.stride,
-            dilation: o.dilation,
-            pad: (ph.0, ph.1, pw.0, pw.1),
-            groups: g,
-        };
+        let g = ConvGeom { n, c, k, h, w, p, q, r, s, stride: o.stride, dilation: o.dilation, pad: (ph.0, ph.1, pw.0, pw.1), groups: g };
         g.check_size(OP)?;
         Ok(g)
     }
@@ -256,43 +180,25 @@ impl ConvGeom {
         let [wk, cg, r, s] = dims4(OP, "weight", weight)?;
         let g = o.groups;
         if k % g != 0 {
-            return Err(Error::arg(
-                OP,
-                format!("groups {g} must divide the input channels {k}"),
-            ));
+            return Err(Error::arg(OP, format!("groups {g} must divide the input channels {k}")));
         }
         if wk != k {
-            return Err(Error::shape(
-                OP,
-                format!("input has {k} channels but the weight expects {wk} (weight {weight:?})"),
-            ));
+            return Err(Error::shape(OP, format!("input has {k} channels but the weight expects {wk} (weight {weight:?})")));
         }
         if r == 0 || s == 0 || cg == 0 {
-            return Err(Error::shape(
-                OP,
-                format!("weight {weight:?} has an empty kernel or no output channels"),
-            ));
+            return Err(Error::shape(OP, format!("weight {weight:?} has an empty kernel or no output channels")));
         }
         let (st, dl, op) = (o.stride, o.dilation, o.output_padding);
         if (op.0 >= st.0 && op.0 >= dl.0) || (op.1 >= st.1 && op.1 >= dl.1) {
             return Err(Error::arg(OP, format!("output_padding {op:?} must be smaller than the stride {st:?} or the dilation {dl:?}")));
         }
-        let axis = |inp: usize,
-                    kk: usize,
-                    stride: usize,
-                    dil: usize,
-                    outpad: usize,
-                    is_h: bool|
-         -> Result<(usize, (usize, usize))> {
+        let axis = |inp: usize, kk: usize, stride: usize, dil: usize, outpad: usize, is_h: bool| -> Result<(usize, (usize, usize))> {
             let k_eff = (kk - 1) * dil + 1;
             let full = (inp.max(1) - 1) * stride + k_eff;
             let (pads, extra) = match o.padding {
                 Padding::Same => {
                     let total = k_eff.saturating_sub(stride);
-                    (
-                        (total / 2, total - total / 2),
-                        stride.saturating_sub(k_eff) + outpad,
-                    )
+                    ((total / 2, total - total / 2), stride.saturating_sub(k_eff) + outpad)
                 }
                 other => (resolve_padding(other, is_h, 0, k_eff, stride), outpad),
             };
@@ -312,21 +218,7 @@ impl ConvGeom {
         };
         let (h, ph) = axis(p, r, st.0, dl.0, op.0, true)?;
         let (w, pw) = axis(q, s, st.1, dl.1, op.1, false)?;
-        let geo = ConvGeom {
-            n,
-            c: cg * g,
-            k,
-            h,
-            w,
-            p,
-            q,
-            r,
-            s,
-            stride: st,
-            dilation: dl,
-            pad: (ph.0, ph.1, pw.0, pw.1),
-            groups: g,
-        };
+        let geo = ConvGeom { n, c: cg * g, k, h, w, p, q, r, s, stride: st, dilation: dl, pad: (ph.0, ph.1, pw.0, pw.1), groups: g };
         geo.check_size(OP)?;
         Ok(geo)
     }
@@ -365,12 +257,7 @@ impl ConvGeom {
     }
     /// 1x1 kernel, stride 1, no padding: the convolution is a plain matrix product.
     pub fn is_pointwise(&self) -> bool {
-        self.r == 1
-            && self.s == 1
-            && self.stride == (1, 1)
-            && self.pad == (0, 0, 0, 0)
-            && self.p == self.h
-            && self.q == self.w
+        self.r == 1 && self.s == 1 && self.stride == (1, 1) && self.pad == (0, 0, 0, 0) && self.p == self.h && self.q == self.w
     }
     /// One input channel per group (depthwise, or a single-channel input).
     pub fn is_depthwise(&self) -> bool {

@@ -12,24 +12,11 @@ use super::ConvGeom;
 /// For output column q, the input column is q*stride + offset. Returns the range of q for
 /// which it lies inside [0, w): the padding-free interior, so inner loops need no checks.
 #[inline]
-pub(crate) fn valid_range(
-    len_out: usize,
-    stride: usize,
-    offset: isize,
-    w: usize,
-) -> (usize, usize) {
+pub(crate) fn valid_range(len_out: usize, stride: usize, offset: isize, w: usize) -> (usize, usize) {
     // Smallest q with q*stride + offset >= 0.
-    let lo = if offset >= 0 {
-        0
-    } else {
-        ((-offset) as usize).div_ceil(stride)
-    };
+    let lo = if offset >= 0 { 0 } else { ((-offset) as usize).div_ceil(stride) };
     // Largest q with q*stride + offset <= w - 1, plus one.
-    let hi = if (w as isize) - 1 - offset < 0 {
-        0
-    } else {
-        (((w as isize) - 1 - offset) as usize) / stride + 1
-    };
+    let hi = if (w as isize) - 1 - offset < 0 { 0 } else { (((w as isize) - 1 - offset) as usize) / stride + 1 };
     (lo.min(len_out), hi.min(len_out).max(lo.min(len_out)))
 }
 

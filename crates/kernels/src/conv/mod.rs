@@ -90,10 +90,7 @@ pub fn channel_sums<T: Elem>(x: &[T], n: usize, c: usize, plane: usize) -> Vec<T
     let mut out = vec![T::zero(); c];
     for i in 0..n {
         for (ch, o) in out.iter_mut().enumerate() {
-            *o += x[(i * c + ch) * plane..(i * c + ch + 1) * plane]
-                .iter()
-                .copied()
-                .sum::<T>();
+            *o += x[(i * c + ch) * plane..(i * c + ch + 1) * plane].iter().copied().sum::<T>();
         }
     }
     out
@@ -120,26 +117,15 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
             };
             // y[n, group] [K/g, PQ] (+)= w[group] [K/g, C/g*R*S] x col [C/g*R*S, PQ]
             let wg = MatRef::rows(&w[gi * kg * crs..(gi + 1) * kg * crs], kg, crs);
-            matmul(
-                wg,
-                MatRef::rows(cols, crs, pq),
-                &mut yn[gi * kg * pq..(gi + 1) * kg * pq],
-                pq,
-                bias.is_some(),
-                threads,
-            );
+            matmul(wg, MatRef::rows(cols, crs, pq), &mut yn[gi * kg * pq..(gi + 1) * kg * pq], pq, bias.is_some(), threads);
         }
     };
     let chunk = (g.k * pq).max(1);
     if by_image {
-        y.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each_with(Vec::new(), |col, item| one(item, col));
+        y.par_chunks_mut(chunk).enumerate().for_each_with(Vec::new(), |col, item| one(item, col));
     } else {
         let mut col = Vec::new();
-        y.chunks_mut(chunk)
-            .enumerate()
-            .for_each(|item| one(item, &mut col));
+        y.chunks_mut(chunk).enumerate().for_each(|item| one(item, &mut col));
     }
     y
 }
@@ -165,14 +151,10 @@ fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> V
     };
     let chunk = (g.c * hw).max(1);
     if by_image {
-        dx.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each_with(Vec::new(), |col, item| one(item, col));
+        dx.par_chunks_mut(chunk).enumerate().for_each_with(Vec::new(), |col, item| one(item, col));
     } else {
         let mut col = Vec::new();
-        dx.chunks_mut(chunk)
-            .enumerate()
-            .for_each(|item| one(item, &mut col));
+        dx.chunks_mut(chunk).enumerate().for_each(|item| one(item, &mut col));
     }
     dx
 }
@@ -197,14 +179,7 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
                 };
                 // dw[group] [K/g, C/g*R*S] += dy [K/g, PQ] x col^T [PQ, C/g*R*S]
                 let dwg = &mut dw[gi * kg * crs..(gi + 1) * kg * crs];
-                matmul(
-                    MatRef::rows(dyg, kg, pq),
-                    MatRef::rows(cols, crs, pq).t(),
-                    dwg,
-                    crs,
-                    true,
-                    threads,
-                );
+                matmul(MatRef::rows(dyg, kg, pq), MatRef::rows(cols, crs, pq).t(), dwg, crs, true, threads);
             }
         }
         dw
@@ -213,10 +188,7 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
         return partial(0..g.n);
     }
     let t = rayon::current_num_threads().min(g.n).max(1);
-    let parts: Vec<Vec<T>> = (0..t)
-        .into_par_iter()
-        .map(|i| partial(i * g.n / t..(i + 1) * g.n / t))
-        .collect();
+    let parts: Vec<Vec<T>> = (0..t).into_par_iter().map(|i| partial(i * g.n / t..(i + 1) * g.n / t)).collect();
     let mut iter = parts.into_iter();
     let mut dw = iter.next().unwrap_or_else(|| vec![T::zero(); g.k * crs]);
     for p in iter {

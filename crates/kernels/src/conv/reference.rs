@@ -18,10 +18,8 @@ fn each_tap(g: &ConvGeom, mut f: impl FnMut(usize, usize, usize)) {
                         let c = grp * g.cg() + cl;
                         for r in 0..g.r {
                             for s in 0..g.s {
-                                let ih =
-                                    (p * g.stride.0 + r * g.dilation.0) as isize - g.pad.0 as isize;
-                                let iw =
-                                    (q * g.stride.1 + s * g.dilation.1) as isize - g.pad.2 as isize;
+                                let ih = (p * g.stride.0 + r * g.dilation.0) as isize - g.pad.0 as isize;
+                                let iw = (q * g.stride.1 + s * g.dilation.1) as isize - g.pad.2 as isize;
                                 if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
                                     continue;
                                 }
@@ -39,9 +37,7 @@ fn each_tap(g: &ConvGeom, mut f: impl FnMut(usize, usize, usize)) {
 
 pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let pq = g.p * g.q;
-    let mut y: Vec<T> = (0..g.n * g.k * pq)
-        .map(|i| bias.map_or(T::zero(), |b| b[(i / pq) % g.k]))
-        .collect();
+    let mut y: Vec<T> = (0..g.n * g.k * pq).map(|i| bias.map_or(T::zero(), |b| b[(i / pq) % g.k])).collect();
     each_tap(g, |xi, wi, yi| y[yi] += x[xi] * w[wi]);
     y
 }

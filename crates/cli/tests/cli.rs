@@ -1,0 +1,115 @@
+//! The `stride` binary end to end: train, Ctrl-C and resume, eval, run, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn stride(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stride")).args(args).env("RAYON_NUM_THREADS", "2").output().expect("the binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stride-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn train_then_eval_and_run() {
+    let dir = tmp("train");
+    let out = stride(&["train", "--epochs", "1", "--out", dir.to_str().unwrap(), "--debug"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    let acc: f64 = last.strip_prefix("test accuracy ").expect("last line states the accuracy").parse().unwrap();
+    assert!(acc > 0.85, "one epoch on 8,000 digits: {acc}");
+    assert!(log.contains("Conv2d(20, 50, k5x5") && log.contains("-> [64, 800]"), "--debug prints shapes: {log}");
+    for f in ["metrics.csv", "model.safetensors", "checkpoint.safetensors", "curves.png"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    // eval reproduces the accuracy from the saved weights.
+    let ev = stride(&["eval", "--weights", dir.join("model.safetensors").to_str().unwrap()]);
+    assert!(ev.status.success(), "{}", text(&ev));
+    assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap(), last);
+    assert!(text(&ev).contains("confusion matrix"));
+    // run: a tensor in, a tensor out.
+    let input = dir.join("x.safetensors");
+    let x = stride_autograd::Rng::seed(0).normal::<f32>(&[3, 1, 28, 28], 0.0, 1.0).unwrap();
+    stride_train::checkpoint::save(&input, &[("input".into(), x)]).unwrap();
+    let output = dir.join("y.safetensors");
+    let r = stride(&[
+        "run",
+        "--weights",
+        dir.join("model.safetensors").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", text(&r));
+    assert_eq!(stride_train::checkpoint::load(&output).unwrap()["output"].shape(), [3, 10]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn wait_for(path: &Path, what: impl Fn(&str) -> bool, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::fs::read_to_string(path).is_ok_and(|s| what(&s)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn ctrl_c_saves_and_resume_finishes() {
+    let dir = tmp("sigint");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stride"))
+        .args(["train", "--epochs", "3", "--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first epoch is in metrics.csv.
+    assert!(wait_for(&dir.join("metrics.csv"), |s| s.lines().count() >= 2, Duration::from_secs(120)), "epoch 1 never finished");
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{log}");
+    if log.contains("interrupted during epoch") {
+        assert!(log.contains("--resume"), "{log}");
+        let r = stride(&["train", "--epochs", "3", "--out", dir.to_str().unwrap(), "--resume"]);
+        assert!(r.status.success(), "{}", text(&r));
+        assert!(String::from_utf8_lossy(&r.stdout).lines().last().unwrap().starts_with("test accuracy "));
+    } else {
+        // The signal arrived after the last step: the run simply finished.
+        assert!(log.lines().last().unwrap().starts_with("test accuracy "), "{log}");
+    }
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "three epochs in all: {csv}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
+        (&["train", "--model", "vgg99"], "unknown model 'vgg99'; the zoo has cnn, cnn-bn"),
+        (&["train", "--augment", "shear"], "unknown augmentation 'shear'"),
+        (&["eval", "--weights", "/no/such/file.safetensors"], "/no/such/file.safetensors"),
+        (&["bench", "--shapes", "c9"], "unknown shape 'c9'"),
+    ];
+    for (args, want) in cases {
+        let o = stride(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains("panicked"), "{args:?} panicked");
+    }
+    let models = stride(&["models"]);
+    assert!(text(&models).contains("cnn-bn"));
+}

@@ -1,0 +1,161 @@
+//! Loss and accuracy curves as a PNG: two panels (loss, accuracy) with train and test lines,
+//! gridlines and tick labels, drawn with a built-in 5x7 pixel font so no system fonts are needed.
+
+use std::path::Path;
+
+use crate::{checkpoint::write_atomic, Result, TrainError};
+
+const W: usize = 900;
+const H: usize = 380;
+const BLUE: [u8; 3] = [31, 119, 180];
+const ORANGE: [u8; 3] = [255, 127, 14];
+const GREY: [u8; 3] = [220, 220, 220];
+const BLACK: [u8; 3] = [40, 40, 40];
+
+/// 5x7 glyphs, one byte per row, bit 4 = leftmost column.
+fn glyph(c: char) -> [u8; 7] {
+    match c {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
+        'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
+        'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
+        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'n' => [0, 0, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'o' => [0, 0, 0x0E, 0x11, 0x11, 0x11, 0x0E],
+        'p' => [0, 0, 0x1E, 0x11, 0x1E, 0x10, 0x10],
+        'r' => [0, 0, 0x16, 0x19, 0x10, 0x10, 0x10],
+        's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
+        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
+        'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        _ => [0; 7],
+    }
+}
+
+struct Canvas {
+    px: Vec<u8>,
+}
+
+impl Canvas {
+    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
+            let i = (y as usize * W + x as usize) * 3;
+            self.px[i..i + 3].copy_from_slice(&c);
+        }
+    }
+    /// Text at (x, y) (top-left), scale 2.
+    fn text(&mut self, x: i64, y: i64, s: &str, c: [u8; 3]) {
+        for (k, ch) in s.chars().enumerate() {
+            for (row, bits) in glyph(ch).iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (0x10 >> col) != 0 {
+                        for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                            self.set(x + k as i64 * 12 + col * 2 + dx, y + row as i64 * 2 + dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    /// A line two pixels wide.
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3]) {
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
+        for i in 0..=n {
+            let t = i as f64 / n as f64;
+            let (x, y) = ((x0 + t * (x1 - x0)).round() as i64, (y0 + t * (y1 - y0)).round() as i64);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                self.set(x + dx, y + dy, c);
+            }
+        }
+    }
+}
+
+fn label(v: f64) -> String {
+    if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// One panel: title, frame, gridlines with y labels, x ticks per epoch, and the two series.
+fn panel(cv: &mut Canvas, x0: usize, title: &str, epochs: &[f64], train: &[f64], test: &[f64]) {
+    let (left, top, w, h) = (x0 as f64 + 80.0, 40.0, 330.0, 280.0);
+    let vals: Vec<f64> = train.iter().chain(test).copied().filter(|v| v.is_finite()).collect();
+    let (mut lo, mut hi) = (vals.iter().copied().fold(f64::INFINITY, f64::min), vals.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-6);
+    (lo, hi) = (lo - pad, hi + pad);
+    let (e0, e1) = (epochs.first().copied().unwrap_or(1.0), epochs.last().copied().unwrap_or(1.0));
+    let (e0, e1) = if e1 > e0 { (e0, e1) } else { (e0 - 0.5, e1 + 0.5) };
+    let px = |e: f64| left + (e - e0) / (e1 - e0) * w;
+    let py = |v: f64| top + (hi - v) / (hi - lo) * h;
+    cv.text(left as i64 + 130, 12, title, BLACK);
+    for k in 0..=4 {
+        let v = lo + (hi - lo) * k as f64 / 4.0;
+        cv.line((left, py(v)), (left + w, py(v)), GREY);
+        cv.text(x0 as i64 + 4, py(v) as i64 - 7, &label(v), BLACK);
+    }
+    let step = ((epochs.len() as f64) / 8.0).ceil().max(1.0) as usize;
+    for (i, &e) in epochs.iter().enumerate() {
+        if i % step == 0 || i + 1 == epochs.len() {
+            cv.line((px(e), top + h), (px(e), top + h + 5.0), BLACK);
+            cv.text(px(e) as i64 - 5, (top + h + 10.0) as i64, &format!("{}", e as usize), BLACK);
+        }
+    }
+    cv.line((left, top), (left, top + h), BLACK);
+    cv.line((left, top + h), (left + w, top + h), BLACK);
+    cv.text((left + w / 2.0) as i64 - 30, (top + h + 30.0) as i64, "epoch", BLACK);
+    for (series, color) in [(train, BLUE), (test, ORANGE)] {
+        for i in 1..series.len() {
+            if series[i - 1].is_finite() && series[i].is_finite() {
+                cv.line((px(epochs[i - 1]), py(series[i - 1])), (px(epochs[i]), py(series[i])), color);
+            }
+        }
+        if series.len() == 1 && series[0].is_finite() {
+            cv.line((px(epochs[0]) - 3.0, py(series[0])), (px(epochs[0]) + 3.0, py(series[0])), color);
+        }
+    }
+}
+
+/// Draws curves.png from a run's metrics.csv (so a resumed run plots its whole history).
+pub fn plot_from_metrics(metrics_csv: &Path, out_png: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics_csv).map_err(|e| TrainError::Io(format!("{}: {e}", metrics_csv.display())))?;
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN)).collect())
+        .filter(|r: &Vec<f64>| r.len() >= 5)
+        .collect();
+    let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
+    let mut cv = Canvas { px: vec![255; W * H * 3] };
+    let epochs = col(0);
+    panel(&mut cv, 0, "loss", &epochs, &col(1), &col(3));
+    panel(&mut cv, 450, "accuracy", &epochs, &col(2), &col(4));
+    cv.text(W as i64 - 170, H as i64 - 24, "train", BLUE);
+    cv.text(W as i64 - 90, H as i64 - 24, "test", ORANGE);
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| TrainError::Io(format!("{}: {e}", out_png.display())))?;
+        w.write_image_data(&cv.px).map_err(|e| TrainError::Io(format!("{}: {e}", out_png.display())))?;
+    }
+    write_atomic(out_png, &bytes)
+}
