@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use stride_autograd::{no_grad, Rng, Tensor, Var};
 use stride_data::Augment;
 use stride_models::InputSpec;
-use stride_nn::schedule::Schedule;
+use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
 use stride_train::{OptimizerKind, TrainConfig};
 
@@ -68,6 +68,10 @@ enum Sched {
     Cosine,
     /// Divide by 10 every third of the run.
     Step,
+    /// One-cycle: rise to --lr over the first 30% of the run, then anneal far below it.
+    Onecycle,
+    /// Divide by 10 when the test loss has not improved for 2 epochs.
+    Plateau,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,7 +144,10 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             Sched::Constant => Schedule::Constant,
             Sched::Cosine => Schedule::Cosine { t_max: epochs, eta_min: 0.0 },
             Sched::Step => Schedule::Step { step_size: epochs.div_ceil(3), gamma: 0.1 },
+            Sched::Onecycle => Schedule::OneCycle { total: epochs, pct_start: 0.3, div_factor: 25.0, final_div_factor: 1e4 },
+            Sched::Plateau => Schedule::Constant,
         },
+        plateau: matches!(a.schedule, Sched::Plateau).then(|| ReduceOnPlateau::new(0.1, 2, 1e-4, 0.0)),
         normalize: true,
         augment,
         seed: a.seed,

@@ -208,3 +208,9 @@ impl Module for Sequential {
         format!("Sequential({} layers)", self.layers.len())
     }
 }
+
+impl std::fmt::Debug for Sequential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.layers.iter().map(|l| l.describe())).finish()
+    }
+}

@@ -29,6 +29,14 @@ pub enum Schedule {
         start_factor: f64,
         then: Box<Schedule>,
     },
+    /// One-cycle (per epoch): cosine rise from lr / div_factor to lr over the first
+    /// `pct_start` of `total` epochs, then cosine fall to lr / (div_factor * final_div_factor).
+    OneCycle {
+        total: usize,
+        pct_start: f64,
+        div_factor: f64,
+        final_div_factor: f64,
+    },
 }
 
 impl Schedule {
@@ -41,6 +49,17 @@ impl Schedule {
             Schedule::Cosine { t_max, eta_min } => {
                 let t = epoch.min(*t_max) as f64 / (*t_max).max(1) as f64;
                 eta_min + (base - eta_min) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
+            }
+            Schedule::OneCycle { total, pct_start, div_factor, final_div_factor } => {
+                let (start, end) = (base / div_factor, base / (div_factor * final_div_factor));
+                let up = ((*total as f64) * pct_start).max(1.0);
+                let e = epoch as f64;
+                let cos = |from: f64, to: f64, t: f64| to + (from - to) * (1.0 + (std::f64::consts::PI * t.clamp(0.0, 1.0)).cos()) / 2.0;
+                if e < up {
+                    cos(start, base, e / up)
+                } else {
+                    cos(base, end, (e - up) / ((*total as f64 - 1.0 - up).max(1.0)))
+                }
             }
             Schedule::Warmup { epochs, start_factor, then } => {
                 if epoch < *epochs {
@@ -69,6 +88,15 @@ impl ReduceOnPlateau {
     /// PyTorch's defaults are factor 0.1, patience 10, threshold 1e-4.
     pub fn new(factor: f64, patience: usize, threshold: f64, min_lr: f64) -> Self {
         ReduceOnPlateau { factor, patience, threshold, min_lr, best: f64::INFINITY, bad_epochs: 0 }
+    }
+    /// The state to save in a checkpoint: (best metric, epochs without improvement).
+    pub fn state(&self) -> (f64, usize) {
+        (self.best, self.bad_epochs)
+    }
+    /// Restores [`ReduceOnPlateau::state`].
+    pub fn set_state(&mut self, best: f64, bad_epochs: usize) {
+        self.best = best;
+        self.bad_epochs = bad_epochs;
     }
     /// Feeds one epoch's metric; returns the new learning rate.
     pub fn step(&mut self, metric: f64, lr: f64) -> f64 {
@@ -111,6 +139,11 @@ mod tests {
         close(w.lr(1.0, 0), 0.5);
         close(w.lr(1.0, 1), 0.75);
         close(w.lr(1.0, 2), 1.0);
+        let o = Schedule::OneCycle { total: 10, pct_start: 0.3, div_factor: 25.0, final_div_factor: 1e4 };
+        close(o.lr(1.0, 0), 1.0 / 25.0);
+        close(o.lr(1.0, 3), 1.0);
+        close(o.lr(1.0, 9), 1.0 / 25.0 / 1e4);
+        assert!(o.lr(1.0, 1) < o.lr(1.0, 2) && o.lr(1.0, 5) > o.lr(1.0, 7));
     }
 
     #[test]

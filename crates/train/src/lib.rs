@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{cross_entropy, no_grad, Rng, Var};
 use stride_data::{Augment, Batch, Batches, Dataset, Split};
 use stride_nn::optim::{self, Adam, Optimizer, Sgd};
-use stride_nn::schedule::Schedule;
+use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Learning rate per epoch.
     pub schedule: Schedule,
+    /// When set, replaces `schedule`: the rate drops when the test loss stops improving.
+    pub plateau: Option<ReduceOnPlateau>,
     /// Standardise inputs with the training set's pixel mean and std (else only scale to [0, 1]).
     pub normalize: bool,
     /// Augmentation of training images.
@@ -76,6 +78,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::Adam,
             weight_decay: 0.0,
             schedule: Schedule::Constant,
+            plateau: None,
             normalize: true,
             augment: Augment::default(),
             seed: 0,
@@ -173,7 +176,14 @@ fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
 }
 
 /// Saves weights, buffers, optimizer state and the position: everything a resume needs.
-fn save_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &dyn Optimizer, pos: Position, cfg: &TrainConfig) -> Result<()> {
+fn save_checkpoint(
+    dir: &std::path::Path,
+    model: &mut dyn Module,
+    opt: &dyn Optimizer,
+    pos: Position,
+    cfg: &TrainConfig,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
     for (name, v) in opt.state() {
         let n = v.len();
@@ -190,13 +200,19 @@ fn save_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &dyn Opti
         ("optimizer", format!("{:?}", cfg.optimizer)),
     ]
     .into_iter()
+    .chain(extra.iter().cloned())
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     checkpoint::save_with_metadata(&dir.join(CHECKPOINT), &tensors, Some(meta))
 }
 
 /// Loads a run folder's checkpoint into the model and optimizer; returns where to continue.
-fn load_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &mut dyn Optimizer, cfg: &TrainConfig) -> Result<Position> {
+fn load_checkpoint(
+    dir: &std::path::Path,
+    model: &mut dyn Module,
+    opt: &mut dyn Optimizer,
+    cfg: &TrainConfig,
+) -> Result<(Position, std::collections::HashMap<String, String>)> {
     let path = dir.join(CHECKPOINT);
     let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
     let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
@@ -229,7 +245,7 @@ fn load_checkpoint(dir: &std::path::Path, model: &mut dyn Module, opt: &mut dyn 
         opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
-    Ok(pos)
+    Ok((pos, meta))
 }
 
 /// What became of a run.
@@ -258,12 +274,25 @@ pub fn train(
     }
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
+    let mut plateau = cfg.plateau.clone();
+    let mut plateau_lr = cfg.lr;
     let mut pos = Position { epoch: 1, ..Position::default() };
     let mut metrics = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         if resume {
-            pos = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
+            let (p, meta) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
+            pos = p;
+            if let Some(pl) = plateau.as_mut() {
+                let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
+                match (num("plateau_best"), num("plateau_bad"), num("lr")) {
+                    (Some(best), Some(bad), Some(lr)) => {
+                        pl.set_state(best, bad as usize);
+                        plateau_lr = lr;
+                    }
+                    _ => return Err(TrainError::Checkpoint(format!("{}: no reduce-on-plateau state to resume", dir.display()))),
+                }
+            }
         }
         let path = dir.join("metrics.csv");
         let existed = resume && path.exists();
@@ -281,7 +310,13 @@ pub fn train(
     let mut reports = Vec::new();
     while pos.epoch <= cfg.epochs {
         let epoch = pos.epoch;
-        opt.set_lr(cfg.schedule.lr(cfg.lr, epoch - 1));
+        opt.set_lr(if plateau.is_some() { plateau_lr } else { cfg.schedule.lr(cfg.lr, epoch - 1) });
+        let extra = |plateau: &Option<ReduceOnPlateau>, lr: f64| -> Vec<(&'static str, String)> {
+            plateau.as_ref().map_or(Vec::new(), |p| {
+                let (best, bad) = p.state();
+                vec![("plateau_best", format!("{best:e}")), ("plateau_bad", bad.to_string()), ("lr", format!("{lr:e}"))]
+            })
+        };
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, usize::MAX));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
             .normalized(norm.0, norm.1)
@@ -332,13 +367,16 @@ pub fn train(
         if interrupted {
             bar.abandon();
             if let Some(dir) = &cfg.out_dir {
-                save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+                save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             }
             return Ok(Outcome { reports, interrupted: Some((epoch, pos.step)) });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let test = evaluate(model, &data.test, 500, norm)?;
+        if let Some(p) = plateau.as_mut() {
+            plateau_lr = p.step(test.loss, plateau_lr);
+        }
         let seen = pos.seen.max(1) as f64;
         let report = EpochReport {
             epoch,
@@ -358,7 +396,7 @@ pub fn train(
             .and_then(|_| f.flush())
             .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
             checkpoint::save(&dir.join(WEIGHTS), &checkpoint::state_dict(model))?;
-            save_checkpoint(dir, model, opt.as_ref(), pos, cfg)?;
+            save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
         }
         on_epoch(&report);

@@ -146,3 +146,52 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     assert!(e.contains("was written with seed 0, this run has 3"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn plateau_runs_resume_exactly_too() {
+    use stride_nn::schedule::ReduceOnPlateau;
+    let data = small(192, 64);
+    let plateau = |out| TrainConfig { plateau: Some(ReduceOnPlateau::new(0.5, 0, 0.9, 0.0)), ..cfg(3, Some(out)) };
+    let whole = tmp("plateau-whole");
+    let mut a = model(4);
+    train(&mut a, &data, &plateau(whole.clone()), false, None, |_| {}).unwrap();
+    let parts = tmp("plateau-parts");
+    train(&mut model(4), &data, &TrainConfig { epochs: 2, ..plateau(parts.clone()) }, false, None, |_| {}).unwrap();
+    let mut b = model(8);
+    train(&mut b, &data, &plateau(parts.clone()), true, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
+    // Same losses, accuracies and learning rates epoch by epoch (images/s aside).
+    let rows = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(d.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').enumerate().filter(|(i, _)| *i != 5).map(|(_, v)| v).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(rows(&whole), rows(&parts));
+    assert_ne!(rows(&whole)[1].rsplit(',').next(), rows(&whole)[3].rsplit(',').next(), "the plateau lowered the rate");
+    for d in [whole, parts] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn curves_png_has_both_series() {
+    let dir = tmp("curves");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("metrics.csv");
+    std::fs::write(&csv, "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr\n1,0.9,0.7,0.8,0.75,100,0.1\n2,0.5,0.85,0.6,0.8,100,0.1\n3,0.3,0.9,0.5,0.82,100,0.1\n").unwrap();
+    let png = dir.join("curves.png");
+    stride_train::curves::plot_from_metrics(&csv, &png).unwrap();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (900, 380));
+    let px: Vec<&[u8]> = buf[..info.buffer_size()].chunks(3).collect();
+    let count = |c: [u8; 3]| px.iter().filter(|p| **p == c).count();
+    assert!(count([31, 119, 180]) > 200, "train line drawn");
+    assert!(count([255, 127, 14]) > 200, "test line drawn");
+    assert!(count([255, 255, 255]) > px.len() / 2, "mostly background");
+    std::fs::remove_dir_all(dir).unwrap();
+}
