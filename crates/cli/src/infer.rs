@@ -81,3 +81,49 @@ pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!("wrote 'output' {:?} to {}", y.shape(), a.output.display());
     Ok(())
 }
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// Zoo model or TOML file the weights belong to.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// A run's model.safetensors: its header tells the input size, standardisation and class
+    /// names used in training.
+    #[arg(long)]
+    weights: PathBuf,
+    /// How many of the most likely classes to print per image.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    /// PNG or JPEG files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+/// Class probabilities for image files, with the training run's preprocessing.
+pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (mut tensors, meta) = checkpoint::load_with_metadata(&a.weights)?;
+    tensors.retain(|k, _| !k.starts_with("optimizer."));
+    let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", a.weights.display());
+    let shape: Vec<usize> =
+        meta.get("input_shape").ok_or_else(|| bad("no input_shape in the header"))?.split('x').filter_map(|v| v.parse().ok()).collect();
+    let [c, h, w] = shape[..] else { return Err(bad("input_shape is not CxHxW").into()) };
+    let mean: f32 = meta.get("input_mean").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let std: f32 = meta.get("input_std").and_then(|v| v.parse().ok()).filter(|s: &f32| *s > 0.0).unwrap_or(1.0);
+    let names: Vec<String> = meta.get("class_names").map(|s| s.split('\n').map(str::to_string).collect()).unwrap_or_default();
+    if names.is_empty() {
+        return Err(bad("no class_names in the header").into());
+    }
+    let mut model = stride_models::build_any(&a.model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
+    checkpoint::load_into(&mut model, &tensors)?;
+    for path in &a.images {
+        let pixels = stride_data::load_image(path, c, h, w)?;
+        let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - mean) / std).collect(), &[1, c, h, w])?;
+        let logits = no_grad(|| model.forward(&Var::constant(x), &mut Ctx::eval()))?;
+        let p = stride_autograd::softmax(&logits, 1)?.value();
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&i, &j| p.data()[j].total_cmp(&p.data()[i]));
+        let top: Vec<String> = order.iter().take(a.top.max(1)).map(|&i| format!("{} {:.4}", names[i], p.data()[i])).collect();
+        println!("{}: {}", path.display(), top.join(", "));
+    }
+    Ok(())
+}

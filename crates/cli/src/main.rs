@@ -25,6 +25,8 @@ enum Command {
     /// Runs a model in evaluation mode on the tensor `input` of a safetensors file and writes
     /// `output`, for tensor-by-tensor comparison with other frameworks.
     Run(infer::RunArgs),
+    /// Class probabilities for image files (PNG, JPEG), with a trained model.
+    Predict(infer::PredictArgs),
     /// Lists the model zoo.
     Models,
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
@@ -47,6 +49,7 @@ fn main() {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => infer::eval(&args),
         Command::Run(args) => infer::run(&args),
+        Command::Predict(args) => infer::predict(&args),
         Command::Models => {
             for m in stride_models::ZOO {
                 println!("{:<10} {:>3} epochs  {}", m.name, m.epochs, m.about);

@@ -113,3 +113,57 @@ fn bad_input_is_a_clear_error() {
     let models = stride(&["models"]);
     assert!(text(&models).contains("cnn-bn"));
 }
+
+#[test]
+fn image_folders_train_and_predict() {
+    let dir = tmp("images");
+    for (class, square) in [("circle", false), ("square", true)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..30u32 {
+            let img = image::GrayImage::from_fn(16, 16, |x, y| {
+                let (dx, dy) = (x as i32 - 8 + (i % 3) as i32 - 1, y as i32 - 8);
+                let inside = if square { dx.abs() < 5 && dy.abs() < 5 } else { dx * dx + dy * dy < 25 };
+                image::Luma([if inside { 220 } else { 10 }])
+            });
+            img.save(dir.join(class).join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+    let run = dir.join("run");
+    let out = stride(&[
+        "train",
+        "--model",
+        "cnn-bn",
+        "--data",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "5",
+        "--batch-size",
+        "8",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let p = stride(&[
+        "predict",
+        "--model",
+        "cnn-bn",
+        "--weights",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--top",
+        "2",
+        dir.join("square/05.png").to_str().unwrap(),
+        dir.join("circle/07.png").to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&p.stdout).to_string();
+    assert!(p.status.success(), "{}", text(&p));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines[0].contains("square/05.png: ") && lines[0].contains("circle") && lines[0].contains("square"), "{log}");
+    let prob = |line: &str, class: &str| -> f64 {
+        let part = line.split(": ").nth(1).unwrap().split(", ").find(|s| s.starts_with(class)).unwrap();
+        part.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!((prob(lines[0], "square") + prob(lines[0], "circle") - 1.0).abs() < 1e-3, "two classes, probabilities add up: {log}");
+    assert!(prob(lines[0], "square") > 0.5 && prob(lines[1], "circle") > 0.5, "easy shapes are learned in 5 epochs: {log}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -51,7 +51,12 @@ fn read(dir: &Path, names: &[String]) -> Result<Dataset> {
 /// Reads the five training batches and the test batch of a CIFAR-10 binary folder.
 pub fn cifar10_folder(dir: &Path) -> Result<Split> {
     let train: Vec<String> = (1..=5).map(|i| format!("data_batch_{i}.bin")).collect();
-    Ok(Split { name: "cifar-10".into(), train: read(dir, &train)?, test: read(dir, &["test_batch.bin".to_string()])? })
+    Ok(Split {
+        name: "cifar-10".into(),
+        train: read(dir, &train)?,
+        test: read(dir, &["test_batch.bin".to_string()])?,
+        class_names: crate::dataset::default_class_names("cifar-10", 10),
+    })
 }
 
 #[cfg(test)]

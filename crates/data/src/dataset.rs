@@ -52,6 +52,23 @@ pub struct Split {
     pub name: String,
     pub train: Dataset,
     pub test: Dataset,
+    /// A name per class index ("0".."9" for digits, "T-shirt/top".. for Fashion-MNIST,
+    /// folder names for image folders).
+    pub class_names: Vec<String>,
+}
+
+/// Fashion-MNIST's class names, by label.
+pub const FASHION_CLASSES: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+/// CIFAR-10's class names, by label.
+pub const CIFAR10_CLASSES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+
+/// Class names for a data set known by name, else the label numbers.
+pub fn default_class_names(name: &str, classes: usize) -> Vec<String> {
+    match name {
+        "fashion-mnist" if classes == 10 => FASHION_CLASSES.iter().map(|s| s.to_string()).collect(),
+        "cifar-10" if classes == 10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+        _ => (0..classes).map(|c| c.to_string()).collect(),
+    }
 }
 
 /// Where Debian's `dataset-fashion-mnist` installs Fashion-MNIST.
@@ -101,7 +118,8 @@ fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Re
     let mut test = test;
     train.classes = train.classes.max(test.classes);
     test.classes = train.classes;
-    Ok(Split { name: name.to_string(), train, test })
+    let class_names = default_class_names(name, train.classes);
+    Ok(Split { name: name.to_string(), train, test, class_names })
 }
 
 /// The embedded MNIST: 8,000 training and 2,000 test digits (see data/mnist/make_idx.py).
@@ -139,7 +157,8 @@ pub fn idx_folder(dir: &Path, name: &str) -> Result<Split> {
 }
 
 /// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder:
-/// CIFAR-10's binary batches (`data_batch_1.bin` ...), or the four IDX files of MNIST's layout.
+/// CIFAR-10's binary batches (`data_batch_1.bin` ...), the four IDX files of MNIST's layout, or
+/// an image folder (one sub-folder of PNG/JPEG images per class).
 pub fn load(spec: &str) -> Result<Split> {
     match spec {
         "mnist" => embedded_mnist(),
@@ -157,6 +176,9 @@ pub fn load(spec: &str) -> Result<Split> {
             }
             if crate::cifar::is_cifar_folder(dir) {
                 return crate::cifar::cifar10_folder(dir);
+            }
+            if find_idx(dir, IDX_NAMES[0]).is_none() && crate::folder::is_image_folder(dir) {
+                return crate::folder::image_folder(dir);
             }
             idx_folder(dir, &dir.file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()))
         }

@@ -5,11 +5,15 @@ mod augment;
 mod cifar;
 mod dataset;
 mod error;
+mod folder;
 pub mod idx;
 mod loader;
 
 pub use augment::Augment;
 pub use cifar::cifar10_folder;
-pub use dataset::{embedded_mnist, from_idx, idx_folder, load, Dataset, Split, FASHION_MNIST_DIR};
+pub use dataset::{
+    default_class_names, embedded_mnist, from_idx, idx_folder, load, Dataset, Split, CIFAR10_CLASSES, FASHION_CLASSES, FASHION_MNIST_DIR,
+};
 pub use error::{DataError, Result};
+pub use folder::{image_folder, image_shape, load_image};
 pub use loader::{Batch, Batches};

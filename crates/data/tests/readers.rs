@@ -121,3 +121,54 @@ fn augmented_batches_differ_from_plain_ones_and_repeat_with_the_seed() {
     let same: Vec<_> = Batches::new(&s.test, 100, None, false).augmented(&Augment::default(), 1).take(2).map(|b| b.images).collect();
     assert_eq!(same, plain.iter().map(|b| b.images.clone()).collect::<Vec<_>>());
 }
+
+/// Writes a small image folder: `circle` and `square` classes of 16x12 pictures.
+pub fn write_image_folder(dir: &std::path::Path, per_class: usize, rgb: bool) {
+    for (class, square) in [("circle", false), ("square", true)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(16, 12, |x, y| {
+                let (dx, dy) = (x as i32 - 8, y as i32 - 6);
+                let inside = if square { dx.abs() < 4 + (i % 2) as i32 && dy.abs() < 4 } else { dx * dx + dy * dy < 16 + i as i32 };
+                let v = if inside { 230 } else { 20 };
+                image::Rgb(if rgb { [v, 255 - v, 128] } else { [v, v, v] })
+            });
+            let name = dir.join(class).join(format!("{i:03}.{}", if i % 3 == 0 { "jpg" } else { "png" }));
+            // Grey pictures are stored as grey images (one channel), colour ones as RGB.
+            if rgb {
+                img.save(&name).unwrap();
+            } else {
+                image::DynamicImage::ImageRgb8(img).to_luma8().save(&name).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn image_folders_split_and_decode() {
+    let dir = std::env::temp_dir().join(format!("stride-imgs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_image_folder(&dir, 10, false);
+    std::fs::write(dir.join("circle").join("notes.txt"), "not an image").unwrap();
+    let s = load(dir.to_str().unwrap()).unwrap();
+    assert_eq!(s.class_names, vec!["circle", "square"]);
+    assert_eq!((s.train.len(), s.test.len()), (16, 4), "every fifth image is a test image");
+    assert_eq!((s.train.channels, s.train.height, s.train.width, s.train.classes), (1, 12, 16, 2));
+    assert_eq!(s.test.labels, vec![0, 0, 1, 1]);
+    // The centre is bright, the corner dark (PNG exactly, JPEG nearly).
+    let img = s.train.image(0);
+    assert!(img[6 * 16 + 8] > 200 && img[0] < 40, "{} {}", img[6 * 16 + 8], img[0]);
+    // Colour images give three planes.
+    let rgb = dir.with_extension("rgb");
+    let _ = std::fs::remove_dir_all(&rgb);
+    write_image_folder(&rgb, 5, true);
+    let c = load(rgb.to_str().unwrap()).unwrap();
+    assert_eq!(c.train.channels, 3);
+    assert!(c.train.image(0)[16 * 12 + 0] > 200, "green plane of a dark pixel is bright");
+    // A corrupt image is named.
+    std::fs::write(dir.join("square").join("bad.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
+    let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("bad.png") && e.contains("cannot decode"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&rgb).unwrap();
+}

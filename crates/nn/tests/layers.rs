@@ -110,3 +110,22 @@ fn shape_errors_name_the_layer() {
     assert!(Conv2d::new(rng, 6, 4, 3, Conv2dOptions::default().groups(4), true).is_err());
     let _ = Tensor::<f32>::zeros(&[1]).unwrap();
 }
+
+#[test]
+fn initialisers_have_the_documented_spread() {
+    use stride_nn::init;
+    let rng = &mut Rng::seed(9);
+    let shape = [64, 32, 3, 3]; // fan_in 288, fan_out 576
+    assert_eq!(init::fans(&shape), (288, 576));
+    let std = |t: &Tensor<f32>| (t.data().iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / t.numel() as f64).sqrt();
+    let close = |got: f64, want: f64| assert!((got / want - 1.0).abs() < 0.05, "std {got} vs {want}");
+    close(std(&init::kaiming_normal(rng, &shape).unwrap()), (2.0f64 / 288.0).sqrt());
+    close(std(&init::xavier_normal(rng, &shape).unwrap()), (2.0f64 / 864.0).sqrt());
+    // Uniform(-b, b) has std b / sqrt(3).
+    close(std(&init::kaiming_uniform(rng, &shape, 0.0).unwrap()), (2.0f64).sqrt() * (3.0f64 / 288.0).sqrt() / 3f64.sqrt());
+    close(std(&init::xavier_uniform(rng, &shape).unwrap()), (6.0f64 / 864.0).sqrt() / 3f64.sqrt());
+    let (w, b) = init::torch_default(rng, &shape).unwrap();
+    let bound = 1.0 / 288f32.sqrt();
+    assert!(w.data().iter().chain(b.data()).all(|v| v.abs() <= bound));
+    assert_eq!(b.shape(), [64]);
+}

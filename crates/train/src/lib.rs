@@ -395,7 +395,17 @@ pub fn train(
             )
             .and_then(|_| f.flush())
             .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
-            checkpoint::save(&dir.join(WEIGHTS), &checkpoint::state_dict(model))?;
+            let info: std::collections::HashMap<String, String> = [
+                ("input_mean", norm.0.to_string()),
+                ("input_std", norm.1.to_string()),
+                ("input_shape", format!("{}x{}x{}", data.train.channels, data.train.height, data.train.width)),
+                ("class_names", data.class_names.iter().map(|n| n.replace(['\n', '\r'], " ")).collect::<Vec<_>>().join("\n")),
+                ("data", data.name.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            checkpoint::save_with_metadata(&dir.join(WEIGHTS), &checkpoint::state_dict(model), Some(info))?;
             save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
         }
