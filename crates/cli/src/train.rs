@@ -45,6 +45,9 @@ pub struct TrainArgs {
     /// Learning-rate schedule over the epochs.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: Sched,
+    /// Clip gradients to this global L2 norm before each update.
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -151,6 +154,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         plateau: matches!(a.schedule, Sched::Plateau).then(|| ReduceOnPlateau::new(0.1, 2, 1e-4, 0.0)),
         normalize: true,
         augment,
+        clip_grad_norm: a.clip_grad_norm,
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -176,6 +180,11 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let Some(last) = outcome.reports.last() else {
         println!("nothing to do: the run in {} already finished its {} epochs", out.display(), cfg.epochs);
+        // The last line still states the run's final accuracy, from its metrics.
+        let csv = std::fs::read_to_string(out.join("metrics.csv"))?;
+        if let Some(acc) = csv.lines().last().and_then(|l| l.split(',').nth(4)).and_then(|v| v.parse::<f64>().ok()) {
+            println!("test accuracy {acc:.4}");
+        }
         return Ok(());
     };
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());

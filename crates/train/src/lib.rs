@@ -62,6 +62,8 @@ pub struct TrainConfig {
     pub normalize: bool,
     /// Augmentation of training images.
     pub augment: Augment,
+    /// Scale gradients so their global L2 norm is at most this (no clipping when `None`).
+    pub clip_grad_norm: Option<f64>,
     pub seed: u64,
     /// Where metrics.csv and model.safetensors go; nothing is written when `None`.
     pub out_dir: Option<PathBuf>,
@@ -81,6 +83,7 @@ impl Default for TrainConfig {
             plateau: None,
             normalize: true,
             augment: Augment::default(),
+            clip_grad_norm: None,
             seed: 0,
             out_dir: None,
             progress: false,
@@ -350,6 +353,9 @@ pub fn train(
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: lv });
                 }
                 loss.backward()?;
+                if let Some(max) = cfg.clip_grad_norm {
+                    optim::clip_grad_norm(&params, max)?;
+                }
                 opt.step(&params)?;
                 pos.loss_sum += lv as f64 * labels.len() as f64;
                 pos.right += correct(&logits, &labels)?;
