@@ -4,7 +4,7 @@
 use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Var};
 
 use crate::layers::Conv2d;
-use crate::module::{join, Ctx, Module, Slot};
+use crate::module::{join, visit_weight_bias, Ctx, Module, Slot};
 use crate::{init, Result};
 
 /// Transposed convolution with PyTorch's [in, out/groups, k, k] weight.
@@ -33,10 +33,7 @@ impl Module for ConvTranspose2d {
         Ok(ag::conv_transpose2d(x, &self.weight, self.bias.as_ref(), &self.opts)?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        f(join(prefix, "weight"), Slot::Param(&self.weight));
-        if let Some(b) = &self.bias {
-            f(join(prefix, "bias"), Slot::Param(b));
-        }
+        visit_weight_bias(prefix, &self.weight, self.bias.as_ref(), f);
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();

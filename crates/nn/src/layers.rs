@@ -2,7 +2,7 @@
 
 use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
-use crate::module::{join, Ctx, Module, Slot};
+use crate::module::{join, visit_weight_bias, Ctx, Module, Slot};
 use crate::{init, Result};
 
 /// 2-D convolution with a [out, in/groups, k, k] weight and an optional bias.
@@ -28,10 +28,7 @@ impl Module for Conv2d {
         Ok(ag::conv2d(x, &self.weight, self.bias.as_ref(), &self.opts)?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        f(join(prefix, "weight"), Slot::Param(&self.weight));
-        if let Some(b) = &self.bias {
-            f(join(prefix, "bias"), Slot::Param(b));
-        }
+        visit_weight_bias(prefix, &self.weight, self.bias.as_ref(), f);
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();
@@ -57,10 +54,7 @@ impl Module for Linear {
         Ok(ag::linear(x, &self.weight, self.bias.as_ref())?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        f(join(prefix, "weight"), Slot::Param(&self.weight));
-        if let Some(b) = &self.bias {
-            f(join(prefix, "bias"), Slot::Param(b));
-        }
+        visit_weight_bias(prefix, &self.weight, self.bias.as_ref(), f);
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();

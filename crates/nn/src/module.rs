@@ -63,3 +63,11 @@ pub fn join(prefix: &str, name: &str) -> String {
         format!("{prefix}.{name}")
     }
 }
+
+/// Visits `weight` and an optional `bias` under `prefix`, as every weighted layer names them.
+pub(crate) fn visit_weight_bias(prefix: &str, weight: &Var, bias: Option<&Var>, f: &mut dyn FnMut(String, Slot<'_>)) {
+    f(join(prefix, "weight"), Slot::Param(weight));
+    if let Some(b) = bias {
+        f(join(prefix, "bias"), Slot::Param(b));
+    }
+}
