@@ -50,17 +50,6 @@ pub fn axpy<T: Elem>(a: T, x: &[T], y: &mut [T]) {
     }
 }
 
-/// y[i] += a * x[i * stride]
-#[inline(always)]
-pub fn axpy_strided<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {
-    if stride == 1 {
-        return axpy(a, &x[..y.len()], y);
-    }
-    for (i, d) in y.iter_mut().enumerate() {
-        *d += a * x[i * stride];
-    }
-}
-
 /// y[i * stride] += a * x[i]
 #[inline(always)]
 pub fn scatter_axpy<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {
