@@ -69,7 +69,7 @@ fn wait_for(path: &Path, what: impl Fn(&str) -> bool, limit: Duration) -> bool {
 #[test]
 fn ctrl_c_saves_and_resume_finishes() {
     let dir = tmp("sigint");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stride"))
+    let child = Command::new(env!("CARGO_BIN_EXE_stride"))
         .args(["train", "--epochs", "3", "--out", dir.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()

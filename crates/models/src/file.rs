@@ -243,7 +243,7 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
                 }
                 None => None,
             };
-            Box::new(Residual { body: Box::new(body), shortcut })
+            Box::new(Residual::new(Box::new(body), shortcut))
         }
         "concat" => {
             f.only(&["branches"])?;
@@ -257,7 +257,7 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
             if branches.is_empty() {
                 return Err(f.err("field 'branches' needs at least one branch"));
             }
-            Box::new(Concat { branches })
+            Box::new(Concat::new(branches))
         }
         other => return Err(Error::arg("model file", format!("{at}: unknown layer type '{other}'")).into()),
     })
@@ -278,7 +278,7 @@ fn sequence(items: &[Value], prefix: &str, rng: &mut Rng, input: &[usize], class
         let x = Var::constant(Tensor::zeros(&dims)?);
         let y = no_grad(|| l.forward(&x, &mut Ctx::eval())).map_err(|e| e.context(format!("{at} ({})", l.describe())))?;
         shape = y.shape()[1..].to_vec();
-        seq.layers.push(l);
+        seq = seq.push_boxed(l);
     }
     Ok(seq)
 }

@@ -1,7 +1,7 @@
 //! More layers: transposed and depthwise-separable convolution, the other poolings, 2-D
 //! dropout, padding, and the blocks later models need (residual add, channel concat).
 
-use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Var};
+use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Unary, Var};
 
 use crate::layers::Conv2d;
 use crate::module::{join, visit_weight_bias, Ctx, Module, Slot};
@@ -144,10 +144,34 @@ impl Module for Pad {
     }
 }
 
-/// y = body(x) + shortcut(x) (identity shortcut when `shortcut` is None): ResNet's block.
+/// y = post(body(x) + shortcut(x)), identity shortcut when `shortcut` is None: ResNet's and
+/// MobileNet v2's blocks. Children are named `body` and `shortcut` unless renamed; an empty
+/// body name puts the body's parameters directly under the block (torchvision's `conv1`, `bn1`,
+/// ..., `downsample`).
 pub struct Residual {
     pub body: Box<dyn Module>,
     pub shortcut: Option<Box<dyn Module>>,
+    pub body_name: String,
+    pub shortcut_name: String,
+    /// Applied after the sum (ResNet's final relu).
+    pub post: Option<Unary>,
+}
+
+impl Residual {
+    pub fn new(body: Box<dyn Module>, shortcut: Option<Box<dyn Module>>) -> Self {
+        Residual { body, shortcut, body_name: "body".into(), shortcut_name: "shortcut".into(), post: None }
+    }
+    /// Renames the children.
+    pub fn named(mut self, body: &str, shortcut: &str) -> Self {
+        self.body_name = body.into();
+        self.shortcut_name = shortcut.into();
+        self
+    }
+    /// Applies `f` to the sum.
+    pub fn then(mut self, f: Unary) -> Self {
+        self.post = Some(f);
+        self
+    }
 }
 
 impl Module for Residual {
@@ -160,12 +184,16 @@ impl Module for Residual {
         if y.shape() != s.shape() {
             return Err(ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into());
         }
-        Ok(y.add(&s)?)
+        let sum = y.add(&s)?;
+        Ok(match self.post {
+            Some(f) => ag::ops::arith::unary(&sum, f)?,
+            None => sum,
+        })
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        self.body.visit(&join(prefix, "body"), f);
+        self.body.visit(&join(prefix, &self.body_name), f);
         if let Some(s) = &mut self.shortcut {
-            s.visit(&join(prefix, "shortcut"), f);
+            s.visit(&join(prefix, &self.shortcut_name), f);
         }
     }
     fn describe(&self) -> String {
@@ -174,9 +202,22 @@ impl Module for Residual {
 }
 
 /// Runs every branch on the same input and concatenates the results along channels:
-/// Inception's and DenseNet's blocks. Children are named 0, 1, ...
+/// Inception's blocks. Children are named 0, 1, ... unless named.
 pub struct Concat {
     pub branches: Vec<Box<dyn Module>>,
+    pub names: Vec<String>,
+}
+
+impl Concat {
+    pub fn new(branches: Vec<Box<dyn Module>>) -> Self {
+        let names = (0..branches.len()).map(|i| i.to_string()).collect();
+        Concat { branches, names }
+    }
+    /// Branches with names (`branch1`, `branch2`, ...).
+    pub fn named(branches: Vec<(&str, Box<dyn Module>)>) -> Self {
+        let (names, branches) = branches.into_iter().map(|(n, b)| (n.to_string(), b)).unzip();
+        Concat { branches, names }
+    }
 }
 
 impl Module for Concat {
@@ -186,11 +227,73 @@ impl Module for Concat {
         Ok(ag::concat(&refs, 1)?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        for (i, b) in self.branches.iter_mut().enumerate() {
-            b.visit(&join(prefix, &i.to_string()), f);
+        for (b, name) in self.branches.iter_mut().zip(&self.names) {
+            b.visit(&join(prefix, name), f);
         }
     }
     fn describe(&self) -> String {
         format!("Concat({} branches)", self.branches.len())
+    }
+}
+
+/// DenseNet's dense block: layer i sees the channel concatenation of the block's input and
+/// every earlier layer's output; the block returns the concatenation of all of them.
+pub struct DenseBlock {
+    pub layers: Vec<Box<dyn Module>>,
+    pub names: Vec<String>,
+}
+
+impl Module for DenseBlock {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        let mut feats = vec![x.clone()];
+        for (l, name) in self.layers.iter_mut().zip(&self.names) {
+            let input = if feats.len() == 1 { feats[0].clone() } else { ag::concat(&feats.iter().collect::<Vec<_>>(), 1)? };
+            feats.push(l.forward(&input, ctx).map_err(|e| e.context(format!("{name} ({})", l.describe())))?);
+        }
+        Ok(ag::concat(&feats.iter().collect::<Vec<_>>(), 1)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        for (l, name) in self.layers.iter_mut().zip(&self.names) {
+            l.visit(&join(prefix, name), f);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("DenseBlock({} layers)", self.layers.len())
+    }
+}
+
+/// Squeeze-and-excitation: x * sigmoid(fc2(relu(fc1(global_avg_pool(x))))), with 1x1
+/// convolutions `fc1` (C -> C/r) and `fc2` (C/r -> C), as torchvision's SqueezeExcitation.
+pub struct SqueezeExcite {
+    pub fc1: Conv2d,
+    pub fc2: Conv2d,
+}
+
+impl SqueezeExcite {
+    pub fn new(rng: &mut Rng, channels: usize, squeeze: usize) -> Result<Self> {
+        if squeeze == 0 {
+            return Err(ag::Error::arg("SqueezeExcite", format!("{channels} channels squeeze to 0; use a smaller reduction")).into());
+        }
+        Ok(SqueezeExcite {
+            fc1: Conv2d::new(rng, channels, squeeze, 1, Conv2dOptions::default(), true)?,
+            fc2: Conv2d::new(rng, squeeze, channels, 1, Conv2dOptions::default(), true)?,
+        })
+    }
+}
+
+impl Module for SqueezeExcite {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        let s = ag::global_avg_pool2d(x)?;
+        let s = self.fc1.forward(&s, ctx)?.relu()?;
+        let s = self.fc2.forward(&s, ctx)?.sigmoid()?;
+        Ok(x.mul(&s)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        self.fc1.visit(&join(prefix, "fc1"), f);
+        self.fc2.visit(&join(prefix, "fc2"), f);
+    }
+    fn describe(&self) -> String {
+        let s = self.fc1.weight.shape();
+        format!("SqueezeExcite({}, {})", s[1], s[0])
     }
 }

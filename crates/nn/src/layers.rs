@@ -74,6 +74,12 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    /// With a different epsilon (GoogLeNet's 0.001).
+    pub fn with_eps(channels: usize, eps: f64) -> Result<Self> {
+        let mut bn = BatchNorm::new(channels)?;
+        bn.opts.eps = eps;
+        Ok(bn)
+    }
     pub fn new(channels: usize) -> Result<Self> {
         Ok(BatchNorm {
             weight: Var::parameter(Tensor::ones(&[channels])?),
@@ -166,18 +172,34 @@ impl Module for Dropout {
     }
 }
 
-/// Layers applied in order; children are named 0, 1, 2, ... as in PyTorch's `nn.Sequential`.
+/// Layers applied in order. Children are named 0, 1, 2, ... as in PyTorch's `nn.Sequential`,
+/// or by name (`conv1`, `layer1`, ...) as in a PyTorch module's attributes.
 #[derive(Default)]
 pub struct Sequential {
     pub layers: Vec<Box<dyn Module>>,
+    /// One per layer: the name its parameters are saved under.
+    pub names: Vec<String>,
 }
 
 impl Sequential {
     pub fn new() -> Self {
-        Sequential { layers: Vec::new() }
+        Sequential::default()
     }
-    pub fn push(mut self, m: impl Module + 'static) -> Self {
+    /// Appends a layer named by its position.
+    pub fn push(self, m: impl Module + 'static) -> Self {
+        let name = self.layers.len().to_string();
+        self.push_named(&name, m)
+    }
+    /// Appends a layer under `name`.
+    pub fn push_named(mut self, name: &str, m: impl Module + 'static) -> Self {
         self.layers.push(Box::new(m));
+        self.names.push(name.to_string());
+        self
+    }
+    /// Appends a boxed layer named by its position.
+    pub fn push_boxed(mut self, m: Box<dyn Module>) -> Self {
+        self.names.push(self.layers.len().to_string());
+        self.layers.push(m);
         self
     }
 }
@@ -185,17 +207,17 @@ impl Sequential {
 impl Module for Sequential {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut h = x.clone();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            h = l.forward(&h, ctx).map_err(|e| e.context(format!("layer {i} ({})", l.describe())))?;
+        for (l, name) in self.layers.iter_mut().zip(&self.names) {
+            h = l.forward(&h, ctx).map_err(|e| e.context(format!("layer {name} ({})", l.describe())))?;
             if ctx.debug {
-                eprintln!("{i:>3} {:<48} -> {:?}", l.describe(), h.shape());
+                eprintln!("{name:>3} {:<48} -> {:?}", l.describe(), h.shape());
             }
         }
         Ok(h)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            l.visit(&join(prefix, &i.to_string()), f);
+        for (l, name) in self.layers.iter_mut().zip(&self.names) {
+            l.visit(&join(prefix, name), f);
         }
     }
     fn describe(&self) -> String {

@@ -1,7 +1,7 @@
 //! Layers: shapes, PyTorch parameter names and counts, modes, and their errors.
 
 use stride_autograd::{Conv2dOptions, Padding, Pool2dOptions, Rng, Tensor, Unary, Var};
-use stride_nn::blocks::{Concat, ConvTranspose2d, DepthwiseSeparableConv2d, Dropout2d, OtherPool, Pad, Residual};
+use stride_nn::blocks::{Concat, ConvTranspose2d, DenseBlock, DepthwiseSeparableConv2d, Dropout2d, OtherPool, Pad, Residual, SqueezeExcite};
 use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential};
 use stride_nn::{Ctx, Module, Slot};
 
@@ -88,12 +88,12 @@ fn blocks_have_the_right_shapes() {
     assert_eq!(Pad { pad: (0, 1, 0, 1), value: 0.0 }.forward(&x, ctx).unwrap().shape(), [2, 4, 7, 7]);
     let conv =
         |rng: &mut Rng, o| Box::new(Conv2d::new(rng, 4, o, 3, Conv2dOptions::default().padding(Padding::Same), false).unwrap()) as Box<dyn Module>;
-    let mut r = Residual { body: conv(rng, 4), shortcut: None };
+    let mut r = Residual::new(conv(rng, 4), None);
     assert_eq!(r.forward(&x, ctx).unwrap().shape(), [2, 4, 6, 6]);
     assert_eq!(names(&mut r), ["body.weight"]);
-    let mut bad = Residual { body: conv(rng, 5), shortcut: None };
+    let mut bad = Residual::new(conv(rng, 5), None);
     assert!(bad.forward(&x, ctx).unwrap_err().to_string().contains("the block gives [2, 5, 6, 6] but the shortcut gives [2, 4, 6, 6]"));
-    let mut c = Concat { branches: vec![conv(rng, 2), conv(rng, 3)] };
+    let mut c = Concat::new(vec![conv(rng, 2), conv(rng, 3)]);
     assert_eq!(c.forward(&x, ctx).unwrap().shape(), [2, 5, 6, 6]);
     assert_eq!(names(&mut c), ["0.weight", "1.weight"]);
 }
@@ -128,4 +128,61 @@ fn initialisers_have_the_documented_spread() {
     let bound = 1.0 / 288f32.sqrt();
     assert!(w.data().iter().chain(b.data()).all(|v| v.abs() <= bound));
     assert_eq!(b.shape(), [64]);
+}
+
+/// Values of `v` as f64.
+fn vals(v: &Var) -> Vec<f64> {
+    v.value().data().iter().map(|&x| x as f64).collect()
+}
+
+#[test]
+fn named_blocks_compute_what_they_say() {
+    let rng = &mut Rng::seed(4);
+    let ctx = &mut Ctx::eval();
+    let x = input(&[2, 3, 5, 5]);
+    let conv = |rng: &mut Rng, i, o| Conv2d::new(rng, i, o, 3, Conv2dOptions::default().padding(Padding::Same), true).unwrap();
+
+    // Residual with torchvision names and a relu after the sum: relu(body(x) + x).
+    let body = Sequential::new().push_named("conv1", conv(rng, 3, 3)).push_named("relu", Activation(Unary::Relu));
+    let mut r = Residual::new(Box::new(body), None).named("", "downsample").then(Unary::Relu);
+    assert_eq!(names(&mut r), ["conv1.weight", "conv1.bias"]);
+    let mut c1 =
+        Conv2d { weight: r.parameters()[0].clone(), bias: Some(r.parameters()[1].clone()), opts: Conv2dOptions::default().padding(Padding::Same) };
+    let want: Vec<f64> = vals(&c1.forward(&x, ctx).unwrap()).iter().zip(vals(&x)).map(|(b, x)| (b.max(0.0) + x).max(0.0)).collect();
+    for (g, w) in vals(&r.forward(&x, ctx).unwrap()).iter().zip(&want) {
+        assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+    }
+
+    // Dense block: layer 2 sees [x, y1]; the output is [x, y1, y2].
+    let (l1, l2) = (conv(rng, 3, 2), conv(rng, 5, 2));
+    let (w1, w2) = (l1.weight.clone(), l2.weight.clone());
+    let mut d = DenseBlock { layers: vec![Box::new(l1), Box::new(l2)], names: vec!["denselayer1".into(), "denselayer2".into()] };
+    assert_eq!(names(&mut d), ["denselayer1.weight", "denselayer1.bias", "denselayer2.weight", "denselayer2.bias"]);
+    let y = d.forward(&x, ctx).unwrap();
+    assert_eq!(y.shape(), [2, 7, 5, 5]);
+    let y1 = y.narrow(1, 3, 2).unwrap();
+    let mut again = Conv2d { weight: w2, bias: Some(d.parameters()[3].clone()), opts: Conv2dOptions::default().padding(Padding::Same) };
+    let y2 = again.forward(&stride_autograd::concat(&[&x, &y1], 1).unwrap(), ctx).unwrap();
+    assert_eq!(vals(&y.narrow(1, 5, 2).unwrap()), vals(&y2));
+    assert_eq!(vals(&y.narrow(1, 0, 3).unwrap()), vals(&x));
+    assert_eq!(w1.shape(), [2, 3, 3, 3]);
+
+    // Squeeze-excite by hand: per (image, channel) scale sigmoid(W2 relu(W1 mean + b1) + b2).
+    let mut se = SqueezeExcite::new(rng, 3, 2).unwrap();
+    assert_eq!(names(&mut se), ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+    let p: Vec<Vec<f64>> = se.parameters().iter().map(vals).collect();
+    let xv = vals(&x);
+    let got = vals(&se.forward(&x, ctx).unwrap());
+    for n in 0..2 {
+        let mean: Vec<f64> = (0..3).map(|c| xv[(n * 3 + c) * 25..][..25].iter().sum::<f64>() / 25.0).collect();
+        let h: Vec<f64> = (0..2).map(|j| ((0..3).map(|c| p[0][j * 3 + c] * mean[c]).sum::<f64>() + p[1][j]).max(0.0)).collect();
+        for c in 0..3 {
+            let s = 1.0 / (1.0 + (-((0..2).map(|j| p[2][c * 2 + j] * h[j]).sum::<f64>() + p[3][c])).exp());
+            for i in 0..25 {
+                let k = (n * 3 + c) * 25 + i;
+                assert!((got[k] - xv[k] * s).abs() < 1e-5, "n{n} c{c}: {} vs {}", got[k], xv[k] * s);
+            }
+        }
+    }
+    assert!(SqueezeExcite::new(rng, 3, 0).err().unwrap().to_string().contains("squeeze to 0"));
 }
