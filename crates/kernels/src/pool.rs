@@ -72,14 +72,16 @@ fn pool_axis(op: &'static str, axis: &str, input: usize, k: usize, s: usize, pad
     if k == 0 || s == 0 {
         return Err(Error::arg(op, format!("kernel {k} and stride {s} must be at least 1")));
     }
-    if padded < k {
+    // PyTorch: in ceil mode a window may hang over the end, even when the kernel is larger
+    // than the padded input, as long as it starts inside.
+    let reach = if ceil { padded + s - 1 } else { padded };
+    if reach < k {
         return Err(Error::geometry(
             op,
             format!("kernel {k} is larger than the padded input {padded} along {axis} (input {input} + padding {}+{})", pad.0, pad.1),
         ));
     }
-    let span = padded - k;
-    let mut out = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
+    let mut out = (reach - k) / s + 1;
     // PyTorch: the last window must start inside the input or the left padding.
     if ceil && (out - 1) * s >= input + pad.0 {
         out -= 1;

@@ -1,13 +1,14 @@
 //! The model zoo: networks by name, built for a given input shape and class count.
 #![forbid(unsafe_code)]
 
+pub mod arch;
 mod file;
 
 pub use file::from_toml;
 
-use stride_autograd::{Conv2dOptions, Error, Padding, Pool2dOptions, Rng, Unary};
+use stride_autograd::{no_grad, Conv2dOptions, Error, Padding, Pool2dOptions, Rng, Tensor, Unary, Var};
 use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential};
-use stride_nn::Result;
+use stride_nn::{Ctx, Module, Result};
 
 /// What a model is built for: [channels, height, width] of one image and the class count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,28 +25,242 @@ pub struct ZooEntry {
     pub about: &'static str,
     /// Epochs `stride train` runs by default for this model.
     pub epochs: usize,
+    /// The input the model was designed for (its parameter count in `stride models` is for
+    /// this input and class count).
+    pub input: InputSpec,
+    /// The smallest square image side the model accepts.
+    pub min_size: usize,
     pub build: fn(&mut Rng, InputSpec) -> Result<Sequential>,
 }
 
-/// Every model, by name.
+const fn spec(channels: usize, side: usize, classes: usize) -> InputSpec {
+    InputSpec { channels, height: side, width: side, classes }
+}
+const MNIST: InputSpec = spec(1, 28, 10);
+const CIFAR: InputSpec = spec(3, 32, 10);
+const IMAGENET: InputSpec = spec(3, 224, 1000);
+
+/// Every classifier, by name. (The variational autoencoder is [`vae`]'s.)
 pub const ZOO: &[ZooEntry] = &[
     ZooEntry {
         name: "cnn",
         about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10",
         epochs: 15,
+        input: MNIST,
+        min_size: 14,
         build: tutorial_cnn,
     },
     ZooEntry {
         name: "cnn-bn",
         about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout 0.25, dense 128, relu, dropout 0.25, dense 10",
         epochs: 13,
+        input: MNIST,
+        min_size: 4,
         build: cnn_bn,
+    },
+    ZooEntry {
+        name: "lenet5",
+        about: "LeNet-5: conv 6 5x5 (pad 2), tanh, avg-pool, conv 16 5x5, tanh, avg-pool, dense 120, 84",
+        epochs: 10,
+        input: MNIST,
+        min_size: 12,
+        build: arch::classic::lenet5,
+    },
+    ZooEntry {
+        name: "allconv",
+        about: "All-CNN-C: 3x3 convs with strided convs instead of pooling, 1x1 conv to classes, global average pool (with batch norm)",
+        epochs: 5,
+        input: CIFAR,
+        min_size: 9,
+        build: arch::classic::allconv,
+    },
+    ZooEntry { name: "alexnet", about: "AlexNet as torchvision builds it", epochs: 5, input: IMAGENET, min_size: 63, build: arch::classic::alexnet },
+    ZooEntry {
+        name: "vgg11",
+        about: "VGG-11 (configuration A), torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 32,
+        build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG11, false),
+    },
+    ZooEntry {
+        name: "vgg11_bn",
+        about: "VGG-11 with batch norm, torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 32,
+        build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG11, true),
+    },
+    ZooEntry {
+        name: "vgg16",
+        about: "VGG-16 (configuration D), torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 32,
+        build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG16, false),
+    },
+    ZooEntry {
+        name: "vgg16_bn",
+        about: "VGG-16 with batch norm, torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 32,
+        build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG16, true),
+    },
+    ZooEntry {
+        name: "googlenet",
+        about: "GoogLeNet (Inception v1), torchvision's with aux_logits=False, transform_input=False",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 15,
+        build: arch::inception::googlenet,
+    },
+    ZooEntry {
+        name: "resnet18",
+        about: "ResNet-18, torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET18),
+    },
+    ZooEntry {
+        name: "resnet34",
+        about: "ResNet-34, torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET34),
+    },
+    ZooEntry {
+        name: "resnet50",
+        about: "ResNet-50 (bottleneck blocks, stride on the 3x3), torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET50),
+    },
+    ZooEntry {
+        name: "resnet18_cifar",
+        about: "ResNet-18 with the CIFAR stem (3x3 conv, no max-pool): bench/SPEC.md's B4",
+        epochs: 3,
+        input: CIFAR,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET18 }),
+    },
+    ZooEntry {
+        name: "resnet34_cifar",
+        about: "ResNet-34 with the CIFAR stem",
+        epochs: 3,
+        input: CIFAR,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET34 }),
+    },
+    ZooEntry {
+        name: "resnet50_cifar",
+        about: "ResNet-50 with the CIFAR stem",
+        epochs: 3,
+        input: CIFAR,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET50 }),
+    },
+    ZooEntry {
+        name: "se_resnet18",
+        about: "SE-ResNet-18: ResNet-18 with a squeeze-and-excitation unit (reduction 16) in every block",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { se: true, ..arch::resnet::RESNET18 }),
+    },
+    ZooEntry {
+        name: "se_resnet50",
+        about: "SE-ResNet-50: ResNet-50 with a squeeze-and-excitation unit (reduction 16) in every block",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { se: true, ..arch::resnet::RESNET50 }),
+    },
+    ZooEntry {
+        name: "densenet121",
+        about: "DenseNet-121 (growth 32, blocks 6-12-24-16), torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 29,
+        build: |r, s| arch::dense::densenet(r, s, arch::dense::DENSENET121),
+    },
+    ZooEntry {
+        name: "densenet_bc",
+        about: "DenseNet-BC-40 (growth 12, three blocks of 6 bottleneck layers) for small images",
+        epochs: 5,
+        input: CIFAR,
+        min_size: 4,
+        build: |r, s| arch::dense::densenet(r, s, arch::dense::DENSENET_BC_40),
+    },
+    ZooEntry {
+        name: "mobilenet_v1",
+        about: "MobileNet v1 (width 1.0): 13 depthwise-separable blocks",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: arch::mobile::mobilenet_v1,
+    },
+    ZooEntry {
+        name: "mobilenet_v2",
+        about: "MobileNet v2 (inverted residuals, relu6), torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: arch::mobile::mobilenet_v2,
+    },
+    ZooEntry {
+        name: "shufflenet_v2_x1_0",
+        about: "ShuffleNet v2 x1.0, torchvision's",
+        epochs: 3,
+        input: IMAGENET,
+        min_size: 1,
+        build: arch::mobile::shufflenet_v2_x1_0,
+    },
+    ZooEntry {
+        name: "xception",
+        about: "Xception (Keras's layout): separable convolutions with residual connections",
+        epochs: 3,
+        input: spec(3, 299, 1000),
+        min_size: 7,
+        build: arch::inception::xception,
     },
 ];
 
 /// Builds the zoo model `name`.
+/// The model is checked by a dry run on one blank image, so a size it cannot take is an
+/// error here, naming the layer, not in the middle of training.
 pub fn build(name: &str, rng: &mut Rng, spec: InputSpec) -> Result<Sequential> {
-    (entry(name)?.build)(rng, spec)
+    let e = entry(name)?;
+    if spec.channels == 0 || spec.classes == 0 {
+        return Err(Error::arg(
+            "model",
+            format!("{name}: needs at least one channel and one class, got {} channels and {} classes", spec.channels, spec.classes),
+        )
+        .into());
+    }
+    let m = e.min_size;
+    let why = || {
+        format!(
+            "{name} cannot take {}x{}x{} images (it needs at least {m}x{m}; `stride train --resize N` resizes)",
+            spec.channels, spec.height, spec.width
+        )
+    };
+    let mut model = (e.build)(rng, spec).map_err(|err| err.context(why()))?;
+    dry_run(&mut model, spec).map_err(|err| err.context(why()))?;
+    Ok(model)
+}
+
+/// Runs `m` in evaluation mode on one blank image of `spec`.
+pub fn dry_run(m: &mut Sequential, spec: InputSpec) -> Result<()> {
+    let x = Var::constant(Tensor::zeros(&[1, spec.channels, spec.height, spec.width])?);
+    let y = no_grad(|| m.forward(&x, &mut Ctx::eval()))?;
+    if y.shape() != [1, spec.classes] {
+        return Err(Error::shape("model", format!("gives outputs of shape {:?}, expected [1, {}]", y.shape(), spec.classes)).into());
+    }
+    Ok(())
 }
 
 /// A zoo name, or a path to a TOML model file (ending in `.toml`).

@@ -197,9 +197,14 @@ impl Sequential {
         self
     }
     /// Appends a boxed layer named by its position.
-    pub fn push_boxed(mut self, m: Box<dyn Module>) -> Self {
-        self.names.push(self.layers.len().to_string());
+    pub fn push_boxed(self, m: Box<dyn Module>) -> Self {
+        let name = self.layers.len().to_string();
+        self.push_named_boxed(&name, m)
+    }
+    /// Appends a boxed layer under `name`.
+    pub fn push_named_boxed(mut self, name: &str, m: Box<dyn Module>) -> Self {
         self.layers.push(m);
+        self.names.push(name.to_string());
         self
     }
 }

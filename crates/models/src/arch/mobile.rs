@@ -1,0 +1,145 @@
+//! Networks for small devices: MobileNet v1 (Howard et al. 2017), MobileNet v2 (Sandler et al.
+//! 2018) and ShuffleNet v2 (Ma et al. 2018), the last two as torchvision builds them.
+
+use stride_autograd::{self as ag, Rng, Unary, Var};
+use stride_nn::blocks::{OtherPool, Residual};
+use stride_nn::layers::{Dropout, Flatten, Linear, Sequential};
+use stride_nn::{join, Ctx, Module, Result, Slot};
+
+use super::{bn, conv, conv_bn_act, max_pool, pooled_head, relu};
+use crate::InputSpec;
+
+/// MobileNet v1 (width 1.0): a strided 3x3 convolution, then 13 depthwise-separable blocks
+/// (depthwise 3x3 + BN + relu, pointwise 1x1 + BN + relu), global pooling, dense.
+pub fn mobilenet_v1(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
+    let mut features = Sequential::new().push(conv_bn_act(rng, s.channels, 32, 3, 2, 1, Unary::Relu)?);
+    let plan = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)];
+    let mut i = 32;
+    for (o, stride) in plan {
+        features = features.push(
+            Sequential::new()
+                .push(conv(rng, i, i, 3, stride, 1, i, false)?)
+                .push(bn(i)?)
+                .push(relu())
+                .push(conv(rng, i, o, 1, 1, 0, 1, false)?)
+                .push(bn(o)?)
+                .push(relu()),
+        );
+        i = o;
+    }
+    pooled_head(Sequential::new().push_named("features", features), rng, 1024, s.classes, "fc")
+}
+
+/// MobileNet v2's inverted residual: 1x1 expansion (unless the ratio is 1), depthwise 3x3,
+/// linear 1x1 projection; a residual connection when the shape is kept.
+fn inverted_residual(rng: &mut Rng, inp: usize, oup: usize, stride: usize, expand: usize) -> Result<Box<dyn Module>> {
+    let hidden = inp * expand;
+    let mut body = Sequential::new();
+    if expand != 1 {
+        body = body.push(conv_bn_act(rng, inp, hidden, 1, 1, 1, Unary::Relu6)?);
+    }
+    body =
+        body.push(conv_bn_act(rng, hidden, hidden, 3, stride, hidden, Unary::Relu6)?).push(conv(rng, hidden, oup, 1, 1, 0, 1, false)?).push(bn(oup)?);
+    Ok(if stride == 1 && inp == oup {
+        Box::new(Residual::new(Box::new(body), None).named("conv", "shortcut"))
+    } else {
+        Box::new(Sequential::new().push_named("conv", body))
+    })
+}
+
+pub fn mobilenet_v2(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
+    // (expansion t, channels c, repeats n, first stride s), from the paper's Table 2.
+    let plan = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
+    let mut features = Sequential::new().push(conv_bn_act(rng, s.channels, 32, 3, 2, 1, Unary::Relu6)?);
+    let mut i = 32;
+    for (t, c, n, first) in plan {
+        for r in 0..n {
+            features = features.push_boxed(inverted_residual(rng, i, c, if r == 0 { first } else { 1 }, t)?);
+            i = c;
+        }
+    }
+    features = features.push(conv_bn_act(rng, i, 1280, 1, 1, 1, Unary::Relu6)?);
+    Ok(Sequential::new()
+        .push_named("features", features)
+        .push_named("avgpool", OtherPool::AdaptiveAvg(1, 1))
+        .push_named("flatten", Flatten)
+        .push_named("classifier", Sequential::new().push(Dropout(0.2)).push(Linear::new(rng, 1280, s.classes, true)?)))
+}
+
+/// ShuffleNet v2's unit. Stride 1: split the channels in two, transform the second half,
+/// concatenate; stride 2: two transformed branches of the whole input. Then shuffle the
+/// channels in two groups. Children `branch1` (stride 2 only) and `branch2`, as torchvision.
+pub struct ShuffleUnit {
+    pub branch1: Option<Sequential>,
+    pub branch2: Sequential,
+}
+
+impl ShuffleUnit {
+    pub fn new(rng: &mut Rng, inp: usize, oup: usize, stride: usize) -> Result<Self> {
+        let half = oup / 2;
+        let branch1 = if stride > 1 {
+            Some(
+                Sequential::new()
+                    .push(conv(rng, inp, inp, 3, stride, 1, inp, false)?)
+                    .push(bn(inp)?)
+                    .push(conv(rng, inp, half, 1, 1, 0, 1, false)?)
+                    .push(bn(half)?)
+                    .push(relu()),
+            )
+        } else {
+            None
+        };
+        let first = if stride > 1 { inp } else { half };
+        let branch2 = Sequential::new()
+            .push(conv(rng, first, half, 1, 1, 0, 1, false)?)
+            .push(bn(half)?)
+            .push(relu())
+            .push(conv(rng, half, half, 3, stride, 1, half, false)?)
+            .push(bn(half)?)
+            .push(conv(rng, half, half, 1, 1, 0, 1, false)?)
+            .push(bn(half)?)
+            .push(relu());
+        Ok(ShuffleUnit { branch1, branch2 })
+    }
+}
+
+impl Module for ShuffleUnit {
+    fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+        let out = match &mut self.branch1 {
+            Some(b1) => ag::concat(&[&b1.forward(x, ctx)?, &self.branch2.forward(x, ctx)?], 1)?,
+            None => {
+                let c = x.shape()[1];
+                let parts = x.split(1, &[c / 2, c - c / 2])?;
+                ag::concat(&[&parts[0], &self.branch2.forward(&parts[1], ctx)?], 1)?
+            }
+        };
+        Ok(out.channel_shuffle(2)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        if let Some(b) = &mut self.branch1 {
+            b.visit(&join(prefix, "branch1"), f);
+        }
+        self.branch2.visit(&join(prefix, "branch2"), f);
+    }
+    fn describe(&self) -> String {
+        format!("ShuffleUnit(stride {})", if self.branch1.is_some() { 2 } else { 1 })
+    }
+}
+
+/// ShuffleNet v2 x1.0: stages of 4, 8 and 4 units with 116, 232 and 464 channels.
+pub fn shufflenet_v2_x1_0(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
+    let mut net = Sequential::new()
+        .push_named("conv1", Sequential::new().push(conv(rng, s.channels, 24, 3, 2, 1, 1, false)?).push(bn(24)?).push(relu()))
+        .push_named("maxpool", max_pool(3, 2, 1));
+    let mut i = 24;
+    for (stage, (repeats, o)) in [(4, 116), (8, 232), (4, 464)].into_iter().enumerate() {
+        let mut st = Sequential::new().push(ShuffleUnit::new(rng, i, o, 2)?);
+        for _ in 1..repeats {
+            st = st.push(ShuffleUnit::new(rng, o, o, 1)?);
+        }
+        net = net.push_named(&format!("stage{}", stage + 2), st);
+        i = o;
+    }
+    net = net.push_named("conv5", Sequential::new().push(conv(rng, i, 1024, 1, 1, 0, 1, false)?).push(bn(1024)?).push(relu()));
+    pooled_head(net, rng, 1024, s.classes, "fc")
+}
