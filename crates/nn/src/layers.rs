@@ -68,7 +68,7 @@ pub struct BatchNorm {
     pub bias: Var,
     pub running_mean: Tensor<f32>,
     pub running_var: Tensor<f32>,
-    /// Counted as PyTorch does, saved as a float.
+    /// Counted as PyTorch does: a scalar, saved as int64.
     pub num_batches_tracked: Tensor<f32>,
     pub opts: BatchNormOptions,
 }
@@ -86,7 +86,7 @@ impl BatchNorm {
             bias: Var::parameter(Tensor::zeros(&[channels])?),
             running_mean: Tensor::zeros(&[channels])?,
             running_var: Tensor::ones(&[channels])?,
-            num_batches_tracked: Tensor::zeros(&[1])?,
+            num_batches_tracked: Tensor::scalar(0.0),
             opts: BatchNormOptions::default(),
         })
     }

@@ -55,9 +55,11 @@ pub trait Module {
     }
 }
 
-/// `prefix.name`, or `name` at the top level.
+/// `prefix.name`, or `name` at the top level, or `prefix` for an unnamed (flattened) child.
 pub fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
+    if name.is_empty() {
+        prefix.to_string()
+    } else if prefix.is_empty() {
         name.to_string()
     } else {
         format!("{prefix}.{name}")

@@ -25,18 +25,28 @@ pub fn state_dict(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
     out
 }
 
-/// Writes `tensors` to `path` as safetensors (f32), atomically.
+/// Writes `tensors` to `path` as safetensors, atomically: f32, except batch norm's
+/// `num_batches_tracked`, which is int64 as in PyTorch, so the file loads into torchvision.
 pub fn save(path: &Path, tensors: &[(String, Tensor<f32>)]) -> Result<()> {
     save_with_metadata(path, tensors, None)
 }
 
 /// Like [`save`], with string metadata in the file's header.
 pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor<f32>)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.data().iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape().to_vec())).collect();
+    let bytes: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (dtype, b) = if n.ends_with("num_batches_tracked") {
+                (Dtype::I64, t.data().iter().flat_map(|&v| (v as i64).to_le_bytes()).collect())
+            } else {
+                (Dtype::F32, t.data().iter().flat_map(|v| v.to_le_bytes()).collect())
+            };
+            (n.clone(), dtype, b, t.shape().to_vec())
+        })
+        .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, d, b, s)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     let data = safetensors::serialize(views, metadata).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
@@ -65,8 +75,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     result.map_err(io)
 }
 
-/// Reads a safetensors file; every tensor must be f32. Names, shapes and byte ranges are
-/// checked by the safetensors crate before any data is used.
+/// Reads a safetensors file as f32 tensors (f64, int64 and int32 tensors are converted, as
+/// PyTorch's `num_batches_tracked`). Names, shapes and byte ranges are checked by the
+/// safetensors crate before any data is used.
 pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
     Ok(load_with_metadata(path)?.0)
 }
@@ -79,10 +90,19 @@ pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, 
     let metadata = SafeTensors::read_metadata(&bytes).map_err(bad)?.1.metadata().clone().unwrap_or_default();
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(TrainError::Checkpoint(format!("{}: tensor '{name}' has dtype {:?}, expected F32", path.display(), view.dtype())));
-        }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+            Dtype::I64 => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32).collect(),
+            other => {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: tensor '{name}' has dtype {other:?}; Stride reads F32, F64, I64 and I32 (convert with `model.float()` before saving)",
+                    path.display()
+                )))
+            }
+        };
         let t = Tensor::from_vec(data, view.shape()).map_err(|e| TrainError::Checkpoint(format!("{}: tensor '{name}': {e}", path.display())))?;
         out.insert(name.clone(), t);
     }
@@ -101,7 +121,9 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
         };
         match tensors.get(&name) {
             None => problems.push(format!("missing '{name}' {shape:?}")),
-            Some(t) if t.shape() != shape => problems.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape())),
+            Some(t) if t.shape() != shape && !same_scalar(t.shape(), &shape) => {
+                problems.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape()))
+            }
             Some(_) => {}
         }
         seen.insert(name);
@@ -115,6 +137,11 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
     let mut result = Ok(());
     model.visit("", &mut |name, slot| {
         let t = tensors[&name].clone();
+        let shape = match &slot {
+            Slot::Param(v) => v.shape(),
+            Slot::Buffer(b) => b.shape().to_vec(),
+        };
+        let t = if t.shape() == shape { t } else { Tensor::from_vec(t.data().to_vec(), &shape).expect("one element either way") };
         match slot {
             Slot::Param(v) => {
                 if let Err(e) = v.set_value(t) {
@@ -125,4 +152,9 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
         }
     });
     result
+}
+
+/// A scalar saved as shape [] or [1] (older Stride files kept `num_batches_tracked` as [1]).
+fn same_scalar(a: &[usize], b: &[usize]) -> bool {
+    a.len() <= 1 && b.len() <= 1 && a.iter().product::<usize>() == 1 && b.iter().product::<usize>() == 1
 }
