@@ -1,6 +1,6 @@
 //! `stride eval` and `stride run`: a trained model on a test set, or on a tensor file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use stride_autograd::{no_grad, Rng, Var};
@@ -19,6 +19,9 @@ pub struct EvalArgs {
     /// Data set whose test split to evaluate on (as for `stride train`).
     #[arg(long, default_value = "mnist")]
     data: String,
+    /// Resize the images as the model was trained (`--resize` of `stride train`).
+    #[arg(long, value_parser = crate::train::parse_size)]
+    resize: Option<(usize, usize)>,
 }
 
 #[derive(Args)]
@@ -39,17 +42,27 @@ pub struct RunArgs {
     classes: usize,
 }
 
-/// Builds `model` for `spec` and loads `weights` into it (optimizer entries are ignored).
-fn load_model(model: &str, spec: InputSpec, weights: &PathBuf) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
-    let mut m = stride_models::build_any(model, &mut Rng::seed(0), spec)?;
+/// Loads a safetensors state_dict into `model`, checking every name and shape (optimizer
+/// entries of a Stride checkpoint are ignored).
+pub fn load_weights(model: &mut dyn Module, weights: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut tensors = checkpoint::load(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
-    checkpoint::load_into(&mut m, &tensors)?;
+    checkpoint::load_into(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok(())
+}
+
+/// Builds `model` for `spec` and loads `weights` into it.
+fn load_model(model: &str, spec: InputSpec, weights: &Path) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
+    let mut m = stride_models::build_any(model, &mut Rng::seed(0), spec)?;
+    load_weights(&mut m, weights)?;
     Ok(m)
 }
 
 pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let data = stride_data::load(&a.data)?;
+    let mut data = stride_data::load(&a.data)?;
+    if let Some((h, w)) = a.resize {
+        data = data.resized(h, w)?;
+    }
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = load_model(&a.model, spec, &a.weights)?;

@@ -3,6 +3,7 @@
 mod bench;
 mod infer;
 mod train;
+mod vae;
 
 use clap::{Parser, Subcommand};
 
@@ -27,10 +28,42 @@ enum Command {
     Run(infer::RunArgs),
     /// Class probabilities for image files (PNG, JPEG), with a trained model.
     Predict(infer::PredictArgs),
+    /// Trains the convolutional variational autoencoder; saves reconstructions every epoch.
+    Vae(vae::VaeArgs),
+    /// Draws new digits from a trained VAE's prior into a grid PNG.
+    Sample(vae::SampleArgs),
     /// Lists the model zoo.
     Models,
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
+}
+
+/// The zoo with parameter counts for each model's design input.
+fn models() -> Result<(), Box<dyn std::error::Error>> {
+    println!("{:<20} {:>13}  {:<14} {:>6}  about", "name", "parameters", "designed for", "epochs");
+    for m in stride_models::ZOO {
+        let s = m.input;
+        let n = stride_nn::Module::num_parameters(&mut (m.build)(&mut stride_autograd::Rng::seed(0), s)?);
+        let input = format!("{}x{}x{}, {}", s.channels, s.height, s.width, s.classes);
+        println!("{:<20} {:>13}  {:<14} {:>6}  {}", m.name, group(n), input, m.epochs, m.about);
+    }
+    let n = stride_nn::Module::num_parameters(&mut stride_models::vae::Vae::new(&mut stride_autograd::Rng::seed(0))?);
+    println!("{:<20} {:>13}  {:<14} {:>6}  {}", "vae", group(n), "1x32x32", 10, stride_models::vae::ABOUT);
+    println!("\nEvery model builds for any channel and class count; `stride train --resize N` fits the data to models that need larger images.");
+    Ok(())
+}
+
+/// 11689512 -> "11,689,512"
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn main() {
@@ -50,12 +83,9 @@ fn main() {
         Command::Eval(args) => infer::eval(&args),
         Command::Run(args) => infer::run(&args),
         Command::Predict(args) => infer::predict(&args),
-        Command::Models => {
-            for m in stride_models::ZOO {
-                println!("{:<10} {:>3} epochs  {}", m.name, m.epochs, m.about);
-            }
-            Ok(())
-        }
+        Command::Models => models(),
+        Command::Vae(args) => vae::train(&args),
+        Command::Sample(args) => vae::sample(&args),
         Command::Bench(args) => bench::run(&args).map_err(Into::into),
     };
     if let Err(e) = result {

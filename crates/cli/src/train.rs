@@ -58,6 +58,14 @@ pub struct TrainArgs {
     /// Continue the run saved in --out (after Ctrl-C or a crash) exactly where it stopped.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Resize every image first: `32` or `HxW` (for models that need larger inputs than the
+    /// data's, such as vgg16 on 28x28 digits).
+    #[arg(long, value_parser = parse_size)]
+    resize: Option<(usize, usize)>,
+    /// Start from these weights (a safetensors state_dict: a Stride run's model.safetensors or
+    /// torchvision's, saved with `safetensors.torch.save_file(model.state_dict(), ...)`).
+    #[arg(long, conflicts_with = "resume")]
+    weights: Option<PathBuf>,
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
     debug: bool,
@@ -86,7 +94,7 @@ enum Opt {
 }
 
 /// A fresh run folder under runs/: runs/<model>-<data>-<n>, names reduced to safe characters.
-fn default_out(model: &str, data: &str) -> PathBuf {
+pub fn default_out(model: &str, data: &str) -> PathBuf {
     let tag = |s: &str| -> String {
         let base = std::path::Path::new(s).file_stem().map_or(s.to_string(), |f| f.to_string_lossy().into_owned());
         base.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect()
@@ -95,11 +103,27 @@ fn default_out(model: &str, data: &str) -> PathBuf {
     (1..).map(|n| PathBuf::from(format!("runs/{m}-{d}-{n}"))).find(|p| !p.exists()).expect("an unused name")
 }
 
+/// `32` or `32x48` (height x width).
+pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|n| (1..=4096).contains(n));
+    let size = match s.split_once(['x', 'X']) {
+        Some((h, w)) => parse(h).zip(parse(w)),
+        None => parse(s).map(|n| (n, n)),
+    };
+    size.ok_or_else(|| format!("'{s}' is not a size: give N or HxW with each side 1..=4096"))
+}
+
 pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let data = stride_data::load(&a.data)?;
+    let mut data = stride_data::load(&a.data)?;
+    if let Some((h, w)) = a.resize {
+        data = data.resized(h, w)?;
+    }
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = stride_models::build_any(&a.model, &mut Rng::seed(a.seed), spec)?;
+    if let Some(w) = &a.weights {
+        crate::infer::load_weights(&mut model, w)?;
+    }
     let epochs = match a.epochs {
         Some(e) => e,
         None if a.model.ends_with(".toml") => 10,

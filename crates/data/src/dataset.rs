@@ -37,6 +37,32 @@ impl Dataset {
         (mean as f32, var.sqrt() as f32)
     }
     /// Examples per class.
+    /// Every image resized to `height` x `width` (bilinear, per channel), e.g. 28x28 digits to
+    /// the 32x32 that VGG or the VAE expect.
+    pub fn resized(&self, height: usize, width: usize) -> Result<Dataset> {
+        if !(1..=4096).contains(&height) || !(1..=4096).contains(&width) {
+            return Err(DataError::Other(format!("cannot resize to {height}x{width}: each side must be 1..=4096")));
+        }
+        if (height, width) == (self.height, self.width) {
+            return Ok(self.clone());
+        }
+        let bytes = self.len() as u64 * self.channels as u64 * height as u64 * width as u64;
+        if bytes > crate::folder::MAX_BYTES as u64 {
+            return Err(DataError::Other(format!(
+                "resizing {} images to {height}x{width} needs {bytes} bytes, over the {} limit",
+                self.len(),
+                crate::folder::MAX_BYTES as u64
+            )));
+        }
+        let plane = self.height * self.width;
+        let mut images = Vec::with_capacity(bytes as usize);
+        for p in self.images.chunks_exact(plane) {
+            let img = image::GrayImage::from_raw(self.width as u32, self.height as u32, p.to_vec()).expect("plane size");
+            images.extend(image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle).into_raw());
+        }
+        Ok(Dataset { images, height, width, ..self.clone() })
+    }
+
     pub fn class_counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes];
         for &l in &self.labels {
@@ -55,6 +81,21 @@ pub struct Split {
     /// A name per class index ("0".."9" for digits, "T-shirt/top".. for Fashion-MNIST,
     /// folder names for image folders).
     pub class_names: Vec<String>,
+}
+
+impl Split {
+    /// Both halves resized to `height` x `width`; the name says so.
+    pub fn resized(&self, height: usize, width: usize) -> Result<Split> {
+        if (height, width) == (self.train.height, self.train.width) {
+            return Ok(self.clone());
+        }
+        Ok(Split {
+            name: format!("{} at {height}x{width}", self.name),
+            train: self.train.resized(height, width)?,
+            test: self.test.resized(height, width)?,
+            class_names: self.class_names.clone(),
+        })
+    }
 }
 
 /// Fashion-MNIST's class names, by label.

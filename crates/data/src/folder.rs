@@ -9,7 +9,7 @@ use crate::error::{DataError, Result};
 use crate::{Dataset, Split};
 
 /// The most pixel bytes an image folder may decode into memory (4 GiB).
-const MAX_BYTES: usize = 1 << 32;
+pub(crate) const MAX_BYTES: usize = 1 << 32;
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>> {

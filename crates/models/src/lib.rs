@@ -3,6 +3,7 @@
 
 pub mod arch;
 mod file;
+pub mod vae;
 
 pub use file::from_toml;
 

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod curves;
+pub mod vae;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,178 @@
+//! Training the convolutional VAE: Adam on the summed binary cross-entropy plus the KL term,
+//! with the held-out loss and a grid of reconstructions after every epoch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use stride_autograd::{no_grad, Rng, Tensor, Var};
+use stride_data::{Batches, Dataset, Split};
+use stride_models::vae::{Vae, LATENT, SIDE};
+use stride_nn::optim::{self, Adam, Optimizer};
+use stride_nn::Ctx;
+
+use crate::{checkpoint, mix, Result, TrainError};
+
+/// A VAE run's settings (the article's: Adam 1e-3, batch 32).
+#[derive(Clone, Debug)]
+pub struct VaeConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Where result{N}.png, vae_metrics.csv and vae.safetensors go; nothing is written when None.
+    pub out_dir: Option<PathBuf>,
+    pub progress: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, out_dir: None, progress: false }
+    }
+}
+
+/// One epoch's held-out loss (batch means over the test split).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VaeReport {
+    pub epoch: usize,
+    pub train_total: f64,
+    pub total: f64,
+    pub likelihood: f64,
+    pub kl: f64,
+    pub images_per_second: f64,
+}
+
+/// The split as one-channel 32x32 images (resized when needed).
+pub fn prepare(data: &Split) -> Result<Split> {
+    if data.train.channels != 1 {
+        return Err(TrainError::Config(format!("the VAE reads one-channel images; {} has {} channels", data.name, data.train.channels)));
+    }
+    data.resized(SIDE, SIDE).map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// Held-out loss terms, in evaluation mode with a fixed draw of eps.
+pub fn evaluate_vae(model: &mut Vae, ds: &Dataset, batch_size: usize) -> Result<(f64, f64, f64)> {
+    let mut ctx = Ctx::eval();
+    ctx.rng = Rng::seed(0x5EED);
+    let (mut tot, mut lik, mut kl, mut n) = (0.0, 0.0, 0.0, 0usize);
+    no_grad(|| -> Result<()> {
+        for b in Batches::new(ds, batch_size, None, false) {
+            let k = b.labels.len();
+            let (_, l) = model.forward_loss(&Var::constant(b.images), &mut ctx)?;
+            let v = |x: &Var| x.value().data()[0] as f64 * k as f64;
+            tot += v(&l.total);
+            lik += v(&l.likelihood);
+            kl += v(&l.kl);
+            n += k;
+        }
+        Ok(())
+    })?;
+    let n = n.max(1) as f64;
+    Ok((tot / n, lik / n, kl / n))
+}
+
+/// Trains `model` on `data` (one channel, 32x32: see [`prepare`]); calls `on_epoch` after each
+/// epoch. Writes result{epoch}.png (reconstructions of nine test images, 28x28),
+/// vae_metrics.csv and vae.safetensors (atomically) when `cfg.out_dir` is set.
+pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: impl FnMut(&VaeReport)) -> Result<Vec<VaeReport>> {
+    if data.train.height != SIDE || data.train.width != SIDE || data.train.channels != 1 {
+        return Err(TrainError::Config(format!("the VAE trains on 1x{SIDE}x{SIDE} images; call vae::prepare first")));
+    }
+    if cfg.batch_size < 2 || data.train.len() < cfg.batch_size || data.test.is_empty() {
+        return Err(TrainError::Config(format!(
+            "batch size {} needs at least 2 and at most the {} training images, and the test split must not be empty",
+            cfg.batch_size,
+            data.train.len()
+        )));
+    }
+    if let Some(d) = &cfg.out_dir {
+        std::fs::create_dir_all(d).map_err(|e| TrainError::Io(format!("{}: {e}", d.display())))?;
+    }
+    let params = stride_nn::Module::parameters(model);
+    let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
+    let mut reports = Vec::new();
+    let mut csv = String::from("epoch,train_total,total,likelihood,kl\n");
+    for epoch in 1..=cfg.epochs {
+        let mut shuffle = Rng::seed(mix(cfg.seed, epoch, 0));
+        let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), true);
+        let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
+        bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        let start = Instant::now();
+        let (mut sum, mut seen) = (0.0, 0usize);
+        for (step, b) in batches.enumerate() {
+            let mut ctx = Ctx::train(mix(cfg.seed, epoch, step + 1));
+            optim::zero_grad(&params);
+            let (_, loss) = model.forward_loss(&Var::constant(b.images), &mut ctx)?;
+            let l = loss.total.value().data()[0] as f64;
+            if !l.is_finite() {
+                return Err(TrainError::Diverged { epoch, step: step + 1, loss: l as f32 });
+            }
+            loss.total.backward()?;
+            opt.step(&params)?;
+            sum += l * b.labels.len() as f64;
+            seen += b.labels.len();
+            bar.inc(1);
+            bar.set_message(format!("L_tot {:.2}", sum / seen as f64));
+        }
+        bar.finish_and_clear();
+        let secs = start.elapsed().as_secs_f64();
+        let (total, likelihood, kl) = evaluate_vae(model, &data.test, 250)?;
+        let r = VaeReport { epoch, train_total: sum / seen.max(1) as f64, total, likelihood, kl, images_per_second: seen as f64 / secs };
+        csv.push_str(&format!("{epoch},{},{total},{likelihood},{kl}\n", r.train_total));
+        if let Some(d) = &cfg.out_dir {
+            let grid = reconstructions(model, &data.test, 9)?;
+            write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, 28)?;
+            checkpoint::write_atomic(&d.join("vae_metrics.csv"), csv.as_bytes())?;
+            checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
+        }
+        on_epoch(&r);
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+/// Reconstructions of `n` images spread evenly over `ds` (so a class-sorted test split shows
+/// several classes), in evaluation mode with a fixed eps.
+pub fn reconstructions(model: &mut Vae, ds: &Dataset, n: usize) -> Result<Tensor<f32>> {
+    let n = n.min(ds.len());
+    if n == 0 {
+        return Err(TrainError::Config("no images to reconstruct".into()));
+    }
+    let pixels: Vec<f32> = (0..n).flat_map(|i| ds.image(i * ds.len() / n).iter().map(|&p| p as f32 / 255.0)).collect();
+    let x = Tensor::from_vec(pixels, &[n, ds.channels, ds.height, ds.width])?;
+    let mut ctx = Ctx::eval();
+    ctx.rng = Rng::seed(0x5EED);
+    Ok(no_grad(|| model.forward_loss(&Var::constant(x), &mut ctx))?.0.value())
+}
+
+/// `n` new images from the prior: z ~ N(0, 1), generated in evaluation mode.
+pub fn sample(model: &mut Vae, n: usize, seed: u64) -> Result<Tensor<f32>> {
+    if n == 0 || n > 4096 {
+        return Err(TrainError::Config(format!("can sample 1..=4096 images, asked for {n}")));
+    }
+    let z = Var::constant(Rng::seed(seed).normal(&[n, LATENT], 0.0, 1.0)?);
+    Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value())
+}
+
+/// Writes images [N, 1, H, W] in [0, 1] as a grayscale PNG grid with `cols` columns, each
+/// image resized to `side` x `side`, 2-pixel gaps; atomically.
+pub fn write_grid(path: &Path, images: &Tensor<f32>, cols: usize, side: usize) -> Result<()> {
+    let &[n, 1, h, w] = images.shape() else {
+        return Err(TrainError::Config(format!("a grid needs [N, 1, H, W] images, got {:?}", images.shape())));
+    };
+    let (cols, gap) = (cols.clamp(1, n.max(1)), 2);
+    let rows = n.div_ceil(cols);
+    let (gw, gh) = (cols * (side + gap) + gap, rows * (side + gap) + gap);
+    let mut grid = image::GrayImage::from_pixel(gw as u32, gh as u32, image::Luma([255]));
+    for (i, img) in images.data().chunks_exact(h * w).enumerate() {
+        let bytes: Vec<u8> = img.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        let small = image::GrayImage::from_raw(w as u32, h as u32, bytes).expect("plane size");
+        let small = image::imageops::resize(&small, side as u32, side as u32, image::imageops::FilterType::Triangle);
+        let (x, y) = (gap + (i % cols) * (side + gap), gap + (i / cols) * (side + gap));
+        image::imageops::replace(&mut grid, &small, x as i64, y as i64);
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    checkpoint::write_atomic(path, &bytes)
+}
