@@ -167,3 +167,66 @@ fn image_folders_train_and_predict() {
     assert!(prob(lines[0], "square") > 0.5 && prob(lines[1], "circle") > 0.5, "easy shapes are learned in 5 epochs: {log}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_zoo_lists_counts_and_explains_sizes() {
+    let out = stride(&["models"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for row in [("resnet18 ", "11,689,512"), ("vgg16_bn ", "138,365,992"), ("googlenet ", "6,624,904"), ("vae ", "1,930,082")] {
+        let line = log.lines().find(|l| l.starts_with(row.0)).unwrap_or_else(|| panic!("no {} row: {log}", row.0));
+        assert!(line.contains(row.1), "{line}");
+    }
+    // VGG halves 28x28 five times: a clear error with the way out.
+    let out = stride(&["train", "--model", "vgg11", "--epochs", "1", "--out", tmp("vgg").to_str().unwrap()]);
+    let log = text(&out);
+    assert!(!out.status.success());
+    assert!(log.contains("vgg11 cannot take 1x28x28 images (it needs at least 32x32; `stride train --resize N` resizes)"), "{log}");
+    assert!(log.contains("layer features (") && log.contains("layer 20 (MaxPool2d"), "names the layer: {log}");
+    assert!(text(&stride(&["train", "--resize", "0x5"])).contains("'0x5' is not a size"));
+}
+
+#[test]
+fn a_pytorch_state_dict_starts_training_and_resized_eval_agrees() {
+    let torch_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/lenet5_torch.safetensors");
+    let tf = torch_file.to_str().unwrap();
+    // Weights saved by PyTorch start a run; resizing the data changes lenet5's fc1 and is caught.
+    let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--weights", tf, "--out", tmp("weights").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--resize", "32", "--weights", tf, "--out", tmp("weights2").to_str().unwrap()]);
+    assert!(text(&out).contains("'fc1.weight' has shape [120, 400], the model needs [120, 576]"), "{}", text(&out));
+    // A run on resized images, evaluated on the same resizing, gives the same accuracy.
+    let dir = tmp("resize");
+    let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--resize", "32", "--out", dir.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success() && log.contains("at 32x32"), "{log}");
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    let w = dir.join("model.safetensors");
+    let ev = stride(&["eval", "--model", "lenet5", "--resize", "32", "--weights", w.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap(), last, "{}", text(&ev));
+    // Weights for another model: every problem at once.
+    let bad = stride(&["eval", "--model", "cnn", "--weights", tf]);
+    let log = text(&bad);
+    assert!(!bad.status.success());
+    assert!(log.contains("missing '0.weight'") && log.contains("unexpected 'conv1.weight'") && log.contains("unexpected 'fc3.bias'"), "{log}");
+}
+
+#[test]
+fn vae_trains_saves_grids_and_samples() {
+    let dir = tmp("vae");
+    let d = dir.to_str().unwrap();
+    let out = stride(&["vae", "--epochs", "1", "--out", d]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let line = log.lines().find(|l| l.starts_with("epoch 1: L_tot = ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(", L_likelihood = ") && line.contains(", L_KL = "), "{line}");
+    assert!(dir.join("result1.png").is_file() && dir.join("vae.safetensors").is_file());
+    let png = dir.join("s.png");
+    let s = stride(&["sample", "--weights", dir.join("vae.safetensors").to_str().unwrap(), "--out", png.to_str().unwrap(), "--n", "8"]);
+    assert!(s.status.success(), "{}", text(&s));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    // 4 columns x 2 rows of 28 pixels with 2-pixel gaps: 122 x 62.
+    assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 122);
+    assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 62);
+}
