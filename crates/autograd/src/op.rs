@@ -16,27 +16,76 @@ pub(crate) enum Op<T: Elem> {
     Mul,
     Div,
     Unary(Unary),
-    Sum { axes: Vec<usize>, keepdim: bool },
-    Max { axis: usize, argmax: Vec<usize> },
+    Sum {
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
+    Max {
+        axis: usize,
+        argmax: Vec<usize>,
+    },
     Reshape,
-    Permute { perm: Vec<usize> },
-    Narrow { axis: usize, start: usize },
-    Pad { pads: Vec<(usize, usize)> },
-    Concat { axis: usize, sizes: Vec<usize> },
-    UpsampleNearest { scale: (usize, usize) },
-    MatMul,
-    Conv2d { geom: ConvGeom },
-    ConvTranspose2d { geom: ConvGeom },
-    MaxPool2d { geom: PoolGeom, argmax: Vec<u32> },
-    AvgPool2d { geom: PoolGeom },
-    LpPool2d { geom: PoolGeom, p: f64 },
-    AdaptiveAvgPool2d { out: (usize, usize) },
-    AdaptiveMaxPool2d { argmax: Vec<u32> },
-    ChannelMaxPool { argmax: Vec<u32> },
-    BatchNorm { mean: Vec<T>, invstd: Vec<T>, training: bool },
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
-    Nll { targets: Vec<usize> },
+    Permute {
+        perm: Vec<usize>,
+    },
+    Narrow {
+        axis: usize,
+        start: usize,
+    },
+    Pad {
+        pads: Vec<(usize, usize)>,
+    },
+    Concat {
+        axis: usize,
+        sizes: Vec<usize>,
+    },
+    UpsampleNearest {
+        scale: (usize, usize),
+    },
+    /// a [m, k] x b [k, n], or x b^T with b stored [n, k] when `transpose_b` (linear layers).
+    MatMul {
+        transpose_b: bool,
+    },
+    Conv2d {
+        geom: ConvGeom,
+    },
+    ConvTranspose2d {
+        geom: ConvGeom,
+    },
+    MaxPool2d {
+        geom: PoolGeom,
+        argmax: Vec<u32>,
+    },
+    AvgPool2d {
+        geom: PoolGeom,
+    },
+    LpPool2d {
+        geom: PoolGeom,
+        p: f64,
+    },
+    AdaptiveAvgPool2d {
+        out: (usize, usize),
+    },
+    AdaptiveMaxPool2d {
+        argmax: Vec<u32>,
+    },
+    ChannelMaxPool {
+        argmax: Vec<u32>,
+    },
+    BatchNorm {
+        mean: Vec<T>,
+        invstd: Vec<T>,
+        training: bool,
+    },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
+    Nll {
+        targets: Vec<usize>,
+    },
 }
 
 /// Names of every primitive, in declaration order: the count a backend has to implement.
@@ -89,7 +138,7 @@ impl<T: Elem> Op<T> {
             Op::Pad { .. } => 10,
             Op::Concat { .. } => 11,
             Op::UpsampleNearest { .. } => 12,
-            Op::MatMul => 13,
+            Op::MatMul { .. } => 13,
             Op::Conv2d { .. } => 14,
             Op::ConvTranspose2d { .. } => 15,
             Op::MaxPool2d { .. } => 16,
@@ -127,7 +176,7 @@ impl<T: Elem> Op<T> {
             Op::UpsampleNearest { scale } => {
                 vec![Some(shape::upsample_backward(g, x[0].shape(), *scale)?)]
             }
-            Op::MatMul => some(linalg::matmul_backward(g, &x[0], &x[1])?),
+            Op::MatMul { transpose_b } => some(linalg::matmul_backward(g, &x[0], &x[1], *transpose_b)?),
             Op::Conv2d { geom } => conv::conv2d_backward(geom, g, x)?,
             Op::ConvTranspose2d { geom } => conv::conv_transpose2d_backward(geom, g, x)?,
             Op::MaxPool2d { geom, argmax } => vec![Some(pool::max_pool_backward(geom, g, argmax)?)],

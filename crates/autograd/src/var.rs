@@ -142,6 +142,15 @@ impl<T: Elem> Var<T> {
         *v = value;
         Ok(())
     }
+    /// Changes a leaf's values in place (optimizer steps): no copy unless the value is shared
+    /// with a live graph.
+    pub fn update_value(&self, f: impl FnOnce(&mut [T])) -> Result<()> {
+        if !self.is_leaf() {
+            stride_tensor::bail!(arg, "update_value", "only leaves (parameters, constants) can be assigned");
+        }
+        f(self.0.value.borrow_mut().data_mut());
+        Ok(())
+    }
     /// The same value cut from the tape: a constant.
     pub fn detach(&self) -> Var<T> {
         Var::constant(self.value())

@@ -168,6 +168,13 @@ fn matmul_and_linear_gradients() {
     grad_check(&[x, randn(&mut rng, &[7, 4])], |v| v[0].matmul(&v[1])).unwrap();
     // Large enough for the threaded product.
     grad_check(&[randn(&mut rng, &[100, 120]), randn(&mut rng, &[120, 110])], |v| v[0].matmul(&v[1])).unwrap();
+    // x w^T without the transposed copy, small and threaded.
+    grad_check(&[randn(&mut rng, &[5, 7]), randn(&mut rng, &[4, 7])], |v| v[0].matmul_t(&v[1])).unwrap();
+    grad_check(&[randn(&mut rng, &[100, 120]), randn(&mut rng, &[110, 120])], |v| v[0].matmul_t(&v[1])).unwrap();
+    let (a, b) = (randn(&mut rng, &[6, 9]), randn(&mut rng, &[5, 9]));
+    let (a, b) = (Var::constant(a), Var::constant(b));
+    let want = a.matmul(&b.permute(&[1, 0]).unwrap()).unwrap().value();
+    assert!(a.matmul_t(&b).unwrap().value().max_abs_diff(&want).unwrap() < 1e-12);
 }
 
 #[test]

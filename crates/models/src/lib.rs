@@ -279,6 +279,9 @@ pub fn build_any(name_or_path: &str, rng: &mut Rng, spec: InputSpec) -> Result<S
 /// The zoo entry called `name`, or an error listing the zoo.
 pub fn entry(name: &str) -> Result<&'static ZooEntry> {
     Ok(ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
+        if name == "vae" {
+            return Error::arg("model", "the VAE is not a classifier: train it with `stride vae`, draw digits with `stride sample`");
+        }
         let names: Vec<&str> = ZOO.iter().map(|e| e.name).collect();
         Error::arg("model", format!("unknown model '{name}'; the zoo has {}", names.join(", ")))
     })?)

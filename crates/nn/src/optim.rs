@@ -1,6 +1,7 @@
 //! Optimizers: SGD (momentum, Nesterov, L2 weight decay), Adam, AdamW. Each follows PyTorch's
 //! update rule exactly, so a run can be compared step for step.
 
+use rayon::prelude::*;
 use stride_autograd::Var;
 
 use crate::Result;
@@ -57,6 +58,9 @@ fn check_hyper(name: &'static str, ok: bool, what: String) -> Result<()> {
     }
     Ok(())
 }
+
+/// Elements per task when an update runs on several threads.
+const CHUNK: usize = 1 << 15;
 
 /// State slots, one per parameter position, created on first use.
 fn slot(state: &mut Vec<Option<Vec<f32>>>, i: usize, n: usize) -> &mut Vec<f32> {
@@ -159,26 +163,32 @@ impl Optimizer for Adam {
         let (b1, b2) = self.betas;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let (lr, eps, wd) = (self.lr, self.eps, self.weight_decay);
+        let decoupled = self.decoupled;
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let n = g.numel();
-            let mut w = p.value();
             slot(&mut self.m, i, n);
             slot(&mut self.v, i, n);
             let (m, v) = (self.m[i].as_mut().expect("slot"), self.v[i].as_mut().expect("slot"));
-            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
-                let mut gj = gv as f64;
-                if self.decoupled {
-                    *wv = (*wv as f64 * (1.0 - lr * wd)) as f32;
-                } else {
-                    gj += wd * *wv as f64;
-                }
-                m[j] = (b1 * m[j] as f64 + (1.0 - b1) * gj) as f32;
-                v[j] = (b2 * v[j] as f64 + (1.0 - b2) * gj * gj) as f32;
-                let denom = (v[j] as f64 / c2).sqrt() + eps;
-                *wv = (*wv as f64 - lr * (m[j] as f64 / c1) / denom) as f32;
-            }
-            p.set_value(w)?;
+            // Element-wise, so chunks on several threads give the same bits as one thread.
+            p.update_value(|w| {
+                w.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.data().par_chunks(CHUNK)).for_each(
+                    |(((w, m), v), g)| {
+                        for j in 0..w.len() {
+                            let mut gj = g[j] as f64;
+                            if decoupled {
+                                w[j] = (w[j] as f64 * (1.0 - lr * wd)) as f32;
+                            } else {
+                                gj += wd * w[j] as f64;
+                            }
+                            m[j] = (b1 * m[j] as f64 + (1.0 - b1) * gj) as f32;
+                            v[j] = (b2 * v[j] as f64 + (1.0 - b2) * gj * gj) as f32;
+                            let denom = (v[j] as f64 / c2).sqrt() + eps;
+                            w[j] = (w[j] as f64 - lr * (m[j] as f64 / c1) / denom) as f32;
+                        }
+                    },
+                )
+            })?;
         }
         Ok(())
     }

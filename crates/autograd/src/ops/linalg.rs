@@ -39,11 +39,20 @@ impl<T: Elem> Var<T> {
     /// Matrix product of 2-D values: [m, k] x [k, n] -> [m, n].
     pub fn matmul(&self, other: &Var<T>) -> Result<Var<T>> {
         let v = matmul_tensors(&self.value(), false, &other.value(), false)?;
-        Ok(Var::from_op(v, Op::MatMul, &[self, other]))
+        Ok(Var::from_op(v, Op::MatMul { transpose_b: false }, &[self, other]))
+    }
+    /// self [m, k] x other^T with other stored [n, k]: no transposed copy is made.
+    pub fn matmul_t(&self, other: &Var<T>) -> Result<Var<T>> {
+        let v = matmul_tensors(&self.value(), false, &other.value(), true)?;
+        Ok(Var::from_op(v, Op::MatMul { transpose_b: true }, &[self, other]))
     }
 }
 
-pub(crate) fn matmul_backward<T: Elem>(g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>) -> Result<Vec<Tensor<T>>> {
+pub(crate) fn matmul_backward<T: Elem>(g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>, transpose_b: bool) -> Result<Vec<Tensor<T>>> {
+    if transpose_b {
+        // C = A B^T: dA = G B, dB = G^T A
+        return Ok(vec![matmul_tensors(g, false, b, false)?, matmul_tensors(g, true, a, false)?]);
+    }
     // dA = G B^T, dB = A^T G
     Ok(vec![matmul_tensors(g, false, b, true)?, matmul_tensors(a, true, g, false)?])
 }
@@ -56,7 +65,7 @@ pub fn linear<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>) -> Re
     if fin != win {
         stride_tensor::bail!(shape, "linear", "input has {fin} features but the weight expects {win} (weight [{fout}, {win}])");
     }
-    let y = x.matmul(&weight.permute(&[1, 0])?)?;
+    let y = x.matmul_t(weight)?;
     match bias {
         Some(b) => {
             if b.shape() != [fout] {
