@@ -150,7 +150,7 @@ fn batch_norm_matches_definition() {
     .unwrap()
     .value();
     for c in 0..2 {
-        let vals: Vec<(usize, f64)> = (0..3).flat_map(|n| (0..20).map(move |i| ((n * 2 + c) * 20 + i))).map(|i| (i, x.data()[i])).collect();
+        let vals: Vec<(usize, f64)> = (0..3).flat_map(|n| (0..20).map(move |i| (n * 2 + c) * 20 + i)).map(|i| (i, x.data()[i])).collect();
         let m = vals.iter().map(|v| v.1).sum::<f64>() / 60.0;
         let var = vals.iter().map(|v| (v.1 - m).powi(2)).sum::<f64>() / 60.0;
         for (i, v) in vals {

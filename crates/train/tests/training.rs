@@ -7,7 +7,6 @@ use stride_data::{embedded_mnist, Dataset, Split};
 use stride_models::{build, InputSpec};
 use stride_nn::layers::Sequential;
 use stride_nn::schedule::Schedule;
-use stride_nn::Module;
 use stride_train::{checkpoint, train, OptimizerKind, TrainConfig, TrainError};
 
 fn take(ds: &Dataset, n: usize) -> Dataset {
