@@ -34,6 +34,13 @@ fn append(path: &Path, bytes: &[u8], ds: &mut Dataset) -> Result<()> {
     Ok(())
 }
 
+/// Parses one CIFAR-10 batch file held in memory; `path` only names it in errors.
+pub fn parse_batch(path: &Path, bytes: &[u8]) -> Result<Dataset> {
+    let mut ds = Dataset { images: Vec::new(), labels: Vec::new(), channels: 3, height: SIDE, width: SIDE, classes: 10 };
+    append(path, bytes, &mut ds)?;
+    Ok(ds)
+}
+
 fn read(dir: &Path, names: &[String]) -> Result<Dataset> {
     let mut ds = Dataset { images: Vec::new(), labels: Vec::new(), channels: 3, height: SIDE, width: SIDE, classes: 10 };
     for name in names {

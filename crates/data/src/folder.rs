@@ -47,15 +47,52 @@ fn classes(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     Ok(out)
 }
 
+/// The largest image side and decoding buffer any image may claim.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+
 /// Decodes an image file, whatever its format (by content, not by name).
 fn decode(path: &Path) -> Result<image::DynamicImage> {
     let io = |source| DataError::Io { path: path.into(), source };
-    image::ImageReader::open(path)
-        .map_err(io)?
-        .with_guessed_format()
-        .map_err(io)?
-        .decode()
-        .map_err(|e| DataError::format(path, format!("cannot decode the image: {e}")))
+    let mut reader = image::ImageReader::open(path).map_err(io)?.with_guessed_format().map_err(io)?;
+    reader.limits(limits());
+    reader.decode().map_err(|e| DataError::format(path, format!("cannot decode the image: {e}")))
+}
+
+fn limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_IMAGE_ALLOC);
+    l
+}
+
+/// Decodes an image held in memory (PNG or JPEG, by content) to (channels, height, width,
+/// planar bytes): 1 channel for grey images, else 3. `path` only names it in errors. A header
+/// claiming more than 16,384 pixels a side or 512 MiB of pixels is an error, not an allocation.
+pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<(usize, usize, usize, Vec<u8>)> {
+    let io = |source| DataError::Io { path: path.into(), source };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(io)?;
+    reader.limits(limits());
+    let img = reader.decode().map_err(|e| DataError::format(path, format!("cannot decode the image: {e}")))?;
+    let c = if img.color().has_color() { 3 } else { 1 };
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    Ok((c, h, w, planar(&img, c, h, w)))
+}
+
+/// `img` as `channels` planes of h x w bytes.
+fn planar(img: &image::DynamicImage, channels: usize, h: usize, w: usize) -> Vec<u8> {
+    if channels == 1 {
+        return img.to_luma8().into_raw();
+    }
+    let rgb = img.to_rgb8();
+    let mut planes = vec![0u8; 3 * h * w];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            planes[c * h * w + i] = px.0[c];
+        }
+    }
+    planes
 }
 
 /// Decodes `path` to `channels` x `h` x `w` bytes (planar), resizing if needed.
@@ -66,18 +103,7 @@ pub fn load_image(path: &Path, channels: usize, h: usize, w: usize) -> Result<Ve
     } else {
         img
     };
-    Ok(if channels == 1 {
-        img.to_luma8().into_raw()
-    } else {
-        let rgb = img.to_rgb8();
-        let mut planar = vec![0u8; 3 * h * w];
-        for (i, px) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                planar[c * h * w + i] = px.0[c];
-            }
-        }
-        planar
-    })
+    Ok(planar(&img, channels, h, w))
 }
 
 /// The size and colour of an image: (channels, height, width).

@@ -82,12 +82,27 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
     Ok(load_with_metadata(path)?.0)
 }
 
+/// The largest checkpoint or weight file Stride reads (VGG-16's weights are 553 MB).
+pub const MAX_FILE_BYTES: u64 = 8 << 30;
+
 /// Like [`load`], also returning the header's metadata (empty when there is none).
 pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(TrainError::Checkpoint(format!("{}: {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit for weight files", path.display())));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    parse(path, &bytes)
+}
+
+/// Decodes a safetensors file held in memory; `path` only names it in errors. Nothing in the
+/// file is executed; the header's names, dtypes, shapes and byte ranges are checked by the
+/// safetensors crate before any tensor is read, and each tensor is converted to f32.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
     let bad = |e: safetensors::SafeTensorError| TrainError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).map_err(bad)?;
-    let metadata = SafeTensors::read_metadata(&bytes).map_err(bad)?.1.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(bad)?;
+    let metadata = SafeTensors::read_metadata(bytes).map_err(bad)?.1.metadata().clone().unwrap_or_default();
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let raw = view.data();

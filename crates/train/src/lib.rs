@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod curves;
+pub mod fuzzing;
 pub mod vae;
 
 use std::io::Write;
@@ -218,7 +219,34 @@ fn load_checkpoint(
     cfg: &TrainConfig,
 ) -> Result<(Position, std::collections::HashMap<String, String>)> {
     let path = dir.join(CHECKPOINT);
-    let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
+    let (tensors, meta) = checkpoint::load_with_metadata(&path)?;
+    let pos = restore(&path, tensors, &meta, model, opt, cfg)?;
+    Ok((pos, meta))
+}
+
+/// Checks a training checkpoint against the model, the optimizer and the run's settings and
+/// only then copies it in: the format tag, seed and optimizer in the metadata, the position
+/// numbers, every weight's name and shape, and every optimizer entry's parameter and length.
+/// Nothing is changed when any check fails. `path` names the file in errors.
+pub fn restore_checkpoint(
+    path: &std::path::Path,
+    tensors: std::collections::HashMap<String, stride_autograd::Tensor<f32>>,
+    meta: &std::collections::HashMap<String, String>,
+    model: &mut dyn Module,
+    cfg: &TrainConfig,
+) -> Result<(usize, usize)> {
+    let mut opt = make_optimizer(cfg)?;
+    restore(path, tensors, meta, model, opt.as_mut(), cfg).map(|p| (p.epoch, p.step))
+}
+
+fn restore(
+    path: &std::path::Path,
+    mut tensors: std::collections::HashMap<String, stride_autograd::Tensor<f32>>,
+    meta: &std::collections::HashMap<String, String>,
+    model: &mut dyn Module,
+    opt: &mut dyn Optimizer,
+    cfg: &TrainConfig,
+) -> Result<Position> {
     let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
     if meta.get("format").map(String::as_str) != Some("stride-checkpoint-1") {
         return Err(bad("not a Stride training checkpoint (no format tag)"));
@@ -228,28 +256,45 @@ fn load_checkpoint(
             return Err(bad(&format!("was written with {key} {}, this run has {want}", meta.get(key).map_or("(none)", String::as_str))));
         }
     }
-    let num = |k: &str| -> Result<f64> {
+    // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
+    let count = |k: &str| -> Result<usize> {
         meta.get(k)
             .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite())
-            .ok_or_else(|| bad(&format!("metadata '{k}' is missing or not a number")))
+            .filter(|v| v.is_finite() && *v >= 0.0 && v.fract() == 0.0 && *v < 9e15)
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(&format!("metadata '{k}' is missing or not a count")))
     };
-    let pos = Position {
-        epoch: num("epoch")? as usize,
-        step: num("step")? as usize,
-        loss_sum: num("loss_sum")?,
-        right: num("right")? as usize,
-        seen: num("seen")? as usize,
-    };
-    if pos.epoch == 0 {
-        return Err(bad("epoch 0 in metadata"));
+    let loss_sum = meta
+        .get("loss_sum")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| bad("metadata 'loss_sum' is missing or not a number"))?;
+    let pos = Position { epoch: count("epoch")?, step: count("step")?, loss_sum, right: count("right")?, seen: count("seen")? };
+    if pos.epoch == 0 || pos.right > pos.seen {
+        return Err(bad(&format!("impossible position: epoch {}, {} right of {} seen", pos.epoch, pos.right, pos.seen)));
     }
     let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
     let state: Vec<(String, Vec<f32>)> =
         opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
+    // Every optimizer entry must belong to a parameter of this model and match its size.
+    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.value_ref().numel()).collect();
+    for (k, v) in &state {
+        if k == "step" {
+            if v.len() != 1 || !(v[0] >= 0.0 && v[0].is_finite()) {
+                return Err(bad(&format!("optimizer step {v:?} is not a count")));
+            }
+            continue;
+        }
+        let index = k.rsplit_once('.').and_then(|(_, i)| i.parse::<usize>().ok());
+        match index.map(|i| (i, sizes.get(i))) {
+            Some((_, Some(&n))) if n == v.len() => {}
+            Some((i, Some(&n))) => return Err(bad(&format!("optimizer entry '{k}' has {} values but parameter {i} has {n}", v.len()))),
+            _ => return Err(bad(&format!("optimizer entry '{k}' names no parameter of this model ({} parameters)", sizes.len()))),
+        }
+    }
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
-    Ok((pos, meta))
+    Ok(pos)
 }
 
 /// What became of a run.
