@@ -33,6 +33,28 @@ use crate::InputSpec;
 /// The largest sizes a file may ask for (a typo must not allocate terabytes).
 const MAX_CHANNELS: usize = 1 << 16;
 const MAX_LAYERS: usize = 10_000;
+/// The most parameters a model file may declare in all, and the most values one layer's output
+/// may hold for one image: 2^28 each (1 GiB of f32), far above the zoo's largest (VGG-16, 138M
+/// parameters). Both are checked before anything is allocated.
+const MAX_PARAMS: u128 = 1 << 28;
+const MAX_ACTIVATION: u128 = 1 << 28;
+
+/// Fails when `n` exceeds `max`, naming what was asked for.
+fn within(f: &Fields, what: &str, n: u128, max: u128) -> Result<()> {
+    if n > max {
+        return Err(f.err(format!("{what} would be {n}, more than the {max} a model file may ask for")));
+    }
+    Ok(())
+}
+
+/// Rows and columns a convolution's padding adds, at most.
+fn pad_hw(p: Padding, reach: usize) -> (usize, usize) {
+    match p {
+        Padding::Valid => (0, 0),
+        Padding::Same => (reach, reach),
+        Padding::Explicit { top, bottom, left, right } => (top + bottom, left + right),
+    }
+}
 
 struct Fields<'a> {
     t: &'a Table,
@@ -127,7 +149,10 @@ fn pool_opts(f: &Fields) -> Result<Pool2dOptions> {
 }
 
 /// Builds one layer for an input of `shape` ([C, H, W] or [F], without the batch).
-fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usize, depth: usize) -> Result<Box<dyn Module>> {
+/// Parameters the file has declared so far, against [`MAX_PARAMS`].
+struct Budget(u128);
+
+fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usize, depth: usize, budget: &mut Budget) -> Result<Box<dyn Module>> {
     let Some(t) = item.as_table() else {
         return Err(Error::arg("model file", format!("{at}: expected a table with a 'type', got {item}")).into());
     };
@@ -151,6 +176,22 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
             f.only(&["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias", "output_padding"])?;
             let (cin, cout, k) = (channels()?, f.usize_or("out_channels", None, MAX_CHANNELS)?, f.usize_or("kernel", None, 64)?);
             let (opts, bias) = (conv_opts(&f)?, f.bool_or("bias", true)?);
+            // Sizes first: the weights this asks for and the largest output it can give.
+            let (h, w) = (shape[1] as u128, shape[2] as u128);
+            let (cin_, cout_, k_, g) = (cin as u128, cout as u128, k as u128, opts.groups.max(1) as u128);
+            let reach = opts.dilation.0 * (k - 1);
+            let (ph, pw) = pad_hw(opts.padding, reach);
+            let (params, out) = match kind {
+                "conv2d" => (cout_ * (cin_ / g) * k_ * k_ + cout_, cout_ * (h + ph as u128) * (w + pw as u128)),
+                "conv_transpose2d" => {
+                    let grow = |n: u128| n * opts.stride.0 as u128 + reach as u128 + 1 + opts.output_padding.0 as u128;
+                    (cin_ * (cout_ / g) * k_ * k_ + cout_, cout_ * grow(h) * grow(w))
+                }
+                _ => (cin_ * k_ * k_ + cin_ * cout_ + cin_ + cout_, (cin_ + cout_) * (h + ph as u128) * (w + pw as u128)),
+            };
+            budget.0 += params;
+            within(&f, "the model's parameter count", budget.0, MAX_PARAMS)?;
+            within(&f, "the output per image", out, MAX_ACTIVATION)?;
             match kind {
                 "conv2d" => Box::new(Conv2d::new(rng, cin, cout, k, opts, bias).map_err(|e| e.context(f.at.clone()))?),
                 "conv_transpose2d" => Box::new(ConvTranspose2d::new(rng, cin, cout, k, opts, bias).map_err(|e| e.context(f.at.clone()))?),
@@ -166,6 +207,8 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
                 Some(Value::String(s)) if s == "classes" => classes,
                 _ => f.usize_or("out_features", None, 1 << 20)?,
             };
+            budget.0 += (*fin as u128 + 1) * out as u128;
+            within(&f, "the model's parameter count", budget.0, MAX_PARAMS)?;
             Box::new(Linear::new(rng, *fin, out, f.bool_or("bias", true)?)?)
         }
         "batch_norm" => {
@@ -199,6 +242,7 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
         "adaptive_avg_pool2d" | "adaptive_max_pool2d" => {
             f.only(&["size"])?;
             let s = f.usize_or("size", None, 4096)?;
+            within(&f, "the output per image", channels()? as u128 * (s * s) as u128, MAX_ACTIVATION)?;
             Box::new(if kind == "adaptive_avg_pool2d" { OtherPool::AdaptiveAvg(s, s) } else { OtherPool::AdaptiveMax(s, s) })
         }
         "global_avg_pool2d" => {
@@ -232,14 +276,19 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
             let Padding::Explicit { top, bottom, left, right } = f.padding()? else {
                 return Err(f.err("field 'padding' must be an integer or [top, bottom, left, right]"));
             };
+            let [c, h, w] = shape else {
+                return Err(f.err(format!("needs an image input [C, H, W], but the previous layer gives {shape:?}")));
+            };
+            within(&f, "the output per image", *c as u128 * (h + top + bottom) as u128 * (w + left + right) as u128, MAX_ACTIVATION)?;
             Box::new(Pad { pad: (top, bottom, left, right), value: f.f64_or("value", 0.0, f64::MIN..=f64::MAX)? })
         }
         "residual" => {
             f.only(&["layers", "shortcut"])?;
-            let body = sequence(f.list("layers")?, &format!("{}, body ", f.at), rng, shape, classes, depth + 1)?;
+            let (body, _) = sequence(f.list("layers")?, &format!("{}, body ", f.at), rng, shape, classes, depth + 1, budget)?;
             let shortcut = match t.get("shortcut") {
                 Some(_) => {
-                    Some(Box::new(sequence(f.list("shortcut")?, &format!("{}, shortcut ", f.at), rng, shape, classes, depth + 1)?) as Box<dyn Module>)
+                    let (s, _) = sequence(f.list("shortcut")?, &format!("{}, shortcut ", f.at), rng, shape, classes, depth + 1, budget)?;
+                    Some(Box::new(s) as Box<dyn Module>)
                 }
                 None => None,
             };
@@ -248,11 +297,15 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
         "concat" => {
             f.only(&["branches"])?;
             let mut branches: Vec<Box<dyn Module>> = Vec::new();
+            let mut total: u128 = 0;
             for (i, b) in f.list("branches")?.iter().enumerate() {
                 let Some(items) = b.as_array() else {
                     return Err(f.err(format!("branch {i} must be a list of layers")));
                 };
-                branches.push(Box::new(sequence(items, &format!("{}, branch {i} ", f.at), rng, shape, classes, depth + 1)?));
+                let (seq, out) = sequence(items, &format!("{}, branch {i} ", f.at), rng, shape, classes, depth + 1, budget)?;
+                total += out.iter().map(|&d| d as u128).product::<u128>();
+                within(&f, "the concatenated output per image", total, MAX_ACTIVATION)?;
+                branches.push(Box::new(seq));
             }
             if branches.is_empty() {
                 return Err(f.err("field 'branches' needs at least one branch"));
@@ -263,8 +316,16 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
     })
 }
 
-/// Builds a list of layers, tracking the shape through each.
-fn sequence(items: &[Value], prefix: &str, rng: &mut Rng, input: &[usize], classes: usize, depth: usize) -> Result<Sequential> {
+/// Builds a list of layers, tracking the shape through each; returns the output shape too.
+fn sequence(
+    items: &[Value],
+    prefix: &str,
+    rng: &mut Rng,
+    input: &[usize],
+    classes: usize,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<(Sequential, Vec<usize>)> {
     if depth > 32 || items.len() > MAX_LAYERS {
         return Err(Error::arg("model file", format!("{prefix}: blocks nested deeper than 32 or more than {MAX_LAYERS} layers")).into());
     }
@@ -272,7 +333,7 @@ fn sequence(items: &[Value], prefix: &str, rng: &mut Rng, input: &[usize], class
     let mut shape = input.to_vec();
     for (i, item) in items.iter().enumerate() {
         let at = format!("{prefix}layer {i}");
-        let mut l = layer(item, at.clone(), rng, &shape, classes, depth)?;
+        let mut l = layer(item, at.clone(), rng, &shape, classes, depth, budget)?;
         let mut dims = vec![1];
         dims.extend(&shape);
         let x = Var::constant(Tensor::zeros(&dims)?);
@@ -280,7 +341,7 @@ fn sequence(items: &[Value], prefix: &str, rng: &mut Rng, input: &[usize], class
         shape = y.shape()[1..].to_vec();
         seq = seq.push_boxed(l);
     }
-    Ok(seq)
+    Ok((seq, shape))
 }
 
 /// Builds the network a TOML model file describes, for images of `spec`. `file` names the
@@ -296,5 +357,5 @@ pub fn from_toml(file: &str, text: &str, rng: &mut Rng, spec: InputSpec) -> Resu
     if items.is_empty() {
         return Err(Error::arg("model file", format!("{file}: the list of layers is empty")).into());
     }
-    sequence(items, &format!("{file}: "), rng, &[spec.channels, spec.height, spec.width], spec.classes, 0)
+    Ok(sequence(items, &format!("{file}: "), rng, &[spec.channels, spec.height, spec.width], spec.classes, 0, &mut Budget(0))?.0)
 }

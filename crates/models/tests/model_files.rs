@@ -59,3 +59,43 @@ fn errors_name_the_file_layer_and_field() {
     assert!(e.contains("layer 0 (concat), branch 0 layer 0 (relu): unknown field 'alpha' (this layer takes: none)"), "{e}");
     assert!(build_any("/no/such/model.toml", &mut Rng::seed(0), MNIST).unwrap_err().to_string().contains("/no/such/model.toml"));
 }
+
+#[test]
+fn sizes_are_checked_before_anything_is_allocated() {
+    let layers = |body: &str| format!("[[layers]]\n{body}");
+    let cases = [
+        // 65,536 x 65,536 weights: 16 GiB.
+        (
+            format!(
+                "{}\n{}",
+                layers("type = \"conv2d\"\nout_channels = 65536\nkernel = 1"),
+                layers("type = \"conv2d\"\nout_channels = 65536\nkernel = 1")
+            ),
+            "layer 1 (conv2d): the model's parameter count would be 4295163904, more than the 268435456",
+        ),
+        (
+            format!("{}\n{}", layers("type = \"flatten\""), layers("type = \"linear\"\nout_features = 1048576")),
+            "layer 1 (linear): the model's parameter count would be 823132160",
+        ),
+        (
+            format!("{}\n{}", layers("type = \"conv2d\"\nout_channels = 400\nkernel = 1"), layers("type = \"pad\"\npadding = 1024")),
+            "layer 1 (pad): the output per image would be 1723910400",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                layers("type = \"conv_transpose2d\"\nout_channels = 4\nkernel = 64\nstride = 64"),
+                layers("type = \"conv_transpose2d\"\nout_channels = 4\nkernel = 64\nstride = 64")
+            ),
+            "layer 1 (conv_transpose2d): the output per image would be",
+        ),
+        (
+            format!("{}\n{}", layers("type = \"conv2d\"\nout_channels = 60000\nkernel = 1"), layers("type = \"adaptive_avg_pool2d\"\nsize = 4096")),
+            "layer 1 (adaptive_avg_pool2d): the output per image would be 1006632960000",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = from_toml("big.toml", &text, &mut Rng::seed(0), MNIST).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(want), "{want}\n  got: {e}");
+    }
+}

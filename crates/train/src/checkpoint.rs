@@ -55,10 +55,10 @@ pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor<f32>)], metada
 
 /// Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
+    let io = |e: std::io::Error| TrainError::Io(format!("cannot write {}: {e}; the previous file, if any, is unchanged", path.display()));
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy()), std::process::id()));
-    let result = (|| {
+    let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
@@ -90,7 +90,10 @@ pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, 
     let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_FILE_BYTES {
-        return Err(TrainError::Checkpoint(format!("{}: {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit for weight files", path.display())));
+        return Err(TrainError::Checkpoint(format!(
+            "{}: {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit for weight files",
+            path.display()
+        )));
     }
     let bytes = std::fs::read(path).map_err(io)?;
     parse(path, &bytes)

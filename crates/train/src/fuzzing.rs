@@ -1,6 +1,6 @@
 //! Entry points for the fuzz targets in `fuzz/` and for the tests that replay their corpora:
 //! each feeds untrusted bytes to one reader of outside data and must return, never panic.
-//! Results are discarded; an `Err` is the right answer for most inputs.
+//! Each returns whether the input was accepted (an error is the right answer for most inputs).
 
 use std::path::Path;
 
@@ -10,7 +10,7 @@ use stride_models::InputSpec;
 /// A model small enough to build on every fuzz iteration, for the checkpoint target.
 pub const TINY_MODEL: &str = r#"
 [[layers]]
-type = "conv"
+type = "conv2d"
 out_channels = 2
 kernel = 3
 [[layers]]
@@ -19,42 +19,56 @@ type = "batch_norm"
 type = "flatten"
 [[layers]]
 type = "linear"
+out_features = "classes"
 "#;
 
-/// The input the fuzzed models are built for.
+/// The input the tiny model is built for.
 pub const SPEC: InputSpec = InputSpec { channels: 1, height: 6, width: 6, classes: 3 };
+/// The input fuzzed model files are built for (MNIST's, as `stride train` would).
+pub const FILE_SPEC: InputSpec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
 
 /// IDX, raw or gzipped.
-pub fn idx(data: &[u8]) {
-    let _ = stride_data::idx::parse(Path::new("fuzz.idx"), data);
+pub fn idx(data: &[u8]) -> bool {
+    stride_data::idx::parse(Path::new("fuzz.idx"), data).is_ok()
 }
 
 /// One CIFAR-10 binary batch.
-pub fn cifar(data: &[u8]) {
-    let _ = stride_data::parse_cifar_batch(Path::new("fuzz.bin"), data);
+pub fn cifar(data: &[u8]) -> bool {
+    stride_data::parse_cifar_batch(Path::new("fuzz.bin"), data).is_ok()
 }
 
 /// PNG or JPEG (or anything the decoder guesses).
-pub fn image(data: &[u8]) {
-    let _ = stride_data::decode_image(Path::new("fuzz.img"), data);
+pub fn image(data: &[u8]) -> bool {
+    stride_data::decode_image(Path::new("fuzz.img"), data).is_ok()
 }
 
-/// A safetensors weight file or training checkpoint: parsed, loaded into a small model, and
-/// restored as a training checkpoint.
-pub fn checkpoint(data: &[u8]) {
+/// A safetensors weight file or training checkpoint: parsed, loaded into a small model as
+/// weights (without `optimizer.` entries), and restored as a training checkpoint. Accepted when
+/// it loads as weights.
+pub fn checkpoint(data: &[u8]) -> bool {
     let path = Path::new("fuzz.safetensors");
-    let Ok((tensors, meta)) = crate::checkpoint::parse(path, data) else { return };
+    let Ok((tensors, meta)) = crate::checkpoint::parse(path, data) else { return false };
     let mut model = stride_models::from_toml("tiny.toml", TINY_MODEL, &mut Rng::seed(0), SPEC).expect("the tiny model builds");
-    let _ = crate::checkpoint::load_into(&mut model, &tensors);
-    let cfg = crate::TrainConfig::default();
-    let _ = crate::restore_checkpoint(path, tensors, &meta, &mut model, &cfg);
+    let weights = tensors.iter().filter(|(k, _)| !k.starts_with("optimizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let ok = crate::checkpoint::load_into(&mut model, &weights).is_ok();
+    let _ = crate::restore_checkpoint(path, tensors, &meta, &mut model, &crate::TrainConfig::default());
+    ok
 }
 
-/// A TOML model file, built for a small image.
-pub fn toml_model(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = stride_models::from_toml("fuzz.toml", text, &mut Rng::seed(0), SPEC);
+/// Whether `data` restores as a training checkpoint of the tiny model (Adam, seed 0).
+pub fn restores(data: &[u8]) -> bool {
+    let path = Path::new("fuzz.safetensors");
+    let Ok((tensors, meta)) = crate::checkpoint::parse(path, data) else { return false };
+    let mut model = stride_models::from_toml("tiny.toml", TINY_MODEL, &mut Rng::seed(0), SPEC).expect("the tiny model builds");
+    crate::restore_checkpoint(path, tensors, &meta, &mut model, &crate::TrainConfig::default()).is_ok()
+}
+
+/// A TOML model file, built for MNIST's images.
+pub fn toml_model(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else { return false };
+    stride_models::from_toml("fuzz.toml", text, &mut Rng::seed(0), FILE_SPEC).is_ok()
 }
 
 /// The targets by name, as `fuzz/fuzz_targets/` names them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("idx", idx), ("cifar", cifar), ("image", image), ("checkpoint", checkpoint), ("toml_model", toml_model)];
+pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] =
+    &[("idx", idx), ("cifar", cifar), ("image", image), ("checkpoint", checkpoint), ("toml_model", toml_model)];

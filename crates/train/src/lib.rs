@@ -174,6 +174,7 @@ struct Position {
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
+const METRICS_HEADER: &str = "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr\n";
 const WEIGHTS: &str = "model.safetensors";
 
 fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
@@ -343,14 +344,24 @@ pub fn train(
                 }
             }
         }
+        // On resume, keep only the rows of epochs the checkpoint has finished: a crash between
+        // a row and its checkpoint (or in the middle of a row) must not leave a duplicate.
         let path = dir.join("metrics.csv");
-        let existed = resume && path.exists();
-        let mut f =
-            std::fs::OpenOptions::new().create(true).append(resume).write(true).truncate(!resume).open(&path).map_err(|e| io_err(&path, e))?;
-        if !existed {
-            writeln!(f, "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr").map_err(|e| io_err(&path, e))?;
+        let mut text = String::from(METRICS_HEADER);
+        if resume {
+            match std::fs::read_to_string(&path) {
+                Ok(old) => {
+                    let done = |l: &&str| {
+                        l.split(',').count() == 7 && l.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e < pos.epoch)
+                    };
+                    text.extend(old.lines().skip(1).filter(done).map(|l| format!("{l}\n")));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
         }
-        metrics = Some(f);
+        checkpoint::write_atomic(&path, text.as_bytes())?;
+        metrics = Some(std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| io_err(&path, e))?);
     } else if resume {
         return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }

@@ -1,0 +1,104 @@
+"""Writes small valid inputs for every fuzz target into fuzz/seeds/<target>/ (stdlib only).
+
+    python3 fuzz/make_seeds.py
+"""
+import gzip
+import json
+import os
+import shutil
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def out(target, name, data):
+    d = os.path.join(HERE, "seeds", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def idx(dims, body):
+    return bytes([0, 0, 8, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims) + bytes(body)
+
+
+def png(width, height, color_type, pixels):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    per = {0: 1, 2: 3}[color_type]
+    raw = b"".join(b"\x00" + bytes(pixels[y * width * per:(y + 1) * width * per]) for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def safetensors(tensors, metadata):
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    header["__metadata__"] = metadata
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def f32(values):
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def main():
+    shutil.rmtree(os.path.join(HERE, "seeds"), ignore_errors=True)
+    labels = idx([10], [i % 10 for i in range(10)])
+    images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
+    out("idx", "labels.idx", labels)
+    out("idx", "images.idx", images)
+    out("idx", "labels.idx.gz", gzip.compress(labels, mtime=0))
+    out("idx", "images.idx.gz", gzip.compress(images, mtime=0))
+
+    out("cifar", "two.bin", bytes([3] + [i % 251 for i in range(3072)] + [9] + [7] * 3072))
+
+    out("image", "grey.png", png(4, 3, 0, [i * 20 for i in range(12)]))
+    out("image", "rgb.png", png(3, 2, 2, [i * 13 for i in range(18)]))
+    # A small real JPEG, from CPython's test data where it is installed.
+    for candidate in ["/usr/lib/python3.11/test/imghdrdata/python.jpg", "/root/.pyenv/versions/3.7.16/lib/python3.7/test/imghdrdata/python.jpg"]:
+        if os.path.exists(candidate):
+            with open(candidate, "rb") as f:
+                out("image", "python.jpg", f.read())
+            break
+
+    # The fuzzing module's TINY_MODEL: conv 1->2 k3 (6x6 -> 4x4), batch norm, flatten, linear 32->3.
+    shapes = {"0.weight": [2, 1, 3, 3], "0.bias": [2], "1.weight": [2], "1.bias": [2], "1.running_mean": [2],
+              "1.running_var": [2], "1.num_batches_tracked": [], "3.weight": [3, 32], "3.bias": [3]}
+    tensors = {}
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        if name.endswith("num_batches_tracked"):
+            tensors[name] = ("I64", shape, struct.pack("<q", 5))
+        else:
+            tensors[name] = ("F32", shape, f32([0.01 * (i + 1) for i in range(n)]))
+    out("checkpoint", "weights.safetensors", safetensors(tensors, {"format": "pt"}))
+    ckpt = dict(tensors)
+    for i, (name, shape) in enumerate((k, v) for k, v in shapes.items() if not k.startswith("1.running") and not k.endswith("tracked")):
+        n = 1
+        for d in shape:
+            n *= d
+        ckpt[f"optimizer.exp_avg.{i}"] = ("F32", [n], f32([0.0] * n))
+        ckpt[f"optimizer.exp_avg_sq.{i}"] = ("F32", [n], f32([0.0] * n))
+    ckpt["optimizer.step"] = ("F32", [1], f32([3.0]))
+    meta = {"format": "stride-checkpoint-1", "epoch": "1", "step": "3", "loss_sum": "1.5e0", "right": "2",
+            "seen": "12", "seed": "0", "optimizer": "Adam"}
+    out("checkpoint", "checkpoint.safetensors", safetensors(ckpt, meta))
+
+    for name in ("tutorial-cnn.toml", "small-resnet.toml"):
+        with open(os.path.join(ROOT, "examples", "models", name), "rb") as f:
+            out("toml_model", name, f.read())
+
+
+if __name__ == "__main__":
+    main()
