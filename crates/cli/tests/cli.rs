@@ -231,3 +231,55 @@ fn vae_trains_saves_grids_and_samples() {
     assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 122);
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 62);
 }
+
+#[test]
+fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
+    let dir = tmp("kill9");
+    let d = dir.to_str().unwrap();
+    let (metrics, ckpt) = (dir.join("metrics.csv"), dir.join("checkpoint.safetensors"));
+    // Each run is killed a little after an epoch's metrics row appears: the row is written just
+    // before the weights and the checkpoint, so the kills land before, during and after those
+    // writes; the first run is also killed once in the middle of an epoch.
+    for (i, delay_ms) in [None, Some(0u64), Some(3), Some(15), Some(40), Some(100)].into_iter().enumerate() {
+        let next = if ckpt.exists() {
+            let (_, meta) = stride_train::checkpoint::load_with_metadata(&ckpt).unwrap();
+            meta["epoch"].parse::<usize>().unwrap()
+        } else {
+            1
+        };
+        let mut args = vec!["train", "--epochs", "8", "--out", d];
+        if i > 0 && ckpt.exists() {
+            args.push("--resume");
+        }
+        let mut child =
+            Command::new(env!("CARGO_BIN_EXE_stride")).args(&args).env("RAYON_NUM_THREADS", "2").stdout(std::process::Stdio::null()).spawn().unwrap();
+        match delay_ms {
+            None => std::thread::sleep(Duration::from_millis(400)),
+            Some(ms) => {
+                let row = format!("\n{next},");
+                assert!(wait_for(&metrics, |t| t.contains(&row), Duration::from_secs(300)), "epoch {next} never finished");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert!(status.code().is_none_or(|c| c == 0), "{args:?} exited with {status}");
+        // Whatever is there loads: the weights, and the checkpoint as weights and as a run.
+        for p in [dir.join("model.safetensors"), ckpt.clone()] {
+            if p.exists() {
+                let ev = stride(&["eval", "--weights", p.to_str().unwrap()]);
+                assert!(ev.status.success(), "{} after kill {i}: {}", p.display(), text(&ev));
+            }
+        }
+    }
+    assert!(ckpt.exists(), "no checkpoint was ever written");
+    // The run then finishes, with one metrics row per epoch.
+    let out = stride(&["train", "--epochs", "8", "--out", d, "--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().starts_with("test accuracy "));
+    let rows: Vec<String> = std::fs::read_to_string(&metrics).unwrap().lines().skip(1).map(|l| l.split(',').next().unwrap().to_string()).collect();
+    assert_eq!(rows, ["1", "2", "3", "4", "5", "6", "7", "8"]);
+    let left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}

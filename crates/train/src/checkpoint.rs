@@ -75,6 +75,20 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     result.map_err(io)
 }
 
+/// Removes the temporary files earlier processes left in `dir` when they were killed in the
+/// middle of [`write_atomic`] (never the real files: those are only ever renamed into place).
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let own = format!(".tmp-{}", std::process::id());
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.') && name.contains(".tmp-") && !name.ends_with(&own);
+        if stale && e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Reads a safetensors file as f32 tensors (f64, int64 and int32 tensors are converted, as
 /// PyTorch's `num_batches_tracked`). Names, shapes and byte ranges are checked by the
 /// safetensors crate before any data is used.

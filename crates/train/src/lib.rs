@@ -330,6 +330,7 @@ pub fn train(
     let mut metrics = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        checkpoint::remove_stale_temporaries(dir);
         if resume {
             let (p, meta) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
             pos = p;

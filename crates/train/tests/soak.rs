@@ -1,0 +1,35 @@
+//! A long run keeps its memory flat: the peak resident memory after the first epoch (step 100)
+//! and after step 2,000 agree within 5%. Its own test binary, so no other test shares the
+//! process whose memory it reads.
+
+mod common;
+use common::{cfg, model, small};
+
+use stride_train::{train, TrainConfig};
+
+/// (peak, current) resident memory of this process in KiB, from /proc.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |k: &str| status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse::<u64>().unwrap();
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[test]
+fn two_thousand_steps_keep_memory_flat() {
+    // 3,200 images in batches of 32: 100 steps an epoch, 20 epochs.
+    let data = small(3200, 200);
+    let mut m = model(5);
+    let mut at = Vec::new();
+    let c = TrainConfig { epochs: 20, ..cfg(20, None) };
+    train(&mut m, &data, &c, false, None, |r| at.push((r.epoch * 100, rss()))).unwrap();
+    let (first, last) = (at[0].1, at[19].1);
+    eprintln!("step 100: peak {} KiB, now {} KiB; step 2000: peak {} KiB, now {} KiB", first.0, first.1, last.0, last.1);
+    for (step, (peak, now)) in &at {
+        eprintln!("  step {step}: peak {peak} KiB, current {now} KiB");
+    }
+    assert!((last.0 as f64) <= first.0 as f64 * 1.05, "peak grew from {} to {} KiB", first.0, last.0);
+    // Current resident memory after the second epoch (the allocator keeps what the first one
+    // freed) must not creep either.
+    let second = at[1].1;
+    assert!((last.1 as f64) <= second.1 as f64 * 1.05, "resident memory grew from {} to {} KiB", second.1, last.1);
+}
