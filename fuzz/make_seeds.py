@@ -57,6 +57,8 @@ def main():
     out("idx", "labels.idx", labels)
     out("idx", "images.idx", images)
     out("idx", "labels.idx.gz", gzip.compress(labels, mtime=0))
+    # The pair form: a first byte that cuts the rest into an image file and a label file.
+    out("idx", "pair.bin", bytes([len(images)]) + images + idx([2], [3, 7]))
     out("idx", "images.idx.gz", gzip.compress(images, mtime=0))
 
     out("cifar", "two.bin", bytes([3] + [i % 251 for i in range(3072)] + [9] + [7] * 3072))

@@ -27,9 +27,24 @@ pub const SPEC: InputSpec = InputSpec { channels: 1, height: 6, width: 6, classe
 /// The input fuzzed model files are built for (MNIST's, as `stride train` would).
 pub const FILE_SPEC: InputSpec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
 
-/// IDX, raw or gzipped.
+/// IDX, raw or gzipped; also split in two (at a place the first byte picks) as an image file
+/// and a label file, made a data set and batched. Accepted when either reading works.
 pub fn idx(data: &[u8]) -> bool {
-    stride_data::idx::parse(Path::new("fuzz.idx"), data).is_ok()
+    let mut ok = stride_data::idx::parse(Path::new("fuzz.idx"), data).is_ok();
+    if let Some(&first) = data.first() {
+        let cut = 1 + first as usize % data.len();
+        let (a, b) = data[1..].split_at((cut - 1).min(data.len() - 1));
+        let (ip, lp) = (Path::new("images.idx"), Path::new("labels.idx"));
+        if let (Ok(images), Ok(labels)) = (stride_data::idx::parse(ip, a), stride_data::idx::parse(lp, b)) {
+            if let Ok(ds) = stride_data::from_idx(images, labels, ip, lp) {
+                let (mean, std) = ds.pixel_stats();
+                let seen: usize = stride_data::Batches::new(&ds, 7, None, false).normalized(mean, std).map(|b| b.labels.len()).sum();
+                assert_eq!(seen, ds.len(), "batches cover the data set once");
+                ok = true;
+            }
+        }
+    }
+    ok
 }
 
 /// One CIFAR-10 binary batch.
