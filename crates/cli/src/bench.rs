@@ -28,7 +28,11 @@ enum Bench {
     Conv,
     /// B1: the tutorial CNN, training steps (SGD) and inference, batch 64.
     Lenet,
-    /// B1 and B3.
+    /// B2: the convolutional VAE's training steps (Adam), batch 32.
+    Vae,
+    /// B4: ResNet-18 (CIFAR stem) inference and training steps (SGD with momentum), batch 32.
+    Resnet18,
+    /// B1, B2, B3 and B4.
     All,
 }
 
@@ -56,7 +60,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.bench {
         Bench::Conv => conv_bench(args),
         Bench::Lenet => lenet_bench(args),
-        Bench::All => lenet_bench(args).and_then(|_| conv_bench(args)),
+        Bench::Vae => vae_bench(args),
+        Bench::Resnet18 => resnet18_bench(args),
+        Bench::All => lenet_bench(args).and_then(|_| vae_bench(args)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args)),
     }
 }
 
@@ -154,11 +160,23 @@ fn lenet_bench(args: &BenchArgs) -> Result<()> {
         stride_autograd::cross_entropy(&logits, &labels, 0.0)?.backward()?;
         opt.step(&params).map_err(|e| e.source)
     };
-    for _ in 0..5 {
+    let train_s = step_seconds(5, steps, &mut step)?;
+    let mut eval = Ctx::eval();
+    let infer_s = median_seconds(steps, || {
+        let _ = no_grad(|| model.forward(&x, &mut eval));
+    });
+    report("lenet_train", train_s, 64);
+    report("lenet_infer", infer_s, 64);
+    Ok(())
+}
+
+/// Seconds per step: `warmup` untimed steps, then the median of 5 timed blocks that together
+/// hold at least `steps` steps.
+fn step_seconds(warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
         step()?;
     }
-    // Median over 5 timed blocks of `steps` / 5 steps each.
-    let block = (steps / 5).max(1);
+    let block = steps.div_ceil(5).max(1);
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
@@ -168,17 +186,61 @@ fn lenet_bench(args: &BenchArgs) -> Result<()> {
         times.push(t.elapsed().as_secs_f64() / block as f64);
     }
     times.sort_by(f64::total_cmp);
-    let train_s = times[2];
-    let mut eval = Ctx::eval();
-    let infer_s = median_seconds(steps, || {
-        let _ = no_grad(|| model.forward(&x, &mut eval));
+    Ok(times[2])
+}
+
+/// One images-per-second line.
+fn report(name: &str, secs: f64, batch: usize) {
+    let rec = json!({
+        "bench": name, "impl": "stride", "value": (batch as f64 / secs * 10.0).round() / 10.0, "unit": "images/s",
+        "median_ms": (secs * 1e7).round() / 1e4, "batch": batch, "threads": rayon::current_num_threads(),
     });
-    for (name, secs) in [("lenet_train", train_s), ("lenet_infer", infer_s)] {
-        let rec = json!({
-            "bench": name, "impl": "stride", "value": (64.0 / secs * 10.0).round() / 10.0, "unit": "images/s",
-            "median_ms": (secs * 1e7).round() / 1e4, "batch": 64, "threads": rayon::current_num_threads(),
-        });
-        println!("{rec}");
-    }
+    println!("{rec}");
+}
+
+/// B2: SPEC.md's `vae_train` (Adam 1e-3, batch 32 of 32x32 images in [0, 1], training mode).
+fn vae_bench(args: &BenchArgs) -> Result<()> {
+    use stride_nn::optim::{zero_grad, Adam, Optimizer};
+    use stride_nn::{Ctx, Module};
+    let mut model = stride_models::vae::Vae::new(&mut Rng::seed(0)).map_err(|e| e.source)?;
+    let x = Var::constant(Rng::seed(1).uniform::<f32>(&[32, 1, 32, 32], 0.0, 1.0)?);
+    let params = model.parameters();
+    let mut opt = Adam::default_with_lr(1e-3).map_err(|e| e.source)?;
+    let mut ctx = Ctx::train(0);
+    let mut step = || -> Result<()> {
+        zero_grad(&params);
+        let (_, loss) = model.forward_loss(&x, &mut ctx).map_err(|e| e.source)?;
+        loss.total.backward()?;
+        opt.step(&params).map_err(|e| e.source)
+    };
+    report("vae_train", step_seconds(5, args.reps.max(50), &mut step)?, 32);
+    Ok(())
+}
+
+/// B4: SPEC.md's `resnet18_infer` (eval mode) and `resnet18_train` (SGD lr 0.1, momentum 0.9,
+/// weight decay 5e-4), ResNet-18 with the CIFAR stem on [32, 3, 32, 32].
+fn resnet18_bench(args: &BenchArgs) -> Result<()> {
+    use stride_nn::optim::{zero_grad, Optimizer, Sgd};
+    use stride_nn::{Ctx, Module};
+    let spec = stride_models::InputSpec { channels: 3, height: 32, width: 32, classes: 10 };
+    let mut model = stride_models::build("resnet18_cifar", &mut Rng::seed(4), spec).map_err(|e| e.source)?;
+    let mut rng = Rng::seed(4);
+    let x = Var::constant(rng.normal::<f32>(&[32, 3, 32, 32], 0.0, 1.0)?);
+    let labels: Vec<usize> = (0..32).map(|_| rng.below(10)).collect();
+    let steps = args.reps.clamp(10, 30);
+    let mut eval = Ctx::eval();
+    let infer_s = step_seconds(2, steps, &mut || no_grad(|| model.forward(&x, &mut eval)).map(|_| ()).map_err(|e| e.source))?;
+    let params = model.parameters();
+    let mut opt = Sgd::new(0.1, 0.9, false, 5e-4).map_err(|e| e.source)?;
+    let mut ctx = Ctx::train(0);
+    let mut step = || -> Result<()> {
+        zero_grad(&params);
+        let logits = model.forward(&x, &mut ctx).map_err(|e| e.source)?;
+        stride_autograd::cross_entropy(&logits, &labels, 0.0)?.backward()?;
+        opt.step(&params).map_err(|e| e.source)
+    };
+    let train_s = step_seconds(2, steps, &mut step)?;
+    report("resnet18_infer", infer_s, 32);
+    report("resnet18_train", train_s, 32);
     Ok(())
 }
