@@ -172,3 +172,13 @@ fn image_folders_split_and_decode() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&rgb).unwrap();
 }
+
+#[test]
+fn an_image_claiming_more_pixels_than_the_limit_is_refused_before_decoding() {
+    // A 483-byte JPEG (found by the fuzzer) whose header claims 11,519 x 9,461 x 3 pixels.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/image/jpeg-claims-11519x9461.jpg");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 483);
+    let e = stride_data::decode_image(&path, &bytes).unwrap_err().to_string();
+    assert!(e.contains("cannot decode the image") && e.to_lowercase().contains("limit"), "{e}");
+}
