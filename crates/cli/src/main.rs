@@ -40,15 +40,15 @@ enum Command {
 
 /// The zoo with parameter counts for each model's design input.
 fn models() -> Result<(), Box<dyn std::error::Error>> {
-    println!("{:<20} {:>13}  {:<14} {:>6}  about", "name", "parameters", "designed for", "epochs");
+    println!("{:<20} {:>13}  {:<16} {:>6}  about", "name", "parameters", "designed for", "epochs");
     for m in stride_models::ZOO {
         let s = m.input;
         let n = stride_nn::Module::num_parameters(&mut (m.build)(&mut stride_autograd::Rng::seed(0), s)?);
         let input = format!("{}x{}x{}, {}", s.channels, s.height, s.width, s.classes);
-        println!("{:<20} {:>13}  {:<14} {:>6}  {}", m.name, group(n), input, m.epochs, m.about);
+        println!("{:<20} {:>13}  {:<16} {:>6}  {}", m.name, group(n), input, m.epochs, m.about);
     }
     let n = stride_nn::Module::num_parameters(&mut stride_models::vae::Vae::new(&mut stride_autograd::Rng::seed(0))?);
-    println!("{:<20} {:>13}  {:<14} {:>6}  {}", "vae", group(n), "1x32x32", 10, stride_models::vae::ABOUT);
+    println!("{:<20} {:>13}  {:<16} {:>6}  {}", "vae", group(n), "1x32x32", 10, stride_models::vae::ABOUT);
     println!("\nEvery model builds for any channel and class count; `stride train --resize N` fits the data to models that need larger images.");
     Ok(())
 }
