@@ -38,6 +38,9 @@ const MAX_LAYERS: usize = 10_000;
 /// parameters). Both are checked before anything is allocated.
 const MAX_PARAMS: u128 = 1 << 28;
 const MAX_ACTIVATION: u128 = 1 << 28;
+/// The most multiply-adds one layer may cost per image (2^36, about 30 s of one core; VGG-16's
+/// largest layer costs 1.8e9). Building a model runs it once, so this bounds the build's time.
+const MAX_MACS: u128 = 1 << 36;
 
 /// Fails when `n` exceeds `max`, naming what was asked for.
 fn within(f: &Fields, what: &str, n: u128, max: u128) -> Result<()> {
@@ -192,6 +195,9 @@ fn layer(item: &Value, at: String, rng: &mut Rng, shape: &[usize], classes: usiz
             budget.0 += params;
             within(&f, "the model's parameter count", budget.0, MAX_PARAMS)?;
             within(&f, "the output per image", out, MAX_ACTIVATION)?;
+            // Each output value costs at most (cin / groups) * k * k multiply-adds.
+            let per_out = if kind == "separable_conv2d" { (k_ * k_).max(cin_) } else { (cin_ / g).max(1) * k_ * k_ };
+            within(&f, "the multiply-adds per image", out * per_out, MAX_MACS)?;
             match kind {
                 "conv2d" => Box::new(Conv2d::new(rng, cin, cout, k, opts, bias).map_err(|e| e.context(f.at.clone()))?),
                 "conv_transpose2d" => Box::new(ConvTranspose2d::new(rng, cin, cout, k, opts, bias).map_err(|e| e.context(f.at.clone()))?),

@@ -93,6 +93,11 @@ fn sizes_are_checked_before_anything_is_allocated() {
             format!("{}\n{}", layers("type = \"conv2d\"\nout_channels = 60000\nkernel = 1"), layers("type = \"adaptive_avg_pool2d\"\nsize = 4096")),
             "layer 1 (adaptive_avg_pool2d): the output per image would be 1006632960000",
         ),
+        // Small enough to hold, too slow to build: 16 filters of 64x64 over a 1,052-pixel square.
+        (
+            format!("{}\n{}", layers("type = \"pad\"\npadding = 512"), layers("type = \"conv2d\"\nout_channels = 16\nkernel = 64")),
+            "layer 1 (conv2d): the multiply-adds per image would be",
+        ),
     ];
     for (text, want) in cases {
         let e = from_toml("big.toml", &text, &mut Rng::seed(0), MNIST).err().map(|e| e.to_string()).unwrap_or_default();
