@@ -27,6 +27,10 @@ pub const SPEC: InputSpec = InputSpec { channels: 1, height: 6, width: 6, classe
 /// The input fuzzed model files are built for (MNIST's, as `stride train` would).
 pub const FILE_SPEC: InputSpec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
 
+fn tiny() -> stride_nn::layers::Sequential {
+    stride_models::from_toml("tiny.toml", TINY_MODEL, &mut Rng::seed(0), SPEC).expect("the tiny model builds")
+}
+
 /// IDX, raw or gzipped; also split in two (at a place the first byte picks) as an image file
 /// and a label file, made a data set and batched. Accepted when either reading works.
 pub fn idx(data: &[u8]) -> bool {
@@ -63,7 +67,7 @@ pub fn image(data: &[u8]) -> bool {
 pub fn checkpoint(data: &[u8]) -> bool {
     let path = Path::new("fuzz.safetensors");
     let Ok((tensors, meta)) = crate::checkpoint::parse(path, data) else { return false };
-    let mut model = stride_models::from_toml("tiny.toml", TINY_MODEL, &mut Rng::seed(0), SPEC).expect("the tiny model builds");
+    let mut model = tiny();
     let weights = tensors.iter().filter(|(k, _)| !k.starts_with("optimizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let ok = crate::checkpoint::load_into(&mut model, &weights).is_ok();
     let _ = crate::restore_checkpoint(path, tensors, &meta, &mut model, &crate::TrainConfig::default());
@@ -74,8 +78,7 @@ pub fn checkpoint(data: &[u8]) -> bool {
 pub fn restores(data: &[u8]) -> bool {
     let path = Path::new("fuzz.safetensors");
     let Ok((tensors, meta)) = crate::checkpoint::parse(path, data) else { return false };
-    let mut model = stride_models::from_toml("tiny.toml", TINY_MODEL, &mut Rng::seed(0), SPEC).expect("the tiny model builds");
-    crate::restore_checkpoint(path, tensors, &meta, &mut model, &crate::TrainConfig::default()).is_ok()
+    crate::restore_checkpoint(path, tensors, &meta, &mut tiny(), &crate::TrainConfig::default()).is_ok()
 }
 
 /// A TOML model file, built for MNIST's images.
