@@ -27,4 +27,4 @@ pub use stride_kernels::conv::{Conv2dOptions, Padding};
 pub use stride_kernels::pool::Pool2dOptions;
 pub use stride_kernels::unary::Unary;
 pub use stride_tensor::{Elem, Error, ErrorKind, Result, Rng, Tensor};
-pub use var::{is_grad_enabled, no_grad, NoGradGuard, Var};
+pub use var::{is_grad_enabled, no_grad, tape_bytes, NoGradGuard, Var};

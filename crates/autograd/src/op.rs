@@ -88,6 +88,19 @@ pub(crate) enum Op<T: Elem> {
     },
 }
 
+impl<T: Elem> Op<T> {
+    /// Bytes the op keeps for its backward pass beyond the tensors on the tape.
+    pub(crate) fn saved_bytes(&self) -> usize {
+        match self {
+            Op::Max { argmax, .. } => argmax.len() * std::mem::size_of::<usize>(),
+            Op::MaxPool2d { argmax, .. } | Op::AdaptiveMaxPool2d { argmax } | Op::ChannelMaxPool { argmax } => argmax.len() * 4,
+            Op::BatchNorm { mean, invstd, .. } => (mean.len() + invstd.len()) * std::mem::size_of::<T>(),
+            Op::Nll { targets } => targets.len() * std::mem::size_of::<usize>(),
+            _ => 0,
+        }
+    }
+}
+
 /// Names of every primitive, in declaration order: the count a backend has to implement.
 pub const PRIMITIVES: [&str; 26] = [
     "add",

@@ -34,6 +34,16 @@ impl<T: Elem> std::fmt::Debug for Var<T> {
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    static TAPE_BYTES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Bytes this thread has put on the tape so far (a running total, never decreasing): the value
+/// of every recorded op, what the op keeps for its backward (argmax indices, batch statistics),
+/// and the constants it holds (inputs, dropout masks). A value that shares its parent's storage
+/// (a reshape) counts nothing. The difference across a forward pass is the memory that pass
+/// keeps alive for the backward pass; `summary` reports it per layer.
+pub fn tape_bytes() -> u64 {
+    TAPE_BYTES.with(|b| b.get())
 }
 
 /// While alive, ops record nothing (inference mode): every result is a leaf, so each
@@ -89,6 +99,10 @@ impl<T: Elem> Var<T> {
         if !record {
             return Self::constant(value);
         }
+        let own = if matches!(op, Op::Reshape) { 0 } else { value.numel() };
+        let constants: usize = parents.iter().filter(|p| !p.requires_grad()).map(|p| p.value_ref().numel()).sum();
+        let bytes = ((own + constants) * std::mem::size_of::<T>() + op.saved_bytes()) as u64;
+        TAPE_BYTES.with(|b| b.set(b.get() + bytes));
         Var(Rc::new(Node {
             value: RefCell::new(value),
             grad: RefCell::new(None),

@@ -182,7 +182,7 @@ fn the_zoo_lists_counts_and_explains_sizes() {
     let log = text(&out);
     assert!(!out.status.success());
     assert!(log.contains("vgg11 cannot take 1x28x28 images (it needs at least 32x32; `stride train --resize N` resizes)"), "{log}");
-    assert!(log.contains("layer features (") && log.contains("layer 20 (MaxPool2d"), "names the layer: {log}");
+    assert!(log.contains("layer features.20 (MaxPool2d"), "names the layer by its dotted path: {log}");
     assert!(text(&stride(&["train", "--resize", "0x5"])).contains("'0x5' is not a size"));
     assert!(text(&stride(&["train", "--model", "vae"])).contains("train it with `stride vae`"));
 }

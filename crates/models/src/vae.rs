@@ -5,7 +5,7 @@
 use stride_autograd::{binary_cross_entropy, gaussian_kl, Conv2dOptions, Padding, Reduction, Rng, Unary, Var};
 use stride_nn::blocks::{ConvTranspose2d, Pad};
 use stride_nn::layers::{Activation, BatchNorm, Dropout, Flatten, Linear, Sequential};
-use stride_nn::{join, Ctx, Module, Result, Slot};
+use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 pub const ABOUT: &str = "the ADCME article's convolutional VAE: dense encoder (500 elu, 500 tanh, 200) to a 100-d code, generator of transposed convolutions (ngf 8) to 1x32x32";
 /// Size of the code z.
@@ -65,7 +65,7 @@ impl Vae {
         if s.len() != 4 || s[1..] != [1, SIDE, SIDE] {
             return Err(stride_autograd::Error::shape("vae", format!("expects [N, 1, {SIDE}, {SIDE}] images, got {s:?}")).into());
         }
-        let h = self.encoder.forward(x, ctx)?;
+        let h = call(&mut self.encoder, "encoder", x, ctx)?;
         let mu = h.narrow(1, 0, LATENT)?;
         let sigma = h.narrow(1, LATENT, LATENT)?.softplus()?.add_scalar(1e-6)?;
         Ok((mu, sigma))
@@ -74,7 +74,7 @@ impl Vae {
     /// z [N, 100] -> images [N, 1, 32, 32] in (0, 1).
     pub fn generate(&mut self, z: &Var, ctx: &mut Ctx) -> Result<Var> {
         let n = z.shape()[0];
-        self.generator.forward(&z.reshape(&[n, LATENT, 1, 1])?, ctx)
+        call(&mut self.generator, "generator", &z.reshape(&[n, LATENT, 1, 1])?, ctx)
     }
 
     /// Encodes, draws z = mu + sigma * eps with eps from `ctx.rng`, generates; returns the

@@ -4,7 +4,8 @@
 use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Unary, Var};
 
 use crate::layers::Conv2d;
-use crate::module::{join, visit_weight_bias, Ctx, Module, Slot};
+use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
+use crate::trace::Field;
 use crate::{init, Result};
 
 /// Transposed convolution with PyTorch's [in, out/groups, k, k] weight.
@@ -39,6 +40,15 @@ impl Module for ConvTranspose2d {
         let s = self.weight.shape();
         format!("ConvTranspose2d({}, {}, k{}x{}, stride {:?})", s[0], s[1] * self.opts.groups, s[2], s[3], self.opts.stride)
     }
+    fn macs(&self, input: &[usize], _: &[usize]) -> u64 {
+        // Each input value is scattered into (out / groups) x kh x kw outputs.
+        let s = self.weight.shape();
+        input.iter().product::<usize>() as u64 * (s[1] * s[2] * s[3]) as u64
+    }
+    fn field(&self, input: Field, _: &[usize]) -> Field {
+        let s = self.weight.shape();
+        input.transposed((s[2], s[3]), self.opts.stride, self.opts.dilation)
+    }
 }
 
 /// Depthwise (groups = channels) then pointwise 1x1 convolution: MobileNet's and Xception's
@@ -68,6 +78,14 @@ impl Module for DepthwiseSeparableConv2d {
     }
     fn describe(&self) -> String {
         format!("DepthwiseSeparable({}, {})", self.depthwise.describe(), self.pointwise.describe())
+    }
+    fn macs(&self, input: &[usize], output: &[usize]) -> u64 {
+        // The depthwise output has the input's channels and the output's spatial size.
+        let mid = [output[0], input[1], output[2], output[3]];
+        self.depthwise.macs(input, &mid) + self.pointwise.macs(&mid, output)
+    }
+    fn field(&self, input: Field, shape: &[usize]) -> Field {
+        self.depthwise.field(input, shape)
     }
 }
 
@@ -110,6 +128,23 @@ impl Module for OtherPool {
             OtherPool::ChannelMax { depth, stride } => {
                 format!("ChannelMaxPool(depth {depth}, stride {stride})")
             }
+        }
+    }
+    fn field(&self, input: Field, shape: &[usize]) -> Field {
+        let (h, w) = match shape {
+            [_, _, h, w] => (*h, *w),
+            _ => return input,
+        };
+        // An adaptive window to (oh, ow) spans up to ceil(h / oh) rows, moving by about h / oh.
+        let adaptive = |oh: usize, ow: usize| {
+            let (oh, ow) = (oh.max(1), ow.max(1));
+            input.window((h.div_ceil(oh), w.div_ceil(ow)), ((h / oh).max(1), (w / ow).max(1)), (1, 1))
+        };
+        match self {
+            OtherPool::Lp(_, o) => input.window(o.kernel, o.stride.unwrap_or(o.kernel), (1, 1)),
+            OtherPool::AdaptiveAvg(oh, ow) | OtherPool::AdaptiveMax(oh, ow) => adaptive(*oh, *ow),
+            OtherPool::GlobalAvg | OtherPool::GlobalMax => adaptive(1, 1),
+            OtherPool::ChannelMax { .. } => input,
         }
     }
 }
@@ -176,19 +211,27 @@ impl Residual {
 
 impl Module for Residual {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let y = self.body.forward(x, ctx)?;
+        let y = call(self.body.as_mut(), &self.body_name, x, ctx)?;
         let s = match &mut self.shortcut {
-            Some(m) => m.forward(x, ctx)?,
+            Some(m) => call(m.as_mut(), &self.shortcut_name, x, ctx)?,
             None => x.clone(),
         };
         if y.shape() != s.shape() {
-            return Err(ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into());
+            let e: crate::Error = ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into();
+            return Err(e.context(format!("layer {} ({})", ctx.path(), self.describe())));
         }
+        let before = ag::tape_bytes();
         let sum = y.add(&s)?;
-        Ok(match self.post {
+        let out = match self.post {
             Some(f) => ag::ops::arith::unary(&sum, f)?,
             None => sum,
-        })
+        };
+        let what = self.post.map_or("add".to_string(), |f| format!("add, {}", f.name()));
+        ctx.record_merge(&what, &[&y, &s], &out, before);
+        Ok(out)
+    }
+    fn is_container(&self) -> bool {
+        true
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         self.body.visit(&join(prefix, &self.body_name), f);
@@ -222,9 +265,15 @@ impl Concat {
 
 impl Module for Concat {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let outs: Vec<Var> = self.branches.iter_mut().map(|b| b.forward(x, ctx)).collect::<Result<_>>()?;
+        let outs: Vec<Var> = self.branches.iter_mut().zip(&self.names).map(|(b, name)| call(b.as_mut(), name, x, ctx)).collect::<Result<_>>()?;
         let refs: Vec<&Var> = outs.iter().collect();
-        Ok(ag::concat(&refs, 1)?)
+        let before = ag::tape_bytes();
+        let out = ag::concat(&refs, 1).map_err(|e| crate::Error::from(e).context(format!("layer {} ({})", ctx.path(), self.describe())))?;
+        ctx.record_merge("concat", &refs, &out, before);
+        Ok(out)
+    }
+    fn is_container(&self) -> bool {
+        true
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         for (b, name) in self.branches.iter_mut().zip(&self.names) {
@@ -246,11 +295,21 @@ pub struct DenseBlock {
 impl Module for DenseBlock {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut feats = vec![x.clone()];
+        let concat = |feats: &[Var], ctx: &mut Ctx, what: &str| -> Result<Var> {
+            let refs: Vec<&Var> = feats.iter().collect();
+            let before = ag::tape_bytes();
+            let out = ag::concat(&refs, 1)?;
+            ctx.record_merge(what, &refs, &out, before);
+            Ok(out)
+        };
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
-            let input = if feats.len() == 1 { feats[0].clone() } else { ag::concat(&feats.iter().collect::<Vec<_>>(), 1)? };
-            feats.push(l.forward(&input, ctx).map_err(|e| e.context(format!("{name} ({})", l.describe())))?);
+            let input = if feats.len() == 1 { feats[0].clone() } else { concat(&feats, ctx, &format!("concat for {name}"))? };
+            feats.push(call(l.as_mut(), name, &input, ctx)?);
         }
-        Ok(ag::concat(&feats.iter().collect::<Vec<_>>(), 1)?)
+        concat(&feats, ctx, "concat")
+    }
+    fn is_container(&self) -> bool {
+        true
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
@@ -296,4 +355,11 @@ impl Module for SqueezeExcite {
         let s = self.fc1.weight.shape();
         format!("SqueezeExcite({}, {})", s[1], s[0])
     }
+    fn macs(&self, input: &[usize], _: &[usize]) -> u64 {
+        let (n, c) = (input[0], input[1]);
+        let squeeze = self.fc1.weight.shape()[0];
+        self.fc1.macs(&[n, c, 1, 1], &[n, squeeze, 1, 1]) + self.fc2.macs(&[n, squeeze, 1, 1], &[n, c, 1, 1])
+    }
+    // The field is the local path's: the channel gates see the whole image, but (as is usual
+    // for receptive fields) that global context is not counted.
 }

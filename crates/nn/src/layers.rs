@@ -2,7 +2,8 @@
 
 use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
-use crate::module::{join, visit_weight_bias, Ctx, Module, Slot};
+use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
+use crate::trace::Field;
 use crate::{init, Result};
 
 /// 2-D convolution with a [out, in/groups, k, k] weight and an optional bias.
@@ -34,6 +35,15 @@ impl Module for Conv2d {
         let s = self.weight.shape();
         format!("Conv2d({}, {}, k{}x{}, stride {:?}, {:?})", s[1] * self.opts.groups, s[0], s[2], s[3], self.opts.stride, self.opts.padding)
     }
+    fn macs(&self, _: &[usize], output: &[usize]) -> u64 {
+        // Each output value is a dot product over (in / groups) x kh x kw weights.
+        let s = self.weight.shape();
+        output.iter().product::<usize>() as u64 * (s[1] * s[2] * s[3]) as u64
+    }
+    fn field(&self, input: Field, _: &[usize]) -> Field {
+        let s = self.weight.shape();
+        input.window((s[2], s[3]), self.opts.stride, self.opts.dilation)
+    }
 }
 
 /// y = x W^T + b with W [out, in].
@@ -59,6 +69,12 @@ impl Module for Linear {
     fn describe(&self) -> String {
         let s = self.weight.shape();
         format!("Linear({}, {})", s[1], s[0])
+    }
+    fn macs(&self, _: &[usize], output: &[usize]) -> u64 {
+        output.iter().product::<usize>() as u64 * self.weight.shape()[1] as u64
+    }
+    fn field(&self, input: Field, _: &[usize]) -> Field {
+        input.whole()
     }
 }
 
@@ -130,6 +146,10 @@ impl Module for Pool {
             Pool::Max(o) => format!("MaxPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
             Pool::Avg(o) => format!("AvgPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
         }
+    }
+    fn field(&self, input: Field, _: &[usize]) -> Field {
+        let (Pool::Max(o) | Pool::Avg(o)) = self;
+        input.window(o.kernel, o.stride.unwrap_or(o.kernel), (1, 1))
     }
 }
 
@@ -213,12 +233,12 @@ impl Module for Sequential {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut h = x.clone();
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
-            h = l.forward(&h, ctx).map_err(|e| e.context(format!("layer {name} ({})", l.describe())))?;
-            if ctx.debug {
-                eprintln!("{name:>3} {:<48} -> {:?}", l.describe(), h.shape());
-            }
+            h = call(l.as_mut(), name, &h, ctx)?;
         }
         Ok(h)
+    }
+    fn is_container(&self) -> bool {
+        true
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         for (l, name) in self.layers.iter_mut().zip(&self.names) {

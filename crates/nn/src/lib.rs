@@ -8,8 +8,10 @@ pub mod layers;
 mod module;
 pub mod optim;
 pub mod schedule;
+pub mod trace;
 
-pub use module::{join, Ctx, Module, Slot};
+pub use module::{call, join, Ctx, Module, Slot};
+pub use trace::{Field, Row, Trace};
 
 /// A library error with the layer it happened in.
 #[derive(Debug, Clone, PartialEq, Eq)]

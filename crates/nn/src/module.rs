@@ -1,7 +1,8 @@
 //! The `Module` trait: forward, and one way to visit named parameters and buffers.
 
-use stride_autograd::{Rng, Tensor, Var};
+use stride_autograd::{tape_bytes, Rng, Tensor, Var};
 
+use crate::trace::{Field, Row, Trace};
 use crate::Result;
 
 /// What a forward pass needs besides the input: the mode and the random source for dropout.
@@ -12,15 +13,76 @@ pub struct Ctx {
     pub rng: Rng,
     /// Print each layer's output shape as the data flows (`net(X, debug=True)`).
     pub debug: bool,
+    /// When set, every layer leaves a [`Row`] here (`stride summary`).
+    pub trace: Option<Trace>,
+    /// Names of the containers and the layer now running, outermost first.
+    path: Vec<String>,
 }
 
 impl Ctx {
     pub fn train(seed: u64) -> Self {
-        Ctx { training: true, rng: Rng::seed(seed), debug: false }
+        Ctx { training: true, rng: Rng::seed(seed), debug: false, trace: None, path: Vec::new() }
     }
     pub fn eval() -> Self {
-        Ctx { training: false, rng: Rng::seed(0), debug: false }
+        Ctx { training: false, rng: Rng::seed(0), debug: false, trace: None, path: Vec::new() }
     }
+    /// The dotted path of the layer now running (`layer1.0.conv1`), as its parameters are named.
+    pub fn path(&self) -> String {
+        self.path.iter().filter(|p| !p.is_empty()).cloned().collect::<Vec<_>>().join(".")
+    }
+    /// Records where a block's branches meet (`what`, e.g. `add, relu`), when tracing: the
+    /// field is the largest of the inputs', the tape bytes those since `tape_before`.
+    pub fn record_merge(&mut self, what: &str, inputs: &[&Var], output: &Var, tape_before: u64) {
+        let path = self.path();
+        let Some(t) = self.trace.as_mut() else { return };
+        let field = inputs.iter().map(|v| t.field_of(v)).reduce(Field::max).unwrap_or(Field::PIXEL);
+        let n = output.shape().first().copied().unwrap_or(1).max(1) as u64;
+        let row = Row {
+            path,
+            layer: what.to_string(),
+            input: inputs.first().map_or(Vec::new(), |v| v.shape()),
+            output: output.shape(),
+            params: 0,
+            macs: 0,
+            field,
+            tape_bytes: (tape_bytes() - tape_before) / n,
+        };
+        t.push(row, output);
+    }
+}
+
+/// Runs child `m` of a container under `name`: the one place layers are entered, so errors
+/// carry the layer's full dotted path (`layer features.20 (MaxPool2d...)`), `--debug` prints
+/// every layer's output shape, and a trace gets one row per layer.
+pub fn call(m: &mut dyn Module, name: &str, x: &Var, ctx: &mut Ctx) -> Result<Var> {
+    ctx.path.push(name.to_string());
+    let before = tape_bytes();
+    let result = m.forward(x, ctx);
+    let path = ctx.path();
+    ctx.path.pop();
+    if m.is_container() {
+        return result;
+    }
+    let y = result.map_err(|e| e.context(format!("layer {path} ({})", m.describe())))?;
+    if ctx.debug {
+        eprintln!("{path:>16} {:<48} -> {:?}", m.describe(), y.shape());
+    }
+    if let Some(t) = ctx.trace.as_mut() {
+        let (input, output) = (x.shape(), y.shape());
+        let n = input.first().copied().unwrap_or(1).max(1);
+        let row = Row {
+            path,
+            layer: m.describe(),
+            field: m.field(t.field_of(x), &input),
+            macs: m.macs(&input, &output) / n as u64,
+            params: m.num_parameters(),
+            tape_bytes: (tape_bytes() - before) / n as u64,
+            input,
+            output,
+        };
+        t.push(row, &y);
+    }
+    Ok(y)
 }
 
 /// A named parameter or buffer, as PyTorch's `state_dict` names it (`features.0.weight`).
@@ -38,6 +100,19 @@ pub trait Module {
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>));
     /// A short description for summaries and debug output, e.g. `Conv2d(1, 20, k3)`.
     fn describe(&self) -> String;
+
+    /// Whether this runs other modules (through [`call`]) rather than being one layer.
+    fn is_container(&self) -> bool {
+        false
+    }
+    /// Multiply-adds for one forward pass from `input` to `output` (whole batch).
+    fn macs(&self, _input: &[usize], _output: &[usize]) -> u64 {
+        0
+    }
+    /// The receptive field after this layer, given the field of its input.
+    fn field(&self, input: Field, _input_shape: &[usize]) -> Field {
+        input
+    }
 
     /// The trainable parameters, in `visit` order.
     fn parameters(&mut self) -> Vec<Var> {

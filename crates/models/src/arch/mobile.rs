@@ -4,7 +4,7 @@
 use stride_autograd::{self as ag, Rng, Unary, Var};
 use stride_nn::blocks::{OtherPool, Residual};
 use stride_nn::layers::{Dropout, Flatten, Linear, Sequential};
-use stride_nn::{join, Ctx, Module, Result, Slot};
+use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 use super::{bn, conv, conv_bn_act, max_pool, pooled_head, relu};
 use crate::InputSpec;
@@ -105,15 +105,21 @@ impl ShuffleUnit {
 
 impl Module for ShuffleUnit {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let out = match &mut self.branch1 {
-            Some(b1) => ag::concat(&[&b1.forward(x, ctx)?, &self.branch2.forward(x, ctx)?], 1)?,
+        let (a, b) = match &mut self.branch1 {
+            Some(b1) => (call(b1, "branch1", x, ctx)?, call(&mut self.branch2, "branch2", x, ctx)?),
             None => {
                 let c = x.shape()[1];
                 let parts = x.split(1, &[c / 2, c - c / 2])?;
-                ag::concat(&[&parts[0], &self.branch2.forward(&parts[1], ctx)?], 1)?
+                (parts[0].clone(), call(&mut self.branch2, "branch2", &parts[1], ctx)?)
             }
         };
-        Ok(out.channel_shuffle(2)?)
+        let before = ag::tape_bytes();
+        let out = ag::concat(&[&a, &b], 1)?.channel_shuffle(2)?;
+        ctx.record_merge("concat, channel shuffle", &[&a, &b], &out, before);
+        Ok(out)
+    }
+    fn is_container(&self) -> bool {
+        true
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         if let Some(b) = &mut self.branch1 {

@@ -1,0 +1,103 @@
+//! Looking inside a forward pass: with `Ctx::trace` set, every layer a container runs leaves a
+//! row with its output shape, parameters, multiply-adds, receptive field and the bytes it put
+//! on the autograd tape. `stride summary` prints these rows.
+
+use stride_autograd::Var;
+
+/// What one output value sees of the input image, along (height, width).
+///
+/// `size` is the receptive field in input pixels and `jump` the distance in input pixels
+/// between neighbouring outputs (the effective stride). A layer with kernel k, stride s and
+/// dilation d maps (size, jump) to (size + (k - 1) d jump, jump s). `whole` marks values that
+/// depend on every input pixel (after a dense layer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Field {
+    pub size: [f64; 2],
+    pub jump: [f64; 2],
+    pub whole: bool,
+}
+
+impl Field {
+    /// An input pixel sees itself.
+    pub const PIXEL: Field = Field { size: [1.0; 2], jump: [1.0; 2], whole: false };
+
+    /// After a sliding window.
+    pub fn window(self, kernel: (usize, usize), stride: (usize, usize), dilation: (usize, usize)) -> Field {
+        let k = [kernel.0, kernel.1];
+        let s = [stride.0, stride.1];
+        let d = [dilation.0, dilation.1];
+        let mut out = self;
+        for i in 0..2 {
+            out.size[i] = self.size[i] + (k[i].max(1) - 1) as f64 * d[i] as f64 * self.jump[i];
+            out.jump[i] = self.jump[i] * s[i] as f64;
+        }
+        out
+    }
+
+    /// After a transposed convolution with stride s: each output sees ceil(k / s) inputs along
+    /// an axis, and outputs are s times closer together.
+    pub fn transposed(self, kernel: (usize, usize), stride: (usize, usize), dilation: (usize, usize)) -> Field {
+        let k = [kernel.0, kernel.1];
+        let s = [stride.0.max(1), stride.1.max(1)];
+        let d = [dilation.0, dilation.1];
+        let mut out = self;
+        for i in 0..2 {
+            let span = ((k[i].max(1) - 1) * d[i]) / s[i];
+            out.size[i] = self.size[i] + span as f64 * self.jump[i];
+            out.jump[i] = self.jump[i] / s[i] as f64;
+        }
+        out
+    }
+
+    /// Every value depends on the whole input.
+    pub fn whole(self) -> Field {
+        Field { whole: true, ..self }
+    }
+
+    /// Where branches meet (a residual sum, a concatenation): the larger field.
+    pub fn max(self, other: Field) -> Field {
+        Field {
+            size: [self.size[0].max(other.size[0]), self.size[1].max(other.size[1])],
+            jump: [self.jump[0].max(other.jump[0]), self.jump[1].max(other.jump[1])],
+            whole: self.whole || other.whole,
+        }
+    }
+}
+
+/// One layer of a traced forward pass. Counts are per image.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Dotted path, as the layer's parameters are named (`layer1.0.conv1`).
+    pub path: String,
+    /// The layer's description, or what a block does where its branches meet (`add, relu`).
+    pub layer: String,
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub params: usize,
+    /// Multiply-adds per image (convolutions and dense layers).
+    pub macs: u64,
+    pub field: Field,
+    /// Bytes per image this layer put on the autograd tape (what training keeps for backward).
+    pub tape_bytes: u64,
+}
+
+/// The rows of a traced pass, and the receptive field of each value seen so far.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    pub rows: Vec<Row>,
+    fields: Vec<(Var, Field)>,
+}
+
+impl Trace {
+    pub fn new() -> Self {
+        Trace::default()
+    }
+    /// The receptive field of `v`: the one recorded for it, or a pixel's for the input.
+    pub fn field_of(&self, v: &Var) -> Field {
+        self.fields.iter().rev().find(|(k, _)| k.same(v)).map_or(Field::PIXEL, |(_, f)| *f)
+    }
+    pub(crate) fn push(&mut self, row: Row, output: &Var) {
+        self.fields.push((output.clone(), row.field));
+        self.rows.push(row);
+    }
+}
