@@ -13,7 +13,7 @@ pub mod ops;
 mod var;
 
 pub use op::PRIMITIVES;
-pub use ops::conv::{conv2d, conv_transpose2d};
+pub use ops::conv::{conv2d, conv2d_scratch_bytes, conv_transpose2d};
 pub use ops::linalg::{linear, matmul_tensors};
 pub use ops::loss::{
     binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, gaussian_kl, l1_loss, log_softmax, mse_loss, nll_loss, softmax, Reduction,

@@ -2,10 +2,15 @@
 
 mod bench;
 mod infer;
+mod memory;
+mod summary;
 mod train;
 mod vae;
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOCATOR: memory::Counting = memory::Counting;
 
 #[derive(Parser)]
 #[command(name = "stride", version, about = "Convolutional neural networks in Rust: build, train, look inside, fast.")]
@@ -34,6 +39,9 @@ enum Command {
     Sample(vae::SampleArgs),
     /// Lists the model zoo.
     Models,
+    /// One row per layer (shape, parameters, multiply-adds, receptive field, memory kept) and
+    /// the memory a batch needs for inference and for training.
+    Summary(summary::SummaryArgs),
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
 }
@@ -84,6 +92,7 @@ fn main() {
         Command::Run(args) => infer::run(&args),
         Command::Predict(args) => infer::predict(&args),
         Command::Models => models(),
+        Command::Summary(args) => summary::run(&args),
         Command::Vae(args) => vae::train(&args),
         Command::Sample(args) => vae::sample(&args),
         Command::Bench(args) => bench::run(&args).map_err(Into::into),

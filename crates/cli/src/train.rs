@@ -86,11 +86,22 @@ enum Sched {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Opt {
+pub enum Opt {
     Sgd,
     Nesterov,
     Adam,
     Adamw,
+}
+
+impl Opt {
+    pub fn kind(self, momentum: f64) -> OptimizerKind {
+        match self {
+            Opt::Sgd => OptimizerKind::Sgd { momentum, nesterov: false },
+            Opt::Nesterov => OptimizerKind::Sgd { momentum, nesterov: true },
+            Opt::Adam => OptimizerKind::Adam,
+            Opt::Adamw => OptimizerKind::AdamW,
+        }
+    }
 }
 
 /// A fresh run folder under runs/: runs/<model>-<data>-<n>, names reduced to safe characters.
@@ -153,15 +164,10 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         let x = Var::constant(Tensor::zeros(&[a.batch_size.clamp(1, 64), t.channels, t.height, t.width])?);
         let mut ctx = Ctx::eval();
         ctx.debug = true;
-        eprintln!("    {:<48}    {:?}", "input", x.shape());
+        eprintln!("{:>16} {:<48} -> {:?}", "", "input", x.shape());
         no_grad(|| model.forward(&x, &mut ctx))?;
     }
-    let optimizer = match a.optimizer {
-        Opt::Sgd => OptimizerKind::Sgd { momentum: a.momentum, nesterov: false },
-        Opt::Nesterov => OptimizerKind::Sgd { momentum: a.momentum, nesterov: true },
-        Opt::Adam => OptimizerKind::Adam,
-        Opt::Adamw => OptimizerKind::AdamW,
-    };
+    let optimizer = a.optimizer.kind(a.momentum);
     let cfg = TrainConfig {
         epochs,
         batch_size: a.batch_size,

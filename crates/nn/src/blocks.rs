@@ -217,7 +217,8 @@ impl Module for Residual {
             None => x.clone(),
         };
         if y.shape() != s.shape() {
-            let e: crate::Error = ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into();
+            let e: crate::Error =
+                ag::Error::shape("Residual", format!("the block gives {:?} but the shortcut gives {:?}", y.shape(), s.shape())).into();
             return Err(e.context(format!("layer {} ({})", ctx.path(), self.describe())));
         }
         let before = ag::tape_bytes();

@@ -44,6 +44,9 @@ impl Module for Conv2d {
         let s = self.weight.shape();
         input.window((s[2], s[3]), self.opts.stride, self.opts.dilation)
     }
+    fn scratch(&self, input: &[usize], _: &[usize]) -> (u64, u64) {
+        (0, ag::conv2d_scratch_bytes(input, &self.weight.shape(), &self.opts).unwrap_or(0))
+    }
 }
 
 /// y = x W^T + b with W [out, in].
@@ -145,6 +148,13 @@ impl Module for Pool {
         match self {
             Pool::Max(o) => format!("MaxPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
             Pool::Avg(o) => format!("AvgPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
+        }
+    }
+    fn scratch(&self, _: &[usize], output: &[usize]) -> (u64, u64) {
+        // Max pooling writes the argmax of every output (u32) beside it, even in inference.
+        match self {
+            Pool::Max(_) => (output.iter().skip(1).product::<usize>() as u64 * 4, 0),
+            Pool::Avg(_) => (0, 0),
         }
     }
     fn field(&self, input: Field, _: &[usize]) -> Field {

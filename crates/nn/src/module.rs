@@ -44,8 +44,10 @@ impl Ctx {
             output: output.shape(),
             params: 0,
             macs: 0,
+            scratch: (0, 0),
             field,
             tape_bytes: (tape_bytes() - tape_before) / n,
+            inputs: inputs.iter().map(|v| t.producer(v)).collect(),
         };
         t.push(row, output);
     }
@@ -61,6 +63,12 @@ pub fn call(m: &mut dyn Module, name: &str, x: &Var, ctx: &mut Ctx) -> Result<Va
     let path = ctx.path();
     ctx.path.pop();
     if m.is_container() {
+        if let Some(t) = ctx.trace.as_mut() {
+            // The caller holds x until the whole block has run.
+            let until = t.rows.len().saturating_sub(1);
+            let held = t.producer(x);
+            t.holds.push((held, until));
+        }
         return result;
     }
     let y = result.map_err(|e| e.context(format!("layer {path} ({})", m.describe())))?;
@@ -76,7 +84,9 @@ pub fn call(m: &mut dyn Module, name: &str, x: &Var, ctx: &mut Ctx) -> Result<Va
             field: m.field(t.field_of(x), &input),
             macs: m.macs(&input, &output) / n as u64,
             params: m.num_parameters(),
+            scratch: m.scratch(&input, &output),
             tape_bytes: (tape_bytes() - before) / n as u64,
+            inputs: vec![t.producer(x)],
             input,
             output,
         };
@@ -108,6 +118,11 @@ pub trait Module {
     /// Multiply-adds for one forward pass from `input` to `output` (whole batch).
     fn macs(&self, _input: &[usize], _output: &[usize]) -> u64 {
         0
+    }
+    /// Scratch bytes the forward pass holds besides its output: (per image, per thread). Max
+    /// pooling keeps its argmax (per image); convolution its im2col columns (per thread).
+    fn scratch(&self, _input: &[usize], _output: &[usize]) -> (u64, u64) {
+        (0, 0)
     }
     /// The receptive field after this layer, given the field of its input.
     fn field(&self, input: Field, _input_shape: &[usize]) -> Field {

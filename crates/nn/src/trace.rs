@@ -76,28 +76,39 @@ pub struct Row {
     pub params: usize,
     /// Multiply-adds per image (convolutions and dense layers).
     pub macs: u64,
+    /// Scratch bytes besides the output: (per image, per thread); see `Module::scratch`.
+    pub scratch: (u64, u64),
     pub field: Field,
     /// Bytes per image this layer put on the autograd tape (what training keeps for backward).
     pub tape_bytes: u64,
+    /// The rows whose outputs this layer reads (`None`: the network's input).
+    pub inputs: Vec<Option<usize>>,
 }
 
-/// The rows of a traced pass, and the receptive field of each value seen so far.
+/// The rows of a traced pass, and which row made each value seen so far.
 #[derive(Clone, Debug, Default)]
 pub struct Trace {
     pub rows: Vec<Row>,
-    fields: Vec<(Var, Field)>,
+    /// (value, row): a container read the value (`None`: the network's input) and holds it
+    /// until that row, its last, has run.
+    pub holds: Vec<(Option<usize>, usize)>,
+    made_by: Vec<(Var, usize)>,
 }
 
 impl Trace {
     pub fn new() -> Self {
         Trace::default()
     }
-    /// The receptive field of `v`: the one recorded for it, or a pixel's for the input.
+    /// The row whose output `v` is (`None` for the network's input or a value made inside a block).
+    pub fn producer(&self, v: &Var) -> Option<usize> {
+        self.made_by.iter().rev().find(|(k, _)| k.same(v)).map(|(_, i)| *i)
+    }
+    /// The receptive field of `v`: its producer's, or a pixel's for the input.
     pub fn field_of(&self, v: &Var) -> Field {
-        self.fields.iter().rev().find(|(k, _)| k.same(v)).map_or(Field::PIXEL, |(_, f)| *f)
+        self.producer(v).map_or(Field::PIXEL, |i| self.rows[i].field)
     }
     pub(crate) fn push(&mut self, row: Row, output: &Var) {
-        self.fields.push((output.clone(), row.field));
+        self.made_by.push((output.clone(), self.rows.len()));
         self.rows.push(row);
     }
 }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod curves;
 pub mod fuzzing;
+pub mod inspect;
 pub mod vae;
 
 use std::io::Write;
@@ -146,7 +147,8 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
     Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, confusion })
 }
 
-fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+/// The optimizer `cfg` asks for.
+pub fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
     Ok(match cfg.optimizer {
         OptimizerKind::Sgd { momentum, nesterov } => Box::new(Sgd::new(cfg.lr, momentum, nesterov, cfg.weight_decay)?),
         OptimizerKind::Adam => Box::new(Adam::new(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, false)?),

@@ -34,6 +34,13 @@ pub fn conv2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts:
     Ok(Var::from_op(y, Op::Conv2d { geom }, &parents(x, weight, bias)))
 }
 
+/// Bytes of scratch one thread holds while `conv2d` computes one image of `x_shape` (each
+/// thread works on its own image when the batch has at least as many images as threads).
+pub fn conv2d_scratch_bytes(x_shape: &[usize], w_shape: &[usize], opts: &Conv2dOptions) -> Result<u64> {
+    let geom = ConvGeom::conv2d(x_shape, w_shape, opts)?;
+    Ok((k::forward_scratch(&geom) * std::mem::size_of::<f32>()) as u64)
+}
+
 pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>]) -> Result<Vec<Option<Tensor<T>>>> {
     let dx = Tensor::from_vec(k::backward_data(geom, g.data(), x[1].data()), &geom.large_shape())?;
     let dw = Tensor::from_vec(k::backward_filter(geom, x[0].data(), g.data()), &geom.weight_shape())?;

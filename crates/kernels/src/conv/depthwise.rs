@@ -126,7 +126,7 @@ multiversion! {
 impl ConvGeom {
     /// The bordered input plane's size: the padded image, grown if needed to cover every
     /// window (transposed geometry can ask for rows past the bottom padding).
-    fn bordered_size(&self) -> (usize, usize) {
+    pub(crate) fn bordered_size(&self) -> (usize, usize) {
         let need_h = (self.p - 1) * self.stride.0 + (self.r - 1) * self.dilation.0 + 1;
         let need_w = (self.q - 1) * self.stride.1 + (self.s - 1) * self.dilation.1 + 1;
         ((self.h + self.pad.0 + self.pad.1).max(need_h), (self.w + self.pad.2 + self.pad.3).max(need_w))

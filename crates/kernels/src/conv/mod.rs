@@ -42,6 +42,19 @@ impl Algo {
     }
 }
 
+/// Scratch elements one thread holds while `forward` computes one image: the im2col columns
+/// (one group's), or the zero-bordered plane of the depthwise kernel.
+pub fn forward_scratch(g: &ConvGeom) -> usize {
+    match Algo::choose(g) {
+        Algo::Pointwise => 0,
+        Algo::Depthwise => {
+            let (bh, bw) = g.bordered_size();
+            bh * bw
+        }
+        Algo::Im2col => g.cg() * g.r * g.s * g.p * g.q,
+    }
+}
+
 /// How to split a batch over the thread pool: by image when there are enough images,
 /// otherwise inside each matrix product.
 fn split(n: usize) -> (bool, usize) {

@@ -1,0 +1,178 @@
+//! `stride summary`: a model's layers, sizes, receptive fields and the memory a batch needs,
+//! predicted and (with --measure) measured.
+
+use clap::Args;
+use stride_autograd::{cross_entropy, no_grad, Rng, Var};
+use stride_models::InputSpec;
+use stride_nn::{optim, Ctx, Module};
+use stride_train::inspect::{self, bytes, count, Memory, Summary};
+use stride_train::{OptimizerKind, TrainConfig};
+
+use crate::memory;
+use crate::train::Opt;
+
+#[derive(Args)]
+pub struct SummaryArgs {
+    /// Zoo model (`stride models`) or TOML model file.
+    model: String,
+    /// Input `CxHxW` or `NxCxHxW` (N is the batch size); default: the model's design input.
+    #[arg(long)]
+    input: Option<String>,
+    /// Classes (default: the model's design count; 10 for a model file).
+    #[arg(long)]
+    classes: Option<usize>,
+    /// Batch size the memory is predicted for (N of --input wins).
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// The optimizer whose state the training memory includes.
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: Opt,
+    /// Momentum (SGD only: 0 means no velocity buffer).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Also run one inference pass and two training steps at this batch size and print the
+    /// peaks reached beside the predictions.
+    #[arg(long)]
+    measure: bool,
+}
+
+pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let design = if a.model.ends_with(".toml") {
+        InputSpec { channels: 1, height: 28, width: 28, classes: 10 }
+    } else {
+        stride_models::entry(&a.model)?.input
+    };
+    let (n, chw) = match &a.input {
+        Some(s) => inspect::parse_input(s)?,
+        None => (None, [design.channels, design.height, design.width]),
+    };
+    let batch = n.unwrap_or(a.batch_size);
+    if batch == 0 {
+        return Err("--batch-size must be at least 1".into());
+    }
+    let spec = InputSpec { channels: chw[0], height: chw[1], width: chw[2], classes: a.classes.unwrap_or(design.classes) };
+    let optimizer = a.optimizer.kind(a.momentum);
+
+    let mut model = stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?;
+    let s = inspect::summarize(&mut model, chw)?;
+    print_rows(&a.model, &s, spec.classes);
+    let infer = inspect::inference_memory(&s, batch);
+    let train = inspect::training_memory(&s, batch, optimizer);
+    println!("\nmemory for a batch of {batch} (predicted):");
+    print_memory("inference", &infer, None);
+    print_memory(&format!("training ({})", optimizer_name(optimizer)), &train, None);
+    if a.measure {
+        let (mi, mt) = measure(&mut model, chw, batch, optimizer)?;
+        println!("\nmeasured (the weights plus the peak of bytes allocated above what the process held once the model was built):");
+        print_memory("inference", &infer, Some(mi));
+        print_memory("training", &train, Some(mt));
+    }
+    Ok(())
+}
+
+fn optimizer_name(o: OptimizerKind) -> String {
+    match o {
+        OptimizerKind::Adam => "adam".into(),
+        OptimizerKind::AdamW => "adamw".into(),
+        OptimizerKind::Sgd { momentum, nesterov } if momentum > 0.0 => format!("{} momentum {momentum}", if nesterov { "nesterov" } else { "sgd" }),
+        OptimizerKind::Sgd { .. } => "sgd".into(),
+    }
+}
+
+fn print_rows(model: &str, s: &Summary, classes: usize) {
+    let [c, h, w] = s.input;
+    println!("{model} on {c}x{h}x{w} images, {classes} classes (per image; field = receptive field, jump = effective stride, in input pixels)\n");
+    let width = s.rows.iter().map(|r| r.path.len()).max().unwrap_or(5).clamp(5, 40);
+    println!("{:<width$}  {:<44} {:>16} {:>11} {:>9} {:>9} {:>5} {:>10}", "layer", "kind", "output", "params", "MACs", "field", "jump", "kept");
+    let dims = |v: &[usize]| v.iter().skip(1).map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+    let side = |f: &stride_nn::Field, v: [f64; 2]| -> String {
+        if f.whole {
+            return "all".into();
+        }
+        let one = |x: f64| if x.fract() == 0.0 { format!("{x}") } else { format!("{x:.2}") };
+        if v[0] == v[1] {
+            one(v[0])
+        } else {
+            format!("{}x{}", one(v[0]), one(v[1]))
+        }
+    };
+    for r in &s.rows {
+        let mut kind = r.layer.clone();
+        if kind.chars().count() > 44 {
+            kind = kind.chars().take(43).collect::<String>() + "…";
+        }
+        println!(
+            "{:<width$}  {:<44} {:>16} {:>11} {:>9} {:>9} {:>5} {:>10}",
+            r.path,
+            kind,
+            dims(&r.output),
+            if r.params == 0 { "-".into() } else { crate::group(r.params) },
+            count(r.macs),
+            side(&r.field, r.field.size),
+            if r.field.whole { "-".into() } else { side(&r.field, r.field.jump) },
+            bytes(r.tape_bytes)
+        );
+    }
+    let macs = s.macs();
+    println!(
+        "\ntotal: {} parameters ({}), {} multiply-adds = {} FLOPs per image; training keeps {} per image (kept = what each layer puts on the autograd tape for the backward pass)",
+        crate::group(s.params),
+        bytes(s.params as u64 * 4),
+        count(macs),
+        count(2 * macs),
+        bytes(s.tape_per_image)
+    );
+}
+
+fn print_memory(what: &str, m: &Memory, measured: Option<u64>) {
+    let total = m.total();
+    let Some(got) = measured else {
+        let parts = if m.gradients == 0 {
+            format!("weights {} + activations alive at once (about two layers) {}", bytes(m.weights), bytes(m.activations))
+        } else {
+            format!(
+                "weights {} + gradients {} + optimizer state {} + activations kept {} + backward working set {}",
+                bytes(m.weights),
+                bytes(m.gradients),
+                bytes(m.optimizer),
+                bytes(m.activations),
+                bytes(m.backward)
+            )
+        };
+        println!("  {what:<24} {:>10} = {parts}", bytes(total));
+        return;
+    };
+    let off = (total as f64 / got as f64 - 1.0) * 100.0;
+    println!("  {what:<24} measured {:>10}, predicted {:>10} ({off:+.1}%)", bytes(got), bytes(total));
+}
+
+/// Peak bytes of one inference pass and of two training steps at `batch`: the weights plus
+/// what was allocated above the level before (which holds the weights, the data and the
+/// thread pools' one-time buffers, none of which the prediction counts).
+fn measure(model: &mut dyn Module, chw: [usize; 3], batch: usize, optimizer: OptimizerKind) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    let shape = [batch, chw[0], chw[1], chw[2]];
+    let params = model.parameters();
+    let weights: u64 = params.iter().map(|p| p.value_ref().numel() as u64 * 4).sum();
+    let base = memory::reset_peak() - weights;
+    {
+        let x = Var::constant(Rng::seed(1).normal(&shape, 0.0, 1.0)?);
+        no_grad(|| model.forward(&x, &mut Ctx::eval()))?;
+    }
+    let inference = memory::peak().saturating_sub(base);
+    let cfg = TrainConfig { optimizer, lr: 1e-3, ..TrainConfig::default() };
+    memory::reset_peak();
+    {
+        let mut opt = stride_train::make_optimizer(&cfg)?;
+        let mut ctx = Ctx::train(0);
+        for step in 0..2 {
+            optim::zero_grad(&params);
+            let x = Var::constant(Rng::seed(step).normal(&shape, 0.0, 1.0)?);
+            let y = model.forward(&x, &mut ctx)?;
+            let loss = cross_entropy(&y, &vec![0; batch], 0.0)?;
+            loss.backward()?;
+            opt.step(&params)?;
+        }
+        optim::zero_grad(&params);
+    }
+    Ok((inference, memory::peak().saturating_sub(base)))
+}
