@@ -75,6 +75,13 @@ fn group(n: usize) -> String {
 }
 
 fn main() {
+    // `stride summary resnet50 | head` should end quietly when the reader closes the pipe, as
+    // other command-line tools do, rather than panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         if t == 0 {

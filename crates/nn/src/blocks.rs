@@ -38,7 +38,7 @@ impl Module for ConvTranspose2d {
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();
-        format!("ConvTranspose2d({}, {}, k{}x{}, stride {:?})", s[0], s[1] * self.opts.groups, s[2], s[3], self.opts.stride)
+        format!("ConvTranspose2d({}, {}, k{}x{}{})", s[0], s[1] * self.opts.groups, s[2], s[3], crate::layers::options(&self.opts))
     }
     fn macs(&self, input: &[usize], _: &[usize]) -> u64 {
         // Each input value is scattered into (out / groups) x kh x kw outputs.
@@ -120,7 +120,7 @@ impl Module for OtherPool {
     fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
     fn describe(&self) -> String {
         match self {
-            OtherPool::Lp(p, o) => format!("LpPool2d(p {p}, k{:?})", o.kernel),
+            OtherPool::Lp(p, o) => format!("LpPool2d(p {p}, {})", crate::layers::pool_options(o)),
             OtherPool::AdaptiveAvg(h, w) => format!("AdaptiveAvgPool2d({h}, {w})"),
             OtherPool::AdaptiveMax(h, w) => format!("AdaptiveMaxPool2d({h}, {w})"),
             OtherPool::GlobalAvg => "GlobalAvgPool2d".into(),

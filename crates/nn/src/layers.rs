@@ -33,7 +33,7 @@ impl Module for Conv2d {
     }
     fn describe(&self) -> String {
         let s = self.weight.shape();
-        format!("Conv2d({}, {}, k{}x{}, stride {:?}, {:?})", s[1] * self.opts.groups, s[0], s[2], s[3], self.opts.stride, self.opts.padding)
+        format!("Conv2d({}, {}, k{}x{}{})", s[1] * self.opts.groups, s[0], s[2], s[3], options(&self.opts))
     }
     fn macs(&self, _: &[usize], output: &[usize]) -> u64 {
         // Each output value is a dot product over (in / groups) x kh x kw weights.
@@ -47,6 +47,31 @@ impl Module for Conv2d {
     fn scratch(&self, input: &[usize], _: &[usize]) -> (u64, u64) {
         (0, ag::conv2d_scratch_bytes(input, &self.weight.shape(), &self.opts).unwrap_or(0))
     }
+}
+
+/// The options that differ from the defaults, compactly: `, stride 2, pad 1, groups 32`.
+pub(crate) fn options(o: &Conv2dOptions) -> String {
+    let pair = |(a, b): (usize, usize)| if a == b { a.to_string() } else { format!("{a}x{b}") };
+    let mut out = String::new();
+    if o.stride != (1, 1) {
+        out += &format!(", stride {}", pair(o.stride));
+    }
+    match o.padding {
+        ag::Padding::Valid => {}
+        ag::Padding::Same => out += ", pad same",
+        ag::Padding::Explicit { top, bottom, left, right } if top == bottom && left == right => out += &format!(", pad {}", pair((top, left))),
+        ag::Padding::Explicit { top, bottom, left, right } => out += &format!(", pad ({top}, {bottom}, {left}, {right})"),
+    }
+    if o.dilation != (1, 1) {
+        out += &format!(", dilation {}", pair(o.dilation));
+    }
+    if o.groups != 1 {
+        out += &format!(", groups {}", o.groups);
+    }
+    if o.output_padding != (0, 0) {
+        out += &format!(", output padding {}", pair(o.output_padding));
+    }
+    out
 }
 
 /// y = x W^T + b with W [out, in].
@@ -146,8 +171,8 @@ impl Module for Pool {
     fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
     fn describe(&self) -> String {
         match self {
-            Pool::Max(o) => format!("MaxPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
-            Pool::Avg(o) => format!("AvgPool2d(k{:?}, stride {:?})", o.kernel, o.stride.unwrap_or(o.kernel)),
+            Pool::Max(o) => format!("MaxPool2d({})", pool_options(o)),
+            Pool::Avg(o) => format!("AvgPool2d({})", pool_options(o)),
         }
     }
     fn scratch(&self, _: &[usize], output: &[usize]) -> (u64, u64) {
@@ -161,6 +186,16 @@ impl Module for Pool {
         let (Pool::Max(o) | Pool::Avg(o)) = self;
         input.window(o.kernel, o.stride.unwrap_or(o.kernel), (1, 1))
     }
+}
+
+/// `k3, stride 2, pad 1, ceil`
+pub(crate) fn pool_options(o: &Pool2dOptions) -> String {
+    let conv = Conv2dOptions { stride: o.stride.unwrap_or(o.kernel), padding: o.padding, ..Conv2dOptions::default() };
+    let (a, b) = o.kernel;
+    let k = if a == b { a.to_string() } else { format!("{a}x{b}") };
+    // Pooling's stride defaults to the kernel: always shown.
+    let stride = if conv.stride == (1, 1) { ", stride 1" } else { "" };
+    format!("k{k}{stride}{}{}", options(&conv), if o.ceil_mode { ", ceil" } else { "" })
 }
 
 /// An element-wise activation.

@@ -1,0 +1,92 @@
+//! `stride summary`: the memory it predicts against the peak the same process reaches, on the
+//! zoo; and its table.
+
+use std::process::{Command, Output};
+
+fn stride(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stride")).args(args).env("RAYON_NUM_THREADS", "2").output().expect("the binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The "(+1.2%)" of each `measured X, predicted Y (+1.2%)` line, by what it measured.
+fn deviations(log: &str) -> Vec<(String, f64)> {
+    log.lines()
+        .filter(|l| l.contains("measured") && l.contains("predicted"))
+        .map(|l| {
+            let what = l.split_whitespace().next().unwrap_or("").to_string();
+            let pct = l.rsplit('(').next().and_then(|p| p.trim_end_matches([')', '%']).parse::<f64>().ok());
+            (what, pct.unwrap_or_else(|| panic!("no percentage in {l}")))
+        })
+        .collect()
+}
+
+#[test]
+fn predicted_memory_is_within_ten_percent_of_measured_on_the_zoo() {
+    // Every family, at sizes that keep the test quick.
+    let cases = [
+        ("cnn", "64x1x28x28"),
+        ("cnn-bn", "32x1x28x28"),
+        ("lenet5", "64x1x28x28"),
+        ("allconv", "8x3x32x32"),
+        ("alexnet", "2x3x64x64"),
+        ("vgg11_bn", "2x3x32x32"),
+        ("googlenet", "4x3x32x32"),
+        ("resnet18_cifar", "8x3x32x32"),
+        ("resnet50", "2x3x32x32"),
+        ("se_resnet18", "4x3x32x32"),
+        ("densenet_bc", "8x3x32x32"),
+        ("mobilenet_v1", "4x3x32x32"),
+        ("mobilenet_v2", "4x3x32x32"),
+        ("shufflenet_v2_x1_0", "4x3x32x32"),
+        ("xception", "2x3x71x71"),
+    ];
+    let mut report = Vec::new();
+    for (model, input) in cases {
+        let out = stride(&["summary", model, "--input", input, "--classes", "10", "--measure"]);
+        let log = text(&out);
+        assert!(out.status.success(), "{model}: {log}");
+        let d = deviations(&log);
+        assert_eq!(d.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(), ["inference", "training"], "{model}: {log}");
+        for (what, pct) in &d {
+            assert!(pct.abs() <= 10.0, "{model} {what}: predicted {pct:+.1}% off the measured peak\n{log}");
+        }
+        report.push(format!("{model} {input}: {d:?}"));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn table_has_a_row_per_layer_and_the_totals() {
+    let out = stride(&["summary", "cnn"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    // The tutorial CNN: ten layers, its receptive field grows 3 -> 4 -> 12 -> 14.
+    let rows: Vec<&str> = log.lines().filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<usize>().is_ok())).collect();
+    assert_eq!(rows.len(), 10, "{log}");
+    assert!(
+        rows[3].starts_with("3 ") && rows[3].contains("Conv2d(20, 50, k5x5)") && rows[3].contains("50x9x9") && rows[3].contains("25,050"),
+        "{}",
+        rows[3]
+    );
+    let fields: Vec<&str> = rows[..6].iter().map(|r| r.split_whitespace().rev().nth(3).unwrap()).collect();
+    assert_eq!(fields, ["3", "3", "4", "12", "12", "14"], "{log}");
+    assert!(log.contains("total: 129,068 parameters"), "{log}");
+    assert!(log.contains("inference") && log.contains("training (adam)"), "{log}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_reason() {
+    for (args, want) in [
+        (vec!["summary", "cnn", "--input", "3x32"], "expected CxHxW or NxCxHxW"),
+        (vec!["summary", "nosuchnet"], "unknown model 'nosuchnet'"),
+        (vec!["summary", "vgg11", "--input", "3x16x16"], "vgg11 cannot take 3x16x16 images"),
+        (vec!["summary", "cnn", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ] {
+        let out = stride(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
+    }
+}
