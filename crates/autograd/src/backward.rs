@@ -24,6 +24,25 @@ impl<T: Elem> Var<T> {
 
     /// Back-propagates a given output gradient (same shape as the value).
     pub fn backward_with(&self, grad: Tensor<T>) -> Result<()> {
+        self.sweep(grad, &[]).map(|_| ())
+    }
+
+    /// The gradient of this scalar with respect to intermediate values `wrt` (PyTorch's
+    /// `torch.autograd.grad`): `None` for a value it does not depend on. Parameters' gradients
+    /// accumulate as in `backward`. Grad-CAM uses it for a layer's activations.
+    pub fn gradients(&self, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {
+        let v = self.value();
+        if v.numel() != 1 {
+            return Err(Error::new(
+                ErrorKind::Autograd,
+                "gradients",
+                format!("needs a scalar (one element) to start from, got shape {:?}", v.shape()),
+            ));
+        }
+        self.sweep(Tensor::ones(v.shape())?, wrt)
+    }
+
+    fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {
         if grad.shape() != self.value_ref().shape() {
             return Err(Error::new(
                 ErrorKind::Autograd,
@@ -38,10 +57,16 @@ impl<T: Elem> Var<T> {
         let key = |v: &Var<T>| Rc::as_ptr(&v.0) as usize;
         let mut grads: HashMap<usize, Tensor<T>> = HashMap::new();
         grads.insert(key(self), grad);
+        let mut captured: Vec<Option<Tensor<T>>> = vec![None; wrt.len()];
         for node in order.iter().rev() {
             let Some(g) = grads.remove(&key(node)) else {
                 continue;
             };
+            for (slot, w) in captured.iter_mut().zip(wrt) {
+                if w.same(node) {
+                    *slot = Some(g.clone());
+                }
+            }
             let Some(op) = &node.0.op else {
                 // A leaf: accumulate.
                 let mut slot = node.0.grad.borrow_mut();
@@ -68,7 +93,7 @@ impl<T: Elem> Var<T> {
                 }
             }
         }
-        Ok(())
+        Ok(captured)
     }
 }
 

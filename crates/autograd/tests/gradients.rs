@@ -224,3 +224,35 @@ fn dropout_gradient_uses_the_same_mask() {
     grad_check(std::slice::from_ref(&x), |v| dropout(&v[0], 0.3, true, &mut Rng::seed(11))).unwrap();
     grad_check(&[x], |v| dropout2d(&v[0], 0.5, true, &mut Rng::seed(12))).unwrap();
 }
+
+/// `gradients` with respect to an intermediate value: the gradient of loss = sum(tanh(h) * c)
+/// at h = x * w equals finite differences taken by perturbing h itself.
+#[test]
+fn gradients_of_an_intermediate_value() {
+    let mut rng = Rng::seed(3);
+    let x = Var::parameter(randn(&mut rng, &[2, 3]));
+    let w = Var::parameter(randn(&mut rng, &[2, 3]));
+    let c = randn(&mut rng, &[2, 3]);
+    let h = x.mul(&w).unwrap();
+    let loss_of = |h: &Var<f64>| h.tanh().unwrap().mul(&Var::constant(c.clone())).unwrap().sum_all().unwrap();
+    let g = loss_of(&h).gradients(&[&h, &x]).unwrap();
+    let gh = g[0].as_ref().expect("h is on the path").data().to_vec();
+    let eps = 1e-6;
+    for i in 0..6 {
+        let bump = |d: f64| {
+            let mut v = h.value().data().to_vec();
+            v[i] += d;
+            loss_of(&Var::constant(Tensor::from_vec(v, &[2, 3]).unwrap())).value().item().unwrap()
+        };
+        let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        assert!((fd - gh[i]).abs() < 1e-6, "element {i}: {fd} vs {}", gh[i]);
+    }
+    // A leaf in `wrt` gets the chain rule through h; the parameter also accumulates it.
+    let gx = g[1].as_ref().unwrap().data().to_vec();
+    let want: Vec<f64> = gh.iter().zip(w.value().data()).map(|(a, b)| a * b).collect();
+    assert_eq!(gx, want);
+    assert_eq!(x.grad().unwrap().data().to_vec(), want);
+    // A value off the path has no gradient.
+    let other = x.add(&w).unwrap();
+    assert!(loss_of(&h).gradients(&[&other]).unwrap()[0].is_none());
+}

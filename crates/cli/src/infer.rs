@@ -112,22 +112,71 @@ pub struct PredictArgs {
     images: Vec<PathBuf>,
 }
 
+/// A trained model with the preprocessing its run used.
+pub struct Trained {
+    pub model: stride_nn::layers::Sequential,
+    /// One image: [channels, height, width].
+    pub chw: [usize; 3],
+    pub mean: f32,
+    pub std: f32,
+    pub names: Vec<String>,
+}
+
+impl Trained {
+    /// Reads `path` as the model's input [1, C, H, W] (resized to `hw`, default the trained
+    /// size), standardised; also returns the planar bytes for pictures.
+    pub fn image(&self, path: &Path, hw: Option<(usize, usize)>) -> Result<(Var, Vec<u8>, [usize; 3]), Box<dyn std::error::Error>> {
+        let [c, h0, w0] = self.chw;
+        let (h, w) = hw.unwrap_or((h0, w0));
+        let pixels = stride_data::load_image(path, c, h, w)?;
+        let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - self.mean) / self.std).collect(), &[1, c, h, w])?;
+        Ok((Var::constant(x), pixels, [c, h, w]))
+    }
+}
+
+/// Builds `model` and loads `weights`. The input size, standardisation and class names come
+/// from the header `stride train` writes; weights without it (torchvision's) get the zoo
+/// model's design input and numbered classes, unstandardised, with a note on stderr.
+pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std::error::Error>> {
+    let (mut tensors, meta) = checkpoint::load_with_metadata(weights)?;
+    tensors.retain(|k, _| !k.starts_with("optimizer."));
+    let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", weights.display());
+    let (chw, mean, std, names) = match meta.get("input_shape") {
+        Some(shape) => {
+            let shape: Vec<usize> = shape.split('x').filter_map(|v| v.parse().ok()).collect();
+            let [c, h, w] = shape[..] else { return Err(bad("input_shape is not CxHxW").into()) };
+            let mean: f32 = meta.get("input_mean").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let std: f32 = meta.get("input_std").and_then(|v| v.parse().ok()).filter(|s: &f32| *s > 0.0).unwrap_or(1.0);
+            let names: Vec<String> = meta.get("class_names").map(|s| s.split('\n').map(str::to_string).collect()).unwrap_or_default();
+            if names.is_empty() {
+                return Err(bad("no class_names in the header").into());
+            }
+            ([c, h, w], mean, std, names)
+        }
+        None => {
+            let s = stride_models::entry(model).map_err(|_| bad("no input_shape in the header, and the model is not from the zoo"))?.input;
+            eprintln!(
+                "note: {} has no Stride header; using {model}'s design input {}x{}x{} and {} numbered classes, pixels scaled to [0, 1]",
+                weights.display(),
+                s.channels,
+                s.height,
+                s.width,
+                s.classes
+            );
+            ([s.channels, s.height, s.width], 0.0, 1.0, (0..s.classes).map(|i| i.to_string()).collect())
+        }
+    };
+    let [c, h, w] = chw;
+    let mut m = stride_models::build_any(model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
+    checkpoint::load_into(&mut m, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok(Trained { model: m, chw, mean, std, names })
+}
+
 /// Class probabilities for image files, with the training run's preprocessing.
 pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (mut tensors, meta) = checkpoint::load_with_metadata(&a.weights)?;
-    tensors.retain(|k, _| !k.starts_with("optimizer."));
-    let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", a.weights.display());
-    let shape: Vec<usize> =
-        meta.get("input_shape").ok_or_else(|| bad("no input_shape in the header"))?.split('x').filter_map(|v| v.parse().ok()).collect();
-    let [c, h, w] = shape[..] else { return Err(bad("input_shape is not CxHxW").into()) };
-    let mean: f32 = meta.get("input_mean").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let std: f32 = meta.get("input_std").and_then(|v| v.parse().ok()).filter(|s: &f32| *s > 0.0).unwrap_or(1.0);
-    let names: Vec<String> = meta.get("class_names").map(|s| s.split('\n').map(str::to_string).collect()).unwrap_or_default();
-    if names.is_empty() {
-        return Err(bad("no class_names in the header").into());
-    }
-    let mut model = stride_models::build_any(&a.model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
-    checkpoint::load_into(&mut model, &tensors)?;
+    let t = load_trained(&a.model, &a.weights)?;
+    let (mut model, names) = (t.model, t.names.clone());
+    let ([c, h, w], mean, std) = (t.chw, t.mean, t.std);
     for path in &a.images {
         let pixels = stride_data::load_image(path, c, h, w)?;
         let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - mean) / std).collect(), &[1, c, h, w])?;

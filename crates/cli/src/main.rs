@@ -2,6 +2,7 @@
 
 mod bench;
 mod infer;
+mod look;
 mod memory;
 mod summary;
 mod train;
@@ -42,6 +43,10 @@ enum Command {
     /// One row per layer (shape, parameters, multiply-adds, receptive field, memory kept) and
     /// the memory a batch needs for inference and for training.
     Summary(summary::SummaryArgs),
+    /// Feature maps of chosen layers for an image, and the first layer's filters, as PNG grids.
+    Features(look::FeaturesArgs),
+    /// Grad-CAM: a heat map over an image of where a trained network found evidence for a class.
+    Gradcam(look::GradCamArgs),
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
 }
@@ -100,6 +105,8 @@ fn main() {
         Command::Predict(args) => infer::predict(&args),
         Command::Models => models(),
         Command::Summary(args) => summary::run(&args),
+        Command::Features(args) => look::features(&args),
+        Command::Gradcam(args) => look::gradcam(&args),
         Command::Vae(args) => vae::train(&args),
         Command::Sample(args) => vae::sample(&args),
         Command::Bench(args) => bench::run(&args).map_err(Into::into),

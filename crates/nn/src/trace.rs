@@ -107,6 +107,17 @@ impl Trace {
     pub fn field_of(&self, v: &Var) -> Field {
         self.producer(v).map_or(Field::PIXEL, |i| self.rows[i].field)
     }
+    /// The value row `i` produced (kept while the trace lives: feature maps, Grad-CAM).
+    pub fn output(&self, i: usize) -> Option<&Var> {
+        self.made_by.get(i).map(|(v, _)| v)
+    }
+    /// The index of the row at dotted `path`, or an error listing the paths there are.
+    pub fn find(&self, path: &str) -> std::result::Result<usize, String> {
+        self.rows.iter().position(|r| r.path == path).ok_or_else(|| {
+            let some: Vec<&str> = self.rows.iter().map(|r| r.path.as_str()).collect();
+            format!("no layer '{path}'; the layers are: {}", some.join(", "))
+        })
+    }
     pub(crate) fn push(&mut self, row: Row, output: &Var) {
         self.made_by.push((output.clone(), self.rows.len()));
         self.rows.push(row);

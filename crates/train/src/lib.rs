@@ -7,6 +7,7 @@ pub mod curves;
 pub mod fuzzing;
 pub mod inspect;
 pub mod vae;
+pub mod visual;
 
 use std::io::Write;
 use std::path::PathBuf;

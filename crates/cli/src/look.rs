@@ -1,0 +1,179 @@
+//! `stride features` and `stride gradcam`: what a trained network sees in an image.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use stride_autograd::{softmax, Var};
+use stride_nn::{Module, Slot, Trace};
+use stride_train::visual;
+
+use crate::infer::{load_trained, Trained};
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// Zoo model or TOML file the weights belong to.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// A run's model.safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The image (PNG or JPEG), e.g. china.jpg.
+    #[arg(long)]
+    image: PathBuf,
+    /// Layers to draw, by dotted path as `stride summary` names them (default: up to four
+    /// convolutions spread over the network).
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<String>,
+    /// Draw at most this many channels per layer.
+    #[arg(long, default_value_t = 64)]
+    max_channels: usize,
+    /// Run on the image at this size (`N` or `HxW`) instead of the trained one: convolutions
+    /// take any size, so feature maps of a whole photograph work even where the dense head
+    /// would not.
+    #[arg(long, value_parser = crate::train::parse_size)]
+    size: Option<(usize, usize)>,
+    /// Folder for the PNGs.
+    #[arg(long, default_value = "features")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct GradCamArgs {
+    /// Zoo model or TOML file the weights belong to.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// A run's model.safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The image (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Class to explain, by index or name (default: the predicted class).
+    #[arg(long)]
+    class: Option<String>,
+    /// Layer whose feature maps are weighted (default: the last with a spatial map).
+    #[arg(long)]
+    layer: Option<String>,
+    /// Where to write the heat map over the image.
+    #[arg(long, default_value = "gradcam.png")]
+    out: PathBuf,
+}
+
+/// Rows of 4-D outputs (feature maps).
+fn spatial(t: &Trace) -> Vec<usize> {
+    t.rows.iter().enumerate().filter(|(_, r)| r.output.len() == 4).map(|(i, _)| i).collect()
+}
+
+/// Runs the model on the image with a trace; an error after some layers ran is kept for the
+/// caller to report if it needed later layers.
+fn run(
+    t: &mut Trained,
+    image: &Path,
+    size: Option<(usize, usize)>,
+) -> Result<(Trace, Option<Var>, Option<String>, Vec<u8>, [usize; 3]), Box<dyn std::error::Error>> {
+    let (x, pixels, chw) = t.image(image, size)?;
+    let (trace, y, err) = visual::traced(&mut t.model, &x);
+    Ok((trace, y, err.map(|e| e.to_string()), pixels, chw))
+}
+
+pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut t = load_trained(&a.model, &a.weights)?;
+    let (trace, _, err, pixels, [c, h, w]) = run(&mut t, &a.image, a.size)?;
+    let chosen: Vec<usize> = if a.layers.is_empty() {
+        let convs: Vec<usize> = spatial(&trace).into_iter().filter(|&i| trace.rows[i].layer.starts_with("Conv2d")).collect();
+        let k = convs.len().min(4);
+        (0..k).map(|j| convs[if k > 1 { j * (convs.len() - 1) / (k - 1) } else { 0 }]).collect()
+    } else {
+        a.layers.iter().map(|p| trace.find(p).map_err(|e| with_cause(e, &err))).collect::<Result<_, _>>()?
+    };
+    if chosen.is_empty() {
+        return Err(with_cause(format!("{} has no convolution to draw", a.model), &err).into());
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let input = a.out.join("input.png");
+    visual::save_png(&input, &visual::picture(&pixels, c, h, w, 128))?;
+    println!("{}: the image as the network sees it ({c}x{h}x{w})", input.display());
+    for i in chosen {
+        let r = &trace.rows[i];
+        if r.output.len() != 4 {
+            return Err(format!("layer {} gives {:?}, not feature maps [N, C, H, W]", r.path, r.output).into());
+        }
+        let maps = trace.output(i).ok_or("traced output missing")?.value();
+        let file = a.out.join(format!("layer-{}.png", r.path.replace(['.', '/'], "_")));
+        visual::save_png(&file, &visual::feature_grid(&maps, a.max_channels)?)?;
+        let s = &r.output;
+        println!("{}: {} ({}), {} of {} channels of {}x{}", file.display(), r.path, r.layer, s[1].min(a.max_channels.max(1)), s[1], s[2], s[3]);
+    }
+    // The first convolution's filters.
+    if let Some(first) = trace.rows.iter().find(|r| r.layer.starts_with("Conv2d")) {
+        let name = format!("{}.weight", first.path);
+        let mut weight = None;
+        t.model.visit("", &mut |n, s| {
+            if let (true, Slot::Param(p)) = (n == name, s) {
+                weight = Some(p.value());
+            }
+        });
+        if let Some(wt) = weight {
+            let file = a.out.join("filters.png");
+            visual::save_png(&file, &visual::filter_grid(&wt)?)?;
+            println!("{}: the {} filters of {} ({:?})", file.display(), wt.shape()[0], first.path, wt.shape());
+        }
+    }
+    Ok(())
+}
+
+fn with_cause(msg: String, err: &Option<String>) -> String {
+    match err {
+        Some(e) => format!("{msg} (the network stopped early: {e})"),
+        None => msg,
+    }
+}
+
+pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut t = load_trained(&a.model, &a.weights)?;
+    let (trace, y, err, pixels, [c, h, w]) = run(&mut t, &a.image, None)?;
+    let y = match (y, err) {
+        (Some(y), _) => y,
+        (None, e) => return Err(e.unwrap_or_default().into()),
+    };
+    let probs = softmax(&y, 1)?.value();
+    let p = probs.data();
+    let predicted = (0..p.len()).max_by(|&i, &j| p[i].total_cmp(&p[j])).unwrap_or(0);
+    let class = match &a.class {
+        None => predicted,
+        Some(s) => match (s.parse::<usize>(), t.names.iter().position(|n| n == s)) {
+            (_, Some(i)) => i,
+            (Ok(i), None) if i < t.names.len() => i,
+            _ => return Err(format!("--class {s}: not a class index below {} or a class name ({})", t.names.len(), t.names.join(", ")).into()),
+        },
+    };
+    let layer = match &a.layer {
+        Some(path) => trace.find(path)?,
+        None => *spatial(&trace)
+            .iter()
+            .rev()
+            .find(|&&i| trace.rows[i].output[2] * trace.rows[i].output[3] > 1)
+            .ok_or("no layer with a spatial feature map for Grad-CAM")?,
+    };
+    let r = &trace.rows[layer];
+    if r.output.len() != 4 {
+        return Err(format!("layer {} gives {:?}, not feature maps [N, C, H, W]", r.path, r.output).into());
+    }
+    let maps = trace.output(layer).ok_or("traced output missing")?;
+    let score = y.narrow(1, class, 1)?.sum_all()?;
+    let cam = visual::grad_cam(&score, maps)?;
+    let base = visual::picture(&pixels, c, h, w, 224);
+    visual::save_png(&a.out, &visual::overlay(&base, &cam, r.output[2], r.output[3]))?;
+    println!(
+        "predicted {} ({:.4}); heat map of class {} ({:.4}) at layer {} ({}x{}) -> {}",
+        t.names[predicted],
+        p[predicted],
+        t.names[class],
+        p[class],
+        r.path,
+        r.output[2],
+        r.output[3],
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Pictures of what a network computes: feature maps and filters as image grids, and Grad-CAM
+//! heat maps over the input (Selvaraju et al., 2017).
+
+use std::path::Path;
+
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use stride_autograd::{Tensor, Var};
+use stride_nn::{Ctx, Module, Trace};
+
+use crate::{checkpoint, Result, TrainError};
+
+/// Tiles smaller than this many pixels a side are enlarged (by whole pixels) to be visible.
+const MIN_TILE: usize = 48;
+const GAP: usize = 2;
+
+/// Runs `model` (evaluation mode, gradients recorded) on `x` [1, C, H, W] with a trace. A
+/// failure after some layers ran (an image size the dense head cannot take) still returns the
+/// layers traced before it, with the error.
+pub fn traced(model: &mut dyn Module, x: &Var) -> (Trace, Option<Var>, Option<crate::TrainError>) {
+    let mut ctx = Ctx::eval();
+    ctx.trace = Some(Trace::new());
+    let out = model.forward(x, &mut ctx);
+    let trace = ctx.trace.take().unwrap_or_default();
+    match out {
+        Ok(y) => (trace, Some(y), None),
+        Err(e) => (trace, None, Some(e.into())),
+    }
+}
+
+/// Scales `v` linearly so its minimum is 0 and maximum 1 (all 0.5 when flat).
+fn unit(v: &[f32]) -> Vec<f32> {
+    let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+    if hi - lo <= f32::EPSILON * hi.abs().max(1.0) || !lo.is_finite() || !hi.is_finite() {
+        return vec![0.5; v.len()];
+    }
+    v.iter().map(|&x| (x - lo) / (hi - lo)).collect()
+}
+
+fn scale_for(h: usize, w: usize) -> usize {
+    MIN_TILE.div_ceil(h.max(w).max(1)).max(1)
+}
+
+/// Feature maps [1, C, H, W] as a grayscale grid of the first `max` channels, each scaled to
+/// its own range (white = its largest activation), on a mid-gray background.
+pub fn feature_grid(maps: &Tensor<f32>, max: usize) -> Result<GrayImage> {
+    let &[_, c, h, w] = maps.shape() else {
+        return Err(TrainError::Config(format!("feature maps must be [N, C, H, W], got {:?}", maps.shape())));
+    };
+    let n = c.min(max.max(1));
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
+    let s = scale_for(h, w);
+    let (th, tw) = (h * s, w * s);
+    let mut grid = GrayImage::from_pixel((cols * (tw + GAP) + GAP) as u32, (rows * (th + GAP) + GAP) as u32, Luma([128]));
+    for (i, plane) in maps.data().chunks_exact(h * w).take(n).enumerate() {
+        let v = unit(plane);
+        let (x0, y0) = (GAP + (i % cols) * (tw + GAP), GAP + (i / cols) * (th + GAP));
+        for y in 0..th {
+            for x in 0..tw {
+                let p = (v[(y / s) * w + x / s] * 255.0).round() as u8;
+                grid.put_pixel((x0 + x) as u32, (y0 + y) as u32, Luma([p]));
+            }
+        }
+    }
+    Ok(grid)
+}
+
+/// Filters [K, C, R, S] as a grid of K tiles: in colour when C is 3 (RGB inputs), otherwise
+/// the mean over input channels; each scaled to its own range, enlarged to be visible.
+pub fn filter_grid(weight: &Tensor<f32>) -> Result<RgbImage> {
+    let &[k, c, r, s] = weight.shape() else {
+        return Err(TrainError::Config(format!("filters must be [K, C, R, S], got {:?}", weight.shape())));
+    };
+    let cols = (k as f64).sqrt().ceil() as usize;
+    let rows = k.div_ceil(cols.max(1));
+    let z = scale_for(r, s).max(4);
+    let (th, tw) = (r * z, s * z);
+    let mut grid = RgbImage::from_pixel((cols * (tw + GAP) + GAP) as u32, (rows * (th + GAP) + GAP) as u32, Rgb([128, 128, 128]));
+    for (i, f) in weight.data().chunks_exact(c * r * s).enumerate() {
+        let planes: Vec<Vec<f32>> = if c == 3 {
+            let v = unit(f);
+            v.chunks_exact(r * s).map(<[f32]>::to_vec).collect()
+        } else {
+            let mean: Vec<f32> = (0..r * s).map(|j| (0..c).map(|ci| f[ci * r * s + j]).sum::<f32>() / c as f32).collect();
+            vec![unit(&mean); 3]
+        };
+        let (x0, y0) = (GAP + (i % cols) * (tw + GAP), GAP + (i / cols) * (th + GAP));
+        for y in 0..th {
+            for x in 0..tw {
+                let j = (y / z) * s + x / z;
+                let px = |p: &Vec<f32>| (p[j] * 255.0).round() as u8;
+                grid.put_pixel((x0 + x) as u32, (y0 + y) as u32, Rgb([px(&planes[0]), px(&planes[1]), px(&planes[2])]));
+            }
+        }
+    }
+    Ok(grid)
+}
+
+/// Grad-CAM of `class` at the layer that produced `maps` [1, K, H, W] (an output recorded in
+/// `score`'s graph): each map weighted by the mean gradient of the class score over it,
+/// summed, negative parts dropped, scaled to [0, 1]. Returns the H x W map.
+pub fn grad_cam(score: &Var, maps: &Var) -> Result<Vec<f32>> {
+    let &[1, k, h, w] = &maps.shape()[..] else {
+        return Err(TrainError::Config(format!("Grad-CAM needs the feature maps of one image [1, K, H, W], got {:?}", maps.shape())));
+    };
+    let grad = score.gradients(&[maps])?.pop().flatten().ok_or_else(|| TrainError::Config("the class score does not depend on that layer".into()))?;
+    let (a, g) = (maps.value(), grad);
+    let mut cam = vec![0.0f32; h * w];
+    for ch in 0..k {
+        let gp = &g.data()[ch * h * w..(ch + 1) * h * w];
+        let alpha = gp.iter().sum::<f32>() / (h * w) as f32;
+        for (c, &v) in cam.iter_mut().zip(&a.data()[ch * h * w..(ch + 1) * h * w]) {
+            *c += alpha * v;
+        }
+    }
+    let top = cam.iter().fold(0.0f32, |m, &v| m.max(v));
+    Ok(cam.iter().map(|&v| if top > 0.0 { v.max(0.0) / top } else { 0.0 }).collect())
+}
+
+/// A blue-cyan-yellow-red ramp for t in [0, 1].
+fn heat(t: f32) -> [f32; 3] {
+    let t = t.clamp(0.0, 1.0);
+    let stops = [[0.0, 0.0, 0.5], [0.0, 0.6, 1.0], [1.0, 0.9, 0.0], [0.9, 0.0, 0.0]];
+    let x = t * (stops.len() - 1) as f32;
+    let i = (x.floor() as usize).min(stops.len() - 2);
+    let f = x - i as f32;
+    [0, 1, 2].map(|c| stops[i][c] * (1.0 - f) + stops[i + 1][c] * f)
+}
+
+/// The heat map `cam` (ch x cw, in [0, 1]) blended over `image`, bilinearly enlarged.
+pub fn overlay(image: &RgbImage, cam: &[f32], ch: usize, cw: usize) -> RgbImage {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let sample = |y: f32, x: f32| -> f32 {
+        // Centre-aligned bilinear sampling of the cam grid.
+        let fy = ((y + 0.5) * ch as f32 / h as f32 - 0.5).clamp(0.0, (ch - 1) as f32);
+        let fx = ((x + 0.5) * cw as f32 / w as f32 - 0.5).clamp(0.0, (cw - 1) as f32);
+        let (y0, x0) = (fy.floor() as usize, fx.floor() as usize);
+        let (y1, x1) = ((y0 + 1).min(ch - 1), (x0 + 1).min(cw - 1));
+        let (dy, dx) = (fy - y0 as f32, fx - x0 as f32);
+        let at = |yy: usize, xx: usize| cam[yy * cw + xx];
+        (at(y0, x0) * (1.0 - dx) + at(y0, x1) * dx) * (1.0 - dy) + (at(y1, x0) * (1.0 - dx) + at(y1, x1) * dx) * dy
+    };
+    let mut out = image.clone();
+    for (x, y, p) in out.enumerate_pixels_mut() {
+        let t = sample(y as f32, x as f32);
+        let c = heat(t);
+        let a = 0.25 + 0.5 * t;
+        *p = Rgb([0, 1, 2].map(|i| ((1.0 - a) * p.0[i] as f32 + a * 255.0 * c[i]).round() as u8));
+    }
+    out
+}
+
+/// Planar bytes [C, H, W] (C 1 or 3) as an RGB picture, enlarged by whole pixels to at least
+/// `min_side`.
+pub fn picture(bytes: &[u8], c: usize, h: usize, w: usize, min_side: usize) -> RgbImage {
+    let z = min_side.div_ceil(h.max(w).max(1)).max(1);
+    RgbImage::from_fn((w * z) as u32, (h * z) as u32, |x, y| {
+        let j = (y as usize / z) * w + x as usize / z;
+        let ch = |i: usize| bytes[if c == 3 { i * h * w + j } else { j }];
+        Rgb([ch(0), ch(1), ch(2)])
+    })
+}
+
+/// Writes a PNG atomically.
+pub fn save_png<P, C>(path: &Path, img: &image::ImageBuffer<P, C>) -> Result<()>
+where
+    P: image::Pixel + image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    checkpoint::write_atomic(path, &bytes)
+}

@@ -1,0 +1,89 @@
+//! Feature-map and filter grids, and Grad-CAM against the class activation map it reduces to
+//! when global average pooling feeds the classifier.
+
+use stride_autograd::{Conv2dOptions, Rng, Tensor, Unary, Var};
+use stride_nn::blocks::OtherPool;
+use stride_nn::layers::{Activation, Conv2d, Flatten, Linear, Sequential};
+use stride_train::visual;
+
+/// conv(1 -> 3, 3x3) -> relu -> global average pool -> flatten -> linear(3 -> 2).
+fn gap_net() -> Sequential {
+    let mut rng = Rng::seed(7);
+    Sequential::new()
+        .push(Conv2d::new(&mut rng, 1, 3, 3, Conv2dOptions::default(), true).unwrap())
+        .push(Activation(Unary::Relu))
+        .push(OtherPool::GlobalAvg)
+        .push(Flatten)
+        .push(Linear::new(&mut rng, 3, 2, true).unwrap())
+}
+
+#[test]
+fn grad_cam_equals_the_class_activation_map_under_global_pooling() {
+    let mut m = gap_net();
+    let x = Var::constant(Rng::seed(1).normal(&[1, 1, 8, 8], 0.0, 1.0).unwrap());
+    let (trace, y, err) = visual::traced(&mut m, &x);
+    assert!(err.is_none());
+    let y = y.unwrap();
+    let a = trace.output(1).unwrap().value(); // relu maps [1, 3, 6, 6]
+    let w = m.layers[4].parameters()[0].value(); // [2, 3]
+    for class in 0..2 {
+        let score = y.narrow(1, class, 1).unwrap().sum_all().unwrap();
+        let cam = visual::grad_cam(&score, trace.output(1).unwrap()).unwrap();
+        // d score / d A_k(i, j) = w[class, k] / 36, so Grad-CAM = relu(sum_k w[class, k] A_k)
+        // up to the positive factor, which the scaling to [0, 1] removes.
+        let raw: Vec<f32> = (0..36).map(|p| (0..3).map(|k| w.data()[class * 3 + k] * a.data()[k * 36 + p]).sum::<f32>().max(0.0)).collect();
+        let top = raw.iter().cloned().fold(0.0, f32::max);
+        assert!(top > 0.0, "some evidence for class {class}");
+        for (got, want) in cam.iter().zip(&raw) {
+            assert!((got - want / top).abs() < 1e-5, "class {class}: {got} vs {}", want / top);
+        }
+        assert!(cam.iter().any(|&v| v == 1.0) && cam.iter().all(|&v| (0.0..=1.0).contains(&v)));
+    }
+}
+
+#[test]
+fn a_failing_layer_keeps_the_rows_before_it() {
+    let mut m = gap_net().push(Linear::new(&mut Rng::seed(0), 5, 2, true).unwrap());
+    let x = Var::constant(Tensor::zeros(&[1, 1, 8, 8]).unwrap());
+    let (trace, y, err) = visual::traced(&mut m, &x);
+    assert!(y.is_none());
+    assert!(err.unwrap().to_string().starts_with("layer 5 (Linear(5, 2))"));
+    assert_eq!(trace.rows.len(), 5, "the five layers that ran are traced");
+    assert_eq!(trace.find("1"), Ok(1));
+    assert!(trace.find("conv9").unwrap_err().contains("the layers are: 0, 1, 2, 3, 4"));
+}
+
+#[test]
+fn grids_have_the_promised_size_and_show_the_data() {
+    // 20 maps of 26x26: 5 columns x 4 rows of tiles enlarged x2 to 52, 2-pixel gaps.
+    let maps = Rng::seed(2).normal(&[1, 20, 26, 26], 0.0, 1.0).unwrap();
+    let g = visual::feature_grid(&maps, 64).unwrap();
+    assert_eq!(g.dimensions(), (5 * 54 + 2, 4 * 54 + 2));
+    // Each tile spans the full range (each map is scaled to its own).
+    let tile = |i: u32| (0..52).flat_map(move |y| (0..52).map(move |x| (2 + (i % 5) * 54 + x, 2 + (i / 5) * 54 + y)));
+    for i in 0..20 {
+        let px: Vec<u8> = tile(i).map(|(x, y)| g.get_pixel(x, y).0[0]).collect();
+        assert_eq!((px.iter().min(), px.iter().max()), (Some(&0), Some(&255)), "tile {i}");
+    }
+    // --max-channels limits the tiles.
+    assert_eq!(visual::feature_grid(&maps, 4).unwrap().dimensions(), (2 * 54 + 2, 2 * 54 + 2));
+    // Colour filters: 3 input channels give coloured tiles of 3x3 taps enlarged x16.
+    let w = Rng::seed(3).normal(&[8, 3, 3, 3], 0.0, 1.0).unwrap();
+    let f = visual::filter_grid(&w).unwrap();
+    assert_eq!(f.dimensions(), (3 * 50 + 2, 3 * 50 + 2));
+    assert!(f.pixels().any(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2]), "RGB filters are in colour");
+    // A flat map is drawn mid-gray, not as noise.
+    let flat = Tensor::from_vec(vec![3.0; 16], &[1, 1, 4, 4]).unwrap();
+    assert!(visual::feature_grid(&flat, 1).unwrap().pixels().all(|p| p.0[0] == 128));
+    assert!(visual::feature_grid(&Tensor::zeros(&[4, 4]).unwrap(), 1).is_err());
+}
+
+#[test]
+fn overlay_marks_where_the_heat_is() {
+    let base = image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+    // Heat only in the top-left cell of a 2x2 map.
+    let out = visual::overlay(&base, &[1.0, 0.0, 0.0, 0.0], 2, 2);
+    let (hot, cold) = (out.get_pixel(4, 4).0, out.get_pixel(60, 60).0);
+    assert!(hot[0] > 180 && hot[2] < 100, "red where the map is 1: {hot:?}");
+    assert!(cold[2] > cold[0], "blue where it is 0: {cold:?}");
+}
