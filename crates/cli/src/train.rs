@@ -69,6 +69,10 @@ pub struct TrainArgs {
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
     debug: bool,
+    /// Do not write report.html (curves, confusion matrix, most confident mistakes) after
+    /// each epoch.
+    #[arg(long)]
+    no_report: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,6 +192,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        report: (!a.no_report).then(|| a.model.clone()),
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod curves;
 pub mod fuzzing;
 pub mod inspect;
+pub mod report;
 pub mod vae;
 pub mod visual;
 
@@ -73,6 +74,9 @@ pub struct TrainConfig {
     pub out_dir: Option<PathBuf>,
     /// Draw a progress bar (on a terminal).
     pub progress: bool,
+    /// Write report.html (curves, confusion matrix, most confident mistakes) beside the
+    /// metrics after every epoch, under this title (the model's name).
+    pub report: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +95,7 @@ impl Default for TrainConfig {
             seed: 0,
             out_dir: None,
             progress: false,
+            report: None,
         }
     }
 }
@@ -102,7 +107,12 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// confusion[true][predicted]
     pub confusion: Vec<Vec<usize>>,
+    /// The wrong answers given with the highest probability, most confident first.
+    pub mistakes: Vec<report::Mistake>,
 }
+
+/// How many confident mistakes an evaluation keeps.
+pub const MISTAKES_KEPT: usize = 16;
 
 impl Evaluation {
     /// Accuracy of each class (NaN for a class with no examples).
@@ -132,20 +142,77 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
     let mut ctx = Ctx::eval();
     let (mut loss, mut right) = (0.0, 0usize);
     let mut confusion = vec![vec![0; ds.classes]; ds.classes];
+    let mut mistakes: Vec<report::Mistake> = Vec::new();
+    let mut seen = 0;
     no_grad(|| -> Result<()> {
         for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm.0, norm.1) {
             let logits = model.forward(&Var::constant(images), &mut ctx)?;
             loss += cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
             let pred = logits.argmax(1)?;
-            for (&p, &t) in pred.iter().zip(&labels) {
+            let probs = stride_autograd::softmax(&logits, 1)?.value();
+            let k = probs.shape()[1];
+            for (i, (&p, &t)) in pred.iter().zip(&labels).enumerate() {
                 confusion[t][p.min(ds.classes - 1)] += 1;
                 right += (p == t) as usize;
+                if p != t {
+                    let confidence = probs.data()[i * k + p.min(k - 1)];
+                    mistakes.push(report::Mistake { index: seen + i, truth: t, predicted: p, confidence });
+                }
             }
+            seen += labels.len();
+            mistakes.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.index.cmp(&b.index)));
+            mistakes.truncate(MISTAKES_KEPT);
         }
         Ok(())
     })?;
     let n = ds.len().max(1) as f64;
-    Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, confusion })
+    Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, confusion, mistakes })
+}
+
+/// report.html of a classifier's run: the curves from metrics.csv (so a resumed run shows its
+/// whole history), the last epoch's confusion matrix and most confident mistakes.
+fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Split, test: &Evaluation) -> Result<()> {
+    let path = dir.join("metrics.csv");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect())
+        .filter(|r: &Vec<f64>| r.len() >= 7)
+        .collect();
+    let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
+    let series = |name: &str, color, i| report::Series { name: name.into(), color, values: col(i) };
+    let ds = &data.test;
+    let plane = ds.channels * ds.height * ds.width;
+    let mistakes = test
+        .mistakes
+        .iter()
+        .filter_map(|m| {
+            ds.images.get(m.index * plane..(m.index + 1) * plane).map(|px| (m.clone(), report::image_png(px, ds.channels, ds.height, ds.width)))
+        })
+        .collect();
+    let r = report::Report {
+        title: format!("{title} on {}", data.name),
+        facts: vec![
+            ("model".into(), title.into()),
+            (
+                "data".into(),
+                format!("{} ({} training, {} test images of {}x{}x{})", data.name, data.train.len(), ds.len(), ds.channels, ds.height, ds.width),
+            ),
+            ("optimizer".into(), format!("{:?}, lr {}, weight decay {}, batch {}", cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size)),
+            ("epochs".into(), format!("{} of {}", rows.len(), cfg.epochs)),
+            ("test accuracy".into(), format!("{:.2}%", 100.0 * test.accuracy)),
+        ],
+        charts: vec![
+            ("loss".into(), vec![series("train", "#1f77b4", 1), series("test", "#ff7f0e", 3)]),
+            ("accuracy".into(), vec![series("train", "#1f77b4", 2), series("test", "#ff7f0e", 4)]),
+            ("learning rate".into(), vec![series("lr", "#2ca02c", 6)]),
+        ],
+        confusion: Some((test.confusion.clone(), data.class_names.clone())),
+        mistakes,
+        pictures: Vec::new(),
+    };
+    report::write(&dir.join("report.html"), &r)
 }
 
 /// The optimizer `cfg` asks for.
@@ -475,6 +542,9 @@ pub fn train(
             checkpoint::save_with_metadata(&dir.join(WEIGHTS), &checkpoint::state_dict(model), Some(info))?;
             save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
+            if let Some(title) = &cfg.report {
+                write_report(dir, title, cfg, data, &report.test)?;
+            }
         }
         on_epoch(&report);
         reports.push(report);

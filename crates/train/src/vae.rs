@@ -123,13 +123,48 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
         if let Some(d) = &cfg.out_dir {
             let grid = reconstructions(model, &data.test, 9)?;
             write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, 28)?;
+            // The same 16 points of the prior every epoch, so the report shows them sharpen.
+            write_grid(&d.join(format!("samples{epoch}.png")), &sample(model, 16, SAMPLE_SEED)?, 4, 28)?;
             checkpoint::write_atomic(&d.join("vae_metrics.csv"), csv.as_bytes())?;
             checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
+            write_report(d, &reports, &r, data)?;
         }
         on_epoch(&r);
         reports.push(r);
     }
     Ok(reports)
+}
+
+const SAMPLE_SEED: u64 = 2017;
+
+/// report.html of a VAE run: the three losses per epoch, and per epoch the reconstructions
+/// and the samples from the prior (read back from the PNGs just written).
+fn write_report(dir: &Path, done: &[VaeReport], last: &VaeReport, data: &Split) -> Result<()> {
+    let all: Vec<&VaeReport> = done.iter().chain(std::iter::once(last)).collect();
+    let series =
+        |name: &str, color, f: fn(&VaeReport) -> f64| crate::report::Series { name: name.into(), color, values: all.iter().map(|r| f(r)).collect() };
+    let mut pictures = Vec::new();
+    for r in &all {
+        for (what, file) in [("reconstructions", format!("result{}.png", r.epoch)), ("samples from the prior", format!("samples{}.png", r.epoch))] {
+            let path = dir.join(&file);
+            let png = std::fs::read(&path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+            pictures.push((format!("epoch {}: {what}", r.epoch), png));
+        }
+    }
+    let report = crate::report::Report {
+        title: format!("convolutional VAE on {}", data.name),
+        facts: vec![
+            ("data".into(), format!("{} ({} training, {} test images)", data.name, data.train.len(), data.test.len())),
+            ("held-out L_tot".into(), format!("{:.2} after epoch {}", last.total, last.epoch)),
+        ],
+        charts: vec![
+            ("L_tot".into(), vec![series("train", "#1f77b4", |r| r.train_total), series("test", "#ff7f0e", |r| r.total)]),
+            ("test L_likelihood and L_KL".into(), vec![series("L_likelihood", "#9467bd", |r| r.likelihood), series("L_KL", "#2ca02c", |r| r.kl)]),
+        ],
+        pictures,
+        ..Default::default()
+    };
+    crate::report::write(&dir.join("report.html"), &report)
 }
 
 /// Reconstructions of `n` images spread evenly over `ds` (so a class-sorted test split shows

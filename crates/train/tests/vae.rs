@@ -1,6 +1,8 @@
 //! The convolutional VAE: layer shapes, parameter count, the loss by hand, and a short run on
 //! the embedded MNIST whose held-out loss must fall.
 
+mod common;
+
 use stride_autograd::{no_grad, Rng, Tensor, Var};
 use stride_models::vae::{Vae, CLIP};
 use stride_nn::{Ctx, Module};
@@ -88,6 +90,17 @@ fn held_out_loss_falls_on_the_embedded_mnist() {
     }
     let csv = std::fs::read_to_string(dir.join("vae_metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4);
+    // report.html: the losses, and per epoch the reconstructions and the prior samples (the
+    // same 16 points of the prior every epoch, as samples{N}.png).
+    for e in 1..=3 {
+        assert_eq!(image_bytes(&dir.join(format!("samples{e}.png"))).0, 4 * 30 + 2);
+    }
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 2);
+    assert!(html.contains("epoch 3: samples from the prior") && html.contains("epoch 1: reconstructions"));
+    if let Some((body, _)) = common::chromium(&dir.join("report.html")) {
+        assert!(body.contains(r#"data-images-decoded="6/6""#) && !body.contains("data-errors"), "{body}");
+    }
     // Samples from the prior have the grid's shape.
     let s = v::sample(&mut m, 16, 3).unwrap();
     assert_eq!(s.shape(), [16, 1, 32, 32]);

@@ -1,0 +1,68 @@
+//! report.html: written by a training run, one self-contained file, and it renders in headless
+//! Chromium with every picture decoded and no errors.
+
+mod common;
+
+use common::{cfg, chromium, model, small, tmp};
+use stride_train::report::{self, Mistake, Report, Series};
+use stride_train::{train, TrainConfig};
+
+#[test]
+fn a_training_run_writes_a_report_that_renders() {
+    let dir = tmp("report");
+    let data = small(2000, 400);
+    let c = TrainConfig { report: Some("cnn".into()), ..cfg(2, Some(dir.clone())) };
+    let out = train(&mut model(0), &data, &c, false, None, |_| {}).unwrap();
+    let test = &out.reports.last().unwrap().test;
+    let wrong: usize = (0..10).map(|t| test.confusion[t].iter().sum::<usize>() - test.confusion[t][t]).sum();
+    assert!(wrong >= 16, "enough mistakes to show: {wrong}");
+    // The mistakes are the most confident ones, most confident first, and really wrong.
+    assert_eq!(test.mistakes.len(), 16);
+    assert!(test.mistakes.windows(2).all(|w| w[0].confidence >= w[1].confidence));
+    assert!(test.mistakes.iter().all(|m| m.truth != m.predicted && usize::from(data.test.labels[m.index]) == m.truth));
+
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(!html.contains("src=\"http") && !html.contains("href="), "self-contained: nothing is fetched");
+    assert_eq!(html.matches("<svg").count(), 3, "loss, accuracy and learning-rate charts");
+    assert_eq!(html.matches("data:image/png;base64,").count(), 16, "the mistakes, inline");
+    assert!(html.contains("Confusion matrix") && html.contains("2 of 2"));
+    let Some((body, shot)) = chromium(&dir.join("report.html")) else { return };
+    assert!(body.contains(r#"data-images-decoded="16/16""#) && !body.contains("data-errors"), "{body}");
+    assert_eq!(shot.dimensions(), (1100, 1600));
+    let inked = shot.pixels().filter(|p| p.0.iter().any(|&v| v < 200)).count();
+    assert!(inked > shot.len() / 3 / 50, "the page shows something: {inked} dark pixels");
+    // The confusion matrix's diagonal is drawn in blue.
+    assert!(shot.pixels().any(|p| p.0[2] > 180 && p.0[0] < 120), "blue diagonal cells");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_browser_check_catches_a_broken_picture() {
+    let dir = tmp("report-broken");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = report::image_png(&[0, 255, 255, 0], 1, 2, 2);
+    let r = Report { title: "broken".into(), pictures: vec![("fine".into(), good), ("broken".into(), b"not a png".to_vec())], ..Report::default() };
+    report::write(&dir.join("r.html"), &r).unwrap();
+    let Some((body, _)) = chromium(&dir.join("r.html")) else { return };
+    assert!(body.contains(r#"data-images-decoded="1/2""#) && body.contains(r#"data-errors="1""#), "{body}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn names_are_escaped_and_charts_survive_odd_values() {
+    let evil = "<script>alert(1)</script>";
+    let r = Report {
+        title: format!("{evil} & co"),
+        facts: vec![("data".into(), evil.into())],
+        charts: vec![("loss".into(), vec![Series { name: evil.into(), color: "#000", values: vec![f64::NAN, 1.0, f64::INFINITY, 0.5] }])],
+        confusion: Some((vec![vec![1, 0], vec![2, 3]], vec![evil.into(), "b\"c".into()])),
+        mistakes: vec![(Mistake { index: 3, truth: 0, predicted: 1, confidence: 0.9 }, report::image_png(&[9; 4], 1, 2, 2))],
+        ..Report::default()
+    };
+    let html = report::render(&r);
+    assert!(!html.contains(evil) && html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; co") && html.contains("b&quot;c"));
+    assert!(!html.contains("NaN") && !html.contains("inf"), "non-finite values are left out of the chart");
+    // One series with one value, and none at all, still draw.
+    assert!(report::chart("one", &[Series { name: "x".into(), color: "#000", values: vec![2.0] }]).contains("<circle"));
+    assert!(report::chart("none", &[]).ends_with("</svg>"));
+}
