@@ -6,6 +6,7 @@ use stride_autograd::{cross_entropy, no_grad, Rng, Var};
 use stride_models::InputSpec;
 use stride_nn::{optim, Ctx, Module};
 use stride_train::inspect::{self, bytes, count, Memory, Summary};
+use stride_train::recompute::{self, Segments};
 use stride_train::{OptimizerKind, TrainConfig};
 
 use crate::memory;
@@ -30,6 +31,10 @@ pub struct SummaryArgs {
     /// Momentum (SGD only: 0 means no velocity buffer).
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
+    /// Activation recompute in N segments (`stride train --recompute N`): show what training
+    /// keeps then, and measure with it.
+    #[arg(long, value_name = "N")]
+    recompute: Option<usize>,
     /// Also run one inference pass and two training steps at this batch size and print the
     /// peaks reached beside the predictions.
     #[arg(long)]
@@ -56,18 +61,51 @@ pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut model = stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?;
     let s = inspect::summarize(&mut model, chw)?;
     print_rows(&a.model, &s, spec.classes);
+    let segments = match a.recompute {
+        Some(k) => {
+            let names = recompute::cut_points(&mut model)?;
+            let seg = recompute::plan_from(&s, &names, k)?;
+            print_segments(&seg, &names);
+            Some(seg)
+        }
+        None => None,
+    };
     let infer = inspect::inference_memory(&s, batch);
-    let train = inspect::training_memory(&s, batch, optimizer);
+    let train = inspect::training_memory(&s, batch, optimizer, segments.as_ref());
     println!("\nmemory for a batch of {batch} (predicted):");
     print_memory("inference", &infer, None);
-    print_memory(&format!("training ({})", optimizer_name(optimizer)), &train, None);
+    if segments.is_some() {
+        let plain = inspect::training_memory(&s, batch, optimizer, None);
+        print_memory(&format!("training ({})", optimizer_name(optimizer)), &plain, None);
+        print_memory("training, recompute", &train, None);
+    } else {
+        print_memory(&format!("training ({})", optimizer_name(optimizer)), &train, None);
+    }
     if a.measure {
-        let (mi, mt) = measure(&mut model, chw, batch, optimizer)?;
+        let (mi, mt, secs) = measure(&mut model, chw, batch, optimizer, segments.as_ref())?;
         println!("\nmeasured (the weights plus the peak of bytes allocated above what the process held once the model was built):");
         print_memory("inference", &infer, Some(mi));
         print_memory("training", &train, Some(mt));
+        println!("  a training step took {:.0} ms (the second of two; the first also sets up the optimizer)", secs * 1e3);
     }
     Ok(())
+}
+
+fn print_segments(seg: &Segments, names: &[String]) {
+    println!(
+        "\nactivation recompute in {} segments (training keeps each segment's input, and one segment's tape while it is recomputed):",
+        seg.starts.len()
+    );
+    for (j, &start) in seg.starts.iter().enumerate() {
+        let end = seg.starts.get(j + 1).copied().unwrap_or(seg.layers);
+        println!(
+            "  {:<40} input {:>10}/image, tape {:>10}/image",
+            format!("{} .. {}", names[start], names[end - 1]),
+            bytes(seg.inputs[j]),
+            bytes(seg.tape[j])
+        );
+    }
+    println!("  kept per image: {} instead of {}", bytes(seg.kept_per_image()), bytes(seg.tape.iter().sum()));
 }
 
 fn optimizer_name(o: OptimizerKind) -> String {
@@ -149,10 +187,17 @@ fn print_memory(what: &str, m: &Memory, measured: Option<u64>) {
 /// Peak bytes of one inference pass and of two training steps at `batch`: the weights plus
 /// what was allocated above the level before (which holds the weights, the data and the
 /// thread pools' one-time buffers, none of which the prediction counts).
-fn measure(model: &mut dyn Module, chw: [usize; 3], batch: usize, optimizer: OptimizerKind) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+fn measure(
+    model: &mut dyn Module,
+    chw: [usize; 3],
+    batch: usize,
+    optimizer: OptimizerKind,
+    segments: Option<&Segments>,
+) -> Result<(u64, u64, f64), Box<dyn std::error::Error>> {
     let shape = [batch, chw[0], chw[1], chw[2]];
     let params = model.parameters();
     let weights: u64 = params.iter().map(|p| p.value_ref().numel() as u64 * 4).sum();
+    stride_kernels::gemm::warm_up_threads();
     let base = memory::reset_peak() - weights;
     {
         let x = Var::constant(Rng::seed(1).normal(&shape, 0.0, 1.0)?);
@@ -160,19 +205,29 @@ fn measure(model: &mut dyn Module, chw: [usize; 3], batch: usize, optimizer: Opt
     }
     let inference = memory::peak().saturating_sub(base);
     let cfg = TrainConfig { optimizer, lr: 1e-3, ..TrainConfig::default() };
+    let mut secs = 0.0;
     memory::reset_peak();
     {
         let mut opt = stride_train::make_optimizer(&cfg)?;
         let mut ctx = Ctx::train(0);
         for step in 0..2 {
+            let start = std::time::Instant::now();
             optim::zero_grad(&params);
             let x = Var::constant(Rng::seed(step).normal(&shape, 0.0, 1.0)?);
-            let y = model.forward(&x, &mut ctx)?;
-            let loss = cross_entropy(&y, &vec![0; batch], 0.0)?;
-            loss.backward()?;
+            let labels = vec![0; batch];
+            match segments {
+                Some(seg) => {
+                    recompute::forward_backward(model, &x, &labels, &mut ctx, seg)?;
+                }
+                None => {
+                    let y = model.forward(&x, &mut ctx)?;
+                    cross_entropy(&y, &labels, 0.0)?.backward()?;
+                }
+            }
             opt.step(&params)?;
+            secs = start.elapsed().as_secs_f64();
         }
         optim::zero_grad(&params);
     }
-    Ok((inference, memory::peak().saturating_sub(base)))
+    Ok((inference, memory::peak().saturating_sub(base), secs))
 }

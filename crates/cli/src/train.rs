@@ -69,6 +69,11 @@ pub struct TrainArgs {
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
     debug: bool,
+    /// Activation recompute: keep only the inputs of N segments of the network in the forward
+    /// pass and recompute each in the backward pass (less memory, about one more forward
+    /// pass of compute; `stride summary MODEL --recompute N` shows the saving).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    recompute: Option<usize>,
     /// Do not write report.html (curves, confusion matrix, most confident mistakes) after
     /// each epoch.
     #[arg(long)]
@@ -193,6 +198,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         report: (!a.no_report).then(|| a.model.clone()),
+        recompute: a.recompute,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

@@ -58,6 +58,42 @@ fn predicted_memory_is_within_ten_percent_of_measured_on_the_zoo() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// The measured training peak of a run with activation recompute, against its prediction and
+/// against the same model without it.
+#[test]
+fn recompute_predictions_hold_and_it_saves_memory() {
+    for (model, input) in [("resnet18", "16x3x64x64"), ("densenet_bc", "16x3x32x32"), ("mobilenet_v2", "8x3x64x64"), ("vgg11_bn", "4x3x64x64")] {
+        let peak = |extra: &[&str]| {
+            let mut args = vec!["summary", model, "--input", input, "--classes", "10", "--measure"];
+            args.extend(extra);
+            let out = stride(&args);
+            let log = text(&out);
+            assert!(out.status.success(), "{model}: {log}");
+            let line =
+                log.lines().find(|l| l.trim_start().starts_with("training") && l.contains("measured")).unwrap_or_else(|| panic!("{log}")).to_string();
+            // "measured  197.3 MiB, predicted ...": the number and its unit.
+            let mut words = line.split("measured").nth(1).unwrap().split_whitespace();
+            let v: f64 = words.next().and_then(|v| v.parse().ok()).unwrap();
+            let unit = words.next().unwrap().trim_end_matches(',');
+            let mib = v * match unit {
+                "KiB" => 1.0 / 1024.0,
+                "MiB" => 1.0,
+                "GiB" => 1024.0,
+                u => panic!("unit {u} in {line}"),
+            };
+            (mib, deviations(&log), log)
+        };
+        let (plain, _, _) = peak(&[]);
+        let (with, dev, log) = peak(&["--recompute", "4"]);
+        assert!(log.contains("activation recompute in"), "{log}");
+        for (what, pct) in dev {
+            assert!(pct.abs() <= 10.0, "{model} {what} with recompute: {pct:+.1}%\n{log}");
+        }
+        assert!(with < plain, "{model}: {with} MiB with recompute, {plain} MiB without");
+        eprintln!("{model} {input}: training peak {plain} MiB, with --recompute 4 {with} MiB");
+    }
+}
+
 #[test]
 fn table_has_a_row_per_layer_and_the_totals() {
     let out = stride(&["summary", "cnn"]);

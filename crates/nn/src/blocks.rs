@@ -228,7 +228,7 @@ impl Module for Residual {
             None => sum,
         };
         let what = self.post.map_or("add".to_string(), |f| format!("add, {}", f.name()));
-        ctx.record_merge(&what, &[&y, &s], &out, before);
+        ctx.record_merge(&what, &[&y, &s], &out, before, self.post.is_some());
         Ok(out)
     }
     fn is_container(&self) -> bool {
@@ -270,7 +270,7 @@ impl Module for Concat {
         let refs: Vec<&Var> = outs.iter().collect();
         let before = ag::tape_bytes();
         let out = ag::concat(&refs, 1).map_err(|e| crate::Error::from(e).context(format!("layer {} ({})", ctx.path(), self.describe())))?;
-        ctx.record_merge("concat", &refs, &out, before);
+        ctx.record_merge("concat", &refs, &out, before, false);
         Ok(out)
     }
     fn is_container(&self) -> bool {
@@ -300,7 +300,7 @@ impl Module for DenseBlock {
             let refs: Vec<&Var> = feats.iter().collect();
             let before = ag::tape_bytes();
             let out = ag::concat(&refs, 1)?;
-            ctx.record_merge(what, &refs, &out, before);
+            ctx.record_merge(what, &refs, &out, before, false);
             Ok(out)
         };
         for (l, name) in self.layers.iter_mut().zip(&self.names) {

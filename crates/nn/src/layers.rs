@@ -285,6 +285,9 @@ impl Module for Sequential {
     fn is_container(&self) -> bool {
         true
     }
+    fn chain(&mut self) -> Option<(&mut [Box<dyn Module>], &[String])> {
+        Some((&mut self.layers, &self.names))
+    }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
             l.visit(&join(prefix, name), f);

@@ -32,7 +32,9 @@ impl Ctx {
     }
     /// Records where a block's branches meet (`what`, e.g. `add, relu`), when tracing: the
     /// field is the largest of the inputs', the tape bytes those since `tape_before`.
-    pub fn record_merge(&mut self, what: &str, inputs: &[&Var], output: &Var, tape_before: u64) {
+    /// `intermediate` says the merge made one value of the output's size on the way (the sum
+    /// before a relu), which inference holds for a moment.
+    pub fn record_merge(&mut self, what: &str, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
         let path = self.path();
         let Some(t) = self.trace.as_mut() else { return };
         let field = inputs.iter().map(|v| t.field_of(v)).reduce(Field::max).unwrap_or(Field::PIXEL);
@@ -44,7 +46,7 @@ impl Ctx {
             output: output.shape(),
             params: 0,
             macs: 0,
-            scratch: (0, 0),
+            scratch: (if intermediate { output.shape().iter().skip(1).product::<usize>() as u64 * 4 } else { 0 }, 0),
             field,
             tape_bytes: (tape_bytes() - tape_before) / n,
             inputs: inputs.iter().map(|v| t.producer(v)).collect(),
@@ -114,6 +116,11 @@ pub trait Module {
     /// Whether this runs other modules (through [`call`]) rather than being one layer.
     fn is_container(&self) -> bool {
         false
+    }
+    /// For a plain chain of layers (`Sequential`): the layers and their names, so training can
+    /// run it in segments (activation recompute).
+    fn chain(&mut self) -> Option<(&mut [Box<dyn Module>], &[String])> {
+        None
     }
     /// Multiply-adds for one forward pass from `input` to `output` (whole batch).
     fn macs(&self, _input: &[usize], _output: &[usize]) -> u64 {

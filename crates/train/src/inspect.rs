@@ -136,7 +136,9 @@ pub fn inference_memory(s: &Summary, batch: usize) -> Memory {
     Memory { batch, weights, gradients: 0, optimizer: 0, activations: live_peak(s, batch), backward: 0 }
 }
 
-pub fn training_memory(s: &Summary, batch: usize, optimizer: OptimizerKind) -> Memory {
+/// Training memory; with `segments` (activation recompute) the activations kept are the
+/// segment inputs plus the largest segment's tape instead of the whole tape.
+pub fn training_memory(s: &Summary, batch: usize, optimizer: OptimizerKind, segments: Option<&crate::recompute::Segments>) -> Memory {
     let weights = s.params as u64 * F32;
     let n = batch as u64;
     Memory {
@@ -144,7 +146,7 @@ pub fn training_memory(s: &Summary, batch: usize, optimizer: OptimizerKind) -> M
         weights,
         gradients: weights,
         optimizer: weights * optimizer_slots(optimizer),
-        activations: s.tape_per_image * n,
+        activations: segments.map_or(s.tape_per_image, |g| g.kept_per_image()) * n,
         backward: live_peak(s, batch),
     }
 }
@@ -178,6 +180,8 @@ pub fn bytes(b: u64) -> String {
     }
     if u == 0 {
         format!("{b} B")
+    } else if u >= 3 {
+        format!("{v:.2} {}", UNITS[u])
     } else {
         format!("{v:.1} {}", UNITS[u])
     }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod curves;
 pub mod fuzzing;
 pub mod inspect;
+pub mod recompute;
 pub mod report;
 pub mod vae;
 pub mod visual;
@@ -77,6 +78,9 @@ pub struct TrainConfig {
     /// Write report.html (curves, confusion matrix, most confident mistakes) beside the
     /// metrics after every epoch, under this title (the model's name).
     pub report: Option<String>,
+    /// Activation recompute: keep only the inputs of this many segments of the network in the
+    /// forward pass and recompute each segment in the backward pass (see [`recompute`]).
+    pub recompute: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +100,7 @@ impl Default for TrainConfig {
             out_dir: None,
             progress: false,
             report: None,
+            recompute: None,
         }
     }
 }
@@ -437,6 +442,10 @@ pub fn train(
         return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }
     let norm = if cfg.normalize { data.train.pixel_stats() } else { (0.0, 1.0) };
+    let segments = match cfg.recompute {
+        Some(k) => Some(recompute::plan(model, [data.train.channels, data.train.height, data.train.width], k)?),
+        None => None,
+    };
     let mut ctx = Ctx::train(cfg.seed);
     let mut reports = Vec::new();
     while pos.epoch <= cfg.epochs {
@@ -473,14 +482,23 @@ pub fn train(
             for (step, Batch { images, labels }) in rx {
                 ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
                 optim::zero_grad(&params);
-                let logits = model.forward(&Var::constant(images), &mut ctx)?;
-                let loss = cross_entropy(&logits, &labels, 0.0)?;
-                let lv = loss.value().item()?;
+                let x = Var::constant(images);
+                let (lv, logits) = match &segments {
+                    Some(seg) => recompute::forward_backward(model, &x, &labels, &mut ctx, seg)?,
+                    None => {
+                        let logits = model.forward(&x, &mut ctx)?;
+                        let loss = cross_entropy(&logits, &labels, 0.0)?;
+                        let lv = loss.value().item()?;
+                        if lv.is_finite() {
+                            loss.backward()?;
+                        }
+                        (lv, logits)
+                    }
+                };
                 if !lv.is_finite() {
                     bar.abandon();
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: lv });
                 }
-                loss.backward()?;
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;
                 }

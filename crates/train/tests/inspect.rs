@@ -115,10 +115,10 @@ fn summary_leaves_the_model_unchanged() {
 fn memory_model_parts() {
     let s = zoo("cnn", 1, 28, 10);
     let weights = 129_068 * 4;
-    let t = inspect::training_memory(&s, 32, OptimizerKind::Adam);
+    let t = inspect::training_memory(&s, 32, OptimizerKind::Adam, None);
     assert_eq!((t.weights, t.gradients, t.optimizer), (weights, weights, 2 * weights));
     assert_eq!(t.activations, 32 * s.tape_per_image);
-    let sgd = inspect::training_memory(&s, 32, OptimizerKind::Sgd { momentum: 0.0, nesterov: false });
+    let sgd = inspect::training_memory(&s, 32, OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, None);
     assert_eq!(sgd.optimizer, 0);
     // Training keeps every layer's tape; the tape of the tutorial CNN per image is at least
     // its activations (20x26x26 conv + relu ...) and the input.
@@ -134,7 +134,7 @@ fn memory_model_parts() {
     assert!(relu1 < conv2);
     assert_eq!(i.activations, conv2);
     // Memory grows linearly in the batch, minus the per-thread scratch.
-    let big = inspect::training_memory(&s, 320, OptimizerKind::Adam);
+    let big = inspect::training_memory(&s, 320, OptimizerKind::Adam, None);
     assert_eq!(big.activations, 10 * t.activations);
 }
 

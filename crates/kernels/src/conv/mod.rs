@@ -133,14 +133,28 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
             matmul(wg, MatRef::rows(cols, crs, pq), &mut yn[gi * kg * pq..(gi + 1) * kg * pq], pq, bias.is_some(), threads);
         }
     };
-    let chunk = (g.k * pq).max(1);
-    if by_image {
-        y.par_chunks_mut(chunk).enumerate().for_each_with(Vec::new(), |col, item| one(item, col));
+    for_each_image(&mut y, (g.k * pq).max(1), by_image, one);
+    y
+}
+
+/// Runs `one((image, its part of out), scratch)` for every image of `out` (parts of `chunk`).
+/// In parallel, the images are dealt out in one contiguous group per thread and each group
+/// reuses one scratch buffer: at most one buffer per thread is alive, which is what
+/// `stride summary` predicts (work stealing over per-image tasks could hold more).
+fn for_each_image<T: Elem>(out: &mut [T], chunk: usize, parallel: bool, one: impl Fn((usize, &mut [T]), &mut Vec<T>) + Sync) {
+    if parallel {
+        let images = out.len() / chunk;
+        let per = images.div_ceil(rayon::current_num_threads()).max(1);
+        out.par_chunks_mut(chunk * per).enumerate().for_each(|(group, part)| {
+            let mut col = Vec::new();
+            for (j, o) in part.chunks_mut(chunk).enumerate() {
+                one((group * per + j, o), &mut col);
+            }
+        });
     } else {
         let mut col = Vec::new();
-        y.chunks_mut(chunk).enumerate().for_each(|item| one(item, &mut col));
+        out.chunks_mut(chunk).enumerate().for_each(|item| one(item, &mut col));
     }
-    y
 }
 
 fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> Vec<T> {
@@ -162,13 +176,7 @@ fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> V
             }
         }
     };
-    let chunk = (g.c * hw).max(1);
-    if by_image {
-        dx.par_chunks_mut(chunk).enumerate().for_each_with(Vec::new(), |col, item| one(item, col));
-    } else {
-        let mut col = Vec::new();
-        dx.chunks_mut(chunk).enumerate().for_each(|item| one(item, &mut col));
-    }
+    for_each_image(&mut dx, (g.c * hw).max(1), by_image, one);
     dx
 }
 

@@ -1,0 +1,77 @@
+//! Activation recompute: the same weights bit for bit as ordinary training (dropout masks and
+//! batch-norm statistics replayed), less memory kept, and plans that make sense.
+
+mod common;
+
+use common::{cfg, small};
+use stride_autograd::{Conv2dOptions, Padding, Pool2dOptions, Rng, Unary};
+use stride_models::InputSpec;
+use stride_nn::blocks::Dropout2d;
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool, Sequential};
+use stride_train::{checkpoint, inspect, recompute, train, TrainConfig};
+
+/// Nested chains, batch norm and dropout: everything recompute has to replay.
+fn net(seed: u64) -> Sequential {
+    let mut rng = Rng::seed(seed);
+    let same = Conv2dOptions { padding: Padding::uniform(1), ..Conv2dOptions::default() };
+    let block = |rng: &mut Rng, i, o| {
+        Sequential::new()
+            .push(Conv2d::new(rng, i, o, 3, same, false).unwrap())
+            .push(BatchNorm::new(o).unwrap())
+            .push(Activation(Unary::Relu))
+            .push(Dropout2d(0.2))
+            .push(Pool::Max(Pool2dOptions::new(2)))
+    };
+    Sequential::new()
+        .push_named("block1", block(&mut rng, 1, 8))
+        .push_named("block2", block(&mut rng, 8, 16))
+        .push(Flatten)
+        .push(Linear::new(&mut rng, 16 * 7 * 7, 32, true).unwrap())
+        .push(Activation(Unary::Relu))
+        .push(Dropout(0.3))
+        .push(Linear::new(&mut rng, 32, 10, true).unwrap())
+}
+
+#[test]
+fn recompute_gives_the_same_weights_bit_for_bit() {
+    let data = small(640, 64);
+    let plain = TrainConfig { ..cfg(2, None) };
+    let mut a = net(3);
+    let ra = train(&mut a, &data, &plain, false, None, |_| {}).unwrap();
+    for k in [2, 3, 5] {
+        let mut b = net(3);
+        let rb = train(&mut b, &data, &TrainConfig { recompute: Some(k), ..plain.clone() }, false, None, |_| {}).unwrap();
+        assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b), "{k} segments: weights and running statistics");
+        let losses = |r: &stride_train::Outcome| r.reports.iter().map(|e| (e.train_loss, e.test.loss)).collect::<Vec<_>>();
+        assert_eq!(losses(&ra), losses(&rb), "{k} segments");
+    }
+}
+
+#[test]
+fn plans_cut_where_it_pays_and_keep_less() {
+    let spec = InputSpec { channels: 3, height: 64, width: 64, classes: 10 };
+    let mut m = stride_models::build("resnet18", &mut Rng::seed(0), spec).unwrap();
+    let points = recompute::cut_points(&mut m).unwrap();
+    // Nested chains are opened: ResNet's stages are chains of blocks.
+    assert_eq!(points[..6], ["conv1", "bn1", "relu", "maxpool", "layer1.0", "layer1.1"]);
+    assert_eq!(points.len(), 4 + 8 + 3);
+    let s = inspect::summarize(&mut m, [3, 64, 64]).unwrap();
+    let one = recompute::plan_from(&s, &points, 1).unwrap();
+    assert_eq!(one.starts, [0]);
+    assert_eq!(one.tape[0], s.rows.iter().map(|r| r.tape_bytes).sum::<u64>());
+    let four = recompute::plan_from(&s, &points, 4).unwrap();
+    assert!(four.starts.len() > 1 && four.starts.len() <= 4 && four.starts[0] == 0, "{:?}", four.starts);
+    assert!(four.starts.windows(2).all(|w| w[0] < w[1]));
+    assert!(four.kept_per_image() * 2 < one.kept_per_image(), "{} vs {}", four.kept_per_image(), one.kept_per_image());
+    // Every segment's tape sums to the whole; each input is the previous unit's output.
+    assert_eq!(four.tape.iter().sum::<u64>(), one.tape[0]);
+    assert_eq!(four.inputs[0], 3 * 64 * 64 * 4);
+    assert!(recompute::plan_from(&s, &points, 0).is_err());
+}
+
+#[test]
+fn a_network_that_is_no_chain_is_refused() {
+    let mut m = stride_nn::blocks::Residual::new(Box::new(net(0)), None);
+    let e = recompute::cut_points(&mut m).unwrap_err().to_string();
+    assert!(e.contains("needs a network that is a chain of layers"), "{e}");
+}
