@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// Classes the model was built for.
     #[arg(long, default_value_t = 10)]
     classes: usize,
+    /// Print every layer's output shape as the input flows through (to stderr).
+    #[arg(long)]
+    debug: bool,
 }
 
 /// Loads a safetensors state_dict into `model`, checking every name and shape (optimizer
@@ -89,7 +92,12 @@ pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{}: 'input' has shape {:?}, expected [N, C, H, W]", a.input.display(), x.shape()).into());
     };
     let mut model = load_model(&a.model, InputSpec { channels: c, height: h, width: w, classes: a.classes }, &a.weights)?;
-    let y = no_grad(|| model.forward(&Var::constant(x.clone()), &mut Ctx::eval()))?;
+    let mut ctx = Ctx::eval();
+    ctx.debug = a.debug;
+    if a.debug {
+        eprintln!("{:>16} {:<48} -> {:?}", "", "input", x.shape());
+    }
+    let y = no_grad(|| model.forward(&Var::constant(x.clone()), &mut ctx))?;
     checkpoint::save(&a.output, &[("output".to_string(), y.value())])?;
     println!("wrote 'output' {:?} to {}", y.shape(), a.output.display());
     Ok(())

@@ -49,9 +49,14 @@ fn train_then_eval_and_run() {
         input.to_str().unwrap(),
         "--output",
         output.to_str().unwrap(),
+        "--debug",
     ]);
     assert!(r.status.success(), "{}", text(&r));
     assert_eq!(stride_train::checkpoint::load(&output).unwrap()["output"].shape(), [3, 10]);
+    let shapes = String::from_utf8_lossy(&r.stderr);
+    assert!(shapes.contains("input") && shapes.contains("-> [3, 1, 28, 28]") && shapes.contains("-> [3, 20, 26, 26]"), "run --debug: {shapes}");
+    // Training writes the report beside the metrics.
+    assert!(std::fs::read_to_string(dir.join("report.html")).unwrap().contains("Confusion matrix"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
