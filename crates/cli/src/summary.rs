@@ -3,6 +3,7 @@
 
 use clap::Args;
 use stride_autograd::{cross_entropy, no_grad, Rng, Var};
+use stride_models::vae::{self, Vae};
 use stride_models::InputSpec;
 use stride_nn::{optim, Ctx, Module};
 use stride_train::inspect::{self, bytes, count, Memory, Summary};
@@ -41,9 +42,42 @@ pub struct SummaryArgs {
     measure: bool,
 }
 
+/// A zoo classifier or model file, or the VAE, with the loss it trains on.
+enum Net {
+    Classifier(stride_nn::layers::Sequential),
+    Vae(Vae),
+}
+
+impl Net {
+    fn module(&mut self) -> &mut dyn Module {
+        match self {
+            Net::Classifier(m) => m,
+            Net::Vae(v) => v,
+        }
+    }
+    /// A batch like the real data: standardised pixels, or the VAE's [0, 1] images.
+    fn batch(&self, shape: &[usize], seed: u64) -> Result<Var, Box<dyn std::error::Error>> {
+        let mut rng = Rng::seed(seed);
+        Ok(Var::constant(match self {
+            Net::Classifier(_) => rng.normal(shape, 0.0, 1.0)?,
+            Net::Vae(_) => rng.uniform(shape, 0.0, 1.0)?,
+        }))
+    }
+    fn loss(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var, Box<dyn std::error::Error>> {
+        let n = x.shape()[0];
+        Ok(match self {
+            Net::Classifier(m) => cross_entropy(&m.forward(x, ctx)?, &vec![0; n], 0.0)?,
+            Net::Vae(v) => v.forward_loss(x, ctx)?.1.total,
+        })
+    }
+}
+
 pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let is_vae = a.model == "vae";
     let design = if a.model.ends_with(".toml") {
         InputSpec { channels: 1, height: 28, width: 28, classes: 10 }
+    } else if is_vae {
+        InputSpec { channels: 1, height: vae::SIDE, width: vae::SIDE, classes: 0 }
     } else {
         stride_models::entry(&a.model)?.input
     };
@@ -58,12 +92,20 @@ pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
     let spec = InputSpec { channels: chw[0], height: chw[1], width: chw[2], classes: a.classes.unwrap_or(design.classes) };
     let optimizer = a.optimizer.kind(a.momentum);
 
-    let mut model = stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?;
-    let s = inspect::summarize(&mut model, chw)?;
-    print_rows(&a.model, &s, spec.classes);
+    let mut net = if is_vae {
+        if chw != [1, vae::SIDE, vae::SIDE] {
+            return Err(format!("the VAE takes 1x{0}x{0} images, not --input {1}x{2}x{3}", vae::SIDE, chw[0], chw[1], chw[2]).into());
+        }
+        Net::Vae(Vae::new(&mut Rng::seed(0))?)
+    } else {
+        Net::Classifier(stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?)
+    };
+    let model = net.module();
+    let s = inspect::summarize(model, chw)?;
+    print_rows(&a.model, &s, if is_vae { "the VAE: encoder, sampling, generator and its loss".into() } else { format!("{} classes", spec.classes) });
     let segments = match a.recompute {
         Some(k) => {
-            let names = recompute::cut_points(&mut model)?;
+            let names = recompute::cut_points(model)?;
             let seg = recompute::plan_from(&s, &names, k)?;
             print_segments(&seg, &names);
             Some(seg)
@@ -82,7 +124,7 @@ pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
         print_memory(&format!("training ({})", optimizer_name(optimizer)), &train, None);
     }
     if a.measure {
-        let (mi, mt, secs) = measure(&mut model, chw, batch, optimizer, segments.as_ref())?;
+        let (mi, mt, secs) = measure(&mut net, chw, batch, optimizer, segments.as_ref())?;
         println!("\nmeasured (the weights plus the peak of bytes allocated above what the process held once the model was built):");
         print_memory("inference", &infer, Some(mi));
         print_memory("training", &train, Some(mt));
@@ -117,9 +159,9 @@ fn optimizer_name(o: OptimizerKind) -> String {
     }
 }
 
-fn print_rows(model: &str, s: &Summary, classes: usize) {
+fn print_rows(model: &str, s: &Summary, what: String) {
     let [c, h, w] = s.input;
-    println!("{model} on {c}x{h}x{w} images, {classes} classes (per image; field = receptive field, jump = effective stride, in input pixels)\n");
+    println!("{model} on {c}x{h}x{w} images, {what} (per image; field = receptive field, jump = effective stride, in input pixels)\n");
     let width = s.rows.iter().map(|r| r.path.len()).max().unwrap_or(5).clamp(5, 40);
     println!("{:<width$}  {:<44} {:>16} {:>11} {:>9} {:>9} {:>5} {:>10}", "layer", "kind", "output", "params", "MACs", "field", "jump", "kept");
     let dims = |v: &[usize]| v.iter().skip(1).map(|d| d.to_string()).collect::<Vec<_>>().join("x");
@@ -188,20 +230,20 @@ fn print_memory(what: &str, m: &Memory, measured: Option<u64>) {
 /// what was allocated above the level before (which holds the weights, the data and the
 /// thread pools' one-time buffers, none of which the prediction counts).
 fn measure(
-    model: &mut dyn Module,
+    net: &mut Net,
     chw: [usize; 3],
     batch: usize,
     optimizer: OptimizerKind,
     segments: Option<&Segments>,
 ) -> Result<(u64, u64, f64), Box<dyn std::error::Error>> {
     let shape = [batch, chw[0], chw[1], chw[2]];
-    let params = model.parameters();
+    let params = net.module().parameters();
     let weights: u64 = params.iter().map(|p| p.value_ref().numel() as u64 * 4).sum();
     stride_kernels::gemm::warm_up_threads();
     let base = memory::reset_peak() - weights;
     {
-        let x = Var::constant(Rng::seed(1).normal(&shape, 0.0, 1.0)?);
-        no_grad(|| model.forward(&x, &mut Ctx::eval()))?;
+        let x = net.batch(&shape, 1)?;
+        no_grad(|| net.module().forward(&x, &mut Ctx::eval()))?;
     }
     let inference = memory::peak().saturating_sub(base);
     let cfg = TrainConfig { optimizer, lr: 1e-3, ..TrainConfig::default() };
@@ -213,16 +255,12 @@ fn measure(
         for step in 0..2 {
             let start = std::time::Instant::now();
             optim::zero_grad(&params);
-            let x = Var::constant(Rng::seed(step).normal(&shape, 0.0, 1.0)?);
-            let labels = vec![0; batch];
+            let x = net.batch(&shape, step)?;
             match segments {
                 Some(seg) => {
-                    recompute::forward_backward(model, &x, &labels, &mut ctx, seg)?;
+                    recompute::forward_backward(net.module(), &x, &vec![0; batch], &mut ctx, seg)?;
                 }
-                None => {
-                    let y = model.forward(&x, &mut ctx)?;
-                    cross_entropy(&y, &labels, 0.0)?.backward()?;
-                }
+                None => net.loss(&x, &mut ctx)?.backward()?,
             }
             opt.step(&params)?;
             secs = start.elapsed().as_secs_f64();

@@ -42,6 +42,7 @@ fn predicted_memory_is_within_ten_percent_of_measured_on_the_zoo() {
         ("mobilenet_v2", "4x3x32x32"),
         ("shufflenet_v2_x1_0", "4x3x32x32"),
         ("xception", "2x3x71x71"),
+        ("vae", "32x1x32x32"),
     ];
     let mut report = Vec::new();
     for (model, input) in cases {
@@ -120,6 +121,8 @@ fn bad_input_is_refused_with_the_reason() {
         (vec!["summary", "nosuchnet"], "unknown model 'nosuchnet'"),
         (vec!["summary", "vgg11", "--input", "3x16x16"], "vgg11 cannot take 3x16x16 images"),
         (vec!["summary", "cnn", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (vec!["summary", "vae", "--input", "3x32x32"], "the VAE takes 1x32x32 images"),
+        (vec!["summary", "vae", "--recompute", "2"], "needs a network that is a chain of layers"),
     ] {
         let out = stride(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));

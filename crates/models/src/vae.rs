@@ -61,6 +61,11 @@ impl Vae {
 
     /// x [N, 1, 32, 32] in [0, 1] -> (mu, sigma), each [N, 100]; sigma = 1e-6 + softplus(.).
     pub fn encode(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, Var)> {
+        self.encode_parts(x, ctx).map(|(_, mu, sigma)| (mu, sigma))
+    }
+
+    /// The encoder's output [N, 200] as well as mu and sigma.
+    fn encode_parts(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, Var, Var)> {
         let s = x.shape();
         if s.len() != 4 || s[1..] != [1, SIDE, SIDE] {
             return Err(stride_autograd::Error::shape("vae", format!("expects [N, 1, {SIDE}, {SIDE}] images, got {s:?}")).into());
@@ -68,21 +73,27 @@ impl Vae {
         let h = call(&mut self.encoder, "encoder", x, ctx)?;
         let mu = h.narrow(1, 0, LATENT)?;
         let sigma = h.narrow(1, LATENT, LATENT)?.softplus()?.add_scalar(1e-6)?;
-        Ok((mu, sigma))
+        Ok((h, mu, sigma))
     }
 
     /// z [N, 100] -> images [N, 1, 32, 32] in (0, 1).
     pub fn generate(&mut self, z: &Var, ctx: &mut Ctx) -> Result<Var> {
         let n = z.shape()[0];
-        call(&mut self.generator, "generator", &z.reshape(&[n, LATENT, 1, 1])?, ctx)
+        let before = stride_autograd::tape_bytes();
+        let z4 = z.reshape(&[n, LATENT, 1, 1])?;
+        ctx.record_step("latent", "z as a 100x1x1 image", &[z], &z4, before, false);
+        call(&mut self.generator, "generator", &z4, ctx)
     }
 
     /// Encodes, draws z = mu + sigma * eps with eps from `ctx.rng`, generates; returns the
     /// reconstruction and the loss against `x`.
     pub fn forward_loss(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, VaeLoss)> {
-        let (mu, sigma) = self.encode(x, ctx)?;
+        let (h, mu, sigma) = self.encode_parts(x, ctx)?;
+        let before = stride_autograd::tape_bytes();
         let eps = Var::constant(ctx.rng.normal(&mu.shape(), 0.0, 1.0)?);
         let z = mu.add(&sigma.mul(&eps)?)?;
+        // mu and sigma are parts of the encoder's output h, which the trace knows.
+        ctx.record_step("sample", "z = mu + sigma * eps", &[&h], &z, before, false);
         let y = self.generate(&z, ctx)?;
         let n = x.shape()[0] as f64;
         let likelihood = binary_cross_entropy(&y.clamp(CLIP, 1.0 - CLIP)?, x, Reduction::Sum)?.mul_scalar(1.0 / n)?;

@@ -35,7 +35,12 @@ impl Ctx {
     /// `intermediate` says the merge made one value of the output's size on the way (the sum
     /// before a relu), which inference holds for a moment.
     pub fn record_merge(&mut self, what: &str, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
-        let path = self.path();
+        self.record_step("", what, inputs, output, tape_before, intermediate);
+    }
+    /// As `record_merge`, for a step a model takes between its layers, named `name` under the
+    /// current path (the VAE's sampling of z).
+    pub fn record_step(&mut self, name: &str, what: &str, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
+        let path = join(&self.path(), name);
         let Some(t) = self.trace.as_mut() else { return };
         let field = inputs.iter().map(|v| t.field_of(v)).reduce(Field::max).unwrap_or(Field::PIXEL);
         let n = output.shape().first().copied().unwrap_or(1).max(1) as u64;
