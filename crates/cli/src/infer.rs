@@ -132,14 +132,21 @@ pub struct Trained {
 
 impl Trained {
     /// Reads `path` as the model's input [1, C, H, W] (resized to `hw`, default the trained
-    /// size), standardised; also returns the planar bytes for pictures.
-    pub fn image(&self, path: &Path, hw: Option<(usize, usize)>) -> Result<(Var, Vec<u8>, [usize; 3]), Box<dyn std::error::Error>> {
+    /// size), standardised; also keeps the planar bytes for pictures.
+    pub fn image(&self, path: &Path, hw: Option<(usize, usize)>) -> Result<Image, Box<dyn std::error::Error>> {
         let [c, h0, w0] = self.chw;
         let (h, w) = hw.unwrap_or((h0, w0));
         let pixels = stride_data::load_image(path, c, h, w)?;
         let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - self.mean) / self.std).collect(), &[1, c, h, w])?;
-        Ok((Var::constant(x), pixels, [c, h, w]))
+        Ok(Image { x: Var::constant(x), pixels, chw: [c, h, w] })
     }
+}
+
+/// An image read for a model: its input tensor and the planar bytes it came from.
+pub struct Image {
+    pub x: Var,
+    pub pixels: Vec<u8>,
+    pub chw: [usize; 3],
 }
 
 /// Builds `model` and loads `weights`. The input size, standardisation and class names come

@@ -7,7 +7,7 @@ use stride_autograd::{softmax, Var};
 use stride_nn::{Module, Slot, Trace};
 use stride_train::visual;
 
-use crate::infer::{load_trained, Trained};
+use crate::infer::{load_trained, Image, Trained};
 
 #[derive(Args)]
 pub struct FeaturesArgs {
@@ -64,21 +64,25 @@ fn spatial(t: &Trace) -> Vec<usize> {
     t.rows.iter().enumerate().filter(|(_, r)| r.output.len() == 4).map(|(i, _)| i).collect()
 }
 
-/// Runs the model on the image with a trace; an error after some layers ran is kept for the
-/// caller to report if it needed later layers.
-fn run(
-    t: &mut Trained,
-    image: &Path,
-    size: Option<(usize, usize)>,
-) -> Result<(Trace, Option<Var>, Option<String>, Vec<u8>, [usize; 3]), Box<dyn std::error::Error>> {
-    let (x, pixels, chw) = t.image(image, size)?;
-    let (trace, y, err) = visual::traced(&mut t.model, &x);
-    Ok((trace, y, err.map(|e| e.to_string()), pixels, chw))
+/// A traced pass over one image; an error after some layers ran is kept for the caller to
+/// report if it needed later layers.
+struct Seen {
+    trace: Trace,
+    y: Option<Var>,
+    err: Option<String>,
+    image: Image,
+}
+
+fn run(t: &mut Trained, path: &Path, size: Option<(usize, usize)>) -> Result<Seen, Box<dyn std::error::Error>> {
+    let image = t.image(path, size)?;
+    let (trace, y, err) = visual::traced(&mut t.model, &image.x);
+    Ok(Seen { trace, y, err: err.map(|e| e.to_string()), image })
 }
 
 pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut t = load_trained(&a.model, &a.weights)?;
-    let (trace, _, err, pixels, [c, h, w]) = run(&mut t, &a.image, a.size)?;
+    let Seen { trace, err, image, .. } = run(&mut t, &a.image, a.size)?;
+    let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let chosen: Vec<usize> = if a.layers.is_empty() {
         let convs: Vec<usize> = spatial(&trace).into_iter().filter(|&i| trace.rows[i].layer.starts_with("Conv2d")).collect();
         let k = convs.len().min(4);
@@ -131,7 +135,8 @@ fn with_cause(msg: String, err: &Option<String>) -> String {
 
 pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut t = load_trained(&a.model, &a.weights)?;
-    let (trace, y, err, pixels, [c, h, w]) = run(&mut t, &a.image, None)?;
+    let Seen { trace, y, err, image } = run(&mut t, &a.image, None)?;
+    let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let y = match (y, err) {
         (Some(y), _) => y,
         (None, e) => return Err(e.unwrap_or_default().into()),

@@ -285,7 +285,7 @@ impl Module for Sequential {
     fn is_container(&self) -> bool {
         true
     }
-    fn chain(&mut self) -> Option<(&mut [Box<dyn Module>], &[String])> {
+    fn chain(&mut self) -> Option<crate::module::Chain<'_>> {
         Some((&mut self.layers, &self.names))
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {

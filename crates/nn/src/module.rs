@@ -110,6 +110,9 @@ pub enum Slot<'a> {
     Buffer(&'a mut Tensor<f32>),
 }
 
+/// A chain's layers and their names.
+pub type Chain<'a> = (&'a mut [Box<dyn Module>], &'a [String]);
+
 /// A layer or a network of layers.
 pub trait Module {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var>;
@@ -124,7 +127,7 @@ pub trait Module {
     }
     /// For a plain chain of layers (`Sequential`): the layers and their names, so training can
     /// run it in segments (activation recompute).
-    fn chain(&mut self) -> Option<(&mut [Box<dyn Module>], &[String])> {
+    fn chain(&mut self) -> Option<Chain<'_>> {
         None
     }
     /// Multiply-adds for one forward pass from `input` to `output` (whole batch).
