@@ -11,15 +11,16 @@ impl<T: Elem> Var<T> {
     /// Back-propagates from this scalar: fills `grad()` of every parameter it depends on,
     /// adding to gradients already there (call `zero_grad` between steps).
     pub fn backward(&self) -> Result<()> {
+        self.backward_with(self.unit_seed("backward")?)
+    }
+
+    /// The seed gradient of a scalar (a one), or an error naming `op` for anything larger.
+    fn unit_seed(&self, op: &'static str) -> Result<Tensor<T>> {
         let v = self.value();
         if v.numel() != 1 {
-            return Err(Error::new(
-                ErrorKind::Autograd,
-                "backward",
-                format!("needs a scalar (one element) to start from, got shape {:?}", v.shape()),
-            ));
+            return Err(Error::new(ErrorKind::Autograd, op, format!("needs a scalar (one element) to start from, got shape {:?}", v.shape())));
         }
-        self.backward_with(Tensor::ones(v.shape())?)
+        Tensor::ones(v.shape())
     }
 
     /// Back-propagates a given output gradient (same shape as the value).
@@ -31,15 +32,7 @@ impl<T: Elem> Var<T> {
     /// `torch.autograd.grad`): `None` for a value it does not depend on. Parameters' gradients
     /// accumulate as in `backward`. Grad-CAM uses it for a layer's activations.
     pub fn gradients(&self, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {
-        let v = self.value();
-        if v.numel() != 1 {
-            return Err(Error::new(
-                ErrorKind::Autograd,
-                "gradients",
-                format!("needs a scalar (one element) to start from, got shape {:?}", v.shape()),
-            ));
-        }
-        self.sweep(Tensor::ones(v.shape())?, wrt)
+        self.sweep(self.unit_seed("gradients")?, wrt)
     }
 
     fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {

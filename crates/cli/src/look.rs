@@ -9,8 +9,9 @@ use stride_train::visual;
 
 use crate::infer::{load_trained, Image, Trained};
 
+/// The trained network and the image both commands look at.
 #[derive(Args)]
-pub struct FeaturesArgs {
+pub struct Source {
     /// Zoo model or TOML file the weights belong to.
     #[arg(long, default_value = "cnn")]
     model: String,
@@ -20,6 +21,12 @@ pub struct FeaturesArgs {
     /// The image (PNG or JPEG), e.g. china.jpg.
     #[arg(long)]
     image: PathBuf,
+}
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    #[command(flatten)]
+    src: Source,
     /// Layers to draw, by dotted path as `stride summary` names them (default: up to four
     /// convolutions spread over the network).
     #[arg(long, value_delimiter = ',')]
@@ -39,15 +46,8 @@ pub struct FeaturesArgs {
 
 #[derive(Args)]
 pub struct GradCamArgs {
-    /// Zoo model or TOML file the weights belong to.
-    #[arg(long, default_value = "cnn")]
-    model: String,
-    /// A run's model.safetensors.
-    #[arg(long)]
-    weights: PathBuf,
-    /// The image (PNG or JPEG).
-    #[arg(long)]
-    image: PathBuf,
+    #[command(flatten)]
+    src: Source,
     /// Class to explain, by index or name (default: the predicted class).
     #[arg(long)]
     class: Option<String>,
@@ -80,8 +80,8 @@ fn run(t: &mut Trained, path: &Path, size: Option<(usize, usize)>) -> Result<See
 }
 
 pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.model, &a.weights)?;
-    let Seen { trace, err, image, .. } = run(&mut t, &a.image, a.size)?;
+    let mut t = load_trained(&a.src.model, &a.src.weights)?;
+    let Seen { trace, err, image, .. } = run(&mut t, &a.src.image, a.size)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let chosen: Vec<usize> = if a.layers.is_empty() {
         let convs: Vec<usize> = spatial(&trace).into_iter().filter(|&i| trace.rows[i].layer.starts_with("Conv2d")).collect();
@@ -91,7 +91,7 @@ pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.layers.iter().map(|p| trace.find(p).map_err(|e| with_cause(e, &err))).collect::<Result<_, _>>()?
     };
     if chosen.is_empty() {
-        return Err(with_cause(format!("{} has no convolution to draw", a.model), &err).into());
+        return Err(with_cause(format!("{} has no convolution to draw", a.src.model), &err).into());
     }
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let input = a.out.join("input.png");
@@ -134,8 +134,8 @@ fn with_cause(msg: String, err: &Option<String>) -> String {
 }
 
 pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.model, &a.weights)?;
-    let Seen { trace, y, err, image } = run(&mut t, &a.image, None)?;
+    let mut t = load_trained(&a.src.model, &a.src.weights)?;
+    let Seen { trace, y, err, image } = run(&mut t, &a.src.image, None)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let y = match (y, err) {
         (Some(y), _) => y,
