@@ -1,5 +1,6 @@
 //! Element-wise functions and their derivatives, side by side.
 
+use rayon::prelude::*;
 use stride_tensor::Elem;
 
 /// An element-wise function y = f(x). Parameters are stored as f64 and converted per element
@@ -190,6 +191,59 @@ impl Unary {
             Unary::AddScalar(_) => "add_scalar",
             Unary::MulScalar(_) => "mul_scalar",
             Unary::Clamp(..) => "clamp",
+        }
+    }
+}
+
+/// Elements per task when an element-wise pass is split over threads; shorter passes stay on
+/// one thread, where the split would cost more than it saves.
+const PAR_CHUNK: usize = 1 << 15;
+
+impl Unary {
+    /// y[i] = f(x[i]) on all cores for long slices. The functions networks use most get a loop
+    /// of their own (no per-element match, so it vectorises); results equal `apply`'s.
+    pub fn apply_slice<T: Elem>(self, x: &[T], y: &mut [T]) {
+        assert_eq!(x.len(), y.len(), "apply_slice: lengths");
+        let chunk = |x: &[T], y: &mut [T]| {
+            let each = |f: &dyn Fn(T) -> T, y: &mut [T]| y.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+            match self {
+                Unary::Relu => y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(T::zero())),
+                Unary::AddScalar(c) => {
+                    let c = T::c(c);
+                    y.iter_mut().zip(x).for_each(|(o, &v)| *o = v + c)
+                }
+                Unary::MulScalar(c) => {
+                    let c = T::c(c);
+                    y.iter_mut().zip(x).for_each(|(o, &v)| *o = v * c)
+                }
+                f => each(&|v| f.apply(v), y),
+            }
+        };
+        if x.len() < 2 * PAR_CHUNK {
+            chunk(x, y);
+        } else {
+            y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(y, x)| chunk(x, y));
+        }
+    }
+
+    /// out[i] = g[i] * f'(x[i]) where y = f(x), on all cores for long slices; equals
+    /// `g * grad(x, y)` element by element.
+    pub fn grad_slice<T: Elem>(self, g: &[T], x: &[T], y: &[T], out: &mut [T]) {
+        assert!(g.len() == x.len() && x.len() == y.len() && y.len() == out.len(), "grad_slice: lengths");
+        let chunk = |g: &[T], x: &[T], y: &[T], out: &mut [T]| {
+            let (zero, one) = (T::zero(), T::one());
+            match self {
+                Unary::Relu => out.iter_mut().zip(g).zip(x).for_each(|((o, &g), &x)| *o = g * if x > zero { one } else { zero }),
+                f => out.iter_mut().zip(g).zip(x.iter().zip(y)).for_each(|((o, &g), (&x, &y))| *o = g * f.grad(x, y)),
+            }
+        };
+        if x.len() < 2 * PAR_CHUNK {
+            chunk(g, x, y, out);
+        } else {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(g.par_chunks(PAR_CHUNK))
+                .zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK)))
+                .for_each(|((out, g), (x, y))| chunk(g, x, y, out));
         }
     }
 }

@@ -34,12 +34,17 @@ pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>,
 
 /// y = f(x) for an element-wise function.
 pub fn unary<T: Elem>(x: &Var<T>, f: Unary) -> Result<Var<T>> {
-    let v = x.value_ref().map(|e| f.apply(e));
+    let xv = x.value_ref();
+    let mut y = vec![T::zero(); xv.numel()];
+    f.apply_slice(xv.data(), &mut y);
+    let v = Tensor::from_vec(y, xv.shape())?;
+    drop(xv);
     Ok(Var::from_op(v, Op::Unary(f), &[x]))
 }
 
 pub(crate) fn unary_backward<T: Elem>(f: Unary, g: &Tensor<T>, x: &Tensor<T>, y: &Tensor<T>) -> Result<Tensor<T>> {
-    let d: Vec<T> = g.data().iter().zip(x.data()).zip(y.data()).map(|((&g, &x), &y)| g * f.grad(x, y)).collect();
+    let mut d = vec![T::zero(); x.numel()];
+    f.grad_slice(g.data(), x.data(), y.data(), &mut d);
     Tensor::from_vec(d, x.shape())
 }
 
