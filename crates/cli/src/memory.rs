@@ -1,7 +1,15 @@
-//! A global allocator that counts: the bytes the process has allocated now and at its peak, so
-//! `stride summary --measure` can set its predictions beside what a real step used.
+//! The binary's global allocator: mimalloc, counted. The count (bytes allocated now and at
+//! the peak) lets `stride summary --measure` set its predictions beside what a real step used.
+//!
+//! Why mimalloc: glibc's malloc returns large freed blocks to the kernel and maps them again
+//! on the next allocation, so every training step paid page faults, page zeroing and TLB
+//! shootdowns for the activations of the step before. mimalloc keeps them for reuse. Same run,
+//! interleaved, 2 cores: lenet_train 2,911 -> 4,040 images/s (medians of 4), resnet18_train
+//! 32.6 -> 33.6, resnet18_infer 96 -> 117, vae_train 777 -> 748 (-4%).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Counting;
@@ -18,11 +26,11 @@ fn shrink(n: usize) {
     CURRENT.fetch_sub(n as u64, Ordering::Relaxed);
 }
 
-// SAFETY: every call is forwarded unchanged to the system allocator; only counters change.
+// SAFETY: every call is forwarded unchanged to mimalloc; only counters change.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc(layout) };
+        let p = unsafe { INNER.alloc(layout) };
         if !p.is_null() {
             grow(layout.size());
         }
@@ -30,7 +38,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { INNER.alloc_zeroed(layout) };
         if !p.is_null() {
             grow(layout.size());
         }
@@ -38,12 +46,12 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { INNER.dealloc(ptr, layout) };
         shrink(layout.size());
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { INNER.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             shrink(layout.size());
             grow(new_size);
