@@ -81,7 +81,7 @@ impl Vae {
         let n = z.shape()[0];
         let before = stride_autograd::tape_bytes();
         let z4 = z.reshape(&[n, LATENT, 1, 1])?;
-        ctx.record_step("latent", "z as a 100x1x1 image", &[z], &z4, before, false);
+        ctx.record_step("latent", || "z as a 100x1x1 image".into(), &[z], &z4, before, false);
         call(&mut self.generator, "generator", &z4, ctx)
     }
 
@@ -93,7 +93,7 @@ impl Vae {
         let eps = Var::constant(ctx.rng.normal(&mu.shape(), 0.0, 1.0)?);
         let z = mu.add(&sigma.mul(&eps)?)?;
         // mu and sigma are parts of the encoder's output h, which the trace knows.
-        ctx.record_step("sample", "z = mu + sigma * eps", &[&h], &z, before, false);
+        ctx.record_step("sample", || "z = mu + sigma * eps".into(), &[&h], &z, before, false);
         let y = self.generate(&z, ctx)?;
         let n = x.shape()[0] as f64;
         let likelihood = binary_cross_entropy(&y.clamp(CLIP, 1.0 - CLIP)?, x, Reduction::Sum)?.mul_scalar(1.0 / n)?;

@@ -227,8 +227,8 @@ impl Module for Residual {
             Some(f) => ag::ops::arith::unary(&sum, f)?,
             None => sum,
         };
-        let what = self.post.map_or("add".to_string(), |f| format!("add, {}", f.name()));
-        ctx.record_merge(&what, &[&y, &s], &out, before, self.post.is_some());
+        let what = || self.post.map_or("add".to_string(), |f| format!("add, {}", f.name()));
+        ctx.record_merge(what, &[&y, &s], &out, before, self.post.is_some());
         Ok(out)
     }
     fn is_container(&self) -> bool {
@@ -270,7 +270,7 @@ impl Module for Concat {
         let refs: Vec<&Var> = outs.iter().collect();
         let before = ag::tape_bytes();
         let out = ag::concat(&refs, 1).map_err(|e| crate::Error::from(e).context(format!("layer {} ({})", ctx.path(), self.describe())))?;
-        ctx.record_merge("concat", &refs, &out, before, false);
+        ctx.record_merge(|| "concat".into(), &refs, &out, before, false);
         Ok(out)
     }
     fn is_container(&self) -> bool {
@@ -296,18 +296,20 @@ pub struct DenseBlock {
 impl Module for DenseBlock {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut feats = vec![x.clone()];
-        let concat = |feats: &[Var], ctx: &mut Ctx, what: &str| -> Result<Var> {
+        // The concatenation of `feats`, recorded as the input of layer `next` (or the output).
+        let concat = |feats: &[Var], ctx: &mut Ctx, next: Option<&str>| -> Result<Var> {
             let refs: Vec<&Var> = feats.iter().collect();
             let before = ag::tape_bytes();
             let out = ag::concat(&refs, 1)?;
+            let what = || next.map_or("concat".to_string(), |n| format!("concat for {n}"));
             ctx.record_merge(what, &refs, &out, before, false);
             Ok(out)
         };
         for (l, name) in self.layers.iter_mut().zip(&self.names) {
-            let input = if feats.len() == 1 { feats[0].clone() } else { concat(&feats, ctx, &format!("concat for {name}"))? };
+            let input = if feats.len() == 1 { feats[0].clone() } else { concat(&feats, ctx, Some(name))? };
             feats.push(call(l.as_mut(), name, &input, ctx)?);
         }
-        concat(&feats, ctx, "concat")
+        concat(&feats, ctx, None)
     }
     fn is_container(&self) -> bool {
         true

@@ -30,23 +30,26 @@ impl Ctx {
     pub fn path(&self) -> String {
         self.path.iter().filter(|p| !p.is_empty()).cloned().collect::<Vec<_>>().join(".")
     }
-    /// Records where a block's branches meet (`what`, e.g. `add, relu`), when tracing: the
-    /// field is the largest of the inputs', the tape bytes those since `tape_before`.
-    /// `intermediate` says the merge made one value of the output's size on the way (the sum
-    /// before a relu), which inference holds for a moment.
-    pub fn record_merge(&mut self, what: &str, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
+    /// Records where a block's branches meet (`what`, e.g. `add, relu`, made only when
+    /// tracing): the field is the largest of the inputs', the tape bytes those since
+    /// `tape_before`. `intermediate` says the merge made one value of the output's size on the
+    /// way (the sum before a relu), which inference holds for a moment.
+    pub fn record_merge(&mut self, what: impl FnOnce() -> String, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
         self.record_step("", what, inputs, output, tape_before, intermediate);
     }
     /// As `record_merge`, for a step a model takes between its layers, named `name` under the
     /// current path (the VAE's sampling of z).
-    pub fn record_step(&mut self, name: &str, what: &str, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
+    pub fn record_step(&mut self, name: &str, what: impl FnOnce() -> String, inputs: &[&Var], output: &Var, tape_before: u64, intermediate: bool) {
+        if self.trace.is_none() {
+            return;
+        }
         let path = join(&self.path(), name);
         let Some(t) = self.trace.as_mut() else { return };
         let field = inputs.iter().map(|v| t.field_of(v)).reduce(Field::max).unwrap_or(Field::PIXEL);
         let n = output.shape().first().copied().unwrap_or(1).max(1) as u64;
         let row = Row {
             path,
-            layer: what.to_string(),
+            layer: what(),
             input: inputs.first().map_or(Vec::new(), |v| v.shape()),
             output: output.shape(),
             params: 0,
@@ -67,7 +70,9 @@ pub fn call(m: &mut dyn Module, name: &str, x: &Var, ctx: &mut Ctx) -> Result<Va
     ctx.path.push(name.to_string());
     let before = tape_bytes();
     let result = m.forward(x, ctx);
-    let path = ctx.path();
+    // The dotted path is joined only when something reads it (an error, --debug, a trace).
+    let wanted = !m.is_container() && (result.is_err() || ctx.debug || ctx.trace.is_some());
+    let path = if wanted { ctx.path() } else { String::new() };
     ctx.path.pop();
     if m.is_container() {
         if let Some(t) = ctx.trace.as_mut() {

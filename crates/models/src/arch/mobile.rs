@@ -115,7 +115,7 @@ impl Module for ShuffleUnit {
         };
         let before = ag::tape_bytes();
         let out = ag::concat(&[&a, &b], 1)?.channel_shuffle(2)?;
-        ctx.record_merge("concat, channel shuffle", &[&a, &b], &out, before, true);
+        ctx.record_merge(|| "concat, channel shuffle".into(), &[&a, &b], &out, before, true);
         Ok(out)
     }
     fn is_container(&self) -> bool {
