@@ -40,7 +40,7 @@ pub fn summarize(model: &mut dyn Module, input: [usize; 3]) -> Result<Summary> {
     ctx.trace = Some(Trace::new());
     let before = tape_bytes();
     let y = model.forward(&x, &mut ctx);
-    restore(model, saved);
+    restore(model, &mut saved.iter());
     let y = y?;
     if let [n, _] = y.shape()[..] {
         cross_entropy(&y, &vec![0; n], 0.0)?;
@@ -50,7 +50,8 @@ pub fn summarize(model: &mut dyn Module, input: [usize; 3]) -> Result<Summary> {
     Ok(Summary { rows: trace.rows, holds: trace.holds, input, params: model.num_parameters(), tape_per_image })
 }
 
-fn buffers(model: &mut dyn Module) -> Vec<Tensor<f32>> {
+/// Copies of `model`'s buffers (batch norm's running statistics), in `visit` order.
+pub(crate) fn buffers(model: &mut dyn Module) -> Vec<Tensor<f32>> {
     let mut out = Vec::new();
     model.visit("", &mut |_, s| {
         if let Slot::Buffer(b) = s {
@@ -60,12 +61,12 @@ fn buffers(model: &mut dyn Module) -> Vec<Tensor<f32>> {
     out
 }
 
-fn restore(model: &mut dyn Module, saved: Vec<Tensor<f32>>) {
-    let mut saved = saved.into_iter();
+/// Puts buffers taken by [`buffers`] back, taking them from `saved` in `visit` order.
+pub(crate) fn restore<'a>(model: &mut dyn Module, saved: &mut impl Iterator<Item = &'a Tensor<f32>>) {
     model.visit("", &mut |_, s| {
         if let Slot::Buffer(b) = s {
             if let Some(t) = saved.next() {
-                *b = t;
+                *b = t.clone();
             }
         }
     });

@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use stride_autograd::{cross_entropy, no_grad, Rng, Tensor, Var};
-use stride_nn::{call, Ctx, Module, Slot};
+use stride_nn::{call, Ctx, Module};
 
 use crate::inspect::{self, Summary};
 use crate::{Result, TrainError};
@@ -161,27 +161,13 @@ fn run(layers: &mut Units<'_>, x: &Var, ctx: &mut Ctx) -> Result<Var> {
 }
 
 fn buffers(layers: &mut Units<'_>) -> Vec<Tensor<f32>> {
-    let mut out = Vec::new();
-    for (l, _) in layers {
-        l.visit("", &mut |_, s| {
-            if let Slot::Buffer(b) = s {
-                out.push(b.clone());
-            }
-        });
-    }
-    out
+    layers.iter_mut().flat_map(|(l, _)| inspect::buffers(*l)).collect()
 }
 
 fn restore(layers: &mut Units<'_>, saved: &[Tensor<f32>]) {
     let mut saved = saved.iter();
     for (l, _) in layers {
-        l.visit("", &mut |_, s| {
-            if let Slot::Buffer(b) = s {
-                if let Some(t) = saved.next() {
-                    *b = t.clone();
-                }
-            }
-        });
+        inspect::restore(*l, &mut saved);
     }
 }
 
