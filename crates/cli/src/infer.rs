@@ -189,13 +189,11 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
 
 /// Class probabilities for image files, with the training run's preprocessing.
 pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let t = load_trained(&a.model, &a.weights)?;
-    let (mut model, names) = (t.model, t.names.clone());
-    let ([c, h, w], mean, std) = (t.chw, t.mean, t.std);
+    let mut t = load_trained(&a.model, &a.weights)?;
     for path in &a.images {
-        let pixels = stride_data::load_image(path, c, h, w)?;
-        let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - mean) / std).collect(), &[1, c, h, w])?;
-        let logits = no_grad(|| model.forward(&Var::constant(x), &mut Ctx::eval()))?;
+        let x = t.image(path, None)?.x;
+        let logits = no_grad(|| t.model.forward(&x, &mut Ctx::eval()))?;
+        let names = &t.names;
         let p = stride_autograd::softmax(&logits, 1)?.value();
         let mut order: Vec<usize> = (0..names.len()).collect();
         order.sort_by(|&i, &j| p.data()[j].total_cmp(&p.data()[i]));

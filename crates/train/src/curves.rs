@@ -133,15 +133,22 @@ fn panel(cv: &mut Canvas, x0: usize, title: &str, epochs: &[f64], train: &[f64],
     }
 }
 
-/// Draws curves.png from a run's metrics.csv (so a resumed run plots its whole history).
-pub fn plot_from_metrics(metrics_csv: &Path, out_png: &Path) -> Result<()> {
+/// The rows of a run's metrics.csv as numbers (epoch, train loss, train accuracy, test loss,
+/// test accuracy, images/s, lr; NaN where a field does not parse), skipping the header and
+/// short rows.
+pub fn read_metrics(metrics_csv: &Path) -> Result<Vec<Vec<f64>>> {
     let text = std::fs::read_to_string(metrics_csv).map_err(|e| TrainError::Io(format!("{}: {e}", metrics_csv.display())))?;
-    let rows: Vec<Vec<f64>> = text
+    Ok(text
         .lines()
         .skip(1)
         .map(|l| l.split(',').map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN)).collect())
-        .filter(|r: &Vec<f64>| r.len() >= 5)
-        .collect();
+        .filter(|r: &Vec<f64>| r.len() >= 7)
+        .collect())
+}
+
+/// Draws curves.png from a run's metrics.csv (so a resumed run plots its whole history).
+pub fn plot_from_metrics(metrics_csv: &Path, out_png: &Path) -> Result<()> {
+    let rows = read_metrics(metrics_csv)?;
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let mut cv = Canvas { px: vec![255; W * H * 3] };
     let epochs = col(0);

@@ -177,14 +177,7 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
 /// report.html of a classifier's run: the curves from metrics.csv (so a resumed run shows its
 /// whole history), the last epoch's confusion matrix and most confident mistakes.
 fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Split, test: &Evaluation) -> Result<()> {
-    let path = dir.join("metrics.csv");
-    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect())
-        .filter(|r: &Vec<f64>| r.len() >= 7)
-        .collect();
+    let rows = curves::read_metrics(&dir.join("metrics.csv"))?;
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let series = |name: &str, color, i| report::Series { name: name.into(), color, values: col(i) };
     let ds = &data.test;

@@ -214,13 +214,6 @@ pub fn write(path: &Path, r: &Report) -> Result<()> {
 
 /// An image of the data set (planar bytes, 1 or 3 channels) as PNG bytes.
 pub fn image_png(bytes: &[u8], c: usize, h: usize, w: usize) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        let j = y as usize * w + x as usize;
-        let ch = |i: usize| bytes.get(if c >= 3 { i * h * w + j } else { j }).copied().unwrap_or(0);
-        image::Rgb([ch(0), ch(1), ch(2)])
-    });
-    let mut out = Vec::new();
     // Encoding an in-memory RGB buffer cannot fail.
-    let _ = img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png);
-    out
+    crate::visual::png_bytes(&crate::visual::picture(bytes, c, h, w, 1)).unwrap_or_default()
 }

@@ -207,7 +207,5 @@ pub fn write_grid(path: &Path, images: &Tensor<f32>, cols: usize, side: usize) -
         let (x, y) = (gap + (i % cols) * (side + gap), gap + (i / cols) * (side + gap));
         image::imageops::replace(&mut grid, &small, x as i64, y as i64);
     }
-    let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    checkpoint::write_atomic(path, &bytes)
+    crate::visual::save_png(path, &grid)
 }

@@ -161,6 +161,18 @@ pub fn picture(bytes: &[u8], c: usize, h: usize, w: usize, min_side: usize) -> R
     })
 }
 
+/// A picture encoded as PNG.
+pub fn png_bytes<P, C>(img: &image::ImageBuffer<P, C>) -> std::result::Result<Vec<u8>, image::ImageError>
+where
+    P: image::Pixel + image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
 /// Writes a PNG atomically.
 pub fn save_png<P, C>(path: &Path, img: &image::ImageBuffer<P, C>) -> Result<()>
 where
@@ -168,7 +180,6 @@ where
     [P::Subpixel]: image::EncodableLayout,
     C: std::ops::Deref<Target = [P::Subpixel]>,
 {
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let bytes = png_bytes(img).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     checkpoint::write_atomic(path, &bytes)
 }
