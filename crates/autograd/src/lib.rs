@@ -13,7 +13,7 @@ pub mod ops;
 mod var;
 
 pub use op::PRIMITIVES;
-pub use ops::conv::{conv2d, conv2d_scratch_bytes, conv_transpose2d};
+pub use ops::conv::{conv2d, conv2d_workspace, conv_transpose2d, conv_transpose2d_workspace};
 pub use ops::linalg::{linear, matmul_tensors};
 pub use ops::loss::{
     binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, gaussian_kl, l1_loss, log_softmax, mse_loss, nll_loss, softmax, Reduction,
@@ -23,7 +23,7 @@ pub use ops::pool::{
     adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, channel_max_pool, global_avg_pool2d, global_max_pool2d, lp_pool2d, max_pool2d,
 };
 pub use ops::shape::concat;
-pub use stride_kernels::conv::{Conv2dOptions, Padding};
+pub use stride_kernels::conv::{Conv2dOptions, Padding, Workspace};
 pub use stride_kernels::pool::Pool2dOptions;
 pub use stride_kernels::unary::Unary;
 pub use stride_tensor::{Elem, Error, ErrorKind, Result, Rng, Tensor};

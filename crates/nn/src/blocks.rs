@@ -5,7 +5,7 @@ use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Unary, Var}
 
 use crate::layers::Conv2d;
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
-use crate::trace::Field;
+use crate::trace::{Field, Scratch};
 use crate::{init, Result};
 
 /// Transposed convolution with PyTorch's [in, out/groups, k, k] weight.
@@ -48,6 +48,9 @@ impl Module for ConvTranspose2d {
     fn field(&self, input: Field, _: &[usize]) -> Field {
         let s = self.weight.shape();
         input.transposed((s[2], s[3]), self.opts.stride, self.opts.dilation)
+    }
+    fn scratch(&self, input: &[usize], _: &[usize]) -> Scratch {
+        Scratch { per_image: 0, work: ag::conv_transpose2d_workspace(input, &self.weight.shape(), &self.opts).unwrap_or_default() }
     }
 }
 

@@ -3,7 +3,7 @@
 use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
-use crate::trace::Field;
+use crate::trace::{Field, Scratch};
 use crate::{init, Result};
 
 /// 2-D convolution with a [out, in/groups, k, k] weight and an optional bias.
@@ -44,8 +44,8 @@ impl Module for Conv2d {
         let s = self.weight.shape();
         input.window((s[2], s[3]), self.opts.stride, self.opts.dilation)
     }
-    fn scratch(&self, input: &[usize], _: &[usize]) -> (u64, u64) {
-        (0, ag::conv2d_scratch_bytes(input, &self.weight.shape(), &self.opts).unwrap_or(0))
+    fn scratch(&self, input: &[usize], _: &[usize]) -> Scratch {
+        Scratch { per_image: 0, work: ag::conv2d_workspace(input, &self.weight.shape(), &self.opts).unwrap_or_default() }
     }
 }
 
@@ -175,11 +175,11 @@ impl Module for Pool {
             Pool::Avg(o) => format!("AvgPool2d({})", pool_options(o)),
         }
     }
-    fn scratch(&self, _: &[usize], output: &[usize]) -> (u64, u64) {
+    fn scratch(&self, _: &[usize], output: &[usize]) -> Scratch {
         // Max pooling writes the argmax of every output (u32) beside it, even in inference.
         match self {
-            Pool::Max(_) => (output.iter().skip(1).product::<usize>() as u64 * 4, 0),
-            Pool::Avg(_) => (0, 0),
+            Pool::Max(_) => Scratch::per_image(output.iter().skip(1).product::<usize>() as u64 * 4),
+            Pool::Avg(_) => Scratch::default(),
         }
     }
     fn field(&self, input: Field, _: &[usize]) -> Field {

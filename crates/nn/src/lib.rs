@@ -11,7 +11,7 @@ pub mod schedule;
 pub mod trace;
 
 pub use module::{call, join, Ctx, Module, Slot};
-pub use trace::{Field, Row, Trace};
+pub use trace::{Field, Row, Scratch, Trace};
 
 /// A library error with the layer it happened in.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use stride_autograd::{tape_bytes, Rng, Tensor, Var};
 
-use crate::trace::{Field, Row, Trace};
+use crate::trace::{Field, Row, Scratch, Trace};
 use crate::Result;
 
 /// What a forward pass needs besides the input: the mode and the random source for dropout.
@@ -54,7 +54,7 @@ impl Ctx {
             output: output.shape(),
             params: 0,
             macs: 0,
-            scratch: (if intermediate { output.shape().iter().skip(1).product::<usize>() as u64 * 4 } else { 0 }, 0),
+            scratch: Scratch::per_image(if intermediate { output.shape().iter().skip(1).product::<usize>() as u64 * 4 } else { 0 }),
             field,
             tape_bytes: (tape_bytes() - tape_before) / n,
             inputs: inputs.iter().map(|v| t.producer(v)).collect(),
@@ -139,10 +139,11 @@ pub trait Module {
     fn macs(&self, _input: &[usize], _output: &[usize]) -> u64 {
         0
     }
-    /// Scratch bytes the forward pass holds besides its output: (per image, per thread). Max
-    /// pooling keeps its argmax (per image); convolution its im2col columns (per thread).
-    fn scratch(&self, _input: &[usize], _output: &[usize]) -> (u64, u64) {
-        (0, 0)
+    /// Memory the forward pass holds besides its input and output. Max pooling keeps its
+    /// argmax (per image); convolution its working memory (im2col columns per thread, or
+    /// Winograd's transformed filters and tiles).
+    fn scratch(&self, _input: &[usize], _output: &[usize]) -> Scratch {
+        Scratch::default()
     }
     /// The receptive field after this layer, given the field of its input.
     fn field(&self, input: Field, _input_shape: &[usize]) -> Field {

@@ -2,7 +2,26 @@
 //! row with its output shape, parameters, multiply-adds, receptive field and the bytes it put
 //! on the autograd tape. `stride summary` prints these rows.
 
-use stride_autograd::Var;
+use stride_autograd::{Var, Workspace};
+
+/// Memory a layer holds while it runs besides its input and output, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scratch {
+    /// Per image of the batch (max pooling's argmax, a block's intermediate value).
+    pub per_image: u64,
+    /// A convolution's working memory (im2col columns, Winograd's transformed tiles).
+    pub work: Workspace,
+}
+
+impl Scratch {
+    pub fn per_image(bytes: u64) -> Scratch {
+        Scratch { per_image: bytes, ..Scratch::default() }
+    }
+    /// Bytes held at once for a batch of `batch` images on `threads` threads.
+    pub fn bytes(&self, batch: usize, threads: usize) -> u64 {
+        self.per_image * batch as u64 + self.work.total(batch, threads)
+    }
+}
 
 /// What one output value sees of the input image, along (height, width).
 ///
@@ -76,8 +95,8 @@ pub struct Row {
     pub params: usize,
     /// Multiply-adds per image (convolutions and dense layers).
     pub macs: u64,
-    /// Scratch bytes besides the output: (per image, per thread); see `Module::scratch`.
-    pub scratch: (u64, u64),
+    /// Scratch bytes besides the output; see `Module::scratch`.
+    pub scratch: Scratch,
     pub field: Field,
     /// Bytes per image this layer put on the autograd tape (what training keeps for backward).
     pub tape_bytes: u64,

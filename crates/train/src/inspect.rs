@@ -75,8 +75,8 @@ pub(crate) fn restore<'a>(model: &mut dyn Module, saved: &mut impl Iterator<Item
 /// Bytes of the largest set of activations alive at once in an inference pass over `batch`
 /// images, when values are freed as soon as their last reader has run: about two consecutive
 /// layers, plus the inputs that residual and concatenating blocks hold for their other
-/// branches, plus the running layer's scratch (im2col columns per thread, max pooling's
-/// argmax).
+/// branches, plus the running layer's scratch (max pooling's argmax, a convolution's
+/// working memory).
 pub fn live_peak(s: &Summary, batch: usize) -> u64 {
     let bytes = |shape: &[usize]| shape.iter().skip(1).product::<usize>() as u64 * F32;
     let input_bytes = s.input.iter().product::<usize>() as u64 * F32;
@@ -89,13 +89,12 @@ pub fn live_peak(s: &Summary, batch: usize) -> u64 {
         }
     }
     let input_last = s.rows.len();
-    let (n, in_flight) = (batch as u64, rayon::current_num_threads().min(batch) as u64);
+    let (n, threads) = (batch as u64, rayon::current_num_threads());
     (0..s.rows.len())
         .map(|i| {
             let held: u64 = (0..=i).filter(|&j| last[j] >= i).map(|j| bytes(&s.rows[j].output)).sum();
             let held = held + if input_last >= i { input_bytes } else { 0 };
-            let (per_image, per_thread) = s.rows[i].scratch;
-            (held + per_image) * n + per_thread * in_flight
+            held * n + s.rows[i].scratch.bytes(batch, threads)
         })
         .max()
         .unwrap_or(input_bytes * n)

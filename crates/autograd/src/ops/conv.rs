@@ -2,7 +2,7 @@
 //! gradient of a convolution is a transposed convolution with the same weights, and the other
 //! way round.
 
-use stride_kernels::conv::{self as k, Conv2dOptions, ConvGeom};
+use stride_kernels::conv::{self as k, Conv2dOptions, ConvGeom, Workspace};
 use stride_tensor::{Elem, Result, Tensor};
 
 use crate::op::Op;
@@ -34,11 +34,16 @@ pub fn conv2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts:
     Ok(Var::from_op(y, Op::Conv2d { geom }, &parents(x, weight, bias)))
 }
 
-/// Bytes of scratch one thread holds while `conv2d` computes one image of `x_shape` (each
-/// thread works on its own image when the batch has at least as many images as threads).
-pub fn conv2d_scratch_bytes(x_shape: &[usize], w_shape: &[usize], opts: &Conv2dOptions) -> Result<u64> {
+/// The working memory (bytes, f32) `conv2d` holds besides input and output for `x_shape`.
+pub fn conv2d_workspace(x_shape: &[usize], w_shape: &[usize], opts: &Conv2dOptions) -> Result<Workspace> {
     let geom = ConvGeom::conv2d(x_shape, w_shape, opts)?;
-    Ok((k::forward_scratch(&geom) * std::mem::size_of::<f32>()) as u64)
+    Ok(k::forward_workspace(&geom).scale(std::mem::size_of::<f32>() as u64))
+}
+
+/// The working memory (bytes, f32) `conv_transpose2d` holds besides input and output.
+pub fn conv_transpose2d_workspace(x_shape: &[usize], w_shape: &[usize], opts: &Conv2dOptions) -> Result<Workspace> {
+    let geom = ConvGeom::conv_transpose2d(x_shape, w_shape, opts)?;
+    Ok(k::backward_data_workspace(&geom).scale(std::mem::size_of::<f32>() as u64))
 }
 
 pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>]) -> Result<Vec<Option<Tensor<T>>>> {

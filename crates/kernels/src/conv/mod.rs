@@ -7,6 +7,7 @@ mod depthwise;
 mod geom;
 mod im2col;
 pub mod reference;
+mod winograd;
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
@@ -24,6 +25,9 @@ pub enum Algo {
     /// on B3's c6 (8x128x56x56, 3x3, groups 128): 18 GFLOP/s forward against 12 for im2col,
     /// whose per-group products are only matrix-vector products.
     Depthwise,
+    /// 3x3, stride 1, at least 16 channels in and out: Winograd's F(4x4, 3x3), four times
+    /// fewer multiplies (see `winograd.rs`). The filter gradient goes through im2col.
+    Winograd,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
     /// column matrix, and one GEMM (45 GFLOP/s forward) beats K direct passes (12).
@@ -36,29 +40,78 @@ impl Algo {
             Algo::Pointwise
         } else if g.is_depthwise() && g.groups > 1 {
             Algo::Depthwise
+        } else if winograd::Plan::applies(g) {
+            Algo::Winograd
         } else {
             Algo::Im2col
         }
     }
 }
 
-/// Scratch elements one thread holds while `forward` computes one image: the im2col columns
-/// (one group's), or the zero-bordered plane of the depthwise kernel.
-pub fn forward_scratch(g: &ConvGeom) -> usize {
+/// Working memory a convolution pass holds besides its input and output, in elements (or in
+/// bytes after [`Workspace::scale`]), so memory can be predicted without running the pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workspace {
+    /// Held once for the call (Winograd's transformed filters).
+    pub shared: u64,
+    /// Held by each working thread (the im2col columns of one image).
+    pub per_thread: u64,
+    /// Held by each working thread for each image of its share it has in hand at once, up to
+    /// `held_images` of them (a Winograd chunk).
+    pub per_held_image: u64,
+    pub held_images: u64,
+}
+
+impl Workspace {
+    /// Every field times `unit` (the element size, for bytes).
+    pub fn scale(self, unit: u64) -> Workspace {
+        Workspace { shared: self.shared * unit, per_thread: self.per_thread * unit, per_held_image: self.per_held_image * unit, ..self }
+    }
+    /// Held at once over a batch of `n` images on `threads` threads, the images dealt out as
+    /// the kernels deal them (one contiguous share per thread when there are enough images).
+    pub fn total(&self, n: usize, threads: usize) -> u64 {
+        let (by_image, _) = split_for(n, threads);
+        let (share, shares) = if by_image {
+            let per = n.div_ceil(threads.max(1));
+            (per, n.div_ceil(per.max(1)))
+        } else {
+            (n, 1)
+        };
+        let held = (share as u64).min(self.held_images);
+        self.shared + shares as u64 * (self.per_thread + held * self.per_held_image)
+    }
+}
+
+/// The workspace of `forward` (and of a transposed convolution's input gradient).
+pub fn forward_workspace(g: &ConvGeom) -> Workspace {
+    let per_thread = |per_thread| Workspace { per_thread, ..Workspace::default() };
     match Algo::choose(g) {
-        Algo::Pointwise => 0,
+        Algo::Pointwise => Workspace::default(),
         Algo::Depthwise => {
             let (bh, bw) = g.bordered_size();
-            bh * bw
+            per_thread((bh * bw) as u64)
         }
-        Algo::Im2col => g.cg() * g.r * g.s * g.p * g.q,
+        Algo::Winograd => winograd::Plan::forward(g).workspace(),
+        Algo::Im2col => per_thread((g.cg() * g.r * g.s * g.p * g.q) as u64),
+    }
+}
+
+/// The workspace of `backward_data` (the forward pass of a transposed convolution).
+pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
+    match Algo::choose(g) {
+        Algo::Pointwise | Algo::Depthwise => Workspace::default(),
+        Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
+        Algo::Im2col => Workspace { per_thread: (g.cg() * g.r * g.s * g.p * g.q) as u64, ..Workspace::default() },
     }
 }
 
 /// How to split a batch over the thread pool: by image when there are enough images,
 /// otherwise inside each matrix product.
 fn split(n: usize) -> (bool, usize) {
-    let t = rayon::current_num_threads();
+    split_for(n, rayon::current_num_threads())
+}
+
+fn split_for(n: usize, t: usize) -> (bool, usize) {
     if n >= t {
         (true, 1)
     } else {
@@ -72,6 +125,7 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
     debug_assert_eq!(w.len(), g.k * g.cg() * g.r * g.s);
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::forward(g, x, w, bias),
+        Algo::Winograd => winograd::forward(g, x, w, bias),
         algo => gemm_forward(g, algo, x, w, bias),
     }
 }
@@ -81,6 +135,7 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     debug_assert_eq!(dy.len(), g.n * g.k * g.p * g.q);
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::backward_data(g, dy, w),
+        Algo::Winograd => winograd::backward_data(g, dy, w),
         algo => gemm_backward_data(g, algo, dy, w),
     }
 }
@@ -89,6 +144,7 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
 pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::backward_filter(g, x, dy),
+        Algo::Winograd => gemm_backward_filter(g, Algo::Im2col, x, dy),
         algo => gemm_backward_filter(g, algo, x, dy),
     }
 }

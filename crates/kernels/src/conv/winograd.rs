@@ -1,0 +1,331 @@
+//! Winograd's minimal filtering F(4x4, 3x3) for 3x3, stride-1 convolutions (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2015).
+//!
+//! Each 4x4 block of outputs (a *tile*) is read from a 6x6 window of the input. In the
+//! transformed domain the 3x3 correlation becomes an element-wise product of 6x6 arrays, and
+//! summing over input channels turns the 36 element positions into 36 independent matrix
+//! products: M[e] (K x T) = U[e] (K x C) * V[e] (C x T), for T tiles at once. That is 36
+//! multiplies per tile and channel pair where direct convolution needs 144: 4x fewer.
+//!
+//! - filter transform U = G g G^T (6x6 from 3x3), for every (k, c);
+//! - input transform V = B^T d B (6x6 window d), for every (c, tile);
+//! - output transform Y = A^T M A (4x4 from 6x6), for every (k, tile), then cropped to P x Q.
+//!
+//! The one-dimensional transforms below are written out; the two-dimensional ones apply them
+//! to columns and then rows, over all tiles of a chunk at once so the loops vectorise.
+//!
+//! The input gradient of such a convolution is again a 3x3 stride-1 convolution (of dy with
+//! the flipped, transposed filters, padded by 2 - pad), so the same code serves it.
+
+use rayon::prelude::*;
+use stride_tensor::Elem;
+
+use super::{im2col::valid_range, ConvGeom};
+use crate::gemm::{matmul, MatRef};
+use crate::multiversion;
+
+/// Element positions of a transformed tile.
+const E: usize = 36;
+/// Tiles of whole images gathered into one chunk before its 36 products run: enough columns
+/// for the packed products to reach full speed without the chunk outgrowing the caches.
+const CHUNK_TILES: usize = 128;
+/// Channel counts below which the transforms cost more than the products save.
+const MIN_CHANNELS: usize = 16;
+
+/// One Winograd pass: a 3x3 stride-1 correlation of `cin`-channel `h x w` images into
+/// `cout`-channel `p x q` images, reading input row `4i + a - top` for output tile row `i`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    n: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    p: usize,
+    q: usize,
+    top: usize,
+    left: usize,
+}
+
+impl Plan {
+    /// Whether the forward pass of `g` (and so its input gradient) runs through Winograd.
+    pub(crate) fn applies(g: &ConvGeom) -> bool {
+        let (t, b, l, r) = g.pad;
+        g.r == 3
+            && g.s == 3
+            && g.stride == (1, 1)
+            && g.dilation == (1, 1)
+            && g.groups == 1
+            && g.c >= MIN_CHANNELS
+            && g.k >= MIN_CHANNELS
+            && t.max(b).max(l).max(r) <= 2
+            && g.p + 2 == g.h + t + b
+            && g.q + 2 == g.w + l + r
+    }
+
+    pub(crate) fn forward(g: &ConvGeom) -> Plan {
+        Plan { n: g.n, cin: g.c, cout: g.k, h: g.h, w: g.w, p: g.p, q: g.q, top: g.pad.0, left: g.pad.2 }
+    }
+
+    /// dx = dy correlated with the flipped filters, channels swapped, padding 2 - pad.
+    pub(crate) fn backward_data(g: &ConvGeom) -> Plan {
+        Plan { n: g.n, cin: g.k, cout: g.c, h: g.p, w: g.q, p: g.h, q: g.w, top: 2 - g.pad.0, left: 2 - g.pad.2 }
+    }
+
+    fn tiles_h(&self) -> usize {
+        self.p.div_ceil(4)
+    }
+    fn tiles_w(&self) -> usize {
+        self.q.div_ceil(4)
+    }
+    fn tiles(&self) -> usize {
+        self.tiles_h() * self.tiles_w()
+    }
+    /// Whole images per chunk.
+    fn chunk_images(&self) -> usize {
+        CHUNK_TILES.div_ceil(self.tiles()).max(1)
+    }
+    /// Images each thread's group holds, and the threads each product may use.
+    fn split(&self) -> (usize, usize) {
+        let (by_image, threads) = super::split(self.n);
+        (if by_image { self.n.div_ceil(rayon::current_num_threads()) } else { self.n }, threads)
+    }
+    /// Scratch elements of one thread's group: for one chunk the transformed inputs, the
+    /// products and two staging arrays.
+    fn scratch_for(&self, images: usize) -> usize {
+        let t = self.tiles() * images.min(self.chunk_images());
+        (E * (self.cin + self.cout) + 2 * E) * t
+    }
+    /// The transformed filters (shared) and each thread's chunk buffers.
+    pub(crate) fn workspace(&self) -> super::Workspace {
+        super::Workspace {
+            shared: (E * self.cin * self.cout) as u64,
+            per_thread: 0,
+            per_held_image: self.scratch_for(1) as u64,
+            held_images: self.chunk_images() as u64,
+        }
+    }
+}
+
+/// G applied along the lanes: three input rows to six output rows.
+#[inline(always)]
+fn filter_1d<T: Elem>(g: [&[T]; 3], o: [&mut [T]; 6]) {
+    let len = o[0].len();
+    let [g0, g1, g2] = g.map(|s| &s[..len]);
+    let [o0, o1, o2, o3, o4, o5] = o.map(|s| &mut s[..len]);
+    let (quarter, sixth, twelfth, twentyfourth) = (T::c(0.25), T::c(1.0 / 6.0), T::c(1.0 / 12.0), T::c(1.0 / 24.0));
+    for i in 0..len {
+        let (a, b, c) = (g0[i], g1[i], g2[i]);
+        let (ac, q) = (twentyfourth * a + sixth * c, twelfth * b);
+        o0[i] = quarter * a;
+        o1[i] = -sixth * (a + b + c);
+        o2[i] = -sixth * (a - b + c);
+        o3[i] = ac + q;
+        o4[i] = ac - q;
+        o5[i] = c;
+    }
+}
+
+/// B^T applied along the lanes: six input rows to six output rows (each `len` long).
+#[inline(always)]
+fn input_1d<T: Elem>(d: [&[T]; 6], o: [&mut [T]; 6]) {
+    let len = o[0].len();
+    let [d0, d1, d2, d3, d4, d5] = d.map(|s| &s[..len]);
+    let [o0, o1, o2, o3, o4, o5] = o.map(|s| &mut s[..len]);
+    let (two, four, five) = (T::c(2.0), T::c(4.0), T::c(5.0));
+    for i in 0..len {
+        let (a0, a1, a2, a3, a4, a5) = (d0[i], d1[i], d2[i], d3[i], d4[i], d5[i]);
+        o0[i] = four * a0 - five * a2 + a4;
+        o1[i] = a3 + a4 - four * (a1 + a2);
+        o2[i] = four * (a1 - a2) + a4 - a3;
+        o3[i] = two * (a3 - a1) + a4 - a2;
+        o4[i] = two * (a1 - a3) + a4 - a2;
+        o5[i] = four * a1 - five * a3 + a5;
+    }
+}
+
+/// A^T applied along the lanes: six input rows to four output rows.
+#[inline(always)]
+fn output_1d<T: Elem>(m: [&[T]; 6], o: [&mut [T]; 4]) {
+    let len = o[0].len();
+    let [m0, m1, m2, m3, m4, m5] = m.map(|s| &s[..len]);
+    let [o0, o1, o2, o3] = o.map(|s| &mut s[..len]);
+    let (two, four, eight) = (T::c(2.0), T::c(4.0), T::c(8.0));
+    for i in 0..len {
+        let (s12, d12, s34, d34) = (m1[i] + m2[i], m1[i] - m2[i], m3[i] + m4[i], m3[i] - m4[i]);
+        o0[i] = m0[i] + s12 + s34;
+        o1[i] = d12 + two * d34;
+        o2[i] = s12 + four * s34;
+        o3[i] = d12 + eight * d34 + m5[i];
+    }
+}
+
+/// `N` disjoint rows of length `len` from `buf`, rows `first + k * step`.
+fn rows_mut<T, const N: usize>(buf: &mut [T], len: usize, first: usize, step: usize) -> [&mut [T]; N] {
+    let mut rest = &mut buf[first * len..];
+    std::array::from_fn(|k| {
+        let skip = if k == 0 { 0 } else { (step - 1) * len };
+        let tail = std::mem::take(&mut rest);
+        let (row, after) = tail[skip..].split_at_mut(len);
+        rest = after;
+        row
+    })
+}
+
+fn rows<T, const N: usize>(buf: &[T], len: usize, first: usize, step: usize) -> [&[T]; N] {
+    std::array::from_fn(|k| &buf[(first + k * step) * len..(first + k * step + 1) * len])
+}
+
+multiversion! {
+    /// V[e][c][..] for every channel of a chunk of `images` images starting at `x`
+    /// ([images, cin, h, w]); `d` and `tmp` are two staging arrays of E x t.
+    fn transform_inputs<T: Elem>(pl: &Plan, x: &[T], images: usize, v: &mut [T], d: &mut [T], tmp: &mut [T]) {
+        let (th, tw, tiles) = (pl.tiles_h(), pl.tiles_w(), pl.tiles());
+        let t = images * tiles;
+        for c in 0..pl.cin {
+            // Gather every tile's 6x6 window: d[a*6 + b][tile].
+            for (img, xi) in x.chunks_exact(pl.cin * pl.h * pl.w).take(images).enumerate() {
+                let plane = &xi[c * pl.h * pl.w..(c + 1) * pl.h * pl.w];
+                for i in 0..th {
+                    let base = img * tiles + i * tw;
+                    for a in 0..6 {
+                        let y = (4 * i + a) as isize - pl.top as isize;
+                        let inside = y >= 0 && (y as usize) < pl.h;
+                        for b in 0..6 {
+                            let dst = &mut d[(a * 6 + b) * t + base..(a * 6 + b) * t + base + tw];
+                            let off = b as isize - pl.left as isize;
+                            let (j0, j1) = if inside { valid_range(tw, 4, off, pl.w) } else { (0, 0) };
+                            dst[..j0].fill(T::zero());
+                            dst[j1..].fill(T::zero());
+                            if j0 < j1 {
+                                let row = &plane[y as usize * pl.w..(y as usize + 1) * pl.w];
+                                for (j, o) in (j0..j1).zip(&mut dst[j0..j1]) {
+                                    *o = row[(4 * j as isize + off) as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Columns: tmp[a'*6 + b] = sum_a B^T[a'][a] d[a*6 + b].
+            for b in 0..6 {
+                input_1d(rows(d, t, b, 6), rows_mut(tmp, t, b, 6));
+            }
+            // Rows: V[a'*6 + b'][c] = sum_b tmp[a'*6 + b] B[b][b'].
+            for a in 0..6 {
+                input_1d(rows(tmp, t, a * 6, 1), rows_mut(v, t, (a * 6) * pl.cin + c, pl.cin));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// y[img][k] (+ bias) from the products M[e][k][tile] of a chunk; `tmp` and `o` stage.
+    fn transform_outputs<T: Elem>(pl: &Plan, m: &[T], images: usize, bias: Option<&[T]>, y: &mut [T], tmp: &mut [T], o: &mut [T]) {
+        let (tw, tiles) = (pl.tiles_w(), pl.tiles());
+        let t = images * tiles;
+        for k in 0..pl.cout {
+            // Columns: tmp[a'*6 + b] = sum_a A^T[a'][a] M[a*6 + b][k], a' < 4.
+            for b in 0..6 {
+                output_1d(rows(m, t, b * pl.cout + k, 6 * pl.cout), rows_mut(tmp, t, b, 6));
+            }
+            // Rows: o[a'*4 + b'] = sum_b tmp[a'*6 + b] A[b][b'].
+            for a in 0..4 {
+                output_1d(rows(tmp, t, a * 6, 1), rows_mut(o, t, a * 4, 1));
+            }
+            let add = bias.map_or(T::zero(), |b| b[k]);
+            for (img, yi) in y.chunks_exact_mut(pl.cout * pl.p * pl.q).take(images).enumerate() {
+                let plane = &mut yi[k * pl.p * pl.q..(k + 1) * pl.p * pl.q];
+                for (row, out) in plane.chunks_exact_mut(pl.q).enumerate() {
+                    let (i, a) = (row / 4, row % 4);
+                    for (col, v) in out.iter_mut().enumerate() {
+                        let tile = img * tiles + i * tw + col / 4;
+                        *v = o[(a * 4 + col % 4) * t + tile] + add;
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// U for groups of `lanes` filters: `u` is [groups][E][lanes]; group `o`, lane `l` is the
+    /// 3x3 kernel at `w[o * so + l * sl..][..9]`, read back to front when `flip`. `d` and
+    /// `tmp` stage (9 x lanes and 18 x lanes).
+    fn transform_filters<T: Elem>(u: &mut [T], lanes: usize, w: &[T], layout: (usize, usize, bool), d: &mut [T], tmp: &mut [T]) {
+        let (so, sl, flip) = layout;
+        for (o, uo) in u.chunks_exact_mut(E * lanes).enumerate() {
+            for (t, row) in d.chunks_exact_mut(lanes).enumerate() {
+                let tap = if flip { 8 - t } else { t };
+                for (l, v) in row.iter_mut().enumerate() {
+                    *v = w[o * so + l * sl + tap];
+                }
+            }
+            // Columns: tmp[i*3 + s] = sum_r G[i][r] g[r*3 + s].
+            for s in 0..3 {
+                filter_1d(rows(d, lanes, s, 3), rows_mut(tmp, lanes, s, 3));
+            }
+            // Rows: U[i*6 + j] = sum_s tmp[i*3 + s] G[j][s].
+            for i in 0..6 {
+                filter_1d(rows(tmp, lanes, i * 3, 1), rows_mut(uo, lanes, i * 6, 1));
+            }
+        }
+    }
+}
+
+/// The transformed filters ([outer][E][lanes]) of `outer` groups of `lanes` kernels laid out
+/// as `transform_filters` reads them, the groups split over the thread pool.
+fn filters<T: Elem>(w: &[T], outer: usize, lanes: usize, layout: (usize, usize, bool)) -> Vec<T> {
+    let mut u = vec![T::zero(); outer * E * lanes];
+    let per = outer.div_ceil(rayon::current_num_threads()).max(1);
+    u.par_chunks_mut(per * E * lanes).enumerate().for_each(|(i, part)| {
+        let (mut d, mut tmp) = (vec![T::zero(); 9 * lanes], vec![T::zero(); 18 * lanes]);
+        transform_filters(part, lanes, &w[i * per * layout.0..], layout, &mut d, &mut tmp);
+    });
+    u
+}
+
+/// Runs `pl` over `x` ([n, cin, h, w]) into `y` ([n, cout, p, q], overwritten) with the
+/// transformed filters `u` ([cout][E][cin]).
+fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], bias: Option<&[T]>, y: &mut [T]) {
+    let (per, threads) = pl.split();
+    let (x_img, y_img) = (pl.cin * pl.h * pl.w, pl.cout * pl.p * pl.q);
+    y.par_chunks_mut(per * y_img).enumerate().for_each(|(group, yg)| {
+        let images = yg.len() / y_img;
+        let mut rest = vec![T::zero(); pl.scratch_for(images)];
+        let chunk = pl.chunk_images().min(images);
+        let cap = chunk * pl.tiles();
+        let (v, rest) = rest.as_mut_slice().split_at_mut(E * pl.cin * cap);
+        let (m, rest) = rest.split_at_mut(E * pl.cout * cap);
+        let (s1, s2) = rest.split_at_mut(E * cap);
+        for first in (0..images).step_by(chunk) {
+            let count = chunk.min(images - first);
+            let t = count * pl.tiles();
+            let xs = &x[(group * per + first) * x_img..];
+            transform_inputs(pl, xs, count, &mut v[..E * pl.cin * t], &mut s1[..E * t], &mut s2[..E * t]);
+            for e in 0..E {
+                let ue = MatRef { data: &u[e * pl.cin..], rows: pl.cout, cols: pl.cin, rs: E * pl.cin, cs: 1 };
+                let ve = MatRef::rows(&v[e * pl.cin * t..(e + 1) * pl.cin * t], pl.cin, t);
+                matmul(ue, ve, &mut m[e * pl.cout * t..(e + 1) * pl.cout * t], t, false, threads);
+            }
+            let ys = &mut yg[first * y_img..(first + count) * y_img];
+            transform_outputs(pl, &m[..E * pl.cout * t], count, bias, ys, &mut s1[..E * t], &mut s2[..E * t]);
+        }
+    });
+}
+
+/// y = conv(x, w) + bias for a geometry [`Plan::applies`] to.
+pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let u = filters(w, g.k, g.c, (g.c * 9, 9, false));
+    let mut y = vec![T::zero(); g.n * g.k * g.p * g.q];
+    run(&Plan::forward(g), x, &u, bias, &mut y);
+    y
+}
+
+/// dx from dy for a geometry [`Plan::applies`] to: filters flipped, channels swapped.
+pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
+    let u = filters(w, g.c, g.k, (9, g.c * 9, true));
+    let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
+    run(&Plan::backward_data(g), dy, &u, None, &mut dx);
+    dx
+}

@@ -1,0 +1,68 @@
+//! Winograd F(4x4, 3x3) against the naive reference: forward (with and without bias) and the
+//! input gradient, over sizes that are and are not multiples of the tile, every padding it
+//! takes, batches that split over threads or not, and chunks of several images.
+
+use stride_kernels::conv::{self, reference, Algo, Conv2dOptions, ConvGeom, Padding};
+use stride_tensor::{Elem, Rng};
+
+/// Largest |fast - reference| relative to the largest |reference|.
+fn rel_err<T: Elem>(fast: &[T], slow: &[T]) -> f64 {
+    assert_eq!(fast.len(), slow.len());
+    let scale = slow.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs())).max(1e-30);
+    fast.iter().zip(slow).fold(0.0f64, |m, (a, b)| m.max((a.as_f64() - b.as_f64()).abs())) / scale
+}
+
+fn check<T: Elem>(x_shape: [usize; 4], k: usize, padding: Padding, tol: f64) {
+    let g = ConvGeom::conv2d(&x_shape, &[k, x_shape[1], 3, 3], &Conv2dOptions::default().padding(padding)).unwrap();
+    assert_eq!(Algo::choose(&g), Algo::Winograd, "{g:?}");
+    let mut rng = Rng::seed(11);
+    let x = rng.normal::<T>(&x_shape, 0.0, 1.0).unwrap();
+    let w = rng.normal::<T>(&g.weight_shape(), 0.0, 0.2).unwrap();
+    let b = rng.normal::<T>(&[k], 0.0, 1.0).unwrap();
+    let dy = rng.normal::<T>(&g.small_shape(), 0.0, 1.0).unwrap();
+    for bias in [None, Some(b.data())] {
+        let e = rel_err(&conv::forward(&g, x.data(), w.data(), bias), &reference::forward(&g, x.data(), w.data(), bias));
+        assert!(e <= tol, "forward {x_shape:?} k {k} {padding:?} bias {}: relative error {e:e}", bias.is_some());
+    }
+    let e = rel_err(&conv::backward_data(&g, dy.data(), w.data()), &reference::backward_data(&g, dy.data(), w.data()));
+    assert!(e <= tol, "backward_data {x_shape:?} k {k} {padding:?}: relative error {e:e}");
+}
+
+const PADDINGS: [Padding; 4] = [
+    Padding::Valid,
+    Padding::Same,
+    Padding::Explicit { top: 2, bottom: 0, left: 1, right: 2 },
+    Padding::Explicit { top: 0, bottom: 1, left: 2, right: 0 },
+];
+
+#[test]
+fn matches_reference_in_f64() {
+    // 1 image (products split over threads), 3 (split by image, uneven), output sizes from a
+    // single partial tile up to several tiles with a ragged edge.
+    for (n, h, w) in [(1, 3, 3), (1, 9, 6), (3, 7, 13), (2, 12, 8), (5, 4, 5)] {
+        for padding in PADDINGS {
+            check::<f64>([n, 16, h, w], 17, padding, 1e-12);
+        }
+    }
+}
+
+#[test]
+fn matches_reference_in_f32_over_many_chunks() {
+    // 40 images of 3x3 tiles: each thread's group spans several chunks of whole images.
+    check::<f32>([40, 16, 10, 11], 16, Padding::Same, 1e-5);
+    // Wide channels, as ResNet's: the error stays at a few float roundings.
+    check::<f32>([2, 64, 14, 14], 64, Padding::uniform(1), 1e-5);
+}
+
+#[test]
+fn used_only_where_it_applies() {
+    let algo = |x: [usize; 4], w: [usize; 4], o: Conv2dOptions| Algo::choose(&ConvGeom::conv2d(&x, &w, &o).unwrap());
+    let same = Conv2dOptions::default().padding(Padding::Same);
+    assert_eq!(algo([2, 16, 8, 8], [16, 16, 3, 3], same), Algo::Winograd);
+    assert_eq!(algo([2, 8, 8, 8], [16, 8, 3, 3], same), Algo::Im2col, "few input channels");
+    assert_eq!(algo([2, 16, 8, 8], [16, 16, 3, 3], same.stride(2)), Algo::Im2col, "stride 2");
+    assert_eq!(algo([2, 16, 8, 8], [16, 16, 3, 3], same.dilation(2)), Algo::Im2col, "dilation 2");
+    assert_eq!(algo([2, 32, 8, 8], [32, 16, 3, 3], same.groups(2)), Algo::Im2col, "groups 2");
+    assert_eq!(algo([2, 16, 8, 8], [16, 16, 5, 5], same), Algo::Im2col, "5x5");
+    assert_eq!(algo([2, 16, 8, 8], [16, 16, 3, 3], same.padding(Padding::uniform(3))), Algo::Im2col, "padding 3");
+}
