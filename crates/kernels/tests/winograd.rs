@@ -37,9 +37,9 @@ const PADDINGS: [Padding; 4] = [
 
 #[test]
 fn matches_reference_in_f64() {
-    // 1 image (products split over threads), 3 (split by image, uneven), output sizes from a
-    // single partial tile up to several tiles with a ragged edge.
-    for (n, h, w) in [(1, 3, 3), (1, 9, 6), (3, 7, 13), (2, 12, 8), (5, 4, 5)] {
+    // 1 image (products split over threads), 3 and 5 (split by image, unevenly), output
+    // sizes that are and are not whole tiles.
+    for (n, h, w) in [(1, 10, 10), (1, 12, 9), (3, 11, 17), (2, 14, 12), (5, 13, 10)] {
         for padding in PADDINGS {
             check::<f64>([n, 16, h, w], 17, padding, 1e-12);
         }
@@ -65,4 +65,5 @@ fn used_only_where_it_applies() {
     assert_eq!(algo([2, 32, 8, 8], [32, 16, 3, 3], same.groups(2)), Algo::Im2col, "groups 2");
     assert_eq!(algo([2, 16, 8, 8], [16, 16, 5, 5], same), Algo::Im2col, "5x5");
     assert_eq!(algo([2, 16, 8, 8], [16, 16, 3, 3], same.padding(Padding::uniform(3))), Algo::Im2col, "padding 3");
+    assert_eq!(algo([64, 512, 4, 4], [512, 512, 3, 3], same), Algo::Im2col, "4x4 maps");
 }
