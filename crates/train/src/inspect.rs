@@ -78,6 +78,12 @@ pub(crate) fn restore<'a>(model: &mut dyn Module, saved: &mut impl Iterator<Item
 /// branches, plus the running layer's scratch (max pooling's argmax, a convolution's
 /// working memory).
 pub fn live_peak(s: &Summary, batch: usize) -> u64 {
+    let input_bytes = s.input.iter().product::<usize>() as u64 * F32;
+    live_sets(s, batch).into_iter().max().unwrap_or(input_bytes * batch as u64)
+}
+
+/// For each row, the bytes alive while it runs (see [`live_peak`]).
+fn live_sets(s: &Summary, batch: usize) -> Vec<u64> {
     let bytes = |shape: &[usize]| shape.iter().skip(1).product::<usize>() as u64 * F32;
     let input_bytes = s.input.iter().product::<usize>() as u64 * F32;
     // Last reader of each row's output. The caller holds the input batch throughout.
@@ -96,8 +102,24 @@ pub fn live_peak(s: &Summary, batch: usize) -> u64 {
             let held = held + if input_last >= i { input_bytes } else { 0 };
             held * n + s.rows[i].scratch.bytes(batch, threads)
         })
-        .max()
-        .unwrap_or(input_bytes * n)
+        .collect()
+}
+
+/// The backward pass's working set beyond the tape and the full set of parameter gradients:
+/// the live set at each layer as the pass walks back, less the gradients of the layers before
+/// it, which do not exist yet (they are made as the pass reaches them).
+fn backward_working_set(s: &Summary, batch: usize) -> u64 {
+    let mut before = 0u64;
+    let not_yet: Vec<u64> = s
+        .rows
+        .iter()
+        .map(|r| {
+            let b = before;
+            before += r.params as u64 * F32;
+            b
+        })
+        .collect();
+    live_sets(s, batch).into_iter().zip(not_yet).map(|(live, missing)| live.saturating_sub(missing)).max().unwrap_or(0)
 }
 
 /// Predicted peak memory of one batch, by part (bytes).
@@ -111,8 +133,8 @@ pub struct Memory {
     pub optimizer: u64,
     /// Inference: the live set (about two layers); training: everything the tape keeps.
     pub activations: u64,
-    /// Training: gradients of activations in flight during the backward pass (the live set
-    /// again, walked in reverse).
+    /// Training: gradients of activations and working memory in flight during the backward
+    /// pass (the live set again, walked in reverse, less the parameter gradients not made yet).
     pub backward: u64,
 }
 
@@ -147,7 +169,7 @@ pub fn training_memory(s: &Summary, batch: usize, optimizer: OptimizerKind, segm
         gradients: weights,
         optimizer: weights * optimizer_slots(optimizer),
         activations: segments.map_or(s.tape_per_image, |g| g.kept_per_image()) * n,
-        backward: live_peak(s, batch),
+        backward: backward_working_set(s, batch),
     }
 }
 

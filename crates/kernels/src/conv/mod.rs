@@ -26,7 +26,7 @@ pub enum Algo {
     /// whose per-group products are only matrix-vector products.
     Depthwise,
     /// 3x3, stride 1, at least 16 channels in and out: Winograd's F(4x4, 3x3), four times
-    /// fewer multiplies (see `winograd.rs`). The filter gradient goes through im2col.
+    /// fewer multiplies (see `winograd.rs`), for the forward pass and both gradients.
     Winograd,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
@@ -144,7 +144,7 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
 pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::backward_filter(g, x, dy),
-        Algo::Winograd => gemm_backward_filter(g, Algo::Im2col, x, dy),
+        Algo::Winograd => winograd::backward_filter(g, x, dy),
         algo => gemm_backward_filter(g, algo, x, dy),
     }
 }

@@ -31,10 +31,9 @@ const E: usize = 36;
 const CHUNK_TILES: usize = 128;
 /// Channel counts below which the transforms cost more than the products save.
 const MIN_CHANNELS: usize = 16;
-/// Output pixels per plane below which im2col is used: on ResNet-18's last stage (4x4 maps,
-/// one tile) Winograd gained nothing measurable at batch 32, while its transformed filters
-/// (36 x 512 x 512) took 36 MiB; from 8x8 maps up it gains (stage 3: 147 -> 175 images/s).
-const MIN_OUTPUTS: usize = 64;
+/// Output pixels per plane below which im2col is used. Even ResNet-18's last stage (4x4
+/// maps, one tile per image) gains: inference 168 -> 179 images/s at batch 32.
+const MIN_OUTPUTS: usize = 16;
 
 /// One Winograd pass: a 3x3 stride-1 correlation of `cin`-channel `h x w` images into
 /// `cout`-channel `p x q` images, reading input row `4i + a - top` for output tile row `i`.
@@ -165,6 +164,40 @@ fn output_1d<T: Elem>(m: [&[T]; 6], o: [&mut [T]; 4]) {
     }
 }
 
+/// A applied along the lanes (the adjoint of `output_1d`): four rows to six.
+#[inline(always)]
+fn grad_1d<T: Elem>(d: [&[T]; 4], o: [&mut [T]; 6]) {
+    let len = o[0].len();
+    let [d0, d1, d2, d3] = d.map(|s| &s[..len]);
+    let [o0, o1, o2, o3, o4, o5] = o.map(|s| &mut s[..len]);
+    let (two, four, eight) = (T::c(2.0), T::c(4.0), T::c(8.0));
+    for i in 0..len {
+        let (e02, e13) = (d0[i] + d2[i], d1[i] + d3[i]);
+        let (f02, f13) = (d0[i] + four * d2[i], two * d1[i] + eight * d3[i]);
+        o0[i] = d0[i];
+        o1[i] = e02 + e13;
+        o2[i] = e02 - e13;
+        o3[i] = f02 + f13;
+        o4[i] = f02 - f13;
+        o5[i] = d3[i];
+    }
+}
+
+/// G^T applied along the lanes (the adjoint of `filter_1d`): six rows to three.
+#[inline(always)]
+fn filter_grad_1d<T: Elem>(z: [&[T]; 6], o: [&mut [T]; 3]) {
+    let len = o[0].len();
+    let [z0, z1, z2, z3, z4, z5] = z.map(|s| &s[..len]);
+    let [o0, o1, o2] = o.map(|s| &mut s[..len]);
+    let (quarter, sixth, twelfth, twentyfourth) = (T::c(0.25), T::c(1.0 / 6.0), T::c(1.0 / 12.0), T::c(1.0 / 24.0));
+    for i in 0..len {
+        let (s12, s34) = (z1[i] + z2[i], z3[i] + z4[i]);
+        o0[i] = quarter * z0[i] - sixth * s12 + twentyfourth * s34;
+        o1[i] = sixth * (z2[i] - z1[i]) + twelfth * (z3[i] - z4[i]);
+        o2[i] = sixth * (s34 - s12) + z5[i];
+    }
+}
+
 /// `N` disjoint rows of length `len` from `buf`, rows `first + k * step`.
 fn rows_mut<T, const N: usize>(buf: &mut [T], len: usize, first: usize, step: usize) -> [&mut [T]; N] {
     let mut rest = &mut buf[first * len..];
@@ -290,32 +323,93 @@ fn filters<T: Elem>(w: &[T], outer: usize, lanes: usize, layout: (usize, usize, 
     u
 }
 
+multiversion! {
+    /// A dY A^T for every output tile of a chunk: `mg[e][k][tile]` from dy ([images, cout,
+    /// p, q]); outputs past the edge count as zero. `d` and `tmp` stage.
+    fn transform_grads<T: Elem>(pl: &Plan, dy: &[T], images: usize, mg: &mut [T], d: &mut [T], tmp: &mut [T]) {
+        let (th, tw, tiles) = (pl.tiles_h(), pl.tiles_w(), pl.tiles());
+        let t = images * tiles;
+        for k in 0..pl.cout {
+            for (img, di) in dy.chunks_exact(pl.cout * pl.p * pl.q).take(images).enumerate() {
+                let plane = &di[k * pl.p * pl.q..(k + 1) * pl.p * pl.q];
+                for i in 0..th {
+                    let base = img * tiles + i * tw;
+                    for a in 0..4 {
+                        let y = 4 * i + a;
+                        for b in 0..4 {
+                            let dst = &mut d[(a * 4 + b) * t + base..(a * 4 + b) * t + base + tw];
+                            if y >= pl.p {
+                                dst.fill(T::zero());
+                                continue;
+                            }
+                            let row = &plane[y * pl.q..(y + 1) * pl.q];
+                            for (j, o) in dst.iter_mut().enumerate() {
+                                *o = row.get(4 * j + b).copied().unwrap_or(T::zero());
+                            }
+                        }
+                    }
+                }
+            }
+            // Columns: tmp[a'*4 + b] = sum_a A[a'][a] d[a*4 + b]; rows into mg[a'*6 + b'][k].
+            for b in 0..4 {
+                grad_1d(rows(d, t, b, 4), rows_mut(tmp, t, b, 4));
+            }
+            for a in 0..6 {
+                grad_1d(rows(tmp, t, a * 4, 1), rows_mut(mg, t, (a * 6) * pl.cout + k, pl.cout));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// G^T Z G for `lanes` 6x6 arrays (`z` is [E][lanes]) into `out` ([9][lanes]); `tmp`
+    /// stages 18 x lanes.
+    fn transform_filter_grads<T: Elem>(z: &[T], lanes: usize, tmp: &mut [T], out: &mut [T]) {
+        for j in 0..6 {
+            filter_grad_1d(rows(z, lanes, j, 6), rows_mut(tmp, lanes, j, 6));
+        }
+        for r in 0..3 {
+            filter_grad_1d(rows(tmp, lanes, r * 6, 1), rows_mut(out, lanes, r * 3, 1));
+        }
+    }
+}
+
+/// Runs `body(first, count, v, m, s1, s2)` over the chunks of a thread's `images` images:
+/// images `first..first + count`, with the chunk buffers cut from one allocation (`v`:
+/// E x cin x t, `m`: E x cout x t, two staging arrays of E x t; t = count x tiles).
+fn for_each_chunk<T: Elem>(pl: &Plan, images: usize, mut body: impl FnMut(usize, usize, &mut [T], &mut [T], &mut [T], &mut [T])) {
+    let mut buf = vec![T::zero(); pl.scratch_for(images)];
+    let chunk = pl.chunk_images().min(images).max(1);
+    let cap = chunk * pl.tiles();
+    let (v, rest) = buf.split_at_mut(E * pl.cin * cap);
+    let (m, rest) = rest.split_at_mut(E * pl.cout * cap);
+    let (s1, s2) = rest.split_at_mut(E * cap);
+    for first in (0..images).step_by(chunk) {
+        let count = chunk.min(images - first);
+        let t = count * pl.tiles();
+        body(first, count, &mut v[..E * pl.cin * t], &mut m[..E * pl.cout * t], &mut s1[..E * t], &mut s2[..E * t]);
+    }
+}
+
 /// Runs `pl` over `x` ([n, cin, h, w]) into `y` ([n, cout, p, q], overwritten) with the
 /// transformed filters `u` ([cout][E][cin]).
 fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], bias: Option<&[T]>, y: &mut [T]) {
     let (per, threads) = pl.split();
     let (x_img, y_img) = (pl.cin * pl.h * pl.w, pl.cout * pl.p * pl.q);
+    if y.is_empty() {
+        return;
+    }
     y.par_chunks_mut(per * y_img).enumerate().for_each(|(group, yg)| {
-        let images = yg.len() / y_img;
-        let mut rest = vec![T::zero(); pl.scratch_for(images)];
-        let chunk = pl.chunk_images().min(images);
-        let cap = chunk * pl.tiles();
-        let (v, rest) = rest.as_mut_slice().split_at_mut(E * pl.cin * cap);
-        let (m, rest) = rest.split_at_mut(E * pl.cout * cap);
-        let (s1, s2) = rest.split_at_mut(E * cap);
-        for first in (0..images).step_by(chunk) {
-            let count = chunk.min(images - first);
+        for_each_chunk(pl, yg.len() / y_img, |first, count, v, m, s1, s2| {
             let t = count * pl.tiles();
-            let xs = &x[(group * per + first) * x_img..];
-            transform_inputs(pl, xs, count, &mut v[..E * pl.cin * t], &mut s1[..E * t], &mut s2[..E * t]);
+            transform_inputs(pl, &x[(group * per + first) * x_img..], count, v, s1, s2);
             for e in 0..E {
                 let ue = MatRef { data: &u[e * pl.cin..], rows: pl.cout, cols: pl.cin, rs: E * pl.cin, cs: 1 };
                 let ve = MatRef::rows(&v[e * pl.cin * t..(e + 1) * pl.cin * t], pl.cin, t);
                 matmul(ue, ve, &mut m[e * pl.cout * t..(e + 1) * pl.cout * t], t, false, threads);
             }
-            let ys = &mut yg[first * y_img..(first + count) * y_img];
-            transform_outputs(pl, &m[..E * pl.cout * t], count, bias, ys, &mut s1[..E * t], &mut s2[..E * t]);
-        }
+            transform_outputs(pl, m, count, bias, &mut yg[first * y_img..(first + count) * y_img], s1, s2);
+        });
     });
 }
 
@@ -333,4 +427,55 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
     let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
     run(&Plan::backward_data(g), dy, &u, None, &mut dx);
     dx
+}
+
+/// dw from x and dy for a geometry [`Plan::applies`] to: dL/dU = sum over tiles of
+/// (A dY A^T) * (B^T d B), 36 products summed over every tile of the batch, then
+/// dw = G^T (dL/dU) G.
+pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
+    let pl = Plan::forward(g);
+    let (x_img, y_img, kc) = (g.c * g.h * g.w, g.k * g.p * g.q, g.k * g.c);
+    // Each share of images sums into its own E x K x C partial. Past 256 x 256 channels
+    // those partials outweigh the rest of the pass (36 MiB each at 512 x 512), so one share
+    // runs with the products split over the threads instead (B3's c4, 256 x 256, is 25%
+    // slower that way).
+    let (per, threads) = if kc <= 256 * 256 { pl.split() } else { (g.n, rayon::current_num_threads()) };
+    let partial = |group: usize| -> Vec<T> {
+        let start = group * per;
+        let mut z = vec![T::zero(); E * kc];
+        for_each_chunk(&pl, per.min(g.n - start), |first, count, v, m, s1, s2| {
+            let t = count * pl.tiles();
+            transform_inputs(&pl, &x[(start + first) * x_img..], count, v, s1, s2);
+            transform_grads(&pl, &dy[(start + first) * y_img..], count, m, s1, s2);
+            for e in 0..E {
+                let me = MatRef::rows(&m[e * g.k * t..(e + 1) * g.k * t], g.k, t);
+                let ve = MatRef::rows(&v[e * g.c * t..(e + 1) * g.c * t], g.c, t).t();
+                matmul(me, ve, &mut z[e * kc..(e + 1) * kc], g.c, true, threads);
+            }
+        });
+        z
+    };
+    let groups = if g.n == 0 { 0 } else { g.n.div_ceil(per) };
+    let z = (0..groups).into_par_iter().map(partial).reduce_with(|mut a, b| {
+        a.iter_mut().zip(b).for_each(|(s, v)| *s += v);
+        a
+    });
+    let z = z.unwrap_or_else(|| vec![T::zero(); E * kc]);
+    // dw = G^T Z G, a block of filters at a time so the staging stays small.
+    const BLOCK: usize = 1024;
+    let mut dw = vec![T::zero(); 9 * kc];
+    let (mut zb, mut tmp, mut taps) = (vec![T::zero(); E * BLOCK], vec![T::zero(); 18 * BLOCK], vec![T::zero(); 9 * BLOCK]);
+    for f0 in (0..kc).step_by(BLOCK) {
+        let lanes = BLOCK.min(kc - f0);
+        for (e, row) in zb.chunks_exact_mut(lanes).take(E).enumerate() {
+            row.copy_from_slice(&z[e * kc + f0..e * kc + f0 + lanes]);
+        }
+        transform_filter_grads(&zb[..E * lanes], lanes, &mut tmp[..18 * lanes], &mut taps[..9 * lanes]);
+        for (f, out) in dw[9 * f0..9 * (f0 + lanes)].chunks_exact_mut(9).enumerate() {
+            for (tap, o) in out.iter_mut().enumerate() {
+                *o = taps[tap * lanes + f];
+            }
+        }
+    }
+    dw
 }
