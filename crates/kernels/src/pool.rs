@@ -128,12 +128,14 @@ impl PoolGeom {
     }
 }
 
-/// Runs `f(output plane, input plane)` over all N*C planes in parallel.
+/// Runs `f(output plane, input plane)` over all N*C planes in parallel, several small planes
+/// to a task.
 fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
     if out_plane == 0 || in_plane == 0 {
         return;
     }
-    out.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).for_each(|(o, i)| f(o, i));
+    let per_task = (1usize << 14).div_ceil(in_plane + out_plane);
+    out.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).with_min_len(per_task).for_each(|(o, i)| f(o, i));
 }
 
 /// Max pooling; also returns, per output, the flat index in its input plane of the maximum.
@@ -145,7 +147,7 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     if hw == 0 || pq == 0 {
         return (y, idx);
     }
-    let fast = g.kernel == (2, 2) && g.stride == (2, 2) && g.pad == (0, 0, 0, 0) && 2 * g.p <= g.h && 2 * g.q <= g.w;
+    let fast = g.is_2x2();
     y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).for_each(|((out, arg), xp)| {
         if fast {
             max_2x2(g, xp, out, arg)
@@ -210,9 +212,51 @@ fn avg_divisor(g: &PoolGeom, rows: &std::ops::Range<usize>, cols: &std::ops::Ran
     }
 }
 
+impl PoolGeom {
+    /// 2x2 windows at stride 2 with no padding: every window is whole, so the pooling
+    /// kernels take loops without window arithmetic.
+    fn is_2x2(&self) -> bool {
+        self.kernel == (2, 2) && self.stride == (2, 2) && self.pad == (0, 0, 0, 0) && 2 * self.p <= self.h && 2 * self.q <= self.w
+    }
+}
+
+crate::multiversion! {
+    /// Average of 2x2 windows at stride 2 over one plane.
+    fn avg_2x2<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T]) {
+        let quarter = T::c(0.25);
+        for (i, o) in out.chunks_exact_mut(g.q).enumerate() {
+            let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = (r0[2 * j] + r0[2 * j + 1] + r1[2 * j] + r1[2 * j + 1]) * quarter;
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// The input gradient of [`avg_2x2`] over one plane: a quarter of each output's gradient
+    /// to each of its four inputs (rows and columns past the last window get none).
+    fn avg_2x2_backward<T: Elem>(g: &PoolGeom, dyp: &[T], dxp: &mut [T]) {
+        let quarter = T::c(0.25);
+        for (i, d) in dyp.chunks_exact(g.q).enumerate() {
+            for r in 2 * i..2 * i + 2 {
+                let row = &mut dxp[r * g.w..r * g.w + 2 * g.q];
+                for (j, &v) in d.iter().enumerate() {
+                    row[2 * j] = v * quarter;
+                    row[2 * j + 1] = v * quarter;
+                }
+            }
+        }
+    }
+}
+
 pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (hw, pq) = (g.h * g.w, g.p * g.q);
     let mut y = vec![T::zero(); g.n * g.c * pq];
+    if g.is_2x2() {
+        planes(x, hw, &mut y, pq, |out, xp| avg_2x2(g, xp, out));
+        return y;
+    }
     planes(x, hw, &mut y, pq, |out, xp| {
         for i in 0..g.p {
             for j in 0..g.q {
@@ -232,6 +276,10 @@ pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
 pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
     let (hw, pq) = (g.h * g.w, g.p * g.q);
     let mut dx = vec![T::zero(); g.n * g.c * hw];
+    if g.is_2x2() {
+        planes(dy, pq, &mut dx, hw, |dxp, dyp| avg_2x2_backward(g, dyp, dxp));
+        return dx;
+    }
     planes(dy, pq, &mut dx, hw, |dxp, dyp| {
         for i in 0..g.p {
             for j in 0..g.q {

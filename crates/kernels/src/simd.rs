@@ -82,3 +82,17 @@ pub fn dot_strided<T: Elem>(a: &[T], b: &[T], stride: usize) -> T {
     }
     s
 }
+
+/// sum x[i], with eight independent partial sums so it vectorises.
+#[inline(always)]
+pub fn sum<T: Elem>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    rest.iter().fold(acc.iter().fold(T::zero(), |s, &v| s + v), |s, &v| s + v)
+}

@@ -154,15 +154,17 @@ pub fn backward_bias<T: Elem>(g: &ConvGeom, dy: &[T]) -> Vec<T> {
     channel_sums(dy, g.n, g.k, g.p * g.q)
 }
 
-/// Sum over N and the plane of an [N, C, plane] buffer.
-pub fn channel_sums<T: Elem>(x: &[T], n: usize, c: usize, plane: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); c];
-    for i in 0..n {
-        for (ch, o) in out.iter_mut().enumerate() {
-            *o += x[(i * c + ch) * plane..(i * c + ch + 1) * plane].iter().copied().sum::<T>();
+crate::multiversion! {
+    /// Sum over N and the plane of an [N, C, plane] buffer.
+    pub fn channel_sums<T: Elem>(x: &[T], n: usize, c: usize, plane: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); c];
+        for i in 0..n {
+            for (ch, o) in out.iter_mut().enumerate() {
+                *o += crate::simd::sum(&x[(i * c + ch) * plane..(i * c + ch + 1) * plane]);
+            }
         }
+        out
     }
-    out
 }
 
 fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {

@@ -1,0 +1,37 @@
+//! The 2x2, stride-2 average pooling loops against the definition, on odd sizes (the last row
+//! and column have no window) and on the general path (a 2x2 window at stride 1).
+
+use stride_kernels::pool::{avg_backward, avg_forward, Pool2dOptions, PoolGeom};
+use stride_tensor::Rng;
+
+/// Mean of each window and, for the gradient, each input's share of the windows covering it.
+fn naive(x: &[f64], dy: &[f64], [n, c, h, w]: [usize; 4], stride: usize) -> (Vec<f64>, Vec<f64>) {
+    let (p, q) = ((h - 2) / stride + 1, (w - 2) / stride + 1);
+    let (mut y, mut dx) = (vec![0.0; n * c * p * q], vec![0.0; n * c * h * w]);
+    for plane in 0..n * c {
+        for i in 0..p {
+            for j in 0..q {
+                for (r, s) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let at = plane * h * w + (i * stride + r) * w + j * stride + s;
+                    y[(plane * p + i) * q + j] += x[at] / 4.0;
+                    dx[at] += dy[(plane * p + i) * q + j] / 4.0;
+                }
+            }
+        }
+    }
+    (y, dx)
+}
+
+#[test]
+fn average_pooling_matches_the_definition() {
+    let mut rng = Rng::seed(3);
+    for (shape, stride) in [([2, 3, 6, 8], 2), ([1, 2, 7, 5], 2), ([3, 1, 13, 13], 2), ([2, 2, 5, 6], 1)] {
+        let g = PoolGeom::new("avg_pool2d", &shape, &Pool2dOptions::new(2).stride(stride)).unwrap();
+        let x = rng.normal::<f64>(&shape, 0.0, 1.0).unwrap();
+        let dy = rng.normal::<f64>(&[g.n, g.c, g.p, g.q], 0.0, 1.0).unwrap();
+        let (y, dx) = naive(x.data(), dy.data(), shape, stride);
+        let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(u, v)| (u - v).abs() < 1e-12);
+        assert!(close(&avg_forward(&g, x.data()), &y), "forward {shape:?} stride {stride}");
+        assert!(close(&avg_backward(&g, dy.data()), &dx), "backward {shape:?} stride {stride}");
+    }
+}
