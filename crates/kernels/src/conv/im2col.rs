@@ -22,17 +22,24 @@ pub(crate) fn valid_range(len_out: usize, stride: usize, offset: isize, w: usize
 
 /// Fills `col` ([C/g*R*S, P*Q]) from `x` (the C/g channels of one image and group, [C/g, H, W]).
 pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+    im2col_strided(g, x, col, g.p * g.q)
+}
+
+/// [`im2col`] into a wider matrix: row i of this image's columns starts at `col[i * ld]`
+/// (several images side by side, each `P*Q` columns).
+pub(crate) fn im2col_strided<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
     let (h, w, p, q) = (g.h, g.w, g.p, g.q);
     let (sh, sw) = g.stride;
     let (dh, dw) = g.dilation;
     debug_assert_eq!(x.len(), g.cg() * h * w);
-    debug_assert_eq!(col.len(), g.cg() * g.r * g.s * p * q);
-    let mut rows = col.chunks_exact_mut(p * q);
+    debug_assert!(col.len() >= (g.cg() * g.r * g.s - 1) * ld + p * q);
+    let mut rows = (0..).map(|i| i * ld);
     for c in 0..g.cg() {
         let xc = &x[c * h * w..(c + 1) * h * w];
         for r in 0..g.r {
             for s in 0..g.s {
-                let row = rows.next().expect("col has C/g*R*S rows");
+                let at = rows.next().expect("endless");
+                let row = &mut col[at..at + p * q];
                 let off_w = (s * dw) as isize - g.pad.2 as isize;
                 let (q0, q1) = valid_range(q, sw, off_w, w);
                 for op in 0..p {

@@ -238,27 +238,48 @@ fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> V
     dx
 }
 
+/// Columns at least this wide make one filter-gradient product: with small feature maps, a
+/// product per image sums over only P*Q values (16 for the VAE's 4x4 maps), so several images
+/// go side by side.
+const FILTER_GRAD_COLUMNS: usize = 256;
+
 fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) -> Vec<T> {
     let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
     let (by_image, threads) = split(g.n);
+    let side_by_side = if algo == Algo::Im2col && pq > 0 { FILTER_GRAD_COLUMNS.div_ceil(pq) } else { 1 };
     // Partial sums over a range of images; the ranges are summed at the end.
     let partial = |images: std::ops::Range<usize>| -> Vec<T> {
         let mut dw = vec![T::zero(); g.k * crs];
-        let mut col = Vec::new();
-        for n in images {
+        let (mut col, mut dyb) = (Vec::new(), Vec::new());
+        for first in images.clone().step_by(side_by_side) {
+            let nb = side_by_side.min(images.end - first);
             for gi in 0..g.groups {
-                let xg = &x[(n * g.c + gi * g.cg()) * hw..(n * g.c + (gi + 1) * g.cg()) * hw];
-                let dyg = &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
-                let cols: &[T] = if algo == Algo::Pointwise {
-                    xg
-                } else {
-                    col.resize(crs * pq, T::zero());
-                    im2col::im2col(g, xg, &mut col);
-                    &col
-                };
-                // dw[group] [K/g, C/g*R*S] += dy [K/g, PQ] x col^T [PQ, C/g*R*S]
+                let xg = |n: usize| &x[(n * g.c + gi * g.cg()) * hw..(n * g.c + (gi + 1) * g.cg()) * hw];
+                let dyg = |n: usize| &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
                 let dwg = &mut dw[gi * kg * crs..(gi + 1) * kg * crs];
-                matmul(MatRef::rows(dyg, kg, pq), MatRef::rows(cols, crs, pq).t(), dwg, crs, true, threads);
+                if nb == 1 {
+                    let cols: &[T] = if algo == Algo::Pointwise {
+                        xg(first)
+                    } else {
+                        col.resize(crs * pq, T::zero());
+                        im2col::im2col(g, xg(first), &mut col);
+                        &col
+                    };
+                    // dw[group] [K/g, C/g*R*S] += dy [K/g, PQ] x col^T [PQ, C/g*R*S]
+                    matmul(MatRef::rows(dyg(first), kg, pq), MatRef::rows(cols, crs, pq).t(), dwg, crs, true, threads);
+                    continue;
+                }
+                // The same over nb images side by side: dy [K/g, nb*PQ] x col^T [nb*PQ, ...].
+                let ld = nb * pq;
+                col.resize(crs * ld, T::zero());
+                dyb.resize(kg * ld, T::zero());
+                for j in 0..nb {
+                    im2col::im2col_strided(g, xg(first + j), &mut col[j * pq..], ld);
+                    for (k, src) in dyg(first + j).chunks_exact(pq).enumerate() {
+                        dyb[k * ld + j * pq..k * ld + (j + 1) * pq].copy_from_slice(src);
+                    }
+                }
+                matmul(MatRef::rows(&dyb, kg, ld), MatRef::rows(&col, crs, ld).t(), dwg, crs, true, threads);
             }
         }
         dw
