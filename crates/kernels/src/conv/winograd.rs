@@ -15,7 +15,9 @@
 //! to columns and then rows, over all tiles of a chunk at once so the loops vectorise.
 //!
 //! The input gradient of such a convolution is again a 3x3 stride-1 convolution (of dy with
-//! the flipped, transposed filters, padded by 2 - pad), so the same code serves it.
+//! the flipped, transposed filters, padded by 2 - pad), so the same code serves it. The filter
+//! gradient is the adjoint of the same algebra: dL/dU[e] (K x C) sums (A dY A^T)[e] times
+//! V[e] over every tile of the batch (36 more products), and dw = G^T dL/dU G.
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
@@ -237,8 +239,9 @@ multiversion! {
                             dst[j1..].fill(T::zero());
                             if j0 < j1 {
                                 let row = &plane[y as usize * pl.w..(y as usize + 1) * pl.w];
-                                for (j, o) in (j0..j1).zip(&mut dst[j0..j1]) {
-                                    *o = row[(4 * j as isize + off) as usize];
+                                let from = (4 * j0 as isize + off) as usize;
+                                for (o, &v) in dst[j0..j1].iter_mut().zip(row[from..].iter().step_by(4)) {
+                                    *o = v;
                                 }
                             }
                         }
@@ -276,9 +279,11 @@ multiversion! {
                 let plane = &mut yi[k * pl.p * pl.q..(k + 1) * pl.p * pl.q];
                 for (row, out) in plane.chunks_exact_mut(pl.q).enumerate() {
                     let (i, a) = (row / 4, row % 4);
-                    for (col, v) in out.iter_mut().enumerate() {
-                        let tile = img * tiles + i * tw + col / 4;
-                        *v = o[(a * 4 + col % 4) * t + tile] + add;
+                    let first = img * tiles + i * tw;
+                    for (b, lane) in o[a * 4 * t..(a * 4 + 4) * t].chunks_exact(t).enumerate() {
+                        for (v, &m) in out.iter_mut().skip(b).step_by(4).zip(&lane[first..first + tw]) {
+                            *v = m + add;
+                        }
                     }
                 }
             }
