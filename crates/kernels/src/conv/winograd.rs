@@ -216,37 +216,46 @@ fn rows<T, const N: usize>(buf: &[T], len: usize, first: usize, step: usize) -> 
     std::array::from_fn(|k| &buf[(first + k * step) * len..(first + k * step + 1) * len])
 }
 
+/// Copies the `win x win` window of every tile of one `h x w` plane (tile (i, j) starts at
+/// row 4i - top, column 4j - left) into `d[(a*win + b) * t + first + i*tw + j]`, with zeros
+/// where a window leaves the plane.
+#[inline(always)]
+fn gather<T: Elem>(pl: &Plan, plane: &[T], (h, w): (usize, usize), (top, left): (usize, usize), win: usize, (first, t): (usize, usize), d: &mut [T]) {
+    let tw = pl.tiles_w();
+    for i in 0..pl.tiles_h() {
+        let base = first + i * tw;
+        for a in 0..win {
+            let y = (4 * i + a) as isize - top as isize;
+            let inside = y >= 0 && (y as usize) < h;
+            for b in 0..win {
+                let dst = &mut d[(a * win + b) * t + base..(a * win + b) * t + base + tw];
+                let off = b as isize - left as isize;
+                let (j0, j1) = if inside { valid_range(tw, 4, off, w) } else { (0, 0) };
+                dst[..j0].fill(T::zero());
+                dst[j1..].fill(T::zero());
+                if j0 < j1 {
+                    let row = &plane[y as usize * w..(y as usize + 1) * w];
+                    let from = (4 * j0 as isize + off) as usize;
+                    for (o, &v) in dst[j0..j1].iter_mut().zip(row[from..].iter().step_by(4)) {
+                        *o = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 multiversion! {
     /// V[e][c][..] for every channel of a chunk of `images` images starting at `x`
     /// ([images, cin, h, w]); `d` and `tmp` are two staging arrays of E x t.
     fn transform_inputs<T: Elem>(pl: &Plan, x: &[T], images: usize, v: &mut [T], d: &mut [T], tmp: &mut [T]) {
-        let (th, tw, tiles) = (pl.tiles_h(), pl.tiles_w(), pl.tiles());
+        let tiles = pl.tiles();
         let t = images * tiles;
         for c in 0..pl.cin {
             // Gather every tile's 6x6 window: d[a*6 + b][tile].
             for (img, xi) in x.chunks_exact(pl.cin * pl.h * pl.w).take(images).enumerate() {
                 let plane = &xi[c * pl.h * pl.w..(c + 1) * pl.h * pl.w];
-                for i in 0..th {
-                    let base = img * tiles + i * tw;
-                    for a in 0..6 {
-                        let y = (4 * i + a) as isize - pl.top as isize;
-                        let inside = y >= 0 && (y as usize) < pl.h;
-                        for b in 0..6 {
-                            let dst = &mut d[(a * 6 + b) * t + base..(a * 6 + b) * t + base + tw];
-                            let off = b as isize - pl.left as isize;
-                            let (j0, j1) = if inside { valid_range(tw, 4, off, pl.w) } else { (0, 0) };
-                            dst[..j0].fill(T::zero());
-                            dst[j1..].fill(T::zero());
-                            if j0 < j1 {
-                                let row = &plane[y as usize * pl.w..(y as usize + 1) * pl.w];
-                                let from = (4 * j0 as isize + off) as usize;
-                                for (o, &v) in dst[j0..j1].iter_mut().zip(row[from..].iter().step_by(4)) {
-                                    *o = v;
-                                }
-                            }
-                        }
-                    }
-                }
+                gather(pl, plane, (pl.h, pl.w), (pl.top, pl.left), 6, (img * tiles, t), d);
             }
             // Columns: tmp[a'*6 + b] = sum_a B^T[a'][a] d[a*6 + b].
             for b in 0..6 {
@@ -332,28 +341,12 @@ multiversion! {
     /// A dY A^T for every output tile of a chunk: `mg[e][k][tile]` from dy ([images, cout,
     /// p, q]); outputs past the edge count as zero. `d` and `tmp` stage.
     fn transform_grads<T: Elem>(pl: &Plan, dy: &[T], images: usize, mg: &mut [T], d: &mut [T], tmp: &mut [T]) {
-        let (th, tw, tiles) = (pl.tiles_h(), pl.tiles_w(), pl.tiles());
+        let tiles = pl.tiles();
         let t = images * tiles;
         for k in 0..pl.cout {
             for (img, di) in dy.chunks_exact(pl.cout * pl.p * pl.q).take(images).enumerate() {
                 let plane = &di[k * pl.p * pl.q..(k + 1) * pl.p * pl.q];
-                for i in 0..th {
-                    let base = img * tiles + i * tw;
-                    for a in 0..4 {
-                        let y = 4 * i + a;
-                        for b in 0..4 {
-                            let dst = &mut d[(a * 4 + b) * t + base..(a * 4 + b) * t + base + tw];
-                            if y >= pl.p {
-                                dst.fill(T::zero());
-                                continue;
-                            }
-                            let row = &plane[y * pl.q..(y + 1) * pl.q];
-                            for (j, o) in dst.iter_mut().enumerate() {
-                                *o = row.get(4 * j + b).copied().unwrap_or(T::zero());
-                            }
-                        }
-                    }
-                }
+                gather(pl, plane, (pl.p, pl.q), (0, 0), 4, (img * tiles, t), d);
             }
             // Columns: tmp[a'*4 + b] = sum_a A[a'][a] d[a*4 + b]; rows into mg[a'*6 + b'][k].
             for b in 0..4 {
