@@ -25,8 +25,9 @@ pub enum Algo {
     /// on B3's c6 (8x128x56x56, 3x3, groups 128): 18 GFLOP/s forward against 12 for im2col,
     /// whose per-group products are only matrix-vector products.
     Depthwise,
-    /// 3x3, stride 1, at least 16 channels in and out: Winograd's F(4x4, 3x3), four times
-    /// fewer multiplies (see `winograd.rs`), for the forward pass and both gradients.
+    /// 3x3, stride 1, at least 16 channels in and out, maps of 4x4 or more: Winograd's
+    /// F(4x4, 3x3), four times fewer multiplies (see `winograd.rs`), for the forward pass and
+    /// both gradients.
     Winograd,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
