@@ -109,16 +109,11 @@ fn live_sets(s: &Summary, batch: usize) -> Vec<u64> {
 /// the live set at each layer as the pass walks back, less the gradients of the layers before
 /// it, which do not exist yet (they are made as the pass reaches them).
 fn backward_working_set(s: &Summary, batch: usize) -> u64 {
-    let mut before = 0u64;
-    let not_yet: Vec<u64> = s
-        .rows
-        .iter()
-        .map(|r| {
-            let b = before;
-            before += r.params as u64 * F32;
-            b
-        })
-        .collect();
+    let not_yet = s.rows.iter().scan(0u64, |made, r| {
+        let before = *made;
+        *made += r.params as u64 * F32;
+        Some(before)
+    });
     live_sets(s, batch).into_iter().zip(not_yet).map(|(live, missing)| live.saturating_sub(missing)).max().unwrap_or(0)
 }
 

@@ -64,6 +64,13 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    fn per_thread(elements: u64) -> Workspace {
+        Workspace { per_thread: elements, ..Workspace::default() }
+    }
+    /// One image's (and group's) im2col columns per thread.
+    fn im2col(g: &ConvGeom) -> Workspace {
+        Workspace::per_thread((g.cg() * g.r * g.s * g.p * g.q) as u64)
+    }
     /// Every field times `unit` (the element size, for bytes).
     pub fn scale(self, unit: u64) -> Workspace {
         Workspace { shared: self.shared * unit, per_thread: self.per_thread * unit, per_held_image: self.per_held_image * unit, ..self }
@@ -85,15 +92,14 @@ impl Workspace {
 
 /// The workspace of `forward` (and of a transposed convolution's input gradient).
 pub fn forward_workspace(g: &ConvGeom) -> Workspace {
-    let per_thread = |per_thread| Workspace { per_thread, ..Workspace::default() };
     match Algo::choose(g) {
         Algo::Pointwise => Workspace::default(),
         Algo::Depthwise => {
             let (bh, bw) = g.bordered_size();
-            per_thread((bh * bw) as u64)
+            Workspace::per_thread((bh * bw) as u64)
         }
         Algo::Winograd => winograd::Plan::forward(g).workspace(),
-        Algo::Im2col => per_thread((g.cg() * g.r * g.s * g.p * g.q) as u64),
+        Algo::Im2col => Workspace::im2col(g),
     }
 }
 
@@ -102,7 +108,7 @@ pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
     match Algo::choose(g) {
         Algo::Pointwise | Algo::Depthwise => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
-        Algo::Im2col => Workspace { per_thread: (g.cg() * g.r * g.s * g.p * g.q) as u64, ..Workspace::default() },
+        Algo::Im2col => Workspace::im2col(g),
     }
 }
 
