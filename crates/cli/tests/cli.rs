@@ -242,16 +242,18 @@ fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
     let dir = tmp("kill9");
     let d = dir.to_str().unwrap();
     let (metrics, ckpt) = (dir.join("metrics.csv"), dir.join("checkpoint.safetensors"));
+    let saved_epoch = || -> Option<usize> {
+        let (_, meta) = stride_train::checkpoint::load_with_metadata(&ckpt).ok()?;
+        meta["epoch"].parse::<usize>().ok()
+    };
     // Each run is killed a little after an epoch's metrics row appears: the row is written just
     // before the weights and the checkpoint, so the kills land before, during and after those
-    // writes; the first run is also killed once in the middle of an epoch.
-    for (i, delay_ms) in [None, Some(0u64), Some(3), Some(15), Some(40), Some(100)].into_iter().enumerate() {
-        let next = if ckpt.exists() {
-            let (_, meta) = stride_train::checkpoint::load_with_metadata(&ckpt).unwrap();
-            meta["epoch"].parse::<usize>().unwrap()
-        } else {
-            1
-        };
+    // writes; the first run is also killed once in the middle of an epoch. On a loaded machine
+    // every one of those may land before the checkpoint, so the last run is killed only once a
+    // new checkpoint is there (None: 400 ms in; Some(ms): ms after the row; u64::MAX: after
+    // the checkpoint).
+    for (i, delay_ms) in [None, Some(0u64), Some(3), Some(15), Some(40), Some(100), Some(u64::MAX)].into_iter().enumerate() {
+        let next = if ckpt.exists() { saved_epoch().expect("the checkpoint loads") } else { 1 };
         let mut args = vec!["train", "--epochs", "8", "--out", d];
         if i > 0 && ckpt.exists() {
             args.push("--resume");
@@ -260,6 +262,13 @@ fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
             Command::new(env!("CARGO_BIN_EXE_stride")).args(&args).env("RAYON_NUM_THREADS", "2").stdout(std::process::Stdio::null()).spawn().unwrap();
         match delay_ms {
             None => std::thread::sleep(Duration::from_millis(400)),
+            Some(u64::MAX) => {
+                let start = Instant::now();
+                while saved_epoch().is_none_or(|e| e <= next) {
+                    assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint after epoch {next}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             Some(ms) => {
                 let row = format!("\n{next},");
                 assert!(wait_for(&metrics, |t| t.contains(&row), Duration::from_secs(300)), "epoch {next} never finished");
