@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::{im2col::valid_range, ConvGeom};
+use super::ConvGeom;
 use crate::gemm::{matmul, MatRef};
 use crate::multiversion;
 
@@ -216,9 +216,32 @@ fn rows<T, const N: usize>(buf: &[T], len: usize, first: usize, step: usize) -> 
     std::array::from_fn(|k| &buf[(first + k * step) * len..(first + k * step + 1) * len])
 }
 
+/// `out[r][j] = row[4j + r - left]` for the four phases r, zero where that leaves the row.
+#[inline(always)]
+fn deinterleave<T: Elem>(row: &[T], left: usize, out: [&mut [T]; 4]) {
+    let len = out[0].len();
+    let w = row.len();
+    // Quads lying wholly inside the row: j_lo..j_hi; the (at most two) others one by one.
+    let j_lo = left.div_ceil(4).min(len);
+    let j_hi = ((w + left) / 4).clamp(j_lo, len);
+    let [o0, o1, o2, o3] = out;
+    if j_lo < j_hi {
+        let quads = row[4 * j_lo - left..].chunks_exact(4);
+        let lanes = o0[j_lo..j_hi].iter_mut().zip(&mut o1[j_lo..j_hi]).zip(&mut o2[j_lo..j_hi]).zip(&mut o3[j_lo..j_hi]);
+        for (quad, (((v0, v1), v2), v3)) in quads.zip(lanes) {
+            (*v0, *v1, *v2, *v3) = (quad[0], quad[1], quad[2], quad[3]);
+        }
+    }
+    let at = |u: usize| if u >= left && u - left < w { row[u - left] } else { T::zero() };
+    for j in (0..j_lo).chain(j_hi..len) {
+        (o0[j], o1[j], o2[j], o3[j]) = (at(4 * j), at(4 * j + 1), at(4 * j + 2), at(4 * j + 3));
+    }
+}
+
 /// Copies the `win x win` window of every tile of one `h x w` plane (tile (i, j) starts at
 /// row 4i - top, column 4j - left) into `d[(a*win + b) * t + first + i*tw + j]`, with zeros
-/// where a window leaves the plane.
+/// where a window leaves the plane. Window columns 0..4 of a row are its four phases (a
+/// vectorised deinterleave); columns 4 and 5 (`win` 6) are columns 0 and 1 one tile on.
 #[inline(always)]
 fn gather<T: Elem>(pl: &Plan, plane: &[T], (h, w): (usize, usize), (top, left): (usize, usize), win: usize, (first, t): (usize, usize), d: &mut [T]) {
     let tw = pl.tiles_w();
@@ -226,19 +249,22 @@ fn gather<T: Elem>(pl: &Plan, plane: &[T], (h, w): (usize, usize), (top, left): 
         let base = first + i * tw;
         for a in 0..win {
             let y = (4 * i + a) as isize - top as isize;
-            let inside = y >= 0 && (y as usize) < h;
-            for b in 0..win {
-                let dst = &mut d[(a * win + b) * t + base..(a * win + b) * t + base + tw];
-                let off = b as isize - left as isize;
-                let (j0, j1) = if inside { valid_range(tw, 4, off, w) } else { (0, 0) };
-                dst[..j0].fill(T::zero());
-                dst[j1..].fill(T::zero());
-                if j0 < j1 {
-                    let row = &plane[y as usize * w..(y as usize + 1) * w];
-                    let from = (4 * j0 as isize + off) as usize;
-                    for (o, &v) in dst[j0..j1].iter_mut().zip(row[from..].iter().step_by(4)) {
-                        *o = v;
-                    }
+            let mut dst: [&mut [T]; 6] = rows_mut(d, t, a * win, 1).map(|r| &mut r[base..base + tw]);
+            if y < 0 || y as usize >= h {
+                dst.iter_mut().take(win).for_each(|r| r.fill(T::zero()));
+                continue;
+            }
+            let row = &plane[y as usize * w..(y as usize + 1) * w];
+            let [d0, d1, d2, d3, d4, d5] = dst;
+            deinterleave(row, left, [d0, d1, d2, d3]);
+            if win == 6 {
+                let last = 4 * tw - left;
+                for (j, (v4, v5)) in d4.iter_mut().zip(d5.iter_mut()).enumerate() {
+                    (*v4, *v5) = if j + 1 < tw {
+                        (d0[j + 1], d1[j + 1])
+                    } else {
+                        (row.get(last).copied().unwrap_or(T::zero()), row.get(last + 1).copied().unwrap_or(T::zero()))
+                    };
                 }
             }
         }
@@ -289,10 +315,15 @@ multiversion! {
                 for (row, out) in plane.chunks_exact_mut(pl.q).enumerate() {
                     let (i, a) = (row / 4, row % 4);
                     let first = img * tiles + i * tw;
-                    for (b, lane) in o[a * 4 * t..(a * 4 + 4) * t].chunks_exact(t).enumerate() {
-                        for (v, &m) in out.iter_mut().skip(b).step_by(4).zip(&lane[first..first + tw]) {
-                            *v = m + add;
-                        }
+                    let [l0, l1, l2, l3] = rows::<T, 4>(o, t, a * 4, 1).map(|l| &l[first..first + tw]);
+                    // Whole tiles as interleaved quads, then the cropped last tile.
+                    let last = out.len() / 4;
+                    let mut quads = out.chunks_exact_mut(4);
+                    for ((((quad, &m0), &m1), &m2), &m3) in (&mut quads).zip(l0).zip(l1).zip(l2).zip(l3) {
+                        quad.copy_from_slice(&[m0 + add, m1 + add, m2 + add, m3 + add]);
+                    }
+                    for (v, lane) in quads.into_remainder().iter_mut().zip([l0, l1, l2]) {
+                        *v = lane[last] + add;
                     }
                 }
             }
