@@ -8,6 +8,7 @@
 use stride_tensor::Elem;
 
 use super::ConvGeom;
+use crate::simd::copy_short;
 
 /// For output column q, the input column is q*stride + offset. Returns the range of q for
 /// which it lies inside [0, w): the padding-free interior, so inner loops need no checks.
@@ -54,7 +55,7 @@ pub(crate) fn im2col_strided<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: 
                     dst[q1..].fill(T::zero());
                     let start = (q0 as isize * sw as isize + off_w) as usize;
                     if sw == 1 {
-                        dst[q0..q1].copy_from_slice(&src[start..start + (q1 - q0)]);
+                        copy_short(&mut dst[q0..q1], &src[start..start + (q1 - q0)]);
                     } else {
                         for (i, d) in dst[q0..q1].iter_mut().enumerate() {
                             *d = src[start + i * sw];
