@@ -40,12 +40,14 @@ const PADDINGS: [Padding; 4] = [
 #[test]
 fn matches_reference_in_f64() {
     // 1 image (products split over threads), 3 and 5 (split by image, unevenly), output
-    // sizes that are and are not whole tiles.
-    for (n, h, w) in [(1, 10, 10), (1, 12, 9), (3, 11, 17), (2, 14, 12), (5, 13, 10)] {
+    // sizes that are and are not whole tiles, rows that are and are not whole quads.
+    for (n, h, w) in [(1, 10, 10), (1, 12, 9), (3, 11, 17), (2, 14, 12), (5, 13, 10), (3, 9, 16), (1, 8, 8), (2, 6, 8)] {
         for padding in PADDINGS {
             check::<f64>([n, 16, h, w], 17, padding, 1e-12);
         }
     }
+    // One tile per plane (ResNet's last stage): rows of a single quad.
+    check::<f64>([3, 16, 4, 4], 17, Padding::Same, 1e-12);
 }
 
 #[test]
