@@ -241,7 +241,8 @@ fn deinterleave<T: Elem>(row: &[T], left: usize, out: [&mut [T]; 4]) {
 /// Copies the `win x win` window of every tile of one `h x w` plane (tile (i, j) starts at
 /// row 4i - top, column 4j - left) into `d[(a*win + b) * t + first + i*tw + j]`, with zeros
 /// where a window leaves the plane. Window columns 0..4 of a row are its four phases (a
-/// vectorised deinterleave); columns 4 and 5 (`win` 6) are columns 0 and 1 one tile on.
+/// deinterleave, vectorised where rows hold eight or more whole quads); columns 4 and 5
+/// (`win` 6) are columns 0 and 1 one tile on.
 #[inline(always)]
 fn gather<T: Elem>(pl: &Plan, plane: &[T], (h, w): (usize, usize), (top, left): (usize, usize), win: usize, (first, t): (usize, usize), d: &mut [T]) {
     let tw = pl.tiles_w();
@@ -249,6 +250,8 @@ fn gather<T: Elem>(pl: &Plan, plane: &[T], (h, w): (usize, usize), (top, left): 
         let base = first + i * tw;
         for a in 0..win {
             let y = (4 * i + a) as isize - top as isize;
+            // Six rows of d from window row a (for `win` 4 the last two belong to the next
+            // window row and stay untouched; d holds E rows, so they exist).
             let mut dst: [&mut [T]; 6] = rows_mut(d, t, a * win, 1).map(|r| &mut r[base..base + tw]);
             if y < 0 || y as usize >= h {
                 dst.iter_mut().take(win).for_each(|r| r.fill(T::zero()));
