@@ -13,8 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def out(target, name, data):
-    d = os.path.join(HERE, "seeds", target)
+def out(target, name, data, kind="seeds"):
+    d = os.path.join(HERE, kind, target)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "wb") as f:
         f.write(data)
@@ -58,7 +58,10 @@ def main():
     out("idx", "images.idx", images)
     out("idx", "labels.idx.gz", gzip.compress(labels, mtime=0))
     # The pair form: a first byte that cuts the rest into an image file and a label file.
-    out("idx", "pair.bin", bytes([len(images)]) + images + idx([2], [3, 7]))
+    out("idx", "pair.bin", bytes([len(images)]) + images + idx([2], [1, 0]))
+    # A label far outside the classes the others number: must be refused (a kept regression
+    # case, not a seed, since seeds must be accepted).
+    out("idx", "pair-stray-label-200.bin", bytes([len(images)]) + images + idx([2], [0, 200]), kind="regressions")
     out("idx", "images.idx.gz", gzip.compress(images, mtime=0))
 
     out("cifar", "two.bin", bytes([3] + [i % 251 for i in range(3072)] + [9] + [7] * 3072))

@@ -123,8 +123,41 @@ const EMBEDDED: [&[u8]; 4] = [
 ];
 const IDX_NAMES: [&str; 4] = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
-/// Builds a data set from an IDX image file and an IDX label file, checking they agree.
-pub fn from_idx(images: idx::Idx, labels: idx::Idx, image_path: &Path, label_path: &Path) -> Result<Dataset> {
+/// The classes a label file numbers, checked: every label in 0..classes, no class between
+/// 1 and the largest label without an example (class 0 may be empty, for sets numbered from 1
+/// such as EMNIST letters), and at least two classes. With `expected` (a data set whose class
+/// count is known, such as MNIST's 10) every label must be below it. A stray label (200 in a
+/// file of digits) is named with its index, value and the allowed range.
+pub fn check_labels(labels: &[u8], expected: Option<usize>, path: &Path) -> Result<usize> {
+    if let Some(classes) = expected {
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
+            return Err(DataError::format(path, format!("label {l} at index {i} is outside this data set's classes 0..{}", classes - 1)));
+        }
+    }
+    let mut counts = [0usize; 256];
+    for &l in labels {
+        counts[l as usize] += 1;
+    }
+    let used = counts.iter().filter(|&&c| c > 0).count();
+    if used < 2 {
+        let first = labels.first().map_or_else(|| "none".to_string(), |l| l.to_string());
+        return Err(DataError::format(path, format!("all {} labels are {first}: a classifier needs at least two classes", labels.len())));
+    }
+    let max = counts.iter().rposition(|&c| c > 0).expect("two labels are used");
+    if let Some(gap) = (1..max).find(|&c| counts[c] == 0) {
+        let next = (gap..=max).find(|&c| counts[c] > 0).expect("max is used");
+        let (i, &l) = labels.iter().enumerate().find(|(_, &l)| l as usize >= next).expect("a label at or above next");
+        let range = if next - 1 > gap { format!("{gap}..{}", next - 1) } else { gap.to_string() };
+        return Err(DataError::format(
+            path,
+            format!("label {l} at index {i} is outside the classes 0..{} that the labels number without a gap (no label is {range})", gap - 1),
+        ));
+    }
+    Ok(expected.unwrap_or(max + 1))
+}
+
+/// The height and width of an IDX image file's images, checked against its label file.
+fn idx_shape(images: &idx::Idx, labels: &idx::Idx, image_path: &Path, label_path: &Path) -> Result<(usize, usize)> {
     let (n, h, w) = match images.dims[..] {
         [n, h, w] => (n, h, w),
         _ => return Err(DataError::format(image_path, format!("image file has dimensions {:?}, expected [count, height, width]", images.dims))),
@@ -138,27 +171,35 @@ pub fn from_idx(images: idx::Idx, labels: idx::Idx, image_path: &Path, label_pat
     if n == 0 || h == 0 || w == 0 {
         return Err(DataError::format(image_path, format!("no images (dimensions {:?})", images.dims)));
     }
-    let classes = labels.data.iter().copied().max().unwrap_or(0) as usize + 1;
-    Ok(Dataset { images: images.data, labels: labels.data, channels: 1, height: h, width: w, classes })
+    Ok((h, w))
 }
 
-fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Result<Split> {
-    if (train.channels, train.height, train.width) != (test.channels, test.height, test.width) {
+/// Builds a data set from an IDX image file and an IDX label file, checking they agree and
+/// that the labels number the classes ([`check_labels`]; `classes` is the class count when the
+/// data set's is known).
+pub fn from_idx(images: idx::Idx, labels: idx::Idx, image_path: &Path, label_path: &Path, classes: Option<usize>) -> Result<Dataset> {
+    let (height, width) = idx_shape(&images, &labels, image_path, label_path)?;
+    let classes = check_labels(&labels.data, classes, label_path)?;
+    Ok(Dataset { images: images.data, labels: labels.data, channels: 1, height, width, classes })
+}
+
+/// A training and a test set read from IDX files (images, labels, test images, test labels).
+/// The test labels must be among the training set's classes; the test set may lack some.
+fn idx_pair(name: &str, parsed: Vec<idx::Idx>, paths: &[PathBuf], classes: Option<usize>) -> Result<Split> {
+    let mut it = parsed.into_iter();
+    let (ti, tl, vi, vl) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    let train = from_idx(ti, tl, &paths[0], &paths[1], classes)?;
+    let (height, width) = idx_shape(&vi, &vl, &paths[2], &paths[3])?;
+    if (height, width) != (train.height, train.width) {
         return Err(DataError::format(
-            test_path,
-            format!(
-                "test images are {}x{}x{} but training images are {}x{}x{}",
-                test.channels, test.height, test.width, train.channels, train.height, train.width
-            ),
+            &paths[2],
+            format!("test images are 1x{height}x{width} but training images are 1x{}x{}", train.height, train.width),
         ));
     }
-    if let Some(&bad) = test.labels.iter().find(|&&l| l as usize >= train.classes) {
-        return Err(DataError::format(test_path, format!("test label {bad} is outside the training labels 0..{}", train.classes)));
+    if let Some((i, &l)) = vl.data.iter().enumerate().find(|(_, &l)| l as usize >= train.classes) {
+        return Err(DataError::format(&paths[3], format!("label {l} at index {i} is outside the training labels' classes 0..{}", train.classes - 1)));
     }
-    let mut train = train;
-    let mut test = test;
-    train.classes = train.classes.max(test.classes);
-    test.classes = train.classes;
+    let test = Dataset { images: vi.data, labels: vl.data, channels: 1, height, width, classes: train.classes };
     let class_names = default_class_names(name, train.classes);
     Ok(Split { name: name.to_string(), train, test, class_names })
 }
@@ -167,11 +208,7 @@ fn check_pair(name: &str, train: Dataset, test: Dataset, test_path: &Path) -> Re
 pub fn embedded_mnist() -> Result<Split> {
     let p: Vec<PathBuf> = IDX_NAMES.iter().map(|n| PathBuf::from(format!("<embedded mnist>/{n}.gz"))).collect();
     let parsed: Vec<idx::Idx> = EMBEDDED.iter().zip(&p).map(|(b, p)| idx::parse(p, b)).collect::<Result<_>>()?;
-    let mut it = parsed.into_iter();
-    let (ti, tl, vi, vl) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-    let train = from_idx(ti, tl, &p[0], &p[1])?;
-    let test = from_idx(vi, vl, &p[2], &p[3])?;
-    check_pair("mnist", train, test, &p[2])
+    idx_pair("mnist", parsed, &p, Some(10))
 }
 
 /// The file for `name` in `dir`, raw or gzipped (MNIST's file names, also with `.` for `-`
@@ -181,8 +218,10 @@ fn find_idx(dir: &Path, name: &str) -> Option<PathBuf> {
     [name.to_string(), format!("{name}.gz"), dotted.clone(), format!("{dotted}.gz")].into_iter().map(|f| dir.join(f)).find(|p| p.is_file())
 }
 
-/// A folder holding the four IDX files under MNIST's names, raw or `.gz`.
-pub fn idx_folder(dir: &Path, name: &str) -> Result<Split> {
+/// A folder holding the four IDX files under MNIST's names, raw or `.gz`. `classes` is the
+/// data set's class count where it is known (10 for Fashion-MNIST); otherwise the training
+/// labels give it.
+pub fn idx_folder(dir: &Path, name: &str, classes: Option<usize>) -> Result<Split> {
     let mut paths = Vec::new();
     for n in IDX_NAMES {
         paths.push(find_idx(dir, n).ok_or_else(|| {
@@ -190,11 +229,7 @@ pub fn idx_folder(dir: &Path, name: &str) -> Result<Split> {
         })?);
     }
     let parsed: Vec<idx::Idx> = paths.iter().map(|p| idx::read(p)).collect::<Result<_>>()?;
-    let mut it = parsed.into_iter();
-    let (ti, tl, vi, vl) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-    let train = from_idx(ti, tl, &paths[0], &paths[1])?;
-    let test = from_idx(vi, vl, &paths[2], &paths[3])?;
-    check_pair(name, train, test, &paths[2])
+    idx_pair(name, parsed, &paths, classes)
 }
 
 /// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder:
@@ -208,7 +243,7 @@ pub fn load(spec: &str) -> Result<Split> {
             if !dir.is_dir() {
                 return Err(DataError::Other(format!("fashion-mnist: {FASHION_MNIST_DIR} does not exist; install it with `apt-get install dataset-fashion-mnist`, or pass the folder that holds its four IDX files")));
             }
-            idx_folder(dir, "fashion-mnist")
+            idx_folder(dir, "fashion-mnist", Some(FASHION_CLASSES.len()))
         }
         path => {
             let dir = Path::new(path);
@@ -221,7 +256,7 @@ pub fn load(spec: &str) -> Result<Split> {
             if find_idx(dir, IDX_NAMES[0]).is_none() && crate::folder::is_image_folder(dir) {
                 return crate::folder::image_folder(dir);
             }
-            idx_folder(dir, &dir.file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()))
+            idx_folder(dir, &dir.file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned()), None)
         }
     }
 }

@@ -132,6 +132,13 @@ pub fn image_folder(dir: &Path) -> Result<Split> {
     let split_dirs = dir.join("train").is_dir() && dir.join("test").is_dir();
     let train_classes = classes(&if split_dirs { dir.join("train") } else { dir.to_path_buf() })?;
     let names: Vec<String> = train_classes.iter().map(|(n, _)| n.clone()).collect();
+    if names.len() < 2 {
+        let root = if split_dirs { dir.join("train") } else { dir.to_path_buf() };
+        return Err(DataError::format(
+            root,
+            format!("one class folder ('{}'): a classifier needs at least two, one sub-folder of images per class", names[0]),
+        ));
+    }
     let (mut train, mut test) = (Vec::new(), Vec::new());
     if split_dirs {
         for (label, (_, files)) in train_classes.iter().enumerate() {

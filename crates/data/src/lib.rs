@@ -12,7 +12,8 @@ mod loader;
 pub use augment::Augment;
 pub use cifar::{cifar10_folder, parse_batch as parse_cifar_batch};
 pub use dataset::{
-    default_class_names, embedded_mnist, from_idx, idx_folder, load, Dataset, Split, CIFAR10_CLASSES, FASHION_CLASSES, FASHION_MNIST_DIR,
+    check_labels, default_class_names, embedded_mnist, from_idx, idx_folder, load, Dataset, Split, CIFAR10_CLASSES, FASHION_CLASSES,
+    FASHION_MNIST_DIR,
 };
 pub use error::{DataError, Result};
 pub use folder::{decode_image, image_folder, image_shape, load_image, MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};

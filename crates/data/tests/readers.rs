@@ -75,6 +75,66 @@ fn folders_are_checked_file_by_file() {
 }
 
 #[test]
+fn labels_outside_the_classes_are_refused_with_index_value_and_range() {
+    let p = Path::new("labels.idx");
+    let err = |labels: &[u8], classes| stride_data::check_labels(labels, classes, p).unwrap_err().to_string();
+    // A stray 200 among digits: the gap 10..199 gives it away, with or without a known count.
+    let mut digits: Vec<u8> = (0..50).map(|i| i % 10).collect();
+    digits[37] = 200;
+    assert_eq!(
+        err(&digits, None),
+        "labels.idx: label 200 at index 37 is outside the classes 0..9 that the labels number without a gap (no label is 10..199)"
+    );
+    assert_eq!(err(&digits, Some(10)), "labels.idx: label 200 at index 37 is outside this data set's classes 0..9");
+    // With the count known, even a label just past it (10 for digits) is caught.
+    digits[37] = 10;
+    assert_eq!(err(&digits, Some(10)), "labels.idx: label 10 at index 37 is outside this data set's classes 0..9");
+    // A missing class in the middle names the first label past it.
+    assert_eq!(
+        err(&[0, 1, 3, 1, 0], None),
+        "labels.idx: label 3 at index 2 is outside the classes 0..1 that the labels number without a gap (no label is 2)"
+    );
+    assert_eq!(err(&[4, 4, 4], None), "labels.idx: all 3 labels are 4: a classifier needs at least two classes");
+    assert!(err(&[], None).contains("all 0 labels are none"));
+    // Accepted: consecutive labels, and sets numbered from 1 (EMNIST letters: 1..26).
+    assert_eq!(stride_data::check_labels(&[2, 0, 1, 1], None, p).unwrap(), 3);
+    assert_eq!(stride_data::check_labels(&(1..=26).collect::<Vec<u8>>(), None, p).unwrap(), 27);
+    assert_eq!(stride_data::check_labels(&[0, 1], Some(10), p).unwrap(), 10);
+}
+
+#[test]
+fn idx_folders_refuse_stray_training_and_test_labels() {
+    let dir = std::env::temp_dir().join(format!("stride-labels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let images = |n: u32| idx_bytes(&[n, 2, 2], &vec![0; 4 * n as usize]);
+    std::fs::write(dir.join("train-images-idx3-ubyte"), images(6)).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[6], &[0, 1, 2, 200, 1, 0])).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), images(3)).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[3], &[2, 1, 0])).unwrap();
+    let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("train-labels-idx1-ubyte: label 200 at index 3 is outside the classes 0..2"), "{e}");
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_bytes(&[6], &[0, 1, 2, 2, 1, 0])).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[3], &[2, 1, 3])).unwrap();
+    let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("t10k-labels-idx1-ubyte: label 3 at index 2 is outside the training labels' classes 0..2"), "{e}");
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_bytes(&[3], &[1, 1, 0])).unwrap();
+    let s = load(dir.to_str().unwrap()).unwrap();
+    assert_eq!((s.train.classes, s.test.classes), (3, 3), "a test set may lack a class");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_image_folder_with_one_class_is_refused() {
+    let dir = std::env::temp_dir().join(format!("stride-oneclass-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_image_folder(&dir, 5, false);
+    std::fs::remove_dir_all(dir.join("square")).unwrap();
+    let e = load(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("one class folder ('circle'): a classifier needs at least two"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn batches_cover_the_epoch_once_in_a_seeded_order() {
     let s = embedded_mnist().unwrap();
     let ds = &s.test;

@@ -40,7 +40,12 @@ pub fn idx(data: &[u8]) -> bool {
         let (a, b) = data[1..].split_at((cut - 1).min(data.len() - 1));
         let (ip, lp) = (Path::new("images.idx"), Path::new("labels.idx"));
         if let (Ok(images), Ok(labels)) = (stride_data::idx::parse(ip, a), stride_data::idx::parse(lp, b)) {
-            if let Ok(ds) = stride_data::from_idx(images, labels, ip, lp) {
+            if let Ok(ds) = stride_data::from_idx(images, labels, ip, lp, None) {
+                // An accepted label file numbers at least two classes and every label is one.
+                assert!(ds.classes >= 2, "{} classes accepted", ds.classes);
+                assert!(ds.labels.iter().all(|&l| (l as usize) < ds.classes), "a label outside 0..{}", ds.classes);
+                let counts = ds.class_counts();
+                assert!(counts[1..].iter().all(|&c| c > 0), "a class after 0 without examples: {counts:?}");
                 let (mean, std) = ds.pixel_stats();
                 let seen: usize = stride_data::Batches::new(&ds, 7, None, false).normalized(mean, std).map(|b| b.labels.len()).sum();
                 assert_eq!(seen, ds.len(), "batches cover the data set once");

@@ -25,6 +25,12 @@ fn valid_seeds_are_accepted() {
     }
     let ckpt = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/checkpoint/checkpoint.safetensors")).unwrap();
     assert!(fuzzing::restores(&ckpt), "the checkpoint seed restores");
+    // A label file with a stray label (200 beside 0) is refused, not read as 201 classes.
+    let stray = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/idx/pair-stray-label-200.bin")).unwrap();
+    assert!(!fuzzing::idx(&stray), "the stray label was accepted");
+    let mut fixed = stray.clone();
+    *fixed.last_mut().unwrap() = 1;
+    assert!(fuzzing::idx(&fixed), "labels 0 and 1 are accepted");
     // One byte less anywhere in the header must be refused, not trusted.
     assert!(!fuzzing::restores(&ckpt[..ckpt.len() - 1]));
 }
