@@ -258,7 +258,7 @@ fn measure(
             let x = net.batch(&shape, step)?;
             match segments {
                 Some(seg) => {
-                    recompute::forward_backward(net.module(), &x, &vec![0; batch], &mut ctx, seg)?;
+                    recompute::forward_backward(net.module(), &x, &vec![0; batch], 0.0, &mut ctx, seg)?;
                 }
                 None => net.loss(&x, &mut ctx)?.backward()?,
             }

@@ -148,7 +148,8 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
         return (y, idx);
     }
     let fast = g.is_2x2();
-    y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).for_each(|((out, arg), xp)| {
+    let per_task = (1usize << 14).div_ceil(hw + 2 * pq);
+    y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).with_min_len(per_task).for_each(|((out, arg), xp)| {
         if fast {
             max_2x2(g, xp, out, arg)
         } else {
@@ -184,21 +185,29 @@ fn max_window<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
 }
 
 crate::multiversion! {
-    /// 2x2 windows, stride 2, no padding: the common case, two input rows at a time.
+    /// 2x2 windows, stride 2, no padding: the common case, two input rows at a time. Each
+    /// window's maximum is picked with selects, not branches (which way a comparison goes is
+    /// data, and mispredicted branches made this loop a tenth of a cnn-bn training step), in
+    /// the order of [`max_window`]: the first of equal maxima, a NaN over any number.
     fn max_2x2<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
-        for i in 0..g.p {
-            let (r0, r1) = (&xp[2 * i * g.w..(2 * i + 1) * g.w], &xp[(2 * i + 1) * g.w..(2 * i + 2) * g.w]);
-            let (o, a) = (&mut out[i * g.q..(i + 1) * g.q], &mut arg[i * g.q..(i + 1) * g.q]);
-            for j in 0..g.q {
-                let base = 2 * i * g.w + 2 * j;
-                let (mut bv, mut bi) = (r0[2 * j], base);
-                for (v, at) in [(r0[2 * j + 1], base + 1), (r1[2 * j], base + g.w), (r1[2 * j + 1], base + g.w + 1)] {
-                    if better(v, bv) {
-                        (bv, bi) = (v, at);
-                    }
-                }
-                o[j] = bv;
-                a[j] = bi as u32;
+        #[inline(always)]
+        fn pick<T: Elem>(v: T, at: u32, bv: &mut T, bi: &mut u32) {
+            let take = better(v, *bv);
+            *bv = if take { v } else { *bv };
+            *bi = if take { at } else { *bi };
+        }
+        let w = g.w as u32;
+        for (i, (o, a)) in out.chunks_exact_mut(g.q).zip(arg.chunks_exact_mut(g.q)).enumerate().take(g.p) {
+            let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
+            let row = (2 * i * g.w) as u32;
+            for (j, (((o, a), p0), p1)) in o.iter_mut().zip(a.iter_mut()).zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)).enumerate() {
+                let at = row + 2 * j as u32;
+                let (mut bv, mut bi) = (p0[0], at);
+                pick(p0[1], at + 1, &mut bv, &mut bi);
+                pick(p1[0], at + w, &mut bv, &mut bi);
+                pick(p1[1], at + w + 1, &mut bv, &mut bi);
+                *o = bv;
+                *a = bi;
             }
         }
     }
@@ -483,4 +492,39 @@ pub fn channel_max_backward<T: Elem>(dy: &[T], idx: &[u32], d: [usize; 4], co: u
         }
     }
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2x2 fast path against the general window loop: ties (small integers), NaNs and
+    /// odd sizes (a last row or column no window covers) give the same values and indices.
+    #[test]
+    fn max_2x2_equals_the_window_loop_with_ties_and_nans() {
+        for (h, w) in [(2, 2), (4, 6), (5, 7), (28, 28), (14, 15), (3, 33)] {
+            let g = PoolGeom::new("max_pool2d", &[1, 1, h, w], &Pool2dOptions::new(2)).unwrap();
+            assert!(g.is_2x2());
+            for seed in 0..20u32 {
+                let x: Vec<f32> = (0..h * w)
+                    .map(|i| {
+                        let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
+                        match r % 17 {
+                            0 if seed % 3 == 0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            _ => (r % 4) as f32 - 1.0,
+                        }
+                    })
+                    .collect();
+                let (pq, mut fast, mut slow) = (g.p * g.q, Vec::new(), Vec::new());
+                let (mut fa, mut sa) = (vec![0u32; pq], vec![0u32; pq]);
+                fast.resize(pq, 0.0f32);
+                slow.resize(pq, 0.0f32);
+                max_2x2(&g, &x, &mut fast, &mut fa);
+                max_window(&g, &x, &mut slow, &mut sa);
+                assert_eq!(fa, sa, "{h}x{w} seed {seed}: indices");
+                assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{h}x{w} seed {seed}: values");
+            }
+        }
+    }
 }

@@ -174,17 +174,18 @@ impl Optimizer for Adam {
             p.update_value(|w| {
                 w.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.data().par_chunks(CHUNK)).for_each(
                     |(((w, m), v), g)| {
-                        for j in 0..w.len() {
-                            let mut gj = g[j] as f64;
+                        // Zipped, not indexed: without bounds checks the loop vectorises.
+                        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                            let mut gj = g as f64;
                             if decoupled {
-                                w[j] = (w[j] as f64 * (1.0 - lr * wd)) as f32;
+                                *w = (*w as f64 * (1.0 - lr * wd)) as f32;
                             } else {
-                                gj += wd * w[j] as f64;
+                                gj += wd * *w as f64;
                             }
-                            m[j] = (b1 * m[j] as f64 + (1.0 - b1) * gj) as f32;
-                            v[j] = (b2 * v[j] as f64 + (1.0 - b2) * gj * gj) as f32;
-                            let denom = (v[j] as f64 / c2).sqrt() + eps;
-                            w[j] = (w[j] as f64 - lr * (m[j] as f64 / c1) / denom) as f32;
+                            *m = (b1 * *m as f64 + (1.0 - b1) * gj) as f32;
+                            *v = (b2 * *v as f64 + (1.0 - b2) * gj * gj) as f32;
+                            let denom = (*v as f64 / c2).sqrt() + eps;
+                            *w = (*w as f64 - lr * (*m as f64 / c1) / denom) as f32;
                         }
                     },
                 )

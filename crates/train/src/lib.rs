@@ -81,6 +81,10 @@ pub struct TrainConfig {
     /// Activation recompute: keep only the inputs of this many segments of the network in the
     /// forward pass and recompute each segment in the backward pass (see [`recompute`]).
     pub recompute: Option<usize>,
+    /// Label smoothing of the training loss, in [0, 1): the target puts 1-ε on the class and
+    /// ε/C on every class (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`). The test loss is
+    /// always the plain cross-entropy.
+    pub label_smoothing: f64,
 }
 
 impl Default for TrainConfig {
@@ -101,6 +105,7 @@ impl Default for TrainConfig {
             progress: false,
             report: None,
             recompute: None,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -477,10 +482,10 @@ pub fn train(
                 optim::zero_grad(&params);
                 let x = Var::constant(images);
                 let (lv, logits) = match &segments {
-                    Some(seg) => recompute::forward_backward(model, &x, &labels, &mut ctx, seg)?,
+                    Some(seg) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
                     None => {
                         let logits = model.forward(&x, &mut ctx)?;
-                        let loss = cross_entropy(&logits, &labels, 0.0)?;
+                        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
                         let lv = loss.value().item()?;
                         if lv.is_finite() {
                             loss.backward()?;

@@ -174,7 +174,14 @@ fn restore(layers: &mut Units<'_>, saved: &[Tensor<f32>]) {
 /// One training step's forward and backward pass (cross-entropy on `labels`) in segments:
 /// parameters' gradients accumulate as `loss.backward()` would leave them. Returns the loss
 /// and the logits (detached).
-pub fn forward_backward(model: &mut dyn Module, x: &Var, labels: &[usize], ctx: &mut Ctx, seg: &Segments) -> Result<(f32, Var)> {
+pub fn forward_backward(
+    model: &mut dyn Module,
+    x: &Var,
+    labels: &[usize],
+    label_smoothing: f64,
+    ctx: &mut Ctx,
+    seg: &Segments,
+) -> Result<(f32, Var)> {
     let mut all = Vec::new();
     units(model, "", &mut all);
     let layers = &mut all[..];
@@ -196,7 +203,7 @@ pub fn forward_backward(model: &mut dyn Module, x: &Var, labels: &[usize], ctx: 
     let (loss_value, logits, mut grad) = {
         let top = &inputs[k - 1];
         let logits = run(&mut layers[seg.range(k - 1)], top, ctx)?;
-        let loss = cross_entropy(&logits, labels, 0.0)?;
+        let loss = cross_entropy(&logits, labels, label_smoothing)?;
         let lv = loss.value().item()?;
         loss.backward()?;
         (lv, Var::constant(logits.value()), top.grad())

@@ -45,6 +45,16 @@ fn recompute_gives_the_same_weights_bit_for_bit() {
         let losses = |r: &stride_train::Outcome| r.reports.iter().map(|e| (e.train_loss, e.test.loss)).collect::<Vec<_>>();
         assert_eq!(losses(&ra), losses(&rb), "{k} segments");
     }
+    // Label smoothing reaches the loss both ways: the same bits with and without recompute,
+    // other weights than without smoothing, and a larger training loss (the uniform term).
+    let smooth = TrainConfig { label_smoothing: 0.1, ..plain.clone() };
+    let (mut s1, mut s2) = (net(3), net(3));
+    let r1 = train(&mut s1, &data, &smooth, false, None, |_| {}).unwrap();
+    let r2 = train(&mut s2, &data, &TrainConfig { recompute: Some(2), ..smooth.clone() }, false, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut s1), checkpoint::state_dict(&mut s2), "smoothing with recompute");
+    assert_eq!(r1.reports[0].train_loss, r2.reports[0].train_loss);
+    assert_ne!(checkpoint::state_dict(&mut s1), checkpoint::state_dict(&mut a), "smoothing changed nothing");
+    assert!(r1.reports[0].train_loss > ra.reports[0].train_loss, "{} <= {}", r1.reports[0].train_loss, ra.reports[0].train_loss);
 }
 
 #[test]
