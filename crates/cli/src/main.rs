@@ -58,7 +58,8 @@ fn models() -> Result<(), Box<dyn std::error::Error>> {
         let s = m.input;
         let n = stride_nn::Module::num_parameters(&mut (m.build)(&mut stride_autograd::Rng::seed(0), s)?);
         let input = format!("{}x{}x{}, {}", s.channels, s.height, s.width, s.classes);
-        println!("{:<20} {:>13}  {:<16} {:>6}  {}", m.name, group(n), input, m.epochs, m.about);
+        let recipe = if m.weight_decay > 0.0 { format!(" (trained with AdamW, weight decay {})", m.weight_decay) } else { String::new() };
+        println!("{:<20} {:>13}  {:<16} {:>6}  {}{recipe}", m.name, group(n), input, m.epochs, m.about);
     }
     let n = stride_nn::Module::num_parameters(&mut stride_models::vae::Vae::new(&mut stride_autograd::Rng::seed(0))?);
     println!("{:<20} {:>13}  {:<16} {:>6}  {}", "vae", group(n), "1x32x32", 10, stride_models::vae::ABOUT);

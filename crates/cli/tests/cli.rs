@@ -150,6 +150,7 @@ fn image_folders_train_and_predict() {
         run.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("5 epochs, batch 8, adamw lr 0.002 weight decay 0.05, cosine schedule"), "cnn-bn's recipe: {}", text(&out));
     let p = stride(&[
         "predict",
         "--model",

@@ -26,6 +26,8 @@ pub struct ZooEntry {
     pub about: &'static str,
     /// Epochs `stride train` runs by default for this model.
     pub epochs: usize,
+    /// Decoupled weight decay `stride train` uses by default (with AdamW); 0 means plain Adam.
+    pub weight_decay: f64,
     /// The input the model was designed for (its parameter count in `stride models` is for
     /// this input and class count).
     pub input: InputSpec,
@@ -47,22 +49,26 @@ pub const ZOO: &[ZooEntry] = &[
         name: "cnn",
         about: "the \"CNN from scratch\" tutorial network: conv 20 3x3, relu, avg-pool, conv 50 5x5, relu, avg-pool, dense 128, relu, dense 10",
         epochs: 15,
+        weight_decay: 0.0,
         input: MNIST,
         min_size: 14,
         build: tutorial_cnn,
     },
     ZooEntry {
         name: "cnn-bn",
-        about: "two 3x3 conv blocks (32, 64 channels) with batch norm, relu and max-pool, dropout 0.25, dense 128, relu, dropout 0.25, dense 10",
-        epochs: 13,
+        about:
+            "three 3x3 conv blocks (32, 64, 128 channels) with batch norm, relu and max-pool, dropout 0.25, dense 128, relu, dropout 0.25, dense 10",
+        epochs: 10,
+        weight_decay: 0.05,
         input: MNIST,
-        min_size: 4,
+        min_size: 8,
         build: cnn_bn,
     },
     ZooEntry {
         name: "lenet5",
         about: "LeNet-5: conv 6 5x5 (pad 2), tanh, avg-pool, conv 16 5x5, tanh, avg-pool, dense 120, 84",
         epochs: 10,
+        weight_decay: 0.0,
         input: MNIST,
         min_size: 12,
         build: arch::classic::lenet5,
@@ -71,15 +77,25 @@ pub const ZOO: &[ZooEntry] = &[
         name: "allconv",
         about: "All-CNN-C: 3x3 convs with strided convs instead of pooling, 1x1 conv to classes, global average pool (with batch norm)",
         epochs: 5,
+        weight_decay: 0.0,
         input: CIFAR,
         min_size: 9,
         build: arch::classic::allconv,
     },
-    ZooEntry { name: "alexnet", about: "AlexNet as torchvision builds it", epochs: 5, input: IMAGENET, min_size: 63, build: arch::classic::alexnet },
+    ZooEntry {
+        name: "alexnet",
+        about: "AlexNet as torchvision builds it",
+        epochs: 5,
+        weight_decay: 0.0,
+        input: IMAGENET,
+        min_size: 63,
+        build: arch::classic::alexnet,
+    },
     ZooEntry {
         name: "vgg11",
         about: "VGG-11 (configuration A), torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 32,
         build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG11, false),
@@ -88,6 +104,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "vgg11_bn",
         about: "VGG-11 with batch norm, torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 32,
         build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG11, true),
@@ -96,6 +113,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "vgg16",
         about: "VGG-16 (configuration D), torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 32,
         build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG16, false),
@@ -104,6 +122,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "vgg16_bn",
         about: "VGG-16 with batch norm, torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 32,
         build: |r, s| arch::classic::vgg(r, s, arch::classic::VGG16, true),
@@ -112,6 +131,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "googlenet",
         about: "GoogLeNet (Inception v1), torchvision's with aux_logits=False, transform_input=False",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 15,
         build: arch::inception::googlenet,
@@ -120,6 +140,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet18",
         about: "ResNet-18, torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET18),
@@ -128,6 +149,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet34",
         about: "ResNet-34, torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET34),
@@ -136,6 +158,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet50",
         about: "ResNet-50 (bottleneck blocks, stride on the 3x3), torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::RESNET50),
@@ -144,6 +167,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet18_cifar",
         about: "ResNet-18 with the CIFAR stem (3x3 conv, no max-pool): bench/SPEC.md's B4",
         epochs: 3,
+        weight_decay: 0.0,
         input: CIFAR,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET18 }),
@@ -152,6 +176,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet34_cifar",
         about: "ResNet-34 with the CIFAR stem",
         epochs: 3,
+        weight_decay: 0.0,
         input: CIFAR,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET34 }),
@@ -160,6 +185,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "resnet50_cifar",
         about: "ResNet-50 with the CIFAR stem",
         epochs: 3,
+        weight_decay: 0.0,
         input: CIFAR,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { cifar: true, ..arch::resnet::RESNET50 }),
@@ -168,6 +194,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "se_resnet18",
         about: "SE-ResNet-18: ResNet-18 with a squeeze-and-excitation unit (reduction 16) in every block",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { se: true, ..arch::resnet::RESNET18 }),
@@ -176,6 +203,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "se_resnet50",
         about: "SE-ResNet-50: ResNet-50 with a squeeze-and-excitation unit (reduction 16) in every block",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: |r, s| arch::resnet::resnet(r, s, arch::resnet::ResNetConfig { se: true, ..arch::resnet::RESNET50 }),
@@ -184,6 +212,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "densenet121",
         about: "DenseNet-121 (growth 32, blocks 6-12-24-16), torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 29,
         build: |r, s| arch::dense::densenet(r, s, arch::dense::DENSENET121),
@@ -192,6 +221,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "densenet_bc",
         about: "DenseNet-BC-40 (growth 12, three blocks of 6 bottleneck layers) for small images",
         epochs: 5,
+        weight_decay: 0.0,
         input: CIFAR,
         min_size: 4,
         build: |r, s| arch::dense::densenet(r, s, arch::dense::DENSENET_BC_40),
@@ -200,6 +230,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "mobilenet_v1",
         about: "MobileNet v1 (width 1.0): 13 depthwise-separable blocks",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: arch::mobile::mobilenet_v1,
@@ -208,6 +239,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "mobilenet_v2",
         about: "MobileNet v2 (inverted residuals, relu6), torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: arch::mobile::mobilenet_v2,
@@ -216,6 +248,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "shufflenet_v2_x1_0",
         about: "ShuffleNet v2 x1.0, torchvision's",
         epochs: 3,
+        weight_decay: 0.0,
         input: IMAGENET,
         min_size: 1,
         build: arch::mobile::shufflenet_v2_x1_0,
@@ -224,6 +257,7 @@ pub const ZOO: &[ZooEntry] = &[
         name: "xception",
         about: "Xception (Keras's layout): separable convolutions with residual connections",
         epochs: 3,
+        weight_decay: 0.0,
         input: spec(3, 299, 1000),
         min_size: 7,
         build: arch::inception::xception,
@@ -314,26 +348,30 @@ pub fn tutorial_cnn(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
         .push(Linear::new(rng, 128, s.classes, true)?))
 }
 
-/// Two conv + batch norm + pooling blocks, for Fashion-MNIST.
+/// Three conv + batch norm + relu + max-pool blocks (32, 64, 128 channels: 28 -> 14 -> 7 -> 3
+/// on Fashion-MNIST), dropout, dense 128, dropout, dense. The third block replaced a second
+/// dense-heavy design (3136 x 128) that stayed near 93.0% on Fashion-MNIST: for 1.8 times the
+/// multiply-adds and 57% of the parameters it reaches 93.4% in fewer epochs (README).
 pub fn cnn_bn(rng: &mut Rng, s: InputSpec) -> Result<Sequential> {
+    const DROPOUT: f64 = 0.25;
     let same = Conv2dOptions::default().padding(Padding::Same);
-    let (h, w) = (s.height / 4, s.width / 4);
+    let (h, w) = (s.height / 8, s.width / 8);
     if h == 0 || w == 0 {
-        return Err(Error::geometry("cnn-bn", format!("input {}x{} is too small for two 2x2 poolings", s.height, s.width)).into());
+        return Err(Error::geometry("cnn-bn", format!("input {}x{} is too small for three 2x2 poolings", s.height, s.width)).into());
     }
-    Ok(Sequential::new()
-        .push(Conv2d::new(rng, s.channels, 32, 3, same, false)?)
-        .push(BatchNorm::new(32)?)
-        .push(Activation(Unary::Relu))
-        .push(Pool::Max(Pool2dOptions::new(2)))
-        .push(Conv2d::new(rng, 32, 64, 3, same, false)?)
-        .push(BatchNorm::new(64)?)
-        .push(Activation(Unary::Relu))
-        .push(Pool::Max(Pool2dOptions::new(2)))
+    let mut net = Sequential::new();
+    for (cin, cout) in [(s.channels, 32), (32, 64), (64, 128)] {
+        net = net
+            .push(Conv2d::new(rng, cin, cout, 3, same, false)?)
+            .push(BatchNorm::new(cout)?)
+            .push(Activation(Unary::Relu))
+            .push(Pool::Max(Pool2dOptions::new(2)));
+    }
+    Ok(net
         .push(Flatten)
-        .push(Dropout(0.25))
-        .push(Linear::new(rng, 64 * h * w, 128, true)?)
+        .push(Dropout(DROPOUT))
+        .push(Linear::new(rng, 128 * h * w, 128, true)?)
         .push(Activation(Unary::Relu))
-        .push(Dropout(0.25))
+        .push(Dropout(DROPOUT))
         .push(Linear::new(rng, 128, s.classes, true)?))
 }
