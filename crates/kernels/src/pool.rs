@@ -128,13 +128,19 @@ impl PoolGeom {
     }
 }
 
+/// How many planes of these sizes (in elements) one task takes: about 16 K elements' worth, so
+/// small planes are not one task each.
+fn planes_per_task(in_plane: usize, out_plane: usize) -> usize {
+    (1usize << 14).div_ceil(in_plane + out_plane)
+}
+
 /// Runs `f(output plane, input plane)` over all N*C planes in parallel, several small planes
 /// to a task.
 fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
     if out_plane == 0 || in_plane == 0 {
         return;
     }
-    let per_task = (1usize << 14).div_ceil(in_plane + out_plane);
+    let per_task = planes_per_task(in_plane, out_plane);
     out.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).with_min_len(per_task).for_each(|(o, i)| f(o, i));
 }
 
@@ -148,7 +154,7 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
         return (y, idx);
     }
     let fast = g.is_2x2();
-    let per_task = (1usize << 14).div_ceil(hw + 2 * pq);
+    let per_task = planes_per_task(hw, 2 * pq);
     y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).with_min_len(per_task).for_each(|((out, arg), xp)| {
         if fast {
             max_2x2(g, xp, out, arg)
