@@ -87,6 +87,16 @@ impl Vae {
 
     /// Encodes, draws z = mu + sigma * eps with eps from `ctx.rng`, generates; returns the
     /// reconstruction and the loss against `x`.
+    /// Writes the generator into `g` as ONNX operators, from a latent code `z` [N, 100]: what
+    /// `stride export --model vae` writes.
+    pub fn export_generator(&mut self, g: &mut stride_nn::export::Graph, z: &stride_nn::export::Value) -> Result<stride_nn::export::Value> {
+        let n = z.shape()[0];
+        let z4 = z.var.reshape(&[n, LATENT, 1, 1])?;
+        let shape = g.ints("latent.shape", vec![0, LATENT as i64, 1, 1]);
+        let z4 = g.op("Reshape", "latent", vec![z.name.clone(), shape], vec![], z4);
+        g.child(&mut self.generator, "", "generator", &z4)
+    }
+
     pub fn forward_loss(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, VaeLoss)> {
         let (h, mu, sigma) = self.encode_parts(x, ctx)?;
         let before = stride_autograd::tape_bytes();

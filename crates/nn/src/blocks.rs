@@ -3,7 +3,8 @@
 
 use stride_autograd::{self as ag, Conv2dOptions, Pool2dOptions, Rng, Unary, Var};
 
-use crate::layers::Conv2d;
+use crate::export::{conv_transpose_attrs, unsupported, Attr, Graph, Value};
+use crate::layers::{dropout, weight_bias, Conv2d};
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
 use crate::trace::{Field, Scratch};
 use crate::{init, Result};
@@ -39,6 +40,12 @@ impl Module for ConvTranspose2d {
     fn describe(&self) -> String {
         let s = self.weight.shape();
         format!("ConvTranspose2d({}, {}, k{}x{}{})", s[0], s[1] * self.opts.groups, s[2], s[3], crate::layers::options(&self.opts))
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let attrs = conv_transpose_attrs(&self.weight.shape(), &self.opts);
+        let inputs = weight_bias(g, name, x, &self.weight, self.bias.as_ref());
+        Ok(g.op("ConvTranspose", name, inputs, attrs, y))
     }
     fn macs(&self, input: &[usize], _: &[usize]) -> u64 {
         // Each input value is scattered into (out / groups) x kh x kw outputs.
@@ -81,6 +88,10 @@ impl Module for DepthwiseSeparableConv2d {
     }
     fn describe(&self) -> String {
         format!("DepthwiseSeparable({}, {})", self.depthwise.describe(), self.pointwise.describe())
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let h = self.depthwise.export(g, &join(name, "depthwise"), x)?;
+        self.pointwise.export(g, &join(name, "pointwise"), &h)
     }
     fn macs(&self, input: &[usize], output: &[usize]) -> u64 {
         // The depthwise output has the input's channels and the output's spatial size.
@@ -133,6 +144,34 @@ impl Module for OtherPool {
             }
         }
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let xi = vec![x.name.clone()];
+        let (xs, ys) = (x.shape(), y.shape());
+        Ok(match self {
+            OtherPool::Lp(p, o) if p.fract() == 0.0 && *p >= 1.0 => {
+                let mut attrs = crate::export::pool_attrs(o, &xs, &ys, false);
+                attrs.retain(|(k, _)| *k != "ceil_mode" || o.ceil_mode);
+                attrs.push(("p", Attr::Int(*p as i64)));
+                g.op("LpPool", name, xi, attrs, y)
+            }
+            OtherPool::GlobalAvg => g.op("GlobalAveragePool", name, xi, vec![], y),
+            OtherPool::GlobalMax => g.op("GlobalMaxPool", name, xi, vec![], y),
+            OtherPool::AdaptiveAvg(..) | OtherPool::AdaptiveMax(..) if ys[2] == 1 && ys[3] == 1 => {
+                let op = if matches!(self, OtherPool::AdaptiveAvg(..)) { "GlobalAveragePool" } else { "GlobalMaxPool" };
+                g.op(op, name, xi, vec![], y)
+            }
+            // An adaptive pool whose output divides the input is a plain pool with a fixed window.
+            OtherPool::AdaptiveAvg(oh, ow) | OtherPool::AdaptiveMax(oh, ow) if xs[2] % *oh == 0 && xs[3] % *ow == 0 => {
+                let (kh, kw) = (xs[2] / *oh, xs[3] / *ow);
+                let avg = matches!(self, OtherPool::AdaptiveAvg(..));
+                let o = Pool2dOptions { kernel: (kh, kw), ..Pool2dOptions::new(1) };
+                let attrs = crate::export::pool_attrs(&o, &xs, &ys, avg);
+                g.op(if avg { "AveragePool" } else { "MaxPool" }, name, xi, attrs, y)
+            }
+            _ => return Err(unsupported(&format!("{} on a {}x{} input", self.describe(), xs.get(2).unwrap_or(&0), xs.get(3).unwrap_or(&0)))),
+        })
+    }
     fn field(&self, input: Field, shape: &[usize]) -> Field {
         let (h, w) = match shape {
             [_, _, h, w] => (*h, *w),
@@ -163,6 +202,10 @@ impl Module for Dropout2d {
     fn describe(&self) -> String {
         format!("Dropout2d({})", self.0)
     }
+    /// Written as ONNX's Dropout (which drops elements, not channels): the same in inference.
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        dropout(g, name, x, self.0)
+    }
 }
 
 /// Constant padding of the two spatial axes: (top, bottom, left, right).
@@ -179,6 +222,20 @@ impl Module for Pad {
     fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
     fn describe(&self) -> String {
         format!("Pad{:?}", self.pad)
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let (t, b, l, r) = self.pad;
+        let rank = x.shape().len();
+        // ONNX's pads: every axis's start, then every axis's end; only the last two are padded.
+        let mut pads = vec![0i64; 2 * rank];
+        pads[rank - 2] = t as i64;
+        pads[rank - 1] = l as i64;
+        pads[2 * rank - 2] = b as i64;
+        pads[2 * rank - 1] = r as i64;
+        let pads = g.ints(&join(name, "pads"), pads);
+        let value = g.scalar(&join(name, "value"), self.value as f32);
+        Ok(g.op("Pad", name, vec![x.name.clone(), pads, value], vec![], y))
     }
 }
 
@@ -246,6 +303,19 @@ impl Module for Residual {
     fn describe(&self) -> String {
         format!("Residual({})", self.body.describe())
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = g.child(self.body.as_mut(), name, &self.body_name, x)?;
+        let s = match &mut self.shortcut {
+            Some(m) => g.child(m.as_mut(), name, &self.shortcut_name, x)?,
+            None => x.clone(),
+        };
+        let sum = y.var.add(&s.var)?;
+        let sum = g.op("Add", &join(name, "add"), vec![y.name, s.name], vec![], sum);
+        match self.post {
+            Some(f) => g.unary(f, &join(name, f.name()), &sum),
+            None => Ok(sum),
+        }
+    }
 }
 
 /// Runs every branch on the same input and concatenates the results along channels:
@@ -287,6 +357,17 @@ impl Module for Concat {
     fn describe(&self) -> String {
         format!("Concat({} branches)", self.branches.len())
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let outs: Vec<Value> = self.branches.iter_mut().zip(&self.names).map(|(b, n)| g.child(b.as_mut(), name, n, x)).collect::<Result<_>>()?;
+        concat(g, &join(name, "concat"), &outs)
+    }
+}
+
+/// Concat along channels of values already in the graph.
+pub fn concat(g: &mut Graph, name: &str, parts: &[Value]) -> Result<Value> {
+    let vars: Vec<&Var> = parts.iter().map(|p| &p.var).collect();
+    let y = ag::concat(&vars, 1)?;
+    Ok(g.op("Concat", name, parts.iter().map(|p| p.name.clone()).collect(), vec![("axis", Attr::Int(1))], y))
 }
 
 /// DenseNet's dense block: layer i sees the channel concatenation of the block's input and
@@ -325,6 +406,14 @@ impl Module for DenseBlock {
     fn describe(&self) -> String {
         format!("DenseBlock({} layers)", self.layers.len())
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let mut feats = vec![x.clone()];
+        for (l, n) in self.layers.iter_mut().zip(&self.names) {
+            let input = if feats.len() == 1 { feats[0].clone() } else { concat(g, &join(name, &format!("concat_for_{n}")), &feats)? };
+            feats.push(g.child(l.as_mut(), name, n, &input)?);
+        }
+        concat(g, &join(name, "concat"), &feats)
+    }
 }
 
 /// Squeeze-and-excitation: x * sigmoid(fc2(relu(fc1(global_avg_pool(x))))), with 1x1
@@ -360,6 +449,16 @@ impl Module for SqueezeExcite {
     fn describe(&self) -> String {
         let s = self.fc1.weight.shape();
         format!("SqueezeExcite({}, {})", s[1], s[0])
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let pooled = ag::global_avg_pool2d(&x.var)?;
+        let s = g.op("GlobalAveragePool", &join(name, "avgpool"), vec![x.name.clone()], vec![], pooled);
+        let s = self.fc1.export(g, &join(name, "fc1"), &s)?;
+        let s = g.unary(Unary::Relu, &join(name, "relu"), &s)?;
+        let s = self.fc2.export(g, &join(name, "fc2"), &s)?;
+        let s = g.unary(Unary::Sigmoid, &join(name, "sigmoid"), &s)?;
+        let y = x.var.mul(&s.var)?;
+        Ok(g.op("Mul", &join(name, "scale"), vec![x.name.clone(), s.name], vec![], y))
     }
     fn macs(&self, input: &[usize], _: &[usize]) -> u64 {
         let (n, c) = (input[0], input[1]);

@@ -2,6 +2,7 @@
 
 use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
+use crate::export::{conv_attrs, pool_attrs, Attr, Graph, Value};
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
 use crate::trace::{Field, Scratch};
 use crate::{init, Result};
@@ -35,6 +36,12 @@ impl Module for Conv2d {
         let s = self.weight.shape();
         format!("Conv2d({}, {}, k{}x{}{})", s[1] * self.opts.groups, s[0], s[2], s[3], options(&self.opts))
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let attrs = conv_attrs(&self.weight.shape(), &self.opts, &x.shape(), &y.shape());
+        let inputs = weight_bias(g, name, x, &self.weight, self.bias.as_ref());
+        Ok(g.op("Conv", name, inputs, attrs, y))
+    }
     fn macs(&self, _: &[usize], output: &[usize]) -> u64 {
         // Each output value is a dot product over (in / groups) x kh x kw weights.
         let s = self.weight.shape();
@@ -47,6 +54,15 @@ impl Module for Conv2d {
     fn scratch(&self, input: &[usize], _: &[usize]) -> Scratch {
         Scratch { per_image: 0, work: ag::conv2d_workspace(input, &self.weight.shape(), &self.opts).unwrap_or_default() }
     }
+}
+
+/// A weighted node's inputs: `x`, the weight and the bias, as initializers under `name`.
+pub(crate) fn weight_bias(g: &mut Graph, name: &str, x: &Value, weight: &Var, bias: Option<&Var>) -> Vec<String> {
+    let mut inputs = vec![x.name.clone(), g.param(&join(name, "weight"), weight.value())];
+    if let Some(b) = bias {
+        inputs.push(g.param(&join(name, "bias"), b.value()));
+    }
+    inputs
 }
 
 /// The options that differ from the defaults, compactly: `, stride 2, pad 1, groups 32`.
@@ -97,6 +113,14 @@ impl Module for Linear {
     fn describe(&self) -> String {
         let s = self.weight.shape();
         format!("Linear({}, {})", s[1], s[0])
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        if x.shape().len() != 2 {
+            return Err(crate::export::unsupported(&format!("Linear on a {}-d input", x.shape().len())));
+        }
+        let inputs = weight_bias(g, name, x, &self.weight, self.bias.as_ref());
+        Ok(g.op("Gemm", name, inputs, vec![("transB", Attr::Int(1))], y))
     }
     fn macs(&self, _: &[usize], output: &[usize]) -> u64 {
         output.iter().product::<usize>() as u64 * self.weight.shape()[1] as u64
@@ -153,6 +177,21 @@ impl Module for BatchNorm {
     fn describe(&self) -> String {
         format!("BatchNorm({})", self.running_mean.numel())
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let mut inputs = vec![x.name.clone()];
+        for (part, t) in [
+            ("weight", self.weight.value()),
+            ("bias", self.bias.value()),
+            ("running_mean", self.running_mean.clone()),
+            ("running_var", self.running_var.clone()),
+        ] {
+            inputs.push(g.param(&join(name, part), t));
+        }
+        // ONNX's momentum weighs the running value, PyTorch's the new one.
+        let attrs = vec![("epsilon", Attr::Float(self.opts.eps as f32)), ("momentum", Attr::Float(1.0 - self.opts.momentum as f32))];
+        Ok(g.op("BatchNormalization", name, inputs, attrs, y))
+    }
 }
 
 /// Max or average pooling.
@@ -174,6 +213,15 @@ impl Module for Pool {
             Pool::Max(o) => format!("MaxPool2d({})", pool_options(o)),
             Pool::Avg(o) => format!("AvgPool2d({})", pool_options(o)),
         }
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        let (op, o, avg) = match self {
+            Pool::Max(o) => ("MaxPool", o, false),
+            Pool::Avg(o) => ("AveragePool", o, true),
+        };
+        let attrs = pool_attrs(o, &x.shape(), &y.shape(), avg);
+        Ok(g.op(op, name, vec![x.name.clone()], attrs, y))
     }
     fn scratch(&self, _: &[usize], output: &[usize]) -> Scratch {
         // Max pooling writes the argmax of every output (u32) beside it, even in inference.
@@ -209,6 +257,9 @@ impl Module for Activation {
     fn describe(&self) -> String {
         self.0.name().to_string()
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        g.unary(self.0, name, x)
+    }
 }
 
 /// [N, ...] -> [N, product of the rest].
@@ -221,6 +272,10 @@ impl Module for Flatten {
     fn visit(&mut self, _: &str, _: &mut dyn FnMut(String, Slot<'_>)) {}
     fn describe(&self) -> String {
         "Flatten".into()
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let y = self.forward(&x.var, g.ctx())?;
+        Ok(g.op("Flatten", name, vec![x.name.clone()], vec![("axis", Attr::Int(1))], y))
     }
 }
 
@@ -235,6 +290,15 @@ impl Module for Dropout {
     fn describe(&self) -> String {
         format!("Dropout({})", self.0)
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        dropout(g, name, x, self.0)
+    }
+}
+
+/// Dropout with ratio `p` (an identity in inference; fine-tuning an imported model drops again).
+pub(crate) fn dropout(g: &mut Graph, name: &str, x: &Value, p: f64) -> Result<Value> {
+    let ratio = g.scalar(&join(name, "ratio"), p as f32);
+    Ok(g.op("Dropout", name, vec![x.name.clone(), ratio], vec![], x.var.clone()))
 }
 
 /// Layers applied in order. Children are named 0, 1, 2, ... as in PyTorch's `nn.Sequential`,
@@ -295,6 +359,13 @@ impl Module for Sequential {
     }
     fn describe(&self) -> String {
         format!("Sequential({} layers)", self.layers.len())
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let mut h = x.clone();
+        for (l, child) in self.layers.iter_mut().zip(&self.names) {
+            h = g.child(l.as_mut(), name, child, &h)?;
+        }
+        Ok(h)
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blocks;
+pub mod export;
 pub mod init;
 pub mod layers;
 mod module;

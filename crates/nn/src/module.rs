@@ -2,6 +2,7 @@
 
 use stride_autograd::{tape_bytes, Rng, Tensor, Var};
 
+use crate::export::{Graph, Value};
 use crate::trace::{Field, Row, Scratch, Trace};
 use crate::Result;
 
@@ -148,6 +149,13 @@ pub trait Module {
     /// The receptive field after this layer, given the field of its input.
     fn field(&self, input: Field, _input_shape: &[usize]) -> Field {
         input
+    }
+
+    /// Writes this layer into `g` as ONNX operators reading `x`, under `name` (its
+    /// `state_dict` prefix, so initializers carry the parameters' names), and returns its
+    /// output. Layers run forward on `x`'s example value as they write.
+    fn export(&mut self, _g: &mut Graph, _name: &str, _x: &Value) -> Result<Value> {
+        Err(crate::export::unsupported(&self.describe()))
     }
 
     /// The trainable parameters, in `visit` order.

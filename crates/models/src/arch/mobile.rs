@@ -2,7 +2,8 @@
 //! 2018) and ShuffleNet v2 (Ma et al. 2018), the last two as torchvision builds them.
 
 use stride_autograd::{self as ag, Rng, Unary, Var};
-use stride_nn::blocks::{OtherPool, Residual};
+use stride_nn::blocks::{concat, OtherPool, Residual};
+use stride_nn::export::{Attr, Graph, Value};
 use stride_nn::layers::{Dropout, Flatten, Linear, Sequential};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
@@ -130,6 +131,38 @@ impl Module for ShuffleUnit {
     fn describe(&self) -> String {
         format!("ShuffleUnit(stride {})", if self.branch1.is_some() { 2 } else { 1 })
     }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        let (a, b) = match &mut self.branch1 {
+            Some(b1) => (g.child(b1, name, "branch1", x)?, g.child(&mut self.branch2, name, "branch2", x)?),
+            None => {
+                let c = x.shape()[1];
+                let sizes = [c / 2, c - c / 2];
+                let parts = x.var.split(1, &sizes)?;
+                let split = g.ints(&join(name, "split"), sizes.iter().map(|&s| s as i64).collect());
+                let mut halves = g.op_multi("Split", &join(name, "split"), vec![x.name.clone(), split], vec![("axis", Attr::Int(1))], parts);
+                let second = halves.pop().expect("two halves");
+                (halves.pop().expect("two halves"), g.child(&mut self.branch2, name, "branch2", &second)?)
+            }
+        };
+        let cat = concat(g, &join(name, "concat"), &[a, b])?;
+        channel_shuffle(g, &join(name, "shuffle"), &cat, 2)
+    }
+}
+
+/// Channel shuffle as ONNX writes it: reshape to [N, groups, C/groups, H, W], swap the two
+/// channel axes, reshape back.
+fn channel_shuffle(g: &mut Graph, name: &str, x: &Value, groups: usize) -> Result<Value> {
+    let [n, c, h, w] = x.shape()[..] else {
+        return Err(stride_nn::export::unsupported(&format!("channel shuffle of a {:?} value", x.shape())));
+    };
+    let split = x.var.reshape(&[n, groups, c / groups, h, w])?;
+    let five = g.ints(&join(name, "shape5"), vec![0, groups as i64, (c / groups) as i64, h as i64, w as i64]);
+    let split = g.op("Reshape", &join(name, "split"), vec![x.name.clone(), five], vec![], split);
+    let swapped = split.var.permute(&[0, 2, 1, 3, 4])?;
+    let swapped = g.op("Transpose", &join(name, "swap"), vec![split.name], vec![("perm", Attr::Ints(vec![0, 2, 1, 3, 4]))], swapped);
+    let y = x.var.channel_shuffle(groups)?;
+    let four = g.ints(&join(name, "shape4"), vec![0, c as i64, h as i64, w as i64]);
+    Ok(g.op("Reshape", name, vec![swapped.name, four], vec![], y))
 }
 
 /// ShuffleNet v2 x1.0: stages of 4, 8 and 4 units with 116, 232 and 464 channels.

@@ -1,0 +1,655 @@
+//! An ONNX graph to a [`Network`] of Stride's layers.
+//!
+//! Each node becomes an existing layer (Conv -> `Conv2d`, BatchNormalization -> `BatchNorm`,
+//! Gemm -> `Linear`, ...) or one of the network's steps between layers. Weights must be
+//! constants (initializers or Constant nodes). A layer is named after its weight's initializer
+//! (`features.0.weight` -> layer `features.0`), so a model Stride exported comes back with
+//! its `state_dict` names. Anything Stride does not have, or an attribute value it does not
+//! implement, is an error naming the operator, the node and the opset.
+
+use std::collections::{HashMap, HashSet};
+
+use stride_autograd::{BatchNormOptions, Conv2dOptions, Padding, Pool2dOptions, Tensor, Unary, Var};
+use stride_nn::blocks::{ConvTranspose2d, OtherPool};
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool};
+use stride_nn::Module;
+
+use crate::network::{BinOp, Network, Step, ValueId};
+use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::tensor::{read_const, type_name, Const};
+use crate::{err, Result};
+
+/// What `import` made of a file.
+pub struct Imported {
+    pub network: Network,
+    /// The default domain's opset the file was written for.
+    pub opset: i64,
+    /// The program that wrote the file.
+    pub producer: String,
+}
+
+/// Imports `model`: one tensor input, one output.
+pub fn import(model: &ModelProto) -> Result<Imported> {
+    import_with(model, &HashMap::new())
+}
+
+/// Imports `model`, treating the graph inputs named in `bound` as constants with those values
+/// (ONNX's node tests pass weights as inputs; a graph's other inputs become its constants).
+pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> Result<Imported> {
+    let graph = model.graph.as_ref().ok_or_else(|| err("the model has no graph"))?;
+    let mut opset = None;
+    for o in &model.opset_import {
+        match o.domain.as_deref().unwrap_or("") {
+            "" | "ai.onnx" => opset = o.version,
+            _ => {}
+        }
+    }
+    let opset = opset.ok_or_else(|| err("the model imports no version of ONNX's default operator set"))?;
+    if opset < 7 {
+        return Err(err(format!("opset {opset} is older than Stride reads (7 and later)")));
+    }
+    let mut b = Builder { opset, vals: HashMap::new(), steps: Vec::new(), names: HashSet::new(), domains: HashMap::new() };
+    for o in &model.opset_import {
+        if let Some(d) = o.domain.as_deref().filter(|d| !d.is_empty() && *d != "ai.onnx") {
+            b.domains.insert(d.to_string(), o.version.unwrap_or(0));
+        }
+    }
+    for t in &graph.initializer {
+        let name = t.name.clone().unwrap_or_default();
+        b.vals.insert(name, Val::Const(read_const(t)?));
+    }
+    if !graph.sparse_initializer.is_empty() {
+        return Err(err("the graph has sparse initializers; Stride reads dense ones"));
+    }
+    for (name, t) in bound {
+        b.vals.insert(name.clone(), Val::Const(read_const(t)?));
+    }
+    let runtime: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !b.vals.contains_key(i.name.as_deref().unwrap_or(""))).collect();
+    let [input] = runtime[..] else {
+        let names: Vec<&str> = runtime.iter().map(|i| i.name.as_deref().unwrap_or("")).collect();
+        return Err(err(format!("a Stride network takes one input; this graph takes {} ({})", names.len(), names.join(", "))));
+    };
+    let input_name = input.name.clone().unwrap_or_default();
+    let input_shape = tensor_shape(input).map_err(|e| e.context(format!("graph input '{input_name}'")))?;
+    b.vals.insert(input_name, Val::Runtime(0));
+    for (i, node) in graph.node.iter().enumerate() {
+        let name = match node.name.as_deref() {
+            Some(n) if !n.is_empty() => format!("'{n}'"),
+            _ => format!("#{i}"),
+        };
+        b.node(node).map_err(|e| e.context(format!("node {name} ({}, opset {opset})", node.op_type.as_deref().unwrap_or(""))))?;
+    }
+    let [output] = &graph.output[..] else {
+        return Err(err(format!("a Stride network gives one output; this graph gives {}", graph.output.len())));
+    };
+    let out_name = output.name.as_deref().unwrap_or("");
+    let output_shape = tensor_shape(output).unwrap_or_default();
+    let out = match b.vals.get(out_name) {
+        Some(Val::Runtime(id)) => *id,
+        Some(Val::Const(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant"))),
+        None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
+    };
+    Ok(Imported {
+        network: Network::new(b.steps, out, input_shape, output_shape),
+        opset,
+        producer: model.producer_name.clone().unwrap_or_default(),
+    })
+}
+
+/// A float tensor's declared shape (None for symbolic dimensions).
+fn tensor_shape(v: &ValueInfoProto) -> Result<Vec<Option<usize>>> {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Err(err("is not a tensor"));
+    };
+    if t.elem_type != Some(1) {
+        return Err(err(format!("has element type {}; Stride computes in float32", type_name(t.elem_type.unwrap_or(0)))));
+    }
+    let dims = t.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);
+    Ok(dims
+        .iter()
+        .map(|d| match d.value {
+            Some(crate::proto::tensor_shape_proto::dimension::Value::DimValue(v)) if v >= 0 => Some(v as usize),
+            _ => None,
+        })
+        .collect())
+}
+
+enum Val {
+    Runtime(ValueId),
+    Const(Const),
+}
+
+struct Builder {
+    opset: i64,
+    vals: HashMap<String, Val>,
+    steps: Vec<Step>,
+    names: HashSet<String>,
+    domains: HashMap<String, i64>,
+}
+
+/// A node's attributes, each read at most once; whatever is left unread is refused.
+struct Attrs<'a> {
+    map: HashMap<&'a str, &'a AttributeProto>,
+}
+
+impl<'a> Attrs<'a> {
+    fn new(node: &'a NodeProto) -> Self {
+        Attrs { map: node.attribute.iter().map(|a| (a.name.as_deref().unwrap_or(""), a)).collect() }
+    }
+    fn take(&mut self, name: &str) -> Option<&'a AttributeProto> {
+        self.map.remove(name)
+    }
+    fn int(&mut self, name: &str, default: i64) -> Result<i64> {
+        match self.take(name) {
+            None => Ok(default),
+            Some(a) if a.r#type == Some(AttributeType::Int as i32) || a.i.is_some() => Ok(a.i.unwrap_or(0)),
+            Some(_) => Err(err(format!("attribute {name} is not an int"))),
+        }
+    }
+    fn float(&mut self, name: &str, default: f32) -> Result<f32> {
+        match self.take(name) {
+            None => Ok(default),
+            Some(a) if a.r#type == Some(AttributeType::Float as i32) || a.f.is_some() => Ok(a.f.unwrap_or(0.0)),
+            Some(_) => Err(err(format!("attribute {name} is not a float"))),
+        }
+    }
+    fn ints(&mut self, name: &str) -> Option<Vec<i64>> {
+        self.take(name).map(|a| a.ints.clone())
+    }
+    fn string(&mut self, name: &str) -> Option<String> {
+        self.take(name).map(|a| String::from_utf8_lossy(a.s.as_deref().unwrap_or(&[])).into_owned())
+    }
+    /// Refuses attributes no rule read.
+    fn done(self) -> Result<()> {
+        let mut left: Vec<&str> = self.map.keys().copied().collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        left.sort();
+        Err(err(format!("attribute {} is not supported", left.join(", "))))
+    }
+}
+
+/// Two spatial values of an ints attribute (strides, dilations), or `default`.
+fn pair(a: Option<Vec<i64>>, name: &str, default: usize) -> Result<(usize, usize)> {
+    match a.as_deref() {
+        None => Ok((default, default)),
+        Some([h, w]) if *h >= 0 && *w >= 0 => Ok((*h as usize, *w as usize)),
+        Some(v) => Err(err(format!("{name} {v:?}: Stride's layers are 2-d (two non-negative values)"))),
+    }
+}
+
+/// ONNX's pads [top, left, bottom, right] and auto_pad as Stride's padding.
+fn padding(pads: Option<Vec<i64>>, auto_pad: Option<String>) -> Result<Padding> {
+    match auto_pad.as_deref().unwrap_or("NOTSET") {
+        "NOTSET" => {}
+        "VALID" => return Ok(Padding::Valid),
+        // TensorFlow's rule, the odd pixel at the end: what Stride's `same` is.
+        "SAME_UPPER" => return Ok(Padding::Same),
+        other => return Err(err(format!("auto_pad {other} is not supported (Stride's `same` puts the odd pixel at the end: SAME_UPPER)"))),
+    }
+    match pads.as_deref() {
+        None => Ok(Padding::Valid),
+        Some([t, l, b, r]) if [t, l, b, r].iter().all(|p| **p >= 0) => {
+            Ok(Padding::Explicit { top: *t as usize, bottom: *b as usize, left: *l as usize, right: *r as usize })
+        }
+        Some(v) => Err(err(format!("pads {v:?}: Stride's layers take four non-negative pads (2-d)"))),
+    }
+}
+
+fn unary_op(op: &str) -> Option<Unary> {
+    Some(match op {
+        "Relu" => Unary::Relu,
+        "Sigmoid" => Unary::Sigmoid,
+        "Tanh" => Unary::Tanh,
+        "Exp" => Unary::Exp,
+        "Log" => Unary::Log,
+        "Sqrt" => Unary::Sqrt,
+        "Neg" => Unary::Neg,
+        "Abs" => Unary::Abs,
+        "HardSwish" => Unary::HardSwish,
+        // ONNX's softplus is log(1 + exp(x)); PyTorch's threshold changes nothing in f32.
+        "Softplus" => Unary::Softplus { beta: 1.0, threshold: 20.0 },
+        _ => return None,
+    })
+}
+
+impl Builder {
+    fn runtime(&self, name: &str) -> Result<ValueId> {
+        match self.vals.get(name) {
+            Some(Val::Runtime(id)) => Ok(*id),
+            Some(Val::Const(_)) => Err(err(format!("input '{name}' is a constant where Stride expects the data flowing through"))),
+            None => Err(err(format!("input '{name}' is made by no earlier node"))),
+        }
+    }
+    /// A runtime value, or a constant made into a step.
+    fn value(&mut self, name: &str) -> Result<ValueId> {
+        match self.vals.get(name) {
+            Some(Val::Runtime(id)) => Ok(*id),
+            Some(Val::Const(Const::F32(t))) => {
+                let v = Var::constant(t.clone());
+                Ok(self.push(Step::Const(v)))
+            }
+            Some(Val::Const(Const::I64(..))) => Err(err(format!("input '{name}' holds integers; Stride computes in float32"))),
+            None => Err(err(format!("input '{name}' is made by no earlier node"))),
+        }
+    }
+    fn const_f32(&self, name: &str, what: &str) -> Result<Tensor<f32>> {
+        match self.vals.get(name) {
+            Some(Val::Const(Const::F32(t))) => Ok(t.clone()),
+            Some(Val::Const(Const::I64(..))) => Err(err(format!("{what} '{name}' holds integers, not float32"))),
+            Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant (an initializer)"))),
+            None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
+        }
+    }
+    fn const_ints(&self, name: &str, what: &str) -> Result<Vec<i64>> {
+        match self.vals.get(name) {
+            Some(Val::Const(Const::I64(d))) => Ok(d.clone()),
+            Some(Val::Const(Const::F32(_))) => Err(err(format!("{what} '{name}' holds floats, not integers"))),
+            Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant"))),
+            None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
+        }
+    }
+    fn push(&mut self, s: Step) -> ValueId {
+        self.steps.push(s);
+        self.steps.len()
+    }
+    /// A unique layer name: the weight's initializer name less `.weight`, else the node's.
+    fn layer_name(&mut self, node: &NodeProto, weight: Option<&str>) -> String {
+        let base = match weight.and_then(|w| w.strip_suffix(".weight")) {
+            Some(p) if !p.is_empty() => p.to_string(),
+            _ => match node.name.as_deref() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("{}_{}", node.op_type.as_deref().unwrap_or("node").to_lowercase(), self.steps.len()),
+            },
+        };
+        let mut name = base.clone();
+        let mut i = 0;
+        while !self.names.insert(name.clone()) {
+            i += 1;
+            name = format!("{base}_{i}");
+        }
+        name
+    }
+    fn layer(&mut self, node: &NodeProto, weight: Option<&str>, module: impl Module + 'static, input: ValueId) -> ValueId {
+        let name = self.layer_name(node, weight);
+        self.push(Step::Layer { name, module: Box::new(module), input })
+    }
+
+    fn node(&mut self, node: &NodeProto) -> Result<()> {
+        let op = node.op_type.as_deref().unwrap_or("");
+        let domain = node.domain.as_deref().unwrap_or("");
+        if !domain.is_empty() && domain != "ai.onnx" {
+            return Err(err(format!("operator {op} of domain '{domain}' (version {}) is not supported", self.domains.get(domain).copied().unwrap_or(0))));
+        }
+        let ins: Vec<&str> = node.input.iter().map(|s| s.as_str()).collect();
+        let opt = |i: usize| ins.get(i).copied().filter(|s| !s.is_empty());
+        let need = |i: usize| opt(i).ok_or_else(|| err(format!("{op} needs input {i}")));
+        let mut a = Attrs::new(node);
+        // Outputs beyond the first must go unused (Dropout's mask, MaxPool's indices, BN's stats).
+        let extra_outputs = node.output.iter().skip(1).filter(|o| !o.is_empty()).count();
+        let multi = op == "Split";
+        if extra_outputs > 0 && !multi {
+            return Err(err(format!("{op} with {} outputs: Stride gives the first only", node.output.len())));
+        }
+        let id: ValueId = match op {
+            "Conv" => {
+                let x = self.runtime(need(0)?)?;
+                let wname = need(1)?;
+                let w = self.const_f32(wname, "weight")?;
+                if w.shape().len() != 4 {
+                    return Err(err(format!("weight '{wname}' has shape {:?}: Stride's convolution is 2-d ([out, in/groups, kh, kw])", w.shape())));
+                }
+                let bias = opt(2).map(|n| self.const_f32(n, "bias")).transpose()?;
+                let opts = self.conv_opts(&mut a, &w.shape())?;
+                a.done()?;
+                let conv = Conv2d { weight: Var::parameter(w), bias: bias.map(Var::parameter), opts };
+                self.layer(node, Some(wname), conv, x)
+            }
+            "ConvTranspose" => {
+                let x = self.runtime(need(0)?)?;
+                let wname = need(1)?;
+                let w = self.const_f32(wname, "weight")?;
+                if w.shape().len() != 4 {
+                    return Err(err(format!("weight '{wname}' has shape {:?}: Stride's transposed convolution is 2-d", w.shape())));
+                }
+                let bias = opt(2).map(|n| self.const_f32(n, "bias")).transpose()?;
+                if a.take("output_shape").is_some() {
+                    return Err(err("attribute output_shape is not supported: Stride takes pads and output_padding"));
+                }
+                let output_padding = pair(a.ints("output_padding"), "output_padding", 0)?;
+                let mut opts = self.conv_opts(&mut a, &w.shape())?;
+                if opts.padding == Padding::Same {
+                    return Err(err("auto_pad SAME_UPPER on ConvTranspose is not supported: Stride takes explicit pads"));
+                }
+                opts.output_padding = output_padding;
+                a.done()?;
+                self.layer(node, Some(wname), ConvTranspose2d { weight: Var::parameter(w), bias: bias.map(Var::parameter), opts }, x)
+            }
+            "MaxPool" | "AveragePool" | "LpPool" => {
+                let x = self.runtime(need(0)?)?;
+                let k = a.ints("kernel_shape").ok_or_else(|| err("attribute kernel_shape is missing"))?;
+                let kernel = pair(Some(k), "kernel_shape", 1)?;
+                let stride = pair(a.ints("strides"), "strides", 1)?;
+                if pair(a.ints("dilations"), "dilations", 1)? != (1, 1) {
+                    return Err(err("dilations other than 1 are not supported in pooling"));
+                }
+                let padding = padding(a.ints("pads"), a.string("auto_pad"))?;
+                let ceil_mode = a.int("ceil_mode", 0)? != 0;
+                let count_include_pad = a.int("count_include_pad", 0)? != 0;
+                if a.int("storage_order", 0)? != 0 {
+                    return Err(err("storage_order 1 (column major) is not supported"));
+                }
+                let o = Pool2dOptions { kernel, stride: Some(stride), padding, ceil_mode, count_include_pad };
+                let m: Box<dyn Module> = match op {
+                    "MaxPool" => Box::new(Pool::Max(o)),
+                    "AveragePool" => Box::new(Pool::Avg(o)),
+                    _ => Box::new(OtherPool::Lp(a.int("p", 2)? as f64, o)),
+                };
+                a.done()?;
+                let name = self.layer_name(node, None);
+                self.push(Step::Layer { name, module: m, input: x })
+            }
+            "GlobalAveragePool" | "GlobalMaxPool" => {
+                let x = self.runtime(need(0)?)?;
+                a.done()?;
+                let m = if op == "GlobalAveragePool" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
+                self.layer(node, None, m, x)
+            }
+            "BatchNormalization" => {
+                let x = self.runtime(need(0)?)?;
+                let parts: Vec<Tensor<f32>> =
+                    (1..5).map(|i| need(i).and_then(|n| self.const_f32(n, ["scale", "bias", "mean", "variance"][i - 1]))).collect::<Result<_>>()?;
+                let c = parts[0].numel();
+                if parts.iter().any(|p| p.shape() != [c]) {
+                    return Err(err(format!("scale, bias, mean and variance must be [C]; got {:?}", parts.iter().map(|p| p.shape().to_vec()).collect::<Vec<_>>())));
+                }
+                let eps = a.float("epsilon", 1e-5)? as f64;
+                let momentum = a.float("momentum", 0.9)? as f64;
+                if a.int("training_mode", 0)? != 0 {
+                    return Err(err("training_mode 1 is not supported: Stride imports networks for inference and fine-tuning"));
+                }
+                a.take("spatial"); // opset < 9: 1 (per channel) is the only form Stride has
+                a.done()?;
+                let mut bn = BatchNorm::new(c)?;
+                bn.weight = Var::parameter(parts[0].clone());
+                bn.bias = Var::parameter(parts[1].clone());
+                bn.running_mean = parts[2].clone();
+                bn.running_var = parts[3].clone();
+                bn.opts = BatchNormOptions { eps, momentum: 1.0 - momentum };
+                let wname = need(1)?.to_string();
+                self.layer(node, Some(&wname), bn, x)
+            }
+            "LeakyRelu" | "Elu" | "Selu" | "Clip" => {
+                let x = self.runtime(need(0)?)?;
+                let f = match op {
+                    "LeakyRelu" => Unary::LeakyRelu(a.float("alpha", 0.01)? as f64),
+                    "Elu" => Unary::Elu(a.float("alpha", 1.0)? as f64),
+                    "Selu" => {
+                        let (alpha, gamma) = (a.float("alpha", 1.673_263_2)?, a.float("gamma", 1.050_701)?);
+                        if (alpha - 1.673_263_2).abs() > 1e-6 || (gamma - 1.050_701).abs() > 1e-6 {
+                            return Err(err(format!("Selu with alpha {alpha} and gamma {gamma}: Stride has the standard constants only")));
+                        }
+                        Unary::Selu
+                    }
+                    _ => {
+                        let bound = |i: usize, attr: &str, default: f32, a: &mut Attrs| -> Result<f32> {
+                            match opt(i) {
+                                Some(n) => {
+                                    let t = self.const_f32(n, attr)?;
+                                    t.data().first().copied().ok_or_else(|| err(format!("{attr} '{n}' is empty")))
+                                }
+                                None => a.float(attr, default),
+                            }
+                        };
+                        let lo = bound(1, "min", f32::NEG_INFINITY, &mut a)?;
+                        let hi = bound(2, "max", f32::INFINITY, &mut a)?;
+                        if lo == 0.0 && hi == 6.0 {
+                            Unary::Relu6
+                        } else {
+                            Unary::Clamp(lo as f64, hi as f64)
+                        }
+                    }
+                };
+                a.done()?;
+                self.layer(node, None, Activation(f), x)
+            }
+            "Dropout" => {
+                let x = self.runtime(need(0)?)?;
+                let ratio = match opt(1) {
+                    Some(n) => self.const_f32(n, "ratio")?.data().first().copied().unwrap_or(0.5),
+                    None => a.float("ratio", 0.5)?,
+                };
+                if let Some(n) = opt(2) {
+                    let training = match self.vals.get(n) {
+                        Some(Val::Const(Const::F32(t))) => t.data().first().is_some_and(|v| *v != 0.0),
+                        Some(Val::Const(Const::I64(d))) => d.first().is_some_and(|v| *v != 0),
+                        _ => true,
+                    };
+                    if training {
+                        return Err(err("training_mode true: Stride's dropout follows the run's mode, not an input"));
+                    }
+                }
+                a.take("seed"); // the draws are Stride's own, seeded per run
+                a.take("is_test"); // opset < 7
+                a.done()?;
+                if !(0.0..1.0).contains(&ratio) {
+                    return Err(err(format!("ratio {ratio} must be in [0, 1)")));
+                }
+                self.layer(node, None, Dropout(ratio as f64), x)
+            }
+            "Identity" => {
+                a.done()?;
+                let src = need(0)?;
+                let v = match self.vals.get(src) {
+                    Some(Val::Runtime(id)) => Val::Runtime(*id),
+                    Some(Val::Const(c)) => Val::Const(c.clone()),
+                    None => return Err(err(format!("input '{src}' is made by no earlier node"))),
+                };
+                self.vals.insert(node.output[0].clone(), v);
+                return Ok(());
+            }
+            "Gemm" | "MatMul" => return self.product(node, &ins, a),
+            "Add" | "Sub" | "Mul" | "Div" => {
+                a.done()?;
+                let (x, y) = (self.value(need(0)?)?, self.value(need(1)?)?);
+                let b = match op {
+                    "Add" => BinOp::Add,
+                    "Sub" => BinOp::Sub,
+                    "Mul" => BinOp::Mul,
+                    _ => BinOp::Div,
+                };
+                self.push(Step::Binary(b, x, y))
+            }
+            "Concat" => {
+                let ax = a.take("axis").and_then(|x| x.i).ok_or_else(|| err("attribute axis is missing"))?;
+                a.done()?;
+                let ids = ins.iter().filter(|s| !s.is_empty()).map(|n| self.value(n)).collect::<Result<Vec<_>>>()?;
+                self.push(Step::Concat(ids, ax))
+            }
+            "Flatten" => {
+                let x = self.runtime(need(0)?)?;
+                let axis = a.int("axis", 1)?;
+                a.done()?;
+                if axis == 1 {
+                    self.layer(node, None, Flatten, x)
+                } else {
+                    self.push(Step::Flatten(x, axis))
+                }
+            }
+            "Reshape" => {
+                let x = self.runtime(need(0)?)?;
+                let shape = match opt(1) {
+                    Some(n) => self.const_ints(n, "shape")?,
+                    None => a.ints("shape").ok_or_else(|| err("the shape is missing"))?,
+                };
+                if a.int("allowzero", 0)? != 0 && shape.contains(&0) {
+                    return Err(err("allowzero 1 with a 0 in the shape (an empty tensor) is not supported"));
+                }
+                a.done()?;
+                self.push(Step::Reshape(x, shape))
+            }
+            "Transpose" => {
+                let x = self.runtime(need(0)?)?;
+                let perm = a.ints("perm").ok_or_else(|| err("Transpose without perm (reverse all axes) is not supported: the rank is not known here"))?;
+                a.done()?;
+                let perm = perm.iter().map(|&p| usize::try_from(p).map_err(|_| err(format!("perm {perm:?} has a negative entry")))).collect::<Result<Vec<_>>>()?;
+                self.push(Step::Transpose(x, perm))
+            }
+            "Split" => return self.split(node, &ins, a),
+            "Softmax" | "LogSoftmax" => {
+                let x = self.runtime(need(0)?)?;
+                let coerce = self.opset < 13;
+                let axis = a.int("axis", if coerce { 1 } else { -1 })?;
+                a.done()?;
+                self.push(Step::Softmax { input: x, axis, log: op == "LogSoftmax", coerce })
+            }
+            "Pad" => {
+                let x = self.runtime(need(0)?)?;
+                let mode = a.string("mode").unwrap_or_else(|| "constant".into());
+                if mode != "constant" {
+                    return Err(err(format!("mode '{mode}' is not supported: Stride pads with a constant")));
+                }
+                let (pads, value) = if self.opset < 11 {
+                    (a.ints("pads").ok_or_else(|| err("attribute pads is missing"))?, a.float("value", 0.0)?)
+                } else {
+                    let pads = self.const_ints(need(1)?, "pads")?;
+                    let value = match opt(2) {
+                        Some(n) => self.const_f32(n, "constant_value")?.data().first().copied().unwrap_or(0.0),
+                        None => 0.0,
+                    };
+                    if opt(3).is_some() {
+                        return Err(err("the axes input is not supported: give pads for every axis"));
+                    }
+                    (pads, value)
+                };
+                a.done()?;
+                if pads.len() % 2 != 0 || pads.iter().any(|&p| p < 0) {
+                    return Err(err(format!("pads {pads:?}: Stride pads by non-negative amounts, a start and an end per axis")));
+                }
+                let r = pads.len() / 2;
+                let pads = (0..r).map(|i| (pads[i] as usize, pads[i + r] as usize)).collect();
+                self.push(Step::Pad { input: x, pads, value: value as f64 })
+            }
+            "Constant" => {
+                let t = a.take("value").and_then(|v| v.t.clone());
+                let c = match t {
+                    Some(t) => read_const(&t)?,
+                    None => match (a.take("value_float"), a.take("value_floats"), a.take("value_int"), a.take("value_ints")) {
+                        (Some(f), ..) => Const::F32(Tensor::scalar(f.f.unwrap_or(0.0))),
+                        (_, Some(f), ..) => Const::F32(Tensor::from_vec(f.floats.clone(), &[f.floats.len()])?),
+                        (_, _, Some(i), _) => Const::I64(vec![i.i.unwrap_or(0)]),
+                        (_, _, _, Some(i)) => Const::I64(i.ints.clone()),
+                        _ => return Err(err("a Constant without a value Stride reads (value, value_float(s), value_int(s))")),
+                    },
+                };
+                a.done()?;
+                self.vals.insert(node.output[0].clone(), Val::Const(c));
+                return Ok(());
+            }
+            _ => match unary_op(op) {
+                Some(f) => {
+                    let x = self.runtime(need(0)?)?;
+                    a.done()?;
+                    self.layer(node, None, Activation(f), x)
+                }
+                None => return Err(err(format!("operator {op} is not supported by Stride"))),
+            },
+        };
+        let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?;
+        self.vals.insert(out.clone(), Val::Runtime(id));
+        Ok(())
+    }
+
+    fn conv_opts(&self, a: &mut Attrs, w: &[usize]) -> Result<Conv2dOptions> {
+        if let Some(k) = a.ints("kernel_shape") {
+            if k.len() != 2 || k[0] as usize != w[2] || k[1] as usize != w[3] {
+                return Err(err(format!("kernel_shape {k:?} does not match the weight's {:?}", &w[2..])));
+            }
+        }
+        let stride = pair(a.ints("strides"), "strides", 1)?;
+        let dilation = pair(a.ints("dilations"), "dilations", 1)?;
+        let padding = padding(a.ints("pads"), a.string("auto_pad"))?;
+        let groups = a.int("group", 1)?;
+        if groups < 1 {
+            return Err(err(format!("group {groups} must be at least 1")));
+        }
+        Ok(Conv2dOptions { stride, padding, dilation, groups: groups as usize, output_padding: (0, 0) })
+    }
+
+    /// Gemm and MatMul: a Linear layer when the second factor is a constant matrix, else a
+    /// product step.
+    fn product(&mut self, node: &NodeProto, ins: &[&str], mut a: Attrs) -> Result<()> {
+        let op = node.op_type.as_deref().unwrap_or("");
+        let get = |i: usize| ins.get(i).copied().filter(|s| !s.is_empty()).ok_or_else(|| err(format!("{op} needs input {i}")));
+        let (alpha, beta, trans_a, trans_b) = if op == "Gemm" {
+            (a.float("alpha", 1.0)?, a.float("beta", 1.0)?, a.int("transA", 0)? != 0, a.int("transB", 0)? != 0)
+        } else {
+            (1.0, 1.0, false, false)
+        };
+        a.take("broadcast"); // Gemm before opset 7 only
+        a.done()?;
+        if trans_a {
+            return Err(err("transA 1 is not supported: Stride's dense layer takes rows of features"));
+        }
+        let bname = get(1)?;
+        let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?.clone();
+        let b = match self.vals.get(bname) {
+            Some(Val::Const(Const::F32(t))) if t.shape().len() == 2 => t.clone(),
+            _ => {
+                if op == "Gemm" || alpha != 1.0 {
+                    return Err(err(format!("Gemm's B '{bname}' must be a constant matrix (Stride's dense layer)")));
+                }
+                let (x, y) = (self.value(get(0)?)?, self.value(bname)?);
+                let id = self.push(Step::MatMul(x, y));
+                self.vals.insert(out, Val::Runtime(id));
+                return Ok(());
+            }
+        };
+        let x = self.runtime(get(0)?)?;
+        // Linear's weight is [out, in]: B transposed unless transB.
+        let w = if trans_b { b } else { b.permute(&[1, 0])? };
+        let w = if alpha != 1.0 { w.map(|v| v * alpha) } else { w };
+        let fout = w.shape()[0];
+        let bias = match ins.get(2).copied().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(cname) => {
+                let c = self.const_f32(cname, "C")?;
+                let c = match c.shape() {
+                    [] | [1] | [1, 1] => Tensor::from_vec(vec![c.data()[0]; fout], &[fout])?,
+                    [n] | [1, n] if *n == fout => c.reshape(&[fout])?,
+                    s => return Err(err(format!("C of shape {s:?}: Stride's dense layer takes one bias per output ({fout})"))),
+                };
+                Some(if beta != 1.0 { c.map(|v| v * beta) } else { c })
+            }
+        };
+        let wname = bname.to_string();
+        let id = self.layer(node, Some(&wname), Linear { weight: Var::parameter(w), bias: bias.map(Var::parameter) }, x);
+        self.vals.insert(out, Val::Runtime(id));
+        Ok(())
+    }
+
+    fn split(&mut self, node: &NodeProto, ins: &[&str], mut a: Attrs) -> Result<()> {
+        let x = self.runtime(ins.first().copied().unwrap_or(""))?;
+        let axis = a.int("axis", 0)?;
+        let sizes = match ins.get(1).copied().filter(|s| !s.is_empty()) {
+            Some(n) => Some(self.const_ints(n, "split")?),
+            None => a.ints("split"),
+        };
+        a.take("num_outputs");
+        a.done()?;
+        let sizes = sizes.ok_or_else(|| err("Split without sizes (equal parts) is not supported: give the split sizes"))?;
+        if sizes.len() != node.output.len() || sizes.iter().any(|&s| s < 0) {
+            return Err(err(format!("split sizes {sizes:?} for {} outputs", node.output.len())));
+        }
+        let mut start = 0;
+        for (s, out) in sizes.iter().zip(&node.output) {
+            let id = self.push(Step::Narrow { input: x, axis, start, len: *s as usize });
+            start += *s as usize;
+            if !out.is_empty() {
+                self.vals.insert(out.clone(), Val::Runtime(id));
+            }
+        }
+        Ok(())
+    }
+}

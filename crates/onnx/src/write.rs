@@ -1,0 +1,111 @@
+//! A Stride network to an ONNX model.
+
+use stride_autograd::{no_grad, Tensor, Var};
+use stride_nn::export::{Attr, Graph, Init, Value};
+use stride_nn::Module;
+
+use crate::proto::{
+    attribute_proto::AttributeType, tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto, AttributeProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use crate::tensor::{ints_proto, to_tensor_proto};
+use crate::Result;
+
+/// The operator set `stride export` writes unless told otherwise (PyTorch's default too).
+pub const DEFAULT_OPSET: i64 = 17;
+
+/// Writes `model` for inputs of shape [N, ...`input`] (N dynamic), as ONNX bytes.
+pub fn export(model: &mut dyn Module, input: &[usize], opset: i64) -> Result<Vec<u8>> {
+    let mut shape = vec![1];
+    shape.extend_from_slice(input);
+    export_with(Tensor::zeros(&shape)?, opset, |g, x| model.export(g, "", x))
+}
+
+/// Writes the graph that `f` builds from the input `example` (its first axis becomes the
+/// dynamic batch): for networks that are not one module, such as the VAE's generator.
+pub fn export_with(example: Tensor<f32>, opset: i64, f: impl FnOnce(&mut Graph, &Value) -> Result<Value>) -> Result<Vec<u8>> {
+    let mut g = Graph::new(opset)?;
+    let x = g.input("input", Var::constant(example));
+    let y = no_grad(|| f(&mut g, &x))?;
+    Ok(crate::encode(&to_model(&g, &x, &y)))
+}
+
+fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
+    let dims = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| Dimension { value: Some(if i == 0 { Dim::DimParam("N".into()) } else { Dim::DimValue(d as i64) }), ..Default::default() })
+        .collect();
+    let tensor = type_proto::Tensor { elem_type: Some(1), shape: Some(TensorShapeProto { dim: dims }) };
+    ValueInfoProto { name: Some(name.into()), r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }), ..Default::default() }
+}
+
+fn attribute(name: &str, a: &Attr) -> AttributeProto {
+    let mut p = AttributeProto { name: Some(name.into()), ..Default::default() };
+    match a {
+        Attr::Int(i) => {
+            p.i = Some(*i);
+            p.r#type = Some(AttributeType::Int as i32);
+        }
+        Attr::Ints(v) => {
+            p.ints = v.clone();
+            p.r#type = Some(AttributeType::Ints as i32);
+        }
+        Attr::Float(f) => {
+            p.f = Some(*f);
+            p.r#type = Some(AttributeType::Float as i32);
+        }
+    }
+    p
+}
+
+/// The IR version that goes with an opset (onnx/helper.py's table).
+fn ir_version(opset: i64) -> i64 {
+    match opset {
+        ..=14 => 7,
+        15..=18 => 8,
+        19..=20 => 9,
+        21..=22 => 10,
+        _ => 11,
+    }
+}
+
+fn to_model(g: &Graph, x: &Value, y: &Value) -> ModelProto {
+    let nodes = g
+        .nodes
+        .iter()
+        .map(|n| NodeProto {
+            op_type: Some(n.op.into()),
+            name: Some(n.name.clone()),
+            input: n.inputs.clone(),
+            output: n.outputs.clone(),
+            attribute: n.attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
+            ..Default::default()
+        })
+        .collect();
+    let initializer = g
+        .initializers
+        .iter()
+        .map(|(name, init)| match init {
+            Init::F32(t) => to_tensor_proto(name, t),
+            Init::I64 { dims, data } => ints_proto(name, dims, data),
+        })
+        .collect();
+    // An output that is the input itself (a network of identities) still needs a node.
+    let graph = GraphProto {
+        name: Some("stride".into()),
+        node: nodes,
+        initializer,
+        input: vec![value_info(&x.name, &x.shape())],
+        output: vec![value_info(&y.name, &y.shape())],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(ir_version(g.opset)),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(g.opset) }],
+        producer_name: Some("stride".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
