@@ -15,13 +15,13 @@ cd "$(dirname "$0")"
 secs=${1:-300}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(idx cifar image checkpoint toml_model)
+[ ${#targets[@]} -gt 0 ] || targets=(idx cifar image checkpoint toml_model onnx_model)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 rustup run nightly rustc --version >/dev/null 2>&1 || { echo "nightly Rust is needed: rustup toolchain install nightly" >&2; exit 1; }
 cargo +nightly fuzz build -O
 
-declare -A max_len=([idx]=65536 [cifar]=16384 [image]=65536 [checkpoint]=16384 [toml_model]=4096)
+declare -A max_len=([idx]=65536 [cifar]=16384 [image]=65536 [checkpoint]=16384 [toml_model]=4096 [onnx_model]=16384)
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     echo "== $t: ${secs} s"

@@ -10,12 +10,13 @@ use stride_train::checkpoint;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Zoo model the weights belong to.
+    /// Zoo model the weights belong to, a TOML model file, or an ONNX model (`.onnx`).
     #[arg(long, default_value = "cnn")]
     model: String,
-    /// Weights: a run's model.safetensors (or checkpoint.safetensors).
+    /// Weights: a run's model.safetensors (or checkpoint.safetensors); optional for an ONNX
+    /// model, which carries its own.
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// Data set whose test split to evaluate on (as for `stride train`).
     #[arg(long, default_value = "mnist")]
     data: String,
@@ -26,11 +27,12 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Zoo model the weights belong to.
+    /// Zoo model the weights belong to, a TOML model file, or an ONNX model (`.onnx`).
     #[arg(long, default_value = "cnn")]
     model: String,
+    /// Weights (optional for an ONNX model, which carries its own).
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// A safetensors file with an f32 tensor named `input`, [N, C, H, W].
     #[arg(long)]
     input: PathBuf,
@@ -54,10 +56,18 @@ pub fn load_weights(model: &mut dyn Module, weights: &Path) -> Result<(), Box<dy
     Ok(())
 }
 
-/// Builds `model` for `spec` and loads `weights` into it.
-fn load_model(model: &str, spec: InputSpec, weights: &Path) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
-    let mut m = stride_models::build_any(model, &mut Rng::seed(0), spec)?;
-    load_weights(&mut m, weights)?;
+/// Builds `model` for `spec` and loads `weights` into it (an ONNX model may come without: it
+/// carries its own).
+fn load_model(model: &str, spec: Option<InputSpec>, weights: Option<&Path>) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
+    let mut m = match spec {
+        Some(spec) => stride_models::build_any(model, &mut Rng::seed(0), spec)?,
+        None => stride_models::from_onnx(model, None)?,
+    };
+    match weights {
+        Some(w) => load_weights(&mut m, w)?,
+        None if model.ends_with(".onnx") => {}
+        None => return Err(format!("--weights is needed: {model} is built with fresh weights (only an ONNX model carries its own)").into()),
+    }
     Ok(m)
 }
 
@@ -68,7 +78,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
-    let mut model = load_model(&a.model, spec, &a.weights)?;
+    let mut model = load_model(&a.model, Some(spec), a.weights.as_deref())?;
     let ev = stride_train::evaluate(&mut model, &data.test, 500, t.pixel_stats())?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
@@ -91,7 +101,9 @@ pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let [_, c, h, w] = x.shape()[..] else {
         return Err(format!("{}: 'input' has shape {:?}, expected [N, C, H, W]", a.input.display(), x.shape()).into());
     };
-    let mut model = load_model(&a.model, InputSpec { channels: c, height: h, width: w, classes: a.classes }, &a.weights)?;
+    // An ONNX model gives the outputs it declares; --classes is for zoo and TOML models.
+    let spec = (!a.model.ends_with(".onnx")).then_some(InputSpec { channels: c, height: h, width: w, classes: a.classes });
+    let mut model = load_model(&a.model, spec, a.weights.as_deref())?;
     let mut ctx = Ctx::eval();
     ctx.debug = a.debug;
     if a.debug {

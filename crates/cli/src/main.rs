@@ -4,6 +4,7 @@ mod bench;
 mod infer;
 mod look;
 mod memory;
+mod onnx;
 mod summary;
 mod train;
 mod vae;
@@ -47,6 +48,11 @@ enum Command {
     Features(look::FeaturesArgs),
     /// Grad-CAM: a heat map over an image of where a trained network found evidence for a class.
     Gradcam(look::GradCamArgs),
+    /// Writes a model (zoo, TOML, or the VAE's generator) with its weights as ONNX.
+    Export(onnx::ExportArgs),
+    /// Reads an ONNX model: checks that Stride can run it, and writes its weights as safetensors.
+    /// `--model file.onnx` works wherever a model is taken.
+    Import(onnx::ImportArgs),
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
 }
@@ -110,6 +116,8 @@ fn main() {
         Command::Gradcam(args) => look::gradcam(&args),
         Command::Vae(args) => vae::train(&args),
         Command::Sample(args) => vae::sample(&args),
+        Command::Export(args) => onnx::export(&args),
+        Command::Import(args) => onnx::import(&args),
         Command::Bench(args) => bench::run(&args).map_err(Into::into),
     };
     if let Err(e) = result {

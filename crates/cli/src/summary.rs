@@ -74,7 +74,9 @@ impl Net {
 
 pub fn run(a: &SummaryArgs) -> Result<(), Box<dyn std::error::Error>> {
     let is_vae = a.model == "vae";
-    let design = if a.model.ends_with(".toml") {
+    let design = if a.model.ends_with(".onnx") {
+        stride_models::onnx_spec(&a.model)?
+    } else if a.model.ends_with(".toml") {
         InputSpec { channels: 1, height: 28, width: 28, classes: 10 }
     } else if is_vae {
         InputSpec { channels: 1, height: vae::SIDE, width: vae::SIDE, classes: 0 }

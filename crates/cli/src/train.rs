@@ -171,7 +171,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     // A zoo model's own epochs and weight decay (with AdamW) apply where no flag says otherwise;
     // a model file gets 10 epochs and plain Adam.
-    let zoo = if a.model.ends_with(".toml") { None } else { Some(stride_models::entry(&a.model)?) };
+    let zoo = if a.model.ends_with(".toml") || a.model.ends_with(".onnx") { None } else { Some(stride_models::entry(&a.model)?) };
     let epochs = a.epochs.unwrap_or(zoo.map_or(10, |z| z.epochs));
     let (opt, weight_decay) = recipe(a.optimizer, a.weight_decay, zoo.map_or(0.0, |z| z.weight_decay));
     let label_smoothing = a.label_smoothing.unwrap_or(0.0);

@@ -298,8 +298,12 @@ pub fn dry_run(m: &mut Sequential, spec: InputSpec) -> Result<()> {
     Ok(())
 }
 
-/// A zoo name, or a path to a TOML model file (ending in `.toml`).
+/// A zoo name, a path to a TOML model file (ending in `.toml`) or an ONNX model (`.onnx`,
+/// its weights included).
 pub fn build_any(name_or_path: &str, rng: &mut Rng, spec: InputSpec) -> Result<Sequential> {
+    if name_or_path.ends_with(".onnx") {
+        return from_onnx(name_or_path, Some(spec));
+    }
     if !name_or_path.ends_with(".toml") {
         return build(name_or_path, rng, spec);
     }
@@ -308,6 +312,37 @@ pub fn build_any(name_or_path: &str, rng: &mut Rng, spec: InputSpec) -> Result<S
         return Err(Error::arg("model file", format!("{name_or_path}: larger than 1 MiB")).into());
     }
     from_toml(name_or_path, &text, rng, spec)
+}
+
+/// An ONNX model as a network of Stride's layers (weights from the file). With `spec`, the
+/// file's declared input must fit it and a dry run must give `spec.classes` outputs.
+pub fn from_onnx(path: &str, spec: Option<InputSpec>) -> Result<Sequential> {
+    let imported = stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?;
+    let net = imported.network;
+    if let Some(s) = spec {
+        let want = [s.channels, s.height, s.width];
+        let declared = net.input_shape.get(1..).unwrap_or(&[]);
+        let fits = declared.len() == 3 && declared.iter().zip(want).all(|(d, w)| d.is_none_or(|d| d == w));
+        if !fits {
+            let shape: Vec<String> = net.input_shape.iter().map(|d| d.map_or("N".into(), |d| d.to_string())).collect();
+            return Err(Error::shape("model", format!("{path} takes inputs [{}], the data gives [N, {}, {}, {}]", shape.join(", "), s.channels, s.height, s.width)).into());
+        }
+    }
+    // Unnamed: the layers keep the names the file gave their weights.
+    let mut model = Sequential::new().push_named("", net);
+    if let Some(s) = spec {
+        dry_run(&mut model, s).map_err(|e| e.context(path.to_string()))?;
+    }
+    Ok(model)
+}
+
+/// The input and class count an ONNX classifier declares ([N, C, H, W] in, [N, K] out).
+pub fn onnx_spec(path: &str) -> Result<InputSpec> {
+    let net = stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?.network;
+    match (&net.input_shape[..], &net.output_shape[..]) {
+        ([_, Some(c), Some(h), Some(w)], [_, Some(k)]) => Ok(InputSpec { channels: *c, height: *h, width: *w, classes: *k }),
+        (i, o) => Err(Error::shape("model", format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]")).into()),
+    }
 }
 
 /// The zoo entry called `name`, or an error listing the zoo.

@@ -170,12 +170,16 @@ impl<'a> Attrs<'a> {
     }
 }
 
+/// The largest stride, dilation, pad or kernel an imported model may ask for: a file cannot make
+/// Stride allocate outputs out of all proportion to its own size.
+pub const MAX_WINDOW: i64 = 1024;
+
 /// Two spatial values of an ints attribute (strides, dilations), or `default`.
 fn pair(a: Option<Vec<i64>>, name: &str, default: usize) -> Result<(usize, usize)> {
     match a.as_deref() {
         None => Ok((default, default)),
-        Some([h, w]) if *h >= 0 && *w >= 0 => Ok((*h as usize, *w as usize)),
-        Some(v) => Err(err(format!("{name} {v:?}: Stride's layers are 2-d (two non-negative values)"))),
+        Some([h, w]) if (0..=MAX_WINDOW).contains(h) && (0..=MAX_WINDOW).contains(w) => Ok((*h as usize, *w as usize)),
+        Some(v) => Err(err(format!("{name} {v:?}: Stride's layers are 2-d (two values from 0 to {MAX_WINDOW})"))),
     }
 }
 
@@ -190,10 +194,10 @@ fn padding(pads: Option<Vec<i64>>, auto_pad: Option<String>) -> Result<Padding> 
     }
     match pads.as_deref() {
         None => Ok(Padding::Valid),
-        Some([t, l, b, r]) if [t, l, b, r].iter().all(|p| **p >= 0) => {
+        Some([t, l, b, r]) if [t, l, b, r].iter().all(|p| (0..=MAX_WINDOW).contains(*p)) => {
             Ok(Padding::Explicit { top: *t as usize, bottom: *b as usize, left: *l as usize, right: *r as usize })
         }
-        Some(v) => Err(err(format!("pads {v:?}: Stride's layers take four non-negative pads (2-d)"))),
+        Some(v) => Err(err(format!("pads {v:?}: Stride's layers take four pads (2-d) from 0 to {MAX_WINDOW}"))),
     }
 }
 
@@ -524,8 +528,8 @@ impl Builder {
                     (pads, value)
                 };
                 a.done()?;
-                if pads.len() % 2 != 0 || pads.iter().any(|&p| p < 0) {
-                    return Err(err(format!("pads {pads:?}: Stride pads by non-negative amounts, a start and an end per axis")));
+                if pads.len() % 2 != 0 || pads.iter().any(|p| !(0..=MAX_WINDOW).contains(p)) {
+                    return Err(err(format!("pads {pads:?}: Stride pads by 0 to {MAX_WINDOW}, a start and an end per axis")));
                 }
                 let r = pads.len() / 2;
                 let pads = (0..r).map(|i| (pads[i] as usize, pads[i + r] as usize)).collect();

@@ -92,6 +92,24 @@ pub fn toml_model(data: &[u8]) -> bool {
     stride_models::from_toml("fuzz.toml", text, &mut Rng::seed(0), FILE_SPEC).is_ok()
 }
 
+/// An ONNX model: decoded and imported; when it declares a small fixed input, also run once.
+pub fn onnx_model(data: &[u8]) -> bool {
+    let Ok(model) = stride_onnx::decode(data) else { return false };
+    let Ok(imported) = stride_onnx::import(&model) else { return false };
+    let mut net = imported.network;
+    let dims: Option<Vec<usize>> = net.input_shape.iter().enumerate().map(|(i, d)| if i == 0 { Some(1) } else { *d }).collect();
+    if let Some(dims) = dims.filter(|d| !d.is_empty() && d.iter().product::<usize>() <= 4096) {
+        let x = stride_autograd::Var::constant(stride_autograd::Tensor::zeros(&dims).expect("a small input"));
+        return stride_autograd::no_grad(|| stride_nn::Module::forward(&mut net, &x, &mut stride_nn::Ctx::eval())).is_ok();
+    }
+    true
+}
+
+/// The tiny model as ONNX: the seed of the `onnx_model` target.
+pub fn tiny_onnx() -> Vec<u8> {
+    stride_onnx::export(&mut tiny(), &[SPEC.channels, SPEC.height, SPEC.width], stride_onnx::DEFAULT_OPSET).expect("the tiny model exports")
+}
+
 /// The targets by name, as `fuzz/fuzz_targets/` names them.
 pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] =
-    &[("idx", idx), ("cifar", cifar), ("image", image), ("checkpoint", checkpoint), ("toml_model", toml_model)];
+    &[("idx", idx), ("cifar", cifar), ("image", image), ("checkpoint", checkpoint), ("toml_model", toml_model), ("onnx_model", onnx_model)];

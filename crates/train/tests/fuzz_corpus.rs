@@ -16,6 +16,17 @@ fn files(kind: &str, target: &str) -> Vec<PathBuf> {
 
 #[test]
 fn valid_seeds_are_accepted() {
+    // The ONNX seed is the tiny model exported now: a change to the writer that the reader
+    // refuses fails here, and the kept seed must match what the exporter writes.
+    let onnx = fuzzing::tiny_onnx();
+    assert!(fuzzing::onnx_model(&onnx), "the exported tiny model imports and runs");
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/onnx_model/tiny.onnx");
+    if std::env::var_os("STRIDE_BLESS").is_some() {
+        std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
+        std::fs::write(&seed, &onnx).unwrap();
+    }
+    let kept = std::fs::read(&seed).unwrap();
+    assert!(kept == onnx, "fuzz/seeds/onnx_model/tiny.onnx differs from the tiny model's export (STRIDE_BLESS=1 rewrites it)");
     for (target, run) in fuzzing::TARGETS {
         let seeds = files("seeds", target);
         assert!(!seeds.is_empty(), "no seeds for {target}");
