@@ -121,9 +121,10 @@ pub struct PredictArgs {
     #[arg(long, default_value = "cnn")]
     model: String,
     /// A run's model.safetensors: its header tells the input size, standardisation and class
-    /// names used in training.
+    /// names used in training. Optional for an ONNX model (`--model file.onnx`), which then
+    /// takes pixels scaled to [0, 1] and numbers its classes.
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// How many of the most likely classes to print per image.
     #[arg(long, default_value_t = 3)]
     top: usize,
@@ -201,7 +202,16 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
 
 /// Class probabilities for image files, with the training run's preprocessing.
 pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.model, &a.weights)?;
+    let mut t = match &a.weights {
+        Some(w) => load_trained(&a.model, w)?,
+        None if a.model.ends_with(".onnx") => {
+            let s = stride_models::onnx_spec(&a.model)?;
+            eprintln!("note: no --weights header: {} gets pixels scaled to [0, 1], classes numbered 0..{}", a.model, s.classes.saturating_sub(1));
+            let model = stride_models::from_onnx(&a.model, Some(s))?;
+            Trained { model, chw: [s.channels, s.height, s.width], mean: 0.0, std: 1.0, names: (0..s.classes).map(|i| i.to_string()).collect() }
+        }
+        None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
+    };
     for path in &a.images {
         let x = t.image(path, None)?.x;
         let logits = no_grad(|| t.model.forward(&x, &mut Ctx::eval()))?;

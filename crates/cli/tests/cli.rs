@@ -55,6 +55,24 @@ fn train_then_eval_and_run() {
     assert_eq!(stride_train::checkpoint::load(&output).unwrap()["output"].shape(), [3, 10]);
     let shapes = String::from_utf8_lossy(&r.stderr);
     assert!(shapes.contains("input") && shapes.contains("-> [3, 1, 28, 28]") && shapes.contains("-> [3, 20, 26, 26]"), "run --debug: {shapes}");
+    // ONNX out and back in: the file evaluates and runs as the weights do, and its imported
+    // state_dict loads into the zoo model.
+    let onnx = dir.join("cnn.onnx");
+    let ex = stride(&["export", "--weights", dir.join("model.safetensors").to_str().unwrap(), "--out", onnx.to_str().unwrap()]);
+    assert!(ex.status.success(), "{}", text(&ex));
+    let ev = stride(&["eval", "--model", onnx.to_str().unwrap()]);
+    assert!(ev.status.success(), "{}", text(&ev));
+    assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap(), last, "eval of the ONNX file");
+    let imported = dir.join("imported.safetensors");
+    let im = stride(&["import", onnx.to_str().unwrap(), "--out", imported.to_str().unwrap()]);
+    assert!(im.status.success() && text(&im).contains("input Nx1x28x28, output Nx10"), "{}", text(&im));
+    let ev = stride(&["eval", "--weights", imported.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap(), last, "eval of the imported weights: {}", text(&ev));
+    let output2 = dir.join("y2.safetensors");
+    let r = stride(&["run", "--model", onnx.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output2.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r));
+    let (y1, y2) = (stride_train::checkpoint::load(&output).unwrap(), stride_train::checkpoint::load(&output2).unwrap());
+    assert_eq!(y1["output"].data(), y2["output"].data(), "run through the ONNX file gives the same outputs");
     // Training writes the report beside the metrics.
     assert!(std::fs::read_to_string(dir.join("report.html")).unwrap().contains("Confusion matrix"));
     std::fs::remove_dir_all(dir).unwrap();
@@ -102,7 +120,7 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--label-smoothing", "1.5"], "'1.5' is not a label smoothing: give a number in [0, 1)"),
         (&["train", "--label-smoothing", "NaN"], "'NaN' is not a label smoothing"),
@@ -110,6 +128,10 @@ fn bad_input_is_a_clear_error() {
         (&["train", "--augment", "shear"], "unknown augmentation 'shear'"),
         (&["eval", "--weights", "/no/such/file.safetensors"], "/no/such/file.safetensors"),
         (&["bench", "--shapes", "c9"], "unknown shape 'c9'"),
+        (&["import", "Cargo.toml"], "Cargo.toml: onnx: not an ONNX model"),
+        (&["export", "--out", "/tmp/never.onnx", "--opset", "9"], "opset 9 is not supported: Stride writes opsets 13 to 23"),
+        (&["eval", "--model", "cnn"], "--weights is needed: cnn is built with fresh weights"),
+        (&["eval", "--model", "/no/such/model.onnx"], "/no/such/model.onnx"),
     ];
     for (args, want) in cases {
         let o = stride(args);

@@ -360,6 +360,31 @@ impl Builder {
                 let m = if op == "GlobalAveragePool" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
                 self.layer(node, None, m, x)
             }
+            "ReduceMean" | "ReduceMax" => {
+                // Global pooling as PyTorch's newer exporter writes adaptive_avg_pool2d(1).
+                let x = self.runtime(need(0)?)?;
+                let axes = match opt(1) {
+                    Some(n) => Some(self.const_ints(n, "axes")?),
+                    None => a.ints("axes"),
+                };
+                let keep = a.int("keepdims", 1)? != 0;
+                if a.int("noop_with_empty_axes", 0)? != 0 {
+                    return Err(err("noop_with_empty_axes 1 is not supported"));
+                }
+                a.done()?;
+                let mut axes = axes.unwrap_or_default();
+                axes.sort();
+                if axes != [2, 3] && axes != [-2, -1] {
+                    return Err(err(format!("{op} over axes {axes:?}: Stride reduces the two spatial axes of [N, C, H, W] (global pooling)")));
+                }
+                let m = if op == "ReduceMean" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
+                let pooled = self.layer(node, None, m, x);
+                if keep {
+                    pooled
+                } else {
+                    self.push(Step::Flatten(pooled, 1))
+                }
+            }
             "BatchNormalization" => {
                 let x = self.runtime(need(0)?)?;
                 let parts: Vec<Tensor<f32>> =

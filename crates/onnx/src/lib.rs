@@ -20,7 +20,7 @@ mod write;
 pub use import::{import, import_with, Imported};
 pub use network::Network;
 pub use tensor::{from_tensor_proto, to_tensor_proto};
-pub use write::{export, export_with, DEFAULT_OPSET};
+pub use write::{export, export_with, ToOnnx, DEFAULT_OPSET};
 
 use prost::Message;
 use stride_autograd::Error;

@@ -14,8 +14,20 @@ use crate::Result;
 /// The operator set `stride export` writes unless told otherwise (PyTorch's default too).
 pub const DEFAULT_OPSET: i64 = 17;
 
+/// `model.to_onnx(&[1, 28, 28], 17)`: any Stride module written as an ONNX model.
+pub trait ToOnnx {
+    /// The ONNX bytes of this network for inputs [N, ...`input`] (N dynamic).
+    fn to_onnx(&mut self, input: &[usize], opset: i64) -> Result<Vec<u8>>;
+}
+
+impl<M: Module + ?Sized> ToOnnx for M {
+    fn to_onnx(&mut self, input: &[usize], opset: i64) -> Result<Vec<u8>> {
+        export(self, input, opset)
+    }
+}
+
 /// Writes `model` for inputs of shape [N, ...`input`] (N dynamic), as ONNX bytes.
-pub fn export(model: &mut dyn Module, input: &[usize], opset: i64) -> Result<Vec<u8>> {
+pub fn export<M: Module + ?Sized>(model: &mut M, input: &[usize], opset: i64) -> Result<Vec<u8>> {
     let mut shape = vec![1];
     shape.extend_from_slice(input);
     export_with(Tensor::zeros(&shape)?, opset, |g, x| model.export(g, "", x))

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Makes crates/onnx/tests/torchvision/: torchvision's resnet18, mobilenet_v2 and googlenet
+exported by PyTorch's own exporters (`torch.onnx.export`: the default torch.export-based one,
+opset 18, as `<name>.dynamo.onnx`, and the older TorchScript one, opset 17, as
+`<name>.torchscript.onnx`), for Stride's importer.
+
+To keep the repository small, every float initializer of the exported graph is set to a value
+from a formula (an integer hash of the initializer's position and the element's index, exact in
+f64) and its data is then removed from the kept file; Stride's test recomputes the same values
+before importing. ONNX Runtime runs the filled-in graph on a seeded input; its output is kept as
+the expected one (ONNX Runtime and PyTorch agree on the unmodified graph within 1e-4; checked
+here too).
+
+    pip install torch torchvision onnx onnxruntime onnxscript
+    python3 scripts/onnx/torchvision_fixtures.py
+"""
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnx.numpy_helper as nh
+import onnxruntime as ort
+import torch
+import torchvision.models as M
+
+OUT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "crates", "onnx", "tests", "torchvision"))
+SIDE = 64
+
+
+def uniform(t_index, n):
+    """n values in [0, 1): the same hash as crates/train/tests/fixtures/make_torchvision_refs.py."""
+    i = np.arange(n, dtype=np.uint64)
+    h = (i * np.uint64(2654435761) + np.uint64(t_index) * np.uint64(40503) + np.uint64(12345)) % np.uint64(1 << 32)
+    h = (h ^ (h >> np.uint64(13))) * np.uint64(1274126177) % np.uint64(1 << 32)
+    return h.astype(np.float64) / float(1 << 32)
+
+
+def formula(t_index, dims):
+    """A weight (2 or more axes) is uniform in +-sqrt(3 / fan_in), so activations keep their
+    scale through the network; a vector (bias) is uniform in +-0.1."""
+    n = int(np.prod(dims)) if len(dims) else 1
+    u = uniform(t_index, n) * 2.0 - 1.0
+    if len(dims) >= 2:
+        fan_in = int(np.prod(dims[1:]))
+        return (u * np.sqrt(3.0 / fan_in)).astype(np.float32).reshape(dims)
+    return (u * 0.1).astype(np.float32).reshape(dims)
+
+
+def ort_run(model, x):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+    with open(os.path.join(OUT, "input.pb"), "wb") as f:
+        f.write(nh.from_array(x.numpy(), "input").SerializeToString())
+    for name, build in [("resnet18", M.resnet18), ("mobilenet_v2", M.mobilenet_v2), ("googlenet", M.googlenet)]:
+        kwargs = {"num_classes": 10}
+        if name == "googlenet":
+            kwargs.update(aux_logits=False, transform_input=False, init_weights=True)
+        net = build(**kwargs).eval()
+        with torch.no_grad():
+            want = net(x).numpy()
+        for exporter, dynamo, opset in (("dynamo", True, 18), ("torchscript", False, 17)):
+            path = os.path.join(OUT, f"{name}.{exporter}.onnx")
+            if dynamo:
+                torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("N")}}, opset_version=opset, dynamo=True,
+                                  external_data=False)
+            else:
+                torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=opset, dynamo=False)
+            model = onnx.load(path)
+            got = ort_run(model, x.numpy())
+            assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), f"{name}: ONNX Runtime and PyTorch differ"
+            # Formula weights in, then out of the kept file.
+            k = 0
+            for t in model.graph.initializer:
+                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 0:
+                    t.CopyFrom(nh.from_array(formula(k, list(t.dims)), t.name))
+                    k += 1
+            y = ort_run(model, x.numpy())
+            for t in model.graph.initializer:
+                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 0:
+                    t.ClearField("raw_data")
+                    t.ClearField("float_data")
+            onnx.save(model, path)
+            with open(os.path.join(OUT, f"{name}.{exporter}.output.pb"), "wb") as f:
+                f.write(nh.from_array(y, "output").SerializeToString())
+            print(f"{name} ({exporter}): {len(model.graph.node)} nodes, {k} formula initializers, output {y.shape}", file=sys.stderr)
+    with open(os.path.join(OUT, "VERSIONS"), "w") as f:
+        f.write(f"torch {torch.__version__}\ntorchvision {__import__('torchvision').__version__}\nonnx {onnx.__version__}\nonnxruntime {ort.__version__}\n")
+
+
+if __name__ == "__main__":
+    main()
