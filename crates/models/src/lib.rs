@@ -325,7 +325,11 @@ pub fn from_onnx(path: &str, spec: Option<InputSpec>) -> Result<Sequential> {
         let fits = declared.len() == 3 && declared.iter().zip(want).all(|(d, w)| d.is_none_or(|d| d == w));
         if !fits {
             let shape: Vec<String> = net.input_shape.iter().map(|d| d.map_or("N".into(), |d| d.to_string())).collect();
-            return Err(Error::shape("model", format!("{path} takes inputs [{}], the data gives [N, {}, {}, {}]", shape.join(", "), s.channels, s.height, s.width)).into());
+            return Err(Error::shape(
+                "model",
+                format!("{path} takes inputs [{}], the data gives [N, {}, {}, {}]", shape.join(", "), s.channels, s.height, s.width),
+            )
+            .into());
         }
     }
     // Unnamed: the layers keep the names the file gave their weights.
@@ -341,7 +345,11 @@ pub fn onnx_spec(path: &str) -> Result<InputSpec> {
     let net = stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?.network;
     match (&net.input_shape[..], &net.output_shape[..]) {
         ([_, Some(c), Some(h), Some(w)], [_, Some(k)]) => Ok(InputSpec { channels: *c, height: *h, width: *w, classes: *k }),
-        (i, o) => Err(Error::shape("model", format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]")).into()),
+        (i, o) => Err(Error::shape(
+            "model",
+            format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]"),
+        )
+        .into()),
     }
 }
 

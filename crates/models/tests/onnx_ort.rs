@@ -46,7 +46,8 @@ fn onnx_runtime_agrees_with_stride_on_every_export() {
         let mut rng = Rng::seed(12);
         let mut vae = stride_models::vae::Vae::new(&mut rng).unwrap();
         let z: Tensor<f32> = rng.normal(&[2, stride_models::vae::LATENT], 0.0, 1.0).unwrap();
-        let bytes = stride_onnx::export_with(Tensor::zeros(&[1, stride_models::vae::LATENT]).unwrap(), 17, |g, x| vae.export_generator(g, x)).unwrap();
+        let bytes =
+            stride_onnx::export_with(Tensor::zeros(&[1, stride_models::vae::LATENT]).unwrap(), 17, |g, x| vae.export_generator(g, x)).unwrap();
         let y = no_grad(|| vae.generate(&Var::constant(z.clone()), &mut Ctx::eval())).unwrap().value();
         std::fs::write(dir.join("vae_generator.onnx"), bytes).unwrap();
         write_pb(&dir.join("vae_generator.input.pb"), &z);

@@ -89,11 +89,7 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         Some(Val::Const(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant"))),
         None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
     };
-    Ok(Imported {
-        network: Network::new(b.steps, out, input_shape, output_shape),
-        opset,
-        producer: model.producer_name.clone().unwrap_or_default(),
-    })
+    Ok(Imported { network: Network::new(b.steps, out, input_shape, output_shape), opset, producer: model.producer_name.clone().unwrap_or_default() })
 }
 
 /// A float tensor's declared shape (None for symbolic dimensions).
@@ -174,12 +170,14 @@ impl<'a> Attrs<'a> {
 /// Stride allocate outputs out of all proportion to its own size.
 pub const MAX_WINDOW: i64 = 1024;
 
-/// Two spatial values of an ints attribute (strides, dilations), or `default`.
+/// Two spatial values of an ints attribute (kernel, strides, dilations: at least 1; output
+/// padding: at least 0), or `default`.
 fn pair(a: Option<Vec<i64>>, name: &str, default: usize) -> Result<(usize, usize)> {
+    let min = if name == "output_padding" { 0 } else { 1 };
     match a.as_deref() {
         None => Ok((default, default)),
-        Some([h, w]) if (0..=MAX_WINDOW).contains(h) && (0..=MAX_WINDOW).contains(w) => Ok((*h as usize, *w as usize)),
-        Some(v) => Err(err(format!("{name} {v:?}: Stride's layers are 2-d (two values from 0 to {MAX_WINDOW})"))),
+        Some([h, w]) if (min..=MAX_WINDOW).contains(h) && (min..=MAX_WINDOW).contains(w) => Ok((*h as usize, *w as usize)),
+        Some(v) => Err(err(format!("{name} {v:?}: Stride's layers are 2-d (two values from {min} to {MAX_WINDOW})"))),
     }
 }
 
@@ -284,7 +282,10 @@ impl Builder {
         let op = node.op_type.as_deref().unwrap_or("");
         let domain = node.domain.as_deref().unwrap_or("");
         if !domain.is_empty() && domain != "ai.onnx" {
-            return Err(err(format!("operator {op} of domain '{domain}' (version {}) is not supported", self.domains.get(domain).copied().unwrap_or(0))));
+            return Err(err(format!(
+                "operator {op} of domain '{domain}' (version {}) is not supported",
+                self.domains.get(domain).copied().unwrap_or(0)
+            )));
         }
         let ins: Vec<&str> = node.input.iter().map(|s| s.as_str()).collect();
         let opt = |i: usize| ins.get(i).copied().filter(|s| !s.is_empty());
@@ -297,38 +298,31 @@ impl Builder {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only", node.output.len())));
         }
         let id: ValueId = match op {
-            "Conv" => {
+            "Conv" | "ConvTranspose" => {
                 let x = self.runtime(need(0)?)?;
                 let wname = need(1)?;
                 let w = self.const_f32(wname, "weight")?;
                 if w.shape().len() != 4 {
-                    return Err(err(format!("weight '{wname}' has shape {:?}: Stride's convolution is 2-d ([out, in/groups, kh, kw])", w.shape())));
+                    return Err(err(format!("weight '{wname}' has shape {:?}: Stride's {op} is 2-d (a 4-d weight)", w.shape())));
                 }
-                let bias = opt(2).map(|n| self.const_f32(n, "bias")).transpose()?;
-                let opts = self.conv_opts(&mut a, &w.shape())?;
-                a.done()?;
-                let conv = Conv2d { weight: Var::parameter(w), bias: bias.map(Var::parameter), opts };
-                self.layer(node, Some(wname), conv, x)
-            }
-            "ConvTranspose" => {
-                let x = self.runtime(need(0)?)?;
-                let wname = need(1)?;
-                let w = self.const_f32(wname, "weight")?;
-                if w.shape().len() != 4 {
-                    return Err(err(format!("weight '{wname}' has shape {:?}: Stride's transposed convolution is 2-d", w.shape())));
+                let (weight, bias) = (Var::parameter(w.clone()), opt(2).map(|n| self.const_f32(n, "bias")).transpose()?.map(Var::parameter));
+                if op == "Conv" {
+                    let opts = self.conv_opts(&mut a, w.shape())?;
+                    a.done()?;
+                    self.layer(node, Some(wname), Conv2d { weight, bias, opts }, x)
+                } else {
+                    if a.take("output_shape").is_some() {
+                        return Err(err("attribute output_shape is not supported: Stride takes pads and output_padding"));
+                    }
+                    let output_padding = pair(a.ints("output_padding"), "output_padding", 0)?;
+                    let mut opts = self.conv_opts(&mut a, w.shape())?;
+                    if opts.padding == Padding::Same {
+                        return Err(err("auto_pad SAME_UPPER on ConvTranspose is not supported: Stride takes explicit pads"));
+                    }
+                    opts.output_padding = output_padding;
+                    a.done()?;
+                    self.layer(node, Some(wname), ConvTranspose2d { weight, bias, opts }, x)
                 }
-                let bias = opt(2).map(|n| self.const_f32(n, "bias")).transpose()?;
-                if a.take("output_shape").is_some() {
-                    return Err(err("attribute output_shape is not supported: Stride takes pads and output_padding"));
-                }
-                let output_padding = pair(a.ints("output_padding"), "output_padding", 0)?;
-                let mut opts = self.conv_opts(&mut a, &w.shape())?;
-                if opts.padding == Padding::Same {
-                    return Err(err("auto_pad SAME_UPPER on ConvTranspose is not supported: Stride takes explicit pads"));
-                }
-                opts.output_padding = output_padding;
-                a.done()?;
-                self.layer(node, Some(wname), ConvTranspose2d { weight: Var::parameter(w), bias: bias.map(Var::parameter), opts }, x)
             }
             "MaxPool" | "AveragePool" | "LpPool" => {
                 let x = self.runtime(need(0)?)?;
@@ -348,7 +342,13 @@ impl Builder {
                 let m: Box<dyn Module> = match op {
                     "MaxPool" => Box::new(Pool::Max(o)),
                     "AveragePool" => Box::new(Pool::Avg(o)),
-                    _ => Box::new(OtherPool::Lp(a.int("p", 2)? as f64, o)),
+                    _ => {
+                        let p = a.int("p", 2)?;
+                        if !(1..=MAX_WINDOW).contains(&p) {
+                            return Err(err(format!("p {p} must be from 1 to {MAX_WINDOW}")));
+                        }
+                        Box::new(OtherPool::Lp(p as f64, o))
+                    }
                 };
                 a.done()?;
                 let name = self.layer_name(node, None);
@@ -391,7 +391,10 @@ impl Builder {
                     (1..5).map(|i| need(i).and_then(|n| self.const_f32(n, ["scale", "bias", "mean", "variance"][i - 1]))).collect::<Result<_>>()?;
                 let c = parts[0].numel();
                 if parts.iter().any(|p| p.shape() != [c]) {
-                    return Err(err(format!("scale, bias, mean and variance must be [C]; got {:?}", parts.iter().map(|p| p.shape().to_vec()).collect::<Vec<_>>())));
+                    return Err(err(format!(
+                        "scale, bias, mean and variance must be [C]; got {:?}",
+                        parts.iter().map(|p| p.shape().to_vec()).collect::<Vec<_>>()
+                    )));
                 }
                 let eps = a.float("epsilon", 1e-5)? as f64;
                 let momentum = a.float("momentum", 0.9)? as f64;
@@ -475,7 +478,8 @@ impl Builder {
                     Some(Val::Const(c)) => Val::Const(c.clone()),
                     None => return Err(err(format!("input '{src}' is made by no earlier node"))),
                 };
-                self.vals.insert(node.output[0].clone(), v);
+                let out = node.output.first().ok_or_else(|| err("Identity has no output"))?;
+                self.vals.insert(out.clone(), v);
                 return Ok(());
             }
             "Gemm" | "MatMul" => return self.product(node, &ins, a),
@@ -494,6 +498,9 @@ impl Builder {
                 let ax = a.take("axis").and_then(|x| x.i).ok_or_else(|| err("attribute axis is missing"))?;
                 a.done()?;
                 let ids = ins.iter().filter(|s| !s.is_empty()).map(|n| self.value(n)).collect::<Result<Vec<_>>>()?;
+                if ids.is_empty() {
+                    return Err(err("Concat has no inputs"));
+                }
                 self.push(Step::Concat(ids, ax))
             }
             "Flatten" => {
@@ -520,9 +527,13 @@ impl Builder {
             }
             "Transpose" => {
                 let x = self.runtime(need(0)?)?;
-                let perm = a.ints("perm").ok_or_else(|| err("Transpose without perm (reverse all axes) is not supported: the rank is not known here"))?;
+                let perm =
+                    a.ints("perm").ok_or_else(|| err("Transpose without perm (reverse all axes) is not supported: the rank is not known here"))?;
                 a.done()?;
-                let perm = perm.iter().map(|&p| usize::try_from(p).map_err(|_| err(format!("perm {perm:?} has a negative entry")))).collect::<Result<Vec<_>>>()?;
+                let perm = perm
+                    .iter()
+                    .map(|&p| usize::try_from(p).map_err(|_| err(format!("perm {perm:?} has a negative entry"))))
+                    .collect::<Result<Vec<_>>>()?;
                 self.push(Step::Transpose(x, perm))
             }
             "Split" => return self.split(node, &ins, a),
@@ -573,7 +584,8 @@ impl Builder {
                     },
                 };
                 a.done()?;
-                self.vals.insert(node.output[0].clone(), Val::Const(c));
+                let out = node.output.first().ok_or_else(|| err("Constant has no output"))?;
+                self.vals.insert(out.clone(), Val::Const(c));
                 return Ok(());
             }
             _ => match unary_op(op) {
@@ -673,8 +685,9 @@ impl Builder {
         }
         let mut start = 0;
         for (s, out) in sizes.iter().zip(&node.output) {
-            let id = self.push(Step::Narrow { input: x, axis, start, len: *s as usize });
-            start += *s as usize;
+            let len = usize::try_from(*s).map_err(|_| err(format!("split size {s} is too large")))?;
+            let id = self.push(Step::Narrow { input: x, axis, start, len });
+            start = start.checked_add(len).ok_or_else(|| err(format!("split sizes {sizes:?} overflow")))?;
             if !out.is_empty() {
                 self.vals.insert(out.clone(), Val::Runtime(id));
             }

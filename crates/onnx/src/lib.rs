@@ -13,6 +13,7 @@
 mod import;
 mod network;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
+#[rustfmt::skip]
 pub mod proto;
 mod tensor;
 mod write;

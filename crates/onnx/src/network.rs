@@ -18,7 +18,11 @@ pub(crate) enum BinOp {
 
 pub(crate) enum Step {
     /// A Stride layer, its parameters under `name`.
-    Layer { name: String, module: Box<dyn Module>, input: ValueId },
+    Layer {
+        name: String,
+        module: Box<dyn Module>,
+        input: ValueId,
+    },
     /// A constant (not trained).
     Const(Var),
     Binary(BinOp, ValueId, ValueId),
@@ -29,12 +33,26 @@ pub(crate) enum Step {
     Flatten(ValueId, i64),
     Transpose(ValueId, Vec<usize>),
     /// One piece of a split: `len` entries from `start` along `axis`.
-    Narrow { input: ValueId, axis: i64, start: usize, len: usize },
+    Narrow {
+        input: ValueId,
+        axis: i64,
+        start: usize,
+        len: usize,
+    },
     /// (Log-)softmax along `axis`; `coerce` is opset < 13's rule (over all axes from `axis` on).
-    Softmax { input: ValueId, axis: i64, log: bool, coerce: bool },
+    Softmax {
+        input: ValueId,
+        axis: i64,
+        log: bool,
+        coerce: bool,
+    },
     MatMul(ValueId, ValueId),
     /// Constant padding of every axis: (before, after).
-    Pad { input: ValueId, pads: Vec<(usize, usize)>, value: f64 },
+    Pad {
+        input: ValueId,
+        pads: Vec<(usize, usize)>,
+        value: f64,
+    },
 }
 
 /// An imported ONNX graph.
@@ -98,7 +116,8 @@ pub(crate) fn reshape_dims(dims: &[usize], shape: &[i64]) -> ag::Result<Vec<usiz
     let mut infer = None;
     for (i, &s) in shape.iter().enumerate() {
         match s {
-            0 => out.push(*dims.get(i).ok_or_else(|| ag::Error::shape("Reshape", format!("0 at position {i} copies a dimension that {dims:?} lacks")))?),
+            0 => out
+                .push(*dims.get(i).ok_or_else(|| ag::Error::shape("Reshape", format!("0 at position {i} copies a dimension that {dims:?} lacks")))?),
             -1 if infer.is_none() => {
                 infer = Some(i);
                 out.push(1);
@@ -107,9 +126,10 @@ pub(crate) fn reshape_dims(dims: &[usize], shape: &[i64]) -> ag::Result<Vec<usiz
             _ => return Err(ag::Error::shape("Reshape", format!("shape {shape:?} has {s} at position {i}"))),
         }
     }
-    let known: usize = out.iter().product();
+    let known =
+        out.iter().try_fold(1usize, |p, &d| p.checked_mul(d)).ok_or_else(|| ag::Error::shape("Reshape", format!("shape {shape:?} is too large")))?;
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(ag::Error::shape("Reshape", format!("cannot reshape {dims:?} ({total} values) to {shape:?}")));
         }
         out[i] = total / known;

@@ -58,7 +58,11 @@ pub(crate) fn read_const(t: &TensorProto) -> Result<Const> {
     let raw = t.raw_data.as_deref();
     let count = |have: usize, width: usize| -> Result<()> {
         if have != n {
-            return Err(err(format!("tensor '{name}' has dimensions {:?} ({n} values) but holds {have}{}", t.dims, if width > 0 { format!(" ({} bytes)", have * width) } else { String::new() })));
+            return Err(err(format!(
+                "tensor '{name}' has dimensions {:?} ({n} values) but holds {have}{}",
+                t.dims,
+                if width > 0 { format!(" ({} bytes)", have * width) } else { String::new() }
+            )));
         }
         Ok(())
     };

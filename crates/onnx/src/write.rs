@@ -49,7 +49,11 @@ fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
         .map(|(i, &d)| Dimension { value: Some(if i == 0 { Dim::DimParam("N".into()) } else { Dim::DimValue(d as i64) }), ..Default::default() })
         .collect();
     let tensor = type_proto::Tensor { elem_type: Some(1), shape: Some(TensorShapeProto { dim: dims }) };
-    ValueInfoProto { name: Some(name.into()), r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }), ..Default::default() }
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        ..Default::default()
+    }
 }
 
 fn attribute(name: &str, a: &Attr) -> AttributeProto {

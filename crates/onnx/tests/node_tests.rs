@@ -93,7 +93,8 @@ fn run_case(dir: &Path) -> Outcome {
 #[test]
 fn onnx_backend_node_tests() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(root.join("node")).expect("tests/node (scripts/onnx/node_tests.py)").map(|e| e.unwrap().path()).collect();
+    let mut cases: Vec<PathBuf> =
+        std::fs::read_dir(root.join("node")).expect("tests/node (scripts/onnx/node_tests.py)").map(|e| e.unwrap().path()).collect();
     cases.sort();
     let mut lines = Vec::new();
     let mut failures = Vec::new();
@@ -124,7 +125,12 @@ fn onnx_backend_node_tests() {
     let expected = std::fs::read_to_string(&kept).expect("tests/node_outcomes.txt (STRIDE_BLESS=1 writes it)");
     let want: Vec<&str> = expected.lines().collect();
     let have: Vec<&str> = listing.lines().collect();
-    let changed: Vec<String> = have.iter().filter(|l| !want.contains(l)).map(|l| format!("now:  {l}")).chain(want.iter().filter(|l| !have.contains(l)).map(|l| format!("kept: {l}"))).collect();
+    let changed: Vec<String> = have
+        .iter()
+        .filter(|l| !want.contains(l))
+        .map(|l| format!("now:  {l}"))
+        .chain(want.iter().filter(|l| !have.contains(l)).map(|l| format!("kept: {l}")))
+        .collect();
     assert!(changed.is_empty(), "outcomes differ from tests/node_outcomes.txt:\n{}", changed.join("\n"));
     assert!(passed >= 100, "only {passed} node tests pass");
 }
