@@ -4,6 +4,8 @@ mod bench;
 mod infer;
 mod look;
 mod memory;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod onnx;
 mod summary;
 mod train;

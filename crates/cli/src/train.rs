@@ -159,6 +159,16 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
 }
 
 pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Under `mpirun -np N` (a build with `--features mpi`), this process is one rank of N.
+    #[cfg(feature = "mpi")]
+    let world = std::rc::Rc::new(crate::mpi::World::init()?);
+    #[cfg(feature = "mpi")]
+    let group: Option<std::rc::Rc<dyn stride_train::group::Group>> =
+        (stride_train::group::Group::size(world.as_ref()) > 1).then(|| world.clone() as std::rc::Rc<dyn stride_train::group::Group>);
+    #[cfg(not(feature = "mpi"))]
+    let group: Option<std::rc::Rc<dyn stride_train::group::Group>> = None;
+    // Rank 0 speaks for the job; the other ranks print only errors.
+    let root = group.as_ref().is_none_or(|g| g.rank() == 0);
     let mut data = stride_data::load(&a.data)?;
     if let Some((h, w)) = a.resize {
         data = data.resized(h, w)?;
@@ -183,29 +193,42 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         spec => Augment::parse(spec)?,
     };
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model, &a.data));
-    println!(
-        "training {} ({} parameters) on {}: {} training / {} test images of {}x{}x{}, {} classes; run folder {}",
-        a.model,
-        model.num_parameters(),
-        data.name,
-        t.len(),
-        data.test.len(),
-        t.channels,
-        t.height,
-        t.width,
-        t.classes,
-        out.display()
-    );
-    println!(
-        "{} epochs, batch {}, {} lr {}{}, {} schedule{}",
-        epochs,
-        a.batch_size,
-        opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
-        a.lr,
-        if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
-        a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
-        if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
-    );
+    if let Some(g) = group.as_ref().filter(|_| root) {
+        let (start, len) = stride_train::group::shard(a.batch_size, 0, g.size());
+        println!(
+            "data parallel: {} processes, each trains on its share of every batch of {} (rank 0: rows {start}..{})",
+            g.size(),
+            a.batch_size,
+            start + len
+        );
+    }
+    if root {
+        println!(
+            "training {} ({} parameters) on {}: {} training / {} test images of {}x{}x{}, {} classes; run folder {}",
+            a.model,
+            model.num_parameters(),
+            data.name,
+            t.len(),
+            data.test.len(),
+            t.channels,
+            t.height,
+            t.width,
+            t.classes,
+            out.display()
+        );
+    }
+    if root {
+        println!(
+            "{} epochs, batch {}, {} lr {}{}, {} schedule{}",
+            epochs,
+            a.batch_size,
+            opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
+            a.lr,
+            if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
+            a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
+            if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
+        );
+    }
     if a.debug {
         let x = Var::constant(Tensor::zeros(&[a.batch_size.clamp(1, 64), t.channels, t.height, t.width])?);
         let mut ctx = Ctx::eval();
@@ -233,10 +256,11 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         clip_grad_norm: a.clip_grad_norm,
         seed: a.seed,
         out_dir: Some(out.clone()),
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: root && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         report: (!a.no_report).then(|| a.model.clone()),
         recompute: a.recompute,
         label_smoothing,
+        data_parallel: group.clone().map(stride_train::group::DataParallel),
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));
@@ -247,11 +271,17 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let outcome = stride_train::train(&mut model, &data, &cfg, a.resume, Some(&stop), |r| {
+        if !root {
+            return;
+        }
         println!(
             "epoch {}/{}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.0} images/s",
             r.epoch, cfg.epochs, r.train_loss, r.train_accuracy, r.test.loss, r.test.accuracy, r.images_per_second
         );
     })?;
+    if !root {
+        return Ok(());
+    }
     if let Some((epoch, step)) = outcome.interrupted {
         println!("interrupted during epoch {epoch} after step {step}; checkpoint saved in {}", out.display());
         println!("resume: run the same command with --out {} --resume", out.display());

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod curves;
 pub mod fuzzing;
+pub mod group;
 pub mod inspect;
 pub mod recompute;
 pub mod report;
@@ -85,6 +86,9 @@ pub struct TrainConfig {
     /// ε/C on every class (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`). The test loss is
     /// always the plain cross-entropy.
     pub label_smoothing: f64,
+    /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
+    /// trains on its share of every batch, gradients are averaged, rank 0 writes the files.
+    pub data_parallel: Option<group::DataParallel>,
 }
 
 impl Default for TrainConfig {
@@ -106,6 +110,7 @@ impl Default for TrainConfig {
             report: None,
             recompute: None,
             label_smoothing: 0.0,
+            data_parallel: None,
         }
     }
 }
@@ -397,13 +402,18 @@ pub fn train(
     }
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
+    let group = cfg.data_parallel.as_ref().map(|d| d.0.clone());
+    // Rank 0 writes the run's files; the others read the checkpoint to resume.
+    let root = group.as_ref().is_none_or(|g| g.rank() == 0);
     let mut plateau = cfg.plateau.clone();
     let mut plateau_lr = cfg.lr;
     let mut pos = Position { epoch: 1, ..Position::default() };
     let mut metrics = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        checkpoint::remove_stale_temporaries(dir);
+        if root {
+            checkpoint::remove_stale_temporaries(dir);
+        }
         if resume {
             let (p, meta) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
             pos = p;
@@ -434,8 +444,10 @@ pub fn train(
                 Err(e) => return Err(io_err(&path, e)),
             }
         }
-        checkpoint::write_atomic(&path, text.as_bytes())?;
-        metrics = Some(std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| io_err(&path, e))?);
+        if root {
+            checkpoint::write_atomic(&path, text.as_bytes())?;
+            metrics = Some(std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| io_err(&path, e))?);
+        }
     } else if resume {
         return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }
@@ -444,6 +456,21 @@ pub fn train(
         Some(k) => Some(recompute::plan(model, [data.train.channels, data.train.height, data.train.width], k)?),
         None => None,
     };
+    if let Some(g) = &group {
+        let n_params: usize = params.iter().map(|p| p.value_ref().numel()).sum();
+        let world = [
+            ("parameters", n_params as f64),
+            ("training images", data.train.len() as f64),
+            ("test images", data.test.len() as f64),
+            ("batch size", cfg.batch_size as f64),
+            ("seed", cfg.seed as f64),
+            ("epochs", cfg.epochs as f64),
+            ("resume epoch", pos.epoch as f64),
+            ("resume step", pos.step as f64),
+        ];
+        group::check_world(g.as_ref(), &world)?;
+        group::broadcast_state(g.as_ref(), model, false)?;
+    }
     let mut ctx = Ctx::train(cfg.seed);
     let mut reports = Vec::new();
     while pos.epoch <= cfg.epochs {
@@ -480,35 +507,64 @@ pub fn train(
             for (step, Batch { images, labels }) in rx {
                 ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
                 optim::zero_grad(&params);
-                let x = Var::constant(images);
-                let (lv, logits) = match &segments {
-                    Some(seg) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
-                    None => {
-                        let logits = model.forward(&x, &mut ctx)?;
-                        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
-                        let lv = loss.value().item()?;
-                        if lv.is_finite() {
-                            loss.backward()?;
-                        }
-                        (lv, logits)
+                // With several ranks, this one trains on its share of the global batch.
+                let global = labels.len();
+                let (images, labels) = match &group {
+                    Some(g) => {
+                        let (start, len) = group::shard(global, g.rank(), g.size());
+                        (images.narrow(0, start, len)?, labels[start..start + len].to_vec())
                     }
+                    None => (images, labels),
                 };
-                if !lv.is_finite() {
+                let (lv, right) = if labels.is_empty() {
+                    (0.0, 0)
+                } else {
+                    let x = Var::constant(images);
+                    let (lv, logits) = match &segments {
+                        Some(seg) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
+                        None => {
+                            let logits = model.forward(&x, &mut ctx)?;
+                            let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                            let lv = loss.value().item()?;
+                            if lv.is_finite() {
+                                loss.backward()?;
+                            }
+                            (lv, logits)
+                        }
+                    };
+                    (lv, correct(&logits, &labels)?)
+                };
+                // Loss, hits, images and the stop request of every rank, so all ranks agree on
+                // divergence and on stopping at the same step.
+                let asked = stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                let mut sums = [lv as f64 * labels.len() as f64, right as f64, labels.len() as f64, f64::from(u8::from(asked))];
+                if let Some(g) = &group {
+                    g.sum_f64(&mut sums)?;
+                }
+                let [loss_sum, right, seen, stops] = sums;
+                if !loss_sum.is_finite() {
                     bar.abandon();
-                    return Err(TrainError::Diverged { epoch, step: step + 1, loss: lv });
+                    return Err(TrainError::Diverged { epoch, step: step + 1, loss: (loss_sum / seen.max(1.0)) as f32 });
+                }
+                if let Some(g) = &group {
+                    // The mean gradient of the global batch: each share's mean, weighted by its size.
+                    group::reduce_gradients(g.as_ref(), &params, labels.len() as f32 / global.max(1) as f32)?;
                 }
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;
                 }
                 opt.step(&params)?;
-                pos.loss_sum += lv as f64 * labels.len() as f64;
-                pos.right += correct(&logits, &labels)?;
-                pos.seen += labels.len();
+                if let Some(g) = &group {
+                    group::broadcast_state(g.as_ref(), model, true)?;
+                }
+                pos.loss_sum += loss_sum;
+                pos.right += right as usize;
+                pos.seen += seen as usize;
                 pos.step = step + 1;
                 bar.inc(1);
                 let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
                 bar.set_message(format!("loss {:.4} acc {:.4} {ips:.0} img/s", pos.loss_sum / pos.seen as f64, pos.right as f64 / pos.seen as f64));
-                if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                if stops > 0.0 {
                     return Ok(true);
                 }
             }
@@ -516,7 +572,7 @@ pub fn train(
         })?;
         if interrupted {
             bar.abandon();
-            if let Some(dir) = &cfg.out_dir {
+            if let Some(dir) = cfg.out_dir.as_ref().filter(|_| root) {
                 save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             }
             return Ok(Outcome { reports, interrupted: Some((epoch, pos.step)) });

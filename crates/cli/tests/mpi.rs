@@ -1,0 +1,114 @@
+//! Data-parallel training on Open MPI, end to end (`cargo test -p stride-cli --features mpi
+//! --test mpi`; needs `mpirun`: `apt-get install openmpi-bin libopenmpi-dev libclang-dev`).
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stride-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// `mpirun -np n stride ARGS` on this machine (root and oversubscription allowed, as in CI).
+fn mpirun(n: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np", &n.to_string(), env!("CARGO_BIN_EXE_stride")]);
+    c
+}
+
+fn train_args(out: &Path, epochs: usize) -> Vec<String> {
+    ["--threads", "1", "train", "--epochs", &epochs.to_string(), "--batch-size", "64", "--no-report", "--out", out.to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn last_line(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string()
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_the_same_batch() {
+    let (solo, pair) = (tmp("solo"), tmp("pair"));
+    let one = Command::new(env!("CARGO_BIN_EXE_stride")).args(train_args(&solo, 2)).output().unwrap();
+    assert!(one.status.success(), "{}", text(&one));
+    let two = mpirun(2).args(train_args(&pair, 2)).output().unwrap();
+    assert!(two.status.success(), "{}", text(&two));
+    let log = text(&two);
+    assert!(log.contains("data parallel: 2 processes"), "{log}");
+    assert_eq!(log.matches("test accuracy").count(), 1, "only rank 0 reports: {log}");
+    assert_eq!(last_line(&two), last_line(&one), "the same accuracy to the printed digits");
+    let a = stride_train::checkpoint::load(&solo.join("model.safetensors")).unwrap();
+    let b = stride_train::checkpoint::load(&pair.join("model.safetensors")).unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (name, t) in &a {
+        let u = &b[name];
+        assert_eq!(t.shape(), u.shape(), "{name}");
+        worst = t.data().iter().zip(u.data()).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+    }
+    eprintln!("largest weight difference after 2 epochs: {worst:e}");
+    assert!(worst <= 1e-5, "two ranks' weights differ from one process's by {worst:e}");
+    for d in [solo, pair] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn a_rank_that_differs_stops_the_job_with_the_reason() {
+    let dir = tmp("mismatch");
+    // MPMD: rank 1 runs with another seed.
+    let mut args = train_args(&dir, 1);
+    let mut other = args.clone();
+    other.extend(["--seed".to_string(), "5".to_string()]);
+    args.push(":".into());
+    args.extend(["-np".into(), "1".into(), env!("CARGO_BIN_EXE_stride").into()]);
+    args.extend(other);
+    let o = mpirun(1).args(&args).output().unwrap();
+    assert!(!o.status.success());
+    let log = text(&o);
+    assert!(log.contains("ranks [1] differ from rank 0 in model or data") && log.contains("seed 5 (rank 0: 0)"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
+    let dir = tmp("kill");
+    let mut job = mpirun(2).args(train_args(&dir, 3)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait for the first epoch's checkpoint, then kill one rank (a child of mpirun) mid-epoch.
+    let ckpt = dir.join("checkpoint.safetensors");
+    let start = Instant::now();
+    while !ckpt.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ckpt.exists(), "no checkpoint after the first epoch");
+    std::thread::sleep(Duration::from_millis(500));
+    let children = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_string).collect();
+    assert!(!pids.is_empty(), "mpirun has no child processes");
+    Command::new("kill").args(["-9", pids.last().unwrap()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the job did not end within 60 s of a rank's death");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "the job exits non-zero when a rank dies");
+    // The last checkpoint loads, and the same job resumes from it and finishes.
+    assert!(stride_train::checkpoint::load(&ckpt).is_ok());
+    let mut args = train_args(&dir, 3);
+    args.push("--resume".into());
+    let r = mpirun(2).args(&args).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(last_line(&r).starts_with("test accuracy "), "{}", text(&r));
+    let _ = std::fs::remove_dir_all(dir);
+}
