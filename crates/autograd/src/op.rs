@@ -76,6 +76,8 @@ pub(crate) enum Op<T: Elem> {
         mean: Vec<T>,
         invstd: Vec<T>,
         training: bool,
+        /// Synchronised over processes (training only).
+        sync: Option<ops::norm::SyncStats>,
     },
     Softmax {
         axis: usize,
@@ -204,7 +206,7 @@ impl<T: Elem> Op<T> {
             Op::ChannelMaxPool { argmax } => {
                 vec![Some(pool::channel_max_backward(g, x[0].shape(), argmax)?)]
             }
-            Op::BatchNorm { mean, invstd, training } => norm::batch_norm_backward(g, x, mean, invstd, *training)?,
+            Op::BatchNorm { mean, invstd, training, sync } => norm::batch_norm_backward(g, x, mean, invstd, *training, sync.as_ref())?,
             Op::Softmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, false)?)],
             Op::LogSoftmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, true)?)],
             Op::Nll { targets } => vec![Some(loss::nll_backward(g, x[0].shape(), targets)?)],

@@ -256,3 +256,55 @@ fn gradients_of_an_intermediate_value() {
     let other = x.add(&w).unwrap();
     assert!(loss_of(&h).gradients(&[&other]).unwrap()[0].is_none());
 }
+
+/// Synchronised batch norm on one "process" holding x, with a second one's batch z summed in
+/// by the reducer, equals plain batch norm over the concatenation [x; z] restricted to x: the
+/// output, the running statistics and the input's gradient (the second process's loss does not
+/// depend on x, so its backward sums are zero).
+#[test]
+fn synchronised_batch_norm_equals_batch_norm_over_all_processes_batches() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let mut rng = Rng::seed(8);
+    let (n, m, c) = (3, 5, 4);
+    let x = randn(&mut rng, &[n, c, 2, 3]);
+    let z = randn(&mut rng, &[m, c, 2, 3]);
+    let (g, b) = (randn(&mut rng, &[c]), randn(&mut rng, &[c]));
+    let w = Var::constant(randn(&mut rng, &[n, c, 2, 3]));
+    let opts = BatchNormOptions::default();
+    let fresh = || (Tensor::from_fn(&[c], |i| 0.1 * i as f64).unwrap(), Tensor::from_fn(&[c], |i| 1.0 + 0.5 * i as f64).unwrap());
+
+    // z's sums, as the other process would contribute them.
+    let mut z_sums = vec![0.0; 2 * c + 1];
+    for (i, v) in z.data().iter().enumerate() {
+        let ch = (i / 6) % c;
+        z_sums[2 * ch] += v;
+        z_sums[2 * ch + 1] += v * v;
+    }
+    z_sums[2 * c] = (m * 6) as f64;
+    let forward = Rc::new(Cell::new(true));
+    let phase = forward.clone();
+    let sync = SyncStats(Rc::new(move |buf: &mut [f64]| {
+        if phase.get() {
+            buf.iter_mut().zip(&z_sums).for_each(|(a, b)| *a += b);
+        } else {
+            buf[2 * c] += (m * 6) as f64;
+        }
+        Ok(())
+    }));
+    let xv = Var::parameter(x.clone());
+    let (mut rm, mut rv) = fresh();
+    let y = batch_norm_sync(&xv, &Var::constant(g.clone()), &Var::constant(b.clone()), &mut rm, &mut rv, true, opts, Some(&sync)).unwrap();
+    forward.set(false);
+    y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let xr = Var::parameter(x.clone());
+    let (mut rm2, mut rv2) = fresh();
+    let all = concat(&[&xr, &Var::constant(z.clone())], 0).unwrap();
+    let yr = batch_norm(&all, &Var::constant(g), &Var::constant(b), &mut rm2, &mut rv2, true, opts).unwrap().narrow(0, 0, n).unwrap();
+    yr.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+
+    assert!(y.value().max_abs_diff(&yr.value()).unwrap() < 1e-10, "outputs");
+    assert!(rm.max_abs_diff(&rm2).unwrap() < 1e-10 && rv.max_abs_diff(&rv2).unwrap() < 1e-10, "running statistics");
+    assert!(xv.grad().unwrap().max_abs_diff(&xr.grad().unwrap()).unwrap() < 1e-10, "the input's gradient");
+}

@@ -25,6 +25,8 @@ pub struct World {
     /// Milliseconds since `start` when the collective now running began; 0 when none runs.
     entered: Arc<AtomicU64>,
     start: Instant,
+    /// Nanoseconds spent in collectives.
+    busy: AtomicU64,
 }
 
 impl World {
@@ -45,18 +47,23 @@ impl World {
                 std::process::exit(3);
             }
         });
-        Ok(World { _universe: universe, world, entered, start })
+        Ok(World { _universe: universe, world, entered, start, busy: AtomicU64::new(0) })
     }
 
     fn watched<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
         self.entered.store(self.start.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
         let r = f();
         self.entered.store(0, Ordering::SeqCst);
+        self.busy.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         r
     }
 }
 
 impl Group for World {
+    fn collective_seconds(&self) -> f64 {
+        self.busy.load(Ordering::Relaxed) as f64 * 1e-9
+    }
     fn rank(&self) -> usize {
         self.world.rank() as usize
     }

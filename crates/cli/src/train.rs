@@ -85,6 +85,10 @@ pub struct TrainArgs {
     /// each epoch.
     #[arg(long)]
     no_report: bool,
+    /// Under `mpirun` (a build with `--features mpi`): batch norm's training statistics over all
+    /// processes' shares of the batch (PyTorch's SyncBatchNorm) rather than each process's own.
+    #[arg(long)]
+    sync_bn: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -261,6 +265,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         recompute: a.recompute,
         label_smoothing,
         data_parallel: group.clone().map(stride_train::group::DataParallel),
+        sync_bn: a.sync_bn,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));
@@ -270,6 +275,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(130);
         }
     });
+    let started = std::time::Instant::now();
     let outcome = stride_train::train(&mut model, &data, &cfg, a.resume, Some(&stop), |r| {
         if !root {
             return;
@@ -281,6 +287,10 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     })?;
     if !root {
         return Ok(());
+    }
+    if let Some(g) = &group {
+        let (busy, all) = (g.collective_seconds(), started.elapsed().as_secs_f64());
+        println!("rank 0 spent {busy:.1} s of {all:.1} s in collectives ({:.0}%: gradients, metrics, buffers)", 100.0 * busy / all.max(1e-9));
     }
     if let Some((epoch, step)) = outcome.interrupted {
         println!("interrupted during epoch {epoch} after step {step}; checkpoint saved in {}", out.display());

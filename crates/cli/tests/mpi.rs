@@ -61,6 +61,73 @@ fn two_ranks_train_as_one_process_with_the_same_batch() {
     }
 }
 
+/// A network with batch norm and no dropout, so one process and two can be compared. The
+/// convolution before batch norm has no bias, as usual: its gradient would be rounding noise
+/// (batch norm removes the mean), which Adam turns into full-size steps that differ with the
+/// summation order.
+const BN_MODEL: &str = r#"
+[[layers]]
+type = "conv2d"
+out_channels = 8
+kernel = 3
+bias = false
+[[layers]]
+type = "batch_norm"
+[[layers]]
+type = "relu"
+[[layers]]
+type = "avg_pool2d"
+kernel = 2
+[[layers]]
+type = "flatten"
+[[layers]]
+type = "linear"
+out_features = "classes"
+"#;
+
+/// The largest difference between two runs' weights and buffers, relative to 1 + |value|
+/// (running variances are in the tens).
+fn max_difference(a: &Path, b: &Path) -> f32 {
+    let a = stride_train::checkpoint::load(&a.join("model.safetensors")).unwrap();
+    let b = stride_train::checkpoint::load(&b.join("model.safetensors")).unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (name, t) in &a {
+        let d = t.data().iter().zip(b[name].data()).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0f32, f32::max);
+        if d > 1e-5 {
+            eprintln!("  {name}: differs by {d:e}");
+        }
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn synchronised_batch_norm_makes_two_ranks_one_process() {
+    let dir = tmp("syncbn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("bn.toml");
+    std::fs::write(&model, BN_MODEL).unwrap();
+    let run = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a = train_args(out, 1);
+        a.extend(["--model".to_string(), model.to_str().unwrap().to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let (solo, synced, local) = (dir.join("solo"), dir.join("synced"), dir.join("local"));
+    let one = Command::new(env!("CARGO_BIN_EXE_stride")).args(run(&solo, &[])).output().unwrap();
+    assert!(one.status.success(), "{}", text(&one));
+    let two = mpirun(2).args(run(&synced, &["--sync-bn"])).output().unwrap();
+    assert!(two.status.success(), "{}", text(&two));
+    let plain = mpirun(2).args(run(&local, &[])).output().unwrap();
+    assert!(plain.status.success(), "{}", text(&plain));
+    let (d_sync, d_local) = (max_difference(&solo, &synced), max_difference(&solo, &local));
+    eprintln!("after 1 epoch: synchronised batch norm {d_sync:e}, per-rank batch norm {d_local:e} from one process");
+    assert!(d_sync <= 1e-5, "--sync-bn: two ranks differ from one process by {d_sync:e}");
+    assert!(d_local > 1e-4, "per-rank statistics should differ from the whole batch's ({d_local:e})");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_rank_that_differs_stops_the_job_with_the_reason() {
     let dir = tmp("mismatch");

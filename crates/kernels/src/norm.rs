@@ -52,6 +52,15 @@ crate::multiversion! {
     }
 }
 
+/// Per channel: the sum and the sum of squares of its values over N and L, in f64 (what ranks
+/// add up for synchronised batch norm).
+pub fn channel_sums<T: Elem>(x: &[T], n: usize, c: usize, l: usize) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| (0..n).map(|b| sums(&x[(b * c + ch) * l..(b * c + ch + 1) * l], 0.0)).fold((0.0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1)))
+        .collect()
+}
+
 /// Mean and variance per channel over N and L.
 pub fn batch_stats<T: Elem>(x: &[T], n: usize, c: usize, l: usize, eps: f64) -> BatchStats<T> {
     let m = (n * l) as f64;
@@ -104,6 +113,13 @@ pub fn backward<T: Elem>(
     gamma: &[T],
     batch_stats: bool,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (dgamma, dbeta) = backward_sums(dy, x, n, c, l, mean, invstd);
+    let dx = backward_dx(dy, x, c, l, mean, invstd, gamma, batch_stats.then_some((&dgamma[..], &dbeta[..], (n * l) as f64)));
+    (dx, dgamma, dbeta)
+}
+
+/// Per channel: sum(dy * xhat) (gamma's gradient) and sum(dy) (beta's).
+pub fn backward_sums<T: Elem>(dy: &[T], x: &[T], n: usize, c: usize, l: usize, mean: &[T], invstd: &[T]) -> (Vec<T>, Vec<T>) {
     let sums: Vec<(T, T)> = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -118,23 +134,38 @@ pub fn backward<T: Elem>(
             (sdy, sdyx)
         })
         .collect();
-    let dbeta: Vec<T> = sums.iter().map(|s| s.0).collect();
-    let dgamma: Vec<T> = sums.iter().map(|s| s.1).collect();
-    let m = T::c((n * l) as f64);
+    (sums.iter().map(|s| s.1).collect(), sums.iter().map(|s| s.0).collect())
+}
+
+/// The input's gradient. With `batch`, the statistics were the batch's: `(sum(dy * xhat),
+/// sum(dy), m)` over the m values per channel that made them (all ranks' when synchronised).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dx<T: Elem>(
+    dy: &[T],
+    x: &[T],
+    c: usize,
+    l: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    batch: Option<(&[T], &[T], f64)>,
+) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     if l > 0 {
         dx.par_chunks_mut(l).zip(dy.par_chunks(l).zip(x.par_chunks(l))).enumerate().for_each(|(i, (dxp, (dyp, xp)))| {
             let ch = i % c;
             let g = gamma[ch] * invstd[ch];
             // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
-            let (a, b, k) = if batch_stats {
-                let b = -g * invstd[ch] * dgamma[ch] / m;
-                (g, b, -g * dbeta[ch] / m - b * mean[ch])
-            } else {
-                (g, T::zero(), T::zero())
+            let (a, b, k) = match batch {
+                Some((dgamma, dbeta, m)) => {
+                    let m = T::c(m);
+                    let b = -g * invstd[ch] * dgamma[ch] / m;
+                    (g, b, -g * dbeta[ch] / m - b * mean[ch])
+                }
+                None => (g, T::zero(), T::zero()),
             };
             affine2(dxp, dyp, xp, a, b, k);
         });
     }
-    (dx, dgamma, dbeta)
+    dx
 }

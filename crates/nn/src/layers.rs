@@ -165,7 +165,16 @@ impl Module for BatchNorm {
         if ctx.training {
             self.num_batches_tracked.data_mut()[0] += 1.0;
         }
-        Ok(ag::batch_norm(x, &self.weight, &self.bias, &mut self.running_mean, &mut self.running_var, ctx.training, self.opts)?)
+        Ok(ag::batch_norm_sync(
+            x,
+            &self.weight,
+            &self.bias,
+            &mut self.running_mean,
+            &mut self.running_var,
+            ctx.training,
+            self.opts,
+            ctx.sync_bn.as_ref(),
+        )?)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
         f(join(prefix, "weight"), Slot::Param(&self.weight));

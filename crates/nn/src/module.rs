@@ -16,16 +16,18 @@ pub struct Ctx {
     pub debug: bool,
     /// When set, every layer leaves a [`Row`] here (`stride summary`).
     pub trace: Option<Trace>,
+    /// Synchronised batch norm: training statistics over every process's batch (`--sync-bn`).
+    pub sync_bn: Option<stride_autograd::SyncStats>,
     /// Names of the containers and the layer now running, outermost first.
     path: Vec<String>,
 }
 
 impl Ctx {
     pub fn train(seed: u64) -> Self {
-        Ctx { training: true, rng: Rng::seed(seed), debug: false, trace: None, path: Vec::new() }
+        Ctx { training: true, rng: Rng::seed(seed), debug: false, trace: None, sync_bn: None, path: Vec::new() }
     }
     pub fn eval() -> Self {
-        Ctx { training: false, rng: Rng::seed(0), debug: false, trace: None, path: Vec::new() }
+        Ctx { training: false, rng: Rng::seed(0), debug: false, trace: None, sync_bn: None, path: Vec::new() }
     }
     /// The dotted path of the layer now running (`layer1.0.conv1`), as its parameters are named.
     pub fn path(&self) -> String {

@@ -24,6 +24,10 @@ pub trait Group {
     /// Rank 0's values to every rank, in place.
     fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()>;
     fn broadcast_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Seconds this rank has spent in collectives so far (waiting included).
+    fn collective_seconds(&self) -> f64 {
+        0.0
+    }
 }
 
 /// A group in a [`crate::TrainConfig`].

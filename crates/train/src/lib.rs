@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
     /// trains on its share of every batch, gradients are averaged, rank 0 writes the files.
     pub data_parallel: Option<group::DataParallel>,
+    /// With `data_parallel`: batch norm's training statistics over all ranks' shares (PyTorch's
+    /// SyncBatchNorm) instead of each rank's own.
+    pub sync_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +114,7 @@ impl Default for TrainConfig {
             recompute: None,
             label_smoothing: 0.0,
             data_parallel: None,
+            sync_bn: false,
         }
     }
 }
@@ -472,6 +476,15 @@ pub fn train(
         group::broadcast_state(g.as_ref(), model, false)?;
     }
     let mut ctx = Ctx::train(cfg.seed);
+    if let (Some(g), true) = (&group, cfg.sync_bn) {
+        if segments.is_some() {
+            return Err(TrainError::Config("synchronised batch norm does not combine with activation recompute yet".into()));
+        }
+        let g = g.clone();
+        ctx.sync_bn = Some(stride_autograd::SyncStats(std::rc::Rc::new(move |buf: &mut [f64]| {
+            g.sum_f64(buf).map_err(|e| stride_autograd::Error::arg("sync batch norm", e.to_string()))
+        })));
+    }
     let mut reports = Vec::new();
     while pos.epoch <= cfg.epochs {
         let epoch = pos.epoch;
@@ -527,7 +540,12 @@ pub fn train(
                             let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
                             let lv = loss.value().item()?;
                             if lv.is_finite() {
-                                loss.backward()?;
+                                // Several ranks: each back-propagates its share of the global
+                                // batch's mean loss, so synchronised batch norm sums true partials.
+                                match &group {
+                                    Some(_) => loss.mul_scalar(labels.len() as f64 / global.max(1) as f64)?.backward()?,
+                                    None => loss.backward()?,
+                                }
                             }
                             (lv, logits)
                         }
@@ -547,8 +565,10 @@ pub fn train(
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: (loss_sum / seen.max(1.0)) as f32 });
                 }
                 if let Some(g) = &group {
-                    // The mean gradient of the global batch: each share's mean, weighted by its size.
-                    group::reduce_gradients(g.as_ref(), &params, labels.len() as f32 / global.max(1) as f32)?;
+                    // The mean gradient of the global batch: each share's mean weighted by its
+                    // size (already in the loss, except on the recompute path).
+                    let weight = if segments.is_some() { labels.len() as f32 / global.max(1) as f32 } else { 1.0 };
+                    group::reduce_gradients(g.as_ref(), &params, weight)?;
                 }
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;

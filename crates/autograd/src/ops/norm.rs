@@ -19,6 +19,17 @@ impl Default for BatchNormOptions {
     }
 }
 
+/// How synchronised batch norm adds up its per-channel sums over all processes: element-wise
+/// sum in place, called by every process at the same point (an all-reduce).
+#[derive(Clone)]
+pub struct SyncStats(pub std::rc::Rc<dyn Fn(&mut [f64]) -> Result<()>>);
+
+impl std::fmt::Debug for SyncStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncStats")
+    }
+}
+
 /// Batch norm over axis 1 of x ([N, C] or [N, C, H, W]; any trailing axes).
 /// Training: normalises with the batch's statistics and moves the running ones towards them
 /// (`running = (1 - momentum) * running + momentum * batch`, with the unbiased variance, as
@@ -33,6 +44,24 @@ pub fn batch_norm<T: Elem>(
     training: bool,
     opts: BatchNormOptions,
 ) -> Result<Var<T>> {
+    batch_norm_sync(x, gamma, beta, running_mean, running_var, training, opts, None)
+}
+
+/// [`batch_norm`] whose training statistics are those of every process's batch together
+/// (PyTorch's SyncBatchNorm) when `sync` is given: the forward pass adds up each channel's sum,
+/// sum of squares and count over the processes, the backward pass the sums of dy and dy * xhat.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_sync<T: Elem>(
+    x: &Var<T>,
+    gamma: &Var<T>,
+    beta: &Var<T>,
+    running_mean: &mut Tensor<T>,
+    running_var: &mut Tensor<T>,
+    training: bool,
+    opts: BatchNormOptions,
+    sync: Option<&SyncStats>,
+) -> Result<Var<T>> {
+    let sync = sync.filter(|_| training);
     const OP: &str = "batch_norm";
     let s = x.shape();
     if s.len() < 2 {
@@ -54,10 +83,30 @@ pub fn batch_norm<T: Elem>(
     }
     let xv = x.value();
     let (mean, invstd) = if training {
-        if n * l <= 1 {
-            stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
-        }
-        let st = norm::batch_stats(xv.data(), n, c, l, opts.eps);
+        let st = match sync {
+            Some(sync) => {
+                // Sums of every process: [sum per channel, sum of squares per channel, count].
+                let mut buf: Vec<f64> = norm::channel_sums(xv.data(), n, c, l).into_iter().flat_map(|(a, b)| [a, b]).collect();
+                buf.push((n * l) as f64);
+                (sync.0)(&mut buf)?;
+                let m = buf[2 * c];
+                if m <= 1.0 {
+                    stride_tensor::bail!(shape, OP, "training needs more than one value per channel over all processes, got {m}");
+                }
+                let per: Vec<(f64, f64)> = (0..c).map(|ch| (buf[2 * ch] / m, (buf[2 * ch + 1] / m - (buf[2 * ch] / m).powi(2)).max(0.0))).collect();
+                norm::BatchStats {
+                    mean: per.iter().map(|p| T::c(p.0)).collect(),
+                    invstd: per.iter().map(|p| T::c(1.0 / (p.1 + opts.eps).sqrt())).collect(),
+                    var_unbiased: per.iter().map(|p| T::c(p.1 * m / (m - 1.0))).collect(),
+                }
+            }
+            None => {
+                if n * l <= 1 {
+                    stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
+                }
+                norm::batch_stats(xv.data(), n, c, l, opts.eps)
+            }
+        };
         let m = T::c(opts.momentum);
         for (r, &b) in running_mean.data_mut().iter_mut().zip(&st.mean) {
             *r = (T::one() - m) * *r + m * b;
@@ -72,7 +121,7 @@ pub fn batch_norm<T: Elem>(
     };
     let y = norm::normalize(xv.data(), c, l, &mean, &invstd, gamma.value_ref().data(), beta.value_ref().data());
     let y = Tensor::from_vec(y, &s)?;
-    Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training }, &[x, gamma, beta]))
+    Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training, sync: sync.cloned() }, &[x, gamma, beta]))
 }
 
 pub(crate) fn batch_norm_backward<T: Elem>(
@@ -81,10 +130,24 @@ pub(crate) fn batch_norm_backward<T: Elem>(
     mean: &[T],
     invstd: &[T],
     training: bool,
+    sync: Option<&SyncStats>,
 ) -> Result<Vec<Option<Tensor<T>>>> {
     let s = x[0].shape();
     let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-    let (dx, dg, db) = norm::backward(g.data(), x[0].data(), n, c, l, mean, invstd, x[1].data(), training);
+    let (dx, dg, db) = match sync {
+        Some(sync) => {
+            // gamma's and beta's gradients stay this process's (they are summed with the other
+            // gradients); the input's needs every process's sums.
+            let (dg, db) = norm::backward_sums(g.data(), x[0].data(), n, c, l, mean, invstd);
+            let mut buf: Vec<f64> = dg.iter().chain(&db).map(|v| v.as_f64()).collect();
+            buf.push((n * l) as f64);
+            (sync.0)(&mut buf)?;
+            let (sdg, sdb): (Vec<T>, Vec<T>) = ((0..c).map(|i| T::c(buf[i])).collect(), (0..c).map(|i| T::c(buf[c + i])).collect());
+            let dx = norm::backward_dx(g.data(), x[0].data(), c, l, mean, invstd, x[1].data(), Some((&sdg, &sdb, buf[2 * c])));
+            (dx, dg, db)
+        }
+        None => norm::backward(g.data(), x[0].data(), n, c, l, mean, invstd, x[1].data(), training),
+    };
     Ok(vec![Some(Tensor::from_vec(dx, s)?), Some(Tensor::from_vec(dg, &[c])?), Some(Tensor::from_vec(db, &[c])?)])
 }
 
