@@ -18,6 +18,6 @@ for round in $(seq "${1:-2}"); do
     done
     log=$(mpirun "${root[@]}" --oversubscribe -np 2 "$bin" --threads 1 train --epochs 2 --no-report --out "$work/n2-$round")
     ips=$(printf '%s\n' "$log" | sed -n 's/^epoch 2\/2: .*| \([0-9]*\) images\/s$/\1/p')
-    share=$(printf '%s\n' "$log" | sed -n 's/^rank 0 spent .*(\([0-9]*\)%.*/\1/p')
+    share=$(printf '%s\n' "$log" | sed -n 's/^rank 0 waited .*(\([0-9]*\)%.*/\1/p')
     echo "{\"processes\":2,\"threads\":1,\"round\":$round,\"images_per_s\":$ips,\"collective_share_pct\":$share}"
 done

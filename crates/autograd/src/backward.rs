@@ -25,17 +25,24 @@ impl<T: Elem> Var<T> {
 
     /// Back-propagates a given output gradient (same shape as the value).
     pub fn backward_with(&self, grad: Tensor<T>) -> Result<()> {
-        self.sweep(grad, &[]).map(|_| ())
+        self.sweep(grad, &[], None).map(|_| ())
+    }
+
+    /// As [`Var::backward`], calling `on_leaf` with each parameter as soon as its gradient is
+    /// complete (in reverse order of use), so data-parallel training can start summing early
+    /// gradients over processes while the rest of the backward pass runs.
+    pub fn backward_hooked(&self, on_leaf: &mut dyn FnMut(&Var<T>) -> Result<()>) -> Result<()> {
+        self.sweep(self.unit_seed("backward")?, &[], Some(on_leaf)).map(|_| ())
     }
 
     /// The gradient of this scalar with respect to intermediate values `wrt` (PyTorch's
     /// `torch.autograd.grad`): `None` for a value it does not depend on. Parameters' gradients
     /// accumulate as in `backward`. Grad-CAM uses it for a layer's activations.
     pub fn gradients(&self, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {
-        self.sweep(self.unit_seed("gradients")?, wrt)
+        self.sweep(self.unit_seed("gradients")?, wrt, None)
     }
 
-    fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>]) -> Result<Vec<Option<Tensor<T>>>> {
+    fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>], mut on_leaf: Option<&mut dyn FnMut(&Var<T>) -> Result<()>>) -> Result<Vec<Option<Tensor<T>>>> {
         if grad.shape() != self.value_ref().shape() {
             return Err(Error::new(
                 ErrorKind::Autograd,
@@ -61,11 +68,16 @@ impl<T: Elem> Var<T> {
                 }
             }
             let Some(op) = &node.0.op else {
-                // A leaf: accumulate.
-                let mut slot = node.0.grad.borrow_mut();
-                match slot.as_mut() {
-                    Some(acc) => acc.add_assign(&g)?,
-                    None => *slot = Some(g),
+                // A leaf: accumulate. Every use of it is behind us, so its gradient is complete.
+                {
+                    let mut slot = node.0.grad.borrow_mut();
+                    match slot.as_mut() {
+                        Some(acc) => acc.add_assign(&g)?,
+                        None => *slot = Some(g),
+                    }
+                }
+                if let Some(f) = on_leaf.as_mut() {
+                    f(node)?;
                 }
                 continue;
             };

@@ -1,16 +1,23 @@
 //! Open MPI for data-parallel training (`--features mpi`): the world communicator as the
-//! training loop's [`Group`], and a watchdog so a collective that never completes (a rank died
-//! or hangs) ends the job with the rank and the reason instead of hanging.
+//! training loop's [`Group`].
+//!
+//! Every MPI call after start-up is made by one communication thread, in the order the training
+//! loop asks for them (MPI's "serialized" threading), so gradient sums can run while the main
+//! thread is still in the backward pass. A watchdog ends the job with the rank and the reason
+//! when a collective never completes (a rank died or hangs) instead of hanging.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
+use mpi::environment::Threading;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
-use stride_train::group::Group;
-use stride_train::Result;
+use stride_train::group::{Group, Pending};
+use stride_train::{Result, TrainError};
 
 /// Seconds a collective may wait before the job is stopped (`STRIDE_MPI_TIMEOUT`, default 300).
 fn timeout() -> Duration {
@@ -18,24 +25,38 @@ fn timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+enum Job {
+    SumF32(Vec<f32>, Sender<Vec<f32>>),
+    SumF64(Vec<f64>, Sender<Vec<f64>>),
+    BroadcastF32(Vec<f32>, Sender<Vec<f32>>),
+    BroadcastF64(Vec<f64>, Sender<Vec<f64>>),
+}
+
 pub struct World {
-    // Finalizes MPI when dropped, after the world is done with.
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    rank: usize,
+    size: usize,
+    /// Nanoseconds the training loop spent waiting for collectives (the part of their time the
+    /// backward pass did not hide).
+    waited: Arc<AtomicU64>,
+    // Finalizes MPI when dropped, after the communication thread has ended (see Drop).
     _universe: mpi::environment::Universe,
-    world: SimpleCommunicator,
-    /// Milliseconds since `start` when the collective now running began; 0 when none runs.
-    entered: Arc<AtomicU64>,
-    start: Instant,
-    /// Nanoseconds spent in collectives.
-    busy: AtomicU64,
 }
 
 impl World {
     /// Joins the job `mpirun` started (a single process is a world of one).
     pub fn init() -> std::result::Result<World, String> {
-        let universe = mpi::initialize().ok_or("MPI was already initialised")?;
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized).ok_or("MPI was already initialised")?;
+        if threading < Threading::Serialized {
+            return Err(format!("this MPI gives threading level {threading:?}; Stride needs Serialized (one thread calls MPI at a time)"));
+        }
         let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        // When the collective now running began (ms since `start`); 0 when none runs.
         let entered = Arc::new(AtomicU64::new(0));
-        let (watch, limit, rank, start) = (entered.clone(), timeout(), world.rank(), Instant::now());
+        let start = Instant::now();
+        let (watch, limit) = (entered.clone(), timeout());
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
             let since = watch.load(Ordering::SeqCst);
@@ -47,47 +68,105 @@ impl World {
                 std::process::exit(3);
             }
         });
-        Ok(World { _universe: universe, world, entered, start, busy: AtomicU64::new(0) })
+        let (tx, rx) = channel::<Job>();
+        let thread = std::thread::spawn(move || communicate(rx, entered, start));
+        Ok(World { jobs: Some(tx), thread: Some(thread), rank, size, waited: Arc::new(AtomicU64::new(0)), _universe: universe })
     }
 
-    fn watched<T>(&self, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
-        self.entered.store(self.start.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
-        let r = f();
-        self.entered.store(0, Ordering::SeqCst);
-        self.busy.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r
+    fn submit<T>(&self, make: impl FnOnce(Sender<T>) -> Job) -> Result<Receiver<T>> {
+        let (tx, rx) = channel();
+        let jobs = self.jobs.as_ref().ok_or_else(|| TrainError::Config("MPI has been shut down".into()))?;
+        jobs.send(make(tx)).map_err(|_| TrainError::Config(format!("rank {}: the MPI thread has stopped", self.rank)))?;
+        Ok(rx)
+    }
+
+    fn wait<T>(&self, rx: Receiver<T>) -> Result<T> {
+        timed_recv(rx, self.rank, &self.waited)
+    }
+}
+
+/// Waits for a collective's result, adding the time waited to `waited`.
+fn timed_recv<T>(rx: Receiver<T>, rank: usize, waited: &AtomicU64) -> Result<T> {
+    let t = Instant::now();
+    let r = rx.recv().map_err(|_| TrainError::Config(format!("rank {rank}: the MPI thread has stopped")));
+    waited.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
+}
+
+/// The communication thread: runs the jobs in order, the only caller of MPI after start-up.
+fn communicate(jobs: Receiver<Job>, entered: Arc<AtomicU64>, start: Instant) {
+    let world = SimpleCommunicator::world();
+    let root = world.process_at_rank(0);
+    for job in jobs {
+        entered.store(start.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
+        // A receiver that is gone (the loop returned early) is no error here.
+        match job {
+            Job::SumF32(buf, reply) => {
+                let mut out = vec![0.0f32; buf.len()];
+                world.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
+                let _ = reply.send(out);
+            }
+            Job::SumF64(buf, reply) => {
+                let mut out = vec![0.0f64; buf.len()];
+                world.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
+                let _ = reply.send(out);
+            }
+            Job::BroadcastF32(mut buf, reply) => {
+                root.broadcast_into(&mut buf[..]);
+                let _ = reply.send(buf);
+            }
+            Job::BroadcastF64(mut buf, reply) => {
+                root.broadcast_into(&mut buf[..]);
+                let _ = reply.send(buf);
+            }
+        }
+        entered.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // End the communication thread before the universe finalizes MPI.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 impl Group for World {
-    fn collective_seconds(&self) -> f64 {
-        self.busy.load(Ordering::Relaxed) as f64 * 1e-9
-    }
     fn rank(&self) -> usize {
-        self.world.rank() as usize
+        self.rank
     }
     fn size(&self) -> usize {
-        self.world.size() as usize
+        self.size
     }
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let mut out = vec![0.0f32; buf.len()];
-        self.watched(|| self.world.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum()));
-        buf.copy_from_slice(&out);
+        let rx = self.submit(|tx| Job::SumF32(buf.to_vec(), tx))?;
+        buf.copy_from_slice(&self.wait(rx)?);
         Ok(())
     }
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let mut out = vec![0.0f64; buf.len()];
-        self.watched(|| self.world.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum()));
-        buf.copy_from_slice(&out);
+        let rx = self.submit(|tx| Job::SumF64(buf.to_vec(), tx))?;
+        buf.copy_from_slice(&self.wait(rx)?);
         Ok(())
     }
     fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()> {
-        self.watched(|| self.world.process_at_rank(0).broadcast_into(buf));
+        let rx = self.submit(|tx| Job::BroadcastF32(buf.to_vec(), tx))?;
+        buf.copy_from_slice(&self.wait(rx)?);
         Ok(())
     }
     fn broadcast_f64(&self, buf: &mut [f64]) -> Result<()> {
-        self.watched(|| self.world.process_at_rank(0).broadcast_into(buf));
+        let rx = self.submit(|tx| Job::BroadcastF64(buf.to_vec(), tx))?;
+        buf.copy_from_slice(&self.wait(rx)?);
         Ok(())
+    }
+    fn start_sum_f32(&self, buf: Vec<f32>) -> Result<Pending> {
+        let rx = self.submit(|tx| Job::SumF32(buf, tx))?;
+        let (rank, waited) = (self.rank, self.waited.clone());
+        Ok(Pending(Box::new(move || timed_recv(rx, rank, &waited))))
+    }
+    fn collective_seconds(&self) -> f64 {
+        self.waited.load(Ordering::Relaxed) as f64 * 1e-9
     }
 }

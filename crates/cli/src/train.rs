@@ -290,7 +290,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(g) = &group {
         let (busy, all) = (g.collective_seconds(), started.elapsed().as_secs_f64());
-        println!("rank 0 spent {busy:.1} s of {all:.1} s in collectives ({:.0}%: gradients, metrics, buffers)", 100.0 * busy / all.max(1e-9));
+        println!("rank 0 waited {busy:.1} s of {all:.1} s for collectives ({:.0}%: gradients, metrics, buffers)", 100.0 * busy / all.max(1e-9));
     }
     if let Some((epoch, step)) = outcome.interrupted {
         println!("interrupted during epoch {epoch} after step {step}; checkpoint saved in {}", out.display());

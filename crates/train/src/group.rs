@@ -24,9 +24,25 @@ pub trait Group {
     /// Rank 0's values to every rank, in place.
     fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()>;
     fn broadcast_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Starts summing `buf` over all ranks and returns at once; the result comes from
+    /// [`Pending::wait`]. Sums started on every rank in the same order may overlap other work
+    /// (the backward pass). By default the sum is done before returning.
+    fn start_sum_f32(&self, mut buf: Vec<f32>) -> Result<Pending> {
+        self.sum_f32(&mut buf)?;
+        Ok(Pending(Box::new(move || Ok(buf))))
+    }
     /// Seconds this rank has spent in collectives so far (waiting included).
     fn collective_seconds(&self) -> f64 {
         0.0
+    }
+}
+
+/// A sum in flight.
+pub struct Pending(pub Box<dyn FnOnce() -> Result<Vec<f32>>>);
+
+impl Pending {
+    pub fn wait(self) -> Result<Vec<f32>> {
+        (self.0)()
     }
 }
 
@@ -127,9 +143,150 @@ pub fn reduce_gradients(g: &dyn Group, params: &[Var], weight: f32) -> Result<()
     Ok(())
 }
 
+/// Gradients summed over the ranks in buckets that start as soon as their parameters'
+/// gradients are complete, while the backward pass goes on (PyTorch DDP's scheme). Buckets hold
+/// the parameters in reverse order (the order the backward pass finishes them), ~25 MB each,
+/// and start strictly in order, so every rank issues the same sums in the same sequence even
+/// where one finishes its gradients in another order or has no share of a batch.
+pub struct OverlappedSum<'a> {
+    g: &'a dyn Group,
+    params: &'a [Var],
+    /// Parameter indices per bucket.
+    buckets: Vec<Vec<usize>>,
+    ready: Vec<bool>,
+    next: usize,
+    pending: Vec<Pending>,
+}
+
+impl<'a> OverlappedSum<'a> {
+    pub fn new(g: &'a dyn Group, params: &'a [Var]) -> Self {
+        Self::with_bucket(g, params, BUCKET)
+    }
+
+    /// With buckets of about `bucket` values.
+    pub fn with_bucket(g: &'a dyn Group, params: &'a [Var], bucket: usize) -> Self {
+        let mut buckets: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut size = 0;
+        for i in (0..params.len()).rev() {
+            let n: usize = params[i].shape().iter().product();
+            if size > 0 && size + n > bucket {
+                buckets.push(Vec::new());
+                size = 0;
+            }
+            buckets.last_mut().expect("a bucket").push(i);
+            size += n;
+        }
+        OverlappedSum { g, params, buckets, ready: vec![false; params.len()], next: 0, pending: Vec::new() }
+    }
+
+    /// The backward pass finished `leaf`'s gradient: start every bucket now complete.
+    pub fn ready(&mut self, leaf: &Var) -> Result<()> {
+        if let Some(i) = self.params.iter().position(|p| p.same(leaf)) {
+            self.ready[i] = true;
+        }
+        while self.next < self.buckets.len() && self.buckets[self.next].iter().all(|&i| self.ready[i]) {
+            self.start_next()?;
+        }
+        Ok(())
+    }
+
+    fn start_next(&mut self) -> Result<()> {
+        let mut buf = Vec::new();
+        for &i in &self.buckets[self.next] {
+            let p = &self.params[i];
+            match p.grad() {
+                Some(gr) => buf.extend_from_slice(gr.data()),
+                None => buf.extend(std::iter::repeat_n(0.0, p.shape().iter().product())),
+            }
+        }
+        self.pending.push(self.g.start_sum_f32(buf)?);
+        self.next += 1;
+        Ok(())
+    }
+
+    /// After the backward pass: starts what is left (parameters it did not reach count as 0),
+    /// waits for every sum and stores the sums as the gradients.
+    pub fn finish(mut self) -> Result<()> {
+        while self.next < self.buckets.len() {
+            self.start_next()?;
+        }
+        for (bucket, pending) in self.buckets.iter().zip(self.pending) {
+            let sum = pending.wait()?;
+            let mut at = 0;
+            for &i in bucket {
+                let p = &self.params[i];
+                let shape = p.shape();
+                let n: usize = shape.iter().product();
+                let t = Tensor::from_vec(sum[at..at + n].to_vec(), &shape).map_err(|e| TrainError::Config(e.to_string()))?;
+                p.set_grad(t).map_err(|e| TrainError::Config(e.to_string()))?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// One rank that records when each sum starts: before or after the backward pass ended.
+    struct Recorder {
+        backward_done: Cell<bool>,
+        starts: RefCell<Vec<(usize, bool)>>,
+    }
+
+    impl Group for Recorder {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            1
+        }
+        fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+            self.starts.borrow_mut().push((buf.len(), self.backward_done.get()));
+            Ok(())
+        }
+        fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f64(&self, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn gradient_sums_start_during_the_backward_pass_last_layer_first() {
+        use stride_autograd::{linear, Rng};
+        let mut rng = Rng::seed(1);
+        // Three dense layers with different sizes, so the buckets can be told apart.
+        let sizes = [(6, 5), (5, 4), (4, 3)];
+        let params: Vec<Var> = sizes.iter().flat_map(|&(i, o)| [Var::parameter(rng.normal(&[o, i], 0.0, 1.0).unwrap()), Var::parameter(rng.normal(&[o], 0.0, 1.0).unwrap())]).collect();
+        let mut h = Var::constant(rng.normal(&[2, 6], 0.0, 1.0).unwrap());
+        for l in params.chunks(2) {
+            h = linear(&h, &l[0], Some(&l[1])).unwrap().tanh().unwrap();
+        }
+        let loss = h.sum_all().unwrap();
+        let g = Recorder { backward_done: Cell::new(false), starts: RefCell::new(Vec::new()) };
+        // One parameter per bucket.
+        let mut o = OverlappedSum::with_bucket(&g, &params, 1);
+        loss.backward_hooked(&mut |leaf| o.ready(leaf).map_err(|e| stride_autograd::Error::arg("test", e.to_string()))).unwrap();
+        g.backward_done.set(true);
+        let before: Vec<Tensor<f32>> = params.iter().map(|p| p.grad().unwrap()).collect();
+        o.finish().unwrap();
+        let starts = g.starts.borrow();
+        // Last layer first (its bias, then its weight), all six while the backward pass ran.
+        let want: Vec<(usize, bool)> = [3, 12, 4, 20, 5, 30].iter().map(|&n| (n, false)).collect();
+        assert_eq!(*starts, want);
+        // A group of one sums nothing away: the gradients are unchanged.
+        for (p, b) in params.iter().zip(&before) {
+            assert_eq!(p.grad().unwrap().data(), b.data());
+        }
+    }
 
     #[test]
     fn shards_cover_the_batch_evenly_and_in_order() {

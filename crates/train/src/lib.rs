@@ -529,6 +529,8 @@ pub fn train(
                     }
                     None => (images, labels),
                 };
+                // Several ranks on the plain path: gradient sums start during the backward pass.
+                let mut overlap = group.as_ref().filter(|_| segments.is_none()).map(|g| group::OverlappedSum::new(g.as_ref(), &params));
                 let (lv, right) = if labels.is_empty() {
                     (0.0, 0)
                 } else {
@@ -539,19 +541,24 @@ pub fn train(
                             let logits = model.forward(&x, &mut ctx)?;
                             let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
                             let lv = loss.value().item()?;
-                            if lv.is_finite() {
+                            match overlap.as_mut() {
                                 // Several ranks: each back-propagates its share of the global
-                                // batch's mean loss, so synchronised batch norm sums true partials.
-                                match &group {
-                                    Some(_) => loss.mul_scalar(labels.len() as f64 / global.max(1) as f64)?.backward()?,
-                                    None => loss.backward()?,
-                                }
+                                // batch's mean loss (so synchronised batch norm sums true
+                                // partials), always, so every rank starts the same sums.
+                                Some(o) => loss.mul_scalar(labels.len() as f64 / global.max(1) as f64)?.backward_hooked(&mut |leaf| {
+                                    o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string()))
+                                })?,
+                                None if lv.is_finite() => loss.backward()?,
+                                None => {}
                             }
                             (lv, logits)
                         }
                     };
                     (lv, correct(&logits, &labels)?)
                 };
+                if let Some(o) = overlap {
+                    o.finish()?;
+                }
                 // Loss, hits, images and the stop request of every rank, so all ranks agree on
                 // divergence and on stopping at the same step.
                 let asked = stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
@@ -564,11 +571,10 @@ pub fn train(
                     bar.abandon();
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: (loss_sum / seen.max(1.0)) as f32 });
                 }
-                if let Some(g) = &group {
-                    // The mean gradient of the global batch: each share's mean weighted by its
-                    // size (already in the loss, except on the recompute path).
-                    let weight = if segments.is_some() { labels.len() as f32 / global.max(1) as f32 } else { 1.0 };
-                    group::reduce_gradients(g.as_ref(), &params, weight)?;
+                if let Some(g) = group.as_ref().filter(|_| segments.is_some()) {
+                    // The recompute path: the mean gradient of the global batch is each share's
+                    // mean weighted by its size, summed after the backward pass.
+                    group::reduce_gradients(g.as_ref(), &params, labels.len() as f32 / global.max(1) as f32)?;
                 }
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;
