@@ -7,6 +7,9 @@ use stride_tensor::{Elem, Error, ErrorKind, Result, Tensor};
 
 use crate::var::{Node, Var};
 
+/// Called with each parameter once its gradient is complete ([`Var::backward_hooked`]).
+pub type LeafHook<'a, T> = &'a mut dyn FnMut(&Var<T>) -> Result<()>;
+
 impl<T: Elem> Var<T> {
     /// Back-propagates from this scalar: fills `grad()` of every parameter it depends on,
     /// adding to gradients already there (call `zero_grad` between steps).
@@ -31,7 +34,7 @@ impl<T: Elem> Var<T> {
     /// As [`Var::backward`], calling `on_leaf` with each parameter as soon as its gradient is
     /// complete (in reverse order of use), so data-parallel training can start summing early
     /// gradients over processes while the rest of the backward pass runs.
-    pub fn backward_hooked(&self, on_leaf: &mut dyn FnMut(&Var<T>) -> Result<()>) -> Result<()> {
+    pub fn backward_hooked(&self, on_leaf: LeafHook<'_, T>) -> Result<()> {
         self.sweep(self.unit_seed("backward")?, &[], Some(on_leaf)).map(|_| ())
     }
 
@@ -42,7 +45,7 @@ impl<T: Elem> Var<T> {
         self.sweep(self.unit_seed("gradients")?, wrt, None)
     }
 
-    fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>], mut on_leaf: Option<&mut dyn FnMut(&Var<T>) -> Result<()>>) -> Result<Vec<Option<Tensor<T>>>> {
+    fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>], mut on_leaf: Option<LeafHook<'_, T>>) -> Result<Vec<Option<Tensor<T>>>> {
         if grad.shape() != self.value_ref().shape() {
             return Err(Error::new(
                 ErrorKind::Autograd,

@@ -265,7 +265,10 @@ mod tests {
         let mut rng = Rng::seed(1);
         // Three dense layers with different sizes, so the buckets can be told apart.
         let sizes = [(6, 5), (5, 4), (4, 3)];
-        let params: Vec<Var> = sizes.iter().flat_map(|&(i, o)| [Var::parameter(rng.normal(&[o, i], 0.0, 1.0).unwrap()), Var::parameter(rng.normal(&[o], 0.0, 1.0).unwrap())]).collect();
+        let params: Vec<Var> = sizes
+            .iter()
+            .flat_map(|&(i, o)| [Var::parameter(rng.normal(&[o, i], 0.0, 1.0).unwrap()), Var::parameter(rng.normal(&[o], 0.0, 1.0).unwrap())])
+            .collect();
         let mut h = Var::constant(rng.normal(&[2, 6], 0.0, 1.0).unwrap());
         for l in params.chunks(2) {
             h = linear(&h, &l[0], Some(&l[1])).unwrap().tanh().unwrap();

@@ -22,7 +22,10 @@ impl Default for BatchNormOptions {
 /// How synchronised batch norm adds up its per-channel sums over all processes: element-wise
 /// sum in place, called by every process at the same point (an all-reduce).
 #[derive(Clone)]
-pub struct SyncStats(pub std::rc::Rc<dyn Fn(&mut [f64]) -> Result<()>>);
+pub struct SyncStats(pub std::rc::Rc<SumOver>);
+
+/// Sums a buffer element-wise over all processes, in place.
+pub type SumOver = dyn Fn(&mut [f64]) -> Result<()>;
 
 impl std::fmt::Debug for SyncStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
