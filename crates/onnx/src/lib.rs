@@ -9,6 +9,7 @@
 //!
 //! The protobuf messages (`proto`) were generated once from ONNX 1.23.2's `onnx.proto` with
 //! prost-build (`scripts/onnx/gen_proto.sh`) and are checked in: building needs no protoc.
+#![forbid(unsafe_code)]
 
 mod import;
 mod network;
