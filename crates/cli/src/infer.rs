@@ -205,9 +205,8 @@ pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut t = match &a.weights {
         Some(w) => load_trained(&a.model, w)?,
         None if a.model.ends_with(".onnx") => {
-            let s = stride_models::onnx_spec(&a.model)?;
+            let (model, s) = stride_models::onnx_classifier(&a.model)?;
             eprintln!("note: no --weights header: {} gets pixels scaled to [0, 1], classes numbered 0..{}", a.model, s.classes.saturating_sub(1));
-            let model = stride_models::from_onnx(&a.model, Some(s))?;
             Trained { model, chw: [s.channels, s.height, s.width], mean: 0.0, std: 1.0, names: (0..s.classes).map(|i| i.to_string()).collect() }
         }
         None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),

@@ -80,8 +80,11 @@ impl World {
         Ok(rx)
     }
 
-    fn wait<T>(&self, rx: Receiver<T>) -> Result<T> {
-        timed_recv(rx, self.rank, &self.waited)
+    /// Sends `buf` through the collective `job` and waits for the result in its place.
+    fn round_trip<T: Copy>(&self, buf: &mut [T], job: fn(Vec<T>, Sender<Vec<T>>) -> Job) -> Result<()> {
+        let rx = self.submit(|tx| job(buf.to_vec(), tx))?;
+        buf.copy_from_slice(&timed_recv(rx, self.rank, &self.waited)?);
+        Ok(())
     }
 }
 
@@ -142,24 +145,16 @@ impl Group for World {
         self.size
     }
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let rx = self.submit(|tx| Job::SumF32(buf.to_vec(), tx))?;
-        buf.copy_from_slice(&self.wait(rx)?);
-        Ok(())
+        self.round_trip(buf, Job::SumF32)
     }
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let rx = self.submit(|tx| Job::SumF64(buf.to_vec(), tx))?;
-        buf.copy_from_slice(&self.wait(rx)?);
-        Ok(())
+        self.round_trip(buf, Job::SumF64)
     }
     fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let rx = self.submit(|tx| Job::BroadcastF32(buf.to_vec(), tx))?;
-        buf.copy_from_slice(&self.wait(rx)?);
-        Ok(())
+        self.round_trip(buf, Job::BroadcastF32)
     }
     fn broadcast_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let rx = self.submit(|tx| Job::BroadcastF64(buf.to_vec(), tx))?;
-        buf.copy_from_slice(&self.wait(rx)?);
-        Ok(())
+        self.round_trip(buf, Job::BroadcastF64)
     }
     fn start_sum_f32(&self, buf: Vec<f32>) -> Result<Pending> {
         let rx = self.submit(|tx| Job::SumF32(buf, tx))?;

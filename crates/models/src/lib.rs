@@ -317,8 +317,38 @@ pub fn build_any(name_or_path: &str, rng: &mut Rng, spec: InputSpec) -> Result<S
 /// An ONNX model as a network of Stride's layers (weights from the file). With `spec`, the
 /// file's declared input must fit it and a dry run must give `spec.classes` outputs.
 pub fn from_onnx(path: &str, spec: Option<InputSpec>) -> Result<Sequential> {
-    let imported = stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?;
-    let net = imported.network;
+    onnx_model(path, read_onnx(path)?, spec)
+}
+
+/// An ONNX classifier and the input and class count it declares, from one read of the file.
+pub fn onnx_classifier(path: &str) -> Result<(Sequential, InputSpec)> {
+    let net = read_onnx(path)?;
+    let spec = declared_spec(path, &net)?;
+    Ok((onnx_model(path, net, Some(spec))?, spec))
+}
+
+/// The input and class count an ONNX classifier declares ([N, C, H, W] in, [N, K] out).
+pub fn onnx_spec(path: &str) -> Result<InputSpec> {
+    declared_spec(path, &read_onnx(path)?)
+}
+
+fn read_onnx(path: &str) -> Result<stride_onnx::Network> {
+    Ok(stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?.network)
+}
+
+fn declared_spec(path: &str, net: &stride_onnx::Network) -> Result<InputSpec> {
+    match (&net.input_shape[..], &net.output_shape[..]) {
+        ([_, Some(c), Some(h), Some(w)], [_, Some(k)]) => Ok(InputSpec { channels: *c, height: *h, width: *w, classes: *k }),
+        (i, o) => Err(Error::shape(
+            "model",
+            format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]"),
+        )
+        .into()),
+    }
+}
+
+/// `net` as a model; with `spec`, checked against it.
+fn onnx_model(path: &str, net: stride_onnx::Network, spec: Option<InputSpec>) -> Result<Sequential> {
     if let Some(s) = spec {
         let want = [s.channels, s.height, s.width];
         let declared = net.input_shape.get(1..).unwrap_or(&[]);
@@ -338,19 +368,6 @@ pub fn from_onnx(path: &str, spec: Option<InputSpec>) -> Result<Sequential> {
         dry_run(&mut model, s).map_err(|e| e.context(path.to_string()))?;
     }
     Ok(model)
-}
-
-/// The input and class count an ONNX classifier declares ([N, C, H, W] in, [N, K] out).
-pub fn onnx_spec(path: &str) -> Result<InputSpec> {
-    let net = stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?.network;
-    match (&net.input_shape[..], &net.output_shape[..]) {
-        ([_, Some(c), Some(h), Some(w)], [_, Some(k)]) => Ok(InputSpec { channels: *c, height: *h, width: *w, classes: *k }),
-        (i, o) => Err(Error::shape(
-            "model",
-            format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]"),
-        )
-        .into()),
-    }
 }
 
 /// The zoo entry called `name`, or an error listing the zoo.

@@ -61,6 +61,8 @@ pub struct Network {
     pub(crate) output: ValueId,
     /// For each value, the last step that reads it (so inference frees values early).
     pub(crate) last_use: Vec<usize>,
+    /// Each step's inputs, found once.
+    reads: Vec<Vec<ValueId>>,
     /// The input shape the file declares, batch first (None where symbolic).
     pub input_shape: Vec<Option<usize>>,
     /// The output shape the file declares.
@@ -69,14 +71,15 @@ pub struct Network {
 
 impl Network {
     pub(crate) fn new(steps: Vec<Step>, output: ValueId, input_shape: Vec<Option<usize>>, output_shape: Vec<Option<usize>>) -> Self {
+        let reads: Vec<Vec<ValueId>> = steps.iter().map(inputs).collect();
         let mut last_use = vec![0; steps.len() + 1];
-        for (i, s) in steps.iter().enumerate() {
-            for v in inputs(s) {
+        for (i, r) in reads.iter().enumerate() {
+            for &v in r {
                 last_use[v] = i;
             }
         }
         last_use[output] = usize::MAX;
-        Network { steps, output, last_use, input_shape, output_shape }
+        Network { steps, output, last_use, reads, input_shape, output_shape }
     }
 
     /// How many layers (steps with a Stride layer) the graph became.
@@ -231,7 +234,7 @@ impl Module for Network {
             let y = run_step(&mut self.steps[i], &vals, ctx)?;
             vals[i + 1] = Some(y);
             // Inference keeps only what later steps read.
-            for v in inputs(&self.steps[i]) {
+            for &v in &self.reads[i] {
                 if self.last_use[v] == i {
                     vals[v] = None;
                 }

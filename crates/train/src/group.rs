@@ -109,62 +109,25 @@ pub fn broadcast_state(g: &dyn Group, model: &mut dyn Module, buffers_only: bool
 }
 
 /// Sums `weight` x each parameter's gradient over the ranks (a missing gradient counts as 0),
-/// in buckets, and stores the result as the gradient.
-pub fn reduce_gradients(g: &dyn Group, params: &[Var], weight: f32) -> Result<()> {
-    let mut bucket: Vec<f32> = Vec::new();
-    let mut members: Vec<&Var> = Vec::new();
-    let flush = |bucket: &mut Vec<f32>, members: &mut Vec<&Var>| -> Result<()> {
-        g.sum_f32(bucket)?;
-        let mut at = 0;
-        for p in members.drain(..) {
-            let shape = p.shape();
-            let n: usize = shape.iter().product();
-            let t = Tensor::from_vec(bucket[at..at + n].to_vec(), &shape).map_err(|e| TrainError::Config(e.to_string()))?;
-            p.set_grad(t).map_err(|e| TrainError::Config(e.to_string()))?;
-            at += n;
-        }
-        bucket.clear();
-        Ok(())
-    };
-    for p in params {
-        let n: usize = p.shape().iter().product();
-        match p.grad() {
-            Some(gr) => bucket.extend(gr.data().iter().map(|v| v * weight)),
-            None => bucket.extend(std::iter::repeat_n(0.0, n)),
-        }
-        members.push(p);
-        if bucket.len() >= BUCKET {
-            flush(&mut bucket, &mut members)?;
-        }
-    }
-    if !members.is_empty() {
-        flush(&mut bucket, &mut members)?;
-    }
-    Ok(())
+/// in buckets, after the backward pass, and stores the result as the gradient (the recompute
+/// path, whose backward pass runs segment by segment).
+pub fn reduce_gradients(g: &dyn Group, params: &[Var], plan: &BucketPlan, weight: f32) -> Result<()> {
+    let mut sum = OverlappedSum::new(g, params, plan);
+    sum.weight = weight;
+    sum.finish()
 }
 
-/// Gradients summed over the ranks in buckets that start as soon as their parameters'
-/// gradients are complete, while the backward pass goes on (PyTorch DDP's scheme). Buckets hold
-/// the parameters in reverse order (the order the backward pass finishes them), ~25 MB each,
-/// and start strictly in order, so every rank issues the same sums in the same sequence even
-/// where one finishes its gradients in another order or has no share of a batch.
-pub struct OverlappedSum<'a> {
-    g: &'a dyn Group,
-    params: &'a [Var],
-    /// Parameter indices per bucket.
-    buckets: Vec<Vec<usize>>,
-    ready: Vec<bool>,
-    next: usize,
-    pending: Vec<Pending>,
-}
+/// Which parameters travel together: indices in reverse order (the order the backward pass
+/// finishes them), ~`BUCKET` values a bucket. Made once per run; the same on every rank.
+pub struct BucketPlan(Vec<Vec<usize>>);
 
-impl<'a> OverlappedSum<'a> {
-    pub fn new(g: &'a dyn Group, params: &'a [Var]) -> Self {
-        Self::with_bucket(g, params, BUCKET)
+impl BucketPlan {
+    pub fn new(params: &[Var]) -> Self {
+        Self::with_bucket(params, BUCKET)
     }
 
     /// With buckets of about `bucket` values.
-    pub fn with_bucket(g: &'a dyn Group, params: &'a [Var], bucket: usize) -> Self {
+    pub fn with_bucket(params: &[Var], bucket: usize) -> Self {
         let mut buckets: Vec<Vec<usize>> = vec![Vec::new()];
         let mut size = 0;
         for i in (0..params.len()).rev() {
@@ -176,7 +139,28 @@ impl<'a> OverlappedSum<'a> {
             buckets.last_mut().expect("a bucket").push(i);
             size += n;
         }
-        OverlappedSum { g, params, buckets, ready: vec![false; params.len()], next: 0, pending: Vec::new() }
+        BucketPlan(buckets)
+    }
+}
+
+/// Gradients summed over the ranks in buckets that start as soon as their parameters'
+/// gradients are complete, while the backward pass goes on (PyTorch DDP's scheme). Buckets
+/// start strictly in the plan's order, so every rank issues the same sums in the same sequence
+/// even where one finishes its gradients in another order or has no share of a batch.
+pub struct OverlappedSum<'a> {
+    g: &'a dyn Group,
+    params: &'a [Var],
+    buckets: &'a [Vec<usize>],
+    ready: Vec<bool>,
+    next: usize,
+    pending: Vec<Pending>,
+    /// Each gradient is multiplied by this before the sum.
+    weight: f32,
+}
+
+impl<'a> OverlappedSum<'a> {
+    pub fn new(g: &'a dyn Group, params: &'a [Var], plan: &'a BucketPlan) -> Self {
+        OverlappedSum { g, params, buckets: &plan.0, ready: vec![false; params.len()], next: 0, pending: Vec::new(), weight: 1.0 }
     }
 
     /// The backward pass finished `leaf`'s gradient: start every bucket now complete.
@@ -195,7 +179,8 @@ impl<'a> OverlappedSum<'a> {
         for &i in &self.buckets[self.next] {
             let p = &self.params[i];
             match p.grad() {
-                Some(gr) => buf.extend_from_slice(gr.data()),
+                Some(gr) if self.weight == 1.0 => buf.extend_from_slice(gr.data()),
+                Some(gr) => buf.extend(gr.data().iter().map(|v| v * self.weight)),
                 None => buf.extend(std::iter::repeat_n(0.0, p.shape().iter().product())),
             }
         }
@@ -276,7 +261,8 @@ mod tests {
         let loss = h.sum_all().unwrap();
         let g = Recorder { backward_done: Cell::new(false), starts: RefCell::new(Vec::new()) };
         // One parameter per bucket.
-        let mut o = OverlappedSum::with_bucket(&g, &params, 1);
+        let plan = BucketPlan::with_bucket(&params, 1);
+        let mut o = OverlappedSum::new(&g, &params, &plan);
         loss.backward_hooked(&mut |leaf| o.ready(leaf).map_err(|e| stride_autograd::Error::arg("test", e.to_string()))).unwrap();
         g.backward_done.set(true);
         let before: Vec<Tensor<f32>> = params.iter().map(|p| p.grad().unwrap()).collect();

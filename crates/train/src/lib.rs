@@ -475,6 +475,8 @@ pub fn train(
         group::check_world(g.as_ref(), &world)?;
         group::broadcast_state(g.as_ref(), model, false)?;
     }
+    // Which gradients travel together between ranks: fixed for the run.
+    let plan = group.as_ref().map(|_| group::BucketPlan::new(&params));
     let mut ctx = Ctx::train(cfg.seed);
     if let (Some(g), true) = (&group, cfg.sync_bn) {
         if segments.is_some() {
@@ -530,7 +532,10 @@ pub fn train(
                     None => (images, labels),
                 };
                 // Several ranks on the plain path: gradient sums start during the backward pass.
-                let mut overlap = group.as_ref().filter(|_| segments.is_none()).map(|g| group::OverlappedSum::new(g.as_ref(), &params));
+                let mut overlap = match (&group, &plan) {
+                    (Some(g), Some(plan)) if segments.is_none() => Some(group::OverlappedSum::new(g.as_ref(), &params, plan)),
+                    _ => None,
+                };
                 let (lv, right) = if labels.is_empty() {
                     (0.0, 0)
                 } else {
@@ -571,10 +576,10 @@ pub fn train(
                     bar.abandon();
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: (loss_sum / seen.max(1.0)) as f32 });
                 }
-                if let Some(g) = group.as_ref().filter(|_| segments.is_some()) {
+                if let (Some(g), Some(plan), Some(_)) = (&group, &plan, &segments) {
                     // The recompute path: the mean gradient of the global batch is each share's
                     // mean weighted by its size, summed after the backward pass.
-                    group::reduce_gradients(g.as_ref(), &params, labels.len() as f32 / global.max(1) as f32)?;
+                    group::reduce_gradients(g.as_ref(), &params, plan, labels.len() as f32 / global.max(1) as f32)?;
                 }
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;
