@@ -36,33 +36,50 @@ impl<'a, T> MatRef<'a, T> {
 ///
 /// Panics if the views or `c` are too small for the shapes: that is a bug in the caller.
 pub fn matmul<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_rs: usize, accumulate: bool, threads: usize) {
+    assert!(c_rs >= b.cols || a.rows <= 1, "matmul: output rows overlap");
+    matmul_strided(a, b, c, (c_rs, 1), accumulate, threads)
+}
+
+/// [`matmul`] into `c` with element (i, j) at `c[i * c_strides.0 + j * c_strides.1]`: a
+/// transposed output is `(1, ld)`.
+///
+/// Panics if the views or `c` are too small for the shapes, or if two output elements share
+/// an offset: that is a bug in the caller.
+pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_strides: (usize, usize), accumulate: bool, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (c_rs, c_cs) = c_strides;
     assert_eq!(b.rows, k, "matmul: inner dimensions {k} and {}", b.rows);
     assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
-    assert!(m == 0 || n == 0 || (m - 1) * c_rs + n <= c.len(), "matmul: output out of bounds");
-    assert!(c_rs >= n || m <= 1, "matmul: output rows overlap");
+    assert!(m == 0 || n == 0 || (m - 1) * c_rs + (n - 1) * c_cs < c.len(), "matmul: output out of bounds");
+    // Distinct offsets: one stride steps over the whole extent of the other.
+    assert!(m <= 1 || n <= 1 || c_rs > (n - 1) * c_cs || c_cs > (m - 1) * c_rs, "matmul: output elements overlap");
+    assert!(m <= 1 || c_rs > 0, "matmul: output rows overlap");
+    assert!(n <= 1 || c_cs > 0, "matmul: output columns overlap");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                c[i * c_rs..i * c_rs + n].fill(T::zero());
+                for j in 0..n {
+                    c[i * c_rs + j * c_cs] = T::zero();
+                }
             }
         }
         return;
     }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every offset the product reads or writes inside the
-    // slices; `c` is borrowed mutably, so it cannot alias `a` or `b`; strides fit in isize
-    // because every offset is below a slice length.
+    // slices and every output element at its own offset; `c` is borrowed mutably, so it
+    // cannot alias `a` or `b`; strides fit in isize because every offset is below a slice
+    // length.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
+            c_cs as isize,
             c_rs as isize,
             accumulate,
             a.data.as_ptr(),

@@ -147,11 +147,19 @@ fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: 
 /// Max pooling; also returns, per output, the flat index in its input plane of the maximum.
 /// A NaN in a window wins (so it is never hidden).
 pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
-    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    let pq = g.p * g.q;
     let mut y = vec![T::zero(); g.n * g.c * pq];
     let mut idx = vec![0u32; g.n * g.c * pq];
+    max_forward_into(g, x, &mut y, &mut idx);
+    (y, idx)
+}
+
+/// [`max_forward`] into the caller's buffers (planned execution), both of the output's length.
+pub fn max_forward_into<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T], idx: &mut [u32]) {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    assert!(x.len() == g.n * g.c * hw && y.len() == g.n * g.c * pq && idx.len() == y.len(), "max_forward_into: lengths");
     if hw == 0 || pq == 0 {
-        return (y, idx);
+        return;
     }
     let fast = g.is_2x2();
     let per_task = planes_per_task(hw, 2 * pq);
@@ -162,7 +170,6 @@ pub fn max_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
             max_window(g, xp, out, arg)
         }
     });
-    (y, idx)
 }
 
 #[inline(always)]
@@ -266,13 +273,20 @@ crate::multiversion! {
 }
 
 pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); g.n * g.c * g.p * g.q];
+    avg_forward_into(g, x, &mut y);
+    y
+}
+
+/// [`avg_forward`] into the caller's buffer (planned execution).
+pub fn avg_forward_into<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) {
     let (hw, pq) = (g.h * g.w, g.p * g.q);
-    let mut y = vec![T::zero(); g.n * g.c * pq];
+    assert!(x.len() == g.n * g.c * hw && y.len() == g.n * g.c * pq, "avg_forward_into: lengths");
     if g.is_2x2() {
-        planes(x, hw, &mut y, pq, |out, xp| avg_2x2(g, xp, out));
-        return y;
+        planes(x, hw, y, pq, |out, xp| avg_2x2(g, xp, out));
+        return;
     }
-    planes(x, hw, &mut y, pq, |out, xp| {
+    planes(x, hw, y, pq, |out, xp| {
         for i in 0..g.p {
             for j in 0..g.q {
                 let (rows, cols, size) = g.window(i, j);
@@ -285,7 +299,6 @@ pub fn avg_forward<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
             }
         }
     });
-    y
 }
 
 pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {

@@ -226,6 +226,15 @@ impl Unary {
         }
     }
 
+    /// y[i] = f(y[i]), serially: for a piece of output still in cache (planned execution's
+    /// epilogues), inside a thread's share of the work. Results equal `apply`'s.
+    pub fn apply_in_place<T: Elem>(self, y: &mut [T]) {
+        match self {
+            Unary::Relu => y.iter_mut().for_each(|v| *v = v.max(T::zero())),
+            f => y.iter_mut().for_each(|v| *v = f.apply(*v)),
+        }
+    }
+
     /// out[i] = g[i] * f'(x[i]) where y = f(x), on all cores for long slices; equals
     /// `g * grad(x, y)` element by element.
     pub fn grad_slice<T: Elem>(self, g: &[T], x: &[T], y: &[T], out: &mut [T]) {

@@ -29,14 +29,39 @@ pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
 /// [`im2col`] into a wider matrix: row i of this image's columns starts at `col[i * ld]`
 /// (several images side by side, each `P*Q` columns).
 pub(crate) fn im2col_strided<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
+    debug_assert_eq!(x.len(), g.cg() * g.h * g.w);
+    im2col_channels(g, x, g.h * g.w, col, ld)
+}
+
+/// [`im2col_strided`] from an image whose channel `c` starts at `x[c * cs]` (the batch-blocked
+/// layout of planned execution puts the other images of the block between two channels).
+pub(crate) fn im2col_channels<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, col: &mut [T], ld: usize) {
     let (h, w, p, q) = (g.h, g.w, g.p, g.q);
     let (sh, sw) = g.stride;
     let (dh, dw) = g.dilation;
-    debug_assert_eq!(x.len(), g.cg() * h * w);
+    debug_assert!(g.cg() == 0 || x.len() >= (g.cg() - 1) * cs + h * w);
     debug_assert!(col.len() >= (g.cg() * g.r * g.s - 1) * ld + p * q);
+    if g.pad == (0, 0, 0, 0) && (sh, sw) == (1, 1) && (dh, dw) == (1, 1) {
+        // Every window inside the image (LeNet's layers): row (c, r, s) is P runs of Q values
+        // starting at x[c, r, s], with no bounds to check.
+        let mut at = 0;
+        for c in 0..g.cg() {
+            for r in 0..g.r {
+                for s in 0..g.s {
+                    let src = &x[c * cs + r * w + s..];
+                    let row = &mut col[at..at + p * q];
+                    for (op, dst) in row.chunks_exact_mut(q.max(1)).enumerate() {
+                        copy_short(dst, &src[op * w..op * w + q]);
+                    }
+                    at += ld;
+                }
+            }
+        }
+        return;
+    }
     let mut rows = (0..).map(|i| i * ld);
     for c in 0..g.cg() {
-        let xc = &x[c * h * w..(c + 1) * h * w];
+        let xc = &x[c * cs..c * cs + h * w];
         for r in 0..g.r {
             for s in 0..g.s {
                 let at = rows.next().expect("endless");
@@ -69,13 +94,19 @@ pub(crate) fn im2col_strided<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: 
 
 /// Adds the columns of `col` back into `x` ([C/g, H, W]); the adjoint of [`im2col`].
 pub(crate) fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T]) {
+    debug_assert_eq!(x.len(), g.cg() * g.h * g.w);
+    col2im_channels(g, col, g.p * g.q, x, g.h * g.w)
+}
+
+/// [`col2im`] from columns whose row i starts at `col[i * ld]` into an image whose channel `c`
+/// starts at `x[c * cs]`; the adjoint of [`im2col_channels`].
+pub(crate) fn col2im_channels<T: Elem>(g: &ConvGeom, col: &[T], ld: usize, x: &mut [T], cs: usize) {
     let (h, w, p, q) = (g.h, g.w, g.p, g.q);
     let (sh, sw) = g.stride;
     let (dh, dw) = g.dilation;
-    debug_assert_eq!(x.len(), g.cg() * h * w);
-    let mut rows = col.chunks_exact(p * q);
+    let mut rows = (0..).map(|i| &col[i * ld..i * ld + p * q]);
     for c in 0..g.cg() {
-        let xc = &mut x[c * h * w..(c + 1) * h * w];
+        let xc = &mut x[c * cs..c * cs + h * w];
         for r in 0..g.r {
             for s in 0..g.s {
                 let row = rows.next().expect("col has C/g*R*S rows");

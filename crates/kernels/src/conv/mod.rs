@@ -6,6 +6,7 @@
 mod depthwise;
 mod geom;
 mod im2col;
+pub mod planned;
 pub mod reference;
 mod winograd;
 

@@ -22,6 +22,7 @@
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
+use super::planned::Epilogue;
 use super::ConvGeom;
 use crate::gemm::{matmul, MatRef};
 use crate::multiversion;
@@ -425,7 +426,7 @@ fn for_each_chunk<T: Elem>(pl: &Plan, images: usize, mut body: impl FnMut(usize,
 
 /// Runs `pl` over `x` ([n, cin, h, w]) into `y` ([n, cout, p, q], overwritten) with the
 /// transformed filters `u` ([cout][E][cin]).
-fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], bias: Option<&[T]>, y: &mut [T]) {
+fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], epi: Epilogue<T>, y: &mut [T]) {
     let (per, threads) = pl.split();
     let (x_img, y_img) = (pl.cin * pl.h * pl.w, pl.cout * pl.p * pl.q);
     if y.is_empty() {
@@ -440,24 +441,49 @@ fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], bias: Option<&[T]>, y: &mut [T]) {
                 let ve = MatRef::rows(&v[e * pl.cin * t..(e + 1) * pl.cin * t], pl.cin, t);
                 matmul(ue, ve, &mut m[e * pl.cout * t..(e + 1) * pl.cout * t], t, false, threads);
             }
-            transform_outputs(pl, m, count, bias, &mut yg[first * y_img..(first + count) * y_img], s1, s2);
+            let out = &mut yg[first * y_img..(first + count) * y_img];
+            transform_outputs(pl, m, count, epi.bias, out, s1, s2);
+            epilogue_chunk(out, y_img, group * per + first, epi.residual, epi.act);
         });
     });
 }
 
 /// y = conv(x, w) + bias for a geometry [`Plan::applies`] to.
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    let u = filters(w, g.k, g.c, (g.c * 9, 9, false));
+    let u = filters_forward(g, w);
     let mut y = vec![T::zero(); g.n * g.k * g.p * g.q];
-    run(&Plan::forward(g), x, &u, bias, &mut y);
+    run(&Plan::forward(g), x, &u, Epilogue { bias, ..Epilogue::default() }, &mut y);
     y
+}
+
+/// The forward pass's transformed filters ([K][E][C]), made once by a plan.
+pub(crate) fn filters_forward<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    filters(w, g.k, g.c, (g.c * 9, 9, false))
+}
+
+/// The forward pass with filters from [`filters_forward`], residual and activation applied
+/// to each chunk of images as it is finished.
+pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], u: &[T], epi: Epilogue<T>, y: &mut [T]) {
+    run(&Plan::forward(g), x, u, epi, y);
+}
+
+/// `y = act(y + residual)` over `y`'s whole images, the first being image `first`: serial,
+/// as it runs inside a thread's share.
+fn epilogue_chunk<T: Elem>(y: &mut [T], image: usize, first: usize, residual: Option<&[T]>, act: Option<crate::unary::Unary>) {
+    if let Some(r) = residual {
+        let r = &r[first * image..first * image + y.len()];
+        y.iter_mut().zip(r).for_each(|(o, &v)| *o += v);
+    }
+    if let Some(act) = act {
+        act.apply_in_place(y);
+    }
 }
 
 /// dx from dy for a geometry [`Plan::applies`] to: filters flipped, channels swapped.
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     let u = filters(w, g.c, g.k, (9, g.c * 9, true));
     let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
-    run(&Plan::backward_data(g), dy, &u, None, &mut dx);
+    run(&Plan::backward_data(g), dy, &u, Epilogue::default(), &mut dx);
     dx
 }
 

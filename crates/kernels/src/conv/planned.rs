@@ -1,0 +1,312 @@
+//! Convolution for planned execution (`stride_autograd::plan`): weights prepared once, the
+//! output written into the caller's buffer, and bias, residual and activation applied to each
+//! piece of output while it is still in cache, instead of in passes of their own.
+//!
+//! It also runs in the **batch-blocked** layout `[N/b][C][b][H][W]`: the batch cut into blocks
+//! of `b` images, each block channel-major. One block's convolution is then one wide product,
+//! W [K, C·R·S] x col [C·R·S, b·P·Q], instead of `b` thin ones of P·Q columns each (81 for
+//! LeNet's second layer), and a 1x1 convolution needs no lowering at all. `b = 1` is NCHW.
+//! Pooling and element-wise functions work plane by plane, so they run unchanged on it.
+
+use rayon::prelude::*;
+use stride_tensor::Elem;
+
+use super::{im2col, winograd, Algo, ConvGeom};
+use crate::gemm::{matmul, MatRef};
+use crate::unary::Unary;
+
+/// Work done on each piece of output after the product: `y = act(y + bias + residual)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a, T> {
+    /// One value per output channel.
+    pub bias: Option<&'a [T]>,
+    /// A tensor of the output's shape and layout (a ResNet shortcut).
+    pub residual: Option<&'a [T]>,
+    pub act: Option<Unary>,
+}
+
+impl<T> Default for Epilogue<'_, T> {
+    fn default() -> Self {
+        Epilogue { bias: None, residual: None, act: None }
+    }
+}
+
+/// Memory layout of a 4-D activation [N, C, H, W] inside a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Row-major [N, C, H, W], what every public API speaks.
+    Nchw,
+    /// `[ceil(N/b)][C][b][H][W]`; the last block may hold fewer images.
+    Blocked(usize),
+}
+
+impl Layout {
+    /// The block size (1 for NCHW).
+    pub fn block(self) -> usize {
+        match self {
+            Layout::Nchw => 1,
+            Layout::Blocked(b) => b.max(1),
+        }
+    }
+    /// Walks the planes of an [n, c, plane] tensor in memory order: `f(channel, planes)` for
+    /// each run of consecutive planes of one channel (one plane in NCHW, a block's images
+    /// when blocked).
+    pub fn channel_runs(self, n: usize, c: usize, mut f: impl FnMut(usize, usize)) {
+        let b = self.block();
+        for first in (0..n).step_by(b) {
+            let bj = b.min(n - first);
+            (0..c).for_each(|ch| f(ch, bj));
+        }
+    }
+}
+
+/// Copies `x` ([n, c, plane] in layout `from`) into `y` in layout `to`.
+pub fn relayout<T: Elem>(x: &[T], from: Layout, y: &mut [T], to: Layout, n: usize, c: usize, plane: usize) {
+    assert!(x.len() == n * c * plane && y.len() == x.len(), "relayout: lengths");
+    if from == to || plane == 0 {
+        y.copy_from_slice(x);
+        return;
+    }
+    // Offset of plane (image i, channel ch) in layout `l`.
+    let at = |l: Layout, i: usize, ch: usize| {
+        let b = l.block();
+        let (j, r) = (i / b, i % b);
+        let bj = b.min(n - j * b);
+        (j * b * c + ch * bj + r) * plane
+    };
+    // One task per destination block of images.
+    let b = to.block();
+    y.par_chunks_mut(b * c * plane).enumerate().for_each(|(j, yb)| {
+        let bj = yb.len() / (c * plane);
+        for r in 0..bj {
+            for ch in 0..c {
+                let src = at(from, j * b + r, ch);
+                let dst = at(to, j * b + r, ch) - j * b * c * plane;
+                yb[dst..dst + plane].copy_from_slice(&x[src..src + plane]);
+            }
+        }
+    });
+}
+
+/// Filters prepared once for a geometry: as given for the products, transformed for Winograd.
+#[derive(Clone, Debug)]
+pub struct Prepared<T> {
+    algo: Algo,
+    w: Vec<T>,
+}
+
+impl<T: Elem> Prepared<T> {
+    pub fn new(g: &ConvGeom, w: &[T]) -> Self {
+        let algo = Algo::choose(g);
+        let w = if algo == Algo::Winograd { winograd::filters_forward(g, w) } else { w.to_vec() };
+        Prepared { algo, w }
+    }
+    pub fn algo(&self) -> Algo {
+        self.algo
+    }
+}
+
+/// The block size for a batch of `n`: one block per thread of the pool, so each thread's
+/// share of a convolution is one wide product (1, plain NCHW, when there are no more images
+/// than threads: then the threads split each product instead).
+pub fn block_for(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// Whether `forward_into` can run `g` in a blocked layout: ungrouped products (im2col or 1x1).
+/// Winograd and depthwise convolutions work image by image, in NCHW.
+pub fn blocks(g: &ConvGeom) -> bool {
+    g.groups == 1 && matches!(Algo::choose(g), Algo::Im2col | Algo::Pointwise)
+}
+
+/// Elements of one block's column matrix held at once: about 1 MiB of f32, so the lowered
+/// images stay in the second-level cache while the product reads them.
+const COLUMN_ELEMENTS: usize = 1 << 18;
+
+/// y = act(conv(x, w) + bias + residual), `x` and `y` (and the residual) in `layout`, which
+/// must be NCHW unless [`blocks`] says otherwise. `y` is overwritten.
+pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, y: &mut [T]) {
+    assert_eq!(x.len(), g.n * g.c * g.h * g.w, "forward_into: input length");
+    assert_eq!(y.len(), g.n * g.k * g.p * g.q, "forward_into: output length");
+    assert!(layout == Layout::Nchw || blocks(g), "forward_into: {:?} cannot run blocked", w.algo);
+    if let Some(r) = epi.residual {
+        assert_eq!(r.len(), y.len(), "forward_into: residual length");
+    }
+    match w.algo {
+        Algo::Winograd => {
+            winograd::forward_into(g, x, &w.w, epi, y);
+            return;
+        }
+        Algo::Depthwise => {
+            y.copy_from_slice(&super::depthwise::forward(g, x, &w.w, epi.bias));
+            finish_nchw(g, y, Epilogue { bias: None, ..epi });
+            return;
+        }
+        Algo::Im2col | Algo::Pointwise => {}
+    }
+    if g.groups > 1 {
+        y.copy_from_slice(&super::gemm_forward(g, w.algo, x, &w.w, epi.bias));
+        finish_nchw(g, y, Epilogue { bias: None, ..epi });
+        return;
+    }
+    let b = layout.block();
+    let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
+    let blocks = g.n.div_ceil(b);
+    let threads = if blocks >= rayon::current_num_threads() { 1 } else { rayon::current_num_threads() };
+    let block_out = (g.k * b * pq).max(1);
+    y.par_chunks_mut(block_out).enumerate().for_each_init(Vec::new, |col, (j, yb)| {
+        let bj = yb.len() / (g.k * pq).max(1);
+        let x0 = j * b * g.c * hw;
+        let xb = &x[x0..x0 + g.c * bj * hw];
+        let res = epi.residual.map(|r| &r[j * block_out..j * block_out + yb.len()]);
+        let ld = bj * pq;
+        let per = (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
+        for first in (0..bj).step_by(per) {
+            let m = per.min(bj - first);
+            let cols = first * pq..(first + m) * pq;
+            let pre = epi.bias.is_some() || res.is_some();
+            for k in 0..g.k {
+                let row = &mut yb[k * ld + cols.start..k * ld + cols.end];
+                match (res, epi.bias) {
+                    (Some(r), bias) => {
+                        let add = bias.map_or(T::zero(), |b| b[k]);
+                        for (o, &v) in row.iter_mut().zip(&r[k * ld + cols.start..k * ld + cols.end]) {
+                            *o = v + add;
+                        }
+                    }
+                    (None, Some(b)) => row.fill(b[k]),
+                    (None, None) => {}
+                }
+            }
+            let wm = MatRef::rows(&w.w, g.k, crs);
+            if w.algo == Algo::Pointwise {
+                // 1x1, stride 1: channel c of the block is already row c of the columns.
+                let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
+                matmul(wm, xm, &mut yb[cols.start..], ld, pre, threads);
+            } else {
+                col.resize(crs * m * pq, T::zero());
+                for i in 0..m {
+                    im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
+                }
+                matmul(wm, MatRef::rows(col, crs, m * pq), &mut yb[cols.start..], ld, pre, threads);
+            }
+            if let Some(act) = epi.act {
+                for k in 0..g.k {
+                    act.apply_in_place(&mut yb[k * ld + cols.start..k * ld + cols.end]);
+                }
+            }
+        }
+    });
+}
+
+/// Residual and activation over an NCHW output whose bias is already in.
+fn finish_nchw<T: Elem>(g: &ConvGeom, y: &mut [T], epi: Epilogue<T>) {
+    epilogue_images(y, (g.k * g.p * g.q).max(1), 0, epi.residual, epi.act);
+}
+
+/// `y = act(y + residual)` over whole images of `y` (each `image` elements, the first being
+/// image `first` of the residual), in parallel by image.
+pub(crate) fn epilogue_images<T: Elem>(y: &mut [T], image: usize, first: usize, residual: Option<&[T]>, act: Option<Unary>) {
+    if residual.is_none() && act.is_none() {
+        return;
+    }
+    y.par_chunks_mut(image).enumerate().for_each(|(i, yi)| {
+        if let Some(r) = residual {
+            let r = &r[(first + i) * image..(first + i + 1) * image];
+            yi.iter_mut().zip(r).for_each(|(o, &v)| *o += v);
+        }
+        if let Some(act) = act {
+            act.apply_in_place(yi);
+        }
+    });
+}
+
+/// The gradients of [`forward_into`]'s convolution (its epilogue's gradient is the caller's):
+/// `dx` (overwritten, when wanted), `dw` and `db` (overwritten) from `x`, `w` and `dy`, all
+/// activations in `layout`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy: &[T], dx: Option<&mut [T]>, dw: &mut [T], db: Option<&mut [T]>) {
+    assert_eq!(dy.len(), g.n * g.k * g.p * g.q, "backward_into: dy length");
+    assert_eq!(dw.len(), w.len(), "backward_into: dw length");
+    let b = layout.block();
+    if let Some(db) = db {
+        db.fill(T::zero());
+        let pq = g.p * g.q;
+        // Runs of one channel's planes, in memory order.
+        let mut at = 0;
+        layout.channel_runs(g.n, g.k, |k, planes| {
+            db[k] += crate::simd::sum(&dy[at..at + planes * pq]);
+            at += planes * pq;
+        });
+    }
+    if layout == Layout::Nchw || !blocks(g) {
+        assert!(layout == Layout::Nchw, "backward_into: {:?} cannot run blocked", Algo::choose(g));
+        dw.copy_from_slice(&super::backward_filter(g, x, dy));
+        if let Some(dx) = dx {
+            dx.copy_from_slice(&super::backward_data(g, dy, w));
+        }
+        return;
+    }
+    let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
+    let algo = Algo::choose(g);
+    let per_for = |bj: usize| (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
+    let block_in = g.c * b * hw;
+    let block_out = g.k * b * pq;
+    let wm = MatRef::rows(w, g.k, crs);
+    // Filter gradient: one partial sum per block (per thread), added at the end.
+    let partial = |j: usize, col: &mut Vec<T>| -> Vec<T> {
+        let mut dwj = vec![T::zero(); g.k * crs];
+        let bj = b.min(g.n - j * b);
+        let (xb, dyb) = (&x[j * block_in..j * block_in + g.c * bj * hw], &dy[j * block_out..j * block_out + g.k * bj * pq]);
+        let ld = bj * pq;
+        let per = per_for(bj);
+        for first in (0..bj).step_by(per) {
+            let m = per.min(bj - first);
+            let dym = MatRef { data: &dyb[first * pq..], rows: g.k, cols: m * pq, rs: ld, cs: 1 };
+            // dw [K, CRS] += dy [K, cols] x col^T [cols, CRS]
+            if algo == Algo::Pointwise {
+                let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
+                matmul(dym, xm.t(), &mut dwj, crs, true, 1);
+            } else {
+                col.resize(crs * m * pq, T::zero());
+                for i in 0..m {
+                    im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
+                }
+                matmul(dym, MatRef::rows(col, crs, m * pq).t(), &mut dwj, crs, true, 1);
+            }
+        }
+        dwj
+    };
+    let blocks = g.n.div_ceil(b);
+    let parts: Vec<Vec<T>> = (0..blocks).into_par_iter().map_init(Vec::new, |col, j| partial(j, col)).collect();
+    dw.fill(T::zero());
+    for p in parts {
+        dw.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    // Data gradient: per block, col = W^T [CRS, K] x dy [K, cols], scattered back.
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), x.len(), "backward_into: dx length");
+        dx.par_chunks_mut(block_in.max(1)).enumerate().for_each_init(Vec::new, |col, (j, dxb)| {
+            let bj = dxb.len() / (g.c * hw).max(1);
+            let dyb = &dy[j * block_out..j * block_out + g.k * bj * pq];
+            let ld = bj * pq;
+            let per = per_for(bj);
+            if algo != Algo::Pointwise {
+                dxb.fill(T::zero());
+            }
+            for first in (0..bj).step_by(per) {
+                let m = per.min(bj - first);
+                let dym = MatRef { data: &dyb[first * pq..], rows: g.k, cols: m * pq, rs: ld, cs: 1 };
+                if algo == Algo::Pointwise {
+                    matmul(wm.t(), dym, &mut dxb[first * hw..], bj * hw, false, 1);
+                } else {
+                    col.resize(crs * m * pq, T::zero());
+                    matmul(wm.t(), dym, col, m * pq, false, 1);
+                    for i in 0..m {
+                        im2col::col2im_channels(g, &col[i * pq..], m * pq, &mut dxb[(first + i) * hw..], bj * hw);
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,160 @@
+//! Planned convolution (`conv::planned`) against the naive reference: every algorithm, NCHW
+//! and batch-blocked layouts, with bias, residual and activation fused in.
+
+use proptest::prelude::*;
+use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
+use stride_kernels::conv::{reference, Algo, Conv2dOptions, ConvGeom, Padding};
+use stride_kernels::unary::Unary;
+use stride_tensor::Rng;
+
+/// The reference: act(conv(x) + bias + residual), all NCHW.
+fn expected(g: &ConvGeom, x: &[f64], w: &[f64], bias: Option<&[f64]>, res: Option<&[f64]>, act: Option<Unary>) -> Vec<f64> {
+    let mut y = reference::forward(g, x, w, bias);
+    if let Some(r) = res {
+        y.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+    }
+    if let Some(a) = act {
+        y.iter_mut().for_each(|v| *v = a.apply(*v));
+    }
+    y
+}
+
+fn to(layout: Layout, x: &[f64], n: usize, c: usize, plane: usize) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    planned::relayout(x, Layout::Nchw, &mut y, layout, n, c, plane);
+    y
+}
+
+fn from(layout: Layout, x: &[f64], n: usize, c: usize, plane: usize) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    planned::relayout(x, layout, &mut y, Layout::Nchw, n, c, plane);
+    y
+}
+
+fn check(
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    opts: Conv2dOptions,
+    b: usize,
+    bias: bool,
+    residual: bool,
+    act: Option<Unary>,
+) -> Result<(), TestCaseError> {
+    let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else { return Ok(()) };
+    let layout = if b > 1 && planned::blocks(&g) { Layout::Blocked(b) } else { Layout::Nchw };
+    let mut rng = Rng::seed(11);
+    let x = rng.normal::<f64>(&x_shape, 0.0, 1.0).unwrap();
+    let w = rng.normal::<f64>(&w_shape, 0.0, 1.0).unwrap();
+    let bv = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
+    let rv = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let (bias, res) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
+    let want = expected(&g, x.data(), w.data(), bias, res, act);
+    let (n, pq) = (g.n, g.p * g.q);
+    let xl = to(layout, x.data(), n, g.c, g.h * g.w);
+    let rl = res.map(|r| to(layout, r, n, g.k, pq));
+    let mut y = vec![f64::NAN; want.len()];
+    let prep = Prepared::new(&g, w.data());
+    planned::forward_into(&g, layout, &xl, &prep, Epilogue { bias, residual: rl.as_deref(), act }, &mut y);
+    let got = from(layout, &y, n, g.k, pq);
+    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+        prop_assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "[{}] {} vs {} ({:?}, {:?}, {:?})", i, a, e, g, prep.algo(), layout);
+    }
+    Ok(())
+}
+
+/// `backward_into` against the reference gradients, in both layouts.
+fn check_backward(x_shape: [usize; 4], w_shape: [usize; 4], opts: Conv2dOptions, b: usize) -> Result<(), TestCaseError> {
+    let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else { return Ok(()) };
+    let layout = if b > 1 && planned::blocks(&g) { Layout::Blocked(b) } else { Layout::Nchw };
+    let mut rng = Rng::seed(12);
+    let x = rng.normal::<f64>(&x_shape, 0.0, 1.0).unwrap();
+    let w = rng.normal::<f64>(&w_shape, 0.0, 1.0).unwrap();
+    let dy = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let (n, pq) = (g.n, g.p * g.q);
+    let (xl, dyl) = (to(layout, x.data(), n, g.c, g.h * g.w), to(layout, dy.data(), n, g.k, pq));
+    let (mut dx, mut dw, mut db) = (vec![f64::NAN; x.numel()], vec![f64::NAN; w.numel()], vec![f64::NAN; g.k]);
+    planned::backward_into(&g, layout, &xl, w.data(), &dyl, Some(&mut dx), &mut dw, Some(&mut db));
+    let dx = from(layout, &dx, n, g.c, g.h * g.w);
+    let want_db: Vec<f64> =
+        (0..g.k).map(|k| (0..n).map(|i| dy.data()[(i * g.k + k) * pq..(i * g.k + k + 1) * pq].iter().sum::<f64>()).sum()).collect();
+    for (what, have, want) in [
+        ("dx", dx, reference::backward_data(&g, dy.data(), w.data())),
+        ("dw", dw, reference::backward_filter(&g, x.data(), dy.data())),
+        ("db", db, want_db),
+    ] {
+        for (i, (a, e)) in have.iter().zip(&want).enumerate() {
+            prop_assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "{} [{}] {} vs {} ({:?}, {:?})", what, i, a, e, g, layout);
+        }
+    }
+    Ok(())
+}
+
+fn act() -> impl Strategy<Value = Option<Unary>> {
+    prop_oneof![Just(None), Just(Some(Unary::Relu)), Just(Some(Unary::Tanh))]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn planned_conv_matches_reference(
+        (n, c, k, groups) in (1usize..7, 1usize..5, 1usize..5, 1usize..3),
+        (h, w, r, s) in (1usize..9, 1usize..9, 1usize..4, 1usize..4),
+        (stride, dil, pad) in (1usize..3, 1usize..3, 0usize..2),
+        b in 1usize..5, bias in any::<bool>(), residual in any::<bool>(), act in act(),
+    ) {
+        let opts = Conv2dOptions { stride: (stride, stride), dilation: (dil, 1), padding: Padding::Explicit { top: pad, bottom: 0, left: pad, right: 1 }, groups, output_padding: (0, 0) };
+        check([n, c * groups, h, w], [k * groups, c, r, s], opts, b, bias, residual, act)?;
+        check_backward([n, c * groups, h, w], [k * groups, c, r, s], opts, b)?;
+    }
+}
+
+#[test]
+fn every_algorithm_runs_planned() {
+    let d = Conv2dOptions::default();
+    let cases = [
+        ([5, 8, 6, 6], [4, 8, 1, 1], d, Algo::Pointwise),
+        ([5, 3, 7, 7], [6, 3, 3, 3], d, Algo::Im2col),
+        ([5, 8, 6, 5], [8, 1, 3, 3], d.groups(8), Algo::Depthwise),
+        ([3, 16, 8, 8], [16, 16, 3, 3], d.padding(Padding::Same), Algo::Winograd),
+        ([6, 4, 9, 9], [6, 2, 3, 3], d.groups(2), Algo::Im2col),
+    ];
+    for (xs, ws, o, algo) in cases {
+        assert_eq!(Algo::choose(&ConvGeom::conv2d(&xs, &ws, &o).unwrap()), algo);
+        for b in [1, 2, 4] {
+            check(xs, ws, o, b, true, true, Some(Unary::Relu)).unwrap();
+            check_backward(xs, ws, o, b).unwrap();
+        }
+    }
+}
+
+#[test]
+fn large_blocks_are_lowered_in_chunks() {
+    // 576 x 256 columns per image: each image is a chunk of its own inside a block of 4.
+    let o = Conv2dOptions::default();
+    // 288 x 256 columns per image: chunks of 3 images and 1 in blocks of 4.
+    check([8, 32, 16, 16], [8, 32, 3, 3], o.padding(Padding::Same), 4, true, true, Some(Unary::Relu)).unwrap();
+    check_backward([8, 32, 16, 16], [8, 32, 3, 3], o.padding(Padding::Same), 4).unwrap();
+    let x = [8, 64, 16, 16];
+    for (w, opts) in [([8, 64, 3, 3], o.padding(Padding::Same).stride(1).groups(1)), ([8, 64, 3, 3], o.stride(2)), ([8, 64, 1, 1], o)] {
+        let g = ConvGeom::conv2d(&x, &w, &opts).unwrap();
+        assert!(planned::blocks(&g) || Algo::choose(&g) == Algo::Winograd);
+        check(x, w, opts, 4, true, true, Some(Unary::Relu)).unwrap();
+        check_backward(x, w, opts, 4).unwrap();
+    }
+}
+
+#[test]
+fn relayout_round_trips_and_places_channels() {
+    let (n, c, plane) = (5, 3, 4);
+    let x: Vec<f64> = (0..n * c * plane).map(|i| i as f64).collect();
+    let b = to(Layout::Blocked(2), &x, n, c, plane);
+    // Block 0 holds images 0 and 1, channel-major: channel 0 of image 0, then of image 1.
+    assert_eq!(&b[0..plane], &x[0..plane]);
+    assert_eq!(&b[plane..2 * plane], &x[c * plane..c * plane + plane]);
+    // The last block has one image: NCHW for it.
+    assert_eq!(&b[4 * c * plane..], &x[4 * c * plane..]);
+    assert_eq!(from(Layout::Blocked(2), &b, n, c, plane), x);
+    let mut runs = Vec::new();
+    Layout::Blocked(2).channel_runs(n, c, |ch, k| runs.push((ch, k)));
+    assert_eq!(runs, [(0, 2), (1, 2), (2, 2), (0, 2), (1, 2), (2, 2), (0, 1), (1, 1), (2, 1)]);
+}
