@@ -10,6 +10,8 @@
 mod backward;
 mod op;
 pub mod ops;
+pub mod plan;
+pub mod train_plan;
 mod var;
 
 pub use op::PRIMITIVES;
@@ -23,8 +25,10 @@ pub use ops::pool::{
     adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, channel_max_pool, global_avg_pool2d, global_max_pool2d, lp_pool2d, max_pool2d,
 };
 pub use ops::shape::concat;
+pub use plan::Plan;
 pub use stride_kernels::conv::{Conv2dOptions, Padding, Workspace};
 pub use stride_kernels::pool::Pool2dOptions;
 pub use stride_kernels::unary::Unary;
 pub use stride_tensor::{Elem, Error, ErrorKind, Result, Rng, Tensor};
-pub use var::{is_grad_enabled, no_grad, tape_bytes, NoGradGuard, Var};
+pub use train_plan::TrainPlan;
+pub use var::{is_grad_enabled, no_grad, tape_bytes, with_grad, NoGradGuard, Var};

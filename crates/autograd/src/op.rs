@@ -34,6 +34,7 @@ pub(crate) enum Op<T: Elem> {
     },
     Pad {
         pads: Vec<(usize, usize)>,
+        value: f64,
     },
     Concat {
         axis: usize,
@@ -78,6 +79,8 @@ pub(crate) enum Op<T: Elem> {
         training: bool,
         /// Synchronised over processes (training only).
         sync: Option<ops::norm::SyncStats>,
+        /// The options the statistics were made with (a training plan recomputes them).
+        opts: ops::norm::BatchNormOptions,
     },
     Softmax {
         axis: usize,
@@ -186,7 +189,7 @@ impl<T: Elem> Op<T> {
             Op::Reshape => vec![Some(g.reshape(x[0].shape())?)],
             Op::Permute { perm } => vec![Some(shape::permute_backward(g, perm)?)],
             Op::Narrow { axis, start } => vec![Some(shape::narrow_backward(g, x[0].shape(), *axis, *start)?)],
-            Op::Pad { pads } => vec![Some(g.unpad(pads)?)],
+            Op::Pad { pads, .. } => vec![Some(g.unpad(pads)?)],
             Op::Concat { axis, sizes } => some(g.split(*axis, sizes)?),
             Op::UpsampleNearest { scale } => {
                 vec![Some(shape::upsample_backward(g, x[0].shape(), *scale)?)]
@@ -206,7 +209,7 @@ impl<T: Elem> Op<T> {
             Op::ChannelMaxPool { argmax } => {
                 vec![Some(pool::channel_max_backward(g, x[0].shape(), argmax)?)]
             }
-            Op::BatchNorm { mean, invstd, training, sync } => norm::batch_norm_backward(g, x, mean, invstd, *training, sync.as_ref())?,
+            Op::BatchNorm { mean, invstd, training, sync, .. } => norm::batch_norm_backward(g, x, mean, invstd, *training, sync.as_ref())?,
             Op::Softmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, false)?)],
             Op::LogSoftmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, true)?)],
             Op::Nll { targets } => vec![Some(loss::nll_backward(g, x[0].shape(), targets)?)],

@@ -74,6 +74,19 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` with recording on, whatever the mode around it (compiling a plan records a pass).
+pub fn with_grad<R>(f: impl FnOnce() -> R) -> R {
+    let before = GRAD_ENABLED.with(|g| g.replace(true));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
 /// Whether ops are being recorded on this thread.
 pub fn is_grad_enabled() -> bool {
     GRAD_ENABLED.with(|g| g.get())

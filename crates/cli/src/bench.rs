@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use stride_autograd::{conv2d, conv_transpose2d, no_grad, Conv2dOptions, Padding, Result, Rng, Var};
 use stride_kernels::conv::{self, ConvGeom};
+use stride_nn::planned::TrainPlanned;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -20,6 +21,10 @@ pub struct BenchArgs {
     /// Timed calls per figure (the median is reported); at least 20 per SPEC.md.
     #[arg(long, default_value_t = 30)]
     reps: usize,
+    /// Inference figures through the eager path instead of a compiled plan (to see what
+    /// planning gains; see ARCHITECTURE.md, "Planned execution").
+    #[arg(long)]
+    eager: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,7 +148,7 @@ fn conv_bench(args: &BenchArgs) -> Result<()> {
 /// B1: SPEC.md's `lenet_train` (forward, backward, plain SGD lr 0.01 on random data, batch 64)
 /// and `lenet_infer` (forward only), in images per second.
 fn lenet_bench(args: &BenchArgs) -> Result<()> {
-    use stride_nn::optim::{zero_grad, Optimizer, Sgd};
+    use stride_nn::optim::{Optimizer, Sgd};
     use stride_nn::{Ctx, Module};
     let spec = stride_models::InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
     let mut model = stride_models::build("cnn", &mut Rng::seed(2), spec).map_err(|e| e.source)?;
@@ -154,19 +159,16 @@ fn lenet_bench(args: &BenchArgs) -> Result<()> {
     let mut opt = Sgd::new(0.01, 0.0, false, 0.0).map_err(|e| e.source)?;
     let mut ctx = Ctx::train(0);
     let steps = args.reps.max(50);
+    let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        zero_grad(&params);
-        let logits = model.forward(&x, &mut ctx).map_err(|e| e.source)?;
-        stride_autograd::cross_entropy(&logits, &labels, 0.0)?.backward()?;
+        classifier_step(args.eager, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(5, steps, &mut step)?;
-    let mut eval = Ctx::eval();
-    let infer_s = median_seconds(steps, || {
-        let _ = no_grad(|| model.forward(&x, &mut eval));
-    });
-    report("lenet_train", train_s, 64);
-    report("lenet_infer", infer_s, 64);
+    let train_mode = mode(args.eager, &planned, &x);
+    let infer_s = infer_seconds(args, &mut model, &x.value(), 5, steps)?;
+    report_mode("lenet_train", train_s, 64, train_mode);
+    report_mode("lenet_infer", infer_s, 64, if args.eager { "eager" } else { "planned" });
     Ok(())
 }
 
@@ -189,13 +191,67 @@ fn step_seconds(warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()
     Ok(times[2])
 }
 
+/// Seconds per inference pass of `model` on `x`: through a plan compiled once (the
+/// compilation is not timed, as a session's is not in the peers' figures), or eagerly.
+fn infer_seconds(args: &BenchArgs, model: &mut dyn stride_nn::Module, x: &stride_autograd::Tensor<f32>, warmup: usize, steps: usize) -> Result<f64> {
+    use stride_nn::Ctx;
+    if args.eager {
+        let mut eval = Ctx::eval();
+        let xv = Var::constant(x.clone());
+        return step_seconds(warmup, steps, &mut || no_grad(|| model.forward(&xv, &mut eval)).map(|_| ()).map_err(|e| e.source));
+    }
+    let mut plan = stride_nn::planned::compile(model, x).map_err(|e| e.source)?;
+    step_seconds(warmup, steps, &mut || plan.run(x).map(|_| ()))
+}
+
 /// One images-per-second line.
 fn report(name: &str, secs: f64, batch: usize) {
-    let rec = json!({
+    println!("{}", record(name, secs, batch));
+}
+
+/// A figure's line, saying whether it ran planned or eagerly.
+fn report_mode(name: &str, secs: f64, batch: usize, mode: &str) {
+    let mut rec = record(name, secs, batch);
+    rec["mode"] = json!(mode);
+    println!("{rec}");
+}
+
+/// One classifier training step (gradients only; the caller's optimizer steps): through a
+/// training plan unless `eager`, or when the planner refuses the network.
+fn classifier_step(
+    eager: bool,
+    planned: &mut TrainPlanned,
+    model: &mut dyn stride_nn::Module,
+    x: &Var,
+    labels: &[usize],
+    ctx: &mut stride_nn::Ctx,
+) -> Result<()> {
+    if !eager && planned.step(model, &x.value(), labels).map_err(|e| e.source)?.is_some() {
+        return Ok(());
+    }
+    stride_nn::optim::zero_grad(&model.parameters());
+    let logits = model.forward(x, ctx).map_err(|e| e.source)?;
+    stride_autograd::cross_entropy(&logits, labels, 0.0)?.backward()
+}
+
+/// How the training steps ran: planned, eagerly on request, or eagerly because the planner
+/// refused the network (its reason on stderr).
+fn mode(eager: bool, planned: &TrainPlanned, x: &Var) -> &'static str {
+    match planned.refusal(&x.shape()) {
+        _ if eager => "eager",
+        Some(why) => {
+            eprintln!("training ran eagerly: {why}");
+            "eager (refused)"
+        }
+        None => "planned",
+    }
+}
+
+fn record(name: &str, secs: f64, batch: usize) -> serde_json::Value {
+    json!({
         "bench": name, "impl": "stride", "value": (batch as f64 / secs * 10.0).round() / 10.0, "unit": "images/s",
         "median_ms": (secs * 1e7).round() / 1e4, "batch": batch, "threads": rayon::current_num_threads(),
-    });
-    println!("{rec}");
+    })
 }
 
 /// B2: SPEC.md's `vae_train` (Adam 1e-3, batch 32 of 32x32 images in [0, 1], training mode).
@@ -220,7 +276,7 @@ fn vae_bench(args: &BenchArgs) -> Result<()> {
 /// B4: SPEC.md's `resnet18_infer` (eval mode) and `resnet18_train` (SGD lr 0.1, momentum 0.9,
 /// weight decay 5e-4), ResNet-18 with the CIFAR stem on [32, 3, 32, 32].
 fn resnet18_bench(args: &BenchArgs) -> Result<()> {
-    use stride_nn::optim::{zero_grad, Optimizer, Sgd};
+    use stride_nn::optim::{Optimizer, Sgd};
     use stride_nn::{Ctx, Module};
     let spec = stride_models::InputSpec { channels: 3, height: 32, width: 32, classes: 10 };
     let mut model = stride_models::build("resnet18_cifar", &mut Rng::seed(4), spec).map_err(|e| e.source)?;
@@ -228,19 +284,18 @@ fn resnet18_bench(args: &BenchArgs) -> Result<()> {
     let x = Var::constant(rng.normal::<f32>(&[32, 3, 32, 32], 0.0, 1.0)?);
     let labels: Vec<usize> = (0..32).map(|_| rng.below(10)).collect();
     let steps = args.reps.clamp(10, 30);
-    let mut eval = Ctx::eval();
-    let infer_s = step_seconds(2, steps, &mut || no_grad(|| model.forward(&x, &mut eval)).map(|_| ()).map_err(|e| e.source))?;
+    let infer_s = infer_seconds(args, &mut model, &x.value(), 2, steps)?;
     let params = model.parameters();
     let mut opt = Sgd::new(0.1, 0.9, false, 5e-4).map_err(|e| e.source)?;
     let mut ctx = Ctx::train(0);
+    let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        zero_grad(&params);
-        let logits = model.forward(&x, &mut ctx).map_err(|e| e.source)?;
-        stride_autograd::cross_entropy(&logits, &labels, 0.0)?.backward()?;
+        classifier_step(args.eager, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(2, steps, &mut step)?;
-    report("resnet18_infer", infer_s, 32);
-    report("resnet18_train", train_s, 32);
+    let train_mode = mode(args.eager, &planned, &x);
+    report_mode("resnet18_infer", infer_s, 32, if args.eager { "eager" } else { "planned" });
+    report_mode("resnet18_train", train_s, 32, train_mode);
     Ok(())
 }

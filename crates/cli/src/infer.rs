@@ -79,7 +79,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = load_model(&a.model, Some(spec), a.weights.as_deref())?;
-    let ev = stride_train::evaluate(&mut model, &data.test, 500, t.pixel_stats())?;
+    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, t.pixel_stats())?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
     for (c, acc) in ev.per_class_accuracy().iter().enumerate() {

@@ -8,6 +8,7 @@ pub mod init;
 pub mod layers;
 mod module;
 pub mod optim;
+pub mod planned;
 pub mod schedule;
 pub mod trace;
 

@@ -124,7 +124,7 @@ pub fn batch_norm_sync<T: Elem>(
     };
     let y = norm::normalize(xv.data(), c, l, &mean, &invstd, gamma.value_ref().data(), beta.value_ref().data());
     let y = Tensor::from_vec(y, &s)?;
-    Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training, sync: sync.cloned() }, &[x, gamma, beta]))
+    Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training, sync: sync.cloned(), opts }, &[x, gamma, beta]))
 }
 
 pub(crate) fn batch_norm_backward<T: Elem>(

@@ -31,7 +31,7 @@ impl<T: Elem> Var<T> {
     /// Constant padding, `pads[i] = (before, after)` for the last `pads.len()` axes in order.
     pub fn pad(&self, pads: &[(usize, usize)], value: f64) -> Result<Var<T>> {
         let v = self.value_ref().pad(pads, T::c(value))?;
-        Ok(Var::from_op(v, Op::Pad { pads: pads.to_vec() }, &[self]))
+        Ok(Var::from_op(v, Op::Pad { pads: pads.to_vec(), value }, &[self]))
     }
     /// Pieces of `axis` with the given sizes (composite: narrows).
     pub fn split(&self, axis: usize, sizes: &[usize]) -> Result<Vec<Var<T>>> {

@@ -1,0 +1,876 @@
+//! Planned execution (inference): a recorded forward pass compiled once into a list of steps
+//! over one arena, then replayed for every batch of the same shape.
+//!
+//! Compiling walks the tape from the output back to the input (the tape already is the op
+//! sequence) and decides, once:
+//! - **fusion**: a convolution takes the batch norm after it (folded into its weights and
+//!   bias), a residual add and an activation into its output pass; a matrix product takes its
+//!   bias and activation;
+//! - **layouts**: products that gain from it run batch-blocked (`Layout::Blocked`, see
+//!   `stride_kernels::conv::planned`), element-wise steps and pooling follow their input, every
+//!   other step reads NCHW; a relayout is inserted only where two choices meet, and once per
+//!   value and layout;
+//! - **memory**: every value gets a place in one arena by liveness (first fit, a place reused
+//!   once its last reader has run), so a replay allocates no activation and zeroes nothing.
+//!
+//! Steps are plain data (kernel, geometry, buffer ids); [`Plan::run`] is the CPU's interpreter
+//! of them. Operations without a planned kernel run through a fallback step that calls the
+//! eager forward on copies; operations that only make sense in training (losses, batch norm
+//! with batch statistics) are refused with their name.
+//!
+//! A plan snapshots the weights it was compiled from (batch norm folded into them):
+//! recompile after changing them.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
+use stride_kernels::conv::ConvGeom;
+use stride_kernels::gemm::{auto_threads, matmul, MatRef};
+use stride_kernels::pool::PoolGeom;
+use stride_kernels::unary::Unary;
+use stride_tensor::{bail, Result, Tensor};
+
+use crate::op::Op;
+use crate::var::Node;
+use crate::Var;
+
+type Buf = usize;
+
+/// Where a step reads a value from: the arena or a constant captured at compile time.
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    Buf(Buf),
+    Const(usize),
+}
+
+type Fallback = Box<dyn Fn(&[Tensor<f32>]) -> Result<Tensor<f32>>>;
+
+enum Step {
+    Relayout {
+        src: Buf,
+        dst: Buf,
+        from: Layout,
+        to: Layout,
+        dims: [usize; 3],
+    },
+    Conv {
+        geom: ConvGeom,
+        layout: Layout,
+        w: Prepared<f32>,
+        bias: Option<Vec<f32>>,
+        residual: Option<Buf>,
+        act: Option<Unary>,
+        src: Buf,
+        dst: Buf,
+    },
+    MaxPool {
+        geom: PoolGeom,
+        src: Buf,
+        dst: Buf,
+    },
+    AvgPool {
+        geom: PoolGeom,
+        src: Buf,
+        dst: Buf,
+    },
+    Unary {
+        f: Unary,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Same-shape add/sub/mul/div (`op` 0..4), then an optional activation.
+    Binary {
+        op: u8,
+        a: Src,
+        b: Src,
+        act: Option<Unary>,
+        dst: Buf,
+    },
+    /// Per-channel `x * scale + shift` (batch norm in inference), then an optional activation.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        layout: Layout,
+        dims: [usize; 3],
+        act: Option<Unary>,
+        src: Buf,
+        dst: Buf,
+    },
+    /// a [m, k] x b [k, n] (or b^T when b is stored [n, k]) + bias [n], then an activation.
+    MatMul {
+        a: Src,
+        b: Src,
+        dims: [usize; 3],
+        transpose_b: bool,
+        bias: Option<Vec<f32>>,
+        act: Option<Unary>,
+        dst: Buf,
+    },
+    /// Concatenation along an axis: `outer` runs of each source's `chunks[i]` elements.
+    Concat {
+        srcs: Vec<Src>,
+        chunks: Vec<usize>,
+        outer: usize,
+        dst: Buf,
+    },
+    /// Anything else: the eager forward on copies of its inputs (NCHW).
+    Fallback {
+        name: &'static str,
+        f: Fallback,
+        srcs: Vec<(Src, Vec<usize>)>,
+        dst: Buf,
+    },
+}
+
+impl Step {
+    fn reads(&self) -> Vec<Buf> {
+        let bufs = |s: &[Src]| s.iter().filter_map(|s| if let Src::Buf(b) = s { Some(*b) } else { None }).collect::<Vec<_>>();
+        match self {
+            Step::Relayout { src, .. }
+            | Step::MaxPool { src, .. }
+            | Step::AvgPool { src, .. }
+            | Step::Unary { src, .. }
+            | Step::Affine { src, .. } => vec![*src],
+            Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
+            Step::Binary { a, b, .. } | Step::MatMul { a, b, .. } => bufs(&[*a, *b]),
+            Step::Concat { srcs, .. } => bufs(srcs),
+            Step::Fallback { srcs, .. } => bufs(&srcs.iter().map(|s| s.0).collect::<Vec<_>>()),
+        }
+    }
+    fn writes(&self) -> Buf {
+        match self {
+            Step::Relayout { dst, .. }
+            | Step::Conv { dst, .. }
+            | Step::MaxPool { dst, .. }
+            | Step::AvgPool { dst, .. }
+            | Step::Unary { dst, .. }
+            | Step::Binary { dst, .. }
+            | Step::Affine { dst, .. }
+            | Step::MatMul { dst, .. }
+            | Step::Concat { dst, .. }
+            | Step::Fallback { dst, .. } => *dst,
+        }
+    }
+    /// A short name for `describe`.
+    fn name(&self) -> String {
+        match self {
+            Step::Relayout { from, to, .. } => format!("relayout {from:?} -> {to:?}"),
+            Step::Conv { w, layout, bias, residual, act, .. } => {
+                let mut s = format!("conv2d {:?} {layout:?}", w.algo());
+                if bias.is_some() {
+                    s += " +bias";
+                }
+                if residual.is_some() {
+                    s += " +residual";
+                }
+                if let Some(a) = act {
+                    s += &format!(" +{}", a.name());
+                }
+                s
+            }
+            Step::MaxPool { .. } => "max_pool2d".into(),
+            Step::AvgPool { .. } => "avg_pool2d".into(),
+            Step::Unary { f, .. } => f.name().into(),
+            Step::Binary { op, act, .. } => {
+                format!("{}{}", ["add", "sub", "mul", "div"][*op as usize], act.map_or(String::new(), |a| format!(" +{}", a.name())))
+            }
+            Step::Affine { act, .. } => format!("batch_norm (affine){}", act.map_or(String::new(), |a| format!(" +{}", a.name()))),
+            Step::MatMul { bias, act, .. } => {
+                format!("matmul{}{}", if bias.is_some() { " +bias" } else { "" }, act.map_or(String::new(), |a| format!(" +{}", a.name())))
+            }
+            Step::Concat { .. } => "concat".into(),
+            Step::Fallback { name, .. } => format!("{name} (eager)"),
+        }
+    }
+}
+
+/// A compiled forward pass for one input shape. See the module documentation.
+pub struct Plan {
+    steps: Vec<Step>,
+    /// Arena offset and length of every buffer.
+    bufs: Vec<(usize, usize)>,
+    consts: Vec<Tensor<f32>>,
+    arena: Vec<f32>,
+    arena_len: usize,
+    /// Scratch for max pooling's argmax, which inference does not keep.
+    argmax: Vec<u32>,
+    input: (Buf, Vec<usize>),
+    output: (Buf, Vec<usize>),
+}
+
+/// What compiling knows about a node's value.
+#[derive(Clone, Debug)]
+struct Val {
+    buf: Buf,
+    shape: Vec<usize>,
+    layout: Layout,
+}
+
+struct Compiler {
+    nodes: Vec<Var<f32>>,
+    index: HashMap<*const Node<f32>, usize>,
+    consumers: Vec<Vec<usize>>,
+    vals: Vec<Option<Val>>,
+    done: Vec<bool>,
+    steps: Vec<Step>,
+    buf_len: Vec<usize>,
+    consts: Vec<Tensor<f32>>,
+    relayouts: HashMap<(Buf, Layout), Buf>,
+    block: usize,
+}
+
+fn key(v: &Var<f32>) -> *const Node<f32> {
+    Rc::as_ptr(&v.0)
+}
+
+fn dims4(shape: &[usize]) -> Option<[usize; 3]> {
+    (shape.len() == 4).then(|| [shape[0], shape[1], shape[2] * shape[3]])
+}
+
+impl Compiler {
+    fn new(input: &Var<f32>, output: &Var<f32>) -> Result<Self> {
+        // Post-order DFS from the output: every node after its parents.
+        let mut nodes = Vec::new();
+        let mut index = HashMap::new();
+        let mut stack = vec![(output.clone(), false)];
+        while let Some((v, expanded)) = stack.pop() {
+            if index.contains_key(&key(&v)) {
+                continue;
+            }
+            if expanded || v.same(input) || v.is_leaf() {
+                index.insert(key(&v), nodes.len());
+                nodes.push(v);
+                continue;
+            }
+            stack.push((v.clone(), true));
+            for p in v.0.parents.iter().rev() {
+                if !index.contains_key(&key(p)) {
+                    stack.push((p.clone(), false));
+                }
+            }
+        }
+        if !index.contains_key(&key(input)) {
+            bail!(arg, "plan", "the output does not depend on the input (was it recorded with gradients off?)");
+        }
+        let mut consumers = vec![Vec::new(); nodes.len()];
+        for (i, v) in nodes.iter().enumerate() {
+            if v.same(input) {
+                continue;
+            }
+            for p in &v.0.parents {
+                consumers[index[&key(p)]].push(i);
+            }
+        }
+        let n = nodes.len();
+        let batch = input.shape().first().copied().unwrap_or(1);
+        let block = planned::block_for(batch);
+        Ok(Compiler {
+            nodes,
+            index,
+            consumers,
+            vals: vec![None; n],
+            done: vec![false; n],
+            steps: Vec::new(),
+            buf_len: Vec::new(),
+            consts: Vec::new(),
+            relayouts: HashMap::new(),
+            block,
+        })
+    }
+
+    fn buffer(&mut self, len: usize) -> Buf {
+        self.buf_len.push(len);
+        self.buf_len.len() - 1
+    }
+
+    fn idx(&self, v: &Var<f32>) -> usize {
+        self.index[&key(v)]
+    }
+
+    /// The single consumer of node `i`, if it has exactly one.
+    fn only_consumer(&self, i: usize) -> Option<usize> {
+        match self.consumers[i].as_slice() {
+            [c] => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// Node `p`'s value in the arena in `layout`, relayouting once if needed.
+    fn operand(&mut self, p: usize, layout: Layout) -> Buf {
+        let v = self.vals[p].clone().expect("parents are compiled before their consumers");
+        if v.layout == layout {
+            return v.buf;
+        }
+        if let Some(&b) = self.relayouts.get(&(v.buf, layout)) {
+            return b;
+        }
+        let dims = dims4(&v.shape).expect("only 4-D values change layout");
+        let dst = self.buffer(self.buf_len[v.buf]);
+        self.steps.push(Step::Relayout { src: v.buf, dst, from: v.layout, to: layout, dims });
+        self.relayouts.insert((v.buf, layout), dst);
+        dst
+    }
+
+    /// A parent read as a generic operand: the arena (NCHW) or a captured constant.
+    fn src(&mut self, p: usize) -> Src {
+        if self.vals[p].is_some() {
+            return Src::Buf(self.operand(p, Layout::Nchw));
+        }
+        self.consts.push(self.nodes[p].value());
+        Src::Const(self.consts.len() - 1)
+    }
+
+    /// Whether a parent is a weight (a leaf other than the input), not computed from the input.
+    fn constant(&self, p: usize) -> bool {
+        self.vals[p].is_none() && self.nodes[p].is_leaf()
+    }
+
+    fn define(&mut self, i: usize, shape: Vec<usize>, layout: Layout) -> Buf {
+        let buf = self.buffer(shape.iter().product());
+        self.vals[i] = Some(Val { buf, shape, layout });
+        buf
+    }
+
+    /// Follows node `tail`'s single consumer if it is an activation: fuses it.
+    fn take_act(&mut self, tail: &mut usize) -> Option<Unary> {
+        let c = self.only_consumer(*tail)?;
+        if let Some(Op::Unary(f)) = self.nodes[c].0.op {
+            self.done[c] = true;
+            *tail = c;
+            return Some(f);
+        }
+        None
+    }
+
+    fn compile(&mut self, i: usize) -> Result<()> {
+        let node = self.nodes[i].clone();
+        let op = node.0.op.as_ref().expect("leaves are not compiled");
+        let shape = node.shape();
+        let ps: Vec<usize> = node.0.parents.iter().map(|p| self.idx(p)).collect();
+        match op {
+            Op::Conv2d { geom } => self.conv(i, geom, &ps)?,
+            Op::BatchNorm { training: true, .. } => bail!(arg, "plan", "batch_norm in training mode: plans are for inference (Ctx::eval)"),
+            Op::BatchNorm { mean, invstd, .. } => {
+                if !(self.constant(ps[1]) && self.constant(ps[2])) || self.constant(ps[0]) {
+                    return self.fallback(i, op.name(), &ps, shape);
+                }
+                let (gamma, beta) = (self.nodes[ps[1]].value(), self.nodes[ps[2]].value());
+                let scale: Vec<f32> = gamma.data().iter().zip(invstd).map(|(&g, &s)| g * s).collect();
+                let shift: Vec<f32> = beta.data().iter().zip(mean).zip(&scale).map(|((&b, &m), &s)| b - m * s).collect();
+                let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
+                let dims = [shape[0], shape[1], shape[2..].iter().product()];
+                let src = self.operand(ps[0], layout);
+                let mut tail = i;
+                let act = self.take_act(&mut tail);
+                let dst = self.define(tail, shape, layout);
+                self.steps.push(Step::Affine { scale, shift, layout, dims, act, src, dst });
+            }
+            Op::MaxPool2d { geom, .. } | Op::AvgPool2d { geom } if self.vals[ps[0]].is_some() => {
+                let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
+                let src = self.operand(ps[0], layout);
+                let dst = self.define(i, shape, layout);
+                let geom = *geom;
+                self.steps.push(if matches!(op, Op::MaxPool2d { .. }) { Step::MaxPool { geom, src, dst } } else { Step::AvgPool { geom, src, dst } });
+            }
+            Op::Unary(f) if self.vals[ps[0]].is_some() => {
+                let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
+                let src = self.operand(ps[0], layout);
+                let dst = self.define(i, shape, layout);
+                self.steps.push(Step::Unary { f: *f, src, dst });
+            }
+            Op::Add | Op::Sub | Op::Mul | Op::Div if self.nodes[ps[0]].shape() == self.nodes[ps[1]].shape() => {
+                let code = match op {
+                    Op::Add => 0,
+                    Op::Sub => 1,
+                    Op::Mul => 2,
+                    _ => 3,
+                };
+                // Both operands in the first one's layout when both are computed; constants are NCHW.
+                let both = ps.iter().all(|&p| self.vals[p].is_some());
+                let layout = if both { self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout) } else { Layout::Nchw };
+                let src = |c: &mut Self, p: usize| if c.vals[p].is_some() { Src::Buf(c.operand(p, layout)) } else { c.src(p) };
+                let (a, b) = (src(self, ps[0]), src(self, ps[1]));
+                let mut tail = i;
+                let act = self.take_act(&mut tail);
+                let dst = self.define(tail, shape, layout);
+                self.steps.push(Step::Binary { op: code, a, b, act, dst });
+            }
+            Op::Reshape => {
+                // A view: the same buffer, read as NCHW.
+                let buf = self.operand(ps[0], Layout::Nchw);
+                self.vals[i] = Some(Val { buf, shape, layout: Layout::Nchw });
+            }
+            Op::MatMul { transpose_b } => {
+                let (xa, xb) = (self.nodes[ps[0]].shape(), self.nodes[ps[1]].shape());
+                if xa.len() != 2 || xb.len() != 2 {
+                    return self.fallback(i, op.name(), &ps, shape);
+                }
+                let (m, k) = (xa[0], xa[1]);
+                let n = if *transpose_b { xb[0] } else { xb[1] };
+                let (a, b) = (self.src(ps[0]), self.src(ps[1]));
+                let mut tail = i;
+                let mut bias = None;
+                if let Some(c) = self.only_consumer(i) {
+                    let cn = &self.nodes[c];
+                    if matches!(cn.0.op, Some(Op::Add)) && cn.0.parents[0].same(&node) {
+                        let other = self.idx(&cn.0.parents[1].clone());
+                        if self.constant(other) && self.nodes[other].shape() == [n] {
+                            bias = Some(self.nodes[other].value().data().to_vec());
+                            self.done[c] = true;
+                            tail = c;
+                        }
+                    }
+                }
+                let act = self.take_act(&mut tail);
+                let dst = self.define(tail, vec![m, n], Layout::Nchw);
+                self.steps.push(Step::MatMul { a, b, dims: [m, k, n], transpose_b: *transpose_b, bias, act, dst });
+            }
+            Op::Concat { axis, sizes } => {
+                let inner: usize = shape[axis + 1..].iter().product();
+                let outer: usize = shape[..*axis].iter().product();
+                let srcs = ps.iter().map(|&p| self.src(p)).collect();
+                let chunks = sizes.iter().map(|s| s * inner).collect();
+                let dst = self.define(i, shape, Layout::Nchw);
+                self.steps.push(Step::Concat { srcs, chunks, outer, dst });
+            }
+            Op::Nll { .. } => bail!(arg, "plan", "nll_loss is a loss: plan the network's forward pass, not its loss"),
+            _ => self.fallback(i, op.name(), &ps, shape)?,
+        }
+        Ok(())
+    }
+
+    fn conv(&mut self, i: usize, geom: &ConvGeom, ps: &[usize]) -> Result<()> {
+        if !ps[1..].iter().all(|&p| self.constant(p)) {
+            return self.fallback(i, "conv2d", ps, geom.small_shape().to_vec());
+        }
+        let mut w = self.nodes[ps[1]].value().data().to_vec();
+        let mut bias = ps.get(2).map(|&p| self.nodes[p].value().data().to_vec());
+        let mut tail = i;
+        // Batch norm right after: fold it into the weights and bias.
+        if let Some(c) = self.only_consumer(tail) {
+            let cn = self.nodes[c].clone();
+            if let Some(Op::BatchNorm { mean, invstd, training: false, .. }) = &cn.0.op {
+                let (g, b) = (self.idx(&cn.0.parents[1]), self.idx(&cn.0.parents[2]));
+                if self.constant(g) && self.constant(b) {
+                    let (gamma, beta) = (self.nodes[g].value(), self.nodes[b].value());
+                    let per = w.len() / geom.k.max(1);
+                    let mut folded = vec![0.0; geom.k];
+                    for k in 0..geom.k {
+                        let s = gamma.data()[k] * invstd[k];
+                        w[k * per..(k + 1) * per].iter_mut().for_each(|v| *v *= s);
+                        let b0 = bias.as_ref().map_or(0.0, |b| b[k]);
+                        folded[k] = (b0 - mean[k]) * s + beta.data()[k];
+                    }
+                    bias = Some(folded);
+                    self.done[c] = true;
+                    tail = c;
+                }
+            }
+        }
+        let layout = if self.block > 1 && planned::blocks(geom) { Layout::Blocked(self.block) } else { Layout::Nchw };
+        // A residual add whose other operand is already computed.
+        let mut residual = None;
+        if let Some(c) = self.only_consumer(tail) {
+            let cn = self.nodes[c].clone();
+            if matches!(cn.0.op, Some(Op::Add)) {
+                let (a, b) = (self.idx(&cn.0.parents[0]), self.idx(&cn.0.parents[1]));
+                let other = if a == tail { b } else { a };
+                if other != tail && self.vals[other].is_some() && self.nodes[other].shape() == geom.small_shape() {
+                    residual = Some(self.operand(other, layout));
+                    self.done[c] = true;
+                    tail = c;
+                }
+            }
+        }
+        let act = self.take_act(&mut tail);
+        let src = self.operand(ps[0], layout);
+        let w = Prepared::new(geom, &w);
+        let dst = self.define(tail, geom.small_shape().to_vec(), layout);
+        self.steps.push(Step::Conv { geom: *geom, layout, w, bias, residual, act, src, dst });
+        Ok(())
+    }
+
+    /// A step that runs the eager forward of node `i`'s op on copies of its inputs.
+    fn fallback(&mut self, i: usize, name: &'static str, ps: &[usize], shape: Vec<usize>) -> Result<()> {
+        let node = self.nodes[i].clone();
+        let op = node.0.op.as_ref().expect("not a leaf");
+        let out = shape.clone();
+        let f: Fallback = match op {
+            Op::Add => Box::new(|t| t[0].add(&t[1])),
+            Op::Sub => Box::new(|t| t[0].sub(&t[1])),
+            Op::Mul => Box::new(|t| t[0].mul(&t[1])),
+            Op::Div => Box::new(|t| t[0].div(&t[1])),
+            Op::Unary(f) => {
+                let f = *f;
+                Box::new(move |t| Ok(t[0].map(|v| f.apply(v))))
+            }
+            Op::Sum { axes, keepdim } => {
+                let (axes, keepdim) = (axes.clone(), *keepdim);
+                Box::new(move |t| t[0].sum_axes(&axes, keepdim))
+            }
+            Op::Max { axis, .. } => {
+                let axis = *axis;
+                Box::new(move |t| t[0].max_axis(axis, true)?.0.reshape(&out))
+            }
+            Op::Permute { perm } => {
+                let perm = perm.clone();
+                Box::new(move |t| t[0].permute(&perm))
+            }
+            Op::Narrow { axis, start } => {
+                let (axis, start, len) = (*axis, *start, shape[*axis]);
+                Box::new(move |t| t[0].narrow(axis, start, len))
+            }
+            Op::Pad { pads, value } => {
+                let (pads, value) = (pads.clone(), *value as f32);
+                Box::new(move |t| t[0].pad(&pads, value))
+            }
+            Op::UpsampleNearest { scale } => {
+                let scale = *scale;
+                Box::new(move |t| Ok(Var::constant(t[0].clone()).upsample_nearest2d(scale)?.value()))
+            }
+            Op::MatMul { transpose_b } => {
+                let tb = *transpose_b;
+                Box::new(move |t| crate::matmul_tensors(&t[0], false, &t[1], tb))
+            }
+            Op::Conv2d { geom } => {
+                let geom = *geom;
+                Box::new(move |t| {
+                    let y = stride_kernels::conv::forward(&geom, t[0].data(), t[1].data(), t.get(2).map(|b| b.data()));
+                    Tensor::from_vec(y, &geom.small_shape())
+                })
+            }
+            Op::ConvTranspose2d { geom } => {
+                let geom = *geom;
+                Box::new(move |t| {
+                    let mut y = stride_kernels::conv::backward_data(&geom, t[0].data(), t[1].data());
+                    if let Some(b) = t.get(2) {
+                        let plane = geom.h * geom.w;
+                        for (i, v) in y.iter_mut().enumerate() {
+                            *v += b.data()[(i / plane.max(1)) % geom.c];
+                        }
+                    }
+                    Tensor::from_vec(y, &geom.large_shape())
+                })
+            }
+            Op::MaxPool2d { geom, .. } => {
+                let geom = *geom;
+                Box::new(move |t| Tensor::from_vec(stride_kernels::pool::max_forward(&geom, t[0].data()).0, &out))
+            }
+            Op::AvgPool2d { geom } => {
+                let geom = *geom;
+                Box::new(move |t| Tensor::from_vec(stride_kernels::pool::avg_forward(&geom, t[0].data()), &out))
+            }
+            Op::LpPool2d { geom, p } => {
+                let (geom, p) = (*geom, *p as f32);
+                Box::new(move |t| Tensor::from_vec(stride_kernels::pool::lp_forward(&geom, t[0].data(), p), &out))
+            }
+            Op::AdaptiveAvgPool2d { out: o } => {
+                let o = *o;
+                Box::new(move |t| {
+                    let d = stride_kernels::pool::nchw("adaptive_avg_pool2d", t[0].shape())?;
+                    Tensor::from_vec(stride_kernels::pool::adaptive_avg_forward(t[0].data(), d, o), &out)
+                })
+            }
+            Op::AdaptiveMaxPool2d { .. } => {
+                let o = (shape[2], shape[3]);
+                Box::new(move |t| {
+                    let d = stride_kernels::pool::nchw("adaptive_max_pool2d", t[0].shape())?;
+                    Tensor::from_vec(stride_kernels::pool::adaptive_max_forward(t[0].data(), d, o).0, &out)
+                })
+            }
+            Op::BatchNorm { mean, invstd, .. } => {
+                let (mean, invstd) = (mean.clone(), invstd.clone());
+                Box::new(move |t| {
+                    let s = t[0].shape();
+                    let (c, l) = (s[1], s[2..].iter().product());
+                    Tensor::from_vec(stride_kernels::norm::normalize(t[0].data(), c, l, &mean, &invstd, t[1].data(), t[2].data()), s)
+                })
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+                let (axis, log) = (*axis, matches!(op, Op::LogSoftmax { .. }));
+                Box::new(move |t| {
+                    let s = t[0].shape();
+                    let (outer, dim, inner) = (s[..axis].iter().product(), s[axis], s[axis + 1..].iter().product());
+                    let y = if log {
+                        stride_kernels::softmax::log_softmax(t[0].data(), outer, dim, inner)
+                    } else {
+                        stride_kernels::softmax::softmax(t[0].data(), outer, dim, inner)
+                    };
+                    Tensor::from_vec(y, s)
+                })
+            }
+            Op::Reshape => Box::new(move |t| t[0].reshape(&out)),
+            Op::Concat { axis, .. } => {
+                let axis = *axis;
+                Box::new(move |t| Tensor::concat(&t.iter().collect::<Vec<_>>(), axis))
+            }
+            Op::ChannelMaxPool { .. } | Op::Nll { .. } => bail!(arg, "plan", "{name} has no planned form yet; run the network eagerly"),
+        };
+        let srcs = ps.iter().map(|&p| (self.src(p), self.nodes[p].shape())).collect();
+        let dst = self.define(i, shape, Layout::Nchw);
+        self.steps.push(Step::Fallback { name, f, srcs, dst });
+        Ok(())
+    }
+}
+
+/// Places buffers in one arena by liveness: a buffer lives from the step that writes it to the
+/// last step that reads it (the input from the start, the output to the end). First fit over
+/// the free gaps; the outputs of a step are placed before its inputs are released, so a step
+/// never reads and writes the same memory.
+fn place(steps: &[Step], lens: &[usize], input: Buf, output: Buf) -> (Vec<(usize, usize)>, usize) {
+    let mut last = vec![0usize; lens.len()];
+    for (s, step) in steps.iter().enumerate() {
+        for b in step.reads() {
+            last[b] = last[b].max(s);
+        }
+        last[step.writes()] = last[step.writes()].max(s);
+    }
+    last[output] = usize::MAX;
+    let mut at = vec![(0, 0); lens.len()];
+    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, len), sorted by offset
+    let mut end = 0;
+    let take = |len: usize, free: &mut Vec<(usize, usize)>, end: &mut usize| -> usize {
+        if let Some(i) = free.iter().position(|&(_, l)| l >= len) {
+            let (o, l) = free[i];
+            if l == len {
+                free.remove(i);
+            } else {
+                free[i] = (o + len, l - len);
+            }
+            return o;
+        }
+        // Grow the arena, starting inside a free gap that reaches its end.
+        match free.last() {
+            Some(&(o, l)) if o + l == *end => {
+                free.pop();
+                *end = o + len;
+                o
+            }
+            _ => {
+                *end += len;
+                *end - len
+            }
+        }
+    };
+    let release = |o: usize, len: usize, free: &mut Vec<(usize, usize)>| {
+        let i = free.partition_point(|&(fo, _)| fo < o);
+        free.insert(i, (o, len));
+        // Merge with neighbours.
+        if i + 1 < free.len() && free[i].0 + free[i].1 == free[i + 1].0 {
+            free[i].1 += free[i + 1].1;
+            free.remove(i + 1);
+        }
+        if i > 0 && free[i - 1].0 + free[i - 1].1 == free[i].0 {
+            free[i - 1].1 += free[i].1;
+            free.remove(i);
+        }
+    };
+    let mut placed = vec![false; lens.len()];
+    at[input] = (take(lens[input], &mut free, &mut end), lens[input]);
+    placed[input] = true;
+    for (s, step) in steps.iter().enumerate() {
+        let w = step.writes();
+        if !placed[w] {
+            at[w] = (take(lens[w], &mut free, &mut end), lens[w]);
+            placed[w] = true;
+        }
+        let mut dead: Vec<Buf> = step.reads().into_iter().chain([w]).filter(|&b| last[b] == s).collect();
+        dead.sort_unstable();
+        dead.dedup();
+        for b in dead {
+            if lens[b] > 0 {
+                release(at[b].0, at[b].1, &mut free);
+            }
+        }
+    }
+    (at, end)
+}
+
+impl Plan {
+    /// Compiles the recorded forward pass from `input` to `output`. `input` must have been a
+    /// [`Var::parameter`] (so every op that depends on it was recorded), and the pass run with
+    /// gradients enabled, modules in evaluation mode.
+    pub fn compile(input: &Var<f32>, output: &Var<f32>) -> Result<Plan> {
+        if !input.requires_grad() || !input.is_leaf() {
+            bail!(arg, "plan", "the input must be a parameter leaf (Var::parameter), so every op that reads it is recorded");
+        }
+        let mut c = Compiler::new(input, output)?;
+        let in_shape = input.shape();
+        let ii = c.idx(input);
+        c.define(ii, in_shape.clone(), Layout::Nchw);
+        let in_buf = c.vals[ii].as_ref().map(|v| v.buf).expect("defined");
+        for i in 0..c.nodes.len() {
+            if c.done[i] || c.vals[i].is_some() || c.nodes[i].is_leaf() {
+                continue;
+            }
+            c.compile(i)?;
+        }
+        let oi = c.idx(output);
+        let Some(out) = c.vals[oi].clone() else {
+            bail!(arg, "plan", "the output is a constant: it does not depend on the input");
+        };
+        let mut out_buf = c.operand(oi, Layout::Nchw);
+        if out_buf == in_buf {
+            // The identity network: still give the output its own buffer.
+            let dst = c.buffer(c.buf_len[in_buf]);
+            c.steps.push(Step::Unary { f: Unary::MulScalar(1.0), src: in_buf, dst });
+            out_buf = dst;
+        }
+        let (bufs, total) = place(&c.steps, &c.buf_len, in_buf, out_buf);
+        let argmax = c.steps.iter().filter_map(|s| if let Step::MaxPool { dst, .. } = s { Some(c.buf_len[*dst]) } else { None }).max().unwrap_or(0);
+        Ok(Plan {
+            steps: c.steps,
+            bufs,
+            consts: c.consts,
+            // Allocated by the first run, once the recording this was compiled from is freed.
+            arena: Vec::new(),
+            arena_len: total,
+            argmax: vec![0; argmax],
+            input: (in_buf, in_shape),
+            output: (out_buf, out.shape),
+        })
+    }
+
+    /// The input shape this plan was compiled for.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input.1
+    }
+
+    /// Elements of the arena: every activation of a pass, placed by liveness.
+    pub fn arena_len(&self) -> usize {
+        self.arena_len
+    }
+
+    /// One line per step: what runs, fused parts and layout.
+    pub fn describe(&self) -> Vec<String> {
+        self.steps.iter().map(|s| s.name()).collect()
+    }
+
+    /// Runs the plan on `x`, which must have the compiled input shape.
+    pub fn run(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        if x.shape() != self.input.1.as_slice() {
+            bail!(shape, "plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
+        }
+        if self.arena.len() != self.arena_len {
+            self.arena = vec![0.0; self.arena_len];
+        }
+        let (o, l) = self.bufs[self.input.0];
+        self.arena[o..o + l].copy_from_slice(x.data());
+        for s in 0..self.steps.len() {
+            self.step(s)?;
+        }
+        let (o, l) = self.bufs[self.output.0];
+        Tensor::from_vec(self.arena[o..o + l].to_vec(), &self.output.1)
+    }
+
+    /// [`Plan::run`] that also times each step (seconds, in the order of [`Plan::describe`]).
+    pub fn run_timed(&mut self, x: &Tensor<f32>) -> Result<(Tensor<f32>, Vec<f64>)> {
+        if x.shape() != self.input.1.as_slice() {
+            bail!(shape, "plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
+        }
+        if self.arena.len() != self.arena_len {
+            self.arena = vec![0.0; self.arena_len];
+        }
+        let (o, l) = self.bufs[self.input.0];
+        self.arena[o..o + l].copy_from_slice(x.data());
+        let mut times = Vec::with_capacity(self.steps.len());
+        for s in 0..self.steps.len() {
+            let t = std::time::Instant::now();
+            self.step(s)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let (o, l) = self.bufs[self.output.0];
+        Ok((Tensor::from_vec(self.arena[o..o + l].to_vec(), &self.output.1)?, times))
+    }
+
+    fn step(&mut self, s: usize) -> Result<()> {
+        let step = &self.steps[s];
+        let (o, l) = self.bufs[step.writes()];
+        // The arena around the output, read-only; buffers never overlap the output.
+        let (lo, rest) = self.arena.split_at_mut(o);
+        let (dst, hi) = rest.split_at_mut(l);
+        let (lo, hi): (&[f32], &[f32]) = (lo, hi);
+        let (bufs, consts) = (&self.bufs, &self.consts);
+        let buf = |b: Buf| -> &[f32] {
+            let (bo, bl) = bufs[b];
+            if bo + bl <= o {
+                &lo[bo..bo + bl]
+            } else {
+                &hi[bo - o - l..bo - o - l + bl]
+            }
+        };
+        let src = |s: Src| -> &[f32] {
+            match s {
+                Src::Buf(b) => buf(b),
+                Src::Const(c) => consts[c].data(),
+            }
+        };
+        match step {
+            Step::Relayout { src, from, to, dims: [n, c, p], .. } => planned::relayout(buf(*src), *from, dst, *to, *n, *c, *p),
+            Step::Conv { geom, layout, w, bias, residual, act, src, .. } => {
+                let epi = Epilogue { bias: bias.as_deref(), residual: residual.map(buf), act: *act };
+                planned::forward_into(geom, *layout, buf(*src), w, epi, dst);
+            }
+            Step::MaxPool { geom, src, .. } => {
+                let idx = &mut self.argmax[..dst.len()];
+                stride_kernels::pool::max_forward_into(geom, buf(*src), dst, idx);
+            }
+            Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
+            Step::Unary { f, src, .. } => f.apply_slice(buf(*src), dst),
+            Step::Binary { op, a, b, act, .. } => {
+                let (a, b) = (src(*a), src(*b));
+                let f: fn(f32, f32) -> f32 = match op {
+                    0 => |x, y| x + y,
+                    1 => |x, y| x - y,
+                    2 => |x, y| x * y,
+                    _ => |x, y| x / y,
+                };
+                dst.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+                if let Some(act) = act {
+                    act.apply_in_place(dst);
+                }
+            }
+            Step::Affine { scale, shift, layout, dims: [n, c, p], act, src, .. } => {
+                let x = buf(*src);
+                let mut at = 0;
+                layout.channel_runs(*n, *c, |ch, planes| {
+                    let len = planes * p;
+                    let (s, t) = (scale[ch], shift[ch]);
+                    dst[at..at + len].iter_mut().zip(&x[at..at + len]).for_each(|(o, &v)| *o = v * s + t);
+                    at += len;
+                });
+                if let Some(act) = act {
+                    act.apply_in_place(dst);
+                }
+            }
+            Step::MatMul { a, b, dims: [m, k, n], transpose_b, bias, act, .. } => {
+                let (a, b) = (src(*a), src(*b));
+                let bm = if *transpose_b { MatRef::rows(b, *n, *k).t() } else { MatRef::rows(b, *k, *n) };
+                if let Some(bias) = bias {
+                    dst.chunks_exact_mut(*n).for_each(|row| row.copy_from_slice(bias));
+                }
+                matmul(MatRef::rows(a, *m, *k), bm, dst, *n, bias.is_some(), auto_threads(*m, *k, *n));
+                if let Some(act) = act {
+                    act.apply_in_place(dst);
+                }
+            }
+            Step::Concat { srcs, chunks, outer, .. } => {
+                let row: usize = chunks.iter().sum();
+                for i in 0..*outer {
+                    let mut at = i * row;
+                    for (s, &len) in srcs.iter().zip(chunks) {
+                        dst[at..at + len].copy_from_slice(&src(*s)[i * len..(i + 1) * len]);
+                        at += len;
+                    }
+                }
+            }
+            Step::Fallback { f, srcs, .. } => {
+                let inputs = srcs.iter().map(|(s, shape)| Tensor::from_vec(src(*s).to_vec(), shape)).collect::<Result<Vec<_>>>()?;
+                let y = f(&inputs)?;
+                dst.copy_from_slice(y.data());
+            }
+        }
+        Ok(())
+    }
+}
