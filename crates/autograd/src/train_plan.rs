@@ -21,6 +21,7 @@ use std::rc::Rc;
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
 use stride_kernels::gemm::{auto_threads, matmul, MatRef};
+use stride_kernels::norm;
 use stride_kernels::pool::{self, PoolGeom};
 use stride_kernels::unary::Unary;
 use stride_tensor::{bail, Result, Tensor};
@@ -670,6 +671,21 @@ fn softmax_cross_entropy(logits: &[f32], labels: &[usize], classes: usize, d: &m
     (loss / n.max(1) as f64) as f32
 }
 
+/// Calls `f(offset, images, plane)` for the pieces of an [n, c, l] tensor in `layout` that are
+/// each an ordinary [images, c, plane] tensor: the whole of it in NCHW, each block when blocked
+/// (a block of b images is [1, c, b*l]).
+fn for_pieces(layout: Layout, n: usize, c: usize, l: usize, mut f: impl FnMut(usize, usize, usize)) {
+    match layout {
+        Layout::Nchw => f(0, n, l),
+        Layout::Blocked(b) => {
+            for first in (0..n).step_by(b.max(1)) {
+                let bj = b.min(n - first);
+                f(first * c * l, 1, bj * l);
+            }
+        }
+    }
+}
+
 /// Takes slot `w` out to write it while the others are read; put back by [`put`].
 fn take(slots: &mut [Vec<f32>], w: Slot) -> Vec<f32> {
     std::mem::take(&mut slots[w])
@@ -726,32 +742,28 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
         }
         TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], opts, stats, x, y, .. } => {
             let mut out = take(slots, *y);
-            let len = *n * *c * *l;
-            let xs = &slots[*x][..len];
-            let m = (*n * *l) as f64;
+            let (n, c, l) = (*n, *c, *l);
+            let xs = &slots[*x][..n * c * l];
+            let m = (n * l) as f64;
             if m <= 1.0 {
                 bail!(shape, "batch_norm", "training needs more than one value per channel, got {m}");
             }
-            let mut sums = vec![(0f64, 0f64); *c];
-            let mut at = 0;
-            layout.channel_runs(*n, *c, |ch, planes| {
-                for &v in &xs[at..at + planes * *l] {
-                    sums[ch].0 += v as f64;
-                    sums[ch].1 += (v as f64) * (v as f64);
+            // Sums per channel over the layout's pieces (each an [images, C, plane] tensor).
+            let mut sums = vec![(0f64, 0f64); c];
+            for_pieces(*layout, n, c, l, |at, pn, pl| {
+                for (s, v) in sums.iter_mut().zip(norm::channel_sums(&xs[at..at + pn * c * pl], pn, c, pl)) {
+                    s.0 += v.0;
+                    s.1 += v.1;
                 }
-                at += planes * *l;
             });
             stats.mean = sums.iter().map(|s| (s.0 / m) as f32).collect();
             let var: Vec<f64> = sums.iter().map(|s| (s.1 / m - (s.0 / m).powi(2)).max(0.0)).collect();
             stats.invstd = var.iter().map(|v| (1.0 / (v + opts.eps).sqrt()) as f32).collect();
             stats.var_unbiased = var.iter().map(|v| (v * m / (m - 1.0)) as f32).collect();
             let (g, bt) = (weights[*gamma].data(), weights[*beta].data());
-            let mut at = 0;
-            layout.channel_runs(*n, *c, |ch, planes| {
-                let (mu, is, gm, bb) = (stats.mean[ch], stats.invstd[ch], g[ch], bt[ch]);
-                let run = at..at + planes * *l;
-                out[run.clone()].iter_mut().zip(&xs[run]).for_each(|(o, &v)| *o = (v - mu) * is * gm + bb);
-                at += planes * *l;
+            for_pieces(*layout, n, c, l, |at, pn, pl| {
+                let y = norm::normalize(&xs[at..at + pn * c * pl], c, pl, &stats.mean, &stats.invstd, g, bt);
+                out[at..at + pn * c * pl].copy_from_slice(&y);
             });
             put(slots, *y, out);
         }
@@ -894,38 +906,29 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
             }
         }
         TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], stats, x, dx, dy, .. } => {
-            let len = *n * *c * *l;
-            let (xs, dys) = (&slots[*x][..len], &slots[*dy][..len]);
-            let m = (*n * *l) as f32;
-            let (mut dg, mut dbt) = (vec![0f64; *c], vec![0f64; *c]);
-            let mut at = 0;
-            layout.channel_runs(*n, *c, |ch, planes| {
-                let (mu, is) = (stats.mean[ch], stats.invstd[ch]);
-                for (&v, &g) in xs[at..at + planes * *l].iter().zip(&dys[at..at + planes * *l]) {
-                    dg[ch] += (g * (v - mu) * is) as f64;
-                    dbt[ch] += g as f64;
-                }
-                at += planes * *l;
+            let (n, c, l) = (*n, *c, *l);
+            let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
+            let (mut dg, mut dbt) = (vec![0f32; c], vec![0f32; c]);
+            for_pieces(*layout, n, c, l, |at, pn, pl| {
+                let r = at..at + pn * c * pl;
+                let (g, b) = norm::backward_sums(&dys[r.clone()], &xs[r], pn, c, pl, &stats.mean, &stats.invstd);
+                dg.iter_mut().zip(g).for_each(|(o, v)| *o += v);
+                dbt.iter_mut().zip(b).for_each(|(o, v)| *o += v);
             });
             if let Some((g, mode)) = *dx {
                 let gm = weights[*gamma].data();
-                let mut d = vec![0.0; len];
-                let mut at = 0;
-                layout.channel_runs(*n, *c, |ch, planes| {
-                    let (mu, is) = (stats.mean[ch], stats.invstd[ch]);
-                    let (sg, sb) = (dg[ch] as f32, dbt[ch] as f32);
-                    let k = gm[ch] * is / m;
-                    for ((o, &v), &gy) in d[at..at + planes * *l].iter_mut().zip(&xs[at..at + planes * *l]).zip(&dys[at..at + planes * *l]) {
-                        *o = k * (m * gy - sb - (v - mu) * is * sg);
-                    }
-                    at += planes * *l;
-                });
                 let mut out = take(slots, g);
-                deliver(&mut out[..len], mode, &d);
+                let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
+                for_pieces(*layout, n, c, l, |at, pn, pl| {
+                    let r = at..at + pn * c * pl;
+                    let d =
+                        norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, Some((&dg, &dbt, (n * l) as f64)));
+                    deliver(&mut out[r], mode, &d);
+                });
                 put(slots, g, out);
             }
-            grads[*gamma].iter_mut().zip(&dg).for_each(|(o, &v)| *o = v as f32);
-            grads[*beta].iter_mut().zip(&dbt).for_each(|(o, &v)| *o = v as f32);
+            grads[*gamma].copy_from_slice(&dg);
+            grads[*beta].copy_from_slice(&dbt);
         }
         TStep::Linear { w, b, relu, dims: [m, k, n], x, y, dx, dy } => {
             let (m, k, n) = (*m, *k, *n);

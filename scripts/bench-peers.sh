@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Stride beside the peers of ../shared/bench in one run, rounds A,B,A,B: each round runs
+# `stride bench` (planned), `stride bench --eager`, then ONNX Runtime and TensorFlow+oneDNN
+# on the same benchmarks. Prints every JSON line (with a "round" field), then the table of
+# medians and Stride/best-peer ratios that README's performance section shows.
+#   bash scripts/bench-peers.sh [ROUNDS] [BENCHES]     # defaults: 3 rounds, "lenet resnet18 vae"
+# Needs the peers: bash ../shared/bench/peers/setup.sh tf ort (or PEERS_PYTHON set to a Python
+# that has tensorflow, onnxruntime, onnx and torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+benches=${2:-lenet resnet18 vae}
+py=${PEERS_PYTHON:-$HOME/.cache/stride-peers/bin/python}
+peers=${PEERS_BENCH:-../shared/bench/peers/bench.py}
+[ -x "$py" ] && [ -f "$peers" ] || { echo "no peers: run ../shared/bench/peers/setup.sh tf ort (or set PEERS_PYTHON, PEERS_BENCH)" >&2; exit 1; }
+cargo build --release --locked -q -p stride-cli
+bin=$PWD/target/release/stride
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+declare -A spec=([lenet]=B1 [vae]=B2 [resnet18]=B4 [conv]=B3)
+tag() { sed "s/}\$/, \"round\": $1}/" | tee -a "$out"; }
+for round in $(seq "$rounds"); do
+    for b in $benches; do
+        "$bin" bench --bench "$b" --reps 30 | tag "$round"
+        "$bin" bench --bench "$b" --reps 30 --eager | sed 's/"impl":"stride"/"impl":"stride-eager"/' | tag "$round"
+        for impl in ort tf-onednn; do
+            [ "$impl" = ort ] && [ "$b" = vae ] && continue
+            TF_CPP_MIN_LOG_LEVEL=3 "$py" "$peers" --impl "$impl" --bench "${spec[$b]}" 2>/dev/null | tag "$round" || true
+        done
+    done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+figs = {}
+for r in rows:
+    if r["bench"] in ("conv_fwd", "conv_bwd"):
+        continue
+    figs.setdefault(r["bench"], {}).setdefault(r["impl"], {})[r["round"]] = r["value"]
+print("\n| figure | stride (planned) | stride --eager | best peer | stride / best peer (median of rounds) |")
+print("|---|---|---|---|---|")
+for name, by in figs.items():
+    peers = {k: v for k, v in by.items() if not k.startswith("stride")}
+    med = lambda d: statistics.median(d.values()) if d else float("nan")
+    ratios = []
+    for rnd, v in by.get("stride", {}).items():
+        best = max((p[rnd] for p in peers.values() if rnd in p), default=None)
+        if best:
+            ratios.append(v / best)
+    best_impl = max(peers, key=lambda k: med(peers[k])) if peers else "-"
+    print(f"| {name} | {med(by.get('stride', {})):,.1f} | {med(by.get('stride-eager', {})):,.1f} | {med(peers.get(best_impl, {})):,.1f} ({best_impl}) | {statistics.median(ratios) if ratios else float('nan'):.2f} |")
+PY
