@@ -762,8 +762,8 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
             stats.var_unbiased = var.iter().map(|v| (v * m / (m - 1.0)) as f32).collect();
             let (g, bt) = (weights[*gamma].data(), weights[*beta].data());
             for_pieces(*layout, n, c, l, |at, pn, pl| {
-                let y = norm::normalize(&xs[at..at + pn * c * pl], c, pl, &stats.mean, &stats.invstd, g, bt);
-                out[at..at + pn * c * pl].copy_from_slice(&y);
+                let r = at..at + pn * c * pl;
+                norm::normalize_into(&xs[r.clone()], c, pl, &stats.mean, &stats.invstd, g, bt, &mut out[r]);
             });
             put(slots, *y, out);
         }

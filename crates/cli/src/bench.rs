@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// planning gains; see ARCHITECTURE.md, "Planned execution").
     #[arg(long)]
     eager: bool,
+    /// Classifier training steps (lenet, resnet18) through a training plan instead of
+    /// eagerly: gradients equal eager ones, but it is not faster yet (README, "Performance").
+    #[arg(long, conflicts_with = "eager")]
+    train_plan: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,11 +165,11 @@ fn lenet_bench(args: &BenchArgs) -> Result<()> {
     let steps = args.reps.max(50);
     let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        classifier_step(args.eager, &mut planned, &mut model, &x, &labels, &mut ctx)?;
+        classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(5, steps, &mut step)?;
-    let train_mode = mode(args.eager, &planned, &x);
+    let train_mode = mode(!args.train_plan, &planned, &x);
     let infer_s = infer_seconds(args, &mut model, &x.value(), 5, steps)?;
     report_mode("lenet_train", train_s, 64, train_mode);
     report_mode("lenet_infer", infer_s, 64, if args.eager { "eager" } else { "planned" });
@@ -290,11 +294,11 @@ fn resnet18_bench(args: &BenchArgs) -> Result<()> {
     let mut ctx = Ctx::train(0);
     let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        classifier_step(args.eager, &mut planned, &mut model, &x, &labels, &mut ctx)?;
+        classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(2, steps, &mut step)?;
-    let train_mode = mode(args.eager, &planned, &x);
+    let train_mode = mode(!args.train_plan, &planned, &x);
     report_mode("resnet18_infer", infer_s, 32, if args.eager { "eager" } else { "planned" });
     report_mode("resnet18_train", train_s, 32, train_mode);
     Ok(())

@@ -87,15 +87,22 @@ crate::multiversion! {
 /// y = gamma * (x - mean) * invstd + beta, per channel.
 pub fn normalize<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
+    normalize_into(x, c, l, mean, invstd, gamma, beta, &mut y);
+    y
+}
+
+/// [`normalize`] into `y` (overwritten), of `x`'s length.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_into<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    assert_eq!(x.len(), y.len(), "normalize_into: lengths");
     if l == 0 {
-        return y;
+        return;
     }
     y.par_chunks_mut(l).zip(x.par_chunks(l)).enumerate().for_each(|(i, (yp, xp))| {
         let ch = i % c;
         let a = gamma[ch] * invstd[ch];
         affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
     });
-    y
 }
 
 /// Gradients of [`normalize`]. With `batch_stats` the mean and invstd are functions of x

@@ -148,6 +148,17 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     }
 }
 
+/// [`backward_data`] into the caller's `dx` (overwritten): no copy for Winograd and im2col,
+/// whose passes write their output in place.
+pub fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
+    assert_eq!(dx.len(), g.n * g.c * g.h * g.w, "backward_data_into: dx length");
+    match Algo::choose(g) {
+        Algo::Winograd => winograd::backward_data_into(g, dy, w, dx),
+        Algo::Depthwise => dx.copy_from_slice(&depthwise::backward_data(g, dy, w)),
+        algo => gemm_backward_data_into(g, algo, dy, w, dx),
+    }
+}
+
 /// dw [K, C/g, R, S] from x and dy (summed over the batch).
 pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     match Algo::choose(g) {
@@ -224,8 +235,17 @@ fn for_each_image<T: Elem>(out: &mut [T], chunk: usize, parallel: bool, one: imp
 }
 
 fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> Vec<T> {
+    let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
+    gemm_backward_data_into(g, algo, dy, w, &mut dx);
+    dx
+}
+
+/// The data gradient into `dx`, which is overwritten (zeroed first where col2im adds).
+fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T], dx: &mut [T]) {
     let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    if algo != Algo::Pointwise {
+        dx.fill(T::zero());
+    }
     let (by_image, threads) = split(g.n);
     let one = |(n, dxn): (usize, &mut [T]), col: &mut Vec<T>| {
         for gi in 0..g.groups {
@@ -242,8 +262,7 @@ fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> V
             }
         }
     };
-    for_each_image(&mut dx, (g.c * hw).max(1), by_image, one);
-    dx
+    for_each_image(dx, (g.c * hw).max(1), by_image, one);
 }
 
 /// Columns at least this wide make one filter-gradient product: with small feature maps, a

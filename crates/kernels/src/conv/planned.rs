@@ -243,7 +243,7 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
         assert!(layout == Layout::Nchw, "backward_into: {:?} cannot run blocked", Algo::choose(g));
         dw.copy_from_slice(&super::backward_filter(g, x, dy));
         if let Some(dx) = dx {
-            dx.copy_from_slice(&super::backward_data(g, dy, w));
+            super::backward_data_into(g, dy, w, dx);
         }
         return;
     }

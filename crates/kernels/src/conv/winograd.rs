@@ -481,10 +481,15 @@ fn epilogue_chunk<T: Elem>(y: &mut [T], image: usize, first: usize, residual: Op
 
 /// dx from dy for a geometry [`Plan::applies`] to: filters flipped, channels swapped.
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
-    let u = filters(w, g.c, g.k, (9, g.c * 9, true));
     let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
-    run(&Plan::backward_data(g), dy, &u, Epilogue::default(), &mut dx);
+    backward_data_into(g, dy, w, &mut dx);
     dx
+}
+
+/// [`backward_data`] into `dx` (overwritten).
+pub(crate) fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
+    let u = filters(w, g.c, g.k, (9, g.c * 9, true));
+    run(&Plan::backward_data(g), dy, &u, Epilogue::default(), dx);
 }
 
 /// dw from x and dy for a geometry [`Plan::applies`] to: dL/dU = sum over tiles of
