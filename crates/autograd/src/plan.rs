@@ -220,19 +220,22 @@ struct Compiler {
     block: usize,
 }
 
-fn key(v: &Var<f32>) -> *const Node<f32> {
+pub(crate) fn key(v: &Var<f32>) -> *const Node<f32> {
     Rc::as_ptr(&v.0)
 }
 
-fn dims4(shape: &[usize]) -> Option<[usize; 3]> {
-    (shape.len() == 4).then(|| [shape[0], shape[1], shape[2] * shape[3]])
+/// The recorded pass from `input` to `output`: its nodes with every node after its parents,
+/// where each node is, and which nodes read each one. Shared by inference and training plans.
+pub(crate) struct Recorded {
+    pub(crate) nodes: Vec<Var<f32>>,
+    pub(crate) index: HashMap<*const Node<f32>, usize>,
+    pub(crate) consumers: Vec<Vec<usize>>,
 }
 
-impl Compiler {
-    fn new(input: &Var<f32>, output: &Var<f32>) -> Result<Self> {
-        // Post-order DFS from the output: every node after its parents.
-        let mut nodes = Vec::new();
-        let mut index = HashMap::new();
+impl Recorded {
+    pub(crate) fn walk(input: &Var<f32>, output: &Var<f32>, what: &'static str) -> Result<Recorded> {
+        // Post-order DFS from the output (iterative: deep networks cannot overflow the stack).
+        let (mut nodes, mut index) = (Vec::new(), HashMap::new());
         let mut stack = vec![(output.clone(), false)];
         while let Some((v, expanded)) = stack.pop() {
             if index.contains_key(&key(&v)) {
@@ -251,17 +254,27 @@ impl Compiler {
             }
         }
         if !index.contains_key(&key(input)) {
-            bail!(arg, "plan", "the output does not depend on the input (was it recorded with gradients off?)");
+            bail!(arg, what, "the output does not depend on the input (was it recorded with gradients off?)");
         }
         let mut consumers = vec![Vec::new(); nodes.len()];
         for (i, v) in nodes.iter().enumerate() {
-            if v.same(input) {
-                continue;
-            }
-            for p in &v.0.parents {
-                consumers[index[&key(p)]].push(i);
+            if !v.is_leaf() {
+                for p in &v.0.parents {
+                    consumers[index[&key(p)]].push(i);
+                }
             }
         }
+        Ok(Recorded { nodes, index, consumers })
+    }
+}
+
+fn dims4(shape: &[usize]) -> Option<[usize; 3]> {
+    (shape.len() == 4).then(|| [shape[0], shape[1], shape[2] * shape[3]])
+}
+
+impl Compiler {
+    fn new(input: &Var<f32>, output: &Var<f32>) -> Result<Self> {
+        let Recorded { nodes, index, consumers } = Recorded::walk(input, output, "plan")?;
         let n = nodes.len();
         let batch = input.shape().first().copied().unwrap_or(1);
         let block = planned::block_for(batch);
@@ -749,23 +762,17 @@ impl Plan {
 
     /// Runs the plan on `x`, which must have the compiled input shape.
     pub fn run(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
-        if x.shape() != self.input.1.as_slice() {
-            bail!(shape, "plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
-        }
-        if self.arena.len() != self.arena_len {
-            self.arena = vec![0.0; self.arena_len];
-        }
-        let (o, l) = self.bufs[self.input.0];
-        self.arena[o..o + l].copy_from_slice(x.data());
-        for s in 0..self.steps.len() {
-            self.step(s)?;
-        }
-        let (o, l) = self.bufs[self.output.0];
-        Tensor::from_vec(self.arena[o..o + l].to_vec(), &self.output.1)
+        self.run_with(x, None)
     }
 
     /// [`Plan::run`] that also times each step (seconds, in the order of [`Plan::describe`]).
     pub fn run_timed(&mut self, x: &Tensor<f32>) -> Result<(Tensor<f32>, Vec<f64>)> {
+        let mut times = Vec::with_capacity(self.steps.len());
+        let y = self.run_with(x, Some(&mut times))?;
+        Ok((y, times))
+    }
+
+    fn run_with(&mut self, x: &Tensor<f32>, mut times: Option<&mut Vec<f64>>) -> Result<Tensor<f32>> {
         if x.shape() != self.input.1.as_slice() {
             bail!(shape, "plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
         }
@@ -774,14 +781,15 @@ impl Plan {
         }
         let (o, l) = self.bufs[self.input.0];
         self.arena[o..o + l].copy_from_slice(x.data());
-        let mut times = Vec::with_capacity(self.steps.len());
         for s in 0..self.steps.len() {
             let t = std::time::Instant::now();
             self.step(s)?;
-            times.push(t.elapsed().as_secs_f64());
+            if let Some(times) = times.as_deref_mut() {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
         let (o, l) = self.bufs[self.output.0];
-        Ok((Tensor::from_vec(self.arena[o..o + l].to_vec(), &self.output.1)?, times))
+        Tensor::from_vec(self.arena[o..o + l].to_vec(), &self.output.1)
     }
 
     fn step(&mut self, s: usize) -> Result<()> {

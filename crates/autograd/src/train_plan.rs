@@ -16,7 +16,6 @@
 //! (`stride_nn::planned::TrainPlanned` does).
 
 use std::collections::HashMap;
-use std::rc::Rc;
 
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
@@ -28,6 +27,7 @@ use stride_tensor::{bail, Result, Tensor};
 
 use crate::op::Op;
 use crate::ops::norm::BatchNormOptions;
+use crate::plan::{key, Recorded};
 use crate::var::Node;
 use crate::Var;
 
@@ -206,10 +206,6 @@ struct Compiler {
     param_index: HashMap<*const Node<f32>, usize>,
     relayouts: HashMap<(Slot, Layout), Slot>,
     block: usize,
-}
-
-fn key(v: &Var<f32>) -> *const Node<f32> {
-    Rc::as_ptr(&v.0)
 }
 
 impl Compiler {
@@ -458,34 +454,7 @@ impl TrainPlan {
         if ls.len() != 2 {
             bail!(shape, "train plan", "the network must end in logits [N, classes], got {ls:?}");
         }
-        // Post-order DFS from the output, as for inference plans.
-        let (mut nodes, mut index) = (Vec::new(), HashMap::new());
-        let mut stack = vec![(logits.clone(), false)];
-        while let Some((v, expanded)) = stack.pop() {
-            if index.contains_key(&key(&v)) {
-                continue;
-            }
-            if expanded || v.same(input) || v.is_leaf() {
-                index.insert(key(&v), nodes.len());
-                nodes.push(v);
-                continue;
-            }
-            stack.push((v.clone(), true));
-            for p in v.0.parents.iter().rev() {
-                stack.push((p.clone(), false));
-            }
-        }
-        if !index.contains_key(&key(input)) {
-            bail!(arg, "train plan", "the logits do not depend on the input (was it recorded with gradients off?)");
-        }
-        let mut consumers = vec![Vec::new(); nodes.len()];
-        for (i, v) in nodes.iter().enumerate() {
-            if !v.is_leaf() {
-                for p in &v.0.parents {
-                    consumers[index[&key(p)]].push(i);
-                }
-            }
-        }
+        let Recorded { nodes, index, consumers } = Recorded::walk(input, logits, "train plan")?;
         let count = nodes.len();
         let mut c = Compiler {
             nodes,
