@@ -57,7 +57,7 @@ enum Step {
     Conv {
         geom: ConvGeom,
         layout: Layout,
-        w: Prepared<f32>,
+        w: Prepared<'static, f32>,
         bias: Option<Vec<f32>>,
         residual: Option<Buf>,
         act: Option<Unary>,
@@ -208,9 +208,7 @@ struct Val {
 }
 
 struct Compiler {
-    nodes: Vec<Var<f32>>,
-    index: HashMap<*const Node<f32>, usize>,
-    consumers: Vec<Vec<usize>>,
+    rec: Recorded,
     vals: Vec<Option<Val>>,
     done: Vec<bool>,
     steps: Vec<Step>,
@@ -266,6 +264,18 @@ impl Recorded {
         }
         Ok(Recorded { nodes, index, consumers })
     }
+
+    pub(crate) fn idx(&self, v: &Var<f32>) -> usize {
+        self.index[&key(v)]
+    }
+
+    /// The single consumer of node `i`, if it has exactly one.
+    pub(crate) fn only_consumer(&self, i: usize) -> Option<usize> {
+        match self.consumers[i].as_slice() {
+            [c] => Some(*c),
+            _ => None,
+        }
+    }
 }
 
 fn dims4(shape: &[usize]) -> Option<[usize; 3]> {
@@ -274,14 +284,12 @@ fn dims4(shape: &[usize]) -> Option<[usize; 3]> {
 
 impl Compiler {
     fn new(input: &Var<f32>, output: &Var<f32>) -> Result<Self> {
-        let Recorded { nodes, index, consumers } = Recorded::walk(input, output, "plan")?;
-        let n = nodes.len();
+        let rec = Recorded::walk(input, output, "plan")?;
+        let n = rec.nodes.len();
         let batch = input.shape().first().copied().unwrap_or(1);
         let block = planned::block_for(batch);
         Ok(Compiler {
-            nodes,
-            index,
-            consumers,
+            rec,
             vals: vec![None; n],
             done: vec![false; n],
             steps: Vec::new(),
@@ -295,18 +303,6 @@ impl Compiler {
     fn buffer(&mut self, len: usize) -> Buf {
         self.buf_len.push(len);
         self.buf_len.len() - 1
-    }
-
-    fn idx(&self, v: &Var<f32>) -> usize {
-        self.index[&key(v)]
-    }
-
-    /// The single consumer of node `i`, if it has exactly one.
-    fn only_consumer(&self, i: usize) -> Option<usize> {
-        match self.consumers[i].as_slice() {
-            [c] => Some(*c),
-            _ => None,
-        }
     }
 
     /// Node `p`'s value in the arena in `layout`, relayouting once if needed.
@@ -330,13 +326,13 @@ impl Compiler {
         if self.vals[p].is_some() {
             return Src::Buf(self.operand(p, Layout::Nchw));
         }
-        self.consts.push(self.nodes[p].value());
+        self.consts.push(self.rec.nodes[p].value());
         Src::Const(self.consts.len() - 1)
     }
 
     /// Whether a parent is a weight (a leaf other than the input), not computed from the input.
     fn constant(&self, p: usize) -> bool {
-        self.vals[p].is_none() && self.nodes[p].is_leaf()
+        self.vals[p].is_none() && self.rec.nodes[p].is_leaf()
     }
 
     fn define(&mut self, i: usize, shape: Vec<usize>, layout: Layout) -> Buf {
@@ -347,8 +343,8 @@ impl Compiler {
 
     /// Follows node `tail`'s single consumer if it is an activation: fuses it.
     fn take_act(&mut self, tail: &mut usize) -> Option<Unary> {
-        let c = self.only_consumer(*tail)?;
-        if let Some(Op::Unary(f)) = self.nodes[c].0.op {
+        let c = self.rec.only_consumer(*tail)?;
+        if let Some(Op::Unary(f)) = self.rec.nodes[c].0.op {
             self.done[c] = true;
             *tail = c;
             return Some(f);
@@ -357,10 +353,10 @@ impl Compiler {
     }
 
     fn compile(&mut self, i: usize) -> Result<()> {
-        let node = self.nodes[i].clone();
+        let node = self.rec.nodes[i].clone();
         let op = node.0.op.as_ref().expect("leaves are not compiled");
         let shape = node.shape();
-        let ps: Vec<usize> = node.0.parents.iter().map(|p| self.idx(p)).collect();
+        let ps: Vec<usize> = node.0.parents.iter().map(|p| self.rec.idx(p)).collect();
         match op {
             Op::Conv2d { geom } => self.conv(i, geom, &ps)?,
             Op::BatchNorm { training: true, .. } => bail!(arg, "plan", "batch_norm in training mode: plans are for inference (Ctx::eval)"),
@@ -368,7 +364,7 @@ impl Compiler {
                 if !(self.constant(ps[1]) && self.constant(ps[2])) || self.constant(ps[0]) {
                     return self.fallback(i, op.name(), &ps, shape);
                 }
-                let (gamma, beta) = (self.nodes[ps[1]].value(), self.nodes[ps[2]].value());
+                let (gamma, beta) = (self.rec.nodes[ps[1]].value(), self.rec.nodes[ps[2]].value());
                 let scale: Vec<f32> = gamma.data().iter().zip(invstd).map(|(&g, &s)| g * s).collect();
                 let shift: Vec<f32> = beta.data().iter().zip(mean).zip(&scale).map(|((&b, &m), &s)| b - m * s).collect();
                 let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
@@ -392,7 +388,7 @@ impl Compiler {
                 let dst = self.define(i, shape, layout);
                 self.steps.push(Step::Unary { f: *f, src, dst });
             }
-            Op::Add | Op::Sub | Op::Mul | Op::Div if self.nodes[ps[0]].shape() == self.nodes[ps[1]].shape() => {
+            Op::Add | Op::Sub | Op::Mul | Op::Div if self.rec.nodes[ps[0]].shape() == self.rec.nodes[ps[1]].shape() => {
                 let code = match op {
                     Op::Add => 0,
                     Op::Sub => 1,
@@ -415,7 +411,7 @@ impl Compiler {
                 self.vals[i] = Some(Val { buf, shape, layout: Layout::Nchw });
             }
             Op::MatMul { transpose_b } => {
-                let (xa, xb) = (self.nodes[ps[0]].shape(), self.nodes[ps[1]].shape());
+                let (xa, xb) = (self.rec.nodes[ps[0]].shape(), self.rec.nodes[ps[1]].shape());
                 if xa.len() != 2 || xb.len() != 2 {
                     return self.fallback(i, op.name(), &ps, shape);
                 }
@@ -424,12 +420,12 @@ impl Compiler {
                 let (a, b) = (self.src(ps[0]), self.src(ps[1]));
                 let mut tail = i;
                 let mut bias = None;
-                if let Some(c) = self.only_consumer(i) {
-                    let cn = &self.nodes[c];
+                if let Some(c) = self.rec.only_consumer(i) {
+                    let cn = &self.rec.nodes[c];
                     if matches!(cn.0.op, Some(Op::Add)) && cn.0.parents[0].same(&node) {
-                        let other = self.idx(&cn.0.parents[1].clone());
-                        if self.constant(other) && self.nodes[other].shape() == [n] {
-                            bias = Some(self.nodes[other].value().data().to_vec());
+                        let other = self.rec.idx(&cn.0.parents[1].clone());
+                        if self.constant(other) && self.rec.nodes[other].shape() == [n] {
+                            bias = Some(self.rec.nodes[other].value().data().to_vec());
                             self.done[c] = true;
                             tail = c;
                         }
@@ -457,16 +453,16 @@ impl Compiler {
         if !ps[1..].iter().all(|&p| self.constant(p)) {
             return self.fallback(i, "conv2d", ps, geom.small_shape().to_vec());
         }
-        let mut w = self.nodes[ps[1]].value().data().to_vec();
-        let mut bias = ps.get(2).map(|&p| self.nodes[p].value().data().to_vec());
+        let mut w = self.rec.nodes[ps[1]].value().data().to_vec();
+        let mut bias = ps.get(2).map(|&p| self.rec.nodes[p].value().data().to_vec());
         let mut tail = i;
         // Batch norm right after: fold it into the weights and bias.
-        if let Some(c) = self.only_consumer(tail) {
-            let cn = self.nodes[c].clone();
+        if let Some(c) = self.rec.only_consumer(tail) {
+            let cn = self.rec.nodes[c].clone();
             if let Some(Op::BatchNorm { mean, invstd, training: false, .. }) = &cn.0.op {
-                let (g, b) = (self.idx(&cn.0.parents[1]), self.idx(&cn.0.parents[2]));
+                let (g, b) = (self.rec.idx(&cn.0.parents[1]), self.rec.idx(&cn.0.parents[2]));
                 if self.constant(g) && self.constant(b) {
-                    let (gamma, beta) = (self.nodes[g].value(), self.nodes[b].value());
+                    let (gamma, beta) = (self.rec.nodes[g].value(), self.rec.nodes[b].value());
                     let per = w.len() / geom.k.max(1);
                     let mut folded = vec![0.0; geom.k];
                     for k in 0..geom.k {
@@ -484,12 +480,12 @@ impl Compiler {
         let layout = if self.block > 1 && planned::blocks(geom) { Layout::Blocked(self.block) } else { Layout::Nchw };
         // A residual add whose other operand is already computed.
         let mut residual = None;
-        if let Some(c) = self.only_consumer(tail) {
-            let cn = self.nodes[c].clone();
+        if let Some(c) = self.rec.only_consumer(tail) {
+            let cn = self.rec.nodes[c].clone();
             if matches!(cn.0.op, Some(Op::Add)) {
-                let (a, b) = (self.idx(&cn.0.parents[0]), self.idx(&cn.0.parents[1]));
+                let (a, b) = (self.rec.idx(&cn.0.parents[0]), self.rec.idx(&cn.0.parents[1]));
                 let other = if a == tail { b } else { a };
-                if other != tail && self.vals[other].is_some() && self.nodes[other].shape() == geom.small_shape() {
+                if other != tail && self.vals[other].is_some() && self.rec.nodes[other].shape() == geom.small_shape() {
                     residual = Some(self.operand(other, layout));
                     self.done[c] = true;
                     tail = c;
@@ -498,7 +494,7 @@ impl Compiler {
         }
         let act = self.take_act(&mut tail);
         let src = self.operand(ps[0], layout);
-        let w = Prepared::new(geom, &w);
+        let w = Prepared::new(geom, &w).into_owned();
         let dst = self.define(tail, geom.small_shape().to_vec(), layout);
         self.steps.push(Step::Conv { geom: *geom, layout, w, bias, residual, act, src, dst });
         Ok(())
@@ -506,7 +502,7 @@ impl Compiler {
 
     /// A step that runs the eager forward of node `i`'s op on copies of its inputs.
     fn fallback(&mut self, i: usize, name: &'static str, ps: &[usize], shape: Vec<usize>) -> Result<()> {
-        let node = self.nodes[i].clone();
+        let node = self.rec.nodes[i].clone();
         let op = node.0.op.as_ref().expect("not a leaf");
         let out = shape.clone();
         let f: Fallback = match op {
@@ -620,7 +616,7 @@ impl Compiler {
             }
             Op::ChannelMaxPool { .. } | Op::Nll { .. } => bail!(arg, "plan", "{name} has no planned form yet; run the network eagerly"),
         };
-        let srcs = ps.iter().map(|&p| (self.src(p), self.nodes[p].shape())).collect();
+        let srcs = ps.iter().map(|&p| (self.src(p), self.rec.nodes[p].shape())).collect();
         let dst = self.define(i, shape, Layout::Nchw);
         self.steps.push(Step::Fallback { name, f, srcs, dst });
         Ok(())
@@ -710,16 +706,16 @@ impl Plan {
         }
         let mut c = Compiler::new(input, output)?;
         let in_shape = input.shape();
-        let ii = c.idx(input);
+        let ii = c.rec.idx(input);
         c.define(ii, in_shape.clone(), Layout::Nchw);
         let in_buf = c.vals[ii].as_ref().map(|v| v.buf).expect("defined");
-        for i in 0..c.nodes.len() {
-            if c.done[i] || c.vals[i].is_some() || c.nodes[i].is_leaf() {
+        for i in 0..c.rec.nodes.len() {
+            if c.done[i] || c.vals[i].is_some() || c.rec.nodes[i].is_leaf() {
                 continue;
             }
             c.compile(i)?;
         }
-        let oi = c.idx(output);
+        let oi = c.rec.idx(output);
         let Some(out) = c.vals[oi].clone() else {
             bail!(arg, "plan", "the output is a constant: it does not depend on the input");
         };

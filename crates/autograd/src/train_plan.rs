@@ -191,9 +191,7 @@ struct Val {
 
 /// Compile-time buffers: each value and each gradient is a buffer; slots are assigned after.
 struct Compiler {
-    nodes: Vec<Var<f32>>,
-    index: HashMap<*const Node<f32>, usize>,
-    consumers: Vec<Vec<usize>>,
+    rec: Recorded,
     vals: Vec<Option<Val>>,
     done: Vec<bool>,
     steps: Vec<TStep>,
@@ -213,23 +211,14 @@ impl Compiler {
         self.buf_len.push(len);
         self.buf_len.len() - 1
     }
-    fn idx(&self, v: &Var<f32>) -> usize {
-        self.index[&key(v)]
-    }
-    fn only_consumer(&self, i: usize) -> Option<usize> {
-        match self.consumers[i].as_slice() {
-            [c] => Some(*c),
-            _ => None,
-        }
-    }
     fn val(&self, i: usize) -> Result<&Val> {
         match &self.vals[i] {
             Some(v) => Ok(v),
-            None => bail!(arg, "train plan", "a {} reads a constant where an activation was expected", self.nodes[i].op_name()),
+            None => bail!(arg, "train plan", "a {} reads a constant where an activation was expected", self.rec.nodes[i].op_name()),
         }
     }
     fn param(&mut self, i: usize, what: &str) -> Result<usize> {
-        let v = &self.nodes[i];
+        let v = &self.rec.nodes[i];
         if !v.is_leaf() || !v.requires_grad() || self.vals[i].is_some() {
             bail!(arg, "train plan", "{what} must be a parameter (a leaf that needs a gradient)");
         }
@@ -282,8 +271,8 @@ impl Compiler {
     }
     /// A ReLU that is the single consumer of `tail`: fused.
     fn take_relu(&mut self, tail: &mut usize) -> bool {
-        if let Some(c) = self.only_consumer(*tail) {
-            if matches!(self.nodes[c].0.op, Some(Op::Unary(Unary::Relu))) {
+        if let Some(c) = self.rec.only_consumer(*tail) {
+            if matches!(self.rec.nodes[c].0.op, Some(Op::Unary(Unary::Relu))) {
                 self.done[c] = true;
                 *tail = c;
                 return true;
@@ -296,10 +285,10 @@ impl Compiler {
     }
 
     fn compile(&mut self, i: usize) -> Result<()> {
-        let node = self.nodes[i].clone();
+        let node = self.rec.nodes[i].clone();
         let op = node.0.op.as_ref().expect("leaves are not compiled");
         let shape = node.shape();
-        let ps: Vec<usize> = node.0.parents.iter().map(|p| self.idx(p)).collect();
+        let ps: Vec<usize> = node.0.parents.iter().map(|p| self.rec.idx(p)).collect();
         match op {
             Op::Conv2d { geom } => {
                 let w = self.param(ps[1], "a convolution's weight")?;
@@ -323,7 +312,7 @@ impl Compiler {
             Op::AdaptiveAvgPool2d { out: (1, 1) } => {
                 let layout = self.layout_of(ps[0]);
                 let x = self.operand(ps[0], layout)?;
-                let xs = self.nodes[ps[0]].shape();
+                let xs = self.rec.nodes[ps[0]].shape();
                 let (planes, hw) = (xs[0] * xs[1], xs[2] * xs[3]);
                 let y = self.define(i, shape, layout);
                 let (dx, dy) = (self.dx(x), self.grad(y).expect("not the input"));
@@ -337,7 +326,7 @@ impl Compiler {
                 let (dx, dy) = (self.dx(x), self.grad(y).expect("not the input"));
                 self.steps.push(TStep::Unary { f: *f, len, x, y, dx, dy });
             }
-            Op::Add if self.vals[ps[0]].is_some() && self.vals[ps[1]].is_some() && self.nodes[ps[0]].shape() == self.nodes[ps[1]].shape() => {
+            Op::Add if self.vals[ps[0]].is_some() && self.vals[ps[1]].is_some() && self.rec.nodes[ps[0]].shape() == self.rec.nodes[ps[1]].shape() => {
                 let layout = self.layout_of(ps[0]);
                 let (a, b) = (self.operand(ps[0], layout)?, self.operand(ps[1], layout)?);
                 let len = shape.iter().product();
@@ -360,18 +349,18 @@ impl Compiler {
                 let (dx, dy) = (self.dx(x), self.grad(y).expect("not the input"));
                 self.steps.push(TStep::BatchNorm { gamma, beta, layout, dims, opts: *opts, stats: Stats::default(), x, y, dx, dy });
             }
-            Op::MatMul { transpose_b: true } if self.vals[ps[0]].is_some() && self.nodes[ps[0]].shape().len() == 2 => {
+            Op::MatMul { transpose_b: true } if self.vals[ps[0]].is_some() && self.rec.nodes[ps[0]].shape().len() == 2 => {
                 let w = self.param(ps[1], "a linear layer's weight")?;
-                let (xs, ws) = (self.nodes[ps[0]].shape(), self.nodes[ps[1]].shape());
+                let (xs, ws) = (self.rec.nodes[ps[0]].shape(), self.rec.nodes[ps[1]].shape());
                 let (m, k, n) = (xs[0], xs[1], ws[0]);
                 let x = self.operand(ps[0], Layout::Nchw)?;
                 let mut tail = i;
                 let mut b = None;
-                if let Some(c) = self.only_consumer(i) {
-                    let cn = self.nodes[c].clone();
+                if let Some(c) = self.rec.only_consumer(i) {
+                    let cn = self.rec.nodes[c].clone();
                     if matches!(cn.0.op, Some(Op::Add)) && cn.0.parents[0].same(&node) {
-                        let other = self.idx(&cn.0.parents[1]);
-                        if self.nodes[other].shape() == [n] {
+                        let other = self.rec.idx(&cn.0.parents[1]);
+                        if self.rec.nodes[other].shape() == [n] {
                             b = Some(self.param(other, "a linear layer's bias")?);
                             self.done[c] = true;
                             tail = c;
@@ -454,12 +443,10 @@ impl TrainPlan {
         if ls.len() != 2 {
             bail!(shape, "train plan", "the network must end in logits [N, classes], got {ls:?}");
         }
-        let Recorded { nodes, index, consumers } = Recorded::walk(input, logits, "train plan")?;
-        let count = nodes.len();
+        let rec = Recorded::walk(input, logits, "train plan")?;
+        let count = rec.nodes.len();
         let mut c = Compiler {
-            nodes,
-            index,
-            consumers,
+            rec,
             vals: (0..count).map(|_| None).collect(),
             done: vec![false; count],
             steps: Vec::new(),
@@ -471,17 +458,17 @@ impl TrainPlan {
             relayouts: HashMap::new(),
             block: planned::block_for(input.shape()[0]),
         };
-        let ii = c.idx(input);
+        let ii = c.rec.idx(input);
         let in_shape = input.shape();
         let in_slot = c.define(ii, in_shape.clone(), Layout::Nchw);
         c.no_grad.push(in_slot);
         for i in 0..count {
-            if c.done[i] || c.vals[i].is_some() || c.nodes[i].is_leaf() {
+            if c.done[i] || c.vals[i].is_some() || c.rec.nodes[i].is_leaf() {
                 continue;
             }
             c.compile(i)?;
         }
-        let li = c.idx(logits);
+        let li = c.rec.idx(logits);
         let out = c.operand(li, Layout::Nchw)?;
         if out == in_slot {
             bail!(arg, "train plan", "the network is the identity: nothing to train");
@@ -640,21 +627,6 @@ fn softmax_cross_entropy(logits: &[f32], labels: &[usize], classes: usize, d: &m
     (loss / n.max(1) as f64) as f32
 }
 
-/// Calls `f(offset, images, plane)` for the pieces of an [n, c, l] tensor in `layout` that are
-/// each an ordinary [images, c, plane] tensor: the whole of it in NCHW, each block when blocked
-/// (a block of b images is [1, c, b*l]).
-fn for_pieces(layout: Layout, n: usize, c: usize, l: usize, mut f: impl FnMut(usize, usize, usize)) {
-    match layout {
-        Layout::Nchw => f(0, n, l),
-        Layout::Blocked(b) => {
-            for first in (0..n).step_by(b.max(1)) {
-                let bj = b.min(n - first);
-                f(first * c * l, 1, bj * l);
-            }
-        }
-    }
-}
-
 /// Takes slot `w` out to write it while the others are read; put back by [`put`].
 fn take(slots: &mut [Vec<f32>], w: Slot) -> Vec<f32> {
     std::mem::take(&mut slots[w])
@@ -719,7 +691,7 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
             }
             // Sums per channel over the layout's pieces (each an [images, C, plane] tensor).
             let mut sums = vec![(0f64, 0f64); c];
-            for_pieces(*layout, n, c, l, |at, pn, pl| {
+            layout.pieces(n, c, l, |at, pn, pl| {
                 for (s, v) in sums.iter_mut().zip(norm::channel_sums(&xs[at..at + pn * c * pl], pn, c, pl)) {
                     s.0 += v.0;
                     s.1 += v.1;
@@ -730,7 +702,7 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
             stats.invstd = var.iter().map(|v| (1.0 / (v + opts.eps).sqrt()) as f32).collect();
             stats.var_unbiased = var.iter().map(|v| (v * m / (m - 1.0)) as f32).collect();
             let (g, bt) = (weights[*gamma].data(), weights[*beta].data());
-            for_pieces(*layout, n, c, l, |at, pn, pl| {
+            layout.pieces(n, c, l, |at, pn, pl| {
                 let r = at..at + pn * c * pl;
                 norm::normalize_into(&xs[r.clone()], c, pl, &stats.mean, &stats.invstd, g, bt, &mut out[r]);
             });
@@ -878,7 +850,7 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
             let (n, c, l) = (*n, *c, *l);
             let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
             let (mut dg, mut dbt) = (vec![0f32; c], vec![0f32; c]);
-            for_pieces(*layout, n, c, l, |at, pn, pl| {
+            layout.pieces(n, c, l, |at, pn, pl| {
                 let r = at..at + pn * c * pl;
                 let (g, b) = norm::backward_sums(&dys[r.clone()], &xs[r], pn, c, pl, &stats.mean, &stats.invstd);
                 dg.iter_mut().zip(g).for_each(|(o, v)| *o += v);
@@ -888,7 +860,7 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 let gm = weights[*gamma].data();
                 let mut out = take(slots, g);
                 let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
-                for_pieces(*layout, n, c, l, |at, pn, pl| {
+                layout.pieces(n, c, l, |at, pn, pl| {
                     let r = at..at + pn * c * pl;
                     let d =
                         norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, Some((&dg, &dbt, (n * l) as f64)));

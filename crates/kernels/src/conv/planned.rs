@@ -8,6 +8,8 @@
 //! LeNet's second layer), and a 1x1 convolution needs no lowering at all. `b = 1` is NCHW.
 //! Pooling and element-wise functions work plane by plane, so they run unchanged on it.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
@@ -46,6 +48,19 @@ impl Layout {
         match self {
             Layout::Nchw => 1,
             Layout::Blocked(b) => b.max(1),
+        }
+    }
+    /// Walks an [n, c, l] tensor in this layout as ordinary [images, c, plane] tensors, so
+    /// per-channel kernels written for NCHW serve it: `f(offset, images, plane)` once for NCHW,
+    /// once per block when blocked (a block of b images is [1, c, b*l]).
+    pub fn pieces(self, n: usize, c: usize, l: usize, mut f: impl FnMut(usize, usize, usize)) {
+        match self {
+            Layout::Nchw => f(0, n, l),
+            Layout::Blocked(b) => {
+                for first in (0..n).step_by(b.max(1)) {
+                    f(first * c * l, 1, b.min(n - first) * l);
+                }
+            }
         }
     }
     /// Walks the planes of an [n, c, plane] tensor in memory order: `f(channel, planes)` for
@@ -88,18 +103,23 @@ pub fn relayout<T: Elem>(x: &[T], from: Layout, y: &mut [T], to: Layout, n: usiz
     });
 }
 
-/// Filters prepared once for a geometry: as given for the products, transformed for Winograd.
+/// Filters prepared for a geometry: borrowed as given for the products, transformed once for
+/// Winograd. A plan keeps them ([`Prepared::into_owned`]); a training step borrows the
+/// parameter's current values.
 #[derive(Clone, Debug)]
-pub struct Prepared<T> {
+pub struct Prepared<'a, T: Clone> {
     algo: Algo,
-    w: Vec<T>,
+    w: Cow<'a, [T]>,
 }
 
-impl<T: Elem> Prepared<T> {
-    pub fn new(g: &ConvGeom, w: &[T]) -> Self {
+impl<'a, T: Elem> Prepared<'a, T> {
+    pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
         let algo = Algo::choose(g);
-        let w = if algo == Algo::Winograd { winograd::filters_forward(g, w) } else { w.to_vec() };
+        let w = if algo == Algo::Winograd { Cow::Owned(winograd::filters_forward(g, w)) } else { Cow::Borrowed(w) };
         Prepared { algo, w }
+    }
+    pub fn into_owned(self) -> Prepared<'static, T> {
+        Prepared { algo: self.algo, w: Cow::Owned(self.w.into_owned()) }
     }
     pub fn algo(&self) -> Algo {
         self.algo
