@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use stride_tensor::{Elem, Error, ErrorKind, Result, Tensor};
 
+use crate::device::{accumulate, ToDevice};
 use crate::var::{Node, Var};
 
 /// Called with each parameter once its gradient is complete ([`Var::backward_hooked`]).
@@ -23,7 +24,7 @@ impl<T: Elem> Var<T> {
         if v.numel() != 1 {
             return Err(Error::new(ErrorKind::Autograd, op, format!("needs a scalar (one element) to start from, got shape {:?}", v.shape())));
         }
-        Tensor::ones(v.shape())
+        Tensor::ones(v.shape())?.to(v.device())
     }
 
     /// Back-propagates a given output gradient (same shape as the value).
@@ -46,6 +47,7 @@ impl<T: Elem> Var<T> {
     }
 
     fn sweep(&self, grad: Tensor<T>, wrt: &[&Var<T>], mut on_leaf: Option<LeafHook<'_, T>>) -> Result<Vec<Option<Tensor<T>>>> {
+        let grad = grad.to(self.device())?;
         if grad.shape() != self.value_ref().shape() {
             return Err(Error::new(
                 ErrorKind::Autograd,
@@ -75,7 +77,7 @@ impl<T: Elem> Var<T> {
                 {
                     let mut slot = node.0.grad.borrow_mut();
                     match slot.as_mut() {
-                        Some(acc) => acc.add_assign(&g)?,
+                        Some(acc) => accumulate(acc, &g)?,
                         None => *slot = Some(g),
                     }
                 }
@@ -94,7 +96,7 @@ impl<T: Elem> Var<T> {
                 }
                 debug_assert_eq!(pgrad.shape(), parent.value_ref().shape(), "{} gradient shape", op.name());
                 match grads.get_mut(&key(parent)) {
-                    Some(acc) => acc.add_assign(&pgrad)?,
+                    Some(acc) => accumulate(acc, &pgrad)?,
                     None => {
                         grads.insert(key(parent), pgrad);
                     }

@@ -8,12 +8,15 @@
 #![forbid(unsafe_code)]
 
 mod backward;
+pub mod conformance;
+pub mod device;
 mod op;
 pub mod ops;
 pub mod plan;
 pub mod train_plan;
 mod var;
 
+pub use device::{Backend, Prim, ToDevice};
 pub use op::PRIMITIVES;
 pub use ops::conv::{conv2d, conv2d_workspace, conv_transpose2d, conv_transpose2d_workspace};
 pub use ops::linalg::{linear, matmul_tensors};
@@ -29,6 +32,6 @@ pub use plan::Plan;
 pub use stride_kernels::conv::{Conv2dOptions, Padding, Workspace};
 pub use stride_kernels::pool::Pool2dOptions;
 pub use stride_kernels::unary::Unary;
-pub use stride_tensor::{Elem, Error, ErrorKind, Result, Rng, Tensor};
+pub use stride_tensor::{Device, DeviceBuffer, Elem, Error, ErrorKind, Result, Rng, Tensor};
 pub use train_plan::TrainPlan;
 pub use var::{is_grad_enabled, no_grad, tape_bytes, with_grad, NoGradGuard, Var};

@@ -7,6 +7,10 @@ use stride_kernels::pool::PoolGeom;
 use stride_kernels::unary::Unary;
 use stride_tensor::{Elem, Result, Tensor};
 
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::device::{Backend, Prim};
 use crate::ops;
 
 /// A recorded primitive with what its backward pass needs beyond the input and output values.
@@ -91,6 +95,13 @@ pub(crate) enum Op<T: Elem> {
     Nll {
         targets: Vec<usize>,
     },
+    /// Any primitive run by a device backend (inputs not on the CPU): its backward pass goes to
+    /// the same backend with what its forward saved.
+    Device {
+        prim: Prim,
+        backend: Arc<dyn Backend<T>>,
+        saved: Box<dyn Any>,
+    },
 }
 
 impl<T: Elem> Op<T> {
@@ -138,6 +149,9 @@ pub const PRIMITIVES: [&str; 26] = [
 
 impl<T: Elem> Op<T> {
     pub(crate) fn name(&self) -> &'static str {
+        if let Op::Device { prim, .. } = self {
+            return prim.name();
+        }
         PRIMITIVES[self.index()]
     }
 
@@ -169,6 +183,7 @@ impl<T: Elem> Op<T> {
             Op::Softmax { .. } => 23,
             Op::LogSoftmax { .. } => 24,
             Op::Nll { .. } => 25,
+            Op::Device { .. } => unreachable!("named by its Prim"),
         }
     }
 
@@ -213,6 +228,13 @@ impl<T: Elem> Op<T> {
             Op::Softmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, false)?)],
             Op::LogSoftmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, true)?)],
             Op::Nll { targets } => vec![Some(loss::nll_backward(g, x[0].shape(), targets)?)],
+            Op::Device { prim, backend, saved } => {
+                let grads = backend.backward(prim, saved.as_ref(), g, x, y)?;
+                for d in grads.iter().flatten() {
+                    crate::device::check_output(&**backend, prim, d)?;
+                }
+                grads
+            }
         })
     }
 }

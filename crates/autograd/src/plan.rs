@@ -358,6 +358,7 @@ impl Compiler {
         let shape = node.shape();
         let ps: Vec<usize> = node.0.parents.iter().map(|p| self.rec.idx(p)).collect();
         match op {
+            Op::Device { prim, .. } => bail!(device, "plan", "{} ran on {}: plans run on the CPU (move the model with .to(Device::Cpu))", prim.name(), node.device()),
             Op::Conv2d { geom } => self.conv(i, geom, &ps)?,
             Op::BatchNorm { training: true, .. } => bail!(arg, "plan", "batch_norm in training mode: plans are for inference (Ctx::eval)"),
             Op::BatchNorm { mean, invstd, .. } => {
@@ -506,6 +507,7 @@ impl Compiler {
         let op = node.0.op.as_ref().expect("not a leaf");
         let out = shape.clone();
         let f: Fallback = match op {
+            Op::Device { .. } => bail!(device, "plan", "{name} ran on {}: plans run on the CPU", node.device()),
             Op::Add => Box::new(|t| t[0].add(&t[1])),
             Op::Sub => Box::new(|t| t[0].sub(&t[1])),
             Op::Mul => Box::new(|t| t[0].mul(&t[1])),

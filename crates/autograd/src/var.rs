@@ -6,6 +6,7 @@ use std::rc::Rc;
 
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::ToDevice;
 use crate::op::Op;
 
 pub(crate) struct Node<T: Elem> {
@@ -166,7 +167,9 @@ impl<T: Elem> Var<T> {
         if v.shape() != value.shape() {
             stride_tensor::bail!(shape, "set_value", "new value has shape {:?}, the variable has {:?}", value.shape(), v.shape());
         }
-        *v = value;
+        // A leaf stays where it is (loading weights into a model on a GPU keeps it there).
+        let device = v.device();
+        *v = if value.device() == device { value } else { value.to(device)? };
         Ok(())
     }
     /// Changes a leaf's values in place (optimizer steps): no copy unless the value is shared
@@ -175,7 +178,13 @@ impl<T: Elem> Var<T> {
         if !self.is_leaf() {
             stride_tensor::bail!(arg, "update_value", "only leaves (parameters, constants) can be assigned");
         }
-        f(self.0.value.borrow_mut().data_mut());
+        let mut v = self.0.value.borrow_mut();
+        let device = v.device();
+        f(v.data_mut());
+        if !device.is_cpu() {
+            // Updated on the host (a round trip): the leaf goes back to its device.
+            *v = v.to(device)?;
+        }
         Ok(())
     }
     /// The same value cut from the tape: a constant.

@@ -2,7 +2,7 @@
 //! dense encoder to the mean and spread of a 100-dimensional code, and a generator of
 //! transposed convolutions from the code back to a 32x32 image.
 
-use stride_autograd::{binary_cross_entropy, gaussian_kl, Conv2dOptions, Padding, Reduction, Rng, Unary, Var};
+use stride_autograd::{binary_cross_entropy, gaussian_kl, Conv2dOptions, Padding, Reduction, Rng, ToDevice, Unary, Var};
 use stride_nn::blocks::{ConvTranspose2d, Pad};
 use stride_nn::layers::{Activation, BatchNorm, Dropout, Flatten, Linear, Sequential};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
@@ -100,7 +100,7 @@ impl Vae {
     pub fn forward_loss(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, VaeLoss)> {
         let (h, mu, sigma) = self.encode_parts(x, ctx)?;
         let before = stride_autograd::tape_bytes();
-        let eps = Var::constant(ctx.rng.normal(&mu.shape(), 0.0, 1.0)?);
+        let eps = Var::constant(ctx.rng.normal(&mu.shape(), 0.0, 1.0)?.to(mu.device())?);
         let z = mu.add(&sigma.mul(&eps)?)?;
         // mu and sigma are parts of the encoder's output h, which the trace knows.
         ctx.record_step("sample", || "z = mu + sigma * eps".into(), &[&h], &z, before, false);

@@ -1,6 +1,6 @@
 //! Layers as modules over the core ops, configured with PyTorch's names.
 
-use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
+use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, ToDevice, Unary, Var};
 
 use crate::export::{conv_attrs, pool_attrs, Attr, Graph, Value};
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
@@ -163,7 +163,10 @@ impl BatchNorm {
 impl Module for BatchNorm {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         if ctx.training {
+            // A counter: stepped on the host, kept beside the statistics (on their device).
+            let device = self.num_batches_tracked.device();
             self.num_batches_tracked.data_mut()[0] += 1.0;
+            self.num_batches_tracked = self.num_batches_tracked.to(device)?;
         }
         Ok(ag::batch_norm_sync(
             x,

@@ -1,6 +1,6 @@
 //! The `Module` trait: forward, and one way to visit named parameters and buffers.
 
-use stride_autograd::{tape_bytes, Rng, Tensor, Var};
+use stride_autograd::{tape_bytes, Device, Rng, Tensor, ToDevice, Var};
 
 use crate::export::{Graph, Value};
 use crate::trace::{Field, Row, Scratch, Trace};
@@ -169,6 +169,21 @@ pub trait Module {
             }
         });
         out
+    }
+    /// Moves every parameter and buffer to `device` (PyTorch's `model.to(device)`). Parameters
+    /// stay the same variables, so an optimizer built on them follows.
+    fn to(&mut self, device: Device) -> Result<()> {
+        let mut failed = None;
+        self.visit("", &mut |name, s| {
+            let moved = match s {
+                Slot::Param(v) => v.to_device(device),
+                Slot::Buffer(t) => t.to(device).map(|m| *t = m),
+            };
+            if let Err(e) = moved {
+                failed.get_or_insert(crate::Error::from(e).context(format!("moving {name} to {device}")));
+            }
+        });
+        failed.map_or(Ok(()), Err)
     }
     /// Number of trainable scalars.
     fn num_parameters(&mut self) -> usize {

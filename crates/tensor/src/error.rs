@@ -14,6 +14,8 @@ pub enum ErrorKind {
     Autograd,
     /// A tensor larger than the element limit.
     TooLarge,
+    /// A device that is missing, not set up, or mixed with another in one op.
+    Device,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +39,9 @@ impl Error {
     }
     pub fn geometry(op: &'static str, msg: impl Into<String>) -> Self {
         Self::new(ErrorKind::Geometry, op, msg)
+    }
+    pub fn device(op: &'static str, msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Device, op, msg)
     }
 }
 

@@ -2,6 +2,7 @@
 //! lives in `stride-kernels`, which works on the slices this crate hands out.
 #![forbid(unsafe_code)]
 
+mod device;
 mod elem;
 mod error;
 mod ops;
@@ -9,6 +10,7 @@ mod random;
 pub mod shape;
 mod tensor;
 
+pub use device::{Device, DeviceBuffer};
 pub use elem::Elem;
 pub use error::{Error, ErrorKind, Result};
 pub use random::Rng;

@@ -1,23 +1,44 @@
-//! `Tensor`: an N-d array with contiguous row-major storage shared copy-on-write.
+//! `Tensor`: an N-d array with contiguous row-major storage shared copy-on-write, on the CPU
+//! or on a device.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::device::{Device, DeviceBuffer};
 use crate::shape::{self, numel};
 use crate::{Elem, Error, Result};
 
+/// Where the elements are: host memory, or a device buffer with a host copy made on first read.
+#[derive(Clone)]
+enum Storage<T: Elem> {
+    Host(Arc<Vec<T>>),
+    Device { buf: Arc<dyn DeviceBuffer<T>>, host: Arc<OnceLock<Vec<T>>> },
+}
+
 /// An N-d array of `T` in row-major (C) order. Cloning is cheap (the storage is shared);
 /// mutation copies the storage first if it is shared.
-#[derive(Clone, PartialEq)]
+///
+/// A tensor on a device (see [`Tensor::device`]) is computed on by the backend of that device
+/// through `stride-autograd`'s ops. The methods of this type are host arithmetic: on a device
+/// tensor they read its elements back once (cached) and return a CPU tensor.
+#[derive(Clone)]
 pub struct Tensor<T: Elem = f32> {
     shape: Vec<usize>,
-    data: Arc<Vec<T>>,
+    data: Storage<T>,
+}
+
+impl<T: Elem> PartialEq for Tensor<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape && self.device() == other.device() && self.data() == other.data()
+    }
 }
 
 impl<T: Elem> std::fmt::Debug for Tensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor<{}>{:?}", T::NAME, self.shape)?;
-        if self.data.len() <= 16 {
-            write!(f, " {:?}", &self.data[..])?;
+        if !self.device().is_cpu() {
+            write!(f, " on {}", self.device())?;
+        } else if self.numel() <= 16 {
+            write!(f, " {:?}", self.data())?;
         }
         Ok(())
     }
@@ -30,13 +51,23 @@ impl<T: Elem> Tensor<T> {
         if n != data.len() {
             crate::bail!(shape, "Tensor::from_vec", "shape {shape:?} needs {n} elements, got {}", data.len());
         }
-        Ok(Tensor { shape: shape.to_vec(), data: Arc::new(data) })
+        Ok(Tensor { shape: shape.to_vec(), data: Storage::Host(Arc::new(data)) })
+    }
+
+    /// A tensor whose elements a device backend holds; `buf.len()` must equal the product of
+    /// `shape`.
+    pub fn from_device(buf: Arc<dyn DeviceBuffer<T>>, shape: &[usize]) -> Result<Self> {
+        let n = numel("Tensor::from_device", shape)?;
+        if n != buf.len() {
+            crate::bail!(shape, "Tensor::from_device", "shape {shape:?} needs {n} elements, the {} buffer holds {}", buf.device(), buf.len());
+        }
+        Ok(Tensor { shape: shape.to_vec(), data: Storage::Device { buf, host: Arc::new(OnceLock::new()) } })
     }
 
     /// Internal constructor for kernels that built `data` for `shape` themselves.
     pub(crate) fn from_parts(data: Vec<T>, shape: Vec<usize>) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Tensor { shape, data: Arc::new(data) }
+        Tensor { shape, data: Storage::Host(Arc::new(data)) }
     }
 
     pub fn full(shape: &[usize], value: T) -> Result<Self> {
@@ -66,29 +97,74 @@ impl<T: Elem> Tensor<T> {
         self.shape.len()
     }
     pub fn numel(&self) -> usize {
-        self.data.len()
+        match &self.data {
+            Storage::Host(v) => v.len(),
+            Storage::Device { buf, .. } => buf.len(),
+        }
     }
-    /// The elements in row-major order.
+    /// Where the elements live.
+    pub fn device(&self) -> Device {
+        match &self.data {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Device { buf, .. } => buf.device(),
+        }
+    }
+    /// The device buffer of a tensor that is not on the CPU.
+    pub fn device_buffer(&self) -> Option<&Arc<dyn DeviceBuffer<T>>> {
+        match &self.data {
+            Storage::Host(_) => None,
+            Storage::Device { buf, .. } => Some(buf),
+        }
+    }
+    /// The same elements in host memory (a copy read back from a device; a cheap clone on the
+    /// CPU). Moving *to* a device goes through its backend (`stride_autograd::ToDevice`).
+    pub fn to_host(&self) -> Result<Self> {
+        match &self.data {
+            Storage::Host(_) => Ok(self.clone()),
+            Storage::Device { buf, host } => {
+                let v = match host.get() {
+                    Some(v) => v.clone(),
+                    None => buf.read()?,
+                };
+                Tensor::from_vec(v, &self.shape)
+            }
+        }
+    }
+    /// The elements in row-major order. On a device, read back once and kept; a device that
+    /// fails to answer panics here (use [`Tensor::to_host`] to get that as an error).
     pub fn data(&self) -> &[T] {
-        &self.data
+        match &self.data {
+            Storage::Host(v) => v,
+            Storage::Device { buf, host } => host.get_or_init(|| buf.read().unwrap_or_else(|e| panic!("reading a tensor back from {}: {e}", buf.device()))),
+        }
     }
-    /// Mutable elements; copies the storage first if another tensor shares it.
+    /// Mutable elements; copies the storage first if another tensor shares it. A device
+    /// tensor is brought to the host first (it becomes a CPU tensor).
     pub fn data_mut(&mut self) -> &mut [T] {
-        Arc::make_mut(&mut self.data).as_mut_slice()
+        if let Storage::Device { .. } = &self.data {
+            self.data = Storage::Host(Arc::new(self.data().to_vec()));
+        }
+        match &mut self.data {
+            Storage::Host(v) => Arc::make_mut(v).as_mut_slice(),
+            Storage::Device { .. } => unreachable!("moved to the host above"),
+        }
     }
     pub fn into_vec(self) -> Vec<T> {
-        Arc::try_unwrap(self.data).unwrap_or_else(|shared| (*shared).clone())
+        match self.data {
+            Storage::Host(v) => Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()),
+            Storage::Device { .. } => self.data().to_vec(),
+        }
     }
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<T> {
-        if self.data.len() != 1 {
+        if self.numel() != 1 {
             crate::bail!(shape, "Tensor::item", "needs exactly one element, shape is {:?}", self.shape);
         }
-        Ok(self.data[0])
+        Ok(self.to_host()?.data()[0])
     }
     /// Elements converted to another float type.
     pub fn cast<U: Elem>(&self) -> Tensor<U> {
-        Tensor::from_parts(self.data.iter().map(|&x| U::c(x.as_f64())).collect(), self.shape.clone())
+        Tensor::from_parts(self.data().iter().map(|&x| U::c(x.as_f64())).collect(), self.shape.clone())
     }
 
     /// Same elements, new shape with the same element count.
@@ -110,7 +186,7 @@ impl<T: Elem> Tensor<T> {
         let in_strides = shape::strides(&self.shape);
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
         let read: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-        Ok(Self::from_parts(gather_strided(&self.data, &out_shape, &read, 0), out_shape))
+        Ok(Self::from_parts(gather_strided(self.data(), &out_shape, &read, 0), out_shape))
     }
 
     /// `len` entries of `axis` starting at `start` (a view copied out).
@@ -125,7 +201,7 @@ impl<T: Elem> Tensor<T> {
         let mut out = Vec::with_capacity(outer * len * inner);
         for o in 0..outer {
             let base = (o * dim + start) * inner;
-            out.extend_from_slice(&self.data[base..base + len * inner]);
+            out.extend_from_slice(&self.data()[base..base + len * inner]);
         }
         let mut s = self.shape.clone();
         s[axis] = len;
@@ -152,7 +228,7 @@ impl<T: Elem> Tensor<T> {
         for o in 0..outer {
             for p in parts {
                 let run = p.shape[axis] * inner;
-                out.extend_from_slice(&p.data[o * run..(o + 1) * run]);
+                out.extend_from_slice(&p.data()[o * run..(o + 1) * run]);
             }
         }
         Ok(Self::from_parts(out, s))
@@ -192,7 +268,7 @@ impl<T: Elem> Tensor<T> {
         let mut out = vec![value; n];
         let out_strides = shape::strides(&out_shape);
         let offset: usize = full.iter().zip(&out_strides).map(|(&(b, _), s)| b * s).sum();
-        scatter_strided(&self.data, &self.shape, &out_strides, offset, &mut out);
+        scatter_strided(self.data(), &self.shape, &out_strides, offset, &mut out);
         Ok(Self::from_parts(out, out_shape))
     }
 
@@ -224,7 +300,7 @@ impl<T: Elem> Tensor<T> {
         }
         numel("broadcast_to", shape)?;
         let st = shape::broadcast_strides(&self.shape, shape);
-        Ok(Self::from_parts(gather_strided(&self.data, shape, &st, 0), shape.to_vec()))
+        Ok(Self::from_parts(gather_strided(self.data(), shape, &st, 0), shape.to_vec()))
     }
 }
 

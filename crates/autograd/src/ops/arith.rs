@@ -3,10 +3,19 @@
 use stride_kernels::unary::Unary;
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
 fn binary<T: Elem>(a: &Var<T>, b: &Var<T>, op: Op<T>) -> Result<Var<T>> {
+    if let Some(y) = route(|| match op {
+        Op::Add => Prim::Add,
+        Op::Sub => Prim::Sub,
+        Op::Mul => Prim::Mul,
+        _ => Prim::Div,
+    }, &[a, b])? {
+        return Ok(y);
+    }
     let (x, y) = (a.value(), b.value());
     let v = match op {
         Op::Add => x.add(&y)?,
@@ -34,6 +43,9 @@ pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>,
 
 /// y = f(x) for an element-wise function.
 pub fn unary<T: Elem>(x: &Var<T>, f: Unary) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::Unary(f), &[x])? {
+        return Ok(y);
+    }
     let xv = x.value_ref();
     let mut y = vec![T::zero(); xv.numel()];
     f.apply_slice(xv.data(), &mut y);

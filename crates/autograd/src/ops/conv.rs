@@ -5,6 +5,7 @@
 use stride_kernels::conv::{self as k, Conv2dOptions, ConvGeom, Workspace};
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
@@ -26,6 +27,9 @@ fn parents<'a, T: Elem>(x: &'a Var<T>, w: &'a Var<T>, b: Option<&'a Var<T>>) -> 
 /// 2-D convolution (cross-correlation, as every framework): x [N, C, H, W], weight
 /// [K, C/groups, R, S], bias [K] -> [N, K, P, Q].
 pub fn conv2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::Conv2d { opts: *opts }, &parents(x, weight, bias))? {
+        return Ok(y);
+    }
     let geom = ConvGeom::conv2d(&x.shape(), &weight.shape(), opts)?;
     check_bias("conv2d", bias, geom.k)?;
     let bv = bias.map(|b| b.value());
@@ -60,6 +64,9 @@ pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tens
 /// weight [Cin, Cout/groups, R, S] (PyTorch's layout), bias [Cout] -> [N, Cout, Hout, Wout],
 /// Hout = (H-1)*stride - pad_top - pad_bottom + dilation*(R-1) + output_padding + 1.
 pub fn conv_transpose2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::ConvTranspose2d { opts: *opts }, &parents(x, weight, bias))? {
+        return Ok(y);
+    }
     let geom = ConvGeom::conv_transpose2d(&x.shape(), &weight.shape(), opts)?;
     check_bias("conv_transpose2d", bias, geom.c)?;
     let mut y = k::backward_data(&geom, x.value_ref().data(), weight.value_ref().data());

@@ -3,6 +3,7 @@
 use stride_kernels::gemm::{auto_threads, matmul as gemm, MatRef};
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
@@ -38,11 +39,17 @@ pub fn matmul_tensors<T: Elem>(a: &Tensor<T>, ta: bool, b: &Tensor<T>, tb: bool)
 impl<T: Elem> Var<T> {
     /// Matrix product of 2-D values: [m, k] x [k, n] -> [m, n].
     pub fn matmul(&self, other: &Var<T>) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::MatMul { transpose_b: false }, &[self, other])? {
+            return Ok(y);
+        }
         let v = matmul_tensors(&self.value(), false, &other.value(), false)?;
         Ok(Var::from_op(v, Op::MatMul { transpose_b: false }, &[self, other]))
     }
     /// self [m, k] x other^T with other stored [n, k]: no transposed copy is made.
     pub fn matmul_t(&self, other: &Var<T>) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::MatMul { transpose_b: true }, &[self, other])? {
+            return Ok(y);
+        }
         let v = matmul_tensors(&self.value(), false, &other.value(), true)?;
         Ok(Var::from_op(v, Op::MatMul { transpose_b: true }, &[self, other]))
     }

@@ -4,6 +4,7 @@
 use stride_kernels::softmax as k;
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
@@ -17,6 +18,9 @@ fn split_axis(op: &'static str, shape: &[usize], axis: usize) -> Result<(usize, 
 
 /// Softmax along `axis`.
 pub fn softmax<T: Elem>(x: &Var<T>, axis: usize) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::Softmax { axis }, &[x])? {
+        return Ok(y);
+    }
     let (o, d, i) = split_axis("softmax", &x.shape(), axis)?;
     let y = Tensor::from_vec(k::softmax(x.value_ref().data(), o, d, i), &x.shape())?;
     Ok(Var::from_op(y, Op::Softmax { axis }, &[x]))
@@ -24,6 +28,9 @@ pub fn softmax<T: Elem>(x: &Var<T>, axis: usize) -> Result<Var<T>> {
 
 /// Log-softmax along `axis` (stable: the maximum is subtracted first).
 pub fn log_softmax<T: Elem>(x: &Var<T>, axis: usize) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::LogSoftmax { axis }, &[x])? {
+        return Ok(y);
+    }
     let (o, d, i) = split_axis("log_softmax", &x.shape(), axis)?;
     let y = Tensor::from_vec(k::log_softmax(x.value_ref().data(), o, d, i), &x.shape())?;
     Ok(Var::from_op(y, Op::LogSoftmax { axis }, &[x]))
@@ -53,6 +60,9 @@ fn check_targets(op: &'static str, shape: &[usize], targets: &[usize]) -> Result
 
 /// Negative log-likelihood of log-probabilities [N, C] at class indices, batch mean.
 pub fn nll_loss<T: Elem>(logp: &Var<T>, targets: &[usize]) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::Nll { targets: targets.to_vec() }, &[logp])? {
+        return Ok(y);
+    }
     let (n, c) = check_targets("nll_loss", &logp.shape(), targets)?;
     let v = logp.value();
     let total: f64 = targets.iter().enumerate().map(|(i, &t)| v.data()[i * c + t].as_f64()).sum();

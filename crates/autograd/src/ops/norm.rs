@@ -3,6 +3,7 @@
 use stride_kernels::norm;
 use stride_tensor::{Elem, Result, Rng, Tensor};
 
+use crate::device::{route_with, Prim, ToDevice};
 use crate::op::Op;
 use crate::Var;
 
@@ -66,6 +67,15 @@ pub fn batch_norm_sync<T: Elem>(
 ) -> Result<Var<T>> {
     let sync = sync.filter(|_| training);
     const OP: &str = "batch_norm";
+    if sync.is_some() && !x.device().is_cpu() {
+        stride_tensor::bail!(device, OP, "synchronised batch norm runs on the CPU only, the input is on {}", x.device());
+    }
+    if let Some((y, state)) = route_with(|| Prim::BatchNorm { training, opts }, &[x, gamma, beta], &[running_mean, running_var])? {
+        if let [m, v] = &state[..] {
+            (*running_mean, *running_var) = (m.clone(), v.clone());
+        }
+        return Ok(y);
+    }
     let s = x.shape();
     if s.len() < 2 {
         stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
@@ -166,7 +176,7 @@ pub fn dropout<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> Re
     let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
     let shape = x.shape();
     let mask = Tensor::from_fn(&shape, |_| T::c(if rng.uniform01() >= p { keep } else { 0.0 }))?;
-    x.mul(&Var::constant(mask))
+    x.mul(&Var::constant(mask.to(x.device())?))
 }
 
 /// Dropout2d: zeroes whole channels of [N, C, H, W] with probability `p` (composite).
@@ -183,5 +193,5 @@ pub fn dropout2d<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> 
     }
     let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
     let mask = Tensor::from_fn(&[s[0], s[1], 1, 1], |_| T::c(if rng.uniform01() >= p { keep } else { 0.0 }))?;
-    x.mul(&Var::constant(mask))
+    x.mul(&Var::constant(mask.to(x.device())?))
 }

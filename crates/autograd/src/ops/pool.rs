@@ -3,10 +3,14 @@
 use stride_kernels::pool::{self as k, Pool2dOptions, PoolGeom};
 use stride_tensor::{Elem, Error, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
 pub fn max_pool2d<T: Elem>(x: &Var<T>, opts: &Pool2dOptions) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::MaxPool2d { opts: *opts }, &[x])? {
+        return Ok(y);
+    }
     let geom = PoolGeom::new("max_pool2d", &x.shape(), opts)?;
     let (y, argmax) = k::max_forward(&geom, x.value_ref().data());
     Ok(Var::from_op(Tensor::from_vec(y, &geom.out_shape())?, Op::MaxPool2d { geom, argmax }, &[x]))
@@ -18,6 +22,9 @@ pub(crate) fn max_pool_backward<T: Elem>(geom: &PoolGeom, g: &Tensor<T>, argmax:
 }
 
 pub fn avg_pool2d<T: Elem>(x: &Var<T>, opts: &Pool2dOptions) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::AvgPool2d { opts: *opts }, &[x])? {
+        return Ok(y);
+    }
     let geom = PoolGeom::new("avg_pool2d", &x.shape(), opts)?;
     let y = k::avg_forward(&geom, x.value_ref().data());
     Ok(Var::from_op(Tensor::from_vec(y, &geom.out_shape())?, Op::AvgPool2d { geom }, &[x]))
@@ -33,6 +40,9 @@ pub fn lp_pool2d<T: Elem>(x: &Var<T>, p: f64, opts: &Pool2dOptions) -> Result<Va
     if !(p >= 1.0 && p.is_finite()) {
         stride_tensor::bail!(arg, "lp_pool2d", "norm p must be finite and at least 1, got {p}");
     }
+    if let Some(y) = route(|| Prim::LpPool2d { p, opts: *opts }, &[x])? {
+        return Ok(y);
+    }
     let geom = PoolGeom::new("lp_pool2d", &x.shape(), opts)?;
     let y = k::lp_forward(&geom, x.value_ref().data(), T::c(p));
     Ok(Var::from_op(Tensor::from_vec(y, &geom.out_shape())?, Op::LpPool2d { geom, p }, &[x]))
@@ -43,6 +53,9 @@ pub(crate) fn lp_pool_backward<T: Elem>(geom: &PoolGeom, g: &Tensor<T>, x: &Tens
 }
 
 pub fn adaptive_avg_pool2d<T: Elem>(x: &Var<T>, out: (usize, usize)) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::AdaptiveAvgPool2d { out }, &[x])? {
+        return Ok(y);
+    }
     let d = k::adaptive_check("adaptive_avg_pool2d", &x.shape(), out)?;
     let y = k::adaptive_avg_forward(x.value_ref().data(), d, out);
     Ok(Var::from_op(Tensor::from_vec(y, &[d[0], d[1], out.0, out.1])?, Op::AdaptiveAvgPool2d { out }, &[x]))
@@ -54,6 +67,9 @@ pub(crate) fn adaptive_avg_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], 
 }
 
 pub fn adaptive_max_pool2d<T: Elem>(x: &Var<T>, out: (usize, usize)) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::AdaptiveMaxPool2d { out }, &[x])? {
+        return Ok(y);
+    }
     let d = k::adaptive_check("adaptive_max_pool2d", &x.shape(), out)?;
     let (y, argmax) = k::adaptive_max_forward(x.value_ref().data(), d, out);
     Ok(Var::from_op(Tensor::from_vec(y, &[d[0], d[1], out.0, out.1])?, Op::AdaptiveMaxPool2d { argmax }, &[x]))
@@ -78,6 +94,9 @@ pub fn global_max_pool2d<T: Elem>(x: &Var<T>) -> Result<Var<T>> {
 /// Max over windows of `depth` channels moving by `stride` channels (TensorFlow's depthwise
 /// max pooling): [N, C, H, W] -> [N, (C - depth)/stride + 1, H, W].
 pub fn channel_max_pool<T: Elem>(x: &Var<T>, depth: usize, stride: usize) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::ChannelMaxPool { depth, stride }, &[x])? {
+        return Ok(y);
+    }
     let d = k::nchw("channel_max_pool", &x.shape())?;
     if depth == 0 || stride == 0 {
         return Err(Error::arg("channel_max_pool", format!("depth {depth} and stride {stride} must be at least 1")));

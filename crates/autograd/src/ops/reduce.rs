@@ -2,12 +2,16 @@
 
 use stride_tensor::{Elem, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
 impl<T: Elem> Var<T> {
     /// Sum over `axes` (see [`Var::sum_all`] for every axis).
     pub fn sum(&self, axes: &[usize], keepdim: bool) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::Sum { axes: axes.to_vec(), keepdim }, &[self])? {
+            return Ok(y);
+        }
         let v = self.value_ref().sum_axes(axes, keepdim)?;
         Ok(Var::from_op(v, Op::Sum { axes: axes.to_vec(), keepdim }, &[self]))
     }
@@ -32,6 +36,9 @@ impl<T: Elem> Var<T> {
     }
     /// Maximum along `axis`; the gradient flows to the first maximal element.
     pub fn max(&self, axis: usize, keepdim: bool) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::Max { axis, keepdim }, &[self])? {
+            return Ok(y);
+        }
         let (v, argmax) = self.value_ref().max_axis(axis, keepdim)?;
         Ok(Var::from_op(v, Op::Max { axis, argmax }, &[self]))
     }

@@ -3,6 +3,7 @@
 
 use stride_tensor::{Elem, Error, Result, Tensor};
 
+use crate::device::{route, Prim};
 use crate::op::Op;
 use crate::Var;
 
@@ -20,16 +21,25 @@ impl<T: Elem> Var<T> {
         self.reshape(&[s[0], s[1..].iter().product()])
     }
     pub fn permute(&self, perm: &[usize]) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::Permute { perm: perm.to_vec() }, &[self])? {
+            return Ok(y);
+        }
         let v = self.value_ref().permute(perm)?;
         Ok(Var::from_op(v, Op::Permute { perm: perm.to_vec() }, &[self]))
     }
     /// Entries `start..start+len` of `axis`.
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::Narrow { axis, start, len }, &[self])? {
+            return Ok(y);
+        }
         let v = self.value_ref().narrow(axis, start, len)?;
         Ok(Var::from_op(v, Op::Narrow { axis, start }, &[self]))
     }
     /// Constant padding, `pads[i] = (before, after)` for the last `pads.len()` axes in order.
     pub fn pad(&self, pads: &[(usize, usize)], value: f64) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::Pad { pads: pads.to_vec(), value }, &[self])? {
+            return Ok(y);
+        }
         let v = self.value_ref().pad(pads, T::c(value))?;
         Ok(Var::from_op(v, Op::Pad { pads: pads.to_vec(), value }, &[self]))
     }
@@ -62,6 +72,9 @@ impl<T: Elem> Var<T> {
     }
     /// Nearest-neighbour upsampling of [N, C, H, W] by integer factors.
     pub fn upsample_nearest2d(&self, scale: (usize, usize)) -> Result<Var<T>> {
+        if let Some(y) = route(|| Prim::UpsampleNearest { scale }, &[self])? {
+            return Ok(y);
+        }
         let s = self.shape();
         let [n, c, h, w] = s[..] else {
             stride_tensor::bail!(shape, "upsample_nearest2d", "expects [N, C, H, W], got {s:?}");
@@ -84,6 +97,9 @@ impl<T: Elem> Var<T> {
 
 /// Joins values along `axis`.
 pub fn concat<T: Elem>(parts: &[&Var<T>], axis: usize) -> Result<Var<T>> {
+    if let Some(y) = route(|| Prim::Concat { axis }, parts)? {
+        return Ok(y);
+    }
     let values: Vec<Tensor<T>> = parts.iter().map(|p| p.value()).collect();
     let refs: Vec<&Tensor<T>> = values.iter().collect();
     let v = Tensor::concat(&refs, axis)?;

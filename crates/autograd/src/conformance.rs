@@ -1,0 +1,129 @@
+//! A device backend checked against the CPU: one small case per primitive, forward and
+//! backward, on random inputs. `stride devices --check` runs it on a GPU; the tests run it on a
+//! [`HostMirror`](crate::device::HostMirror), where the results must be identical.
+
+use stride_kernels::conv::{Conv2dOptions, Padding};
+use stride_kernels::pool::Pool2dOptions;
+use stride_tensor::{Device, Elem, Result, Rng, Tensor};
+
+use crate::device::ToDevice;
+use crate::ops::norm::BatchNormOptions;
+use crate::*;
+
+/// How far one primitive's results on a device are from the CPU's: the largest difference of
+/// any element, relative to the largest magnitude of the CPU's tensor (at least 1e-30).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agreement {
+    /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]).
+    pub primitive: &'static str,
+    pub forward: f64,
+    /// Over every input's gradient.
+    pub backward: f64,
+}
+
+type Case<T> = (&'static str, Vec<Tensor<T>>, Box<dyn Fn(&[Var<T>]) -> Result<Var<T>>>);
+
+/// One case per primitive (reshape, which shares storage on any device, rides along in others).
+fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
+    let mut rng = Rng::seed(7);
+    let mut r = |s: &[usize]| rng.normal::<T>(s, 0.0, 1.0);
+    let conv = Conv2dOptions { stride: (2, 1), padding: Padding::Same, dilation: (1, 2), groups: 2, output_padding: (0, 0) };
+    let tconv = Conv2dOptions { stride: (2, 2), padding: Padding::Explicit { top: 1, bottom: 0, left: 0, right: 1 }, dilation: (1, 1), groups: 1, output_padding: (1, 0) };
+    let pool = Pool2dOptions {
+        kernel: (3, 2),
+        stride: Some((2, 2)),
+        padding: Padding::Explicit { top: 1, bottom: 1, left: 0, right: 0 },
+        ceil_mode: true,
+        ..Pool2dOptions::new(3)
+    };
+    let positive = r(&[2, 3])?.map(|v| v.abs() + T::c(0.5));
+    Ok(vec![
+        ("add", vec![r(&[2, 3, 4])?, r(&[3, 1])?], Box::new(|v| v[0].add(&v[1]))),
+        ("sub", vec![r(&[2, 3])?, r(&[2, 3])?], Box::new(|v| v[0].sub(&v[1]))),
+        ("mul", vec![r(&[2, 3])?, r(&[1, 3])?], Box::new(|v| v[0].mul(&v[1]))),
+        ("div", vec![r(&[2, 3])?, positive], Box::new(|v| v[0].div(&v[1]))),
+        ("unary", vec![r(&[4, 5])?], Box::new(|v| v[0].elu()?.add(&v[0].relu()?)?.tanh()?.softplus()?.sigmoid()?.mul_scalar(3.0)?.gelu()?.silu()?.square())),
+        ("sum", vec![r(&[2, 3, 4])?], Box::new(|v| v[0].sum(&[0, 2], true))),
+        ("max", vec![r(&[3, 5])?], Box::new(|v| v[0].max(1, false))),
+        ("permute", vec![r(&[2, 3, 4])?], Box::new(|v| v[0].permute(&[2, 0, 1])?.reshape(&[4, 6]))),
+        ("narrow", vec![r(&[3, 6])?], Box::new(|v| v[0].narrow(1, 2, 3))),
+        ("pad", vec![r(&[1, 2, 3, 3])?], Box::new(|v| v[0].pad(&[(1, 0), (2, 1)], 0.5))),
+        ("concat", vec![r(&[2, 1, 3])?, r(&[2, 2, 3])?], Box::new(|v| concat(&[&v[0], &v[1]], 1))),
+        ("upsample_nearest2d", vec![r(&[1, 2, 2, 3])?], Box::new(|v| v[0].upsample_nearest2d((2, 3)))),
+        ("matmul", vec![r(&[3, 4])?, r(&[4, 2])?, r(&[5, 4])?], Box::new(|v| v[0].matmul(&v[1])?.add(&v[0].matmul_t(&v[2])?.narrow(1, 0, 2)?))),
+        ("conv2d", vec![r(&[2, 4, 5, 6])?, r(&[6, 2, 3, 2])?, r(&[6])?], Box::new(move |v| conv2d(&v[0], &v[1], Some(&v[2]), &conv))),
+        ("conv_transpose2d", vec![r(&[2, 3, 3, 4])?, r(&[3, 2, 3, 3])?, r(&[2])?], Box::new(move |v| conv_transpose2d(&v[0], &v[1], Some(&v[2]), &tconv))),
+        ("max_pool2d", vec![r(&[2, 2, 7, 6])?], Box::new(move |v| max_pool2d(&v[0], &pool))),
+        ("avg_pool2d", vec![r(&[2, 2, 7, 6])?], Box::new(move |v| avg_pool2d(&v[0], &pool))),
+        ("lp_pool2d", vec![r(&[1, 2, 6, 6])?], Box::new(|v| lp_pool2d(&v[0], 2.0, &Pool2dOptions::new(2)))),
+        ("adaptive_avg_pool2d", vec![r(&[2, 3, 7, 5])?], Box::new(|v| adaptive_avg_pool2d(&v[0], (3, 2)))),
+        ("adaptive_max_pool2d", vec![r(&[2, 3, 7, 5])?], Box::new(|v| adaptive_max_pool2d(&v[0], (2, 3)))),
+        ("channel_max_pool", vec![r(&[2, 5, 3, 3])?], Box::new(|v| channel_max_pool(&v[0], 3, 2))),
+        ("batch_norm", vec![r(&[4, 3, 2, 2])?, r(&[3])?, r(&[3])?], Box::new(|v| batch_norm_both_modes(v))),
+        ("softmax", vec![r(&[3, 4])?], Box::new(|v| softmax(&v[0], 1))),
+        ("log_softmax", vec![r(&[3, 4])?], Box::new(|v| log_softmax(&v[0], 0))),
+        ("nll_loss", vec![r(&[3, 4])?], Box::new(|v| cross_entropy(&v[0], &[1, 3, 0], 0.1))),
+    ])
+}
+
+/// Training-mode batch norm, then an eval-mode pass with the running statistics it moved (so
+/// they are checked too), summed.
+fn batch_norm_both_modes<T: Elem>(v: &[Var<T>]) -> Result<Var<T>> {
+    let dev = v[0].device();
+    let (mut rm, mut rv) = (Tensor::zeros(&[3])?.to(dev)?, Tensor::ones(&[3])?.to(dev)?);
+    let t = batch_norm(&v[0], &v[1], &v[2], &mut rm, &mut rv, true, BatchNormOptions::default())?;
+    for s in [&rm, &rv] {
+        if s.device() != dev {
+            stride_tensor::bail!(device, "batch_norm", "running statistics moved to {}, the input is on {dev}", s.device());
+        }
+    }
+    let e = batch_norm(&v[0], &v[1], &v[2], &mut rm, &mut rv, false, BatchNormOptions::default())?;
+    t.add(&e)
+}
+
+/// Output and input gradients of `f` with the inputs on `dev`, read back to the host.
+fn run<T: Elem>(inputs: &[Tensor<T>], dev: Device, f: &dyn Fn(&[Var<T>]) -> Result<Var<T>>) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+    let vars = inputs.iter().map(|t| Ok(Var::parameter(t.to(dev)?))).collect::<Result<Vec<Var<T>>>>()?;
+    let out = f(&vars)?;
+    let weights = Rng::seed(3).normal::<T>(&out.shape(), 0.0, 1.0)?;
+    out.backward_with(weights)?;
+    let mut grads = Vec::new();
+    for v in &vars {
+        let g = v.grad().ok_or_else(|| Error::device("conformance", "an input got no gradient"))?;
+        for (what, t) in [("result", out.value()), ("gradient", g.clone())] {
+            if t.device() != dev {
+                stride_tensor::bail!(device, "conformance", "a {what} landed on {}, the inputs are on {dev}", t.device());
+            }
+        }
+        grads.push(g.to_host()?);
+    }
+    Ok((out.value().to_host()?, grads))
+}
+
+fn relative<T: Elem>(have: &Tensor<T>, want: &Tensor<T>) -> f64 {
+    if have.shape() != want.shape() {
+        return f64::INFINITY;
+    }
+    let scale = want.data().iter().fold(1e-30f64, |m, v| m.max(v.as_f64().abs()));
+    have.data().iter().zip(want.data()).fold(0.0f64, |m, (a, b)| {
+        let d = (a.as_f64() - b.as_f64()).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d / scale)
+        }
+    })
+}
+
+/// Runs every case on the CPU and on `device` and reports how far apart they are. An error
+/// from the device (a missing kernel, a device fault) is returned with the primitive named.
+pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
+    let mut out = Vec::new();
+    for (name, inputs, f) in cases::<T>()? {
+        let (y_cpu, g_cpu) = run(&inputs, Device::Cpu, f.as_ref())?;
+        let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{name} on {device}: {e}")))?;
+        let backward = g_cpu.iter().zip(&g_dev).fold(0.0f64, |m, (a, b)| m.max(relative(b, a)));
+        out.push(Agreement { primitive: name, forward: relative(&y_dev, &y_cpu), backward });
+    }
+    Ok(out)
+}

@@ -1,0 +1,118 @@
+//! The device seam: every primitive, forward and backward, reaches a non-CPU device's backend
+//! through the one dispatch point and gives the CPU's results. The device here is a
+//! [`HostMirror`] (CPU kernels behind the seam, buffers kept apart), so this runs without a GPU;
+//! `scripts/gpu-check.sh` runs the same comparison against the CUDA backend.
+
+
+use std::sync::{Arc, OnceLock};
+
+use stride_autograd::conformance;
+use stride_autograd::device::{self, HostMirror};
+use stride_autograd::*;
+
+/// The mirror device of this test binary (registered once for f64).
+fn mirror() -> (&'static Arc<HostMirror>, Device) {
+    static M: OnceLock<Arc<HostMirror>> = OnceLock::new();
+    let dev = Device::Cuda(91);
+    let m = M.get_or_init(|| {
+        let m = Arc::new(HostMirror::new(dev));
+        device::register::<f64>(m.clone());
+        m
+    });
+    (m, dev)
+}
+
+#[test]
+fn every_primitive_runs_through_the_seam_and_matches_the_cpu() {
+    let (m, dev) = mirror();
+    let report = conformance::check::<f64>(dev).unwrap();
+    assert_eq!(report.len(), PRIMITIVES.len() - 1, "one case per primitive but reshape");
+    for a in &report {
+        // The mirror runs the CPU's kernels: anything but identical is a seam bug.
+        assert_eq!((a.forward, a.backward), (0.0, 0.0), "{}: cpu and {dev} differ", a.primitive);
+    }
+    // Every primitive but reshape (a view of the same storage on any device) reached the
+    // backend, forward and backward.
+    let seen = m.calls();
+    for p in PRIMITIVES.iter().filter(|&&p| p != "reshape") {
+        assert!(seen.get(p).is_some_and(|c| c.0 > 0 && c.1 > 0), "primitive {p} never reached the backend: {seen:?}");
+    }
+}
+
+#[test]
+fn the_check_sees_a_wrong_backend() {
+    // A backend that gets one primitive wrong (relu as the identity) is reported, by name.
+    struct Wrong(HostMirror);
+    impl Backend<f64> for Wrong {
+        fn device(&self) -> Device {
+            Backend::<f64>::device(&self.0)
+        }
+        fn describe(&self) -> String {
+            "wrong".into()
+        }
+        fn upload(&self, host: &[f64]) -> Result<std::sync::Arc<dyn DeviceBuffer<f64>>> {
+            self.0.upload(host)
+        }
+        fn forward(&self, prim: &Prim, x: &[Tensor<f64>]) -> Result<device::Forward<f64>> {
+            match prim {
+                Prim::Unary(Unary::Relu) => self.0.forward(&Prim::Unary(Unary::MulScalar(1.0)), x),
+                _ => self.0.forward(prim, x),
+            }
+        }
+        fn backward(&self, prim: &Prim, saved: &dyn std::any::Any, g: &Tensor<f64>, x: &[Tensor<f64>], y: &Tensor<f64>) -> Result<Vec<Option<Tensor<f64>>>> {
+            self.0.backward(prim, saved, g, x, y)
+        }
+    }
+    let dev = Device::Cuda(93);
+    device::register::<f64>(Arc::new(Wrong(HostMirror::new(dev))));
+    let report = conformance::check::<f64>(dev).unwrap();
+    let bad: Vec<&str> = report.iter().filter(|a| a.forward > 1e-4 || a.backward > 1e-4).map(|a| a.primitive).collect();
+    assert_eq!(bad, ["unary"], "{report:?}");
+}
+
+#[test]
+fn inputs_on_two_devices_are_refused_by_name() {
+    let (_, dev) = mirror();
+    let a = Var::parameter(Tensor::<f64>::ones(&[2, 2]).unwrap());
+    let b = Var::parameter(Tensor::<f64>::ones(&[2, 2]).unwrap().to(dev).unwrap());
+    let e = a.matmul(&b).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Device);
+    assert!(e.to_string().contains("cpu") && e.to_string().contains("cuda:91"), "{e}");
+}
+
+#[test]
+fn a_device_without_a_backend_says_so() {
+    let e = Tensor::<f64>::ones(&[2]).unwrap().to(Device::Cuda(57)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Device);
+    assert!(e.to_string().contains("cuda:57"), "{e}");
+    // f32 has no mirror registered in this binary, even on the mirror's ordinal.
+    assert!(Tensor::<f32>::ones(&[2]).unwrap().to(mirror().1).is_err());
+}
+
+#[test]
+fn leaves_stay_on_their_device_when_assigned() {
+    let (_, dev) = mirror();
+    let p = Var::parameter(Tensor::<f64>::zeros(&[3]).unwrap());
+    p.to_device(dev).unwrap();
+    // Loading host weights into a parameter on a device keeps it there.
+    p.set_value(Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3]).unwrap()).unwrap();
+    assert_eq!(p.device(), dev);
+    // An optimizer's in-place update too.
+    p.update_value(|w| w.iter_mut().for_each(|v| *v *= 2.0)).unwrap();
+    assert_eq!(p.device(), dev);
+    assert_eq!(p.value().to_host().unwrap().data(), &[2.0, 4.0, 6.0]);
+    p.to_device(Device::Cpu).unwrap();
+    assert_eq!(p.device(), Device::Cpu);
+}
+
+#[test]
+fn device_names_parse_as_pytorch_spells_them() {
+    assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+    assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+    assert_eq!("CUDA:3".parse::<Device>().unwrap(), Device::Cuda(3));
+    assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    for bad in ["tpu", "cuda:", "cuda:-1", "cuda:x", ""] {
+        let e = bad.parse::<Device>().unwrap_err();
+        assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+    }
+}
