@@ -1,0 +1,816 @@
+//! The CUDA implementation of `stride_autograd::Backend<f32>`.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cublasOperation_t as Op;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use stride_autograd::device::{cpu_backward, cpu_forward, Backend, CpuSaved, Forward, Prim};
+use stride_autograd::Unary;
+use stride_kernels::conv::ConvGeom;
+use stride_kernels::pool::PoolGeom;
+use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
+
+use crate::{err, GpuInfo};
+
+/// The primitives with CUDA kernels; the rest run through the CPU kernels on copies.
+pub const NATIVE: [&str; 15] = [
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "unary",
+    "sum",
+    "matmul",
+    "conv2d",
+    "conv_transpose2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "batch_norm",
+    "softmax",
+    "log_softmax",
+    "nll_loss",
+];
+
+const KERNELS: &str = include_str!("kernels.cu");
+const FUNCTIONS: &[&str] = &[
+    "binary_same",
+    "binary_bcast",
+    "bcast_copy",
+    "scale",
+    "reduce_sum",
+    "unary_fwd",
+    "unary_bwd",
+    "im2col",
+    "col2im",
+    "knl_to_nkl",
+    "nkl_to_knl",
+    "add_channel_bias",
+    "max_pool_fwd",
+    "scatter_planes",
+    "avg_pool_fwd",
+    "avg_pool_bwd",
+    "bn_stats",
+    "bn_finish",
+    "bn_normalize",
+    "bn_sums",
+    "bn_dx",
+    "softmax_fwd",
+    "softmax_bwd",
+    "nll_fwd",
+    "nll_bwd",
+];
+
+/// Compiles `kernels.cu` with NVRTC (no GPU needed) and checks that every kernel the backend
+/// launches is in the PTX.
+pub fn compile_kernels() -> Result<cudarc::nvrtc::Ptx> {
+    crate::present("libnvrtc.so.13")?;
+    let ptx = cudarc::nvrtc::compile_ptx(KERNELS).map_err(|e| err("compiling the kernels with NVRTC", e))?;
+    let text = ptx.to_src();
+    if let Some(missing) = FUNCTIONS.iter().find(|f| !text.contains(&format!(".entry {f}("))) {
+        return Err(err("kernels.cu", format!("no kernel named {missing} in the PTX")));
+    }
+    Ok(ptx)
+}
+
+/// Elements of a tensor on the GPU.
+struct CudaBuf {
+    ordinal: usize,
+    /// At least `len` elements (one when `len` is 0).
+    data: CudaSlice<f32>,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceBuffer<f32> for CudaBuf {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read(&self) -> Result<Vec<f32>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream.clone_dtoh(&self.data.slice(0..self.len)).map_err(|e| err("copying to the host", e))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// What a forward pass leaves for its backward pass.
+enum Saved {
+    Nothing,
+    Cpu(CpuSaved<f32>),
+    Argmax(CudaSlice<i32>),
+    Stats { mean: CudaSlice<f32>, invstd: CudaSlice<f32> },
+    Targets(CudaSlice<i32>),
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    about: String,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+const THREADS: u32 = 256;
+
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per output (reductions), at most 65,535 blocks looping over the rest.
+fn per_block(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.clamp(1, 65_535) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn int(op: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::arg(op, format!("size {v} is too large for the CUDA kernels' 32-bit indices")))
+}
+
+/// The code and parameters of an element-wise function in `kernels.cu`.
+fn unary_code(u: Unary) -> (i32, f32, f32) {
+    match u {
+        Unary::Relu => (0, 0.0, 0.0),
+        Unary::Relu6 => (1, 0.0, 0.0),
+        Unary::LeakyRelu(a) => (2, a as f32, 0.0),
+        Unary::Elu(a) => (3, a as f32, 0.0),
+        Unary::Selu => (4, 0.0, 0.0),
+        Unary::Gelu => (5, 0.0, 0.0),
+        Unary::Silu => (6, 0.0, 0.0),
+        Unary::HardSwish => (7, 0.0, 0.0),
+        Unary::Tanh => (8, 0.0, 0.0),
+        Unary::Sigmoid => (9, 0.0, 0.0),
+        Unary::Softplus { beta, threshold } => (10, beta as f32, threshold as f32),
+        Unary::Exp => (11, 0.0, 0.0),
+        Unary::Log => (12, 0.0, 0.0),
+        Unary::Sqrt => (13, 0.0, 0.0),
+        Unary::Neg => (14, 0.0, 0.0),
+        Unary::Abs => (15, 0.0, 0.0),
+        Unary::Square => (16, 0.0, 0.0),
+        Unary::Pow(p) => (17, p as f32, 0.0),
+        Unary::AddScalar(c) => (18, c as f32, 0.0),
+        Unary::MulScalar(c) => (19, c as f32, 0.0),
+        Unary::Clamp(lo, hi) => (20, lo as f32, hi as f32),
+    }
+}
+
+/// Launches `kernel` with the given configuration and arguments.
+macro_rules! launch {
+    ($self:ident, $kernel:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $self.function($kernel)?;
+        // One statement, so temporaries among the arguments live through the launch.
+        // SAFETY: the kernel's parameters in kernels.cu match these arguments in order and
+        // type, and every buffer is at least as long as the sizes passed with it.
+        unsafe { $self.stream.launch_builder(f)$(.arg($arg))+.launch($cfg) }.map_err(|e| err($kernel, e))?;
+    }};
+}
+
+/// C[m, n] = op(A) op(B) (+ beta C) for row-major matrices: `ta`/`tb` say A is stored [k, m] /
+/// B is stored [n, k].
+struct Mm {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    beta: f32,
+}
+
+impl CudaBackend {
+    pub(crate) fn new(ordinal: usize, gpu: &GpuInfo) -> Result<Self> {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err("opening the device", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("starting cuBLAS", e))?;
+        let ptx = compile_kernels()?;
+        let module = ctx.load_module(ptx).map_err(|e| err("loading the kernels", e))?;
+        let mut functions = HashMap::new();
+        for &f in FUNCTIONS {
+            functions.insert(f, module.load_function(f).map_err(|e| err(f, e))?);
+        }
+        let about = format!(
+            "cuda:{ordinal}: {} ({:.0} GiB, compute {}.{}); cuBLAS and NVRTC kernels for {} of 26 primitives",
+            gpu.name,
+            gpu.memory_bytes as f64 / (1u64 << 30) as f64,
+            gpu.compute_capability.0,
+            gpu.compute_capability.1,
+            NATIVE.len()
+        );
+        Ok(CudaBackend { ordinal, about, stream, blas, functions })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Waits for all queued GPU work (timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| err("synchronize", e))
+    }
+
+    fn function(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| err("kernel", name))
+    }
+
+    fn slice<'a>(&self, t: &'a Tensor<f32>) -> Result<&'a CudaSlice<f32>> {
+        t.device_buffer()
+            .and_then(|b| b.as_any().downcast_ref::<CudaBuf>())
+            .filter(|b| b.ordinal == self.ordinal)
+            .map(|b| &b.data)
+            .ok_or_else(|| Error::device("cuda", format!("expected a tensor on cuda:{}, got one on {}", self.ordinal, t.device())))
+    }
+
+    fn wrap(&self, data: CudaSlice<f32>, shape: &[usize]) -> Result<Tensor<f32>> {
+        let len = shape::numel("cuda", shape)?;
+        if data.len() < len {
+            return Err(Error::device("cuda", format!("a buffer of {} elements for shape {shape:?}", data.len())));
+        }
+        Tensor::from_device(Arc::new(CudaBuf { ordinal: self.ordinal, data, len, stream: self.stream.clone() }), shape)
+    }
+
+    /// A zeroed buffer of `n` elements (one for an empty tensor: CUDA allocates no zero bytes).
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| err("allocating", e))
+    }
+
+    fn upload_i64(&self, v: &[i64]) -> Result<CudaSlice<i64>> {
+        self.stream.clone_htod(v).map_err(|e| err("copying to the device", e))
+    }
+
+    fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(&self, mm: Mm, a: &A, b: &B, c: &mut C) -> Result<()> {
+        let Mm { m, n, k, ta, tb, beta } = mm;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let i = |v: usize| int("matmul", v);
+        // Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+        let cfg = GemmConfig {
+            transa: if tb { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N },
+            transb: if ta { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N },
+            m: i(n)?,
+            n: i(m)?,
+            k: i(k)?,
+            alpha: 1.0,
+            lda: i(if tb { k } else { n })?.max(1),
+            ldb: i(if ta { m } else { k })?.max(1),
+            beta,
+            ldc: i(n)?,
+        };
+        // SAFETY: the buffers hold at least m*k, k*n and m*n elements (checked by the callers'
+        // shapes), and they are distinct allocations or disjoint views.
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| err("cuBLAS sgemm", e))
+    }
+
+    // ---- element-wise ----
+
+    fn binary(&self, op: i32, a: &Tensor<f32>, b: &Tensor<f32>) -> Result<Tensor<f32>> {
+        const NAMES: [&str; 4] = ["add", "sub", "mul", "div"];
+        let out = shape::broadcast_shape(NAMES[op as usize], a.shape(), b.shape())?;
+        let n = shape::numel(NAMES[op as usize], &out)?;
+        let mut y = self.zeros(n)?;
+        let (sa, sb) = (self.slice(a)?, self.slice(b)?);
+        if n > 0 {
+            if a.shape() == b.shape() {
+                launch!(self, "binary_same", grid(n), &op, sa, sb, &mut y, &(n as i64));
+            } else {
+                let mut meta = vec![out.len() as i64];
+                meta.extend(out.iter().map(|&d| d as i64));
+                meta.extend(shape::broadcast_strides(a.shape(), &out).iter().map(|&d| d as i64));
+                meta.extend(shape::broadcast_strides(b.shape(), &out).iter().map(|&d| d as i64));
+                let meta = self.upload_i64(&meta)?;
+                launch!(self, "binary_bcast", grid(n), &op, sa, sb, &mut y, &(n as i64), &meta);
+            }
+        }
+        self.wrap(y, &out)
+    }
+
+    fn scale(&self, x: &Tensor<f32>, c: f32) -> Result<Tensor<f32>> {
+        let n = x.numel();
+        let mut y = self.zeros(n)?;
+        if n > 0 {
+            launch!(self, "scale", grid(n), self.slice(x)?, &c, &mut y, &(n as i64));
+        }
+        self.wrap(y, x.shape())
+    }
+
+    /// `x` broadcast to `to` (right-aligned, as the binary ops broadcast).
+    fn broadcast(&self, x: &Tensor<f32>, to: &[usize]) -> Result<Tensor<f32>> {
+        let n = shape::numel("broadcast", to)?;
+        let mut y = self.zeros(n)?;
+        if n > 0 {
+            let mut meta = vec![to.len() as i64];
+            meta.extend(to.iter().map(|&d| d as i64));
+            meta.extend(shape::broadcast_strides(x.shape(), to).iter().map(|&d| d as i64));
+            let meta = self.upload_i64(&meta)?;
+            launch!(self, "bcast_copy", grid(n), self.slice(x)?, &mut y, &(n as i64), &meta);
+        }
+        self.wrap(y, to)
+    }
+
+    /// Sums `x` over the axes where `keep` is false; the result has `out` as shape (the kept
+    /// axes in order, with or without ones where the others were).
+    fn reduce(&self, x: &Tensor<f32>, keep: &[bool], out: &[usize]) -> Result<Tensor<f32>> {
+        let s = x.shape();
+        let st = shape::strides(s);
+        let (mut kept, mut red) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for (d, &k) in keep.iter().enumerate() {
+            let (dims, strides) = if k { (&mut kept.0, &mut kept.1) } else { (&mut red.0, &mut red.1) };
+            dims.push(s[d] as i64);
+            strides.push(st[d] as i64);
+        }
+        let n_out: usize = kept.0.iter().product::<i64>() as usize;
+        let n_red: usize = red.0.iter().product::<i64>() as usize;
+        let mut y = self.zeros(n_out)?;
+        if n_out > 0 && n_red > 0 {
+            let mut meta = vec![kept.0.len() as i64];
+            meta.extend(&kept.0);
+            meta.extend(&kept.1);
+            meta.push(red.0.len() as i64);
+            meta.extend(&red.0);
+            meta.extend(&red.1);
+            let meta = self.upload_i64(&meta)?;
+            launch!(self, "reduce_sum", per_block(n_out), self.slice(x)?, &mut y, &(n_out as i64), &(n_red as i64), &meta);
+        }
+        self.wrap(y, out)
+    }
+
+    /// The gradient of a broadcast: `g` summed down to `shape`.
+    fn sum_to(&self, g: &Tensor<f32>, to: &[usize]) -> Result<Tensor<f32>> {
+        if g.shape() == to {
+            return Ok(g.clone());
+        }
+        let lead = g.rank() - to.len();
+        let keep: Vec<bool> = g.shape().iter().enumerate().map(|(d, &n)| d >= lead && (to[d - lead] == n)).collect();
+        self.reduce(g, &keep, to)
+    }
+
+    fn unary(&self, u: Unary, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let (code, p0, p1) = unary_code(u);
+        let n = x.numel();
+        let mut y = self.zeros(n)?;
+        if n > 0 {
+            launch!(self, "unary_fwd", grid(n), &code, &p0, &p1, self.slice(x)?, &mut y, &(n as i64));
+        }
+        self.wrap(y, x.shape())
+    }
+
+    // ---- products and convolution ----
+
+    fn matmul(&self, a: &Tensor<f32>, b: &Tensor<f32>, tb: bool) -> Result<Tensor<f32>> {
+        let (as_, bs) = (a.shape(), b.shape());
+        let ([m, k], [b0, b1]) = (dims2(as_)?, dims2(bs)?);
+        let (kb, n) = if tb { (b1, b0) } else { (b0, b1) };
+        if k != kb {
+            stride_tensor::bail!(shape, "matmul", "cannot multiply {as_:?} by {bs:?}{}", if tb { " transposed" } else { "" });
+        }
+        let mut c = self.zeros(m * n)?;
+        self.gemm(Mm { m, n, k, ta: false, tb, beta: 0.0 }, self.slice(a)?, self.slice(b)?, &mut c)?;
+        self.wrap(c, &[m, n])
+    }
+
+    /// Columns [C*R*S, N*P*Q] of the image `x` [N, C, H, W] for geometry `g`.
+    fn im2col(&self, g: &ConvGeom, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = g.c * g.r * g.s * g.n * g.p * g.q;
+        let mut cols = self.zeros(n)?;
+        let a = self.geom_args(g)?;
+        if n > 0 {
+            launch!(self, "im2col", grid(n), x, &mut cols, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+        }
+        Ok(cols)
+    }
+
+    /// The image [N, C, H, W] whose columns add up to `cols` (im2col's adjoint).
+    fn col2im(&self, g: &ConvGeom, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = g.n * g.c * g.h * g.w;
+        let mut x = self.zeros(n)?;
+        let a = self.geom_args(g)?;
+        if n > 0 {
+            launch!(self, "col2im", grid(n), cols, &mut x, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+        }
+        Ok(x)
+    }
+
+    fn geom_args(&self, g: &ConvGeom) -> Result<[i32; 14]> {
+        let v = [g.n, g.c, g.h, g.w, g.p, g.q, g.r, g.s, g.stride.0, g.stride.1, g.dilation.0, g.dilation.1, g.pad.0, g.pad.2];
+        let mut out = [0i32; 14];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = int("conv2d", x)?;
+        }
+        Ok(out)
+    }
+
+    /// [N, K, L] -> [K, N*L].
+    fn to_knl(&self, y: &CudaSlice<f32>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
+        let mut t = self.zeros(n * k * l)?;
+        if n * k * l > 0 {
+            launch!(self, "nkl_to_knl", grid(n * k * l), y, &mut t, &int("conv", n)?, &int("conv", k)?, &(l as i64));
+        }
+        Ok(t)
+    }
+
+    /// [K, N*L] -> [N, K, L] plus an optional bias per k.
+    fn from_knl(&self, t: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.zeros(n * k * l)?;
+        if n * k * l > 0 {
+            let has = bias.is_some() as i32;
+            launch!(self, "knl_to_nkl", grid(n * k * l), t, bias.unwrap_or(t), &has, &mut y, &int("conv", n)?, &int("conv", k)?, &(l as i64));
+        }
+        Ok(y)
+    }
+
+    /// The convolution's product per group: out[K, NPQ] = W[K, CgRS] x cols[C*R*S, NPQ].
+    fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut out = self.zeros(g.k * npq)?;
+        for gi in 0..g.groups {
+            let wv: CudaView<f32> = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
+            let cv: CudaView<f32> = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
+            let mut ov: CudaViewMut<f32> = out.slice_mut(gi * kg * npq..(gi + 1) * kg * npq);
+            self.gemm(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, &wv, &cv, &mut ov)?;
+        }
+        Ok(out)
+    }
+
+    /// The convolution's adjoint product per group: cols[C*R*S, NPQ] = W^T x t[K, NPQ].
+    fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut cols = self.zeros(g.c * g.r * g.s * npq)?;
+        for gi in 0..g.groups {
+            let wv = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
+            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
+            let mut cv = cols.slice_mut(gi * crs * npq..(gi + 1) * crs * npq);
+            self.gemm(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, &wv, &tv, &mut cv)?;
+        }
+        Ok(cols)
+    }
+
+    /// The filter gradient per group: dW[K, CgRS] = t[K, NPQ] x cols^T.
+    fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut dw = self.zeros(g.k * crs)?;
+        for gi in 0..g.groups {
+            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
+            let cv = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
+            let mut dv = dw.slice_mut(gi * kg * crs..(gi + 1) * kg * crs);
+            self.gemm(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, &tv, &cv, &mut dv)?;
+        }
+        Ok(dw)
+    }
+
+    /// Sum over every axis but 1 of [N, C, ...]: a bias's gradient.
+    fn channel_sums(&self, g: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let keep: Vec<bool> = (0..g.rank()).map(|d| d == 1).collect();
+        self.reduce(g, &keep, &[g.shape()[1]])
+    }
+
+    fn conv2d(&self, x: &[Tensor<f32>], opts: &stride_kernels::conv::Conv2dOptions) -> Result<Tensor<f32>> {
+        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
+        check_bias("conv2d", x.get(2), g.k)?;
+        let cols = self.im2col(&g, self.slice(&x[0])?)?;
+        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
+        let bias = x.get(2).map(|b| self.slice(b)).transpose()?;
+        let y = self.from_knl(&t, bias, g.n, g.k, g.p * g.q)?;
+        self.wrap(y, &g.small_shape())
+    }
+
+    fn conv2d_backward(&self, opts: &stride_kernels::conv::Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
+        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
+        let t = self.to_knl(self.slice(gy)?, g.n, g.k, g.p * g.q)?;
+        let cols = self.im2col(&g, self.slice(&x[0])?)?;
+        let dw = self.conv_filter_grad(&g, &t, &cols)?;
+        drop(cols);
+        let dcols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
+        let dx = self.col2im(&g, &dcols)?;
+        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
+        if x.len() > 2 {
+            out.push(Some(self.channel_sums(gy)?));
+        }
+        Ok(out)
+    }
+
+    /// Transposed convolution: the adjoint of the convolution with geometry `g` (whose small
+    /// side is this op's input).
+    fn conv_transpose2d(&self, x: &[Tensor<f32>], opts: &stride_kernels::conv::Conv2dOptions) -> Result<Tensor<f32>> {
+        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
+        check_bias("conv_transpose2d", x.get(2), g.c)?;
+        let t = self.to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
+        let cols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
+        let mut y = self.col2im(&g, &cols)?;
+        let total = g.n * g.c * g.h * g.w;
+        if let (Some(b), true) = (x.get(2), total > 0) {
+            launch!(self, "add_channel_bias", grid(total), &mut y, self.slice(b)?, &int("conv_transpose2d", g.c)?, &((g.h * g.w) as i64), &(total as i64));
+        }
+        self.wrap(y, &[g.n, g.c, g.h, g.w])
+    }
+
+    fn conv_transpose2d_backward(&self, opts: &stride_kernels::conv::Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
+        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
+        // The input's gradient is the convolution of gy; the filter's pairs gy's columns with x.
+        let cols = self.im2col(&g, self.slice(gy)?)?;
+        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
+        let dx = self.from_knl(&t, None, g.n, g.k, g.p * g.q)?;
+        let xt = self.to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
+        let dw = self.conv_filter_grad(&g, &xt, &cols)?;
+        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
+        if x.len() > 2 {
+            out.push(Some(self.channel_sums(gy)?));
+        }
+        Ok(out)
+    }
+
+    // ---- pooling ----
+
+    fn pool_args(g: &PoolGeom) -> Result<[i32; 14]> {
+        let v = [g.n * g.c, g.h, g.w, g.p, g.q, g.kernel.0, g.kernel.1, g.stride.0, g.stride.1, g.pad.0, g.pad.1, g.pad.2, g.pad.3, g.count_include_pad as usize];
+        let mut out = [0i32; 14];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = int("pool", x)?;
+        }
+        Ok(out)
+    }
+
+    // ---- batch norm ----
+
+    fn batch_norm(&self, x: &[Tensor<f32>], training: bool, opts: &stride_autograd::BatchNormOptions) -> Result<Forward<f32>> {
+        const OP: &str = "batch_norm";
+        if x.len() != 5 {
+            stride_tensor::bail!(arg, OP, "takes x, weight, bias, running mean and variance, got {} tensors", x.len());
+        }
+        let s = x[0].shape();
+        if s.len() < 2 {
+            stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
+        }
+        let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+        for (name, t) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&x[1..]) {
+            if t.shape() != [c] {
+                stride_tensor::bail!(shape, OP, "{name} has shape {:?} but the input has {c} channels (input {s:?})", t.shape());
+            }
+        }
+        if training && n * l <= 1 {
+            stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
+        }
+        let (ci, li) = (int(OP, c)?, l as i64);
+        let mut mean = self.zeros(c)?;
+        let mut var = self.zeros(c)?;
+        let mut invstd = self.zeros(c)?;
+        let mut state = Vec::new();
+        if training {
+            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
+            let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
+            let (mom, m) = (opts.momentum as f32, (n * l) as f32);
+            launch!(self, "bn_finish", grid(c), &mean, &var, &mut invstd, &(opts.eps as f32), &ci, &mom, &m, self.slice(&x[3])?, self.slice(&x[4])?, &mut rm, &mut rv);
+            state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
+        } else {
+            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| err("copy", e))?;
+            let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
+            let rv = self.slice(&x[4])?;
+            launch!(self, "bn_finish", grid(c), &mean, rv, &mut invstd, &(opts.eps as f32), &ci, &(-1.0f32), &0.0f32, rv, rv, &mut unused_m, &mut unused_v);
+        }
+        let total = x[0].numel();
+        let mut y = self.zeros(total)?;
+        if total > 0 {
+            launch!(self, "bn_normalize", grid(total), self.slice(&x[0])?, &mean, &invstd, self.slice(&x[1])?, self.slice(&x[2])?, &mut y, &ci, &li, &(total as i64));
+        }
+        Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
+    }
+}
+
+fn dims2(s: &[usize]) -> Result<[usize; 2]> {
+    match *s {
+        [a, b] => Ok([a, b]),
+        _ => Err(Error::shape("matmul", format!("expects 2-D operands, got shape {s:?}"))),
+    }
+}
+
+fn check_bias(op: &'static str, bias: Option<&Tensor<f32>>, channels: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.shape() != [channels] => Err(Error::shape(op, format!("bias has shape {:?}, expected [{channels}] (one per output channel)", b.shape()))),
+        _ => Ok(()),
+    }
+}
+
+/// (outer, dim, inner) of a softmax along `axis`.
+fn split_axis(op: &'static str, s: &[usize], axis: usize) -> Result<(usize, usize, usize)> {
+    shape::check_axis(op, axis, s)?;
+    if s[axis] == 0 {
+        stride_tensor::bail!(shape, op, "axis {axis} of shape {s:?} is empty");
+    }
+    Ok((s[..axis].iter().product(), s[axis], s[axis + 1..].iter().product()))
+}
+
+impl Backend<f32> for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn describe(&self) -> String {
+        self.about.clone()
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {
+        let data = if host.is_empty() { self.zeros(0)? } else { self.stream.clone_htod(host).map_err(|e| err("copying to the device", e))? };
+        Ok(Arc::new(CudaBuf { ordinal: self.ordinal, data, len: host.len(), stream: self.stream.clone() }))
+    }
+
+    fn forward(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
+        let done = |y: Tensor<f32>| Ok(Forward { y, state: Vec::new(), saved: Box::new(Saved::Nothing) });
+        match prim {
+            Prim::Add => done(self.binary(0, &x[0], &x[1])?),
+            Prim::Sub => done(self.binary(1, &x[0], &x[1])?),
+            Prim::Mul => done(self.binary(2, &x[0], &x[1])?),
+            Prim::Div => done(self.binary(3, &x[0], &x[1])?),
+            Prim::Unary(u) => done(self.unary(*u, &x[0])?),
+            Prim::Sum { axes, keepdim } => {
+                let s = x[0].shape();
+                let mut keep = vec![true; s.len()];
+                for &a in axes {
+                    shape::check_axis("sum", a, s)?;
+                    if !std::mem::replace(&mut keep[a], false) {
+                        stride_tensor::bail!(arg, "sum", "axis {a} appears twice in {axes:?}");
+                    }
+                }
+                let out: Vec<usize> = s.iter().zip(&keep).filter_map(|(&d, &k)| if k { Some(d) } else if *keepdim { Some(1) } else { None }).collect();
+                done(self.reduce(&x[0], &keep, &out)?)
+            }
+            Prim::MatMul { transpose_b } => done(self.matmul(&x[0], &x[1], *transpose_b)?),
+            Prim::Conv2d { opts } => done(self.conv2d(x, opts)?),
+            Prim::ConvTranspose2d { opts } => done(self.conv_transpose2d(x, opts)?),
+            Prim::MaxPool2d { opts } => {
+                let g = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
+                let a = Self::pool_args(&g)?;
+                let n = g.n * g.c * g.p * g.q;
+                let mut y = self.zeros(n)?;
+                let mut arg = self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| err("allocating", e))?;
+                if n > 0 {
+                    launch!(self, "max_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12]);
+                }
+                Ok(Forward { y: self.wrap(y, &g.out_shape())?, state: Vec::new(), saved: Box::new(Saved::Argmax(arg)) })
+            }
+            Prim::AvgPool2d { opts } => {
+                let g = PoolGeom::new("avg_pool2d", x[0].shape(), opts)?;
+                let a = Self::pool_args(&g)?;
+                let n = g.n * g.c * g.p * g.q;
+                let mut y = self.zeros(n)?;
+                if n > 0 {
+                    launch!(self, "avg_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+                }
+                done(self.wrap(y, &g.out_shape())?)
+            }
+            Prim::BatchNorm { training, opts } => self.batch_norm(x, *training, opts),
+            Prim::Softmax { axis } | Prim::LogSoftmax { axis } => {
+                let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
+                let (o, d, i) = split_axis(prim.name(), x[0].shape(), *axis)?;
+                let mut y = self.zeros(x[0].numel())?;
+                if o * i > 0 {
+                    launch!(self, "softmax_fwd", grid(o * i), self.slice(&x[0])?, &mut y, &(o as i64), &(d as i64), &(i as i64), &log);
+                }
+                done(self.wrap(y, x[0].shape())?)
+            }
+            Prim::Nll { targets } => {
+                let s = x[0].shape();
+                let [n, c] = s[..] else {
+                    stride_tensor::bail!(shape, "nll_loss", "expects [N, C] scores, got shape {s:?}");
+                };
+                if targets.len() != n || n == 0 {
+                    stride_tensor::bail!(shape, "nll_loss", "{} targets for a batch of {n}", targets.len());
+                }
+                if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t >= c) {
+                    stride_tensor::bail!(arg, "nll_loss", "target {t} at position {i} is not a class index below {c}");
+                }
+                let t: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+                let t = self.stream.clone_htod(&t).map_err(|e| err("copying to the device", e))?;
+                let mut loss = self.zeros(1)?;
+                launch!(self, "nll_fwd", grid(1), self.slice(&x[0])?, &t, &mut loss, &int("nll_loss", n)?, &int("nll_loss", c)?);
+                Ok(Forward { y: self.wrap(loss, &[])?, state: Vec::new(), saved: Box::new(Saved::Targets(t)) })
+            }
+            _ => {
+                // No kernel yet: the CPU's, on copies.
+                let host = x.iter().map(|t| t.to_host()).collect::<Result<Vec<_>>>()?;
+                let (y, state, saved) = cpu_forward(prim, &host)?;
+                let up = |t: &Tensor<f32>| self.wrap_host(t);
+                Ok(Forward { y: up(&y)?, state: state.iter().map(up).collect::<Result<_>>()?, saved: Box::new(Saved::Cpu(saved)) })
+            }
+        }
+    }
+
+    fn backward(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<f32>, x: &[Tensor<f32>], y: &Tensor<f32>) -> Result<Vec<Option<Tensor<f32>>>> {
+        let saved = saved.downcast_ref::<Saved>().ok_or_else(|| Error::device(prim.name(), "saved state of another backend"))?;
+        let one = |t: Tensor<f32>| Ok(vec![Some(t)]);
+        match (prim, saved) {
+            (_, Saved::Cpu(s)) => {
+                let grads = cpu_backward(s, &g.to_host()?)?;
+                grads.iter().map(|d| d.as_ref().map(|d| self.wrap_host(d)).transpose()).collect()
+            }
+            (Prim::Add | Prim::Sub | Prim::Mul | Prim::Div, _) => {
+                let (a, b) = (&x[0], &x[1]);
+                let (ga, gb) = match prim {
+                    Prim::Add => (g.clone(), g.clone()),
+                    Prim::Sub => (g.clone(), self.scale(g, -1.0)?),
+                    Prim::Mul => (self.binary(2, g, b)?, self.binary(2, g, a)?),
+                    _ => {
+                        let ga = self.binary(3, g, b)?;
+                        let gb = self.scale(&self.binary(3, &self.binary(2, &ga, a)?, b)?, -1.0)?;
+                        (ga, gb)
+                    }
+                };
+                Ok(vec![Some(self.sum_to(&ga, a.shape())?), Some(self.sum_to(&gb, b.shape())?)])
+            }
+            (Prim::Unary(u), _) => {
+                let (code, p0, p1) = unary_code(*u);
+                let n = x[0].numel();
+                let mut dx = self.zeros(n)?;
+                if n > 0 {
+                    launch!(self, "unary_bwd", grid(n), &code, &p0, &p1, self.slice(g)?, self.slice(&x[0])?, self.slice(y)?, &mut dx, &(n as i64));
+                }
+                one(self.wrap(dx, x[0].shape())?)
+            }
+            (Prim::Sum { axes, .. }, _) => {
+                // g with ones where the summed axes were, broadcast back.
+                let kept: Vec<usize> = x[0].shape().iter().enumerate().map(|(d, &n)| if axes.contains(&d) { 1 } else { n }).collect();
+                one(self.broadcast(&g.reshape(&kept)?, x[0].shape())?)
+            }
+            (Prim::MatMul { transpose_b }, _) => {
+                let (a, b) = (&x[0], &x[1]);
+                let (m, k) = (a.shape()[0], a.shape()[1]);
+                let n = g.shape()[1];
+                let (sg, sa, sb) = (self.slice(g)?, self.slice(a)?, self.slice(b)?);
+                let mut da = self.zeros(m * k)?;
+                let mut db = self.zeros(k * n)?;
+                if *transpose_b {
+                    // C = A B^T (B stored [n, k]): dA = G B, dB = G^T A.
+                    self.gemm(Mm { m, n: k, k: n, ta: false, tb: false, beta: 0.0 }, sg, sb, &mut da)?;
+                    self.gemm(Mm { m: n, n: k, k: m, ta: true, tb: false, beta: 0.0 }, sg, sa, &mut db)?;
+                } else {
+                    // dA = G B^T, dB = A^T G.
+                    self.gemm(Mm { m, n: k, k: n, ta: false, tb: true, beta: 0.0 }, sg, sb, &mut da)?;
+                    self.gemm(Mm { m: k, n, k: m, ta: true, tb: false, beta: 0.0 }, sa, sg, &mut db)?;
+                }
+                Ok(vec![Some(self.wrap(da, a.shape())?), Some(self.wrap(db, b.shape())?)])
+            }
+            (Prim::Conv2d { opts }, _) => self.conv2d_backward(opts, g, x),
+            (Prim::ConvTranspose2d { opts }, _) => self.conv_transpose2d_backward(opts, g, x),
+            (Prim::MaxPool2d { opts }, Saved::Argmax(arg)) => {
+                let pg = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
+                let (out_plane, in_plane, total) = ((pg.p * pg.q) as i64, (pg.h * pg.w) as i64, g.numel());
+                let mut dx = self.zeros(x[0].numel())?;
+                if total > 0 {
+                    launch!(self, "scatter_planes", grid(total), self.slice(g)?, arg, &mut dx, &out_plane, &in_plane, &(total as i64));
+                }
+                one(self.wrap(dx, x[0].shape())?)
+            }
+            (Prim::AvgPool2d { opts }, _) => {
+                let pg = PoolGeom::new("avg_pool2d", x[0].shape(), opts)?;
+                let a = Self::pool_args(&pg)?;
+                let mut dx = self.zeros(x[0].numel())?;
+                if g.numel() > 0 {
+                    launch!(self, "avg_pool_bwd", grid(g.numel()), self.slice(g)?, &mut dx, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+                }
+                one(self.wrap(dx, x[0].shape())?)
+            }
+            (Prim::BatchNorm { training, .. }, Saved::Stats { mean, invstd }) => {
+                let s = x[0].shape();
+                let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+                let (ci, li) = (int("batch_norm", c)?, l as i64);
+                let (mut dgamma, mut dbeta) = (self.zeros(c)?, self.zeros(c)?);
+                let (sg, sx) = (self.slice(g)?, self.slice(&x[0])?);
+                launch!(self, "bn_sums", per_block(c), sg, sx, mean, invstd, &mut dgamma, &mut dbeta, &int("batch_norm", n)?, &ci, &li);
+                let total = x[0].numel();
+                let mut dx = self.zeros(total)?;
+                if total > 0 {
+                    let batch = *training as i32;
+                    launch!(self, "bn_dx", grid(total), sg, sx, mean, invstd, self.slice(&x[1])?, &dgamma, &dbeta, &batch, &((n * l) as f32), &mut dx, &ci, &li, &(total as i64));
+                }
+                Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)])
+            }
+            (Prim::Softmax { axis } | Prim::LogSoftmax { axis }, _) => {
+                let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
+                let (o, d, i) = split_axis(prim.name(), y.shape(), *axis)?;
+                let mut dx = self.zeros(y.numel())?;
+                if o * i > 0 {
+                    launch!(self, "softmax_bwd", grid(o * i), self.slice(y)?, self.slice(g)?, &mut dx, &(o as i64), &(d as i64), &(i as i64), &log);
+                }
+                one(self.wrap(dx, y.shape())?)
+            }
+            (Prim::Nll { .. }, Saved::Targets(t)) => {
+                let (n, c) = (x[0].shape()[0], x[0].shape()[1]);
+                let mut dx = self.zeros(n * c)?;
+                launch!(self, "nll_bwd", grid(n * c), self.slice(g)?, t, &mut dx, &int("nll_loss", n)?, &int("nll_loss", c)?);
+                one(self.wrap(dx, x[0].shape())?)
+            }
+            _ => Err(Error::device(prim.name(), "backward without the state its forward pass saves")),
+        }
+    }
+}
+
+impl CudaBackend {
+    fn wrap_host(&self, t: &Tensor<f32>) -> Result<Tensor<f32>> {
+        Tensor::from_device(self.upload(t.data())?, t.shape())
+    }
+}
