@@ -105,6 +105,10 @@ pub trait Backend<T: Elem>: Send + Sync {
     /// Gradients for each input of `forward` (None where the input gets none), given the output
     /// gradient `g`, the inputs `x`, the output `y` and what `forward` saved.
     fn backward(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<T>, x: &[Tensor<T>], y: &Tensor<T>) -> Result<Vec<Option<Tensor<T>>>>;
+    /// Waits until the work queued so far is done (for timing; reading a value back waits too).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 type Entry = (TypeId, Device, Arc<dyn Any + Send + Sync>);
@@ -131,6 +135,14 @@ pub fn backend<T: Elem>(device: Device) -> Result<Arc<dyn Backend<T>>> {
                 format!("no {} backend for {device} is set up (the CLI's --device does it; a program calls stride_cuda::init first)", T::NAME),
             )
         })
+}
+
+/// Waits for `device`'s queued work (nothing to wait for on the CPU).
+pub fn synchronize<T: Elem>(device: Device) -> Result<()> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    backend::<T>(device)?.synchronize()
 }
 
 /// The devices with a registered backend for `T`.

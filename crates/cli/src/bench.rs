@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use stride_autograd::{conv2d, conv_transpose2d, no_grad, Conv2dOptions, Padding, Result, Rng, Var};
+use stride_autograd::{conv2d, conv_transpose2d, device, no_grad, Conv2dOptions, Device, Padding, Result, Rng, ToDevice, Var};
 use stride_kernels::conv::{self, ConvGeom};
 use stride_nn::planned::TrainPlanned;
 
@@ -62,16 +62,28 @@ const B3: [Shape; 9] = [
 
 const WARMUP: usize = 3;
 
-pub fn run(args: &BenchArgs) -> Result<()> {
+pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
     if args.reps == 0 {
         return Err(stride_autograd::Error::arg("bench", "--reps must be at least 1"));
     }
+    if !device.is_cpu() {
+        if args.train_plan {
+            return Err(stride_autograd::Error::device("bench", "--train-plan: plans run on the CPU"));
+        }
+        return match args.bench {
+            Bench::Lenet => lenet_bench(args, device),
+            Bench::Vae => vae_bench(args, device),
+            Bench::Resnet18 => resnet18_bench(args, device),
+            Bench::All => lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| resnet18_bench(args, device)),
+            Bench::Conv => Err(stride_autograd::Error::device("bench", "the B3 convolution figures time the CPU kernels; use --bench lenet, vae or resnet18 on a GPU")),
+        };
+    }
     match args.bench {
         Bench::Conv => conv_bench(args),
-        Bench::Lenet => lenet_bench(args),
-        Bench::Vae => vae_bench(args),
-        Bench::Resnet18 => resnet18_bench(args),
-        Bench::All => lenet_bench(args).and_then(|_| vae_bench(args)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args)),
+        Bench::Lenet => lenet_bench(args, device),
+        Bench::Vae => vae_bench(args, device),
+        Bench::Resnet18 => resnet18_bench(args, device),
+        Bench::All => lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args, device)),
     }
 }
 
@@ -151,13 +163,14 @@ fn conv_bench(args: &BenchArgs) -> Result<()> {
 
 /// B1: SPEC.md's `lenet_train` (forward, backward, plain SGD lr 0.01 on random data, batch 64)
 /// and `lenet_infer` (forward only), in images per second.
-fn lenet_bench(args: &BenchArgs) -> Result<()> {
+fn lenet_bench(args: &BenchArgs, device: Device) -> Result<()> {
     use stride_nn::optim::{Optimizer, Sgd};
     use stride_nn::{Ctx, Module};
     let spec = stride_models::InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
     let mut model = stride_models::build("cnn", &mut Rng::seed(2), spec).map_err(|e| e.source)?;
+    model.to(device).map_err(|e| e.source)?;
     let mut rng = Rng::seed(2);
-    let x = Var::constant(rng.normal::<f32>(&[64, 1, 28, 28], 0.0, 1.0)?);
+    let x = Var::constant(rng.normal::<f32>(&[64, 1, 28, 28], 0.0, 1.0)?.to(device)?);
     let labels: Vec<usize> = (0..64).map(|_| rng.below(10)).collect();
     let params = model.parameters();
     let mut opt = Sgd::new(0.01, 0.0, false, 0.0).map_err(|e| e.source)?;
@@ -168,20 +181,21 @@ fn lenet_bench(args: &BenchArgs) -> Result<()> {
         classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
-    let train_s = step_seconds(5, steps, &mut step)?;
+    let train_s = step_seconds(device, 5, steps, &mut step)?;
     let train_mode = mode(!args.train_plan, &planned, &x);
-    let infer_s = infer_seconds(args, &mut model, &x.value(), 5, steps)?;
-    report_mode("lenet_train", train_s, 64, train_mode);
-    report_mode("lenet_infer", infer_s, 64, if args.eager { "eager" } else { "planned" });
+    let infer_s = infer_seconds(args, device, &mut model, &x.value(), 5, steps)?;
+    report_mode("lenet_train", train_s, 64, train_mode, device);
+    report_mode("lenet_infer", infer_s, 64, infer_mode(args, device), device);
     Ok(())
 }
 
 /// Seconds per step: `warmup` untimed steps, then the median of 5 timed blocks that together
-/// hold at least `steps` steps.
-fn step_seconds(warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+/// hold at least `steps` steps (on a GPU, each block waits for its queued work).
+fn step_seconds(device: Device, warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         step()?;
     }
+    device::synchronize::<f32>(device)?;
     let block = steps.div_ceil(5).max(1);
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -189,6 +203,7 @@ fn step_seconds(warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()
         for _ in 0..block {
             step()?;
         }
+        device::synchronize::<f32>(device)?;
         times.push(t.elapsed().as_secs_f64() / block as f64);
     }
     times.sort_by(f64::total_cmp);
@@ -197,25 +212,34 @@ fn step_seconds(warmup: usize, steps: usize, step: &mut dyn FnMut() -> Result<()
 
 /// Seconds per inference pass of `model` on `x`: through a plan compiled once (the
 /// compilation is not timed, as a session's is not in the peers' figures), or eagerly.
-fn infer_seconds(args: &BenchArgs, model: &mut dyn stride_nn::Module, x: &stride_autograd::Tensor<f32>, warmup: usize, steps: usize) -> Result<f64> {
+fn infer_seconds(args: &BenchArgs, device: Device, model: &mut dyn stride_nn::Module, x: &stride_autograd::Tensor<f32>, warmup: usize, steps: usize) -> Result<f64> {
     use stride_nn::Ctx;
-    if args.eager {
+    if args.eager || !device.is_cpu() {
         let mut eval = Ctx::eval();
         let xv = Var::constant(x.clone());
-        return step_seconds(warmup, steps, &mut || no_grad(|| model.forward(&xv, &mut eval)).map(|_| ()).map_err(|e| e.source));
+        return step_seconds(device, warmup, steps, &mut || no_grad(|| model.forward(&xv, &mut eval)).map(|_| ()).map_err(|e| e.source));
     }
     let mut plan = stride_nn::planned::compile(model, x).map_err(|e| e.source)?;
-    step_seconds(warmup, steps, &mut || plan.run(x).map(|_| ()))
+    step_seconds(device, warmup, steps, &mut || plan.run(x).map(|_| ()))
+}
+
+/// How inference ran: planned on the CPU unless `--eager`; eagerly on a GPU.
+fn infer_mode(args: &BenchArgs, device: Device) -> &'static str {
+    if args.eager || !device.is_cpu() {
+        "eager"
+    } else {
+        "planned"
+    }
 }
 
 /// One images-per-second line.
-fn report(name: &str, secs: f64, batch: usize) {
-    println!("{}", record(name, secs, batch));
+fn report(name: &str, secs: f64, batch: usize, device: Device) {
+    println!("{}", record(name, secs, batch, device));
 }
 
 /// A figure's line, saying whether it ran planned or eagerly.
-fn report_mode(name: &str, secs: f64, batch: usize, mode: &str) {
-    let mut rec = record(name, secs, batch);
+fn report_mode(name: &str, secs: f64, batch: usize, mode: &str, device: Device) {
+    let mut rec = record(name, secs, batch, device);
     rec["mode"] = json!(mode);
     println!("{rec}");
 }
@@ -251,19 +275,24 @@ fn mode(eager: bool, planned: &TrainPlanned, x: &Var) -> &'static str {
     }
 }
 
-fn record(name: &str, secs: f64, batch: usize) -> serde_json::Value {
-    json!({
+fn record(name: &str, secs: f64, batch: usize, device: Device) -> serde_json::Value {
+    let mut rec = json!({
         "bench": name, "impl": "stride", "value": (batch as f64 / secs * 10.0).round() / 10.0, "unit": "images/s",
         "median_ms": (secs * 1e7).round() / 1e4, "batch": batch, "threads": rayon::current_num_threads(),
-    })
+    });
+    if !device.is_cpu() {
+        rec["device"] = json!(device.to_string());
+    }
+    rec
 }
 
 /// B2: SPEC.md's `vae_train` (Adam 1e-3, batch 32 of 32x32 images in [0, 1], training mode).
-fn vae_bench(args: &BenchArgs) -> Result<()> {
+fn vae_bench(args: &BenchArgs, device: Device) -> Result<()> {
     use stride_nn::optim::{zero_grad, Adam, Optimizer};
     use stride_nn::{Ctx, Module};
     let mut model = stride_models::vae::Vae::new(&mut Rng::seed(0)).map_err(|e| e.source)?;
-    let x = Var::constant(Rng::seed(1).uniform::<f32>(&[32, 1, 32, 32], 0.0, 1.0)?);
+    model.to(device).map_err(|e| e.source)?;
+    let x = Var::constant(Rng::seed(1).uniform::<f32>(&[32, 1, 32, 32], 0.0, 1.0)?.to(device)?);
     let params = model.parameters();
     let mut opt = Adam::default_with_lr(1e-3).map_err(|e| e.source)?;
     let mut ctx = Ctx::train(0);
@@ -273,22 +302,23 @@ fn vae_bench(args: &BenchArgs) -> Result<()> {
         loss.total.backward()?;
         opt.step(&params).map_err(|e| e.source)
     };
-    report("vae_train", step_seconds(5, args.reps.max(50), &mut step)?, 32);
+    report("vae_train", step_seconds(device, 5, args.reps.max(50), &mut step)?, 32, device);
     Ok(())
 }
 
 /// B4: SPEC.md's `resnet18_infer` (eval mode) and `resnet18_train` (SGD lr 0.1, momentum 0.9,
 /// weight decay 5e-4), ResNet-18 with the CIFAR stem on [32, 3, 32, 32].
-fn resnet18_bench(args: &BenchArgs) -> Result<()> {
+fn resnet18_bench(args: &BenchArgs, device: Device) -> Result<()> {
     use stride_nn::optim::{Optimizer, Sgd};
     use stride_nn::{Ctx, Module};
     let spec = stride_models::InputSpec { channels: 3, height: 32, width: 32, classes: 10 };
     let mut model = stride_models::build("resnet18_cifar", &mut Rng::seed(4), spec).map_err(|e| e.source)?;
+    model.to(device).map_err(|e| e.source)?;
     let mut rng = Rng::seed(4);
-    let x = Var::constant(rng.normal::<f32>(&[32, 3, 32, 32], 0.0, 1.0)?);
+    let x = Var::constant(rng.normal::<f32>(&[32, 3, 32, 32], 0.0, 1.0)?.to(device)?);
     let labels: Vec<usize> = (0..32).map(|_| rng.below(10)).collect();
     let steps = args.reps.clamp(10, 30);
-    let infer_s = infer_seconds(args, &mut model, &x.value(), 2, steps)?;
+    let infer_s = infer_seconds(args, device, &mut model, &x.value(), 2, steps)?;
     let params = model.parameters();
     let mut opt = Sgd::new(0.1, 0.9, false, 5e-4).map_err(|e| e.source)?;
     let mut ctx = Ctx::train(0);
@@ -297,9 +327,9 @@ fn resnet18_bench(args: &BenchArgs) -> Result<()> {
         classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
-    let train_s = step_seconds(2, steps, &mut step)?;
+    let train_s = step_seconds(device, 2, steps, &mut step)?;
     let train_mode = mode(!args.train_plan, &planned, &x);
-    report_mode("resnet18_infer", infer_s, 32, if args.eager { "eager" } else { "planned" });
-    report_mode("resnet18_train", train_s, 32, train_mode);
+    report_mode("resnet18_infer", infer_s, 32, infer_mode(args, device), device);
+    report_mode("resnet18_train", train_s, 32, train_mode, device);
     Ok(())
 }

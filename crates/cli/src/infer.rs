@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use stride_autograd::{no_grad, Rng, Var};
+use stride_autograd::{no_grad, Device, Rng, ToDevice, Var};
 use stride_models::InputSpec;
 use stride_nn::{Ctx, Module};
 use stride_train::checkpoint;
@@ -71,7 +71,7 @@ fn load_model(model: &str, spec: Option<InputSpec>, weights: Option<&Path>) -> R
     Ok(m)
 }
 
-pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let mut data = stride_data::load(&a.data)?;
     if let Some((h, w)) = a.resize {
         data = data.resized(h, w)?;
@@ -79,6 +79,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = load_model(&a.model, Some(spec), a.weights.as_deref())?;
+    model.to(device)?;
     let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, t.pixel_stats())?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
@@ -93,7 +94,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let tensors = checkpoint::load(&a.input)?;
     let x = tensors
         .get("input")
@@ -104,13 +105,14 @@ pub fn run(a: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     // An ONNX model gives the outputs it declares; --classes is for zoo and TOML models.
     let spec = (!a.model.ends_with(".onnx")).then_some(InputSpec { channels: c, height: h, width: w, classes: a.classes });
     let mut model = load_model(&a.model, spec, a.weights.as_deref())?;
+    model.to(device)?;
     let mut ctx = Ctx::eval();
     ctx.debug = a.debug;
     if a.debug {
         eprintln!("{:>16} {:<48} -> {:?}", "", "input", x.shape());
     }
-    let y = no_grad(|| model.forward(&Var::constant(x.clone()), &mut ctx))?;
-    checkpoint::save(&a.output, &[("output".to_string(), y.value())])?;
+    let y = no_grad(|| model.forward(&Var::constant(x.to(device)?), &mut ctx))?;
+    checkpoint::save(&a.output, &[("output".to_string(), y.value().to_host()?)])?;
     println!("wrote 'output' {:?} to {}", y.shape(), a.output.display());
     Ok(())
 }
@@ -201,7 +203,7 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
 }
 
 /// Class probabilities for image files, with the training run's preprocessing.
-pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let mut t = match &a.weights {
         Some(w) => load_trained(&a.model, w)?,
         None if a.model.ends_with(".onnx") => {
@@ -211,11 +213,12 @@ pub fn predict(a: &PredictArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
     };
+    t.model.to(device)?;
     for path in &a.images {
-        let x = t.image(path, None)?.x;
+        let x = Var::constant(t.image(path, None)?.x.value().to(device)?);
         let logits = no_grad(|| t.model.forward(&x, &mut Ctx::eval()))?;
         let names = &t.names;
-        let p = stride_autograd::softmax(&logits, 1)?.value();
+        let p = stride_autograd::softmax(&logits, 1)?.value().to_host()?;
         let mut order: Vec<usize> = (0..names.len()).collect();
         order.sort_by(|&i, &j| p.data()[j].total_cmp(&p.data()[i]));
         let top: Vec<String> = order.iter().take(a.top.max(1)).map(|&i| format!("{} {:.4}", names[i], p.data()[i])).collect();

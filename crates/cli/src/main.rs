@@ -1,6 +1,7 @@
 //! `stride`: the command line. Parses strings into typed configs and hands them to the library.
 
 mod bench;
+mod devices;
 mod infer;
 mod look;
 mod memory;
@@ -22,6 +23,10 @@ struct Cli {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where models run: cpu, cuda or cuda:N (train, eval, run, predict, vae, bench, summary,
+    /// devices). CUDA is loaded at run time; `stride devices` lists what is there.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: stride_autograd::Device,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +62,9 @@ enum Command {
     Import(onnx::ImportArgs),
     /// Runs the benchmark suite of bench/SPEC.md and prints one JSON line per figure.
     Bench(bench::BenchArgs),
+    /// Lists the devices Stride can run on; `--check` compares every primitive on each GPU
+    /// (or on `--device`) with the CPU.
+    Devices(devices::DevicesArgs),
 }
 
 /// The zoo with parameter counts for each model's design input.
@@ -107,20 +115,33 @@ fn main() {
             std::process::exit(1);
         }
     }
+    let device = cli.device;
+    let takes_device = matches!(
+        cli.command,
+        Command::Train(_) | Command::Eval(_) | Command::Run(_) | Command::Predict(_) | Command::Vae(_) | Command::Bench(_) | Command::Summary(_) | Command::Devices(_)
+    );
+    if !device.is_cpu() {
+        let ready = if takes_device { stride_cuda::init(device).map(|_| ()) } else { Err(stride_autograd::Error::device("--device", "applies to train, eval, run, predict, vae, bench, summary and devices")) };
+        if let Err(e) = ready {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Train(args) => train::run(&args),
-        Command::Eval(args) => infer::eval(&args),
-        Command::Run(args) => infer::run(&args),
-        Command::Predict(args) => infer::predict(&args),
+        Command::Train(args) => train::run(&args, device),
+        Command::Eval(args) => infer::eval(&args, device),
+        Command::Run(args) => infer::run(&args, device),
+        Command::Predict(args) => infer::predict(&args, device),
         Command::Models => models(),
-        Command::Summary(args) => summary::run(&args),
+        Command::Summary(args) => summary::run(&args, device),
         Command::Features(args) => look::features(&args),
         Command::Gradcam(args) => look::gradcam(&args),
-        Command::Vae(args) => vae::train(&args),
+        Command::Vae(args) => vae::train(&args, device),
         Command::Sample(args) => vae::sample(&args),
         Command::Export(args) => onnx::export(&args),
         Command::Import(args) => onnx::import(&args),
-        Command::Bench(args) => bench::run(&args).map_err(Into::into),
+        Command::Bench(args) => bench::run(&args, device).map_err(Into::into),
+        Command::Devices(args) => devices::run(&args, device),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -162,7 +162,7 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
     size.ok_or_else(|| format!("'{s}' is not a size: give N or HxW with each side 1..=4096"))
 }
 
-pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn std::error::Error>> {
     // Under `mpirun -np N` (a build with `--features mpi`), this process is one rank of N.
     #[cfg(feature = "mpi")]
     let world = std::rc::Rc::new(crate::mpi::World::init()?);
@@ -266,6 +266,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         label_smoothing,
         data_parallel: group.clone().map(stride_train::group::DataParallel),
         sync_bn: a.sync_bn,
+        device,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use stride_autograd::Rng;
+use stride_autograd::{Device, Rng};
 use stride_models::vae::Vae;
 use stride_nn::Module;
 use stride_train::vae::{self as v, VaeConfig};
@@ -46,7 +46,7 @@ pub struct SampleArgs {
     seed: u64,
 }
 
-pub fn train(a: &VaeArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let data = v::prepare(&stride_data::load(&a.data)?)?;
     let mut model = Vae::new(&mut Rng::seed(a.seed))?;
     if let Some(w) = &a.weights {
@@ -68,6 +68,7 @@ pub fn train(a: &VaeArgs) -> Result<(), Box<dyn std::error::Error>> {
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        device,
     };
     v::train_vae(&mut model, &data, &cfg, |r| {
         println!(

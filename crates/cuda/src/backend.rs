@@ -210,11 +210,6 @@ impl CudaBackend {
         self.ordinal
     }
 
-    /// Waits for all queued GPU work (timing).
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| err("synchronize", e))
-    }
-
     fn function(&self, name: &'static str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| err("kernel", name))
     }
@@ -612,6 +607,10 @@ impl Backend<f32> for CudaBackend {
 
     fn describe(&self) -> String {
         self.about.clone()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| err("synchronize", e))
     }
 
     fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {

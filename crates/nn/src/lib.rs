@@ -12,7 +12,7 @@ pub mod planned;
 pub mod schedule;
 pub mod trace;
 
-pub use module::{call, join, Ctx, Module, Slot};
+pub use module::{call, device_of, join, Ctx, Module, Slot};
 pub use trace::{Field, Row, Scratch, Trace};
 
 /// A library error with the layer it happened in.

@@ -209,3 +209,8 @@ pub(crate) fn visit_weight_bias(prefix: &str, weight: &Var, bias: Option<&Var>, 
         f(join(prefix, "bias"), Slot::Param(b));
     }
 }
+
+/// The device a model's parameters are on (the CPU for a model without parameters).
+pub fn device_of(model: &mut dyn Module) -> Device {
+    model.parameters().first().map_or(Device::Cpu, |p| p.device())
+}

@@ -12,7 +12,7 @@ use stride_nn::{Module, Slot};
 
 use crate::{Result, TrainError};
 
-/// Every parameter and buffer of `model`, by its PyTorch-style name.
+/// Every parameter and buffer of `model`, by its PyTorch-style name, in host memory.
 pub fn state_dict(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
     let mut out = Vec::new();
     model.visit("", &mut |name, slot| {
@@ -20,6 +20,9 @@ pub fn state_dict(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
             Slot::Param(v) => v.value(),
             Slot::Buffer(b) => b.clone(),
         };
+        // Checkpoints go through the CPU: a tensor on a device is read back (a device that
+        // fails to answer panics here, as `Tensor::data` does).
+        let t = if t.device().is_cpu() { t } else { t.to_host().unwrap_or_else(|e| panic!("reading {name} back from {}: {e}", t.device())) };
         out.push((name, t));
     });
     out

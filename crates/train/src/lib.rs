@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use stride_autograd::{cross_entropy, no_grad, Rng, Var};
+use stride_autograd::{cross_entropy, no_grad, Device, Rng, ToDevice, Var};
 use stride_data::{Augment, Batch, Batches, Dataset, Split};
 use stride_nn::optim::{self, Adam, Optimizer, Sgd};
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
@@ -92,6 +92,9 @@ pub struct TrainConfig {
     /// With `data_parallel`: batch norm's training statistics over all ranks' shares (PyTorch's
     /// SyncBatchNorm) instead of each rank's own.
     pub sync_bn: bool,
+    /// Where the model trains: the CPU, or a GPU whose backend is set up (`stride_cuda::init`;
+    /// the CLI's `--device`). Batches move there; checkpoints go through the CPU.
+    pub device: Device,
 }
 
 impl Default for TrainConfig {
@@ -115,6 +118,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             data_parallel: None,
             sync_bn: false,
+            device: Device::Cpu,
         }
     }
 }
@@ -166,13 +170,19 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
     // Through plans compiled for this call (the weights are fixed while it runs); a network
     // the planner refuses runs eagerly.
     let mut planned = stride_nn::planned::Planned::new();
+    // A model on a GPU runs eagerly there (plans are for the CPU).
+    let device = stride_nn::device_of(model);
     let (mut loss, mut right) = (0.0, 0usize);
     let mut confusion = vec![vec![0; ds.classes]; ds.classes];
     let mut mistakes: Vec<report::Mistake> = Vec::new();
     let mut seen = 0;
     no_grad(|| -> Result<()> {
         for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm.0, norm.1) {
-            let logits = Var::constant(planned.forward(model, &images)?);
+            let logits = if device.is_cpu() {
+                Var::constant(planned.forward(model, &images)?)
+            } else {
+                model.forward(&Var::constant(images.to(device)?), &mut Ctx::eval())?
+            };
             loss += cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
             let pred = logits.argmax(1)?;
             let probs = stride_autograd::softmax(&logits, 1)?.value();
@@ -411,6 +421,10 @@ pub fn train(
     if cfg.epochs == 0 || cfg.batch_size == 0 {
         return Err(TrainError::Config(format!("epochs ({}) and batch size ({}) must be at least 1", cfg.epochs, cfg.batch_size)));
     }
+    if !cfg.device.is_cpu() && cfg.data_parallel.is_some() {
+        return Err(TrainError::Config(format!("data-parallel training runs on the CPU only, not on {}", cfg.device)));
+    }
+    model.to(cfg.device)?;
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
     let group = cfg.data_parallel.as_ref().map(|d| d.0.clone());
@@ -427,6 +441,8 @@ pub fn train(
         }
         if resume {
             let (p, meta) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
+            // Loaded buffers arrive on the CPU.
+            model.to(cfg.device)?;
             pos = p;
             if let Some(pl) = plateau.as_mut() {
                 let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
@@ -546,7 +562,7 @@ pub fn train(
                 let (lv, right) = if labels.is_empty() {
                     (0.0, 0)
                 } else {
-                    let x = Var::constant(images);
+                    let x = Var::constant(images.to(cfg.device)?);
                     let (lv, logits) = match &segments {
                         Some(seg) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
                         None => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use stride_autograd::{no_grad, Rng, Tensor, Var};
+use stride_autograd::{no_grad, Device, Rng, Tensor, ToDevice, Var};
 use stride_data::{Batches, Dataset, Split};
 use stride_models::vae::{Vae, LATENT, SIDE};
 use stride_nn::optim::{self, Adam, Optimizer};
@@ -23,11 +23,13 @@ pub struct VaeConfig {
     /// Where result{N}.png, vae_metrics.csv and vae.safetensors go; nothing is written when None.
     pub out_dir: Option<PathBuf>,
     pub progress: bool,
+    /// Where the model trains (see `TrainConfig::device`).
+    pub device: Device,
 }
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, out_dir: None, progress: false }
+        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, out_dir: None, progress: false, device: Device::Cpu }
     }
 }
 
@@ -54,11 +56,12 @@ pub fn prepare(data: &Split) -> Result<Split> {
 pub fn evaluate_vae(model: &mut Vae, ds: &Dataset, batch_size: usize) -> Result<(f64, f64, f64)> {
     let mut ctx = Ctx::eval();
     ctx.rng = Rng::seed(0x5EED);
+    let device = stride_nn::device_of(model);
     let (mut tot, mut lik, mut kl, mut n) = (0.0, 0.0, 0.0, 0usize);
     no_grad(|| -> Result<()> {
         for b in Batches::new(ds, batch_size, None, false) {
             let k = b.labels.len();
-            let (_, l) = model.forward_loss(&Var::constant(b.images), &mut ctx)?;
+            let (_, l) = model.forward_loss(&Var::constant(b.images.to(device)?), &mut ctx)?;
             let v = |x: &Var| x.value().data()[0] as f64 * k as f64;
             tot += v(&l.total);
             lik += v(&l.likelihood);
@@ -88,6 +91,7 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
     if let Some(d) = &cfg.out_dir {
         std::fs::create_dir_all(d).map_err(|e| TrainError::Io(format!("{}: {e}", d.display())))?;
     }
+    stride_nn::Module::to(model, cfg.device)?;
     let params = stride_nn::Module::parameters(model);
     let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
     let mut reports = Vec::new();
@@ -103,8 +107,8 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
         for (step, b) in batches.enumerate() {
             let mut ctx = Ctx::train(mix(cfg.seed, epoch, step + 1));
             optim::zero_grad(&params);
-            let (_, loss) = model.forward_loss(&Var::constant(b.images), &mut ctx)?;
-            let l = loss.total.value().data()[0] as f64;
+            let (_, loss) = model.forward_loss(&Var::constant(b.images.to(cfg.device)?), &mut ctx)?;
+            let l = loss.total.value().item()? as f64;
             if !l.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: step + 1, loss: l as f32 });
             }
@@ -178,7 +182,8 @@ pub fn reconstructions(model: &mut Vae, ds: &Dataset, n: usize) -> Result<Tensor
     let x = Tensor::from_vec(pixels, &[n, ds.channels, ds.height, ds.width])?;
     let mut ctx = Ctx::eval();
     ctx.rng = Rng::seed(0x5EED);
-    Ok(no_grad(|| model.forward_loss(&Var::constant(x), &mut ctx))?.0.value())
+    let x = x.to(stride_nn::device_of(model))?;
+    Ok(no_grad(|| model.forward_loss(&Var::constant(x), &mut ctx))?.0.value().to_host()?)
 }
 
 /// `n` new images from the prior: z ~ N(0, 1), generated in evaluation mode.
@@ -186,8 +191,8 @@ pub fn sample(model: &mut Vae, n: usize, seed: u64) -> Result<Tensor<f32>> {
     if n == 0 || n > 4096 {
         return Err(TrainError::Config(format!("can sample 1..=4096 images, asked for {n}")));
     }
-    let z = Var::constant(Rng::seed(seed).normal(&[n, LATENT], 0.0, 1.0)?);
-    Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value())
+    let z = Var::constant(Rng::seed(seed).normal(&[n, LATENT], 0.0, 1.0)?.to(stride_nn::device_of(model))?);
+    Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value().to_host()?)
 }
 
 /// Writes images [N, 1, H, W] in [0, 1] as a grayscale PNG grid with `cols` columns, each
