@@ -28,7 +28,13 @@ fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
     let mut rng = Rng::seed(7);
     let mut r = |s: &[usize]| rng.normal::<T>(s, 0.0, 1.0);
     let conv = Conv2dOptions { stride: (2, 1), padding: Padding::Same, dilation: (1, 2), groups: 2, output_padding: (0, 0) };
-    let tconv = Conv2dOptions { stride: (2, 2), padding: Padding::Explicit { top: 1, bottom: 0, left: 0, right: 1 }, dilation: (1, 1), groups: 1, output_padding: (1, 0) };
+    let tconv = Conv2dOptions {
+        stride: (2, 2),
+        padding: Padding::Explicit { top: 1, bottom: 0, left: 0, right: 1 },
+        dilation: (1, 1),
+        groups: 1,
+        output_padding: (1, 0),
+    };
     let pool = Pool2dOptions {
         kernel: (3, 2),
         stride: Some((2, 2)),
@@ -42,7 +48,11 @@ fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
         ("sub", vec![r(&[2, 3])?, r(&[2, 3])?], Box::new(|v| v[0].sub(&v[1]))),
         ("mul", vec![r(&[2, 3])?, r(&[1, 3])?], Box::new(|v| v[0].mul(&v[1]))),
         ("div", vec![r(&[2, 3])?, positive], Box::new(|v| v[0].div(&v[1]))),
-        ("unary", vec![r(&[4, 5])?], Box::new(|v| v[0].elu()?.add(&v[0].relu()?)?.tanh()?.softplus()?.sigmoid()?.mul_scalar(3.0)?.gelu()?.silu()?.square())),
+        (
+            "unary",
+            vec![r(&[4, 5])?],
+            Box::new(|v| v[0].elu()?.add(&v[0].relu()?)?.tanh()?.softplus()?.sigmoid()?.mul_scalar(3.0)?.gelu()?.silu()?.square()),
+        ),
         ("sum", vec![r(&[2, 3, 4])?], Box::new(|v| v[0].sum(&[0, 2], true))),
         ("max", vec![r(&[3, 5])?], Box::new(|v| v[0].max(1, false))),
         ("permute", vec![r(&[2, 3, 4])?], Box::new(|v| v[0].permute(&[2, 0, 1])?.reshape(&[4, 6]))),
@@ -52,7 +62,11 @@ fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
         ("upsample_nearest2d", vec![r(&[1, 2, 2, 3])?], Box::new(|v| v[0].upsample_nearest2d((2, 3)))),
         ("matmul", vec![r(&[3, 4])?, r(&[4, 2])?, r(&[5, 4])?], Box::new(|v| v[0].matmul(&v[1])?.add(&v[0].matmul_t(&v[2])?.narrow(1, 0, 2)?))),
         ("conv2d", vec![r(&[2, 4, 5, 6])?, r(&[6, 2, 3, 2])?, r(&[6])?], Box::new(move |v| conv2d(&v[0], &v[1], Some(&v[2]), &conv))),
-        ("conv_transpose2d", vec![r(&[2, 3, 3, 4])?, r(&[3, 2, 3, 3])?, r(&[2])?], Box::new(move |v| conv_transpose2d(&v[0], &v[1], Some(&v[2]), &tconv))),
+        (
+            "conv_transpose2d",
+            vec![r(&[2, 3, 3, 4])?, r(&[3, 2, 3, 3])?, r(&[2])?],
+            Box::new(move |v| conv_transpose2d(&v[0], &v[1], Some(&v[2]), &tconv)),
+        ),
         ("max_pool2d", vec![r(&[2, 2, 7, 6])?], Box::new(move |v| max_pool2d(&v[0], &pool))),
         ("avg_pool2d", vec![r(&[2, 2, 7, 6])?], Box::new(move |v| avg_pool2d(&v[0], &pool))),
         ("lp_pool2d", vec![r(&[1, 2, 6, 6])?], Box::new(|v| lp_pool2d(&v[0], 2.0, &Pool2dOptions::new(2)))),

@@ -188,7 +188,11 @@ pub(crate) fn route<T: Elem>(prim: impl FnOnce() -> Prim, parents: &[&Var<T>]) -
 
 /// [`route`] for an op that also reads tensors outside the graph (`extra`, after the parents'
 /// values) and gets their new values back (batch norm's running statistics).
-pub(crate) fn route_with<T: Elem>(prim: impl FnOnce() -> Prim, parents: &[&Var<T>], extra: &[&Tensor<T>]) -> Result<Option<(Var<T>, Vec<Tensor<T>>)>> {
+pub(crate) fn route_with<T: Elem>(
+    prim: impl FnOnce() -> Prim,
+    parents: &[&Var<T>],
+    extra: &[&Tensor<T>],
+) -> Result<Option<(Var<T>, Vec<Tensor<T>>)>> {
     let mut values: Vec<Tensor<T>> = parents.iter().map(|p| p.value()).collect();
     values.extend(extra.iter().map(|&t| t.clone()));
     if values.iter().all(|v| v.device().is_cpu()) {

@@ -358,7 +358,9 @@ impl Compiler {
         let shape = node.shape();
         let ps: Vec<usize> = node.0.parents.iter().map(|p| self.rec.idx(p)).collect();
         match op {
-            Op::Device { prim, .. } => bail!(device, "plan", "{} ran on {}: plans run on the CPU (move the model with .to(Device::Cpu))", prim.name(), node.device()),
+            Op::Device { prim, .. } => {
+                bail!(device, "plan", "{} ran on {}: plans run on the CPU (move the model with .to(Device::Cpu))", prim.name(), node.device())
+            }
             Op::Conv2d { geom } => self.conv(i, geom, &ps)?,
             Op::BatchNorm { training: true, .. } => bail!(arg, "plan", "batch_norm in training mode: plans are for inference (Ctx::eval)"),
             Op::BatchNorm { mean, invstd, .. } => {

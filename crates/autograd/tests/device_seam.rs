@@ -3,7 +3,6 @@
 //! [`HostMirror`] (CPU kernels behind the seam, buffers kept apart), so this runs without a GPU;
 //! `scripts/gpu-check.sh` runs the same comparison against the CUDA backend.
 
-
 use std::sync::{Arc, OnceLock};
 
 use stride_autograd::conformance;
@@ -59,7 +58,14 @@ fn the_check_sees_a_wrong_backend() {
                 _ => self.0.forward(prim, x),
             }
         }
-        fn backward(&self, prim: &Prim, saved: &dyn std::any::Any, g: &Tensor<f64>, x: &[Tensor<f64>], y: &Tensor<f64>) -> Result<Vec<Option<Tensor<f64>>>> {
+        fn backward(
+            &self,
+            prim: &Prim,
+            saved: &dyn std::any::Any,
+            g: &Tensor<f64>,
+            x: &[Tensor<f64>],
+            y: &Tensor<f64>,
+        ) -> Result<Vec<Option<Tensor<f64>>>> {
             self.0.backward(prim, saved, g, x, y)
         }
     }

@@ -75,7 +75,10 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
             Bench::Vae => vae_bench(args, device),
             Bench::Resnet18 => resnet18_bench(args, device),
             Bench::All => lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| resnet18_bench(args, device)),
-            Bench::Conv => Err(stride_autograd::Error::device("bench", "the B3 convolution figures time the CPU kernels; use --bench lenet, vae or resnet18 on a GPU")),
+            Bench::Conv => Err(stride_autograd::Error::device(
+                "bench",
+                "the B3 convolution figures time the CPU kernels; use --bench lenet, vae or resnet18 on a GPU",
+            )),
         };
     }
     match args.bench {
@@ -83,7 +86,9 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
         Bench::Lenet => lenet_bench(args, device),
         Bench::Vae => vae_bench(args, device),
         Bench::Resnet18 => resnet18_bench(args, device),
-        Bench::All => lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args, device)),
+        Bench::All => {
+            lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args, device))
+        }
     }
 }
 
@@ -212,7 +217,14 @@ fn step_seconds(device: Device, warmup: usize, steps: usize, step: &mut dyn FnMu
 
 /// Seconds per inference pass of `model` on `x`: through a plan compiled once (the
 /// compilation is not timed, as a session's is not in the peers' figures), or eagerly.
-fn infer_seconds(args: &BenchArgs, device: Device, model: &mut dyn stride_nn::Module, x: &stride_autograd::Tensor<f32>, warmup: usize, steps: usize) -> Result<f64> {
+fn infer_seconds(
+    args: &BenchArgs,
+    device: Device,
+    model: &mut dyn stride_nn::Module,
+    x: &stride_autograd::Tensor<f32>,
+    warmup: usize,
+    steps: usize,
+) -> Result<f64> {
     use stride_nn::Ctx;
     if args.eager || !device.is_cpu() {
         let mut eval = Ctx::eval();

@@ -118,10 +118,21 @@ fn main() {
     let device = cli.device;
     let takes_device = matches!(
         cli.command,
-        Command::Train(_) | Command::Eval(_) | Command::Run(_) | Command::Predict(_) | Command::Vae(_) | Command::Bench(_) | Command::Summary(_) | Command::Devices(_)
+        Command::Train(_)
+            | Command::Eval(_)
+            | Command::Run(_)
+            | Command::Predict(_)
+            | Command::Vae(_)
+            | Command::Bench(_)
+            | Command::Summary(_)
+            | Command::Devices(_)
     );
     if !device.is_cpu() {
-        let ready = if takes_device { stride_cuda::init(device).map(|_| ()) } else { Err(stride_autograd::Error::device("--device", "applies to train, eval, run, predict, vae, bench, summary and devices")) };
+        let ready = if takes_device {
+            stride_cuda::init(device).map(|_| ())
+        } else {
+            Err(stride_autograd::Error::device("--device", "applies to train, eval, run, predict, vae, bench, summary and devices"))
+        };
         if let Err(e) = ready {
             eprintln!("error: {e}");
             std::process::exit(1);

@@ -376,7 +376,27 @@ impl CudaBackend {
         let mut cols = self.zeros(n)?;
         let a = self.geom_args(g)?;
         if n > 0 {
-            launch!(self, "im2col", grid(n), x, &mut cols, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+            launch!(
+                self,
+                "im2col",
+                grid(n),
+                x,
+                &mut cols,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5],
+                &a[6],
+                &a[7],
+                &a[8],
+                &a[9],
+                &a[10],
+                &a[11],
+                &a[12],
+                &a[13]
+            );
         }
         Ok(cols)
     }
@@ -387,7 +407,27 @@ impl CudaBackend {
         let mut x = self.zeros(n)?;
         let a = self.geom_args(g)?;
         if n > 0 {
-            launch!(self, "col2im", grid(n), cols, &mut x, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+            launch!(
+                self,
+                "col2im",
+                grid(n),
+                cols,
+                &mut x,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5],
+                &a[6],
+                &a[7],
+                &a[8],
+                &a[9],
+                &a[10],
+                &a[11],
+                &a[12],
+                &a[13]
+            );
         }
         Ok(x)
     }
@@ -500,12 +540,26 @@ impl CudaBackend {
         let mut y = self.col2im(&g, &cols)?;
         let total = g.n * g.c * g.h * g.w;
         if let (Some(b), true) = (x.get(2), total > 0) {
-            launch!(self, "add_channel_bias", grid(total), &mut y, self.slice(b)?, &int("conv_transpose2d", g.c)?, &((g.h * g.w) as i64), &(total as i64));
+            launch!(
+                self,
+                "add_channel_bias",
+                grid(total),
+                &mut y,
+                self.slice(b)?,
+                &int("conv_transpose2d", g.c)?,
+                &((g.h * g.w) as i64),
+                &(total as i64)
+            );
         }
         self.wrap(y, &[g.n, g.c, g.h, g.w])
     }
 
-    fn conv_transpose2d_backward(&self, opts: &stride_kernels::conv::Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
+    fn conv_transpose2d_backward(
+        &self,
+        opts: &stride_kernels::conv::Conv2dOptions,
+        gy: &Tensor<f32>,
+        x: &[Tensor<f32>],
+    ) -> Result<Vec<Option<Tensor<f32>>>> {
         let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
         // The input's gradient is the convolution of gy; the filter's pairs gy's columns with x.
         let cols = self.im2col(&g, self.slice(gy)?)?;
@@ -523,7 +577,22 @@ impl CudaBackend {
     // ---- pooling ----
 
     fn pool_args(g: &PoolGeom) -> Result<[i32; 14]> {
-        let v = [g.n * g.c, g.h, g.w, g.p, g.q, g.kernel.0, g.kernel.1, g.stride.0, g.stride.1, g.pad.0, g.pad.1, g.pad.2, g.pad.3, g.count_include_pad as usize];
+        let v = [
+            g.n * g.c,
+            g.h,
+            g.w,
+            g.p,
+            g.q,
+            g.kernel.0,
+            g.kernel.1,
+            g.stride.0,
+            g.stride.1,
+            g.pad.0,
+            g.pad.1,
+            g.pad.2,
+            g.pad.3,
+            g.count_include_pad as usize,
+        ];
         let mut out = [0i32; 14];
         for (o, x) in out.iter_mut().zip(v) {
             *o = int("pool", x)?;
@@ -560,18 +629,61 @@ impl CudaBackend {
             launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
             let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
             let (mom, m) = (opts.momentum as f32, (n * l) as f32);
-            launch!(self, "bn_finish", grid(c), &mean, &var, &mut invstd, &(opts.eps as f32), &ci, &mom, &m, self.slice(&x[3])?, self.slice(&x[4])?, &mut rm, &mut rv);
+            launch!(
+                self,
+                "bn_finish",
+                grid(c),
+                &mean,
+                &var,
+                &mut invstd,
+                &(opts.eps as f32),
+                &ci,
+                &mom,
+                &m,
+                self.slice(&x[3])?,
+                self.slice(&x[4])?,
+                &mut rm,
+                &mut rv
+            );
             state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
         } else {
             mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| err("copy", e))?;
             let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
             let rv = self.slice(&x[4])?;
-            launch!(self, "bn_finish", grid(c), &mean, rv, &mut invstd, &(opts.eps as f32), &ci, &(-1.0f32), &0.0f32, rv, rv, &mut unused_m, &mut unused_v);
+            launch!(
+                self,
+                "bn_finish",
+                grid(c),
+                &mean,
+                rv,
+                &mut invstd,
+                &(opts.eps as f32),
+                &ci,
+                &(-1.0f32),
+                &0.0f32,
+                rv,
+                rv,
+                &mut unused_m,
+                &mut unused_v
+            );
         }
         let total = x[0].numel();
         let mut y = self.zeros(total)?;
         if total > 0 {
-            launch!(self, "bn_normalize", grid(total), self.slice(&x[0])?, &mean, &invstd, self.slice(&x[1])?, self.slice(&x[2])?, &mut y, &ci, &li, &(total as i64));
+            launch!(
+                self,
+                "bn_normalize",
+                grid(total),
+                self.slice(&x[0])?,
+                &mean,
+                &invstd,
+                self.slice(&x[1])?,
+                self.slice(&x[2])?,
+                &mut y,
+                &ci,
+                &li,
+                &(total as i64)
+            );
         }
         Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
     }
@@ -586,7 +698,9 @@ fn dims2(s: &[usize]) -> Result<[usize; 2]> {
 
 fn check_bias(op: &'static str, bias: Option<&Tensor<f32>>, channels: usize) -> Result<()> {
     match bias {
-        Some(b) if b.shape() != [channels] => Err(Error::shape(op, format!("bias has shape {:?}, expected [{channels}] (one per output channel)", b.shape()))),
+        Some(b) if b.shape() != [channels] => {
+            Err(Error::shape(op, format!("bias has shape {:?}, expected [{channels}] (one per output channel)", b.shape())))
+        }
         _ => Ok(()),
     }
 }
@@ -635,7 +749,19 @@ impl Backend<f32> for CudaBackend {
                         stride_tensor::bail!(arg, "sum", "axis {a} appears twice in {axes:?}");
                     }
                 }
-                let out: Vec<usize> = s.iter().zip(&keep).filter_map(|(&d, &k)| if k { Some(d) } else if *keepdim { Some(1) } else { None }).collect();
+                let out: Vec<usize> = s
+                    .iter()
+                    .zip(&keep)
+                    .filter_map(|(&d, &k)| {
+                        if k {
+                            Some(d)
+                        } else if *keepdim {
+                            Some(1)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
                 done(self.reduce(&x[0], &keep, &out)?)
             }
             Prim::MatMul { transpose_b } => done(self.matmul(&x[0], &x[1], *transpose_b)?),
@@ -648,7 +774,27 @@ impl Backend<f32> for CudaBackend {
                 let mut y = self.zeros(n)?;
                 let mut arg = self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| err("allocating", e))?;
                 if n > 0 {
-                    launch!(self, "max_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12]);
+                    launch!(
+                        self,
+                        "max_pool_fwd",
+                        grid(n),
+                        self.slice(&x[0])?,
+                        &mut y,
+                        &mut arg,
+                        &a[0],
+                        &a[1],
+                        &a[2],
+                        &a[3],
+                        &a[4],
+                        &a[5],
+                        &a[6],
+                        &a[7],
+                        &a[8],
+                        &a[9],
+                        &a[10],
+                        &a[11],
+                        &a[12]
+                    );
                 }
                 Ok(Forward { y: self.wrap(y, &g.out_shape())?, state: Vec::new(), saved: Box::new(Saved::Argmax(arg)) })
             }
@@ -658,7 +804,27 @@ impl Backend<f32> for CudaBackend {
                 let n = g.n * g.c * g.p * g.q;
                 let mut y = self.zeros(n)?;
                 if n > 0 {
-                    launch!(self, "avg_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+                    launch!(
+                        self,
+                        "avg_pool_fwd",
+                        grid(n),
+                        self.slice(&x[0])?,
+                        &mut y,
+                        &a[0],
+                        &a[1],
+                        &a[2],
+                        &a[3],
+                        &a[4],
+                        &a[5],
+                        &a[6],
+                        &a[7],
+                        &a[8],
+                        &a[9],
+                        &a[10],
+                        &a[11],
+                        &a[12],
+                        &a[13]
+                    );
                 }
                 done(self.wrap(y, &g.out_shape())?)
             }
@@ -769,7 +935,27 @@ impl Backend<f32> for CudaBackend {
                 let a = Self::pool_args(&pg)?;
                 let mut dx = self.zeros(x[0].numel())?;
                 if g.numel() > 0 {
-                    launch!(self, "avg_pool_bwd", grid(g.numel()), self.slice(g)?, &mut dx, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12], &a[13]);
+                    launch!(
+                        self,
+                        "avg_pool_bwd",
+                        grid(g.numel()),
+                        self.slice(g)?,
+                        &mut dx,
+                        &a[0],
+                        &a[1],
+                        &a[2],
+                        &a[3],
+                        &a[4],
+                        &a[5],
+                        &a[6],
+                        &a[7],
+                        &a[8],
+                        &a[9],
+                        &a[10],
+                        &a[11],
+                        &a[12],
+                        &a[13]
+                    );
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
@@ -784,7 +970,24 @@ impl Backend<f32> for CudaBackend {
                 let mut dx = self.zeros(total)?;
                 if total > 0 {
                     let batch = *training as i32;
-                    launch!(self, "bn_dx", grid(total), sg, sx, mean, invstd, self.slice(&x[1])?, &dgamma, &dbeta, &batch, &((n * l) as f32), &mut dx, &ci, &li, &(total as i64));
+                    launch!(
+                        self,
+                        "bn_dx",
+                        grid(total),
+                        sg,
+                        sx,
+                        mean,
+                        invstd,
+                        self.slice(&x[1])?,
+                        &dgamma,
+                        &dbeta,
+                        &batch,
+                        &((n * l) as f32),
+                        &mut dx,
+                        &ci,
+                        &li,
+                        &(total as i64)
+                    );
                 }
                 Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)])
             }

@@ -43,8 +43,15 @@ fn present(lib: &str) -> Result<()> {
         }
     };
     if !found {
-        let hint = if lib == "libcuda.so.1" { "is an NVIDIA driver installed?" } else { "add the CUDA toolkit's (or PyTorch's nvidia/*/lib) directory to LD_LIBRARY_PATH" };
-        return Err(Error::device("--device cuda", format!("no CUDA {} found ({lib}); {hint}", if lib == "libcuda.so.1" { "driver" } else { "library" })));
+        let hint = if lib == "libcuda.so.1" {
+            "is an NVIDIA driver installed?"
+        } else {
+            "add the CUDA toolkit's (or PyTorch's nvidia/*/lib) directory to LD_LIBRARY_PATH"
+        };
+        return Err(Error::device(
+            "--device cuda",
+            format!("no CUDA {} found ({lib}); {hint}", if lib == "libcuda.so.1" { "driver" } else { "library" }),
+        ));
     }
     Ok(())
 }

@@ -47,10 +47,17 @@ fn state(m: &mut dyn Module, dev: Device) -> Vec<(String, Tensor<f32>)> {
 }
 
 /// Two training steps and an evaluation on `dev`; returns the losses, logits and final state.
-fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[usize], adam: bool) -> (Vec<f32>, Tensor<f32>, Vec<(String, Tensor<f32>)>) {
+fn train_steps(
+    model: &mut dyn Module,
+    dev: Device,
+    x: &Tensor<f32>,
+    labels: &[usize],
+    adam: bool,
+) -> (Vec<f32>, Tensor<f32>, Vec<(String, Tensor<f32>)>) {
     model.to(dev).unwrap();
     let params = model.parameters();
-    let mut opt: Box<dyn Optimizer> = if adam { Box::new(Adam::new(1e-3, (0.9, 0.999), 1e-8, 1e-4, true).unwrap()) } else { Box::new(Sgd::new(0.05, 0.9, false, 5e-4).unwrap()) };
+    let mut opt: Box<dyn Optimizer> =
+        if adam { Box::new(Adam::new(1e-3, (0.9, 0.999), 1e-8, 1e-4, true).unwrap()) } else { Box::new(Sgd::new(0.05, 0.9, false, 5e-4).unwrap()) };
     let xv = Var::constant(x.to(dev).unwrap());
     let mut losses = Vec::new();
     for step in 0..2 {

@@ -135,7 +135,9 @@ impl<T: Elem> Tensor<T> {
     pub fn data(&self) -> &[T] {
         match &self.data {
             Storage::Host(v) => v,
-            Storage::Device { buf, host } => host.get_or_init(|| buf.read().unwrap_or_else(|e| panic!("reading a tensor back from {}: {e}", buf.device()))),
+            Storage::Device { buf, host } => {
+                host.get_or_init(|| buf.read().unwrap_or_else(|e| panic!("reading a tensor back from {}: {e}", buf.device())))
+            }
         }
     }
     /// Mutable elements; copies the storage first if another tensor shares it. A device

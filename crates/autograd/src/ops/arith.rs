@@ -8,12 +8,15 @@ use crate::op::Op;
 use crate::Var;
 
 fn binary<T: Elem>(a: &Var<T>, b: &Var<T>, op: Op<T>) -> Result<Var<T>> {
-    if let Some(y) = route(|| match op {
-        Op::Add => Prim::Add,
-        Op::Sub => Prim::Sub,
-        Op::Mul => Prim::Mul,
-        _ => Prim::Div,
-    }, &[a, b])? {
+    if let Some(y) = route(
+        || match op {
+            Op::Add => Prim::Add,
+            Op::Sub => Prim::Sub,
+            Op::Mul => Prim::Mul,
+            _ => Prim::Div,
+        },
+        &[a, b],
+    )? {
         return Ok(y);
     }
     let (x, y) = (a.value(), b.value());

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA backend (issue 14), for a machine with an NVIDIA GPU, in one go
+# (under 8 minutes on an H200):
+#   1. `stride devices --check`: every primitive forward and backward on the GPU against the
+#      CPU engine, within 1e-4 of the CPU tensor's largest magnitude;
+#   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`);
+#   3. `stride bench --device cuda` (B1, B2, B4) beside PyTorch eager on the same GPU, in the
+#      same run, with the ratios.
+# Usage: scripts/gpu-check.sh [path/to/stride]   (default target/release/stride; build it on a
+# machine of the same type and carry it over). Results go to $OUT (default: a temporary folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/stride}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+[ -x "$BIN" ] || { echo "no stride binary at $BIN (cargo build --release -p stride-cli)" >&2; exit 1; }
+
+# The driver (libcuda.so.1) is on the loader's path; cuBLAS and NVRTC come from a CUDA toolkit
+# or from PyTorch's nvidia-* wheels.
+libs=$(python3 scripts/gpu/cuda_libs.py)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "CUDA libraries from: ${libs:-the default loader path}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+
+status=0
+echo "== 1. every primitive against the CPU"
+timeout 180 "$BIN" devices --check 2>&1 | tee "$OUT/check.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CHECK FAILED"; status=1; }
+
+echo "== 2. the tutorial CNN, one epoch on the GPU"
+timeout 240 "$BIN" train --device cuda --epochs 1 --no-report --out "$OUT/run" 2>&1 | tail -n 3 | tee "$OUT/train.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TRAINING FAILED"; status=1; }
+
+echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
+timeout 150 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/stride.jsonl" 2> "$OUT/stride.err" || { cat "$OUT/stride.err"; echo "STRIDE BENCH FAILED"; status=1; }
+timeout 150 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
+python3 - "$OUT/stride.jsonl" "$OUT/torch.jsonl" <<'PY' | tee "$OUT/ratios.txt"
+import json, sys
+def read(p):
+    out = {}
+    for line in open(p):
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            out[r["bench"]] = r["value"]
+    return out
+s, t = read(sys.argv[1]), read(sys.argv[2])
+print(f"{'figure':<16} {'stride':>12} {'torch':>12} {'ratio':>7}   (images/s on the GPU)")
+for k in sorted(set(s) | set(t)):
+    a, b = s.get(k), t.get(k)
+    ratio = f"{a / b:.2f}" if a and b else "-"
+    print(f"{k:<16} {a if a else '-':>12} {b if b else '-':>12} {ratio:>7}")
+PY
+echo "results in $OUT"
+exit $status
