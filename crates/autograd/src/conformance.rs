@@ -6,7 +6,7 @@ use stride_kernels::conv::{Conv2dOptions, Padding};
 use stride_kernels::pool::Pool2dOptions;
 use stride_tensor::{Device, Elem, Result, Rng, Tensor};
 
-use crate::device::ToDevice;
+use crate::device::{self, ToDevice, Update};
 use crate::ops::norm::BatchNormOptions;
 use crate::*;
 
@@ -14,7 +14,8 @@ use crate::*;
 /// any element, relative to the largest magnitude of the CPU's tensor (at least 1e-30).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Agreement {
-    /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]).
+    /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]), or `sgd_update` /
+    /// `adam_update` for an optimizer's update.
     pub primitive: &'static str,
     pub forward: f64,
     /// Over every input's gradient.
@@ -138,6 +139,23 @@ pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
         let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{name} on {device}: {e}")))?;
         let backward = g_cpu.iter().zip(&g_dev).fold(0.0f64, |m, (a, b)| m.max(relative(b, a)));
         out.push(Agreement { primitive: name, forward: relative(&y_dev, &y_cpu), backward });
+    }
+    // The optimizers' updates (not primitives, but run by the backend too): the new weight as
+    // "forward", the new state as "backward".
+    let mut rng = Rng::seed(11);
+    let (w, g) = (rng.normal::<T>(&[7, 9], 0.0, 1.0)?, rng.normal::<T>(&[7, 9], 0.0, 1.0)?);
+    let momentum = rng.normal::<T>(&[7, 9], 0.0, 0.1)?;
+    let moments = [rng.normal::<T>(&[7, 9], 0.0, 0.1)?, rng.uniform::<T>(&[7, 9], 0.0, 0.1)?];
+    let sgd = Update::Sgd { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5e-4, first: false };
+    let adam = Update::Adam { lr: 1e-3, betas: (0.9, 0.999), c1: 0.19, c2: 0.002, eps: 1e-8, weight_decay: 1e-2, decoupled: true };
+    for (name, rule, state) in [("sgd_update", sgd, vec![momentum]), ("adam_update", adam, moments.to_vec())] {
+        let (w_cpu, s_cpu) = device::update(Device::Cpu, &rule, &w, &g, &state)?;
+        let moved = |t: &Tensor<T>| t.to(device);
+        let (w_dev, s_dev) = device::update(device, &rule, &moved(&w)?, &moved(&g)?, &state.iter().map(moved).collect::<Result<Vec<_>>>()?)
+            .map_err(|e| Error::device("conformance", format!("{name} on {device}: {e}")))?;
+        let backward =
+            s_cpu.iter().zip(&s_dev).map(|(a, b)| Ok(relative(&b.to_host()?, a))).collect::<Result<Vec<f64>>>()?.into_iter().fold(0.0, f64::max);
+        out.push(Agreement { primitive: name, forward: relative(&w_dev.to_host()?, &w_cpu), backward });
     }
     Ok(out)
 }

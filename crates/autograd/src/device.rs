@@ -109,6 +109,98 @@ pub trait Backend<T: Elem>: Send + Sync {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// An optimizer's update of one parameter `w` with gradient `g` and the rule's state
+    /// tensors: the new weight and state. By default on the host (a round trip); a GPU backend
+    /// runs it where the tensors are.
+    fn update(&self, rule: &Update, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+        let mut wh = w.to_host()?;
+        let mut st = state.iter().map(|s| s.to_host()).collect::<Result<Vec<_>>>()?;
+        let gh = g.to_host()?;
+        let mut slices: Vec<&mut [T]> = st.iter_mut().map(|t| t.data_mut()).collect();
+        rule.apply(wh.data_mut(), gh.data(), &mut slices);
+        let up = |t: &Tensor<T>| Tensor::from_device(self.upload(t.data())?, t.shape());
+        Ok((up(&wh)?, st.iter().map(up).collect::<Result<_>>()?))
+    }
+}
+
+/// One optimizer step's rule for a parameter, element by element, as PyTorch computes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Update {
+    /// SGD: d = g + weight_decay * w; with momentum the state is one buffer, b = d on the first
+    /// step and momentum * b + d after, and d becomes b (or d + momentum * b with Nesterov);
+    /// then w -= lr * d. In the element type.
+    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64, first: bool },
+    /// Adam (L2 decay added to g) or AdamW (`decoupled`: w shrunk by lr * weight_decay); the
+    /// state is the two moments; c1, c2 are the bias corrections 1 - beta^t. In f64.
+    Adam { lr: f64, betas: (f64, f64), c1: f64, c2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+}
+
+impl Update {
+    /// How many state tensors (each the parameter's size) the rule keeps.
+    pub fn state_len(&self) -> usize {
+        match self {
+            Update::Sgd { momentum, .. } => usize::from(*momentum > 0.0),
+            Update::Adam { .. } => 2,
+        }
+    }
+
+    /// The rule on host elements: `state` holds `state_len()` slices of `w`'s length. Element
+    /// by element, so chunks on several threads give the bits of one pass.
+    pub fn apply<T: Elem>(&self, w: &mut [T], g: &[T], state: &mut [&mut [T]]) {
+        match *self {
+            Update::Sgd { lr, momentum, nesterov, weight_decay, first } => {
+                let (lr, mu, wd) = (T::c(lr), T::c(momentum), T::c(weight_decay));
+                let mut buf = state.first_mut();
+                for (j, (wv, &gv)) in w.iter_mut().zip(g).enumerate() {
+                    let mut d = gv + wd * *wv;
+                    if let Some(b) = buf.as_deref_mut() {
+                        b[j] = if first { d } else { mu * b[j] + d };
+                        d = if nesterov { d + mu * b[j] } else { b[j] };
+                    }
+                    *wv -= lr * d;
+                }
+            }
+            Update::Adam { lr, betas: (b1, b2), c1, c2, eps, weight_decay: wd, decoupled } => {
+                let [m, v] = state else { return };
+                // Zipped, not indexed: without bounds checks the loop vectorises.
+                for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    let mut gj = g.as_f64();
+                    if decoupled {
+                        *w = T::c(w.as_f64() * (1.0 - lr * wd));
+                    } else {
+                        gj += wd * w.as_f64();
+                    }
+                    *m = T::c(b1 * m.as_f64() + (1.0 - b1) * gj);
+                    *v = T::c(b2 * v.as_f64() + (1.0 - b2) * gj * gj);
+                    let denom = (v.as_f64() / c2).sqrt() + eps;
+                    *w = T::c(w.as_f64() - lr * (m.as_f64() / c1) / denom);
+                }
+            }
+        }
+    }
+}
+
+/// Runs an optimizer's `rule` on a parameter on `device` (see [`Backend::update`]).
+pub fn update<T: Elem>(device: Device, rule: &Update, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+    if state.len() != rule.state_len() || state.iter().any(|s| s.shape() != w.shape()) || g.shape() != w.shape() {
+        return Err(Error::arg(
+            "update",
+            format!("{rule:?} takes a gradient and {} state tensors of the weight's shape {:?}", rule.state_len(), w.shape()),
+        ));
+    }
+    let mut all = vec![w, g];
+    all.extend(state);
+    let on = common_device("update", &all)?;
+    if on != device {
+        return Err(Error::device("update", format!("the tensors are on {on}, not {device}")));
+    }
+    if device.is_cpu() {
+        let (mut w, mut st) = (w.clone(), state.to_vec());
+        let mut slices: Vec<&mut [T]> = st.iter_mut().map(|t| t.data_mut()).collect();
+        rule.apply(w.data_mut(), g.data(), &mut slices);
+        return Ok((w, st));
+    }
+    backend::<T>(device)?.update(rule, w, g, state)
 }
 
 type Entry = (TypeId, Device, Arc<dyn Any + Send + Sync>);

@@ -16,7 +16,7 @@ pub mod plan;
 pub mod train_plan;
 mod var;
 
-pub use device::{Backend, Prim, ToDevice};
+pub use device::{Backend, Prim, ToDevice, Update};
 pub use op::PRIMITIVES;
 pub use ops::conv::{conv2d, conv2d_workspace, conv_transpose2d, conv_transpose2d_workspace};
 pub use ops::linalg::{linear, matmul_tensors};

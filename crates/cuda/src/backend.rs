@@ -8,15 +8,16 @@ use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use stride_autograd::device::{cpu_backward, cpu_forward, Backend, CpuSaved, Forward, Prim};
-use stride_autograd::Unary;
+use stride_autograd::{Unary, Update};
 use stride_kernels::conv::ConvGeom;
 use stride_kernels::pool::PoolGeom;
 use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
 use crate::{err, GpuInfo};
 
-/// The primitives with CUDA kernels; the rest run through the CPU kernels on copies.
-pub const NATIVE: [&str; 15] = [
+/// What has CUDA kernels: 15 of the 26 primitives (the rest run through the CPU kernels on
+/// copies) and the optimizers' updates.
+pub const NATIVE: [&str; 17] = [
     "add",
     "sub",
     "mul",
@@ -32,6 +33,8 @@ pub const NATIVE: [&str; 15] = [
     "softmax",
     "log_softmax",
     "nll_loss",
+    "sgd_update",
+    "adam_update",
 ];
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -61,6 +64,8 @@ const FUNCTIONS: &[&str] = &[
     "softmax_bwd",
     "nll_fwd",
     "nll_bwd",
+    "sgd_update",
+    "adam_update",
 ];
 
 /// Compiles `kernels.cu` with NVRTC (no GPU needed) and checks that every kernel the backend
@@ -201,7 +206,7 @@ impl CudaBackend {
             gpu.memory_bytes as f64 / (1u64 << 30) as f64,
             gpu.compute_capability.0,
             gpu.compute_capability.1,
-            NATIVE.len()
+            NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count()
         );
         Ok(CudaBackend { ordinal, about, stream, blas, functions })
     }
@@ -725,6 +730,73 @@ impl Backend<f32> for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| err("synchronize", e))
+    }
+
+    fn update(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
+        let n = w.numel();
+        let (sw, sg) = (self.slice(w)?, self.slice(g)?);
+        let mut w_out = self.zeros(n)?;
+        let wrap = |s: CudaSlice<f32>| self.wrap(s, w.shape());
+        match *rule {
+            Update::Sgd { lr, momentum, nesterov, weight_decay, first } => {
+                let mut b_out = self.zeros(if state.is_empty() { 0 } else { n })?;
+                let has = i32::from(!state.is_empty());
+                let b = match state.first() {
+                    Some(t) => self.slice(t)?,
+                    None => sg,
+                };
+                if n > 0 {
+                    launch!(
+                        self,
+                        "sgd_update",
+                        grid(n),
+                        sw,
+                        sg,
+                        b,
+                        &mut w_out,
+                        &mut b_out,
+                        &(n as i64),
+                        &(lr as f32),
+                        &(momentum as f32),
+                        &(weight_decay as f32),
+                        &i32::from(nesterov),
+                        &i32::from(first),
+                        &has
+                    );
+                }
+                Ok((wrap(w_out)?, if state.is_empty() { Vec::new() } else { vec![wrap(b_out)?] }))
+            }
+            Update::Adam { lr, betas, c1, c2, eps, weight_decay, decoupled } => {
+                let [m, v] = state else {
+                    return Err(Error::arg("update", "Adam takes two state tensors"));
+                };
+                let (mut m_out, mut v_out) = (self.zeros(n)?, self.zeros(n)?);
+                if n > 0 {
+                    launch!(
+                        self,
+                        "adam_update",
+                        grid(n),
+                        sw,
+                        sg,
+                        self.slice(m)?,
+                        self.slice(v)?,
+                        &mut w_out,
+                        &mut m_out,
+                        &mut v_out,
+                        &(n as i64),
+                        &lr,
+                        &betas.0,
+                        &betas.1,
+                        &c1,
+                        &c2,
+                        &eps,
+                        &weight_decay,
+                        &i32::from(decoupled)
+                    );
+                }
+                Ok((wrap(w_out)?, vec![wrap(m_out)?, wrap(v_out)?]))
+            }
+        }
     }
 
     fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {

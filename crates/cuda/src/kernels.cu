@@ -435,3 +435,40 @@ extern "C" __global__ void nll_bwd(const float* g, const int* targets, float* dx
         dx[i] = c == targets[row] ? -g[0] / (float)N : 0.0f;
     }
 }
+
+// ---- optimizers' updates (stride_autograd::Update), one element per thread ----
+
+// SGD in f32, as the CPU: d = g + wd w; b = first ? d : mu b + d; d = nesterov ? d + mu b : b.
+extern "C" __global__ void sgd_update(const float* w, const float* g, const float* b, float* w_out, float* b_out, i64 n,
+                                      float lr, float mu, float wd, int nesterov, int first, int has_buf) {
+    GRID_LOOP(i, n) {
+        float d = g[i] + wd * w[i];
+        if (has_buf) {
+            float bi = first ? d : mu * b[i] + d;
+            b_out[i] = bi;
+            d = nesterov ? d + mu * bi : bi;
+        }
+        w_out[i] = w[i] - lr * d;
+    }
+}
+
+// Adam / AdamW in f64 per element, as the CPU.
+extern "C" __global__ void adam_update(const float* w, const float* g, const float* m, const float* v, float* w_out, float* m_out,
+                                       float* v_out, i64 n, double lr, double b1, double b2, double c1, double c2, double eps, double wd,
+                                       int decoupled) {
+    GRID_LOOP(i, n) {
+        double gj = (double)g[i];
+        float wi = w[i];
+        if (decoupled) {
+            wi = (float)((double)wi * (1.0 - lr * wd));
+        } else {
+            gj += wd * (double)wi;
+        }
+        float mi = (float)(b1 * (double)m[i] + (1.0 - b1) * gj);
+        float vi = (float)(b2 * (double)v[i] + (1.0 - b2) * gj * gj);
+        double denom = sqrt((double)vi / c2) + eps;
+        w_out[i] = (float)((double)wi - lr * ((double)mi / c1) / denom);
+        m_out[i] = mi;
+        v_out[i] = vi;
+    }
+}

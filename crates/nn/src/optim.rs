@@ -2,7 +2,7 @@
 //! update rule exactly, so a run can be compared step for step.
 
 use rayon::prelude::*;
-use stride_autograd::Var;
+use stride_autograd::{device, Tensor, ToDevice, Update, Var};
 
 use crate::Result;
 
@@ -25,6 +25,49 @@ fn export(name: &str, slots: &[Option<Vec<f32>>], out: &mut Vec<(String, Vec<f32
             out.push((format!("{name}.{i}"), v.clone()));
         }
     }
+}
+
+/// [`export`] for state that may live on a device (read back: a device that fails to answer
+/// panics here, as `Tensor::data` does).
+fn export_tensors(name: &str, slots: &[Option<Tensor<f32>>], out: &mut Vec<(String, Vec<f32>)>) {
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(t) = s {
+            out.push((format!("{name}.{i}"), t.data().to_vec()));
+        }
+    }
+}
+
+/// [`import`] into host tensors (moved to a parameter's device on its next step).
+fn import_tensors(name: &str, state: &[(String, Vec<f32>)]) -> Result<Vec<Option<Tensor<f32>>>> {
+    import(name, state)?
+        .into_iter()
+        .map(|s| {
+            s.map(|v| {
+                let n = v.len();
+                Tensor::from_vec(v, &[n])
+            })
+            .transpose()
+            .map_err(Into::into)
+        })
+        .collect()
+}
+
+/// Takes the state slot of parameter `i` (its weight is `w`) out for an update, on the
+/// weight's device: zeros on first use; a slot restored from a checkpoint moves there. Taken,
+/// not cloned, so the update owns the storage and writes it in place.
+fn take_slot(state: &mut Vec<Option<Tensor<f32>>>, i: usize, w: &Tensor<f32>) -> Result<Tensor<f32>> {
+    if state.len() <= i {
+        state.resize(i + 1, None);
+    }
+    Ok(match state[i].take() {
+        Some(t) if t.numel() == w.numel() => t.reshape(w.shape())?.to(w.device())?,
+        Some(t) => {
+            return Err(
+                stride_autograd::Error::shape("optimizer state", format!("slot {i} holds {} values, the parameter {}", t.numel(), w.numel())).into()
+            )
+        }
+        None => Tensor::zeros(w.shape())?.to(w.device())?,
+    })
 }
 
 fn import(name: &str, state: &[(String, Vec<f32>)]) -> Result<Vec<Option<Vec<f32>>>> {
@@ -77,7 +120,7 @@ pub struct Sgd {
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
-    velocity: Vec<Option<Vec<f32>>>,
+    velocity: Vec<Option<Tensor<f32>>>,
 }
 
 impl Sgd {
@@ -92,22 +135,28 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &[Var]) -> Result<()> {
-        let (lr, mu, wd) = (self.lr as f32, self.momentum as f32, self.weight_decay as f32);
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            let mut w = p.value();
             let first = self.velocity.get(i).is_none_or(|s| s.is_none());
-            let buf = if mu > 0.0 { Some(slot(&mut self.velocity, i, g.numel())) } else { None };
-            let mut buf = buf;
-            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
-                let mut d = gv + wd * *wv;
-                if let Some(b) = buf.as_deref_mut() {
-                    b[j] = if first { d } else { mu * b[j] + d };
-                    d = if self.nesterov { d + mu * b[j] } else { b[j] };
-                }
-                *wv -= lr * d;
+            let rule = Update::Sgd { lr: self.lr, momentum: self.momentum, nesterov: self.nesterov, weight_decay: self.weight_decay, first };
+            let w = p.value();
+            let device = w.device();
+            let mut state = Vec::new();
+            if self.momentum > 0.0 {
+                state.push(take_slot(&mut self.velocity, i, &w)?);
             }
-            p.set_value(w)?;
+            if device.is_cpu() {
+                drop(w);
+                let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
+                p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
+            } else {
+                let (w, mut new) = device::update(device, &rule, &w, &g, &state)?;
+                p.set_value(w)?;
+                state = std::mem::take(&mut new);
+            }
+            if let Some(b) = state.pop() {
+                self.velocity[i] = Some(b);
+            }
         }
         Ok(())
     }
@@ -119,11 +168,11 @@ impl Optimizer for Sgd {
     }
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         let mut out = Vec::new();
-        export("momentum_buffer", &self.velocity, &mut out);
+        export_tensors("momentum_buffer", &self.velocity, &mut out);
         out
     }
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        self.velocity = import("momentum_buffer", state)?;
+        self.velocity = import_tensors("momentum_buffer", state)?;
         Ok(())
     }
 }
@@ -138,8 +187,8 @@ pub struct Adam {
     pub weight_decay: f64,
     pub decoupled: bool,
     step: u64,
-    m: Vec<Option<Vec<f32>>>,
-    v: Vec<Option<Vec<f32>>>,
+    m: Vec<Option<Tensor<f32>>>,
+    v: Vec<Option<Tensor<f32>>>,
 }
 
 impl Adam {
@@ -162,34 +211,29 @@ impl Optimizer for Adam {
         let t = self.step as i32;
         let (b1, b2) = self.betas;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let (lr, eps, wd) = (self.lr, self.eps, self.weight_decay);
-        let decoupled = self.decoupled;
+        let rule = Update::Adam { lr: self.lr, betas: (b1, b2), c1, c2, eps: self.eps, weight_decay: self.weight_decay, decoupled: self.decoupled };
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            let n = g.numel();
-            slot(&mut self.m, i, n);
-            slot(&mut self.v, i, n);
-            let (m, v) = (self.m[i].as_mut().expect("slot"), self.v[i].as_mut().expect("slot"));
-            // Element-wise, so chunks on several threads give the same bits as one thread.
-            p.update_value(|w| {
-                w.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.data().par_chunks(CHUNK)).for_each(
-                    |(((w, m), v), g)| {
-                        // Zipped, not indexed: without bounds checks the loop vectorises.
-                        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                            let mut gj = g as f64;
-                            if decoupled {
-                                *w = (*w as f64 * (1.0 - lr * wd)) as f32;
-                            } else {
-                                gj += wd * *w as f64;
-                            }
-                            *m = (b1 * *m as f64 + (1.0 - b1) * gj) as f32;
-                            *v = (b2 * *v as f64 + (1.0 - b2) * gj * gj) as f32;
-                            let denom = (*v as f64 / c2).sqrt() + eps;
-                            *w = (*w as f64 - lr * (*m as f64 / c1) / denom) as f32;
-                        }
-                    },
-                )
-            })?;
+            let w = p.value();
+            let device = w.device();
+            let mut m = take_slot(&mut self.m, i, &w)?;
+            let mut v = take_slot(&mut self.v, i, &w)?;
+            if device.is_cpu() {
+                drop(w);
+                let (ms, vs) = (m.data_mut(), v.data_mut());
+                p.update_value(|w| {
+                    w.par_chunks_mut(CHUNK)
+                        .zip(ms.par_chunks_mut(CHUNK))
+                        .zip(vs.par_chunks_mut(CHUNK))
+                        .zip(g.data().par_chunks(CHUNK))
+                        .for_each(|(((w, m), v), g)| rule.apply(w, g, &mut [m, v]))
+                })?;
+            } else {
+                let (w, new) = device::update(device, &rule, &w, &g, &[m, v])?;
+                p.set_value(w)?;
+                [m, v] = <[Tensor<f32>; 2]>::try_from(new).map_err(|_| stride_autograd::Error::device("Adam", "the backend returned other state"))?;
+            }
+            (self.m[i], self.v[i]) = (Some(m), Some(v));
         }
         Ok(())
     }
@@ -201,14 +245,14 @@ impl Optimizer for Adam {
     }
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         let mut out = vec![("step".to_string(), vec![self.step as f32])];
-        export("exp_avg", &self.m, &mut out);
-        export("exp_avg_sq", &self.v, &mut out);
+        export_tensors("exp_avg", &self.m, &mut out);
+        export_tensors("exp_avg_sq", &self.v, &mut out);
         out
     }
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
         self.step = state.iter().find(|(k, _)| k == "step").and_then(|(_, v)| v.first()).map_or(0, |&s| s as u64);
-        self.m = import("exp_avg", state)?;
-        self.v = import("exp_avg_sq", state)?;
+        self.m = import_tensors("exp_avg", state)?;
+        self.v = import_tensors("exp_avg_sq", state)?;
         Ok(())
     }
 }
