@@ -22,7 +22,9 @@ pub struct Agreement {
     pub backward: f64,
 }
 
-type Case<T> = (&'static str, Vec<Tensor<T>>, Box<dyn Fn(&[Var<T>]) -> Result<Var<T>>>);
+/// A function of the case's inputs.
+type Net<T> = dyn Fn(&[Var<T>]) -> Result<Var<T>>;
+type Case<T> = (&'static str, Vec<Tensor<T>>, Box<Net<T>>);
 
 /// One case per primitive (reshape, which shares storage on any device, rides along in others).
 fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
@@ -97,7 +99,7 @@ fn batch_norm_both_modes<T: Elem>(v: &[Var<T>]) -> Result<Var<T>> {
 }
 
 /// Output and input gradients of `f` with the inputs on `dev`, read back to the host.
-fn run<T: Elem>(inputs: &[Tensor<T>], dev: Device, f: &dyn Fn(&[Var<T>]) -> Result<Var<T>>) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+fn run<T: Elem>(inputs: &[Tensor<T>], dev: Device, f: &Net<T>) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
     let vars = inputs.iter().map(|t| Ok(Var::parameter(t.to(dev)?))).collect::<Result<Vec<Var<T>>>>()?;
     let out = f(&vars)?;
     let weights = Rng::seed(3).normal::<T>(&out.shape(), 0.0, 1.0)?;

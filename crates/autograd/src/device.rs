@@ -278,18 +278,18 @@ pub(crate) fn route<T: Elem>(prim: impl FnOnce() -> Prim, parents: &[&Var<T>]) -
     Ok(route_with(prim, parents, &[])?.map(|(y, _)| y))
 }
 
+/// An op's recorded result and the new values of the tensors it updates outside the graph.
+pub(crate) type Routed<T> = (Var<T>, Vec<Tensor<T>>);
+
 /// [`route`] for an op that also reads tensors outside the graph (`extra`, after the parents'
 /// values) and gets their new values back (batch norm's running statistics).
-pub(crate) fn route_with<T: Elem>(
-    prim: impl FnOnce() -> Prim,
-    parents: &[&Var<T>],
-    extra: &[&Tensor<T>],
-) -> Result<Option<(Var<T>, Vec<Tensor<T>>)>> {
-    let mut values: Vec<Tensor<T>> = parents.iter().map(|p| p.value()).collect();
-    values.extend(extra.iter().map(|&t| t.clone()));
-    if values.iter().all(|v| v.device().is_cpu()) {
+pub(crate) fn route_with<T: Elem>(prim: impl FnOnce() -> Prim, parents: &[&Var<T>], extra: &[&Tensor<T>]) -> Result<Option<Routed<T>>> {
+    // The CPU path asks for nothing but each input's device.
+    if parents.iter().all(|p| p.value_ref().device().is_cpu()) && extra.iter().all(|t| t.device().is_cpu()) {
         return Ok(None);
     }
+    let mut values: Vec<Tensor<T>> = parents.iter().map(|p| p.value()).collect();
+    values.extend(extra.iter().map(|&t| t.clone()));
     let prim = prim();
     let device = common_device(prim.name(), &values.iter().collect::<Vec<_>>())?;
     let backend = backend::<T>(device)?;
@@ -321,6 +321,10 @@ pub(crate) fn accumulate<T: Elem>(acc: &mut Tensor<T>, g: &Tensor<T>) -> Result<
     Ok(())
 }
 
+/// [`cpu_forward`]'s output, the tensors the op updated (batch norm's running statistics in
+/// training) and what its backward pass needs.
+pub type CpuRun<T> = (Tensor<T>, Vec<Tensor<T>>, CpuSaved<T>);
+
 /// What [`cpu_forward`] keeps for [`cpu_backward`]: the little CPU graph it ran.
 pub struct CpuSaved<T: Elem> {
     inputs: Vec<Var<T>>,
@@ -330,7 +334,7 @@ pub struct CpuSaved<T: Elem> {
 /// Runs `prim` on host tensors with the CPU kernels, recording it so that [`cpu_backward`]
 /// can differentiate it. The reference every backend is checked against, and the fallback a
 /// backend may use for a primitive it has no kernel for (copying its inputs to the host).
-pub fn cpu_forward<T: Elem>(prim: &Prim, x: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>, CpuSaved<T>)> {
+pub fn cpu_forward<T: Elem>(prim: &Prim, x: &[Tensor<T>]) -> Result<CpuRun<T>> {
     if let Some(t) = x.iter().find(|t| !t.device().is_cpu()) {
         return Err(Error::device(prim.name(), format!("cpu_forward takes host tensors, got one on {}", t.device())));
     }
@@ -378,7 +382,8 @@ fn apply<T: Elem>(prim: &Prim, v: &[Var<T>], arity: &dyn Fn(&[usize]) -> Result<
         arity(&[1])?;
         f(&v[0])
     };
-    let two = |f: &dyn Fn(&Var<T>, &Var<T>) -> Result<Var<T>>| -> Result<Var<T>> {
+    type Binary<'a, T> = &'a dyn Fn(&Var<T>, &Var<T>) -> Result<Var<T>>;
+    let two = |f: Binary<T>| -> Result<Var<T>> {
         arity(&[2])?;
         f(&v[0], &v[1])
     };

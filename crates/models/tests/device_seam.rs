@@ -46,14 +46,11 @@ fn state(m: &mut dyn Module, dev: Device) -> Vec<(String, Tensor<f32>)> {
     out
 }
 
+/// The losses, the evaluation logits and the final state of a run.
+type Run = (Vec<f32>, Tensor<f32>, Vec<(String, Tensor<f32>)>);
+
 /// Two training steps and an evaluation on `dev`; returns the losses, logits and final state.
-fn train_steps(
-    model: &mut dyn Module,
-    dev: Device,
-    x: &Tensor<f32>,
-    labels: &[usize],
-    adam: bool,
-) -> (Vec<f32>, Tensor<f32>, Vec<(String, Tensor<f32>)>) {
+fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[usize], adam: bool) -> Run {
     model.to(dev).unwrap();
     let params = model.parameters();
     let mut opt: Box<dyn Optimizer> =
