@@ -165,38 +165,41 @@ extern "C" __global__ void unary_bwd(int code, float p0, float p1, const float* 
 
 // ---- convolution by lowering: columns [C*R*S, N*P*Q] ----
 
-extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int H, int W, int P, int Q, int R, int S,
-                                  int sh, int sw, int dh, int dw, int pt, int pl) {
-    i64 npq = (i64)N * P * Q;
-    i64 total = (i64)C * R * S * npq;
+// ConvGeom's numbers (stride_cuda's ConvArgs, field for field).
+struct Conv {
+    int N, C, H, W, P, Q, R, S, sh, sw, dh, dw, pt, pl;
+};
+
+extern "C" __global__ void im2col(const float* x, float* cols, Conv g) {
+    i64 npq = (i64)g.N * g.P * g.Q;
+    i64 total = (i64)g.C * g.R * g.S * npq;
     GRID_LOOP(i, total) {
         i64 col = i % npq, row = i / npq;
-        int s = (int)(row % S), r = (int)((row / S) % R), c = (int)(row / ((i64)R * S));
-        int q = (int)(col % Q), p = (int)((col / Q) % P), n = (int)(col / ((i64)P * Q));
-        int h = p * sh - pt + r * dh, w = q * sw - pl + s * dw;
-        cols[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[(((i64)n * C + c) * H + h) * W + w] : 0.0f;
+        int s = (int)(row % g.S), r = (int)((row / g.S) % g.R), c = (int)(row / ((i64)g.R * g.S));
+        int q = (int)(col % g.Q), p = (int)((col / g.Q) % g.P), n = (int)(col / ((i64)g.P * g.Q));
+        int h = p * g.sh - g.pt + r * g.dh, w = q * g.sw - g.pl + s * g.dw;
+        cols[i] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? x[(((i64)n * g.C + c) * g.H + h) * g.W + w] : 0.0f;
     }
 }
 
 // Gathers columns back into an image (the adjoint of im2col): one thread per image element.
-extern "C" __global__ void col2im(const float* cols, float* x, int N, int C, int H, int W, int P, int Q, int R, int S,
-                                  int sh, int sw, int dh, int dw, int pt, int pl) {
-    i64 npq = (i64)N * P * Q;
-    i64 total = (i64)N * C * H * W;
+extern "C" __global__ void col2im(const float* cols, float* x, Conv g) {
+    i64 npq = (i64)g.N * g.P * g.Q;
+    i64 total = (i64)g.N * g.C * g.H * g.W;
     GRID_LOOP(i, total) {
-        int w = (int)(i % W), h = (int)((i / W) % H), c = (int)((i / ((i64)H * W)) % C), n = (int)(i / ((i64)C * H * W));
+        int w = (int)(i % g.W), h = (int)((i / g.W) % g.H), c = (int)((i / ((i64)g.H * g.W)) % g.C), n = (int)(i / ((i64)g.C * g.H * g.W));
         float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
-            int ph = h + pt - r * dh;
-            if (ph < 0 || ph % sh != 0) continue;
-            int p = ph / sh;
-            if (p >= P) continue;
-            for (int s = 0; s < S; ++s) {
-                int pw = w + pl - s * dw;
-                if (pw < 0 || pw % sw != 0) continue;
-                int q = pw / sw;
-                if (q >= Q) continue;
-                acc += cols[(((i64)c * R + r) * S + s) * npq + ((i64)n * P + p) * Q + q];
+        for (int r = 0; r < g.R; ++r) {
+            int ph = h + g.pt - r * g.dh;
+            if (ph < 0 || ph % g.sh != 0) continue;
+            int p = ph / g.sh;
+            if (p >= g.P) continue;
+            for (int s = 0; s < g.S; ++s) {
+                int pw = w + g.pl - s * g.dw;
+                if (pw < 0 || pw % g.sw != 0) continue;
+                int q = pw / g.sw;
+                if (q >= g.Q) continue;
+                acc += cols[(((i64)c * g.R + r) * g.S + s) * npq + ((i64)n * g.P + p) * g.Q + q];
             }
         }
         x[i] = acc;
@@ -230,22 +233,42 @@ extern "C" __global__ void add_channel_bias(float* y, const float* bias, int C, 
 
 // ---- pooling (PoolGeom's windows: clipped to the image, size counted up to the padded end) ----
 
-extern "C" __global__ void max_pool_fwd(const float* x, float* y, int* arg, int NC, int H, int W, int P, int Q, int kh, int kw,
-                                        int sh, int sw, int pt, int pb, int pl, int pr) {
-    i64 total = (i64)NC * P * Q;
-    GRID_LOOP(i, total) {
-        int j = (int)(i % Q), ii = (int)((i / Q) % P);
-        i64 plane = i / ((i64)P * Q);
-        int hs = ii * sh - pt, ws = j * sw - pl;
-        int he = min(hs + kh, H + pb), we = min(ws + kw, W + pr);
-        int r0 = max(hs, 0), r1 = min(he, H), c0 = max(ws, 0), c1 = min(we, W);
-        const float* xp = x + plane * H * W;
+// PoolGeom's numbers (stride_cuda's PoolArgs, field for field).
+struct Pool {
+    int NC, H, W, P, Q, kh, kw, sh, sw, pt, pb, pl, pr, include_pad;
+};
+
+// Output i's window: its plane, the rows [r0, r1) and columns [c0, c1) inside the image, and
+// the divisor of average pooling.
+struct Window {
+    i64 plane;
+    int r0, r1, c0, c1, div;
+};
+
+__device__ Window window(const Pool& g, i64 i) {
+    int j = (int)(i % g.Q), ii = (int)((i / g.Q) % g.P);
+    int hs = ii * g.sh - g.pt, ws = j * g.sw - g.pl;
+    int he = min(hs + g.kh, g.H + g.pb), we = min(ws + g.kw, g.W + g.pr);
+    Window w;
+    w.plane = i / ((i64)g.P * g.Q);
+    w.r0 = max(hs, 0);
+    w.r1 = min(he, g.H);
+    w.c0 = max(ws, 0);
+    w.c1 = min(we, g.W);
+    w.div = g.include_pad ? (he - hs) * (we - ws) : (w.r1 - w.r0) * (w.c1 - w.c0);
+    return w;
+}
+
+extern "C" __global__ void max_pool_fwd(const float* x, float* y, int* arg, Pool g) {
+    GRID_LOOP(i, (i64)g.NC * g.P * g.Q) {
+        Window w = window(g, i);
+        const float* xp = x + w.plane * g.H * g.W;
         float best = NEG_INF;
-        int bi = r0 * W + c0;
-        for (int r = r0; r < r1; ++r)
-            for (int c = c0; c < c1; ++c) {
-                float v = xp[r * W + c];
-                if (v > best || (isnan(v) && !isnan(best))) { best = v; bi = r * W + c; }
+        int bi = w.r0 * g.W + w.c0;
+        for (int r = w.r0; r < w.r1; ++r)
+            for (int c = w.c0; c < w.c1; ++c) {
+                float v = xp[r * g.W + c];
+                if (v > best || (isnan(v) && !isnan(best))) { best = v; bi = r * g.W + c; }
             }
         y[i] = best;
         arg[i] = bi;
@@ -260,39 +283,25 @@ extern "C" __global__ void scatter_planes(const float* g, const int* arg, float*
     }
 }
 
-extern "C" __global__ void avg_pool_fwd(const float* x, float* y, int NC, int H, int W, int P, int Q, int kh, int kw, int sh, int sw,
-                                        int pt, int pb, int pl, int pr, int include_pad) {
-    i64 total = (i64)NC * P * Q;
-    GRID_LOOP(i, total) {
-        int j = (int)(i % Q), ii = (int)((i / Q) % P);
-        i64 plane = i / ((i64)P * Q);
-        int hs = ii * sh - pt, ws = j * sw - pl;
-        int he = min(hs + kh, H + pb), we = min(ws + kw, W + pr);
-        int r0 = max(hs, 0), r1 = min(he, H), c0 = max(ws, 0), c1 = min(we, W);
-        const float* xp = x + plane * H * W;
+extern "C" __global__ void avg_pool_fwd(const float* x, float* y, Pool g) {
+    GRID_LOOP(i, (i64)g.NC * g.P * g.Q) {
+        Window w = window(g, i);
+        const float* xp = x + w.plane * g.H * g.W;
         float acc = 0.0f;
-        for (int r = r0; r < r1; ++r)
-            for (int c = c0; c < c1; ++c) acc += xp[r * W + c];
-        int div = include_pad ? (he - hs) * (we - ws) : (r1 - r0) * (c1 - c0);
-        y[i] = acc / (float)div;
+        for (int r = w.r0; r < w.r1; ++r)
+            for (int c = w.c0; c < w.c1; ++c) acc += xp[r * g.W + c];
+        y[i] = acc / (float)w.div;
     }
 }
 
 // dx (zeroed) += g / divisor over each window.
-extern "C" __global__ void avg_pool_bwd(const float* g, float* dx, int NC, int H, int W, int P, int Q, int kh, int kw, int sh, int sw,
-                                        int pt, int pb, int pl, int pr, int include_pad) {
-    i64 total = (i64)NC * P * Q;
-    GRID_LOOP(i, total) {
-        int j = (int)(i % Q), ii = (int)((i / Q) % P);
-        i64 plane = i / ((i64)P * Q);
-        int hs = ii * sh - pt, ws = j * sw - pl;
-        int he = min(hs + kh, H + pb), we = min(ws + kw, W + pr);
-        int r0 = max(hs, 0), r1 = min(he, H), c0 = max(ws, 0), c1 = min(we, W);
-        int div = include_pad ? (he - hs) * (we - ws) : (r1 - r0) * (c1 - c0);
-        float v = g[i] / (float)div;
-        float* dp = dx + plane * H * W;
-        for (int r = r0; r < r1; ++r)
-            for (int c = c0; c < c1; ++c) atomicAdd(dp + r * W + c, v);
+extern "C" __global__ void avg_pool_bwd(const float* gy, float* dx, Pool g) {
+    GRID_LOOP(i, (i64)g.NC * g.P * g.Q) {
+        Window w = window(g, i);
+        float v = gy[i] / (float)w.div;
+        float* dp = dx + w.plane * g.H * g.W;
+        for (int r = w.r0; r < w.r1; ++r)
+            for (int c = w.c0; c < w.c1; ++c) atomicAdd(dp + r * g.W + c, v);
     }
 }
 

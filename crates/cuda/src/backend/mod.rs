@@ -1,4 +1,4 @@
-//! The CUDA implementation of `stride_autograd::Backend<f32>`.
+//! The CUDA implementation of `stride_autograd::Backend<f32>` (convolution in `conv.rs`).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use stride_autograd::device::{cpu_backward, cpu_forward, Backend, CpuSaved, Forward, Prim};
 use stride_autograd::{Unary, Update};
-use stride_kernels::conv::ConvGeom;
 use stride_kernels::pool::PoolGeom;
 use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
@@ -37,7 +36,7 @@ pub const NATIVE: [&str; 17] = [
     "adam_update",
 ];
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = include_str!("../kernels.cu");
 const FUNCTIONS: &[&str] = &[
     "binary_same",
     "binary_bcast",
@@ -167,6 +166,24 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
     }
 }
 
+/// Fourteen ints passed by value: the `Conv` and `Pool` structs of kernels.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Args14([i32; 14]);
+
+// SAFETY: plain old data with the layout of a C struct of 14 ints.
+unsafe impl cudarc::driver::DeviceRepr for Args14 {}
+
+impl Args14 {
+    fn new(op: &'static str, v: [usize; 14]) -> Result<Self> {
+        let mut out = [0i32; 14];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = int(op, x)?;
+        }
+        Ok(Args14(out))
+    }
+}
+
 /// Launches `kernel` with the given configuration and arguments.
 macro_rules! launch {
     ($self:ident, $kernel:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
@@ -174,7 +191,7 @@ macro_rules! launch {
         // One statement, so temporaries among the arguments live through the launch.
         // SAFETY: the kernel's parameters in kernels.cu match these arguments in order and
         // type, and every buffer is at least as long as the sizes passed with it.
-        unsafe { $self.stream.launch_builder(f)$(.arg($arg))+.launch($cfg) }.map_err(|e| err($kernel, e))?;
+        unsafe { $self.stream.launch_builder(f)$(.arg($arg))+.launch($cfg) }.map_err(|e| $crate::err($kernel, e))?;
     }};
 }
 
@@ -373,210 +390,6 @@ impl CudaBackend {
         let mut c = self.zeros(m * n)?;
         self.gemm(Mm { m, n, k, ta: false, tb, beta: 0.0 }, self.slice(a)?, self.slice(b)?, &mut c)?;
         self.wrap(c, &[m, n])
-    }
-
-    /// Columns [C*R*S, N*P*Q] of the image `x` [N, C, H, W] for geometry `g`.
-    fn im2col(&self, g: &ConvGeom, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let n = g.c * g.r * g.s * g.n * g.p * g.q;
-        let mut cols = self.zeros(n)?;
-        let a = self.geom_args(g)?;
-        if n > 0 {
-            launch!(
-                self,
-                "im2col",
-                grid(n),
-                x,
-                &mut cols,
-                &a[0],
-                &a[1],
-                &a[2],
-                &a[3],
-                &a[4],
-                &a[5],
-                &a[6],
-                &a[7],
-                &a[8],
-                &a[9],
-                &a[10],
-                &a[11],
-                &a[12],
-                &a[13]
-            );
-        }
-        Ok(cols)
-    }
-
-    /// The image [N, C, H, W] whose columns add up to `cols` (im2col's adjoint).
-    fn col2im(&self, g: &ConvGeom, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let n = g.n * g.c * g.h * g.w;
-        let mut x = self.zeros(n)?;
-        let a = self.geom_args(g)?;
-        if n > 0 {
-            launch!(
-                self,
-                "col2im",
-                grid(n),
-                cols,
-                &mut x,
-                &a[0],
-                &a[1],
-                &a[2],
-                &a[3],
-                &a[4],
-                &a[5],
-                &a[6],
-                &a[7],
-                &a[8],
-                &a[9],
-                &a[10],
-                &a[11],
-                &a[12],
-                &a[13]
-            );
-        }
-        Ok(x)
-    }
-
-    fn geom_args(&self, g: &ConvGeom) -> Result<[i32; 14]> {
-        let v = [g.n, g.c, g.h, g.w, g.p, g.q, g.r, g.s, g.stride.0, g.stride.1, g.dilation.0, g.dilation.1, g.pad.0, g.pad.2];
-        let mut out = [0i32; 14];
-        for (o, x) in out.iter_mut().zip(v) {
-            *o = int("conv2d", x)?;
-        }
-        Ok(out)
-    }
-
-    /// [N, K, L] -> [K, N*L].
-    fn to_knl(&self, y: &CudaSlice<f32>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
-        let mut t = self.zeros(n * k * l)?;
-        if n * k * l > 0 {
-            launch!(self, "nkl_to_knl", grid(n * k * l), y, &mut t, &int("conv", n)?, &int("conv", k)?, &(l as i64));
-        }
-        Ok(t)
-    }
-
-    /// [K, N*L] -> [N, K, L] plus an optional bias per k.
-    fn from_knl(&self, t: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(n * k * l)?;
-        if n * k * l > 0 {
-            let has = bias.is_some() as i32;
-            launch!(self, "knl_to_nkl", grid(n * k * l), t, bias.unwrap_or(t), &has, &mut y, &int("conv", n)?, &int("conv", k)?, &(l as i64));
-        }
-        Ok(y)
-    }
-
-    /// The convolution's product per group: out[K, NPQ] = W[K, CgRS] x cols[C*R*S, NPQ].
-    fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut out = self.zeros(g.k * npq)?;
-        for gi in 0..g.groups {
-            let wv: CudaView<f32> = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
-            let cv: CudaView<f32> = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
-            let mut ov: CudaViewMut<f32> = out.slice_mut(gi * kg * npq..(gi + 1) * kg * npq);
-            self.gemm(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, &wv, &cv, &mut ov)?;
-        }
-        Ok(out)
-    }
-
-    /// The convolution's adjoint product per group: cols[C*R*S, NPQ] = W^T x t[K, NPQ].
-    fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut cols = self.zeros(g.c * g.r * g.s * npq)?;
-        for gi in 0..g.groups {
-            let wv = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
-            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
-            let mut cv = cols.slice_mut(gi * crs * npq..(gi + 1) * crs * npq);
-            self.gemm(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, &wv, &tv, &mut cv)?;
-        }
-        Ok(cols)
-    }
-
-    /// The filter gradient per group: dW[K, CgRS] = t[K, NPQ] x cols^T.
-    fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut dw = self.zeros(g.k * crs)?;
-        for gi in 0..g.groups {
-            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
-            let cv = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
-            let mut dv = dw.slice_mut(gi * kg * crs..(gi + 1) * kg * crs);
-            self.gemm(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, &tv, &cv, &mut dv)?;
-        }
-        Ok(dw)
-    }
-
-    /// Sum over every axis but 1 of [N, C, ...]: a bias's gradient.
-    fn channel_sums(&self, g: &Tensor<f32>) -> Result<Tensor<f32>> {
-        let keep: Vec<bool> = (0..g.rank()).map(|d| d == 1).collect();
-        self.reduce(g, &keep, &[g.shape()[1]])
-    }
-
-    fn conv2d(&self, x: &[Tensor<f32>], opts: &stride_kernels::conv::Conv2dOptions) -> Result<Tensor<f32>> {
-        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
-        check_bias("conv2d", x.get(2), g.k)?;
-        let cols = self.im2col(&g, self.slice(&x[0])?)?;
-        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
-        let bias = x.get(2).map(|b| self.slice(b)).transpose()?;
-        let y = self.from_knl(&t, bias, g.n, g.k, g.p * g.q)?;
-        self.wrap(y, &g.small_shape())
-    }
-
-    fn conv2d_backward(&self, opts: &stride_kernels::conv::Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
-        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
-        let t = self.to_knl(self.slice(gy)?, g.n, g.k, g.p * g.q)?;
-        let cols = self.im2col(&g, self.slice(&x[0])?)?;
-        let dw = self.conv_filter_grad(&g, &t, &cols)?;
-        drop(cols);
-        let dcols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
-        let dx = self.col2im(&g, &dcols)?;
-        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
-        if x.len() > 2 {
-            out.push(Some(self.channel_sums(gy)?));
-        }
-        Ok(out)
-    }
-
-    /// Transposed convolution: the adjoint of the convolution with geometry `g` (whose small
-    /// side is this op's input).
-    fn conv_transpose2d(&self, x: &[Tensor<f32>], opts: &stride_kernels::conv::Conv2dOptions) -> Result<Tensor<f32>> {
-        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
-        check_bias("conv_transpose2d", x.get(2), g.c)?;
-        let t = self.to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
-        let cols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
-        let mut y = self.col2im(&g, &cols)?;
-        let total = g.n * g.c * g.h * g.w;
-        if let (Some(b), true) = (x.get(2), total > 0) {
-            launch!(
-                self,
-                "add_channel_bias",
-                grid(total),
-                &mut y,
-                self.slice(b)?,
-                &int("conv_transpose2d", g.c)?,
-                &((g.h * g.w) as i64),
-                &(total as i64)
-            );
-        }
-        self.wrap(y, &[g.n, g.c, g.h, g.w])
-    }
-
-    fn conv_transpose2d_backward(
-        &self,
-        opts: &stride_kernels::conv::Conv2dOptions,
-        gy: &Tensor<f32>,
-        x: &[Tensor<f32>],
-    ) -> Result<Vec<Option<Tensor<f32>>>> {
-        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
-        // The input's gradient is the convolution of gy; the filter's pairs gy's columns with x.
-        let cols = self.im2col(&g, self.slice(gy)?)?;
-        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
-        let dx = self.from_knl(&t, None, g.n, g.k, g.p * g.q)?;
-        let xt = self.to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
-        let dw = self.conv_filter_grad(&g, &xt, &cols)?;
-        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
-        if x.len() > 2 {
-            out.push(Some(self.channel_sums(gy)?));
-        }
-        Ok(out)
     }
 
     // ---- pooling ----
@@ -846,27 +659,7 @@ impl Backend<f32> for CudaBackend {
                 let mut y = self.zeros(n)?;
                 let mut arg = self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| err("allocating", e))?;
                 if n > 0 {
-                    launch!(
-                        self,
-                        "max_pool_fwd",
-                        grid(n),
-                        self.slice(&x[0])?,
-                        &mut y,
-                        &mut arg,
-                        &a[0],
-                        &a[1],
-                        &a[2],
-                        &a[3],
-                        &a[4],
-                        &a[5],
-                        &a[6],
-                        &a[7],
-                        &a[8],
-                        &a[9],
-                        &a[10],
-                        &a[11],
-                        &a[12]
-                    );
+                    launch!(self, "max_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &a);
                 }
                 Ok(Forward { y: self.wrap(y, &g.out_shape())?, state: Vec::new(), saved: Box::new(Saved::Argmax(arg)) })
             }
@@ -876,27 +669,7 @@ impl Backend<f32> for CudaBackend {
                 let n = g.n * g.c * g.p * g.q;
                 let mut y = self.zeros(n)?;
                 if n > 0 {
-                    launch!(
-                        self,
-                        "avg_pool_fwd",
-                        grid(n),
-                        self.slice(&x[0])?,
-                        &mut y,
-                        &a[0],
-                        &a[1],
-                        &a[2],
-                        &a[3],
-                        &a[4],
-                        &a[5],
-                        &a[6],
-                        &a[7],
-                        &a[8],
-                        &a[9],
-                        &a[10],
-                        &a[11],
-                        &a[12],
-                        &a[13]
-                    );
+                    launch!(self, "avg_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &a);
                 }
                 done(self.wrap(y, &g.out_shape())?)
             }
@@ -1007,27 +780,7 @@ impl Backend<f32> for CudaBackend {
                 let a = Self::pool_args(&pg)?;
                 let mut dx = self.zeros(x[0].numel())?;
                 if g.numel() > 0 {
-                    launch!(
-                        self,
-                        "avg_pool_bwd",
-                        grid(g.numel()),
-                        self.slice(g)?,
-                        &mut dx,
-                        &a[0],
-                        &a[1],
-                        &a[2],
-                        &a[3],
-                        &a[4],
-                        &a[5],
-                        &a[6],
-                        &a[7],
-                        &a[8],
-                        &a[9],
-                        &a[10],
-                        &a[11],
-                        &a[12],
-                        &a[13]
-                    );
+                    launch!(self, "avg_pool_bwd", grid(g.numel()), self.slice(g)?, &mut dx, &a);
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
@@ -1088,3 +841,6 @@ impl CudaBackend {
         Tensor::from_device(self.upload(t.data())?, t.shape())
     }
 }
+
+// After the macros and helpers above, which it uses.
+mod conv;

@@ -1,0 +1,165 @@
+//! Convolution on the GPU: the image lowered to columns [C*R*S, N*P*Q] by a kernel, one cuBLAS
+//! product per group, and the adjoint (columns gathered back into an image) for the input
+//! gradient and for transposed convolution.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use stride_kernels::conv::{Conv2dOptions, ConvGeom};
+use stride_tensor::{Result, Tensor};
+
+use super::{check_bias, grid, int, Args14, CudaBackend, Mm};
+
+impl CudaBackend {
+    /// Columns [C*R*S, N*P*Q] of the image `x` [N, C, H, W] for geometry `g`.
+    fn im2col(&self, g: &ConvGeom, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = g.c * g.r * g.s * g.n * g.p * g.q;
+        let mut cols = self.zeros(n)?;
+        let a = self.geom_args(g)?;
+        if n > 0 {
+            launch!(self, "im2col", grid(n), x, &mut cols, &a);
+        }
+        Ok(cols)
+    }
+
+    /// The image [N, C, H, W] whose columns add up to `cols` (im2col's adjoint).
+    fn col2im(&self, g: &ConvGeom, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = g.n * g.c * g.h * g.w;
+        let mut x = self.zeros(n)?;
+        let a = self.geom_args(g)?;
+        if n > 0 {
+            launch!(self, "col2im", grid(n), cols, &mut x, &a);
+        }
+        Ok(x)
+    }
+
+    fn geom_args(&self, g: &ConvGeom) -> Result<Args14> {
+        Args14::new("conv2d", [g.n, g.c, g.h, g.w, g.p, g.q, g.r, g.s, g.stride.0, g.stride.1, g.dilation.0, g.dilation.1, g.pad.0, g.pad.2])
+    }
+
+    /// [N, K, L] -> [K, N*L].
+    fn nkl_to_knl(&self, y: &CudaSlice<f32>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
+        let mut t = self.zeros(n * k * l)?;
+        if n * k * l > 0 {
+            launch!(self, "nkl_to_knl", grid(n * k * l), y, &mut t, &int("conv", n)?, &int("conv", k)?, &(l as i64));
+        }
+        Ok(t)
+    }
+
+    /// [K, N*L] -> [N, K, L] plus an optional bias per k.
+    fn knl_to_nkl(&self, t: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.zeros(n * k * l)?;
+        if n * k * l > 0 {
+            let has = bias.is_some() as i32;
+            launch!(self, "knl_to_nkl", grid(n * k * l), t, bias.unwrap_or(t), &has, &mut y, &int("conv", n)?, &int("conv", k)?, &(l as i64));
+        }
+        Ok(y)
+    }
+
+    /// The convolution's product per group: out[K, NPQ] = W[K, CgRS] x cols[C*R*S, NPQ].
+    fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut out = self.zeros(g.k * npq)?;
+        for gi in 0..g.groups {
+            let wv: CudaView<f32> = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
+            let cv: CudaView<f32> = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
+            let mut ov: CudaViewMut<f32> = out.slice_mut(gi * kg * npq..(gi + 1) * kg * npq);
+            self.gemm(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, &wv, &cv, &mut ov)?;
+        }
+        Ok(out)
+    }
+
+    /// The convolution's adjoint product per group: cols[C*R*S, NPQ] = W^T x t[K, NPQ].
+    fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut cols = self.zeros(g.c * g.r * g.s * npq)?;
+        for gi in 0..g.groups {
+            let wv = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
+            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
+            let mut cv = cols.slice_mut(gi * crs * npq..(gi + 1) * crs * npq);
+            self.gemm(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, &wv, &tv, &mut cv)?;
+        }
+        Ok(cols)
+    }
+
+    /// The filter gradient per group: dW[K, CgRS] = t[K, NPQ] x cols^T.
+    fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
+        let mut dw = self.zeros(g.k * crs)?;
+        for gi in 0..g.groups {
+            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
+            let cv = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
+            let mut dv = dw.slice_mut(gi * kg * crs..(gi + 1) * kg * crs);
+            self.gemm(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, &tv, &cv, &mut dv)?;
+        }
+        Ok(dw)
+    }
+
+    /// Sum over every axis but 1 of [N, C, ...]: a bias's gradient.
+    fn channel_sums(&self, g: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let keep: Vec<bool> = (0..g.rank()).map(|d| d == 1).collect();
+        self.reduce(g, &keep, &[g.shape()[1]])
+    }
+
+    pub(super) fn conv2d(&self, x: &[Tensor<f32>], opts: &Conv2dOptions) -> Result<Tensor<f32>> {
+        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
+        check_bias("conv2d", x.get(2), g.k)?;
+        let cols = self.im2col(&g, self.slice(&x[0])?)?;
+        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
+        let bias = x.get(2).map(|b| self.slice(b)).transpose()?;
+        let y = self.knl_to_nkl(&t, bias, g.n, g.k, g.p * g.q)?;
+        self.wrap(y, &g.small_shape())
+    }
+
+    pub(super) fn conv2d_backward(&self, opts: &Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
+        let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
+        let t = self.nkl_to_knl(self.slice(gy)?, g.n, g.k, g.p * g.q)?;
+        let cols = self.im2col(&g, self.slice(&x[0])?)?;
+        let dw = self.conv_filter_grad(&g, &t, &cols)?;
+        drop(cols);
+        let dcols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
+        let dx = self.col2im(&g, &dcols)?;
+        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
+        if x.len() > 2 {
+            out.push(Some(self.channel_sums(gy)?));
+        }
+        Ok(out)
+    }
+
+    /// Transposed convolution: the adjoint of the convolution with geometry `g` (whose small
+    /// side is this op's input).
+    pub(super) fn conv_transpose2d(&self, x: &[Tensor<f32>], opts: &Conv2dOptions) -> Result<Tensor<f32>> {
+        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
+        check_bias("conv_transpose2d", x.get(2), g.c)?;
+        let t = self.nkl_to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
+        let cols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
+        let mut y = self.col2im(&g, &cols)?;
+        let total = g.n * g.c * g.h * g.w;
+        if let (Some(b), true) = (x.get(2), total > 0) {
+            launch!(
+                self,
+                "add_channel_bias",
+                grid(total),
+                &mut y,
+                self.slice(b)?,
+                &int("conv_transpose2d", g.c)?,
+                &((g.h * g.w) as i64),
+                &(total as i64)
+            );
+        }
+        self.wrap(y, &[g.n, g.c, g.h, g.w])
+    }
+
+    pub(super) fn conv_transpose2d_backward(&self, opts: &Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
+        let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
+        // The input's gradient is the convolution of gy; the filter's pairs gy's columns with x.
+        let cols = self.im2col(&g, self.slice(gy)?)?;
+        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
+        let dx = self.knl_to_nkl(&t, None, g.n, g.k, g.p * g.q)?;
+        let xt = self.nkl_to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
+        let dw = self.conv_filter_grad(&g, &xt, &cols)?;
+        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
+        if x.len() > 2 {
+            out.push(Some(self.channel_sums(gy)?));
+        }
+        Ok(out)
+    }
+}
