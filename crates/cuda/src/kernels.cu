@@ -481,3 +481,52 @@ extern "C" __global__ void adam_update(const float* w, const float* g, const flo
         v_out[i] = vi;
     }
 }
+
+// ---- data movement: strided gather and scatter (permute, narrow, pad, concat), upsampling ----
+
+// meta: rank, shape[rank] (of the side indexed by i), strides[rank] (of the other side), offset.
+__device__ __forceinline__ i64 strided(i64 i, const i64* meta) {
+    int rank = (int)meta[0];
+    const i64* shape = meta + 1;
+    const i64* st = meta + 1 + rank;
+    i64 rem = i, o = meta[1 + 2 * rank];
+    for (int d = rank - 1; d >= 0; --d) {
+        o += (rem % shape[d]) * st[d];
+        rem /= shape[d];
+    }
+    return o;
+}
+
+// y[i] = x[at(i)] over y's n elements.
+extern "C" __global__ void gather_strided(const float* x, float* y, i64 n, const i64* meta) {
+    GRID_LOOP(i, n) { y[i] = x[strided(i, meta)]; }
+}
+
+// y[at(i)] = x[i] over x's n elements (distinct targets).
+extern "C" __global__ void scatter_strided(const float* x, float* y, i64 n, const i64* meta) {
+    GRID_LOOP(i, n) { y[strided(i, meta)] = x[i]; }
+}
+
+extern "C" __global__ void fill(float* y, float v, i64 n) {
+    GRID_LOOP(i, n) { y[i] = v; }
+}
+
+// Nearest upsampling of planes [h, w] by (sh, sw), and its gradient (each input sums its block).
+extern "C" __global__ void upsample_fwd(const float* x, float* y, i64 planes, int h, int w, int sh, int sw) {
+    i64 oh = (i64)h * sh, ow = (i64)w * sw;
+    GRID_LOOP(i, planes * oh * ow) {
+        i64 plane = i / (oh * ow), r = (i / ow) % oh, c = i % ow;
+        y[i] = x[(plane * h + r / sh) * w + c / sw];
+    }
+}
+
+extern "C" __global__ void upsample_bwd(const float* g, float* dx, i64 planes, int h, int w, int sh, int sw) {
+    i64 ow = (i64)w * sw;
+    GRID_LOOP(i, planes * h * w) {
+        i64 plane = i / ((i64)h * w), r = (i / w) % h, c = i % w;
+        float acc = 0.0f;
+        for (int a = 0; a < sh; ++a)
+            for (int b = 0; b < sw; ++b) acc += g[(plane * h * sh + r * sh + a) * ow + c * sw + b];
+        dx[i] = acc;
+    }
+}

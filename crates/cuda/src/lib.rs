@@ -1,10 +1,11 @@
 //! Stride's CUDA backend: the primitives of `stride_autograd` on an NVIDIA GPU.
 //!
 //! Products run on cuBLAS; convolution is lowered to columns on the GPU and multiplied by
-//! cuBLAS; element-wise functions, reductions, pooling, batch norm, softmax and the NLL loss
-//! are NVRTC-compiled kernels (`kernels.cu`). The data-movement primitives (permute, narrow,
-//! pad, concat, upsampling), `max` and the rarer pools (Lp, adaptive, channel) run through the
-//! CPU kernels on copies (see [`NATIVE`]): correct, but a round trip over PCIe each.
+//! cuBLAS; element-wise functions, reductions, data movement (permute, narrow, pad, concat,
+//! upsampling), max/avg pooling, batch norm, softmax, the NLL loss and the optimizers' updates
+//! are NVRTC-compiled kernels (`kernels.cu`). `max` and the rarer pools (Lp, adaptive, channel)
+//! run through the CPU kernels on copies (see [`NATIVE`]): correct, but a round trip over PCIe
+//! each.
 //!
 //! Everything CUDA is loaded when first asked for ([`init`]), so a machine without a GPU
 //! builds and runs Stride; [`probe`] tells what is there without loading anything that is not.

@@ -14,15 +14,20 @@ use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
 use crate::{err, GpuInfo};
 
-/// What has CUDA kernels: 15 of the 26 primitives (the rest run through the CPU kernels on
+/// What has CUDA kernels: 20 of the 26 primitives (the rest run through the CPU kernels on
 /// copies) and the optimizers' updates.
-pub const NATIVE: [&str; 17] = [
+pub const NATIVE: [&str; 22] = [
     "add",
     "sub",
     "mul",
     "div",
     "unary",
     "sum",
+    "permute",
+    "narrow",
+    "pad",
+    "concat",
+    "upsample_nearest2d",
     "matmul",
     "conv2d",
     "conv_transpose2d",
@@ -65,6 +70,11 @@ const FUNCTIONS: &[&str] = &[
     "nll_bwd",
     "sgd_update",
     "adam_update",
+    "gather_strided",
+    "scatter_strided",
+    "fill",
+    "upsample_fwd",
+    "upsample_bwd",
 ];
 
 /// Compiles `kernels.cu` with NVRTC (no GPU needed) and checks that every kernel the backend
@@ -649,6 +659,11 @@ impl Backend<f32> for CudaBackend {
                     .collect();
                 done(self.reduce(&x[0], &keep, &out)?)
             }
+            Prim::Permute { perm } => done(self.permute(&x[0], perm)?),
+            Prim::Narrow { axis, start, len } => done(self.narrow(&x[0], *axis, *start, *len)?),
+            Prim::Pad { pads, value } => done(self.pad(&x[0], pads, *value)?),
+            Prim::Concat { axis } => done(self.concat(x, *axis)?),
+            Prim::UpsampleNearest { scale } => done(self.upsample(&x[0], *scale)?),
             Prim::MatMul { transpose_b } => done(self.matmul(&x[0], &x[1], *transpose_b)?),
             Prim::Conv2d { opts } => done(self.conv2d(x, opts)?),
             Prim::ConvTranspose2d { opts } => done(self.conv_transpose2d(x, opts)?),
@@ -746,6 +761,11 @@ impl Backend<f32> for CudaBackend {
                 let kept: Vec<usize> = x[0].shape().iter().enumerate().map(|(d, &n)| if axes.contains(&d) { 1 } else { n }).collect();
                 one(self.broadcast(&g.reshape(&kept)?, x[0].shape())?)
             }
+            (Prim::Permute { perm }, _) => one(self.permute_backward(g, perm)?),
+            (Prim::Narrow { axis, start, .. }, _) => one(self.narrow_backward(g, x[0].shape(), *axis, *start)?),
+            (Prim::Pad { pads, .. }, _) => one(self.pad_backward(g, x[0].shape(), pads)?),
+            (Prim::Concat { axis }, _) => self.concat_backward(g, x, *axis),
+            (Prim::UpsampleNearest { scale }, _) => one(self.upsample_backward(g, x[0].shape(), *scale)?),
             (Prim::MatMul { transpose_b }, _) => {
                 let (a, b) = (&x[0], &x[1]);
                 let (m, k) = (a.shape()[0], a.shape()[1]);
@@ -842,5 +862,6 @@ impl CudaBackend {
     }
 }
 
-// After the macros and helpers above, which it uses.
+// After the macros and helpers above, which they use.
 mod conv;
+mod layout;
