@@ -237,12 +237,6 @@ pub fn synchronize<T: Elem>(device: Device) -> Result<()> {
     backend::<T>(device)?.synchronize()
 }
 
-/// The devices with a registered backend for `T`.
-pub fn registered<T: Elem>() -> Vec<Device> {
-    let all = BACKENDS.read().unwrap_or_else(|p| p.into_inner());
-    all.iter().filter(|(t, _, _)| *t == TypeId::of::<T>()).map(|(_, d, _)| *d).collect()
-}
-
 /// Moving a tensor between devices (PyTorch's `tensor.to(device)`).
 pub trait ToDevice: Sized {
     fn to(&self, device: Device) -> Result<Self>;
