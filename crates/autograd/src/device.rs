@@ -113,11 +113,7 @@ pub trait Backend<T: Elem>: Send + Sync {
     /// tensors: the new weight and state. By default on the host (a round trip); a GPU backend
     /// runs it where the tensors are.
     fn update(&self, rule: &Update, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
-        let mut wh = w.to_host()?;
-        let mut st = state.iter().map(|s| s.to_host()).collect::<Result<Vec<_>>>()?;
-        let gh = g.to_host()?;
-        let mut slices: Vec<&mut [T]> = st.iter_mut().map(|t| t.data_mut()).collect();
-        rule.apply(wh.data_mut(), gh.data(), &mut slices);
+        let (wh, st) = rule.on_host(w, g, state)?;
         let up = |t: &Tensor<T>| Tensor::from_device(self.upload(t.data())?, t.shape());
         Ok((up(&wh)?, st.iter().map(up).collect::<Result<_>>()?))
     }
@@ -142,6 +138,15 @@ impl Update {
             Update::Sgd { momentum, .. } => usize::from(*momentum > 0.0),
             Update::Adam { .. } => 2,
         }
+    }
+
+    /// The rule on host copies of the tensors: the new weight and state, on the CPU.
+    pub fn on_host<T: Elem>(&self, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+        let (mut w, g) = (w.to_host()?, g.to_host()?);
+        let mut st = state.iter().map(|s| s.to_host()).collect::<Result<Vec<_>>>()?;
+        let mut slices: Vec<&mut [T]> = st.iter_mut().map(|t| t.data_mut()).collect();
+        self.apply(w.data_mut(), g.data(), &mut slices);
+        Ok((w, st))
     }
 
     /// The rule on host elements: `state` holds `state_len()` slices of `w`'s length. Element
@@ -195,10 +200,7 @@ pub fn update<T: Elem>(device: Device, rule: &Update, w: &Tensor<T>, g: &Tensor<
         return Err(Error::device("update", format!("the tensors are on {on}, not {device}")));
     }
     if device.is_cpu() {
-        let (mut w, mut st) = (w.clone(), state.to_vec());
-        let mut slices: Vec<&mut [T]> = st.iter_mut().map(|t| t.data_mut()).collect();
-        rule.apply(w.data_mut(), g.data(), &mut slices);
-        return Ok((w, st));
+        return rule.on_host(w, g, state);
     }
     backend::<T>(device)?.update(rule, w, g, state)
 }

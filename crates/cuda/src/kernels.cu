@@ -307,6 +307,17 @@ extern "C" __global__ void avg_pool_bwd(const float* gy, float* dx, Pool g) {
 
 // ---- batch norm over axis 1 of [N, C, L] ----
 
+// Sums each thread's (a, b) over the block into s1[0], s2[0] (blockDim.x a power of two <= 256).
+__device__ void block_sum2(double* s1, double* s2, double a, double b) {
+    s1[threadIdx.x] = a;
+    s2[threadIdx.x] = b;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) { s1[threadIdx.x] += s1[threadIdx.x + s]; s2[threadIdx.x] += s2[threadIdx.x + s]; }
+        __syncthreads();
+    }
+}
+
 // Per channel (one block each): mean and biased variance, in double.
 extern "C" __global__ void bn_stats(const float* x, float* mean, float* var, int N, int C, i64 L) {
     __shared__ double s1[256], s2[256];
@@ -319,13 +330,7 @@ extern "C" __global__ void bn_stats(const float* x, float* mean, float* var, int
             a += v;
             b += v * v;
         }
-        s1[threadIdx.x] = a;
-        s2[threadIdx.x] = b;
-        __syncthreads();
-        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-            if (threadIdx.x < s) { s1[threadIdx.x] += s1[threadIdx.x + s]; s2[threadIdx.x] += s2[threadIdx.x + s]; }
-            __syncthreads();
-        }
+        block_sum2(s1, s2, a, b);
         if (threadIdx.x == 0) {
             double mu = s1[0] / (double)m;
             double v = s2[0] / (double)m - mu * mu;
@@ -371,13 +376,7 @@ extern "C" __global__ void bn_sums(const float* dy, const float* x, const float*
             a += d;
             b += d * ((double)x[idx] - (double)mean[c]) * (double)invstd[c];
         }
-        s1[threadIdx.x] = a;
-        s2[threadIdx.x] = b;
-        __syncthreads();
-        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-            if (threadIdx.x < s) { s1[threadIdx.x] += s1[threadIdx.x + s]; s2[threadIdx.x] += s2[threadIdx.x + s]; }
-            __syncthreads();
-        }
+        block_sum2(s1, s2, a, b);
         if (threadIdx.x == 0) { dbeta[c] = (float)s1[0]; dgamma[c] = (float)s2[0]; }
         __syncthreads();
     }
