@@ -127,7 +127,7 @@ pub enum Update {
     /// then w -= lr * d. In the element type.
     Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64, first: bool },
     /// Adam (L2 decay added to g) or AdamW (`decoupled`: w shrunk by lr * weight_decay); the
-    /// state is the two moments; c1, c2 are the bias corrections 1 - beta^t. In f64.
+    /// state is the two moments; c1, c2 are the bias corrections 1 - beta^t. In the element type.
     Adam { lr: f64, betas: (f64, f64), c1: f64, c2: f64, eps: f64, weight_decay: f64, decoupled: bool },
 }
 
@@ -167,18 +167,22 @@ impl Update {
             }
             Update::Adam { lr, betas: (b1, b2), c1, c2, eps, weight_decay: wd, decoupled } => {
                 let [m, v] = state else { return };
+                // PyTorch's single-tensor Adam in the element type: m += (1 - b1)(g - m),
+                // v = b2 v + (1 - b2) g^2, w -= (lr / c1) m / (sqrt(v) / sqrt(c2) + eps).
+                let (one_b1, b2, one_b2) = (T::c(1.0 - b1), T::c(b2), T::c(1.0 - b2));
+                let (step, sqrt_c2, eps) = (T::c(lr / c1), T::c(c2.sqrt()), T::c(eps));
+                let (shrink, wd) = (T::c(1.0 - lr * wd), T::c(wd));
                 // Zipped, not indexed: without bounds checks the loop vectorises.
                 for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                    let mut gj = g.as_f64();
-                    if decoupled {
-                        *w = T::c(w.as_f64() * (1.0 - lr * wd));
+                    let g = if decoupled {
+                        *w = *w * shrink;
+                        g
                     } else {
-                        gj += wd * w.as_f64();
-                    }
-                    *m = T::c(b1 * m.as_f64() + (1.0 - b1) * gj);
-                    *v = T::c(b2 * v.as_f64() + (1.0 - b2) * gj * gj);
-                    let denom = (v.as_f64() / c2).sqrt() + eps;
-                    *w = T::c(w.as_f64() - lr * (m.as_f64() / c1) / denom);
+                        g + wd * *w
+                    };
+                    *m = *m + one_b1 * (g - *m);
+                    *v = b2 * *v + one_b2 * g * g;
+                    *w = *w - step * (*m / (v.sqrt() / sqrt_c2 + eps));
                 }
             }
         }

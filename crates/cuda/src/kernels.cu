@@ -460,22 +460,23 @@ extern "C" __global__ void sgd_update(const float* w, const float* g, const floa
     }
 }
 
-// Adam / AdamW in f64 per element, as the CPU.
+// Adam / AdamW in f32 per element, as the CPU (PyTorch's single-tensor formula).
 extern "C" __global__ void adam_update(const float* w, const float* g, const float* m, const float* v, float* w_out, float* m_out,
                                        float* v_out, i64 n, double lr, double b1, double b2, double c1, double c2, double eps, double wd,
                                        int decoupled) {
+    const float one_b1 = (float)(1.0 - b1), b2f = (float)b2, one_b2 = (float)(1.0 - b2);
+    const float step = (float)(lr / c1), sqrt_c2 = (float)sqrt(c2), epsf = (float)eps;
+    const float shrink = (float)(1.0 - lr * wd), wdf = (float)wd;
     GRID_LOOP(i, n) {
-        double gj = (double)g[i];
-        float wi = w[i];
+        float gi = g[i], wi = w[i];
         if (decoupled) {
-            wi = (float)((double)wi * (1.0 - lr * wd));
+            wi = wi * shrink;
         } else {
-            gj += wd * (double)wi;
+            gi = gi + wdf * wi;
         }
-        float mi = (float)(b1 * (double)m[i] + (1.0 - b1) * gj);
-        float vi = (float)(b2 * (double)v[i] + (1.0 - b2) * gj * gj);
-        double denom = sqrt((double)vi / c2) + eps;
-        w_out[i] = (float)((double)wi - lr * ((double)mi / c1) / denom);
+        float mi = m[i] + one_b1 * (gi - m[i]);
+        float vi = b2f * v[i] + one_b2 * gi * gi;
+        w_out[i] = wi - step * (mi / (sqrtf(vi) / sqrt_c2 + epsf));
         m_out[i] = mi;
         v_out[i] = vi;
     }
