@@ -112,4 +112,78 @@ fn every_algorithm_is_exercised() {
     assert_eq!(geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()), Algo::Im2col);
     assert_eq!(geo([2, 4, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(4)), Algo::Depthwise);
     assert_eq!(geo([2, 8, 5, 5], [4, 8, 3, 3], Conv2dOptions::default()), Algo::Im2col);
+    assert_eq!(geo([2, 16, 2, 2], [16, 16, 3, 3], Conv2dOptions::default().padding(Padding::Same)), Algo::Taps);
+    assert_eq!(geo([2, 3, 4, 5], [6, 3, 4, 5], Conv2dOptions::default()), Algo::Dense);
+    assert_eq!(geo([2, 3, 4, 5], [6, 3, 4, 5], Conv2dOptions::default().stride(3)), Algo::Dense);
+    assert_eq!(geo([2, 3, 4, 4], [6, 3, 4, 4], Conv2dOptions::default().padding(Padding::uniform(1))), Algo::Im2col);
+}
+
+#[test]
+fn tap_by_tap_matches_reference() {
+    // Tap by tap needs 16 channels and much padding, which the random cases never have:
+    // small maps with "same", explicit, strided and dilated padding, batches that split over
+    // the threads unevenly and not at all.
+    let case = |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case {
+        n,
+        cg,
+        kg,
+        groups: 1,
+        h,
+        w,
+        r,
+        s,
+        stride,
+        dilation,
+        padding,
+        bias: true,
+    };
+    let cases = [
+        case(3, (16, 20), (4, 4), (4, 4), (1, 1), (1, 1), Padding::Same),
+        case(2, (24, 16), (2, 3), (3, 3), (1, 1), (1, 1), Padding::uniform(1)),
+        case(5, (16, 17), (5, 4), (3, 2), (2, 1), (1, 1), Padding::Explicit { top: 2, bottom: 1, left: 0, right: 3 }),
+        case(1, (17, 16), (3, 3), (3, 3), (1, 1), (2, 2), Padding::uniform(2)),
+        case(4, (16, 16), (1, 1), (5, 5), (1, 1), (1, 1), Padding::Same),
+    ];
+    for c in &cases {
+        let (xs, ws) = ([c.n, c.cg, c.h, c.w], [c.kg, c.cg, c.r, c.s]);
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
+        assert_eq!(Algo::choose(&ConvGeom::conv2d(&xs, &ws, &opts).unwrap()), Algo::Taps, "{c:?}");
+        check(c).unwrap();
+    }
+    // The VAE generator's "same" transposed convolution, whose forward pass is the data gradient.
+    let o = Conv2dOptions::default().padding(Padding::Same);
+    let g = ConvGeom::conv_transpose2d(&[3, 16, 4, 4], &[16, 24, 4, 4], &o).unwrap();
+    assert_eq!(Algo::choose(&g), Algo::Taps);
+    let mut rng = Rng::seed(3);
+    let dy = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let w = rng.normal::<f64>(&[16, 24, 4, 4], 0.0, 1.0).unwrap();
+    let (fast, slow) = (conv::backward_data(&g, dy.data(), w.data()), reference::backward_data(&g, dy.data(), w.data()));
+    for (a, b) in fast.iter().zip(&slow) {
+        assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn whole_input_windows_match_reference() {
+    // The window covers the input: one product for the batch (a transposed convolution from a
+    // 1x1 code is this layer's data gradient, which `check` compares too).
+    let case = |n, (cg, kg), (h, w), stride, bias| Case {
+        n,
+        cg,
+        kg,
+        groups: 1,
+        h,
+        w,
+        r: h,
+        s: w,
+        stride,
+        dilation: (1, 1),
+        padding: Padding::Valid,
+        bias,
+    };
+    for c in [case(3, (3, 5), (4, 5), (1, 1), true), case(2, (7, 2), (3, 3), (2, 3), false), case(5, (4, 9), (1, 1), (1, 1), true)] {
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
+        assert_eq!(Algo::choose(&ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &opts).unwrap()), Algo::Dense, "{c:?}");
+        check(&c).unwrap();
+    }
 }

@@ -8,6 +8,7 @@ mod geom;
 mod im2col;
 pub mod planned;
 pub mod reference;
+mod taps;
 mod winograd;
 
 use rayon::prelude::*;
@@ -30,6 +31,14 @@ pub enum Algo {
     /// F(4x4, 3x3), four times fewer multiplies (see `winograd.rs`), for the forward pass and
     /// both gradients.
     Winograd,
+    /// Ungrouped, unpadded, the window covering the whole input and one output position: a
+    /// dense layer, one product for the whole batch (the VAE generator's first layer, a 1x1
+    /// code to 4x4, whose per-image products were matrix-vector products).
+    Dense,
+    /// Ungrouped, at least 16 channels in and out, and at least a quarter of im2col's products
+    /// with padding (small maps: the VAE generator's 4x4 "same" layer): one product per filter
+    /// tap over only the positions where it lands inside the image (see `taps.rs`).
+    Taps,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
     /// column matrix, and one GEMM (45 GFLOP/s forward) beats K direct passes (12).
@@ -38,12 +47,16 @@ pub enum Algo {
 
 impl Algo {
     pub fn choose(g: &ConvGeom) -> Algo {
-        if g.is_pointwise() {
+        if g.groups == 1 && (g.p, g.q, g.r, g.s) == (1, 1, g.h, g.w) && g.pad == (0, 0, 0, 0) {
+            Algo::Dense
+        } else if g.is_pointwise() {
             Algo::Pointwise
         } else if g.is_depthwise() && g.groups > 1 {
             Algo::Depthwise
         } else if winograd::Plan::applies(g) {
             Algo::Winograd
+        } else if taps::applies(g) {
+            Algo::Taps
         } else {
             Algo::Im2col
         }
@@ -72,6 +85,12 @@ impl Workspace {
     fn im2col(g: &ConvGeom) -> Workspace {
         Workspace::per_thread((g.cg() * g.r * g.s * g.p * g.q) as u64)
     }
+    /// The filters laid out tap by tap (shared) and a tap's gathered operands for every image
+    /// of the thread's share.
+    fn taps(g: &ConvGeom) -> Workspace {
+        let shared = (g.k * g.c * g.r * g.s) as u64;
+        Workspace { shared, per_held_image: taps::per_image_workspace(g) as u64, held_images: u64::MAX, ..Workspace::default() }
+    }
     /// Every field times `unit` (the element size, for bytes).
     pub fn scale(self, unit: u64) -> Workspace {
         Workspace { shared: self.shared * unit, per_thread: self.per_thread * unit, per_held_image: self.per_held_image * unit, ..self }
@@ -94,12 +113,13 @@ impl Workspace {
 /// The workspace of `forward` (and of a transposed convolution's input gradient).
 pub fn forward_workspace(g: &ConvGeom) -> Workspace {
     match Algo::choose(g) {
-        Algo::Pointwise => Workspace::default(),
+        Algo::Pointwise | Algo::Dense => Workspace::default(),
         Algo::Depthwise => {
             let (bh, bw) = g.bordered_size();
             Workspace::per_thread((bh * bw) as u64)
         }
         Algo::Winograd => winograd::Plan::forward(g).workspace(),
+        Algo::Taps => Workspace::taps(g),
         Algo::Im2col => Workspace::im2col(g),
     }
 }
@@ -107,8 +127,9 @@ pub fn forward_workspace(g: &ConvGeom) -> Workspace {
 /// The workspace of `backward_data` (the forward pass of a transposed convolution).
 pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
     match Algo::choose(g) {
-        Algo::Pointwise | Algo::Depthwise => Workspace::default(),
+        Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
+        Algo::Taps => Workspace::taps(g),
         Algo::Im2col => Workspace::im2col(g),
     }
 }
@@ -127,6 +148,38 @@ fn split_for(n: usize, t: usize) -> (bool, usize) {
     }
 }
 
+/// A convolution whose window is the whole input: y [N, K] = x [N, C*H*W] w^T.
+mod dense {
+    use super::ConvGeom;
+    use crate::gemm::{auto_threads, matmul, MatRef};
+    use stride_tensor::Elem;
+
+    pub(super) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let crs = g.c * g.r * g.s;
+        let mut y = vec![T::zero(); g.n * g.k];
+        if let Some(b) = bias {
+            y.chunks_exact_mut(g.k).for_each(|row| row.copy_from_slice(b));
+        }
+        let (xm, wm) = (MatRef::rows(x, g.n, crs), MatRef::rows(w, g.k, crs).t());
+        matmul(xm, wm, &mut y, g.k, bias.is_some(), auto_threads(g.n, crs, g.k));
+        y
+    }
+
+    /// dx [N, C*H*W] = dy [N, K] w [K, C*H*W], overwriting `dx`.
+    pub(super) fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
+        let crs = g.c * g.r * g.s;
+        matmul(MatRef::rows(dy, g.n, g.k), MatRef::rows(w, g.k, crs), dx, crs, false, auto_threads(g.n, g.k, crs));
+    }
+
+    /// dw [K, C*H*W] = dy^T [K, N] x [N, C*H*W].
+    pub(super) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
+        let crs = g.c * g.r * g.s;
+        let mut dw = vec![T::zero(); g.k * crs];
+        matmul(MatRef::rows(dy, g.n, g.k).t(), MatRef::rows(x, g.n, crs), &mut dw, crs, false, auto_threads(g.k, g.n, crs));
+        dw
+    }
+}
+
 /// y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K].
 pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     debug_assert_eq!(x.len(), g.n * g.c * g.h * g.w);
@@ -134,6 +187,8 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::forward(g, x, w, bias),
         Algo::Winograd => winograd::forward(g, x, w, bias),
+        Algo::Taps => taps::forward(g, x, w, bias),
+        Algo::Dense => dense::forward(g, x, w, bias),
         algo => gemm_forward(g, algo, x, w, bias),
     }
 }
@@ -144,6 +199,16 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::backward_data(g, dy, w),
         Algo::Winograd => winograd::backward_data(g, dy, w),
+        Algo::Taps => {
+            let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
+            taps::backward_data_into(g, dy, w, &mut dx);
+            dx
+        }
+        Algo::Dense => {
+            let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
+            dense::backward_data_into(g, dy, w, &mut dx);
+            dx
+        }
         algo => gemm_backward_data(g, algo, dy, w),
     }
 }
@@ -155,6 +220,8 @@ pub fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]
     match Algo::choose(g) {
         Algo::Winograd => winograd::backward_data_into(g, dy, w, dx),
         Algo::Depthwise => dx.copy_from_slice(&depthwise::backward_data(g, dy, w)),
+        Algo::Taps => taps::backward_data_into(g, dy, w, dx),
+        Algo::Dense => dense::backward_data_into(g, dy, w, dx),
         algo => gemm_backward_data_into(g, algo, dy, w, dx),
     }
 }
@@ -164,6 +231,8 @@ pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     match Algo::choose(g) {
         Algo::Depthwise => depthwise::backward_filter(g, x, dy),
         Algo::Winograd => winograd::backward_filter(g, x, dy),
+        Algo::Taps => taps::backward_filter(g, x, dy),
+        Algo::Dense => dense::backward_filter(g, x, dy),
         algo => gemm_backward_filter(g, algo, x, dy),
     }
 }

@@ -157,8 +157,8 @@ pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared
             winograd::forward_into(g, x, &w.w, epi, y);
             return;
         }
-        Algo::Depthwise => {
-            y.copy_from_slice(&super::depthwise::forward(g, x, &w.w, epi.bias));
+        Algo::Depthwise | Algo::Taps | Algo::Dense => {
+            y.copy_from_slice(&super::forward(g, x, &w.w, epi.bias));
             finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
         }
