@@ -123,20 +123,8 @@ fn tap_by_tap_matches_reference() {
     // Tap by tap needs 16 channels and much padding, which the random cases never have:
     // small maps with "same", explicit, strided and dilated padding, batches that split over
     // the threads unevenly and not at all.
-    let case = |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case {
-        n,
-        cg,
-        kg,
-        groups: 1,
-        h,
-        w,
-        r,
-        s,
-        stride,
-        dilation,
-        padding,
-        bias: true,
-    };
+    let case =
+        |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
     let cases = [
         case(3, (16, 20), (4, 4), (4, 4), (1, 1), (1, 1), Padding::Same),
         case(2, (24, 16), (2, 3), (3, 3), (1, 1), (1, 1), Padding::uniform(1)),
@@ -167,20 +155,8 @@ fn tap_by_tap_matches_reference() {
 fn whole_input_windows_match_reference() {
     // The window covers the input: one product for the batch (a transposed convolution from a
     // 1x1 code is this layer's data gradient, which `check` compares too).
-    let case = |n, (cg, kg), (h, w), stride, bias| Case {
-        n,
-        cg,
-        kg,
-        groups: 1,
-        h,
-        w,
-        r: h,
-        s: w,
-        stride,
-        dilation: (1, 1),
-        padding: Padding::Valid,
-        bias,
-    };
+    let case =
+        |n, (cg, kg), (h, w), stride, bias| Case { n, cg, kg, groups: 1, h, w, r: h, s: w, stride, dilation: (1, 1), padding: Padding::Valid, bias };
     for c in [case(3, (3, 5), (4, 5), (1, 1), true), case(2, (7, 2), (3, 3), (2, 3), false), case(5, (4, 9), (1, 1), (1, 1), true)] {
         let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
         assert_eq!(Algo::choose(&ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &opts).unwrap()), Algo::Dense, "{c:?}");
