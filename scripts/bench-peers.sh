@@ -2,7 +2,7 @@
 # Stride beside the peers of ../shared/bench in one run, rounds A,B,A,B: each round runs
 # `stride bench` (planned inference, eager training), `stride bench --eager` (all eager),
 # `stride bench --train-plan` (training through plans), then ONNX Runtime and
-# TensorFlow+oneDNN on the same benchmarks. Prints every JSON line (with a "round" field), then the table of
+# TensorFlow+oneDNN on the same benchmarks (TensorFlow with XLA too on the VAE). Prints every JSON line (with a "round" field), then the table of
 # medians and Stride/best-peer ratios that README's performance section shows.
 #   bash scripts/bench-peers.sh [ROUNDS] [BENCHES]     # defaults: 3 rounds, "lenet resnet18 vae"
 # Needs the peers: bash ../shared/bench/peers/setup.sh tf ort (or PEERS_PYTHON set to a Python
@@ -25,8 +25,11 @@ for round in $(seq "$rounds"); do
         "$bin" bench --bench "$b" --reps 30 | tag "$round"
         "$bin" bench --bench "$b" --reps 30 --eager | sed 's/"impl":"stride"/"impl":"stride-eager"/' | tag "$round"
         [ "$b" = vae ] || "$bin" bench --bench "$b" --reps 30 --train-plan | grep _train | sed 's/"impl":"stride"/"impl":"stride-train-plan"/' | tag "$round"
-        for impl in ort tf-onednn; do
-            [ "$impl" = ort ] && [ "$b" = vae ] && continue
+        # The best peers of ../shared/bench/BASELINE.md: ONNX Runtime (inference only) and
+        # TF+oneDNN everywhere, and TF with XLA, the fastest there on the VAE.
+        impls="ort tf-onednn"
+        [ "$b" = vae ] && impls="tf-onednn tf-xla"
+        for impl in $impls; do
             TF_CPP_MIN_LOG_LEVEL=3 "$py" "$peers" --impl "$impl" --bench "${spec[$b]}" 2>/dev/null | tag "$round" || true
         done
     done
