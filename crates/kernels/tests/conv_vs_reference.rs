@@ -152,6 +152,30 @@ fn tap_by_tap_matches_reference() {
 }
 
 #[test]
+fn strided_windows_through_row_phases_match_reference() {
+    // Strided windows that overlap (R*S*P*Q >= 2*H*W) go through each row's phases in im2col
+    // and col2im: odd and even widths (phases of unequal length), padding on either side,
+    // dilation, column strides 2 and 3, a row stride alone, and B3's c7 in small.
+    let case =
+        |(cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n: 3, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
+    let cases = [
+        case((5, 4), (9, 11), (3, 3), (2, 2), (1, 1), Padding::Same),
+        case((3, 6), (8, 10), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
+        case((2, 3), (7, 13), (2, 5), (1, 3), (1, 1), Padding::Explicit { top: 0, bottom: 1, left: 2, right: 1 }),
+        case((4, 2), (10, 9), (3, 3), (2, 2), (2, 2), Padding::uniform(2)),
+        case((3, 5), (6, 7), (4, 4), (3, 2), (1, 1), Padding::Explicit { top: 1, bottom: 2, left: 0, right: 3 }),
+        case((2, 2), (8, 8), (3, 3), (2, 1), (1, 1), Padding::Same),
+    ];
+    for c in &cases {
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
+        let g = ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &opts).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Im2col, "{c:?}");
+        assert!(g.r * g.s * g.p * g.q >= 2 * g.h * g.w, "{c:?} reads each value less than twice");
+        check(c).unwrap();
+    }
+}
+
+#[test]
 fn whole_input_windows_match_reference() {
     // The window covers the input: one product for the batch (a transposed convolution from a
     // 1x1 code is this layer's data gradient, which `check` compares too).

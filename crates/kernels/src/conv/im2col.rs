@@ -59,9 +59,20 @@ pub(crate) fn im2col_channels<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, col: &m
         }
         return;
     }
+    // With a column stride, each tap reads every sw-th value of a row. When the taps overlap
+    // (R*S*P*Q input reads for H*W values), the rows are first split into their sw phases, so
+    // every read below is a contiguous copy and the strided access happens once per value.
+    let phased = sw > 1 && by_phases(g);
+    let wp = w.div_ceil(sw);
+    let mut phases = if phased { vec![T::zero(); sw * h * wp] } else { Vec::new() };
     let mut rows = (0..).map(|i| i * ld);
     for c in 0..g.cg() {
         let xc = &x[c * cs..c * cs + h * w];
+        if phased {
+            for ih in 0..h {
+                split_phases(&xc[ih * w..(ih + 1) * w], sw, wp, h, &mut phases[ih * wp..]);
+            }
+        }
         for r in 0..g.r {
             for s in 0..g.s {
                 let at = rows.next().expect("endless");
@@ -75,13 +86,18 @@ pub(crate) fn im2col_channels<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, col: &m
                         dst.fill(T::zero());
                         continue;
                     }
-                    let src = &xc[ih as usize * w..(ih as usize + 1) * w];
+                    let ih = ih as usize;
                     dst[..q0].fill(T::zero());
                     dst[q1..].fill(T::zero());
                     let start = (q0 as isize * sw as isize + off_w) as usize;
                     if sw == 1 {
-                        copy_short(&mut dst[q0..q1], &src[start..start + (q1 - q0)]);
+                        copy_short(&mut dst[q0..q1], &xc[ih * w + start..ih * w + start + (q1 - q0)]);
+                    } else if phased {
+                        // Column start + i*sw is value start/sw + i of phase start % sw.
+                        let from = ((start % sw) * h + ih) * wp + start / sw;
+                        copy_short(&mut dst[q0..q1], &phases[from..from + (q1 - q0)]);
                     } else {
+                        let src = &xc[ih * w..(ih + 1) * w];
                         for (i, d) in dst[q0..q1].iter_mut().enumerate() {
                             *d = src[start + i * sw];
                         }
@@ -89,6 +105,60 @@ pub(crate) fn im2col_channels<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, col: &m
                 }
             }
         }
+    }
+}
+
+/// Whether a strided lowering goes through the rows' phases: when the windows read each input
+/// value at least twice on average (B3's c7, 3x3 stride 2: 2.25 times), so that one strided
+/// pass over the values replaces several.
+fn by_phases(g: &ConvGeom) -> bool {
+    g.r * g.s * g.p * g.q >= 2 * g.h * g.w
+}
+
+/// `out[(ph * planes) * wp + j] = row[j * sw + ph]`: the row's sw phases, each `wp` long (the
+/// phases after the first may end one value early; the rest of their slot is left as is). The
+/// phases of one row lie `planes * wp` apart, so the rows of a plane interleave with them.
+#[inline]
+fn split_phases<T: Elem>(row: &[T], sw: usize, wp: usize, planes: usize, out: &mut [T]) {
+    let gap = planes * wp;
+    let whole = row.len() / sw;
+    if sw == 2 {
+        let (a, b) = out.split_at_mut(gap);
+        for (pair, (x0, x1)) in row.chunks_exact(2).zip(a[..whole].iter_mut().zip(&mut b[..whole])) {
+            (*x0, *x1) = (pair[0], pair[1]);
+        }
+    } else {
+        for (j, group) in row.chunks_exact(sw).enumerate() {
+            for (ph, &v) in group.iter().enumerate() {
+                out[ph * gap + j] = v;
+            }
+        }
+    }
+    for (ph, &v) in row[whole * sw..].iter().enumerate() {
+        out[ph * gap + whole] = v;
+    }
+}
+
+/// The adjoint of [`split_phases`]: `row[j * sw + ph] += phases[(ph * planes) * wp + j]`.
+#[inline]
+fn merge_phases<T: Elem>(phases: &[T], sw: usize, wp: usize, planes: usize, row: &mut [T]) {
+    let gap = planes * wp;
+    let whole = row.len() / sw;
+    if sw == 2 {
+        let (a, b) = (&phases[..whole], &phases[gap..gap + whole]);
+        for (pair, (&x0, &x1)) in row.chunks_exact_mut(2).zip(a.iter().zip(b)) {
+            pair[0] += x0;
+            pair[1] += x1;
+        }
+    } else {
+        for (j, group) in row.chunks_exact_mut(sw).enumerate() {
+            for (ph, v) in group.iter_mut().enumerate() {
+                *v += phases[ph * gap + j];
+            }
+        }
+    }
+    for (ph, v) in row[whole * sw..].iter_mut().enumerate() {
+        *v += phases[ph * gap + whole];
     }
 }
 
@@ -104,9 +174,15 @@ pub(crate) fn col2im_channels<T: Elem>(g: &ConvGeom, col: &[T], ld: usize, x: &m
     let (h, w, p, q) = (g.h, g.w, g.p, g.q);
     let (sh, sw) = g.stride;
     let (dh, dw) = g.dilation;
+    // The adjoint of im2col's phases: the strided adds go into each row's phases
+    // (contiguous), which are added back into the image once per channel.
+    let phased = sw > 1 && by_phases(g);
+    let wp = w.div_ceil(sw);
+    let mut phases = if phased { vec![T::zero(); sw * h * wp] } else { Vec::new() };
     let mut rows = (0..).map(|i| &col[i * ld..i * ld + p * q]);
     for c in 0..g.cg() {
         let xc = &mut x[c * cs..c * cs + h * w];
+        phases.fill(T::zero());
         for r in 0..g.r {
             for s in 0..g.s {
                 let row = rows.next().expect("col has C/g*R*S rows");
@@ -120,19 +196,30 @@ pub(crate) fn col2im_channels<T: Elem>(g: &ConvGeom, col: &[T], ld: usize, x: &m
                     if ih < 0 || ih >= h as isize {
                         continue;
                     }
+                    let ih = ih as usize;
                     let src = &row[op * q + q0..op * q + q1];
-                    let dst = &mut xc[ih as usize * w..(ih as usize + 1) * w];
                     let start = (q0 as isize * sw as isize + off_w) as usize;
-                    if sw == 1 {
-                        for (d, &v) in dst[start..start + src.len()].iter_mut().zip(src) {
-                            *d += v;
-                        }
+                    let dst = if sw == 1 {
+                        &mut xc[ih * w + start..ih * w + start + src.len()]
+                    } else if phased {
+                        let from = ((start % sw) * h + ih) * wp + start / sw;
+                        &mut phases[from..from + src.len()]
                     } else {
+                        let dst = &mut xc[ih * w..(ih + 1) * w];
                         for (i, &v) in src.iter().enumerate() {
                             dst[start + i * sw] += v;
                         }
+                        continue;
+                    };
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d += v;
                     }
                 }
+            }
+        }
+        if phased {
+            for ih in 0..h {
+                merge_phases(&phases[ih * wp..], sw, wp, h, &mut xc[ih * w..(ih + 1) * w]);
             }
         }
     }
