@@ -130,6 +130,10 @@ pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
+        Algo::Im2col if data_side_by_side(g) > 1 => {
+            let (pq, crs) = (g.p * g.q, g.cg() * g.r * g.s);
+            Workspace { per_held_image: ((crs + g.kg()) * pq) as u64, held_images: data_side_by_side(g) as u64, ..Workspace::default() }
+        }
         Algo::Im2col => Workspace::im2col(g),
     }
 }
@@ -316,6 +320,37 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
         dx.fill(T::zero());
     }
     let (by_image, threads) = split(g.n);
+    if algo == Algo::Im2col && data_side_by_side(g) > 1 {
+        // Small maps: the columns of several images in one product, so the filters are read
+        // once for the block instead of once per image (B3's t1: 16 columns an image).
+        let nb_max = data_side_by_side(g);
+        let block = |first: usize, dxs: &mut [T], (col, dyb): &mut (Vec<T>, Vec<T>)| {
+            for (b, dxb) in dxs.chunks_mut(nb_max * g.c * hw).enumerate() {
+                let first = first + b * nb_max;
+                let nb = dxb.len() / (g.c * hw);
+                let ld = nb * pq;
+                dyb.resize(kg * ld, T::zero());
+                for j in 0..nb {
+                    for (k, src) in dy[(first + j) * g.k * pq..(first + j + 1) * g.k * pq].chunks_exact(pq).enumerate() {
+                        dyb[k * ld + j * pq..k * ld + (j + 1) * pq].copy_from_slice(src);
+                    }
+                }
+                // col [C*R*S, nb*PQ] = w^T [C*R*S, K] x dy [K, nb*PQ]
+                col.resize(crs * ld, T::zero());
+                matmul(MatRef::rows(w, kg, crs).t(), MatRef::rows(dyb, kg, ld), col, ld, false, threads);
+                for (j, dxn) in dxb.chunks_exact_mut(g.c * hw).enumerate() {
+                    im2col::col2im_channels(g, &col[j * pq..], ld, dxn, hw);
+                }
+            }
+        };
+        if by_image {
+            let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+            dx.par_chunks_mut(per * g.c * hw).enumerate().for_each(|(t, part)| block(t * per, part, &mut Default::default()));
+        } else {
+            block(0, dx, &mut Default::default());
+        }
+        return;
+    }
     let one = |(n, dxn): (usize, &mut [T]), col: &mut Vec<T>| {
         for gi in 0..g.groups {
             let dyg = &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
@@ -334,10 +369,21 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
     for_each_image(dx, (g.c * hw).max(1), by_image, one);
 }
 
-/// Columns at least this wide make one filter-gradient product: with small feature maps, a
-/// product per image sums over only P*Q values (16 for the VAE's 4x4 maps), so several images
-/// go side by side.
+/// Columns at least this wide make one filter-gradient or data-gradient product: with small
+/// feature maps, a product per image sums over (or has) only P*Q columns (16 for the VAE's 4x4
+/// maps), so several images go side by side.
 const FILTER_GRAD_COLUMNS: usize = 256;
+
+/// How many images the im2col data gradient puts side by side: one where each image's P*Q
+/// columns make a wide enough product on their own, or for grouped convolutions.
+fn data_side_by_side(g: &ConvGeom) -> usize {
+    let pq = g.p * g.q;
+    if g.groups == 1 && pq > 0 && pq < FILTER_GRAD_COLUMNS / 2 {
+        FILTER_GRAD_COLUMNS.div_ceil(pq).min(g.n.div_ceil(rayon::current_num_threads().max(1))).max(1)
+    } else {
+        1
+    }
+}
 
 fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) -> Vec<T> {
     let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
