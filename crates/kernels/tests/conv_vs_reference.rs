@@ -187,3 +187,55 @@ fn whole_input_windows_match_reference() {
         check(&c).unwrap();
     }
 }
+
+/// [`check`] in f32 (the precision of the AVX2 kernels) against the f64 reference.
+fn check_f32(c: &Case) {
+    let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: c.groups, output_padding: (0, 0) };
+    let (x_shape, w_shape) = ([c.n, c.cg * c.groups, c.h, c.w], [c.kg * c.groups, c.cg, c.r, c.s]);
+    let g = ConvGeom::conv2d(&x_shape, &w_shape, &opts).unwrap();
+    let mut rng = Rng::seed(11);
+    let x = rng.normal::<f64>(&x_shape, 0.0, 1.0).unwrap();
+    let w = rng.normal::<f64>(&w_shape, 0.0, 1.0).unwrap();
+    let b = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
+    let dy = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let (xf, wf, bf, dyf) = (f(x.data()), f(w.data()), f(b.data()), f(dy.data()));
+    let close = |fast: Vec<f32>, slow: Vec<f64>, what: &str| {
+        assert_eq!(fast.len(), slow.len());
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b} ({c:?})");
+        }
+    };
+    close(conv::forward(&g, &xf, &wf, Some(&bf)), reference::forward(&g, x.data(), w.data(), Some(b.data())), "forward");
+    close(conv::backward_data(&g, &dyf, &wf), reference::backward_data(&g, dy.data(), w.data()), "backward_data");
+    close(conv::backward_filter(&g, &xf, &dyf), reference::backward_filter(&g, x.data(), dy.data()), "backward_filter");
+}
+
+#[test]
+fn depthwise_3x3_tiles_match_reference() {
+    // f32 3x3 depthwise windows with stride and dilation 1 on maps at least 8 wide go through
+    // AVX2 register tiles of two rows by 16 or 8 columns, the last one overlapping its
+    // neighbour: widths that are and are not multiples of 8, odd and single rows, asymmetric
+    // padding, and a channel multiplier of 2 (whose data gradient takes the portable path).
+    let case =
+        |n, kg, groups, (h, w), padding| Case { n, cg: 1, kg, groups, h, w, r: 3, s: 3, stride: (1, 1), dilation: (1, 1), padding, bias: true };
+    let cases = [
+        case(2, 1, 3, (8, 8), Padding::Same),
+        case(1, 1, 4, (7, 9), Padding::Same),
+        case(2, 1, 2, (5, 17), Padding::uniform(1)),
+        case(1, 1, 3, (1, 31), Padding::Same),
+        case(2, 1, 2, (6, 10), Padding::Valid),
+        case(1, 1, 2, (9, 24), Padding::Explicit { top: 2, bottom: 0, left: 0, right: 2 }),
+        case(2, 2, 3, (4, 13), Padding::Same),
+        case(1, 1, 2, (3, 16), Padding::Explicit { top: 0, bottom: 1, left: 1, right: 0 }),
+    ];
+    for c in &cases {
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: c.groups, output_padding: (0, 0) };
+        let g = ConvGeom::conv2d(&[c.n, c.groups, c.h, c.w], &[c.kg * c.groups, 1, 3, 3], &opts).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Depthwise, "{c:?}");
+        assert!(g.q >= 8 && g.w >= 8, "{c:?} is too narrow for the tiles");
+        check_f32(c);
+        // The portable kernels (f64) on the same geometry.
+        check(c).unwrap();
+    }
+}

@@ -4,21 +4,53 @@
 //!
 //! The input plane is first copied into a zero-bordered buffer, so the hot loops have no
 //! bounds logic; outputs are then computed eight at a time with every tap accumulated in
-//! registers (vectorised through `multiversion!`).
+//! registers (vectorised through `multiversion!`). The most common layer, 3x3 with stride 1
+//! in f32, goes to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead.
+
+use std::any::TypeId;
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::ConvGeom;
+use super::{depthwise_avx2 as avx2, ConvGeom};
 use crate::{multiversion, simd};
 
-/// A plane copied into a zero buffer of `rows x cols` at offset (`top`, `left`).
+/// `x` seen as f32 values, when `T` is f32 (for the AVX2 kernels, which are written for it).
+fn as_f32<T: Elem>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: `T` is f32 (same type id), so the cast changes nothing.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`; the borrow of `x` moves into the result.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+}
+
+/// `out = bias + correlate(src, taps)` by the AVX2 3x3 kernel when it applies (f32, a CPU
+/// with AVX2 and FMA); false when the caller must use the portable kernel.
+fn correlate3x3<T: Elem>(rows: usize, cols: usize, src: &[T], width: usize, taps: &[T], bias: T, out: &mut [T]) -> bool {
+    let (Some(src), Some(taps), Some(out)) = (as_f32(src), as_f32(taps), as_f32_mut(out)) else { return false };
+    let taps: &[f32; 9] = taps.try_into().expect("3x3 taps");
+    avx2::correlate3x3(rows, cols, src, width, taps, bias.to_f32().unwrap_or(0.0), out).is_some()
+}
+
+/// A plane copied into a zero buffer of `rows x cols` at offset (`top`, `left`). Only the
+/// border is zeroed (the buffer is reused plane after plane), and rows are copied without a
+/// call to `memcpy`, whose fixed cost dominated rows of a few dozen values.
 fn bordered<T: Elem>(src: &[T], h: usize, w: usize, top: usize, left: usize, rows: usize, cols: usize, buf: &mut Vec<T>) {
-    buf.clear();
     buf.resize(rows * cols, T::zero());
-    for i in 0..h.min(rows.saturating_sub(top)) {
-        let n = w.min(cols.saturating_sub(left));
-        buf[(i + top) * cols + left..(i + top) * cols + left + n].copy_from_slice(&src[i * w..i * w + n]);
+    let (left, n) = (left.min(cols), w.min(cols.saturating_sub(left)));
+    for (i, row) in buf.chunks_exact_mut(cols.max(1)).enumerate() {
+        match i.checked_sub(top).filter(|&i| i < h) {
+            Some(i) => {
+                let (pad, rest) = row.split_at_mut(left);
+                pad.fill(T::zero());
+                simd::copy_short(&mut rest[..n], &src[i * w..i * w + n]);
+                rest[n..].fill(T::zero());
+            }
+            None => row.fill(T::zero()),
+        }
     }
 }
 
@@ -123,6 +155,12 @@ multiversion! {
     }
 }
 
+/// `dw += filter gradient` by the AVX2 3x3 kernel when it applies, as [`correlate3x3`].
+fn filter_grad3x3<T: Elem>(rows: usize, cols: usize, dy: &[T], src: &[T], width: usize, dw: &mut [T]) -> bool {
+    let (Some(dy), Some(src), Some(dw)) = (as_f32(dy), as_f32(src), as_f32_mut(dw)) else { return false };
+    avx2::filter_grad3x3(rows, cols, dy, src, width, dw.try_into().expect("3x3 taps")).is_some()
+}
+
 impl ConvGeom {
     /// The bordered input plane's size: the padded image, grown if needed to cover every
     /// window (transposed geometry can ask for rows past the bottom padding).
@@ -130,6 +168,10 @@ impl ConvGeom {
         let need_h = (self.p - 1) * self.stride.0 + (self.r - 1) * self.dilation.0 + 1;
         let need_w = (self.q - 1) * self.stride.1 + (self.s - 1) * self.dilation.1 + 1;
         ((self.h + self.pad.0 + self.pad.1).max(need_h), (self.w + self.pad.2 + self.pad.3).max(need_w))
+    }
+    /// A 3x3 window with stride and dilation 1 over maps at least 8 wide: the AVX2 kernels.
+    fn is_3x3_unit(&self) -> bool {
+        (self.r, self.s, self.stride, self.dilation) == (3, 3, (1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
     }
     fn pass(&self) -> Pass {
         Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
@@ -149,8 +191,11 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
         bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
         for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
             let k = c * kg + j;
-            o.fill(bias.map_or(T::zero(), |b| b[k]));
-            correlate(g.pass(), buf, bw, &w[k * rs..(k + 1) * rs], o);
+            let (b, taps) = (bias.map_or(T::zero(), |b| b[k]), &w[k * rs..(k + 1) * rs]);
+            if !(g.is_3x3_unit() && correlate3x3(g.p, g.q, buf, bw, taps, b, o)) {
+                o.fill(b);
+                correlate(g.pass(), buf, bw, taps, o);
+            }
         }
     });
     y
@@ -180,7 +225,11 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                     flipped.extend(wk.iter().rev().copied());
                     let p = Pass { rows: g.h, cols: g.w, stride: (1, 1), dil: g.dilation, r: g.r, s: g.s };
                     let off = g.pad.0 * cols + g.pad.2;
-                    correlate(p, &buf[off..], cols, flipped, out);
+                    // With one output channel per plane the AVX2 kernel writes dx directly.
+                    let fast = kg == 1 && g.is_3x3_unit() && correlate3x3(g.h, g.w, &buf[off..], cols, flipped, T::zero(), out);
+                    if !fast {
+                        correlate(p, &buf[off..], cols, flipped, out);
+                    }
                 } else {
                     let (bh, bw) = g.bordered_size();
                     buf.clear();
@@ -210,7 +259,10 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
             bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
             for j in 0..kg {
                 let k = c * kg + j;
-                filter_grad(g.pass(), &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], buf, bw, &mut out[j * rs..(j + 1) * rs]);
+                let (dyk, dwk) = (&dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], &mut out[j * rs..(j + 1) * rs]);
+                if !(g.is_3x3_unit() && filter_grad3x3(g.p, g.q, dyk, buf, bw, dwk)) {
+                    filter_grad(g.pass(), dyk, buf, bw, dwk);
+                }
             }
         }
     });
