@@ -333,9 +333,7 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
                 let ld = nb * pq;
                 dyb.resize(kg * ld, T::zero());
                 for j in 0..nb {
-                    for (k, src) in dy[(first + j) * g.k * pq..(first + j + 1) * g.k * pq].chunks_exact(pq).enumerate() {
-                        dyb[k * ld + j * pq..k * ld + (j + 1) * pq].copy_from_slice(src);
-                    }
+                    place_side_by_side(&dy[(first + j) * g.k * pq..(first + j + 1) * g.k * pq], pq, j, ld, dyb);
                 }
                 // col [C*R*S, nb*PQ] = w^T [C*R*S, K] x dy [K, nb*PQ]
                 col.resize(crs * ld, T::zero());
@@ -375,6 +373,14 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
 /// feature maps, a product per image sums over (or has) only P*Q columns (16 for the VAE's 4x4
 /// maps), so several images go side by side.
 const FILTER_GRAD_COLUMNS: usize = 256;
+
+/// One image's rows of `pq` values (its channels) placed as image `j` of a matrix whose rows
+/// hold `ld / pq` images side by side, for one product over several images.
+fn place_side_by_side<T: Copy>(src: &[T], pq: usize, j: usize, ld: usize, dst: &mut [T]) {
+    for (k, row) in src.chunks_exact(pq).enumerate() {
+        dst[k * ld + j * pq..k * ld + (j + 1) * pq].copy_from_slice(row);
+    }
+}
 
 /// How many images the im2col data gradient puts side by side: one where each image's P*Q
 /// columns make a wide enough product on their own, or for grouped convolutions.
@@ -419,9 +425,7 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
                 dyb.resize(kg * ld, T::zero());
                 for j in 0..nb {
                     im2col::im2col_strided(g, xg(first + j), &mut col[j * pq..], ld);
-                    for (k, src) in dyg(first + j).chunks_exact(pq).enumerate() {
-                        dyb[k * ld + j * pq..k * ld + (j + 1) * pq].copy_from_slice(src);
-                    }
+                    place_side_by_side(dyg(first + j), pq, j, ld, &mut dyb);
                 }
                 matmul(MatRef::rows(&dyb, kg, ld), MatRef::rows(&col, crs, ld).t(), dwg, crs, true, threads);
             }
