@@ -88,7 +88,10 @@ impl<T: Elem> Var<T> {
             };
             let inputs: Vec<Tensor<T>> = node.0.parents.iter().map(|p| p.value()).collect();
             let out = node.value();
-            let pg = op.backward(&g, &inputs, &out)?;
+            // Which inputs want a gradient: an op may skip the others (a network's first
+            // convolution has no use for the gradient of its input images).
+            let needs: Vec<bool> = node.0.parents.iter().map(|p| p.requires_grad()).collect();
+            let pg = op.backward(&g, &inputs, &out, &needs)?;
             for (parent, pgrad) in node.0.parents.iter().zip(pg) {
                 let Some(pgrad) = pgrad else { continue };
                 if !parent.requires_grad() {

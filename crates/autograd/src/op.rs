@@ -188,8 +188,10 @@ impl<T: Elem> Op<T> {
     }
 
     /// Gradients for each input, given the output gradient `g`, the input values and the
-    /// output value. `None` for an input that gets no gradient (targets, running stats).
-    pub(crate) fn backward(&self, g: &Tensor<T>, x: &[Tensor<T>], y: &Tensor<T>) -> Result<Vec<Option<Tensor<T>>>> {
+    /// output value. `None` for an input that gets no gradient (targets, running stats); an
+    /// op may also return `None` where `needs` is false instead of computing a gradient that
+    /// nothing uses.
+    pub(crate) fn backward(&self, g: &Tensor<T>, x: &[Tensor<T>], y: &Tensor<T>, needs: &[bool]) -> Result<Vec<Option<Tensor<T>>>> {
         use ops::*;
         let some = |v: Vec<Tensor<T>>| v.into_iter().map(Some).collect();
         Ok(match self {
@@ -210,7 +212,7 @@ impl<T: Elem> Op<T> {
                 vec![Some(shape::upsample_backward(g, x[0].shape(), *scale)?)]
             }
             Op::MatMul { transpose_b } => some(linalg::matmul_backward(g, &x[0], &x[1], *transpose_b)?),
-            Op::Conv2d { geom } => conv::conv2d_backward(geom, g, x)?,
+            Op::Conv2d { geom } => conv::conv2d_backward(geom, g, x, needs)?,
             Op::ConvTranspose2d { geom } => conv::conv_transpose2d_backward(geom, g, x)?,
             Op::MaxPool2d { geom, argmax } => vec![Some(pool::max_pool_backward(geom, g, argmax)?)],
             Op::AvgPool2d { geom } => vec![Some(pool::avg_pool_backward(geom, g)?)],

@@ -308,3 +308,26 @@ fn synchronised_batch_norm_equals_batch_norm_over_all_processes_batches() {
     assert!(rm.max_abs_diff(&rm2).unwrap() < 1e-10 && rv.max_abs_diff(&rv2).unwrap() < 1e-10, "running statistics");
     assert!(xv.grad().unwrap().max_abs_diff(&xr.grad().unwrap()).unwrap() < 1e-10, "the input's gradient");
 }
+
+#[test]
+fn conv_weight_gradient_is_the_same_when_the_input_needs_none() {
+    // A constant input (a network's first layer reading images) gets no input gradient; the
+    // weight and bias gradients must not change because of it.
+    let mut rng = Rng::seed(5);
+    let (x, w, b) = (
+        rng.normal::<f64>(&[2, 3, 9, 10], 0.0, 1.0).unwrap(),
+        rng.normal::<f64>(&[4, 3, 3, 3], 0.0, 1.0).unwrap(),
+        rng.normal::<f64>(&[4], 0.0, 1.0).unwrap(),
+    );
+    let o = Conv2dOptions::default().padding(Padding::Same);
+    let grads = |x: Var<f64>| -> Vec<Tensor<f64>> {
+        let (wv, bv) = (Var::parameter(w.clone()), Var::parameter(b.clone()));
+        let y = conv2d(&x, &wv, Some(&bv), &o).unwrap();
+        y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+        vec![wv.grad().unwrap(), bv.grad().unwrap()]
+    };
+    let (with, without) = (grads(Var::parameter(x.clone())), grads(Var::constant(x.clone())));
+    for (a, b) in with.iter().zip(&without) {
+        assert_eq!(a.data(), b.data());
+    }
+}

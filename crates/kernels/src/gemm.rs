@@ -111,14 +111,18 @@ pub fn auto_threads(m: usize, k: usize, n: usize) -> usize {
 /// Has every thread of rayon's pool run one product, so the matrix library's per-thread
 /// buffers (a slab the size of the L2 cache each, kept for the thread's life) exist before
 /// memory is measured, rather than appearing inside the first measured pass of whichever
-/// thread happened to sit out the passes before.
+/// thread happened to sit out the passes before. The calling thread too: products that are
+/// not split run on it (the first dense layer's backward pass, when no convolution before it
+/// used the library on that thread).
 pub fn warm_up_threads() {
-    rayon::broadcast(|_| {
+    let one = || {
         const S: usize = 96;
         let a = vec![1.0f32; S * S];
         let mut c = vec![0.0f32; S * S];
         matmul(MatRef::rows(&a, S, S), MatRef::rows(&a, S, S), &mut c, S, false, 1);
-    });
+    };
+    rayon::broadcast(|_| one());
+    one();
 }
 
 #[cfg(test)]

@@ -50,10 +50,13 @@ pub fn conv_transpose2d_workspace(x_shape: &[usize], w_shape: &[usize], opts: &C
     Ok(k::backward_data_workspace(&geom).scale(std::mem::size_of::<f32>() as u64))
 }
 
-pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>]) -> Result<Vec<Option<Tensor<T>>>> {
-    let dx = Tensor::from_vec(k::backward_data(geom, g.data(), x[1].data()), &geom.large_shape())?;
-    let dw = Tensor::from_vec(k::backward_filter(geom, x[0].data(), g.data()), &geom.weight_shape())?;
-    let mut out = vec![Some(dx), Some(dw)];
+/// The input, weight (and bias) gradients of `conv2d`, each only where `needs` asks for it
+/// (the first layer's input gradient costs as much as its forward pass and goes unused).
+pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tensor<T>], needs: &[bool]) -> Result<Vec<Option<Tensor<T>>>> {
+    let need = |i: usize| needs.get(i).copied().unwrap_or(true);
+    let dx = if need(0) { Some(Tensor::from_vec(k::backward_data(geom, g.data(), x[1].data()), &geom.large_shape())?) } else { None };
+    let dw = if need(1) { Some(Tensor::from_vec(k::backward_filter(geom, x[0].data(), g.data()), &geom.weight_shape())?) } else { None };
+    let mut out = vec![dx, dw];
     if x.len() > 2 {
         out.push(Some(Tensor::from_vec(k::backward_bias(geom, g.data()), &[geom.k])?));
     }

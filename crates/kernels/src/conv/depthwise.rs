@@ -4,8 +4,8 @@
 //!
 //! The input plane is first copied into a zero-bordered buffer, so the hot loops have no
 //! bounds logic; outputs are then computed eight at a time with every tap accumulated in
-//! registers (vectorised through `multiversion!`). The most common layer, 3x3 with stride 1
-//! in f32, goes to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead.
+//! registers (vectorised through `multiversion!`). The most common layers, 3x3 and 5x5 with
+//! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead.
 
 use std::any::TypeId;
 
@@ -27,19 +27,36 @@ fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
     (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
 }
 
-/// `out = bias + correlate(src, taps)` by the AVX2 3x3 kernel when it applies (f32, a CPU
-/// with AVX2 and FMA); false when the caller must use the portable kernel.
-fn correlate3x3<T: Elem>(rows: usize, cols: usize, src: &[T], width: usize, taps: &[T], bias: T, out: &mut [T]) -> bool {
+/// `out = bias + correlate(src, taps)` by the AVX2 tiles when they apply (f32, a CPU with
+/// AVX2 and FMA); false when the caller must use the portable kernel.
+#[allow(clippy::too_many_arguments)]
+fn correlate_tiles<T: Elem>(
+    k: usize,
+    rows: usize,
+    cols: usize,
+    src: &[T],
+    width: usize,
+    taps: &[T],
+    bias: T,
+    accumulate: bool,
+    out: &mut [T],
+) -> bool {
     let (Some(src), Some(taps), Some(out)) = (as_f32(src), as_f32(taps), as_f32_mut(out)) else { return false };
-    let taps: &[f32; 9] = taps.try_into().expect("3x3 taps");
-    avx2::correlate3x3(rows, cols, src, width, taps, bias.to_f32().unwrap_or(0.0), out).is_some()
+    avx2::correlate(k, rows, cols, src, width, taps, bias.to_f32().unwrap_or(0.0), accumulate, out).is_some()
+}
+
+/// `dw += filter gradient` by the AVX2 tiles when they apply, as [`correlate_tiles`].
+fn filter_grad_tiles<T: Elem>(k: usize, rows: usize, cols: usize, dy: &[T], src: &[T], width: usize, dw: &mut [T]) -> bool {
+    let (Some(dy), Some(src), Some(dw)) = (as_f32(dy), as_f32(src), as_f32_mut(dw)) else { return false };
+    avx2::filter_grad(k, rows, cols, dy, src, width, dw).is_some()
 }
 
 /// A plane copied into a zero buffer of `rows x cols` at offset (`top`, `left`). Only the
 /// border is zeroed (the buffer is reused plane after plane), and rows are copied without a
 /// call to `memcpy`, whose fixed cost dominated rows of a few dozen values.
+/// Seven values of slack follow the plane, which the AVX2 tiles' last vector of a row may read.
 fn bordered<T: Elem>(src: &[T], h: usize, w: usize, top: usize, left: usize, rows: usize, cols: usize, buf: &mut Vec<T>) {
-    buf.resize(rows * cols, T::zero());
+    buf.resize(rows * cols + SLACK, T::zero());
     let (left, n) = (left.min(cols), w.min(cols.saturating_sub(left)));
     for (i, row) in buf.chunks_exact_mut(cols.max(1)).enumerate() {
         match i.checked_sub(top).filter(|&i| i < h) {
@@ -53,6 +70,9 @@ fn bordered<T: Elem>(src: &[T], h: usize, w: usize, top: usize, left: usize, row
         }
     }
 }
+
+/// Values after a bordered plane (see [`bordered`]).
+const SLACK: usize = 7;
 
 /// The strides, dilations and output size of one correlation pass over a bordered plane.
 #[derive(Clone, Copy)]
@@ -155,12 +175,6 @@ multiversion! {
     }
 }
 
-/// `dw += filter gradient` by the AVX2 3x3 kernel when it applies, as [`correlate3x3`].
-fn filter_grad3x3<T: Elem>(rows: usize, cols: usize, dy: &[T], src: &[T], width: usize, dw: &mut [T]) -> bool {
-    let (Some(dy), Some(src), Some(dw)) = (as_f32(dy), as_f32(src), as_f32_mut(dw)) else { return false };
-    avx2::filter_grad3x3(rows, cols, dy, src, width, dw.try_into().expect("3x3 taps")).is_some()
-}
-
 impl ConvGeom {
     /// The bordered input plane's size: the padded image, grown if needed to cover every
     /// window (transposed geometry can ask for rows past the bottom padding).
@@ -169,9 +183,10 @@ impl ConvGeom {
         let need_w = (self.q - 1) * self.stride.1 + (self.s - 1) * self.dilation.1 + 1;
         ((self.h + self.pad.0 + self.pad.1).max(need_h), (self.w + self.pad.2 + self.pad.3).max(need_w))
     }
-    /// A 3x3 window with stride and dilation 1 over maps at least 8 wide: the AVX2 kernels.
-    fn is_3x3_unit(&self) -> bool {
-        (self.r, self.s, self.stride, self.dilation) == (3, 3, (1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
+    /// A square window that the AVX2 tiles handle, stride and dilation 1, maps at least 8
+    /// wide.
+    pub(crate) fn fits_tiles(&self) -> bool {
+        self.r == self.s && avx2::handles(self.r) && (self.stride, self.dilation) == ((1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
     }
     fn pass(&self) -> Pass {
         Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
@@ -192,7 +207,7 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
         for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
             let k = c * kg + j;
             let (b, taps) = (bias.map_or(T::zero(), |b| b[k]), &w[k * rs..(k + 1) * rs]);
-            if !(g.is_3x3_unit() && correlate3x3(g.p, g.q, buf, bw, taps, b, o)) {
+            if !(g.fits_tiles() && correlate_tiles(g.r, g.p, g.q, buf, bw, taps, b, false, o)) {
                 o.fill(b);
                 correlate(g.pass(), buf, bw, taps, o);
             }
@@ -225,8 +240,7 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                     flipped.extend(wk.iter().rev().copied());
                     let p = Pass { rows: g.h, cols: g.w, stride: (1, 1), dil: g.dilation, r: g.r, s: g.s };
                     let off = g.pad.0 * cols + g.pad.2;
-                    // With one output channel per plane the AVX2 kernel writes dx directly.
-                    let fast = kg == 1 && g.is_3x3_unit() && correlate3x3(g.h, g.w, &buf[off..], cols, flipped, T::zero(), out);
+                    let fast = g.fits_tiles() && correlate_tiles(g.r, g.h, g.w, &buf[off..], cols, flipped, T::zero(), true, out);
                     if !fast {
                         correlate(p, &buf[off..], cols, flipped, out);
                     }
@@ -252,19 +266,35 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
 pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
     let (bh, bw) = g.bordered_size();
-    // One task per input channel: its bordered planes serve all K/groups filters that read it.
-    let mut dw = vec![T::zero(); g.k * rs];
-    dw.par_chunks_mut(kg * rs).enumerate().for_each_init(Vec::new, |buf, (c, out)| {
-        for n in 0..g.n {
-            bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
-            for j in 0..kg {
-                let k = c * kg + j;
-                let (dyk, dwk) = (&dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], &mut out[j * rs..(j + 1) * rs]);
-                if !(g.is_3x3_unit() && filter_grad3x3(g.p, g.q, dyk, buf, bw, dwk)) {
-                    filter_grad(g.pass(), dyk, buf, bw, dwk);
+    // One task per input channel and range of images: each bordered plane serves all K/groups
+    // filters that read it. With fewer channels than threads (a single-channel input) the
+    // images are split too, into partial sums added at the end in a fixed order.
+    let threads = rayon::current_num_threads();
+    let splits = if g.c >= threads { 1 } else { threads.div_ceil(g.c.max(1)).min(g.n).max(1) };
+    let parts: Vec<Vec<T>> = (0..g.c * splits)
+        .into_par_iter()
+        .map_init(Vec::new, |buf, task| {
+            let (c, part) = (task / splits, task % splits);
+            let mut out = vec![T::zero(); kg * rs];
+            for n in part * g.n / splits..(part + 1) * g.n / splits {
+                bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
+                for j in 0..kg {
+                    let k = c * kg + j;
+                    let (dyk, dwk) = (&dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], &mut out[j * rs..(j + 1) * rs]);
+                    if !(g.fits_tiles() && filter_grad_tiles(g.r, g.p, g.q, dyk, buf, bw, dwk)) {
+                        filter_grad(g.pass(), dyk, buf, bw, dwk);
+                    }
                 }
             }
+            out
+        })
+        .collect();
+    let mut dw = vec![T::zero(); g.k * rs];
+    for (task, part) in parts.iter().enumerate() {
+        let c = task / splits;
+        for (d, &v) in dw[c * kg * rs..(c + 1) * kg * rs].iter_mut().zip(part) {
+            *d += v;
         }
-    });
+    }
     dw
 }
