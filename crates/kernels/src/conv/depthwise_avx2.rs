@@ -103,6 +103,16 @@ pub(super) fn filter_grad(k: usize, rows: usize, cols: usize, dy: &[f32], src: &
 mod x86 {
     use super::*;
 
+    /// What every tile of one correlation shares: the input's row length, the taps broadcast
+    /// (the first K*K of 25), the bias and the output's row length.
+    #[derive(Clone, Copy)]
+    struct Pass<'a> {
+        width: usize,
+        w: &'a [__m256; 25],
+        bias: __m256,
+        cols: usize,
+    }
+
     /// `ROWS` output rows by `V` vectors of 8 columns of a `K` x `K` window, from `src` (input
     /// at the tile's first output) to `out`, added to `out` when `ACC`, only the lanes of
     /// `mask` when `MASKED` (V = 1): each input vector is loaded once per column shift and
@@ -110,16 +120,13 @@ mod x86 {
     /// 3x3 they all stay in registers, for 5x5 most are read as memory operands.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const K: usize, const ROWS: usize, const V: usize, const ACC: bool, const MASKED: bool>(
         src: *const f32,
-        width: usize,
-        w: &[__m256; 25],
-        bias: __m256,
         out: *mut f32,
-        cols: usize,
+        p: &Pass,
         mask: __m256i,
     ) {
+        let Pass { width, w, bias, cols } = *p;
         // SAFETY (all loads and stores here): within the planes and the slack, see `check`;
         // masked lanes are neither read nor written in `out`.
         let mut acc = [[bias; V]; ROWS];
@@ -161,30 +168,27 @@ mod x86 {
     /// the last `cols % 8`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn band<const K: usize, const ROWS: usize, const ACC: bool>(
-        src: *const f32,
-        width: usize,
-        w: &[__m256; 25],
-        bias: __m256,
-        out: *mut f32,
-        cols: usize,
-    ) {
-        let none = _mm256_setzero_si256();
+    unsafe fn band<const K: usize, const ROWS: usize, const ACC: bool>(src: *const f32, out: *mut f32, p: &Pass) {
+        let (none, cols) = (_mm256_setzero_si256(), p.cols);
         let mut j = 0;
         while j + 16 <= cols {
-            unsafe { tile::<K, ROWS, 2, ACC, false>(src.add(j), width, w, bias, out.add(j), cols, none) };
+            unsafe { tile::<K, ROWS, 2, ACC, false>(src.add(j), out.add(j), p, none) };
             j += 16;
         }
         if j + 8 <= cols {
-            unsafe { tile::<K, ROWS, 1, ACC, false>(src.add(j), width, w, bias, out.add(j), cols, none) };
+            unsafe { tile::<K, ROWS, 1, ACC, false>(src.add(j), out.add(j), p, none) };
             j += 8;
         }
         if j < cols {
-            // Lanes 0..cols - j on: lane l is on when l < rem.
-            let rem = (cols - j) as i32;
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            unsafe { tile::<K, ROWS, 1, ACC, true>(src.add(j), width, w, bias, out.add(j), cols, mask) };
+            unsafe { tile::<K, ROWS, 1, ACC, true>(src.add(j), out.add(j), p, first_lanes(cols - j)) };
         }
+    }
+
+    /// A mask with lanes `0..n` on.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn first_lanes(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -198,14 +202,14 @@ mod x86 {
         out: *mut f32,
     ) {
         let w: [__m256; 25] = std::array::from_fn(|t| _mm256_set1_ps(taps.get(t).copied().unwrap_or(0.0)));
-        let bias = _mm256_set1_ps(bias);
+        let p = Pass { width, w: &w, bias: _mm256_set1_ps(bias), cols };
         let mut i = 0;
         while i + 2 <= rows {
-            unsafe { band::<K, 2, ACC>(src.add(i * width), width, &w, bias, out.add(i * cols), cols) };
+            unsafe { band::<K, 2, ACC>(src.add(i * width), out.add(i * cols), &p) };
             i += 2;
         }
         if i < rows {
-            unsafe { band::<K, 1, ACC>(src.add(i * width), width, &w, bias, out.add(i * cols), cols) };
+            unsafe { band::<K, 1, ACC>(src.add(i * width), out.add(i * cols), &p) };
         }
     }
 
@@ -233,8 +237,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); K]; RG];
         // The last `cols % 8` columns: dy read through a mask (zeros past the row), the input
         // unmasked (the slack covers it); the zero lanes add nothing.
-        let rem = (cols % 8) as i32;
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        let mask = first_lanes(cols % 8);
         for i in 0..rows {
             // SAFETY (all reads here): within the planes and the slack, see `check`; masked
             // lanes of dy are not read.
