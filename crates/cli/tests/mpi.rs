@@ -34,17 +34,31 @@ fn last_line(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string()
 }
 
+/// Two ranks sum their halves of each batch's gradient where one process sums the whole batch,
+/// so the two differ by rounding, and training must keep that difference at rounding size.
+/// Plain SGD does; Adam does not (and is not compared here): it divides each gradient by its
+/// running size, so a weight whose gradient is rounding noise around zero (a dead unit) takes
+/// full-size steps whose sign depends on the summation order. With Adam the two runs agree to
+/// about 1e-5 on some machines and 4e-3 on others (AVX-512 products round differently).
 #[test]
 fn two_ranks_train_as_one_process_with_the_same_batch() {
     let (solo, pair) = (tmp("solo"), tmp("pair"));
-    let one = Command::new(env!("CARGO_BIN_EXE_stride")).args(train_args(&solo, 2)).output().unwrap();
+    let sgd = |out: &Path| {
+        let mut a = train_args(out, 2);
+        a.extend(["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"].map(String::from));
+        a
+    };
+    let one = Command::new(env!("CARGO_BIN_EXE_stride")).args(sgd(&solo)).output().unwrap();
     assert!(one.status.success(), "{}", text(&one));
-    let two = mpirun(2).args(train_args(&pair, 2)).output().unwrap();
+    let two = mpirun(2).args(sgd(&pair)).output().unwrap();
     assert!(two.status.success(), "{}", text(&two));
     let log = text(&two);
     assert!(log.contains("data parallel: 2 processes"), "{log}");
     assert_eq!(log.matches("test accuracy").count(), 1, "only rank 0 reports: {log}");
-    assert_eq!(last_line(&two), last_line(&one), "the same accuracy to the printed digits");
+    // Weights a rounding apart may still flip a near-tie: at most one of the 2,000 test images.
+    let accuracy = |o: &Output| last_line(o).trim_start_matches("test accuracy ").parse::<f64>().unwrap();
+    let (a1, a2) = (accuracy(&one), accuracy(&two));
+    assert!((a1 - a2).abs() <= 0.0005 + 1e-9, "accuracy {a2} on two ranks, {a1} in one process");
     let a = stride_train::checkpoint::load(&solo.join("model.safetensors")).unwrap();
     let b = stride_train::checkpoint::load(&pair.join("model.safetensors")).unwrap();
     assert_eq!(a.len(), b.len());
@@ -111,6 +125,8 @@ fn synchronised_batch_norm_makes_two_ranks_one_process() {
     let run = |out: &Path, extra: &[&str]| -> Vec<String> {
         let mut a = train_args(out, 1);
         a.extend(["--model".to_string(), model.to_str().unwrap().to_string()]);
+        // Plain SGD, for the reason given at `two_ranks_train_as_one_process_with_the_same_batch`.
+        a.extend(["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"].map(String::from));
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };

@@ -110,7 +110,7 @@ fn every_algorithm_is_exercised() {
     assert_eq!(geo([2, 8, 5, 5], [4, 8, 1, 1], Conv2dOptions::default()), Algo::Pointwise);
     assert_eq!(geo([2, 8, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(8)), Algo::Depthwise);
     assert_eq!(geo([2, 1, 5, 5], [6, 1, 3, 3], Conv2dOptions::default()), Algo::Im2col);
-    assert_eq!(geo([2, 1, 28, 28], [20, 1, 5, 5], Conv2dOptions::default()), Algo::Im2col);
+    assert_eq!(geo([2, 1, 28, 28], [20, 1, 5, 5], Conv2dOptions::default()), Algo::Depthwise);
     assert_eq!(geo([2, 4, 5, 5], [8, 1, 3, 3], Conv2dOptions::default().groups(4)), Algo::Depthwise);
     assert_eq!(geo([2, 8, 5, 5], [4, 8, 3, 3], Conv2dOptions::default()), Algo::Im2col);
     assert_eq!(geo([2, 16, 2, 2], [16, 16, 3, 3], Conv2dOptions::default().padding(Padding::Same)), Algo::Taps);
@@ -229,11 +229,13 @@ fn depthwise_3x3_tiles_match_reference() {
         case(1, 1, 2, (9, 24), Padding::Explicit { top: 2, bottom: 0, left: 0, right: 2 }),
         case(2, 2, 3, (4, 13), Padding::Same),
         case(1, 1, 2, (3, 16), Padding::Explicit { top: 0, bottom: 1, left: 1, right: 0 }),
-        // 5x5 windows (ten, then five, filter-gradient sums per pass), one with a channel
-        // multiplier of 4 (its data gradient adds four planes through masked tails).
+        // 5x5 windows (ten, then five, filter-gradient sums per pass), and single-channel
+        // ungrouped inputs with several filters (B3's c1, LeNet's first layer).
         Case { r: 5, s: 5, ..case(2, 1, 2, (9, 12), Padding::Valid) },
         Case { r: 5, s: 5, ..case(1, 1, 3, (4, 19), Padding::Same) },
-        Case { r: 5, s: 5, ..case(3, 4, 2, (12, 12), Padding::Same) },
+        Case { r: 5, s: 5, ..case(3, 20, 1, (12, 12), Padding::Valid) },
+        case(2, 7, 1, (10, 28), Padding::Valid),
+        case(1, 4, 1, (5, 9), Padding::Same),
     ];
     for c in &cases {
         let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: c.groups, output_padding: (0, 0) };

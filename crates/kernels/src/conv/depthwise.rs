@@ -185,7 +185,7 @@ impl ConvGeom {
     }
     /// A square window that the AVX2 tiles handle, stride and dilation 1, maps at least 8
     /// wide.
-    fn fits_tiles(&self) -> bool {
+    pub(crate) fn fits_tiles(&self) -> bool {
         self.r == self.s && avx2::handles(self.r) && (self.stride, self.dilation) == ((1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
     }
     fn pass(&self) -> Pass {

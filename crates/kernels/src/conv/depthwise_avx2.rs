@@ -1,7 +1,8 @@
-//! AVX2 + FMA kernels for the common depthwise layers: a 3x3 or 5x5 window, stride and
-//! dilation 1, f32, over maps at least 8 wide (MobileNet, Xception, B3's c6). The portable
-//! kernels of `depthwise.rs` serve every other case; the compiler did not keep their
-//! accumulators in registers for these (it spilled and shuffled), so the tiles are written out.
+//! AVX2 + FMA kernels for the common direct layers: a 3x3 or 5x5 window, stride and dilation
+//! 1, f32, over maps at least 8 wide (MobileNet's and Xception's depthwise layers, B3's c6 and
+//! c1, LeNet's first layer). The portable kernels of `depthwise.rs` serve every other case;
+//! the compiler did not keep their accumulators in registers for these (it spilled and
+//! shuffled), so the register tiles are written out.
 //!
 //! Both kernels read a zero-bordered plane `src` of row length `width >= cols + k - 1` with at
 //! least `rows + k - 1` rows and 7 values of slack after the last: output (i, j) reads

@@ -42,10 +42,10 @@ pub enum Algo {
     /// tap over only the positions where it lands inside the image (see `taps.rs`).
     Taps,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
-    /// single-channel inputs (B3's c1, MNIST's first layer): there all K filters share one
-    /// column matrix, and one GEMM (45 GFLOP/s forward) beats K portable direct passes (12).
-    /// The AVX2 tiles were faster forward (c1 37 -> 43 GFLOP/s) but made two-rank MPI
-    /// training drift from one process (cause not yet found), so they are not chosen here.
+    /// single-channel inputs (B3's c1, MNIST's first layer) unless the AVX2 tiles take their
+    /// window (3x3 or 5x5, stride 1, maps at least 8 wide: then `Depthwise`): all K filters
+    /// share one column matrix, and one GEMM (45 GFLOP/s forward) beat K portable direct
+    /// passes (12).
     Im2col,
 }
 
@@ -55,7 +55,7 @@ impl Algo {
             Algo::Dense
         } else if g.is_pointwise() {
             Algo::Pointwise
-        } else if g.is_depthwise() && g.groups > 1 {
+        } else if g.is_depthwise() && (g.groups > 1 || g.fits_tiles()) {
             Algo::Depthwise
         } else if winograd::Plan::applies(g) {
             Algo::Winograd
@@ -130,7 +130,7 @@ pub fn forward_workspace(g: &ConvGeom) -> Workspace {
 
 /// The workspace of `backward_data` (the forward pass of a transposed convolution).
 pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
-    match Algo::choose(g) {
+    match data_algo(g) {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
@@ -188,6 +188,17 @@ mod dense {
     }
 }
 
+/// The data gradient's algorithm: [`Algo::choose`], except that a single-channel ungrouped
+/// input (direct kernels forward) takes im2col's one product over all K filters instead of K
+/// direct passes added into each plane (B3's c1: ~35 GFLOP/s against ~29 for the whole
+/// backward pass). Training rarely asks for it: the first layer's input needs no gradient.
+fn data_algo(g: &ConvGeom) -> Algo {
+    match Algo::choose(g) {
+        Algo::Depthwise if g.groups == 1 => Algo::Im2col,
+        algo => algo,
+    }
+}
+
 /// y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K].
 pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     debug_assert_eq!(x.len(), g.n * g.c * g.h * g.w);
@@ -204,7 +215,7 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
 /// dx [N, C, H, W] from dy [N, K, P, Q]: the transposed convolution of dy with w.
 pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     debug_assert_eq!(dy.len(), g.n * g.k * g.p * g.q);
-    match Algo::choose(g) {
+    match data_algo(g) {
         Algo::Depthwise => depthwise::backward_data(g, dy, w),
         Algo::Winograd => winograd::backward_data(g, dy, w),
         Algo::Taps => {
@@ -225,7 +236,7 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
 /// whose passes write their output in place.
 pub fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
     assert_eq!(dx.len(), g.n * g.c * g.h * g.w, "backward_data_into: dx length");
-    match Algo::choose(g) {
+    match data_algo(g) {
         Algo::Winograd => winograd::backward_data_into(g, dy, w, dx),
         Algo::Depthwise => dx.copy_from_slice(&depthwise::backward_data(g, dy, w)),
         Algo::Taps => taps::backward_data_into(g, dy, w, dx),

@@ -114,7 +114,7 @@ pub struct Prepared<'a, T: Clone> {
 
 impl<'a, T: Elem> Prepared<'a, T> {
     pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
-        let algo = Algo::choose(g);
+        let algo = plan_algo(g);
         let w = if algo == Algo::Winograd { Cow::Owned(winograd::filters_forward(g, w)) } else { Cow::Borrowed(w) };
         Prepared { algo, w }
     }
@@ -136,7 +136,17 @@ pub fn block_for(n: usize) -> usize {
 /// Whether `forward_into` can run `g` in a blocked layout: ungrouped products (im2col or 1x1).
 /// Winograd and depthwise convolutions work image by image, in NCHW.
 pub fn blocks(g: &ConvGeom) -> bool {
-    g.groups == 1 && matches!(Algo::choose(g), Algo::Im2col | Algo::Pointwise)
+    g.groups == 1 && matches!(plan_algo(g), Algo::Im2col | Algo::Pointwise)
+}
+
+/// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (direct
+/// kernels when eager) runs im2col, whose product in the blocked layout spans the whole block
+/// of images (LeNet's first layer), and needs no relayout before the next layer.
+fn plan_algo(g: &ConvGeom) -> Algo {
+    match Algo::choose(g) {
+        Algo::Depthwise if g.groups == 1 => Algo::Im2col,
+        algo => algo,
+    }
 }
 
 /// Elements of one block's column matrix held at once: about 1 MiB of f32, so the lowered
@@ -268,7 +278,7 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
         return;
     }
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
-    let algo = Algo::choose(g);
+    let algo = plan_algo(g);
     let per_for = |bj: usize| (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
     let block_in = g.c * b * hw;
     let block_out = g.k * b * pq;
