@@ -175,14 +175,14 @@ impl Update {
                 // Zipped, not indexed: without bounds checks the loop vectorises.
                 for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
                     let g = if decoupled {
-                        *w = *w * shrink;
+                        *w *= shrink;
                         g
                     } else {
                         g + wd * *w
                     };
                     *m = *m + one_b1 * (g - *m);
                     *v = b2 * *v + one_b2 * g * g;
-                    *w = *w - step * (*m / (v.sqrt() / sqrt_c2 + eps));
+                    *w -= step * (*m / (v.sqrt() / sqrt_c2 + eps));
                 }
             }
         }

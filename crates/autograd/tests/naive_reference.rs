@@ -179,6 +179,8 @@ fn batch_norm_matches_definition() {
 }
 
 #[test]
+// Indices are spelled out as ((n * C + c) * H + h) * W + w, with n = 1 written too.
+#[allow(clippy::identity_op)]
 fn small_ops_match_definitions() {
     let mut rng = Rng::seed(2);
     let x = randn(&mut rng, &[2, 6, 3, 2]);

@@ -18,7 +18,7 @@ pub fn is_cifar_folder(dir: &Path) -> bool {
 
 /// Parses one batch file's bytes into `ds`.
 fn append(path: &Path, bytes: &[u8], ds: &mut Dataset) -> Result<()> {
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         return Err(DataError::format(path, format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records", bytes.len())));
     }
     if bytes.len() / RECORD > MAX_RECORDS {

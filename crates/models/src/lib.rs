@@ -388,7 +388,7 @@ fn shrink(layer: &str, size: usize, k: usize) -> Result<usize> {
             Error::geometry("model", format!("{layer}: input size {size} is too small for a {k}x{k} convolution followed by 2x2 pooling")).into()
         );
     }
-    Ok((size - k + 1) / 2)
+    Ok((size - k).div_ceil(2))
 }
 
 /// The network of "Convolutional neural networks from scratch" (SPEC.md's B1).

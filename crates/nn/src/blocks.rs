@@ -18,7 +18,7 @@ pub struct ConvTranspose2d {
 
 impl ConvTranspose2d {
     pub fn new(rng: &mut Rng, in_channels: usize, out_channels: usize, kernel: usize, opts: Conv2dOptions, bias: bool) -> Result<Self> {
-        if opts.groups == 0 || out_channels % opts.groups != 0 || in_channels % opts.groups != 0 {
+        if opts.groups == 0 || !out_channels.is_multiple_of(opts.groups) || !in_channels.is_multiple_of(opts.groups) {
             return Err(ag::Error::arg("ConvTranspose2d", format!("groups {} must divide {in_channels} and {out_channels}", opts.groups)).into());
         }
         // PyTorch computes the fan-in of a transposed convolution's weight from its dim 1.

@@ -158,7 +158,7 @@ impl Graph {
             Unary::Elu(a) => self.op("Elu", &name, xi, vec![("alpha", Attr::Float(a as f32))], y),
             // ONNX's Softplus is log(1 + exp(x)); PyTorch's threshold only changes results by
             // less than f32 rounding (exp(-20) relative), so beta 1 is the same function.
-            Unary::Softplus { beta, .. } if beta == 1.0 => self.op("Softplus", &name, xi, vec![], y),
+            Unary::Softplus { beta: 1.0, .. } => self.op("Softplus", &name, xi, vec![], y),
             Unary::Relu6 | Unary::Clamp(..) => {
                 let (lo, hi) = if let Unary::Clamp(lo, hi) = f { (lo, hi) } else { (0.0, 6.0) };
                 let lo = self.scalar(&format!("{name}.min"), lo as f32);

@@ -17,7 +17,7 @@ pub struct Conv2d {
 impl Conv2d {
     /// PyTorch's default initialisation.
     pub fn new(rng: &mut Rng, in_channels: usize, out_channels: usize, kernel: usize, opts: Conv2dOptions, bias: bool) -> Result<Self> {
-        if opts.groups == 0 || in_channels % opts.groups != 0 {
+        if opts.groups == 0 || !in_channels.is_multiple_of(opts.groups) {
             return Err(ag::Error::arg("Conv2d", format!("groups {} must divide the {in_channels} input channels", opts.groups)).into());
         }
         let (w, b) = init::torch_default(rng, &[out_channels, in_channels / opts.groups, kernel, kernel])?;

@@ -97,8 +97,11 @@ pub fn compile_training(m: &mut dyn Module, x: &Tensor<f32>) -> Result<TrainPlan
 /// caller trains that step eagerly.
 #[derive(Default)]
 pub struct TrainPlanned {
-    plans: HashMap<Vec<usize>, std::result::Result<(TrainPlan, Vec<String>), String>>,
+    plans: HashMap<Vec<usize>, PlanOrRefusal>,
 }
+
+/// A compiled training plan with its parameters' names, or why the planner refused.
+type PlanOrRefusal = std::result::Result<(TrainPlan, Vec<String>), String>;
 
 impl TrainPlanned {
     pub fn new() -> Self {

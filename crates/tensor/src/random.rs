@@ -27,7 +27,7 @@ impl Rng {
 
     /// Elements drawn uniformly from [lo, hi).
     pub fn uniform<T: Elem>(&mut self, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor<T>> {
-        if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
+        if !lo.is_finite() || !hi.is_finite() || lo >= hi {
             crate::bail!(arg, "uniform", "needs finite lo < hi, got [{lo}, {hi})");
         }
         let n = numel("uniform", shape)?;
@@ -37,7 +37,7 @@ impl Rng {
 
     /// Elements drawn from a normal distribution N(mean, std^2).
     pub fn normal<T: Elem>(&mut self, shape: &[usize], mean: f64, std: f64) -> Result<Tensor<T>> {
-        if !(std >= 0.0) || !std.is_finite() || !mean.is_finite() {
+        if !std.is_finite() || !mean.is_finite() || std < 0.0 {
             crate::bail!(arg, "normal", "needs a finite mean and a finite std >= 0, got mean {mean}, std {std}");
         }
         let dist = Normal::new(mean, std).map_err(|e| Error::arg("normal", format!("mean {mean}, std {std}: {e}")))?;

@@ -102,8 +102,11 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
 /// The largest checkpoint or weight file Stride reads (VGG-16's weights are 553 MB).
 pub const MAX_FILE_BYTES: u64 = 8 << 30;
 
+/// Tensors by name, as a weight file holds them, with the header's metadata.
+pub type WithMetadata = (HashMap<String, Tensor<f32>>, HashMap<String, String>);
+
 /// Like [`load`], also returning the header's metadata (empty when there is none).
-pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
+pub fn load_with_metadata(path: &Path) -> Result<WithMetadata> {
     let io = |e: std::io::Error| TrainError::Io(format!("{}: {e}", path.display()));
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_FILE_BYTES {
@@ -119,7 +122,7 @@ pub fn load_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, 
 /// Decodes a safetensors file held in memory; `path` only names it in errors. Nothing in the
 /// file is executed; the header's names, dtypes, shapes and byte ranges are checked by the
 /// safetensors crate before any tensor is read, and each tensor is converted to f32.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, Tensor<f32>>, HashMap<String, String>)> {
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<WithMetadata> {
     let bad = |e: safetensors::SafeTensorError| TrainError::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display()));
     let st = SafeTensors::deserialize(bytes).map_err(bad)?;
     let metadata = SafeTensors::read_metadata(bytes).map_err(bad)?.1.metadata().clone().unwrap_or_default();

@@ -110,6 +110,9 @@ pub fn tiny_onnx() -> Vec<u8> {
     stride_onnx::export(&mut tiny(), &[SPEC.channels, SPEC.height, SPEC.width], stride_onnx::DEFAULT_OPSET).expect("the tiny model exports")
 }
 
+/// A fuzz target: decodes the bytes, returns whether they were accepted (never panics).
+pub type Target = fn(&[u8]) -> bool;
+
 /// The targets by name, as `fuzz/fuzz_targets/` names them.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] =
+pub const TARGETS: &[(&str, Target)] =
     &[("idx", idx), ("cifar", cifar), ("image", image), ("checkpoint", checkpoint), ("toml_model", toml_model), ("onnx_model", onnx_model)];

@@ -91,7 +91,7 @@ pub fn batch_norm_sync<T: Elem>(
             stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
         }
     }
-    if !(opts.eps > 0.0) || !(0.0..=1.0).contains(&opts.momentum) {
+    if opts.eps.is_nan() || opts.eps <= 0.0 || !(0.0..=1.0).contains(&opts.momentum) {
         stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
     }
     let xv = x.value();

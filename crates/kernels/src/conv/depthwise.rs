@@ -55,7 +55,7 @@ fn filter_grad_tiles<T: Elem>(k: usize, rows: usize, cols: usize, dy: &[T], src:
 /// border is zeroed (the buffer is reused plane after plane), and rows are copied without a
 /// call to `memcpy`, whose fixed cost dominated rows of a few dozen values.
 /// Seven values of slack follow the plane, which the AVX2 tiles' last vector of a row may read.
-fn bordered<T: Elem>(src: &[T], h: usize, w: usize, top: usize, left: usize, rows: usize, cols: usize, buf: &mut Vec<T>) {
+fn bordered<T: Elem>(src: &[T], (h, w): (usize, usize), (top, left): (usize, usize), (rows, cols): (usize, usize), buf: &mut Vec<T>) {
     buf.resize(rows * cols + SLACK, T::zero());
     let (left, n) = (left.min(cols), w.min(cols.saturating_sub(left)));
     for (i, row) in buf.chunks_exact_mut(cols.max(1)).enumerate() {
@@ -203,7 +203,7 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     let kg = g.kg();
     y.par_chunks_mut((kg * pq).max(1)).enumerate().for_each_init(Vec::new, |buf, (plane, out)| {
         let (n, c) = (plane / g.c, plane % g.c);
-        bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
+        bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
         for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
             let k = c * kg + j;
             let (b, taps) = (bias.map_or(T::zero(), |b| b[k]), &w[k * rs..(k + 1) * rs]);
@@ -235,7 +235,7 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                     // dx[i, j] = sum_{r',s'} wflip[r', s'] * dyb[i + pt + r'*dh, j + pl + s'*dw],
                     // with dy placed at (a, b) in the bordered buffer dyb.
                     let (rows, cols) = ((g.h + g.pad.0 + a).max(a + g.p), (g.w + g.pad.2 + b).max(b + g.q));
-                    bordered(dyk, g.p, g.q, a, b, rows, cols, buf);
+                    bordered(dyk, (g.p, g.q), (a, b), (rows, cols), buf);
                     flipped.clear();
                     flipped.extend(wk.iter().rev().copied());
                     let p = Pass { rows: g.h, cols: g.w, stride: (1, 1), dil: g.dilation, r: g.r, s: g.s };
@@ -277,7 +277,7 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
             let (c, part) = (task / splits, task % splits);
             let mut out = vec![T::zero(); kg * rs];
             for n in part * g.n / splits..(part + 1) * g.n / splits {
-                bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], g.h, g.w, g.pad.0, g.pad.2, bh, bw, buf);
+                bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
                 for j in 0..kg {
                     let k = c * kg + j;
                     let (dyk, dwk) = (&dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq], &mut out[j * rs..(j + 1) * rs]);
