@@ -55,10 +55,6 @@ fn two_ranks_train_as_one_process_with_the_same_batch() {
     let log = text(&two);
     assert!(log.contains("data parallel: 2 processes"), "{log}");
     assert_eq!(log.matches("test accuracy").count(), 1, "only rank 0 reports: {log}");
-    // Weights a rounding apart may still flip a near-tie: at most one of the 2,000 test images.
-    let accuracy = |o: &Output| last_line(o).trim_start_matches("test accuracy ").parse::<f64>().unwrap();
-    let (a1, a2) = (accuracy(&one), accuracy(&two));
-    assert!((a1 - a2).abs() <= 0.0005 + 1e-9, "accuracy {a2} on two ranks, {a1} in one process");
     let a = stride_train::checkpoint::load(&solo.join("model.safetensors")).unwrap();
     let b = stride_train::checkpoint::load(&pair.join("model.safetensors")).unwrap();
     assert_eq!(a.len(), b.len());
@@ -69,7 +65,17 @@ fn two_ranks_train_as_one_process_with_the_same_batch() {
         worst = t.data().iter().zip(u.data()).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
     }
     eprintln!("largest weight difference after 2 epochs: {worst:e}");
-    assert!(worst <= 1e-5, "two ranks' weights differ from one process's by {worst:e}");
+    // Measured: 3e-8 with AVX2 products, 2.5e-4 with AVX-512 ones (the library's blocking of
+    // a product depends on its row count, so each rank's 32-image products round differently
+    // from one process's 64-image ones, and early training amplifies that). A real fault is far
+    // larger: a doubled gradient (a rank that forgets its share weight) moves them by 0.14.
+    assert!(worst <= 1e-3, "two ranks' weights differ from one process's by {worst:e}");
+    // After two epochs at this rate the network is barely trained (~59%) and many test images
+    // are near-ties between classes, so weights a rounding apart flip a few of them (one to
+    // two of 2,000 measured); more than ten would mean the runs really differ.
+    let accuracy = |o: &Output| last_line(o).trim_start_matches("test accuracy ").parse::<f64>().unwrap();
+    let (a1, a2) = (accuracy(&one), accuracy(&two));
+    assert!((a1 - a2).abs() <= 0.005, "accuracy {a2} on two ranks, {a1} in one process");
     for d in [solo, pair] {
         std::fs::remove_dir_all(d).unwrap();
     }
