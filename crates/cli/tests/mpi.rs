@@ -34,6 +34,9 @@ fn last_line(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string()
 }
 
+/// The optimizer both comparisons train with (see the next test for why not Adam).
+const PLAIN_SGD: [&str; 6] = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"];
+
 /// Two ranks sum their halves of each batch's gradient where one process sums the whole batch,
 /// so the two differ by rounding, and training must keep that difference at rounding size.
 /// Plain SGD does; Adam does not (and is not compared here): it divides each gradient by its
@@ -45,7 +48,7 @@ fn two_ranks_train_as_one_process_with_the_same_batch() {
     let (solo, pair) = (tmp("solo"), tmp("pair"));
     let sgd = |out: &Path| {
         let mut a = train_args(out, 2);
-        a.extend(["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"].map(String::from));
+        a.extend(PLAIN_SGD.map(String::from));
         a
     };
     let one = Command::new(env!("CARGO_BIN_EXE_stride")).args(sgd(&solo)).output().unwrap();
@@ -131,8 +134,7 @@ fn synchronised_batch_norm_makes_two_ranks_one_process() {
     let run = |out: &Path, extra: &[&str]| -> Vec<String> {
         let mut a = train_args(out, 1);
         a.extend(["--model".to_string(), model.to_str().unwrap().to_string()]);
-        // Plain SGD, for the reason given at `two_ranks_train_as_one_process_with_the_same_batch`.
-        a.extend(["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"].map(String::from));
+        a.extend(PLAIN_SGD.map(String::from));
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
