@@ -42,6 +42,19 @@ macro_rules! multiversion {
     };
 }
 
+/// `x` seen as f32 values, when `T` is f32 (for the hand-written x86 kernels, which are written for it).
+pub(crate) fn as_f32<T: Elem>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: `T` is f32 (same type id), so the cast changes nothing.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+pub(crate) fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`; the borrow of `x` moves into the result.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+}
+
 /// `dst = src` for short rows without a call to `memcpy`, whose fixed cost dominates copies of
 /// a few dozen elements (im2col copies rows of 8 to 32 on LeNet-sized maps): two fixed-size
 /// copies from both ends, overlapping in the middle.

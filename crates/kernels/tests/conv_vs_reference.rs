@@ -213,6 +213,19 @@ fn check_f32(c: &Case) {
 }
 
 #[test]
+fn unpadded_f32_rows_match_reference() {
+    // f32, unpadded, stride 1: the lowering copies each row's runs of Q values with AVX-512
+    // loads and stores where the CPU has them, the last one masked. Runs of 1, 7, 9 (LeNet's
+    // second layer), 15, 16, 17, 26 (its first), 32 and 35 values, several channels.
+    for (w, s) in [(3, 3), (11, 5), (13, 5), (17, 3), (16, 1), (19, 3), (28, 3), (34, 3), (37, 3)] {
+        let c = Case { n: 2, cg: 3, kg: 4, groups: 1, h: 6, w, r: 2, s, stride: (1, 1), dilation: (1, 1), padding: Padding::Valid, bias: true };
+        let g = ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &Conv2dOptions::default()).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Im2col, "{c:?}");
+        check_f32(&c);
+    }
+}
+
+#[test]
 fn depthwise_3x3_tiles_match_reference() {
     // f32 3x3 and 5x5 direct windows with stride and dilation 1 on maps at least 8 wide go
     // through AVX2 register tiles of two rows by 16 or 8 columns, the last one overlapping its

@@ -7,25 +7,12 @@
 //! registers (vectorised through `multiversion!`). The most common layers, 3x3 and 5x5 with
 //! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead.
 
-use std::any::TypeId;
-
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
 use super::{depthwise_avx2 as avx2, ConvGeom};
+use crate::simd::{as_f32, as_f32_mut};
 use crate::{multiversion, simd};
-
-/// `x` seen as f32 values, when `T` is f32 (for the AVX2 kernels, which are written for it).
-fn as_f32<T: Elem>(x: &[T]) -> Option<&[f32]> {
-    // SAFETY: `T` is f32 (same type id), so the cast changes nothing.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
-}
-
-/// [`as_f32`] for a mutable slice.
-fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: as in `as_f32`; the borrow of `x` moves into the result.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
-}
 
 /// `out = bias + correlate(src, taps)` by the AVX2 tiles when they apply (f32, a CPU with
 /// AVX2 and FMA); false when the caller must use the portable kernel.
