@@ -158,3 +158,45 @@ fn relayout_round_trips_and_places_channels() {
     Layout::Blocked(2).channel_runs(n, c, |ch, k| runs.push((ch, k)));
     assert_eq!(runs, [(0, 2), (1, 2), (2, 2), (0, 2), (1, 2), (2, 2), (0, 1), (1, 1), (2, 1)]);
 }
+
+#[test]
+fn f32_blocked_layers_match_reference() {
+    // f32 takes the AVX-512 run copies of the unpadded lowering (when the CPU has them) and
+    // the vectorised bias + residual + ReLU pass: LeNet's two layers (rows of 26 and 9
+    // values), a row of exactly 16 and one of 17, with every epilogue combination.
+    let d = Conv2dOptions::default();
+    let cases = [([6, 1, 28, 28], [5, 1, 3, 3]), ([6, 20, 13, 13], [7, 20, 5, 5]), ([4, 3, 18, 18], [4, 3, 3, 3]), ([4, 2, 9, 21], [3, 2, 2, 5])];
+    for (xs, ws) in cases {
+        let g = ConvGeom::conv2d(&xs, &ws, &d).unwrap();
+        for (b, bias, residual, act) in [
+            (3, true, false, Some(Unary::Relu)),
+            (4, true, true, Some(Unary::Relu)),
+            (2, false, true, None),
+            (1, true, false, Some(Unary::Tanh)),
+            (6, false, false, None),
+        ] {
+            let layout = if b > 1 { Layout::Blocked(b) } else { Layout::Nchw };
+            let mut rng = Rng::seed(5);
+            let x = rng.normal::<f64>(&xs, 0.0, 1.0).unwrap();
+            let w = rng.normal::<f64>(&ws, 0.0, 1.0).unwrap();
+            let bv = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
+            let rv = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+            let (bias64, res64) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
+            let want = expected(&g, x.data(), w.data(), bias64, res64, act);
+            let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (n, pq) = (g.n, g.p * g.q);
+            let xl = f(&to(layout, x.data(), n, g.c, g.h * g.w));
+            let rl = res64.map(|r| f(&to(layout, r, n, g.k, pq)));
+            let (wf, bf) = (f(w.data()), f(bv.data()));
+            let mut y = vec![f32::NAN; want.len()];
+            let prep = Prepared::new(&g, &wf);
+            let epi = Epilogue { bias: bias.then_some(&bf[..]), residual: rl.as_deref(), act };
+            planned::forward_into(&g, layout, &xl, &prep, epi, &mut y);
+            let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            let got = from(layout, &y64, n, g.k, pq);
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "[{i}] {a} vs {e} ({g:?}, {layout:?}, bias {bias}, residual {residual}, {act:?})");
+            }
+        }
+    }
+}

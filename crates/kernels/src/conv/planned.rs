@@ -194,39 +194,59 @@ pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared
         for first in (0..bj).step_by(per) {
             let m = per.min(bj - first);
             let cols = first * pq..(first + m) * pq;
-            let pre = epi.bias.is_some() || res.is_some();
-            for k in 0..g.k {
-                let row = &mut yb[k * ld + cols.start..k * ld + cols.end];
-                match (res, epi.bias) {
-                    (Some(r), bias) => {
-                        let add = bias.map_or(T::zero(), |b| b[k]);
-                        for (o, &v) in row.iter_mut().zip(&r[k * ld + cols.start..k * ld + cols.end]) {
-                            *o = v + add;
-                        }
-                    }
-                    (None, Some(b)) => row.fill(b[k]),
-                    (None, None) => {}
-                }
-            }
             let wm = MatRef::rows(&w.w, g.k, crs);
             if w.algo == Algo::Pointwise {
                 // 1x1, stride 1: channel c of the block is already row c of the columns.
                 let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
-                matmul(wm, xm, &mut yb[cols.start..], ld, pre, threads);
+                matmul(wm, xm, &mut yb[cols.start..], ld, false, threads);
             } else {
                 col.resize(crs * m * pq, T::zero());
                 for i in 0..m {
                     im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
                 }
-                matmul(wm, MatRef::rows(col, crs, m * pq), &mut yb[cols.start..], ld, pre, threads);
+                matmul(wm, MatRef::rows(col, crs, m * pq), &mut yb[cols.start..], ld, false, threads);
             }
-            if let Some(act) = epi.act {
-                for k in 0..g.k {
-                    act.apply_in_place(&mut yb[k * ld + cols.start..k * ld + cols.end]);
-                }
+            // Bias, residual and activation in one pass over the piece, still in cache.
+            for k in 0..g.k {
+                let row = &mut yb[k * ld + cols.start..k * ld + cols.end];
+                let bias = epi.bias.map_or(T::zero(), |b| b[k]);
+                finish_row(row, bias, res.map(|r| &r[k * ld + cols.start..k * ld + cols.end]), epi.act);
             }
         }
     });
+}
+
+crate::multiversion! {
+    /// `row = act((residual + bias) + row)`, in that order of additions (what adding the
+    /// product into a buffer that holds residual + bias gives), ReLU without a per-element
+    /// call so that the loop vectorises.
+    fn finish_row<T: Elem>(row: &mut [T], bias: T, residual: Option<&[T]>, act: Option<Unary>) {
+        let zero = T::zero();
+        match (residual, act) {
+            (None, Some(Unary::Relu)) => row.iter_mut().for_each(|v| {
+                let t = bias + *v;
+                *v = if t > zero { t } else { zero };
+            }),
+            (Some(r), Some(Unary::Relu)) => row.iter_mut().zip(r).for_each(|(v, &r)| {
+                let t = (r + bias) + *v;
+                *v = if t > zero { t } else { zero };
+            }),
+            (None, act) => {
+                if bias != zero {
+                    row.iter_mut().for_each(|v| *v = bias + *v);
+                }
+                if let Some(act) = act {
+                    act.apply_in_place(row);
+                }
+            }
+            (Some(r), act) => {
+                row.iter_mut().zip(r).for_each(|(v, &r)| *v = (r + bias) + *v);
+                if let Some(act) = act {
+                    act.apply_in_place(row);
+                }
+            }
+        }
+    }
 }
 
 /// Residual and activation over an NCHW output whose bias is already in.
