@@ -239,11 +239,9 @@ impl Unary {
     /// `g * grad(x, y)` element by element.
     pub fn grad_slice<T: Elem>(self, g: &[T], x: &[T], y: &[T], out: &mut [T]) {
         assert!(g.len() == x.len() && x.len() == y.len() && y.len() == out.len(), "grad_slice: lengths");
-        let chunk = |g: &[T], x: &[T], y: &[T], out: &mut [T]| {
-            match self {
-                Unary::Relu => relu_grad_into(g, x, out),
-                f => out.iter_mut().zip(g).zip(x.iter().zip(y)).for_each(|((o, &g), (&x, &y))| *o = g * f.grad(x, y)),
-            }
+        let chunk = |g: &[T], x: &[T], y: &[T], out: &mut [T]| match self {
+            Unary::Relu => relu_grad_into(g, x, out),
+            f => out.iter_mut().zip(g).zip(x.iter().zip(y)).for_each(|((o, &g), (&x, &y))| *o = g * f.grad(x, y)),
         };
         if x.len() < 2 * PAR_CHUNK {
             chunk(g, x, y, out);

@@ -46,7 +46,7 @@ crate::multiversion! {
             // Every window inside the image (LeNet's layers): row (c, r, s) is P runs of Q values
             // starting at x[c, r, s], with no bounds to check.
             if let (Some(xf), Some(colf)) = (crate::simd::as_f32(x), crate::simd::as_f32_mut(col)) {
-                if avx512::runs(g, xf, cs, colf, ld).is_some() {
+                if avx512::gather(g, xf, cs, colf, ld).is_some() {
                     return;
                 }
             }
@@ -115,26 +115,44 @@ crate::multiversion! {
     }
 }
 
-/// im2col's unpadded stride-1 case in f32 with AVX-512: each run of Q values is copied by
-/// 16-lane loads and stores, the last one masked, so a run of 9 (LeNet's second layer) is
-/// one load and one store instead of two overlapping pairs. B3's c2 lowered six images at a
-/// time, one thread: 9.8 us an image through `copy_short` (AVX2), 7.1 us with these.
+/// The unpadded stride-1 case of im2col and col2im in f32 with AVX-512: each run of Q values
+/// is moved by 16-lane loads and stores, the last one masked, so a run of 9 (LeNet's second
+/// layer) is one load and one store instead of two overlapping pairs. B3's c2 lowered six
+/// images at a time, one thread: 9.8 us an image through `copy_short` (AVX2), 7.1 us here.
 mod avx512 {
     use super::ConvGeom;
 
-    /// `None` when the CPU lacks AVX-512F.
-    pub(super) fn runs(g: &ConvGeom, x: &[f32], cs: usize, col: &mut [f32], ld: usize) -> Option<()> {
+    /// col = im2col(x); `None` when the CPU lacks AVX-512F.
+    pub(super) fn gather(g: &ConvGeom, x: &[f32], cs: usize, col: &mut [f32], ld: usize) -> Option<()> {
+        check(g, x.len(), cs, col.len(), ld)?;
+        // SAFETY: the CPU has AVX-512F and `check` bounds every access.
+        unsafe { x86::gather(g.cg(), (g.r, g.s), (g.w, g.p, g.q), x.as_ptr(), cs, col.as_mut_ptr(), ld) };
+        Some(())
+    }
+
+    /// x += col2im(col) for image rows of at most 16 values; `None` when the CPU lacks
+    /// AVX-512F or the rows are wider.
+    pub(super) fn scatter_add(g: &ConvGeom, col: &[f32], ld: usize, x: &mut [f32], cs: usize) -> Option<()> {
+        if g.w > 16 {
+            return None;
+        }
+        check(g, x.len(), cs, col.len(), ld)?;
+        // SAFETY: as above; the columns are only read.
+        unsafe { x86::add_rows(g.cg(), (g.r, g.s), (g.h, g.w, g.p, g.q), x.as_mut_ptr(), cs, col.as_ptr(), ld) };
+        Some(())
+    }
+
+    /// Whether the kernels run here, after the checks that keep every access inside an image
+    /// of `x_len` values (channel c at c * cs) and columns of `col_len` (row i at i * ld).
+    fn check(g: &ConvGeom, x_len: usize, cs: usize, col_len: usize, ld: usize) -> Option<()> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            let (h, w, p, q) = (g.h, g.w, g.p, g.q);
-            let cg = g.cg();
-            // The reads of channel c reach x[c * cs + (P - 1 + R - 1) * W + S - 1 + Q - 1]; the
-            // writes of row i reach col[i * ld + P * Q - 1].
+            let (h, w, p, q, cg) = (g.h, g.w, g.p, g.q, g.cg());
+            // Channel c is touched up to x[c * cs + (P - 1 + R - 1) * W + S - 1 + Q - 1], row
+            // i of the columns up to col[i * ld + P * Q - 1].
             assert!(p + g.r - 1 <= h && q + g.s - 1 <= w, "im2col runs: windows outside the image");
-            assert!(cg == 0 || x.len() >= (cg - 1) * cs + h * w, "im2col runs: input too short");
-            assert!(cg == 0 || col.len() >= (cg * g.r * g.s - 1) * ld + p * q, "im2col runs: columns too short");
-            // SAFETY: the CPU has AVX-512F (checked above) and the asserts bound every access.
-            unsafe { x86::runs(cg, (g.r, g.s), (w, p, q), x.as_ptr(), cs, col.as_mut_ptr(), ld) };
+            assert!(cg == 0 || x_len >= (cg - 1) * cs + h * w, "im2col runs: image too short");
+            assert!(cg == 0 || col_len >= (cg * g.r * g.s - 1) * ld + p * q, "im2col runs: columns too short");
             return Some(());
         }
         None
@@ -144,8 +162,10 @@ mod avx512 {
     mod x86 {
         use std::arch::x86_64::*;
 
+        /// For every row (c, r, s) of the columns and output row `op`: the run of Q values at
+        /// x[c, op + r, s..] is copied to the columns.
         #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn runs(
+        pub(super) unsafe fn gather(
             cg: usize,
             (r, s): (usize, usize),
             (w, p, q): (usize, usize, usize),
@@ -160,11 +180,11 @@ mod avx512 {
             for c in 0..cg {
                 for rr in 0..r {
                     for ss in 0..s {
-                        // SAFETY (every access): inside the slices, see the caller's asserts;
-                        // masked-off lanes are neither read nor written.
-                        let src = unsafe { x.add(c * cs + rr * w + ss) };
+                        // SAFETY (every access): inside the slices, see `check`; masked-off
+                        // lanes are neither read nor written.
+                        let img = unsafe { x.add(c * cs + rr * w + ss) };
                         for op in 0..p {
-                            let (from, to) = unsafe { (src.add(op * w), row.add(op * q)) };
+                            let (from, to) = unsafe { (img.add(op * w), row.add(op * q)) };
                             for v in 0..whole {
                                 unsafe { _mm512_storeu_ps(to.add(16 * v), _mm512_loadu_ps(from.add(16 * v))) };
                             }
@@ -175,6 +195,45 @@ mod avx512 {
                         }
                         row = row.wrapping_add(ld);
                     }
+                }
+            }
+        }
+
+        /// The adjoint of [`gather`] for rows of W <= 16: each image row x[c, ih, ..] is one
+        /// register that takes every run landing in it (filter row r of output row ih - r,
+        /// shifted right by s lanes through a masked load), then one store. Adding run by run
+        /// in memory instead stalled on each store before the overlapping next run's load.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn add_rows(
+            cg: usize,
+            (r, s): (usize, usize),
+            (h, w, p, q): (usize, usize, usize, usize),
+            x: *mut f32,
+            cs: usize,
+            col: *const f32,
+            ld: usize,
+        ) {
+            let row_mask: __mmask16 = ((1u32 << w) - 1) as __mmask16;
+            let run: u32 = (1u32 << q) - 1;
+            for c in 0..cg {
+                for ih in 0..h {
+                    // SAFETY (every access): inside the slices, see `check`: lanes past the
+                    // row or outside a run are masked off, and the run pointers moved s lanes
+                    // back are only read at lanes s.. (their own values).
+                    let dst = unsafe { x.add(c * cs + ih * w) };
+                    let mut acc = unsafe { _mm512_maskz_loadu_ps(row_mask, dst) };
+                    for rr in 0..r.min(ih + 1) {
+                        let op = ih - rr;
+                        if op >= p {
+                            continue;
+                        }
+                        for ss in 0..s {
+                            let src = col.wrapping_add(((c * r + rr) * s + ss) * ld + op * q).wrapping_sub(ss);
+                            let v = unsafe { _mm512_maskz_loadu_ps((run << ss) as __mmask16, src) };
+                            acc = _mm512_add_ps(acc, v);
+                        }
+                    }
+                    unsafe { _mm512_mask_storeu_ps(dst, row_mask, acc) };
                 }
             }
         }
@@ -248,6 +307,13 @@ crate::multiversion! {
         let (h, w, p, q) = (g.h, g.w, g.p, g.q);
         let (sh, sw) = g.stride;
         let (dh, dw) = g.dilation;
+        if g.pad == (0, 0, 0, 0) && (sh, sw) == (1, 1) && (dh, dw) == (1, 1) {
+            if let (Some(colf), Some(xf)) = (crate::simd::as_f32(col), crate::simd::as_f32_mut(x)) {
+                if avx512::scatter_add(g, colf, ld, xf, cs).is_some() {
+                    return;
+                }
+            }
+        }
         // The adjoint of im2col's phases: the strided adds go into each row's phases
         // (contiguous), which are added back into the image once per channel.
         let phased = sw > 1 && by_phases(g);
