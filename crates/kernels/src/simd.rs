@@ -55,6 +55,26 @@ pub(crate) fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
 }
 
+/// `n` values cut into chunks of `chunk`, each zeroed and then written by `fill(index, chunk)`
+/// on the thread pool: the zeroing happens on the thread that fills the chunk, just before,
+/// instead of in one serial pass over the whole buffer first (`vec![0; n]` of ResNet-18's
+/// transformed 512 x 512 filters is a 37 MB memset on one thread while the other waits).
+pub fn par_filled<T: Elem>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| {
+        part.fill(MaybeUninit::new(T::zero()));
+        // SAFETY: every element of `part` was initialised just above, and `MaybeUninit<T>`
+        // has the layout of `T`.
+        let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
+        fill(i, part);
+    });
+    // SAFETY: the chunks cover the first `n` elements, and each was initialised.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `dst = src` for short rows without a call to `memcpy`, whose fixed cost dominates copies of
 /// a few dozen elements (im2col copies rows of 8 to 32 on LeNet-sized maps): two fixed-size
 /// copies from both ends, overlapping in the middle.
@@ -141,6 +161,20 @@ pub fn sum<T: Elem>(x: &[T]) -> T {
 #[cfg(test)]
 mod tests {
     use super::copy_short;
+
+    #[test]
+    fn par_filled_hands_every_chunk_zeroed_once() {
+        for (n, chunk) in [(0, 4), (1, 4), (10, 3), (12, 4), (7, 100)] {
+            let v: Vec<f64> = super::par_filled(n, chunk, |i, part| {
+                assert!(part.iter().all(|&x| x == 0.0), "chunk {i} not zeroed");
+                assert!(part.len() == chunk || (i + 1) * chunk >= n, "chunk {i} of {} values", part.len());
+                for (j, x) in part.iter_mut().enumerate() {
+                    *x = (i * chunk + j) as f64;
+                }
+            });
+            assert_eq!(v, (0..n).map(|i| i as f64).collect::<Vec<_>>());
+        }
+    }
 
     #[test]
     fn copy_short_copies_every_length_exactly() {

@@ -363,13 +363,11 @@ multiversion! {
 /// The transformed filters ([outer][E][lanes]) of `outer` groups of `lanes` kernels laid out
 /// as `transform_filters` reads them, the groups split over the thread pool.
 fn filters<T: Elem>(w: &[T], outer: usize, lanes: usize, layout: (usize, usize, bool)) -> Vec<T> {
-    let mut u = vec![T::zero(); outer * E * lanes];
     let per = outer.div_ceil(rayon::current_num_threads()).max(1);
-    u.par_chunks_mut(per * E * lanes).enumerate().for_each(|(i, part)| {
+    crate::simd::par_filled(outer * E * lanes, per * E * lanes, |i, part| {
         let (mut d, mut tmp) = (vec![T::zero(); 9 * lanes], vec![T::zero(); 18 * lanes]);
         transform_filters(part, lanes, &w[i * per * layout.0..], layout, &mut d, &mut tmp);
-    });
-    u
+    })
 }
 
 multiversion! {
@@ -427,33 +425,41 @@ fn for_each_chunk<T: Elem>(pl: &Plan, images: usize, mut body: impl FnMut(usize,
 /// Runs `pl` over `x` ([n, cin, h, w]) into `y` ([n, cout, p, q], overwritten) with the
 /// transformed filters `u` ([cout][E][cin]).
 fn run<T: Elem>(pl: &Plan, x: &[T], u: &[T], epi: Epilogue<T>, y: &mut [T]) {
-    let (per, threads) = pl.split();
-    let (x_img, y_img) = (pl.cin * pl.h * pl.w, pl.cout * pl.p * pl.q);
+    let (per, y_img) = (pl.split().0, pl.cout * pl.p * pl.q);
     if y.is_empty() {
         return;
     }
-    y.par_chunks_mut(per * y_img).enumerate().for_each(|(group, yg)| {
-        for_each_chunk(pl, yg.len() / y_img, |first, count, v, m, s1, s2| {
-            let t = count * pl.tiles();
-            transform_inputs(pl, &x[(group * per + first) * x_img..], count, v, s1, s2);
-            for e in 0..E {
-                let ue = MatRef { data: &u[e * pl.cin..], rows: pl.cout, cols: pl.cin, rs: E * pl.cin, cs: 1 };
-                let ve = MatRef::rows(&v[e * pl.cin * t..(e + 1) * pl.cin * t], pl.cin, t);
-                matmul(ue, ve, &mut m[e * pl.cout * t..(e + 1) * pl.cout * t], t, false, threads);
-            }
-            let out = &mut yg[first * y_img..(first + count) * y_img];
-            transform_outputs(pl, m, count, epi.bias, out, s1, s2);
-            epilogue_chunk(out, y_img, group * per + first, epi.residual, epi.act);
-        });
+    y.par_chunks_mut(per * y_img).enumerate().for_each(|(group, yg)| run_group(pl, x, u, epi, group, yg));
+}
+
+/// [`run`] into a new buffer, each thread's share zeroed by the thread that writes it.
+fn run_new<T: Elem>(pl: &Plan, x: &[T], u: &[T], epi: Epilogue<T>) -> Vec<T> {
+    let (per, y_img) = (pl.split().0, pl.cout * pl.p * pl.q);
+    crate::simd::par_filled(pl.n * y_img, (per * y_img).max(1), |group, yg| run_group(pl, x, u, epi, group, yg))
+}
+
+/// One thread's share of [`run`]: images `group * per..` into `yg`.
+fn run_group<T: Elem>(pl: &Plan, x: &[T], u: &[T], epi: Epilogue<T>, group: usize, yg: &mut [T]) {
+    let (per, threads) = pl.split();
+    let (x_img, y_img) = (pl.cin * pl.h * pl.w, pl.cout * pl.p * pl.q);
+    for_each_chunk(pl, yg.len() / y_img, |first, count, v, m, s1, s2| {
+        let t = count * pl.tiles();
+        transform_inputs(pl, &x[(group * per + first) * x_img..], count, v, s1, s2);
+        for e in 0..E {
+            let ue = MatRef { data: &u[e * pl.cin..], rows: pl.cout, cols: pl.cin, rs: E * pl.cin, cs: 1 };
+            let ve = MatRef::rows(&v[e * pl.cin * t..(e + 1) * pl.cin * t], pl.cin, t);
+            matmul(ue, ve, &mut m[e * pl.cout * t..(e + 1) * pl.cout * t], t, false, threads);
+        }
+        let out = &mut yg[first * y_img..(first + count) * y_img];
+        transform_outputs(pl, m, count, epi.bias, out, s1, s2);
+        epilogue_chunk(out, y_img, group * per + first, epi.residual, epi.act);
     });
 }
 
 /// y = conv(x, w) + bias for a geometry [`Plan::applies`] to.
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let u = filters_forward(g, w);
-    let mut y = vec![T::zero(); g.n * g.k * g.p * g.q];
-    run(&Plan::forward(g), x, &u, Epilogue { bias, ..Epilogue::default() }, &mut y);
-    y
+    run_new(&Plan::forward(g), x, &u, Epilogue { bias, ..Epilogue::default() })
 }
 
 /// The forward pass's transformed filters ([K][E][C]), made once by a plan.
@@ -481,9 +487,8 @@ fn epilogue_chunk<T: Elem>(y: &mut [T], image: usize, first: usize, residual: Op
 
 /// dx from dy for a geometry [`Plan::applies`] to: filters flipped, channels swapped.
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
-    let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
-    backward_data_into(g, dy, w, &mut dx);
-    dx
+    let u = filters(w, g.c, g.k, (9, g.c * 9, true));
+    run_new(&Plan::backward_data(g), dy, &u, Epilogue::default())
 }
 
 /// [`backward_data`] into `dx` (overwritten).
