@@ -238,18 +238,20 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
         dw
     };
     let parts: Vec<Vec<T>> = (0..g.n).step_by(per.max(1)).collect::<Vec<_>>().into_par_iter().map(partial).collect();
-    let mut iter = parts.into_iter();
-    let mut sum = iter.next().unwrap_or_else(|| vec![T::zero(); g.k * g.c * rs]);
-    for p in iter {
-        sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
-    let mut dw = vec![T::zero(); sum.len()];
-    for (t, wt) in sum.chunks_exact((g.k * g.c).max(1)).enumerate() {
-        for (o, &v) in dw[t..].iter_mut().step_by(rs).zip(wt) {
-            *o = v;
+    // The shares' sums, tap-major [R*S][K*C], into [K*C][R*S], a block of filters per task
+    // so that each block's output lines are filled in cache (done serially, the strided
+    // writes were 3.5% of vae_train).
+    const BLOCK: usize = 1024;
+    let kc = g.k * g.c;
+    crate::simd::par_filled(kc * rs, BLOCK * rs.max(1), |b, out| {
+        let first = b * BLOCK;
+        for t in 0..rs {
+            for (i, o) in out[t..].iter_mut().step_by(rs).enumerate() {
+                let at = t * kc + first + i;
+                *o = parts.iter().fold(T::zero(), |sum, p| sum + p[at]);
+            }
         }
-    }
-    dw
+    })
 }
 
 #[cfg(test)]
