@@ -276,7 +276,6 @@ crate::multiversion! {
 
 fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (pq, chw, crs, kg) = (g.p * g.q, g.c * g.h * g.w, g.cg() * g.r * g.s, g.kg());
-    let mut y = vec![T::zero(); g.n * g.k * pq];
     let (by_image, threads) = split(g.n);
     let one = |(n, yn): (usize, &mut [T]), col: &mut Vec<T>| {
         if let Some(b) = bias {
@@ -298,8 +297,20 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
             matmul(wg, MatRef::rows(cols, crs, pq), &mut yn[gi * kg * pq..(gi + 1) * kg * pq], pq, bias.is_some(), threads);
         }
     };
-    for_each_image(&mut y, (g.k * pq).max(1), by_image, one);
-    y
+    let chunk = (g.k * pq).max(1);
+    if !by_image {
+        let mut y = vec![T::zero(); g.n * g.k * pq];
+        for_each_image(&mut y, chunk, false, one);
+        return y;
+    }
+    // Each thread's images zeroed by the thread that writes them (see `simd::par_filled`).
+    let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    crate::simd::par_filled(g.n * g.k * pq, chunk * per, |group, part| {
+        let mut col = Vec::new();
+        for (j, o) in part.chunks_mut(chunk).enumerate() {
+            one((group * per + j, o), &mut col);
+        }
+    })
 }
 
 /// Runs `one((image, its part of out), scratch)` for every image of `out` (parts of `chunk`).
