@@ -60,15 +60,26 @@ pub(crate) fn as_f32_mut<T: Elem>(x: &mut [T]) -> Option<&mut [f32]> {
 /// instead of in one serial pass over the whole buffer first (`vec![0; n]` of ResNet-18's
 /// transformed 512 x 512 filters is a 37 MB memset on one thread while the other waits).
 pub fn par_filled<T: Elem>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    par_filled_init(n, chunk, || (), |_, i, part| fill(i, part))
+}
+
+/// [`par_filled`] with per-task state made by `init` (rayon's `for_each_init`), for fills
+/// that reuse a scratch buffer from chunk to chunk.
+pub fn par_filled_init<T: Elem, S>(
+    n: usize,
+    chunk: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [T]) + Sync,
+) -> Vec<T> {
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
     let mut v: Vec<T> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| {
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, part)| {
         part.fill(MaybeUninit::new(T::zero()));
         // SAFETY: every element of `part` was initialised just above, and `MaybeUninit<T>`
         // has the layout of `T`.
         let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
-        fill(i, part);
+        fill(state, i, part);
     });
     // SAFETY: the chunks cover the first `n` elements, and each was initialised.
     unsafe { v.set_len(n) };

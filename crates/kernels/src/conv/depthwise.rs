@@ -184,11 +184,10 @@ impl ConvGeom {
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
     let (bh, bw) = g.bordered_size();
-    let mut y = vec![T::zero(); g.n * g.k * pq];
     // One task per (image, input channel): the bordered plane is made once for all the
-    // output channels that read it.
+    // output channels that read it. The output is zeroed task by task, not in one serial pass.
     let kg = g.kg();
-    y.par_chunks_mut((kg * pq).max(1)).enumerate().for_each_init(Vec::new, |buf, (plane, out)| {
+    crate::simd::par_filled_init(g.n * g.k * pq, (kg * pq).max(1), Vec::new, |buf, plane, out| {
         let (n, c) = (plane / g.c, plane % g.c);
         bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
         for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
@@ -199,21 +198,21 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
                 correlate(g.pass(), buf, bw, taps, o);
             }
         }
-    });
-    y
+    })
 }
 
 /// dx[n, c] = sum over the K/groups output channels of group c of the taps scattered back.
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
     let (a, b) = ((g.r - 1) * g.dilation.0, (g.s - 1) * g.dilation.1);
     // Stride 1 with padding inside the kernel's reach: a correlation of the bordered dy with
     // the flipped kernel (gathers, registers). Otherwise: scatter into a bordered dx and crop.
     let gather = g.stride == (1, 1) && g.pad.0 <= a && g.pad.2 <= b;
-    dx.par_chunks_mut(hw.max(1)).enumerate().for_each_init(
+    crate::simd::par_filled_init(
+        g.n * g.c * hw,
+        hw.max(1),
         || (Vec::new(), Vec::new()),
-        |(buf, flipped), (plane, out)| {
+        |(buf, flipped), plane, out| {
             let (n, c) = (plane / g.c, plane % g.c);
             for k in c * kg..(c + 1) * kg {
                 let dyk = &dy[(n * g.k + k) * pq..(n * g.k + k + 1) * pq];
@@ -245,8 +244,7 @@ pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> 
                 }
             }
         },
-    );
-    dx
+    )
 }
 
 /// dw[k, 0, r, s] = sum_n sum_{p,q} dy[n, k, p, q] * x[n, c(k), p*sh + r*dh - pt, q*sw + s*dw - pl].
