@@ -303,11 +303,16 @@ pub fn avg_forward_into<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) {
 
 pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
     let (hw, pq) = (g.h * g.w, g.p * g.q);
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
-    if g.is_2x2() {
-        planes(dy, pq, &mut dx, hw, |dxp, dyp| avg_2x2_backward(g, dyp, dxp));
-        return dx;
+    if g.is_2x2() && hw > 0 && pq > 0 {
+        // Each task's planes zeroed by the thread that writes them (see `simd::par_filled`).
+        let per = planes_per_task(pq, hw);
+        return crate::simd::par_filled(g.n * g.c * hw, per * hw, |i, dxs| {
+            for (dxp, dyp) in dxs.chunks_mut(hw).zip(dy[i * per * pq..].chunks(pq)) {
+                avg_2x2_backward(g, dyp, dxp);
+            }
+        });
     }
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
     planes(dy, pq, &mut dx, hw, |dxp, dyp| {
         for i in 0..g.p {
             for j in 0..g.q {

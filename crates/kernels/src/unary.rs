@@ -226,6 +226,21 @@ impl Unary {
         }
     }
 
+    /// [`apply_slice`](Self::apply_slice) into a new buffer, each task's part zeroed by the
+    /// thread that writes it (see `simd::par_filled`).
+    pub fn apply_new<T: Elem>(self, x: &[T]) -> Vec<T> {
+        crate::simd::par_filled(x.len(), PAR_CHUNK, |i, y| self.apply_slice(&x[i * PAR_CHUNK..][..y.len()], y))
+    }
+
+    /// [`grad_slice`](Self::grad_slice) into a new buffer, as [`apply_new`](Self::apply_new).
+    pub fn grad_new<T: Elem>(self, g: &[T], x: &[T], y: &[T]) -> Vec<T> {
+        assert!(g.len() == x.len() && x.len() == y.len(), "grad_new: lengths");
+        crate::simd::par_filled(x.len(), PAR_CHUNK, |i, out| {
+            let at = i * PAR_CHUNK..i * PAR_CHUNK + out.len();
+            self.grad_slice(&g[at.clone()], &x[at.clone()], &y[at], out)
+        })
+    }
+
     /// y[i] = f(y[i]), serially: for a piece of output still in cache (planned execution's
     /// epilogues), inside a thread's share of the work. Results equal `apply`'s.
     pub fn apply_in_place<T: Elem>(self, y: &mut [T]) {

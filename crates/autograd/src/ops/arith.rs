@@ -50,17 +50,13 @@ pub fn unary<T: Elem>(x: &Var<T>, f: Unary) -> Result<Var<T>> {
         return Ok(y);
     }
     let xv = x.value_ref();
-    let mut y = vec![T::zero(); xv.numel()];
-    f.apply_slice(xv.data(), &mut y);
-    let v = Tensor::from_vec(y, xv.shape())?;
+    let v = Tensor::from_vec(f.apply_new(xv.data()), xv.shape())?;
     drop(xv);
     Ok(Var::from_op(v, Op::Unary(f), &[x]))
 }
 
 pub(crate) fn unary_backward<T: Elem>(f: Unary, g: &Tensor<T>, x: &Tensor<T>, y: &Tensor<T>) -> Result<Tensor<T>> {
-    let mut d = vec![T::zero(); x.numel()];
-    f.grad_slice(g.data(), x.data(), y.data(), &mut d);
-    Tensor::from_vec(d, x.shape())
+    Tensor::from_vec(f.grad_new(g.data(), x.data(), y.data()), x.shape())
 }
 
 macro_rules! unary_methods {
