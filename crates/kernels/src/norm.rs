@@ -86,10 +86,22 @@ crate::multiversion! {
 
 /// y = gamma * (x - mean) * invstd + beta, per channel.
 pub fn normalize<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    normalize_into(x, c, l, mean, invstd, gamma, beta, &mut y);
-    y
+    if l == 0 {
+        return vec![T::zero(); x.len()];
+    }
+    // Whole planes per task, each task's part zeroed by its thread (see `simd::par_filled`).
+    let per = PLANE_VALUES.div_ceil(l);
+    crate::simd::par_filled(x.len(), per * l, |t, ys| {
+        for (j, (yp, xp)) in ys.chunks_mut(l).zip(x[t * per * l..].chunks(l)).enumerate() {
+            let ch = (t * per + j) % c;
+            let a = gamma[ch] * invstd[ch];
+            affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
+        }
+    })
 }
+
+/// Values per task when a new buffer is filled plane by plane.
+const PLANE_VALUES: usize = 1 << 14;
 
 /// [`normalize`] into `y` (overwritten), of `x`'s length.
 #[allow(clippy::too_many_arguments)]
@@ -157,10 +169,14 @@ pub fn backward_dx<T: Elem>(
     gamma: &[T],
     batch: Option<(&[T], &[T], f64)>,
 ) -> Vec<T> {
-    let mut dx = vec![T::zero(); x.len()];
-    if l > 0 {
-        dx.par_chunks_mut(l).zip(dy.par_chunks(l).zip(x.par_chunks(l))).enumerate().for_each(|(i, (dxp, (dyp, xp)))| {
-            let ch = i % c;
+    if l == 0 {
+        return vec![T::zero(); x.len()];
+    }
+    let per = PLANE_VALUES.div_ceil(l);
+    crate::simd::par_filled(x.len(), per * l, |t, dxs| {
+        let at = t * per * l;
+        for (j, (dxp, (dyp, xp))) in dxs.chunks_mut(l).zip(dy[at..].chunks(l).zip(x[at..].chunks(l))).enumerate() {
+            let ch = (t * per + j) % c;
             let g = gamma[ch] * invstd[ch];
             // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
             let (a, b, k) = match batch {
@@ -172,7 +188,36 @@ pub fn backward_dx<T: Elem>(
                 None => (g, T::zero(), T::zero()),
             };
             affine2(dxp, dyp, xp, a, b, k);
-        });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_tasks_of_planes_keep_each_planes_channel() {
+        // 3 images x 5 channels x 3,000 values: tasks of six planes, which start mid-image,
+        // against per-value arithmetic (the channel of value i is (i / l) % c).
+        let (n, c, l) = (3, 5, 3000);
+        let x: Vec<f64> = (0..n * c * l).map(|i| ((i * 7919) % 1013) as f64 / 100.0 - 5.0).collect();
+        let dy: Vec<f64> = (0..n * c * l).map(|i| ((i * 104729) % 997) as f64 / 50.0 - 10.0).collect();
+        let mean: Vec<f64> = (0..c).map(|k| k as f64 * 0.3 - 0.5).collect();
+        let invstd: Vec<f64> = (0..c).map(|k| 1.0 + k as f64 * 0.25).collect();
+        let gamma: Vec<f64> = (0..c).map(|k| 0.5 + k as f64).collect();
+        let beta: Vec<f64> = (0..c).map(|k| k as f64 - 2.0).collect();
+        let (dgamma, dbeta) = (vec![0.7, -1.1, 2.0, 0.1, -0.4], vec![1.5, 0.2, -0.9, 3.0, -2.2]);
+        let m = (n * l) as f64;
+        let y = normalize(&x, c, l, &mean, &invstd, &gamma, &beta);
+        let dx = backward_dx(&dy, &x, c, l, &mean, &invstd, &gamma, Some((&dgamma[..], &dbeta[..], m)));
+        for i in 0..x.len() {
+            let k = (i / l) % c;
+            let want = gamma[k] * (x[i] - mean[k]) * invstd[k] + beta[k];
+            assert!((y[i] - want).abs() < 1e-9 * (1.0 + want.abs()), "y[{i}] {} vs {want}", y[i]);
+            let xhat = (x[i] - mean[k]) * invstd[k];
+            let want = gamma[k] * invstd[k] * (dy[i] - dbeta[k] / m - xhat * dgamma[k] / m);
+            assert!((dx[i] - want).abs() < 1e-9 * (1.0 + want.abs()), "dx[{i}] {} vs {want}", dx[i]);
+        }
     }
-    dx
 }
