@@ -334,48 +334,63 @@ fn for_each_image<T: Elem>(out: &mut [T], chunk: usize, parallel: bool, one: imp
 }
 
 fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> Vec<T> {
-    let mut dx = vec![T::zero(); g.n * g.c * g.h * g.w];
-    gemm_backward_data_into(g, algo, dy, w, &mut dx);
-    dx
+    let (by_image, _) = split(g.n);
+    let image = g.c * g.h * g.w;
+    if !by_image || image == 0 {
+        let mut dx = vec![T::zero(); g.n * image];
+        gemm_backward_data_into(g, algo, dy, w, &mut dx);
+        return dx;
+    }
+    // Each thread's images zeroed by that thread (see `simd::par_filled`).
+    let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    crate::simd::par_filled(g.n * image, per * image, |t, part| data_part(g, algo, dy, w, t * per, part, 1))
 }
 
-/// The data gradient into `dx`, which is overwritten (zeroed first where col2im adds).
+/// The data gradient into `dx`, which is overwritten.
 fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T], dx: &mut [T]) {
+    let (by_image, threads) = split(g.n);
+    let image = (g.c * g.h * g.w).max(1);
+    if by_image {
+        // One contiguous share of images per thread, as `for_each_image` deals them.
+        let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+        dx.par_chunks_mut(per * image).enumerate().for_each(|(t, part)| data_part(g, algo, dy, w, t * per, part, 1));
+    } else {
+        data_part(g, algo, dy, w, 0, dx, threads);
+    }
+}
+
+/// The data gradient of the images `first..` that `dxs` holds (overwritten; zeroed here
+/// first where col2im adds), with `threads` inside each product.
+fn data_part<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T], first: usize, dxs: &mut [T], threads: usize) {
     let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
     if algo != Algo::Pointwise {
-        dx.fill(T::zero());
+        dxs.fill(T::zero());
     }
-    let (by_image, threads) = split(g.n);
+    let mut col = Vec::new();
     if algo == Algo::Im2col && data_side_by_side(g) > 1 {
         // Small maps: the columns of several images in one product, so the filters are read
         // once for the block instead of once per image (B3's t1: 16 columns an image).
         let nb_max = data_side_by_side(g);
-        let block = |first: usize, dxs: &mut [T], (col, dyb): &mut (Vec<T>, Vec<T>)| {
-            for (b, dxb) in dxs.chunks_mut(nb_max * g.c * hw).enumerate() {
-                let first = first + b * nb_max;
-                let nb = dxb.len() / (g.c * hw);
-                let ld = nb * pq;
-                dyb.resize(kg * ld, T::zero());
-                for j in 0..nb {
-                    place_side_by_side(&dy[(first + j) * g.k * pq..(first + j + 1) * g.k * pq], pq, j, ld, dyb);
-                }
-                // col [C*R*S, nb*PQ] = w^T [C*R*S, K] x dy [K, nb*PQ]
-                col.resize(crs * ld, T::zero());
-                matmul(MatRef::rows(w, kg, crs).t(), MatRef::rows(dyb, kg, ld), col, ld, false, threads);
-                for (j, dxn) in dxb.chunks_exact_mut(g.c * hw).enumerate() {
-                    im2col::col2im_channels(g, &col[j * pq..], ld, dxn, hw);
-                }
+        let mut dyb = Vec::new();
+        for (b, dxb) in dxs.chunks_mut(nb_max * g.c * hw).enumerate() {
+            let first = first + b * nb_max;
+            let nb = dxb.len() / (g.c * hw);
+            let ld = nb * pq;
+            dyb.resize(kg * ld, T::zero());
+            for j in 0..nb {
+                place_side_by_side(&dy[(first + j) * g.k * pq..(first + j + 1) * g.k * pq], pq, j, ld, &mut dyb);
             }
-        };
-        if by_image {
-            let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
-            dx.par_chunks_mut(per * g.c * hw).enumerate().for_each(|(t, part)| block(t * per, part, &mut Default::default()));
-        } else {
-            block(0, dx, &mut Default::default());
+            // col [C*R*S, nb*PQ] = w^T [C*R*S, K] x dy [K, nb*PQ]
+            col.resize(crs * ld, T::zero());
+            matmul(MatRef::rows(w, kg, crs).t(), MatRef::rows(&dyb, kg, ld), &mut col, ld, false, threads);
+            for (j, dxn) in dxb.chunks_exact_mut(g.c * hw).enumerate() {
+                im2col::col2im_channels(g, &col[j * pq..], ld, dxn, hw);
+            }
         }
         return;
     }
-    let one = |(n, dxn): (usize, &mut [T]), col: &mut Vec<T>| {
+    for (j, dxn) in dxs.chunks_mut((g.c * hw).max(1)).enumerate() {
+        let n = first + j;
         for gi in 0..g.groups {
             let dyg = &dy[(n * g.k + gi * kg) * pq..(n * g.k + (gi + 1) * kg) * pq];
             let wg = MatRef::rows(&w[gi * kg * crs..(gi + 1) * kg * crs], kg, crs).t();
@@ -385,12 +400,11 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
                 matmul(wg, MatRef::rows(dyg, kg, pq), dxg, pq, false, threads);
             } else {
                 col.resize(crs * pq, T::zero());
-                matmul(wg, MatRef::rows(dyg, kg, pq), col, pq, false, threads);
-                im2col::col2im(g, col, dxg);
+                matmul(wg, MatRef::rows(dyg, kg, pq), &mut col, pq, false, threads);
+                im2col::col2im(g, &col, dxg);
             }
         }
-    };
-    for_each_image(dx, (g.c * hw).max(1), by_image, one);
+    }
 }
 
 /// Columns at least this wide make one filter-gradient or data-gradient product: with small
