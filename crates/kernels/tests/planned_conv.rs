@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::{reference, Algo, Conv2dOptions, ConvGeom, Padding};
 use stride_kernels::unary::Unary;
-use stride_tensor::Rng;
+use stride_tensor::{Rng, Tensor};
 
 /// The reference: act(conv(x) + bias + residual), all NCHW.
 fn expected(g: &ConvGeom, x: &[f64], w: &[f64], bias: Option<&[f64]>, res: Option<&[f64]>, act: Option<Unary>) -> Vec<f64> {
@@ -31,6 +31,13 @@ fn from(layout: Layout, x: &[f64], n: usize, c: usize, plane: usize) -> Vec<f64>
     y
 }
 
+/// Random input, filters, bias and residual for `g` (normal, from `seed`).
+fn operands(g: &ConvGeom, x_shape: [usize; 4], w_shape: [usize; 4], seed: u64) -> [Tensor<f64>; 4] {
+    let mut rng = Rng::seed(seed);
+    let mut draw = |shape: &[usize]| rng.normal::<f64>(shape, 0.0, 1.0).unwrap();
+    [draw(&x_shape), draw(&w_shape), draw(&[g.k]), draw(&g.small_shape())]
+}
+
 fn check(
     x_shape: [usize; 4],
     w_shape: [usize; 4],
@@ -42,11 +49,7 @@ fn check(
 ) -> Result<(), TestCaseError> {
     let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else { return Ok(()) };
     let layout = if b > 1 && planned::blocks(&g) { Layout::Blocked(b) } else { Layout::Nchw };
-    let mut rng = Rng::seed(11);
-    let x = rng.normal::<f64>(&x_shape, 0.0, 1.0).unwrap();
-    let w = rng.normal::<f64>(&w_shape, 0.0, 1.0).unwrap();
-    let bv = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
-    let rv = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+    let [x, w, bv, rv] = operands(&g, x_shape, w_shape, 11);
     let (bias, res) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
     let want = expected(&g, x.data(), w.data(), bias, res, act);
     let (n, pq) = (g.n, g.p * g.q);
@@ -176,11 +179,7 @@ fn f32_blocked_layers_match_reference() {
             (6, false, false, None),
         ] {
             let layout = if b > 1 { Layout::Blocked(b) } else { Layout::Nchw };
-            let mut rng = Rng::seed(5);
-            let x = rng.normal::<f64>(&xs, 0.0, 1.0).unwrap();
-            let w = rng.normal::<f64>(&ws, 0.0, 1.0).unwrap();
-            let bv = rng.normal::<f64>(&[g.k], 0.0, 1.0).unwrap();
-            let rv = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap();
+            let [x, w, bv, rv] = operands(&g, xs, ws, 5);
             let (bias64, res64) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
             let want = expected(&g, x.data(), w.data(), bias64, res64, act);
             let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
