@@ -148,6 +148,11 @@ fn split(n: usize) -> (bool, usize) {
     split_for(n, rayon::current_num_threads())
 }
 
+/// Images in each thread's contiguous share of a batch of `n` when it is split by image.
+pub(crate) fn share(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
 fn split_for(n: usize, t: usize) -> (bool, usize) {
     if n >= t {
         (true, 1)
@@ -304,7 +309,7 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
         return y;
     }
     // Each thread's images zeroed by the thread that writes them (see `simd::par_filled`).
-    let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    let per = share(g.n);
     crate::simd::par_filled(g.n * g.k * pq, chunk * per, |group, part| {
         let mut col = Vec::new();
         for (j, o) in part.chunks_mut(chunk).enumerate() {
@@ -320,7 +325,7 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
 fn for_each_image<T: Elem>(out: &mut [T], chunk: usize, parallel: bool, one: impl Fn((usize, &mut [T]), &mut Vec<T>) + Sync) {
     if parallel {
         let images = out.len() / chunk;
-        let per = images.div_ceil(rayon::current_num_threads()).max(1);
+        let per = share(images);
         out.par_chunks_mut(chunk * per).enumerate().for_each(|(group, part)| {
             let mut col = Vec::new();
             for (j, o) in part.chunks_mut(chunk).enumerate() {
@@ -342,7 +347,7 @@ fn gemm_backward_data<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> V
         return dx;
     }
     // Each thread's images zeroed by that thread (see `simd::par_filled`).
-    let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    let per = share(g.n);
     crate::simd::par_filled(g.n * image, per * image, |t, part| data_part(g, algo, dy, w, t * per, part, 1))
 }
 
@@ -352,7 +357,7 @@ fn gemm_backward_data_into<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T],
     let image = (g.c * g.h * g.w).max(1);
     if by_image {
         // One contiguous share of images per thread, as `for_each_image` deals them.
-        let per = g.n.div_ceil(rayon::current_num_threads()).max(1);
+        let per = share(g.n);
         dx.par_chunks_mut(per * image).enumerate().for_each(|(t, part)| data_part(g, algo, dy, w, t * per, part, 1));
     } else {
         data_part(g, algo, dy, w, 0, dx, threads);
@@ -425,7 +430,7 @@ fn place_side_by_side<T: Copy>(src: &[T], pq: usize, j: usize, ld: usize, dst: &
 fn data_side_by_side(g: &ConvGeom) -> usize {
     let pq = g.p * g.q;
     if g.groups == 1 && pq > 0 && pq < FILTER_GRAD_COLUMNS / 2 {
-        FILTER_GRAD_COLUMNS.div_ceil(pq).min(g.n.div_ceil(rayon::current_num_threads().max(1))).max(1)
+        FILTER_GRAD_COLUMNS.div_ceil(pq).min(share(g.n)).max(1)
     } else {
         1
     }

@@ -130,7 +130,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
 /// share of a convolution is one wide product (1, plain NCHW, when there are no more images
 /// than threads: then the threads split each product instead).
 pub fn block_for(n: usize) -> usize {
-    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+    super::share(n)
 }
 
 /// Whether `forward_into` can run `g` in a blocked layout: ungrouped products (im2col or 1x1).
