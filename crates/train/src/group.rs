@@ -68,21 +68,35 @@ pub fn shard(n: usize, r: usize, size: usize) -> (usize, usize) {
 
 /// Checks that every rank built the same run (model, data, batch, seed): a rank that differs
 /// stops the job with what differs, on every rank, instead of hanging in a collective later.
+/// Every rank learns every rank's values (one sum of a table with one row per rank), so each
+/// message names what differs where: when rank 0 exits first and the launcher kills the others
+/// before they print, its message alone says why.
 pub fn check_world(g: &dyn Group, what: &[(&str, f64)]) -> Result<()> {
-    let mine: Vec<f64> = what.iter().map(|w| w.1).collect();
-    let mut root = mine.clone();
-    g.broadcast_f64(&mut root)?;
-    let differs: Vec<String> =
-        what.iter().zip(&root).filter(|((_, v), r)| v != *r).map(|((name, v), r)| format!("{name} {v} (rank 0: {r})")).collect();
-    let mut flags = vec![0.0; g.size()];
-    flags[g.rank()] = if differs.is_empty() { 0.0 } else { 1.0 };
-    g.sum_f64(&mut flags)?;
-    let bad: Vec<usize> = flags.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r).collect();
+    let k = what.len();
+    let mut table = vec![0.0; g.size() * k];
+    for (slot, w) in table[g.rank() * k..][..k].iter_mut().zip(what) {
+        *slot = w.1;
+    }
+    g.sum_f64(&mut table)?;
+    let (root, rows) = table.split_at(k);
+    let mut bad = Vec::new();
+    let mut reasons = Vec::new();
+    for (r, row) in rows.chunks(k).enumerate().map(|(i, row)| (i + 1, row)) {
+        let differs: Vec<String> = what
+            .iter()
+            .zip(row.iter().zip(root))
+            .filter(|(_, (v, r0))| v != r0)
+            .map(|((name, _), (v, r0))| format!("{name} {v} (rank 0: {r0})"))
+            .collect();
+        if !differs.is_empty() {
+            bad.push(r);
+            reasons.push(format!("rank {r} has {}", differs.join(", ")));
+        }
+    }
     if bad.is_empty() {
         return Ok(());
     }
-    let why = if differs.is_empty() { "see their messages".to_string() } else { format!("this rank has {}", differs.join(", ")) };
-    Err(TrainError::Config(format!("rank {}: ranks {bad:?} differ from rank 0 in model or data ({why})", g.rank())))
+    Err(TrainError::Config(format!("rank {}: ranks {bad:?} differ from rank 0 in model or data ({})", g.rank(), reasons.join("; "))))
 }
 
 /// Every parameter's and buffer's values from rank 0 (the initial weights, or batch norm's
@@ -275,6 +289,61 @@ mod tests {
         for (p, b) in params.iter().zip(&before) {
             assert_eq!(p.grad().unwrap().data(), b.data());
         }
+    }
+
+    /// Rank `rank` of a world whose other ranks hold `others` (rank -> their values): a sum
+    /// adds their rows of the table in, as the real collective would.
+    struct World {
+        rank: usize,
+        others: Vec<(usize, Vec<f64>)>,
+        size: usize,
+    }
+
+    impl Group for World {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn sum_f32(&self, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            for (r, row) in &self.others {
+                for (b, v) in buf[r * row.len()..][..row.len()].iter_mut().zip(row) {
+                    *b += v;
+                }
+            }
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f64(&self, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_rank_names_what_differs_on_which_rank() {
+        let what = [("parameters", 100.0), ("seed", 0.0)];
+        let same = vec![100.0, 0.0];
+        // Rank 0's view of a world where rank 2 has another seed: its own message says why.
+        let g = World { rank: 0, size: 3, others: vec![(1, same.clone()), (2, vec![100.0, 5.0])] };
+        let e = check_world(&g, &what).unwrap_err().to_string();
+        assert!(e.contains("rank 0: ranks [2] differ from rank 0 in model or data (rank 2 has seed 5 (rank 0: 0))"), "{e}");
+        // Rank 1 of the same world says the same about rank 2.
+        let g = World { rank: 1, size: 3, others: vec![(0, same.clone()), (2, vec![100.0, 5.0])] };
+        let e = check_world(&g, &[("parameters", 100.0), ("seed", 0.0)]).unwrap_err().to_string();
+        assert!(e.contains("rank 1: ranks [2] differ") && e.contains("rank 2 has seed 5"), "{e}");
+        // Two ranks differing in different values are both named.
+        let g = World { rank: 0, size: 3, others: vec![(1, vec![90.0, 0.0]), (2, vec![100.0, 5.0])] };
+        let e = check_world(&g, &what).unwrap_err().to_string();
+        assert!(e.contains("ranks [1, 2]") && e.contains("rank 1 has parameters 90 (rank 0: 100); rank 2 has seed 5"), "{e}");
+        // All equal: no error.
+        let g = World { rank: 2, size: 3, others: vec![(0, same.clone()), (1, same)] };
+        assert!(check_world(&g, &what).is_ok());
     }
 
     #[test]
