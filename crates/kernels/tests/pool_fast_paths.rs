@@ -35,3 +35,23 @@ fn average_pooling_matches_the_definition() {
         assert!(close(&avg_backward(&g, dy.data()), &dx), "backward {shape:?} stride {stride}");
     }
 }
+
+/// The f32 forward pass (groups of eight outputs vectorised, the rest one by one) against
+/// the f64 definition, on widths around the group sizes (eight, then four) and with an odd
+/// last column.
+#[test]
+fn f32_average_pooling_matches_the_definition() {
+    let mut rng = Rng::seed(4);
+    for w in [2, 7, 8, 9, 15, 16, 17, 24, 26, 31, 33, 35, 48] {
+        let shape = [2, 3, 5, w];
+        let g = PoolGeom::new("avg_pool2d", &shape, &Pool2dOptions::new(2)).unwrap();
+        let x = rng.normal::<f32>(&shape, 0.0, 1.0).unwrap();
+        let wide: Vec<f64> = x.data().iter().map(|&v| v as f64).collect();
+        let (want, _) = naive(&wide, &vec![0.0; g.n * g.c * g.p * g.q], shape, 2);
+        let got = avg_forward(&g, x.data());
+        assert_eq!(got.len(), want.len(), "width {w}");
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-6, "width {w}, output {k}: {a} vs {b}");
+        }
+    }
+}
