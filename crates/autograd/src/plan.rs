@@ -61,6 +61,9 @@ enum Step {
         bias: Option<Vec<f32>>,
         residual: Option<Buf>,
         act: Option<Unary>,
+        /// A 2x2 average pooling of the output, done piece by piece inside the convolution
+        /// (`dst` then holds the pooled values).
+        pool: Option<Box<PoolGeom>>,
         src: Buf,
         dst: Buf,
     },
@@ -156,7 +159,7 @@ impl Step {
     fn name(&self) -> String {
         match self {
             Step::Relayout { from, to, .. } => format!("relayout {from:?} -> {to:?}"),
-            Step::Conv { w, layout, bias, residual, act, .. } => {
+            Step::Conv { w, layout, bias, residual, act, pool, .. } => {
                 let mut s = format!("conv2d {:?} {layout:?}", w.algo());
                 if bias.is_some() {
                     s += " +bias";
@@ -166,6 +169,9 @@ impl Step {
                 }
                 if let Some(a) = act {
                     s += &format!(" +{}", a.name());
+                }
+                if pool.is_some() {
+                    s += " +avg_pool2d";
                 }
                 s
             }
@@ -308,13 +314,14 @@ impl Compiler {
     /// Node `p`'s value in the arena in `layout`, relayouting once if needed.
     fn operand(&mut self, p: usize, layout: Layout) -> Buf {
         let v = self.vals[p].clone().expect("parents are compiled before their consumers");
-        if v.layout == layout {
+        let dims = dims4(&v.shape);
+        if v.layout == layout || dims.is_some_and(|[n, c, _]| v.layout.same_memory(layout, n, c)) {
             return v.buf;
         }
         if let Some(&b) = self.relayouts.get(&(v.buf, layout)) {
             return b;
         }
-        let dims = dims4(&v.shape).expect("only 4-D values change layout");
+        let dims = dims.expect("only 4-D values change layout");
         let dst = self.buffer(self.buf_len[v.buf]);
         self.steps.push(Step::Relayout { src: v.buf, dst, from: v.layout, to: layout, dims });
         self.relayouts.insert((v.buf, layout), dst);
@@ -496,10 +503,23 @@ impl Compiler {
             }
         }
         let act = self.take_act(&mut tail);
+        // A 2x2 average pooling as the only consumer: pooled inside the convolution.
+        let mut pool = None;
+        let mut out_shape = geom.small_shape().to_vec();
+        if let Some(c) = self.rec.only_consumer(tail) {
+            if let Some(Op::AvgPool2d { geom: pg }) = self.rec.nodes[c].0.op {
+                if planned::fuses_pool(geom, &pg) {
+                    pool = Some(Box::new(pg));
+                    out_shape = self.rec.nodes[c].shape();
+                    self.done[c] = true;
+                    tail = c;
+                }
+            }
+        }
         let src = self.operand(ps[0], layout);
         let w = Prepared::new(geom, &w).into_owned();
-        let dst = self.define(tail, geom.small_shape().to_vec(), layout);
-        self.steps.push(Step::Conv { geom: *geom, layout, w, bias, residual, act, src, dst });
+        let dst = self.define(tail, out_shape, layout);
+        self.steps.push(Step::Conv { geom: *geom, layout, w, bias, residual, act, pool, src, dst });
         Ok(())
     }
 
@@ -816,9 +836,12 @@ impl Plan {
         };
         match step {
             Step::Relayout { src, from, to, dims: [n, c, p], .. } => planned::relayout(buf(*src), *from, dst, *to, *n, *c, *p),
-            Step::Conv { geom, layout, w, bias, residual, act, src, .. } => {
+            Step::Conv { geom, layout, w, bias, residual, act, pool, src, .. } => {
                 let epi = Epilogue { bias: bias.as_deref(), residual: residual.map(buf), act: *act };
-                planned::forward_into(geom, *layout, buf(*src), w, epi, dst);
+                match pool {
+                    Some(pg) => planned::forward_pool_into(geom, *layout, buf(*src), w, epi, pg, dst),
+                    None => planned::forward_into(geom, *layout, buf(*src), w, epi, dst),
+                }
             }
             Step::MaxPool { geom, src, .. } => {
                 let idx = &mut self.argmax[..dst.len()];

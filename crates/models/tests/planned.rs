@@ -68,7 +68,13 @@ fn plans_fuse_fold_and_block() {
     let x = rng.normal(&[64, 1, 28, 28], 0.0, 1.0).unwrap();
     let steps = compile(&mut cnn, &x).unwrap().describe();
     assert!(steps.iter().filter(|s| s.contains("Blocked") && s.contains("+bias +relu")).count() == 2, "{steps:#?}");
+    // Each 2x2 average pooling is done inside the convolution before it.
+    assert_eq!(steps.iter().filter(|s| s.starts_with("conv2d") && s.ends_with("+relu +avg_pool2d")).count(), 2, "{steps:#?}");
+    assert!(!steps.iter().any(|s| s == "avg_pool2d"), "{steps:#?}");
     assert!(steps.iter().any(|s| s == "matmul +bias +relu"), "{steps:#?}");
+    // And the fused plan gives what the layers give one by one, at the benchmark's batch.
+    let mut plan = compile(&mut cnn, &x).unwrap();
+    close("cnn batch 64", &plan.run(&x).unwrap(), &eager(&mut cnn, &x));
 }
 
 #[test]

@@ -15,6 +15,7 @@ use stride_tensor::Elem;
 
 use super::{im2col, winograd, Algo, ConvGeom};
 use crate::gemm::{matmul, MatRef};
+use crate::pool::PoolGeom;
 use crate::unary::Unary;
 
 /// Work done on each piece of output after the product: `y = act(y + bias + residual)`.
@@ -43,6 +44,11 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// Whether an [n, c, ..] tensor lies in the same order in both layouts (one channel, or
+    /// one image: a block of images is then just the images one after another).
+    pub fn same_memory(self, other: Layout, n: usize, c: usize) -> bool {
+        self == other || c <= 1 || n <= 1
+    }
     /// The block size (1 for NCHW).
     pub fn block(self) -> usize {
         match self {
@@ -78,26 +84,32 @@ impl Layout {
 /// Copies `x` ([n, c, plane] in layout `from`) into `y` in layout `to`.
 pub fn relayout<T: Elem>(x: &[T], from: Layout, y: &mut [T], to: Layout, n: usize, c: usize, plane: usize) {
     assert!(x.len() == n * c * plane && y.len() == x.len(), "relayout: lengths");
-    if from == to || plane == 0 {
+    if from.same_memory(to, n, c) || plane == 0 {
         y.copy_from_slice(x);
         return;
     }
-    // Offset of plane (image i, channel ch) in layout `l`.
-    let at = |l: Layout, i: usize, ch: usize| {
+    // Offset of plane (image i, channel 0) in layout `l`, and the step from one channel's
+    // plane to the next (worked out once per image: the divisions cost more than the copies
+    // of small planes).
+    let at = |l: Layout, i: usize| {
         let b = l.block();
         let (j, r) = (i / b, i % b);
         let bj = b.min(n - j * b);
-        (j * b * c + ch * bj + r) * plane
+        ((j * b * c + r) * plane, bj * plane)
     };
-    // One task per destination block of images.
+    // Tasks of whole destination blocks of images, at least 16K values each (LeNet's last
+    // conversion back to NCHW, 64 images of 50 planes of 16 values, took 55 us as 64 tasks).
     let b = to.block();
-    y.par_chunks_mut(b * c * plane).enumerate().for_each(|(j, yb)| {
+    let per = (1usize << 14).div_ceil(b * c * plane);
+    y.par_chunks_mut(b * c * plane).enumerate().with_min_len(per).for_each(|(j, yb)| {
         let bj = yb.len() / (c * plane);
         for r in 0..bj {
+            let (src, src_step) = at(from, j * b + r);
+            let (dst, dst_step) = at(to, j * b + r);
+            let dst = dst - j * b * c * plane;
             for ch in 0..c {
-                let src = at(from, j * b + r, ch);
-                let dst = at(to, j * b + r, ch) - j * b * c * plane;
-                yb[dst..dst + plane].copy_from_slice(&x[src..src + plane]);
+                let (s, d) = (src + ch * src_step, dst + ch * dst_step);
+                yb[d..d + plane].copy_from_slice(&x[s..s + plane]);
             }
         }
     });
@@ -156,8 +168,27 @@ const COLUMN_ELEMENTS: usize = 1 << 18;
 /// y = act(conv(x, w) + bias + residual), `x` and `y` (and the residual) in `layout`, which
 /// must be NCHW unless [`blocks`] says otherwise. `y` is overwritten.
 pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, y: &mut [T]) {
+    forward_pooled(g, layout, x, w, epi, None, y);
+}
+
+/// Whether [`forward_pool_into`] can run `g` followed by the pooling `pool`: a convolution
+/// [`blocks`] allows, and 2x2 average pooling at stride 2 of its whole output.
+pub fn fuses_pool(g: &ConvGeom, pool: &PoolGeom) -> bool {
+    blocks(g) && pool.is_2x2() && (pool.n, pool.c, pool.h, pool.w) == (g.n, g.k, g.p, g.q)
+}
+
+/// `y = avg_pool_2x2(act(conv(x, w) + bias + residual))` (see [`fuses_pool`]): each piece of
+/// the convolution's output is pooled by the thread that made it while it is in cache, and the
+/// full-size output is never stored. `y` ([N, K, P/2, Q/2] in `layout`) is overwritten.
+pub fn forward_pool_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, pool: &PoolGeom, y: &mut [T]) {
+    assert!(fuses_pool(g, pool), "forward_pool_into: {pool:?} does not fuse with {g:?}");
+    forward_pooled(g, layout, x, w, epi, Some(pool), y);
+}
+
+fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, pool: Option<&PoolGeom>, y: &mut [T]) {
+    let out_plane = pool.map_or(g.p * g.q, |pg| pg.p * pg.q);
     assert_eq!(x.len(), g.n * g.c * g.h * g.w, "forward_into: input length");
-    assert_eq!(y.len(), g.n * g.k * g.p * g.q, "forward_into: output length");
+    assert_eq!(y.len(), g.n * g.k * out_plane, "forward_into: output length");
     assert!(layout == Layout::Nchw || blocks(g), "forward_into: {:?} cannot run blocked", w.algo);
     if let Some(r) = epi.residual {
         assert_eq!(r.len(), y.len(), "forward_into: residual length");
@@ -183,37 +214,59 @@ pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
     let blocks = g.n.div_ceil(b);
     let threads = if blocks >= rayon::current_num_threads() { 1 } else { rayon::current_num_threads() };
-    let block_out = (g.k * b * pq).max(1);
-    y.par_chunks_mut(block_out).enumerate().for_each_init(Vec::new, |col, (j, yb)| {
-        let bj = yb.len() / (g.k * pq).max(1);
-        let x0 = j * b * g.c * hw;
-        let xb = &x[x0..x0 + g.c * bj * hw];
-        let res = epi.residual.map(|r| &r[j * block_out..j * block_out + yb.len()]);
-        let ld = bj * pq;
-        let per = (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
-        for first in (0..bj).step_by(per) {
-            let m = per.min(bj - first);
-            let cols = first * pq..(first + m) * pq;
-            let wm = MatRef::rows(&w.w, g.k, crs);
-            if w.algo == Algo::Pointwise {
-                // 1x1, stride 1: channel c of the block is already row c of the columns.
-                let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
-                matmul(wm, xm, &mut yb[cols.start..], ld, false, threads);
-            } else {
-                col.resize(crs * m * pq, T::zero());
-                for i in 0..m {
-                    im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
+    let block_out = (g.k * b * out_plane).max(1);
+    y.par_chunks_mut(block_out).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(col, piece), (j, yb)| {
+            let bj = yb.len() / (g.k * out_plane).max(1);
+            let x0 = j * b * g.c * hw;
+            let xb = &x[x0..x0 + g.c * bj * hw];
+            let ld = bj * pq;
+            let res = epi.residual.map(|r| &r[j * g.k * b * pq..j * g.k * b * pq + g.k * ld]);
+            // Pooled, the piece of output is held too (and outweighs the columns when there are
+            // more filters than rows of columns, as in LeNet's first layer: 20 vs 9).
+            let held = if pool.is_some() { crs.max(g.k) } else { crs };
+            let per = (COLUMN_ELEMENTS / (held * pq).max(1)).clamp(1, bj.max(1));
+            for first in (0..bj).step_by(per) {
+                let m = per.min(bj - first);
+                let cols = first * pq..(first + m) * pq;
+                let wm = MatRef::rows(&w.w, g.k, crs);
+                // The product into `out` (rows `out_ld` apart): the block's own rows, or (pooled)
+                // a piece of m images.
+                let mut product = |out: &mut [T], out_ld: usize| {
+                    if w.algo == Algo::Pointwise {
+                        // 1x1, stride 1: channel c of the block is already row c of the columns.
+                        let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
+                        matmul(wm, xm, out, out_ld, false, threads);
+                    } else {
+                        col.resize(crs * m * pq, T::zero());
+                        for i in 0..m {
+                            im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
+                        }
+                        matmul(wm, MatRef::rows(col, crs, m * pq), out, out_ld, false, threads);
+                    }
+                };
+                // Bias, residual and activation in one pass over the piece, still in cache; pooled,
+                // each channel's m planes then go into the block's output.
+                let bias = |k: usize| epi.bias.map_or(T::zero(), |b| b[k]);
+                let residual = |k: usize| res.map(|r| &r[k * ld + cols.start..k * ld + cols.end]);
+                if let Some(pg) = pool {
+                    piece.resize(g.k * m * pq, T::zero());
+                    product(piece, m * pq);
+                    for (k, row) in piece.chunks_exact_mut(m * pq).enumerate() {
+                        finish_row(row, bias(k), residual(k), epi.act);
+                        let dst = (k * bj + first) * out_plane;
+                        crate::pool::avg_2x2(pg, row, &mut yb[dst..dst + m * out_plane]);
+                    }
+                } else {
+                    product(&mut yb[cols.start..], ld);
+                    for k in 0..g.k {
+                        finish_row(&mut yb[k * ld + cols.start..k * ld + cols.end], bias(k), residual(k), epi.act);
+                    }
                 }
-                matmul(wm, MatRef::rows(col, crs, m * pq), &mut yb[cols.start..], ld, false, threads);
             }
-            // Bias, residual and activation in one pass over the piece, still in cache.
-            for k in 0..g.k {
-                let row = &mut yb[k * ld + cols.start..k * ld + cols.end];
-                let bias = epi.bias.map_or(T::zero(), |b| b[k]);
-                finish_row(row, bias, res.map(|r| &r[k * ld + cols.start..k * ld + cols.end]), epi.act);
-            }
-        }
-    });
+        },
+    );
 }
 
 crate::multiversion! {
