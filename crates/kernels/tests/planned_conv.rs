@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::{reference, Algo, Conv2dOptions, ConvGeom, Padding};
+use stride_kernels::pool::{Pool2dOptions, PoolGeom};
 use stride_kernels::unary::Unary;
 use stride_tensor::{Rng, Tensor};
 
@@ -195,6 +196,55 @@ fn f32_blocked_layers_match_reference() {
             let got = from(layout, &y64, n, g.k, pq);
             for (i, (a, e)) in got.iter().zip(&want).enumerate() {
                 assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "[{i}] {a} vs {e} ({g:?}, {layout:?}, bias {bias}, residual {residual}, {act:?})");
+            }
+        }
+    }
+}
+
+#[test]
+fn pooled_layers_match_reference() {
+    // A convolution with its 2x2 average pooling done piece by piece inside it, against the
+    // reference convolution then the pooling's definition: LeNet's two layers (the first by
+    // the direct single-channel kernel), odd output sizes (the last row and column have no
+    // window) and 1x1, in f32 and f64, NCHW and blocked, with and without a residual.
+    let d = Conv2dOptions::default();
+    let cases = [([6, 1, 28, 28], [5, 1, 3, 3]), ([6, 20, 13, 13], [7, 20, 5, 5]), ([5, 1, 12, 11], [3, 1, 5, 5]), ([4, 6, 7, 9], [5, 6, 1, 1])];
+    for (xs, ws) in cases {
+        let g = ConvGeom::conv2d(&xs, &ws, &d).unwrap();
+        let pool = PoolGeom::new("avg_pool2d", &g.small_shape(), &Pool2dOptions::new(2)).unwrap();
+        assert!(planned::fuses_pool(&g, &pool), "{g:?}");
+        for (b, residual) in [(1, false), (2, true), (3, false), (4, true)] {
+            let layout = if b > 1 { Layout::Blocked(b) } else { Layout::Nchw };
+            let [x, w, bv, rv] = operands(&g, xs, ws, 7);
+            let res64 = residual.then_some(rv.data());
+            let conv = expected(&g, x.data(), w.data(), Some(bv.data()), res64, Some(Unary::Relu));
+            let (n, pq, ppq) = (g.n, g.p * g.q, pool.p * pool.q);
+            let mut want = vec![0.0; n * g.k * ppq];
+            for (plane, out) in want.chunks_exact_mut(ppq).enumerate() {
+                for (o, v) in out.iter_mut().enumerate() {
+                    let (i, j) = (o / pool.q, o % pool.q);
+                    let at = |r: usize, s: usize| conv[plane * pq + (2 * i + r) * g.q + 2 * j + s];
+                    *v = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0;
+                }
+            }
+            // f64 to the last bits, f32 within rounding.
+            let xl = to(layout, x.data(), n, g.c, g.h * g.w);
+            let rl = res64.map(|r| to(layout, r, n, g.k, pq));
+            let mut y = vec![f64::NAN; want.len()];
+            let epi = Epilogue { bias: Some(bv.data()), residual: rl.as_deref(), act: Some(Unary::Relu) };
+            planned::forward_pool_into(&g, layout, &xl, &Prepared::new(&g, w.data()), epi, &pool, &mut y);
+            let got = from(layout, &y, n, g.k, ppq);
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!((a - e).abs() <= 1e-12 * (1.0 + e.abs()), "f64 [{i}] {a} vs {e} ({g:?}, {layout:?}, residual {residual})");
+            }
+            let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (wf, bf, rf) = (f(w.data()), f(bv.data()), rl.as_deref().map(f));
+            let mut y = vec![f32::NAN; want.len()];
+            let epi = Epilogue { bias: Some(&bf[..]), residual: rf.as_deref(), act: Some(Unary::Relu) };
+            planned::forward_pool_into(&g, layout, &f(&xl), &Prepared::new(&g, &wf), epi, &pool, &mut y);
+            let got = from(layout, &y.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, g.k, ppq);
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "f32 [{i}] {a} vs {e} ({g:?}, {layout:?}, residual {residual})");
             }
         }
     }

@@ -183,22 +183,29 @@ impl ConvGeom {
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
-    let (bh, bw) = g.bordered_size();
     // One task per (image, input channel): the bordered plane is made once for all the
     // output channels that read it. The output is zeroed task by task, not in one serial pass.
     let kg = g.kg();
     crate::simd::par_filled_init(g.n * g.k * pq, (kg * pq).max(1), Vec::new, |buf, plane, out| {
         let (n, c) = (plane / g.c, plane % g.c);
-        bordered(&x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
-        for (j, o) in out.chunks_exact_mut(pq.max(1)).enumerate() {
-            let k = c * kg + j;
-            let (b, taps) = (bias.map_or(T::zero(), |b| b[k]), &w[k * rs..(k + 1) * rs]);
-            if !(g.fits_tiles() && correlate_tiles(g.r, g.p, g.q, buf, bw, taps, b, false, o)) {
-                o.fill(b);
-                correlate(g.pass(), buf, bw, taps, o);
-            }
-        }
+        let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
+        plane_outputs(g, &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
     })
+}
+
+/// The output planes that read one input plane `x`: plane j (taps `w[j * R*S..]`, plus
+/// `bias[j]`) into `out[j * ld..][..P*Q]`, for every j of `w`. `buf` holds the bordered plane.
+pub(crate) fn plane_outputs<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, buf: &mut Vec<T>, out: &mut [T], ld: usize) {
+    let (pq, rs) = (g.p * g.q, g.r * g.s);
+    let (bh, bw) = g.bordered_size();
+    bordered(x, (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
+    for (j, taps) in w.chunks_exact(rs.max(1)).enumerate() {
+        let (b, o) = (bias.map_or(T::zero(), |b| b[j]), &mut out[j * ld..j * ld + pq]);
+        if !(g.fits_tiles() && correlate_tiles(g.r, g.p, g.q, buf, bw, taps, b, false, o)) {
+            o.fill(b);
+            correlate(g.pass(), buf, bw, taps, o);
+        }
+    }
 }
 
 /// dx[n, c] = sum over the K/groups output channels of group c of the taps scattered back.

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::{im2col, winograd, Algo, ConvGeom};
+use super::{depthwise, im2col, winograd, Algo, ConvGeom};
 use crate::gemm::{matmul, MatRef};
 use crate::pool::PoolGeom;
 use crate::unary::Unary;
@@ -191,7 +191,7 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
     assert_eq!(y.len(), g.n * g.k * out_plane, "forward_into: output length");
     assert!(layout == Layout::Nchw || blocks(g), "forward_into: {:?} cannot run blocked", w.algo);
     if let Some(r) = epi.residual {
-        assert_eq!(r.len(), y.len(), "forward_into: residual length");
+        assert_eq!(r.len(), g.n * g.k * g.p * g.q, "forward_into: residual length (the convolution's output)");
     }
     match w.algo {
         Algo::Winograd => {
@@ -215,6 +215,9 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
     let blocks = g.n.div_ceil(b);
     let threads = if blocks >= rayon::current_num_threads() { 1 } else { rayon::current_num_threads() };
     let block_out = (g.k * b * out_plane).max(1);
+    // One input channel: the direct kernel, image by image, instead of lowering (a column
+    // matrix of R*S rows is a thin product that mostly moves data).
+    let direct = g.c == 1 && g.groups == 1 && Algo::choose(g) == Algo::Depthwise;
     y.par_chunks_mut(block_out).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
         |(col, piece), (j, yb)| {
@@ -234,7 +237,12 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
                 // The product into `out` (rows `out_ld` apart): the block's own rows, or (pooled)
                 // a piece of m images.
                 let mut product = |out: &mut [T], out_ld: usize| {
-                    if w.algo == Algo::Pointwise {
+                    if direct {
+                        for i in 0..m {
+                            let x = &xb[(first + i) * hw..(first + i + 1) * hw];
+                            depthwise::plane_outputs(g, x, &w.w, None, col, &mut out[i * pq..], out_ld);
+                        }
+                    } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
                         matmul(wm, xm, out, out_ld, false, threads);
