@@ -105,15 +105,17 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    if let Some(t) = cli.threads {
-        if t == 0 {
-            eprintln!("error: --threads must be at least 1");
-            std::process::exit(2);
-        }
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
-            eprintln!("error: cannot set up {t} threads: {e}");
-            std::process::exit(1);
-        }
+    if cli.threads == Some(0) {
+        eprintln!("error: --threads must be at least 1");
+        std::process::exit(2);
+    }
+    // The main thread is worker 0 of the pool: a parallel op it starts runs on it at once
+    // with the others stealing, rather than being handed to the pool while it sleeps until
+    // the op is done (two thread switches per op, which small layers felt).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).use_current_thread();
+    if let Err(e) = pool.build_global() {
+        eprintln!("error: cannot set up {} threads: {e}", cli.threads.map_or("the".to_string(), |t| t.to_string()));
+        std::process::exit(1);
     }
     let device = cli.device;
     let takes_device = matches!(
