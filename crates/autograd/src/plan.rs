@@ -201,6 +201,8 @@ pub struct Plan {
     arena_len: usize,
     /// Scratch for max pooling's argmax, which inference does not keep.
     argmax: Vec<u32>,
+    /// Each thread's lowering buffers, kept from run to run.
+    scratch: planned::Scratch<f32>,
     input: (Buf, Vec<usize>),
     output: (Buf, Vec<usize>),
 }
@@ -760,6 +762,7 @@ impl Plan {
             arena: Vec::new(),
             arena_len: total,
             argmax: vec![0; argmax],
+            scratch: planned::Scratch::for_pool(),
             input: (in_buf, in_shape),
             output: (out_buf, out.shape),
         })
@@ -838,10 +841,7 @@ impl Plan {
             Step::Relayout { src, from, to, dims: [n, c, p], .. } => planned::relayout(buf(*src), *from, dst, *to, *n, *c, *p),
             Step::Conv { geom, layout, w, bias, residual, act, pool, src, .. } => {
                 let epi = Epilogue { bias: bias.as_deref(), residual: residual.map(buf), act: *act };
-                match pool {
-                    Some(pg) => planned::forward_pool_into(geom, *layout, buf(*src), w, epi, pg, dst),
-                    None => planned::forward_into(geom, *layout, buf(*src), w, epi, dst),
-                }
+                planned::forward_with(geom, *layout, buf(*src), w, epi, pool.as_deref(), &self.scratch, dst);
             }
             Step::MaxPool { geom, src, .. } => {
                 let idx = &mut self.argmax[..dst.len()];

@@ -242,53 +242,77 @@ impl PoolGeom {
     }
 }
 
+/// Average of 2x2 windows at stride 2 over whole planes (`x` holds as many input planes as
+/// `y` output planes): one call per task, so small planes cost no call each; f32 on AVX2
+/// machines by the shuffles of `x86`.
+pub(crate) fn avg_2x2<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) {
+    if !x86::avg_2x2(g, x, y) {
+        avg_2x2_portable(g, x, y);
+    }
+}
+
 crate::multiversion! {
-    /// Average of 2x2 windows at stride 2 over whole planes (`x` holds as many input planes
-    /// as `out` output planes; one call per task, so small planes cost no call each).
-    pub(crate) fn avg_2x2<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) {
+    /// [`avg_2x2`] for any element type.
+    fn avg_2x2_portable<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) {
         let quarter = T::c(0.25);
-        let rows = y.chunks_exact_mut(g.p * g.q).zip(x.chunks_exact(g.h * g.w)).flat_map(|(out, xp)| out.chunks_exact_mut(g.q).enumerate().map(move |(i, o)| (i, o, xp)));
-        for (i, o, xp) in rows {
-            let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
-            // Whole groups of eight outputs with AVX2 shuffles (f32), the rest one by one.
-            let done = x86::avg_2x2_row(r0, r1, o);
-            for (j, v) in o.iter_mut().enumerate().skip(done) {
-                *v = (r0[2 * j] + r0[2 * j + 1] + r1[2 * j] + r1[2 * j + 1]) * quarter;
+        for (out, xp) in y.chunks_exact_mut(g.p * g.q).zip(x.chunks_exact(g.h * g.w)) {
+            for (i, o) in out.chunks_exact_mut(g.q).enumerate() {
+                let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = (r0[2 * j] + r0[2 * j + 1] + r1[2 * j] + r1[2 * j + 1]) * quarter;
+                }
             }
         }
     }
 }
 
-/// Hand-vectorised pieces of the 2x2 pooling kernels (f32 on AVX2 machines).
+/// Hand-vectorised 2x2 average pooling (f32 on AVX2 machines).
 mod x86 {
+    use super::PoolGeom;
     use stride_tensor::Elem;
 
-    /// `out[j] = (r0[2j] + r0[2j+1] + r1[2j] + r1[2j+1]) / 4` for the leading whole groups
-    /// of eight outputs and then one of four; returns how many outputs it wrote (0 where it
-    /// does not apply).
-    #[inline(always)]
-    pub(super) fn avg_2x2_row<T: Elem>(r0: &[T], r1: &[T], out: &mut [T]) -> usize {
+    /// [`super::avg_2x2`] when `T` is f32 and the CPU has AVX2; false (nothing written)
+    /// otherwise.
+    pub(super) fn avg_2x2<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T]) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if let (Some(r0), Some(r1), Some(out)) = (crate::simd::as_f32(r0), crate::simd::as_f32(r1), crate::simd::as_f32_mut(out)) {
+        if let (Some(x), Some(y)) = (crate::simd::as_f32(x), crate::simd::as_f32_mut(y)) {
             if crate::simd::has_avx2() {
                 // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { avg_2x2_row_avx2(r0, r1, out) };
+                unsafe { avg_2x2_avx2(g, x, y) };
+                return true;
             }
         }
-        let _ = (r0, r1, out);
-        0
+        let _ = (g, x, y);
+        false
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn avg_2x2_row_avx2(r0: &[f32], r1: &[f32], out: &mut [f32]) -> usize {
+    fn avg_2x2_avx2(g: &PoolGeom, x: &[f32], y: &mut [f32]) {
+        for (out, xp) in y.chunks_exact_mut(g.p * g.q).zip(x.chunks_exact(g.h * g.w)) {
+            for (i, o) in out.chunks_exact_mut(g.q).enumerate() {
+                let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
+                row(r0, r1, o);
+            }
+        }
+    }
+
+    /// `out[j] = (r0[2j] + r0[2j+1] + r1[2j] + r1[2j+1]) / 4`, `r0` and `r1` twice as long
+    /// as `out`: groups of eight outputs, then one of four, then one by one.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let groups = out.len().min(r0.len() / 2).min(r1.len() / 2) / 8;
-        let quarter = _mm256_set1_ps(0.25);
-        for g in 0..groups {
-            let x = 16 * g;
-            // SAFETY: x + 16 <= 2 * 8 * groups <= r0.len(), r1.len(), and 8g + 8 <= out.len().
-            unsafe {
+        assert!(r0.len() == 2 * out.len() && r1.len() == r0.len(), "avg_2x2 row: lengths");
+        let groups = out.len() / 8;
+        // SAFETY (both blocks): the CPU has AVX2 (the caller's target feature); group g reads
+        // values 16g..16g + 16 < 2 * 8 * groups <= r0.len() = r1.len() and writes outputs
+        // 8g..8g + 8 <= out.len(); the group of four reads 2 * at..2 * at + 8 <= r0.len()
+        // and writes at..at + 4 <= out.len() (checked before it).
+        unsafe {
+            let quarter = _mm256_set1_ps(0.25);
+            for g in 0..groups {
+                let x = 16 * g;
                 let s0 = _mm256_add_ps(_mm256_loadu_ps(r0.as_ptr().add(x)), _mm256_loadu_ps(r1.as_ptr().add(x)));
                 let s1 = _mm256_add_ps(_mm256_loadu_ps(r0.as_ptr().add(x + 8)), _mm256_loadu_ps(r1.as_ptr().add(x + 8)));
                 // Pair sums per 128-bit lane: s0 01 23, s1 01 23 | s0 45 67, s1 45 67; then the
@@ -297,20 +321,21 @@ mod x86 {
                 _mm256_storeu_ps(out.as_mut_ptr().add(8 * g), _mm256_mul_ps(_mm256_castpd_ps(pairs), quarter));
             }
         }
-        // Then one group of four (LeNet's second pool has rows of four outputs).
-        let at = 8 * groups;
-        if out.len() - at < 4 || r0.len() < 2 * at + 8 || r1.len() < 2 * at + 8 {
-            return at;
+        let mut at = 8 * groups;
+        if out.len() - at >= 4 {
+            // SAFETY: see above.
+            unsafe {
+                let s = _mm256_add_ps(_mm256_loadu_ps(r0.as_ptr().add(2 * at)), _mm256_loadu_ps(r1.as_ptr().add(2 * at)));
+                // s 01 23 01 23 | s 45 67 45 67: quads 0 and 2 are the four sums in order.
+                let pairs = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_hadd_ps(s, s)));
+                let four = _mm256_castps256_ps128(_mm256_castpd_ps(pairs));
+                _mm_storeu_ps(out.as_mut_ptr().add(at), _mm_mul_ps(four, _mm_set1_ps(0.25)));
+            }
+            at += 4;
         }
-        // SAFETY: 2 * at + 8 <= r0.len(), r1.len() and at + 4 <= out.len() (checked above).
-        unsafe {
-            let s = _mm256_add_ps(_mm256_loadu_ps(r0.as_ptr().add(2 * at)), _mm256_loadu_ps(r1.as_ptr().add(2 * at)));
-            // s 01 23 01 23 | s 45 67 45 67: quads 0 and 2 are the four sums in order.
-            let pairs = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_hadd_ps(s, s)));
-            let four = _mm256_castps256_ps128(_mm256_castpd_ps(pairs));
-            _mm_storeu_ps(out.as_mut_ptr().add(at), _mm_mul_ps(four, _mm256_castps256_ps128(quarter)));
+        for j in at..out.len() {
+            out[j] = (r0[2 * j] + r0[2 * j + 1] + r1[2 * j] + r1[2 * j + 1]) * 0.25;
         }
-        at + 4
     }
 }
 

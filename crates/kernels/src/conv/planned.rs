@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
@@ -168,7 +170,39 @@ const COLUMN_ELEMENTS: usize = 1 << 18;
 /// y = act(conv(x, w) + bias + residual), `x` and `y` (and the residual) in `layout`, which
 /// must be NCHW unless [`blocks`] says otherwise. `y` is overwritten.
 pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, y: &mut [T]) {
-    forward_pooled(g, layout, x, w, epi, None, y);
+    forward_pooled(g, layout, x, w, epi, None, None, y);
+}
+
+/// Buffers the blocked convolutions lower into, one pair per thread of the pool, kept by a
+/// caller that runs many (a plan) so that its steady state neither allocates nor zeroes
+/// them: at most about 2 MiB per thread (see `COLUMN_ELEMENTS`).
+pub struct Scratch<T> {
+    per_thread: Vec<Mutex<(Vec<T>, Vec<T>)>>,
+}
+
+impl<T> Scratch<T> {
+    /// Empty buffers for each thread of the current pool.
+    pub fn for_pool() -> Self {
+        Scratch { per_thread: (0..rayon::current_num_threads()).map(|_| Mutex::new((Vec::new(), Vec::new()))).collect() }
+    }
+}
+
+/// [`forward_into`], or [`forward_pool_into`] when `pool` is given, lowering into `scratch`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<T: Elem>(
+    g: &ConvGeom,
+    layout: Layout,
+    x: &[T],
+    w: &Prepared<T>,
+    epi: Epilogue<T>,
+    pool: Option<&PoolGeom>,
+    scratch: &Scratch<T>,
+    y: &mut [T],
+) {
+    if let Some(pg) = pool {
+        assert!(fuses_pool(g, pg), "forward_with: {pg:?} does not fuse with {g:?}");
+    }
+    forward_pooled(g, layout, x, w, epi, pool, Some(scratch), y);
 }
 
 /// Whether [`forward_pool_into`] can run `g` followed by the pooling `pool`: a convolution
@@ -182,10 +216,20 @@ pub fn fuses_pool(g: &ConvGeom, pool: &PoolGeom) -> bool {
 /// full-size output is never stored. `y` ([N, K, P/2, Q/2] in `layout`) is overwritten.
 pub fn forward_pool_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, pool: &PoolGeom, y: &mut [T]) {
     assert!(fuses_pool(g, pool), "forward_pool_into: {pool:?} does not fuse with {g:?}");
-    forward_pooled(g, layout, x, w, epi, Some(pool), y);
+    forward_pooled(g, layout, x, w, epi, Some(pool), None, y);
 }
 
-fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, pool: Option<&PoolGeom>, y: &mut [T]) {
+#[allow(clippy::too_many_arguments)]
+fn forward_pooled<T: Elem>(
+    g: &ConvGeom,
+    layout: Layout,
+    x: &[T],
+    w: &Prepared<T>,
+    epi: Epilogue<T>,
+    pool: Option<&PoolGeom>,
+    scratch: Option<&Scratch<T>>,
+    y: &mut [T],
+) {
     let out_plane = pool.map_or(g.p * g.q, |pg| pg.p * pg.q);
     assert_eq!(x.len(), g.n * g.c * g.h * g.w, "forward_into: input length");
     assert_eq!(y.len(), g.n * g.k * out_plane, "forward_into: output length");
@@ -219,8 +263,17 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
     // matrix of R*S rows is a thin product that mostly moves data).
     let direct = g.c == 1 && g.groups == 1 && Algo::choose(g) == Algo::Depthwise;
     y.par_chunks_mut(block_out).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(col, piece), (j, yb)| {
+        // This thread's buffers from `scratch` (unless a task of this thread that waits on
+        // a split product holds them), else new ones.
+        || scratch.and_then(|s| s.per_thread.get(rayon::current_thread_index()?)?.try_lock().ok()).ok_or_else(|| (Vec::new(), Vec::new())),
+        |bufs, (j, yb)| {
+            let (col, piece) = match bufs {
+                Ok(guard) => {
+                    let (col, piece) = &mut **guard;
+                    (col, piece)
+                }
+                Err((col, piece)) => (col, piece),
+            };
             let bj = yb.len() / (g.k * out_plane).max(1);
             let x0 = j * b * g.c * hw;
             let xb = &x[x0..x0 + g.c * bj * hw];
@@ -238,16 +291,18 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
                 // a piece of m images.
                 let mut product = |out: &mut [T], out_ld: usize| {
                     if direct {
+                        // The bordered plane (a few KiB) in its own buffer: `col` keeps its size.
+                        let mut border = Vec::new();
                         for i in 0..m {
                             let x = &xb[(first + i) * hw..(first + i + 1) * hw];
-                            depthwise::plane_outputs(g, x, &w.w, None, col, &mut out[i * pq..], out_ld);
+                            depthwise::plane_outputs(g, x, &w.w, None, &mut border, &mut out[i * pq..], out_ld);
                         }
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
                         matmul(wm, xm, out, out_ld, false, threads);
                     } else {
-                        col.resize(crs * m * pq, T::zero());
+                        let col = grown(col, crs * m * pq);
                         for i in 0..m {
                             im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
                         }
@@ -259,7 +314,7 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
                 let bias = |k: usize| epi.bias.map_or(T::zero(), |b| b[k]);
                 let residual = |k: usize| res.map(|r| &r[k * ld + cols.start..k * ld + cols.end]);
                 if let Some(pg) = pool {
-                    piece.resize(g.k * m * pq, T::zero());
+                    let piece = grown(piece, g.k * m * pq);
                     product(piece, m * pq);
                     for (k, row) in piece.chunks_exact_mut(m * pq).enumerate() {
                         finish_row(row, bias(k), residual(k), epi.act);
@@ -275,6 +330,15 @@ fn forward_pooled<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T
             }
         },
     );
+}
+
+/// The first `n` values of `v`, grown (zeroed) if it is shorter but never shrunk, so that
+/// buffers reused for pieces of different sizes are not zeroed again each time they grow.
+fn grown<T: Elem>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::zero());
+    }
+    &mut v[..n]
 }
 
 crate::multiversion! {
