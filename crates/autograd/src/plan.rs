@@ -841,7 +841,7 @@ impl Plan {
             Step::Relayout { src, from, to, dims: [n, c, p], .. } => planned::relayout(buf(*src), *from, dst, *to, *n, *c, *p),
             Step::Conv { geom, layout, w, bias, residual, act, pool, src, .. } => {
                 let epi = Epilogue { bias: bias.as_deref(), residual: residual.map(buf), act: *act };
-                planned::forward_with(geom, *layout, buf(*src), w, epi, pool.as_deref(), &self.scratch, dst);
+                planned::forward_with(geom, *layout, buf(*src), w, epi, pool.as_deref(), Some(&self.scratch), dst);
             }
             Step::MaxPool { geom, src, .. } => {
                 let idx = &mut self.argmax[..dst.len()];

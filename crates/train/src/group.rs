@@ -230,24 +230,40 @@ mod tests {
     use super::*;
     use std::cell::{Cell, RefCell};
 
-    /// One rank that records when each sum starts: before or after the backward pass ended.
-    struct Recorder {
+    /// Rank `rank` of a world whose other ranks hold `others` (rank -> their values, which a
+    /// sum of f64 adds in as the real collective would); it records when each f32 sum starts:
+    /// before or after the backward pass ended.
+    struct Fake {
+        rank: usize,
+        size: usize,
+        others: Vec<(usize, Vec<f64>)>,
         backward_done: Cell<bool>,
         starts: RefCell<Vec<(usize, bool)>>,
     }
 
-    impl Group for Recorder {
+    impl Fake {
+        fn new(rank: usize, size: usize, others: Vec<(usize, Vec<f64>)>) -> Self {
+            Fake { rank, size, others, backward_done: Cell::new(false), starts: RefCell::new(Vec::new()) }
+        }
+    }
+
+    impl Group for Fake {
         fn rank(&self) -> usize {
-            0
+            self.rank
         }
         fn size(&self) -> usize {
-            1
+            self.size
         }
         fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
             self.starts.borrow_mut().push((buf.len(), self.backward_done.get()));
             Ok(())
         }
-        fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
+        fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            for (r, row) in &self.others {
+                for (b, v) in buf[r * row.len()..][..row.len()].iter_mut().zip(row) {
+                    *b += v;
+                }
+            }
             Ok(())
         }
         fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
@@ -273,7 +289,7 @@ mod tests {
             h = linear(&h, &l[0], Some(&l[1])).unwrap().tanh().unwrap();
         }
         let loss = h.sum_all().unwrap();
-        let g = Recorder { backward_done: Cell::new(false), starts: RefCell::new(Vec::new()) };
+        let g = Fake::new(0, 1, Vec::new());
         // One parameter per bucket.
         let plan = BucketPlan::with_bucket(&params, 1);
         let mut o = OverlappedSum::new(&g, &params, &plan);
@@ -291,58 +307,24 @@ mod tests {
         }
     }
 
-    /// Rank `rank` of a world whose other ranks hold `others` (rank -> their values): a sum
-    /// adds their rows of the table in, as the real collective would.
-    struct World {
-        rank: usize,
-        others: Vec<(usize, Vec<f64>)>,
-        size: usize,
-    }
-
-    impl Group for World {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn size(&self) -> usize {
-            self.size
-        }
-        fn sum_f32(&self, _: &mut [f32]) -> Result<()> {
-            Ok(())
-        }
-        fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-            for (r, row) in &self.others {
-                for (b, v) in buf[r * row.len()..][..row.len()].iter_mut().zip(row) {
-                    *b += v;
-                }
-            }
-            Ok(())
-        }
-        fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
-            Ok(())
-        }
-        fn broadcast_f64(&self, _: &mut [f64]) -> Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn every_rank_names_what_differs_on_which_rank() {
         let what = [("parameters", 100.0), ("seed", 0.0)];
         let same = vec![100.0, 0.0];
         // Rank 0's view of a world where rank 2 has another seed: its own message says why.
-        let g = World { rank: 0, size: 3, others: vec![(1, same.clone()), (2, vec![100.0, 5.0])] };
+        let g = Fake::new(0, 3, vec![(1, same.clone()), (2, vec![100.0, 5.0])]);
         let e = check_world(&g, &what).unwrap_err().to_string();
         assert!(e.contains("rank 0: ranks [2] differ from rank 0 in model or data (rank 2 has seed 5 (rank 0: 0))"), "{e}");
         // Rank 1 of the same world says the same about rank 2.
-        let g = World { rank: 1, size: 3, others: vec![(0, same.clone()), (2, vec![100.0, 5.0])] };
+        let g = Fake::new(1, 3, vec![(0, same.clone()), (2, vec![100.0, 5.0])]);
         let e = check_world(&g, &[("parameters", 100.0), ("seed", 0.0)]).unwrap_err().to_string();
         assert!(e.contains("rank 1: ranks [2] differ") && e.contains("rank 2 has seed 5"), "{e}");
         // Two ranks differing in different values are both named.
-        let g = World { rank: 0, size: 3, others: vec![(1, vec![90.0, 0.0]), (2, vec![100.0, 5.0])] };
+        let g = Fake::new(0, 3, vec![(1, vec![90.0, 0.0]), (2, vec![100.0, 5.0])]);
         let e = check_world(&g, &what).unwrap_err().to_string();
         assert!(e.contains("ranks [1, 2]") && e.contains("rank 1 has parameters 90 (rank 0: 100); rank 2 has seed 5"), "{e}");
         // All equal: no error.
-        let g = World { rank: 2, size: 3, others: vec![(0, same.clone()), (1, same)] };
+        let g = Fake::new(2, 3, vec![(0, same.clone()), (1, same)]);
         assert!(check_world(&g, &what).is_ok());
     }
 

@@ -170,7 +170,7 @@ const COLUMN_ELEMENTS: usize = 1 << 18;
 /// y = act(conv(x, w) + bias + residual), `x` and `y` (and the residual) in `layout`, which
 /// must be NCHW unless [`blocks`] says otherwise. `y` is overwritten.
 pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, y: &mut [T]) {
-    forward_pooled(g, layout, x, w, epi, None, None, y);
+    forward_with(g, layout, x, w, epi, None, None, y);
 }
 
 /// Buffers the blocked convolutions lower into, one pair per thread of the pool, kept by a
@@ -187,24 +187,6 @@ impl<T> Scratch<T> {
     }
 }
 
-/// [`forward_into`], or [`forward_pool_into`] when `pool` is given, lowering into `scratch`.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_with<T: Elem>(
-    g: &ConvGeom,
-    layout: Layout,
-    x: &[T],
-    w: &Prepared<T>,
-    epi: Epilogue<T>,
-    pool: Option<&PoolGeom>,
-    scratch: &Scratch<T>,
-    y: &mut [T],
-) {
-    if let Some(pg) = pool {
-        assert!(fuses_pool(g, pg), "forward_with: {pg:?} does not fuse with {g:?}");
-    }
-    forward_pooled(g, layout, x, w, epi, pool, Some(scratch), y);
-}
-
 /// Whether [`forward_pool_into`] can run `g` followed by the pooling `pool`: a convolution
 /// [`blocks`] allows, and 2x2 average pooling at stride 2 of its whole output.
 pub fn fuses_pool(g: &ConvGeom, pool: &PoolGeom) -> bool {
@@ -215,12 +197,13 @@ pub fn fuses_pool(g: &ConvGeom, pool: &PoolGeom) -> bool {
 /// the convolution's output is pooled by the thread that made it while it is in cache, and the
 /// full-size output is never stored. `y` ([N, K, P/2, Q/2] in `layout`) is overwritten.
 pub fn forward_pool_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared<T>, epi: Epilogue<T>, pool: &PoolGeom, y: &mut [T]) {
-    assert!(fuses_pool(g, pool), "forward_pool_into: {pool:?} does not fuse with {g:?}");
-    forward_pooled(g, layout, x, w, epi, Some(pool), None, y);
+    forward_with(g, layout, x, w, epi, Some(pool), None, y);
 }
 
+/// [`forward_into`], or [`forward_pool_into`] when `pool` is given, lowering into `scratch`
+/// when given (a plan's, kept from run to run) or into new buffers.
 #[allow(clippy::too_many_arguments)]
-fn forward_pooled<T: Elem>(
+pub fn forward_with<T: Elem>(
     g: &ConvGeom,
     layout: Layout,
     x: &[T],
@@ -230,6 +213,9 @@ fn forward_pooled<T: Elem>(
     scratch: Option<&Scratch<T>>,
     y: &mut [T],
 ) {
+    if let Some(pg) = pool {
+        assert!(fuses_pool(g, pg), "forward_with: {pg:?} does not fuse with {g:?}");
+    }
     let out_plane = pool.map_or(g.p * g.q, |pg| pg.p * pg.q);
     assert_eq!(x.len(), g.n * g.c * g.h * g.w, "forward_into: input length");
     assert_eq!(y.len(), g.n * g.k * out_plane, "forward_into: output length");
