@@ -90,8 +90,11 @@ fn two_thousand_steps_keep_memory_flat() {
     let grown = last.live - settled.live;
     assert!(grown <= 64 * 1024, "live heap grew by {grown} bytes from step {} to step {} ({} bytes a step)", settled.step, last.step, grown / 1600);
 
-    // Resident memory: level over the second half, and within 15% of step 100's peak overall
-    // (the allocator's settling has measured 5-8% here).
+    // Resident memory: level over the second half, and within 15% of step 200's peak overall.
+    // The allocator settles over the first two epochs: between steps 100 and 200 the peak
+    // rises by 6-8 MB once and then stays (51 -> 59, 53 -> 59, 57 -> 63, 62 -> 69 MB in four
+    // runs on 2026-12-04, with either way of threading products), which against step 100's
+    // peak alone was 11-15% and failed the bound on the smallest start.
     assert!(
         (last.peak_rss as f64) <= mid.peak_rss as f64 * 1.02,
         "peak resident memory grew from {} KiB at step {} to {} KiB at step {}",
@@ -101,9 +104,9 @@ fn two_thousand_steps_keep_memory_flat() {
         last.step
     );
     assert!(
-        (last.peak_rss as f64) <= at[0].peak_rss as f64 * 1.15,
-        "peak resident memory grew from {} KiB at step 100 to {} KiB",
-        at[0].peak_rss,
+        (last.peak_rss as f64) <= at[1].peak_rss as f64 * 1.15,
+        "peak resident memory grew from {} KiB at step 200 to {} KiB",
+        at[1].peak_rss,
         last.peak_rss
     );
 }
