@@ -74,7 +74,7 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
     // More threads: one single-threaded product per block of the longer output side, run
     // on the pool. The library's own threading (`Parallelism::Rayon`) was slower than one
     // thread on the products of dense layers at small batches (x[32,1024] W^T with 500
-    // outputs: 555 vs 304 us on 2 cores) and never faster than this split.
+    // outputs: 555 vs 304 us on 2 cores) and faster than this split only in the case below.
     let (rows, len) = if m > n { (true, m) } else { (false, n) };
     if threads > 1 && k <= 64 && m.min(n) >= 256 {
         // Short sums into a large output (data gradients of thin layers, 1024 x 64 x 1024):
@@ -97,7 +97,7 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
             )
         };
     }
-    let parts = threads.min(m * k * n / MIN_PART).max(1);
+    let parts = threads.min(m.saturating_mul(k).saturating_mul(n) / MIN_PART).max(1);
     let block = len.div_ceil(parts).next_multiple_of(SPLIT_ALIGN).min(len);
     let c_ptr = SendPtr(c.as_mut_ptr());
     let part = |start: usize| {
@@ -157,8 +157,8 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// `c (+)= a b`, m x k by k x n, threads as `par` says, element (i, j) of each matrix at `i * strides.0 +
-/// j * strides.1` from its pointer.
+/// `c (+)= a b`, m x k by k x n, threads as `par` says, element (i, j) of each matrix at
+/// `i * strides.0 + j * strides.1` from its pointer.
 ///
 /// # Safety
 /// Every offset the product touches must lie inside the allocations behind the pointers,
@@ -274,6 +274,37 @@ mod tests {
                         let got = c[i * strides.0 + j * strides.1] as f64;
                         let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
                         assert!((got - expected).abs() < 1e-4, "m {m} ({i},{j}) strides {strides:?} acc {acc}: {got} vs {expected}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_products_match_naive_product() {
+        // Products large enough to split over threads: by columns (n >= m) and by rows, with
+        // sides that are not multiples of the block alignment, b plain and transposed, into a
+        // row-major and a transposed output, written and accumulated; and the short-sum case
+        // (k <= 64) that keeps the library's own threading.
+        for (m, k, n) in [(70, 150, 220), (230, 150, 70), (300, 40, 270)] {
+            assert!(m * k * n >= 2 * MIN_PART, "({m}, {k}, {n}) is too small to split");
+            let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+            let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
+            for transposed_b in [false, true] {
+                let bm = if transposed_b { MatRef::rows(&b, n, k).t() } else { MatRef::rows(&b, k, n) };
+                let bv = |p: usize, j: usize| if transposed_b { b[j * k + p] } else { b[p * n + j] };
+                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
+                    let mut c = vec![0.5; m * n];
+                    matmul_strided(MatRef::rows(&a, m, k), bm, &mut c, strides, acc, 2);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = (0..k).map(|p| a[i * k + p] * bv(p, j)).sum::<f64>() + if acc { 0.5 } else { 0.0 };
+                            let got = c[i * strides.0 + j * strides.1];
+                            assert!(
+                                (got - want).abs() < 1e-9,
+                                "({m}, {k}, {n}) b^T {transposed_b} ({i},{j}) strides {strides:?} acc {acc}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
