@@ -68,6 +68,16 @@ fn rss() -> (u64, u64) {
 
 #[test]
 fn two_thousand_steps_keep_memory_flat() {
+    // One malloc arena for every thread. glibc gives a thread that finds the arenas busy an
+    // arena of its own, and `train` starts a new batch-preparing thread each epoch: now and
+    // then one got a fresh arena late in the run, and resident memory stepped up by ~9 MB
+    // (once in CI, at step ~1000, with the live heap flat), which is the allocator's choice,
+    // not this program's memory. The `stride` binary allocates through mimalloc.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt is called before this process starts any other thread that allocates.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     // 3,200 images in batches of 32: 100 steps an epoch, 20 epochs.
     let data = small(3200, 200);
     let mut m = model(5);
@@ -90,11 +100,9 @@ fn two_thousand_steps_keep_memory_flat() {
     let grown = last.live - settled.live;
     assert!(grown <= 64 * 1024, "live heap grew by {grown} bytes from step {} to step {} ({} bytes a step)", settled.step, last.step, grown / 1600);
 
-    // Resident memory: level over the second half, and within 15% of step 200's peak overall.
-    // The allocator settles over the first two epochs: between steps 100 and 200 the peak
-    // rises by 6-8 MB once and then stays (51 -> 59, 53 -> 59, 57 -> 63, 62 -> 69 MB in four
-    // runs on 2026-12-04, with either way of threading products), which against step 100's
-    // peak alone was 11-15% and failed the bound on the smallest start.
+    // Resident memory: level over the second half, and within 15% of step 100's peak overall
+    // (with one arena it has measured flat to 0.1% from step 100 to 2,000; with glibc's
+    // per-thread arenas it rose 6-8 MB between the first two epochs).
     assert!(
         (last.peak_rss as f64) <= mid.peak_rss as f64 * 1.02,
         "peak resident memory grew from {} KiB at step {} to {} KiB at step {}",
@@ -104,9 +112,9 @@ fn two_thousand_steps_keep_memory_flat() {
         last.step
     );
     assert!(
-        (last.peak_rss as f64) <= at[1].peak_rss as f64 * 1.15,
-        "peak resident memory grew from {} KiB at step 200 to {} KiB",
-        at[1].peak_rss,
+        (last.peak_rss as f64) <= at[0].peak_rss as f64 * 1.15,
+        "peak resident memory grew from {} KiB at step 100 to {} KiB",
+        at[0].peak_rss,
         last.peak_rss
     );
 }
