@@ -153,14 +153,22 @@ pub fn blocks(g: &ConvGeom) -> bool {
     g.groups == 1 && matches!(plan_algo(g), Algo::Im2col | Algo::Pointwise)
 }
 
-/// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (direct
-/// kernels when eager) runs im2col, whose product in the blocked layout spans the whole block
-/// of images (LeNet's first layer), and needs no relayout before the next layer.
+/// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (see
+/// [`single_channel`]) is planned as im2col, so that it runs in the blocked layout and needs
+/// no relayout before the next layer; inside each block it still runs the direct kernel.
 fn plan_algo(g: &ConvGeom) -> Algo {
-    match Algo::choose(g) {
-        Algo::Depthwise if g.groups == 1 => Algo::Im2col,
-        algo => algo,
+    if single_channel(g) {
+        Algo::Im2col
+    } else {
+        Algo::choose(g)
     }
+}
+
+/// An ungrouped convolution of a single-channel input (LeNet's first layer), which eager mode
+/// runs with the direct kernels: the plan runs them image by image inside a block rather than
+/// a lowering of R*S rows, whose thin product mostly moves data.
+fn single_channel(g: &ConvGeom) -> bool {
+    g.groups == 1 && Algo::choose(g) == Algo::Depthwise
 }
 
 /// Elements of one block's column matrix held at once: about 1 MiB of f32, so the lowered
@@ -245,9 +253,7 @@ pub fn forward_with<T: Elem>(
     let blocks = g.n.div_ceil(b);
     let threads = if blocks >= rayon::current_num_threads() { 1 } else { rayon::current_num_threads() };
     let block_out = (g.k * b * out_plane).max(1);
-    // One input channel: the direct kernel, image by image, instead of lowering (a column
-    // matrix of R*S rows is a thin product that mostly moves data).
-    let direct = g.c == 1 && g.groups == 1 && Algo::choose(g) == Algo::Depthwise;
+    let direct = single_channel(g);
     y.par_chunks_mut(block_out).enumerate().for_each_init(
         // This thread's buffers from `scratch` (unless a task of this thread that waits on
         // a split product holds them), else new ones.
