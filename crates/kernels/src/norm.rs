@@ -173,23 +173,59 @@ pub fn backward_dx<T: Elem>(
         return vec![T::zero(); x.len()];
     }
     let per = PLANE_VALUES.div_ceil(l);
-    crate::simd::par_filled(x.len(), per * l, |t, dxs| {
-        let at = t * per * l;
-        for (j, (dxp, (dyp, xp))) in dxs.chunks_mut(l).zip(dy[at..].chunks(l).zip(x[at..].chunks(l))).enumerate() {
-            let ch = (t * per + j) % c;
-            let g = gamma[ch] * invstd[ch];
-            // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
-            let (a, b, k) = match batch {
-                Some((dgamma, dbeta, m)) => {
-                    let m = T::c(m);
-                    let b = -g * invstd[ch] * dgamma[ch] / m;
-                    (g, b, -g * dbeta[ch] / m - b * mean[ch])
-                }
-                None => (g, T::zero(), T::zero()),
-            };
-            affine2(dxp, dyp, xp, a, b, k);
-        }
-    })
+    crate::simd::par_filled(x.len(), per * l, |t, dxs| dx_planes(t * per, dxs, dy, x, c, l, mean, invstd, gamma, batch))
+}
+
+/// [`backward_dx`] into the caller's `dx` (overwritten; a plan's buffer), with no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dx_into<T: Elem>(
+    dy: &[T],
+    x: &[T],
+    c: usize,
+    l: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    batch: Option<(&[T], &[T], f64)>,
+    dx: &mut [T],
+) {
+    assert!(dy.len() == x.len() && dx.len() == x.len(), "backward_dx_into: lengths");
+    if l == 0 {
+        return;
+    }
+    let per = PLANE_VALUES.div_ceil(l);
+    dx.par_chunks_mut(per * l).enumerate().for_each(|(t, dxs)| dx_planes(t * per, dxs, dy, x, c, l, mean, invstd, gamma, batch));
+}
+
+/// The input gradient of the planes `first..` that `dxs` holds (see [`backward_dx`]).
+#[allow(clippy::too_many_arguments)]
+fn dx_planes<T: Elem>(
+    first: usize,
+    dxs: &mut [T],
+    dy: &[T],
+    x: &[T],
+    c: usize,
+    l: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    batch: Option<(&[T], &[T], f64)>,
+) {
+    let at = first * l;
+    for (j, (dxp, (dyp, xp))) in dxs.chunks_mut(l).zip(dy[at..].chunks(l).zip(x[at..].chunks(l))).enumerate() {
+        let ch = (first + j) % c;
+        let g = gamma[ch] * invstd[ch];
+        // dx = g * (dy - dbeta/m - xhat * dgamma/m) = a*dy + b*x + k, per channel.
+        let (a, b, k) = match batch {
+            Some((dgamma, dbeta, m)) => {
+                let m = T::c(m);
+                let b = -g * invstd[ch] * dgamma[ch] / m;
+                (g, b, -g * dbeta[ch] / m - b * mean[ch])
+            }
+            None => (g, T::zero(), T::zero()),
+        };
+        affine2(dxp, dyp, xp, a, b, k);
+    }
 }
 
 #[cfg(test)]

@@ -400,7 +400,36 @@ pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
         });
     }
     let mut dx = vec![T::zero(); g.n * g.c * hw];
-    planes(dy, pq, &mut dx, hw, |dxp, dyp| {
+    avg_backward_adding(g, dy, &mut dx);
+    dx
+}
+
+/// [`avg_backward`] into the caller's `dx` (overwritten; a plan's buffer), with no allocation.
+pub fn avg_backward_into<T: Elem>(g: &PoolGeom, dy: &[T], dx: &mut [T]) {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    assert!(dy.len() == g.n * g.c * pq && dx.len() == g.n * g.c * hw, "avg_backward_into: lengths");
+    if g.is_2x2() && hw > 0 && pq > 0 {
+        // Rows and columns past the last window get no gradient: zeroed where there are any.
+        let whole = g.h == 2 * g.p && g.w == 2 * g.q;
+        let per = planes_per_task(pq, hw);
+        dx.par_chunks_mut(per * hw).zip(dy.par_chunks(per * pq)).for_each(|(dxs, dys)| {
+            for (dxp, dyp) in dxs.chunks_mut(hw).zip(dys.chunks(pq)) {
+                if !whole {
+                    dxp.fill(T::zero());
+                }
+                avg_2x2_backward(g, dyp, dxp);
+            }
+        });
+        return;
+    }
+    dx.fill(T::zero());
+    avg_backward_adding(g, dy, dx);
+}
+
+/// Adds each window's share of its output gradient to `dx` (any window, padding, divisor).
+fn avg_backward_adding<T: Elem>(g: &PoolGeom, dy: &[T], dx: &mut [T]) {
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    planes(dy, pq, dx, hw, |dxp, dyp| {
         for i in 0..g.p {
             for j in 0..g.q {
                 let (rows, cols, size) = g.window(i, j);
@@ -413,7 +442,6 @@ pub fn avg_backward<T: Elem>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
             }
         }
     });
-    dx
 }
 
 /// Lp (power-average) pooling: y = (sum over the window of |x|^p)^(1/p); padding adds 0.

@@ -122,6 +122,20 @@ pub fn axpy<T: Elem>(a: T, x: &[T], y: &mut [T]) {
     }
 }
 
+/// dst += src, element by element, in parallel over large buffers (a gradient that several
+/// steps of a plan add to).
+pub fn par_add_assign<T: Elem>(dst: &mut [T], src: &[T]) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "par_add_assign: lengths");
+    const CHUNK: usize = 1 << 15;
+    let add = |d: &mut [T], s: &[T]| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+    if dst.len() < 2 * CHUNK {
+        add(dst, src);
+    } else {
+        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| add(d, s));
+    }
+}
+
 /// y[i * stride] += a * x[i]
 #[inline(always)]
 pub fn scatter_axpy<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {

@@ -286,6 +286,26 @@ crate::multiversion! {
     }
 }
 
+/// The gradient through a ReLU in place of its output: `y[i] = g[i]` where `y[i] > 0`, else 0
+/// (a plan's backward step, where nothing reads the output after it). In parallel over large
+/// buffers.
+pub fn relu_grad_over_output<T: Elem>(y: &mut [T], g: &[T]) {
+    assert_eq!(y.len(), g.len(), "relu_grad_over_output: lengths");
+    if y.len() < 2 * PAR_CHUNK {
+        relu_mask(y, g);
+    } else {
+        y.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).for_each(|(y, g)| relu_mask(y, g));
+    }
+}
+
+crate::multiversion! {
+    /// y[i] = g[i] where y[i] > 0, else 0.
+    fn relu_mask<T: Elem>(y: &mut [T], g: &[T]) {
+        let zero = T::zero();
+        y.iter_mut().zip(g).for_each(|(o, &g)| *o = if *o > zero { g } else { zero });
+    }
+}
+
 crate::multiversion! {
     /// out[i] = g[i] * (1 if x[i] > 0 else 0).
     fn relu_grad_into<T: Elem>(g: &[T], x: &[T], out: &mut [T]) {

@@ -1,7 +1,7 @@
 //! The 2x2, stride-2 average pooling loops against the definition, on odd sizes (the last row
 //! and column have no window) and on the general path (a 2x2 window at stride 1).
 
-use stride_kernels::pool::{avg_backward, avg_forward, Pool2dOptions, PoolGeom};
+use stride_kernels::pool::{avg_backward, avg_backward_into, avg_forward, Pool2dOptions, PoolGeom};
 use stride_tensor::Rng;
 
 /// Mean of each window and, for the gradient, each input's share of the windows covering it.
@@ -33,6 +33,10 @@ fn average_pooling_matches_the_definition() {
         let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(u, v)| (u - v).abs() < 1e-12);
         assert!(close(&avg_forward(&g, x.data()), &y), "forward {shape:?} stride {stride}");
         assert!(close(&avg_backward(&g, dy.data()), &dx), "backward {shape:?} stride {stride}");
+        // Into a plan's buffer, which holds the last step's values: every element overwritten.
+        let mut into = vec![f64::NAN; dx.len()];
+        avg_backward_into(&g, dy.data(), &mut into);
+        assert!(close(&into, &dx), "backward into a buffer {shape:?} stride {stride}");
     }
 }
 

@@ -54,3 +54,21 @@ fn slices_equal_the_scalar_functions_bit_for_bit() {
         }
     }
 }
+
+/// The ReLU gradient written over the ReLU's output (a training plan's backward step) passes
+/// the gradient where the output is positive and zero elsewhere, as `grad_slice` does, short
+/// and split over threads.
+#[test]
+fn relu_gradient_over_its_output_matches_grad_slice() {
+    for n in [0, 1, 7, 1000, (1 << 16) + 5, 200_003] {
+        let x: Vec<f32> = Rng::seed(n as u64 + 1).normal(&[n], 0.0, 2.0).unwrap().data().to_vec();
+        let g: Vec<f32> = Rng::seed(8).normal(&[n], 0.0, 1.0).unwrap().data().to_vec();
+        let mut y = vec![0.0f32; n];
+        Unary::Relu.apply_slice(&x, &mut y);
+        let mut want = vec![0.0f32; n];
+        Unary::Relu.grad_slice(&g, &x, &y, &mut want);
+        stride_kernels::unary::relu_grad_over_output(&mut y, &g);
+        assert!(y.iter().zip(&want).all(|(a, b)| a == b), "n = {n}");
+        assert!(y.iter().zip(&x).zip(&g).all(|((&d, &x), &g)| if x > 0.0 { d == g } else { d == 0.0 }), "n = {n}");
+    }
+}

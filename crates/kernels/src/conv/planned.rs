@@ -396,18 +396,11 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
     assert_eq!(dy.len(), g.n * g.k * g.p * g.q, "backward_into: dy length");
     assert_eq!(dw.len(), w.len(), "backward_into: dw length");
     let b = layout.block();
-    if let Some(db) = db {
-        db.fill(T::zero());
-        let pq = g.p * g.q;
-        // Runs of one channel's planes, in memory order.
-        let mut at = 0;
-        layout.channel_runs(g.n, g.k, |k, planes| {
-            db[k] += crate::simd::sum(&dy[at..at + planes * pq]);
-            at += planes * pq;
-        });
-    }
     if layout == Layout::Nchw || !blocks(g) {
         assert!(layout == Layout::Nchw, "backward_into: {:?} cannot run blocked", Algo::choose(g));
+        if let Some(db) = db {
+            db.copy_from_slice(&super::channel_sums(dy, g.n, g.k, g.p * g.q));
+        }
         dw.copy_from_slice(&super::backward_filter(g, x, dy));
         if let Some(dx) = dx {
             super::backward_data_into(g, dy, w, dx);
@@ -416,16 +409,27 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
     }
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
     let algo = plan_algo(g);
+    let direct = single_channel(g);
     let per_for = |bj: usize| (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
     let block_in = g.c * b * hw;
     let block_out = g.k * b * pq;
     let wm = MatRef::rows(w, g.k, crs);
-    // Filter gradient: one partial sum per block (per thread), added at the end.
-    let partial = |j: usize, col: &mut Vec<T>| -> Vec<T> {
+    let with_bias = db.is_some();
+    // Filter (and bias) gradient: one partial sum per block (per thread), added at the end.
+    let partial = |j: usize, col: &mut Vec<T>| -> (Vec<T>, Vec<T>) {
         let mut dwj = vec![T::zero(); g.k * crs];
         let bj = b.min(g.n - j * b);
         let (xb, dyb) = (&x[j * block_in..j * block_in + g.c * bj * hw], &dy[j * block_out..j * block_out + g.k * bj * pq]);
         let ld = bj * pq;
+        // A block's channel k is one run of bj planes.
+        let dbj = if with_bias { dyb.chunks_exact(ld.max(1)).map(crate::simd::sum).collect() } else { Vec::new() };
+        if direct {
+            // One input plane per image: its bordered copy serves all K filters.
+            for i in 0..bj {
+                depthwise::plane_filter_grads(g, &xb[i * hw..(i + 1) * hw], &dyb[i * pq..], ld, col, &mut dwj);
+            }
+            return (dwj, dbj);
+        }
         let per = per_for(bj);
         for first in (0..bj).step_by(per) {
             let m = per.min(bj - first);
@@ -442,13 +446,19 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
                 matmul(dym, MatRef::rows(col, crs, m * pq).t(), &mut dwj, crs, true, 1);
             }
         }
-        dwj
+        (dwj, dbj)
     };
     let blocks = g.n.div_ceil(b);
-    let parts: Vec<Vec<T>> = (0..blocks).into_par_iter().map_init(Vec::new, |col, j| partial(j, col)).collect();
+    let parts: Vec<(Vec<T>, Vec<T>)> = (0..blocks).into_par_iter().map_init(Vec::new, |col, j| partial(j, col)).collect();
     dw.fill(T::zero());
-    for p in parts {
-        dw.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    for (p, _) in &parts {
+        dw.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
+    }
+    if let Some(db) = db {
+        db.fill(T::zero());
+        for (_, p) in &parts {
+            db.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
+        }
     }
     // Data gradient: per block, col = W^T [CRS, K] x dy [K, cols], scattered back.
     if let Some(dx) = dx {
