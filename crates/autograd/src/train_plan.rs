@@ -181,6 +181,8 @@ pub struct TrainPlan {
     dlogits: Slot,
     /// Each parameter's gradient of the last step.
     grads: Vec<Vec<f32>>,
+    /// The last step's logits.
+    last_logits: Vec<f32>,
 }
 
 struct Val {
@@ -529,6 +531,7 @@ impl TrainPlan {
             logits: (map(out), [ls[0], ls[1]]),
             dlogits: map(dlogits),
             grads,
+            last_logits: Vec::new(),
         })
     }
 
@@ -558,6 +561,14 @@ impl TrainPlan {
             .collect()
     }
 
+    /// The logits [N, classes] of the last step's forward pass (for its accuracy).
+    pub fn logits(&self) -> Result<Tensor<f32>> {
+        if self.last_logits.is_empty() {
+            bail!(arg, "train plan", "no step has run yet, so there are no logits");
+        }
+        Tensor::from_vec(self.last_logits.clone(), &self.logits.1)
+    }
+
     /// One training step on `x` with class `labels`: forward, softmax cross-entropy (mean over
     /// the batch), backward. Sets every parameter's gradient and returns the loss.
     pub fn step(&mut self, x: &Tensor<f32>, labels: &[usize]) -> Result<f32> {
@@ -575,18 +586,31 @@ impl TrainPlan {
             self.slots = self.slot_len.iter().map(|&l| vec![0.0; l]).collect();
         }
         let weights: Vec<Tensor<f32>> = self.params.iter().map(|p| p.value()).collect();
+        for (p, g) in self.params.iter().zip(self.grads.iter_mut()) {
+            let numel = p.value_ref().numel();
+            if g.len() != numel {
+                // Handed to the parameter by the last step: reused unless someone kept it.
+                *g = p.take_grad().map(Tensor::into_vec).filter(|v| v.len() == numel).unwrap_or_else(|| vec![0.0; numel]);
+            }
+        }
         self.slots[self.input.0][..x.numel()].copy_from_slice(x.data());
         for s in 0..self.steps.len() {
             forward(&mut self.steps[s], &mut self.slots, &weights)?;
         }
         let mut d = take(&mut self.slots, self.dlogits);
-        let loss = softmax_cross_entropy(&self.slots[self.logits.0][..n * classes], labels, classes, &mut d[..n * classes]);
+        let logits = &self.slots[self.logits.0][..n * classes];
+        let loss = softmax_cross_entropy(logits, labels, classes, &mut d[..n * classes]);
+        // Kept: the backward pass may reuse the logits' buffer.
+        self.last_logits.clear();
+        self.last_logits.extend_from_slice(logits);
         put(&mut self.slots, self.dlogits, d);
         for s in (0..self.steps.len()).rev() {
             backward(&mut self.steps[s], &mut self.slots, &weights, &mut self.grads)?;
         }
-        for (p, g) in self.params.iter().zip(&self.grads) {
-            p.set_grad(Tensor::from_vec(g.clone(), &p.shape())?)?;
+        // Each gradient buffer goes to its parameter without a copy; the next step takes it
+        // back (every step that writes a gradient overwrites it whole).
+        for (p, g) in self.params.iter().zip(self.grads.iter_mut()) {
+            p.set_grad(Tensor::from_vec(std::mem::take(g), &p.shape())?)?;
         }
         Ok(loss)
     }
@@ -729,7 +753,7 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
 fn deliver(dst: &mut [f32], mode: Mode, src: &[f32]) {
     match mode {
         Mode::Write => dst.copy_from_slice(src),
-        Mode::Add => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
+        Mode::Add => stride_kernels::simd::par_add_assign(dst, src),
     }
 }
 
@@ -751,65 +775,59 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
         }
         TStep::Conv { geom, layout, w, b, relu, x, y, dx, dy } => {
             let (xl, yl) = (geom.n * geom.c * geom.h * geom.w, geom.n * geom.k * geom.p * geom.q);
-            // The gradient before the ReLU, in place of the output (no later step reads it).
-            let mut dz = take(slots, *y);
-            let dys = &slots[*dy][..yl];
-            if *relu {
-                dz[..yl].iter_mut().zip(dys).for_each(|(z, &g)| *z = if *z > 0.0 { g } else { 0.0 });
-            } else {
-                dz[..yl].copy_from_slice(dys);
-            }
+            // The gradient before the ReLU, in place of the output (no later step reads it);
+            // without a ReLU, the output's gradient itself.
+            let dz = relu.then(|| {
+                let mut dz = take(slots, *y);
+                stride_kernels::unary::relu_grad_over_output(&mut dz[..yl], &slots[*dy][..yl]);
+                dz
+            });
             let mut db = b.map(|b| std::mem::take(&mut grads[b]));
             let mut dw = std::mem::take(&mut grads[*w]);
-            match *dx {
-                Some((g, Mode::Write)) => {
-                    let mut out = take(slots, g);
-                    planned::backward_into(
-                        geom,
-                        *layout,
-                        &slots[*x][..xl],
-                        weights[*w].data(),
-                        &dz[..yl],
-                        Some(&mut out[..xl]),
-                        &mut dw,
-                        db.as_deref_mut(),
-                    );
-                    put(slots, g, out);
-                }
-                Some((g, Mode::Add)) => {
-                    let mut tmp = vec![0.0; xl];
-                    planned::backward_into(
-                        geom,
-                        *layout,
-                        &slots[*x][..xl],
-                        weights[*w].data(),
-                        &dz[..yl],
-                        Some(&mut tmp),
-                        &mut dw,
-                        db.as_deref_mut(),
-                    );
+            // The input's gradient: into its buffer, or beside it to be added.
+            let mut out = dx.map(|(g, mode)| if mode == Mode::Write { take(slots, g) } else { vec![0.0; xl] });
+            let dzs = dz.as_ref().unwrap_or(&slots[*dy]);
+            planned::backward_into(
+                geom,
+                *layout,
+                &slots[*x][..xl],
+                weights[*w].data(),
+                &dzs[..yl],
+                out.as_mut().map(|o| &mut o[..xl]),
+                &mut dw,
+                db.as_deref_mut(),
+            );
+            match (*dx, out) {
+                (Some((g, Mode::Write)), Some(out)) => put(slots, g, out),
+                (Some((g, Mode::Add)), Some(tmp)) => {
                     let mut out = take(slots, g);
                     deliver(&mut out[..xl], Mode::Add, &tmp);
                     put(slots, g, out);
                 }
-                None => planned::backward_into(geom, *layout, &slots[*x][..xl], weights[*w].data(), &dz[..yl], None, &mut dw, db.as_deref_mut()),
+                _ => {}
             }
             grads[*w] = dw;
             if let (Some(b), Some(db)) = (b, db) {
                 grads[*b] = db;
             }
-            put(slots, *y, dz);
+            if let Some(dz) = dz {
+                put(slots, *y, dz);
+            }
         }
         TStep::Pool { max, geom, argmax, dx, dy, .. } => {
             if let Some((g, mode)) = *dx {
                 let (hw, pq, planes) = (geom.h * geom.w, geom.p * geom.q, geom.n * geom.c);
-                let d = if *max {
-                    pool::scatter_planes(&slots[*dy][..planes * pq], argmax, planes, pq, hw)
-                } else {
-                    pool::avg_backward(geom, &slots[*dy][..planes * pq])
-                };
                 let mut out = take(slots, g);
-                deliver(&mut out[..planes * hw], mode, &d);
+                if !*max && mode == Mode::Write {
+                    pool::avg_backward_into(geom, &slots[*dy][..planes * pq], &mut out[..planes * hw]);
+                } else {
+                    let d = if *max {
+                        pool::scatter_planes(&slots[*dy][..planes * pq], argmax, planes, pq, hw)
+                    } else {
+                        pool::avg_backward(geom, &slots[*dy][..planes * pq])
+                    };
+                    deliver(&mut out[..planes * hw], mode, &d);
+                }
                 put(slots, g, out);
             }
         }
@@ -862,9 +880,13 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
                 layout.pieces(n, c, l, |at, pn, pl| {
                     let r = at..at + pn * c * pl;
-                    let d =
-                        norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, Some((&dg, &dbt, (n * l) as f64)));
-                    deliver(&mut out[r], mode, &d);
+                    let batch = Some((&dg[..], &dbt[..], (n * l) as f64));
+                    if mode == Mode::Write {
+                        norm::backward_dx_into(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, batch, &mut out[r]);
+                    } else {
+                        let d = norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, batch);
+                        deliver(&mut out[r], mode, &d);
+                    }
                 });
                 put(slots, g, out);
             }
@@ -876,7 +898,7 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
             let mut dz = take(slots, *y);
             let dys = &slots[*dy][..m * n];
             if *relu {
-                dz[..m * n].iter_mut().zip(dys).for_each(|(z, &g)| *z = if *z > 0.0 { g } else { 0.0 });
+                stride_kernels::unary::relu_grad_over_output(&mut dz[..m * n], dys);
             } else {
                 dz[..m * n].copy_from_slice(dys);
             }

@@ -147,6 +147,10 @@ impl<T: Elem> Var<T> {
     pub fn grad(&self) -> Option<Tensor<T>> {
         self.0.grad.borrow().clone()
     }
+    /// Removes and returns the accumulated gradient (a training plan takes its buffer back).
+    pub fn take_grad(&self) -> Option<Tensor<T>> {
+        self.0.grad.borrow_mut().take()
+    }
     pub fn zero_grad(&self) {
         *self.0.grad.borrow_mut() = None;
     }
