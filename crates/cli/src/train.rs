@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// processes' shares of the batch (PyTorch's SyncBatchNorm) rather than each process's own.
     #[arg(long)]
     sync_bn: bool,
+    /// Train every step eagerly (op by op) instead of through a compiled training plan (for
+    /// debugging; networks the planner refuses, such as those with dropout, always do).
+    #[arg(long)]
+    eager: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -267,6 +271,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn
         data_parallel: group.clone().map(stride_train::group::DataParallel),
         sync_bn: a.sync_bn,
         device,
+        eager: a.eager,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

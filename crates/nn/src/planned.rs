@@ -144,6 +144,12 @@ impl TrainPlanned {
         Ok(Some(loss))
     }
 
+    /// The logits of the last step run for inputs of `shape` (`None` before one has run, or
+    /// where the planner refused the network).
+    pub fn logits(&self, shape: &[usize]) -> Option<Tensor<f32>> {
+        self.plans.get(shape)?.as_ref().ok()?.0.logits().ok()
+    }
+
     /// Why the plan for `shape` was refused, if it was.
     pub fn refusal(&self, shape: &[usize]) -> Option<&str> {
         self.plans.get(shape).and_then(|p| p.as_ref().err()).map(String::as_str)

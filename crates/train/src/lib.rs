@@ -95,6 +95,9 @@ pub struct TrainConfig {
     /// Where the model trains: the CPU, or a GPU whose backend is set up (`stride_cuda::init`;
     /// the CLI's `--device`). Batches move there; checkpoints go through the CPU.
     pub device: Device,
+    /// Train every step eagerly (op by op on the autograd tape) instead of through compiled
+    /// training plans; for debugging, or to compare the two.
+    pub eager: bool,
 }
 
 impl Default for TrainConfig {
@@ -119,6 +122,7 @@ impl Default for TrainConfig {
             data_parallel: None,
             sync_bn: false,
             device: Device::Cpu,
+            eager: false,
         }
     }
 }
@@ -401,6 +405,8 @@ fn restore(
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
     pub reports: Vec<EpochReport>,
+    /// Steps that ran through a compiled training plan (the rest ran eagerly).
+    pub planned_steps: usize,
     /// Set when `stop` was raised: the (epoch, step) the saved checkpoint resumes from.
     pub interrupted: Option<(usize, usize)>,
 }
@@ -500,6 +506,12 @@ pub fn train(
     }
     // Which gradients travel together between ranks: fixed for the run.
     let plan = group.as_ref().map(|_| group::BucketPlan::new(&params));
+    // Steps through compiled training plans (one per batch shape) where they apply: on the
+    // CPU, one process, the plain loss, no recompute. A network the planner refuses (dropout,
+    // an op without a planned gradient) trains eagerly, as every step does with `eager`.
+    let mut planned = (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && cfg.label_smoothing == 0.0)
+        .then(stride_nn::planned::TrainPlanned::new);
+    let mut planned_steps = 0;
     let mut ctx = Ctx::train(cfg.seed);
     if let (Some(g), true) = (&group, cfg.sync_bn) {
         if segments.is_some() {
@@ -563,9 +575,22 @@ pub fn train(
                     (0.0, 0)
                 } else {
                     let x = Var::constant(images.to(cfg.device)?);
-                    let (lv, logits) = match &segments {
-                        Some(seg) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
-                        None => {
+                    let stepped = match planned.as_mut() {
+                        Some(p) => match p.step(model, &x.value(), &labels)? {
+                            Some(lv) => {
+                                let logits =
+                                    p.logits(&x.shape()).ok_or_else(|| stride_autograd::Error::arg("train plan", "a step ran but left no logits"))?;
+                                Some((lv, Var::constant(logits)))
+                            }
+                            None => None,
+                        },
+                        None => None,
+                    };
+                    planned_steps += usize::from(stepped.is_some());
+                    let (lv, logits) = match (&segments, stepped) {
+                        (_, Some(done)) => done,
+                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
+                        (None, None) => {
                             let logits = model.forward(&x, &mut ctx)?;
                             let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
                             let lv = loss.value().item()?;
@@ -629,7 +654,7 @@ pub fn train(
             if let Some(dir) = cfg.out_dir.as_ref().filter(|_| root) {
                 save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
             }
-            return Ok(Outcome { reports, interrupted: Some((epoch, pos.step)) });
+            return Ok(Outcome { reports, planned_steps, interrupted: Some((epoch, pos.step)) });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
@@ -675,5 +700,5 @@ pub fn train(
         on_epoch(&report);
         reports.push(report);
     }
-    Ok(Outcome { reports, interrupted: None })
+    Ok(Outcome { reports, planned_steps, interrupted: None })
 }
