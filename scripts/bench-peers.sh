@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Stride beside the peers of ../shared/bench in one run, rounds A,B,A,B: each round runs
-# `stride bench` (planned inference, eager training), `stride bench --eager` (all eager),
-# `stride bench --train-plan` (training through plans), then ONNX Runtime and
-# TensorFlow+oneDNN on the same benchmarks (TensorFlow with XLA too on the VAE). Prints every JSON line (with a "round" field), then the table of
+# `stride bench` (planned inference and classifier training, as `stride train` runs them),
+# `stride bench --eager` (all eager), then ONNX Runtime and TensorFlow+oneDNN on the same benchmarks (TensorFlow with XLA too on the VAE). Prints every JSON line (with a "round" field), then the table of
 # medians and Stride/best-peer ratios that README's performance section shows.
 #   bash scripts/bench-peers.sh [ROUNDS] [BENCHES]     # defaults: 3 rounds, "lenet resnet18 vae"
 # Needs the peers: bash ../shared/bench/peers/setup.sh tf ort (or PEERS_PYTHON set to a Python
@@ -24,7 +23,6 @@ for round in $(seq "$rounds"); do
     for b in $benches; do
         "$bin" bench --bench "$b" --reps 30 | tag "$round"
         "$bin" bench --bench "$b" --reps 30 --eager | sed 's/"impl":"stride"/"impl":"stride-eager"/' | tag "$round"
-        [ "$b" = vae ] || "$bin" bench --bench "$b" --reps 30 --train-plan | grep _train | sed 's/"impl":"stride"/"impl":"stride-train-plan"/' | tag "$round"
         # The best peers of ../shared/bench/BASELINE.md: ONNX Runtime (inference only) and
         # TF+oneDNN everywhere, and TF with XLA, the fastest there on the VAE.
         impls="ort tf-onednn"
@@ -42,8 +40,8 @@ for r in rows:
     if r["bench"] in ("conv_fwd", "conv_bwd"):
         continue
     figs.setdefault(r["bench"], {}).setdefault(r["impl"], {})[r["round"]] = r["value"]
-print("\n| figure | stride | stride --eager | stride --train-plan | best peer | stride / best peer (median of rounds) |")
-print("|---|---|---|---|---|---|")
+print("\n| figure | stride | stride --eager | best peer | stride / best peer (median of rounds) |")
+print("|---|---|---|---|---|")
 for name, by in figs.items():
     peers = {k: v for k, v in by.items() if not k.startswith("stride")}
     med = lambda d: statistics.median(d.values()) if d else float("nan")
@@ -53,6 +51,5 @@ for name, by in figs.items():
         if best:
             ratios.append(v / best)
     best_impl = max(peers, key=lambda k: med(peers[k])) if peers else "-"
-    tp = by.get('stride-train-plan', {})
-    print(f"| {name} | {med(by.get('stride', {})):,.1f} | {med(by.get('stride-eager', {})):,.1f} | {f'{med(tp):,.1f}' if tp else '-'} | {med(peers.get(best_impl, {})):,.1f} ({best_impl}) | {statistics.median(ratios) if ratios else float('nan'):.2f} |")
+    print(f"| {name} | {med(by.get('stride', {})):,.1f} | {med(by.get('stride-eager', {})):,.1f} | {med(peers.get(best_impl, {})):,.1f} ({best_impl}) | {statistics.median(ratios) if ratios else float('nan'):.2f} |")
 PY

@@ -21,14 +21,11 @@ pub struct BenchArgs {
     /// Timed calls per figure (the median is reported); at least 20 per SPEC.md.
     #[arg(long, default_value_t = 30)]
     reps: usize,
-    /// Inference figures through the eager path instead of a compiled plan (to see what
-    /// planning gains; see ARCHITECTURE.md, "Planned execution").
+    /// Everything eagerly, op by op: inference, and the classifiers' (lenet, resnet18)
+    /// training steps, which otherwise run through compiled plans as `stride train` runs them
+    /// (to see what planning gains; see ARCHITECTURE.md, "Planned execution").
     #[arg(long)]
     eager: bool,
-    /// Classifier training steps (lenet, resnet18) through a training plan instead of
-    /// eagerly: gradients equal eager ones, but it is not faster yet (README, "Performance").
-    #[arg(long, conflicts_with = "eager")]
-    train_plan: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,9 +64,6 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
         return Err(stride_autograd::Error::arg("bench", "--reps must be at least 1"));
     }
     if !device.is_cpu() {
-        if args.train_plan {
-            return Err(stride_autograd::Error::device("bench", "--train-plan: plans run on the CPU"));
-        }
         return match args.bench {
             Bench::Lenet => lenet_bench(args, device),
             Bench::Vae => vae_bench(args, device),
@@ -183,11 +177,11 @@ fn lenet_bench(args: &BenchArgs, device: Device) -> Result<()> {
     let steps = args.reps.max(50);
     let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
+        classifier_step(eager_training(args, device), &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(device, 5, steps, &mut step)?;
-    let train_mode = mode(!args.train_plan, &planned, &x);
+    let train_mode = mode(eager_training(args, device), &planned, &x);
     let infer_s = infer_seconds(args, device, &mut model, &x.value(), 5, steps)?;
     report_mode("lenet_train", train_s, 64, train_mode, device);
     report_mode("lenet_infer", infer_s, 64, infer_mode(args, device), device);
@@ -233,6 +227,12 @@ fn infer_seconds(
     }
     let mut plan = stride_nn::planned::compile(model, x).map_err(|e| e.source)?;
     step_seconds(device, warmup, steps, &mut || plan.run(x).map(|_| ()))
+}
+
+/// Whether the classifiers' training steps run eagerly: on request, and on a GPU (plans run on
+/// the CPU), as in `stride train`.
+fn eager_training(args: &BenchArgs, device: Device) -> bool {
+    args.eager || !device.is_cpu()
 }
 
 /// How inference ran: planned on the CPU unless `--eager`; eagerly on a GPU.
@@ -336,11 +336,11 @@ fn resnet18_bench(args: &BenchArgs, device: Device) -> Result<()> {
     let mut ctx = Ctx::train(0);
     let mut planned = TrainPlanned::new();
     let mut step = || -> Result<()> {
-        classifier_step(!args.train_plan, &mut planned, &mut model, &x, &labels, &mut ctx)?;
+        classifier_step(eager_training(args, device), &mut planned, &mut model, &x, &labels, &mut ctx)?;
         opt.step(&params).map_err(|e| e.source)
     };
     let train_s = step_seconds(device, 2, steps, &mut step)?;
-    let train_mode = mode(!args.train_plan, &planned, &x);
+    let train_mode = mode(eager_training(args, device), &planned, &x);
     report_mode("resnet18_infer", infer_s, 32, infer_mode(args, device), device);
     report_mode("resnet18_train", train_s, 32, train_mode, device);
     Ok(())
