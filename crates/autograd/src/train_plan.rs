@@ -775,28 +775,21 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
         }
         TStep::Conv { geom, layout, w, b, relu, x, y, dx, dy } => {
             let (xl, yl) = (geom.n * geom.c * geom.h * geom.w, geom.n * geom.k * geom.p * geom.q);
-            // The gradient before the ReLU, in place of the output (no later step reads it);
-            // without a ReLU, the output's gradient itself.
-            let dz = relu.then(|| {
-                let mut dz = take(slots, *y);
-                stride_kernels::unary::relu_grad_over_output(&mut dz[..yl], &slots[*dy][..yl]);
-                dz
-            });
             let mut db = b.map(|b| std::mem::take(&mut grads[b]));
             let mut dw = std::mem::take(&mut grads[*w]);
             // The input's gradient: into its buffer, or beside it to be added.
             let mut out = dx.map(|(g, mode)| if mode == Mode::Write { take(slots, g) } else { vec![0.0; xl] });
-            let dzs = dz.as_ref().unwrap_or(&slots[*dy]);
-            planned::backward_into(
-                geom,
-                *layout,
-                &slots[*x][..xl],
-                weights[*w].data(),
-                &dzs[..yl],
-                out.as_mut().map(|o| &mut o[..xl]),
-                &mut dw,
-                db.as_deref_mut(),
-            );
+            // With a ReLU, the gradient before it is written over its output (no later step
+            // reads it); without one, the output's gradient is read where it lies.
+            let mut z = relu.then(|| take(slots, *y));
+            let (xs, ws, dxs) = (&slots[*x][..xl], weights[*w].data(), out.as_mut().map(|o| &mut o[..xl]));
+            match z.as_mut() {
+                Some(z) => planned::backward_relu_into(geom, *layout, xs, ws, &mut z[..yl], &slots[*dy][..yl], dxs, &mut dw, db.as_deref_mut()),
+                None => planned::backward_into(geom, *layout, xs, ws, &slots[*dy][..yl], dxs, &mut dw, db.as_deref_mut()),
+            }
+            if let Some(z) = z {
+                put(slots, *y, z);
+            }
             match (*dx, out) {
                 (Some((g, Mode::Write)), Some(out)) => put(slots, g, out),
                 (Some((g, Mode::Add)), Some(tmp)) => {
@@ -809,9 +802,6 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
             grads[*w] = dw;
             if let (Some(b), Some(db)) = (b, db) {
                 grads[*b] = db;
-            }
-            if let Some(dz) = dz {
-                put(slots, *y, dz);
             }
         }
         TStep::Pool { max, geom, argmax, dx, dy, .. } => {

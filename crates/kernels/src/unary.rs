@@ -299,8 +299,8 @@ pub fn relu_grad_over_output<T: Elem>(y: &mut [T], g: &[T]) {
 }
 
 crate::multiversion! {
-    /// y[i] = g[i] where y[i] > 0, else 0.
-    fn relu_mask<T: Elem>(y: &mut [T], g: &[T]) {
+    /// y[i] = g[i] where y[i] > 0, else 0 (one thread; see [`relu_grad_over_output`]).
+    pub(crate) fn relu_mask<T: Elem>(y: &mut [T], g: &[T]) {
         let zero = T::zero();
         y.iter_mut().zip(g).for_each(|(o, &g)| *o = if *o > zero { g } else { zero });
     }

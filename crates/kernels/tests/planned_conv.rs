@@ -90,6 +90,24 @@ fn check_backward(x_shape: [usize; 4], w_shape: [usize; 4], opts: Conv2dOptions,
             prop_assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "{} [{}] {} vs {} ({:?}, {:?})", what, i, a, e, g, layout);
         }
     }
+    // With a ReLU after the convolution: `y` (its output, about half of it zero) becomes the
+    // gradient before it, and the gradients are those of that masked gradient.
+    let y: Vec<f64> = rng.normal::<f64>(&g.small_shape(), 0.0, 1.0).unwrap().data().iter().map(|&v| v.max(0.0)).collect();
+    let dz: Vec<f64> = y.iter().zip(dy.data()).map(|(&y, &d)| if y > 0.0 { d } else { 0.0 }).collect();
+    let mut yl = to(layout, &y, n, g.k, pq);
+    let (mut dx, mut dw, mut db) = (vec![f64::NAN; x.numel()], vec![f64::NAN; w.numel()], vec![f64::NAN; g.k]);
+    planned::backward_relu_into(&g, layout, &xl, w.data(), &mut yl, &dyl, Some(&mut dx), &mut dw, Some(&mut db));
+    let want_db: Vec<f64> = (0..g.k).map(|k| (0..n).map(|i| dz[(i * g.k + k) * pq..(i * g.k + k + 1) * pq].iter().sum::<f64>()).sum()).collect();
+    for (what, have, want) in [
+        ("relu dz", from(layout, &yl, n, g.k, pq), dz.clone()),
+        ("relu dx", from(layout, &dx, n, g.c, g.h * g.w), reference::backward_data(&g, &dz, w.data())),
+        ("relu dw", dw, reference::backward_filter(&g, x.data(), &dz)),
+        ("relu db", db, want_db),
+    ] {
+        for (i, (a, e)) in have.iter().zip(&want).enumerate() {
+            prop_assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "{} [{}] {} vs {} ({:?}, {:?})", what, i, a, e, g, layout);
+        }
+    }
     Ok(())
 }
 

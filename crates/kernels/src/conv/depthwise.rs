@@ -208,21 +208,6 @@ pub(crate) fn plane_outputs<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Optio
     }
 }
 
-/// The filter gradients that one input plane `x` feeds: `dw[j * R*S..] += correlate(x,
-/// dy[j * ld..][..P*Q])` for every filter j of `dw` (the transpose of [`plane_outputs`]).
-/// `buf` holds the bordered plane.
-pub(crate) fn plane_filter_grads<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T], ld: usize, buf: &mut Vec<T>, dw: &mut [T]) {
-    let (pq, rs) = (g.p * g.q, g.r * g.s);
-    let (bh, bw) = g.bordered_size();
-    bordered(x, (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
-    for (j, dwj) in dw.chunks_exact_mut(rs.max(1)).enumerate() {
-        let dyj = &dy[j * ld..j * ld + pq];
-        if !(g.fits_tiles() && filter_grad_tiles(g.r, g.p, g.q, dyj, buf, bw, dwj)) {
-            filter_grad(g.pass(), dyj, buf, bw, dwj);
-        }
-    }
-}
-
 /// dx[n, c] = sum over the K/groups output channels of group c of the taps scattered back.
 pub(crate) fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());

@@ -393,11 +393,54 @@ pub(crate) fn epilogue_images<T: Elem>(y: &mut [T], image: usize, first: usize, 
 /// activations in `layout`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy: &[T], dx: Option<&mut [T]>, dw: &mut [T], db: Option<&mut [T]>) {
+    backward_with(g, layout, x, w, dy, None, dx, dw, db)
+}
+
+/// [`backward_into`] for a convolution whose epilogue ended in a ReLU: `y` holds the ReLU's
+/// output and `dy` the gradient after it; `y` is overwritten with the gradient before it (`dy`
+/// where `y > 0`, else 0), block by block by the thread that then uses that block, so the
+/// masked gradient is read from that thread's cache rather than the other core's.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_relu_into<T: Elem>(
+    g: &ConvGeom,
+    layout: Layout,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+) {
+    assert_eq!(y.len(), dy.len(), "backward_relu_into: y length");
+    backward_with(g, layout, x, w, dy, Some(y), dx, dw, db)
+}
+
+/// The body of [`backward_into`] and [`backward_relu_into`] (`relu_out`: see the latter).
+#[allow(clippy::too_many_arguments)]
+fn backward_with<T: Elem>(
+    g: &ConvGeom,
+    layout: Layout,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    relu_out: Option<&mut [T]>,
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+) {
     assert_eq!(dy.len(), g.n * g.k * g.p * g.q, "backward_into: dy length");
     assert_eq!(dw.len(), w.len(), "backward_into: dw length");
     let b = layout.block();
     if layout == Layout::Nchw || !blocks(g) {
         assert!(layout == Layout::Nchw, "backward_into: {:?} cannot run blocked", Algo::choose(g));
+        let dy: &[T] = match relu_out {
+            Some(z) => {
+                crate::unary::relu_grad_over_output(z, dy);
+                z
+            }
+            None => dy,
+        };
         if let Some(db) = db {
             db.copy_from_slice(&super::channel_sums(dy, g.n, g.k, g.p * g.q));
         }
@@ -409,27 +452,20 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
     }
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
     let algo = plan_algo(g);
-    let direct = single_channel(g);
     let per_for = |bj: usize| (COLUMN_ELEMENTS / (crs * pq).max(1)).clamp(1, bj.max(1));
     let block_in = g.c * b * hw;
     let block_out = g.k * b * pq;
     let wm = MatRef::rows(w, g.k, crs);
     let with_bias = db.is_some();
     // Filter (and bias) gradient: one partial sum per block (per thread), added at the end.
-    let partial = |j: usize, col: &mut Vec<T>| -> (Vec<T>, Vec<T>) {
+    // Block j's filter and bias gradients from its output gradient `dyb`.
+    let partial = |j: usize, dyb: &[T], col: &mut Vec<T>| -> (Vec<T>, Vec<T>) {
         let mut dwj = vec![T::zero(); g.k * crs];
         let bj = b.min(g.n - j * b);
-        let (xb, dyb) = (&x[j * block_in..j * block_in + g.c * bj * hw], &dy[j * block_out..j * block_out + g.k * bj * pq]);
+        let xb = &x[j * block_in..j * block_in + g.c * bj * hw];
         let ld = bj * pq;
         // A block's channel k is one run of bj planes.
         let dbj = if with_bias { dyb.chunks_exact(ld.max(1)).map(crate::simd::sum).collect() } else { Vec::new() };
-        if direct {
-            // One input plane per image: its bordered copy serves all K filters.
-            for i in 0..bj {
-                depthwise::plane_filter_grads(g, &xb[i * hw..(i + 1) * hw], &dyb[i * pq..], ld, col, &mut dwj);
-            }
-            return (dwj, dbj);
-        }
         let per = per_for(bj);
         for first in (0..bj).step_by(per) {
             let m = per.min(bj - first);
@@ -448,8 +484,24 @@ pub fn backward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &[T], dy
         }
         (dwj, dbj)
     };
-    let blocks = g.n.div_ceil(b);
-    let parts: Vec<(Vec<T>, Vec<T>)> = (0..blocks).into_par_iter().map_init(Vec::new, |col, j| partial(j, col)).collect();
+    let mut parts: Vec<(Vec<T>, Vec<T>)> = Vec::new();
+    let dy: &[T] = match relu_out {
+        Some(z) => {
+            z.par_chunks_mut(block_out.max(1))
+                .zip(dy.par_chunks(block_out.max(1)))
+                .enumerate()
+                .map_init(Vec::new, |col, (j, (zb, dyb))| {
+                    crate::unary::relu_mask(zb, dyb);
+                    partial(j, zb, col)
+                })
+                .collect_into_vec(&mut parts);
+            z
+        }
+        None => {
+            dy.par_chunks(block_out.max(1)).enumerate().map_init(Vec::new, |col, (j, dyb)| partial(j, dyb, col)).collect_into_vec(&mut parts);
+            dy
+        }
+    };
     dw.fill(T::zero());
     for (p, _) in &parts {
         dw.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
