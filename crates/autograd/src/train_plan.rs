@@ -872,7 +872,8 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                     let r = at..at + pn * c * pl;
                     let batch = Some((&dg[..], &dbt[..], (n * l) as f64));
                     if mode == Mode::Write {
-                        norm::backward_dx_into(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, batch, &mut out[r]);
+                        let terms = norm::DxTerms { mean: &stats.mean, invstd: &stats.invstd, gamma: gm, batch };
+                        norm::backward_dx_into(&dys[r.clone()], &xs[r.clone()], c, pl, &terms, &mut out[r]);
                     } else {
                         let d = norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, batch);
                         deliver(&mut out[r], mode, &d);

@@ -173,44 +173,33 @@ pub fn backward_dx<T: Elem>(
         return vec![T::zero(); x.len()];
     }
     let per = PLANE_VALUES.div_ceil(l);
-    crate::simd::par_filled(x.len(), per * l, |t, dxs| dx_planes(t * per, dxs, dy, x, c, l, mean, invstd, gamma, batch))
+    let terms = DxTerms { mean, invstd, gamma, batch };
+    crate::simd::par_filled(x.len(), per * l, |t, dxs| dx_planes(t * per, dxs, dy, x, c, l, &terms))
+}
+
+/// The per-channel terms of the input's gradient (see [`backward_dx`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DxTerms<'a, T> {
+    pub mean: &'a [T],
+    pub invstd: &'a [T],
+    pub gamma: &'a [T],
+    /// `(sum(dy * xhat), sum(dy), m)` when the statistics were the batch's.
+    pub batch: Option<(&'a [T], &'a [T], f64)>,
 }
 
 /// [`backward_dx`] into the caller's `dx` (overwritten; a plan's buffer), with no allocation.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_dx_into<T: Elem>(
-    dy: &[T],
-    x: &[T],
-    c: usize,
-    l: usize,
-    mean: &[T],
-    invstd: &[T],
-    gamma: &[T],
-    batch: Option<(&[T], &[T], f64)>,
-    dx: &mut [T],
-) {
+pub fn backward_dx_into<T: Elem>(dy: &[T], x: &[T], c: usize, l: usize, terms: &DxTerms<T>, dx: &mut [T]) {
     assert!(dy.len() == x.len() && dx.len() == x.len(), "backward_dx_into: lengths");
     if l == 0 {
         return;
     }
     let per = PLANE_VALUES.div_ceil(l);
-    dx.par_chunks_mut(per * l).enumerate().for_each(|(t, dxs)| dx_planes(t * per, dxs, dy, x, c, l, mean, invstd, gamma, batch));
+    dx.par_chunks_mut(per * l).enumerate().for_each(|(t, dxs)| dx_planes(t * per, dxs, dy, x, c, l, terms));
 }
 
-/// The input gradient of the planes `first..` that `dxs` holds (see [`backward_dx`]).
-#[allow(clippy::too_many_arguments)]
-fn dx_planes<T: Elem>(
-    first: usize,
-    dxs: &mut [T],
-    dy: &[T],
-    x: &[T],
-    c: usize,
-    l: usize,
-    mean: &[T],
-    invstd: &[T],
-    gamma: &[T],
-    batch: Option<(&[T], &[T], f64)>,
-) {
+/// The input gradient of the planes `first..` that `dxs` holds.
+fn dx_planes<T: Elem>(first: usize, dxs: &mut [T], dy: &[T], x: &[T], c: usize, l: usize, terms: &DxTerms<T>) {
+    let DxTerms { mean, invstd, gamma, batch } = *terms;
     let at = first * l;
     for (j, (dxp, (dyp, xp))) in dxs.chunks_mut(l).zip(dy[at..].chunks(l).zip(x[at..].chunks(l))).enumerate() {
         let ch = (first + j) % c;
@@ -231,6 +220,20 @@ fn dx_planes<T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gradient_into_a_buffer_equals_the_allocating_one() {
+        let (n, c, l) = (2, 3, 7000);
+        let v = |s: usize| -> Vec<f32> { (0..n * c * l).map(|i| ((i * s) % 101) as f32 / 50.0 - 1.0).collect() };
+        let (x, dy) = (v(13), v(29));
+        let (mean, invstd, gamma, dg, db) = ([0.1f32, -0.2, 0.3], [1.5f32, 0.5, 2.0], [0.9f32, 1.1, -0.7], [0.4f32, -0.1, 0.2], [1.0f32, 2.0, -3.0]);
+        for batch in [None, Some((&dg[..], &db[..], (n * l) as f64))] {
+            let want = backward_dx(&dy, &x, c, l, &mean, &invstd, &gamma, batch);
+            let mut got = vec![f32::NAN; x.len()];
+            backward_dx_into(&dy, &x, c, l, &DxTerms { mean: &mean, invstd: &invstd, gamma: &gamma, batch }, &mut got);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "batch statistics: {}", batch.is_some());
+        }
+    }
 
     #[test]
     fn many_tasks_of_planes_keep_each_planes_channel() {

@@ -457,8 +457,8 @@ fn backward_with<T: Elem>(
     let block_out = g.k * b * pq;
     let wm = MatRef::rows(w, g.k, crs);
     let with_bias = db.is_some();
-    // Filter (and bias) gradient: one partial sum per block (per thread), added at the end.
-    // Block j's filter and bias gradients from its output gradient `dyb`.
+    // Filter and bias gradients: block j's partial sums from its output gradient `dyb` (one
+    // block per task), added at the end.
     let partial = |j: usize, dyb: &[T], col: &mut Vec<T>| -> (Vec<T>, Vec<T>) {
         let mut dwj = vec![T::zero(); g.k * crs];
         let bj = b.min(g.n - j * b);
