@@ -886,29 +886,32 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
         }
         TStep::Linear { w, b, relu, dims: [m, k, n], x, y, dx, dy } => {
             let (m, k, n) = (*m, *k, *n);
-            let mut dz = take(slots, *y);
-            let dys = &slots[*dy][..m * n];
-            if *relu {
-                stride_kernels::unary::relu_grad_over_output(&mut dz[..m * n], dys);
-            } else {
-                dz[..m * n].copy_from_slice(dys);
-            }
-            let dzm = MatRef::rows(&dz[..m * n], m, n);
+            // As for convolutions: with a ReLU, the gradient before it is written over its
+            // output; without one, the output's gradient is read where it lies.
+            let z = relu.then(|| {
+                let mut z = take(slots, *y);
+                stride_kernels::unary::relu_grad_over_output(&mut z[..m * n], &slots[*dy][..m * n]);
+                z
+            });
+            let out = dx.map(|(g, _)| take(slots, g));
+            let dz = &z.as_deref().unwrap_or(&slots[*dy][..])[..m * n];
+            let dzm = MatRef::rows(dz, m, n);
             // dW [n, k] = dz^T [n, m] x x [m, k]; db = column sums of dz.
             matmul(dzm.t(), MatRef::rows(&slots[*x][..m * k], m, k), &mut grads[*w], k, false, auto_threads(n, m, k));
             if let Some(b) = b {
                 let db = &mut grads[*b];
                 db.fill(0.0);
-                dz[..m * n].chunks_exact(n).for_each(|row| db.iter_mut().zip(row).for_each(|(o, &v)| *o += v));
+                dz.chunks_exact(n).for_each(|row| db.iter_mut().zip(row).for_each(|(o, &v)| *o += v));
             }
-            if let Some((g, mode)) = *dx {
+            if let (Some((g, mode)), Some(mut out)) = (*dx, out) {
                 // dx [m, k] = dz [m, n] x W [n, k]
-                let mut out = take(slots, g);
                 let wm = MatRef::rows(weights[*w].data(), n, k);
                 matmul(dzm, wm, &mut out[..m * k], k, mode == Mode::Add, auto_threads(m, n, k));
                 put(slots, g, out);
             }
-            put(slots, *y, dz);
+            if let Some(z) = z {
+                put(slots, *y, z);
+            }
         }
     }
     Ok(())
