@@ -24,16 +24,23 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 status=0
 echo "== 1. every primitive against the CPU"
-timeout 180 "$BIN" devices --check 2>&1 | tee "$OUT/check.txt"
+"$BIN" devices 2>&1 | tee "$OUT/devices.txt"
+SECONDS=0
+timeout 90 "$BIN" devices --check 2>&1 | tee "$OUT/check.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CHECK FAILED"; status=1; }
 
+echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 2. the tutorial CNN, one epoch on the GPU"
-timeout 240 "$BIN" train --device cuda --epochs 1 --no-report --out "$OUT/run" 2>&1 | tail -n 3 | tee "$OUT/train.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TRAINING FAILED"; status=1; }
+rm -rf "${TMPDIR:-/tmp}/stride-gpu-run"
+timeout 150 "$BIN" train --device cuda --epochs 1 --no-report --out "${TMPDIR:-/tmp}/stride-gpu-run" > "$OUT/train.txt" 2>&1
+[ "$?" -eq 0 ] || { echo "TRAINING FAILED"; status=1; }
+tail -n 4 "$OUT/train.txt"
 
+echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
-timeout 150 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/stride.jsonl" 2> "$OUT/stride.err" || { cat "$OUT/stride.err"; echo "STRIDE BENCH FAILED"; status=1; }
-timeout 150 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
+timeout 120 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/stride.jsonl" 2> "$OUT/stride.err" || { cat "$OUT/stride.err"; echo "STRIDE BENCH FAILED"; status=1; }
+echo "   stride: ${SECONDS} s"
+timeout 120 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
 python3 - "$OUT/stride.jsonl" "$OUT/torch.jsonl" <<'PY' | tee "$OUT/ratios.txt"
 import json, sys
 def read(p):
