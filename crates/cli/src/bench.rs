@@ -64,7 +64,7 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
         return Err(stride_autograd::Error::arg("bench", "--reps must be at least 1"));
     }
     if !device.is_cpu() {
-        return match args.bench {
+        let done = match args.bench {
             Bench::Lenet => lenet_bench(args, device),
             Bench::Vae => vae_bench(args, device),
             Bench::Resnet18 => resnet18_bench(args, device),
@@ -74,6 +74,10 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
                 "the B3 convolution figures time the CPU kernels; use --bench lenet, vae or resnet18 on a GPU",
             )),
         };
+        if let Some(table) = stride_cuda::init(device).ok().and_then(|b| b.profile_report()) {
+            eprint!("{table}");
+        }
+        return done;
     }
     match args.bench {
         Bench::Conv => conv_bench(args),

@@ -305,6 +305,55 @@ extern "C" __global__ void avg_pool_bwd(const float* gy, float* dx, Pool g) {
     }
 }
 
+// ---- adaptive pooling: output i of P covers input rows [i*H/P, ceil((i+1)*H/P)) ----
+
+__device__ __forceinline__ int bin_start(int i, int in, int out) { return (int)((i64)i * in / out); }
+__device__ __forceinline__ int bin_end(int i, int in, int out) { return (int)(((i64)(i + 1) * in + out - 1) / out); }
+
+// mode 0: average; mode 1: maximum, its flat index in the plane into arg.
+extern "C" __global__ void adaptive_pool_fwd(const float* x, float* y, int* arg, int mode, int NC, int H, int W, int P, int Q) {
+    GRID_LOOP(i, (i64)NC * P * Q) {
+        int j = (int)(i % Q), ii = (int)((i / Q) % P);
+        const float* xp = x + (i / ((i64)P * Q)) * H * W;
+        int r0 = bin_start(ii, H, P), r1 = bin_end(ii, H, P), c0 = bin_start(j, W, Q), c1 = bin_end(j, W, Q);
+        if (mode == 0) {
+            float acc = 0.0f;
+            for (int r = r0; r < r1; ++r)
+                for (int c = c0; c < c1; ++c) acc += xp[r * W + c];
+            y[i] = acc / (float)((r1 - r0) * (c1 - c0));
+        } else {
+            float best = NEG_INF;
+            int bi = r0 * W + c0;
+            for (int r = r0; r < r1; ++r)
+                for (int c = c0; c < c1; ++c) {
+                    float v = xp[r * W + c];
+                    if (v > best || (isnan(v) && !isnan(best))) { best = v; bi = r * W + c; }
+                }
+            y[i] = best;
+            arg[i] = bi;
+        }
+    }
+}
+
+// Average pooling's gradient, gathered: one thread per input element sums g / size over the
+// (overlapping) bins that hold it.
+extern "C" __global__ void adaptive_avg_bwd(const float* gy, float* dx, int NC, int H, int W, int P, int Q) {
+    GRID_LOOP(i, (i64)NC * H * W) {
+        int c = (int)(i % W), r = (int)((i / W) % H);
+        const float* gp = gy + (i / ((i64)H * W)) * P * Q;
+        float acc = 0.0f;
+        for (int a = 0; a < P; ++a) {
+            int r0 = bin_start(a, H, P), r1 = bin_end(a, H, P);
+            if (r < r0 || r >= r1) continue;
+            for (int b = 0; b < Q; ++b) {
+                int c0 = bin_start(b, W, Q), c1 = bin_end(b, W, Q);
+                if (c >= c0 && c < c1) acc += gp[a * Q + b] / (float)((r1 - r0) * (c1 - c0));
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
 // ---- batch norm over axis 1 of [N, C, L] ----
 
 // Sums each thread's (a, b) over the block into s1[0], s2[0] (blockDim.x a power of two <= 256).

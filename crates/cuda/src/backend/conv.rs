@@ -12,7 +12,7 @@ impl CudaBackend {
     /// Columns [C*R*S, N*P*Q] of the image `x` [N, C, H, W] for geometry `g`.
     fn im2col(&self, g: &ConvGeom, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let n = g.c * g.r * g.s * g.n * g.p * g.q;
-        let mut cols = self.zeros(n)?;
+        let mut cols = self.fresh(n)?;
         let a = self.geom_args(g)?;
         if n > 0 {
             launch!(self, "im2col", grid(n), x, &mut cols, &a);
@@ -23,7 +23,7 @@ impl CudaBackend {
     /// The image [N, C, H, W] whose columns add up to `cols` (im2col's adjoint).
     fn col2im(&self, g: &ConvGeom, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let n = g.n * g.c * g.h * g.w;
-        let mut x = self.zeros(n)?;
+        let mut x = self.fresh(n)?;
         let a = self.geom_args(g)?;
         if n > 0 {
             launch!(self, "col2im", grid(n), cols, &mut x, &a);
@@ -37,7 +37,7 @@ impl CudaBackend {
 
     /// [N, K, L] -> [K, N*L].
     fn nkl_to_knl(&self, y: &CudaSlice<f32>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
-        let mut t = self.zeros(n * k * l)?;
+        let mut t = self.fresh(n * k * l)?;
         if n * k * l > 0 {
             launch!(self, "nkl_to_knl", grid(n * k * l), y, &mut t, &int("conv", n)?, &int("conv", k)?, &(l as i64));
         }
@@ -46,7 +46,7 @@ impl CudaBackend {
 
     /// [K, N*L] -> [N, K, L] plus an optional bias per k.
     fn knl_to_nkl(&self, t: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, k: usize, l: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(n * k * l)?;
+        let mut y = self.fresh(n * k * l)?;
         if n * k * l > 0 {
             let has = bias.is_some() as i32;
             launch!(self, "knl_to_nkl", grid(n * k * l), t, bias.unwrap_or(t), &has, &mut y, &int("conv", n)?, &int("conv", k)?, &(l as i64));
@@ -57,7 +57,7 @@ impl CudaBackend {
     /// The convolution's product per group: out[K, NPQ] = W[K, CgRS] x cols[C*R*S, NPQ].
     fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut out = self.zeros(g.k * npq)?;
+        let mut out = self.product_out(g.k * npq, crs)?;
         for gi in 0..g.groups {
             let wv: CudaView<f32> = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
             let cv: CudaView<f32> = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
@@ -70,7 +70,7 @@ impl CudaBackend {
     /// The convolution's adjoint product per group: cols[C*R*S, NPQ] = W^T x t[K, NPQ].
     fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut cols = self.zeros(g.c * g.r * g.s * npq)?;
+        let mut cols = self.product_out(g.c * g.r * g.s * npq, kg)?;
         for gi in 0..g.groups {
             let wv = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
             let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
@@ -83,7 +83,7 @@ impl CudaBackend {
     /// The filter gradient per group: dW[K, CgRS] = t[K, NPQ] x cols^T.
     fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
-        let mut dw = self.zeros(g.k * crs)?;
+        let mut dw = self.product_out(g.k * crs, npq)?;
         for gi in 0..g.groups {
             let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
             let cv = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);

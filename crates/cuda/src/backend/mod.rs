@@ -14,9 +14,9 @@ use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
 use crate::{err, GpuInfo};
 
-/// What has CUDA kernels: 20 of the 26 primitives (the rest run through the CPU kernels on
+/// What has CUDA kernels: 22 of the 26 primitives (the rest run through the CPU kernels on
 /// copies) and the optimizers' updates.
-pub const NATIVE: [&str; 22] = [
+pub const NATIVE: [&str; 24] = [
     "add",
     "sub",
     "mul",
@@ -33,6 +33,8 @@ pub const NATIVE: [&str; 22] = [
     "conv_transpose2d",
     "max_pool2d",
     "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
     "batch_norm",
     "softmax",
     "log_softmax",
@@ -59,6 +61,8 @@ const FUNCTIONS: &[&str] = &[
     "scatter_planes",
     "avg_pool_fwd",
     "avg_pool_bwd",
+    "adaptive_pool_fwd",
+    "adaptive_avg_bwd",
     "bn_stats",
     "bn_finish",
     "bn_normalize",
@@ -131,6 +135,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
+    profile: Option<Profile>,
 }
 
 const THREADS: u32 = 256;
@@ -205,6 +210,26 @@ macro_rules! launch {
     }};
 }
 
+/// Lets the device's memory pool keep what tensors free for the next allocations: by default it
+/// hands it back to the driver at every synchronization, and a training step that allocates
+/// after one pays for mapping the memory again.
+fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on a live context's device; `threshold` outlives the call,
+    // which reads a u64 for this attribute.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(|e| err("the memory pool", e))?;
+        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast())
+            .result()
+            .map_err(|e| err("the memory pool's release threshold", e))
+    }
+}
+
 /// C[m, n] = op(A) op(B) (+ beta C) for row-major matrices: `ta`/`tb` say A is stored [k, m] /
 /// B is stored [n, k].
 struct Mm {
@@ -219,6 +244,10 @@ struct Mm {
 impl CudaBackend {
     pub(crate) fn new(ordinal: usize, gpu: &GpuInfo) -> Result<Self> {
         let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err("opening the device", e))?;
+        // SAFETY: the backend queues everything on this one stream (cuBLAS included), so work
+        // is ordered without the two events cudarc would otherwise create per allocation.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err("starting cuBLAS", e))?;
         let ptx = compile_kernels()?;
@@ -235,7 +264,7 @@ impl CudaBackend {
             gpu.compute_capability.1,
             NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count()
         );
-        Ok(CudaBackend { ordinal, about, stream, blas, functions })
+        Ok(CudaBackend { ordinal, about, stream, blas, functions, profile: Profile::from_env() })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -265,6 +294,25 @@ impl CudaBackend {
     /// A zeroed buffer of `n` elements (one for an empty tensor: CUDA allocates no zero bytes).
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| err("allocating", e))
+    }
+
+    /// A buffer of `n` elements left unset, for an output that a kernel (or a product with
+    /// beta 0 and a non-empty inner dimension) writes in full before anything reads it: no
+    /// clearing pass.
+    fn fresh(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller's launch writes all `n` elements (the kernels in kernels.cu that
+        // write every output index, or cuBLAS with beta 0 and k > 0).
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| err("allocating", e))
+    }
+
+    /// The output of a product over an inner dimension of `inner`: unset when the product
+    /// writes it (inner > 0), zeroed when it does not (an empty sum).
+    fn product_out(&self, n: usize, inner: usize) -> Result<CudaSlice<f32>> {
+        if inner > 0 {
+            self.fresh(n)
+        } else {
+            self.zeros(n)
+        }
     }
 
     fn upload_i64(&self, v: &[i64]) -> Result<CudaSlice<i64>> {
@@ -301,7 +349,7 @@ impl CudaBackend {
         const NAMES: [&str; 4] = ["add", "sub", "mul", "div"];
         let out = shape::broadcast_shape(NAMES[op as usize], a.shape(), b.shape())?;
         let n = shape::numel(NAMES[op as usize], &out)?;
-        let mut y = self.zeros(n)?;
+        let mut y = self.fresh(n)?;
         let (sa, sb) = (self.slice(a)?, self.slice(b)?);
         if n > 0 {
             if a.shape() == b.shape() {
@@ -320,7 +368,7 @@ impl CudaBackend {
 
     fn scale(&self, x: &Tensor<f32>, c: f32) -> Result<Tensor<f32>> {
         let n = x.numel();
-        let mut y = self.zeros(n)?;
+        let mut y = self.fresh(n)?;
         if n > 0 {
             launch!(self, "scale", grid(n), self.slice(x)?, &c, &mut y, &(n as i64));
         }
@@ -330,7 +378,7 @@ impl CudaBackend {
     /// `x` broadcast to `to` (right-aligned, as the binary ops broadcast).
     fn broadcast(&self, x: &Tensor<f32>, to: &[usize]) -> Result<Tensor<f32>> {
         let n = shape::numel("broadcast", to)?;
-        let mut y = self.zeros(n)?;
+        let mut y = self.fresh(n)?;
         if n > 0 {
             let mut meta = vec![to.len() as i64];
             meta.extend(to.iter().map(|&d| d as i64));
@@ -381,7 +429,7 @@ impl CudaBackend {
     fn unary(&self, u: Unary, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let (code, p0, p1) = unary_code(u);
         let n = x.numel();
-        let mut y = self.zeros(n)?;
+        let mut y = self.fresh(n)?;
         if n > 0 {
             launch!(self, "unary_fwd", grid(n), &code, &p0, &p1, self.slice(x)?, &mut y, &(n as i64));
         }
@@ -397,7 +445,7 @@ impl CudaBackend {
         if k != kb {
             stride_tensor::bail!(shape, "matmul", "cannot multiply {as_:?} by {bs:?}{}", if tb { " transposed" } else { "" });
         }
-        let mut c = self.zeros(m * n)?;
+        let mut c = self.product_out(m * n, k)?;
         self.gemm(Mm { m, n, k, ta: false, tb, beta: 0.0 }, self.slice(a)?, self.slice(b)?, &mut c)?;
         self.wrap(c, &[m, n])
     }
@@ -451,7 +499,7 @@ impl CudaBackend {
         let (ci, li) = (int(OP, c)?, l as i64);
         let mut mean = self.zeros(c)?;
         let mut var = self.zeros(c)?;
-        let mut invstd = self.zeros(c)?;
+        let mut invstd = self.fresh(c)?;
         let mut state = Vec::new();
         if training {
             launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
@@ -496,7 +544,7 @@ impl CudaBackend {
             );
         }
         let total = x[0].numel();
-        let mut y = self.zeros(total)?;
+        let mut y = self.fresh(total)?;
         if total > 0 {
             launch!(
                 self,
@@ -515,6 +563,12 @@ impl CudaBackend {
         }
         Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
     }
+}
+
+/// [N*C, H, W, P, Q] of an adaptive pool of `x` to `out`, checked.
+fn adaptive_args(op: &'static str, x: &[usize], out: (usize, usize)) -> Result<[i32; 5]> {
+    let [n, c, h, w] = stride_kernels::pool::adaptive_check(op, x, out)?;
+    Ok([int(op, n * c)?, int(op, h)?, int(op, w)?, int(op, out.0)?, int(op, out.1)?])
 }
 
 fn dims2(s: &[usize]) -> Result<[usize; 2]> {
@@ -555,14 +609,37 @@ impl Backend<f32> for CudaBackend {
         self.stream.synchronize().map_err(|e| err("synchronize", e))
     }
 
+    fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {
+        let data = if host.is_empty() { self.zeros(0)? } else { self.stream.clone_htod(host).map_err(|e| err("copying to the device", e))? };
+        Ok(Arc::new(CudaBuf { ordinal: self.ordinal, data, len: host.len(), stream: self.stream.clone() }))
+    }
+
     fn update(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
+        let name = match rule {
+            Update::Sgd { .. } => "sgd_update",
+            Update::Adam { .. } => "adam_update",
+        };
+        self.timed(name, Pass::Forward, || self.update_on(rule, w, g, state))
+    }
+
+    fn forward(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
+        self.timed(prim.name(), Pass::Forward, || self.forward_on(prim, x))
+    }
+
+    fn backward(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<f32>, x: &[Tensor<f32>], y: &Tensor<f32>) -> Result<Vec<Option<Tensor<f32>>>> {
+        self.timed(prim.name(), Pass::Backward, || self.backward_on(prim, saved, g, x, y))
+    }
+}
+
+impl CudaBackend {
+    fn update_on(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
         let n = w.numel();
         let (sw, sg) = (self.slice(w)?, self.slice(g)?);
-        let mut w_out = self.zeros(n)?;
+        let mut w_out = self.fresh(n)?;
         let wrap = |s: CudaSlice<f32>| self.wrap(s, w.shape());
         match *rule {
             Update::Sgd { lr, momentum, nesterov, weight_decay, first } => {
-                let mut b_out = self.zeros(if state.is_empty() { 0 } else { n })?;
+                let mut b_out = self.fresh(if state.is_empty() { 0 } else { n })?;
                 let has = i32::from(!state.is_empty());
                 let b = match state.first() {
                     Some(t) => self.slice(t)?,
@@ -593,7 +670,7 @@ impl Backend<f32> for CudaBackend {
                 let [m, v] = state else {
                     return Err(Error::arg("update", "Adam takes two state tensors"));
                 };
-                let (mut m_out, mut v_out) = (self.zeros(n)?, self.zeros(n)?);
+                let (mut m_out, mut v_out) = (self.fresh(n)?, self.fresh(n)?);
                 if n > 0 {
                     launch!(
                         self,
@@ -622,12 +699,7 @@ impl Backend<f32> for CudaBackend {
         }
     }
 
-    fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {
-        let data = if host.is_empty() { self.zeros(0)? } else { self.stream.clone_htod(host).map_err(|e| err("copying to the device", e))? };
-        Ok(Arc::new(CudaBuf { ordinal: self.ordinal, data, len: host.len(), stream: self.stream.clone() }))
-    }
-
-    fn forward(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
+    fn forward_on(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
         let done = |y: Tensor<f32>| Ok(Forward { y, state: Vec::new(), saved: Box::new(Saved::Nothing) });
         match prim {
             Prim::Add => done(self.binary(0, &x[0], &x[1])?),
@@ -671,8 +743,9 @@ impl Backend<f32> for CudaBackend {
                 let g = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
                 let a = Self::pool_args(&g)?;
                 let n = g.n * g.c * g.p * g.q;
-                let mut y = self.zeros(n)?;
-                let mut arg = self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| err("allocating", e))?;
+                let mut y = self.fresh(n)?;
+                // SAFETY: max_pool_fwd writes every one of the n indices.
+                let mut arg = unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| err("allocating", e))?;
                 if n > 0 {
                     launch!(self, "max_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &a);
                 }
@@ -682,17 +755,31 @@ impl Backend<f32> for CudaBackend {
                 let g = PoolGeom::new("avg_pool2d", x[0].shape(), opts)?;
                 let a = Self::pool_args(&g)?;
                 let n = g.n * g.c * g.p * g.q;
-                let mut y = self.zeros(n)?;
+                let mut y = self.fresh(n)?;
                 if n > 0 {
                     launch!(self, "avg_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &a);
                 }
                 done(self.wrap(y, &g.out_shape())?)
             }
+            Prim::AdaptiveAvgPool2d { out } | Prim::AdaptiveMaxPool2d { out } => {
+                let max = matches!(prim, Prim::AdaptiveMaxPool2d { .. });
+                let [nc, h, w, p, q] = adaptive_args(prim.name(), x[0].shape(), *out)?;
+                let n = x[0].shape()[0] * x[0].shape()[1] * out.0 * out.1;
+                let mut y = self.fresh(n)?;
+                // SAFETY: in max mode adaptive_pool_fwd writes every one of the n indices; in
+                // average mode it writes none, and the one-element buffer is never read.
+                let mut arg = unsafe { self.stream.alloc::<i32>(if max { n.max(1) } else { 1 }) }.map_err(|e| err("allocating", e))?;
+                if n > 0 {
+                    launch!(self, "adaptive_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &i32::from(max), &nc, &h, &w, &p, &q);
+                }
+                let saved = if max { Saved::Argmax(arg) } else { Saved::Nothing };
+                Ok(Forward { y: self.wrap(y, &[x[0].shape()[0], x[0].shape()[1], out.0, out.1])?, state: Vec::new(), saved: Box::new(saved) })
+            }
             Prim::BatchNorm { training, opts } => self.batch_norm(x, *training, opts),
             Prim::Softmax { axis } | Prim::LogSoftmax { axis } => {
                 let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
                 let (o, d, i) = split_axis(prim.name(), x[0].shape(), *axis)?;
-                let mut y = self.zeros(x[0].numel())?;
+                let mut y = self.fresh(x[0].numel())?;
                 if o * i > 0 {
                     launch!(self, "softmax_fwd", grid(o * i), self.slice(&x[0])?, &mut y, &(o as i64), &(d as i64), &(i as i64), &log);
                 }
@@ -725,7 +812,7 @@ impl Backend<f32> for CudaBackend {
         }
     }
 
-    fn backward(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<f32>, x: &[Tensor<f32>], y: &Tensor<f32>) -> Result<Vec<Option<Tensor<f32>>>> {
+    fn backward_on(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<f32>, x: &[Tensor<f32>], y: &Tensor<f32>) -> Result<Vec<Option<Tensor<f32>>>> {
         let saved = saved.downcast_ref::<Saved>().ok_or_else(|| Error::device(prim.name(), "saved state of another backend"))?;
         let one = |t: Tensor<f32>| Ok(vec![Some(t)]);
         match (prim, saved) {
@@ -750,7 +837,7 @@ impl Backend<f32> for CudaBackend {
             (Prim::Unary(u), _) => {
                 let (code, p0, p1) = unary_code(*u);
                 let n = x[0].numel();
-                let mut dx = self.zeros(n)?;
+                let mut dx = self.fresh(n)?;
                 if n > 0 {
                     launch!(self, "unary_bwd", grid(n), &code, &p0, &p1, self.slice(g)?, self.slice(&x[0])?, self.slice(y)?, &mut dx, &(n as i64));
                 }
@@ -771,8 +858,8 @@ impl Backend<f32> for CudaBackend {
                 let (m, k) = (a.shape()[0], a.shape()[1]);
                 let n = g.shape()[1];
                 let (sg, sa, sb) = (self.slice(g)?, self.slice(a)?, self.slice(b)?);
-                let mut da = self.zeros(m * k)?;
-                let mut db = self.zeros(k * n)?;
+                let mut da = self.product_out(m * k, n)?;
+                let mut db = self.product_out(k * n, m)?;
                 if *transpose_b {
                     // C = A B^T (B stored [n, k]): dA = G B, dB = G^T A.
                     self.gemm(Mm { m, n: k, k: n, ta: false, tb: false, beta: 0.0 }, sg, sb, &mut da)?;
@@ -786,9 +873,10 @@ impl Backend<f32> for CudaBackend {
             }
             (Prim::Conv2d { opts }, _) => self.conv2d_backward(opts, g, x),
             (Prim::ConvTranspose2d { opts }, _) => self.conv_transpose2d_backward(opts, g, x),
-            (Prim::MaxPool2d { opts }, Saved::Argmax(arg)) => {
-                let pg = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
-                let (out_plane, in_plane, total) = ((pg.p * pg.q) as i64, (pg.h * pg.w) as i64, g.numel());
+            (Prim::MaxPool2d { .. } | Prim::AdaptiveMaxPool2d { .. }, Saved::Argmax(arg)) => {
+                // The forward pass checked both shapes as [N, C, H, W] and [N, C, P, Q].
+                let plane = |s: &[usize]| s[2..].iter().product::<usize>() as i64;
+                let (out_plane, in_plane, total) = (plane(g.shape()), plane(x[0].shape()), g.numel());
                 let mut dx = self.zeros(x[0].numel())?;
                 if total > 0 {
                     launch!(self, "scatter_planes", grid(total), self.slice(g)?, arg, &mut dx, &out_plane, &in_plane, &(total as i64));
@@ -804,15 +892,24 @@ impl Backend<f32> for CudaBackend {
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
+            (Prim::AdaptiveAvgPool2d { out }, _) => {
+                let [nc, h, w, p, q] = adaptive_args(prim.name(), x[0].shape(), *out)?;
+                let total = x[0].numel();
+                let mut dx = self.fresh(total)?;
+                if total > 0 {
+                    launch!(self, "adaptive_avg_bwd", grid(total), self.slice(g)?, &mut dx, &nc, &h, &w, &p, &q);
+                }
+                one(self.wrap(dx, x[0].shape())?)
+            }
             (Prim::BatchNorm { training, .. }, Saved::Stats { mean, invstd }) => {
                 let s = x[0].shape();
                 let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
                 let (ci, li) = (int("batch_norm", c)?, l as i64);
-                let (mut dgamma, mut dbeta) = (self.zeros(c)?, self.zeros(c)?);
+                let (mut dgamma, mut dbeta) = (self.fresh(c)?, self.fresh(c)?);
                 let (sg, sx) = (self.slice(g)?, self.slice(&x[0])?);
                 launch!(self, "bn_sums", per_block(c), sg, sx, mean, invstd, &mut dgamma, &mut dbeta, &int("batch_norm", n)?, &ci, &li);
                 let total = x[0].numel();
-                let mut dx = self.zeros(total)?;
+                let mut dx = self.fresh(total)?;
                 if total > 0 {
                     let batch = *training as i32;
                     launch!(
@@ -839,7 +936,7 @@ impl Backend<f32> for CudaBackend {
             (Prim::Softmax { axis } | Prim::LogSoftmax { axis }, _) => {
                 let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
                 let (o, d, i) = split_axis(prim.name(), y.shape(), *axis)?;
-                let mut dx = self.zeros(y.numel())?;
+                let mut dx = self.fresh(y.numel())?;
                 if o * i > 0 {
                     launch!(self, "softmax_bwd", grid(o * i), self.slice(y)?, self.slice(g)?, &mut dx, &(o as i64), &(d as i64), &(i as i64), &log);
                 }
@@ -847,7 +944,7 @@ impl Backend<f32> for CudaBackend {
             }
             (Prim::Nll { .. }, Saved::Targets(t)) => {
                 let (n, c) = (x[0].shape()[0], x[0].shape()[1]);
-                let mut dx = self.zeros(n * c)?;
+                let mut dx = self.fresh(n * c)?;
                 launch!(self, "nll_bwd", grid(n * c), self.slice(g)?, t, &mut dx, &int("nll_loss", n)?, &int("nll_loss", c)?);
                 one(self.wrap(dx, x[0].shape())?)
             }
@@ -865,3 +962,6 @@ impl CudaBackend {
 // After the macros and helpers above, which they use.
 mod conv;
 mod layout;
+mod profile;
+
+use profile::{Pass, Profile};
