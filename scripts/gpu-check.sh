@@ -41,7 +41,8 @@ echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
 timeout 120 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/stride.jsonl" 2> "$OUT/stride.err" || { cat "$OUT/stride.err"; echo "STRIDE BENCH FAILED"; status=1; }
 echo "   stride: ${SECONDS} s"
 timeout 120 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
-python3 - "$OUT/stride.jsonl" "$OUT/torch.jsonl" <<'PY' | tee "$OUT/ratios.txt"
+TORCH_FP32=1 timeout 120 python3 scripts/gpu/torch_bench.py > "$OUT/torch-fp32.jsonl" 2>> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH FP32 BENCH FAILED"; status=1; }
+python3 - "$OUT/stride.jsonl" "$OUT/torch.jsonl" "$OUT/torch-fp32.jsonl" <<'PY' | tee "$OUT/ratios.txt"
 import json, sys
 def read(p):
     out = {}
@@ -51,12 +52,12 @@ def read(p):
             r = json.loads(line)
             out[r["bench"]] = r["value"]
     return out
-s, t = read(sys.argv[1]), read(sys.argv[2])
-print(f"{'figure':<16} {'stride':>12} {'torch':>12} {'ratio':>7}   (images/s on the GPU)")
+s, t, f = (read(p) for p in sys.argv[1:4])
+ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+print(f"{'figure':<16} {'stride':>10} {'torch':>10} {'ratio':>6} {'torch fp32':>11} {'ratio':>6}   (images/s on the GPU; torch: cuDNN in TF32, its default)")
 for k in sorted(set(s) | set(t)):
-    a, b = s.get(k), t.get(k)
-    ratio = f"{a / b:.2f}" if a and b else "-"
-    print(f"{k:<16} {a if a else '-':>12} {b if b else '-':>12} {ratio:>7}")
+    a, b, c = s.get(k), t.get(k), f.get(k)
+    print(f"{k:<16} {a or '-':>10} {b or '-':>10} {ratio(a, b):>6} {c or '-':>11} {ratio(a, c):>6}")
 PY
 echo "results in $OUT"
 exit $status

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 
 
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda:0")  # "cpu" only to try the script without a GPU
+# PyTorch's defaults let cuDNN run convolutions in TF32 (10-bit mantissas) on tensor cores;
+# TORCH_FP32=1 turns that off, for figures in the same arithmetic as Stride's (FP32 throughout).
+FP32 = os.environ.get("TORCH_FP32") == "1"
+if FP32:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 sync = torch.cuda.synchronize if DEVICE.startswith("cuda") else (lambda: None)
 
 
@@ -35,7 +41,7 @@ def timed(step, warmup, steps):
     return statistics.median(times)
 
 
-def emit(name, secs, batch, mode="eager"):
+def emit(name, secs, batch, mode="eager-fp32" if FP32 else "eager"):
     print(json.dumps({"bench": name, "impl": "torch", "value": round(batch / secs, 1), "unit": "images/s",
                       "median_ms": round(secs * 1e3, 4), "batch": batch, "device": DEVICE, "mode": mode,
                       "version": torch.__version__}), flush=True)
