@@ -2,8 +2,8 @@
 //!
 //! Products run on cuBLAS; convolution is lowered to columns on the GPU and multiplied by
 //! cuBLAS; element-wise functions, reductions, data movement (permute, narrow, pad, concat,
-//! upsampling), max/avg pooling, batch norm, softmax, the NLL loss and the optimizers' updates
-//! are NVRTC-compiled kernels (`kernels.cu`). `max` and the rarer pools (Lp, adaptive, channel)
+//! upsampling), max/avg/adaptive pooling, batch norm, softmax, the NLL loss and the optimizers'
+//! updates are NVRTC-compiled kernels (`kernels.cu`). `max` and the rarer pools (Lp, channel)
 //! run through the CPU kernels on copies (see [`NATIVE`]): correct, but a round trip over PCIe
 //! each.
 //!

@@ -18,9 +18,12 @@ pub(super) enum Pass {
     Backward,
 }
 
+/// Calls and seconds per primitive and pass.
+type Rows = HashMap<(&'static str, Pass), (u64, f64)>;
+
 pub(super) struct Profile {
     wait: bool,
-    rows: Mutex<HashMap<(&'static str, Pass), (u64, f64)>>,
+    rows: Mutex<Rows>,
 }
 
 impl Profile {
