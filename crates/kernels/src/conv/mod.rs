@@ -124,8 +124,16 @@ pub fn forward_workspace(g: &ConvGeom) -> Workspace {
         }
         Algo::Winograd => winograd::Plan::forward(g).workspace(),
         Algo::Taps => Workspace::taps(g),
+        Algo::Im2col if data_side_by_side(g) > 1 => side_by_side_workspace(g),
         Algo::Im2col => Workspace::im2col(g),
     }
+}
+
+/// Images side by side (`data_side_by_side`): each held image's columns and its rows of the
+/// wide product.
+fn side_by_side_workspace(g: &ConvGeom) -> Workspace {
+    let (pq, crs) = (g.p * g.q, g.cg() * g.r * g.s);
+    Workspace { per_held_image: ((crs + g.kg()) * pq) as u64, held_images: data_side_by_side(g) as u64, ..Workspace::default() }
 }
 
 /// The workspace of `backward_data` (the forward pass of a transposed convolution).
@@ -134,10 +142,7 @@ pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
-        Algo::Im2col if data_side_by_side(g) > 1 => {
-            let (pq, crs) = (g.p * g.q, g.cg() * g.r * g.s);
-            Workspace { per_held_image: ((crs + g.kg()) * pq) as u64, held_images: data_side_by_side(g) as u64, ..Workspace::default() }
-        }
+        Algo::Im2col if data_side_by_side(g) > 1 => side_by_side_workspace(g),
         Algo::Im2col => Workspace::im2col(g),
     }
 }
@@ -303,6 +308,40 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
         }
     };
     let chunk = (g.k * pq).max(1);
+    let nb_max = if algo == Algo::Im2col { data_side_by_side(g) } else { 1 };
+    if nb_max > 1 {
+        // Small maps: several images' columns side by side in one product (a product per
+        // image would have only P*Q columns, 16 for B3's t1 backward, and run the library's
+        // narrow kernel), then each image's rows copied out of the wide result.
+        let part = |first: usize, ys: &mut [T], threads: usize| {
+            let (mut col, mut wide) = (Vec::new(), Vec::new());
+            for (b, yb) in ys.chunks_mut(chunk * nb_max).enumerate() {
+                let (first, nb) = (first + b * nb_max, yb.len() / chunk);
+                let ld = nb * pq;
+                col.resize(crs * ld, T::zero());
+                for j in 0..nb {
+                    im2col::im2col_strided(g, &x[(first + j) * chw..(first + j + 1) * chw], &mut col[j * pq..], ld);
+                }
+                wide.resize(g.k * ld, T::zero());
+                matmul(MatRef::rows(w, g.k, crs), MatRef::rows(&col, crs, ld), &mut wide, ld, false, threads);
+                for (j, yn) in yb.chunks_exact_mut(chunk).enumerate() {
+                    for (k, row) in yn.chunks_exact_mut(pq).enumerate() {
+                        let b = bias.map_or(T::zero(), |b| b[k]);
+                        for (o, &v) in row.iter_mut().zip(&wide[k * ld + j * pq..k * ld + (j + 1) * pq]) {
+                            *o = v + b;
+                        }
+                    }
+                }
+            }
+        };
+        if !by_image {
+            let mut y = vec![T::zero(); g.n * g.k * pq];
+            part(0, &mut y, threads);
+            return y;
+        }
+        let per = share(g.n);
+        return crate::simd::par_filled(g.n * g.k * pq, chunk * per, |group, ys| part(group * per, ys, 1));
+    }
     if !by_image {
         let mut y = vec![T::zero(); g.n * g.k * pq];
         for_each_image(&mut y, chunk, false, one);
@@ -425,8 +464,8 @@ fn place_side_by_side<T: Copy>(src: &[T], pq: usize, j: usize, ld: usize, dst: &
     }
 }
 
-/// How many images the im2col data gradient puts side by side: one where each image's P*Q
-/// columns make a wide enough product on their own, or for grouped convolutions.
+/// How many images the im2col forward and data gradient put side by side: one where each
+/// image's P*Q columns make a wide enough product on their own, or for grouped convolutions.
 fn data_side_by_side(g: &ConvGeom) -> usize {
     let pq = g.p * g.q;
     if g.groups == 1 && pq > 0 && pq < FILTER_GRAD_COLUMNS / 2 {
