@@ -107,6 +107,8 @@ enum TStep {
         dims: [usize; 3],
         opts: BatchNormOptions,
         stats: Stats,
+        /// Followed by a ReLU (fused: `y` is the ReLU's output).
+        relu: bool,
         x: Slot,
         y: Slot,
         dx: Grad,
@@ -164,6 +166,8 @@ impl TStep {
             TStep::Pool { dx, dy, .. } | TStep::GlobalAvg { dx, dy, .. } => (vec![*dy], g(dx).into_iter().collect()),
             TStep::Unary { x, y, dx, dy, .. } => (vec![*x, *y, *dy], g(dx).into_iter().collect()),
             TStep::Add { da, db, dy, .. } => (vec![*dy], g(da).into_iter().chain(g(db)).collect()),
+            // With a ReLU, the gradient before it is written over its output, as for Conv.
+            TStep::BatchNorm { relu: true, x, y, dx, dy, .. } => (vec![*x, *y, *dy], g(dx).into_iter().chain([*y]).collect()),
             TStep::BatchNorm { x, dx, dy, .. } => (vec![*x, *dy], g(dx).into_iter().collect()),
             TStep::Linear { x, y, dx, dy, .. } => (vec![*x, *y, *dy], g(dx).into_iter().chain([*y]).collect()),
         }
@@ -347,9 +351,11 @@ impl Compiler {
                 let layout = self.layout_of(ps[0]);
                 let x = self.operand(ps[0], layout)?;
                 let dims = [shape[0], shape[1], shape[2..].iter().product()];
-                let y = self.define(i, shape, layout);
+                let mut tail = i;
+                let relu = self.take_relu(&mut tail);
+                let y = self.define(tail, shape, layout);
                 let (dx, dy) = (self.dx(x), self.grad(y).expect("not the input"));
-                self.steps.push(TStep::BatchNorm { gamma, beta, layout, dims, opts: *opts, stats: Stats::default(), x, y, dx, dy });
+                self.steps.push(TStep::BatchNorm { gamma, beta, layout, dims, opts: *opts, stats: Stats::default(), relu, x, y, dx, dy });
             }
             Op::MatMul { transpose_b: true } if self.vals[ps[0]].is_some() && self.rec.nodes[ps[0]].shape().len() == 2 => {
                 let w = self.param(ps[1], "a linear layer's weight")?;
@@ -625,8 +631,8 @@ fn remap(s: TStep, m: &impl Fn(Slot) -> Slot) -> TStep {
         TStep::GlobalAvg { planes, hw, x, y, dx, dy } => TStep::GlobalAvg { planes, hw, x: m(x), y: m(y), dx: g(dx), dy: m(dy) },
         TStep::Unary { f, len, x, y, dx, dy } => TStep::Unary { f, len, x: m(x), y: m(y), dx: g(dx), dy: m(dy) },
         TStep::Add { len, a, b, y, da, db, dy } => TStep::Add { len, a: m(a), b: m(b), y: m(y), da: g(da), db: g(db), dy: m(dy) },
-        TStep::BatchNorm { gamma, beta, layout, dims, opts, stats, x, y, dx, dy } => {
-            TStep::BatchNorm { gamma, beta, layout, dims, opts, stats, x: m(x), y: m(y), dx: g(dx), dy: m(dy) }
+        TStep::BatchNorm { gamma, beta, layout, dims, opts, stats, relu, x, y, dx, dy } => {
+            TStep::BatchNorm { gamma, beta, layout, dims, opts, stats, relu, x: m(x), y: m(y), dx: g(dx), dy: m(dy) }
         }
         TStep::Linear { w, b, relu, dims, x, y, dx, dy } => TStep::Linear { w, b, relu, dims, x: m(x), y: m(y), dx: g(dx), dy: m(dy) },
     }
@@ -705,7 +711,7 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
             out[..len].iter_mut().zip(slots[*a][..len].iter().zip(&slots[*b][..len])).for_each(|(o, (&p, &q))| *o = p + q);
             put(slots, *y, out);
         }
-        TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], opts, stats, x, y, .. } => {
+        TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], opts, stats, relu, x, y, .. } => {
             let mut out = take(slots, *y);
             let (n, c, l) = (*n, *c, *l);
             let xs = &slots[*x][..n * c * l];
@@ -728,7 +734,8 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
             let (g, bt) = (weights[*gamma].data(), weights[*beta].data());
             layout.pieces(n, c, l, |at, pn, pl| {
                 let r = at..at + pn * c * pl;
-                norm::normalize_into(&xs[r.clone()], c, pl, &stats.mean, &stats.invstd, g, bt, &mut out[r]);
+                let normalize = if *relu { norm::normalize_relu_into } else { norm::normalize_into };
+                normalize(&xs[r.clone()], c, pl, &stats.mean, &stats.invstd, g, bt, &mut out[r]);
             });
             put(slots, *y, out);
         }
@@ -854,9 +861,19 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 put(slots, g, out);
             }
         }
-        TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], stats, x, dx, dy, .. } => {
+        TStep::BatchNorm { gamma, beta, layout, dims: [n, c, l], stats, relu, x, y, dx, dy, .. } => {
             let (n, c, l) = (*n, *c, *l);
-            let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
+            // With a ReLU, its gradient is written over its output and read from there.
+            let z = relu.then(|| {
+                let mut z = take(slots, *y);
+                stride_kernels::unary::relu_grad_over_output(&mut z[..n * c * l], &slots[*dy][..n * c * l]);
+                z
+            });
+            let dys: &[f32] = match &z {
+                Some(z) => &z[..n * c * l],
+                None => &slots[*dy][..n * c * l],
+            };
+            let xs = &slots[*x][..n * c * l];
             let (mut dg, mut dbt) = (vec![0f32; c], vec![0f32; c]);
             layout.pieces(n, c, l, |at, pn, pl| {
                 let r = at..at + pn * c * pl;
@@ -867,7 +884,11 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
             if let Some((g, mode)) = *dx {
                 let gm = weights[*gamma].data();
                 let mut out = take(slots, g);
-                let (xs, dys) = (&slots[*x][..n * c * l], &slots[*dy][..n * c * l]);
+                let xs = &slots[*x][..n * c * l];
+                let dys: &[f32] = match &z {
+                    Some(z) => &z[..n * c * l],
+                    None => &slots[*dy][..n * c * l],
+                };
                 layout.pieces(n, c, l, |at, pn, pl| {
                     let r = at..at + pn * c * pl;
                     let batch = Some((&dg[..], &dbt[..], (n * l) as f64));
@@ -880,6 +901,9 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                     }
                 });
                 put(slots, g, out);
+            }
+            if let Some(z) = z {
+                put(slots, *y, z);
             }
             grads[*gamma].copy_from_slice(&dg);
             grads[*beta].copy_from_slice(&dbt);

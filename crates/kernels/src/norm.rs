@@ -106,6 +106,18 @@ const PLANE_VALUES: usize = 1 << 14;
 /// [`normalize`] into `y` (overwritten), of `x`'s length.
 #[allow(clippy::too_many_arguments)]
 pub fn normalize_into<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    normalize_planes(x, c, l, mean, invstd, gamma, beta, y, false)
+}
+
+/// [`normalize_into`] followed by a ReLU in the same pass over each plane, while it is in
+/// cache (a training plan's batch norm whose only consumer is a ReLU).
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_relu_into<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    normalize_planes(x, c, l, mean, invstd, gamma, beta, y, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn normalize_planes<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: &[T], gamma: &[T], beta: &[T], y: &mut [T], relu: bool) {
     assert_eq!(x.len(), y.len(), "normalize_into: lengths");
     if l == 0 {
         return;
@@ -114,6 +126,9 @@ pub fn normalize_into<T: Elem>(x: &[T], c: usize, l: usize, mean: &[T], invstd: 
         let ch = i % c;
         let a = gamma[ch] * invstd[ch];
         affine2(yp, xp, xp, a, T::zero(), beta[ch] - mean[ch] * a);
+        if relu {
+            crate::unary::relu_in_place(yp);
+        }
     });
 }
 

@@ -280,7 +280,7 @@ crate::multiversion! {
 
 crate::multiversion! {
     /// [`relu_into`] in place.
-    fn relu_in_place<T: Elem>(y: &mut [T]) {
+    pub(crate) fn relu_in_place<T: Elem>(y: &mut [T]) {
         let zero = T::zero();
         y.iter_mut().for_each(|v| *v = if *v > zero { *v } else { zero });
     }
