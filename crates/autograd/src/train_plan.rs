@@ -869,6 +869,9 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 stride_kernels::unary::relu_grad_over_output(&mut z[..n * c * l], &slots[*dy][..n * c * l]);
                 z
             });
+            // The input gradient's buffer is taken first, so x and dy are borrowed once for
+            // both passes.
+            let mut out = dx.map(|(g, mode)| (g, mode, take(slots, g)));
             let dys: &[f32] = match &z {
                 Some(z) => &z[..n * c * l],
                 None => &slots[*dy][..n * c * l],
@@ -881,25 +884,21 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 dg.iter_mut().zip(g).for_each(|(o, v)| *o += v);
                 dbt.iter_mut().zip(b).for_each(|(o, v)| *o += v);
             });
-            if let Some((g, mode)) = *dx {
+            if let Some((_, mode, out)) = out.as_mut() {
                 let gm = weights[*gamma].data();
-                let mut out = take(slots, g);
-                let xs = &slots[*x][..n * c * l];
-                let dys: &[f32] = match &z {
-                    Some(z) => &z[..n * c * l],
-                    None => &slots[*dy][..n * c * l],
-                };
                 layout.pieces(n, c, l, |at, pn, pl| {
                     let r = at..at + pn * c * pl;
                     let batch = Some((&dg[..], &dbt[..], (n * l) as f64));
-                    if mode == Mode::Write {
+                    if *mode == Mode::Write {
                         let terms = norm::DxTerms { mean: &stats.mean, invstd: &stats.invstd, gamma: gm, batch };
                         norm::backward_dx_into(&dys[r.clone()], &xs[r.clone()], c, pl, &terms, &mut out[r]);
                     } else {
                         let d = norm::backward_dx(&dys[r.clone()], &xs[r.clone()], c, pl, &stats.mean, &stats.invstd, gm, batch);
-                        deliver(&mut out[r], mode, &d);
+                        deliver(&mut out[r], *mode, &d);
                     }
                 });
+            }
+            if let Some((g, _, out)) = out {
                 put(slots, g, out);
             }
             if let Some(z) = z {
