@@ -122,7 +122,7 @@ fn every_algorithm_is_exercised() {
 #[test]
 fn tap_by_tap_matches_reference() {
     // Tap by tap needs 16 channels and much padding, which the random cases never have:
-    // small maps with "same", explicit, strided and dilated padding, batches that split over
+    // small maps with "same", explicit, strided (rows, and rows and columns) and dilated padding, batches that split over
     // the threads unevenly and not at all.
     let case =
         |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
@@ -132,6 +132,8 @@ fn tap_by_tap_matches_reference() {
         case(5, (16, 17), (5, 4), (3, 2), (2, 1), (1, 1), Padding::Explicit { top: 2, bottom: 1, left: 0, right: 3 }),
         case(1, (17, 16), (3, 3), (3, 3), (1, 1), (2, 2), Padding::uniform(2)),
         case(4, (16, 16), (1, 1), (5, 5), (1, 1), (1, 1), Padding::Same),
+        // Strided columns: each of a window's positions is its own row of channels.
+        case(3, (16, 18), (4, 4), (3, 3), (2, 2), (1, 1), Padding::uniform(2)),
     ];
     for c in &cases {
         let (xs, ws) = ([c.n, c.cg, c.h, c.w], [c.kg, c.cg, c.r, c.s]);

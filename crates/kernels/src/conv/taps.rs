@@ -18,7 +18,6 @@ use stride_tensor::Elem;
 
 use super::ConvGeom;
 use crate::gemm::{matmul, MatRef};
-use crate::simd::copy_short;
 
 /// One tap and the output rectangle it touches inside the image.
 struct Tap {
@@ -74,8 +73,9 @@ pub(crate) fn per_image_workspace(g: &ConvGeom) -> usize {
     (g.c + g.k) * most
 }
 
-/// Where a tap's positions sit in a stack of planes: position (i, j) of the rectangle is
-/// `plane[(row0 + i * step.0) * width + col0 + j * step.1]`.
+/// Where a tap's positions sit in a stack of position-major images ([images][plane][ch]):
+/// position (i, j) of the rectangle is row `(row0 + i * step.0) * width + col0 + j * step.1`
+/// of its image.
 #[derive(Clone, Copy)]
 struct Window {
     row0: usize,
@@ -98,29 +98,22 @@ impl Window {
         let col0 = t.q.start * g.stride.1 + t.s * g.dilation.1 - g.pad.2;
         Window { row0, col0, rows: t.p.len(), cols: t.q.len(), step: g.stride, width: g.w, plane: g.h * g.w }
     }
-    /// Calls `f(matrix offset, plane offset, length)` for runs of elements contiguous on
-    /// both sides (`length` 1 when the plane side is strided) covering `channels` rows of a
-    /// [channels, images * rows * cols] matrix taken from `images` images of `channels` planes.
-    fn runs(&self, channels: usize, images: usize, mut f: impl FnMut(usize, usize, usize)) {
+    /// Calls `f(matrix offset, image offset, length)` for runs of elements contiguous on both
+    /// sides that cover the [images * rows * cols, ch] matrix of the window's rows, taken from
+    /// `images` position-major images of `ch` channels. A run is a whole row of the window
+    /// (`cols * ch` values) unless the columns are strided.
+    fn runs(&self, ch: usize, images: usize, mut f: impl FnMut(usize, usize, usize)) {
         let count = self.rows * self.cols;
-        let ld = images * count;
-        let whole_rows = self.cols == self.width && self.step == (1, 1);
-        for c in 0..channels {
-            for n in 0..images {
-                let plane = (n * channels + c) * self.plane + self.row0 * self.width + self.col0;
-                let at = c * ld + n * count;
-                if whole_rows {
-                    f(at, plane, count);
-                    continue;
-                }
-                for i in 0..self.rows {
-                    let (at, from) = (at + i * self.cols, plane + i * self.step.0 * self.width);
-                    if self.step.1 == 1 {
-                        f(at, from, self.cols);
-                    } else {
-                        for j in 0..self.cols {
-                            f(at + j, from + j * self.step.1, 1);
-                        }
+        for n in 0..images {
+            let image = n * self.plane;
+            for i in 0..self.rows {
+                let at = (n * count + i * self.cols) * ch;
+                let from = (image + (self.row0 + i * self.step.0) * self.width + self.col0) * ch;
+                if self.step.1 == 1 {
+                    f(at, from, self.cols * ch);
+                } else {
+                    for j in 0..self.cols {
+                        f(at + j * ch, from + j * self.step.1 * ch, ch);
                     }
                 }
             }
@@ -128,25 +121,72 @@ impl Window {
     }
 }
 
-fn gather<T: Elem>(win: &Window, channels: usize, images: usize, src: &[T], dst: &mut [T]) {
-    win.runs(channels, images, |d, s, len| copy_short(&mut dst[d..d + len], &src[s..s + len]));
+fn gather<T: Elem>(win: &Window, ch: usize, images: usize, src: &[T], dst: &mut [T]) {
+    win.runs(ch, images, |d, s, len| dst[d..d + len].copy_from_slice(&src[s..s + len]));
 }
 
-fn scatter_add<T: Elem>(win: &Window, channels: usize, images: usize, src: &[T], dst: &mut [T]) {
-    win.runs(channels, images, |s, d, len| dst[d..d + len].iter_mut().zip(&src[s..s + len]).for_each(|(o, &v)| *o += v));
+fn scatter_add<T: Elem>(win: &Window, ch: usize, images: usize, src: &[T], dst: &mut [T]) {
+    win.runs(ch, images, |s, d, len| dst[d..d + len].iter_mut().zip(&src[s..s + len]).for_each(|(o, &v)| *o += v));
+}
+
+/// `out` [images][plane][ch] from `x` [images][ch][plane]: the taps' gathers and scatters
+/// then move whole rows of channels, where in NCHW they moved a few values per plane (the VAE
+/// generator's 4x4 maps gave runs of 3 and 4, 12% of vae_train in the copies' calls).
+fn positions_major<T: Elem>(x: &[T], ch: usize, plane: usize, out: &mut [T]) {
+    for (xi, oi) in x.chunks_exact(ch * plane).zip(out.chunks_exact_mut(ch * plane)) {
+        for (p, row) in oi.chunks_exact_mut(ch).enumerate() {
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = xi[c * plane + p];
+            }
+        }
+    }
+}
+
+/// [`positions_major`] of a whole batch, a run of images per task.
+fn all_positions_major<T: Elem>(x: &[T], ch: usize, plane: usize) -> Vec<T> {
+    let image = (ch * plane).max(1);
+    let per = x.len().div_ceil(image).div_ceil(rayon::current_num_threads().max(1)).max(1);
+    crate::simd::par_filled(x.len(), per * image, |j, out| positions_major(&x[j * per * image..][..out.len()], ch, plane, out))
+}
+
+/// `out` [images][ch][plane] from `x` [images][plane][ch], the inverse of [`positions_major`].
+fn channels_major<T: Elem>(x: &[T], ch: usize, plane: usize, out: &mut [T]) {
+    for (xi, oi) in x.chunks_exact(ch * plane).zip(out.chunks_exact_mut(ch * plane)) {
+        for (c, row) in oi.chunks_exact_mut(plane).enumerate() {
+            for (p, o) in row.iter_mut().enumerate() {
+                *o = xi[p * ch + c];
+            }
+        }
+    }
 }
 
 /// The filters tap-major, [R*S][K][C]: each tap's [K, C] matrix contiguous, which the
-/// products pack faster than the strided view into [K, C, R, S].
+/// products pack faster than the strided view into [K, C, R, S] (107 against 65 us for a tap
+/// of the VAE generator's 256 x 128 x 4 x 4 layer). A task per thread takes a run of taps and
+/// walks the filters in blocks of B, whose values it reads from B cache lines: a task per tap
+/// reading the whole tensor at a stride of R*S values took 290 us a pass on that layer.
 fn by_tap<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
-    let rs = g.r * g.s;
-    let mut out = vec![T::zero(); w.len()];
-    out.par_chunks_mut((g.k * g.c).max(1)).enumerate().for_each(|(t, wt)| {
-        for (o, &v) in wt.iter_mut().zip(w[t..].iter().step_by(rs)) {
-            *o = v;
+    let (rs, kc) = (g.r * g.s, g.k * g.c);
+    let per = rs.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    const B: usize = 16;
+    crate::simd::par_filled(w.len(), (per * kc).max(1), |j, out| {
+        let (first, taps) = (j * per, out.len() / kc.max(1));
+        // Blocks of B filters: B lines read, then B values written per tap.
+        let whole = kc / B * B;
+        for i in (0..whole).step_by(B) {
+            let block = &w[i * rs..(i + B) * rs];
+            for t in 0..taps {
+                for (f, d) in out[t * kc + i..][..B].iter_mut().enumerate() {
+                    *d = block[f * rs + first + t];
+                }
+            }
         }
-    });
-    out
+        for i in whole..kc {
+            for t in 0..taps {
+                out[t * kc + i] = w[i * rs + first + t];
+            }
+        }
+    })
 }
 
 /// Tap `t`'s [K, C] matrix of [`by_tap`]'s filters.
@@ -166,89 +206,105 @@ fn shares(n: usize) -> (usize, usize) {
     }
 }
 
+/// One share's pass: its images position-major in `from` ([images][from_plane][from_ch]); for
+/// each tap, the rows under the tap's `from` window gathered, multiplied by the tap's filter
+/// matrix (`filter(t)`, [from_ch, to_ch]), and added into the rows of the `to` window of the
+/// position-major result [images][to_plane][to_ch].
+struct Pass<'a, T> {
+    from: (&'a [T], usize),
+    to: (&'a mut [T], usize),
+    images: usize,
+    threads: usize,
+}
+
+impl<T: Elem> Pass<'_, T> {
+    fn run<'w>(self, taps: &[Tap], windows: impl Fn(&Tap) -> (Window, Window), filter: impl Fn(&Tap) -> MatRef<'w, T>)
+    where
+        T: 'w,
+    {
+        let ((from, from_ch), (to, to_ch), images) = (self.from, self.to, self.images);
+        let (mut rows, mut prod) = (Vec::new(), Vec::new());
+        for t in taps {
+            let ld = images * t.positions();
+            rows.resize(ld * from_ch, T::zero());
+            prod.resize(ld * to_ch, T::zero());
+            let (src, dst) = windows(t);
+            gather(&src, from_ch, images, from, &mut rows);
+            matmul(MatRef::rows(&rows, ld, from_ch), filter(t), &mut prod, to_ch, false, self.threads);
+            scatter_add(&dst, to_ch, images, &prod, to);
+        }
+    }
+}
+
 /// y [N, K, P, Q] = conv(x, w) + bias.
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    let (chw, pq) = (g.c * g.h * g.w, g.p * g.q);
-    let mut y = vec![T::zero(); g.n * g.k * pq];
+    let (chw, hw, pq) = (g.c * g.h * g.w, g.h * g.w, g.p * g.q);
     let (taps, w) = (taps(g), by_tap(g, w));
     let (per, threads) = shares(g.n);
-    y.par_chunks_mut((per * g.k * pq).max(1)).enumerate().for_each(|(j, ys)| {
+    crate::simd::par_filled(g.n * g.k * pq, per * g.k * pq, |j, ys| {
         let images = ys.len() / (g.k * pq).max(1);
-        let xs = &x[j * per * chw..][..images * chw];
+        let (mut xs, mut acc) = (vec![T::zero(); images * chw], vec![T::zero(); ys.len()]);
+        positions_major(&x[j * per * chw..][..images * chw], g.c, hw, &mut xs);
         if let Some(b) = bias {
-            for (plane, out) in ys.chunks_exact_mut(pq.max(1)).enumerate() {
-                out.fill(b[plane % g.k]);
-            }
+            acc.chunks_exact_mut(g.k).for_each(|row| row.copy_from_slice(b));
         }
-        let (mut cols, mut prod) = (Vec::new(), Vec::new());
-        for t in &taps {
-            let ld = images * t.positions();
-            cols.resize(g.c * ld, T::zero());
-            prod.resize(g.k * ld, T::zero());
-            gather(&Window::input(g, t), g.c, images, xs, &mut cols);
-            matmul(tap_filter(g, &w, t), MatRef::rows(&cols, g.c, ld), &mut prod, ld, false, threads);
-            scatter_add(&Window::output(g, t), g.k, images, &prod, ys);
-        }
-    });
-    y
+        // Y_t [positions, K] += X_t [positions, C] W_t^T
+        let pass = Pass { from: (&xs, g.c), to: (&mut acc, g.k), images, threads };
+        pass.run(&taps, |t| (Window::input(g, t), Window::output(g, t)), |t| tap_filter(g, &w, t).t());
+        channels_major(&acc, g.k, pq, ys);
+    })
 }
 
 /// dx [N, C, H, W] (overwritten) from dy and w.
 pub(crate) fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
-    let (chw, pq) = (g.c * g.h * g.w, g.p * g.q);
-    dx.fill(T::zero());
+    let (chw, hw, pq) = (g.c * g.h * g.w, g.h * g.w, g.p * g.q);
     let (taps, w) = (taps(g), by_tap(g, w));
     let (per, threads) = shares(g.n);
     dx.par_chunks_mut((per * chw).max(1)).enumerate().for_each(|(j, dxs)| {
         let images = dxs.len() / chw.max(1);
-        let dys = &dy[j * per * g.k * pq..][..images * g.k * pq];
-        let (mut cols, mut prod) = (Vec::new(), Vec::new());
-        for t in &taps {
-            let ld = images * t.positions();
-            cols.resize(g.k * ld, T::zero());
-            prod.resize(g.c * ld, T::zero());
-            gather(&Window::output(g, t), g.k, images, dys, &mut cols);
-            matmul(tap_filter(g, &w, t).t(), MatRef::rows(&cols, g.k, ld), &mut prod, ld, false, threads);
-            scatter_add(&Window::input(g, t), g.c, images, &prod, dxs);
-        }
+        let (mut dys, mut acc) = (vec![T::zero(); images * g.k * pq], vec![T::zero(); dxs.len()]);
+        positions_major(&dy[j * per * g.k * pq..][..images * g.k * pq], g.k, pq, &mut dys);
+        // dX_t [positions, C] += dY_t [positions, K] W_t
+        let pass = Pass { from: (&dys, g.k), to: (&mut acc, g.c), images, threads };
+        pass.run(&taps, |t| (Window::output(g, t), Window::input(g, t)), |t| tap_filter(g, &w, t));
+        channels_major(&acc, g.c, hw, dxs);
     });
 }
 
 /// dw [K, C, R, S] from x and dy, summed over the batch (one partial sum per share, each
 /// tap-major as [`by_tap`] lays out filters).
 pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
-    let (chw, pq, rs) = (g.c * g.h * g.w, g.p * g.q, g.r * g.s);
+    let (hw, pq, rs, kc) = (g.h * g.w, g.p * g.q, g.r * g.s, g.k * g.c);
     let taps = taps(g);
-    let (per, threads) = shares(g.n);
-    let partial = |first: usize| -> Vec<T> {
-        let images = per.min(g.n - first);
-        let (xs, dys) = (&x[first * chw..][..images * chw], &dy[first * g.k * pq..][..images * g.k * pq]);
-        let mut dw = vec![T::zero(); g.k * g.c * rs];
-        let (mut xt, mut dyt) = (Vec::new(), Vec::new());
-        for t in &taps {
-            let ld = images * t.positions();
-            xt.resize(g.c * ld, T::zero());
-            dyt.resize(g.k * ld, T::zero());
-            gather(&Window::input(g, t), g.c, images, xs, &mut xt);
-            gather(&Window::output(g, t), g.k, images, dys, &mut dyt);
-            // dw_t [K, C] = dy_t [K, ld] x x_t^T [ld, C]
-            let at = (t.r * g.s + t.s) * g.k * g.c;
-            matmul(MatRef::rows(&dyt, g.k, ld), MatRef::rows(&xt, g.c, ld).t(), &mut dw[at..at + g.k * g.c], g.c, false, threads);
-        }
-        dw
-    };
-    let parts: Vec<Vec<T>> = (0..g.n).step_by(per.max(1)).collect::<Vec<_>>().into_par_iter().map(partial).collect();
-    // The shares' sums, tap-major [R*S][K*C], into [K*C][R*S], a block of filters per task
-    // so that each block's output lines are filled in cache (done serially, the strided
-    // writes were 3.5% of vae_train).
+    // Both operands position-major, then a task per tap over the whole batch: each tap's
+    // [K, C] block is one product summing over every image's positions, so there are no
+    // per-thread partial sums to zero and add up (two 2 MB buffers on the VAE generator).
+    let (xs, dys) = rayon::join(|| all_positions_major(x, g.c, hw), || all_positions_major(dy, g.k, pq));
+    let mut index = vec![None; rs];
+    for t in &taps {
+        index[t.r * g.s + t.s] = Some(t);
+    }
+    let tap_major = crate::simd::par_filled_init(kc * rs, kc.max(1), || (Vec::new(), Vec::new()), |(xt, dyt), tap, dw| {
+        // A tap that never lands inside the image keeps its zeros.
+        let Some(t) = index[tap] else { return };
+        let ld = g.n * t.positions();
+        xt.resize(ld * g.c, T::zero());
+        dyt.resize(ld * g.k, T::zero());
+        gather(&Window::input(g, t), g.c, g.n, &xs, xt);
+        gather(&Window::output(g, t), g.k, g.n, &dys, dyt);
+        // dw_t [K, C] = dy_t^T [K, ld] x x_t [ld, C]
+        matmul(MatRef::rows(dyt, ld, g.k).t(), MatRef::rows(xt, ld, g.c), dw, g.c, false, 1);
+    });
+    // Tap-major [R*S][K*C] into [K*C][R*S], a block of filters per task so that each block's
+    // output lines are filled in cache (done serially, the strided writes were 3.5% of
+    // vae_train).
     const BLOCK: usize = 1024;
-    let kc = g.k * g.c;
     crate::simd::par_filled(kc * rs, BLOCK * rs.max(1), |b, out| {
         let first = b * BLOCK;
         for t in 0..rs {
-            for (i, o) in out[t..].iter_mut().step_by(rs).enumerate() {
-                let at = t * kc + first + i;
-                *o = parts.iter().fold(T::zero(), |sum, p| sum + p[at]);
+            let from = &tap_major[t * kc + first..];
+            for (o, &v) in out[t..].iter_mut().step_by(rs).zip(from) {
+                *o = v;
             }
         }
     })
