@@ -211,7 +211,7 @@ impl<T: Elem> Op<T> {
             Op::UpsampleNearest { scale } => {
                 vec![Some(shape::upsample_backward(g, x[0].shape(), *scale)?)]
             }
-            Op::MatMul { transpose_b } => some(linalg::matmul_backward(g, &x[0], &x[1], *transpose_b)?),
+            Op::MatMul { transpose_b } => linalg::matmul_backward(g, &x[0], &x[1], *transpose_b, needs)?,
             Op::Conv2d { geom } => conv::conv2d_backward(geom, g, x, needs)?,
             Op::ConvTranspose2d { geom } => conv::conv_transpose2d_backward(geom, g, x)?,
             Op::MaxPool2d { geom, argmax } => vec![Some(pool::max_pool_backward(geom, g, argmax)?)],

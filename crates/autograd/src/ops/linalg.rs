@@ -55,13 +55,21 @@ impl<T: Elem> Var<T> {
     }
 }
 
-pub(crate) fn matmul_backward<T: Elem>(g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>, transpose_b: bool) -> Result<Vec<Tensor<T>>> {
-    if transpose_b {
-        // C = A B^T: dA = G B, dB = G^T A
-        return Ok(vec![matmul_tensors(g, false, b, false)?, matmul_tensors(g, true, a, false)?]);
-    }
-    // dA = G B^T, dB = A^T G
-    Ok(vec![matmul_tensors(g, false, b, true)?, matmul_tensors(a, true, g, false)?])
+/// The gradients of both factors, each only where `needs` asks for it: a dense layer's input
+/// is often the data itself (the VAE's first layer, 1024 x 500, whose input gradient would be
+/// a third of that layer's backward work).
+pub(crate) fn matmul_backward<T: Elem>(
+    g: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    transpose_b: bool,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor<T>>>> {
+    let need = |i: usize| needs.get(i).copied().unwrap_or(true);
+    // C = A B^T: dA = G B, dB = G^T A; C = A B: dA = G B^T, dB = A^T G.
+    let da = need(0).then(|| matmul_tensors(g, false, b, !transpose_b)).transpose()?;
+    let db = need(1).then(|| if transpose_b { matmul_tensors(g, true, a, false) } else { matmul_tensors(a, true, g, false) }).transpose()?;
+    Ok(vec![da, db])
 }
 
 /// y = x W^T + b, PyTorch's `F.linear`: x [N, in], weight [out, in], bias [out] (composite).
