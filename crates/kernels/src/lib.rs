@@ -9,3 +9,4 @@ pub mod pool;
 pub mod simd;
 pub mod softmax;
 pub mod unary;
+pub mod vmath;

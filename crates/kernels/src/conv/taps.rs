@@ -284,17 +284,22 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
     for t in &taps {
         index[t.r * g.s + t.s] = Some(t);
     }
-    let tap_major = crate::simd::par_filled_init(kc * rs, kc.max(1), || (Vec::new(), Vec::new()), |(xt, dyt), tap, dw| {
-        // A tap that never lands inside the image keeps its zeros.
-        let Some(t) = index[tap] else { return };
-        let ld = g.n * t.positions();
-        xt.resize(ld * g.c, T::zero());
-        dyt.resize(ld * g.k, T::zero());
-        gather(&Window::input(g, t), g.c, g.n, &xs, xt);
-        gather(&Window::output(g, t), g.k, g.n, &dys, dyt);
-        // dw_t [K, C] = dy_t^T [K, ld] x x_t [ld, C]
-        matmul(MatRef::rows(dyt, ld, g.k).t(), MatRef::rows(xt, ld, g.c), dw, g.c, false, 1);
-    });
+    let tap_major = crate::simd::par_filled_init(
+        kc * rs,
+        kc.max(1),
+        || (Vec::new(), Vec::new()),
+        |(xt, dyt), tap, dw| {
+            // A tap that never lands inside the image keeps its zeros.
+            let Some(t) = index[tap] else { return };
+            let ld = g.n * t.positions();
+            xt.resize(ld * g.c, T::zero());
+            dyt.resize(ld * g.k, T::zero());
+            gather(&Window::input(g, t), g.c, g.n, &xs, xt);
+            gather(&Window::output(g, t), g.k, g.n, &dys, dyt);
+            // dw_t [K, C] = dy_t^T [K, ld] x x_t [ld, C]
+            matmul(MatRef::rows(dyt, ld, g.k).t(), MatRef::rows(xt, ld, g.c), dw, g.c, false, 1);
+        },
+    );
     // Tap-major [R*S][K*C] into [K*C][R*S], a block of filters per task so that each block's
     // output lines are filled in cache (done serially, the strided writes were 3.5% of
     // vae_train).
