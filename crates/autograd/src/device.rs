@@ -155,14 +155,9 @@ impl Update {
         match *self {
             Update::Sgd { lr, momentum, nesterov, weight_decay, first } => {
                 let (lr, mu, wd) = (T::c(lr), T::c(momentum), T::c(weight_decay));
-                let mut buf = state.first_mut();
-                for (j, (wv, &gv)) in w.iter_mut().zip(g).enumerate() {
-                    let mut d = gv + wd * *wv;
-                    if let Some(b) = buf.as_deref_mut() {
-                        b[j] = if first { d } else { mu * b[j] + d };
-                        d = if nesterov { d + mu * b[j] } else { b[j] };
-                    }
-                    *wv -= lr * d;
+                match state.first_mut() {
+                    Some(b) => sgd_momentum_into(w, b, g, [lr, mu, wd], first, nesterov),
+                    None => sgd_into(w, g, [lr, wd]),
                 }
             }
             Update::Adam { lr, betas: (b1, b2), c1, c2, eps, weight_decay: wd, decoupled } => {
@@ -172,19 +167,53 @@ impl Update {
                 let (one_b1, b2, one_b2) = (T::c(1.0 - b1), T::c(b2), T::c(1.0 - b2));
                 let (step, sqrt_c2, eps) = (T::c(lr / c1), T::c(c2.sqrt()), T::c(eps));
                 let (shrink, wd) = (T::c(1.0 - lr * wd), T::c(wd));
-                // Zipped, not indexed: without bounds checks the loop vectorises.
-                for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                    let g = if decoupled {
-                        *w *= shrink;
-                        g
-                    } else {
-                        g + wd * *w
-                    };
-                    *m = *m + one_b1 * (g - *m);
-                    *v = b2 * *v + one_b2 * g * g;
-                    *w -= step * (*m / (v.sqrt() / sqrt_c2 + eps));
-                }
+                adam_into(w, m, v, g, [one_b1, b2, one_b2, step, sqrt_c2, eps, shrink, wd], decoupled);
             }
+        }
+    }
+}
+
+stride_kernels::multiversion! {
+    /// Plain SGD's loop over elements (see [`Update::apply`]), for AVX2 as [`adam_into`].
+    /// `k` holds lr and the weight decay.
+    fn sgd_into<T: Elem>(w: &mut [T], g: &[T], k: [T; 2]) {
+        let [lr, wd] = k;
+        for (w, &g) in w.iter_mut().zip(g) {
+            *w -= lr * (g + wd * *w);
+        }
+    }
+}
+
+stride_kernels::multiversion! {
+    /// SGD with a momentum buffer `b`, as [`sgd_into`]; `k` holds lr, momentum and the
+    /// weight decay.
+    fn sgd_momentum_into<T: Elem>(w: &mut [T], b: &mut [T], g: &[T], k: [T; 3], first: bool, nesterov: bool) {
+        let [lr, mu, wd] = k;
+        for ((w, b), &g) in w.iter_mut().zip(b.iter_mut()).zip(g) {
+            let d = g + wd * *w;
+            *b = if first { d } else { mu * *b + d };
+            *w -= lr * if nesterov { d + mu * *b } else { *b };
+        }
+    }
+}
+
+stride_kernels::multiversion! {
+    /// Adam's loop over elements (see [`Update::apply`]), compiled for AVX2 where the CPU has
+    /// it: 8 lanes for its square root and division instead of the baseline's 4. `k` holds
+    /// 1 - b1, b2, 1 - b2, lr / c1, sqrt(c2), eps, 1 - lr * wd and wd.
+    fn adam_into<T: Elem>(w: &mut [T], m: &mut [T], v: &mut [T], g: &[T], k: [T; 8], decoupled: bool) {
+        let [one_b1, b2, one_b2, step, sqrt_c2, eps, shrink, wd] = k;
+        // Zipped, not indexed: without bounds checks the loop vectorises.
+        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = if decoupled {
+                *w *= shrink;
+                g
+            } else {
+                g + wd * *w
+            };
+            *m = *m + one_b1 * (g - *m);
+            *v = b2 * *v + one_b2 * g * g;
+            *w -= step * (*m / (v.sqrt() / sqrt_c2 + eps));
         }
     }
 }
