@@ -280,18 +280,40 @@ impl<T: Elem> Tensor<T> {
             crate::bail!(arg, "unpad", "{} pairs for a rank-{} tensor", pads.len(), self.rank());
         }
         let off = self.rank() - pads.len();
-        let mut t = self.clone();
-        for (i, &(b, a)) in pads.iter().enumerate() {
-            let axis = off + i;
-            let d = t.shape[axis];
-            if b + a > d {
+        let full: Vec<(usize, usize)> = (0..self.rank()).map(|i| if i < off { (0, 0) } else { pads[i - off] }).collect();
+        let mut out_shape = Vec::with_capacity(self.rank());
+        for (axis, (&d, &(b, a))) in self.shape.iter().zip(&full).enumerate() {
+            if b.checked_add(a).is_none_or(|r| r > d) {
                 crate::bail!(arg, "unpad", "cannot remove {b}+{a} from axis {axis} of size {d}");
             }
-            if b + a > 0 {
-                t = t.narrow(axis, b, d - b - a)?;
+            out_shape.push(d - b - a);
+        }
+        if self.rank() == 0 {
+            return Ok(self.clone());
+        }
+        if out_shape.iter().any(|&d| d == 0) {
+            return Ok(Self::from_parts(Vec::new(), out_shape));
+        }
+        // One pass: each row of the last axis is a contiguous run of the source (a narrow
+        // per axis copied the tensor once per padded axis, the last one in runs of a few values).
+        let strides = shape::strides(&self.shape);
+        let last = self.rank() - 1;
+        let row = out_shape[last];
+        let rows: usize = out_shape[..last].iter().product();
+        let mut out = Vec::with_capacity(rows * row);
+        let mut idx = vec![0usize; last];
+        for _ in 0..rows {
+            let at: usize = idx.iter().zip(&full).zip(&strides).map(|((&i, &(b, _)), &st)| (i + b) * st).sum::<usize>() + full[last].0;
+            out.extend_from_slice(&self.data()[at..at + row]);
+            for a in (0..last).rev() {
+                idx[a] += 1;
+                if idx[a] < out_shape[a] {
+                    break;
+                }
+                idx[a] = 0;
             }
         }
-        Ok(t)
+        Ok(Self::from_parts(out, out_shape))
     }
 
     /// This tensor repeated along broadcast axes to `shape`.
@@ -361,9 +383,15 @@ fn scatter_strided<T: Copy>(src: &[T], shape: &[usize], dst_strides: &[usize], o
     let mut k = 0;
     loop {
         let (len, st) = (shape[last], dst_strides[last]);
-        for i in 0..len {
-            dst[pos + i * st] = src[k];
-            k += 1;
+        if st == 1 {
+            // A whole row at once (padding's rows): element by element was 1 ns a value.
+            dst[pos..pos + len].copy_from_slice(&src[k..k + len]);
+            k += len;
+        } else {
+            for i in 0..len {
+                dst[pos + i * st] = src[k];
+                k += 1;
+            }
         }
         let mut a = last;
         loop {

@@ -74,6 +74,24 @@ proptest! {
         let parts = x.split(last, &[d / 2, d - d / 2]).unwrap();
         prop_assert_eq!(Tensor::concat(&[&parts[0], &parts[1]], last).unwrap(), x);
     }
+
+    #[test]
+    fn unpad_is_a_narrow_per_axis(shape in prop::collection::vec(1usize..6, 1..5), cut in prop::collection::vec((0usize..3, 0usize..3), 1..5)) {
+        // Different amounts per axis, fewer pairs than axes (the last axes), and cuts that
+        // take a whole axis away or more than it has.
+        let x = t(&shape);
+        let pads: Vec<(usize, usize)> = cut.into_iter().take(shape.len()).collect();
+        let off = shape.len() - pads.len();
+        let mut want = Some(x.clone());
+        for (i, &(b, a)) in pads.iter().enumerate() {
+            let d = shape[off + i];
+            want = want.and_then(|w| (b + a <= d).then(|| w.narrow(off + i, b, d - b - a).unwrap()));
+        }
+        match want {
+            Some(w) => prop_assert_eq!(x.unpad(&pads).unwrap(), w),
+            None => prop_assert!(x.unpad(&pads).is_err()),
+        }
+    }
 }
 
 #[test]
