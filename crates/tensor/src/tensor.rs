@@ -291,7 +291,7 @@ impl<T: Elem> Tensor<T> {
         if self.rank() == 0 {
             return Ok(self.clone());
         }
-        if out_shape.iter().any(|&d| d == 0) {
+        if out_shape.contains(&0) {
             return Ok(Self::from_parts(Vec::new(), out_shape));
         }
         // One pass: each row of the last axis is a contiguous run of the source (a narrow
