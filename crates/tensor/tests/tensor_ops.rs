@@ -62,6 +62,24 @@ proptest! {
     }
 
     #[test]
+    fn sum_over_any_set_of_axes_matches_the_index_arithmetic(shape in prop::collection::vec(0usize..12, 0..5), mask in 0u32..32, keepdim in any::<bool>()) {
+        // Any subset of axes (trailing runs reduced or kept, runs of size-1 and empty axes,
+        // blocks longer than eight), against a sum per output element done by hand.
+        let x = t(&shape).map(|v| (v * 7.3).sin());
+        let axes: Vec<usize> = (0..shape.len()).filter(|&a| mask & (1 << a) != 0).collect();
+        let s = x.sum_axes(&axes, true).unwrap();
+        let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+        prop_assert_eq!(s.shape(), &kept[..]);
+        for idx in indices(&kept) {
+            let want: f64 = indices(&shape).into_iter().filter(|i| i.iter().enumerate().all(|(a, &v)| axes.contains(&a) || v == idx[a])).map(|i| at(&x, &i)).sum();
+            prop_assert!((at(&s, &idx) - want).abs() < 1e-9, "shape {:?} axes {:?} at {:?}: {} vs {}", shape, axes, idx, at(&s, &idx), want);
+        }
+        let d = x.sum_axes(&axes, keepdim).unwrap();
+        prop_assert_eq!(d.data(), s.data());
+        prop_assert_eq!(d.shape().len(), if keepdim { shape.len() } else { shape.len() - axes.len() });
+    }
+
+    #[test]
     fn pad_then_unpad_and_split_then_concat_are_identities(shape in prop::collection::vec(1usize..5, 1..4), b in 0usize..3, a in 0usize..3) {
         let x = t(&shape);
         let pads: Vec<(usize, usize)> = shape.iter().map(|_| (b, a)).collect();
