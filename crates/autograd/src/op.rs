@@ -195,7 +195,7 @@ impl<T: Elem> Op<T> {
         use ops::*;
         let some = |v: Vec<Tensor<T>>| v.into_iter().map(Some).collect();
         Ok(match self {
-            Op::Add | Op::Sub | Op::Mul | Op::Div => some(arith::binary_backward(self, g, &x[0], &x[1])?),
+            Op::Add | Op::Sub | Op::Mul | Op::Div => arith::binary_backward(self, g, &x[0], &x[1], needs)?,
             Op::Unary(u) => vec![Some(arith::unary_backward(*u, g, &x[0], y)?)],
             Op::Sum { axes, keepdim } => {
                 vec![Some(reduce::sum_backward(g, x[0].shape(), axes, *keepdim)?)]

@@ -29,19 +29,22 @@ fn binary<T: Elem>(a: &Var<T>, b: &Var<T>, op: Op<T>) -> Result<Var<T>> {
     Ok(Var::from_op(v, op, &[a, b]))
 }
 
-pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>) -> Result<Vec<Tensor<T>>> {
+pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>, needs: &[bool]) -> Result<Vec<Option<Tensor<T>>>> {
+    // Only the gradients asked for: one factor is often a constant (a dropout mask, the
+    // targets in a loss), whose product with g would be computed and dropped.
+    let need = |i: usize| needs.get(i).copied().unwrap_or(true);
     let (ga, gb) = match op {
-        Op::Add => (g.clone(), g.clone()),
-        Op::Sub => (g.clone(), g.scale(-T::one())),
-        Op::Mul => (g.mul(b)?, g.mul(a)?),
+        Op::Add => (need(0).then(|| g.clone()), need(1).then(|| g.clone())),
+        Op::Sub => (need(0).then(|| g.clone()), need(1).then(|| g.scale(-T::one()))),
+        Op::Mul => (need(0).then(|| g.mul(b)).transpose()?, need(1).then(|| g.mul(a)).transpose()?),
         _ => {
             // d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
             let ga = g.div(b)?;
-            let gb = ga.mul(a)?.div(b)?.scale(-T::one());
-            (ga, gb)
+            let gb = need(1).then(|| Ok::<_, stride_tensor::Error>(ga.mul(a)?.div(b)?.scale(-T::one()))).transpose()?;
+            (need(0).then_some(ga), gb)
         }
     };
-    Ok(vec![ga.sum_to(a.shape())?, gb.sum_to(b.shape())?])
+    Ok(vec![ga.map(|v| v.sum_to(a.shape())).transpose()?, gb.map(|v| v.sum_to(b.shape())).transpose()?])
 }
 
 /// y = f(x) for an element-wise function.
