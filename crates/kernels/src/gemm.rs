@@ -74,6 +74,45 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
     if aliasing_columns::<T>(m, n, b) && c_cs == 1 {
         return through_column_major(a, b, c, c_rs, accumulate, threads);
     }
+    // SAFETY: the asserts above keep every offset the product reads or writes inside the
+    // slices and every output element at its own offset; `c` is borrowed mutably for the
+    // call, so nothing else accesses it.
+    unsafe { packed(a, b, c.as_mut_ptr(), c_strides, accumulate, threads) }
+}
+
+/// A new row-major `a b` (m x n) whose elements the product writes without their being
+/// zeroed first, where it writes every one (k > 0 and the packed path): zeroing a 500 x 1024
+/// weight gradient cost as long as the product that then overwrote it.
+pub fn matmul_new<T: Elem>(a: MatRef<T>, b: MatRef<T>, threads: usize) -> Vec<T> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions {k} and {}", b.rows);
+    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "matmul: view out of bounds");
+    let len = m.checked_mul(n).expect("matmul: output size overflows");
+    if k == 0 || m <= 1 || n <= 1 || (m <= THIN_ROWS && a.cs == 1 && b.rs == 1) || aliasing_columns::<T>(m, n, b) {
+        let mut c = vec![T::zero(); len];
+        matmul(a, b, &mut c, n, false, threads);
+        return c;
+    }
+    let mut c = Vec::with_capacity(len);
+    // SAFETY: the views are in bounds (asserted above), the output has room for m x n
+    // row-major elements at distinct offsets, and `packed` without accumulation writes every
+    // one of them (k > 0) without reading any, so all `len` are initialised before set_len.
+    unsafe {
+        packed(a, b, c.as_mut_ptr(), (n, 1), false, threads);
+        c.set_len(len);
+    }
+    c
+}
+
+/// `c (+)= a b` through the library's packed kernels, split over `threads`.
+///
+/// # Safety
+/// The views' offsets must lie in their slices, the output's (m x n at `c_strides` from `c`)
+/// inside one allocation that nothing else accesses during the call, each at its own offset;
+/// k > 0. Without `accumulate` the output is only written, so it may be uninitialised.
+unsafe fn packed<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: *mut T, c_strides: (usize, usize), accumulate: bool, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (c_rs, c_cs) = c_strides;
     // More threads: one single-threaded product per block of the longer output side, run
     // on the pool. The library's own threading (`Parallelism::Rayon`) was slower than one
     // thread on the products of dense layers at small batches (x[32,1024] W^T with 500
@@ -89,7 +128,7 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
                 m,
                 n,
                 k,
-                c.as_mut_ptr(),
+                c,
                 c_strides,
                 accumulate,
                 a.data.as_ptr(),
@@ -102,17 +141,17 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
     }
     let parts = threads.min(m.saturating_mul(k).saturating_mul(n) / MIN_PART).max(1);
     let block = len.div_ceil(parts).next_multiple_of(SPLIT_ALIGN).min(len);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_ptr = SendPtr(c);
     let part = |start: usize| {
         let l = block.min(len - start);
         let (mm, nn) = if rows { (l, n) } else { (m, l) };
         let (a_at, b_at, c_at) = if rows { (start * a.rs, 0, start * c_rs) } else { (0, start * b.cs, start * c_cs) };
-        // SAFETY: the asserts above keep every offset the whole product reads or writes inside
-        // the slices and every output element at its own offset; a block is the whole
+        // SAFETY: the caller keeps every offset the whole product reads or writes inside its
+        // allocation and every output element at its own offset; a block is the whole
         // product restricted to rows (or columns) start..start + l, so its offsets are a
-        // subset, and blocks write disjoint elements. `c` is borrowed mutably for the call, so
-        // it cannot alias `a` or `b`; strides fit in isize because every offset is below a
-        // slice length.
+        // subset, and blocks write disjoint elements. Nothing else accesses the output, so it
+        // cannot alias `a` or `b`; strides fit in isize because every offset is below an
+        // allocation's length.
         unsafe {
             product(
                 mm,
@@ -366,6 +405,38 @@ mod tests {
                         }
                         assert!(c[i * c_rs + n..(i + 1) * c_rs].iter().all(|&v| v == 0.5), "m {m}: row {i}'s padding written");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_products_match_naive_product_over_reused_memory() {
+        // Every route: no inner dimension, one row or column, the dot-product path, the
+        // aliasing path, split blocks, the library's threading (k <= 64), transposed views.
+        // Each call first frees a NaN-filled block of the output's size, which the allocator
+        // tends to hand back: a product that read its uninitialised output would spread NaN.
+        let cases = [
+            (3, 0, 5, false),
+            (1, 9, 7, false),
+            (4, 33, 6, true),
+            (17, 512, 9, true),
+            (70, 150, 220, false),
+            (230, 150, 70, true),
+            (300, 40, 270, false),
+        ];
+        for (m, k, n, bt) in cases {
+            let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+            let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
+            let bm = if bt { MatRef::rows(&b, n, k).t() } else { MatRef::rows(&b, k, n) };
+            let bv = |p: usize, j: usize| if bt { b[j * k + p] } else { b[p * n + j] };
+            drop(std::hint::black_box(vec![f64::NAN; m * n]));
+            let c = matmul_new(MatRef::rows(&a, m, k), bm, 2);
+            assert_eq!(c.len(), m * n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want = (0..k).map(|p| a[i * k + p] * bv(p, j)).sum::<f64>();
+                    assert!((c[i * n + j] - want).abs() < 1e-9, "({m}, {k}, {n}) b^T {bt} ({i},{j}): {} vs {want}", c[i * n + j]);
                 }
             }
         }

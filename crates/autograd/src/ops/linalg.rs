@@ -1,6 +1,6 @@
 //! Matrix product (through the `gemm` crate) and the linear layer's function.
 
-use stride_kernels::gemm::{auto_threads, matmul as gemm, MatRef};
+use stride_kernels::gemm::{auto_threads, matmul_new, MatRef};
 use stride_tensor::{Elem, Result, Tensor};
 
 use crate::device::{route, Prim};
@@ -31,9 +31,7 @@ pub fn matmul_tensors<T: Elem>(a: &Tensor<T>, ta: bool, b: &Tensor<T>, tb: bool)
     }
     let (m, k, n) = (av.rows, av.cols, bv.cols);
     stride_tensor::shape::numel("matmul", &[m, n])?;
-    let mut c = vec![T::zero(); m * n];
-    gemm(av, bv, &mut c, n, false, auto_threads(m, k, n));
-    Tensor::from_vec(c, &[m, n])
+    Tensor::from_vec(matmul_new(av, bv, auto_threads(m, k, n)), &[m, n])
 }
 
 impl<T: Elem> Var<T> {

@@ -169,7 +169,7 @@ fn split_for(n: usize, t: usize) -> (bool, usize) {
 /// A convolution whose window is the whole input: y [N, K] = x [N, C*H*W] w^T.
 mod dense {
     use super::ConvGeom;
-    use crate::gemm::{auto_threads, matmul, MatRef};
+    use crate::gemm::{auto_threads, matmul, matmul_new, MatRef};
     use stride_tensor::Elem;
 
     pub(super) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
@@ -192,9 +192,7 @@ mod dense {
     /// dw [K, C*H*W] = dy^T [K, N] x [N, C*H*W].
     pub(super) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
         let crs = g.c * g.r * g.s;
-        let mut dw = vec![T::zero(); g.k * crs];
-        matmul(MatRef::rows(dy, g.n, g.k).t(), MatRef::rows(x, g.n, crs), &mut dw, crs, false, auto_threads(g.k, g.n, crs));
-        dw
+        matmul_new(MatRef::rows(dy, g.n, g.k).t(), MatRef::rows(x, g.n, crs), auto_threads(g.k, g.n, crs))
     }
 }
 
