@@ -36,11 +36,15 @@ fn series_past_linear(r: f32) -> f32 {
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(EXP_LO, EXP_HI);
     // x = n ln 2 + r, |r| <= ln 2 / 2
-    let n = (xc * LOG2_E + ROUND) - ROUND;
+    let shifted = xc * LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let er = 1.0 + r + series_past_linear(r);
+    // n as an integer from the low bits of `shifted` (ROUND's binade has a unit step): `n as
+    // i32` saturates, which compiled to a lane-by-lane conversion with checks.
+    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     // 2^n as 2^(n-1) * 2, so that n = 128 (x near EXP_HI) stays finite.
-    let scale = f32::from_bits(((n as i32 + 126) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(126) as u32) << 23);
     let y = er * scale * 2.0;
     if x > EXP_HI {
         f32::INFINITY
