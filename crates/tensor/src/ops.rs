@@ -20,15 +20,16 @@ impl<T: Elem> Tensor<T> {
         numel(op, &out)?;
         let a = self.expand(&out);
         let b = other.expand(&out);
-        let data = a.iter().zip(&b).map(|(&a, &b)| f(a, b)).collect();
+        let data = a.iter().zip(b.iter()).map(|(&a, &b)| f(a, b)).collect();
         Ok(Tensor::from_parts(data, out))
     }
 
-    fn expand(&self, to: &[usize]) -> Vec<T> {
+    /// The values broadcast to `to`: borrowed when the shape is already `to`.
+    fn expand(&self, to: &[usize]) -> std::borrow::Cow<'_, [T]> {
         if self.shape() == to {
-            return self.data().to_vec();
+            return std::borrow::Cow::Borrowed(self.data());
         }
-        gather_strided(self.data(), to, &shape::broadcast_strides(self.shape(), to), 0)
+        std::borrow::Cow::Owned(gather_strided(self.data(), to, &shape::broadcast_strides(self.shape(), to), 0))
     }
 
     pub fn add(&self, o: &Tensor<T>) -> Result<Self> {

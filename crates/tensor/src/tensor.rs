@@ -344,10 +344,13 @@ pub(crate) fn gather_strided<T: Copy>(src: &[T], shape: &[usize], strides: &[usi
     let mut pos = offset;
     let last = r - 1;
     loop {
-        // Innermost axis as a tight loop.
+        // Innermost axis as a tight loop: a run copied whole, a broadcast value repeated (a
+        // push per value cost ~1 ns, most of a bias add's or a broadcast's time).
         let (len, st) = (shape[last], strides[last]);
-        for i in 0..len {
-            out.push(src[pos + i * st]);
+        match st {
+            1 => out.extend_from_slice(&src[pos..pos + len]),
+            0 => out.resize(out.len() + len, src[pos]),
+            _ => out.extend((0..len).map(|i| src[pos + i * st])),
         }
         // Carry into the outer axes.
         let mut a = last;
