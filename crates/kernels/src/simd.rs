@@ -86,6 +86,21 @@ pub fn par_filled_init<T: Elem, S>(
     v
 }
 
+/// `n` values cut into chunks of `chunk`, each handed uninitialised to `fill(index, chunk)` on
+/// the thread pool, for fills that write every value anyway and would only pay for a zeroing
+/// pass first (a convolution's output filled with its bias, then added into).
+///
+/// # Safety
+/// `fill` must write every element of its chunk before it returns.
+pub unsafe fn par_written<T: Elem>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| fill(i, part));
+    // SAFETY: the chunks cover the first `n` elements, and the caller's `fill` wrote each.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `dst = src` for short rows without a call to `memcpy`, whose fixed cost dominates copies of
 /// a few dozen elements (im2col copies rows of 8 to 32 on LeNet-sized maps): two fixed-size
 /// copies from both ends, overlapping in the middle.
