@@ -231,7 +231,8 @@ pub fn backward_dx<T: Elem>(
     }
     let per = PLANE_VALUES.div_ceil(l);
     let terms = DxTerms { mean, invstd, gamma, batch };
-    crate::simd::par_filled(x.len(), per * l, |t, dxs| dx_planes(t * per, dxs, dy, x, c, l, &terms))
+    let coef = dx_coefs(c, &terms);
+    crate::simd::par_filled(x.len(), per * l, |t, dxs| dx_planes(t * per, dxs, dy, x, l, &coef))
 }
 
 /// The per-channel terms of the input's gradient (see [`backward_dx`]).
@@ -251,14 +252,15 @@ pub fn backward_dx_into<T: Elem>(dy: &[T], x: &[T], c: usize, l: usize, terms: &
         return;
     }
     let per = PLANE_VALUES.div_ceil(l);
-    dx.par_chunks_mut(per * l).enumerate().for_each(|(t, dxs)| dx_planes(t * per, dxs, dy, x, c, l, terms));
+    let coef = dx_coefs(c, terms);
+    dx.par_chunks_mut(per * l).enumerate().for_each(|(t, dxs)| dx_planes(t * per, dxs, dy, x, l, &coef));
 }
 
 /// The input gradient of the planes `first..` that `dxs` holds.
-fn dx_planes<T: Elem>(first: usize, dxs: &mut [T], dy: &[T], x: &[T], c: usize, l: usize, terms: &DxTerms<T>) {
+fn dx_planes<T: Elem>(first: usize, dxs: &mut [T], dy: &[T], x: &[T], l: usize, coef: &[[T; 3]]) {
     let at = first * l;
     let n = dxs.len();
-    affine_planes(dxs, &dy[at..at + n], &x[at..at + n], l, first, &dx_coefs(c, terms), false);
+    affine_planes(dxs, &dy[at..at + n], &x[at..at + n], l, first, coef, false);
 }
 
 /// Per channel, the (a, b, k) of the input's gradient: dx = g * (dy - dbeta/m - xhat *

@@ -2,6 +2,8 @@
 //! and [`multiversion!`](crate::multiversion), which compiles a kernel twice: for AVX2 (chosen
 //! at run time when the CPU has it) and portably.
 
+use std::mem::MaybeUninit;
+
 use stride_tensor::Elem;
 
 /// Whether this CPU runs the AVX2 builds of the kernels (cached by std after the first call).
@@ -71,19 +73,8 @@ pub fn par_filled_init<T: Elem, S>(
     init: impl Fn() -> S + Sync + Send,
     fill: impl Fn(&mut S, usize, &mut [T]) + Sync,
 ) -> Vec<T> {
-    use rayon::prelude::*;
-    use std::mem::MaybeUninit;
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, part)| {
-        part.fill(MaybeUninit::new(T::zero()));
-        // SAFETY: every element of `part` was initialised just above, and `MaybeUninit<T>`
-        // has the layout of `T`.
-        let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
-        fill(state, i, part);
-    });
-    // SAFETY: the chunks cover the first `n` elements, and each was initialised.
-    unsafe { v.set_len(n) };
-    v
+    // SAFETY: each chunk is zeroed (`filled`) before `fill` sees it, so every element is written.
+    unsafe { par_uninit(n, chunk, init, |state, i, part| fill(state, i, filled(part, T::zero()))) }
 }
 
 /// `n` values cut into chunks of `chunk`, each handed uninitialised to `fill(index, chunk)` on
@@ -92,10 +83,32 @@ pub fn par_filled_init<T: Elem, S>(
 ///
 /// # Safety
 /// `fill` must write every element of its chunk before it returns.
-pub unsafe fn par_written<T: Elem>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync) -> Vec<T> {
+pub unsafe fn par_written<T: Elem>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    // SAFETY: forwarded from the caller.
+    unsafe { par_uninit(n, chunk, || (), |_, i, part| fill(i, part)) }
+}
+
+/// `part` with every element set to `value`, as initialised values.
+pub fn filled<T: Copy>(part: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
+    part.fill(MaybeUninit::new(value));
+    // SAFETY: every element was initialised just above, and `MaybeUninit<T>` has the layout
+    // of `T`.
+    unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// The machinery of [`par_filled_init`] and [`par_written`].
+///
+/// # Safety
+/// `fill` must write every element of its chunk before it returns.
+unsafe fn par_uninit<T: Elem, S>(
+    n: usize,
+    chunk: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
     use rayon::prelude::*;
     let mut v: Vec<T> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| fill(i, part));
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, part)| fill(state, i, part));
     // SAFETY: the chunks cover the first `n` elements, and the caller's `fill` wrote each.
     unsafe { v.set_len(n) };
     v

@@ -355,9 +355,7 @@ fn gemm_forward<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Optio
             let mut col = Vec::new();
             for (j, o) in part.chunks_mut(chunk).enumerate() {
                 for (row, &bk) in o.chunks_mut(pq.max(1)).zip(b) {
-                    row.iter_mut().for_each(|v| {
-                        v.write(bk);
-                    });
+                    crate::simd::filled(row, bk);
                 }
                 // SAFETY: the loop above wrote every element of `o` (K rows of P*Q values,
                 // the whole image), and `MaybeUninit<T>` has the layout of `T`.
