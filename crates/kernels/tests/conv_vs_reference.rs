@@ -215,6 +215,34 @@ fn check_f32(c: &Case) {
 }
 
 #[test]
+fn strided_f32_direct_matches_reference() {
+    // f32, ungrouped, strided, output channels a multiple of 16: the direct kernel's register
+    // tiles (where the CPU has AVX-512F). Channel blocks of 16, 32 and 48 (a pair and a
+    // single), rows of 1 to 29 positions (whole tiles of 14, a short last tile), one image
+    // (tasks split over channel groups) or several, "same" and asymmetric padding, dilation,
+    // column strides 1 and 2 with row strides 1 to 3, B3's c7 in small.
+    let case =
+        |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
+    let cases = [
+        case(3, (5, 32), (11, 11), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
+        case(1, (3, 48), (20, 33), (3, 3), (2, 2), (1, 1), Padding::Same),
+        case(2, (4, 16), (9, 30), (3, 2), (2, 1), (2, 1), Padding::Explicit { top: 2, bottom: 0, left: 1, right: 3 }),
+        case(2, (2, 64), (7, 58), (5, 3), (1, 2), (1, 1), Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 }),
+        case(3, (6, 80), (10, 9), (1, 1), (3, 2), (1, 1), Padding::Valid),
+        case(5, (3, 32), (12, 12), (4, 4), (2, 2), (1, 1), Padding::Valid),
+        case(2, (3, 16), (4, 5), (3, 3), (2, 2), (1, 1), Padding::Valid),
+    ];
+    let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+    for c in &cases {
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
+        let g = ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &opts).unwrap();
+        assert_eq!(Algo::choose(&g), if avx512 { Algo::Direct } else { Algo::Im2col }, "{c:?}");
+        check_f32(c);
+        check(c).unwrap();
+    }
+}
+
+#[test]
 fn unpadded_f32_rows_match_reference() {
     // f32, unpadded, stride 1: the lowering copies each row's runs of Q values with AVX-512
     // loads and stores where the CPU has them, the last one masked. Runs of 1, 7, 9 (LeNet's

@@ -5,6 +5,7 @@
 
 mod depthwise;
 mod depthwise_avx2;
+mod direct;
 mod geom;
 mod im2col;
 pub mod planned;
@@ -41,6 +42,12 @@ pub enum Algo {
     /// with padding (small maps: the VAE generator's 4x4 "same" layer): one product per filter
     /// tap over only the positions where it lands inside the image (see `taps.rs`).
     Taps,
+    /// Ungrouped and strided (column stride at most 2), output channels a multiple of 16, f32
+    /// on a CPU with AVX-512F: a direct kernel with register tiles of output positions by
+    /// output channels that reads the image in place, no im2col copy (see `direct.rs`;
+    /// ResNet's 3x3 stride-2 downsamples, B3's c7: 209 -> 259 GFLOP/s forward). Forward only:
+    /// both gradients, and other element types, are lowered as for `Im2col`.
+    Direct,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer) unless the AVX2 tiles take their
     /// window (3x3 or 5x5, stride 1, maps at least 8 wide: then `Depthwise`): all K filters
@@ -61,6 +68,8 @@ impl Algo {
             Algo::Winograd
         } else if taps::applies(g) {
             Algo::Taps
+        } else if direct::applies(g) {
+            Algo::Direct
         } else {
             Algo::Im2col
         }
@@ -124,6 +133,7 @@ pub fn forward_workspace(g: &ConvGeom) -> Workspace {
         }
         Algo::Winograd => winograd::Plan::forward(g).workspace(),
         Algo::Taps => Workspace::taps(g),
+        Algo::Direct => direct::workspace(g),
         Algo::Im2col if data_side_by_side(g) > 1 => side_by_side_workspace(g),
         Algo::Im2col => Workspace::im2col(g),
     }
@@ -142,8 +152,8 @@ pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
-        Algo::Im2col if data_side_by_side(g) > 1 => side_by_side_workspace(g),
-        Algo::Im2col => Workspace::im2col(g),
+        Algo::Im2col | Algo::Direct if data_side_by_side(g) > 1 => side_by_side_workspace(g),
+        Algo::Im2col | Algo::Direct => Workspace::im2col(g),
     }
 }
 
@@ -200,9 +210,11 @@ mod dense {
 /// input (direct kernels forward) takes im2col's one product over all K filters instead of K
 /// direct passes added into each plane (B3's c1: ~35 GFLOP/s against ~29 for the whole
 /// backward pass). Training rarely asks for it: the first layer's input needs no gradient.
+/// The direct kernel is forward only.
 fn data_algo(g: &ConvGeom) -> Algo {
     match Algo::choose(g) {
         Algo::Depthwise if g.groups == 1 => Algo::Im2col,
+        Algo::Direct => Algo::Im2col,
         algo => algo,
     }
 }
@@ -216,6 +228,14 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
         Algo::Winograd => winograd::forward(g, x, w, bias),
         Algo::Taps => taps::forward(g, x, w, bias),
         Algo::Dense => dense::forward(g, x, w, bias),
+        Algo::Direct => match (crate::simd::as_f32(x), crate::simd::as_f32(w), bias.map(crate::simd::as_f32)) {
+            (Some(xf), Some(wf), None | Some(Some(_))) => {
+                let y = direct::forward(g, xf, wf, bias.and_then(crate::simd::as_f32));
+                *(Box::new(y) as Box<dyn std::any::Any>).downcast::<Vec<T>>().expect("T is f32")
+            }
+            // Other element types (f64, for gradient checks) are lowered to products.
+            _ => gemm_forward(g, Algo::Im2col, x, w, bias),
+        },
         algo => gemm_forward(g, algo, x, w, bias),
     }
 }
@@ -260,6 +280,7 @@ pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
         Algo::Winograd => winograd::backward_filter(g, x, dy),
         Algo::Taps => taps::backward_filter(g, x, dy),
         Algo::Dense => dense::backward_filter(g, x, dy),
+        Algo::Direct => gemm_backward_filter(g, Algo::Im2col, x, dy),
         algo => gemm_backward_filter(g, algo, x, dy),
     }
 }

@@ -156,11 +156,12 @@ pub fn blocks(g: &ConvGeom) -> bool {
 /// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (see
 /// [`single_channel`]) is planned as im2col, so that it runs in the blocked layout and needs
 /// no relayout before the next layer; inside each block it still runs the direct kernel.
+/// Strided layers (eager: `Algo::Direct`) are lowered in their blocks as well.
 fn plan_algo(g: &ConvGeom) -> Algo {
-    if single_channel(g) {
-        Algo::Im2col
-    } else {
-        Algo::choose(g)
+    match Algo::choose(g) {
+        _ if single_channel(g) => Algo::Im2col,
+        Algo::Direct => Algo::Im2col,
+        algo => algo,
     }
 }
 
@@ -236,7 +237,7 @@ pub fn forward_with<T: Elem>(
             winograd::forward_into(g, x, &w.w, epi, y);
             return;
         }
-        Algo::Depthwise | Algo::Taps | Algo::Dense => {
+        Algo::Depthwise | Algo::Taps | Algo::Dense | Algo::Direct => {
             y.copy_from_slice(&super::forward(g, x, &w.w, epi.bias));
             finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
