@@ -216,21 +216,21 @@ fn check_f32(c: &Case) {
 
 #[test]
 fn strided_f32_direct_matches_reference() {
-    // f32, ungrouped, strided, output channels a multiple of 16: the direct kernel's register
-    // tiles (where the CPU has AVX-512F). Channel blocks of 16, 32 and 48 (a pair and a
-    // single), rows of 1 to 29 positions (whole tiles of 14, a short last tile), one image
-    // (tasks split over channel groups) or several, "same" and asymmetric padding, dilation,
-    // column strides 1 and 2 with row strides 1 to 3, B3's c7 in small.
+    // f32, ungrouped, strided, output channels a multiple of 16, rows of at least 8 outputs:
+    // the direct kernel's register tiles (where the CPU has AVX-512F). Channel groups of 16,
+    // 32, 48 (a pair and a single), 64 and 80; rows of 8, 15, 17, 19, 29 and 33 positions
+    // (whole tiles of 14 and short last ones); one image (tasks split over channel groups) or
+    // several; "same" and asymmetric padding, dilation, strides (2, 2), (2, 1), (1, 2) and
+    // (3, 2); B3's c7 in small.
     let case =
         |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
     let cases = [
-        case(3, (5, 32), (11, 11), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
+        case(3, (5, 32), (11, 16), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
         case(1, (3, 48), (20, 33), (3, 3), (2, 2), (1, 1), Padding::Same),
         case(2, (4, 16), (9, 30), (3, 2), (2, 1), (2, 1), Padding::Explicit { top: 2, bottom: 0, left: 1, right: 3 }),
         case(2, (2, 64), (7, 58), (5, 3), (1, 2), (1, 1), Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 }),
-        case(3, (6, 80), (10, 9), (1, 1), (3, 2), (1, 1), Padding::Valid),
-        case(5, (3, 32), (12, 12), (4, 4), (2, 2), (1, 1), Padding::Valid),
-        case(2, (3, 16), (4, 5), (3, 3), (2, 2), (1, 1), Padding::Valid),
+        case(3, (6, 80), (10, 31), (2, 2), (3, 2), (1, 1), Padding::Valid),
+        case(5, (3, 32), (12, 40), (4, 4), (2, 2), (1, 1), Padding::Valid),
     ];
     let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
     for c in &cases {
@@ -240,6 +240,11 @@ fn strided_f32_direct_matches_reference() {
         check_f32(c);
         check(c).unwrap();
     }
+    // Rows of fewer than 8 outputs, and 1x1 windows, stay lowered (they ran slower direct).
+    let geo =
+        |x: [usize; 4], w: [usize; 4]| ConvGeom::conv2d(&x, &w, &Conv2dOptions::default().stride(2).padding(Padding::uniform(w[2] / 2))).unwrap();
+    assert_eq!(Algo::choose(&geo([2, 8, 8, 8], [16, 8, 3, 3])), Algo::Im2col, "rows of 4");
+    assert_eq!(Algo::choose(&geo([2, 8, 32, 32], [16, 8, 1, 1])), Algo::Im2col, "1x1");
 }
 
 #[test]

@@ -25,10 +25,14 @@ use super::ConvGeom;
 const B_MAIN: usize = 2;
 const W_MAIN: usize = 14;
 
-/// Whether the direct kernel takes this convolution: ungrouped, strided (stride-1 3x3 goes to
-/// Winograd, 1x1 to `Pointwise`), output channels a multiple of 16, on a CPU with AVX-512F.
+/// Whether the direct kernel takes this convolution: ungrouped, strided with a column stride
+/// of at most 2 (stride-1 3x3 goes to Winograd), a window of more than one tap, output
+/// channels a multiple of 16, rows of at least 8 outputs, on a CPU with AVX-512F. Narrower
+/// rows make narrow tiles, and a 1x1 window few steps per tile: on ResNet-18's layers
+/// (batch 32) the 3x3 stride-2 layers with rows of 16 and 8 ran 214 -> 244 and 229 -> 252
+/// GFLOP/s here, but with rows of 4 231 -> 117, and the 1x1 stride-2 shortcuts 135-190 -> 127-142.
 pub(super) fn applies(g: &ConvGeom) -> bool {
-    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride != (1, 1) && g.stride.1 <= 2 && available()
+    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride != (1, 1) && g.stride.1 <= 2 && g.r * g.s > 1 && g.q >= 8 && available()
 }
 
 fn available() -> bool {
@@ -52,22 +56,26 @@ pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
 fn pack_filters(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
     let crs = g.c * g.r * g.s;
     let mut packed = vec![0f32; g.k * crs];
-    for (kb, block) in packed.chunks_exact_mut(16 * crs).enumerate() {
-        for (i, lanes) in block.chunks_exact_mut(16).enumerate() {
-            for (l, v) in lanes.iter_mut().enumerate() {
-                *v = w[(kb * 16 + l) * crs + i];
+    for (gi, group) in packed.chunks_mut(16 * B_MAIN * crs).enumerate() {
+        let lanes = group.len() / crs;
+        for (i, step) in group.chunks_exact_mut(lanes).enumerate() {
+            for (l, v) in step.iter_mut().enumerate() {
+                *v = w[(gi * 16 * B_MAIN + l) * crs + i];
             }
         }
     }
     packed
 }
 
-/// Image `n` of `x` copied into `buf` with its zero border: [C, H + top + bottom, W + left +
-/// right].
+/// Image `xn` copied into `buf` with its zero border: [C, H + top + bottom, W + left +
+/// right]. The border is written only when `buf` is new: images of the same geometry leave
+/// it zero, and zeroing the whole copy again took a tenth of c7's time.
 fn pad_image(g: &ConvGeom, xn: &[f32], buf: &mut Vec<f32>) {
     let (hp, wp) = (g.h + g.pad.0 + g.pad.1, g.w + g.pad.2 + g.pad.3);
-    buf.clear();
-    buf.resize(g.c * hp * wp, 0.0);
+    if buf.len() != g.c * hp * wp {
+        buf.clear();
+        buf.resize(g.c * hp * wp, 0.0);
+    }
     for (plane, dst) in xn.chunks_exact(g.h * g.w).zip(buf.chunks_exact_mut(hp * wp)) {
         for (row, d) in plane.chunks_exact(g.w).zip(dst[g.pad.0 * wp..].chunks_exact_mut(wp)) {
             d[g.pad.2..g.pad.2 + g.w].copy_from_slice(row);
@@ -111,35 +119,32 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
                 pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
                 *held = n;
             }
-            let mut k = ks.start;
-            while k < ks.end {
-                let b = ((ks.end - k) / 16).min(B_MAIN);
-                for p in 0..g.p {
-                    for q0 in (0..g.q).step_by(W_MAIN) {
-                        let width = W_MAIN.min(g.q - q0);
-                        // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
-                        unsafe {
-                            tile(
-                                (width, b),
-                                &bordered[p * g.stride.0 * wp + q0 * g.stride.1..],
-                                &taps,
-                                (g.c, hp * wp, g.stride.1),
-                                &packed[(k / 16) * 16 * crs..],
-                                crs,
-                                bias.map(|bs| &bs[k..k + 16 * b]),
-                                &mut out[(k - ks.start) * pq + p * g.q + q0..],
-                                pq,
-                            )
-                        };
-                    }
+            // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
+            let b = ks.len() / 16;
+            let filters = &packed[ks.start * crs..ks.end * crs];
+            for p in 0..g.p {
+                for q0 in (0..g.q).step_by(W_MAIN) {
+                    let width = W_MAIN.min(g.q - q0);
+                    // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
+                    unsafe {
+                        tile(
+                            (width, b),
+                            &bordered[p * g.stride.0 * wp + q0 * g.stride.1..],
+                            &taps,
+                            (g.c, hp * wp, g.stride.1),
+                            filters,
+                            bias.map(|bs| &bs[ks.clone()]),
+                            &mut out[p * g.q + q0..],
+                            pq,
+                        )
+                    };
                 }
-                k += 16 * b;
             }
         },
     );
     // SAFETY: the parts cover the first `len` values, and each task wrote all of its part:
-    // its channels in steps of 16 * b (K is a multiple of 16), every output row, and the
-    // tiles of every row cover positions 0..Q.
+    // all of its channels (16 * b, K being a multiple of 16) in every output row, whose tiles
+    // cover positions 0..Q.
     unsafe { y.set_len(len) };
     y
 }
@@ -156,16 +161,16 @@ unsafe fn tile(
     taps: &[usize],
     (c, cs, sw): (usize, usize, usize),
     packed: &[f32],
-    crs: usize,
     bias: Option<&[f32]>,
     out: &mut [MaybeUninit<f32>],
     ld: usize,
 ) {
     // Every input value read is x[ci * cs + taps[t] + j * sw] for ci < c, j < width; every
-    // filter vector packed[bi * 16 * crs + (ci * taps.len() + t) * 16..][..16]; every output
+    // filter vector packed[((ci * taps.len() + t) * b + bi) * 16..][..16]; every output
     // out[(16 * bi + l) * ld + j].
     let max_off = taps.iter().copied().max().unwrap_or(0);
-    assert!(sw <= 2 && c * taps.len() == crs, "direct tile: stride or taps");
+    let crs = c * taps.len();
+    assert!(sw <= 2 && bias.is_none_or(|bs| bs.len() >= 16 * b), "direct tile: stride or bias");
     assert!(taps.is_empty() || c == 0 || x.len() > (c - 1) * cs + max_off + (width - 1) * sw, "direct tile: input too short");
     assert!(b >= 1 && packed.len() >= b * 16 * crs, "direct tile: filters too short");
     assert!(out.len() >= (16 * b - 1) * ld + width, "direct tile: output too short");
@@ -175,8 +180,8 @@ unsafe fn tile(
             ($b:literal; $($w:literal)*) => {
                 match width {
                     $($w => match sw {
-                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), crs, bias, out.as_mut_ptr().cast::<f32>(), ld) },
-                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), crs, bias, out.as_mut_ptr().cast::<f32>(), ld) },
+                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, out.as_mut_ptr().cast::<f32>(), ld) },
+                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, out.as_mut_ptr().cast::<f32>(), ld) },
                     },)*
                     _ => unreachable!("direct tile: width {width}"),
                 }
@@ -204,7 +209,6 @@ mod x86 {
         c: usize,
         cs: usize,
         packed: *const f32,
-        crs: usize,
         bias: Option<&[f32]>,
         out: *mut f32,
         ld: usize,
@@ -214,11 +218,11 @@ mod x86 {
         for ci in 0..c {
             // SAFETY (every access): see `super::tile`'s checks.
             let xc = unsafe { x.add(ci * cs) };
-            let wc = unsafe { packed.add(ci * rs * 16) };
+            let wc = unsafe { packed.add(ci * rs * 16 * B) };
             for (t, &off) in taps.iter().enumerate() {
                 let xp = unsafe { xc.add(off) };
-                let wt = unsafe { wc.add(t * 16) };
-                let wv: [__m512; B] = std::array::from_fn(|bi| unsafe { _mm512_loadu_ps(wt.add(bi * 16 * crs)) });
+                let wt = unsafe { wc.add(t * 16 * B) };
+                let wv: [__m512; B] = std::array::from_fn(|bi| unsafe { _mm512_loadu_ps(wt.add(bi * 16)) });
                 for (j, row) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(unsafe { *xp.add(j * SW) });
                     for (a, &wvb) in row.iter_mut().zip(&wv) {
