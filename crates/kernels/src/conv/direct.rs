@@ -24,6 +24,8 @@ use super::ConvGeom;
 /// the compiler spilled one accumulator; 6 x 4 measured the same as 14 x 2).
 const B_MAIN: usize = 2;
 const W_MAIN: usize = 14;
+// The tiles compiled in `tile`: 1 or 2 blocks of 16 channels, 1 to 14 positions.
+const _: () = assert!(B_MAIN == 2 && W_MAIN <= 14);
 
 /// Whether the direct kernel takes this convolution: ungrouped, strided with a column stride
 /// of at most 2 (stride-1 3x3 goes to Winograd), a window of more than one tap, output
@@ -188,12 +190,12 @@ unsafe fn tile(
             };
         }
         match b {
-            4 => widths!(4; 1 2 3 4 5 6),
-            3 => widths!(3; 1 2 3 4 5 6 7),
             2 => widths!(2; 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
             _ => widths!(1; 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("direct tile: no kernel for this architecture (`applies` is false)");
 }
 
 #[cfg(target_arch = "x86_64")]
