@@ -3,17 +3,18 @@
 //! image cost a third as much as the product on c7, and whose columns the `gemm` crate then
 //! packed again.
 //!
-//! The filters are repacked 16 output channels at a time, [K/16][C][R][S][16]. An output tile
-//! is `W` positions of one output row by `16 * B` output channels, `W * B` accumulators held in
-//! registers; each step broadcasts one input value per position and multiplies it into `B`
-//! filter vectors, over every input channel and tap. The input is read from a zero-bordered
-//! copy of the image, one per thread (its cost is a few percent of the products; tiles of
+//! The filters are repacked a group of 32 output channels at a time, [K/32][C][R][S][32]. An
+//! output tile is `W` positions of one output row by `16 * B` output channels, `W * B`
+//! accumulators held in registers; each step broadcasts one input value per position and
+//! multiplies it into `B` filter vectors (one 128-byte run), over every input channel and
+//! tap. The input is read from a zero-bordered copy of the image, one per thread (tiles of
 //! their own for the border positions, with only their valid taps, cost more: a one-position
 //! tile runs at a fraction of the wide tile's rate). The column stride is a constant of the
 //! compiled tile (1 or 2), so the `W` broadcasts of a step are fixed offsets from one pointer.
 //!
 //! Measured on B3's c7 (8 x 64 -> 128, 56 x 56, 3 x 3, stride 2), 2 threads: 209 GFLOP/s
-//! through im2col, 250-275 here; one thread about 140, 70% of the FMA units' peak.
+//! through im2col, 280-300 here on a quiet machine; one thread 140-150, about 65-70% of the
+//! FMA units' peak (205-230 with a loop of independent multiply-adds).
 
 use std::mem::MaybeUninit;
 
@@ -54,7 +55,8 @@ pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
     super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: bordered as u64, ..super::Workspace::default() }
 }
 
-/// The filters [K, C, R, S] as [K/16][C*R*S][16].
+/// The filters [K, C, R, S] as [K/32][C*R*S][32]: each group of 16 * B_MAIN output channels
+/// (fewer in the last) with a step's filter vectors side by side.
 fn pack_filters(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
     let crs = g.c * g.r * g.s;
     let mut packed = vec![0f32; g.k * crs];
