@@ -51,8 +51,8 @@ fn available() -> bool {
 
 /// The repacked filters (shared) and one bordered image per thread.
 pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
-    let bordered = g.c * (g.h + g.pad.0 + g.pad.1) * (g.w + g.pad.2 + g.pad.3);
-    super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: bordered as u64, ..super::Workspace::default() }
+    let (hp, wp) = g.bordered_size();
+    super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: (g.c * hp * wp) as u64, ..super::Workspace::default() }
 }
 
 /// The filters [K, C, R, S] as [K/32][C*R*S][32]: each group of 16 * B_MAIN output channels
@@ -71,11 +71,11 @@ fn pack_filters(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
     packed
 }
 
-/// Image `xn` copied into `buf` with its zero border: [C, H + top + bottom, W + left +
-/// right]. The border is written only when `buf` is new: images of the same geometry leave
+/// Image `xn` copied into `buf` with its zero border: [C][bordered_size()], the padded image
+/// (a forward geometry's windows never reach past it). The border is written only when `buf` is new: images of the same geometry leave
 /// it zero, and zeroing the whole copy again took a tenth of c7's time.
 fn pad_image(g: &ConvGeom, xn: &[f32], buf: &mut Vec<f32>) {
-    let (hp, wp) = (g.h + g.pad.0 + g.pad.1, g.w + g.pad.2 + g.pad.3);
+    let (hp, wp) = g.bordered_size();
     if buf.len() != g.c * hp * wp {
         buf.clear();
         buf.resize(g.c * hp * wp, 0.0);
@@ -95,7 +95,7 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
     assert!(x.len() == g.n * chw && w.len() == g.k * crs, "direct convolution: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.k), "direct convolution: bias size");
     let packed = pack_filters(g, w);
-    let (hp, wp) = (g.h + g.pad.0 + g.pad.1, g.w + g.pad.2 + g.pad.3);
+    let (hp, wp) = g.bordered_size();
     // Tap (r, s) of output (p, q) reads the bordered plane at (p * sh + r * dh, q * sw + s * dw).
     let taps: Vec<usize> = (0..rs).map(|t| (t / g.s) * g.dilation.0 * wp + (t % g.s) * g.dilation.1).collect();
     // A task: one image's outputs for a group of 16 * B_MAIN channels (fewer in the last).

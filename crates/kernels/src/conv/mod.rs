@@ -228,8 +228,9 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
         Algo::Winograd => winograd::forward(g, x, w, bias),
         Algo::Taps => taps::forward(g, x, w, bias),
         Algo::Dense => dense::forward(g, x, w, bias),
-        Algo::Direct => match (crate::simd::as_f32(x), crate::simd::as_f32(w), bias.map(crate::simd::as_f32)) {
-            (Some(xf), Some(wf), None | Some(Some(_))) => {
+        // `T` is f32 exactly when `x` reads as f32, and then so does the bias.
+        Algo::Direct => match (crate::simd::as_f32(x), crate::simd::as_f32(w)) {
+            (Some(xf), Some(wf)) => {
                 let y = direct::forward(g, xf, wf, bias.and_then(crate::simd::as_f32));
                 *(Box::new(y) as Box<dyn std::any::Any>).downcast::<Vec<T>>().expect("T is f32")
             }
