@@ -221,7 +221,7 @@ fn strided_f32_direct_matches_reference() {
     // 32, 48 (a pair and a single), 64 and 80; rows of 8, 15, 17, 19, 29 and 33 positions
     // (whole tiles of 14 and short last ones); one image (tasks split over channel groups) or
     // several; "same" and asymmetric padding, dilation, strides (2, 2), (2, 1), (1, 2) and
-    // (3, 2); B3's c7 in small.
+    // (3, 2); B3's c7 in small; 16, 32 and 37 input channels (the kernel's chunks of 16).
     let case =
         |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
     let cases = [
@@ -231,6 +231,11 @@ fn strided_f32_direct_matches_reference() {
         case(2, (2, 64), (7, 58), (5, 3), (1, 2), (1, 1), Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 }),
         case(3, (6, 80), (10, 31), (2, 2), (3, 2), (1, 1), Padding::Valid),
         case(5, (3, 32), (12, 40), (4, 4), (2, 2), (1, 1), Padding::Valid),
+        // Input channels in chunks of 16 (partial sums kept between chunks): one whole chunk,
+        // two, and two plus a short one.
+        case(1, (16, 16), (8, 17), (3, 3), (2, 2), (1, 1), Padding::Same),
+        case(2, (32, 48), (9, 30), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
+        case(2, (37, 32), (10, 19), (3, 3), (2, 1), (1, 1), Padding::uniform(1)),
     ];
     let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
     for c in &cases {

@@ -6,15 +6,16 @@
 //! The filters are repacked a group of 32 output channels at a time, [K/32][C][R][S][32]. An
 //! output tile is `W` positions of one output row by `16 * B` output channels, `W * B`
 //! accumulators held in registers; each step broadcasts one input value per position and
-//! multiplies it into `B` filter vectors (one 128-byte run), over every input channel and
-//! tap. The input is read from a zero-bordered copy of the image, one per thread (tiles of
+//! multiplies it into `B` filter vectors (one 128-byte run), over a chunk of 16 input
+//! channels and every tap, the sums kept between chunks (`CHUNK`). The input is read from a zero-bordered copy of the image, one per thread (tiles of
 //! their own for the border positions, with only their valid taps, cost more: a one-position
 //! tile runs at a fraction of the wide tile's rate). The column stride is a constant of the
 //! compiled tile (1 or 2), so the `W` broadcasts of a step are fixed offsets from one pointer.
 //!
 //! Measured on B3's c7 (8 x 64 -> 128, 56 x 56, 3 x 3, stride 2), 2 threads: 209 GFLOP/s
-//! through im2col, 280-300 here on a quiet machine; one thread 140-150, about 65-70% of the
-//! FMA units' peak (205-230 with a loop of independent multiply-adds).
+//! through im2col, 280-300 here on a quiet machine over all channels at once and 325-355 in
+//! chunks; one thread 140-150 (chunks: 165-175), about 65-75% of the FMA units' peak (205-230
+//! with a loop of independent multiply-adds).
 
 use std::mem::MaybeUninit;
 
@@ -24,6 +25,12 @@ use super::ConvGeom;
 /// accumulators, 2 filter vectors and a broadcast in 32 registers (7 x 4 needs 33, and
 /// the compiler spilled one accumulator; 6 x 4 measured the same as 14 x 2).
 const B_MAIN: usize = 2;
+/// Input channels per pass over a task's tiles: the pass's filters (16 x R x S x 32 values,
+/// 18 KB on c7) stay in the first-level cache across its tiles, where a tile over all 64
+/// channels streamed 74 KB of them from the second level; the tiles' sums wait in a buffer
+/// between passes. c7 with 2 threads, interleaved: 309-339 -> 325-355 GFLOP/s (medians 320 ->
+/// 331); chunks of 8 measured the same, of 32 slower.
+const CHUNK: usize = 16;
 const W_MAIN: usize = 14;
 // The tiles compiled in `tile`: 1 or 2 blocks of 16 channels, 1 to 14 positions.
 const _: () = assert!(B_MAIN == 2 && W_MAIN <= 14);
@@ -49,10 +56,17 @@ fn available() -> bool {
     }
 }
 
-/// The repacked filters (shared) and one bordered image per thread.
+/// The repacked filters (shared), and per thread one bordered image and the tiles' partial sums.
 pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
     let (hp, wp) = g.bordered_size();
-    super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: (g.c * hp * wp) as u64, ..super::Workspace::default() }
+    let per_thread = g.c * hp * wp + partial_sums(g);
+    super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: per_thread as u64, ..super::Workspace::default() }
+}
+
+/// Values of a task's partial sums between chunks of input channels: every tile of an output
+/// plane, [P][Q / W_MAIN rounded up][W_MAIN][16 * B_MAIN].
+fn partial_sums(g: &ConvGeom) -> usize {
+    g.p * g.q.div_ceil(W_MAIN) * W_MAIN * 16 * B_MAIN
 }
 
 /// The filters [K, C, R, S] as [K/32][C*R*S][32]: each group of 16 * B_MAIN output channels
@@ -116,8 +130,8 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
         rest = tail;
     }
     parts.into_par_iter().enumerate().with_min_len(per.max(1)).for_each_init(
-        || (usize::MAX, Vec::new()),
-        |(held, bordered), (t, out)| {
+        || (usize::MAX, Vec::new(), Vec::new()),
+        |(held, bordered, parts), (t, out)| {
             let (ks, n) = (channels(t), t / groups);
             if *held != n {
                 pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
@@ -126,22 +140,31 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
             // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
             let b = ks.len() / 16;
             let filters = &packed[ks.start * crs..ks.end * crs];
-            for p in 0..g.p {
-                for q0 in (0..g.q).step_by(W_MAIN) {
-                    let width = W_MAIN.min(g.q - q0);
-                    // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
-                    unsafe {
-                        tile(
-                            (width, b),
-                            &bordered[p * g.stride.0 * wp + q0 * g.stride.1..],
-                            &taps,
-                            (g.c, hp * wp, g.stride.1),
-                            filters,
-                            bias.map(|bs| &bs[ks.clone()]),
-                            &mut out[p * g.q + q0..],
-                            pq,
-                        )
-                    };
+            // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `parts`
+            // from one chunk to the next and written out after the last.
+            let row_tiles = g.q.div_ceil(W_MAIN);
+            parts.resize(partial_sums(g), 0f32);
+            for c0 in (0..g.c).step_by(CHUNK) {
+                let cn = CHUNK.min(g.c - c0);
+                let (first, last) = (c0 == 0, c0 + cn == g.c);
+                for p in 0..g.p {
+                    for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
+                        let width = W_MAIN.min(g.q - q0);
+                        let part = &mut parts[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
+                        // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
+                        unsafe {
+                            tile(
+                                (width, b),
+                                &bordered[c0 * hp * wp + p * g.stride.0 * wp + q0 * g.stride.1..],
+                                &taps,
+                                (cn, hp * wp, g.stride.1),
+                                &filters[c0 * rs * 16 * b..],
+                                bias.map(|bs| &bs[ks.clone()]),
+                                (&mut out[p * g.q + q0..], part, first, last),
+                                pq,
+                            )
+                        };
+                    }
                 }
             }
         },
@@ -153,8 +176,10 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
     y
 }
 
-/// One tile of `width` positions by `16 * b` channels (see the module's comment), written to
-/// `out[(16 * bi + l) * ld + j]` for channel `16 * bi + l` and position `j`.
+/// One tile of `width` positions by `16 * b` channels (see the module's comment) over `c`
+/// input channels, its sums started from `part` ([width][b][16]) unless `first`, and left
+/// there unless `last`, when they are written with the bias to `out[(16 * bi + l) * ld + j]`
+/// for channel `16 * bi + l` and position `j`.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -166,9 +191,10 @@ unsafe fn tile(
     (c, cs, sw): (usize, usize, usize),
     packed: &[f32],
     bias: Option<&[f32]>,
-    out: &mut [MaybeUninit<f32>],
+    (out, part, first, last): (&mut [MaybeUninit<f32>], &mut [f32], bool, bool),
     ld: usize,
 ) {
+    assert!(part.len() >= width * 16 * b, "direct tile: partial sums too short");
     // Every input value read is x[ci * cs + taps[t] + j * sw] for ci < c, j < width; every
     // filter vector packed[((ci * taps.len() + t) * b + bi) * 16..][..16]; every output
     // out[(16 * bi + l) * ld + j].
@@ -184,8 +210,8 @@ unsafe fn tile(
             ($b:literal; $($w:literal)*) => {
                 match width {
                     $($w => match sw {
-                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, out.as_mut_ptr().cast::<f32>(), ld) },
-                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, out.as_mut_ptr().cast::<f32>(), ld) },
+                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out.as_mut_ptr().cast::<f32>(), part.as_mut_ptr(), first, last), ld) },
+                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out.as_mut_ptr().cast::<f32>(), part.as_mut_ptr(), first, last), ld) },
                     },)*
                     _ => unreachable!("direct tile: width {width}"),
                 }
@@ -214,11 +240,18 @@ mod x86 {
         cs: usize,
         packed: *const f32,
         bias: Option<&[f32]>,
-        out: *mut f32,
+        (out, part, first, last): (*mut f32, *mut f32, bool, bool),
         ld: usize,
     ) {
         let rs = taps.len();
         let mut acc = [[_mm512_setzero_ps(); B]; W];
+        if !first {
+            for (j, row) in acc.iter_mut().enumerate() {
+                for (bi, a) in row.iter_mut().enumerate() {
+                    *a = unsafe { _mm512_loadu_ps(part.add((j * B + bi) * 16)) };
+                }
+            }
+        }
         for ci in 0..c {
             // SAFETY (every access): see `super::tile`'s checks.
             let xc = unsafe { x.add(ci * cs) };
@@ -234,6 +267,14 @@ mod x86 {
                     }
                 }
             }
+        }
+        if !last {
+            for (j, row) in acc.iter().enumerate() {
+                for (bi, a) in row.iter().enumerate() {
+                    unsafe { _mm512_storeu_ps(part.add((j * B + bi) * 16), *a) };
+                }
+            }
+            return;
         }
         // Channel 16 * bi + l of position j goes to out[(16 * bi + l) * ld + j].
         for bi in 0..B {
