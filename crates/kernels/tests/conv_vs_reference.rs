@@ -220,8 +220,9 @@ fn strided_f32_direct_matches_reference() {
     // the direct kernel's register tiles (where the CPU has AVX-512F). Channel groups of 16,
     // 32, 48 (a pair and a single), 64 and 80; rows of 8, 15, 17, 19, 29 and 33 positions
     // (whole tiles of 14 and short last ones); one image (tasks split over channel groups) or
-    // several; "same" and asymmetric padding, dilation, strides (2, 2), (2, 1), (1, 2) and
-    // (3, 2); B3's c7 in small; 16, 32 and 37 input channels (the kernel's chunks of 16).
+    // several; "same" and asymmetric padding, padding several positions deep on every side,
+    // dilation, strides (2, 2), (2, 1), (1, 2) and (3, 2); B3's c7 in small; 16, 32 and 37
+    // input channels (the kernel's chunks of 16).
     let case =
         |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
     let cases = [
@@ -230,6 +231,9 @@ fn strided_f32_direct_matches_reference() {
         case(2, (4, 16), (9, 30), (3, 2), (2, 1), (2, 1), Padding::Explicit { top: 2, bottom: 0, left: 1, right: 3 }),
         case(2, (2, 64), (7, 58), (5, 3), (1, 2), (1, 1), Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 }),
         case(3, (6, 80), (10, 31), (2, 2), (3, 2), (1, 1), Padding::Valid),
+        // Padding on every side, several rows and columns deep.
+        case(2, (5, 32), (9, 12), (3, 3), (2, 2), (1, 1), Padding::Explicit { top: 3, bottom: 3, left: 4, right: 2 }),
+        case(1, (3, 16), (4, 17), (5, 5), (2, 2), (2, 2), Padding::uniform(4)),
         case(5, (3, 32), (12, 40), (4, 4), (2, 2), (1, 1), Padding::Valid),
         // Input channels in chunks of 16 (partial sums kept between chunks): one whole chunk,
         // two, and two plus a short one.
