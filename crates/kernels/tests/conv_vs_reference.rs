@@ -120,6 +120,49 @@ fn every_algorithm_is_exercised() {
 }
 
 #[test]
+fn filter_gradients_over_many_columns_match_reference() {
+    // Lowered filter gradients summing over at least 2,048 columns (N*P*Q) with more rows of
+    // columns than filters are summed transposed and turned round: 5x5 windows (im2col), two
+    // groups, a strided layer, a 1x1 one with more channels than filters; and, not turned,
+    // more filters than rows of columns.
+    let case = |n, (cg, kg, groups), (h, w), (r, s), stride| Case {
+        n,
+        cg,
+        kg,
+        groups,
+        h,
+        w,
+        r,
+        s,
+        stride,
+        dilation: (1, 1),
+        padding: Padding::Valid,
+        bias: true,
+    };
+    let cases = [
+        case(4, (3, 4, 1), (30, 30), (5, 5), (1, 1)),
+        case(3, (2, 3, 2), (36, 34), (3, 5), (1, 1)),
+        case(9, (5, 16, 1), (33, 31), (3, 3), (2, 2)),
+        case(3, (20, 6, 1), (27, 27), (1, 1), (1, 1)),
+        case(3, (1, 12, 1), (30, 30), (3, 3), (1, 1)),
+    ];
+    for c in &cases {
+        let g = ConvGeom::conv2d(
+            &[c.n, c.cg * c.groups, c.h, c.w],
+            &[c.kg * c.groups, c.cg, c.r, c.s],
+            &Conv2dOptions { stride: c.stride, groups: c.groups, ..Conv2dOptions::default() },
+        )
+        .unwrap();
+        assert!(
+            g.n * g.p * g.q >= 2048 && matches!(Algo::choose(&g), Algo::Im2col | Algo::Pointwise | Algo::Direct | Algo::Depthwise),
+            "{c:?}: {:?}",
+            Algo::choose(&g)
+        );
+        check(c).unwrap();
+    }
+}
+
+#[test]
 fn tap_by_tap_matches_reference() {
     // Tap by tap needs 16 channels and much padding, which the random cases never have:
     // small maps with "same", explicit, strided (rows, and rows and columns) and dilated padding, batches that split over

@@ -166,6 +166,19 @@ fn large_blocks_are_lowered_in_chunks() {
 }
 
 #[test]
+fn filter_gradients_over_many_columns_match_reference() {
+    // At least 2,048 columns (N*P*Q) and more rows of columns than filters: the blocks' filter
+    // gradients are summed transposed and turned round (5x5 im2col and 1x1 layers, blocks of
+    // 2 and 4 images, and NCHW).
+    let o = Conv2dOptions::default();
+    for (x, w) in [([4, 3, 30, 30], [4, 3, 5, 5]), ([5, 12, 24, 24], [5, 12, 1, 1])] {
+        for b in [1, 2, 4] {
+            check_backward(x, w, o, b).unwrap();
+        }
+    }
+}
+
+#[test]
 fn relayout_round_trips_and_places_channels() {
     let (n, c, plane) = (5, 3, 4);
     let x: Vec<f64> = (0..n * c * plane).map(|i| i as f64).collect();

@@ -519,6 +519,17 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
     let (pq, hw, crs, kg) = (g.p * g.q, g.h * g.w, g.cg() * g.r * g.s, g.kg());
     let (by_image, threads) = split(g.n);
     let side_by_side = if algo == Algo::Im2col && pq > 0 { FILTER_GRAD_COLUMNS.div_ceil(pq) } else { 1 };
+    // Each group's sums as dw^T [C/g*R*S, K/g] where that pays (`sum_transposed`), turned
+    // round at the end.
+    let transposed = sum_transposed(g, crs, kg);
+    // dw[group] (+)= dy [K/g, cols] x col^T [cols, C/g*R*S], or its transpose.
+    let product = |dyg: MatRef<T>, cols: MatRef<T>, dwg: &mut [T]| {
+        if transposed {
+            matmul(cols, dyg.t(), dwg, kg, true, threads);
+        } else {
+            matmul(dyg, cols.t(), dwg, crs, true, threads);
+        }
+    };
     // Partial sums over a range of images; the ranges are summed at the end.
     let partial = |images: std::ops::Range<usize>| -> Vec<T> {
         let mut dw = vec![T::zero(); g.k * crs];
@@ -537,8 +548,7 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
                         im2col::im2col(g, xg(first), &mut col);
                         &col
                     };
-                    // dw[group] [K/g, C/g*R*S] += dy [K/g, PQ] x col^T [PQ, C/g*R*S]
-                    matmul(MatRef::rows(dyg(first), kg, pq), MatRef::rows(cols, crs, pq).t(), dwg, crs, true, threads);
+                    product(MatRef::rows(dyg(first), kg, pq), MatRef::rows(cols, crs, pq), dwg);
                     continue;
                 }
                 // The same over nb images side by side: dy [K/g, nb*PQ] x col^T [nb*PQ, ...].
@@ -549,22 +559,66 @@ fn gemm_backward_filter<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) ->
                     im2col::im2col_strided(g, xg(first + j), &mut col[j * pq..], ld);
                     place_side_by_side(dyg(first + j), pq, j, ld, &mut dyb);
                 }
-                matmul(MatRef::rows(&dyb, kg, ld), MatRef::rows(&col, crs, ld).t(), dwg, crs, true, threads);
+                product(MatRef::rows(&dyb, kg, ld), MatRef::rows(&col, crs, ld), dwg);
             }
         }
         dw
     };
-    if !by_image {
-        return partial(0..g.n);
-    }
-    let t = rayon::current_num_threads().min(g.n).max(1);
-    let parts: Vec<Vec<T>> = (0..t).into_par_iter().map(|i| partial(i * g.n / t..(i + 1) * g.n / t)).collect();
-    let mut iter = parts.into_iter();
-    let mut dw = iter.next().unwrap_or_else(|| vec![T::zero(); g.k * crs]);
-    for p in iter {
-        for (a, b) in dw.iter_mut().zip(p) {
-            *a += b;
+    let mut dw = if by_image {
+        let t = rayon::current_num_threads().min(g.n).max(1);
+        let parts: Vec<Vec<T>> = (0..t).into_par_iter().map(|i| partial(i * g.n / t..(i + 1) * g.n / t)).collect();
+        let mut iter = parts.into_iter();
+        let mut dw = iter.next().unwrap_or_else(|| vec![T::zero(); g.k * crs]);
+        for p in iter {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        dw
+    } else {
+        partial(0..g.n)
+    };
+    if transposed {
+        for sums in dw.chunks_exact_mut((kg * crs).max(1)) {
+            let turned = transposed_sums(sums, crs, kg);
+            sums.copy_from_slice(&turned);
         }
     }
     dw
+}
+
+/// Whether a lowered filter gradient with `crs` rows of columns and `kg` filters per group is
+/// summed as dw^T = col x dy^T and turned round ([`transposed_sums`]) rather than as dw = dy x
+/// col^T: with more rows of columns than filters the `gemm` crate runs the first faster,
+/// single-threaded 132 -> 156 GFLOP/s for LeNet's second layer (K = 50, C*R*S = 500, 324
+/// columns a product), 148 -> 194 for the VAE generator's 4x4 -> 7x7 layer (128, 1024, 256),
+/// and with fewer the second (LeNet's first layer, 20 filters over 9 rows: 106 against 92).
+/// The turn is a pass over dw, paid back only where each value sums over enough columns (N*P*Q):
+/// interleaved call by call, whole filter gradients ran 1,106 -> 1,058 us (LeNet's second
+/// layer, 5,184 columns), 3,458 -> 3,117 (B3's c7, 6,272), 5,020 -> 4,443 (ResNet-18's 32 x 32
+/// -> 16 x 16 downsample, 8,192), but 648 -> 707 for the VAE layer and 5,160 -> 6,013 for
+/// ResNet-18's 8 x 8 -> 4 x 4 (512 each).
+pub(crate) fn sum_transposed(g: &ConvGeom, crs: usize, kg: usize) -> bool {
+    crs > kg && g.n * g.p * g.q >= 2048
+}
+
+/// `sums` [rows][cols] transposed, [cols][rows]: a filter gradient summed as dw^T (see
+/// [`sum_transposed`]).
+/// Written in runs of 16 along the output's rows, read down 16 of the input's, 16 output rows
+/// per task: writes a whole output row apart (`rows` values, 4 KB for the VAE layer, all in
+/// one cache set) took 407 us there, more than the product; this way 95 us on one thread.
+pub(crate) fn transposed_sums<T: Elem>(sums: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const B: usize = 16;
+    assert!(sums.len() >= rows * cols, "transposed_sums: {} values for {rows} x {cols}", sums.len());
+    crate::simd::par_filled(rows * cols, (B * rows).max(1), |task, part| {
+        for i0 in (0..rows).step_by(B) {
+            let i1 = (i0 + B).min(rows);
+            for (jj, row) in part.chunks_exact_mut(rows.max(1)).enumerate() {
+                let j = task * B + jj;
+                for (i, o) in (i0..i1).zip(&mut row[i0..i1]) {
+                    *o = sums[i * cols + j];
+                }
+            }
+        }
+    })
 }

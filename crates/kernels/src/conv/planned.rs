@@ -459,11 +459,11 @@ fn backward_with<T: Elem>(
     let wm = MatRef::rows(w, g.k, crs);
     let with_bias = db.is_some();
     // Filter and bias gradients: block j's partial sums from its output gradient `dyb` (one
-    // block per task), added at the end. With more rows of columns than filters the partial
-    // sums are dw^T [CRS, K], the product's wide side first: LeNet's second layer (K = 50,
-    // CRS = 500, 486 columns a piece) ran 136 -> 170 GFLOP/s a thread that way round (an
-    // output written transposed straight into dw ran 138).
-    let transposed = crs > g.k;
+    // block per task), added at the end; as dw^T [CRS, K] where that pays
+    // (`super::sum_transposed`): LeNet's second layer (K = 50, CRS = 500, 486 columns a piece)
+    // ran 136 -> 170 GFLOP/s a thread that way round (an output written transposed straight
+    // into dw ran 138).
+    let transposed = super::sum_transposed(g, crs, g.k);
     let partial = |j: usize, dyb: &[T], col: &mut Vec<T>| -> (Vec<T>, Vec<T>) {
         let mut dwj = vec![T::zero(); g.k * crs];
         let bj = b.min(g.n - j * b);
@@ -514,16 +514,12 @@ fn backward_with<T: Elem>(
     };
     dw.fill(T::zero());
     for (p, _) in &parts {
-        if transposed {
-            // dw [K, CRS] += p^T, p being [CRS, K].
-            for (i, row) in p.chunks_exact(g.k).enumerate() {
-                for (k, &v) in row.iter().enumerate() {
-                    dw[k * crs + i] += v;
-                }
-            }
-        } else {
-            dw.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
-        }
+        dw.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
+    }
+    if transposed {
+        // The sums were dw^T [CRS, K].
+        let turned = super::transposed_sums(dw, crs, g.k);
+        dw.copy_from_slice(&turned);
     }
     if let Some(db) = db {
         db.fill(T::zero());
