@@ -172,9 +172,13 @@ fn single_channel(g: &ConvGeom) -> bool {
     g.groups == 1 && Algo::choose(g) == Algo::Depthwise
 }
 
-/// Elements of one block's column matrix held at once: about 1 MiB of f32, so the lowered
-/// images stay in the second-level cache while the product reads them.
-const COLUMN_ELEMENTS: usize = 1 << 18;
+/// Elements of one block's column matrix held at once: about 512 KiB of f32, so the lowered
+/// images, and the `gemm` crate's packed copy of them, stay in the second-level cache while
+/// the product reads them. Twice as many (6 of LeNet's second-layer images a piece instead of
+/// 3) ran its products at 154 against 163-173 GFLOP/s a thread forward; lenet_train
+/// interleaved, four rounds: 12,465-13,253 -> 12,760-13,972 images/s, lenet_infer 39,967-43,047
+/// -> 42,284-47,831, resnet18_infer and _train within the noise.
+const COLUMN_ELEMENTS: usize = 1 << 17;
 
 /// y = act(conv(x, w) + bias + residual), `x` and `y` (and the residual) in `layout`, which
 /// must be NCHW unless [`blocks`] says otherwise. `y` is overwritten.
@@ -184,7 +188,7 @@ pub fn forward_into<T: Elem>(g: &ConvGeom, layout: Layout, x: &[T], w: &Prepared
 
 /// Buffers the blocked convolutions lower into, one pair per thread of the pool, kept by a
 /// caller that runs many (a plan) so that its steady state neither allocates nor zeroes
-/// them: at most about 2 MiB per thread (see `COLUMN_ELEMENTS`).
+/// them: at most about 1 MiB per thread (see `COLUMN_ELEMENTS`).
 pub struct Scratch<T> {
     per_thread: Vec<Mutex<(Vec<T>, Vec<T>)>>,
 }
