@@ -97,6 +97,7 @@ fn group(n: usize) -> String {
 }
 
 fn main() {
+    memory::keep_freed_memory();
     // `stride summary resnet50 | head` should end quietly when the reader closes the pipe, as
     // other command-line tools do, rather than panic in println!.
     #[cfg(unix)]
