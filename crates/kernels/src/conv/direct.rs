@@ -7,10 +7,11 @@
 //! output tile is `W` positions of one output row by `16 * B` output channels, `W * B`
 //! accumulators held in registers; each step broadcasts one input value per position and
 //! multiplies it into `B` filter vectors (one 128-byte run), over a chunk of 16 input
-//! channels and every tap, the sums kept between chunks (`CHUNK`). The input is read from a zero-bordered copy of the image, one per thread (tiles of
-//! their own for the border positions, with only their valid taps, cost more: a one-position
-//! tile runs at a fraction of the wide tile's rate). The column stride is a constant of the
-//! compiled tile (1 or 2), so the `W` broadcasts of a step are fixed offsets from one pointer.
+//! channels and every tap, the sums kept between chunks (`CHUNK`). The input is read from a
+//! zero-bordered copy of the image, one per thread (tiles of their own for the border
+//! positions, with only their valid taps, cost more: a one-position tile runs at a fraction
+//! of the wide tile's rate). The column stride is a constant of the compiled tile (1 or 2), so
+//! the `W` broadcasts of a step are fixed offsets from one pointer.
 //!
 //! Measured on B3's c7 (8 x 64 -> 128, 56 x 56, 3 x 3, stride 2), 2 threads: 209 GFLOP/s
 //! through im2col, 280-300 here on a quiet machine over all channels at once and 325-355 in
@@ -131,7 +132,7 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
     }
     parts.into_par_iter().enumerate().with_min_len(per.max(1)).for_each_init(
         || (usize::MAX, Vec::new(), Vec::new()),
-        |(held, bordered, parts), (t, out)| {
+        |(held, bordered, sums), (t, out)| {
             let (ks, n) = (channels(t), t / groups);
             if *held != n {
                 pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
@@ -140,17 +141,17 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
             // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
             let b = ks.len() / 16;
             let filters = &packed[ks.start * crs..ks.end * crs];
-            // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `parts`
+            // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `sums`
             // from one chunk to the next and written out after the last.
             let row_tiles = g.q.div_ceil(W_MAIN);
-            parts.resize(partial_sums(g), 0f32);
+            sums.resize(partial_sums(g), 0f32);
             for c0 in (0..g.c).step_by(CHUNK) {
                 let cn = CHUNK.min(g.c - c0);
                 let (first, last) = (c0 == 0, c0 + cn == g.c);
                 for p in 0..g.p {
                     for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
                         let width = W_MAIN.min(g.q - q0);
-                        let part = &mut parts[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
+                        let part = &mut sums[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
                         // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
                         unsafe {
                             tile(

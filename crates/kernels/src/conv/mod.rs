@@ -604,6 +604,7 @@ pub(crate) fn sum_transposed(g: &ConvGeom, crs: usize, kg: usize) -> bool {
 
 /// `sums` [rows][cols] transposed, [cols][rows]: a filter gradient summed as dw^T (see
 /// [`sum_transposed`]).
+///
 /// Written in runs of 16 along the output's rows, read down 16 of the input's, 16 output rows
 /// per task: writes a whole output row apart (`rows` values, 4 KB for the VAE layer, all in
 /// one cache set) took 407 us there, more than the product; this way 95 us on one thread.
