@@ -605,21 +605,28 @@ pub(crate) fn sum_transposed(g: &ConvGeom, crs: usize, kg: usize) -> bool {
 /// `sums` [rows][cols] transposed, [cols][rows]: a filter gradient summed as dw^T (see
 /// [`sum_transposed`]).
 ///
-/// Written in runs of 16 along the output's rows, read down 16 of the input's, 16 output rows
-/// per task: writes a whole output row apart (`rows` values, 4 KB for the VAE layer, all in
-/// one cache set) took 407 us there, more than the product; this way 95 us on one thread.
+/// A task per run of output rows (at most 1,024, one run per thread when there are fewer),
+/// each transposed through tiles of 16 (`transpose_part`).
 pub(crate) fn transposed_sums<T: Elem>(sums: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const B: usize = 16;
     assert!(sums.len() >= rows * cols, "transposed_sums: {} values for {rows} x {cols}", sums.len());
-    crate::simd::par_filled(rows * cols, (B * rows).max(1), |task, part| {
-        for i0 in (0..rows).step_by(B) {
-            let i1 = (i0 + B).min(rows);
-            for (jj, row) in part.chunks_exact_mut(rows.max(1)).enumerate() {
-                let j = task * B + jj;
-                for (i, o) in (i0..i1).zip(&mut row[i0..i1]) {
-                    *o = sums[i * cols + j];
-                }
+    let per = cols.div_ceil(rayon::current_num_threads().max(1)).clamp(1, 1024);
+    crate::simd::par_filled(rows * cols, (per * rows).max(1), |task, out| transpose_part(sums, rows, cols, task * per, out))
+}
+
+/// Rows `first..` of x^T into `out` ([out.len() / rows][rows]), for `x` [rows][cols]: tiles of
+/// 16 columns, each read as `rows` runs of 16 values and written as 16 runs of `rows` (a
+/// column at a time, with a stride of `rows` across the whole block, was a fifth of the
+/// filter gradient of the VAE generator's 4x4 layer).
+fn transpose_part<T: Elem>(x: &[T], rows: usize, cols: usize, first: usize, out: &mut [T]) {
+    const B: usize = 16;
+    let mut tile = vec![T::zero(); B * rows];
+    for (j0, block) in out.chunks_mut(B * rows.max(1)).enumerate() {
+        let (at, w) = (first + j0 * B, block.len() / rows.max(1));
+        for r in 0..rows {
+            for (j, &v) in x[r * cols + at..][..w].iter().enumerate() {
+                tile[j * rows + r] = v;
             }
         }
-    })
+        block.copy_from_slice(&tile[..block.len()]);
+    }
 }

@@ -301,26 +301,7 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
         },
     );
     // Tap-major [R*S][K*C] into [K*C][R*S], a block of filters per task.
-    const BLOCK: usize = 1024;
-    crate::simd::par_filled(kc * rs, BLOCK * rs.max(1), |b, out| transpose_part(&tap_major, rs, kc, b * BLOCK, out))
-}
-
-/// Rows `first..` of x^T into `out` ([out.len() / rows][rows]), for `x` [rows][cols]: tiles of
-/// 16 columns, each read as `rows` runs of 16 values and written as 16 runs of `rows` (a
-/// column at a time, with a stride of `rows` across the whole block, was a fifth of the
-/// filter gradient of the VAE generator's 4x4 layer).
-fn transpose_part<T: Elem>(x: &[T], rows: usize, cols: usize, first: usize, out: &mut [T]) {
-    const B: usize = 16;
-    let mut tile = vec![T::zero(); B * rows];
-    for (j0, block) in out.chunks_mut(B * rows.max(1)).enumerate() {
-        let (at, w) = (first + j0 * B, block.len() / rows.max(1));
-        for r in 0..rows {
-            for (j, &v) in x[r * cols + at..][..w].iter().enumerate() {
-                tile[j * rows + r] = v;
-            }
-        }
-        block.copy_from_slice(&tile[..block.len()]);
-    }
+    super::transposed_sums(&tap_major, rs, kc)
 }
 
 #[cfg(test)]
