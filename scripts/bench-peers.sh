@@ -52,4 +52,22 @@ for name, by in figs.items():
             ratios.append(v / best)
     best_impl = max(peers, key=lambda k: med(peers[k])) if peers else "-"
     print(f"| {name} | {med(by.get('stride', {})):,.1f} | {med(by.get('stride-eager', {})):,.1f} | {med(peers.get(best_impl, {})):,.1f} ({best_impl}) | {statistics.median(ratios) if ratios else float('nan'):.2f} |")
+# B3: one row per shape, forward and backward, Stride's GFLOP/s per round against the best
+# peer of the same round.
+convs = {}
+for r in rows:
+    if r["bench"] in ("conv_fwd", "conv_bwd"):
+        convs.setdefault((r["shape"], r["bench"]), {}).setdefault(r["impl"], {})[r["round"]] = r["value"]
+if convs:
+    print("\n| shape | pass | stride per round | best peer per round | stride / best peer (median of rounds) |")
+    print("|---|---|---|---|---|")
+    for (shape, bench), by in sorted(convs.items()):
+        mine, peers, ratios = by.get("stride", {}), {k: v for k, v in by.items() if not k.startswith("stride")}, []
+        bests = []
+        for rnd in sorted(mine):
+            impl, best = max(((k, p[rnd]) for k, p in peers.items() if rnd in p), key=lambda kv: kv[1], default=(None, None))
+            if best:
+                ratios.append(mine[rnd] / best)
+                bests.append(f"{best:,.1f} ({impl})")
+        print(f"| {shape} | {bench[5:]} | {' / '.join(f'{mine[k]:,.1f}' for k in sorted(mine))} | {' / '.join(bests)} | {statistics.median(ratios) if ratios else float('nan'):.2f} |")
 PY
