@@ -163,6 +163,24 @@ fn filter_gradients_over_many_columns_match_reference() {
 }
 
 #[test]
+fn images_side_by_side_match_reference() {
+    // Small maps put several images' columns side by side in one product, fewer where the
+    // filters have many rows (C*R*S > 2,048: 64 columns a block, not 256): 2x2 and 4x4 outputs,
+    // batches whose shares end in a partial block.
+    let case =
+        |n, cg, (h, w)| Case { n, cg, kg: 8, groups: 1, h, w, r: 4, s: 4, stride: (1, 1), dilation: (1, 1), padding: Padding::Valid, bias: true };
+    for c in [case(40, 144, (5, 5)), case(10, 130, (7, 7)), case(7, 20, (5, 5))] {
+        let g = ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &Conv2dOptions::default()).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Im2col, "{c:?}");
+        let (held, columns) = (conv::backward_data_workspace(&g).held_images, (g.p * g.q) as u64);
+        if c.cg * 16 > 2048 {
+            assert!(held * columns <= 64 + columns, "{c:?}: {held} images of {columns} columns");
+        }
+        check(&c).unwrap();
+    }
+}
+
+#[test]
 fn tap_by_tap_matches_reference() {
     // Tap by tap needs 16 channels and much padding, which the random cases never have:
     // small maps with "same", explicit, strided (rows, and rows and columns) and dilated padding, batches that split over
