@@ -189,6 +189,8 @@ fn tap_by_tap_matches_reference() {
         |n, (cg, kg), (h, w), (r, s), stride, dilation, padding| Case { n, cg, kg, groups: 1, h, w, r, s, stride, dilation, padding, bias: true };
     let cases = [
         case(3, (16, 20), (4, 4), (4, 4), (1, 1), (1, 1), Padding::Same),
+        // K*C not a multiple of the filter copy's blocks of 16.
+        case(2, (17, 19), (4, 4), (4, 4), (1, 1), (1, 1), Padding::Same),
         case(2, (24, 16), (2, 3), (3, 3), (1, 1), (1, 1), Padding::uniform(1)),
         case(5, (16, 17), (5, 4), (3, 2), (2, 1), (1, 1), Padding::Explicit { top: 2, bottom: 1, left: 0, right: 3 }),
         case(1, (17, 16), (3, 3), (3, 3), (1, 1), (2, 2), Padding::uniform(2)),
