@@ -62,8 +62,8 @@ if convs:
     print("\n| shape | pass | stride per round | best peer per round | stride / best peer (median of rounds) |")
     print("|---|---|---|---|---|")
     for (shape, bench), by in sorted(convs.items()):
-        mine, peers, ratios = by.get("stride", {}), {k: v for k, v in by.items() if not k.startswith("stride")}, []
-        bests = []
+        mine, peers = by.get("stride", {}), {k: v for k, v in by.items() if not k.startswith("stride")}
+        ratios, bests = [], []
         for rnd in sorted(mine):
             impl, best = max(((k, p[rnd]) for k, p in peers.items() if rnd in p), key=lambda kv: kv[1], default=(None, None))
             if best:

@@ -511,8 +511,9 @@ fn place_side_by_side<T: Copy>(src: &[T], pq: usize, j: usize, ld: usize, dst: &
 /// 166 GFLOP/s, with 8 images 199, with 4 202.
 const SIDE_BY_SIDE_ELEMENTS: usize = 1 << 17;
 
-/// How many images the im2col forward and data gradient put side by side: one where each
-/// image's P*Q columns make a wide enough product on their own, or for grouped convolutions.
+/// How many images the im2col forward and data gradient put side by side: enough for 256
+/// columns, fewer where that would pass [`SIDE_BY_SIDE_ELEMENTS`]; one where each image's P*Q
+/// columns make a wide enough product on their own, or for grouped convolutions.
 fn data_side_by_side(g: &ConvGeom) -> usize {
     let (pq, crs) = (g.p * g.q, g.cg() * g.r * g.s);
     if g.groups == 1 && pq > 0 && pq < FILTER_GRAD_COLUMNS / 2 {
