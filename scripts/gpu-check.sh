@@ -2,10 +2,13 @@
 # The GPU check of the CUDA backend (issue 14), for a machine with an NVIDIA GPU, in one go
 # (under 8 minutes on an H200):
 #   1. `stride devices --check`: every primitive forward and backward on the GPU against the
-#      CPU engine, within 1e-4 of the CPU tensor's largest magnitude;
+#      CPU engine, within 1e-4 of the CPU tensor's largest magnitude, with convolutions on
+#      columns and again on cuDNN (STRIDE_CUDNN=1);
 #   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`);
 #   3. `stride bench --device cuda` (B1, B2, B4) beside PyTorch eager on the same GPU, in the
-#      same run, with the ratios.
+#      same run, with the ratios: Stride on columns, with cuDNN in FP32 and with cuDNN in TF32
+#      (PyTorch's default arithmetic), PyTorch with its defaults and in FP32; then where
+#      ResNet-18's time goes, per primitive.
 # Usage: scripts/gpu-check.sh [path/to/stride]   (default target/release/stride; build it on a
 # machine of the same type and carry it over). Results go to $OUT (default: a temporary folder).
 set -uo pipefail
@@ -15,8 +18,8 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "no stride binary at $BIN (cargo build --release -p stride-cli)" >&2; exit 1; }
 
-# The driver (libcuda.so.1) is on the loader's path; cuBLAS and NVRTC come from a CUDA toolkit
-# or from PyTorch's nvidia-* wheels.
+# The driver (libcuda.so.1) is on the loader's path; cuBLAS, NVRTC and cuDNN come from a CUDA
+# toolkit or from PyTorch's nvidia-* wheels.
 libs=$(python3 scripts/gpu/cuda_libs.py)
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "CUDA libraries from: ${libs:-the default loader path}"
@@ -28,6 +31,9 @@ echo "== 1. every primitive against the CPU"
 SECONDS=0
 timeout 90 "$BIN" devices --check 2>&1 | tee "$OUT/check.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CHECK FAILED"; status=1; }
+echo "-- again with convolutions on cuDNN (STRIDE_CUDNN=1)"
+STRIDE_CUDNN=1 timeout 90 "$BIN" devices --check 2>&1 | tee "$OUT/check-cudnn.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CUDNN CHECK FAILED"; status=1; }
 
 echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 2. the tutorial CNN, one epoch on the GPU"
@@ -38,26 +44,20 @@ tail -n 4 "$OUT/train.txt"
 
 echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
-timeout 120 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/stride.jsonl" 2> "$OUT/stride.err" || { cat "$OUT/stride.err"; echo "STRIDE BENCH FAILED"; status=1; }
+bench() {  # bench NAME [VAR=VALUE]: stride's figures into $OUT/NAME.jsonl
+    local name=$1; shift
+    env "$@" timeout 120 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/$name.jsonl" 2> "$OUT/$name.err" \
+        || { tail -n 5 "$OUT/$name.err"; echo "STRIDE BENCH ($name) FAILED"; status=1; }
+}
+bench stride STRIDE_CUDNN=1
+bench stride-columns STRIDE_CUDNN=0
+bench stride-tf32 STRIDE_CUDNN=tf32
 echo "   stride: ${SECONDS} s"
 timeout 120 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
 TORCH_FP32=1 timeout 120 python3 scripts/gpu/torch_bench.py > "$OUT/torch-fp32.jsonl" 2>> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH FP32 BENCH FAILED"; status=1; }
-python3 - "$OUT/stride.jsonl" "$OUT/torch.jsonl" "$OUT/torch-fp32.jsonl" <<'PY' | tee "$OUT/ratios.txt"
-import json, sys
-def read(p):
-    out = {}
-    for line in open(p):
-        line = line.strip()
-        if line.startswith("{"):
-            r = json.loads(line)
-            out[r["bench"]] = r["value"]
-    return out
-s, t, f = (read(p) for p in sys.argv[1:4])
-ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-print(f"{'figure':<16} {'stride':>10} {'torch':>10} {'ratio':>6} {'torch fp32':>11} {'ratio':>6}   (images/s on the GPU; torch: cuDNN in TF32, its default)")
-for k in sorted(set(s) | set(t)):
-    a, b, c = s.get(k), t.get(k), f.get(k)
-    print(f"{k:<16} {a or '-':>10} {b or '-':>10} {ratio(a, b):>6} {c or '-':>11} {ratio(a, c):>6}")
-PY
+python3 scripts/gpu/ratios.py "$OUT" | tee "$OUT/ratios.txt"
+echo "-- where ResNet-18's training step goes (each call waited for)"
+STRIDE_CUDNN=1 STRIDE_CUDA_PROFILE=sync timeout 90 "$BIN" bench --device cuda --bench resnet18 --reps 10 > /dev/null 2> "$OUT/profile.txt" || status=1
+head -n 16 "$OUT/profile.txt"
 echo "results in $OUT"
 exit $status

@@ -17,6 +17,9 @@ pub struct Agreement {
     /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]), or `sgd_update` /
     /// `adam_update` for an optimizer's update.
     pub primitive: &'static str,
+    /// Which of several cases of one primitive this is (the convolutions' geometries, which a
+    /// backend may route differently); empty for the one case of the others.
+    pub case: &'static str,
     pub forward: f64,
     /// Over every input's gradient.
     pub backward: f64,
@@ -25,6 +28,8 @@ pub struct Agreement {
 /// A function of the case's inputs.
 type Net<T> = dyn Fn(&[Var<T>]) -> Result<Var<T>>;
 type Case<T> = (&'static str, Vec<Tensor<T>>, Box<Net<T>>);
+/// A case with a label: one of several of its primitive.
+type Labelled<T> = (&'static str, &'static str, Vec<Tensor<T>>, Box<Net<T>>);
 
 /// One case per primitive (reshape, which shares storage on any device, rides along in others).
 fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
@@ -83,6 +88,42 @@ fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
     ])
 }
 
+/// More convolutions: the geometries of LeNet, ResNet, MobileNet and the VAE, which a GPU
+/// backend may send down different routes (cuDNN, or columns where cuDNN's symmetric padding
+/// cannot say the same thing), each checked forward and backward.
+fn convolution_cases<T: Elem>() -> Result<Vec<Labelled<T>>> {
+    let mut rng = Rng::seed(17);
+    let mut r = |s: &[usize]| rng.normal::<T>(s, 0.0, 1.0);
+    let o = Conv2dOptions::default;
+    let conv = |label, x, w, bias: Option<Tensor<T>>, opts: Conv2dOptions| {
+        let mut inputs = vec![x, w];
+        inputs.extend(bias);
+        let net: Box<Net<T>> = Box::new(move |v: &[Var<T>]| conv2d(&v[0], &v[1], v.get(2), &opts));
+        ("conv2d", label, inputs, net)
+    };
+    let tconv = |label, x, w, opts: Conv2dOptions| {
+        let net: Box<Net<T>> = Box::new(move |v: &[Var<T>]| conv_transpose2d(&v[0], &v[1], None, &opts));
+        ("conv_transpose2d", label, vec![x, w], net)
+    };
+    Ok(vec![
+        conv("5x5 valid, bias (LeNet)", r(&[2, 3, 9, 9])?, r(&[4, 3, 5, 5])?, Some(r(&[4])?), o()),
+        conv("3x3 pad 1, bias", r(&[2, 8, 6, 6])?, r(&[8, 8, 3, 3])?, Some(r(&[8])?), o().padding(Padding::uniform(1))),
+        conv("3x3 stride 2 pad 1 (ResNet)", r(&[2, 4, 7, 7])?, r(&[6, 4, 3, 3])?, None, o().stride(2).padding(Padding::uniform(1))),
+        conv("1x1 stride 2 (ResNet shortcut)", r(&[2, 4, 6, 6])?, r(&[6, 4, 1, 1])?, None, o().stride(2)),
+        conv("3x3 depthwise same", r(&[2, 4, 5, 5])?, r(&[4, 1, 3, 3])?, None, o().padding(Padding::Same).groups(4)),
+        conv("3x3 same stride 2, even size", r(&[1, 2, 6, 6])?, r(&[3, 2, 3, 3])?, None, o().stride(2).padding(Padding::Same)),
+        tconv("4x4 from 1x1 (VAE)", r(&[2, 5, 1, 1])?, r(&[5, 3, 4, 4])?, o()),
+        tconv("4x4 stride 2 pad 1 (VAE)", r(&[2, 4, 3, 3])?, r(&[4, 3, 4, 4])?, o().stride(2).padding(Padding::uniform(1))),
+        tconv("4x4 same (VAE)", r(&[2, 4, 4, 4])?, r(&[4, 3, 4, 4])?, o().padding(Padding::Same)),
+        tconv(
+            "3x3 stride 2 pad 1 output padding 1, groups 2",
+            r(&[2, 4, 3, 3])?,
+            r(&[4, 2, 3, 3])?,
+            o().stride(2).padding(Padding::uniform(1)).output_padding(1).groups(2),
+        ),
+    ])
+}
+
 /// Training-mode batch norm, then an eval-mode pass with the running statistics it moved (so
 /// they are checked too), summed.
 fn batch_norm_both_modes<T: Elem>(v: &[Var<T>]) -> Result<Var<T>> {
@@ -136,11 +177,12 @@ fn relative<T: Elem>(have: &Tensor<T>, want: &Tensor<T>) -> f64 {
 /// from the device (a missing kernel, a device fault) is returned with the primitive named.
 pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
     let mut out = Vec::new();
-    for (name, inputs, f) in cases::<T>()? {
+    let labelled = cases::<T>()?.into_iter().map(|(name, inputs, f)| (name, "", inputs, f));
+    for (name, case, inputs, f) in labelled.chain(convolution_cases::<T>()?) {
         let (y_cpu, g_cpu) = run(&inputs, Device::Cpu, f.as_ref())?;
-        let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{name} on {device}: {e}")))?;
+        let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{name} {case} on {device}: {e}")))?;
         let backward = g_cpu.iter().zip(&g_dev).fold(0.0f64, |m, (a, b)| m.max(relative(b, a)));
-        out.push(Agreement { primitive: name, forward: relative(&y_dev, &y_cpu), backward });
+        out.push(Agreement { primitive: name, case, forward: relative(&y_dev, &y_cpu), backward });
     }
     // The optimizers' updates (not primitives, but run by the backend too): the new weight as
     // "forward", the new state as "backward".
@@ -157,7 +199,7 @@ pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
             .map_err(|e| Error::device("conformance", format!("{name} on {device}: {e}")))?;
         let backward =
             s_cpu.iter().zip(&s_dev).map(|(a, b)| Ok(relative(&b.to_host()?, a))).collect::<Result<Vec<f64>>>()?.into_iter().fold(0.0, f64::max);
-        out.push(Agreement { primitive: name, forward: relative(&w_dev.to_host()?, &w_cpu), backward });
+        out.push(Agreement { primitive: name, case: "", forward: relative(&w_dev.to_host()?, &w_cpu), backward });
     }
     Ok(out)
 }

@@ -1,14 +1,35 @@
-//! Convolution on the GPU: the image lowered to columns [C*R*S, N*P*Q] by a kernel, one cuBLAS
-//! product per group, and the adjoint (columns gathered back into an image) for the input
-//! gradient and for transposed convolution.
+//! Convolution on the GPU: through cuDNN where it can (`dnn.rs`), else the image lowered to
+//! columns [C*R*S, N*P*Q] by a kernel, one cuBLAS product per group, and the adjoint (columns
+//! gathered back into an image) for the input gradient and for transposed convolution. Each
+//! pass chooses on its own, so a pass cuDNN refuses still has the other two on cuDNN.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use stride_kernels::conv::{Conv2dOptions, ConvGeom};
 use stride_tensor::{Result, Tensor};
 
+use super::dnn::{DnnShape, Pass};
 use super::{check_bias, grid, int, Args14, CudaBackend, Mm};
 
 impl CudaBackend {
+    /// One pass of the convolution `g` on cuDNN into a fresh buffer of `len` elements: `None`
+    /// when cuDNN is off or cannot run it (the caller lowers to columns instead).
+    fn on_dnn(&self, g: &ConvGeom, pass: Pass, a: &CudaSlice<f32>, b: &CudaSlice<f32>, len: usize) -> Result<Option<CudaSlice<f32>>> {
+        let (Some(dnn), Some(s)) = (&self.dnn, DnnShape::of(g)) else {
+            return Ok(None);
+        };
+        // cuDNN writes every element (beta 0).
+        let mut out = self.fresh(len)?;
+        Ok(dnn.run(&s, pass, a, b, &mut out)?.then_some(out))
+    }
+
+    /// Adds `bias[c]` to every element of channel c of `y` [N, C, HW].
+    fn add_bias(&self, op: &'static str, y: &mut CudaSlice<f32>, bias: &Tensor<f32>, c: usize, hw: usize, total: usize) -> Result<()> {
+        if total > 0 {
+            launch!(self, "add_channel_bias", grid(total), y, self.slice(bias)?, &int(op, c)?, &(hw as i64), &(total as i64));
+        }
+        Ok(())
+    }
+
     /// Columns [C*R*S, N*P*Q] of the image `x` [N, C, H, W] for geometry `g`.
     fn im2col(&self, g: &ConvGeom, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let n = g.c * g.r * g.s * g.n * g.p * g.q;
@@ -102,6 +123,13 @@ impl CudaBackend {
     pub(super) fn conv2d(&self, x: &[Tensor<f32>], opts: &Conv2dOptions) -> Result<Tensor<f32>> {
         let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
         check_bias("conv2d", x.get(2), g.k)?;
+        let total = g.n * g.k * g.p * g.q;
+        if let Some(mut y) = self.on_dnn(&g, Pass::Forward, self.slice(&x[0])?, self.slice(&x[1])?, total)? {
+            if let Some(b) = x.get(2) {
+                self.add_bias("conv2d", &mut y, b, g.k, g.p * g.q, total)?;
+            }
+            return self.wrap(y, &g.small_shape());
+        }
         let cols = self.im2col(&g, self.slice(&x[0])?)?;
         let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
         let bias = x.get(2).map(|b| self.slice(b)).transpose()?;
@@ -111,12 +139,24 @@ impl CudaBackend {
 
     pub(super) fn conv2d_backward(&self, opts: &Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
         let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
-        let t = self.nkl_to_knl(self.slice(gy)?, g.n, g.k, g.p * g.q)?;
-        let cols = self.im2col(&g, self.slice(&x[0])?)?;
-        let dw = self.conv_filter_grad(&g, &t, &cols)?;
-        drop(cols);
-        let dcols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
-        let dx = self.col2im(&g, &dcols)?;
+        let (sx, sw, sg) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(gy)?);
+        let dx = self.on_dnn(&g, Pass::Data, sw, sg, g.n * g.c * g.h * g.w)?;
+        let dw = self.on_dnn(&g, Pass::Filter, sx, sg, g.k * g.cg() * g.r * g.s)?;
+        let (dx, dw) = match (dx, dw) {
+            (Some(dx), Some(dw)) => (dx, dw),
+            (dx, dw) => {
+                let t = self.nkl_to_knl(sg, g.n, g.k, g.p * g.q)?;
+                let dw = match dw {
+                    Some(dw) => dw,
+                    None => self.conv_filter_grad(&g, &t, &self.im2col(&g, sx)?)?,
+                };
+                let dx = match dx {
+                    Some(dx) => dx,
+                    None => self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?,
+                };
+                (dx, dw)
+            }
+        };
         let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
         if x.len() > 2 {
             out.push(Some(self.channel_sums(gy)?));
@@ -129,33 +169,43 @@ impl CudaBackend {
     pub(super) fn conv_transpose2d(&self, x: &[Tensor<f32>], opts: &Conv2dOptions) -> Result<Tensor<f32>> {
         let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
         check_bias("conv_transpose2d", x.get(2), g.c)?;
-        let t = self.nkl_to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
-        let cols = self.conv_product_t(&g, self.slice(&x[1])?, &t)?;
-        let mut y = self.col2im(&g, &cols)?;
+        let (sx, sw) = (self.slice(&x[0])?, self.slice(&x[1])?);
         let total = g.n * g.c * g.h * g.w;
-        if let (Some(b), true) = (x.get(2), total > 0) {
-            launch!(
-                self,
-                "add_channel_bias",
-                grid(total),
-                &mut y,
-                self.slice(b)?,
-                &int("conv_transpose2d", g.c)?,
-                &((g.h * g.w) as i64),
-                &(total as i64)
-            );
+        let mut y = match self.on_dnn(&g, Pass::Data, sw, sx, total)? {
+            Some(y) => y,
+            None => {
+                let t = self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?;
+                self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?
+            }
+        };
+        if let Some(b) = x.get(2) {
+            self.add_bias("conv_transpose2d", &mut y, b, g.c, g.h * g.w, total)?;
         }
         self.wrap(y, &[g.n, g.c, g.h, g.w])
     }
 
     pub(super) fn conv_transpose2d_backward(&self, opts: &Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
         let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
-        // The input's gradient is the convolution of gy; the filter's pairs gy's columns with x.
-        let cols = self.im2col(&g, self.slice(gy)?)?;
-        let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
-        let dx = self.knl_to_nkl(&t, None, g.n, g.k, g.p * g.q)?;
-        let xt = self.nkl_to_knl(self.slice(&x[0])?, g.n, g.k, g.p * g.q)?;
-        let dw = self.conv_filter_grad(&g, &xt, &cols)?;
+        // The input's gradient is the convolution of gy; the filter's pairs gy with x, as a
+        // convolution's filter gradient pairs its input with its output's gradient.
+        let (sx, sw, sg) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(gy)?);
+        let dx = self.on_dnn(&g, Pass::Forward, sg, sw, g.n * g.k * g.p * g.q)?;
+        let dw = self.on_dnn(&g, Pass::Filter, sg, sx, g.k * g.cg() * g.r * g.s)?;
+        let (dx, dw) = match (dx, dw) {
+            (Some(dx), Some(dw)) => (dx, dw),
+            (dx, dw) => {
+                let cols = self.im2col(&g, sg)?;
+                let dx = match dx {
+                    Some(dx) => dx,
+                    None => self.knl_to_nkl(&self.conv_product(&g, sw, &cols)?, None, g.n, g.k, g.p * g.q)?,
+                };
+                let dw = match dw {
+                    Some(dw) => dw,
+                    None => self.conv_filter_grad(&g, &self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?, &cols)?,
+                };
+                (dx, dw)
+            }
+        };
         let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
         if x.len() > 2 {
             out.push(Some(self.channel_sums(gy)?));

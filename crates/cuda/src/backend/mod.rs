@@ -135,6 +135,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
+    /// cuDNN for the convolutions it can describe (`None`: not asked for, or not found).
+    dnn: Option<Dnn>,
     profile: Option<Profile>,
 }
 
@@ -256,15 +258,23 @@ impl CudaBackend {
         for &f in FUNCTIONS {
             functions.insert(f, module.load_function(f).map_err(|e| err(f, e))?);
         }
+        // cuDNN that is missing or fails to start leaves convolution to the columns; the
+        // description says which and why.
+        let (dnn, columns) = match Dnn::new(&stream, Mode::parse(std::env::var("STRIDE_CUDNN").ok().as_deref())?) {
+            Ok(Some(d)) => (Some(d), String::new()),
+            Ok(None) => (None, "columns and cuBLAS (cuDNN off: STRIDE_CUDNN=1 asks for it, if its library is found)".to_string()),
+            Err(e) => (None, format!("columns and cuBLAS (cuDNN did not start: {e})")),
+        };
         let about = format!(
-            "cuda:{ordinal}: {} ({:.0} GiB, compute {}.{}); cuBLAS and NVRTC kernels for {} of 26 primitives",
+            "cuda:{ordinal}: {} ({:.0} GiB, compute {}.{}); cuBLAS and NVRTC kernels for {} of 26 primitives; convolution: {}",
             gpu.name,
             gpu.memory_bytes as f64 / (1u64 << 30) as f64,
             gpu.compute_capability.0,
             gpu.compute_capability.1,
-            NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count()
+            NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count(),
+            dnn.as_ref().map_or(columns, |d| format!("{}, columns where it cannot", d.describe()))
         );
-        Ok(CudaBackend { ordinal, about, stream, blas, functions, profile: Profile::from_env() })
+        Ok(CudaBackend { ordinal, about, stream, blas, functions, dnn, profile: Profile::from_env() })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -961,7 +971,9 @@ impl CudaBackend {
 
 // After the macros and helpers above, which they use.
 mod conv;
+mod dnn;
 mod layout;
 mod profile;
 
+use dnn::{Dnn, Mode};
 use profile::{Pass, Profile};
