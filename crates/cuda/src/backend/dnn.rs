@@ -1,8 +1,10 @@
-//! Convolution through cuDNN: the forward pass, the input's gradient and the filter's, for
-//! plain, grouped, dilated and transposed convolution (a transposed convolution is cuDNN's
-//! data gradient run forward). Used when cuDNN's library is found and it can describe the
+//! Convolution and training-mode batch norm through cuDNN. Convolution: the forward pass, the
+//! input's gradient and the filter's, for plain, grouped, dilated and transposed convolution
+//! (a transposed convolution is cuDNN's data gradient run forward), when cuDNN can describe the
 //! geometry ([`DnnShape::of`]); anything else goes through the columns of `conv.rs`, as does
-//! every convolution without `STRIDE_CUDNN`.
+//! every convolution without `STRIDE_CUDNN`. Batch norm: cuDNN's spatial mode forward and
+//! backward in training (the running statistics moved as PyTorch moves them); evaluation mode
+//! stays on the backend's kernels.
 //!
 //! `STRIDE_CUDNN=1` (or `fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels, so
 //! results stay within the CPU's 1e-4); `STRIDE_CUDNN=tf32` lets it use tensor cores in TF32, as
@@ -136,6 +138,79 @@ struct State {
     workspace: Option<CudaSlice<u8>>,
     /// `None`: cuDNN offered nothing usable, so that pass goes through columns.
     chosen: HashMap<(DnnShape, Pass), Option<Choice>>,
+    /// Batch norm's descriptors by input shape [N, C, L, 1].
+    norms: HashMap<[c_int; 4], NormDescs>,
+}
+
+/// Batch norm's descriptors: the input (and output) [N, C, L, 1] and the per-channel [1, C, 1, 1].
+struct NormDescs {
+    x: sys::cudnnTensorDescriptor_t,
+    per_channel: sys::cudnnTensorDescriptor_t,
+}
+
+impl Drop for NormDescs {
+    fn drop(&mut self) {
+        // SAFETY: created by `NormDescs::new` (null if never created), destroyed once, here.
+        unsafe {
+            for d in [self.x, self.per_channel] {
+                if !d.is_null() {
+                    let _ = result::destroy_tensor_descriptor(d);
+                }
+            }
+        }
+    }
+}
+
+impl NormDescs {
+    fn new(x: [c_int; 4]) -> std::result::Result<NormDescs, result::CudnnError> {
+        use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
+        use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+        let mut d = NormDescs { x: std::ptr::null_mut(), per_channel: std::ptr::null_mut() };
+        d.x = result::create_tensor_descriptor()?;
+        d.per_channel = result::create_tensor_descriptor()?;
+        // SAFETY: both were just created and live until `d` drops.
+        unsafe {
+            result::set_tensor4d_descriptor(d.x, NCHW, F32, x)?;
+            result::set_tensor4d_descriptor(d.per_channel, NCHW, F32, [1, x[1], 1, 1])?;
+        }
+        Ok(d)
+    }
+}
+
+/// Training-mode batch norm's buffers: what it reads, and what it writes (the output, the running
+/// statistics moved in place, the batch's mean and 1/sqrt(var + eps) for the backward pass).
+pub(crate) struct NormForward<'a> {
+    pub x: &'a CudaSlice<f32>,
+    pub gamma: &'a CudaSlice<f32>,
+    pub beta: &'a CudaSlice<f32>,
+    pub y: &'a mut CudaSlice<f32>,
+    pub running_mean: &'a mut CudaSlice<f32>,
+    pub running_var: &'a mut CudaSlice<f32>,
+    pub mean: &'a mut CudaSlice<f32>,
+    pub invstd: &'a mut CudaSlice<f32>,
+}
+
+/// Batch norm's backward pass after a training-mode forward: what it reads and the three
+/// gradients it writes.
+pub(crate) struct NormBackward<'a> {
+    pub x: &'a CudaSlice<f32>,
+    pub dy: &'a CudaSlice<f32>,
+    pub gamma: &'a CudaSlice<f32>,
+    pub mean: &'a CudaSlice<f32>,
+    pub invstd: &'a CudaSlice<f32>,
+    pub dx: &'a mut CudaSlice<f32>,
+    pub dgamma: &'a mut CudaSlice<f32>,
+    pub dbeta: &'a mut CudaSlice<f32>,
+}
+
+/// Batch norm over `x` [N, C, ...] in cuDNN's form [N, C, L, 1] (L the product of the rest),
+/// if every size fits its 32-bit ints and none is empty.
+pub(crate) fn norm_shape(x: &[usize]) -> Option<[c_int; 4]> {
+    let (n, c, l) = (*x.first()?, *x.get(1)?, x[2..].iter().product::<usize>());
+    let total = n.checked_mul(c)?.checked_mul(l)?;
+    let i = |v: usize| c_int::try_from(v).ok().filter(|&v| v > 0);
+    i(total)?;
+    Some([i(n)?, i(c)?, i(l)?, 1])
 }
 
 // SAFETY: a cuDNN handle may be used from any thread, one at a time (cuDNN's thread-safety
@@ -238,6 +313,36 @@ macro_rules! candidates {
     }};
 }
 
+/// Every cuDNN function this module calls.
+const SYMBOLS: [&str; 26] = [
+    "cudnnCreate",
+    "cudnnDestroy",
+    "cudnnSetStream",
+    "cudnnGetVersion",
+    "cudnnCreateTensorDescriptor",
+    "cudnnSetTensor4dDescriptor",
+    "cudnnDestroyTensorDescriptor",
+    "cudnnCreateFilterDescriptor",
+    "cudnnSetFilter4dDescriptor",
+    "cudnnDestroyFilterDescriptor",
+    "cudnnCreateConvolutionDescriptor",
+    "cudnnSetConvolution2dDescriptor",
+    "cudnnSetConvolutionGroupCount",
+    "cudnnSetConvolutionMathType",
+    "cudnnDestroyConvolutionDescriptor",
+    "cudnnGetConvolutionForwardAlgorithm_v7",
+    "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+    "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+    "cudnnGetConvolutionForwardWorkspaceSize",
+    "cudnnGetConvolutionBackwardDataWorkspaceSize",
+    "cudnnGetConvolutionBackwardFilterWorkspaceSize",
+    "cudnnConvolutionForward",
+    "cudnnConvolutionBackwardData",
+    "cudnnConvolutionBackwardFilter",
+    "cudnnBatchNormalizationForwardTraining",
+    "cudnnBatchNormalizationBackward",
+];
+
 /// The pass's algorithm enum value numbered `n` (one cuDNN listed, so in range).
 fn fwd_algo(n: u32) -> sys::cudnnConvolutionFwdAlgo_t {
     use sys::cudnnConvolutionFwdAlgo_t::*;
@@ -286,9 +391,15 @@ impl Dnn {
         if mode == Mode::Off || !unsafe { sys::is_culib_present() } {
             return Ok(None);
         }
+        // cudarc looks each function up on first call and panics if it is missing: look first.
+        // SAFETY: the library opens as above; `get` only looks a name up.
+        let lib = unsafe { sys::culib() };
+        if let Some(missing) = SYMBOLS.iter().find(|f| unsafe { lib.get::<unsafe extern "C" fn()>(f.as_bytes()) }.is_err()) {
+            return Err(dnn_err("library", format!("it has no {missing} (cuDNN 9 is needed)")));
+        }
         stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
         let handle = result::create_handle().map_err(|e| dnn_err("starting", e))?;
-        let state = State { handle, workspace: None, chosen: HashMap::new() };
+        let state = State { handle, workspace: None, chosen: HashMap::new(), norms: HashMap::new() };
         // SAFETY: a live handle and the backend's live stream (the handle is dropped first:
         // the backend owns both and `Dnn` holds a clone of the stream).
         unsafe { result::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| dnn_err("setting the stream", e))?;
@@ -313,7 +424,7 @@ impl Dnn {
             let c = self.pick(st.handle, s, pass)?;
             st.chosen.insert(key, c);
         }
-        let State { handle, workspace, chosen } = &mut *st;
+        let State { handle, workspace, chosen, .. } = &mut *st;
         let Some(Some(choice)) = chosen.get(&key) else {
             return Ok(false);
         };
@@ -368,6 +479,104 @@ impl Dnn {
         };
         r.map_err(|e| dnn_err(&format!("{pass:?} pass (algorithm {}) of {s:?}", choice.algo), e))?;
         Ok(true)
+    }
+
+    /// Training-mode batch norm of `shape` (from [`norm_shape`]): cuDNN's spatial mode, the
+    /// running statistics moved by `momentum` as PyTorch moves them (the unbiased variance).
+    pub(crate) fn norm_forward(&self, shape: [c_int; 4], eps: f64, momentum: f64, b: NormForward<'_>) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
+        let handle = st.handle;
+        let d = self.norm_descs(&mut st, shape)?;
+        let stream = &*self.stream;
+        let (x, _g1) = b.x.device_ptr(stream);
+        let (gamma, _g2) = b.gamma.device_ptr(stream);
+        let (beta, _g3) = b.beta.device_ptr(stream);
+        let (y, _g4) = b.y.device_ptr_mut(stream);
+        let (rm, _g5) = b.running_mean.device_ptr_mut(stream);
+        let (rv, _g6) = b.running_var.device_ptr_mut(stream);
+        let (mean, _g7) = b.mean.device_ptr_mut(stream);
+        let (invstd, _g8) = b.invstd.device_ptr_mut(stream);
+        let (one, zero) = (1.0f32, 0.0f32);
+        // SAFETY: a live handle and descriptors of these buffers' shapes (the caller sizes them
+        // from the same input shape: x and y N*C*L, the rest C); host scalars outlive the call.
+        unsafe {
+            sys::cudnnBatchNormalizationForwardTraining(
+                handle,
+                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                (&one as *const f32).cast(),
+                (&zero as *const f32).cast(),
+                d.x,
+                x as *const c_void,
+                d.x,
+                y as *mut c_void,
+                d.per_channel,
+                gamma as *const c_void,
+                beta as *const c_void,
+                momentum,
+                rm as *mut c_void,
+                rv as *mut c_void,
+                eps,
+                mean as *mut c_void,
+                invstd as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(|e| dnn_err(&format!("batch norm of {shape:?}"), e))
+    }
+
+    /// Batch norm's gradients after [`Dnn::norm_forward`], from the mean and 1/sqrt(var + eps)
+    /// it saved.
+    pub(crate) fn norm_backward(&self, shape: [c_int; 4], eps: f64, b: NormBackward<'_>) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
+        let handle = st.handle;
+        let d = self.norm_descs(&mut st, shape)?;
+        let stream = &*self.stream;
+        let (x, _g1) = b.x.device_ptr(stream);
+        let (dy, _g2) = b.dy.device_ptr(stream);
+        let (gamma, _g3) = b.gamma.device_ptr(stream);
+        let (mean, _g4) = b.mean.device_ptr(stream);
+        let (invstd, _g5) = b.invstd.device_ptr(stream);
+        let (dx, _g6) = b.dx.device_ptr_mut(stream);
+        let (dgamma, _g7) = b.dgamma.device_ptr_mut(stream);
+        let (dbeta, _g8) = b.dbeta.device_ptr_mut(stream);
+        let (one, zero) = (1.0f32, 0.0f32);
+        let (one, zero) = ((&one as *const f32).cast::<c_void>(), (&zero as *const f32).cast::<c_void>());
+        // SAFETY: as in `norm_forward`; the gradients are written in full (betas 0).
+        unsafe {
+            sys::cudnnBatchNormalizationBackward(
+                handle,
+                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                one,
+                zero,
+                one,
+                zero,
+                d.x,
+                x as *const c_void,
+                d.x,
+                dy as *const c_void,
+                d.x,
+                dx as *mut c_void,
+                d.per_channel,
+                gamma as *const c_void,
+                dgamma as *mut c_void,
+                dbeta as *mut c_void,
+                eps,
+                mean as *const c_void,
+                invstd as *const c_void,
+            )
+        }
+        .result()
+        .map_err(|e| dnn_err(&format!("batch norm's gradient of {shape:?}"), e))
+    }
+
+    /// The descriptors of batch norm over `shape`, made once.
+    fn norm_descs<'s>(&self, st: &'s mut State, shape: [c_int; 4]) -> Result<&'s NormDescs> {
+        match st.norms.entry(shape) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(NormDescs::new(shape).map_err(|e| dnn_err("descriptors", e))?)),
+        }
     }
 
     /// The algorithm for one pass of `s`: cuDNN's heuristics, filtered by [`choose`], its
@@ -495,6 +704,16 @@ mod tests {
         assert_eq!(choose(&list, true).map(|c| c.algo), Some(6));
         assert_eq!(choose(&list[..3], false), None);
         assert_eq!(choose(&[], true), None);
+    }
+
+    #[test]
+    fn batch_norm_shapes_fold_the_rest_into_one_axis() {
+        assert_eq!(norm_shape(&[32, 64, 8, 8]), Some([32, 64, 64, 1]));
+        assert_eq!(norm_shape(&[16, 100]), Some([16, 100, 1, 1]));
+        assert_eq!(norm_shape(&[4, 3, 2, 5, 7]), Some([4, 3, 70, 1]));
+        assert_eq!(norm_shape(&[0, 3, 2, 2]), None);
+        assert_eq!(norm_shape(&[7]), None);
+        assert_eq!(norm_shape(&[1 << 16, 1 << 16]), None);
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl CudaBackend {
             gpu.compute_capability.0,
             gpu.compute_capability.1,
             NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count(),
-            dnn.as_ref().map_or(columns, |d| format!("{}, columns where it cannot", d.describe()))
+            dnn.as_ref().map_or(columns, |d| format!("{} (and training batch norm), columns where cuDNN cannot", d.describe()))
         );
         Ok(CudaBackend { ordinal, about, stream, blas, functions, dnn, profile: Profile::from_env() })
     }
@@ -505,6 +505,25 @@ impl CudaBackend {
         }
         if training && n * l <= 1 {
             stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
+        }
+        if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
+            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| err("copy", e));
+            let (mut running_mean, mut running_var) = (copy(&x[3])?, copy(&x[4])?);
+            let (mut y, mut mean, mut invstd) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
+            let (x0, gamma, beta) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(&x[2])?);
+            let buffers = NormForward {
+                x: x0,
+                gamma,
+                beta,
+                y: &mut y,
+                running_mean: &mut running_mean,
+                running_var: &mut running_var,
+                mean: &mut mean,
+                invstd: &mut invstd,
+            };
+            dnn.norm_forward(shape, opts.eps, opts.momentum, buffers)?;
+            let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
+            return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
         }
         let (ci, li) = (int(OP, c)?, l as i64);
         let mut mean = self.zeros(c)?;
@@ -911,9 +930,24 @@ impl CudaBackend {
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
-            (Prim::BatchNorm { training, .. }, Saved::Stats { mean, invstd }) => {
+            (Prim::BatchNorm { training, opts }, Saved::Stats { mean, invstd }) => {
                 let s = x[0].shape();
                 let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+                if let (true, Some(dnn), Some(shape)) = (*training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
+                    let (mut dx, mut dgamma, mut dbeta) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
+                    let buffers = NormBackward {
+                        x: self.slice(&x[0])?,
+                        dy: self.slice(g)?,
+                        gamma: self.slice(&x[1])?,
+                        mean,
+                        invstd,
+                        dx: &mut dx,
+                        dgamma: &mut dgamma,
+                        dbeta: &mut dbeta,
+                    };
+                    dnn.norm_backward(shape, opts.eps, buffers)?;
+                    return Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)]);
+                }
                 let (ci, li) = (int("batch_norm", c)?, l as i64);
                 let (mut dgamma, mut dbeta) = (self.fresh(c)?, self.fresh(c)?);
                 let (sg, sx) = (self.slice(g)?, self.slice(&x[0])?);
@@ -975,5 +1009,5 @@ mod dnn;
 mod layout;
 mod profile;
 
-use dnn::{Dnn, Mode};
+use dnn::{Dnn, Mode, NormBackward, NormForward};
 use profile::{Pass, Profile};
