@@ -114,13 +114,13 @@ pub(crate) struct Candidate {
     pub math: Math,
 }
 
-/// The first of cuDNN's candidates (best first) that runs, fits [`WORKSPACE_CAP`] and keeps to
-/// FP32 unless TF32 is allowed (tensor-op kernels would round the operands to TF32).
-pub(crate) fn choose(candidates: &[Candidate], tf32: bool) -> Option<Candidate> {
+/// cuDNN's candidates (best first) that run, fit [`WORKSPACE_CAP`] and keep to FP32 unless TF32
+/// is allowed (tensor-op kernels would round the operands to TF32), in cuDNN's order.
+pub(crate) fn usable(candidates: &[Candidate], tf32: bool) -> impl Iterator<Item = Candidate> + '_ {
     candidates
         .iter()
         .copied()
-        .find(|c| c.ok && c.memory <= WORKSPACE_CAP && (tf32 || matches!(c.math, Math::CUDNN_DEFAULT_MATH | Math::CUDNN_FMA_MATH)))
+        .filter(move |c| c.ok && c.memory <= WORKSPACE_CAP && (tf32 || matches!(c.math, Math::CUDNN_DEFAULT_MATH | Math::CUDNN_FMA_MATH)))
 }
 
 /// The algorithm picked for one geometry and pass, with the descriptors it runs with (kept, so
@@ -477,8 +477,16 @@ impl Dnn {
                 ),
             }
         };
-        r.map_err(|e| dnn_err(&format!("{pass:?} pass (algorithm {}) of {s:?}", choice.algo), e))?;
-        Ok(true)
+        match r {
+            Ok(()) => Ok(true),
+            // Declined before any work (the arithmetic asked for does not fit the algorithm):
+            // columns from now on for this pass.
+            Err(result::CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)) => {
+                chosen.insert(key, None);
+                Ok(false)
+            }
+            Err(e) => Err(dnn_err(&format!("{pass:?} pass (algorithm {}) of {s:?}", choice.algo), e)),
+        }
     }
 
     /// Training-mode batch norm of `shape` (from [`norm_shape`]): cuDNN's spatial mode, the
@@ -579,8 +587,8 @@ impl Dnn {
         }
     }
 
-    /// The algorithm for one pass of `s`: cuDNN's heuristics, filtered by [`choose`], its
-    /// workspace asked for with the chosen arithmetic set.
+    /// The algorithm for one pass of `s`: the first of cuDNN's heuristic picks that is
+    /// [`usable`] and that cuDNN sizes a workspace for with the chosen arithmetic set.
     fn pick(&self, handle: sys::cudnnHandle_t, s: &DnnShape, pass: Pass) -> Result<Option<Choice>> {
         // The heuristics see the arithmetic asked for: FMA kernels only, or anything.
         let asked = if self.tf32 { Math::CUDNN_DEFAULT_MATH } else { Math::CUDNN_FMA_MATH };
@@ -608,21 +616,27 @@ impl Dnn {
                 )
             }
         };
-        // Heuristics that refuse the geometry (they touch no device memory) leave it to columns.
-        let Some(c) = list.ok().and_then(|list| choose(&list, self.tf32)) else {
+        // Heuristics that refuse the geometry (they touch no device memory) leave it to columns,
+        // as does a list whose every algorithm cuDNN then declines to size.
+        let Ok(list) = list else {
             return Ok(None);
         };
-        let math = if self.tf32 { c.math } else { Math::CUDNN_FMA_MATH };
-        let d = Descs::new(s, math).map_err(|e| dnn_err("descriptors", e))?;
-        // SAFETY: live handle and descriptors; the algorithm is one cuDNN listed for this pass.
-        let workspace = unsafe {
-            match pass {
-                Pass::Forward => result::get_convolution_forward_workspace_size(handle, d.x, d.w, d.conv, d.y, fwd_algo(c.algo)),
-                Pass::Data => result::get_convolution_backward_data_workspace_size(handle, d.w, d.y, d.conv, d.x, data_algo(c.algo)),
-                Pass::Filter => result::get_convolution_backward_filter_workspace_size(handle, d.x, d.y, d.conv, d.w, filter_algo(c.algo)),
+        for c in usable(&list, self.tf32) {
+            let math = if self.tf32 { c.math } else { Math::CUDNN_FMA_MATH };
+            let d = Descs::new(s, math).map_err(|e| dnn_err("descriptors", e))?;
+            // SAFETY: live handle and descriptors; the algorithm is one cuDNN listed for this pass.
+            let workspace = unsafe {
+                match pass {
+                    Pass::Forward => result::get_convolution_forward_workspace_size(handle, d.x, d.w, d.conv, d.y, fwd_algo(c.algo)),
+                    Pass::Data => result::get_convolution_backward_data_workspace_size(handle, d.w, d.y, d.conv, d.x, data_algo(c.algo)),
+                    Pass::Filter => result::get_convolution_backward_filter_workspace_size(handle, d.x, d.y, d.conv, d.w, filter_algo(c.algo)),
+                }
+            };
+            if let Ok(workspace) = workspace {
+                return Ok(Some(Choice { algo: c.algo, workspace, descs: d }));
             }
-        };
-        Ok(workspace.ok().map(|workspace| Choice { algo: c.algo, workspace, descs: d }))
+        }
+        Ok(None)
     }
 }
 
@@ -700,10 +714,11 @@ mod tests {
             c(0, true, 1 << 20, Math::CUDNN_FMA_MATH),
             c(2, true, 0, Math::CUDNN_DEFAULT_MATH),
         ];
-        assert_eq!(choose(&list, false).map(|c| c.algo), Some(0));
-        assert_eq!(choose(&list, true).map(|c| c.algo), Some(6));
-        assert_eq!(choose(&list[..3], false), None);
-        assert_eq!(choose(&[], true), None);
+        let algos = |l: &[Candidate], tf32| usable(l, tf32).map(|c| c.algo).collect::<Vec<_>>();
+        assert_eq!(algos(&list, false), [0, 2]);
+        assert_eq!(algos(&list, true), [6, 0, 2]);
+        assert_eq!(algos(&list[..3], false), []);
+        assert_eq!(algos(&[], true), []);
     }
 
     #[test]
