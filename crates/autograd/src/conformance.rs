@@ -14,8 +14,8 @@ use crate::*;
 /// any element, relative to the largest magnitude of the CPU's tensor (at least 1e-30).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Agreement {
-    /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]), or `sgd_update` /
-    /// `adam_update` for an optimizer's update.
+    /// The primitive the case exercises (its name in [`crate::PRIMITIVES`]), or `sgd_update`,
+    /// `adam_update` or `rmsprop_update` for an optimizer's update.
     pub primitive: &'static str,
     /// Which of several cases of one primitive this is (the convolutions' geometries, which a
     /// backend may route differently); empty for the one case of the others.
@@ -192,7 +192,11 @@ pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
     let moments = [rng.normal::<T>(&[7, 9], 0.0, 0.1)?, rng.uniform::<T>(&[7, 9], 0.0, 0.1)?];
     let sgd = Update::Sgd { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5e-4, first: false };
     let adam = Update::Adam { lr: 1e-3, betas: (0.9, 0.999), c1: 0.19, c2: 0.002, eps: 1e-8, weight_decay: 1e-2, decoupled: true };
-    for (name, rule, state) in [("sgd_update", sgd, vec![momentum]), ("adam_update", adam, moments.to_vec())] {
+    let rmsprop = Update::RmsProp { lr: 1e-2, alpha: 0.99, eps: 1e-8, momentum: 0.9, weight_decay: 1e-3 };
+    let (square, buffer) = (rng.uniform::<T>(&[7, 9], 0.0, 0.1)?, rng.normal::<T>(&[7, 9], 0.0, 0.1)?);
+    for (name, rule, state) in
+        [("sgd_update", sgd, vec![momentum]), ("adam_update", adam, moments.to_vec()), ("rmsprop_update", rmsprop, vec![square, buffer])]
+    {
         let (w_cpu, s_cpu) = device::update(Device::Cpu, &rule, &w, &g, &state)?;
         let moved = |t: &Tensor<T>| t.to(device);
         let (w_dev, s_dev) = device::update(device, &rule, &moved(&w)?, &moved(&g)?, &state.iter().map(moved).collect::<Result<Vec<_>>>()?)

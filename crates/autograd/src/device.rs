@@ -129,6 +129,11 @@ pub enum Update {
     /// Adam (L2 decay added to g) or AdamW (`decoupled`: w shrunk by lr * weight_decay); the
     /// state is the two moments; c1, c2 are the bias corrections 1 - beta^t. In the element type.
     Adam { lr: f64, betas: (f64, f64), c1: f64, c2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+    /// RMSprop (not centered), PyTorch's single-tensor formula: g += weight_decay * w;
+    /// v = alpha v + (1 - alpha) g^2; the step is g / (sqrt(v) + eps), through a momentum
+    /// buffer b = momentum * b + step when momentum > 0; w -= lr * step. The state is v, then b
+    /// with momentum. In the element type.
+    RmsProp { lr: f64, alpha: f64, eps: f64, momentum: f64, weight_decay: f64 },
 }
 
 impl Update {
@@ -137,6 +142,7 @@ impl Update {
         match self {
             Update::Sgd { momentum, .. } => usize::from(*momentum > 0.0),
             Update::Adam { .. } => 2,
+            Update::RmsProp { momentum, .. } => 1 + usize::from(*momentum > 0.0),
         }
     }
 
@@ -168,6 +174,14 @@ impl Update {
                 let (step, sqrt_c2, eps) = (T::c(lr / c1), T::c(c2.sqrt()), T::c(eps));
                 let (shrink, wd) = (T::c(1.0 - lr * wd), T::c(wd));
                 adam_into(w, m, v, g, [one_b1, b2, one_b2, step, sqrt_c2, eps, shrink, wd], decoupled);
+            }
+            Update::RmsProp { lr, alpha, eps, momentum, weight_decay } => {
+                let k = [T::c(lr), T::c(alpha), T::c(1.0 - alpha), T::c(eps), T::c(momentum), T::c(weight_decay)];
+                match state {
+                    [v] => rmsprop_into(w, v, &mut [], g, k),
+                    [v, b] => rmsprop_into(w, v, b, g, k),
+                    _ => {}
+                }
             }
         }
     }
@@ -214,6 +228,29 @@ stride_kernels::multiversion! {
             *m = *m + one_b1 * (g - *m);
             *v = b2 * *v + one_b2 * g * g;
             *w -= step * (*m / (v.sqrt() / sqrt_c2 + eps));
+        }
+    }
+}
+
+stride_kernels::multiversion! {
+    /// RMSprop's loop over elements (see [`Update::apply`]), for AVX2 as [`adam_into`]. `b` is
+    /// the momentum buffer, or empty without momentum; `k` holds lr, alpha, 1 - alpha, eps,
+    /// momentum and the weight decay.
+    fn rmsprop_into<T: Elem>(w: &mut [T], v: &mut [T], b: &mut [T], g: &[T], k: [T; 6]) {
+        let [lr, alpha, one_alpha, eps, mu, wd] = k;
+        if b.is_empty() {
+            for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+                let g = g + wd * *w;
+                *v = alpha * *v + one_alpha * g * g;
+                *w -= lr * (g / (v.sqrt() + eps));
+            }
+        } else {
+            for (((w, v), b), &g) in w.iter_mut().zip(v.iter_mut()).zip(b.iter_mut()).zip(g) {
+                let g = g + wd * *w;
+                *v = alpha * *v + one_alpha * g * g;
+                *b = mu * *b + g / (v.sqrt() + eps);
+                *w -= lr * *b;
+            }
         }
     }
 }

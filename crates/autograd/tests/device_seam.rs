@@ -26,10 +26,10 @@ fn every_primitive_runs_through_the_seam_and_matches_the_cpu() {
     let (m, dev) = mirror();
     let report = conformance::check::<f64>(dev).unwrap();
     let plain = report.iter().filter(|a| a.case.is_empty()).count();
-    assert_eq!(plain, PRIMITIVES.len() - 1 + 2, "one case per primitive but reshape, and the two updates");
+    assert_eq!(plain, PRIMITIVES.len() - 1 + 3, "one case per primitive but reshape, and the three updates");
     let convolutions: Vec<&str> = report.iter().filter(|a| !a.case.is_empty()).map(|a| a.primitive).collect();
     assert!(convolutions.len() >= 8 && convolutions.iter().all(|p| p.starts_with("conv")), "{convolutions:?}");
-    assert_eq!(report.iter().rev().take(2).map(|a| a.primitive).collect::<Vec<_>>(), ["adam_update", "sgd_update"]);
+    assert_eq!(report.iter().rev().take(3).map(|a| a.primitive).collect::<Vec<_>>(), ["rmsprop_update", "adam_update", "sgd_update"]);
     for a in &report {
         // The mirror runs the CPU's kernels: anything but identical is a seam bug.
         assert_eq!((a.forward, a.backward), (0.0, 0.0), "{}: cpu and {dev} differ", a.primitive);

@@ -531,6 +531,26 @@ extern "C" __global__ void adam_update(const float* w, const float* g, const flo
     }
 }
 
+// RMSprop (not centered) in f32 per element, as the CPU (PyTorch's single-tensor formula); the
+// momentum buffer b is read and written only when has_b.
+extern "C" __global__ void rmsprop_update(const float* w, const float* g, const float* v, const float* b, float* w_out, float* v_out,
+                                          float* b_out, i64 n, double lr, double alpha, double eps, double momentum, double wd, int has_b) {
+    const float lrf = (float)lr, alphaf = (float)alpha, one_alpha = (float)(1.0 - alpha), epsf = (float)eps;
+    const float mu = (float)momentum, wdf = (float)wd;
+    GRID_LOOP(i, n) {
+        float wi = w[i];
+        float gi = g[i] + wdf * wi;
+        float vi = alphaf * v[i] + one_alpha * gi * gi;
+        float step = gi / (sqrtf(vi) + epsf);
+        if (has_b) {
+            step = mu * b[i] + step;
+            b_out[i] = step;
+        }
+        w_out[i] = wi - lrf * step;
+        v_out[i] = vi;
+    }
+}
+
 // ---- data movement: strided gather and scatter (permute, narrow, pad, concat), upsampling ----
 
 // meta: rank, shape[rank] (of the side indexed by i), strides[rank] (of the other side), offset.

@@ -11,7 +11,7 @@ use stride_autograd::device::{self, HostMirror};
 use stride_autograd::{cross_entropy, no_grad, Device, Rng, Tensor, ToDevice, Var};
 use stride_models::vae::Vae;
 use stride_models::{InputSpec, ZOO};
-use stride_nn::optim::{Adam, Optimizer, Sgd};
+use stride_nn::optim::{Adam, Optimizer, RmsProp, Sgd};
 use stride_nn::{Ctx, Module, Slot};
 
 fn mirror() -> Device {
@@ -49,12 +49,16 @@ fn state(m: &mut dyn Module, dev: Device) -> Vec<(String, Tensor<f32>)> {
 /// The losses, the evaluation logits and the final state of a run.
 type Run = (Vec<f32>, Tensor<f32>, Vec<(String, Tensor<f32>)>);
 
-/// Two training steps and an evaluation on `dev`; returns the losses, logits and final state.
-fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[usize], adam: bool) -> Run {
+/// Two training steps and an evaluation on `dev` with optimizer number `opt` (SGD, Adam,
+/// RMSprop); returns the losses, logits and final state.
+fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[usize], opt: usize) -> Run {
     model.to(dev).unwrap();
     let params = model.parameters();
-    let mut opt: Box<dyn Optimizer> =
-        if adam { Box::new(Adam::new(1e-3, (0.9, 0.999), 1e-8, 1e-4, true).unwrap()) } else { Box::new(Sgd::new(0.05, 0.9, false, 5e-4).unwrap()) };
+    let mut opt: Box<dyn Optimizer> = match opt % 3 {
+        0 => Box::new(Sgd::new(0.05, 0.9, false, 5e-4).unwrap()),
+        1 => Box::new(Adam::new(1e-3, (0.9, 0.999), 1e-8, 1e-4, true).unwrap()),
+        _ => Box::new(RmsProp::new(1e-3, 0.99, 1e-8, 0.9, 1e-4).unwrap()),
+    };
     let xv = Var::constant(x.to(dev).unwrap());
     let mut losses = Vec::new();
     for step in 0..2 {
@@ -89,9 +93,8 @@ fn every_zoo_model_trains_on_a_device_as_on_the_cpu() {
         if build().num_parameters() > 20_000_000 {
             continue;
         }
-        let adam = i % 2 == 1;
-        let cpu = train_steps(&mut build(), Device::Cpu, &x, &labels, adam);
-        let on_dev = train_steps(&mut build(), dev, &x, &labels, adam);
+        let cpu = train_steps(&mut build(), Device::Cpu, &x, &labels, i);
+        let on_dev = train_steps(&mut build(), dev, &x, &labels, i);
         assert_eq!(cpu.0, on_dev.0, "{}: losses", e.name);
         assert_eq!(cpu.1, on_dev.1, "{}: evaluation logits", e.name);
         assert_eq!(cpu.2.len(), on_dev.2.len(), "{}: state entries", e.name);

@@ -19,16 +19,8 @@ pub trait Optimizer {
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()>;
 }
 
-fn export(name: &str, slots: &[Option<Vec<f32>>], out: &mut Vec<(String, Vec<f32>)>) {
-    for (i, s) in slots.iter().enumerate() {
-        if let Some(v) = s {
-            out.push((format!("{name}.{i}"), v.clone()));
-        }
-    }
-}
-
-/// [`export`] for state that may live on a device (read back: a device that fails to answer
-/// panics here, as `Tensor::data` does).
+/// The slots named `name` as `<name>.<param index>` flat vectors, read back from whatever
+/// device they live on (a device that fails to answer panics here, as `Tensor::data` does).
 fn export_tensors(name: &str, slots: &[Option<Tensor<f32>>], out: &mut Vec<(String, Vec<f32>)>) {
     for (i, s) in slots.iter().enumerate() {
         if let Some(t) = s {
@@ -104,14 +96,6 @@ fn check_hyper(name: &'static str, ok: bool, what: String) -> Result<()> {
 
 /// Elements per task when an update runs on several threads.
 const CHUNK: usize = 1 << 15;
-
-/// State slots, one per parameter position, created on first use.
-fn slot(state: &mut Vec<Option<Vec<f32>>>, i: usize, n: usize) -> &mut Vec<f32> {
-    if state.len() <= i {
-        state.resize(i + 1, None);
-    }
-    state[i].get_or_insert_with(|| vec![0.0; n])
-}
 
 /// Stochastic gradient descent, PyTorch's `torch.optim.SGD`.
 #[derive(Clone, Debug)]
@@ -285,8 +269,8 @@ pub struct RmsProp {
     pub eps: f64,
     pub momentum: f64,
     pub weight_decay: f64,
-    square: Vec<Option<Vec<f32>>>,
-    velocity: Vec<Option<Vec<f32>>>,
+    square: Vec<Option<Tensor<f32>>>,
+    velocity: Vec<Option<Tensor<f32>>>,
 }
 
 impl RmsProp {
@@ -304,26 +288,29 @@ impl RmsProp {
 
 impl Optimizer for RmsProp {
     fn step(&mut self, params: &[Var]) -> Result<()> {
+        let rule = Update::RmsProp { lr: self.lr, alpha: self.alpha, eps: self.eps, momentum: self.momentum, weight_decay: self.weight_decay };
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            let n = g.numel();
-            let mut w = p.value();
-            slot(&mut self.square, i, n);
-            slot(&mut self.velocity, i, n);
-            let (sq, vel) = (self.square[i].as_mut().expect("slot"), self.velocity[i].as_mut().expect("slot"));
-            for (j, (wv, &gv)) in w.data_mut().iter_mut().zip(g.data()).enumerate() {
-                let gj = gv as f64 + self.weight_decay * *wv as f64;
-                sq[j] = (self.alpha * sq[j] as f64 + (1.0 - self.alpha) * gj * gj) as f32;
-                let step = gj / ((sq[j] as f64).sqrt() + self.eps);
-                let d = if self.momentum > 0.0 {
-                    vel[j] = (self.momentum * vel[j] as f64 + step) as f32;
-                    vel[j] as f64
-                } else {
-                    step
-                };
-                *wv = (*wv as f64 - self.lr * d) as f32;
+            let w = p.value();
+            let device = w.device();
+            let mut state = vec![take_slot(&mut self.square, i, &w)?];
+            if self.momentum > 0.0 {
+                state.push(take_slot(&mut self.velocity, i, &w)?);
             }
-            p.set_value(w)?;
+            if device.is_cpu() {
+                drop(w);
+                let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
+                p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
+            } else {
+                let (w, new) = device::update(device, &rule, &w, &g, &state)?;
+                p.set_value(w)?;
+                state = new;
+            }
+            let mut state = state.into_iter();
+            self.square[i] = state.next();
+            if self.momentum > 0.0 {
+                self.velocity[i] = state.next();
+            }
         }
         Ok(())
     }
@@ -335,13 +322,13 @@ impl Optimizer for RmsProp {
     }
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         let mut out = Vec::new();
-        export("square_avg", &self.square, &mut out);
-        export("momentum_buffer", &self.velocity, &mut out);
+        export_tensors("square_avg", &self.square, &mut out);
+        export_tensors("momentum_buffer", &self.velocity, &mut out);
         out
     }
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        self.square = import("square_avg", state)?;
-        self.velocity = import("momentum_buffer", state)?;
+        self.square = import_tensors("square_avg", state)?;
+        self.velocity = import_tensors("momentum_buffer", state)?;
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use crate::{err, GpuInfo};
 
 /// What has CUDA kernels: 22 of the 26 primitives (the rest run through the CPU kernels on
 /// copies) and the optimizers' updates.
-pub const NATIVE: [&str; 24] = [
+pub const NATIVE: [&str; 25] = [
     "add",
     "sub",
     "mul",
@@ -41,6 +41,7 @@ pub const NATIVE: [&str; 24] = [
     "nll_loss",
     "sgd_update",
     "adam_update",
+    "rmsprop_update",
 ];
 
 const KERNELS: &str = include_str!("../kernels.cu");
@@ -74,6 +75,7 @@ const FUNCTIONS: &[&str] = &[
     "nll_bwd",
     "sgd_update",
     "adam_update",
+    "rmsprop_update",
     "gather_strided",
     "scatter_strided",
     "fill",
@@ -647,6 +649,7 @@ impl Backend<f32> for CudaBackend {
         let name = match rule {
             Update::Sgd { .. } => "sgd_update",
             Update::Adam { .. } => "adam_update",
+            Update::RmsProp { .. } => "rmsprop_update",
         };
         self.timed(name, Pass::Forward, || self.update_on(rule, w, g, state))
     }
@@ -724,6 +727,41 @@ impl CudaBackend {
                     );
                 }
                 Ok((wrap(w_out)?, vec![wrap(m_out)?, wrap(v_out)?]))
+            }
+            Update::RmsProp { lr, alpha, eps, momentum, weight_decay } => {
+                let (v, b) = match state {
+                    [v] => (v, None),
+                    [v, b] => (v, Some(b)),
+                    _ => return Err(Error::arg("update", "RMSprop takes one state tensor, two with momentum")),
+                };
+                let (mut v_out, mut b_out) = (self.fresh(n)?, self.fresh(if b.is_some() { n } else { 0 })?);
+                let sv = self.slice(v)?;
+                if n > 0 {
+                    launch!(
+                        self,
+                        "rmsprop_update",
+                        grid(n),
+                        sw,
+                        sg,
+                        sv,
+                        b.map(|b| self.slice(b)).transpose()?.unwrap_or(sv),
+                        &mut w_out,
+                        &mut v_out,
+                        &mut b_out,
+                        &(n as i64),
+                        &lr,
+                        &alpha,
+                        &eps,
+                        &momentum,
+                        &weight_decay,
+                        &i32::from(b.is_some())
+                    );
+                }
+                let mut state = vec![wrap(v_out)?];
+                if b.is_some() {
+                    state.push(wrap(b_out)?);
+                }
+                Ok((wrap(w_out)?, state))
             }
         }
     }
