@@ -354,6 +354,82 @@ extern "C" __global__ void adaptive_avg_bwd(const float* gy, float* dx, int NC, 
     }
 }
 
+// Lp pooling: (sum over the window of |x|^p)^(1/p), padding adding 0, as the CPU.
+extern "C" __global__ void lp_pool_fwd(const float* x, float* y, Pool g, float p) {
+    GRID_LOOP(i, (i64)g.NC * g.P * g.Q) {
+        Window w = window(g, i);
+        const float* xp = x + w.plane * g.H * g.W;
+        float acc = 0.0f;
+        for (int r = w.r0; r < w.r1; ++r)
+            for (int c = w.c0; c < w.c1; ++c) acc += powf(fabsf(xp[r * g.W + c]), p);
+        y[i] = powf(acc, 1.0f / p);
+    }
+}
+
+// dx (zeroed) += gy sign(x) |x|^(p-1) / y^(p-1) over each window whose norm is not zero (the
+// sign of a zero is its sign bit's, as Rust's signum).
+extern "C" __global__ void lp_pool_bwd(const float* x, const float* y, const float* gy, float* dx, Pool g, float p) {
+    GRID_LOOP(i, (i64)g.NC * g.P * g.Q) {
+        if (y[i] == 0.0f) continue;
+        Window w = window(g, i);
+        float scale = gy[i] / powf(y[i], p - 1.0f);
+        const float* xp = x + w.plane * g.H * g.W;
+        float* dp = dx + w.plane * g.H * g.W;
+        for (int r = w.r0; r < w.r1; ++r)
+            for (int c = w.c0; c < w.c1; ++c) {
+                float v = xp[r * g.W + c];
+                atomicAdd(dp + r * g.W + c, scale * copysignf(1.0f, v) * powf(fabsf(v), p - 1.0f));
+            }
+    }
+}
+
+// Channel max pooling of [N, C, HW] into [N, CO, HW]: output channel j is the largest of input
+// channels j*stride .. j*stride + depth (a NaN wins), with the winning channel.
+extern "C" __global__ void channel_max_fwd(const float* x, float* y, int* arg, int C, int CO, i64 HW, int depth, int stride, i64 total) {
+    GRID_LOOP(i, total) {
+        i64 pix = i % HW, bj = i / HW;
+        i64 b = bj / CO;
+        int c0 = (int)(bj % CO) * stride;
+        float best = x[(b * C + c0) * HW + pix];
+        int bi = c0;
+        for (int ch = c0 + 1; ch < c0 + depth; ++ch) {
+            float v = x[(b * C + ch) * HW + pix];
+            if (v > best || (isnan(v) && !isnan(best))) { best = v; bi = ch; }
+        }
+        y[i] = best;
+        arg[i] = bi;
+    }
+}
+
+// dx (zeroed) += g at each output's winning channel (windows overlap when stride < depth).
+extern "C" __global__ void channel_max_bwd(const float* g, const int* arg, float* dx, int C, int CO, i64 HW, i64 total) {
+    GRID_LOOP(i, total) {
+        i64 pix = i % HW, b = i / HW / CO;
+        atomicAdd(dx + (b * C + arg[i]) * HW + pix, g[i]);
+    }
+}
+
+// The largest value along the middle axis of [outer, dim, inner] (a NaN wins; the first of
+// equals) and its index, one thread per (outer, inner).
+extern "C" __global__ void max_axis_fwd(const float* x, float* y, int* arg, i64 outer, i64 dim, i64 inner) {
+    GRID_LOOP(t, outer * inner) {
+        i64 base = (t / inner) * dim * inner + t % inner;
+        float best = x[base];
+        int bi = 0;
+        for (i64 k = 1; k < dim; ++k) {
+            float v = x[base + k * inner];
+            if (v > best || (isnan(v) && !isnan(best))) { best = v; bi = (int)k; }
+        }
+        y[t] = best;
+        arg[t] = bi;
+    }
+}
+
+// dx (zeroed) takes g at each maximum's place.
+extern "C" __global__ void max_axis_bwd(const float* g, const int* arg, float* dx, i64 dim, i64 inner, i64 total) {
+    GRID_LOOP(t, total) { dx[((t / inner) * dim + arg[t]) * inner + t % inner] = g[t]; }
+}
+
 // ---- batch norm over axis 1 of [N, C, L] ----
 
 // Sums each thread's (a, b) over the block into s1[0], s2[0] (blockDim.x a power of two <= 256).

@@ -1,12 +1,11 @@
 //! Stride's CUDA backend: the primitives of `stride_autograd` on an NVIDIA GPU.
 //!
 //! Products run on cuBLAS; convolution is lowered to columns on the GPU and multiplied by
-//! cuBLAS, or runs on cuDNN with `STRIDE_CUDNN=1` (FP32) or `=tf32`, as does training-mode batch
-//! norm (not yet run on a GPU, so not the default); element-wise functions, reductions, data movement (permute, narrow,
-//! pad, concat, upsampling), max/avg/adaptive pooling, batch norm, softmax, the NLL loss and the
-//! optimizers' updates are NVRTC-compiled kernels (`kernels.cu`). `max` and the rarer pools (Lp, channel)
-//! run through the CPU kernels on copies (see [`NATIVE`]): correct, but a round trip over PCIe
-//! each.
+//! cuBLAS, or runs on cuDNN with `STRIDE_CUDNN=1` (FP32) or `=tf32`, as does training-mode
+//! batch norm (not yet run on a GPU, so not the default); element-wise functions, reductions
+//! and max, data movement (permute, narrow, pad, concat, upsampling), every pooling, batch
+//! norm, softmax, the NLL loss and the optimizers' updates are NVRTC-compiled kernels
+//! (`kernels.cu`). No primitive goes back to the CPU (see [`NATIVE`]).
 //!
 //! Everything CUDA is loaded when first asked for ([`init`]), so a machine without a GPU
 //! builds and runs Stride; [`probe`] tells what is there without loading anything that is not.

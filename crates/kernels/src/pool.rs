@@ -589,6 +589,19 @@ pub fn scatter_planes<T: Elem>(dy: &[T], idx: &[u32], planes: usize, pq: usize, 
     dx
 }
 
+/// Checks channel max pooling of `shape` with a window of `depth` channels moved by `stride`:
+/// the input as [N, C, H, W] and the number of output channels.
+pub fn channel_max_check(op: &'static str, shape: &[usize], depth: usize, stride: usize) -> Result<([usize; 4], usize)> {
+    let d = nchw(op, shape)?;
+    if depth == 0 || stride == 0 {
+        return Err(Error::arg(op, format!("depth {depth} and stride {stride} must be at least 1")));
+    }
+    if depth > d[1] {
+        return Err(Error::geometry(op, format!("depth window {depth} is larger than the {} channels", d[1])));
+    }
+    Ok((d, (d[1] - depth) / stride + 1))
+}
+
 /// Channel (depth-window) max pooling, TensorFlow's `max_pool` with a window over channels:
 /// output channel j is the maximum of input channels j*stride .. j*stride + depth.
 /// Returns the values and the winning channel of each output.

@@ -1,7 +1,7 @@
 //! Pooling: max, average, Lp, adaptive and global (composite), channel max.
 
 use stride_kernels::pool::{self as k, Pool2dOptions, PoolGeom};
-use stride_tensor::{Elem, Error, Result, Tensor};
+use stride_tensor::{Elem, Result, Tensor};
 
 use crate::device::{route, Prim};
 use crate::op::Op;
@@ -97,15 +97,8 @@ pub fn channel_max_pool<T: Elem>(x: &Var<T>, depth: usize, stride: usize) -> Res
     if let Some(y) = route(|| Prim::ChannelMaxPool { depth, stride }, &[x])? {
         return Ok(y);
     }
-    let d = k::nchw("channel_max_pool", &x.shape())?;
-    if depth == 0 || stride == 0 {
-        return Err(Error::arg("channel_max_pool", format!("depth {depth} and stride {stride} must be at least 1")));
-    }
-    if depth > d[1] {
-        return Err(Error::geometry("channel_max_pool", format!("depth window {depth} is larger than the {} channels", d[1])));
-    }
+    let (d, co) = k::channel_max_check("channel_max_pool", &x.shape(), depth, stride)?;
     let (y, argmax) = k::channel_max_forward(x.value_ref().data(), d, depth, stride);
-    let co = (d[1] - depth) / stride + 1;
     Ok(Var::from_op(Tensor::from_vec(y, &[d[0], co, d[2], d[3]])?, Op::ChannelMaxPool { argmax }, &[x]))
 }
 

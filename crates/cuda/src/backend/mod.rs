@@ -7,16 +7,16 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use stride_autograd::device::{cpu_backward, cpu_forward, Backend, CpuSaved, Forward, Prim};
+use stride_autograd::device::{Backend, Forward, Prim};
 use stride_autograd::{Unary, Update};
 use stride_kernels::pool::PoolGeom;
 use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
 use crate::{err, GpuInfo};
 
-/// What has CUDA kernels: 22 of the 26 primitives (the rest run through the CPU kernels on
-/// copies) and the optimizers' updates.
-pub const NATIVE: [&str; 25] = [
+/// What has CUDA kernels: every primitive but reshape (a view of the same buffer on any
+/// device), and the optimizers' updates.
+pub const NATIVE: [&str; 28] = [
     "add",
     "sub",
     "mul",
@@ -31,10 +31,13 @@ pub const NATIVE: [&str; 25] = [
     "matmul",
     "conv2d",
     "conv_transpose2d",
+    "max",
     "max_pool2d",
     "avg_pool2d",
+    "lp_pool2d",
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "channel_max_pool",
     "batch_norm",
     "softmax",
     "log_softmax",
@@ -64,6 +67,12 @@ const FUNCTIONS: &[&str] = &[
     "avg_pool_bwd",
     "adaptive_pool_fwd",
     "adaptive_avg_bwd",
+    "lp_pool_fwd",
+    "lp_pool_bwd",
+    "channel_max_fwd",
+    "channel_max_bwd",
+    "max_axis_fwd",
+    "max_axis_bwd",
     "bn_stats",
     "bn_finish",
     "bn_normalize",
@@ -125,7 +134,6 @@ impl DeviceBuffer<f32> for CudaBuf {
 /// What a forward pass leaves for its backward pass.
 enum Saved {
     Nothing,
-    Cpu(CpuSaved<f32>),
     Argmax(CudaSlice<i32>),
     Stats { mean: CudaSlice<f32>, invstd: CudaSlice<f32> },
     Targets(CudaSlice<i32>),
@@ -325,6 +333,13 @@ impl CudaBackend {
         } else {
             self.zeros(n)
         }
+    }
+
+    /// An index buffer of `n` entries left unset, for a kernel that writes every one (the
+    /// argmax of a max or a max pool).
+    fn fresh_indices(&self, n: usize) -> Result<CudaSlice<i32>> {
+        // SAFETY: every caller's kernel writes all `n` indices before anything reads them.
+        unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| err("allocating", e))
     }
 
     fn upload_i64(&self, v: &[i64]) -> Result<CudaSlice<i64>> {
@@ -811,8 +826,7 @@ impl CudaBackend {
                 let a = Self::pool_args(&g)?;
                 let n = g.n * g.c * g.p * g.q;
                 let mut y = self.fresh(n)?;
-                // SAFETY: max_pool_fwd writes every one of the n indices.
-                let mut arg = unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| err("allocating", e))?;
+                let mut arg = self.fresh_indices(n)?;
                 if n > 0 {
                     launch!(self, "max_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &a);
                 }
@@ -869,12 +883,55 @@ impl CudaBackend {
                 launch!(self, "nll_fwd", grid(1), self.slice(&x[0])?, &t, &mut loss, &int("nll_loss", n)?, &int("nll_loss", c)?);
                 Ok(Forward { y: self.wrap(loss, &[])?, state: Vec::new(), saved: Box::new(Saved::Targets(t)) })
             }
-            _ => {
-                // No kernel yet: the CPU's, on copies.
-                let host = x.iter().map(|t| t.to_host()).collect::<Result<Vec<_>>>()?;
-                let (y, state, saved) = cpu_forward(prim, &host)?;
-                let up = |t: &Tensor<f32>| self.wrap_host(t);
-                Ok(Forward { y: up(&y)?, state: state.iter().map(up).collect::<Result<_>>()?, saved: Box::new(Saved::Cpu(saved)) })
+            Prim::Max { axis, keepdim } => {
+                let s = x[0].shape();
+                let (o, d, i) = split_axis("max", s, *axis)?;
+                int("max", d)?; // the index kept per output is 32-bit
+                let (mut y, mut arg) = (self.fresh(o * i)?, self.fresh_indices(o * i)?);
+                if o * i > 0 {
+                    launch!(self, "max_axis_fwd", grid(o * i), self.slice(&x[0])?, &mut y, &mut arg, &(o as i64), &(d as i64), &(i as i64));
+                }
+                let mut out = s.to_vec();
+                if *keepdim {
+                    out[*axis] = 1;
+                } else {
+                    out.remove(*axis);
+                }
+                Ok(Forward { y: self.wrap(y, &out)?, state: Vec::new(), saved: Box::new(Saved::Argmax(arg)) })
+            }
+            Prim::ChannelMaxPool { depth, stride } => {
+                let ([n, c, h, w], co) = stride_kernels::pool::channel_max_check("channel_max_pool", x[0].shape(), *depth, *stride)?;
+                let total = n * co * h * w;
+                let (mut y, mut arg) = (self.fresh(total)?, self.fresh_indices(total)?);
+                if total > 0 {
+                    let i = |v| int("channel_max_pool", v);
+                    let hw = (h * w) as i64;
+                    launch!(
+                        self,
+                        "channel_max_fwd",
+                        grid(total),
+                        self.slice(&x[0])?,
+                        &mut y,
+                        &mut arg,
+                        &i(c)?,
+                        &i(co)?,
+                        &hw,
+                        &i(*depth)?,
+                        &i(*stride)?,
+                        &(total as i64)
+                    );
+                }
+                Ok(Forward { y: self.wrap(y, &[n, co, h, w])?, state: Vec::new(), saved: Box::new(Saved::Argmax(arg)) })
+            }
+            Prim::LpPool2d { p, opts } => {
+                let g = PoolGeom::new("lp_pool2d", x[0].shape(), opts)?;
+                let a = Self::pool_args(&g)?;
+                let n = g.n * g.c * g.p * g.q;
+                let mut y = self.fresh(n)?;
+                if n > 0 {
+                    launch!(self, "lp_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &a, &(*p as f32));
+                }
+                done(self.wrap(y, &g.out_shape())?)
             }
         }
     }
@@ -883,10 +940,6 @@ impl CudaBackend {
         let saved = saved.downcast_ref::<Saved>().ok_or_else(|| Error::device(prim.name(), "saved state of another backend"))?;
         let one = |t: Tensor<f32>| Ok(vec![Some(t)]);
         match (prim, saved) {
-            (_, Saved::Cpu(s)) => {
-                let grads = cpu_backward(s, &g.to_host()?)?;
-                grads.iter().map(|d| d.as_ref().map(|d| self.wrap_host(d)).transpose()).collect()
-            }
             (Prim::Add | Prim::Sub | Prim::Mul | Prim::Div, _) => {
                 let (a, b) = (&x[0], &x[1]);
                 let (ga, gb) = match prim {
@@ -947,6 +1000,35 @@ impl CudaBackend {
                 let mut dx = self.zeros(x[0].numel())?;
                 if total > 0 {
                     launch!(self, "scatter_planes", grid(total), self.slice(g)?, arg, &mut dx, &out_plane, &in_plane, &(total as i64));
+                }
+                one(self.wrap(dx, x[0].shape())?)
+            }
+            (Prim::Max { axis, .. }, Saved::Argmax(arg)) => {
+                let s = x[0].shape();
+                let (_, d, i) = split_axis("max", s, *axis)?;
+                let mut dx = self.zeros(x[0].numel())?;
+                if g.numel() > 0 {
+                    launch!(self, "max_axis_bwd", grid(g.numel()), self.slice(g)?, arg, &mut dx, &(d as i64), &(i as i64), &(g.numel() as i64));
+                }
+                one(self.wrap(dx, s)?)
+            }
+            (Prim::ChannelMaxPool { .. }, Saved::Argmax(arg)) => {
+                // The forward pass checked x as [N, C, H, W] and g as [N, CO, H, W].
+                let (s, gs) = (x[0].shape(), g.shape());
+                let mut dx = self.zeros(x[0].numel())?;
+                if g.numel() > 0 {
+                    let (c, co) = (int("channel_max_pool", s[1])?, int("channel_max_pool", gs[1])?);
+                    let hw = (s[2] * s[3]) as i64;
+                    launch!(self, "channel_max_bwd", grid(g.numel()), self.slice(g)?, arg, &mut dx, &c, &co, &hw, &(g.numel() as i64));
+                }
+                one(self.wrap(dx, s)?)
+            }
+            (Prim::LpPool2d { p, opts }, _) => {
+                let pg = PoolGeom::new("lp_pool2d", x[0].shape(), opts)?;
+                let a = Self::pool_args(&pg)?;
+                let mut dx = self.zeros(x[0].numel())?;
+                if g.numel() > 0 {
+                    launch!(self, "lp_pool_bwd", grid(g.numel()), self.slice(&x[0])?, self.slice(y)?, self.slice(g)?, &mut dx, &a, &(*p as f32));
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
@@ -1032,12 +1114,6 @@ impl CudaBackend {
             }
             _ => Err(Error::device(prim.name(), "backward without the state its forward pass saves")),
         }
-    }
-}
-
-impl CudaBackend {
-    fn wrap_host(&self, t: &Tensor<f32>) -> Result<Tensor<f32>> {
-        Tensor::from_device(self.upload(t.data())?, t.shape())
     }
 }
 
