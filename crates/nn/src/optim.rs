@@ -97,6 +97,24 @@ fn check_hyper(name: &'static str, ok: bool, what: String) -> Result<()> {
 /// Elements per task when an update runs on several threads.
 const CHUNK: usize = 1 << 15;
 
+/// Runs `rule` on parameter `p` with its gradient `g` and `state` (slices of the parameter's
+/// shape): in place on the CPU, through the backend on another device. Returns the new state.
+fn apply_rule(p: &Var, rule: &Update, g: &Tensor<f32>, mut state: Vec<Tensor<f32>>) -> Result<Vec<Tensor<f32>>> {
+    let w = p.value();
+    let device = w.device();
+    if device.is_cpu() {
+        // The parameter's storage is updated in place once no other handle shares it.
+        drop(w);
+        let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
+        p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
+        Ok(state)
+    } else {
+        let (w, new) = device::update(device, rule, &w, g, &state)?;
+        p.set_value(w)?;
+        Ok(new)
+    }
+}
+
 /// Stochastic gradient descent, PyTorch's `torch.optim.SGD`.
 #[derive(Clone, Debug)]
 pub struct Sgd {
@@ -123,21 +141,11 @@ impl Optimizer for Sgd {
             let Some(g) = p.grad() else { continue };
             let first = self.velocity.get(i).is_none_or(|s| s.is_none());
             let rule = Update::Sgd { lr: self.lr, momentum: self.momentum, nesterov: self.nesterov, weight_decay: self.weight_decay, first };
-            let w = p.value();
-            let device = w.device();
             let mut state = Vec::new();
             if self.momentum > 0.0 {
-                state.push(take_slot(&mut self.velocity, i, &w)?);
+                state.push(take_slot(&mut self.velocity, i, &p.value())?);
             }
-            if device.is_cpu() {
-                drop(w);
-                let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
-                p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
-            } else {
-                let (w, mut new) = device::update(device, &rule, &w, &g, &state)?;
-                p.set_value(w)?;
-                state = std::mem::take(&mut new);
-            }
+            let mut state = apply_rule(p, &rule, &g, state)?;
             if let Some(b) = state.pop() {
                 self.velocity[i] = Some(b);
             }
@@ -292,21 +300,12 @@ impl Optimizer for RmsProp {
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let w = p.value();
-            let device = w.device();
             let mut state = vec![take_slot(&mut self.square, i, &w)?];
             if self.momentum > 0.0 {
                 state.push(take_slot(&mut self.velocity, i, &w)?);
             }
-            if device.is_cpu() {
-                drop(w);
-                let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
-                p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
-            } else {
-                let (w, new) = device::update(device, &rule, &w, &g, &state)?;
-                p.set_value(w)?;
-                state = new;
-            }
-            let mut state = state.into_iter();
+            drop(w);
+            let mut state = apply_rule(p, &rule, &g, state)?.into_iter();
             self.square[i] = state.next();
             if self.momentum > 0.0 {
                 self.velocity[i] = state.next();

@@ -492,99 +492,98 @@ impl Dnn {
     /// Training-mode batch norm of `shape` (from [`norm_shape`]): cuDNN's spatial mode, the
     /// running statistics moved by `momentum` as PyTorch moves them (the unbiased variance).
     pub(crate) fn norm_forward(&self, shape: [c_int; 4], eps: f64, momentum: f64, b: NormForward<'_>) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
-        let handle = st.handle;
-        let d = self.norm_descs(&mut st, shape)?;
-        let stream = &*self.stream;
-        let (x, _g1) = b.x.device_ptr(stream);
-        let (gamma, _g2) = b.gamma.device_ptr(stream);
-        let (beta, _g3) = b.beta.device_ptr(stream);
-        let (y, _g4) = b.y.device_ptr_mut(stream);
-        let (rm, _g5) = b.running_mean.device_ptr_mut(stream);
-        let (rv, _g6) = b.running_var.device_ptr_mut(stream);
-        let (mean, _g7) = b.mean.device_ptr_mut(stream);
-        let (invstd, _g8) = b.invstd.device_ptr_mut(stream);
-        let (one, zero) = (1.0f32, 0.0f32);
-        // SAFETY: a live handle and descriptors of these buffers' shapes (the caller sizes them
-        // from the same input shape: x and y N*C*L, the rest C); host scalars outlive the call.
-        unsafe {
-            sys::cudnnBatchNormalizationForwardTraining(
-                handle,
-                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                (&one as *const f32).cast(),
-                (&zero as *const f32).cast(),
-                d.x,
-                x as *const c_void,
-                d.x,
-                y as *mut c_void,
-                d.per_channel,
-                gamma as *const c_void,
-                beta as *const c_void,
-                momentum,
-                rm as *mut c_void,
-                rv as *mut c_void,
-                eps,
-                mean as *mut c_void,
-                invstd as *mut c_void,
-            )
-        }
-        .result()
-        .map_err(|e| dnn_err(&format!("batch norm of {shape:?}"), e))
+        self.with_norm(shape, |handle, d, stream| {
+            let (x, _g1) = b.x.device_ptr(stream);
+            let (gamma, _g2) = b.gamma.device_ptr(stream);
+            let (beta, _g3) = b.beta.device_ptr(stream);
+            let (y, _g4) = b.y.device_ptr_mut(stream);
+            let (rm, _g5) = b.running_mean.device_ptr_mut(stream);
+            let (rv, _g6) = b.running_var.device_ptr_mut(stream);
+            let (mean, _g7) = b.mean.device_ptr_mut(stream);
+            let (invstd, _g8) = b.invstd.device_ptr_mut(stream);
+            let (one, zero) = (1.0f32, 0.0f32);
+            // SAFETY: a live handle and descriptors of these buffers' shapes (the caller sizes them
+            // from the same input shape: x and y N*C*L, the rest C); host scalars outlive the call.
+            unsafe {
+                sys::cudnnBatchNormalizationForwardTraining(
+                    handle,
+                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                    (&one as *const f32).cast(),
+                    (&zero as *const f32).cast(),
+                    d.x,
+                    x as *const c_void,
+                    d.x,
+                    y as *mut c_void,
+                    d.per_channel,
+                    gamma as *const c_void,
+                    beta as *const c_void,
+                    momentum,
+                    rm as *mut c_void,
+                    rv as *mut c_void,
+                    eps,
+                    mean as *mut c_void,
+                    invstd as *mut c_void,
+                )
+            }
+            .result()
+            .map_err(|e| dnn_err(&format!("batch norm of {shape:?}"), e))
+        })
     }
 
     /// Batch norm's gradients after [`Dnn::norm_forward`], from the mean and 1/sqrt(var + eps)
     /// it saved.
     pub(crate) fn norm_backward(&self, shape: [c_int; 4], eps: f64, b: NormBackward<'_>) -> Result<()> {
+        self.with_norm(shape, |handle, d, stream| {
+            let (x, _g1) = b.x.device_ptr(stream);
+            let (dy, _g2) = b.dy.device_ptr(stream);
+            let (gamma, _g3) = b.gamma.device_ptr(stream);
+            let (mean, _g4) = b.mean.device_ptr(stream);
+            let (invstd, _g5) = b.invstd.device_ptr(stream);
+            let (dx, _g6) = b.dx.device_ptr_mut(stream);
+            let (dgamma, _g7) = b.dgamma.device_ptr_mut(stream);
+            let (dbeta, _g8) = b.dbeta.device_ptr_mut(stream);
+            let (one, zero) = (1.0f32, 0.0f32);
+            let (one, zero) = ((&one as *const f32).cast::<c_void>(), (&zero as *const f32).cast::<c_void>());
+            // SAFETY: as in `norm_forward`; the gradients are written in full (betas 0).
+            unsafe {
+                sys::cudnnBatchNormalizationBackward(
+                    handle,
+                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                    one,
+                    zero,
+                    one,
+                    zero,
+                    d.x,
+                    x as *const c_void,
+                    d.x,
+                    dy as *const c_void,
+                    d.x,
+                    dx as *mut c_void,
+                    d.per_channel,
+                    gamma as *const c_void,
+                    dgamma as *mut c_void,
+                    dbeta as *mut c_void,
+                    eps,
+                    mean as *const c_void,
+                    invstd as *const c_void,
+                )
+            }
+            .result()
+            .map_err(|e| dnn_err(&format!("batch norm's gradient of {shape:?}"), e))
+        })
+    }
+
+    /// Runs `f` with the handle (held), the descriptors of batch norm over `shape` (made once)
+    /// and the stream.
+    fn with_norm<R>(&self, shape: [c_int; 4], f: impl FnOnce(sys::cudnnHandle_t, &NormDescs, &CudaStream) -> Result<R>) -> Result<R> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
         let handle = st.handle;
-        let d = self.norm_descs(&mut st, shape)?;
-        let stream = &*self.stream;
-        let (x, _g1) = b.x.device_ptr(stream);
-        let (dy, _g2) = b.dy.device_ptr(stream);
-        let (gamma, _g3) = b.gamma.device_ptr(stream);
-        let (mean, _g4) = b.mean.device_ptr(stream);
-        let (invstd, _g5) = b.invstd.device_ptr(stream);
-        let (dx, _g6) = b.dx.device_ptr_mut(stream);
-        let (dgamma, _g7) = b.dgamma.device_ptr_mut(stream);
-        let (dbeta, _g8) = b.dbeta.device_ptr_mut(stream);
-        let (one, zero) = (1.0f32, 0.0f32);
-        let (one, zero) = ((&one as *const f32).cast::<c_void>(), (&zero as *const f32).cast::<c_void>());
-        // SAFETY: as in `norm_forward`; the gradients are written in full (betas 0).
-        unsafe {
-            sys::cudnnBatchNormalizationBackward(
-                handle,
-                sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                one,
-                zero,
-                one,
-                zero,
-                d.x,
-                x as *const c_void,
-                d.x,
-                dy as *const c_void,
-                d.x,
-                dx as *mut c_void,
-                d.per_channel,
-                gamma as *const c_void,
-                dgamma as *mut c_void,
-                dbeta as *mut c_void,
-                eps,
-                mean as *const c_void,
-                invstd as *const c_void,
-            )
-        }
-        .result()
-        .map_err(|e| dnn_err(&format!("batch norm's gradient of {shape:?}"), e))
-    }
-
-    /// The descriptors of batch norm over `shape`, made once.
-    fn norm_descs<'s>(&self, st: &'s mut State, shape: [c_int; 4]) -> Result<&'s NormDescs> {
-        match st.norms.entry(shape) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(NormDescs::new(shape).map_err(|e| dnn_err("descriptors", e))?)),
-        }
+        let d = match st.norms.entry(shape) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(NormDescs::new(shape).map_err(|e| dnn_err("descriptors", e))?),
+        };
+        f(handle, d, &self.stream)
     }
 
     /// The algorithm for one pass of `s`: the first of cuDNN's heuristic picks that is
