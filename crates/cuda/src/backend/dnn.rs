@@ -383,12 +383,17 @@ fn filter_algo(n: u32) -> sys::cudnnConvolutionBwdFilterAlgo_t {
     ][n as usize]
 }
 
+/// Whether cuDNN's library (libcudnn.so.9, or another name cudarc knows) can be opened.
+pub(crate) fn library_found() -> bool {
+    // SAFETY: only tries to open the library by name, and closes it again.
+    unsafe { sys::is_culib_present() }
+}
+
 impl Dnn {
     /// cuDNN on `stream`, or `None` when `mode` is off or no cuDNN library is found (then every
     /// convolution goes through columns, which `describe` says).
     pub(crate) fn new(stream: &Arc<CudaStream>, mode: Mode) -> Result<Option<Dnn>> {
-        // SAFETY: only tries to open the library by name.
-        if mode == Mode::Off || !unsafe { sys::is_culib_present() } {
+        if mode == Mode::Off || !library_found() {
             return Ok(None);
         }
         // cudarc looks each function up on first call and panics if it is missing: look first.

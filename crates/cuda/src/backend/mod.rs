@@ -272,7 +272,8 @@ impl CudaBackend {
         // description says which and why.
         let (dnn, columns) = match Dnn::new(&stream, Mode::parse(std::env::var("STRIDE_CUDNN").ok().as_deref())?) {
             Ok(Some(d)) => (Some(d), String::new()),
-            Ok(None) => (None, "columns and cuBLAS (cuDNN off: STRIDE_CUDNN=1 asks for it, if its library is found)".to_string()),
+            Ok(None) if dnn::library_found() => (None, "columns and cuBLAS (cuDNN found; STRIDE_CUDNN=1 runs convolutions on it)".to_string()),
+            Ok(None) => (None, "columns and cuBLAS (no cuDNN library found)".to_string()),
             Err(e) => (None, format!("columns and cuBLAS (cuDNN did not start: {e})")),
         };
         let about = format!(
