@@ -5,7 +5,7 @@
 //! batch norm (not yet run on a GPU, so not the default); element-wise functions, reductions
 //! and max, data movement (permute, narrow, pad, concat, upsampling), every pooling, batch
 //! norm, softmax, the NLL loss and the optimizers' updates are NVRTC-compiled kernels
-//! (`kernels.cu`). No primitive goes back to the CPU (see [`NATIVE`]).
+//! (`kernels.cu`). No primitive goes back to the CPU.
 //!
 //! Everything CUDA is loaded when first asked for ([`init`]), so a machine without a GPU
 //! builds and runs Stride; [`probe`] tells what is there without loading anything that is not.
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use stride_autograd::device;
 use stride_tensor::{Device, Error, Result};
 
-pub use backend::{compile_kernels, CudaBackend, NATIVE};
+pub use backend::{compile_kernels, CudaBackend};
 
 /// One GPU the driver reports.
 #[derive(Clone, Debug)]

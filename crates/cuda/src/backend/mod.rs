@@ -14,39 +14,6 @@ use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
 use crate::{err, GpuInfo};
 
-/// What has CUDA kernels: every primitive but reshape (a view of the same buffer on any
-/// device), and the optimizers' updates.
-pub const NATIVE: [&str; 28] = [
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "unary",
-    "sum",
-    "permute",
-    "narrow",
-    "pad",
-    "concat",
-    "upsample_nearest2d",
-    "matmul",
-    "conv2d",
-    "conv_transpose2d",
-    "max",
-    "max_pool2d",
-    "avg_pool2d",
-    "lp_pool2d",
-    "adaptive_avg_pool2d",
-    "adaptive_max_pool2d",
-    "channel_max_pool",
-    "batch_norm",
-    "softmax",
-    "log_softmax",
-    "nll_loss",
-    "sgd_update",
-    "adam_update",
-    "rmsprop_update",
-];
-
 const KERNELS: &str = include_str!("../kernels.cu");
 const FUNCTIONS: &[&str] = &[
     "binary_same",
@@ -145,7 +112,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
-    /// cuDNN for the convolutions it can describe (`None`: not asked for, or not found).
+    /// cuDNN for the convolutions it can describe and training batch norm (`None`: not asked
+    /// for, or not found).
     dnn: Option<Dnn>,
     profile: Option<Profile>,
 }
@@ -277,12 +245,11 @@ impl CudaBackend {
             Err(e) => (None, format!("columns and cuBLAS (cuDNN did not start: {e})")),
         };
         let about = format!(
-            "cuda:{ordinal}: {} ({:.0} GiB, compute {}.{}); cuBLAS and NVRTC kernels for {} of 26 primitives; convolution: {}",
+            "cuda:{ordinal}: {} ({:.0} GiB, compute {}.{}); cuBLAS and NVRTC kernels; convolution: {}",
             gpu.name,
             gpu.memory_bytes as f64 / (1u64 << 30) as f64,
             gpu.compute_capability.0,
             gpu.compute_capability.1,
-            NATIVE.iter().filter(|p| stride_autograd::PRIMITIVES.contains(p)).count(),
             dnn.as_ref().map_or(columns, |d| format!("{} (and training batch norm), columns where cuDNN cannot", d.describe()))
         );
         Ok(CudaBackend { ordinal, about, stream, blas, functions, dnn, profile: Profile::from_env() })
