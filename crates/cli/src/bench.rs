@@ -298,6 +298,10 @@ fn record(name: &str, secs: f64, batch: usize, device: Device) -> serde_json::Va
     });
     if !device.is_cpu() {
         rec["device"] = json!(device.to_string());
+        // The backend is up by now (the model moved there); this only looks it up.
+        if let Ok(b) = stride_cuda::init(device) {
+            rec["convolution"] = json!(b.convolution_route());
+        }
     }
     rec
 }

@@ -411,6 +411,11 @@ impl Dnn {
         Ok(Some(Dnn { state: Mutex::new(state), stream: stream.clone(), tf32: mode == Mode::Tf32, version: result::get_version() }))
     }
 
+    /// Whether tensor cores may run convolutions in TF32.
+    pub(crate) fn tf32(&self) -> bool {
+        self.tf32
+    }
+
     /// "cuDNN 9.13.0 (FP32)".
     pub(crate) fn describe(&self) -> String {
         let v = self.version;

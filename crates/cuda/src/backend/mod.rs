@@ -259,6 +259,15 @@ impl CudaBackend {
         self.ordinal
     }
 
+    /// How convolutions run: "cudnn-fp32", "cudnn-tf32" or "columns" (benchmarks record it).
+    pub fn convolution_route(&self) -> &'static str {
+        match &self.dnn {
+            Some(d) if d.tf32() => "cudnn-tf32",
+            Some(_) => "cudnn-fp32",
+            None => "columns",
+        }
+    }
+
     fn function(&self, name: &'static str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| err("kernel", name))
     }
