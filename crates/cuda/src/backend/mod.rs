@@ -1102,3 +1102,70 @@ mod profile;
 
 use dnn::{Dnn, Mode, NormBackward, NormForward};
 use profile::{Pass, Profile};
+
+#[cfg(test)]
+mod tests {
+    use super::{FUNCTIONS, KERNELS};
+
+    /// Every kernel the backend launches is loaded at start-up and defined in kernels.cu: a
+    /// name missing from `FUNCTIONS` would only fail on a GPU, at its first launch.
+    #[test]
+    fn every_launched_kernel_is_loaded_and_defined() {
+        let sources = [include_str!("mod.rs"), include_str!("conv.rs"), include_str!("layout.rs")];
+        let launched: std::collections::BTreeSet<&str> = sources
+            .iter()
+            .flat_map(|src| src.split("launch!(").skip(1))
+            .filter_map(|call| call.split('"').nth(1))
+            .filter(|name| !name.contains(' '))
+            .collect();
+        assert!(launched.len() >= 40, "found only {launched:?}");
+        for name in &launched {
+            assert!(FUNCTIONS.contains(name), "{name} is launched but not in FUNCTIONS");
+        }
+        for f in FUNCTIONS {
+            assert!(KERNELS.contains(&format!("__global__ void {f}(")), "{f} is not a kernel of kernels.cu");
+            assert!(launched.contains(f), "{f} is loaded but never launched");
+        }
+    }
+
+    /// The arguments up to the bracket that closes the one before `text`, split at the commas
+    /// outside any inner brackets.
+    fn top_level_args(text: &str) -> Vec<String> {
+        let (mut depth, mut parts, mut cur) = (0i32, Vec::new(), String::new());
+        for ch in text.chars() {
+            match ch {
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' if depth == 0 => break,
+                ')' | ']' | '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(std::mem::take(&mut cur));
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(ch);
+        }
+        parts.push(cur);
+        parts.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+    }
+
+    /// Each launch passes as many arguments as its kernel takes (cudarc cannot check: a
+    /// missing one reads garbage on the GPU).
+    #[test]
+    fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
+        let sources = [include_str!("mod.rs"), include_str!("conv.rs"), include_str!("layout.rs")];
+        let mut checked = 0;
+        for call in sources.iter().flat_map(|src| src.split("launch!(").skip(1)) {
+            let args = top_level_args(call);
+            // self, "name", the launch configuration, then the kernel's arguments.
+            let Some(name) = args.get(1).and_then(|n| n.strip_prefix('"')).and_then(|n| n.strip_suffix('"')) else {
+                continue;
+            };
+            let sig = KERNELS.split(&format!("__global__ void {name}(")).nth(1).unwrap_or_else(|| panic!("no kernel {name}"));
+            let params = top_level_args(sig).len();
+            assert_eq!(args.len() - 3, params, "{name}: {} arguments for {params} parameters: {:?}", args.len() - 3, &args[3..]);
+            checked += 1;
+        }
+        assert!(checked >= 40, "checked only {checked} launches");
+    }
+}
