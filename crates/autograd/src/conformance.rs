@@ -180,7 +180,8 @@ pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
     let labelled = cases::<T>()?.into_iter().map(|(name, inputs, f)| (name, "", inputs, f));
     for (name, case, inputs, f) in labelled.chain(convolution_cases::<T>()?) {
         let (y_cpu, g_cpu) = run(&inputs, Device::Cpu, f.as_ref())?;
-        let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{name} {case} on {device}: {e}")))?;
+        let what = if case.is_empty() { name.to_string() } else { format!("{name} ({case})") };
+        let (y_dev, g_dev) = run(&inputs, device, f.as_ref()).map_err(|e| Error::device("conformance", format!("{what} on {device}: {e}")))?;
         let backward = g_cpu.iter().zip(&g_dev).fold(0.0f64, |m, (a, b)| m.max(relative(b, a)));
         out.push(Agreement { primitive: name, case, forward: relative(&y_dev, &y_cpu), backward });
     }
