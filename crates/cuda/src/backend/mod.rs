@@ -1,4 +1,6 @@
-//! The CUDA implementation of `stride_autograd::Backend<f32>` (convolution in `conv.rs`).
+//! The CUDA implementation of `stride_autograd::Backend<f32>`: dispatch and the element-wise,
+//! reduction, pooling and loss primitives here; convolution in `conv.rs` (cuDNN in `dnn.rs`),
+//! batch norm in `norm.rs`, the optimizers' updates in `update.rs`, data movement in `layout.rs`.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -479,113 +481,6 @@ impl CudaBackend {
         }
         Ok(out)
     }
-
-    // ---- batch norm ----
-
-    fn batch_norm(&self, x: &[Tensor<f32>], training: bool, opts: &stride_autograd::BatchNormOptions) -> Result<Forward<f32>> {
-        const OP: &str = "batch_norm";
-        if x.len() != 5 {
-            stride_tensor::bail!(arg, OP, "takes x, weight, bias, running mean and variance, got {} tensors", x.len());
-        }
-        let s = x[0].shape();
-        if s.len() < 2 {
-            stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
-        }
-        let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-        for (name, t) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&x[1..]) {
-            if t.shape() != [c] {
-                stride_tensor::bail!(shape, OP, "{name} has shape {:?} but the input has {c} channels (input {s:?})", t.shape());
-            }
-        }
-        if training && n * l <= 1 {
-            stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
-        }
-        if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
-            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| err("copy", e));
-            let (mut running_mean, mut running_var) = (copy(&x[3])?, copy(&x[4])?);
-            let (mut y, mut mean, mut invstd) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
-            let (x0, gamma, beta) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(&x[2])?);
-            let buffers = NormForward {
-                x: x0,
-                gamma,
-                beta,
-                y: &mut y,
-                running_mean: &mut running_mean,
-                running_var: &mut running_var,
-                mean: &mut mean,
-                invstd: &mut invstd,
-            };
-            dnn.norm_forward(shape, opts.eps, opts.momentum, buffers)?;
-            let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
-            return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
-        }
-        let (ci, li) = (int(OP, c)?, l as i64);
-        let mut mean = self.zeros(c)?;
-        let mut var = self.zeros(c)?;
-        let mut invstd = self.fresh(c)?;
-        let mut state = Vec::new();
-        if training {
-            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
-            let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
-            let (mom, m) = (opts.momentum as f32, (n * l) as f32);
-            launch!(
-                self,
-                "bn_finish",
-                grid(c),
-                &mean,
-                &var,
-                &mut invstd,
-                &(opts.eps as f32),
-                &ci,
-                &mom,
-                &m,
-                self.slice(&x[3])?,
-                self.slice(&x[4])?,
-                &mut rm,
-                &mut rv
-            );
-            state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
-        } else {
-            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| err("copy", e))?;
-            let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
-            let rv = self.slice(&x[4])?;
-            launch!(
-                self,
-                "bn_finish",
-                grid(c),
-                &mean,
-                rv,
-                &mut invstd,
-                &(opts.eps as f32),
-                &ci,
-                &(-1.0f32),
-                &0.0f32,
-                rv,
-                rv,
-                &mut unused_m,
-                &mut unused_v
-            );
-        }
-        let total = x[0].numel();
-        let mut y = self.fresh(total)?;
-        if total > 0 {
-            launch!(
-                self,
-                "bn_normalize",
-                grid(total),
-                self.slice(&x[0])?,
-                &mean,
-                &invstd,
-                self.slice(&x[1])?,
-                self.slice(&x[2])?,
-                &mut y,
-                &ci,
-                &li,
-                &(total as i64)
-            );
-        }
-        Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
-    }
 }
 
 /// [N*C, H, W, P, Q] of an adaptive pool of `x` to `out`, checked.
@@ -656,108 +551,6 @@ impl Backend<f32> for CudaBackend {
 }
 
 impl CudaBackend {
-    fn update_on(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
-        let n = w.numel();
-        let (sw, sg) = (self.slice(w)?, self.slice(g)?);
-        let mut w_out = self.fresh(n)?;
-        let wrap = |s: CudaSlice<f32>| self.wrap(s, w.shape());
-        match *rule {
-            Update::Sgd { lr, momentum, nesterov, weight_decay, first } => {
-                let mut b_out = self.fresh(if state.is_empty() { 0 } else { n })?;
-                let has = i32::from(!state.is_empty());
-                let b = match state.first() {
-                    Some(t) => self.slice(t)?,
-                    None => sg,
-                };
-                if n > 0 {
-                    launch!(
-                        self,
-                        "sgd_update",
-                        grid(n),
-                        sw,
-                        sg,
-                        b,
-                        &mut w_out,
-                        &mut b_out,
-                        &(n as i64),
-                        &(lr as f32),
-                        &(momentum as f32),
-                        &(weight_decay as f32),
-                        &i32::from(nesterov),
-                        &i32::from(first),
-                        &has
-                    );
-                }
-                Ok((wrap(w_out)?, if state.is_empty() { Vec::new() } else { vec![wrap(b_out)?] }))
-            }
-            Update::Adam { lr, betas, c1, c2, eps, weight_decay, decoupled } => {
-                let [m, v] = state else {
-                    return Err(Error::arg("update", "Adam takes two state tensors"));
-                };
-                let (mut m_out, mut v_out) = (self.fresh(n)?, self.fresh(n)?);
-                if n > 0 {
-                    launch!(
-                        self,
-                        "adam_update",
-                        grid(n),
-                        sw,
-                        sg,
-                        self.slice(m)?,
-                        self.slice(v)?,
-                        &mut w_out,
-                        &mut m_out,
-                        &mut v_out,
-                        &(n as i64),
-                        &lr,
-                        &betas.0,
-                        &betas.1,
-                        &c1,
-                        &c2,
-                        &eps,
-                        &weight_decay,
-                        &i32::from(decoupled)
-                    );
-                }
-                Ok((wrap(w_out)?, vec![wrap(m_out)?, wrap(v_out)?]))
-            }
-            Update::RmsProp { lr, alpha, eps, momentum, weight_decay } => {
-                let (v, b) = match state {
-                    [v] => (v, None),
-                    [v, b] => (v, Some(b)),
-                    _ => return Err(Error::arg("update", "RMSprop takes one state tensor, two with momentum")),
-                };
-                let (mut v_out, mut b_out) = (self.fresh(n)?, self.fresh(if b.is_some() { n } else { 0 })?);
-                let sv = self.slice(v)?;
-                if n > 0 {
-                    launch!(
-                        self,
-                        "rmsprop_update",
-                        grid(n),
-                        sw,
-                        sg,
-                        sv,
-                        b.map(|b| self.slice(b)).transpose()?.unwrap_or(sv),
-                        &mut w_out,
-                        &mut v_out,
-                        &mut b_out,
-                        &(n as i64),
-                        &lr,
-                        &alpha,
-                        &eps,
-                        &momentum,
-                        &weight_decay,
-                        &i32::from(b.is_some())
-                    );
-                }
-                let mut state = vec![wrap(v_out)?];
-                if b.is_some() {
-                    state.push(wrap(b_out)?);
-                }
-                Ok((wrap(w_out)?, state))
-            }
-        }
-    }
-
     fn forward_on(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
         let done = |y: Tensor<f32>| Ok(Forward { y, state: Vec::new(), saved: Box::new(Saved::Nothing) });
         match prim {
@@ -1027,53 +820,7 @@ impl CudaBackend {
                 }
                 one(self.wrap(dx, x[0].shape())?)
             }
-            (Prim::BatchNorm { training, opts }, Saved::Stats { mean, invstd }) => {
-                let s = x[0].shape();
-                let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-                if let (true, Some(dnn), Some(shape)) = (*training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
-                    let (mut dx, mut dgamma, mut dbeta) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
-                    let buffers = NormBackward {
-                        x: self.slice(&x[0])?,
-                        dy: self.slice(g)?,
-                        gamma: self.slice(&x[1])?,
-                        mean,
-                        invstd,
-                        dx: &mut dx,
-                        dgamma: &mut dgamma,
-                        dbeta: &mut dbeta,
-                    };
-                    dnn.norm_backward(shape, opts.eps, buffers)?;
-                    return Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)]);
-                }
-                let (ci, li) = (int("batch_norm", c)?, l as i64);
-                let (mut dgamma, mut dbeta) = (self.fresh(c)?, self.fresh(c)?);
-                let (sg, sx) = (self.slice(g)?, self.slice(&x[0])?);
-                launch!(self, "bn_sums", per_block(c), sg, sx, mean, invstd, &mut dgamma, &mut dbeta, &int("batch_norm", n)?, &ci, &li);
-                let total = x[0].numel();
-                let mut dx = self.fresh(total)?;
-                if total > 0 {
-                    let batch = *training as i32;
-                    launch!(
-                        self,
-                        "bn_dx",
-                        grid(total),
-                        sg,
-                        sx,
-                        mean,
-                        invstd,
-                        self.slice(&x[1])?,
-                        &dgamma,
-                        &dbeta,
-                        &batch,
-                        &((n * l) as f32),
-                        &mut dx,
-                        &ci,
-                        &li,
-                        &(total as i64)
-                    );
-                }
-                Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)])
-            }
+            (Prim::BatchNorm { training, opts }, Saved::Stats { mean, invstd }) => self.batch_norm_backward(*training, opts, mean, invstd, g, x),
             (Prim::Softmax { axis } | Prim::LogSoftmax { axis }, _) => {
                 let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
                 let (o, d, i) = split_axis(prim.name(), y.shape(), *axis)?;
@@ -1098,116 +845,11 @@ impl CudaBackend {
 mod conv;
 mod dnn;
 mod layout;
+mod norm;
 mod profile;
-
-use dnn::{Dnn, Mode, NormBackward, NormForward};
-use profile::{Pass, Profile};
-
 #[cfg(test)]
-mod tests {
-    use super::{FUNCTIONS, KERNELS};
+mod tests;
+mod update;
 
-    /// Every kernel the backend launches is loaded at start-up and defined in kernels.cu: a
-    /// name missing from `FUNCTIONS` would only fail on a GPU, at its first launch.
-    #[test]
-    fn every_launched_kernel_is_loaded_and_defined() {
-        let sources = [include_str!("mod.rs"), include_str!("conv.rs"), include_str!("layout.rs")];
-        let launched: std::collections::BTreeSet<&str> = sources
-            .iter()
-            .flat_map(|src| src.split("launch!(").skip(1))
-            .filter_map(|call| call.split('"').nth(1))
-            .filter(|name| !name.contains(' '))
-            .collect();
-        assert!(launched.len() >= 40, "found only {launched:?}");
-        for name in &launched {
-            assert!(FUNCTIONS.contains(name), "{name} is launched but not in FUNCTIONS");
-        }
-        for f in FUNCTIONS {
-            assert!(KERNELS.contains(&format!("__global__ void {f}(")), "{f} is not a kernel of kernels.cu");
-            assert!(launched.contains(f), "{f} is loaded but never launched");
-        }
-    }
-
-    /// The arguments up to the bracket that closes the one before `text`, split at the commas
-    /// outside any inner brackets.
-    fn top_level_args(text: &str) -> Vec<String> {
-        let (mut depth, mut parts, mut cur) = (0i32, Vec::new(), String::new());
-        for ch in text.chars() {
-            match ch {
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' if depth == 0 => break,
-                ')' | ']' | '}' => depth -= 1,
-                ',' if depth == 0 => {
-                    parts.push(std::mem::take(&mut cur));
-                    continue;
-                }
-                _ => {}
-            }
-            cur.push(ch);
-        }
-        parts.push(cur);
-        parts.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
-    }
-
-    /// Each launch passes as many arguments as its kernel takes, of the same types where the
-    /// argument's text says its type (cudarc cannot check: a missing or narrower argument reads
-    /// garbage on the GPU).
-    #[test]
-    fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
-        let sources = [include_str!("mod.rs"), include_str!("conv.rs"), include_str!("layout.rs")];
-        let (mut checked, mut typed) = (0, 0);
-        for call in sources.iter().flat_map(|src| src.split("launch!(").skip(1)) {
-            let args = top_level_args(call);
-            // self, "name", the launch configuration, then the kernel's arguments.
-            let Some(name) = args.get(1).and_then(|n| n.strip_prefix('"')).and_then(|n| n.strip_suffix('"')) else {
-                continue;
-            };
-            let sig = KERNELS.split(&format!("__global__ void {name}(")).nth(1).unwrap_or_else(|| panic!("no kernel {name}"));
-            let params = top_level_args(sig);
-            assert_eq!(args.len() - 3, params.len(), "{name}: {} arguments for {} parameters: {:?}", args.len() - 3, params.len(), &args[3..]);
-            for (arg, param) in args[3..].iter().zip(&params) {
-                if let (Some(have), Some(want)) = (rust_type(arg), c_type(param)) {
-                    assert_eq!(have, want, "{name}: argument `{arg}` for parameter `{param}`");
-                    typed += 1;
-                }
-            }
-            checked += 1;
-        }
-        assert!(checked >= 40 && typed >= 60, "checked only {checked} launches and {typed} argument types");
-    }
-
-    /// What a launch argument passes, where its text says: "ptr" (a buffer), or a scalar type.
-    fn rust_type(arg: &str) -> Option<&'static str> {
-        let a = arg.strip_prefix('&')?;
-        if a.starts_with("mut ") {
-            return Some("ptr");
-        }
-        let a = a.trim_start_matches('(').trim_end_matches(')');
-        let tail = |t: &str| a.ends_with(&format!("as {t}")) || a.ends_with(&format!("{t}::MAX")) || a.ends_with(t);
-        if a.starts_with("int(") || a.starts_with("i32::from(") || tail("i32") {
-            Some("i32")
-        } else if tail("i64") {
-            Some("i64")
-        } else if tail("f32") {
-            Some("f32")
-        } else if tail("f64") {
-            Some("f64")
-        } else {
-            None
-        }
-    }
-
-    /// What a kernel parameter takes: "ptr", a scalar type, or `None` for a struct.
-    fn c_type(param: &str) -> Option<&'static str> {
-        if param.contains('*') {
-            return Some("ptr");
-        }
-        match param.split_whitespace().next()? {
-            "int" => Some("i32"),
-            "i64" => Some("i64"),
-            "float" => Some("f32"),
-            "double" => Some("f64"),
-            _ => None,
-        }
-    }
-}
+use dnn::{Dnn, Mode};
+use profile::{Pass, Profile};

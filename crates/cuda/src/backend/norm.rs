@@ -1,0 +1,165 @@
+//! Batch norm over axis 1 of [N, C, ...]: the backend's kernels, or cuDNN in training when it
+//! is on (`dnn.rs`).
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use stride_autograd::device::Forward;
+use stride_autograd::BatchNormOptions;
+use stride_tensor::{Result, Tensor};
+
+use super::dnn::{self, NormBackward, NormForward};
+use super::{err, grid, int, per_block, CudaBackend, Saved};
+
+impl CudaBackend {
+    pub(super) fn batch_norm(&self, x: &[Tensor<f32>], training: bool, opts: &BatchNormOptions) -> Result<Forward<f32>> {
+        const OP: &str = "batch_norm";
+        if x.len() != 5 {
+            stride_tensor::bail!(arg, OP, "takes x, weight, bias, running mean and variance, got {} tensors", x.len());
+        }
+        let s = x[0].shape();
+        if s.len() < 2 {
+            stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
+        }
+        let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+        for (name, t) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&x[1..]) {
+            if t.shape() != [c] {
+                stride_tensor::bail!(shape, OP, "{name} has shape {:?} but the input has {c} channels (input {s:?})", t.shape());
+            }
+        }
+        if training && n * l <= 1 {
+            stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
+        }
+        if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
+            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| err("copy", e));
+            let (mut running_mean, mut running_var) = (copy(&x[3])?, copy(&x[4])?);
+            let (mut y, mut mean, mut invstd) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
+            let (x0, gamma, beta) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(&x[2])?);
+            let buffers = NormForward {
+                x: x0,
+                gamma,
+                beta,
+                y: &mut y,
+                running_mean: &mut running_mean,
+                running_var: &mut running_var,
+                mean: &mut mean,
+                invstd: &mut invstd,
+            };
+            dnn.norm_forward(shape, opts.eps, opts.momentum, buffers)?;
+            let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
+            return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
+        }
+        let (ci, li) = (int(OP, c)?, l as i64);
+        let mut mean = self.zeros(c)?;
+        let mut var = self.zeros(c)?;
+        let mut invstd = self.fresh(c)?;
+        let mut state = Vec::new();
+        if training {
+            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
+            let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
+            let (mom, m) = (opts.momentum as f32, (n * l) as f32);
+            launch!(
+                self,
+                "bn_finish",
+                grid(c),
+                &mean,
+                &var,
+                &mut invstd,
+                &(opts.eps as f32),
+                &ci,
+                &mom,
+                &m,
+                self.slice(&x[3])?,
+                self.slice(&x[4])?,
+                &mut rm,
+                &mut rv
+            );
+            state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
+        } else {
+            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| err("copy", e))?;
+            let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
+            let rv = self.slice(&x[4])?;
+            launch!(
+                self,
+                "bn_finish",
+                grid(c),
+                &mean,
+                rv,
+                &mut invstd,
+                &(opts.eps as f32),
+                &ci,
+                &(-1.0f32),
+                &0.0f32,
+                rv,
+                rv,
+                &mut unused_m,
+                &mut unused_v
+            );
+        }
+        let total = x[0].numel();
+        let mut y = self.fresh(total)?;
+        if total > 0 {
+            launch!(
+                self,
+                "bn_normalize",
+                grid(total),
+                self.slice(&x[0])?,
+                &mean,
+                &invstd,
+                self.slice(&x[1])?,
+                self.slice(&x[2])?,
+                &mut y,
+                &ci,
+                &li,
+                &(total as i64)
+            );
+        }
+        Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
+    }
+
+    /// The gradients of x, the weight and the bias, from the statistics the forward pass saved
+    /// (the batch's in training, the running ones in evaluation).
+    pub(super) fn batch_norm_backward(
+        &self,
+        training: bool,
+        opts: &BatchNormOptions,
+        mean: &CudaSlice<f32>,
+        invstd: &CudaSlice<f32>,
+        g: &Tensor<f32>,
+        x: &[Tensor<f32>],
+    ) -> Result<Vec<Option<Tensor<f32>>>> {
+        let s = x[0].shape();
+        let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+        let total = x[0].numel();
+        let (mut dx, mut dgamma, mut dbeta) = (self.fresh(total)?, self.fresh(c)?, self.fresh(c)?);
+        let (sg, sx) = (self.slice(g)?, self.slice(&x[0])?);
+        if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
+            let buffers =
+                NormBackward { x: sx, dy: sg, gamma: self.slice(&x[1])?, mean, invstd, dx: &mut dx, dgamma: &mut dgamma, dbeta: &mut dbeta };
+            dnn.norm_backward(shape, opts.eps, buffers)?;
+        } else {
+            let (ci, li) = (int("batch_norm", c)?, l as i64);
+            launch!(self, "bn_sums", per_block(c), sg, sx, mean, invstd, &mut dgamma, &mut dbeta, &int("batch_norm", n)?, &ci, &li);
+            if total > 0 {
+                let batch = training as i32;
+                launch!(
+                    self,
+                    "bn_dx",
+                    grid(total),
+                    sg,
+                    sx,
+                    mean,
+                    invstd,
+                    self.slice(&x[1])?,
+                    &dgamma,
+                    &dbeta,
+                    &batch,
+                    &((n * l) as f32),
+                    &mut dx,
+                    &ci,
+                    &li,
+                    &(total as i64)
+                );
+            }
+        }
+        Ok(vec![Some(self.wrap(dx, s)?), Some(self.wrap(dgamma, &[c])?), Some(self.wrap(dbeta, &[c])?)])
+    }
+}
