@@ -1,0 +1,186 @@
+//! The CUDA backend end to end without a GPU: `crates/cuda/emulator` is a CUDA driver and
+//! cuBLAS that run on the CPU (kernels.cu compiled for the host with `c++`), and `stride` finds
+//! them before any real ones through LD_LIBRARY_PATH. cudarc, NVRTC (the real one) and every
+//! line of the backend run as they do on a GPU, so `stride devices --check` compares each
+//! kernel, launch and cuBLAS call with the CPU engine here. What only a GPU shows (races between
+//! threads, cuDNN, speed) still needs `scripts/gpu-check.sh`.
+//!
+//! Where the compiler has AddressSanitizer the emulator is built with it, so a kernel that reads
+//! or writes past its buffers (allocations are plain heap memory here) stops with a report.
+//!
+//! Needs a C++20 compiler and libnvrtc.so.13 on LD_LIBRARY_PATH (CI has both); without them the
+//! tests are skipped, unless STRIDE_REQUIRE_NVRTC is set (CI), where that is a failure.
+#![cfg(target_os = "linux")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const EMULATOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../cuda/emulator");
+const CUDA_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../cuda/src");
+
+fn required() -> bool {
+    std::env::var_os("STRIDE_REQUIRE_NVRTC").is_some()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The emulator built from `kernels` (kernels.cu's text) by `build.sh`: libcuda.so, with
+/// libcublas.so a link to it, so both are one library with one set of allocations. Kept in the
+/// target folder under a hash of its sources: built once for every test and process that needs it.
+/// `None` when there is no C++ compiler (and it is not required).
+fn emulator_of(kernels: &str) -> Option<Emulator> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let sources = ["fake_cuda.cpp", "cuda_host.h", "build.sh"].map(|f| std::fs::read_to_string(format!("{EMULATOR}/{f}")).unwrap());
+    let asan = asan_runtime();
+    (kernels, &sources, &asan).hash(&mut h);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-emulator-{:016x}", h.finish()));
+    let built = Emulator { dir: dir.clone(), asan: asan.clone() };
+    if dir.join("libcuda.so").exists() {
+        return Some(built);
+    }
+    if Command::new(cxx()).arg("--version").output().is_err() {
+        assert!(!required(), "the CUDA emulator needs a C++20 compiler (c++ or $CXX)");
+        eprintln!("skipped: no C++ compiler");
+        return None;
+    }
+    // Built aside and moved into place whole: tests in other processes may be building it too.
+    let partial = dir.with_extension(format!("partial-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::create_dir_all(&partial).unwrap();
+    let source = partial.join("source.cu");
+    std::fs::write(&source, kernels).unwrap();
+    let out = Command::new("bash")
+        .arg(format!("{EMULATOR}/build.sh"))
+        .arg(&partial)
+        .arg(&source)
+        .args(asan.as_ref().map(|_| "--asan"))
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "building the CUDA emulator failed:\n{}", text(&out));
+    if std::fs::rename(&partial, &dir).is_err() {
+        // Another test got there first with the same sources.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    assert!(dir.join("libcuda.so").exists(), "the emulator at {}", dir.display());
+    Some(built)
+}
+
+/// A built emulator: its folder, and AddressSanitizer's runtime when it was built with it (the
+/// runtime is then preloaded into `stride`, which is not built with it).
+struct Emulator {
+    dir: PathBuf,
+    asan: Option<PathBuf>,
+}
+
+fn cxx() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "c++".into())
+}
+
+/// AddressSanitizer's runtime library as the compiler names it, if it has one.
+fn asan_runtime() -> Option<PathBuf> {
+    let out = Command::new(cxx()).arg("-print-file-name=libasan.so").output().ok()?;
+    let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    (path.is_absolute() && path.exists()).then_some(path)
+}
+
+/// The emulator built from the backend's own kernels.cu.
+fn emulator() -> Option<Emulator> {
+    emulator_of(&std::fs::read_to_string(format!("{CUDA_SRC}/kernels.cu")).unwrap())
+}
+
+/// `stride args` with the emulator found first; `None` (skipped) when NVRTC is missing
+/// and not required.
+fn on_emulator(emu: &Emulator, args: &[&str]) -> Option<Output> {
+    let lib = emu.dir.display();
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{lib}:{p}"),
+        _ => lib.to_string(),
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stride"));
+    cmd.args(args).env("LD_LIBRARY_PATH", path).env("RAYON_NUM_THREADS", "2").env_remove("STRIDE_CUDNN");
+    if let Some(asan) = &emu.asan {
+        // Leaks are not what this checks (the binary keeps its statics to the end).
+        cmd.env("LD_PRELOAD", asan).env("ASAN_OPTIONS", "detect_leaks=0");
+    }
+    let out = cmd.output().expect("the binary runs");
+    if !out.status.success() && text(&out).contains("libnvrtc.so.13") && !required() {
+        eprintln!("skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return None;
+    }
+    Some(out)
+}
+
+#[test]
+fn every_primitive_agrees_with_the_cpu_on_the_emulated_gpu() {
+    let Some(lib) = emulator() else { return };
+    let Some(out) = on_emulator(&lib, &["devices", "--check"]) else { return };
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("cuda:0: Stride CPU emulator"), "the emulator, not a GPU: {log}");
+    assert!(log.contains("every primitive agrees with the CPU within 1e-4"), "{log}");
+    for case in ["lp_pool2d", "channel_max_pool", "rmsprop_update", "4x4 same (VAE)"] {
+        assert!(log.contains(case), "{case} is among the cases: {log}");
+    }
+}
+
+#[test]
+fn a_faulty_kernel_fails_the_check() {
+    // The check is only as good as its power to fail: a sign dropped from Lp pooling's gradient
+    // (in the emulator's copy of the kernels only; NVRTC still compiles the right ones).
+    let kernels = std::fs::read_to_string(format!("{CUDA_SRC}/kernels.cu")).unwrap();
+    let slip = "scale * copysignf(1.0f, v) *";
+    assert!(kernels.contains(slip), "lp_pool_bwd's sign, which this test removes, has moved");
+    let Some(lib) = emulator_of(&kernels.replace(slip, "scale *")) else { return };
+    let Some(out) = on_emulator(&lib, &["devices", "--check"]) else { return };
+    let log = text(&out);
+    assert!(!out.status.success(), "a wrong gradient passed: {log}");
+    assert!(log.contains("lp_pool2d") && log.contains("backward"), "the error names the primitive: {log}");
+}
+
+/// Two classes of 16x16 shapes (squares and circles, 30 each) in an image folder.
+fn shapes(dir: &Path) {
+    for (class, square) in [("square", true), ("circle", false)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..30u32 {
+            let img = image::GrayImage::from_fn(16, 16, |x, y| {
+                let (dx, dy) = (x as i32 - 8 + (i % 3) as i32 - 1, y as i32 - 8);
+                let inside = if square { dx.abs() < 5 && dy.abs() < 5 } else { dx * dx + dy * dy < 25 };
+                image::Luma([if inside { 220 } else { 10 }])
+            });
+            img.save(dir.join(class).join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+}
+
+/// metrics.csv's rows: epoch, train loss, train accuracy, test loss, test accuracy, ...
+fn metrics(run: &Path) -> Vec<Vec<f64>> {
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    csv.lines().skip(1).map(|l| l.split(',').take(5).map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+#[test]
+fn training_on_the_emulated_gpu_follows_the_cpu() {
+    let Some(lib) = emulator() else { return };
+    let dir = std::env::temp_dir().join(format!("stride-emulated-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    shapes(&dir.join("data"));
+    let data = dir.join("data");
+    let run = |device: &str| {
+        let out_dir = dir.join(device);
+        let args = ["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
+        let out = on_emulator(&lib, &[&args[..], &["--device", device, "--out", out_dir.to_str().unwrap()]].concat())?;
+        assert!(out.status.success(), "training on {device}: {}", text(&out));
+        Some(metrics(&out_dir))
+    };
+    let (Some(cpu), Some(gpu)) = (run("cpu"), run("cuda")) else { return };
+    assert_eq!(cpu.len(), 2);
+    // Same seed, same batches: the epochs' losses and accuracies agree but for rounding.
+    for (c, g) in cpu.iter().zip(&gpu) {
+        for (i, (a, b)) in c.iter().zip(g).enumerate().skip(1) {
+            assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "column {i} of epoch {}: cpu {a}, cuda {b} ({cpu:?} / {gpu:?})", c[0]);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
