@@ -92,7 +92,8 @@ fn emulator() -> Option<Emulator> {
 
 /// `stride args` with the emulator found first; `None` (skipped) when NVRTC is missing
 /// and not required.
-fn on_emulator(emu: &Emulator, args: &[&str]) -> Option<Output> {
+/// `cudnn` is STRIDE_CUDNN's value (`None`: convolutions through columns).
+fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Output> {
     let lib = emu.dir.display();
     let path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(p) if !p.is_empty() => format!("{lib}:{p}"),
@@ -100,6 +101,9 @@ fn on_emulator(emu: &Emulator, args: &[&str]) -> Option<Output> {
     };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stride"));
     cmd.args(args).env("LD_LIBRARY_PATH", path).env("RAYON_NUM_THREADS", "2").env_remove("STRIDE_CUDNN");
+    if let Some(mode) = cudnn {
+        cmd.env("STRIDE_CUDNN", mode);
+    }
     if let Some(asan) = &emu.asan {
         // Leaks are not what this checks (the binary keeps its statics to the end).
         cmd.env("LD_PRELOAD", asan).env("ASAN_OPTIONS", "detect_leaks=0");
@@ -115,13 +119,17 @@ fn on_emulator(emu: &Emulator, args: &[&str]) -> Option<Output> {
 #[test]
 fn every_primitive_agrees_with_the_cpu_on_the_emulated_gpu() {
     let Some(lib) = emulator() else { return };
-    let Some(out) = on_emulator(&lib, &["devices", "--check"]) else { return };
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("cuda:0: Stride CPU emulator"), "the emulator, not a GPU: {log}");
-    assert!(log.contains("every primitive agrees with the CPU within 1e-4"), "{log}");
-    for case in ["lp_pool2d", "channel_max_pool", "rmsprop_update", "4x4 same (VAE)"] {
-        assert!(log.contains(case), "{case} is among the cases: {log}");
+    // Convolutions through columns, then on (emulated) cuDNN with training batch norm.
+    for (cudnn, route) in [(None, "convolution: columns and cuBLAS"), (Some("1"), "convolution: cuDNN 9.13.0 (FP32)")] {
+        let Some(out) = on_emulator(&lib, &["devices", "--check"], cudnn) else { return };
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains("cuda:0: Stride CPU emulator"), "the emulator, not a GPU: {log}");
+        assert!(log.contains(route), "{route}: {log}");
+        assert!(log.contains("every primitive agrees with the CPU within 1e-4"), "{log}");
+        for case in ["lp_pool2d", "channel_max_pool", "rmsprop_update", "4x4 same (VAE)", "3x3 depthwise same"] {
+            assert!(log.contains(case), "{case} is among the cases: {log}");
+        }
     }
 }
 
@@ -133,7 +141,7 @@ fn a_faulty_kernel_fails_the_check() {
     let slip = "scale * copysignf(1.0f, v) *";
     assert!(kernels.contains(slip), "lp_pool_bwd's sign, which this test removes, has moved");
     let Some(lib) = emulator_of(&kernels.replace(slip, "scale *")) else { return };
-    let Some(out) = on_emulator(&lib, &["devices", "--check"]) else { return };
+    let Some(out) = on_emulator(&lib, &["devices", "--check"], None) else { return };
     let log = text(&out);
     assert!(!out.status.success(), "a wrong gradient passed: {log}");
     assert!(log.contains("lp_pool2d") && log.contains("backward"), "the error names the primitive: {log}");
@@ -167,19 +175,24 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let _ = std::fs::remove_dir_all(&dir);
     shapes(&dir.join("data"));
     let data = dir.join("data");
-    let run = |device: &str| {
-        let out_dir = dir.join(device);
+    let run = |device: &str, cudnn: Option<&str>| {
+        let out_dir = dir.join(format!("{device}-{}", cudnn.unwrap_or("columns")));
         let args = ["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
-        let out = on_emulator(&lib, &[&args[..], &["--device", device, "--out", out_dir.to_str().unwrap()]].concat())?;
+        let out = on_emulator(&lib, &[&args[..], &["--device", device, "--out", out_dir.to_str().unwrap()]].concat(), cudnn)?;
         assert!(out.status.success(), "training on {device}: {}", text(&out));
         Some(metrics(&out_dir))
     };
-    let (Some(cpu), Some(gpu)) = (run("cpu"), run("cuda")) else { return };
+    let Some(cpu) = run("cpu", None) else { return };
     assert_eq!(cpu.len(), 2);
-    // Same seed, same batches: the epochs' losses and accuracies agree but for rounding.
-    for (c, g) in cpu.iter().zip(&gpu) {
-        for (i, (a, b)) in c.iter().zip(g).enumerate().skip(1) {
-            assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "column {i} of epoch {}: cpu {a}, cuda {b} ({cpu:?} / {gpu:?})", c[0]);
+    // Same seed, same batches: the epochs' losses and accuracies agree but for rounding, with
+    // convolutions through columns and on cuDNN (batch norm too; its running statistics are
+    // what the test loss is computed with).
+    for cudnn in [None, Some("1")] {
+        let Some(gpu) = run("cuda", cudnn) else { return };
+        for (c, g) in cpu.iter().zip(&gpu) {
+            for (i, (a, b)) in c.iter().zip(g).enumerate().skip(1) {
+                assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{cudnn:?}: column {i} of epoch {}: cpu {a}, cuda {b} ({cpu:?} / {gpu:?})", c[0]);
+            }
         }
     }
     let _ = std::fs::remove_dir_all(dir);

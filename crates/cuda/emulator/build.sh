@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the CUDA emulator (see README.md here) into OUT_DIR from KERNELS_CU (the backend's
-# crates/cuda/src/kernels.cu, or a copy): libcuda.so, and libcublas.so a link to it.
+# crates/cuda/src/kernels.cu, or a copy): libcuda.so, and libcublas.so and libcudnn.so links to it.
 #   build.sh OUT_DIR KERNELS_CU [--asan]
 # --asan builds it with AddressSanitizer; run stride with LD_PRELOAD="$(c++ -print-file-name=libasan.so)"
 # and ASAN_OPTIONS=detect_leaks=0 then.
@@ -29,5 +29,6 @@ if [ "${3:-}" = "--asan" ]; then
     flags+=(-fsanitize=address -fno-omit-frame-pointer -g)
 fi
 # The copy of kernels.cu beside kernels.inc is the one compiled.
-"${CXX:-c++}" "${flags[@]}" -I "$out" "$here/fake_cuda.cpp" -o "$out/libcuda.so"
+"${CXX:-c++}" "${flags[@]}" -I "$out" "$here/fake_cuda.cpp" "$here/fake_cudnn.cpp" -o "$out/libcuda.so"
 ln -sf libcuda.so "$out/libcublas.so"
+ln -sf libcuda.so "$out/libcudnn.so"

@@ -1,5 +1,6 @@
 // A CUDA driver and cuBLAS that run on the CPU, for testing Stride's CUDA backend on a machine
-// without a GPU (see README.md beside this file). Built as libcuda.so and libcublas.so, found
+// without a GPU (see README.md beside this file); cuDNN is in fake_cudnn.cpp. Built as one
+// library, libcuda.so, with libcublas.so and libcudnn.so links to it, found
 // before any real ones through LD_LIBRARY_PATH: cudarc loads the same entry points it loads on a
 // GPU, NVRTC (the real one) compiles kernels.cu to PTX as on a GPU, and a launch runs the same
 // kernel compiled here for the host (kernels.inc, written by build.sh, lists them).
@@ -94,6 +95,16 @@ bool inside(std::uintptr_t p, std::size_t n) {
     --it;
     return p >= it->first && p - it->first + n <= it->second;
 }
+
+}  // namespace
+
+// Whether [p, p + bytes) lies in one live allocation (fake_cudnn.cpp asks too).
+bool emu_device_memory(const void* p, std::size_t bytes) {
+    std::lock_guard<std::mutex> g(mu);
+    return inside((std::uintptr_t)p, bytes);
+}
+
+namespace {
 
 void fault(const char* what, std::uintptr_t p, std::size_t n) {
     std::fprintf(stderr, "fake CUDA: %s of %zu bytes at %#lx outside every allocation\n", what, n, (unsigned long)p);

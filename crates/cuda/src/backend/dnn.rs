@@ -9,7 +9,8 @@
 //! `STRIDE_CUDNN=1` (or `fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels, so
 //! results stay within the CPU's 1e-4); `STRIDE_CUDNN=tf32` lets it use tensor cores in TF32, as
 //! PyTorch does by default. It is off unless asked for until `scripts/gpu-check.sh` has passed
-//! with it on a GPU (this route has not run on one yet). Algorithms come from cuDNN's
+//! with it on a GPU (this route has run only on the CPU emulator, `crates/cuda/emulator`, whose
+//! cuDNN follows the documentation). Algorithms come from cuDNN's
 //! heuristics (PyTorch's default too, `benchmark=False`), once per geometry and pass.
 
 use std::collections::HashMap;
