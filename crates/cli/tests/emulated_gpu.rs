@@ -1,9 +1,10 @@
-//! The CUDA backend end to end without a GPU: `crates/cuda/emulator` is a CUDA driver and
-//! cuBLAS that run on the CPU (kernels.cu compiled for the host with `c++`), and `stride` finds
-//! them before any real ones through LD_LIBRARY_PATH. cudarc, NVRTC (the real one) and every
-//! line of the backend run as they do on a GPU, so `stride devices --check` compares each
-//! kernel, launch and cuBLAS call with the CPU engine here. What only a GPU shows (races between
-//! threads, cuDNN, speed) still needs `scripts/gpu-check.sh`.
+//! The CUDA backend end to end without a GPU: `crates/cuda/emulator` is a CUDA driver, cuBLAS
+//! and the part of cuDNN that Stride calls, run on the CPU (kernels.cu compiled for the host
+//! with `c++`), and `stride` finds them before any real ones through LD_LIBRARY_PATH. cudarc,
+//! NVRTC (the real one) and every line of the backend run as they do on a GPU, so `stride
+//! devices --check` compares each kernel, launch, cuBLAS and cuDNN call with the CPU engine here.
+//! What only a GPU shows (races between threads, the real cuDNN, speed) still needs
+//! `scripts/gpu-check.sh`.
 //!
 //! Where the compiler has AddressSanitizer the emulator is built with it, so a kernel that reads
 //! or writes past its buffers (allocations are plain heap memory here) stops with a report.
@@ -195,5 +196,19 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
             }
         }
     }
+    // The CPU-trained model predicts the same on the emulated GPU (evaluation mode: batch norm's
+    // running statistics, softmax), to the four decimals printed.
+    let weights = dir.join("cpu-columns/model.safetensors");
+    let images = [data.join("square/05.png"), data.join("circle/07.png")];
+    let predict = |device: &str| {
+        let mut args = vec!["predict", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--device", device];
+        args.extend(images.iter().map(|p| p.to_str().unwrap()));
+        let out = on_emulator(&lib, &args, Some("1")).unwrap();
+        assert!(out.status.success(), "predict on {device}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let on_cpu = predict("cpu");
+    assert_eq!(on_cpu.lines().count(), 2, "{on_cpu}");
+    assert_eq!(predict("cuda"), on_cpu);
     let _ = std::fs::remove_dir_all(dir);
 }
