@@ -93,8 +93,8 @@ fn emulator() -> Option<Emulator> {
 
 /// `stride args` with the emulator found first; `None` (skipped) when NVRTC is missing
 /// and not required.
-/// `cudnn` is STRIDE_CUDNN's value (`None`: convolutions through columns).
-fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Output> {
+/// `cudnn` is STRIDE_CUDNN's value (`None`: convolutions through columns); `env` more variables.
+fn on_emulator_with(emu: &Emulator, args: &[&str], cudnn: Option<&str>, env: &[(&str, &str)]) -> Option<Output> {
     let lib = emu.dir.display();
     let path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(p) if !p.is_empty() => format!("{lib}:{p}"),
@@ -105,6 +105,7 @@ fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Out
     if let Some(mode) = cudnn {
         cmd.env("STRIDE_CUDNN", mode);
     }
+    cmd.envs(env.iter().copied());
     if let Some(asan) = &emu.asan {
         // Leaks are not what this checks (the binary keeps its statics to the end).
         cmd.env("LD_PRELOAD", asan).env("ASAN_OPTIONS", "detect_leaks=0");
@@ -115,6 +116,10 @@ fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Out
         return None;
     }
     Some(out)
+}
+
+fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Output> {
+    on_emulator_with(emu, args, cudnn, &[])
 }
 
 #[test]
@@ -211,4 +216,26 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     assert_eq!(on_cpu.lines().count(), 2, "{on_cpu}");
     assert_eq!(predict("cuda"), on_cpu);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_full_gpu_and_a_missing_one_are_clear_errors() {
+    let Some(lib) = emulator() else { return };
+    // 20 MB of device memory (FAKE_CUDA_MEMORY): the model fits, a batch of 4,096 does not; and
+    // 100 kB, where the weights do not.
+    for (memory, what) in [("20000000", "out of GPU memory allocating"), ("100000", "out of GPU memory copying to the device")] {
+        let args = ["train", "--device", "cuda", "--epochs", "1", "--batch-size", "4096", "--no-report", "--out"];
+        let dir = std::env::temp_dir().join(format!("stride-emulated-oom-{}-{memory}", std::process::id()));
+        let Some(out) = on_emulator_with(&lib, &[&args[..], &[dir.to_str().unwrap()]].concat(), None, &[("FAKE_CUDA_MEMORY", memory)]) else {
+            return;
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(err.contains(what) && err.contains("a smaller --batch-size"), "{memory} bytes: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let Some(out) = on_emulator(&lib, &["train", "--device", "cuda:1"], None) else { return };
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "error: --device: cuda:1 asked for, the driver sees 1 GPU(s)\n");
 }

@@ -86,6 +86,16 @@ std::mutex mu;
 // Live allocations: start -> bytes.
 std::map<std::uintptr_t, std::size_t> live;
 int context_tag, pool_tag;
+// Bytes allocated, and the device's memory: 8 GiB, or FAKE_CUDA_MEMORY bytes (to see what a
+// program does when the GPU's memory runs out).
+std::size_t in_use = 0;
+std::size_t capacity() {
+    static const std::size_t bytes = [] {
+        const char* v = std::getenv("FAKE_CUDA_MEMORY");
+        return v ? (std::size_t)std::strtoull(v, nullptr, 10) : std::size_t{8} << 30;
+    }();
+    return bytes;
+}
 std::vector<std::string> modules;
 
 // Whether [p, p + n) lies in one live allocation.
@@ -198,7 +208,7 @@ int cuDeviceGetName(char* name, int len, int) {
     return SUCCESS;
 }
 int cuDeviceTotalMem_v2(std::size_t* bytes, int) {
-    *bytes = std::size_t{8} << 30;
+    *bytes = capacity();
     return SUCCESS;
 }
 int cuDeviceGetAttribute(int* v, int attribute, int) {
@@ -233,14 +243,25 @@ int cuDeviceGetDefaultMemPool(void** pool, int) {
 }
 int cuMemPoolSetAttribute(void*, int, void*) { return SUCCESS; }
 int cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
-    *free = *total = std::size_t{8} << 30;
+    std::lock_guard<std::mutex> g(mu);
+    *total = capacity();
+    *free = *total - in_use;
     return SUCCESS;
 }
 
 int cuMemAllocAsync(std::uint64_t* p, std::size_t bytes, void*) {
     if (bytes == 0) return INVALID_VALUE;
+    {
+        std::lock_guard<std::mutex> g(mu);
+        if (bytes > capacity() - in_use) return OUT_OF_MEMORY;
+        in_use += bytes;
+    }
     void* m = std::malloc(bytes);
-    if (!m) return OUT_OF_MEMORY;
+    if (!m) {
+        std::lock_guard<std::mutex> g(mu);
+        in_use -= bytes;
+        return OUT_OF_MEMORY;
+    }
     // Garbage, as fresh device memory may be: a kernel that reads before it writes shows.
     std::memset(m, 0xff, bytes);
     std::lock_guard<std::mutex> g(mu);
@@ -256,6 +277,7 @@ int cuMemFreeAsync(std::uint64_t p, void*) {
         fault("free", (std::uintptr_t)p, 0);
         return INVALID_VALUE;
     }
+    in_use -= it->second;
     live.erase(it);
     std::free((void*)(std::uintptr_t)p);
     return SUCCESS;

@@ -442,7 +442,10 @@ impl Dnn {
         if workspace.as_ref().map_or(0, |w| w.len()) < choice.workspace {
             *workspace = None;
             // SAFETY: scratch space that cuDNN writes before it reads.
-            *workspace = Some(unsafe { self.stream.alloc::<u8>(choice.workspace) }.map_err(|e| crate::err("allocating cuDNN's workspace", e))?);
+            *workspace = Some(
+                unsafe { self.stream.alloc::<u8>(choice.workspace) }
+                    .map_err(|e| super::alloc_err("allocating cuDNN's workspace of", choice.workspace, e))?,
+            );
         }
         let handle = *handle;
         let stream = &*self.stream;

@@ -132,6 +132,18 @@ fn per_block(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.clamp(1, 65_535) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// A failed allocation (or copy into a new one) of `bytes`: running out of the GPU's memory says
+/// so and what to do, anything else is the driver's error.
+pub(crate) fn alloc_err(what: &str, bytes: usize, e: cudarc::driver::DriverError) -> Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Error::device(
+            "cuda",
+            format!("out of GPU memory {what} {:.1} MiB; a smaller --batch-size (or model) needs less", bytes as f64 / (1u64 << 20) as f64),
+        );
+    }
+    err(what, e)
+}
+
 fn int(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::arg(op, format!("size {v} is too large for the CUDA kernels' 32-bit indices")))
 }
@@ -292,7 +304,7 @@ impl CudaBackend {
 
     /// A zeroed buffer of `n` elements (one for an empty tensor: CUDA allocates no zero bytes).
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| err("allocating", e))
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| alloc_err("allocating", n * 4, e))
     }
 
     /// A buffer of `n` elements left unset, for an output that a kernel (or a product with
@@ -301,7 +313,7 @@ impl CudaBackend {
     fn fresh(&self, n: usize) -> Result<CudaSlice<f32>> {
         // SAFETY: every caller's launch writes all `n` elements (the kernels in kernels.cu that
         // write every output index, or cuBLAS with beta 0 and k > 0).
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| err("allocating", e))
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| alloc_err("allocating", n * 4, e))
     }
 
     /// The output of a product over an inner dimension of `inner`: unset when the product
@@ -318,11 +330,11 @@ impl CudaBackend {
     /// argmax of a max or a max pool).
     fn fresh_indices(&self, n: usize) -> Result<CudaSlice<i32>> {
         // SAFETY: every caller's kernel writes all `n` indices before anything reads them.
-        unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| err("allocating", e))
+        unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| alloc_err("allocating", n * 4, e))
     }
 
     fn upload_i64(&self, v: &[i64]) -> Result<CudaSlice<i64>> {
-        self.stream.clone_htod(v).map_err(|e| err("copying to the device", e))
+        self.stream.clone_htod(v).map_err(|e| alloc_err("copying to the device", v.len() * 8, e))
     }
 
     fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(&self, mm: Mm, a: &A, b: &B, c: &mut C) -> Result<()> {
@@ -528,7 +540,11 @@ impl Backend<f32> for CudaBackend {
     }
 
     fn upload(&self, host: &[f32]) -> Result<Arc<dyn DeviceBuffer<f32>>> {
-        let data = if host.is_empty() { self.zeros(0)? } else { self.stream.clone_htod(host).map_err(|e| err("copying to the device", e))? };
+        let data = if host.is_empty() {
+            self.zeros(0)?
+        } else {
+            self.stream.clone_htod(host).map_err(|e| alloc_err("copying to the device", host.len() * 4, e))?
+        };
         Ok(Arc::new(CudaBuf { ordinal: self.ordinal, data, len: host.len(), stream: self.stream.clone() }))
     }
 
@@ -619,7 +635,7 @@ impl CudaBackend {
                 let mut y = self.fresh(n)?;
                 // SAFETY: in max mode adaptive_pool_fwd writes every one of the n indices; in
                 // average mode it writes none, and the one-element buffer is never read.
-                let mut arg = unsafe { self.stream.alloc::<i32>(if max { n.max(1) } else { 1 }) }.map_err(|e| err("allocating", e))?;
+                let mut arg = unsafe { self.stream.alloc::<i32>(if max { n.max(1) } else { 1 }) }.map_err(|e| alloc_err("allocating", n * 4, e))?;
                 if n > 0 {
                     launch!(self, "adaptive_pool_fwd", grid(n), self.slice(&x[0])?, &mut y, &mut arg, &i32::from(max), &nc, &h, &w, &p, &q);
                 }
@@ -648,7 +664,7 @@ impl CudaBackend {
                     stride_tensor::bail!(arg, "nll_loss", "target {t} at position {i} is not a class index below {c}");
                 }
                 let t: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-                let t = self.stream.clone_htod(&t).map_err(|e| err("copying to the device", e))?;
+                let t = self.stream.clone_htod(&t).map_err(|e| alloc_err("copying to the device", t.len() * 4, e))?;
                 let mut loss = self.zeros(1)?;
                 launch!(self, "nll_fwd", grid(1), self.slice(&x[0])?, &t, &mut loss, &int("nll_loss", n)?, &int("nll_loss", c)?);
                 Ok(Forward { y: self.wrap(loss, &[])?, state: Vec::new(), saved: Box::new(Saved::Targets(t)) })

@@ -7,7 +7,7 @@ use stride_autograd::BatchNormOptions;
 use stride_tensor::{Result, Tensor};
 
 use super::dnn::{self, NormBackward, NormForward};
-use super::{err, grid, int, per_block, CudaBackend, Saved};
+use super::{alloc_err, grid, int, per_block, CudaBackend, Saved};
 
 impl CudaBackend {
     pub(super) fn batch_norm(&self, x: &[Tensor<f32>], training: bool, opts: &BatchNormOptions) -> Result<Forward<f32>> {
@@ -29,7 +29,7 @@ impl CudaBackend {
             stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
         }
         if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
-            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| err("copy", e));
+            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| alloc_err("copying", t.numel() * 4, e));
             let (mut running_mean, mut running_var) = (copy(&x[3])?, copy(&x[4])?);
             let (mut y, mut mean, mut invstd) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
             let (x0, gamma, beta) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(&x[2])?);
@@ -74,7 +74,7 @@ impl CudaBackend {
             );
             state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
         } else {
-            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| err("copy", e))?;
+            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| alloc_err("copying", c * 4, e))?;
             let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
             let rv = self.slice(&x[4])?;
             launch!(
