@@ -1,5 +1,7 @@
 //! The `stride` binary end to end: train, Ctrl-C and resume, eval, run, and bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -146,17 +148,7 @@ fn bad_input_is_a_clear_error() {
 #[test]
 fn image_folders_train_and_predict() {
     let dir = tmp("images");
-    for (class, square) in [("circle", false), ("square", true)] {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..30u32 {
-            let img = image::GrayImage::from_fn(16, 16, |x, y| {
-                let (dx, dy) = (x as i32 - 8 + (i % 3) as i32 - 1, y as i32 - 8);
-                let inside = if square { dx.abs() < 5 && dy.abs() < 5 } else { dx * dx + dy * dy < 25 };
-                image::Luma([if inside { 220 } else { 10 }])
-            });
-            img.save(dir.join(class).join(format!("{i:02}.png"))).unwrap();
-        }
-    }
+    common::shapes(&dir);
     let run = dir.join("run");
     let out = stride(&[
         "train",

@@ -13,6 +13,8 @@
 //! tests are skipped, unless STRIDE_REQUIRE_NVRTC is set (CI), where that is a failure.
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -153,21 +155,6 @@ fn a_faulty_kernel_fails_the_check() {
     assert!(log.contains("lp_pool2d") && log.contains("backward"), "the error names the primitive: {log}");
 }
 
-/// Two classes of 16x16 shapes (squares and circles, 30 each) in an image folder.
-fn shapes(dir: &Path) {
-    for (class, square) in [("square", true), ("circle", false)] {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..30u32 {
-            let img = image::GrayImage::from_fn(16, 16, |x, y| {
-                let (dx, dy) = (x as i32 - 8 + (i % 3) as i32 - 1, y as i32 - 8);
-                let inside = if square { dx.abs() < 5 && dy.abs() < 5 } else { dx * dx + dy * dy < 25 };
-                image::Luma([if inside { 220 } else { 10 }])
-            });
-            img.save(dir.join(class).join(format!("{i:02}.png"))).unwrap();
-        }
-    }
-}
-
 /// metrics.csv's rows: epoch, train loss, train accuracy, test loss, test accuracy, ...
 fn metrics(run: &Path) -> Vec<Vec<f64>> {
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
@@ -179,7 +166,7 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let Some(lib) = emulator() else { return };
     let dir = std::env::temp_dir().join(format!("stride-emulated-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    shapes(&dir.join("data"));
+    common::shapes(&dir.join("data"));
     let data = dir.join("data");
     let run = |device: &str, cudnn: Option<&str>| {
         let out_dir = dir.join(format!("{device}-{}", cudnn.unwrap_or("columns")));
