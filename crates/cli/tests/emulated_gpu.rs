@@ -226,3 +226,19 @@ fn a_full_gpu_and_a_missing_one_are_clear_errors() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "error: --device: cuda:1 asked for, the driver sees 1 GPU(s)\n");
 }
+
+#[test]
+fn every_gpu_the_driver_sees_is_checked() {
+    let Some(lib) = emulator() else { return };
+    // Two emulated GPUs (FAKE_CUDA_DEVICES): `devices --check` sets up a backend on each.
+    let Some(out) = on_emulator_with(&lib, &["devices", "--check"], None, &[("FAKE_CUDA_DEVICES", "2")]) else { return };
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for gpu in ["cuda:0: Stride CPU emulator (8 GiB", "cuda:1: Stride CPU emulator (8 GiB"] {
+        assert!(log.contains(gpu), "{gpu}: {log}");
+    }
+    assert_eq!(log.matches("rmsprop_update").count(), 2, "every case on both: {log}");
+    let Some(out) = on_emulator_with(&lib, &["devices"], None, &[("FAKE_CUDA_DEVICES", "0")]) else { return };
+    let log = text(&out);
+    assert!(out.status.success() && log.contains("cpu: ") && !log.contains("cuda:0"), "no GPU listed: {log}");
+}

@@ -194,13 +194,21 @@ int cuDriverGetVersion(int* v) {
     *v = 13000;
     return SUCCESS;
 }
+// One device, or FAKE_CUDA_DEVICES of them (all views of the same host memory).
+int device_count() {
+    static const int n = [] {
+        const char* v = std::getenv("FAKE_CUDA_DEVICES");
+        return v ? std::max(0, std::atoi(v)) : 1;
+    }();
+    return n;
+}
 int cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = device_count();
     return SUCCESS;
 }
 int cuDeviceGet(int* d, int ordinal) {
-    if (ordinal != 0) return INVALID_DEVICE;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return INVALID_DEVICE;
+    *d = ordinal;
     return SUCCESS;
 }
 int cuDeviceGetName(char* name, int len, int) {
