@@ -93,9 +93,8 @@ fn emulator() -> Option<Emulator> {
     emulator_of(&std::fs::read_to_string(format!("{CUDA_SRC}/kernels.cu")).unwrap())
 }
 
-/// `stride args` with the emulator found first; `None` (skipped) when NVRTC is missing
-/// and not required.
-/// `cudnn` is STRIDE_CUDNN's value (`None`: convolutions through columns); `env` more variables.
+/// `stride args` with the emulator found first, `cudnn` as STRIDE_CUDNN (`None`: convolutions
+/// through columns) and `env` set; `None` (skipped) when NVRTC is missing and not required.
 fn on_emulator_with(emu: &Emulator, args: &[&str], cudnn: Option<&str>, env: &[(&str, &str)]) -> Option<Output> {
     let lib = emu.dir.display();
     let path = match std::env::var("LD_LIBRARY_PATH") {
