@@ -132,7 +132,12 @@ fn main() {
     );
     if !device.is_cpu() {
         let ready = if takes_device {
-            stride_cuda::init(device).map(|_| ())
+            stride_cuda::init(device).map(|gpu| {
+                // A run's header says which GPU it trains on and how (cuDNN or columns).
+                if matches!(cli.command, Command::Train(_) | Command::Vae(_)) {
+                    println!("on {}", stride_autograd::device::Backend::<f32>::describe(&*gpu));
+                }
+            })
         } else {
             Err(stride_autograd::Error::device("--device", "applies to train, eval, run, predict, vae, bench, summary and devices"))
         };

@@ -36,7 +36,7 @@ fn text(o: &Output) -> String {
 fn emulator_of(kernels: &str) -> Option<Emulator> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    let sources = ["fake_cuda.cpp", "cuda_host.h", "build.sh"].map(|f| std::fs::read_to_string(format!("{EMULATOR}/{f}")).unwrap());
+    let sources = ["fake_cuda.cpp", "fake_cudnn.cpp", "cuda_host.h", "build.sh"].map(|f| std::fs::read_to_string(format!("{EMULATOR}/{f}")).unwrap());
     let asan = asan_runtime();
     (kernels, &sources, &asan).hash(&mut h);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-emulator-{:016x}", h.finish()));
@@ -126,7 +126,7 @@ fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Out
 #[test]
 fn every_primitive_agrees_with_the_cpu_on_the_emulated_gpu() {
     let Some(lib) = emulator() else { return };
-    // Convolutions through columns, then on (emulated) cuDNN with training batch norm.
+    // Convolutions through columns, then on (emulated) cuDNN with batch norm and pooling.
     for (cudnn, route) in [(None, "convolution: columns and cuBLAS"), (Some("1"), "convolution: cuDNN 9.13.0 (FP32)")] {
         let Some(out) = on_emulator(&lib, &["devices", "--check"], cudnn) else { return };
         let log = text(&out);
@@ -172,6 +172,11 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
         let args = ["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
         let out = on_emulator(&lib, &[&args[..], &["--device", device, "--out", out_dir.to_str().unwrap()]].concat(), cudnn)?;
         assert!(out.status.success(), "training on {device}: {}", text(&out));
+        if device == "cuda" {
+            // On the route asked for (cuDNN that does not start falls back to columns).
+            let route = if cudnn.is_some() { "convolution: cuDNN 9.13.0 (FP32)" } else { "convolution: columns" };
+            assert!(text(&out).contains(route), "{route}: {}", text(&out));
+        }
         Some(metrics(&out_dir))
     };
     let Some(cpu) = run("cpu", None) else { return };

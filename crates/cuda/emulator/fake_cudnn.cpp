@@ -1,7 +1,8 @@
 // The part of cuDNN 9's legacy API that Stride calls, run on the CPU (see README.md beside this
-// file): tensor, filter and convolution descriptors; convolution forward, data gradient and
-// filter gradient by their definitions (NCHW, float, groups, dilation, both modes); training
-// batch norm's forward and backward in spatial mode. Built into the same library as
+// file): tensor, filter, convolution and pooling descriptors; convolution forward, data gradient
+// and filter gradient by their definitions (NCHW, float, groups, dilation, both modes); batch
+// norm in spatial mode, training's forward and backward and evaluation's forward; max and
+// average pooling, forward and backward. Built into the same library as
 // fake_cuda.cpp (libcudnn.so is a link to it), so device memory is that file's allocations.
 //
 // Its heuristics list, for every geometry, an algorithm cuDNN declines, one wanting more
@@ -285,14 +286,14 @@ int cudnnConvolutionBackwardFilter(void*, const float* alpha, Tensor* xd, const 
 
 // ---- batch norm, spatial: statistics per channel over N, H and W ----
 
-int norm_checks(int mode, const Tensor* x, const Tensor* y, const Tensor* per_channel, double eps) {
+int norm_checks(int mode, const Tensor* x, const Tensor* y, const Tensor* per_channel, double eps, bool training = true) {
     if (mode != SPATIAL) return NOT_SUPPORTED;
     if (!x || !y || !per_channel || !x->set || !y->set || !per_channel->set) return bad("a descriptor that was never set");
     if (x->n != y->n || x->c != y->c || x->h != y->h || x->w != y->w) return bad("x and y differ in shape");
     if (per_channel->n != 1 || per_channel->c != x->c || per_channel->h != 1 || per_channel->w != 1)
         return bad("the per-channel descriptor is not [1, C, 1, 1]");
     if (!(eps >= 0.0)) return bad("epsilon below CUDNN_BN_MIN_EPSILON (0)");
-    if ((std::size_t)x->n * x->h * x->w < 2) return bad("one value per channel");
+    if (training && (std::size_t)x->n * x->h * x->w < 2) return bad("one value per channel");
     return SUCCESS;
 }
 
@@ -382,6 +383,144 @@ int cudnnBatchNormalizationBackward(void*, int mode, const float* alpha_data, co
         dscale[c] = *alpha_param * (float)dg + (*beta_param == 0.0f ? 0.0f : *beta_param * dscale[c]);
         dbias[c] = *alpha_param * (float)db + (*beta_param == 0.0f ? 0.0f : *beta_param * dbias[c]);
     }
+    return SUCCESS;
+}
+
+// Evaluation mode: y = scale (x - mean) / sqrt(var + eps) + bias, with the estimated statistics.
+int cudnnBatchNormalizationForwardInference(void*, int mode, const float* alpha, const float* beta, Tensor* xd, const float* x, Tensor* yd,
+                                            float* y, Tensor* cd, const float* scale, const float* bias, const float* mean, const float* var,
+                                            double eps) {
+    if (int e = norm_checks(mode, xd, yd, cd, eps, false)) return e;
+    int C = xd->c;
+    std::size_t L = (std::size_t)xd->h * xd->w;
+    if (!memory(x, xd->count(), "x") || !memory(y, xd->count(), "y") || !memory(scale, C, "scale") || !memory(bias, C, "bias") ||
+        !memory(mean, C, "estimated mean") || !memory(var, C, "estimated variance"))
+        return BAD_PARAM;
+    for (int n = 0; n < xd->n; ++n)
+        for (int c = 0; c < C; ++c) {
+            double invstd = 1.0 / std::sqrt((double)var[c] + eps);
+            for (std::size_t l = 0; l < L; ++l) {
+                std::size_t i = ((std::size_t)n * C + c) * L + l;
+                float v = (float)(scale[c] * (x[i] - (double)mean[c]) * invstd + bias[c]);
+                y[i] = *alpha * v + (*beta == 0.0f ? 0.0f : *beta * y[i]);
+            }
+        }
+    return SUCCESS;
+}
+
+}  // extern "C"
+
+// ---- pooling: windows of wh x ww at a stride, the same padding on both sides of an axis ----
+
+namespace {
+
+constexpr int POOL_MAX = 0, POOL_AVERAGE_INCLUDE = 1, POOL_AVERAGE_EXCLUDE = 2, POOL_MAX_DETERMINISTIC = 3, PROPAGATE_NAN = 1;
+
+struct Pooling {
+    int mode = POOL_MAX, nan = 0, wh = 0, ww = 0, ph = 0, pw = 0, sh = 0, sw = 0;
+    bool set = false;
+};
+
+// Checks x and y against the pooling (y's size is cuDNN's: 1 + (in + 2 pad - window) / stride).
+int pool_checks(const Pooling* pd, const Tensor* x, const Tensor* y) {
+    if (!pd || !x || !y || !pd->set || !x->set || !y->set) return bad("a descriptor that was never set");
+    int p = (x->h + 2 * pd->ph - pd->wh) / pd->sh + 1, q = (x->w + 2 * pd->pw - pd->ww) / pd->sw + 1;
+    if (x->h + 2 * pd->ph < pd->wh || x->w + 2 * pd->pw < pd->ww || y->n != x->n || y->c != x->c || y->h != p || y->w != q) {
+        std::fprintf(stderr, "fake cuDNN: pooling x [%d, %d, %d, %d] gives y [%d, %d, %d, %d], described as [%d, %d, %d, %d]\n", x->n, x->c, x->h,
+                     x->w, x->n, x->c, p, q, y->n, y->c, y->h, y->w);
+        return BAD_PARAM;
+    }
+    return SUCCESS;
+}
+
+bool is_max(const Pooling& pd) { return pd.mode == POOL_MAX || pd.mode == POOL_MAX_DETERMINISTIC; }
+
+// Calls f(output index, the window's input indices inside the image, its divisor) per output.
+// A max pooling's window lists its maximum first: the first largest in row-major order, or its
+// first NaN when NaNs propagate (which of tied maxima the real cuDNN's gradient goes to is not
+// documented; the tests' random inputs have no ties).
+template <typename F>
+void each_window(const Pooling& pd, const Tensor& x, const Tensor& y, const float* xv, F f) {
+    std::vector<std::size_t> in;
+    for (int n = 0; n < y.n; ++n)
+        for (int c = 0; c < y.c; ++c)
+            for (int p = 0; p < y.h; ++p)
+                for (int q = 0; q < y.w; ++q) {
+                    in.clear();
+                    int h0 = p * pd.sh - pd.ph, w0 = q * pd.sw - pd.pw;
+                    for (int h = h0; h < h0 + pd.wh; ++h)
+                        for (int w = w0; w < w0 + pd.ww; ++w)
+                            if (h >= 0 && h < x.h && w >= 0 && w < x.w) in.push_back((((std::size_t)n * x.c + c) * x.h + h) * x.w + w);
+                    if (is_max(pd)) {
+                        std::size_t best = 0;
+                        for (std::size_t j = 1; j < in.size(); ++j) {
+                            float v = xv[in[j]], b = xv[in[best]];
+                            if (v > b || (pd.nan == PROPAGATE_NAN && std::isnan(v) && !std::isnan(b))) best = j;
+                        }
+                        if (!in.empty()) std::swap(in[0], in[best]);
+                    }
+                    int div = pd.mode == POOL_AVERAGE_INCLUDE ? pd.wh * pd.ww : (int)in.size();
+                    f((((std::size_t)n * y.c + c) * y.h + p) * y.w + q, in, div);
+                }
+}
+
+}  // namespace
+
+extern "C" {
+
+int cudnnCreatePoolingDescriptor(Pooling** d) {
+    *d = new Pooling();
+    return SUCCESS;
+}
+int cudnnDestroyPoolingDescriptor(Pooling* d) {
+    delete d;
+    return SUCCESS;
+}
+int cudnnSetPooling2dDescriptor(Pooling* d, int mode, int nan, int wh, int ww, int ph, int pw, int sh, int sw) {
+    if (mode < POOL_MAX || mode > POOL_MAX_DETERMINISTIC || (nan != 0 && nan != PROPAGATE_NAN)) return bad("an unknown pooling mode");
+    if (wh <= 0 || ww <= 0 || sh <= 0 || sw <= 0 || ph < 0 || pw < 0) return bad("pooling parameters out of range");
+    *d = Pooling{mode, nan, wh, ww, ph, pw, sh, sw, true};
+    return SUCCESS;
+}
+
+int cudnnPoolingForward(void*, Pooling* pd, const float* alpha, Tensor* xd, const float* x, const float* beta, Tensor* yd, float* y) {
+    if (int e = pool_checks(pd, xd, yd)) return e;
+    if (!memory(x, xd->count(), "x") || !memory(y, yd->count(), "y")) return BAD_PARAM;
+    std::vector<double> acc(yd->count(), 0.0);
+    each_window(*pd, *xd, *yd, x, [&](std::size_t yi, const std::vector<std::size_t>& in, int div) {
+        if (is_max(*pd)) {
+            acc[yi] = in.empty() ? -INFINITY : x[in[0]];
+        } else {
+            for (std::size_t i : in) acc[yi] += x[i];
+            acc[yi] /= div;
+        }
+    });
+    blend(y, acc, *alpha, *beta);
+    return SUCCESS;
+}
+
+// dx from dy: a max window's gradient goes to its maximum, an average's is spread over it.
+int cudnnPoolingBackward(void*, Pooling* pd, const float* alpha, Tensor* yd, const float* y, Tensor* dyd, const float* dy, Tensor* xd,
+                         const float* x, const float* beta, Tensor* dxd, float* dx) {
+    if (int e = pool_checks(pd, xd, yd)) return e;
+    if (int e = pool_checks(pd, dxd, dyd)) return e;
+    if (!memory(y, yd->count(), "y") || !memory(dy, yd->count(), "dy") || !memory(x, xd->count(), "x") || !memory(dx, xd->count(), "dx"))
+        return BAD_PARAM;
+    std::vector<double> acc(xd->count(), 0.0);
+    bool y_is_max = true;
+    each_window(*pd, *xd, *yd, x, [&](std::size_t yi, const std::vector<std::size_t>& in, int div) {
+        if (in.empty()) return;
+        if (is_max(*pd)) {
+            // The backward pass finds each maximum again: y must be the forward pass's output.
+            float m = x[in[0]];
+            y_is_max &= m == y[yi] || (std::isnan(m) && std::isnan(y[yi]));
+            acc[in[0]] += dy[yi];
+        } else {
+            for (std::size_t i : in) acc[i] += (double)dy[yi] / div;
+        }
+    });
+    if (!y_is_max) return bad("max pooling's gradient given a y that is not the maximum of x's windows");
+    blend(dx, acc, *alpha, *beta);
     return SUCCESS;
 }
 

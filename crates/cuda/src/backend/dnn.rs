@@ -1,10 +1,10 @@
-//! Convolution and training-mode batch norm through cuDNN. Convolution: the forward pass, the
+//! Convolution, batch norm and pooling through cuDNN. Convolution: the forward pass, the
 //! input's gradient and the filter's, for plain, grouped, dilated and transposed convolution
 //! (a transposed convolution is cuDNN's data gradient run forward), when cuDNN can describe the
 //! geometry ([`DnnShape::of`]); anything else goes through the columns of `conv.rs`, as does
 //! every convolution without `STRIDE_CUDNN`. Batch norm: cuDNN's spatial mode forward and
-//! backward in training (the running statistics moved as PyTorch moves them); evaluation mode
-//! stays on the backend's kernels.
+//! backward in training (the running statistics moved as PyTorch moves them), and its forward
+//! in evaluation mode. Max and average pooling: `dnn/pool.rs`.
 //!
 //! `STRIDE_CUDNN=1` (or `fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels, so
 //! results stay within the CPU's 1e-4); `STRIDE_CUDNN=tf32` lets it use tensor cores in TF32, as
@@ -23,6 +23,9 @@ use stride_kernels::conv::ConvGeom;
 use stride_tensor::{Error, Result};
 
 use sys::cudnnMathType_t as Math;
+
+mod pool;
+pub(crate) use pool::PoolShape;
 
 /// The most workspace one algorithm may ask for; faster ones that want more are passed over.
 const WORKSPACE_CAP: usize = 1 << 30;
@@ -68,9 +71,8 @@ impl DnnShape {
     /// symmetrically, cannot say the same thing.)
     pub(crate) fn of(g: &ConvGeom) -> Option<DnnShape> {
         let i = |v: usize| c_int::try_from(v).ok().filter(|&v| v > 0);
-        let fits = |dims: [usize; 4]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_some_and(|n| n <= c_int::MAX as usize);
         let (x, w, y) = ([g.n, g.c, g.h, g.w], [g.k, g.cg(), g.r, g.s], [g.n, g.k, g.p, g.q]);
-        if !(fits(x) && fits(w) && fits(y)) {
+        if !(fits_c_int(x) && fits_c_int(w) && fits_c_int(y)) {
             return None;
         }
         let out = |size: usize, pad: usize, k: usize, dil: usize, stride: usize| {
@@ -92,6 +94,12 @@ impl DnnShape {
             groups: i(g.groups)?,
         })
     }
+}
+
+/// Whether a tensor of these dimensions has at most `c_int::MAX` elements (cuDNN counts them in
+/// 32-bit ints).
+fn fits_c_int(dims: [usize; 4]) -> bool {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_some_and(|n| n <= c_int::MAX as usize)
 }
 
 /// The three passes of a convolution.
@@ -141,6 +149,8 @@ struct State {
     chosen: HashMap<(DnnShape, Pass), Option<Choice>>,
     /// Batch norm's descriptors by input shape [N, C, L, 1].
     norms: HashMap<[c_int; 4], NormDescs>,
+    /// Pooling descriptors by geometry.
+    pools: HashMap<PoolShape, pool::PoolDescs>,
 }
 
 /// Batch norm's descriptors: the input (and output) [N, C, L, 1] and the per-channel [1, C, 1, 1].
@@ -202,6 +212,16 @@ pub(crate) struct NormBackward<'a> {
     pub dx: &'a mut CudaSlice<f32>,
     pub dgamma: &'a mut CudaSlice<f32>,
     pub dbeta: &'a mut CudaSlice<f32>,
+}
+
+/// Evaluation-mode batch norm's buffers: what it reads and the output it writes.
+pub(crate) struct NormInference<'a> {
+    pub x: &'a CudaSlice<f32>,
+    pub gamma: &'a CudaSlice<f32>,
+    pub beta: &'a CudaSlice<f32>,
+    pub running_mean: &'a CudaSlice<f32>,
+    pub running_var: &'a CudaSlice<f32>,
+    pub y: &'a mut CudaSlice<f32>,
 }
 
 /// Batch norm over `x` [N, C, ...] in cuDNN's form [N, C, L, 1] (L the product of the rest),
@@ -315,7 +335,7 @@ macro_rules! candidates {
 }
 
 /// Every cuDNN function this module calls.
-const SYMBOLS: [&str; 26] = [
+const SYMBOLS: [&str; 32] = [
     "cudnnCreate",
     "cudnnDestroy",
     "cudnnSetStream",
@@ -342,6 +362,12 @@ const SYMBOLS: [&str; 26] = [
     "cudnnConvolutionBackwardFilter",
     "cudnnBatchNormalizationForwardTraining",
     "cudnnBatchNormalizationBackward",
+    "cudnnBatchNormalizationForwardInference",
+    "cudnnCreatePoolingDescriptor",
+    "cudnnSetPooling2dDescriptor",
+    "cudnnDestroyPoolingDescriptor",
+    "cudnnPoolingForward",
+    "cudnnPoolingBackward",
 ];
 
 /// The pass's algorithm enum value numbered `n` (one cuDNN listed, so in range).
@@ -405,7 +431,7 @@ impl Dnn {
         }
         stream.context().bind_to_thread().map_err(|e| crate::err("binding the context", e))?;
         let handle = result::create_handle().map_err(|e| dnn_err("starting", e))?;
-        let state = State { handle, workspace: None, chosen: HashMap::new(), norms: HashMap::new() };
+        let state = State { handle, workspace: None, chosen: HashMap::new(), norms: HashMap::new(), pools: HashMap::new() };
         // SAFETY: a live handle and the backend's live stream (the handle is dropped first:
         // the backend owns both and `Dnn` holds a clone of the stream).
         unsafe { result::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| dnn_err("setting the stream", e))?;
@@ -584,6 +610,41 @@ impl Dnn {
             }
             .result()
             .map_err(|e| dnn_err(&format!("batch norm's gradient of {shape:?}"), e))
+        })
+    }
+
+    /// Evaluation-mode batch norm of `shape` (from [`norm_shape`]): y from the running
+    /// statistics, every element written.
+    pub(crate) fn norm_inference(&self, shape: [c_int; 4], eps: f64, b: NormInference<'_>) -> Result<()> {
+        self.with_norm(shape, |handle, d, stream| {
+            let (x, _g1) = b.x.device_ptr(stream);
+            let (gamma, _g2) = b.gamma.device_ptr(stream);
+            let (beta, _g3) = b.beta.device_ptr(stream);
+            let (mean, _g4) = b.running_mean.device_ptr(stream);
+            let (var, _g5) = b.running_var.device_ptr(stream);
+            let (y, _g6) = b.y.device_ptr_mut(stream);
+            let (one, zero) = (1.0f32, 0.0f32);
+            // SAFETY: as in `norm_forward`.
+            unsafe {
+                sys::cudnnBatchNormalizationForwardInference(
+                    handle,
+                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                    (&one as *const f32).cast(),
+                    (&zero as *const f32).cast(),
+                    d.x,
+                    x as *const c_void,
+                    d.x,
+                    y as *mut c_void,
+                    d.per_channel,
+                    gamma as *const c_void,
+                    beta as *const c_void,
+                    mean as *const c_void,
+                    var as *const c_void,
+                    eps,
+                )
+            }
+            .result()
+            .map_err(|e| dnn_err(&format!("evaluation-mode batch norm of {shape:?}"), e))
         })
     }
 

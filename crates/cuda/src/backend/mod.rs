@@ -104,7 +104,15 @@ impl DeviceBuffer<f32> for CudaBuf {
 enum Saved {
     Nothing,
     Argmax(CudaSlice<i32>),
-    Stats { mean: CudaSlice<f32>, invstd: CudaSlice<f32> },
+    Stats {
+        mean: CudaSlice<f32>,
+        invstd: CudaSlice<f32>,
+    },
+    /// Evaluation-mode batch norm on cuDNN: the running statistics it normalised with.
+    Running {
+        mean: Tensor<f32>,
+        var: Tensor<f32>,
+    },
     Targets(CudaSlice<i32>),
 }
 
@@ -114,8 +122,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
-    /// cuDNN for the convolutions it can describe and training batch norm (`None`: not asked
-    /// for, or not found).
+    /// cuDNN for the convolutions and poolings it can describe and batch norm (`None`: not
+    /// asked for, or not found).
     dnn: Option<Dnn>,
     profile: Option<Profile>,
 }
@@ -264,7 +272,7 @@ impl CudaBackend {
             gpu.memory_bytes as f64 / (1u64 << 30) as f64,
             gpu.compute_capability.0,
             gpu.compute_capability.1,
-            dnn.as_ref().map_or(columns, |d| format!("{} (and training batch norm), columns where cuDNN cannot", d.describe()))
+            dnn.as_ref().map_or(columns, |d| format!("{} (and batch norm, max and average pooling), columns where cuDNN cannot", d.describe()))
         );
         Ok(CudaBackend { ordinal, about, stream, blas, functions, dnn, profile: Profile::from_env() })
     }
@@ -493,6 +501,29 @@ impl CudaBackend {
         }
         Ok(out)
     }
+
+    /// Max (or average) pooling `g` of `x` on cuDNN: `None` when cuDNN is off or cannot
+    /// describe `g` (the kernels run it then).
+    fn pool_on_dnn(&self, g: &PoolGeom, max: bool, x: &Tensor<f32>) -> Result<Option<CudaSlice<f32>>> {
+        let (Some(dnn), Some(s)) = (&self.dnn, PoolShape::of(g, max)) else {
+            return Ok(None);
+        };
+        let mut y = self.fresh(g.n * g.c * g.p * g.q)?;
+        dnn.pool_forward(&s, self.slice(x)?, &mut y)?;
+        Ok(Some(y))
+    }
+
+    /// x's gradient for a pooling [`Self::pool_on_dnn`] ran, from its input, output and the
+    /// output's gradient.
+    fn pool_backward_on_dnn(&self, g: &PoolGeom, max: bool, x: &Tensor<f32>, y: &Tensor<f32>, gy: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let op = if max { "max_pool2d" } else { "avg_pool2d" };
+        let (Some(dnn), Some(s)) = (&self.dnn, PoolShape::of(g, max)) else {
+            return Err(Error::device(op, "a backward pass on cuDNN for a forward pass it did not run"));
+        };
+        let mut dx = self.fresh(x.numel())?;
+        dnn.pool_backward(&s, self.slice(x)?, self.slice(y)?, self.slice(gy)?, &mut dx)?;
+        self.wrap(dx, x.shape())
+    }
 }
 
 /// [N*C, H, W, P, Q] of an adaptive pool of `x` to `out`, checked.
@@ -609,6 +640,10 @@ impl CudaBackend {
             Prim::ConvTranspose2d { opts } => done(self.conv_transpose2d(x, opts)?),
             Prim::MaxPool2d { opts } => {
                 let g = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
+                if let Some(y) = self.pool_on_dnn(&g, true, &x[0])? {
+                    // cuDNN's backward pass finds the maxima again: no argmax kept.
+                    return done(self.wrap(y, &g.out_shape())?);
+                }
                 let a = Self::pool_args(&g)?;
                 let n = g.n * g.c * g.p * g.q;
                 let mut y = self.fresh(n)?;
@@ -620,6 +655,9 @@ impl CudaBackend {
             }
             Prim::AvgPool2d { opts } => {
                 let g = PoolGeom::new("avg_pool2d", x[0].shape(), opts)?;
+                if let Some(y) = self.pool_on_dnn(&g, false, &x[0])? {
+                    return done(self.wrap(y, &g.out_shape())?);
+                }
                 let a = Self::pool_args(&g)?;
                 let n = g.n * g.c * g.p * g.q;
                 let mut y = self.fresh(n)?;
@@ -779,6 +817,10 @@ impl CudaBackend {
             }
             (Prim::Conv2d { opts }, _) => self.conv2d_backward(opts, g, x),
             (Prim::ConvTranspose2d { opts }, _) => self.conv_transpose2d_backward(opts, g, x),
+            (Prim::MaxPool2d { opts }, Saved::Nothing) => {
+                let pg = PoolGeom::new("max_pool2d", x[0].shape(), opts)?;
+                one(self.pool_backward_on_dnn(&pg, true, &x[0], y, g)?)
+            }
             (Prim::MaxPool2d { .. } | Prim::AdaptiveMaxPool2d { .. }, Saved::Argmax(arg)) => {
                 // The forward pass checked both shapes as [N, C, H, W] and [N, C, P, Q].
                 let plane = |s: &[usize]| s[2..].iter().product::<usize>() as i64;
@@ -820,6 +862,9 @@ impl CudaBackend {
             }
             (Prim::AvgPool2d { opts }, _) => {
                 let pg = PoolGeom::new("avg_pool2d", x[0].shape(), opts)?;
+                if self.dnn.is_some() && PoolShape::of(&pg, false).is_some() {
+                    return one(self.pool_backward_on_dnn(&pg, false, &x[0], y, g)?);
+                }
                 let a = Self::pool_args(&pg)?;
                 let mut dx = self.zeros(x[0].numel())?;
                 if g.numel() > 0 {
@@ -837,6 +882,7 @@ impl CudaBackend {
                 one(self.wrap(dx, x[0].shape())?)
             }
             (Prim::BatchNorm { training, opts }, Saved::Stats { mean, invstd }) => self.batch_norm_backward(*training, opts, mean, invstd, g, x),
+            (Prim::BatchNorm { training: false, opts }, Saved::Running { mean, var }) => self.batch_norm_backward_running(opts, (mean, var), g, x),
             (Prim::Softmax { axis } | Prim::LogSoftmax { axis }, _) => {
                 let log = matches!(prim, Prim::LogSoftmax { .. }) as i32;
                 let (o, d, i) = split_axis(prim.name(), y.shape(), *axis)?;
@@ -867,5 +913,5 @@ mod profile;
 mod tests;
 mod update;
 
-use dnn::{Dnn, Mode};
+use dnn::{Dnn, Mode, PoolShape};
 use profile::{Pass, Profile};

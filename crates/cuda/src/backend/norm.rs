@@ -1,12 +1,12 @@
-//! Batch norm over axis 1 of [N, C, ...]: the backend's kernels, or cuDNN in training when it
-//! is on (`dnn.rs`).
+//! Batch norm over axis 1 of [N, C, ...]: the backend's kernels, or cuDNN when it is on
+//! (`dnn.rs`).
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use stride_autograd::device::Forward;
 use stride_autograd::BatchNormOptions;
 use stride_tensor::{Result, Tensor};
 
-use super::dnn::{self, NormBackward, NormForward};
+use super::dnn::{self, NormBackward, NormForward, NormInference};
 use super::{alloc_err, grid, int, per_block, CudaBackend, Saved};
 
 impl CudaBackend {
@@ -47,13 +47,19 @@ impl CudaBackend {
             let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
             return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
         }
-        let (ci, li) = (int(OP, c)?, l as i64);
-        let mut mean = self.zeros(c)?;
-        let mut var = self.zeros(c)?;
-        let mut invstd = self.fresh(c)?;
-        let mut state = Vec::new();
-        if training {
-            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &li);
+        if let (true, Some(dnn), Some(shape)) = (!training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
+            let mut y = self.fresh(x[0].numel())?;
+            let [x0, gamma, beta, running_mean, running_var] = [&x[0], &x[1], &x[2], &x[3], &x[4]].map(|t| self.slice(t));
+            let buffers = NormInference { x: x0?, gamma: gamma?, beta: beta?, running_mean: running_mean?, running_var: running_var?, y: &mut y };
+            dnn.norm_inference(shape, opts.eps, buffers)?;
+            // A backward pass (rare in evaluation mode) works its statistics out from these.
+            let saved = Saved::Running { mean: x[3].clone(), var: x[4].clone() };
+            return Ok(Forward { y: self.wrap(y, s)?, state: Vec::new(), saved: Box::new(saved) });
+        }
+        let ci = int(OP, c)?;
+        let (mean, invstd, state) = if training {
+            let (mut mean, mut var, mut invstd) = (self.zeros(c)?, self.zeros(c)?, self.fresh(c)?);
+            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &(l as i64));
             let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
             let (mom, m) = (opts.momentum as f32, (n * l) as f32);
             launch!(
@@ -72,28 +78,11 @@ impl CudaBackend {
                 &mut rm,
                 &mut rv
             );
-            state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
+            (mean, invstd, vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?])
         } else {
-            mean = self.stream.clone_dtod(self.slice(&x[3])?).map_err(|e| alloc_err("copying", c * 4, e))?;
-            let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
-            let rv = self.slice(&x[4])?;
-            launch!(
-                self,
-                "bn_finish",
-                grid(c),
-                &mean,
-                rv,
-                &mut invstd,
-                &(opts.eps as f32),
-                &ci,
-                &(-1.0f32),
-                &0.0f32,
-                rv,
-                rv,
-                &mut unused_m,
-                &mut unused_v
-            );
-        }
+            let (mean, invstd) = self.running_stats(&x[3], &x[4], opts)?;
+            (mean, invstd, Vec::new())
+        };
         let total = x[0].numel();
         let mut y = self.fresh(total)?;
         if total > 0 {
@@ -108,11 +97,56 @@ impl CudaBackend {
                 self.slice(&x[2])?,
                 &mut y,
                 &ci,
-                &li,
+                &(l as i64),
                 &(total as i64)
             );
         }
         Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
+    }
+
+    /// Evaluation mode's statistics: a copy of the running mean, and 1/sqrt(running var + eps).
+    fn running_stats(
+        &self,
+        running_mean: &Tensor<f32>,
+        running_var: &Tensor<f32>,
+        opts: &BatchNormOptions,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let c = running_mean.numel();
+        let ci = int("batch_norm", c)?;
+        let mean = self.stream.clone_dtod(self.slice(running_mean)?).map_err(|e| alloc_err("copying", c * 4, e))?;
+        let mut invstd = self.fresh(c)?;
+        let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
+        let rv = self.slice(running_var)?;
+        launch!(
+            self,
+            "bn_finish",
+            grid(c),
+            &mean,
+            rv,
+            &mut invstd,
+            &(opts.eps as f32),
+            &ci,
+            &(-1.0f32),
+            &0.0f32,
+            rv,
+            rv,
+            &mut unused_m,
+            &mut unused_v
+        );
+        Ok((mean, invstd))
+    }
+
+    /// The gradients after an evaluation-mode forward pass on cuDNN, which saved the running
+    /// statistics it used.
+    pub(super) fn batch_norm_backward_running(
+        &self,
+        opts: &BatchNormOptions,
+        running: (&Tensor<f32>, &Tensor<f32>),
+        g: &Tensor<f32>,
+        x: &[Tensor<f32>],
+    ) -> Result<Vec<Option<Tensor<f32>>>> {
+        let (mean, invstd) = self.running_stats(running.0, running.1, opts)?;
+        self.batch_norm_backward(false, opts, &mean, &invstd, g, x)
     }
 
     /// The gradients of x, the weight and the bias, from the statistics the forward pass saved
