@@ -4,13 +4,14 @@
 #   1. `stride devices --check`: every primitive forward and backward on the GPU against the
 #      CPU engine, within 1e-4 of the CPU tensor's largest magnitude, with convolutions on
 #      columns and again on cuDNN (STRIDE_CUDNN=1);
-#   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`);
+#   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`), and
+#      examples/mnist-cnn on the CPU and the GPU when its binary sits beside stride's;
 #   3. `stride bench --device cuda` (B1, B2, B4) beside PyTorch eager on the same GPU, in the
 #      same run, with the ratios: Stride on columns, with cuDNN in FP32 and with cuDNN in TF32
 #      (PyTorch's default arithmetic), PyTorch with its defaults and in FP32; then where
 #      ResNet-18's time goes, per primitive.
 # Usage: scripts/gpu-check.sh [path/to/stride]   (default target/release/stride; build it on a
-# machine of the same type and carry it over). Results go to $OUT (default: a temporary folder).
+# machine of the same type and carry it over, with target/release/examples/mnist-cnn beside it). Results go to $OUT (default: a temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/stride}
@@ -41,6 +42,12 @@ rm -rf "${TMPDIR:-/tmp}/stride-gpu-run"
 timeout 90 "$BIN" train --device cuda --epochs 1 --no-report --out "${TMPDIR:-/tmp}/stride-gpu-run" > "$OUT/train.txt" 2>&1
 [ "$?" -eq 0 ] || { echo "TRAINING FAILED"; status=1; }
 tail -n 4 "$OUT/train.txt"
+EXAMPLE="$(dirname "$BIN")/mnist-cnn"
+if [ -x "$EXAMPLE" ]; then
+    echo "-- the same program on the CPU and the GPU (examples/mnist-cnn)"
+    timeout 60 "$EXAMPLE" cpu cuda 2>&1 | tee "$OUT/example.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "EXAMPLE FAILED"; status=1; }
+fi
 
 echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
