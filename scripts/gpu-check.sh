@@ -3,7 +3,7 @@
 # (about a minute on an H200 when all goes well; every step has a timeout, 8.5 minutes in all):
 #   1. `stride devices --check`: every primitive forward and backward on the GPU against the
 #      CPU engine, within 1e-4 of the CPU tensor's largest magnitude, with convolutions on
-#      columns and again on cuDNN (STRIDE_CUDNN=1);
+#      columns and again on cuDNN (--cudnn fp32);
 #   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`), and
 #      examples/mnist-cnn on the CPU and the GPU when its binary sits beside stride's;
 #   3. `stride bench --device cuda` (B1, B2, B4) beside PyTorch eager on the same GPU, in the
@@ -32,8 +32,8 @@ echo "== 1. every primitive against the CPU"
 SECONDS=0
 timeout 60 "$BIN" devices --check 2>&1 | tee "$OUT/check.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CHECK FAILED"; status=1; }
-echo "-- again with convolutions on cuDNN (STRIDE_CUDNN=1)"
-STRIDE_CUDNN=1 timeout 60 "$BIN" devices --check 2>&1 | tee "$OUT/check-cudnn.txt"
+echo "-- again on cuDNN (--cudnn fp32)"
+timeout 60 "$BIN" devices --check --cudnn fp32 2>&1 | tee "$OUT/check-cudnn.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CUDNN CHECK FAILED"; status=1; }
 
 echo "   (${SECONDS} s)"; SECONDS=0
@@ -51,20 +51,20 @@ fi
 
 echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 3. benchmarks: stride and PyTorch eager on the same GPU"
-bench() {  # bench NAME [VAR=VALUE]: stride's figures into $OUT/NAME.jsonl
-    local name=$1; shift
-    env "$@" timeout 45 "$BIN" bench --device cuda --bench all --reps 30 > "$OUT/$name.jsonl" 2> "$OUT/$name.err" \
+bench() {  # bench NAME CUDNN: stride's figures with --cudnn CUDNN into $OUT/NAME.jsonl
+    local name=$1 cudnn=$2
+    timeout 45 "$BIN" bench --device cuda --cudnn "$cudnn" --bench all --reps 30 > "$OUT/$name.jsonl" 2> "$OUT/$name.err" \
         || { tail -n 5 "$OUT/$name.err"; echo "STRIDE BENCH ($name) FAILED"; status=1; }
 }
-bench stride STRIDE_CUDNN=1
-bench stride-columns STRIDE_CUDNN=0
-bench stride-tf32 STRIDE_CUDNN=tf32
+bench stride fp32
+bench stride-columns off
+bench stride-tf32 tf32
 echo "   stride: ${SECONDS} s"
 timeout 60 python3 scripts/gpu/torch_bench.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH BENCH FAILED"; status=1; }
 TORCH_FP32=1 timeout 60 python3 scripts/gpu/torch_bench.py > "$OUT/torch-fp32.jsonl" 2>> "$OUT/torch.err" || { tail -n 5 "$OUT/torch.err"; echo "TORCH FP32 BENCH FAILED"; status=1; }
 python3 scripts/gpu/ratios.py "$OUT" | tee "$OUT/ratios.txt"
 echo "-- where ResNet-18's training step goes (each call waited for)"
-STRIDE_CUDNN=1 STRIDE_CUDA_PROFILE=sync timeout 40 "$BIN" bench --device cuda --bench resnet18 --reps 10 > /dev/null 2> "$OUT/profile.txt" || status=1
+STRIDE_CUDA_PROFILE=sync timeout 40 "$BIN" bench --device cuda --cudnn fp32 --bench resnet18 --reps 10 > /dev/null 2> "$OUT/profile.txt" || status=1
 head -n 16 "$OUT/profile.txt"
 echo "results in $OUT"
 exit $status

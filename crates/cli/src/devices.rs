@@ -15,7 +15,7 @@ pub struct DevicesArgs {
 /// How far a GPU's result may be from the CPU's, relative to the CPU tensor's largest value.
 const TOLERANCE: f64 = 1e-4;
 
-pub fn run(a: &DevicesArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(a: &DevicesArgs, device: Device, options: stride_cuda::CudaOptions) -> Result<(), Box<dyn std::error::Error>> {
     println!("cpu: {} worker threads", rayon::current_num_threads());
     let gpus = match stride_cuda::probe() {
         Ok(gpus) => gpus,
@@ -40,7 +40,7 @@ pub fn run(a: &DevicesArgs, device: Device) -> Result<(), Box<dyn std::error::Er
     }
     let mut bad = Vec::new();
     for d in targets {
-        let backend = stride_cuda::init(d)?;
+        let backend = stride_cuda::init_with(d, options)?;
         println!("\n{}", Backend::<f32>::describe(&*backend));
         println!("{:<22} {:>12} {:>12}  {:<7} case", "primitive", "forward", "backward", "");
         for r in conformance::check::<f32>(d)? {

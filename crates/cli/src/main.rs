@@ -27,6 +27,11 @@ struct Cli {
     /// devices). CUDA is loaded at run time; `stride devices` lists what is there.
     #[arg(long, global = true, default_value = "cpu")]
     device: stride_autograd::Device,
+    /// On a GPU, cuDNN for convolutions, batch norm and max and average pooling: off (convolutions
+    /// lowered to columns and multiplied by cuBLAS), fp32 (results within 1e-4 of the CPU's) or
+    /// tf32 (tensor cores, PyTorch's default for convolutions).
+    #[arg(long, global = true, default_value = "off")]
+    cudnn: stride_cuda::Cudnn,
     #[command(subcommand)]
     command: Command,
 }
@@ -132,7 +137,7 @@ fn main() {
     );
     if !device.is_cpu() {
         let ready = if takes_device {
-            stride_cuda::init(device).map(|gpu| {
+            stride_cuda::init_with(device, stride_cuda::CudaOptions { cudnn: cli.cudnn }).map(|gpu| {
                 // A run's header says which GPU it trains on and how (cuDNN or columns).
                 if matches!(cli.command, Command::Train(_) | Command::Vae(_)) {
                     println!("on {}", stride_autograd::device::Backend::<f32>::describe(&*gpu));
@@ -160,7 +165,7 @@ fn main() {
         Command::Export(args) => onnx::export(&args),
         Command::Import(args) => onnx::import(&args),
         Command::Bench(args) => bench::run(&args, device).map_err(Into::into),
-        Command::Devices(args) => devices::run(&args, device),
+        Command::Devices(args) => devices::run(&args, device, stride_cuda::CudaOptions { cudnn: cli.cudnn }),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -93,7 +93,7 @@ fn emulator() -> Option<Emulator> {
     emulator_of(&std::fs::read_to_string(format!("{CUDA_SRC}/kernels.cu")).unwrap())
 }
 
-/// `stride args` with the emulator found first, `cudnn` as STRIDE_CUDNN (`None`: convolutions
+/// `stride args` with the emulator found first, `cudnn` as `--cudnn` (`None`: convolutions
 /// through columns) and `env` set; `None` (skipped) when NVRTC is missing and not required.
 fn on_emulator_with(emu: &Emulator, args: &[&str], cudnn: Option<&str>, env: &[(&str, &str)]) -> Option<Output> {
     let lib = emu.dir.display();
@@ -102,9 +102,9 @@ fn on_emulator_with(emu: &Emulator, args: &[&str], cudnn: Option<&str>, env: &[(
         _ => lib.to_string(),
     };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stride"));
-    cmd.args(args).env("LD_LIBRARY_PATH", path).env("RAYON_NUM_THREADS", "2").env_remove("STRIDE_CUDNN");
+    cmd.args(args).env("LD_LIBRARY_PATH", path).env("RAYON_NUM_THREADS", "2");
     if let Some(mode) = cudnn {
-        cmd.env("STRIDE_CUDNN", mode);
+        cmd.args(["--cudnn", mode]);
     }
     cmd.envs(env.iter().copied());
     if let Some(asan) = &emu.asan {
@@ -127,7 +127,7 @@ fn on_emulator(emu: &Emulator, args: &[&str], cudnn: Option<&str>) -> Option<Out
 fn every_primitive_agrees_with_the_cpu_on_the_emulated_gpu() {
     let Some(lib) = emulator() else { return };
     // Convolutions through columns, then on (emulated) cuDNN with batch norm and pooling.
-    for (cudnn, route) in [(None, "convolution: columns and cuBLAS"), (Some("1"), "convolution: cuDNN 9.13.0 (FP32)")] {
+    for (cudnn, route) in [(None, "convolution: columns and cuBLAS"), (Some("fp32"), "convolution: cuDNN 9.13.0 (FP32)")] {
         let Some(out) = on_emulator(&lib, &["devices", "--check"], cudnn) else { return };
         let log = text(&out);
         assert!(out.status.success(), "{log}");
@@ -184,7 +184,7 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     // Same seed, same batches: the epochs' losses and accuracies agree but for rounding, with
     // convolutions through columns and on cuDNN (batch norm too; its running statistics are
     // what the test loss is computed with).
-    for cudnn in [None, Some("1")] {
+    for cudnn in [None, Some("fp32")] {
         let Some(gpu) = run("cuda", cudnn) else { return };
         for (c, g) in cpu.iter().zip(&gpu) {
             for (i, (a, b)) in c.iter().zip(g).enumerate().skip(1) {
@@ -199,7 +199,7 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let predict = |device: &str| {
         let mut args = vec!["predict", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--device", device];
         args.extend(images.iter().map(|p| p.to_str().unwrap()));
-        let out = on_emulator(&lib, &args, Some("1")).unwrap();
+        let out = on_emulator(&lib, &args, Some("fp32")).unwrap();
         assert!(out.status.success(), "predict on {device}: {}", text(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -2,12 +2,12 @@
 //! input's gradient and the filter's, for plain, grouped, dilated and transposed convolution
 //! (a transposed convolution is cuDNN's data gradient run forward), when cuDNN can describe the
 //! geometry ([`DnnShape::of`]); anything else goes through the columns of `conv.rs`, as does
-//! every convolution without `STRIDE_CUDNN`. Batch norm: cuDNN's spatial mode forward and
+//! every convolution when cuDNN is off. Batch norm: cuDNN's spatial mode forward and
 //! backward in training (the running statistics moved as PyTorch moves them), and its forward
 //! in evaluation mode. Max and average pooling: `dnn/pool.rs`.
 //!
-//! `STRIDE_CUDNN=1` (or `fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels, so
-//! results stay within the CPU's 1e-4); `STRIDE_CUDNN=tf32` lets it use tensor cores in TF32, as
+//! [`Cudnn::Fp32`] (`stride --cudnn fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels,
+//! so results stay within the CPU's 1e-4); [`Cudnn::Tf32`] lets it use tensor cores in TF32, as
 //! PyTorch does by default. It is off unless asked for until `scripts/gpu-check.sh` has passed
 //! with it on a GPU (this route has run only on the CPU emulator, `crates/cuda/emulator`, whose
 //! cuDNN follows the documentation). Algorithms come from cuDNN's
@@ -24,31 +24,13 @@ use stride_tensor::{Error, Result};
 
 use sys::cudnnMathType_t as Math;
 
+use crate::Cudnn;
+
 mod pool;
 pub(crate) use pool::PoolShape;
 
 /// The most workspace one algorithm may ask for; faster ones that want more are passed over.
 const WORKSPACE_CAP: usize = 1 << 30;
-
-/// What `STRIDE_CUDNN` asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
-    Off,
-    Fp32,
-    Tf32,
-}
-
-impl Mode {
-    /// "1" or "fp32": FP32; "tf32": TF32 allowed; unset, "0" or "off": columns only.
-    pub(crate) fn parse(v: Option<&str>) -> Result<Mode> {
-        match v.map(str::trim) {
-            Some("1" | "fp32" | "on") => Ok(Mode::Fp32),
-            None | Some("" | "0" | "off") => Ok(Mode::Off),
-            Some("tf32") => Ok(Mode::Tf32),
-            Some(other) => Err(Error::arg("STRIDE_CUDNN", format!("expected 0, 1, fp32 or tf32, got {other:?}"))),
-        }
-    }
-}
 
 /// One convolution as cuDNN sees it: x [N, C, H, W] (the large side), w [K, C/g, R, S], y [N,
 /// K, P, Q] (the small side), symmetric padding.
@@ -419,8 +401,8 @@ pub(crate) fn library_found() -> bool {
 impl Dnn {
     /// cuDNN on `stream`, or `None` when `mode` is off or no cuDNN library is found (then every
     /// convolution goes through columns, which `describe` says).
-    pub(crate) fn new(stream: &Arc<CudaStream>, mode: Mode) -> Result<Option<Dnn>> {
-        if mode == Mode::Off || !library_found() {
+    pub(crate) fn new(stream: &Arc<CudaStream>, mode: Cudnn) -> Result<Option<Dnn>> {
+        if mode == Cudnn::Off || !library_found() {
             return Ok(None);
         }
         // cudarc looks each function up on first call and panics if it is missing: look first.
@@ -435,7 +417,7 @@ impl Dnn {
         // SAFETY: a live handle and the backend's live stream (the handle is dropped first:
         // the backend owns both and `Dnn` holds a clone of the stream).
         unsafe { result::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| dnn_err("setting the stream", e))?;
-        Ok(Some(Dnn { state: Mutex::new(state), stream: stream.clone(), tf32: mode == Mode::Tf32, version: result::get_version() }))
+        Ok(Some(Dnn { state: Mutex::new(state), stream: stream.clone(), tf32: mode == Cudnn::Tf32, version: result::get_version() }))
     }
 
     /// Whether tensor cores may run convolutions in TF32.
@@ -803,16 +785,5 @@ mod tests {
         assert_eq!(norm_shape(&[0, 3, 2, 2]), None);
         assert_eq!(norm_shape(&[7]), None);
         assert_eq!(norm_shape(&[1 << 16, 1 << 16]), None);
-    }
-
-    #[test]
-    fn the_mode_comes_from_stride_cudnn() {
-        // Off until the route has passed the GPU check.
-        assert_eq!(Mode::parse(None).unwrap(), Mode::Off);
-        assert_eq!(Mode::parse(Some("1")).unwrap(), Mode::Fp32);
-        assert_eq!(Mode::parse(Some("0")).unwrap(), Mode::Off);
-        assert_eq!(Mode::parse(Some("tf32")).unwrap(), Mode::Tf32);
-        let e = Mode::parse(Some("fast")).unwrap_err().to_string();
-        assert!(e.contains("STRIDE_CUDNN") && e.contains("fast"), "{e}");
     }
 }

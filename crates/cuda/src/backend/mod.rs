@@ -14,7 +14,7 @@ use stride_autograd::{Unary, Update};
 use stride_kernels::pool::PoolGeom;
 use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
 
-use crate::{err, GpuInfo};
+use crate::{err, CudaOptions, GpuInfo};
 
 const KERNELS: &str = include_str!("../kernels.cu");
 const FUNCTIONS: &[&str] = &[
@@ -118,6 +118,8 @@ enum Saved {
 
 pub struct CudaBackend {
     ordinal: usize,
+    /// What it was set up with.
+    options: CudaOptions,
     about: String,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -244,7 +246,7 @@ struct Mm {
 }
 
 impl CudaBackend {
-    pub(crate) fn new(ordinal: usize, gpu: &GpuInfo) -> Result<Self> {
+    pub(crate) fn new(ordinal: usize, gpu: &GpuInfo, options: CudaOptions) -> Result<Self> {
         let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err("opening the device", e))?;
         // SAFETY: the backend queues everything on this one stream (cuBLAS included), so work
         // is ordered without the two events cudarc would otherwise create per allocation.
@@ -260,9 +262,9 @@ impl CudaBackend {
         }
         // cuDNN that is missing or fails to start leaves convolution to the columns; the
         // description says which and why.
-        let (dnn, columns) = match Dnn::new(&stream, Mode::parse(std::env::var("STRIDE_CUDNN").ok().as_deref())?) {
+        let (dnn, columns) = match Dnn::new(&stream, options.cudnn) {
             Ok(Some(d)) => (Some(d), String::new()),
-            Ok(None) if dnn::library_found() => (None, "columns and cuBLAS (cuDNN found; STRIDE_CUDNN=1 runs convolutions on it)".to_string()),
+            Ok(None) if dnn::library_found() => (None, "columns and cuBLAS (cuDNN found; --cudnn fp32 runs convolutions on it)".to_string()),
             Ok(None) => (None, "columns and cuBLAS (no cuDNN library found)".to_string()),
             Err(e) => (None, format!("columns and cuBLAS (cuDNN did not start: {e})")),
         };
@@ -274,11 +276,16 @@ impl CudaBackend {
             gpu.compute_capability.1,
             dnn.as_ref().map_or(columns, |d| format!("{} (and batch norm, max and average pooling), columns where cuDNN cannot", d.describe()))
         );
-        Ok(CudaBackend { ordinal, about, stream, blas, functions, dnn, profile: Profile::from_env() })
+        Ok(CudaBackend { ordinal, options, about, stream, blas, functions, dnn, profile: Profile::from_env() })
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The options it was set up with.
+    pub fn options(&self) -> CudaOptions {
+        self.options
     }
 
     /// How convolutions run: "cudnn-fp32", "cudnn-tf32" or "columns" (benchmarks record it).
@@ -913,5 +920,5 @@ mod profile;
 mod tests;
 mod update;
 
-use dnn::{Dnn, Mode, PoolShape};
+use dnn::{Dnn, PoolShape};
 use profile::{Pass, Profile};
