@@ -1,7 +1,11 @@
-//! Convolution on the GPU: through cuDNN where it can (`dnn.rs`), else the image lowered to
-//! columns [C*R*S, N*P*Q] by a kernel, one cuBLAS product per group, and the adjoint (columns
-//! gathered back into an image) for the input gradient and for transposed convolution. Each
-//! pass chooses on its own, so a pass cuDNN refuses still has the other two on cuDNN.
+//! Convolution on the GPU: through cuDNN where it can (`dnn.rs`; padding that differs between
+//! the sides of an axis added to the image first, as cuDNN pads both sides alike), else the
+//! image lowered to columns [C*R*S, N*P*Q] by a kernel, one cuBLAS product per group, and the
+//! adjoint (columns gathered back into an image) for the input gradient and for transposed
+//! convolution. Each pass chooses on its own, so a pass cuDNN refuses still has the other two on
+//! cuDNN.
+
+use std::borrow::Cow;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use stride_kernels::conv::{Conv2dOptions, ConvGeom};
@@ -10,16 +14,69 @@ use stride_tensor::{Result, Tensor};
 use super::dnn::{DnnShape, Pass};
 use super::{check_bias, grid, int, Args14, CudaBackend, Mm};
 
+/// How cuDNN runs a convolution: its form, the geometry that form describes and, when the
+/// large side is padded first, the rows and columns added before and after.
+struct DnnForm {
+    shape: DnnShape,
+    geom: ConvGeom,
+    extra: Option<[(usize, usize); 2]>,
+}
+
+/// The geometry `g` is on cuDNN, if cuDNN can run it: `g` itself, or, where `g`'s padding differs
+/// between the two sides of an axis in a way that changes the output (cuDNN pads both sides
+/// alike), the same convolution over the large side padded by the difference first, with the
+/// smaller padding on both sides.
+fn dnn_form(g: &ConvGeom) -> Option<DnnForm> {
+    if let Some(shape) = DnnShape::of(g) {
+        return Some(DnnForm { shape, geom: *g, extra: None });
+    }
+    let (top, bottom, left, right) = g.pad;
+    let (ph, pw) = (top.min(bottom), left.min(right));
+    let extra = [(top - ph, bottom - ph), (left - pw, right - pw)];
+    let mut e = *g;
+    e.h = g.h.checked_add(extra[0].0 + extra[0].1)?;
+    e.w = g.w.checked_add(extra[1].0 + extra[1].1)?;
+    e.pad = (ph, ph, pw, pw);
+    Some(DnnForm { shape: DnnShape::of(&e)?, geom: e, extra: Some(extra) })
+}
+
 impl CudaBackend {
-    /// One pass of the convolution `g` on cuDNN into a fresh buffer of `len` elements: `None`
-    /// when cuDNN is off or cannot run it (the caller lowers to columns instead).
-    fn on_dnn(&self, g: &ConvGeom, pass: Pass, a: &CudaSlice<f32>, b: &CudaSlice<f32>, len: usize) -> Result<Option<CudaSlice<f32>>> {
-        let (Some(dnn), Some(s)) = (&self.dnn, DnnShape::of(g)) else {
+    /// How cuDNN runs `g`: `None` when it is off or cannot.
+    fn dnn_form(&self, g: &ConvGeom) -> Option<DnnForm> {
+        self.dnn.as_ref().and(dnn_form(g))
+    }
+
+    /// One pass of the convolution `s` on cuDNN into a fresh buffer of `len` elements: `None`
+    /// when cuDNN offers no algorithm for it (the caller lowers to columns instead).
+    fn on_dnn(&self, s: &DnnShape, pass: Pass, a: &CudaSlice<f32>, b: &CudaSlice<f32>, len: usize) -> Result<Option<CudaSlice<f32>>> {
+        let Some(dnn) = &self.dnn else {
             return Ok(None);
         };
         // cuDNN writes every element (beta 0).
         let mut out = self.fresh(len)?;
-        Ok(dnn.run(&s, pass, a, b, &mut out)?.then_some(out))
+        Ok(dnn.run(s, pass, a, b, &mut out)?.then_some(out))
+    }
+
+    /// The large side `x` [N, C, H, W] as cuDNN's form reads it: padded first where it must be.
+    fn dnn_input<'a>(&self, f: &DnnForm, x: &'a Tensor<f32>) -> Result<Cow<'a, Tensor<f32>>> {
+        Ok(match f.extra {
+            Some(pads) => Cow::Owned(self.pad(x, &pads, 0.0)?),
+            None => Cow::Borrowed(x),
+        })
+    }
+
+    /// The large side cuDNN wrote in its form (`big`, with `bias` added when given) as the
+    /// geometry `g`'s [N, C, H, W]: the padded rows and columns cut off where there are any.
+    fn dnn_output(&self, f: &DnnForm, g: &ConvGeom, mut big: CudaSlice<f32>, bias: Option<&Tensor<f32>>) -> Result<Tensor<f32>> {
+        let e = &f.geom;
+        if let Some(b) = bias {
+            self.add_bias("conv_transpose2d", &mut big, b, e.c, e.h * e.w, e.n * e.c * e.h * e.w)?;
+        }
+        let big = self.wrap(big, &[e.n, e.c, e.h, e.w])?;
+        match f.extra {
+            Some(pads) => self.pad_backward(&big, &[g.n, g.c, g.h, g.w], &pads),
+            None => Ok(big),
+        }
     }
 
     /// Adds `bias[c]` to every element of channel c of `y` [N, C, HW].
@@ -124,11 +181,14 @@ impl CudaBackend {
         let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
         check_bias("conv2d", x.get(2), g.k)?;
         let total = g.n * g.k * g.p * g.q;
-        if let Some(mut y) = self.on_dnn(&g, Pass::Forward, self.slice(&x[0])?, self.slice(&x[1])?, total)? {
-            if let Some(b) = x.get(2) {
-                self.add_bias("conv2d", &mut y, b, g.k, g.p * g.q, total)?;
+        if let Some(f) = self.dnn_form(&g) {
+            let x0 = self.dnn_input(&f, &x[0])?;
+            if let Some(mut y) = self.on_dnn(&f.shape, Pass::Forward, self.slice(&x0)?, self.slice(&x[1])?, total)? {
+                if let Some(b) = x.get(2) {
+                    self.add_bias("conv2d", &mut y, b, g.k, g.p * g.q, total)?;
+                }
+                return self.wrap(y, &g.small_shape());
             }
-            return self.wrap(y, &g.small_shape());
         }
         let cols = self.im2col(&g, self.slice(&x[0])?)?;
         let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
@@ -140,8 +200,15 @@ impl CudaBackend {
     pub(super) fn conv2d_backward(&self, opts: &Conv2dOptions, gy: &Tensor<f32>, x: &[Tensor<f32>]) -> Result<Vec<Option<Tensor<f32>>>> {
         let g = ConvGeom::conv2d(x[0].shape(), x[1].shape(), opts)?;
         let (sx, sw, sg) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(gy)?);
-        let dx = self.on_dnn(&g, Pass::Data, sw, sg, g.n * g.c * g.h * g.w)?;
-        let dw = self.on_dnn(&g, Pass::Filter, sx, sg, g.k * g.cg() * g.r * g.s)?;
+        let (mut dx, mut dw) = (None, None);
+        if let Some(f) = self.dnn_form(&g) {
+            let e = &f.geom;
+            if let Some(big) = self.on_dnn(&f.shape, Pass::Data, sw, sg, e.n * e.c * e.h * e.w)? {
+                dx = Some(self.dnn_output(&f, &g, big, None)?);
+            }
+            let x0 = self.dnn_input(&f, &x[0])?;
+            dw = self.on_dnn(&f.shape, Pass::Filter, self.slice(&x0)?, sg, g.k * g.cg() * g.r * g.s)?;
+        }
         let (dx, dw) = match (dx, dw) {
             (Some(dx), Some(dw)) => (dx, dw),
             (dx, dw) => {
@@ -152,12 +219,12 @@ impl CudaBackend {
                 };
                 let dx = match dx {
                     Some(dx) => dx,
-                    None => self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?,
+                    None => self.wrap(self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?, x[0].shape())?,
                 };
                 (dx, dw)
             }
         };
-        let mut out = vec![Some(self.wrap(dx, x[0].shape())?), Some(self.wrap(dw, x[1].shape())?)];
+        let mut out = vec![Some(dx), Some(self.wrap(dw, x[1].shape())?)];
         if x.len() > 2 {
             out.push(Some(self.channel_sums(gy)?));
         }
@@ -170,14 +237,15 @@ impl CudaBackend {
         let g = ConvGeom::conv_transpose2d(x[0].shape(), x[1].shape(), opts)?;
         check_bias("conv_transpose2d", x.get(2), g.c)?;
         let (sx, sw) = (self.slice(&x[0])?, self.slice(&x[1])?);
-        let total = g.n * g.c * g.h * g.w;
-        let mut y = match self.on_dnn(&g, Pass::Data, sw, sx, total)? {
-            Some(y) => y,
-            None => {
-                let t = self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?;
-                self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?
+        if let Some(f) = self.dnn_form(&g) {
+            let e = &f.geom;
+            if let Some(big) = self.on_dnn(&f.shape, Pass::Data, sw, sx, e.n * e.c * e.h * e.w)? {
+                return self.dnn_output(&f, &g, big, x.get(2));
             }
-        };
+        }
+        let t = self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?;
+        let mut y = self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?;
+        let total = g.n * g.c * g.h * g.w;
         if let Some(b) = x.get(2) {
             self.add_bias("conv_transpose2d", &mut y, b, g.c, g.h * g.w, total)?;
         }
@@ -189,8 +257,12 @@ impl CudaBackend {
         // The input's gradient is the convolution of gy; the filter's pairs gy with x, as a
         // convolution's filter gradient pairs its input with its output's gradient.
         let (sx, sw, sg) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(gy)?);
-        let dx = self.on_dnn(&g, Pass::Forward, sg, sw, g.n * g.k * g.p * g.q)?;
-        let dw = self.on_dnn(&g, Pass::Filter, sg, sx, g.k * g.cg() * g.r * g.s)?;
+        let (mut dx, mut dw) = (None, None);
+        if let Some(f) = self.dnn_form(&g) {
+            let gy0 = self.dnn_input(&f, gy)?;
+            dx = self.on_dnn(&f.shape, Pass::Forward, self.slice(&gy0)?, sw, g.n * g.k * g.p * g.q)?;
+            dw = self.on_dnn(&f.shape, Pass::Filter, self.slice(&gy0)?, sx, g.k * g.cg() * g.r * g.s)?;
+        }
         let (dx, dw) = match (dx, dw) {
             (Some(dx), Some(dw)) => (dx, dw),
             (dx, dw) => {
@@ -211,5 +283,38 @@ impl CudaBackend {
             out.push(Some(self.channel_sums(gy)?));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stride_kernels::conv::Padding;
+
+    fn conv(x: [usize; 4], w: [usize; 4], stride: usize, padding: Padding) -> ConvGeom {
+        let o = Conv2dOptions { stride: (stride, stride), padding, dilation: (1, 1), groups: 1, output_padding: (0, 0) };
+        ConvGeom::conv2d(&x, &w, &o).unwrap()
+    }
+
+    #[test]
+    fn padding_cudnn_cannot_express_is_added_to_the_image_first() {
+        // Symmetric padding: cuDNN's own form, nothing added.
+        let f = dnn_form(&conv([2, 3, 8, 8], [4, 3, 3, 3], 1, Padding::uniform(1))).unwrap();
+        assert_eq!(f.extra, None);
+        // "Same" with an even kernel pads (1, 2): one more row and column at the end, then 1
+        // on both sides; 6 outputs either way.
+        let g = conv([1, 2, 6, 6], [2, 2, 4, 4], 1, Padding::Same);
+        assert_eq!((g.pad, g.p), ((1, 2, 1, 2), 6));
+        let f = dnn_form(&g).unwrap();
+        assert_eq!((f.extra, f.geom.h, f.geom.w, f.geom.pad, f.geom.p), (Some([(0, 1), (0, 1)]), 7, 7, (1, 1, 1, 1), 6));
+        // "Same" at stride 2 on an even size pads (0, 1).
+        let f = dnn_form(&conv([1, 4, 8, 8], [4, 4, 3, 3], 2, Padding::Same)).unwrap();
+        assert_eq!((f.extra, f.geom.h, f.geom.pad), (Some([(0, 1), (0, 1)]), 9, (0, 0, 0, 0)));
+        // More at the top than the bottom: the difference goes before.
+        let g = conv([1, 2, 6, 6], [2, 2, 3, 3], 1, Padding::Explicit { top: 2, bottom: 0, left: 1, right: 1 });
+        let f = dnn_form(&g).unwrap();
+        assert_eq!((f.extra, f.geom.h, f.geom.w, f.geom.pad), (Some([(2, 0), (0, 0)]), 8, 6, (0, 0, 1, 1)));
+        // What cuDNN cannot take at all stays on columns: an empty batch.
+        assert!(dnn_form(&conv([0, 2, 6, 6], [2, 2, 4, 4], 1, Padding::Same)).is_none());
     }
 }

@@ -1,8 +1,9 @@
 //! Convolution, batch norm and pooling through cuDNN. Convolution: the forward pass, the
 //! input's gradient and the filter's, for plain, grouped, dilated and transposed convolution
 //! (a transposed convolution is cuDNN's data gradient run forward), when cuDNN can describe the
-//! geometry ([`DnnShape::of`]); anything else goes through the columns of `conv.rs`, as does
-//! every convolution when cuDNN is off. Batch norm: cuDNN's spatial mode forward and
+//! geometry ([`DnnShape::of`]; `conv.rs` pads the image first where only the padding differs);
+//! anything else goes through the columns of `conv.rs`, as does every convolution when cuDNN is
+//! off. Batch norm: cuDNN's spatial mode forward and
 //! backward in training (the running statistics moved as PyTorch moves them), and its forward
 //! in evaluation mode. Max and average pooling: `dnn/pool.rs`.
 //!
