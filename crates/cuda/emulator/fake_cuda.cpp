@@ -106,7 +106,37 @@ bool inside(std::uintptr_t p, std::size_t n) {
     return p >= it->first && p - it->first + n <= it->second;
 }
 
+// With FAKE_CUDA_COUNT set, how many times each kind of work was queued, printed at exit: the
+// work a program asks of a GPU, which (unlike its speed) the emulator shows as it is.
+struct Counts {
+    std::mutex mu;
+    std::map<std::string, long> by_name;
+    bool on = std::getenv("FAKE_CUDA_COUNT") != nullptr;
+    // At exit, or when the library is closed (cudarc opens and closes it once to see that it is
+    // there: nothing is counted then).
+    ~Counts() {
+        if (!on || by_name.empty()) return;
+        long launches = 0;
+        for (auto& [name, n] : by_name)
+            if (name.rfind("kernel ", 0) == 0) launches += n;
+        std::fprintf(stderr, "fake CUDA: %ld kernel launches", launches);
+        for (auto& [name, n] : by_name)
+            if (name.rfind("kernel ", 0) != 0) std::fprintf(stderr, ", %ld %s", n, name.c_str());
+        std::fprintf(stderr, "\n");
+        for (auto& [name, n] : by_name)
+            if (name.rfind("kernel ", 0) == 0) std::fprintf(stderr, "fake CUDA:   %8ld %s\n", n, name.c_str() + 7);
+    }
+};
+Counts counts;
+
 }  // namespace
+
+// Counts one piece of work of kind `what` (fake_cudnn.cpp counts its calls too).
+void emu_count(const std::string& what) {
+    if (!counts.on) return;
+    std::lock_guard<std::mutex> g(counts.mu);
+    ++counts.by_name[what];
+}
 
 // Whether [p, p + bytes) lies in one live allocation (fake_cudnn.cpp asks too).
 bool emu_device_memory(const void* p, std::size_t bytes) {
@@ -259,6 +289,7 @@ int cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
 
 int cuMemAllocAsync(std::uint64_t* p, std::size_t bytes, void*) {
     if (bytes == 0) return INVALID_VALUE;
+    emu_count("allocations");
     {
         std::lock_guard<std::mutex> g(mu);
         if (bytes > capacity() - in_use) return OUT_OF_MEMORY;
@@ -293,6 +324,7 @@ int cuMemFreeAsync(std::uint64_t p, void*) {
 int cuMemFree_v2(std::uint64_t p) { return cuMemFreeAsync(p, nullptr); }
 
 int cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void*) {
+    emu_count("copies to the device");
     std::lock_guard<std::mutex> g(mu);
     if (!inside(dst, n)) return fault("copy to the device", dst, n), ILLEGAL_ADDRESS;
     std::memcpy((void*)(std::uintptr_t)dst, src, n);
@@ -300,6 +332,7 @@ int cuMemcpyHtoDAsync_v2(std::uint64_t dst, const void* src, std::size_t n, void
 }
 int cuMemcpyHtoD_v2(std::uint64_t dst, const void* src, std::size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void*) {
+    emu_count("copies to the host");
     std::lock_guard<std::mutex> g(mu);
     if (!inside(src, n)) return fault("copy to the host", src, n), ILLEGAL_ADDRESS;
     std::memcpy(dst, (const void*)(std::uintptr_t)src, n);
@@ -307,6 +340,7 @@ int cuMemcpyDtoHAsync_v2(void* dst, std::uint64_t src, std::size_t n, void*) {
 }
 int cuMemcpyDtoH_v2(void* dst, std::uint64_t src, std::size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
 int cuMemcpyDtoDAsync_v2(std::uint64_t dst, std::uint64_t src, std::size_t n, void*) {
+    emu_count("device copies");
     std::lock_guard<std::mutex> g(mu);
     if (!inside(src, n) || !inside(dst, n)) return fault("device copy", inside(src, n) ? dst : src, n), ILLEGAL_ADDRESS;
     std::memmove((void*)(std::uintptr_t)dst, (const void*)(std::uintptr_t)src, n);
@@ -314,6 +348,7 @@ int cuMemcpyDtoDAsync_v2(std::uint64_t dst, std::uint64_t src, std::size_t n, vo
 }
 int cuMemcpyDtoD_v2(std::uint64_t dst, std::uint64_t src, std::size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
 int cuMemsetD8Async(std::uint64_t dst, unsigned char v, std::size_t n, void*) {
+    emu_count("memsets");
     std::lock_guard<std::mutex> g(mu);
     if (!inside(dst, n)) return fault("memset", dst, n), ILLEGAL_ADDRESS;
     std::memset((void*)(std::uintptr_t)dst, v, n);
@@ -384,6 +419,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
             }
         }
     }
+    emu_count(std::string("kernel ") + k.name);
     std::lock_guard<std::mutex> g(launch_mu);
     return run(k, {gx, gy, gz}, {bx, by, bz}, params);
 }
@@ -424,6 +460,7 @@ int cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alph
         ldb < std::max(1, tb ? n : k))
         return CUBLAS_STATUS_INVALID_VALUE;
     if (m == 0 || n == 0) return 0;
+    emu_count("cuBLAS products");
     {
         std::lock_guard<std::mutex> g(mu);
         auto span = [](std::int64_t cols, std::int64_t ld, std::int64_t rows) { return (std::size_t)(((cols - 1) * ld + rows) * 4); };

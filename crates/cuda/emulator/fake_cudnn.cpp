@@ -14,9 +14,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 bool emu_device_memory(const void* p, std::size_t bytes);
+void emu_count(const std::string& what);
 
 namespace {
 
@@ -252,6 +254,7 @@ int cudnnGetConvolutionBackwardFilterWorkspaceSize(void*, Tensor* x, Tensor* dy,
 
 int cudnnConvolutionForward(void*, const float* alpha, Tensor* xd, const float* x, Filter* wd, const float* w, Conv* cv, int algo, void* ws,
                             std::size_t ws_bytes, const float* beta, Tensor* yd, float* y) {
+    emu_count("cuDNN calls");
     Geom g;
     if (int e = geometry(xd, wd, cv, yd, g)) return e;
     if (int e = launch_checks(g, FORWARD, algo, ws, ws_bytes)) return e;
@@ -263,6 +266,7 @@ int cudnnConvolutionForward(void*, const float* alpha, Tensor* xd, const float* 
 }
 int cudnnConvolutionBackwardData(void*, const float* alpha, Filter* wd, const float* w, Tensor* dyd, const float* dy, Conv* cv, int algo,
                                  void* ws, std::size_t ws_bytes, const float* beta, Tensor* dxd, float* dx) {
+    emu_count("cuDNN calls");
     Geom g;
     if (int e = geometry(dxd, wd, cv, dyd, g)) return e;
     if (int e = launch_checks(g, DATA, algo, ws, ws_bytes)) return e;
@@ -274,6 +278,7 @@ int cudnnConvolutionBackwardData(void*, const float* alpha, Filter* wd, const fl
 }
 int cudnnConvolutionBackwardFilter(void*, const float* alpha, Tensor* xd, const float* x, Tensor* dyd, const float* dy, Conv* cv, int algo,
                                    void* ws, std::size_t ws_bytes, const float* beta, Filter* dwd, float* dw) {
+    emu_count("cuDNN calls");
     Geom g;
     if (int e = geometry(xd, dwd, cv, dyd, g)) return e;
     if (int e = launch_checks(g, FILTER, algo, ws, ws_bytes)) return e;
@@ -300,6 +305,7 @@ int norm_checks(int mode, const Tensor* x, const Tensor* y, const Tensor* per_ch
 int cudnnBatchNormalizationForwardTraining(void*, int mode, const float* alpha, const float* beta, Tensor* xd, const float* x, Tensor* yd, float* y,
                                            Tensor* cd, const float* scale, const float* bias, double factor, float* running_mean,
                                            float* running_var, double eps, float* save_mean, float* save_invstd) {
+    emu_count("cuDNN calls");
     if (int e = norm_checks(mode, xd, yd, cd, eps)) return e;
     int C = xd->c;
     std::size_t L = (std::size_t)xd->h * xd->w, m = xd->n * L;
@@ -343,6 +349,7 @@ int cudnnBatchNormalizationBackward(void*, int mode, const float* alpha_data, co
                                     const float* beta_param, Tensor* xd, const float* x, Tensor* dyd, const float* dy, Tensor* dxd, float* dx,
                                     Tensor* cd, const float* scale, float* dscale, float* dbias, double eps, const float* saved_mean,
                                     const float* saved_invstd) {
+    emu_count("cuDNN calls");
     if (int e = norm_checks(mode, xd, dyd, cd, eps)) return e;
     if (int e = norm_checks(mode, xd, dxd, cd, eps)) return e;
     int C = xd->c;
@@ -390,6 +397,7 @@ int cudnnBatchNormalizationBackward(void*, int mode, const float* alpha_data, co
 int cudnnBatchNormalizationForwardInference(void*, int mode, const float* alpha, const float* beta, Tensor* xd, const float* x, Tensor* yd,
                                             float* y, Tensor* cd, const float* scale, const float* bias, const float* mean, const float* var,
                                             double eps) {
+    emu_count("cuDNN calls");
     if (int e = norm_checks(mode, xd, yd, cd, eps, false)) return e;
     int C = xd->c;
     std::size_t L = (std::size_t)xd->h * xd->w;
@@ -484,6 +492,7 @@ int cudnnSetPooling2dDescriptor(Pooling* d, int mode, int nan, int wh, int ww, i
 }
 
 int cudnnPoolingForward(void*, Pooling* pd, const float* alpha, Tensor* xd, const float* x, const float* beta, Tensor* yd, float* y) {
+    emu_count("cuDNN calls");
     if (int e = pool_checks(pd, xd, yd)) return e;
     if (!memory(x, xd->count(), "x") || !memory(y, yd->count(), "y")) return BAD_PARAM;
     std::vector<double> acc(yd->count(), 0.0);
@@ -502,6 +511,7 @@ int cudnnPoolingForward(void*, Pooling* pd, const float* alpha, Tensor* xd, cons
 // dx from dy: a max window's gradient goes to its maximum, an average's is spread over it.
 int cudnnPoolingBackward(void*, Pooling* pd, const float* alpha, Tensor* yd, const float* y, Tensor* dyd, const float* dy, Tensor* xd,
                          const float* x, const float* beta, Tensor* dxd, float* dx) {
+    emu_count("cuDNN calls");
     if (int e = pool_checks(pd, xd, yd)) return e;
     if (int e = pool_checks(pd, dxd, dyd)) return e;
     if (!memory(y, yd->count(), "y") || !memory(dy, yd->count(), "dy") || !memory(x, xd->count(), "x") || !memory(dx, xd->count(), "dx"))

@@ -488,6 +488,15 @@ extern "C" __global__ void bn_normalize(const float* x, const float* mean, const
     }
 }
 
+// Evaluation mode in one pass: y = (x - running mean) / sqrt(running var + eps) * gamma + beta.
+extern "C" __global__ void bn_eval(const float* x, const float* rm, const float* rv, const float* gamma, const float* beta, float* y,
+                                   float eps, int C, i64 L, i64 total) {
+    GRID_LOOP(i, total) {
+        int c = (int)((i / L) % C);
+        y[i] = (x[i] - rm[c]) * (1.0f / sqrtf(rv[c] + eps)) * gamma[c] + beta[c];
+    }
+}
+
 // Per channel: sum(dy * xhat) and sum(dy).
 extern "C" __global__ void bn_sums(const float* dy, const float* x, const float* mean, const float* invstd, float* dgamma, float* dbeta,
                                    int N, int C, i64 L) {

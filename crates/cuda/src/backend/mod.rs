@@ -45,6 +45,7 @@ const FUNCTIONS: &[&str] = &[
     "bn_stats",
     "bn_finish",
     "bn_normalize",
+    "bn_eval",
     "bn_sums",
     "bn_dx",
     "softmax_fwd",

@@ -47,42 +47,62 @@ impl CudaBackend {
             let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
             return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
         }
-        if let (true, Some(dnn), Some(shape)) = (!training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
-            let mut y = self.fresh(x[0].numel())?;
+        let ci = int(OP, c)?;
+        if !training {
+            let total = x[0].numel();
+            let mut y = self.fresh(total)?;
             let [x0, gamma, beta, running_mean, running_var] = [&x[0], &x[1], &x[2], &x[3], &x[4]].map(|t| self.slice(t));
-            let buffers = NormInference { x: x0?, gamma: gamma?, beta: beta?, running_mean: running_mean?, running_var: running_var?, y: &mut y };
-            dnn.norm_inference(shape, opts.eps, buffers)?;
-            // A backward pass (rare in evaluation mode) works its statistics out from these.
+            let (x0, gamma, beta, running_mean, running_var) = (x0?, gamma?, beta?, running_mean?, running_var?);
+            match (&self.dnn, dnn::norm_shape(s)) {
+                (Some(dnn), Some(shape)) if opts.eps > 0.0 => {
+                    dnn.norm_inference(shape, opts.eps, NormInference { x: x0, gamma, beta, running_mean, running_var, y: &mut y })?
+                }
+                _ if total > 0 => {
+                    let eps = opts.eps as f32;
+                    launch!(
+                        self,
+                        "bn_eval",
+                        grid(total),
+                        x0,
+                        running_mean,
+                        running_var,
+                        gamma,
+                        beta,
+                        &mut y,
+                        &eps,
+                        &ci,
+                        &(l as i64),
+                        &(total as i64)
+                    );
+                }
+                _ => {}
+            }
+            // A backward pass (rare in evaluation mode) works 1/sqrt(var + eps) out from these.
             let saved = Saved::Running { mean: x[3].clone(), var: x[4].clone() };
             return Ok(Forward { y: self.wrap(y, s)?, state: Vec::new(), saved: Box::new(saved) });
         }
-        let ci = int(OP, c)?;
-        let (mean, invstd, state) = if training {
-            let (mut mean, mut var, mut invstd) = (self.zeros(c)?, self.zeros(c)?, self.fresh(c)?);
-            launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &(l as i64));
-            let (mut rm, mut rv) = (self.zeros(c)?, self.zeros(c)?);
-            let (mom, m) = (opts.momentum as f32, (n * l) as f32);
-            launch!(
-                self,
-                "bn_finish",
-                grid(c),
-                &mean,
-                &var,
-                &mut invstd,
-                &(opts.eps as f32),
-                &ci,
-                &mom,
-                &m,
-                self.slice(&x[3])?,
-                self.slice(&x[4])?,
-                &mut rm,
-                &mut rv
-            );
-            (mean, invstd, vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?])
-        } else {
-            let (mean, invstd) = self.running_stats(&x[3], &x[4], opts)?;
-            (mean, invstd, Vec::new())
-        };
+        // bn_stats writes the mean and variance of every channel, bn_finish the rest.
+        let (mut mean, mut var, mut invstd) = (self.fresh(c)?, self.fresh(c)?, self.fresh(c)?);
+        launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &(l as i64));
+        let (mut rm, mut rv) = (self.fresh(c)?, self.fresh(c)?);
+        let (mom, m) = (opts.momentum as f32, (n * l) as f32);
+        launch!(
+            self,
+            "bn_finish",
+            grid(c),
+            &mean,
+            &var,
+            &mut invstd,
+            &(opts.eps as f32),
+            &ci,
+            &mom,
+            &m,
+            self.slice(&x[3])?,
+            self.slice(&x[4])?,
+            &mut rm,
+            &mut rv
+        );
+        let state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
         let total = x[0].numel();
         let mut y = self.fresh(total)?;
         if total > 0 {
@@ -104,28 +124,29 @@ impl CudaBackend {
         Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) })
     }
 
-    /// Evaluation mode's statistics: a copy of the running mean, and 1/sqrt(running var + eps).
-    fn running_stats(
+    /// The gradients after an evaluation-mode forward pass, which saved the running statistics it
+    /// normalised with.
+    pub(super) fn batch_norm_backward_running(
         &self,
-        running_mean: &Tensor<f32>,
-        running_var: &Tensor<f32>,
         opts: &BatchNormOptions,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let c = running_mean.numel();
-        let ci = int("batch_norm", c)?;
-        let mean = self.stream.clone_dtod(self.slice(running_mean)?).map_err(|e| alloc_err("copying", c * 4, e))?;
+        (running_mean, running_var): (&Tensor<f32>, &Tensor<f32>),
+        g: &Tensor<f32>,
+        x: &[Tensor<f32>],
+    ) -> Result<Vec<Option<Tensor<f32>>>> {
+        let c = running_var.numel();
+        let (mean, rv) = (self.slice(running_mean)?, self.slice(running_var)?);
         let mut invstd = self.fresh(c)?;
-        let (mut unused_m, mut unused_v) = (self.zeros(1)?, self.zeros(1)?);
-        let rv = self.slice(running_var)?;
+        // With a negative momentum bn_finish only writes invstd: the last two are never touched.
+        let (mut unused_m, mut unused_v) = (self.fresh(1)?, self.fresh(1)?);
         launch!(
             self,
             "bn_finish",
             grid(c),
-            &mean,
+            mean,
             rv,
             &mut invstd,
             &(opts.eps as f32),
-            &ci,
+            &int("batch_norm", c)?,
             &(-1.0f32),
             &0.0f32,
             rv,
@@ -133,20 +154,7 @@ impl CudaBackend {
             &mut unused_m,
             &mut unused_v
         );
-        Ok((mean, invstd))
-    }
-
-    /// The gradients after an evaluation-mode forward pass on cuDNN, which saved the running
-    /// statistics it used.
-    pub(super) fn batch_norm_backward_running(
-        &self,
-        opts: &BatchNormOptions,
-        running: (&Tensor<f32>, &Tensor<f32>),
-        g: &Tensor<f32>,
-        x: &[Tensor<f32>],
-    ) -> Result<Vec<Option<Tensor<f32>>>> {
-        let (mean, invstd) = self.running_stats(running.0, running.1, opts)?;
-        self.batch_norm_backward(false, opts, &mean, &invstd, g, x)
+        self.batch_norm_backward(false, opts, mean, &invstd, g, x)
     }
 
     /// The gradients of x, the weight and the bias, from the statistics the forward pass saved
