@@ -524,6 +524,11 @@ struct MirrorBuffer<T> {
     data: Vec<T>,
 }
 
+thread_local! {
+    /// Mirror buffers read back to the host by this thread (see [`HostMirror::reads`]).
+    static MIRROR_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl<T: Elem> DeviceBuffer<T> for MirrorBuffer<T> {
     fn device(&self) -> Device {
         self.device
@@ -532,6 +537,7 @@ impl<T: Elem> DeviceBuffer<T> for MirrorBuffer<T> {
         self.data.len()
     }
     fn read(&self) -> Result<Vec<T>> {
+        MIRROR_READS.with(|r| r.set(r.get() + 1));
         Ok(self.data.clone())
     }
     fn as_any(&self) -> &dyn Any {
@@ -540,6 +546,12 @@ impl<T: Elem> DeviceBuffer<T> for MirrorBuffer<T> {
 }
 
 impl HostMirror {
+    /// How many times this thread has read a mirror tensor's elements back to the host (what on
+    /// a GPU waits for all the work queued before it): a training step should not, but for its
+    /// loss.
+    pub fn reads() -> usize {
+        MIRROR_READS.with(|r| r.get())
+    }
     pub fn new(device: Device) -> Self {
         HostMirror { device, calls: Default::default() }
     }
@@ -590,5 +602,12 @@ impl<T: Elem> Backend<T> for HostMirror {
         let saved = saved.downcast_ref::<CpuSaved<T>>().ok_or_else(|| Error::device(prim.name(), "saved state of another backend"))?;
         let grads = cpu_backward(saved, &self.host(g)?)?;
         grads.iter().map(|d| d.as_ref().map(|d| self.mirror(d)).transpose()).collect()
+    }
+    /// On the mirror's own buffers, as a GPU backend updates in place of the tensors: no read
+    /// back to the host.
+    fn update(&self, rule: &Update, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
+        let state = state.iter().map(|s| self.host(s)).collect::<Result<Vec<_>>>()?;
+        let (w, state) = rule.on_host(&self.host(w)?, &self.host(g)?, &state)?;
+        Ok((self.mirror(&w)?, state.iter().map(|s| self.mirror(s)).collect::<Result<_>>()?))
     }
 }

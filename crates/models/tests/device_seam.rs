@@ -1,6 +1,6 @@
 //! Whole networks on a device through the seam: `model.to(device)`, a training step (forward,
-//! loss, backward, optimizer) and an evaluation pass give the CPU's numbers bit for bit, and
-//! every parameter, gradient and buffer stays on the device. The device is a `HostMirror`
+//! loss, backward, optimizer) and an evaluation pass give the CPU's numbers bit for bit, every
+//! parameter, gradient and buffer stays on the device, and a step reads nothing back to the host. The device is a `HostMirror`
 //! (CPU kernels behind the seam), so nothing above autograd can compute on a device tensor
 //! without the test noticing: the result would land on the CPU and the next op would refuse
 //! to mix devices.
@@ -65,11 +65,14 @@ fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[u
         for p in &params {
             p.zero_grad();
         }
+        let reads = HostMirror::reads();
         let logits = model.forward(&xv, &mut Ctx::train(step)).unwrap();
         let loss = cross_entropy(&logits, labels, 0.0).unwrap();
         assert_eq!(loss.device(), dev);
         loss.backward().unwrap();
         opt.step(&params).unwrap();
+        // Nothing in a step is read back to the host (on a GPU each read waits for the queue).
+        assert_eq!(HostMirror::reads() - reads, 0, "a training step on {dev} read {} tensors back", HostMirror::reads() - reads);
         losses.push(loss.value().item().unwrap());
     }
     let eval = no_grad(|| model.forward(&xv, &mut Ctx::eval())).unwrap().value();
@@ -114,10 +117,13 @@ fn the_vae_trains_on_a_device_as_on_the_cpu() {
         vae.to(dev).unwrap();
         let params = vae.parameters();
         let mut opt = Adam::new(1e-3, (0.9, 0.999), 1e-8, 0.0, false).unwrap();
-        let (_, loss) = vae.forward_loss(&Var::constant(x.to(dev).unwrap()), &mut Ctx::train(4)).unwrap();
+        let xv = Var::constant(x.to(dev).unwrap());
+        let reads = HostMirror::reads();
+        let (_, loss) = vae.forward_loss(&xv, &mut Ctx::train(4)).unwrap();
         let loss = loss.total;
         loss.backward().unwrap();
         opt.step(&params).unwrap();
+        assert_eq!(HostMirror::reads() - reads, 0, "the VAE's training step on {dev} read tensors back");
         (loss.value().item().unwrap(), state(&mut vae, dev))
     };
     let (cpu, on_dev) = (run(Device::Cpu), run(dev));

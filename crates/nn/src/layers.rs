@@ -1,6 +1,6 @@
 //! Layers as modules over the core ops, configured with PyTorch's names.
 
-use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, ToDevice, Unary, Var};
+use stride_autograd::{self as ag, BatchNormOptions, Conv2dOptions, Pool2dOptions, Rng, Tensor, Unary, Var};
 
 use crate::export::{conv_attrs, pool_attrs, Attr, Graph, Value};
 use crate::module::{call, join, visit_weight_bias, Ctx, Module, Slot};
@@ -163,10 +163,14 @@ impl BatchNorm {
 impl Module for BatchNorm {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         if ctx.training {
-            // A counter: stepped on the host, kept beside the statistics (on their device).
-            let device = self.num_batches_tracked.device();
-            self.num_batches_tracked.data_mut()[0] += 1.0;
-            self.num_batches_tracked = self.num_batches_tracked.to(device)?;
+            // A counter kept beside the statistics, stepped where it is: on a GPU, reading it
+            // back would wait for all the work queued so far (in every layer, every step).
+            if self.num_batches_tracked.device().is_cpu() {
+                self.num_batches_tracked.data_mut()[0] += 1.0;
+            } else {
+                let stepped = ag::no_grad(|| Var::constant(self.num_batches_tracked.clone()).add_scalar(1.0))?;
+                self.num_batches_tracked = stepped.value();
+            }
         }
         Ok(ag::batch_norm_sync(
             x,
