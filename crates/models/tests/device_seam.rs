@@ -1,6 +1,7 @@
 //! Whole networks on a device through the seam: `model.to(device)`, a training step (forward,
 //! loss, backward, optimizer) and an evaluation pass give the CPU's numbers bit for bit, every
-//! parameter, gradient and buffer stays on the device, and a step reads nothing back to the host. The device is a `HostMirror`
+//! parameter, gradient and buffer stays on the device, and neither a training step nor an
+//! evaluation pass reads anything back to the host. The device is a `HostMirror`
 //! (CPU kernels behind the seam), so nothing above autograd can compute on a device tensor
 //! without the test noticing: the result would land on the CPU and the next op would refuse
 //! to mix devices.
@@ -75,8 +76,10 @@ fn train_steps(model: &mut dyn Module, dev: Device, x: &Tensor<f32>, labels: &[u
         assert_eq!(HostMirror::reads() - reads, 0, "a training step on {dev} read {} tensors back", HostMirror::reads() - reads);
         losses.push(loss.value().item().unwrap());
     }
+    let reads = HostMirror::reads();
     let eval = no_grad(|| model.forward(&xv, &mut Ctx::eval())).unwrap().value();
     assert_eq!(eval.device(), dev);
+    assert_eq!(HostMirror::reads() - reads, 0, "an evaluation pass on {dev} read tensors back");
     (losses, eval.to_host().unwrap(), state(model, dev))
 }
 
