@@ -593,7 +593,6 @@ pub fn train(
                         (None, None) => {
                             let logits = model.forward(&x, &mut ctx)?;
                             let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
-                            let lv = loss.value().item()?;
                             match overlap.as_mut() {
                                 // Several ranks: each back-propagates its share of the global
                                 // batch's mean loss (so synchronised batch norm sums true
@@ -601,10 +600,14 @@ pub fn train(
                                 Some(o) => loss.mul_scalar(labels.len() as f64 / global.max(1) as f64)?.backward_hooked(&mut |leaf| {
                                     o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string()))
                                 })?,
-                                None if lv.is_finite() => loss.backward()?,
-                                None => {}
+                                // Also when the loss is not finite: the step stops below, before
+                                // the optimizer, and the gradients are never used.
+                                None => loss.backward()?,
                             }
-                            (lv, logits)
+                            // Read once the backward pass is queued: on a GPU a read waits for
+                            // the work before it, and read earlier it would hold the backward
+                            // pass back until the forward pass had run.
+                            (loss.value().item()?, logits)
                         }
                     };
                     (lv, correct(&logits, &labels)?)

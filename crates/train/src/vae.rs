@@ -108,11 +108,13 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             let mut ctx = Ctx::train(mix(cfg.seed, epoch, step + 1));
             optim::zero_grad(&params);
             let (_, loss) = model.forward_loss(&Var::constant(b.images.to(cfg.device)?), &mut ctx)?;
+            loss.total.backward()?;
+            // Read once the backward pass is queued (on a GPU a read waits for the work before
+            // it); a loss that is not finite stops the run before the optimizer uses its gradients.
             let l = loss.total.value().item()? as f64;
             if !l.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: step + 1, loss: l as f32 });
             }
-            loss.total.backward()?;
             opt.step(&params)?;
             sum += l * b.labels.len() as f64;
             seen += b.labels.len();
