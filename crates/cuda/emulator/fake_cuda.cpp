@@ -451,16 +451,19 @@ int cublasDestroy_v2(void* handle) {
 int cublasSetStream_v2(void*, void*) { return 0; }
 int cublasSetMathMode(void*, int) { return 0; }
 
+}  // extern "C"
+
+namespace {
+
 // C = alpha op(A) op(B) + beta C, C m x n with leading dimension ldc; C is not read when beta is
 // 0 (it may hold garbage, as cuBLAS allows).
-int cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda, const float* b, int ldb,
-                   const float* beta, float* c, int ldc) {
+int sgemm(int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda, const float* b, int ldb, const float* beta,
+          float* c, int ldc) {
     const int CUBLAS_STATUS_INVALID_VALUE = 7, CUBLAS_STATUS_EXECUTION_FAILED = 13;
     if (m < 0 || n < 0 || k < 0 || ta < 0 || ta > 2 || tb < 0 || tb > 2 || ldc < std::max(1, m) || lda < std::max(1, ta ? k : m) ||
         ldb < std::max(1, tb ? n : k))
         return CUBLAS_STATUS_INVALID_VALUE;
     if (m == 0 || n == 0) return 0;
-    emu_count("cuBLAS products");
     {
         std::lock_guard<std::mutex> g(mu);
         auto span = [](std::int64_t cols, std::int64_t ld, std::int64_t rows) { return (std::size_t)(((cols - 1) * ld + rows) * 4); };
@@ -482,6 +485,28 @@ int cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alph
             float& out = c[(std::size_t)j * ldc + i];
             out = *alpha * acc + (*beta == 0.0f ? 0.0f : *beta * out);
         }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda, const float* b, int ldb,
+                   const float* beta, float* c, int ldc) {
+    emu_count("cuBLAS products");
+    return sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// batch products, product i's operands at i times the strides (elements) from a, b and c; each
+// checked against the allocations as one sgemm.
+int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda, long long stride_a,
+                              const float* b, int ldb, long long stride_b, const float* beta, float* c, int ldc, long long stride_c, int batch) {
+    const int CUBLAS_STATUS_INVALID_VALUE = 7;
+    if (batch < 0 || stride_a < 0 || stride_b < 0 || stride_c < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    emu_count("cuBLAS products");
+    for (long long i = 0; i < batch; ++i)
+        if (int e = sgemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc)) return e;
     return 0;
 }
 

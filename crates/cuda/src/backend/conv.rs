@@ -1,18 +1,18 @@
 //! Convolution on the GPU: through cuDNN where it can (`dnn.rs`; padding that differs between
 //! the sides of an axis added to the image first, as cuDNN pads both sides alike), else the
-//! image lowered to columns [C*R*S, N*P*Q] by a kernel, one cuBLAS product per group, and the
+//! image lowered to columns [C*R*S, N*P*Q] by a kernel, a cuBLAS product per group (one call), and the
 //! adjoint (columns gathered back into an image) for the input gradient and for transposed
 //! convolution. Each pass chooses on its own, so a pass cuDNN refuses still has the other two on
 //! cuDNN.
 
 use std::borrow::Cow;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use stride_kernels::conv::{Conv2dOptions, ConvGeom};
 use stride_tensor::{Result, Tensor};
 
 use super::dnn::{DnnShape, Pass};
-use super::{check_bias, grid, int, Args14, CudaBackend, Mm};
+use super::{check_bias, grid, int, Args14, Batch, CudaBackend, Mm};
 
 /// How cuDNN runs a convolution: its form, the geometry that form describes and, when the
 /// large side is padded first, the rows and columns added before and after.
@@ -132,16 +132,13 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// The convolution's product per group: out[K, NPQ] = W[K, CgRS] x cols[C*R*S, NPQ].
+    /// The convolution's product per group, in one call: out[K, NPQ] = W[K, CgRS] x cols[C*R*S,
+    /// NPQ], group g's rows of W and out and its rows of cols.
     fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut out = self.product_out(g.k * npq, crs)?;
-        for gi in 0..g.groups {
-            let wv: CudaView<f32> = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
-            let cv: CudaView<f32> = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
-            let mut ov: CudaViewMut<f32> = out.slice_mut(gi * kg * npq..(gi + 1) * kg * npq);
-            self.gemm(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, &wv, &cv, &mut ov)?;
-        }
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: crs * npq, stride_c: kg * npq };
+        self.gemm_batched(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, w, cols, &mut out)?;
         Ok(out)
     }
 
@@ -149,12 +146,8 @@ impl CudaBackend {
     fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut cols = self.product_out(g.c * g.r * g.s * npq, kg)?;
-        for gi in 0..g.groups {
-            let wv = w.slice(gi * kg * crs..(gi + 1) * kg * crs);
-            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
-            let mut cv = cols.slice_mut(gi * crs * npq..(gi + 1) * crs * npq);
-            self.gemm(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, &wv, &tv, &mut cv)?;
-        }
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: kg * npq, stride_c: crs * npq };
+        self.gemm_batched(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, batch, w, t, &mut cols)?;
         Ok(cols)
     }
 
@@ -162,12 +155,8 @@ impl CudaBackend {
     fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut dw = self.product_out(g.k * crs, npq)?;
-        for gi in 0..g.groups {
-            let tv = t.slice(gi * kg * npq..(gi + 1) * kg * npq);
-            let cv = cols.slice(gi * crs * npq..(gi + 1) * crs * npq);
-            let mut dv = dw.slice_mut(gi * kg * crs..(gi + 1) * kg * crs);
-            self.gemm(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, &tv, &cv, &mut dv)?;
-        }
+        let batch = Batch { count: g.groups, stride_a: kg * npq, stride_b: crs * npq, stride_c: kg * crs };
+        self.gemm_batched(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, batch, t, cols, &mut dw)?;
         Ok(dw)
     }
 

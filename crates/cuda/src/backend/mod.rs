@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t as Op;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use stride_autograd::device::{Backend, Forward, Prim};
 use stride_autograd::{Unary, Update};
@@ -186,6 +186,19 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
     }
 }
 
+/// How many products one cuBLAS call makes, and the strides (elements) between their operands.
+#[derive(Clone, Copy)]
+struct Batch {
+    count: usize,
+    stride_a: usize,
+    stride_b: usize,
+    stride_c: usize,
+}
+
+impl Batch {
+    const ONE: Batch = Batch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
+}
+
 /// Fourteen ints passed by value: the `Conv` and `Pool` structs of kernels.cu, field for field.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -354,8 +367,14 @@ impl CudaBackend {
     }
 
     fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(&self, mm: Mm, a: &A, b: &B, c: &mut C) -> Result<()> {
+        self.gemm_batched(mm, Batch::ONE, a, b, c)
+    }
+
+    /// `batch.count` products of `mm`'s shape in one cuBLAS call, the operands of product i at
+    /// i times their strides (in elements) from the starts of `a`, `b` and `c`.
+    fn gemm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(&self, mm: Mm, batch: Batch, a: &A, b: &B, c: &mut C) -> Result<()> {
         let Mm { m, n, k, ta, tb, beta } = mm;
-        if m == 0 || n == 0 {
+        if m == 0 || n == 0 || batch.count == 0 {
             return Ok(());
         }
         let i = |v: usize| int("matmul", v);
@@ -372,9 +391,23 @@ impl CudaBackend {
             beta,
             ldc: i(n)?,
         };
-        // SAFETY: the buffers hold at least m*k, k*n and m*n elements (checked by the callers'
-        // shapes), and they are distinct allocations or disjoint views.
-        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| err("cuBLAS sgemm", e))
+        if batch.count == 1 {
+            // SAFETY: the buffers hold at least m*k, k*n and m*n elements (checked by the
+            // callers' shapes), and they are distinct allocations or disjoint views.
+            return unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| err("cuBLAS sgemm", e));
+        }
+        let stride = |v: usize| i64::try_from(v).map_err(|_| Error::arg("matmul", format!("a stride of {v} elements")));
+        let cfg = StridedBatchedConfig {
+            gemm: cfg,
+            batch_size: int("matmul", batch.count)?,
+            // The operands swapped, as above.
+            stride_a: stride(batch.stride_b)?,
+            stride_b: stride(batch.stride_a)?,
+            stride_c: stride(batch.stride_c)?,
+        };
+        // SAFETY: as above for every product: the callers' shapes give buffers of at least
+        // (count - 1) * stride + one product's operand, and the products' outputs do not overlap.
+        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }.map_err(|e| err("cuBLAS sgemm (strided batched)", e))
     }
 
     // ---- element-wise ----
