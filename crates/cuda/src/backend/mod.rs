@@ -109,7 +109,7 @@ enum Saved {
         mean: CudaSlice<f32>,
         invstd: CudaSlice<f32>,
     },
-    /// Evaluation-mode batch norm on cuDNN: the running statistics it normalised with.
+    /// Evaluation-mode batch norm (kernels or cuDNN): the running statistics it normalised with.
     Running {
         mean: Tensor<f32>,
         var: Tensor<f32>,
