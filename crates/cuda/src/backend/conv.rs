@@ -1,9 +1,9 @@
 //! Convolution on the GPU: through cuDNN where it can (`dnn.rs`; padding that differs between
 //! the sides of an axis added to the image first, as cuDNN pads both sides alike), else the
-//! image lowered to columns [C*R*S, N*P*Q] by a kernel, a cuBLAS product per group (one call), and the
-//! adjoint (columns gathered back into an image) for the input gradient and for transposed
-//! convolution. Each pass chooses on its own, so a pass cuDNN refuses still has the other two on
-//! cuDNN.
+//! image lowered to columns [C*R*S, N*P*Q] by a kernel and multiplied by cuBLAS (one call: a
+//! product per image written straight into NCHW, or per group), and the adjoint (columns
+//! gathered back into an image) for the input gradient and for transposed convolution. Each
+//! pass chooses on its own, so a pass cuDNN refuses still has the other two on cuDNN.
 
 use std::borrow::Cow;
 
@@ -137,7 +137,7 @@ impl CudaBackend {
     fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut out = self.product_out(g.k * npq, crs)?;
-        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: crs * npq, stride_c: kg * npq };
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: crs * npq, stride_c: kg * npq, ld_b: None };
         self.gemm_batched(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, w, cols, &mut out)?;
         Ok(out)
     }
@@ -146,7 +146,7 @@ impl CudaBackend {
     fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut cols = self.product_out(g.c * g.r * g.s * npq, kg)?;
-        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: kg * npq, stride_c: crs * npq };
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: kg * npq, stride_c: crs * npq, ld_b: None };
         self.gemm_batched(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, batch, w, t, &mut cols)?;
         Ok(cols)
     }
@@ -155,7 +155,7 @@ impl CudaBackend {
     fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut dw = self.product_out(g.k * crs, npq)?;
-        let batch = Batch { count: g.groups, stride_a: kg * npq, stride_b: crs * npq, stride_c: kg * crs };
+        let batch = Batch { count: g.groups, stride_a: kg * npq, stride_b: crs * npq, stride_c: kg * crs, ld_b: None };
         self.gemm_batched(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, batch, t, cols, &mut dw)?;
         Ok(dw)
     }
@@ -180,6 +180,18 @@ impl CudaBackend {
             }
         }
         let cols = self.im2col(&g, self.slice(&x[0])?)?;
+        if g.groups == 1 {
+            // One product per image, written straight into NCHW: y_n [K, PQ] = W [K, CRS] x the
+            // image's PQ columns of cols (whose rows are N*P*Q apart).
+            let (pq, crs) = (g.p * g.q, g.c * g.r * g.s);
+            let mut y = self.product_out(total, crs)?;
+            let batch = Batch { count: g.n, stride_a: 0, stride_b: pq, stride_c: g.k * pq, ld_b: Some(g.n * pq) };
+            self.gemm_batched(Mm { m: g.k, n: pq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, self.slice(&x[1])?, &cols, &mut y)?;
+            if let Some(b) = x.get(2) {
+                self.add_bias("conv2d", &mut y, b, g.k, pq, total)?;
+            }
+            return self.wrap(y, &g.small_shape());
+        }
         let t = self.conv_product(&g, self.slice(&x[1])?, &cols)?;
         let bias = x.get(2).map(|b| self.slice(b)).transpose()?;
         let y = self.knl_to_nkl(&t, bias, g.n, g.k, g.p * g.q)?;

@@ -186,17 +186,19 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
     }
 }
 
-/// How many products one cuBLAS call makes, and the strides (elements) between their operands.
+/// How many products one cuBLAS call makes, the strides (elements) between their operands, and
+/// the distance between b's rows when they are not packed (a block of columns of a wider matrix).
 #[derive(Clone, Copy)]
 struct Batch {
     count: usize,
     stride_a: usize,
     stride_b: usize,
     stride_c: usize,
+    ld_b: Option<usize>,
 }
 
 impl Batch {
-    const ONE: Batch = Batch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
+    const ONE: Batch = Batch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0, ld_b: None };
 }
 
 /// Fourteen ints passed by value: the `Conv` and `Pool` structs of kernels.cu, field for field.
@@ -386,7 +388,7 @@ impl CudaBackend {
             n: i(m)?,
             k: i(k)?,
             alpha: 1.0,
-            lda: i(if tb { k } else { n })?.max(1),
+            lda: i(batch.ld_b.unwrap_or(if tb { k } else { n }))?.max(1),
             ldb: i(if ta { m } else { k })?.max(1),
             beta,
             ldc: i(n)?,
