@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use stride_tensor::{Elem, Error, ErrorKind, Result, Tensor};
+use stride_tensor::{Device, Elem, Error, ErrorKind, Result, Tensor};
 
 use crate::device::{accumulate, ToDevice};
 use crate::var::{Node, Var};
@@ -24,7 +24,10 @@ impl<T: Elem> Var<T> {
         if v.numel() != 1 {
             return Err(Error::new(ErrorKind::Autograd, op, format!("needs a scalar (one element) to start from, got shape {:?}", v.shape())));
         }
-        Tensor::ones(v.shape())?.to(v.device())
+        match v.device() {
+            Device::Cpu => Tensor::ones(v.shape()),
+            device => crate::device::backend::<T>(device)?.full(v.shape(), T::c(1.0)),
+        }
     }
 
     /// Back-propagates a given output gradient (same shape as the value).

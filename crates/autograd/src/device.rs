@@ -105,6 +105,13 @@ pub trait Backend<T: Elem>: Send + Sync {
     /// Gradients for each input of `forward` (None where the input gets none), given the output
     /// gradient `g`, the inputs `x`, the output `y` and what `forward` saved.
     fn backward(&self, prim: &Prim, saved: &dyn Any, g: &Tensor<T>, x: &[Tensor<T>], y: &Tensor<T>) -> Result<Vec<Option<Tensor<T>>>>;
+    /// A tensor of `shape` with every element `value`, made where it lives (by default
+    /// uploaded from the host; a GPU backend fills it there, so a training step's seed
+    /// gradient is no copy from the host).
+    fn full(&self, shape: &[usize], value: T) -> Result<Tensor<T>> {
+        let host = Tensor::full(shape, value)?;
+        Tensor::from_device(self.upload(host.data())?, shape)
+    }
     /// Waits until the work queued so far is done (for timing; reading a value back waits too).
     fn synchronize(&self) -> Result<()> {
         Ok(())

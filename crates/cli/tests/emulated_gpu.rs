@@ -167,10 +167,14 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let _ = std::fs::remove_dir_all(&dir);
     common::shapes(&dir.join("data"));
     let data = dir.join("data");
-    let run = |device: &str, cudnn: Option<&str>| {
-        let out_dir = dir.join(format!("{device}-{}", cudnn.unwrap_or("columns")));
-        let args = ["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
-        let out = on_emulator(&lib, &[&args[..], &["--device", device, "--out", out_dir.to_str().unwrap()]].concat(), cudnn)?;
+    // `optimizer`: SGD moves by the gradient's size (AdamW, the model's default, would hardly
+    // see every gradient scaled, by a wrong seed for instance).
+    let run = |device: &str, cudnn: Option<&str>, optimizer: Option<&str>| {
+        let out_dir = dir.join(format!("{device}-{}-{}", cudnn.unwrap_or("columns"), optimizer.unwrap_or("default")));
+        let mut args = vec!["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
+        args.extend(["--device", device, "--out", out_dir.to_str().unwrap()]);
+        args.extend(optimizer.map(|o| ["--optimizer", o]).into_iter().flatten());
+        let out = on_emulator(&lib, &args, cudnn)?;
         assert!(out.status.success(), "training on {device}: {}", text(&out));
         if device == "cuda" {
             // On the route asked for (cuDNN that does not start falls back to columns).
@@ -179,22 +183,26 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
         }
         Some(metrics(&out_dir))
     };
-    let Some(cpu) = run("cpu", None) else { return };
-    assert_eq!(cpu.len(), 2);
     // Same seed, same batches: the epochs' losses and accuracies agree but for rounding, with
     // convolutions through columns and on cuDNN (batch norm too; its running statistics are
     // what the test loss is computed with).
-    for cudnn in [None, Some("fp32")] {
-        let Some(gpu) = run("cuda", cudnn) else { return };
+    for (cudnn, optimizer) in [(None, Some("sgd")), (Some("fp32"), None)] {
+        let Some(cpu) = run("cpu", None, optimizer) else { return };
+        assert_eq!(cpu.len(), 2);
+        let Some(gpu) = run("cuda", cudnn, optimizer) else { return };
         for (c, g) in cpu.iter().zip(&gpu) {
             for (i, (a, b)) in c.iter().zip(g).enumerate().skip(1) {
-                assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{cudnn:?}: column {i} of epoch {}: cpu {a}, cuda {b} ({cpu:?} / {gpu:?})", c[0]);
+                assert!(
+                    (a - b).abs() <= 1e-3 * a.abs().max(1.0),
+                    "{cudnn:?}, {optimizer:?}: column {i} of epoch {}: cpu {a}, cuda {b} ({cpu:?} / {gpu:?})",
+                    c[0]
+                );
             }
         }
     }
     // The CPU-trained model predicts the same on the emulated GPU (evaluation mode: batch norm's
     // running statistics, softmax), to the four decimals printed.
-    let weights = dir.join("cpu-columns/model.safetensors");
+    let weights = dir.join("cpu-columns-default/model.safetensors");
     let images = [data.join("square/05.png"), data.join("circle/07.png")];
     let predict = |device: &str| {
         let mut args = vec!["predict", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--device", device];
@@ -245,4 +253,37 @@ fn every_gpu_the_driver_sees_is_checked() {
     let Some(out) = on_emulator_with(&lib, &["devices"], None, &[("FAKE_CUDA_DEVICES", "0")]) else { return };
     let log = text(&out);
     assert!(out.status.success() && log.contains("cpu: ") && !log.contains("cuda:0"), "no GPU listed: {log}");
+}
+
+/// What `FAKE_CUDA_COUNT` printed for `what`: a kind of work on its first line ("copies to the
+/// device") or a kernel's launches on the lines after; 0 when it printed none.
+fn counted(log: &str, what: &str) -> u64 {
+    let mut lines = log.lines().filter_map(|l| l.strip_prefix("fake CUDA: "));
+    let totals = lines.next().unwrap_or_else(|| panic!("no counts printed: {log}"));
+    totals
+        .split(", ")
+        .chain(lines.map(str::trim_start))
+        .filter_map(|part| part.split_once(' '))
+        .find(|(_, name)| *name == what)
+        .map_or(0, |(n, _)| n.parse().unwrap())
+}
+
+#[test]
+fn a_training_step_uploads_only_its_labels() {
+    let Some(lib) = emulator() else { return };
+    // The work is checked and counted but not done (FAKE_CUDA_HOST_ONLY): only the counts
+    // matter here. `--reps` 50 and 100 run 55 and 105 training steps and as many inference
+    // passes of the tutorial CNN, whose bias adds broadcast and whose bias gradients reduce
+    // (both kernels take shape tables); the 50 more steps may upload only their 50 label
+    // vectors.
+    let mut copies = Vec::new();
+    for reps in ["50", "100"] {
+        let env = [("FAKE_CUDA_COUNT", "1"), ("FAKE_CUDA_HOST_ONLY", "1")];
+        let Some(out) = on_emulator_with(&lib, &["bench", "--device", "cuda", "--bench", "lenet", "--reps", reps], None, &env) else { return };
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(counted(&log, "binary_bcast") >= 100 && counted(&log, "reduce_sum") >= 100, "{log}");
+        copies.push(counted(&log, "copies to the device"));
+    }
+    assert_eq!(copies[1] - copies[0], 50, "copies to the device with 55 and 105 steps: {copies:?}");
 }

@@ -30,8 +30,8 @@ impl CudaBackend {
         let n = shape::numel("gather", out)?;
         let mut y = self.zeros(n)?;
         if n > 0 {
-            let m = self.upload_i64(&meta(out, strides, offset))?;
-            launch!(self, "gather_strided", grid(n), self.slice(x)?, &mut y, &(n as i64), &m);
+            let m = self.table(meta(out, strides, offset))?;
+            launch!(self, "gather_strided", grid(n), self.slice(x)?, &mut y, &(n as i64), &*m);
         }
         self.wrap(y, out)
     }
@@ -40,18 +40,19 @@ impl CudaBackend {
     fn scatter(&self, x: &Tensor<f32>, y: &mut CudaSlice<f32>, strides: &[usize], offset: usize) -> Result<()> {
         let n = x.numel();
         if n > 0 {
-            let m = self.upload_i64(&meta(x.shape(), strides, offset))?;
-            launch!(self, "scatter_strided", grid(n), self.slice(x)?, y, &(n as i64), &m);
+            let m = self.table(meta(x.shape(), strides, offset))?;
+            launch!(self, "scatter_strided", grid(n), self.slice(x)?, y, &(n as i64), &*m);
         }
         Ok(())
     }
 
-    /// A buffer of `n` copies of `v`.
-    fn filled(&self, n: usize, v: f32) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(n)?;
-        if n > 0 && v != 0.0 {
-            launch!(self, "fill", grid(n), &mut y, &v, &(n as i64));
+    /// A buffer of `n` copies of `v`: cleared, or written whole by one `fill` launch.
+    pub(super) fn filled(&self, n: usize, v: f32) -> Result<CudaSlice<f32>> {
+        if n == 0 || v == 0.0 {
+            return self.zeros(n);
         }
+        let mut y = self.fresh(n)?;
+        launch!(self, "fill", grid(n), &mut y, &v, &(n as i64));
         Ok(y)
     }
 

@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
@@ -129,7 +129,15 @@ pub struct CudaBackend {
     /// asked for, or not found).
     dnn: Option<Dnn>,
     profile: Option<Profile>,
+    /// The strided kernels' shape tables on the device, by content: a training step asks for
+    /// the same few at every step, so each is uploaded once rather than at every call (which
+    /// was an allocation and a copy from pageable memory in the stream each time). Emptied
+    /// when it holds [`TABLES`] of them.
+    tables: Mutex<HashMap<Vec<i64>, Arc<CudaSlice<i64>>>>,
 }
+
+/// How many shape tables the device keeps (each a few hundred bytes).
+const TABLES: usize = 512;
 
 const THREADS: u32 = 256;
 
@@ -292,7 +300,7 @@ impl CudaBackend {
             gpu.compute_capability.1,
             dnn.as_ref().map_or(columns, |d| format!("{} (and batch norm, max and average pooling), columns where cuDNN cannot", d.describe()))
         );
-        Ok(CudaBackend { ordinal, options, about, stream, blas, functions, dnn, profile: Profile::from_env() })
+        Ok(CudaBackend { ordinal, options, about, stream, blas, functions, dnn, profile: Profile::from_env(), tables: Mutex::default() })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -364,8 +372,20 @@ impl CudaBackend {
         unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| alloc_err("allocating", n * 4, e))
     }
 
-    fn upload_i64(&self, v: &[i64]) -> Result<CudaSlice<i64>> {
-        self.stream.clone_htod(v).map_err(|e| alloc_err("copying to the device", v.len() * 8, e))
+    /// The shape table `v` on the device (read-only for the kernels that take it): uploaded
+    /// the first time it is asked for, then kept (see `tables`).
+    fn table(&self, v: Vec<i64>) -> Result<Arc<CudaSlice<i64>>> {
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.get(&v) {
+            return Ok(t.clone());
+        }
+        if tables.len() >= TABLES {
+            // Freed in stream order: kernels queued with them still read them first.
+            tables.clear();
+        }
+        let t = Arc::new(self.stream.clone_htod(&v).map_err(|e| alloc_err("copying to the device", v.len() * 8, e))?);
+        tables.insert(v, t.clone());
+        Ok(t)
     }
 
     fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(&self, mm: Mm, a: &A, b: &B, c: &mut C) -> Result<()> {
@@ -428,8 +448,8 @@ impl CudaBackend {
                 meta.extend(out.iter().map(|&d| d as i64));
                 meta.extend(shape::broadcast_strides(a.shape(), &out).iter().map(|&d| d as i64));
                 meta.extend(shape::broadcast_strides(b.shape(), &out).iter().map(|&d| d as i64));
-                let meta = self.upload_i64(&meta)?;
-                launch!(self, "binary_bcast", grid(n), &op, sa, sb, &mut y, &(n as i64), &meta);
+                let meta = self.table(meta)?;
+                launch!(self, "binary_bcast", grid(n), &op, sa, sb, &mut y, &(n as i64), &*meta);
             }
         }
         self.wrap(y, &out)
@@ -452,8 +472,8 @@ impl CudaBackend {
             let mut meta = vec![to.len() as i64];
             meta.extend(to.iter().map(|&d| d as i64));
             meta.extend(shape::broadcast_strides(x.shape(), to).iter().map(|&d| d as i64));
-            let meta = self.upload_i64(&meta)?;
-            launch!(self, "bcast_copy", grid(n), self.slice(x)?, &mut y, &(n as i64), &meta);
+            let meta = self.table(meta)?;
+            launch!(self, "bcast_copy", grid(n), self.slice(x)?, &mut y, &(n as i64), &*meta);
         }
         self.wrap(y, to)
     }
@@ -479,8 +499,8 @@ impl CudaBackend {
             meta.push(red.0.len() as i64);
             meta.extend(&red.0);
             meta.extend(&red.1);
-            let meta = self.upload_i64(&meta)?;
-            launch!(self, "reduce_sum", per_block(n_out), self.slice(x)?, &mut y, &(n_out as i64), &(n_red as i64), &meta);
+            let meta = self.table(meta)?;
+            launch!(self, "reduce_sum", per_block(n_out), self.slice(x)?, &mut y, &(n_out as i64), &(n_red as i64), &*meta);
         }
         self.wrap(y, out)
     }
@@ -620,6 +640,11 @@ impl Backend<f32> for CudaBackend {
             self.stream.clone_htod(host).map_err(|e| alloc_err("copying to the device", host.len() * 4, e))?
         };
         Ok(Arc::new(CudaBuf { ordinal: self.ordinal, data, len: host.len(), stream: self.stream.clone() }))
+    }
+
+    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor<f32>> {
+        let n = shape::numel("full", shape)?;
+        self.wrap(self.filled(n, value)?, shape)
     }
 
     fn update(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
