@@ -443,8 +443,19 @@ __device__ void block_sum2(double* s1, double* s2, double a, double b) {
     }
 }
 
-// Per channel (one block each): mean and biased variance, in double.
-extern "C" __global__ void bn_stats(const float* x, float* mean, float* var, int N, int C, i64 L) {
+// The running statistics' new values from a batch's mean and biased variance over m values
+// (the variance moved by its unbiased form, as PyTorch does).
+__device__ __forceinline__ void bn_move(int c, float mean, float var, float momentum, float m, const float* rm, const float* rv, float* rm_out,
+                                        float* rv_out) {
+    float unbiased = var * m / (m - 1.0f);
+    rm_out[c] = (1.0f - momentum) * rm[c] + momentum * mean;
+    rv_out[c] = (1.0f - momentum) * rv[c] + momentum * unbiased;
+}
+
+// Training's statistics, per channel (one block each): the mean and biased variance in double,
+// then the mean, 1/sqrt(var + eps) and the running statistics' new values.
+extern "C" __global__ void bn_stats(const float* x, float* mean, float* invstd, int N, int C, i64 L, float eps, float momentum,
+                                    const float* rm, const float* rv, float* rm_out, float* rv_out) {
     __shared__ double s1[256], s2[256];
     for (int c = blockIdx.x; c < C; c += gridDim.x) {
         double a = 0.0, b = 0.0;
@@ -459,25 +470,29 @@ extern "C" __global__ void bn_stats(const float* x, float* mean, float* var, int
         if (threadIdx.x == 0) {
             double mu = s1[0] / (double)m;
             double v = s2[0] / (double)m - mu * mu;
+            float var = (float)(v > 0.0 ? v : 0.0);
             mean[c] = (float)mu;
-            var[c] = (float)(v > 0.0 ? v : 0.0);
+            invstd[c] = 1.0f / sqrtf(var + eps);
+            bn_move(c, (float)mu, var, momentum, (float)m, rm, rv, rm_out, rv_out);
         }
         __syncthreads();
     }
 }
 
-// invstd = 1/sqrt(var + eps); with momentum >= 0 also the running statistics' new values
-// (unbiased variance over m values).
-extern "C" __global__ void bn_finish(const float* mean, const float* var, float* invstd, float eps, int C, float momentum, float m,
-                                     const float* rm, const float* rv, float* rm_out, float* rv_out) {
+// The running statistics' new values after cuDNN's training forward pass, from the mean and
+// 1/sqrt(var + eps) it saved (the variance recovered in double).
+extern "C" __global__ void bn_running(const float* mean, const float* invstd, float eps, int C, float momentum, float m, const float* rm,
+                                      const float* rv, float* rm_out, float* rv_out) {
     GRID_LOOP(c, C) {
-        invstd[c] = 1.0f / sqrtf(var[c] + eps);
-        if (momentum >= 0.0f) {
-            float unbiased = var[c] * m / (m - 1.0f);
-            rm_out[c] = (1.0f - momentum) * rm[c] + momentum * mean[c];
-            rv_out[c] = (1.0f - momentum) * rv[c] + momentum * unbiased;
-        }
+        double s = (double)invstd[c];
+        double v = 1.0 / (s * s) - (double)eps;
+        bn_move(c, mean[c], (float)(v > 0.0 ? v : 0.0), momentum, m, rm, rv, rm_out, rv_out);
     }
+}
+
+// invstd = 1/sqrt(var + eps), from the running variance (evaluation mode's backward pass).
+extern "C" __global__ void bn_invstd(const float* var, float* invstd, float eps, int C) {
+    GRID_LOOP(c, C) { invstd[c] = 1.0f / sqrtf(var[c] + eps); }
 }
 
 extern "C" __global__ void bn_normalize(const float* x, const float* mean, const float* invstd, const float* gamma, const float* beta,

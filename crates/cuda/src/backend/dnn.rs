@@ -4,8 +4,8 @@
 //! geometry ([`DnnShape::of`]; `conv.rs` pads the image first where only the padding differs);
 //! anything else goes through the columns of `conv.rs`, as does every convolution when cuDNN is
 //! off. Batch norm: cuDNN's spatial mode forward and
-//! backward in training (the running statistics moved as PyTorch moves them), and its forward
-//! in evaluation mode. Max and average pooling: `dnn/pool.rs`.
+//! backward in training (the running statistics then moved as PyTorch moves them by a kernel
+//! of `norm.rs`, into new tensors), and its forward in evaluation mode. Max and average pooling: `dnn/pool.rs`.
 //!
 //! [`Cudnn::Fp32`] (`stride --cudnn fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels,
 //! so results stay within the CPU's 1e-4); [`Cudnn::Tf32`] lets it use tensor cores in TF32, as
@@ -171,15 +171,13 @@ impl NormDescs {
     }
 }
 
-/// Training-mode batch norm's buffers: what it reads, and what it writes (the output, the running
-/// statistics moved in place, the batch's mean and 1/sqrt(var + eps) for the backward pass).
+/// Training-mode batch norm's buffers: what it reads, and what it writes (the output, the
+/// batch's mean and 1/sqrt(var + eps) for the backward pass and the running statistics).
 pub(crate) struct NormForward<'a> {
     pub x: &'a CudaSlice<f32>,
     pub gamma: &'a CudaSlice<f32>,
     pub beta: &'a CudaSlice<f32>,
     pub y: &'a mut CudaSlice<f32>,
-    pub running_mean: &'a mut CudaSlice<f32>,
-    pub running_var: &'a mut CudaSlice<f32>,
     pub mean: &'a mut CudaSlice<f32>,
     pub invstd: &'a mut CudaSlice<f32>,
 }
@@ -512,16 +510,14 @@ impl Dnn {
         }
     }
 
-    /// Training-mode batch norm of `shape` (from [`norm_shape`]): cuDNN's spatial mode, the
-    /// running statistics moved by `momentum` as PyTorch moves them (the unbiased variance).
-    pub(crate) fn norm_forward(&self, shape: [c_int; 4], eps: f64, momentum: f64, b: NormForward<'_>) -> Result<()> {
+    /// Training-mode batch norm of `shape` (from [`norm_shape`]): cuDNN's spatial mode, leaving
+    /// the running statistics to the caller.
+    pub(crate) fn norm_forward(&self, shape: [c_int; 4], eps: f64, b: NormForward<'_>) -> Result<()> {
         self.with_norm(shape, |handle, d, stream| {
             let (x, _g1) = b.x.device_ptr(stream);
             let (gamma, _g2) = b.gamma.device_ptr(stream);
             let (beta, _g3) = b.beta.device_ptr(stream);
             let (y, _g4) = b.y.device_ptr_mut(stream);
-            let (rm, _g5) = b.running_mean.device_ptr_mut(stream);
-            let (rv, _g6) = b.running_var.device_ptr_mut(stream);
             let (mean, _g7) = b.mean.device_ptr_mut(stream);
             let (invstd, _g8) = b.invstd.device_ptr_mut(stream);
             let (one, zero) = (1.0f32, 0.0f32);
@@ -540,9 +536,10 @@ impl Dnn {
                     d.per_channel,
                     gamma as *const c_void,
                     beta as *const c_void,
-                    momentum,
-                    rm as *mut c_void,
-                    rv as *mut c_void,
+                    // No running statistics here: the caller moves them (`bn_running`).
+                    0.0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
                     eps,
                     mean as *mut c_void,
                     invstd as *mut c_void,

@@ -7,7 +7,7 @@ use stride_autograd::BatchNormOptions;
 use stride_tensor::{Result, Tensor};
 
 use super::dnn::{self, NormBackward, NormForward, NormInference};
-use super::{alloc_err, grid, int, per_block, CudaBackend, Saved};
+use super::{grid, int, per_block, CudaBackend, Saved};
 
 impl CudaBackend {
     pub(super) fn batch_norm(&self, x: &[Tensor<f32>], training: bool, opts: &BatchNormOptions) -> Result<Forward<f32>> {
@@ -28,23 +28,17 @@ impl CudaBackend {
         if training && n * l <= 1 {
             stride_tensor::bail!(shape, OP, "training needs more than one value per channel, got input {s:?}");
         }
+        let (mom, m) = (opts.momentum as f32, (n * l) as f32);
         if let (true, Some(dnn), Some(shape)) = (training && opts.eps > 0.0, &self.dnn, dnn::norm_shape(s)) {
-            let copy = |t: &Tensor<f32>| self.stream.clone_dtod(self.slice(t)?).map_err(|e| alloc_err("copying", t.numel() * 4, e));
-            let (mut running_mean, mut running_var) = (copy(&x[3])?, copy(&x[4])?);
             let (mut y, mut mean, mut invstd) = (self.fresh(x[0].numel())?, self.fresh(c)?, self.fresh(c)?);
             let (x0, gamma, beta) = (self.slice(&x[0])?, self.slice(&x[1])?, self.slice(&x[2])?);
-            let buffers = NormForward {
-                x: x0,
-                gamma,
-                beta,
-                y: &mut y,
-                running_mean: &mut running_mean,
-                running_var: &mut running_var,
-                mean: &mut mean,
-                invstd: &mut invstd,
-            };
-            dnn.norm_forward(shape, opts.eps, opts.momentum, buffers)?;
-            let state = vec![self.wrap(running_mean, &[c])?, self.wrap(running_var, &[c])?];
+            dnn.norm_forward(shape, opts.eps, NormForward { x: x0, gamma, beta, y: &mut y, mean: &mut mean, invstd: &mut invstd })?;
+            // The running statistics are tensors of their own (cuDNN would move them in place):
+            // new ones, from what cuDNN saved.
+            let (mut rm, mut rv) = (self.fresh(c)?, self.fresh(c)?);
+            let (eps, ci) = (opts.eps as f32, int(OP, c)?);
+            launch!(self, "bn_running", grid(c), &mean, &invstd, &eps, &ci, &mom, &m, self.slice(&x[3])?, self.slice(&x[4])?, &mut rm, &mut rv);
+            let state = vec![self.wrap(rm, &[c])?, self.wrap(rv, &[c])?];
             return Ok(Forward { y: self.wrap(y, s)?, state, saved: Box::new(Saved::Stats { mean, invstd }) });
         }
         let ci = int(OP, c)?;
@@ -81,22 +75,20 @@ impl CudaBackend {
             let saved = Saved::Running { mean: x[3].clone(), var: x[4].clone() };
             return Ok(Forward { y: self.wrap(y, s)?, state: Vec::new(), saved: Box::new(saved) });
         }
-        // bn_stats writes the mean and variance of every channel, bn_finish the rest.
-        let (mut mean, mut var, mut invstd) = (self.fresh(c)?, self.fresh(c)?, self.fresh(c)?);
-        launch!(self, "bn_stats", per_block(c), self.slice(&x[0])?, &mut mean, &mut var, &int(OP, n)?, &ci, &(l as i64));
-        let (mut rm, mut rv) = (self.fresh(c)?, self.fresh(c)?);
-        let (mom, m) = (opts.momentum as f32, (n * l) as f32);
+        // Per channel: the mean, 1/sqrt(var + eps) and the running statistics' new values.
+        let (mut mean, mut invstd, mut rm, mut rv) = (self.fresh(c)?, self.fresh(c)?, self.fresh(c)?, self.fresh(c)?);
         launch!(
             self,
-            "bn_finish",
-            grid(c),
-            &mean,
-            &var,
+            "bn_stats",
+            per_block(c),
+            self.slice(&x[0])?,
+            &mut mean,
             &mut invstd,
-            &(opts.eps as f32),
+            &int(OP, n)?,
             &ci,
+            &(l as i64),
+            &(opts.eps as f32),
             &mom,
-            &m,
             self.slice(&x[3])?,
             self.slice(&x[4])?,
             &mut rm,
@@ -136,24 +128,7 @@ impl CudaBackend {
         let c = running_var.numel();
         let (mean, rv) = (self.slice(running_mean)?, self.slice(running_var)?);
         let mut invstd = self.fresh(c)?;
-        // With a negative momentum bn_finish only writes invstd: the last two are never touched.
-        let (mut unused_m, mut unused_v) = (self.fresh(1)?, self.fresh(1)?);
-        launch!(
-            self,
-            "bn_finish",
-            grid(c),
-            mean,
-            rv,
-            &mut invstd,
-            &(opts.eps as f32),
-            &int("batch_norm", c)?,
-            &(-1.0f32),
-            &0.0f32,
-            rv,
-            rv,
-            &mut unused_m,
-            &mut unused_v
-        );
+        launch!(self, "bn_invstd", grid(c), rv, &mut invstd, &(opts.eps as f32), &int("batch_norm", c)?);
         self.batch_norm_backward(false, opts, mean, &invstd, g, x)
     }
 
