@@ -28,7 +28,8 @@ impl CudaBackend {
     /// A new tensor of `out` whose element i is `x[offset + sum_d i_d * strides[d]]`.
     fn gather(&self, x: &Tensor<f32>, out: &[usize], strides: &[usize], offset: usize) -> Result<Tensor<f32>> {
         let n = shape::numel("gather", out)?;
-        let mut y = self.zeros(n)?;
+        // gather_strided writes every element.
+        let mut y = self.fresh(n)?;
         if n > 0 {
             let m = self.table(meta(out, strides, offset))?;
             launch!(self, "gather_strided", grid(n), self.slice(x)?, &mut y, &(n as i64), &*m);
@@ -141,7 +142,8 @@ impl CudaBackend {
         let mut out = first.shape().to_vec();
         out[axis] = parts.iter().map(|p| p.shape()[axis]).sum();
         let st = shape::strides(&out);
-        let mut y = self.zeros(shape::numel("concat", &out)?)?;
+        // The parts' scatters write every element between them.
+        let mut y = self.fresh(shape::numel("concat", &out)?)?;
         let mut start = 0;
         for p in parts {
             self.scatter(p, &mut y, &st, start * st[axis])?;
@@ -177,7 +179,7 @@ impl CudaBackend {
         let [n, c, h, w] = Self::upsample_dims(x.shape(), scale)?;
         let out = [n, c, h * scale.0, w * scale.1];
         let total = shape::numel("upsample_nearest2d", &out)?;
-        let mut y = self.zeros(total)?;
+        let mut y = self.fresh(total)?;
         if total > 0 {
             let (hi, wi, si, sj) = (int("upsample", h)?, int("upsample", w)?, int("upsample", scale.0)?, int("upsample", scale.1)?);
             launch!(self, "upsample_fwd", grid(total), self.slice(x)?, &mut y, &((n * c) as i64), &hi, &wi, &si, &sj);
@@ -188,7 +190,7 @@ impl CudaBackend {
     pub(super) fn upsample_backward(&self, g: &Tensor<f32>, x_shape: &[usize], scale: (usize, usize)) -> Result<Tensor<f32>> {
         let [n, c, h, w] = Self::upsample_dims(x_shape, scale)?;
         let total = n * c * h * w;
-        let mut dx = self.zeros(total)?;
+        let mut dx = self.fresh(total)?;
         if total > 0 {
             let (hi, wi, si, sj) = (int("upsample", h)?, int("upsample", w)?, int("upsample", scale.0)?, int("upsample", scale.1)?);
             launch!(self, "upsample_bwd", grid(total), self.slice(g)?, &mut dx, &((n * c) as i64), &hi, &wi, &si, &sj);

@@ -492,7 +492,8 @@ impl CudaBackend {
         }
         let n_out: usize = kept.0.iter().product::<i64>() as usize;
         let n_red: usize = red.0.iter().product::<i64>() as usize;
-        let mut y = self.zeros(n_out)?;
+        // reduce_sum writes every output; an empty sum is zero.
+        let mut y = if n_red > 0 { self.fresh(n_out)? } else { self.zeros(n_out)? };
         if n_out > 0 && n_red > 0 {
             let mut meta = vec![kept.0.len() as i64];
             meta.extend(&kept.0);
@@ -772,7 +773,7 @@ impl CudaBackend {
                 }
                 let t: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
                 let t = self.stream.clone_htod(&t).map_err(|e| alloc_err("copying to the device", t.len() * 4, e))?;
-                let mut loss = self.zeros(1)?;
+                let mut loss = self.fresh(1)?;
                 launch!(self, "nll_fwd", grid(1), self.slice(&x[0])?, &t, &mut loss, &int("nll_loss", n)?, &int("nll_loss", c)?);
                 Ok(Forward { y: self.wrap(loss, &[])?, state: Vec::new(), saved: Box::new(Saved::Targets(t)) })
             }
