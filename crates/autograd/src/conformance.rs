@@ -206,5 +206,32 @@ pub fn check<T: Elem>(device: Device) -> Result<Vec<Agreement>> {
             s_cpu.iter().zip(&s_dev).map(|(a, b)| Ok(relative(&b.to_host()?, a))).collect::<Result<Vec<f64>>>()?.into_iter().fold(0.0, f64::max);
         out.push(Agreement { primitive: name, case: "", forward: relative(&w_dev.to_host()?, &w_cpu), backward });
     }
+    // An optimizer's step over many parameters in one call (a GPU updates lists of them per
+    // launch): more than one list, empty ones among them, and one larger than a tensor's share
+    // of a launch's blocks (its threads loop), each against the CPU's update of it alone.
+    let sizes = (0..37).map(|i| [5, 0, 1, 257, 300][i % 5]).chain([300_000]);
+    let params = sizes
+        .map(|n| {
+            Ok([
+                rng.normal::<T>(&[n], 0.0, 1.0)?,
+                rng.normal::<T>(&[n], 0.0, 1.0)?,
+                rng.normal::<T>(&[n], 0.0, 0.1)?,
+                rng.uniform::<T>(&[n], 0.0, 0.1)?,
+            ])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let on_dev = params.iter().map(|p| p.iter().map(|t| t.to(device)).collect::<Result<Vec<_>>>()).collect::<Result<Vec<_>>>()?;
+    let items = on_dev.iter().map(|p| (&p[0], &p[1], &p[2..])).collect::<Vec<_>>();
+    let updated =
+        device::update_many(device, &adam, &items).map_err(|e| Error::device("conformance", format!("adam_update of a list on {device}: {e}")))?;
+    let (mut forward, mut backward) = (0.0f64, 0.0f64);
+    for (p, (w_dev, s_dev)) in params.iter().zip(&updated) {
+        let (w_cpu, s_cpu) = device::update(Device::Cpu, &adam, &p[0], &p[1], &p[2..])?;
+        forward = forward.max(relative(&w_dev.to_host()?, &w_cpu));
+        for (a, b) in s_cpu.iter().zip(s_dev) {
+            backward = backward.max(relative(&b.to_host()?, a));
+        }
+    }
+    out.push(Agreement { primitive: "adam_update", case: "38 tensors at once, 0 to 300,000 elements", forward, backward });
     Ok(out)
 }

@@ -124,7 +124,18 @@ pub trait Backend<T: Elem>: Send + Sync {
         let up = |t: &Tensor<T>| Tensor::from_device(self.upload(t.data())?, t.shape());
         Ok((up(&wh)?, st.iter().map(up).collect::<Result<_>>()?))
     }
+    /// [`Backend::update`] of several parameters by one rule (an optimizer's step): by default
+    /// one at a time; a GPU backend updates a list of them per launch.
+    fn update_many(&self, rule: &Update, items: &[UpdateItem<'_, T>]) -> Result<Vec<Updated<T>>> {
+        items.iter().map(|(w, g, state)| self.update(rule, w, g, state)).collect()
+    }
 }
+
+/// A parameter for [`Backend::update_many`]: its weight, gradient and the rule's state tensors.
+pub type UpdateItem<'a, T> = (&'a Tensor<T>, &'a Tensor<T>, &'a [Tensor<T>]);
+
+/// A parameter's new weight and state, from [`Backend::update_many`].
+pub type Updated<T> = (Tensor<T>, Vec<Tensor<T>>);
 
 /// One optimizer step's rule for a parameter, element by element, as PyTorch computes it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -264,22 +275,35 @@ stride_kernels::multiversion! {
 
 /// Runs an optimizer's `rule` on a parameter on `device` (see [`Backend::update`]).
 pub fn update<T: Elem>(device: Device, rule: &Update, w: &Tensor<T>, g: &Tensor<T>, state: &[Tensor<T>]) -> Result<(Tensor<T>, Vec<Tensor<T>>)> {
-    if state.len() != rule.state_len() || state.iter().any(|s| s.shape() != w.shape()) || g.shape() != w.shape() {
-        return Err(Error::arg(
-            "update",
-            format!("{rule:?} takes a gradient and {} state tensors of the weight's shape {:?}", rule.state_len(), w.shape()),
-        ));
-    }
-    let mut all = vec![w, g];
-    all.extend(state);
-    let on = common_device("update", &all)?;
-    if on != device {
-        return Err(Error::device("update", format!("the tensors are on {on}, not {device}")));
+    let mut out = update_many(device, rule, &[(w, g, state)])?;
+    out.pop().ok_or_else(|| Error::device("update", "the backend returned no update"))
+}
+
+/// Runs an optimizer's `rule` on several parameters on `device` (see [`Backend::update_many`]):
+/// the new weight and state of each, in order.
+pub fn update_many<T: Elem>(device: Device, rule: &Update, items: &[UpdateItem<'_, T>]) -> Result<Vec<Updated<T>>> {
+    for &(w, g, state) in items {
+        if state.len() != rule.state_len() || state.iter().any(|s| s.shape() != w.shape()) || g.shape() != w.shape() {
+            return Err(Error::arg(
+                "update",
+                format!("{rule:?} takes a gradient and {} state tensors of the weight's shape {:?}", rule.state_len(), w.shape()),
+            ));
+        }
+        let mut all = vec![w, g];
+        all.extend(state);
+        let on = common_device("update", &all)?;
+        if on != device {
+            return Err(Error::device("update", format!("the tensors are on {on}, not {device}")));
+        }
     }
     if device.is_cpu() {
-        return rule.on_host(w, g, state);
+        return items.iter().map(|(w, g, state)| rule.on_host(w, g, state)).collect();
     }
-    backend::<T>(device)?.update(rule, w, g, state)
+    let out = backend::<T>(device)?.update_many(rule, items)?;
+    if out.len() != items.len() {
+        return Err(Error::device("update", format!("the backend returned {} updates for {} parameters", out.len(), items.len())));
+    }
+    Ok(out)
 }
 
 type Entry = (TypeId, Device, Arc<dyn Any + Send + Sync>);

@@ -595,59 +595,88 @@ extern "C" __global__ void nll_bwd(const float* g, const int* targets, float* dx
 
 // ---- optimizers' updates (stride_autograd::Update), one element per thread ----
 
+// Up to UPDATE_LIST tensors updated by one rule in one launch, passed by value (as PyTorch's
+// multi-tensor apply passes its lists): tensor t has n[t] elements and the blocks from
+// first_block[t] up to first_block[t + 1]; s0 and s1 are the rule's state (SGD's momentum
+// buffer; Adam's m and v; RMSprop's square average and momentum buffer), unused ones null.
+// stride_cuda's update.rs lays out the same struct.
+#define UPDATE_LIST 32
+struct UpdateList {
+    int count;
+    int first_block[UPDATE_LIST + 1];
+    i64 n[UPDATE_LIST];
+    const float* w[UPDATE_LIST];
+    const float* g[UPDATE_LIST];
+    const float* s0[UPDATE_LIST];
+    const float* s1[UPDATE_LIST];
+    float* w_out[UPDATE_LIST];
+    float* s0_out[UPDATE_LIST];
+    float* s1_out[UPDATE_LIST];
+};
+
+// The tensor this block works on.
+__device__ __forceinline__ int list_tensor(const UpdateList& l) {
+    int t = 0;
+    while (t + 1 < l.count && (int)blockIdx.x >= l.first_block[t + 1]) ++t;
+    return t;
+}
+
+// Element i of tensor t, over the tensor's blocks.
+#define LIST_LOOP(l, t, i)                                                                           \
+    const int t = list_tensor(l);                                                                    \
+    for (i64 i = (i64)(blockIdx.x - l.first_block[t]) * blockDim.x + threadIdx.x; i < l.n[t];       \
+         i += (i64)(l.first_block[t + 1] - l.first_block[t]) * blockDim.x)
+
 // SGD in f32, as the CPU: d = g + wd w; b = first ? d : mu b + d; d = nesterov ? d + mu b : b.
-extern "C" __global__ void sgd_update(const float* w, const float* g, const float* b, float* w_out, float* b_out, i64 n,
-                                      float lr, float mu, float wd, int nesterov, int first, int has_buf) {
-    GRID_LOOP(i, n) {
-        float d = g[i] + wd * w[i];
+extern "C" __global__ void sgd_update(UpdateList l, float lr, float mu, float wd, int nesterov, int first, int has_buf) {
+    LIST_LOOP(l, t, i) {
+        const float* w = l.w[t];
+        float d = l.g[t][i] + wd * w[i];
         if (has_buf) {
-            float bi = first ? d : mu * b[i] + d;
-            b_out[i] = bi;
+            float bi = first ? d : mu * l.s0[t][i] + d;
+            l.s0_out[t][i] = bi;
             d = nesterov ? d + mu * bi : bi;
         }
-        w_out[i] = w[i] - lr * d;
+        l.w_out[t][i] = w[i] - lr * d;
     }
 }
 
 // Adam / AdamW in f32 per element, as the CPU (PyTorch's single-tensor formula).
-extern "C" __global__ void adam_update(const float* w, const float* g, const float* m, const float* v, float* w_out, float* m_out,
-                                       float* v_out, i64 n, double lr, double b1, double b2, double c1, double c2, double eps, double wd,
-                                       int decoupled) {
+extern "C" __global__ void adam_update(UpdateList l, double lr, double b1, double b2, double c1, double c2, double eps, double wd, int decoupled) {
     const float one_b1 = (float)(1.0 - b1), b2f = (float)b2, one_b2 = (float)(1.0 - b2);
     const float step = (float)(lr / c1), sqrt_c2 = (float)sqrt(c2), epsf = (float)eps;
     const float shrink = (float)(1.0 - lr * wd), wdf = (float)wd;
-    GRID_LOOP(i, n) {
-        float gi = g[i], wi = w[i];
+    LIST_LOOP(l, t, i) {
+        float gi = l.g[t][i], wi = l.w[t][i], m = l.s0[t][i];
         if (decoupled) {
             wi = wi * shrink;
         } else {
             gi = gi + wdf * wi;
         }
-        float mi = m[i] + one_b1 * (gi - m[i]);
-        float vi = b2f * v[i] + one_b2 * gi * gi;
-        w_out[i] = wi - step * (mi / (sqrtf(vi) / sqrt_c2 + epsf));
-        m_out[i] = mi;
-        v_out[i] = vi;
+        float mi = m + one_b1 * (gi - m);
+        float vi = b2f * l.s1[t][i] + one_b2 * gi * gi;
+        l.w_out[t][i] = wi - step * (mi / (sqrtf(vi) / sqrt_c2 + epsf));
+        l.s0_out[t][i] = mi;
+        l.s1_out[t][i] = vi;
     }
 }
 
 // RMSprop (not centered) in f32 per element, as the CPU (PyTorch's single-tensor formula); the
-// momentum buffer b is read and written only when has_b.
-extern "C" __global__ void rmsprop_update(const float* w, const float* g, const float* v, const float* b, float* w_out, float* v_out,
-                                          float* b_out, i64 n, double lr, double alpha, double eps, double momentum, double wd, int has_b) {
+// momentum buffer (s1) is read and written only when has_b.
+extern "C" __global__ void rmsprop_update(UpdateList l, double lr, double alpha, double eps, double momentum, double wd, int has_b) {
     const float lrf = (float)lr, alphaf = (float)alpha, one_alpha = (float)(1.0 - alpha), epsf = (float)eps;
     const float mu = (float)momentum, wdf = (float)wd;
-    GRID_LOOP(i, n) {
-        float wi = w[i];
-        float gi = g[i] + wdf * wi;
-        float vi = alphaf * v[i] + one_alpha * gi * gi;
+    LIST_LOOP(l, t, i) {
+        float wi = l.w[t][i];
+        float gi = l.g[t][i] + wdf * wi;
+        float vi = alphaf * l.s0[t][i] + one_alpha * gi * gi;
         float step = gi / (sqrtf(vi) + epsf);
         if (has_b) {
-            step = mu * b[i] + step;
-            b_out[i] = step;
+            step = mu * l.s1[t][i] + step;
+            l.s1_out[t][i] = step;
         }
-        w_out[i] = wi - lrf * step;
-        v_out[i] = vi;
+        l.w_out[t][i] = wi - lrf * step;
+        l.s0_out[t][i] = vi;
     }
 }
 

@@ -97,21 +97,72 @@ fn check_hyper(name: &'static str, ok: bool, what: String) -> Result<()> {
 /// Elements per task when an update runs on several threads.
 const CHUNK: usize = 1 << 15;
 
-/// Runs `rule` on parameter `p` with its gradient `g` and `state` (slices of the parameter's
-/// shape): in place on the CPU, through the backend on another device. Returns the new state.
-fn apply_rule(p: &Var, rule: &Update, g: &Tensor<f32>, mut state: Vec<Tensor<f32>>) -> Result<Vec<Tensor<f32>>> {
+/// Runs `rule` on parameter `i`, `p`, with its gradient `g` and `state` (tensors of the
+/// parameter's shape): in place on the CPU, returning the new state; on another device it is
+/// queued in `queue` (`None`), to run with the other parameters there.
+fn apply_rule(i: usize, p: &Var, rule: &Update, g: Tensor<f32>, mut state: Vec<Tensor<f32>>, queue: &mut Queue) -> Result<Option<Vec<Tensor<f32>>>> {
     let w = p.value();
-    let device = w.device();
-    if device.is_cpu() {
-        // The parameter's storage is updated in place once no other handle shares it.
-        drop(w);
-        let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
-        p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
-        Ok(state)
-    } else {
-        let (w, new) = device::update(device, rule, &w, g, &state)?;
-        p.set_value(w)?;
-        Ok(new)
+    if !w.device().is_cpu() {
+        queue.items.push(Queued { i, p: p.clone(), rule: *rule, g, state });
+        return Ok(None);
+    }
+    // The parameter's storage is updated in place once no other handle shares it.
+    drop(w);
+    let mut slices: Vec<&mut [f32]> = state.iter_mut().map(|t| t.data_mut()).collect();
+    p.update_value(|w| rule.apply(w, g.data(), &mut slices))?;
+    Ok(Some(state))
+}
+
+/// A parameter's update waiting in a [`Queue`].
+struct Queued {
+    i: usize,
+    p: Var,
+    rule: Update,
+    g: Tensor<f32>,
+    state: Vec<Tensor<f32>>,
+}
+
+/// The updates of parameters that live on a device, queued while an optimizer walks its
+/// parameters and run together: one backend call per device and rule, where a GPU updates a
+/// list of tensors per launch (rather than one launch per parameter).
+#[derive(Default)]
+struct Queue {
+    items: Vec<Queued>,
+}
+
+/// Elements a queue hands the backend at once at most: the old and new weights and state of a
+/// call are all alive until it returns.
+const QUEUE_ELEMENTS: usize = 1 << 26;
+
+impl Queue {
+    /// Runs the queued updates (consecutive ones on one device with one rule together), sets
+    /// each parameter's new weight and returns each parameter's index with its new state.
+    fn run(self) -> Result<Vec<(usize, Vec<Tensor<f32>>)>> {
+        let mut out = Vec::with_capacity(self.items.len());
+        let mut rest = &self.items[..];
+        while let Some(first) = rest.first() {
+            let key = (first.p.value().device(), first.rule);
+            let mut elements = 0;
+            let n = rest
+                .iter()
+                .take_while(|q| {
+                    elements += q.g.numel();
+                    (q.p.value().device(), q.rule) == key && (elements <= QUEUE_ELEMENTS || q.i == first.i)
+                })
+                .count();
+            let (group, tail) = rest.split_at(n);
+            let weights: Vec<Tensor<f32>> = group.iter().map(|q| q.p.value()).collect();
+            let items: Vec<device::UpdateItem<'_, f32>> = group.iter().zip(&weights).map(|(q, w)| (w, &q.g, &q.state[..])).collect();
+            let updated = device::update_many(key.0, &key.1, &items)?;
+            drop(items);
+            drop(weights);
+            for (q, (w, state)) in group.iter().zip(updated) {
+                q.p.set_value(w)?;
+                out.push((q.i, state));
+            }
+            rest = tail;
+        }
+        Ok(out)
     }
 }
 
@@ -137,6 +188,8 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &[Var]) -> Result<()> {
+        let mut queue = Queue::default();
+        let mut done = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let first = self.velocity.get(i).is_none_or(|s| s.is_none());
@@ -145,7 +198,9 @@ impl Optimizer for Sgd {
             if self.momentum > 0.0 {
                 state.push(take_slot(&mut self.velocity, i, &p.value())?);
             }
-            let mut state = apply_rule(p, &rule, &g, state)?;
+            done.extend(apply_rule(i, p, &rule, g, state, &mut queue)?.map(|s| (i, s)));
+        }
+        for (i, mut state) in done.into_iter().chain(queue.run()?) {
             if let Some(b) = state.pop() {
                 self.velocity[i] = Some(b);
             }
@@ -204,27 +259,30 @@ impl Optimizer for Adam {
         let (b1, b2) = self.betas;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let rule = Update::Adam { lr: self.lr, betas: (b1, b2), c1, c2, eps: self.eps, weight_decay: self.weight_decay, decoupled: self.decoupled };
+        let mut queue = Queue::default();
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let w = p.value();
-            let device = w.device();
             let mut m = take_slot(&mut self.m, i, &w)?;
             let mut v = take_slot(&mut self.v, i, &w)?;
-            if device.is_cpu() {
-                drop(w);
-                let (ms, vs) = (m.data_mut(), v.data_mut());
-                p.update_value(|w| {
-                    w.par_chunks_mut(CHUNK)
-                        .zip(ms.par_chunks_mut(CHUNK))
-                        .zip(vs.par_chunks_mut(CHUNK))
-                        .zip(g.data().par_chunks(CHUNK))
-                        .for_each(|(((w, m), v), g)| rule.apply(w, g, &mut [m, v]))
-                })?;
-            } else {
-                let (w, new) = device::update(device, &rule, &w, &g, &[m, v])?;
-                p.set_value(w)?;
-                [m, v] = <[Tensor<f32>; 2]>::try_from(new).map_err(|_| stride_autograd::Error::device("Adam", "the backend returned other state"))?;
+            if !w.device().is_cpu() {
+                queue.items.push(Queued { i, p: p.clone(), rule, g, state: vec![m, v] });
+                continue;
             }
+            drop(w);
+            let (ms, vs) = (m.data_mut(), v.data_mut());
+            p.update_value(|w| {
+                w.par_chunks_mut(CHUNK)
+                    .zip(ms.par_chunks_mut(CHUNK))
+                    .zip(vs.par_chunks_mut(CHUNK))
+                    .zip(g.data().par_chunks(CHUNK))
+                    .for_each(|(((w, m), v), g)| rule.apply(w, g, &mut [m, v]))
+            })?;
+            (self.m[i], self.v[i]) = (Some(m), Some(v));
+        }
+        for (i, state) in queue.run()? {
+            let [m, v] =
+                <[Tensor<f32>; 2]>::try_from(state).map_err(|_| stride_autograd::Error::device("Adam", "the backend returned other state"))?;
             (self.m[i], self.v[i]) = (Some(m), Some(v));
         }
         Ok(())
@@ -297,6 +355,8 @@ impl RmsProp {
 impl Optimizer for RmsProp {
     fn step(&mut self, params: &[Var]) -> Result<()> {
         let rule = Update::RmsProp { lr: self.lr, alpha: self.alpha, eps: self.eps, momentum: self.momentum, weight_decay: self.weight_decay };
+        let mut queue = Queue::default();
+        let mut done = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
             let w = p.value();
@@ -305,7 +365,10 @@ impl Optimizer for RmsProp {
                 state.push(take_slot(&mut self.velocity, i, &w)?);
             }
             drop(w);
-            let mut state = apply_rule(p, &rule, &g, state)?.into_iter();
+            done.extend(apply_rule(i, p, &rule, g, state, &mut queue)?.map(|s| (i, s)));
+        }
+        for (i, state) in done.into_iter().chain(queue.run()?) {
+            let mut state = state.into_iter();
             self.square[i] = state.next();
             if self.momentum > 0.0 {
                 self.velocity[i] = state.next();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::sys::cublasOperation_t as Op;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use stride_autograd::device::{Backend, Forward, Prim};
+use stride_autograd::device::{Backend, Forward, Prim, UpdateItem, Updated};
 use stride_autograd::{Unary, Update};
 use stride_kernels::pool::PoolGeom;
 use stride_tensor::{shape, Device, DeviceBuffer, Error, Result, Tensor};
@@ -650,12 +650,17 @@ impl Backend<f32> for CudaBackend {
     }
 
     fn update(&self, rule: &Update, w: &Tensor<f32>, g: &Tensor<f32>, state: &[Tensor<f32>]) -> Result<(Tensor<f32>, Vec<Tensor<f32>>)> {
+        let mut out = self.update_many(rule, &[(w, g, state)])?;
+        out.pop().ok_or_else(|| Error::device("update", "no update"))
+    }
+
+    fn update_many(&self, rule: &Update, items: &[UpdateItem<'_, f32>]) -> Result<Vec<Updated<f32>>> {
         let name = match rule {
             Update::Sgd { .. } => "sgd_update",
             Update::Adam { .. } => "adam_update",
             Update::RmsProp { .. } => "rmsprop_update",
         };
-        self.timed(name, Pass::Forward, || self.update_on(rule, w, g, state))
+        self.timed(name, Pass::Forward, || self.update_many_on(rule, items))
     }
 
     fn forward(&self, prim: &Prim, x: &[Tensor<f32>]) -> Result<Forward<f32>> {
