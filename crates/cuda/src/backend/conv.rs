@@ -137,16 +137,27 @@ impl CudaBackend {
     fn conv_product(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut out = self.product_out(g.k * npq, crs)?;
-        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: crs * npq, stride_c: kg * npq, ld_b: None };
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: crs * npq, stride_c: kg * npq, ld_b: None, ld_c: None };
         self.gemm_batched(Mm { m: kg, n: npq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, w, cols, &mut out)?;
         Ok(out)
+    }
+
+    /// A one-group convolution's product written straight into NCHW, one product per image in
+    /// one call: y_n [K, PQ] = W [K, CRS] x the image's PQ columns of `cols` (whose rows are
+    /// N*P*Q apart), rather than y^T [K, NPQ] and a transposing copy.
+    fn product_to_nchw(&self, g: &ConvGeom, w: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (pq, crs) = (g.p * g.q, g.c * g.r * g.s);
+        let mut y = self.product_out(g.n * g.k * pq, crs)?;
+        let batch = Batch { count: g.n, stride_a: 0, stride_b: pq, stride_c: g.k * pq, ld_b: Some(g.n * pq), ld_c: None };
+        self.gemm_batched(Mm { m: g.k, n: pq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, w, cols, &mut y)?;
+        Ok(y)
     }
 
     /// The convolution's adjoint product per group: cols[C*R*S, NPQ] = W^T x t[K, NPQ].
     fn conv_product_t(&self, g: &ConvGeom, w: &CudaSlice<f32>, t: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut cols = self.product_out(g.c * g.r * g.s * npq, kg)?;
-        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: kg * npq, stride_c: crs * npq, ld_b: None };
+        let batch = Batch { count: g.groups, stride_a: kg * crs, stride_b: kg * npq, stride_c: crs * npq, ld_b: None, ld_c: None };
         self.gemm_batched(Mm { m: crs, n: npq, k: kg, ta: true, tb: false, beta: 0.0 }, batch, w, t, &mut cols)?;
         Ok(cols)
     }
@@ -155,7 +166,7 @@ impl CudaBackend {
     fn conv_filter_grad(&self, g: &ConvGeom, t: &CudaSlice<f32>, cols: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
         let (kg, crs, npq) = (g.k / g.groups, g.c / g.groups * g.r * g.s, g.n * g.p * g.q);
         let mut dw = self.product_out(g.k * crs, npq)?;
-        let batch = Batch { count: g.groups, stride_a: kg * npq, stride_b: crs * npq, stride_c: kg * crs, ld_b: None };
+        let batch = Batch { count: g.groups, stride_a: kg * npq, stride_b: crs * npq, stride_c: kg * crs, ld_b: None, ld_c: None };
         self.gemm_batched(Mm { m: kg, n: crs, k: npq, ta: false, tb: true, beta: 0.0 }, batch, t, cols, &mut dw)?;
         Ok(dw)
     }
@@ -181,14 +192,9 @@ impl CudaBackend {
         }
         let cols = self.im2col(&g, self.slice(&x[0])?)?;
         if g.groups == 1 {
-            // One product per image, written straight into NCHW: y_n [K, PQ] = W [K, CRS] x the
-            // image's PQ columns of cols (whose rows are N*P*Q apart).
-            let (pq, crs) = (g.p * g.q, g.c * g.r * g.s);
-            let mut y = self.product_out(total, crs)?;
-            let batch = Batch { count: g.n, stride_a: 0, stride_b: pq, stride_c: g.k * pq, ld_b: Some(g.n * pq) };
-            self.gemm_batched(Mm { m: g.k, n: pq, k: crs, ta: false, tb: false, beta: 0.0 }, batch, self.slice(&x[1])?, &cols, &mut y)?;
+            let mut y = self.product_to_nchw(&g, self.slice(&x[1])?, &cols)?;
             if let Some(b) = x.get(2) {
-                self.add_bias("conv2d", &mut y, b, g.k, pq, total)?;
+                self.add_bias("conv2d", &mut y, b, g.k, g.p * g.q, total)?;
             }
             return self.wrap(y, &g.small_shape());
         }
@@ -244,8 +250,18 @@ impl CudaBackend {
                 return self.dnn_output(&f, &g, big, x.get(2));
             }
         }
-        let t = self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?;
-        let mut y = self.col2im(&g, &self.conv_product_t(&g, sw, &t)?)?;
+        let cols = if g.groups == 1 {
+            // One product per image read straight from NCHW, into the image's block of
+            // columns: cols_n [CRS, PQ] (rows N*P*Q apart) = W^T [CRS, K] x x_n [K, PQ].
+            let (pq, crs) = (g.p * g.q, g.c * g.r * g.s);
+            let mut cols = self.product_out(crs * g.n * pq, g.k)?;
+            let batch = Batch { count: g.n, stride_a: 0, stride_b: g.k * pq, stride_c: pq, ld_b: None, ld_c: Some(g.n * pq) };
+            self.gemm_batched(Mm { m: crs, n: pq, k: g.k, ta: true, tb: false, beta: 0.0 }, batch, sw, sx, &mut cols)?;
+            cols
+        } else {
+            self.conv_product_t(&g, sw, &self.nkl_to_knl(sx, g.n, g.k, g.p * g.q)?)?
+        };
+        let mut y = self.col2im(&g, &cols)?;
         let total = g.n * g.c * g.h * g.w;
         if let Some(b) = x.get(2) {
             self.add_bias("conv_transpose2d", &mut y, b, g.c, g.h * g.w, total)?;
@@ -270,6 +286,7 @@ impl CudaBackend {
                 let cols = self.im2col(&g, sg)?;
                 let dx = match dx {
                     Some(dx) => dx,
+                    None if g.groups == 1 => self.product_to_nchw(&g, sw, &cols)?,
                     None => self.knl_to_nkl(&self.conv_product(&g, sw, &cols)?, None, g.n, g.k, g.p * g.q)?,
                 };
                 let dw = match dw {

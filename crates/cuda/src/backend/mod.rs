@@ -196,7 +196,8 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
 }
 
 /// How many products one cuBLAS call makes, the strides (elements) between their operands, and
-/// the distance between b's rows when they are not packed (a block of columns of a wider matrix).
+/// the distance between b's or c's rows when they are not packed (a block of columns of a wider
+/// matrix).
 #[derive(Clone, Copy)]
 struct Batch {
     count: usize,
@@ -204,10 +205,11 @@ struct Batch {
     stride_b: usize,
     stride_c: usize,
     ld_b: Option<usize>,
+    ld_c: Option<usize>,
 }
 
 impl Batch {
-    const ONE: Batch = Batch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0, ld_b: None };
+    const ONE: Batch = Batch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0, ld_b: None, ld_c: None };
 }
 
 /// Fourteen ints passed by value: the `Conv` and `Pool` structs of kernels.cu, field for field.
@@ -412,7 +414,7 @@ impl CudaBackend {
             lda: i(batch.ld_b.unwrap_or(if tb { k } else { n }))?.max(1),
             ldb: i(if ta { m } else { k })?.max(1),
             beta,
-            ldc: i(n)?,
+            ldc: i(batch.ld_c.unwrap_or(n))?.max(1),
         };
         if batch.count == 1 {
             // SAFETY: the buffers hold at least m*k, k*n and m*n elements (checked by the
