@@ -130,39 +130,53 @@ struct Queue {
     items: Vec<Queued>,
 }
 
+/// Parameters' indices with their new state (or, where an update failed, their old one).
+type States = Vec<(usize, Vec<Tensor<f32>>)>;
+
 /// Elements a queue hands the backend at once at most: the old and new weights and state of a
 /// call are all alive until it returns.
 const QUEUE_ELEMENTS: usize = 1 << 26;
 
 impl Queue {
     /// Runs the queued updates (consecutive ones on one device with one rule together), sets
-    /// each parameter's new weight and returns each parameter's index with its new state.
-    fn run(self) -> Result<Vec<(usize, Vec<Tensor<f32>>)>> {
-        let mut out = Vec::with_capacity(self.items.len());
-        let mut rest = &self.items[..];
-        while let Some(first) = rest.first() {
+    /// each parameter's new weight and returns each parameter's index with its new state. If
+    /// the backend fails, the parameters not updated keep their weight and come back with their
+    /// old state, beside the error: nothing is lost, and a later step can go on from there.
+    fn run(self) -> (States, Result<()>) {
+        let mut items = self.items;
+        let mut out = Vec::with_capacity(items.len());
+        let mut start = 0;
+        while start < items.len() {
+            let first = &items[start];
             let key = (first.p.value().device(), first.rule);
             let mut elements = 0;
-            let n = rest
+            let n = items[start..]
                 .iter()
                 .take_while(|q| {
                     elements += q.g.numel();
                     (q.p.value().device(), q.rule) == key && (elements <= QUEUE_ELEMENTS || q.i == first.i)
                 })
                 .count();
-            let (group, tail) = rest.split_at(n);
+            let group = &items[start..start + n];
             let weights: Vec<Tensor<f32>> = group.iter().map(|q| q.p.value()).collect();
-            let items: Vec<device::UpdateItem<'_, f32>> = group.iter().zip(&weights).map(|(q, w)| (w, &q.g, &q.state[..])).collect();
-            let updated = device::update_many(key.0, &key.1, &items)?;
-            drop(items);
+            let args: Vec<device::UpdateItem<'_, f32>> = group.iter().zip(&weights).map(|(q, w)| (w, &q.g, &q.state[..])).collect();
+            let updated = device::update_many(key.0, &key.1, &args);
+            drop(args);
             drop(weights);
-            for (q, (w, state)) in group.iter().zip(updated) {
-                q.p.set_value(w)?;
-                out.push((q.i, state));
+            let applied = updated.map_err(Into::into).and_then(|updated| {
+                for (q, (w, state)) in group.iter().zip(updated) {
+                    q.p.set_value(w)?;
+                    out.push((q.i, state));
+                    start += 1;
+                }
+                Ok(())
+            });
+            if let Err(e) = applied {
+                out.extend(items.drain(start..).map(|q| (q.i, q.state)));
+                return (out, Err(e));
             }
-            rest = tail;
         }
-        Ok(out)
+        (out, Ok(()))
     }
 }
 
@@ -200,12 +214,13 @@ impl Optimizer for Sgd {
             }
             done.extend(apply_rule(i, p, &rule, g, state, &mut queue)?.map(|s| (i, s)));
         }
-        for (i, mut state) in done.into_iter().chain(queue.run()?) {
+        let (queued, result) = queue.run();
+        for (i, mut state) in done.into_iter().chain(queued) {
             if let Some(b) = state.pop() {
                 self.velocity[i] = Some(b);
             }
         }
-        Ok(())
+        result
     }
     fn lr(&self) -> f64 {
         self.lr
@@ -254,8 +269,9 @@ impl Adam {
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &[Var]) -> Result<()> {
-        self.step += 1;
-        let t = self.step as i32;
+        // Counted once the step has gone through: a step that failed on a device (which gives
+        // every parameter not updated its state back) can be taken again as the same step.
+        let t = (self.step + 1) as i32;
         let (b1, b2) = self.betas;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let rule = Update::Adam { lr: self.lr, betas: (b1, b2), c1, c2, eps: self.eps, weight_decay: self.weight_decay, decoupled: self.decoupled };
@@ -280,11 +296,14 @@ impl Optimizer for Adam {
             })?;
             (self.m[i], self.v[i]) = (Some(m), Some(v));
         }
-        for (i, state) in queue.run()? {
+        let (queued, result) = queue.run();
+        for (i, state) in queued {
             let [m, v] =
                 <[Tensor<f32>; 2]>::try_from(state).map_err(|_| stride_autograd::Error::device("Adam", "the backend returned other state"))?;
             (self.m[i], self.v[i]) = (Some(m), Some(v));
         }
+        result?;
+        self.step += 1;
         Ok(())
     }
     fn lr(&self) -> f64 {
@@ -367,14 +386,15 @@ impl Optimizer for RmsProp {
             drop(w);
             done.extend(apply_rule(i, p, &rule, g, state, &mut queue)?.map(|s| (i, s)));
         }
-        for (i, state) in done.into_iter().chain(queue.run()?) {
+        let (queued, result) = queue.run();
+        for (i, state) in done.into_iter().chain(queued) {
             let mut state = state.into_iter();
             self.square[i] = state.next();
             if self.momentum > 0.0 {
                 self.velocity[i] = state.next();
             }
         }
-        Ok(())
+        result
     }
     fn lr(&self) -> f64 {
         self.lr

@@ -75,3 +75,79 @@ fn bad_hyper_parameters_are_errors() {
     assert!(Adam::new(0.1, (1.0, 0.9), 1e-8, 0.0, false).unwrap_err().to_string().contains("betas"));
     assert!(RmsProp::new(0.1, 0.99, 0.0, 0.0, 0.0).is_err());
 }
+
+/// A stand-in device whose optimizer updates fail while `FAIL` is set: otherwise the mirror.
+struct Flaky(stride_autograd::device::HostMirror);
+
+static FAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl stride_autograd::Backend<f32> for Flaky {
+    fn device(&self) -> stride_autograd::Device {
+        stride_autograd::Backend::<f32>::device(&self.0)
+    }
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+    fn upload(&self, host: &[f32]) -> stride_autograd::Result<std::sync::Arc<dyn stride_autograd::DeviceBuffer<f32>>> {
+        self.0.upload(host)
+    }
+    fn forward(&self, prim: &stride_autograd::Prim, x: &[Tensor<f32>]) -> stride_autograd::Result<stride_autograd::device::Forward<f32>> {
+        self.0.forward(prim, x)
+    }
+    fn backward(
+        &self,
+        prim: &stride_autograd::Prim,
+        saved: &dyn std::any::Any,
+        g: &Tensor<f32>,
+        x: &[Tensor<f32>],
+        y: &Tensor<f32>,
+    ) -> stride_autograd::Result<Vec<Option<Tensor<f32>>>> {
+        self.0.backward(prim, saved, g, x, y)
+    }
+    fn update_many(
+        &self,
+        rule: &stride_autograd::Update,
+        items: &[stride_autograd::device::UpdateItem<'_, f32>],
+    ) -> stride_autograd::Result<Vec<stride_autograd::device::Updated<f32>>> {
+        if FAIL.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(stride_autograd::Error::device("update", "out of memory (on purpose)"));
+        }
+        self.0.update_many(rule, items)
+    }
+}
+
+#[test]
+fn a_failed_device_update_loses_no_state() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use stride_autograd::{Device, ToDevice};
+    let dev = Device::Cuda(57);
+    stride_autograd::device::register::<f32>(std::sync::Arc::new(Flaky(stride_autograd::device::HostMirror::new(dev))));
+    let grads = [vec![0.5f32, -1.0, 2.0], vec![0.1, 0.2, -0.3]];
+    // Three steps of each optimizer with momentum state, the second failing once (and taken
+    // again) on the device: the weights end as three steps on the CPU leave them.
+    let optimizers: [fn() -> Box<dyn Optimizer>; 3] = [
+        || Box::new(Sgd::new(0.1, 0.9, false, 0.0).unwrap()),
+        || Box::new(Adam::default_with_lr(0.1).unwrap()),
+        || Box::new(RmsProp::new(0.01, 0.99, 1e-8, 0.0, 0.9).unwrap()),
+    ];
+    for make in optimizers {
+        let run = |device: Device, fail_at: Option<usize>| -> Vec<f32> {
+            let p = Var::parameter(Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3]).unwrap().to(device).unwrap());
+            let mut opt = make();
+            for (step, g) in grads.iter().chain(&grads[..1]).enumerate() {
+                p.set_grad(Tensor::from_vec(g.clone(), &[3]).unwrap().to(device).unwrap()).unwrap();
+                if fail_at == Some(step) {
+                    FAIL.store(true, SeqCst);
+                    let e = opt.step(std::slice::from_ref(&p)).unwrap_err().to_string();
+                    FAIL.store(false, SeqCst);
+                    assert!(e.contains("on purpose"), "{e}");
+                }
+                opt.step(std::slice::from_ref(&p)).unwrap();
+            }
+            p.value().to_host().unwrap().data().to_vec()
+        };
+        let cpu = run(Device::Cpu, None);
+        assert_eq!(run(dev, None), cpu);
+        assert_eq!(run(dev, Some(1)), cpu, "a step that failed on the device changed what the next ones do");
+    }
+}
