@@ -148,13 +148,13 @@ impl Queue {
         let mut start = 0;
         while start < items.len() {
             let first = &items[start];
-            let key = (first.p.value().device(), first.rule);
+            let key = (first.g.device(), first.rule);
             let mut elements = 0;
             let n = items[start..]
                 .iter()
                 .take_while(|q| {
                     elements += q.g.numel();
-                    (q.p.value().device(), q.rule) == key && (elements <= QUEUE_ELEMENTS || q.i == first.i)
+                    (q.g.device(), q.rule) == key && (elements <= QUEUE_ELEMENTS || q.i == first.i)
                 })
                 .count();
             let group = &items[start..start + n];

@@ -3,9 +3,9 @@
 //! (a transposed convolution is cuDNN's data gradient run forward), when cuDNN can describe the
 //! geometry ([`DnnShape::of`]; `conv.rs` pads the image first where only the padding differs);
 //! anything else goes through the columns of `conv.rs`, as does every convolution when cuDNN is
-//! off. Batch norm: cuDNN's spatial mode forward and
-//! backward in training (the running statistics then moved as PyTorch moves them by a kernel
-//! of `norm.rs`, into new tensors), and its forward in evaluation mode. Max and average pooling: `dnn/pool.rs`.
+//! off. Batch norm: cuDNN's spatial mode forward and backward in training (the running
+//! statistics then moved as PyTorch moves them, into new tensors, by a kernel of `norm.rs`),
+//! and its forward in evaluation mode. Max and average pooling: `dnn/pool.rs`.
 //!
 //! [`Cudnn::Fp32`] (`stride --cudnn fp32`) turns it on in FP32 (cuDNN restricted to FMA kernels,
 //! so results stay within the CPU's 1e-4); [`Cudnn::Tf32`] lets it use tensor cores in TF32, as
@@ -171,7 +171,7 @@ impl NormDescs {
     }
 }
 
-/// Training-mode batch norm's buffers: what it reads, and what it writes (the output, the
+/// Training-mode batch norm's buffers: what it reads, and what it writes (the output, and the
 /// batch's mean and 1/sqrt(var + eps) for the backward pass and the running statistics).
 pub(crate) struct NormForward<'a> {
     pub x: &'a CudaSlice<f32>,

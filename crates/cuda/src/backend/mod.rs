@@ -494,8 +494,8 @@ impl CudaBackend {
         }
         let n_out: usize = kept.0.iter().product::<i64>() as usize;
         let n_red: usize = red.0.iter().product::<i64>() as usize;
-        // reduce_sum writes every output; an empty sum is zero.
-        let mut y = if n_red > 0 { self.fresh(n_out)? } else { self.zeros(n_out)? };
+        // A sum over n_red values: reduce_sum writes every output, an empty sum is zero.
+        let mut y = self.product_out(n_out, n_red)?;
         if n_out > 0 && n_red > 0 {
             let mut meta = vec![kept.0.len() as i64];
             meta.extend(&kept.0);

@@ -57,12 +57,7 @@ impl CudaBackend {
         }
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(LIST) {
-            let outputs = chunk
-                .iter()
-                .map(|(w, _, s)| Ok(Outputs { w: self.fresh(w.numel())?, state: s.iter().map(|_| self.fresh(w.numel())).collect::<Result<_>>()? }))
-                .collect::<Result<Vec<_>>>()?;
-            let outputs = self.launch_update(rule, chunk, outputs)?;
-            for ((w, _, _), o) in chunk.iter().zip(outputs) {
+            for ((w, _, _), o) in chunk.iter().zip(self.launch_update(rule, chunk)?) {
                 let state = o.state.into_iter().map(|s| self.wrap(s, w.shape())).collect::<Result<_>>()?;
                 out.push((self.wrap(o.w, w.shape())?, state));
             }
@@ -70,8 +65,13 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// One launch of `rule`'s kernel over `chunk` (at most [`LIST`] items) into `outputs`.
-    fn launch_update(&self, rule: &Update, chunk: &[UpdateItem<'_, f32>], mut outputs: Vec<Outputs>) -> Result<Vec<Outputs>> {
+    /// One launch of `rule`'s kernel over `chunk` (at most [`LIST`] items): their new weights
+    /// and state.
+    fn launch_update(&self, rule: &Update, chunk: &[UpdateItem<'_, f32>]) -> Result<Vec<Outputs>> {
+        let mut outputs = chunk
+            .iter()
+            .map(|(w, _, s)| Ok(Outputs { w: self.fresh(w.numel())?, state: s.iter().map(|_| self.fresh(w.numel())).collect::<Result<_>>()? }))
+            .collect::<Result<Vec<_>>>()?;
         let s = &self.stream;
         let mut list = UpdateList {
             count: chunk.len() as i32,
