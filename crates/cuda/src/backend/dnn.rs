@@ -172,7 +172,7 @@ impl NormDescs {
 }
 
 /// Training-mode batch norm's buffers: what it reads, and what it writes (the output, and the
-/// batch's mean and 1/sqrt(var + eps) for the backward pass and the running statistics).
+/// batch's mean and 1/sqrt(var + eps), which the backward pass and `bn_running` read).
 pub(crate) struct NormForward<'a> {
     pub x: &'a CudaSlice<f32>,
     pub gamma: &'a CudaSlice<f32>,
