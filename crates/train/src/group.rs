@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use stride_autograd::{Tensor, Var};
+use stride_autograd::{Device, Tensor, ToDevice, Var};
 use stride_nn::{Module, Slot};
 
 use crate::{Result, TrainError};
@@ -100,26 +100,95 @@ pub fn check_world(g: &dyn Group, what: &[(&str, f64)]) -> Result<()> {
 }
 
 /// Every parameter's and buffer's values from rank 0 (the initial weights, or batch norm's
-/// running statistics after a step, as PyTorch's DDP broadcasts buffers).
+/// running statistics after a step, as PyTorch's DDP broadcasts buffers), in one broadcast.
+/// Rank 0 keeps its own tensors; the others get rank 0's values on the devices theirs were on.
 pub fn broadcast_state(g: &dyn Group, model: &mut dyn Module, buffers_only: bool) -> Result<()> {
+    let mut parts = Vec::new();
+    model.visit("", &mut |_, slot| match slot {
+        Slot::Param(v) if !buffers_only => parts.push(v.value()),
+        Slot::Param(_) => {}
+        Slot::Buffer(t) => parts.push(t.clone()),
+    });
+    if parts.is_empty() {
+        return Ok(());
+    }
+    // The other ranks' values are only overwritten: they need not be read from their device.
+    let mut flat = if g.rank() == 0 { to_host(&parts)? } else { vec![0.0; parts.iter().map(Tensor::numel).sum()] };
+    g.broadcast_f32(&mut flat)?;
+    if g.rank() == 0 {
+        return Ok(());
+    }
+    let mut values = from_host(flat, &parts)?.into_iter();
     let mut err = None;
     model.visit("", &mut |_, slot| {
-        if err.is_some() {
-            return;
-        }
         let r = match slot {
-            Slot::Param(v) if !buffers_only => {
-                let mut t = v.value();
-                g.broadcast_f32(t.data_mut()).and_then(|_| v.set_value(t).map_err(|e| TrainError::Config(e.to_string())))
-            }
-            Slot::Param(_) => Ok(()),
-            Slot::Buffer(t) => g.broadcast_f32(t.data_mut()),
+            Slot::Param(v) if !buffers_only => values.next().map(|t| v.set_value(t).map_err(TrainError::from)),
+            Slot::Param(_) => None,
+            Slot::Buffer(t) => values.next().map(|new| {
+                *t = new;
+                Ok(())
+            }),
         };
-        if let Err(e) = r {
-            err = Some(e);
+        if let Some(Err(e)) = r {
+            err.get_or_insert(e);
         }
     });
     err.map_or(Ok(()), Err)
+}
+
+/// The elements of `parts`, each flattened, one after another in host memory. Parts that all
+/// live on one device other than the CPU are joined there and read back in one copy (one wait
+/// for the device instead of one per tensor).
+fn to_host(parts: &[Tensor<f32>]) -> Result<Vec<f32>> {
+    let total = parts.iter().map(Tensor::numel).sum();
+    let mut flat = Vec::with_capacity(total);
+    match one_device(parts.iter().map(Tensor::device)) {
+        Some(_) if parts.len() > 1 => {
+            let flats = parts.iter().map(|t| Ok(Var::constant(t.reshape(&[t.numel()])?))).collect::<Result<Vec<Var>>>()?;
+            let joined = stride_autograd::no_grad(|| stride_autograd::concat(&flats.iter().collect::<Vec<_>>(), 0))?;
+            flat.extend_from_slice(joined.value().to_host()?.data());
+        }
+        _ => {
+            for t in parts {
+                flat.extend_from_slice(t.to_host()?.data());
+            }
+        }
+    }
+    Ok(flat)
+}
+
+/// `flat` cut into tensors shaped and placed as `like`'s (the inverse of [`to_host`]): parts
+/// that all live on one device other than the CPU go there in one copy and are cut there.
+fn from_host(flat: Vec<f32>, like: &[Tensor<f32>]) -> Result<Vec<Tensor<f32>>> {
+    let total: usize = like.iter().map(Tensor::numel).sum();
+    if flat.len() != total {
+        return Err(TrainError::Config(format!("a collective returned {} values where {total} were sent", flat.len())));
+    }
+    let mut out = Vec::with_capacity(like.len());
+    let mut at = 0;
+    match one_device(like.iter().map(Tensor::device)) {
+        Some(device) if like.len() > 1 => {
+            let all = Var::constant(Tensor::from_vec(flat, &[total])?.to(device)?);
+            for t in like {
+                let part = stride_autograd::no_grad(|| all.narrow(0, at, t.numel()))?;
+                out.push(part.value().reshape(t.shape())?);
+                at += t.numel();
+            }
+        }
+        _ => {
+            for t in like {
+                out.push(Tensor::from_vec(flat[at..at + t.numel()].to_vec(), t.shape())?.to(t.device())?);
+                at += t.numel();
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The device every one of `devices` is on, when that is one device other than the CPU.
+fn one_device(mut devices: impl Iterator<Item = Device>) -> Option<Device> {
+    let first = devices.next().filter(|d| !d.is_cpu())?;
+    devices.all(|d| d == first).then_some(first)
 }
 
 /// Sums `weight` x each parameter's gradient over the ranks (a missing gradient counts as 0),
@@ -189,14 +258,21 @@ impl<'a> OverlappedSum<'a> {
     }
 
     fn start_next(&mut self) -> Result<()> {
-        let mut buf = Vec::new();
-        for &i in &self.buckets[self.next] {
-            let p = &self.params[i];
-            match p.grad() {
-                Some(gr) if self.weight == 1.0 => buf.extend_from_slice(gr.data()),
-                Some(gr) => buf.extend(gr.data().iter().map(|v| v * self.weight)),
-                None => buf.extend(std::iter::repeat_n(0.0, p.shape().iter().product())),
-            }
+        // A parameter the backward pass did not reach adds zeros, made where its value lives so
+        // that a bucket on a device stays on it.
+        let parts = self.buckets[self.next]
+            .iter()
+            .map(|&i| {
+                let p = &self.params[i];
+                match p.grad() {
+                    Some(g) => Ok(g),
+                    None => Ok(Tensor::zeros(&p.shape())?.to(p.device())?),
+                }
+            })
+            .collect::<Result<Vec<Tensor<f32>>>>()?;
+        let mut buf = to_host(&parts)?;
+        if self.weight != 1.0 {
+            buf.iter_mut().for_each(|v| *v *= self.weight);
         }
         self.pending.push(self.g.start_sum_f32(buf)?);
         self.next += 1;
@@ -211,14 +287,10 @@ impl<'a> OverlappedSum<'a> {
         }
         for (bucket, pending) in self.buckets.iter().zip(self.pending) {
             let sum = pending.wait()?;
-            let mut at = 0;
-            for &i in bucket {
-                let p = &self.params[i];
-                let shape = p.shape();
-                let n: usize = shape.iter().product();
-                let t = Tensor::from_vec(sum[at..at + n].to_vec(), &shape).map_err(|e| TrainError::Config(e.to_string()))?;
-                p.set_grad(t).map_err(|e| TrainError::Config(e.to_string()))?;
-                at += n;
+            // Each sum goes back to where its parameter lives.
+            let like = bucket.iter().map(|&i| self.params[i].value()).collect::<Vec<_>>();
+            for (&i, g) in bucket.iter().zip(from_host(sum, &like)?) {
+                self.params[i].set_grad(g)?;
             }
         }
         Ok(())

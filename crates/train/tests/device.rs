@@ -75,3 +75,150 @@ fn a_device_without_a_backend_is_refused_before_training() {
     let e = train(&mut cnn_bn(1), &data, &TrainConfig { device: Device::Cuda(61), ..cfg(1, None) }, false, None, |_| {}).unwrap_err().to_string();
     assert!(e.contains("cuda:61"), "{e}");
 }
+
+/// Ranks as threads of this process, for data-parallel runs without MPI: each collective
+/// waits for every rank, and sums add the ranks' values in rank order, so every rank gets the
+/// same bits. A rank that stops (an error) ends the others' collectives with an error rather
+/// than leaving them waiting.
+struct Threads {
+    size: usize,
+    state: std::sync::Mutex<Meeting>,
+    turn: std::sync::Condvar,
+}
+
+/// The collective in progress: the values put in so far, how many ranks have arrived and
+/// left, and whether a rank has stopped.
+#[derive(Default)]
+struct Meeting {
+    slots: Vec<Vec<f64>>,
+    arrived: usize,
+    left: usize,
+    stopped: bool,
+}
+
+struct Rank {
+    rank: usize,
+    world: Arc<Threads>,
+}
+
+impl Rank {
+    /// Every rank's `mine`, once all have put theirs in.
+    fn exchange(&self, mine: Vec<f64>) -> stride_train::Result<Vec<Vec<f64>>> {
+        let w = &self.world;
+        let stopped = || stride_train::TrainError::Config(format!("rank {}: another rank stopped", self.rank));
+        let mut m = w.state.lock().unwrap();
+        // Wait until the previous collective has been read by everyone.
+        m = w.turn.wait_while(m, |m| m.left > 0 && !m.stopped).unwrap();
+        if m.left > 0 {
+            return Err(stopped());
+        }
+        m.slots.resize(w.size, Vec::new());
+        m.slots[self.rank] = mine;
+        m.arrived += 1;
+        w.turn.notify_all();
+        m = w.turn.wait_while(m, |m| m.arrived < w.size && !m.stopped).unwrap();
+        if m.arrived < w.size {
+            return Err(stopped());
+        }
+        let all = m.slots.clone();
+        m.left += 1;
+        if m.left == w.size {
+            (m.arrived, m.left) = (0, 0);
+        }
+        w.turn.notify_all();
+        Ok(all)
+    }
+    fn sum(&self, buf: &mut [f64]) -> stride_train::Result<()> {
+        let all = self.exchange(buf.to_vec())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = all.iter().map(|r| r[i]).sum();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Rank {
+    /// A rank that ends (done or failed) lets no other wait for it.
+    fn drop(&mut self) {
+        self.world.state.lock().unwrap_or_else(|p| p.into_inner()).stopped = true;
+        self.world.turn.notify_all();
+    }
+}
+
+impl stride_train::group::Group for Rank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.world.size
+    }
+    fn sum_f32(&self, buf: &mut [f32]) -> stride_train::Result<()> {
+        let mut wide: Vec<f64> = buf.iter().map(|&v| v as f64).collect();
+        self.sum(&mut wide)?;
+        buf.iter_mut().zip(wide).for_each(|(b, w)| *b = w as f32);
+        Ok(())
+    }
+    fn sum_f64(&self, buf: &mut [f64]) -> stride_train::Result<()> {
+        self.sum(buf)
+    }
+    fn broadcast_f32(&self, buf: &mut [f32]) -> stride_train::Result<()> {
+        let all = self.exchange(buf.iter().map(|&v| v as f64).collect())?;
+        buf.iter_mut().zip(&all[0]).for_each(|(b, &w)| *b = w as f32);
+        Ok(())
+    }
+    fn broadcast_f64(&self, buf: &mut [f64]) -> stride_train::Result<()> {
+        let all = self.exchange(buf.to_vec())?;
+        buf.copy_from_slice(&all[0]);
+        Ok(())
+    }
+}
+
+/// Trains `cnn_bn` on two ranks (threads) on `device`, rank r's model initialised from seed
+/// 7 + r (the initial broadcast must make them rank 0's): each rank's weights and buffers, and
+/// each rank's reads of device tensors back to the host (16 steps: 2 epochs of 8 batches).
+type State = Vec<(String, stride_autograd::Tensor<f32>)>;
+fn two_ranks(device: Device, sync_bn: bool) -> Result<(Vec<State>, Vec<usize>), String> {
+    let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let world = world.clone();
+            std::thread::spawn(move || {
+                let data = small(256, 64);
+                let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
+                let c = TrainConfig { device, sync_bn, data_parallel: Some(stride_train::group::DataParallel(group)), ..cfg(2, None) };
+                let mut model = cnn_bn(7 + rank as u64);
+                let before = HostMirror::reads();
+                train(&mut model, &data, &c, false, None, |_| {}).map_err(|e| e.to_string())?;
+                assert!(model.parameters().iter().all(|p| p.device() == device), "rank {rank}'s model stays on {device}");
+                let reads = HostMirror::reads() - before;
+                Ok::<_, String>((checkpoint::state_dict(&mut model), reads))
+            })
+        })
+        .collect();
+    let out: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    if out.iter().any(Result::is_err) {
+        // Every rank's error: the one that stopped first says why.
+        return Err(out.into_iter().filter_map(Result::err).collect::<Vec<_>>().join("; "));
+    }
+    Ok(out.into_iter().map(Result::unwrap).unzip())
+}
+
+#[test]
+fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
+    let dev = mirror();
+    let (cpu, _) = two_ranks(Device::Cpu, false).unwrap();
+    let (gpu, reads) = two_ranks(dev, false).unwrap();
+    // The mirror runs the CPU's kernels: the same sums, the same bits. And the ranks end
+    // alike (rank 1 started from other weights: rank 0's broadcast replaced them).
+    assert_eq!(cpu[0], gpu[0]);
+    assert_eq!(gpu[0], gpu[1]);
+    // Per step, rank 0 reads the gradients in one bucket (one read, however many parameters),
+    // the buffers it broadcasts in one, the loss and the logits' hits; rank 1 the same but the
+    // buffers (it takes rank 0's). Then a few a run: the first broadcast and each epoch's test
+    // pass (measured: 64 + 7 and 48 + 6). A read per tensor would add 8 a step for the
+    // gradients alone.
+    assert!(reads[0] <= 16 * 4 + 8 && reads[1] <= 16 * 3 + 8, "reads in 16 steps on ranks 0 and 1: {reads:?}");
+    // Synchronised batch norm is refused on a device, before any step.
+    let e = two_ranks(dev, true).unwrap_err();
+    assert!(e.contains("synchronised batch norm runs on the CPU only, not on cuda:94"), "{e}");
+}
