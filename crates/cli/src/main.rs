@@ -25,8 +25,10 @@ struct Cli {
     threads: Option<usize>,
     /// Where models run: cpu, cuda or cuda:N (train, eval, run, predict, vae, bench, summary,
     /// devices). CUDA is loaded at run time; `stride devices` lists what is there.
-    #[arg(long, global = true, default_value = "cpu")]
-    device: stride_autograd::Device,
+    /// Under `mpirun` (a build with `--features mpi`), `train --device cuda` gives each process
+    /// a GPU of its machine by its local rank (cuda:N pins them all to one).
+    #[arg(long, global = true, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
     /// On a GPU, cuDNN for convolutions, batch norm and max and average pooling: off (convolutions
     /// lowered to columns and multiplied by cuBLAS), fp32 (results within 1e-4 of the CPU's) or
     /// tf32 (tensor cores, PyTorch's default for convolutions).
@@ -101,6 +103,34 @@ fn group(n: usize) -> String {
     out
 }
 
+/// `--device` as given: the device, and whether it named no GPU in particular (`cuda`).
+#[derive(Clone, Copy, Debug)]
+struct DeviceArg {
+    device: stride_autograd::Device,
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    any_gpu: bool,
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    let device = s.parse::<stride_autograd::Device>().map_err(|e| e.to_string())?;
+    Ok(DeviceArg { device, any_gpu: matches!(s.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu") })
+}
+
+/// The device this process runs on: `--device`'s, except that each rank of a data-parallel job
+/// (`mpirun stride train --device cuda`) takes GPU (local rank mod GPUs), one process per GPU
+/// as with PyTorch's DDP.
+fn device_of_process(arg: DeviceArg, training: bool) -> stride_autograd::Device {
+    #[cfg(feature = "mpi")]
+    if arg.any_gpu && training {
+        if let (Some(local), Ok(count @ 1..)) = (mpi::local_rank(), stride_cuda::device_count()) {
+            return stride_autograd::Device::Cuda(local % count);
+        }
+    }
+    #[cfg(not(feature = "mpi"))]
+    let _ = training;
+    arg.device
+}
+
 fn main() {
     memory::keep_freed_memory();
     // `stride summary resnet50 | head` should end quietly when the reader closes the pipe, as
@@ -123,7 +153,7 @@ fn main() {
         eprintln!("error: cannot set up {} threads: {e}", cli.threads.map_or("the".to_string(), |t| t.to_string()));
         std::process::exit(1);
     }
-    let device = cli.device;
+    let device = device_of_process(cli.device, matches!(cli.command, Command::Train(_)));
     let takes_device = matches!(
         cli.command,
         Command::Train(_)
@@ -135,13 +165,12 @@ fn main() {
             | Command::Summary(_)
             | Command::Devices(_)
     );
+    // A run's header says which GPU it trains on and how (cuDNN or columns).
+    let mut on_gpu = None;
     if !device.is_cpu() {
         let ready = if takes_device {
             stride_cuda::init_with(device, stride_cuda::CudaOptions { cudnn: cli.cudnn }).map(|gpu| {
-                // A run's header says which GPU it trains on and how (cuDNN or columns).
-                if matches!(cli.command, Command::Train(_) | Command::Vae(_)) {
-                    println!("on {}", stride_autograd::device::Backend::<f32>::describe(&*gpu));
-                }
+                on_gpu = Some(format!("on {}", stride_autograd::device::Backend::<f32>::describe(&*gpu)));
             })
         } else {
             Err(stride_autograd::Error::device("--device", "applies to train, eval, run, predict, vae, bench, summary and devices"))
@@ -152,7 +181,8 @@ fn main() {
         }
     }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Train(args) => train::run(&args, device),
+        // Training prints it in its header (one line for all ranks of a data-parallel job).
+        Command::Train(args) => train::run(&args, device, on_gpu.as_deref()),
         Command::Eval(args) => infer::eval(&args, device),
         Command::Run(args) => infer::run(&args, device),
         Command::Predict(args) => infer::predict(&args, device),
@@ -160,7 +190,12 @@ fn main() {
         Command::Summary(args) => summary::run(&args, device),
         Command::Features(args) => look::features(&args),
         Command::Gradcam(args) => look::gradcam(&args),
-        Command::Vae(args) => vae::train(&args, device),
+        Command::Vae(args) => {
+            if let Some(line) = &on_gpu {
+                println!("{line}");
+            }
+            vae::train(&args, device)
+        }
         Command::Sample(args) => vae::sample(&args),
         Command::Export(args) => onnx::export(&args),
         Command::Import(args) => onnx::import(&args),
@@ -170,5 +205,30 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stride_autograd::Device;
+
+    #[test]
+    fn a_device_flag_says_whether_it_named_a_gpu() {
+        for (text, device, any_gpu) in [
+            ("cpu", Device::Cpu, false),
+            ("cuda", Device::Cuda(0), true),
+            ("GPU", Device::Cuda(0), true),
+            ("cuda:0", Device::Cuda(0), false),
+            ("cuda:3", Device::Cuda(3), false),
+        ] {
+            let d = parse_device(text).unwrap();
+            assert_eq!((d.device, d.any_gpu), (device, any_gpu), "{text}");
+        }
+        let e = parse_device("tpu").unwrap_err();
+        assert!(e.contains("\"tpu\""), "{e}");
+        // Outside mpirun (as tests run) `cuda` is GPU 0, and cuda:N is kept.
+        assert_eq!(device_of_process(parse_device("cuda").unwrap(), true), Device::Cuda(0));
+        assert_eq!(device_of_process(parse_device("cuda:2").unwrap(), true), Device::Cuda(2));
     }
 }

@@ -25,6 +25,13 @@ fn timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// This process's place among the job's processes on its machine, as the launcher says before
+/// MPI starts (Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`); `None`
+/// outside `mpirun`.
+pub fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 enum Job {
     SumF32(Vec<f32>, Sender<Vec<f32>>),
     SumF64(Vec<f64>, Sender<Vec<f64>>),

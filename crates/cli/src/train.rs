@@ -166,7 +166,8 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
     size.ok_or_else(|| format!("'{s}' is not a size: give N or HxW with each side 1..=4096"))
 }
 
-pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn std::error::Error>> {
+/// Trains as `a` says on `device`; `on_gpu` is the GPU's line for the header ("on cuda:0: ...").
+pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     // Under `mpirun -np N` (a build with `--features mpi`), this process is one rank of N.
     #[cfg(feature = "mpi")]
     let world = std::rc::Rc::new(crate::mpi::World::init()?);
@@ -177,6 +178,14 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn
     let group: Option<std::rc::Rc<dyn stride_train::group::Group>> = None;
     // Rank 0 speaks for the job; the other ranks print only errors.
     let root = group.as_ref().is_none_or(|g| g.rank() == 0);
+    // Where every rank trains, for rank 0's header.
+    let devices = match &group {
+        Some(g) => rank_devices(g.as_ref(), device)?,
+        None => vec![device],
+    };
+    if let Some(line) = on_gpu.filter(|_| root) {
+        println!("{line}");
+    }
     let mut data = stride_data::load(&a.data)?;
     if let Some((h, w)) = a.resize {
         data = data.resized(h, w)?;
@@ -203,8 +212,13 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model, &a.data));
     if let Some(g) = group.as_ref().filter(|_| root) {
         let (start, len) = stride_train::group::shard(a.batch_size, 0, g.size());
+        let on = if devices.iter().all(|d| d.is_cpu()) {
+            String::new()
+        } else {
+            format!("; ranks on {}", devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+        };
         println!(
-            "data parallel: {} processes, each trains on its share of every batch of {} (rank 0: rows {start}..{})",
+            "data parallel: {} processes, each trains on its share of every batch of {} (rank 0: rows {start}..{}){on}",
             g.size(),
             a.batch_size,
             start + len
@@ -315,6 +329,19 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device) -> Result<(), Box<dyn
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
     println!("test accuracy {:.4}", last.test.accuracy);
     Ok(())
+}
+
+/// The device of every rank (one sum of a table with a row per rank), in rank order.
+fn rank_devices(g: &dyn stride_train::group::Group, mine: stride_autograd::Device) -> stride_train::Result<Vec<stride_autograd::Device>> {
+    use stride_autograd::Device;
+    let mut table = vec![0.0; g.size()];
+    // 0 for the CPU, n + 1 for cuda:n.
+    table[g.rank()] = match mine {
+        Device::Cpu => 0.0,
+        Device::Cuda(n) => n as f64 + 1.0,
+    };
+    g.sum_f64(&mut table)?;
+    Ok(table.iter().map(|&v| if v < 0.5 { Device::Cpu } else { Device::Cuda(v as usize - 1) }).collect())
 }
 
 #[cfg(test)]

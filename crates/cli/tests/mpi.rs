@@ -2,6 +2,9 @@
 //! --test mpi`; needs `mpirun`: `apt-get install openmpi-bin libopenmpi-dev libclang-dev`).
 #![cfg(feature = "mpi")]
 
+mod common;
+mod emulator;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,8 +21,17 @@ fn text(o: &Output) -> String {
 
 /// `mpirun -np n stride ARGS` on this machine (root and oversubscription allowed, as in CI).
 fn mpirun(n: usize) -> Command {
+    mpirun_with(n, &[])
+}
+
+/// `mpirun` with `env` set for the ranks only (`-x NAME=value`), not for mpirun itself.
+fn mpirun_with(n: usize, env: &[(String, String)]) -> Command {
     let mut c = Command::new("mpirun");
-    c.args(["--allow-run-as-root", "--oversubscribe", "-np", &n.to_string(), env!("CARGO_BIN_EXE_stride")]);
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np", &n.to_string()]);
+    for (k, v) in env {
+        c.args(["-x", &format!("{k}={v}")]);
+    }
+    c.arg(env!("CARGO_BIN_EXE_stride"));
     c
 }
 
@@ -206,5 +218,43 @@ fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
     let r = mpirun(2).args(&args).output().unwrap();
     assert!(r.status.success(), "{}", text(&r));
     assert!(last_line(&r).starts_with("test accuracy "), "{}", text(&r));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn two_ranks_on_two_emulated_gpus_train_as_two_ranks_on_the_cpu() {
+    // Two GPUs on the CUDA emulator (crates/cuda/emulator), set for the ranks only (-x): each
+    // rank takes the GPU of its local rank, and the job trains as the same job on the CPU.
+    let Some(emu) = emulator::emulator() else { return };
+    let dir = tmp("gpus");
+    common::shapes(&dir.join("data"));
+    let run = |device: &str, extra: &[&str]| {
+        let out = dir.join(device);
+        let mut env = emu.env();
+        env.push(("FAKE_CUDA_DEVICES".into(), "2".into()));
+        let mut cmd = mpirun_with(2, &env);
+        cmd.args(["--threads", "1", "train", "--model", "cnn-bn", "--epochs", "2", "--batch-size", "8", "--no-report", "--device", device]);
+        cmd.args(["--data", dir.join("data").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        cmd.args(PLAIN_SGD).args(extra);
+        (cmd.output().unwrap(), out)
+    };
+    let (cpu, on_cpu) = run("cpu", &[]);
+    assert!(cpu.status.success(), "{}", text(&cpu));
+    let (gpu, on_gpu) = run("cuda", &[]);
+    let log = text(&gpu);
+    if !gpu.status.success() && log.contains("libnvrtc.so.13") && !emulator::required() {
+        eprintln!("skipped: no NVRTC");
+        return;
+    }
+    assert!(gpu.status.success(), "{log}");
+    assert!(log.contains("on cuda:0: Stride CPU emulator"), "{log}");
+    assert!(log.contains("ranks on cuda:0, cuda:1"), "each rank on the GPU of its local rank: {log}");
+    assert_eq!(log.matches("on cuda:0: ").count(), 1, "only rank 0 prints the header: {log}");
+    let worst = max_difference(&on_cpu, &on_gpu);
+    eprintln!("two ranks on two emulated GPUs against two on the CPU, after 2 epochs: {worst:e}");
+    assert!(worst <= 1e-3, "the GPUs' weights differ from the CPU's by {worst:e}");
+    // Synchronised batch norm is the CPU's alone yet: refused before the first step.
+    let (synced, _) = run("cuda", &["--sync-bn"]);
+    assert!(!synced.status.success() && text(&synced).contains("synchronised batch norm runs on the CPU only, not on cuda:"), "{}", text(&synced));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -103,19 +103,26 @@ fn present(lib: &str) -> Result<()> {
 /// The GPUs the CUDA driver sees. No driver gives
 /// `--device cuda: no CUDA driver found (libcuda.so.1)`.
 pub fn probe() -> Result<Vec<GpuInfo>> {
+    (0..device_count()?).map(gpu_info).collect()
+}
+
+/// How many GPUs the CUDA driver sees (without opening any).
+pub fn device_count() -> Result<usize> {
     present("libcuda.so.1")?;
     let count = cudarc::driver::CudaContext::device_count().map_err(|e| err("counting devices", e))?;
-    (0..count.max(0) as usize)
-        .map(|ordinal| {
-            let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err("opening the device", e))?;
-            Ok(GpuInfo {
-                ordinal,
-                name: ctx.name().map_err(|e| err("device name", e))?,
-                memory_bytes: ctx.total_mem().map_err(|e| err("device memory", e))?,
-                compute_capability: ctx.compute_capability().map_err(|e| err("compute capability", e))?,
-            })
-        })
-        .collect()
+    Ok(count.max(0) as usize)
+}
+
+/// What the driver says of GPU `ordinal` (opening it: a process that trains on one GPU of
+/// several touches only its own).
+fn gpu_info(ordinal: usize) -> Result<GpuInfo> {
+    let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err("opening the device", e))?;
+    Ok(GpuInfo {
+        ordinal,
+        name: ctx.name().map_err(|e| err("device name", e))?,
+        memory_bytes: ctx.total_mem().map_err(|e| err("device memory", e))?,
+        compute_capability: ctx.compute_capability().map_err(|e| err("compute capability", e))?,
+    })
 }
 
 /// The backend for `device`: the one already set up, or a new one with the default
@@ -144,13 +151,13 @@ fn setup(device: Device, options: Option<CudaOptions>) -> Result<Arc<CudaBackend
             _ => Ok(b.clone()),
         };
     }
-    let gpus = probe()?;
-    if ordinal >= gpus.len() {
-        return Err(Error::device("--device", format!("cuda:{ordinal} asked for, the driver sees {} GPU(s)", gpus.len())));
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(Error::device("--device", format!("cuda:{ordinal} asked for, the driver sees {count} GPU(s)")));
     }
     present("libcublas.so.13")?;
     present("libnvrtc.so.13")?;
-    let backend = Arc::new(CudaBackend::new(ordinal, &gpus[ordinal], options.unwrap_or_default())?);
+    let backend = Arc::new(CudaBackend::new(ordinal, &gpu_info(ordinal)?, options.unwrap_or_default())?);
     device::register::<f32>(backend.clone());
     ready.push(backend.clone());
     Ok(backend)
