@@ -95,6 +95,11 @@ pub(crate) enum Op<T: Elem> {
     Nll {
         targets: Vec<usize>,
     },
+    /// Summed element-wise over every process, on the host (synchronised batch norm's
+    /// statistics on a device); its gradient is the same sum of the gradients.
+    AllSum {
+        sum: ops::norm::SyncStats,
+    },
     /// Any primitive run by a device backend (inputs not on the CPU): its backward pass goes to
     /// the same backend with what its forward saved.
     Device {
@@ -149,8 +154,10 @@ pub const PRIMITIVES: [&str; 26] = [
 
 impl<T: Elem> Op<T> {
     pub(crate) fn name(&self) -> &'static str {
-        if let Op::Device { prim, .. } = self {
-            return prim.name();
+        match self {
+            Op::Device { prim, .. } => return prim.name(),
+            Op::AllSum { .. } => return "all_sum",
+            _ => {}
         }
         PRIMITIVES[self.index()]
     }
@@ -183,7 +190,7 @@ impl<T: Elem> Op<T> {
             Op::Softmax { .. } => 23,
             Op::LogSoftmax { .. } => 24,
             Op::Nll { .. } => 25,
-            Op::Device { .. } => unreachable!("named by its Prim"),
+            Op::Device { .. } | Op::AllSum { .. } => unreachable!("named without an index"),
         }
     }
 
@@ -230,6 +237,7 @@ impl<T: Elem> Op<T> {
             Op::Softmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, false)?)],
             Op::LogSoftmax { axis } => vec![Some(loss::softmax_backward(g, y, *axis, true)?)],
             Op::Nll { targets } => vec![Some(loss::nll_backward(g, x[0].shape(), targets)?)],
+            Op::AllSum { sum } => vec![Some(norm::all_sum_tensor(g, sum)?)],
             Op::Device { prim, backend, saved } => {
                 let grads = backend.backward(prim, saved.as_ref(), g, x, y)?;
                 for d in grads.iter().flatten() {

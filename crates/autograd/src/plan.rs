@@ -640,7 +640,9 @@ impl Compiler {
                 let axis = *axis;
                 Box::new(move |t| Tensor::concat(&t.iter().collect::<Vec<_>>(), axis))
             }
-            Op::ChannelMaxPool { .. } | Op::Nll { .. } => bail!(arg, "plan", "{name} has no planned form yet; run the network eagerly"),
+            Op::ChannelMaxPool { .. } | Op::Nll { .. } | Op::AllSum { .. } => {
+                bail!(arg, "plan", "{name} has no planned form yet; run the network eagerly")
+            }
         };
         let srcs = ps.iter().map(|&p| (self.src(p), self.rec.nodes[p].shape())).collect();
         let dst = self.define(i, shape, Layout::Nchw);

@@ -128,3 +128,35 @@ fn device_names_parse_as_pytorch_spells_them() {
         assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
     }
 }
+
+#[test]
+fn synchronised_batch_norm_on_a_device_matches_the_cpu() {
+    // As if a second process held the same batch: every all-reduce doubles. The device composes
+    // the statistics from its primitives and an all-sum; the CPU has its own kernel: forward,
+    // all three gradients and the running statistics must agree.
+    let (_, dev) = mirror();
+    let sync = SyncStats(std::rc::Rc::new(|buf: &mut [f64]| {
+        buf.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }));
+    let mut rng = Rng::seed(4);
+    let x = rng.normal(&[3, 4, 5, 2], 0.5, 2.0).unwrap();
+    let gamma = rng.normal(&[4], 1.0, 0.3).unwrap();
+    let beta = rng.normal(&[4], 0.0, 0.3).unwrap();
+    let dy = rng.normal(&[3, 4, 5, 2], 0.0, 1.0).unwrap();
+    let opts = BatchNormOptions { eps: 1e-5, momentum: 0.1 };
+    let run = |device: Device| {
+        let on = |t: &Tensor<f64>| t.to(device).unwrap();
+        let (x, gamma, beta) = (Var::parameter(on(&x)), Var::parameter(on(&gamma)), Var::parameter(on(&beta)));
+        let (mut rm, mut rv) = (on(&Tensor::zeros(&[4]).unwrap()), on(&Tensor::ones(&[4]).unwrap()));
+        let y = batch_norm_sync(&x, &gamma, &beta, &mut rm, &mut rv, true, opts, Some(&sync)).unwrap();
+        y.mul(&Var::constant(on(&dy))).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(y.value().device(), device);
+        [y.value(), x.grad().unwrap(), gamma.grad().unwrap(), beta.grad().unwrap(), rm, rv].map(|t| t.to_host().unwrap().into_vec())
+    };
+    let (cpu, gpu) = (run(Device::Cpu), run(dev));
+    for (what, (a, b)) in ["y", "dx", "dgamma", "dbeta", "running mean", "running var"].iter().zip(cpu.iter().zip(&gpu)) {
+        let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-10, "{what}: the device's synchronised batch norm differs from the CPU's by {worst:e}");
+    }
+}

@@ -253,8 +253,13 @@ fn two_ranks_on_two_emulated_gpus_train_as_two_ranks_on_the_cpu() {
     let worst = max_difference(&on_cpu, &on_gpu);
     eprintln!("two ranks on two emulated GPUs against two on the CPU, after 2 epochs: {worst:e}");
     assert!(worst <= 1e-3, "the GPUs' weights differ from the CPU's by {worst:e}");
-    // Synchronised batch norm is the CPU's alone yet: refused before the first step.
-    let (synced, _) = run("cuda", &["--sync-bn"]);
-    assert!(!synced.status.success() && text(&synced).contains("synchronised batch norm runs on the CPU only, not on cuda:"), "{}", text(&synced));
+    // With synchronised batch norm too (composed on the GPU from its sums and an all-reduce).
+    let (cpu, on_cpu) = run("cpu", &["--sync-bn"]);
+    assert!(cpu.status.success(), "{}", text(&cpu));
+    let (gpu, on_gpu) = run("cuda", &["--sync-bn"]);
+    assert!(gpu.status.success(), "{}", text(&gpu));
+    let worst = max_difference(&on_cpu, &on_gpu);
+    eprintln!("the same with --sync-bn: {worst:e}");
+    assert!(worst <= 1e-3, "with --sync-bn the GPUs' weights differ from the CPU's by {worst:e}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -427,9 +427,6 @@ pub fn train(
     if cfg.epochs == 0 || cfg.batch_size == 0 {
         return Err(TrainError::Config(format!("epochs ({}) and batch size ({}) must be at least 1", cfg.epochs, cfg.batch_size)));
     }
-    if !cfg.device.is_cpu() && cfg.data_parallel.is_some() && cfg.sync_bn {
-        return Err(TrainError::Config(format!("synchronised batch norm runs on the CPU only, not on {}", cfg.device)));
-    }
     model.to(cfg.device)?;
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;

@@ -67,8 +67,8 @@ pub fn batch_norm_sync<T: Elem>(
 ) -> Result<Var<T>> {
     let sync = sync.filter(|_| training);
     const OP: &str = "batch_norm";
-    if sync.is_some() && !x.device().is_cpu() {
-        stride_tensor::bail!(device, OP, "synchronised batch norm runs on the CPU only, the input is on {}", x.device());
+    if let (Some(sync), false) = (sync, x.device().is_cpu()) {
+        return batch_norm_sync_device(x, gamma, beta, running_mean, running_var, opts, sync);
     }
     if let Some((y, state)) = route_with(|| Prim::BatchNorm { training, opts }, &[x, gamma, beta], &[running_mean, running_var])? {
         if let [m, v] = &state[..] {
@@ -135,6 +135,80 @@ pub fn batch_norm_sync<T: Elem>(
     let y = norm::normalize(xv.data(), c, l, &mean, &invstd, gamma.value_ref().data(), beta.value_ref().data());
     let y = Tensor::from_vec(y, &s)?;
     Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training, sync: sync.cloned(), opts }, &[x, gamma, beta]))
+}
+
+/// Synchronised batch norm in training on a device: composed of the device's primitives and
+/// [`all_sum`], so only the per-channel sums cross to the host (2C values forward, and again
+/// backward through `all_sum`'s gradient); autograd differentiates the composition, which gives
+/// SyncBatchNorm's gradient. The variance is E[x^2] - mean^2 from the device's sums.
+fn batch_norm_sync_device<T: Elem>(
+    x: &Var<T>,
+    gamma: &Var<T>,
+    beta: &Var<T>,
+    running_mean: &mut Tensor<T>,
+    running_var: &mut Tensor<T>,
+    opts: BatchNormOptions,
+    sync: &SyncStats,
+) -> Result<Var<T>> {
+    const OP: &str = "batch_norm";
+    let s = x.shape();
+    if s.len() < 2 {
+        stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
+    }
+    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+    for (name, t) in [
+        ("weight", gamma.shape()),
+        ("bias", beta.shape()),
+        ("running_mean", running_mean.shape().to_vec()),
+        ("running_var", running_var.shape().to_vec()),
+    ] {
+        if t != [c] {
+            stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
+        }
+    }
+    if opts.eps.is_nan() || opts.eps <= 0.0 || !(0.0..=1.0).contains(&opts.momentum) {
+        stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
+    }
+    let mut count = [(n * l) as f64];
+    (sync.0)(&mut count)?;
+    let m = count[0];
+    if m <= 1.0 {
+        stride_tensor::bail!(shape, OP, "training needs more than one value per channel over all processes, got {m}");
+    }
+    let axes: Vec<usize> = (0..s.len()).filter(|&a| a != 1).collect();
+    let per_channel: Vec<usize> = s.iter().enumerate().map(|(a, &d)| if a == 1 { d } else { 1 }).collect();
+    let sums = all_sum(&crate::ops::shape::concat(&[&x.sum(&axes, false)?, &x.square()?.sum(&axes, false)?], 0)?, sync)?;
+    let mean = sums.narrow(0, 0, c)?.mul_scalar(1.0 / m)?;
+    let var = sums.narrow(0, c, c)?.mul_scalar(1.0 / m)?.sub(&mean.square()?)?.relu()?;
+    let scale = var.add_scalar(opts.eps)?.powf(-0.5)?.mul(gamma)?;
+    let y = x.sub(&mean.reshape(&per_channel)?)?.mul(&scale.reshape(&per_channel)?)?.add(&beta.reshape(&per_channel)?)?;
+    // running = (1 - momentum) * running + momentum * batch, with the unbiased variance.
+    crate::no_grad(|| -> Result<()> {
+        let mom = opts.momentum;
+        let blend = |r: &Tensor<T>, b: &Var<T>| Var::constant(r.clone()).mul_scalar(1.0 - mom)?.add(&b.detach().mul_scalar(mom)?);
+        let new_mean = blend(running_mean, &mean)?.value();
+        let new_var = blend(running_var, &var.mul_scalar(m / (m - 1.0))?)?.value();
+        (*running_mean, *running_var) = (new_mean, new_var);
+        Ok(())
+    })?;
+    Ok(y)
+}
+
+/// `t` summed element-wise over every process by `sum` (in f64, on the host), back where `t`
+/// lives.
+pub(crate) fn all_sum_tensor<T: Elem>(t: &Tensor<T>, sum: &SyncStats) -> Result<Tensor<T>> {
+    let mut buf: Vec<f64> = t.to_host()?.data().iter().map(|v| v.as_f64()).collect();
+    (sum.0)(&mut buf)?;
+    let host = Tensor::from_vec(buf.into_iter().map(T::c).collect(), t.shape())?;
+    host.to(t.device())
+}
+
+/// `x` summed element-wise over every process (an all-reduce), differentiably: the gradient of
+/// every process's loss with respect to the sum reaches each process's `x` as the sum of the
+/// processes' gradients.
+pub(crate) fn all_sum<T: Elem>(x: &Var<T>, sum: &SyncStats) -> Result<Var<T>> {
+    let y = all_sum_tensor(&x.value(), sum)?;
+    Ok(Var::from_op(y, Op::AllSum { sum: sum.clone() }, &[x]))
 }
 
 pub(crate) fn batch_norm_backward<T: Elem>(
