@@ -227,7 +227,7 @@ fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
     // Plain SGD: Adam would turn that rounding into full steps on weights whose gradient is
     // noise around zero (see crates/cli/tests/mpi.rs).
     let sgd = stride_train::OptimizerKind::Sgd { momentum: 0.0, nesterov: false };
-    let (cpu, _) = two_ranks_with(Device::Cpu, true, sgd.clone()).unwrap();
+    let (cpu, _) = two_ranks_with(Device::Cpu, true, sgd).unwrap();
     let (gpu, _) = two_ranks_with(dev, true, sgd).unwrap();
     assert_eq!(gpu[0], gpu[1]);
     // Measured: 3e-5 at most (a running mean); a wrong gradient through the all-sum is 1e-1.
