@@ -77,23 +77,7 @@ pub fn batch_norm_sync<T: Elem>(
         return Ok(y);
     }
     let s = x.shape();
-    if s.len() < 2 {
-        stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
-    }
-    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-    for (name, t) in [
-        ("weight", gamma.shape()),
-        ("bias", beta.shape()),
-        ("running_mean", running_mean.shape().to_vec()),
-        ("running_var", running_var.shape().to_vec()),
-    ] {
-        if t != [c] {
-            stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
-        }
-    }
-    if opts.eps.is_nan() || opts.eps <= 0.0 || !(0.0..=1.0).contains(&opts.momentum) {
-        stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
-    }
+    let (n, c, l) = check_inputs(&s, gamma, beta, running_mean, running_var, opts)?;
     let xv = x.value();
     let (mean, invstd) = if training {
         let st = match sync {
@@ -137,6 +121,33 @@ pub fn batch_norm_sync<T: Elem>(
     Ok(Var::from_op(y, Op::BatchNorm { mean, invstd, training, sync: sync.cloned(), opts }, &[x, gamma, beta]))
 }
 
+/// [N, C, L] of batch norm's input `s` (L the product of the axes after C), once the weight,
+/// bias and running statistics have C values each and eps and momentum are in range.
+fn check_inputs<T: Elem>(
+    s: &[usize],
+    gamma: &Var<T>,
+    beta: &Var<T>,
+    rm: &Tensor<T>,
+    rv: &Tensor<T>,
+    opts: BatchNormOptions,
+) -> Result<(usize, usize, usize)> {
+    const OP: &str = "batch_norm";
+    if s.len() < 2 {
+        stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
+    }
+    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
+    for (name, t) in [("weight", gamma.shape()), ("bias", beta.shape()), ("running_mean", rm.shape().to_vec()), ("running_var", rv.shape().to_vec())]
+    {
+        if t != [c] {
+            stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
+        }
+    }
+    if opts.eps.is_nan() || opts.eps <= 0.0 || !(0.0..=1.0).contains(&opts.momentum) {
+        stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
+    }
+    Ok((n, c, l))
+}
+
 /// Synchronised batch norm in training on a device: composed of the device's primitives and
 /// [`all_sum`], so only the per-channel sums cross to the host (2C values forward, and again
 /// backward through `all_sum`'s gradient); autograd differentiates the composition, which gives
@@ -152,23 +163,7 @@ fn batch_norm_sync_device<T: Elem>(
 ) -> Result<Var<T>> {
     const OP: &str = "batch_norm";
     let s = x.shape();
-    if s.len() < 2 {
-        stride_tensor::bail!(shape, OP, "expects at least [N, C], got shape {s:?}");
-    }
-    let (n, c, l) = (s[0], s[1], s[2..].iter().product::<usize>());
-    for (name, t) in [
-        ("weight", gamma.shape()),
-        ("bias", beta.shape()),
-        ("running_mean", running_mean.shape().to_vec()),
-        ("running_var", running_var.shape().to_vec()),
-    ] {
-        if t != [c] {
-            stride_tensor::bail!(shape, OP, "{name} has shape {t:?} but the input has {c} channels (input {s:?})");
-        }
-    }
-    if opts.eps.is_nan() || opts.eps <= 0.0 || !(0.0..=1.0).contains(&opts.momentum) {
-        stride_tensor::bail!(arg, OP, "eps must be positive and momentum in [0, 1], got eps {} momentum {}", opts.eps, opts.momentum);
-    }
+    let (n, c, l) = check_inputs(&s, gamma, beta, running_mean, running_var, opts)?;
     let mut count = [(n * l) as f64];
     (sync.0)(&mut count)?;
     let m = count[0];
