@@ -169,6 +169,14 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
 /// Trains as `a` says on `device`; `on_gpu` is the GPU's line for the header ("on cuda:0: ...").
 pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     // Under `mpirun -np N` (a build with `--features mpi`), this process is one rank of N.
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launched_processes().filter(|&n| n > 1) {
+        return Err(format!(
+            "this stride was built without MPI, so under mpirun each of the {n} processes would train alone into the same run folder; \
+             build it with `cargo build --release -p stride-cli --features mpi`"
+        )
+        .into());
+    }
     #[cfg(feature = "mpi")]
     let world = std::rc::Rc::new(crate::mpi::World::init()?);
     #[cfg(feature = "mpi")]
@@ -329,6 +337,13 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
     println!("test accuracy {:.4}", last.test.accuracy);
     Ok(())
+}
+
+/// How many processes a launcher started this one among (Open MPI's `OMPI_COMM_WORLD_SIZE`,
+/// MPICH's `PMI_SIZE`); `None` outside one.
+#[cfg(not(feature = "mpi"))]
+fn launched_processes() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 
 /// The device of every rank (one sum of a table with a row per rank), in rank order.

@@ -314,3 +314,29 @@ fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect();
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
+
+/// A build without the `mpi` feature started by `mpirun -np 2` would train twice into one run
+/// folder: it stops and says how to build for MPI instead.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn training_under_mpirun_without_mpi_support_is_refused() {
+    let dir = tmp("no-mpi");
+    let out = Command::new(env!("CARGO_BIN_EXE_stride"))
+        .args(["train", "--epochs", "1", "--out", dir.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("built without MPI, so under mpirun each of the 2 processes would train alone") && log.contains("--features mpi"), "{log}");
+    assert!(!dir.exists(), "nothing written: {log}");
+    // One process (mpirun -np 1) goes on to train: here it gets as far as the next check.
+    let one = Command::new(env!("CARGO_BIN_EXE_stride"))
+        .args(["train", "--epochs", "0", "--out", dir.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    let log = text(&one);
+    assert!(!log.contains("MPI") && log.contains("epochs (0)"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
