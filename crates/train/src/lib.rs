@@ -514,6 +514,16 @@ pub fn train(
         if segments.is_some() {
             return Err(TrainError::Config("synchronised batch norm does not combine with activation recompute yet".into()));
         }
+        // Its statistics are collectives inside the forward pass, which a rank with no share of
+        // a batch does not run: every batch, the epoch's last too, must reach every rank.
+        let (n, b, size) = (data.train.len(), cfg.batch_size, g.size());
+        let smallest = if n % b == 0 { b.min(n) } else { n % b };
+        if smallest < size {
+            return Err(TrainError::Config(format!(
+                "synchronised batch norm needs a share of every batch on each of the {size} processes, but the smallest batch of an \
+                 epoch has {smallest} image(s) ({n} training images in batches of {b}); choose a batch size that leaves at least {size}"
+            )));
+        }
         let g = g.clone();
         ctx.sync_bn = Some(stride_autograd::SyncStats(std::rc::Rc::new(move |buf: &mut [f64]| {
             g.sum_f64(buf).map_err(|e| stride_autograd::Error::arg("sync batch norm", e.to_string()))

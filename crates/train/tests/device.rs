@@ -182,12 +182,16 @@ fn two_ranks(device: Device, sync_bn: bool) -> Result<(Vec<State>, Vec<usize>), 
 }
 
 fn two_ranks_with(device: Device, sync_bn: bool, optimizer: stride_train::OptimizerKind) -> Result<(Vec<State>, Vec<usize>), String> {
+    two_ranks_on(device, sync_bn, optimizer, 256)
+}
+
+fn two_ranks_on(device: Device, sync_bn: bool, optimizer: stride_train::OptimizerKind, images: usize) -> Result<(Vec<State>, Vec<usize>), String> {
     let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             let world = world.clone();
             std::thread::spawn(move || {
-                let data = small(256, 64);
+                let data = small(images, 64);
                 let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
                 let c = TrainConfig { device, sync_bn, optimizer, data_parallel: Some(stride_train::group::DataParallel(group)), ..cfg(2, None) };
                 let mut model = cnn_bn(7 + rank as u64);
@@ -237,4 +241,14 @@ fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
         .flat_map(|((_, a), (_, b))| a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())))
         .fold(0.0, f32::max);
     assert!(worst < 1e-4, "with synchronised batch norm the device's ranks differ from the CPU's by {worst:e}");
+}
+
+#[test]
+fn synchronised_batch_norm_refuses_a_batch_some_rank_has_no_share_of() {
+    // 257 images in batches of 32: the epoch's last batch has one image, so one of two ranks
+    // would skip the forward pass whose statistics the other waits for.
+    let e = two_ranks_on(Device::Cpu, true, stride_train::OptimizerKind::Adam, 257).unwrap_err();
+    assert!(e.contains("smallest batch of an epoch has 1 image(s) (257 training images in batches of 32)"), "{e}");
+    // Without synchronised statistics that batch is fine: the rank without a share adds zeros.
+    two_ranks_on(Device::Cpu, false, stride_train::OptimizerKind::Adam, 257).unwrap();
 }
