@@ -103,6 +103,12 @@ fn group(n: usize) -> String {
     out
 }
 
+/// The first of the launcher's environment variables `names` that holds a number (a rank or a
+/// count mpirun sets before MPI starts); `None` outside a launcher.
+fn launcher_number(names: &[&str]) -> Option<usize> {
+    names.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 /// `--device` as given: the device, and whether it named no GPU in particular (`cuda`).
 #[derive(Clone, Copy, Debug)]
 struct DeviceArg {

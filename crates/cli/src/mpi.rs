@@ -29,7 +29,7 @@ fn timeout() -> Duration {
 /// MPI starts (Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`); `None`
 /// outside `mpirun`.
 pub fn local_rank() -> Option<usize> {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+    crate::launcher_number(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"])
 }
 
 enum Job {

@@ -343,7 +343,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
 /// MPICH's `PMI_SIZE`); `None` outside one.
 #[cfg(not(feature = "mpi"))]
 fn launched_processes() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+    crate::launcher_number(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
 }
 
 /// The device of every rank (one sum of a table with a row per rank), in rank order.

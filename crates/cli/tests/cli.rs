@@ -321,21 +321,18 @@ fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
 #[test]
 fn training_under_mpirun_without_mpi_support_is_refused() {
     let dir = tmp("no-mpi");
-    let out = Command::new(env!("CARGO_BIN_EXE_stride"))
-        .args(["train", "--epochs", "1", "--out", dir.to_str().unwrap()])
-        .env("OMPI_COMM_WORLD_SIZE", "2")
-        .output()
-        .unwrap();
+    // `stride train --epochs E` as one of `processes` that mpirun started.
+    let under = |processes: &str, epochs: &str| {
+        let args = ["train", "--epochs", epochs, "--out", dir.to_str().unwrap()];
+        Command::new(env!("CARGO_BIN_EXE_stride")).args(args).env("OMPI_COMM_WORLD_SIZE", processes).output().unwrap()
+    };
+    let out = under("2", "1");
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("built without MPI, so under mpirun each of the 2 processes would train alone") && log.contains("--features mpi"), "{log}");
     assert!(!dir.exists(), "nothing written: {log}");
     // One process (mpirun -np 1) goes on to train: here it gets as far as the next check.
-    let one = Command::new(env!("CARGO_BIN_EXE_stride"))
-        .args(["train", "--epochs", "0", "--out", dir.to_str().unwrap()])
-        .env("OMPI_COMM_WORLD_SIZE", "1")
-        .output()
-        .unwrap();
+    let one = under("1", "0");
     let log = text(&one);
     assert!(!log.contains("MPI") && log.contains("epochs (0)"), "{log}");
     let _ = std::fs::remove_dir_all(dir);

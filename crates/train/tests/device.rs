@@ -9,7 +9,7 @@ use stride_autograd::device::{self, HostMirror};
 use stride_autograd::{Device, Rng};
 use stride_models::{build, InputSpec};
 use stride_nn::Module;
-use stride_train::{checkpoint, train, TrainConfig};
+use stride_train::{checkpoint, train, OptimizerKind, TrainConfig};
 
 mod common;
 use common::{cfg, small, tmp};
@@ -173,19 +173,11 @@ impl stride_train::group::Group for Rank {
     }
 }
 
-/// Trains `cnn_bn` on two ranks (threads) on `device`, rank r's model initialised from seed
+/// Trains `cnn_bn` on `images` training images on two ranks (threads) on `device`, rank r's model initialised from seed
 /// 7 + r (the initial broadcast must make them rank 0's): each rank's weights and buffers, and
 /// each rank's reads of device tensors back to the host (16 steps: 2 epochs of 8 batches).
 type State = Vec<(String, stride_autograd::Tensor<f32>)>;
-fn two_ranks(device: Device, sync_bn: bool) -> Result<(Vec<State>, Vec<usize>), String> {
-    two_ranks_with(device, sync_bn, stride_train::OptimizerKind::Adam)
-}
-
-fn two_ranks_with(device: Device, sync_bn: bool, optimizer: stride_train::OptimizerKind) -> Result<(Vec<State>, Vec<usize>), String> {
-    two_ranks_on(device, sync_bn, optimizer, 256)
-}
-
-fn two_ranks_on(device: Device, sync_bn: bool, optimizer: stride_train::OptimizerKind, images: usize) -> Result<(Vec<State>, Vec<usize>), String> {
+fn two_ranks(device: Device, sync_bn: bool, optimizer: OptimizerKind, images: usize) -> Result<(Vec<State>, Vec<usize>), String> {
     let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
@@ -214,8 +206,8 @@ fn two_ranks_on(device: Device, sync_bn: bool, optimizer: stride_train::Optimize
 #[test]
 fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
     let dev = mirror();
-    let (cpu, _) = two_ranks(Device::Cpu, false).unwrap();
-    let (gpu, reads) = two_ranks(dev, false).unwrap();
+    let (cpu, _) = two_ranks(Device::Cpu, false, OptimizerKind::Adam, 256).unwrap();
+    let (gpu, reads) = two_ranks(dev, false, OptimizerKind::Adam, 256).unwrap();
     // The mirror runs the CPU's kernels: the same sums, the same bits. And the ranks end
     // alike (rank 1 started from other weights: rank 0's broadcast replaced them).
     assert_eq!(cpu[0], gpu[0]);
@@ -230,9 +222,9 @@ fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
     // the host) where the CPU has its own kernel, so the two agree to rounding.
     // Plain SGD: Adam would turn that rounding into full steps on weights whose gradient is
     // noise around zero (see crates/cli/tests/mpi.rs).
-    let sgd = stride_train::OptimizerKind::Sgd { momentum: 0.0, nesterov: false };
-    let (cpu, _) = two_ranks_with(Device::Cpu, true, sgd).unwrap();
-    let (gpu, _) = two_ranks_with(dev, true, sgd).unwrap();
+    let sgd = OptimizerKind::Sgd { momentum: 0.0, nesterov: false };
+    let (cpu, _) = two_ranks(Device::Cpu, true, sgd, 256).unwrap();
+    let (gpu, _) = two_ranks(dev, true, sgd, 256).unwrap();
     assert_eq!(gpu[0], gpu[1]);
     // Measured: 3e-5 at most (a running mean); a wrong gradient through the all-sum is 1e-1.
     let worst = cpu[0]
@@ -247,8 +239,8 @@ fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
 fn synchronised_batch_norm_refuses_a_batch_some_rank_has_no_share_of() {
     // 257 images in batches of 32: the epoch's last batch has one image, so one of two ranks
     // would skip the forward pass whose statistics the other waits for.
-    let e = two_ranks_on(Device::Cpu, true, stride_train::OptimizerKind::Adam, 257).unwrap_err();
+    let e = two_ranks(Device::Cpu, true, OptimizerKind::Adam, 257).unwrap_err();
     assert!(e.contains("smallest batch of an epoch has 1 image(s) (257 training images in batches of 32)"), "{e}");
     // Without synchronised statistics that batch is fine: the rank without a share adds zeros.
-    two_ranks_on(Device::Cpu, false, stride_train::OptimizerKind::Adam, 257).unwrap();
+    two_ranks(Device::Cpu, false, OptimizerKind::Adam, 257).unwrap();
 }
