@@ -682,7 +682,7 @@ fn forward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>]) ->
         }
         TStep::Conv { geom, layout, w, b, relu, x, y, .. } => {
             let mut out = take(slots, *y);
-            let prep = Prepared::new(geom, weights[*w].data());
+            let prep = Prepared::for_step(geom, weights[*w].data());
             let epi = Epilogue { bias: b.map(|b| weights[b].data()), residual: None, act: relu.then_some(Unary::Relu) };
             let (xl, yl) = (geom.n * geom.c * geom.h * geom.w, geom.n * geom.k * geom.p * geom.q);
             planned::forward_into(geom, *layout, &slots[*x][..xl], &prep, epi, &mut out[..yl]);

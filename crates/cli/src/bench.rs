@@ -151,12 +151,16 @@ fn conv_bench(args: &BenchArgs) -> Result<()> {
         });
         // SPEC.md's FLOPs: the same count for a convolution and its transpose.
         let flops = geom.flops();
-        for (name, secs, fl) in [("conv_fwd", t_fwd, flops), ("conv_bwd", t_bwd, 2.0 * flops)] {
+        // Each pass's algorithm (a transposed convolution's forward is a data gradient).
+        let algo = |pass| format!("{:?}", conv::Algo::for_pass(&geom, pass));
+        let (fwd_pass, data_pass) = if transposed { (conv::Pass::Data, conv::Pass::Forward) } else { (conv::Pass::Forward, conv::Pass::Data) };
+        let algos = [algo(fwd_pass), format!("{}/{}", algo(data_pass), algo(conv::Pass::Filter))];
+        for ((name, secs, fl), algo) in [("conv_fwd", t_fwd, flops), ("conv_bwd", t_bwd, 2.0 * flops)].into_iter().zip(algos) {
             let rec = json!({
                 "bench": name, "impl": "stride", "shape": id,
                 "value": (fl / secs / 1e9 * 1000.0).round() / 1000.0, "unit": "GFLOP/s",
                 "median_ms": (secs * 1e7).round() / 1e4, "gflop": (fl / 1e9 * 1e4).round() / 1e4,
-                "algo": format!("{:?}", conv::Algo::choose(&geom)), "threads": rayon::current_num_threads(),
+                "algo": algo, "threads": rayon::current_num_threads(),
             });
             println!("{rec}");
         }

@@ -150,6 +150,25 @@ fn every_algorithm_runs_planned() {
 }
 
 #[test]
+fn a_training_step_lowers_a_small_winograd_layer_to_columns() {
+    // One image of 4x4 maps: a plan transforms the filters once (Winograd); a step, whose
+    // weights change before the next, takes columns, in NCHW as the plan laid it out.
+    let (xs, ws) = ([1, 16, 4, 4], [16, 16, 3, 3]);
+    let g = ConvGeom::conv2d(&xs, &ws, &Conv2dOptions::default().padding(Padding::Same)).unwrap();
+    let [x, w, bv, rv] = operands(&g, xs, ws, 3);
+    assert_eq!(Prepared::new(&g, w.data()).algo(), Algo::Winograd);
+    let step = Prepared::for_step(&g, w.data());
+    assert_eq!(step.algo(), Algo::Im2col);
+    let want = expected(&g, x.data(), w.data(), Some(bv.data()), Some(rv.data()), Some(Unary::Relu));
+    let mut y = vec![f64::NAN; want.len()];
+    let epi = Epilogue { bias: Some(bv.data()), residual: Some(rv.data()), act: Some(Unary::Relu) };
+    planned::forward_into(&g, Layout::Nchw, x.data(), &step, epi, &mut y);
+    for (i, (a, e)) in y.iter().zip(&want).enumerate() {
+        assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "[{i}] {a} vs {e}");
+    }
+}
+
+#[test]
 fn large_blocks_are_lowered_in_chunks() {
     // 576 x 256 columns per image: each image is a chunk of its own inside a block of 4.
     let o = Conv2dOptions::default();

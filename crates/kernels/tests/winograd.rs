@@ -21,12 +21,12 @@ fn check<T: Elem>(x_shape: [usize; 4], k: usize, padding: Padding, tol: f64) {
     let b = rng.normal::<T>(&[k], 0.0, 1.0).unwrap();
     let dy = rng.normal::<T>(&g.small_shape(), 0.0, 1.0).unwrap();
     for bias in [None, Some(b.data())] {
-        let e = rel_err(&conv::forward(&g, x.data(), w.data(), bias), &reference::forward(&g, x.data(), w.data(), bias));
+        let e = rel_err(&conv::forward_by(&g, Algo::Winograd, x.data(), w.data(), bias), &reference::forward(&g, x.data(), w.data(), bias));
         assert!(e <= tol, "forward {x_shape:?} k {k} {padding:?} bias {}: relative error {e:e}", bias.is_some());
     }
-    let e = rel_err(&conv::backward_data(&g, dy.data(), w.data()), &reference::backward_data(&g, dy.data(), w.data()));
+    let e = rel_err(&conv::backward_data_by(&g, Algo::Winograd, dy.data(), w.data()), &reference::backward_data(&g, dy.data(), w.data()));
     assert!(e <= tol, "backward_data {x_shape:?} k {k} {padding:?}: relative error {e:e}");
-    let e = rel_err(&conv::backward_filter(&g, x.data(), dy.data()), &reference::backward_filter(&g, x.data(), dy.data()));
+    let e = rel_err(&conv::backward_filter_by(&g, Algo::Winograd, x.data(), dy.data()), &reference::backward_filter(&g, x.data(), dy.data()));
     assert!(e <= tol, "backward_filter {x_shape:?} k {k} {padding:?}: relative error {e:e}");
 }
 
@@ -75,4 +75,40 @@ fn used_only_where_it_applies() {
     assert_ne!(algo([2, 16, 8, 8], [16, 16, 3, 3], same.padding(Padding::uniform(3))), Algo::Winograd, "padding 3");
     assert_eq!(algo([64, 512, 4, 4], [512, 512, 3, 3], same), Algo::Winograd, "4x4 maps");
     assert_ne!(algo([64, 512, 3, 3], [512, 512, 3, 3], same), Algo::Winograd, "3x3 maps");
+}
+
+#[test]
+fn a_call_too_small_to_repay_the_filter_transform_takes_another_algorithm() {
+    use conv::Pass::{Data, Filter, Forward};
+    let same = Conv2dOptions::default().padding(Padding::Same);
+    let passes = |n: usize, c: usize, hw: usize| {
+        let g = ConvGeom::conv2d(&[n, c, hw, hw], &[c, c, 3, 3], &same).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Winograd, "{g:?}");
+        [Forward, Data, Filter].map(|pass| Algo::for_pass(&g, pass))
+    };
+    // ResNet-18's last stage at batch 32 (one tile per image): Winograd forward, taps for both
+    // gradients; at 128 images everything is Winograd again; one image is lowered to columns.
+    assert_eq!(passes(32, 512, 4), [Algo::Winograd, Algo::Taps, Algo::Taps]);
+    assert_eq!(passes(128, 512, 4), [Algo::Winograd; 3]);
+    assert_eq!(passes(1, 512, 4), [Algo::Im2col; 3]);
+    // 8x8 maps: taps do not apply (too few products with padding), so im2col below ~20 tiles.
+    assert_eq!(passes(1, 256, 8), [Algo::Im2col; 3]);
+    assert_eq!(passes(32, 256, 8), [Algo::Winograd; 3]);
+    assert_eq!(passes(1, 64, 32), [Algo::Winograd; 3], "64 tiles in one image");
+
+    // Whatever a pass takes, it computes the convolution.
+    for n in [1, 6, 40] {
+        let g = ConvGeom::conv2d(&[n, 32, 4, 4], &[24, 32, 3, 3], &same).unwrap();
+        let mut rng = Rng::seed(5);
+        let x = rng.normal::<f32>(&[n, 32, 4, 4], 0.0, 1.0).unwrap();
+        let w = rng.normal::<f32>(&g.weight_shape(), 0.0, 0.2).unwrap();
+        let dy = rng.normal::<f32>(&g.small_shape(), 0.0, 1.0).unwrap();
+        let what = |pass| format!("n {n} {pass:?} by {:?}", Algo::for_pass(&g, pass));
+        let e = rel_err(&conv::forward(&g, x.data(), w.data(), None), &reference::forward(&g, x.data(), w.data(), None));
+        assert!(e <= 1e-5, "{}: {e:e}", what(Forward));
+        let e = rel_err(&conv::backward_data(&g, dy.data(), w.data()), &reference::backward_data(&g, dy.data(), w.data()));
+        assert!(e <= 1e-5, "{}: {e:e}", what(Data));
+        let e = rel_err(&conv::backward_filter(&g, x.data(), dy.data()), &reference::backward_filter(&g, x.data(), dy.data()));
+        assert!(e <= 1e-5, "{}: {e:e}", what(Filter));
+    }
 }

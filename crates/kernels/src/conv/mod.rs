@@ -1,7 +1,8 @@
 //! 2-D convolution, NCHW, forward and both gradients. A transposed convolution is the same
 //! three kernels with the roles of forward and data-gradient swapped (see `ConvGeom`).
 //!
-//! Algorithm choice lives in one place, [`Algo::choose`].
+//! Algorithm choice lives in one place: [`Algo::choose`] by shape, and [`Algo::for_pass`] for
+//! one call of one pass, which also weighs what the call pays to lay out its filters.
 
 mod depthwise;
 mod depthwise_avx2;
@@ -74,6 +75,81 @@ impl Algo {
             Algo::Im2col
         }
     }
+
+    /// The algorithm one call of `pass` runs (eager passes, a training step's): [`Algo::choose`],
+    /// with two exceptions for the gradients (the direct kernel is forward only, and a
+    /// single-channel input's data gradient takes im2col's one product over all K filters
+    /// instead of K direct passes added into each plane: B3's c1, ~35 GFLOP/s against ~29 for
+    /// the whole backward pass), except where that is Winograd and the call is too small to
+    /// repay it. Winograd lays out 36 transformed values per filter
+    /// pair (K·C) at every call (weights change between steps; a plan of inference keeps them,
+    /// so it follows `choose`), and its filter gradient transforms 36·K·C sums back; taps lay
+    /// out 9 per pair; im2col reads the filters where they are. With few 4x4 tiles of output
+    /// in the call (images times tiles per image) those layouts cost more than Winograd's
+    /// cheaper products save: ResNet-18's last stage (512 channels, 4x4 maps, one tile per
+    /// image) at batch 32 spends 9.5 ms in taps' filter gradient against 17.4 in Winograd's
+    /// (see [`pass_cost`]).
+    pub fn for_pass(g: &ConvGeom, pass: Pass) -> Algo {
+        let algo = match (pass, Algo::choose(g)) {
+            (Pass::Data | Pass::Filter, Algo::Direct) => Algo::Im2col,
+            (Pass::Data, Algo::Depthwise) if g.groups == 1 => Algo::Im2col,
+            (_, algo) => algo,
+        };
+        if algo != Algo::Winograd {
+            return algo;
+        }
+        let tiles = g.n * g.p.div_ceil(4) * g.q.div_ceil(4);
+        let mut best = (Algo::Winograd, pass_cost(Algo::Winograd, pass, tiles));
+        for other in [Algo::Taps, Algo::Im2col] {
+            let cost = pass_cost(other, pass, tiles);
+            if (other != Algo::Taps || taps::applies(g)) && cost < best.1 {
+                best = (other, cost);
+            }
+        }
+        best.0
+    }
+
+    /// Whether this algorithm can run `pass` of `g`: the one [`Algo::for_pass`] gives, or one
+    /// it weighs in its place (Winograd or taps where their shapes allow, im2col anywhere).
+    pub fn runs(self, g: &ConvGeom, pass: Pass) -> bool {
+        self == Algo::for_pass(g, pass)
+            || self == Algo::Im2col
+            || (self == Algo::Winograd && winograd::Plan::applies(g))
+            || (self == Algo::Taps && taps::applies(g))
+    }
+}
+
+/// A convolution's three passes, whose algorithms [`Algo::for_pass`] chooses apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    /// The input's gradient (a transposed convolution's forward pass).
+    Data,
+    /// The filters' gradient.
+    Filter,
+}
+
+/// The time of one call of `pass` by `algo` on a 3x3 convolution that Winograd could run, in
+/// nanoseconds per filter pair (K·C, which every term scales with): a part paid once per call
+/// (laying out the filters) and a part per tile of 4x4 outputs (`tiles`: images times tiles
+/// per image). Fitted to calls at batches 1 to 128 of ResNet-18's 3x3 layers (64 channels on
+/// 32x32 maps to 512 on 4x4) on the 2-core reference machine (AVX-512, both threads):
+/// Winograd wins from about 20 tiles forward, taps take the gradients of small calls (from
+/// 7 tiles for the data, 3 for the filters) up to about 50 tiles for the data and 100 for
+/// the filters, and im2col the rest of the small calls.
+fn pass_cost(algo: Algo, pass: Pass, tiles: usize) -> f64 {
+    let (once, per_tile) = match (algo, pass) {
+        (Algo::Winograd, Pass::Forward) => (25.0, 0.45),
+        (Algo::Winograd, Pass::Data) => (30.0, 0.49),
+        (Algo::Winograd, Pass::Filter) => (36.0, 0.71),
+        (Algo::Taps, Pass::Forward) => (12.0, 1.2),
+        (Algo::Taps, Pass::Data) => (3.5, 1.02),
+        (Algo::Taps, Pass::Filter) => (3.0, 1.04),
+        (_, Pass::Forward) => (0.0, 1.67),
+        (_, Pass::Data) => (0.0, 1.54),
+        (_, Pass::Filter) => (0.0, 2.2),
+    };
+    once + per_tile * tiles as f64
 }
 
 /// Working memory a convolution pass holds besides its input and output, in elements (or in
@@ -125,7 +201,7 @@ impl Workspace {
 
 /// The workspace of `forward` (and of a transposed convolution's input gradient).
 pub fn forward_workspace(g: &ConvGeom) -> Workspace {
-    match Algo::choose(g) {
+    match Algo::for_pass(g, Pass::Forward) {
         Algo::Pointwise | Algo::Dense => Workspace::default(),
         Algo::Depthwise => {
             let (bh, bw) = g.bordered_size();
@@ -148,7 +224,7 @@ fn side_by_side_workspace(g: &ConvGeom) -> Workspace {
 
 /// The workspace of `backward_data` (the forward pass of a transposed convolution).
 pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
-    match data_algo(g) {
+    match Algo::for_pass(g, Pass::Data) {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
@@ -206,24 +282,17 @@ mod dense {
     }
 }
 
-/// The data gradient's algorithm: [`Algo::choose`], except that a single-channel ungrouped
-/// input (direct kernels forward) takes im2col's one product over all K filters instead of K
-/// direct passes added into each plane (B3's c1: ~35 GFLOP/s against ~29 for the whole
-/// backward pass). Training rarely asks for it: the first layer's input needs no gradient.
-/// The direct kernel is forward only.
-fn data_algo(g: &ConvGeom) -> Algo {
-    match Algo::choose(g) {
-        Algo::Depthwise if g.groups == 1 => Algo::Im2col,
-        Algo::Direct => Algo::Im2col,
-        algo => algo,
-    }
-}
-
 /// y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K].
 pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    forward_by(g, Algo::for_pass(g, Pass::Forward), x, w, bias)
+}
+
+/// [`forward`] by a given algorithm, one that [`Algo::runs`] `g` (tests and benchmarks).
+pub fn forward_by<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    assert!(algo.runs(g, Pass::Forward), "forward_by: {algo:?} cannot run {g:?}");
     debug_assert_eq!(x.len(), g.n * g.c * g.h * g.w);
     debug_assert_eq!(w.len(), g.k * g.cg() * g.r * g.s);
-    match Algo::choose(g) {
+    match algo {
         Algo::Depthwise => depthwise::forward(g, x, w, bias),
         Algo::Winograd => winograd::forward(g, x, w, bias),
         Algo::Taps => taps::forward(g, x, w, bias),
@@ -243,8 +312,14 @@ pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> V
 
 /// dx [N, C, H, W] from dy [N, K, P, Q]: the transposed convolution of dy with w.
 pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
+    backward_data_by(g, Algo::for_pass(g, Pass::Data), dy, w)
+}
+
+/// [`backward_data`] by a given algorithm, one that [`Algo::runs`] `g`.
+pub fn backward_data_by<T: Elem>(g: &ConvGeom, algo: Algo, dy: &[T], w: &[T]) -> Vec<T> {
+    assert!(algo.runs(g, Pass::Data), "backward_data_by: {algo:?} cannot run {g:?}");
     debug_assert_eq!(dy.len(), g.n * g.k * g.p * g.q);
-    match data_algo(g) {
+    match algo {
         Algo::Depthwise => depthwise::backward_data(g, dy, w),
         Algo::Winograd => winograd::backward_data(g, dy, w),
         Algo::Taps => {
@@ -265,7 +340,7 @@ pub fn backward_data<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T]) -> Vec<T> {
 /// whose passes write their output in place.
 pub fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]) {
     assert_eq!(dx.len(), g.n * g.c * g.h * g.w, "backward_data_into: dx length");
-    match data_algo(g) {
+    match Algo::for_pass(g, Pass::Data) {
         Algo::Winograd => winograd::backward_data_into(g, dy, w, dx),
         Algo::Depthwise => dx.copy_from_slice(&depthwise::backward_data(g, dy, w)),
         Algo::Taps => taps::backward_data_into(g, dy, w, dx),
@@ -276,12 +351,17 @@ pub fn backward_data_into<T: Elem>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T]
 
 /// dw [K, C/g, R, S] from x and dy (summed over the batch).
 pub fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
-    match Algo::choose(g) {
+    backward_filter_by(g, Algo::for_pass(g, Pass::Filter), x, dy)
+}
+
+/// [`backward_filter`] by a given algorithm, one that [`Algo::runs`] `g`.
+pub fn backward_filter_by<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) -> Vec<T> {
+    assert!(algo.runs(g, Pass::Filter), "backward_filter_by: {algo:?} cannot run {g:?}");
+    match algo {
         Algo::Depthwise => depthwise::backward_filter(g, x, dy),
         Algo::Winograd => winograd::backward_filter(g, x, dy),
         Algo::Taps => taps::backward_filter(g, x, dy),
         Algo::Dense => dense::backward_filter(g, x, dy),
-        Algo::Direct => gemm_backward_filter(g, Algo::Im2col, x, dy),
         algo => gemm_backward_filter(g, algo, x, dy),
     }
 }

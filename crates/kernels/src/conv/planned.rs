@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::{depthwise, im2col, winograd, Algo, ConvGeom};
+use super::{depthwise, im2col, winograd, Algo, ConvGeom, Pass};
 use crate::gemm::{matmul, MatRef};
 use crate::pool::PoolGeom;
 use crate::unary::Unary;
@@ -128,7 +128,20 @@ pub struct Prepared<'a, T: Clone> {
 
 impl<'a, T: Elem> Prepared<'a, T> {
     pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
-        let algo = plan_algo(g);
+        Self::with_algo(g, plan_algo(g), w)
+    }
+    /// For one call (a training step, whose weights change before the next): a layer that a
+    /// plan would run by Winograd is lowered to columns instead where the batch has too few
+    /// tiles to repay transforming the filters ([`Algo::for_pass`]). It runs in NCHW, as
+    /// Winograd would.
+    pub fn for_step(g: &ConvGeom, w: &'a [T]) -> Self {
+        let algo = match plan_algo(g) {
+            Algo::Winograd if Algo::for_pass(g, Pass::Forward) != Algo::Winograd => Algo::Im2col,
+            algo => algo,
+        };
+        Self::with_algo(g, algo, w)
+    }
+    fn with_algo(g: &ConvGeom, algo: Algo, w: &'a [T]) -> Self {
         let w = if algo == Algo::Winograd { Cow::Owned(winograd::filters_forward(g, w)) } else { Cow::Borrowed(w) };
         Prepared { algo, w }
     }
