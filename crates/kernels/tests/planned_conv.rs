@@ -150,13 +150,22 @@ fn every_algorithm_runs_planned() {
 }
 
 #[test]
-fn a_training_step_lowers_a_small_winograd_layer_to_columns() {
-    // One image of 4x4 maps: a plan transforms the filters once (Winograd); a step, whose
-    // weights change before the next, takes columns, in NCHW as the plan laid it out.
-    let (xs, ws) = ([1, 16, 4, 4], [16, 16, 3, 3]);
-    let g = ConvGeom::conv2d(&xs, &ws, &Conv2dOptions::default().padding(Padding::Same)).unwrap();
+fn small_winograd_layers_are_lowered_to_columns() {
+    let same = Conv2dOptions::default().padding(Padding::Same);
+    // One image of 4x4 maps: a plan too is lowered to columns (reading 36 transformed values
+    // per filter pair costs more than the products save), so it may run blocked.
+    let one = ConvGeom::conv2d(&[1, 16, 4, 4], &[16, 16, 3, 3], &same).unwrap();
+    assert_eq!(Algo::choose(&one), Algo::Winograd);
+    assert_eq!(Prepared::new(&one, &[0.0; 16 * 16 * 9]).algo(), Algo::Im2col);
+    assert!(planned::blocks(&one));
+    check([1, 16, 4, 4], [16, 16, 3, 3], same, 1, true, true, Some(Unary::Relu)).unwrap();
+    // Three images of 8x8 (12 tiles): a plan transforms the filters once (Winograd); a training
+    // step, whose weights change before the next, takes columns, in NCHW as the plan laid it out.
+    let (xs, ws) = ([3, 16, 8, 8], [16, 16, 3, 3]);
+    let g = ConvGeom::conv2d(&xs, &ws, &same).unwrap();
     let [x, w, bv, rv] = operands(&g, xs, ws, 3);
     assert_eq!(Prepared::new(&g, w.data()).algo(), Algo::Winograd);
+    assert!(!planned::blocks(&g));
     let step = Prepared::for_step(&g, w.data());
     assert_eq!(step.algo(), Algo::Im2col);
     let want = expected(&g, x.data(), w.data(), Some(bv.data()), Some(rv.data()), Some(Unary::Relu));

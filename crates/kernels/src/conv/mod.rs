@@ -82,8 +82,8 @@ impl Algo {
     /// instead of K direct passes added into each plane: B3's c1, ~35 GFLOP/s against ~29 for
     /// the whole backward pass), except where that is Winograd and the call is too small to
     /// repay it. Winograd lays out 36 transformed values per filter
-    /// pair (K·C) at every call (weights change between steps; a plan of inference keeps them,
-    /// so it follows `choose`), and its filter gradient transforms 36·K·C sums back; taps lay
+    /// pair (K·C) at every call (weights change between steps; a plan of inference keeps them:
+    /// [`Pass::Planned`]), and its filter gradient transforms 36·K·C sums back; taps lay
     /// out 9 per pair; im2col reads the filters where they are. With few 4x4 tiles of output
     /// in the call (images times tiles per image) those layouts cost more than Winograd's
     /// cheaper products save: ResNet-18's last stage (512 channels, 4x4 maps, one tile per
@@ -100,7 +100,9 @@ impl Algo {
         }
         let tiles = g.n * g.p.div_ceil(4) * g.q.div_ceil(4);
         let mut best = (Algo::Winograd, pass_cost(Algo::Winograd, pass, tiles));
-        for other in [Algo::Taps, Algo::Im2col] {
+        // A plan runs taps through the eager pass, which would choose again: columns only.
+        let others: &[Algo] = if pass == Pass::Planned { &[Algo::Im2col] } else { &[Algo::Taps, Algo::Im2col] };
+        for &other in others {
             let cost = pass_cost(other, pass, tiles);
             if (other != Algo::Taps || taps::applies(g)) && cost < best.1 {
                 best = (other, cost);
@@ -127,6 +129,11 @@ pub enum Pass {
     Data,
     /// The filters' gradient.
     Filter,
+    /// The forward pass of a plan of inference, whose filters are laid out when it is
+    /// compiled: Winograd's call then only reads its 36 values per filter pair, which still
+    /// costs more than im2col's products save below about 8 tiles (one image on 512-channel
+    /// 4x4 maps: 2.5 ms against 0.55).
+    Planned,
 }
 
 /// The time of one call of `pass` by `algo` on a 3x3 convolution that Winograd could run, in
@@ -142,10 +149,11 @@ fn pass_cost(algo: Algo, pass: Pass, tiles: usize) -> f64 {
         (Algo::Winograd, Pass::Forward) => (25.0, 0.45),
         (Algo::Winograd, Pass::Data) => (30.0, 0.49),
         (Algo::Winograd, Pass::Filter) => (36.0, 0.71),
+        (Algo::Winograd, Pass::Planned) => (9.4, 0.45),
         (Algo::Taps, Pass::Forward) => (12.0, 1.2),
         (Algo::Taps, Pass::Data) => (3.5, 1.02),
         (Algo::Taps, Pass::Filter) => (3.0, 1.04),
-        (_, Pass::Forward) => (0.0, 1.67),
+        (_, Pass::Forward | Pass::Planned) => (0.0, 1.67),
         (_, Pass::Data) => (0.0, 1.54),
         (_, Pass::Filter) => (0.0, 2.2),
     };

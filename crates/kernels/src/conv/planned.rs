@@ -169,11 +169,14 @@ pub fn blocks(g: &ConvGeom) -> bool {
 /// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (see
 /// [`single_channel`]) is planned as im2col, so that it runs in the blocked layout and needs
 /// no relayout before the next layer; inside each block it still runs the direct kernel.
-/// Strided layers (eager: `Algo::Direct`) are lowered in their blocks as well.
+/// Strided layers (eager: `Algo::Direct`) are lowered in their blocks as well, and so is a
+/// Winograd layer whose batch has too few tiles to repay reading its transformed filters
+/// ([`Pass::Planned`]).
 fn plan_algo(g: &ConvGeom) -> Algo {
     match Algo::choose(g) {
         _ if single_channel(g) => Algo::Im2col,
         Algo::Direct => Algo::Im2col,
+        Algo::Winograd => Algo::for_pass(g, Pass::Planned),
         algo => algo,
     }
 }
