@@ -81,14 +81,13 @@ impl Algo {
     /// single-channel input's data gradient takes im2col's one product over all K filters
     /// instead of K direct passes added into each plane: B3's c1, ~35 GFLOP/s against ~29 for
     /// the whole backward pass), except where that is Winograd and the call is too small to
-    /// repay it. Winograd lays out 36 transformed values per filter
-    /// pair (K·C) at every call (weights change between steps; a plan of inference keeps them:
-    /// [`Pass::Planned`]), and its filter gradient transforms 36·K·C sums back; taps lay
-    /// out 9 per pair; im2col reads the filters where they are. With few 4x4 tiles of output
-    /// in the call (images times tiles per image) those layouts cost more than Winograd's
-    /// cheaper products save: ResNet-18's last stage (512 channels, 4x4 maps, one tile per
-    /// image) at batch 32 spends 9.5 ms in taps' filter gradient against 17.4 in Winograd's
-    /// (see [`pass_cost`]).
+    /// repay it. Winograd lays out 36 transformed values per filter pair (K·C) at every call
+    /// (weights change between steps; a plan of inference keeps them: [`Pass::Planned`]), and
+    /// its filter gradient transforms 36·K·C sums back; taps lay out 9 per pair; im2col reads
+    /// the filters where they are. With few 4x4 tiles of output in the call (images times
+    /// tiles per image) those layouts cost more than Winograd's cheaper products save:
+    /// ResNet-18's last stage (512 channels, 4x4 maps, one tile per image) at batch 32 spends
+    /// 9.6 ms in taps' filter gradient against 17.4 in Winograd's (see [`pass_cost`]).
     pub fn for_pass(g: &ConvGeom, pass: Pass) -> Algo {
         let algo = match (pass, Algo::choose(g)) {
             (Pass::Data | Pass::Filter, Algo::Direct) => Algo::Im2col,
