@@ -19,7 +19,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cnn")]
     model: String,
     /// `mnist` (embedded, 8,000/2,000 digits), `fashion-mnist` (Debian's dataset-fashion-mnist),
-    /// or a folder with the four IDX files of MNIST's layout (raw or .gz).
+    /// or a folder: the four IDX files of MNIST's layout (raw or .gz), CIFAR-10's binary batches
+    /// (data_batch_1.bin ... test_batch.bin), or one sub-folder of PNG/JPEG images per class.
     #[arg(long, default_value = "mnist")]
     data: String,
     /// Epochs (default: the zoo model's, see `stride models`; 10 for a model file).
@@ -52,8 +53,8 @@ pub struct TrainArgs {
     /// class (default 0).
     #[arg(long, value_name = "ε", value_parser = parse_smoothing)]
     label_smoothing: Option<f64>,
-    /// Clip gradients to this global L2 norm before each update.
-    #[arg(long)]
+    /// Clip gradients to this global L2 norm before each update (a number > 0, such as 1).
+    #[arg(long, value_parser = parse_clip_norm)]
     clip_grad_norm: Option<f64>,
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
@@ -154,6 +155,15 @@ fn parse_smoothing(s: &str) -> Result<f64, String> {
         .ok()
         .filter(|e| (0.0..1.0).contains(e))
         .ok_or_else(|| format!("'{s}' is not a label smoothing: give a number in [0, 1), such as 0.1"))
+}
+
+/// A gradient clipping norm: finite and > 0.
+fn parse_clip_norm(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|m| *m > 0.0 && m.is_finite())
+        .ok_or_else(|| format!("'{s}' is not a gradient norm: give a number > 0, such as 1"))
 }
 
 /// `32` or `32x48` (height x width).

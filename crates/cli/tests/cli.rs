@@ -122,10 +122,12 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 13] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--label-smoothing", "1.5"], "'1.5' is not a label smoothing: give a number in [0, 1)"),
         (&["train", "--label-smoothing", "NaN"], "'NaN' is not a label smoothing"),
+        (&["train", "--clip-grad-norm=-1"], "'-1' is not a gradient norm: give a number > 0"),
+        (&["train", "--clip-grad-norm", "inf"], "'inf' is not a gradient norm"),
         (&["train", "--model", "vgg99"], "unknown model 'vgg99'; the zoo has cnn, cnn-bn"),
         (&["train", "--augment", "shear"], "unknown augmentation 'shear'"),
         (&["eval", "--weights", "/no/such/file.safetensors"], "/no/such/file.safetensors"),

@@ -332,7 +332,9 @@ pub fn grad_norm(params: &[Var]) -> f64 {
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+/// `max_norm` must be finite and positive (a negative one would turn every step uphill).
 pub fn clip_grad_norm(params: &[Var], max_norm: f64) -> Result<f64> {
+    check_hyper("clip_grad_norm", max_norm > 0.0 && max_norm.is_finite(), format!("the largest norm must be finite and > 0, got {max_norm}"))?;
     let norm = grad_norm(params);
     if norm > max_norm && norm > 0.0 {
         let s = (max_norm / (norm + 1e-6)) as f32;
@@ -415,9 +417,10 @@ impl Optimizer for RmsProp {
     }
 }
 
-/// Limits every gradient element to [-limit, limit].
+/// Limits every gradient element to [-limit, limit]; `limit` must be finite and >= 0.
 pub fn clip_grad_value(params: &[Var], limit: f64) -> Result<()> {
-    let l = limit.abs() as f32;
+    check_hyper("clip_grad_value", limit >= 0.0 && limit.is_finite(), format!("the limit must be finite and >= 0, got {limit}"))?;
+    let l = limit as f32;
     for p in params {
         if let Some(g) = p.grad() {
             p.set_grad(g.map(|v| v.clamp(-l, l)))?;

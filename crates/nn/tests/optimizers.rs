@@ -69,6 +69,23 @@ fn gradient_clipping() {
 }
 
 #[test]
+fn clipping_refuses_limits_that_are_not_limits() {
+    let p = Var::parameter(Tensor::from_vec(vec![0.0f32; 2], &[2]).unwrap());
+    p.set_grad(Tensor::from_vec(vec![3.0, 4.0], &[2]).unwrap()).unwrap();
+    let ps = std::slice::from_ref(&p);
+    for bad in [-1.0, 0.0, f64::NAN, f64::INFINITY] {
+        let e = clip_grad_norm(ps, bad).unwrap_err().to_string();
+        assert!(e.contains("clip_grad_norm") && e.contains(&format!("got {bad}")), "{e}");
+    }
+    for bad in [-1.0, f64::NAN, f64::NEG_INFINITY] {
+        let e = clip_grad_value(ps, bad).unwrap_err().to_string();
+        assert!(e.contains("clip_grad_value") && e.contains(&format!("got {bad}")), "{e}");
+    }
+    // Refused before touching anything.
+    assert_eq!(p.grad().unwrap().data(), &[3.0, 4.0]);
+}
+
+#[test]
 fn bad_hyper_parameters_are_errors() {
     assert!(Sgd::new(-0.1, 0.0, false, 0.0).unwrap_err().to_string().contains("learning rate"));
     assert!(Sgd::new(0.1, 0.0, true, 0.0).unwrap_err().to_string().contains("Nesterov"));

@@ -427,6 +427,9 @@ pub fn train(
     if cfg.epochs == 0 || cfg.batch_size == 0 {
         return Err(TrainError::Config(format!("epochs ({}) and batch size ({}) must be at least 1", cfg.epochs, cfg.batch_size)));
     }
+    if let Some(max) = cfg.clip_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
+        return Err(TrainError::Config(format!("the gradient clipping norm must be finite and > 0, got {max}")));
+    }
     model.to(cfg.device)?;
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;

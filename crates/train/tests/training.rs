@@ -145,6 +145,18 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn a_bad_clipping_norm_is_refused_before_anything_is_written() {
+    let data = small(64, 32);
+    let dir = tmp("clip");
+    for bad in [-1.0, 0.0, f64::NAN] {
+        let e =
+            train(&mut model(1), &data, &TrainConfig { clip_grad_norm: Some(bad), ..cfg(1, Some(dir.clone())) }, false, None, |_| {}).unwrap_err();
+        assert!(e.to_string().contains(&format!("clipping norm must be finite and > 0, got {bad}")), "{e}");
+        assert!(!dir.exists(), "{} was created", dir.display());
+    }
+}
+
+#[test]
 fn plateau_runs_resume_exactly_too() {
     use stride_nn::schedule::ReduceOnPlateau;
     let data = small(192, 64);
