@@ -20,8 +20,8 @@ static ALLOCATOR: memory::Counting = memory::Counting;
 #[derive(Parser)]
 #[command(name = "stride", version, about = "Convolutional neural networks in Rust: build, train, look inside, fast.")]
 struct Cli {
-    /// Worker threads for the kernels (default: all cores).
-    #[arg(long, global = true)]
+    /// Worker threads for the kernels, 1 to 1024 (default: all cores).
+    #[arg(long, global = true, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     threads: Option<usize>,
     /// Where models run: cpu, cuda or cuda:N (train, eval, run, predict, vae, bench, summary,
     /// devices). CUDA is loaded at run time; `stride devices` lists what is there.
@@ -147,10 +147,6 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    if cli.threads == Some(0) {
-        eprintln!("error: --threads must be at least 1");
-        std::process::exit(2);
-    }
     // The main thread is worker 0 of the pool: a parallel op it starts runs on it at once
     // with the others stealing, rather than being handed to the pool while it sleeps until
     // the op is done (two thread switches per op, which small layers felt).

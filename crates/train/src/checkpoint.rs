@@ -147,10 +147,11 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<WithMetadata> {
     Ok((out, metadata))
 }
 
-/// Copies `tensors` into `model`, checking every name and shape first and reporting all
-/// missing, unexpected and mis-shaped entries together. Nothing is changed on error.
+/// Copies `tensors` into `model`, checking every name and shape first and reporting the
+/// missing, unexpected and mis-shaped entries together (the first few of each kind, with their
+/// counts). Nothing is changed on error.
 pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>) -> Result<()> {
-    let mut problems = Vec::new();
+    let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
     let mut seen = std::collections::HashSet::new();
     model.visit("", &mut |name, slot| {
         let shape = match &slot {
@@ -158,20 +159,47 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
             Slot::Buffer(b) => b.shape().to_vec(),
         };
         match tensors.get(&name) {
-            None => problems.push(format!("missing '{name}' {shape:?}")),
+            None => missing.push(format!("missing '{name}' {shape:?}")),
             Some(t) if t.shape() != shape && !same_scalar(t.shape(), &shape) => {
-                problems.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape()))
+                misshaped.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape()))
             }
             Some(_) => {}
         }
         seen.insert(name);
     });
-    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !seen.contains(*k)).collect();
+    let mut unexpected: Vec<String> = tensors.keys().filter(|k| !seen.contains(*k)).map(|k| format!("unexpected '{k}'")).collect();
     unexpected.sort();
-    problems.extend(unexpected.into_iter().map(|k| format!("unexpected '{k}'")));
-    if !problems.is_empty() {
-        return Err(TrainError::Checkpoint(format!("weights do not fit the model: {}", problems.join("; "))));
+    if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
+        return load_checked(model, tensors);
     }
+    // A file of another model misses everything: the counts, and a few names of each kind,
+    // say so in a line rather than a screenful.
+    const SHOWN: usize = 6;
+    let mut problems = Vec::new();
+    for (kind, list) in [("missing", &missing), ("mis-shaped", &misshaped), ("unexpected", &unexpected)] {
+        problems.extend(list.iter().take(SHOWN).cloned());
+        if list.len() > SHOWN {
+            problems.push(format!("... and {} more {kind}", list.len() - SHOWN));
+        }
+    }
+    let stranger = if missing.len() == seen.len() && unexpected.len() == tensors.len() {
+        "; no name is the model's: are these another model's weights?"
+    } else {
+        ""
+    };
+    Err(TrainError::Checkpoint(format!(
+        "weights do not fit the model ({} of its {} tensors missing, {} mis-shaped, {} of the file's {} unexpected{stranger}): {}",
+        missing.len(),
+        seen.len(),
+        misshaped.len(),
+        unexpected.len(),
+        tensors.len(),
+        problems.join("; ")
+    )))
+}
+
+/// Copies `tensors`, whose names and shapes fit `model`, into it.
+fn load_checked(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>) -> Result<()> {
     let mut result = Ok(());
     model.visit("", &mut |name, slot| {
         let t = tensors[&name].clone();

@@ -88,12 +88,16 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             data.train.len()
         )));
     }
+    if cfg.epochs == 0 {
+        return Err(TrainError::Config("epochs (0) must be at least 1".into()));
+    }
+    // Checked before the run folder is made, so a bad rate leaves nothing behind.
+    let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
     if let Some(d) = &cfg.out_dir {
         std::fs::create_dir_all(d).map_err(|e| TrainError::Io(format!("{}: {e}", d.display())))?;
     }
     stride_nn::Module::to(model, cfg.device)?;
     let params = stride_nn::Module::parameters(model);
-    let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
     let mut reports = Vec::new();
     let mut csv = String::from("epoch,train_total,total,likelihood,kl\n");
     for epoch in 1..=cfg.epochs {

@@ -140,9 +140,22 @@ fn wrong_weights_are_reported_all_at_once() {
     let mut model = stride_models::build("resnet18", &mut Rng::seed(0), InputSpec { channels: 3, height: 32, width: 32, classes: 10 }).unwrap();
     let before = checkpoint::state_dict(&mut model);
     let e = checkpoint::load_into(&mut model, &t).unwrap_err().to_string();
-    for part in ["missing 'layer1.0.bn1.running_var' [64]", "'fc.weight' has shape [5, 512], the model needs [10, 512]", "unexpected 'fc.extra'"] {
+    for part in [
+        "(1 of its 122 tensors missing, 1 mis-shaped, 1 of the file's 122 unexpected)",
+        "missing 'layer1.0.bn1.running_var' [64]",
+        "'fc.weight' has shape [5, 512], the model needs [10, 512]",
+        "unexpected 'fc.extra'",
+    ] {
         assert!(e.contains(part), "{e}");
     }
+    // Another model's weights: the counts, the first six of each kind and how many more, in a
+    // line rather than 240 entries.
+    let other = stride_models::build("resnet34", &mut Rng::seed(0), InputSpec { channels: 3, height: 32, width: 32, classes: 10 }).unwrap();
+    let mut tutorial = stride_models::build("cnn", &mut Rng::seed(0), InputSpec { channels: 1, height: 28, width: 28, classes: 10 }).unwrap();
+    let mut other = other;
+    let e = checkpoint::load_into(&mut tutorial, &checkpoint::state_dict(&mut other).into_iter().collect()).unwrap_err().to_string();
+    assert!(e.contains("(8 of its 8 tensors missing, 0 mis-shaped, 218 of the file's 218 unexpected; no name is the model's"), "{e}");
+    assert!(e.contains("... and 2 more missing") && e.contains("... and 212 more unexpected") && e.len() < 1000, "{e}");
     // Nothing was changed.
     let after = checkpoint::state_dict(&mut model);
     assert!(before.iter().zip(&after).all(|(a, b)| a.1.data() == b.1.data()));

@@ -108,6 +108,23 @@ fn held_out_loss_falls_on_the_embedded_mnist() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn bad_settings_are_refused_before_anything_is_written() {
+    let data = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("stride-vae-bad-{}", std::process::id()));
+    let cfg = VaeConfig { out_dir: Some(dir.clone()), ..VaeConfig::default() };
+    let cases = [
+        (VaeConfig { epochs: 0, ..cfg.clone() }, "epochs (0) must be at least 1"),
+        (VaeConfig { lr: -1.0, ..cfg.clone() }, "learning rate must be finite and >= 0, got -1"),
+        (VaeConfig { batch_size: 1, ..cfg.clone() }, "batch size 1 needs at least 2"),
+    ];
+    for (c, want) in cases {
+        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &c, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(!dir.exists(), "{want}: {} was made", dir.display());
+    }
+}
+
 /// (width, height, gray pixels) of a PNG.
 fn image_bytes(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
