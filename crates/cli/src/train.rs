@@ -56,6 +56,14 @@ pub struct TrainArgs {
     /// Clip gradients to this global L2 norm before each update (a number > 0, such as 1).
     #[arg(long, value_parser = parse_clip_norm)]
     clip_grad_norm: Option<f64>,
+    /// Stop when the test loss has not improved for N epochs in a row (Keras's EarlyStopping);
+    /// the best epoch's weights are kept in best.safetensors.
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    early_stop: Option<usize>,
+    /// Keep the weights of the epoch with the lowest test loss in best.safetensors
+    /// (model.safetensors holds the last epoch's).
+    #[arg(long)]
+    keep_best: bool,
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -155,6 +163,11 @@ fn parse_smoothing(s: &str) -> Result<f64, String> {
         .ok()
         .filter(|e| (0.0..1.0).contains(e))
         .ok_or_else(|| format!("'{s}' is not a label smoothing: give a number in [0, 1), such as 0.1"))
+}
+
+/// "1 epoch", "3 epochs".
+fn epochs_text(n: usize) -> String {
+    format!("{n} epoch{}", if n == 1 { "" } else { "s" })
 }
 
 /// A gradient clipping norm: finite and > 0.
@@ -259,7 +272,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root {
         println!(
-            "{} epochs, batch {}, {} lr {}{}, {} schedule{}",
+            "{} epochs, batch {}, {} lr {}{}, {} schedule{}{}",
             epochs,
             a.batch_size,
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
@@ -267,6 +280,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
             a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
+            a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower test loss", epochs_text(n))),
         );
     }
     if a.debug {
@@ -294,6 +308,8 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         normalize: true,
         augment,
         clip_grad_norm: a.clip_grad_norm,
+        early_stopping: a.early_stop,
+        keep_best: a.keep_best,
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: root && std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -335,8 +351,23 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         println!("resume: run the same command with --out {} --resume", out.display());
         return Ok(());
     }
+    let best_line = |b: &stride_train::Best| {
+        println!(
+            "best epoch {}: test loss {:.4} acc {:.4}; its weights: {}",
+            b.epoch,
+            b.loss,
+            b.accuracy,
+            out.join(stride_train::BEST_WEIGHTS).display()
+        )
+    };
     let Some(last) = outcome.reports.last() else {
-        println!("nothing to do: the run in {} already finished its {} epochs", out.display(), cfg.epochs);
+        match outcome.stopped_early {
+            Some(e) => println!("nothing to do: the run in {} stopped early after epoch {e}", out.display()),
+            None => println!("nothing to do: the run in {} already finished its {} epochs", out.display(), cfg.epochs),
+        }
+        if let Some(b) = outcome.best.as_ref().filter(|_| cfg.keep_best || cfg.early_stopping.is_some()) {
+            best_line(b);
+        }
         // The last line still states the run's final accuracy, from its metrics.
         let csv = std::fs::read_to_string(out.join("metrics.csv"))?;
         if let Some(acc) = csv.lines().last().and_then(|l| l.split(',').nth(4)).and_then(|v| v.parse::<f64>().ok()) {
@@ -344,7 +375,15 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         }
         return Ok(());
     };
+    if let (Some(e), Some(b)) = (outcome.stopped_early, outcome.best) {
+        println!("stopped early after epoch {e}: no lower test loss in the {} since epoch {}", epochs_text(e - b.epoch), b.epoch);
+    } else if let Some(e) = outcome.stopped_early {
+        println!("stopped early after epoch {e}: no finite test loss in {}", epochs_text(e));
+    }
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
+    if let Some(b) = outcome.best.as_ref().filter(|_| cfg.keep_best || cfg.early_stopping.is_some()) {
+        best_line(b);
+    }
     println!("test accuracy {:.4}", last.test.accuracy);
     Ok(())
 }

@@ -122,13 +122,14 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 16] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--label-smoothing", "1.5"], "'1.5' is not a label smoothing: give a number in [0, 1)"),
         (&["train", "--label-smoothing", "NaN"], "'NaN' is not a label smoothing"),
         (&["train", "--clip-grad-norm=-1"], "'-1' is not a gradient norm: give a number > 0"),
         (&["train", "--clip-grad-norm", "inf"], "'inf' is not a gradient norm"),
         (&["--threads", "0", "models"], "0 is not in 1..=1024"),
+        (&["train", "--early-stop", "0"], "0 is not in 1..=10000"),
         (&["summary", "cnn", "--threads", "100000"], "100000 is not in 1..=1024"),
         (&["train", "--model", "vgg99"], "unknown model 'vgg99'; the zoo has cnn, cnn-bn"),
         (&["train", "--augment", "shear"], "unknown augmentation 'shear'"),
@@ -218,8 +219,15 @@ fn a_pytorch_state_dict_starts_training_and_resized_eval_agrees() {
     let torch_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/lenet5_torch.safetensors");
     let tf = torch_file.to_str().unwrap();
     // Weights saved by PyTorch start a run; resizing the data changes lenet5's fc1 and is caught.
-    let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--weights", tf, "--out", tmp("weights").to_str().unwrap()]);
+    let kept = tmp("weights");
+    let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--weights", tf, "--keep-best", "--out", kept.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
+    // --keep-best: the best epoch (here the only one) named, and its weights evaluate to its accuracy.
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    let best = kept.join("best.safetensors");
+    assert!(log.contains("best epoch 1: test loss ") && log.contains(&format!("its weights: {}", best.display())), "{log}");
+    let ev = stride(&["eval", "--model", "lenet5", "--weights", best.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last(), log.lines().last(), "{}", text(&ev));
     let out = stride(&["train", "--model", "lenet5", "--epochs", "1", "--resize", "32", "--weights", tf, "--out", tmp("weights2").to_str().unwrap()]);
     assert!(text(&out).contains("'fc1.weight' has shape [120, 400], the model needs [120, 576]"), "{}", text(&out));
     // A run on resized images, evaluated on the same resizing, gives the same accuracy.

@@ -71,6 +71,13 @@ pub struct TrainConfig {
     pub augment: Augment,
     /// Scale gradients so their global L2 norm is at most this (no clipping when `None`).
     pub clip_grad_norm: Option<f64>,
+    /// Early stopping (Keras's `EarlyStopping(monitor="val_loss", patience=N)`): end the run
+    /// after the epoch that makes N in a row without a lower test loss than the best so far.
+    /// The best epoch's weights are kept as with `keep_best`.
+    pub early_stopping: Option<usize>,
+    /// Keep the weights of the epoch with the lowest test loss in best.safetensors beside
+    /// model.safetensors (which always holds the last epoch's).
+    pub keep_best: bool,
     pub seed: u64,
     /// Where metrics.csv and model.safetensors go; nothing is written when `None`.
     pub out_dir: Option<PathBuf>,
@@ -113,6 +120,8 @@ impl Default for TrainConfig {
             normalize: true,
             augment: Augment::default(),
             clip_grad_norm: None,
+            early_stopping: None,
+            keep_best: false,
             seed: 0,
             out_dir: None,
             progress: false,
@@ -409,6 +418,70 @@ pub struct Outcome {
     pub planned_steps: usize,
     /// Set when `stop` was raised: the (epoch, step) the saved checkpoint resumes from.
     pub interrupted: Option<(usize, usize)>,
+    /// The epoch with the lowest finite test loss so far, this run's or (resumed) an earlier
+    /// part's; `None` before any.
+    pub best: Option<Best>,
+    /// Set when early stopping ended the run: the last epoch it trained.
+    pub stopped_early: Option<usize>,
+}
+
+/// The epoch with the lowest test loss, its loss and its test accuracy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Best {
+    pub epoch: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// The weights of the best epoch, beside [`WEIGHTS`] (`keep_best`, `early_stopping`).
+pub const BEST_WEIGHTS: &str = "best.safetensors";
+
+/// Early stopping's and keep-best's state: the best epoch so far and the epochs since it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Progress {
+    best: Option<Best>,
+    /// Epochs in a row since the best one (since the start while there is none).
+    stale: usize,
+}
+
+impl Progress {
+    /// Takes an epoch's test result; whether it is the new best. A loss that is not finite
+    /// never is.
+    fn record(&mut self, epoch: usize, loss: f64, accuracy: f64) -> bool {
+        let better = loss.is_finite() && self.best.is_none_or(|b| loss < b.loss);
+        if better {
+            *self = Progress { best: Some(Best { epoch, loss, accuracy }), stale: 0 };
+        } else {
+            self.stale += 1;
+        }
+        better
+    }
+
+    /// Whether `patience` epochs in a row have passed without a new best.
+    fn exhausted(&self, patience: Option<usize>) -> bool {
+        patience.is_some_and(|p| self.stale >= p)
+    }
+
+    /// For the checkpoint's metadata (exact: the loss in full precision).
+    fn to_meta(self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("stale_epochs", self.stale.to_string())];
+        if let Some(b) = self.best {
+            out.extend([("best_epoch", b.epoch.to_string()), ("best_loss", format!("{:e}", b.loss)), ("best_accuracy", format!("{:e}", b.accuracy))]);
+        }
+        out
+    }
+
+    /// From a checkpoint's metadata; `None` when it has none (a checkpoint of an older Stride).
+    fn from_meta(meta: &std::collections::HashMap<String, String>) -> Option<Progress> {
+        let stale = meta.get("stale_epochs")?.parse().ok()?;
+        let best = match meta.get("best_epoch") {
+            None => None,
+            Some(e) => {
+                Some(Best { epoch: e.parse().ok()?, loss: meta.get("best_loss")?.parse().ok()?, accuracy: meta.get("best_accuracy")?.parse().ok()? })
+            }
+        };
+        Some(Progress { best, stale })
+    }
 }
 
 /// Trains `model` on `data.train`, evaluating on `data.test` after every epoch; `on_epoch`
@@ -430,6 +503,9 @@ pub fn train(
     if let Some(max) = cfg.clip_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
         return Err(TrainError::Config(format!("the gradient clipping norm must be finite and > 0, got {max}")));
     }
+    if cfg.early_stopping == Some(0) {
+        return Err(TrainError::Config("early stopping's patience (0 epochs) must be at least 1".into()));
+    }
     model.to(cfg.device)?;
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
@@ -439,6 +515,8 @@ pub fn train(
     let mut plateau = cfg.plateau.clone();
     let mut plateau_lr = cfg.lr;
     let mut pos = Position { epoch: 1, ..Position::default() };
+    let mut progress = Progress::default();
+    let keep_best = cfg.keep_best || cfg.early_stopping.is_some();
     let mut metrics = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -460,6 +538,16 @@ pub fn train(
                     _ => return Err(TrainError::Checkpoint(format!("{}: no reduce-on-plateau state to resume", dir.display()))),
                 }
             }
+            progress = match Progress::from_meta(&meta) {
+                Some(p) => p,
+                None if keep_best => {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}: no best epoch recorded to resume early stopping or --keep-best with (a checkpoint of an older Stride)",
+                        dir.display()
+                    )))
+                }
+                None => Progress::default(),
+            };
         }
         // On resume, keep only the rows of epochs the checkpoint has finished: a crash between
         // a row and its checkpoint (or in the middle of a row) must not leave a duplicate.
@@ -533,14 +621,20 @@ pub fn train(
         })));
     }
     let mut reports = Vec::new();
+    // A resumed run that had stopped early stays stopped.
+    if pos.epoch <= cfg.epochs && progress.exhausted(cfg.early_stopping) {
+        return Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: Some(pos.epoch - 1) });
+    }
     while pos.epoch <= cfg.epochs {
         let epoch = pos.epoch;
         opt.set_lr(if plateau.is_some() { plateau_lr } else { cfg.schedule.lr(cfg.lr, epoch - 1) });
-        let extra = |plateau: &Option<ReduceOnPlateau>, lr: f64| -> Vec<(&'static str, String)> {
-            plateau.as_ref().map_or(Vec::new(), |p| {
+        let extra = |plateau: &Option<ReduceOnPlateau>, lr: f64, progress: Progress| -> Vec<(&'static str, String)> {
+            let mut out = progress.to_meta();
+            if let Some(p) = plateau {
                 let (best, bad) = p.state();
-                vec![("plateau_best", format!("{best:e}")), ("plateau_bad", bad.to_string()), ("lr", format!("{lr:e}"))]
-            })
+                out.extend([("plateau_best", format!("{best:e}")), ("plateau_bad", bad.to_string()), ("lr", format!("{lr:e}"))]);
+            }
+            out
         };
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, usize::MAX));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
@@ -665,15 +759,24 @@ pub fn train(
         if interrupted {
             bar.abandon();
             if let Some(dir) = cfg.out_dir.as_ref().filter(|_| root) {
-                save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
+                save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
             }
-            return Ok(Outcome { reports, planned_steps, interrupted: Some((epoch, pos.step)) });
+            return Ok(Outcome { reports, planned_steps, interrupted: Some((epoch, pos.step)), best: progress.best, stopped_early: None });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let test = evaluate(model, &data.test, EVAL_BATCH, norm)?;
         if let Some(p) = plateau.as_mut() {
             plateau_lr = p.step(test.loss, plateau_lr);
+        }
+        let new_best = progress.record(epoch, test.loss, test.accuracy);
+        // Every rank stops where rank 0 does (their test losses agree unless their arithmetic
+        // differs, and a rank that stopped alone would leave the others waiting).
+        let mut stop_early = epoch < cfg.epochs && progress.exhausted(cfg.early_stopping);
+        if let (Some(g), Some(_)) = (&group, cfg.early_stopping) {
+            let mut v = [f64::from(u8::from(root && stop_early))];
+            g.sum_f64(&mut v)?;
+            stop_early = v[0] > 0.5;
         }
         let seen = pos.seen.max(1) as f64;
         let report = EpochReport {
@@ -703,8 +806,14 @@ pub fn train(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-            checkpoint::save_with_metadata(&dir.join(WEIGHTS), &checkpoint::state_dict(model), Some(info))?;
-            save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr))?;
+            let weights = checkpoint::state_dict(model);
+            if keep_best && new_best {
+                let mut info = info.clone();
+                info.insert("epoch".into(), epoch.to_string());
+                checkpoint::save_with_metadata(&dir.join(BEST_WEIGHTS), &weights, Some(info))?;
+            }
+            checkpoint::save_with_metadata(&dir.join(WEIGHTS), &weights, Some(info))?;
+            save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
             if let Some(title) = &cfg.report {
                 write_report(dir, title, cfg, data, &report.test)?;
@@ -712,6 +821,9 @@ pub fn train(
         }
         on_epoch(&report);
         reports.push(report);
+        if stop_early {
+            return Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: Some(epoch) });
+        }
     }
-    Ok(Outcome { reports, planned_steps, interrupted: None })
+    Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: None })
 }

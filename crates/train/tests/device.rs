@@ -235,6 +235,35 @@ fn two_ranks_on_a_device_train_as_two_ranks_on_the_cpu() {
     assert!(worst < 1e-4, "with synchronised batch norm the device's ranks differ from the CPU's by {worst:e}");
 }
 
+/// Ranks stop early together, where rank 0 decides: here rank 1 tests on images it trains on,
+/// whose loss keeps falling, and would go on alone (leaving rank 0's collectives unanswered).
+#[test]
+fn ranks_stop_early_together() {
+    let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let world = world.clone();
+            std::thread::spawn(move || {
+                let mut data = small(96, 160);
+                if rank == 1 {
+                    data.test = small(160, 0).train;
+                }
+                let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
+                let c = TrainConfig { early_stopping: Some(1), data_parallel: Some(stride_train::group::DataParallel(group)), ..cfg(40, None) };
+                let run = train(&mut cnn_bn(7), &data, &c, false, None, |_| {}).map_err(|e| e.to_string())?;
+                let losses: Vec<f64> = run.reports.iter().map(|r| r.test.loss).collect();
+                Ok::<_, String>((run.stopped_early, losses))
+            })
+        })
+        .collect();
+    let out: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    let (stop, losses) = &out[0];
+    let stop = stop.unwrap_or_else(|| panic!("rank 0 never stopped: {losses:?}"));
+    assert_eq!(out[1].0, Some(stop), "rank 1's test losses {:?}", out[1].1);
+    // Rank 1 on its own would not have stopped there.
+    assert!(out[1].1.windows(2).all(|w| w[1] < w[0]), "rank 1's test losses {:?}", out[1].1);
+}
+
 #[test]
 fn synchronised_batch_norm_refuses_a_batch_some_rank_has_no_share_of() {
     // 257 images in batches of 32: the epoch's last batch has one image, so one of two ranks

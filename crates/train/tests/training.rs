@@ -184,6 +184,54 @@ fn plateau_runs_resume_exactly_too() {
     }
 }
 
+/// Early stopping ends the run `patience` epochs after its lowest test loss; best.safetensors
+/// then holds exactly the weights a run of that many epochs ends with, and the run resumes
+/// (cut short, then continued) to the same stop with the same best weights.
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_resumes_to_the_same_stop() {
+    // Few training images overfit quickly: the test loss turns up within a few epochs.
+    let data = small(96, 160);
+    let patience = 2;
+    let stopping = |epochs, out| TrainConfig { early_stopping: Some(patience), ..cfg(epochs, Some(out)) };
+    let whole = tmp("early-whole");
+    let run = train(&mut model(6), &data, &stopping(40, whole.clone()), false, None, |_| {}).unwrap();
+    let losses: Vec<f64> = run.reports.iter().map(|r| r.test.loss).collect();
+    let stop = run.stopped_early.unwrap_or_else(|| panic!("never stopped: {losses:?}"));
+    let best = run.best.unwrap();
+    eprintln!("test losses {losses:?}: best epoch {}, stopped after {stop}", best.epoch);
+    assert_eq!((stop, run.reports.len()), (best.epoch + patience, stop), "{losses:?}");
+    let lowest = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!((best.loss, best.accuracy), (lowest, run.reports[best.epoch - 1].test.accuracy));
+    assert!(losses[best.epoch..].iter().all(|&l| l >= best.loss), "{losses:?}");
+    // The best epoch's weights: a plain run of that many epochs ends with them, and
+    // model.safetensors holds the last epoch's.
+    let plain = tmp("early-plain");
+    train(&mut model(6), &data, &cfg(best.epoch, Some(plain.clone())), false, None, |_| {}).unwrap();
+    let weights = |p: std::path::PathBuf| {
+        let mut t: Vec<_> = checkpoint::load(&p).unwrap().into_iter().collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert_eq!(weights(whole.join("best.safetensors")), weights(plain.join("model.safetensors")));
+    assert_ne!(weights(whole.join("best.safetensors")), weights(whole.join("model.safetensors")));
+    assert!(!plain.join("best.safetensors").exists(), "written without being asked for");
+    // Cut short one epoch after the best, then resumed: the same stop and the same best.
+    let parts = tmp("early-parts");
+    let first = train(&mut model(6), &data, &stopping(best.epoch + 1, parts.clone()), false, None, |_| {}).unwrap();
+    assert_eq!(first.stopped_early, None);
+    let rest = train(&mut model(9), &data, &stopping(40, parts.clone()), true, None, |_| {}).unwrap();
+    assert_eq!((rest.stopped_early, rest.best, rest.reports.len()), (Some(stop), Some(best), patience - 1));
+    assert_eq!(weights(whole.join("best.safetensors")), weights(parts.join("best.safetensors")));
+    // Resumed once more, a stopped run stays stopped.
+    let again = train(&mut model(9), &data, &stopping(40, parts.clone()), true, None, |_| {}).unwrap();
+    assert_eq!((again.stopped_early, again.best, again.reports.len()), (Some(stop), Some(best), 0));
+    let e = train(&mut model(1), &data, &TrainConfig { early_stopping: Some(0), ..cfg(2, None) }, false, None, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("patience (0 epochs) must be at least 1"), "{e}");
+    for d in [whole, plain, parts] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 #[test]
 fn curves_png_has_both_series() {
     let dir = tmp("curves");
