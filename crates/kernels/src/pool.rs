@@ -174,7 +174,8 @@ pub fn max_forward_into<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T], idx: &mut [
 
 #[inline(always)]
 fn better<T: Elem>(v: T, best: T) -> bool {
-    v > best || (v.is_nan() && !best.is_nan())
+    // `|` and `&`, not `||` and `&&`: no short circuit, so no branch on the data.
+    (v > best) | (v.is_nan() & !best.is_nan())
 }
 
 /// The general window loop.
@@ -197,12 +198,22 @@ fn max_window<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
     }
 }
 
+/// 2x2 windows, stride 2, no padding: the common case, two input rows at a time, in the order
+/// of [`max_window`]: the first of equal maxima, a NaN over any number. f32 on AVX2 machines
+/// takes eight windows at a time with vector compares and blends (`x86::max_2x2`): which way a
+/// comparison goes is data, and written as scalar selects the compiler still made branches of
+/// them, mispredicted on real activations (random ones ran 4-5x slower than patterned ones).
+fn max_2x2<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
+    let done = x86::max_2x2(g, xp, out, arg);
+    if done < g.q {
+        max_2x2_portable(g, xp, out, arg, done);
+    }
+}
+
 crate::multiversion! {
-    /// 2x2 windows, stride 2, no padding: the common case, two input rows at a time. Each
-    /// window's maximum is picked with selects, not branches (which way a comparison goes is
-    /// data, and mispredicted branches made this loop a tenth of a cnn-bn training step), in
-    /// the order of [`max_window`]: the first of equal maxima, a NaN over any number.
-    fn max_2x2<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32]) {
+    /// [`max_2x2`] for any element type, from output column `from` of every row on (the
+    /// columns before it are done).
+    fn max_2x2_portable<T: Elem>(g: &PoolGeom, xp: &[T], out: &mut [T], arg: &mut [u32], from: usize) {
         #[inline(always)]
         fn pick<T: Elem>(v: T, at: u32, bv: &mut T, bi: &mut u32) {
             let take = better(v, *bv);
@@ -213,7 +224,7 @@ crate::multiversion! {
         for (i, (o, a)) in out.chunks_exact_mut(g.q).zip(arg.chunks_exact_mut(g.q)).enumerate().take(g.p) {
             let (r0, r1) = (&xp[2 * i * g.w..2 * i * g.w + 2 * g.q], &xp[(2 * i + 1) * g.w..(2 * i + 1) * g.w + 2 * g.q]);
             let row = (2 * i * g.w) as u32;
-            for (j, (((o, a), p0), p1)) in o.iter_mut().zip(a.iter_mut()).zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)).enumerate() {
+            for (j, (((o, a), p0), p1)) in o.iter_mut().zip(a.iter_mut()).zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)).enumerate().skip(from) {
                 let at = row + 2 * j as u32;
                 let (mut bv, mut bi) = (p0[0], at);
                 pick(p0[1], at + 1, &mut bv, &mut bi);
@@ -266,10 +277,89 @@ crate::multiversion! {
     }
 }
 
-/// Hand-vectorised 2x2 average pooling (f32 on AVX2 machines).
+/// Hand-vectorised 2x2 average and max pooling (f32 on AVX2 machines).
 mod x86 {
     use super::PoolGeom;
     use stride_tensor::Elem;
+
+    /// [`super::max_2x2`] when `T` is f32 and the CPU has AVX2: how many columns of every row
+    /// it wrote (all, or 0 when it did nothing).
+    pub(super) fn max_2x2<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(x), Some(y)) = (crate::simd::as_f32(x), crate::simd::as_f32_mut(y)) {
+            // Indices are i32 lanes: planes of up to 2^31 values.
+            if crate::simd::has_avx2() && g.h * g.w < 1 << 31 {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                unsafe { max_2x2_avx2(g, x, y, arg) };
+                return g.q;
+            }
+        }
+        let _ = (g, x, y, arg);
+        0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn max_2x2_avx2(g: &PoolGeom, xp: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let (groups, rest) = (g.q / 8, g.q % 8);
+        assert!(xp.len() >= g.h * g.w && out.len() >= g.p * g.q && arg.len() >= g.p * g.q && 2 * g.p <= g.h && 2 * g.q <= g.w, "max_2x2: lengths");
+        // SAFETY: output row i, group k reads input columns 16k..16k + 16 <= 2q <= w of rows
+        // 2i and 2i + 1 < h (asserted), and writes outputs i*q + 8k..i*q + 8k + 8 <= p*q; the
+        // last, partial group loads and stores only the lanes of columns below 2q and outputs
+        // below q (masked: the other lanes touch no memory).
+        unsafe {
+            // Lanes below `n` (0..=8) on: a mask for the masked loads and stores.
+            let below = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let (load_a, load_b, store) = (below((2 * rest).min(8)), below((2 * rest).saturating_sub(8)), below(rest));
+            // Even and odd columns of two 8-wide loads, in order: shuffle within 128-bit lanes,
+            // then put the middle quads in place.
+            let split = |a: __m256, b: __m256| {
+                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+                let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+                (_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)), _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)))
+            };
+            let lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+            let (one, w) = (_mm256_set1_epi32(1), _mm256_set1_epi32(g.w as i32));
+            for i in 0..g.p {
+                let (r0, r1) = (xp.as_ptr().add(2 * i * g.w), xp.as_ptr().add((2 * i + 1) * g.w));
+                for k in 0..groups + usize::from(rest > 0) {
+                    let c = 16 * k;
+                    let whole = k < groups;
+                    let load = |r: *const f32| {
+                        if whole {
+                            (_mm256_loadu_ps(r.add(c)), _mm256_loadu_ps(r.add(c + 8)))
+                        } else {
+                            (_mm256_maskload_ps(r.add(c), load_a), _mm256_maskload_ps(r.add(c + 8), load_b))
+                        }
+                    };
+                    let ((a0, b0), (a1, b1)) = (load(r0), load(r1));
+                    let ((p00, p01), (p10, p11)) = (split(a0, b0), split(a1, b1));
+                    let at = _mm256_add_epi32(_mm256_set1_epi32((2 * i * g.w + c) as i32), lanes);
+                    let (mut bv, mut bi) = (p00, at);
+                    // A candidate wins if greater, or a NaN over a number: `better` of the
+                    // scalar loop, lane by lane.
+                    let mut pick = |v: __m256, at: __m256i| {
+                        let nan_over = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(bv, bv), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                        let take = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, bv), nan_over);
+                        bv = _mm256_blendv_ps(bv, v, take);
+                        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(at), take));
+                    };
+                    pick(p01, _mm256_add_epi32(at, one));
+                    pick(p10, _mm256_add_epi32(at, w));
+                    pick(p11, _mm256_add_epi32(_mm256_add_epi32(at, w), one));
+                    let o = i * g.q + 8 * k;
+                    if whole {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(o), bv);
+                        _mm256_storeu_si256(arg.as_mut_ptr().add(o).cast(), bi);
+                    } else {
+                        _mm256_maskstore_ps(out.as_mut_ptr().add(o), store, bv);
+                        _mm256_maskstore_epi32(arg.as_mut_ptr().add(o).cast(), store, bi);
+                    }
+                }
+            }
+        }
+    }
 
     /// [`super::avg_2x2`] when `T` is f32 and the CPU has AVX2; false (nothing written)
     /// otherwise.
@@ -654,7 +744,7 @@ mod tests {
     /// odd sizes (a last row or column no window covers) give the same values and indices.
     #[test]
     fn max_2x2_equals_the_window_loop_with_ties_and_nans() {
-        for (h, w) in [(2, 2), (4, 6), (5, 7), (28, 28), (14, 15), (3, 33)] {
+        for (h, w) in [(2, 2), (4, 6), (5, 7), (28, 28), (14, 15), (3, 33), (4, 16), (3, 35), (6, 66)] {
             let g = PoolGeom::new("max_pool2d", &[1, 1, h, w], &Pool2dOptions::new(2)).unwrap();
             assert!(g.is_2x2());
             for seed in 0..20u32 {
@@ -672,10 +762,18 @@ mod tests {
                 let (mut fa, mut sa) = (vec![0u32; pq], vec![0u32; pq]);
                 fast.resize(pq, 0.0f32);
                 slow.resize(pq, 0.0f32);
-                max_2x2(&g, &x, &mut fast, &mut fa);
                 max_window(&g, &x, &mut slow, &mut sa);
-                assert_eq!(fa, sa, "{h}x{w} seed {seed}: indices");
-                assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{h}x{w} seed {seed}: values");
+                // The vector path (on AVX2 machines, rows of 8 windows or more) and the
+                // portable one alone.
+                for vector in [true, false] {
+                    if vector {
+                        max_2x2(&g, &x, &mut fast, &mut fa);
+                    } else {
+                        max_2x2_portable(&g, &x, &mut fast, &mut fa, 0);
+                    }
+                    assert_eq!(fa, sa, "{h}x{w} seed {seed} (vector {vector}): indices");
+                    assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{h}x{w} seed {seed} (vector {vector}): values");
+                }
             }
         }
     }
