@@ -166,7 +166,7 @@ pub fn max_forward_into<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T], idx: &mut [
     y.par_chunks_mut(pq).zip(idx.par_chunks_mut(pq)).zip(x.par_chunks(hw)).with_min_len(per_task).for_each(|((out, arg), xp)| {
         if fast {
             max_2x2(g, xp, out, arg)
-        } else {
+        } else if !x86::max_window(g, xp, out, arg) {
             max_window(g, xp, out, arg)
         }
     });
@@ -281,6 +281,93 @@ crate::multiversion! {
 mod x86 {
     use super::PoolGeom;
     use stride_tensor::Elem;
+
+    /// [`super::max_window`] over one plane when `T` is f32, the CPU has AVX2 and windows
+    /// step 1 or 2 columns (ResNet's and GoogLeNet's 3x3 pools, at stride 2 and 1): eight
+    /// outputs of a row at a time, every tap of their windows a (masked) load; taps in the
+    /// padding read as -inf, which never wins, so the windows are the scalar loop's, in its
+    /// order. False (nothing written) otherwise.
+    pub(super) fn max_window<T: Elem>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(x), Some(y)) = (crate::simd::as_f32(x), crate::simd::as_f32_mut(y)) {
+            if crate::simd::has_avx2() && matches!(g.stride.1, 1 | 2) && g.h * g.w + 2 * g.kernel.1 < 1 << 31 && g.q * g.stride.1 < 1 << 30 {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                unsafe { max_window_avx2(g, x, y, arg) };
+                return true;
+            }
+        }
+        let _ = (g, x, y, arg);
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn max_window_avx2(g: &PoolGeom, xp: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let (s, kw, w) = (g.stride.1, g.kernel.1, g.w);
+        assert!(xp.len() >= g.h * w && out.len() >= g.p * g.q && arg.len() >= g.p * g.q, "max_window: lengths");
+        // SAFETY: rows are inside the image (`g.window` clips them); a plain load reads
+        // columns c0..c0 + 8s within 0..w of its row; any other load is masked to lanes whose
+        // column is inside 0..w, so masked-off lanes, whose addresses may lie outside the plane
+        // (hence `wrapping_offset`), touch no memory; every store is masked to outputs
+        // j0..j0 + n <= q of row i < p.
+        unsafe {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let inside =
+                |col: __m256i| _mm256_and_si256(_mm256_cmpgt_epi32(col, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col));
+            let none = _mm256_set1_ps(f32::NEG_INFINITY);
+            for i in 0..g.p {
+                let (rows, _, _) = g.window(i, 0);
+                for j0 in (0..g.q).step_by(8) {
+                    let live = _mm256_cmpgt_epi32(_mm256_set1_epi32((g.q - j0).min(8) as i32), lanes);
+                    // Each lane's first tap column (its window's left edge, maybe in the padding).
+                    let first = (j0 * s) as isize - g.pad.2 as isize;
+                    let left = _mm256_add_epi32(_mm256_set1_epi32(first as i32), _mm256_mullo_epi32(lanes, _mm256_set1_epi32(s as i32)));
+                    let mut bv = none;
+                    let mut bi = _mm256_add_epi32(_mm256_set1_epi32((rows.start * w) as i32), _mm256_max_epi32(left, _mm256_setzero_si256()));
+                    for r in rows.clone() {
+                        let row = xp.as_ptr().add(r * w);
+                        let row_at = _mm256_set1_epi32((r * w) as i32);
+                        for dc in 0..kw {
+                            let col = _mm256_add_epi32(left, _mm256_set1_epi32(dc as i32));
+                            let ok = _mm256_and_si256(inside(col), live);
+                            let c0 = first + dc as isize;
+                            // Inside the row (most of a wide image): plain loads.
+                            let plain = c0 >= 0 && c0 as usize + 8 * s <= w;
+                            let v = if plain && s == 1 {
+                                _mm256_loadu_ps(row.offset(c0))
+                            } else if plain {
+                                let (a, b) = (_mm256_loadu_ps(row.offset(c0)), _mm256_loadu_ps(row.offset(c0 + 8)));
+                                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+                                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even))
+                            } else if s == 1 {
+                                _mm256_maskload_ps(row.wrapping_offset(c0), ok)
+                            } else {
+                                // Sixteen neighbouring columns, masked to the image; the even
+                                // ones are the eight windows' taps.
+                                let raw = |from: isize| {
+                                    let cols = _mm256_add_epi32(_mm256_set1_epi32(from as i32), lanes);
+                                    _mm256_maskload_ps(row.wrapping_offset(from), inside(cols))
+                                };
+                                let (a, b) = (raw(c0), raw(c0 + 8));
+                                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+                                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even))
+                            };
+                            let v = _mm256_blendv_ps(none, v, _mm256_castsi256_ps(ok));
+                            let nan_over = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(bv, bv), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                            let take = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, bv), nan_over);
+                            bv = _mm256_blendv_ps(bv, v, take);
+                            let at = _mm256_add_epi32(row_at, col);
+                            bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(at), take));
+                        }
+                    }
+                    let o = i * g.q + j0;
+                    _mm256_maskstore_ps(out.as_mut_ptr().add(o), live, bv);
+                    _mm256_maskstore_epi32(arg.as_mut_ptr().add(o).cast(), live, bi);
+                }
+            }
+        }
+    }
 
     /// [`super::max_2x2`] when `T` is f32 and the CPU has AVX2: how many columns of every row
     /// it wrote (all, or 0 when it did nothing).
@@ -739,6 +826,54 @@ pub fn channel_max_backward<T: Elem>(dy: &[T], idx: &[u32], d: [usize; 4], co: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector window loop (f32, AVX2: column strides 1 and 2) against the scalar one over
+    /// kernels, strides, paddings and ceil mode, with ties, -inf and NaNs: the same values and
+    /// indices.
+    #[test]
+    fn the_vector_window_loop_equals_the_scalar_one() {
+        let mut cases = 0;
+        for (k, s, pad, ceil) in [
+            (3, 2, 1, false),
+            (3, 2, 0, true),
+            (3, 1, 1, false),
+            (2, 1, 0, false),
+            (3, 2, 0, false),
+            (4, 2, 2, true),
+            (1, 2, 0, false),
+            (3, 3, 1, false),
+            (2, 2, 1, false),
+        ] {
+            for (h, w) in [(7, 7), (12, 9), (5, 23), (3, 40), (8, 17)] {
+                let o = Pool2dOptions::new(k).stride(s).padding(Padding::Explicit { top: pad, bottom: pad, left: pad, right: pad }).ceil_mode(ceil);
+                let Ok(g) = PoolGeom::new("max_pool2d", &[1, 1, h, w], &o) else { continue };
+                for seed in 0..6u32 {
+                    let x: Vec<f32> = (0..h * w)
+                        .map(|i| {
+                            let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
+                            match r % 17 {
+                                0 if seed % 3 == 0 => f32::NAN,
+                                1 => f32::NEG_INFINITY,
+                                _ => (r % 4) as f32 - 1.0,
+                            }
+                        })
+                        .collect();
+                    let pq = g.p * g.q;
+                    let (mut fast, mut slow) = (vec![0.0f32; pq], vec![0.0f32; pq]);
+                    let (mut fa, mut sa) = (vec![0u32; pq], vec![0u32; pq]);
+                    max_window(&g, &x, &mut slow, &mut sa);
+                    if !x86::max_window(&g, &x, &mut fast, &mut fa) {
+                        assert!(s > 2 || !crate::simd::has_avx2(), "stride {s} took the scalar loop");
+                        continue;
+                    }
+                    cases += 1;
+                    assert_eq!(fa, sa, "k{k} s{s} pad {pad} ceil {ceil} {h}x{w} seed {seed}: indices");
+                    assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "k{k} s{s} pad {pad} {h}x{w} seed {seed}: values");
+                }
+            }
+        }
+        assert!(cases > 0 || !crate::simd::has_avx2());
+    }
 
     /// The 2x2 fast path against the general window loop: ties (small integers), NaNs and
     /// odd sizes (a last row or column no window covers) give the same values and indices.
