@@ -352,13 +352,10 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         return Ok(());
     }
     let best_line = |b: &stride_train::Best| {
-        println!(
-            "best epoch {}: test loss {:.4} acc {:.4}; its weights: {}",
-            b.epoch,
-            b.loss,
-            b.accuracy,
-            out.join(stride_train::BEST_WEIGHTS).display()
-        )
+        // A run resumed with --keep-best whose best epoch came before it had no file to keep.
+        let file = out.join(stride_train::BEST_WEIGHTS);
+        let kept = if file.exists() { format!("its weights: {}", file.display()) } else { "its weights were not kept (no --keep-best then)".into() };
+        println!("best epoch {}: test loss {:.4} acc {:.4}; {kept}", b.epoch, b.loss, b.accuracy)
     };
     let Some(last) = outcome.reports.last() else {
         match outcome.stopped_early {
