@@ -827,6 +827,21 @@ pub fn channel_max_backward<T: Elem>(dy: &[T], idx: &[u32], d: [usize; 4], co: u
 mod tests {
     use super::*;
 
+    /// A plane of `len` values that a max pool finds hard to get right: ties (small integers),
+    /// -inf and, for every third seed, NaNs.
+    fn awkward(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
+                match r % 17 {
+                    0 if seed % 3 == 0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    _ => (r % 4) as f32 - 1.0,
+                }
+            })
+            .collect()
+    }
+
     /// The vector window loop (f32, AVX2: column strides 1 and 2) against the scalar one over
     /// kernels, strides, paddings and ceil mode, with ties, -inf and NaNs: the same values and
     /// indices.
@@ -848,16 +863,7 @@ mod tests {
                 let o = Pool2dOptions::new(k).stride(s).padding(Padding::Explicit { top: pad, bottom: pad, left: pad, right: pad }).ceil_mode(ceil);
                 let Ok(g) = PoolGeom::new("max_pool2d", &[1, 1, h, w], &o) else { continue };
                 for seed in 0..6u32 {
-                    let x: Vec<f32> = (0..h * w)
-                        .map(|i| {
-                            let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
-                            match r % 17 {
-                                0 if seed % 3 == 0 => f32::NAN,
-                                1 => f32::NEG_INFINITY,
-                                _ => (r % 4) as f32 - 1.0,
-                            }
-                        })
-                        .collect();
+                    let x = awkward(h * w, seed);
                     let pq = g.p * g.q;
                     let (mut fast, mut slow) = (vec![0.0f32; pq], vec![0.0f32; pq]);
                     let (mut fa, mut sa) = (vec![0u32; pq], vec![0u32; pq]);
@@ -883,16 +889,7 @@ mod tests {
             let g = PoolGeom::new("max_pool2d", &[1, 1, h, w], &Pool2dOptions::new(2)).unwrap();
             assert!(g.is_2x2());
             for seed in 0..20u32 {
-                let x: Vec<f32> = (0..h * w)
-                    .map(|i| {
-                        let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
-                        match r % 17 {
-                            0 if seed % 3 == 0 => f32::NAN,
-                            1 => f32::NEG_INFINITY,
-                            _ => (r % 4) as f32 - 1.0,
-                        }
-                    })
-                    .collect();
+                let x = awkward(h * w, seed);
                 let (pq, mut fast, mut slow) = (g.p * g.q, Vec::new(), Vec::new());
                 let (mut fa, mut sa) = (vec![0u32; pq], vec![0u32; pq]);
                 fast.resize(pq, 0.0f32);
