@@ -823,6 +823,8 @@ fn backward(step: &mut TStep, slots: &mut [Vec<f32>], weights: &[Tensor<f32>], g
                 let mut out = take(slots, g);
                 if !*max && mode == Mode::Write {
                     pool::avg_backward_into(geom, &slots[*dy][..planes * pq], &mut out[..planes * hw]);
+                } else if mode == Mode::Write {
+                    pool::scatter_planes_into(&slots[*dy][..planes * pq], argmax, planes, pq, hw, &mut out[..planes * hw]);
                 } else {
                     let d = if *max {
                         pool::scatter_planes(&slots[*dy][..planes * pq], argmax, planes, pq, hw)

@@ -753,17 +753,38 @@ pub fn adaptive_max_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)
 }
 
 /// Scatters output gradients to the recorded positions: [N*C planes of `pq`] -> planes of `hw`.
+/// Each task zeroes its planes just before it scatters into them, on its own thread, rather
+/// than the caller zeroing the whole buffer first in one serial pass.
 pub fn scatter_planes<T: Elem>(dy: &[T], idx: &[u32], planes: usize, pq: usize, hw: usize) -> Vec<T> {
-    let mut dx = vec![T::zero(); planes * hw];
     if hw == 0 || pq == 0 {
-        return dx;
+        return vec![T::zero(); planes * hw];
     }
-    dx.par_chunks_mut(hw).zip(dy.par_chunks(pq).zip(idx.par_chunks(pq))).for_each(|(dxp, (dyp, ip))| {
+    let per = planes_per_task(hw, pq);
+    crate::simd::par_filled(planes * hw, per * hw, |task, dxs| scatter_chunk(dxs, &dy[task * per * pq..], &idx[task * per * pq..], pq, hw))
+}
+
+/// [`scatter_planes`] into `dx` (overwritten: a plan's buffer), with no allocation.
+pub fn scatter_planes_into<T: Elem>(dy: &[T], idx: &[u32], planes: usize, pq: usize, hw: usize, dx: &mut [T]) {
+    assert!(dy.len() == planes * pq && idx.len() == dy.len() && dx.len() == planes * hw, "scatter_planes_into: lengths");
+    if hw == 0 || pq == 0 {
+        dx.fill(T::zero());
+        return;
+    }
+    let per = planes_per_task(hw, pq);
+    dx.par_chunks_mut(per * hw).zip(dy.par_chunks(per * pq).zip(idx.par_chunks(per * pq))).for_each(|(dxs, (dys, is))| {
+        dxs.fill(T::zero());
+        scatter_chunk(dxs, dys, is, pq, hw);
+    });
+}
+
+/// Adds each plane's output gradients `dys` into the input positions `is` of its plane of
+/// `dxs` (windows may share inputs).
+fn scatter_chunk<T: Elem>(dxs: &mut [T], dys: &[T], is: &[u32], pq: usize, hw: usize) {
+    for (dxp, (dyp, ip)) in dxs.chunks_mut(hw).zip(dys.chunks(pq).zip(is.chunks(pq))) {
         for (&d, &i) in dyp.iter().zip(ip) {
             dxp[i as usize] += d;
         }
-    });
-    dx
+    }
 }
 
 /// Checks channel max pooling of `shape` with a window of `depth` channels moved by `stride`:

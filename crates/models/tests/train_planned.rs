@@ -1,10 +1,10 @@
 //! Planned training steps (`stride_autograd::train_plan`) against eager ones: the same loss,
 //! the same gradient for every parameter and the same running statistics afterwards.
 
-use stride_autograd::{cross_entropy, Conv2dOptions, Padding, Rng, Tensor, Unary, Var};
+use stride_autograd::{cross_entropy, Conv2dOptions, Padding, Pool2dOptions, Rng, Tensor, Unary, Var};
 use stride_models::InputSpec;
 use stride_nn::blocks::{OtherPool, Residual};
-use stride_nn::layers::{Activation, BatchNorm, Conv2d, Flatten, Linear, Sequential};
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Flatten, Linear, Pool, Sequential};
 use stride_nn::planned::TrainPlanned;
 use stride_nn::{Ctx, Module, Slot};
 
@@ -153,6 +153,15 @@ fn small_net(which: usize) -> (Sequential, usize) {
             let b2 = block(&mut rng, 16, 16, 1);
             (s.push(b1).push(b2), 16 * 8 * 8)
         }
+        // Max pools: 2x2 (cnn-bn's), then 3x3 stride 2 padded (ResNet's stem), whose windows
+        // share inputs.
+        4 => (
+            stem(&mut rng, 16)
+                .push(Pool::Max(Pool2dOptions::new(2)))
+                .push(conv(&mut rng, 16, 16, 3, same))
+                .push(Pool::Max(Pool2dOptions::new(3).stride(2).padding(Padding::Explicit { top: 1, bottom: 1, left: 1, right: 1 }))),
+            16 * 2 * 2,
+        ),
         _ => {
             let s = stem(&mut rng, 16);
             let b1 = block(&mut rng, 16, 32, 2);
@@ -164,7 +173,7 @@ fn small_net(which: usize) -> (Sequential, usize) {
 
 #[test]
 fn planned_gradients_match_eager_ones_in_small_networks() {
-    for which in 0..4 {
+    for which in 0..5 {
         let build = || {
             let (body, features) = small_net(which);
             body.push(Flatten).push(Linear::new(&mut Rng::seed(4), features, 10, true).unwrap())
