@@ -855,7 +855,7 @@ mod tests {
             .map(|i| {
                 let r = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 24;
                 match r % 17 {
-                    0 if seed % 3 == 0 => f32::NAN,
+                    0 if seed.is_multiple_of(3) => f32::NAN,
                     1 => f32::NEG_INFINITY,
                     _ => (r % 4) as f32 - 1.0,
                 }
