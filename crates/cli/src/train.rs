@@ -158,25 +158,22 @@ fn recipe(optimizer: Option<Opt>, weight_decay: Option<f64>, zoo_decay: f64) -> 
 
 /// A label-smoothing ε in [0, 1).
 fn parse_smoothing(s: &str) -> Result<f64, String> {
-    s.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|e| (0.0..1.0).contains(e))
-        .ok_or_else(|| format!("'{s}' is not a label smoothing: give a number in [0, 1), such as 0.1"))
+    parse_number(s, |e| (0.0..1.0).contains(&e), "a label smoothing", "a number in [0, 1), such as 0.1")
+}
+
+/// A gradient clipping norm: finite and > 0.
+fn parse_clip_norm(s: &str) -> Result<f64, String> {
+    parse_number(s, |m| m > 0.0 && m.is_finite(), "a gradient norm", "a number > 0, such as 1")
+}
+
+/// A number that `ok` accepts, or "'S' is not WHAT: give GIVE".
+fn parse_number(s: &str, ok: impl Fn(f64) -> bool, what: &str, give: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().ok().filter(|&v| ok(v)).ok_or_else(|| format!("'{s}' is not {what}: give {give}"))
 }
 
 /// "1 epoch", "3 epochs".
 fn epochs_text(n: usize) -> String {
     format!("{n} epoch{}", if n == 1 { "" } else { "s" })
-}
-
-/// A gradient clipping norm: finite and > 0.
-fn parse_clip_norm(s: &str) -> Result<f64, String> {
-    s.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|m| *m > 0.0 && m.is_finite())
-        .ok_or_else(|| format!("'{s}' is not a gradient norm: give a number > 0, such as 1"))
 }
 
 /// `32` or `32x48` (height x width).

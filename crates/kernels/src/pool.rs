@@ -300,6 +300,36 @@ mod x86 {
         false
     }
 
+    /// The even and the odd lanes of two 8-wide loads `a`, `b` (16 neighbouring columns), in
+    /// order: shuffled within 128-bit lanes, then the middle quads put in place.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn even_odd(a: std::arch::x86_64::__m256, b: std::arch::x86_64::__m256) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+        let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+        (_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)), _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)))
+    }
+
+    /// Lane by lane, `v` (at input index `at`) replaces the best so far (`bv` at `bi`) if it
+    /// is greater, or a NaN over a number: `better` of the scalar loop.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn keep_better(
+        bv: &mut std::arch::x86_64::__m256,
+        bi: &mut std::arch::x86_64::__m256i,
+        v: std::arch::x86_64::__m256,
+        at: std::arch::x86_64::__m256i,
+    ) {
+        use std::arch::x86_64::*;
+        let nan_over = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(*bv, *bv), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let take = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, *bv), nan_over);
+        *bv = _mm256_blendv_ps(*bv, v, take);
+        *bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(*bi), _mm256_castsi256_ps(at), take));
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn max_window_avx2(g: &PoolGeom, xp: &[f32], out: &mut [f32], arg: &mut [u32]) {
@@ -337,9 +367,7 @@ mod x86 {
                             let v = if plain && s == 1 {
                                 _mm256_loadu_ps(row.offset(c0))
                             } else if plain {
-                                let (a, b) = (_mm256_loadu_ps(row.offset(c0)), _mm256_loadu_ps(row.offset(c0 + 8)));
-                                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-                                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even))
+                                even_odd(_mm256_loadu_ps(row.offset(c0)), _mm256_loadu_ps(row.offset(c0 + 8))).0
                             } else if s == 1 {
                                 _mm256_maskload_ps(row.wrapping_offset(c0), ok)
                             } else {
@@ -349,16 +377,10 @@ mod x86 {
                                     let cols = _mm256_add_epi32(_mm256_set1_epi32(from as i32), lanes);
                                     _mm256_maskload_ps(row.wrapping_offset(from), inside(cols))
                                 };
-                                let (a, b) = (raw(c0), raw(c0 + 8));
-                                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-                                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even))
+                                even_odd(raw(c0), raw(c0 + 8)).0
                             };
                             let v = _mm256_blendv_ps(none, v, _mm256_castsi256_ps(ok));
-                            let nan_over = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(bv, bv), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-                            let take = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, bv), nan_over);
-                            bv = _mm256_blendv_ps(bv, v, take);
-                            let at = _mm256_add_epi32(row_at, col);
-                            bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(at), take));
+                            keep_better(&mut bv, &mut bi, v, _mm256_add_epi32(row_at, col));
                         }
                     }
                     let o = i * g.q + j0;
@@ -399,13 +421,6 @@ mod x86 {
             // Lanes below `n` (0..=8) on: a mask for the masked loads and stores.
             let below = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             let (load_a, load_b, store) = (below((2 * rest).min(8)), below((2 * rest).saturating_sub(8)), below(rest));
-            // Even and odd columns of two 8-wide loads, in order: shuffle within 128-bit lanes,
-            // then put the middle quads in place.
-            let split = |a: __m256, b: __m256| {
-                let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-                let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
-                (_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)), _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)))
-            };
             let lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
             let (one, w) = (_mm256_set1_epi32(1), _mm256_set1_epi32(g.w as i32));
             for i in 0..g.p {
@@ -421,20 +436,12 @@ mod x86 {
                         }
                     };
                     let ((a0, b0), (a1, b1)) = (load(r0), load(r1));
-                    let ((p00, p01), (p10, p11)) = (split(a0, b0), split(a1, b1));
+                    let ((p00, p01), (p10, p11)) = (even_odd(a0, b0), even_odd(a1, b1));
                     let at = _mm256_add_epi32(_mm256_set1_epi32((2 * i * g.w + c) as i32), lanes);
                     let (mut bv, mut bi) = (p00, at);
-                    // A candidate wins if greater, or a NaN over a number: `better` of the
-                    // scalar loop, lane by lane.
-                    let mut pick = |v: __m256, at: __m256i| {
-                        let nan_over = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(bv, bv), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-                        let take = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, bv), nan_over);
-                        bv = _mm256_blendv_ps(bv, v, take);
-                        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(at), take));
-                    };
-                    pick(p01, _mm256_add_epi32(at, one));
-                    pick(p10, _mm256_add_epi32(at, w));
-                    pick(p11, _mm256_add_epi32(_mm256_add_epi32(at, w), one));
+                    keep_better(&mut bv, &mut bi, p01, _mm256_add_epi32(at, one));
+                    keep_better(&mut bv, &mut bi, p10, _mm256_add_epi32(at, w));
+                    keep_better(&mut bv, &mut bi, p11, _mm256_add_epi32(_mm256_add_epi32(at, w), one));
                     let o = i * g.q + 8 * k;
                     if whole {
                         _mm256_storeu_ps(out.as_mut_ptr().add(o), bv);
