@@ -49,26 +49,35 @@ pub struct RunArgs {
 
 /// Loads a safetensors state_dict into `model`, checking every name and shape (optimizer
 /// entries of a Stride checkpoint are ignored).
-pub fn load_weights(model: &mut dyn Module, weights: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let mut tensors = checkpoint::load(weights)?;
+pub fn load_weights(model: &mut dyn Module, weights: &Path) -> Result<Standardisation, Box<dyn std::error::Error>> {
+    let (mut tensors, meta) = checkpoint::load_with_metadata(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
     checkpoint::load_into(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
-    Ok(())
+    let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f32>().ok()).filter(|v| v.is_finite());
+    Ok(number("input_mean").zip(number("input_std").filter(|&s| s > 0.0)))
 }
+
+/// The (mean, std) a run standardised its inputs with, from its weights' header; `None` for
+/// weights without one (torchvision's).
+pub type Standardisation = Option<(f32, f32)>;
 
 /// Builds `model` for `spec` and loads `weights` into it (an ONNX model may come without: it
 /// carries its own).
-fn load_model(model: &str, spec: Option<InputSpec>, weights: Option<&Path>) -> Result<stride_nn::layers::Sequential, Box<dyn std::error::Error>> {
+fn load_model(
+    model: &str,
+    spec: Option<InputSpec>,
+    weights: Option<&Path>,
+) -> Result<(stride_nn::layers::Sequential, Standardisation), Box<dyn std::error::Error>> {
     let mut m = match spec {
         Some(spec) => stride_models::build_any(model, &mut Rng::seed(0), spec)?,
         None => stride_models::from_onnx(model, None)?,
     };
-    match weights {
+    let standardised = match weights {
         Some(w) => load_weights(&mut m, w)?,
-        None if model.ends_with(".onnx") => {}
+        None if model.ends_with(".onnx") => None,
         None => return Err(format!("--weights is needed: {model} is built with fresh weights (only an ONNX model carries its own)").into()),
-    }
-    Ok(m)
+    };
+    Ok((m, standardised))
 }
 
 pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
@@ -78,9 +87,11 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
     }
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
-    let mut model = load_model(&a.model, Some(spec), a.weights.as_deref())?;
+    let (mut model, standardised) = load_model(&a.model, Some(spec), a.weights.as_deref())?;
     model.to(device)?;
-    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, t.pixel_stats())?;
+    // Inputs as the run standardised them (its training images' statistics, which with a
+    // validation split are not the whole training set's); else this training set's.
+    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, standardised.unwrap_or_else(|| t.pixel_stats()))?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
     for (c, acc) in ev.per_class_accuracy().iter().enumerate() {
@@ -104,7 +115,7 @@ pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>
     };
     // An ONNX model gives the outputs it declares; --classes is for zoo and TOML models.
     let spec = (!a.model.ends_with(".onnx")).then_some(InputSpec { channels: c, height: h, width: w, classes: a.classes });
-    let mut model = load_model(&a.model, spec, a.weights.as_deref())?;
+    let (mut model, _) = load_model(&a.model, spec, a.weights.as_deref())?;
     model.to(device)?;
     let mut ctx = Ctx::eval();
     ctx.debug = a.debug;

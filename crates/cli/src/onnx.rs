@@ -38,7 +38,7 @@ pub fn export(a: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = if a.model == "vae" {
         let mut vae = Vae::new(&mut Rng::seed(0))?;
         match &a.weights {
-            Some(w) => crate::infer::load_weights(&mut vae, w)?,
+            Some(w) => _ = crate::infer::load_weights(&mut vae, w)?,
             None => eprintln!("note: no --weights: writing the VAE's initial weights"),
         }
         let example = Tensor::zeros(&[1, LATENT])?;

@@ -56,14 +56,21 @@ pub struct TrainArgs {
     /// Clip gradients to this global L2 norm before each update (a number > 0, such as 1).
     #[arg(long, value_parser = parse_clip_norm)]
     clip_grad_norm: Option<f64>,
-    /// Stop when the test loss has not improved for N epochs in a row (Keras's EarlyStopping);
-    /// the best epoch's weights are kept in best.safetensors.
+    /// Stop when the held-out loss (validation with --validation-split, else test) has not
+    /// improved for N epochs in a row (Keras's EarlyStopping); the best epoch's weights are kept
+    /// in best.safetensors.
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     early_stop: Option<usize>,
-    /// Keep the weights of the epoch with the lowest test loss in best.safetensors
+    /// Keep the weights of the epoch with the lowest held-out loss in best.safetensors
     /// (model.safetensors holds the last epoch's).
     #[arg(long)]
     keep_best: bool,
+    /// Hold out this fraction of the training images (each class's share, drawn by --seed),
+    /// such as 0.1, and judge every epoch on them instead of on the test set; the test set is
+    /// evaluated once at the end. What early stopping, --keep-best and the plateau schedule
+    /// should watch, so that picking an epoch never looks at the test set.
+    #[arg(long, value_name = "F", value_parser = parse_fraction)]
+    validation_split: Option<f64>,
     /// Seed for initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -114,7 +121,7 @@ enum Sched {
     Step,
     /// One-cycle: rise to --lr over the first 30% of the run, then anneal far below it.
     Onecycle,
-    /// Divide by 10 when the test loss has not improved for 2 epochs.
+    /// Divide by 10 when the held-out loss (validation or test) has not improved for 2 epochs.
     Plateau,
 }
 
@@ -159,6 +166,11 @@ fn recipe(optimizer: Option<Opt>, weight_decay: Option<f64>, zoo_decay: f64) -> 
 /// A label-smoothing ε in [0, 1).
 fn parse_smoothing(s: &str) -> Result<f64, String> {
     parse_number(s, |e| (0.0..1.0).contains(&e), "a label smoothing", "a number in [0, 1), such as 0.1")
+}
+
+/// A validation fraction in (0, 1).
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    parse_number(s, |f| f > 0.0 && f < 1.0, "a fraction of the training set", "a number between 0 and 1, such as 0.1")
 }
 
 /// A gradient clipping norm: finite and > 0.
@@ -252,13 +264,16 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             start + len
         );
     }
+    // The set each epoch is judged on.
+    let held_out = if a.validation_split.is_some() { "validation" } else { "test" };
     if root {
         println!(
-            "training {} ({} parameters) on {}: {} training / {} test images of {}x{}x{}, {} classes; run folder {}",
+            "training {} ({} parameters) on {}: {} training{} / {} test images of {}x{}x{}, {} classes; run folder {}",
             a.model,
             model.num_parameters(),
             data.name,
             t.len(),
+            a.validation_split.map_or_else(String::new, |f| format!(" ({}% held out for validation)", 100.0 * f)),
             data.test.len(),
             t.channels,
             t.height,
@@ -277,7 +292,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
             a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
-            a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower test loss", epochs_text(n))),
+            a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),
         );
     }
     if a.debug {
@@ -307,6 +322,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         clip_grad_norm: a.clip_grad_norm,
         early_stopping: a.early_stop,
         keep_best: a.keep_best,
+        validation_split: a.validation_split,
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: root && std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -331,8 +347,9 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         if !root {
             return;
         }
+        let held = if cfg.validation_split.is_some() { "val" } else { "test" };
         println!(
-            "epoch {}/{}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.0} images/s",
+            "epoch {}/{}: train loss {:.4} acc {:.4} | {held} loss {:.4} acc {:.4} | {:.0} images/s",
             r.epoch, cfg.epochs, r.train_loss, r.train_accuracy, r.test.loss, r.test.accuracy, r.images_per_second
         );
     })?;
@@ -352,7 +369,14 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         // A run resumed with --keep-best whose best epoch came before it had no file to keep.
         let file = out.join(stride_train::BEST_WEIGHTS);
         let kept = if file.exists() { format!("its weights: {}", file.display()) } else { "its weights were not kept (no --keep-best then)".into() };
-        println!("best epoch {}: test loss {:.4} acc {:.4}; {kept}", b.epoch, b.loss, b.accuracy)
+        let on_test = outcome.best_test.as_ref().map_or_else(String::new, |t| format!(" (test accuracy {:.4})", t.accuracy));
+        println!("best epoch {}: {held_out} loss {:.4} acc {:.4}; {kept}{on_test}", b.epoch, b.loss, b.accuracy)
+    };
+    // The last line states the test accuracy of the last epoch's weights: measured at the end
+    // with a validation split.
+    let test_line = |acc: f64| {
+        let when = if outcome.test.is_some() { " (last epoch's weights)" } else { "" };
+        println!("test accuracy {acc:.4}{when}")
     };
     let Some(last) = outcome.reports.last() else {
         match outcome.stopped_early {
@@ -362,23 +386,31 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         if let Some(b) = outcome.best.as_ref().filter(|_| cfg.keep_best || cfg.early_stopping.is_some()) {
             best_line(b);
         }
-        // The last line still states the run's final accuracy, from its metrics.
+        // The last line still states the run's final accuracy: from its metrics, or measured
+        // now after a validation split.
         let csv = std::fs::read_to_string(out.join("metrics.csv"))?;
-        if let Some(acc) = csv.lines().last().and_then(|l| l.split(',').nth(4)).and_then(|v| v.parse::<f64>().ok()) {
-            println!("test accuracy {acc:.4}");
+        let last_row = csv.lines().last().and_then(|l| l.split(',').nth(4)).and_then(|v| v.parse::<f64>().ok());
+        if let Some(acc) = outcome.test.as_ref().map(|t| t.accuracy).or(last_row) {
+            test_line(acc);
         }
         return Ok(());
     };
     if let (Some(e), Some(b)) = (outcome.stopped_early, outcome.best) {
-        println!("stopped early after epoch {e}: no lower test loss in the {} since epoch {}", epochs_text(e - b.epoch), b.epoch);
+        println!("stopped early after epoch {e}: no lower {held_out} loss in the {} since epoch {}", epochs_text(e - b.epoch), b.epoch);
     } else if let Some(e) = outcome.stopped_early {
-        println!("stopped early after epoch {e}: no finite test loss in {}", epochs_text(e));
+        println!("stopped early after epoch {e}: no finite {held_out} loss in {}", epochs_text(e));
     }
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
     if let Some(b) = outcome.best.as_ref().filter(|_| cfg.keep_best || cfg.early_stopping.is_some()) {
         best_line(b);
     }
-    println!("test accuracy {:.4}", last.test.accuracy);
+    match &outcome.test {
+        Some(t) => {
+            println!("validation accuracy {:.4}", last.test.accuracy);
+            test_line(t.accuracy);
+        }
+        None => test_line(last.test.accuracy),
+    }
     Ok(())
 }
 

@@ -247,6 +247,27 @@ fn a_pytorch_state_dict_starts_training_and_resized_eval_agrees() {
 }
 
 #[test]
+fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
+    let dir = tmp("validation");
+    let out = stride(&["train", "--epochs", "1", "--validation-split", "0.2", "--keep-best", "--out", dir.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(log.contains("8000 training (20% held out for validation) / 2000 test images") && log.contains("| val loss "), "{log}");
+    assert!(log.contains("validation accuracy ") && log.contains("best epoch 1: validation loss "), "{log}");
+    // The test figures at the end are what `stride eval` gives for the weights they name.
+    let eval_line = |file: &str| {
+        let ev = stride(&["eval", "--weights", dir.join(file).to_str().unwrap()]);
+        String::from_utf8_lossy(&ev.stdout).lines().last().unwrap_or_default().to_string()
+    };
+    let last = log.lines().last().unwrap();
+    assert_eq!(last, format!("{} (last epoch's weights)", eval_line("model.safetensors")), "{log}");
+    let best = eval_line("best.safetensors");
+    assert!(log.contains(&format!("(test accuracy {})", best.trim_start_matches("test accuracy "))), "{best}: {log}");
+    let bad = stride(&["train", "--validation-split", "1.5"]);
+    assert!(text(&bad).contains("'1.5' is not a fraction of the training set: give a number between 0 and 1"), "{}", text(&bad));
+}
+
+#[test]
 fn vae_trains_saves_grids_and_samples() {
     let dir = tmp("vae");
     let d = dir.to_str().unwrap();

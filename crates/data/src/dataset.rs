@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use stride_tensor::Rng;
+
 use crate::error::{DataError, Result};
 use crate::idx;
 
@@ -36,7 +38,6 @@ impl Dataset {
         let var = self.images.iter().map(|&b| (b as f64 / 255.0 - mean).powi(2)).sum::<f64>() / n;
         (mean as f32, var.sqrt() as f32)
     }
-    /// Examples per class.
     /// Every image resized to `height` x `width` (bilinear, per channel), e.g. 28x28 digits to
     /// the 32x32 that VGG or the VAE expect.
     pub fn resized(&self, height: usize, width: usize) -> Result<Dataset> {
@@ -63,12 +64,58 @@ impl Dataset {
         Ok(Dataset { images, height, width, ..self.clone() })
     }
 
+    /// Examples per class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes];
         for &l in &self.labels {
             c[l as usize] += 1;
         }
         c
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let plane = self.channels * self.height * self.width;
+        Dataset {
+            images: indices.iter().flat_map(|&i| self.images[i * plane..(i + 1) * plane].iter().copied()).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            ..*self
+        }
+    }
+
+    /// Holds out `fraction` of the images for validation: (the rest, the held-out part). The
+    /// same share of every class is held out (rounded, so a class of 9 images at 0.1 gives one),
+    /// drawn at random by `seed`, and both parts keep the set's order. A fraction outside
+    /// (0, 1), or one that leaves either part empty, is refused.
+    pub fn split_validation(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(DataError::Other(format!("the validation split must be a fraction between 0 and 1, such as 0.1; got {fraction}")));
+        }
+        let mut rng = Rng::seed(seed ^ 0x5641_4C49_4441_5445);
+        let mut by_class = vec![Vec::new(); self.classes];
+        for (i, &l) in self.labels.iter().enumerate() {
+            if let Some(members) = by_class.get_mut(l as usize) {
+                members.push(i);
+            }
+        }
+        let mut held = vec![false; self.len()];
+        for members in &mut by_class {
+            rng.shuffle(members);
+            let k = (members.len() as f64 * fraction).round() as usize;
+            for &i in &members[..k.min(members.len())] {
+                held[i] = true;
+            }
+        }
+        let (val, train): (Vec<usize>, Vec<usize>) = (0..self.len()).partition(|&i| held[i]);
+        if val.is_empty() || train.is_empty() {
+            return Err(DataError::Other(format!(
+                "a validation split of {fraction} of {} training images leaves {} for training and {} for validation; both need at least one",
+                self.len(),
+                train.len(),
+                val.len()
+            )));
+        }
+        Ok((self.subset(&train), self.subset(&val)))
     }
 }
 

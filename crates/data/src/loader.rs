@@ -31,10 +31,7 @@ impl<'a> Batches<'a> {
     pub fn new(ds: &'a Dataset, batch_size: usize, rng: Option<&mut Rng>, drop_last: bool) -> Self {
         let mut order: Vec<usize> = (0..ds.len()).collect();
         if let Some(rng) = rng {
-            // Fisher-Yates with the seeded generator: the same seed gives the same epochs.
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
+            rng.shuffle(&mut order);
         }
         Batches { ds, order, pos: 0, batch_size: batch_size.max(1), drop_last, norm: (0.0, 1.0), augment: None }
     }

@@ -153,6 +153,41 @@ fn batches_cover_the_epoch_once_in_a_seeded_order() {
 }
 
 #[test]
+fn a_validation_split_holds_out_each_class_share_by_the_seed() {
+    let ds = embedded_mnist().unwrap().train;
+    let (train, val) = ds.split_validation(0.1, 7).unwrap();
+    // Each class gives its share, rounded: 10% of every class, the parts summing to the whole.
+    let expected: Vec<usize> = ds.class_counts().iter().map(|&c| (c as f64 * 0.1).round() as usize).collect();
+    assert_eq!(val.class_counts(), expected);
+    assert_eq!(train.len() + val.len(), ds.len());
+    assert_eq!((train.channels, train.height, train.width, train.classes), (ds.channels, ds.height, ds.width, ds.classes));
+    // Every image lands in exactly one part, both parts in the set's order: walking the set once
+    // with a cursor in each part meets every image (an image is matched by its pixels and label).
+    let (mut t, mut v) = (0, 0);
+    for i in 0..ds.len() {
+        let is = |part: &stride_data::Dataset, j: usize| j < part.len() && part.image(j) == ds.image(i) && part.labels[j] == ds.labels[i];
+        if is(&val, v) {
+            v += 1;
+        } else {
+            assert!(is(&train, t), "image {i} is in neither part at its place");
+            t += 1;
+        }
+    }
+    assert_eq!((t, v), (train.len(), val.len()));
+    // The same seed holds out the same images; another seed others.
+    assert_eq!(ds.split_validation(0.1, 7).unwrap().1, val);
+    assert_ne!(ds.split_validation(0.1, 8).unwrap().1, val);
+    // Fractions outside (0, 1), and ones that leave a part empty, are refused by name.
+    for f in [0.0, 1.0, -0.5, f64::NAN] {
+        let e = ds.split_validation(f, 0).unwrap_err().to_string();
+        assert!(e.contains("between 0 and 1"), "{f}: {e}");
+    }
+    let two = ds.subset(&[0, 1]);
+    let e = two.split_validation(0.2, 0).unwrap_err().to_string();
+    assert!(e.contains("of 2 training images leaves 2 for training and 0 for validation"), "{e}");
+}
+
+#[test]
 fn augmented_batches_differ_from_plain_ones_and_repeat_with_the_seed() {
     let s = embedded_mnist().unwrap();
     let plain: Vec<_> = Batches::new(&s.test, 100, None, false).take(2).collect();

@@ -24,6 +24,12 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.uniform01() * n as f64) as usize % n.max(1)
     }
+    /// Puts `items` in a random order (Fisher-Yates): the same seed gives the same order.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
 
     /// Elements drawn uniformly from [lo, hi).
     pub fn uniform<T: Elem>(&mut self, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor<T>> {

@@ -1,4 +1,5 @@
-//! Loss and accuracy curves as a PNG: two panels (loss, accuracy) with train and test lines,
+//! Loss and accuracy curves as a PNG: two panels (loss, accuracy) with train and test (or
+//! validation) lines,
 //! gridlines and tick labels, drawn with a built-in 5x7 pixel font so no system fonts are needed.
 
 use std::path::Path;
@@ -40,6 +41,7 @@ fn glyph(c: char) -> [u8; 7] {
         's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
         't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
         'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
         'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
         _ => [0; 7],
     }
@@ -133,9 +135,9 @@ fn panel(cv: &mut Canvas, x0: usize, title: &str, epochs: &[f64], train: &[f64],
     }
 }
 
-/// The rows of a run's metrics.csv as numbers (epoch, train loss, train accuracy, test loss,
-/// test accuracy, images/s, lr; NaN where a field does not parse), skipping the header and
-/// short rows.
+/// The rows of a run's metrics.csv as numbers (epoch, train loss, train accuracy, test (or
+/// validation) loss and accuracy, images/s, lr; NaN where a field does not parse), skipping the
+/// header and short rows.
 pub fn read_metrics(metrics_csv: &Path) -> Result<Vec<Vec<f64>>> {
     let text = std::fs::read_to_string(metrics_csv).map_err(|e| TrainError::Io(format!("{}: {e}", metrics_csv.display())))?;
     Ok(text
@@ -146,16 +148,23 @@ pub fn read_metrics(metrics_csv: &Path) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
+/// Whether a run's metrics.csv holds validation figures (header `val_loss`) rather than test
+/// ones.
+fn validated(metrics_csv: &Path) -> bool {
+    std::fs::read_to_string(metrics_csv).is_ok_and(|t| t.lines().next().and_then(|h| h.split(',').nth(3)) == Some("val_loss"))
+}
+
 /// Draws curves.png from a run's metrics.csv (so a resumed run plots its whole history).
 pub fn plot_from_metrics(metrics_csv: &Path, out_png: &Path) -> Result<()> {
     let rows = read_metrics(metrics_csv)?;
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
+    let held_out = if validated(metrics_csv) { "val" } else { "test" };
     let mut cv = Canvas { px: vec![255; W * H * 3] };
     let epochs = col(0);
     panel(&mut cv, 0, "loss", &epochs, &col(1), &col(3));
     panel(&mut cv, 450, "accuracy", &epochs, &col(2), &col(4));
     cv.text(W as i64 - 170, H as i64 - 24, "train", BLUE);
-    cv.text(W as i64 - 90, H as i64 - 24, "test", ORANGE);
+    cv.text(W as i64 - 90, H as i64 - 24, held_out, ORANGE);
     let mut bytes = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);

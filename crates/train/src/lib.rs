@@ -63,7 +63,7 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Learning rate per epoch.
     pub schedule: Schedule,
-    /// When set, replaces `schedule`: the rate drops when the test loss stops improving.
+    /// When set, replaces `schedule`: the rate drops when the held-out loss stops improving.
     pub plateau: Option<ReduceOnPlateau>,
     /// Standardise inputs with the training set's pixel mean and std (else only scale to [0, 1]).
     pub normalize: bool,
@@ -72,12 +72,19 @@ pub struct TrainConfig {
     /// Scale gradients so their global L2 norm is at most this (no clipping when `None`).
     pub clip_grad_norm: Option<f64>,
     /// Early stopping (Keras's `EarlyStopping(monitor="val_loss", patience=N)`): end the run
-    /// after the epoch that makes N in a row without a lower test loss than the best so far.
+    /// after the epoch that makes N in a row without a lower held-out loss than the best so far.
     /// The best epoch's weights are kept as with `keep_best`.
     pub early_stopping: Option<usize>,
-    /// Keep the weights of the epoch with the lowest test loss in best.safetensors beside
+    /// Keep the weights of the epoch with the lowest held-out loss in best.safetensors beside
     /// model.safetensors (which always holds the last epoch's).
     pub keep_best: bool,
+    /// Hold out this fraction of the training set (each class's share, drawn by `seed`) and
+    /// evaluate on it after every epoch instead of on the test set: the held-out set that
+    /// early stopping, `keep_best`, reduce-on-plateau and metrics.csv (`val_loss`,
+    /// `val_accuracy`) see. The test set is then evaluated once, when training ends
+    /// ([`Outcome::test`]), so choosing an epoch never looks at it. Without it the held-out set
+    /// is the test set.
+    pub validation_split: Option<f64>,
     pub seed: u64,
     /// Where metrics.csv and model.safetensors go; nothing is written when `None`.
     pub out_dir: Option<PathBuf>,
@@ -90,7 +97,7 @@ pub struct TrainConfig {
     /// forward pass and recompute each segment in the backward pass (see [`recompute`]).
     pub recompute: Option<usize>,
     /// Label smoothing of the training loss, in [0, 1): the target puts 1-ε on the class and
-    /// ε/C on every class (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`). The test loss is
+    /// ε/C on every class (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`). The held-out loss is
     /// always the plain cross-entropy.
     pub label_smoothing: f64,
     /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
@@ -122,6 +129,7 @@ impl Default for TrainConfig {
             clip_grad_norm: None,
             early_stopping: None,
             keep_best: false,
+            validation_split: None,
             seed: 0,
             out_dir: None,
             progress: false,
@@ -168,6 +176,8 @@ pub struct EpochReport {
     pub epoch: usize,
     pub train_loss: f64,
     pub train_accuracy: f64,
+    /// The held-out set after the epoch: the validation part with
+    /// [`TrainConfig::validation_split`], else the test set.
     pub test: Evaluation,
     pub images_per_second: f64,
     pub lr: f64,
@@ -219,9 +229,11 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
 }
 
 /// report.html of a classifier's run: the curves from metrics.csv (so a resumed run shows its
-/// whole history), the last epoch's confusion matrix and most confident mistakes.
+/// whole history), the last epoch's confusion matrix and most confident mistakes on the
+/// held-out set (`data.test`: the validation part with a validation split).
 fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Split, test: &Evaluation) -> Result<()> {
     let rows = curves::read_metrics(&dir.join("metrics.csv"))?;
+    let held_out = if cfg.validation_split.is_some() { "validation" } else { "test" };
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let series = |name: &str, color, i| report::Series { name: name.into(), color, values: col(i) };
     let ds = &data.test;
@@ -239,15 +251,23 @@ fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Sp
             ("model".into(), title.into()),
             (
                 "data".into(),
-                format!("{} ({} training, {} test images of {}x{}x{})", data.name, data.train.len(), ds.len(), ds.channels, ds.height, ds.width),
+                format!(
+                    "{} ({} training, {} {held_out} images of {}x{}x{})",
+                    data.name,
+                    data.train.len(),
+                    ds.len(),
+                    ds.channels,
+                    ds.height,
+                    ds.width
+                ),
             ),
             ("optimizer".into(), format!("{:?}, lr {}, weight decay {}, batch {}", cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size)),
             ("epochs".into(), format!("{} of {}", rows.len(), cfg.epochs)),
-            ("test accuracy".into(), format!("{:.2}%", 100.0 * test.accuracy)),
+            (format!("{held_out} accuracy"), format!("{:.2}%", 100.0 * test.accuracy)),
         ],
         charts: vec![
-            ("loss".into(), vec![series("train", "#1f77b4", 1), series("test", "#ff7f0e", 3)]),
-            ("accuracy".into(), vec![series("train", "#1f77b4", 2), series("test", "#ff7f0e", 4)]),
+            ("loss".into(), vec![series("train", "#1f77b4", 1), series(held_out, "#ff7f0e", 3)]),
+            ("accuracy".into(), vec![series("train", "#1f77b4", 2), series(held_out, "#ff7f0e", 4)]),
             ("learning rate".into(), vec![series("lr", "#2ca02c", 6)]),
         ],
         confusion: Some((test.confusion.clone(), data.class_names.clone())),
@@ -287,10 +307,17 @@ struct Position {
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
 const METRICS_HEADER: &str = "epoch,train_loss,train_accuracy,test_loss,test_accuracy,images_per_second,lr\n";
+/// metrics.csv's header with a validation split: the held-out columns are the validation set's.
+const METRICS_HEADER_VALIDATION: &str = "epoch,train_loss,train_accuracy,val_loss,val_accuracy,images_per_second,lr\n";
 const WEIGHTS: &str = "model.safetensors";
 
 fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The validation split as a checkpoint records it ("none", or the fraction).
+fn validation_tag(cfg: &TrainConfig) -> String {
+    cfg.validation_split.map_or_else(|| "none".to_string(), |f| f.to_string())
 }
 
 /// Saves weights, buffers, optimizer state and the position: everything a resume needs.
@@ -316,6 +343,7 @@ fn save_checkpoint(
         ("seen", pos.seen.to_string()),
         ("seed", cfg.seed.to_string()),
         ("optimizer", format!("{:?}", cfg.optimizer)),
+        ("validation_split", validation_tag(cfg)),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -369,6 +397,11 @@ fn restore(
             return Err(bad(&format!("was written with {key} {}, this run has {want}", meta.get(key).map_or("(none)", String::as_str))));
         }
     }
+    // The images a run trains on: a checkpoint of an older Stride has no tag and had none.
+    let (had, has) = (meta.get("validation_split").map_or("none", String::as_str), validation_tag(cfg));
+    if had != has {
+        return Err(bad(&format!("was written with validation split {had}, this run has {has} (it would train on other images)")));
+    }
     // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
     let count = |k: &str| -> Result<usize> {
         meta.get(k)
@@ -418,14 +451,19 @@ pub struct Outcome {
     pub planned_steps: usize,
     /// Set when `stop` was raised: the (epoch, step) the saved checkpoint resumes from.
     pub interrupted: Option<(usize, usize)>,
-    /// The epoch with the lowest finite test loss so far, this run's or (resumed) an earlier
+    /// The epoch with the lowest finite held-out loss so far, this run's or (resumed) an earlier
     /// part's; `None` before any.
     pub best: Option<Best>,
     /// Set when early stopping ended the run: the last epoch it trained.
     pub stopped_early: Option<usize>,
+    /// With [`TrainConfig::validation_split`], once training has ended (not when interrupted):
+    /// the test set's evaluation with the last epoch's weights.
+    pub test: Option<Evaluation>,
+    /// As `test`, with the best epoch's weights (best.safetensors) where they were kept.
+    pub best_test: Option<Evaluation>,
 }
 
-/// The epoch with the lowest test loss, its loss and its test accuracy.
+/// The epoch with the lowest held-out loss (validation, else test), that loss and its accuracy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Best {
     pub epoch: usize,
@@ -445,7 +483,7 @@ struct Progress {
 }
 
 impl Progress {
-    /// Takes an epoch's test result; whether it is the new best. A loss that is not finite
+    /// Takes an epoch's held-out result; whether it is the new best. A loss that is not finite
     /// never is.
     fn record(&mut self, epoch: usize, loss: f64, accuracy: f64) -> bool {
         let better = loss.is_finite() && self.best.is_none_or(|b| loss < b.loss);
@@ -484,8 +522,9 @@ impl Progress {
     }
 }
 
-/// Trains `model` on `data.train`, evaluating on `data.test` after every epoch; `on_epoch`
-/// gets each epoch's report. With `cfg.out_dir`, writes metrics.csv, model.safetensors and a
+/// Trains `model` on `data.train`, evaluating on `data.test` after every epoch (or, with
+/// `cfg.validation_split`, training on part of `data.train`, evaluating on the rest after every
+/// epoch and on `data.test` once at the end); `on_epoch` gets each epoch's report. With `cfg.out_dir`, writes metrics.csv, model.safetensors and a
 /// resumable checkpoint.safetensors after every epoch (atomically). With `resume`, continues
 /// the run saved in `cfg.out_dir` exactly where it stopped. When `stop` becomes true, the
 /// current step finishes, the checkpoint is saved and the run returns.
@@ -506,6 +545,17 @@ pub fn train(
     if cfg.early_stopping == Some(0) {
         return Err(TrainError::Config("early stopping's patience (0 epochs) must be at least 1".into()));
     }
+    // With a validation split the epochs see part of the training set and are judged on the
+    // rest; the test set waits for the end.
+    let watched;
+    let (data, test_set) = match cfg.validation_split {
+        Some(f) => {
+            let (train, validation) = data.train.split_validation(f, cfg.seed).map_err(|e| TrainError::Config(e.to_string()))?;
+            watched = Split { name: data.name.clone(), train, test: validation, class_names: data.class_names.clone() };
+            (&watched, Some(&data.test))
+        }
+        None => (data, None),
+    };
     model.to(cfg.device)?;
     let params = model.parameters();
     let mut opt = make_optimizer(cfg)?;
@@ -552,7 +602,7 @@ pub fn train(
         // On resume, keep only the rows of epochs the checkpoint has finished: a crash between
         // a row and its checkpoint (or in the middle of a row) must not leave a duplicate.
         let path = dir.join("metrics.csv");
-        let mut text = String::from(METRICS_HEADER);
+        let mut text = String::from(if test_set.is_some() { METRICS_HEADER_VALIDATION } else { METRICS_HEADER });
         if resume {
             match std::fs::read_to_string(&path) {
                 Ok(old) => {
@@ -622,8 +672,9 @@ pub fn train(
     }
     let mut reports = Vec::new();
     // A resumed run that had stopped early stays stopped.
+    let ended = Ended { test_set: test_set.filter(|_| root), norm, keep_best };
     if pos.epoch <= cfg.epochs && progress.exhausted(cfg.early_stopping) {
-        return Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: Some(pos.epoch - 1) });
+        return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(pos.epoch - 1));
     }
     while pos.epoch <= cfg.epochs {
         let epoch = pos.epoch;
@@ -761,7 +812,8 @@ pub fn train(
             if let Some(dir) = cfg.out_dir.as_ref().filter(|_| root) {
                 save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
             }
-            return Ok(Outcome { reports, planned_steps, interrupted: Some((epoch, pos.step)), best: progress.best, stopped_early: None });
+            let at = Some((epoch, pos.step));
+            return Ok(Outcome { reports, planned_steps, interrupted: at, best: progress.best, stopped_early: None, test: None, best_test: None });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
@@ -770,7 +822,7 @@ pub fn train(
             plateau_lr = p.step(test.loss, plateau_lr);
         }
         let new_best = progress.record(epoch, test.loss, test.accuracy);
-        // Every rank stops where rank 0 does (their test losses agree unless their arithmetic
+        // Every rank stops where rank 0 does (their held-out losses agree unless their arithmetic
         // differs, and a rank that stopped alone would leave the others waiting).
         let mut stop_early = epoch < cfg.epochs && progress.exhausted(cfg.early_stopping);
         if let (Some(g), Some(_)) = (&group, cfg.early_stopping) {
@@ -822,8 +874,47 @@ pub fn train(
         on_epoch(&report);
         reports.push(report);
         if stop_early {
-            return Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: Some(epoch) });
+            return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(epoch));
         }
     }
-    Ok(Outcome { reports, planned_steps, interrupted: None, best: progress.best, stopped_early: None })
+    ended.outcome(model, cfg, reports, planned_steps, progress.best, None)
+}
+
+/// How a run that has ended (not one interrupted) reports: with a validation split, rank 0
+/// evaluates the test set with the last weights and with the best epoch's where they were kept.
+struct Ended<'a> {
+    /// The test set, when the epochs watched a validation split (and this is rank 0).
+    test_set: Option<&'a Dataset>,
+    norm: (f32, f32),
+    keep_best: bool,
+}
+
+impl Ended<'_> {
+    fn outcome(
+        &self,
+        model: &mut dyn Module,
+        cfg: &TrainConfig,
+        reports: Vec<EpochReport>,
+        planned_steps: usize,
+        best: Option<Best>,
+        stopped_early: Option<usize>,
+    ) -> Result<Outcome> {
+        let (mut test, mut best_test) = (None, None);
+        if let Some(ds) = self.test_set {
+            test = Some(evaluate(model, ds, EVAL_BATCH, self.norm)?);
+            let file = cfg.out_dir.as_ref().map(|d| d.join(BEST_WEIGHTS)).filter(|f| self.keep_best && best.is_some() && f.exists());
+            if let Some(file) = file {
+                // The best weights in, evaluated, and the last ones back (loaded buffers
+                // arrive on the CPU).
+                let last: std::collections::HashMap<_, _> = checkpoint::state_dict(model).into_iter().collect();
+                checkpoint::load_into(model, &checkpoint::load(&file)?)?;
+                model.to(cfg.device)?;
+                let evaluated = evaluate(model, ds, EVAL_BATCH, self.norm);
+                checkpoint::load_into(model, &last)?;
+                model.to(cfg.device)?;
+                best_test = Some(evaluated?);
+            }
+        }
+        Ok(Outcome { reports, planned_steps, interrupted: None, best, stopped_early, test, best_test })
+    }
 }

@@ -233,6 +233,54 @@ fn early_stopping_keeps_the_best_epoch_and_resumes_to_the_same_stop() {
 }
 
 #[test]
+fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
+    // Few images: the validation loss turns up before the last epoch, so the best weights
+    // differ from the last ones.
+    const EPOCHS: usize = 12;
+    let data = small(120, 160);
+    let split = |epochs, out| TrainConfig { validation_split: Some(0.25), keep_best: true, ..cfg(epochs, Some(out)) };
+    let dir = tmp("validation");
+    let mut m = model(6);
+    let run = train(&mut m, &data, &split(EPOCHS, dir.clone()), false, None, |_| {}).unwrap();
+    let losses: Vec<f64> = run.reports.iter().map(|r| r.test.loss).collect();
+    assert!(run.best.unwrap().epoch < EPOCHS, "the best epoch is the last: {losses:?}");
+    // The same as a plain run on the split made beforehand: epochs judged on the held-out part.
+    let (part, held) = data.train.split_validation(0.25, 0).unwrap();
+    let pre = stride_data::Split { train: part.clone(), test: held.clone(), ..data.clone() };
+    let plain = train(&mut model(6), &pre, &cfg(EPOCHS, None), false, None, |_| {}).unwrap();
+    let figures = |o: &stride_train::Outcome| o.reports.iter().map(|r| (r.train_loss, r.train_accuracy, r.test.clone())).collect::<Vec<_>>();
+    assert_eq!(figures(&run), figures(&plain));
+    assert_eq!(run.reports[0].test.confusion.iter().flatten().sum::<usize>(), held.len());
+    assert_eq!(plain.test, None, "no test evaluation of its own without a split");
+    let header = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert!(header.starts_with("epoch,train_loss,train_accuracy,val_loss,val_accuracy,"), "{header}");
+    // The test set once at the end, with the last weights (which the model still holds after
+    // the best epoch's were evaluated) and with the best epoch's.
+    let norm = part.pixel_stats();
+    let last = stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
+    assert_eq!(run.test.as_ref(), Some(&last));
+    let mut best = model(1);
+    checkpoint::load_into(&mut best, &checkpoint::load(&dir.join("best.safetensors")).unwrap()).unwrap();
+    let on_best = stride_train::evaluate(&mut best, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
+    assert_eq!(run.best_test.as_ref(), Some(&on_best));
+    // Resuming with another split (other training images) is refused and changes nothing.
+    let before = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let other = TrainConfig { validation_split: Some(0.5), ..split(EPOCHS + 1, dir.clone()) };
+    let e = train(&mut model(6), &data, &other, true, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("was written with validation split 0.25, this run has 0.5"), "{e}");
+    let none = TrainConfig { validation_split: None, ..split(EPOCHS + 1, dir.clone()) };
+    let e = train(&mut model(6), &data, &none, true, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("was written with validation split 0.25, this run has none"), "{e}");
+    assert_eq!(std::fs::read(dir.join("checkpoint.safetensors")).unwrap(), before);
+    // A finished run resumed has nothing to train but still reports the test set.
+    let again = train(&mut model(9), &data, &split(EPOCHS, dir.clone()), true, None, |_| {}).unwrap();
+    assert_eq!((again.reports.len(), again.test.as_ref(), again.best_test.as_ref()), (0, Some(&last), Some(&on_best)));
+    let e = train(&mut model(1), &data, &TrainConfig { validation_split: Some(1.5), ..cfg(1, None) }, false, None, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("between 0 and 1"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn curves_png_has_both_series() {
     let dir = tmp("curves");
     std::fs::create_dir_all(&dir).unwrap();
