@@ -139,7 +139,7 @@ pub struct PredictArgs {
     #[arg(long)]
     weights: Option<PathBuf>,
     /// How many of the most likely classes to print per image.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
     top: usize,
     /// PNG or JPEG files.
     #[arg(required = true)]
@@ -232,7 +232,7 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         let p = stride_autograd::softmax(&logits, 1)?.value().to_host()?;
         let mut order: Vec<usize> = (0..names.len()).collect();
         order.sort_by(|&i, &j| p.data()[j].total_cmp(&p.data()[i]));
-        let top: Vec<String> = order.iter().take(a.top.max(1)).map(|&i| format!("{} {:.4}", names[i], p.data()[i])).collect();
+        let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", names[i], p.data()[i])).collect();
         println!("{}: {}", path.display(), top.join(", "));
     }
     Ok(())

@@ -117,6 +117,11 @@ struct DeviceArg {
     any_gpu: bool,
 }
 
+/// A count that must be at least 1 (epochs, batch sizes, --top).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    s.trim().parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("'{s}' is not a whole number of at least 1"))
+}
+
 fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let device = s.parse::<stride_autograd::Device>().map_err(|e| e.to_string())?;
     Ok(DeviceArg { device, any_gpu: matches!(s.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu") })

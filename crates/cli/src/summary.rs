@@ -24,7 +24,7 @@ pub struct SummaryArgs {
     #[arg(long)]
     classes: Option<usize>,
     /// Batch size the memory is predicted for (N of --input wins).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
     batch_size: usize,
     /// The optimizer whose state the training memory includes.
     #[arg(long, value_enum, default_value = "adam")]
@@ -88,9 +88,6 @@ pub fn run(a: &SummaryArgs, device: Device) -> Result<(), Box<dyn std::error::Er
         None => (None, [design.channels, design.height, design.width]),
     };
     let batch = n.unwrap_or(a.batch_size);
-    if batch == 0 {
-        return Err("--batch-size must be at least 1".into());
-    }
     let spec = InputSpec { channels: chw[0], height: chw[1], width: chw[2], classes: a.classes.unwrap_or(design.classes) };
     let optimizer = a.optimizer.kind(a.momentum);
 

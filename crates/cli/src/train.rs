@@ -24,9 +24,9 @@ pub struct TrainArgs {
     #[arg(long, default_value = "mnist")]
     data: String,
     /// Epochs (default: the zoo model's, see `stride models`; 10 for a model file).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one)]
     epochs: Option<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
     batch_size: usize,
     /// Optimizer (default: adam, or adamw for a zoo model with a default weight decay, see
     /// `stride models`).
@@ -284,8 +284,8 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root {
         println!(
-            "{} epochs, batch {}, {} lr {}{}, {} schedule{}{}",
-            epochs,
+            "{}, batch {}, {} lr {}{}, {} schedule{}{}",
+            epochs_text(epochs),
             a.batch_size,
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             a.lr,

@@ -13,9 +13,9 @@ pub struct VaeArgs {
     /// One-channel data set (resized to 32x32): `mnist`, `fashion-mnist` or an IDX folder.
     #[arg(long, default_value = "mnist")]
     data: String,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
     epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,

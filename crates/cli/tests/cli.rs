@@ -122,8 +122,12 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 16] = [
+    let cases: [(&[&str], &str); 20] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
+        (&["train", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
+        (&["vae", "--epochs", "0"], "'0' is not a whole number of at least 1"),
+        (&["summary", "cnn", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
+        (&["predict", "--top", "0", "x.png"], "'0' is not a whole number of at least 1"),
         (&["train", "--label-smoothing", "1.5"], "'1.5' is not a label smoothing: give a number in [0, 1)"),
         (&["train", "--label-smoothing", "NaN"], "'NaN' is not a label smoothing"),
         (&["train", "--clip-grad-norm=-1"], "'-1' is not a gradient norm: give a number > 0"),
@@ -354,19 +358,19 @@ fn kill_9_at_any_moment_leaves_loadable_files_and_the_run_finishes() {
 #[test]
 fn training_under_mpirun_without_mpi_support_is_refused() {
     let dir = tmp("no-mpi");
-    // `stride train --epochs E` as one of `processes` that mpirun started.
-    let under = |processes: &str, epochs: &str| {
-        let args = ["train", "--epochs", epochs, "--out", dir.to_str().unwrap()];
+    // `stride train --data D` as one of `processes` that mpirun started.
+    let under = |processes: &str, data: &str| {
+        let args = ["train", "--epochs", "1", "--data", data, "--out", dir.to_str().unwrap()];
         Command::new(env!("CARGO_BIN_EXE_stride")).args(args).env("OMPI_COMM_WORLD_SIZE", processes).output().unwrap()
     };
-    let out = under("2", "1");
+    let out = under("2", "mnist");
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("built without MPI, so under mpirun each of the 2 processes would train alone") && log.contains("--features mpi"), "{log}");
     assert!(!dir.exists(), "nothing written: {log}");
-    // One process (mpirun -np 1) goes on to train: here it gets as far as the next check.
-    let one = under("1", "0");
+    // One process (mpirun -np 1) goes on to train: here it gets as far as loading the data.
+    let one = under("1", "/no/such/folder");
     let log = text(&one);
-    assert!(!log.contains("MPI") && log.contains("epochs (0)"), "{log}");
+    assert!(!log.contains("MPI") && log.contains("not `mnist`, `fashion-mnist` or an existing folder"), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }

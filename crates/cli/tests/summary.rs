@@ -137,12 +137,13 @@ fn bad_input_is_refused_with_the_reason() {
         (vec!["summary", "cnn", "--input", "3x32"], "expected CxHxW or NxCxHxW"),
         (vec!["summary", "nosuchnet"], "unknown model 'nosuchnet'"),
         (vec!["summary", "vgg11", "--input", "3x16x16"], "vgg11 cannot take 3x16x16 images"),
-        (vec!["summary", "cnn", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (vec!["summary", "cnn", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
         (vec!["summary", "vae", "--input", "3x32x32"], "the VAE takes 1x32x32 images"),
         (vec!["summary", "vae", "--recompute", "2"], "needs a network that is a chain of layers"),
     ] {
         let out = stride(&args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        // 1: an error of the run; 2: a flag clap refused. Never a panic's 101.
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
     }
 }
