@@ -10,6 +10,7 @@
 mod backward;
 pub mod conformance;
 pub mod device;
+mod gradcheck;
 mod op;
 pub mod ops;
 pub mod plan;
@@ -17,6 +18,7 @@ pub mod train_plan;
 mod var;
 
 pub use device::{Backend, Prim, ToDevice, Update};
+pub use gradcheck::gradcheck;
 pub use op::PRIMITIVES;
 pub use ops::conv::{conv2d, conv2d_workspace, conv_transpose2d, conv_transpose2d_workspace};
 pub use ops::linalg::{linear, matmul_tensors};

@@ -392,6 +392,15 @@ impl Compiler {
                 self.vals[i] = Some(Val { slot, shape, layout: Layout::Nchw });
             }
             Op::Mul | Op::Add | Op::Sub | Op::Div if ps.iter().any(|&p| self.vals[p].is_none()) => {
+                // A leaf operand: a parameter (a learned gate or scale) or a constant.
+                if ps.iter().any(|&p| self.vals[p].is_none() && self.rec.nodes[p].requires_grad()) {
+                    bail!(
+                        arg,
+                        "train plan",
+                        "{} with a parameter operand (a learned scale?) has no planned gradient yet; this network trains eagerly",
+                        op.name()
+                    )
+                }
                 bail!(
                     arg,
                     "train plan",

@@ -108,6 +108,34 @@ fn networks_with_dropout_are_refused_and_left_untouched() {
     assert!(grads_or_values(&mut model) == before);
 }
 
+/// x * s for a learned scalar s (a gate such as ReZero's).
+struct Scale(Var);
+
+impl Module for Scale {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> stride_nn::Result<Var> {
+        Ok(x.mul(&self.0)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        f(stride_nn::join(prefix, "s"), Slot::Param(&self.0));
+    }
+    fn describe(&self) -> String {
+        "Scale".into()
+    }
+}
+
+#[test]
+fn a_learned_scale_is_refused_by_what_it_is() {
+    let mut model = Sequential::new()
+        .push(Flatten)
+        .push(Linear::new(&mut Rng::seed(1), 16, 4, true).unwrap())
+        .push(Scale(Var::parameter(Tensor::from_vec(vec![0.5], &[1]).unwrap())));
+    let x = Rng::seed(2).normal(&[2, 1, 4, 4], 0.0, 1.0).unwrap();
+    let mut planned = TrainPlanned::new();
+    assert_eq!(planned.step(&mut model, &x, &[0, 3]).unwrap(), None);
+    let why = planned.refusal(x.shape()).unwrap();
+    assert!(why.contains("mul with a parameter operand") && !why.contains("dropout"), "{why}");
+}
+
 fn grads_or_values(m: &mut dyn Module) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     m.visit("", &mut |_, slot| match slot {
