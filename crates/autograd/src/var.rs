@@ -12,7 +12,7 @@ use crate::op::Op;
 pub(crate) struct Node<T: Elem> {
     pub(crate) value: RefCell<Tensor<T>>,
     pub(crate) grad: RefCell<Option<Tensor<T>>>,
-    pub(crate) requires_grad: bool,
+    pub(crate) requires_grad: Cell<bool>,
     pub(crate) op: Option<Op<T>>,
     pub(crate) parents: Vec<Var<T>>,
 }
@@ -95,7 +95,13 @@ pub fn is_grad_enabled() -> bool {
 
 impl<T: Elem> Var<T> {
     fn leaf(value: Tensor<T>, requires_grad: bool) -> Self {
-        Var(Rc::new(Node { value: RefCell::new(value), grad: RefCell::new(None), requires_grad, op: None, parents: Vec::new() }))
+        Var(Rc::new(Node {
+            value: RefCell::new(value),
+            grad: RefCell::new(None),
+            requires_grad: Cell::new(requires_grad),
+            op: None,
+            parents: Vec::new(),
+        }))
     }
     /// A constant: no gradient flows into it.
     pub fn constant(value: Tensor<T>) -> Self {
@@ -120,7 +126,7 @@ impl<T: Elem> Var<T> {
         Var(Rc::new(Node {
             value: RefCell::new(value),
             grad: RefCell::new(None),
-            requires_grad: true,
+            requires_grad: Cell::new(true),
             op: Some(op),
             parents: parents.iter().map(|&p| p.clone()).collect(),
         }))
@@ -138,7 +144,18 @@ impl<T: Elem> Var<T> {
         self.0.value.borrow().shape().to_vec()
     }
     pub fn requires_grad(&self) -> bool {
-        self.0.requires_grad
+        self.0.requires_grad.get()
+    }
+    /// Freezes (`false`) or unfreezes a leaf (PyTorch's `requires_grad_`): ops on a frozen
+    /// parameter record nothing for it, so no gradient is computed for it or, where nothing
+    /// before it needs one, for anything it feeds. Refused for an op's result, whose gradient
+    /// is its inputs' business.
+    pub fn set_requires_grad(&self, on: bool) -> Result<()> {
+        if !self.is_leaf() {
+            stride_tensor::bail!(arg, "set_requires_grad", "{} is the result of an op, not a leaf (a parameter or a constant)", self.op_name());
+        }
+        self.0.requires_grad.set(on);
+        Ok(())
     }
     pub fn is_leaf(&self) -> bool {
         self.0.op.is_none()

@@ -331,3 +331,23 @@ fn conv_weight_gradient_is_the_same_when_the_input_needs_none() {
         assert_eq!(a.data(), b.data());
     }
 }
+
+#[test]
+fn a_frozen_parameter_records_nothing_and_gets_no_gradient() {
+    let mut rng = Rng::seed(4);
+    let x = Var::constant(randn(&mut rng, &[2, 3, 6, 6]));
+    let (w1, w2) = (Var::parameter(randn(&mut rng, &[4, 3, 3, 3])), Var::parameter(randn(&mut rng, &[5, 4, 3, 3])));
+    w1.set_requires_grad(false).unwrap();
+    // The frozen first layer reads only constants: its output is a constant, so the backward
+    // pass stops at the second layer's input.
+    let h = conv2d(&x, &w1, None, &Conv2dOptions::default()).unwrap().relu().unwrap();
+    assert!(!h.requires_grad() && h.is_leaf());
+    let y = conv2d(&h, &w2, None, &Conv2dOptions::default()).unwrap().sum_all().unwrap();
+    y.backward().unwrap();
+    assert!(w1.grad().is_none() && w2.grad().is_some());
+    // Unfrozen, it takes part again; an op's result cannot be frozen.
+    w1.set_requires_grad(true).unwrap();
+    let h = conv2d(&x, &w1, None, &Conv2dOptions::default()).unwrap();
+    assert!(h.requires_grad() && !h.is_leaf());
+    assert!(h.set_requires_grad(false).unwrap_err().to_string().contains("not a leaf"));
+}

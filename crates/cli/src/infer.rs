@@ -50,11 +50,26 @@ pub struct RunArgs {
 /// Loads a safetensors state_dict into `model`, checking every name and shape (optimizer
 /// entries of a Stride checkpoint are ignored).
 pub fn load_weights(model: &mut dyn Module, weights: &Path) -> Result<Standardisation, Box<dyn std::error::Error>> {
+    load_weights_with(model, weights, false).map(|(s, _)| s)
+}
+
+/// [`load_weights`], leaving the model's tensors whose shape differs from the file's as they
+/// are (and naming them) when `skip_mismatched`.
+pub fn load_weights_with(
+    model: &mut dyn Module,
+    weights: &Path,
+    skip_mismatched: bool,
+) -> Result<(Standardisation, Vec<checkpoint::Skipped>), Box<dyn std::error::Error>> {
     let (mut tensors, meta) = checkpoint::load_with_metadata(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
-    checkpoint::load_into(model, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
+    let loaded = if skip_mismatched {
+        checkpoint::load_skipping_mismatched(model, &tensors)
+    } else {
+        checkpoint::load_into(model, &tensors).map(|_| Vec::new())
+    };
+    let skipped = loaded.map_err(|e| format!("{}: {e}", weights.display()))?;
     let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f32>().ok()).filter(|v| v.is_finite());
-    Ok(number("input_mean").zip(number("input_std").filter(|&s| s > 0.0)))
+    Ok((number("input_mean").zip(number("input_std").filter(|&s| s > 0.0)), skipped))
 }
 
 /// The (mean, std) a run standardised its inputs with, from its weights' header; `None` for

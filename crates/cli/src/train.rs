@@ -89,6 +89,19 @@ pub struct TrainArgs {
     /// torchvision's, saved with `safetensors.torch.save_file(model.state_dict(), ...)`).
     #[arg(long, conflicts_with = "resume")]
     weights: Option<PathBuf>,
+    /// With --weights: tensors whose shape differs from the model's (a classifier trained for
+    /// another number of classes) start fresh instead of being refused; the run names them.
+    #[arg(long, requires = "weights")]
+    skip_mismatched: bool,
+    /// Do not train the parameters under these dotted names (comma-separated, e.g.
+    /// `conv1,layer1`; `stride summary MODEL` lists the layers): they keep their values and no
+    /// gradient is computed for them.
+    #[arg(long, value_delimiter = ',', conflicts_with = "train_only")]
+    freeze: Vec<String>,
+    /// Train only the parameters under these dotted names (e.g. `fc`, a new classifier on a
+    /// pretrained network); everything else is frozen.
+    #[arg(long, value_delimiter = ',')]
+    train_only: Vec<String>,
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
     debug: bool,
@@ -233,9 +246,11 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     let t = &data.train;
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let mut model = stride_models::build_any(&a.model, &mut Rng::seed(a.seed), spec)?;
+    let mut fresh = Vec::new();
     if let Some(w) = &a.weights {
-        crate::infer::load_weights(&mut model, w)?;
+        fresh = crate::infer::load_weights_with(&mut model, w, a.skip_mismatched)?.1;
     }
+    let frozen = if a.train_only.is_empty() { a.freeze.clone() } else { stride_train::freeze_all_but(&mut model, &a.train_only)? };
     // A zoo model's own epochs and weight decay (with AdamW) apply where no flag says otherwise;
     // a model file gets 10 epochs and plain Adam.
     let zoo = if a.model.ends_with(".toml") || a.model.ends_with(".onnx") { None } else { Some(stride_models::entry(&a.model)?) };
@@ -295,6 +310,15 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),
         );
     }
+    if root && !fresh.is_empty() {
+        let list: Vec<String> = fresh.iter().map(|s| format!("{} {:?} (the weights' {:?})", s.name, s.model, s.file)).collect();
+        println!("started fresh, their shapes differ from the weights': {}", list.join(", "));
+    }
+    if root && !frozen.is_empty() {
+        let (warm, cold) = stride_train::split_frozen(&mut model, &frozen)?;
+        let count = |vars: &[Var]| vars.iter().map(|v| v.value_ref().numel()).sum::<usize>();
+        println!("frozen: {} ({} parameters); training the other {}", frozen.join(", "), count(&cold), count(&warm));
+    }
     if a.debug {
         let x = Var::constant(Tensor::zeros(&[a.batch_size.clamp(1, 64), t.channels, t.height, t.width])?);
         let mut ctx = Ctx::eval();
@@ -323,6 +347,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         early_stopping: a.early_stop,
         keep_best: a.keep_best,
         validation_split: a.validation_split,
+        frozen,
         seed: a.seed,
         out_dir: Some(out.clone()),
         progress: root && std::io::IsTerminal::is_terminal(&std::io::stderr()),

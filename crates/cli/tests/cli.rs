@@ -200,6 +200,73 @@ fn image_folders_train_and_predict() {
 }
 
 #[test]
+fn a_pretrained_network_gets_a_new_classifier_and_only_that_trains() {
+    let dir = tmp("finetune");
+    let (pre, tuned, shapes) = (dir.join("pre"), dir.join("tuned"), dir.join("shapes"));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    // Trained on the digits (10 classes), then fine-tuned on two classes of shapes: the
+    // classifier (layer 9) starts fresh for 2 classes, every other layer is frozen.
+    let out = stride(&["train", "--epochs", "1", "--out", &path(&pre)]);
+    assert!(out.status.success(), "{}", text(&out));
+    common::shapes(&shapes);
+    let weights = path(&pre.join("model.safetensors"));
+    let tune = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--data",
+            &shapes.to_str().unwrap(),
+            "--resize",
+            "28",
+            "--epochs",
+            "10",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "8",
+            "--weights",
+            &weights,
+        ];
+        args.extend_from_slice(extra);
+        stride(&args)
+    };
+    let out = tune(&["--skip-mismatched", "--train-only", "9", "--out", &path(&tuned)]);
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        log.contains(
+            "started fresh, their shapes differ from the weights': 9.weight [2, 128] (the weights' [10, 128]), 9.bias [2] (the weights' [10])"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("frozen: 0, 3, 7 ("), "{log}");
+    assert!(log.contains("parameters); training the other 258"), "{log}");
+    // The frozen layers kept the digits' values bit for bit; the new classifier learned.
+    let (a, b) = (load(&pre.join("model.safetensors")), load(&tuned.join("model.safetensors")));
+    for (name, t) in &a {
+        match name.starts_with("9.") {
+            false => assert_eq!(Some(t), b.get(name), "{name} changed"),
+            true => assert_eq!(b[name].shape()[0], 2, "{name}"),
+        }
+    }
+    let acc: f64 = log.lines().last().unwrap().trim_start_matches("test accuracy ").parse().unwrap();
+    assert!(acc >= 0.75, "the digits' features tell squares from circles: {log}");
+    // Without --skip-mismatched the classifier's shape is refused; bad prefixes are named.
+    let refused = tune(&["--out", &path(&dir.join("strict"))]);
+    assert!(text(&refused).contains("'9.weight' has shape [10, 128], the model needs [2, 128]"), "{}", text(&refused));
+    let nothing = tune(&["--skip-mismatched", "--train-only", "classifier"]);
+    assert!(text(&nothing).contains("no parameter to train under 'classifier'"), "{}", text(&nothing));
+    let all = tune(&["--skip-mismatched", "--freeze", "0,3,7,9"]);
+    assert!(text(&all).contains("freezing 0, 3, 7, 9 leaves no parameter to train"), "{}", text(&all));
+    let stray = tune(&["--skip-mismatched", "--freeze", "10"]);
+    assert!(text(&stray).contains("no parameter to freeze under '10'; the model's top-level names are 0, 3, 7, 9"), "{}", text(&stray));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn load(p: &Path) -> std::collections::HashMap<String, stride_autograd::Tensor<f32>> {
+    stride_train::checkpoint::load(p).unwrap()
+}
+
+#[test]
 fn the_zoo_lists_counts_and_explains_sizes() {
     let out = stride(&["models"]);
     let log = text(&out);

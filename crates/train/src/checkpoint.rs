@@ -151,7 +151,29 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<WithMetadata> {
 /// missing, unexpected and mis-shaped entries together (the first few of each kind, with their
 /// counts). Nothing is changed on error.
 pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>) -> Result<()> {
-    let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
+    load_checking(model, tensors, false).map(|_| ())
+}
+
+/// A tensor of the model that [`load_skipping_mismatched`] left as it was.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skipped {
+    pub name: String,
+    /// The file's shape for it.
+    pub file: Vec<usize>,
+    /// The model's.
+    pub model: Vec<usize>,
+}
+
+/// [`load_into`] for fine-tuning (Hugging Face's `ignore_mismatched_sizes`): tensors whose
+/// shape differs from the model's (a classifier for another number of classes) are left as the
+/// model has them, and returned; every other tensor must fit by name and shape, as for
+/// `load_into`. Refused when nothing would be loaded. Nothing is changed on error.
+pub fn load_skipping_mismatched(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>) -> Result<Vec<Skipped>> {
+    load_checking(model, tensors, true)
+}
+
+fn load_checking(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>, skip_mismatched: bool) -> Result<Vec<Skipped>> {
+    let (mut missing, mut misshaped, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let mut seen = std::collections::HashSet::new();
     model.visit("", &mut |name, slot| {
         let shape = match &slot {
@@ -161,7 +183,8 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
         match tensors.get(&name) {
             None => missing.push(format!("missing '{name}' {shape:?}")),
             Some(t) if t.shape() != shape && !same_scalar(t.shape(), &shape) => {
-                misshaped.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape()))
+                misshaped.push(format!("'{name}' has shape {:?}, the model needs {shape:?}", t.shape()));
+                skipped.push(Skipped { name: name.clone(), file: t.shape().to_vec(), model: shape });
             }
             Some(_) => {}
         }
@@ -169,8 +192,16 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
     });
     let mut unexpected: Vec<String> = tensors.keys().filter(|k| !seen.contains(*k)).map(|k| format!("unexpected '{k}'")).collect();
     unexpected.sort();
+    if skip_mismatched && !skipped.is_empty() && skipped.len() == seen.len() {
+        return Err(TrainError::Checkpoint(format!("none of the {} tensors fits the model: every shape differs", seen.len())));
+    }
+    if skip_mismatched {
+        misshaped.clear();
+    }
     if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
-        return load_checked(model, tensors);
+        let skip: std::collections::HashSet<&str> = skipped.iter().map(|s| s.name.as_str()).collect();
+        load_checked(model, tensors, &skip)?;
+        return Ok(skipped);
     }
     // A file of another model misses everything: the counts, and a few names of each kind,
     // say so in a line rather than a screenful.
@@ -198,10 +229,13 @@ pub fn load_into(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>)
     )))
 }
 
-/// Copies `tensors`, whose names and shapes fit `model`, into it.
-fn load_checked(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>) -> Result<()> {
+/// Copies `tensors`, whose names and shapes fit `model` but for the names in `skip`, into it.
+fn load_checked(model: &mut dyn Module, tensors: &HashMap<String, Tensor<f32>>, skip: &std::collections::HashSet<&str>) -> Result<()> {
     let mut result = Ok(());
     model.visit("", &mut |name, slot| {
+        if skip.contains(name.as_str()) {
+            return;
+        }
         let t = tensors[&name].clone();
         let shape = match &slot {
             Slot::Param(v) => v.shape(),

@@ -85,6 +85,13 @@ pub struct TrainConfig {
     /// ([`Outcome::test`]), so choosing an epoch never looks at it. Without it the held-out set
     /// is the test set.
     pub validation_split: Option<f64>,
+    /// Parameters not to train, by dotted name prefix (`conv1`, `layer1`, `features.0`: every
+    /// parameter under it): they keep their values and no gradient is computed for them (or,
+    /// before the first trained layer, for anything), as after PyTorch's
+    /// `requires_grad_(False)`. Batch norm's running statistics under them still follow the
+    /// batches, as in PyTorch. For fine-tuning: train a new classifier on a pretrained
+    /// network. Each prefix must name at least one parameter, and one must remain.
+    pub frozen: Vec<String>,
     pub seed: u64,
     /// Where metrics.csv and model.safetensors go; nothing is written when `None`.
     pub out_dir: Option<PathBuf>,
@@ -130,6 +137,7 @@ impl Default for TrainConfig {
             early_stopping: None,
             keep_best: false,
             validation_split: None,
+            frozen: Vec::new(),
             seed: 0,
             out_dir: None,
             progress: false,
@@ -315,6 +323,81 @@ fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
+/// A parameter's dotted name is under `prefix` (itself, or a path inside it).
+fn under(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// (the parameters to train, in `visit` order; the frozen ones) for the prefixes of
+/// [`TrainConfig::frozen`]. A prefix that names no parameter, or freezing every one, is refused.
+pub fn split_frozen(model: &mut dyn Module, frozen: &[String]) -> Result<(Vec<Var>, Vec<Var>)> {
+    let mut named = Vec::new();
+    model.visit("", &mut |name, slot| {
+        if let stride_nn::Slot::Param(v) = slot {
+            named.push((name, v.clone()));
+        }
+    });
+    if let Some(p) = frozen.iter().find(|p| !named.iter().any(|(n, _)| under(n, p))) {
+        let mut tops: Vec<&str> = named.iter().map(|(n, _)| n.split('.').next().unwrap_or(n)).collect();
+        tops.dedup();
+        return Err(TrainError::Config(format!("no parameter to freeze under '{p}'; the model's top-level names are {}", tops.join(", "))));
+    }
+    let (cold, warm): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| frozen.iter().any(|p| under(n, p)));
+    if warm.is_empty() && !cold.is_empty() {
+        return Err(TrainError::Config(format!("freezing {} leaves no parameter to train", frozen.join(", "))));
+    }
+    Ok((warm.into_iter().map(|(_, v)| v).collect(), cold.into_iter().map(|(_, v)| v).collect()))
+}
+
+/// The prefixes [`TrainConfig::frozen`] needs so that only the parameters under `train_only`
+/// train: for every other parameter, the shortest dotted prefix of its name with no trained
+/// parameter under it (ResNet-18 with `fc`: conv1, bn1, layer1, layer2, layer3, layer4). Each
+/// prefix of `train_only` must name at least one parameter.
+pub fn freeze_all_but(model: &mut dyn Module, train_only: &[String]) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    model.visit("", &mut |name, slot| {
+        if let stride_nn::Slot::Param(_) = slot {
+            names.push(name);
+        }
+    });
+    if let Some(p) = train_only.iter().find(|p| !names.iter().any(|n| under(n, p))) {
+        return Err(TrainError::Config(format!("no parameter to train under '{p}'")));
+    }
+    let trained = |prefix: &str| names.iter().any(|n| under(n, prefix) && train_only.iter().any(|p| under(n, p)));
+    let mut out: Vec<String> = Vec::new();
+    for n in names.iter().filter(|n| !train_only.iter().any(|p| under(n, p))) {
+        let cuts = n.match_indices('.').map(|(i, _)| i).chain([n.len()]);
+        let prefix = cuts.map(|i| &n[..i]).find(|p| !trained(p)).unwrap_or(n);
+        if !out.iter().any(|o| o == prefix) {
+            out.push(prefix.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Frozen parameters for the length of a run: made constants, and parameters again when it
+/// ends however it ends.
+struct Frozen(Vec<Var>);
+
+impl Frozen {
+    fn new(vars: Vec<Var>) -> Result<Frozen> {
+        for v in &vars {
+            v.set_requires_grad(false)?;
+            v.zero_grad();
+        }
+        Ok(Frozen(vars))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for v in &self.0 {
+            // Each was a leaf when frozen, so this cannot fail.
+            let _ = v.set_requires_grad(true);
+        }
+    }
+}
+
 /// The validation split as a checkpoint records it ("none", or the fraction).
 fn validation_tag(cfg: &TrainConfig) -> String {
     cfg.validation_split.map_or_else(|| "none".to_string(), |f| f.to_string())
@@ -344,6 +427,7 @@ fn save_checkpoint(
         ("seed", cfg.seed.to_string()),
         ("optimizer", format!("{:?}", cfg.optimizer)),
         ("validation_split", validation_tag(cfg)),
+        ("frozen", cfg.frozen.join(",")),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -402,6 +486,15 @@ fn restore(
     if had != has {
         return Err(bad(&format!("was written with validation split {had}, this run has {has} (it would train on other images)")));
     }
+    let (had, has) = (meta.get("frozen").map_or("", String::as_str), cfg.frozen.join(","));
+    if had != has {
+        let say = |v: &str| if v.is_empty() { "nothing".to_string() } else { v.to_string() };
+        return Err(bad(&format!(
+            "was written with {} frozen, this run freezes {} (its optimizer state is for other parameters)",
+            say(had),
+            say(&has)
+        )));
+    }
     // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
     let count = |k: &str| -> Result<usize> {
         meta.get(k)
@@ -422,8 +515,8 @@ fn restore(
     let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
     let state: Vec<(String, Vec<f32>)> =
         opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
-    // Every optimizer entry must belong to a parameter of this model and match its size.
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.value_ref().numel()).collect();
+    // Every optimizer entry must belong to a trained parameter of this model and match its size.
+    let sizes: Vec<usize> = split_frozen(model, &cfg.frozen)?.0.iter().map(|p| p.value_ref().numel()).collect();
     for (k, v) in &state {
         if k == "step" {
             if v.len() != 1 || !(v[0] >= 0.0 && v[0].is_finite()) {
@@ -435,7 +528,7 @@ fn restore(
         match index.map(|i| (i, sizes.get(i))) {
             Some((_, Some(&n))) if n == v.len() => {}
             Some((i, Some(&n))) => return Err(bad(&format!("optimizer entry '{k}' has {} values but parameter {i} has {n}", v.len()))),
-            _ => return Err(bad(&format!("optimizer entry '{k}' names no parameter of this model ({} parameters)", sizes.len()))),
+            _ => return Err(bad(&format!("optimizer entry '{k}' names no parameter of this model ({} trained parameters)", sizes.len()))),
         }
     }
     checkpoint::load_into(model, &tensors)?;
@@ -557,7 +650,9 @@ pub fn train(
         None => (data, None),
     };
     model.to(cfg.device)?;
-    let params = model.parameters();
+    // The parameters this run trains; the frozen ones record nothing until it returns.
+    let (params, frozen) = split_frozen(model, &cfg.frozen)?;
+    let _frozen = Frozen::new(frozen)?;
     let mut opt = make_optimizer(cfg)?;
     let group = cfg.data_parallel.as_ref().map(|d| d.0.clone());
     // Rank 0 writes the run's files; the others read the checkpoint to resume.

@@ -103,6 +103,22 @@ fn checkpoints_round_trip_exactly_and_refuse_what_does_not_fit() {
     assert!(e.contains("'0.weight' has shape [32, 1, 3, 3], the model needs [20, 1, 3, 3]"), "{e}");
     assert!(e.contains("missing '3.weight'") && e.contains("unexpected '1.running_mean'"), "{e}");
     assert_eq!(checkpoint::state_dict(&mut wrong), before);
+    // Skipping mismatched shapes does not excuse missing or unexpected names.
+    let e = checkpoint::load_skipping_mismatched(&mut wrong, &checkpoint::load(&path).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("missing '3.weight'") && !e.contains("'0.weight' has shape"), "{e}");
+    assert_eq!(checkpoint::state_dict(&mut wrong), before);
+    // The same network for 3 classes: everything but the classifier loads, which is named.
+    let mut three = build("cnn-bn", &mut Rng::seed(2), InputSpec { channels: 1, height: 28, width: 28, classes: 3 }).unwrap();
+    let head_before: Vec<_> = checkpoint::state_dict(&mut three).into_iter().filter(|(n, _)| n.starts_with("17.")).collect();
+    let skipped = checkpoint::load_skipping_mismatched(&mut three, &checkpoint::load(&path).unwrap()).unwrap();
+    let names: Vec<(&str, &[usize], &[usize])> = skipped.iter().map(|s| (s.name.as_str(), &s.file[..], &s.model[..])).collect();
+    assert_eq!(names, [("17.weight", &[10, 128][..], &[3, 128][..]), ("17.bias", &[10][..], &[3][..])]);
+    for (name, t) in checkpoint::state_dict(&mut three) {
+        match name.starts_with("17.") {
+            true => assert!(head_before.contains(&(name.clone(), t)), "{name} was overwritten"),
+            false => assert_eq!(Some(&t), sd.iter().find(|(n, _)| *n == name).map(|(_, t)| t), "{name} not loaded"),
+        }
+    }
 
     // Corrupt and truncated files are errors, never panics.
     let bytes = std::fs::read(&path).unwrap();
@@ -278,6 +294,52 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     let e = train(&mut model(1), &data, &TrainConfig { validation_split: Some(1.5), ..cfg(1, None) }, false, None, |_| {}).unwrap_err();
     assert!(e.to_string().contains("between 0 and 1"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn frozen_layers_keep_their_values_and_resume_exactly() {
+    use stride_nn::Module;
+    let data = small(320, 64);
+    // The tutorial CNN's layers: 0 and 3 convolutions, 7 and 9 dense.
+    let freezing = |epochs, out| TrainConfig { frozen: vec!["0".into(), "3".into()], ..cfg(epochs, Some(out)) };
+    let whole = tmp("frozen-whole");
+    let (mut a, before) = (model(7), checkpoint::state_dict(&mut model(7)));
+    let run = train(&mut a, &data, &freezing(2, whole.clone()), false, None, |_| {}).unwrap();
+    assert!(run.reports[1].train_loss < run.reports[0].train_loss, "the rest still learns");
+    let after = checkpoint::state_dict(&mut a);
+    for ((name, was), (_, is)) in before.iter().zip(&after) {
+        assert_eq!(was == is, name.starts_with("0.") || name.starts_with("3."), "{name}");
+    }
+    // No gradient was computed for them, and they are parameters again once the run is over.
+    let mut seen = 0;
+    a.visit("", &mut |name, slot| {
+        if let (true, stride_nn::Slot::Param(v)) = (name.starts_with("0.") || name.starts_with("3."), slot) {
+            assert!(v.grad().is_none() && v.requires_grad(), "{name}");
+            seen += 1;
+        }
+    });
+    assert_eq!(seen, 4);
+    // Stopped after a step and resumed: the same weights as the run in one go (the optimizer's
+    // state is for the trained parameters only); resuming with another set frozen is refused.
+    let parts = tmp("frozen-parts");
+    let stop = AtomicBool::new(true);
+    train(&mut model(7), &data, &freezing(2, parts.clone()), false, Some(&stop), |_| {}).unwrap();
+    let other = TrainConfig { frozen: vec!["0".into()], ..cfg(2, Some(parts.clone())) };
+    let e = train(&mut model(7), &data, &other, true, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("was written with 0,3 frozen, this run freezes 0"), "{e}");
+    let mut b = model(99);
+    train(&mut b, &data, &freezing(2, parts.clone()), true, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut b), after);
+    // Names that are no parameter's, and freezing everything, are refused before anything runs.
+    for (frozen, want) in [(vec!["4"], "no parameter to freeze under '4'"), (vec!["0", "3", "7", "9"], "leaves no parameter to train")] {
+        let c = TrainConfig { frozen: frozen.iter().map(|s| s.to_string()).collect(), ..cfg(1, None) };
+        let e = train(&mut model(1), &data, &c, false, None, |_| {}).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert_eq!(stride_train::freeze_all_but(&mut model(1), &["9".into()]).unwrap(), ["0", "3", "7"]);
+    for d in [whole, parts] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
 
 #[test]
