@@ -237,16 +237,27 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
 }
 
 /// report.html of a classifier's run: the curves from metrics.csv (so a resumed run shows its
-/// whole history), the last epoch's confusion matrix and most confident mistakes on the
-/// held-out set (`data.test`: the validation part with a validation split).
-fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Split, test: &Evaluation) -> Result<()> {
+/// whole history), the last epoch's figures on the held-out set (`data.test`: the validation part
+/// with a validation split), and the confusion matrix and most confident mistakes of that set or,
+/// once a run with a validation split has ended, of the test set (`final_test`).
+fn write_report(
+    dir: &std::path::Path,
+    title: &str,
+    cfg: &TrainConfig,
+    data: &Split,
+    held: &Evaluation,
+    final_test: Option<(&Dataset, &Evaluation)>,
+) -> Result<()> {
     let rows = curves::read_metrics(&dir.join("metrics.csv"))?;
     let held_out = if cfg.validation_split.is_some() { "validation" } else { "test" };
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let series = |name: &str, color, i| report::Series { name: name.into(), color, values: col(i) };
-    let ds = &data.test;
+    let (ds, shown, evaluated_on) = match final_test {
+        Some((ds, ev)) => (ds, ev, "test"),
+        None => (&data.test, held, held_out),
+    };
     let plane = ds.channels * ds.height * ds.width;
-    let mistakes = test
+    let mistakes = shown
         .mistakes
         .iter()
         .filter_map(|m| {
@@ -260,10 +271,11 @@ fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Sp
             (
                 "data".into(),
                 format!(
-                    "{} ({} training, {} {held_out} images of {}x{}x{})",
+                    "{} ({} training, {} {held_out}{} images of {}x{}x{})",
                     data.name,
                     data.train.len(),
-                    ds.len(),
+                    data.test.len(),
+                    final_test.map_or(String::new(), |(t, _)| format!(", {} test", t.len())),
                     ds.channels,
                     ds.height,
                     ds.width
@@ -271,14 +283,18 @@ fn write_report(dir: &std::path::Path, title: &str, cfg: &TrainConfig, data: &Sp
             ),
             ("optimizer".into(), format!("{:?}, lr {}, weight decay {}, batch {}", cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size)),
             ("epochs".into(), format!("{} of {}", rows.len(), cfg.epochs)),
-            (format!("{held_out} accuracy"), format!("{:.2}%", 100.0 * test.accuracy)),
-        ],
+            (format!("{held_out} accuracy"), format!("{:.2}%", 100.0 * held.accuracy)),
+        ]
+        .into_iter()
+        .chain(final_test.map(|(_, t)| ("test accuracy (last epoch's weights)".to_string(), format!("{:.2}%", 100.0 * t.accuracy))))
+        .collect(),
         charts: vec![
             ("loss".into(), vec![series("train", "#1f77b4", 1), series(held_out, "#ff7f0e", 3)]),
             ("accuracy".into(), vec![series("train", "#1f77b4", 2), series(held_out, "#ff7f0e", 4)]),
             ("learning rate".into(), vec![series("lr", "#2ca02c", 6)]),
         ],
-        confusion: Some((test.confusion.clone(), data.class_names.clone())),
+        confusion: Some((shown.confusion.clone(), data.class_names.clone())),
+        evaluated_on: evaluated_on.into(),
         mistakes,
         pictures: Vec::new(),
     };
@@ -767,7 +783,7 @@ pub fn train(
     }
     let mut reports = Vec::new();
     // A resumed run that had stopped early stays stopped.
-    let ended = Ended { test_set: test_set.filter(|_| root), norm, keep_best };
+    let ended = Ended { watched: data, test_set: test_set.filter(|_| root), norm, keep_best };
     if pos.epoch <= cfg.epochs && progress.exhausted(cfg.early_stopping) {
         return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(pos.epoch - 1));
     }
@@ -963,7 +979,7 @@ pub fn train(
             save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
             if let Some(title) = &cfg.report {
-                write_report(dir, title, cfg, data, &report.test)?;
+                write_report(dir, title, cfg, data, &report.test, None)?;
             }
         }
         on_epoch(&report);
@@ -978,6 +994,8 @@ pub fn train(
 /// How a run that has ended (not one interrupted) reports: with a validation split, rank 0
 /// evaluates the test set with the last weights and with the best epoch's where they were kept.
 struct Ended<'a> {
+    /// The training and validation parts the epochs saw.
+    watched: &'a Split,
     /// The test set, when the epochs watched a validation split (and this is rank 0).
     test_set: Option<&'a Dataset>,
     norm: (f32, f32),
@@ -1009,6 +1027,14 @@ impl Ended<'_> {
                 model.to(cfg.device)?;
                 best_test = Some(evaluated?);
             }
+        }
+        // report.html's confusion matrix and mistakes become the test set's.
+        if let (Some(dir), Some(title), Some(ds), Some(t)) = (&cfg.out_dir, &cfg.report, self.test_set, &test) {
+            let held = match reports.last() {
+                Some(r) => r.test.clone(),
+                None => evaluate(model, &self.watched.test, EVAL_BATCH, self.norm)?,
+            };
+            write_report(dir, title, cfg, self.watched, &held, Some((ds, t)))?;
         }
         Ok(Outcome { reports, planned_steps, interrupted: None, best, stopped_early, test, best_test })
     }

@@ -16,10 +16,10 @@ pub struct Series {
     pub values: Vec<f64>,
 }
 
-/// A test image the model got wrong, with the probability it gave its answer.
+/// A held-out image the model got wrong, with the probability it gave its answer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mistake {
-    /// Index in the test split.
+    /// Index in the evaluated set.
     pub index: usize,
     pub truth: usize,
     pub predicted: usize,
@@ -36,6 +36,9 @@ pub struct Report {
     pub charts: Vec<(String, Vec<Series>)>,
     /// confusion[true][predicted], with the class names.
     pub confusion: Option<(Vec<Vec<usize>>, Vec<String>)>,
+    /// Which images the confusion matrix and the mistakes are of ("test", "validation"; empty
+    /// reads as "test").
+    pub evaluated_on: String,
     /// The most confident mistakes: each with its image as PNG bytes.
     pub mistakes: Vec<(Mistake, Vec<u8>)>,
     /// Captioned pictures (the VAE's sample grids per epoch).
@@ -152,8 +155,12 @@ figure{{display:inline-block;margin:6px;text-align:center;font-size:12px}} img{{
         }
         h.push_str("</div>");
     }
+    let set = if r.evaluated_on.is_empty() { "test" } else { r.evaluated_on.as_str() };
     if let Some((m, names)) = &r.confusion {
-        h.push_str("<h2>Confusion matrix (test set; rows: true class, columns: predicted)</h2><table class=\"cm\"><tr><th></th>");
+        h.push_str(&format!(
+            "<h2>Confusion matrix ({} set; rows: true class, columns: predicted)</h2><table class=\"cm\"><tr><th></th>",
+            escape(set)
+        ));
         for n in names {
             let _ = write!(h, "<th>{}</th>", escape(n));
         }
@@ -172,13 +179,14 @@ figure{{display:inline-block;margin:6px;text-align:center;font-size:12px}} img{{
         h.push_str("</table>");
     }
     if !r.mistakes.is_empty() {
-        h.push_str("<h2>Most confident mistakes</h2><div>");
+        let _ = write!(h, "<h2>Most confident mistakes ({} set)</h2><div>", escape(set));
         let name = |i: usize| r.confusion.as_ref().and_then(|(_, n)| n.get(i).cloned()).unwrap_or_else(|| i.to_string());
         for (m, png) in &r.mistakes {
             let _ = write!(
                 h,
-                r#"<figure><img src="{}" width="84" height="84" alt="test image {}"><figcaption>#{}: true {}<br>said {} ({:.1}%)</figcaption></figure>"#,
+                r#"<figure><img src="{}" width="84" height="84" alt="{} image {}"><figcaption>#{}: true {}<br>said {} ({:.1}%)</figcaption></figure>"#,
                 png_uri(png),
+                escape(set),
                 m.index,
                 m.index,
                 escape(&name(m.truth)),

@@ -254,7 +254,7 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     // differ from the last ones.
     const EPOCHS: usize = 12;
     let data = small(120, 160);
-    let split = |epochs, out| TrainConfig { validation_split: Some(0.25), keep_best: true, ..cfg(epochs, Some(out)) };
+    let split = |epochs, out| TrainConfig { validation_split: Some(0.25), keep_best: true, report: Some("cnn".into()), ..cfg(epochs, Some(out)) };
     let dir = tmp("validation");
     let mut m = model(6);
     let run = train(&mut m, &data, &split(EPOCHS, dir.clone()), false, None, |_| {}).unwrap();
@@ -279,6 +279,10 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     checkpoint::load_into(&mut best, &checkpoint::load(&dir.join("best.safetensors")).unwrap()).unwrap();
     let on_best = stride_train::evaluate(&mut best, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
     assert_eq!(run.best_test.as_ref(), Some(&on_best));
+    // report.html: the curves are the validation set's, the confusion matrix the test set's.
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("Confusion matrix (test set") && html.contains(&format!("{:.2}%", 100.0 * last.accuracy)), "report");
+    assert!(html.contains(&format!("{} training, {} validation, 160 test", part.len(), held.len())), "report");
     // Resuming with another split (other training images) is refused and changes nothing.
     let before = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
     let other = TrainConfig { validation_split: Some(0.5), ..split(EPOCHS + 1, dir.clone()) };
