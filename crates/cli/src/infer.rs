@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use stride_autograd::{no_grad, Device, Rng, ToDevice, Var};
+use stride_autograd::{no_grad, Device, Rng, Tensor, ToDevice, Var};
 use stride_models::InputSpec;
 use stride_nn::{Ctx, Module};
 use stride_train::checkpoint;
@@ -156,7 +156,8 @@ pub struct PredictArgs {
     /// How many of the most likely classes to print per image.
     #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
     top: usize,
-    /// PNG or JPEG files.
+    /// PNG or JPEG files, or folders of them (their sub-folders too, such as a data set's class
+    /// folders).
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
@@ -178,7 +179,7 @@ impl Trained {
         let [c, h0, w0] = self.chw;
         let (h, w) = hw.unwrap_or((h0, w0));
         let pixels = stride_data::load_image(path, c, h, w)?;
-        let x = stride_autograd::Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - self.mean) / self.std).collect(), &[1, c, h, w])?;
+        let x = Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - self.mean) / self.std).collect(), &[1, c, h, w])?;
         Ok(Image { x: Var::constant(x), pixels, chw: [c, h, w] })
     }
 }
@@ -240,15 +241,55 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
     };
     t.model.to(device)?;
-    for path in &a.images {
-        let x = Var::constant(t.image(path, None)?.x.value().to(device)?);
-        let logits = no_grad(|| t.model.forward(&x, &mut Ctx::eval()))?;
-        let names = &t.names;
-        let p = stride_autograd::softmax(&logits, 1)?.value().to_host()?;
-        let mut order: Vec<usize> = (0..names.len()).collect();
-        order.sort_by(|&i, &j| p.data()[j].total_cmp(&p.data()[i]));
-        let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", names[i], p.data()[i])).collect();
-        println!("{}: {}", path.display(), top.join(", "));
+    let mut files = Vec::new();
+    for p in &a.images {
+        if p.is_dir() {
+            let found = stride_data::image_files(p)?;
+            if found.is_empty() {
+                return Err(format!("{}: no PNG or JPEG images in this folder or under it", p.display()).into());
+            }
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    // Batches through an inference plan on the CPU (as `eval` runs); an image that cannot be
+    // read is named and skipped, and the run fails at the end.
+    let mut planned = stride_nn::planned::Planned::new();
+    let mut unreadable = 0;
+    for chunk in files.chunks(PREDICT_BATCH) {
+        let mut read = Vec::new();
+        for path in chunk {
+            match t.image(path, None) {
+                Ok(img) => read.push((path, img.x.value())),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    unreadable += 1;
+                }
+            }
+        }
+        if read.is_empty() {
+            continue;
+        }
+        let x = Tensor::concat(&read.iter().map(|(_, x)| x).collect::<Vec<_>>(), 0)?;
+        let logits = match device {
+            Device::Cpu => planned.forward(&mut t.model, &x)?,
+            _ => no_grad(|| t.model.forward(&Var::constant(x.to(device)?), &mut Ctx::eval()))?.value().to_host()?,
+        };
+        let p = stride_autograd::softmax(&Var::constant(logits), 1)?.value();
+        let k = t.names.len();
+        for (row, (path, _)) in p.data().chunks_exact(k).zip(&read) {
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
+            let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", t.names[i], row[i])).collect();
+            println!("{}: {}", path.display(), top.join(", "));
+        }
+    }
+    if unreadable > 0 {
+        return Err(format!("{unreadable} of the {} images could not be read (named above)", files.len()).into());
     }
     Ok(())
 }
+
+/// Images per batch in `stride predict`.
+const PREDICT_BATCH: usize = 32;

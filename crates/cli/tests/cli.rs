@@ -196,6 +196,24 @@ fn image_folders_train_and_predict() {
     };
     assert!((prob(lines[0], "square") + prob(lines[0], "circle") - 1.0).abs() < 1e-3, "two classes, probabilities add up: {log}");
     assert!(prob(lines[0], "square") > 0.5 && prob(lines[1], "circle") > 0.5, "easy shapes are learned in 5 epochs: {log}");
+    // A folder: every image in it, in order, in batches; the same answer as one by one.
+    let w = run.join("model.safetensors");
+    let folder = stride(&["predict", "--model", "cnn-bn", "--weights", w.to_str().unwrap(), "--top", "2", dir.join("square").to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&folder.stdout).to_string();
+    assert!(folder.status.success(), "{}", text(&folder));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 30, "{log}");
+    assert!(lines.iter().enumerate().all(|(i, l)| l.contains(&format!("square/{i:02}.png: "))), "{log}");
+    assert_eq!(lines[5].split(": ").nth(1), String::from_utf8_lossy(&p.stdout).lines().next().unwrap().split(": ").nth(1), "{log}");
+    // An unreadable image is named, the others still answered, and the run fails.
+    std::fs::write(dir.join("square/99.png"), b"not a png").unwrap();
+    let bad = stride(&["predict", "--model", "cnn-bn", "--weights", w.to_str().unwrap(), dir.join("square").to_str().unwrap()]);
+    assert!(!bad.status.success() && text(&bad).contains("99.png: cannot decode the image"), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("1 of the 31 images could not be read") && String::from_utf8_lossy(&bad.stdout).lines().count() == 30,
+        "{}",
+        text(&bad)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

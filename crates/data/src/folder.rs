@@ -23,6 +23,24 @@ fn is_image(p: &Path) -> bool {
     p.is_file() && p.extension().is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
 }
 
+/// The PNG and JPEG files under `dir`, in its sub-folders too (a data set's class layout), in
+/// sorted order; folders deeper than 8 levels are not entered.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+        for p in list(dir)? {
+            if p.is_dir() && depth < 8 {
+                walk(&p, depth + 1, out)?;
+            } else if is_image(&p) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, 0, &mut out)?;
+    Ok(out)
+}
+
 /// Whether `dir` is laid out as an image folder (class sub-folders holding images).
 pub fn is_image_folder(dir: &Path) -> bool {
     let root = if dir.join("train").is_dir() { dir.join("train") } else { dir.to_path_buf() };

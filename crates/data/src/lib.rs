@@ -16,5 +16,5 @@ pub use dataset::{
     FASHION_MNIST_DIR,
 };
 pub use error::{DataError, Result};
-pub use folder::{decode_image, image_folder, image_shape, load_image, MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};
+pub use folder::{decode_image, image_files, image_folder, image_shape, load_image, MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};
 pub use loader::{Batch, Batches};
