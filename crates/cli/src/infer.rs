@@ -116,6 +116,9 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
     for row in &ev.confusion {
         println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
     }
+    if let Some(top5) = ev.top5 {
+        println!("top-5 accuracy {top5:.4}");
+    }
     println!("test accuracy {:.4}", ev.accuracy);
     Ok(())
 }

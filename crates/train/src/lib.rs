@@ -157,6 +157,9 @@ impl Default for TrainConfig {
 pub struct Evaluation {
     pub loss: f64,
     pub accuracy: f64,
+    /// The share of images whose class is among the five the model rates highest (ImageNet's
+    /// top-5), for models with more than five classes.
+    pub top5: Option<f64>,
     /// confusion[true][predicted]
     pub confusion: Vec<Vec<usize>>,
     /// The wrong answers given with the highest probability, most confident first.
@@ -203,7 +206,7 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
     let mut planned = stride_nn::planned::Planned::new();
     // A model on a GPU runs eagerly there (plans are for the CPU).
     let device = stride_nn::device_of(model);
-    let (mut loss, mut right) = (0.0, 0usize);
+    let (mut loss, mut right, mut in_top5) = (0.0, 0usize, 0usize);
     let mut confusion = vec![vec![0; ds.classes]; ds.classes];
     let mut mistakes: Vec<report::Mistake> = Vec::new();
     let mut seen = 0;
@@ -221,6 +224,9 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
             for (i, (&p, &t)) in pred.iter().zip(&labels).enumerate() {
                 confusion[t][p.min(ds.classes - 1)] += 1;
                 right += (p == t) as usize;
+                // In the top five: fewer than five classes rated above the true one.
+                let row = &probs.data()[i * k..(i + 1) * k];
+                in_top5 += usize::from(row.get(t).is_some_and(|&pt| row.iter().filter(|&&q| q > pt).count() < 5));
                 if p != t {
                     let confidence = probs.data()[i * k + p.min(k - 1)];
                     mistakes.push(report::Mistake { index: seen + i, truth: t, predicted: p, confidence });
@@ -233,7 +239,8 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
         Ok(())
     })?;
     let n = ds.len().max(1) as f64;
-    Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, confusion, mistakes })
+    let top5 = (ds.classes > 5).then(|| in_top5 as f64 / n);
+    Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, top5, confusion, mistakes })
 }
 
 /// report.html of a classifier's run: the curves from metrics.csv (so a resumed run shows its

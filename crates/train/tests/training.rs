@@ -275,6 +275,24 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     let norm = part.pixel_stats();
     let last = stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
     assert_eq!(run.test.as_ref(), Some(&last));
+    // Top-5, counted here by sorting each image's logits (10 classes, so it is reported).
+    let batch = stride_data::Batches::new(&data.test, 160, None, false).normalized(norm.0, norm.1).next().unwrap();
+    let logits =
+        stride_autograd::no_grad(|| stride_nn::Module::forward(&mut m, &stride_autograd::Var::constant(batch.images), &mut stride_nn::Ctx::eval()))
+            .unwrap()
+            .value();
+    let hits = logits
+        .data()
+        .chunks_exact(10)
+        .zip(&batch.labels)
+        .filter(|(row, &t)| {
+            let mut order: Vec<usize> = (0..10).collect();
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
+            order[..5].contains(&t)
+        })
+        .count();
+    assert_eq!(last.top5, Some(hits as f64 / 160.0));
+    assert!(last.top5.unwrap() >= last.accuracy && last.top5.unwrap() < 1.0, "{:?}", last.top5);
     let mut best = model(1);
     checkpoint::load_into(&mut best, &checkpoint::load(&dir.join("best.safetensors")).unwrap()).unwrap();
     let on_best = stride_train::evaluate(&mut best, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
