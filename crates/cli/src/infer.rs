@@ -280,11 +280,12 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
             _ => no_grad(|| t.model.forward(&Var::constant(x.to(device)?), &mut Ctx::eval()))?.value().to_host()?,
         };
         let p = stride_autograd::softmax(&Var::constant(logits), 1)?.value();
-        let k = t.names.len();
-        for (row, (path, _)) in p.data().chunks_exact(k).zip(&read) {
+        let k = p.shape()[1];
+        let name = |i: usize| t.names.get(i).cloned().unwrap_or_else(|| i.to_string());
+        for (row, (path, _)) in p.data().chunks_exact(k.max(1)).zip(&read) {
             let mut order: Vec<usize> = (0..k).collect();
             order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
-            let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", t.names[i], row[i])).collect();
+            let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", name(i), row[i])).collect();
             println!("{}: {}", path.display(), top.join(", "));
         }
     }

@@ -73,14 +73,17 @@ impl Dataset {
         c
     }
 
-    /// The images at `indices`, in that order.
-    pub fn subset(&self, indices: &[usize]) -> Dataset {
+    /// The images at `indices`, in that order; an index past the end is refused by name.
+    pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(DataError::Other(format!("subset: index {i} is past the {} images of the set", self.len())));
+        }
         let plane = self.channels * self.height * self.width;
-        Dataset {
+        Ok(Dataset {
             images: indices.iter().flat_map(|&i| self.images[i * plane..(i + 1) * plane].iter().copied()).collect(),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             ..*self
-        }
+        })
     }
 
     /// Holds out `fraction` of the images for validation: (the rest, the held-out part). The
@@ -115,7 +118,7 @@ impl Dataset {
                 val.len()
             )));
         }
-        Ok((self.subset(&train), self.subset(&val)))
+        Ok((self.subset(&train)?, self.subset(&val)?))
     }
 }
 

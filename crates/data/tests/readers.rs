@@ -182,7 +182,8 @@ fn a_validation_split_holds_out_each_class_share_by_the_seed() {
         let e = ds.split_validation(f, 0).unwrap_err().to_string();
         assert!(e.contains("between 0 and 1"), "{f}: {e}");
     }
-    let two = ds.subset(&[0, 1]);
+    let two = ds.subset(&[0, 1]).unwrap();
+    assert!(ds.subset(&[0, 8000]).unwrap_err().to_string().contains("index 8000 is past the 8000 images"));
     let e = two.split_validation(0.2, 0).unwrap_err().to_string();
     assert!(e.contains("of 2 training images leaves 2 for training and 0 for validation"), "{e}");
 }
