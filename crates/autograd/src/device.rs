@@ -1,8 +1,8 @@
 //! The device seam: where the 26 primitives are sent when their inputs are not on the CPU.
 //!
-//! Every primitive's forward starts with [`route`]: inputs on the CPU run the CPU kernels that
+//! Every primitive's forward starts with `route`: inputs on the CPU run the CPU kernels that
 //! follow it (the default, unchanged path); inputs on another device go to that device's
-//! [`Backend`], and the result is recorded as [`Op::Device`](crate::op::Op), whose backward pass
+//! [`Backend`], and the result is recorded as `Op::Device`, whose backward pass
 //! goes to the same backend. Nothing above this crate knows which device runs: layers, losses
 //! and optimizers call the same ops. A backend (the CUDA one lives in `stride-cuda`) registers
 //! itself with [`register`]; [`ToDevice::to`] moves tensors, `Var::to` leaves.

@@ -157,7 +157,7 @@ impl Opt {
     }
 }
 
-/// A fresh run folder under runs/: runs/<model>-<data>-<n>, names reduced to safe characters.
+/// A fresh run folder under runs/: `runs/<model>-<data>-<n>`, names reduced to safe characters.
 pub fn default_out(model: &str, data: &str) -> PathBuf {
     let tag = |s: &str| -> String {
         let base = std::path::Path::new(s).file_stem().map_or(s.to_string(), |f| f.to_string_lossy().into_owned());

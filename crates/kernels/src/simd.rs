@@ -164,7 +164,7 @@ pub fn par_add_assign<T: Elem>(dst: &mut [T], src: &[T]) {
     }
 }
 
-/// y[i * stride] += a * x[i]
+/// `y[i * stride] += a * x[i]`
 #[inline(always)]
 pub fn scatter_axpy<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {
     if stride == 1 {
@@ -175,7 +175,7 @@ pub fn scatter_axpy<T: Elem>(a: T, x: &[T], stride: usize, y: &mut [T]) {
     }
 }
 
-/// sum a[i] * b[i * stride], with eight independent partial sums so it vectorises.
+/// `sum a[i] * b[i * stride]`, with eight independent partial sums so it vectorises.
 #[inline(always)]
 pub fn dot_strided<T: Elem>(a: &[T], b: &[T], stride: usize) -> T {
     if stride != 1 {
@@ -197,7 +197,7 @@ pub fn dot_strided<T: Elem>(a: &[T], b: &[T], stride: usize) -> T {
     s
 }
 
-/// sum x[i], with eight independent partial sums so it vectorises.
+/// `sum x[i]`, with eight independent partial sums so it vectorises.
 #[inline(always)]
 pub fn sum<T: Elem>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];

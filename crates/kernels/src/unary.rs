@@ -223,7 +223,7 @@ impl Unary {
 const PAR_CHUNK: usize = 1 << 15;
 
 impl Unary {
-    /// y[i] = f(x[i]) on all cores for long slices. The functions networks use most get a loop
+    /// `y[i] = f(x[i])` on all cores for long slices. The functions networks use most get a loop
     /// of their own (no per-element match, so it vectorises); results equal `apply`'s.
     pub fn apply_slice<T: Elem>(self, x: &[T], y: &mut [T]) {
         assert_eq!(x.len(), y.len(), "apply_slice: lengths");
@@ -254,7 +254,7 @@ impl Unary {
         })
     }
 
-    /// y[i] = f(y[i]), serially: for a piece of output still in cache (planned execution's
+    /// `y[i] = f(y[i])`, serially: for a piece of output still in cache (planned execution's
     /// epilogues), inside a thread's share of the work. Results equal `apply`'s.
     pub fn apply_in_place<T: Elem>(self, y: &mut [T]) {
         match self {
@@ -263,7 +263,7 @@ impl Unary {
         }
     }
 
-    /// out[i] = g[i] * f'(x[i]) where y = f(x), on all cores for long slices; equals
+    /// `out[i] = g[i] * f'(x[i])` where y = f(x), on all cores for long slices; equals
     /// `g * grad(x, y)` element by element.
     pub fn grad_slice<T: Elem>(self, g: &[T], x: &[T], y: &[T], out: &mut [T]) {
         assert!(g.len() == x.len() && x.len() == y.len() && y.len() == out.len(), "grad_slice: lengths");

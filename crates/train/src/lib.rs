@@ -160,7 +160,7 @@ pub struct Evaluation {
     /// The share of images whose class is among the five the model rates highest (ImageNet's
     /// top-5), for models with more than five classes.
     pub top5: Option<f64>,
-    /// confusion[true][predicted]
+    /// `confusion[true][predicted]`
     pub confusion: Vec<Vec<usize>>,
     /// The wrong answers given with the highest probability, most confident first.
     pub mistakes: Vec<report::Mistake>,
@@ -587,7 +587,7 @@ pub struct Best {
     pub accuracy: f64,
 }
 
-/// The weights of the best epoch, beside [`WEIGHTS`] (`keep_best`, `early_stopping`).
+/// The weights of the best epoch, beside model.safetensors (`keep_best`, `early_stopping`).
 pub const BEST_WEIGHTS: &str = "best.safetensors";
 
 /// Early stopping's and keep-best's state: the best epoch so far and the epochs since it.

@@ -34,7 +34,7 @@ pub struct Report {
     pub facts: Vec<(String, String)>,
     /// Charts over epochs: (title, series).
     pub charts: Vec<(String, Vec<Series>)>,
-    /// confusion[true][predicted], with the class names.
+    /// `confusion[true][predicted]`, with the class names.
     pub confusion: Option<(Vec<Vec<usize>>, Vec<String>)>,
     /// Which images the confusion matrix and the mistakes are of ("test", "validation"; empty
     /// reads as "test").

@@ -24,8 +24,8 @@ fn parents<'a, T: Elem>(x: &'a Var<T>, w: &'a Var<T>, b: Option<&'a Var<T>>) -> 
     p
 }
 
-/// 2-D convolution (cross-correlation, as every framework): x [N, C, H, W], weight
-/// [K, C/groups, R, S], bias [K] -> [N, K, P, Q].
+/// 2-D convolution (cross-correlation, as every framework): x `[N, C, H, W]`, weight
+/// `[K, C/groups, R, S]`, bias `[K]` -> `[N, K, P, Q]`.
 pub fn conv2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
     if let Some(y) = route(|| Prim::Conv2d { opts: *opts }, &parents(x, weight, bias))? {
         return Ok(y);
@@ -63,8 +63,8 @@ pub(crate) fn conv2d_backward<T: Elem>(geom: &ConvGeom, g: &Tensor<T>, x: &[Tens
     Ok(out)
 }
 
-/// Transposed convolution (the adjoint of `conv2d`, "deconvolution"): x [N, Cin, H, W],
-/// weight [Cin, Cout/groups, R, S] (PyTorch's layout), bias [Cout] -> [N, Cout, Hout, Wout],
+/// Transposed convolution (the adjoint of `conv2d`, "deconvolution"): x `[N, Cin, H, W]`,
+/// weight `[Cin, Cout/groups, R, S]` (PyTorch's layout), bias `[Cout]` -> `[N, Cout, Hout, Wout]`,
 /// Hout = (H-1)*stride - pad_top - pad_bottom + dilation*(R-1) + output_padding + 1.
 pub fn conv_transpose2d<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, opts: &Conv2dOptions) -> Result<Var<T>> {
     if let Some(y) = route(|| Prim::ConvTranspose2d { opts: *opts }, &parents(x, weight, bias))? {

@@ -70,7 +70,7 @@ pub(crate) fn matmul_backward<T: Elem>(
     Ok(vec![da, db])
 }
 
-/// y = x W^T + b, PyTorch's `F.linear`: x [N, in], weight [out, in], bias [out] (composite).
+/// y = x W^T + b, PyTorch's `F.linear`: x `[N, in]`, weight `[out, in]`, bias `[out]` (composite).
 pub fn linear<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>) -> Result<Var<T>> {
     let (xs, ws) = (x.shape(), weight.shape());
     let (_, fin) = dims2("linear", "input", &xs)?;

@@ -87,7 +87,7 @@ impl Algo {
     /// the filters where they are. With few 4x4 tiles of output in the call (images times
     /// tiles per image) those layouts cost more than Winograd's cheaper products save:
     /// ResNet-18's last stage (512 channels, 4x4 maps, one tile per image) at batch 32 spends
-    /// 9.6 ms in taps' filter gradient against 17.4 in Winograd's (see [`pass_cost`]).
+    /// 9.6 ms in taps' filter gradient against 17.4 in Winograd's (see `pass_cost`).
     pub fn for_pass(g: &ConvGeom, pass: Pass) -> Algo {
         let algo = match (pass, Algo::choose(g)) {
             (Pass::Data | Pass::Filter, Algo::Direct) => Algo::Im2col,
@@ -289,7 +289,7 @@ mod dense {
     }
 }
 
-/// y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K].
+/// `y [N, K, P, Q] = conv(x [N, C, H, W], w [K, C/g, R, S]) + bias [K]`.
 pub fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     forward_by(g, Algo::for_pass(g, Pass::Forward), x, w, bias)
 }
@@ -373,7 +373,7 @@ pub fn backward_filter_by<T: Elem>(g: &ConvGeom, algo: Algo, x: &[T], dy: &[T]) 
     }
 }
 
-/// dbias [K] = sum of dy over N, P, Q.
+/// `dbias [K]` = sum of dy over N, P, Q.
 pub fn backward_bias<T: Elem>(g: &ConvGeom, dy: &[T]) -> Vec<T> {
     channel_sums(dy, g.n, g.k, g.p * g.q)
 }

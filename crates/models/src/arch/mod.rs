@@ -1,6 +1,6 @@
 //! The classic architectures, with torchvision's module names where torchvision has the model.
 //!
-//! Each builder takes the input's channel count and the class count from [`InputSpec`]; spatial
+//! Each builder takes the input's channel count and the class count from [`InputSpec`](crate::InputSpec); spatial
 //! size is free (global pooling before the classifier), checked by a dry run in
 //! [`crate::build`].
 
