@@ -44,6 +44,23 @@ fn a_run_on_a_device_equals_the_run_on_the_cpu() {
 }
 
 #[test]
+fn frozen_layers_and_a_validation_split_run_the_same_on_a_device() {
+    let dev = mirror();
+    let data = small(160, 32);
+    let on = |device: Device| TrainConfig { device, frozen: vec!["0".into(), "1".into()], validation_split: Some(0.2), ..cfg(2, None) };
+    let (mut a, mut b) = (cnn_bn(4), cnn_bn(4));
+    let cpu = train(&mut a, &data, &on(Device::Cpu), false, None, |_| {}).unwrap();
+    let gpu = train(&mut b, &data, &on(dev), false, None, |_| {}).unwrap();
+    let losses = |o: &stride_train::Outcome| o.reports.iter().map(|r| (r.train_loss, r.train_accuracy)).collect::<Vec<_>>();
+    assert_eq!(losses(&cpu), losses(&gpu));
+    assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
+    let (x, y) = (cpu.test.unwrap(), gpu.test.unwrap());
+    assert!((x.loss - y.loss).abs() < 1e-5, "test loss {} vs {}", x.loss, y.loss);
+    // The frozen convolution kept its initial weights on the device too.
+    assert_eq!(checkpoint::state_dict(&mut b)[0], checkpoint::state_dict(&mut cnn_bn(4))[0]);
+}
+
+#[test]
 fn a_run_on_a_device_resumes_on_the_device() {
     let dev = mirror();
     let data = small(192, 32);
