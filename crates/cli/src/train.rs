@@ -96,11 +96,11 @@ pub struct TrainArgs {
     /// Do not train the parameters under these dotted names (comma-separated, e.g.
     /// `conv1,layer1`; `stride summary MODEL` lists the layers): they keep their values and no
     /// gradient is computed for them.
-    #[arg(long, value_delimiter = ',', conflicts_with = "train_only")]
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', conflicts_with = "train_only")]
     freeze: Vec<String>,
     /// Train only the parameters under these dotted names (e.g. `fc`, a new classifier on a
     /// pretrained network); everything else is frozen.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',')]
     train_only: Vec<String>,
     /// Print every layer's output shape for one batch before training.
     #[arg(long)]
