@@ -640,8 +640,9 @@ impl Progress {
 
 /// Trains `model` on `data.train`, evaluating on `data.test` after every epoch (or, with
 /// `cfg.validation_split`, training on part of `data.train`, evaluating on the rest after every
-/// epoch and on `data.test` once at the end); `on_epoch` gets each epoch's report. With `cfg.out_dir`, writes metrics.csv, model.safetensors and a
-/// resumable checkpoint.safetensors after every epoch (atomically). With `resume`, continues
+/// epoch and on `data.test` once at the end); `on_epoch` gets each epoch's report. With
+/// `cfg.out_dir`, writes metrics.csv, model.safetensors and a resumable
+/// checkpoint.safetensors after every epoch (atomically). With `resume`, continues
 /// the run saved in `cfg.out_dir` exactly where it stopped. When `stop` becomes true, the
 /// current step finishes, the checkpoint is saved and the run returns.
 pub fn train(
