@@ -279,16 +279,17 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             start + len
         );
     }
-    // The set each epoch is judged on.
+    // The set each epoch is judged on, and how many training images a split holds out.
     let held_out = if a.validation_split.is_some() { "validation" } else { "test" };
+    let held = a.validation_split.map_or(0, |f| t.validation_size(f));
     if root {
         println!(
             "training {} ({} parameters) on {}: {} training{} / {} test images of {}x{}x{}, {} classes; run folder {}",
             a.model,
             model.num_parameters(),
             data.name,
-            t.len(),
-            a.validation_split.map_or_else(String::new, |f| format!(" ({}% held out for validation)", 100.0 * f)),
+            t.len() - held,
+            a.validation_split.map_or_else(String::new, |_| format!(" / {held} validation")),
             data.test.len(),
             t.channels,
             t.height,

@@ -341,7 +341,7 @@ fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
     let out = stride(&["train", "--epochs", "1", "--validation-split", "0.2", "--keep-best", "--out", dir.to_str().unwrap()]);
     let log = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(log.contains("8000 training (20% held out for validation) / 2000 test images") && log.contains("| val loss "), "{log}");
+    assert!(log.contains("6401 training / 1599 validation / 2000 test images") && log.contains("| val loss "), "{log}");
     assert!(log.contains("validation accuracy ") && log.contains("best epoch 1: validation loss "), "{log}");
     // The test figures at the end are what `stride eval` gives for the weights they name.
     let eval_line = |file: &str| {

@@ -86,6 +86,11 @@ impl Dataset {
         })
     }
 
+    /// How many images [`split_validation`](Self::split_validation) holds out for `fraction`.
+    pub fn validation_size(&self, fraction: f64) -> usize {
+        self.class_counts().into_iter().map(|n| held_out(n, fraction)).sum()
+    }
+
     /// Holds out `fraction` of the images for validation: (the rest, the held-out part). The
     /// same share of every class is held out (rounded, so a class of 9 images at 0.1 gives one),
     /// drawn at random by `seed`, and both parts keep the set's order. A fraction outside
@@ -104,7 +109,7 @@ impl Dataset {
         let mut held = vec![false; self.len()];
         for members in &mut by_class {
             rng.shuffle(members);
-            let k = (members.len() as f64 * fraction).round() as usize;
+            let k = held_out(members.len(), fraction);
             for &i in &members[..k.min(members.len())] {
                 held[i] = true;
             }
@@ -120,6 +125,11 @@ impl Dataset {
         }
         Ok((self.subset(&train)?, self.subset(&val)?))
     }
+}
+
+/// Images of a class of `count` that a validation split of `fraction` holds out.
+fn held_out(count: usize, fraction: f64) -> usize {
+    ((count as f64 * fraction).round() as usize).min(count)
 }
 
 /// A training set and a test set of the same image size and classes.
