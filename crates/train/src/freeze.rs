@@ -23,7 +23,8 @@ fn under(name: &str, prefix: &str) -> bool {
 }
 
 /// (the parameters to train, in `visit` order; the frozen ones) for the prefixes of
-/// [`TrainConfig::frozen`](crate::TrainConfig::frozen). A prefix that names no parameter, or freezing every one, is refused.
+/// [`TrainConfig::frozen`](crate::TrainConfig::frozen). A prefix that names no parameter, or
+/// freezing every one, is refused.
 pub fn split_frozen(model: &mut dyn Module, frozen: &[String]) -> Result<(Vec<Var>, Vec<Var>)> {
     let named = named_parameters(model);
     if let Some(p) = frozen.iter().find(|p| !named.iter().any(|(n, _)| under(n, p))) {
@@ -38,10 +39,10 @@ pub fn split_frozen(model: &mut dyn Module, frozen: &[String]) -> Result<(Vec<Va
     Ok((warm.into_iter().map(|(_, v)| v).collect(), cold.into_iter().map(|(_, v)| v).collect()))
 }
 
-/// The prefixes [`TrainConfig::frozen`](crate::TrainConfig::frozen) needs so that only the parameters under `train_only`
-/// train: for every other parameter, the shortest dotted prefix of its name with no trained
-/// parameter under it (ResNet-18 with `fc`: conv1, bn1, layer1, layer2, layer3, layer4). Each
-/// prefix of `train_only` must name at least one parameter.
+/// The prefixes [`TrainConfig::frozen`](crate::TrainConfig::frozen) needs so that only the
+/// parameters under `train_only` train: for every other parameter, the shortest dotted prefix
+/// of its name with no trained parameter under it (ResNet-18 with `fc`: conv1, bn1, layer1,
+/// layer2, layer3, layer4). Each prefix of `train_only` must name at least one parameter.
 pub fn freeze_all_but(model: &mut dyn Module, train_only: &[String]) -> Result<Vec<String>> {
     let names: Vec<String> = named_parameters(model).into_iter().map(|(n, _)| n).collect();
     if let Some(p) = train_only.iter().find(|p| !names.iter().any(|n| under(n, p))) {
