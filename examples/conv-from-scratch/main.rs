@@ -8,7 +8,7 @@
 //! ```
 
 use stride_autograd::{conv2d, cross_entropy, linear, max_pool2d, Conv2dOptions, Padding, Pool2dOptions, Rng, Tensor, Var};
-use stride_data::{embedded_mnist, Batches};
+use stride_data::{embedded_mnist, Batches, Normalize};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -66,7 +66,7 @@ fn run() -> Result<()> {
 
     // 3. conv 8 5x5 -> relu -> max-pool 2 -> dense 10, on 2,048 of the embedded digits.
     let data = embedded_mnist()?;
-    let (mean, std) = data.train.pixel_stats();
+    let norm = Normalize::of(&data.train);
     let w1 = Var::parameter(rng.normal(&[8, 1, 5, 5], 0.0, (2.0f64 / 25.0).sqrt())?);
     let b1 = Var::parameter(Tensor::zeros(&[8])?);
     let w2 = Var::parameter(rng.normal(&[10, 8 * 12 * 12], 0.0, (1.0f64 / 1152.0).sqrt())?);
@@ -78,7 +78,7 @@ fn run() -> Result<()> {
         linear(&h, &w2, Some(&b2)) // [N, 10]
     };
     let lr = 0.05f32;
-    for (step, batch) in Batches::new(&data.train, 32, Some(&mut rng), true).normalized(mean, std).take(64).enumerate() {
+    for (step, batch) in Batches::new(&data.train, 32, Some(&mut rng), true).normalized(&norm)?.take(64).enumerate() {
         for p in params {
             p.zero_grad();
         }
@@ -93,7 +93,7 @@ fn run() -> Result<()> {
             println!("3. step {:2}: loss {:.4}", step + 1, loss.value().item()?);
         }
     }
-    let test = Batches::new(&data.test, data.test.len(), None, false).normalized(mean, std).next().ok_or("no test digits")?;
+    let test = Batches::new(&data.test, data.test.len(), None, false).normalized(&norm)?.next().ok_or("no test digits")?;
     let predicted = net(test.images)?.argmax(1)?;
     let right = predicted.iter().zip(&test.labels).filter(|(p, t)| p == t).count();
     println!("   after 64 steps of 32 digits: {right} of {} test digits right", test.labels.len());

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use stride_autograd::{cross_entropy, Conv2dOptions, Device, Pool2dOptions, Rng, ToDevice, Unary, Var};
-use stride_data::{embedded_mnist, Batches};
+use stride_data::{embedded_mnist, Batches, Normalize};
 use stride_nn::layers::{Activation, Conv2d, Flatten, Linear, Pool, Sequential};
 use stride_nn::optim::{zero_grad, Adam, Optimizer};
 use stride_nn::{Ctx, Module};
@@ -68,7 +68,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         train.labels.truncate(n);
         train.images.truncate(n * train.channels * train.height * train.width);
     }
-    let (mean, std) = data.train.pixel_stats();
+    let norm = Normalize::of(&data.train);
     println!("{} training and {} test digits of 28x28", data.train.len(), data.test.len());
     let mut speeds = Vec::new();
     for &device in &devices {
@@ -81,7 +81,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for epoch in 1..=EPOCHS {
             let start = Instant::now();
             let (mut loss_sum, mut seen) = (0.0, 0);
-            for batch in Batches::new(&data.train, BATCH, Some(&mut shuffle), false).normalized(mean, std) {
+            for batch in Batches::new(&data.train, BATCH, Some(&mut shuffle), false).normalized(&norm)? {
                 let params = model.parameters();
                 zero_grad(&params);
                 let logits = model.forward(&Var::constant(batch.images.to(device)?), &mut ctx)?;
@@ -93,7 +93,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 seen += batch.labels.len();
             }
             let speed = seen as f64 / start.elapsed().as_secs_f64();
-            let test = stride_train::evaluate(&mut model, &data.test, 128, (mean, std))?;
+            let test = stride_train::evaluate(&mut model, &data.test, 128, &norm)?;
             let loss = loss_sum / seen as f64;
             println!("{device}: epoch {epoch}: train loss {loss:.4}, test accuracy {:.4}, {speed:.0} images/s", test.accuracy);
             if epoch == EPOCHS {

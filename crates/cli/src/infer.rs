@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use stride_autograd::{no_grad, Device, Rng, Tensor, ToDevice, Var};
+use stride_data::Normalize;
 use stride_models::InputSpec;
 use stride_nn::{Ctx, Module};
 use stride_train::checkpoint;
@@ -23,6 +24,10 @@ pub struct EvalArgs {
     /// Resize the images as the model was trained (`--resize` of `stride train`).
     #[arg(long, value_parser = crate::train::parse_size)]
     resize: Option<(usize, usize)>,
+    /// Input standardisation, as `stride train --normalize` takes it (`imagenet` for
+    /// torchvision's weights). Default: what the weights' header records, else `data`.
+    #[arg(long, value_name = "HOW", value_parser = crate::train::parse_normalize)]
+    normalize: Option<stride_train::Standardize>,
 }
 
 #[derive(Args)]
@@ -68,13 +73,31 @@ pub fn load_weights_with(
         checkpoint::load_into(model, &tensors).map(|_| Vec::new())
     };
     let skipped = loaded.map_err(|e| format!("{}: {e}", weights.display()))?;
-    let number = |k: &str| meta.get(k).and_then(|v| v.parse::<f32>().ok()).filter(|v| v.is_finite());
-    Ok((number("input_mean").zip(number("input_std").filter(|&s| s > 0.0)), skipped))
+    Ok((header_standardisation(&meta, weights)?, skipped))
 }
 
-/// The (mean, std) a run standardised its inputs with, from its weights' header; `None` for
-/// weights without one (torchvision's).
-pub type Standardisation = Option<(f32, f32)>;
+/// How a run standardised its inputs, from its weights' header; `None` for weights without
+/// one (torchvision's).
+pub type Standardisation = Option<Normalize>;
+
+/// A note for colour images and weights without Stride's header, most likely torchvision's,
+/// trained on ImageNet's standardised inputs.
+pub fn imagenet_hint(weights: &Path) {
+    eprintln!(
+        "note: {} has no Stride header; if it holds ImageNet-pretrained weights (torchvision's), --normalize imagenet gives \
+         the inputs they were trained on",
+        weights.display()
+    );
+}
+
+/// The header's `input_mean` and `input_std` (one value, or one per channel); an error names
+/// the file when they are not numbers.
+fn header_standardisation(meta: &std::collections::HashMap<String, String>, weights: &Path) -> Result<Standardisation, String> {
+    match (meta.get("input_mean"), meta.get("input_std")) {
+        (Some(mean), Some(std)) => Normalize::from_lists(mean, std).map(Some).map_err(|e| format!("{}: header: {e}", weights.display())),
+        _ => Ok(None),
+    }
+}
 
 /// Builds `model` for `spec` and loads `weights` into it (an ONNX model may come without: it
 /// carries its own).
@@ -104,9 +127,18 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
     let spec = InputSpec { channels: t.channels, height: t.height, width: t.width, classes: t.classes };
     let (mut model, standardised) = load_model(&a.model, Some(spec), a.weights.as_deref())?;
     model.to(device)?;
-    // Inputs as the run standardised them (its training images' statistics, which with a
-    // validation split are not the whole training set's); else this training set's.
-    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, standardised.unwrap_or_else(|| t.pixel_stats()))?;
+    // Inputs as asked, else as the run standardised them (its training images' statistics,
+    // which with a validation split are not the whole training set's), else by this training
+    // set's.
+    if let (None, None, Some(w), 3) = (&a.normalize, &standardised, &a.weights, t.channels) {
+        imagenet_hint(w);
+    }
+    let norm = match (&a.normalize, standardised) {
+        (Some(stride_train::Standardize::Fixed(n)), _) => n.clone(),
+        (None, Some(n)) => n,
+        (Some(stride_train::Standardize::TrainingImages) | None, _) => Normalize::of(t),
+    };
+    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, &norm)?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     println!("per-class accuracy:");
     for (c, acc) in ev.per_class_accuracy().iter().enumerate() {
@@ -156,6 +188,10 @@ pub struct PredictArgs {
     /// takes pixels scaled to [0, 1] and numbers its classes.
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Input standardisation: `imagenet` (torchvision's weights), `none`, or `MEAN,...:STD,...`.
+    /// Default: what the weights' header records, else none (pixels in [0, 1]).
+    #[arg(long, value_name = "HOW", value_parser = parse_fixed_normalize)]
+    normalize: Option<Normalize>,
     /// How many of the most likely classes to print per image.
     #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
     top: usize,
@@ -170,19 +206,29 @@ pub struct Trained {
     pub model: stride_nn::layers::Sequential,
     /// One image: [channels, height, width].
     pub chw: [usize; 3],
-    pub mean: f32,
-    pub std: f32,
+    pub norm: Normalize,
     pub names: Vec<String>,
 }
 
 impl Trained {
+    /// Standardises inputs by `norm` instead of the header's (`--normalize`), when given.
+    pub fn normalized_by(mut self, norm: Option<&Normalize>) -> Result<Self, Box<dyn std::error::Error>> {
+        if let Some(n) = norm {
+            n.check(self.chw[0])?;
+            self.norm = n.clone();
+        }
+        Ok(self)
+    }
+
     /// Reads `path` as the model's input [1, C, H, W] (resized to `hw`, default the trained
     /// size), standardised; also keeps the planar bytes for pictures.
     pub fn image(&self, path: &Path, hw: Option<(usize, usize)>) -> Result<Image, Box<dyn std::error::Error>> {
         let [c, h0, w0] = self.chw;
         let (h, w) = hw.unwrap_or((h0, w0));
         let pixels = stride_data::load_image(path, c, h, w)?;
-        let x = Tensor::from_vec(pixels.iter().map(|&b| (b as f32 / 255.0 - self.mean) / self.std).collect(), &[1, c, h, w])?;
+        let mut x = Vec::with_capacity(pixels.len());
+        self.norm.extend(&pixels, c, h * w, &mut x);
+        let x = Tensor::from_vec(x, &[1, c, h, w])?;
         Ok(Image { x: Var::constant(x), pixels, chw: [c, h, w] })
     }
 }
@@ -201,17 +247,17 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
     let (mut tensors, meta) = checkpoint::load_with_metadata(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
     let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", weights.display());
-    let (chw, mean, std, names) = match meta.get("input_shape") {
+    let (chw, norm, names) = match meta.get("input_shape") {
         Some(shape) => {
             let shape: Vec<usize> = shape.split('x').filter_map(|v| v.parse().ok()).collect();
             let [c, h, w] = shape[..] else { return Err(bad("input_shape is not CxHxW").into()) };
-            let mean: f32 = meta.get("input_mean").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            let std: f32 = meta.get("input_std").and_then(|v| v.parse().ok()).filter(|s: &f32| *s > 0.0).unwrap_or(1.0);
+            let norm = header_standardisation(&meta, weights)?.unwrap_or_default();
+            norm.check(c).map_err(|e| format!("{}: header: {e}", weights.display()))?;
             let names: Vec<String> = meta.get("class_names").map(|s| s.split('\n').map(str::to_string).collect()).unwrap_or_default();
             if names.is_empty() {
                 return Err(bad("no class_names in the header").into());
             }
-            ([c, h, w], mean, std, names)
+            ([c, h, w], norm, names)
         }
         None => {
             let s = stride_models::entry(model).map_err(|_| bad("no input_shape in the header, and the model is not from the zoo"))?.input;
@@ -223,13 +269,13 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
                 s.width,
                 s.classes
             );
-            ([s.channels, s.height, s.width], 0.0, 1.0, (0..s.classes).map(|i| i.to_string()).collect())
+            ([s.channels, s.height, s.width], Normalize::identity(), (0..s.classes).map(|i| i.to_string()).collect())
         }
     };
     let [c, h, w] = chw;
     let mut m = stride_models::build_any(model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
     checkpoint::load_into(&mut m, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
-    Ok(Trained { model: m, chw, mean, std, names })
+    Ok(Trained { model: m, chw, norm, names })
 }
 
 /// Class probabilities for image files, with the training run's preprocessing.
@@ -239,10 +285,12 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         None if a.model.ends_with(".onnx") => {
             let (model, s) = stride_models::onnx_classifier(&a.model)?;
             eprintln!("note: no --weights header: {} gets pixels scaled to [0, 1], classes numbered 0..{}", a.model, s.classes.saturating_sub(1));
-            Trained { model, chw: [s.channels, s.height, s.width], mean: 0.0, std: 1.0, names: (0..s.classes).map(|i| i.to_string()).collect() }
+            let names = (0..s.classes).map(|i| i.to_string()).collect();
+            Trained { model, chw: [s.channels, s.height, s.width], norm: Normalize::identity(), names }
         }
         None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
     };
+    t = t.normalized_by(a.normalize.as_ref())?;
     t.model.to(device)?;
     let mut files = Vec::new();
     for p in &a.images {
@@ -293,6 +341,11 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         return Err(format!("{unreadable} of the {} images could not be read (named above)", files.len()).into());
     }
     Ok(())
+}
+
+/// `imagenet`, `none` or `MEAN,...:STD,...` (no training images to take statistics from).
+pub fn parse_fixed_normalize(s: &str) -> Result<Normalize, String> {
+    Normalize::parse(s).map_err(|e| e.to_string())
 }
 
 /// Images per batch in `stride predict`.

@@ -21,6 +21,10 @@ pub struct Source {
     /// The image (PNG or JPEG), e.g. china.jpg.
     #[arg(long)]
     image: PathBuf,
+    /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
+    /// `none`, or `MEAN,...:STD,...`.
+    #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
+    normalize: Option<stride_data::Normalize>,
 }
 
 #[derive(Args)]
@@ -80,7 +84,7 @@ fn run(t: &mut Trained, path: &Path, size: Option<(usize, usize)>) -> Result<See
 }
 
 pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.src.model, &a.src.weights)?;
+    let mut t = load_trained(&a.src.model, &a.src.weights)?.normalized_by(a.src.normalize.as_ref())?;
     let Seen { trace, err, image, .. } = run(&mut t, &a.src.image, a.size)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let chosen: Vec<usize> = if a.layers.is_empty() {
@@ -134,7 +138,7 @@ fn with_cause(msg: String, err: &Option<String>) -> String {
 }
 
 pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.src.model, &a.src.weights)?;
+    let mut t = load_trained(&a.src.model, &a.src.weights)?.normalized_by(a.src.normalize.as_ref())?;
     let Seen { trace, y, err, image } = run(&mut t, &a.src.image, None)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let y = match (y, err) {

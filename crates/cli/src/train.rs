@@ -10,7 +10,7 @@ use stride_data::Augment;
 use stride_models::InputSpec;
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
-use stride_train::{OptimizerKind, TrainConfig};
+use stride_train::{OptimizerKind, Standardize, TrainConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -46,6 +46,12 @@ pub struct TrainArgs {
     /// pay in the default epochs), `none`, or a list such as `hflip,crop4,rotate10,erase0.5`.
     #[arg(long, default_value = "auto")]
     augment: String,
+    /// Input standardisation after scaling pixels to [0, 1]: `data` (each channel's mean and
+    /// standard deviation over the training images), `imagenet` (what torchvision's pretrained
+    /// weights expect), `none`, or `MEAN,...:STD,...` such as `0.5,0.5,0.5:0.25,0.25,0.25`.
+    /// The weights' header records it for eval and predict; a resumed run needs the same.
+    #[arg(long, value_name = "HOW", value_parser = parse_normalize)]
+    normalize: Option<Standardize>,
     /// Learning-rate schedule over the epochs.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: Sched,
@@ -181,6 +187,14 @@ fn parse_smoothing(s: &str) -> Result<f64, String> {
     parse_number(s, |e| (0.0..1.0).contains(&e), "a label smoothing", "a number in [0, 1), such as 0.1")
 }
 
+/// `data`, `imagenet`, `none` or `MEAN,...:STD,...`.
+pub fn parse_normalize(s: &str) -> Result<Standardize, String> {
+    match s.trim() {
+        "data" => Ok(Standardize::TrainingImages),
+        spec => stride_data::Normalize::parse(spec).map(Standardize::Fixed).map_err(|e| format!("{e} (or data)")),
+    }
+}
+
 /// A validation fraction in (0, 1).
 fn parse_fraction(s: &str) -> Result<f64, String> {
     parse_number(s, |f| f > 0.0 && f < 1.0, "a fraction of the training set", "a number between 0 and 1, such as 0.1")
@@ -248,8 +262,14 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     let mut model = stride_models::build_any(&a.model, &mut Rng::seed(a.seed), spec)?;
     let mut fresh = Vec::new();
     if let Some(w) = &a.weights {
-        fresh = crate::infer::load_weights_with(&mut model, w, a.skip_mismatched)?.1;
+        let (standardised, skipped) = crate::infer::load_weights_with(&mut model, w, a.skip_mismatched)?;
+        fresh = skipped;
+        // Weights without Stride's header are most likely torchvision's, trained on ImageNet.
+        if standardised.is_none() && a.normalize.is_none() && t.channels == 3 {
+            crate::infer::imagenet_hint(w);
+        }
     }
+    let normalize = a.normalize.clone().unwrap_or_default();
     let frozen = if a.train_only.is_empty() { a.freeze.clone() } else { stride_train::freeze_all_but(&mut model, &a.train_only)? };
     // A zoo model's own epochs and weight decay (with AdamW) apply where no flag says otherwise;
     // a model file gets 10 epochs and plain Adam.
@@ -300,7 +320,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root {
         println!(
-            "{}, batch {}, {} lr {}{}, {} schedule{}{}",
+            "{}, batch {}, {} lr {}{}, {} schedule{}{}{}",
             epochs_text(epochs),
             a.batch_size,
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
@@ -309,6 +329,11 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
             a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),
+            match &normalize {
+                Standardize::TrainingImages => String::new(),
+                Standardize::Fixed(n) if *n == stride_data::Normalize::identity() => ", inputs only scaled to [0, 1]".into(),
+                Standardize::Fixed(n) => format!(", inputs standardised by {n}"),
+            },
         );
     }
     if root && !fresh.is_empty() {
@@ -342,7 +367,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             Sched::Plateau => Schedule::Constant,
         },
         plateau: matches!(a.schedule, Sched::Plateau).then(|| ReduceOnPlateau::new(0.1, 2, 1e-4, 0.0)),
-        normalize: true,
+        normalize,
         augment,
         clip_grad_norm: a.clip_grad_norm,
         early_stopping: a.early_stop,

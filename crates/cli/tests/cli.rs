@@ -218,6 +218,70 @@ fn image_folders_train_and_predict() {
 }
 
 #[test]
+fn colour_images_are_standardised_per_channel_as_asked_and_eval_follows_the_header() {
+    let dir = tmp("rgb");
+    // Red discs and blue squares, 16x16 RGB.
+    for (class, square) in [("disc", false), ("square", true)] {
+        std::fs::create_dir_all(dir.join("data").join(class)).unwrap();
+        for i in 0..20u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                let (dx, dy) = (x as i32 - 8 + (i % 3) as i32 - 1, y as i32 - 8);
+                let inside = if square { dx.abs() < 5 && dy.abs() < 5 } else { dx * dx + dy * dy < 25 };
+                match (inside, square) {
+                    (false, _) => image::Rgb([20, 30, 10]),
+                    (true, false) => image::Rgb([230, 40, 30]),
+                    (true, true) => image::Rgb([30, 60, 220]),
+                }
+            });
+            img.save(dir.join("data").join(class).join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+    let data = dir.join("data");
+    let data = data.to_str().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--model", "cnn-bn", "--data", data, "--epochs", "2", "--batch-size", "8", "--out", out];
+        args.extend_from_slice(extra);
+        stride(&args)
+    };
+    let header = |out: &Path| {
+        let (_, meta) = stride_train::checkpoint::load_with_metadata(&out.join("model.safetensors")).unwrap();
+        (meta["input_mean"].clone(), meta["input_std"].clone())
+    };
+    let given = dir.join("given");
+    let out = run(given.to_str().unwrap(), &["--normalize", "imagenet"]);
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(log.contains("inputs standardised by mean 0.4850,0.4560,0.4060 std 0.2290,0.2240,0.2250"), "{log}");
+    assert_eq!(header(&given), ("0.485,0.456,0.406".into(), "0.229,0.224,0.225".into()));
+    // eval standardises as the header says: the last epoch's test figures again.
+    let weights = given.join("model.safetensors");
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--data", data];
+        args.extend_from_slice(extra);
+        let out = stride(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let log = String::from_utf8_lossy(&out.stdout).to_string();
+        log.lines().next().unwrap().rsplit("loss ").next().unwrap().to_string()
+    };
+    let last_epoch = log.lines().find(|l| l.starts_with("epoch 2/2")).unwrap();
+    let test_loss = last_epoch.split("test loss ").nth(1).unwrap().split(' ').next().unwrap();
+    assert_eq!(eval(&[]), test_loss, "{log}");
+    assert_ne!(eval(&["--normalize", "none"]), test_loss, "--normalize overrides the header");
+    // By default each channel by the training images' own statistics.
+    let own = dir.join("own");
+    assert!(run(own.to_str().unwrap(), &[]).status.success());
+    let (mean, std) = header(&own);
+    let means: Vec<f32> = mean.split(',').map(|v| v.parse().unwrap()).collect();
+    assert!(means.len() == 3 && std.split(',').count() == 3 && means[0] > means[2] && means[1] < means[2], "{mean} {std}");
+    // Statistics that do not fit, or do not parse, are named.
+    let bad = stride(&["predict", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--normalize", "0.1,0.2:0.3,0.4", data]);
+    assert!(text(&bad).contains("2 values per statistic") && text(&bad).contains("3 channels"), "{}", text(&bad));
+    let bad = run(dir.join("bad").to_str().unwrap(), &["--normalize", "0.5:0"]);
+    assert!(text(&bad).contains("standard deviation 0 is not a finite number > 0"), "{}", text(&bad));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_pretrained_network_gets_a_new_classifier_and_only_that_trains() {
     let dir = tmp("finetune");
     let (pre, tuned, shapes) = (dir.join("pre"), dir.join("tuned"), dir.join("shapes"));

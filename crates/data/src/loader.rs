@@ -2,7 +2,7 @@
 
 use stride_tensor::{Rng, Tensor};
 
-use crate::{Augment, Dataset};
+use crate::{Augment, Dataset, Normalize, Result};
 
 /// One batch: images [B, C, H, W] scaled to [0, 1] (then standardised if asked), and their
 /// class indices.
@@ -19,8 +19,8 @@ pub struct Batches<'a> {
     pos: usize,
     batch_size: usize,
     drop_last: bool,
-    /// (mean, std) to standardise pixels with after scaling to [0, 1].
-    norm: (f32, f32),
+    /// How pixels are standardised after scaling to [0, 1].
+    norm: Normalize,
     /// Augmentation and the seed its draws derive from (with each image's place in the epoch).
     augment: Option<(Augment, u64)>,
 }
@@ -33,13 +33,15 @@ impl<'a> Batches<'a> {
         if let Some(rng) = rng {
             rng.shuffle(&mut order);
         }
-        Batches { ds, order, pos: 0, batch_size: batch_size.max(1), drop_last, norm: (0.0, 1.0), augment: None }
+        Batches { ds, order, pos: 0, batch_size: batch_size.max(1), drop_last, norm: Normalize::identity(), augment: None }
     }
 
-    /// Standardises pixels: (x / 255 - mean) / std.
-    pub fn normalized(mut self, mean: f32, std: f32) -> Self {
-        self.norm = (mean, if std > 0.0 { std } else { 1.0 });
-        self
+    /// Standardises pixels: (x / 255 - mean[c]) / std[c]; an error when `norm` has values for
+    /// another number of channels than the images.
+    pub fn normalized(mut self, norm: &Normalize) -> Result<Self> {
+        norm.check(self.ds.channels)?;
+        self.norm = norm.clone();
+        Ok(self)
     }
 
     /// Augments every image; the draws for the image at position i of the epoch come from
@@ -74,7 +76,6 @@ impl Iterator for Batches<'_> {
         let ds = self.ds;
         let per = ds.channels * ds.height * ds.width;
         let mut pixels = Vec::with_capacity(idx.len() * per);
-        let (mean, inv_std) = (self.norm.0, 1.0 / self.norm.1);
         let mut scratch = vec![0u8; per];
         for (k, &i) in idx.iter().enumerate() {
             let img = match &self.augment {
@@ -87,7 +88,7 @@ impl Iterator for Batches<'_> {
                 }
                 None => ds.image(i),
             };
-            pixels.extend(img.iter().map(|&b| (b as f32 * (1.0 / 255.0) - mean) * inv_std));
+            self.norm.extend(img, ds.channels, ds.height * ds.width, &mut pixels);
         }
         let images = Tensor::from_vec(pixels, &[idx.len(), ds.channels, ds.height, ds.width]).expect("batch shape matches its pixels");
         Some(Batch { images, labels: idx.iter().map(|&i| ds.labels[i] as usize).collect() })

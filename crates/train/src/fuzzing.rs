@@ -46,8 +46,9 @@ pub fn idx(data: &[u8]) -> bool {
                 assert!(ds.labels.iter().all(|&l| (l as usize) < ds.classes), "a label outside 0..{}", ds.classes);
                 let counts = ds.class_counts();
                 assert!(counts[1..].iter().all(|&c| c > 0), "a class after 0 without examples: {counts:?}");
-                let (mean, std) = ds.pixel_stats();
-                let seen: usize = stride_data::Batches::new(&ds, 7, None, false).normalized(mean, std).map(|b| b.labels.len()).sum();
+                let norm = stride_data::Normalize::of(&ds);
+                let batches = stride_data::Batches::new(&ds, 7, None, false).normalized(&norm).expect("a set's own statistics fit its channels");
+                let seen: usize = batches.map(|b| b.labels.len()).sum();
                 assert_eq!(seen, ds.len(), "batches cover the data set once");
                 ok = true;
             }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{cross_entropy, no_grad, Device, Rng, ToDevice, Var};
-use stride_data::{Augment, Batch, Batches, Dataset, Split};
+use stride_data::{Augment, Batch, Batches, Dataset, Normalize, Split};
 use stride_nn::optim::{self, Adam, Optimizer, Sgd};
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
@@ -39,6 +39,8 @@ pub enum TrainError {
     Diverged { epoch: usize, step: usize, loss: f32 },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Data(#[from] stride_data::DataError),
 }
 
 impl From<stride_autograd::Error> for TrainError {
@@ -48,6 +50,33 @@ impl From<stride_autograd::Error> for TrainError {
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// How a run standardises its inputs after scaling pixels to [0, 1]; the weights' header
+/// records the statistics, so `stride eval` and `stride predict` prepare images alike.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Standardize {
+    /// Each channel's mean and standard deviation over the images trained on (with a
+    /// validation split, its training part).
+    #[default]
+    TrainingImages,
+    /// Given statistics, such as ImageNet's for torchvision's pretrained weights
+    /// ([`Normalize::imagenet`]) or none ([`Normalize::identity`]).
+    Fixed(Normalize),
+}
+
+impl Standardize {
+    /// As a checkpoint records it: "the training images", or the fixed statistics as
+    /// `MEAN,...:STD,...` (what [`Normalize::parse`] reads).
+    fn tag(&self) -> String {
+        match self {
+            Standardize::TrainingImages => "the training images".into(),
+            Standardize::Fixed(n) => {
+                let (mean, std) = n.header();
+                format!("{mean}:{std}")
+            }
+        }
+    }
+}
 
 /// Which optimizer, with its own hyper-parameters; the learning rate is in `TrainConfig`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,8 +98,8 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// When set, replaces `schedule`: the rate drops when the held-out loss stops improving.
     pub plateau: Option<ReduceOnPlateau>,
-    /// Standardise inputs with the training set's pixel mean and std (else only scale to [0, 1]).
-    pub normalize: bool,
+    /// How inputs are standardised after scaling to [0, 1].
+    pub normalize: Standardize,
     /// Augmentation of training images.
     pub augment: Augment,
     /// Scale gradients so their global L2 norm is at most this (no clipping when `None`).
@@ -135,7 +164,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             schedule: Schedule::Constant,
             plateau: None,
-            normalize: true,
+            normalize: Standardize::TrainingImages,
             augment: Augment::default(),
             clip_grad_norm: None,
             early_stopping: None,
@@ -203,8 +232,8 @@ fn correct(logits: &Var, labels: &[usize]) -> Result<usize> {
 }
 
 /// Evaluates `model` on `ds` in evaluation mode, without recording gradients; inputs are
-/// standardised with `norm` = (mean, std).
-pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (f32, f32)) -> Result<Evaluation> {
+/// standardised with `norm`.
+pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: &Normalize) -> Result<Evaluation> {
     // Through plans compiled for this call (the weights are fixed while it runs); a network
     // the planner refuses runs eagerly.
     let mut planned = stride_nn::planned::Planned::new();
@@ -215,7 +244,7 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: (
     let mut mistakes: Vec<report::Mistake> = Vec::new();
     let mut seen = 0;
     no_grad(|| -> Result<()> {
-        for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm.0, norm.1) {
+        for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm)? {
             let logits = if device.is_cpu() {
                 Var::constant(planned.forward(model, &images)?)
             } else {
@@ -380,6 +409,7 @@ fn save_checkpoint(
         ("optimizer", format!("{:?}", cfg.optimizer)),
         ("validation_split", validation_tag(cfg)),
         ("frozen", cfg.frozen.join(",")),
+        ("normalize", cfg.normalize.tag()),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -446,6 +476,11 @@ fn restore(
             say(had),
             say(&has)
         )));
+    }
+    // An older Stride's checkpoint has no tag: it standardised by the training images.
+    let (had, has) = (meta.get("normalize").map_or("the training images", String::as_str), cfg.normalize.tag());
+    if had != has {
+        return Err(bad(&format!("was written standardising inputs by {had}, this run by {has}")));
     }
     // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
     let count = |k: &str| -> Result<usize> {
@@ -670,7 +705,11 @@ pub fn train(
     } else if resume {
         return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }
-    let norm = if cfg.normalize { data.train.pixel_stats() } else { (0.0, 1.0) };
+    let norm = match &cfg.normalize {
+        Standardize::TrainingImages => Normalize::of(&data.train),
+        Standardize::Fixed(n) => n.clone(),
+    };
+    norm.check(data.train.channels)?;
     let segments = match cfg.recompute {
         Some(k) => Some(recompute::plan(model, [data.train.channels, data.train.height, data.train.width], k)?),
         None => None,
@@ -720,7 +759,7 @@ pub fn train(
     }
     let mut reports = Vec::new();
     // A resumed run that had stopped early stays stopped.
-    let ended = Ended { watched: data, test_set: test_set.filter(|_| root), norm, keep_best };
+    let ended = Ended { watched: data, test_set: test_set.filter(|_| root), norm: norm.clone(), keep_best };
     if pos.epoch <= cfg.epochs && progress.exhausted(cfg.early_stopping) {
         return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(pos.epoch - 1));
     }
@@ -737,7 +776,7 @@ pub fn train(
         };
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, usize::MAX));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
-            .normalized(norm.0, norm.1)
+            .normalized(&norm)?
             .augmented(&cfg.augment, mix(cfg.seed, epoch, usize::MAX - 1));
         let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
@@ -865,7 +904,7 @@ pub fn train(
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        let test = evaluate(model, &data.test, EVAL_BATCH, norm)?;
+        let test = evaluate(model, &data.test, EVAL_BATCH, &norm)?;
         if let Some(p) = plateau.as_mut() {
             plateau_lr = p.step(test.loss, plateau_lr);
         }
@@ -896,9 +935,10 @@ pub fn train(
             )
             .and_then(|_| f.flush())
             .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
+            let (mean, std) = norm.header();
             let info: std::collections::HashMap<String, String> = [
-                ("input_mean", norm.0.to_string()),
-                ("input_std", norm.1.to_string()),
+                ("input_mean", mean),
+                ("input_std", std),
                 ("input_shape", format!("{}x{}x{}", data.train.channels, data.train.height, data.train.width)),
                 ("class_names", data.class_names.iter().map(|n| n.replace(['\n', '\r'], " ")).collect::<Vec<_>>().join("\n")),
                 ("data", data.name.clone()),
@@ -935,7 +975,7 @@ struct Ended<'a> {
     watched: &'a Split,
     /// The test set, when the epochs watched a validation split (and this is rank 0).
     test_set: Option<&'a Dataset>,
-    norm: (f32, f32),
+    norm: Normalize,
     keep_best: bool,
 }
 
@@ -951,7 +991,7 @@ impl Ended<'_> {
     ) -> Result<Outcome> {
         let (mut test, mut best_test) = (None, None);
         if let Some(ds) = self.test_set {
-            test = Some(evaluate(model, ds, EVAL_BATCH, self.norm)?);
+            test = Some(evaluate(model, ds, EVAL_BATCH, &self.norm)?);
             let file = cfg.out_dir.as_ref().map(|d| d.join(BEST_WEIGHTS)).filter(|f| self.keep_best && best.is_some() && f.exists());
             if let Some(file) = file {
                 // The best weights in, evaluated, and the last ones back (loaded buffers
@@ -959,7 +999,7 @@ impl Ended<'_> {
                 let last: std::collections::HashMap<_, _> = checkpoint::state_dict(model).into_iter().collect();
                 checkpoint::load_into(model, &checkpoint::load(&file)?)?;
                 model.to(cfg.device)?;
-                let evaluated = evaluate(model, ds, EVAL_BATCH, self.norm);
+                let evaluated = evaluate(model, ds, EVAL_BATCH, &self.norm);
                 checkpoint::load_into(model, &last)?;
                 model.to(cfg.device)?;
                 best_test = Some(evaluated?);
@@ -969,7 +1009,7 @@ impl Ended<'_> {
         if let (Some(dir), Some(title), Some(ds), Some(t)) = (&cfg.out_dir, &cfg.report, self.test_set, &test) {
             let held = match reports.last() {
                 Some(r) => r.test.clone(),
-                None => evaluate(model, &self.watched.test, EVAL_BATCH, self.norm)?,
+                None => evaluate(model, &self.watched.test, EVAL_BATCH, &self.norm)?,
             };
             write_report(dir, title, cfg, self.watched, &held, Some((ds, t)))?;
         }

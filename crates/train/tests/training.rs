@@ -272,11 +272,11 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     assert!(header.starts_with("epoch,train_loss,train_accuracy,val_loss,val_accuracy,"), "{header}");
     // The test set once at the end, with the last weights (which the model still holds after
     // the best epoch's were evaluated) and with the best epoch's.
-    let norm = part.pixel_stats();
-    let last = stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
+    let norm = stride_data::Normalize::of(&part);
+    let last = stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, &norm).unwrap();
     assert_eq!(run.test.as_ref(), Some(&last));
     // Top-5, counted here by sorting each image's logits (10 classes, so it is reported).
-    let batch = stride_data::Batches::new(&data.test, 160, None, false).normalized(norm.0, norm.1).next().unwrap();
+    let batch = stride_data::Batches::new(&data.test, 160, None, false).normalized(&norm).unwrap().next().unwrap();
     let logits =
         stride_autograd::no_grad(|| stride_nn::Module::forward(&mut m, &stride_autograd::Var::constant(batch.images), &mut stride_nn::Ctx::eval()))
             .unwrap()
@@ -295,7 +295,7 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     assert!(last.top5.unwrap() >= last.accuracy && last.top5.unwrap() < 1.0, "{:?}", last.top5);
     let mut best = model(1);
     checkpoint::load_into(&mut best, &checkpoint::load(&dir.join("best.safetensors")).unwrap()).unwrap();
-    let on_best = stride_train::evaluate(&mut best, &data.test, stride_train::EVAL_BATCH, norm).unwrap();
+    let on_best = stride_train::evaluate(&mut best, &data.test, stride_train::EVAL_BATCH, &norm).unwrap();
     assert_eq!(run.best_test.as_ref(), Some(&on_best));
     // report.html: the curves are the validation set's, the confusion matrix the test set's.
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
@@ -316,6 +316,43 @@ fn a_validation_split_judges_the_epochs_and_leaves_the_test_set_to_the_end() {
     let e = train(&mut model(1), &data, &TrainConfig { validation_split: Some(1.5), ..cfg(1, None) }, false, None, |_| {}).unwrap_err();
     assert!(e.to_string().contains("between 0 and 1"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_given_standardisation_is_what_training_evaluation_and_the_header_use() {
+    use stride_data::Normalize;
+    use stride_train::Standardize;
+    let data = small(320, 64);
+    let dir = tmp("standardised");
+    let fixed = Normalize::new(vec![0.25], vec![0.5]).unwrap();
+    let with = |n: Standardize, epochs| TrainConfig { normalize: n, ..cfg(epochs, Some(dir.clone())) };
+    let mut m = model(3);
+    let run = train(&mut m, &data, &with(Standardize::Fixed(fixed.clone()), 1), false, None, |_| {}).unwrap();
+    // The epoch's held-out figures are those of the given statistics, not the data's.
+    assert_eq!(run.reports[0].test, stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, &fixed).unwrap());
+    let by_data = stride_train::evaluate(&mut m, &data.test, stride_train::EVAL_BATCH, &Normalize::of(&data.train)).unwrap();
+    assert_ne!(run.reports[0].test.loss, by_data.loss);
+    let (_, meta) = checkpoint::load_with_metadata(&dir.join("model.safetensors")).unwrap();
+    assert_eq!((meta["input_mean"].as_str(), meta["input_std"].as_str()), ("0.25", "0.5"));
+    // Resuming with other statistics is refused and changes nothing.
+    let before = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let e = train(&mut model(3), &data, &with(Standardize::TrainingImages, 2), true, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("was written standardising inputs by 0.25:0.5, this run by the training images"), "{e}");
+    assert_eq!(std::fs::read(dir.join("checkpoint.safetensors")).unwrap(), before);
+    assert!(train(&mut model(3), &data, &with(Standardize::Fixed(fixed), 2), true, None, |_| {}).is_ok());
+    // By the training images: one channel's mean and deviation, as the header records them.
+    let plain = tmp("standardised-by-data");
+    train(&mut model(3), &data, &cfg(1, Some(plain.clone())), false, None, |_| {}).unwrap();
+    let (_, meta) = checkpoint::load_with_metadata(&plain.join("model.safetensors")).unwrap();
+    let (mean, std) = data.train.pixel_stats();
+    assert_eq!((meta["input_mean"].clone(), meta["input_std"].clone()), (mean.to_string(), std.to_string()));
+    // Statistics for three channels do not fit the digits' one.
+    let rgb = Standardize::Fixed(Normalize::imagenet());
+    let e = train(&mut model(3), &data, &TrainConfig { normalize: rgb, ..cfg(1, None) }, false, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("3 values per statistic") && e.contains("1 channel"), "{e}");
+    for d in [dir, plain] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
 
 #[test]
