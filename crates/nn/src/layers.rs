@@ -131,6 +131,12 @@ impl Module for Linear {
 }
 
 /// Batch normalisation over channels (BatchNorm1d for [N, C], BatchNorm2d for [N, C, H, W]).
+///
+/// Frozen (neither weight nor bias requires a gradient, as `stride train --freeze` leaves the
+/// layers it names), it normalises by its running statistics in training too and leaves them
+/// as they are: a frozen layer computes what it computed before, as Keras's non-trainable
+/// `BatchNormalization` and torchvision's `FrozenBatchNorm2d` do. (PyTorch's plain
+/// `requires_grad_(False)` keeps normalising by each batch and updating the statistics.)
 pub struct BatchNorm {
     pub weight: Var,
     pub bias: Var,
@@ -162,7 +168,8 @@ impl BatchNorm {
 
 impl Module for BatchNorm {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        if ctx.training {
+        let training = ctx.training && (self.weight.requires_grad() || self.bias.requires_grad());
+        if training {
             // A counter kept beside the statistics, stepped where it is: on a GPU, reading it
             // back would wait for all the work queued so far (in every layer, every step).
             if self.num_batches_tracked.device().is_cpu() {
@@ -178,7 +185,7 @@ impl Module for BatchNorm {
             &self.bias,
             &mut self.running_mean,
             &mut self.running_var,
-            ctx.training,
+            training,
             self.opts,
             ctx.sync_bn.as_ref(),
         )?)

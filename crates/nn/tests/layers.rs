@@ -64,6 +64,33 @@ fn batch_norm_and_dropout_follow_the_mode() {
 }
 
 #[test]
+fn frozen_batch_norm_normalises_by_its_running_statistics_in_training_too() {
+    let mut bn = BatchNorm::new(3).unwrap();
+    bn.forward(&input(&[4, 3, 5, 5]), &mut Ctx::train(0)).unwrap();
+    let (mean, var, count) = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone());
+    let x = Var::parameter(Rng::seed(7).normal(&[2, 3, 4, 4], 1.0, 2.0).unwrap());
+    let eval = bn.forward(&x, &mut Ctx::eval()).unwrap().value();
+    for v in [&bn.weight, &bn.bias] {
+        v.set_requires_grad(false).unwrap();
+    }
+    let y = bn.forward(&x, &mut Ctx::train(1)).unwrap();
+    assert_eq!(y.value(), eval, "frozen, it normalises as in evaluation");
+    assert_eq!((&bn.running_mean, &bn.running_var, &bn.num_batches_tracked), (&mean, &var, &count), "and keeps its statistics");
+    // The input's gradient is the per-channel scale gamma / sqrt(running_var + eps).
+    y.sum_all().unwrap().backward().unwrap();
+    let g = x.grad().unwrap();
+    for (i, v) in g.data().iter().enumerate() {
+        let c = i / 16 % 3;
+        let want = bn.weight.value().data()[c] / (var.data()[c] + 1e-5).sqrt();
+        assert!((v - want).abs() < 1e-5, "x.grad[{i}] = {v}, want {want}");
+    }
+    // Only the bias frozen: it still trains by the batch.
+    bn.weight.set_requires_grad(true).unwrap();
+    bn.forward(&x, &mut Ctx::train(2)).unwrap();
+    assert_ne!(bn.running_mean, mean);
+}
+
+#[test]
 fn blocks_have_the_right_shapes() {
     let rng = &mut Rng::seed(2);
     let ctx = &mut Ctx::train(0);

@@ -121,8 +121,9 @@ pub struct TrainConfig {
     /// Parameters not to train, by dotted name prefix (`conv1`, `layer1`, `features.0`: every
     /// parameter under it): they keep their values and no gradient is computed for them (or,
     /// before the first trained layer, for anything), as after PyTorch's
-    /// `requires_grad_(False)`. Batch norm's running statistics under them still follow the
-    /// batches, as in PyTorch. For fine-tuning: train a new classifier on a pretrained
+    /// `requires_grad_(False)`. A frozen batch norm normalises by its running statistics and
+    /// keeps them (Keras's frozen layers, torchvision's `FrozenBatchNorm2d`), so frozen layers
+    /// compute what they did before. For fine-tuning: train a new classifier on a pretrained
     /// network. Each prefix must name at least one parameter, and one must remain.
     pub frozen: Vec<String>,
     pub seed: u64,

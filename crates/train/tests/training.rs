@@ -355,6 +355,27 @@ fn a_given_standardisation_is_what_training_evaluation_and_the_header_use() {
     }
 }
 
+/// Frozen batch norm normalises by its running statistics and keeps them (Keras's frozen
+/// layers): fine-tuning only the classifier leaves every other tensor of the file as it was.
+#[test]
+fn frozen_batch_norm_keeps_its_statistics_and_normalises_by_them() {
+    let data = small(320, 64);
+    let spec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
+    let mut m = build("cnn-bn", &mut Rng::seed(4), spec).unwrap();
+    // Statistics of the digits first, so that they differ from the initial zeros and ones.
+    train(&mut m, &data, &cfg(1, None), false, None, |_| {}).unwrap();
+    let before = checkpoint::state_dict(&mut m);
+    let names: Vec<String> = before.iter().map(|(n, _)| n.clone()).collect();
+    let classifier = names.last().unwrap().split('.').next().unwrap().to_string();
+    let frozen = stride_train::freeze_all_but(&mut m, std::slice::from_ref(&classifier)).unwrap();
+    assert!(names.iter().any(|n| n.ends_with("running_mean") && !n.starts_with(&format!("{classifier}."))), "{names:?}");
+    let run = train(&mut m, &data, &TrainConfig { frozen, ..cfg(2, None) }, false, None, |_| {}).unwrap();
+    assert!(run.reports.iter().all(|r| r.train_loss.is_finite()), "{:?}", run.reports);
+    for ((name, was), (_, is)) in before.iter().zip(&checkpoint::state_dict(&mut m)) {
+        assert_eq!(was == is, !name.starts_with(&format!("{classifier}.")), "{name}");
+    }
+}
+
 #[test]
 fn frozen_layers_keep_their_values_and_resume_exactly() {
     use stride_nn::Module;
