@@ -23,7 +23,8 @@ pub use op::PRIMITIVES;
 pub use ops::conv::{conv2d, conv2d_workspace, conv_transpose2d, conv_transpose2d_workspace};
 pub use ops::linalg::{linear, matmul_tensors};
 pub use ops::loss::{
-    binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, gaussian_kl, l1_loss, log_softmax, mse_loss, nll_loss, softmax, Reduction,
+    binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, gaussian_kl, l1_loss, log_softmax, mse_loss, nll_loss, softmax,
+    weighted_cross_entropy, Reduction,
 };
 pub use ops::norm::{batch_norm, batch_norm_sync, dropout, dropout2d, BatchNormOptions, SyncStats};
 pub use ops::pool::{

@@ -64,6 +64,9 @@ fn shape_and_loss_errors() {
     assert!(err(linear(&a, &zeros(&[4, 5]), None)).contains("input has 3 features but the weight expects 5"));
     assert!(err(cross_entropy(&a, &[0, 3], 0.0)).contains("target 3 at position 1 is not a class index below 3"));
     assert!(err(cross_entropy(&a, &[0], 0.0)).contains("1 targets for a batch of 2"));
+    assert!(err(weighted_cross_entropy(&a, &[0, 1], &[1.0, 2.0], 0.0)).contains("2 class weights for 3 classes"));
+    assert!(err(weighted_cross_entropy(&a, &[0, 1], &[1.0, -2.0, 1.0], 0.0)).contains("class 1's weight -2 is not a finite number >= 0"));
+    assert!(err(weighted_cross_entropy(&a, &[0, 0], &[0.0, 1.0, 1.0], 0.0)).contains("the batch's classes all have weight 0"));
     assert!(err(mse_loss(&a, &zeros(&[3, 2]), Reduction::Mean)).contains("prediction has shape [2, 3] but the target has [3, 2]"));
     assert!(err(concat(&[&a, &zeros(&[3, 3])], 1)).contains("does not match"));
     assert!(err(a.sum_all().and_then(|s| s.backward())).contains("does not depend on any parameter"));

@@ -205,6 +205,9 @@ fn softmax_and_loss_gradients() {
     grad_check(std::slice::from_ref(&logits), |v| nll_loss(&log_softmax(&v[0], 1)?, &t)).unwrap();
     grad_check(std::slice::from_ref(&logits), |v| cross_entropy(&v[0], &t, 0.0)).unwrap();
     grad_check(std::slice::from_ref(&logits), |v| cross_entropy(&v[0], &t, 0.1)).unwrap();
+    let w = [0.5, 0.0, 3.0, 1.0, 2.0];
+    grad_check(std::slice::from_ref(&logits), |v| weighted_cross_entropy(&v[0], &t, &w, 0.0)).unwrap();
+    grad_check(std::slice::from_ref(&logits), |v| weighted_cross_entropy(&v[0], &t, &w, 0.1)).unwrap();
     let p = randn(&mut rng, &[3, 4]).map(|v| 1.0 / (1.0 + (-v).exp()));
     let y = randn(&mut rng, &[3, 4]).map(|v| if v > 0.0 { 1.0 } else { 0.3 });
     for r in [Reduction::Mean, Reduction::Sum, Reduction::None] {

@@ -133,6 +133,24 @@ fn cross_entropy_with_label_smoothing() {
 }
 
 #[test]
+fn class_weighted_cross_entropy() {
+    let r = refs();
+    for name in ["cross_entropy_weighted", "cross_entropy_weighted_smoothed"] {
+        let c = &r["cases"][name];
+        let targets: Vec<usize> = c["params"]["targets"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
+        let weight: Vec<f64> = c["params"]["weight"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+        let eps = c["params"]["label_smoothing"].as_f64().unwrap();
+        both!(c, &["x"], |v| weighted_cross_entropy(&v[0], &targets, &weight, eps)?.reshape(&[1]));
+    }
+    // Equal weights are the plain loss.
+    let x: Var<f64> = Var::parameter(Rng::seed(3).normal(&[5, 3], 0.0, 2.0).unwrap());
+    for eps in [0.0, 0.3] {
+        let (a, b) = (cross_entropy(&x, &[2, 0, 1, 1, 2], eps).unwrap(), weighted_cross_entropy(&x, &[2, 0, 1, 1, 2], &[4.0; 3], eps).unwrap());
+        assert!((a.value().item().unwrap() - b.value().item().unwrap()).abs() < 1e-12, "ε {eps}");
+    }
+}
+
+#[test]
 fn activations_match_pytorch() {
     let r = refs();
     let c = &r["cases"]["activations"];

@@ -4,7 +4,7 @@
 use stride_kernels::softmax as k;
 use stride_tensor::{Elem, Result, Tensor};
 
-use crate::device::{route, Prim};
+use crate::device::{route, Prim, ToDevice};
 use crate::op::Op;
 use crate::Var;
 
@@ -95,6 +95,39 @@ pub fn cross_entropy<T: Elem>(logits: &Var<T>, targets: &[usize], label_smoothin
     // The smoothing term: -(1/N) sum_n (1/C) sum_c logp[n, c], which is -mean(logp).
     let uniform = logp.mean_all()?.mul_scalar(-1.0)?;
     nll.mul_scalar(1.0 - label_smoothing)?.add(&uniform.mul_scalar(label_smoothing)?)
+}
+
+/// [`cross_entropy`] with a weight per class, as PyTorch's `cross_entropy(weight=w,
+/// label_smoothing=ε)` (Keras's `class_weight`): image n counts w[y_n] times, the smoothing term
+/// weighs class c by w[c], and the sum is divided by the batch's total weight sum_n w[y_n].
+/// Weights must be finite and >= 0, one per class, with a positive total for the batch.
+pub fn weighted_cross_entropy<T: Elem>(logits: &Var<T>, targets: &[usize], weight: &[f64], label_smoothing: f64) -> Result<Var<T>> {
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        stride_tensor::bail!(arg, "weighted_cross_entropy", "label_smoothing must be in [0, 1], got {label_smoothing}");
+    }
+    let (n, c) = check_targets("weighted_cross_entropy", &logits.shape(), targets)?;
+    if weight.len() != c {
+        stride_tensor::bail!(shape, "weighted_cross_entropy", "{} class weights for {c} classes", weight.len());
+    }
+    if let Some((k, w)) = weight.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+        stride_tensor::bail!(arg, "weighted_cross_entropy", "class {k}'s weight {w} is not a finite number >= 0");
+    }
+    let total: f64 = targets.iter().map(|&t| weight[t]).sum();
+    if total <= 0.0 {
+        stride_tensor::bail!(arg, "weighted_cross_entropy", "the batch's classes all have weight 0, so its loss is undefined");
+    }
+    // loss = -sum_{n,c} logp[n, c] * m[n, c], with m the weighted target over the total.
+    let smooth = label_smoothing / c as f64;
+    let mut m = vec![T::zero(); n * c];
+    for (row, &t) in m.chunks_exact_mut(c).zip(targets) {
+        for (k, v) in row.iter_mut().enumerate() {
+            let on = if k == t { (1.0 - label_smoothing) * weight[t] } else { 0.0 };
+            *v = T::c(-(on + smooth * weight[k]) / total);
+        }
+    }
+    let device = logits.value_ref().device();
+    let m = Var::constant(Tensor::from_vec(m, &[n, c])?.to(device)?);
+    log_softmax(logits, 1)?.mul(&m)?.sum_all()
 }
 
 /// How an element-wise loss is reduced.
