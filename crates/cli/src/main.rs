@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Trains a CNN (by default the tutorial network on the embedded MNIST).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluates trained weights on a data set's test split: accuracy, per class, confusion.
     Eval(infer::EvalArgs),
     /// Runs a model in evaluation mode on the tensor `input` of a safetensors file and writes

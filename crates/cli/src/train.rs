@@ -10,7 +10,7 @@ use stride_data::Augment;
 use stride_models::InputSpec;
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
-use stride_train::{OptimizerKind, Standardize, TrainConfig};
+use stride_train::{ClassWeights, OptimizerKind, Standardize, TrainConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -59,6 +59,11 @@ pub struct TrainArgs {
     /// class (default 0).
     #[arg(long, value_name = "ε", value_parser = parse_smoothing)]
     label_smoothing: Option<f64>,
+    /// Weigh the training loss by class, for imbalanced data: `balanced` (each class counts the
+    /// same in total: n / (classes x its count)) or one weight per class, such as `1,4,1`.
+    /// The held-out loss stays unweighted.
+    #[arg(long, value_name = "W", value_parser = parse_class_weights)]
+    class_weights: Option<ClassWeights>,
     /// Clip gradients to this global L2 norm before each update (a number > 0, such as 1).
     #[arg(long, value_parser = parse_clip_norm)]
     clip_grad_norm: Option<f64>,
@@ -195,6 +200,15 @@ pub fn parse_normalize(s: &str) -> Result<Standardize, String> {
     }
 }
 
+/// `balanced`, or comma-separated weights, each a finite number >= 0.
+fn parse_class_weights(s: &str) -> Result<ClassWeights, String> {
+    if s.trim() == "balanced" {
+        return Ok(ClassWeights::Balanced);
+    }
+    let weight = |v: &str| parse_number(v, |w| w >= 0.0 && w.is_finite(), "a class weight", "balanced, or numbers >= 0 such as 1,4,1");
+    s.split(',').map(weight).collect::<Result<Vec<f64>, String>>().map(ClassWeights::Given)
+}
+
 /// A validation fraction in (0, 1).
 fn parse_fraction(s: &str) -> Result<f64, String> {
     parse_number(s, |f| f > 0.0 && f < 1.0, "a fraction of the training set", "a number between 0 and 1, such as 0.1")
@@ -320,7 +334,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root {
         println!(
-            "{}, batch {}, {} lr {}{}, {} schedule{}{}{}",
+            "{}, batch {}, {} lr {}{}, {} schedule{}{}{}{}",
             epochs_text(epochs),
             a.batch_size,
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
@@ -328,6 +342,11 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
             a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
+            match &a.class_weights {
+                None | Some(ClassWeights::Equal) => String::new(),
+                Some(ClassWeights::Balanced) => ", balanced class weights".into(),
+                Some(ClassWeights::Given(w)) => format!(", class weights {}", w.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
+            },
             a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),
             match &normalize {
                 Standardize::TrainingImages => String::new(),
@@ -380,6 +399,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         report: (!a.no_report).then(|| a.model.clone()),
         recompute: a.recompute,
         label_smoothing,
+        class_weights: a.class_weights.clone().unwrap_or_default(),
         data_parallel: group.clone().map(stride_train::group::DataParallel),
         sync_bn: a.sync_bn,
         device,

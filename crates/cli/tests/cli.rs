@@ -122,7 +122,7 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 20] = [
+    let cases: [(&[&str], &str); 24] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
         (&["vae", "--epochs", "0"], "'0' is not a whole number of at least 1"),
@@ -131,6 +131,10 @@ fn bad_input_is_a_clear_error() {
         (&["train", "--label-smoothing", "1.5"], "'1.5' is not a label smoothing: give a number in [0, 1)"),
         (&["train", "--label-smoothing", "NaN"], "'NaN' is not a label smoothing"),
         (&["train", "--clip-grad-norm=-1"], "'-1' is not a gradient norm: give a number > 0"),
+        (&["train", "--class-weights", "1,x"], "'x' is not a class weight: give balanced, or numbers >= 0 such as 1,4,1"),
+        (&["train", "--class-weights", "1,2", "--out", "/tmp/stride-never-written"], "2 class weights given for the 10 classes"),
+        (&["train", "--normalize", "0.5"], "'0.5' is not a standardisation: give imagenet, none or MEAN,...:STD,..."),
+        (&["eval", "--weights", "x", "--normalize", "1:2:3"], "'2:3' is not a number"),
         (&["train", "--clip-grad-norm", "inf"], "'inf' is not a gradient norm"),
         (&["--threads", "0", "models"], "0 is not in 1..=1024"),
         (&["train", "--early-stop", "0"], "0 is not in 1..=10000"),

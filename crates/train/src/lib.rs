@@ -78,6 +78,81 @@ impl Standardize {
     }
 }
 
+/// How much each class counts in the training loss.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ClassWeights {
+    /// Every image counts the same.
+    #[default]
+    Equal,
+    /// n / (classes x count of the class) over the images trained on (scikit-learn's
+    /// "balanced"): each class weighs the same in total, however many images it has.
+    Balanced,
+    /// One weight per class, finite and >= 0, not all 0.
+    Given(Vec<f64>),
+}
+
+impl ClassWeights {
+    /// The weights for `ds`'s classes (`None` when all are equal); an error names what does not
+    /// fit.
+    pub fn resolve(&self, ds: &Dataset) -> Result<Option<Vec<f64>>> {
+        match self {
+            ClassWeights::Equal => Ok(None),
+            ClassWeights::Balanced => {
+                let counts = ds.class_counts();
+                let n = ds.len() as f64;
+                // A class without training images cannot be in a batch; it gets 0.
+                Ok(Some(counts.iter().map(|&k| if k == 0 { 0.0 } else { n / (ds.classes as f64 * k as f64) }).collect()))
+            }
+            ClassWeights::Given(w) => {
+                if w.len() != ds.classes {
+                    return Err(TrainError::Config(format!("{} class weights given for the {} classes of the data", w.len(), ds.classes)));
+                }
+                if let Some((k, v)) = w.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+                    return Err(TrainError::Config(format!("class {k}'s weight {v} is not a finite number >= 0")));
+                }
+                if w.iter().all(|&v| v == 0.0) {
+                    return Err(TrainError::Config("every class weight is 0: nothing would be learned".into()));
+                }
+                Ok(Some(w.clone()))
+            }
+        }
+    }
+}
+
+/// The training loss: softmax cross-entropy with label smoothing and optional class weights.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loss {
+    pub label_smoothing: f64,
+    /// One weight per class (see [`ClassWeights`]); `None` weighs every image the same.
+    pub class_weights: Option<Vec<f64>>,
+}
+
+impl Loss {
+    /// The batch's loss; a batch whose images all weigh 0 gives 0 (and no gradient).
+    pub fn of(&self, logits: &Var, labels: &[usize]) -> stride_autograd::Result<Var> {
+        match &self.class_weights {
+            None => cross_entropy(logits, labels, self.label_smoothing),
+            Some(w) if labels.iter().all(|&t| w.get(t).is_some_and(|&v| v == 0.0)) => logits.mul_scalar(0.0)?.sum_all(),
+            Some(w) => stride_autograd::weighted_cross_entropy(logits, labels, w, self.label_smoothing),
+        }
+    }
+
+    /// The part of a batch's loss that `shard` (a share of `batch`'s labels) carries: its
+    /// images' share of the batch's weight.
+    fn share(&self, shard: &[usize], batch: &[usize]) -> f64 {
+        let weight = |labels: &[usize]| match &self.class_weights {
+            None => labels.len() as f64,
+            Some(w) => labels.iter().map(|&t| w.get(t).copied().unwrap_or(0.0)).sum(),
+        };
+        let total = weight(batch);
+        if total > 0.0 {
+            weight(shard) / total
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Which optimizer, with its own hyper-parameters; the learning rate is in `TrainConfig`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerKind {
@@ -141,6 +216,9 @@ pub struct TrainConfig {
     /// ε/C on every class (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`). The held-out loss is
     /// always the plain cross-entropy.
     pub label_smoothing: f64,
+    /// Per-class weights of the training loss, for imbalanced data (Keras's `class_weight`,
+    /// PyTorch's `CrossEntropyLoss(weight=)`). The held-out loss stays unweighted.
+    pub class_weights: ClassWeights,
     /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
     /// trains on its share of every batch, gradients are averaged, rank 0 writes the files.
     pub data_parallel: Option<group::DataParallel>,
@@ -178,6 +256,7 @@ impl Default for TrainConfig {
             report: None,
             recompute: None,
             label_smoothing: 0.0,
+            class_weights: ClassWeights::Equal,
             data_parallel: None,
             sync_bn: false,
             device: Device::Cpu,
@@ -638,6 +717,7 @@ pub fn train(
         }
         None => (data, None),
     };
+    let loss_fn = Loss { label_smoothing: cfg.label_smoothing, class_weights: cfg.class_weights.resolve(&data.train)? };
     model.to(cfg.device)?;
     // The parameters this run trains; the frozen ones record nothing until it returns.
     let (params, frozen) = split_frozen(model, &cfg.frozen)?;
@@ -735,7 +815,7 @@ pub fn train(
     // Steps through compiled training plans (one per batch shape) where they apply: on the
     // CPU, one process, the plain loss, no recompute. A network the planner refuses (dropout,
     // an op without a planned gradient) trains eagerly, as every step does with `eager`.
-    let mut planned = (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && cfg.label_smoothing == 0.0)
+    let mut planned = (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && loss_fn == Loss::default())
         .then(stride_nn::planned::TrainPlanned::new);
     let mut planned_steps = 0;
     let mut ctx = Ctx::train(cfg.seed);
@@ -800,14 +880,15 @@ pub fn train(
             for (step, Batch { images, labels }) in rx {
                 ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
                 optim::zero_grad(&params);
-                // With several ranks, this one trains on its share of the global batch.
-                let global = labels.len();
-                let (images, labels) = match &group {
+                // With several ranks, this one trains on its share of the global batch, and its
+                // loss is that share of the batch's.
+                let (images, labels, share) = match &group {
                     Some(g) => {
-                        let (start, len) = group::shard(global, g.rank(), g.size());
-                        (images.narrow(0, start, len)?, labels[start..start + len].to_vec())
+                        let (start, len) = group::shard(labels.len(), g.rank(), g.size());
+                        let share = loss_fn.share(&labels[start..start + len], &labels);
+                        (images.narrow(0, start, len)?, labels[start..start + len].to_vec(), share)
                     }
-                    None => (images, labels),
+                    None => (images, labels, 1.0),
                 };
                 // Several ranks on the plain path: gradient sums start during the backward pass.
                 let mut overlap = match (&group, &plan) {
@@ -832,15 +913,15 @@ pub fn train(
                     planned_steps += usize::from(stepped.is_some());
                     let (lv, logits) = match (&segments, stepped) {
                         (_, Some(done)) => done,
-                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, cfg.label_smoothing, &mut ctx, seg)?,
+                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, &loss_fn, &mut ctx, seg)?,
                         (None, None) => {
                             let logits = model.forward(&x, &mut ctx)?;
-                            let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                            let loss = loss_fn.of(&logits, &labels)?;
                             match overlap.as_mut() {
                                 // Several ranks: each back-propagates its share of the global
                                 // batch's mean loss (so synchronised batch norm sums true
                                 // partials), always, so every rank starts the same sums.
-                                Some(o) => loss.mul_scalar(labels.len() as f64 / global.max(1) as f64)?.backward_hooked(&mut |leaf| {
+                                Some(o) => loss.mul_scalar(share)?.backward_hooked(&mut |leaf| {
                                     o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string()))
                                 })?,
                                 // Also when the loss is not finite: the step stops below, before
@@ -873,7 +954,7 @@ pub fn train(
                 if let (Some(g), Some(plan), Some(_)) = (&group, &plan, &segments) {
                     // The recompute path: the mean gradient of the global batch is each share's
                     // mean weighted by its size, summed after the backward pass.
-                    group::reduce_gradients(g.as_ref(), &params, plan, labels.len() as f32 / global.max(1) as f32)?;
+                    group::reduce_gradients(g.as_ref(), &params, plan, share as f32)?;
                 }
                 if let Some(max) = cfg.clip_grad_norm {
                     optim::clip_grad_norm(&params, max)?;

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use stride_autograd::{cross_entropy, no_grad, Rng, Tensor, Var};
+use stride_autograd::{no_grad, Rng, Tensor, Var};
 use stride_nn::{call, Ctx, Module};
 
 use crate::inspect::{self, Summary};
@@ -171,17 +171,10 @@ fn restore(layers: &mut Units<'_>, saved: &[Tensor<f32>]) {
     }
 }
 
-/// One training step's forward and backward pass (cross-entropy on `labels`) in segments:
+/// One training step's forward and backward pass (`loss` on `labels`) in segments:
 /// parameters' gradients accumulate as `loss.backward()` would leave them. Returns the loss
 /// and the logits (detached).
-pub fn forward_backward(
-    model: &mut dyn Module,
-    x: &Var,
-    labels: &[usize],
-    label_smoothing: f64,
-    ctx: &mut Ctx,
-    seg: &Segments,
-) -> Result<(f32, Var)> {
+pub fn forward_backward(model: &mut dyn Module, x: &Var, labels: &[usize], loss: &crate::Loss, ctx: &mut Ctx, seg: &Segments) -> Result<(f32, Var)> {
     let mut all = Vec::new();
     units(model, "", &mut all);
     let layers = &mut all[..];
@@ -203,9 +196,9 @@ pub fn forward_backward(
     let (loss_value, logits, mut grad) = {
         let top = &inputs[k - 1];
         let logits = run(&mut layers[seg.range(k - 1)], top, ctx)?;
-        let loss = cross_entropy(&logits, labels, label_smoothing)?;
-        let lv = loss.value().item()?;
-        loss.backward()?;
+        let l = loss.of(&logits, labels)?;
+        let lv = l.value().item()?;
+        l.backward()?;
         (lv, Var::constant(logits.value()), top.grad())
     };
     // Backward through the others, last first: replay the segment's forward, recording, and

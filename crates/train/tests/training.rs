@@ -355,6 +355,48 @@ fn a_given_standardisation_is_what_training_evaluation_and_the_header_use() {
     }
 }
 
+#[test]
+fn class_weights_steer_what_is_learned_and_bad_ones_are_refused_before_anything_runs() {
+    use stride_train::ClassWeights;
+    let data = small(640, 200);
+    // Only the digit 3 weighs: the network learns to answer 3, whatever it sees.
+    let mut only = [0.0; 10];
+    only[3] = 1.0;
+    let weighted = TrainConfig { class_weights: ClassWeights::Given(only.to_vec()), ..cfg(2, None) };
+    let run = train(&mut model(2), &data, &weighted, false, None, |_| {}).unwrap();
+    let test = &run.reports[1].test;
+    let said_three: usize = test.confusion.iter().map(|row| row[3]).sum();
+    assert!(said_three as f64 >= 0.9 * 200.0, "3 answered for {said_three} of 200: {:?}", test.confusion);
+    let plain = train(&mut model(2), &data, &cfg(2, None), false, None, |_| {}).unwrap();
+    assert!(plain.reports[1].test.accuracy > 0.7, "{}", plain.reports[1].test.accuracy);
+    // Equal weights are the plain loss (both eager: the planner takes only the plain loss).
+    let eager = TrainConfig { eager: true, ..cfg(1, None) };
+    let a = train(&mut model(2), &data, &eager, false, None, |_| {}).unwrap();
+    let b = train(&mut model(2), &data, &TrainConfig { class_weights: ClassWeights::Given(vec![2.5; 10]), ..eager.clone() }, false, None, |_| {})
+        .unwrap();
+    let (la, lb) = (a.reports[0].train_loss, b.reports[0].train_loss);
+    assert!((la - lb).abs() <= 1e-5 * la, "training loss {la} vs {lb}");
+    // Balanced: n / (classes x count).
+    let mut ds = data.train.clone();
+    ds.labels = vec![0, 0, 0, 1];
+    ds.images.truncate(4 * 28 * 28);
+    ds.classes = 3;
+    let w = ClassWeights::Balanced.resolve(&ds).unwrap().unwrap();
+    assert_eq!(w, [4.0 / 9.0, 4.0 / 3.0, 0.0], "a class without images gets 0");
+    // Bad weights are named before the run folder is made.
+    let dir = tmp("bad-weights");
+    for (given, says) in [
+        (vec![1.0; 9], "9 class weights given for the 10 classes"),
+        (vec![1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], "class 1's weight -1 is not a finite number >= 0"),
+        (vec![0.0; 10], "every class weight is 0"),
+    ] {
+        let c = TrainConfig { class_weights: ClassWeights::Given(given), ..cfg(1, Some(dir.clone())) };
+        let e = train(&mut model(1), &data, &c, false, None, |_| {}).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(!dir.exists());
+    }
+}
+
 /// Frozen batch norm normalises by its running statistics and keeps them (Keras's frozen
 /// layers): fine-tuning only the classifier leaves every other tensor of the file as it was.
 #[test]
