@@ -140,10 +140,28 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
     };
     let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, &norm)?;
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
-    println!("per-class accuracy:");
-    for (c, acc) in ev.per_class_accuracy().iter().enumerate() {
-        println!("  class {c:>2}: {acc:.4} ({} images)", ev.confusion[c].iter().sum::<usize>());
+    // As scikit-learn's classification_report: recall is the class's accuracy.
+    let names: Vec<String> = (0..ev.confusion.len())
+        .map(|c| match data.class_names.get(c).filter(|n| **n != c.to_string()) {
+            Some(n) => format!("{c} {n}"),
+            None => c.to_string(),
+        })
+        .collect();
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0).max(13);
+    println!("  {:<width$}  precision  recall      f1  images", "class");
+    let scores = ev.per_class();
+    for (name, s) in names.iter().zip(&scores) {
+        println!("  {name:<width$}  {:>9.4}  {:>6.4}  {:>6.4}  {:>6}", s.precision, s.recall, s.f1, s.images);
     }
+    let mean = |f: fn(&stride_train::ClassScores) -> f64| scores.iter().map(f).sum::<f64>() / scores.len().max(1) as f64;
+    println!(
+        "  {:<width$}  {:>9.4}  {:>6.4}  {:>6.4}  {:>6}",
+        "macro average",
+        mean(|s| s.precision),
+        mean(|s| s.recall),
+        ev.macro_f1(),
+        scores.iter().map(|s| s.images).sum::<usize>()
+    );
     println!("confusion matrix (rows: true class, columns: predicted):");
     for row in &ev.confusion {
         println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());

@@ -38,6 +38,12 @@ fn train_then_eval_and_run() {
     assert!(ev.status.success(), "{}", text(&ev));
     assert_eq!(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap(), last);
     assert!(text(&ev).contains("confusion matrix"));
+    // A row per class (precision, recall, F1, images), then the macro average over them.
+    let out = String::from_utf8_lossy(&ev.stdout).to_string();
+    let rows: Vec<Vec<&str>> = out.lines().skip(2).take(11).map(|l| l.split_whitespace().collect()).collect();
+    assert!(rows[..10].iter().enumerate().all(|(c, r)| r.len() == 5 && r[0] == c.to_string()), "{out}");
+    let images: usize = rows[..10].iter().map(|r| r[4].parse::<usize>().unwrap()).sum();
+    assert_eq!((rows[10][..2].join(" "), rows[10][5].parse::<usize>().unwrap(), images), ("macro average".to_string(), 2000, 2000), "{out}");
     // run: a tensor in, a tensor out.
     let input = dir.join("x.safetensors");
     let x = stride_autograd::Rng::seed(0).normal::<f32>(&[3, 1, 28, 28], 0.0, 1.0).unwrap();

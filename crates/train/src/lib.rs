@@ -292,6 +292,42 @@ impl Evaluation {
     pub fn per_class_accuracy(&self) -> Vec<f64> {
         self.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>() as f64).collect()
     }
+
+    /// Precision, recall and F1 of each class, as scikit-learn's `classification_report`
+    /// (0 where a ratio has nothing to divide by, as its `zero_division=0`).
+    pub fn per_class(&self) -> Vec<ClassScores> {
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        (0..self.confusion.len())
+            .map(|c| {
+                let right = self.confusion[c][c];
+                let images: usize = self.confusion[c].iter().sum();
+                let predicted: usize = self.confusion.iter().map(|row| row[c]).sum();
+                let (precision, recall) = (ratio(right, predicted), ratio(right, images));
+                let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+                ClassScores { precision, recall, f1, images }
+            })
+            .collect()
+    }
+
+    /// The unweighted mean of the classes' F1 (scikit-learn's `f1_score(average="macro")`):
+    /// every class counts the same, however many images it has.
+    pub fn macro_f1(&self) -> f64 {
+        let scores = self.per_class();
+        scores.iter().map(|s| s.f1).sum::<f64>() / scores.len().max(1) as f64
+    }
+}
+
+/// One class's figures in an [`Evaluation`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClassScores {
+    /// Of the images predicted as the class, the share that are.
+    pub precision: f64,
+    /// Of the class's images, the share predicted as it (its accuracy).
+    pub recall: f64,
+    /// The harmonic mean of precision and recall.
+    pub f1: f64,
+    /// How many of the images are of the class.
+    pub images: usize,
 }
 
 /// One epoch's figures.

@@ -176,7 +176,14 @@ figure{{display:inline-block;margin:6px;text-align:center;font-size:12px}} img{{
             }
             let _ = write!(h, "<td>{:.1}%</td></tr>", 100.0 * row.get(t).copied().unwrap_or(0) as f64 / total);
         }
-        h.push_str("</table>");
+        // Each column's precision: of the images predicted as the class, the share that are.
+        h.push_str("<tr><th>precision</th>");
+        for p in 0..names.len() {
+            let predicted: usize = m.iter().map(|row| row.get(p).copied().unwrap_or(0)).sum();
+            let right = m.get(p).and_then(|row| row.get(p)).copied().unwrap_or(0);
+            let _ = if predicted == 0 { write!(h, "<td>-</td>") } else { write!(h, "<td>{:.1}%</td>", 100.0 * right as f64 / predicted as f64) };
+        }
+        h.push_str("<td></td></tr></table>");
     }
     if !r.mistakes.is_empty() {
         let _ = write!(h, "<h2>Most confident mistakes ({} set)</h2><div>", escape(set));

@@ -61,6 +61,11 @@ fn names_are_escaped_and_charts_survive_odd_values() {
     };
     let html = report::render(&r);
     assert!(!html.contains(evil) && html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; co") && html.contains("b&quot;c"));
+    // Rows end with the class's accuracy (recall), columns with its precision.
+    assert!(
+        html.contains(">3</td><td>60.0%</td></tr>") && html.contains("<tr><th>precision</th><td>33.3%</td><td>100.0%</td><td></td></tr>"),
+        "{html}"
+    );
     assert!(!html.contains("NaN") && !html.contains("inf"), "non-finite values are left out of the chart");
     // One series with one value, and none at all, still draw.
     assert!(report::chart("one", &[Series { name: "x".into(), color: "#000", values: vec![2.0] }]).contains("<circle"));

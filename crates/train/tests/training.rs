@@ -397,6 +397,25 @@ fn class_weights_steer_what_is_learned_and_bad_ones_are_refused_before_anything_
     }
 }
 
+#[test]
+fn per_class_scores_are_scikit_learns() {
+    // 3 classes; class 2 is never predicted and class 1 has no images.
+    let ev = stride_train::Evaluation {
+        loss: 0.0,
+        accuracy: 0.0,
+        top5: None,
+        confusion: vec![vec![3, 1, 0], vec![0, 0, 0], vec![2, 4, 0]],
+        mistakes: Vec::new(),
+    };
+    let s = ev.per_class();
+    // Class 0: precision 3/5, recall 3/4, F1 = 2pr/(p+r) = 2/3.
+    assert!((s[0].precision - 0.6).abs() < 1e-12 && (s[0].recall - 0.75).abs() < 1e-12 && (s[0].f1 - 2.0 / 3.0).abs() < 1e-12, "{:?}", s[0]);
+    // Class 1: predicted 5 times, never right; no images. Class 2: never predicted.
+    assert_eq!((s[1].precision, s[1].recall, s[1].f1, s[1].images), (0.0, 0.0, 0.0, 0));
+    assert_eq!((s[2].precision, s[2].recall, s[2].f1, s[2].images), (0.0, 0.0, 0.0, 6));
+    assert!((ev.macro_f1() - 2.0 / 9.0).abs() < 1e-12, "{}", ev.macro_f1());
+}
+
 /// Frozen batch norm normalises by its running statistics and keeps them (Keras's frozen
 /// layers): fine-tuning only the classifier leaves every other tensor of the file as it was.
 #[test]
