@@ -28,6 +28,10 @@ pub struct TrainArgs {
     epochs: Option<usize>,
     #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
     batch_size: usize,
+    /// Gradient accumulation: update once every N batches with their summed gradients, so an
+    /// update sees N x batch-size images while memory holds one batch.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::at_least_one)]
+    accumulate: usize,
     /// Optimizer (default: adam, or adamw for a zoo model with a default weight decay, see
     /// `stride models`).
     #[arg(long, value_enum)]
@@ -334,9 +338,10 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root {
         println!(
-            "{}, batch {}, {} lr {}{}, {} schedule{}{}{}{}",
+            "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}",
             epochs_text(epochs),
             a.batch_size,
+            if a.accumulate > 1 { format!(" x {} accumulated per update", a.accumulate) } else { String::new() },
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             a.lr,
             if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
@@ -404,6 +409,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         sync_bn: a.sync_bn,
         device,
         eager: a.eager,
+        accumulate: a.accumulate,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

@@ -217,7 +217,8 @@ pub struct TrainConfig {
     /// always the plain cross-entropy.
     pub label_smoothing: f64,
     /// Per-class weights of the training loss, for imbalanced data (Keras's `class_weight`,
-    /// PyTorch's `CrossEntropyLoss(weight=)`). The held-out loss stays unweighted.
+    /// PyTorch's `CrossEntropyLoss(weight=)`). The held-out loss stays unweighted. Weighted
+    /// runs step eagerly (training plans compile the plain loss).
     pub class_weights: ClassWeights,
     /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
     /// trains on its share of every batch, gradients are averaged, rank 0 writes the files.
@@ -231,6 +232,12 @@ pub struct TrainConfig {
     /// Train every step eagerly (op by op on the autograd tape) instead of through compiled
     /// training plans; for debugging, or to compare the two.
     pub eager: bool,
+    /// Gradient accumulation: sum the gradients of this many batches (each weighed by its share
+    /// of their images) before each update, so one update sees `accumulate x batch_size` images
+    /// while memory holds one batch (Lightning's `accumulate_grad_batches`). Batch norm still
+    /// normalises by each batch. At least 1; a Ctrl-C stop waits for the group's last batch.
+    /// Accumulating runs step eagerly (training plans apply one batch's gradients).
+    pub accumulate: usize,
 }
 
 impl Default for TrainConfig {
@@ -261,6 +268,7 @@ impl Default for TrainConfig {
             sync_bn: false,
             device: Device::Cpu,
             eager: false,
+            accumulate: 1,
         }
     }
 }
@@ -526,6 +534,7 @@ fn save_checkpoint(
         ("validation_split", validation_tag(cfg)),
         ("frozen", cfg.frozen.join(",")),
         ("normalize", cfg.normalize.tag()),
+        ("accumulate", cfg.accumulate.to_string()),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -597,6 +606,11 @@ fn restore(
     let (had, has) = (meta.get("normalize").map_or("the training images", String::as_str), cfg.normalize.tag());
     if had != has {
         return Err(bad(&format!("was written standardising inputs by {had}, this run by {has}")));
+    }
+    // Where an update's group of batches starts depends on it; an older checkpoint had 1.
+    let (had, has) = (meta.get("accumulate").map_or("1", String::as_str), cfg.accumulate.to_string());
+    if had != has {
+        return Err(bad(&format!("was written accumulating {had} batches per update, this run {has}")));
     }
     // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
     let count = |k: &str| -> Result<usize> {
@@ -733,8 +747,11 @@ pub fn train(
     stop: Option<&std::sync::atomic::AtomicBool>,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Outcome> {
-    if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(TrainError::Config(format!("epochs ({}) and batch size ({}) must be at least 1", cfg.epochs, cfg.batch_size)));
+    if cfg.epochs == 0 || cfg.batch_size == 0 || cfg.accumulate == 0 {
+        return Err(TrainError::Config(format!(
+            "epochs ({}), batch size ({}) and batches per update ({}) must each be at least 1",
+            cfg.epochs, cfg.batch_size, cfg.accumulate
+        )));
     }
     if let Some(max) = cfg.clip_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
         return Err(TrainError::Config(format!("the gradient clipping norm must be finite and > 0, got {max}")));
@@ -851,8 +868,9 @@ pub fn train(
     // Steps through compiled training plans (one per batch shape) where they apply: on the
     // CPU, one process, the plain loss, no recompute. A network the planner refuses (dropout,
     // an op without a planned gradient) trains eagerly, as every step does with `eager`.
-    let mut planned = (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && loss_fn == Loss::default())
-        .then(stride_nn::planned::TrainPlanned::new);
+    let mut planned =
+        (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && loss_fn == Loss::default() && cfg.accumulate == 1)
+            .then(stride_nn::planned::TrainPlanned::new);
     let mut planned_steps = 0;
     let mut ctx = Ctx::train(cfg.seed);
     if let (Some(g), true) = (&group, cfg.sync_bn) {
@@ -895,7 +913,8 @@ pub fn train(
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), false)
             .normalized(&norm)?
             .augmented(&cfg.augment, mix(cfg.seed, epoch, usize::MAX - 1));
-        let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
+        let num_batches = batches.num_batches();
+        let bar = if cfg.progress { ProgressBar::new(num_batches as u64) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
         bar.set_position(pos.step as u64);
@@ -915,7 +934,16 @@ pub fn train(
             });
             for (step, Batch { images, labels }) in rx {
                 ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
-                optim::zero_grad(&params);
+                // The update's group of batches (an epoch's last group may be shorter), and this
+                // batch's share of its images.
+                let first = step - step % cfg.accumulate;
+                let end = (first + cfg.accumulate).min(num_batches);
+                let last = step + 1 == end;
+                let group_images = (end * cfg.batch_size).min(data.train.len()) - first * cfg.batch_size;
+                let part = labels.len() as f64 / group_images.max(1) as f64;
+                if step == first {
+                    optim::zero_grad(&params);
+                }
                 // With several ranks, this one trains on its share of the global batch, and its
                 // loss is that share of the batch's.
                 let (images, labels, share) = match &group {
@@ -926,11 +954,15 @@ pub fn train(
                     }
                     None => (images, labels, 1.0),
                 };
-                // Several ranks on the plain path: gradient sums start during the backward pass.
+                // Several ranks on the plain path: gradient sums start during the backward pass
+                // of the group's last batch, when they hold the whole group's.
                 let mut overlap = match (&group, &plan) {
-                    (Some(g), Some(plan)) if segments.is_none() => Some(group::OverlappedSum::new(g.as_ref(), &params, plan)),
+                    (Some(g), Some(plan)) if segments.is_none() && last => Some(group::OverlappedSum::new(g.as_ref(), &params, plan)),
                     _ => None,
                 };
+                // The loss this rank back-propagates: its share of the batch, the batch's of the
+                // group.
+                let scale = share * part;
                 let (lv, right) = if labels.is_empty() {
                     (0.0, 0)
                 } else {
@@ -949,7 +981,7 @@ pub fn train(
                     planned_steps += usize::from(stepped.is_some());
                     let (lv, logits) = match (&segments, stepped) {
                         (_, Some(done)) => done,
-                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, &loss_fn, &mut ctx, seg)?,
+                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, &loss_fn, scale, &mut ctx, seg)?,
                         (None, None) => {
                             let logits = model.forward(&x, &mut ctx)?;
                             let loss = loss_fn.of(&logits, &labels)?;
@@ -957,12 +989,13 @@ pub fn train(
                                 // Several ranks: each back-propagates its share of the global
                                 // batch's mean loss (so synchronised batch norm sums true
                                 // partials), always, so every rank starts the same sums.
-                                Some(o) => loss.mul_scalar(share)?.backward_hooked(&mut |leaf| {
+                                Some(o) => loss.mul_scalar(scale)?.backward_hooked(&mut |leaf| {
                                     o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string()))
                                 })?,
                                 // Also when the loss is not finite: the step stops below, before
                                 // the optimizer, and the gradients are never used.
-                                None => loss.backward()?,
+                                None if scale == 1.0 => loss.backward()?,
+                                None => loss.mul_scalar(scale)?.backward()?,
                             }
                             // Read once the backward pass is queued: on a GPU a read waits for
                             // the work before it, and read earlier it would hold the backward
@@ -987,17 +1020,19 @@ pub fn train(
                     bar.abandon();
                     return Err(TrainError::Diverged { epoch, step: step + 1, loss: (loss_sum / seen.max(1.0)) as f32 });
                 }
-                if let (Some(g), Some(plan), Some(_)) = (&group, &plan, &segments) {
-                    // The recompute path: the mean gradient of the global batch is each share's
-                    // mean weighted by its size, summed after the backward pass.
-                    group::reduce_gradients(g.as_ref(), &params, plan, share as f32)?;
-                }
-                if let Some(max) = cfg.clip_grad_norm {
-                    optim::clip_grad_norm(&params, max)?;
-                }
-                opt.step(&params)?;
-                if let Some(g) = &group {
-                    group::broadcast_state(g.as_ref(), model, true)?;
+                if last {
+                    if let (Some(g), Some(plan), Some(_)) = (&group, &plan, &segments) {
+                        // The recompute path: each rank's gradients, scaled by its share in
+                        // the backward passes, summed once the group's are in.
+                        group::reduce_gradients(g.as_ref(), &params, plan, 1.0)?;
+                    }
+                    if let Some(max) = cfg.clip_grad_norm {
+                        optim::clip_grad_norm(&params, max)?;
+                    }
+                    opt.step(&params)?;
+                    if let Some(g) = &group {
+                        group::broadcast_state(g.as_ref(), model, true)?;
+                    }
                 }
                 pos.loss_sum += loss_sum;
                 pos.right += right as usize;
@@ -1006,7 +1041,7 @@ pub fn train(
                 bar.inc(1);
                 let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
                 bar.set_message(format!("loss {:.4} acc {:.4} {ips:.0} img/s", pos.loss_sum / pos.seen as f64, pos.right as f64 / pos.seen as f64));
-                if stops > 0.0 {
+                if stops > 0.0 && last {
                     return Ok(true);
                 }
             }

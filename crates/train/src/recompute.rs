@@ -171,10 +171,18 @@ fn restore(layers: &mut Units<'_>, saved: &[Tensor<f32>]) {
     }
 }
 
-/// One training step's forward and backward pass (`loss` on `labels`) in segments:
-/// parameters' gradients accumulate as `loss.backward()` would leave them. Returns the loss
+/// One training step's forward and backward pass (`loss` on `labels`, scaled by `scale`) in
+/// segments: parameters' gradients accumulate as `loss.backward()` would leave them. Returns the loss
 /// and the logits (detached).
-pub fn forward_backward(model: &mut dyn Module, x: &Var, labels: &[usize], loss: &crate::Loss, ctx: &mut Ctx, seg: &Segments) -> Result<(f32, Var)> {
+pub fn forward_backward(
+    model: &mut dyn Module,
+    x: &Var,
+    labels: &[usize],
+    loss: &crate::Loss,
+    scale: f64,
+    ctx: &mut Ctx,
+    seg: &Segments,
+) -> Result<(f32, Var)> {
     let mut all = Vec::new();
     units(model, "", &mut all);
     let layers = &mut all[..];
@@ -198,7 +206,11 @@ pub fn forward_backward(model: &mut dyn Module, x: &Var, labels: &[usize], loss:
         let logits = run(&mut layers[seg.range(k - 1)], top, ctx)?;
         let l = loss.of(&logits, labels)?;
         let lv = l.value().item()?;
-        l.backward()?;
+        if scale == 1.0 {
+            l.backward()?;
+        } else {
+            l.mul_scalar(scale)?.backward()?;
+        }
         (lv, Var::constant(logits.value()), top.grad())
     };
     // Backward through the others, last first: replay the segment's forward, recording, and

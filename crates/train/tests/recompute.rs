@@ -56,6 +56,13 @@ fn recompute_gives_the_same_weights_bit_for_bit() {
     assert_eq!(r1.reports[0].train_loss, r2.reports[0].train_loss);
     assert_ne!(checkpoint::state_dict(&mut s1), checkpoint::state_dict(&mut a), "smoothing changed nothing");
     assert!(r1.reports[0].train_loss > ra.reports[0].train_loss, "{} <= {}", r1.reports[0].train_loss, ra.reports[0].train_loss);
+    // Class weights and gradient accumulation reach the segments too: the same bits.
+    let both = TrainConfig { class_weights: stride_train::ClassWeights::Balanced, accumulate: 3, ..plain.clone() };
+    let (mut w1, mut w2) = (net(3), net(3));
+    train(&mut w1, &data, &both, false, None, |_| {}).unwrap();
+    train(&mut w2, &data, &TrainConfig { recompute: Some(2), ..both.clone() }, false, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut w1), checkpoint::state_dict(&mut w2), "class weights and accumulation with recompute");
+    assert_ne!(checkpoint::state_dict(&mut w1), checkpoint::state_dict(&mut a));
 }
 
 #[test]

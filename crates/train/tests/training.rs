@@ -397,6 +397,45 @@ fn class_weights_steer_what_is_learned_and_bad_ones_are_refused_before_anything_
     }
 }
 
+/// Two batches of 16 per update take the steps of one batch of 32 (the tutorial CNN: no batch
+/// statistics), the epoch's short last group included; a stop waits for the group's end and
+/// resumes as the run in one go.
+#[test]
+fn accumulated_batches_update_as_one_larger_batch() {
+    let data = small(330, 64); // batches of 32: 10 full and one of 10
+    let sgd = TrainConfig { optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, lr: 0.05, eager: true, ..cfg(2, None) };
+    let mut big = model(8);
+    let one = train(&mut big, &data, &sgd, false, None, |_| {}).unwrap();
+    let accumulating = |out| TrainConfig { batch_size: 16, accumulate: 2, out_dir: out, ..sgd.clone() };
+    let mut small_batches = model(8);
+    let two = train(&mut small_batches, &data, &accumulating(None), false, None, |_| {}).unwrap();
+    // Measured: 2e-8 at most (sums in another order); each half-batch at full weight: 4e-2.
+    let worst = |a: &mut stride_nn::layers::Sequential, b: &mut stride_nn::layers::Sequential| {
+        checkpoint::state_dict(a)
+            .iter()
+            .zip(&checkpoint::state_dict(b))
+            .flat_map(|((_, x), (_, y))| x.data().iter().zip(y.data()).map(|(p, q)| (p - q).abs() / (1.0 + p.abs())).collect::<Vec<_>>())
+            .fold(0.0f32, f32::max)
+    };
+    let w = worst(&mut big, &mut small_batches);
+    assert!(w < 1e-5, "accumulated weights differ from the large batch's by {w:e}");
+    assert!((one.reports[1].train_loss - two.reports[1].train_loss).abs() < 1e-4, "{} vs {}", one.reports[1].train_loss, two.reports[1].train_loss);
+    // A stop asked before the first batch takes effect after the group's second.
+    let dir = tmp("accumulate");
+    let stop = AtomicBool::new(true);
+    let out = train(&mut model(8), &data, &accumulating(Some(dir.clone())), false, Some(&stop), |_| {}).unwrap();
+    assert_eq!(out.interrupted, Some((1, 2)));
+    let mut resumed = model(99);
+    train(&mut resumed, &data, &accumulating(Some(dir.clone())), true, None, |_| {}).unwrap();
+    assert_eq!(checkpoint::state_dict(&mut resumed), checkpoint::state_dict(&mut small_batches));
+    let other = TrainConfig { accumulate: 4, ..accumulating(Some(dir.clone())) };
+    let e = train(&mut model(8), &data, &TrainConfig { epochs: 3, ..other }, true, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("was written accumulating 2 batches per update, this run 4"), "{e}");
+    let e = train(&mut model(8), &data, &TrainConfig { accumulate: 0, ..cfg(1, None) }, false, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("batches per update (0) must each be at least 1"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn per_class_scores_are_scikit_learns() {
     // 3 classes; class 2 is never predicted and class 1 has no images.
