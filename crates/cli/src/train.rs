@@ -56,6 +56,11 @@ pub struct TrainArgs {
     /// The weights' header records it for eval and predict; a resumed run needs the same.
     #[arg(long, value_name = "HOW", value_parser = parse_normalize)]
     normalize: Option<Standardize>,
+    /// Linear warm-up: the first N epochs rise from a tenth of --lr towards it, then the schedule
+    /// runs over the remaining epochs (PyTorch's LinearLR then the schedule, in a SequentialLR).
+    /// Not with onecycle, which rises on its own, nor plateau.
+    #[arg(long, value_name = "N", value_parser = crate::at_least_one)]
+    warmup: Option<usize>,
     /// Learning-rate schedule over the epochs.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: Sched,
@@ -196,6 +201,26 @@ fn parse_smoothing(s: &str) -> Result<f64, String> {
     parse_number(s, |e| (0.0..1.0).contains(&e), "a label smoothing", "a number in [0, 1), such as 0.1")
 }
 
+/// The learning-rate schedule over `epochs`, after a linear warm-up of `warmup` epochs.
+fn schedule(kind: Sched, epochs: usize, warmup: Option<usize>) -> Result<Schedule, String> {
+    let rest = epochs - warmup.unwrap_or(0).min(epochs);
+    let after = match kind {
+        Sched::Constant | Sched::Plateau => Schedule::Constant,
+        Sched::Cosine => Schedule::Cosine { t_max: rest, eta_min: 0.0 },
+        Sched::Step => Schedule::Step { step_size: rest.div_ceil(3), gamma: 0.1 },
+        Sched::Onecycle => Schedule::OneCycle { total: rest, pct_start: 0.3, div_factor: 25.0, final_div_factor: 1e4 },
+    };
+    let Some(n) = warmup else { return Ok(after) };
+    if matches!(kind, Sched::Onecycle | Sched::Plateau) {
+        let name = kind.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string());
+        return Err(format!("--warmup does not combine with the {name} schedule (onecycle warms up on its own; plateau follows the held-out loss)"));
+    }
+    if n >= epochs {
+        return Err(format!("--warmup {n} leaves none of the {} for the schedule", epochs_text(epochs)));
+    }
+    Ok(Schedule::Warmup { epochs: n, start_factor: 0.1, then: Box::new(after) })
+}
+
 /// `data`, `imagenet`, `none` or `MEAN,...:STD,...`.
 pub fn parse_normalize(s: &str) -> Result<Standardize, String> {
     match s.trim() {
@@ -293,6 +318,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     // a model file gets 10 epochs and plain Adam.
     let zoo = if a.model.ends_with(".toml") || a.model.ends_with(".onnx") { None } else { Some(stride_models::entry(&a.model)?) };
     let epochs = a.epochs.unwrap_or(zoo.map_or(10, |z| z.epochs));
+    let schedule = schedule(a.schedule, epochs, a.warmup)?;
     let (opt, weight_decay) = recipe(a.optimizer, a.weight_decay, zoo.map_or(0.0, |z| z.weight_decay));
     let label_smoothing = a.label_smoothing.unwrap_or(0.0);
     let augment = match a.augment.as_str() {
@@ -345,7 +371,8 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             opt.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             a.lr,
             if weight_decay > 0.0 { format!(" weight decay {weight_decay}") } else { String::new() },
-            a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
+            a.warmup.map_or_else(String::new, |n| format!("{} of warm-up, then ", epochs_text(n)))
+                + &a.schedule.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
             match &a.class_weights {
                 None | Some(ClassWeights::Equal) => String::new(),
@@ -383,13 +410,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         lr: a.lr,
         optimizer,
         weight_decay,
-        schedule: match a.schedule {
-            Sched::Constant => Schedule::Constant,
-            Sched::Cosine => Schedule::Cosine { t_max: epochs, eta_min: 0.0 },
-            Sched::Step => Schedule::Step { step_size: epochs.div_ceil(3), gamma: 0.1 },
-            Sched::Onecycle => Schedule::OneCycle { total: epochs, pct_start: 0.3, div_factor: 25.0, final_div_factor: 1e4 },
-            Sched::Plateau => Schedule::Constant,
-        },
+        schedule,
         plateau: matches!(a.schedule, Sched::Plateau).then(|| ReduceOnPlateau::new(0.1, 2, 1e-4, 0.0)),
         normalize,
         augment,
@@ -514,6 +535,24 @@ fn rank_devices(g: &dyn stride_train::group::Group, mine: stride_autograd::Devic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warm_up_rises_linearly_then_the_schedule_runs_over_the_rest() {
+        let lrs = |kind, warmup| {
+            let s = schedule(kind, 6, warmup).unwrap();
+            (0..6).map(|e| s.lr(1.0, e)).collect::<Vec<f64>>()
+        };
+        let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        // Two epochs from 0.1 towards 1, then cosine over the other four from 1.
+        let cos = |e: f64| (1.0 + (std::f64::consts::PI * e / 4.0).cos()) / 2.0;
+        let want = [0.1, 0.55, cos(0.0), cos(1.0), cos(2.0), cos(3.0)];
+        assert!(close(&lrs(Sched::Cosine, Some(2)), &want), "{:?}", lrs(Sched::Cosine, Some(2)));
+        assert!(close(&lrs(Sched::Constant, Some(1)), &[0.1, 1.0, 1.0, 1.0, 1.0, 1.0]));
+        assert!(close(&lrs(Sched::Cosine, None)[..1], &[1.0]), "no warm-up starts at --lr");
+        assert!(schedule(Sched::Cosine, 6, Some(6)).unwrap_err().contains("--warmup 6 leaves none of the 6 epochs for the schedule"));
+        assert!(schedule(Sched::Onecycle, 6, Some(1)).unwrap_err().contains("does not combine with the onecycle schedule"));
+        assert!(schedule(Sched::Plateau, 6, Some(1)).unwrap_err().contains("plateau"));
+    }
 
     #[test]
     fn a_zoo_recipe_applies_only_when_no_flag_overrides_it() {
