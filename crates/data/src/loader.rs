@@ -36,7 +36,7 @@ impl<'a> Batches<'a> {
         Batches { ds, order, pos: 0, batch_size: batch_size.max(1), drop_last, norm: Normalize::identity(), augment: None }
     }
 
-    /// Standardises pixels: (x / 255 - mean[c]) / std[c]; an error when `norm` has values for
+    /// Standardises pixels: `(x / 255 - mean[c]) / std[c]`; an error when `norm` has values for
     /// another number of channels than the images.
     pub fn normalized(mut self, norm: &Normalize) -> Result<Self> {
         norm.check(self.ds.channels)?;

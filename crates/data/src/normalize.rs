@@ -1,4 +1,4 @@
-//! Input standardisation: pixels scaled to [0, 1], then (x - mean[c]) / std[c] per channel,
+//! Input standardisation: pixels scaled to [0, 1], then `(x - mean[c]) / std[c]` per channel,
 //! as torchvision's `transforms.Normalize(mean, std)`.
 
 use std::fmt;

@@ -98,8 +98,9 @@ pub fn cross_entropy<T: Elem>(logits: &Var<T>, targets: &[usize], label_smoothin
 }
 
 /// [`cross_entropy`] with a weight per class, as PyTorch's `cross_entropy(weight=w,
-/// label_smoothing=ε)` (Keras's `class_weight`): image n counts w[y_n] times, the smoothing term
-/// weighs class c by w[c], and the sum is divided by the batch's total weight sum_n w[y_n].
+/// label_smoothing=ε)` (Keras's `class_weight`): image n counts `w[y_n]` times, the smoothing
+/// term weighs class c by `w[c]`, and the sum is divided by the batch's total weight
+/// `sum_n w[y_n]`.
 /// Weights must be finite and >= 0, one per class, with a positive total for the batch.
 pub fn weighted_cross_entropy<T: Elem>(logits: &Var<T>, targets: &[usize], weight: &[f64], label_smoothing: f64) -> Result<Var<T>> {
     if !(0.0..=1.0).contains(&label_smoothing) {
