@@ -47,7 +47,8 @@ pub struct TrainArgs {
     #[arg(long)]
     weight_decay: Option<f64>,
     /// Augmentation of training images: `auto` (none for the MNIST family, where it did not
-    /// pay in the default epochs), `none`, or a list such as `hflip,crop4,rotate10,erase0.5`.
+    /// pay in the default epochs), `none`, or a list such as `hflip,crop4,rotate10,erase0.5`;
+    /// for photographs `resizedcrop0.35,hflip,jitter0.4` (RandomResizedCrop, ColorJitter).
     #[arg(long, default_value = "auto")]
     augment: String,
     /// Input standardisation after scaling pixels to [0, 1]: `data` (each channel's mean and

@@ -1,5 +1,5 @@
-//! Seeded data augmentation on byte images [C, H, W]: flips, random crop with padding
-//! (translation), small rotations, random erasing.
+//! Seeded data augmentation on byte images [C, H, W]: random resized crops, flips, random
+//! crop with padding (translation), small rotations, colour jitter, random erasing.
 
 use stride_tensor::Rng;
 
@@ -16,6 +16,13 @@ pub struct Augment {
     pub rotate_deg: f64,
     /// With this probability, blank a random rectangle of 2%-33% of the image (aspect 0.3-3.3).
     pub erase_p: f64,
+    /// Random resized crop (torchvision's `RandomResizedCrop(scale=(s, 1))`): a box of a
+    /// uniform share in [s, 1] of the area and an aspect ratio in [3/4, 4/3] (log-uniform),
+    /// resized back to the image's size (bilinear). 0 turns it off.
+    pub resized_crop: f64,
+    /// Colour jitter (torchvision's `ColorJitter(b, b, b)`): brightness, contrast and (for
+    /// colour images) saturation each scaled by a uniform factor in [1 - b, 1 + b].
+    pub jitter: f64,
 }
 
 impl Augment {
@@ -24,7 +31,7 @@ impl Augment {
     }
 
     /// Parses a comma-separated list: `hflip`, `vflip`, `crop<N>`, `rotate<DEG>`, `erase<P>`,
-    /// or `none`.
+    /// `resizedcrop<S>`, `jitter<B>`, or `none`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut a = Augment::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -47,13 +54,29 @@ impl Augment {
                         return Err(format!("augmentation '{item}': the angle must be from 0 to 180 degrees"));
                     }
                 }
+                _ if item.starts_with("resizedcrop") => {
+                    a.resized_crop = num("resizedcrop")?;
+                    if !(a.resized_crop > 0.0 && a.resized_crop <= 1.0) {
+                        return Err(format!("augmentation '{item}': the smallest share of the area must be in (0, 1], such as 0.35"));
+                    }
+                }
+                _ if item.starts_with("jitter") => {
+                    a.jitter = num("jitter")?;
+                    if !(0.0..1.0).contains(&a.jitter) {
+                        return Err(format!("augmentation '{item}': the jitter must be in [0, 1), such as 0.4"));
+                    }
+                }
                 _ if item.starts_with("erase") => {
                     a.erase_p = num("erase")?;
                     if !(0.0..=1.0).contains(&a.erase_p) {
                         return Err(format!("augmentation '{item}': the probability must be from 0 to 1"));
                     }
                 }
-                _ => return Err(format!("unknown augmentation '{item}' (known: hflip, vflip, crop<N>, rotate<DEG>, erase<P>, none)")),
+                _ => {
+                    return Err(format!(
+                        "unknown augmentation '{item}' (known: hflip, vflip, crop<N>, rotate<DEG>, erase<P>, resizedcrop<S>, jitter<B>, none)"
+                    ))
+                }
             }
         }
         Ok(a)
@@ -61,6 +84,14 @@ impl Augment {
 
     /// Writes the augmented copy of `img` ([c, h, w] bytes) into `out`.
     pub fn apply(&self, img: &[u8], c: usize, h: usize, w: usize, rng: &mut Rng, out: &mut [u8]) {
+        // The resized crop first: the other steps read from it.
+        let cropped;
+        let img = if self.resized_crop > 0.0 {
+            cropped = resized_crop(img, c, h, w, self.resized_crop, rng);
+            &cropped[..]
+        } else {
+            img
+        };
         let flip_h = self.hflip && rng.uniform01() < 0.5;
         let flip_v = self.vflip && rng.uniform01() < 0.5;
         let (dy, dx) = if self.crop_pad > 0 {
@@ -93,6 +124,9 @@ impl Augment {
                 }
             }
         }
+        if self.jitter > 0.0 {
+            jitter(out, c, h * w, self.jitter, rng);
+        }
         if self.erase_p > 0.0 && rng.uniform01() < self.erase_p {
             let area = (h * w) as f64 * (0.02 + rng.uniform01() * 0.31);
             let aspect = (0.3f64.ln() + rng.uniform01() * (3.3f64.ln() - 0.3f64.ln())).exp();
@@ -105,6 +139,71 @@ impl Augment {
                 }
             }
         }
+    }
+}
+
+/// A box of a uniform share in [`min_share`, 1] of the area with a log-uniform aspect ratio in
+/// [3/4, 4/3], at a uniform place, resized to h x w by bilinear sampling. After ten boxes that
+/// do not fit, the whole image (torchvision's fallback is a centre crop of the nearest aspect
+/// ratio; for the image's own ratio, the whole image).
+fn resized_crop(img: &[u8], c: usize, h: usize, w: usize, min_share: f64, rng: &mut Rng) -> Vec<u8> {
+    let area = (h * w) as f64;
+    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    let mut chosen = (0.0, 0.0, h as f64, w as f64);
+    for _ in 0..10 {
+        let target = area * (min_share + rng.uniform01() * (1.0 - min_share));
+        let ratio = (lo + rng.uniform01() * (hi - lo)).exp();
+        let (bw, bh) = ((target * ratio).sqrt().round(), (target / ratio).sqrt().round());
+        if bw >= 1.0 && bh >= 1.0 && bw <= w as f64 && bh <= h as f64 {
+            let y0 = rng.below(h - bh as usize + 1) as f64;
+            let x0 = rng.below(w - bw as usize + 1) as f64;
+            chosen = (y0, x0, bh, bw);
+            break;
+        }
+    }
+    let (y0, x0, bh, bw) = chosen;
+    let mut out = vec![0u8; c * h * w];
+    for y in 0..h {
+        // The centre of output pixel y in the box's coordinates (half-pixel centres, as
+        // torchvision's antialias-free bilinear resize).
+        let sy = (y0 + (y as f64 + 0.5) * bh / h as f64 - 0.5).clamp(0.0, h as f64 - 1.0);
+        let (y1, fy) = (sy.floor() as usize, sy.fract());
+        let y2 = (y1 + 1).min(h - 1);
+        for x in 0..w {
+            let sx = (x0 + (x as f64 + 0.5) * bw / w as f64 - 0.5).clamp(0.0, w as f64 - 1.0);
+            let (x1, fx) = (sx.floor() as usize, sx.fract());
+            let x2 = (x1 + 1).min(w - 1);
+            for ch in 0..c {
+                let p = |yy: usize, xx: usize| img[(ch * h + yy) * w + xx] as f64;
+                let top = p(y1, x1) * (1.0 - fx) + p(y1, x2) * fx;
+                let bottom = p(y2, x1) * (1.0 - fx) + p(y2, x2) * fx;
+                out[(ch * h + y) * w + x] = (top * (1.0 - fy) + bottom * fy).round() as u8;
+            }
+        }
+    }
+    out
+}
+
+/// Brightness, contrast and (with three channels) saturation, each by a uniform factor in
+/// [1 - b, 1 + b], in that order, clamped to bytes.
+fn jitter(img: &mut [u8], c: usize, plane: usize, b: f64, rng: &mut Rng) {
+    let mut factor = || 1.0 - b + 2.0 * b * rng.uniform01();
+    let (brightness, contrast, saturation) = (factor(), factor(), factor());
+    let mut v: Vec<f64> = img.iter().map(|&p| p as f64 * brightness).collect();
+    // Contrast blends with the mean grey level (of the luma, for colour images).
+    let grey = |v: &[f64], i: usize| if c == 3 { 0.299 * v[i] + 0.587 * v[plane + i] + 0.114 * v[2 * plane + i] } else { v[i] };
+    let mean = (0..plane).map(|i| grey(&v, i)).sum::<f64>() / plane.max(1) as f64;
+    v.iter_mut().for_each(|p| *p = mean + (*p - mean) * contrast);
+    if c == 3 {
+        for i in 0..plane {
+            let g = grey(&v, i);
+            for ch in 0..3 {
+                v[ch * plane + i] = g + (v[ch * plane + i] - g) * saturation;
+            }
+        }
+    }
+    for (p, x) in img.iter_mut().zip(v) {
+        *p = x.round().clamp(0.0, 255.0) as u8;
     }
 }
 
@@ -158,6 +257,72 @@ mod tests {
             Augment { hflip: true, crop_pad: 4, rotate_deg: 10.0, erase_p: 0.5, ..Augment::default() }
         );
         assert!(Augment::parse("shear").unwrap_err().contains("unknown augmentation 'shear'"));
+        assert_eq!(Augment::parse("resizedcrop0.35,jitter0.4").unwrap(), Augment { resized_crop: 0.35, jitter: 0.4, ..Augment::default() });
+        assert!(Augment::parse("resizedcrop0").is_err() && Augment::parse("resizedcrop1.5").is_err() && Augment::parse("jitter1").is_err());
         assert!(Augment::parse("erase2").is_err() && Augment::parse("cropx").is_err());
+    }
+
+    #[test]
+    fn resized_crops_zoom_in_and_keep_the_values_between_their_neighbours() {
+        // A horizontal ramp, 3 channels of 16x16.
+        let (c, h, w) = (3, 16, 16);
+        let ramp: Vec<u8> = (0..c * h * w).map(|i| ((i % w) * 16) as u8).collect();
+        let a = Augment { resized_crop: 0.25, ..Augment::default() };
+        let mut zoomed = 0;
+        for seed in 0..20 {
+            let mut out = vec![0; c * h * w];
+            a.apply(&ramp, c, h, w, &mut Rng::seed(seed), &mut out);
+            for row in out.chunks_exact(w) {
+                // Still a ramp, non-decreasing along x, within the source's range.
+                assert!(row.windows(2).all(|p| p[0] <= p[1]) && row.iter().all(|&v| v <= 240), "{row:?}");
+            }
+            // A box narrower than the image stretches the ramp: a smaller step from pixel to pixel.
+            zoomed += usize::from(out[w - 1] - out[0] < 240);
+            let mut again = vec![0; c * h * w];
+            a.apply(&ramp, c, h, w, &mut Rng::seed(seed), &mut again);
+            assert_eq!(out, again, "seeded");
+        }
+        assert!(zoomed >= 15, "{zoomed} of 20 crops zoomed in");
+        // The whole area with a square image: only the whole image fits, unchanged.
+        let whole = Augment { resized_crop: 1.0, ..Augment::default() };
+        let mut out = vec![0; c * h * w];
+        whole.apply(&ramp, c, h, w, &mut Rng::seed(1), &mut out);
+        assert_eq!(out, ramp);
+    }
+
+    #[test]
+    fn jitter_scales_brightness_contrast_and_saturation_within_bounds() {
+        let (c, plane) = (3, 4);
+        let img: Vec<u8> = vec![10, 200, 120, 60, 30, 180, 120, 90, 250, 20, 120, 30];
+        let a = Augment { jitter: 0.5, ..Augment::default() };
+        let mut seen_change = false;
+        for seed in 0..10 {
+            let mut out = vec![0; 12];
+            a.apply(&img, c, 2, 2, &mut Rng::seed(seed), &mut out);
+            seen_change |= out != img;
+            // Reference: the same three factors, drawn in the same order.
+            let mut rng = Rng::seed(seed);
+            let f: Vec<f64> = (0..3).map(|_| 0.5 + rng.uniform01()).collect();
+            let b: Vec<f64> = img.iter().map(|&p| p as f64 * f[0]).collect();
+            let grey = |v: &[f64], i: usize| 0.299 * v[i] + 0.587 * v[plane + i] + 0.114 * v[2 * plane + i];
+            let mean = (0..plane).map(|i| grey(&b, i)).sum::<f64>() / plane as f64;
+            let ct: Vec<f64> = b.iter().map(|p| mean + (p - mean) * f[1]).collect();
+            let mut want = ct.clone();
+            for i in 0..plane {
+                let g = grey(&ct, i);
+                for ch in 0..3 {
+                    want[ch * plane + i] = g + (ct[ch * plane + i] - g) * f[2];
+                }
+            }
+            for (o, w) in out.iter().zip(&want) {
+                assert_eq!(*o, w.round().clamp(0.0, 255.0) as u8, "seed {seed}: {out:?} vs {want:?}");
+            }
+        }
+        assert!(seen_change);
+        // A grey image keeps its grey under contrast and saturation: only brightness moves it.
+        let flat = vec![100u8; 4];
+        let mut out = vec![0; 4];
+        a.apply(&flat, 1, 2, 2, &mut Rng::seed(3), &mut out);
+        assert!(out.iter().all(|&v| v == out[0]), "{out:?}");
     }
 }
