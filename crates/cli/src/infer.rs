@@ -28,6 +28,10 @@ pub struct EvalArgs {
     /// torchvision's weights). Default: what the weights' header records, else `data`.
     #[arg(long, value_name = "HOW", value_parser = crate::train::parse_normalize)]
     normalize: Option<stride_train::Standardize>,
+    /// One JSON object instead of text: loss, accuracy, top5, macro_f1, per_class (precision,
+    /// recall, f1, images, name) and confusion (rows: true class).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -139,6 +143,23 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         (Some(stride_train::Standardize::TrainingImages) | None, _) => Normalize::of(t),
     };
     let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, &norm)?;
+    if a.json {
+        let per_class: Vec<serde_json::Value> = ev
+            .per_class()
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                let name = data.class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
+                serde_json::json!({"name": name, "precision": s.precision, "recall": s.recall, "f1": s.f1, "images": s.images})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "model": a.model, "data": data.name, "images": data.test.len(), "loss": ev.loss, "accuracy": ev.accuracy,
+            "top5": ev.top5, "macro_f1": ev.macro_f1(), "per_class": per_class, "confusion": ev.confusion,
+        });
+        println!("{out}");
+        return Ok(());
+    }
     println!("{} on the {} test images of {}: loss {:.4}", a.model, data.test.len(), data.name, ev.loss);
     // As scikit-learn's classification_report: recall is the class's accuracy.
     let names: Vec<String> = (0..ev.confusion.len())
@@ -213,6 +234,10 @@ pub struct PredictArgs {
     /// How many of the most likely classes to print per image.
     #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
     top: usize,
+    /// One JSON object per image instead of text: `{"image": PATH, "top": [{"class": NAME,
+    /// "index": I, "probability": P}, ...]}`.
+    #[arg(long)]
+    json: bool,
     /// PNG or JPEG files, or folders of them (their sub-folders too, such as a data set's class
     /// folders).
     #[arg(required = true)]
@@ -351,8 +376,14 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         for (row, (path, _)) in p.data().chunks_exact(k.max(1)).zip(&read) {
             let mut order: Vec<usize> = (0..k).collect();
             order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
-            let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", name(i), row[i])).collect();
-            println!("{}: {}", path.display(), top.join(", "));
+            if a.json {
+                let top: Vec<serde_json::Value> =
+                    order.iter().take(a.top).map(|&i| serde_json::json!({"class": name(i), "index": i, "probability": row[i]})).collect();
+                println!("{}", serde_json::json!({"image": path.to_string_lossy(), "top": top}));
+            } else {
+                let top: Vec<String> = order.iter().take(a.top).map(|&i| format!("{} {:.4}", name(i), row[i])).collect();
+                println!("{}: {}", path.display(), top.join(", "));
+            }
         }
     }
     if unreadable > 0 {

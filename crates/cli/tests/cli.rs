@@ -44,6 +44,14 @@ fn train_then_eval_and_run() {
     assert!(rows[..10].iter().enumerate().all(|(c, r)| r.len() == 5 && r[0] == c.to_string()), "{out}");
     let images: usize = rows[..10].iter().map(|r| r[4].parse::<usize>().unwrap()).sum();
     assert_eq!((rows[10][..2].join(" "), rows[10][5].parse::<usize>().unwrap(), images), ("macro average".to_string(), 2000, 2000), "{out}");
+    // The same as one JSON object.
+    let js = stride(&["eval", "--weights", dir.join("model.safetensors").to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&js)));
+    assert_eq!(format!("test accuracy {:.4}", v["accuracy"].as_f64().unwrap()), last);
+    let cells: u64 = v["confusion"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()).map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!((cells, v["per_class"].as_array().unwrap().len(), v["images"].as_u64()), (2000, 10, Some(2000)));
+    let recall = v["per_class"][3]["recall"].as_f64().unwrap();
+    assert_eq!(format!("{recall:.4}"), rows[3][2], "{out}");
     // run: a tensor in, a tensor out.
     let input = dir.join("x.safetensors");
     let x = stride_autograd::Rng::seed(0).normal::<f32>(&[3, 1, 28, 28], 0.0, 1.0).unwrap();
@@ -207,6 +215,22 @@ fn image_folders_train_and_predict() {
     };
     assert!((prob(lines[0], "square") + prob(lines[0], "circle") - 1.0).abs() < 1e-3, "two classes, probabilities add up: {log}");
     assert!(prob(lines[0], "square") > 0.5 && prob(lines[1], "circle") > 0.5, "easy shapes are learned in 5 epochs: {log}");
+    // JSON lines: the same classes and probabilities.
+    let js = stride(&[
+        "predict",
+        "--model",
+        "cnn-bn",
+        "--weights",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--top",
+        "2",
+        "--json",
+        dir.join("square/05.png").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&js)));
+    assert!(v["image"].as_str().unwrap().ends_with("square/05.png"), "{v}");
+    let square = v["top"].as_array().unwrap().iter().find(|t| t["class"] == "square").unwrap();
+    assert!((square["probability"].as_f64().unwrap() - prob(lines[0], "square")).abs() < 1e-4, "{v} vs {log}");
     // A folder: every image in it, in order, in batches; the same answer as one by one.
     let w = run.join("model.safetensors");
     let folder = stride(&["predict", "--model", "cnn-bn", "--weights", w.to_str().unwrap(), "--top", "2", dir.join("square").to_str().unwrap()]);
