@@ -377,7 +377,12 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             if label_smoothing > 0.0 { format!(", label smoothing {label_smoothing}") } else { String::new() },
             match &a.class_weights {
                 None | Some(ClassWeights::Equal) => String::new(),
-                Some(ClassWeights::Balanced) => ", balanced class weights".into(),
+                Some(ClassWeights::Balanced) => {
+                    // From the images trained on, as the run computes them.
+                    let counts = a.validation_split.map_or_else(|| t.class_counts(), |f| t.training_class_counts(f));
+                    let w = ClassWeights::Balanced.resolve(&counts)?.unwrap_or_default();
+                    format!(", balanced class weights {}", w.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(","))
+                }
                 Some(ClassWeights::Given(w)) => format!(", class weights {}", w.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
             },
             a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),

@@ -91,6 +91,11 @@ impl Dataset {
         self.class_counts().into_iter().map(|n| held_out(n, fraction)).sum()
     }
 
+    /// Images per class that [`split_validation`](Self::split_validation) keeps for training.
+    pub fn training_class_counts(&self, fraction: f64) -> Vec<usize> {
+        self.class_counts().into_iter().map(|n| n - held_out(n, fraction)).collect()
+    }
+
     /// Holds out `fraction` of the images for validation: (the rest, the held-out part). The
     /// same share of every class is held out (rounded, so a class of 9 images at 0.1 gives one),
     /// drawn at random by `seed`, and both parts keep the set's order. A fraction outside

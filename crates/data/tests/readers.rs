@@ -161,6 +161,7 @@ fn a_validation_split_holds_out_each_class_share_by_the_seed() {
     assert_eq!(val.class_counts(), expected);
     assert_eq!(train.len() + val.len(), ds.len());
     assert_eq!(ds.validation_size(0.1), val.len());
+    assert_eq!(ds.training_class_counts(0.1), train.class_counts());
     assert_eq!((train.channels, train.height, train.width, train.classes), (ds.channels, ds.height, ds.width, ds.classes));
     // Every image lands in exactly one part, both parts in the set's order: walking the set once
     // with a cursor in each part meets every image (an image is matched by its pixels and label).

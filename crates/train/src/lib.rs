@@ -92,20 +92,20 @@ pub enum ClassWeights {
 }
 
 impl ClassWeights {
-    /// The weights for `ds`'s classes (`None` when all are equal); an error names what does not
-    /// fit.
-    pub fn resolve(&self, ds: &Dataset) -> Result<Option<Vec<f64>>> {
+    /// The weights for classes with these numbers of training images (`None` when all are
+    /// equal); an error names what does not fit.
+    pub fn resolve(&self, counts: &[usize]) -> Result<Option<Vec<f64>>> {
+        let classes = counts.len();
         match self {
             ClassWeights::Equal => Ok(None),
             ClassWeights::Balanced => {
-                let counts = ds.class_counts();
-                let n = ds.len() as f64;
+                let n = counts.iter().sum::<usize>() as f64;
                 // A class without training images cannot be in a batch; it gets 0.
-                Ok(Some(counts.iter().map(|&k| if k == 0 { 0.0 } else { n / (ds.classes as f64 * k as f64) }).collect()))
+                Ok(Some(counts.iter().map(|&k| if k == 0 { 0.0 } else { n / (classes as f64 * k as f64) }).collect()))
             }
             ClassWeights::Given(w) => {
-                if w.len() != ds.classes {
-                    return Err(TrainError::Config(format!("{} class weights given for the {} classes of the data", w.len(), ds.classes)));
+                if w.len() != classes {
+                    return Err(TrainError::Config(format!("{} class weights given for the {classes} classes of the data", w.len())));
                 }
                 if let Some((k, v)) = w.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
                     return Err(TrainError::Config(format!("class {k}'s weight {v} is not a finite number >= 0")));
@@ -770,7 +770,7 @@ pub fn train(
         }
         None => (data, None),
     };
-    let loss_fn = Loss { label_smoothing: cfg.label_smoothing, class_weights: cfg.class_weights.resolve(&data.train)? };
+    let loss_fn = Loss { label_smoothing: cfg.label_smoothing, class_weights: cfg.class_weights.resolve(&data.train.class_counts())? };
     model.to(cfg.device)?;
     // The parameters this run trains; the frozen ones record nothing until it returns.
     let (params, frozen) = split_frozen(model, &cfg.frozen)?;
