@@ -193,17 +193,15 @@ fn image_folders_train_and_predict() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("5 epochs, batch 8, adamw lr 0.002 weight decay 0.05, cosine schedule"), "cnn-bn's recipe: {}", text(&out));
-    let p = stride(&[
-        "predict",
-        "--model",
-        "cnn-bn",
-        "--weights",
-        run.join("model.safetensors").to_str().unwrap(),
-        "--top",
-        "2",
-        dir.join("square/05.png").to_str().unwrap(),
-        dir.join("circle/07.png").to_str().unwrap(),
-    ]);
+    let weights = run.join("model.safetensors");
+    let predict = |extra: &[&str], images: &[&str]| {
+        let mut args = vec!["predict", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--top", "2"];
+        args.extend_from_slice(extra);
+        let paths: Vec<String> = images.iter().map(|i| dir.join(i).to_str().unwrap().to_string()).collect();
+        args.extend(paths.iter().map(String::as_str));
+        stride(&args)
+    };
+    let p = predict(&[], &["square/05.png", "circle/07.png"]);
     let log = String::from_utf8_lossy(&p.stdout).to_string();
     assert!(p.status.success(), "{}", text(&p));
     let lines: Vec<&str> = log.lines().collect();
@@ -216,24 +214,13 @@ fn image_folders_train_and_predict() {
     assert!((prob(lines[0], "square") + prob(lines[0], "circle") - 1.0).abs() < 1e-3, "two classes, probabilities add up: {log}");
     assert!(prob(lines[0], "square") > 0.5 && prob(lines[1], "circle") > 0.5, "easy shapes are learned in 5 epochs: {log}");
     // JSON lines: the same classes and probabilities.
-    let js = stride(&[
-        "predict",
-        "--model",
-        "cnn-bn",
-        "--weights",
-        run.join("model.safetensors").to_str().unwrap(),
-        "--top",
-        "2",
-        "--json",
-        dir.join("square/05.png").to_str().unwrap(),
-    ]);
+    let js = predict(&["--json"], &["square/05.png"]);
     let v: serde_json::Value = serde_json::from_slice(&js.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&js)));
     assert!(v["image"].as_str().unwrap().ends_with("square/05.png"), "{v}");
     let square = v["top"].as_array().unwrap().iter().find(|t| t["class"] == "square").unwrap();
     assert!((square["probability"].as_f64().unwrap() - prob(lines[0], "square")).abs() < 1e-4, "{v} vs {log}");
     // A folder: every image in it, in order, in batches; the same answer as one by one.
-    let w = run.join("model.safetensors");
-    let folder = stride(&["predict", "--model", "cnn-bn", "--weights", w.to_str().unwrap(), "--top", "2", dir.join("square").to_str().unwrap()]);
+    let folder = predict(&[], &["square"]);
     let log = String::from_utf8_lossy(&folder.stdout).to_string();
     assert!(folder.status.success(), "{}", text(&folder));
     let lines: Vec<&str> = log.lines().collect();
@@ -242,7 +229,7 @@ fn image_folders_train_and_predict() {
     assert_eq!(lines[5].split(": ").nth(1), String::from_utf8_lossy(&p.stdout).lines().next().unwrap().split(": ").nth(1), "{log}");
     // An unreadable image is named, the others still answered, and the run fails.
     std::fs::write(dir.join("square/99.png"), b"not a png").unwrap();
-    let bad = stride(&["predict", "--model", "cnn-bn", "--weights", w.to_str().unwrap(), dir.join("square").to_str().unwrap()]);
+    let bad = predict(&[], &["square"]);
     assert!(!bad.status.success() && text(&bad).contains("99.png: cannot decode the image"), "{}", text(&bad));
     assert!(
         text(&bad).contains("1 of the 31 images could not be read") && String::from_utf8_lossy(&bad.stdout).lines().count() == 30,

@@ -298,66 +298,56 @@ fn synchronised_batch_norm_refuses_a_batch_some_rank_has_no_share_of() {
     two_ranks(Device::Cpu, false, OptimizerKind::Adam, 257).unwrap();
 }
 
-/// With class weights, each rank's loss is its images' share of the batch's weight, so two
-/// ranks take the steps one process takes (the tutorial CNN: no batch statistics per rank).
-#[test]
-fn two_ranks_weigh_classes_as_one_process_does() {
-    let weights = stride_train::ClassWeights::Given(vec![0.2, 5.0, 1.0, 1.0, 0.0, 3.0, 1.0, 1.0, 0.5, 1.0]);
-    let sgd = TrainConfig {
-        optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false },
-        lr: 0.05,
-        class_weights: weights,
-        eager: true,
-        ..cfg(1, None)
-    };
-    let mut alone = common::model(7);
-    train(&mut alone, &small(256, 64), &sgd, false, None, |_| {}).unwrap();
+/// The tutorial CNN (no batch statistics per rank, so two ranks can equal one process) trained
+/// on `images` digits by one process with `alone`, and by two threaded ranks with `on_ranks`
+/// applied to it: (one process's weights, each rank's).
+fn alone_and_on_two_ranks(images: usize, alone: &TrainConfig, on_ranks: fn(TrainConfig) -> TrainConfig) -> (State, Vec<State>) {
+    let mut one = common::model(7);
+    train(&mut one, &small(images, 64), alone, false, None, |_| {}).unwrap();
     let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
-            let (world, sgd) = (world.clone(), sgd.clone());
+            let (world, c) = (world.clone(), alone.clone());
             std::thread::spawn(move || {
                 let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
-                let c = TrainConfig { data_parallel: Some(stride_train::group::DataParallel(group)), ..sgd };
+                let c = on_ranks(TrainConfig { data_parallel: Some(stride_train::group::DataParallel(group)), ..c });
                 let mut model = common::model(7);
-                train(&mut model, &small(256, 64), &c, false, None, |_| {}).unwrap();
+                train(&mut model, &small(images, 64), &c, false, None, |_| {}).unwrap();
                 checkpoint::state_dict(&mut model)
             })
         })
         .collect();
-    let two: Vec<State> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
-    // Measured: 2e-8 at most (sums in another order); with shares by image count, 2e-4.
-    for ((name, a), (_, b)) in checkpoint::state_dict(&mut alone).iter().zip(&two[0]) {
-        let worst = a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0.0, f32::max);
-        assert!(worst < 1e-5, "{name}: two ranks differ from one process by {worst:e}");
+    (checkpoint::state_dict(&mut one), ranks.into_iter().map(|h| h.join().unwrap()).collect())
+}
+
+/// Asserts that every tensor of `a` and `b` agrees within `tol` relative to 1 + |value|.
+fn assert_close_runs(a: &State, b: &State, tol: f32) {
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let worst = x.data().iter().zip(y.data()).map(|(p, q)| (p - q).abs() / (1.0 + p.abs())).fold(0.0, f32::max);
+        assert!(worst < tol, "{name}: two ranks differ from one process by {worst:e}");
     }
+}
+
+fn plain_sgd() -> TrainConfig {
+    TrainConfig { optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, lr: 0.05, eager: true, ..cfg(1, None) }
+}
+
+/// With class weights, each rank's loss is its images' share of the batch's weight, so two
+/// ranks take the steps one process takes.
+#[test]
+fn two_ranks_weigh_classes_as_one_process_does() {
+    let weights = stride_train::ClassWeights::Given(vec![0.2, 5.0, 1.0, 1.0, 0.0, 3.0, 1.0, 1.0, 0.5, 1.0]);
+    let (alone, two) = alone_and_on_two_ranks(256, &TrainConfig { class_weights: weights, ..plain_sgd() }, |c| c);
+    // Measured: 2e-8 at most (sums in another order); with shares by image count, 2e-4.
+    assert_close_runs(&alone, &two[0], 1e-5);
 }
 
 /// Two ranks accumulating two batches of 16 per update take one process's steps on batches of
 /// 32: the gradients are summed across ranks once, in the group's last backward pass.
 #[test]
 fn two_ranks_accumulate_as_one_process_does() {
-    let sgd = TrainConfig { optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, lr: 0.05, eager: true, ..cfg(1, None) };
-    let mut alone = common::model(7);
-    train(&mut alone, &small(330, 64), &sgd, false, None, |_| {}).unwrap();
-    let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let (world, sgd) = (world.clone(), sgd.clone());
-            std::thread::spawn(move || {
-                let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
-                let c = TrainConfig { batch_size: 16, accumulate: 2, data_parallel: Some(stride_train::group::DataParallel(group)), ..sgd };
-                let mut model = common::model(7);
-                train(&mut model, &small(330, 64), &c, false, None, |_| {}).unwrap();
-                checkpoint::state_dict(&mut model)
-            })
-        })
-        .collect();
-    let two: Vec<State> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let (alone, two) = alone_and_on_two_ranks(330, &plain_sgd(), |c| TrainConfig { batch_size: 16, accumulate: 2, ..c });
     assert_eq!(two[0], two[1]);
     // Measured: 2e-8; summing across ranks after every batch (counting the first twice): 2e-3.
-    for ((name, a), (_, b)) in checkpoint::state_dict(&mut alone).iter().zip(&two[0]) {
-        let worst = a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0.0, f32::max);
-        assert!(worst < 1e-5, "{name}: two accumulating ranks differ from one process by {worst:e}");
-    }
+    assert_close_runs(&alone, &two[0], 1e-5);
 }
