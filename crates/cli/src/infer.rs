@@ -305,7 +305,8 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
         None => {
             let s = stride_models::entry(model).map_err(|_| bad("no input_shape in the header, and the model is not from the zoo"))?.input;
             eprintln!(
-                "note: {} has no Stride header; using {model}'s design input {}x{}x{} and {} numbered classes, pixels scaled to [0, 1]",
+                "note: {} has no Stride header; using {model}'s design input {}x{}x{} and {} numbered classes, pixels scaled to [0, 1] \
+                 unless --normalize says otherwise (imagenet for torchvision's weights)",
                 weights.display(),
                 s.channels,
                 s.height,
@@ -327,7 +328,11 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
         Some(w) => load_trained(&a.model, w)?,
         None if a.model.ends_with(".onnx") => {
             let (model, s) = stride_models::onnx_classifier(&a.model)?;
-            eprintln!("note: no --weights header: {} gets pixels scaled to [0, 1], classes numbered 0..{}", a.model, s.classes.saturating_sub(1));
+            eprintln!(
+                "note: no --weights header: {} gets pixels scaled to [0, 1] unless --normalize says otherwise, classes numbered 0..{}",
+                a.model,
+                s.classes.saturating_sub(1)
+            );
             let names = (0..s.classes).map(|i| i.to_string()).collect();
             Trained { model, chw: [s.channels, s.height, s.width], norm: Normalize::identity(), names }
         }
