@@ -116,7 +116,8 @@ pub struct TrainArgs {
     skip_mismatched: bool,
     /// Do not train the parameters under these dotted names (comma-separated, e.g.
     /// `conv1,layer1`; `stride summary MODEL` lists the layers): they keep their values and no
-    /// gradient is computed for them.
+    /// gradient is computed for them; a batch norm among them normalises by its running
+    /// statistics and keeps them (Keras's frozen layers).
     #[arg(long, value_name = "LAYERS", value_delimiter = ',', conflicts_with = "train_only")]
     freeze: Vec<String>,
     /// Train only the parameters under these dotted names (e.g. `fc`, a new classifier on a
