@@ -424,10 +424,18 @@ fn a_pytorch_state_dict_starts_training_and_resized_eval_agrees() {
 #[test]
 fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
     let dir = tmp("validation");
-    let out = stride(&["train", "--epochs", "1", "--validation-split", "0.2", "--keep-best", "--out", dir.to_str().unwrap()]);
+    // With balanced class weights and accumulation, which the header states.
+    let args = ["--validation-split", "0.2", "--keep-best", "--class-weights", "balanced", "--accumulate", "2"];
+    let out = stride(&[&["train", "--epochs", "1", "--out", dir.to_str().unwrap()][..], &args].concat());
     let log = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", text(&out));
     assert!(log.contains("6401 training / 1599 validation / 2000 test images") && log.contains("| val loss "), "{log}");
+    // n / (classes x count) over the 6401 images trained on.
+    let counts = stride_data::embedded_mnist().unwrap().train.training_class_counts(0.2);
+    let weights: Vec<String> = counts.iter().map(|&k| format!("{:.3}", 6401.0 / (10.0 * k as f64))).collect();
+    let header =
+        format!("1 epoch, batch 64 x 2 accumulated per update, adam lr 0.002, cosine schedule, balanced class weights {}", weights.join(","));
+    assert!(log.contains(&header), "{header}\n{log}");
     assert!(log.contains("validation accuracy ") && log.contains("best epoch 1: validation loss "), "{log}");
     // The test figures at the end are what `stride eval` gives for the weights they name.
     let eval_line = |file: &str| {
