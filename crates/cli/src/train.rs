@@ -82,6 +82,11 @@ pub struct TrainArgs {
     /// in best.safetensors.
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     early_stop: Option<usize>,
+    /// What picks the best epoch for --early-stop and --keep-best: the held-out loss (lower is
+    /// better), accuracy or macro-averaged F1 (higher is better; F1 weighs every class the same,
+    /// for imbalanced data). Keras's `monitor`.
+    #[arg(long, value_enum, default_value = "loss")]
+    monitor: Watch,
     /// Keep the weights of the epoch with the lowest held-out loss in best.safetensors
     /// (model.safetensors holds the last epoch's).
     #[arg(long)]
@@ -158,6 +163,23 @@ enum Sched {
     Onecycle,
     /// Divide by 10 when the held-out loss (validation or test) has not improved for 2 epochs.
     Plateau,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Watch {
+    Loss,
+    Accuracy,
+    F1,
+}
+
+impl Watch {
+    fn monitor(self) -> stride_train::Monitor {
+        match self {
+            Watch::Loss => stride_train::Monitor::Loss,
+            Watch::Accuracy => stride_train::Monitor::Accuracy,
+            Watch::F1 => stride_train::Monitor::MacroF1,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -347,6 +369,9 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     // The set each epoch is judged on, and how many training images a split holds out.
     let held_out = if a.validation_split.is_some() { "validation" } else { "test" };
+    // What the best epoch is chosen by: "lower validation loss", "higher test accuracy".
+    let monitor = a.monitor.monitor();
+    let better = format!("{} {held_out} {}", if monitor == stride_train::Monitor::Loss { "lower" } else { "higher" }, monitor.name());
     let held = a.validation_split.map_or(0, |f| t.validation_size(f));
     if root {
         println!(
@@ -386,7 +411,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
                 }
                 Some(ClassWeights::Given(w)) => format!(", class weights {}", w.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
             },
-            a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a lower {held_out} loss", epochs_text(n))),
+            a.early_stop.map_or_else(String::new, |n| format!(", early stopping after {} without a {better}", epochs_text(n))),
             match &normalize {
                 Standardize::TrainingImages => String::new(),
                 Standardize::Fixed(n) if *n == stride_data::Normalize::identity() => ", inputs only scaled to [0, 1]".into(),
@@ -423,6 +448,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         augment,
         clip_grad_norm: a.clip_grad_norm,
         early_stopping: a.early_stop,
+        monitor,
         keep_best: a.keep_best,
         validation_split: a.validation_split,
         frozen,
@@ -475,7 +501,8 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         let file = out.join(stride_train::BEST_WEIGHTS);
         let kept = if file.exists() { format!("its weights: {}", file.display()) } else { "its weights were not kept (no --keep-best then)".into() };
         let on_test = outcome.best_test.as_ref().map_or_else(String::new, |t| format!(" (test accuracy {:.4})", t.accuracy));
-        println!("best epoch {}: {held_out} loss {:.4} acc {:.4}; {kept}{on_test}", b.epoch, b.loss, b.accuracy)
+        let f1 = if monitor == stride_train::Monitor::MacroF1 { format!(" macro F1 {:.4}", b.macro_f1) } else { String::new() };
+        println!("best epoch {}: {held_out} loss {:.4} acc {:.4}{f1}; {kept}{on_test}", b.epoch, b.loss, b.accuracy)
     };
     // The last line states the test accuracy of the last epoch's weights: measured at the end
     // with a validation split.
@@ -501,9 +528,9 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         return Ok(());
     };
     if let (Some(e), Some(b)) = (outcome.stopped_early, outcome.best) {
-        println!("stopped early after epoch {e}: no lower {held_out} loss in the {} since epoch {}", epochs_text(e - b.epoch), b.epoch);
+        println!("stopped early after epoch {e}: no {better} in the {} since epoch {}", epochs_text(e - b.epoch), b.epoch);
     } else if let Some(e) = outcome.stopped_early {
-        println!("stopped early after epoch {e}: no finite {held_out} loss in {}", epochs_text(e));
+        println!("stopped early after epoch {e}: no finite {held_out} {} in {}", monitor.name(), epochs_text(e));
     }
     println!("wrote {} and {}", out.join("metrics.csv").display(), out.join("model.safetensors").display());
     if let Some(b) = outcome.best.as_ref().filter(|_| cfg.keep_best || cfg.early_stopping.is_some()) {

@@ -136,7 +136,7 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 25] = [
+    let cases: [(&[&str], &str); 26] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
         (&["vae", "--epochs", "0"], "'0' is not a whole number of at least 1"),
@@ -147,6 +147,7 @@ fn bad_input_is_a_clear_error() {
         (&["train", "--clip-grad-norm=-1"], "'-1' is not a gradient norm: give a number > 0"),
         (&["train", "--class-weights", "1,x"], "'x' is not a class weight: give balanced, or numbers >= 0 such as 1,4,1"),
         (&["train", "--class-weights", "1,2", "--out", "/tmp/stride-never-written"], "2 class weights given for the 10 classes"),
+        (&["train", "--monitor", "precision"], "invalid value 'precision' for '--monitor"),
         (&["train", "--epochs", "2", "--warmup", "2"], "--warmup 2 leaves none of the 2 epochs for the schedule"),
         (&["train", "--normalize", "0.5"], "'0.5' is not a standardisation: give imagenet, none or MEAN,...:STD,..."),
         (&["eval", "--weights", "x", "--normalize", "1:2:3"], "'2:3' is not a number"),
@@ -425,7 +426,7 @@ fn a_pytorch_state_dict_starts_training_and_resized_eval_agrees() {
 fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
     let dir = tmp("validation");
     // With balanced class weights and accumulation, which the header states.
-    let args = ["--validation-split", "0.2", "--keep-best", "--class-weights", "balanced", "--accumulate", "2"];
+    let args = ["--validation-split", "0.2", "--keep-best", "--class-weights", "balanced", "--accumulate", "2", "--monitor", "f1"];
     let out = stride(&[&["train", "--epochs", "1", "--out", dir.to_str().unwrap()][..], &args].concat());
     let log = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", text(&out));
@@ -437,6 +438,7 @@ fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
         format!("1 epoch, batch 64 x 2 accumulated per update, adam lr 0.002, cosine schedule, balanced class weights {}", weights.join(","));
     assert!(log.contains(&header), "{header}\n{log}");
     assert!(log.contains("validation accuracy ") && log.contains("best epoch 1: validation loss "), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("best epoch 1: ") && l.contains(" macro F1 0.")), "the figure it was chosen by: {log}");
     // The test figures at the end are what `stride eval` gives for the weights they name.
     let eval_line = |file: &str| {
         let ev = stride(&["eval", "--weights", dir.join(file).to_str().unwrap()]);

@@ -180,12 +180,15 @@ pub struct TrainConfig {
     /// Scale gradients so their global L2 norm is at most this (no clipping when `None`).
     pub clip_grad_norm: Option<f64>,
     /// Early stopping (Keras's `EarlyStopping(monitor="val_loss", patience=N)`): end the run
-    /// after the epoch that makes N in a row without a lower held-out loss than the best so far.
-    /// The best epoch's weights are kept as with `keep_best`.
+    /// after the epoch that makes N in a row without a better held-out figure ([`Monitor`])
+    /// than the best so far. The best epoch's weights are kept as with `keep_best`.
     pub early_stopping: Option<usize>,
-    /// Keep the weights of the epoch with the lowest held-out loss in best.safetensors beside
+    /// Keep the weights of the epoch with the best held-out figure in best.safetensors beside
     /// model.safetensors (which always holds the last epoch's).
     pub keep_best: bool,
+    /// Which held-out figure picks the best epoch for `keep_best` and `early_stopping`
+    /// (Keras's `monitor`). Reduce-on-plateau follows the loss.
+    pub monitor: Monitor,
     /// Hold out this fraction of the training set (each class's share, drawn by `seed`) and
     /// evaluate on it after every epoch instead of on the test set: the held-out set that
     /// early stopping, `keep_best`, reduce-on-plateau and metrics.csv (`val_loss`,
@@ -254,6 +257,7 @@ impl Default for TrainConfig {
             augment: Augment::default(),
             clip_grad_norm: None,
             early_stopping: None,
+            monitor: Monitor::Loss,
             keep_best: false,
             validation_split: None,
             frozen: Vec::new(),
@@ -535,6 +539,7 @@ fn save_checkpoint(
         ("frozen", cfg.frozen.join(",")),
         ("normalize", cfg.normalize.tag()),
         ("accumulate", cfg.accumulate.to_string()),
+        ("monitor", cfg.monitor.name().to_string()),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -607,6 +612,11 @@ fn restore(
     if had != has {
         return Err(bad(&format!("was written standardising inputs by {had}, this run by {has}")));
     }
+    // The best epoch so far was chosen by it; an older checkpoint monitored the loss.
+    let (had, has) = (meta.get("monitor").map_or("loss", String::as_str), cfg.monitor.name());
+    if had != has {
+        return Err(bad(&format!("was written picking the best epoch by {had}, this run by {has}")));
+    }
     // Where an update's group of batches starts depends on it; an older checkpoint had 1.
     let (had, has) = (meta.get("accumulate").map_or("1", String::as_str), cfg.accumulate.to_string());
     if had != has {
@@ -673,12 +683,47 @@ pub struct Outcome {
     pub best_test: Option<Evaluation>,
 }
 
-/// The epoch with the lowest held-out loss (validation, else test), that loss and its accuracy.
+/// The epoch with the best held-out figure (validation, else test) by [`TrainConfig::monitor`],
+/// and its figures.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Best {
     pub epoch: usize,
     pub loss: f64,
     pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// The held-out figure that picks the best epoch (Keras's `monitor`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Monitor {
+    /// The loss, lower is better (Keras's `"val_loss"`).
+    #[default]
+    Loss,
+    /// The accuracy, higher is better (`"val_accuracy"`); a tie is no improvement.
+    Accuracy,
+    /// The macro-averaged F1 ([`Evaluation::macro_f1`]), higher is better: every class counts
+    /// the same, for imbalanced data.
+    MacroF1,
+}
+
+impl Monitor {
+    /// The figure as a cost: lower is better.
+    fn cost(self, loss: f64, accuracy: f64, macro_f1: f64) -> f64 {
+        match self {
+            Monitor::Loss => loss,
+            Monitor::Accuracy => -accuracy,
+            Monitor::MacroF1 => -macro_f1,
+        }
+    }
+
+    /// "loss", "accuracy" or "macro F1".
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::Loss => "loss",
+            Monitor::Accuracy => "accuracy",
+            Monitor::MacroF1 => "macro F1",
+        }
+    }
 }
 
 /// The weights of the best epoch, beside model.safetensors (`keep_best`, `early_stopping`).
@@ -693,12 +738,14 @@ struct Progress {
 }
 
 impl Progress {
-    /// Takes an epoch's held-out result; whether it is the new best. A loss that is not finite
-    /// never is.
-    fn record(&mut self, epoch: usize, loss: f64, accuracy: f64) -> bool {
-        let better = loss.is_finite() && self.best.is_none_or(|b| loss < b.loss);
+    /// Takes an epoch's held-out result; whether it is the new best by `monitor`. A figure that
+    /// is not finite never is.
+    fn record(&mut self, epoch: usize, e: &Evaluation, monitor: Monitor) -> bool {
+        let macro_f1 = e.macro_f1();
+        let cost = monitor.cost(e.loss, e.accuracy, macro_f1);
+        let better = cost.is_finite() && self.best.is_none_or(|b| cost < monitor.cost(b.loss, b.accuracy, b.macro_f1));
         if better {
-            *self = Progress { best: Some(Best { epoch, loss, accuracy }), stale: 0 };
+            *self = Progress { best: Some(Best { epoch, loss: e.loss, accuracy: e.accuracy, macro_f1 }), stale: 0 };
         } else {
             self.stale += 1;
         }
@@ -714,7 +761,12 @@ impl Progress {
     fn to_meta(self) -> Vec<(&'static str, String)> {
         let mut out = vec![("stale_epochs", self.stale.to_string())];
         if let Some(b) = self.best {
-            out.extend([("best_epoch", b.epoch.to_string()), ("best_loss", format!("{:e}", b.loss)), ("best_accuracy", format!("{:e}", b.accuracy))]);
+            out.extend([
+                ("best_epoch", b.epoch.to_string()),
+                ("best_loss", format!("{:e}", b.loss)),
+                ("best_accuracy", format!("{:e}", b.accuracy)),
+                ("best_macro_f1", format!("{:e}", b.macro_f1)),
+            ]);
         }
         out
     }
@@ -725,7 +777,10 @@ impl Progress {
         let best = match meta.get("best_epoch") {
             None => None,
             Some(e) => {
-                Some(Best { epoch: e.parse().ok()?, loss: meta.get("best_loss")?.parse().ok()?, accuracy: meta.get("best_accuracy")?.parse().ok()? })
+                // A checkpoint of an older Stride has no F1; it monitored the loss.
+                let macro_f1 = meta.get("best_macro_f1").map_or(Some(0.0), |v| v.parse().ok())?;
+                let (loss, accuracy) = (meta.get("best_loss")?.parse().ok()?, meta.get("best_accuracy")?.parse().ok()?);
+                Some(Best { epoch: e.parse().ok()?, loss, accuracy, macro_f1 })
             }
         };
         Some(Progress { best, stale })
@@ -1061,7 +1116,7 @@ pub fn train(
         if let Some(p) = plateau.as_mut() {
             plateau_lr = p.step(test.loss, plateau_lr);
         }
-        let new_best = progress.record(epoch, test.loss, test.accuracy);
+        let new_best = progress.record(epoch, &test, cfg.monitor);
         // Every rank stops where rank 0 does (their held-out losses agree unless their arithmetic
         // differs, and a rank that stopped alone would leave the others waiting).
         let mut stop_early = epoch < cfg.epochs && progress.exhausted(cfg.early_stopping);

@@ -432,6 +432,41 @@ fn accumulated_batches_update_as_one_larger_batch() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// With another monitor the best epoch is the first with the highest accuracy (or macro F1),
+/// whatever its loss; early stopping counts from it; a resume must monitor the same.
+#[test]
+fn the_best_epoch_can_be_chosen_by_accuracy_or_macro_f1() {
+    use stride_train::Monitor;
+    let data = small(96, 160);
+    for monitor in [Monitor::Accuracy, Monitor::MacroF1] {
+        let dir = tmp("monitor");
+        let c = TrainConfig { early_stopping: Some(3), monitor, ..cfg(30, Some(dir.clone())) };
+        let run = train(&mut model(1), &data, &c, false, None, |_| {}).unwrap();
+        let figure = |e: &stride_train::Evaluation| if monitor == Monitor::Accuracy { e.accuracy } else { e.macro_f1() };
+        let figures: Vec<f64> = run.reports.iter().map(|r| figure(&r.test)).collect();
+        let top = figures.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let first = figures.iter().position(|&f| f == top).unwrap() + 1;
+        let best = run.best.unwrap();
+        assert_eq!(best.epoch, first, "{monitor:?}: {figures:?}");
+        // Here the most accurate epoch (4 of this seed) is not the one of lowest loss (7).
+        let losses: Vec<f64> = run.reports.iter().map(|r| r.test.loss).collect();
+        let lowest = losses.iter().position(|&l| l == losses.iter().copied().fold(f64::INFINITY, f64::min)).unwrap() + 1;
+        assert!(monitor != Monitor::Accuracy || lowest != first, "{losses:?} {figures:?}");
+        assert_eq!((best.accuracy, best.macro_f1), (run.reports[first - 1].test.accuracy, run.reports[first - 1].test.macro_f1()));
+        if let Some(stop) = run.stopped_early {
+            assert_eq!(stop, first + 3, "{monitor:?}: {figures:?}");
+        }
+        // The kept weights give that epoch's figures.
+        let mut kept = model(0);
+        checkpoint::load_into(&mut kept, &checkpoint::load(&dir.join("best.safetensors")).unwrap()).unwrap();
+        let norm = stride_data::Normalize::of(&data.train);
+        assert_eq!(figure(&stride_train::evaluate(&mut kept, &data.test, stride_train::EVAL_BATCH, &norm).unwrap()), top);
+        let e = train(&mut model(1), &data, &TrainConfig { monitor: Monitor::Loss, ..c.clone() }, true, None, |_| {}).unwrap_err().to_string();
+        assert!(e.contains(&format!("was written picking the best epoch by {}, this run by loss", monitor.name())), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 #[test]
 fn per_class_scores_are_scikit_learns() {
     // 3 classes; class 2 is never predicted and class 1 has no images.
