@@ -439,6 +439,17 @@ fn a_validation_split_judges_epochs_and_tests_once_at_the_end() {
     assert!(log.contains(&header), "{header}\n{log}");
     assert!(log.contains("validation accuracy ") && log.contains("best epoch 1: validation loss "), "{log}");
     assert!(log.lines().any(|l| l.starts_with("best epoch 1: ") && l.contains(" macro F1 0.")), "the figure it was chosen by: {log}");
+    // report.html states the choices.
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    for fact in [
+        "batch 64 x 2 accumulated per update",
+        "standardised by the training images",
+        "cross-entropy, balanced class weights",
+        "best chosen by validation macro F1",
+        "validation macro F1",
+    ] {
+        assert!(html.contains(fact), "{fact}");
+    }
     // The test figures at the end are what `stride eval` gives for the weights they name.
     let eval_line = |file: &str| {
         let ev = stride(&["eval", "--weights", dir.join(file).to_str().unwrap()]);

@@ -449,11 +449,25 @@ fn write_report(
                     ds.width
                 ),
             ),
-            ("optimizer".into(), format!("{:?}, lr {}, weight decay {}, batch {}", cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size)),
-            ("epochs".into(), format!("{} of {}", rows.len(), cfg.epochs)),
+            (
+                "optimizer".into(),
+                format!(
+                    "{:?}, lr {}, weight decay {}, batch {}{}",
+                    cfg.optimizer,
+                    cfg.lr,
+                    cfg.weight_decay,
+                    cfg.batch_size,
+                    if cfg.accumulate > 1 { format!(" x {} accumulated per update", cfg.accumulate) } else { String::new() }
+                ),
+            ),
+            ("inputs".into(), format!("standardised by {}", cfg.normalize.tag())),
+            ("loss".into(), loss_fact(cfg)),
+            ("epochs".into(), format!("{} of {} (best chosen by {held_out} {})", rows.len(), cfg.epochs, cfg.monitor.name())),
             (format!("{held_out} accuracy"), format!("{:.2}%", 100.0 * held.accuracy)),
+            (format!("{held_out} macro F1"), format!("{:.4}", held.macro_f1())),
         ]
         .into_iter()
+        .chain((!cfg.frozen.is_empty()).then(|| ("frozen".to_string(), cfg.frozen.join(", "))))
         .chain(final_test.map(|(_, t)| ("test accuracy (last epoch's weights)".to_string(), format!("{:.2}%", 100.0 * t.accuracy))))
         .collect(),
         charts: vec![
@@ -505,6 +519,20 @@ const WEIGHTS: &str = "model.safetensors";
 
 fn io_err(path: &std::path::Path, e: std::io::Error) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The training loss as report.html states it.
+fn loss_fact(cfg: &TrainConfig) -> String {
+    let mut s = "cross-entropy".to_string();
+    if cfg.label_smoothing > 0.0 {
+        s += &format!(", label smoothing {}", cfg.label_smoothing);
+    }
+    match &cfg.class_weights {
+        ClassWeights::Equal => {}
+        ClassWeights::Balanced => s += ", balanced class weights",
+        ClassWeights::Given(w) => s += &format!(", class weights {}", w.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
+    }
+    s
 }
 
 /// The validation split as a checkpoint records it ("none", or the fraction).
