@@ -180,7 +180,7 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         "macro average",
         mean(|s| s.precision),
         mean(|s| s.recall),
-        ev.macro_f1(),
+        mean(|s| s.f1),
         scores.iter().map(|s| s.images).sum::<usize>()
     );
     println!("confusion matrix (rows: true class, columns: predicted):");
