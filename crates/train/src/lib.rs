@@ -684,12 +684,7 @@ pub fn train(
     }
     // Which gradients travel together between ranks: fixed for the run.
     let plan = group.as_ref().map(|_| group::BucketPlan::new(&params));
-    // Steps through compiled training plans (one per batch shape) where they apply: on the
-    // CPU, one process, the plain loss, no recompute. A network the planner refuses (dropout,
-    // an op without a planned gradient) trains eagerly, as every step does with `eager`.
-    let mut planned =
-        (!cfg.eager && cfg.device.is_cpu() && group.is_none() && segments.is_none() && loss_fn == Loss::default() && cfg.accumulate == 1)
-            .then(stride_nn::planned::TrainPlanned::new);
+    let mut planned = planner(cfg, &loss_fn, segments.is_some(), group.is_some());
     let mut planned_steps = 0;
     let mut ctx = Ctx::train(cfg.seed);
     if let (Some(g), true) = (&group, cfg.sync_bn) {
@@ -786,42 +781,9 @@ pub fn train(
                     (0.0, 0)
                 } else {
                     let x = Var::constant(images.to(cfg.device)?);
-                    let stepped = match planned.as_mut() {
-                        Some(p) => match p.step(model, &x.value(), &labels)? {
-                            Some(lv) => {
-                                let logits =
-                                    p.logits(&x.shape()).ok_or_else(|| stride_autograd::Error::arg("train plan", "a step ran but left no logits"))?;
-                                Some((lv, Var::constant(logits)))
-                            }
-                            None => None,
-                        },
-                        None => None,
-                    };
-                    planned_steps += usize::from(stepped.is_some());
-                    let (lv, logits) = match (&segments, stepped) {
-                        (_, Some(done)) => done,
-                        (Some(seg), None) => recompute::forward_backward(model, &x, &labels, &loss_fn, scale, &mut ctx, seg)?,
-                        (None, None) => {
-                            let logits = model.forward(&x, &mut ctx)?;
-                            let loss = loss_fn.of(&logits, &labels)?;
-                            match overlap.as_mut() {
-                                // Several ranks: each back-propagates its share of the global
-                                // batch's mean loss (so synchronised batch norm sums true
-                                // partials), always, so every rank starts the same sums.
-                                Some(o) => loss.mul_scalar(scale)?.backward_hooked(&mut |leaf| {
-                                    o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string()))
-                                })?,
-                                // Also when the loss is not finite: the step stops below, before
-                                // the optimizer, and the gradients are never used.
-                                None if scale == 1.0 => loss.backward()?,
-                                None => loss.mul_scalar(scale)?.backward()?,
-                            }
-                            // Read once the backward pass is queued: on a GPU a read waits for
-                            // the work before it, and read earlier it would hold the backward
-                            // pass back until the forward pass had run.
-                            (loss.value().item()?, logits)
-                        }
-                    };
+                    let (lv, logits, was_planned) =
+                        forward_backward(model, planned.as_mut(), segments.as_ref(), &x, &labels, &loss_fn, scale, &mut ctx, overlap.as_mut())?;
+                    planned_steps += usize::from(was_planned);
                     (lv, correct(&logits, &labels)?)
                 };
                 if let Some(o) = overlap {
@@ -938,6 +900,61 @@ pub fn train(
         }
     }
     ended.outcome(model, cfg, reports, planned_steps, progress.best, None)
+}
+
+/// Compiled training plans (one per batch shape) for a run's steps where they apply: on the
+/// CPU, one process, the plain loss, one batch per update, no recompute. A network the planner
+/// refuses (dropout, an op without a planned gradient) trains eagerly, as every step does with
+/// `cfg.eager`.
+fn planner(cfg: &TrainConfig, loss_fn: &Loss, recompute: bool, ranks: bool) -> Option<stride_nn::planned::TrainPlanned> {
+    (!cfg.eager && cfg.device.is_cpu() && !ranks && !recompute && *loss_fn == Loss::default() && cfg.accumulate == 1)
+        .then(stride_nn::planned::TrainPlanned::new)
+}
+
+/// One batch's forward and backward pass on `x`, its gradients added to the parameters':
+/// through the compiled training plan where `planned` takes the batch, else in `segments`
+/// (activation recompute), else eagerly, the loss scaled by `scale` and, with `overlap`, each
+/// bucket's sum across ranks started as its gradients finish. Returns the batch's loss
+/// (unscaled), the logits (detached) and whether the plan ran the step.
+#[allow(clippy::too_many_arguments)]
+fn forward_backward(
+    model: &mut dyn Module,
+    planned: Option<&mut stride_nn::planned::TrainPlanned>,
+    segments: Option<&recompute::Segments>,
+    x: &Var,
+    labels: &[usize],
+    loss_fn: &Loss,
+    scale: f64,
+    ctx: &mut Ctx,
+    overlap: Option<&mut group::OverlappedSum>,
+) -> Result<(f32, Var, bool)> {
+    if let Some(p) = planned {
+        if let Some(lv) = p.step(model, &x.value(), labels)? {
+            let logits = p.logits(&x.shape()).ok_or_else(|| stride_autograd::Error::arg("train plan", "a step ran but left no logits"))?;
+            return Ok((lv, Var::constant(logits), true));
+        }
+    }
+    if let Some(seg) = segments {
+        let (lv, logits) = recompute::forward_backward(model, x, labels, loss_fn, scale, ctx, seg)?;
+        return Ok((lv, logits, false));
+    }
+    let logits = model.forward(x, ctx)?;
+    let loss = loss_fn.of(&logits, labels)?;
+    match overlap {
+        // Several ranks: each back-propagates its share of the global batch's mean loss (so
+        // synchronised batch norm sums true partials), always, so every rank starts the same
+        // sums.
+        Some(o) => loss
+            .mul_scalar(scale)?
+            .backward_hooked(&mut |leaf| o.ready(leaf).map_err(|e| stride_autograd::Error::arg("all-reduce", e.to_string())))?,
+        // Also when the loss is not finite: the caller stops before the optimizer, and the
+        // gradients are never used.
+        None if scale == 1.0 => loss.backward()?,
+        None => loss.mul_scalar(scale)?.backward()?,
+    }
+    // Read once the backward pass is queued: on a GPU a read waits for the work before it,
+    // and read earlier it would hold the backward pass back until the forward pass had run.
+    Ok((loss.value().item()?, logits, false))
 }
 
 /// How a run that has ended (not one interrupted) reports: with a validation split, rank 0
