@@ -149,6 +149,13 @@ pub struct TrainArgs {
     /// debugging; networks the planner refuses, such as those with dropout, always do).
     #[arg(long)]
     eager: bool,
+    /// Instead of training, run a learning-rate range test (fastai's lr_find): 100 updates with
+    /// the rate rising from 1e-7 to 10 and everything else as this command would train; writes
+    /// lr_find.csv and lr_find.png to the run folder and suggests the rate at which the loss
+    /// fell fastest. The weights are left as they were; --lr, --epochs and the schedule do not
+    /// apply.
+    #[arg(long, conflicts_with_all = ["resume", "sync_bn"])]
+    lr_find: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -389,7 +396,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             out.display()
         );
     }
-    if root {
+    if root && !a.lr_find {
         println!(
             "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}",
             epochs_text(epochs),
@@ -473,6 +480,12 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
             std::process::exit(130);
         }
     });
+    if a.lr_find {
+        if group.is_some() {
+            return Err("the learning-rate range test runs in one process; run `stride train --lr-find` without mpirun".into());
+        }
+        return range_test(&mut model, &data, &cfg, &out, &stop);
+    }
     let started = std::time::Instant::now();
     let outcome = stride_train::train(&mut model, &data, &cfg, a.resume, Some(&stop), |r| {
         if !root {
@@ -543,6 +556,58 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         }
         None => test_line(last.test.accuracy),
     }
+    Ok(())
+}
+
+/// `stride train --lr-find`: the range test on the images the run would train on, its files,
+/// and what it suggests.
+fn range_test(
+    model: &mut dyn Module,
+    data: &stride_data::Split,
+    cfg: &TrainConfig,
+    out: &std::path::Path,
+    stop: &AtomicBool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let find = stride_train::LrFind::default();
+    let held;
+    let images = match cfg.validation_split {
+        Some(f) => {
+            held = data.train.split_validation(f, cfg.seed)?.0;
+            &held
+        }
+        None => &data.train,
+    };
+    println!(
+        "learning-rate range test: {} updates of batch {}{} at rates rising from {:e} to {:e} (the weights are restored afterwards)",
+        find.steps,
+        cfg.batch_size,
+        if cfg.accumulate > 1 { format!(" x {}", cfg.accumulate) } else { String::new() },
+        find.start,
+        find.end
+    );
+    let found = stride_train::lr_find(model, images, cfg, &find, Some(stop))?;
+    std::fs::create_dir_all(out)?;
+    let (csv, png) = (out.join("lr_find.csv"), out.join("lr_find.png"));
+    stride_train::checkpoint::write_atomic(&csv, found.to_csv().as_bytes())?;
+    stride_train::curves::plot_lr_find(&found, &png)?;
+    if let Some(last) = found.points.last() {
+        let why = if found.interrupted {
+            "interrupted"
+        } else if found.diverged {
+            "the loss blew up"
+        } else {
+            "the end of the sweep"
+        };
+        println!("{} steps, up to lr {:.1e} ({why})", found.points.len(), last.lr);
+    }
+    if let Some(lr) = found.lowest() {
+        println!("lowest smoothed loss at lr {lr:.1e} (a tenth of it: {:.1e})", lr / 10.0);
+    }
+    match found.steepest() {
+        Some(lr) => println!("steepest fall of the loss at lr {lr:.1e}: suggested --lr {lr:.1e}"),
+        None => println!("no rate at which the loss fell: no suggestion (try a wider sweep, another optimizer or more images)"),
+    }
+    println!("wrote {} and {}", csv.display(), png.display());
     Ok(())
 }
 

@@ -566,3 +566,33 @@ fn training_under_mpirun_without_mpi_support_is_refused() {
     assert!(!log.contains("MPI") && log.contains("not `mnist`, `fashion-mnist` or an existing folder"), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn lr_find_writes_its_sweep_and_suggests_a_rate_without_training() {
+    let dir = tmp("lr-find");
+    let out = stride(&["train", "--lr-find", "--out", dir.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    // "81 steps, up to lr 2.9e-1 (the loss blew up)": as many rows as steps.
+    let steps: usize = log.lines().find_map(|l| l.split_once(" steps, up to lr ")).and_then(|(n, _)| n.parse().ok()).expect("the steps run");
+    let csv = std::fs::read_to_string(dir.join("lr_find.csv")).unwrap();
+    assert_eq!(csv.lines().next(), Some("step,lr,loss,smoothed_loss"));
+    assert_eq!(csv.lines().count(), steps + 1, "{log}");
+    let first: Vec<f64> = csv.lines().nth(1).unwrap().split(',').map(|v| v.parse().unwrap()).collect();
+    assert_eq!(first[..2], [1.0, 1e-7]);
+    let suggested: f64 = log.split("suggested --lr ").nth(1).and_then(|s| s.split_whitespace().next()?.parse().ok()).expect("a suggestion");
+    assert!(csv.lines().skip(1).any(|l| l
+        .split(',')
+        .nth(1)
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(|lr| (lr - suggested).abs() <= 0.05 * lr)));
+    let png = image::open(dir.join("lr_find.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (450, 380));
+    // Nothing was trained or saved as a run.
+    for f in ["model.safetensors", "checkpoint.safetensors", "metrics.csv"] {
+        assert!(!dir.join(f).exists(), "{f} written by a range test");
+    }
+    assert!(!log.contains("schedule"), "the run's epochs and schedule do not apply: {log}");
+    let e = stride(&["train", "--lr-find", "--resume", "--out", dir.to_str().unwrap()]);
+    assert!(!e.status.success() && text(&e).contains("cannot be used with"), "{}", text(&e));
+}

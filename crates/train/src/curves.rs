@@ -11,6 +11,7 @@ const H: usize = 380;
 const BLUE: [u8; 3] = [31, 119, 180];
 const ORANGE: [u8; 3] = [255, 127, 14];
 const GREY: [u8; 3] = [220, 220, 220];
+const PALE_BLUE: [u8; 3] = [174, 199, 232];
 const BLACK: [u8; 3] = [40, 40, 40];
 
 /// 5x7 glyphs, one byte per row, bit 4 = leftmost column.
@@ -31,6 +32,7 @@ fn glyph(c: char) -> [u8; 7] {
         'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
         'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
         'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
+        'g' => [0, 0, 0x0F, 0x11, 0x0F, 0x01, 0x0E],
         'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
         'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
         'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
@@ -49,14 +51,31 @@ fn glyph(c: char) -> [u8; 7] {
 
 struct Canvas {
     px: Vec<u8>,
+    w: usize,
+    h: usize,
 }
 
 impl Canvas {
+    fn new(w: usize, h: usize) -> Self {
+        Canvas { px: vec![255; w * h * 3], w, h }
+    }
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
-            let i = (y as usize * W + x as usize) * 3;
+        if (0..self.w as i64).contains(&x) && (0..self.h as i64).contains(&y) {
+            let i = (y as usize * self.w + x as usize) * 3;
             self.px[i..i + 3].copy_from_slice(&c);
         }
+    }
+    /// The picture as a PNG file, written atomically.
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, self.w as u32, self.h as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+            w.write_image_data(&self.px).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        }
+        write_atomic(path, &bytes)
     }
     /// Text at (x, y) (top-left), scale 2.
     fn text(&mut self, x: i64, y: i64, s: &str, c: [u8; 3]) {
@@ -93,19 +112,44 @@ fn label(v: f64) -> String {
     }
 }
 
-/// One panel: title, frame, gridlines with y labels, x ticks per epoch, and the two series.
-fn panel(cv: &mut Canvas, x0: usize, title: &str, epochs: &[f64], train: &[f64], test: &[f64]) {
+/// A panel's horizontal axis: its name and the ticks to label (position, text).
+struct XAxis<'a> {
+    name: &'a str,
+    ticks: Vec<(f64, String)>,
+}
+
+/// Where a panel drew its plot area, and its horizontal scale.
+struct Frame {
+    left: f64,
+    top: f64,
+    w: f64,
+    h: f64,
+    e0: f64,
+    e1: f64,
+}
+
+impl Frame {
+    /// The pixel column of `e` on the horizontal axis.
+    fn x(&self, e: f64) -> f64 {
+        self.left + (e - self.e0) / (self.e1 - self.e0) * self.w
+    }
+}
+
+/// One panel: title, frame, gridlines with y labels, the x axis's ticks, and the series (each
+/// with its colour) over `xs`.
+fn panel(cv: &mut Canvas, x0: usize, title: &str, xs: &[f64], axis: &XAxis, series: &[(&[f64], [u8; 3])]) -> Frame {
     let (left, top, w, h) = (x0 as f64 + 80.0, 40.0, 330.0, 280.0);
-    let vals: Vec<f64> = train.iter().chain(test).copied().filter(|v| v.is_finite()).collect();
+    let vals: Vec<f64> = series.iter().flat_map(|s| s.0.iter()).copied().filter(|v| v.is_finite()).collect();
     let (mut lo, mut hi) = (vals.iter().copied().fold(f64::INFINITY, f64::min), vals.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
     }
     let pad = ((hi - lo) * 0.05).max(1e-6);
     (lo, hi) = (lo - pad, hi + pad);
-    let (e0, e1) = (epochs.first().copied().unwrap_or(1.0), epochs.last().copied().unwrap_or(1.0));
+    let (e0, e1) = (xs.first().copied().unwrap_or(1.0), xs.last().copied().unwrap_or(1.0));
     let (e0, e1) = if e1 > e0 { (e0, e1) } else { (e0 - 0.5, e1 + 0.5) };
-    let px = |e: f64| left + (e - e0) / (e1 - e0) * w;
+    let frame = Frame { left, top, w, h, e0, e1 };
+    let px = |e: f64| frame.x(e);
     let py = |v: f64| top + (hi - v) / (hi - lo) * h;
     cv.text(left as i64 + 130, 12, title, BLACK);
     for k in 0..=4 {
@@ -113,26 +157,30 @@ fn panel(cv: &mut Canvas, x0: usize, title: &str, epochs: &[f64], train: &[f64],
         cv.line((left, py(v)), (left + w, py(v)), GREY);
         cv.text(x0 as i64 + 4, py(v) as i64 - 7, &label(v), BLACK);
     }
-    let step = ((epochs.len() as f64) / 8.0).ceil().max(1.0) as usize;
-    for (i, &e) in epochs.iter().enumerate() {
-        if i % step == 0 || i + 1 == epochs.len() {
-            cv.line((px(e), top + h), (px(e), top + h + 5.0), BLACK);
-            cv.text(px(e) as i64 - 5, (top + h + 10.0) as i64, &format!("{}", e as usize), BLACK);
-        }
+    for (e, text) in &axis.ticks {
+        cv.line((px(*e), top + h), (px(*e), top + h + 5.0), BLACK);
+        cv.text(px(*e) as i64 - 6 * text.len() as i64 + 1, (top + h + 10.0) as i64, text, BLACK);
     }
     cv.line((left, top), (left, top + h), BLACK);
     cv.line((left, top + h), (left + w, top + h), BLACK);
-    cv.text((left + w / 2.0) as i64 - 30, (top + h + 30.0) as i64, "epoch", BLACK);
-    for (series, color) in [(train, BLUE), (test, ORANGE)] {
-        for i in 1..series.len() {
-            if series[i - 1].is_finite() && series[i].is_finite() {
-                cv.line((px(epochs[i - 1]), py(series[i - 1])), (px(epochs[i]), py(series[i])), color);
+    cv.text((left + w / 2.0) as i64 - 6 * axis.name.len() as i64, (top + h + 30.0) as i64, axis.name, BLACK);
+    for &(ys, color) in series {
+        for i in 1..ys.len() {
+            if ys[i - 1].is_finite() && ys[i].is_finite() {
+                cv.line((px(xs[i - 1]), py(ys[i - 1])), (px(xs[i]), py(ys[i])), color);
             }
         }
-        if series.len() == 1 && series[0].is_finite() {
-            cv.line((px(epochs[0]) - 3.0, py(series[0])), (px(epochs[0]) + 3.0, py(series[0])), color);
+        if ys.len() == 1 && ys[0].is_finite() {
+            cv.line((px(xs[0]) - 3.0, py(ys[0])), (px(xs[0]) + 3.0, py(ys[0])), color);
         }
     }
+    frame
+}
+
+/// Ticks at up to nine of the epochs, the last always among them.
+fn epoch_ticks(epochs: &[f64]) -> Vec<(f64, String)> {
+    let step = ((epochs.len() as f64) / 8.0).ceil().max(1.0) as usize;
+    epochs.iter().enumerate().filter(|&(i, _)| i % step == 0 || i + 1 == epochs.len()).map(|(_, &e)| (e, format!("{}", e as usize))).collect()
 }
 
 /// The rows of a run's metrics.csv as numbers (epoch, train loss, train accuracy, test (or
@@ -159,19 +207,41 @@ pub fn plot_from_metrics(metrics_csv: &Path, out_png: &Path) -> Result<()> {
     let rows = read_metrics(metrics_csv)?;
     let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let held_out = if validated(metrics_csv) { "val" } else { "test" };
-    let mut cv = Canvas { px: vec![255; W * H * 3] };
+    let mut cv = Canvas::new(W, H);
     let epochs = col(0);
-    panel(&mut cv, 0, "loss", &epochs, &col(1), &col(3));
-    panel(&mut cv, 450, "accuracy", &epochs, &col(2), &col(4));
+    let axis = XAxis { name: "epoch", ticks: epoch_ticks(&epochs) };
+    panel(&mut cv, 0, "loss", &epochs, &axis, &[(&col(1), BLUE), (&col(3), ORANGE)]);
+    panel(&mut cv, 450, "accuracy", &epochs, &axis, &[(&col(2), BLUE), (&col(4), ORANGE)]);
     cv.text(W as i64 - 170, H as i64 - 24, "train", BLUE);
     cv.text(W as i64 - 90, H as i64 - 24, held_out, ORANGE);
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| TrainError::Io(format!("{}: {e}", out_png.display())))?;
-        w.write_image_data(&cv.px).map_err(|e| TrainError::Io(format!("{}: {e}", out_png.display())))?;
+    cv.save(out_png)
+}
+
+/// Draws a learning-rate range test: each step's loss (light) and the smoothed loss against
+/// the rate on a logarithmic axis, with the steepest descent marked.
+pub fn plot_lr_find(found: &crate::LrFinding, out_png: &Path) -> Result<()> {
+    let xs: Vec<f64> = found.points.iter().map(|p| p.lr.log10()).collect();
+    let raw: Vec<f64> = found.points.iter().map(|p| p.loss).collect();
+    let smoothed: Vec<f64> = found.points.iter().map(|p| p.smoothed).collect();
+    let (first, last) = (xs.first().copied().unwrap_or(0.0), xs.last().copied().unwrap_or(0.0));
+    // Every decade, or every second or third where their labels (about 50 pixels) would meet.
+    let (lo, hi) = (first.ceil() as i64, last.floor() as i64);
+    let every = (((hi - lo + 1) as f64 * 50.0 / 330.0).ceil() as i64).max(1);
+    let ticks = (lo..=hi).filter(|d| (d - lo) % every == 0).map(|d| (d as f64, format!("1e{d}"))).collect();
+    let mut cv = Canvas::new(450, H);
+    // The raw losses would stretch the scale where the sweep blew up: they are drawn only up
+    // to the highest smoothed value.
+    let top = smoothed.iter().copied().filter(|v| v.is_finite()).fold(f64::NEG_INFINITY, f64::max);
+    let raw: Vec<f64> = raw.into_iter().map(|v| if v <= top { v } else { f64::NAN }).collect();
+    let frame = panel(&mut cv, 0, "loss", &xs, &XAxis { name: "learning rate", ticks }, &[(&raw, PALE_BLUE), (&smoothed, BLUE)]);
+    if let Some(lr) = found.steepest() {
+        let x = frame.x(lr.log10());
+        let mut y = frame.top;
+        while y < frame.top + frame.h {
+            cv.line((x, y), (x, y + 2.0), ORANGE);
+            y += 6.0;
+        }
+        cv.text(x as i64 + 6, frame.top as i64 + 6, "steepest", ORANGE);
     }
-    write_atomic(out_png, &bytes)
+    cv.save(out_png)
 }

@@ -8,6 +8,7 @@ mod freeze;
 pub mod fuzzing;
 pub mod group;
 pub mod inspect;
+mod lr_find;
 mod objective;
 pub mod recompute;
 pub mod report;
@@ -28,6 +29,7 @@ use stride_nn::{Ctx, Module};
 
 use freeze::Frozen;
 pub use freeze::{freeze_all_but, split_frozen};
+pub use lr_find::{lr_find, LrFind, LrFinding, LrPoint};
 use objective::Progress;
 pub use objective::{Best, ClassWeights, Loss, Monitor};
 use run_report::write_report;
