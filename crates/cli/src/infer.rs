@@ -116,7 +116,8 @@ fn load_model(
     };
     let standardised = match weights {
         Some(w) => load_weights(&mut m, w)?,
-        None if model.ends_with(".onnx") => None,
+        // `stride export` writes the run's standardisation into the model's metadata.
+        None if model.ends_with(".onnx") => header_standardisation(&stride_onnx::read_metadata(Path::new(model))?, Path::new(model))?,
         None => return Err(format!("--weights is needed: {model} is built with fresh weights (only an ONNX model carries its own)").into()),
     };
     Ok((m, standardised))
@@ -251,6 +252,9 @@ pub struct Trained {
     pub chw: [usize; 3],
     pub norm: Normalize,
     pub names: Vec<String>,
+    /// The header the weights carried (`stride train`'s: input shape, standardisation, class
+    /// names, data set), empty without one.
+    pub header: std::collections::HashMap<String, String>,
 }
 
 impl Trained {
@@ -289,12 +293,59 @@ pub struct Image {
 pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std::error::Error>> {
     let (mut tensors, meta) = checkpoint::load_with_metadata(weights)?;
     tensors.retain(|k, _| !k.starts_with("optimizer."));
+    let Preprocessing { chw, norm, names } = preprocessing(model, &meta, weights)?;
+    let [c, h, w] = chw;
+    let mut m = stride_models::build_any(model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
+    checkpoint::load_into(&mut m, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok(Trained { model: m, chw, norm, names, header: meta })
+}
+
+/// An ONNX classifier with the preprocessing its metadata records (`stride export` writes a
+/// training run's header there), else its declared input, numbered classes and pixels scaled to
+/// [0, 1], with a note on stderr.
+pub fn onnx_trained(path: &str) -> Result<Trained, Box<dyn std::error::Error>> {
+    let (model, s) = stride_models::onnx_classifier(path)?;
+    let meta = stride_onnx::read_metadata(Path::new(path))?;
+    if meta.contains_key("input_shape") {
+        let Preprocessing { chw, norm, names } = preprocessing(path, &meta, Path::new(path))?;
+        if chw != [s.channels, s.height, s.width] || names.len() != s.classes {
+            return Err(format!(
+                "{path}: its metadata describes {}x{}x{} inputs and {} classes, its graph {}x{}x{} and {}",
+                chw[0],
+                chw[1],
+                chw[2],
+                names.len(),
+                s.channels,
+                s.height,
+                s.width,
+                s.classes
+            )
+            .into());
+        }
+        return Ok(Trained { model, chw, norm, names, header: meta });
+    }
+    eprintln!(
+        "note: {path} has no Stride metadata: it gets pixels scaled to [0, 1] unless --normalize says otherwise, classes numbered 0..{}",
+        s.classes.saturating_sub(1)
+    );
+    let names = (0..s.classes).map(|i| i.to_string()).collect();
+    Ok(Trained { model, chw: [s.channels, s.height, s.width], norm: Normalize::identity(), names, header: meta })
+}
+
+/// Input shape, standardisation and class names from a training run's header `meta` (of the
+/// file `weights`, named in errors); without one, the zoo model's design input, numbered classes and pixels
+/// only scaled, with a note on stderr.
+fn preprocessing(
+    model: &str,
+    meta: &std::collections::HashMap<String, String>,
+    weights: &Path,
+) -> Result<Preprocessing, Box<dyn std::error::Error>> {
     let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", weights.display());
     let (chw, norm, names) = match meta.get("input_shape") {
         Some(shape) => {
             let shape: Vec<usize> = shape.split('x').filter_map(|v| v.parse().ok()).collect();
             let [c, h, w] = shape[..] else { return Err(bad("input_shape is not CxHxW").into()) };
-            let norm = header_standardisation(&meta, weights)?.unwrap_or_default();
+            let norm = header_standardisation(meta, weights)?.unwrap_or_default();
             norm.check(c).map_err(|e| format!("{}: header: {e}", weights.display()))?;
             let names: Vec<String> = meta.get("class_names").map(|s| s.split('\n').map(str::to_string).collect()).unwrap_or_default();
             if names.is_empty() {
@@ -316,26 +367,22 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
             ([s.channels, s.height, s.width], Normalize::identity(), (0..s.classes).map(|i| i.to_string()).collect())
         }
     };
-    let [c, h, w] = chw;
-    let mut m = stride_models::build_any(model, &mut Rng::seed(0), InputSpec { channels: c, height: h, width: w, classes: names.len() })?;
-    checkpoint::load_into(&mut m, &tensors).map_err(|e| format!("{}: {e}", weights.display()))?;
-    Ok(Trained { model: m, chw, norm, names })
+    Ok(Preprocessing { chw, norm, names })
+}
+
+/// What a model's inputs and outputs are: one image's [channels, height, width], its
+/// standardisation, the class names.
+struct Preprocessing {
+    chw: [usize; 3],
+    norm: Normalize,
+    names: Vec<String>,
 }
 
 /// Class probabilities for image files, with the training run's preprocessing.
 pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let mut t = match &a.weights {
         Some(w) => load_trained(&a.model, w)?,
-        None if a.model.ends_with(".onnx") => {
-            let (model, s) = stride_models::onnx_classifier(&a.model)?;
-            eprintln!(
-                "note: no --weights header: {} gets pixels scaled to [0, 1] unless --normalize says otherwise, classes numbered 0..{}",
-                a.model,
-                s.classes.saturating_sub(1)
-            );
-            let names = (0..s.classes).map(|i| i.to_string()).collect();
-            Trained { model, chw: [s.channels, s.height, s.width], norm: Normalize::identity(), names }
-        }
+        None if a.model.ends_with(".onnx") => onnx_trained(&a.model)?,
         None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
     };
     t = t.normalized_by(a.normalize.as_ref())?;

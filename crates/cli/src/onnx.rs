@@ -44,10 +44,10 @@ pub fn export(a: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
         let example = Tensor::zeros(&[1, LATENT])?;
         stride_onnx::export_with(example, a.opset, |g, z| vae.export_generator(g, z))?
     } else {
-        let (mut model, chw) = match &a.weights {
+        let (mut model, chw, header) = match &a.weights {
             Some(w) => {
                 let t = crate::infer::load_trained(&a.model, w)?;
-                (t.model, t.chw)
+                (t.model, t.chw, t.header)
             }
             None => {
                 let s: InputSpec = if a.model.ends_with(".toml") {
@@ -56,10 +56,18 @@ pub fn export(a: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
                     stride_models::entry(&a.model)?.input
                 };
                 eprintln!("note: no --weights: writing {}'s initial weights for {}x{}x{} inputs", a.model, s.channels, s.height, s.width);
-                (stride_models::build_any(&a.model, &mut Rng::seed(0), s)?, [s.channels, s.height, s.width])
+                (stride_models::build_any(&a.model, &mut Rng::seed(0), s)?, [s.channels, s.height, s.width], Default::default())
             }
         };
-        stride_onnx::export(&mut model, &chw, a.opset)?
+        // The run's header (input shape, standardisation, class names) travels as the model's
+        // metadata, for `stride eval`/`predict` and for anyone feeding it with another engine.
+        let metadata: Vec<(String, String)> =
+            stride_train::HEADER_KEYS.iter().filter_map(|&k| Some((k.to_string(), header.get(k)?.clone()))).collect();
+        if !metadata.is_empty() {
+            let keys: Vec<&str> = metadata.iter().map(|(k, _)| k.as_str()).collect();
+            println!("metadata from the weights' header: {}", keys.join(", "));
+        }
+        stride_onnx::export_annotated(&mut model, &chw, a.opset, &metadata)?
     };
     checkpoint::write_atomic(&a.out, &bytes)?;
     println!("wrote {} ({} bytes, opset {})", a.out.display(), bytes.len(), a.opset);
@@ -81,8 +89,17 @@ pub fn import(a: &ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     if let Some(out) = &a.out {
         let tensors = checkpoint::state_dict(&mut net);
-        checkpoint::save(out, &tensors)?;
-        println!("wrote {} tensors to {}", tensors.len(), out.display());
+        // A Stride export's metadata is its run's header: the weights carry it on.
+        let header: std::collections::HashMap<String, String> =
+            stride_train::HEADER_KEYS.iter().filter_map(|&k| Some((k.to_string(), imported.metadata.get(k)?.clone()))).collect();
+        let carried = !header.is_empty();
+        checkpoint::save_with_metadata(out, &tensors, carried.then_some(header))?;
+        println!(
+            "wrote {} tensors to {}{}",
+            tensors.len(),
+            out.display(),
+            if carried { " with the run's header from the model's metadata" } else { "" }
+        );
     }
     Ok(())
 }

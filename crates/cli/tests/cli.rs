@@ -290,6 +290,26 @@ fn colour_images_are_standardised_per_channel_as_asked_and_eval_follows_the_head
     let test_loss = last_epoch.split("test loss ").nth(1).unwrap().split(' ').next().unwrap();
     assert_eq!(eval(&[]), test_loss, "{log}");
     assert_ne!(eval(&["--normalize", "none"]), test_loss, "--normalize overrides the header");
+    // Exported to ONNX, the header travels as the model's metadata: eval and predict on the
+    // file alone standardise as the run did and name its classes, and import carries it back.
+    let onnx = dir.join("given.onnx");
+    let ex = stride(&["export", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--out", onnx.to_str().unwrap()]);
+    assert!(ex.status.success() && text(&ex).contains("metadata from the weights' header: input_mean, input_std"), "{}", text(&ex));
+    let on_onnx = stride(&["eval", "--model", onnx.to_str().unwrap(), "--data", data]);
+    assert!(on_onnx.status.success(), "{}", text(&on_onnx));
+    let first = String::from_utf8_lossy(&on_onnx.stdout).lines().next().unwrap().to_string();
+    assert_eq!(first.rsplit("loss ").next().unwrap(), test_loss, "{first}");
+    let said = stride(&["predict", "--json", "--model", onnx.to_str().unwrap(), &format!("{data}/disc/00.png")]);
+    let said = text(&said);
+    assert!(said.contains(r#""class":"disc""#) && said.contains(r#""class":"square""#) && !said.contains("no Stride metadata"), "{said}");
+    let back = dir.join("back.safetensors");
+    let im = stride(&["import", onnx.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(im.status.success() && text(&im).contains("with the run's header"), "{}", text(&im));
+    let meta = |f: &Path| stride_train::checkpoint::load_with_metadata(f).unwrap().1;
+    let (carried, trained) = (meta(&back), meta(&weights));
+    for k in stride_train::HEADER_KEYS {
+        assert!(trained.contains_key(k) && carried.get(k) == trained.get(k), "{k}: {:?} against {:?}", carried.get(k), trained.get(k));
+    }
     // By default each channel by the training images' own statistics.
     let own = dir.join("own");
     assert!(run(own.to_str().unwrap(), &[]).status.success());

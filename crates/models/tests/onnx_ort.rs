@@ -66,3 +66,29 @@ fn onnx_runtime_agrees_with_stride_on_every_export() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn onnx_runtime_reads_the_metadata_an_export_records() {
+    if !have_ort() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs python3 with onnx and onnxruntime (pip install onnx onnxruntime)");
+        eprintln!("skipped: python3 with onnx and onnxruntime not found (pip install onnx onnxruntime)");
+        return;
+    }
+    let spec = InputSpec { channels: 1, height: 28, width: 28, classes: 3 };
+    let mut model = stride_models::build("cnn", &mut Rng::seed(0), spec).unwrap();
+    let metadata = [("input_mean", "0.5"), ("input_std", "0.25"), ("class_names", "cat\ndog\nbird")].map(|(k, v)| (k.to_string(), v.to_string()));
+    let bytes = stride_onnx::export_annotated(&mut model, &[1, 28, 28], stride_onnx::DEFAULT_OPSET, &metadata).unwrap();
+    let path = std::env::temp_dir().join(format!("stride-ort-meta-{}.onnx", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let script = "import json, sys, onnxruntime as ort\n\
+                  m = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']).get_modelmeta()\n\
+                  print(json.dumps(m.custom_metadata_map, sort_keys=True))";
+    let out = Command::new("python3").args(["-c", script]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: std::collections::BTreeMap<String, String> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen, metadata.iter().cloned().collect());
+    // Stride reads back what ONNX Runtime sees, without building the graph, and on import.
+    assert_eq!(stride_onnx::read_metadata(&path).unwrap(), metadata.iter().cloned().collect());
+    assert_eq!(stride_onnx::import(&stride_onnx::read(&path).unwrap()).unwrap().metadata, metadata.iter().cloned().collect());
+    std::fs::remove_file(&path).ok();
+}

@@ -26,6 +26,8 @@ pub struct Imported {
     pub opset: i64,
     /// The program that wrote the file.
     pub producer: String,
+    /// The model's `metadata_props` (see [`crate::read_metadata`]).
+    pub metadata: HashMap<String, String>,
 }
 
 /// Imports `model`: one tensor input, one output.
@@ -89,7 +91,12 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         Some(Val::Const(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant"))),
         None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
     };
-    Ok(Imported { network: Network::new(b.steps, out, input_shape, output_shape), opset, producer: model.producer_name.clone().unwrap_or_default() })
+    Ok(Imported {
+        network: Network::new(b.steps, out, input_shape, output_shape),
+        opset,
+        producer: model.producer_name.clone().unwrap_or_default(),
+        metadata: crate::metadata_map(&model.metadata_props),
+    })
 }
 
 /// A float tensor's declared shape (None for symbolic dimensions).

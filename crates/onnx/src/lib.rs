@@ -22,7 +22,7 @@ mod write;
 pub use import::{import, import_with, Imported};
 pub use network::Network;
 pub use tensor::{from_tensor_proto, to_tensor_proto};
-pub use write::{export, export_with, ToOnnx, DEFAULT_OPSET};
+pub use write::{export, export_annotated, export_with, ToOnnx, DEFAULT_OPSET};
 
 use prost::Message;
 use stride_autograd::Error;
@@ -49,6 +49,31 @@ pub fn read(path: &std::path::Path) -> Result<proto::ModelProto> {
     }
     let bytes = std::fs::read(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     decode(&bytes).map_err(|e| e.context(path.display().to_string()))
+}
+
+/// Only the `metadata_props` of a `ModelProto` (field 14): decoding it skips the graph's
+/// fields without building them.
+#[derive(Clone, PartialEq, Message)]
+struct MetadataOnly {
+    #[prost(message, repeated, tag = "14")]
+    metadata_props: Vec<proto::StringStringEntryProto>,
+}
+
+/// The model's `metadata_props` (ONNX Runtime's `custom_metadata_map`) as key-value pairs, read
+/// without building the graph; entries without a key are left out, a missing value is empty.
+pub fn read_metadata(path: &std::path::Path) -> Result<std::collections::HashMap<String, String>> {
+    let len = std::fs::metadata(path).map_err(|e| err(format!("{}: {e}", path.display())))?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(err(format!("{}: {len} bytes is over ONNX's 2 GiB limit", path.display())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let m = MetadataOnly::decode(bytes.as_slice()).map_err(|e| err(format!("{}: not an ONNX model: {e}", path.display())))?;
+    Ok(metadata_map(&m.metadata_props))
+}
+
+/// Key-value entries as a map (the last of a repeated key wins).
+pub(crate) fn metadata_map(props: &[proto::StringStringEntryProto]) -> std::collections::HashMap<String, String> {
+    props.iter().filter_map(|p| Some((p.key.clone()?, p.value.clone().unwrap_or_default()))).collect()
 }
 
 /// Encodes a model to bytes.

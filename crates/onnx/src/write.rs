@@ -6,7 +6,7 @@ use stride_nn::Module;
 
 use crate::proto::{
     attribute_proto::AttributeType, tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto, AttributeProto,
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use crate::tensor::{ints_proto, to_tensor_proto};
 use crate::Result;
@@ -28,18 +28,33 @@ impl<M: Module + ?Sized> ToOnnx for M {
 
 /// Writes `model` for inputs of shape [N, ...`input`] (N dynamic), as ONNX bytes.
 pub fn export<M: Module + ?Sized>(model: &mut M, input: &[usize], opset: i64) -> Result<Vec<u8>> {
+    export_annotated(model, input, opset, &[])
+}
+
+/// [`export`] with `metadata` as the model's `metadata_props` (key, value), which ONNX Runtime
+/// shows as `get_modelmeta().custom_metadata_map`: `stride export` records there how the
+/// training run standardised its inputs and its class names, and `stride eval` and `predict`
+/// read them back.
+pub fn export_annotated<M: Module + ?Sized>(model: &mut M, input: &[usize], opset: i64, metadata: &[(String, String)]) -> Result<Vec<u8>> {
     let mut shape = vec![1];
     shape.extend_from_slice(input);
-    export_with(Tensor::zeros(&shape)?, opset, |g, x| model.export(g, "", x))
+    let mut m = build(Tensor::zeros(&shape)?, opset, |g, x| model.export(g, "", x))?;
+    m.metadata_props = metadata.iter().map(|(k, v)| StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) }).collect();
+    Ok(crate::encode(&m))
 }
 
 /// Writes the graph that `f` builds from the input `example` (its first axis becomes the
 /// dynamic batch): for networks that are not one module, such as the VAE's generator.
 pub fn export_with(example: Tensor<f32>, opset: i64, f: impl FnOnce(&mut Graph, &Value) -> Result<Value>) -> Result<Vec<u8>> {
+    Ok(crate::encode(&build(example, opset, f)?))
+}
+
+/// The model that `f` builds from the input `example`.
+fn build(example: Tensor<f32>, opset: i64, f: impl FnOnce(&mut Graph, &Value) -> Result<Value>) -> Result<ModelProto> {
     let mut g = Graph::new(opset)?;
     let x = g.input("input", Var::constant(example));
     let y = no_grad(|| f(&mut g, &x))?;
-    Ok(crate::encode(&to_model(&g, &x, &y)))
+    Ok(to_model(&g, &x, &y))
 }
 
 fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {

@@ -553,6 +553,11 @@ pub struct Outcome {
 /// The weights of the best epoch, beside model.safetensors (`keep_best`, `early_stopping`).
 pub const BEST_WEIGHTS: &str = "best.safetensors";
 
+/// The header a run writes into its weights: how to feed them (input shape, standardisation),
+/// what their outputs mean (class names) and what they were trained on. `stride export`
+/// carries these into an ONNX model's metadata and `stride import` back.
+pub const HEADER_KEYS: [&str; 5] = ["input_mean", "input_std", "input_shape", "class_names", "data"];
+
 /// Trains `model` on `data.train`, evaluating on `data.test` after every epoch (or, with
 /// `cfg.validation_split`, training on part of `data.train`, evaluating on the rest after every
 /// epoch and on `data.test` once at the end); `on_epoch` gets each epoch's report. With
@@ -872,16 +877,17 @@ pub fn train(
             .and_then(|_| f.flush())
             .map_err(|e| io_err(&dir.join("metrics.csv"), e))?;
             let (mean, std) = norm.header();
-            let info: std::collections::HashMap<String, String> = [
-                ("input_mean", mean),
-                ("input_std", std),
-                ("input_shape", format!("{}x{}x{}", data.train.channels, data.train.height, data.train.width)),
-                ("class_names", data.class_names.iter().map(|n| n.replace(['\n', '\r'], " ")).collect::<Vec<_>>().join("\n")),
-                ("data", data.name.clone()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+            let info: std::collections::HashMap<String, String> = HEADER_KEYS
+                .into_iter()
+                .zip([
+                    mean,
+                    std,
+                    format!("{}x{}x{}", data.train.channels, data.train.height, data.train.width),
+                    data.class_names.iter().map(|n| n.replace(['\n', '\r'], " ")).collect::<Vec<_>>().join("\n"),
+                    data.name.clone(),
+                ])
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
             let weights = checkpoint::state_dict(model);
             if keep_best && new_best {
                 let mut info = info.clone();
