@@ -333,13 +333,9 @@ pub fn onnx_trained(path: &str) -> Result<Trained, Box<dyn std::error::Error>> {
 }
 
 /// Input shape, standardisation and class names from a training run's header `meta` (of the
-/// file `weights`, named in errors); without one, the zoo model's design input, numbered classes and pixels
-/// only scaled, with a note on stderr.
-fn preprocessing(
-    model: &str,
-    meta: &std::collections::HashMap<String, String>,
-    weights: &Path,
-) -> Result<Preprocessing, Box<dyn std::error::Error>> {
+/// file `weights`, named in errors); without one, the zoo model's design input, numbered
+/// classes and pixels only scaled, with a note on stderr.
+fn preprocessing(model: &str, meta: &std::collections::HashMap<String, String>, weights: &Path) -> Result<Preprocessing, Box<dyn std::error::Error>> {
     let bad = |what: &str| format!("{}: {what} (weights written by `stride train` carry it)", weights.display());
     let (chw, norm, names) = match meta.get("input_shape") {
         Some(shape) => {
