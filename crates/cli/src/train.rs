@@ -32,6 +32,12 @@ pub struct TrainArgs {
     /// update sees N x batch-size images while memory holds one batch.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::at_least_one)]
     accumulate: usize,
+    /// Keep an exponential moving average of the weights with this decay, such as 0.999
+    /// (timm's ModelEma, Keras's use_ema): each epoch is evaluated, and model.safetensors and
+    /// best.safetensors saved, with the averaged weights while the optimizer goes on with its
+    /// own.
+    #[arg(long, value_name = "DECAY", value_parser = parse_decay)]
+    ema: Option<f64>,
     /// Optimizer (default: adam, or adamw for a zoo model with a default weight decay, see
     /// `stride models`).
     #[arg(long, value_enum)]
@@ -270,6 +276,10 @@ fn parse_class_weights(s: &str) -> Result<ClassWeights, String> {
 }
 
 /// A validation fraction in (0, 1).
+fn parse_decay(s: &str) -> Result<f64, String> {
+    parse_number(s, |v| (0.0..1.0).contains(&v), "a decay for the weight average", "a number in [0, 1), such as 0.999")
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     parse_number(s, |f| f > 0.0 && f < 1.0, "a fraction of the training set", "a number between 0 and 1, such as 0.1")
 }
@@ -398,7 +408,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root && !a.lr_find {
         println!(
-            "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}",
+            "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}{}",
             epochs_text(epochs),
             a.batch_size,
             if a.accumulate > 1 { format!(" x {} accumulated per update", a.accumulate) } else { String::new() },
@@ -424,6 +434,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
                 Standardize::Fixed(n) if *n == stride_data::Normalize::identity() => ", inputs only scaled to [0, 1]".into(),
                 Standardize::Fixed(n) => format!(", inputs standardised by {n}"),
             },
+            a.ema.map_or_else(String::new, |d| format!(", evaluating and saving the weights' moving average (decay {d})")),
         );
     }
     if root && !fresh.is_empty() {
@@ -471,6 +482,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         device,
         eager: a.eager,
         accumulate: a.accumulate,
+        ema: a.ema,
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

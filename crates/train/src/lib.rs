@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod curves;
+mod ema;
 mod freeze;
 pub mod fuzzing;
 pub mod group;
@@ -27,6 +28,7 @@ use stride_nn::optim::{self, Adam, Optimizer, Sgd};
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
 
+pub use ema::Ema;
 use freeze::Frozen;
 pub use freeze::{freeze_all_but, split_frozen};
 pub use lr_find::{lr_find, LrFind, LrFinding, LrPoint};
@@ -72,6 +74,14 @@ pub enum Standardize {
 }
 
 impl Standardize {
+    /// The statistics for a run that trains on `training`.
+    pub fn resolve(&self, training: &Dataset) -> Normalize {
+        match self {
+            Standardize::TrainingImages => Normalize::of(training),
+            Standardize::Fixed(n) => n.clone(),
+        }
+    }
+
     /// As a checkpoint records it: "the training images", or the fixed statistics as
     /// `MEAN,...:STD,...` (what [`Normalize::parse`] reads).
     fn tag(&self) -> String {
@@ -173,6 +183,12 @@ pub struct TrainConfig {
     /// normalises by each batch. At least 1; a Ctrl-C stop waits for the group's last batch.
     /// Accumulating runs step eagerly (training plans apply one batch's gradients).
     pub accumulate: usize,
+    /// Keep an exponential moving average of the weights with this decay (such as 0.999;
+    /// timm's `ModelEma`, Keras's `use_ema`), updated after every optimizer step (see [`Ema`]):
+    /// the run evaluates and saves the averaged weights (model.safetensors, best.safetensors,
+    /// and the model when the run returns) while the optimizer goes on with its own; the
+    /// checkpoint holds both.
+    pub ema: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -205,6 +221,7 @@ impl Default for TrainConfig {
             device: Device::Cpu,
             eager: false,
             accumulate: 1,
+            ema: None,
         }
     }
 }
@@ -386,12 +403,18 @@ fn save_checkpoint(
     opt: &dyn Optimizer,
     pos: Position,
     cfg: &TrainConfig,
+    ema: Option<&Ema>,
     extra: &[(&str, String)],
 ) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
     for (name, v) in opt.state() {
         let n = v.len();
         tensors.push((format!("optimizer.{name}"), stride_autograd::Tensor::from_vec(v, &[n])?));
+    }
+    if let Some(e) = ema {
+        for (name, t) in e.tensors() {
+            tensors.push((format!("{EMA_PREFIX}{name}"), t.to_host()?));
+        }
     }
     let meta: std::collections::HashMap<String, String> = [
         ("format", "stride-checkpoint-1".to_string()),
@@ -407,6 +430,8 @@ fn save_checkpoint(
         ("normalize", cfg.normalize.tag()),
         ("accumulate", cfg.accumulate.to_string()),
         ("monitor", cfg.monitor.name().to_string()),
+        ("ema", ema_tag(cfg)),
+        ("ema_updates", ema.map_or(0, Ema::updates).to_string()),
     ]
     .into_iter()
     .chain(extra.iter().cloned())
@@ -415,17 +440,29 @@ fn save_checkpoint(
     checkpoint::save_with_metadata(&dir.join(CHECKPOINT), &tensors, Some(meta))
 }
 
-/// Loads a run folder's checkpoint into the model and optimizer; returns where to continue.
+/// The checkpoint's names for the weight average's tensors: `ema.` and the model's name.
+const EMA_PREFIX: &str = "ema.";
+
+/// How a checkpoint records the weight average: its decay, or "none".
+fn ema_tag(cfg: &TrainConfig) -> String {
+    cfg.ema.map_or_else(|| "none".into(), |d| d.to_string())
+}
+
+/// A checkpoint's weight average: its tensors by the model's names, and its updates.
+type SavedEma = (std::collections::HashMap<String, stride_autograd::Tensor<f32>>, usize);
+
+/// Loads a run folder's checkpoint into the model and optimizer; returns where to continue,
+/// the metadata and the weight average's state.
 fn load_checkpoint(
     dir: &std::path::Path,
     model: &mut dyn Module,
     opt: &mut dyn Optimizer,
     cfg: &TrainConfig,
-) -> Result<(Position, std::collections::HashMap<String, String>)> {
+) -> Result<(Position, std::collections::HashMap<String, String>, SavedEma)> {
     let path = dir.join(CHECKPOINT);
     let (tensors, meta) = checkpoint::load_with_metadata(&path)?;
-    let pos = restore(&path, tensors, &meta, model, opt, cfg)?;
-    Ok((pos, meta))
+    let (pos, ema) = restore(&path, tensors, &meta, model, opt, cfg)?;
+    Ok((pos, meta, ema))
 }
 
 /// Checks a training checkpoint against the model, the optimizer and the run's settings and
@@ -440,7 +477,7 @@ pub fn restore_checkpoint(
     cfg: &TrainConfig,
 ) -> Result<(usize, usize)> {
     let mut opt = make_optimizer(cfg)?;
-    restore(path, tensors, meta, model, opt.as_mut(), cfg).map(|p| (p.epoch, p.step))
+    restore(path, tensors, meta, model, opt.as_mut(), cfg).map(|(p, _)| (p.epoch, p.step))
 }
 
 fn restore(
@@ -450,7 +487,7 @@ fn restore(
     model: &mut dyn Module,
     opt: &mut dyn Optimizer,
     cfg: &TrainConfig,
-) -> Result<Position> {
+) -> Result<(Position, SavedEma)> {
     let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
     if meta.get("format").map(String::as_str) != Some("stride-checkpoint-1") {
         return Err(bad("not a Stride training checkpoint (no format tag)"));
@@ -489,6 +526,11 @@ fn restore(
     if had != has {
         return Err(bad(&format!("was written accumulating {had} batches per update, this run {has}")));
     }
+    // An older checkpoint kept no weight average.
+    let (had, has) = (meta.get("ema").map_or("none", String::as_str), ema_tag(cfg));
+    if had != has {
+        return Err(bad(&format!("was written with weight average (EMA) decay {had}, this run has {has}")));
+    }
     // Counts are whole numbers below 2^53; anything else is not a position this code wrote.
     let count = |k: &str| -> Result<usize> {
         meta.get(k)
@@ -506,6 +548,9 @@ fn restore(
     if pos.epoch == 0 || pos.right > pos.seen {
         return Err(bad(&format!("impossible position: epoch {}, {} right of {} seen", pos.epoch, pos.right, pos.seen)));
     }
+    let ema_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with(EMA_PREFIX)).cloned().collect();
+    let ema = ema_keys.iter().map(|k| (k[EMA_PREFIX.len()..].to_string(), tensors.remove(k).expect("key"))).collect();
+    let ema_updates = if cfg.ema.is_some() { count("ema_updates")? } else { 0 };
     let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
     let state: Vec<(String, Vec<f32>)> =
         opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
@@ -527,7 +572,7 @@ fn restore(
     }
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
-    Ok(pos)
+    Ok((pos, (ema, ema_updates)))
 }
 
 /// What became of a run.
@@ -611,16 +656,18 @@ pub fn train(
     let mut progress = Progress::default();
     let keep_best = cfg.keep_best || cfg.early_stopping.is_some();
     let mut metrics = None;
+    let mut saved_ema = None;
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         if root {
             checkpoint::remove_stale_temporaries(dir);
         }
         if resume {
-            let (p, meta) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
+            let (p, meta, ema) = load_checkpoint(dir, model, opt.as_mut(), cfg)?;
             // Loaded buffers arrive on the CPU.
             model.to(cfg.device)?;
             pos = p;
+            saved_ema = Some(ema);
             if let Some(pl) = plateau.as_mut() {
                 let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
                 match (num("plateau_best"), num("plateau_bad"), num("lr")) {
@@ -665,10 +712,7 @@ pub fn train(
     } else if resume {
         return Err(TrainError::Config("resuming needs the run folder (out_dir) that holds the checkpoint".into()));
     }
-    let norm = match &cfg.normalize {
-        Standardize::TrainingImages => Normalize::of(&data.train),
-        Standardize::Fixed(n) => n.clone(),
-    };
+    let norm = cfg.normalize.resolve(&data.train);
     norm.check(data.train.channels)?;
     let segments = match cfg.recompute {
         Some(k) => Some(recompute::plan(model, [data.train.channels, data.train.height, data.train.width], k)?),
@@ -689,6 +733,17 @@ pub fn train(
         group::check_world(g.as_ref(), &world)?;
         group::broadcast_state(g.as_ref(), model, false)?;
     }
+    // The weight average starts from the weights every rank now holds, or from the checkpoint's.
+    let mut ema = match cfg.ema {
+        Some(decay) => {
+            let mut e = Ema::new(model, decay)?;
+            if let Some((tensors, updates)) = saved_ema {
+                e.restore(tensors, updates)?;
+            }
+            Some(e)
+        }
+        None => None,
+    };
     // Which gradients travel together between ranks: fixed for the run.
     let plan = group.as_ref().map(|_| group::BucketPlan::new(&params));
     let mut planned = planner(cfg, &loss_fn, segments.is_some(), group.is_some());
@@ -717,7 +772,7 @@ pub fn train(
     // A resumed run that had stopped early stays stopped.
     let ended = Ended { watched: data, test_set: test_set.filter(|_| root), norm: norm.clone(), keep_best };
     if pos.epoch <= cfg.epochs && progress.exhausted(cfg.early_stopping) {
-        return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(pos.epoch - 1));
+        return ended.outcome(model, cfg, ema.as_mut(), reports, planned_steps, progress.best, Some(pos.epoch - 1));
     }
     while pos.epoch <= cfg.epochs {
         let epoch = pos.epoch;
@@ -818,6 +873,9 @@ pub fn train(
                         optim::clip_grad_norm(&params, max)?;
                     }
                     opt.step(&params)?;
+                    if let Some(e) = ema.as_mut() {
+                        e.update(model)?;
+                    }
                     if let Some(g) = &group {
                         group::broadcast_state(g.as_ref(), model, true)?;
                     }
@@ -838,13 +896,19 @@ pub fn train(
         if interrupted {
             bar.abandon();
             if let Some(dir) = cfg.out_dir.as_ref().filter(|_| root) {
-                save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
+                save_checkpoint(dir, model, opt.as_ref(), pos, cfg, ema.as_ref(), &extra(&plateau, plateau_lr, progress))?;
             }
             let at = Some((epoch, pos.step));
             return Ok(Outcome { reports, planned_steps, interrupted: at, best: progress.best, stopped_early: None, test: None, best_test: None });
         }
         let ips = (pos.seen - seen_before) as f64 / start.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        // The averaged weights are the run's: evaluated and saved. The optimizer's own go back
+        // into the model for the checkpoint and the next epoch.
+        let mut averaged = match ema.as_mut() {
+            Some(e) => e.swap(model).map(|()| true)?,
+            None => false,
+        };
         let test = evaluate(model, &data.test, EVAL_BATCH, &norm)?;
         if let Some(p) = plateau.as_mut() {
             plateau_lr = p.step(test.loss, plateau_lr);
@@ -895,19 +959,26 @@ pub fn train(
                 checkpoint::save_with_metadata(&dir.join(BEST_WEIGHTS), &weights, Some(info))?;
             }
             checkpoint::save_with_metadata(&dir.join(WEIGHTS), &weights, Some(info))?;
-            save_checkpoint(dir, model, opt.as_ref(), pos, cfg, &extra(&plateau, plateau_lr, progress))?;
+            if let (Some(e), true) = (ema.as_mut(), averaged) {
+                e.swap(model)?;
+                averaged = false;
+            }
+            save_checkpoint(dir, model, opt.as_ref(), pos, cfg, ema.as_ref(), &extra(&plateau, plateau_lr, progress))?;
             curves::plot_from_metrics(&dir.join("metrics.csv"), &dir.join("curves.png"))?;
             if let Some(title) = &cfg.report {
                 write_report(dir, title, cfg, data, &report.test, None)?;
             }
         }
+        if let (Some(e), true) = (ema.as_mut(), averaged) {
+            e.swap(model)?;
+        }
         on_epoch(&report);
         reports.push(report);
         if stop_early {
-            return ended.outcome(model, cfg, reports, planned_steps, progress.best, Some(epoch));
+            return ended.outcome(model, cfg, ema.as_mut(), reports, planned_steps, progress.best, Some(epoch));
         }
     }
-    ended.outcome(model, cfg, reports, planned_steps, progress.best, None)
+    ended.outcome(model, cfg, ema.as_mut(), reports, planned_steps, progress.best, None)
 }
 
 /// Compiled training plans (one per batch shape) for a run's steps where they apply: on the
@@ -977,15 +1048,21 @@ struct Ended<'a> {
 }
 
 impl Ended<'_> {
+    /// The outcome; with a weight average, the model holds the averaged weights from here on.
+    #[allow(clippy::too_many_arguments)]
     fn outcome(
         &self,
         model: &mut dyn Module,
         cfg: &TrainConfig,
+        ema: Option<&mut Ema>,
         reports: Vec<EpochReport>,
         planned_steps: usize,
         best: Option<Best>,
         stopped_early: Option<usize>,
     ) -> Result<Outcome> {
+        if let Some(e) = ema {
+            e.swap(model)?;
+        }
         let (mut test, mut best_test) = (None, None);
         if let Some(ds) = self.test_set {
             test = Some(evaluate(model, ds, EVAL_BATCH, &self.norm)?);

@@ -6,14 +6,12 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{Rng, ToDevice, Var};
-use stride_data::{Batch, Batches, Dataset, Normalize};
+use stride_data::{Batch, Batches, Dataset};
 use stride_nn::optim;
 use stride_nn::{Ctx, Module};
 
 use crate::freeze::Frozen;
-use crate::{
-    checkpoint, forward_backward, make_optimizer, mix, planner, recompute, split_frozen, Loss, Result, Standardize, TrainConfig, TrainError,
-};
+use crate::{checkpoint, forward_backward, make_optimizer, mix, planner, recompute, split_frozen, Loss, Result, TrainConfig, TrainError};
 
 /// The most steps a sweep takes (its points are kept in memory).
 pub const MAX_STEPS: usize = 100_000;
@@ -152,10 +150,7 @@ pub fn lr_find(
         )));
     }
     let loss_fn = Loss { label_smoothing: cfg.label_smoothing, class_weights: cfg.class_weights.resolve(&data.class_counts())? };
-    let norm = match &cfg.normalize {
-        Standardize::TrainingImages => Normalize::of(data),
-        Standardize::Fixed(n) => n.clone(),
-    };
+    let norm = cfg.normalize.resolve(data);
     norm.check(data.channels)?;
     let segments = match cfg.recompute {
         Some(k) => Some(recompute::plan(model, [data.channels, data.height, data.width], k)?),

@@ -44,7 +44,7 @@ fn a_run_on_a_device_equals_the_run_on_the_cpu() {
 }
 
 #[test]
-fn frozen_layers_a_validation_split_class_weights_and_accumulation_run_the_same_on_a_device() {
+fn frozen_layers_a_validation_split_class_weights_accumulation_and_a_weight_average_run_the_same_on_a_device() {
     let dev = mirror();
     let data = small(160, 32);
     let on = |device: Device| TrainConfig {
@@ -53,6 +53,7 @@ fn frozen_layers_a_validation_split_class_weights_and_accumulation_run_the_same_
         validation_split: Some(0.2),
         class_weights: stride_train::ClassWeights::Balanced,
         accumulate: 2,
+        ema: Some(0.9),
         ..cfg(2, None)
     };
     let (mut a, mut b) = (cnn_bn(4), cnn_bn(4));
@@ -63,7 +64,7 @@ fn frozen_layers_a_validation_split_class_weights_and_accumulation_run_the_same_
     assert_eq!(checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
     let (x, y) = (cpu.test.unwrap(), gpu.test.unwrap());
     assert!((x.loss - y.loss).abs() < 1e-5, "test loss {} vs {}", x.loss, y.loss);
-    // The frozen convolution kept its initial weights on the device too.
+    // The frozen convolution kept its initial weights on the device too (its average is them).
     assert_eq!(checkpoint::state_dict(&mut b)[0], checkpoint::state_dict(&mut cnn_bn(4))[0]);
 }
 
@@ -71,7 +72,7 @@ fn frozen_layers_a_validation_split_class_weights_and_accumulation_run_the_same_
 fn a_run_on_a_device_resumes_on_the_device() {
     let dev = mirror();
     let data = small(192, 32);
-    let c = |dir| TrainConfig { device: dev, ..cfg(2, Some(dir)) };
+    let c = |dir| TrainConfig { device: dev, ema: Some(0.9), ..cfg(2, Some(dir)) };
     let whole = tmp("device-whole");
     let mut a = cnn_bn(5);
     train(&mut a, &data, &c(whole.clone()), false, None, |_| {}).unwrap();
