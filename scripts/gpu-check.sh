@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA backend (issue 14), for a machine with an NVIDIA GPU, in one go
-# (about a minute on an H200 when all goes well; every step has a timeout, 8.5 minutes in all):
+# (about a minute on an H200 when all goes well; every step has a timeout, 10 minutes in all):
 #   1. `stride devices --check`: every primitive forward and backward on the GPU against the
 #      CPU engine, within 1e-4 of the CPU tensor's largest magnitude, with convolutions on
 #      columns and again on cuDNN (--cudnn fp32);
-#   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`), and
+#   2. the tutorial CNN trained for one epoch on the GPU (`stride train --device cuda`; again
+#      with the weights' moving average, and a learning-rate range test), and
 #      examples/mnist-cnn on the CPU and the GPU when its binary sits beside stride's;
 #   3. `stride bench --device cuda` (B1, B2, B4) beside PyTorch eager on the same GPU, in the
 #      same run, with the ratios: Stride on columns, with cuDNN in FP32 and with cuDNN in TF32
@@ -39,13 +40,20 @@ timeout 60 "$BIN" devices --check --cudnn fp32 2>&1 | tee "$OUT/check-cudnn.txt"
 echo "   (${SECONDS} s)"; SECONDS=0
 echo "== 2. the tutorial CNN, one epoch on the GPU"
 rm -rf "${TMPDIR:-/tmp}/stride-gpu-run"
-timeout 90 "$BIN" train --device cuda --epochs 1 --no-report --out "${TMPDIR:-/tmp}/stride-gpu-run" > "$OUT/train.txt" 2>&1
+timeout 75 "$BIN" train --device cuda --epochs 1 --no-report --out "${TMPDIR:-/tmp}/stride-gpu-run" > "$OUT/train.txt" 2>&1
 [ "$?" -eq 0 ] || { echo "TRAINING FAILED"; status=1; }
 tail -n 4 "$OUT/train.txt"
+echo "-- the weights' moving average (--ema) and a learning-rate range test (--lr-find) on the GPU"
+timeout 40 "$BIN" train --device cuda --epochs 1 --ema 0.999 --no-report --out "${TMPDIR:-/tmp}/stride-gpu-ema" > "$OUT/ema.txt" 2>&1
+[ "$?" -eq 0 ] || { tail -n 3 "$OUT/ema.txt"; echo "EMA RUN FAILED"; status=1; }
+tail -n 1 "$OUT/ema.txt"
+timeout 25 "$BIN" train --device cuda --lr-find --out "${TMPDIR:-/tmp}/stride-gpu-lr" > "$OUT/lr-find.txt" 2>&1
+[ "$?" -eq 0 ] || { tail -n 3 "$OUT/lr-find.txt"; echo "LR-FIND FAILED"; status=1; }
+grep -E "steps, up to|suggested|no rate" "$OUT/lr-find.txt"
 EXAMPLE="$(dirname "$BIN")/mnist-cnn"
 if [ -x "$EXAMPLE" ]; then
     echo "-- the same program on the CPU and the GPU (examples/mnist-cnn)"
-    timeout 60 "$EXAMPLE" cpu cuda 2>&1 | tee "$OUT/example.txt"
+    timeout 45 "$EXAMPLE" cpu cuda 2>&1 | tee "$OUT/example.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "EXAMPLE FAILED"; status=1; }
 fi
 

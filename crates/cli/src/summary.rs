@@ -262,7 +262,15 @@ fn measure(
             let x = Var::constant(net.batch(&shape, step)?.value().to(device)?);
             match segments {
                 Some(seg) => {
-                    recompute::forward_backward(net.module(), &x, &vec![0; batch], &stride_train::Loss::default(), 1.0, &mut ctx, seg)?;
+                    recompute::forward_backward(
+                        net.module(),
+                        &x,
+                        stride_train::Targets::plain(&vec![0; batch]),
+                        &stride_train::Loss::default(),
+                        1.0,
+                        &mut ctx,
+                        seg,
+                    )?;
                 }
                 None => net.loss(&x, &mut ctx)?.backward()?,
             }

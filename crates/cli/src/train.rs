@@ -38,6 +38,14 @@ pub struct TrainArgs {
     /// own.
     #[arg(long, value_name = "DECAY", value_parser = parse_decay)]
     ema: Option<f64>,
+    /// MixUp: blend each training image with the one before it in the batch by λ ~ Beta(A, A)
+    /// and train towards both labels in proportion (torchvision's v2 MixUp; timm uses 0.8).
+    #[arg(long, value_name = "A", value_parser = parse_alpha)]
+    mixup: Option<f64>,
+    /// CutMix: paste a box of about 1 - λ of the area from the image before it, λ ~ Beta(A,
+    /// A) (timm uses 1.0). With --mixup too, each batch takes one of the two at random.
+    #[arg(long, value_name = "A", value_parser = parse_alpha)]
+    cutmix: Option<f64>,
     /// Optimizer (default: adam, or adamw for a zoo model with a default weight decay, see
     /// `stride models`).
     #[arg(long, value_enum)]
@@ -280,6 +288,10 @@ fn parse_decay(s: &str) -> Result<f64, String> {
     parse_number(s, |v| (0.0..1.0).contains(&v), "a decay for the weight average", "a number in [0, 1), such as 0.999")
 }
 
+fn parse_alpha(s: &str) -> Result<f64, String> {
+    parse_number(s, |v| v > 0.0 && v <= stride_data::MAX_ALPHA, "a Beta distribution's alpha", "a number in (0, 100], such as 0.8")
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     parse_number(s, |f| f > 0.0 && f < 1.0, "a fraction of the training set", "a number between 0 and 1, such as 0.1")
 }
@@ -408,7 +420,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
     }
     if root && !a.lr_find {
         println!(
-            "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}{}",
+            "{}, batch {}{}, {} lr {}{}, {} schedule{}{}{}{}{}{}",
             epochs_text(epochs),
             a.batch_size,
             if a.accumulate > 1 { format!(" x {} accumulated per update", a.accumulate) } else { String::new() },
@@ -435,6 +447,12 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
                 Standardize::Fixed(n) => format!(", inputs standardised by {n}"),
             },
             a.ema.map_or_else(String::new, |d| format!(", evaluating and saving the weights' moving average (decay {d})")),
+            match (a.mixup, a.cutmix) {
+                (None, None) => String::new(),
+                (Some(m), None) => format!(", MixUp alpha {m}"),
+                (None, Some(c)) => format!(", CutMix alpha {c}"),
+                (Some(m), Some(c)) => format!(", MixUp alpha {m} or CutMix alpha {c} by turns at random"),
+            },
         );
     }
     if root && !fresh.is_empty() {
@@ -483,6 +501,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         eager: a.eager,
         accumulate: a.accumulate,
         ema: a.ema,
+        mix: stride_data::BatchMix { mixup: a.mixup.unwrap_or(0.0), cutmix: a.cutmix.unwrap_or(0.0) },
     };
     // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
     let stop = Arc::new(AtomicBool::new(false));

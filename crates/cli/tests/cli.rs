@@ -136,7 +136,7 @@ fn ctrl_c_saves_and_resume_finishes() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let cases: [(&[&str], &str); 27] = [
+    let cases: [(&[&str], &str); 28] = [
         (&["train", "--data", "/no/such/folder"], "not `mnist`, `fashion-mnist` or an existing folder"),
         (&["train", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
         (&["vae", "--epochs", "0"], "'0' is not a whole number of at least 1"),
@@ -149,6 +149,7 @@ fn bad_input_is_a_clear_error() {
         (&["train", "--class-weights", "1,2", "--out", "/tmp/stride-never-written"], "2 class weights given for the 10 classes"),
         (&["train", "--monitor", "precision"], "invalid value 'precision' for '--monitor"),
         (&["train", "--ema", "1"], "'1' is not a decay for the weight average: give a number in [0, 1), such as 0.999"),
+        (&["train", "--mixup", "0"], "'0' is not a Beta distribution's alpha: give a number in (0, 100], such as 0.8"),
         (&["train", "--epochs", "2", "--warmup", "2"], "--warmup 2 leaves none of the 2 epochs for the schedule"),
         (&["train", "--normalize", "0.5"], "'0.5' is not a standardisation: give imagenet, none or MEAN,...:STD,..."),
         (&["eval", "--weights", "x", "--normalize", "1:2:3"], "'2:3' is not a number"),

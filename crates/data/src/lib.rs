@@ -8,6 +8,7 @@ mod error;
 mod folder;
 pub mod idx;
 mod loader;
+mod mix;
 mod normalize;
 
 pub use augment::Augment;
@@ -19,4 +20,5 @@ pub use dataset::{
 pub use error::{DataError, Result};
 pub use folder::{decode_image, image_files, image_folder, image_shape, load_image, MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};
 pub use loader::{Batch, Batches};
+pub use mix::{partners, BatchMix, MAX_ALPHA};
 pub use normalize::{Normalize, IMAGENET_MEAN, IMAGENET_STD};

@@ -2,7 +2,7 @@
 //! tensors on every machine and every release.
 
 use rand::{RngExt, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rand_distr::{Beta, Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::shape::numel;
@@ -23,6 +23,11 @@ impl Rng {
     /// Uniform integer in 0..n (n > 0).
     pub fn below(&mut self, n: usize) -> usize {
         (self.uniform01() * n as f64) as usize % n.max(1)
+    }
+    /// A draw from the Beta(a, b) distribution, in [0, 1] (a, b finite and > 0).
+    pub fn beta(&mut self, a: f64, b: f64) -> Result<f64> {
+        let dist = Beta::new(a, b).map_err(|e| Error::arg("beta", format!("a {a}, b {b}: {e}")))?;
+        Ok(dist.sample(&mut self.0))
     }
     /// Puts `items` in a random order (Fisher-Yates): the same seed gives the same order.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {

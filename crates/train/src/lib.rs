@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{cross_entropy, no_grad, Device, Rng, ToDevice, Var};
-use stride_data::{Augment, Batch, Batches, Dataset, Normalize, Split};
+use stride_data::{Augment, Batch, BatchMix, Batches, Dataset, Normalize, Split};
 use stride_nn::optim::{self, Adam, Optimizer, Sgd};
 use stride_nn::schedule::{ReduceOnPlateau, Schedule};
 use stride_nn::{Ctx, Module};
@@ -33,7 +33,7 @@ use freeze::Frozen;
 pub use freeze::{freeze_all_but, split_frozen};
 pub use lr_find::{lr_find, LrFind, LrFinding, LrPoint};
 use objective::Progress;
-pub use objective::{Best, ClassWeights, Loss, Monitor};
+pub use objective::{Best, ClassWeights, Loss, Monitor, Targets};
 use run_report::write_report;
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +189,11 @@ pub struct TrainConfig {
     /// and the model when the run returns) while the optimizer goes on with its own; the
     /// checkpoint holds both.
     pub ema: Option<f64>,
+    /// MixUp and CutMix of the training batches (torchvision's v2 `MixUp`/`CutMix`, timm's
+    /// `Mixup`; see [`BatchMix`]): each image is blended with, or has a box pasted in from, the
+    /// image before it, and the loss is λ of its label's plus 1 - λ of the partner's. Mixed
+    /// runs step eagerly; the training accuracy counts the label that weighs more.
+    pub mix: BatchMix,
 }
 
 impl Default for TrainConfig {
@@ -222,6 +227,7 @@ impl Default for TrainConfig {
             eager: false,
             accumulate: 1,
             ema: None,
+            mix: BatchMix::default(),
         }
     }
 }
@@ -431,6 +437,7 @@ fn save_checkpoint(
         ("accumulate", cfg.accumulate.to_string()),
         ("monitor", cfg.monitor.name().to_string()),
         ("ema", ema_tag(cfg)),
+        ("mix", mix_tag(cfg)),
         ("ema_updates", ema.map_or(0, Ema::updates).to_string()),
     ]
     .into_iter()
@@ -446,6 +453,15 @@ const EMA_PREFIX: &str = "ema.";
 /// How a checkpoint records the weight average: its decay, or "none".
 fn ema_tag(cfg: &TrainConfig) -> String {
     cfg.ema.map_or_else(|| "none".into(), |d| d.to_string())
+}
+
+/// How a checkpoint records batch mixing: "mixup A, cutmix B", or "none".
+fn mix_tag(cfg: &TrainConfig) -> String {
+    if cfg.mix.is_off() {
+        "none".into()
+    } else {
+        format!("mixup {}, cutmix {}", cfg.mix.mixup, cfg.mix.cutmix)
+    }
 }
 
 /// A checkpoint's weight average: its tensors by the model's names, and its updates.
@@ -525,6 +541,11 @@ fn restore(
     let (had, has) = (meta.get("accumulate").map_or("1", String::as_str), cfg.accumulate.to_string());
     if had != has {
         return Err(bad(&format!("was written accumulating {had} batches per update, this run {has}")));
+    }
+    // The batches' draws depend on it; an older checkpoint mixed none.
+    let (had, has) = (meta.get("mix").map_or("none", String::as_str), mix_tag(cfg));
+    if had != has {
+        return Err(bad(&format!("was written with batch mixing {had}, this run has {has}")));
     }
     // An older checkpoint kept no weight average.
     let (had, has) = (meta.get("ema").map_or("none", String::as_str), ema_tag(cfg));
@@ -626,6 +647,12 @@ pub fn train(
     }
     if let Some(max) = cfg.clip_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
         return Err(TrainError::Config(format!("the gradient clipping norm must be finite and > 0, got {max}")));
+    }
+    cfg.mix.check().map_err(TrainError::Config)?;
+    if !cfg.mix.is_off() && cfg.data_parallel.is_some() && cfg.class_weights != ClassWeights::Equal {
+        return Err(TrainError::Config(
+            "class weights with MixUp/CutMix under mpirun are not supported yet: a rank's share of the two labels' weights differs".into(),
+        ));
     }
     if cfg.early_stopping == Some(0) {
         return Err(TrainError::Config("early stopping's patience (0 epochs) must be at least 1".into()));
@@ -808,8 +835,11 @@ pub fn train(
                     }
                 }
             });
-            for (step, Batch { images, labels }) in rx {
+            for (step, Batch { mut images, labels }) in rx {
                 ctx.rng = Rng::seed(mix(cfg.seed, epoch, step));
+                // MixUp / CutMix over the whole batch, before each rank takes its share.
+                let lam = mix_batch(&cfg.mix, &mut images, cfg.seed, epoch, step)?;
+                let partners = stride_data::partners(&labels);
                 // The update's group of batches (an epoch's last group may be shorter), and this
                 // batch's share of its images.
                 let first = step - step % cfg.accumulate;
@@ -822,14 +852,16 @@ pub fn train(
                 }
                 // With several ranks, this one trains on its share of the global batch, and its
                 // loss is that share of the batch's.
-                let (images, labels, share) = match &group {
+                let (images, labels, partners, share) = match &group {
                     Some(g) => {
                         let (start, len) = group::shard(labels.len(), g.rank(), g.size());
                         let share = loss_fn.share(&labels[start..start + len], &labels);
-                        (images.narrow(0, start, len)?, labels[start..start + len].to_vec(), share)
+                        let range = start..start + len;
+                        (images.narrow(0, start, len)?, labels[range.clone()].to_vec(), partners[range].to_vec(), share)
                     }
-                    None => (images, labels, 1.0),
+                    None => (images, labels, partners, 1.0),
                 };
+                let targets = Targets { labels: &labels, mixed: lam.map(|l| (&partners[..], l)) };
                 // Several ranks on the plain path: gradient sums start during the backward pass
                 // of the group's last batch, when they hold the whole group's.
                 let mut overlap = match (&group, &plan) {
@@ -844,9 +876,9 @@ pub fn train(
                 } else {
                     let x = Var::constant(images.to(cfg.device)?);
                     let (lv, logits, was_planned) =
-                        forward_backward(model, planned.as_mut(), segments.as_ref(), &x, &labels, &loss_fn, scale, &mut ctx, overlap.as_mut())?;
+                        forward_backward(model, planned.as_mut(), segments.as_ref(), &x, targets, &loss_fn, scale, &mut ctx, overlap.as_mut())?;
                     planned_steps += usize::from(was_planned);
-                    (lv, correct(&logits, &labels)?)
+                    (lv, correct(&logits, targets.dominant())?)
                 };
                 if let Some(o) = overlap {
                     o.finish()?;
@@ -981,17 +1013,31 @@ pub fn train(
     ended.outcome(model, cfg, ema.as_mut(), reports, planned_steps, progress.best, None)
 }
 
+/// Mixes a training batch as `how` asks (MixUp / CutMix), with draws fixed by where training
+/// is, so a resumed run mixes as an uninterrupted one would: λ, or `None` when unmixed.
+fn mix_batch(how: &BatchMix, images: &mut stride_autograd::Tensor<f32>, seed: u64, epoch: usize, step: usize) -> Result<Option<f64>> {
+    if how.is_off() {
+        return Ok(None);
+    }
+    let &[n, c, h, w] = images.shape() else {
+        return Err(TrainError::Config(format!("batch mixing needs images [N, C, H, W], got {:?}", images.shape())));
+    };
+    let mut rng = Rng::seed(mix(seed ^ 0x4D49_5855_5043_5554, epoch, step));
+    how.apply(images.data_mut(), [n, c, h, w], &mut rng).map_err(TrainError::Config)
+}
+
 /// Compiled training plans (one per batch shape) for a run's steps where they apply: on the
-/// CPU, one process, the plain loss, one batch per update, no recompute. A network the planner
+/// CPU, one process, the plain loss, one batch per update, no mixing, no recompute. A network the planner
 /// refuses (dropout, an op without a planned gradient) trains eagerly, as every step does with
 /// `cfg.eager`.
 fn planner(cfg: &TrainConfig, loss_fn: &Loss, recompute: bool, ranks: bool) -> Option<stride_nn::planned::TrainPlanned> {
-    (!cfg.eager && cfg.device.is_cpu() && !ranks && !recompute && *loss_fn == Loss::default() && cfg.accumulate == 1)
+    (!cfg.eager && cfg.device.is_cpu() && !ranks && !recompute && *loss_fn == Loss::default() && cfg.accumulate == 1 && cfg.mix.is_off())
         .then(stride_nn::planned::TrainPlanned::new)
 }
 
-/// One batch's forward and backward pass on `x`, its gradients added to the parameters':
-/// through the compiled training plan where `planned` takes the batch, else in `segments`
+/// One batch's forward and backward pass on `x` towards `targets`, its gradients added to the
+/// parameters': through the compiled training plan where `planned` takes the batch (and it is
+/// not mixed), else in `segments`
 /// (activation recompute), else eagerly, the loss scaled by `scale` and, with `overlap`, each
 /// bucket's sum across ranks started as its gradients finish. Returns the batch's loss
 /// (unscaled), the logits (detached) and whether the plan ran the step.
@@ -1001,24 +1047,24 @@ fn forward_backward(
     planned: Option<&mut stride_nn::planned::TrainPlanned>,
     segments: Option<&recompute::Segments>,
     x: &Var,
-    labels: &[usize],
+    targets: Targets,
     loss_fn: &Loss,
     scale: f64,
     ctx: &mut Ctx,
     overlap: Option<&mut group::OverlappedSum>,
 ) -> Result<(f32, Var, bool)> {
-    if let Some(p) = planned {
-        if let Some(lv) = p.step(model, &x.value(), labels)? {
+    if let (Some(p), None) = (planned, targets.mixed) {
+        if let Some(lv) = p.step(model, &x.value(), targets.labels)? {
             let logits = p.logits(&x.shape()).ok_or_else(|| stride_autograd::Error::arg("train plan", "a step ran but left no logits"))?;
             return Ok((lv, Var::constant(logits), true));
         }
     }
     if let Some(seg) = segments {
-        let (lv, logits) = recompute::forward_backward(model, x, labels, loss_fn, scale, ctx, seg)?;
+        let (lv, logits) = recompute::forward_backward(model, x, targets, loss_fn, scale, ctx, seg)?;
         return Ok((lv, logits, false));
     }
     let logits = model.forward(x, ctx)?;
-    let loss = loss_fn.of(&logits, labels)?;
+    let loss = loss_fn.of_targets(&logits, targets)?;
     match overlap {
         // Several ranks: each back-propagates its share of the global batch's mean loss (so
         // synchronised batch norm sums true partials), always, so every rank starts the same

@@ -11,7 +11,9 @@ use stride_nn::optim;
 use stride_nn::{Ctx, Module};
 
 use crate::freeze::Frozen;
-use crate::{checkpoint, forward_backward, make_optimizer, mix, planner, recompute, split_frozen, Loss, Result, TrainConfig, TrainError};
+use crate::{
+    checkpoint, forward_backward, make_optimizer, mix, mix_batch, planner, recompute, split_frozen, Loss, Result, Targets, TrainConfig, TrainError,
+};
 
 /// The most steps a sweep takes (its points are kept in memory).
 pub const MAX_STEPS: usize = 100_000;
@@ -192,11 +194,14 @@ pub fn lr_find(
             let group = (0..cfg.accumulate).map(|_| next_batch()).collect::<Result<Vec<_>>>()?;
             let images: usize = group.iter().map(|b| b.labels.len()).sum();
             let mut loss_sum = 0.0;
-            for (j, Batch { images: x, labels }) in group.into_iter().enumerate() {
+            for (j, Batch { images: mut x, labels }) in group.into_iter().enumerate() {
                 ctx.rng = Rng::seed(mix(cfg.seed, i, j));
+                let lam = mix_batch(&cfg.mix, &mut x, cfg.seed, i, j)?;
+                let partners = stride_data::partners(&labels);
+                let targets = Targets { labels: &labels, mixed: lam.map(|l| (&partners[..], l)) };
                 let x = Var::constant(x.to(cfg.device)?);
                 let scale = labels.len() as f64 / images as f64;
-                let (lv, _, _) = forward_backward(model, planned.as_mut(), segments.as_ref(), &x, &labels, &loss_fn, scale, &mut ctx, None)?;
+                let (lv, _, _) = forward_backward(model, planned.as_mut(), segments.as_ref(), &x, targets, &loss_fn, scale, &mut ctx, None)?;
                 loss_sum += lv as f64 * labels.len() as f64;
             }
             let loss = loss_sum / images as f64;

@@ -54,7 +54,43 @@ pub struct Loss {
     pub class_weights: Option<Vec<f64>>,
 }
 
+/// What a batch trains towards: its labels, or with batch mixing ([`stride_data::BatchMix`]) a
+/// blend of its labels (their share `λ`) and its images' partners' labels (`1 - λ`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Targets<'a> {
+    pub labels: &'a [usize],
+    /// The partners' labels and λ.
+    pub mixed: Option<(&'a [usize], f64)>,
+}
+
+impl<'a> Targets<'a> {
+    /// Just the labels.
+    pub fn plain(labels: &'a [usize]) -> Self {
+        Targets { labels, mixed: None }
+    }
+
+    /// The labels that weigh more in the images (for the training accuracy): the images' own,
+    /// unless λ is under 1/2.
+    pub fn dominant(&self) -> &'a [usize] {
+        match self.mixed {
+            Some((partners, lam)) if lam < 0.5 => partners,
+            _ => self.labels,
+        }
+    }
+}
+
 impl Loss {
+    /// The loss towards `t`: with mixing, λ times the loss on the labels plus 1 - λ times the
+    /// loss on the partners' (which, as the loss is linear in its target, is the loss towards
+    /// the blended, smoothed target of torchvision's `MixUp` and timm's `Mixup`).
+    pub fn of_targets(&self, logits: &Var, t: Targets) -> stride_autograd::Result<Var> {
+        let own = self.of(logits, t.labels)?;
+        match t.mixed {
+            None => Ok(own),
+            Some((partners, lam)) => own.mul_scalar(lam)?.add(&self.of(logits, partners)?.mul_scalar(1.0 - lam)?),
+        }
+    }
+
     /// The batch's loss; a batch whose images all weigh 0 gives 0 (and no gradient).
     pub fn of(&self, logits: &Var, labels: &[usize]) -> stride_autograd::Result<Var> {
         match &self.class_weights {

@@ -171,13 +171,13 @@ fn restore(layers: &mut Units<'_>, saved: &[Tensor<f32>]) {
     }
 }
 
-/// One training step's forward and backward pass (`loss` on `labels`, scaled by `scale`) in
-/// segments: parameters' gradients accumulate as `loss.backward()` would leave them. Returns the loss
-/// and the logits (detached).
+/// One training step's forward and backward pass (`loss` towards `targets`, scaled by `scale`)
+/// in segments: parameters' gradients accumulate as `loss.backward()` would leave them. Returns
+/// the loss and the logits (detached).
 pub fn forward_backward(
     model: &mut dyn Module,
     x: &Var,
-    labels: &[usize],
+    targets: crate::Targets,
     loss: &crate::Loss,
     scale: f64,
     ctx: &mut Ctx,
@@ -204,7 +204,7 @@ pub fn forward_backward(
     let (loss_value, logits, mut grad) = {
         let top = &inputs[k - 1];
         let logits = run(&mut layers[seg.range(k - 1)], top, ctx)?;
-        let l = loss.of(&logits, labels)?;
+        let l = loss.of_targets(&logits, targets)?;
         let lv = l.value().item()?;
         if scale == 1.0 {
             l.backward()?;

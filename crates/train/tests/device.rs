@@ -352,3 +352,20 @@ fn two_ranks_accumulate_as_one_process_does() {
     // Measured: 2e-8; summing across ranks after every batch (counting the first twice): 2e-3.
     assert_close_runs(&alone, &two[0], 1e-5);
 }
+
+/// MixUp and CutMix mix the whole batch before each rank takes its share (mixing each share
+/// apart would pair other images at the shares' edges): two ranks take one process's steps.
+#[test]
+fn two_ranks_mix_batches_as_one_process_does() {
+    let mixed = TrainConfig { mix: stride_data::BatchMix { mixup: 0.4, cutmix: 1.0 }, ..plain_sgd() };
+    let (alone, two) = alone_and_on_two_ranks(256, &mixed, |c| c);
+    assert_eq!(two[0], two[1]);
+    assert_close_runs(&alone, &two[0], 1e-5);
+    // Class weights would need each label's share of the batch's weight apart: refused.
+    let world = Arc::new(Threads { size: 1, state: Default::default(), turn: Default::default() });
+    let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank: 0, world });
+    let c =
+        TrainConfig { class_weights: stride_train::ClassWeights::Balanced, data_parallel: Some(stride_train::group::DataParallel(group)), ..mixed };
+    let e = train(&mut common::model(7), &small(64, 16), &c, false, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("class weights with MixUp/CutMix under mpirun"), "{e}");
+}
