@@ -69,6 +69,7 @@ pub(crate) fn write_report(
         ]
         .into_iter()
         .chain((!cfg.frozen.is_empty()).then(|| ("frozen".to_string(), cfg.frozen.join(", "))))
+        .chain(cfg.ema.map(|d| ("weights".to_string(), format!("evaluated and saved as their moving average, decay {d}"))))
         .chain(final_test.map(|(_, t)| ("test accuracy (last epoch's weights)".to_string(), format!("{:.2}%", 100.0 * t.accuracy))))
         .collect(),
         charts: vec![
@@ -94,6 +95,12 @@ fn loss_fact(cfg: &TrainConfig) -> String {
         ClassWeights::Equal => {}
         ClassWeights::Balanced => s += ", balanced class weights",
         ClassWeights::Given(w) => s += &format!(", class weights {}", w.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
+    }
+    match (cfg.mix.mixup > 0.0, cfg.mix.cutmix > 0.0) {
+        (false, false) => {}
+        (true, false) => s += &format!(", batches mixed by MixUp (alpha {})", cfg.mix.mixup),
+        (false, true) => s += &format!(", batches mixed by CutMix (alpha {})", cfg.mix.cutmix),
+        (true, true) => s += &format!(", batches mixed by MixUp (alpha {}) or CutMix (alpha {})", cfg.mix.mixup, cfg.mix.cutmix),
     }
     s
 }

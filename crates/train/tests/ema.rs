@@ -64,8 +64,10 @@ fn a_run_with_an_average_trains_the_same_weights_and_evaluates_and_saves_the_ave
     let (plain_dir, avg_dir, zero_dir) = (tmp("ema-plain"), tmp("ema-avg"), tmp("ema-zero"));
     let plain = train(&mut model(3), &data, &cfg(2, Some(plain_dir.clone())), false, None, |_| {}).unwrap();
     let mut m = model(3);
-    let with = TrainConfig { ema: Some(0.95), ..cfg(2, Some(avg_dir.clone())) };
+    let with = TrainConfig { ema: Some(0.95), report: Some("cnn".into()), ..cfg(2, Some(avg_dir.clone())) };
     let out = train(&mut m, &data, &with, false, None, |_| {}).unwrap();
+    let html = std::fs::read_to_string(avg_dir.join("report.html")).unwrap();
+    assert!(html.contains("evaluated and saved as their moving average, decay 0.95"), "report.html states the average");
     assert_eq!(out.planned_steps, plain.planned_steps, "the average leaves the planned steps alone");
     // The optimizer's weights are the run's without the average, bit for bit (the checkpoint
     // holds them beside the average).

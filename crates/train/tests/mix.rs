@@ -57,8 +57,10 @@ fn a_mixed_run_steps_eagerly_and_resumes_bit_for_bit() {
     let (plain_dir, whole, parts) = (tmp("mix-plain"), tmp("mix-whole"), tmp("mix-parts"));
     let plain = train(&mut model(7), &data, &with(&plain_dir, BatchMix::default()), false, None, |_| {}).unwrap();
     let mut a = model(7);
-    let out = train(&mut a, &data, &with(&whole, both), false, None, |_| {}).unwrap();
+    let out = train(&mut a, &data, &TrainConfig { report: Some("cnn".into()), ..with(&whole, both) }, false, None, |_| {}).unwrap();
     assert_eq!(out.planned_steps, 0, "mixed batches step eagerly");
+    let html = std::fs::read_to_string(whole.join("report.html")).unwrap();
+    assert!(html.contains("cross-entropy, batches mixed by MixUp (alpha 0.4) or CutMix (alpha 1)"), "report.html states the mixing");
     assert!(plain.planned_steps > 0);
     // Mixed images are harder to fit: the training loss stays above the plain run's.
     assert!(out.reports[1].train_loss > plain.reports[1].train_loss + 0.1, "{} vs {}", out.reports[1].train_loss, plain.reports[1].train_loss);
