@@ -300,6 +300,15 @@ pub fn load_trained(model: &str, weights: &Path) -> Result<Trained, Box<dyn std:
     Ok(Trained { model: m, chw, norm, names, header: meta })
 }
 
+/// `model` with `weights` ([`load_trained`]), or an ONNX model with its own ([`onnx_trained`]).
+pub fn trained(model: &str, weights: Option<&Path>) -> Result<Trained, Box<dyn std::error::Error>> {
+    match weights {
+        Some(w) => load_trained(model, w),
+        None if model.ends_with(".onnx") => onnx_trained(model),
+        None => Err(format!("--weights is needed: {model} is built with fresh weights (only an ONNX model carries its own)").into()),
+    }
+}
+
 /// An ONNX classifier with the preprocessing its metadata records (`stride export` writes a
 /// training run's header there), else its declared input, numbered classes and pixels scaled to
 /// [0, 1], with a note on stderr.
@@ -376,12 +385,7 @@ struct Preprocessing {
 
 /// Class probabilities for image files, with the training run's preprocessing.
 pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = match &a.weights {
-        Some(w) => load_trained(&a.model, w)?,
-        None if a.model.ends_with(".onnx") => onnx_trained(&a.model)?,
-        None => return Err(format!("--weights is needed: {} is built with fresh weights (only an ONNX model carries its own)", a.model).into()),
-    };
-    t = t.normalized_by(a.normalize.as_ref())?;
+    let mut t = trained(&a.model, a.weights.as_deref())?.normalized_by(a.normalize.as_ref())?;
     t.model.to(device)?;
     let mut files = Vec::new();
     for p in &a.images {

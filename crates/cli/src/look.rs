@@ -7,17 +7,17 @@ use stride_autograd::{softmax, Var};
 use stride_nn::{Module, Slot, Trace};
 use stride_train::visual;
 
-use crate::infer::{load_trained, Image, Trained};
+use crate::infer::{trained, Image, Trained};
 
 /// The trained network and the image both commands look at.
 #[derive(Args)]
 pub struct Source {
-    /// Zoo model or TOML file the weights belong to.
+    /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
     #[arg(long, default_value = "cnn")]
     model: String,
-    /// A run's model.safetensors.
+    /// A run's model.safetensors (optional for an ONNX model, which carries its own).
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// The image (PNG or JPEG), e.g. china.jpg.
     #[arg(long)]
     image: PathBuf,
@@ -84,7 +84,7 @@ fn run(t: &mut Trained, path: &Path, size: Option<(usize, usize)>) -> Result<See
 }
 
 pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.src.model, &a.src.weights)?.normalized_by(a.src.normalize.as_ref())?;
+    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
     let Seen { trace, err, image, .. } = run(&mut t, &a.src.image, a.size)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let chosen: Vec<usize> = if a.layers.is_empty() {
@@ -138,7 +138,7 @@ fn with_cause(msg: String, err: &Option<String>) -> String {
 }
 
 pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = load_trained(&a.src.model, &a.src.weights)?.normalized_by(a.src.normalize.as_ref())?;
+    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
     let Seen { trace, y, err, image } = run(&mut t, &a.src.image, None)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let y = match (y, err) {

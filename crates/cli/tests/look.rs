@@ -78,5 +78,23 @@ fn features_and_gradcam_pictures() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
     }
+    // An ONNX export looks the same without --weights: it carries them and the run's header.
+    let onnx = dir.join("cnn.onnx");
+    let out = stride(&["export", "--weights", w, "--out", onnx.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = stride(&["gradcam", "--model", onnx.to_str().unwrap(), "--image", png.to_str().unwrap(), "--out", cam.to_str().unwrap()]);
+    assert!(text(&out).contains("predicted 7") && text(&out).contains("at layer 5 (4x4)"), "{}", text(&out));
+    let out = stride(&[
+        "features",
+        "--model",
+        onnx.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--out",
+        dir.join("onnx-features").to_str().unwrap(),
+    ]);
+    assert!(out.status.success() && dir.join("onnx-features").join("filters.png").is_file(), "{}", text(&out));
+    let out = stride(&["gradcam", "--image", png.to_str().unwrap(), "--out", cam.to_str().unwrap()]);
+    assert!(text(&out).contains("--weights is needed: cnn is built with fresh weights"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
