@@ -32,6 +32,11 @@ pub struct EvalArgs {
     /// recall, f1, images, name) and confusion (rows: true class).
     #[arg(long)]
     json: bool,
+    /// Test-time augmentation: each image's class probabilities are the mean of the image's
+    /// and its mirror image's (left-right). For photographs; digits and letters are not
+    /// symmetric.
+    #[arg(long)]
+    tta: bool,
 }
 
 #[derive(Args)]
@@ -143,7 +148,7 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         (None, Some(n)) => n,
         (Some(stride_train::Standardize::TrainingImages) | None, _) => Normalize::of(t),
     };
-    let ev = stride_train::evaluate(&mut model, &data.test, stride_train::EVAL_BATCH, &norm)?;
+    let ev = stride_train::evaluate_with(&mut model, &data.test, stride_train::EVAL_BATCH, &norm, a.tta)?;
     if a.json {
         let per_class: Vec<serde_json::Value> = ev
             .per_class()
@@ -239,6 +244,10 @@ pub struct PredictArgs {
     /// "index": I, "probability": P}, ...]}`.
     #[arg(long)]
     json: bool,
+    /// Test-time augmentation: average the class probabilities of each image and its mirror
+    /// image (left-right).
+    #[arg(long)]
+    tta: bool,
     /// PNG or JPEG files, or folders of them (their sub-folders too, such as a data set's class
     /// folders).
     #[arg(required = true)]
@@ -418,11 +427,18 @@ pub fn predict(a: &PredictArgs, device: Device) -> Result<(), Box<dyn std::error
             continue;
         }
         let x = Tensor::concat(&read.iter().map(|(_, x)| x).collect::<Vec<_>>(), 0)?;
-        let logits = match device {
-            Device::Cpu => planned.forward(&mut t.model, &x)?,
-            _ => no_grad(|| t.model.forward(&Var::constant(x.to(device)?), &mut Ctx::eval()))?.value().to_host()?,
+        let mut probabilities = |x: &Tensor<f32>| -> Result<Tensor<f32>, Box<dyn std::error::Error>> {
+            let logits = match device {
+                Device::Cpu => planned.forward(&mut t.model, x)?,
+                _ => no_grad(|| t.model.forward(&Var::constant(x.to(device)?), &mut Ctx::eval()))?.value().to_host()?,
+            };
+            Ok(stride_autograd::softmax(&Var::constant(logits), 1)?.value())
         };
-        let p = stride_autograd::softmax(&Var::constant(logits), 1)?.value();
+        let mut p = probabilities(&x)?;
+        if a.tta {
+            let m = probabilities(&stride_train::mirrored(&x)?)?;
+            p = Tensor::from_vec(p.data().iter().zip(m.data()).map(|(a, b)| 0.5 * (a + b)).collect(), p.shape())?;
+        }
         let k = p.shape()[1];
         let name = |i: usize| t.names.get(i).cloned().unwrap_or_else(|| i.to_string());
         for (row, (path, _)) in p.data().chunks_exact(k.max(1)).zip(&read) {

@@ -292,6 +292,12 @@ fn colour_images_are_standardised_per_channel_as_asked_and_eval_follows_the_head
     let test_loss = last_epoch.split("test loss ").nth(1).unwrap().split(' ').next().unwrap();
     assert_eq!(eval(&[]), test_loss, "{log}");
     assert_ne!(eval(&["--normalize", "none"]), test_loss, "--normalize overrides the header");
+    // Test-time augmentation: the mean of each image's and its mirror image's probabilities.
+    let tta: f64 = eval(&["--tta"]).parse().unwrap();
+    assert!(tta.is_finite() && tta > 0.0, "{tta}");
+    let said = stride(&["predict", "--tta", "--json", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), &format!("{data}/square/00.png")]);
+    let top: f64 = text(&said).split(r#""probability":"#).nth(1).and_then(|v| v.split(['}', ',']).next()?.parse().ok()).expect("a probability");
+    assert!(said.status.success() && top > 0.0 && top <= 1.0, "{}", text(&said));
     // Exported to ONNX, the header travels as the model's metadata: eval and predict on the
     // file alone standardise as the run did and name its classes, and import carries it back.
     let onnx = dir.join("given.onnx");

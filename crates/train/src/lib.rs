@@ -317,6 +317,13 @@ fn correct(logits: &Var, labels: &[usize]) -> Result<usize> {
 /// Evaluates `model` on `ds` in evaluation mode, without recording gradients; inputs are
 /// standardised with `norm`.
 pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: &Normalize) -> Result<Evaluation> {
+    evaluate_with(model, ds, batch_size, norm, false)
+}
+
+/// [`evaluate`], with test-time augmentation when `tta`: each image's class probabilities are
+/// the mean of the image's and its mirror image's (left-right, [`mirrored`]), and the loss is
+/// the negative log of that mean's probability for the true class.
+pub fn evaluate_with(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: &Normalize, tta: bool) -> Result<Evaluation> {
     // Through plans compiled for this call (the weights are fixed while it runs); a network
     // the planner refuses runs eagerly.
     let mut planned = stride_nn::planned::Planned::new();
@@ -327,15 +334,27 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: &
     let mut mistakes: Vec<report::Mistake> = Vec::new();
     let mut seen = 0;
     no_grad(|| -> Result<()> {
-        for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm)? {
-            let logits = if device.is_cpu() {
-                Var::constant(planned.forward(model, &images)?)
+        let mut classify = |images: &stride_autograd::Tensor<f32>| -> Result<Var> {
+            Ok(if device.is_cpu() {
+                Var::constant(planned.forward(model, images)?)
             } else {
                 model.forward(&Var::constant(images.to(device)?), &mut Ctx::eval())?
+            })
+        };
+        for Batch { images, labels } in Batches::new(ds, batch_size, None, false).normalized(norm)? {
+            let logits = classify(&images)?;
+            let (pred, probs) = if tta {
+                let both = stride_autograd::softmax(&logits, 1)?.add(&stride_autograd::softmax(&classify(&mirrored(&images)?)?, 1)?)?;
+                let probs = both.mul_scalar(0.5)?.value().to_host()?;
+                let k = probs.shape()[1];
+                for (row, &t) in probs.data().chunks_exact(k).zip(&labels) {
+                    loss -= (row[t] as f64).max(f64::MIN_POSITIVE).ln();
+                }
+                (Var::constant(probs.clone()).argmax(1)?, probs)
+            } else {
+                loss += cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
+                (logits.argmax(1)?, stride_autograd::softmax(&logits, 1)?.value())
             };
-            loss += cross_entropy(&logits, &labels, 0.0)?.value().item()? as f64 * labels.len() as f64;
-            let pred = logits.argmax(1)?;
-            let probs = stride_autograd::softmax(&logits, 1)?.value();
             let k = probs.shape()[1];
             for (i, (&p, &t)) in pred.iter().zip(&labels).enumerate() {
                 confusion[t][p.min(ds.classes - 1)] += 1;
@@ -357,6 +376,16 @@ pub fn evaluate(model: &mut dyn Module, ds: &Dataset, batch_size: usize, norm: &
     let n = ds.len().max(1) as f64;
     let top5 = (ds.classes > 5).then(|| in_top5 as f64 / n);
     Ok(Evaluation { loss: loss / n, accuracy: right as f64 / n, top5, confusion, mistakes })
+}
+
+/// `images` [N, C, H, W] mirrored left-right (each row reversed), for test-time augmentation.
+pub fn mirrored(images: &stride_autograd::Tensor<f32>) -> Result<stride_autograd::Tensor<f32>> {
+    let &[.., w] = images.shape() else {
+        return Err(TrainError::Config(format!("mirroring needs images [N, C, H, W], got {:?}", images.shape())));
+    };
+    let mut out = images.to_host()?.into_vec();
+    out.chunks_exact_mut(w.max(1)).for_each(<[f32]>::reverse);
+    Ok(stride_autograd::Tensor::from_vec(out, images.shape())?)
 }
 
 /// The optimizer `cfg` asks for.
