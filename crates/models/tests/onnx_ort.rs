@@ -17,15 +17,24 @@ fn have_ort() -> bool {
     Command::new("python3").args(["-c", "import onnx, onnxruntime"]).output().is_ok_and(|o| o.status.success())
 }
 
+/// Whether to skip for want of ONNX Runtime (saying so); under CI (`CI` set) its absence fails
+/// instead: .ci/run installs it.
+fn skip_without_ort() -> bool {
+    if have_ort() {
+        return false;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI needs python3 with onnx and onnxruntime (pip install onnx onnxruntime)");
+    eprintln!("skipped: python3 with onnx and onnxruntime not found (pip install onnx onnxruntime)");
+    true
+}
+
 fn write_pb(path: &Path, t: &Tensor<f32>) {
     std::fs::write(path, stride_onnx::to_tensor_proto("input", t).encode_to_vec()).unwrap();
 }
 
 #[test]
 fn onnx_runtime_agrees_with_stride_on_every_export() {
-    if !have_ort() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs python3 with onnx and onnxruntime (pip install onnx onnxruntime)");
-        eprintln!("skipped: python3 with onnx and onnxruntime not found (pip install onnx onnxruntime)");
+    if skip_without_ort() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("stride-ort-{}", std::process::id()));
@@ -69,9 +78,7 @@ fn onnx_runtime_agrees_with_stride_on_every_export() {
 
 #[test]
 fn onnx_runtime_reads_the_metadata_an_export_records() {
-    if !have_ort() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs python3 with onnx and onnxruntime (pip install onnx onnxruntime)");
-        eprintln!("skipped: python3 with onnx and onnxruntime not found (pip install onnx onnxruntime)");
+    if skip_without_ort() {
         return;
     }
     let spec = InputSpec { channels: 1, height: 28, width: 28, classes: 3 };
