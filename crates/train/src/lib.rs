@@ -727,11 +727,12 @@ pub fn train(
                         optim::clip_grad_norm(&params, max)?;
                     }
                     opt.step(&params)?;
-                    if let Some(e) = ema.as_mut() {
-                        e.update(model)?;
-                    }
                     if let Some(g) = &group {
                         group::broadcast_state(g.as_ref(), model, true)?;
+                    }
+                    // After rank 0's buffers reached every rank, so the ranks' averages agree.
+                    if let Some(e) = ema.as_mut() {
+                        e.update(model)?;
                     }
                 }
                 pos.loss_sum += loss_sum;

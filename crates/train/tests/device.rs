@@ -203,6 +203,17 @@ impl stride_train::group::Group for Rank {
 /// each rank's reads of device tensors back to the host (16 steps: 2 epochs of 8 batches).
 type State = Vec<(String, stride_autograd::Tensor<f32>)>;
 fn two_ranks(device: Device, sync_bn: bool, optimizer: OptimizerKind, images: usize) -> Result<(Vec<State>, Vec<usize>), String> {
+    two_ranks_with(device, sync_bn, optimizer, images, |c| c)
+}
+
+/// [`two_ranks`] with `tweak` applied to each rank's configuration.
+fn two_ranks_with(
+    device: Device,
+    sync_bn: bool,
+    optimizer: OptimizerKind,
+    images: usize,
+    tweak: fn(TrainConfig) -> TrainConfig,
+) -> Result<(Vec<State>, Vec<usize>), String> {
     let world = Arc::new(Threads { size: 2, state: Default::default(), turn: Default::default() });
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
@@ -210,7 +221,8 @@ fn two_ranks(device: Device, sync_bn: bool, optimizer: OptimizerKind, images: us
             std::thread::spawn(move || {
                 let data = small(images, 64);
                 let group: std::rc::Rc<dyn stride_train::group::Group> = std::rc::Rc::new(Rank { rank, world });
-                let c = TrainConfig { device, sync_bn, optimizer, data_parallel: Some(stride_train::group::DataParallel(group)), ..cfg(2, None) };
+                let c =
+                    tweak(TrainConfig { device, sync_bn, optimizer, data_parallel: Some(stride_train::group::DataParallel(group)), ..cfg(2, None) });
                 let mut model = cnn_bn(7 + rank as u64);
                 let before = HostMirror::reads();
                 train(&mut model, &data, &c, false, None, |_| {}).map_err(|e| e.to_string())?;
@@ -368,4 +380,14 @@ fn two_ranks_mix_batches_as_one_process_does() {
         TrainConfig { class_weights: stride_train::ClassWeights::Balanced, data_parallel: Some(stride_train::group::DataParallel(group)), ..mixed };
     let e = train(&mut common::model(7), &small(64, 16), &c, false, None, |_| {}).unwrap_err().to_string();
     assert!(e.contains("class weights with MixUp/CutMix under mpirun"), "{e}");
+}
+
+/// With a weight average, ranks average after rank 0's batch norm statistics reached them, so
+/// they end with the same averaged weights and buffers.
+#[test]
+fn two_ranks_average_the_same_weights() {
+    let (states, _) = two_ranks_with(Device::Cpu, false, OptimizerKind::Adam, 256, |c| TrainConfig { ema: Some(0.9), ..c }).unwrap();
+    assert_eq!(states[0], states[1]);
+    let (plain, _) = two_ranks(Device::Cpu, false, OptimizerKind::Adam, 256).unwrap();
+    assert_ne!(states[0], plain[0], "the ranks hold the average, not the last step's weights");
 }
