@@ -97,6 +97,11 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
         let mut args = vec!["train", "--model", "cnn-bn", "--data", data.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--no-report"];
         args.extend(["--device", device, "--out", out_dir.to_str().unwrap()]);
         args.extend(optimizer.map(|o| ["--optimizer", o]).into_iter().flatten());
+        // With SGD the epochs are also evaluated with the weights' moving average, which the
+        // device folds in with its element-wise kernels.
+        if optimizer == Some("sgd") {
+            args.extend(["--ema", "0.9"]);
+        }
         let out = on_emulator(&lib, &args, cudnn)?;
         assert!(out.status.success(), "training on {device}: {}", text(&out));
         if device == "cuda" {
@@ -137,6 +142,15 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
     let on_cpu = predict("cpu");
     assert_eq!(on_cpu.lines().count(), 2, "{on_cpu}");
     assert_eq!(predict("cuda"), on_cpu);
+    // And with test-time augmentation, evaluated on the device.
+    let eval = |device: &str| {
+        let args =
+            ["eval", "--model", "cnn-bn", "--weights", weights.to_str().unwrap(), "--data", data.to_str().unwrap(), "--tta", "--device", device];
+        let out = on_emulator(&lib, &args, Some("fp32")).unwrap();
+        assert!(out.status.success(), "eval --tta on {device}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(eval("cuda"), eval("cpu"));
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -127,11 +127,12 @@ impl LrFinding {
 }
 
 /// Runs the range test `find` on the training images `data` with everything else as `cfg`
-/// trains (optimizer, weight decay, batch size and accumulation, augmentation, standardisation,
-/// loss, frozen layers, gradient clipping, device, recompute), the batches drawn by `cfg.seed`;
-/// `cfg`'s learning rate, epochs and schedule do not apply. Every parameter and buffer of
-/// `model` is restored afterwards (the optimizer's state goes with the sweep). One process:
-/// refused with `cfg.data_parallel`. `stop` (Ctrl-C) ends the sweep after the current step.
+/// trains (optimizer, weight decay, batch size and accumulation, augmentation, batch mixing,
+/// standardisation, loss, frozen layers, gradient clipping, device, recompute), the batches
+/// drawn by `cfg.seed`; `cfg`'s learning rate, epochs, schedule and weight average do not apply.
+/// Every parameter and buffer of `model` is restored afterwards (the sweep's optimizer is its
+/// own and is dropped). One process: refused with `cfg.data_parallel`. `stop` (Ctrl-C) ends
+/// the sweep after the current step.
 pub fn lr_find(
     model: &mut dyn Module,
     data: &Dataset,
@@ -159,7 +160,8 @@ pub fn lr_find(
         None => None,
     };
     model.to(cfg.device)?;
-    // What to put back: host copies, untouched by the sweep's updates.
+    // What to put back: on the CPU these share storage with the weights until the first
+    // update, which then writes to a copy; from a device they are read back.
     let saved: std::collections::HashMap<_, _> = checkpoint::state_dict(model).into_iter().collect();
     let (params, frozen) = split_frozen(model, &cfg.frozen)?;
     let _frozen = Frozen::new(frozen)?;
