@@ -310,6 +310,15 @@ fn colour_images_are_standardised_per_channel_as_asked_and_eval_follows_the_head
     let said = stride(&["predict", "--json", "--model", onnx.to_str().unwrap(), &format!("{data}/disc/00.png")]);
     let said = text(&said);
     assert!(said.contains(r#""class":"disc""#) && said.contains(r#""class":"square""#) && !said.contains("no Stride metadata"), "{said}");
+    // Metadata that contradicts the graph (a file edited by hand) is refused, naming both.
+    let mut edited = stride_onnx::read(&onnx).unwrap();
+    for p in edited.metadata_props.iter_mut().filter(|p| p.key.as_deref() == Some("input_shape")) {
+        p.value = Some("3x28x28".into());
+    }
+    let liar = dir.join("liar.onnx");
+    std::fs::write(&liar, stride_onnx::encode(&edited)).unwrap();
+    let e = stride(&["predict", "--model", liar.to_str().unwrap(), &format!("{data}/disc/00.png")]);
+    assert!(text(&e).contains("its metadata describes 3x28x28 inputs and 2 classes, its graph 3x16x16 and 2"), "{}", text(&e));
     let back = dir.join("back.safetensors");
     let im = stride(&["import", onnx.to_str().unwrap(), "--out", back.to_str().unwrap()]);
     assert!(im.status.success() && text(&im).contains("with the run's header"), "{}", text(&im));
