@@ -14,15 +14,25 @@ use crate::{Result, TrainError};
 
 /// Every parameter and buffer of `model`, by its PyTorch-style name, in host memory.
 pub fn state_dict(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
+    // Checkpoints go through the CPU: a tensor on a device is read back (a device that fails
+    // to answer panics here, as `Tensor::data` does).
+    named_tensors(model)
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.device().is_cpu() { t } else { t.to_host().unwrap_or_else(|e| panic!("reading {name} back from {}: {e}", t.device())) };
+            (name, t)
+        })
+        .collect()
+}
+
+/// Every parameter and buffer of `model` by name, where they are (shared, not copied).
+pub(crate) fn named_tensors(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
     let mut out = Vec::new();
     model.visit("", &mut |name, slot| {
         let t = match slot {
             Slot::Param(v) => v.value(),
             Slot::Buffer(b) => b.clone(),
         };
-        // Checkpoints go through the CPU: a tensor on a device is read back (a device that
-        // fails to answer panics here, as `Tensor::data` does).
-        let t = if t.device().is_cpu() { t } else { t.to_host().unwrap_or_else(|e| panic!("reading {name} back from {}: {e}", t.device())) };
         out.push((name, t));
     });
     out

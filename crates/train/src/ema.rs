@@ -24,7 +24,7 @@ impl Ema {
         if !(0.0..1.0).contains(&decay) {
             return Err(TrainError::Config(format!("the weight average's decay must be in [0, 1), such as 0.999; got {decay}")));
         }
-        Ok(Ema { decay, updates: 0, avg: current(model) })
+        Ok(Ema { decay, updates: 0, avg: crate::checkpoint::named_tensors(model) })
     }
 
     /// The weight of the past at update `n` (counted from 0): `decay`, but no more than
@@ -42,7 +42,7 @@ impl Ema {
     /// Folds `model`'s weights after an optimizer step into the average.
     pub fn update(&mut self, model: &mut dyn Module) -> Result<()> {
         let d = self.decay_at(self.updates);
-        let now = current(model);
+        let now = crate::checkpoint::named_tensors(model);
         if now.len() != self.avg.len() {
             return Err(TrainError::Config(format!("the weight average holds {} tensors, the model {}", self.avg.len(), now.len())));
         }
@@ -108,19 +108,6 @@ impl Ema {
         self.updates = updates;
         Ok(())
     }
-}
-
-/// Every parameter and buffer of `model` by name, where they are.
-fn current(model: &mut dyn Module) -> Vec<(String, Tensor<f32>)> {
-    let mut out = Vec::new();
-    model.visit("", &mut |name, slot| {
-        let t = match slot {
-            Slot::Param(v) => v.value(),
-            Slot::Buffer(b) => b.clone(),
-        };
-        out.push((name, t));
-    });
-    out
 }
 
 /// `avg + (1 - d) * (cur - avg)`, which is `d * avg + (1 - d) * cur` but leaves a weight that
