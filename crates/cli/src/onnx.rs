@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use stride_autograd::{Rng, Tensor};
-use stride_models::vae::{Vae, LATENT};
+use stride_models::vae::Vae;
 use stride_models::InputSpec;
 use stride_train::checkpoint;
 
@@ -36,12 +36,14 @@ pub struct ImportArgs {
 
 pub fn export(a: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = if a.model == "vae" {
-        let mut vae = Vae::new(&mut Rng::seed(0))?;
-        match &a.weights {
-            Some(w) => _ = crate::infer::load_weights(&mut vae, w)?,
-            None => eprintln!("note: no --weights: writing the VAE's initial weights"),
-        }
-        let example = Tensor::zeros(&[1, LATENT])?;
+        let mut vae = match &a.weights {
+            Some(w) => crate::vae::load_vae(w)?,
+            None => {
+                eprintln!("note: no --weights: writing the VAE's initial weights");
+                Vae::new(&mut Rng::seed(0))?
+            }
+        };
+        let example = Tensor::zeros(&[1, vae.latent()])?;
         stride_onnx::export_with(example, a.opset, |g, z| vae.export_generator(g, z))?
     } else {
         let (mut model, chw, header) = match &a.weights {

@@ -1,6 +1,6 @@
 //! `stride vae` and `stride sample`: the convolutional variational autoencoder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use stride_autograd::{Device, Rng};
@@ -21,7 +21,17 @@ pub struct VaeArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Folder for result{N}.png, vae_metrics.csv and vae.safetensors (default: under runs/).
+    /// Size of the code z (1 to 1024; default 100, the article's, or the --weights' own). With 2,
+    /// manifold.png draws what the generator makes of every point of the code
+    #[arg(long)]
+    latent: Option<usize>,
+    /// β-VAE: weigh the KL term by β in what training minimises (1, the default, is the plain
+    /// VAE; above 1 the code keeps closer to the prior, below 1 it carries more of each
+    /// image). The printed L_tot stays L_likelihood + L_KL
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    beta: f64,
+    /// Folder for result{N}.png, samples{N}.png, latent.png, interpolation.png,
+    /// vae_metrics.csv, vae.safetensors and report.html (default: under runs/).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Start from these weights (a vae.safetensors).
@@ -48,14 +58,22 @@ pub struct SampleArgs {
 
 pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let data = v::prepare(&stride_data::load(&a.data)?)?;
-    let mut model = Vae::new(&mut Rng::seed(a.seed))?;
-    if let Some(w) = &a.weights {
-        crate::infer::load_weights(&mut model, w)?;
-    }
+    let mut model = match &a.weights {
+        Some(w) => {
+            let model = load_vae(w)?;
+            if let Some(l) = a.latent.filter(|&l| l != model.latent()) {
+                return Err(format!("--latent {l}: the weights in {} have a {}-dimensional code", w.display(), model.latent()).into());
+            }
+            model
+        }
+        None => Vae::with_latent(&mut Rng::seed(a.seed), a.latent.unwrap_or(stride_models::vae::LATENT))?,
+    };
     let out = a.out.clone().unwrap_or_else(|| crate::train::default_out("vae", &a.data));
     println!(
-        "training the VAE ({} parameters) on {}: {} training / {} held-out images; run folder {}",
+        "training the VAE ({} parameters, a {}-d code{}) on {}: {} training / {} held-out images; run folder {}",
         model.num_parameters(),
+        model.latent(),
+        if a.beta == 1.0 { String::new() } else { format!(", β {}", a.beta) },
         data.name,
         data.train.len(),
         data.test.len(),
@@ -66,6 +84,7 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         batch_size: a.batch_size,
         lr: a.lr,
         seed: a.seed,
+        beta: a.beta,
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         device,
@@ -76,13 +95,25 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
             r.epoch, r.total, r.likelihood, r.kl, r.train_total, r.images_per_second
         );
     })?;
-    println!("wrote {}/result*.png, vae_metrics.csv and vae.safetensors", out.display());
+    println!(
+        "wrote {}/result*.png, samples*.png, latent.png, interpolation.png{}, vae_metrics.csv, vae.safetensors and report.html",
+        out.display(),
+        if model.latent() == 2 { ", manifold.png" } else { "" }
+    );
     Ok(())
 }
 
+/// A VAE with the code size of the weights in `path` (a `vae.safetensors`), holding them.
+pub fn load_vae(path: &Path) -> Result<Vae, Box<dyn std::error::Error>> {
+    let tensors = stride_train::checkpoint::load(path)?;
+    let latent = stride_models::vae::latent_of(&tensors).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut model = Vae::with_latent(&mut Rng::seed(0), latent)?;
+    stride_train::checkpoint::load_into(&mut model, &tensors).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(model)
+}
+
 pub fn sample(a: &SampleArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut model = Vae::new(&mut Rng::seed(0))?;
-    crate::infer::load_weights(&mut model, &a.weights)?;
+    let mut model = load_vae(&a.weights)?;
     let images = v::sample(&mut model, a.n, a.seed)?;
     v::write_grid(&a.out, &images, a.cols, 28)?;
     println!("wrote {} ({} digits drawn from the prior)", a.out.display(), a.n);

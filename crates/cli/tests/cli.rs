@@ -518,6 +518,42 @@ fn vae_trains_saves_grids_and_samples() {
     // 4 columns x 2 rows of 28 pixels with 2-pixel gaps: 122 x 62.
     assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 122);
     assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 62);
+    assert!(dir.join("latent.png").is_file() && dir.join("interpolation.png").is_file() && !dir.join("manifold.png").exists());
+}
+
+#[test]
+fn a_vae_with_a_two_dimensional_code_maps_it_and_its_weights_say_their_size() {
+    let dir = tmp("vae2");
+    let d = dir.to_str().unwrap();
+    let out = stride(&["vae", "--epochs", "1", "--latent", "2", "--beta", "0.5", "--out", d]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("a 2-d code, β 0.5") && log.contains("manifold.png"), "{log}");
+    assert!(dir.join("manifold.png").is_file() && dir.join("latent.png").is_file());
+    // sample and export read the code's size from the weights.
+    let w = dir.join("vae.safetensors");
+    let w = w.to_str().unwrap();
+    let png = dir.join("s.png");
+    let s = stride(&["sample", "--weights", w, "--out", png.to_str().unwrap(), "--n", "4"]);
+    assert!(s.status.success(), "{}", text(&s));
+    let onnx = dir.join("g.onnx");
+    let e = stride(&["export", "--model", "vae", "--weights", w, "--out", onnx.to_str().unwrap()]);
+    assert!(e.status.success(), "{}", text(&e));
+    let imported = stride_onnx::import(&stride_onnx::read(&onnx).unwrap()).unwrap();
+    assert_eq!(imported.network.input_shape[1..], [Some(2)], "the generator takes 2-d codes");
+    // Going on from the weights with another code size is refused by name, as are sizes out
+    // of range and a negative β, before any training.
+    for (args, want) in [
+        (vec!["vae", "--weights", w, "--latent", "3", "--out", d], "--latent 3: the weights in"),
+        (vec!["vae", "--latent", "0", "--out", d], "the code size must be 1..=1024, got 0"),
+        (vec!["vae", "--beta", "-1", "--out", d], "must be in 0..=10000, got -1"),
+    ] {
+        let o = stride(&args);
+        assert!(!o.status.success() && text(&o).contains(want), "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains("epoch 1"), "{args:?} trained");
+    }
+    let e = text(&stride(&["sample", "--weights", dir.join("s.png").to_str().unwrap()]));
+    assert!(e.contains("s.png"), "{e}");
 }
 
 #[test]

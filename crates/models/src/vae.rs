@@ -1,6 +1,9 @@
 //! The convolutional variational autoencoder of the ADCME CNN article (bench/SPEC.md's B2): a
-//! dense encoder to the mean and spread of a 100-dimensional code, and a generator of
+//! dense encoder to the mean and spread of a 100-dimensional code (or one of a size chosen with
+//! [`Vae::with_latent`], such as 2 for a code that can be drawn on a page), and a generator of
 //! transposed convolutions from the code back to a 32x32 image.
+
+use std::collections::HashMap;
 
 use stride_autograd::{binary_cross_entropy, gaussian_kl, Conv2dOptions, Padding, Reduction, Rng, ToDevice, Unary, Var};
 use stride_nn::blocks::{ConvTranspose2d, Pad};
@@ -8,8 +11,13 @@ use stride_nn::layers::{Activation, BatchNorm, Dropout, Flatten, Linear, Sequent
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 pub const ABOUT: &str = "the ADCME article's convolutional VAE: dense encoder (500 elu, 500 tanh, 200) to a 100-d code, generator of transposed convolutions (ngf 8) to 1x32x32";
-/// Size of the code z.
+/// Size of the code z in the article (and B2).
 pub const LATENT: usize = 100;
+/// The largest code [`Vae::with_latent`] builds.
+pub const MAX_LATENT: usize = 1024;
+/// The weight whose first dimension is the code size: the generator's first transposed
+/// convolution, [latent, 256, 4, 4].
+const CODE_WEIGHT: &str = "generator.0.weight";
 /// Side of the images the VAE reads and writes.
 pub const SIDE: usize = 32;
 /// Outputs are clipped to [CLIP, 1 - CLIP] before the likelihood (1e-8 rounds to 1.0 in f32).
@@ -18,6 +26,7 @@ pub const CLIP: f64 = 1e-7;
 pub struct Vae {
     pub encoder: Sequential,
     pub generator: Sequential,
+    latent: usize,
 }
 
 /// The three terms of the loss, batch means.
@@ -29,7 +38,17 @@ pub struct VaeLoss {
 }
 
 impl Vae {
+    /// The article's VAE, with a 100-d code.
     pub fn new(rng: &mut Rng) -> Result<Self> {
+        Self::with_latent(rng, LATENT)
+    }
+
+    /// The same network with a `latent`-dimensional code (1..=[`MAX_LATENT`]): the encoder's
+    /// last layer gives 2 x `latent` values and the generator starts from `latent` channels.
+    pub fn with_latent(rng: &mut Rng, latent: usize) -> Result<Self> {
+        if !(1..=MAX_LATENT).contains(&latent) {
+            return Err(stride_autograd::Error::arg("vae", format!("the code size must be 1..={MAX_LATENT}, got {latent}")).into());
+        }
         let encoder = Sequential::new()
             .push(Flatten)
             .push(Linear::new(rng, SIDE * SIDE, 500, true)?)
@@ -38,12 +57,12 @@ impl Vae {
             .push(Linear::new(rng, 500, 500, true)?)
             .push(Activation(Unary::Tanh))
             .push(Dropout(0.1))
-            .push(Linear::new(rng, 500, 2 * LATENT, true)?);
+            .push(Linear::new(rng, 500, 2 * latent, true)?);
         let ngf = 8;
         let valid = Conv2dOptions::default();
         let relu = || Activation(Unary::Relu);
         let generator = Sequential::new()
-            .push(ConvTranspose2d::new(rng, LATENT, ngf * 32, 4, valid, false)?) // 1x1 -> 4x4
+            .push(ConvTranspose2d::new(rng, latent, ngf * 32, 4, valid, false)?) // 1x1 -> 4x4
             .push(BatchNorm::new(ngf * 32)?)
             .push(relu())
             .push(ConvTranspose2d::new(rng, ngf * 32, ngf * 16, 4, valid.padding(Padding::Same), false)?) // 4x4 -> 4x4
@@ -56,10 +75,15 @@ impl Vae {
             .push(ConvTranspose2d::new(rng, ngf * 8, 1, 4, valid.stride(4), false)?) // 8x8 -> 32x32
             .push(BatchNorm::new(1)?)
             .push(Activation(Unary::Sigmoid));
-        Ok(Vae { encoder, generator })
+        Ok(Vae { encoder, generator, latent })
     }
 
-    /// x [N, 1, 32, 32] in [0, 1] -> (mu, sigma), each [N, 100]; sigma = 1e-6 + softplus(.).
+    /// The size of the code z.
+    pub fn latent(&self) -> usize {
+        self.latent
+    }
+
+    /// x [N, 1, 32, 32] in [0, 1] -> (mu, sigma), each [N, latent]; sigma = 1e-6 + softplus(.).
     pub fn encode(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, Var)> {
         self.encode_parts(x, ctx).map(|(_, mu, sigma)| (mu, sigma))
     }
@@ -71,32 +95,36 @@ impl Vae {
             return Err(stride_autograd::Error::shape("vae", format!("expects [N, 1, {SIDE}, {SIDE}] images, got {s:?}")).into());
         }
         let h = call(&mut self.encoder, "encoder", x, ctx)?;
-        let mu = h.narrow(1, 0, LATENT)?;
-        let sigma = h.narrow(1, LATENT, LATENT)?.softplus()?.add_scalar(1e-6)?;
+        let mu = h.narrow(1, 0, self.latent)?;
+        let sigma = h.narrow(1, self.latent, self.latent)?.softplus()?.add_scalar(1e-6)?;
         Ok((h, mu, sigma))
     }
 
-    /// z [N, 100] -> images [N, 1, 32, 32] in (0, 1).
+    /// z [N, latent] -> images [N, 1, 32, 32] in (0, 1).
     pub fn generate(&mut self, z: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let n = z.shape()[0];
+        let s = z.shape();
+        if s.len() != 2 || s[1] != self.latent {
+            return Err(stride_autograd::Error::shape("vae", format!("the generator expects codes [N, {}], got {s:?}", self.latent)).into());
+        }
         let before = stride_autograd::tape_bytes();
-        let z4 = z.reshape(&[n, LATENT, 1, 1])?;
-        ctx.record_step("latent", || "z as a 100x1x1 image".into(), &[z], &z4, before, false);
+        let z4 = z.reshape(&[s[0], self.latent, 1, 1])?;
+        let latent = self.latent;
+        ctx.record_step("latent", || format!("z as a {latent}x1x1 image"), &[z], &z4, before, false);
         call(&mut self.generator, "generator", &z4, ctx)
     }
 
-    /// Encodes, draws z = mu + sigma * eps with eps from `ctx.rng`, generates; returns the
-    /// reconstruction and the loss against `x`.
-    /// Writes the generator into `g` as ONNX operators, from a latent code `z` [N, 100]: what
-    /// `stride export --model vae` writes.
+    /// Writes the generator into `g` as ONNX operators, from a latent code `z` [N, latent]:
+    /// what `stride export --model vae` writes.
     pub fn export_generator(&mut self, g: &mut stride_nn::export::Graph, z: &stride_nn::export::Value) -> Result<stride_nn::export::Value> {
         let n = z.shape()[0];
-        let z4 = z.var.reshape(&[n, LATENT, 1, 1])?;
-        let shape = g.ints("latent.shape", vec![0, LATENT as i64, 1, 1]);
+        let z4 = z.var.reshape(&[n, self.latent, 1, 1])?;
+        let shape = g.ints("latent.shape", vec![0, self.latent as i64, 1, 1]);
         let z4 = g.op("Reshape", "latent", vec![z.name.clone(), shape], vec![], z4);
         g.child(&mut self.generator, "", "generator", &z4)
     }
 
+    /// Encodes, draws z = mu + sigma * eps with eps from `ctx.rng`, generates; returns the
+    /// reconstruction and the loss against `x`.
     pub fn forward_loss(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, VaeLoss)> {
         let (h, mu, sigma) = self.encode_parts(x, ctx)?;
         let before = stride_autograd::tape_bytes();
@@ -110,6 +138,30 @@ impl Vae {
         let kl = gaussian_kl(&mu, &sigma)?;
         let total = likelihood.add(&kl)?;
         Ok((y, VaeLoss { total, likelihood, kl }))
+    }
+}
+
+impl VaeLoss {
+    /// What a β-VAE minimises: L_likelihood + β L_KL (β = 1 is `total`, the negative evidence
+    /// lower bound; β > 1 presses the code towards the prior, β < 1 lets it carry more).
+    pub fn objective(&self, beta: f64) -> Result<Var> {
+        if beta == 1.0 {
+            return Ok(self.total.clone());
+        }
+        Ok(self.likelihood.add(&self.kl.mul_scalar(beta)?)?)
+    }
+}
+
+/// The code size of VAE weights (a `vae.safetensors` read into tensors by name), from the
+/// generator's first weight: what [`Vae::with_latent`] must be given to load them.
+pub fn latent_of(tensors: &HashMap<String, stride_autograd::Tensor<f32>>) -> Result<usize> {
+    let w =
+        tensors.get(CODE_WEIGHT).ok_or_else(|| stride_autograd::Error::arg("vae", format!("these weights have no {CODE_WEIGHT}: not a VAE's")))?;
+    match *w.shape() {
+        [latent, _, 4, 4] if (1..=MAX_LATENT).contains(&latent) => Ok(latent),
+        ref s => {
+            Err(stride_autograd::Error::shape("vae", format!("{CODE_WEIGHT} is {s:?}; a VAE's is [latent (1..={MAX_LATENT}), 256, 4, 4]")).into())
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Loss and accuracy curves as a PNG: two panels (loss, accuracy) with train and test (or
-//! validation) lines,
-//! gridlines and tick labels, drawn with a built-in 5x7 pixel font so no system fonts are needed.
+//! validation) lines, gridlines and tick labels; the learning-rate range test; points coloured
+//! by class (a VAE's codes). Drawn with a built-in 5x7 pixel font so no system fonts are needed.
 
 use std::path::Path;
 
@@ -45,6 +45,10 @@ fn glyph(c: char) -> [u8; 7] {
         'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
         'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
         'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
         _ => [0; 7],
     }
 }
@@ -242,6 +246,90 @@ pub fn plot_lr_find(found: &crate::LrFinding, out_png: &Path) -> Result<()> {
             y += 6.0;
         }
         cv.text(x as i64 + 6, frame.top as i64 + 6, "steepest", ORANGE);
+    }
+    cv.save(out_png)
+}
+
+/// Ticks at round values (1, 2 or 5 times a power of ten apart, three to seven of them)
+/// inside [lo, hi], each with its label.
+fn round_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let raw = (hi - lo) / 5.0;
+    if !(raw.is_finite() && raw > 0.0) {
+        return Vec::new();
+    }
+    let power = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * power).find(|&s| s >= raw).unwrap_or(10.0 * power);
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let first = (lo / step).ceil() as i64;
+    (first..)
+        .map(|k| k as f64 * step)
+        .take_while(|&v| v <= hi)
+        .map(|v| (v, format!("{:.*}", decimals, if v.abs() < step / 2.0 { 0.0 } else { v })))
+        .collect()
+}
+
+/// Ten distinct colours (matplotlib's tab10), for classes; the eleventh class takes the first
+/// again.
+pub const CLASS_COLORS: [[u8; 3]; 10] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+];
+
+/// Draws `points` as dots coloured by `classes[i]` (a class index; [`CLASS_COLORS`] in turn),
+/// with the axes named `axes` (horizontal, vertical), ticks, and a legend of class indices.
+/// Non-finite points are left out; the scale spans the finite ones.
+pub fn plot_scatter(points: &[[f64; 2]], classes: &[usize], axes: [&str; 2], out_png: &Path) -> Result<()> {
+    if points.len() != classes.len() {
+        return Err(TrainError::Config(format!("a scatter plot needs a class per point: {} points, {} classes", points.len(), classes.len())));
+    }
+    let (left, top, side) = (80.0, 30.0, 400.0);
+    let mut cv = Canvas::new(600, 500);
+    let finite: Vec<usize> = (0..points.len()).filter(|&i| points[i].iter().all(|v| v.is_finite())).collect();
+    let range = |k: usize| {
+        let (lo, hi) = finite.iter().map(|&i| points[i][k]).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (-1.0, 1.0) };
+        let pad = ((hi - lo) * 0.05).max(1e-6);
+        (lo - pad, hi + pad)
+    };
+    let ((x0, x1), (y0, y1)) = (range(0), range(1));
+    let px = |v: f64| left + (v - x0) / (x1 - x0) * side;
+    let py = |v: f64| top + (y1 - v) / (y1 - y0) * side;
+    for (v, t) in round_ticks(x0, x1) {
+        cv.line((px(v), top), (px(v), top + side), GREY);
+        cv.text(px(v) as i64 - 6 * t.len() as i64 + 1, (top + side + 8.0) as i64, &t, BLACK);
+    }
+    for (v, t) in round_ticks(y0, y1) {
+        cv.line((left, py(v)), (left + side, py(v)), GREY);
+        cv.text(left as i64 - 8 - 12 * t.len() as i64, py(v) as i64 - 7, &t, BLACK);
+    }
+    cv.line((left, top), (left, top + side), BLACK);
+    cv.line((left, top + side), (left + side, top + side), BLACK);
+    cv.text((left + side / 2.0) as i64 - 6 * axes[0].len() as i64, (top + side + 30.0) as i64, axes[0], BLACK);
+    cv.text(4, 8, axes[1], BLACK);
+    for &i in &finite {
+        let (x, y) = (px(points[i][0]).round() as i64, py(points[i][1]).round() as i64);
+        let c = CLASS_COLORS[classes[i] % CLASS_COLORS.len()];
+        for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1), (-1, 0), (0, -1)] {
+            cv.set(x + dx, y + dy, c);
+        }
+    }
+    let shown = classes.iter().copied().max().map_or(0, |m| m + 1).min(20);
+    for c in 0..shown {
+        let y = top as i64 + 4 + c as i64 * 22;
+        for dy in 0..10 {
+            for dx in 0..10 {
+                cv.set(500 + dx, y + dy, CLASS_COLORS[c % CLASS_COLORS.len()]);
+            }
+        }
+        cv.text(516, y - 2, &c.to_string(), BLACK);
     }
     cv.save(out_png)
 }

@@ -9,6 +9,7 @@ mod freeze;
 pub mod fuzzing;
 pub mod group;
 pub mod inspect;
+pub mod latent;
 mod lr_find;
 mod objective;
 pub mod recompute;

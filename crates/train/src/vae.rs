@@ -1,5 +1,6 @@
-//! Training the convolutional VAE: Adam on the summed binary cross-entropy plus the KL term,
-//! with the held-out loss and a grid of reconstructions after every epoch.
+//! Training the convolutional VAE: Adam on the summed binary cross-entropy plus the KL term
+//! (weighed by β), with the held-out loss, a grid of reconstructions, samples from the prior
+//! and pictures of the code (`latent.rs`) after every epoch.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -7,19 +8,23 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use stride_autograd::{no_grad, Device, Rng, Tensor, ToDevice, Var};
 use stride_data::{Batches, Dataset, Split};
-use stride_models::vae::{Vae, LATENT, SIDE};
+use stride_models::vae::{Vae, SIDE};
 use stride_nn::optim::{self, Adam, Optimizer};
 use stride_nn::Ctx;
 
 use crate::{checkpoint, mix, Result, TrainError};
 
-/// A VAE run's settings (the article's: Adam 1e-3, batch 32).
+/// A VAE run's settings (the article's: Adam 1e-3, batch 32, β 1).
 #[derive(Clone, Debug)]
 pub struct VaeConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
     pub seed: u64,
+    /// The weight of the KL term in what training minimises, L_likelihood + β L_KL (Higgins
+    /// et al.'s β-VAE; 1 is the evidence lower bound). The reported L_tot is always
+    /// L_likelihood + L_KL, so runs of different β compare.
+    pub beta: f64,
     /// Where result{N}.png, vae_metrics.csv and vae.safetensors go; nothing is written when None.
     pub out_dir: Option<PathBuf>,
     pub progress: bool,
@@ -29,7 +34,7 @@ pub struct VaeConfig {
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, out_dir: None, progress: false, device: Device::Cpu }
+        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, beta: 1.0, out_dir: None, progress: false, device: Device::Cpu }
     }
 }
 
@@ -91,6 +96,9 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
     if cfg.epochs == 0 {
         return Err(TrainError::Config("epochs (0) must be at least 1".into()));
     }
+    if !(cfg.beta.is_finite() && (0.0..=MAX_BETA).contains(&cfg.beta)) {
+        return Err(TrainError::Config(format!("β (the KL term's weight) must be in 0..={MAX_BETA}, got {}", cfg.beta)));
+    }
     // Checked before the run folder is made, so a bad rate leaves nothing behind.
     let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
     if let Some(d) = &cfg.out_dir {
@@ -112,12 +120,15 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             let mut ctx = Ctx::train(mix(cfg.seed, epoch, step + 1));
             optim::zero_grad(&params);
             let (_, loss) = model.forward_loss(&Var::constant(b.images.to(cfg.device)?), &mut ctx)?;
-            loss.total.backward()?;
+            let objective = loss.objective(cfg.beta)?;
+            objective.backward()?;
             // Read once the backward pass is queued (on a GPU a read waits for the work before
             // it); a loss that is not finite stops the run before the optimizer uses its gradients.
             let l = loss.total.value().item()? as f64;
-            if !l.is_finite() {
-                return Err(TrainError::Diverged { epoch, step: step + 1, loss: l as f32 });
+            let minimised = if cfg.beta == 1.0 { l } else { objective.value().item()? as f64 };
+            if !l.is_finite() || !minimised.is_finite() {
+                let loss = if l.is_finite() { minimised } else { l };
+                return Err(TrainError::Diverged { epoch, step: step + 1, loss: loss as f32 });
             }
             opt.step(&params)?;
             sum += l * b.labels.len() as f64;
@@ -135,9 +146,10 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, 28)?;
             // The same 16 points of the prior every epoch, so the report shows them sharpen.
             write_grid(&d.join(format!("samples{epoch}.png")), &sample(model, 16, SAMPLE_SEED)?, 4, 28)?;
+            let drawn = write_latent_pictures(model, &data.test, d)?;
             checkpoint::write_atomic(&d.join("vae_metrics.csv"), csv.as_bytes())?;
             checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
-            write_report(d, &reports, &r, data)?;
+            write_report(d, &reports, &r, data, (model.latent(), cfg.beta), &drawn)?;
         }
         on_epoch(&r);
         reports.push(r);
@@ -146,10 +158,41 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
 }
 
 const SAMPLE_SEED: u64 = 2017;
+/// The largest β [`train_vae`] takes.
+pub const MAX_BETA: f64 = 1e4;
+/// Images a side of manifold.png.
+const MANIFOLD_SIDE: usize = 15;
+
+/// The pictures of the code, rewritten every epoch: latent.png (the held-out images' code
+/// means on a plane, coloured by class), interpolation.png (morphs between neighbouring
+/// classes) and, for a two-dimensional code, manifold.png (what the generator draws over it).
+/// Returns the files written.
+fn write_latent_pictures(model: &mut Vae, test: &Dataset, dir: &Path) -> Result<Vec<&'static str>> {
+    let shown = crate::latent::spread(test.len(), crate::latent::MAX_POINTS);
+    let plane = crate::latent::plane(&crate::latent::codes(model, test, &shown)?)?;
+    let classes: Vec<usize> = shown.iter().map(|&i| test.labels[i] as usize).collect();
+    crate::curves::plot_scatter(&plane.points, &classes, [&plane.axes[0], &plane.axes[1]], &dir.join(LATENT_PNG))?;
+    let mut drawn = vec![LATENT_PNG];
+    // A held-out set without two neighbouring classes (one class only) has nothing to morph.
+    if let Ok((morphs, _)) = crate::latent::interpolation(model, test, 5, 10) {
+        write_grid(&dir.join(INTERPOLATION_PNG), &morphs, 10, 28)?;
+        drawn.push(INTERPOLATION_PNG);
+    }
+    if model.latent() == 2 {
+        write_grid(&dir.join(MANIFOLD_PNG), &crate::latent::manifold(model, MANIFOLD_SIDE)?, MANIFOLD_SIDE, 28)?;
+        drawn.push(MANIFOLD_PNG);
+    }
+    Ok(drawn)
+}
+
+const LATENT_PNG: &str = "latent.png";
+const INTERPOLATION_PNG: &str = "interpolation.png";
+const MANIFOLD_PNG: &str = "manifold.png";
 
 /// report.html of a VAE run: the three losses per epoch, and per epoch the reconstructions
 /// and the samples from the prior (read back from the PNGs just written).
-fn write_report(dir: &Path, done: &[VaeReport], last: &VaeReport, data: &Split) -> Result<()> {
+/// `code` is the code's size and β; `drawn`, the pictures of the code just written.
+fn write_report(dir: &Path, done: &[VaeReport], last: &VaeReport, data: &Split, code: (usize, f64), drawn: &[&str]) -> Result<()> {
     let all: Vec<&VaeReport> = done.iter().chain(std::iter::once(last)).collect();
     let series =
         |name: &str, color, f: fn(&VaeReport) -> f64| crate::report::Series { name: name.into(), color, values: all.iter().map(|r| f(r)).collect() };
@@ -161,11 +204,30 @@ fn write_report(dir: &Path, done: &[VaeReport], last: &VaeReport, data: &Split) 
             pictures.push((format!("epoch {}: {what}", r.epoch), png));
         }
     }
+    let names = data.class_names.iter().enumerate().map(|(i, n)| format!("{i} {n}")).collect::<Vec<_>>().join(", ");
+    for (what, file) in [
+        (
+            format!(
+                "the code of {} held-out images after epoch {} (means; colours by class: {names})",
+                crate::latent::spread(data.test.len(), crate::latent::MAX_POINTS).len(),
+                last.epoch
+            ),
+            LATENT_PNG,
+        ),
+        (format!("from one class into the next along a line between two codes, after epoch {}", last.epoch), INTERPOLATION_PNG),
+        (format!("what the generator draws over the code, z1 from -2 to 2 across, z2 from 2 to -2 down, after epoch {}", last.epoch), MANIFOLD_PNG),
+    ] {
+        if drawn.contains(&file) {
+            let path = dir.join(file);
+            pictures.push((what, std::fs::read(&path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?));
+        }
+    }
     let report = crate::report::Report {
         title: format!("convolutional VAE on {}", data.name),
         facts: vec![
             ("data".into(), format!("{} ({} training, {} test images)", data.name, data.train.len(), data.test.len())),
             ("held-out L_tot".into(), format!("{:.2} after epoch {}", last.total, last.epoch)),
+            ("code".into(), format!("{} dimensions; training minimised L_likelihood + {} L_KL", code.0, code.1)),
         ],
         charts: vec![
             ("L_tot".into(), vec![series("train", "#1f77b4", |r| r.train_total), series("test", "#ff7f0e", |r| r.total)]),
@@ -197,7 +259,7 @@ pub fn sample(model: &mut Vae, n: usize, seed: u64) -> Result<Tensor<f32>> {
     if n == 0 || n > 4096 {
         return Err(TrainError::Config(format!("can sample 1..=4096 images, asked for {n}")));
     }
-    let z = Var::constant(Rng::seed(seed).normal(&[n, LATENT], 0.0, 1.0)?.to(stride_nn::device_of(model))?);
+    let z = Var::constant(Rng::seed(seed).normal(&[n, model.latent()], 0.0, 1.0)?.to(stride_nn::device_of(model))?);
     Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value().to_host()?)
 }
 

@@ -1,10 +1,11 @@
-//! The convolutional VAE: layer shapes, parameter count, the loss by hand, and a short run on
-//! the embedded MNIST whose held-out loss must fall.
+//! The convolutional VAE: layer shapes, parameter count, the loss by hand, a short run on the
+//! embedded MNIST whose held-out loss must fall, the code's size and β, and the pictures of
+//! the code (principal axes, interpolation, the map of a two-dimensional code).
 
 mod common;
 
 use stride_autograd::{no_grad, Rng, Tensor, Var};
-use stride_models::vae::{Vae, CLIP};
+use stride_models::vae::{latent_of, Vae, CLIP};
 use stride_nn::{Ctx, Module};
 use stride_train::vae::{self as v, VaeConfig};
 
@@ -98,8 +99,15 @@ fn held_out_loss_falls_on_the_embedded_mnist() {
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 2);
     assert!(html.contains("epoch 3: samples from the prior") && html.contains("epoch 1: reconstructions"));
+    // The pictures of the 100-d code: its principal axes, the morphs; no map (that needs 2-d).
+    assert!(html.contains("the code of 500 held-out images after epoch 3"));
+    assert!(html.contains("from one class into the next") && !html.contains("what the generator draws over the code"));
+    assert!(dir.join("latent.png").is_file() && !dir.join("manifold.png").exists());
+    // Five pairs of neighbouring classes, ten steps each, 28x28 with 2-pixel gaps.
+    let morphs = image_bytes(&dir.join("interpolation.png"));
+    assert_eq!((morphs.0, morphs.1), (10 * 30 + 2, 5 * 30 + 2));
     if let Some((body, _)) = common::chromium(&dir.join("report.html")) {
-        assert!(body.contains(r#"data-images-decoded="6/6""#) && !body.contains("data-errors"), "{body}");
+        assert!(body.contains(r#"data-images-decoded="8/8""#) && !body.contains("data-errors"), "{body}");
     }
     // Samples from the prior have the grid's shape.
     let s = v::sample(&mut m, 16, 3).unwrap();
@@ -123,6 +131,135 @@ fn bad_settings_are_refused_before_anything_is_written() {
         assert!(e.contains(want), "{e}");
         assert!(!dir.exists(), "{want}: {} was made", dir.display());
     }
+}
+
+#[test]
+fn a_chosen_code_size_builds_loads_by_its_weights_and_is_checked() {
+    let mut m = Vae::with_latent(&mut Rng::seed(0), 2).unwrap();
+    assert_eq!(m.latent(), 2);
+    // Encoder 1024*500+500 + 500*500+500 + 500*4+4; generator 2*256*16 + 256*128*16 + 128*64*16
+    // + 64*16 weights and the batch norms' 898.
+    assert_eq!(m.num_parameters(), 512_500 + 250_500 + 2_004 + 8_192 + 524_288 + 131_072 + 1_024 + 898);
+    let tensors: std::collections::HashMap<_, _> = stride_train::checkpoint::state_dict(&mut m).into_iter().collect();
+    assert_eq!(latent_of(&tensors).unwrap(), 2);
+    let (mu, sigma) = m.encode(&Var::constant(Tensor::zeros(&[3, 1, 32, 32]).unwrap()), &mut Ctx::eval()).unwrap();
+    assert_eq!((mu.shape(), sigma.shape()), (vec![3, 2], vec![3, 2]));
+    let e = m.generate(&Var::constant(Tensor::zeros(&[3, 100]).unwrap()), &mut Ctx::eval()).unwrap_err().to_string();
+    assert!(e.contains("the generator expects codes [N, 2], got [3, 100]"), "{e}");
+    for bad in [0, 1025] {
+        let e = Vae::with_latent(&mut Rng::seed(0), bad).err().unwrap().to_string();
+        assert!(e.contains(&format!("the code size must be 1..=1024, got {bad}")), "{e}");
+    }
+    // Another network's weights are not taken for a VAE's.
+    let e = latent_of(&std::collections::HashMap::new()).unwrap_err().to_string();
+    assert!(e.contains("no generator.0.weight: not a VAE's"), "{e}");
+    let odd = [("generator.0.weight".to_string(), Tensor::zeros(&[2, 256, 3, 3]).unwrap())].into_iter().collect();
+    let e = latent_of(&odd).unwrap_err().to_string();
+    assert!(e.contains("generator.0.weight is [2, 256, 3, 3]"), "{e}");
+    // The VAE's default is the article's 100-d code.
+    assert_eq!(Vae::new(&mut Rng::seed(0)).unwrap().latent(), 100);
+}
+
+#[test]
+fn principal_axes_find_known_directions_and_their_shares() {
+    // 4,000 points in 5-d: spread 3 along u, 1 along v (orthonormal), 0.1 in every direction.
+    let (n, d) = (4000, 5);
+    let u = [0.6, 0.0, 0.8, 0.0, 0.0];
+    let v = [0.0, -0.8, 0.0, 0.6, 0.0];
+    let mut rng = Rng::seed(7);
+    let a: Tensor<f64> = rng.normal(&[n, 2], 0.0, 1.0).unwrap();
+    let noise: Tensor<f64> = rng.normal(&[n, d], 0.0, 0.1).unwrap();
+    let x: Vec<f64> = (0..n)
+        .flat_map(|i| (0..d).map(move |j| (i, j)))
+        .map(|(i, j)| 5.0 + 3.0 * a.data()[2 * i] * u[j] + a.data()[2 * i + 1] * v[j] + noise.data()[i * d + j])
+        .collect();
+    let (axes, shares) = stride_train::latent::principal_axes(&x, n, d, 2);
+    // Signs put the largest entry positive: u as it is, v turned round.
+    let want = [u, v.map(|x| -x)];
+    for k in 0..2 {
+        let off = axes[k].iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(off < 0.02, "axis {k}: {:?} against {:?}", axes[k], want[k]);
+        assert!((axes[k].iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+    // Variances 9, 1 and 5 x 0.01 of noise: shares 9/10.05 and 1/10.05 (the sample's own, so
+    // within a few per cent).
+    assert!((shares[0] - 9.0 / 10.05).abs() < 0.03 && (shares[1] - 1.0 / 10.05).abs() < 0.01, "{shares:?}");
+    // The projection of codes: a 2-d code is drawn as it is, a longer one on these axes.
+    let codes = Tensor::from_vec(x.iter().map(|&v| v as f32).collect(), &[n, d]).unwrap();
+    let p = stride_train::latent::plane(&codes).unwrap();
+    assert!(p.axes[0].starts_with("pc1 (89%)") || p.axes[0].starts_with("pc1 (90%)"), "{:?}", p.axes);
+    let want0 = (0..d).map(|j| (x[j] - 5.0) * axes[0][j]).sum::<f64>();
+    // The mean is the sample's, within the spread of 4,000 points of it.
+    assert!((p.points[0][0] - want0).abs() < 0.1, "{} vs {want0}", p.points[0][0]);
+    let two = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+    assert_eq!(
+        stride_train::latent::plane(&two).unwrap(),
+        stride_train::latent::Plane { points: vec![[1.0, 2.0], [3.0, 4.0]], axes: ["z1".into(), "z2".into()] }
+    );
+}
+
+#[test]
+fn morphs_run_between_the_two_codes_and_the_map_covers_the_code() {
+    let data = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    let mut m = Vae::with_latent(&mut Rng::seed(3), 2).unwrap();
+    let (morphs, rows) = stride_train::latent::interpolation(&mut m, &data.test, 5, 4).unwrap();
+    assert_eq!((rows, morphs.shape()), (5, &[20, 1, 32, 32][..]));
+    // The first row's ends are the generator's images of the code means of the first 0 and the
+    // first 1; its middle steps, of points a third and two thirds of the way.
+    let first = |c: u8| data.test.labels.iter().position(|&l| l == c).unwrap();
+    let ends = stride_train::latent::codes(&mut m, &data.test, &[first(0), first(1)]).unwrap();
+    let e = ends.data();
+    let line: Vec<f32> = [0.0f32, 1.0 / 3.0, 2.0 / 3.0, 1.0].iter().flat_map(|&t| [e[0] + t * (e[2] - e[0]), e[1] + t * (e[3] - e[1])]).collect();
+    let direct = no_grad(|| m.generate(&Var::constant(Tensor::from_vec(line, &[4, 2]).unwrap()), &mut Ctx::eval())).unwrap().value();
+    let row: Vec<f32> = morphs.data()[..4 * 1024].to_vec();
+    assert!(row.iter().zip(direct.data()).all(|(a, b)| (a - b).abs() < 1e-5));
+    // The map: row r, column c is z = (-2 + 4c/(side-1), 2 - 4r/(side-1)).
+    let map = stride_train::latent::manifold(&mut m, 3).unwrap();
+    let corners = Tensor::from_vec(vec![-2.0f32, 2.0, 0.0, 0.0, 2.0, -2.0], &[3, 2]).unwrap();
+    let want = no_grad(|| m.generate(&Var::constant(corners), &mut Ctx::eval())).unwrap().value();
+    for (k, at) in [0usize, 4, 8].into_iter().enumerate() {
+        let got = &map.data()[at * 1024..(at + 1) * 1024];
+        assert!(got.iter().zip(&want.data()[k * 1024..(k + 1) * 1024]).all(|(a, b)| (a - b).abs() < 1e-5), "grid image {at}");
+    }
+    let e = stride_train::latent::manifold(&mut Vae::new(&mut Rng::seed(0)).unwrap(), 15).unwrap_err().to_string();
+    assert!(e.contains("needs a two-dimensional code (--latent 2); this VAE's has 100"), "{e}");
+    assert!(stride_train::latent::interpolation(&mut m, &data.test, 5, 1).is_err());
+}
+
+#[test]
+fn beta_weighs_the_kl_term_and_a_two_dimensional_run_draws_its_map() {
+    let mut m = Vae::new(&mut Rng::seed(1)).unwrap();
+    let x = Rng::seed(2).uniform(&[3, 1, 32, 32], 0.0, 1.0).unwrap();
+    let (_, loss) = m.forward_loss(&Var::constant(x), &mut Ctx::eval()).unwrap();
+    let got = |v: &Var| v.value().data()[0] as f64;
+    let (lik, kl) = (got(&loss.likelihood), got(&loss.kl));
+    for beta in [0.0, 0.5, 4.0] {
+        let o = got(&loss.objective(beta).unwrap());
+        assert!((o - (lik + beta * kl)).abs() < 1e-4 * o.abs(), "β {beta}: {o} against {}", lik + beta * kl);
+    }
+    // Training with β = 0 leaves the KL term out: the code drifts from the prior, and the
+    // held-out KL ends far above a β = 1 run's from the same start.
+    let full = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    // The test split is sorted by class: every fourth image keeps all ten.
+    let test = full.test.subset(&stride_train::latent::spread(full.test.len(), 500)).unwrap();
+    let data = stride_data::Split { train: common::take(&full.train, 2000), test, ..full };
+    let run = |beta: f64, out: Option<std::path::PathBuf>| {
+        let cfg = VaeConfig { epochs: 1, beta, out_dir: out, ..VaeConfig::default() };
+        v::train_vae(&mut Vae::with_latent(&mut Rng::seed(4), 2).unwrap(), &data, &cfg, |_| {}).unwrap()[0]
+    };
+    let dir = common::tmp("vae-beta");
+    let (free, plain) = (run(0.0, None), run(1.0, Some(dir.clone())));
+    assert!(free.kl > 3.0 * plain.kl, "held-out KL {} with β 0, {} with β 1", free.kl, plain.kl);
+    // A 2-d run draws the map of its code, and its report shows it.
+    assert_eq!(image_bytes(&dir.join("manifold.png")).0, 15 * 30 + 2);
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("what the generator draws over the code") && html.contains("2 dimensions; training minimised L_likelihood + 1 L_KL"));
+    for bad in [-1.0, f64::NAN, 1e5] {
+        let cfg = VaeConfig { beta: bad, ..VaeConfig::default() };
+        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &cfg, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        assert!(e.contains("β (the KL term's weight) must be in 0..=10000"), "{e}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// (width, height, gray pixels) of a PNG.

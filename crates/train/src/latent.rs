@@ -1,0 +1,184 @@
+//! Looking inside a trained VAE's code: where the encoder puts each class (the means of the
+//! codes on a plane), how the generator morphs one digit into another along a straight line
+//! between their codes, and, for a two-dimensional code, the whole map of what the generator
+//! draws (Kingma and Welling's figure 4, Keras's `plot_latent_space`).
+
+use stride_autograd::{no_grad, Tensor, ToDevice, Var};
+use stride_data::{Batches, Dataset};
+use stride_models::vae::Vae;
+use stride_nn::Ctx;
+
+use crate::{Result, TrainError};
+
+/// The most held-out images [`codes`] encodes for a picture of the code: enough to show every
+/// class's cloud, few enough that the principal axes of a 1,024-d code cost a few seconds.
+pub const MAX_POINTS: usize = 2000;
+
+/// The means of the codes of `indices` of `ds` (the encoder in evaluation mode, no draw):
+/// [len, latent].
+pub fn codes(model: &mut Vae, ds: &Dataset, indices: &[usize]) -> Result<Tensor<f32>> {
+    let sub = ds.subset(indices).map_err(|e| TrainError::Config(e.to_string()))?;
+    let device = stride_nn::device_of(model);
+    let mut all = Vec::with_capacity(indices.len() * model.latent());
+    no_grad(|| -> Result<()> {
+        for b in Batches::new(&sub, 250, None, false) {
+            let (mu, _) = model.encode(&Var::constant(b.images.to(device)?), &mut Ctx::eval())?;
+            all.extend_from_slice(mu.value().to_host()?.data());
+        }
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(all, &[indices.len(), model.latent()])?)
+}
+
+/// Up to `max` indices spread evenly over `len` (a class-sorted set shows every class).
+pub fn spread(len: usize, max: usize) -> Vec<usize> {
+    let k = len.min(max);
+    (0..k).map(|i| i * len / k).collect()
+}
+
+/// Points on a plane and what its two axes are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plane {
+    pub points: Vec<[f64; 2]>,
+    /// The axes' names: "z1", "z2" for a two-dimensional code, else the principal components
+    /// with the share of the codes' variance each carries, such as "pc1 (31%)".
+    pub axes: [String; 2],
+}
+
+/// Codes [N, latent] on a plane: a two-dimensional code as it is, a one-dimensional one along
+/// the horizontal axis, a longer one projected on its first two principal axes.
+pub fn plane(codes: &Tensor<f32>) -> Result<Plane> {
+    let &[n, d] = codes.shape() else {
+        return Err(TrainError::Config(format!("codes must be [N, latent], got {:?}", codes.shape())));
+    };
+    let x: Vec<f64> = codes.data().iter().map(|&v| v as f64).collect();
+    let at = |i: usize, j: usize| x[i * d + j];
+    match d {
+        1 => Ok(Plane { points: (0..n).map(|i| [at(i, 0), 0.0]).collect(), axes: ["z1".into(), String::new()] }),
+        2 => Ok(Plane { points: (0..n).map(|i| [at(i, 0), at(i, 1)]).collect(), axes: ["z1".into(), "z2".into()] }),
+        _ => {
+            let (axes, shares) = principal_axes(&x, n, d, 2);
+            let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| at(i, j)).sum::<f64>() / n.max(1) as f64).collect();
+            let project = |i: usize, a: &[f64]| (0..d).map(|j| (at(i, j) - mean[j]) * a[j]).sum::<f64>();
+            Ok(Plane {
+                points: (0..n).map(|i| [project(i, &axes[0]), project(i, &axes[1])]).collect(),
+                axes: [format!("pc1 ({:.0}%)", 100.0 * shares[0]), format!("pc2 ({:.0}%)", 100.0 * shares[1])],
+            })
+        }
+    }
+}
+
+/// The first `k` principal axes of the rows of `x` ([n, d], row-major): unit vectors, each
+/// with the share of the total variance along it. Power iteration on the covariance, each
+/// axis kept orthogonal to those before; an axis's sign puts its largest entry positive, so
+/// the same codes always give the same picture.
+pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| x[i * d + j]).sum::<f64>() / n.max(1) as f64).collect();
+    let mut cov = vec![0.0; d * d];
+    for row in x.chunks_exact(d) {
+        let c: Vec<f64> = row.iter().zip(&mean).map(|(v, m)| v - m).collect();
+        for (a, &ca) in c.iter().enumerate() {
+            for (b, &cb) in c.iter().enumerate().skip(a) {
+                cov[a * d + b] += ca * cb;
+            }
+        }
+    }
+    for a in 0..d {
+        for b in 0..a {
+            cov[a * d + b] = cov[b * d + a];
+        }
+    }
+    let total: f64 = (0..d).map(|j| cov[j * d + j]).sum();
+    let mut axes: Vec<Vec<f64>> = Vec::new();
+    let mut shares = Vec::new();
+    let orthogonal = |v: &mut Vec<f64>, axes: &[Vec<f64>]| {
+        for a in axes {
+            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        norm
+    };
+    for j in 0..k.min(d) {
+        // A start no axis of a real data set is orthogonal to.
+        let mut v: Vec<f64> = (0..d).map(|i| 1.0 + 0.37 * ((i * 7 + j * 3) % 11) as f64).collect();
+        orthogonal(&mut v, &axes);
+        let mut lambda = 0.0;
+        for _ in 0..1000 {
+            let mut w: Vec<f64> = (0..d).map(|a| cov[a * d..(a + 1) * d].iter().zip(&v).map(|(c, x)| c * x).sum()).collect();
+            lambda = orthogonal(&mut w, &axes);
+            if lambda == 0.0 {
+                break;
+            }
+            let moved = w.iter().zip(&v).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            v = w;
+            if moved < 1e-12 {
+                break;
+            }
+        }
+        if lambda == 0.0 {
+            // No variance left: any unit vector orthogonal to the axes before.
+            v = (0..d).map(|i| if i == j { 1.0 } else { 0.0 }).collect();
+            orthogonal(&mut v, &axes);
+        }
+        let largest = v.iter().copied().fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+        if largest < 0.0 {
+            v.iter_mut().for_each(|x| *x = -*x);
+        }
+        shares.push(if total > 0.0 { lambda / total } else { 0.0 });
+        axes.push(v);
+    }
+    (axes, shares)
+}
+
+/// Morphs between held-out images of neighbouring classes (0 into 1, 2 into 3, ...; up to
+/// `rows` pairs, each the first image of its class): `steps` images a row, generated from
+/// evenly spaced points on the straight line between the two images' code means, the first
+/// and last being the two reconstructions. Returns the images [rows x steps, 1, 32, 32] and
+/// how many rows there are.
+pub fn interpolation(model: &mut Vae, ds: &Dataset, rows: usize, steps: usize) -> Result<(Tensor<f32>, usize)> {
+    if steps < 2 {
+        return Err(TrainError::Config(format!("an interpolation needs at least 2 steps, got {steps}")));
+    }
+    let first = |c: usize| ds.labels.iter().position(|&l| l as usize == c);
+    let pairs: Vec<[usize; 2]> = (0..ds.classes / 2).filter_map(|p| Some([first(2 * p)?, first(2 * p + 1)?])).take(rows).collect();
+    if pairs.is_empty() {
+        return Err(TrainError::Config(format!("no two neighbouring classes with images among the {} held-out ones", ds.len())));
+    }
+    let ends = codes(model, ds, &pairs.concat())?;
+    let d = model.latent();
+    let mut z = Vec::with_capacity(pairs.len() * steps * d);
+    for p in 0..pairs.len() {
+        let (a, b) = (&ends.data()[2 * p * d..(2 * p + 1) * d], &ends.data()[(2 * p + 1) * d..(2 * p + 2) * d]);
+        for s in 0..steps {
+            let t = s as f32 / (steps - 1) as f32;
+            z.extend(a.iter().zip(b).map(|(&a, &b)| a + t * (b - a)));
+        }
+    }
+    let z = Tensor::from_vec(z, &[pairs.len() * steps, d])?;
+    Ok((generate(model, z)?, pairs.len()))
+}
+
+/// What the generator draws over a `side` x `side` grid of two-dimensional codes, z1 from -2
+/// to 2 left to right and z2 from 2 to -2 top to bottom (about 95% of the prior each way), as
+/// [side², 1, 32, 32] in rows. Only for a VAE with a two-dimensional code.
+pub fn manifold(model: &mut Vae, side: usize) -> Result<Tensor<f32>> {
+    if model.latent() != 2 {
+        return Err(TrainError::Config(format!("the map of the code needs a two-dimensional code (--latent 2); this VAE's has {}", model.latent())));
+    }
+    if !(2..=64).contains(&side) {
+        return Err(TrainError::Config(format!("the map of the code is 2..=64 images a side, asked for {side}")));
+    }
+    let at = |k: usize| -2.0 + 4.0 * k as f32 / (side - 1) as f32;
+    let z: Vec<f32> = (0..side).flat_map(|r| (0..side).flat_map(move |c| [at(c), at(side - 1 - r)])).collect();
+    generate(model, Tensor::from_vec(z, &[side * side, 2])?)
+}
+
+/// The generator in evaluation mode on codes `z`, back on the host.
+fn generate(model: &mut Vae, z: Tensor<f32>) -> Result<Tensor<f32>> {
+    let z = Var::constant(z.to(stride_nn::device_of(model))?);
+    Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value().to_host()?)
+}
