@@ -35,8 +35,12 @@ pub struct VaeArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Start from these weights (a vae.safetensors).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     weights: Option<PathBuf>,
+    /// Continue the run in --out from its last finished epoch (after Ctrl-C or a crash), as if
+    /// it had not stopped; --epochs may ask for more than it first had
+    #[arg(long, requires = "out")]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -66,6 +70,16 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
             }
             model
         }
+        // A resumed run's code has the size its checkpoint records (the weights follow).
+        None if a.resume => {
+            let dir = a.out.as_deref().ok_or("--resume needs --out")?;
+            let saved = stride_train::checkpoint::load(&dir.join(v::CHECKPOINT))?;
+            let latent = stride_models::vae::latent_of(&saved).map_err(|e| format!("{}: {e}", dir.join(v::CHECKPOINT).display()))?;
+            if let Some(l) = a.latent.filter(|&l| l != latent) {
+                return Err(format!("--latent {l}: the run in {} has a {latent}-dimensional code", dir.display()).into());
+            }
+            Vae::with_latent(&mut Rng::seed(a.seed), latent)?
+        }
         None => Vae::with_latent(&mut Rng::seed(a.seed), a.latent.unwrap_or(stride_models::vae::LATENT))?,
     };
     let out = a.out.clone().unwrap_or_else(|| crate::train::default_out("vae", &a.data));
@@ -79,6 +93,9 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         data.test.len(),
         out.display()
     );
+    if a.resume {
+        println!("resuming the run in {} from its last finished epoch", out.display());
+    }
     let cfg = VaeConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -88,6 +105,7 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         out_dir: Some(out.clone()),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         device,
+        resume: a.resume,
     };
     v::train_vae(&mut model, &data, &cfg, |r| {
         println!(

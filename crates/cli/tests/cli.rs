@@ -554,6 +554,18 @@ fn a_vae_with_a_two_dimensional_code_maps_it_and_its_weights_say_their_size() {
     }
     let e = text(&stride(&["sample", "--weights", dir.join("s.png").to_str().unwrap()]));
     assert!(e.contains("s.png"), "{e}");
+    // --resume goes on from the finished epoch, the code's size taken from the checkpoint;
+    // other settings than the run's are refused.
+    let o = stride(&["vae", "--epochs", "2", "--beta", "0.5", "--resume", "--out", d]);
+    let log = text(&o);
+    assert!(o.status.success() && log.contains("epoch 2: L_tot") && !log.contains("epoch 1:") && log.contains("a 2-d code"), "{log}");
+    assert_eq!(std::fs::read_to_string(dir.join("vae_metrics.csv")).unwrap().lines().count(), 3);
+    let o = stride(&["vae", "--epochs", "3", "--resume", "--out", d]);
+    assert!(!o.status.success() && text(&o).contains("was written with beta 0.5, this run has 1"), "{}", text(&o));
+    for (args, want) in [(vec!["vae", "--resume"], "--out <OUT>"), (vec!["vae", "--resume", "--weights", w, "--out", d], "cannot be used with")] {
+        let o = stride(&args);
+        assert!(!o.status.success() && text(&o).contains(want), "{args:?}: {}", text(&o));
+    }
 }
 
 #[test]

@@ -197,9 +197,17 @@ fn restore(
     let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
     let state: Vec<(String, Vec<f32>)> =
         opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
-    // Every optimizer entry must belong to a trained parameter of this model and match its size.
     let sizes: Vec<usize> = split_frozen(model, &cfg.frozen)?.0.iter().map(|p| p.value_ref().numel()).collect();
-    for (k, v) in &state {
+    check_optimizer_state(&state, &sizes, &bad)?;
+    checkpoint::load_into(model, &tensors)?;
+    opt.load_state(&state)?;
+    Ok((pos, (ema, ema_updates)))
+}
+
+/// Checks optimizer state read from a checkpoint: every entry belongs to one of the trained
+/// parameters (their sizes in order) and matches its size; a "step" entry is one count.
+pub(crate) fn check_optimizer_state(state: &[(String, Vec<f32>)], sizes: &[usize], bad: &dyn Fn(&str) -> TrainError) -> Result<()> {
+    for (k, v) in state {
         if k == "step" {
             if v.len() != 1 || !(v[0] >= 0.0 && v[0].is_finite()) {
                 return Err(bad(&format!("optimizer step {v:?} is not a count")));
@@ -213,7 +221,5 @@ fn restore(
             _ => return Err(bad(&format!("optimizer entry '{k}' names no parameter of this model ({} trained parameters)", sizes.len()))),
         }
     }
-    checkpoint::load_into(model, &tensors)?;
-    opt.load_state(&state)?;
-    Ok((pos, (ema, ema_updates)))
+    Ok(())
 }

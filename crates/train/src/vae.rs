@@ -30,11 +30,14 @@ pub struct VaeConfig {
     pub progress: bool,
     /// Where the model trains (see `TrainConfig::device`).
     pub device: Device,
+    /// Continue the run in `out_dir` from its last finished epoch ([`CHECKPOINT`]), as an
+    /// uninterrupted run would have gone on, bit for bit.
+    pub resume: bool,
 }
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, beta: 1.0, out_dir: None, progress: false, device: Device::Cpu }
+        VaeConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 0, beta: 1.0, out_dir: None, progress: false, device: Device::Cpu, resume: false }
     }
 }
 
@@ -101,14 +104,20 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
     }
     // Checked before the run folder is made, so a bad rate leaves nothing behind.
     let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
+    let (mut reports, mut csv) = (Vec::new(), String::from(CSV_HEADER));
+    if cfg.resume {
+        let dir = cfg.out_dir.as_deref().ok_or_else(|| TrainError::Config("resuming a VAE run needs its folder (out_dir)".into()))?;
+        reports = resume(dir, model, &mut opt, cfg, data)?;
+        for r in &reports {
+            csv.push_str(&csv_row(r));
+        }
+    }
     if let Some(d) = &cfg.out_dir {
         std::fs::create_dir_all(d).map_err(|e| TrainError::Io(format!("{}: {e}", d.display())))?;
     }
     stride_nn::Module::to(model, cfg.device)?;
     let params = stride_nn::Module::parameters(model);
-    let mut reports = Vec::new();
-    let mut csv = String::from("epoch,train_total,total,likelihood,kl\n");
-    for epoch in 1..=cfg.epochs {
+    for epoch in reports.len() + 1..=cfg.epochs {
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, 0));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), true);
         let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
@@ -140,7 +149,7 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
         let secs = start.elapsed().as_secs_f64();
         let (total, likelihood, kl) = evaluate_vae(model, &data.test, 250)?;
         let r = VaeReport { epoch, train_total: sum / seen.max(1) as f64, total, likelihood, kl, images_per_second: seen as f64 / secs };
-        csv.push_str(&format!("{epoch},{},{total},{likelihood},{kl}\n", r.train_total));
+        csv.push_str(&csv_row(&r));
         if let Some(d) = &cfg.out_dir {
             let grid = reconstructions(model, &data.test, 9)?;
             write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, 28)?;
@@ -150,11 +159,99 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             checkpoint::write_atomic(&d.join("vae_metrics.csv"), csv.as_bytes())?;
             checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
             write_report(d, &reports, &r, data, (model.latent(), cfg.beta), &drawn)?;
+            // Last: a run that stops before this resumes from the epoch before.
+            save_checkpoint(d, model, &opt, epoch, cfg, data)?;
         }
         on_epoch(&r);
         reports.push(r);
     }
     Ok(reports)
+}
+
+/// A VAE run's checkpoint in its folder: weights, Adam's state, the epochs done and the
+/// settings a resume must share.
+pub const CHECKPOINT: &str = "vae_checkpoint.safetensors";
+const CSV_HEADER: &str = "epoch,train_total,total,likelihood,kl,images_per_second\n";
+
+fn csv_row(r: &VaeReport) -> String {
+    format!("{},{},{},{},{},{}\n", r.epoch, r.train_total, r.total, r.likelihood, r.kl, r.images_per_second)
+}
+
+/// What a resumed run must share with the one that wrote the checkpoint.
+fn settings(model: &Vae, cfg: &VaeConfig, data: &Split) -> [(&'static str, String); 6] {
+    [
+        ("seed", cfg.seed.to_string()),
+        ("lr", cfg.lr.to_string()),
+        ("batch_size", cfg.batch_size.to_string()),
+        ("beta", cfg.beta.to_string()),
+        ("latent", model.latent().to_string()),
+        ("data", format!("{} ({} training, {} test images)", data.name, data.train.len(), data.test.len())),
+    ]
+}
+
+fn save_checkpoint(dir: &Path, model: &mut Vae, opt: &Adam, epoch: usize, cfg: &VaeConfig, data: &Split) -> Result<()> {
+    let mut tensors = checkpoint::state_dict(model);
+    for (name, v) in opt.state() {
+        let n = v.len();
+        tensors.push((format!("optimizer.{name}"), Tensor::from_vec(v, &[n])?));
+    }
+    let meta = [("format", "stride-vae-checkpoint-1".to_string()), ("epoch", epoch.to_string())]
+        .into_iter()
+        .chain(settings(model, cfg, data))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    checkpoint::save_with_metadata(&dir.join(CHECKPOINT), &tensors, Some(meta))
+}
+
+/// Reads `dir`'s checkpoint into the model and the optimizer, every check first (nothing
+/// changes when one fails); returns the finished epochs' reports from vae_metrics.csv.
+fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &Split) -> Result<Vec<VaeReport>> {
+    let path = dir.join(CHECKPOINT);
+    let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
+    let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
+    if meta.get("format").map(String::as_str) != Some("stride-vae-checkpoint-1") {
+        return Err(bad("not a Stride VAE checkpoint (no format tag)"));
+    }
+    for (key, want) in settings(model, cfg, data) {
+        let had = meta.get(key).map_or("(none)", String::as_str);
+        if had != want {
+            return Err(bad(&format!("was written with {key} {had}, this run has {want}")));
+        }
+    }
+    let done = meta
+        .get("epoch")
+        .and_then(|e| e.parse::<usize>().ok())
+        .filter(|&e| (1..=1_000_000).contains(&e))
+        .ok_or_else(|| bad("no finished epoch recorded"))?;
+    let metrics = dir.join("vae_metrics.csv");
+    let text = std::fs::read_to_string(&metrics).map_err(|e| TrainError::Io(format!("{}: {e}", metrics.display())))?;
+    // Rows past the checkpoint's epoch (a stop between the two writes) are dropped.
+    let reports: Vec<VaeReport> = text.lines().skip(1).filter_map(parse_row).filter(|r| r.epoch <= done).collect();
+    if reports.iter().map(|r| r.epoch).ne(1..=done) {
+        return Err(TrainError::Checkpoint(format!("{}: does not hold epochs 1 to {done}, which the checkpoint has finished", metrics.display())));
+    }
+    let keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
+    let state: Vec<(String, Vec<f32>)> =
+        keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
+    let sizes: Vec<usize> = stride_nn::Module::parameters(model).iter().map(|p| p.value_ref().numel()).collect();
+    crate::resume::check_optimizer_state(&state, &sizes, &bad)?;
+    checkpoint::load_into(model, &tensors)?;
+    opt.load_state(&state)?;
+    Ok(reports)
+}
+
+/// A row of vae_metrics.csv; one of an older Stride has no throughput (NaN).
+fn parse_row(line: &str) -> Option<VaeReport> {
+    let f: Vec<&str> = line.split(',').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.trim().parse::<f64>().ok());
+    Some(VaeReport {
+        epoch: f.first()?.trim().parse().ok()?,
+        train_total: num(1)?,
+        total: num(2)?,
+        likelihood: num(3)?,
+        kl: num(4)?,
+        images_per_second: num(5).unwrap_or(f64::NAN),
+    })
 }
 
 const SAMPLE_SEED: u64 = 2017;

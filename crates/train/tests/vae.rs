@@ -262,6 +262,63 @@ fn beta_weighs_the_kl_term_and_a_two_dimensional_run_draws_its_map() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn a_resumed_run_ends_as_an_uninterrupted_one_bit_for_bit() {
+    let full = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    let test = full.test.subset(&stride_train::latent::spread(full.test.len(), 200)).unwrap();
+    let data = stride_data::Split { train: common::take(&full.train, 640), test, ..full };
+    let (whole, parts) = (common::tmp("vae-whole"), common::tmp("vae-parts"));
+    let cfg = |epochs: usize, dir: &std::path::Path, resume: bool| VaeConfig {
+        epochs,
+        beta: 2.0,
+        out_dir: Some(dir.to_path_buf()),
+        resume,
+        ..VaeConfig::default()
+    };
+    let fresh = || Vae::with_latent(&mut Rng::seed(5), 3).unwrap();
+    let mut a = fresh();
+    let straight = v::train_vae(&mut a, &data, &cfg(3, &whole, false), |_| {}).unwrap();
+    // One epoch, then a new process's worth of state (a model from another seed) resumes to 3.
+    v::train_vae(&mut fresh(), &data, &cfg(1, &parts, false), |_| {}).unwrap();
+    let mut b = Vae::with_latent(&mut Rng::seed(99), 3).unwrap();
+    let mut seen = Vec::new();
+    let resumed = v::train_vae(&mut b, &data, &cfg(3, &parts, true), |r| seen.push(r.epoch)).unwrap();
+    assert_eq!(seen, [2, 3], "the resumed run trains the epochs left");
+    let losses = |r: &[v::VaeReport]| r.iter().map(|r| (r.epoch, r.train_total, r.total, r.likelihood, r.kl)).collect::<Vec<_>>();
+    assert_eq!(losses(&resumed), losses(&straight));
+    let (sa, sb) = (stride_train::checkpoint::state_dict(&mut a), stride_train::checkpoint::state_dict(&mut b));
+    assert_eq!(sa.len(), sb.len());
+    for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
+        assert_eq!(na, nb);
+        assert!(ta.data() == tb.data(), "{na} differs after resuming");
+    }
+    let csv = std::fs::read_to_string(parts.join("vae_metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    // A resume with other settings, or from a folder without a checkpoint, is refused by name
+    // and changes nothing.
+    let cases = [
+        (VaeConfig { beta: 1.0, ..cfg(4, &parts, true) }, "was written with beta 2, this run has 1"),
+        (VaeConfig { lr: 1e-2, ..cfg(4, &parts, true) }, "was written with lr 0.001, this run has 0.01"),
+        (VaeConfig { seed: 1, ..cfg(4, &parts, true) }, "was written with seed 0, this run has 1"),
+    ];
+    let before = std::fs::read(parts.join(v::CHECKPOINT)).unwrap();
+    for (c, want) in cases {
+        let e = v::train_vae(&mut fresh(), &data, &c, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = v::train_vae(&mut Vae::with_latent(&mut Rng::seed(5), 4).unwrap(), &data, &cfg(4, &parts, true), |_| panic!("an epoch ran"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was written with latent 3, this run has 4"), "{e}");
+    assert_eq!(std::fs::read(parts.join(v::CHECKPOINT)).unwrap(), before);
+    let empty = common::tmp("vae-empty");
+    let e = v::train_vae(&mut fresh(), &data, &cfg(2, &empty, true), |_| panic!("an epoch ran")).unwrap_err().to_string();
+    assert!(e.contains(v::CHECKPOINT), "{e}");
+    for d in [whole, parts] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 /// (width, height, gray pixels) of a PNG.
 fn image_bytes(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
