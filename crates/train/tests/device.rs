@@ -391,3 +391,29 @@ fn two_ranks_average_the_same_weights() {
     let (plain, _) = two_ranks(Device::Cpu, false, OptimizerKind::Adam, 256).unwrap();
     assert_ne!(states[0], plain[0], "the ranks hold the average, not the last step's weights");
 }
+
+#[test]
+fn a_vae_run_with_its_pictures_of_the_code_and_a_resume_runs_the_same_on_a_device() {
+    use stride_models::vae::Vae;
+    use stride_train::vae::{self as v, VaeConfig};
+    let dev = mirror();
+    let full = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    let test = full.test.subset(&stride_train::latent::spread(full.test.len(), 100)).unwrap();
+    let data = stride_data::Split { train: common::take(&full.train, 256), test, ..full };
+    let run = |device: Device| {
+        let dir = tmp(&format!("vae-on-{device}"));
+        let cfg = |epochs, resume| VaeConfig { epochs, device, beta: 0.5, out_dir: Some(dir.clone()), resume, ..VaeConfig::default() };
+        let mut m = Vae::with_latent(&mut Rng::seed(6), 2).unwrap();
+        v::train_vae(&mut m, &data, &cfg(1, false), |_| {}).unwrap();
+        let mut m = Vae::with_latent(&mut Rng::seed(7), 2).unwrap();
+        let r = v::train_vae(&mut m, &data, &cfg(2, true), |_| {}).unwrap();
+        let pictures: Vec<Vec<u8>> = ["latent.png", "interpolation.png", "manifold.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+        let state = checkpoint::state_dict(&mut m);
+        std::fs::remove_dir_all(&dir).unwrap();
+        (r.iter().map(|r| (r.train_total, r.total)).collect::<Vec<_>>(), pictures, state)
+    };
+    let (cpu, gpu) = (run(Device::Cpu), run(dev));
+    assert_eq!(cpu.0, gpu.0, "losses");
+    assert!(cpu.1 == gpu.1, "the pictures of the code differ");
+    assert_eq!(cpu.2, gpu.2);
+}
