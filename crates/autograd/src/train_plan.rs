@@ -582,6 +582,11 @@ impl TrainPlan {
             .collect()
     }
 
+    /// The shape of the logits, [N, classes].
+    pub fn logits_shape(&self) -> [usize; 2] {
+        self.logits.1
+    }
+
     /// The logits [N, classes] of the last step's forward pass (for its accuracy).
     pub fn logits(&self) -> Result<Tensor<f32>> {
         if self.last_logits.is_empty() {
@@ -593,9 +598,6 @@ impl TrainPlan {
     /// One training step on `x` with class `labels`: forward, softmax cross-entropy (mean over
     /// the batch), backward. Sets every parameter's gradient and returns the loss.
     pub fn step(&mut self, x: &Tensor<f32>, labels: &[usize]) -> Result<f32> {
-        if x.shape() != self.input.1.as_slice() {
-            bail!(shape, "train plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
-        }
         let [n, classes] = self.logits.1;
         if labels.len() != n {
             bail!(shape, "train plan", "{} labels for a batch of {n}", labels.len());
@@ -603,15 +605,46 @@ impl TrainPlan {
         if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
             bail!(arg, "train plan", "label {bad} is outside the {classes} classes");
         }
+        let mut mass = vec![0.0; n * classes];
+        for (row, &t) in mass.chunks_exact_mut(classes).zip(labels) {
+            row[t] = 1.0 / n as f32;
+        }
+        self.step_towards(x, &mass, 1.0, false)
+    }
+
+    /// One training step on `x` towards a target mass `m` [N, classes]: the loss is
+    /// -sum_{n,c} m[n, c] log softmax(logits)[n, c], which covers cross-entropy (a one-hot row
+    /// over N), label smoothing, class weights and blended targets (MixUp, CutMix) alike. The
+    /// gradients are those of `scale` times the loss; with `accumulate` they are added to the
+    /// parameters' gradients (gradient accumulation), else they replace them. Returns the loss.
+    pub fn step_towards(&mut self, x: &Tensor<f32>, mass: &[f32], scale: f32, accumulate: bool) -> Result<f32> {
+        if x.shape() != self.input.1.as_slice() {
+            bail!(shape, "train plan", "compiled for input shape {:?}, got {:?}", self.input.1, x.shape());
+        }
+        let [n, classes] = self.logits.1;
+        if mass.len() != n * classes {
+            bail!(shape, "train plan", "a target mass of {} values for {n} x {classes} logits", mass.len());
+        }
+        if let Some(bad) = mass.iter().find(|m| !m.is_finite()) {
+            bail!(arg, "train plan", "the target mass holds {bad}");
+        }
         if self.slots.len() != self.slot_len.len() {
             self.slots = self.slot_len.iter().map(|&l| vec![0.0; l]).collect();
         }
         let weights: Vec<Tensor<f32>> = self.params.iter().map(|p| p.value()).collect();
+        let mut prior = Vec::new();
         for (p, g) in self.params.iter().zip(self.grads.iter_mut()) {
             let numel = p.value_ref().numel();
-            if g.len() != numel {
+            let held = p.take_grad().map(Tensor::into_vec).filter(|v| v.len() == numel);
+            if accumulate {
+                // Kept to be added to; the step writes into a buffer of its own.
+                prior.push(held);
+                if g.len() != numel {
+                    *g = vec![0.0; numel];
+                }
+            } else if g.len() != numel {
                 // Handed to the parameter by the last step: reused unless someone kept it.
-                *g = p.take_grad().map(Tensor::into_vec).filter(|v| v.len() == numel).unwrap_or_else(|| vec![0.0; numel]);
+                *g = held.unwrap_or_else(|| vec![0.0; numel]);
             }
         }
         self.slots[self.input.0][..x.numel()].copy_from_slice(x.data());
@@ -620,13 +653,18 @@ impl TrainPlan {
         }
         let mut d = take(&mut self.slots, self.dlogits);
         let logits = &self.slots[self.logits.0][..n * classes];
-        let loss = softmax_cross_entropy(logits, labels, classes, &mut d[..n * classes]);
+        let loss = softmax_cross_entropy(logits, mass, classes, scale, &mut d[..n * classes]);
         // Kept: the backward pass may reuse the logits' buffer.
         self.last_logits.clear();
         self.last_logits.extend_from_slice(logits);
         put(&mut self.slots, self.dlogits, d);
         for s in (0..self.steps.len()).rev() {
             backward(&mut self.steps[s], &mut self.slots, &weights, &mut self.grads)?;
+        }
+        for (g, held) in self.grads.iter_mut().zip(prior) {
+            if let Some(h) = held {
+                g.iter_mut().zip(&h).for_each(|(g, h)| *g += h);
+            }
         }
         // Each gradient buffer goes to its parameter without a copy; the next step takes it
         // back (every step that writes a gradient overwrites it whole).
@@ -653,23 +691,25 @@ fn remap(s: TStep, m: &impl Fn(Slot) -> Slot) -> TStep {
     }
 }
 
-/// Mean softmax cross-entropy of `logits` [n, classes]; its gradient into `d`.
-fn softmax_cross_entropy(logits: &[f32], labels: &[usize], classes: usize, d: &mut [f32]) -> f32 {
-    let n = labels.len();
+/// The cross-entropy of `logits` [n, classes] towards the target mass `m`,
+/// -sum m log softmax(logits), and `scale` times its gradient, softmax x (the row's mass) - m,
+/// into `d`.
+fn softmax_cross_entropy(logits: &[f32], mass: &[f32], classes: usize, scale: f32, d: &mut [f32]) -> f32 {
     let mut loss = 0.0f64;
-    for (i, &t) in labels.iter().enumerate() {
-        let row = &logits[i * classes..(i + 1) * classes];
+    for ((row, m), drow) in logits.chunks_exact(classes).zip(mass.chunks_exact(classes)).zip(d.chunks_exact_mut(classes)) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
         let log_sum = sum.ln();
-        loss -= ((row[t] - max) - log_sum) as f64;
-        let drow = &mut d[i * classes..(i + 1) * classes];
-        for (j, (o, &v)) in drow.iter_mut().zip(row).enumerate() {
+        let total: f32 = m.iter().sum();
+        for ((o, &v), &mc) in drow.iter_mut().zip(row).zip(m) {
+            if mc != 0.0 {
+                loss -= (mc * ((v - max) - log_sum)) as f64;
+            }
             let p = (v - max).exp() / sum;
-            *o = (p - if j == t { 1.0 } else { 0.0 }) / n as f32;
+            *o = scale * (p * total - mc);
         }
     }
-    (loss / n.max(1) as f64) as f32
+    loss as f32
 }
 
 /// Takes slot `w` out to write it while the others are read; put back by [`put`].

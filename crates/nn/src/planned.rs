@@ -112,6 +112,28 @@ impl TrainPlanned {
     /// `backward` would), updates batch norm's running statistics as the eager pass does, and
     /// returns the mean softmax cross-entropy.
     pub fn step(&mut self, m: &mut dyn Module, x: &Tensor<f32>, labels: &[usize]) -> Result<Option<f32>> {
+        self.run(m, x, |plan| plan.step(x, labels))
+    }
+
+    /// One step towards a target mass [N, classes] (`TrainPlan::step_towards`: label
+    /// smoothing, class weights, blended targets), the gradients scaled by `scale` and, with
+    /// `accumulate`, added to the parameters' own; batch norm's running statistics as
+    /// [`step`](Self::step). Returns the loss.
+    /// `mass` makes the target mass for the logits' shape [N, classes].
+    pub fn step_towards(
+        &mut self,
+        m: &mut dyn Module,
+        x: &Tensor<f32>,
+        mass: impl FnOnce([usize; 2]) -> stride_autograd::Result<Vec<f32>>,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<Option<f32>> {
+        self.run(m, x, |plan| plan.step_towards(x, &mass(plan.logits_shape())?, scale, accumulate))
+    }
+
+    /// Runs `step` on the plan for `x`'s shape (compiled on first use) and folds its batch
+    /// statistics into the running ones; `None` where the planner refused the network.
+    fn run(&mut self, m: &mut dyn Module, x: &Tensor<f32>, step: impl FnOnce(&mut TrainPlan) -> stride_autograd::Result<f32>) -> Result<Option<f32>> {
         let shape = x.shape().to_vec();
         if !self.plans.contains_key(&shape) {
             if self.plans.len() >= KEPT {
@@ -124,7 +146,7 @@ impl TrainPlanned {
             self.plans.insert(shape.clone(), plan);
         }
         let Ok((plan, names)) = self.plans.get_mut(&shape).expect("inserted above") else { return Ok(None) };
-        let loss = plan.step(x, labels)?;
+        let loss = step(plan)?;
         // Running statistics, found by their layer's name.
         let stats = plan.batch_norm_stats();
         m.visit("", &mut |name, slot| {

@@ -166,8 +166,7 @@ pub struct TrainConfig {
     /// always the plain cross-entropy.
     pub label_smoothing: f64,
     /// Per-class weights of the training loss, for imbalanced data (Keras's `class_weight`,
-    /// PyTorch's `CrossEntropyLoss(weight=)`). The held-out loss stays unweighted. Weighted
-    /// runs step eagerly (training plans compile the plain loss).
+    /// PyTorch's `CrossEntropyLoss(weight=)`). The held-out loss stays unweighted.
     pub class_weights: ClassWeights,
     /// Data-parallel training over several processes (`mpirun -np N stride train`): each rank
     /// trains on its share of every batch, gradients are averaged, rank 0 writes the files.
@@ -185,7 +184,6 @@ pub struct TrainConfig {
     /// of their images) before each update, so one update sees `accumulate x batch_size` images
     /// while memory holds one batch (Lightning's `accumulate_grad_batches`). Batch norm still
     /// normalises by each batch. At least 1; a Ctrl-C stop waits for the group's last batch.
-    /// Accumulating runs step eagerly (training plans apply one batch's gradients).
     pub accumulate: usize,
     /// Keep an exponential moving average of the weights with this decay (such as 0.999;
     /// timm's `ModelEma`, Keras's `use_ema`), updated after every optimizer step (see [`Ema`]):
@@ -195,8 +193,8 @@ pub struct TrainConfig {
     pub ema: Option<f64>,
     /// MixUp and CutMix of the training batches (torchvision's v2 `MixUp`/`CutMix`, timm's
     /// `Mixup`; see [`BatchMix`]): each image is blended with, or has a box pasted in from, the
-    /// image before it, and the loss is λ of its label's plus 1 - λ of the partner's. Mixed
-    /// runs step eagerly; the training accuracy counts the label that weighs more.
+    /// image before it, and the loss is λ of its label's plus 1 - λ of the partner's. The
+    /// training accuracy counts the label that weighs more.
     pub mix: BatchMix,
 }
 
@@ -596,7 +594,7 @@ pub fn train(
     };
     // Which gradients travel together between ranks: fixed for the run.
     let plan = group.as_ref().map(|_| group::BucketPlan::new(&params));
-    let mut planned = planner(cfg, &loss_fn, segments.is_some(), group.is_some());
+    let mut planned = planner(cfg, segments.is_some(), group.is_some());
     let mut planned_steps = 0;
     let mut ctx = Ctx::train(cfg.seed);
     if let (Some(g), true) = (&group, cfg.sync_bn) {
@@ -851,18 +849,17 @@ fn mix_batch(how: &BatchMix, images: &mut stride_autograd::Tensor<f32>, seed: u6
 }
 
 /// Compiled training plans (one per batch shape) for a run's steps where they apply: on the
-/// CPU, one process, the plain loss, one batch per update, no mixing, no recompute. A network the planner
-/// refuses (dropout, an op without a planned gradient) trains eagerly, as every step does with
+/// CPU, one process, no recompute (any loss: smoothing, class weights and mixing reach the plan
+/// as a target mass; accumulated batches add their gradients). A network the planner refuses
+/// (dropout, an op without a planned gradient) trains eagerly, as every step does with
 /// `cfg.eager`.
-fn planner(cfg: &TrainConfig, loss_fn: &Loss, recompute: bool, ranks: bool) -> Option<stride_nn::planned::TrainPlanned> {
-    (!cfg.eager && cfg.device.is_cpu() && !ranks && !recompute && *loss_fn == Loss::default() && cfg.accumulate == 1 && cfg.mix.is_off())
-        .then(stride_nn::planned::TrainPlanned::new)
+fn planner(cfg: &TrainConfig, recompute: bool, ranks: bool) -> Option<stride_nn::planned::TrainPlanned> {
+    (!cfg.eager && cfg.device.is_cpu() && !ranks && !recompute).then(stride_nn::planned::TrainPlanned::new)
 }
 
 /// One batch's forward and backward pass on `x` towards `targets`, its gradients added to the
-/// parameters': through the compiled training plan where `planned` takes the batch (and it is
-/// not mixed), else in `segments`
-/// (activation recompute), else eagerly, the loss scaled by `scale` and, with `overlap`, each
+/// parameters': through the compiled training plan where `planned` takes the batch, else in
+/// `segments` (activation recompute), else eagerly, the loss scaled by `scale` and, with `overlap`, each
 /// bucket's sum across ranks started as its gradients finish. Returns the batch's loss
 /// (unscaled), the logits (detached) and whether the plan ran the step.
 #[allow(clippy::too_many_arguments)]
@@ -877,8 +874,9 @@ fn forward_backward(
     ctx: &mut Ctx,
     overlap: Option<&mut group::OverlappedSum>,
 ) -> Result<(f32, Var, bool)> {
-    if let (Some(p), None) = (planned, targets.mixed) {
-        if let Some(lv) = p.step(model, &x.value(), targets.labels)? {
+    if let Some(p) = planned {
+        // Added to what the parameters hold, as backward() adds: the group's earlier batches.
+        if let Some(lv) = p.step_towards(model, &x.value(), |[_, classes]| loss_fn.mass(targets, classes), scale as f32, true)? {
             let logits = p.logits(&x.shape()).ok_or_else(|| stride_autograd::Error::arg("train plan", "a step ran but left no logits"))?;
             return Ok((lv, Var::constant(logits), true));
         }

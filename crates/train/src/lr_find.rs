@@ -166,7 +166,7 @@ pub fn lr_find(
     let (params, frozen) = split_frozen(model, &cfg.frozen)?;
     let _frozen = Frozen::new(frozen)?;
     let mut opt = make_optimizer(cfg)?;
-    let mut planned = planner(cfg, &loss_fn, segments.is_some(), false);
+    let mut planned = planner(cfg, segments.is_some(), false);
     let mut ctx = Ctx::train(cfg.seed);
     // Batches epoch after epoch, each epoch shuffled as a training run's would be.
     let (mut epoch, mut batches): (usize, Option<Batches>) = (0, None);

@@ -100,6 +100,46 @@ impl Loss {
         }
     }
 
+    /// The loss towards `t` as a target mass m [N, classes] for logits of `classes` columns,
+    /// the loss being -sum m log softmax(logits) (what a training plan takes): the same loss
+    /// as [`of_targets`](Self::of_targets), smoothing, class weights and mixing included.
+    pub fn mass(&self, t: Targets, classes: usize) -> stride_autograd::Result<Vec<f32>> {
+        let n = t.labels.len();
+        let mut m = vec![0.0f64; n * classes];
+        let mut add = |labels: &[usize], share: f64| -> stride_autograd::Result<()> {
+            if let Some(&bad) = labels.iter().find(|&&l| l >= classes) {
+                return Err(stride_autograd::Error::arg("cross_entropy", format!("label {bad} is outside the {classes} classes")));
+            }
+            let eps = self.label_smoothing;
+            let weight = |c: usize| self.class_weights.as_ref().map_or(Some(1.0), |w| w.get(c).copied());
+            if let Some(w) = &self.class_weights {
+                if w.len() != classes {
+                    return Err(stride_autograd::Error::shape("weighted_cross_entropy", format!("{} class weights for {classes} classes", w.len())));
+                }
+            }
+            let total: f64 = labels.iter().map(|&y| weight(y).unwrap_or(0.0)).sum();
+            if total <= 0.0 {
+                // A batch whose images all weigh 0: no loss, no gradient.
+                return Ok(());
+            }
+            for (row, &y) in m.chunks_exact_mut(classes).zip(labels) {
+                for (c, v) in row.iter_mut().enumerate() {
+                    let on = if c == y { (1.0 - eps) * weight(y).unwrap_or(0.0) } else { 0.0 };
+                    *v += share * (on + eps / classes as f64 * weight(c).unwrap_or(0.0)) / total;
+                }
+            }
+            Ok(())
+        };
+        match t.mixed {
+            None => add(t.labels, 1.0)?,
+            Some((partners, lam)) => {
+                add(t.labels, lam)?;
+                add(partners, 1.0 - lam)?;
+            }
+        }
+        Ok(m.into_iter().map(|v| v as f32).collect())
+    }
+
     /// The part of a batch's loss that `shard` (a share of `batch`'s labels) carries: its
     /// images' share of the batch's weight.
     pub(crate) fn share(&self, shard: &[usize], batch: &[usize]) -> f64 {

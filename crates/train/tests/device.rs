@@ -407,7 +407,8 @@ fn a_vae_run_with_its_pictures_of_the_code_and_a_resume_runs_the_same_on_a_devic
         v::train_vae(&mut m, &data, &cfg(1, false), |_| {}).unwrap();
         let mut m = Vae::with_latent(&mut Rng::seed(7), 2).unwrap();
         let r = v::train_vae(&mut m, &data, &cfg(2, true), |_| {}).unwrap();
-        let pictures: Vec<Vec<u8>> = ["latent.png", "interpolation.png", "manifold.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+        let pictures: Vec<Vec<u8>> =
+            ["latent.png", "interpolation.png", "manifold.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
         let state = checkpoint::state_dict(&mut m);
         std::fs::remove_dir_all(&dir).unwrap();
         (r.iter().map(|r| (r.train_total, r.total)).collect::<Vec<_>>(), pictures, state)

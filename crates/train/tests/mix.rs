@@ -1,6 +1,7 @@
 //! MixUp and CutMix in training: the mixed loss against cross-entropy towards the blended target
-//! computed directly, and a mixed run that steps eagerly, resumes bit for bit and refuses
-//! another mix on resume.
+//! computed directly, every loss's target mass (what training plans take) against the eager
+//! loss, and a mixed run that steps through plans, resumes bit for bit and refuses another
+//! mix on resume.
 
 use std::sync::atomic::AtomicBool;
 
@@ -49,8 +50,57 @@ fn the_mixed_loss_is_cross_entropy_towards_the_blended_smoothed_target() {
     assert_eq!(Targets::plain(&labels).dominant(), &labels);
 }
 
+/// `Loss::mass` is the loss a training plan computes, -Σ m log softmax, with gradient
+/// softmax·Σ_c m - m: for every setting it must give `of_targets`'s value and gradient.
 #[test]
-fn a_mixed_run_steps_eagerly_and_resumes_bit_for_bit() {
+fn the_target_mass_gives_the_eager_loss_and_gradient_for_every_setting() {
+    let (n, k) = (6usize, 4usize);
+    let z: Vec<f32> = Rng::seed(9).normal::<f32>(&[n, k], 0.0, 2.0).unwrap().data().to_vec();
+    let (labels, partners) = ([0usize, 3, 2, 2, 1, 3], [3usize, 0, 3, 2, 2, 1]);
+    let weighted = |eps| Loss { label_smoothing: eps, class_weights: Some(vec![1.0, 2.5, 0.5, 0.0]) };
+    let cases = [
+        (Loss::default(), None),
+        (Loss { label_smoothing: 0.2, class_weights: None }, None),
+        (weighted(0.0), None),
+        (weighted(0.15), None),
+        (weighted(0.15), Some(0.35)),
+        (Loss { label_smoothing: 0.1, class_weights: None }, Some(0.8)),
+    ];
+    for (loss, lam) in cases {
+        let t = Targets { labels: &labels, mixed: lam.map(|l| (&partners[..], l)) };
+        let logits = Var::parameter(stride_autograd::Tensor::from_vec(z.clone(), &[n, k]).unwrap());
+        let l = loss.of_targets(&logits, t).unwrap();
+        l.backward().unwrap();
+        let m = loss.mass(t, k).unwrap();
+        let (mut value, mut worst) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let row = &z[i * k..(i + 1) * k];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let mass: f64 = m[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum();
+            for c in 0..k {
+                let logp = row[c] as f64 - max - sum.ln();
+                value -= m[i * k + c] as f64 * logp;
+                let g = logp.exp() * mass - m[i * k + c] as f64;
+                worst = worst.max((g - logits.grad().unwrap().data()[i * k + c] as f64).abs());
+            }
+        }
+        let have = l.value().item().unwrap() as f64;
+        assert!((value - have).abs() < 1e-5 * have.abs().max(1.0), "{loss:?} λ {lam:?}: {value} against {have}");
+        assert!(worst < 1e-6, "{loss:?} λ {lam:?}: gradients differ by {worst}");
+    }
+    // A batch whose images all weigh 0 has no loss: a zero mass; a label past the classes and
+    // weights for another number of classes are refused as the eager loss refuses them.
+    let zero = Loss { label_smoothing: 0.0, class_weights: Some(vec![0.0, 1.0, 1.0, 1.0]) };
+    assert!(zero.mass(Targets::plain(&[0, 0]), k).unwrap().iter().all(|&v| v == 0.0));
+    let e = Loss::default().mass(Targets::plain(&[0, 4]), k).unwrap_err().to_string();
+    assert!(e.contains("label 4 is outside the 4 classes"), "{e}");
+    let e = weighted(0.0).mass(Targets::plain(&[0, 1]), 3).unwrap_err().to_string();
+    assert!(e.contains("4 class weights for 3 classes"), "{e}");
+}
+
+#[test]
+fn a_mixed_run_steps_through_plans_and_resumes_bit_for_bit() {
     let data = small(320, 64);
     let with = |dir: &std::path::Path, mix: BatchMix| TrainConfig { mix, ..cfg(2, Some(dir.to_path_buf())) };
     let both = BatchMix { mixup: 0.4, cutmix: 1.0 };
@@ -58,7 +108,7 @@ fn a_mixed_run_steps_eagerly_and_resumes_bit_for_bit() {
     let plain = train(&mut model(7), &data, &with(&plain_dir, BatchMix::default()), false, None, |_| {}).unwrap();
     let mut a = model(7);
     let out = train(&mut a, &data, &TrainConfig { report: Some("cnn".into()), ..with(&whole, both) }, false, None, |_| {}).unwrap();
-    assert_eq!(out.planned_steps, 0, "mixed batches step eagerly");
+    assert_eq!(out.planned_steps, plain.planned_steps, "mixed batches step through the plans too");
     let html = std::fs::read_to_string(whole.join("report.html")).unwrap();
     assert!(html.contains("cross-entropy, batches mixed by MixUp (alpha 0.4) or CutMix (alpha 1)"), "report.html states the mixing");
     assert!(plain.planned_steps > 0);

@@ -48,6 +48,37 @@ fn planned_training_follows_the_eager_run() {
     }
 }
 
+/// Label smoothing, class weights, MixUp/CutMix and accumulated batches reach the plan as a
+/// target mass: the planned run follows the eager one as the plain loss's does (the same
+/// bounds, 30 SGD steps, here 2 batches of 32 per update).
+#[test]
+fn planned_training_with_every_loss_setting_follows_the_eager_run() {
+    let data = small(960, 200);
+    let (mut a, mut b) = (model(5), model(5));
+    let sgd = TrainConfig {
+        optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false },
+        lr: 0.05,
+        label_smoothing: 0.1,
+        class_weights: stride_train::ClassWeights::Given(vec![1.0, 3.0, 0.5, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 0.25]),
+        mix: stride_data::BatchMix { mixup: 0.4, cutmix: 1.0 },
+        accumulate: 2,
+        ..cfg(1, None)
+    };
+    let planned = train(&mut a, &data, &sgd, false, None, |_| {}).unwrap();
+    let eager = train(&mut b, &data, &TrainConfig { eager: true, ..sgd.clone() }, false, None, |_| {}).unwrap();
+    assert_eq!((planned.planned_steps, eager.planned_steps), (30, 0));
+    let (p, e) = (&planned.reports[0], &eager.reports[0]);
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs();
+    assert!(close(p.train_loss, e.train_loss), "train loss {} vs {}", p.train_loss, e.train_loss);
+    assert!(close(p.test.loss, e.test.loss), "test loss {} vs {}", p.test.loss, e.test.loss);
+    let (wa, wb) = (checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
+    for ((name, ta), (_, tb)) in wa.iter().zip(&wb) {
+        let diff = ta.data().iter().zip(tb.data()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let scale = tb.data().iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-5 * scale, "{name}: weights differ by {diff} (scale {scale})");
+    }
+}
+
 #[test]
 fn stop_and_resume_equals_an_uninterrupted_run_bit_for_bit() {
     let data = small(320, 64);
