@@ -20,7 +20,8 @@ pub struct TrainArgs {
     model: String,
     /// `mnist` (embedded, 8,000/2,000 digits), `fashion-mnist` (Debian's dataset-fashion-mnist),
     /// or a folder: the four IDX files of MNIST's layout (raw or .gz), CIFAR-10's binary batches
-    /// (data_batch_1.bin ... test_batch.bin), or one sub-folder of PNG/JPEG images per class.
+    /// (data_batch_1.bin ... test_batch.bin), CIFAR-100's (train.bin, test.bin; 100 classes, or
+    /// `FOLDER:coarse` for its 20 superclasses), or one sub-folder of PNG/JPEG images per class.
     #[arg(long, default_value = "mnist")]
     data: String,
     /// Epochs (default: the zoo model's, see `stride models`; 10 for a model file).

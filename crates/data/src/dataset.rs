@@ -298,8 +298,9 @@ pub fn idx_folder(dir: &Path, name: &str, classes: Option<usize>) -> Result<Spli
 }
 
 /// Resolves `--data`: `mnist` (embedded), `fashion-mnist` (Debian's package), or a folder:
-/// CIFAR-10's binary batches (`data_batch_1.bin` ...), the four IDX files of MNIST's layout, or
-/// an image folder (one sub-folder of PNG/JPEG images per class).
+/// CIFAR-10's binary batches (`data_batch_1.bin` ...), CIFAR-100's (`train.bin`, `test.bin`;
+/// its 100 fine classes, or with `:coarse` after the folder its 20 superclasses), the four IDX
+/// files of MNIST's layout, or an image folder (one sub-folder of PNG/JPEG images per class).
 pub fn load(spec: &str) -> Result<Split> {
     match spec {
         "mnist" => embedded_mnist(),
@@ -311,12 +312,25 @@ pub fn load(spec: &str) -> Result<Split> {
             idx_folder(dir, "fashion-mnist", Some(FASHION_CLASSES.len()))
         }
         path => {
+            // CIFAR-100's 20 superclasses: the folder with `:coarse` after it.
+            if let Some(dir) = path.strip_suffix(":coarse").map(Path::new).filter(|d| !Path::new(path).exists() && d.is_dir()) {
+                if !crate::cifar::is_cifar100_folder(dir) {
+                    return Err(DataError::Other(format!(
+                        "--data {path}: `:coarse` picks CIFAR-100's superclasses, but {} holds no train.bin and test.bin",
+                        dir.display()
+                    )));
+                }
+                return crate::cifar::cifar100_folder(dir, crate::cifar::Labels::Coarse);
+            }
             let dir = Path::new(path);
             if !dir.is_dir() {
                 return Err(DataError::Other(format!("--data {path}: not `mnist`, `fashion-mnist` or an existing folder")));
             }
             if crate::cifar::is_cifar_folder(dir) {
                 return crate::cifar::cifar10_folder(dir);
+            }
+            if crate::cifar::is_cifar100_folder(dir) {
+                return crate::cifar::cifar100_folder(dir, crate::cifar::Labels::Fine);
             }
             if find_idx(dir, IDX_NAMES[0]).is_none() && crate::folder::is_image_folder(dir) {
                 return crate::folder::image_folder(dir);

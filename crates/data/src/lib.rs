@@ -12,7 +12,7 @@ mod mix;
 mod normalize;
 
 pub use augment::Augment;
-pub use cifar::{cifar10_folder, parse_batch as parse_cifar_batch};
+pub use cifar::{cifar100_folder, cifar10_folder, parse as parse_cifar, parse_batch as parse_cifar_batch, Labels as CifarLabels};
 pub use dataset::{
     check_labels, default_class_names, embedded_mnist, from_idx, idx_folder, load, Dataset, Split, CIFAR10_CLASSES, FASHION_CLASSES,
     FASHION_MNIST_DIR,

@@ -280,3 +280,46 @@ fn an_image_claiming_more_pixels_than_the_limit_is_refused_before_decoding() {
     let e = stride_data::decode_image(&path, &bytes).unwrap_err().to_string();
     assert!(e.contains("cannot decode the image") && e.to_lowercase().contains("limit"), "{e}");
 }
+
+/// CIFAR-10's and CIFAR-100's binary folders, as their archives unpack, found by `--data`.
+#[test]
+fn cifar_folders_are_found_and_read_with_their_class_names() {
+    let root = std::env::temp_dir().join(format!("stride-cifar-{}", std::process::id()));
+    let (ten, hundred) = (root.join("cifar-10-batches-bin"), root.join("cifar-100-binary"));
+    std::fs::create_dir_all(&ten).unwrap();
+    std::fs::create_dir_all(&hundred).unwrap();
+    // Records whose first pixel is the record's number, so the order can be followed.
+    let records = |labels: &[&[u8]]| -> Vec<u8> {
+        labels.iter().enumerate().flat_map(|(i, l)| l.iter().copied().chain(std::iter::once(i as u8)).chain(std::iter::repeat_n(9, 3071))).collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(ten.join(format!("data_batch_{b}.bin")), records(&[&[b as u8], &[0]])).unwrap();
+    }
+    std::fs::write(ten.join("test_batch.bin"), records(&[&[9]])).unwrap();
+    let s = load(ten.to_str().unwrap()).unwrap();
+    assert_eq!((s.name.as_str(), s.train.len(), s.test.len(), s.train.classes), ("cifar-10", 10, 1, 10));
+    assert_eq!(&s.train.labels[..4], [1, 0, 2, 0]);
+    assert_eq!((s.class_names[0].as_str(), s.class_names[9].as_str()), ("airplane", "truck"));
+
+    std::fs::write(hundred.join("train.bin"), records(&[&[3, 42], &[19, 99], &[0, 7]])).unwrap();
+    std::fs::write(hundred.join("test.bin"), records(&[&[5, 1]])).unwrap();
+    let fine_names: String = (0..100).map(|c| format!("fine{c}\n")).collect();
+    std::fs::write(hundred.join("fine_label_names.txt"), fine_names).unwrap();
+    let s = load(hundred.to_str().unwrap()).unwrap();
+    assert_eq!((s.name.as_str(), s.train.classes, s.train.channels, s.train.height), ("cifar-100", 100, 3, 32));
+    assert_eq!((s.train.labels.clone(), s.test.labels.clone()), (vec![42, 99, 7], vec![1]));
+    assert_eq!((s.train.image(1)[0], s.train.image(1)[1]), (1, 9));
+    assert_eq!((s.class_names[42].as_str(), s.class_names.len()), ("fine42", 100));
+    // The superclasses, with no names file: numbered.
+    let c = load(&format!("{}:coarse", hundred.display())).unwrap();
+    assert_eq!((c.name.as_str(), c.train.classes, c.train.labels.clone()), ("cifar-100 (coarse)", 20, vec![3, 19, 0]));
+    assert_eq!(c.class_names, (0..20).map(|c| c.to_string()).collect::<Vec<_>>());
+    assert_eq!(c.train.images, s.train.images);
+    let e = load(&format!("{}:coarse", ten.display())).unwrap_err().to_string();
+    assert!(e.contains("`:coarse` picks CIFAR-100's superclasses, but") && e.contains("holds no train.bin and test.bin"), "{e}");
+    // A record cut short is named with its file.
+    std::fs::write(hundred.join("test.bin"), vec![1u8; 3000]).unwrap();
+    let e = load(hundred.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("test.bin") && e.contains("3000 bytes is not a whole number of 3074-byte CIFAR-100 records"), "{e}");
+    std::fs::remove_dir_all(root).unwrap();
+}

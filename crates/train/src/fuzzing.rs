@@ -57,9 +57,11 @@ pub fn idx(data: &[u8]) -> bool {
     ok
 }
 
-/// One CIFAR-10 binary batch.
+/// One CIFAR-10 binary batch, or a CIFAR-100 file read for its fine and its coarse labels.
 pub fn cifar(data: &[u8]) -> bool {
-    stride_data::parse_cifar_batch(Path::new("fuzz.bin"), data).is_ok()
+    let hundred =
+        [stride_data::CifarLabels::Fine, stride_data::CifarLabels::Coarse].map(|l| stride_data::parse_cifar(Path::new("fuzz.bin"), data, l).is_ok());
+    stride_data::parse_cifar_batch(Path::new("fuzz.bin"), data).is_ok() || hundred.contains(&true)
 }
 
 /// PNG or JPEG (or anything the decoder guesses).
