@@ -1,5 +1,6 @@
 //! `stride vae` and `stride sample`: the convolutional variational autoencoder.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -10,7 +11,8 @@ use stride_train::vae::{self as v, VaeConfig};
 
 #[derive(Args)]
 pub struct VaeArgs {
-    /// One-channel data set (resized to 32x32): `mnist`, `fashion-mnist` or an IDX folder.
+    /// Data set (resized to 32x32): `mnist`, `fashion-mnist`, an IDX folder, or colour images
+    /// (CIFAR-10's or CIFAR-100's folder, an image folder), for which the VAE draws in colour.
     #[arg(long, default_value = "mnist")]
     data: String,
     #[arg(long, default_value_t = 10, value_parser = crate::at_least_one)]
@@ -73,14 +75,15 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         // A resumed run's code has the size its checkpoint records (the weights follow).
         None if a.resume => {
             let dir = a.out.as_deref().ok_or("--resume needs --out")?;
-            let saved = stride_train::checkpoint::load(&dir.join(v::CHECKPOINT))?;
-            let latent = stride_models::vae::latent_of(&saved).map_err(|e| format!("{}: {e}", dir.join(v::CHECKPOINT).display()))?;
+            let file = dir.join(v::CHECKPOINT);
+            let (channels, latent) = shape_of(&stride_train::checkpoint::load(&file)?, &file)?;
             if let Some(l) = a.latent.filter(|&l| l != latent) {
                 return Err(format!("--latent {l}: the run in {} has a {latent}-dimensional code", dir.display()).into());
             }
-            Vae::with_latent(&mut Rng::seed(a.seed), latent)?
+            Vae::for_images(&mut Rng::seed(a.seed), channels, latent)?
         }
-        None => Vae::with_latent(&mut Rng::seed(a.seed), a.latent.unwrap_or(stride_models::vae::LATENT))?,
+        // Grey or colour, as the data are.
+        None => Vae::for_images(&mut Rng::seed(a.seed), data.train.channels, a.latent.unwrap_or(stride_models::vae::LATENT))?,
     };
     let out = a.out.clone().unwrap_or_else(|| crate::train::default_out("vae", &a.data));
     println!(
@@ -121,11 +124,18 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
-/// A VAE with the code size of the weights in `path` (a `vae.safetensors`), holding them.
+/// The image channels and code size of VAE weights read from `path` (which names errors).
+fn shape_of(tensors: &HashMap<String, stride_autograd::Tensor<f32>>, path: &Path) -> Result<(usize, usize), Box<dyn std::error::Error>> {
+    let named = |e: stride_nn::Error| format!("{}: {e}", path.display());
+    Ok((stride_models::vae::channels_of(tensors).map_err(named)?, stride_models::vae::latent_of(tensors).map_err(named)?))
+}
+
+/// A VAE of the image channels and code size of the weights in `path` (a `vae.safetensors`),
+/// holding them.
 pub fn load_vae(path: &Path) -> Result<Vae, Box<dyn std::error::Error>> {
     let tensors = stride_train::checkpoint::load(path)?;
-    let latent = stride_models::vae::latent_of(&tensors).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut model = Vae::with_latent(&mut Rng::seed(0), latent)?;
+    let (channels, latent) = shape_of(&tensors, path)?;
+    let mut model = Vae::for_images(&mut Rng::seed(0), channels, latent)?;
     stride_train::checkpoint::load_into(&mut model, &tensors).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(model)
 }
@@ -133,7 +143,7 @@ pub fn load_vae(path: &Path) -> Result<Vae, Box<dyn std::error::Error>> {
 pub fn sample(a: &SampleArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut model = load_vae(&a.weights)?;
     let images = v::sample(&mut model, a.n, a.seed)?;
-    v::write_grid(&a.out, &images, a.cols, 28)?;
-    println!("wrote {} ({} digits drawn from the prior)", a.out.display(), a.n);
+    v::write_grid(&a.out, &images, a.cols, v::cell_side(&model))?;
+    println!("wrote {} ({} images drawn from the prior)", a.out.display(), a.n);
     Ok(())
 }

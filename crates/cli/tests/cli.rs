@@ -522,6 +522,33 @@ fn vae_trains_saves_grids_and_samples() {
 }
 
 #[test]
+fn a_vae_on_colour_images_draws_in_colour_and_its_weights_say_so() {
+    let dir = tmp("vae-colour");
+    for (class, rgb) in [("red", [200u8, 20, 20]), ("blue", [20, 20, 200])] {
+        std::fs::create_dir_all(dir.join("images").join(class)).unwrap();
+        for i in 0..12u8 {
+            let img = image::RgbImage::from_fn(20, 20, |x, y| image::Rgb(rgb.map(|c| c.saturating_add(((x + y) as u8 + i) % 30))));
+            img.save(dir.join("images").join(class).join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+    let run = dir.join("run");
+    let o = stride(&["vae", "--data", dir.join("images").to_str().unwrap(), "--epochs", "1", "--batch-size", "8", "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rgb = |p: &std::path::Path| image::open(p).unwrap().color() == image::ColorType::Rgb8;
+    assert!(rgb(&run.join("result1.png")) && rgb(&run.join("samples1.png")) && rgb(&run.join("interpolation.png")));
+    // sample and export build a colour VAE from the weights alone.
+    let w = run.join("vae.safetensors");
+    let png = dir.join("s.png");
+    let s = stride(&["sample", "--weights", w.to_str().unwrap(), "--out", png.to_str().unwrap(), "--n", "4"]);
+    assert!(s.status.success() && rgb(&png), "{}", text(&s));
+    let onnx = dir.join("g.onnx");
+    let e = stride(&["export", "--model", "vae", "--weights", w.to_str().unwrap(), "--out", onnx.to_str().unwrap()]);
+    assert!(e.status.success(), "{}", text(&e));
+    let imported = stride_onnx::import(&stride_onnx::read(&onnx).unwrap()).unwrap();
+    assert_eq!(imported.network.output_shape[1..], [Some(3), Some(32), Some(32)]);
+}
+
+#[test]
 fn a_vae_with_a_two_dimensional_code_maps_it_and_its_weights_say_their_size() {
     let dir = tmp("vae2");
     let d = dir.to_str().unwrap();

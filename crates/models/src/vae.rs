@@ -1,7 +1,8 @@
 //! The convolutional variational autoencoder of the ADCME CNN article (bench/SPEC.md's B2): a
 //! dense encoder to the mean and spread of a 100-dimensional code (or one of a size chosen with
 //! [`Vae::with_latent`], such as 2 for a code that can be drawn on a page), and a generator of
-//! transposed convolutions from the code back to a 32x32 image.
+//! transposed convolutions from the code back to a 32x32 image: one channel, as the article's
+//! digits, or three for colour photographs ([`Vae::for_images`]).
 
 use std::collections::HashMap;
 
@@ -18,6 +19,13 @@ pub const MAX_LATENT: usize = 1024;
 /// The weight whose first dimension is the code size: the generator's first transposed
 /// convolution, [latent, 256, 4, 4].
 const CODE_WEIGHT: &str = "generator.0.weight";
+/// The weight whose second dimension is the image's channels: the generator's last transposed
+/// convolution, [64, channels, 4, 4].
+const IMAGE_WEIGHT: &str = "generator.10.weight";
+/// Whether [`Vae::for_images`] builds for images of `channels`: grey (1) or colour (3).
+fn drawable(channels: usize) -> bool {
+    channels == 1 || channels == 3
+}
 /// Side of the images the VAE reads and writes.
 pub const SIDE: usize = 32;
 /// Outputs are clipped to [CLIP, 1 - CLIP] before the likelihood (1e-8 rounds to 1.0 in f32).
@@ -27,6 +35,7 @@ pub struct Vae {
     pub encoder: Sequential,
     pub generator: Sequential,
     latent: usize,
+    channels: usize,
 }
 
 /// The three terms of the loss, batch means.
@@ -46,12 +55,22 @@ impl Vae {
     /// The same network with a `latent`-dimensional code (1..=[`MAX_LATENT`]): the encoder's
     /// last layer gives 2 x `latent` values and the generator starts from `latent` channels.
     pub fn with_latent(rng: &mut Rng, latent: usize) -> Result<Self> {
+        Self::for_images(rng, 1, latent)
+    }
+
+    /// The same network for `channels`-channel images (1, or 3 for colour photographs such as
+    /// CIFAR-10's): the encoder reads channels x 32 x 32 values and the
+    /// generator's last layer draws that many planes.
+    pub fn for_images(rng: &mut Rng, channels: usize, latent: usize) -> Result<Self> {
         if !(1..=MAX_LATENT).contains(&latent) {
             return Err(stride_autograd::Error::arg("vae", format!("the code size must be 1..={MAX_LATENT}, got {latent}")).into());
         }
+        if !drawable(channels) {
+            return Err(stride_autograd::Error::arg("vae", format!("reads images of 1 (grey) or 3 (colour) channels, got {channels}")).into());
+        }
         let encoder = Sequential::new()
             .push(Flatten)
-            .push(Linear::new(rng, SIDE * SIDE, 500, true)?)
+            .push(Linear::new(rng, channels * SIDE * SIDE, 500, true)?)
             .push(Activation(Unary::Elu(1.0)))
             .push(Dropout(0.1))
             .push(Linear::new(rng, 500, 500, true)?)
@@ -72,10 +91,10 @@ impl Vae {
             .push(Pad { pad: (0, 1, 0, 1), value: 0.0 }) // 7x7 -> 8x8
             .push(BatchNorm::new(ngf * 8)?)
             .push(relu())
-            .push(ConvTranspose2d::new(rng, ngf * 8, 1, 4, valid.stride(4), false)?) // 8x8 -> 32x32
-            .push(BatchNorm::new(1)?)
+            .push(ConvTranspose2d::new(rng, ngf * 8, channels, 4, valid.stride(4), false)?) // 8x8 -> 32x32
+            .push(BatchNorm::new(channels)?)
             .push(Activation(Unary::Sigmoid));
-        Ok(Vae { encoder, generator, latent })
+        Ok(Vae { encoder, generator, latent, channels })
     }
 
     /// The size of the code z.
@@ -83,7 +102,13 @@ impl Vae {
         self.latent
     }
 
-    /// x [N, 1, 32, 32] in [0, 1] -> (mu, sigma), each [N, latent]; sigma = 1e-6 + softplus(.).
+    /// The channels of the images it reads and draws.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// x [N, channels, 32, 32] in [0, 1] -> (mu, sigma), each [N, latent]; sigma = 1e-6 +
+    /// softplus(.).
     pub fn encode(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, Var)> {
         self.encode_parts(x, ctx).map(|(_, mu, sigma)| (mu, sigma))
     }
@@ -91,8 +116,8 @@ impl Vae {
     /// The encoder's output [N, 200] as well as mu and sigma.
     fn encode_parts(&mut self, x: &Var, ctx: &mut Ctx) -> Result<(Var, Var, Var)> {
         let s = x.shape();
-        if s.len() != 4 || s[1..] != [1, SIDE, SIDE] {
-            return Err(stride_autograd::Error::shape("vae", format!("expects [N, 1, {SIDE}, {SIDE}] images, got {s:?}")).into());
+        if s.len() != 4 || s[1..] != [self.channels, SIDE, SIDE] {
+            return Err(stride_autograd::Error::shape("vae", format!("expects [N, {}, {SIDE}, {SIDE}] images, got {s:?}", self.channels)).into());
         }
         let h = call(&mut self.encoder, "encoder", x, ctx)?;
         let mu = h.narrow(1, 0, self.latent)?;
@@ -100,7 +125,7 @@ impl Vae {
         Ok((h, mu, sigma))
     }
 
-    /// z [N, latent] -> images [N, 1, 32, 32] in (0, 1).
+    /// z [N, latent] -> images [N, channels, 32, 32] in (0, 1).
     pub fn generate(&mut self, z: &Var, ctx: &mut Ctx) -> Result<Var> {
         let s = z.shape();
         if s.len() != 2 || s[1] != self.latent {
@@ -149,6 +174,17 @@ impl VaeLoss {
             return Ok(self.total.clone());
         }
         Ok(self.likelihood.add(&self.kl.mul_scalar(beta)?)?)
+    }
+}
+
+/// The channels of the images VAE weights are for, from the generator's last weight: what
+/// [`Vae::for_images`] must be given to load them (with [`latent_of`]).
+pub fn channels_of(tensors: &HashMap<String, stride_autograd::Tensor<f32>>) -> Result<usize> {
+    let w =
+        tensors.get(IMAGE_WEIGHT).ok_or_else(|| stride_autograd::Error::arg("vae", format!("these weights have no {IMAGE_WEIGHT}: not a VAE's")))?;
+    match *w.shape() {
+        [64, c, 4, 4] if drawable(c) => Ok(c),
+        ref s => Err(stride_autograd::Error::shape("vae", format!("{IMAGE_WEIGHT} is {s:?}; a VAE's is [64, channels (1 or 3), 4, 4]")).into()),
     }
 }
 

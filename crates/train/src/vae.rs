@@ -52,10 +52,13 @@ pub struct VaeReport {
     pub images_per_second: f64,
 }
 
-/// The split as one-channel 32x32 images (resized when needed).
+/// The split as 32x32 images (resized when needed), grey or colour.
 pub fn prepare(data: &Split) -> Result<Split> {
-    if data.train.channels != 1 {
-        return Err(TrainError::Config(format!("the VAE reads one-channel images; {} has {} channels", data.name, data.train.channels)));
+    if data.train.channels != 1 && data.train.channels != 3 {
+        return Err(TrainError::Config(format!(
+            "the VAE reads grey (1-channel) or colour (3-channel) images; {} has {} channels",
+            data.name, data.train.channels
+        )));
     }
     data.resized(SIDE, SIDE).map_err(|e| TrainError::Config(e.to_string()))
 }
@@ -86,8 +89,15 @@ pub fn evaluate_vae(model: &mut Vae, ds: &Dataset, batch_size: usize) -> Result<
 /// epoch. Writes result{epoch}.png (reconstructions of nine test images, 28x28),
 /// vae_metrics.csv and vae.safetensors (atomically) when `cfg.out_dir` is set.
 pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: impl FnMut(&VaeReport)) -> Result<Vec<VaeReport>> {
-    if data.train.height != SIDE || data.train.width != SIDE || data.train.channels != 1 {
-        return Err(TrainError::Config(format!("the VAE trains on 1x{SIDE}x{SIDE} images; call vae::prepare first")));
+    if data.train.height != SIDE || data.train.width != SIDE || data.train.channels != model.channels() {
+        return Err(TrainError::Config(format!(
+            "this VAE trains on {}x{SIDE}x{SIDE} images, {} has {}x{}x{} (vae::prepare resizes; Vae::for_images builds for colour)",
+            model.channels(),
+            data.name,
+            data.train.channels,
+            data.train.height,
+            data.train.width
+        )));
     }
     if cfg.batch_size < 2 || data.train.len() < cfg.batch_size || data.test.is_empty() {
         return Err(TrainError::Config(format!(
@@ -152,9 +162,9 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
         csv.push_str(&csv_row(&r));
         if let Some(d) = &cfg.out_dir {
             let grid = reconstructions(model, &data.test, 9)?;
-            write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, 28)?;
+            write_grid(&d.join(format!("result{epoch}.png")), &grid, 3, cell_side(model))?;
             // The same 16 points of the prior every epoch, so the report shows them sharpen.
-            write_grid(&d.join(format!("samples{epoch}.png")), &sample(model, 16, SAMPLE_SEED)?, 4, 28)?;
+            write_grid(&d.join(format!("samples{epoch}.png")), &sample(model, 16, SAMPLE_SEED)?, 4, cell_side(model))?;
             let drawn = write_latent_pictures(model, &data.test, d)?;
             checkpoint::write_atomic(&d.join("vae_metrics.csv"), csv.as_bytes())?;
             checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
@@ -272,11 +282,11 @@ fn write_latent_pictures(model: &mut Vae, test: &Dataset, dir: &Path) -> Result<
     let mut drawn = vec![LATENT_PNG];
     // A held-out set without two neighbouring classes (one class only) has nothing to morph.
     if let Ok((morphs, _)) = crate::latent::interpolation(model, test, 5, 10) {
-        write_grid(&dir.join(INTERPOLATION_PNG), &morphs, 10, 28)?;
+        write_grid(&dir.join(INTERPOLATION_PNG), &morphs, 10, cell_side(model))?;
         drawn.push(INTERPOLATION_PNG);
     }
     if model.latent() == 2 {
-        write_grid(&dir.join(MANIFOLD_PNG), &crate::latent::manifold(model, MANIFOLD_SIDE)?, MANIFOLD_SIDE, 28)?;
+        write_grid(&dir.join(MANIFOLD_PNG), &crate::latent::manifold(model, MANIFOLD_SIDE)?, MANIFOLD_SIDE, cell_side(model))?;
         drawn.push(MANIFOLD_PNG);
     }
     Ok(drawn)
@@ -360,22 +370,45 @@ pub fn sample(model: &mut Vae, n: usize, seed: u64) -> Result<Tensor<f32>> {
     Ok(no_grad(|| model.generate(&z, &mut Ctx::eval()))?.value().to_host()?)
 }
 
-/// Writes images [N, 1, H, W] in [0, 1] as a grayscale PNG grid with `cols` columns, each
-/// image resized to `side` x `side`, 2-pixel gaps; atomically.
+/// The side a grid draws each image at: digits at MNIST's 28 (the article's), colour images
+/// at their own 32.
+pub fn cell_side(model: &Vae) -> usize {
+    if model.channels() == 1 {
+        28
+    } else {
+        SIDE
+    }
+}
+
+const FILTER: image::imageops::FilterType = image::imageops::FilterType::Triangle;
+
+/// Writes images [N, 1, H, W] (a grayscale PNG) or [N, 3, H, W] (RGB) in [0, 1] as a grid with
+/// `cols` columns, each image resized to `side` x `side`, 2-pixel gaps; atomically.
 pub fn write_grid(path: &Path, images: &Tensor<f32>, cols: usize, side: usize) -> Result<()> {
-    let &[n, 1, h, w] = images.shape() else {
-        return Err(TrainError::Config(format!("a grid needs [N, 1, H, W] images, got {:?}", images.shape())));
+    let &[n, c @ (1 | 3), h, w] = images.shape() else {
+        return Err(TrainError::Config(format!("a grid needs [N, 1 or 3, H, W] images, got {:?}", images.shape())));
     };
     let (cols, gap) = (cols.clamp(1, n.max(1)), 2);
     let rows = n.div_ceil(cols);
-    let (gw, gh) = (cols * (side + gap) + gap, rows * (side + gap) + gap);
-    let mut grid = image::GrayImage::from_pixel(gw as u32, gh as u32, image::Luma([255]));
-    for (i, img) in images.data().chunks_exact(h * w).enumerate() {
-        let bytes: Vec<u8> = img.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-        let small = image::GrayImage::from_raw(w as u32, h as u32, bytes).expect("plane size");
-        let small = image::imageops::resize(&small, side as u32, side as u32, image::imageops::FilterType::Triangle);
-        let (x, y) = (gap + (i % cols) * (side + gap), gap + (i / cols) * (side + gap));
-        image::imageops::replace(&mut grid, &small, x as i64, y as i64);
+    let (gw, gh) = ((cols * (side + gap) + gap) as u32, (rows * (side + gap) + gap) as u32);
+    let byte = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    let at = |i: usize| ((gap + (i % cols) * (side + gap)) as i64, (gap + (i / cols) * (side + gap)) as i64);
+    if c == 1 {
+        let mut grid = image::GrayImage::from_pixel(gw, gh, image::Luma([255]));
+        for (i, img) in images.data().chunks_exact(h * w).enumerate() {
+            let small = image::GrayImage::from_raw(w as u32, h as u32, img.iter().map(|&v| byte(v)).collect()).expect("plane size");
+            let (x, y) = at(i);
+            image::imageops::replace(&mut grid, &image::imageops::resize(&small, side as u32, side as u32, FILTER), x, y);
+        }
+        return crate::visual::save_png(path, &grid);
+    }
+    let mut grid = image::RgbImage::from_pixel(gw, gh, image::Rgb([255, 255, 255]));
+    for (i, img) in images.data().chunks_exact(3 * h * w).enumerate() {
+        // Planes to interleaved pixels.
+        let bytes: Vec<u8> = (0..h * w).flat_map(|p| (0..3).map(move |k| byte(img[k * h * w + p]))).collect();
+        let small = image::RgbImage::from_raw(w as u32, h as u32, bytes).expect("plane size");
+        let (x, y) = at(i);
+        image::imageops::replace(&mut grid, &image::imageops::resize(&small, side as u32, side as u32, FILTER), x, y);
     }
     crate::visual::save_png(path, &grid)
 }

@@ -319,6 +319,59 @@ fn a_resumed_run_ends_as_an_uninterrupted_one_bit_for_bit() {
     }
 }
 
+/// Colour images: three classes of noisy red, green and blue pictures. A colour VAE learns to
+/// give each back in its colour, and its grids are RGB with the planes in their places.
+#[test]
+fn a_colour_vae_gives_back_each_colour_and_draws_in_colour() {
+    let mut rng = Rng::seed(11);
+    let make = |n: usize, rng: &mut Rng| {
+        let noise: Tensor<f32> = rng.uniform(&[n, 3, 32, 32], 0.0, 60.0).unwrap();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        let images = (0..n * 3 * 1024).map(|j| {
+            let (i, plane) = (j / 3072, j % 3072 / 1024);
+            let lit = plane == labels[i] as usize;
+            (if lit { 190.0 } else { 10.0 } + noise.data()[j]) as u8
+        });
+        stride_data::Dataset { images: images.collect(), labels, channels: 3, height: 32, width: 32, classes: 3 }
+    };
+    let data = stride_data::Split {
+        name: "colours".into(),
+        train: make(300, &mut rng),
+        test: make(30, &mut rng),
+        class_names: vec!["red".into(), "green".into(), "blue".into()],
+    };
+    let data = v::prepare(&data).unwrap();
+    // A grey VAE refuses colour images by their shape.
+    let e =
+        v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &VaeConfig::default(), |_| panic!("an epoch ran")).unwrap_err().to_string();
+    assert!(e.contains("this VAE trains on 1x32x32 images, colours has 3x32x32"), "{e}");
+    let dir = common::tmp("vae-colour");
+    let mut m = Vae::for_images(&mut Rng::seed(2), 3, 4).unwrap();
+    assert_eq!(m.channels(), 3);
+    let cfg = VaeConfig { epochs: 5, batch_size: 16, out_dir: Some(dir.clone()), ..VaeConfig::default() };
+    v::train_vae(&mut m, &data, &cfg, |_| {}).unwrap();
+    let back = v::reconstructions(&mut m, &data.test, 3).unwrap();
+    assert_eq!(back.shape(), [3, 3, 32, 32]);
+    // reconstructions() takes images spread over the set: 0, 10 and 20, a red, a green and a
+    // blue one; each comes back brightest in its own plane.
+    for (k, i) in [0usize, 10, 20].into_iter().enumerate() {
+        let img = &back.data()[k * 3072..(k + 1) * 3072];
+        let means: Vec<f32> = (0..3).map(|p| img[p * 1024..(p + 1) * 1024].iter().sum::<f32>() / 1024.0).collect();
+        let lit = data.test.labels[i] as usize;
+        assert!((0..3).all(|p| p == lit || means[lit] > means[p] + 0.2), "image {i} (class {lit}): plane means {means:?}");
+    }
+    // RGB grids: result1.png is 3 x 3 images of 32 pixels with 2-pixel gaps, and a red plane
+    // is red.
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(dir.join("result1.png")).unwrap()));
+    let info = dec.read_info().unwrap().info().clone();
+    assert_eq!((info.color_type, info.width, info.height), (png::ColorType::Rgb, 3 * 34 + 2, 3 * 34 + 2));
+    let red = Tensor::from_vec([vec![1.0f32; 4], vec![0.0; 8]].concat(), &[1, 3, 2, 2]).unwrap();
+    v::write_grid(&dir.join("red.png"), &red, 1, 2).unwrap();
+    let img = image::open(dir.join("red.png")).unwrap().to_rgb8();
+    assert_eq!(img.get_pixel(2, 2).0, [255, 0, 0]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// (width, height, gray pixels) of a PNG.
 fn image_bytes(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
