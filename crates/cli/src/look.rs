@@ -1,4 +1,5 @@
-//! `stride features` and `stride gradcam`: what a trained network sees in an image.
+//! `stride features` and `stride gradcam`: what a trained network sees in an image; `stride
+//! patterns`: what it would most like to see.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +62,90 @@ pub struct GradCamArgs {
     /// Where to write the heat map over the image.
     #[arg(long, default_value = "gradcam.png")]
     out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct PatternsArgs {
+    /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// A run's model.safetensors (optional for an ONNX model, which carries its own).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
+    /// `none`, or `MEAN,...:STD,...`.
+    #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
+    normalize: Option<stride_data::Normalize>,
+    /// The layer, by dotted path as `stride summary` names them (default: the last
+    /// convolution). The logits' layer gives one pattern per class.
+    #[arg(long)]
+    layer: Option<String>,
+    /// Which channels: a count from the first (`16`) or a list (`0,5,9`).
+    #[arg(long, default_value = "16")]
+    channels: String,
+    /// Steps of gradient ascent.
+    #[arg(long, default_value_t = 40, value_parser = crate::at_least_one)]
+    steps: usize,
+    /// How far each step moves the standardised input, along the gradient scaled to unit RMS.
+    #[arg(long, default_value_t = 0.2)]
+    rate: f32,
+    /// Grow the patterns at this size (`N` or `HxW`) instead of the trained one (convolutions
+    /// take any size).
+    #[arg(long, value_parser = crate::train::parse_size)]
+    size: Option<(usize, usize)>,
+    /// Seed of the starting noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG to write.
+    #[arg(long, default_value = "patterns.png")]
+    out: PathBuf,
+}
+
+pub fn patterns(a: &PatternsArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut t = trained(&a.model, a.weights.as_deref())?.normalized_by(a.normalize.as_ref())?;
+    let [c, h0, w0] = t.chw;
+    let (h, w) = a.size.unwrap_or((h0, w0));
+    // The layers, from one pass over a blank input of that size.
+    let (trace, _, err) = visual::traced(&mut t.model, &Var::constant(stride_autograd::Tensor::zeros(&[1, c, h, w])?));
+    let err = err.map(|e| e.to_string());
+    let layer = match &a.layer {
+        Some(l) => l.clone(),
+        None => {
+            let last = spatial(&trace).into_iter().rfind(|&i| trace.rows[i].layer.starts_with("Conv2d"));
+            let i = last.ok_or_else(|| with_cause(format!("{} has no convolution; name a layer with --layer", a.model), &err))?;
+            trace.rows[i].path.clone()
+        }
+    };
+    let row = trace.find(&layer).map_err(|e| with_cause(e, &err))?;
+    let units = *trace.rows[row].output.get(1).ok_or_else(|| format!("layer {layer} gives {:?}", trace.rows[row].output))?;
+    let channels: Vec<usize> = if a.channels.contains(',') {
+        a.channels
+            .split(',')
+            .map(|v| v.trim().parse::<usize>().map_err(|_| format!("--channels: '{v}' is not a channel number")))
+            .collect::<Result<_, _>>()?
+    } else {
+        let n: usize = a.channels.trim().parse().map_err(|_| format!("--channels: '{}' is neither a count nor a list such as 0,5,9", a.channels))?;
+        (0..n.min(units)).collect()
+    };
+    let how = visual::Ascent { steps: a.steps, rate: a.rate, seed: a.seed };
+    let (images, scores) = visual::patterns(&mut t.model, &layer, &channels, [c, h, w], &t.norm, how)?;
+    let cols = (channels.len() as f64).sqrt().ceil() as usize;
+    stride_train::vae::write_grid(&a.out, &images, cols, h.max(w).clamp(56, 128))?;
+    let is_logits = trace.rows.last().is_some_and(|r| r.path == trace.rows[row].path) && trace.rows[row].output.len() == 2;
+    println!(
+        "{}: {} patterns for {layer} ({}), {} steps of gradient ascent at {}x{}",
+        a.out.display(),
+        channels.len(),
+        trace.rows[row].layer,
+        a.steps,
+        h,
+        w
+    );
+    for (ch, (before, after)) in channels.iter().zip(&scores) {
+        let name = if is_logits { t.names.get(*ch).map_or(String::new(), |n| format!(" ({n})")) } else { String::new() };
+        println!("  channel {ch}{name}: mean activation {before:.4} -> {after:.4}");
+    }
+    Ok(())
 }
 
 /// Rows of 4-D outputs (feature maps).

@@ -62,6 +62,9 @@ enum Command {
     Features(look::FeaturesArgs),
     /// Grad-CAM: a heat map over an image of where a trained network found evidence for a class.
     Gradcam(look::GradCamArgs),
+    /// The input patterns that most excite a layer's channels (or, on the logits, each class),
+    /// grown by gradient ascent on the input, as a PNG grid.
+    Patterns(look::PatternsArgs),
     /// Writes a model (zoo, TOML, or the VAE's generator) with its weights as ONNX.
     Export(onnx::ExportArgs),
     /// Reads an ONNX model: checks that Stride can run it, and writes its weights as safetensors.
@@ -197,6 +200,7 @@ fn main() {
         Command::Summary(args) => summary::run(&args, device),
         Command::Features(args) => look::features(&args),
         Command::Gradcam(args) => look::gradcam(&args),
+        Command::Patterns(args) => look::patterns(&args),
         Command::Vae(args) => {
             if let Some(line) = &on_gpu {
                 println!("{line}");

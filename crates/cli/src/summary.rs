@@ -92,10 +92,10 @@ pub fn run(a: &SummaryArgs, device: Device) -> Result<(), Box<dyn std::error::Er
     let optimizer = a.optimizer.kind(a.momentum);
 
     let mut net = if is_vae {
-        if chw != [1, vae::SIDE, vae::SIDE] {
-            return Err(format!("the VAE takes 1x{0}x{0} images, not --input {1}x{2}x{3}", vae::SIDE, chw[0], chw[1], chw[2]).into());
+        if !matches!(chw, [1 | 3, vae::SIDE, vae::SIDE]) {
+            return Err(format!("the VAE takes 1x{0}x{0} or 3x{0}x{0} images, not --input {1}x{2}x{3}", vae::SIDE, chw[0], chw[1], chw[2]).into());
         }
-        Net::Vae(Vae::new(&mut Rng::seed(0))?)
+        Net::Vae(Vae::for_images(&mut Rng::seed(0), chw[0], vae::LATENT)?)
     } else {
         Net::Classifier(stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?)
     };

@@ -1,5 +1,5 @@
-//! `stride features` and `stride gradcam` end to end, on a network trained for one epoch:
-//! the pictures' sizes, that they show something, and bad arguments.
+//! `stride features`, `stride gradcam` and `stride patterns` end to end, on a network trained
+//! for one epoch: the pictures' sizes, that they show something, and bad arguments.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -96,5 +96,34 @@ fn features_and_gradcam_pictures() {
     assert!(out.status.success() && dir.join("onnx-features").join("filters.png").is_file(), "{}", text(&out));
     let out = stride(&["gradcam", "--image", png.to_str().unwrap(), "--out", cam.to_str().unwrap()]);
     assert!(text(&out).contains("--weights is needed: cnn is built with fresh weights"), "{}", text(&out));
+
+    // Patterns: by default 16 channels of the last convolution (layer 3), 4 x 4 tiles of 56.
+    let pat = dir.join("patterns.png");
+    let out = stride(&["patterns", "--weights", w, "--out", pat.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success() && log.contains("16 patterns for 3 (Conv2d(20, 50, k5x5)), 40 steps"), "{log}");
+    let img = image::open(&pat).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (4 * 58 + 2, 4 * 58 + 2));
+    assert!(distinct(&img) > 50, "patterns, not flat tiles");
+    // On the logits, one per class, named, each class's score raised.
+    let out = stride(&["patterns", "--weights", w, "--layer", "9", "--channels", "3,7", "--out", pat.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for class in ["3", "7"] {
+        let line = log.lines().find(|l| l.starts_with(&format!("  channel {class} ({class}): mean activation "))).unwrap_or_else(|| panic!("{log}"));
+        let nums: Vec<f64> = line.rsplit(": mean activation ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
+        assert!(nums[1] > nums[0] + 1.0, "{line}");
+    }
+    for (args, want) in [
+        (vec!["--channels", "a,b"], "--channels: 'a' is not a channel number"),
+        (vec!["--layer", "99"], "no layer '99'; the layers are: 0, 1, 2"),
+        (vec!["--layer", "3", "--channels", "0,50"], "layer 3 has 50 channels; there is no channel 50"),
+    ] {
+        let mut full = vec!["patterns", "--weights", w, "--out", pat.to_str().unwrap()];
+        full.extend(args.iter().copied());
+        let out = stride(&full);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

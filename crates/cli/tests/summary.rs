@@ -138,7 +138,7 @@ fn bad_input_is_refused_with_the_reason() {
         (vec!["summary", "nosuchnet"], "unknown model 'nosuchnet'"),
         (vec!["summary", "vgg11", "--input", "3x16x16"], "vgg11 cannot take 3x16x16 images"),
         (vec!["summary", "cnn", "--batch-size", "0"], "'0' is not a whole number of at least 1"),
-        (vec!["summary", "vae", "--input", "3x32x32"], "the VAE takes 1x32x32 images"),
+        (vec!["summary", "vae", "--input", "2x32x32"], "the VAE takes 1x32x32 or 3x32x32 images"),
         (vec!["summary", "vae", "--recompute", "2"], "needs a network that is a chain of layers"),
     ] {
         let out = stride(&args);
@@ -146,4 +146,13 @@ fn bad_input_is_refused_with_the_reason() {
         assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
     }
+}
+
+#[test]
+fn the_colour_vae_is_summarised_for_three_channel_images() {
+    let out = stride(&["summary", "vae", "--input", "3x32x32"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    // The encoder reads 3 x 1,024 values; the generator's last layers draw three planes.
+    assert!(t.contains("Linear(3072, 500)") && t.contains("ConvTranspose2d(64, 3, k4x4, stride 4)") && t.contains("BatchNorm(3)"), "{t}");
 }

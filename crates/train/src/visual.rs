@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
-use stride_autograd::{Tensor, Var};
+use stride_autograd::{Tensor, ToDevice, Var};
 use stride_nn::{Ctx, Module, Trace};
 
 use crate::{checkpoint, Result, TrainError};
@@ -182,4 +182,122 @@ where
 {
     let bytes = png_bytes(img).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     checkpoint::write_atomic(path, &bytes)
+}
+
+/// How [`patterns`] climbs: `steps` of gradient ascent on the input, each moving it by `rate`
+/// along the gradient scaled to unit RMS (Chollet's "visualizing convnet filters"), from a mid
+/// grey image with noise drawn by `seed`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ascent {
+    pub steps: usize,
+    pub rate: f32,
+    pub seed: u64,
+}
+
+impl Default for Ascent {
+    fn default() -> Self {
+        Ascent { steps: 40, rate: 0.2, seed: 0 }
+    }
+}
+
+/// A channel's mean activation before and after [`patterns`]' climb.
+pub type Climb = (f32, f32);
+
+/// The most steps [`patterns`] climbs and the most channels it draws at once.
+pub const MAX_STEPS: usize = 10_000;
+pub const MAX_PATTERNS: usize = 1024;
+
+/// What excites the network's units most: for each of `channels` of the layer at dotted
+/// `layer`, an input of `chw` grown by gradient ascent (Erhan et al., 2009) to raise the
+/// channel's mean activation (a feature map's mean over its positions, or one unit of a dense
+/// layer: for the logits, the image the network finds most like that class). The inputs are
+/// standardised by `norm`, as the network was trained; all channels climb together as one
+/// batch (the network in evaluation mode, so each image's gradient is its own), the
+/// parameters frozen meanwhile. Returns the inputs as pixels in [0, 1], [K, C, H, W] (each
+/// stretched for display: mean 0.5, spread 0.15, clipped), and each channel's activation
+/// before and after the climb.
+pub fn patterns(
+    model: &mut dyn Module,
+    layer: &str,
+    channels: &[usize],
+    chw: [usize; 3],
+    norm: &stride_data::Normalize,
+    how: Ascent,
+) -> Result<(Tensor<f32>, Vec<Climb>)> {
+    let k = channels.len();
+    if k == 0 || k > MAX_PATTERNS {
+        return Err(TrainError::Config(format!("patterns: 1..={MAX_PATTERNS} channels at a time, asked for {k}")));
+    }
+    if how.steps == 0 || how.steps > MAX_STEPS || !(how.rate.is_finite() && how.rate > 0.0) {
+        return Err(TrainError::Config(format!("patterns: 1..={MAX_STEPS} steps at a rate > 0, got {} at {}", how.steps, how.rate)));
+    }
+    let [c, h, w] = chw;
+    norm.check(c).map_err(|e| TrainError::Config(e.to_string()))?;
+    let device = stride_nn::device_of(model);
+    let params = model.parameters();
+    let _frozen = crate::freeze::Frozen::new(params)?;
+    // A mid grey image with a little noise, standardised as the network's inputs were.
+    let noise: Tensor<f32> = stride_autograd::Rng::seed(how.seed).uniform(&[k, c, h, w], -0.1, 0.1)?;
+    let plane = h * w;
+    let (mean, std) = (norm.mean(), norm.std());
+    let at = |ch: usize, v: &[f32]| v[if v.len() == 1 { 0 } else { ch }];
+    let mut x: Vec<f32> = noise.data().iter().enumerate().map(|(i, &n)| (0.5 + n - at(i / plane % c, mean)) / at(i / plane % c, std)).collect();
+    let mut scores = vec![(0.0f32, 0.0f32); k];
+    for step in 0..=how.steps {
+        let input = Var::parameter(Tensor::from_vec(x.clone(), &[k, c, h, w])?.to(device)?);
+        let (trace, _, err) = traced(model, &input);
+        let row = trace.find(layer).map_err(|e| {
+            TrainError::Config(match &err {
+                Some(cause) => format!("{e} (the network stopped early: {cause})"),
+                None => e,
+            })
+        })?;
+        let y = trace.output(row).ok_or_else(|| TrainError::Config(format!("layer {layer} left no output")))?.clone();
+        let shape = y.shape();
+        let (units, per) = match *shape.as_slice() {
+            [_, u, ph, pw] => (u, ph * pw),
+            [_, u] => (u, 1),
+            _ => return Err(TrainError::Config(format!("layer {layer} gives {shape:?}: neither feature maps [N, C, H, W] nor units [N, F]"))),
+        };
+        if let Some(&bad) = channels.iter().find(|&&ch| ch >= units) {
+            return Err(TrainError::Config(format!("layer {layer} has {units} channels; there is no channel {bad}")));
+        }
+        // Each image's own channel, averaged over its positions: one sum over the batch.
+        let mut pick = vec![0.0f32; k * units];
+        for (i, &ch) in channels.iter().enumerate() {
+            pick[i * units + ch] = 1.0 / per as f32;
+        }
+        let mut mask_shape = vec![k, units];
+        mask_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
+        let mask = Var::constant(Tensor::from_vec(pick, &mask_shape)?.to(y.device())?);
+        let picked = y.mul(&mask)?;
+        let means = picked.value().to_host()?;
+        for (i, s) in scores.iter_mut().enumerate() {
+            let v: f32 = means.data()[i * units * per..(i + 1) * units * per].iter().sum();
+            if step == 0 {
+                s.0 = v;
+            }
+            s.1 = v;
+        }
+        if step == how.steps {
+            break;
+        }
+        picked.sum_all()?.backward()?;
+        let g = input.grad().ok_or_else(|| TrainError::Config(format!("no gradient reaches the input from layer {layer}")))?.to_host()?;
+        for (xi, gi) in x.chunks_exact_mut(c * plane).zip(g.data().chunks_exact(c * plane)) {
+            let rms = (gi.iter().map(|v| v * v).sum::<f32>() / gi.len() as f32).sqrt();
+            if rms.is_finite() && rms > 0.0 {
+                xi.iter_mut().zip(gi).for_each(|(x, g)| *x += how.rate * g / (rms + 1e-5));
+            }
+        }
+    }
+    // Back to pixels, then each image stretched for display.
+    let mut pixels: Vec<f32> = x.iter().enumerate().map(|(i, &v)| v * at(i / plane % c, std) + at(i / plane % c, mean)).collect();
+    for img in pixels.chunks_exact_mut(c * plane) {
+        let n = img.len() as f32;
+        let m = img.iter().sum::<f32>() / n;
+        let s = (img.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / n).sqrt();
+        img.iter_mut().for_each(|v| *v = (0.5 + 0.15 * (*v - m) / (s + 1e-5)).clamp(0.0, 1.0));
+    }
+    Ok((Tensor::from_vec(pixels, &[k, c, h, w])?, scores))
 }

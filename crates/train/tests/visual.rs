@@ -87,3 +87,53 @@ fn overlay_marks_where_the_heat_is() {
     assert!(hot[0] > 180 && hot[2] < 100, "red where the map is 1: {hot:?}");
     assert!(cold[2] > cold[0], "blue where it is 0: {cold:?}");
 }
+
+/// Pearson correlation of two equal-length vectors.
+fn correlation(a: &[f32], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().map(|&v| v as f64).sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - ma) * (y - mb)).sum();
+    let (va, vb) = (a.iter().map(|&x| (x as f64 - ma).powi(2)).sum::<f64>(), b.iter().map(|y| (y - mb).powi(2)).sum::<f64>());
+    cov / (va * vb).sqrt()
+}
+
+/// On linear layers the ascent's direction is known: the gradient of the channel's mean with
+/// respect to the input, the same at every step. The patterns must follow it (the noise they
+/// start from is small beside 40 steps), and each channel's activation must rise.
+#[test]
+fn patterns_climb_along_the_known_gradient_of_linear_layers() {
+    let norm = stride_data::Normalize::identity();
+    // Logits: class k's pattern is the k-th row of the weights.
+    let mut m = Sequential::new().push(Flatten).push(Linear::new(&mut Rng::seed(3), 36, 3, true).unwrap());
+    let w = m.layers[1].parameters()[0].value();
+    let (p, scores) = visual::patterns(&mut m, "1", &[0, 2], [1, 6, 6], &norm, visual::Ascent::default()).unwrap();
+    assert_eq!(p.shape(), [2, 1, 6, 6]);
+    for (i, k) in [0usize, 2].into_iter().enumerate() {
+        let row: Vec<f64> = w.data()[k * 36..(k + 1) * 36].iter().map(|&v| v as f64).collect();
+        let r = correlation(&p.data()[i * 36..(i + 1) * 36], &row);
+        assert!(r > 0.99, "class {k}: the pattern correlates {r} with its weights");
+        assert!(scores[i].1 > scores[i].0 + 1.0, "class {k}: {:?}", scores[i]);
+    }
+    // A convolution's channel: d mean / d x[i, j] sums the kernel taps that reach (i, j), over
+    // the output positions, divided by their count.
+    let mut m = Sequential::new().push(Conv2d::new(&mut Rng::seed(4), 1, 2, 3, Conv2dOptions::default(), false).unwrap());
+    let k = m.layers[0].parameters()[0].value(); // [2, 1, 3, 3]
+    let (p, _) = visual::patterns(&mut m, "0", &[1], [1, 7, 7], &norm, visual::Ascent::default()).unwrap();
+    let mut d = vec![0.0f64; 49];
+    for (oy, ox) in (0..5).flat_map(|y| (0..5).map(move |x| (y, x))) {
+        for (ky, kx) in (0..3).flat_map(|y| (0..3).map(move |x| (y, x))) {
+            d[(oy + ky) * 7 + ox + kx] += k.data()[9 + ky * 3 + kx] as f64 / 25.0;
+        }
+    }
+    let r = correlation(p.data(), &d);
+    assert!(r > 0.99, "the conv pattern correlates {r} with the gradient");
+    // Bad requests are refused by name.
+    for (layer, chans, want) in [("0", vec![2], "layer 0 has 2 channels; there is no channel 2"), ("5", vec![0], "no layer '5'")] {
+        let e = visual::patterns(&mut m, layer, &chans, [1, 7, 7], &norm, visual::Ascent::default()).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = visual::patterns(&mut m, "0", &[0], [1, 7, 7], &norm, visual::Ascent { steps: 0, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("1..=10000 steps"), "{e}");
+    // The parameters are trainable again afterwards, with no gradient left on them.
+    assert!(stride_nn::Module::parameters(&mut m).iter().all(|p| p.requires_grad() && p.grad().is_none()));
+}
