@@ -148,6 +148,52 @@ pub fn patterns(a: &PatternsArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct AugmentArgs {
+    /// The augmentation, as `stride train --augment` takes it: `hflip,crop4,rotate10,erase0.5`,
+    /// `resizedcrop0.35,hflip,jitter0.4`, ...
+    augment: String,
+    /// Data set whose training images to show (as for `stride train`).
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    /// Resize every image first (`32` or `HxW`), as `stride train --resize`.
+    #[arg(long, value_parser = crate::train::parse_size)]
+    resize: Option<(usize, usize)>,
+    /// How many images (rows), spread over the training set.
+    #[arg(long, default_value_t = 8, value_parser = crate::at_least_one)]
+    n: usize,
+    /// Augmented draws of each image.
+    #[arg(long, default_value_t = 7, value_parser = crate::at_least_one)]
+    versions: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG to write.
+    #[arg(long, default_value = "augmented.png")]
+    out: PathBuf,
+}
+
+pub fn augment(a: &AugmentArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let spec = stride_data::Augment::parse(&a.augment)?;
+    let mut data = stride_data::load(&a.data)?;
+    if let Some((h, w)) = a.resize {
+        data = data.resized(h, w)?;
+    }
+    let grid = visual::augmentation_grid(&data.train, &spec, a.n, a.versions, a.seed)?;
+    visual::save_png(&a.out, &grid)?;
+    let t = &data.train;
+    println!(
+        "{}: {} of {}'s training images ({}x{}x{}), each followed by {} draws of {spec}",
+        a.out.display(),
+        a.n.min(t.len()),
+        data.name,
+        t.channels,
+        t.height,
+        t.width,
+        a.versions
+    );
+    Ok(())
+}
+
 /// Rows of 4-D outputs (feature maps).
 fn spatial(t: &Trace) -> Vec<usize> {
     t.rows.iter().enumerate().filter(|(_, r)| r.output.len() == 4).map(|(i, _)| i).collect()

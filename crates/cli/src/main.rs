@@ -65,6 +65,9 @@ enum Command {
     /// The input patterns that most excite a layer's channels (or, on the logits, each class),
     /// grown by gradient ascent on the input, as a PNG grid.
     Patterns(look::PatternsArgs),
+    /// Shows what an augmentation spec does to a data set's training images, as a PNG grid (each
+    /// image, then augmented draws of it), before a run uses it.
+    Augment(look::AugmentArgs),
     /// Writes a model (zoo, TOML, or the VAE's generator) with its weights as ONNX.
     Export(onnx::ExportArgs),
     /// Reads an ONNX model: checks that Stride can run it, and writes its weights as safetensors.
@@ -201,6 +204,7 @@ fn main() {
         Command::Features(args) => look::features(&args),
         Command::Gradcam(args) => look::gradcam(&args),
         Command::Patterns(args) => look::patterns(&args),
+        Command::Augment(args) => look::augment(&args),
         Command::Vae(args) => {
             if let Some(line) = &on_gpu {
                 println!("{line}");

@@ -708,3 +708,20 @@ fn lr_find_writes_its_sweep_and_suggests_a_rate_without_training() {
     let e = stride(&["train", "--lr-find", "--resume", "--out", dir.to_str().unwrap()]);
     assert!(!e.status.success() && text(&e).contains("cannot be used with"), "{}", text(&e));
 }
+
+#[test]
+fn augment_previews_a_spec_on_the_training_images() {
+    let dir = tmp("augment");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("a.png");
+    let o = stride(&["augment", "hflip,crop2", "--n", "2", "--versions", "3", "--out", png.to_str().unwrap()]);
+    assert!(
+        o.status.success() && text(&o).contains("2 of mnist's training images (1x28x28), each followed by 3 draws of hflip,crop2"),
+        "{}",
+        text(&o)
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (2 + 4 * 58 + 4, 2 + 2 * 58));
+    let o = stride(&["augment", "twirl", "--out", png.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("unknown augmentation 'twirl'"), "{}", text(&o));
+}

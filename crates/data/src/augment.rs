@@ -25,6 +25,37 @@ pub struct Augment {
     pub jitter: f64,
 }
 
+/// The spec [`Augment::parse`] reads back: `hflip,crop4,rotate10`, or `none`.
+impl std::fmt::Display for Augment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut items = Vec::new();
+        if self.resized_crop > 0.0 {
+            items.push(format!("resizedcrop{}", self.resized_crop));
+        }
+        for (on, name) in [(self.hflip, "hflip"), (self.vflip, "vflip")] {
+            if on {
+                items.push(name.to_string());
+            }
+        }
+        if self.crop_pad > 0 {
+            items.push(format!("crop{}", self.crop_pad));
+        }
+        if self.rotate_deg > 0.0 {
+            items.push(format!("rotate{}", self.rotate_deg));
+        }
+        if self.jitter > 0.0 {
+            items.push(format!("jitter{}", self.jitter));
+        }
+        if self.erase_p > 0.0 {
+            items.push(format!("erase{}", self.erase_p));
+        }
+        if items.is_empty() {
+            return f.write_str("none");
+        }
+        f.write_str(&items.join(","))
+    }
+}
+
 impl Augment {
     pub fn is_identity(&self) -> bool {
         *self == Augment::default()

@@ -323,3 +323,14 @@ fn cifar_folders_are_found_and_read_with_their_class_names() {
     assert!(e.contains("test.bin") && e.contains("3000 bytes is not a whole number of 3074-byte CIFAR-100 records"), "{e}");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// An augmentation spec written back (report.html's caption, `stride augment`) parses to the
+/// same augmentation.
+#[test]
+fn augmentation_specs_round_trip() {
+    for spec in ["none", "hflip", "hflip,vflip,crop4,rotate10,erase0.5", "resizedcrop0.35,hflip,jitter0.4", "crop2"] {
+        let a = Augment::parse(spec).unwrap();
+        assert_eq!(Augment::parse(&a.to_string()).unwrap(), a, "{spec} -> {a}");
+    }
+    assert_eq!(Augment::parse("rotate10,hflip").unwrap().to_string(), "hflip,rotate10");
+}

@@ -80,9 +80,20 @@ pub(crate) fn write_report(
         confusion: Some((shown.confusion.clone(), data.class_names.clone())),
         evaluated_on: evaluated_on.into(),
         mistakes,
-        pictures: Vec::new(),
+        pictures: augmented(cfg, data)?.into_iter().collect(),
     };
     report::write(&dir.join("report.html"), &r)
+}
+
+/// With augmentation on, what it does to six training images (seven draws each), as a
+/// captioned picture.
+fn augmented(cfg: &TrainConfig, data: &Split) -> Result<Option<(String, Vec<u8>)>> {
+    if cfg.augment.is_identity() || data.train.is_empty() {
+        return Ok(None);
+    }
+    let grid = crate::visual::augmentation_grid(&data.train, &cfg.augment, 6, 7, cfg.seed)?;
+    let png = crate::visual::png_bytes(&grid).map_err(|e| crate::TrainError::Io(format!("augmentation grid: {e}")))?;
+    Ok(Some((format!("training images (left) and seven draws of their augmentation, {}", cfg.augment), png)))
 }
 
 /// The training loss as report.html states it.

@@ -150,6 +150,36 @@ pub fn overlay(image: &RgbImage, cam: &[f32], ch: usize, cw: usize) -> RgbImage 
     out
 }
 
+/// What `augment` does to training images: a row per image (`images` of them, spread over
+/// `ds`), the image itself first, then `versions` augmented copies (draws seeded by `seed`),
+/// each tile enlarged to at least 56 pixels, a wider gap after the originals.
+pub fn augmentation_grid(ds: &stride_data::Dataset, augment: &stride_data::Augment, images: usize, versions: usize, seed: u64) -> Result<RgbImage> {
+    if ds.is_empty() || !(1..=64).contains(&images) || !(1..=32).contains(&versions) {
+        return Err(TrainError::Config(format!(
+            "an augmentation grid shows 1..=64 images in 1..=32 versions each from a set with images; asked for {images} x {versions} of {}",
+            ds.len()
+        )));
+    }
+    let (c, h, w) = (ds.channels, ds.height, ds.width);
+    let tile = picture(ds.image(0), c, h, w, 56).dimensions();
+    let (tw, th) = (tile.0 as usize, tile.1 as usize);
+    let rows = crate::latent::spread(ds.len(), images);
+    let (gw, gh) = (GAP + (versions + 1) * (tw + GAP) + 2 * GAP, GAP + rows.len() * (th + GAP));
+    let mut grid = RgbImage::from_pixel(gw as u32, gh as u32, Rgb([255, 255, 255]));
+    let mut rng = stride_autograd::Rng::seed(seed);
+    let mut out = vec![0u8; c * h * w];
+    for (r, &i) in rows.iter().enumerate() {
+        let y = (GAP + r * (th + GAP)) as i64;
+        image::imageops::replace(&mut grid, &picture(ds.image(i), c, h, w, 56), GAP as i64, y);
+        for v in 0..versions {
+            augment.apply(ds.image(i), c, h, w, &mut rng, &mut out);
+            let x = (GAP + (v + 1) * (tw + GAP) + 2 * GAP) as i64;
+            image::imageops::replace(&mut grid, &picture(&out, c, h, w, 56), x, y);
+        }
+    }
+    Ok(grid)
+}
+
 /// Planar bytes [C, H, W] (C 1 or 3) as an RGB picture, enlarged by whole pixels to at least
 /// `min_side`.
 pub fn picture(bytes: &[u8], c: usize, h: usize, w: usize, min_side: usize) -> RgbImage {

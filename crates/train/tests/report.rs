@@ -71,3 +71,48 @@ fn names_are_escaped_and_charts_survive_odd_values() {
     assert!(report::chart("one", &[Series { name: "x".into(), color: "#000", values: vec![2.0] }]).contains("<circle"));
     assert!(report::chart("none", &[]).ends_with("</svg>"));
 }
+
+/// With augmentation on, the report shows what it does: six training images, seven draws each.
+#[test]
+fn an_augmented_run_shows_its_augmentation() {
+    let dir = tmp("report-augment");
+    let data = small(300, 100);
+    let augment = stride_data::Augment::parse("hflip,crop2").unwrap();
+    let c = TrainConfig { report: Some("cnn".into()), augment, ..cfg(1, Some(dir.clone())) };
+    train(&mut model(0), &data, &c, false, None, |_| {}).unwrap();
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("training images (left) and seven draws of their augmentation, hflip,crop2"), "the caption names the spec");
+    assert_eq!(html.matches("data:image/png;base64,").count(), 16 + 1);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The grid: row r starts with image r's own picture, and its draws of a left-right flip are
+/// that picture or its mirror, pixel for pixel.
+#[test]
+fn the_augmentation_grid_shows_each_image_and_its_draws() {
+    let data = small(100, 10);
+    let flip = stride_data::Augment::parse("hflip").unwrap();
+    let grid = stride_train::visual::augmentation_grid(&data.train, &flip, 3, 5, 1).unwrap();
+    // Tiles of 56 (28 x 2), gaps of 2, and 4 more after the originals.
+    assert_eq!(grid.dimensions(), (2 + 6 * 58 + 4, 2 + 3 * 58));
+    let rows = stride_train::latent::spread(100, 3);
+    let (mut flipped, mut kept) = (0, 0);
+    for (r, &i) in rows.iter().enumerate() {
+        let own = stride_train::visual::picture(data.train.image(i), 1, 28, 28, 56);
+        let mirror = image::imageops::flip_horizontal(&own);
+        let tile = |x: u32| image::imageops::crop_imm(&grid, x, 2 + r as u32 * 58, 56, 56).to_image();
+        assert_eq!(tile(2), own, "row {r} starts with image {i}");
+        for v in 0..5 {
+            let t = tile(2 + (v + 1) * 58 + 4);
+            if t == own {
+                kept += 1;
+            } else {
+                assert_eq!(t, mirror, "row {r}, draw {v}: neither the image nor its mirror");
+                flipped += 1;
+            }
+        }
+    }
+    assert!(flipped > 0 && kept > 0, "{flipped} flipped, {kept} kept of 15 fair coins");
+    let e = stride_train::visual::augmentation_grid(&data.train, &flip, 0, 5, 1).unwrap_err().to_string();
+    assert!(e.contains("1..=64 images in 1..=32 versions"), "{e}");
+}
