@@ -35,12 +35,18 @@ fn planned_training_follows_the_eager_run() {
     let sgd = TrainConfig { optimizer: OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, lr: 0.05, ..cfg(1, None) };
     let planned = train(&mut a, &data, &sgd, false, None, |_| {}).unwrap();
     let eager = train(&mut b, &data, &TrainConfig { eager: true, ..sgd.clone() }, false, None, |_| {}).unwrap();
+    follows(&planned, &eager, &mut a, &mut b);
+}
+
+/// A planned run (`a`, 30 planned steps) against the eager run of the same settings (`b`):
+/// losses within 1e-5, weights within 1e-5 of each tensor's scale.
+fn follows(planned: &stride_train::Outcome, eager: &stride_train::Outcome, a: &mut dyn stride_nn::Module, b: &mut dyn stride_nn::Module) {
     assert_eq!((planned.planned_steps, eager.planned_steps), (30, 0));
     let (p, e) = (&planned.reports[0], &eager.reports[0]);
     let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs();
     assert!(close(p.train_loss, e.train_loss), "train loss {} vs {}", p.train_loss, e.train_loss);
     assert!(close(p.test.loss, e.test.loss), "test loss {} vs {}", p.test.loss, e.test.loss);
-    let (wa, wb) = (checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
+    let (wa, wb) = (checkpoint::state_dict(a), checkpoint::state_dict(b));
     for ((name, ta), (_, tb)) in wa.iter().zip(&wb) {
         let diff = ta.data().iter().zip(tb.data()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         let scale = tb.data().iter().map(|v| v.abs()).fold(0.0f32, f32::max);
@@ -66,17 +72,7 @@ fn planned_training_with_every_loss_setting_follows_the_eager_run() {
     };
     let planned = train(&mut a, &data, &sgd, false, None, |_| {}).unwrap();
     let eager = train(&mut b, &data, &TrainConfig { eager: true, ..sgd.clone() }, false, None, |_| {}).unwrap();
-    assert_eq!((planned.planned_steps, eager.planned_steps), (30, 0));
-    let (p, e) = (&planned.reports[0], &eager.reports[0]);
-    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs();
-    assert!(close(p.train_loss, e.train_loss), "train loss {} vs {}", p.train_loss, e.train_loss);
-    assert!(close(p.test.loss, e.test.loss), "test loss {} vs {}", p.test.loss, e.test.loss);
-    let (wa, wb) = (checkpoint::state_dict(&mut a), checkpoint::state_dict(&mut b));
-    for ((name, ta), (_, tb)) in wa.iter().zip(&wb) {
-        let diff = ta.data().iter().zip(tb.data()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        let scale = tb.data().iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        assert!(diff <= 1e-5 * scale, "{name}: weights differ by {diff} (scale {scale})");
-    }
+    follows(&planned, &eager, &mut a, &mut b);
 }
 
 #[test]
