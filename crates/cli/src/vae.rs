@@ -30,7 +30,7 @@ pub struct VaeArgs {
     /// β-VAE: weigh the KL term by β in what training minimises (1, the default, is the plain
     /// VAE; above 1 the code keeps closer to the prior, below 1 it carries more of each
     /// image). The printed L_tot stays L_likelihood + L_KL
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = parse_beta)]
     beta: f64,
     /// Folder for result{N}.png, samples{N}.png, latent.png, interpolation.png,
     /// vae_metrics.csv, vae.safetensors and report.html (default: under runs/).
@@ -60,6 +60,11 @@ pub struct SampleArgs {
     cols: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// β as `--beta` takes it: a number in 0..=[`v::MAX_BETA`], refused before anything runs.
+fn parse_beta(s: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().ok().filter(|b| (0.0..=v::MAX_BETA).contains(b)).ok_or_else(|| format!("'{s}' is not a weight in 0..={}", v::MAX_BETA))
 }
 
 pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {

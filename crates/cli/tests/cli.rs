@@ -573,7 +573,8 @@ fn a_vae_with_a_two_dimensional_code_maps_it_and_its_weights_say_their_size() {
     for (args, want) in [
         (vec!["vae", "--weights", w, "--latent", "3", "--out", d], "--latent 3: the weights in"),
         (vec!["vae", "--latent", "0", "--out", d], "the code size must be 1..=1024, got 0"),
-        (vec!["vae", "--beta", "-1", "--out", d], "must be in 0..=10000, got -1"),
+        (vec!["vae", "--beta", "-1", "--out", d], "'-1' is not a weight in 0..=10000"),
+        (vec!["vae", "--beta", "nan", "--out", d], "'nan' is not a weight in 0..=10000"),
     ] {
         let o = stride(&args);
         assert!(!o.status.success() && text(&o).contains(want), "{args:?}: {}", text(&o));
