@@ -194,6 +194,96 @@ pub fn augment(a: &AugmentArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// A run's model.safetensors (optional for an ONNX model, which carries its own).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
+    /// `none`, or `MEAN,...:STD,...`.
+    #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
+    normalize: Option<stride_data::Normalize>,
+    /// Data set whose test images to place (as for `stride eval`; resized to the trained size).
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    /// The layer, by dotted path as `stride summary` names them (default: the one before the
+    /// last, what the classifier reads).
+    #[arg(long)]
+    layer: Option<String>,
+    /// The PNG to write.
+    #[arg(long, default_value = "embedding.png")]
+    out: PathBuf,
+}
+
+/// The most numbers `stride embed` gathers from a layer (images x values each).
+const MAX_VALUES: usize = 8 << 20;
+
+pub fn embed(a: &EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut t = trained(&a.model, a.weights.as_deref())?.normalized_by(a.normalize.as_ref())?;
+    let [c, h, w] = t.chw;
+    let mut data = stride_data::load(&a.data)?;
+    if data.test.channels != c {
+        return Err(format!("{} was trained on {c}-channel images; {} has {}", a.model, data.name, data.test.channels).into());
+    }
+    if (data.test.height, data.test.width) != (h, w) {
+        data = data.resized(h, w)?;
+    }
+    // The layer's output for the images from..from + n, as rows.
+    let mut outputs = |test: &stride_data::Dataset, from: usize, n: usize| -> Result<(Vec<f32>, String), Box<dyn std::error::Error>> {
+        let mut x = Vec::with_capacity(n * c * h * w);
+        t.norm.extend(&test.images[from * c * h * w..(from + n) * c * h * w], c, h * w, &mut x);
+        let x = Var::constant(stride_autograd::Tensor::from_vec(x, &[n, c, h, w])?);
+        let (trace, _, err) = stride_autograd::no_grad(|| visual::traced(&mut t.model, &x));
+        let err = err.map(|e| e.to_string());
+        let layer = match &a.layer {
+            Some(l) => l.clone(),
+            None => trace
+                .rows
+                .len()
+                .checked_sub(2)
+                .map(|i| trace.rows[i].path.clone())
+                .ok_or_else(|| format!("{} has fewer than two layers; name one with --layer", a.model))?,
+        };
+        let row = trace.find(&layer).map_err(|e| with_cause(e, &err))?;
+        let y = trace.output(row).ok_or("traced output missing")?.value().to_host()?;
+        Ok((y.data().to_vec(), format!("{layer} ({})", trace.rows[row].layer)))
+    };
+    // One image first, for the layer's width: a wide layer places fewer images, so the
+    // principal axes' working set stays near MAX_VALUES numbers.
+    let width = outputs(&data.test, 0, 1)?.0.len();
+    let points = (MAX_VALUES / width.max(1)).min(stride_train::latent::MAX_POINTS);
+    if points < 10 {
+        return Err(
+            format!("that layer gives {width} values an image: too many to place ({MAX_VALUES} in all); pick a later one with --layer").into()
+        );
+    }
+    let test = data.test.subset(&stride_train::latent::spread(data.test.len(), points))?;
+    let (mut features, mut name) = (Vec::with_capacity(test.len() * width), String::new());
+    for b in (0..test.len()).step_by(250) {
+        let (y, layer) = outputs(&test, b, (test.len() - b).min(250))?;
+        features.extend_from_slice(&y);
+        name = layer;
+    }
+    let codes = stride_autograd::Tensor::from_vec(features, &[test.len(), width])?;
+    let plane = stride_train::latent::plane(&codes)?;
+    let classes: Vec<usize> = test.labels.iter().map(|&l| l as usize).collect();
+    stride_train::curves::plot_scatter(&plane.points, &classes, [&plane.axes[0], &plane.axes[1]], &a.out)?;
+    println!(
+        "{}: {} test images of {} at layer {name}, {width} values each, on {} and {}",
+        a.out.display(),
+        test.len(),
+        data.name,
+        plane.axes[0],
+        plane.axes[1]
+    );
+    let legend: Vec<String> = t.names.iter().enumerate().take(20).map(|(i, n)| format!("{i} {n}")).collect();
+    println!("colours by class: {}", legend.join(", "));
+    Ok(())
+}
+
 /// Rows of 4-D outputs (feature maps).
 fn spatial(t: &Trace) -> Vec<usize> {
     t.rows.iter().enumerate().filter(|(_, r)| r.output.len() == 4).map(|(i, _)| i).collect()

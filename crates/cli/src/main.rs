@@ -68,6 +68,9 @@ enum Command {
     /// Shows what an augmentation spec does to a data set's training images, as a PNG grid (each
     /// image, then augmented draws of it), before a run uses it.
     Augment(look::AugmentArgs),
+    /// Where a trained network puts a data set's test images: one layer's outputs (by default
+    /// the classifier's input) on their first two principal axes, coloured by class, as a PNG.
+    Embed(look::EmbedArgs),
     /// Writes a model (zoo, TOML, or the VAE's generator) with its weights as ONNX.
     Export(onnx::ExportArgs),
     /// Reads an ONNX model: checks that Stride can run it, and writes its weights as safetensors.
@@ -205,6 +208,7 @@ fn main() {
         Command::Gradcam(args) => look::gradcam(&args),
         Command::Patterns(args) => look::patterns(&args),
         Command::Augment(args) => look::augment(&args),
+        Command::Embed(args) => look::embed(&args),
         Command::Vae(args) => {
             if let Some(line) = &on_gpu {
                 println!("{line}");

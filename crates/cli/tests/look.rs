@@ -1,4 +1,4 @@
-//! `stride features`, `stride gradcam` and `stride patterns` end to end, on a network trained
+//! `stride features`, `stride gradcam`, `stride patterns` and `stride embed` end to end, on a network trained
 //! for one epoch: the pictures' sizes, that they show something, and bad arguments.
 
 use std::path::{Path, PathBuf};
@@ -125,5 +125,16 @@ fn features_and_gradcam_pictures() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
     }
+    // Embed: the test images at the classifier's input (layer 8, 128 values) on a plane; a wide
+    // layer places fewer images.
+    let emb = dir.join("embedding.png");
+    let out = stride(&["embed", "--weights", w, "--out", emb.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(out.status.success() && log.contains("2000 test images of mnist at layer 8 (relu), 128 values each, on pc1 ("), "{log}");
+    assert_eq!(image::open(&emb).unwrap().to_rgb8().dimensions(), (600, 500));
+    let out = stride(&["embed", "--weights", w, "--layer", "0", "--out", emb.to_str().unwrap()]);
+    assert!(text(&out).contains("620 test images of mnist at layer 0 (Conv2d(1, 20, k3x3)), 13520 values each"), "{}", text(&out));
+    let out = stride(&["embed", "--weights", w, "--layer", "99", "--out", emb.to_str().unwrap()]);
+    assert!(out.status.code() == Some(1) && text(&out).contains("no layer '99'"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -69,28 +69,21 @@ pub fn plane(codes: &Tensor<f32>) -> Result<Plane> {
 }
 
 /// The first `k` principal axes of the rows of `x` ([n, d], row-major): unit vectors, each
-/// with the share of the total variance along it. Power iteration on the covariance, each
-/// axis kept orthogonal to those before; an axis's sign puts its largest entry positive, so
-/// the same codes always give the same picture.
+/// with the share of the total variance along it. Power iteration on the smaller of the
+/// covariance (d x d) and the Gram matrix of the centred rows (n x n, whose eigenvectors give
+/// the same axes through x: a layer of 13,520 values over 2,000 images costs a 2,000-square
+/// matrix, not a 13,520-square one), each axis kept orthogonal to those before; an axis's sign
+/// puts its largest entry positive, so the same codes always give the same picture.
 pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
     let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| x[i * d + j]).sum::<f64>() / n.max(1) as f64).collect();
-    let mut cov = vec![0.0; d * d];
-    for row in x.chunks_exact(d) {
-        let c: Vec<f64> = row.iter().zip(&mean).map(|(v, m)| v - m).collect();
-        for (a, &ca) in c.iter().enumerate() {
-            for (b, &cb) in c.iter().enumerate().skip(a) {
-                cov[a * d + b] += ca * cb;
-            }
-        }
-    }
-    for a in 0..d {
-        for b in 0..a {
-            cov[a * d + b] = cov[b * d + a];
-        }
-    }
-    let total: f64 = (0..d).map(|j| cov[j * d + j]).sum();
-    let mut axes: Vec<Vec<f64>> = Vec::new();
-    let mut shares = Vec::new();
+    let centred: Vec<f64> = x.chunks_exact(d.max(1)).flat_map(|row| row.iter().zip(&mean).map(|(v, m)| v - m)).collect();
+    let Ok(xc) = Tensor::from_vec(centred, &[n, d]) else { return (Vec::new(), Vec::new()) };
+    // The Gram matrix where there are fewer rows than columns.
+    let gram = n < d;
+    let Ok(m) = stride_autograd::matmul_tensors(&xc, !gram, &xc, gram) else { return (Vec::new(), Vec::new()) };
+    let size = n.min(d);
+    let m = m.data();
+    let total: f64 = (0..size).map(|j| m[j * size + j]).sum();
     let orthogonal = |v: &mut Vec<f64>, axes: &[Vec<f64>]| {
         for a in axes {
             let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
@@ -102,14 +95,15 @@ pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>
         }
         norm
     };
-    for j in 0..k.min(d) {
+    let (mut eig, mut shares) = (Vec::<Vec<f64>>::new(), Vec::new());
+    for j in 0..k.min(size) {
         // A start no axis of a real data set is orthogonal to.
-        let mut v: Vec<f64> = (0..d).map(|i| 1.0 + 0.37 * ((i * 7 + j * 3) % 11) as f64).collect();
-        orthogonal(&mut v, &axes);
+        let mut v: Vec<f64> = (0..size).map(|i| 1.0 + 0.37 * ((i * 7 + j * 3) % 11) as f64).collect();
+        orthogonal(&mut v, &eig);
         let mut lambda = 0.0;
         for _ in 0..1000 {
-            let mut w: Vec<f64> = (0..d).map(|a| cov[a * d..(a + 1) * d].iter().zip(&v).map(|(c, x)| c * x).sum()).collect();
-            lambda = orthogonal(&mut w, &axes);
+            let mut w: Vec<f64> = m.chunks_exact(size).map(|row| row.iter().zip(&v).map(|(c, x)| c * x).sum()).collect();
+            lambda = orthogonal(&mut w, &eig);
             if lambda == 0.0 {
                 break;
             }
@@ -120,17 +114,32 @@ pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>
             }
         }
         if lambda == 0.0 {
-            // No variance left: any unit vector orthogonal to the axes before.
-            v = (0..d).map(|i| if i == j { 1.0 } else { 0.0 }).collect();
-            orthogonal(&mut v, &axes);
-        }
-        let largest = v.iter().copied().fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
-        if largest < 0.0 {
-            v.iter_mut().for_each(|x| *x = -*x);
+            // No variance left: any unit vector orthogonal to the ones before.
+            v = (0..size).map(|i| if i == j { 1.0 } else { 0.0 }).collect();
+            orthogonal(&mut v, &eig);
         }
         shares.push(if total > 0.0 { lambda / total } else { 0.0 });
-        axes.push(v);
+        eig.push(v);
     }
+    let axes = eig
+        .into_iter()
+        .enumerate()
+        .map(|(j, e)| {
+            // From the Gram matrix's eigenvector u, the axis is x^T u, normalised.
+            let mut a = if gram { (0..d).map(|c| (0..n).map(|r| xc.data()[r * d + c] * e[r]).sum()).collect() } else { e };
+            let norm = a.iter().map(|x: &f64| x * x).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                a.iter_mut().for_each(|x| *x /= norm);
+            } else {
+                a = (0..d).map(|i| if i == j { 1.0 } else { 0.0 }).collect();
+            }
+            let largest = a.iter().copied().fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+            if largest < 0.0 {
+                a.iter_mut().for_each(|x| *x = -*x);
+            }
+            a
+        })
+        .collect();
     (axes, shares)
 }
 

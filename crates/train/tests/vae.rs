@@ -198,6 +198,30 @@ fn principal_axes_find_known_directions_and_their_shares() {
     );
 }
 
+/// Fewer points than dimensions go through the Gram matrix: the same axes and shares as the
+/// covariance gives for the same points twice over (which has more points than dimensions and
+/// the same covariance directions).
+#[test]
+fn principal_axes_of_few_points_in_many_dimensions_match_the_covariances() {
+    let (n, d) = (60, 80);
+    let x: Tensor<f64> = Rng::seed(12).normal(&[n, d], 0.0, 1.0).unwrap();
+    // Some structure: the first coordinate stretched, the second tied to the third.
+    let mut x = x.data().to_vec();
+    for row in x.chunks_exact_mut(d) {
+        row[0] *= 4.0;
+        row[1] = 2.0 * row[2] + 0.1 * row[1];
+    }
+    let twice: Vec<f64> = [x.clone(), x.clone()].concat();
+    let (ga, gs) = stride_train::latent::principal_axes(&x, n, d, 2);
+    let (ca, cs) = stride_train::latent::principal_axes(&twice, 2 * n, d, 2);
+    for k in 0..2 {
+        let off = ga[k].iter().zip(&ca[k]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(off < 1e-6, "axis {k} differs by {off}");
+        assert!((gs[k] - cs[k]).abs() < 1e-9, "share {k}: {} vs {}", gs[k], cs[k]);
+    }
+    assert!(ga[0][0].abs() > 0.9, "the stretched coordinate leads: {:?}", &ga[0][..3]);
+}
+
 #[test]
 fn morphs_run_between_the_two_codes_and_the_map_covers_the_code() {
     let data = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
