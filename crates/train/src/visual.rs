@@ -236,6 +236,8 @@ pub type Climb = (f32, f32);
 /// The most steps [`patterns`] climbs and the most channels it draws at once.
 pub const MAX_STEPS: usize = 10_000;
 pub const MAX_PATTERNS: usize = 1024;
+/// The most input values [`patterns`] climbs at once (64 inputs of 3 x 224 x 224 fit).
+pub const MAX_INPUT_VALUES: usize = 1 << 24;
 
 /// What excites the network's units most: for each of `channels` of the layer at dotted
 /// `layer`, an input of `chw` grown by gradient ascent (Erhan et al., 2009) to raise the
@@ -263,6 +265,12 @@ pub fn patterns(
     }
     let [c, h, w] = chw;
     norm.check(c).map_err(|e| TrainError::Config(e.to_string()))?;
+    // The batch of inputs; the activations it carries through the network scale with it.
+    if k.saturating_mul(c).saturating_mul(h).saturating_mul(w) > MAX_INPUT_VALUES {
+        return Err(TrainError::Config(format!(
+            "patterns: {k} inputs of {c}x{h}x{w} are more than {MAX_INPUT_VALUES} values at once; ask for fewer channels or a smaller size"
+        )));
+    }
     let device = stride_nn::device_of(model);
     let params = model.parameters();
     let _frozen = crate::freeze::Frozen::new(params)?;

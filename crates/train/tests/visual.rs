@@ -134,6 +134,8 @@ fn patterns_climb_along_the_known_gradient_of_linear_layers() {
     }
     let e = visual::patterns(&mut m, "0", &[0], [1, 7, 7], &norm, visual::Ascent { steps: 0, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("1..=10000 steps"), "{e}");
+    let e = visual::patterns(&mut m, "0", &[0; 16], [1, 4096, 4096], &norm, visual::Ascent::default()).unwrap_err().to_string();
+    assert!(e.contains("16 inputs of 1x4096x4096 are more than 16777216 values at once"), "{e}");
     // The parameters are trainable again afterwards, with no gradient left on them.
     assert!(stride_nn::Module::parameters(&mut m).iter().all(|p| p.requires_grad() && p.grad().is_none()));
 }
