@@ -231,6 +231,9 @@ pub fn embed(a: &EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
     if (data.test.height, data.test.width) != (h, w) {
         data = data.resized(h, w)?;
     }
+    if data.test.len() < 2 {
+        return Err(format!("{} has {} test images; placing them needs at least 2", data.name, data.test.len()).into());
+    }
     // The layer's output for the images from..from + n, as rows.
     let mut outputs = |test: &stride_data::Dataset, from: usize, n: usize| -> Result<(Vec<f32>, String), Box<dyn std::error::Error>> {
         let mut x = Vec::with_capacity(n * c * h * w);

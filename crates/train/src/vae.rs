@@ -86,8 +86,12 @@ pub fn evaluate_vae(model: &mut Vae, ds: &Dataset, batch_size: usize) -> Result<
 }
 
 /// Trains `model` on `data` (one channel, 32x32: see [`prepare`]); calls `on_epoch` after each
-/// epoch. Writes result{epoch}.png (reconstructions of nine test images, 28x28),
-/// vae_metrics.csv and vae.safetensors (atomically) when `cfg.out_dir` is set.
+/// epoch. When `cfg.out_dir` is set, writes each epoch result{epoch}.png (reconstructions of
+/// nine test images; 28x28 for grey images, 32x32 for colour), samples{epoch}.png, the pictures
+/// of the code (latent.png, interpolation.png, manifold.png for a 2-d code), vae_metrics.csv,
+/// vae.safetensors, report.html and, last, [`CHECKPOINT`], all atomically. A resumed run
+/// (`cfg.resume`) trains the epochs after the checkpoint's up to `cfg.epochs` (none when it has
+/// done as many) and returns every epoch's report, the earlier ones read from vae_metrics.csv.
 pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: impl FnMut(&VaeReport)) -> Result<Vec<VaeReport>> {
     if data.train.height != SIDE || data.train.width != SIDE || data.train.channels != model.channels() {
         return Err(TrainError::Config(format!(
