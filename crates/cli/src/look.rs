@@ -287,6 +287,63 @@ pub fn embed(a: &EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct OcclusionArgs {
+    #[command(flatten)]
+    src: Source,
+    /// Class to explain, by index or name (default: the predicted class).
+    #[arg(long)]
+    class: Option<String>,
+    /// Side of the hiding square in pixels (default: a seventh of the image's smaller side, at
+    /// least 2).
+    #[arg(long)]
+    patch: Option<usize>,
+    /// How far the square moves each time (default: half the patch).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Where to write the heat map over the image.
+    #[arg(long, default_value = "occlusion.png")]
+    out: PathBuf,
+}
+
+/// `--class` as an index or a name among `names`; the predicted class when not given.
+fn chosen_class(asked: &Option<String>, names: &[String], predicted: usize) -> Result<usize, String> {
+    match asked {
+        None => Ok(predicted),
+        Some(s) => match (s.parse::<usize>(), names.iter().position(|n| n == s)) {
+            (_, Some(i)) => Ok(i),
+            (Ok(i), None) if i < names.len() => Ok(i),
+            _ => Err(format!("--class {s}: not a class index below {} or a class name ({})", names.len(), names.join(", "))),
+        },
+    }
+}
+
+pub fn occlusion(a: &OcclusionArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
+    let image = t.image(&a.src.image, None)?;
+    let [c, h, w] = image.chw;
+    let y = stride_autograd::no_grad(|| t.model.forward(&image.x, &mut stride_nn::Ctx::eval()))?;
+    let probs = softmax(&y, 1)?.value();
+    let p = probs.data();
+    let predicted = (0..p.len()).max_by(|&i, &j| p[i].total_cmp(&p[j])).unwrap_or(0);
+    let class = chosen_class(&a.class, &t.names, predicted)?;
+    let patch = a.patch.unwrap_or((h.min(w) / 7).max(2));
+    let stride = a.stride.unwrap_or((patch / 2).max(1));
+    let (fall, base) = visual::occlusion(&mut t.model, &image.x.value(), class, patch, stride)?;
+    let top = fall.iter().copied().fold(0.0f32, f32::max);
+    let heat: Vec<f32> = fall.iter().map(|&f| if top > 0.0 { (f / top).max(0.0) } else { 0.0 }).collect();
+    let at = fall.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map_or(0, |(i, _)| i);
+    visual::save_png(&a.out, &visual::overlay(&visual::picture(&image.pixels, c, h, w, 224), &heat, h, w))?;
+    let name = |i: usize| t.names.get(i).cloned().unwrap_or_else(|| i.to_string());
+    let found = if top > 0.0 {
+        format!("falls most, by {top:.4}, when a {patch}x{patch} square (stride {stride}) hides pixel ({}, {})", at / w, at % w)
+    } else {
+        format!("falls nowhere: hiding any {patch}x{patch} square (stride {stride}) leaves it or raises it")
+    };
+    println!("predicted {} ({:.4}); class {} ({base:.4}) {found} -> {}", name(predicted), p[predicted], name(class), a.out.display());
+    Ok(())
+}
+
 /// Rows of 4-D outputs (feature maps).
 fn spatial(t: &Trace) -> Vec<usize> {
     t.rows.iter().enumerate().filter(|(_, r)| r.output.len() == 4).map(|(i, _)| i).collect()
@@ -372,14 +429,7 @@ pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
     let probs = softmax(&y, 1)?.value();
     let p = probs.data();
     let predicted = (0..p.len()).max_by(|&i, &j| p[i].total_cmp(&p[j])).unwrap_or(0);
-    let class = match &a.class {
-        None => predicted,
-        Some(s) => match (s.parse::<usize>(), t.names.iter().position(|n| n == s)) {
-            (_, Some(i)) => i,
-            (Ok(i), None) if i < t.names.len() => i,
-            _ => return Err(format!("--class {s}: not a class index below {} or a class name ({})", t.names.len(), t.names.join(", ")).into()),
-        },
-    };
+    let class = chosen_class(&a.class, &t.names, predicted)?;
     let layer = match &a.layer {
         Some(path) => trace.find(path)?,
         None => *spatial(&trace)

@@ -71,6 +71,9 @@ enum Command {
     /// Where a trained network puts a data set's test images: one layer's outputs (by default
     /// the classifier's input) on their first two principal axes, coloured by class, as a PNG.
     Embed(look::EmbedArgs),
+    /// Occlusion sensitivity: a heat map over an image of how much a class's probability falls
+    /// where a grey square hides it (any network, ONNX ones too: it needs only the outputs).
+    Occlusion(look::OcclusionArgs),
     /// Writes a model (zoo, TOML, or the VAE's generator) with its weights as ONNX.
     Export(onnx::ExportArgs),
     /// Reads an ONNX model: checks that Stride can run it, and writes its weights as safetensors.
@@ -209,6 +212,7 @@ fn main() {
         Command::Patterns(args) => look::patterns(&args),
         Command::Augment(args) => look::augment(&args),
         Command::Embed(args) => look::embed(&args),
+        Command::Occlusion(args) => look::occlusion(&args),
         Command::Vae(args) => {
             if let Some(line) = &on_gpu {
                 println!("{line}");

@@ -1,4 +1,4 @@
-//! `stride features`, `stride gradcam`, `stride patterns` and `stride embed` end to end, on a network trained
+//! `stride features`, `stride gradcam`, `stride occlusion`, `stride patterns` and `stride embed` end to end, on a network trained
 //! for one epoch: the pictures' sizes, that they show something, and bad arguments.
 
 use std::path::{Path, PathBuf};
@@ -120,6 +120,24 @@ fn features_and_gradcam_pictures() {
         (vec!["--layer", "3", "--channels", "0,50"], "layer 3 has 50 channels; there is no channel 50"),
     ] {
         let mut full = vec!["patterns", "--weights", w, "--out", pat.to_str().unwrap()];
+        full.extend(args.iter().copied());
+        let out = stride(&full);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
+    }
+    // Occlusion: the 7's probability falls where its stroke is hidden; the map is 224x224.
+    let occ = dir.join("occlusion.png");
+    let out = stride(&["occlusion", "--weights", w, "--image", png.to_str().unwrap(), "--out", occ.to_str().unwrap()]);
+    let log = text(&out);
+    assert!(
+        out.status.success() && log.contains("predicted 7") && log.contains("class 7 (") && log.contains("when a 4x4 square (stride 2) hides pixel"),
+        "{log}"
+    );
+    let img = image::open(&occ).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (224, 224));
+    assert!(distinct(&img) > 100, "a heat map, not a flat picture");
+    for (args, want) in [(vec!["--patch", "0"], "a patch of 1..=28 pixels"), (vec!["--class", "x"], "--class x: not a class index below 10")] {
+        let mut full = vec!["occlusion", "--weights", w, "--image", png.to_str().unwrap(), "--out", occ.to_str().unwrap()];
         full.extend(args.iter().copied());
         let out = stride(&full);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));

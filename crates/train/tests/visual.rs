@@ -139,3 +139,31 @@ fn patterns_climb_along_the_known_gradient_of_linear_layers() {
     // The parameters are trainable again afterwards, with no gradient left on them.
     assert!(stride_nn::Module::parameters(&mut m).iter().all(|p| p.requires_grad() && p.grad().is_none()));
 }
+
+/// Occlusion on a network whose answer is known: class 0's logit is 5 x pixel (0, 0) and class
+/// 1's is 0, on an image of ones, so hiding that pixel takes class 0 from sigmoid(5) to 1/2 and
+/// hiding any other changes nothing. Each pixel gets the mean fall over the squares covering it.
+#[test]
+fn occlusion_finds_the_one_pixel_a_class_reads() {
+    let mut m = Sequential::new().push(Flatten).push(Linear::new(&mut Rng::seed(1), 16, 2, false).unwrap());
+    let mut w = vec![0.0f32; 32];
+    w[0] = 5.0;
+    m.layers[1].parameters()[0].set_value(Tensor::from_vec(w, &[2, 16]).unwrap()).unwrap();
+    let x = Tensor::from_vec(vec![1.0f32; 16], &[1, 1, 4, 4]).unwrap();
+    let drop = 1.0 / (1.0 + (-5.0f32).exp()) - 0.5;
+    let (fall, base) = visual::occlusion(&mut m, &x, 0, 1, 1).unwrap();
+    assert!((base - (drop + 0.5)).abs() < 1e-6);
+    assert!((fall[0] - drop).abs() < 1e-6 && fall[1..].iter().all(|&f| f.abs() < 1e-6), "{fall:?}");
+    // 2x2 squares, stride 1: (0, 0) is under one square, (0, 1) under two, (1, 1) under four,
+    // and only the top-left square hides (0, 0).
+    let (fall, _) = visual::occlusion(&mut m, &x, 0, 2, 1).unwrap();
+    for (i, want) in [(0, drop), (1, drop / 2.0), (4, drop / 2.0), (5, drop / 4.0), (2, 0.0), (15, 0.0)] {
+        assert!((fall[i] - want).abs() < 1e-6, "pixel {i}: {} against {want}", fall[i]);
+    }
+    for (class, patch, stride, want) in
+        [(2, 1, 1, "class 2 of a network with 2 outputs"), (0, 5, 1, "a patch of 1..=4 pixels"), (0, 2, 0, "a stride of at least 1")]
+    {
+        let e = visual::occlusion(&mut m, &x, class, patch, stride).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
