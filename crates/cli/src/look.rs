@@ -10,22 +10,36 @@ use stride_train::visual;
 
 use crate::infer::{trained, Image, Trained};
 
-/// The trained network and the image both commands look at.
+/// The trained network the commands look at.
 #[derive(Args)]
-pub struct Source {
+pub struct Network {
     /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
     #[arg(long, default_value = "cnn")]
     model: String,
     /// A run's model.safetensors (optional for an ONNX model, which carries its own).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// The image (PNG or JPEG), e.g. china.jpg.
-    #[arg(long)]
-    image: PathBuf,
     /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
     /// `none`, or `MEAN,...:STD,...`.
     #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
     normalize: Option<stride_data::Normalize>,
+}
+
+impl Network {
+    /// The model with its weights, standardising as the header (or --normalize) says.
+    fn load(&self) -> Result<Trained, Box<dyn std::error::Error>> {
+        trained(&self.model, self.weights.as_deref())?.normalized_by(self.normalize.as_ref())
+    }
+}
+
+/// The trained network and the image the commands look at.
+#[derive(Args)]
+pub struct Source {
+    #[command(flatten)]
+    net: Network,
+    /// The image (PNG or JPEG), e.g. china.jpg.
+    #[arg(long)]
+    image: PathBuf,
 }
 
 #[derive(Args)]
@@ -66,16 +80,8 @@ pub struct GradCamArgs {
 
 #[derive(Args)]
 pub struct PatternsArgs {
-    /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
-    #[arg(long, default_value = "cnn")]
-    model: String,
-    /// A run's model.safetensors (optional for an ONNX model, which carries its own).
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
-    /// `none`, or `MEAN,...:STD,...`.
-    #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
-    normalize: Option<stride_data::Normalize>,
+    #[command(flatten)]
+    net: Network,
     /// The layer, by dotted path as `stride summary` names them (default: the last
     /// convolution). The logits' layer gives one pattern per class.
     #[arg(long)]
@@ -102,7 +108,7 @@ pub struct PatternsArgs {
 }
 
 pub fn patterns(a: &PatternsArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = trained(&a.model, a.weights.as_deref())?.normalized_by(a.normalize.as_ref())?;
+    let mut t = a.net.load()?;
     let [c, h0, w0] = t.chw;
     let (h, w) = a.size.unwrap_or((h0, w0));
     // The layers, from one pass over a blank input of that size.
@@ -112,7 +118,7 @@ pub fn patterns(a: &PatternsArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(l) => l.clone(),
         None => {
             let last = spatial(&trace).into_iter().rfind(|&i| trace.rows[i].layer.starts_with("Conv2d"));
-            let i = last.ok_or_else(|| with_cause(format!("{} has no convolution; name a layer with --layer", a.model), &err))?;
+            let i = last.ok_or_else(|| with_cause(format!("{} has no convolution; name a layer with --layer", a.net.model), &err))?;
             trace.rows[i].path.clone()
         }
     };
@@ -196,16 +202,8 @@ pub fn augment(a: &AugmentArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Zoo model or TOML file the weights belong to, or an ONNX model (`.onnx`).
-    #[arg(long, default_value = "cnn")]
-    model: String,
-    /// A run's model.safetensors (optional for an ONNX model, which carries its own).
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Input standardisation instead of the header's: `imagenet` (torchvision's weights),
-    /// `none`, or `MEAN,...:STD,...`.
-    #[arg(long, value_name = "HOW", value_parser = crate::infer::parse_fixed_normalize)]
-    normalize: Option<stride_data::Normalize>,
+    #[command(flatten)]
+    net: Network,
     /// Data set whose test images to place (as for `stride eval`; resized to the trained size).
     #[arg(long, default_value = "mnist")]
     data: String,
@@ -222,11 +220,11 @@ pub struct EmbedArgs {
 const MAX_VALUES: usize = 8 << 20;
 
 pub fn embed(a: &EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = trained(&a.model, a.weights.as_deref())?.normalized_by(a.normalize.as_ref())?;
+    let mut t = a.net.load()?;
     let [c, h, w] = t.chw;
     let mut data = stride_data::load(&a.data)?;
     if data.test.channels != c {
-        return Err(format!("{} was trained on {c}-channel images; {} has {}", a.model, data.name, data.test.channels).into());
+        return Err(format!("{} was trained on {c}-channel images; {} has {}", a.net.model, data.name, data.test.channels).into());
     }
     if (data.test.height, data.test.width) != (h, w) {
         data = data.resized(h, w)?;
@@ -248,7 +246,7 @@ pub fn embed(a: &EmbedArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .len()
                 .checked_sub(2)
                 .map(|i| trace.rows[i].path.clone())
-                .ok_or_else(|| format!("{} has fewer than two layers; name one with --layer", a.model))?,
+                .ok_or_else(|| format!("{} has fewer than two layers; name one with --layer", a.net.model))?,
         };
         let row = trace.find(&layer).map_err(|e| with_cause(e, &err))?;
         let y = trace.output(row).ok_or("traced output missing")?.value().to_host()?;
@@ -319,7 +317,7 @@ fn chosen_class(asked: &Option<String>, names: &[String], predicted: usize) -> R
 }
 
 pub fn occlusion(a: &OcclusionArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
+    let mut t = a.src.net.load()?;
     let image = t.image(&a.src.image, None)?;
     let [c, h, w] = image.chw;
     let y = stride_autograd::no_grad(|| t.model.forward(&image.x, &mut stride_nn::Ctx::eval()))?;
@@ -365,7 +363,7 @@ fn run(t: &mut Trained, path: &Path, size: Option<(usize, usize)>) -> Result<See
 }
 
 pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
+    let mut t = a.src.net.load()?;
     let Seen { trace, err, image, .. } = run(&mut t, &a.src.image, a.size)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let chosen: Vec<usize> = if a.layers.is_empty() {
@@ -376,7 +374,7 @@ pub fn features(a: &FeaturesArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.layers.iter().map(|p| trace.find(p).map_err(|e| with_cause(e, &err))).collect::<Result<_, _>>()?
     };
     if chosen.is_empty() {
-        return Err(with_cause(format!("{} has no convolution to draw", a.src.model), &err).into());
+        return Err(with_cause(format!("{} has no convolution to draw", a.src.net.model), &err).into());
     }
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let input = a.out.join("input.png");
@@ -419,7 +417,7 @@ fn with_cause(msg: String, err: &Option<String>) -> String {
 }
 
 pub fn gradcam(a: &GradCamArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut t = trained(&a.src.model, a.src.weights.as_deref())?.normalized_by(a.src.normalize.as_ref())?;
+    let mut t = a.src.net.load()?;
     let Seen { trace, y, err, image } = run(&mut t, &a.src.image, None)?;
     let (pixels, [c, h, w]) = (image.pixels, image.chw);
     let y = match (y, err) {
