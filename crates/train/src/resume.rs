@@ -35,10 +35,7 @@ pub(crate) fn save_checkpoint(
     extra: &[(&str, String)],
 ) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
-    for (name, v) in opt.state() {
-        let n = v.len();
-        tensors.push((format!("optimizer.{name}"), stride_autograd::Tensor::from_vec(v, &[n])?));
-    }
+    push_optimizer_state(&mut tensors, opt)?;
     if let Some(e) = ema {
         for (name, t) in e.tensors() {
             tensors.push((format!("{EMA_PREFIX}{name}"), t.to_host()?));
@@ -194,14 +191,31 @@ fn restore(
     let ema_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with(EMA_PREFIX)).cloned().collect();
     let ema = ema_keys.iter().map(|k| (k[EMA_PREFIX.len()..].to_string(), tensors.remove(k).expect("key"))).collect();
     let ema_updates = if cfg.ema.is_some() { count("ema_updates")? } else { 0 };
-    let opt_keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
-    let state: Vec<(String, Vec<f32>)> =
-        opt_keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
+    let state = take_optimizer_state(&mut tensors);
     let sizes: Vec<usize> = split_frozen(model, &cfg.frozen)?.0.iter().map(|p| p.value_ref().numel()).collect();
     check_optimizer_state(&state, &sizes, &bad)?;
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
     Ok((pos, (ema, ema_updates)))
+}
+
+/// The checkpoint's prefix for the optimizer's state entries.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// Adds the optimizer's state to a checkpoint's tensors, each entry as `optimizer.<name>`.
+pub(crate) fn push_optimizer_state(tensors: &mut Vec<(String, stride_autograd::Tensor<f32>)>, opt: &dyn Optimizer) -> Result<()> {
+    for (name, v) in opt.state() {
+        let n = v.len();
+        tensors.push((format!("{OPTIMIZER_PREFIX}{name}"), stride_autograd::Tensor::from_vec(v, &[n])?));
+    }
+    Ok(())
+}
+
+/// Takes the optimizer's entries out of a checkpoint's tensors, by their names without the
+/// prefix (what `Optimizer::load_state` reads), leaving the model's.
+pub(crate) fn take_optimizer_state(tensors: &mut std::collections::HashMap<String, stride_autograd::Tensor<f32>>) -> Vec<(String, Vec<f32>)> {
+    let keys: Vec<String> = tensors.keys().filter(|k| k.starts_with(OPTIMIZER_PREFIX)).cloned().collect();
+    keys.into_iter().filter_map(|k| tensors.remove(&k).map(|t| (k[OPTIMIZER_PREFIX.len()..].to_string(), t.into_vec()))).collect()
 }
 
 /// Checks optimizer state read from a checkpoint: every entry belongs to one of the trained

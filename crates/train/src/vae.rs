@@ -205,10 +205,7 @@ fn settings(model: &Vae, cfg: &VaeConfig, data: &Split) -> [(&'static str, Strin
 
 fn save_checkpoint(dir: &Path, model: &mut Vae, opt: &Adam, epoch: usize, cfg: &VaeConfig, data: &Split) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
-    for (name, v) in opt.state() {
-        let n = v.len();
-        tensors.push((format!("optimizer.{name}"), Tensor::from_vec(v, &[n])?));
-    }
+    crate::resume::push_optimizer_state(&mut tensors, opt)?;
     let meta = [("format", "stride-vae-checkpoint-1".to_string()), ("epoch", epoch.to_string())]
         .into_iter()
         .chain(settings(model, cfg, data))
@@ -244,9 +241,7 @@ fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &S
     if reports.iter().map(|r| r.epoch).ne(1..=done) {
         return Err(TrainError::Checkpoint(format!("{}: does not hold epochs 1 to {done}, which the checkpoint has finished", metrics.display())));
     }
-    let keys: Vec<String> = tensors.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect();
-    let state: Vec<(String, Vec<f32>)> =
-        keys.iter().map(|k| (k["optimizer.".len()..].to_string(), tensors.remove(k).expect("key").into_vec())).collect();
+    let state = crate::resume::take_optimizer_state(&mut tensors);
     let sizes: Vec<usize> = stride_nn::Module::parameters(model).iter().map(|p| p.value_ref().numel()).collect();
     crate::resume::check_optimizer_state(&state, &sizes, &bad)?;
     checkpoint::load_into(model, &tensors)?;
