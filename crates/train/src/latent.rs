@@ -57,12 +57,13 @@ pub fn plane(codes: &Tensor<f32>) -> Result<Plane> {
         1 => Ok(Plane { points: (0..n).map(|i| [at(i, 0), 0.0]).collect(), axes: ["z1".into(), String::new()] }),
         2 => Ok(Plane { points: (0..n).map(|i| [at(i, 0), at(i, 1)]).collect(), axes: ["z1".into(), "z2".into()] }),
         _ => {
-            let (axes, shares) = principal_axes(&x, n, d, 2);
-            let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| at(i, j)).sum::<f64>() / n.max(1) as f64).collect();
-            let project = |i: usize, a: &[f64]| (0..d).map(|j| (at(i, j) - mean[j]) * a[j]).sum::<f64>();
+            // Fewer points than two give fewer axes: the missing ones read 0.
+            let Principal { axes, shares, mean } = principal(&x, n, d, 2);
+            let project = |i: usize, k: usize| axes.get(k).map_or(0.0, |a| (0..d).map(|j| (at(i, j) - mean[j]) * a[j]).sum::<f64>());
+            let share = |k: usize| 100.0 * shares.get(k).copied().unwrap_or(0.0);
             Ok(Plane {
-                points: (0..n).map(|i| [project(i, &axes[0]), project(i, &axes[1])]).collect(),
-                axes: [format!("pc1 ({:.0}%)", 100.0 * shares[0]), format!("pc2 ({:.0}%)", 100.0 * shares[1])],
+                points: (0..n).map(|i| [project(i, 0), project(i, 1)]).collect(),
+                axes: [format!("pc1 ({:.0}%)", share(0)), format!("pc2 ({:.0}%)", share(1))],
             })
         }
     }
@@ -75,12 +76,25 @@ pub fn plane(codes: &Tensor<f32>) -> Result<Plane> {
 /// matrix, not a 13,520-square one), each axis kept orthogonal to those before; an axis's sign
 /// puts its largest entry positive, so the same codes always give the same picture.
 pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let p = principal(x, n, d, k);
+    (p.axes, p.shares)
+}
+
+/// [`principal_axes`] with the rows' mean they are centred on.
+struct Principal {
+    axes: Vec<Vec<f64>>,
+    shares: Vec<f64>,
+    mean: Vec<f64>,
+}
+
+fn principal(x: &[f64], n: usize, d: usize, k: usize) -> Principal {
     let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| x[i * d + j]).sum::<f64>() / n.max(1) as f64).collect();
     let centred: Vec<f64> = x.chunks_exact(d.max(1)).flat_map(|row| row.iter().zip(&mean).map(|(v, m)| v - m)).collect();
-    let Ok(xc) = Tensor::from_vec(centred, &[n, d]) else { return (Vec::new(), Vec::new()) };
+    let none = |mean| Principal { axes: Vec::new(), shares: Vec::new(), mean };
+    let Ok(xc) = Tensor::from_vec(centred, &[n, d]) else { return none(mean) };
     // The Gram matrix where there are fewer rows than columns.
     let gram = n < d;
-    let Ok(m) = stride_autograd::matmul_tensors(&xc, !gram, &xc, gram) else { return (Vec::new(), Vec::new()) };
+    let Ok(m) = stride_autograd::matmul_tensors(&xc, !gram, &xc, gram) else { return none(mean) };
     let size = n.min(d);
     let m = m.data();
     let total: f64 = (0..size).map(|j| m[j * size + j]).sum();
@@ -140,7 +154,7 @@ pub fn principal_axes(x: &[f64], n: usize, d: usize, k: usize) -> (Vec<Vec<f64>>
             a
         })
         .collect();
-    (axes, shares)
+    Principal { axes, shares, mean }
 }
 
 /// Morphs between held-out images of neighbouring classes (0 into 1, 2 into 3, ...; up to

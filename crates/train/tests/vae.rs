@@ -196,6 +196,10 @@ fn principal_axes_find_known_directions_and_their_shares() {
         stride_train::latent::plane(&two).unwrap(),
         stride_train::latent::Plane { points: vec![[1.0, 2.0], [3.0, 4.0]], axes: ["z1".into(), "z2".into()] }
     );
+    // One code of many dimensions has one axis at most, and no spread: it sits at the origin
+    // (it had no second axis to project on, and indexing one panicked).
+    let one = Tensor::from_vec(vec![1.0f32; 5], &[1, 5]).unwrap();
+    assert_eq!(stride_train::latent::plane(&one).unwrap().points, vec![[0.0, 0.0]]);
 }
 
 /// Fewer points than dimensions go through the Gram matrix: the same axes and shares as the
