@@ -134,6 +134,33 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     s.trim().parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("'{s}' is not a whole number of at least 1"))
 }
 
+/// A learning rate: finite and >= 0 (0 freezes the weights, as PyTorch allows).
+fn learning_rate(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r >= 0.0)
+        .ok_or_else(|| format!("'{s}' is not a learning rate: give a finite number >= 0, such as 2e-3"))
+}
+
+/// SGD's momentum, in [0, 1).
+fn momentum(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|m| (0.0..1.0).contains(m))
+        .ok_or_else(|| format!("'{s}' is not a momentum: give a number in [0, 1), such as 0.9"))
+}
+
+/// A weight decay: finite and >= 0.
+fn weight_decay(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|d| d.is_finite() && *d >= 0.0)
+        .ok_or_else(|| format!("'{s}' is not a weight decay: give a finite number >= 0, such as 5e-4"))
+}
+
 fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let device = s.parse::<stride_autograd::Device>().map_err(|e| e.to_string())?;
     Ok(DeviceArg { device, any_gpu: matches!(s.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu") })
@@ -253,5 +280,21 @@ mod tests {
         // Outside mpirun (as tests run) `cuda` is GPU 0, and cuda:N is kept.
         assert_eq!(device_of_process(parse_device("cuda").unwrap(), true), Device::Cuda(0));
         assert_eq!(device_of_process(parse_device("cuda:2").unwrap(), true), Device::Cuda(2));
+    }
+
+    #[test]
+    fn optimizer_settings_are_checked_when_parsed() {
+        assert_eq!(learning_rate("0"), Ok(0.0));
+        assert_eq!(learning_rate(" 3e-4"), Ok(3e-4));
+        assert_eq!(momentum("0.9"), Ok(0.9));
+        assert_eq!(weight_decay("0.05"), Ok(0.05));
+        for bad in ["-1", "nan", "inf", "fast", ""] {
+            let e = learning_rate(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}' is not a learning rate")), "{e}");
+            assert!(weight_decay(bad).is_err(), "{bad}");
+        }
+        for bad in ["1", "-0.1", "nan", "1.5"] {
+            assert!(momentum(bad).unwrap_err().contains("not a momentum"), "{bad}");
+        }
     }
 }

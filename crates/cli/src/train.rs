@@ -52,14 +52,14 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     optimizer: Option<Opt>,
     /// Learning rate (at the start of the schedule).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, allow_negative_numbers = true, value_parser = crate::learning_rate)]
     lr: f64,
     /// Momentum (SGD only).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true, value_parser = crate::momentum)]
     momentum: f64,
     /// L2 weight decay (decoupled for adamw). Default 0, or the zoo model's when --optimizer
     /// is not given either.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::weight_decay)]
     weight_decay: Option<f64>,
     /// Augmentation of training images: `auto` (none for the MNIST family, where it did not
     /// pay in the default epochs), `none`, or a list such as `hflip,crop4,rotate10,erase0.5`;

@@ -19,7 +19,7 @@ pub struct VaeArgs {
     epochs: usize,
     #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true, value_parser = crate::learning_rate)]
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
