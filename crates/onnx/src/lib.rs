@@ -11,6 +11,7 @@
 //! prost-build (`scripts/onnx/gen_proto.sh`) and are checked in: building needs no protoc.
 #![forbid(unsafe_code)]
 
+mod external;
 mod import;
 mod network;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
@@ -42,13 +43,17 @@ pub fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
 }
 
 /// Reads and decodes an ONNX file, refusing one over [`MAX_FILE_BYTES`] before reading it.
+/// Tensors kept in files beside it (ONNX's external data, as PyTorch's exporter writes by
+/// default: `model.onnx.data`) are read in too.
 pub fn read(path: &std::path::Path) -> Result<proto::ModelProto> {
     let len = std::fs::metadata(path).map_err(|e| err(format!("{}: {e}", path.display())))?.len();
     if len > MAX_FILE_BYTES {
         return Err(err(format!("{}: {len} bytes is over ONNX's 2 GiB limit", path.display())));
     }
     let bytes = std::fs::read(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-    decode(&bytes).map_err(|e| e.context(path.display().to_string()))
+    let mut model = decode(&bytes).map_err(|e| e.context(path.display().to_string()))?;
+    external::load(&mut model, path.parent().unwrap_or(std::path::Path::new(""))).map_err(|e| e.context(path.display().to_string()))?;
+    Ok(model)
 }
 
 /// Only the `metadata_props` of a `ModelProto` (field 14): decoding it skips the graph's

@@ -46,12 +46,14 @@ fn numel(name: &str, dims: &[i64]) -> Result<(Vec<usize>, usize)> {
     Ok((shape, n))
 }
 
-/// Reads a float or int64 TensorProto; any other type, or data kept outside the file, is refused
+/// Reads a float or int64 TensorProto; any other type, or data still outside the file, is refused
 /// with the tensor's name. The element count must match the data present.
 pub(crate) fn read_const(t: &TensorProto) -> Result<Const> {
     let name = t.name.as_deref().unwrap_or("");
     if t.data_location == Some(1) {
-        return Err(err(format!("tensor '{name}' keeps its data in an external file; Stride reads models with the weights inside")));
+        return Err(err(format!(
+            "tensor '{name}' keeps its data in an external file: read the model from its path (stride_onnx::read), which loads the file beside it"
+        )));
     }
     let (shape, n) = numel(name, &t.dims)?;
     let dt = t.data_type.unwrap_or(0);
