@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Makes crates/onnx/tests/torchvision/: torchvision's resnet18, mobilenet_v2 and googlenet
-exported by PyTorch's own exporters (`torch.onnx.export`: the default torch.export-based one,
-opset 18, as `<name>.dynamo.onnx`, and the older TorchScript one, opset 17, as
-`<name>.torchscript.onnx`), for Stride's importer.
+"""Makes crates/onnx/tests/torchvision/: torchvision's classifiers (MODELS below) exported by
+PyTorch's own exporters (`torch.onnx.export`: the default torch.export-based one, opset 18, as
+`<name>.dynamo.onnx`, and the older TorchScript one, opset 17, as `<name>.torchscript.onnx`),
+for Stride's importer.
 
-To keep the repository small, every float initializer of the exported graph is set to a value
-from a formula (an integer hash of the initializer's position and the element's index, exact in
+To keep the repository small, every float initializer of more than one value (the weights; the
+new exporter's scalar constants stay as they are) is set to a value from a formula (an integer hash of the initializer's position and the element's index, exact in
 f64) and its data is then removed from the kept file; Stride's test recomputes the same values
 before importing. ONNX Runtime runs the filled-in graph on a seeded input; its output is kept as
 the expected one (ONNX Runtime and PyTorch agree on the unmodified graph within 1e-4; checked
 here too).
+
+Also `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
+before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
+dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
+new exporter writes the weights beside the model (`tiny_cnn.dynamo.onnx.data`), as both do by
+default.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py
@@ -27,6 +33,64 @@ import torchvision.models as M
 OUT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "crates", "onnx", "tests", "torchvision"))
 SIDE = 64
 
+# (name, exporters): ConvNeXt's new-exporter graph computes its last layer norm through
+# Range and Gather (an as_strided), which Stride does not import; its TorchScript one is kept.
+MODELS = [
+    ("resnet18", ("dynamo", "torchscript")),
+    ("mobilenet_v2", ("dynamo", "torchscript")),
+    ("googlenet", ("dynamo", "torchscript")),
+    ("mobilenet_v3_small", ("dynamo", "torchscript")),
+    ("shufflenet_v2_x0_5", ("dynamo", "torchscript")),
+    ("efficientnet_b0", ("dynamo", "torchscript")),
+    ("squeezenet1_1", ("dynamo", "torchscript")),
+    ("regnet_y_400mf", ("dynamo", "torchscript")),
+    ("densenet121", ("torchscript",)),
+    ("convnext_tiny", ("torchscript",)),
+]
+OPSETS = {"dynamo": 18, "torchscript": 17}
+
+
+class TinyCnn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 5)
+        self.fc = torch.nn.Linear(4 * 12 * 12, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+def export(net, x, path, exporter, external_data=False):
+    if exporter == "dynamo":
+        torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("N")}}, opset_version=OPSETS[exporter], dynamo=True,
+                          external_data=external_data)
+    else:
+        torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSETS[exporter], dynamo=False)
+
+
+def tiny_cnn():
+    torch.manual_seed(3)
+    net = TinyCnn().eval()
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with open(os.path.join(OUT, "tiny_cnn.input.pb"), "wb") as f:
+        f.write(nh.from_array(x.numpy(), "input").SerializeToString())
+    with torch.no_grad():
+        want = net(x).numpy()
+    for exporter in ("dynamo", "torchscript"):
+        path = os.path.join(OUT, f"tiny_cnn.{exporter}.onnx")
+        export(net, x, path, exporter, external_data=True)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        got = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), "tiny_cnn: ONNX Runtime and PyTorch differ"
+        with open(os.path.join(OUT, f"tiny_cnn.{exporter}.output.pb"), "wb") as f:
+            f.write(nh.from_array(got, "output").SerializeToString())
+    assert os.path.exists(os.path.join(OUT, "tiny_cnn.dynamo.onnx.data")), "the new exporter kept the weights inside"
+
 
 def uniform(t_index, n):
     """n values in [0, 1): the same hash as crates/train/tests/fixtures/make_torchvision_refs.py."""
@@ -38,13 +102,15 @@ def uniform(t_index, n):
 
 def formula(t_index, dims):
     """A weight (2 or more axes) is uniform in +-sqrt(3 / fan_in), so activations keep their
-    scale through the network; a vector (bias) is uniform in +-0.1."""
+    scale through the network; a vector (a bias, a batch norm's scale, shift, mean or variance)
+    is uniform in [0.5, 1.5): positive, so a variance is one, and near 1, so a batch norm keeps
+    the scale of its input."""
     n = int(np.prod(dims)) if len(dims) else 1
     u = uniform(t_index, n) * 2.0 - 1.0
     if len(dims) >= 2:
         fan_in = int(np.prod(dims[1:]))
         return (u * np.sqrt(3.0 / fan_in)).astype(np.float32).reshape(dims)
-    return (u * 0.1).astype(np.float32).reshape(dims)
+    return (1.0 + u * 0.5).astype(np.float32).reshape(dims)
 
 
 def ort_run(model, x):
@@ -60,40 +126,41 @@ def main():
     x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
-    for name, build in [("resnet18", M.resnet18), ("mobilenet_v2", M.mobilenet_v2), ("googlenet", M.googlenet)]:
+    for name, exporters in MODELS:
         kwargs = {"num_classes": 10}
         if name == "googlenet":
             kwargs.update(aux_logits=False, transform_input=False, init_weights=True)
-        net = build(**kwargs).eval()
+        net = getattr(M, name)(**kwargs).eval()
         with torch.no_grad():
             want = net(x).numpy()
-        for exporter, dynamo, opset in (("dynamo", True, 18), ("torchscript", False, 17)):
+        for exporter in exporters:
             path = os.path.join(OUT, f"{name}.{exporter}.onnx")
-            if dynamo:
-                torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
-                                  dynamic_shapes={"x": {0: torch.export.Dim("N")}}, opset_version=opset, dynamo=True,
-                                  external_data=False)
-            else:
-                torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
-                                  dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=opset, dynamo=False)
+            export(net, x, path, exporter)
             model = onnx.load(path)
             got = ort_run(model, x.numpy())
             assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), f"{name}: ONNX Runtime and PyTorch differ"
             # Formula weights in, then out of the kept file.
             k = 0
             for t in model.graph.initializer:
-                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 0:
+                if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1:
                     t.CopyFrom(nh.from_array(formula(k, list(t.dims)), t.name))
                     k += 1
             y = ort_run(model, x.numpy())
             for t in model.graph.initializer:
-                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 0:
+                if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1:
                     t.ClearField("raw_data")
                     t.ClearField("float_data")
+            # What does not change the computation goes too: the new exporter's per-node
+            # metadata (source lines, module paths) and its shape annotations.
+            for node in model.graph.node:
+                node.ClearField("metadata_props")
+                node.ClearField("doc_string")
+            model.graph.ClearField("value_info")
             onnx.save(model, path)
             with open(os.path.join(OUT, f"{name}.{exporter}.output.pb"), "wb") as f:
                 f.write(nh.from_array(y, "output").SerializeToString())
             print(f"{name} ({exporter}): {len(model.graph.node)} nodes, {k} formula initializers, output {y.shape}", file=sys.stderr)
+    tiny_cnn()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch {torch.__version__}\ntorchvision {__import__('torchvision').__version__}\nonnx {onnx.__version__}\nonnxruntime {ort.__version__}\n")
 

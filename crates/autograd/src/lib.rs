@@ -26,7 +26,7 @@ pub use ops::loss::{
     binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, gaussian_kl, l1_loss, log_softmax, mse_loss, nll_loss, softmax,
     weighted_cross_entropy, Reduction,
 };
-pub use ops::norm::{batch_norm, batch_norm_sync, dropout, dropout2d, BatchNormOptions, SyncStats};
+pub use ops::norm::{batch_norm, batch_norm_sync, dropout, dropout2d, layer_norm, BatchNormOptions, SyncStats};
 pub use ops::pool::{
     adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, channel_max_pool, global_avg_pool2d, global_max_pool2d, lp_pool2d, max_pool2d,
 };

@@ -96,13 +96,14 @@ fn activation_gradients() {
     let x = randn(&mut rng, &[3, 7]).map(|v| if v.abs() < 0.05 { v + 0.1 } else { v } * 4.0);
     let xs = [x.map(|v| if (v - 6.0).abs() < 0.05 || (v.abs() - 3.0).abs() < 0.05 { v + 0.2 } else { v })];
     type F = fn(&Var<f64>) -> Result<Var<f64>>;
-    let fns: [(&str, F); 16] = [
+    let fns: [(&str, F); 17] = [
         ("relu", |v| v.relu()),
         ("relu6", |v| v.relu6()),
         ("leaky_relu", |v| v.leaky_relu(0.1)),
         ("elu", |v| v.elu()),
         ("selu", |v| v.selu()),
         ("gelu", |v| v.gelu()),
+        ("erf", |v| v.erf()),
         ("silu", |v| v.silu()),
         ("hardswish", |v| v.hardswish()),
         ("tanh", |v| v.tanh()),
@@ -125,6 +126,15 @@ fn activation_gradients() {
             panic!("{name}: {e}");
         }
     }
+}
+
+#[test]
+fn layer_norm_gradients() {
+    let mut rng = Rng::seed(5);
+    let x = randn(&mut rng, &[2, 3, 4]);
+    let (g, b) = (randn(&mut rng, &[3, 4]), randn(&mut rng, &[3, 4]));
+    grad_check(&[x.clone(), g, b], |v| layer_norm(&v[0], &v[1], Some(&v[2]), 1e-5)).unwrap();
+    grad_check(&[x, randn(&mut rng, &[4])], |v| layer_norm(&v[0], &v[1], None, 1e-2)).unwrap();
 }
 
 #[test]

@@ -179,6 +179,29 @@ fn batch_norm_matches_definition() {
 }
 
 #[test]
+fn layer_norm_matches_definition() {
+    let mut rng = Rng::seed(4);
+    // [2, 3, 4, 5] normalised over its last two axes, and over its last one.
+    let x = randn(&mut rng, &[2, 3, 4, 5]).map(|v| 2.0 * v - 0.5);
+    for (tail, inner) in [(&[4usize, 5][..], 20usize), (&[5][..], 5)] {
+        let (g, b) = (randn(&mut rng, tail), randn(&mut rng, tail));
+        let y = layer_norm(&Var::constant(x.clone()), &Var::constant(g.clone()), Some(&Var::constant(b.clone())), 1e-3).unwrap().value();
+        for group in 0..x.numel() / inner {
+            let vals = &x.data()[group * inner..(group + 1) * inner];
+            let m = vals.iter().sum::<f64>() / inner as f64;
+            let var = vals.iter().map(|v| (v - m).powi(2)).sum::<f64>() / inner as f64;
+            for (i, v) in vals.iter().enumerate() {
+                let want = (v - m) / (var + 1e-3).sqrt() * g.data()[i] + b.data()[i];
+                assert!((y.data()[group * inner + i] - want).abs() < 1e-10, "{tail:?} group {group} element {i}");
+            }
+        }
+    }
+    // A weight that is not the input's tail is refused with both shapes.
+    let e = layer_norm(&Var::constant(x), &Var::constant(Tensor::ones(&[4]).unwrap()), None, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("[4]") && e.contains("[2, 3, 4, 5]"), "{e}");
+}
+
+#[test]
 // Indices are spelled out as ((n * C + c) * H + h) * W + w, with n = 1 written too.
 #[allow(clippy::identity_op)]
 fn small_ops_match_definitions() {

@@ -119,6 +119,7 @@ __device__ float un(int code, float p0, float p1, float x) {
     case 17: return powf(x, p0);
     case 18: return x + p0;
     case 19: return x * p0;
+    case 21: return (float)erf((double)x);
     default: return fminf(fmaxf(x, p0), p1);
     }
 }
@@ -151,6 +152,7 @@ __device__ float un_grad(int code, float p0, float p1, float x, float y) {
     case 17: return p0 * powf(x, p0 - 1.0f);
     case 18: return 1.0f;
     case 19: return p0;
+    case 21: { double xd = (double)x; return (float)(1.1283791670955126 * exp(-xd * xd)); }
     default: return (x >= p0 && x <= p1) ? 1.0f : 0.0f;
     }
 }

@@ -46,6 +46,8 @@ pub enum Unary {
     MulScalar(f64),
     /// min(max(x, lo), hi); the gradient is 1 inside [lo, hi] and 0 outside.
     Clamp(f64, f64),
+    /// The error function (ONNX's Erf; GELU's graphs as PyTorch exports them).
+    Erf,
 }
 
 const SELU_ALPHA: f64 = 1.673_263_242_354_377_3;
@@ -122,6 +124,7 @@ impl Unary {
             Unary::AddScalar(c) => x + T::c(c),
             Unary::MulScalar(c) => x * T::c(c),
             Unary::Clamp(lo, hi) => x.max(T::c(lo)).min(T::c(hi)),
+            Unary::Erf => T::c(libm::erf(x.as_f64())),
         }
     }
 
@@ -187,6 +190,10 @@ impl Unary {
             Unary::AddScalar(_) => one,
             Unary::MulScalar(c) => T::c(c),
             Unary::Clamp(lo, hi) => step(x >= T::c(lo) && x <= T::c(hi)),
+            Unary::Erf => {
+                let xf = x.as_f64();
+                T::c(std::f64::consts::FRAC_2_SQRT_PI * (-xf * xf).exp())
+            }
         }
     }
 
@@ -214,6 +221,7 @@ impl Unary {
             Unary::AddScalar(_) => "add_scalar",
             Unary::MulScalar(_) => "mul_scalar",
             Unary::Clamp(..) => "clamp",
+            Unary::Erf => "erf",
         }
     }
 }

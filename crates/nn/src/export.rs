@@ -153,7 +153,25 @@ impl Graph {
             Unary::Neg => self.op("Neg", &name, xi, vec![], y),
             Unary::Abs => self.op("Abs", &name, xi, vec![], y),
             Unary::Selu => self.op("Selu", &name, xi, vec![], y),
-            Unary::HardSwish if self.opset >= 14 => self.op("HardSwish", &name, xi, vec![], y),
+            Unary::Erf => self.op("Erf", &name, xi, vec![], y),
+            Unary::Gelu if self.opset >= 20 => self.op("Gelu", &name, xi, vec![], y),
+            Unary::Gelu => {
+                // x * (erf(x / sqrt 2) + 1) / 2, as PyTorch writes GELU before opset 20.
+                let scaled = self.unary(Unary::MulScalar(std::f64::consts::FRAC_1_SQRT_2), &format!("{name}.scaled"), x)?;
+                let erf = self.unary(Unary::Erf, &format!("{name}.erf"), &scaled)?;
+                let shifted = self.unary(Unary::AddScalar(1.0), &format!("{name}.shifted"), &erf)?;
+                let half = self.unary(Unary::MulScalar(0.5), &format!("{name}.half"), &shifted)?;
+                self.op("Mul", &name, vec![x.name.clone(), half.name], vec![], y)
+            }
+            Unary::HardSwish if self.opset < 14 => {
+                // x * max(0, min(1, x / 6 + 1 / 2)): HardSigmoid is in every opset Stride writes.
+                let alpha = Attr::Float(1.0 / 6.0);
+                let g = ag::ops::arith::unary(&ag::ops::arith::unary(&x.var, Unary::MulScalar(1.0 / 6.0))?, Unary::AddScalar(0.5))?;
+                let g = ag::ops::arith::unary(&g, Unary::Clamp(0.0, 1.0))?;
+                let gate = self.op("HardSigmoid", &format!("{name}.gate"), xi, vec![("alpha", alpha), ("beta", Attr::Float(0.5))], g);
+                self.op("Mul", &name, vec![x.name.clone(), gate.name], vec![], y)
+            }
+            Unary::HardSwish => self.op("HardSwish", &name, xi, vec![], y),
             Unary::LeakyRelu(a) => self.op("LeakyRelu", &name, xi, vec![("alpha", Attr::Float(a as f32))], y),
             Unary::Elu(a) => self.op("Elu", &name, xi, vec![("alpha", Attr::Float(a as f32))], y),
             // ONNX's Softplus is log(1 + exp(x)); PyTorch's threshold only changes results by
@@ -179,7 +197,7 @@ impl Graph {
                 let s = self.unary(Unary::Sigmoid, &format!("{name}.sigmoid"), x)?;
                 self.op("Mul", &name, vec![x.name.clone(), s.name], vec![], y)
             }
-            Unary::Gelu | Unary::HardSwish | Unary::Softplus { .. } => {
+            Unary::Softplus { .. } => {
                 return Err(ag::Error::arg("export", format!("{} has no ONNX operator in opset {} that Stride writes", f.name(), self.opset)).into())
             }
         })

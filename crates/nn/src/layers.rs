@@ -117,7 +117,13 @@ impl Module for Linear {
     fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
         let y = self.forward(&x.var, g.ctx())?;
         if x.shape().len() != 2 {
-            return Err(crate::export::unsupported(&format!("Linear on a {}-d input", x.shape().len())));
+            // Rows of the last axis: MatMul by the weight transposed, then the bias.
+            let wt = g.param(&join(name, "weight_t"), self.weight.value().permute(&[1, 0])?);
+            let Some(b) = &self.bias else { return Ok(g.op("MatMul", name, vec![x.name.clone(), wt], vec![], y)) };
+            let product = ag::linear(&x.var, &self.weight, None)?;
+            let p = g.op("MatMul", &format!("{name}.matmul"), vec![x.name.clone(), wt], vec![], product);
+            let bias = g.param(&join(name, "bias"), b.value());
+            return Ok(g.op("Add", name, vec![p.name, bias], vec![], y));
         }
         let inputs = weight_bias(g, name, x, &self.weight, self.bias.as_ref());
         Ok(g.op("Gemm", name, inputs, vec![("transB", Attr::Int(1))], y))
@@ -214,6 +220,64 @@ impl Module for BatchNorm {
         // ONNX's momentum weighs the running value, PyTorch's the new one.
         let attrs = vec![("epsilon", Attr::Float(self.opts.eps as f32)), ("momentum", Attr::Float(1.0 - self.opts.momentum as f32))];
         Ok(g.op("BatchNormalization", name, inputs, attrs, y))
+    }
+}
+
+/// Layer normalisation (Ba, Kiros and Hinton; PyTorch's `nn.LayerNorm`, ONNX's
+/// LayerNormalization): each sample normalised over its last axes, those the weight's shape
+/// covers (its `normalized_shape`), to mean 0 and variance 1 (biased, plus `eps`), then scaled
+/// by the weight and shifted by the bias. No running statistics: training and inference agree.
+pub struct LayerNorm {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub eps: f64,
+    /// ONNX's `axis`, where the normalised axes begin (negative: from the end). When set, an
+    /// input whose rank puts it elsewhere than the weight's shape says is refused.
+    pub begin_axis: Option<i64>,
+}
+
+impl LayerNorm {
+    /// Normalises over trailing axes of `shape`: weight ones, bias zeros.
+    pub fn new(shape: &[usize], eps: f64) -> Result<Self> {
+        if shape.is_empty() || !(eps.is_finite() && eps >= 0.0) {
+            return Err(
+                ag::Error::arg("layer_norm", format!("normalises over at least one axis with eps >= 0; got shape {shape:?}, eps {eps}")).into()
+            );
+        }
+        Ok(LayerNorm { weight: Var::parameter(Tensor::ones(shape)?), bias: Some(Var::parameter(Tensor::zeros(shape)?)), eps, begin_axis: None })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&mut self, x: &Var, _: &mut Ctx) -> Result<Var> {
+        let (s, w) = (x.shape(), self.weight.shape());
+        let rank = s.len();
+        if let Some(a) = self.begin_axis.filter(|_| rank >= w.len()) {
+            let begin = if a < 0 { a + rank as i64 } else { a };
+            if begin != (rank - w.len()) as i64 {
+                return Err(ag::Error::shape(
+                    "layer_norm",
+                    format!("axis {a} of a {rank}-d input {s:?} starts elsewhere than the scale's shape {w:?} says"),
+                )
+                .into());
+            }
+        }
+        Ok(ag::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(String, Slot<'_>)) {
+        visit_weight_bias(prefix, &self.weight, self.bias.as_ref(), f);
+    }
+    fn describe(&self) -> String {
+        format!("LayerNorm({:?})", self.weight.shape())
+    }
+    fn export(&mut self, g: &mut Graph, name: &str, x: &Value) -> Result<Value> {
+        if g.opset < 17 {
+            return Err(crate::export::unsupported(&format!("LayerNorm before opset 17 (asked for {})", g.opset)));
+        }
+        let y = self.forward(&x.var, g.ctx())?;
+        let inputs = weight_bias(g, name, x, &self.weight, self.bias.as_ref());
+        let axis = -(self.weight.shape().len() as i64);
+        Ok(g.op("LayerNormalization", name, inputs, vec![("axis", Attr::Int(axis)), ("epsilon", Attr::Float(self.eps as f32))], y))
     }
 }
 

@@ -11,10 +11,10 @@ use std::collections::{HashMap, HashSet};
 
 use stride_autograd::{BatchNormOptions, Conv2dOptions, Padding, Pool2dOptions, Tensor, Unary, Var};
 use stride_nn::blocks::{ConvTranspose2d, OtherPool};
-use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, Linear, Pool};
+use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool};
 use stride_nn::Module;
 
-use crate::network::{BinOp, Network, Step, ValueId};
+use crate::network::{BinOp, Dim, IntOp, Network, Piece, Step, ValueId};
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
@@ -50,7 +50,12 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     if opset < 7 {
         return Err(err(format!("opset {opset} is older than Stride reads (7 and later)")));
     }
-    let mut b = Builder { opset, vals: HashMap::new(), steps: Vec::new(), names: HashSet::new(), domains: HashMap::new() };
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for name in graph.node.iter().flat_map(|n| n.input.iter()).chain(graph.output.iter().filter_map(|o| o.name.as_ref())) {
+        *uses.entry(name.clone()).or_default() += 1;
+    }
+    let mut b =
+        Builder { opset, vals: HashMap::new(), steps: Vec::new(), names: HashSet::new(), domains: HashMap::new(), uses, bare_linear: HashMap::new() };
     for o in &model.opset_import {
         if let Some(d) = o.domain.as_deref().filter(|d| !d.is_empty() && *d != "ai.onnx") {
             b.domains.insert(d.to_string(), o.version.unwrap_or(0));
@@ -88,7 +93,7 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     let output_shape = tensor_shape(output).unwrap_or_default();
     let out = match b.vals.get(out_name) {
         Some(Val::Runtime(id)) => *id,
-        Some(Val::Const(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant"))),
+        Some(Val::Const(_) | Val::Ints(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant or a shape"))),
         None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
     };
     Ok(Imported {
@@ -117,10 +122,17 @@ fn tensor_shape(v: &ValueInfoProto) -> Result<Vec<Option<usize>>> {
         .collect())
 }
 
+#[derive(Clone)]
 enum Val {
     Runtime(ValueId),
     Const(Const),
+    /// Integers computed from the shapes of runtime values (a shape subgraph's values).
+    Ints(Vec<Piece>),
 }
+
+/// What an error says of a value computed from shapes used where data is expected.
+const SHAPE_AS_DATA: &str =
+    "is computed from the shapes of the values flowing through; Stride uses such integers only as shapes (Reshape) and bounds (Slice)";
 
 struct Builder {
     opset: i64,
@@ -128,6 +140,11 @@ struct Builder {
     steps: Vec<Step>,
     names: HashSet<String>,
     domains: HashMap<String, i64>,
+    /// How many nodes (and graph outputs) read each value.
+    uses: HashMap<String, usize>,
+    /// Dense layers made without a bias (MatMul), by output: an Add of a bias vector that
+    /// alone reads one becomes its bias, as PyTorch's Linear on more than two axes exports.
+    bare_linear: HashMap<ValueId, Var>,
 }
 
 /// A node's attributes, each read at most once; whatever is left unread is refused.
@@ -217,6 +234,7 @@ fn unary_op(op: &str) -> Option<Unary> {
         "Neg" => Unary::Neg,
         "Abs" => Unary::Abs,
         "HardSwish" => Unary::HardSwish,
+        "Erf" => Unary::Erf,
         // ONNX's softplus is log(1 + exp(x)); PyTorch's threshold changes nothing in f32.
         "Softplus" => Unary::Softplus { beta: 1.0, threshold: 20.0 },
         _ => return None,
@@ -228,6 +246,7 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Runtime(id)) => Ok(*id),
             Some(Val::Const(_)) => Err(err(format!("input '{name}' is a constant where Stride expects the data flowing through"))),
+            Some(Val::Ints(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -240,6 +259,7 @@ impl Builder {
                 Ok(self.push(Step::Const(v)))
             }
             Some(Val::Const(Const::I64(..))) => Err(err(format!("input '{name}' holds integers; Stride computes in float32"))),
+            Some(Val::Ints(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -248,6 +268,7 @@ impl Builder {
             Some(Val::Const(Const::F32(t))) => Ok(t.clone()),
             Some(Val::Const(Const::I64(..))) => Err(err(format!("{what} '{name}' holds integers, not float32"))),
             Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant (an initializer)"))),
+            Some(Val::Ints(_)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
@@ -255,10 +276,167 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Const(Const::I64(d))) => Ok(d.clone()),
             Some(Val::Const(Const::F32(_))) => Err(err(format!("{what} '{name}' holds floats, not integers"))),
-            Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant"))),
+            Some(Val::Runtime(_) | Val::Ints(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant"))),
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
+    /// An integer list: a constant, or integers computed from shapes. None for anything else.
+    fn int_pieces(&self, name: &str) -> Option<Vec<Piece>> {
+        match self.vals.get(name)? {
+            Val::Const(Const::I64(d)) => Some(d.iter().map(|&i| Piece::One(Dim::Const(i))).collect()),
+            Val::Ints(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+    /// Whether `name` is integers computed from shapes.
+    fn is_ints(&self, name: &str) -> bool {
+        matches!(self.vals.get(name), Some(Val::Ints(_)))
+    }
+    /// An integer list of known length, each entry a constant or computed from shapes.
+    fn int_list(&self, name: &str, what: &str) -> Result<Vec<Dim>> {
+        let pieces = self.int_pieces(name).ok_or_else(|| err(format!("{what} '{name}' is not a list of integers")))?;
+        pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::One(d) => Ok(d),
+                Piece::Run { .. } => {
+                    Err(err(format!("{what} '{name}' holds a whole shape, whose length Stride does not know before the network runs")))
+                }
+            })
+            .collect()
+    }
+    /// Stores integers: folded to a constant when none depends on a shape.
+    fn set_ints(&mut self, node: &NodeProto, pieces: Vec<Piece>) -> Result<()> {
+        let consts: Option<Vec<i64>> = pieces.iter().map(|p| if let Piece::One(Dim::Const(c)) = p { Some(*c) } else { None }).collect();
+        let v = match consts {
+            Some(c) => Val::Const(Const::I64(c)),
+            None => Val::Ints(pieces),
+        };
+        let out = node.output.first().ok_or_else(|| err("the node has no output"))?;
+        self.vals.insert(out.clone(), v);
+        Ok(())
+    }
+
+    /// Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice and integer arithmetic on a
+    /// graph's shapes. Returns false when `node` is not such an operation.
+    fn shape_node(&mut self, node: &NodeProto, ins: &[&str], a: &mut Attrs) -> Result<bool> {
+        let op = node.op_type.as_deref().unwrap_or("");
+        let first = ins.first().copied().unwrap_or("");
+        let pieces: Vec<Piece> = match op {
+            "Shape" => {
+                let (start, end) = (a.int("start", 0)?, a.take("end").map(|e| e.i.unwrap_or(0)));
+                match self.vals.get(first) {
+                    Some(Val::Runtime(id)) => vec![Piece::Run { of: *id, start, end }],
+                    Some(Val::Const(Const::F32(t))) => {
+                        let dims = t.shape();
+                        dims[crate::network::dims_range(dims.len(), start, end)].iter().map(|&d| Piece::One(Dim::Const(d as i64))).collect()
+                    }
+                    _ => return Err(err(format!("Shape of '{first}': Stride takes the shape of float values"))),
+                }
+            }
+            "Gather" if self.int_pieces(first).is_some() => {
+                if a.int("axis", 0)? != 0 {
+                    return Err(err("Gather from a shape along an axis other than 0"));
+                }
+                let idx = self.const_ints(ins.get(1).copied().unwrap_or(""), "indices")?;
+                let from = self.int_pieces(first).unwrap_or_default();
+                let known: Option<Vec<Dim>> = from.iter().map(|p| if let Piece::One(d) = p { Some(d.clone()) } else { None }).collect();
+                idx.iter()
+                    .map(|&i| {
+                        let d = match (&known, &from[..]) {
+                            (Some(k), _) => {
+                                let n = k.len() as i64;
+                                let j = if i < 0 { i + n } else { i };
+                                k.get(usize::try_from(j).unwrap_or(usize::MAX)).cloned()
+                            }
+                            (None, [Piece::Run { of, start, end: None }]) if *start >= 0 && i >= 0 => Some(Dim::Of(*of, start + i)),
+                            (None, [Piece::Run { of, start: 0, end: None }]) => Some(Dim::Of(*of, i)),
+                            _ => None,
+                        };
+                        d.map(Piece::One)
+                            .ok_or_else(|| err(format!("index {i} of '{first}' is out of its range or not known before the network runs")))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "Unsqueeze" | "Squeeze" if self.int_pieces(first).is_some() => {
+                // A scalar made a 1-element list and back: the integers stay as they are.
+                a.take("axes");
+                self.int_pieces(first).unwrap_or_default()
+            }
+            "Concat" if ins.iter().any(|n| self.is_ints(n)) => {
+                let ax = a.int("axis", 0)?;
+                if ax != 0 && ax != -1 {
+                    return Err(err(format!("Concat of shapes along axis {ax}")));
+                }
+                let mut all = Vec::new();
+                for n in ins.iter().filter(|n| !n.is_empty()) {
+                    all.extend(self.int_pieces(n).ok_or_else(|| err(format!("Concat of shape '{first}' with '{n}', which is not integers")))?);
+                }
+                all
+            }
+            "Cast" if self.int_pieces(first).is_some() => {
+                let to = a.int("to", 0)?;
+                a.take("saturate");
+                if to != 6 && to != 7 {
+                    return Err(err(format!("Cast of integers to {}: Stride keeps shapes as integers", crate::tensor::type_name(to as i32))));
+                }
+                self.int_pieces(first).unwrap_or_default()
+            }
+            "Add" | "Sub" | "Mul" | "Div" if ins.len() == 2 && self.int_pieces(ins[0]).is_some() && self.int_pieces(ins[1]).is_some() => {
+                let (x, y) = (self.int_list(ins[0], "operand")?, self.int_list(ins[1], "operand")?);
+                let n = x.len().max(y.len());
+                if !(x.len() == n || x.len() == 1) || !(y.len() == n || y.len() == 1) {
+                    return Err(err(format!("{op} of {} and {} integers", x.len(), y.len())));
+                }
+                let iop = match op {
+                    "Add" => IntOp::Add,
+                    "Sub" => IntOp::Sub,
+                    "Mul" => IntOp::Mul,
+                    _ => IntOp::Div,
+                };
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    let (p, q) = (x[if x.len() == 1 { 0 } else { i }].clone(), y[if y.len() == 1 { 0 } else { i }].clone());
+                    out.push(Piece::One(match (&p, &q) {
+                        (Dim::Const(u), Dim::Const(v)) => Dim::Const(
+                            match iop {
+                                IntOp::Add => u.checked_add(*v),
+                                IntOp::Sub => u.checked_sub(*v),
+                                IntOp::Mul => u.checked_mul(*v),
+                                IntOp::Div => u.checked_div(*v),
+                            }
+                            .ok_or_else(|| err(format!("{op} of {u} and {v} has no int64 result")))?,
+                        ),
+                        _ => Dim::Bin(iop, Box::new(p), Box::new(q)),
+                    }));
+                }
+                out
+            }
+            "Slice" if self.int_pieces(first).is_some() => {
+                let (starts, ends) =
+                    (self.const_ints(ins.get(1).copied().unwrap_or(""), "starts")?, self.const_ints(ins.get(2).copied().unwrap_or(""), "ends")?);
+                let from = self.int_pieces(first).unwrap_or_default();
+                if starts.len() != 1
+                    || ends.len() != 1
+                    || ins.get(4).is_some_and(|n| !n.is_empty() && self.const_ints(n, "steps").ok() != Some(vec![1]))
+                {
+                    return Err(err("Slice of a shape: one start and end, step 1"));
+                }
+                let (s, e) = (starts[0], ends[0]);
+                match &from[..] {
+                    [Piece::Run { of, start: 0, end: None }] => vec![Piece::Run { of: *of, start: s, end: (e < i64::MAX / 2).then_some(e) }],
+                    _ => {
+                        let known = self.int_list(first, "data")?;
+                        known[crate::network::dims_range(known.len(), s, Some(e))].iter().cloned().map(Piece::One).collect()
+                    }
+                }
+            }
+            _ => return Ok(false),
+        };
+        self.set_ints(node, pieces)?;
+        Ok(true)
+    }
+
     fn push(&mut self, s: Step) -> ValueId {
         self.steps.push(s);
         self.steps.len()
@@ -303,6 +481,9 @@ impl Builder {
         let multi = op == "Split";
         if extra_outputs > 0 && !multi {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only", node.output.len())));
+        }
+        if self.shape_node(node, &ins, &mut a)? {
+            return a.done();
         }
         let id: ValueId = match op {
             "Conv" | "ConvTranspose" => {
@@ -480,16 +661,13 @@ impl Builder {
             "Identity" => {
                 a.done()?;
                 let src = need(0)?;
-                let v = match self.vals.get(src) {
-                    Some(Val::Runtime(id)) => Val::Runtime(*id),
-                    Some(Val::Const(c)) => Val::Const(c.clone()),
-                    None => return Err(err(format!("input '{src}' is made by no earlier node"))),
-                };
+                let v = self.vals.get(src).cloned().ok_or_else(|| err(format!("input '{src}' is made by no earlier node")))?;
                 let out = node.output.first().ok_or_else(|| err("Identity has no output"))?;
                 self.vals.insert(out.clone(), v);
                 return Ok(());
             }
             "Gemm" | "MatMul" => return self.product(node, &ins, a),
+            "Add" if self.fuse_bias(node, &ins)? => return a.done(),
             "Add" | "Sub" | "Mul" | "Div" => {
                 a.done()?;
                 let (x, y) = (self.value(need(0)?)?, self.value(need(1)?)?);
@@ -523,27 +701,96 @@ impl Builder {
             "Reshape" => {
                 let x = self.runtime(need(0)?)?;
                 let shape = match opt(1) {
-                    Some(n) => self.const_ints(n, "shape")?,
-                    None => a.ints("shape").ok_or_else(|| err("the shape is missing"))?,
+                    Some(n) => self.int_pieces(n).ok_or_else(|| err(format!("shape '{n}' is not a list of integers")))?,
+                    None => a.ints("shape").ok_or_else(|| err("the shape is missing"))?.into_iter().map(|i| Piece::One(Dim::Const(i))).collect(),
                 };
-                if a.int("allowzero", 0)? != 0 && shape.contains(&0) {
+                let allowzero = a.int("allowzero", 0)? != 0;
+                if allowzero && shape.iter().any(|p| matches!(p, Piece::One(Dim::Const(0)))) {
                     return Err(err("allowzero 1 with a 0 in the shape (an empty tensor) is not supported"));
                 }
                 a.done()?;
-                self.push(Step::Reshape(x, shape))
+                self.push(Step::Reshape(x, shape, allowzero))
             }
             "Transpose" => {
                 let x = self.runtime(need(0)?)?;
-                let perm =
-                    a.ints("perm").ok_or_else(|| err("Transpose without perm (reverse all axes) is not supported: the rank is not known here"))?;
+                let perm = a.ints("perm");
                 a.done()?;
                 let perm = perm
-                    .iter()
-                    .map(|&p| usize::try_from(p).map_err(|_| err(format!("perm {perm:?} has a negative entry"))))
-                    .collect::<Result<Vec<_>>>()?;
+                    .map(|perm| {
+                        perm.iter()
+                            .map(|&p| usize::try_from(p).map_err(|_| err(format!("perm {perm:?} has a negative entry"))))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .transpose()?;
                 self.push(Step::Transpose(x, perm))
             }
             "Split" => return self.split(node, &ins, a),
+            "Slice" => {
+                let x = self.runtime(need(0)?)?;
+                let (starts, ends, axes, steps) = if self.opset < 10 {
+                    let list = |v: Option<Vec<i64>>| v.map(|v| v.into_iter().map(Dim::Const).collect::<Vec<_>>());
+                    (list(a.ints("starts")), list(a.ints("ends")), a.ints("axes"), None)
+                } else {
+                    let axes = opt(3).map(|n| self.const_ints(n, "axes")).transpose()?;
+                    let steps = opt(4).map(|n| self.const_ints(n, "steps")).transpose()?;
+                    (Some(self.int_list(need(1)?, "starts")?), Some(self.int_list(need(2)?, "ends")?), axes, steps)
+                };
+                a.done()?;
+                let (starts, ends) = (starts.ok_or_else(|| err("starts are missing"))?, ends.ok_or_else(|| err("ends are missing"))?);
+                let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+                if starts.len() != ends.len() || axes.len() != starts.len() {
+                    return Err(err(format!("{} starts, {} ends and {} axes", starts.len(), ends.len(), axes.len())));
+                }
+                if let Some(st) = steps.filter(|st| st.iter().any(|&v| v != 1)) {
+                    return Err(err(format!("steps {st:?}: Stride slices with step 1")));
+                }
+                self.push(Step::Slice { input: x, axes, starts, ends })
+            }
+            "Unsqueeze" | "Squeeze" => {
+                let x = self.runtime(need(0)?)?;
+                let axes = match opt(1) {
+                    Some(n) => Some(self.const_ints(n, "axes")?),
+                    None => a.ints("axes"),
+                };
+                a.done()?;
+                if op == "Unsqueeze" {
+                    let axes = axes.ok_or_else(|| err("Unsqueeze needs axes"))?;
+                    self.push(Step::Unsqueeze(x, axes))
+                } else {
+                    self.push(Step::Squeeze(x, axes))
+                }
+            }
+            "HardSigmoid" => {
+                // max(0, min(1, alpha x + beta)), as three of Stride's element-wise functions.
+                let x = self.runtime(need(0)?)?;
+                let (alpha, beta) = (a.float("alpha", 0.2)? as f64, a.float("beta", 0.5)? as f64);
+                a.done()?;
+                let scaled = self.layer(node, None, Activation(Unary::MulScalar(alpha)), x);
+                let shifted = self.layer(node, None, Activation(Unary::AddScalar(beta)), scaled);
+                self.layer(node, None, Activation(Unary::Clamp(0.0, 1.0)), shifted)
+            }
+            "LayerNormalization" => {
+                let x = self.runtime(need(0)?)?;
+                let sname = need(1)?;
+                let scale = self.const_f32(sname, "scale")?;
+                let bias = opt(2).map(|n| self.const_f32(n, "bias")).transpose()?;
+                let axis = a.int("axis", -1)?;
+                let eps = a.float("epsilon", 1e-5)? as f64;
+                a.take("stash_type"); // Stride computes the statistics in f32 either way
+                a.done()?;
+                if bias.as_ref().is_some_and(|b| b.shape() != scale.shape()) {
+                    return Err(err(format!(
+                        "bias of shape {:?} for a scale of shape {:?}",
+                        bias.as_ref().map(|b| b.shape().to_vec()),
+                        scale.shape()
+                    )));
+                }
+                let mut ln = LayerNorm::new(scale.shape(), eps)?;
+                ln.weight = Var::parameter(scale);
+                ln.bias = bias.map(Var::parameter);
+                ln.begin_axis = Some(axis);
+                self.layer(node, Some(sname), ln, x)
+            }
             "Softmax" | "LogSoftmax" => {
                 let x = self.runtime(need(0)?)?;
                 let coerce = self.opset < 13;
@@ -672,9 +919,48 @@ impl Builder {
             }
         };
         let wname = bname.to_string();
-        let id = self.layer(node, Some(&wname), Linear { weight: Var::parameter(w), bias: bias.map(Var::parameter) }, x);
+        let weight = Var::parameter(w);
+        let bare = bias.is_none();
+        let id = self.layer(node, Some(&wname), Linear { weight: weight.clone(), bias: bias.map(Var::parameter) }, x);
+        if bare {
+            self.bare_linear.insert(id, weight);
+        }
         self.vals.insert(out, Val::Runtime(id));
         Ok(())
+    }
+
+    /// Add(product, bias) or Add(bias, product) where `product` is a dense layer without a
+    /// bias that nothing else reads, and the bias a constant vector of its outputs: the layer
+    /// takes the bias (so fine-tuning trains it) and its name (`fc.bias` names layer `fc`).
+    fn fuse_bias(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
+        let [p, q] = ins else { return Ok(false) };
+        for (prod, bias) in [(p, q), (q, p)] {
+            let Some(Val::Runtime(id)) = self.vals.get(*prod) else { continue };
+            let (id, single) = (*id, self.uses.get(*prod) == Some(&1));
+            let Some(weight) = self.bare_linear.get(&id).filter(|_| single).cloned() else { continue };
+            let fout = weight.shape()[0];
+            let Some(Val::Const(Const::F32(b))) = self.vals.get(*bias) else { continue };
+            if b.shape() != [fout] {
+                continue;
+            }
+            let b = Var::parameter(b.clone());
+            let Some(Step::Layer { name, input, .. }) = self.steps.get(id - 1) else { continue };
+            let (old, input) = (name.clone(), *input);
+            let name = match bias.strip_suffix(".bias").filter(|p| !p.is_empty()) {
+                Some(prefix) if !self.names.contains(prefix) => {
+                    self.names.remove(&old);
+                    self.names.insert(prefix.to_string());
+                    prefix.to_string()
+                }
+                _ => old,
+            };
+            self.steps[id - 1] = Step::Layer { name, module: Box::new(Linear { weight, bias: Some(b) }), input };
+            self.bare_linear.remove(&id);
+            let out = node.output.first().ok_or_else(|| err("Add has no output"))?;
+            self.vals.insert(out.clone(), Val::Runtime(id));
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn split(&mut self, node: &NodeProto, ins: &[&str], mut a: Attrs) -> Result<()> {
@@ -684,9 +970,21 @@ impl Builder {
             Some(n) => Some(self.const_ints(n, "split")?),
             None => a.ints("split"),
         };
-        a.take("num_outputs");
+        let parts = a.int("num_outputs", node.output.len() as i64)?;
         a.done()?;
-        let sizes = sizes.ok_or_else(|| err("Split without sizes (equal parts) is not supported: give the split sizes"))?;
+        let Some(sizes) = sizes else {
+            // Equal parts, the last one shorter when they do not come out even.
+            if parts != node.output.len() as i64 || parts < 1 {
+                return Err(err(format!("num_outputs {parts} for {} outputs", node.output.len())));
+            }
+            for (index, out) in node.output.iter().enumerate() {
+                let id = self.push(Step::Chunk { input: x, axis, index, parts: parts as usize });
+                if !out.is_empty() {
+                    self.vals.insert(out.clone(), Val::Runtime(id));
+                }
+            }
+            return Ok(());
+        };
         if sizes.len() != node.output.len() || sizes.iter().any(|&s| s < 0) {
             return Err(err(format!("split sizes {sizes:?} for {} outputs", node.output.len())));
         }

@@ -1,6 +1,10 @@
 //! An imported graph as a Stride module: existing layers wired by value, plus the few steps
 //! between layers that ONNX graphs have (add, multiply, concat, reshape, transpose, split,
-//! softmax, a product of two values).
+//! slice, softmax, a product of two values).
+//!
+//! Shapes a graph computes from its values (PyTorch's `x.view(x.size(0), -1)`: Shape, Gather,
+//! Unsqueeze, Concat, then Reshape) are kept as expressions over the values' dimensions
+//! ([`Piece`], [`Dim`]) and worked out when the network runs, so the batch stays free.
 
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
@@ -16,6 +20,83 @@ pub(crate) enum BinOp {
     Div,
 }
 
+/// Integer arithmetic on dimensions (ONNX's Add, Sub, Mul and Div of int64 values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IntOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// One integer of a shape computed in the graph.
+#[derive(Clone, Debug)]
+pub(crate) enum Dim {
+    Const(i64),
+    /// Dimension `axis` of a value (negative: from the end).
+    Of(ValueId, i64),
+    Bin(IntOp, Box<Dim>, Box<Dim>),
+}
+
+/// Part of an integer list computed in the graph.
+#[derive(Clone, Debug)]
+pub(crate) enum Piece {
+    One(Dim),
+    /// Dimensions `start..end` of a value (ONNX's Shape; negative from the end, None to the end).
+    Run {
+        of: ValueId,
+        start: i64,
+        end: Option<i64>,
+    },
+}
+
+/// The dimensions `start..end` of `shape` with ONNX's Shape rule (negative counts from the end,
+/// both clamped to the rank).
+pub(crate) fn dims_range(rank: usize, start: i64, end: Option<i64>) -> std::ops::Range<usize> {
+    let r = rank as i64;
+    let clamp = |i: i64| (if i < 0 { i + r } else { i }).clamp(0, r) as usize;
+    let (s, e) = (clamp(start), clamp(end.unwrap_or(r)));
+    s..e.max(s)
+}
+
+impl Dim {
+    fn eval(&self, shapes: &[Vec<usize>]) -> ag::Result<i64> {
+        Ok(match self {
+            Dim::Const(c) => *c,
+            Dim::Of(v, a) => {
+                let s = &shapes[*v];
+                let i = axis("Shape", *a, s.len())?;
+                s[i] as i64
+            }
+            Dim::Bin(op, a, b) => {
+                let (a, b) = (a.eval(shapes)?, b.eval(shapes)?);
+                let r = match op {
+                    IntOp::Add => a.checked_add(b),
+                    IntOp::Sub => a.checked_sub(b),
+                    IntOp::Mul => a.checked_mul(b),
+                    IntOp::Div => a.checked_div(b),
+                };
+                r.ok_or_else(|| ag::Error::arg("shape", format!("{a} {op:?} {b} has no int64 result")))?
+            }
+        })
+    }
+}
+
+/// The integers `pieces` stand for, given every value's shape so far.
+pub(crate) fn eval_ints(pieces: &[Piece], shapes: &[Vec<usize>]) -> ag::Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        match p {
+            Piece::One(d) => out.push(d.eval(shapes)?),
+            Piece::Run { of, start, end } => {
+                let s = &shapes[*of];
+                out.extend(s[dims_range(s.len(), *start, *end)].iter().map(|&d| d as i64));
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) enum Step {
     /// A Stride layer, its parameters under `name`.
     Layer {
@@ -27,11 +108,13 @@ pub(crate) enum Step {
     Const(Var),
     Binary(BinOp, ValueId, ValueId),
     Concat(Vec<ValueId>, i64),
-    /// ONNX's Reshape: 0 copies the input's dimension, -1 takes what is left.
-    Reshape(ValueId, Vec<i64>),
+    /// ONNX's Reshape: 0 copies the input's dimension, -1 takes what is left. With allowzero (the
+    /// bool) a 0 would mean an empty tensor, which Stride does not make.
+    Reshape(ValueId, Vec<Piece>, bool),
     /// ONNX's Flatten: to [product of axes before `axis`, product of the rest].
     Flatten(ValueId, i64),
-    Transpose(ValueId, Vec<usize>),
+    /// Axes permuted; without a permutation, reversed (ONNX's default).
+    Transpose(ValueId, Option<Vec<usize>>),
     /// One piece of a split: `len` entries from `start` along `axis`.
     Narrow {
         input: ValueId,
@@ -39,6 +122,26 @@ pub(crate) enum Step {
         start: usize,
         len: usize,
     },
+    /// Piece `index` of `parts` nearly equal ones along `axis` (ONNX's Split by num_outputs:
+    /// each ceil(n / parts) long, the last what is left).
+    Chunk {
+        input: ValueId,
+        axis: i64,
+        index: usize,
+        parts: usize,
+    },
+    /// ONNX's Slice with step 1: `starts[i]..ends[i]` along `axes[i]` (negative from the end,
+    /// clamped to the dimension).
+    Slice {
+        input: ValueId,
+        axes: Vec<i64>,
+        starts: Vec<Dim>,
+        ends: Vec<Dim>,
+    },
+    /// New axes of length 1 at `axes` of the output (negative: from its end).
+    Unsqueeze(ValueId, Vec<i64>),
+    /// Axes of length 1 removed: those listed, or all.
+    Squeeze(ValueId, Option<Vec<i64>>),
     /// (Log-)softmax along `axis`; `coerce` is opset < 13's rule (over all axes from `axis` on).
     Softmax {
         input: ValueId,
@@ -91,10 +194,14 @@ impl Network {
 fn inputs(s: &Step) -> Vec<ValueId> {
     match s {
         Step::Layer { input, .. }
-        | Step::Reshape(input, _)
+        | Step::Reshape(input, ..)
         | Step::Flatten(input, _)
         | Step::Transpose(input, _)
         | Step::Narrow { input, .. }
+        | Step::Chunk { input, .. }
+        | Step::Unsqueeze(input, _)
+        | Step::Squeeze(input, _)
+        | Step::Slice { input, .. }
         | Step::Softmax { input, .. }
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
@@ -161,7 +268,7 @@ fn matmul(a: &Var, b: &Var) -> ag::Result<Var> {
     y.reshape(&out)
 }
 
-fn run_step(step: &mut Step, vals: &[Option<Var>], ctx: &mut Ctx) -> Result<Var> {
+fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &mut Ctx) -> Result<Var> {
     let v = |i: &ValueId| vals[*i].clone().expect("a value is read before its last use");
     Ok(match step {
         Step::Layer { name, module, input } => return call(module.as_mut(), name, &v(input), ctx),
@@ -181,9 +288,15 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], ctx: &mut Ctx) -> Result<Var>
             let ax = axis("Concat", *ax, parts[0].shape().len())?;
             ag::concat(&refs, ax)?
         }
-        Step::Reshape(input, shape) => {
+        Step::Reshape(input, shape, allowzero) => {
             let x = v(input);
-            x.reshape(&reshape_dims(&x.shape(), shape)?)?
+            let shape = eval_ints(shape, shapes)?;
+            if *allowzero && shape.contains(&0) {
+                return Err(
+                    ag::Error::shape("Reshape", format!("shape {shape:?} with allowzero 1 makes an empty tensor, which Stride does not")).into()
+                );
+            }
+            x.reshape(&reshape_dims(&x.shape(), &shape)?)?
         }
         Step::Flatten(input, ax) => {
             let x = v(input);
@@ -191,11 +304,61 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], ctx: &mut Ctx) -> Result<Var>
             let a = if *ax == s.len() as i64 { s.len() } else { axis("Flatten", *ax, s.len())? };
             x.reshape(&[s[..a].iter().product(), s[a..].iter().product()])?
         }
-        Step::Transpose(input, perm) => v(input).permute(perm)?,
+        Step::Transpose(input, perm) => {
+            let x = v(input);
+            match perm {
+                Some(p) => x.permute(p)?,
+                None => x.permute(&(0..x.shape().len()).rev().collect::<Vec<_>>())?,
+            }
+        }
         Step::Narrow { input, axis: ax, start, len } => {
             let x = v(input);
             let a = axis("Split", *ax, x.shape().len())?;
             x.narrow(a, *start, *len)?
+        }
+        Step::Chunk { input, axis: ax, index, parts } => {
+            let x = v(input);
+            let a = axis("Split", *ax, x.shape().len())?;
+            let n = x.shape()[a];
+            let each = n.div_ceil(*parts);
+            let start = (each * *index).min(n);
+            x.narrow(a, start, each.min(n - start))?
+        }
+        Step::Slice { input, axes, starts, ends } => {
+            let mut x = v(input);
+            for (i, ax) in axes.iter().enumerate() {
+                let a = axis("Slice", *ax, x.shape().len())?;
+                let n = x.shape()[a] as i64;
+                let clamp = |i: i64| (if i < 0 { i.saturating_add(n) } else { i }).clamp(0, n) as usize;
+                let (s, e) = (clamp(starts[i].eval(shapes)?), clamp(ends[i].eval(shapes)?));
+                x = x.narrow(a, s, e.max(s) - s)?;
+            }
+            x
+        }
+        Step::Unsqueeze(input, axes) => {
+            let x = v(input);
+            let rank = x.shape().len() + axes.len();
+            let mut new = axes.iter().map(|&a| axis("Unsqueeze", a, rank)).collect::<ag::Result<Vec<_>>>()?;
+            new.sort_unstable();
+            if new.windows(2).any(|w| w[0] == w[1]) {
+                return Err(ag::Error::arg("Unsqueeze", format!("axes {axes:?} repeat an axis")).into());
+            }
+            let mut dims = x.shape().into_iter();
+            let shape: Vec<usize> = (0..rank).map(|i| if new.contains(&i) { 1 } else { dims.next().unwrap_or(1) }).collect();
+            x.reshape(&shape)?
+        }
+        Step::Squeeze(input, axes) => {
+            let x = v(input);
+            let s = x.shape();
+            let gone = match axes {
+                Some(axes) => axes.iter().map(|&a| axis("Squeeze", a, s.len())).collect::<ag::Result<Vec<_>>>()?,
+                None => (0..s.len()).filter(|&i| s[i] == 1).collect(),
+            };
+            if let Some(&i) = gone.iter().find(|&&i| s[i] != 1) {
+                return Err(ag::Error::shape("Squeeze", format!("axis {i} of {s:?} is not 1 long")).into());
+            }
+            let shape: Vec<usize> = (0..s.len()).filter(|i| !gone.contains(i)).map(|i| s[i]).collect();
+            x.reshape(&shape)?
         }
         Step::Softmax { input, axis: ax, log, coerce } => {
             let x = v(input);
@@ -229,9 +392,13 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], ctx: &mut Ctx) -> Result<Var>
 impl Module for Network {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
         let mut vals: Vec<Option<Var>> = vec![None; self.steps.len() + 1];
+        // Every value's shape, kept after its data is freed: computed shapes read them.
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.steps.len() + 1);
+        shapes.push(x.shape());
         vals[0] = Some(x.clone());
         for i in 0..self.steps.len() {
-            let y = run_step(&mut self.steps[i], &vals, ctx)?;
+            let y = run_step(&mut self.steps[i], &vals, &shapes, ctx)?;
+            shapes.push(y.shape());
             vals[i + 1] = Some(y);
             // Inference keeps only what later steps read.
             for &v in &self.reads[i] {

@@ -78,6 +78,8 @@ unary_methods! {
     selu => Unary::Selu;
     /// Exact GELU (erf form).
     gelu => Unary::Gelu;
+    /// The error function.
+    erf => Unary::Erf;
     silu => Unary::Silu;
     hardswish => Unary::HardSwish;
     tanh => Unary::Tanh;

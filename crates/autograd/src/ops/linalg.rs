@@ -71,8 +71,19 @@ pub(crate) fn matmul_backward<T: Elem>(
 }
 
 /// y = x W^T + b, PyTorch's `F.linear`: x `[N, in]`, weight `[out, in]`, bias `[out]` (composite).
+/// An input of more axes, `[..., in]`, is taken as rows of its last axis, as PyTorch does:
+/// the output is `[..., out]`.
 pub fn linear<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>) -> Result<Var<T>> {
-    let (xs, ws) = (x.shape(), weight.shape());
+    let xs = x.shape();
+    if xs.len() > 2 {
+        let fin = xs[xs.len() - 1];
+        let rows = xs[..xs.len() - 1].iter().product();
+        let y = linear(&x.reshape(&[rows, fin])?, weight, bias)?;
+        let mut out = xs[..xs.len() - 1].to_vec();
+        out.push(y.shape()[1]);
+        return y.reshape(&out);
+    }
+    let ws = weight.shape();
     let (_, fin) = dims2("linear", "input", &xs)?;
     let (fout, win) = dims2("linear", "weight", &ws)?;
     if fin != win {

@@ -1,4 +1,4 @@
-//! Batch normalisation (primitive) and dropout (composite).
+//! Batch normalisation (primitive), layer normalisation and dropout (composites).
 
 use stride_kernels::norm;
 use stride_tensor::{Elem, Result, Rng, Tensor};
@@ -263,4 +263,27 @@ pub fn dropout2d<T: Elem>(x: &Var<T>, p: f64, training: bool, rng: &mut Rng) -> 
     let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
     let mask = Tensor::from_fn(&[s[0], s[1], 1, 1], |_| T::c(if rng.uniform01() >= p { keep } else { 0.0 }))?;
     x.mul(&Var::constant(mask.to(x.device())?))
+}
+
+/// Layer normalisation over the trailing axes the weight's shape covers (PyTorch's
+/// `F.layer_norm(x, weight.shape, weight, bias, eps)`): each sample's values there shifted to
+/// mean 0 and scaled to variance 1 (the biased variance, plus `eps`), times `weight`, plus
+/// `bias` (composite, so its gradient and every device come from the ops it is made of).
+pub fn layer_norm<T: Elem>(x: &Var<T>, weight: &Var<T>, bias: Option<&Var<T>>, eps: f64) -> Result<Var<T>> {
+    let (s, w) = (x.shape(), weight.shape());
+    let rank = s.len();
+    if w.is_empty() || rank < w.len() || s[rank - w.len()..] != w[..] {
+        stride_tensor::bail!(shape, "layer_norm", "normalises over trailing axes {w:?}; the input is {s:?}");
+    }
+    if let Some(b) = bias.filter(|b| b.shape() != w) {
+        stride_tensor::bail!(shape, "layer_norm", "bias of shape {:?} for a weight of shape {w:?}", b.shape());
+    }
+    let axes: Vec<usize> = (rank - w.len()..rank).collect();
+    let centred = x.sub(&x.mean(&axes, true)?)?;
+    let inv_std = centred.square()?.mean(&axes, true)?.add_scalar(eps)?.powf(-0.5)?;
+    let y = centred.mul(&inv_std)?.mul(weight)?;
+    match bias {
+        Some(b) => y.add(b),
+        None => Ok(y),
+    }
 }

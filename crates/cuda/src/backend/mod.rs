@@ -192,6 +192,7 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
         Unary::AddScalar(c) => (18, c as f32, 0.0),
         Unary::MulScalar(c) => (19, c as f32, 0.0),
         Unary::Clamp(lo, hi) => (20, lo as f32, hi as f32),
+        Unary::Erf => (21, 0.0, 0.0),
     }
 }
 
