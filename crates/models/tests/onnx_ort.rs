@@ -1,5 +1,5 @@
 //! Stride's ONNX exports run in ONNX Runtime (an engine that is not Stride) give Stride's outputs
-//! within 1e-4: every zoo model and the VAE's generator. The ONNX checker (full check, with
+//! within 1e-4: every zoo model, the VAE's generator and layers no zoo model has. The ONNX checker (full check, with
 //! shape inference) must accept every file too.
 //!
 //! Needs `python3` with `onnx` and `onnxruntime` (`pip install onnx onnxruntime`). Without them
@@ -9,8 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 use prost::Message;
-use stride_autograd::{no_grad, Rng, Tensor, Var};
+use stride_autograd::{no_grad, Conv2dOptions, Rng, Tensor, Unary, Var};
 use stride_models::{InputSpec, ZOO};
+use stride_nn::layers::{Activation, Conv2d, Flatten, LayerNorm, Linear, Sequential};
 use stride_nn::{Ctx, Module};
 
 fn have_ort() -> bool {
@@ -61,6 +62,40 @@ fn onnx_runtime_agrees_with_stride_on_every_export() {
         std::fs::write(dir.join("vae_generator.onnx"), bytes).unwrap();
         write_pb(&dir.join("vae_generator.input.pb"), &z);
         expected.push(("vae_generator".into(), y));
+    }
+    // Layers no zoo model has, in the forms they export to: GELU before opset 20 (through Erf),
+    // layer norm over [C, H, W], a dense layer on the last axis of a 4-d value (MatMul and Add),
+    // and HardSwish before opset 14 (through HardSigmoid).
+    for (name, opset) in [("gelu_layernorm_linear4d", 17), ("hardswish_opset13", 13)] {
+        let mut rng = Rng::seed(13);
+        let conv = Conv2d::new(&mut rng, 3, 4, 3, Conv2dOptions::default(), true).unwrap();
+        let mut model = Sequential::new().push(conv);
+        model = if opset == 17 {
+            let mut norm = LayerNorm::new(&[4, 6, 6], 1e-5).unwrap();
+            norm.weight = Var::parameter(rng.normal(&[4, 6, 6], 1.0, 0.3).unwrap());
+            norm.bias = Some(Var::parameter(rng.normal(&[4, 6, 6], 0.0, 0.3).unwrap()));
+            model.push(Activation(Unary::Gelu)).push(norm).push(Linear::new(&mut rng, 6, 5, true).unwrap())
+        } else {
+            model.push(Activation(Unary::HardSwish))
+        };
+        let mut model = model.push(Flatten);
+        let x: Tensor<f32> = rng.normal(&[2, 3, 8, 8], 0.0, 1.0).unwrap();
+        let y = no_grad(|| model.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value();
+        let bytes = stride_onnx::export(&mut model, &[3, 8, 8], opset).unwrap();
+        // Stride reads its own file back: the same outputs, the same state_dict names.
+        let mut back = stride_onnx::import(&stride_onnx::decode(&bytes).unwrap()).unwrap().network;
+        let again = no_grad(|| back.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value();
+        assert!(again.data().iter().zip(y.data()).all(|(a, b)| (a - b).abs() <= 1e-5), "{name}: Stride's import differs");
+        let names = |m: &mut dyn Module| -> Vec<String> {
+            let mut v = Vec::new();
+            m.visit("", &mut |n, _| v.push(n));
+            v.sort();
+            v
+        };
+        assert_eq!(names(&mut back), names(&mut model), "{name}");
+        std::fs::write(dir.join(format!("{name}.onnx")), bytes).unwrap();
+        write_pb(&dir.join(format!("{name}.input.pb")), &x);
+        expected.push((name.to_string(), y));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/onnx/ort_run.py");
     let out = Command::new("python3").arg(&script).arg(&dir).output().unwrap();
