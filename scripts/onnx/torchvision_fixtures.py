@@ -15,7 +15,8 @@ Also `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.siz
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
 new exporter writes the weights beside the model (`tiny_cnn.dynamo.onnx.data`), as both do by
-default.
+default. And fuzz/seeds/onnx_model/torchscript_view.onnx: a smaller one of those (under the
+fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py
@@ -70,6 +71,28 @@ def export(net, x, path, exporter, external_data=False):
     else:
         torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSETS[exporter], dynamo=False)
+
+
+class SeedCnn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.fc = torch.nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 4)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def fuzz_seed():
+    torch.manual_seed(4)
+    path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", "torchscript_view.onnx"))
+    export(SeedCnn().eval(), torch.randn(2, 1, 28, 28), path, "torchscript")
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.ClearField("doc_string")
+    onnx.save(model, path)
+    assert os.path.getsize(path) < 16384, "the seed is over the fuzzer's max_len"
 
 
 def tiny_cnn():
@@ -161,6 +184,7 @@ def main():
                 f.write(nh.from_array(y, "output").SerializeToString())
             print(f"{name} ({exporter}): {len(model.graph.node)} nodes, {k} formula initializers, output {y.shape}", file=sys.stderr)
     tiny_cnn()
+    fuzz_seed()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch {torch.__version__}\ntorchvision {__import__('torchvision').__version__}\nonnx {onnx.__version__}\nonnxruntime {ort.__version__}\n")
 

@@ -349,7 +349,7 @@ impl Builder {
                                 let j = if i < 0 { i + n } else { i };
                                 k.get(usize::try_from(j).unwrap_or(usize::MAX)).cloned()
                             }
-                            (None, [Piece::Run { of, start, end: None }]) if *start >= 0 && i >= 0 => Some(Dim::Of(*of, start + i)),
+                            (None, [Piece::Run { of, start, end: None }]) if *start >= 0 && i >= 0 => start.checked_add(i).map(|a| Dim::Of(*of, a)),
                             (None, [Piece::Run { of, start: 0, end: None }]) => Some(Dim::Of(*of, i)),
                             _ => None,
                         };
