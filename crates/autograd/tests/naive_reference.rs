@@ -253,6 +253,9 @@ fn same_padding_follows_tensorflow_also_with_stride_and_even_kernels() {
         assert_eq!((g.p, g.pad.0, g.pad.1), (out, before, after), "h {h} k {k} s {s}");
         let pg = stride_kernels::pool::PoolGeom::new("t", &[1, 1, h, h], &Pool2dOptions::new(k).stride(s).padding(Padding::Same)).unwrap();
         assert_eq!(pg.p, out, "pool h {h} k {k} s {s}");
+        // ONNX's SAME_LOWER: the same output, the odd pixel first.
+        let g = ConvGeom::conv2d(&[1, 1, h, h], &[1, 1, k, k], &o.padding(Padding::SameLower)).unwrap();
+        assert_eq!((g.p, g.pad.0, g.pad.1), (out, after, before), "same_lower h {h} k {k} s {s}");
     }
     // Transposed "same": output = input * stride (the VAE generator's 4x4 -> 4x4, k4 s1).
     for (h, k, s) in [(4, 4, 1), (8, 4, 4), (5, 3, 2), (3, 2, 3)] {

@@ -104,7 +104,7 @@ impl PoolGeom {
                 return Err(Error::arg(op, format!("padding {:?} must be at most half the kernel {:?}", (ph.0, ph.1, pw.0, pw.1), o.kernel)));
             }
         }
-        let ceil = o.ceil_mode && o.padding != Padding::Same;
+        let ceil = o.ceil_mode && !matches!(o.padding, Padding::Same | Padding::SameLower);
         let p = pool_axis(op, "height", h, kh, sh, ph, ceil)?;
         let q = pool_axis(op, "width", w, kw, sw, pw, ceil)?;
         Ok(PoolGeom { n, c, h, w, p, q, kernel: (kh, kw), stride: (sh, sw), pad: (ph.0, ph.1, pw.0, pw.1), count_include_pad: o.count_include_pad })

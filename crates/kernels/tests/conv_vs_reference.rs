@@ -27,6 +27,7 @@ fn padding() -> impl Strategy<Value = Padding> {
     prop_oneof![
         Just(Padding::Valid),
         Just(Padding::Same),
+        Just(Padding::SameLower),
         (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| { Padding::Explicit { top, bottom, left, right } }),
     ]
 }

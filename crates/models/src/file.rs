@@ -54,7 +54,7 @@ fn within(f: &Fields, what: &str, n: u128, max: u128) -> Result<()> {
 fn pad_hw(p: Padding, reach: usize) -> (usize, usize) {
     match p {
         Padding::Valid => (0, 0),
-        Padding::Same => (reach, reach),
+        Padding::Same | Padding::SameLower => (reach, reach),
         Padding::Explicit { top, bottom, left, right } => (top + bottom, left + right),
     }
 }

@@ -209,18 +209,23 @@ fn ints(v: &[usize]) -> Attr {
 }
 
 /// `same` padding as explicit pads: TensorFlow's rule, the odd pixel at the bottom/right.
-fn same_pads(input: usize, output: usize, k_eff: usize, stride: usize) -> (usize, usize) {
+fn same_pads(input: usize, output: usize, k_eff: usize, stride: usize, lower: bool) -> (usize, usize) {
     let total = ((output.max(1) - 1) * stride + k_eff).saturating_sub(input);
-    (total / 2, total - total / 2)
+    if lower {
+        (total - total / 2, total / 2)
+    } else {
+        (total / 2, total - total / 2)
+    }
 }
 
 fn pads(p: Padding, x: &[usize], y: &[usize], k_eff: (usize, usize), stride: (usize, usize)) -> [usize; 4] {
     match p {
         Padding::Valid => [0; 4],
         Padding::Explicit { top, bottom, left, right } => [top, left, bottom, right],
-        Padding::Same => {
-            let (t, b) = same_pads(x[2], y[2], k_eff.0, stride.0);
-            let (l, r) = same_pads(x[3], y[3], k_eff.1, stride.1);
+        Padding::Same | Padding::SameLower => {
+            let lower = p == Padding::SameLower;
+            let (t, b) = same_pads(x[2], y[2], k_eff.0, stride.0, lower);
+            let (l, r) = same_pads(x[3], y[3], k_eff.1, stride.1, lower);
             [t, l, b, r]
         }
     }
@@ -244,9 +249,10 @@ pub(crate) fn conv_transpose_attrs(w: &[usize], o: &Conv2dOptions) -> Vec<(&'sta
     let axis = |k: usize, s: usize, d: usize, op: usize, p: (usize, usize)| -> ((usize, usize), usize) {
         let k_eff = (k - 1) * d + 1;
         match o.padding {
-            Padding::Same => {
+            Padding::Same | Padding::SameLower => {
                 let total = k_eff.saturating_sub(s);
-                ((total / 2, total - total / 2), s.saturating_sub(k_eff) + op)
+                let pads = if o.padding == Padding::Same { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) };
+                (pads, s.saturating_sub(k_eff) + op)
             }
             _ => (p, op),
         }

@@ -75,6 +75,7 @@ pub(crate) fn options(o: &Conv2dOptions) -> String {
     match o.padding {
         ag::Padding::Valid | ag::Padding::Explicit { top: 0, bottom: 0, left: 0, right: 0 } => {}
         ag::Padding::Same => out += ", pad same",
+        ag::Padding::SameLower => out += ", pad same_lower",
         ag::Padding::Explicit { top, bottom, left, right } if top == bottom && left == right => out += &format!(", pad {}", pair((top, left))),
         ag::Padding::Explicit { top, bottom, left, right } => out += &format!(", pad ({top}, {bottom}, {left}, {right})"),
     }

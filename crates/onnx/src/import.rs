@@ -212,7 +212,8 @@ fn padding(pads: Option<Vec<i64>>, auto_pad: Option<String>) -> Result<Padding> 
         "VALID" => return Ok(Padding::Valid),
         // TensorFlow's rule, the odd pixel at the end: what Stride's `same` is.
         "SAME_UPPER" => return Ok(Padding::Same),
-        other => return Err(err(format!("auto_pad {other} is not supported (Stride's `same` puts the odd pixel at the end: SAME_UPPER)"))),
+        "SAME_LOWER" => return Ok(Padding::SameLower),
+        other => return Err(err(format!("auto_pad {other} is not one of NOTSET, VALID, SAME_UPPER and SAME_LOWER"))),
     }
     match pads.as_deref() {
         None => Ok(Padding::Valid),
@@ -504,9 +505,7 @@ impl Builder {
                     }
                     let output_padding = pair(a.ints("output_padding"), "output_padding", 0)?;
                     let mut opts = self.conv_opts(&mut a, w.shape())?;
-                    if opts.padding == Padding::Same {
-                        return Err(err("auto_pad SAME_UPPER on ConvTranspose is not supported: Stride takes explicit pads"));
-                    }
+
                     opts.output_padding = output_padding;
                     a.done()?;
                     self.layer(node, Some(wname), ConvTranspose2d { weight, bias, opts }, x)

@@ -16,6 +16,8 @@ pub enum Padding {
     /// TensorFlow's "same": output = ceil(input / stride); the total padding is split with the
     /// extra row or column at the bottom/right when it is odd.
     Same,
+    /// "Same" with the extra row or column at the top/left (ONNX's SAME_LOWER).
+    SameLower,
     /// Explicit padding per side.
     Explicit { top: usize, bottom: usize, left: usize, right: usize },
 }
@@ -75,10 +77,14 @@ impl Conv2dOptions {
 pub fn resolve_padding(padding: Padding, axis_h: bool, input: usize, k_eff: usize, stride: usize) -> (usize, usize) {
     match padding {
         Padding::Valid => (0, 0),
-        Padding::Same => {
+        Padding::Same | Padding::SameLower => {
             let out = input.div_ceil(stride);
             let total = ((out.max(1) - 1) * stride + k_eff).saturating_sub(input);
-            (total / 2, total - total / 2)
+            if padding == Padding::Same {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            }
         }
         Padding::Explicit { top, bottom, left, right } => {
             if axis_h {
@@ -196,9 +202,10 @@ impl ConvGeom {
             let k_eff = (kk - 1) * dil + 1;
             let full = (inp.max(1) - 1) * stride + k_eff;
             let (pads, extra) = match o.padding {
-                Padding::Same => {
+                Padding::Same | Padding::SameLower => {
                     let total = k_eff.saturating_sub(stride);
-                    ((total / 2, total - total / 2), stride.saturating_sub(k_eff) + outpad)
+                    let pads = if o.padding == Padding::Same { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) };
+                    (pads, stride.saturating_sub(k_eff) + outpad)
                 }
                 other => (resolve_padding(other, is_h, 0, k_eff, stride), outpad),
             };
