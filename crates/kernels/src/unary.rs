@@ -302,6 +302,8 @@ crate::multiversion! {
         }
         match u {
             Unary::Relu => relu_into(x, y),
+            Unary::Relu6 => each(x, y, |v| Unary::Relu6.apply(v)),
+            Unary::HardSwish => each(x, y, |v| Unary::HardSwish.apply(v)),
             Unary::LeakyRelu(a) => each(x, y, |v| Unary::LeakyRelu(a).apply(v)),
             Unary::Elu(a) => each(x, y, |v| Unary::Elu(a).apply(v)),
             Unary::Silu => each(x, y, |v| Unary::Silu.apply(v)),
@@ -329,6 +331,8 @@ crate::multiversion! {
         }
         match u {
             Unary::Relu => relu_grad_into(g, x, out),
+            Unary::Relu6 => each(g, x, y, out, |x, y| Unary::Relu6.grad(x, y)),
+            Unary::HardSwish => each(g, x, y, out, |x, y| Unary::HardSwish.grad(x, y)),
             Unary::LeakyRelu(a) => each(g, x, y, out, |x, y| Unary::LeakyRelu(a).grad(x, y)),
             Unary::Elu(a) => each(g, x, y, out, |x, y| Unary::Elu(a).grad(x, y)),
             Unary::Silu => each(g, x, y, out, |x, y| Unary::Silu.grad(x, y)),

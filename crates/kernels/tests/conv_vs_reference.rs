@@ -94,6 +94,34 @@ proptest! {
     }
 }
 
+/// Depthwise layers of whole blocks of eight channels, as mobile networks have (the forward
+/// pass takes eight channels at a time there, on small, strided or dilated maps).
+fn depthwise_case() -> impl Strategy<Value = Case> {
+    ((1usize..3, 1usize..4), (1usize..20, 1usize..20, 1usize..6, 1usize..6), (1usize..4, 1usize..4, 1usize..3, 1usize..3), padding(), any::<bool>())
+        .prop_map(|((n, blocks), (h, w, r, s), (sh, sw, dh, dw), padding, bias)| Case {
+            n,
+            cg: 1,
+            kg: 1,
+            groups: 8 * blocks,
+            h,
+            w,
+            r,
+            s,
+            stride: (sh, sw),
+            dilation: (dh, dw),
+            padding,
+            bias,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn depthwise_blocks_of_eight_match_reference(c in depthwise_case()) {
+        check(&c)?;
+    }
+}
+
 #[test]
 fn most_random_cases_have_valid_geometry() {
     // Runs the property over a fixed sample and checks it did not just skip everything.

@@ -5,7 +5,9 @@
 //! The input plane is first copied into a zero-bordered buffer, so the hot loops have no
 //! bounds logic; outputs are then computed eight at a time with every tap accumulated in
 //! registers (vectorised through `multiversion!`). The most common layers, 3x3 and 5x5 with
-//! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead.
+//! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead, and
+//! depthwise layers of whole blocks of eight channels on other maps (small, strided) take
+//! eight channels at a time ([`forward_lanes`]).
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
@@ -175,13 +177,25 @@ impl ConvGeom {
     pub(crate) fn fits_tiles(&self) -> bool {
         self.r == self.s && avx2::handles(self.r) && (self.stride, self.dilation) == ((1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
     }
+    /// Whether the forward pass goes eight channels at a time ([`forward_lanes`]): one output
+    /// channel per input channel, whole blocks of eight, and planes the per-plane AVX2 tiles
+    /// do not take (narrower than 8 outputs, strided, dilated, other windows).
+    fn takes_lanes(&self) -> bool {
+        self.kg() == 1 && self.c.is_multiple_of(LANES) && self.c > 0 && (self.stride.1 > 1 || !self.fits_tiles())
+    }
     fn pass(&self) -> Pass {
         Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
     }
 }
 
+/// Channels a lane pass takes at once (eight f32 values: one AVX2 register).
+const LANES: usize = 8;
+
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    if g.takes_lanes() {
+        return forward_lanes(g, x, w, bias);
+    }
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
     // One task per (image, input channel): the bordered plane is made once for all the
     // output channels that read it. The output is zeroed task by task, not in one serial pass.
@@ -191,6 +205,114 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
         let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
         plane_outputs(g, &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
     })
+}
+
+/// Depthwise forward eight channels at a time: the eight planes interleaved into one bordered
+/// buffer (`[row][column][channel]`), so every tap is one vector multiply-add for eight
+/// outputs whatever the plane's width or stride. The per-plane kernels run rows of a few
+/// values on the small maps of mobile networks (4x4 and 2x2 under 5x5 windows), and gather
+/// across strided columns: there they did 2-5 multiply-adds per nanosecond.
+fn forward_lanes<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let pq = g.p * g.q;
+    let blocks = g.c / LANES;
+    // Several blocks per task on small maps (about 8K outputs), so the pool's cost per task
+    // does not outweigh the work; blocks run on across images (K is a multiple of eight).
+    let per_task = (8192 / (LANES * pq).max(1)).clamp(1, blocks * g.n);
+    crate::simd::par_filled_init(
+        g.n * g.k * pq,
+        per_task * LANES * pq,
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(buf, taps, acc), task, outs| {
+            for (k, out) in outs.chunks_exact_mut(LANES * pq).enumerate() {
+                lanes_task(g, x, w, bias, (buf, taps, acc), task * per_task + k, out);
+            }
+        },
+    )
+}
+
+/// One block of eight channels of one image for [`forward_lanes`], into `out` (its eight
+/// planes).
+fn lanes_task<T: Elem>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    (buf, taps, acc): (&mut Vec<T>, &mut Vec<T>, &mut Vec<T>),
+    block: usize,
+    out: &mut [T],
+) {
+    let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
+    let (bh, bw) = g.bordered_size();
+    let blocks = g.c / LANES;
+    {
+        let (n, c0) = (block / blocks, (block % blocks) * LANES);
+        // The bordered, interleaved planes: border zero, inside the eight planes' values.
+        buf.clear();
+        buf.resize(bh * bw * LANES, T::zero());
+        for l in 0..LANES {
+            let plane = &x[(n * g.c + c0 + l) * hw..][..hw];
+            for (i, row) in plane.chunks_exact(g.w).enumerate() {
+                let dst = &mut buf[((i + g.pad.0) * bw + g.pad.2) * LANES + l..];
+                for (j, v) in row.iter().enumerate() {
+                    dst[j * LANES] = *v;
+                }
+            }
+        }
+        taps.clear();
+        taps.extend((0..rs * LANES).map(|t| w[(c0 + t % LANES) * rs + t / LANES]));
+        acc.clear();
+        acc.resize(pq * LANES, T::zero());
+        let b: [T; LANES] = std::array::from_fn(|l| bias.map_or(T::zero(), |b| b[c0 + l]));
+        correlate_lanes(g.pass(), buf, bw, taps, b, acc);
+        for (o, v) in acc.chunks_exact(LANES).enumerate() {
+            for (l, v) in v.iter().enumerate() {
+                out[l * pq + o] = *v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// acc[(i, j)][l] = b[l] + sum_{r,s} taps[(r, s)][l] * src[(i*sh + r*dh, j*sw + s*dw)][l]
+    /// over interleaved lanes of eight channels.
+    fn correlate_lanes<T: Elem>(p: Pass, src: &[T], width: usize, taps: &[T], b: [T; LANES], acc: &mut [T]) {
+        for i in 0..p.rows {
+            let mut j = 0;
+            while j + 4 <= p.cols {
+                lanes_block::<T, 4>(&p, src, width, taps, b, i, j, acc);
+                j += 4;
+            }
+            while j < p.cols {
+                lanes_block::<T, 1>(&p, src, width, taps, b, i, j, acc);
+                j += 1;
+            }
+        }
+    }
+}
+
+/// `B` consecutive outputs of row `i` from column `j` for [`correlate_lanes`]: B independent
+/// accumulators, so the multiply-adds of one output do not wait on each other's results.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lanes_block<T: Elem, const B: usize>(p: &Pass, src: &[T], width: usize, taps: &[T], b: [T; LANES], i: usize, j: usize, acc: &mut [T]) {
+    let (sh, sw) = p.stride;
+    let (dh, dw) = p.dil;
+    let mut a = [b; B];
+    for r in 0..p.r {
+        let row = (i * sh + r * dh) * width + j * sw;
+        for s in 0..p.s {
+            let t: &[T; LANES] = taps[(r * p.s + s) * LANES..][..LANES].try_into().expect("eight lanes");
+            for (u, a) in a.iter_mut().enumerate() {
+                let x: &[T; LANES] = src[(row + u * sw + s * dw) * LANES..][..LANES].try_into().expect("eight lanes");
+                for l in 0..LANES {
+                    a[l] += t[l] * x[l];
+                }
+            }
+        }
+    }
+    for (u, a) in a.iter().enumerate() {
+        acc[(i * p.cols + j + u) * LANES..][..LANES].copy_from_slice(a);
+    }
 }
 
 /// The output planes that read one input plane `x`: plane j (taps `w[j * R*S..]`, plus
