@@ -54,8 +54,16 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     for name in graph.node.iter().flat_map(|n| n.input.iter()).chain(graph.output.iter().filter_map(|o| o.name.as_ref())) {
         *uses.entry(name.clone()).or_default() += 1;
     }
-    let mut b =
-        Builder { opset, vals: HashMap::new(), steps: Vec::new(), names: HashSet::new(), domains: HashMap::new(), uses, bare_linear: HashMap::new() };
+    let mut b = Builder {
+        opset,
+        vals: HashMap::new(),
+        steps: Vec::new(),
+        names: HashSet::new(),
+        domains: HashMap::new(),
+        uses,
+        bare_linear: HashMap::new(),
+        sigmoid_of: HashMap::new(),
+    };
     for o in &model.opset_import {
         if let Some(d) = o.domain.as_deref().filter(|d| !d.is_empty() && *d != "ai.onnx") {
             b.domains.insert(d.to_string(), o.version.unwrap_or(0));
@@ -145,6 +153,9 @@ struct Builder {
     /// Dense layers made without a bias (MatMul), by output: an Add of a bias vector that
     /// alone reads one becomes its bias, as PyTorch's Linear on more than two axes exports.
     bare_linear: HashMap<ValueId, Var>,
+    /// Sigmoid layers by output, with their input: Mul(x, Sigmoid(x)) whose sigmoid nothing
+    /// else reads becomes one SiLU layer (EfficientNet's activation as PyTorch exports it).
+    sigmoid_of: HashMap<ValueId, ValueId>,
 }
 
 /// A node's attributes, each read at most once; whatever is left unread is refused.
@@ -667,6 +678,7 @@ impl Builder {
             }
             "Gemm" | "MatMul" => return self.product(node, &ins, a),
             "Add" if self.fuse_bias(node, &ins)? => return a.done(),
+            "Mul" if self.fuse_silu(node, &ins)? => return a.done(),
             "Add" | "Sub" | "Mul" | "Div" => {
                 a.done()?;
                 let (x, y) = (self.value(need(0)?)?, self.value(need(1)?)?);
@@ -845,7 +857,11 @@ impl Builder {
                 Some(f) => {
                     let x = self.runtime(need(0)?)?;
                     a.done()?;
-                    self.layer(node, None, Activation(f), x)
+                    let y = self.layer(node, None, Activation(f), x);
+                    if f == Unary::Sigmoid {
+                        self.sigmoid_of.insert(y, x);
+                    }
+                    y
                 }
                 None => return Err(err(format!("operator {op} is not supported by Stride"))),
             },
@@ -926,6 +942,27 @@ impl Builder {
         }
         self.vals.insert(out, Val::Runtime(id));
         Ok(())
+    }
+
+    /// Mul(x, Sigmoid(x)) or Mul(Sigmoid(x), x), the sigmoid read by nothing else: the sigmoid's
+    /// step becomes a SiLU of x (one pass over the values instead of two and a product).
+    fn fuse_silu(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
+        let [p, q] = ins else { return Ok(false) };
+        for (sig, x) in [(p, q), (q, p)] {
+            let (Some(Val::Runtime(s)), Some(Val::Runtime(x))) = (self.vals.get(*sig), self.vals.get(*x)) else { continue };
+            let (s, x) = (*s, *x);
+            if self.sigmoid_of.get(&s) != Some(&x) || self.uses.get(*sig) != Some(&1) {
+                continue;
+            }
+            let Some(Step::Layer { name, .. }) = self.steps.get(s - 1) else { continue };
+            let name = name.clone();
+            self.steps[s - 1] = Step::Layer { name, module: Box::new(Activation(Unary::Silu)), input: x };
+            self.sigmoid_of.remove(&s);
+            let out = node.output.first().ok_or_else(|| err("Mul has no output"))?;
+            self.vals.insert(out.clone(), Val::Runtime(s));
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Add(product, bias) or Add(bias, product) where `product` is a dense layer without a
