@@ -2,6 +2,7 @@
 //! here (the one call into the `gemm` crate); every fast path has a portable reference kernel
 //! beside it that the tests use as the oracle.
 
+pub mod binary;
 pub mod conv;
 pub mod gemm;
 pub mod norm;

@@ -1,5 +1,6 @@
 //! Element-wise arithmetic with broadcasting, and element-wise functions (activations).
 
+use stride_kernels::binary::{self as kernel, BinOp};
 use stride_kernels::unary::Unary;
 use stride_tensor::{Elem, Result, Tensor};
 
@@ -20,12 +21,16 @@ fn binary<T: Elem>(a: &Var<T>, b: &Var<T>, op: Op<T>) -> Result<Var<T>> {
         return Ok(y);
     }
     let (x, y) = (a.value(), b.value());
-    let v = match op {
-        Op::Add => x.add(&y)?,
-        Op::Sub => x.sub(&y)?,
-        Op::Mul => x.mul(&y)?,
-        _ => x.div(&y)?,
-    };
+    let v = kernel::binary(
+        match op {
+            Op::Add => BinOp::Add,
+            Op::Sub => BinOp::Sub,
+            Op::Mul => BinOp::Mul,
+            _ => BinOp::Div,
+        },
+        &x,
+        &y,
+    )?;
     Ok(Var::from_op(v, op, &[a, b]))
 }
 
@@ -36,7 +41,7 @@ pub(crate) fn binary_backward<T: Elem>(op: &Op<T>, g: &Tensor<T>, a: &Tensor<T>,
     let (ga, gb) = match op {
         Op::Add => (need(0).then(|| g.clone()), need(1).then(|| g.clone())),
         Op::Sub => (need(0).then(|| g.clone()), need(1).then(|| g.scale(-T::one()))),
-        Op::Mul => (need(0).then(|| g.mul(b)).transpose()?, need(1).then(|| g.mul(a)).transpose()?),
+        Op::Mul => (need(0).then(|| kernel::binary(BinOp::Mul, g, b)).transpose()?, need(1).then(|| kernel::binary(BinOp::Mul, g, a)).transpose()?),
         _ => {
             // d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
             let ga = g.div(b)?;
