@@ -18,7 +18,7 @@ pub enum Unary {
     Elu(f64),
     /// scale * elu(x, alpha) with the self-normalising constants
     Selu,
-    /// x * Phi(x), exact (erf), as PyTorch's default
+    /// x * Phi(x) with erf, as PyTorch's default (in f32 through `vmath::erf`, within a few ulp)
     Gelu,
     /// x * sigmoid(x)
     Silu,
@@ -101,7 +101,11 @@ impl Unary {
                 }
             }
             Unary::Selu => T::c(SELU_SCALE) * if x > zero { x } else { T::c(SELU_ALPHA) * exp_m1(x) },
-            Unary::Gelu => x * T::c(0.5 * (1.0 + libm::erf(x.as_f64() / std::f64::consts::SQRT_2))),
+            Unary::Gelu => pick(
+                x,
+                |v| v * 0.5 * (1.0 + vmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)),
+                |x| x * T::c(0.5 * (1.0 + libm::erf(x.as_f64() / std::f64::consts::SQRT_2))),
+            ),
             Unary::Silu => x * sigmoid(x),
             Unary::HardSwish => x * (x + T::c(3.0)).max(zero).min(T::c(6.0)) / T::c(6.0),
             Unary::Tanh => pick(x, vmath::tanh, T::tanh),
@@ -124,7 +128,7 @@ impl Unary {
             Unary::AddScalar(c) => x + T::c(c),
             Unary::MulScalar(c) => x * T::c(c),
             Unary::Clamp(lo, hi) => x.max(T::c(lo)).min(T::c(hi)),
-            Unary::Erf => T::c(libm::erf(x.as_f64())),
+            Unary::Erf => pick(x, vmath::erf, |x| T::c(libm::erf(x.as_f64()))),
         }
     }
 
@@ -304,6 +308,8 @@ crate::multiversion! {
             Unary::Relu => relu_into(x, y),
             Unary::Relu6 => each(x, y, |v| Unary::Relu6.apply(v)),
             Unary::HardSwish => each(x, y, |v| Unary::HardSwish.apply(v)),
+            Unary::Gelu => each(x, y, |v| Unary::Gelu.apply(v)),
+            Unary::Erf => each(x, y, |v| Unary::Erf.apply(v)),
             Unary::LeakyRelu(a) => each(x, y, |v| Unary::LeakyRelu(a).apply(v)),
             Unary::Elu(a) => each(x, y, |v| Unary::Elu(a).apply(v)),
             Unary::Silu => each(x, y, |v| Unary::Silu.apply(v)),

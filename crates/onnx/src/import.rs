@@ -63,6 +63,7 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         uses,
         bare_linear: HashMap::new(),
         sigmoid_of: HashMap::new(),
+        value_name: HashMap::new(),
     };
     for o in &model.opset_import {
         if let Some(d) = o.domain.as_deref().filter(|d| !d.is_empty() && *d != "ai.onnx") {
@@ -156,6 +157,8 @@ struct Builder {
     /// Sigmoid layers by output, with their input: Mul(x, Sigmoid(x)) whose sigmoid nothing
     /// else reads becomes one SiLU layer (EfficientNet's activation as PyTorch exports it).
     sigmoid_of: HashMap<ValueId, ValueId>,
+    /// Each runtime value's name in the graph (for [`Builder::read_once`]).
+    value_name: HashMap<ValueId, String>,
 }
 
 /// A node's attributes, each read at most once; whatever is left unread is refused.
@@ -678,7 +681,7 @@ impl Builder {
             }
             "Gemm" | "MatMul" => return self.product(node, &ins, a),
             "Add" if self.fuse_bias(node, &ins)? => return a.done(),
-            "Mul" if self.fuse_silu(node, &ins)? => return a.done(),
+            "Mul" if self.fuse_silu(node, &ins)? || self.fuse_gelu(node, &ins)? => return a.done(),
             "Add" | "Sub" | "Mul" | "Div" => {
                 a.done()?;
                 let (x, y) = (self.value(need(0)?)?, self.value(need(1)?)?);
@@ -868,7 +871,79 @@ impl Builder {
         };
         let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?;
         self.vals.insert(out.clone(), Val::Runtime(id));
+        self.value_name.insert(id, out.clone());
         Ok(())
+    }
+
+    /// Whether value `id` (a node's output) is read once, by the node being built.
+    fn read_once(&self, id: ValueId) -> bool {
+        self.value_name.get(&id).and_then(|n| self.uses.get(n)) == Some(&1)
+    }
+
+    /// The value of a one-element constant step.
+    fn const_scalar(&self, id: ValueId) -> Option<f32> {
+        match self.steps.get(id.checked_sub(1)?)? {
+            Step::Const(v) if v.value().numel() == 1 => v.value().to_host().ok()?.data().first().copied(),
+            _ => None,
+        }
+    }
+
+    /// The operands of a binary step `op` as (runtime value, constant), either way round.
+    fn with_const(&self, id: ValueId, op: BinOp) -> Option<(ValueId, f32)> {
+        let Some(Step::Binary(o, a, b)) = self.steps.get(id.checked_sub(1)?) else { return None };
+        if *o != op {
+            return None;
+        }
+        match (self.const_scalar(*a), self.const_scalar(*b)) {
+            (None, Some(c)) => Some((*a, c)),
+            (Some(c), None) if matches!(op, BinOp::Add | BinOp::Mul) => Some((*b, c)),
+            _ => None,
+        }
+    }
+
+    /// GELU as PyTorch exports it before opset 20: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)),
+    /// 0.5) (any order of the products' operands, or x times 1/sqrt 2 for the division), the
+    /// intermediate values read by nothing else: one GELU layer of x. The chain's steps are left
+    /// to the network, which skips steps nothing reads.
+    fn fuse_gelu(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
+        let close = |v: f32, want: f64| (v as f64 - want).abs() <= 1e-5 * want.abs();
+        let ids: Vec<Option<ValueId>> = ins.iter().map(|n| if let Some(Val::Runtime(id)) = self.vals.get(*n) { Some(*id) } else { None }).collect();
+        let consts: Vec<Option<f32>> = ins
+            .iter()
+            .map(|n| match self.vals.get(*n) {
+                Some(Val::Const(Const::F32(t))) if t.numel() == 1 => t.data().first().copied(),
+                _ => None,
+            })
+            .collect();
+        let m = match (ids.as_slice(), consts.as_slice()) {
+            ([Some(m), None], [None, Some(h)]) | ([None, Some(m)], [Some(h), None]) if close(*h, 0.5) => *m,
+            _ => return Ok(false),
+        };
+        let Some(Step::Binary(BinOp::Mul, u, v)) = self.steps.get(m - 1) else { return Ok(false) };
+        let (u, v) = (*u, *v);
+        for (x, sum) in [(u, v), (v, u)] {
+            let Some((e, one)) = self.with_const(sum, BinOp::Add) else { continue };
+            let Some(Step::Layer { module, input: d, .. }) = self.steps.get(e - 1) else { continue };
+            if module.describe() != "erf" {
+                continue;
+            }
+            let d = *d;
+            let scaled = match (self.with_const(d, BinOp::Div), self.with_const(d, BinOp::Mul)) {
+                (Some((dx, c)), _) => dx == x && close(c, std::f64::consts::SQRT_2),
+                (_, Some((dx, c))) => dx == x && close(c, std::f64::consts::FRAC_1_SQRT_2),
+                _ => false,
+            };
+            if !scaled || !close(one, 1.0) || ![m, sum, e, d].iter().all(|&id| self.read_once(id)) {
+                continue;
+            }
+            let name = self.layer_name(node, None);
+            let id = self.push(Step::Layer { name, module: Box::new(Activation(Unary::Gelu)), input: x });
+            let out = node.output.first().ok_or_else(|| err("Mul has no output"))?;
+            self.vals.insert(out.clone(), Val::Runtime(id));
+            self.value_name.insert(id, out.clone());
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn conv_opts(&self, a: &mut Attrs, w: &[usize]) -> Result<Conv2dOptions> {
@@ -960,6 +1035,7 @@ impl Builder {
             self.sigmoid_of.remove(&s);
             let out = node.output.first().ok_or_else(|| err("Mul has no output"))?;
             self.vals.insert(out.clone(), Val::Runtime(s));
+            self.value_name.insert(s, out.clone());
             return Ok(true);
         }
         Ok(false)
@@ -994,6 +1070,7 @@ impl Builder {
             self.bare_linear.remove(&id);
             let out = node.output.first().ok_or_else(|| err("Add has no output"))?;
             self.vals.insert(out.clone(), Val::Runtime(id));
+            self.value_name.insert(id, out.clone());
             return Ok(true);
         }
         Ok(false)

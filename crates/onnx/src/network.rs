@@ -166,6 +166,9 @@ pub struct Network {
     pub(crate) last_use: Vec<usize>,
     /// Each step's inputs, found once.
     reads: Vec<Vec<ValueId>>,
+    /// Whether each value leads to the output: steps whose value nothing reads (what a fused
+    /// pattern left behind) are skipped.
+    live: Vec<bool>,
     /// The input shape the file declares, batch first (None where symbolic).
     pub input_shape: Vec<Option<usize>>,
     /// The output shape the file declares.
@@ -175,20 +178,71 @@ pub struct Network {
 impl Network {
     pub(crate) fn new(steps: Vec<Step>, output: ValueId, input_shape: Vec<Option<usize>>, output_shape: Vec<Option<usize>>) -> Self {
         let reads: Vec<Vec<ValueId>> = steps.iter().map(inputs).collect();
+        let mut live = vec![false; steps.len() + 1];
+        live[0] = true;
+        live[output] = true;
+        for i in (0..steps.len()).rev() {
+            if live[i + 1] {
+                for v in reads[i].iter().copied().chain(shape_refs(&steps[i])) {
+                    live[v] = true;
+                }
+            }
+        }
         let mut last_use = vec![0; steps.len() + 1];
-        for (i, r) in reads.iter().enumerate() {
+        for (i, r) in reads.iter().enumerate().filter(|(i, _)| live[i + 1]) {
             for &v in r {
                 last_use[v] = i;
             }
         }
         last_use[output] = usize::MAX;
-        Network { steps, output, last_use, reads, input_shape, output_shape }
+        Network { steps, output, last_use, reads, live, input_shape, output_shape }
     }
 
     /// How many layers (steps with a Stride layer) the graph became.
     pub fn layers(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Layer { .. })).count()
+        self.layer_kinds().len()
     }
+
+    /// The layers the network runs, in order: name and kind (`Conv2d(3, 64, k7x7, ...)`,
+    /// `gelu`). Steps a fused pattern left unread are not among them.
+    pub fn layer_kinds(&self) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .zip(&self.live[1..])
+            .filter_map(|(s, &live)| match s {
+                Step::Layer { name, module, .. } if live => Some((name.clone(), module.describe())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The values whose shapes a step's computed shape reads.
+fn shape_refs(s: &Step) -> Vec<ValueId> {
+    fn dim(d: &Dim, out: &mut Vec<ValueId>) {
+        match d {
+            Dim::Const(_) => {}
+            Dim::Of(v, _) => out.push(*v),
+            Dim::Bin(_, a, b) => {
+                dim(a, out);
+                dim(b, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    match s {
+        Step::Reshape(_, pieces, _) => {
+            for p in pieces {
+                match p {
+                    Piece::One(d) => dim(d, &mut out),
+                    Piece::Run { of, .. } => out.push(*of),
+                }
+            }
+        }
+        Step::Slice { starts, ends, .. } => starts.iter().chain(ends).for_each(|d| dim(d, &mut out)),
+        _ => {}
+    }
+    out
 }
 
 fn inputs(s: &Step) -> Vec<ValueId> {
@@ -397,6 +451,10 @@ impl Module for Network {
         shapes.push(x.shape());
         vals[0] = Some(x.clone());
         for i in 0..self.steps.len() {
+            if !self.live[i + 1] {
+                shapes.push(Vec::new());
+                continue;
+            }
             let y = run_step(&mut self.steps[i], &vals, &shapes, ctx)?;
             shapes.push(y.shape());
             vals[i + 1] = Some(y);
