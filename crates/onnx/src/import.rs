@@ -675,6 +675,10 @@ impl Builder {
                 a.done()?;
                 let src = need(0)?;
                 let v = self.vals.get(src).cloned().ok_or_else(|| err(format!("input '{src}' is made by no earlier node")))?;
+                if let Val::Runtime(id) = v {
+                    // Read under two names now: no fused pattern may count its readers by one.
+                    self.value_name.remove(&id);
+                }
                 let out = node.output.first().ok_or_else(|| err("Identity has no output"))?;
                 self.vals.insert(out.clone(), v);
                 return Ok(());
@@ -875,7 +879,8 @@ impl Builder {
         Ok(())
     }
 
-    /// Whether value `id` (a node's output) is read once, by the node being built.
+    /// Whether value `id` (a node's output) is read once, by the node being built (false for a
+    /// value an Identity gave a second name).
     fn read_once(&self, id: ValueId) -> bool {
         self.value_name.get(&id).and_then(|n| self.uses.get(n)) == Some(&1)
     }
@@ -987,7 +992,8 @@ impl Builder {
                 }
                 let (x, y) = (self.value(get(0)?)?, self.value(bname)?);
                 let id = self.push(Step::MatMul(x, y));
-                self.vals.insert(out, Val::Runtime(id));
+                self.vals.insert(out.clone(), Val::Runtime(id));
+                self.value_name.insert(id, out);
                 return Ok(());
             }
         };
@@ -1015,7 +1021,8 @@ impl Builder {
         if bare {
             self.bare_linear.insert(id, weight);
         }
-        self.vals.insert(out, Val::Runtime(id));
+        self.vals.insert(out.clone(), Val::Runtime(id));
+        self.value_name.insert(id, out);
         Ok(())
     }
 
@@ -1026,7 +1033,7 @@ impl Builder {
         for (sig, x) in [(p, q), (q, p)] {
             let (Some(Val::Runtime(s)), Some(Val::Runtime(x))) = (self.vals.get(*sig), self.vals.get(*x)) else { continue };
             let (s, x) = (*s, *x);
-            if self.sigmoid_of.get(&s) != Some(&x) || self.uses.get(*sig) != Some(&1) {
+            if self.sigmoid_of.get(&s) != Some(&x) || !self.read_once(s) {
                 continue;
             }
             let Some(Step::Layer { name, .. }) = self.steps.get(s - 1) else { continue };
@@ -1048,7 +1055,7 @@ impl Builder {
         let [p, q] = ins else { return Ok(false) };
         for (prod, bias) in [(p, q), (q, p)] {
             let Some(Val::Runtime(id)) = self.vals.get(*prod) else { continue };
-            let (id, single) = (*id, self.uses.get(*prod) == Some(&1));
+            let (id, single) = (*id, self.read_once(*id) && self.value_name.get(id).map(String::as_str) == Some(*prod));
             let Some(weight) = self.bare_linear.get(&id).filter(|_| single).cloned() else { continue };
             let fout = weight.shape()[0];
             let Some(Val::Const(Const::F32(b))) = self.vals.get(*bias) else { continue };

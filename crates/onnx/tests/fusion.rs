@@ -1,0 +1,106 @@
+//! The patterns the importer runs as one layer (x * sigmoid(x) as SiLU, PyTorch's five-op
+//! GELU) give what the graph computes, and are left alone where an intermediate value has
+//! another reader, even under a second name.
+
+use stride_autograd::{no_grad, Tensor, Var};
+use stride_nn::{Ctx, Module};
+use stride_onnx::proto::{
+    tensor_shape_proto::{dimension::Value as Dim, Dimension},
+    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+    let shape = TensorShapeProto { dim: dims.iter().map(|&d| Dimension { value: Some(Dim::DimValue(d)), ..Default::default() }).collect() };
+    let t = type_proto::Tensor { elem_type: Some(1), shape: Some(shape) };
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(t)), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: Some(output.into()),
+        ..Default::default()
+    }
+}
+
+/// A one-input graph of `nodes` over x [2, 3] with scalar constants `consts`, ending in `out`.
+fn model(nodes: Vec<NodeProto>, consts: &[(&str, f32)], out: &str) -> ModelProto {
+    let initializer = consts.iter().map(|(n, v)| stride_onnx::to_tensor_proto(n, &Tensor::scalar(*v))).collect();
+    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", &[2, 3])], output: vec![value(out, &[2, 3])], ..Default::default() };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { version: Some(17), ..Default::default() }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+/// The network's output on x, and the kinds of the layers it runs.
+fn run(m: &ModelProto, x: &[f32]) -> (Vec<f32>, Vec<String>) {
+    let mut net = stride_onnx::import(m).unwrap().network;
+    let kinds = net.layer_kinds().into_iter().map(|(_, k)| k).collect();
+    let y = no_grad(|| net.forward(&Var::constant(Tensor::from_vec(x.to_vec(), &[2, 3]).unwrap()), &mut Ctx::eval())).unwrap();
+    (y.value().data().to_vec(), kinds)
+}
+
+const X: [f32; 6] = [-2.5, -0.7, 0.0, 0.3, 1.1, 3.0];
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
+}
+
+#[test]
+fn x_times_its_sigmoid_runs_as_silu_unless_the_sigmoid_is_read_again() {
+    let silu = model(vec![node("Sigmoid", &["x"], "s"), node("Mul", &["x", "s"], "y")], &[], "y");
+    let (y, kinds) = run(&silu, &X);
+    assert_eq!(kinds, ["silu"]);
+    assert!(close(&y, &X.map(|v| v * sigmoid(v))), "{y:?}");
+    // The sigmoid is also added, both reads through a second name (its first is read once,
+    // by the Identity): it must stay a sigmoid.
+    let read_again = model(
+        vec![node("Sigmoid", &["x"], "s"), node("Identity", &["s"], "s2"), node("Mul", &["x", "s2"], "p"), node("Add", &["p", "s2"], "y")],
+        &[],
+        "y",
+    );
+    let (y, kinds) = run(&read_again, &X);
+    assert_eq!(kinds, ["sigmoid"]);
+    assert!(close(&y, &X.map(|v| v * sigmoid(v) + sigmoid(v))), "{y:?}");
+}
+
+#[test]
+fn pytorchs_gelu_runs_as_one_layer_unless_a_step_is_read_again() {
+    let gelu_nodes = || {
+        vec![
+            node("Div", &["x", "sqrt2"], "d"),
+            node("Erf", &["d"], "e"),
+            node("Add", &["e", "one"], "a"),
+            node("Mul", &["x", "a"], "m"),
+            node("Mul", &["m", "half"], "y"),
+        ]
+    };
+    let consts = [("sqrt2", std::f32::consts::SQRT_2), ("one", 1.0), ("half", 0.5)];
+    // The f64 functions (libm's erf) as the reference.
+    let x64 = Var::constant(Tensor::from_vec(X.iter().map(|&v| v as f64).collect(), &[6]).unwrap());
+    let exact: Vec<f32> = x64.gelu().unwrap().value().data().iter().map(|&v| v as f32).collect();
+    let erf: Vec<f32> = x64.mul_scalar(std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap().value().data().iter().map(|&v| v as f32).collect();
+    let (y, kinds) = run(&model(gelu_nodes(), &consts, "y"), &X);
+    assert_eq!(kinds, ["gelu"]);
+    assert!(close(&y, &exact), "{y:?} against {exact:?}");
+    // The erf is also an output's summand: the chain stays as written.
+    let mut nodes = gelu_nodes();
+    nodes.push(node("Add", &["y", "e"], "z"));
+    let (z, kinds) = run(&model(nodes, &consts, "z"), &X);
+    assert_eq!(kinds, ["erf"]);
+    let want: Vec<f32> = exact.iter().zip(&erf).map(|(g, e)| g + e).collect();
+    assert!(close(&z, &want), "{z:?} against {want:?}");
+}
