@@ -24,7 +24,7 @@ OPS = {
     "Softmax", "LogSoftmax", "Dropout",
     # Since: what torchvision's MobileNetV3, ShuffleNetV2 and ConvNeXt export to.
     "HardSigmoid", "HardSwish", "Erf", "LayerNormalization", "Slice", "Squeeze", "Unsqueeze",
-    "Transpose",
+    "Transpose", "Gelu",
 }
 
 def main() -> None:

@@ -778,6 +778,15 @@ impl Builder {
                     self.push(Step::Squeeze(x, axes))
                 }
             }
+            "Gelu" => {
+                let x = self.runtime(need(0)?)?;
+                let approximate = a.string("approximate").unwrap_or_else(|| "none".into());
+                a.done()?;
+                if approximate != "none" {
+                    return Err(err(format!("approximate '{approximate}' is not supported: Stride's GELU is the exact (erf) one")));
+                }
+                self.layer(node, None, Activation(Unary::Gelu), x)
+            }
             "HardSigmoid" => {
                 // max(0, min(1, alpha x + beta)), as three of Stride's element-wise functions.
                 let x = self.runtime(need(0)?)?;
