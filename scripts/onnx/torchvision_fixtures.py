@@ -51,14 +51,19 @@ MODELS = [
 OPSETS = {"dynamo": 18, "torchscript": 17}
 
 
-class TinyCnn(torch.nn.Module):
-    def __init__(self):
+class TutorialCnn(torch.nn.Module):
+    """A convolution, ReLU, max pooling, then x.view(x.size(0), -1) and a dense layer, on
+    1x28x28 images, as the tutorials write a CNN."""
+
+    def __init__(self, channels, kernel, pool, classes):
         super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 5)
-        self.fc = torch.nn.Linear(4 * 12 * 12, 10)
+        self.pool = pool
+        side = (28 - kernel + 1) // pool
+        self.conv = torch.nn.Conv2d(1, channels, kernel)
+        self.fc = torch.nn.Linear(channels * side * side, classes)
 
     def forward(self, x):
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), self.pool)
         x = x.view(x.size(0), -1)
         return self.fc(x)
 
@@ -73,21 +78,10 @@ def export(net, x, path, exporter, external_data=False):
                           dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSETS[exporter], dynamo=False)
 
 
-class SeedCnn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 2, 3)
-        self.fc = torch.nn.Linear(2 * 6 * 6, 3)
-
-    def forward(self, x):
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 4)
-        return self.fc(x.view(x.size(0), -1))
-
-
 def fuzz_seed():
     torch.manual_seed(4)
     path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", "torchscript_view.onnx"))
-    export(SeedCnn().eval(), torch.randn(2, 1, 28, 28), path, "torchscript")
+    export(TutorialCnn(2, 3, 4, 3).eval(), torch.randn(2, 1, 28, 28), path, "torchscript")
     model = onnx.load(path)
     for node in model.graph.node:
         node.ClearField("doc_string")
@@ -97,7 +91,7 @@ def fuzz_seed():
 
 def tiny_cnn():
     torch.manual_seed(3)
-    net = TinyCnn().eval()
+    net = TutorialCnn(4, 5, 2, 10).eval()
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with open(os.path.join(OUT, "tiny_cnn.input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())

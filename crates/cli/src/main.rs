@@ -134,31 +134,24 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     s.trim().parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("'{s}' is not a whole number of at least 1"))
 }
 
+/// A number `ok` accepts, else an error naming `what` it should have been and `hint`.
+fn number(s: &str, what: &str, ok: impl Fn(f64) -> bool, hint: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().ok().filter(|&v| ok(v)).ok_or_else(|| format!("'{s}' is not {what}: give {hint}"))
+}
+
 /// A learning rate: finite and >= 0 (0 freezes the weights, as PyTorch allows).
 fn learning_rate(s: &str) -> Result<f64, String> {
-    s.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|r| r.is_finite() && *r >= 0.0)
-        .ok_or_else(|| format!("'{s}' is not a learning rate: give a finite number >= 0, such as 2e-3"))
+    number(s, "a learning rate", |r| r.is_finite() && r >= 0.0, "a finite number >= 0, such as 2e-3")
 }
 
 /// SGD's momentum, in [0, 1).
 fn momentum(s: &str) -> Result<f64, String> {
-    s.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|m| (0.0..1.0).contains(m))
-        .ok_or_else(|| format!("'{s}' is not a momentum: give a number in [0, 1), such as 0.9"))
+    number(s, "a momentum", |m| (0.0..1.0).contains(&m), "a number in [0, 1), such as 0.9")
 }
 
 /// A weight decay: finite and >= 0.
 fn weight_decay(s: &str) -> Result<f64, String> {
-    s.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|d| d.is_finite() && *d >= 0.0)
-        .ok_or_else(|| format!("'{s}' is not a weight decay: give a finite number >= 0, such as 5e-4"))
+    number(s, "a weight decay", |d| d.is_finite() && d >= 0.0, "a finite number >= 0, such as 5e-4")
 }
 
 fn parse_device(s: &str) -> Result<DeviceArg, String> {

@@ -882,7 +882,12 @@ impl Builder {
                 None => return Err(err(format!("operator {op} is not supported by Stride"))),
             },
         };
-        let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?;
+        self.set_output(node, id)
+    }
+
+    /// Records runtime value `id` as `node`'s (first) output.
+    fn set_output(&mut self, node: &NodeProto, id: ValueId) -> Result<()> {
+        let out = node.output.first().ok_or_else(|| err(format!("{} has no output", node.op_type.as_deref().unwrap_or("the node"))))?;
         self.vals.insert(out.clone(), Val::Runtime(id));
         self.value_name.insert(id, out.clone());
         Ok(())
@@ -952,9 +957,7 @@ impl Builder {
             }
             let name = self.layer_name(node, None);
             let id = self.push(Step::Layer { name, module: Box::new(Activation(Unary::Gelu)), input: x });
-            let out = node.output.first().ok_or_else(|| err("Mul has no output"))?;
-            self.vals.insert(out.clone(), Val::Runtime(id));
-            self.value_name.insert(id, out.clone());
+            self.set_output(node, id)?;
             return Ok(true);
         }
         Ok(false)
@@ -992,7 +995,6 @@ impl Builder {
             return Err(err("transA 1 is not supported: Stride's dense layer takes rows of features"));
         }
         let bname = get(1)?;
-        let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?.clone();
         let b = match self.vals.get(bname) {
             Some(Val::Const(Const::F32(t))) if t.shape().len() == 2 => t.clone(),
             _ => {
@@ -1001,9 +1003,7 @@ impl Builder {
                 }
                 let (x, y) = (self.value(get(0)?)?, self.value(bname)?);
                 let id = self.push(Step::MatMul(x, y));
-                self.vals.insert(out.clone(), Val::Runtime(id));
-                self.value_name.insert(id, out);
-                return Ok(());
+                return self.set_output(node, id);
             }
         };
         let x = self.runtime(get(0)?)?;
@@ -1030,9 +1030,7 @@ impl Builder {
         if bare {
             self.bare_linear.insert(id, weight);
         }
-        self.vals.insert(out.clone(), Val::Runtime(id));
-        self.value_name.insert(id, out);
-        Ok(())
+        self.set_output(node, id)
     }
 
     /// Mul(x, Sigmoid(x)) or Mul(Sigmoid(x), x), the sigmoid read by nothing else: the sigmoid's
@@ -1049,9 +1047,7 @@ impl Builder {
             let name = name.clone();
             self.steps[s - 1] = Step::Layer { name, module: Box::new(Activation(Unary::Silu)), input: x };
             self.sigmoid_of.remove(&s);
-            let out = node.output.first().ok_or_else(|| err("Mul has no output"))?;
-            self.vals.insert(out.clone(), Val::Runtime(s));
-            self.value_name.insert(s, out.clone());
+            self.set_output(node, s)?;
             return Ok(true);
         }
         Ok(false)
@@ -1084,9 +1080,7 @@ impl Builder {
             };
             self.steps[id - 1] = Step::Layer { name, module: Box::new(Linear { weight, bias: Some(b) }), input };
             self.bare_linear.remove(&id);
-            let out = node.output.first().ok_or_else(|| err("Add has no output"))?;
-            self.vals.insert(out.clone(), Val::Runtime(id));
-            self.value_name.insert(id, out.clone());
+            self.set_output(node, id)?;
             return Ok(true);
         }
         Ok(false)
