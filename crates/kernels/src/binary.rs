@@ -2,8 +2,9 @@
 //! the shapes networks make, on all cores for long outputs:
 //! - equal shapes (a residual sum, x * gate);
 //! - the smaller operand constant over runs of the output's trailing axes (a squeeze-excitation
-//!   scale [N, C, 1, 1] over [N, C, H, W], a per-channel [C, 1, 1] shift);
-//! - the smaller operand repeating along the output's leading axes (a bias row [F] over [N, F]).
+//!   scale `[N, C, 1, 1]` over `[N, C, H, W]`, a per-channel `[C, 1, 1]` shift);
+//! - the smaller operand repeating along the output's leading axes (a bias row `[F]` over
+//!   `[N, F]`).
 //!
 //! Anything else goes through the general gather of [`Tensor::zip_map`]. Every path computes
 //! `op(a[i], b[i])` for each element, so all give the same bits.
