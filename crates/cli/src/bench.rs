@@ -26,6 +26,15 @@ pub struct BenchArgs {
     /// (to see what planning gains; see ARCHITECTURE.md, "Planned execution").
     #[arg(long)]
     eager: bool,
+    /// `--bench onnx`: the ONNX file whose inference is timed (its weights inside or beside it).
+    #[arg(long, value_name = "FILE.onnx")]
+    model: Option<std::path::PathBuf>,
+    /// `--bench onnx`: the input `CxHxW` or `NxCxHxW`; default the file's declared input.
+    #[arg(long)]
+    input: Option<String>,
+    /// `--bench onnx`: images per inference pass (N of --input wins).
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
+    batch_size: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -40,6 +49,9 @@ enum Bench {
     Resnet18,
     /// B1, B2, B3 and B4.
     All,
+    /// Inference of an ONNX file (`--model FILE.onnx`): images per second on random inputs, to
+    /// set beside ONNX Runtime's on the same file.
+    Onnx,
 }
 
 /// One B3 shape: id, N, Cin, Cout, H (= W), kernel, stride, padding, groups, transposed.
@@ -69,6 +81,7 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
             Bench::Vae => vae_bench(args, device),
             Bench::Resnet18 => resnet18_bench(args, device),
             Bench::All => lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| resnet18_bench(args, device)),
+            Bench::Onnx => onnx_bench(args, device),
             Bench::Conv => Err(stride_autograd::Error::device(
                 "bench",
                 "the B3 convolution figures time the CPU kernels; use --bench lenet, vae or resnet18 on a GPU",
@@ -84,6 +97,7 @@ pub fn run(args: &BenchArgs, device: Device) -> Result<()> {
         Bench::Lenet => lenet_bench(args, device),
         Bench::Vae => vae_bench(args, device),
         Bench::Resnet18 => resnet18_bench(args, device),
+        Bench::Onnx => onnx_bench(args, device),
         Bench::All => {
             lenet_bench(args, device).and_then(|_| vae_bench(args, device)).and_then(|_| conv_bench(args)).and_then(|_| resnet18_bench(args, device))
         }
@@ -193,6 +207,40 @@ fn lenet_bench(args: &BenchArgs, device: Device) -> Result<()> {
     let infer_s = infer_seconds(args, device, &mut model, &x.value(), 5, steps)?;
     report_mode("lenet_train", train_s, 64, train_mode, device);
     report_mode("lenet_infer", infer_s, 64, infer_mode(args, device), device);
+    Ok(())
+}
+
+/// `--bench onnx`: the imported network's inference on random inputs, planned where the
+/// planner takes the network (else eagerly, saying why), one JSON line naming the file.
+fn onnx_bench(args: &BenchArgs, device: Device) -> Result<()> {
+    let fail = |msg: String| stride_autograd::Error::arg("bench", msg);
+    let path = args.model.as_ref().ok_or_else(|| fail("--bench onnx needs --model FILE.onnx".into()))?;
+    let mut net = stride_onnx::import(&stride_onnx::read(path).map_err(|e| e.source)?).map_err(|e| e.source)?.network;
+    let (n, chw) = match &args.input {
+        Some(s) => stride_train::inspect::parse_input(s).map_err(|e| fail(e.to_string()))?,
+        None => match net.input_shape.get(1..) {
+            Some([Some(c), Some(h), Some(w)]) => (None, [*c, *h, *w]),
+            _ => return Err(fail(format!("{} declares its input as {:?}; give --input CxHxW", path.display(), net.input_shape))),
+        },
+    };
+    let batch = n.unwrap_or(args.batch_size);
+    stride_nn::Module::to(&mut net, device).map_err(|e| e.source)?;
+    let x: stride_autograd::Tensor<f32> = Rng::seed(1).normal(&[batch, chw[0], chw[1], chw[2]], 0.0, 1.0)?.to(device)?;
+    let steps = args.reps.max(5);
+    let (secs, mode) = match infer_seconds(args, device, &mut net, &x, 2, steps) {
+        Ok(s) => (s, infer_mode(args, device).to_string()),
+        Err(why) if !args.eager && device.is_cpu() => {
+            eprintln!("inference ran eagerly: {why}");
+            let eager = BenchArgs { eager: true, model: None, input: None, shapes: Vec::new(), ..*args };
+            (infer_seconds(&eager, device, &mut net, &x, 2, steps)?, "eager".to_string())
+        }
+        Err(e) => return Err(e),
+    };
+    let mut rec = record("onnx_infer", secs, batch, device);
+    rec["mode"] = json!(mode);
+    rec["model"] = json!(path.display().to_string());
+    rec["input"] = json!(chw);
+    println!("{rec}");
     Ok(())
 }
 

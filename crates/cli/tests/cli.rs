@@ -726,3 +726,18 @@ fn augment_previews_a_spec_on_the_training_images() {
     let o = stride(&["augment", "twirl", "--out", png.to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("unknown augmentation 'twirl'"), "{}", text(&o));
 }
+
+/// `stride bench --bench onnx` times an ONNX file's inference (weights beside it too) as one
+/// JSON line, and says what it needs.
+#[test]
+fn bench_times_an_onnx_file() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/tests/torchvision/tiny_cnn.dynamo.onnx");
+    let out = stride(&["bench", "--bench", "onnx", "--batch-size", "8", "--reps", "5", "--model", fixture.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8_lossy(&out.stdout);
+    let rec: serde_json::Value = serde_json::from_str(line.lines().find(|l| l.starts_with('{')).expect("a JSON line")).unwrap();
+    assert_eq!((rec["bench"].as_str(), rec["batch"].as_u64(), rec["input"].to_string().as_str()), (Some("onnx_infer"), Some(8), "[1,28,28]"));
+    assert!(rec["value"].as_f64().is_some_and(|v| v > 0.0), "{rec}");
+    let out = stride(&["bench", "--bench", "onnx"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--model FILE.onnx"));
+}
