@@ -14,10 +14,13 @@ use stride_nn::blocks::{ConvTranspose2d, OtherPool};
 use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool};
 use stride_nn::Module;
 
-use crate::network::{BinOp, Dim, IntOp, Network, Piece, Step, ValueId};
+use crate::network::{BinOp, Dim, Network, Piece, Step, ValueId};
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
+
+mod fuse;
+mod shapes;
 
 /// What `import` made of a file.
 pub struct Imported {
@@ -295,163 +298,6 @@ impl Builder {
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
-    /// An integer list: a constant, or integers computed from shapes. None for anything else.
-    fn int_pieces(&self, name: &str) -> Option<Vec<Piece>> {
-        match self.vals.get(name)? {
-            Val::Const(Const::I64(d)) => Some(d.iter().map(|&i| Piece::One(Dim::Const(i))).collect()),
-            Val::Ints(p) => Some(p.clone()),
-            _ => None,
-        }
-    }
-    /// Whether `name` is integers computed from shapes.
-    fn is_ints(&self, name: &str) -> bool {
-        matches!(self.vals.get(name), Some(Val::Ints(_)))
-    }
-    /// An integer list of known length, each entry a constant or computed from shapes.
-    fn int_list(&self, name: &str, what: &str) -> Result<Vec<Dim>> {
-        let pieces = self.int_pieces(name).ok_or_else(|| err(format!("{what} '{name}' is not a list of integers")))?;
-        pieces
-            .into_iter()
-            .map(|p| match p {
-                Piece::One(d) => Ok(d),
-                Piece::Run { .. } => {
-                    Err(err(format!("{what} '{name}' holds a whole shape, whose length Stride does not know before the network runs")))
-                }
-            })
-            .collect()
-    }
-    /// Stores integers: folded to a constant when none depends on a shape.
-    fn set_ints(&mut self, node: &NodeProto, pieces: Vec<Piece>) -> Result<()> {
-        let consts: Option<Vec<i64>> = pieces.iter().map(|p| if let Piece::One(Dim::Const(c)) = p { Some(*c) } else { None }).collect();
-        let v = match consts {
-            Some(c) => Val::Const(Const::I64(c)),
-            None => Val::Ints(pieces),
-        };
-        let out = node.output.first().ok_or_else(|| err("the node has no output"))?;
-        self.vals.insert(out.clone(), v);
-        Ok(())
-    }
-
-    /// Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice and integer arithmetic on a
-    /// graph's shapes. Returns false when `node` is not such an operation.
-    fn shape_node(&mut self, node: &NodeProto, ins: &[&str], a: &mut Attrs) -> Result<bool> {
-        let op = node.op_type.as_deref().unwrap_or("");
-        let first = ins.first().copied().unwrap_or("");
-        let pieces: Vec<Piece> = match op {
-            "Shape" => {
-                let (start, end) = (a.int("start", 0)?, a.take("end").map(|e| e.i.unwrap_or(0)));
-                match self.vals.get(first) {
-                    Some(Val::Runtime(id)) => vec![Piece::Run { of: *id, start, end }],
-                    Some(Val::Const(Const::F32(t))) => {
-                        let dims = t.shape();
-                        dims[crate::network::dims_range(dims.len(), start, end)].iter().map(|&d| Piece::One(Dim::Const(d as i64))).collect()
-                    }
-                    _ => return Err(err(format!("Shape of '{first}': Stride takes the shape of float values"))),
-                }
-            }
-            "Gather" if self.int_pieces(first).is_some() => {
-                if a.int("axis", 0)? != 0 {
-                    return Err(err("Gather from a shape along an axis other than 0"));
-                }
-                let idx = self.const_ints(ins.get(1).copied().unwrap_or(""), "indices")?;
-                let from = self.int_pieces(first).unwrap_or_default();
-                let known: Option<Vec<Dim>> = from.iter().map(|p| if let Piece::One(d) = p { Some(d.clone()) } else { None }).collect();
-                idx.iter()
-                    .map(|&i| {
-                        let d = match (&known, &from[..]) {
-                            (Some(k), _) => {
-                                let n = k.len() as i64;
-                                let j = if i < 0 { i + n } else { i };
-                                k.get(usize::try_from(j).unwrap_or(usize::MAX)).cloned()
-                            }
-                            (None, [Piece::Run { of, start, end: None }]) if *start >= 0 && i >= 0 => start.checked_add(i).map(|a| Dim::Of(*of, a)),
-                            (None, [Piece::Run { of, start: 0, end: None }]) => Some(Dim::Of(*of, i)),
-                            _ => None,
-                        };
-                        d.map(Piece::One)
-                            .ok_or_else(|| err(format!("index {i} of '{first}' is out of its range or not known before the network runs")))
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "Unsqueeze" | "Squeeze" if self.int_pieces(first).is_some() => {
-                // A scalar made a 1-element list and back: the integers stay as they are.
-                a.take("axes");
-                self.int_pieces(first).unwrap_or_default()
-            }
-            "Concat" if ins.iter().any(|n| self.is_ints(n)) => {
-                let ax = a.int("axis", 0)?;
-                if ax != 0 && ax != -1 {
-                    return Err(err(format!("Concat of shapes along axis {ax}")));
-                }
-                let mut all = Vec::new();
-                for n in ins.iter().filter(|n| !n.is_empty()) {
-                    all.extend(self.int_pieces(n).ok_or_else(|| err(format!("Concat of shape '{first}' with '{n}', which is not integers")))?);
-                }
-                all
-            }
-            "Cast" if self.int_pieces(first).is_some() => {
-                let to = a.int("to", 0)?;
-                a.take("saturate");
-                if to != 6 && to != 7 {
-                    return Err(err(format!("Cast of integers to {}: Stride keeps shapes as integers", crate::tensor::type_name(to as i32))));
-                }
-                self.int_pieces(first).unwrap_or_default()
-            }
-            "Add" | "Sub" | "Mul" | "Div" if ins.len() == 2 && self.int_pieces(ins[0]).is_some() && self.int_pieces(ins[1]).is_some() => {
-                let (x, y) = (self.int_list(ins[0], "operand")?, self.int_list(ins[1], "operand")?);
-                let n = x.len().max(y.len());
-                if !(x.len() == n || x.len() == 1) || !(y.len() == n || y.len() == 1) {
-                    return Err(err(format!("{op} of {} and {} integers", x.len(), y.len())));
-                }
-                let iop = match op {
-                    "Add" => IntOp::Add,
-                    "Sub" => IntOp::Sub,
-                    "Mul" => IntOp::Mul,
-                    _ => IntOp::Div,
-                };
-                let mut out = Vec::with_capacity(n);
-                for i in 0..n {
-                    let (p, q) = (x[if x.len() == 1 { 0 } else { i }].clone(), y[if y.len() == 1 { 0 } else { i }].clone());
-                    out.push(Piece::One(match (&p, &q) {
-                        (Dim::Const(u), Dim::Const(v)) => Dim::Const(
-                            match iop {
-                                IntOp::Add => u.checked_add(*v),
-                                IntOp::Sub => u.checked_sub(*v),
-                                IntOp::Mul => u.checked_mul(*v),
-                                IntOp::Div => u.checked_div(*v),
-                            }
-                            .ok_or_else(|| err(format!("{op} of {u} and {v} has no int64 result")))?,
-                        ),
-                        _ => Dim::Bin(iop, Box::new(p), Box::new(q)),
-                    }));
-                }
-                out
-            }
-            "Slice" if self.int_pieces(first).is_some() => {
-                let (starts, ends) =
-                    (self.const_ints(ins.get(1).copied().unwrap_or(""), "starts")?, self.const_ints(ins.get(2).copied().unwrap_or(""), "ends")?);
-                let from = self.int_pieces(first).unwrap_or_default();
-                if starts.len() != 1
-                    || ends.len() != 1
-                    || ins.get(4).is_some_and(|n| !n.is_empty() && self.const_ints(n, "steps").ok() != Some(vec![1]))
-                {
-                    return Err(err("Slice of a shape: one start and end, step 1"));
-                }
-                let (s, e) = (starts[0], ends[0]);
-                match &from[..] {
-                    [Piece::Run { of, start: 0, end: None }] => vec![Piece::Run { of: *of, start: s, end: (e < i64::MAX / 2).then_some(e) }],
-                    _ => {
-                        let known = self.int_list(first, "data")?;
-                        known[crate::network::dims_range(known.len(), s, Some(e))].iter().cloned().map(Piece::One).collect()
-                    }
-                }
-            }
-            _ => return Ok(false),
-        };
-        self.set_ints(node, pieces)?;
-        Ok(true)
-    }
-
     fn push(&mut self, s: Step) -> ValueId {
         self.steps.push(s);
         self.steps.len()
@@ -893,76 +739,6 @@ impl Builder {
         Ok(())
     }
 
-    /// Whether value `id` (a node's output) is read once, by the node being built (false for a
-    /// value an Identity gave a second name).
-    fn read_once(&self, id: ValueId) -> bool {
-        self.value_name.get(&id).and_then(|n| self.uses.get(n)) == Some(&1)
-    }
-
-    /// The value of a one-element constant step.
-    fn const_scalar(&self, id: ValueId) -> Option<f32> {
-        match self.steps.get(id.checked_sub(1)?)? {
-            Step::Const(v) if v.value().numel() == 1 => v.value().to_host().ok()?.data().first().copied(),
-            _ => None,
-        }
-    }
-
-    /// The operands of a binary step `op` as (runtime value, constant), either way round.
-    fn with_const(&self, id: ValueId, op: BinOp) -> Option<(ValueId, f32)> {
-        let Some(Step::Binary(o, a, b)) = self.steps.get(id.checked_sub(1)?) else { return None };
-        if *o != op {
-            return None;
-        }
-        match (self.const_scalar(*a), self.const_scalar(*b)) {
-            (None, Some(c)) => Some((*a, c)),
-            (Some(c), None) if matches!(op, BinOp::Add | BinOp::Mul) => Some((*b, c)),
-            _ => None,
-        }
-    }
-
-    /// GELU as PyTorch exports it before opset 20: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)),
-    /// 0.5) (any order of the products' operands, or x times 1/sqrt 2 for the division), the
-    /// intermediate values read by nothing else: one GELU layer of x. The chain's steps are left
-    /// to the network, which skips steps nothing reads.
-    fn fuse_gelu(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
-        let close = |v: f32, want: f64| (v as f64 - want).abs() <= 1e-5 * want.abs();
-        let ids: Vec<Option<ValueId>> = ins.iter().map(|n| if let Some(Val::Runtime(id)) = self.vals.get(*n) { Some(*id) } else { None }).collect();
-        let consts: Vec<Option<f32>> = ins
-            .iter()
-            .map(|n| match self.vals.get(*n) {
-                Some(Val::Const(Const::F32(t))) if t.numel() == 1 => t.data().first().copied(),
-                _ => None,
-            })
-            .collect();
-        let m = match (ids.as_slice(), consts.as_slice()) {
-            ([Some(m), None], [None, Some(h)]) | ([None, Some(m)], [Some(h), None]) if close(*h, 0.5) => *m,
-            _ => return Ok(false),
-        };
-        let Some(Step::Binary(BinOp::Mul, u, v)) = self.steps.get(m - 1) else { return Ok(false) };
-        let (u, v) = (*u, *v);
-        for (x, sum) in [(u, v), (v, u)] {
-            let Some((e, one)) = self.with_const(sum, BinOp::Add) else { continue };
-            let Some(Step::Layer { module, input: d, .. }) = self.steps.get(e - 1) else { continue };
-            if module.describe() != "erf" {
-                continue;
-            }
-            let d = *d;
-            let scaled = match (self.with_const(d, BinOp::Div), self.with_const(d, BinOp::Mul)) {
-                (Some((dx, c)), _) => dx == x && close(c, std::f64::consts::SQRT_2),
-                (_, Some((dx, c))) => dx == x && close(c, std::f64::consts::FRAC_1_SQRT_2),
-                _ => false,
-            };
-            if !scaled || !close(one, 1.0) || ![m, sum, e, d].iter().all(|&id| self.read_once(id)) {
-                continue;
-            }
-            let name = self.layer_name(node, None);
-            let id = self.push(Step::Layer { name, module: Box::new(Activation(Unary::Gelu)), input: x });
-            self.set_output(node, id)?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
     fn conv_opts(&self, a: &mut Attrs, w: &[usize]) -> Result<Conv2dOptions> {
         if let Some(k) = a.ints("kernel_shape") {
             if k.len() != 2 || k[0] as usize != w[2] || k[1] as usize != w[3] {
@@ -1031,59 +807,6 @@ impl Builder {
             self.bare_linear.insert(id, weight);
         }
         self.set_output(node, id)
-    }
-
-    /// Mul(x, Sigmoid(x)) or Mul(Sigmoid(x), x), the sigmoid read by nothing else: the sigmoid's
-    /// step becomes a SiLU of x (one pass over the values instead of two and a product).
-    fn fuse_silu(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
-        let [p, q] = ins else { return Ok(false) };
-        for (sig, x) in [(p, q), (q, p)] {
-            let (Some(Val::Runtime(s)), Some(Val::Runtime(x))) = (self.vals.get(*sig), self.vals.get(*x)) else { continue };
-            let (s, x) = (*s, *x);
-            if self.sigmoid_of.get(&s) != Some(&x) || !self.read_once(s) {
-                continue;
-            }
-            let Some(Step::Layer { name, .. }) = self.steps.get(s - 1) else { continue };
-            let name = name.clone();
-            self.steps[s - 1] = Step::Layer { name, module: Box::new(Activation(Unary::Silu)), input: x };
-            self.sigmoid_of.remove(&s);
-            self.set_output(node, s)?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// Add(product, bias) or Add(bias, product) where `product` is a dense layer without a
-    /// bias that nothing else reads, and the bias a constant vector of its outputs: the layer
-    /// takes the bias (so fine-tuning trains it) and its name (`fc.bias` names layer `fc`).
-    fn fuse_bias(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
-        let [p, q] = ins else { return Ok(false) };
-        for (prod, bias) in [(p, q), (q, p)] {
-            let Some(Val::Runtime(id)) = self.vals.get(*prod) else { continue };
-            let (id, single) = (*id, self.read_once(*id) && self.value_name.get(id).map(String::as_str) == Some(*prod));
-            let Some(weight) = self.bare_linear.get(&id).filter(|_| single).cloned() else { continue };
-            let fout = weight.shape()[0];
-            let Some(Val::Const(Const::F32(b))) = self.vals.get(*bias) else { continue };
-            if b.shape() != [fout] {
-                continue;
-            }
-            let b = Var::parameter(b.clone());
-            let Some(Step::Layer { name, input, .. }) = self.steps.get(id - 1) else { continue };
-            let (old, input) = (name.clone(), *input);
-            let name = match bias.strip_suffix(".bias").filter(|p| !p.is_empty()) {
-                Some(prefix) if !self.names.contains(prefix) => {
-                    self.names.remove(&old);
-                    self.names.insert(prefix.to_string());
-                    prefix.to_string()
-                }
-                _ => old,
-            };
-            self.steps[id - 1] = Step::Layer { name, module: Box::new(Linear { weight, bias: Some(b) }), input };
-            self.bare_linear.remove(&id);
-            self.set_output(node, id)?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     fn split(&mut self, node: &NodeProto, ins: &[&str], mut a: Attrs) -> Result<()> {

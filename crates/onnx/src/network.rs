@@ -200,7 +200,7 @@ impl Network {
 
     /// How many layers (steps with a Stride layer) the graph became.
     pub fn layers(&self) -> usize {
-        self.layer_kinds().len()
+        self.steps.iter().zip(&self.live[1..]).filter(|(s, &live)| live && matches!(s, Step::Layer { .. })).count()
     }
 
     /// The layers the network runs, in order: name and kind (`Conv2d(3, 64, k7x7, ...)`,

@@ -244,30 +244,28 @@ fn lanes_task<T: Elem>(
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
     let (bh, bw) = g.bordered_size();
     let blocks = g.c / LANES;
-    {
-        let (n, c0) = (block / blocks, (block % blocks) * LANES);
-        // The bordered, interleaved planes: border zero, inside the eight planes' values.
-        buf.clear();
-        buf.resize(bh * bw * LANES, T::zero());
-        for l in 0..LANES {
-            let plane = &x[(n * g.c + c0 + l) * hw..][..hw];
-            for (i, row) in plane.chunks_exact(g.w).enumerate() {
-                let dst = &mut buf[((i + g.pad.0) * bw + g.pad.2) * LANES + l..];
-                for (j, v) in row.iter().enumerate() {
-                    dst[j * LANES] = *v;
-                }
+    let (n, c0) = (block / blocks, (block % blocks) * LANES);
+    // The bordered, interleaved planes: border zero, inside the eight planes' values.
+    buf.clear();
+    buf.resize(bh * bw * LANES, T::zero());
+    for l in 0..LANES {
+        let plane = &x[(n * g.c + c0 + l) * hw..][..hw];
+        for (i, row) in plane.chunks_exact(g.w).enumerate() {
+            let dst = &mut buf[((i + g.pad.0) * bw + g.pad.2) * LANES + l..];
+            for (j, v) in row.iter().enumerate() {
+                dst[j * LANES] = *v;
             }
         }
-        taps.clear();
-        taps.extend((0..rs * LANES).map(|t| w[(c0 + t % LANES) * rs + t / LANES]));
-        acc.clear();
-        acc.resize(pq * LANES, T::zero());
-        let b: [T; LANES] = std::array::from_fn(|l| bias.map_or(T::zero(), |b| b[c0 + l]));
-        correlate_lanes(g.pass(), buf, bw, taps, b, acc);
-        for (o, v) in acc.chunks_exact(LANES).enumerate() {
-            for (l, v) in v.iter().enumerate() {
-                out[l * pq + o] = *v;
-            }
+    }
+    taps.clear();
+    taps.extend((0..rs * LANES).map(|t| w[(c0 + t % LANES) * rs + t / LANES]));
+    acc.clear();
+    acc.resize(pq * LANES, T::zero());
+    let b: [T; LANES] = std::array::from_fn(|l| bias.map_or(T::zero(), |b| b[c0 + l]));
+    correlate_lanes(g.pass(), buf, bw, taps, b, acc);
+    for (o, v) in acc.chunks_exact(LANES).enumerate() {
+        for (l, v) in v.iter().enumerate() {
+            out[l * pq + o] = *v;
         }
     }
 }
