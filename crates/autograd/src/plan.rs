@@ -24,6 +24,9 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use rayon::prelude::*;
+
+use stride_kernels::binary::{binary_into, BinOp};
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
 use stride_kernels::gemm::{auto_threads, matmul, MatRef};
@@ -36,6 +39,9 @@ use crate::var::Node;
 use crate::Var;
 
 type Buf = usize;
+
+/// Elements per task of a planned batch norm (whole planes, at least one).
+const AFFINE_CHUNK: usize = 1 << 14;
 
 /// Where a step reads a value from: the arena or a constant captured at compile time.
 #[derive(Clone, Copy, Debug)]
@@ -77,16 +83,25 @@ enum Step {
         src: Buf,
         dst: Buf,
     },
+    /// Adaptive average pooling of [N, C, H, W] (`dims`) to `out` (global pooling at 1x1).
+    AdaptiveAvg {
+        dims: [usize; 4],
+        out: (usize, usize),
+        src: Buf,
+        dst: Buf,
+    },
     Unary {
         f: Unary,
         src: Buf,
         dst: Buf,
     },
-    /// Same-shape add/sub/mul/div (`op` 0..4), then an optional activation.
+    /// Add, sub, mul or div of operands shaped `shapes`, broadcast as NumPy does (both NCHW),
+    /// or of the same shape (in any one layout), then an optional activation.
     Binary {
-        op: u8,
+        op: BinOp,
         a: Src,
         b: Src,
+        shapes: Box<[Vec<usize>; 2]>,
         act: Option<Unary>,
         dst: Buf,
     },
@@ -133,6 +148,7 @@ impl Step {
             Step::Relayout { src, .. }
             | Step::MaxPool { src, .. }
             | Step::AvgPool { src, .. }
+            | Step::AdaptiveAvg { src, .. }
             | Step::Unary { src, .. }
             | Step::Affine { src, .. } => vec![*src],
             Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
@@ -147,6 +163,7 @@ impl Step {
             | Step::Conv { dst, .. }
             | Step::MaxPool { dst, .. }
             | Step::AvgPool { dst, .. }
+            | Step::AdaptiveAvg { dst, .. }
             | Step::Unary { dst, .. }
             | Step::Binary { dst, .. }
             | Step::Affine { dst, .. }
@@ -177,9 +194,11 @@ impl Step {
             }
             Step::MaxPool { .. } => "max_pool2d".into(),
             Step::AvgPool { .. } => "avg_pool2d".into(),
+            Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
             Step::Unary { f, .. } => f.name().into(),
             Step::Binary { op, act, .. } => {
-                format!("{}{}", ["add", "sub", "mul", "div"][*op as usize], act.map_or(String::new(), |a| format!(" +{}", a.name())))
+                let op = format!("{op:?}").to_lowercase();
+                format!("{op}{}", act.map_or(String::new(), |a| format!(" +{}", a.name())))
             }
             Step::Affine { act, .. } => format!("batch_norm (affine){}", act.map_or(String::new(), |a| format!(" +{}", a.name()))),
             Step::MatMul { bias, act, .. } => {
@@ -394,28 +413,39 @@ impl Compiler {
                 let geom = *geom;
                 self.steps.push(if matches!(op, Op::MaxPool2d { .. }) { Step::MaxPool { geom, src, dst } } else { Step::AvgPool { geom, src, dst } });
             }
+            Op::AdaptiveAvgPool2d { out } if self.vals[ps[0]].is_some() => {
+                // Plane by plane: in its input's layout.
+                let from = self.rec.nodes[ps[0]].shape();
+                let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
+                let src = self.operand(ps[0], layout);
+                let dims = [from[0], from[1], from[2], from[3]];
+                let dst = self.define(i, shape, layout);
+                self.steps.push(Step::AdaptiveAvg { dims, out: *out, src, dst });
+            }
             Op::Unary(f) if self.vals[ps[0]].is_some() => {
                 let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
                 let src = self.operand(ps[0], layout);
                 let dst = self.define(i, shape, layout);
                 self.steps.push(Step::Unary { f: *f, src, dst });
             }
-            Op::Add | Op::Sub | Op::Mul | Op::Div if self.rec.nodes[ps[0]].shape() == self.rec.nodes[ps[1]].shape() => {
-                let code = match op {
-                    Op::Add => 0,
-                    Op::Sub => 1,
-                    Op::Mul => 2,
-                    _ => 3,
+            Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                let op = match op {
+                    Op::Add => BinOp::Add,
+                    Op::Sub => BinOp::Sub,
+                    Op::Mul => BinOp::Mul,
+                    _ => BinOp::Div,
                 };
-                // Both operands in the first one's layout when both are computed; constants are NCHW.
-                let both = ps.iter().all(|&p| self.vals[p].is_some());
+                let shapes = Box::new([self.rec.nodes[ps[0]].shape(), self.rec.nodes[ps[1]].shape()]);
+                // Of one shape, both operands in the first one's layout when both are computed;
+                // constants, and operands broadcast, are NCHW.
+                let both = ps.iter().all(|&p| self.vals[p].is_some()) && shapes[0] == shapes[1];
                 let layout = if both { self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout) } else { Layout::Nchw };
                 let src = |c: &mut Self, p: usize| if c.vals[p].is_some() { Src::Buf(c.operand(p, layout)) } else { c.src(p) };
                 let (a, b) = (src(self, ps[0]), src(self, ps[1]));
                 let mut tail = i;
                 let act = self.take_act(&mut tail);
                 let dst = self.define(tail, shape, layout);
-                self.steps.push(Step::Binary { op: code, a, b, act, dst });
+                self.steps.push(Step::Binary { op, a, b, shapes, act, dst });
             }
             Op::Reshape => {
                 // A view: the same buffer, read as NCHW.
@@ -850,32 +880,29 @@ impl Plan {
                 stride_kernels::pool::max_forward_into(geom, buf(*src), dst, idx);
             }
             Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
+            Step::AdaptiveAvg { dims, out, src, .. } => stride_kernels::pool::adaptive_avg_forward_into(buf(*src), *dims, *out, dst),
             Step::Unary { f, src, .. } => f.apply_slice(buf(*src), dst),
-            Step::Binary { op, a, b, act, .. } => {
-                let (a, b) = (src(*a), src(*b));
-                let f: fn(f32, f32) -> f32 = match op {
-                    0 => |x, y| x + y,
-                    1 => |x, y| x - y,
-                    2 => |x, y| x * y,
-                    _ => |x, y| x / y,
-                };
-                dst.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+            Step::Binary { op, a, b, shapes, act, .. } => {
+                binary_into(*op, (src(*a), &shapes[0]), (src(*b), &shapes[1]), dst)?;
                 if let Some(act) = act {
-                    act.apply_in_place(dst);
+                    act.apply_slice_in_place(dst);
                 }
             }
             Step::Affine { scale, shift, layout, dims: [n, c, p], act, src, .. } => {
+                // Each plane's channel in memory order, then the planes on all cores.
+                let mut channel = Vec::with_capacity(n * c);
+                layout.channel_runs(*n, *c, |ch, planes| channel.extend(std::iter::repeat_n(ch, planes)));
+                let per = (AFFINE_CHUNK / (*p).max(1)).max(1);
                 let x = buf(*src);
-                let mut at = 0;
-                layout.channel_runs(*n, *c, |ch, planes| {
-                    let len = planes * p;
-                    let (s, t) = (scale[ch], shift[ch]);
-                    dst[at..at + len].iter_mut().zip(&x[at..at + len]).for_each(|(o, &v)| *o = v * s + t);
-                    at += len;
+                dst.par_chunks_mut(per * (*p).max(1)).zip(x.par_chunks(per * (*p).max(1))).zip(channel.par_chunks(per)).for_each(|((y, x), chs)| {
+                    for ((y, x), &ch) in y.chunks_mut((*p).max(1)).zip(x.chunks((*p).max(1))).zip(chs) {
+                        let (s, t) = (scale[ch], shift[ch]);
+                        y.iter_mut().zip(x).for_each(|(o, &v)| *o = v * s + t);
+                        if let Some(act) = act {
+                            act.apply_in_place(y);
+                        }
+                    }
                 });
-                if let Some(act) = act {
-                    act.apply_in_place(dst);
-                }
             }
             Step::MatMul { a, b, dims: [m, k, n], transpose_b, bias, act, .. } => {
                 let (a, b) = (src(*a), src(*b));
@@ -885,7 +912,7 @@ impl Plan {
                 }
                 matmul(MatRef::rows(a, *m, *k), bm, dst, *n, bias.is_some(), auto_threads(*m, *k, *n));
                 if let Some(act) = act {
-                    act.apply_in_place(dst);
+                    act.apply_slice_in_place(dst);
                 }
             }
             Step::Concat { srcs, chunks, outer, .. } => {

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// `--bench onnx`: images per inference pass (N of --input wins).
     #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     batch_size: usize,
+    /// `--bench onnx`: after timing, where a planned pass spends its time, by kind of step
+    /// (on stderr).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +235,7 @@ fn onnx_bench(args: &BenchArgs, device: Device) -> Result<()> {
         Ok(s) => (s, infer_mode(args, device).to_string()),
         Err(why) if !args.eager && device.is_cpu() => {
             eprintln!("inference ran eagerly: {why}");
-            let eager = BenchArgs { eager: true, model: None, input: None, shapes: Vec::new(), ..*args };
+            let eager = BenchArgs { eager: true, model: None, input: None, shapes: Vec::new(), profile: false, ..*args };
             (infer_seconds(&eager, device, &mut net, &x, 2, steps)?, "eager".to_string())
         }
         Err(e) => return Err(e),
@@ -282,7 +286,37 @@ fn infer_seconds(
         return step_seconds(device, warmup, steps, &mut || no_grad(|| model.forward(&xv, &mut eval)).map(|_| ()).map_err(|e| e.source));
     }
     let mut plan = stride_nn::planned::compile(model, x).map_err(|e| e.source)?;
-    step_seconds(device, warmup, steps, &mut || plan.run(x).map(|_| ()))
+    let secs = step_seconds(device, warmup, steps, &mut || plan.run(x).map(|_| ()))?;
+    if args.profile {
+        eprint!("{}", plan_profile(&mut plan, x)?);
+    }
+    Ok(secs)
+}
+
+/// A table of where a planned pass spends its time: each kind of step's median over five
+/// passes, summed over its steps, largest first.
+fn plan_profile(plan: &mut stride_autograd::Plan, x: &stride_autograd::Tensor<f32>) -> Result<String> {
+    let names = plan.describe();
+    let mut runs: Vec<Vec<f64>> = (0..5).map(|_| plan.run_timed(x).map(|r| r.1)).collect::<Result<_>>()?;
+    let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+    for (s, name) in names.iter().enumerate() {
+        let mut t: Vec<f64> = runs.iter_mut().map(|r| r[s]).collect();
+        t.sort_by(f64::total_cmp);
+        match kinds.iter_mut().find(|k| &k.0 == name) {
+            Some(k) => {
+                k.1 += t[2];
+                k.2 += 1;
+            }
+            None => kinds.push((name.clone(), t[2], 1)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = kinds.iter().map(|k| k.1).sum();
+    let mut out = format!("{:>10} {:>6} {:>6}  step (planned pass, {} steps)\n", "ms", "share", "count", names.len());
+    for (name, t, count) in kinds {
+        out += &format!("{:>10.3} {:>5.1}% {count:>6}  {name}\n", t * 1e3, 100.0 * t / total.max(f64::MIN_POSITIVE));
+    }
+    Ok(out)
 }
 
 /// Whether the classifiers' training steps run eagerly: on request, and on a GPU (plans run on

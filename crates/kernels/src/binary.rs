@@ -9,6 +9,7 @@
 //! Anything else goes through the general gather of [`Tensor::zip_map`]. Every path computes
 //! `op(a[i], b[i])` for each element, so all give the same bits.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use stride_tensor::shape::{broadcast_shape, broadcast_strides};
@@ -47,18 +48,18 @@ impl BinOp {
 const PAR_MIN: usize = 1 << 15;
 
 /// How the smaller operand lines up with the output.
-enum Layout<T> {
+enum Layout<'a, T: Clone> {
     /// Same shape as the output.
     Same,
     /// One value per run of `inner` consecutive outputs.
-    Runs { inner: usize, values: Vec<T> },
+    Runs { inner: usize, values: Cow<'a, [T]> },
     /// Its values repeat every `period` outputs.
     Rows { period: usize },
 }
 
-/// How `small` (broadcast to `out`) lines up with it, or None for the general gather.
-fn layout<T: Elem>(small: &Tensor<T>, out: &[usize]) -> Option<Layout<T>> {
-    let s = small.shape();
+/// How `small` (data of shape `s`, broadcast to `out`) lines up with it, or None for the
+/// general gather.
+fn layout<'a, T: Elem>(small: &'a [T], s: &[usize], out: &[usize]) -> Option<Layout<'a, T>> {
     if s == out {
         return Some(Layout::Same);
     }
@@ -69,12 +70,16 @@ fn layout<T: Elem>(small: &Tensor<T>, out: &[usize]) -> Option<Layout<T>> {
     let inner: usize = out[t..].iter().product();
     if inner > 1 {
         let lead = &out[..t];
+        if padded[..t] == *lead {
+            // One value per run already, in order (a squeeze-excitation scale).
+            return Some(Layout::Runs { inner, values: Cow::Borrowed(small) });
+        }
         let strides = broadcast_strides(&padded[..t], lead);
         let outer: usize = lead.iter().product();
         let mut values = Vec::with_capacity(outer);
         let mut idx = vec![0usize; t];
         for _ in 0..outer {
-            values.push(small.data()[idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
+            values.push(small[idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
             for a in (0..t).rev() {
                 idx[a] += 1;
                 if idx[a] < lead[a] {
@@ -83,36 +88,51 @@ fn layout<T: Elem>(small: &Tensor<T>, out: &[usize]) -> Option<Layout<T>> {
                 idx[a] = 0;
             }
         }
-        return Some(Layout::Runs { inner, values });
+        return Some(Layout::Runs { inner, values: Cow::Owned(values) });
     }
     // Leading axes where `small` is 1, the rest equal to the output's: it repeats.
     let l = padded.iter().position(|&d| d != 1).unwrap_or(rank);
     (padded[l..] == out[l..]).then(|| Layout::Rows { period: out[l..].iter().product() })
 }
 
-/// `op(a, b)` broadcast as NumPy does (the output's shape is the broadcast of both).
-pub fn binary<T: Elem>(op: BinOp, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>> {
-    let out = broadcast_shape(op.name(), a.shape(), b.shape())?;
-    // The full-shaped operand and how the other lines up; `swap` when the full one is b.
-    let (full, small, swap) = if a.shape() == out { (a, b, false) } else { (b, a, true) };
-    if full.shape() != out {
-        return general(op, a, b);
+/// A fast path's work: `fill(i, part)` writes chunk `i` (of `chunk` outputs) of the result.
+struct Fast<'a, T: Clone> {
+    op: BinOp,
+    swap: bool,
+    lay: Layout<'a, T>,
+    chunk: usize,
+}
+
+impl<'a, T: Elem> Fast<'a, T> {
+    /// The fast path for operands `a` and `b` broadcast to `out`, or None for the general
+    /// gather.
+    fn new(op: BinOp, (a, sa): (&'a [T], &[usize]), (b, sb): (&'a [T], &[usize]), out: &[usize]) -> Option<Self> {
+        // The full-shaped operand and how the other lines up; `swap` when the full one is b.
+        let (small, ss, swap) = if sa == out { (b, sb, false) } else { (a, sa, true) };
+        if (if swap { sb } else { sa }) != out {
+            return None;
+        }
+        let lay = layout(small, ss, out)?;
+        let n: usize = out.iter().product();
+        // Chunks for the pool: whole runs or periods, about a quarter of the output per thread.
+        let unit = match &lay {
+            Layout::Same => 1,
+            Layout::Runs { inner, .. } => *inner,
+            Layout::Rows { period } => *period,
+        };
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = if n < PAR_MIN { n.max(1) } else { (n.div_ceil(4 * threads)).max(PAR_MIN).div_ceil(unit) * unit };
+        Some(Fast { op, swap, lay, chunk })
     }
-    let Some(lay) = layout(small, &out) else { return general(op, a, b) };
-    let n = full.numel();
-    // Chunks for the pool: whole runs or periods, about a quarter of the output per thread.
-    let unit = match &lay {
-        Layout::Same => 1,
-        Layout::Runs { inner, .. } => *inner,
-        Layout::Rows { period } => *period,
-    };
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = if n < PAR_MIN { n.max(1) } else { (n.div_ceil(4 * threads)).max(PAR_MIN).div_ceil(unit) * unit };
-    let (x, y) = (full.data(), small.data());
-    let fill = |i: usize, part: &mut [MaybeUninit<T>]| {
-        let start = i * chunk;
+
+    /// Chunk `i` of the output from the full operand `x` and the other one `y`. Writes every
+    /// element of `part`: `zip` and `scalar` write all of their output, and the runs and
+    /// periods of a part cover it (they divide chunks).
+    fn fill(&self, x: &[T], y: &[T], i: usize, part: &mut [MaybeUninit<T>]) {
+        let (op, swap) = (self.op, self.swap);
+        let start = i * self.chunk;
         let xs = &x[start..start + part.len()];
-        match &lay {
+        match &self.lay {
             Layout::Same => zip(op, swap, xs, &y[start..start + part.len()], part),
             Layout::Runs { inner, values } => {
                 for (k, (o, xr)) in part.chunks_mut(*inner).zip(xs.chunks(*inner)).enumerate() {
@@ -125,11 +145,46 @@ pub fn binary<T: Elem>(op: BinOp, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor
                 }
             }
         }
-    };
-    // SAFETY: every path of `fill` writes each element of its chunk: `zip` and `scalar` write
-    // all of their output, and the chunks of a part cover it (runs and periods divide chunks).
-    let data = unsafe { crate::simd::par_written(n, chunk, fill) };
+    }
+}
+
+/// `op(a, b)` broadcast as NumPy does (the output's shape is the broadcast of both).
+pub fn binary<T: Elem>(op: BinOp, a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>> {
+    let out = broadcast_shape(op.name(), a.shape(), b.shape())?;
+    let Some(fast) = Fast::new(op, (a.data(), a.shape()), (b.data(), b.shape()), &out) else { return general(op, a, b) };
+    let (x, y) = if fast.swap { (b.data(), a.data()) } else { (a.data(), b.data()) };
+    // SAFETY: `Fast::fill` writes every element of its chunk.
+    let data = unsafe { crate::simd::par_written(out.iter().product(), fast.chunk, |i, part| fast.fill(x, y, i, part)) };
     Tensor::from_vec(data, &out)
+}
+
+/// [`binary`] of `a` (shape `sa`) and `b` (shape `sb`) into `out`, which holds their broadcast
+/// shape's elements: the same bits, for a caller that owns the output's memory (a plan).
+pub fn binary_into<T: Elem>(op: BinOp, (a, sa): (&[T], &[usize]), (b, sb): (&[T], &[usize]), out: &mut [T]) -> Result<()> {
+    let shape = broadcast_shape(op.name(), sa, sb)?;
+    let n: usize = shape.iter().product();
+    if a.len() != sa.iter().product::<usize>() || b.len() != sb.iter().product::<usize>() || out.len() != n {
+        return Err(stride_tensor::Error::shape(
+            op.name(),
+            format!("{} and {} values for shapes {sa:?} and {sb:?}, {} outputs for {shape:?}", a.len(), b.len(), out.len()),
+        ));
+    }
+    let Some(fast) = Fast::new(op, (a, sa), (b, sb), &shape) else {
+        let y = general(op, &Tensor::from_vec(a.to_vec(), sa)?, &Tensor::from_vec(b.to_vec(), sb)?)?;
+        out.copy_from_slice(y.data());
+        return Ok(());
+    };
+    let (x, y) = if fast.swap { (b, a) } else { (a, b) };
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and only initialised values are written
+    // through the view (`Fast::fill` writes with `MaybeUninit::write`).
+    let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<T>]) };
+    if n <= fast.chunk {
+        fast.fill(x, y, 0, out);
+    } else {
+        use rayon::prelude::*;
+        out.par_chunks_mut(fast.chunk).enumerate().for_each(|(i, part)| fast.fill(x, y, i, part));
+    }
+    Ok(())
 }
 
 /// The general path: both operands gathered to the output's shape.

@@ -695,21 +695,73 @@ pub fn adaptive_check(op: &'static str, x: &[usize], out: (usize, usize)) -> Res
 
 /// Adaptive average pooling of [N, C, H, W] to [N, C, P, Q].
 pub fn adaptive_avg_forward<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize)) -> Vec<T> {
+    let [n, c, _, _] = d;
+    let mut y = vec![T::zero(); n * c * out.0 * out.1];
+    adaptive_avg_forward_into(x, d, out, &mut y);
+    y
+}
+
+/// [`adaptive_avg_forward`] into the caller's buffer (planned execution), which it overwrites.
+/// Plane by plane, so it runs unchanged on a plan's batch-blocked layout.
+pub fn adaptive_avg_forward_into<T: Elem>(x: &[T], d: [usize; 4], out: (usize, usize), y: &mut [T]) {
     let [n, c, h, w] = d;
     let (p, q) = out;
-    let mut y = vec![T::zero(); n * c * p * q];
-    planes(x, h * w, &mut y, p * q, |o, xp| {
+    assert!(x.len() == n * c * h * w && y.len() == n * c * p * q, "adaptive_avg_forward_into: lengths");
+    if (p, q) == (1, 1) && h * w > 0 {
+        // Global pooling: each plane's mean, many planes to a call.
+        let per = planes_per_task(h * w, 1);
+        y.par_chunks_mut(per).zip(x.par_chunks(per * h * w)).for_each(|(o, xs)| plane_means(xs, h * w, o));
+        return;
+    }
+    planes(x, h * w, y, p * q, |o, xp| {
         for i in 0..p {
             let rows = adaptive_bin(i, h, p);
             for j in 0..q {
                 let cols = adaptive_bin(j, w, q);
                 let cnt = T::c((rows.len() * cols.len()) as f64);
-                let s: T = rows.clone().map(|r| xp[r * w + cols.start..r * w + cols.end].iter().copied().sum::<T>()).sum();
+                // Whole rows are one run of memory (global pooling: the whole plane).
+                let s: T = if cols.len() == w {
+                    lane_sum(&xp[rows.start * w..rows.end * w])
+                } else {
+                    rows.clone().map(|r| lane_sum(&xp[r * w + cols.start..r * w + cols.end])).sum()
+                };
                 o[i * q + j] = s / cnt;
             }
         }
     });
-    y
+}
+
+crate::multiversion! {
+    /// `out[i]` = the mean of plane `i` of `x` (planes of `hw` values), as [`lane_sum`] adds.
+    fn plane_means<T: Elem>(x: &[T], hw: usize, out: &mut [T]) {
+        let cnt = T::c(hw as f64);
+        for (o, plane) in out.iter_mut().zip(x.chunks_exact(hw)) {
+            *o = lane_sum_inline(plane) / cnt;
+        }
+    }
+}
+
+/// [`lane_sum`]'s body, inlined into other multiversioned loops.
+#[inline(always)]
+fn lane_sum_inline<T: Elem>(v: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let runs = v.chunks_exact(8);
+    let rest = runs.remainder();
+    for run in runs {
+        for (a, &x) in acc.iter_mut().zip(run) {
+            *a += x;
+        }
+    }
+    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    rest.iter().fold(s, |s, &x| s + x)
+}
+
+crate::multiversion! {
+    /// The sum of `v` in eight partial sums (so it vectorises and the adds do not wait on each
+    /// other), added pairwise, then the values past the last eight.
+    fn lane_sum<T: Elem>(v: &[T]) -> T {
+        lane_sum_inline(v)
+    }
 }
 
 pub fn adaptive_avg_backward<T: Elem>(dy: &[T], d: [usize; 4], out: (usize, usize)) -> Vec<T> {

@@ -234,6 +234,9 @@ impl Unary {
 /// one thread, where the split would cost more than it saves.
 const PAR_CHUNK: usize = 1 << 15;
 
+/// Elements [`Unary::apply_in_place`] copies aside at a time (1 KiB of f32, on the stack).
+const IN_PLACE_RUN: usize = 256;
+
 impl Unary {
     /// `y[i] = f(x[i])` on all cores for long slices. The functions networks use most get a loop
     /// of their own (no per-element match, so it vectorises); results equal `apply`'s.
@@ -266,12 +269,33 @@ impl Unary {
         })
     }
 
+    /// `y[i] = f(y[i])` on all cores for long slices ([`apply_slice`](Self::apply_slice) over
+    /// its own output).
+    pub fn apply_slice_in_place<T: Elem>(self, y: &mut [T]) {
+        if y.len() < 2 * PAR_CHUNK {
+            self.apply_in_place(y);
+        } else {
+            y.par_chunks_mut(PAR_CHUNK).for_each(|y| self.apply_in_place(y));
+        }
+    }
+
     /// `y[i] = f(y[i])`, serially: for a piece of output still in cache (planned execution's
     /// epilogues), inside a thread's share of the work. Results equal `apply`'s.
     pub fn apply_in_place<T: Elem>(self, y: &mut [T]) {
         match self {
             Unary::Relu => relu_in_place(y),
-            f => y.iter_mut().for_each(|v| *v = f.apply(*v)),
+            f => {
+                // Through the functions' own loops, a short run at a time copied aside (the
+                // loops read one slice and write another).
+                let mut x = [T::zero(); IN_PLACE_RUN];
+                for run in y.chunks_mut(IN_PLACE_RUN) {
+                    let x = &mut x[..run.len()];
+                    x.copy_from_slice(run);
+                    if !apply_fast(f, x, run) {
+                        run.iter_mut().for_each(|v| *v = f.apply(*v));
+                    }
+                }
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! one thread and split over threads) give the general broadcast's results bit for bit.
 
 use proptest::prelude::*;
-use stride_kernels::binary::{binary, BinOp};
+use stride_kernels::binary::{binary, binary_into, BinOp};
 use stride_tensor::{Rng, Tensor};
 
 fn reference(op: BinOp, a: &Tensor<f32>, b: &Tensor<f32>) -> Tensor<f32> {
@@ -40,6 +40,10 @@ proptest! {
             for (a, b) in [(&full, &part), (&part, &full), (&full, &full)] {
                 let got = binary(op, a, b).unwrap();
                 prop_assert!(same_bits(&got, &reference(op, a, b)), "{:?} {:?} {:?}", op, a.shape(), b.shape());
+                // Into memory the caller owns (NaN first, so a value left unwritten shows).
+                let mut into = Tensor::from_vec(vec![f32::NAN; got.numel()], got.shape()).unwrap();
+                binary_into(op, (a.data(), a.shape()), (b.data(), b.shape()), into.data_mut()).unwrap();
+                prop_assert!(same_bits(&into, &got), "into: {:?} {:?} {:?}", op, a.shape(), b.shape());
             }
         }
     }
@@ -54,4 +58,10 @@ fn shapes_that_do_not_broadcast_are_refused_by_name() {
     // Neither operand full-shaped ([2, 1] with [1, 3]): the general path.
     let (c, d) = (Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1]).unwrap(), Tensor::from_vec(vec![10.0f32, 20.0, 30.0], &[1, 3]).unwrap());
     assert_eq!(binary(BinOp::Add, &c, &d).unwrap().data(), &[11.0, 21.0, 31.0, 12.0, 22.0, 32.0]);
+    let mut out = [0.0f32; 6];
+    binary_into(BinOp::Add, (c.data(), c.shape()), (d.data(), d.shape()), &mut out).unwrap();
+    assert_eq!(out, [11.0, 21.0, 31.0, 12.0, 22.0, 32.0]);
+    // An output of the wrong length is an error that names both shapes, not a panic.
+    let e = binary_into(BinOp::Add, (c.data(), c.shape()), (d.data(), d.shape()), &mut out[..5]).unwrap_err().to_string();
+    assert!(e.contains("[2, 1]") && e.contains("[1, 3]") && e.contains("5 outputs"), "{e}");
 }

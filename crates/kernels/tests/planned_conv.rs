@@ -112,7 +112,7 @@ fn check_backward(x_shape: [usize; 4], w_shape: [usize; 4], opts: Conv2dOptions,
 }
 
 fn act() -> impl Strategy<Value = Option<Unary>> {
-    prop_oneof![Just(None), Just(Some(Unary::Relu)), Just(Some(Unary::Tanh))]
+    prop_oneof![Just(None), Just(Some(Unary::Relu)), Just(Some(Unary::Tanh)), Just(Some(Unary::HardSwish))]
 }
 
 proptest! {
@@ -137,6 +137,10 @@ fn every_algorithm_runs_planned() {
         ([5, 8, 6, 6], [4, 8, 1, 1], d, Algo::Pointwise),
         ([5, 3, 7, 7], [6, 3, 3, 3], d, Algo::Im2col),
         ([5, 8, 6, 5], [8, 1, 3, 3], d.groups(8), Algo::Depthwise),
+        // Mobile networks' depthwise layers on small maps, eight channels at a time: most taps of
+        // a 5x5 window over a 2x2 map read only border; strided.
+        ([3, 16, 2, 2], [16, 1, 5, 5], d.groups(16).padding(Padding::Same), Algo::Depthwise),
+        ([3, 24, 7, 7], [24, 1, 5, 5], d.groups(24).padding(Padding::uniform(2)).stride(2), Algo::Depthwise),
         ([3, 16, 8, 8], [16, 16, 3, 3], d.padding(Padding::Same), Algo::Winograd),
         ([6, 4, 9, 9], [6, 2, 3, 3], d.groups(2), Algo::Im2col),
     ];

@@ -1,4 +1,4 @@
-//! The slice forms of the element-wise functions (vectorised and threaded) equal the scalar
+//! The slice forms of the element-wise functions (vectorised and threaded, and in place) equal the scalar
 //! definitions bit for bit (NaN for NaN), on short slices and on long ones split over threads.
 
 use stride_kernels::unary::Unary;
@@ -54,6 +54,12 @@ fn slices_equal_the_scalar_functions_bit_for_bit() {
             f.apply_slice(&x, &mut y);
             let want: Vec<f32> = x.iter().map(|&v| f.apply(v)).collect();
             assert!(y.iter().zip(&want).all(|(&a, &b)| same(a, b)), "{f:?} forward, n = {n}");
+            let mut z = x.clone();
+            f.apply_in_place(&mut z);
+            assert!(z.iter().zip(&want).all(|(&a, &b)| same(a, b)), "{f:?} in place, n = {n}");
+            let mut z = x.clone();
+            f.apply_slice_in_place(&mut z);
+            assert!(z.iter().zip(&want).all(|(&a, &b)| same(a, b)), "{f:?} slice in place, n = {n}");
             let mut d = vec![0.0f32; n];
             f.grad_slice(&g, &x, &y, &mut d);
             let want: Vec<f32> = g.iter().zip(x.iter().zip(&y)).map(|(&g, (&x, &y))| g * f.grad(x, y)).collect();

@@ -1,7 +1,8 @@
 //! torchvision's classifiers as PyTorch's two exporters write them (`tests/torchvision/`, made
 //! by scripts/onnx/torchvision_fixtures.py: ResNet, MobileNet V2 and V3, GoogLeNet,
 //! ShuffleNet V2, EfficientNet, SqueezeNet, RegNet, DenseNet, ConvNeXt), imported by Stride and
-//! compared with ONNX Runtime's output on the same graph and weights.
+//! compared with ONNX Runtime's output on the same graph and weights, eagerly and through a
+//! compiled plan (as `stride eval` and `predict` run them).
 //!
 //! The kept files hold the graphs without their weights; every float initializer of more than
 //! one value gets the value of a formula (the script's `formula`, recomputed here), so no
@@ -90,6 +91,12 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
             assert!(spread > 1e-2 * scale && scale > 0.0, "{case}: the expected outputs are all alike ({spread} apart)");
             for (i, (a, b)) in y.data().iter().zip(want.data()).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * scale, "{case}: output {i} is {a}, ONNX Runtime gives {b}");
+            }
+            // And through a compiled plan, as `stride eval` and `predict` run it.
+            let mut plan = stride_nn::planned::compile(&mut net, &x).unwrap_or_else(|e| panic!("{case}: the planner refused it: {e}"));
+            let y = plan.run(&x).unwrap_or_else(|e| panic!("{case} planned: {e}"));
+            for (i, (a, b)) in y.data().iter().zip(want.data()).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "{case} planned: output {i} is {a}, ONNX Runtime gives {b}");
             }
             n += 1;
         }

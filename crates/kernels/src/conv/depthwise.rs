@@ -7,7 +7,7 @@
 //! registers (vectorised through `multiversion!`). The most common layers, 3x3 and 5x5 with
 //! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead, and
 //! depthwise layers of whole blocks of eight channels on other maps (small, strided) take
-//! eight channels at a time ([`forward_lanes`]).
+//! eight channels at a time ([`lanes_task`]).
 
 use rayon::prelude::*;
 use stride_tensor::Elem;
@@ -177,7 +177,7 @@ impl ConvGeom {
     pub(crate) fn fits_tiles(&self) -> bool {
         self.r == self.s && avx2::handles(self.r) && (self.stride, self.dilation) == ((1, 1), (1, 1)) && self.q >= 8 && self.w >= 8
     }
-    /// Whether the forward pass goes eight channels at a time ([`forward_lanes`]): one output
+    /// Whether the forward pass goes eight channels at a time ([`lanes_task`]): one output
     /// channel per input channel, whole blocks of eight, and planes the per-plane AVX2 tiles
     /// do not take (narrower than 8 outputs, strided, dilated, other windows).
     fn takes_lanes(&self) -> bool {
@@ -191,53 +191,73 @@ impl ConvGeom {
 /// Channels a lane pass takes at once (eight f32 values: one AVX2 register).
 const LANES: usize = 8;
 
+/// Each task's scratch: the bordered plane(s), and for lanes the interleaved taps and sums.
+type Bufs<T> = (Vec<T>, Vec<T>, Vec<T>);
+
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    if g.takes_lanes() {
-        return forward_lanes(g, x, w, bias);
-    }
-    let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
-    // One task per (image, input channel): the bordered plane is made once for all the
-    // output channels that read it. The output is zeroed task by task, not in one serial pass.
-    let kg = g.kg();
-    crate::simd::par_filled_init(g.n * g.k * pq, (kg * pq).max(1), Vec::new, |buf, plane, out| {
-        let (n, c) = (plane / g.c, plane % g.c);
-        let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
-        plane_outputs(g, &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
-    })
+    let (chunk, task) = forward_tasks(g, x, w, bias);
+    crate::simd::par_filled_init(g.n * g.k * g.p * g.q, chunk, Bufs::default, task)
 }
 
-/// Depthwise forward eight channels at a time: the eight planes interleaved into one bordered
-/// buffer (`[row][column][channel]`), so every tap is one vector multiply-add for eight
-/// outputs whatever the plane's width or stride. The per-plane kernels run rows of a few
-/// values on the small maps of mobile networks (4x4 and 2x2 under 5x5 windows), and gather
-/// across strided columns: there they did 2-5 multiply-adds per nanosecond.
-fn forward_lanes<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    let pq = g.p * g.q;
-    let blocks = g.c / LANES;
-    // Several blocks per task on small maps (about 8K outputs), so the pool's cost per task
-    // does not outweigh the work; blocks run on across images (K is a multiple of eight).
-    let per_task = (8192 / (LANES * pq).max(1)).clamp(1, blocks * g.n);
-    crate::simd::par_filled_init(
-        g.n * g.k * pq,
-        per_task * LANES * pq,
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(buf, taps, acc), task, outs| {
-            for (k, out) in outs.chunks_exact_mut(LANES * pq).enumerate() {
-                lanes_task(g, x, w, bias, (buf, taps, acc), task * per_task + k, out);
+/// [`forward`] into `y` (overwritten), calling `finish(offset, piece)` on each task's piece of
+/// output (whole planes, starting at `offset` in `y`) while it is still in cache: a plan's
+/// residual and activation.
+pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], finish: impl Fn(usize, &mut [T]) + Sync) {
+    assert_eq!(y.len(), g.n * g.k * g.p * g.q, "depthwise forward_into: output length");
+    let (chunk, task) = forward_tasks(g, x, w, bias);
+    y.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |bufs, (i, piece)| {
+        task(bufs, i, piece);
+        finish(i * chunk, piece);
+    });
+}
+
+/// How the forward pass is cut up: the output's chunk length, and task `i`'s work into its
+/// chunk (every value written). Eight channels at a time where [`ConvGeom::takes_lanes`]
+/// ([`lanes_task`]), else one task per (image, input channel), so that the bordered plane is
+/// made once for all the output channels that read it.
+#[allow(clippy::type_complexity)]
+fn forward_tasks<'a, T: Elem>(
+    g: &'a ConvGeom,
+    x: &'a [T],
+    w: &'a [T],
+    bias: Option<&'a [T]>,
+) -> (usize, impl Fn(&mut Bufs<T>, usize, &mut [T]) + Sync + 'a) {
+    let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
+    let lanes = g.takes_lanes();
+    // Lanes: several blocks per task on small maps (about 8K outputs), so the pool's cost per
+    // task does not outweigh the work; blocks run on across images (K is a multiple of eight).
+    let per_task = if lanes { (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1)) } else { 1 };
+    let chunk = if lanes { per_task * LANES * pq } else { kg * pq };
+    // Lanes: each block's taps interleaved (`[block][tap][lane]`), once for every image.
+    let lane_taps: Vec<T> =
+        if lanes { (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect() } else { Vec::new() };
+    let task = move |(buf, _, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
+        if lanes {
+            for (k, out) in out.chunks_exact_mut(LANES * pq).enumerate() {
+                lanes_task(g, x, &lane_taps, bias, (buf, acc), i * per_task + k, out);
             }
-        },
-    )
+        } else {
+            let (n, c) = (i / g.c, i % g.c);
+            let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
+            plane_outputs(g, &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
+        }
+    };
+    (chunk.max(1), task)
 }
 
-/// One block of eight channels of one image for [`forward_lanes`], into `out` (its eight
-/// planes).
+/// Depthwise forward of one block of eight channels of one image, into `out` (its eight
+/// planes): the eight planes interleaved into one bordered buffer (`[row][column][channel]`),
+/// so every tap is one vector multiply-add for eight outputs whatever the plane's width or
+/// stride. The per-plane kernels run rows of a few values on the small maps of mobile
+/// networks (4x4 and 2x2 under 5x5 windows), and gather across strided columns: there they
+/// did 2-5 multiply-adds per nanosecond.
 fn lanes_task<T: Elem>(
     g: &ConvGeom,
     x: &[T],
-    w: &[T],
+    lane_taps: &[T],
     bias: Option<&[T]>,
-    (buf, taps, acc): (&mut Vec<T>, &mut Vec<T>, &mut Vec<T>),
+    (buf, acc): (&mut Vec<T>, &mut Vec<T>),
     block: usize,
     out: &mut [T],
 ) {
@@ -245,9 +265,12 @@ fn lanes_task<T: Elem>(
     let (bh, bw) = g.bordered_size();
     let blocks = g.c / LANES;
     let (n, c0) = (block / blocks, (block % blocks) * LANES);
-    // The bordered, interleaved planes: border zero, inside the eight planes' values.
-    buf.clear();
-    buf.resize(bh * bw * LANES, T::zero());
+    // The bordered, interleaved planes: border zero, inside the eight planes' values. Every
+    // block writes the same inside, so the border stays zero from block to block.
+    if buf.len() != bh * bw * LANES {
+        buf.clear();
+        buf.resize(bh * bw * LANES, T::zero());
+    }
     for l in 0..LANES {
         let plane = &x[(n * g.c + c0 + l) * hw..][..hw];
         for (i, row) in plane.chunks_exact(g.w).enumerate() {
@@ -257,12 +280,12 @@ fn lanes_task<T: Elem>(
             }
         }
     }
-    taps.clear();
-    taps.extend((0..rs * LANES).map(|t| w[(c0 + t % LANES) * rs + t / LANES]));
-    acc.clear();
+    let taps = &lane_taps[c0 * rs..(c0 + LANES) * rs];
+    // Every sum is written (each output of each row once).
     acc.resize(pq * LANES, T::zero());
     let b: [T; LANES] = std::array::from_fn(|l| bias.map_or(T::zero(), |b| b[c0 + l]));
-    correlate_lanes(g.pass(), buf, bw, taps, b, acc);
+    let inside = Inside { top: g.pad.0, left: g.pad.2, h: g.h, w: g.w };
+    correlate_lanes(g.pass(), inside, buf, bw, taps, b, acc);
     for (o, v) in acc.chunks_exact(LANES).enumerate() {
         for (l, v) in v.iter().enumerate() {
             out[l * pq + o] = *v;
@@ -270,35 +293,77 @@ fn lanes_task<T: Elem>(
     }
 }
 
+/// Where the image lies in a bordered plane: its first row and column, and its size.
+#[derive(Clone, Copy)]
+struct Inside {
+    top: usize,
+    left: usize,
+    h: usize,
+    w: usize,
+}
+
+/// The taps `t` of `0..k` whose source `pos + t * dil` lies in `lo..lo + len`: the others read
+/// the zero border.
+fn taps_inside(pos: usize, lo: usize, len: usize, dil: usize, k: usize) -> std::ops::Range<usize> {
+    if len == 0 {
+        return 0..0;
+    }
+    let dil = dil.max(1);
+    let first = lo.saturating_sub(pos).div_ceil(dil);
+    let last = lo + len - 1;
+    let end = if pos > last { 0 } else { ((last - pos) / dil + 1).min(k) };
+    first.min(end)..end
+}
+
 multiversion! {
     /// acc[(i, j)][l] = b[l] + sum_{r,s} taps[(r, s)][l] * src[(i*sh + r*dh, j*sw + s*dw)][l]
-    /// over interleaved lanes of eight channels.
-    fn correlate_lanes<T: Elem>(p: Pass, src: &[T], width: usize, taps: &[T], b: [T; LANES], acc: &mut [T]) {
+    /// over interleaved lanes of eight channels, skipping the taps that read only border
+    /// (most of them on small maps: a 2x2 map under a 5x5 window has 9 of 25 inside).
+    fn correlate_lanes<T: Elem>(p: Pass, inside: Inside, src: &[T], width: usize, taps: &[T], b: [T; LANES], acc: &mut [T]) {
+        let (sh, sw) = p.stride;
+        let (dh, dw) = p.dil;
+        // The taps of a block of outputs from column j to j + n - 1: those inside for any of them
+        // (a tap inside for one and not another reads zeros for the other).
+        let cols = |j: usize, n: usize| {
+            let (first, last) = (taps_inside(j * sw, inside.left, inside.w, dw, p.s), taps_inside((j + n - 1) * sw, inside.left, inside.w, dw, p.s));
+            last.start..first.end.max(last.start)
+        };
         for i in 0..p.rows {
+            let rows = taps_inside(i * sh, inside.top, inside.h, dh, p.r);
             let mut j = 0;
             while j + 4 <= p.cols {
-                lanes_block::<T, 4>(&p, src, width, taps, b, i, j, acc);
+                lanes_block::<T, 4>(&p, src, width, taps, b, (i, j), (rows.clone(), cols(j, 4)), acc);
                 j += 4;
             }
             while j < p.cols {
-                lanes_block::<T, 1>(&p, src, width, taps, b, i, j, acc);
+                lanes_block::<T, 1>(&p, src, width, taps, b, (i, j), (rows.clone(), cols(j, 1)), acc);
                 j += 1;
             }
         }
     }
 }
 
-/// `B` consecutive outputs of row `i` from column `j` for [`correlate_lanes`]: B independent
-/// accumulators, so the multiply-adds of one output do not wait on each other's results.
+/// `B` consecutive outputs of row `i` from column `j` for [`correlate_lanes`], over the taps
+/// `rows` x `cols`: B independent accumulators, so the multiply-adds of one output do not
+/// wait on each other's results.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn lanes_block<T: Elem, const B: usize>(p: &Pass, src: &[T], width: usize, taps: &[T], b: [T; LANES], i: usize, j: usize, acc: &mut [T]) {
+fn lanes_block<T: Elem, const B: usize>(
+    p: &Pass,
+    src: &[T],
+    width: usize,
+    taps: &[T],
+    b: [T; LANES],
+    (i, j): (usize, usize),
+    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+    acc: &mut [T],
+) {
     let (sh, sw) = p.stride;
     let (dh, dw) = p.dil;
     let mut a = [b; B];
-    for r in 0..p.r {
+    for r in rows {
         let row = (i * sh + r * dh) * width + j * sw;
-        for s in 0..p.s {
+        for s in cols.clone() {
             let t: &[T; LANES] = taps[(r * p.s + s) * LANES..][..LANES].try_into().expect("eight lanes");
             for (u, a) in a.iter_mut().enumerate() {
                 let x: &[T; LANES] = src[(row + u * sw + s * dw) * LANES..][..LANES].try_into().expect("eight lanes");

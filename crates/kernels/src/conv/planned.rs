@@ -257,7 +257,13 @@ pub fn forward_with<T: Elem>(
             winograd::forward_into(g, x, &w.w, epi, y);
             return;
         }
-        Algo::Depthwise | Algo::Taps | Algo::Dense | Algo::Direct => {
+        Algo::Depthwise => {
+            // Residual and activation on each task's planes as they are made.
+            let finish = |at: usize, piece: &mut [T]| finish_row(piece, T::zero(), epi.residual.map(|r| &r[at..at + piece.len()]), epi.act);
+            depthwise::forward_into(g, x, &w.w, epi.bias, y, finish);
+            return;
+        }
+        Algo::Taps | Algo::Dense | Algo::Direct => {
             y.copy_from_slice(&super::forward(g, x, &w.w, epi.bias));
             finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
