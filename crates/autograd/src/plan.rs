@@ -32,7 +32,7 @@ use stride_kernels::conv::ConvGeom;
 use stride_kernels::gemm::{auto_threads, matmul, MatRef};
 use stride_kernels::pool::PoolGeom;
 use stride_kernels::unary::Unary;
-use stride_tensor::{bail, Result, Tensor};
+use stride_tensor::{bail, block_sum, gather_strided_into, Result, Tensor};
 
 use crate::op::Op;
 use crate::var::Node;
@@ -125,6 +125,19 @@ enum Step {
         act: Option<Unary>,
         dst: Buf,
     },
+    /// Axes permuted: output axis `a` (of `shape[a]`) reads the input `read[a]` apart.
+    Permute {
+        shape: Vec<usize>,
+        read: Vec<usize>,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Sums of consecutive runs of `len` values (a sum over trailing axes: layer norm's).
+    SumRuns {
+        len: usize,
+        src: Buf,
+        dst: Buf,
+    },
     /// Concatenation along an axis: `outer` runs of each source's `chunks[i]` elements.
     Concat {
         srcs: Vec<Src>,
@@ -149,6 +162,8 @@ impl Step {
             | Step::MaxPool { src, .. }
             | Step::AvgPool { src, .. }
             | Step::AdaptiveAvg { src, .. }
+            | Step::Permute { src, .. }
+            | Step::SumRuns { src, .. }
             | Step::Unary { src, .. }
             | Step::Affine { src, .. } => vec![*src],
             Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
@@ -164,6 +179,8 @@ impl Step {
             | Step::MaxPool { dst, .. }
             | Step::AvgPool { dst, .. }
             | Step::AdaptiveAvg { dst, .. }
+            | Step::Permute { dst, .. }
+            | Step::SumRuns { dst, .. }
             | Step::Unary { dst, .. }
             | Step::Binary { dst, .. }
             | Step::Affine { dst, .. }
@@ -195,6 +212,8 @@ impl Step {
             Step::MaxPool { .. } => "max_pool2d".into(),
             Step::AvgPool { .. } => "avg_pool2d".into(),
             Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
+            Step::Permute { .. } => "permute".into(),
+            Step::SumRuns { .. } => "sum".into(),
             Step::Unary { f, .. } => f.name().into(),
             Step::Binary { op, act, .. } => {
                 let op = format!("{op:?}").to_lowercase();
@@ -380,6 +399,24 @@ impl Compiler {
         None
     }
 
+    /// [`take_act`](Self::take_act), also through a reshape that only the activation reads (a
+    /// dense layer on rows of a 4-D value: product, bias, reshape back, GELU). The value at the
+    /// new tail is the activation's, of its own shape, and the reshape is a view of it.
+    fn take_act_through_reshape(&mut self, tail: &mut usize) -> Option<Unary> {
+        if let Some(f) = self.take_act(tail) {
+            return Some(f);
+        }
+        let c = self.rec.only_consumer(*tail)?;
+        if !matches!(self.rec.nodes[c].0.op, Some(Op::Reshape)) {
+            return None;
+        }
+        let mut at = c;
+        let f = self.take_act(&mut at)?;
+        self.done[c] = true;
+        *tail = at;
+        Some(f)
+    }
+
     fn compile(&mut self, i: usize) -> Result<()> {
         let node = self.rec.nodes[i].clone();
         let op = node.0.op.as_ref().expect("leaves are not compiled");
@@ -447,6 +484,27 @@ impl Compiler {
                 let dst = self.define(tail, shape, layout);
                 self.steps.push(Step::Binary { op, a, b, shapes, act, dst });
             }
+            Op::Permute { perm } => {
+                let from = self.rec.nodes[ps[0]].shape();
+                let strides = stride_tensor::shape::strides(&from);
+                let read = perm.iter().map(|&p| strides[p]).collect();
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(i, shape.clone(), Layout::Nchw);
+                self.steps.push(Step::Permute { shape, read, src, dst });
+            }
+            // The trailing axes, in order: each output sums one run of the input.
+            Op::Sum { axes, .. }
+                if self.vals[ps[0]].is_some() && {
+                    let r = self.rec.nodes[ps[0]].shape().len();
+                    axes.len() <= r && axes.iter().enumerate().all(|(k, &x)| x == r - axes.len() + k)
+                } =>
+            {
+                let from = self.rec.nodes[ps[0]].shape();
+                let len = from.iter().rev().take(axes.len()).product();
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(i, shape, Layout::Nchw);
+                self.steps.push(Step::SumRuns { len, src, dst });
+            }
             Op::Reshape => {
                 // A view: the same buffer, read as NCHW.
                 let buf = self.operand(ps[0], Layout::Nchw);
@@ -473,8 +531,8 @@ impl Compiler {
                         }
                     }
                 }
-                let act = self.take_act(&mut tail);
-                let dst = self.define(tail, vec![m, n], Layout::Nchw);
+                let act = self.take_act_through_reshape(&mut tail);
+                let dst = self.define(tail, self.rec.nodes[tail].shape(), Layout::Nchw);
                 self.steps.push(Step::MatMul { a, b, dims: [m, k, n], transpose_b: *transpose_b, bias, act, dst });
             }
             Op::Concat { axis, sizes } => {
@@ -881,6 +939,27 @@ impl Plan {
             }
             Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
             Step::AdaptiveAvg { dims, out, src, .. } => stride_kernels::pool::adaptive_avg_forward_into(buf(*src), *dims, *out, dst),
+            Step::Permute { shape, read, src, .. } => {
+                // A piece per index of the first output axis, at least 16K values to a task.
+                let (x, piece) = (buf(*src), shape[1..].iter().product::<usize>());
+                if piece == 0 || dst.is_empty() {
+                    return Ok(());
+                }
+                let per = (1usize << 14).div_ceil(piece);
+                dst.par_chunks_mut(piece)
+                    .enumerate()
+                    .with_min_len(per)
+                    .for_each(|(i, o)| gather_strided_into(x, &shape[1..], &read[1..], i * read[0], o));
+            }
+            Step::SumRuns { len, src, .. } => {
+                let x = buf(*src);
+                if *len == 0 {
+                    dst.fill(0.0);
+                } else {
+                    let per = (1usize << 14).div_ceil(*len);
+                    dst.par_iter_mut().zip(x.par_chunks(*len)).with_min_len(per).for_each(|(o, run)| *o = block_sum(run));
+                }
+            }
             Step::Unary { f, src, .. } => f.apply_slice(buf(*src), dst),
             Step::Binary { op, a, b, shapes, act, .. } => {
                 binary_into(*op, (src(*a), &shapes[0]), (src(*b), &shapes[1]), dst)?;

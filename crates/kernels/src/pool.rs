@@ -1,7 +1,7 @@
 //! Pooling over NCHW planes: max, average, Lp, adaptive, and channel (depth-window) max.
 
 use rayon::prelude::*;
-use stride_tensor::{Elem, Error, Result};
+use stride_tensor::{block_sum, Elem, Error, Result};
 
 use crate::conv::{resolve_padding, Padding};
 
@@ -721,9 +721,9 @@ pub fn adaptive_avg_forward_into<T: Elem>(x: &[T], d: [usize; 4], out: (usize, u
                 let cnt = T::c((rows.len() * cols.len()) as f64);
                 // Whole rows are one run of memory (global pooling: the whole plane).
                 let s: T = if cols.len() == w {
-                    lane_sum(&xp[rows.start * w..rows.end * w])
+                    block_sum(&xp[rows.start * w..rows.end * w])
                 } else {
-                    rows.clone().map(|r| lane_sum(&xp[r * w + cols.start..r * w + cols.end])).sum()
+                    rows.clone().map(|r| block_sum(&xp[r * w + cols.start..r * w + cols.end])).sum()
                 };
                 o[i * q + j] = s / cnt;
             }
@@ -732,35 +732,12 @@ pub fn adaptive_avg_forward_into<T: Elem>(x: &[T], d: [usize; 4], out: (usize, u
 }
 
 crate::multiversion! {
-    /// `out[i]` = the mean of plane `i` of `x` (planes of `hw` values), as [`lane_sum`] adds.
+    /// `out[i]` = the mean of plane `i` of `x` (planes of `hw` values), summed by [`block_sum`].
     fn plane_means<T: Elem>(x: &[T], hw: usize, out: &mut [T]) {
         let cnt = T::c(hw as f64);
         for (o, plane) in out.iter_mut().zip(x.chunks_exact(hw)) {
-            *o = lane_sum_inline(plane) / cnt;
+            *o = block_sum(plane) / cnt;
         }
-    }
-}
-
-/// [`lane_sum`]'s body, inlined into other multiversioned loops.
-#[inline(always)]
-fn lane_sum_inline<T: Elem>(v: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let runs = v.chunks_exact(8);
-    let rest = runs.remainder();
-    for run in runs {
-        for (a, &x) in acc.iter_mut().zip(run) {
-            *a += x;
-        }
-    }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    rest.iter().fold(s, |s, &x| s + x)
-}
-
-crate::multiversion! {
-    /// The sum of `v` in eight partial sums (so it vectorises and the adds do not wait on each
-    /// other), added pairwise, then the values past the last eight.
-    fn lane_sum<T: Elem>(v: &[T]) -> T {
-        lane_sum_inline(v)
     }
 }
 

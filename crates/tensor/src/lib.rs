@@ -13,5 +13,6 @@ mod tensor;
 pub use device::{Device, DeviceBuffer};
 pub use elem::Elem;
 pub use error::{Error, ErrorKind, Result};
+pub use ops::block_sum;
 pub use random::Rng;
-pub use tensor::Tensor;
+pub use tensor::{gather_strided_into, Tensor};

@@ -178,8 +178,10 @@ fn drop_axes(shape: &[usize], axes: &[usize]) -> Vec<usize> {
 }
 
 /// The sum of `x` over eight running partial sums (the additions of one chain wait on each
-/// other; eight chains fill the pipeline and vectorise).
-fn block_sum<T: Elem>(x: &[T]) -> T {
+/// other; eight chains fill the pipeline and vectorise). Inlined, so that a caller compiled for
+/// wider vectors (the kernels' `multiversion!` loops) sums with them.
+#[inline(always)]
+pub fn block_sum<T: Elem>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {

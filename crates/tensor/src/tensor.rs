@@ -330,33 +330,54 @@ impl<T: Elem> Tensor<T> {
 
 /// Reads `src` with the given per-axis strides into a new contiguous buffer of `shape`.
 pub(crate) fn gather_strided<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], offset: usize) -> Vec<T> {
-    let n: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(n);
-    if n == 0 {
-        return out;
+    let mut out = Vec::with_capacity(shape.iter().product());
+    walk_strided(shape, strides, offset, |pos, len, st| match st {
+        // Innermost axis as a tight loop: a run copied whole, a broadcast value repeated (a
+        // push per value cost ~1 ns, most of a bias add's or a broadcast's time).
+        1 => out.extend_from_slice(&src[pos..pos + len]),
+        0 => out.resize(out.len() + len, src[pos]),
+        _ => out.extend((0..len).map(|i| src[pos + i * st])),
+    });
+    out
+}
+
+/// [`gather_strided`] into `out` (of `shape`'s length), for a caller that owns the memory (a
+/// plan's permutation, a piece of one per thread).
+pub fn gather_strided_into<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], offset: usize, out: &mut [T]) {
+    assert_eq!(out.len(), shape.iter().product::<usize>(), "gather_strided_into: output length");
+    let mut at = 0;
+    walk_strided(shape, strides, offset, |pos, len, st| {
+        let o = &mut out[at..at + len];
+        match st {
+            1 => o.copy_from_slice(&src[pos..pos + len]),
+            0 => o.fill(src[pos]),
+            _ => o.iter_mut().enumerate().for_each(|(i, o)| *o = src[pos + i * st]),
+        }
+        at += len;
+    });
+}
+
+/// Walks `shape` in row-major order with the given per-axis strides from `offset`, calling
+/// `run(position, length, stride)` for each run of the innermost axis.
+fn walk_strided(shape: &[usize], strides: &[usize], offset: usize, mut run: impl FnMut(usize, usize, usize)) {
+    if shape.contains(&0) {
+        return;
     }
     let r = shape.len();
     if r == 0 {
-        out.push(src[offset]);
-        return out;
+        run(offset, 1, 1);
+        return;
     }
     let mut idx = vec![0usize; r];
     let mut pos = offset;
     let last = r - 1;
     loop {
-        // Innermost axis as a tight loop: a run copied whole, a broadcast value repeated (a
-        // push per value cost ~1 ns, most of a bias add's or a broadcast's time).
-        let (len, st) = (shape[last], strides[last]);
-        match st {
-            1 => out.extend_from_slice(&src[pos..pos + len]),
-            0 => out.resize(out.len() + len, src[pos]),
-            _ => out.extend((0..len).map(|i| src[pos + i * st])),
-        }
+        run(pos, shape[last], strides[last]);
         // Carry into the outer axes.
         let mut a = last;
         loop {
             if a == 0 {
-                return out;
+                return;
             }
             a -= 1;
             idx[a] += 1;

@@ -1,0 +1,92 @@
+//! The planned forms of what imported networks do between their convolutions give the eager
+//! pass's values, and run as planned steps (no eager fallback): a squeeze-excitation gate (global
+//! average pooling, a broadcast product), depthwise layers with their activation and a
+//! residual, ConvNeXt's block (permutes, layer norm's trailing sums, a dense layer on rows of a
+//! 4-D value with GELU fused through the reshape), and broadcast arithmetic with constants.
+
+use stride_autograd::ops::arith::unary;
+use stride_autograd::*;
+
+/// Compiles `f` for `x`, checks that no step falls back to the eager forward, and that the plan
+/// gives the eager values for `x` and for a second input through the same arena.
+fn planned_matches_eager(name: &str, x: Tensor<f32>, f: impl Fn(&Var<f32>) -> Result<Var<f32>>) -> Vec<String> {
+    let input = Var::parameter(x.clone());
+    let y = with_grad(|| f(&input)).unwrap();
+    let mut plan = Plan::compile(&input, &y).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let steps = plan.describe();
+    assert!(!steps.iter().any(|s| s.ends_with("(eager)")), "{name}: {steps:#?}");
+    let second = Rng::seed(99).normal(x.shape(), 0.0, 1.0).unwrap();
+    for x in [x, second] {
+        let want = no_grad(|| f(&Var::constant(x.clone()))).unwrap().value();
+        let have = plan.run(&x).unwrap();
+        assert_eq!(have.shape(), want.shape(), "{name}");
+        let scale = want.data().iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in have.data().iter().zip(want.data()).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "{name}: output {i} is {a} planned, {b} eager");
+        }
+    }
+    steps
+}
+
+fn param(rng: &mut Rng, shape: &[usize]) -> Var<f32> {
+    Var::parameter(rng.normal(shape, 0.0, 0.5).unwrap())
+}
+
+#[test]
+fn squeeze_excitation_and_depthwise_blocks_plan() {
+    let mut rng = Rng::seed(1);
+    // 16 channels (two blocks of eight lanes) on 5x5 maps, 5x5 windows: most taps in the border.
+    let dw = param(&mut rng, &[16, 1, 5, 5]);
+    let db = param(&mut rng, &[16]);
+    let (fc1, fc2) = (param(&mut rng, &[4, 16, 1, 1]), param(&mut rng, &[16, 4, 1, 1]));
+    let opts = Conv2dOptions::default().groups(16).padding(Padding::Same);
+    for n in [1, 3, 8] {
+        let x = rng.normal(&[n, 16, 5, 5], 0.0, 1.0).unwrap();
+        let steps = planned_matches_eager(&format!("SE, batch {n}"), x, |x| {
+            let h = unary(&conv2d(x, &dw, Some(&db), &opts)?, Unary::HardSwish)?;
+            let s = adaptive_avg_pool2d(&h, (1, 1))?;
+            let s = unary(&conv2d(&s, &fc1, None, &Conv2dOptions::default())?, Unary::Relu)?;
+            let s = unary(&conv2d(&s, &fc2, None, &Conv2dOptions::default())?, Unary::Sigmoid)?;
+            // The gate [N, C, 1, 1] over [N, C, H, W], then the block's input added back.
+            h.mul(&s)?.add(x)
+        });
+        assert!(steps.iter().any(|s| s.starts_with("conv2d Depthwise") && s.ends_with("+hardswish")), "{steps:#?}");
+        assert!(steps.iter().any(|s| s == "adaptive_avg_pool2d"), "{steps:#?}");
+    }
+}
+
+#[test]
+fn convnext_block_plans() {
+    let mut rng = Rng::seed(2);
+    let c = 8;
+    let dw = param(&mut rng, &[c, 1, 7, 7]);
+    let (g, b) = (param(&mut rng, &[c]), param(&mut rng, &[c]));
+    let (w1, b1) = (param(&mut rng, &[4 * c, c]), param(&mut rng, &[4 * c]));
+    let (w2, b2) = (param(&mut rng, &[c, 4 * c]), param(&mut rng, &[c]));
+    let opts = Conv2dOptions::default().groups(c).padding(Padding::uniform(3));
+    let x = rng.normal(&[3, c, 6, 6], 0.0, 1.0).unwrap();
+    let steps = planned_matches_eager("ConvNeXt block", x, |x| {
+        let h = conv2d(x, &dw, None, &opts)?.permute(&[0, 2, 3, 1])?;
+        let h = layer_norm(&h, &g, Some(&b), 1e-6)?;
+        let h = unary(&linear(&h, &w1, Some(&b1))?, Unary::Gelu)?;
+        let h = linear(&h, &w2, Some(&b2))?.permute(&[0, 3, 1, 2])?;
+        h.add(x)
+    });
+    assert!(steps.iter().any(|s| s == "matmul +bias +gelu"), "{steps:#?}");
+    assert_eq!(steps.iter().filter(|s| *s == "permute").count(), 2, "{steps:#?}");
+    assert!(steps.iter().any(|s| s == "sum"), "{steps:#?}");
+}
+
+#[test]
+fn broadcast_arithmetic_plans() {
+    let mut rng = Rng::seed(3);
+    let row = Var::constant(rng.normal(&[7], 0.0, 1.0).unwrap());
+    let per_channel = Var::constant(rng.uniform(&[1, 5, 1, 1], 0.5, 1.5).unwrap());
+    let x = rng.normal(&[2, 5, 3, 7], 0.0, 1.0).unwrap();
+    planned_matches_eager("broadcasts", x, |x| {
+        let y = x.sub(&row)?.div(&per_channel)?;
+        // A computed value broadcast against another: [N, C, 1, 1] - [N, C, H, W].
+        let m = adaptive_avg_pool2d(&y, (1, 1))?;
+        m.sub(&y)?.mul(&per_channel)
+    });
+}
