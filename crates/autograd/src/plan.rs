@@ -132,6 +132,15 @@ enum Step {
         src: Buf,
         dst: Buf,
     },
+    /// A slice along an axis: output row `i` (`row` values) is input row `i` (`from` values)
+    /// from `offset` on (a channel split).
+    Narrow {
+        row: usize,
+        from: usize,
+        offset: usize,
+        src: Buf,
+        dst: Buf,
+    },
     /// Sums of consecutive runs of `len` values (a sum over trailing axes: layer norm's).
     SumRuns {
         len: usize,
@@ -163,6 +172,7 @@ impl Step {
             | Step::AvgPool { src, .. }
             | Step::AdaptiveAvg { src, .. }
             | Step::Permute { src, .. }
+            | Step::Narrow { src, .. }
             | Step::SumRuns { src, .. }
             | Step::Unary { src, .. }
             | Step::Affine { src, .. } => vec![*src],
@@ -180,6 +190,7 @@ impl Step {
             | Step::AvgPool { dst, .. }
             | Step::AdaptiveAvg { dst, .. }
             | Step::Permute { dst, .. }
+            | Step::Narrow { dst, .. }
             | Step::SumRuns { dst, .. }
             | Step::Unary { dst, .. }
             | Step::Binary { dst, .. }
@@ -213,6 +224,7 @@ impl Step {
             Step::AvgPool { .. } => "avg_pool2d".into(),
             Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
             Step::Permute { .. } => "permute".into(),
+            Step::Narrow { .. } => "narrow".into(),
             Step::SumRuns { .. } => "sum".into(),
             Step::Unary { f, .. } => f.name().into(),
             Step::Binary { op, act, .. } => {
@@ -473,10 +485,22 @@ impl Compiler {
                     _ => BinOp::Div,
                 };
                 let shapes = Box::new([self.rec.nodes[ps[0]].shape(), self.rec.nodes[ps[1]].shape()]);
-                // Of one shape, both operands in the first one's layout when both are computed;
-                // constants, and operands broadcast, are NCHW.
-                let both = ps.iter().all(|&p| self.vals[p].is_some()) && shapes[0] == shapes[1];
-                let layout = if both { self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout) } else { Layout::Nchw };
+                // Both computed and of one shape, or one a value per plane of the other (a
+                // squeeze-excitation gate [N, C, 1, 1]): both in the larger one's layout, where
+                // the planes lie in the same order. Constants, and other broadcasts, are NCHW.
+                let per_plane = |a: &[usize], b: &[usize]| a.len() == 4 && b.len() == 4 && a[..2] == b[..2] && b[2..] == [1, 1];
+                let full = if shapes[0] == shapes[1] || per_plane(&shapes[0], &shapes[1]) {
+                    Some(ps[0])
+                } else if per_plane(&shapes[1], &shapes[0]) {
+                    Some(ps[1])
+                } else {
+                    None
+                };
+                let both = ps.iter().all(|&p| self.vals[p].is_some());
+                let layout = match full {
+                    Some(f) if both => self.vals[f].as_ref().map_or(Layout::Nchw, |v| v.layout),
+                    _ => Layout::Nchw,
+                };
                 let src = |c: &mut Self, p: usize| if c.vals[p].is_some() { Src::Buf(c.operand(p, layout)) } else { c.src(p) };
                 let (a, b) = (src(self, ps[0]), src(self, ps[1]));
                 let mut tail = i;
@@ -491,6 +515,14 @@ impl Compiler {
                 let src = self.operand(ps[0], Layout::Nchw);
                 let dst = self.define(i, shape.clone(), Layout::Nchw);
                 self.steps.push(Step::Permute { shape, read, src, dst });
+            }
+            Op::Narrow { axis, start } => {
+                let from_shape = self.rec.nodes[ps[0]].shape();
+                let inner: usize = from_shape[axis + 1..].iter().product();
+                let (row, from, offset) = (shape[*axis] * inner, from_shape[*axis] * inner, start * inner);
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(i, shape, Layout::Nchw);
+                self.steps.push(Step::Narrow { row, from, offset, src, dst });
             }
             // The trailing axes, in order: each output sums one run of the input.
             Op::Sum { axes, .. }
@@ -577,7 +609,7 @@ impl Compiler {
                 }
             }
         }
-        let layout = if self.block > 1 && planned::blocks(geom) { Layout::Blocked(self.block) } else { Layout::Nchw };
+        let layout = if self.block > 1 && planned::blocks_forward(geom) { Layout::Blocked(self.block) } else { Layout::Nchw };
         // A residual add whose other operand is already computed.
         let mut residual = None;
         if let Some(c) = self.rec.only_consumer(tail) {
@@ -950,6 +982,16 @@ impl Plan {
                     .enumerate()
                     .with_min_len(per)
                     .for_each(|(i, o)| gather_strided_into(x, &shape[1..], &read[1..], i * read[0], o));
+            }
+            Step::Narrow { row, from, offset, src, .. } => {
+                let x = buf(*src);
+                if *row > 0 {
+                    let per = (1usize << 14).div_ceil(*row);
+                    dst.par_chunks_mut(*row)
+                        .zip(x.par_chunks(*from))
+                        .with_min_len(per)
+                        .for_each(|(o, r)| o.copy_from_slice(&r[*offset..*offset + *row]));
+                }
             }
             Step::SumRuns { len, src, .. } => {
                 let x = buf(*src);

@@ -2,7 +2,8 @@
 //! pass's values, and run as planned steps (no eager fallback): a squeeze-excitation gate (global
 //! average pooling, a broadcast product), depthwise layers with their activation and a
 //! residual, ConvNeXt's block (permutes, layer norm's trailing sums, a dense layer on rows of a
-//! 4-D value with GELU fused through the reshape), and broadcast arithmetic with constants.
+//! 4-D value with GELU fused through the reshape), broadcast arithmetic with constants, and
+//! channel splits.
 
 use stride_autograd::ops::arith::unary;
 use stride_autograd::*;
@@ -85,6 +86,8 @@ fn broadcast_arithmetic_plans() {
     let x = rng.normal(&[2, 5, 3, 7], 0.0, 1.0).unwrap();
     planned_matches_eager("broadcasts", x, |x| {
         let y = x.sub(&row)?.div(&per_channel)?;
+        // A channel split, as ShuffleNet's blocks make.
+        let y = concat(&[&y.narrow(1, 3, 2)?, &y.narrow(1, 0, 3)?], 1)?;
         // A computed value broadcast against another: [N, C, 1, 1] - [N, C, H, W].
         let m = adaptive_avg_pool2d(&y, (1, 1))?;
         m.sub(&y)?.mul(&per_channel)

@@ -49,7 +49,7 @@ fn check(
     act: Option<Unary>,
 ) -> Result<(), TestCaseError> {
     let Ok(g) = ConvGeom::conv2d(&x_shape, &w_shape, &opts) else { return Ok(()) };
-    let layout = if b > 1 && planned::blocks(&g) { Layout::Blocked(b) } else { Layout::Nchw };
+    let layout = if b > 1 && planned::blocks_forward(&g) { Layout::Blocked(b) } else { Layout::Nchw };
     let [x, w, bv, rv] = operands(&g, x_shape, w_shape, 11);
     let (bias, res) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
     let want = expected(&g, x.data(), w.data(), bias, res, act);

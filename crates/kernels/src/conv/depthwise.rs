@@ -229,13 +229,14 @@ fn forward_tasks<'a, T: Elem>(
     // task does not outweigh the work; blocks run on across images (K is a multiple of eight).
     let per_task = if lanes { (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1)) } else { 1 };
     let chunk = if lanes { per_task * LANES * pq } else { kg * pq };
-    // Lanes: each block's taps interleaved (`[block][tap][lane]`), once for every image.
-    let lane_taps: Vec<T> =
-        if lanes { (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect() } else { Vec::new() };
+    let lane_taps = if lanes { interleaved_taps(g, w) } else { Vec::new() };
     let task = move |(buf, _, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
         if lanes {
+            let blocks = g.c / LANES;
             for (k, out) in out.chunks_exact_mut(LANES * pq).enumerate() {
-                lanes_task(g, x, &lane_taps, bias, (buf, acc), i * per_task + k, out);
+                let block = i * per_task + k;
+                let (n, c0) = (block / blocks, (block % blocks) * LANES);
+                lanes_task(g, (x, (n * g.c + c0) * hw, hw), c0, &lane_taps, bias, (buf, acc), (out, pq));
             }
         } else {
             let (n, c) = (i / g.c, i % g.c);
@@ -246,25 +247,75 @@ fn forward_tasks<'a, T: Elem>(
     (chunk.max(1), task)
 }
 
+/// Each block of eight channels' taps interleaved (`[block][tap][lane]`), made once for every
+/// image.
+fn interleaved_taps<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let rs = g.r * g.s;
+    (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect()
+}
+
+/// [`forward_into`] in a plan's batch-blocked layout (`[N/b][C][b][H][W]`, `x` and `y`), so
+/// that a mobile network's depthwise layers need no relayout between the 1x1 products around
+/// them. A task is one input channel (or a block of eight, [`lanes_task`]) for every image of
+/// a block: its outputs are one run of memory, handed to `finish(offset, piece)`.
+pub(crate) fn forward_blocked_into<T: Elem>(
+    g: &ConvGeom,
+    b: usize,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    y: &mut [T],
+    finish: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
+    assert!(x.len() == g.n * g.c * hw && y.len() == g.n * g.k * pq, "depthwise forward_blocked_into: lengths");
+    if y.is_empty() || hw == 0 {
+        return;
+    }
+    let lanes = g.takes_lanes();
+    let lane_taps = if lanes { interleaved_taps(g, w) } else { Vec::new() };
+    let group = if lanes { LANES } else { 1 };
+    let (x_block, y_block) = (b * g.c * hw, b * g.k * pq);
+    y.par_chunks_mut(y_block).zip(x.par_chunks(x_block)).enumerate().for_each(|(j, (yb, xb))| {
+        let bj = yb.len() / (g.k * pq);
+        let chunk = group * kg * bj * pq;
+        yb.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |(buf, _, acc), (t, out)| {
+            let c0 = t * group;
+            for r in 0..bj {
+                if lanes {
+                    lanes_task(g, (xb, (c0 * bj + r) * hw, bj * hw), c0, &lane_taps, bias, (buf, acc), (&mut out[r * pq..], bj * pq));
+                } else {
+                    let plane = &xb[(c0 * bj + r) * hw..][..hw];
+                    let ks = c0 * kg..(c0 + 1) * kg;
+                    plane_outputs(g, plane, &w[ks.start * rs..ks.end * rs], bias.map(|b| &b[ks]), buf, &mut out[r * pq..], bj * pq);
+                }
+            }
+            finish(j * y_block + t * chunk, out);
+        });
+    });
+}
+
 /// Depthwise forward of one block of eight channels of one image, into `out` (its eight
 /// planes): the eight planes interleaved into one bordered buffer (`[row][column][channel]`),
 /// so every tap is one vector multiply-add for eight outputs whatever the plane's width or
 /// stride. The per-plane kernels run rows of a few values on the small maps of mobile
 /// networks (4x4 and 2x2 under 5x5 windows), and gather across strided columns: there they
 /// did 2-5 multiply-adds per nanosecond.
+///
+/// The eight input planes are `x[first + l * step..]` and the eight output planes
+/// `out[l * ld..]` (NCHW: `step` one plane, `ld` one output plane; blocked, a block's images
+/// apart), channels `c0..c0 + 8`.
 fn lanes_task<T: Elem>(
     g: &ConvGeom,
-    x: &[T],
+    (x, first, step): (&[T], usize, usize),
+    c0: usize,
     lane_taps: &[T],
     bias: Option<&[T]>,
     (buf, acc): (&mut Vec<T>, &mut Vec<T>),
-    block: usize,
-    out: &mut [T],
+    (out, ld): (&mut [T], usize),
 ) {
     let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
     let (bh, bw) = g.bordered_size();
-    let blocks = g.c / LANES;
-    let (n, c0) = (block / blocks, (block % blocks) * LANES);
     // The bordered, interleaved planes: border zero, inside the eight planes' values. Every
     // block writes the same inside, so the border stays zero from block to block.
     if buf.len() != bh * bw * LANES {
@@ -272,7 +323,7 @@ fn lanes_task<T: Elem>(
         buf.resize(bh * bw * LANES, T::zero());
     }
     for l in 0..LANES {
-        let plane = &x[(n * g.c + c0 + l) * hw..][..hw];
+        let plane = &x[first + l * step..][..hw];
         for (i, row) in plane.chunks_exact(g.w).enumerate() {
             let dst = &mut buf[((i + g.pad.0) * bw + g.pad.2) * LANES + l..];
             for (j, v) in row.iter().enumerate() {
@@ -288,7 +339,7 @@ fn lanes_task<T: Elem>(
     correlate_lanes(g.pass(), inside, buf, bw, taps, b, acc);
     for (o, v) in acc.chunks_exact(LANES).enumerate() {
         for (l, v) in v.iter().enumerate() {
-            out[l * pq + o] = *v;
+            out[l * ld + o] = *v;
         }
     }
 }

@@ -160,10 +160,16 @@ pub fn block_for(n: usize) -> usize {
     super::share(n)
 }
 
-/// Whether `forward_into` can run `g` in a blocked layout: ungrouped products (im2col or 1x1).
-/// Winograd and depthwise convolutions work image by image, in NCHW.
+/// Whether `forward_into` and `backward_into` can run `g` in a blocked layout: ungrouped
+/// products (im2col or 1x1). Winograd and depthwise convolutions work image by image, in NCHW.
 pub fn blocks(g: &ConvGeom) -> bool {
     g.groups == 1 && matches!(plan_algo(g), Algo::Im2col | Algo::Pointwise)
+}
+
+/// Whether `forward_into` (inference) can run `g` in a blocked layout: what [`blocks`] takes,
+/// and depthwise layers, plane by plane in the blocks.
+pub fn blocks_forward(g: &ConvGeom) -> bool {
+    blocks(g) || plan_algo(g) == Algo::Depthwise
 }
 
 /// The algorithm inside a plan: [`Algo::choose`], except that a single-channel input (see
@@ -248,7 +254,7 @@ pub fn forward_with<T: Elem>(
     let out_plane = pool.map_or(g.p * g.q, |pg| pg.p * pg.q);
     assert_eq!(x.len(), g.n * g.c * g.h * g.w, "forward_into: input length");
     assert_eq!(y.len(), g.n * g.k * out_plane, "forward_into: output length");
-    assert!(layout == Layout::Nchw || blocks(g), "forward_into: {:?} cannot run blocked", w.algo);
+    assert!(layout == Layout::Nchw || blocks_forward(g), "forward_into: {:?} cannot run blocked", w.algo);
     if let Some(r) = epi.residual {
         assert_eq!(r.len(), g.n * g.k * g.p * g.q, "forward_into: residual length (the convolution's output)");
     }
@@ -260,7 +266,10 @@ pub fn forward_with<T: Elem>(
         Algo::Depthwise => {
             // Residual and activation on each task's planes as they are made.
             let finish = |at: usize, piece: &mut [T]| finish_row(piece, T::zero(), epi.residual.map(|r| &r[at..at + piece.len()]), epi.act);
-            depthwise::forward_into(g, x, &w.w, epi.bias, y, finish);
+            match layout {
+                Layout::Nchw => depthwise::forward_into(g, x, &w.w, epi.bias, y, finish),
+                Layout::Blocked(b) => depthwise::forward_blocked_into(g, b.max(1), x, &w.w, epi.bias, y, finish),
+            }
             return;
         }
         Algo::Taps | Algo::Dense | Algo::Direct => {
