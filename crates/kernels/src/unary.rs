@@ -361,12 +361,13 @@ crate::multiversion! {
     }
 }
 
-/// `y[i] = f(x[i])` for one of the longer functions, in a multiversioned function of its own:
-/// inside `apply_fast`'s many arms the inliner gave up on some (a call per value, without
-/// AVX2: GELU 3.4 ns a value on 2 threads, 1.4 on its own).
+/// `y[i] = f(x[i])` for one of the longer functions, in a multiversioned function of its own
+/// (with an AVX-512 build: they compute more than they move): inside `apply_fast`'s many arms
+/// the inliner gave up on some (a call per value, without AVX2: GELU 3.4 ns a value on 2
+/// threads, 0.6 on its own, 0.3 with AVX-512).
 macro_rules! slice_fn {
     ($($name:ident: $f:expr;)*) => {$(
-        crate::multiversion! {
+        crate::multiversion_wide! {
             fn $name<T: Elem>(x: &[T], y: &mut [T]) {
                 for (o, &v) in y.iter_mut().zip(x) {
                     *o = $f.apply(v);

@@ -314,7 +314,7 @@ fn lanes_task<T: Elem>(
     (buf, acc): (&mut Vec<T>, &mut Vec<T>),
     (out, ld): (&mut [T], usize),
 ) {
-    let (pq, hw, rs) = (g.p * g.q, g.h * g.w, g.r * g.s);
+    let (pq, rs) = (g.p * g.q, g.r * g.s);
     let (bh, bw) = g.bordered_size();
     // The bordered, interleaved planes: border zero, inside the eight planes' values. Every
     // block writes the same inside, so the border stays zero from block to block.
@@ -322,15 +322,7 @@ fn lanes_task<T: Elem>(
         buf.clear();
         buf.resize(bh * bw * LANES, T::zero());
     }
-    for l in 0..LANES {
-        let plane = &x[first + l * step..][..hw];
-        for (i, row) in plane.chunks_exact(g.w).enumerate() {
-            let dst = &mut buf[((i + g.pad.0) * bw + g.pad.2) * LANES + l..];
-            for (j, v) in row.iter().enumerate() {
-                dst[j * LANES] = *v;
-            }
-        }
-    }
+    interleave(x, first, step, (g.h, g.w), &mut buf[(g.pad.0 * bw + g.pad.2) * LANES..], bw * LANES);
     let taps = &lane_taps[c0 * rs..(c0 + LANES) * rs];
     // Every sum is written (each output of each row once).
     acc.resize(pq * LANES, T::zero());
@@ -364,6 +356,24 @@ fn taps_inside(pos: usize, lo: usize, len: usize, dil: usize, k: usize) -> std::
     let last = lo + len - 1;
     let end = if pos > last { 0 } else { ((last - pos) / dil + 1).min(k) };
     first.min(end)..end
+}
+
+multiversion! {
+    /// The eight planes `x[first + l * step..]` (h x w) into `dst` interleaved, `dst[i * ld +
+    /// j * 8 + l]`: eight values of one position gathered and stored together, a row of each
+    /// plane at a time (plane by plane, the stores eight apart ran at one value a cycle).
+    fn interleave<T: Elem>(x: &[T], first: usize, step: usize, hw: (usize, usize), dst: &mut [T], ld: usize) {
+        let (h, w) = hw;
+        for i in 0..h {
+            let rows: [&[T]; LANES] = std::array::from_fn(|l| &x[first + l * step + i * w..][..w]);
+            let out = &mut dst[i * ld..][..w * LANES];
+            for (j, o) in out.chunks_exact_mut(LANES).enumerate() {
+                for l in 0..LANES {
+                    o[l] = rows[l][j];
+                }
+            }
+        }
+    }
 }
 
 multiversion! {
