@@ -728,12 +728,15 @@ fn augment_previews_a_spec_on_the_training_images() {
 }
 
 /// `stride bench --bench onnx` times an ONNX file's inference (weights beside it too) as one
-/// JSON line, and says what it needs.
+/// JSON line, with `--profile` where the planned pass spends its time, and says what it needs.
 #[test]
 fn bench_times_an_onnx_file() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/tests/torchvision/tiny_cnn.dynamo.onnx");
-    let out = stride(&["bench", "--bench", "onnx", "--batch-size", "8", "--reps", "5", "--model", fixture.to_str().unwrap()]);
+    let out = stride(&["bench", "--bench", "onnx", "--batch-size", "8", "--reps", "5", "--profile", "--model", fixture.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The profile: a line per kind of step, the product with its bias and ReLU among them.
+    let profile = String::from_utf8_lossy(&out.stderr);
+    assert!(profile.contains("step (planned pass") && profile.contains("matmul +bias"), "{profile}");
     let line = String::from_utf8_lossy(&out.stdout);
     let rec: serde_json::Value = serde_json::from_str(line.lines().find(|l| l.starts_with('{')).expect("a JSON line")).unwrap();
     assert_eq!((rec["bench"].as_str(), rec["batch"].as_u64(), rec["input"].to_string().as_str()), (Some("onnx_infer"), Some(8), "[1,28,28]"));

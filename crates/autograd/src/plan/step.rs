@@ -1,0 +1,283 @@
+//! A plan's steps (plain data: kernel, geometry, buffer ids) and the placement of their
+//! buffers in one arena by liveness.
+
+use stride_kernels::binary::BinOp;
+use stride_kernels::conv::planned::{Layout, Prepared};
+use stride_kernels::conv::ConvGeom;
+use stride_kernels::pool::PoolGeom;
+use stride_kernels::unary::Unary;
+use stride_tensor::{Result, Tensor};
+
+/// A buffer of the arena, by index.
+pub(super) type Buf = usize;
+
+/// Where a step reads a value from: the arena or a constant captured at compile time.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Src {
+    Buf(Buf),
+    Const(usize),
+}
+
+pub(super) type Fallback = Box<dyn Fn(&[Tensor<f32>]) -> Result<Tensor<f32>>>;
+
+pub(super) enum Step {
+    Relayout {
+        src: Buf,
+        dst: Buf,
+        from: Layout,
+        to: Layout,
+        dims: [usize; 3],
+    },
+    Conv {
+        geom: ConvGeom,
+        layout: Layout,
+        w: Prepared<'static, f32>,
+        bias: Option<Vec<f32>>,
+        residual: Option<Buf>,
+        act: Option<Unary>,
+        /// A 2x2 average pooling of the output, done piece by piece inside the convolution
+        /// (`dst` then holds the pooled values).
+        pool: Option<Box<PoolGeom>>,
+        src: Buf,
+        dst: Buf,
+    },
+    MaxPool {
+        geom: PoolGeom,
+        src: Buf,
+        dst: Buf,
+    },
+    AvgPool {
+        geom: PoolGeom,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Adaptive average pooling of [N, C, H, W] (`dims`) to `out` (global pooling at 1x1).
+    AdaptiveAvg {
+        dims: [usize; 4],
+        out: (usize, usize),
+        src: Buf,
+        dst: Buf,
+    },
+    Unary {
+        f: Unary,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Add, sub, mul or div of operands shaped `shapes`, broadcast as NumPy does (both NCHW),
+    /// or of the same shape (in any one layout), then an optional activation.
+    Binary {
+        op: BinOp,
+        a: Src,
+        b: Src,
+        shapes: Box<[Vec<usize>; 2]>,
+        act: Option<Unary>,
+        dst: Buf,
+    },
+    /// Per-channel `x * scale + shift` (batch norm in inference), then an optional activation.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        layout: Layout,
+        dims: [usize; 3],
+        act: Option<Unary>,
+        src: Buf,
+        dst: Buf,
+    },
+    /// a [m, k] x b [k, n] (or b^T when b is stored [n, k]) + bias [n], then an activation.
+    MatMul {
+        a: Src,
+        b: Src,
+        dims: [usize; 3],
+        transpose_b: bool,
+        bias: Option<Vec<f32>>,
+        act: Option<Unary>,
+        dst: Buf,
+    },
+    /// Axes permuted: output axis `a` (of `shape[a]`) reads the input `read[a]` apart.
+    Permute {
+        shape: Vec<usize>,
+        read: Vec<usize>,
+        src: Buf,
+        dst: Buf,
+    },
+    /// A slice along an axis: output row `i` (`row` values) is input row `i` (`from` values)
+    /// from `offset` on (a channel split).
+    Narrow {
+        row: usize,
+        from: usize,
+        offset: usize,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Sums of consecutive runs of `len` values (a sum over trailing axes: layer norm's).
+    SumRuns {
+        len: usize,
+        src: Buf,
+        dst: Buf,
+    },
+    /// Concatenation along an axis: `outer` runs of each source's `chunks[i]` elements.
+    Concat {
+        srcs: Vec<Src>,
+        chunks: Vec<usize>,
+        outer: usize,
+        dst: Buf,
+    },
+    /// Anything else: the eager forward on copies of its inputs (NCHW).
+    Fallback {
+        name: &'static str,
+        f: Fallback,
+        srcs: Vec<(Src, Vec<usize>)>,
+        dst: Buf,
+    },
+}
+
+impl Step {
+    pub(super) fn reads(&self) -> Vec<Buf> {
+        let bufs = |s: &[Src]| s.iter().filter_map(|s| if let Src::Buf(b) = s { Some(*b) } else { None }).collect::<Vec<_>>();
+        match self {
+            Step::Relayout { src, .. }
+            | Step::MaxPool { src, .. }
+            | Step::AvgPool { src, .. }
+            | Step::AdaptiveAvg { src, .. }
+            | Step::Permute { src, .. }
+            | Step::Narrow { src, .. }
+            | Step::SumRuns { src, .. }
+            | Step::Unary { src, .. }
+            | Step::Affine { src, .. } => vec![*src],
+            Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
+            Step::Binary { a, b, .. } | Step::MatMul { a, b, .. } => bufs(&[*a, *b]),
+            Step::Concat { srcs, .. } => bufs(srcs),
+            Step::Fallback { srcs, .. } => bufs(&srcs.iter().map(|s| s.0).collect::<Vec<_>>()),
+        }
+    }
+    pub(super) fn writes(&self) -> Buf {
+        match self {
+            Step::Relayout { dst, .. }
+            | Step::Conv { dst, .. }
+            | Step::MaxPool { dst, .. }
+            | Step::AvgPool { dst, .. }
+            | Step::AdaptiveAvg { dst, .. }
+            | Step::Permute { dst, .. }
+            | Step::Narrow { dst, .. }
+            | Step::SumRuns { dst, .. }
+            | Step::Unary { dst, .. }
+            | Step::Binary { dst, .. }
+            | Step::Affine { dst, .. }
+            | Step::MatMul { dst, .. }
+            | Step::Concat { dst, .. }
+            | Step::Fallback { dst, .. } => *dst,
+        }
+    }
+    /// A short name for `describe`.
+    pub(super) fn name(&self) -> String {
+        match self {
+            Step::Relayout { from, to, .. } => format!("relayout {from:?} -> {to:?}"),
+            Step::Conv { w, layout, bias, residual, act, pool, .. } => {
+                let mut s = format!("conv2d {:?} {layout:?}", w.algo());
+                if bias.is_some() {
+                    s += " +bias";
+                }
+                if residual.is_some() {
+                    s += " +residual";
+                }
+                if let Some(a) = act {
+                    s += &format!(" +{}", a.name());
+                }
+                if pool.is_some() {
+                    s += " +avg_pool2d";
+                }
+                s
+            }
+            Step::MaxPool { .. } => "max_pool2d".into(),
+            Step::AvgPool { .. } => "avg_pool2d".into(),
+            Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
+            Step::Permute { .. } => "permute".into(),
+            Step::Narrow { .. } => "narrow".into(),
+            Step::SumRuns { .. } => "sum".into(),
+            Step::Unary { f, .. } => f.name().into(),
+            Step::Binary { op, act, .. } => {
+                let op = format!("{op:?}").to_lowercase();
+                format!("{op}{}", act.map_or(String::new(), |a| format!(" +{}", a.name())))
+            }
+            Step::Affine { act, .. } => format!("batch_norm (affine){}", act.map_or(String::new(), |a| format!(" +{}", a.name()))),
+            Step::MatMul { bias, act, .. } => {
+                format!("matmul{}{}", if bias.is_some() { " +bias" } else { "" }, act.map_or(String::new(), |a| format!(" +{}", a.name())))
+            }
+            Step::Concat { .. } => "concat".into(),
+            Step::Fallback { name, .. } => format!("{name} (eager)"),
+        }
+    }
+}
+
+/// Places buffers in one arena by liveness: a buffer lives from the step that writes it to the
+/// last step that reads it (the input from the start, the output to the end). First fit over
+/// the free gaps; the outputs of a step are placed before its inputs are released, so a step
+/// never reads and writes the same memory.
+pub(super) fn place(steps: &[Step], lens: &[usize], input: Buf, output: Buf) -> (Vec<(usize, usize)>, usize) {
+    let mut last = vec![0usize; lens.len()];
+    for (s, step) in steps.iter().enumerate() {
+        for b in step.reads() {
+            last[b] = last[b].max(s);
+        }
+        last[step.writes()] = last[step.writes()].max(s);
+    }
+    last[output] = usize::MAX;
+    let mut at = vec![(0, 0); lens.len()];
+    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, len), sorted by offset
+    let mut end = 0;
+    let take = |len: usize, free: &mut Vec<(usize, usize)>, end: &mut usize| -> usize {
+        if let Some(i) = free.iter().position(|&(_, l)| l >= len) {
+            let (o, l) = free[i];
+            if l == len {
+                free.remove(i);
+            } else {
+                free[i] = (o + len, l - len);
+            }
+            return o;
+        }
+        // Grow the arena, starting inside a free gap that reaches its end.
+        match free.last() {
+            Some(&(o, l)) if o + l == *end => {
+                free.pop();
+                *end = o + len;
+                o
+            }
+            _ => {
+                *end += len;
+                *end - len
+            }
+        }
+    };
+    let release = |o: usize, len: usize, free: &mut Vec<(usize, usize)>| {
+        let i = free.partition_point(|&(fo, _)| fo < o);
+        free.insert(i, (o, len));
+        // Merge with neighbours.
+        if i + 1 < free.len() && free[i].0 + free[i].1 == free[i + 1].0 {
+            free[i].1 += free[i + 1].1;
+            free.remove(i + 1);
+        }
+        if i > 0 && free[i - 1].0 + free[i - 1].1 == free[i].0 {
+            free[i - 1].1 += free[i].1;
+            free.remove(i);
+        }
+    };
+    let mut placed = vec![false; lens.len()];
+    at[input] = (take(lens[input], &mut free, &mut end), lens[input]);
+    placed[input] = true;
+    for (s, step) in steps.iter().enumerate() {
+        let w = step.writes();
+        if !placed[w] {
+            at[w] = (take(lens[w], &mut free, &mut end), lens[w]);
+            placed[w] = true;
+        }
+        let mut dead: Vec<Buf> = step.reads().into_iter().chain([w]).filter(|&b| last[b] == s).collect();
+        dead.sort_unstable();
+        dead.dedup();
+        for b in dead {
+            if lens[b] > 0 {
+                release(at[b].0, at[b].1, &mut free);
+            }
+        }
+    }
+    (at, end)
+}
