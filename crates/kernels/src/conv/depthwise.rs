@@ -191,8 +191,8 @@ impl ConvGeom {
 /// Channels a lane pass takes at once (eight f32 values: one AVX2 register).
 const LANES: usize = 8;
 
-/// Each task's scratch: the bordered plane(s), and for lanes the interleaved taps and sums.
-type Bufs<T> = (Vec<T>, Vec<T>, Vec<T>);
+/// Each task's scratch: the bordered plane(s), and for lanes the sums.
+type Bufs<T> = (Vec<T>, Vec<T>);
 
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
@@ -230,7 +230,7 @@ fn forward_tasks<'a, T: Elem>(
     let per_task = if lanes { (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1)) } else { 1 };
     let chunk = if lanes { per_task * LANES * pq } else { kg * pq };
     let lane_taps = if lanes { interleaved_taps(g, w) } else { Vec::new() };
-    let task = move |(buf, _, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
+    let task = move |(buf, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
         if lanes {
             let blocks = g.c / LANES;
             for (k, out) in out.chunks_exact_mut(LANES * pq).enumerate() {
@@ -279,7 +279,7 @@ pub(crate) fn forward_blocked_into<T: Elem>(
     y.par_chunks_mut(y_block).zip(x.par_chunks(x_block)).enumerate().for_each(|(j, (yb, xb))| {
         let bj = yb.len() / (g.k * pq);
         let chunk = group * kg * bj * pq;
-        yb.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |(buf, _, acc), (t, out)| {
+        yb.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |(buf, acc), (t, out)| {
             let c0 = t * group;
             for r in 0..bj {
                 if lanes {
