@@ -73,6 +73,14 @@ fn gelu_f32(v: f32) -> f32 {
     v * 0.5 * (1.0 + vmath::erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// GELU's derivative in f32, Phi(v) + v phi(v), through `vmath` (in f64 through libm it took
+/// 10.8 ns a value on 2 threads).
+#[inline(always)]
+fn gelu_grad_f32(v: f32) -> f32 {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + vmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * vmath::exp(-0.5 * v * v) * FRAC_1_SQRT_2PI
+}
+
 #[inline(always)]
 fn exp<T: Elem>(x: T) -> T {
     pick(x, vmath::exp, T::exp)
@@ -160,12 +168,12 @@ impl Unary {
                 }
             }
             Unary::Selu => T::c(SELU_SCALE) * if x > zero { one } else { T::c(SELU_ALPHA) * exp(x) },
-            Unary::Gelu => {
+            Unary::Gelu => pick(x, gelu_grad_f32, |x| {
                 let xf = x.as_f64();
                 let cdf = 0.5 * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
                 let pdf = (-0.5 * xf * xf).exp() / (2.0 * std::f64::consts::PI).sqrt();
                 T::c(cdf + xf * pdf)
-            }
+            }),
             Unary::Silu => {
                 let s = sigmoid(x);
                 s * (one + x * (one - s))
@@ -377,6 +385,16 @@ macro_rules! slice_fn {
     )*};
 }
 
+crate::multiversion_wide! {
+    /// `out[i] = g[i] * gelu'(x[i])`, as [`slice_fn!`]'s functions (GELU's derivative reads
+    /// only x).
+    fn gelu_grad_slice<T: Elem>(g: &[T], x: &[T], out: &mut [T]) {
+        for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
+            *o = g * Unary::Gelu.grad(x, x);
+        }
+    }
+}
+
 slice_fn! {
     gelu_slice: Unary::Gelu;
     erf_slice: Unary::Erf;
@@ -399,6 +417,7 @@ crate::multiversion! {
         }
         match u {
             Unary::Relu => relu_grad_into(g, x, out),
+            Unary::Gelu => gelu_grad_slice(g, x, out),
             Unary::Relu6 => each(g, x, y, out, |x, y| Unary::Relu6.grad(x, y)),
             Unary::HardSwish => each(g, x, y, out, |x, y| Unary::HardSwish.grad(x, y)),
             Unary::LeakyRelu(a) => each(g, x, y, out, |x, y| Unary::LeakyRelu(a).grad(x, y)),
