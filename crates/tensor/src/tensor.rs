@@ -341,8 +341,9 @@ pub(crate) fn gather_strided<T: Copy>(src: &[T], shape: &[usize], strides: &[usi
     out
 }
 
-/// [`gather_strided`] into `out` (of `shape`'s length), for a caller that owns the memory (a
-/// plan's permutation, a piece of one per thread).
+/// Reads `src` with the given per-axis strides from `offset` into `out`, which holds `shape`'s
+/// elements in row-major order: for a caller that owns the memory (a plan's permutation, a
+/// piece of one per thread).
 pub fn gather_strided_into<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], offset: usize, out: &mut [T]) {
     assert_eq!(out.len(), shape.iter().product::<usize>(), "gather_strided_into: output length");
     let mut at = 0;
