@@ -54,24 +54,23 @@ macro_rules! multiversion_wide {
         $(#[$m])*
         $vis fn $name<T: Elem>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
+            fn wide_body<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
+            // The AVX2 and baseline builds, as every other kernel has them (item names are not
+            // hygienic: `multiversion!` defines its own `body`).
+            $crate::multiversion! {
+                fn narrow<T: Elem>($($arg: $ty),*) $(-> $ret)? { wide_body($($arg),*) }
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512<T: Elem>($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                #[target_feature(enable = "avx2")]
-                fn avx2<T: Elem>($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                fn avx512<T: Elem>($($arg: $ty),*) $(-> $ret)? { wide_body($($arg),*) }
                 if $crate::simd::has_avx512() {
                     // SAFETY: `avx512` only needs the AVX-512 foundation instructions, which the
                     // CPU has (checked just above).
                     return unsafe { avx512($($arg),*) };
                 }
-                if $crate::simd::has_avx2() {
-                    // SAFETY: as in `multiversion!`.
-                    return unsafe { avx2($($arg),*) };
-                }
             }
-            body($($arg),*)
+            narrow($($arg),*)
         }
     };
 }
