@@ -75,17 +75,22 @@ macro_rules! multiversion_wide {
     };
 }
 
-/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`] (cached by std).
+/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`], worked out once. The
+/// environment variable `STRIDE_NO_AVX512` (any value) turns them off, so that the AVX2 builds
+/// can be tested and timed on a machine that has both (CI runs the slice tests so).
 #[inline(always)]
 pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("STRIDE_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// `x` seen as f32 values, when `T` is f32 (for the hand-written x86 kernels, which are written for it).

@@ -99,3 +99,12 @@ fn gelu_derivative_in_f32_follows_f64() {
     // The derivative runs from about -0.13 to 1.13: 2e-7 is two units in the last place at 1.
     assert!(worst < 2.5e-7, "worst difference {worst}");
 }
+
+/// `STRIDE_NO_AVX512` turns the AVX-512 builds off (CI runs this file once more with it set,
+/// so the tests above go through the AVX2 builds on a machine that has both).
+#[test]
+fn the_avx512_switch_is_read() {
+    if std::env::var_os("STRIDE_NO_AVX512").is_some() {
+        assert!(!stride_kernels::simd::has_avx512());
+    }
+}
