@@ -54,14 +54,11 @@ const SELU_ALPHA: f64 = 1.673_263_242_354_377_3;
 const SELU_SCALE: f64 = 1.050_700_987_355_480_5;
 
 /// `fast(x)` when `T` is f32 (the vectorisable functions of `vmath`), `exact(x)` (libm's) for
-/// f64, whose gradient checks want every digit. The choice is made at compile time, and the
-/// value passes as the f32 it is: converted through f64 (`T::c`), loops over slices ran at
-/// half the vector width (erf 2.5 ns a value on one thread, 1.1 without).
+/// f64, whose gradient checks want every digit. The choice is made at compile time.
 #[inline(always)]
 fn pick<T: Elem>(x: T, fast: fn(f32) -> f32, exact: fn(T) -> T) -> T {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: `T` is f32 (same type id), so both copies reinterpret an f32 as itself.
-        unsafe { std::mem::transmute_copy::<f32, T>(&fast(std::mem::transmute_copy::<T, f32>(&x))) }
+        T::c(fast(x.to_f32().unwrap_or(f32::NAN)) as f64)
     } else {
         exact(x)
     }
@@ -337,8 +334,9 @@ crate::multiversion! {
     /// variant fixed, so the loop vectorises, with AVX2 where the CPU has it); false for the
     /// others. Results equal `apply`'s.
     fn apply_fast<T: Elem>(u: Unary, x: &[T], y: &mut [T]) -> bool {
-        // A `for` loop, not `for_each`: with a long function inside (erf), `for_each`'s `fold` was
-        // not inlined and so ran without AVX2, value by value (erf 2.5 ns a value, 1.1 so).
+        // A `for` loop, not `for_each`: with a long function inside, `for_each`'s `fold` was left
+        // out of line and so ran without AVX2, value by value (the longest functions have loops
+        // of their own, `slice_fn!` below).
         #[inline(always)]
         fn each<T: Copy>(x: &[T], y: &mut [T], f: impl Fn(T) -> T) {
             for (o, &v) in y.iter_mut().zip(x) {
