@@ -740,13 +740,18 @@ impl Plan {
                 }
             }
             Step::Affine { scale, shift, layout, dims: [n, c, p], act, src, .. } => {
-                // Each plane's channel in memory order, then the planes on all cores.
-                let mut channel = Vec::with_capacity(n * c);
-                layout.channel_runs(*n, *c, |ch, planes| channel.extend(std::iter::repeat_n(ch, planes)));
-                let per = (AFFINE_CHUNK / (*p).max(1)).max(1);
+                // The planes on all cores, each plane's channel worked out from its place in the
+                // layout (a block of `bj` images holds each channel's `bj` planes together).
+                let (b, plane) = (layout.block(), (*p).max(1));
+                let channel = |k: usize| {
+                    let j = k / (b * c);
+                    (k - j * b * c) / b.min(n - j * b)
+                };
+                let per = (AFFINE_CHUNK / plane).max(1);
                 let x = buf(*src);
-                dst.par_chunks_mut(per * (*p).max(1)).zip(x.par_chunks(per * (*p).max(1))).zip(channel.par_chunks(per)).for_each(|((y, x), chs)| {
-                    for ((y, x), &ch) in y.chunks_mut((*p).max(1)).zip(x.chunks((*p).max(1))).zip(chs) {
+                dst.par_chunks_mut(per * plane).zip(x.par_chunks(per * plane)).enumerate().for_each(|(i, (y, x))| {
+                    for (k, (y, x)) in y.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+                        let ch = channel(i * per + k);
                         let (s, t) = (scale[ch], shift[ch]);
                         y.iter_mut().zip(x).for_each(|(o, &v)| *o = v * s + t);
                         if let Some(act) = act {
