@@ -135,6 +135,8 @@ fn every_algorithm_runs_planned() {
     let d = Conv2dOptions::default();
     let cases = [
         ([5, 8, 6, 6], [4, 8, 1, 1], d, Algo::Pointwise),
+        // A squeeze-excitation block's dense layer: planned as a 1x1 product per block.
+        ([5, 8, 1, 1], [4, 8, 1, 1], d, Algo::Dense),
         ([5, 3, 7, 7], [6, 3, 3, 3], d, Algo::Im2col),
         ([5, 8, 6, 5], [8, 1, 3, 3], d.groups(8), Algo::Depthwise),
         // Mobile networks' depthwise layers on small maps, eight channels at a time: most taps of
@@ -145,7 +147,12 @@ fn every_algorithm_runs_planned() {
         ([6, 4, 9, 9], [6, 2, 3, 3], d.groups(2), Algo::Im2col),
     ];
     for (xs, ws, o, algo) in cases {
-        assert_eq!(Algo::choose(&ConvGeom::conv2d(&xs, &ws, &o).unwrap()), algo);
+        let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
+        assert_eq!(Algo::choose(&g), algo);
+        if algo == Algo::Dense {
+            assert_eq!(Prepared::new(&g, &[0.0; 32]).algo(), Algo::Pointwise);
+            assert!(planned::blocks(&g));
+        }
         for b in [1, 2, 4] {
             check(xs, ws, o, b, true, true, Some(Unary::Relu)).unwrap();
             check_backward(xs, ws, o, b).unwrap();

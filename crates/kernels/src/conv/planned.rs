@@ -177,10 +177,13 @@ pub fn blocks_forward(g: &ConvGeom) -> bool {
 /// no relayout before the next layer; inside each block it still runs the direct kernel.
 /// Strided layers (eager: `Algo::Direct`) are lowered in their blocks as well, and so is a
 /// Winograd layer whose batch has too few tiles to repay reading its transformed filters
-/// ([`Pass::Planned`]).
+/// ([`Pass::Planned`]). A 1x1 convolution of a 1x1 map (a squeeze-excitation block's dense
+/// layers) is a product per block like any 1x1 layer, so it stays in the blocks around it
+/// instead of taking `Dense`'s one product over an NCHW batch and two relayouts.
 fn plan_algo(g: &ConvGeom) -> Algo {
     match Algo::choose(g) {
         _ if single_channel(g) => Algo::Im2col,
+        Algo::Dense if g.is_pointwise() => Algo::Pointwise,
         Algo::Direct => Algo::Im2col,
         Algo::Winograd => Algo::for_pass(g, Pass::Planned),
         algo => algo,
