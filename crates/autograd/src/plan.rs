@@ -319,6 +319,17 @@ impl Compiler {
                 let dst = self.define(i, shape.clone(), Layout::Nchw);
                 self.steps.push(Step::Permute { shape, read, src, dst });
             }
+            // Channel splits and concatenations of 4-D values: gathers in their input's layout.
+            Op::Narrow { axis: 1, start } if shape.len() == 4 && self.vals[ps[0]].is_some() => {
+                let c = self.rec.nodes[ps[0]].shape()[1];
+                let picks = (*start..start + shape[1]).map(|ch| (0, ch)).collect();
+                self.gather(i, "narrow", &[(ps[0], c)], picks, shape);
+            }
+            Op::Concat { axis: 1, sizes } if shape.len() == 4 && ps.iter().all(|&p| self.vals[p].is_some()) => {
+                let srcs: Vec<(usize, usize)> = ps.iter().copied().zip(sizes.iter().copied()).collect();
+                let picks = sizes.iter().enumerate().flat_map(|(s, &c)| (0..c).map(move |ch| (s, ch))).collect();
+                self.gather(i, "concat", &srcs, picks, shape);
+            }
             Op::Narrow { axis, start } if self.vals[ps[0]].is_some() => {
                 let from_shape = self.rec.nodes[ps[0]].shape();
                 let inner: usize = from_shape[axis + 1..].iter().product();
@@ -339,6 +350,14 @@ impl Compiler {
                 let src = self.operand(ps[0], Layout::Nchw);
                 let dst = self.define(i, shape, Layout::Nchw);
                 self.steps.push(Step::SumRuns { len, src, dst });
+            }
+            Op::Reshape if self.vals[ps[0]].is_some() && self.channel_shuffle(i).is_some() => {
+                let (tail, picks) = self.channel_shuffle(i).expect("matched");
+                let c = picks.len();
+                // The permutation between the two views is part of this gather.
+                let permute = self.rec.only_consumer(i).expect("matched");
+                self.done[permute] = true;
+                self.gather(tail, "channel_shuffle", &[(ps[0], c)], picks, self.rec.nodes[tail].shape());
             }
             Op::Reshape => {
                 // A view: the same buffer, read as NCHW.
@@ -382,6 +401,41 @@ impl Compiler {
             _ => self.fallback(i, op.name(), &ps, shape)?,
         }
         Ok(())
+    }
+
+    /// A gather of channels from 4-D values `srcs` (node, channels) into node `i`'s value
+    /// [N, picks.len(), H, W], blocked if a source is (the convolutions around it are).
+    fn gather(&mut self, i: usize, what: &str, srcs: &[(usize, usize)], picks: Vec<(usize, usize)>, shape: Vec<usize>) {
+        let layouts = srcs.iter().filter_map(|&(p, _)| self.vals[p].as_ref().map(|v| v.layout));
+        let layout = layouts.max_by_key(|l| l.block()).unwrap_or(Layout::Nchw);
+        let srcs = srcs.iter().map(|&(p, c)| (self.operand(p, layout), c)).collect();
+        let dims = [shape[0], shape[2] * shape[3]];
+        let dst = self.define(i, shape, layout);
+        self.steps.push(Step::Channels { what: what.into(), srcs, picks, layout, dims, dst });
+    }
+
+    /// ShuffleNet's channel shuffle from reshape node `i`: [N, C, H, W] viewed as [N, g, C/g,
+    /// H, W] (node `i`), its axes 1 and 2 swapped, viewed as [N, C, H, W] again, each only
+    /// read by the next. The last node, and the input channel of each output channel.
+    fn channel_shuffle(&self, i: usize) -> Option<(usize, Vec<(usize, usize)>)> {
+        let from = self.rec.nodes[self.rec.idx(&self.rec.nodes[i].0.parents[0])].shape();
+        let split = self.rec.nodes[i].shape();
+        let [n, c, h, w] = from[..] else { return None };
+        let [sn, g, cg, sh, sw] = split[..] else { return None };
+        if (sn, sh, sw) != (n, h, w) || g * cg != c {
+            return None;
+        }
+        let t = self.rec.only_consumer(i)?;
+        if !matches!(&self.rec.nodes[t].0.op, Some(Op::Permute { perm }) if perm[..] == [0, 2, 1, 3, 4]) {
+            return None;
+        }
+        let r = self.rec.only_consumer(t)?;
+        if !matches!(self.rec.nodes[r].0.op, Some(Op::Reshape)) || self.rec.nodes[r].shape() != from {
+            return None;
+        }
+        // Output channel j * g + k (after the swap: [N, C/g, g, ..]) is input channel k * C/g + j.
+        let picks = (0..cg).flat_map(|j| (0..g).map(move |k| (0, k * cg + j))).collect();
+        Some((r, picks))
     }
 
     fn conv(&mut self, i: usize, geom: &ConvGeom, ps: &[usize]) -> Result<()> {
@@ -604,6 +658,7 @@ impl Plan {
             c.steps.push(Step::Unary { f: Unary::MulScalar(1.0), src: in_buf, dst });
             out_buf = dst;
         }
+        step::merge_gathers(&mut c.steps, &[in_buf, out_buf]);
         let (bufs, total) = place(&c.steps, &c.buf_len, in_buf, out_buf);
         let argmax = c.steps.iter().filter_map(|s| if let Step::MaxPool { dst, .. } = s { Some(c.buf_len[*dst]) } else { None }).max().unwrap_or(0);
         Ok(Plan {
@@ -780,6 +835,10 @@ impl Plan {
                         at += len;
                     }
                 }
+            }
+            Step::Channels { srcs, picks, layout, dims: [n, plane], .. } => {
+                let srcs: Vec<(&[f32], usize)> = srcs.iter().map(|&(b, c)| (buf(b), c)).collect();
+                planned::pick_channels(&srcs, picks, *layout, *n, *plane, dst);
             }
             Step::Fallback { f, srcs, .. } => {
                 let inputs = srcs.iter().map(|(s, shape)| Tensor::from_vec(src(*s).to_vec(), shape)).collect::<Result<Vec<_>>>()?;

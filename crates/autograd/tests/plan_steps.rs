@@ -96,3 +96,33 @@ fn broadcast_arithmetic_plans() {
         m.sub(&y)?.mul(&per_channel)
     });
 }
+
+#[test]
+fn shufflenet_units_gather_channels_in_blocks() {
+    let mut rng = Rng::seed(4);
+    let c = 8;
+    let stem = param(&mut rng, &[c, 3, 1, 1]);
+    let (w1, dw, w2) = (param(&mut rng, &[c / 2, c / 2, 1, 1]), param(&mut rng, &[c / 2, 1, 3, 3]), param(&mut rng, &[c / 2, c / 2, 1, 1]));
+    let depthwise = Conv2dOptions::default().groups(c / 2).padding(Padding::Same);
+    let unit = |x: &Var<f32>| -> Result<Var<f32>> {
+        // ShuffleNetV2's stride-1 unit: half the channels through a branch, then shuffled.
+        let (keep, rest) = (x.narrow(1, 0, c / 2)?, x.narrow(1, c / 2, c / 2)?);
+        let b = unary(&conv2d(&rest, &w1, None, &Conv2dOptions::default())?, Unary::Relu)?;
+        let b = conv2d(&conv2d(&b, &dw, None, &depthwise)?, &w2, None, &Conv2dOptions::default())?;
+        concat(&[&keep, &unary(&b, Unary::Relu)?], 1)?.channel_shuffle(2)
+    };
+    for n in [1, 3, 8] {
+        let x = rng.normal(&[n, 3, 5, 5], 0.0, 1.0).unwrap();
+        let steps = planned_matches_eager(&format!("ShuffleNet units, batch {n}"), x, |x| {
+            let x = conv2d(x, &stem, None, &Conv2dOptions::default())?;
+            unit(&unit(&x)?)
+        });
+        // Split, concatenation and shuffle in the blocks, a gather merged into the one that
+        // reads it: each unit's kept half, concatenation and shuffle are one copy; only the
+        // branch's half (read by a convolution) is a gather of its own.
+        let count = |name: &str| steps.iter().filter(|s| s.split(' ').next() == Some(name)).count();
+        assert_eq!((count("narrow+concat+channel_shuffle"), count("narrow")), (2, 2), "{steps:#?}");
+        assert!(!steps.iter().any(|s| s == "permute" || s == "concat"), "{steps:#?}");
+        assert!(steps.iter().filter(|s| s.starts_with("relayout")).count() <= 2, "{steps:#?}");
+    }
+}

@@ -234,6 +234,25 @@ fn relayout_round_trips_and_places_channels() {
 }
 
 #[test]
+fn pick_channels_gathers_in_every_layout() {
+    // Two sources of 3 and 2 channels; picks that concatenate, split, shuffle and repeat.
+    let (n, plane) = (5, 3);
+    let a: Vec<f64> = (0..n * 3 * plane).map(|i| i as f64).collect();
+    let bsrc: Vec<f64> = (0..n * 2 * plane).map(|i| 1000.0 + i as f64).collect();
+    let picks = [(1, 1), (0, 0), (0, 2), (1, 0), (0, 0), (0, 1)];
+    let want: Vec<f64> = (0..n)
+        .flat_map(|i| picks.iter().flat_map(move |&(s, ch)| (0..plane).map(move |p| (s, i, ch, p))))
+        .map(|(s, i, ch, p)| if s == 0 { a[(i * 3 + ch) * plane + p] } else { bsrc[(i * 2 + ch) * plane + p] })
+        .collect();
+    for layout in [Layout::Nchw, Layout::Blocked(2), Layout::Blocked(4), Layout::Blocked(8)] {
+        let (al, bl) = (to(layout, &a, n, 3, plane), to(layout, &bsrc, n, 2, plane));
+        let mut y = vec![f64::NAN; n * picks.len() * plane];
+        planned::pick_channels(&[(&al, 3), (&bl, 2)], &picks, layout, n, plane, &mut y);
+        assert_eq!(from(layout, &y, n, picks.len(), plane), want, "{layout:?}");
+    }
+}
+
+#[test]
 fn f32_blocked_layers_match_reference() {
     // f32 takes the AVX-512 run copies of the unpadded lowering (when the CPU has them) and
     // the vectorised bias + residual + ReLU pass: LeNet's two layers (rows of 26 and 9

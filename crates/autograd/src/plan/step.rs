@@ -122,6 +122,18 @@ pub(super) enum Step {
         outer: usize,
         dst: Buf,
     },
+    /// Channels of 4-D sources in one layout, gathered (`planned::pick_channels`): output
+    /// channel `k` is channel `picks[k].1` of `srcs[picks[k].0]` (buffer, channels). Channel
+    /// concatenations, splits and shuffles, merged into one gather where one feeds the next.
+    Channels {
+        what: String,
+        srcs: Vec<(Buf, usize)>,
+        picks: Vec<(usize, usize)>,
+        layout: Layout,
+        /// Images and plane size.
+        dims: [usize; 2],
+        dst: Buf,
+    },
     /// Anything else: the eager forward on copies of its inputs (NCHW).
     Fallback {
         name: &'static str,
@@ -147,6 +159,7 @@ impl Step {
             Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
             Step::Binary { a, b, .. } | Step::MatMul { a, b, .. } => bufs(&[*a, *b]),
             Step::Concat { srcs, .. } => bufs(srcs),
+            Step::Channels { srcs, .. } => srcs.iter().map(|s| s.0).collect(),
             Step::Fallback { srcs, .. } => bufs(&srcs.iter().map(|s| s.0).collect::<Vec<_>>()),
         }
     }
@@ -165,6 +178,7 @@ impl Step {
             | Step::Affine { dst, .. }
             | Step::MatMul { dst, .. }
             | Step::Concat { dst, .. }
+            | Step::Channels { dst, .. }
             | Step::Fallback { dst, .. } => *dst,
         }
     }
@@ -204,9 +218,69 @@ impl Step {
                 format!("matmul{}{}", if bias.is_some() { " +bias" } else { "" }, act.map_or(String::new(), |a| format!(" +{}", a.name())))
             }
             Step::Concat { .. } => "concat".into(),
+            Step::Channels { what, layout, .. } => format!("{what} {layout:?}"),
             Step::Fallback { name, .. } => format!("{name} (eager)"),
         }
     }
+}
+
+/// Merges a channel gather into the gather that reads its output, where nothing else reads that
+/// output and it is not one of `keep` (a concatenation then shuffled is one copy, a split
+/// then concatenated no copy of its own). The reader then picks from the first gather's
+/// sources, which are computed before it (the first gather runs earlier) and stay live until
+/// it runs (liveness is worked out from the steps after this).
+pub(super) fn merge_gathers(steps: &mut Vec<Step>, keep: &[Buf]) {
+    let mut t = 0;
+    while t < steps.len() {
+        let Some(p) = gather_feeding(steps, t, keep) else {
+            t += 1;
+            continue;
+        };
+        let up = steps.remove(p);
+        t -= 1;
+        let (Step::Channels { what: up_what, srcs: up_srcs, picks: up_picks, dst: mid, .. }, Step::Channels { what, srcs, picks, .. }) =
+            (up, &mut steps[t])
+        else {
+            unreachable!("gather_feeding returns a gather feeding a gather");
+        };
+        // Each pick as (buffer, channels, channel), through the first gather, then indexed again.
+        let resolved: Vec<(Buf, usize, usize)> = picks
+            .iter()
+            .map(|&(s, ch)| {
+                let (b, cs) = srcs[s];
+                if b == mid {
+                    let (us, uch) = up_picks[ch];
+                    (up_srcs[us].0, up_srcs[us].1, uch)
+                } else {
+                    (b, cs, ch)
+                }
+            })
+            .collect();
+        srcs.clear();
+        picks.clear();
+        for (b, cs, ch) in resolved {
+            let s = srcs.iter().position(|&(sb, _)| sb == b).unwrap_or_else(|| {
+                srcs.push((b, cs));
+                srcs.len() - 1
+            });
+            picks.push((s, ch));
+        }
+        *what = format!("{up_what}+{what}");
+    }
+}
+
+/// The gather whose output only step `t` (a gather of the same layout and sizes) reads.
+fn gather_feeding(steps: &[Step], t: usize, keep: &[Buf]) -> Option<usize> {
+    let Step::Channels { srcs, layout, dims, .. } = &steps[t] else {
+        return None;
+    };
+    srcs.iter().find_map(|&(b, _)| {
+        if keep.contains(&b) || steps.iter().map(|s| s.reads().iter().filter(|&&r| r == b).count()).sum::<usize>() != 1 {
+            return None;
+        }
+        let p = steps[..t].iter().rposition(|s| s.writes() == b)?;
+        matches!(&steps[p], Step::Channels { layout: l, dims: d, .. } if l == layout && d == dims).then_some(p)
+    })
 }
 
 /// Places buffers in one arena by liveness: a buffer lives from the step that writes it to the

@@ -117,6 +117,34 @@ pub fn relayout<T: Elem>(x: &[T], from: Layout, y: &mut [T], to: Layout, n: usiz
     });
 }
 
+/// Gathers channels of [n, c, plane] sources into `y` [n, picks.len(), plane], all in one
+/// `layout`: output channel `k` is channel `picks[k].1` of source `picks[k].0` (each source
+/// given with its channel count). Concatenation, channel splits and ShuffleNet's channel
+/// shuffle are such gathers; in a blocked layout a channel of a block is one run of its
+/// images' planes, so each pick copies one run and none of them needs NCHW.
+pub fn pick_channels<T: Elem>(srcs: &[(&[T], usize)], picks: &[(usize, usize)], layout: Layout, n: usize, plane: usize, y: &mut [T]) {
+    let c = picks.len();
+    assert!(y.len() == n * c * plane, "pick_channels: output length");
+    for &(x, cs) in srcs {
+        assert!(x.len() == n * cs * plane, "pick_channels: source length");
+    }
+    assert!(picks.iter().all(|&(s, ch)| s < srcs.len() && ch < srcs[s].1), "pick_channels: picks");
+    if y.is_empty() {
+        return;
+    }
+    // Tasks of whole destination blocks, at least 16K values each.
+    let b = layout.block();
+    let per = (1usize << 14).div_ceil(b * c * plane);
+    y.par_chunks_mut(b * c * plane).enumerate().with_min_len(per).for_each(|(j, yb)| {
+        let run = yb.len() / c;
+        for (o, &(s, ch)) in yb.chunks_exact_mut(run).zip(picks) {
+            let (x, cs) = srcs[s];
+            let at = j * b * cs * plane + ch * run;
+            o.copy_from_slice(&x[at..at + run]);
+        }
+    });
+}
+
 /// Filters prepared for a geometry: borrowed as given for the products, transformed once for
 /// Winograd. A plan keeps them ([`Prepared::into_owned`]); a training step borrows the
 /// parameter's current values.
