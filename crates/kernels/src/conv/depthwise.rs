@@ -229,14 +229,14 @@ fn forward_tasks<'a, T: Elem>(
     // task does not outweigh the work; blocks run on across images (K is a multiple of eight).
     let per_task = if lanes { (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1)) } else { 1 };
     let chunk = if lanes { per_task * LANES * pq } else { kg * pq };
-    let lane_taps = if lanes { interleaved_taps(g, w) } else { Vec::new() };
+    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
     let task = move |(buf, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
         if lanes {
             let blocks = g.c / LANES;
             for (k, out) in out.chunks_exact_mut(LANES * pq).enumerate() {
                 let block = i * per_task + k;
                 let (n, c0) = (block / blocks, (block % blocks) * LANES);
-                lanes_task(g, (x, (n * g.c + c0) * hw, hw), c0, &lane_taps, bias, (buf, acc), (out, pq));
+                lanes_task(g, (x, (n * g.c + c0) * hw, hw), c0, &lanes_plan, bias, (buf, acc), (out, pq));
             }
         } else {
             let (n, c) = (i / g.c, i % g.c);
@@ -247,11 +247,34 @@ fn forward_tasks<'a, T: Elem>(
     (chunk.max(1), task)
 }
 
-/// Each block of eight channels' taps interleaved (`[block][tap][lane]`), made once for every
-/// image.
-fn interleaved_taps<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
-    let rs = g.r * g.s;
-    (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect()
+/// What every lane task of a layer shares, worked out once per call: each block of eight
+/// channels' taps interleaved (`[block][tap][lane]`), and the taps that land inside the image
+/// for each output row and each run of output columns ([`taps_inside`]; on small maps most of
+/// a window reads border).
+#[derive(Default)]
+struct Lanes<T> {
+    taps: Vec<T>,
+    rows: Vec<std::ops::Range<usize>>,
+    /// Runs of four output columns, then single columns: (first column, columns, taps).
+    cols: Vec<(usize, usize, std::ops::Range<usize>)>,
+}
+
+impl<T: Elem> Lanes<T> {
+    fn new(g: &ConvGeom, w: &[T]) -> Self {
+        let rs = g.r * g.s;
+        let taps = (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect();
+        let ((sh, sw), (dh, dw)) = (g.stride, g.dilation);
+        let rows = (0..g.p).map(|i| taps_inside(i * sh, g.pad.0, g.h, dh, g.r)).collect();
+        // The taps of outputs j..j + n: those inside for any of them (a tap inside for one and
+        // not another reads zeros for the other).
+        let run = |j: usize, n: usize| {
+            let (first, last) = (taps_inside(j * sw, g.pad.2, g.w, dw, g.s), taps_inside((j + n - 1) * sw, g.pad.2, g.w, dw, g.s));
+            (j, n, last.start..first.end.max(last.start))
+        };
+        let fours = g.q / 4 * 4;
+        let cols = (0..fours).step_by(4).map(|j| run(j, 4)).chain((fours..g.q).map(|j| run(j, 1))).collect();
+        Lanes { taps, rows, cols }
+    }
 }
 
 /// [`forward_into`] in a plan's batch-blocked layout (`[N/b][C][b][H][W]`, `x` and `y`), so
@@ -273,7 +296,7 @@ pub(crate) fn forward_blocked_into<T: Elem>(
         return;
     }
     let lanes = g.takes_lanes();
-    let lane_taps = if lanes { interleaved_taps(g, w) } else { Vec::new() };
+    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
     let group = if lanes { LANES } else { 1 };
     let (x_block, y_block) = (b * g.c * hw, b * g.k * pq);
     y.par_chunks_mut(y_block).zip(x.par_chunks(x_block)).enumerate().for_each(|(j, (yb, xb))| {
@@ -283,7 +306,7 @@ pub(crate) fn forward_blocked_into<T: Elem>(
             let c0 = t * group;
             for r in 0..bj {
                 if lanes {
-                    lanes_task(g, (xb, (c0 * bj + r) * hw, bj * hw), c0, &lane_taps, bias, (buf, acc), (&mut out[r * pq..], bj * pq));
+                    lanes_task(g, (xb, (c0 * bj + r) * hw, bj * hw), c0, &lanes_plan, bias, (buf, acc), (&mut out[r * pq..], bj * pq));
                 } else {
                     let plane = &xb[(c0 * bj + r) * hw..][..hw];
                     let ks = c0 * kg..(c0 + 1) * kg;
@@ -309,7 +332,7 @@ fn lanes_task<T: Elem>(
     g: &ConvGeom,
     (x, first, step): (&[T], usize, usize),
     c0: usize,
-    lane_taps: &[T],
+    lanes: &Lanes<T>,
     bias: Option<&[T]>,
     (buf, acc): (&mut Vec<T>, &mut Vec<T>),
     (out, ld): (&mut [T], usize),
@@ -323,26 +346,16 @@ fn lanes_task<T: Elem>(
         buf.resize(bh * bw * LANES, T::zero());
     }
     interleave(x, first, step, (g.h, g.w), &mut buf[(g.pad.0 * bw + g.pad.2) * LANES..], bw * LANES);
-    let taps = &lane_taps[c0 * rs..(c0 + LANES) * rs];
+    let taps = &lanes.taps[c0 * rs..(c0 + LANES) * rs];
     // Every sum is written (each output of each row once).
     acc.resize(pq * LANES, T::zero());
     let b: [T; LANES] = std::array::from_fn(|l| bias.map_or(T::zero(), |b| b[c0 + l]));
-    let inside = Inside { top: g.pad.0, left: g.pad.2, h: g.h, w: g.w };
-    correlate_lanes(g.pass(), inside, buf, bw, taps, b, acc);
+    correlate_lanes(g.pass(), lanes, buf, bw, taps, b, acc);
     for (o, v) in acc.chunks_exact(LANES).enumerate() {
         for (l, v) in v.iter().enumerate() {
             out[l * ld + o] = *v;
         }
     }
-}
-
-/// Where the image lies in a bordered plane: its first row and column, and its size.
-#[derive(Clone, Copy)]
-struct Inside {
-    top: usize,
-    left: usize,
-    h: usize,
-    w: usize,
 }
 
 /// The taps `t` of `0..k` whose source `pos + t * dil` lies in `lo..lo + len`: the others read
@@ -379,26 +392,24 @@ multiversion! {
 multiversion! {
     /// acc[(i, j)][l] = b[l] + sum_{r,s} taps[(r, s)][l] * src[(i*sh + r*dh, j*sw + s*dw)][l]
     /// over interleaved lanes of eight channels, skipping the taps that read only border
-    /// (most of them on small maps: a 2x2 map under a 5x5 window has 9 of 25 inside).
-    fn correlate_lanes<T: Elem>(p: Pass, inside: Inside, src: &[T], width: usize, taps: &[T], b: [T; LANES], acc: &mut [T]) {
-        let (sh, sw) = p.stride;
-        let (dh, dw) = p.dil;
-        // The taps of a block of outputs from column j to j + n - 1: those inside for any of them
-        // (a tap inside for one and not another reads zeros for the other).
-        let cols = |j: usize, n: usize| {
-            let (first, last) = (taps_inside(j * sw, inside.left, inside.w, dw, p.s), taps_inside((j + n - 1) * sw, inside.left, inside.w, dw, p.s));
-            last.start..first.end.max(last.start)
-        };
-        for i in 0..p.rows {
-            let rows = taps_inside(i * sh, inside.top, inside.h, dh, p.r);
-            let mut j = 0;
-            while j + 4 <= p.cols {
-                lanes_block::<T, 4>(&p, src, width, taps, b, (i, j), (rows.clone(), cols(j, 4)), acc);
-                j += 4;
-            }
-            while j < p.cols {
-                lanes_block::<T, 1>(&p, src, width, taps, b, (i, j), (rows.clone(), cols(j, 1)), acc);
-                j += 1;
+    /// (most of them on small maps: a 2x2 map under a 5x5 window has 9 of 25 inside), as
+    /// `lanes` lists them for each output row and run of columns.
+    fn correlate_lanes<T: Elem>(
+        p: Pass,
+        lanes: &Lanes<T>,
+        src: &[T],
+        width: usize,
+        taps: &[T],
+        b: [T; LANES],
+        acc: &mut [T],
+    ) {
+        for (i, rows) in lanes.rows.iter().enumerate() {
+            for (j, n, cols) in &lanes.cols {
+                if *n == 4 {
+                    lanes_block::<T, 4>(&p, src, width, taps, b, (i, *j), (rows.clone(), cols.clone()), acc);
+                } else {
+                    lanes_block::<T, 1>(&p, src, width, taps, b, (i, *j), (rows.clone(), cols.clone()), acc);
+                }
             }
         }
     }
