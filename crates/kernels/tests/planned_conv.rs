@@ -143,6 +143,11 @@ fn every_algorithm_runs_planned() {
         // a 5x5 window over a 2x2 map read only border; strided.
         ([3, 16, 2, 2], [16, 1, 5, 5], d.groups(16).padding(Padding::Same), Algo::Depthwise),
         ([3, 24, 7, 7], [24, 1, 5, 5], d.groups(24).padding(Padding::uniform(2)).stride(2), Algo::Depthwise),
+        // Larger maps, eight channels at a time (the cases above are small products: see
+        // depthwise.rs's test of which kernel takes which), and an 8x8 map as one product.
+        ([3, 16, 9, 9], [16, 1, 3, 3], d.groups(16).padding(Padding::uniform(1)).stride(2), Algo::Depthwise),
+        ([2, 8, 8, 8], [8, 1, 3, 3], d.groups(8).padding(Padding::uniform(1)).stride(2), Algo::Depthwise),
+        ([2, 8, 8, 8], [8, 1, 5, 5], d.groups(8).padding(Padding::Same), Algo::Depthwise),
         ([3, 16, 8, 8], [16, 16, 3, 3], d.padding(Padding::Same), Algo::Winograd),
         ([6, 4, 9, 9], [6, 2, 3, 3], d.groups(2), Algo::Im2col),
     ];

@@ -183,6 +183,14 @@ impl ConvGeom {
     fn takes_lanes(&self) -> bool {
         self.kg() == 1 && self.c.is_multiple_of(LANES) && self.c > 0 && (self.stride.1 > 1 || !self.fits_tiles())
     }
+    /// Whether the forward pass takes each plane as one small product ([`Small`]): one output
+    /// channel per input channel, at most 64 outputs and 64 inputs a plane, and the product at
+    /// most three times the multiply-adds of the taps (the last stages of mobile networks: 2x2
+    /// and 4x4 maps, 8x8 ones under 5x5 windows).
+    fn takes_small(&self) -> bool {
+        let (pq, hw) = (self.p * self.q, self.h * self.w);
+        self.kg() == 1 && pq > 0 && pq <= SMALL && hw <= SMALL && hw * small_width(pq) <= 3 * pq * self.r * self.s
+    }
     fn pass(&self) -> Pass {
         Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
     }
@@ -190,6 +198,14 @@ impl ConvGeom {
 
 /// Channels a lane pass takes at once (eight f32 values: one AVX2 register).
 const LANES: usize = 8;
+
+/// The largest planes [`Small`] takes: outputs and inputs.
+const SMALL: usize = 64;
+
+/// The outputs a row of [`Small`]'s matrix holds: `pq` rounded up to 4, 8, 16, 32 or 64.
+fn small_width(pq: usize) -> usize {
+    pq.next_power_of_two().max(4)
+}
 
 /// Each task's scratch: the bordered plane(s), and for lanes the sums.
 type Bufs<T> = (Vec<T>, Vec<T>);
@@ -224,14 +240,39 @@ fn forward_tasks<'a, T: Elem>(
     bias: Option<&'a [T]>,
 ) -> (usize, impl Fn(&mut Bufs<T>, usize, &mut [T]) + Sync + 'a) {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
-    let lanes = g.takes_lanes();
-    // Lanes: several blocks per task on small maps (about 8K outputs), so the pool's cost per
-    // task does not outweigh the work; blocks run on across images (K is a multiple of eight).
-    let per_task = if lanes { (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1)) } else { 1 };
-    let chunk = if lanes { per_task * LANES * pq } else { kg * pq };
+    let small = g.takes_small();
+    let lanes = !small && g.takes_lanes();
+    // Lanes and small planes: several per task (about 8K outputs), so the pool's cost per task
+    // does not outweigh the work; they run on across images (K is a multiple of eight).
+    let per_task = if small {
+        (8192 / pq).clamp(1, g.c * g.n)
+    } else if lanes {
+        (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1))
+    } else {
+        1
+    };
+    let chunk = if small {
+        per_task * pq
+    } else if lanes {
+        per_task * LANES * pq
+    } else {
+        kg * pq
+    };
     let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
+    let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
     let task = move |(buf, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
-        if lanes {
+        if small {
+            // Planes i * per_task.. in NCHW order: runs of consecutive channels of one image.
+            let mut plane = i * per_task;
+            let mut out = out;
+            while !out.is_empty() {
+                let c = plane % g.c;
+                let run = (g.c - c).min(out.len() / pq);
+                let (head, rest) = out.split_at_mut(run * pq);
+                small_plan.run(c, 1, &x[plane * hw..(plane + run) * hw], head);
+                (plane, out) = (plane + run, rest);
+            }
+        } else if lanes {
             let blocks = g.c / LANES;
             for (k, out) in out.chunks_exact_mut(LANES * pq).enumerate() {
                 let block = i * per_task + k;
@@ -245,6 +286,87 @@ fn forward_tasks<'a, T: Elem>(
         }
     };
     (chunk.max(1), task)
+}
+
+/// Depthwise layers on small planes as products: output plane = M x + bias, with M [P·Q, H·W]
+/// each channel's taps placed where they land (zero where a tap reads border), built once per
+/// call. A plane is then H·W broadcast multiply-adds into a few vectors of outputs, where
+/// the lanes kernel ([`lanes_task`]) spent most of its time interleaving eight planes of four
+/// values and skipping border taps (EfficientNet-B0's 2x2 maps under 5x5 windows).
+#[derive(Default)]
+struct Small<T> {
+    /// `[channel][input][width]`: row `q` of channel `c` holds the weight of input `q` in each
+    /// output (zero past P·Q).
+    m: Vec<T>,
+    bias: Vec<T>,
+    /// Outputs a row of `m` holds ([`small_width`]).
+    width: usize,
+    hw: usize,
+    pq: usize,
+}
+
+impl<T: Elem> Small<T> {
+    fn new(g: &ConvGeom, w: &[T], bias: Option<&[T]>) -> Self {
+        let (hw, pq, rs) = (g.h * g.w, g.p * g.q, g.r * g.s);
+        let width = small_width(pq);
+        let mut m = vec![T::zero(); g.c * hw * width];
+        for (c, mc) in m.chunks_exact_mut(hw * width).enumerate() {
+            for (i, j) in (0..g.p).flat_map(|i| (0..g.q).map(move |j| (i, j))) {
+                for (r, s) in (0..g.r).flat_map(|r| (0..g.s).map(move |s| (r, s))) {
+                    let row = (i * g.stride.0 + r * g.dilation.0).checked_sub(g.pad.0).filter(|&v| v < g.h);
+                    let col = (j * g.stride.1 + s * g.dilation.1).checked_sub(g.pad.2).filter(|&v| v < g.w);
+                    if let (Some(row), Some(col)) = (row, col) {
+                        mc[(row * g.w + col) * width + i * g.q + j] += w[c * rs + r * g.s + s];
+                    }
+                }
+            }
+        }
+        let bias = bias.map_or_else(|| vec![T::zero(); g.c], <[T]>::to_vec);
+        Small { m, bias, width, hw, pq }
+    }
+    /// Planes `x` (H·W each) into `out` (P·Q each): plane k of channel `c + k * step`.
+    fn run(&self, c: usize, step: usize, x: &[T], out: &mut [T]) {
+        let sizes = SmallSizes { hw: self.hw, pq: self.pq, width: self.width, step };
+        small_planes(sizes, &self.m[c * self.hw * self.width..], &self.bias[c..], x, out);
+    }
+}
+
+/// The sizes of a [`Small`] call, and how many channels apart its planes are (0: one channel).
+#[derive(Clone, Copy)]
+struct SmallSizes {
+    hw: usize,
+    pq: usize,
+    width: usize,
+    step: usize,
+}
+
+crate::multiversion_wide! {
+    /// out plane k = m_k x_k + bias_k for each plane of `out`, `m_k` and `bias_k` those of the
+    /// k·step-th channel from the first.
+    fn small_planes<T: Elem>(z: SmallSizes, m: &[T], bias: &[T], x: &[T], out: &mut [T]) {
+        match z.width {
+            4 => small_body::<T, 4>(z, m, bias, x, out),
+            8 => small_body::<T, 8>(z, m, bias, x, out),
+            16 => small_body::<T, 16>(z, m, bias, x, out),
+            32 => small_body::<T, 32>(z, m, bias, x, out),
+            _ => small_body::<T, 64>(z, m, bias, x, out),
+        }
+    }
+}
+
+/// [`small_planes`] with `P` outputs in registers.
+#[inline(always)]
+fn small_body<T: Elem, const P: usize>(z: SmallSizes, m: &[T], bias: &[T], x: &[T], out: &mut [T]) {
+    for (k, (o, xk)) in out.chunks_exact_mut(z.pq).zip(x.chunks_exact(z.hw)).enumerate() {
+        let mk = &m[k * z.step * z.hw * P..][..z.hw * P];
+        let mut acc = [bias[k * z.step]; P];
+        for (row, &v) in mk.chunks_exact(P).zip(xk) {
+            for p in 0..P {
+                acc[p] += row[p] * v;
+            }
+        }
+        o.copy_from_slice(&acc[..z.pq]);
+    }
 }
 
 /// What every lane task of a layer shares, worked out once per call: each block of eight
@@ -295,8 +417,10 @@ pub(crate) fn forward_blocked_into<T: Elem>(
     if y.is_empty() || hw == 0 {
         return;
     }
-    let lanes = g.takes_lanes();
+    let small = g.takes_small();
+    let lanes = !small && g.takes_lanes();
     let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
+    let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
     let group = if lanes { LANES } else { 1 };
     let (x_block, y_block) = (b * g.c * hw, b * g.k * pq);
     y.par_chunks_mut(y_block).zip(x.par_chunks(x_block)).enumerate().for_each(|(j, (yb, xb))| {
@@ -304,6 +428,12 @@ pub(crate) fn forward_blocked_into<T: Elem>(
         let chunk = group * kg * bj * pq;
         yb.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |(buf, acc), (t, out)| {
             let c0 = t * group;
+            if small {
+                // The channel's planes of every image of the block, one after another.
+                small_plan.run(c0, 0, &xb[c0 * bj * hw..(c0 + 1) * bj * hw], out);
+                finish(j * y_block + t * chunk, out);
+                return;
+            }
             for r in 0..bj {
                 if lanes {
                     lanes_task(g, (xb, (c0 * bj + r) * hw, bj * hw), c0, &lanes_plan, bias, (buf, acc), (&mut out[r * pq..], bj * pq));
@@ -546,4 +676,36 @@ pub(crate) fn backward_filter<T: Elem>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
         }
     }
     dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::{Conv2dOptions, Padding};
+
+    /// Which kernel each of `tests/planned_conv.rs`'s depthwise cases runs, so that those cases
+    /// cover the small products, the lanes and the per-plane kernels.
+    #[test]
+    fn small_maps_take_products_and_larger_ones_lanes() {
+        let d = Conv2dOptions::default();
+        let geom = |x: [usize; 4], w: [usize; 4], o: Conv2dOptions| ConvGeom::conv2d(&x, &w, &o).unwrap();
+        // EfficientNet's last stage (2x2 under 5x5), a strided 7x7 -> 4x4, 8x8 under 5x5.
+        for g in [
+            geom([3, 16, 2, 2], [16, 1, 5, 5], d.groups(16).padding(Padding::Same)),
+            geom([3, 24, 7, 7], [24, 1, 5, 5], d.groups(24).padding(Padding::uniform(2)).stride(2)),
+            geom([2, 8, 8, 8], [8, 1, 5, 5], d.groups(8).padding(Padding::Same)),
+        ] {
+            assert!(g.takes_small(), "{g:?}");
+        }
+        // 9x9 strided to 5x5 (81 inputs), and 8x8 under 3x3 strided to 4x4 (the product would
+        // multiply seven times the taps' values): eight channels at a time.
+        for g in [
+            geom([3, 16, 9, 9], [16, 1, 3, 3], d.groups(16).padding(Padding::uniform(1)).stride(2)),
+            geom([2, 8, 8, 8], [8, 1, 3, 3], d.groups(8).padding(Padding::uniform(1)).stride(2)),
+        ] {
+            assert!(!g.takes_small() && g.takes_lanes(), "{g:?}");
+        }
+        // Two filters per channel: plane by plane.
+        assert!(!geom([2, 4, 4, 4], [8, 1, 3, 3], d.groups(4)).takes_small());
+    }
 }
