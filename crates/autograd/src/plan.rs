@@ -44,6 +44,11 @@ use step::{place, Buf, Fallback, Src, Step};
 /// Elements per task of a planned batch norm (whole planes, at least one).
 const AFFINE_CHUNK: usize = 1 << 14;
 
+/// A planned product with an activation goes in pieces of about this many outputs (and at
+/// least `MATMUL_ROWS` rows), each finished while it is in cache.
+const MATMUL_PIECE: usize = 1 << 17;
+const MATMUL_ROWS: usize = 128;
+
 /// A compiled forward pass for one input shape. See the module documentation.
 pub struct Plan {
     steps: Vec<Step>,
@@ -816,14 +821,29 @@ impl Plan {
                 });
             }
             Step::MatMul { a, b, dims: [m, k, n], transpose_b, bias, act, .. } => {
-                let (a, b) = (src(*a), src(*b));
-                let bm = if *transpose_b { MatRef::rows(b, *n, *k).t() } else { MatRef::rows(b, *k, *n) };
-                if let Some(bias) = bias {
-                    dst.chunks_exact_mut(*n).for_each(|row| row.copy_from_slice(bias));
-                }
-                matmul(MatRef::rows(a, *m, *k), bm, dst, *n, bias.is_some(), auto_threads(*m, *k, *n));
-                if let Some(act) = act {
-                    act.apply_slice_in_place(dst);
+                let (a, b, (m, k, n)) = (src(*a), src(*b), (*m, *k, *n));
+                let bm = if *transpose_b { MatRef::rows(b, n, k).t() } else { MatRef::rows(b, k, n) };
+                // Rows of the product, then bias and activation on them while they are in cache.
+                let piece = |rows: std::ops::Range<usize>, out: &mut [f32], threads: Option<usize>| {
+                    if let Some(bias) = bias {
+                        out.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+                    }
+                    let am = MatRef { data: &a[rows.start * k..], rows: rows.len(), cols: k, rs: k, cs: 1 };
+                    matmul(am, bm, out, n, bias.is_some(), threads.unwrap_or(1));
+                    match (act, threads) {
+                        (Some(act), None) => act.apply_in_place(out),
+                        (Some(act), Some(_)) => act.apply_slice_in_place(out),
+                        (None, _) => {}
+                    }
+                };
+                // Pieces of at least MATMUL_ROWS rows and about MATMUL_PIECE outputs, one per
+                // task (None: serially inside), where there are enough for every thread; else
+                // one product split by the matrix library, then the activation on all cores.
+                let rows = (MATMUL_PIECE / n.max(1)).max(MATMUL_ROWS);
+                if act.is_some() && m >= 2 * rows * rayon::current_num_threads() {
+                    dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, out)| piece(i * rows..i * rows + out.len() / n, out, None));
+                } else {
+                    piece(0..m, dst, Some(auto_threads(m, k, n)));
                 }
             }
             Step::Concat { srcs, chunks, outer, .. } => {

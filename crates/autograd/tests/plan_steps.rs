@@ -126,3 +126,15 @@ fn shufflenet_units_gather_channels_in_blocks() {
         assert!(steps.iter().filter(|s| s.starts_with("relayout")).count() <= 2, "{steps:#?}");
     }
 }
+
+#[test]
+fn dense_layers_with_activations_run_in_pieces() {
+    // Rows enough for two pieces a thread (pieces of 128 rows at 1024 outputs a row), and a
+    // last piece of 64 rows: each piece's product, bias and GELU.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rng = Rng::seed(5);
+    let (w, b) = (param(&mut rng, &[1024, 16]), param(&mut rng, &[1024]));
+    let x = rng.normal(&[4 * threads + 1, 8, 8, 16], 0.0, 1.0).unwrap();
+    let steps = planned_matches_eager("dense layer + GELU", x, |x| unary(&linear(x, &w, Some(&b))?, Unary::Gelu));
+    assert!(steps.iter().any(|s| s == "matmul +bias +gelu"), "{steps:#?}");
+}
