@@ -84,6 +84,16 @@ struct Compiler {
     block: usize,
 }
 
+/// A layer norm found in a recording ([`Compiler::layer_norm`]): its last node, the nodes
+/// inside it, and its constants (a weight per position of the runs it normalises).
+struct LayerNormMatch {
+    tail: usize,
+    inner: Vec<usize>,
+    eps: f32,
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
 pub(crate) fn key(v: &Var<f32>) -> *const Node<f32> {
     Rc::as_ptr(&v.0)
 }
@@ -343,6 +353,15 @@ impl Compiler {
                 let dst = self.define(i, shape, Layout::Nchw);
                 self.steps.push(Step::Narrow { row, from, offset, src, dst });
             }
+            Op::Sum { .. } if self.vals[ps[0]].is_some() && self.layer_norm(i).is_some() => {
+                let ln = self.layer_norm(i).expect("matched");
+                for &d in &ln.inner {
+                    self.done[d] = true;
+                }
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(ln.tail, self.rec.nodes[ln.tail].shape(), Layout::Nchw);
+                self.steps.push(Step::LayerNorm { eps: ln.eps, weight: ln.weight, bias: ln.bias, src, dst });
+            }
             // The trailing axes, in order: each output sums one run of the input.
             Op::Sum { axes, .. }
                 if self.vals[ps[0]].is_some() && {
@@ -406,6 +425,56 @@ impl Compiler {
             _ => self.fallback(i, op.name(), &ps, shape)?,
         }
         Ok(())
+    }
+
+    /// Layer norm over trailing axes as `ops::norm::layer_norm` records it, from its first
+    /// sum (node `i`): mean, centred values, their mean square, (.. + eps)^-0.5, the product,
+    /// the weight and an optional bias, with every intermediate read only inside the pattern.
+    fn layer_norm(&self, i: usize) -> Option<LayerNormMatch> {
+        let rec = &self.rec;
+        let op = |n: usize| rec.nodes[n].0.op.as_ref();
+        let parent = |n: usize, k: usize| rec.nodes[n].0.parents.get(k).map(|p| rec.idx(p));
+        let Some(Op::Sum { axes, keepdim: true }) = op(i) else { return None };
+        let x = parent(i, 0)?;
+        let shape = rec.nodes[x].shape();
+        let rank = shape.len();
+        if axes.is_empty() || axes.iter().enumerate().any(|(k, &a)| a != rank - axes.len() + k) {
+            return None;
+        }
+        let len: usize = shape[rank - axes.len()..].iter().product();
+        let scale = |n: usize| matches!(op(n), Some(Op::Unary(Unary::MulScalar(s))) if (*s - 1.0 / len as f64).abs() <= 1e-12 / len as f64);
+        let mean = rec.only_consumer(i).filter(|&n| scale(n))?;
+        let centred = rec.only_consumer(mean).filter(|&n| matches!(op(n), Some(Op::Sub)) && parent(n, 0) == Some(x) && parent(n, 1) == Some(mean))?;
+        let [a, b] = rec.consumers[centred][..] else { return None };
+        let (square, prod) = if matches!(op(a), Some(Op::Unary(Unary::Square))) { (a, b) } else { (b, a) };
+        if !matches!(op(square), Some(Op::Unary(Unary::Square))) {
+            return None;
+        }
+        let sum2 = rec.only_consumer(square).filter(|&n| matches!(op(n), Some(Op::Sum { axes: a2, keepdim: true }) if a2 == axes))?;
+        let var = rec.only_consumer(sum2).filter(|&n| scale(n))?;
+        let plus = rec.only_consumer(var)?;
+        let Some(Op::Unary(Unary::AddScalar(eps))) = op(plus) else { return None };
+        let inv = rec.only_consumer(plus).filter(|&n| matches!(op(n), Some(Op::Unary(Unary::Pow(p))) if *p == -0.5))?;
+        if rec.only_consumer(inv) != Some(prod)
+            || !matches!(op(prod), Some(Op::Mul))
+            || parent(prod, 0) != Some(centred)
+            || parent(prod, 1) != Some(inv)
+        {
+            return None;
+        }
+        let trailing = &shape[rank - axes.len()..];
+        let constant = |n: usize, k: usize| parent(n, k).filter(|&p| self.constant(p) && rec.nodes[p].shape() == trailing);
+        let scaled = rec.only_consumer(prod).filter(|&n| matches!(op(n), Some(Op::Mul)) && parent(n, 0) == Some(prod))?;
+        let weight = rec.nodes[constant(scaled, 1)?].value().data().to_vec();
+        let mut inner = vec![mean, centred, square, sum2, var, plus, inv, prod];
+        let (tail, bias) = match rec.only_consumer(scaled) {
+            Some(n) if matches!(op(n), Some(Op::Add)) && parent(n, 0) == Some(scaled) && constant(n, 1).is_some() => {
+                inner.push(scaled);
+                (n, Some(rec.nodes[constant(n, 1)?].value().data().to_vec()))
+            }
+            _ => (scaled, None),
+        };
+        Some(LayerNormMatch { tail, inner, eps: *eps as f32, weight, bias })
     }
 
     /// A gather of channels from 4-D values `srcs` (node, channels) into node `i`'s value
@@ -855,6 +924,9 @@ impl Plan {
                         at += len;
                     }
                 }
+            }
+            Step::LayerNorm { eps, weight, bias, src, .. } => {
+                stride_kernels::norm::layer_norm_into(buf(*src), dst, *eps, stride_kernels::norm::LayerAffine { weight, bias: bias.as_deref() });
             }
             Step::Channels { srcs, picks, layout, dims: [n, plane], .. } => {
                 let srcs: Vec<(&[f32], usize)> = srcs.iter().map(|&(b, c)| (buf(b), c)).collect();

@@ -1,7 +1,7 @@
 //! The planned forms of what imported networks do between their convolutions give the eager
 //! pass's values, and run as planned steps (no eager fallback): a squeeze-excitation gate (global
 //! average pooling, a broadcast product), depthwise layers with their activation and a
-//! residual, ConvNeXt's block (permutes, layer norm's trailing sums, a dense layer on rows of a
+//! residual, ConvNeXt's block (permutes, layer norm as one step, a dense layer on rows of a
 //! 4-D value with GELU fused through the reshape), broadcast arithmetic with constants, and
 //! channel splits.
 
@@ -78,7 +78,18 @@ fn convnext_block_plans() {
     });
     assert!(steps.iter().any(|s| s == "matmul +bias +gelu"), "{steps:#?}");
     assert_eq!(steps.iter().filter(|s| *s == "permute").count(), 2, "{steps:#?}");
-    assert!(steps.iter().any(|s| s == "sum"), "{steps:#?}");
+    // The layer norm's eleven recorded ops are one step.
+    assert!(steps.iter().any(|s| s == "layer_norm") && !steps.iter().any(|s| s == "sum"), "{steps:#?}");
+}
+
+#[test]
+fn layer_norms_plan_as_one_step() {
+    // Over two trailing axes, without a bias, and an epsilon large enough to matter.
+    let mut rng = Rng::seed(6);
+    let g = param(&mut rng, &[5, 7]);
+    let x = rng.normal(&[3, 4, 5, 7], 0.0, 1.0).unwrap();
+    let steps = planned_matches_eager("layer norm", x, |x| layer_norm(&x.mul_scalar(2.0)?, &g, None, 0.5));
+    assert_eq!(steps, ["mul_scalar", "layer_norm"]);
 }
 
 #[test]

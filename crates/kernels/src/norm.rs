@@ -362,3 +362,47 @@ mod tests {
         }
     }
 }
+
+/// The scale and shift of a layer norm: one weight and one optional bias per position of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerAffine<'a, T> {
+    pub weight: &'a [T],
+    pub bias: Option<&'a [T]>,
+}
+
+/// Layer norm of each run of `weight.len()` values of `x` into `y`, on all cores:
+/// `(v - mean) * (mean square of the centred run + eps)^-1/2 * weight + bias`, the order in
+/// which `layer_norm`'s recorded ops compute it (a plan's fused form of them).
+pub fn layer_norm_into<T: Elem>(x: &[T], y: &mut [T], eps: T, affine: LayerAffine<T>) {
+    let len = affine.weight.len().max(1);
+    assert!(x.len() == y.len() && x.len().is_multiple_of(len), "layer_norm_into: lengths");
+    assert!(affine.bias.is_none_or(|b| b.len() == affine.weight.len()), "layer_norm_into: bias length");
+    let per = ((1 << 14) / len).max(1) * len;
+    y.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(y, x)| layer_norm_runs(x, y, eps, affine));
+}
+
+crate::multiversion! {
+    fn layer_norm_runs<T: Elem>(x: &[T], y: &mut [T], eps: T, affine: LayerAffine<T>) {
+        let len = affine.weight.len().max(1);
+        let inv_len = T::c(1.0 / len as f64);
+        for (y, x) in y.chunks_exact_mut(len).zip(x.chunks_exact(len)) {
+            let mean = crate::simd::sum(x) * inv_len;
+            y.iter_mut().zip(x).for_each(|(o, &v)| *o = v - mean);
+            // The squares summed in eight lanes, as `simd::sum` sums.
+            let mut acc = [T::zero(); 8];
+            let chunks = y.chunks_exact(8);
+            let rest = chunks.remainder();
+            for c in chunks {
+                for l in 0..8 {
+                    acc[l] += c[l] * c[l];
+                }
+            }
+            let sq = rest.iter().fold(acc.iter().fold(T::zero(), |s, &v| s + v), |s, &v| s + v * v);
+            let inv = (sq * inv_len + eps).powf(T::c(-0.5));
+            match affine.bias {
+                Some(b) => y.iter_mut().zip(affine.weight).zip(b).for_each(|((o, &w), &b)| *o = *o * inv * w + b),
+                None => y.iter_mut().zip(affine.weight).for_each(|(o, &w)| *o = *o * inv * w),
+            }
+        }
+    }
+}

@@ -122,6 +122,15 @@ pub(super) enum Step {
         outer: usize,
         dst: Buf,
     },
+    /// Layer norm over runs of `weight.len()` values (trailing axes), `weight` and `bias` per
+    /// position of a run, matched from the ops `layer_norm` records.
+    LayerNorm {
+        eps: f32,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        src: Buf,
+        dst: Buf,
+    },
     /// Channels of 4-D sources in one layout, gathered (`planned::pick_channels`): output
     /// channel `k` is channel `picks[k].1` of `srcs[picks[k].0]` (buffer, channels). Channel
     /// concatenations, splits and shuffles, merged into one gather where one feeds the next.
@@ -154,6 +163,7 @@ impl Step {
             | Step::Permute { src, .. }
             | Step::Narrow { src, .. }
             | Step::SumRuns { src, .. }
+            | Step::LayerNorm { src, .. }
             | Step::Unary { src, .. }
             | Step::Affine { src, .. } => vec![*src],
             Step::Conv { src, residual, .. } => std::iter::once(*src).chain(*residual).collect(),
@@ -173,6 +183,7 @@ impl Step {
             | Step::Permute { dst, .. }
             | Step::Narrow { dst, .. }
             | Step::SumRuns { dst, .. }
+            | Step::LayerNorm { dst, .. }
             | Step::Unary { dst, .. }
             | Step::Binary { dst, .. }
             | Step::Affine { dst, .. }
@@ -208,6 +219,7 @@ impl Step {
             Step::Permute { .. } => "permute".into(),
             Step::Narrow { .. } => "narrow".into(),
             Step::SumRuns { .. } => "sum".into(),
+            Step::LayerNorm { .. } => "layer_norm".into(),
             Step::Unary { f, .. } => f.name().into(),
             Step::Binary { op, act, .. } => {
                 let op = format!("{op:?}").to_lowercase();
