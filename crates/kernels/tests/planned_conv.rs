@@ -150,6 +150,9 @@ fn every_algorithm_runs_planned() {
         ([2, 8, 8, 8], [8, 1, 5, 5], d.groups(8).padding(Padding::Same), Algo::Depthwise),
         ([3, 16, 8, 8], [16, 16, 3, 3], d.padding(Padding::Same), Algo::Winograd),
         ([6, 4, 9, 9], [6, 2, 3, 3], d.groups(2), Algo::Im2col),
+        // ResNet-18's strided layer into 2x2 maps (64x64 inputs): tap by tap, its filters made
+        // tap-major once by the plan.
+        ([2, 16, 4, 4], [16, 16, 3, 3], d.padding(Padding::uniform(1)).stride(2), Algo::Taps),
     ];
     for (xs, ws, o, algo) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
@@ -175,6 +178,13 @@ fn small_winograd_layers_are_lowered_to_columns() {
     assert_eq!(Prepared::new(&one, &[0.0; 16 * 16 * 9]).algo(), Algo::Im2col);
     assert!(planned::blocks(&one));
     check([1, 16, 4, 4], [16, 16, 3, 3], same, 1, true, true, Some(Unary::Relu)).unwrap();
+    // One image of 16x16 (16 tiles) is one share, whose transforms run on one thread: columns
+    // for a plan; two images share the threads by image: Winograd.
+    for (n, algo) in [(1, Algo::Im2col), (2, Algo::Winograd)] {
+        let g = ConvGeom::conv2d(&[n, 64, 16, 16], &[64, 64, 3, 3], &same).unwrap();
+        assert_eq!(Prepared::new(&g, &[0.0; 64 * 64 * 9]).algo(), algo, "{n} images");
+    }
+    check([1, 64, 16, 16], [64, 64, 3, 3], same, 1, true, true, Some(Unary::Relu)).unwrap();
     // Three images of 8x8 (12 tiles): a plan transforms the filters once (Winograd); a training
     // step, whose weights change before the next, takes columns, in NCHW as the plan laid it out.
     let (xs, ws) = ([3, 16, 8, 8], [16, 16, 3, 3]);

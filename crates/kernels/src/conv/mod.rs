@@ -101,7 +101,14 @@ impl Algo {
             return algo;
         }
         let tiles = g.n * g.p.div_ceil(4) * g.q.div_ceil(4);
-        let mut best = (Algo::Winograd, pass_cost(Algo::Winograd, pass, tiles));
+        // A single image is one share: Winograd's transforms run on one thread and its 36
+        // products of a few tiles are split between the threads. Planned calls at batch 1
+        // (ResNet-18's 3x3 layers, 64x64 to 224x224 inputs) put the crossover with columns at
+        // about 30 tiles, where the fit below (made at batches whose images the threads share)
+        // puts it at 8: 16 tiles took 0.18 ms by Winograd against 0.12 by columns (64
+        // channels), 49 tiles 0.59 against 0.70 (128).
+        let lone = if pass == Pass::Planned && g.n == 1 { LONE_IMAGE_WINOGRAD } else { 0.0 };
+        let mut best = (Algo::Winograd, pass_cost(Algo::Winograd, pass, tiles) + lone);
         // A plan runs taps through the eager pass, which would choose again: columns only.
         let others: &[Algo] = if pass == Pass::Planned { &[Algo::Im2col] } else { &[Algo::Taps, Algo::Im2col] };
         for &other in others {
@@ -137,6 +144,10 @@ pub enum Pass {
     /// 4x4 maps: 2.5 ms against 0.55).
     Planned,
 }
+
+/// What a planned Winograd call on a single image costs besides [`pass_cost`]'s fit, in
+/// nanoseconds per filter pair (see [`Algo::for_pass`]).
+const LONE_IMAGE_WINOGRAD: f64 = 27.0;
 
 /// The time of one call of `pass` by `algo` on a 3x3 convolution that Winograd could run, in
 /// nanoseconds per filter pair (K·C, which every term scales with): a part paid once per call

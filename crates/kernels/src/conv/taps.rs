@@ -238,8 +238,18 @@ impl<T: Elem> Pass<'_, T> {
 
 /// y [N, K, P, Q] = conv(x, w) + bias.
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    forward_by_tap(g, x, &by_tap(g, w), bias)
+}
+
+/// The filters as [`forward_by_tap`] reads them (a plan's, made once).
+pub(crate) fn filters_by_tap<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    by_tap(g, w)
+}
+
+/// [`forward`] with the filters already tap-major ([`filters_by_tap`]).
+pub(crate) fn forward_by_tap<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
     let (chw, hw, pq) = (g.c * g.h * g.w, g.h * g.w, g.p * g.q);
-    let (taps, w) = (taps(g), by_tap(g, w));
+    let taps = taps(g);
     let (per, threads) = shares(g.n);
     crate::simd::par_filled(g.n * g.k * pq, per * g.k * pq, |j, ys| {
         let images = ys.len() / (g.k * pq).max(1);
@@ -250,7 +260,7 @@ pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
         }
         // Y_t [positions, K] += X_t [positions, C] W_t^T
         let pass = Pass { from: (&xs, g.c), to: (&mut acc, g.k), images, threads };
-        pass.run(&taps, |t| (Window::input(g, t), Window::output(g, t)), |t| tap_filter(g, &w, t).t());
+        pass.run(&taps, |t| (Window::input(g, t), Window::output(g, t)), |t| tap_filter(g, w, t).t());
         channels_major(&acc, g.k, pq, ys);
     })
 }
