@@ -162,7 +162,9 @@ fn every_algorithm_runs_planned() {
             assert!(planned::blocks(&g));
         }
         for b in [1, 2, 4] {
+            // ReLU fused per row; others once over a piece of short rows.
             check(xs, ws, o, b, true, true, Some(Unary::Relu)).unwrap();
+            check(xs, ws, o, b, true, false, Some(Unary::HardSwish)).unwrap();
             check_backward(xs, ws, o, b).unwrap();
         }
     }

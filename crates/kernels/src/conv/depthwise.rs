@@ -9,6 +9,8 @@
 //! depthwise layers of whole blocks of eight channels on other maps (small, strided) take
 //! eight channels at a time ([`lanes_task`]).
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
@@ -187,7 +189,7 @@ impl ConvGeom {
     /// channel per input channel, at most 64 outputs and 64 inputs a plane, and the product at
     /// most three times the multiply-adds of the taps (the last stages of mobile networks: 2x2
     /// and 4x4 maps, 8x8 ones under 5x5 windows).
-    fn takes_small(&self) -> bool {
+    pub(crate) fn takes_small(&self) -> bool {
         let (pq, hw) = (self.p * self.q, self.h * self.w);
         self.kg() == 1 && pq > 0 && pq <= SMALL && hw <= SMALL && hw * small_width(pq) <= 3 * pq * self.r * self.s
     }
@@ -210,16 +212,34 @@ fn small_width(pq: usize) -> usize {
 /// Each task's scratch: the bordered plane(s), and for lanes the sums.
 type Bufs<T> = (Vec<T>, Vec<T>);
 
+/// A depthwise layer's filters as a forward pass takes them: as given ([K, 1, R, S]), or, for a
+/// layer of small planes, the matrices of its products made beforehand by [`small_matrices`]
+/// (a plan makes them once: at batch 1 making them was most of such a layer's time).
+#[derive(Clone, Copy)]
+pub(crate) enum Filters<'a, T> {
+    Given(&'a [T]),
+    Small(&'a [T]),
+}
+
+impl<'a, T> Filters<'a, T> {
+    fn given(self) -> &'a [T] {
+        match self {
+            Filters::Given(w) => w,
+            Filters::Small(_) => panic!("depthwise: only layers of small planes take prepared matrices"),
+        }
+    }
+}
+
 /// y[n, k] = bias[k] + sum_{r,s} w[k, 0, r, s] * shifted x[n, k / (K/groups)].
 pub(crate) fn forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    let (chunk, task) = forward_tasks(g, x, w, bias);
+    let (chunk, task) = forward_tasks(g, x, Filters::Given(w), bias);
     crate::simd::par_filled_init(g.n * g.k * g.p * g.q, chunk, Bufs::default, task)
 }
 
 /// [`forward`] into `y` (overwritten), calling `finish(offset, piece)` on each task's piece of
 /// output (whole planes, starting at `offset` in `y`) while it is still in cache: a plan's
 /// residual and activation.
-pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], finish: impl Fn(usize, &mut [T]) + Sync) {
+pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], w: Filters<T>, bias: Option<&[T]>, y: &mut [T], finish: impl Fn(usize, &mut [T]) + Sync) {
     assert_eq!(y.len(), g.n * g.k * g.p * g.q, "depthwise forward_into: output length");
     let (chunk, task) = forward_tasks(g, x, w, bias);
     y.par_chunks_mut(chunk).enumerate().for_each_init(Bufs::default, |bufs, (i, piece)| {
@@ -236,7 +256,7 @@ pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option
 fn forward_tasks<'a, T: Elem>(
     g: &'a ConvGeom,
     x: &'a [T],
-    w: &'a [T],
+    w: Filters<'a, T>,
     bias: Option<&'a [T]>,
 ) -> (usize, impl Fn(&mut Bufs<T>, usize, &mut [T]) + Sync + 'a) {
     let (pq, hw, rs, kg) = (g.p * g.q, g.h * g.w, g.r * g.s, g.kg());
@@ -258,8 +278,9 @@ fn forward_tasks<'a, T: Elem>(
     } else {
         kg * pq
     };
-    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
+    let lanes_plan = if lanes { Lanes::new(g, w.given()) } else { Lanes::default() };
     let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
+    let w = if small { &[][..] } else { w.given() };
     let task = move |(buf, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
         if small {
             // Planes i * per_task.. in NCHW order: runs of consecutive channels of one image.
@@ -294,10 +315,10 @@ fn forward_tasks<'a, T: Elem>(
 /// the lanes kernel ([`lanes_task`]) spent most of its time interleaving eight planes of four
 /// values and skipping border taps (EfficientNet-B0's 2x2 maps under 5x5 windows).
 #[derive(Default)]
-struct Small<T> {
+struct Small<'a, T: Clone> {
     /// `[channel][input][width]`: row `q` of channel `c` holds the weight of input `q` in each
     /// output (zero past P·Q).
-    m: Vec<T>,
+    m: Cow<'a, [T]>,
     bias: Vec<T>,
     /// Outputs a row of `m` holds ([`small_width`]).
     width: usize,
@@ -305,24 +326,38 @@ struct Small<T> {
     pq: usize,
 }
 
-impl<T: Elem> Small<T> {
-    fn new(g: &ConvGeom, w: &[T], bias: Option<&[T]>) -> Self {
-        let (hw, pq, rs) = (g.h * g.w, g.p * g.q, g.r * g.s);
-        let width = small_width(pq);
-        let mut m = vec![T::zero(); g.c * hw * width];
-        for (c, mc) in m.chunks_exact_mut(hw * width).enumerate() {
-            for (i, j) in (0..g.p).flat_map(|i| (0..g.q).map(move |j| (i, j))) {
-                for (r, s) in (0..g.r).flat_map(|r| (0..g.s).map(move |s| (r, s))) {
-                    let row = (i * g.stride.0 + r * g.dilation.0).checked_sub(g.pad.0).filter(|&v| v < g.h);
-                    let col = (j * g.stride.1 + s * g.dilation.1).checked_sub(g.pad.2).filter(|&v| v < g.w);
-                    if let (Some(row), Some(col)) = (row, col) {
-                        mc[(row * g.w + col) * width + i * g.q + j] += w[c * rs + r * g.s + s];
-                    }
-                }
+/// Small planes' product matrices ([`Small`]) from a layer's filters, for [`Filters::Small`].
+pub(crate) fn small_matrices<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (hw, rs, width) = (g.h * g.w, g.r * g.s, small_width(g.p * g.q));
+    // Where each tap lands, worked out once for every channel: (input, output, tap).
+    let mut lands = Vec::new();
+    for (i, j) in (0..g.p).flat_map(|i| (0..g.q).map(move |j| (i, j))) {
+        for (r, s) in (0..g.r).flat_map(|r| (0..g.s).map(move |s| (r, s))) {
+            let row = (i * g.stride.0 + r * g.dilation.0).checked_sub(g.pad.0).filter(|&v| v < g.h);
+            let col = (j * g.stride.1 + s * g.dilation.1).checked_sub(g.pad.2).filter(|&v| v < g.w);
+            if let (Some(row), Some(col)) = (row, col) {
+                lands.push(((row * g.w + col) * width + i * g.q + j, r * g.s + s));
             }
         }
+    }
+    let mut m = vec![T::zero(); g.c * hw * width];
+    for (c, mc) in m.chunks_exact_mut(hw * width).enumerate() {
+        for &(at, tap) in &lands {
+            mc[at] += w[c * rs + tap];
+        }
+    }
+    m
+}
+
+impl<'a, T: Elem> Small<'a, T> {
+    fn new(g: &ConvGeom, w: Filters<'a, T>, bias: Option<&[T]>) -> Self {
+        let m = match w {
+            Filters::Small(m) => Cow::Borrowed(m),
+            Filters::Given(w) => Cow::Owned(small_matrices(g, w)),
+        };
+        assert_eq!(m.len(), g.c * g.h * g.w * small_width(g.p * g.q), "depthwise: small planes' matrices");
         let bias = bias.map_or_else(|| vec![T::zero(); g.c], <[T]>::to_vec);
-        Small { m, bias, width, hw, pq }
+        Small { m, bias, width: small_width(g.p * g.q), hw: g.h * g.w, pq: g.p * g.q }
     }
     /// Planes `x` (H·W each) into `out` (P·Q each): plane k of channel `c + k * step`.
     fn run(&self, c: usize, step: usize, x: &[T], out: &mut [T]) {
@@ -407,7 +442,7 @@ pub(crate) fn forward_blocked_into<T: Elem>(
     g: &ConvGeom,
     b: usize,
     x: &[T],
-    w: &[T],
+    w: Filters<T>,
     bias: Option<&[T]>,
     y: &mut [T],
     finish: impl Fn(usize, &mut [T]) + Sync,
@@ -419,8 +454,9 @@ pub(crate) fn forward_blocked_into<T: Elem>(
     }
     let small = g.takes_small();
     let lanes = !small && g.takes_lanes();
-    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
+    let lanes_plan = if lanes { Lanes::new(g, w.given()) } else { Lanes::default() };
     let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
+    let w = if small { &[][..] } else { w.given() };
     let group = if lanes { LANES } else { 1 };
     let (x_block, y_block) = (b * g.c * hw, b * g.k * pq);
     y.par_chunks_mut(y_block).zip(x.par_chunks(x_block)).enumerate().for_each(|(j, (yb, xb))| {

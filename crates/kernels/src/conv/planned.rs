@@ -147,7 +147,8 @@ pub fn pick_channels<T: Elem>(srcs: &[(&[T], usize)], picks: &[(usize, usize)], 
 
 /// Filters prepared for a geometry: borrowed as given for the products, transformed once for
 /// Winograd, tap-major for `Taps` (which otherwise copies them so on every call: 9.4 MB for a
-/// 512-channel 3x3 layer, most of its time at batch 1). A plan keeps them ([`Prepared::into_owned`]); a training step borrows the
+/// 512-channel 3x3 layer, most of its time at batch 1), as its products' matrices for a
+/// depthwise layer of small planes. A plan keeps them ([`Prepared::into_owned`]); a training step borrows the
 /// parameter's current values.
 #[derive(Clone, Debug)]
 pub struct Prepared<'a, T: Clone> {
@@ -174,6 +175,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
         let w = match algo {
             Algo::Winograd => Cow::Owned(winograd::filters_forward(g, w)),
             Algo::Taps => Cow::Owned(taps::filters_by_tap(g, w)),
+            Algo::Depthwise if g.takes_small() => Cow::Owned(depthwise::small_matrices(g, w)),
             _ => Cow::Borrowed(w),
         };
         Prepared { algo, w }
@@ -302,9 +304,11 @@ pub fn forward_with<T: Elem>(
         Algo::Depthwise => {
             // Residual and activation on each task's planes as they are made.
             let finish = |at: usize, piece: &mut [T]| finish_row(piece, T::zero(), epi.residual.map(|r| &r[at..at + piece.len()]), epi.act);
+            // Layers of small planes were prepared as their products' matrices.
+            let filters = if g.takes_small() { depthwise::Filters::Small(&w.w) } else { depthwise::Filters::Given(&w.w) };
             match layout {
-                Layout::Nchw => depthwise::forward_into(g, x, &w.w, epi.bias, y, finish),
-                Layout::Blocked(b) => depthwise::forward_blocked_into(g, b.max(1), x, &w.w, epi.bias, y, finish),
+                Layout::Nchw => depthwise::forward_into(g, x, filters, epi.bias, y, finish),
+                Layout::Blocked(b) => depthwise::forward_blocked_into(g, b.max(1), x, filters, epi.bias, y, finish),
             }
             return;
         }
@@ -328,7 +332,9 @@ pub fn forward_with<T: Elem>(
     let b = layout.block();
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
     let blocks = g.n.div_ceil(b);
-    let threads = if blocks >= rayon::current_num_threads() { 1 } else { rayon::current_num_threads() };
+    // Fewer blocks than threads: the threads split each product, unless it is too small to
+    // repay waking them (a 1x1 layer on a 2x2 map at batch 1 took 32 us split, 5 alone).
+    let threads = |m: usize| if blocks >= rayon::current_num_threads() { 1 } else { crate::gemm::auto_threads(g.k, crs, m * pq) };
     let block_out = (g.k * b * out_plane).max(1);
     let direct = single_channel(g);
     y.par_chunks_mut(block_out).enumerate().for_each_init(
@@ -369,13 +375,13 @@ pub fn forward_with<T: Elem>(
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
-                        matmul(wm, xm, out, out_ld, false, threads);
+                        matmul(wm, xm, out, out_ld, false, threads(m));
                     } else {
                         let col = grown(col, crs * m * pq);
                         for i in 0..m {
                             im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
                         }
-                        matmul(wm, MatRef::rows(col, crs, m * pq), out, out_ld, false, threads);
+                        matmul(wm, MatRef::rows(col, crs, m * pq), out, out_ld, false, threads(m));
                     }
                 };
                 // Bias, residual and activation in one pass over the piece, still in cache; pooled,
@@ -392,14 +398,25 @@ pub fn forward_with<T: Elem>(
                     }
                 } else {
                     product(&mut yb[cols.start..], ld);
+                    // Rows of a few values (small maps, one image) that are one run: an activation
+                    // other than ReLU once over the piece, not a call per row (a 1x1 layer on a
+                    // 2x2 map with HardSwish, 576 rows of 4: 33 -> 6 us).
+                    let once = ld < SHORT_ROWS && cols.len() == ld && !matches!(epi.act, None | Some(Unary::Relu));
+                    let row_act = if once { None } else { epi.act };
                     for k in 0..g.k {
-                        finish_row(&mut yb[k * ld + cols.start..k * ld + cols.end], bias(k), residual(k), epi.act);
+                        finish_row(&mut yb[k * ld + cols.start..k * ld + cols.end], bias(k), residual(k), row_act);
+                    }
+                    if let (true, Some(act)) = (once, epi.act) {
+                        act.apply_in_place(&mut yb[..g.k * ld]);
                     }
                 }
             }
         },
     );
 }
+
+/// Rows of output shorter than this take their activation in one pass over the piece.
+const SHORT_ROWS: usize = 64;
 
 /// The first `n` values of `v`, grown (zeroed) if it is shorter but never shrunk, so that
 /// buffers reused for pieces of different sizes are not zeroed again each time they grow.
