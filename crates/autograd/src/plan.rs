@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use stride_kernels::binary::{binary_into, BinOp};
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
-use stride_kernels::gemm::{auto_threads, matmul, MatRef};
+use stride_kernels::gemm::{auto_threads, matmul, skinny_into, skinny_pays, MatRef};
 use stride_kernels::unary::Unary;
 use stride_tensor::{bail, block_sum, gather_strided_into, Result, Tensor};
 
@@ -909,7 +909,17 @@ impl Plan {
                 // task (None: serially inside), where there are enough for every thread; else
                 // one product split by the matrix library, then the activation on all cores.
                 let rows = (MATMUL_PIECE / n.max(1)).max(MATMUL_ROWS);
-                if act.is_some() && m >= 2 * rows * rayon::current_num_threads() {
+                if *transpose_b && skinny_pays(m, k, n) {
+                    // A few rows (one image) against weights stored [n, k]: each row of weights
+                    // read once.
+                    if let Some(bias) = bias {
+                        dst.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+                    }
+                    skinny_into(&a[..m * k], m, &b[..n * k], dst, (n, 1), bias.is_some());
+                    if let Some(act) = act {
+                        act.apply_in_place(dst);
+                    }
+                } else if act.is_some() && m >= 2 * rows * rayon::current_num_threads() {
                     dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, out)| piece(i * rows..i * rows + out.len() / n, out, None));
                 } else {
                     piece(0..m, dst, Some(auto_threads(m, k, n)));

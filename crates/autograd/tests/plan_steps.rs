@@ -149,3 +149,18 @@ fn dense_layers_with_activations_run_in_pieces() {
     let steps = planned_matches_eager("dense layer + GELU", x, |x| unary(&linear(x, &w, Some(&b))?, Unary::Gelu));
     assert!(steps.iter().any(|s| s == "matmul +bias +gelu"), "{steps:#?}");
 }
+
+#[test]
+fn one_image_against_large_weights_plans() {
+    // Batch 1: a 1x1 convolution on a 2x2 map and a dense layer on four positions, each with
+    // weights large enough to be read row by row (gemm::skinny_into), with bias and activation.
+    let mut rng = Rng::seed(9);
+    let (w1, b1) = (param(&mut rng, &[1024, 96, 1, 1]), param(&mut rng, &[1024]));
+    let (w2, b2) = (param(&mut rng, &[300, 1024]), param(&mut rng, &[300]));
+    let x = rng.normal(&[1, 96, 2, 2], 0.0, 1.0).unwrap();
+    let steps = planned_matches_eager("one image", x, |x| {
+        let h = unary(&conv2d(x, &w1, Some(&b1), &Conv2dOptions::default())?, Unary::HardSwish)?;
+        unary(&linear(&h.permute(&[0, 2, 3, 1])?, &w2, Some(&b2))?, Unary::Gelu)
+    });
+    assert!(steps.iter().any(|s| s == "matmul +bias +gelu") && steps.iter().any(|s| s.starts_with("conv2d Pointwise")), "{steps:#?}");
+}

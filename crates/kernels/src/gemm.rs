@@ -1,5 +1,6 @@
 //! The one safe wrapper around the `gemm` crate's raw entry point.
 
+use rayon::prelude::*;
 use stride_tensor::Elem;
 
 /// A read-only strided matrix view over a slice: element (i, j) is `data[i*rs + j*cs]`.
@@ -456,5 +457,92 @@ mod tests {
                 assert!((c[i * n + j] - want).abs() < 1e-12, "({i},{j}) {} vs {want}", c[i * n + j]);
             }
         }
+    }
+}
+
+/// Rows of activations at most this many take [`skinny_into`] against a large weight matrix.
+pub const SKINNY_ROWS: usize = 16;
+
+/// Whether [`skinny_into`] pays for an `m x k` by `k x n` product: few rows against weights
+/// large enough that streaming them once is the product's cost (batch 1).
+pub fn skinny_pays(m: usize, k: usize, n: usize) -> bool {
+    m > 0 && m <= SKINNY_ROWS && k >= 16 && k * n >= 1 << 16
+}
+
+/// `out[i * rs + j * cs] (+)= a_i · w_j` for the `m` rows `a_i` of `a` ([m, k]) and the rows
+/// `w_j` of `w` ([n, k], a layer's weights as stored): a few rows of activations (one image)
+/// against a large weight matrix. The matrix library packs the weights into its own layout on
+/// every call, reading and writing all of them before the product reads them again; here each
+/// row of weights is read once, from memory, and multiplied into every activation row while it
+/// is in the first-level cache (ConvNeXt-tiny's last stage at batch 1: 4 rows against 768 x
+/// 3072 weights). Rows of weights are split over the pool.
+pub fn skinny_into<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
+    let k = a.len() / m.max(1);
+    let n = w.len() / k.max(1);
+    assert!(m > 0 && a.len() == m * k && w.len() == n * k, "skinny_into: shapes");
+    assert!(n == 0 || (m - 1) * rs + (n - 1) * cs < out.len(), "skinny_into: output out of bounds");
+    // Each task's dots as [its rows of w][m], then placed; one task for a product too small to
+    // repay waking the pool (as `auto_threads` decides for the matrix library's products).
+    let threads = auto_threads(m, k, n);
+    let per = if threads > 1 { n.div_ceil(threads * 2).max(16) } else { n.max(1) };
+    let parts: Vec<Vec<T>> = w
+        .par_chunks(per * k)
+        .map(|wc| {
+            let mut o = vec![T::zero(); wc.len() / k * m];
+            skinny_rows(a, k, wc, &mut o);
+            o
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        for (jj, row) in part.chunks_exact(m).enumerate() {
+            let j = t * per + jj;
+            for (i, &v) in row.iter().enumerate() {
+                let o = &mut out[i * rs + j * cs];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+    }
+}
+
+crate::multiversion_wide! {
+    /// out[j * m + i] = a_i · w_j for the rows of `w` (k values each) and the m rows of `a`.
+    fn skinny_rows<T: Elem>(a: &[T], k: usize, w: &[T], out: &mut [T]) {
+        let m = a.len() / k;
+        for (wr, o) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(4);
+                let (ai, oi) = (&a[i * k..(i + rows) * k], &mut o[i..i + rows]);
+                match rows {
+                    4 => dots::<T, 4>(ai, wr, oi),
+                    3 => dots::<T, 3>(ai, wr, oi),
+                    2 => dots::<T, 2>(ai, wr, oi),
+                    _ => dots::<T, 1>(ai, wr, oi),
+                }
+                i += rows;
+            }
+        }
+    }
+}
+
+/// `R` dot products of the rows of `a` with `w`, sixteen lanes each.
+#[inline(always)]
+fn dots<T: Elem, const R: usize>(a: &[T], w: &[T], out: &mut [T]) {
+    const L: usize = 16;
+    let k = w.len();
+    let whole = k / L * L;
+    let mut acc = [[T::zero(); L]; R];
+    for l in (0..whole).step_by(L) {
+        let wv: &[T; L] = w[l..l + L].try_into().expect("sixteen lanes");
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av: &[T; L] = a[r * k + l..r * k + l + L].try_into().expect("sixteen lanes");
+            for x in 0..L {
+                acc[x] += av[x] * wv[x];
+            }
+        }
+    }
+    for (r, (acc, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+        let tail = (whole..k).fold(T::zero(), |s, l| s + a[r * k + l] * w[l]);
+        *o = acc.iter().fold(T::zero(), |s, &v| s + v) + tail;
     }
 }

@@ -372,6 +372,16 @@ pub fn forward_with<T: Elem>(
                             let x = &xb[(first + i) * hw..(first + i + 1) * hw];
                             depthwise::plane_outputs(g, x, &w.w, None, &mut border, &mut out[i * pq..], out_ld);
                         }
+                    } else if w.algo == Algo::Pointwise && crate::gemm::skinny_pays(m * pq, g.c, g.k) {
+                        // A few positions (one image of a small map): as rows [positions, C],
+                        // against the weights read once ([K, C] as stored).
+                        let rows = grown(col, m * pq * g.c);
+                        for (c, src) in xb.chunks(bj * hw).enumerate() {
+                            for (p, &v) in src[first * hw..(first + m) * hw].iter().enumerate() {
+                                rows[p * g.c + c] = v;
+                            }
+                        }
+                        crate::gemm::skinny_into(rows, m * pq, &w.w, out, (1, out_ld), false);
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
