@@ -46,9 +46,9 @@ macro_rules! multiversion {
 
 /// [`multiversion!`] with a third build, AVX-512, tried first: for loops that compute more than
 /// they move (the element-wise functions built on `vmath`'s exp and erf, the small depthwise
-/// products and `gemm::skinny_into`'s dot products), where sixteen lanes did twice the work of eight (GELU 0.63 -> 0.30 ns
-/// a value on 2 threads; a 4x4 5x5 depthwise layer 1.85 -> 1.65 ms). Memory-bound loops gain
-/// nothing from it, so the other kernels keep two builds.
+/// products and `gemm::skinny_into`'s dot products), where sixteen lanes did twice the work of
+/// eight (GELU 0.63 -> 0.30 ns a value on 2 threads; a 4x4 5x5 depthwise layer 1.85 -> 1.65
+/// ms). Memory-bound loops gain nothing from it, so the other kernels keep two builds.
 #[macro_export]
 macro_rules! multiversion_wide {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Elem>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {

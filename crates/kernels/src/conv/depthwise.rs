@@ -7,7 +7,8 @@
 //! registers (vectorised through `multiversion!`). The most common layers, 3x3 and 5x5 with
 //! stride 1 in f32, go to the hand-tiled AVX2 kernels of `depthwise_avx2.rs` instead, and
 //! depthwise layers of whole blocks of eight channels on other maps (small, strided) take
-//! eight channels at a time ([`lanes_task`]).
+//! eight channels at a time ([`lanes_task`]). Planes of at most 64 values in and out (the last
+//! stages of mobile networks) are each one small product instead ([`Small`]).
 
 use std::borrow::Cow;
 

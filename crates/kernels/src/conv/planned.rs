@@ -148,8 +148,8 @@ pub fn pick_channels<T: Elem>(srcs: &[(&[T], usize)], picks: &[(usize, usize)], 
 /// Filters prepared for a geometry: borrowed as given for the products, transformed once for
 /// Winograd, tap-major for `Taps` (which otherwise copies them so on every call: 9.4 MB for a
 /// 512-channel 3x3 layer, most of its time at batch 1), as its products' matrices for a
-/// depthwise layer of small planes. A plan keeps them ([`Prepared::into_owned`]); a training step borrows the
-/// parameter's current values.
+/// depthwise layer of small planes. A plan keeps them ([`Prepared::into_owned`]); a training
+/// step borrows the parameter's current values.
 #[derive(Clone, Debug)]
 pub struct Prepared<'a, T: Clone> {
     algo: Algo,
@@ -333,7 +333,7 @@ pub fn forward_with<T: Elem>(
     let (pq, hw, crs) = (g.p * g.q, g.h * g.w, g.c * g.r * g.s);
     let blocks = g.n.div_ceil(b);
     // Fewer blocks than threads: the threads split each product, unless it is too small to
-    // repay waking them (a 1x1 layer on a 2x2 map at batch 1 took 32 us split, 5 alone).
+    // repay waking them (as `auto_threads` decides for other products).
     let threads = |m: usize| if blocks >= rayon::current_num_threads() { 1 } else { crate::gemm::auto_threads(g.k, crs, m * pq) };
     let block_out = (g.k * b * out_plane).max(1);
     let direct = single_channel(g);
@@ -410,7 +410,7 @@ pub fn forward_with<T: Elem>(
                     product(&mut yb[cols.start..], ld);
                     // Rows of a few values (small maps, one image) that are one run: an activation
                     // other than ReLU once over the piece, not a call per row (a 1x1 layer on a
-                    // 2x2 map with HardSwish, 576 rows of 4: 33 -> 6 us).
+                    // 2x2 map with HardSwish, 576 rows of 4: 33 -> 16 us).
                     let once = ld < SHORT_ROWS && cols.len() == ld && !matches!(epi.act, None | Some(Unary::Relu));
                     let row_act = if once { None } else { epi.act };
                     for k in 0..g.k {
