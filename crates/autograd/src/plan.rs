@@ -252,6 +252,26 @@ impl Compiler {
         let op = node.0.op.as_ref().expect("leaves are not compiled");
         let shape = node.shape();
         let ps: Vec<usize> = node.0.parents.iter().map(|p| self.rec.idx(p)).collect();
+        // Patterns of several recorded ops that run as one step, found from their first op.
+        if ps.first().is_some_and(|&p| self.vals[p].is_some()) {
+            if let Some(ln) = self.layer_norm(i) {
+                for &d in &ln.inner {
+                    self.done[d] = true;
+                }
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(ln.tail, self.rec.nodes[ln.tail].shape(), Layout::Nchw);
+                self.steps.push(Step::LayerNorm { eps: ln.eps, weight: ln.weight, bias: ln.bias, src, dst });
+                return Ok(());
+            }
+            if let Some((tail, picks)) = self.channel_shuffle(i) {
+                // The permutation between the two views is part of this gather.
+                let permute = self.rec.only_consumer(i).expect("matched");
+                self.done[permute] = true;
+                let c = picks.len();
+                self.gather(tail, "channel_shuffle", &[(ps[0], c)], picks, self.rec.nodes[tail].shape());
+                return Ok(());
+            }
+        }
         match op {
             Op::Device { prim, .. } => {
                 bail!(device, "plan", "{} ran on {}: plans run on the CPU (move the model with .to(Device::Cpu))", prim.name(), node.device())
@@ -353,15 +373,6 @@ impl Compiler {
                 let dst = self.define(i, shape, Layout::Nchw);
                 self.steps.push(Step::Narrow { row, from, offset, src, dst });
             }
-            Op::Sum { .. } if self.vals[ps[0]].is_some() && self.layer_norm(i).is_some() => {
-                let ln = self.layer_norm(i).expect("matched");
-                for &d in &ln.inner {
-                    self.done[d] = true;
-                }
-                let src = self.operand(ps[0], Layout::Nchw);
-                let dst = self.define(ln.tail, self.rec.nodes[ln.tail].shape(), Layout::Nchw);
-                self.steps.push(Step::LayerNorm { eps: ln.eps, weight: ln.weight, bias: ln.bias, src, dst });
-            }
             // The trailing axes, in order: each output sums one run of the input.
             Op::Sum { axes, .. }
                 if self.vals[ps[0]].is_some() && {
@@ -374,14 +385,6 @@ impl Compiler {
                 let src = self.operand(ps[0], Layout::Nchw);
                 let dst = self.define(i, shape, Layout::Nchw);
                 self.steps.push(Step::SumRuns { len, src, dst });
-            }
-            Op::Reshape if self.vals[ps[0]].is_some() && self.channel_shuffle(i).is_some() => {
-                let (tail, picks) = self.channel_shuffle(i).expect("matched");
-                let c = picks.len();
-                // The permutation between the two views is part of this gather.
-                let permute = self.rec.only_consumer(i).expect("matched");
-                self.done[permute] = true;
-                self.gather(tail, "channel_shuffle", &[(ps[0], c)], picks, self.rec.nodes[tail].shape());
             }
             Op::Reshape => {
                 // A view: the same buffer, read as NCHW.
@@ -492,6 +495,9 @@ impl Compiler {
     /// H, W] (node `i`), its axes 1 and 2 swapped, viewed as [N, C, H, W] again, each only
     /// read by the next. The last node, and the input channel of each output channel.
     fn channel_shuffle(&self, i: usize) -> Option<(usize, Vec<(usize, usize)>)> {
+        if !matches!(self.rec.nodes[i].0.op, Some(Op::Reshape)) {
+            return None;
+        }
         let from = self.rec.nodes[self.rec.idx(&self.rec.nodes[i].0.parents[0])].shape();
         let split = self.rec.nodes[i].shape();
         let [n, c, h, w] = from[..] else { return None };
@@ -897,8 +903,14 @@ impl Plan {
                     if let Some(bias) = bias {
                         out.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
                     }
-                    let am = MatRef { data: &a[rows.start * k..], rows: rows.len(), cols: k, rs: k, cs: 1 };
-                    matmul(am, bm, out, n, bias.is_some(), threads.unwrap_or(1));
+                    let a = &a[rows.start * k..rows.end * k];
+                    if *transpose_b && skinny_pays(rows.len(), k, n) {
+                        // A few rows (one image) against weights stored [n, k]: each row of
+                        // weights read once.
+                        skinny_into(a, rows.len(), &b[..n * k], out, (n, 1), bias.is_some());
+                    } else {
+                        matmul(MatRef::rows(a, rows.len(), k), bm, out, n, bias.is_some(), threads.unwrap_or(1));
+                    }
                     match (act, threads) {
                         (Some(act), None) => act.apply_in_place(out),
                         (Some(act), Some(_)) => act.apply_slice_in_place(out),
@@ -909,17 +921,7 @@ impl Plan {
                 // task (None: serially inside), where there are enough for every thread; else
                 // one product split by the matrix library, then the activation on all cores.
                 let rows = (MATMUL_PIECE / n.max(1)).max(MATMUL_ROWS);
-                if *transpose_b && skinny_pays(m, k, n) {
-                    // A few rows (one image) against weights stored [n, k]: each row of weights
-                    // read once.
-                    if let Some(bias) = bias {
-                        dst.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
-                    }
-                    skinny_into(&a[..m * k], m, &b[..n * k], dst, (n, 1), bias.is_some());
-                    if let Some(act) = act {
-                        act.apply_in_place(dst);
-                    }
-                } else if act.is_some() && m >= 2 * rows * rayon::current_num_threads() {
+                if act.is_some() && m >= 2 * rows * rayon::current_num_threads() {
                     dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, out)| piece(i * rows..i * rows + out.len() / n, out, None));
                 } else {
                     piece(0..m, dst, Some(auto_threads(m, k, n)));

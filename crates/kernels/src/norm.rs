@@ -388,16 +388,7 @@ crate::multiversion! {
         for (y, x) in y.chunks_exact_mut(len).zip(x.chunks_exact(len)) {
             let mean = crate::simd::sum(x) * inv_len;
             y.iter_mut().zip(x).for_each(|(o, &v)| *o = v - mean);
-            // The squares summed in eight lanes, as `simd::sum` sums.
-            let mut acc = [T::zero(); 8];
-            let chunks = y.chunks_exact(8);
-            let rest = chunks.remainder();
-            for c in chunks {
-                for l in 0..8 {
-                    acc[l] += c[l] * c[l];
-                }
-            }
-            let sq = rest.iter().fold(acc.iter().fold(T::zero(), |s, &v| s + v), |s, &v| s + v * v);
+            let sq = crate::simd::dot_strided(y, y, 1);
             let inv = (sq * inv_len + eps).powf(T::c(-0.5));
             match affine.bias {
                 Some(b) => y.iter_mut().zip(affine.weight).zip(b).for_each(|((o, &w), &b)| *o = *o * inv * w + b),
