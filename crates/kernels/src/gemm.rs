@@ -69,6 +69,12 @@ pub fn matmul_strided<T: Elem>(a: MatRef<T>, b: MatRef<T>, c: &mut [T], c_stride
         }
         return;
     }
+    if a.cs == 1 && b.rs == 1 && a.rs == k && b.cs == k && skinny_pays(m, k, n) {
+        // A few contiguous rows against a large transposed row-major matrix (a convolution's
+        // taps on a 2x2 map at batch 1: 4 x 512 by 512 x 512): its rows read once, split
+        // over the threads asked for.
+        return skinny_split(&a.data[..m * k], m, &b.data[..n * k], c, c_strides, accumulate, threads.min(auto_threads(m, k, n)));
+    }
     if m <= THIN_ROWS && a.cs == 1 && b.rs == 1 {
         return thin_dots(a, b, c, c_strides, accumulate);
     }
@@ -352,6 +358,34 @@ mod tests {
     }
 
     #[test]
+    fn few_rows_against_large_transposed_matrices_match_naive_product() {
+        // Up to SKINNY_ROWS contiguous rows by a transposed row-major matrix large enough for
+        // `skinny_pays`: each of its rows read once, on one thread and split over two, into a
+        // row-major and a transposed output, written and accumulated.
+        let (k, n) = (256, 300);
+        assert!(skinny_pays(1, k, n));
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.13).sin()).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for m in [1, 3, 5, SKINNY_ROWS] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).cos()).collect();
+            let want = |i: usize, j: usize| (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();
+            for threads in [1, 2] {
+                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
+                    let mut c = vec![0.5f32; m * n];
+                    pool.install(|| matmul_strided(MatRef::rows(&x, m, k), MatRef::rows(&w, n, k).t(), &mut c, strides, acc, threads));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = c[i * strides.0 + j * strides.1] as f64;
+                            let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
+                            assert!((got - expected).abs() < 1e-3, "m {m} threads {threads} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn split_products_match_naive_product() {
         // Products large enough to split over threads: by columns (n >= m) and by rows, with
         // sides that are not multiples of the block alignment, b plain and transposed, into a
@@ -476,14 +510,20 @@ pub fn skinny_pays(m: usize, k: usize, n: usize) -> bool {
 /// row of weights is read once, from memory, and multiplied into every activation row while it
 /// is in the first-level cache (ConvNeXt-tiny's last stage at batch 1: 4 rows against 768 x
 /// 3072 weights). Rows of weights are split over the pool.
-pub fn skinny_into<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
+pub fn skinny_into<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], strides: (usize, usize), accumulate: bool) {
+    let k = a.len() / m.max(1);
+    // One task for a product too small to repay waking the pool (as `auto_threads` decides
+    // for the matrix library's products).
+    skinny_split(a, m, w, out, strides, accumulate, auto_threads(m, k, w.len() / k.max(1)))
+}
+
+/// [`skinny_into`] over at most `threads` threads.
+fn skinny_split<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (usize, usize), accumulate: bool, threads: usize) {
     let k = a.len() / m.max(1);
     let n = w.len() / k.max(1);
     assert!(m > 0 && a.len() == m * k && w.len() == n * k, "skinny_into: shapes");
     assert!(n == 0 || (m - 1) * rs + (n - 1) * cs < out.len(), "skinny_into: output out of bounds");
-    // Each task's dots as [its rows of w][m], then placed; one task for a product too small to
-    // repay waking the pool (as `auto_threads` decides for the matrix library's products).
-    let threads = auto_threads(m, k, n);
+    // Each task's dots as [its rows of w][m], then placed.
     let per = if threads > 1 { n.div_ceil(threads * 2).max(16) } else { n.max(1) };
     let parts: Vec<Vec<T>> = w
         .par_chunks(per * k)

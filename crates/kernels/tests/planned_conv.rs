@@ -153,8 +153,17 @@ fn every_algorithm_runs_planned() {
         // ResNet-18's strided layer into 2x2 maps (64x64 inputs): tap by tap, its filters made
         // tap-major once by the plan.
         ([2, 16, 4, 4], [16, 16, 3, 3], d.padding(Padding::uniform(1)).stride(2), Algo::Taps),
+        // One image on a 2x2 map: the threads take runs of the filters through every tap (40
+        // filters: a run of 32 and one of 8).
+        ([1, 16, 2, 2], [40, 16, 3, 3], d.padding(Padding::Same), Algo::Taps),
     ];
-    for (xs, ws, o, algo) in cases {
+    // Two threads whatever the machine, so one image's products are split.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    pool.install(|| every_case_runs_planned(&cases));
+}
+
+fn every_case_runs_planned(cases: &[([usize; 4], [usize; 4], Conv2dOptions, Algo)]) {
+    for &(xs, ws, o, algo) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
         assert_eq!(Algo::choose(&g), algo);
         if algo == Algo::Dense {
