@@ -215,6 +215,24 @@ fn small_winograd_layers_are_lowered_to_columns() {
 }
 
 #[test]
+fn one_image_is_lowered_by_every_thread() {
+    // A product the threads split (one image) has its columns lowered by channel runs split
+    // between the threads too (41 channels: 21 and 20): padded, strided, and unpadded (the
+    // AVX-512 gather).
+    let o = Conv2dOptions::default();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (x, w, opts) in [
+        ([1, 41, 16, 16], [64, 41, 3, 3], o.padding(Padding::Same)),
+        ([1, 41, 16, 16], [48, 41, 3, 3], o.padding(Padding::uniform(1)).stride(2)),
+        ([1, 41, 14, 14], [64, 41, 3, 3], o),
+    ] {
+        let g = ConvGeom::conv2d(&x, &w, &opts).unwrap();
+        assert_eq!(Prepared::new(&g, &vec![0.0; w.iter().product()]).algo(), Algo::Im2col, "{g:?}");
+        pool.install(|| check(x, w, opts, 1, true, true, Some(Unary::Relu))).unwrap();
+    }
+}
+
+#[test]
 fn large_blocks_are_lowered_in_chunks() {
     // 576 x 256 columns per image: each image is a chunk of its own inside a block of 4.
     let o = Conv2dOptions::default();

@@ -388,10 +388,9 @@ pub fn forward_with<T: Elem>(
                         matmul(wm, xm, out, out_ld, false, threads(m));
                     } else {
                         let col = grown(col, crs * m * pq);
-                        for i in 0..m {
-                            im2col::im2col_channels(g, &xb[(first + i) * hw..], bj * hw, &mut col[i * pq..], m * pq);
-                        }
-                        matmul(wm, MatRef::rows(col, crs, m * pq), out, out_ld, false, threads(m));
+                        let threads = threads(m);
+                        lower(g, xb, bj * hw, first..first + m, col, threads);
+                        matmul(wm, MatRef::rows(col, crs, m * pq), out, out_ld, false, threads);
                     }
                 };
                 // Bias, residual and activation in one pass over the piece, still in cache; pooled,
@@ -423,6 +422,26 @@ pub fn forward_with<T: Elem>(
             }
         },
     );
+}
+
+/// The columns of images `images` of a block ([C*R*S, images * P*Q], an image's channel `c`
+/// at `x[c * cs..]`), split by channels over `threads` (a product that the threads split too:
+/// one image at a time). One image of ResNet-18's 64-channel 16x16 layers lowers 590 KB.
+fn lower<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, images: std::ops::Range<usize>, col: &mut [T], threads: usize) {
+    let (hw, pq, rs) = (g.h * g.w, g.p * g.q, g.r * g.s);
+    let ld = images.len() * pq;
+    let per = g.c.div_ceil(threads.max(1)).max(1);
+    let run = |c0: usize, part: &mut [T]| {
+        let sub = ConvGeom { c: part.len() / (rs * ld).max(1), ..*g };
+        for (i, image) in images.clone().enumerate() {
+            im2col::im2col_channels(&sub, &x[c0 * cs + image * hw..], cs, &mut part[i * pq..], ld);
+        }
+    };
+    if per >= g.c {
+        run(0, col);
+    } else {
+        col[..g.c * rs * ld].par_chunks_mut(per * rs * ld).enumerate().for_each(|(j, part)| run(j * per, part));
+    }
 }
 
 /// Rows of output shorter than this take their activation in one pass over the piece.
