@@ -362,8 +362,8 @@ mod tests {
         // Up to SKINNY_ROWS contiguous rows by a transposed row-major matrix large enough for
         // `skinny_pays`: each of its rows read once, on one thread and split over two, into a
         // row-major and a transposed output, written and accumulated.
-        let (k, n) = (256, 300);
-        assert!(skinny_pays(1, k, n));
+        let (k, n) = (256, 1100);
+        assert!(skinny_pays(SKINNY_ROWS, k, n));
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.13).sin()).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for m in [1, 3, 5, SKINNY_ROWS] {
@@ -500,8 +500,15 @@ pub const SKINNY_ROWS: usize = 16;
 /// Whether [`skinny_into`] pays for an `m x k` by `k x n` product: few rows against weights
 /// large enough that streaming them once is the product's cost (batch 1).
 pub fn skinny_pays(m: usize, k: usize, n: usize) -> bool {
-    m > 0 && m <= SKINNY_ROWS && k >= 16 && k * n >= 1 << 16
+    m > 0 && m <= SKINNY_ROWS && k >= 16 && k * n >= 1 << 16 && (m <= 4 || k * n >= SKINNY_WEIGHTS)
 }
+
+/// Weights from which more than four rows take [`skinny_into`]: about 1 MB of f32, the
+/// second-level cache. Smaller weights stay in cache, where the library's product of up to 16
+/// rows beat the dot products (16 x 112 by 112 x 672, EfficientNet-B0's 4x4 expansion layers
+/// at batch 1: 19 against 36-50 us); larger ones come from memory, which the library reads
+/// and writes again to pack them (ConvNeXt-tiny's 384 x 1536 dense layers on 16 positions).
+const SKINNY_WEIGHTS: usize = 1 << 18;
 
 /// `out[i * rs + j * cs] (+)= a_i · w_j` for the `m` rows `a_i` of `a` ([m, k]) and the rows
 /// `w_j` of `w` ([n, k], a layer's weights as stored): a few rows of activations (one image)

@@ -26,4 +26,6 @@ fn skinny_matches_naive_product() {
         }
     }
     assert!(skinny_pays(1, 1024, 1024) && !skinny_pays(17, 1024, 1024) && !skinny_pays(4, 96, 576));
+    // More than four rows only against weights too large to stay in cache.
+    assert!(skinny_pays(16, 384, 1536) && !skinny_pays(16, 112, 672) && skinny_pays(4, 112, 672));
 }
