@@ -386,6 +386,34 @@ mod tests {
     }
 
     #[test]
+    fn panels_match_naive_product() {
+        // One to four rows against weights laid out in panels of 64 outputs (150 and 1,000
+        // outputs: the last panel padded), in one task and split over two threads, into a
+        // row-major and a transposed output, written and accumulated.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (k, n) in [(37, 150), (300, 1000)] {
+            let w: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.13).sin()).collect();
+            let panels = Panels::new(&w, n, k);
+            for m in 1..=PANEL_ROWS {
+                let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.29).cos()).collect();
+                let want = |i: usize, j: usize| (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>();
+                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
+                    let mut c = vec![0.5; m * n];
+                    pool.install(|| panels_into(&x, m, &panels, &mut c, strides, acc));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = c[i * strides.0 + j * strides.1];
+                            let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
+                            assert!((got - expected).abs() < 1e-9, "m {m} k {k} n {n} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(panels_pay(4, 192, 1152) && !panels_pay(5, 192, 1152) && !panels_pay(4, 96, 576));
+    }
+
+    #[test]
     fn split_products_match_naive_product() {
         // Products large enough to split over threads: by columns (n >= m) and by rows, with
         // sides that are not multiples of the block alignment, b plain and transposed, into a
@@ -547,6 +575,116 @@ fn skinny_split<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (u
                 let o = &mut out[i * rs + j * cs];
                 *o = if accumulate { *o + v } else { v };
             }
+        }
+    }
+}
+
+/// Outputs in a panel of [`Panels`]: four vectors of sixteen lanes.
+const PANEL: usize = 64;
+
+/// Rows of activations that [`panels_into`] takes at most.
+pub(crate) const PANEL_ROWS: usize = 4;
+
+/// A layer's weights [n, k] laid out once for a few rows of activations (one image on a 2x2
+/// map): panels of 64 outputs, [n/64][k][64], the last padded with zeros. The product then runs
+/// along the outputs, four vectors at a time for every input, reading the weights once and in
+/// order, where [`skinny_into`]'s dot products end in a sum across lanes for every output.
+#[derive(Clone, Debug)]
+pub(crate) struct Panels<T> {
+    data: Vec<T>,
+    n: usize,
+    k: usize,
+}
+
+impl<T: Elem> Panels<T> {
+    /// Panics unless `w` holds `n x k` values, both at least 1: a bug in the caller.
+    pub(crate) fn new(w: &[T], n: usize, k: usize) -> Self {
+        assert!(n > 0 && k > 0 && w.len() == n * k, "Panels: {} weights for {n} x {k}", w.len());
+        let mut data = vec![T::zero(); n.div_ceil(PANEL) * k * PANEL];
+        for (j, row) in w.chunks_exact(k).enumerate() {
+            let panel = &mut data[j / PANEL * k * PANEL..][..k * PANEL];
+            for (v, &x) in panel[j % PANEL..].iter_mut().step_by(PANEL).zip(row) {
+                *v = x;
+            }
+        }
+        Panels { data, n, k }
+    }
+}
+
+/// Whether a plan lays out `n x k` weights as [`Panels`] for `m` rows: at most four against
+/// weights larger than the second-level cache's share (EfficientNet-B0's 2x2 layers at batch
+/// 1, 192 x 1152 and back). Smaller ones stay in cache, where `skinny_into` measured as fast.
+pub(crate) fn panels_pay(m: usize, k: usize, n: usize) -> bool {
+    m > 0 && m <= PANEL_ROWS && k * n >= PANEL_WEIGHTS
+}
+
+/// Weights (in values) from which [`panels_pay`]: 512 KB of f32.
+const PANEL_WEIGHTS: usize = 1 << 17;
+
+/// `out[i * rs + j * cs] (+)= a_i · w_j` for the `m` (at most four) rows `a_i` of `a`
+/// ([m, k]) and the weights `w_j` laid out in `p`, runs of panels split over the pool.
+pub(crate) fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
+    let (k, n) = (p.k, p.n);
+    assert!(m > 0 && m <= PANEL_ROWS && a.len() == m * k, "panels_into: {} activations for {m} rows of {k}", a.len());
+    assert!((m - 1) * rs + (n - 1) * cs < out.len(), "panels_into: output out of bounds");
+    let panels = n.div_ceil(PANEL);
+    let per = panels.div_ceil(auto_threads(m, k, n)).max(1);
+    // Each task's outputs as [its panels' outputs][m], then placed.
+    let parts: Vec<Vec<T>> = p
+        .data
+        .par_chunks(per * k * PANEL)
+        .map(|run| {
+            let mut o = vec![T::zero(); run.len() / k * m];
+            panel_rows(a, m, k, run, &mut o);
+            o
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        for (jj, row) in part.chunks_exact(m).enumerate() {
+            let j = t * per * PANEL + jj;
+            if j >= n {
+                break;
+            }
+            for (i, &v) in row.iter().enumerate() {
+                let o = &mut out[i * rs + j * cs];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+    }
+}
+
+crate::multiversion_wide! {
+    /// out[j * m + i] = a_i · w_j for the outputs j of the panels in `run` and m <= 4 rows.
+    fn panel_rows<T: Elem>(a: &[T], m: usize, k: usize, run: &[T], out: &mut [T]) {
+        for (panel, o) in run.chunks_exact(k * PANEL).zip(out.chunks_exact_mut(PANEL * m)) {
+            match m {
+                1 => panel_products::<T, 1>(a, panel, o),
+                2 => panel_products::<T, 2>(a, panel, o),
+                3 => panel_products::<T, 3>(a, panel, o),
+                _ => panel_products::<T, 4>(a, panel, o),
+            }
+        }
+    }
+}
+
+/// One panel's 64 outputs for `R` rows of `a`: sixty-four sums per row, kept in four vectors,
+/// each input's weights for the panel one run of 64 values.
+#[inline(always)]
+fn panel_products<T: Elem, const R: usize>(a: &[T], panel: &[T], out: &mut [T]) {
+    let k = a.len() / R;
+    let mut acc = [[T::zero(); PANEL]; R];
+    for (c, wv) in panel.chunks_exact(PANEL).enumerate() {
+        let wv: &[T; PANEL] = wv.try_into().expect("a panel's row");
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let av = a[i * k + c];
+            for x in 0..PANEL {
+                acc[x] += av * wv[x];
+            }
+        }
+    }
+    for x in 0..PANEL {
+        for (i, acc) in acc.iter().enumerate() {
+            out[x * R + i] = acc[x];
         }
     }
 }

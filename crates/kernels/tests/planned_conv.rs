@@ -233,6 +233,24 @@ fn one_image_is_lowered_by_every_thread() {
 }
 
 #[test]
+fn few_positions_against_large_weights_read_them_in_panels() {
+    // A plan of at most four positions (one image on a 2x2 map, two of 1x2 in a block) whose
+    // 1x1 layer has weights too large for the cache lays them out in panels of 64 outputs
+    // (700: the last panel padded); three positions on smaller weights keep them as given.
+    let o = Conv2dOptions::default();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (x, w, b, panels) in
+        [([1, 192, 2, 2], [700, 192, 1, 1], 1, true), ([2, 192, 1, 2], [700, 192, 1, 1], 2, true), ([1, 96, 1, 3], [576, 96, 1, 1], 1, false)]
+    {
+        let g = ConvGeom::conv2d(&x, &w, &o).unwrap();
+        let weights = vec![0.0; w.iter().product()];
+        let prep = Prepared::new(&g, &weights);
+        assert_eq!((prep.algo(), prep.in_panels()), (Algo::Pointwise, panels), "{g:?}");
+        pool.install(|| check(x, w, o, b, true, true, Some(Unary::HardSwish))).unwrap();
+    }
+}
+
+#[test]
 fn large_blocks_are_lowered_in_chunks() {
     // 576 x 256 columns per image: each image is a chunk of its own inside a block of 4.
     let o = Conv2dOptions::default();

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use stride_tensor::Elem;
 
 use super::{depthwise, im2col, taps, winograd, Algo, ConvGeom, Pass};
-use crate::gemm::{matmul, MatRef};
+use crate::gemm::{matmul, MatRef, Panels};
 use crate::pool::PoolGeom;
 use crate::unary::Unary;
 
@@ -154,11 +154,18 @@ pub fn pick_channels<T: Elem>(srcs: &[(&[T], usize)], picks: &[(usize, usize)], 
 pub struct Prepared<'a, T: Clone> {
     algo: Algo,
     w: Cow<'a, [T]>,
+    /// A 1x1 layer of a plan whose batch has at most four positions, against large weights:
+    /// the weights in panels (and `w` empty).
+    panels: Option<Panels<T>>,
 }
 
 impl<'a, T: Elem> Prepared<'a, T> {
     pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
-        Self::with_algo(g, plan_algo(g), w)
+        let prepared = Self::with_algo(g, plan_algo(g), w);
+        if prepared.algo == Algo::Pointwise && crate::gemm::panels_pay(g.n * g.p * g.q, g.c, g.k) {
+            return Prepared { algo: Algo::Pointwise, w: Cow::Owned(Vec::new()), panels: Some(Panels::new(w, g.k, g.c)) };
+        }
+        prepared
     }
     /// For one call (a training step, whose weights change before the next): a layer that a
     /// plan would run by Winograd is lowered to columns instead where the batch has too few
@@ -178,13 +185,18 @@ impl<'a, T: Elem> Prepared<'a, T> {
             Algo::Depthwise if g.takes_small() => Cow::Owned(depthwise::small_matrices(g, w)),
             _ => Cow::Borrowed(w),
         };
-        Prepared { algo, w }
+        Prepared { algo, w, panels: None }
     }
     pub fn into_owned(self) -> Prepared<'static, T> {
-        Prepared { algo: self.algo, w: Cow::Owned(self.w.into_owned()) }
+        Prepared { algo: self.algo, w: Cow::Owned(self.w.into_owned()), panels: self.panels }
     }
     pub fn algo(&self) -> Algo {
         self.algo
+    }
+    /// Whether the weights are laid out in panels: a 1x1 layer of a plan whose batch has at
+    /// most four positions (one image on a 2x2 map) against weights too large for the cache.
+    pub fn in_panels(&self) -> bool {
+        self.panels.is_some()
     }
 }
 
@@ -372,16 +384,19 @@ pub fn forward_with<T: Elem>(
                             let x = &xb[(first + i) * hw..(first + i + 1) * hw];
                             depthwise::plane_outputs(g, x, &w.w, None, &mut border, &mut out[i * pq..], out_ld);
                         }
-                    } else if w.algo == Algo::Pointwise && crate::gemm::skinny_pays(m * pq, g.c, g.k) {
+                    } else if w.algo == Algo::Pointwise && (w.panels.is_some() || crate::gemm::skinny_pays(m * pq, g.c, g.k)) {
                         // A few positions (one image of a small map): as rows [positions, C],
-                        // against the weights read once ([K, C] as stored).
+                        // against the weights read once (in panels, or [K, C] as stored).
                         let rows = grown(col, m * pq * g.c);
                         for (c, src) in xb.chunks(bj * hw).enumerate() {
                             for (p, &v) in src[first * hw..(first + m) * hw].iter().enumerate() {
                                 rows[p * g.c + c] = v;
                             }
                         }
-                        crate::gemm::skinny_into(rows, m * pq, &w.w, out, (1, out_ld), false);
+                        match &w.panels {
+                            Some(panels) => crate::gemm::panels_into(rows, m * pq, panels, out, (1, out_ld), false),
+                            None => crate::gemm::skinny_into(rows, m * pq, &w.w, out, (1, out_ld), false),
+                        }
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
