@@ -239,14 +239,20 @@ fn few_positions_against_large_weights_read_them_in_panels() {
     // (700: the last panel padded); three positions on smaller weights keep them as given.
     let o = Conv2dOptions::default();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for (x, w, b, panels) in
-        [([1, 192, 2, 2], [700, 192, 1, 1], 1, true), ([2, 192, 1, 2], [700, 192, 1, 1], 2, true), ([1, 96, 1, 3], [576, 96, 1, 1], 1, false)]
-    {
-        let g = ConvGeom::conv2d(&x, &w, &o).unwrap();
+    // A strided 1x1 layer into a 2x2 map (ResNet-18's last shortcut at 64x64) lowers its
+    // columns and turns them into rows for the panels.
+    let s2 = o.stride(2);
+    for (x, w, opts, b, algo, panels) in [
+        ([1, 192, 2, 2], [700, 192, 1, 1], o, 1, Algo::Pointwise, true),
+        ([2, 192, 1, 2], [700, 192, 1, 1], o, 2, Algo::Pointwise, true),
+        ([1, 96, 1, 3], [576, 96, 1, 1], o, 1, Algo::Pointwise, false),
+        ([1, 256, 4, 3], [520, 256, 1, 1], s2, 1, Algo::Im2col, true),
+    ] {
+        let g = ConvGeom::conv2d(&x, &w, &opts).unwrap();
         let weights = vec![0.0; w.iter().product()];
         let prep = Prepared::new(&g, &weights);
-        assert_eq!((prep.algo(), prep.in_panels()), (Algo::Pointwise, panels), "{g:?}");
-        pool.install(|| check(x, w, o, b, true, true, Some(Unary::HardSwish))).unwrap();
+        assert_eq!((prep.algo(), prep.in_panels()), (algo, panels), "{g:?}");
+        pool.install(|| check(x, w, opts, b, true, true, Some(Unary::HardSwish))).unwrap();
     }
 }
 

@@ -154,16 +154,18 @@ pub fn pick_channels<T: Elem>(srcs: &[(&[T], usize)], picks: &[(usize, usize)], 
 pub struct Prepared<'a, T: Clone> {
     algo: Algo,
     w: Cow<'a, [T]>,
-    /// A 1x1 layer of a plan whose batch has at most four positions, against large weights:
-    /// the weights in panels (and `w` empty).
+    /// A layer lowered to products (1x1 or columns) in a plan whose batch has at most four
+    /// positions, against large weights: the weights in panels (and `w` empty).
     panels: Option<Panels<T>>,
 }
 
 impl<'a, T: Elem> Prepared<'a, T> {
     pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
         let prepared = Self::with_algo(g, plan_algo(g), w);
-        if prepared.algo == Algo::Pointwise && crate::gemm::panels_pay(g.n * g.p * g.q, g.c, g.k) {
-            return Prepared { algo: Algo::Pointwise, w: Cow::Owned(Vec::new()), panels: Some(Panels::new(w, g.k, g.c)) };
+        let crs = g.c * g.r * g.s;
+        let lowered = matches!(prepared.algo, Algo::Pointwise | Algo::Im2col) && g.groups == 1 && !single_channel(g);
+        if lowered && crate::gemm::panels_pay(g.n * g.p * g.q, crs, g.k) {
+            return Prepared { algo: prepared.algo, w: Cow::Owned(Vec::new()), panels: Some(Panels::new(w, g.k, crs)) };
         }
         prepared
     }
@@ -193,8 +195,9 @@ impl<'a, T: Elem> Prepared<'a, T> {
     pub fn algo(&self) -> Algo {
         self.algo
     }
-    /// Whether the weights are laid out in panels: a 1x1 layer of a plan whose batch has at
-    /// most four positions (one image on a 2x2 map) against weights too large for the cache.
+    /// Whether the weights are laid out in panels: a layer lowered to products in a plan whose
+    /// batch has at most four positions (one image on a 2x2 map) against weights too large for
+    /// the cache.
     pub fn in_panels(&self) -> bool {
         self.panels.is_some()
     }
@@ -397,6 +400,19 @@ pub fn forward_with<T: Elem>(
                             Some(panels) => crate::gemm::panels_into(rows, m * pq, panels, out, (1, out_ld), false),
                             None => crate::gemm::skinny_into(rows, m * pq, &w.w, out, (1, out_ld), false),
                         }
+                    } else if let (Algo::Im2col, Some(panels)) = (w.algo, &w.panels) {
+                        // A few positions against large weights (a strided 1x1 layer into a 2x2
+                        // map): the columns turned into rows [positions, C*R*S] for the panels.
+                        let (len, rows) = (crs * m * pq, m * pq);
+                        let col = grown(col, 2 * len);
+                        let (lowered, turned) = col.split_at_mut(len);
+                        lower(g, xb, bj * hw, first..first + m, lowered, 1);
+                        for (c, src) in lowered.chunks_exact(rows).enumerate() {
+                            for (p, &v) in src.iter().enumerate() {
+                                turned[p * crs + c] = v;
+                            }
+                        }
+                        crate::gemm::panels_into(turned, rows, panels, out, (1, out_ld), false);
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
