@@ -221,10 +221,16 @@ fn one_image_is_lowered_by_every_thread() {
     // AVX-512 gather).
     let o = Conv2dOptions::default();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    // With no more filters than positions, each thread lowers its own output rows instead and
+    // multiplies every filter into them: padded, strided, unpadded, dilated, padded unevenly.
+    let uneven = Padding::Explicit { top: 0, bottom: 3, left: 2, right: 0 };
     for (x, w, opts) in [
+        ([1, 41, 8, 8], [96, 41, 3, 3], o.padding(Padding::Same)),
         ([1, 41, 16, 16], [64, 41, 3, 3], o.padding(Padding::Same)),
         ([1, 41, 16, 16], [48, 41, 3, 3], o.padding(Padding::uniform(1)).stride(2)),
         ([1, 41, 14, 14], [64, 41, 3, 3], o),
+        ([1, 41, 16, 16], [64, 41, 3, 3], o.padding(Padding::uniform(2)).dilation(2)),
+        ([1, 41, 16, 16], [64, 41, 3, 3], o.padding(uneven)),
     ] {
         let g = ConvGeom::conv2d(&x, &w, &opts).unwrap();
         assert_eq!(Prepared::new(&g, &vec![0.0; w.iter().product()]).algo(), Algo::Im2col, "{g:?}");

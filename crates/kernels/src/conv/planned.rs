@@ -417,6 +417,10 @@ pub fn forward_with<T: Elem>(
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
                         matmul(wm, xm, out, out_ld, false, threads(m));
+                    } else if m == 1 && threads(m) > 1 && g.k <= pq && by_rows_fits(g, threads(m)) {
+                        let per = rows_per_task(g, threads(m));
+                        let scratch = grown(col, (crs + g.k) * per * g.q * g.p.div_ceil(per));
+                        by_rows(g, &xb[first * hw..], bj * hw, wm, out, out_ld, per, scratch);
                     } else {
                         let col = grown(col, crs * m * pq);
                         let threads = threads(m);
@@ -472,6 +476,53 @@ fn lower<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, images: std::ops::Range<usiz
         run(0, col);
     } else {
         col[..g.c * rs * ld].par_chunks_mut(per * rs * ld).enumerate().for_each(|(j, part)| run(j * per, part));
+    }
+}
+
+/// The output rows `rows` of one image's convolution as a convolution of its own: the input
+/// rows their windows start from (those before are skipped, the top padding shrinks to what is
+/// left of it), and how many input rows are skipped.
+fn rows_geometry(g: &ConvGeom, rows: std::ops::Range<usize>) -> (ConvGeom, usize) {
+    let top = rows.start * g.stride.0;
+    let (skip, pad_top) = if top >= g.pad.0 { (top - g.pad.0, 0) } else { (0, g.pad.0 - top) };
+    (ConvGeom { p: rows.len(), h: g.h - skip.min(g.h), pad: (pad_top, g.pad.1, g.pad.2, g.pad.3), ..*g }, skip.min(g.h))
+}
+
+/// Output rows per task of [`by_rows`] among `threads`.
+fn rows_per_task(g: &ConvGeom, threads: usize) -> usize {
+    g.p.div_ceil(threads.max(1)).max(1)
+}
+
+/// Whether [`by_rows`] can split `g`'s output rows among `threads`: every task's windows start
+/// inside the image or its top padding (not wholly in the bottom padding).
+fn by_rows_fits(g: &ConvGeom, threads: usize) -> bool {
+    let per = rows_per_task(g, threads);
+    g.p >= threads && ((g.p - 1) / per * per * g.stride.0).saturating_sub(g.pad.0) < g.h
+}
+
+/// One image's convolution as products split by output rows: each task lowers the columns of
+/// its rows (in its own cache) and multiplies all the filters into them, where lowering every
+/// column by channels and then splitting the product by columns passed the columns between
+/// the threads and waited for all of them twice. For layers with more positions than filters
+/// (ResNet's 64-channel 16x16 layers and its 7x7 stem at batch 1). `x`: the image, channel `c`
+/// at `x[c * cs..]`; `out`: [K, P*Q], rows `out_ld` apart; `per` output rows a task.
+#[allow(clippy::too_many_arguments)]
+fn by_rows<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, wm: MatRef<T>, out: &mut [T], out_ld: usize, per: usize, scratch: &mut [T]) {
+    let crs = g.c * g.r * g.s;
+    // Each task's columns and products in its own part of `scratch` (kept by a plan).
+    let task = (crs + g.k) * per * g.q;
+    scratch[..task * g.p.div_ceil(per)].par_chunks_mut(task).enumerate().for_each(|(t, mine)| {
+        let (sub, skip) = rows_geometry(g, t * per..((t + 1) * per).min(g.p));
+        let cols = sub.p * sub.q;
+        let (col, part) = mine.split_at_mut(crs * per * g.q);
+        im2col::im2col_channels(&sub, &x[skip * g.w..], cs, col, cols);
+        matmul(wm, MatRef::rows(&col[..crs * cols], crs, cols), part, cols, false, 1);
+    });
+    for (t, mine) in scratch.chunks_exact(task).take(g.p.div_ceil(per)).enumerate() {
+        let (at, cols) = (t * per * g.q, (per.min(g.p - t * per)) * g.q);
+        for (k, row) in mine[crs * per * g.q..].chunks_exact(cols).take(g.k).enumerate() {
+            out[k * out_ld + at..k * out_ld + at + cols].copy_from_slice(row);
+        }
     }
 }
 
@@ -705,5 +756,30 @@ fn backward_with<T: Elem>(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::{Conv2dOptions, Padding};
+
+    #[test]
+    fn output_rows_start_where_their_windows_do() {
+        // 16 rows, stride 2, padding 3: rows 0..4 start in the top padding (3 rows of it), rows
+        // 4..8 at input row 5 with no padding left.
+        let o = Conv2dOptions::default().padding(Padding::uniform(3)).stride(2);
+        let g = ConvGeom::conv2d(&[1, 4, 16, 16], &[8, 4, 5, 5], &o).unwrap();
+        assert_eq!(g.p, 9);
+        let (top, skip) = rows_geometry(&g, 0..4);
+        assert_eq!((top.p, top.h, top.pad.0, skip), (4, 16, 3, 0));
+        let (rest, skip) = rows_geometry(&g, 4..9);
+        assert_eq!((rest.p, rest.h, rest.pad, skip), (5, 11, (0, 3, 3, 3), 5));
+        assert!(by_rows_fits(&g, 2));
+        // A bottom padding so deep that the second half's windows start below the image.
+        let deep = Conv2dOptions::default().padding(Padding::Explicit { top: 0, bottom: 10, left: 1, right: 1 });
+        let g = ConvGeom::conv2d(&[1, 4, 8, 8], &[8, 4, 3, 3], &deep).unwrap();
+        assert_eq!(g.p, 16);
+        assert!(!by_rows_fits(&g, 2) && by_rows_fits(&g, 1));
     }
 }
