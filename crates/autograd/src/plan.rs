@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use stride_kernels::binary::{binary_into, BinOp};
 use stride_kernels::conv::planned::{self, Epilogue, Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
-use stride_kernels::gemm::{auto_threads, matmul, skinny_into, skinny_pays, MatRef};
+use stride_kernels::gemm::{auto_threads, matmul, panels_into, panels_pay, skinny_into, skinny_pays, MatRef, Panels, PANEL_ROWS};
 use stride_kernels::unary::Unary;
 use stride_tensor::{bail, block_sum, gather_strided_into, Result, Tensor};
 
@@ -414,7 +414,10 @@ impl Compiler {
                 }
                 let act = self.take_act_through_reshape(&mut tail);
                 let dst = self.define(tail, self.rec.nodes[tail].shape(), Layout::Nchw);
-                self.steps.push(Step::MatMul { a, b, dims: [m, k, n], transpose_b: *transpose_b, bias, act, dst });
+                // A few rows (one image) against a weight stored [n, k] too large for the cache.
+                let panels =
+                    (*transpose_b && self.constant(ps[1]) && panels_pay(m, k, n)).then(|| Panels::new(self.rec.nodes[ps[1]].value().data(), n, k));
+                self.steps.push(Step::MatMul { a, b, dims: [m, k, n], transpose_b: *transpose_b, panels, bias, act, dst });
             }
             Op::Concat { axis, sizes } => {
                 let inner: usize = shape[axis + 1..].iter().product();
@@ -895,7 +898,7 @@ impl Plan {
                     }
                 });
             }
-            Step::MatMul { a, b, dims: [m, k, n], transpose_b, bias, act, .. } => {
+            Step::MatMul { a, b, dims: [m, k, n], transpose_b, panels, bias, act, .. } => {
                 let (a, b, (m, k, n)) = (src(*a), src(*b), (*m, *k, *n));
                 let bm = if *transpose_b { MatRef::rows(b, n, k).t() } else { MatRef::rows(b, k, n) };
                 // Rows of the product, then bias and activation on them while they are in cache.
@@ -904,7 +907,9 @@ impl Plan {
                         out.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
                     }
                     let a = &a[rows.start * k..rows.end * k];
-                    if *transpose_b && skinny_pays(rows.len(), k, n) {
+                    if let Some(panels) = panels.as_ref().filter(|_| rows.len() <= PANEL_ROWS) {
+                        panels_into(a, rows.len(), panels, out, (n, 1), bias.is_some());
+                    } else if *transpose_b && skinny_pays(rows.len(), k, n) {
                         // A few rows (one image) against weights stored [n, k]: each row of
                         // weights read once.
                         skinny_into(a, rows.len(), &b[..n * k], out, (n, 1), bias.is_some());

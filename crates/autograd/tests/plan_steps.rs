@@ -153,7 +153,8 @@ fn dense_layers_with_activations_run_in_pieces() {
 #[test]
 fn one_image_against_large_weights_plans() {
     // Batch 1: a 1x1 convolution on a 2x2 map and a dense layer on four positions, each with
-    // weights large enough to be read row by row (gemm::skinny_into), with bias and activation.
+    // weights large enough to be read once (the convolution's row by row, gemm::skinny_into;
+    // the dense layer's, over 512 KB, laid out in panels by the plan), with bias and activation.
     let mut rng = Rng::seed(9);
     let (w1, b1) = (param(&mut rng, &[1024, 96, 1, 1]), param(&mut rng, &[1024]));
     let (w2, b2) = (param(&mut rng, &[300, 1024]), param(&mut rng, &[300]));
@@ -162,5 +163,5 @@ fn one_image_against_large_weights_plans() {
         let h = unary(&conv2d(x, &w1, Some(&b1), &Conv2dOptions::default())?, Unary::HardSwish)?;
         unary(&linear(&h.permute(&[0, 2, 3, 1])?, &w2, Some(&b2))?, Unary::Gelu)
     });
-    assert!(steps.iter().any(|s| s == "matmul +bias +gelu") && steps.iter().any(|s| s.starts_with("conv2d Pointwise")), "{steps:#?}");
+    assert!(steps.iter().any(|s| s == "matmul panels +bias +gelu") && steps.iter().any(|s| s.starts_with("conv2d Pointwise")), "{steps:#?}");
 }

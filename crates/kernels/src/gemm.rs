@@ -387,30 +387,36 @@ mod tests {
 
     #[test]
     fn panels_match_naive_product() {
-        // One to four rows against weights laid out in panels of 64 outputs (150 and 1,000
-        // outputs: the last panel padded), in one task and split over two threads, into a
-        // row-major and a transposed output, written and accumulated.
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for (k, n) in [(37, 150), (300, 1000)] {
-            let w: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.13).sin()).collect();
-            let panels = Panels::new(&w, n, k);
-            for m in 1..=PANEL_ROWS {
-                let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.29).cos()).collect();
-                let want = |i: usize, j: usize| (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>();
-                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
-                    let mut c = vec![0.5; m * n];
-                    pool.install(|| panels_into(&x, m, &panels, &mut c, strides, acc));
-                    for i in 0..m {
-                        for j in 0..n {
-                            let got = c[i * strides.0 + j * strides.1];
-                            let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
-                            assert!((got - expected).abs() < 1e-9, "m {m} k {k} n {n} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
+        // One to sixteen rows (four at a time, and the rest) against weights laid out in panels
+        // of 64 outputs (150 and 1,000 outputs: the last panel padded), in one task and split
+        // over two threads, into a row-major and a transposed output, written and accumulated:
+        // in f64 (the portable build) and f32 (AVX-512 where the CPU has it).
+        fn check<T: Elem>(tol: f64) {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let f = |v: f64| T::from(v).unwrap();
+            for (k, n) in [(37, 150), (300, 1000)] {
+                let w: Vec<T> = (0..n * k).map(|i| f((i as f64 * 0.13).sin())).collect();
+                let panels = Panels::new(&w, n, k);
+                for m in 1..=PANEL_ROWS {
+                    let x: Vec<T> = (0..m * k).map(|i| f((i as f64 * 0.29).cos())).collect();
+                    let want = |i: usize, j: usize| (0..k).map(|p| (x[i * k + p] * w[j * k + p]).to_f64().unwrap()).sum::<f64>();
+                    for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
+                        let mut c = vec![f(0.5); m * n];
+                        pool.install(|| panels_into(&x, m, &panels, &mut c, strides, acc));
+                        for i in 0..m {
+                            for j in 0..n {
+                                let got = c[i * strides.0 + j * strides.1].to_f64().unwrap();
+                                let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
+                                assert!((got - expected).abs() < tol, "m {m} k {k} n {n} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
+                            }
                         }
                     }
                 }
             }
         }
-        assert!(panels_pay(4, 192, 1152) && !panels_pay(5, 192, 1152) && !panels_pay(4, 96, 576));
+        check::<f64>(1e-9);
+        check::<f32>(1e-3);
+        assert!(panels_pay(4, 192, 1152) && panels_pay(16, 384, 1536) && !panels_pay(17, 384, 1536) && !panels_pay(4, 96, 576));
     }
 
     #[test]
@@ -582,15 +588,17 @@ fn skinny_split<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (u
 /// Outputs in a panel of [`Panels`]: four vectors of sixteen lanes.
 const PANEL: usize = 64;
 
-/// Rows of activations that [`panels_into`] takes at most.
-pub(crate) const PANEL_ROWS: usize = 4;
+/// Rows of activations that [`panels_into`] takes at most (four at a time through a panel).
+pub const PANEL_ROWS: usize = 16;
 
-/// A layer's weights [n, k] laid out once for a few rows of activations (one image on a 2x2
+/// A layer's weights [n, k] laid out once for a few rows of activations (one image of a small
 /// map): panels of 64 outputs, [n/64][k][64], the last padded with zeros. The product then runs
-/// along the outputs, four vectors at a time for every input, reading the weights once and in
-/// order, where [`skinny_into`]'s dot products end in a sum across lanes for every output.
+/// along the outputs, four vectors at a time for every input, reading the weights once from
+/// memory and in order (each panel again from cache for every four rows), where
+/// [`skinny_into`]'s dot products end in a sum across lanes for every output and re-read the
+/// rows from the second-level cache for every row of weights.
 #[derive(Clone, Debug)]
-pub(crate) struct Panels<T> {
+pub struct Panels<T> {
     data: Vec<T>,
     n: usize,
     k: usize,
@@ -598,7 +606,7 @@ pub(crate) struct Panels<T> {
 
 impl<T: Elem> Panels<T> {
     /// Panics unless `w` holds `n x k` values, both at least 1: a bug in the caller.
-    pub(crate) fn new(w: &[T], n: usize, k: usize) -> Self {
+    pub fn new(w: &[T], n: usize, k: usize) -> Self {
         assert!(n > 0 && k > 0 && w.len() == n * k, "Panels: {} weights for {n} x {k}", w.len());
         let mut data = vec![T::zero(); n.div_ceil(PANEL) * k * PANEL];
         for (j, row) in w.chunks_exact(k).enumerate() {
@@ -611,19 +619,20 @@ impl<T: Elem> Panels<T> {
     }
 }
 
-/// Whether a plan lays out `n x k` weights as [`Panels`] for `m` rows: at most four against
-/// weights larger than the second-level cache's share (EfficientNet-B0's 2x2 layers at batch
-/// 1, 192 x 1152 and back). Smaller ones stay in cache, where `skinny_into` measured as fast.
-pub(crate) fn panels_pay(m: usize, k: usize, n: usize) -> bool {
+/// Whether a plan lays out `n x k` weights as [`Panels`] for `m` rows: at most 16 (one image
+/// on a 4x4 map) against weights larger than the second-level cache's share (EfficientNet-B0's
+/// 2x2 layers at batch 1, 192 x 1152 and back; ConvNeXt-tiny's dense layers). Smaller ones stay
+/// in cache, where `skinny_into` (four rows) and the matrix library (more) measured as fast.
+pub fn panels_pay(m: usize, k: usize, n: usize) -> bool {
     m > 0 && m <= PANEL_ROWS && k * n >= PANEL_WEIGHTS
 }
 
 /// Weights (in values) from which [`panels_pay`]: 512 KB of f32.
 const PANEL_WEIGHTS: usize = 1 << 17;
 
-/// `out[i * rs + j * cs] (+)= a_i · w_j` for the `m` (at most four) rows `a_i` of `a`
-/// ([m, k]) and the weights `w_j` laid out in `p`, runs of panels split over the pool.
-pub(crate) fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
+/// `out[i * rs + j * cs] (+)= a_i · w_j` for the `m` (at most 16) rows `a_i` of `a` ([m, k])
+/// and the weights `w_j` laid out in `p`, runs of panels split over the pool.
+pub fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
     let (k, n) = (p.k, p.n);
     assert!(m > 0 && m <= PANEL_ROWS && a.len() == m * k, "panels_into: {} activations for {m} rows of {k}", a.len());
     assert!((m - 1) * rs + (n - 1) * cs < out.len(), "panels_into: output out of bounds");
@@ -635,7 +644,12 @@ pub(crate) fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [
         .par_chunks(per * k * PANEL)
         .map(|run| {
             let mut o = vec![T::zero(); run.len() / k * m];
-            panel_rows(a, m, k, run, &mut o);
+            for (panel, o) in run.chunks_exact(k * PANEL).zip(o.chunks_exact_mut(PANEL * m)) {
+                for first in (0..m).step_by(4) {
+                    let rows = (m - first).min(4);
+                    panel_rows(&a[first * k..(first + rows) * k], panel, &mut o[first..], m);
+                }
+            }
             o
         })
         .collect();
@@ -653,24 +667,38 @@ pub(crate) fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [
     }
 }
 
-crate::multiversion_wide! {
-    /// out[j * m + i] = a_i · w_j for the outputs j of the panels in `run` and m <= 4 rows.
-    fn panel_rows<T: Elem>(a: &[T], m: usize, k: usize, run: &[T], out: &mut [T]) {
-        for (panel, o) in run.chunks_exact(k * PANEL).zip(out.chunks_exact_mut(PANEL * m)) {
-            match m {
-                1 => panel_products::<T, 1>(a, panel, o),
-                2 => panel_products::<T, 2>(a, panel, o),
-                3 => panel_products::<T, 3>(a, panel, o),
-                _ => panel_products::<T, 4>(a, panel, o),
+/// `out[x * m + i] = a_i · w_x` for a panel's 64 outputs x and the rows of `a` (one to four,
+/// of the panel's depth each).
+fn panel_rows<T: Elem>(a: &[T], panel: &[T], out: &mut [T], m: usize) {
+    let k = panel.len() / PANEL;
+    let rows = a.len() / k;
+    assert!((1..=4).contains(&rows) && a.len() == rows * k && out.len() > (PANEL - 1) * m + rows - 1, "panel_rows: shapes");
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(af), Some(pf), Some(of)) = (crate::simd::as_f32(a), crate::simd::as_f32(panel), crate::simd::as_f32_mut(out)) {
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked just above); the shapes were asserted.
+            unsafe {
+                match rows {
+                    1 => avx512_panel::panel::<1>(af, pf, of, m),
+                    2 => avx512_panel::panel::<2>(af, pf, of, m),
+                    3 => avx512_panel::panel::<3>(af, pf, of, m),
+                    _ => avx512_panel::panel::<4>(af, pf, of, m),
+                }
             }
+            return;
         }
+    }
+    match rows {
+        1 => panel_products::<T, 1>(a, panel, out, m),
+        2 => panel_products::<T, 2>(a, panel, out, m),
+        3 => panel_products::<T, 3>(a, panel, out, m),
+        _ => panel_products::<T, 4>(a, panel, out, m),
     }
 }
 
-/// One panel's 64 outputs for `R` rows of `a`: sixty-four sums per row, kept in four vectors,
-/// each input's weights for the panel one run of 64 values.
-#[inline(always)]
-fn panel_products<T: Elem, const R: usize>(a: &[T], panel: &[T], out: &mut [T]) {
+/// [`panel_rows`] in portable code: sixty-four sums per row, kept in arrays the compiler
+/// turns into vectors.
+fn panel_products<T: Elem, const R: usize>(a: &[T], panel: &[T], out: &mut [T], m: usize) {
     let k = a.len() / R;
     let mut acc = [[T::zero(); PANEL]; R];
     for (c, wv) in panel.chunks_exact(PANEL).enumerate() {
@@ -684,7 +712,55 @@ fn panel_products<T: Elem, const R: usize>(a: &[T], panel: &[T], out: &mut [T]) 
     }
     for x in 0..PANEL {
         for (i, acc) in acc.iter().enumerate() {
-            out[x * R + i] = acc[x];
+            out[x * m + i] = acc[x];
+        }
+    }
+}
+
+/// [`panel_rows`] in f32 with AVX-512: `R` rows by four vectors of outputs, sixteen fused
+/// multiply-adds per input (the portable build multiplies and adds apart, twice the work where
+/// the product is bound by arithmetic: 16 rows from cache).
+#[cfg(target_arch = "x86_64")]
+mod avx512_panel {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `R` rows of the panel's depth, `out` room for
+    /// `out[(PANEL - 1) * m + R - 1]` (asserted by the caller).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn panel<const R: usize>(a: &[f32], panel: &[f32], out: &mut [f32], m: usize) {
+        let k = a.len() / R;
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for (c, wv) in panel.chunks_exact(PANEL).enumerate() {
+            // SAFETY: `wv` holds 64 values: four unaligned loads of sixteen.
+            let w = unsafe {
+                [
+                    _mm512_loadu_ps(wv.as_ptr()),
+                    _mm512_loadu_ps(wv.as_ptr().add(16)),
+                    _mm512_loadu_ps(wv.as_ptr().add(32)),
+                    _mm512_loadu_ps(wv.as_ptr().add(48)),
+                ]
+            };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(a[i * k + c]);
+                for (acc, &w) in acc.iter_mut().zip(&w) {
+                    *acc = _mm512_fmadd_ps(av, w, *acc);
+                }
+            }
+        }
+        let mut sums = [[0f32; PANEL]; R];
+        for (row, acc) in sums.iter_mut().zip(&acc) {
+            for (v, &acc) in acc.iter().enumerate() {
+                // SAFETY: `row` holds 64 values: sixteen stored at each of four offsets.
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), acc) };
+            }
+        }
+        for x in 0..PANEL {
+            for (i, row) in sums.iter().enumerate() {
+                out[x * m + i] = row[x];
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 use stride_kernels::binary::BinOp;
 use stride_kernels::conv::planned::{Layout, Prepared};
 use stride_kernels::conv::ConvGeom;
+use stride_kernels::gemm::Panels;
 use stride_kernels::pool::PoolGeom;
 use stride_kernels::unary::Unary;
 use stride_tensor::{Result, Tensor};
@@ -89,6 +90,8 @@ pub(super) enum Step {
         b: Src,
         dims: [usize; 3],
         transpose_b: bool,
+        /// Weights stored [n, k] against a few rows (one image): laid out once in panels.
+        panels: Option<Panels<f32>>,
         bias: Option<Vec<f32>>,
         act: Option<Unary>,
         dst: Buf,
@@ -226,9 +229,12 @@ impl Step {
                 format!("{op}{}", act.map_or(String::new(), |a| format!(" +{}", a.name())))
             }
             Step::Affine { act, .. } => format!("batch_norm (affine){}", act.map_or(String::new(), |a| format!(" +{}", a.name()))),
-            Step::MatMul { bias, act, .. } => {
-                format!("matmul{}{}", if bias.is_some() { " +bias" } else { "" }, act.map_or(String::new(), |a| format!(" +{}", a.name())))
-            }
+            Step::MatMul { panels, bias, act, .. } => format!(
+                "matmul{}{}{}",
+                if panels.is_some() { " panels" } else { "" },
+                if bias.is_some() { " +bias" } else { "" },
+                act.map_or(String::new(), |a| format!(" +{}", a.name()))
+            ),
             Step::Concat { .. } => "concat".into(),
             Step::Channels { what, layout, .. } => format!("{what} {layout:?}"),
             Step::Fallback { name, .. } => format!("{name} (eager)"),
