@@ -637,7 +637,7 @@ pub fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [T], (rs
     assert!(m > 0 && m <= PANEL_ROWS && a.len() == m * k, "panels_into: {} activations for {m} rows of {k}", a.len());
     assert!((m - 1) * rs + (n - 1) * cs < out.len(), "panels_into: output out of bounds");
     let panels = n.div_ceil(PANEL);
-    let per = panels.div_ceil(auto_threads(m, k, n)).max(1);
+    let per = panels.div_ceil(crate::tasks_for(auto_threads(m, k, n))).max(1);
     // Each task's outputs as [its panels' outputs][m], then placed.
     let parts: Vec<Vec<T>> = p
         .data

@@ -472,7 +472,7 @@ pub fn forward_with<T: Elem>(
 fn lower<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, images: std::ops::Range<usize>, col: &mut [T], threads: usize) {
     let (hw, pq, rs) = (g.h * g.w, g.p * g.q, g.r * g.s);
     let ld = images.len() * pq;
-    let per = g.c.div_ceil(threads.max(1)).max(1);
+    let per = g.c.div_ceil(crate::tasks_for(threads.max(1))).max(1);
     let run = |c0: usize, part: &mut [T]| {
         let sub = ConvGeom { c: part.len() / (rs * ld).max(1), ..*g };
         for (i, image) in images.clone().enumerate() {
@@ -497,7 +497,7 @@ fn rows_geometry(g: &ConvGeom, rows: std::ops::Range<usize>) -> (ConvGeom, usize
 
 /// Output rows per task of [`by_rows`] among `threads`.
 fn rows_per_task(g: &ConvGeom, threads: usize) -> usize {
-    g.p.div_ceil(threads.max(1)).max(1)
+    g.p.div_ceil(crate::tasks_for(threads.max(1))).max(1)
 }
 
 /// Whether [`by_rows`] can split `g`'s output rows among `threads`: every task's windows start

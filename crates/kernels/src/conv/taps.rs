@@ -280,7 +280,7 @@ fn forward_by_filters<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     let (hw, pq) = (g.h * g.w, g.p * g.q);
     let mut xs = vec![T::zero(); x.len()];
     positions_major(x, g.c, hw, &mut xs);
-    let run = g.k.div_ceil(threads).next_multiple_of(FILTER_RUN).min(g.k);
+    let run = g.k.div_ceil(crate::tasks_for(threads)).next_multiple_of(FILTER_RUN).min(g.k);
     // Each run's outputs position-major, [images][positions][its filters].
     let parts: Vec<(usize, Vec<T>)> = (0..g.k)
         .into_par_iter()
