@@ -334,23 +334,25 @@ pub fn warm_up_threads() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn thin_products_match_naive_product() {
-        // At most THIN_ROWS rows times a transposed row-major matrix: the dot-product path,
-        // into a row-major and a transposed output, written and accumulated.
-        let (k, n) = (37, 11);
+    /// x W^T for `x` of each row count in `ms` by `k` and `W` [n, k] row-major, on each thread
+    /// count (inside a pool of two), into a row-major and a transposed output, written and
+    /// accumulated, against the naive f64 product.
+    fn check_transposed_products(k: usize, n: usize, ms: &[usize], threads: &[usize], tol: f64) {
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.13).sin()).collect();
-        for m in 1..=THIN_ROWS + 1 {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &m in ms {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).cos()).collect();
             let want = |i: usize, j: usize| (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();
-            for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
-                let mut c = vec![0.5f32; m * n];
-                matmul_strided(MatRef::rows(&x, m, k), MatRef::rows(&w, n, k).t(), &mut c, strides, acc, 2);
-                for i in 0..m {
-                    for j in 0..n {
-                        let got = c[i * strides.0 + j * strides.1] as f64;
-                        let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
-                        assert!((got - expected).abs() < 1e-4, "m {m} ({i},{j}) strides {strides:?} acc {acc}: {got} vs {expected}");
+            for &t in threads {
+                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
+                    let mut c = vec![0.5f32; m * n];
+                    pool.install(|| matmul_strided(MatRef::rows(&x, m, k), MatRef::rows(&w, n, k).t(), &mut c, strides, acc, t));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = c[i * strides.0 + j * strides.1] as f64;
+                            let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
+                            assert!((got - expected).abs() < tol, "{m}x{k}x{n} threads {t} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
+                        }
                     }
                 }
             }
@@ -358,31 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn thin_products_match_naive_product() {
+        // At most THIN_ROWS rows (and one more) times a small transposed row-major matrix: the
+        // dot-product path.
+        assert!(!skinny_pays(1, 37, 11));
+        check_transposed_products(37, 11, &(1..=THIN_ROWS + 1).collect::<Vec<_>>(), &[2], 1e-4);
+    }
+
+    #[test]
     fn few_rows_against_large_transposed_matrices_match_naive_product() {
         // Up to SKINNY_ROWS contiguous rows by a transposed row-major matrix large enough for
-        // `skinny_pays`: each of its rows read once, on one thread and split over two, into a
-        // row-major and a transposed output, written and accumulated.
-        let (k, n) = (256, 1100);
-        assert!(skinny_pays(SKINNY_ROWS, k, n));
-        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.13).sin()).collect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for m in [1, 3, 5, SKINNY_ROWS] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).cos()).collect();
-            let want = |i: usize, j: usize| (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();
-            for threads in [1, 2] {
-                for (strides, acc) in [((n, 1), false), ((1, m), false), ((n, 1), true)] {
-                    let mut c = vec![0.5f32; m * n];
-                    pool.install(|| matmul_strided(MatRef::rows(&x, m, k), MatRef::rows(&w, n, k).t(), &mut c, strides, acc, threads));
-                    for i in 0..m {
-                        for j in 0..n {
-                            let got = c[i * strides.0 + j * strides.1] as f64;
-                            let expected = want(i, j) + if acc { 0.5 } else { 0.0 };
-                            assert!((got - expected).abs() < 1e-3, "m {m} threads {threads} ({i},{j}) {strides:?} acc {acc}: {got} vs {expected}");
-                        }
-                    }
-                }
-            }
-        }
+        // `skinny_pays`: each of its rows read once, on one thread and split over two.
+        assert!(skinny_pays(SKINNY_ROWS, 256, 1100));
+        check_transposed_products(256, 1100, &[1, 3, 5, SKINNY_ROWS], &[1, 2], 1e-3);
     }
 
     #[test]
