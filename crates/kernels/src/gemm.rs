@@ -582,7 +582,7 @@ const PANEL: usize = 64;
 pub const PANEL_ROWS: usize = 16;
 
 /// A layer's weights [n, k] laid out once for a few rows of activations (one image of a small
-/// map): panels of 64 outputs, [n/64][k][64], the last padded with zeros. The product then runs
+/// map): panels of 64 outputs, `[n/64][k][64]`, the last padded with zeros. The product then runs
 /// along the outputs, four vectors at a time for every input, reading the weights once from
 /// memory and in order (each panel again from cache for every four rows), where
 /// [`skinny_into`]'s dot products end in a sum across lanes for every output and re-read the

@@ -510,8 +510,8 @@ fn by_rows_fits(g: &ConvGeom, threads: usize) -> bool {
 /// One image's convolution as products split by output rows: each task lowers the columns of
 /// its rows (in its own cache) and multiplies all the filters into them, where lowering every
 /// column by channels and then splitting the product by columns passed the columns between
-/// the threads and waited for all of them twice. For layers with more positions than filters
-/// (ResNet's 64-channel 16x16 layers and its 7x7 stem at batch 1). `x`: the image, channel `c`
+/// the threads and waited for all of them twice. For layers with no more filters than
+/// positions (ResNet's 64-channel 16x16 layers and its 7x7 stem at batch 1). `x`: the image, channel `c`
 /// at `x[c * cs..]`; `out`: [K, P*Q], rows `out_ld` apart; `per` output rows a task.
 #[allow(clippy::too_many_arguments)]
 fn by_rows<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, wm: MatRef<T>, out: &mut [T], out_ld: usize, per: usize, scratch: &mut [T]) {
@@ -773,8 +773,8 @@ mod tests {
 
     #[test]
     fn output_rows_start_where_their_windows_do() {
-        // 16 rows, stride 2, padding 3: rows 0..4 start in the top padding (3 rows of it), rows
-        // 4..8 at input row 5 with no padding left.
+        // 9 rows, stride 2, padding 3: rows 0..4 start in the top padding (3 rows of it), rows
+        // 4..9 at input row 5 with no padding left.
         let o = Conv2dOptions::default().padding(Padding::uniform(3)).stride(2);
         let g = ConvGeom::conv2d(&[1, 4, 16, 16], &[8, 4, 5, 5], &o).unwrap();
         assert_eq!(g.p, 9);
@@ -783,7 +783,8 @@ mod tests {
         let (rest, skip) = rows_geometry(&g, 4..9);
         assert_eq!((rest.p, rest.h, rest.pad, skip), (5, 11, (0, 3, 3, 3), 5));
         assert!(by_rows_fits(&g, 2));
-        // A bottom padding so deep that the second half's windows start below the image.
+        // A bottom padding so deep that the last tasks' windows would start below the image
+        // (16 rows in tasks of 2 for two threads); one task of all 16 starts inside it.
         let deep = Conv2dOptions::default().padding(Padding::Explicit { top: 0, bottom: 10, left: 1, right: 1 });
         let g = ConvGeom::conv2d(&[1, 4, 8, 8], &[8, 4, 3, 3], &deep).unwrap();
         assert_eq!(g.p, 16);
