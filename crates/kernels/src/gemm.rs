@@ -564,13 +564,16 @@ fn skinny_split<T: Elem>(a: &[T], m: usize, w: &[T], out: &mut [T], (rs, cs): (u
             o
         })
         .collect();
-    for (t, part) in parts.iter().enumerate() {
-        for (jj, row) in part.chunks_exact(m).enumerate() {
-            let j = t * per + jj;
-            for (i, &v) in row.iter().enumerate() {
-                let o = &mut out[i * rs + j * cs];
-                *o = if accumulate { *o + v } else { v };
-            }
+    place(&parts, m, n, out, (rs, cs), accumulate);
+}
+
+/// `out[i * rs + j * cs] (+)=` the `m` values of output j, for the first `n` outputs of `parts`
+/// (the tasks' results in order, each [its outputs][m]; a padded panel's extra ones dropped).
+fn place<T: Elem>(parts: &[Vec<T>], m: usize, n: usize, out: &mut [T], (rs, cs): (usize, usize), accumulate: bool) {
+    for (j, row) in parts.iter().flat_map(|part| part.chunks_exact(m)).take(n).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            let o = &mut out[i * rs + j * cs];
+            *o = if accumulate { *o + v } else { v };
         }
     }
 }
@@ -643,18 +646,7 @@ pub fn panels_into<T: Elem>(a: &[T], m: usize, p: &Panels<T>, out: &mut [T], (rs
             o
         })
         .collect();
-    for (t, part) in parts.iter().enumerate() {
-        for (jj, row) in part.chunks_exact(m).enumerate() {
-            let j = t * per * PANEL + jj;
-            if j >= n {
-                break;
-            }
-            for (i, &v) in row.iter().enumerate() {
-                let o = &mut out[i * rs + j * cs];
-                *o = if accumulate { *o + v } else { v };
-            }
-        }
-    }
+    place(&parts, m, n, out, (rs, cs), accumulate);
 }
 
 /// `out[x * m + i] = a_i · w_x` for a panel's 64 outputs x and the rows of `a` (one to four,

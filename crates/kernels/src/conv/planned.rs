@@ -414,11 +414,7 @@ pub fn forward_with<T: Elem>(
                         let col = grown(col, 2 * len);
                         let (lowered, turned) = col.split_at_mut(len);
                         lower(g, xb, bj * hw, first..first + m, lowered, 1);
-                        for (c, src) in lowered.chunks_exact(rows).enumerate() {
-                            for (p, &v) in src.iter().enumerate() {
-                                turned[p * crs + c] = v;
-                            }
-                        }
+                        taps::positions_major(lowered, crs, rows, turned);
                         crate::gemm::panels_into(turned, rows, panels, out, (1, out_ld), false);
                     } else if w.algo == Algo::Pointwise {
                         // 1x1, stride 1: channel c of the block is already row c of the columns.

@@ -132,7 +132,7 @@ fn scatter_add<T: Elem>(win: &Window, ch: usize, images: usize, src: &[T], dst: 
 /// `out` [images][plane][ch] from `x` [images][ch][plane]: the taps' gathers and scatters
 /// then move whole rows of channels, where in NCHW they moved a few values per plane (the VAE
 /// generator's 4x4 maps gave runs of 3 and 4, 12% of vae_train in the copies' calls).
-fn positions_major<T: Elem>(x: &[T], ch: usize, plane: usize, out: &mut [T]) {
+pub(super) fn positions_major<T: Elem>(x: &[T], ch: usize, plane: usize, out: &mut [T]) {
     for (xi, oi) in x.chunks_exact(ch * plane).zip(out.chunks_exact_mut(ch * plane)) {
         for (p, row) in oi.chunks_exact_mut(ch).enumerate() {
             for (c, o) in row.iter_mut().enumerate() {
@@ -304,12 +304,7 @@ fn forward_by_filters<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     for (k0, acc) in &parts {
         let kc = acc.len() / (g.n * pq).max(1);
         for (image, rows) in acc.chunks_exact((pq * kc).max(1)).enumerate() {
-            let out = &mut y[(image * g.k + k0) * pq..(image * g.k + k0 + kc) * pq];
-            for (p, row) in rows.chunks_exact(kc).enumerate() {
-                for (kk, &v) in row.iter().enumerate() {
-                    out[kk * pq + p] = v;
-                }
-            }
+            channels_major(rows, kc, pq, &mut y[(image * g.k + k0) * pq..(image * g.k + k0 + kc) * pq]);
         }
     }
     y
