@@ -86,8 +86,7 @@ fn metrics(run: &Path) -> Vec<Vec<f64>> {
 #[test]
 fn training_on_the_emulated_gpu_follows_the_cpu() {
     let Some(lib) = emulator() else { return };
-    let dir = std::env::temp_dir().join(format!("stride-emulated-train-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::Scratch::new("stride-emulated", "train");
     common::shapes(&dir.join("data"));
     let data = dir.join("data");
     // `optimizer`: SGD moves by the gradient's size (AdamW, the model's default, would hardly
@@ -151,7 +150,6 @@ fn training_on_the_emulated_gpu_follows_the_cpu() {
         String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string()
     };
     assert_eq!(eval("cuda"), eval("cpu"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
