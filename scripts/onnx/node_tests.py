@@ -25,6 +25,8 @@ OPS = {
     # Since: what torchvision's MobileNetV3, ShuffleNetV2 and ConvNeXt export to.
     "HardSigmoid", "HardSwish", "Erf", "LayerNormalization", "Slice", "Squeeze", "Unsqueeze",
     "Transpose", "Gelu",
+    # Since: what the newer exporter writes for ConvNeXt's as_strided (indices from Range).
+    "Gather", "Range",
 }
 
 def main() -> None:

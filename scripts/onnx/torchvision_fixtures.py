@@ -19,7 +19,8 @@ default. And fuzz/seeds/onnx_model/torchscript_view.onnx: a smaller one of those
 fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
-    python3 scripts/onnx/torchvision_fixtures.py
+    python3 scripts/onnx/torchvision_fixtures.py            # everything
+    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS only
 """
 import os
 import sys
@@ -34,8 +35,8 @@ import torchvision.models as M
 OUT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "crates", "onnx", "tests", "torchvision"))
 SIDE = 64
 
-# (name, exporters): ConvNeXt's new-exporter graph computes its last layer norm through
-# Range and Gather (an as_strided), which Stride does not import; its TorchScript one is kept.
+# (name, exporters). ConvNeXt's new-exporter graph gathers its pooled values by indices it
+# computes from the batch (Range, Mul, Unsqueeze, Add: an as_strided) before its last layer norm.
 MODELS = [
     ("resnet18", ("dynamo", "torchscript")),
     ("mobilenet_v2", ("dynamo", "torchscript")),
@@ -46,7 +47,7 @@ MODELS = [
     ("squeezenet1_1", ("dynamo", "torchscript")),
     ("regnet_y_400mf", ("dynamo", "torchscript")),
     ("densenet121", ("torchscript",)),
-    ("convnext_tiny", ("torchscript",)),
+    ("convnext_tiny", ("dynamo", "torchscript")),
 ]
 OPSETS = {"dynamo": 18, "torchscript": 17}
 
@@ -143,7 +144,12 @@ def main():
     x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
+    only = set(sys.argv[1:])
+    unknown = only - {name for name, _ in MODELS}
+    assert not unknown, f"not in MODELS: {sorted(unknown)}"
     for name, exporters in MODELS:
+        if only and name not in only:
+            continue
         kwargs = {"num_classes": 10}
         if name == "googlenet":
             kwargs.update(aux_logits=False, transform_input=False, init_weights=True)
@@ -177,6 +183,8 @@ def main():
             with open(os.path.join(OUT, f"{name}.{exporter}.output.pb"), "wb") as f:
                 f.write(nh.from_array(y, "output").SerializeToString())
             print(f"{name} ({exporter}): {len(model.graph.node)} nodes, {k} formula initializers, output {y.shape}", file=sys.stderr)
+    if only:
+        return
     tiny_cnn()
     fuzz_seed()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:

@@ -14,12 +14,14 @@ use stride_nn::blocks::{ConvTranspose2d, OtherPool};
 use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool};
 use stride_nn::Module;
 
+use crate::indices::IntTensor;
 use crate::network::{BinOp, Dim, Network, Piece, Step, ValueId};
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
 
 mod fuse;
+mod indices;
 mod shapes;
 
 /// What `import` made of a file.
@@ -105,7 +107,9 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     let output_shape = tensor_shape(output).unwrap_or_default();
     let out = match b.vals.get(out_name) {
         Some(Val::Runtime(id)) => *id,
-        Some(Val::Const(_) | Val::Ints(_)) => return Err(err(format!("the graph's output '{out_name}' is a constant or a shape"))),
+        Some(Val::Const(_) | Val::Ints(_) | Val::Indices(_)) => {
+            return Err(err(format!("the graph's output '{out_name}' is a constant or computed from shapes")))
+        }
         None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
     };
     Ok(Imported {
@@ -140,11 +144,13 @@ enum Val {
     Const(Const),
     /// Integers computed from the shapes of runtime values (a shape subgraph's values).
     Ints(Vec<Piece>),
+    /// An integer tensor computed from shapes (Gather's indices).
+    Indices(IntTensor),
 }
 
 /// What an error says of a value computed from shapes used where data is expected.
 const SHAPE_AS_DATA: &str =
-    "is computed from the shapes of the values flowing through; Stride uses such integers only as shapes (Reshape) and bounds (Slice)";
+    "is computed from the shapes of the values flowing through; Stride uses such integers only as shapes (Reshape), bounds (Slice) and indices (Gather)";
 
 struct Builder {
     opset: i64,
@@ -264,7 +270,7 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Runtime(id)) => Ok(*id),
             Some(Val::Const(_)) => Err(err(format!("input '{name}' is a constant where Stride expects the data flowing through"))),
-            Some(Val::Ints(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -277,7 +283,7 @@ impl Builder {
                 Ok(self.push(Step::Const(v)))
             }
             Some(Val::Const(Const::I64(..))) => Err(err(format!("input '{name}' holds integers; Stride computes in float32"))),
-            Some(Val::Ints(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -286,15 +292,17 @@ impl Builder {
             Some(Val::Const(Const::F32(t))) => Ok(t.clone()),
             Some(Val::Const(Const::I64(..))) => Err(err(format!("{what} '{name}' holds integers, not float32"))),
             Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant (an initializer)"))),
-            Some(Val::Ints(_)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
     fn const_ints(&self, name: &str, what: &str) -> Result<Vec<i64>> {
         match self.vals.get(name) {
-            Some(Val::Const(Const::I64(d))) => Ok(d.clone()),
+            Some(Val::Const(Const::I64(d, _))) => Ok(d.clone()),
             Some(Val::Const(Const::F32(_))) => Err(err(format!("{what} '{name}' holds floats, not integers"))),
-            Some(Val::Runtime(_) | Val::Ints(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant"))),
+            Some(Val::Runtime(_) | Val::Ints(_) | Val::Indices(_)) => {
+                Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant")))
+            }
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
@@ -343,7 +351,7 @@ impl Builder {
         if extra_outputs > 0 && !multi {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only", node.output.len())));
         }
-        if self.shape_node(node, &ins, &mut a)? {
+        if self.index_node(node, &ins, &mut a)? || self.shape_node(node, &ins, &mut a)? {
             return a.done();
         }
         let id: ValueId = match op {
@@ -502,7 +510,7 @@ impl Builder {
                 if let Some(n) = opt(2) {
                     let training = match self.vals.get(n) {
                         Some(Val::Const(Const::F32(t))) => t.data().first().is_some_and(|v| *v != 0.0),
-                        Some(Val::Const(Const::I64(d))) => d.first().is_some_and(|v| *v != 0),
+                        Some(Val::Const(Const::I64(d, _))) => d.first().is_some_and(|v| *v != 0),
                         _ => true,
                     };
                     if training {
@@ -705,8 +713,8 @@ impl Builder {
                     None => match (a.take("value_float"), a.take("value_floats"), a.take("value_int"), a.take("value_ints")) {
                         (Some(f), ..) => Const::F32(Tensor::scalar(f.f.unwrap_or(0.0))),
                         (_, Some(f), ..) => Const::F32(Tensor::from_vec(f.floats.clone(), &[f.floats.len()])?),
-                        (_, _, Some(i), _) => Const::I64(vec![i.i.unwrap_or(0)]),
-                        (_, _, _, Some(i)) => Const::I64(i.ints.clone()),
+                        (_, _, Some(i), _) => Const::I64(vec![i.i.unwrap_or(0)], vec![]),
+                        (_, _, _, Some(i)) => Const::I64(i.ints.clone(), vec![i.ints.len()]),
                         _ => return Err(err("a Constant without a value Stride reads (value, value_float(s), value_int(s))")),
                     },
                 };

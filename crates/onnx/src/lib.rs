@@ -13,6 +13,7 @@
 
 mod external;
 mod import;
+mod indices;
 mod network;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 #[rustfmt::skip]

@@ -1,6 +1,6 @@
 //! An imported graph as a Stride module: existing layers wired by value, plus the few steps
 //! between layers that ONNX graphs have (add, multiply, concat, reshape, transpose, split,
-//! slice, softmax, a product of two values).
+//! slice, softmax, a product of two values, gathering by computed indices).
 //!
 //! Shapes a graph computes from its values (PyTorch's `x.view(x.size(0), -1)`: Shape, Gather,
 //! Unsqueeze, Concat, then Reshape) are kept as expressions over the values' dimensions
@@ -8,6 +8,8 @@
 
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
+
+use crate::indices::{gather, IntTensor};
 
 /// Where a step reads from: 0 is the network's input, i + 1 the output of step i.
 pub(crate) type ValueId = usize;
@@ -60,7 +62,19 @@ pub(crate) fn dims_range(rank: usize, start: i64, end: Option<i64>) -> std::ops:
 }
 
 impl Dim {
-    fn eval(&self, shapes: &[Vec<usize>]) -> ag::Result<i64> {
+    /// The values whose shapes this integer reads.
+    pub(crate) fn refs(&self, out: &mut Vec<ValueId>) {
+        match self {
+            Dim::Const(_) => {}
+            Dim::Of(v, _) => out.push(*v),
+            Dim::Bin(_, a, b) => {
+                a.refs(out);
+                b.refs(out);
+            }
+        }
+    }
+
+    pub(crate) fn eval(&self, shapes: &[Vec<usize>]) -> ag::Result<i64> {
         Ok(match self {
             Dim::Const(c) => *c,
             Dim::Of(v, a) => {
@@ -150,6 +164,12 @@ pub(crate) enum Step {
         coerce: bool,
     },
     MatMul(ValueId, ValueId),
+    /// ONNX's Gather along `axis` (negative from the end) by integers worked out as it runs.
+    Gather {
+        input: ValueId,
+        axis: i64,
+        indices: IntTensor,
+    },
     /// Constant padding of every axis: (before, after).
     Pad {
         input: ValueId,
@@ -219,27 +239,18 @@ impl Network {
 
 /// The values whose shapes a step's computed shape reads.
 fn shape_refs(s: &Step) -> Vec<ValueId> {
-    fn dim(d: &Dim, out: &mut Vec<ValueId>) {
-        match d {
-            Dim::Const(_) => {}
-            Dim::Of(v, _) => out.push(*v),
-            Dim::Bin(_, a, b) => {
-                dim(a, out);
-                dim(b, out);
-            }
-        }
-    }
     let mut out = Vec::new();
     match s {
         Step::Reshape(_, pieces, _) => {
             for p in pieces {
                 match p {
-                    Piece::One(d) => dim(d, &mut out),
+                    Piece::One(d) => d.refs(&mut out),
                     Piece::Run { of, .. } => out.push(*of),
                 }
             }
         }
-        Step::Slice { starts, ends, .. } => starts.iter().chain(ends).for_each(|d| dim(d, &mut out)),
+        Step::Slice { starts, ends, .. } => starts.iter().chain(ends).for_each(|d| d.refs(&mut out)),
+        Step::Gather { indices, .. } => indices.refs(&mut out),
         _ => {}
     }
     out
@@ -257,6 +268,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Squeeze(input, _)
         | Step::Slice { input, .. }
         | Step::Softmax { input, .. }
+        | Step::Gather { input, .. }
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) => vec![*a, *b],
@@ -427,6 +439,12 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             }
         }
         Step::MatMul(a, b) => matmul(&v(a), &v(b))?,
+        Step::Gather { input, axis: ax, indices } => {
+            let x = v(input);
+            let a = axis("Gather", *ax, x.shape().len())?;
+            let (idx, dims) = indices.eval(shapes)?;
+            gather(&x, a, &idx, &dims)?
+        }
         Step::Pad { input, pads, value } => {
             let x = v(input);
             if pads.len() != x.shape().len() {

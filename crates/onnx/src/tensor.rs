@@ -9,7 +9,8 @@ use crate::{err, Result};
 #[derive(Clone, Debug)]
 pub enum Const {
     F32(Tensor<f32>),
-    I64(Vec<i64>),
+    /// Integers (int64 or int32 in the file) and their dimensions.
+    I64(Vec<i64>, Vec<usize>),
 }
 
 /// A float tensor as a TensorProto with raw little-endian data.
@@ -107,7 +108,7 @@ pub(crate) fn read_const(t: &TensorProto) -> Result<Const> {
                 t.int32_data.iter().map(|&v| v as i64).collect()
             }
         };
-        return Ok(Const::I64(data));
+        return Ok(Const::I64(data, shape));
     }
     Err(err(format!("tensor '{name}' has element type {}; Stride computes in float32 (shapes in int64)", type_name(dt))))
 }

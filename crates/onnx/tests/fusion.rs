@@ -1,33 +1,13 @@
 //! The patterns the importer runs as one layer (x * sigmoid(x) as SiLU, PyTorch's five-op
-//! GELU) give what the graph computes, and are left alone where an intermediate value has
+//! GELUs) give what the graph computes, and are left alone where an intermediate value has
 //! another reader, even under a second name.
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{
-    tensor_shape_proto::{dimension::Value as Dim, Dimension},
-    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
+use stride_onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
-fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let shape = TensorShapeProto { dim: dims.iter().map(|&d| Dimension { value: Some(Dim::DimValue(d)), ..Default::default() }).collect() };
-    let t = type_proto::Tensor { elem_type: Some(1), shape: Some(shape) };
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(t)), ..Default::default() }),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: Some(output.into()),
-        ..Default::default()
-    }
-}
+mod common;
+use common::{node, value};
 
 /// A one-input graph of `nodes` over x [2, 3] with scalar constants `consts`, ending in `out`.
 fn model(nodes: Vec<NodeProto>, consts: &[(&str, f32)], out: &str) -> ModelProto {
@@ -79,28 +59,38 @@ fn x_times_its_sigmoid_runs_as_silu_unless_the_sigmoid_is_read_again() {
 
 #[test]
 fn pytorchs_gelu_runs_as_one_layer_unless_a_step_is_read_again() {
-    let gelu_nodes = || {
-        vec![
-            node("Div", &["x", "sqrt2"], "d"),
-            node("Erf", &["d"], "e"),
-            node("Add", &["e", "one"], "a"),
-            node("Mul", &["x", "a"], "m"),
-            node("Mul", &["m", "half"], "y"),
-        ]
-    };
-    let consts = [("sqrt2", std::f32::consts::SQRT_2), ("one", 1.0), ("half", 0.5)];
-    // The f64 functions (libm's erf) as the reference.
-    let x64 = Var::constant(Tensor::from_vec(X.iter().map(|&v| v as f64).collect(), &[6]).unwrap());
-    let exact: Vec<f32> = x64.gelu().unwrap().value().data().iter().map(|&v| v as f32).collect();
-    let erf: Vec<f32> = x64.mul_scalar(std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap().value().data().iter().map(|&v| v as f32).collect();
-    let (y, kinds) = run(&model(gelu_nodes(), &consts, "y"), &X);
-    assert_eq!(kinds, ["gelu"]);
-    assert!(close(&y, &exact), "{y:?} against {exact:?}");
-    // The erf is also an output's summand: the chain stays as written.
-    let mut nodes = gelu_nodes();
-    nodes.push(node("Add", &["y", "e"], "z"));
-    let (z, kinds) = run(&model(nodes, &consts, "z"), &X);
-    assert_eq!(kinds, ["erf"]);
-    let want: Vec<f32> = exact.iter().zip(&erf).map(|(g, e)| g + e).collect();
-    assert!(close(&z, &want), "{z:?} against {want:?}");
+    // As the TorchScript exporter writes it, x * (erf + 1) then half of that; and as the newer
+    // one does, half of (erf + 1) then x times that.
+    let spellings = [
+        ("torchscript", [node("Mul", &["x", "a"], "m"), node("Mul", &["m", "half"], "y")]),
+        ("dynamo", [node("Mul", &["half", "a"], "m"), node("Mul", &["x", "m"], "y")]),
+    ];
+    for (exporter, products) in spellings {
+        let gelu_nodes = || {
+            let mut n = vec![node("Div", &["x", "sqrt2"], "d"), node("Erf", &["d"], "e"), node("Add", &["e", "one"], "a")];
+            n.extend(products.iter().cloned());
+            n
+        };
+        let consts = [("sqrt2", std::f32::consts::SQRT_2), ("one", 1.0), ("half", 0.5)];
+        // The f64 functions (libm's erf) as the reference.
+        let x64 = Var::constant(Tensor::from_vec(X.iter().map(|&v| v as f64).collect(), &[6]).unwrap());
+        let exact: Vec<f32> = x64.gelu().unwrap().value().data().iter().map(|&v| v as f32).collect();
+        let erf: Vec<f32> =
+            x64.mul_scalar(std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap().value().data().iter().map(|&v| v as f32).collect();
+        let (y, kinds) = run(&model(gelu_nodes(), &consts, "y"), &X);
+        assert_eq!(kinds, ["gelu"], "{exporter}");
+        assert!(close(&y, &exact), "{exporter}: {y:?} against {exact:?}");
+        // The erf is also an output's summand: the chain stays as written.
+        let mut nodes = gelu_nodes();
+        nodes.push(node("Add", &["y", "e"], "z"));
+        let (z, kinds) = run(&model(nodes, &consts, "z"), &X);
+        assert_eq!(kinds, ["erf"], "{exporter}");
+        let want: Vec<f32> = exact.iter().zip(&erf).map(|(g, e)| g + e).collect();
+        assert!(close(&z, &want), "{exporter}: {z:?} against {want:?}");
+        // The inner product is read again: no fusion either.
+        let mut nodes = gelu_nodes();
+        nodes.push(node("Add", &["y", "m"], "z"));
+        let (_, kinds) = run(&model(nodes, &consts, "z"), &X);
+        assert_eq!(kinds, ["erf"], "{exporter}");
+    }
 }

@@ -1,8 +1,8 @@
 //! torchvision's classifiers as PyTorch's two exporters write them (`tests/torchvision/`, made
 //! by scripts/onnx/torchvision_fixtures.py: ResNet, MobileNet V2 and V3, GoogLeNet,
 //! ShuffleNet V2, EfficientNet, SqueezeNet, RegNet, DenseNet, ConvNeXt), imported by Stride and
-//! compared with ONNX Runtime's output on the same graph and weights, eagerly and through a
-//! compiled plan (as `stride eval` and `predict` run them).
+//! compared with ONNX Runtime's output on the same graph and weights, eagerly (on the two images
+//! exported and on one) and through a compiled plan (as `stride eval` and `predict` run them).
 //!
 //! The kept files hold the graphs without their weights; every float initializer of more than
 //! one value gets the value of a formula (the script's `formula`, recomputed here), so no
@@ -92,6 +92,15 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
             for (i, (a, b)) in y.data().iter().zip(want.data()).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * scale, "{case}: output {i} is {a}, ONNX Runtime gives {b}");
             }
+            // One image: shapes and indices computed in the graph follow the batch (ConvNeXt's
+            // new-exporter graph gathers its pooled values by Range(0, N) * 768 + offsets).
+            let per = x.numel() / x.shape()[0];
+            let first = Tensor::from_vec(x.data()[..per].to_vec(), &[1, 3, 64, 64]).unwrap();
+            let y1 = no_grad(|| net.forward(&Var::constant(first), &mut Ctx::eval())).unwrap_or_else(|e| panic!("{case}, one image: {e}")).value();
+            assert_eq!(y1.shape(), [1, 10], "{case}, one image");
+            for (i, (a, b)) in y1.data().iter().zip(want.data()).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * scale, "{case}, one image: output {i} is {a}, ONNX Runtime gives {b}");
+            }
             // And through a compiled plan, as `stride eval` and `predict` run it.
             let mut plan = stride_nn::planned::compile(&mut net, &x).unwrap_or_else(|e| panic!("{case}: the planner refused it: {e}"));
             let y = plan.run(&x).unwrap_or_else(|e| panic!("{case} planned: {e}"));
@@ -101,7 +110,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
             n += 1;
         }
     }
-    assert_eq!(n, 18, "{cases:?}");
+    assert_eq!(n, 19, "{cases:?}");
 }
 
 /// A CNN as the tutorials write one, `x.view(x.size(0), -1)` before its dense layer, with its

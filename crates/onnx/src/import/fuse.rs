@@ -1,5 +1,5 @@
 //! Patterns exporters write op by op that run as one layer (x * sigmoid(x) as SiLU, PyTorch's
-//! five-op GELU, a MatMul's bias Add), taken only where the intermediate values have no other
+//! five-op GELUs, a MatMul's bias Add), taken only where the intermediate values have no other
 //! reader.
 
 use stride_autograd::{Unary, Var};
@@ -37,9 +37,10 @@ impl Builder {
     }
 
     /// GELU as PyTorch exports it before opset 20: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)),
-    /// 0.5) (any order of the products' operands, or x times 1/sqrt 2 for the division), the
-    /// intermediate values read by nothing else: one GELU layer of x. The chain's steps are left
-    /// to the network, which skips steps nothing reads.
+    /// 0.5) as the TorchScript exporter writes it, or Mul(x, Mul(0.5, Add(Erf(Div(x, sqrt 2)),
+    /// 1))) as the newer one does (any order of the products' operands, or x times 1/sqrt 2 for
+    /// the division), the intermediate values read by nothing else: one GELU layer of x. The
+    /// chain's steps are left to the network, which skips steps nothing reads.
     pub(super) fn fuse_gelu(&mut self, node: &NodeProto, ins: &[&str]) -> Result<bool> {
         let close = |v: f32, want: f64| (v as f64 - want).abs() <= 1e-5 * want.abs();
         let ids: Vec<Option<ValueId>> = ins.iter().map(|n| if let Some(Val::Runtime(id)) = self.vals.get(*n) { Some(*id) } else { None }).collect();
@@ -50,13 +51,24 @@ impl Builder {
                 _ => None,
             })
             .collect();
-        let m = match (ids.as_slice(), consts.as_slice()) {
-            ([Some(m), None], [None, Some(h)]) | ([None, Some(m)], [Some(h), None]) if close(*h, 0.5) => *m,
+        // (x, the Add of erf and 1, the product between that Add and this node).
+        let mut candidates: Vec<(ValueId, ValueId, ValueId)> = Vec::new();
+        match (ids.as_slice(), consts.as_slice()) {
+            ([Some(m), None], [None, Some(h)]) | ([None, Some(m)], [Some(h), None]) if close(*h, 0.5) => {
+                if let Some(Step::Binary(BinOp::Mul, u, v)) = self.steps.get(*m - 1) {
+                    candidates.extend([(*u, *v, *m), (*v, *u, *m)]);
+                }
+            }
+            ([Some(p), Some(q)], _) => {
+                for (x, h) in [(*p, *q), (*q, *p)] {
+                    if let Some((sum, _)) = self.with_const(h, BinOp::Mul).filter(|&(_, c)| close(c, 0.5)) {
+                        candidates.push((x, sum, h));
+                    }
+                }
+            }
             _ => return Ok(false),
-        };
-        let Some(Step::Binary(BinOp::Mul, u, v)) = self.steps.get(m - 1) else { return Ok(false) };
-        let (u, v) = (*u, *v);
-        for (x, sum) in [(u, v), (v, u)] {
+        }
+        for (x, sum, m) in candidates {
             let Some((e, one)) = self.with_const(sum, BinOp::Add) else { continue };
             let Some(Step::Layer { module, input: d, .. }) = self.steps.get(e - 1) else { continue };
             if module.describe() != "erf" {

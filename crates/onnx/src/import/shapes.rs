@@ -9,7 +9,7 @@ impl Builder {
     /// An integer list: a constant, or integers computed from shapes. None for anything else.
     pub(super) fn int_pieces(&self, name: &str) -> Option<Vec<Piece>> {
         match self.vals.get(name)? {
-            Val::Const(Const::I64(d)) => Some(d.iter().map(|&i| Piece::One(Dim::Const(i))).collect()),
+            Val::Const(Const::I64(d, _)) => Some(d.iter().map(|&i| Piece::One(Dim::Const(i))).collect()),
             Val::Ints(p) => Some(p.clone()),
             _ => None,
         }
@@ -21,21 +21,30 @@ impl Builder {
     /// An integer list of known length, each entry a constant or computed from shapes.
     pub(super) fn int_list(&self, name: &str, what: &str) -> Result<Vec<Dim>> {
         let pieces = self.int_pieces(name).ok_or_else(|| err(format!("{what} '{name}' is not a list of integers")))?;
-        pieces
-            .into_iter()
-            .map(|p| match p {
-                Piece::One(d) => Ok(d),
-                Piece::Run { .. } => {
-                    Err(err(format!("{what} '{name}' holds a whole shape, whose length Stride does not know before the network runs")))
-                }
-            })
-            .collect()
+        let mut out = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::One(d) => out.push(d),
+                // Dimensions from both ends' same side (Shape with start 0 and end 1, or the
+                // last two): as many as the bounds say, whatever the rank.
+                Piece::Run { of, start, end } => match (start, end) {
+                    (s, Some(e)) if s >= 0 && e >= s => out.extend((s..e).map(|a| Dim::Of(of, a))),
+                    (s, Some(e)) if s < 0 && (s..=0).contains(&e) => out.extend((s..e).map(|a| Dim::Of(of, a))),
+                    (s, None) if s < 0 => out.extend((s..0).map(|a| Dim::Of(of, a))),
+                    _ => return Err(err(format!("{what} '{name}' holds a whole shape, whose length Stride does not know before the network runs"))),
+                },
+            }
+        }
+        Ok(out)
     }
     /// Stores integers: folded to a constant when none depends on a shape.
     pub(super) fn set_ints(&mut self, node: &NodeProto, pieces: Vec<Piece>) -> Result<()> {
         let consts: Option<Vec<i64>> = pieces.iter().map(|p| if let Piece::One(Dim::Const(c)) = p { Some(*c) } else { None }).collect();
         let v = match consts {
-            Some(c) => Val::Const(Const::I64(c)),
+            Some(c) => {
+                let n = c.len();
+                Val::Const(Const::I64(c, vec![n]))
+            }
             None => Val::Ints(pieces),
         };
         let out = node.output.first().ok_or_else(|| err("the node has no output"))?;

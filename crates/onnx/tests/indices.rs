@@ -1,0 +1,109 @@
+//! Gather of the data flowing through by integers the graph computes from its batch (Range,
+//! Mul, Unsqueeze, Add: how PyTorch's newer exporter writes `as_strided`), forward, backward and
+//! planned, at batches other than the exported one; and what such graphs may not ask for.
+
+use stride_autograd::{no_grad, Tensor, Var};
+use stride_nn::{Ctx, Module};
+use stride_onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+
+mod common;
+use common::{ints, node, value};
+
+fn model(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, input: &[i64], output: &[i64]) -> ModelProto {
+    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", input)], output: vec![value("y", output)], ..Default::default() };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(2), ..Default::default() }
+}
+
+/// x [N, 2, 3] to y [N, 6]: each image's six values in reverse, gathered from the flattened
+/// batch by Range(0, N) * 6 + [5, 4, 3, 2, 1, 0].
+fn reverse_each_image() -> ModelProto {
+    let mut shape = node("Shape", &["x"], "s");
+    shape.attribute = vec![int_attr("start", 0), int_attr("end", 1)];
+    let nodes = vec![
+        shape,
+        node("Squeeze", &["s", "zero_axis"], "n"),
+        node("Reshape", &["x", "flat_shape"], "flat"),
+        node("Range", &["zero", "n", "one"], "r"),
+        node("Mul", &["r", "six"], "m"),
+        node("Unsqueeze", &["m", "one_axis"], "u"),
+        node("Add", &["u", "offsets"], "idx"),
+        node("Gather", &["flat", "idx"], "y"),
+    ];
+    let init = vec![
+        ints("zero_axis", &[1], &[0]),
+        ints("one_axis", &[1], &[1]),
+        ints("flat_shape", &[1], &[-1]),
+        ints("zero", &[], &[0]),
+        ints("one", &[], &[1]),
+        ints("six", &[], &[6]),
+        ints("offsets", &[1, 6], &[5, 4, 3, 2, 1, 0]),
+    ];
+    model(nodes, init, &[-1, 2, 3], &[-1, 6])
+}
+
+#[test]
+fn indices_computed_from_the_batch_follow_it_forward_backward_and_planned() {
+    let mut net = stride_onnx::import(&reverse_each_image()).unwrap().network;
+    for n in [1, 2, 5] {
+        let data: Vec<f32> = (0..n * 6).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let x = Tensor::from_vec(data.clone(), &[n, 2, 3]).unwrap();
+        let want: Vec<f32> = data.chunks(6).flat_map(|c| c.iter().rev().copied()).collect();
+        let y = no_grad(|| net.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value();
+        assert_eq!((y.shape(), y.data()), (&[n, 6][..], &want[..]), "batch of {n}");
+        // The gradient goes back to where each value came from.
+        let xv = Var::parameter(x.clone());
+        let w: Vec<f32> = (0..n * 6).map(|i| i as f32 + 1.0).collect();
+        net.forward(&xv, &mut Ctx::train(0)).unwrap().backward_with(Tensor::from_vec(w.clone(), &[n, 6]).unwrap()).unwrap();
+        let g = xv.grad().unwrap();
+        let want_g: Vec<f32> = w.chunks(6).flat_map(|c| c.iter().rev().copied()).collect();
+        assert_eq!((g.shape(), g.data()), (&[n, 2, 3][..], &want_g[..]), "gradient, batch of {n}");
+        let mut plan = stride_nn::planned::compile(&mut net, &x).unwrap();
+        assert_eq!(plan.run(&x).unwrap().data(), &want[..], "planned, batch of {n}");
+    }
+}
+
+#[test]
+fn indices_out_of_range_and_unbounded_ranges_are_clear_errors() {
+    // Constant indices beyond the axis: refused when the network runs, naming them.
+    let m = model(vec![node("Gather", &["x", "idx"], "y")], vec![ints("idx", &[2], &[0, 7])], &[-1, 3], &[2, 3]);
+    let mut net = stride_onnx::import(&m).unwrap().network;
+    let e = no_grad(|| net.forward(&Var::constant(Tensor::<f32>::zeros(&[4, 3]).unwrap()), &mut Ctx::eval())).unwrap_err().to_string();
+    assert!(e.contains("index 7") && e.contains("4 long"), "{e}");
+    // A constant Range of 2^40 values: refused on import, before anything is made.
+    let m = model(
+        vec![node("Range", &["zero", "big", "one"], "r"), node("Gather", &["x", "r"], "y")],
+        vec![ints("zero", &[], &[0]), ints("big", &[], &[1 << 40]), ints("one", &[], &[1])],
+        &[-1, 3],
+        &[-1, 3],
+    );
+    let e = stride_onnx::import(&m).err().unwrap().to_string();
+    assert!(e.contains("Range") && e.contains("1099511627776"), "{e}");
+    // Range over floats, and Squeeze of computed indices without axes.
+    let m = model(
+        vec![node("Range", &["half", "two", "one"], "r"), node("Gather", &["x", "r"], "y")],
+        vec![stride_onnx::to_tensor_proto("half", &Tensor::scalar(0.5)), ints("two", &[], &[2]), ints("one", &[], &[1])],
+        &[-1, 3],
+        &[-1, 3],
+    );
+    let e = stride_onnx::import(&m).err().unwrap().to_string();
+    assert!(e.contains("start 'half' is float data"), "{e}");
+    let mut shape = node("Shape", &["x"], "s");
+    shape.attribute = vec![int_attr("start", 0), int_attr("end", 1)];
+    let m = model(
+        vec![shape, node("Range", &["zero", "s", "one"], "r"), node("Squeeze", &["r"], "q"), node("Gather", &["x", "q"], "y")],
+        vec![ints("zero", &[], &[0]), ints("one", &[], &[1])],
+        &[-1, 3],
+        &[-1, 3],
+    );
+    let e = stride_onnx::import(&m).err().unwrap().to_string();
+    assert!(e.contains("Squeeze without axes"), "{e}");
+}
