@@ -50,8 +50,44 @@ def f32(values):
     return struct.pack(f"<{len(values)}f", *values)
 
 
+def gather_range_onnx():
+    """A graph that gathers each image's values in reverse by indices it computes from the batch
+    (Shape, Range, Mul, Unsqueeze, Add, Gather: the newer PyTorch exporter's as_strided), then
+    two columns by negative and positive constant indices. Needs the `onnx` package."""
+    try:
+        import onnx
+        from onnx import TensorProto as T, helper as h
+    except ImportError:
+        print("onnx is not installed: fuzz/seeds/onnx_model/gather_range.onnx left as it is")
+        return
+    nodes = [
+        h.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        h.make_node("Squeeze", ["s", "zero_axis"], ["n"]),
+        h.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        h.make_node("Range", ["zero", "n", "one"], ["r"]),
+        h.make_node("Mul", ["r", "six"], ["m"]),
+        h.make_node("Unsqueeze", ["m", "one_axis"], ["u"]),
+        h.make_node("Add", ["u", "offsets"], ["idx"]),
+        h.make_node("Gather", ["flat", "idx"], ["g"]),
+        h.make_node("Gather", ["g", "col"], ["y"], axis=1),
+    ]
+    ints = [("zero_axis", [1], [0]), ("one_axis", [1], [1]), ("flat_shape", [1], [-1]), ("zero", [], [0]), ("one", [], [1]),
+            ("six", [], [6]), ("offsets", [1, 6], [5, 4, 3, 2, 1, 0]), ("col", [2], [-1, 0])]
+    init = [h.make_tensor(name, T.INT64, dims, values) for name, dims, values in ints]
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2])
+    model = h.make_model(h.make_graph(nodes, "gather_range", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out("onnx_model", "gather_range.onnx", model.SerializeToString())
+
+
 def main():
-    shutil.rmtree(os.path.join(HERE, "seeds"), ignore_errors=True)
+    # onnx_model's other seeds are written elsewhere (tiny.onnx by crates/train/tests/fuzz_corpus.rs
+    # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
+    for target in ("idx", "cifar", "image", "checkpoint", "toml_model"):
+        shutil.rmtree(os.path.join(HERE, "seeds", target), ignore_errors=True)
+    gather_range_onnx()
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
     out("idx", "labels.idx", labels)
