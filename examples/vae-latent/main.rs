@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut model = Vae::with_latent(&mut Rng::seed(0), 2)?;
     println!("1. a VAE with a {}-d code: {} parameters", model.latent(), stride_nn::Module::num_parameters(&mut model));
     let cfg = VaeConfig { epochs: 4, out_dir: Some(out.clone()), ..VaeConfig::default() };
-    v::train_vae(&mut model, &data, &cfg, |r| println!("   epoch {}: held-out L_tot {:.1} (L_KL {:.2})", r.epoch, r.total, r.kl))?;
+    v::train_vae(&mut model, &data, &cfg, None, |r| println!("   epoch {}: held-out L_tot {:.1} (L_KL {:.2})", r.epoch, r.total, r.kl))?;
 
     // Each test image's code mean, and each digit's centre in the code.
     let test = &data.test;

@@ -504,14 +504,7 @@ pub fn run(a: &TrainArgs, device: stride_autograd::Device, on_gpu: Option<&str>)
         ema: a.ema,
         mix: stride_data::BatchMix { mixup: a.mixup.unwrap_or(0.0), cutmix: a.cutmix.unwrap_or(0.0) },
     };
-    // Ctrl-C asks the loop to stop after the current step; a second Ctrl-C is the default kill.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
+    let stop = stop_on_ctrl_c();
     if a.lr_find {
         if group.is_some() {
             return Err("the learning-rate range test runs in one process; run `stride train --lr-find` without mpirun".into());
@@ -661,6 +654,19 @@ fn rank_devices(g: &dyn stride_train::group::Group, mine: stride_autograd::Devic
     };
     g.sum_f64(&mut table)?;
     Ok(table.iter().map(|&v| if v < 0.5 { Device::Cpu } else { Device::Cuda(v as usize - 1) }).collect())
+}
+
+/// A flag Ctrl-C raises, for a training loop to stop after the step under way and save where it
+/// is; a second Ctrl-C ends the process at once (exit status 130, as the default would).
+pub fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    stop
 }
 
 #[cfg(test)]

@@ -39,8 +39,9 @@ pub struct VaeArgs {
     /// Start from these weights (a vae.safetensors).
     #[arg(long, conflicts_with = "resume")]
     weights: Option<PathBuf>,
-    /// Continue the run in --out from its last finished epoch (after Ctrl-C or a crash), as if
-    /// it had not stopped; --epochs may ask for more than it first had
+    /// Continue the run in --out where it stopped (the step Ctrl-C ended it at, or after a crash
+    /// its last finished epoch), as if it had not stopped; --epochs may ask for more than it
+    /// first had
     #[arg(long, requires = "out")]
     resume: bool,
 }
@@ -102,7 +103,7 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         out.display()
     );
     if a.resume {
-        println!("resuming the run in {} from its last finished epoch", out.display());
+        println!("resuming the run in {} where its checkpoint left it", out.display());
     }
     let cfg = VaeConfig {
         epochs: a.epochs,
@@ -115,12 +116,21 @@ pub fn train(a: &VaeArgs, device: Device) -> Result<(), Box<dyn std::error::Erro
         device,
         resume: a.resume,
     };
-    v::train_vae(&mut model, &data, &cfg, |r| {
+    let stop = crate::train::stop_on_ctrl_c();
+    let outcome = v::train_vae(&mut model, &data, &cfg, Some(&stop), |r| {
         println!(
             "epoch {}: L_tot = {:.4}, L_likelihood = {:.4}, L_KL = {:.4}  (train L_tot {:.4}, {:.0} images/s)",
             r.epoch, r.total, r.likelihood, r.kl, r.train_total, r.images_per_second
         );
     })?;
+    if let Some((epoch, step)) = outcome.interrupted {
+        match step {
+            0 => println!("stopped after epoch {}; checkpoint saved in {}", epoch - 1, out.display()),
+            _ => println!("interrupted during epoch {epoch} after step {step}; checkpoint saved in {}", out.display()),
+        }
+        println!("resume: run the same command with --out {} --resume", out.display());
+        return Ok(());
+    }
     println!(
         "wrote {}/result*.png, samples*.png, latent.png, interpolation.png{}, vae_metrics.csv, vae.safetensors and report.html",
         out.display(),

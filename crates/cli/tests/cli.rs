@@ -547,6 +547,40 @@ fn a_vae_on_colour_images_draws_in_colour_and_its_weights_say_so() {
 }
 
 #[test]
+fn ctrl_c_stops_the_vae_at_a_step_and_resume_finishes() {
+    use std::io::{BufRead, Read};
+    let dir = tmp("vae-sigint");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stride"))
+        .args(["vae", "--epochs", "2", "--out", dir.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut log = String::new();
+    out.read_line(&mut log).unwrap();
+    assert!(log.starts_with("training the VAE"), "{log}");
+    // The handler is in place right after that line; an epoch takes seconds.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    out.read_to_string(&mut log).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{log}");
+    if log.contains("interrupted during epoch") || log.contains("stopped after epoch 1") {
+        assert!(log.contains("checkpoint saved") && log.contains("--resume"), "{log}");
+        assert!(dir.join("vae_checkpoint.safetensors").is_file(), "{log}");
+        let r = stride(&["vae", "--epochs", "2", "--out", dir.to_str().unwrap(), "--resume"]);
+        let again = text(&r);
+        assert!(r.status.success() && again.contains("epoch 2: L_tot"), "{again}");
+    } else {
+        // The signal came after the last step: the run simply finished.
+        assert!(log.contains("epoch 2: L_tot"), "{log}");
+    }
+    let csv = std::fs::read_to_string(dir.join("vae_metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "two epochs in all: {csv}");
+}
+
+#[test]
 fn a_vae_with_a_two_dimensional_code_maps_it_and_its_weights_say_their_size() {
     let dir = tmp("vae2");
     let d = dir.to_str().unwrap();

@@ -3,6 +3,7 @@
 //! and pictures of the code (`latent.rs`) after every epoch.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,9 +31,28 @@ pub struct VaeConfig {
     pub progress: bool,
     /// Where the model trains (see `TrainConfig::device`).
     pub device: Device,
-    /// Continue the run in `out_dir` from its last finished epoch ([`CHECKPOINT`]), as an
-    /// uninterrupted run would have gone on, bit for bit.
+    /// Continue the run in `out_dir` from where its checkpoint ([`CHECKPOINT`]) left it (the
+    /// last finished epoch, or the step a stop request ended at), as an uninterrupted run would
+    /// have gone on, bit for bit.
     pub resume: bool,
+}
+
+/// How a VAE run ended.
+#[derive(Clone, Debug, Default)]
+pub struct VaeOutcome {
+    /// Every finished epoch's report, a resumed run's earlier ones first.
+    pub reports: Vec<VaeReport>,
+    /// Set when the stop request ended the run inside an epoch: (epoch, steps of it done), the
+    /// point [`CHECKPOINT`] resumes from.
+    pub interrupted: Option<(usize, usize)>,
+}
+
+/// Where a run stands inside an epoch: the steps done and their summed loss and images.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Partial {
+    step: usize,
+    loss_sum: f64,
+    seen: usize,
 }
 
 impl Default for VaeConfig {
@@ -90,9 +110,20 @@ pub fn evaluate_vae(model: &mut Vae, ds: &Dataset, batch_size: usize) -> Result<
 /// nine test images; 28x28 for grey images, 32x32 for colour), samples{epoch}.png, the pictures
 /// of the code (latent.png, interpolation.png, manifold.png for a 2-d code), vae_metrics.csv,
 /// vae.safetensors, report.html and, last, [`CHECKPOINT`], all atomically. A resumed run
-/// (`cfg.resume`) trains the epochs after the checkpoint's up to `cfg.epochs` (none when it has
-/// done as many) and returns every epoch's report, the earlier ones read from vae_metrics.csv.
-pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: impl FnMut(&VaeReport)) -> Result<Vec<VaeReport>> {
+/// (`cfg.resume`) goes on from where the checkpoint left it up to `cfg.epochs` (nothing when it
+/// has done as many) and returns every epoch's report, the earlier ones read from
+/// vae_metrics.csv.
+///
+/// When `stop` becomes true (Ctrl-C), the run ends after the step under way: inside an epoch
+/// it saves the checkpoint at that step (with `out_dir`) and says where in
+/// [`VaeOutcome::interrupted`]; after an epoch's last step it finishes that epoch first.
+pub fn train_vae(
+    model: &mut Vae,
+    data: &Split,
+    cfg: &VaeConfig,
+    stop: Option<&AtomicBool>,
+    mut on_epoch: impl FnMut(&VaeReport),
+) -> Result<VaeOutcome> {
     if data.train.height != SIDE || data.train.width != SIDE || data.train.channels != model.channels() {
         return Err(TrainError::Config(format!(
             "this VAE trains on {}x{SIDE}x{SIDE} images, {} has {}x{}x{} (vae::prepare resizes; Vae::for_images builds for colour)",
@@ -118,10 +149,10 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
     }
     // Checked before the run folder is made, so a bad rate leaves nothing behind.
     let mut opt = Adam::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0, false)?;
-    let (mut reports, mut csv) = (Vec::new(), String::from(CSV_HEADER));
+    let (mut reports, mut csv, mut partial) = (Vec::new(), String::from(CSV_HEADER), Partial::default());
     if cfg.resume {
         let dir = cfg.out_dir.as_deref().ok_or_else(|| TrainError::Config("resuming a VAE run needs its folder (out_dir)".into()))?;
-        reports = resume(dir, model, &mut opt, cfg, data)?;
+        (reports, partial) = resume(dir, model, &mut opt, cfg, data)?;
         for r in &reports {
             csv.push_str(&csv_row(r));
         }
@@ -131,15 +162,22 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
     }
     stride_nn::Module::to(model, cfg.device)?;
     let params = stride_nn::Module::parameters(model);
+    let asked = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
     for epoch in reports.len() + 1..=cfg.epochs {
         let mut shuffle = Rng::seed(mix(cfg.seed, epoch, 0));
         let batches = Batches::new(&data.train, cfg.batch_size, Some(&mut shuffle), true);
-        let bar = if cfg.progress { ProgressBar::new(batches.num_batches() as u64) } else { ProgressBar::hidden() };
+        let steps = batches.num_batches();
+        // A run resumed inside this epoch: the same shuffle, from the step after the last done.
+        let Partial { step: skip, loss_sum: mut sum, mut seen } = std::mem::take(&mut partial);
+        if skip >= steps {
+            return Err(TrainError::Checkpoint(format!("the checkpoint is at step {skip} of epoch {epoch}, which has {steps} steps")));
+        }
+        let bar = if cfg.progress { ProgressBar::new(steps as u64) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
-        let start = Instant::now();
-        let (mut sum, mut seen) = (0.0, 0usize);
-        for (step, b) in batches.enumerate() {
+        bar.set_position(skip as u64);
+        let (start, seen_before) = (Instant::now(), seen);
+        for (step, b) in batches.enumerate().skip(skip) {
             let mut ctx = Ctx::train(mix(cfg.seed, epoch, step + 1));
             optim::zero_grad(&params);
             let (_, loss) = model.forward_loss(&Var::constant(b.images.to(cfg.device)?), &mut ctx)?;
@@ -158,11 +196,20 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             seen += b.labels.len();
             bar.inc(1);
             bar.set_message(format!("L_tot {:.2}", sum / seen as f64));
+            if asked() && step + 1 < steps {
+                bar.finish_and_clear();
+                if let Some(d) = &cfg.out_dir {
+                    save_checkpoint(d, model, &opt, epoch - 1, Partial { step: step + 1, loss_sum: sum, seen }, cfg, data)?;
+                }
+                return Ok(VaeOutcome { reports, interrupted: Some((epoch, step + 1)) });
+            }
         }
         bar.finish_and_clear();
         let secs = start.elapsed().as_secs_f64();
         let (total, likelihood, kl) = evaluate_vae(model, &data.test, 250)?;
-        let r = VaeReport { epoch, train_total: sum / seen.max(1) as f64, total, likelihood, kl, images_per_second: seen as f64 / secs };
+        // Throughput of the steps this process ran (a resumed epoch's earlier ones not counted).
+        let images_per_second = (seen - seen_before) as f64 / secs;
+        let r = VaeReport { epoch, train_total: sum / seen.max(1) as f64, total, likelihood, kl, images_per_second };
         csv.push_str(&csv_row(&r));
         if let Some(d) = &cfg.out_dir {
             let grid = reconstructions(model, &data.test, 9)?;
@@ -174,12 +221,15 @@ pub fn train_vae(model: &mut Vae, data: &Split, cfg: &VaeConfig, mut on_epoch: i
             checkpoint::save(&d.join("vae.safetensors"), &checkpoint::state_dict(model))?;
             write_report(d, &reports, &r, data, (model.latent(), cfg.beta), &drawn)?;
             // Last: a run that stops before this resumes from the epoch before.
-            save_checkpoint(d, model, &opt, epoch, cfg, data)?;
+            save_checkpoint(d, model, &opt, epoch, Partial::default(), cfg, data)?;
         }
         on_epoch(&r);
         reports.push(r);
+        if asked() && epoch < cfg.epochs {
+            return Ok(VaeOutcome { reports, interrupted: Some((epoch + 1, 0)) });
+        }
     }
-    Ok(reports)
+    Ok(VaeOutcome { reports, interrupted: None })
 }
 
 /// A VAE run's checkpoint in its folder: weights, Adam's state, the epochs done and the
@@ -203,20 +253,29 @@ fn settings(model: &Vae, cfg: &VaeConfig, data: &Split) -> [(&'static str, Strin
     ]
 }
 
-fn save_checkpoint(dir: &Path, model: &mut Vae, opt: &Adam, epoch: usize, cfg: &VaeConfig, data: &Split) -> Result<()> {
+/// The checkpoint after `epoch` finished epochs and `at`'s steps of the next (f64's shortest
+/// round-trip form keeps the loss sum exact).
+fn save_checkpoint(dir: &Path, model: &mut Vae, opt: &Adam, epoch: usize, at: Partial, cfg: &VaeConfig, data: &Split) -> Result<()> {
     let mut tensors = checkpoint::state_dict(model);
     crate::resume::push_optimizer_state(&mut tensors, opt)?;
-    let meta = [("format", "stride-vae-checkpoint-1".to_string()), ("epoch", epoch.to_string())]
-        .into_iter()
-        .chain(settings(model, cfg, data))
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+    let meta = [
+        ("format", "stride-vae-checkpoint-1".to_string()),
+        ("epoch", epoch.to_string()),
+        ("step", at.step.to_string()),
+        ("loss_sum", at.loss_sum.to_string()),
+        ("seen", at.seen.to_string()),
+    ]
+    .into_iter()
+    .chain(settings(model, cfg, data))
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     checkpoint::save_with_metadata(&dir.join(CHECKPOINT), &tensors, Some(meta))
 }
 
 /// Reads `dir`'s checkpoint into the model and the optimizer, every check first (nothing
-/// changes when one fails); returns the finished epochs' reports from vae_metrics.csv.
-fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &Split) -> Result<Vec<VaeReport>> {
+/// changes when one fails); returns the finished epochs' reports from vae_metrics.csv and where
+/// the next epoch stands (a checkpoint of an older Stride, without steps, at its start).
+fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &Split) -> Result<(Vec<VaeReport>, Partial)> {
     let path = dir.join(CHECKPOINT);
     let (mut tensors, meta) = checkpoint::load_with_metadata(&path)?;
     let bad = |what: &str| TrainError::Checkpoint(format!("{}: {what}", path.display()));
@@ -229,13 +288,21 @@ fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &S
             return Err(bad(&format!("was written with {key} {had}, this run has {want}")));
         }
     }
-    let done = meta
-        .get("epoch")
-        .and_then(|e| e.parse::<usize>().ok())
-        .filter(|&e| (1..=1_000_000).contains(&e))
-        .ok_or_else(|| bad("no finished epoch recorded"))?;
+    let number = |key: &str| meta.get(key).map(|v| v.parse::<u64>().ok().filter(|&n| n <= 1 << 40).map(|n| n as usize));
+    let partial = match (number("step"), meta.get("loss_sum").map(|v| v.parse::<f64>()), number("seen")) {
+        (None | Some(Some(0)), ..) => Partial::default(),
+        (Some(Some(step)), Some(Ok(loss_sum)), Some(Some(seen))) if loss_sum.is_finite() && seen > 0 => Partial { step, loss_sum, seen },
+        _ => return Err(bad("its step, loss sum or image count is not a number")),
+    };
+    // Finished epochs: at least one, unless the run stopped inside its first.
+    let least = if partial.step > 0 { 0 } else { 1 };
+    let done = number("epoch").flatten().filter(|&e| (least..=1_000_000).contains(&e)).ok_or_else(|| bad("no finished epoch recorded"))?;
     let metrics = dir.join("vae_metrics.csv");
-    let text = std::fs::read_to_string(&metrics).map_err(|e| TrainError::Io(format!("{}: {e}", metrics.display())))?;
+    // A run stopped inside its first epoch has no metrics yet.
+    let text = match std::fs::read_to_string(&metrics) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && done == 0 => String::new(),
+        read => read.map_err(|e| TrainError::Io(format!("{}: {e}", metrics.display())))?,
+    };
     // Rows past the checkpoint's epoch (a stop between the two writes) are dropped.
     let reports: Vec<VaeReport> = text.lines().skip(1).filter_map(parse_row).filter(|r| r.epoch <= done).collect();
     if reports.iter().map(|r| r.epoch).ne(1..=done) {
@@ -246,7 +313,7 @@ fn resume(dir: &Path, model: &mut Vae, opt: &mut Adam, cfg: &VaeConfig, data: &S
     crate::resume::check_optimizer_state(&state, &sizes, &bad)?;
     checkpoint::load_into(model, &tensors)?;
     opt.load_state(&state)?;
-    Ok(reports)
+    Ok((reports, partial))
 }
 
 /// A row of vae_metrics.csv; one of an older Stride has no throughput (NaN).

@@ -404,9 +404,9 @@ fn a_vae_run_with_its_pictures_of_the_code_and_a_resume_runs_the_same_on_a_devic
         let dir = tmp(&format!("vae-on-{device}"));
         let cfg = |epochs, resume| VaeConfig { epochs, device, beta: 0.5, out_dir: Some(dir.clone()), resume, ..VaeConfig::default() };
         let mut m = Vae::with_latent(&mut Rng::seed(6), 2).unwrap();
-        v::train_vae(&mut m, &data, &cfg(1, false), |_| {}).unwrap();
+        v::train_vae(&mut m, &data, &cfg(1, false), None, |_| {}).unwrap();
         let mut m = Vae::with_latent(&mut Rng::seed(7), 2).unwrap();
-        let r = v::train_vae(&mut m, &data, &cfg(2, true), |_| {}).unwrap();
+        let r = v::train_vae(&mut m, &data, &cfg(2, true), None, |_| {}).unwrap().reports;
         let pictures: Vec<Vec<u8>> =
             ["latent.png", "interpolation.png", "manifold.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
         let state = checkpoint::state_dict(&mut m);

@@ -77,7 +77,7 @@ fn held_out_loss_falls_on_the_embedded_mnist() {
     let dir = std::env::temp_dir().join(format!("stride-vae-{}", std::process::id()));
     let mut m = Vae::new(&mut Rng::seed(0)).unwrap();
     let cfg = VaeConfig { epochs: 3, out_dir: Some(dir.clone()), ..VaeConfig::default() };
-    let r = v::train_vae(&mut m, &data, &cfg, |_| {}).unwrap();
+    let r = v::train_vae(&mut m, &data, &cfg, None, |_| {}).unwrap().reports;
     let curve: Vec<f64> = r.iter().map(|r| r.total).collect();
     eprintln!("held-out L_tot per epoch: {curve:?}");
     assert!(curve.windows(2).all(|w| w[1] < w[0]), "{curve:?}");
@@ -127,7 +127,7 @@ fn bad_settings_are_refused_before_anything_is_written() {
         (VaeConfig { batch_size: 1, ..cfg.clone() }, "batch size 1 needs at least 2"),
     ];
     for (c, want) in cases {
-        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &c, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &c, None, |_| panic!("an epoch ran")).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
         assert!(!dir.exists(), "{want}: {} was made", dir.display());
     }
@@ -273,7 +273,7 @@ fn beta_weighs_the_kl_term_and_a_two_dimensional_run_draws_its_map() {
     let data = stride_data::Split { train: common::take(&full.train, 2000), test, ..full };
     let run = |beta: f64, out: Option<std::path::PathBuf>| {
         let cfg = VaeConfig { epochs: 1, beta, out_dir: out, ..VaeConfig::default() };
-        v::train_vae(&mut Vae::with_latent(&mut Rng::seed(4), 2).unwrap(), &data, &cfg, |_| {}).unwrap()[0]
+        v::train_vae(&mut Vae::with_latent(&mut Rng::seed(4), 2).unwrap(), &data, &cfg, None, |_| {}).unwrap().reports[0]
     };
     let dir = common::tmp("vae-beta");
     let (free, plain) = (run(0.0, None), run(1.0, Some(dir.clone())));
@@ -284,10 +284,52 @@ fn beta_weighs_the_kl_term_and_a_two_dimensional_run_draws_its_map() {
     assert!(html.contains("what the generator draws over the code") && html.contains("2 dimensions; training minimised L_likelihood + 1 L_KL"));
     for bad in [-1.0, f64::NAN, 1e5] {
         let cfg = VaeConfig { beta: bad, ..VaeConfig::default() };
-        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &cfg, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &cfg, None, |_| panic!("an epoch ran")).unwrap_err().to_string();
         assert!(e.contains("β (the KL term's weight) must be in 0..=10000"), "{e}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_run_stopped_inside_an_epoch_resumes_at_that_step_bit_for_bit() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let full = v::prepare(&stride_data::load("mnist").unwrap()).unwrap();
+    let test = full.test.subset(&stride_train::latent::spread(full.test.len(), 100)).unwrap();
+    let data = stride_data::Split { train: common::take(&full.train, 320), test, ..full };
+    let (whole, parts) = (common::tmp("vae-steps-whole"), common::tmp("vae-steps-parts"));
+    let cfg = |dir: &std::path::Path, resume: bool| VaeConfig { epochs: 2, out_dir: Some(dir.to_path_buf()), resume, ..VaeConfig::default() };
+    let fresh = |seed| Vae::with_latent(&mut Rng::seed(seed), 3).unwrap();
+    let mut a = fresh(5);
+    let straight = v::train_vae(&mut a, &data, &cfg(&whole, false), None, |_| {}).unwrap();
+    assert_eq!((straight.reports.len(), straight.interrupted), (2, None));
+    // A stop asked for before the first step: the run ends after it, inside epoch 1, with no
+    // epoch finished; each resume (a new process's worth of state) goes one step further.
+    let stop = AtomicBool::new(true);
+    let o = v::train_vae(&mut fresh(5), &data, &cfg(&parts, false), Some(&stop), |_| panic!("an epoch finished")).unwrap();
+    assert_eq!((o.reports.len(), o.interrupted), (0, Some((1, 1))));
+    assert!(!parts.join("vae_metrics.csv").exists());
+    let o = v::train_vae(&mut fresh(98), &data, &cfg(&parts, true), Some(&stop), |_| panic!("an epoch finished")).unwrap();
+    assert_eq!(o.interrupted, Some((1, 2)));
+    // Asked for as epoch 1 ends: that epoch is finished and saved, then the run stops.
+    stop.store(false, Ordering::SeqCst);
+    let o = v::train_vae(&mut fresh(97), &data, &cfg(&parts, true), Some(&stop), |_| stop.store(true, Ordering::SeqCst)).unwrap();
+    assert_eq!((o.reports.len(), o.interrupted), (1, Some((2, 0))));
+    let mut b = fresh(96);
+    let resumed = v::train_vae(&mut b, &data, &cfg(&parts, true), None, |_| {}).unwrap();
+    // The first epoch's training loss summed over three processes, and everything after, as if
+    // the run had never stopped.
+    let losses = |r: &[v::VaeReport]| r.iter().map(|r| (r.epoch, r.train_total, r.total, r.likelihood, r.kl)).collect::<Vec<_>>();
+    assert_eq!(losses(&resumed.reports), losses(&straight.reports));
+    for ((na, ta), (nb, tb)) in stride_train::checkpoint::state_dict(&mut a).iter().zip(&stride_train::checkpoint::state_dict(&mut b)) {
+        assert!(na == nb && ta.data() == tb.data(), "{na} differs after resuming");
+    }
+    // A checkpoint whose step is not a number is refused by name.
+    let path = parts.join(v::CHECKPOINT);
+    let (tensors, mut meta) = stride_train::checkpoint::load_with_metadata(&path).unwrap();
+    meta.insert("step".into(), "3x".into());
+    stride_train::checkpoint::save_with_metadata(&path, &tensors.into_iter().collect::<Vec<_>>(), Some(meta)).unwrap();
+    let e = v::train_vae(&mut fresh(5), &data, &VaeConfig { epochs: 3, ..cfg(&parts, true) }, None, |_| panic!("an epoch ran")).unwrap_err();
+    assert!(e.to_string().contains("its step, loss sum or image count is not a number"), "{e}");
 }
 
 #[test]
@@ -305,12 +347,12 @@ fn a_resumed_run_ends_as_an_uninterrupted_one_bit_for_bit() {
     };
     let fresh = || Vae::with_latent(&mut Rng::seed(5), 3).unwrap();
     let mut a = fresh();
-    let straight = v::train_vae(&mut a, &data, &cfg(3, &whole, false), |_| {}).unwrap();
+    let straight = v::train_vae(&mut a, &data, &cfg(3, &whole, false), None, |_| {}).unwrap().reports;
     // One epoch, then a new process's worth of state (a model from another seed) resumes to 3.
-    v::train_vae(&mut fresh(), &data, &cfg(1, &parts, false), |_| {}).unwrap();
+    v::train_vae(&mut fresh(), &data, &cfg(1, &parts, false), None, |_| {}).unwrap();
     let mut b = Vae::with_latent(&mut Rng::seed(99), 3).unwrap();
     let mut seen = Vec::new();
-    let resumed = v::train_vae(&mut b, &data, &cfg(3, &parts, true), |r| seen.push(r.epoch)).unwrap();
+    let resumed = v::train_vae(&mut b, &data, &cfg(3, &parts, true), None, |r| seen.push(r.epoch)).unwrap().reports;
     assert_eq!(seen, [2, 3], "the resumed run trains the epochs left");
     let losses = |r: &[v::VaeReport]| r.iter().map(|r| (r.epoch, r.train_total, r.total, r.likelihood, r.kl)).collect::<Vec<_>>();
     assert_eq!(losses(&resumed), losses(&straight));
@@ -331,16 +373,16 @@ fn a_resumed_run_ends_as_an_uninterrupted_one_bit_for_bit() {
     ];
     let before = std::fs::read(parts.join(v::CHECKPOINT)).unwrap();
     for (c, want) in cases {
-        let e = v::train_vae(&mut fresh(), &data, &c, |_| panic!("an epoch ran")).unwrap_err().to_string();
+        let e = v::train_vae(&mut fresh(), &data, &c, None, |_| panic!("an epoch ran")).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
-    let e = v::train_vae(&mut Vae::with_latent(&mut Rng::seed(5), 4).unwrap(), &data, &cfg(4, &parts, true), |_| panic!("an epoch ran"))
+    let e = v::train_vae(&mut Vae::with_latent(&mut Rng::seed(5), 4).unwrap(), &data, &cfg(4, &parts, true), None, |_| panic!("an epoch ran"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("was written with latent 3, this run has 4"), "{e}");
     assert_eq!(std::fs::read(parts.join(v::CHECKPOINT)).unwrap(), before);
     let empty = common::tmp("vae-empty");
-    let e = v::train_vae(&mut fresh(), &data, &cfg(2, &empty, true), |_| panic!("an epoch ran")).unwrap_err().to_string();
+    let e = v::train_vae(&mut fresh(), &data, &cfg(2, &empty, true), None, |_| panic!("an epoch ran")).unwrap_err().to_string();
     assert!(e.contains(v::CHECKPOINT), "{e}");
     for d in [whole, parts] {
         std::fs::remove_dir_all(d).unwrap();
@@ -370,14 +412,15 @@ fn a_colour_vae_gives_back_each_colour_and_draws_in_colour() {
     };
     let data = v::prepare(&data).unwrap();
     // A grey VAE refuses colour images by their shape.
-    let e =
-        v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &VaeConfig::default(), |_| panic!("an epoch ran")).unwrap_err().to_string();
+    let e = v::train_vae(&mut Vae::new(&mut Rng::seed(0)).unwrap(), &data, &VaeConfig::default(), None, |_| panic!("an epoch ran"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("this VAE trains on 1x32x32 images, colours has 3x32x32"), "{e}");
     let dir = common::tmp("vae-colour");
     let mut m = Vae::for_images(&mut Rng::seed(2), 3, 4).unwrap();
     assert_eq!(m.channels(), 3);
     let cfg = VaeConfig { epochs: 5, batch_size: 16, out_dir: Some(dir.clone()), ..VaeConfig::default() };
-    v::train_vae(&mut m, &data, &cfg, |_| {}).unwrap();
+    v::train_vae(&mut m, &data, &cfg, None, |_| {}).unwrap();
     let back = v::reconstructions(&mut m, &data.test, 3).unwrap();
     assert_eq!(back.shape(), [3, 3, 32, 32]);
     // reconstructions() takes images spread over the set: 0, 10 and 20, a red, a green and a
