@@ -25,8 +25,10 @@ OPS = {
     # Since: what torchvision's MobileNetV3, ShuffleNetV2 and ConvNeXt export to.
     "HardSigmoid", "HardSwish", "Erf", "LayerNormalization", "Slice", "Squeeze", "Unsqueeze",
     "Transpose", "Gelu",
-    # Since: what the newer exporter writes for ConvNeXt's as_strided (indices from Range).
-    "Gather", "Range",
+    # Since: what the newer exporter writes for ConvNeXt's as_strided (indices from Range), and
+    # for attention blocks (CBAM's mean and max over channels, F.normalize).
+    "Gather", "Range", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
+    "ReduceSumSquare", "Expand",
 }
 
 def main() -> None:

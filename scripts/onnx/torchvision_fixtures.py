@@ -11,7 +11,9 @@ before importing. ONNX Runtime runs the filled-in graph on a seeded input; its o
 the expected one (ONNX Runtime and PyTorch agree on the unmodified graph within 1e-4; checked
 here too).
 
-Also `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
+Also `attention_cnn.*`: a small CNN with CBAM's channel and spatial attention and
+F.normalize, with its own seeded weights (reductions over channels, an L2 norm, Expand).
+And `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
 new exporter writes the weights beside the model (`tiny_cnn.dynamo.onnx.data`), as both do by
@@ -20,9 +22,10 @@ fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py            # everything
-    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS only
+    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, tiny_cnn, attention_cnn
 """
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -77,6 +80,59 @@ def export(net, x, path, exporter, external_data=False):
     else:
         torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSETS[exporter], dynamo=False)
+
+
+class AttentionCnn(torch.nn.Module):
+    """A CNN with CBAM's attention (Woo et al. 2018): channel attention from the mean and max of
+    each map through a shared MLP, spatial attention from the mean and max over channels through
+    a 7x7 convolution; then global average pooling and F.normalize before the dense layer. Its
+    graphs reduce over the channel axis (ReduceMean, ReduceMax), take an L2 norm (ReduceL2) and
+    Expand it."""
+
+    def __init__(self, channels=8, classes=10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, channels, 3, padding=1)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(channels, channels // 2), torch.nn.ReLU(), torch.nn.Linear(channels // 2, channels))
+        self.spatial = torch.nn.Conv2d(2, 1, 7, padding=3)
+        self.fc = torch.nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        a = self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))
+        x = x * torch.sigmoid(a)[:, :, None, None]
+        m = torch.cat([x.mean(1, keepdim=True), x.max(1, keepdim=True)[0]], 1)
+        x = x * torch.sigmoid(self.spatial(m))
+        x = torch.nn.functional.normalize(x.flatten(2).mean(2), dim=1)
+        return self.fc(x)
+
+
+def attention_cnn():
+    """AttentionCnn with its own seeded weights, on 3 seeded 3x16x16 images, by both exporters."""
+    torch.manual_seed(5)
+    net = AttentionCnn().eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with open(os.path.join(OUT, "attention_cnn.input.pb"), "wb") as f:
+        f.write(nh.from_array(x.numpy(), "input").SerializeToString())
+    with torch.no_grad():
+        want = net(x).numpy()
+    for exporter in ("dynamo", "torchscript"):
+        path = os.path.join(OUT, f"attention_cnn.{exporter}.onnx")
+        export(net, x, path, exporter)
+        model = onnx.load(path)
+        for node in model.graph.node:
+            node.ClearField("metadata_props")
+            node.ClearField("doc_string")
+        onnx.save(model, path)
+        got = ort_run(model, x.numpy())
+        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), "attention_cnn: ONNX Runtime and PyTorch differ"
+        with open(os.path.join(OUT, f"attention_cnn.{exporter}.output.pb"), "wb") as f:
+            f.write(nh.from_array(got, "output").SerializeToString())
+        ops = sorted({n.op_type for n in model.graph.node})
+        print(f"attention_cnn ({exporter}): {len(model.graph.node)} nodes: {', '.join(ops)}", file=sys.stderr)
+    # The new exporter's graph also seeds the fuzzer (reductions, Expand, computed shapes).
+    seed = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", "attention_cnn.onnx"))
+    shutil.copyfile(os.path.join(OUT, "attention_cnn.dynamo.onnx"), seed)
+    assert os.path.getsize(seed) < 16384, "the seed is over the fuzzer's max_len"
 
 
 def fuzz_seed():
@@ -145,8 +201,9 @@ def main():
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
-    unknown = only - {name for name, _ in MODELS}
-    assert not unknown, f"not in MODELS: {sorted(unknown)}"
+    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn}
+    unknown = only - {name for name, _ in MODELS} - set(extras)
+    assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:
         if only and name not in only:
             continue
@@ -183,9 +240,11 @@ def main():
             with open(os.path.join(OUT, f"{name}.{exporter}.output.pb"), "wb") as f:
                 f.write(nh.from_array(y, "output").SerializeToString())
             print(f"{name} ({exporter}): {len(model.graph.node)} nodes, {k} formula initializers, output {y.shape}", file=sys.stderr)
+    for name, make in extras.items():
+        if not only or name in only:
+            make()
     if only:
         return
-    tiny_cnn()
     fuzz_seed()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch {torch.__version__}\ntorchvision {__import__('torchvision').__version__}\nonnx {onnx.__version__}\nonnxruntime {ort.__version__}\n")

@@ -15,7 +15,7 @@ use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, LayerNo
 use stride_nn::Module;
 
 use crate::indices::IntTensor;
-use crate::network::{BinOp, Dim, Network, Piece, Step, ValueId};
+use crate::network::{BinOp, Dim, Network, Piece, Reduce, Step, ValueId};
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
@@ -415,30 +415,52 @@ impl Builder {
                 let m = if op == "GlobalAveragePool" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
                 self.layer(node, None, m, x)
             }
-            "ReduceMean" | "ReduceMax" => {
-                // Global pooling as PyTorch's newer exporter writes adaptive_avg_pool2d(1).
+            "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceSum" | "ReduceL1" | "ReduceL2" | "ReduceSumSquare" => {
                 let x = self.runtime(need(0)?)?;
                 let axes = match opt(1) {
                     Some(n) => Some(self.const_ints(n, "axes")?),
                     None => a.ints("axes"),
                 };
                 let keep = a.int("keepdims", 1)? != 0;
-                if a.int("noop_with_empty_axes", 0)? != 0 {
-                    return Err(err("noop_with_empty_axes 1 is not supported"));
-                }
+                let noop = a.int("noop_with_empty_axes", 0)? != 0;
                 a.done()?;
-                let mut axes = axes.unwrap_or_default();
-                axes.sort();
-                if axes != [2, 3] && axes != [-2, -1] {
-                    return Err(err(format!("{op} over axes {axes:?}: Stride reduces the two spatial axes of [N, C, H, W] (global pooling)")));
+                let axes = axes.filter(|a| !a.is_empty());
+                if axes.is_none() && noop {
+                    // No axes and noop_with_empty_axes: the input as it is.
+                    return self.set_output(node, x);
                 }
-                let m = if op == "ReduceMean" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
-                let pooled = self.layer(node, None, m, x);
-                if keep {
-                    pooled
+                let mut sorted = axes.clone().unwrap_or_default();
+                sorted.sort();
+                let global = (sorted == [2, 3] || sorted == [-2, -1]) && matches!(op, "ReduceMean" | "ReduceMax");
+                if global {
+                    // Global pooling (PyTorch's newer exporter writes adaptive_avg_pool2d(1)
+                    // this way): Stride's pooling layer.
+                    let m = if op == "ReduceMean" { OtherPool::GlobalAvg } else { OtherPool::GlobalMax };
+                    let pooled = self.layer(node, None, m, x);
+                    if keep {
+                        pooled
+                    } else {
+                        self.push(Step::Flatten(pooled, 1))
+                    }
                 } else {
-                    self.push(Step::Flatten(pooled, 1))
+                    let how = match op {
+                        "ReduceMean" => Reduce::Mean,
+                        "ReduceMax" => Reduce::Max,
+                        "ReduceMin" => Reduce::Min,
+                        "ReduceSum" => Reduce::Sum,
+                        "ReduceL1" => Reduce::L1,
+                        "ReduceL2" => Reduce::L2,
+                        _ => Reduce::SumSquare,
+                    };
+                    self.push(Step::Reduce { input: x, how, axes, keep })
                 }
+            }
+            "Expand" => {
+                let x = self.value(need(0)?)?;
+                let n = need(1)?;
+                let shape = self.int_pieces(n).ok_or_else(|| err(format!("shape '{n}' is not a list of integers")))?;
+                a.done()?;
+                self.push(Step::Expand(x, shape))
             }
             "BatchNormalization" => {
                 let x = self.runtime(need(0)?)?;

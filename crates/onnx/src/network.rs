@@ -9,7 +9,7 @@
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
-use crate::indices::{gather, IntTensor};
+use crate::indices::{gather, IntTensor, MAX_INDICES};
 
 /// Where a step reads from: 0 is the network's input, i + 1 the output of step i.
 pub(crate) type ValueId = usize;
@@ -20,6 +20,20 @@ pub(crate) enum BinOp {
     Sub,
     Mul,
     Div,
+}
+
+/// ONNX's reductions over chosen axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reduce {
+    Mean,
+    Sum,
+    Max,
+    Min,
+    /// Sum of magnitudes.
+    L1,
+    /// Square root of the sum of squares.
+    L2,
+    SumSquare,
 }
 
 /// Integer arithmetic on dimensions (ONNX's Add, Sub, Mul and Div of int64 values).
@@ -164,6 +178,15 @@ pub(crate) enum Step {
         coerce: bool,
     },
     MatMul(ValueId, ValueId),
+    /// A reduction over `axes` (negative from the end; None: all), keeping them as 1s or not.
+    Reduce {
+        input: ValueId,
+        how: Reduce,
+        axes: Option<Vec<i64>>,
+        keep: bool,
+    },
+    /// ONNX's Expand: broadcast to a shape computed as the network runs (NumPy's rule).
+    Expand(ValueId, Vec<Piece>),
     /// ONNX's Gather along `axis` (negative from the end) by integers worked out as it runs.
     Gather {
         input: ValueId,
@@ -241,7 +264,7 @@ impl Network {
 fn shape_refs(s: &Step) -> Vec<ValueId> {
     let mut out = Vec::new();
     match s {
-        Step::Reshape(_, pieces, _) => {
+        Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) => {
             for p in pieces {
                 match p {
                     Piece::One(d) => d.refs(&mut out),
@@ -269,6 +292,8 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Slice { input, .. }
         | Step::Softmax { input, .. }
         | Step::Gather { input, .. }
+        | Step::Reduce { input, .. }
+        | Step::Expand(input, _)
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) => vec![*a, *b],
@@ -313,6 +338,49 @@ pub(crate) fn reshape_dims(dims: &[usize], shape: &[i64]) -> ag::Result<Vec<usiz
         return Err(ag::Error::shape("Reshape", format!("cannot reshape {dims:?} ({total} values) to {shape:?} ({known} values)")));
     }
     Ok(out)
+}
+
+/// `how` over `axes` (sorted, distinct) of `x`. Max and Min take one axis at a time (the
+/// gradient goes to the first extreme element of each).
+fn reduce<T: ag::Elem>(x: &Var<T>, how: Reduce, axes: &[usize], keep: bool) -> ag::Result<Var<T>> {
+    match how {
+        Reduce::Mean => return x.mean(axes, keep),
+        Reduce::Sum => return x.sum(axes, keep),
+        Reduce::SumSquare => return x.mul(x)?.sum(axes, keep),
+        Reduce::L1 => return x.abs()?.sum(axes, keep),
+        Reduce::L2 => return x.mul(x)?.sum(axes, keep)?.sqrt(),
+        Reduce::Max | Reduce::Min => {}
+    }
+    let mut y = if how == Reduce::Min { x.neg()? } else { x.clone() };
+    for &a in axes {
+        y = y.max(a, true)?;
+    }
+    if how == Reduce::Min {
+        y = y.neg()?;
+    }
+    if keep {
+        return Ok(y);
+    }
+    let s = y.shape();
+    y.reshape(&(0..s.len()).filter(|i| !axes.contains(i)).map(|i| s[i]).collect::<Vec<_>>())
+}
+
+/// The shape `dims` broadcast to `target` by NumPy's rule (ONNX's Expand: either may be longer,
+/// a 1 on either side takes the other's size).
+fn expanded(dims: &[usize], target: &[i64]) -> ag::Result<Vec<usize>> {
+    if let Some(&t) = target.iter().find(|&&t| t < 0) {
+        return Err(ag::Error::shape("Expand", format!("shape {target:?} has {t}")));
+    }
+    let rank = dims.len().max(target.len());
+    let at = |v: &[usize], i: usize| if i + v.len() >= rank { v[i + v.len() - rank] } else { 1 };
+    let target: Vec<usize> = target.iter().map(|&t| t as usize).collect();
+    (0..rank)
+        .map(|i| match (at(dims, i), at(&target, i)) {
+            (a, b) if a == b || b == 1 => Ok(a),
+            (1, b) => Ok(b),
+            (a, b) => Err(ag::Error::shape("Expand", format!("{dims:?} does not broadcast to {target:?} (axis {i}: {a} against {b})"))),
+        })
+        .collect()
 }
 
 /// Matrix product with NumPy's rules for 1-d and 2-d operands.
@@ -439,6 +507,40 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             }
         }
         Step::MatMul(a, b) => matmul(&v(a), &v(b))?,
+        Step::Reduce { input, how, axes, keep } => {
+            let x = v(input);
+            let rank = x.shape().len();
+            let mut ax = match axes {
+                Some(list) => list.iter().map(|&a| axis("Reduce", a, rank)).collect::<ag::Result<Vec<_>>>()?,
+                None => (0..rank).collect(),
+            };
+            ax.sort_unstable();
+            if ax.windows(2).any(|w| w[0] == w[1]) {
+                return Err(ag::Error::arg("Reduce", format!("axes {axes:?} repeat an axis")).into());
+            }
+            reduce(&x, *how, &ax, *keep)?
+        }
+        Step::Expand(input, shape) => {
+            let x = v(input);
+            let target = eval_ints(shape, shapes)?;
+            let dims = expanded(&x.shape(), &target)?;
+            // No larger than a value the network already holds, or 2^24 values: a file cannot
+            // make it allocate out of proportion to its input.
+            let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0).max(MAX_INDICES);
+            match dims.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) {
+                Some(n) if n <= most => {}
+                n => {
+                    let n = n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+                    let why = format!("to {dims:?} ({n} values) is larger than any value the network has computed and than {MAX_INDICES}; Stride expands at most that far");
+                    return Err(ag::Error::shape("Expand", why).into());
+                }
+            }
+            if dims == x.shape() {
+                x
+            } else {
+                x.add(&Var::constant(ag::Tensor::zeros(&dims)?))?
+            }
+        }
         Step::Gather { input, axis: ax, indices } => {
             let x = v(input);
             let a = axis("Gather", *ax, x.shape().len())?;
@@ -497,5 +599,66 @@ impl Module for Network {
     }
     fn describe(&self) -> String {
         format!("OnnxGraph({} steps, {} layers)", self.steps.len(), self.layers())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stride_autograd::{gradcheck, Rng, Tensor};
+
+    /// `how` over `axes` of a [3, 4, 5] tensor by loops, for comparison.
+    fn naive(x: &Tensor<f64>, how: Reduce, axes: &[usize]) -> Vec<f64> {
+        let s = x.shape();
+        let mut out = std::collections::BTreeMap::<Vec<usize>, Vec<f64>>::new();
+        for i in 0..s[0] {
+            for j in 0..s[1] {
+                for k in 0..s[2] {
+                    let key: Vec<usize> = [i, j, k].iter().enumerate().filter(|(a, _)| !axes.contains(a)).map(|(_, &v)| v).collect();
+                    out.entry(key).or_default().push(x.data()[(i * s[1] + j) * s[2] + k]);
+                }
+            }
+        }
+        out.values()
+            .map(|v| match how {
+                Reduce::Mean => v.iter().sum::<f64>() / v.len() as f64,
+                Reduce::Sum => v.iter().sum(),
+                Reduce::Max => v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                Reduce::Min => v.iter().copied().fold(f64::INFINITY, f64::min),
+                Reduce::L1 => v.iter().map(|a| a.abs()).sum(),
+                Reduce::L2 => v.iter().map(|a| a * a).sum::<f64>().sqrt(),
+                Reduce::SumSquare => v.iter().map(|a| a * a).sum(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reductions_agree_with_loops_and_their_gradients_with_finite_differences() {
+        let x = Rng::seed(8).normal::<f64>(&[3, 4, 5], 0.0, 1.0).unwrap();
+        let all = [Reduce::Mean, Reduce::Sum, Reduce::Max, Reduce::Min, Reduce::L1, Reduce::L2, Reduce::SumSquare];
+        for how in all {
+            for axes in [&[1][..], &[0, 2], &[0, 1, 2]] {
+                for keep in [true, false] {
+                    let y = reduce(&Var::constant(x.clone()), how, axes, keep).unwrap();
+                    let want: Vec<usize> =
+                        (0..3).filter(|a| !axes.contains(a) || keep).map(|a| if axes.contains(&a) { 1 } else { x.shape()[a] }).collect();
+                    assert_eq!(y.shape(), want, "{how:?} over {axes:?}");
+                    let want = naive(&x, how, axes);
+                    assert!(y.value().data().iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs())), "{how:?} over {axes:?}");
+                    gradcheck(std::slice::from_ref(&x), 1e-6, |v| reduce(&v[0], how, axes, keep))
+                        .unwrap_or_else(|e| panic!("{how:?} over {axes:?}: {e}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expand_broadcasts_as_numpy_either_way_round() {
+        assert_eq!(expanded(&[3, 1], &[2, 1, 6]).unwrap(), [2, 3, 6]);
+        assert_eq!(expanded(&[2, 3, 6], &[3, 1]).unwrap(), [2, 3, 6]);
+        assert_eq!(expanded(&[1, 4], &[]).unwrap(), [1, 4]);
+        let e = expanded(&[3, 2], &[3, 4]).unwrap_err().to_string();
+        assert!(e.contains("axis 1: 2 against 4"), "{e}");
+        assert!(expanded(&[3], &[-1]).unwrap_err().to_string().contains("-1"));
     }
 }

@@ -50,7 +50,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     let mut cases: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
-        .filter(|c| !c.starts_with("tiny_cnn."))
+        .filter(|c| !c.starts_with("tiny_cnn.") && !c.starts_with("attention_cnn."))
         .collect();
     cases.sort();
     let mut n = 0;
@@ -113,30 +113,49 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     assert_eq!(n, 19, "{cases:?}");
 }
 
-/// A CNN as the tutorials write one, `x.view(x.size(0), -1)` before its dense layer, with its
-/// weights: the TorchScript exporter computes that shape in the graph from the batch (Shape,
-/// Gather, Unsqueeze, Concat, Reshape), the new one keeps the weights beside the model in
-/// `tiny_cnn.dynamo.onnx.data`. Both run at batches other than the exported one.
-#[test]
-fn a_tutorial_cnn_exported_by_default_imports_and_agrees_with_onnx_runtime() {
+/// A graph exported with its own weights (`{name}.{exporter}.onnx`, input `{name}.input.pb`):
+/// within `tol` of ONNX Runtime at the exported batch and on its first image alone (computed
+/// shapes follow the batch), eagerly and through a compiled plan.
+fn agrees_at_any_batch(name: &str, classes: usize, tol: f32) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torchvision");
-    let x = read_pb(&dir.join("tiny_cnn.input.pb"));
+    let x = read_pb(&dir.join(format!("{name}.input.pb")));
+    let batch = x.shape()[0];
+    let first = Tensor::from_vec(x.data()[..x.numel() / batch].to_vec(), &[&[1][..], &x.shape()[1..]].concat()).unwrap();
     for exporter in ["dynamo", "torchscript"] {
-        let case = format!("tiny_cnn.{exporter}");
+        let case = format!("{name}.{exporter}");
         let mut net =
             stride_onnx::import(&stride_onnx::read(&dir.join(format!("{case}.onnx"))).unwrap()).unwrap_or_else(|e| panic!("{case}: {e}")).network;
         let want = read_pb(&dir.join(format!("{case}.output.pb")));
-        let y = no_grad(|| net.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value();
-        assert_eq!(y.shape(), [3, 10], "{case}");
-        for (i, (a, b)) in y.data().iter().zip(want.data()).enumerate() {
-            assert!((a - b).abs() <= 1e-5, "{case}: output {i} is {a}, ONNX Runtime gives {b}");
+        let close = |y: &Tensor<f32>, rows: usize, how: &str| {
+            assert_eq!(y.shape(), [rows, classes], "{case} {how}");
+            for (i, (a, b)) in y.data().iter().zip(want.data()).enumerate() {
+                assert!((a - b).abs() <= tol, "{case} {how}: output {i} is {a}, ONNX Runtime gives {b}");
+            }
+        };
+        close(&no_grad(|| net.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value(), batch, "eager");
+        close(&no_grad(|| net.forward(&Var::constant(first.clone()), &mut Ctx::eval())).unwrap().value(), 1, "eager, one image");
+        for (input, rows) in [(&x, batch), (&first, 1)] {
+            let mut plan = stride_nn::planned::compile(&mut net, input).unwrap_or_else(|e| panic!("{case}: the planner refused it: {e}"));
+            close(&plan.run(input).unwrap(), rows, "planned");
         }
-        // One image at a time: the computed shape follows the batch.
-        let first = Tensor::from_vec(x.data()[..784].to_vec(), &[1, 1, 28, 28]).unwrap();
-        let y1 = no_grad(|| net.forward(&Var::constant(first), &mut Ctx::eval())).unwrap().value();
-        assert_eq!(y1.shape(), [1, 10], "{case}");
-        assert!(y1.data().iter().zip(&want.data()[..10]).all(|(a, b)| (a - b).abs() <= 1e-5), "{case}: batch of one");
     }
+}
+
+/// A CNN as the tutorials write one, `x.view(x.size(0), -1)` before its dense layer, with its
+/// weights: the TorchScript exporter computes that shape in the graph from the batch (Shape,
+/// Gather, Unsqueeze, Concat, Reshape), the new one keeps the weights beside the model in
+/// `tiny_cnn.dynamo.onnx.data`.
+#[test]
+fn a_tutorial_cnn_exported_by_default_imports_and_agrees_with_onnx_runtime() {
+    agrees_at_any_batch("tiny_cnn", 10, 1e-5);
+}
+
+/// CBAM's attention (the mean and max of each map through a shared MLP; the mean and max over
+/// channels through a 7x7 convolution) and F.normalize: reductions over any axes, an L2 norm
+/// and Expand, as both exporters write them.
+#[test]
+fn a_cnn_with_attention_imports_and_agrees_with_onnx_runtime() {
+    agrees_at_any_batch("attention_cnn", 10, 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused
