@@ -27,7 +27,7 @@ OPS = {
     "Transpose", "Gelu",
     # Since: what the newer exporter writes for ConvNeXt's as_strided (indices from Range), and
     # for attention blocks (CBAM's mean and max over channels, F.normalize).
-    "Gather", "Range", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
+    "Gather", "GatherND", "Range", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
     "ReduceSumSquare", "Expand",
 }
 

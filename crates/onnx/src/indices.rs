@@ -202,6 +202,31 @@ pub(crate) fn gather<T: ag::Elem>(x: &Var<T>, axis: usize, indices: &[i64], dims
     joined.reshape(&shape)
 }
 
+/// ONNX's GatherND with batch_dims 0: each row of the last axis of `indices` (of dimensions
+/// `dims`) picks one slice of `x` by its first `k` axes (negative from the end), k the last
+/// dimension; done as [`gather`] on `x` with those axes made one.
+pub(crate) fn gather_nd<T: ag::Elem>(x: &Var<T>, indices: &[i64], dims: &[usize]) -> ag::Result<Var<T>> {
+    let s = x.shape();
+    let (&k, rows) = dims.split_last().ok_or_else(|| ag::Error::arg("GatherND", "the indices are a scalar; they need at least one axis"))?;
+    if k == 0 || k > s.len() {
+        return Err(ag::Error::arg("GatherND", format!("index rows of {k} for a value of shape {s:?} (1 to {} axes)", s.len())));
+    }
+    let mut flat = Vec::with_capacity(indices.len() / k);
+    for row in indices.chunks_exact(k) {
+        let mut at = 0i64;
+        for (j, (&i, &n)) in row.iter().zip(&s).enumerate() {
+            let v = if i < 0 { i + n as i64 } else { i };
+            if v < 0 || v >= n as i64 {
+                return Err(ag::Error::arg("GatherND", format!("index {i} is out of range for axis {j} ({n} long) of a value of shape {s:?}")));
+            }
+            at = at * n as i64 + v;
+        }
+        flat.push(at);
+    }
+    let merged: Vec<usize> = std::iter::once(s[..k].iter().product()).chain(s[k..].iter().copied()).collect();
+    gather(&x.reshape(&merged)?, 0, &flat, rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +310,27 @@ mod tests {
         }
         assert_eq!(out.len(), outer * dims.iter().product::<usize>() * inner);
         out
+    }
+
+    #[test]
+    fn gather_nd_picks_rows_by_leading_axes() {
+        let x = Rng::seed(4).normal::<f64>(&[2, 3, 4], 0.0, 1.0).unwrap();
+        let at = |i: usize, j: usize| x.data()[(i * 3 + j) * 4..(i * 3 + j + 1) * 4].to_vec();
+        // Rows of two indices pick [4]-long slices; [2, 2, 2] indices give [2, 2, 4].
+        let y = gather_nd(&Var::constant(x.clone()), &[1, 2, 0, 0, -1, -3, 0, 1], &[2, 2, 2]).unwrap();
+        assert_eq!(y.shape(), [2, 2, 4]);
+        assert_eq!(y.value().data(), [at(1, 2), at(0, 0), at(1, 0), at(0, 1)].concat());
+        // Rows of one index pick whole [3, 4] blocks (one row alone: the block itself); of
+        // three, single values.
+        assert_eq!(gather_nd(&Var::constant(x.clone()), &[1], &[1]).unwrap().shape(), [3, 4]);
+        assert_eq!(gather_nd(&Var::constant(x.clone()), &[1, 0], &[2, 1]).unwrap().shape(), [2, 3, 4]);
+        let y = gather_nd(&Var::constant(x.clone()), &[0, 1, 3, 1, 0, 0], &[2, 3]).unwrap();
+        assert_eq!(y.value().data(), [at(0, 1)[3], at(1, 0)[0]]);
+        gradcheck(std::slice::from_ref(&x), 1e-6, |v| gather_nd(&v[0], &[1, 2, 0, 0, 1, 2], &[3, 2])).unwrap();
+        let e = gather_nd(&Var::constant(x.clone()), &[0, 3], &[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("index 3") && e.contains("axis 1"), "{e}");
+        let e = gather_nd(&Var::constant(x.clone()), &[0; 4], &[1, 4]).unwrap_err().to_string();
+        assert!(e.contains("index rows of 4"), "{e}");
     }
 
     #[test]

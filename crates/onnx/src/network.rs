@@ -9,7 +9,7 @@
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
-use crate::indices::{gather, IntTensor, MAX_INDICES};
+use crate::indices::{gather, gather_nd, IntTensor, MAX_INDICES};
 
 /// Where a step reads from: 0 is the network's input, i + 1 the output of step i.
 pub(crate) type ValueId = usize;
@@ -187,6 +187,11 @@ pub(crate) enum Step {
     },
     /// ONNX's Expand: broadcast to a shape computed as the network runs (NumPy's rule).
     Expand(ValueId, Vec<Piece>),
+    /// ONNX's GatherND (batch_dims 0) by integers worked out as it runs.
+    GatherNd {
+        input: ValueId,
+        indices: IntTensor,
+    },
     /// ONNX's Gather along `axis` (negative from the end) by integers worked out as it runs.
     Gather {
         input: ValueId,
@@ -273,7 +278,7 @@ fn shape_refs(s: &Step) -> Vec<ValueId> {
             }
         }
         Step::Slice { starts, ends, .. } => starts.iter().chain(ends).for_each(|d| d.refs(&mut out)),
-        Step::Gather { indices, .. } => indices.refs(&mut out),
+        Step::Gather { indices, .. } | Step::GatherNd { indices, .. } => indices.refs(&mut out),
         _ => {}
     }
     out
@@ -292,6 +297,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Slice { input, .. }
         | Step::Softmax { input, .. }
         | Step::Gather { input, .. }
+        | Step::GatherNd { input, .. }
         | Step::Reduce { input, .. }
         | Step::Expand(input, _)
         | Step::Pad { input, .. } => vec![*input],
@@ -540,6 +546,10 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             } else {
                 x.add(&Var::constant(ag::Tensor::zeros(&dims)?))?
             }
+        }
+        Step::GatherNd { input, indices } => {
+            let (idx, dims) = indices.eval(shapes)?;
+            gather_nd(&v(input), &idx, &dims)?
         }
         Step::Gather { input, axis: ax, indices } => {
             let x = v(input);

@@ -110,7 +110,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
             n += 1;
         }
     }
-    assert_eq!(n, 19, "{cases:?}");
+    assert_eq!(n, 20, "{cases:?}");
 }
 
 /// A graph exported with its own weights (`{name}.{exporter}.onnx`, input `{name}.input.pb`):

@@ -43,7 +43,7 @@ impl Builder {
         Ok(())
     }
 
-    /// Range; Gather of a runtime value by integer indices; and arithmetic, Unsqueeze, Squeeze,
+    /// Range; Gather and GatherND of a runtime value by integer indices; and arithmetic, Unsqueeze, Squeeze,
     /// Reshape and Cast where an operand is a computed integer tensor or every operand a
     /// constant one. Returns false for anything else (shape lists go to `shape_node`).
     pub(super) fn index_node(&mut self, node: &NodeProto, ins: &[&str], a: &mut Attrs) -> Result<bool> {
@@ -64,6 +64,18 @@ impl Builder {
                 let indices = self.int_tensor(name).ok_or_else(|| err(format!("indices '{name}' are not integers")))?;
                 let axis = a.int("axis", 0)?;
                 let id = self.push(Step::Gather { input: x, axis, indices });
+                self.set_output(node, id)?;
+                return Ok(true);
+            }
+            "GatherND" if matches!(self.vals.get(first), Some(Val::Runtime(_))) => {
+                let x = self.runtime(first)?;
+                let name = ins.get(1).copied().unwrap_or("");
+                let indices = self.int_tensor(name).ok_or_else(|| err(format!("indices '{name}' are not integers")))?;
+                let batch_dims = a.int("batch_dims", 0)?;
+                if batch_dims != 0 {
+                    return Err(err(format!("batch_dims {batch_dims} is not supported: Stride's GatherND indexes from the first axis")));
+                }
+                let id = self.push(Step::GatherNd { input: x, indices });
                 self.set_output(node, id)?;
                 return Ok(true);
             }
