@@ -55,6 +55,9 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     if opset < 7 {
         return Err(err(format!("opset {opset} is older than Stride reads (7 and later)")));
     }
+    if let Some(missing) = unsupported(graph) {
+        return Err(err(missing));
+    }
     let mut uses: HashMap<String, usize> = HashMap::new();
     for name in graph.node.iter().flat_map(|n| n.input.iter()).chain(graph.output.iter().filter_map(|o| o.name.as_ref())) {
         *uses.entry(name.clone()).or_default() += 1;
@@ -118,6 +121,103 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         producer: model.producer_name.clone().unwrap_or_default(),
         metadata: crate::metadata_map(&model.metadata_props),
     })
+}
+
+/// Every operator of ONNX's default domain the importer has a rule for. A rule may still refuse
+/// some forms (an attribute value, a data type, an input computed where it needs a constant),
+/// naming the node; an operator not listed is refused for the whole graph at once.
+pub const OPERATORS: &[&str] = &[
+    "Abs",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "ConvTranspose",
+    "Div",
+    "Dropout",
+    "Elu",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "GatherND",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LayerNormalization",
+    "LeakyRelu",
+    "Log",
+    "LogSoftmax",
+    "LpPool",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Neg",
+    "Pad",
+    "Range",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "Relu",
+    "Reshape",
+    "Selu",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Softplus",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+];
+
+/// The operators of `graph` Stride has no rule for, all of them with the nodes that use them
+/// (the first three by name), or None.
+fn unsupported(graph: &crate::proto::GraphProto) -> Option<String> {
+    let mut missing: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        let (op, domain) = (n.op_type.as_deref().unwrap_or(""), n.domain.as_deref().unwrap_or(""));
+        let default = domain.is_empty() || domain == "ai.onnx";
+        if default && OPERATORS.contains(&op) {
+            continue;
+        }
+        let key = if default { op.to_string() } else { format!("{op} of domain '{domain}'") };
+        let name = n.name.as_deref().filter(|n| !n.is_empty()).map_or_else(|| format!("#{i}"), |n| format!("'{n}'"));
+        missing.entry(key).or_default().push(name);
+    }
+    if missing.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = missing
+        .iter()
+        .map(|(op, nodes)| {
+            let shown = nodes.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+            match nodes.len() {
+                1 => format!("{op} (node {shown})"),
+                n if n <= 3 => format!("{op} ({n} nodes: {shown})"),
+                n => format!("{op} ({n} nodes: {shown}, ...)"),
+            }
+        })
+        .collect();
+    let what = if missing.len() == 1 { "an operator" } else { "operators" };
+    Some(format!("the graph uses {what} Stride does not have: {}", each.join("; ")))
 }
 
 /// A float tensor's declared shape (None for symbolic dimensions).
@@ -558,6 +658,29 @@ impl Builder {
                 let out = node.output.first().ok_or_else(|| err("Identity has no output"))?;
                 self.vals.insert(out.clone(), v);
                 return Ok(());
+            }
+            "Cast" => {
+                // Of the data flowing through (integers are cast by the shape and index rules):
+                // to float32 it is what it was, read under a second name (as Identity).
+                let x = self.runtime(need(0)?)?;
+                let to = a.int("to", 0)?;
+                a.take("saturate");
+                a.done()?;
+                if to != 1 {
+                    return Err(err(format!("Cast of the data to {}: Stride computes in float32", type_name(to as i32))));
+                }
+                self.value_name.remove(&x);
+                let out = node.output.first().ok_or_else(|| err("Cast has no output"))?;
+                self.vals.insert(out.clone(), Val::Runtime(x));
+                return Ok(());
+            }
+            "Gather" | "GatherND" => {
+                // The shape and index rules took every form Stride has: data flowing through
+                // (or a shape) by integer indices.
+                let x = need(0)?;
+                self.runtime(x)?;
+                let i = need(1)?;
+                return Err(err(format!("indices '{i}' are not integers")));
             }
             "Gemm" | "MatMul" => return self.product(node, &ins, a),
             "Add" if self.fuse_bias(node, &ins)? => return a.done(),

@@ -21,7 +21,7 @@ pub mod proto;
 mod tensor;
 mod write;
 
-pub use import::{import, import_with, Imported};
+pub use import::{import, import_with, Imported, OPERATORS};
 pub use network::Network;
 pub use tensor::{from_tensor_proto, to_tensor_proto};
 pub use write::{export, export_annotated, export_with, ToOnnx, DEFAULT_OPSET};
