@@ -82,12 +82,37 @@ def gather_range_onnx():
     out("onnx_model", "gather_range.onnx", model.SerializeToString())
 
 
+def resize_onnx():
+    """Bilinear Resize by factors (half-pixel), then nearest Resize back to the input's own size
+    (sizes from Shape, aligned corners). Needs the `onnx` package."""
+    try:
+        import onnx
+        from onnx import TensorProto as T, helper as h
+    except ImportError:
+        print("onnx is not installed: fuzz/seeds/onnx_model/resize.onnx left as it is")
+        return
+    nodes = [
+        h.make_node("Resize", ["x", "", "scales"], ["up"], mode="linear", coordinate_transformation_mode="half_pixel"),
+        h.make_node("Shape", ["x"], ["size"]),
+        h.make_node("Resize", ["up", "", "", "size"], ["y"], mode="nearest", coordinate_transformation_mode="align_corners",
+                    nearest_mode="round_prefer_ceil"),
+    ]
+    init = [h.make_tensor("scales", T.FLOAT, [4], [1.0, 1.0, 2.0, 1.5])]
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 4])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 3, 4])
+    model = h.make_model(h.make_graph(nodes, "resize", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out("onnx_model", "resize.onnx", model.SerializeToString())
+
+
 def main():
     # onnx_model's other seeds are written elsewhere (tiny.onnx by crates/train/tests/fuzz_corpus.rs
     # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
     for target in ("idx", "cifar", "image", "checkpoint", "toml_model"):
         shutil.rmtree(os.path.join(HERE, "seeds", target), ignore_errors=True)
     gather_range_onnx()
+    resize_onnx()
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
     out("idx", "labels.idx", labels)

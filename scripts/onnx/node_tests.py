@@ -29,6 +29,8 @@ OPS = {
     # for attention blocks (CBAM's mean and max over channels, F.normalize).
     "Gather", "GatherND", "Range", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
     "ReduceSumSquare", "Expand",
+    # Since: U-Nets' and segmentation heads' upsampling (F.interpolate, nn.Upsample).
+    "Resize", "Upsample",
 }
 
 def main() -> None:

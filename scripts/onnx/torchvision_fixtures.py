@@ -12,7 +12,8 @@ the expected one (ONNX Runtime and PyTorch agree on the unmodified graph within 
 here too).
 
 Also `attention_cnn.*`: a small CNN with CBAM's channel and spatial attention and
-F.normalize, with its own seeded weights (reductions over channels, an L2 norm, Expand).
+F.normalize, with its own seeded weights (reductions over channels, an L2 norm, Expand); and
+`small_unet.*`: a small U-Net upsampling by nearest and bilinear (both corner rules) Resize.
 And `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
@@ -22,7 +23,7 @@ fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py            # everything
-    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, tiny_cnn, attention_cnn
+    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet
 """
 import os
 import shutil
@@ -109,17 +110,39 @@ class AttentionCnn(torch.nn.Module):
         return self.fc(x)
 
 
-def attention_cnn():
-    """AttentionCnn with its own seeded weights, on 3 seeded 3x16x16 images, by both exporters."""
-    torch.manual_seed(5)
-    net = AttentionCnn().eval()
-    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
-    with open(os.path.join(OUT, "attention_cnn.input.pb"), "wb") as f:
+class SmallUNet(torch.nn.Module):
+    """A two-level U-Net for 2-class segmentation whose decoder upsamples three ways: nearest by
+    2 (nn.Upsample), bilinear by 2 (F.interpolate, align_corners=False) and bilinear to the
+    skip connection's size with align_corners=True."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: torch.nn.Conv2d(i, o, 3, padding=1)
+        self.d1, self.d2, self.d3 = conv(3, 8), conv(8, 12), conv(12, 16)
+        self.u2, self.u1, self.out = conv(28, 12), conv(20, 8), torch.nn.Conv2d(8, 2, 1)
+        self.up = torch.nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        a = torch.relu(self.d1(x))
+        b = torch.relu(self.d2(f.max_pool2d(a, 2)))
+        c = torch.relu(self.d3(f.max_pool2d(b, 2)))
+        c = self.up(c) + f.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False)
+        b = torch.relu(self.u2(torch.cat([b, c], 1)))
+        b = f.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=True)
+        return self.out(torch.relu(self.u1(torch.cat([a, b], 1))))
+
+
+def with_own_weights(name, net, x, seed_fuzzer=False):
+    """`net` with its own seeded weights on the images `x`, by both exporters, as
+    `{name}.{exporter}.onnx` with ONNX Runtime's output; with `seed_fuzzer`, the new exporter's
+    graph also seeds the fuzzer (it must stay under its 16 KiB)."""
+    with open(os.path.join(OUT, f"{name}.input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     with torch.no_grad():
         want = net(x).numpy()
     for exporter in ("dynamo", "torchscript"):
-        path = os.path.join(OUT, f"attention_cnn.{exporter}.onnx")
+        path = os.path.join(OUT, f"{name}.{exporter}.onnx")
         export(net, x, path, exporter)
         model = onnx.load(path)
         for node in model.graph.node:
@@ -127,15 +150,28 @@ def attention_cnn():
             node.ClearField("doc_string")
         onnx.save(model, path)
         got = ort_run(model, x.numpy())
-        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), "attention_cnn: ONNX Runtime and PyTorch differ"
-        with open(os.path.join(OUT, f"attention_cnn.{exporter}.output.pb"), "wb") as f:
+        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max()), f"{name}: ONNX Runtime and PyTorch differ"
+        with open(os.path.join(OUT, f"{name}.{exporter}.output.pb"), "wb") as f:
             f.write(nh.from_array(got, "output").SerializeToString())
         ops = sorted({n.op_type for n in model.graph.node})
-        print(f"attention_cnn ({exporter}): {len(model.graph.node)} nodes: {', '.join(ops)}", file=sys.stderr)
-    # The new exporter's graph also seeds the fuzzer (reductions, Expand, computed shapes).
-    seed = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", "attention_cnn.onnx"))
-    shutil.copyfile(os.path.join(OUT, "attention_cnn.dynamo.onnx"), seed)
+        print(f"{name} ({exporter}): {len(model.graph.node)} nodes: {', '.join(ops)}", file=sys.stderr)
+    if not seed_fuzzer:
+        return
+    seed = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", f"{name}.onnx"))
+    shutil.copyfile(os.path.join(OUT, f"{name}.dynamo.onnx"), seed)
     assert os.path.getsize(seed) < 16384, "the seed is over the fuzzer's max_len"
+
+
+def small_unet():
+    """SmallUNet on 2 seeded 3x16x16 images."""
+    torch.manual_seed(7)
+    with_own_weights("small_unet", SmallUNet().eval(), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8)))
+
+
+def attention_cnn():
+    """AttentionCnn with its own seeded weights, on 3 seeded 3x16x16 images."""
+    torch.manual_seed(5)
+    with_own_weights("attention_cnn", AttentionCnn().eval(), torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6)), seed_fuzzer=True)
 
 
 def fuzz_seed():
@@ -204,7 +240,7 @@ def main():
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
-    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn}
+    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

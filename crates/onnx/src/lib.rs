@@ -18,6 +18,7 @@ mod network;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 #[rustfmt::skip]
 pub mod proto;
+mod resize;
 mod tensor;
 mod write;
 

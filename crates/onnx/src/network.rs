@@ -10,6 +10,7 @@ use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 use crate::indices::{gather, gather_nd, IntTensor, MAX_INDICES};
+use crate::resize::{resize, Coord, Sample};
 
 /// Where a step reads from: 0 is the network's input, i + 1 the output of step i.
 pub(crate) type ValueId = usize;
@@ -34,6 +35,14 @@ pub(crate) enum Reduce {
     /// Square root of the sum of squares.
     L2,
     SumSquare,
+}
+
+/// The output size of a Resize: H and W times factors, or sizes worked out as the network runs
+/// (all four axes, N and C as they are, or H and W).
+#[derive(Clone, Debug)]
+pub(crate) enum ResizeTo {
+    Scales(f64, f64),
+    Sizes(Vec<Piece>),
 }
 
 /// Integer arithmetic on dimensions (ONNX's Add, Sub, Mul and Div of int64 values).
@@ -187,6 +196,13 @@ pub(crate) enum Step {
     },
     /// ONNX's Expand: broadcast to a shape computed as the network runs (NumPy's rule).
     Expand(ValueId, Vec<Piece>),
+    /// ONNX's Resize of [N, C, H, W] (H and W only), to scaled or given sizes.
+    Resize {
+        input: ValueId,
+        to: ResizeTo,
+        coord: Coord,
+        sample: Sample,
+    },
     /// ONNX's GatherND (batch_dims 0) by integers worked out as it runs.
     GatherNd {
         input: ValueId,
@@ -269,7 +285,7 @@ impl Network {
 fn shape_refs(s: &Step) -> Vec<ValueId> {
     let mut out = Vec::new();
     match s {
-        Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) => {
+        Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) | Step::Resize { to: ResizeTo::Sizes(pieces), .. } => {
             for p in pieces {
                 match p {
                     Piece::One(d) => d.refs(&mut out),
@@ -298,6 +314,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Softmax { input, .. }
         | Step::Gather { input, .. }
         | Step::GatherNd { input, .. }
+        | Step::Resize { input, .. }
         | Step::Reduce { input, .. }
         | Step::Expand(input, _)
         | Step::Pad { input, .. } => vec![*input],
@@ -546,6 +563,30 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             } else {
                 x.add(&Var::constant(ag::Tensor::zeros(&dims)?))?
             }
+        }
+        Step::Resize { input, to, coord, sample } => {
+            let x = v(input);
+            let s = x.shape();
+            if s.len() != 4 {
+                return Err(ag::Error::shape("Resize", format!("Stride resizes [N, C, H, W] values; got {s:?}")).into());
+            }
+            let (size, scales) = match to {
+                ResizeTo::Scales(sh, sw) => (((s[2] as f64 * *sh).floor() as usize, (s[3] as f64 * *sw).floor() as usize), Some((*sh, *sw))),
+                ResizeTo::Sizes(pieces) => {
+                    let sizes = eval_ints(pieces, shapes)?;
+                    let dim = |v: i64| usize::try_from(v).ok();
+                    match sizes[..] {
+                        [n, c, h, w] if dim(n) == Some(s[0]) && dim(c) == Some(s[1]) => ((dim(h).unwrap_or(0), dim(w).unwrap_or(0)), None),
+                        [h, w] => ((dim(h).unwrap_or(0), dim(w).unwrap_or(0)), None),
+                        _ => {
+                            let why = format!("sizes {sizes:?} for a value of shape {s:?}: Stride resizes H and W (N and C as they are)");
+                            return Err(ag::Error::shape("Resize", why).into());
+                        }
+                    }
+                }
+            };
+            let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
+            resize(&x, size, scales, *coord, *sample, most)?
         }
         Step::GatherNd { input, indices } => {
             let (idx, dims) = indices.eval(shapes)?;
