@@ -35,6 +35,7 @@ import onnx.numpy_helper as nh
 import onnxruntime as ort
 import torch
 import torchvision.models as M
+import torchvision.models.segmentation as S
 
 OUT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "crates", "onnx", "tests", "torchvision"))
 SIDE = 64
@@ -55,7 +56,22 @@ MODELS = [
     # At 64x64 AlexNet's adaptive pooling makes 6x6 of a 1x1 map: the new exporter gathers it
     # (GatherND) and averages over two axes (ReduceMean); the TorchScript one refuses it.
     ("alexnet", ("dynamo",)),
+    # A segmentation network (torchvision.models.segmentation, its "out" map of 5 classes):
+    # bilinear Resize to the input's size, computed from its shape.
+    ("lraspp_mobilenet_v3_large", ("dynamo", "torchscript")),
 ]
+SEGMENTATION = {"lraspp_mobilenet_v3_large"}
+
+
+class SegmentationOut(torch.nn.Module):
+    """A torchvision segmentation network's "out" map (the networks return a dict)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)["out"]
 OPSETS = {"dynamo": 18, "torchscript": 17}
 
 
@@ -249,7 +265,10 @@ def main():
         kwargs = {"num_classes": 10}
         if name == "googlenet":
             kwargs.update(aux_logits=False, transform_input=False, init_weights=True)
-        net = getattr(M, name)(**kwargs).eval()
+        if name in SEGMENTATION:
+            net = SegmentationOut(getattr(S, name)(weights=None, weights_backbone=None, num_classes=5)).eval()
+        else:
+            net = getattr(M, name)(**kwargs).eval()
         with torch.no_grad():
             want = net(x).numpy()
         for exporter in exporters:
