@@ -80,7 +80,7 @@ pub fn import(a: &ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let path = a.model.display().to_string();
     let imported = stride_onnx::import(&stride_onnx::read(&a.model)?).map_err(|e| e.context(path.clone()))?;
     let mut net = imported.network;
-    let dims = |d: &[Option<usize>]| d.iter().map(|v| v.map_or("N".to_string(), |v| v.to_string())).collect::<Vec<_>>().join("x");
+    let dims = stride_onnx::Network::dims_text;
     println!(
         "{path}: opset {}, written by {}; {} layers; input {}, output {}",
         imported.opset,

@@ -341,7 +341,11 @@ fn declared_spec(path: &str, net: &stride_onnx::Network) -> Result<InputSpec> {
         ([_, Some(c), Some(h), Some(w)], [_, Some(k)]) => Ok(InputSpec { channels: *c, height: *h, width: *w, classes: *k }),
         (i, o) => Err(Error::shape(
             "model",
-            format!("{path} declares input {i:?} and output {o:?}; a classifier takes [N, C, H, W] and gives [N, classes]"),
+            format!(
+                "{path} declares input {} and output {}; a classifier takes [N, C, H, W] and gives [N, classes]",
+                stride_onnx::Network::dims_text(i),
+                stride_onnx::Network::dims_text(o)
+            ),
         )
         .into()),
     }

@@ -262,6 +262,11 @@ impl Network {
         Network { steps, output, last_use, reads, live, input_shape, output_shape }
     }
 
+    /// A declared shape as text: `Nx3x224x224`, N where the file leaves a dimension free.
+    pub fn dims_text(dims: &[Option<usize>]) -> String {
+        dims.iter().map(|v| v.map_or("N".to_string(), |v| v.to_string())).collect::<Vec<_>>().join("x")
+    }
+
     /// How many layers (steps with a Stride layer) the graph became.
     pub fn layers(&self) -> usize {
         self.steps.iter().zip(&self.live[1..]).filter(|(s, &live)| live && matches!(s, Step::Layer { .. })).count()
