@@ -15,7 +15,8 @@ use crate::train::Opt;
 
 #[derive(Args)]
 pub struct SummaryArgs {
-    /// Zoo model (`stride models`) or TOML model file.
+    /// Zoo model (`stride models`), TOML model file, or ONNX model (`.onnx`; a classifier or
+    /// not).
     model: String,
     /// Input `CxHxW` or `NxCxHxW` (N is the batch size); default: the model's design input.
     #[arg(long)]
@@ -42,16 +43,19 @@ pub struct SummaryArgs {
     measure: bool,
 }
 
-/// A zoo classifier or model file, or the VAE, with the loss it trains on.
+/// A zoo classifier or model file, the VAE, or an ONNX model of another output (a
+/// segmentation map), with the loss it trains on.
 enum Net {
     Classifier(stride_nn::layers::Sequential),
     Vae(Vae),
+    /// Trained on the mean of its output, for the memory a step needs.
+    Other(stride_nn::layers::Sequential),
 }
 
 impl Net {
     fn module(&mut self) -> &mut dyn Module {
         match self {
-            Net::Classifier(m) => m,
+            Net::Classifier(m) | Net::Other(m) => m,
             Net::Vae(v) => v,
         }
     }
@@ -59,7 +63,7 @@ impl Net {
     fn batch(&self, shape: &[usize], seed: u64) -> Result<Var, Box<dyn std::error::Error>> {
         let mut rng = Rng::seed(seed);
         Ok(Var::constant(match self {
-            Net::Classifier(_) => rng.normal(shape, 0.0, 1.0)?,
+            Net::Classifier(_) | Net::Other(_) => rng.normal(shape, 0.0, 1.0)?,
             Net::Vae(_) => rng.uniform(shape, 0.0, 1.0)?,
         }))
     }
@@ -68,13 +72,30 @@ impl Net {
         Ok(match self {
             Net::Classifier(m) => cross_entropy(&m.forward(x, ctx)?, &vec![0; n], 0.0)?,
             Net::Vae(v) => v.forward_loss(x, ctx)?.1.total,
+            Net::Other(m) => m.forward(x, ctx)?.mean_all()?,
         })
     }
 }
 
 pub fn run(a: &SummaryArgs, device: Device) -> Result<(), Box<dyn std::error::Error>> {
     let is_vae = a.model == "vae";
-    let design = if a.model.ends_with(".onnx") {
+    // An ONNX model whose output is not [N, classes]: its declared input, its output as it is.
+    let other = match a.model.ends_with(".onnx") {
+        true => match stride_models::onnx_declared(&a.model)? {
+            (_, o) if matches!(o[..], [_, Some(_)]) => None,
+            (i, o) => match i[..] {
+                [_, c, h, w] => Some(([c, h, w], o)),
+                _ => return Err(format!("{} takes {}: summary reads [N, C, H, W] inputs", a.model, stride_onnx::Network::dims_text(&i)).into()),
+            },
+        },
+        false => None,
+    };
+    let design = if let Some(([c, h, w], _)) = &other {
+        let given = a.input.as_deref().map(inspect::parse_input).transpose()?.map(|(_, chw)| chw);
+        let free = || format!("{} leaves its input's size free: give it with --input CxHxW", a.model);
+        let pick = |d: Option<usize>, i: usize| d.or(given.map(|g| g[i])).ok_or_else(free);
+        InputSpec { channels: pick(*c, 0)?, height: pick(*h, 1)?, width: pick(*w, 2)?, classes: 0 }
+    } else if a.model.ends_with(".onnx") {
         stride_models::onnx_spec(&a.model)?
     } else if a.model.ends_with(".toml") {
         InputSpec { channels: 1, height: 28, width: 28, classes: 10 }
@@ -88,6 +109,15 @@ pub fn run(a: &SummaryArgs, device: Device) -> Result<(), Box<dyn std::error::Er
         None => (None, [design.channels, design.height, design.width]),
     };
     let batch = n.unwrap_or(a.batch_size);
+    // A file exported for one batch size (torch.onnx.export's default) runs only at that one:
+    // traced and measured there.
+    let fixed = match a.model.ends_with(".onnx") {
+        true => stride_models::onnx_declared(&a.model)?.0.first().copied().flatten(),
+        false => None,
+    };
+    if let Some(f) = fixed.filter(|&f| a.measure && f != batch) {
+        return Err(format!("{} declares a batch of {f}: measure it with --batch-size {f}", a.model).into());
+    }
     let spec = InputSpec { channels: chw[0], height: chw[1], width: chw[2], classes: a.classes.unwrap_or(design.classes) };
     let optimizer = a.optimizer.kind(a.momentum);
 
@@ -96,12 +126,19 @@ pub fn run(a: &SummaryArgs, device: Device) -> Result<(), Box<dyn std::error::Er
             return Err(format!("the VAE takes 1x{0}x{0} or 3x{0}x{0} images, not --input {1}x{2}x{3}", vae::SIDE, chw[0], chw[1], chw[2]).into());
         }
         Net::Vae(Vae::for_images(&mut Rng::seed(0), chw[0], vae::LATENT)?)
+    } else if other.is_some() {
+        Net::Other(stride_models::from_onnx(&a.model, None)?)
     } else {
         Net::Classifier(stride_models::build_any(&a.model, &mut Rng::seed(0), spec)?)
     };
     let model = net.module();
-    let s = inspect::summarize(model, chw)?;
-    print_rows(&a.model, &s, if is_vae { "the VAE: encoder, sampling, generator and its loss".into() } else { format!("{} classes", spec.classes) });
+    let s = inspect::summarize_batch(model, chw, fixed.unwrap_or(2))?;
+    let what = match &other {
+        _ if is_vae => "the VAE: encoder, sampling, generator and its loss".into(),
+        Some((_, o)) => format!("output {} (trained on its mean, for the memory a step needs)", stride_onnx::Network::dims_text(o)),
+        None => format!("{} classes", spec.classes),
+    };
+    print_rows(&a.model, &s, what);
     let segments = match a.recompute {
         Some(k) => {
             let names = recompute::cut_points(model)?;

@@ -156,3 +156,32 @@ fn the_colour_vae_is_summarised_for_three_channel_images() {
     // The encoder reads 3 x 1,024 values; the generator's last layers draw three planes.
     assert!(t.contains("Linear(3072, 500)") && t.contains("ConvTranspose2d(64, 3, k4x4, stride 4)") && t.contains("BatchNorm(3)"), "{t}");
 }
+
+/// An ONNX model whose output is not [N, classes] (a U-Net's segmentation map): summarised with
+/// its declared input and output shape, measured on the mean of its output; the same file fixed
+/// to one image (torch.onnx.export's default) is traced at that batch and measured only there.
+#[test]
+fn a_segmentation_model_from_onnx_is_summarised_and_a_fixed_batch_is_kept() {
+    let unet = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/tests/torchvision/small_unet.dynamo.onnx");
+    let o = stride(&["summary", unet.to_str().unwrap(), "--batch-size", "4", "--measure"]);
+    let log = text(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("on 3x16x16 images, output Nx2x16x16 (trained on its mean"), "{log}");
+    assert_eq!(deviations(&log).len(), 2, "{log}");
+    // The same graph with its batch fixed to 1.
+    let mut model = stride_onnx::read(&unet).unwrap();
+    let input = &mut model.graph.as_mut().unwrap().input[0];
+    let Some(stride_onnx::proto::type_proto::Value::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) else {
+        panic!("no tensor type")
+    };
+    t.shape.as_mut().unwrap().dim[0].value = Some(stride_onnx::proto::tensor_shape_proto::dimension::Value::DimValue(1));
+    let dir = std::env::temp_dir().join(format!("stride-summary-fixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixed = dir.join("unet1.onnx");
+    std::fs::write(&fixed, stride_onnx::encode(&model)).unwrap();
+    let o = stride(&["summary", fixed.to_str().unwrap(), "--batch-size", "1", "--measure"]);
+    assert!(o.status.success() && deviations(&text(&o)).len() == 2, "{}", text(&o));
+    let o = stride(&["summary", fixed.to_str().unwrap(), "--batch-size", "4", "--measure"]);
+    assert!(!o.status.success() && text(&o).contains("declares a batch of 1: measure it with --batch-size 1"), "{}", text(&o));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -327,6 +327,16 @@ pub fn onnx_classifier(path: &str) -> Result<(Sequential, InputSpec)> {
     Ok((onnx_model(path, net, Some(spec))?, spec))
 }
 
+/// A shape as an ONNX file declares it: None where the file leaves a dimension free.
+pub type Declared = Vec<Option<usize>>;
+
+/// The input and output shapes an ONNX model declares, for models that are not classifiers (a
+/// segmentation map, an image).
+pub fn onnx_declared(path: &str) -> Result<(Declared, Declared)> {
+    let net = read_onnx(path)?;
+    Ok((net.input_shape.clone(), net.output_shape.clone()))
+}
+
 /// The input and class count an ONNX classifier declares ([N, C, H, W] in, [N, K] out).
 pub fn onnx_spec(path: &str) -> Result<InputSpec> {
     declared_spec(path, &read_onnx(path)?)

@@ -33,9 +33,14 @@ impl Summary {
 /// the loss. Buffers (batch norm's running statistics) are restored afterwards, so the model
 /// is unchanged.
 pub fn summarize(model: &mut dyn Module, input: [usize; 3]) -> Result<Summary> {
-    const N: usize = 2;
+    summarize_batch(model, input, 2)
+}
+
+/// [`summarize`] on `n` images: a model that runs only at one batch size (an ONNX file
+/// exported for one) is traced at that one. Figures stay per image.
+pub fn summarize_batch(model: &mut dyn Module, input: [usize; 3], n: usize) -> Result<Summary> {
     let saved = buffers(model);
-    let x = Var::constant(Rng::seed(0).normal(&[N, input[0], input[1], input[2]], 0.0, 1.0)?);
+    let x = Var::constant(Rng::seed(0).normal(&[n.max(1), input[0], input[1], input[2]], 0.0, 1.0)?);
     let mut ctx = Ctx::train(0);
     ctx.trace = Some(Trace::new());
     let before = tape_bytes();
@@ -45,7 +50,7 @@ pub fn summarize(model: &mut dyn Module, input: [usize; 3]) -> Result<Summary> {
     if let [n, _] = y.shape()[..] {
         cross_entropy(&y, &vec![0; n], 0.0)?;
     }
-    let tape_per_image = (tape_bytes() - before) / N as u64;
+    let tape_per_image = (tape_bytes() - before) / n.max(1) as u64;
     let trace = ctx.trace.take().unwrap_or_default();
     Ok(Summary { rows: trace.rows, holds: trace.holds, input, params: model.num_parameters(), tape_per_image })
 }
