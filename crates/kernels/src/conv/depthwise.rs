@@ -192,7 +192,12 @@ impl ConvGeom {
     /// and 4x4 maps, 8x8 ones under 5x5 windows).
     pub(crate) fn takes_small(&self) -> bool {
         let (pq, hw) = (self.p * self.q, self.h * self.w);
-        self.kg() == 1 && pq > 0 && pq <= SMALL && hw <= SMALL && hw * small_width(pq) <= 3 * pq * self.r * self.s
+        self.kg() == 1
+            && pq > 0
+            && pq <= SMALL
+            && hw <= SMALL
+            && hw * small_width(pq) <= 3 * pq * self.r * self.s
+            && self.k * hw * small_width(pq) <= SMALL_VALUES
     }
     fn pass(&self) -> Pass {
         Pass { rows: self.p, cols: self.q, stride: self.stride, dil: self.dilation, r: self.r, s: self.s }
@@ -204,6 +209,10 @@ const LANES: usize = 8;
 
 /// The largest planes [`Small`] takes: outputs and inputs.
 const SMALL: usize = 64;
+
+/// The most values a layer's [`Small`] matrices may hold together (1 MiB of f32, a core's
+/// second-level cache here): every image reads all of them.
+const SMALL_VALUES: usize = 1 << 18;
 
 /// The outputs a row of [`Small`]'s matrix holds: `pq` rounded up to 4, 8, 16, 32 or 64.
 fn small_width(pq: usize) -> usize {
@@ -744,5 +753,10 @@ mod tests {
         }
         // Two filters per channel: plane by plane.
         assert!(!geom([2, 4, 4, 4], [8, 1, 3, 3], d.groups(4)).takes_small());
+        // LR-ASPP's dilated 5x5 layers on 8x8 maps, 960 channels: 15 MB of matrices, read by
+        // every image, where the taps read 96 KB of filters. Eight channels at a time.
+        let wide = geom([1, 960, 8, 8], [960, 1, 5, 5], d.groups(960).padding(Padding::uniform(4)).dilation(2));
+        assert!(!wide.takes_small() && wide.takes_lanes(), "{wide:?}");
+        assert!(geom([1, 64, 8, 8], [64, 1, 5, 5], d.groups(64).padding(Padding::uniform(4)).dilation(2)).takes_small());
     }
 }
