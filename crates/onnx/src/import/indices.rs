@@ -43,9 +43,9 @@ impl Builder {
         Ok(())
     }
 
-    /// Range; Gather and GatherND of a runtime value by integer indices; and arithmetic, Unsqueeze, Squeeze,
-    /// Reshape and Cast where an operand is a computed integer tensor or every operand a
-    /// constant one. Returns false for anything else (shape lists go to `shape_node`).
+    /// Range; Gather and GatherND of a runtime value by integer indices; and arithmetic,
+    /// Unsqueeze, Squeeze, Reshape and Cast where an operand is a computed integer tensor or every
+    /// operand a constant one. Returns false for anything else (shape lists go to `shape_node`).
     pub(super) fn index_node(&mut self, node: &NodeProto, ins: &[&str], a: &mut Attrs) -> Result<bool> {
         let op = node.op_type.as_deref().unwrap_or("");
         let first = ins.first().copied().unwrap_or("");
@@ -58,24 +58,20 @@ impl Builder {
                 };
                 IntTensor::Range { start: self.scalar(start, "start")?, limit: self.scalar(limit, "limit")?, delta: self.scalar(delta, "delta")? }
             }
-            "Gather" if matches!(self.vals.get(first), Some(Val::Runtime(_))) => {
+            "Gather" | "GatherND" if matches!(self.vals.get(first), Some(Val::Runtime(_))) => {
                 let x = self.runtime(first)?;
                 let name = ins.get(1).copied().unwrap_or("");
                 let indices = self.int_tensor(name).ok_or_else(|| err(format!("indices '{name}' are not integers")))?;
-                let axis = a.int("axis", 0)?;
-                let id = self.push(Step::Gather { input: x, axis, indices });
-                self.set_output(node, id)?;
-                return Ok(true);
-            }
-            "GatherND" if matches!(self.vals.get(first), Some(Val::Runtime(_))) => {
-                let x = self.runtime(first)?;
-                let name = ins.get(1).copied().unwrap_or("");
-                let indices = self.int_tensor(name).ok_or_else(|| err(format!("indices '{name}' are not integers")))?;
-                let batch_dims = a.int("batch_dims", 0)?;
-                if batch_dims != 0 {
-                    return Err(err(format!("batch_dims {batch_dims} is not supported: Stride's GatherND indexes from the first axis")));
-                }
-                let id = self.push(Step::GatherNd { input: x, indices });
+                let step = if op == "Gather" {
+                    Step::Gather { input: x, axis: a.int("axis", 0)?, indices }
+                } else {
+                    let batch_dims = a.int("batch_dims", 0)?;
+                    if batch_dims != 0 {
+                        return Err(err(format!("batch_dims {batch_dims} is not supported: Stride's GatherND indexes from the first axis")));
+                    }
+                    Step::GatherNd { input: x, indices }
+                };
+                let id = self.push(step);
                 self.set_output(node, id)?;
                 return Ok(true);
             }
