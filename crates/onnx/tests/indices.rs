@@ -1,6 +1,7 @@
 //! Gather of the data flowing through by integers the graph computes from its batch (Range,
 //! Mul, Unsqueeze, Add: how PyTorch's newer exporter writes `as_strided`), forward, backward and
-//! planned, at batches other than the exported one; and what such graphs may not ask for.
+//! planned, at batches other than the exported one; and what such graphs (and Expand) may not
+//! ask for.
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
@@ -106,4 +107,16 @@ fn indices_out_of_range_and_unbounded_ranges_are_clear_errors() {
     );
     let e = stride_onnx::import(&m).err().unwrap().to_string();
     assert!(e.contains("Squeeze without axes"), "{e}");
+    // Expand to 3 x 2^26 values from a value of 3: refused when the network runs, before the
+    // values are made; to the input's own size, fine.
+    for (shape, ok) in [([1i64 << 13, 1 << 13, 3], false), ([1, 4, 3], true)] {
+        let m = model(vec![node("Expand", &["x", "shape"], "y")], vec![ints("shape", &[3], &shape)], &[-1, 3], &[-1, 3]);
+        let mut net = stride_onnx::import(&m).unwrap().network;
+        let y = no_grad(|| net.forward(&Var::constant(Tensor::<f32>::zeros(&[1, 3]).unwrap()), &mut Ctx::eval()));
+        match (y, ok) {
+            (Ok(y), true) => assert_eq!(y.shape(), [1, 4, 3]),
+            (Err(e), false) => assert!(e.to_string().contains("[8192, 8192, 3] (201326592 values) is larger than any value"), "{e}"),
+            (y, _) => panic!("Expand to {shape:?}: {:?}", y.map(|v| v.shape())),
+        }
+    }
 }
