@@ -15,15 +15,18 @@ use stride_nn::layers::{Activation, BatchNorm, Conv2d, Dropout, Flatten, LayerNo
 use stride_nn::Module;
 
 use crate::indices::IntTensor;
-use crate::network::{BinOp, Dim, Network, Piece, Reduce, ResizeTo, Step, ValueId};
+use crate::network::{BinOp, Dim, Network, Piece, Reduce, Step, ValueId};
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
-use crate::resize::{Coord, Nearest, Sample};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
 
 mod fuse;
 mod indices;
+mod operators;
+mod resize;
 mod shapes;
+
+pub use operators::OPERATORS;
 
 /// What `import` made of a file.
 pub struct Imported {
@@ -56,7 +59,7 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
     if opset < 7 {
         return Err(err(format!("opset {opset} is older than Stride reads (7 and later)")));
     }
-    if let Some(missing) = unsupported(graph) {
+    if let Some(missing) = operators::unsupported(graph) {
         return Err(err(missing));
     }
     let mut uses: HashMap<String, usize> = HashMap::new();
@@ -122,105 +125,6 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         producer: model.producer_name.clone().unwrap_or_default(),
         metadata: crate::metadata_map(&model.metadata_props),
     })
-}
-
-/// Every operator of ONNX's default domain the importer has a rule for. A rule may still refuse
-/// some forms (an attribute value, a data type, an input computed where it needs a constant),
-/// naming the node; an operator not listed is refused for the whole graph at once.
-pub const OPERATORS: &[&str] = &[
-    "Abs",
-    "Add",
-    "AveragePool",
-    "BatchNormalization",
-    "Cast",
-    "Clip",
-    "Concat",
-    "Constant",
-    "Conv",
-    "ConvTranspose",
-    "Div",
-    "Dropout",
-    "Elu",
-    "Erf",
-    "Exp",
-    "Expand",
-    "Flatten",
-    "Gather",
-    "GatherND",
-    "Gelu",
-    "Gemm",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "HardSigmoid",
-    "HardSwish",
-    "Identity",
-    "LayerNormalization",
-    "LeakyRelu",
-    "Log",
-    "LogSoftmax",
-    "LpPool",
-    "MatMul",
-    "MaxPool",
-    "Mul",
-    "Neg",
-    "Pad",
-    "Range",
-    "ReduceL1",
-    "ReduceL2",
-    "ReduceMax",
-    "ReduceMean",
-    "ReduceMin",
-    "ReduceSum",
-    "ReduceSumSquare",
-    "Relu",
-    "Reshape",
-    "Resize",
-    "Selu",
-    "Shape",
-    "Sigmoid",
-    "Slice",
-    "Softmax",
-    "Softplus",
-    "Split",
-    "Sqrt",
-    "Squeeze",
-    "Sub",
-    "Tanh",
-    "Transpose",
-    "Unsqueeze",
-    "Upsample",
-];
-
-/// The operators of `graph` Stride has no rule for, all of them with the nodes that use them
-/// (the first three by name), or None.
-fn unsupported(graph: &crate::proto::GraphProto) -> Option<String> {
-    let mut missing: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        let (op, domain) = (n.op_type.as_deref().unwrap_or(""), n.domain.as_deref().unwrap_or(""));
-        let default = domain.is_empty() || domain == "ai.onnx";
-        if default && OPERATORS.contains(&op) {
-            continue;
-        }
-        let key = if default { op.to_string() } else { format!("{op} of domain '{domain}'") };
-        let name = n.name.as_deref().filter(|n| !n.is_empty()).map_or_else(|| format!("#{i}"), |n| format!("'{n}'"));
-        missing.entry(key).or_default().push(name);
-    }
-    if missing.is_empty() {
-        return None;
-    }
-    let each: Vec<String> = missing
-        .iter()
-        .map(|(op, nodes)| {
-            let shown = nodes.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
-            match nodes.len() {
-                1 => format!("{op} (node {shown})"),
-                n if n <= 3 => format!("{op} ({n} nodes: {shown})"),
-                n => format!("{op} ({n} nodes: {shown}, ...)"),
-            }
-        })
-        .collect();
-    let what = if missing.len() == 1 { "an operator" } else { "operators" };
-    Some(format!("the graph uses {what} Stride does not have: {}", each.join("; ")))
 }
 
 /// A float tensor's declared shape (None for symbolic dimensions).
@@ -963,90 +867,6 @@ impl Builder {
         if bare {
             self.bare_linear.insert(id, weight);
         }
-        self.set_output(node, id)
-    }
-
-    /// Resize (opset 10 on) and the older Upsample: H and W of [N, C, H, W] by constant factors
-    /// or to sizes (constant or computed from shapes), nearest or linear.
-    fn resize(&mut self, node: &NodeProto, ins: &[&str], mut a: Attrs) -> Result<()> {
-        let op = node.op_type.as_deref().unwrap_or("");
-        let opt = |i: usize| ins.get(i).copied().filter(|s| !s.is_empty());
-        let x = self.runtime(opt(0).ok_or_else(|| err(format!("{op} needs input 0")))?)?;
-        let mode = a.string("mode").unwrap_or_else(|| "nearest".into());
-        // Upsample, and Resize before opset 11, sample from the top-left corner.
-        let old = op == "Upsample" || self.opset < 11;
-        let coord = a.string("coordinate_transformation_mode").unwrap_or_else(|| if old { "asymmetric".into() } else { "half_pixel".into() });
-        let nearest = a.string("nearest_mode").unwrap_or_else(|| if old { "floor".into() } else { "round_prefer_floor".into() });
-        a.take("cubic_coeff_a");
-        a.take("extrapolation_value"); // read by tf_crop_and_resize only
-        if a.int("exclude_outside", 0)? != 0 {
-            return Err(err("exclude_outside 1 is not supported"));
-        }
-        if a.int("antialias", 0)? != 0 {
-            return Err(err("antialias 1 is not supported: Stride's linear resizing reads the two nearest inputs"));
-        }
-        let policy = a.string("keep_aspect_ratio_policy").unwrap_or_else(|| "stretch".into());
-        if policy != "stretch" {
-            return Err(err(format!("keep_aspect_ratio_policy '{policy}' is not supported: Stride stretches to the sizes given")));
-        }
-        let axes = a.ints("axes");
-        // Upsample at opset 7 gives its factors as an attribute.
-        let scales_attr = a.take("scales").map(|s| s.floats.clone());
-        a.done()?;
-        let sample = match mode.as_str() {
-            "nearest" => Sample::Nearest(match nearest.as_str() {
-                "floor" => Nearest::Floor,
-                "ceil" => Nearest::Ceil,
-                "round_prefer_floor" => Nearest::RoundPreferFloor,
-                "round_prefer_ceil" => Nearest::RoundPreferCeil,
-                other => return Err(err(format!("nearest_mode '{other}' is not one of floor, ceil, round_prefer_floor and round_prefer_ceil"))),
-            }),
-            "linear" | "bilinear" => Sample::Linear,
-            other => return Err(err(format!("mode '{other}' is not supported: Stride resizes by nearest or linear sampling"))),
-        };
-        let coord = match coord.as_str() {
-            "half_pixel" => Coord::HalfPixel,
-            "pytorch_half_pixel" => Coord::PytorchHalfPixel,
-            "align_corners" => Coord::AlignCorners,
-            "asymmetric" => Coord::Asymmetric,
-            other => return Err(err(format!("coordinate_transformation_mode '{other}' is not supported"))),
-        };
-        // Which axes the factors or sizes are for: all four, or H and W.
-        let spatial = match axes.as_deref() {
-            None => false,
-            Some([2, 3]) | Some([-2, -1]) => true,
-            Some(v) => return Err(err(format!("axes {v:?}: Stride resizes H and W of [N, C, H, W] (axes [2, 3])"))),
-        };
-        // Inputs: X, scales (Upsample; Resize at opset 10); X, roi, scales, sizes (later).
-        let (scales_at, sizes_at) = if old { (1, None) } else { (2, Some(3)) };
-        let scales = match opt(scales_at) {
-            Some(n) => Some(self.const_f32(n, "scales")?.data().to_vec()).filter(|v| !v.is_empty()),
-            None => scales_attr,
-        };
-        let sizes = sizes_at.and_then(opt);
-        let to = match (scales, sizes) {
-            (Some(sc), None) => {
-                let (sh, sw) = match (sc.as_slice(), spatial) {
-                    ([1.0, 1.0, h, w], false) | ([h, w], true) => (*h as f64, *w as f64),
-                    _ => return Err(err(format!("scales {sc:?}: Stride resizes H and W of [N, C, H, W] (N and C by 1)"))),
-                };
-                let ok = |f: f64| f.is_finite() && f > 0.0 && f <= MAX_WINDOW as f64;
-                if !ok(sh) || !ok(sw) {
-                    return Err(err(format!("scales {sc:?}: each factor must be above 0 and at most {MAX_WINDOW}")));
-                }
-                ResizeTo::Scales(sh, sw)
-            }
-            (None, Some(n)) => {
-                let pieces = self.int_pieces(n).ok_or_else(|| err(format!("sizes '{n}' are not a list of integers")))?;
-                if spatial && pieces.len() != 2 {
-                    return Err(err("sizes for axes [2, 3] must be two"));
-                }
-                ResizeTo::Sizes(pieces)
-            }
-            (Some(_), Some(_)) => return Err(err("both scales and sizes are given; ONNX takes one")),
-            (None, None) => return Err(err("neither scales nor sizes are given")),
-        };
-        let id = self.push(Step::Resize { input: x, to, coord, sample });
         self.set_output(node, id)
     }
 
