@@ -376,7 +376,12 @@ fn reduce<T: ag::Elem>(x: &Var<T>, how: Reduce, axes: &[usize], keep: bool) -> a
         Reduce::Sum => return x.sum(axes, keep),
         Reduce::SumSquare => return x.mul(x)?.sum(axes, keep),
         Reduce::L1 => return x.abs()?.sum(axes, keep),
-        Reduce::L2 => return x.mul(x)?.sum(axes, keep)?.sqrt(),
+        Reduce::L2 => {
+            // sqrt(s) spelt s / sqrt(max(s, tiny)): the same value (0 at 0), and at an all-zero
+            // vector a gradient of 0 (as PyTorch's norm) where sqrt's own is 0 * inf = NaN.
+            let s = x.mul(x)?.sum(axes, keep)?;
+            return s.div(&s.clamp(f64::from(f32::MIN_POSITIVE), f64::INFINITY)?.sqrt()?);
+        }
         Reduce::Max | Reduce::Min => {}
     }
     let mut y = if how == Reduce::Min { x.neg()? } else { x.clone() };
@@ -706,6 +711,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_l2_norm_of_a_zero_vector_is_zero_with_a_zero_gradient() {
+        let x = Tensor::from_vec(vec![0.0f32, 0.0, 0.0, 3.0, 4.0, 0.0], &[2, 3]).unwrap();
+        let v = Var::parameter(x);
+        let y = reduce(&v, Reduce::L2, &[1], false).unwrap();
+        assert_eq!(y.value().data(), [0.0, 5.0]);
+        let g = y.sum(&[0], false).unwrap().gradients(&[&v]).unwrap().remove(0).unwrap();
+        assert_eq!(g.data(), [0.0, 0.0, 0.0, 0.6, 0.8, 0.0]);
     }
 
     #[test]
