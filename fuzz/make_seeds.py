@@ -106,6 +106,32 @@ def resize_onnx():
     out("onnx_model", "resize.onnx", model.SerializeToString())
 
 
+def where_onnx():
+    """Masks as the newer exporter writes adaptive pooling (Where by boolean constants, a scalar
+    fill broadcast), over the rows and then the columns. Needs the `onnx` package."""
+    try:
+        import onnx
+        from onnx import TensorProto as T, helper as h
+    except ImportError:
+        print("onnx is not installed: fuzz/seeds/onnx_model/where.onnx left as it is")
+        return
+    nodes = [
+        h.make_node("Where", ["rows", "zero", "x"], ["w"]),
+        h.make_node("Where", ["cols", "w", "x"], ["y"]),
+    ]
+    init = [
+        h.make_tensor("rows", T.BOOL, [3, 1], [True, False, True]),
+        h.make_tensor("cols", T.BOOL, [4], [False, True, True, False]),
+        h.make_tensor("zero", T.FLOAT, [], [0.0]),
+    ]
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 4])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 3, 4])
+    model = h.make_model(h.make_graph(nodes, "where", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out("onnx_model", "where.onnx", model.SerializeToString())
+
+
 def main():
     # onnx_model's other seeds are written elsewhere (tiny.onnx by crates/train/tests/fuzz_corpus.rs
     # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
@@ -113,6 +139,7 @@ def main():
         shutil.rmtree(os.path.join(HERE, "seeds", target), ignore_errors=True)
     gather_range_onnx()
     resize_onnx()
+    where_onnx()
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
     out("idx", "labels.idx", labels)

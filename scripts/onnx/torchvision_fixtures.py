@@ -13,7 +13,9 @@ here too).
 
 Also `attention_cnn.*`: a small CNN with CBAM's channel and spatial attention and
 F.normalize, with its own seeded weights (reductions over channels, an L2 norm, Expand); and
-`small_unet.*`: a small U-Net upsampling by nearest and bilinear (both corner rules) Resize.
+`small_unet.*`: a small U-Net upsampling by nearest and bilinear (both corner rules) Resize;
+and `adaptive_pool_cnn.dynamo.*`: adaptive average pooling to sizes that do not divide the map
+(the new exporter's masks through Where).
 And `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
@@ -23,7 +25,7 @@ fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py            # everything
-    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet
+    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet, adaptive_pool_cnn
 """
 import os
 import shutil
@@ -149,15 +151,15 @@ class SmallUNet(torch.nn.Module):
         return self.out(torch.relu(self.u1(torch.cat([a, b], 1))))
 
 
-def with_own_weights(name, net, x, seed_fuzzer=False):
-    """`net` with its own seeded weights on the images `x`, by both exporters, as
+def with_own_weights(name, net, x, seed_fuzzer=False, exporters=("dynamo", "torchscript")):
+    """`net` with its own seeded weights on the images `x`, by `exporters`, as
     `{name}.{exporter}.onnx` with ONNX Runtime's output; with `seed_fuzzer`, the new exporter's
     graph also seeds the fuzzer (it must stay under its 16 KiB)."""
     with open(os.path.join(OUT, f"{name}.input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     with torch.no_grad():
         want = net(x).numpy()
-    for exporter in ("dynamo", "torchscript"):
+    for exporter in exporters:
         path = os.path.join(OUT, f"{name}.{exporter}.onnx")
         export(net, x, path, exporter)
         model = onnx.load(path)
@@ -176,6 +178,34 @@ def with_own_weights(name, net, x, seed_fuzzer=False):
     seed = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fuzz", "seeds", "onnx_model", f"{name}.onnx"))
     shutil.copyfile(os.path.join(OUT, f"{name}.dynamo.onnx"), seed)
     assert os.path.getsize(seed) < 16384, "the seed is over the fuzzer's max_len"
+
+
+class AdaptivePoolCnn(torch.nn.Module):
+    """Adaptive average pooling to sizes that do not divide the map, as VGG's and AlexNet's
+    classifiers meet it on small images: 15x15 to 7x4 (windows of 3 and 4 overlapping) and 3x3
+    up to 5x5 (VGG's 2x2 to 7x7 at 64x64). The new exporter gathers each window's first and
+    second cells and zeroes the second where a window has one (Where with constant masks)."""
+
+    def __init__(self, channels=6, classes=10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, channels, 3)
+        self.down = torch.nn.AdaptiveAvgPool2d((7, 4))
+        self.up = torch.nn.AdaptiveAvgPool2d(5)
+        self.fc = torch.nn.Linear(channels * (28 + 25), classes)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        x = f.max_pool2d(torch.relu(self.conv(x)), 4)
+        a, b = self.down(x), self.up(f.max_pool2d(x, 5))
+        return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+
+def adaptive_pool_cnn():
+    """AdaptivePoolCnn on 2 seeded 3x64x64 images, by the new exporter (the TorchScript one
+    refuses sizes that do not divide)."""
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    with_own_weights("adaptive_pool_cnn", AdaptivePoolCnn().eval(), x, exporters=("dynamo",))
 
 
 def small_unet():
@@ -256,7 +286,7 @@ def main():
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
-    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet}
+    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

@@ -290,6 +290,7 @@ impl Builder {
                 Ok(self.push(Step::Const(v)))
             }
             Some(Val::Const(Const::I64(..))) => Err(err(format!("input '{name}' holds integers; Stride computes in float32"))),
+            Some(Val::Const(Const::Bool(..))) => Err(err(format!("input '{name}' holds booleans; Stride computes in float32"))),
             Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
@@ -298,6 +299,7 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Const(Const::F32(t))) => Ok(t.clone()),
             Some(Val::Const(Const::I64(..))) => Err(err(format!("{what} '{name}' holds integers, not float32"))),
+            Some(Val::Const(Const::Bool(..))) => Err(err(format!("{what} '{name}' holds booleans, not float32"))),
             Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant (an initializer)"))),
             Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
@@ -307,6 +309,7 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Const(Const::I64(d, _))) => Ok(d.clone()),
             Some(Val::Const(Const::F32(_))) => Err(err(format!("{what} '{name}' holds floats, not integers"))),
+            Some(Val::Const(Const::Bool(..))) => Err(err(format!("{what} '{name}' holds booleans, not integers"))),
             Some(Val::Runtime(_) | Val::Ints(_) | Val::Indices(_)) => {
                 Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant")))
             }
@@ -469,6 +472,22 @@ impl Builder {
                 let shape = self.int_pieces(n).ok_or_else(|| err(format!("shape '{n}' is not a list of integers")))?;
                 a.done()?;
                 self.push(Step::Expand(x, shape))
+            }
+            "Where" => {
+                // A condition known when the file is read (masks the new exporter writes);
+                // one computed from the data would need comparisons Stride does not have.
+                let c = need(0)?;
+                let (cond, dims) = match self.vals.get(c) {
+                    Some(Val::Const(Const::Bool(v, d))) => (v.clone(), d.clone()),
+                    Some(Val::Runtime(_)) => {
+                        return Err(err(format!("Where's condition '{c}' is computed from the data; Stride selects by a constant condition only")))
+                    }
+                    Some(_) => return Err(err(format!("Where's condition '{c}' is not a boolean constant"))),
+                    None => return Err(err(format!("condition '{c}' is made by no earlier node"))),
+                };
+                a.done()?;
+                let (x, y) = (self.value(need(1)?)?, self.value(need(2)?)?);
+                self.push(Step::Where { cond, dims, x, y })
             }
             "BatchNormalization" => {
                 let x = self.runtime(need(0)?)?;

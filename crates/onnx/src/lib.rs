@@ -19,6 +19,7 @@ mod network;
 #[rustfmt::skip]
 pub mod proto;
 mod resize;
+mod select;
 mod tensor;
 mod write;
 

@@ -9,8 +9,9 @@
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
-use crate::indices::{gather, gather_nd, IntTensor, MAX_INDICES};
+use crate::indices::{gather, gather_nd, IntTensor};
 use crate::resize::{resize, Coord, Sample};
+use crate::select::{broadcast, select, widen, within};
 
 /// Where a step reads from: 0 is the network's input, i + 1 the output of step i.
 pub(crate) type ValueId = usize;
@@ -214,6 +215,14 @@ pub(crate) enum Step {
         axis: i64,
         indices: IntTensor,
     },
+    /// ONNX's Where with a constant condition (of dimensions `dims`): `x` where it holds, `y`
+    /// elsewhere, the three broadcast together.
+    Where {
+        cond: Vec<bool>,
+        dims: Vec<usize>,
+        x: ValueId,
+        y: ValueId,
+    },
     /// Constant padding of every axis: (before, after).
     Pad {
         input: ValueId,
@@ -324,7 +333,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Expand(input, _)
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
-        Step::Binary(_, a, b) | Step::MatMul(a, b) => vec![*a, *b],
+        Step::Binary(_, a, b) | Step::MatMul(a, b) | Step::Where { x: a, y: b, .. } => vec![*a, *b],
         Step::Concat(v, _) => v.clone(),
     }
 }
@@ -404,16 +413,7 @@ fn expanded(dims: &[usize], target: &[i64]) -> ag::Result<Vec<usize>> {
     if let Some(&t) = target.iter().find(|&&t| t < 0) {
         return Err(ag::Error::shape("Expand", format!("shape {target:?} has {t}")));
     }
-    let rank = dims.len().max(target.len());
-    let at = |v: &[usize], i: usize| if i + v.len() >= rank { v[i + v.len() - rank] } else { 1 };
-    let target: Vec<usize> = target.iter().map(|&t| t as usize).collect();
-    (0..rank)
-        .map(|i| match (at(dims, i), at(&target, i)) {
-            (a, b) if a == b || b == 1 => Ok(a),
-            (1, b) => Ok(b),
-            (a, b) => Err(ag::Error::shape("Expand", format!("{dims:?} does not broadcast to {target:?} (axis {i}: {a} against {b})"))),
-        })
-        .collect()
+    broadcast("Expand", dims, &target.iter().map(|&t| t as usize).collect::<Vec<_>>())
 }
 
 /// Matrix product with NumPy's rules for 1-d and 2-d operands.
@@ -557,22 +557,13 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             let x = v(input);
             let target = eval_ints(shape, shapes)?;
             let dims = expanded(&x.shape(), &target)?;
-            // No larger than a value the network already holds, or 2^24 values: a file cannot
-            // make it allocate out of proportion to its input.
-            let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0).max(MAX_INDICES);
-            match dims.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) {
-                Some(n) if n <= most => {}
-                n => {
-                    let n = n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
-                    let why = format!("to {dims:?} ({n} values) is larger than any value the network has computed and than {MAX_INDICES}; Stride expands at most that far");
-                    return Err(ag::Error::shape("Expand", why).into());
-                }
-            }
-            if dims == x.shape() {
-                x
-            } else {
-                x.add(&Var::constant(ag::Tensor::zeros(&dims)?))?
-            }
+            let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
+            within("Expand", "to", &dims, most)?;
+            widen(&x, &dims)?
+        }
+        Step::Where { cond, dims, x, y } => {
+            let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
+            select(cond, dims, &v(x), &v(y), most)?
         }
         Step::Resize { input, to, coord, sample } => {
             let x = v(input);

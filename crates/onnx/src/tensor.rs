@@ -11,6 +11,8 @@ pub enum Const {
     F32(Tensor<f32>),
     /// Integers (int64 or int32 in the file) and their dimensions.
     I64(Vec<i64>, Vec<usize>),
+    /// Booleans (a Where's condition) and their dimensions.
+    Bool(Vec<bool>, Vec<usize>),
 }
 
 /// A float tensor as a TensorProto with raw little-endian data.
@@ -47,7 +49,7 @@ fn numel(name: &str, dims: &[i64]) -> Result<(Vec<usize>, usize)> {
     Ok((shape, n))
 }
 
-/// Reads a float or int64 TensorProto; any other type, or data still outside the file, is refused
+/// Reads a float, int64 (or int32) or bool TensorProto; any other type, or data still outside the file, is refused
 /// with the tensor's name. The element count must match the data present.
 pub(crate) fn read_const(t: &TensorProto) -> Result<Const> {
     let name = t.name.as_deref().unwrap_or("");
@@ -110,6 +112,19 @@ pub(crate) fn read_const(t: &TensorProto) -> Result<Const> {
         };
         return Ok(Const::I64(data, shape));
     }
+    if dt == DataType::Bool as i32 {
+        let data: Vec<bool> = match raw {
+            Some(r) => {
+                count(r.len(), 1)?;
+                r.iter().map(|&b| b != 0).collect()
+            }
+            None => {
+                count(t.int32_data.len(), 0)?;
+                t.int32_data.iter().map(|&v| v != 0).collect()
+            }
+        };
+        return Ok(Const::Bool(data, shape));
+    }
     Err(err(format!("tensor '{name}' has element type {}; Stride computes in float32 (shapes in int64)", type_name(dt))))
 }
 
@@ -123,5 +138,6 @@ pub fn from_tensor_proto(t: &TensorProto) -> Result<Tensor<f32>> {
     match read_const(t)? {
         Const::F32(t) => Ok(t),
         Const::I64(..) => Err(err(format!("tensor '{}' holds integers, not float32", t.name.as_deref().unwrap_or("")))),
+        Const::Bool(..) => Err(err(format!("tensor '{}' holds booleans, not float32", t.name.as_deref().unwrap_or("")))),
     }
 }

@@ -51,7 +51,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     let mut cases: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
-        .filter(|c| !["tiny_cnn.", "attention_cnn.", "small_unet."].iter().any(|own| c.starts_with(own)))
+        .filter(|c| !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn."].iter().any(|own| c.starts_with(own)))
         .collect();
     cases.sort();
     let mut n = 0;
@@ -114,15 +114,17 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     assert_eq!(n, 22, "{cases:?}");
 }
 
-/// A graph exported with its own weights (`{name}.{exporter}.onnx`, input `{name}.input.pb`):
-/// within `tol` of ONNX Runtime at the exported batch and on its first image alone (computed
-/// shapes follow the batch), eagerly and through a compiled plan.
-fn agrees_at_any_batch(name: &str, tol: f32) {
+const BOTH: &[&str] = &["dynamo", "torchscript"];
+
+/// A graph exported with its own weights (`{name}.{exporter}.onnx` for each of `exporters`, input
+/// `{name}.input.pb`): within `tol` of ONNX Runtime at the exported batch and on its first image
+/// alone (computed shapes follow the batch), eagerly and through a compiled plan.
+fn agrees_at_any_batch(name: &str, exporters: &[&str], tol: f32) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torchvision");
     let x = read_pb(&dir.join(format!("{name}.input.pb")));
     let batch = x.shape()[0];
     let first = Tensor::from_vec(x.data()[..x.numel() / batch].to_vec(), &[&[1][..], &x.shape()[1..]].concat()).unwrap();
-    for exporter in ["dynamo", "torchscript"] {
+    for exporter in exporters {
         let case = format!("{name}.{exporter}");
         let mut net =
             stride_onnx::import(&stride_onnx::read(&dir.join(format!("{case}.onnx"))).unwrap()).unwrap_or_else(|e| panic!("{case}: {e}")).network;
@@ -148,7 +150,7 @@ fn agrees_at_any_batch(name: &str, tol: f32) {
 /// `tiny_cnn.dynamo.onnx.data`.
 #[test]
 fn a_tutorial_cnn_exported_by_default_imports_and_agrees_with_onnx_runtime() {
-    agrees_at_any_batch("tiny_cnn", 1e-5);
+    agrees_at_any_batch("tiny_cnn", BOTH, 1e-5);
 }
 
 /// CBAM's attention (the mean and max of each map through a shared MLP; the mean and max over
@@ -156,14 +158,22 @@ fn a_tutorial_cnn_exported_by_default_imports_and_agrees_with_onnx_runtime() {
 /// and Expand, as both exporters write them.
 #[test]
 fn a_cnn_with_attention_imports_and_agrees_with_onnx_runtime() {
-    agrees_at_any_batch("attention_cnn", 1e-5);
+    agrees_at_any_batch("attention_cnn", BOTH, 1e-5);
 }
 
 /// A U-Net whose decoder upsamples by nearest (nn.Upsample) and bilinear Resize, with half-pixel
 /// and aligned corners (F.interpolate by a factor and to the skip connection's size).
 #[test]
 fn a_unet_upsampling_three_ways_imports_and_agrees_with_onnx_runtime() {
-    agrees_at_any_batch("small_unet", 1e-5);
+    agrees_at_any_batch("small_unet", BOTH, 1e-5);
+}
+
+/// Adaptive average pooling to sizes that do not divide the map (15x15 to 7x4, 3x3 up to 5x5, as
+/// VGG's classifier on 64x64 images): the new exporter gathers each window's two candidate cells
+/// and zeroes the second where a window has one, by Where with constant masks.
+#[test]
+fn adaptive_pooling_to_sizes_that_do_not_divide_imports_and_agrees_with_onnx_runtime() {
+    agrees_at_any_batch("adaptive_pool_cnn", &["dynamo"], 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused

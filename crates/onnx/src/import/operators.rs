@@ -65,6 +65,7 @@ pub const OPERATORS: &[&str] = &[
     "Transpose",
     "Unsqueeze",
     "Upsample",
+    "Where",
 ];
 
 /// The operators of `graph` Stride has no rule for, all of them with the nodes that use them
