@@ -15,7 +15,8 @@ Also `attention_cnn.*`: a small CNN with CBAM's channel and spatial attention an
 F.normalize, with its own seeded weights (reductions over channels, an L2 norm, Expand); and
 `small_unet.*`: a small U-Net upsampling by nearest and bilinear (both corner rules) Resize;
 and `adaptive_pool_cnn.dynamo.*`: adaptive average pooling to sizes that do not divide the map
-(the new exporter's masks through Where).
+(the new exporter's masks through Where); and `self_attention_cnn.*`: multi-head self-attention
+over a feature map (batched MatMul), as YOLO11's C2PSA block.
 And `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
@@ -25,7 +26,8 @@ fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
 
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py            # everything
-    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet, adaptive_pool_cnn
+    python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet, adaptive_pool_cnn,
+                                                            # self_attention_cnn
 """
 import os
 import shutil
@@ -200,6 +202,35 @@ class AdaptivePoolCnn(torch.nn.Module):
         return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
 
 
+class SelfAttentionCnn(torch.nn.Module):
+    """Multi-head self-attention over a feature map's positions between convolutions, as
+    YOLO11's C2PSA and non-local blocks write it: queries, keys and values from one 1x1
+    convolution, viewed as [N, heads, d, HW], then two batched products (MatMul of 4-d stacks)
+    around a softmax, and a residual add."""
+
+    def __init__(self, channels=8, heads=2, classes=10):
+        super().__init__()
+        self.heads, self.d = heads, channels // heads
+        self.conv = torch.nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.qkv = torch.nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = torch.nn.Conv2d(channels, channels, 1)
+        self.fc = torch.nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(n, self.heads, 3 * self.d, h * w).split([self.d, self.d, self.d], dim=2)
+        a = (q.transpose(-2, -1) @ k * self.d ** -0.5).softmax(dim=-1)
+        x = x + self.proj((v @ a.transpose(-2, -1)).view(n, c, h, w))
+        return self.fc(x.mean((2, 3)))
+
+
+def self_attention_cnn():
+    """SelfAttentionCnn with its own seeded weights, on 3 seeded 3x12x12 images."""
+    torch.manual_seed(11)
+    with_own_weights("self_attention_cnn", SelfAttentionCnn().eval(), torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(12)))
+
+
 def adaptive_pool_cnn():
     """AdaptivePoolCnn on 2 seeded 3x64x64 images, by the new exporter (the TorchScript one
     refuses sizes that do not divide)."""
@@ -286,7 +317,8 @@ def main():
     with open(os.path.join(OUT, "input.pb"), "wb") as f:
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
-    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn}
+    extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn,
+              "self_attention_cnn": self_attention_cnn}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

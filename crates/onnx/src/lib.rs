@@ -14,6 +14,7 @@
 mod external;
 mod import;
 mod indices;
+mod matmul;
 mod network;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 #[rustfmt::skip]

@@ -10,6 +10,7 @@ use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 use crate::indices::{gather, gather_nd, IntTensor};
+use crate::matmul::matmul;
 use crate::resize::{resize, Coord, Sample};
 use crate::select::{broadcast, select, widen, within};
 
@@ -414,25 +415,6 @@ fn expanded(dims: &[usize], target: &[i64]) -> ag::Result<Vec<usize>> {
         return Err(ag::Error::shape("Expand", format!("shape {target:?} has {t}")));
     }
     broadcast("Expand", dims, &target.iter().map(|&t| t as usize).collect::<Vec<_>>())
-}
-
-/// Matrix product with NumPy's rules for 1-d and 2-d operands.
-fn matmul(a: &Var, b: &Var) -> ag::Result<Var> {
-    let (sa, sb) = (a.shape(), b.shape());
-    let a2 = if sa.len() == 1 { a.reshape(&[1, sa[0]])? } else { a.clone() };
-    let b2 = if sb.len() == 1 { b.reshape(&[sb[0], 1])? } else { b.clone() };
-    if a2.shape().len() != 2 || b2.shape().len() != 2 {
-        return Err(ag::Error::shape("MatMul", format!("Stride multiplies 1-d and 2-d values; got {sa:?} and {sb:?}")));
-    }
-    let y = a2.matmul(&b2)?;
-    let mut out: Vec<usize> = Vec::new();
-    if sa.len() == 2 {
-        out.push(sa[0]);
-    }
-    if sb.len() == 2 {
-        out.push(sb[1]);
-    }
-    y.reshape(&out)
 }
 
 fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &mut Ctx) -> Result<Var> {

@@ -51,7 +51,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     let mut cases: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
-        .filter(|c| !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn."].iter().any(|own| c.starts_with(own)))
+        .filter(|c| !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn."].iter().any(|own| c.starts_with(own)))
         .collect();
     cases.sort();
     let mut n = 0;
@@ -174,6 +174,13 @@ fn a_unet_upsampling_three_ways_imports_and_agrees_with_onnx_runtime() {
 #[test]
 fn adaptive_pooling_to_sizes_that_do_not_divide_imports_and_agrees_with_onnx_runtime() {
     agrees_at_any_batch("adaptive_pool_cnn", &["dynamo"], 1e-5);
+}
+
+/// Multi-head self-attention over a feature map's positions (YOLO11's C2PSA, non-local blocks):
+/// queries times keys and values times weights are products of 4-d stacks (batched MatMul).
+#[test]
+fn self_attention_over_a_feature_map_imports_and_agrees_with_onnx_runtime() {
+    agrees_at_any_batch("self_attention_cnn", BOTH, 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused
