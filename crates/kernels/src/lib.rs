@@ -7,6 +7,7 @@ pub mod conv;
 pub mod gemm;
 pub mod norm;
 pub mod pool;
+pub mod resample;
 pub mod simd;
 pub mod softmax;
 pub mod unary;

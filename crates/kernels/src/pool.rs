@@ -136,7 +136,7 @@ fn planes_per_task(in_plane: usize, out_plane: usize) -> usize {
 
 /// Runs `f(output plane, input plane)` over all N*C planes in parallel, several small planes
 /// to a task.
-fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
+pub(crate) fn planes<T: Elem, U: Send>(x: &[T], in_plane: usize, out: &mut [U], out_plane: usize, f: impl Fn(&mut [U], &[T]) + Sync + Send) {
     if out_plane == 0 || in_plane == 0 {
         return;
     }

@@ -79,7 +79,7 @@ fn gelu_grad_f32(v: f32) -> f32 {
 }
 
 #[inline(always)]
-fn exp<T: Elem>(x: T) -> T {
+pub(crate) fn exp<T: Elem>(x: T) -> T {
     pick(x, vmath::exp, T::exp)
 }
 

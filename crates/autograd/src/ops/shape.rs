@@ -85,12 +85,7 @@ impl<T: Elem> Var<T> {
         let (oh, ow) = (h * scale.0, w * scale.1);
         let out_shape = [n, c, oh, ow];
         stride_tensor::shape::numel("upsample_nearest2d", &out_shape)?;
-        let x = self.value();
-        let xd = x.data();
-        let v = Tensor::from_fn(&out_shape, |i| {
-            let (plane, rem) = (i / (oh * ow), i % (oh * ow));
-            xd[plane * h * w + (rem / ow / scale.0) * w + (rem % ow) / scale.1]
-        })?;
+        let v = Tensor::from_vec(stride_kernels::resample::upsample_nearest(self.value().data(), h, w, scale), &out_shape)?;
         Ok(Var::from_op(v, Op::UpsampleNearest { scale }, &[self]))
     }
 }
@@ -122,12 +117,5 @@ pub(crate) fn narrow_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], axis: 
 }
 
 pub(crate) fn upsample_backward<T: Elem>(g: &Tensor<T>, in_shape: &[usize], scale: (usize, usize)) -> Result<Tensor<T>> {
-    let (h, w) = (in_shape[2], in_shape[3]);
-    let (oh, ow) = (h * scale.0, w * scale.1);
-    let mut dx = vec![T::zero(); in_shape.iter().product()];
-    for (i, &gv) in g.data().iter().enumerate() {
-        let (plane, rem) = (i / (oh * ow), i % (oh * ow));
-        dx[plane * h * w + (rem / ow / scale.0) * w + (rem % ow) / scale.1] += gv;
-    }
-    Tensor::from_vec(dx, in_shape)
+    Tensor::from_vec(stride_kernels::resample::upsample_nearest_backward(g.data(), in_shape[2], in_shape[3], scale), in_shape)
 }
