@@ -58,10 +58,13 @@ const SERIAL: usize = 1 << 14;
 /// t, out_row)` makes a row of those columns; `row(a, b, out)` does a whole contiguous row
 /// (inner 1).
 struct Kind<T> {
-    stats: fn(&[T], &[T], usize, usize, usize, &mut [T], &mut [T]),
-    write: fn(&[T], &[T], &[T], &[T], &mut [T]),
+    stats: Stats<T>,
+    write: Write<T>,
     row: fn(&[T], &[T], &mut [T]),
 }
+
+type Stats<T> = fn(&[T], &[T], usize, usize, usize, &mut [T], &mut [T]);
+type Write<T> = fn(&[T], &[T], &[T], &[T], &mut [T]);
 
 fn drive<T: Elem>(a: &[T], b: &[T], out: &mut [T], [outer, dim, inner]: [usize; 3], k: Kind<T>) {
     let block = dim * inner;
