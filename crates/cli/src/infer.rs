@@ -50,7 +50,8 @@ pub struct RunArgs {
     /// A safetensors file with an f32 tensor named `input`, [N, C, H, W].
     #[arg(long)]
     input: PathBuf,
-    /// Where to write the tensor `output` (the model's raw outputs, eval mode).
+    /// Where to write the tensor `output` (the model's raw outputs, eval mode). An ONNX model
+    /// with several outputs writes each under its name in the file.
     #[arg(long)]
     output: PathBuf,
     /// Classes the model was built for.
@@ -208,18 +209,37 @@ pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>
     let [_, c, h, w] = x.shape()[..] else {
         return Err(format!("{}: 'input' has shape {:?}, expected [N, C, H, W]", a.input.display(), x.shape()).into());
     };
-    // An ONNX model gives the outputs it declares; --classes is for zoo and TOML models.
-    let spec = (!a.model.ends_with(".onnx")).then_some(InputSpec { channels: c, height: h, width: w, classes: a.classes });
-    let (mut model, _) = load_model(&a.model, spec, a.weights.as_deref())?;
-    model.to(device)?;
     let mut ctx = Ctx::eval();
     ctx.debug = a.debug;
     if a.debug {
         eprintln!("{:>16} {:<48} -> {:?}", "", "input", x.shape());
     }
-    let y = no_grad(|| model.forward(&Var::constant(x.to(device)?), &mut ctx))?;
-    checkpoint::save(&a.output, &[("output".to_string(), y.value().to_host()?)])?;
-    println!("wrote 'output' {:?} to {}", y.shape(), a.output.display());
+    let x = Var::constant(x.to(device)?);
+    // An ONNX model gives the outputs it declares (--classes is for zoo and TOML models): one
+    // as `output`, several under their names in the file.
+    let outputs = if a.model.ends_with(".onnx") {
+        let mut net = stride_models::onnx_network(&a.model)?;
+        if let Some(w) = &a.weights {
+            load_weights(&mut net, w)?;
+        }
+        net.to(device)?;
+        let mut all = no_grad(|| net.forward_all(&x, &mut ctx))?;
+        if all.len() == 1 {
+            all[0].0 = "output".to_string();
+        }
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|(name, _)| seen.insert(name.clone()));
+        all
+    } else {
+        let spec = InputSpec { channels: c, height: h, width: w, classes: a.classes };
+        let (mut model, _) = load_model(&a.model, Some(spec), a.weights.as_deref())?;
+        model.to(device)?;
+        vec![("output".to_string(), no_grad(|| model.forward(&x, &mut ctx))?)]
+    };
+    let tensors = outputs.iter().map(|(n, y)| Ok((n.clone(), y.value().to_host()?))).collect::<Result<Vec<_>, stride_nn::Error>>()?;
+    checkpoint::save(&a.output, &tensors)?;
+    let list: Vec<String> = outputs.iter().map(|(n, y)| format!("'{n}' {:?}", y.shape())).collect();
+    println!("wrote {} to {}", list.join(", "), a.output.display());
     Ok(())
 }
 

@@ -776,3 +776,56 @@ fn bench_times_an_onnx_file() {
     let out = stride(&["bench", "--bench", "onnx"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--model FILE.onnx"));
 }
+
+/// `run` of an ONNX model with several outputs (a detector's boxes and mask prototypes) writes
+/// each under its name in the file; with one, the tensor is `output`.
+#[test]
+fn run_writes_every_output_of_an_onnx_model() {
+    use stride_onnx::proto::{tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto, ValueInfoProto};
+    let dir = tmp("outputs");
+    std::fs::create_dir_all(dir.to_str().unwrap()).unwrap();
+    let value = |name: &str| {
+        let dim = |d: Option<i64>| tensor_shape_proto::Dimension {
+            value: Some(d.map_or(tensor_shape_proto::dimension::Value::DimParam("N".into()), tensor_shape_proto::dimension::Value::DimValue)),
+            ..Default::default()
+        };
+        let shape = stride_onnx::proto::TensorShapeProto { dim: vec![dim(None), dim(Some(1)), dim(Some(2)), dim(Some(2))] };
+        let t = type_proto::Tensor { elem_type: Some(1), shape: Some(shape) };
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(t)), ..Default::default() }),
+            ..Default::default()
+        }
+    };
+    let node = |op: &str, out: &str| NodeProto { op_type: Some(op.into()), input: vec!["x".into()], output: vec![out.into()], ..Default::default() };
+    let model = |outputs: &[&str]| ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
+        graph: Some(GraphProto {
+            node: vec![node("Relu", "pos"), node("Neg", "neg")],
+            input: vec![value("x")],
+            output: outputs.iter().map(|o| value(o)).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let input = dir.join("x.safetensors");
+    let x = stride_autograd::Tensor::from_vec(vec![-1.0f32, 2.0, -3.0, 4.0], &[1, 1, 2, 2]).unwrap();
+    stride_train::checkpoint::save(&input, &[("input".into(), x)]).unwrap();
+    for (outputs, want) in [
+        (&["pos", "neg"][..], &[("pos", [0.0, 2.0, 0.0, 4.0]), ("neg", [1.0, -2.0, 3.0, -4.0])][..]),
+        (&["neg"], &[("output", [1.0, -2.0, 3.0, -4.0])]),
+    ] {
+        let onnx = dir.join("two.onnx");
+        std::fs::write(&onnx, stride_onnx::encode(&model(outputs))).unwrap();
+        let output = dir.join("y.safetensors");
+        let r = stride(&["run", "--model", onnx.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+        assert!(r.status.success(), "{}", text(&r));
+        let got = stride_train::checkpoint::load(&output).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", text(&r));
+        for (name, values) in want {
+            assert_eq!(got[*name].data(), values, "{name}: {}", text(&r));
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

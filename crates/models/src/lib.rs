@@ -342,6 +342,12 @@ pub fn onnx_spec(path: &str) -> Result<InputSpec> {
     declared_spec(path, &read_onnx(path)?)
 }
 
+/// An ONNX model as Stride's network itself, with every output the file declares
+/// ([`stride_onnx::Network::forward_all`]).
+pub fn onnx_network(path: &str) -> Result<stride_onnx::Network> {
+    read_onnx(path)
+}
+
 fn read_onnx(path: &str) -> Result<stride_onnx::Network> {
     Ok(stride_onnx::import(&stride_onnx::read(std::path::Path::new(path))?).map_err(|e| e.context(path.to_string()))?.network)
 }

@@ -107,20 +107,23 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         };
         b.node(node).map_err(|e| e.context(format!("node {name} ({}, opset {opset})", node.op_type.as_deref().unwrap_or(""))))?;
     }
-    let [output] = &graph.output[..] else {
-        return Err(err(format!("a Stride network gives one output; this graph gives {}", graph.output.len())));
+    let Some(first) = graph.output.first() else {
+        return Err(err("the graph declares no output"));
     };
-    let out_name = output.name.as_deref().unwrap_or("");
-    let output_shape = tensor_shape(output).unwrap_or_default();
-    let out = match b.vals.get(out_name) {
-        Some(Val::Runtime(id)) => *id,
-        Some(Val::Const(_) | Val::Ints(_) | Val::Indices(_)) => {
-            return Err(err(format!("the graph's output '{out_name}' is a constant or computed from shapes")))
+    let output_shape = tensor_shape(first).unwrap_or_default();
+    let mut outputs = Vec::with_capacity(graph.output.len());
+    for output in &graph.output {
+        let out_name = output.name.as_deref().unwrap_or("");
+        match b.vals.get(out_name) {
+            Some(Val::Runtime(id)) => outputs.push((out_name.to_string(), *id)),
+            Some(Val::Const(_) | Val::Ints(_) | Val::Indices(_)) => {
+                return Err(err(format!("the graph's output '{out_name}' is a constant or computed from shapes")))
+            }
+            None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
         }
-        None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
-    };
+    }
     Ok(Imported {
-        network: Network::new(b.steps, out, input_shape, output_shape),
+        network: Network::new(b.steps, outputs, input_shape, output_shape),
         opset,
         producer: model.producer_name.clone().unwrap_or_default(),
         metadata: crate::metadata_map(&model.metadata_props),
@@ -355,11 +358,11 @@ impl Builder {
         let opt = |i: usize| ins.get(i).copied().filter(|s| !s.is_empty());
         let need = |i: usize| opt(i).ok_or_else(|| err(format!("{op} needs input {i}")));
         let mut a = Attrs::new(node);
-        // Outputs beyond the first must go unused (Dropout's mask, MaxPool's indices, BN's stats).
-        let extra_outputs = node.output.iter().skip(1).filter(|o| !o.is_empty()).count();
-        let multi = op == "Split";
-        if extra_outputs > 0 && !multi {
-            return Err(err(format!("{op} with {} outputs: Stride gives the first only", node.output.len())));
+        // Outputs beyond the first must go unread (Dropout's mask, MaxPool's indices, BN's and
+        // LayerNormalization's statistics).
+        let read_extra = node.output.iter().skip(1).find(|o| !o.is_empty() && self.uses.get(o.as_str()).is_some_and(|&n| n > 0));
+        if let (Some(o), false) = (read_extra, op == "Split") {
+            return Err(err(format!("{op} with {} outputs: Stride gives the first only, and '{o}' is read", node.output.len())));
         }
         if self.index_node(node, &ins, &mut a)? || self.shape_node(node, &ins, &mut a)? {
             return a.done();

@@ -235,7 +235,10 @@ pub(crate) enum Step {
 /// An imported ONNX graph.
 pub struct Network {
     pub(crate) steps: Vec<Step>,
-    pub(crate) output: ValueId,
+    /// The graph's outputs, in its order (a value may be given twice).
+    pub(crate) outputs: Vec<ValueId>,
+    /// Their names in the file.
+    pub output_names: Vec<String>,
     /// For each value, the last step that reads it (so inference frees values early).
     pub(crate) last_use: Vec<usize>,
     /// Each step's inputs, found once.
@@ -245,16 +248,19 @@ pub struct Network {
     live: Vec<bool>,
     /// The input shape the file declares, batch first (None where symbolic).
     pub input_shape: Vec<Option<usize>>,
-    /// The output shape the file declares.
+    /// The first output's shape as the file declares it.
     pub output_shape: Vec<Option<usize>>,
 }
 
 impl Network {
-    pub(crate) fn new(steps: Vec<Step>, output: ValueId, input_shape: Vec<Option<usize>>, output_shape: Vec<Option<usize>>) -> Self {
+    pub(crate) fn new(steps: Vec<Step>, outputs: Vec<(String, ValueId)>, input_shape: Vec<Option<usize>>, output_shape: Vec<Option<usize>>) -> Self {
+        let (output_names, outputs): (Vec<String>, Vec<ValueId>) = outputs.into_iter().unzip();
         let reads: Vec<Vec<ValueId>> = steps.iter().map(inputs).collect();
         let mut live = vec![false; steps.len() + 1];
         live[0] = true;
-        live[output] = true;
+        for &o in &outputs {
+            live[o] = true;
+        }
         for i in (0..steps.len()).rev() {
             if live[i + 1] {
                 for v in reads[i].iter().copied().chain(shape_refs(&steps[i])) {
@@ -268,8 +274,42 @@ impl Network {
                 last_use[v] = i;
             }
         }
-        last_use[output] = usize::MAX;
-        Network { steps, output, last_use, reads, live, input_shape, output_shape }
+        for &o in &outputs {
+            last_use[o] = usize::MAX;
+        }
+        Network { steps, outputs, output_names, last_use, reads, live, input_shape, output_shape }
+    }
+
+    /// Every output of the graph with its name, in the file's order. A network with several
+    /// outputs (a detector's boxes and masks) gives the first as a [`Module`]: commands that
+    /// read one output (eval, predict, train) take that one.
+    pub fn forward_all(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Vec<(String, Var)>> {
+        let values = self.run(x, ctx)?;
+        Ok(self.output_names.iter().cloned().zip(values).collect())
+    }
+
+    fn run(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Vec<Var>> {
+        let mut vals: Vec<Option<Var>> = vec![None; self.steps.len() + 1];
+        // Every value's shape, kept after its data is freed: computed shapes read them.
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.steps.len() + 1);
+        shapes.push(x.shape());
+        vals[0] = Some(x.clone());
+        for i in 0..self.steps.len() {
+            if !self.live[i + 1] {
+                shapes.push(Vec::new());
+                continue;
+            }
+            let y = run_step(&mut self.steps[i], &vals, &shapes, ctx)?;
+            shapes.push(y.shape());
+            vals[i + 1] = Some(y);
+            // Inference keeps only what later steps read.
+            for &v in &self.reads[i] {
+                if self.last_use[v] == i {
+                    vals[v] = None;
+                }
+            }
+        }
+        Ok(self.outputs.iter().map(|&o| vals[o].clone().expect("the outputs are kept")).collect())
     }
 
     /// A declared shape as text: `Nx3x224x224`, N where the file leaves a dimension free.
@@ -599,27 +639,7 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
 
 impl Module for Network {
     fn forward(&mut self, x: &Var, ctx: &mut Ctx) -> Result<Var> {
-        let mut vals: Vec<Option<Var>> = vec![None; self.steps.len() + 1];
-        // Every value's shape, kept after its data is freed: computed shapes read them.
-        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.steps.len() + 1);
-        shapes.push(x.shape());
-        vals[0] = Some(x.clone());
-        for i in 0..self.steps.len() {
-            if !self.live[i + 1] {
-                shapes.push(Vec::new());
-                continue;
-            }
-            let y = run_step(&mut self.steps[i], &vals, &shapes, ctx)?;
-            shapes.push(y.shape());
-            vals[i + 1] = Some(y);
-            // Inference keeps only what later steps read.
-            for &v in &self.reads[i] {
-                if self.last_use[v] == i {
-                    vals[v] = None;
-                }
-            }
-        }
-        Ok(vals[self.output].take().expect("the output is kept"))
+        Ok(self.run(x, ctx)?.swap_remove(0))
     }
     fn is_container(&self) -> bool {
         true
