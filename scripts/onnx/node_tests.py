@@ -31,6 +31,8 @@ OPS = {
     "ReduceSumSquare", "Expand",
     # Since: U-Nets' and segmentation heads' upsampling (F.interpolate, nn.Upsample).
     "Resize", "Upsample",
+    # Since: YOLO's oriented boxes (the angle's sine and cosine).
+    "Sin", "Cos",
 }
 
 def main() -> None:

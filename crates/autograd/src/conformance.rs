@@ -59,7 +59,9 @@ fn cases<T: Elem>() -> Result<Vec<Case<T>>> {
         (
             "unary",
             vec![r(&[4, 5])?],
-            Box::new(|v| v[0].elu()?.add(&v[0].relu()?)?.tanh()?.softplus()?.sigmoid()?.erf()?.mul_scalar(3.0)?.gelu()?.silu()?.square()),
+            Box::new(|v| {
+                v[0].elu()?.add(&v[0].relu()?)?.tanh()?.softplus()?.sigmoid()?.erf()?.mul_scalar(3.0)?.gelu()?.silu()?.square()?.sin()?.cos()
+            }),
         ),
         ("sum", vec![r(&[2, 3, 4])?], Box::new(|v| v[0].sum(&[0, 2], true))),
         ("max", vec![r(&[3, 5])?], Box::new(|v| v[0].max(1, false))),

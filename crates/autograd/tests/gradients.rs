@@ -97,7 +97,7 @@ fn activation_gradients() {
     let x = randn(&mut rng, &[3, 7]).map(|v| if v.abs() < 0.05 { v + 0.1 } else { v } * 4.0);
     let xs = [x.map(|v| if (v - 6.0).abs() < 0.05 || (v.abs() - 3.0).abs() < 0.05 { v + 0.2 } else { v })];
     type F = fn(&Var<f64>) -> Result<Var<f64>>;
-    let fns: [(&str, F); 17] = [
+    let fns: [(&str, F); 19] = [
         ("relu", |v| v.relu()),
         ("relu6", |v| v.relu6()),
         ("leaky_relu", |v| v.leaky_relu(0.1)),
@@ -105,6 +105,8 @@ fn activation_gradients() {
         ("selu", |v| v.selu()),
         ("gelu", |v| v.gelu()),
         ("erf", |v| v.erf()),
+        ("sin", |v| v.sin()),
+        ("cos", |v| v.cos()),
         ("silu", |v| v.silu()),
         ("hardswish", |v| v.hardswish()),
         ("tanh", |v| v.tanh()),

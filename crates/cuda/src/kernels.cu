@@ -120,6 +120,8 @@ __device__ float un(int code, float p0, float p1, float x) {
     case 18: return x + p0;
     case 19: return x * p0;
     case 21: return (float)erf((double)x);
+    case 22: return sinf(x);
+    case 23: return cosf(x);
     default: return fminf(fmaxf(x, p0), p1);
     }
 }
@@ -153,6 +155,8 @@ __device__ float un_grad(int code, float p0, float p1, float x, float y) {
     case 18: return 1.0f;
     case 19: return p0;
     case 21: { double xd = (double)x; return (float)(1.1283791670955126 * exp(-xd * xd)); }
+    case 22: return cosf(x);
+    case 23: return -sinf(x);
     default: return (x >= p0 && x <= p1) ? 1.0f : 0.0f;
     }
 }

@@ -48,6 +48,9 @@ pub enum Unary {
     Clamp(f64, f64),
     /// The error function (ONNX's Erf; GELU's graphs as PyTorch exports them).
     Erf,
+    /// Sine and cosine (ONNX's Sin and Cos: oriented boxes' angles, positional encodings).
+    Sin,
+    Cos,
 }
 
 const SELU_ALPHA: f64 = 1.673_263_242_354_377_3;
@@ -139,6 +142,8 @@ impl Unary {
             Unary::MulScalar(c) => x * T::c(c),
             Unary::Clamp(lo, hi) => x.max(T::c(lo)).min(T::c(hi)),
             Unary::Erf => pick(x, vmath::erf, |x| T::c(libm::erf(x.as_f64()))),
+            Unary::Sin => x.sin(),
+            Unary::Cos => x.cos(),
         }
     }
 
@@ -208,6 +213,8 @@ impl Unary {
                 let xf = x.as_f64();
                 T::c(std::f64::consts::FRAC_2_SQRT_PI * (-xf * xf).exp())
             }
+            Unary::Sin => x.cos(),
+            Unary::Cos => -x.sin(),
         }
     }
 
@@ -236,6 +243,8 @@ impl Unary {
             Unary::MulScalar(_) => "mul_scalar",
             Unary::Clamp(..) => "clamp",
             Unary::Erf => "erf",
+            Unary::Sin => "sin",
+            Unary::Cos => "cos",
         }
     }
 }

@@ -4,7 +4,7 @@
 use stride_kernels::unary::Unary;
 use stride_tensor::Rng;
 
-const ALL: [Unary; 24] = [
+const ALL: [Unary; 26] = [
     Unary::Relu,
     Unary::Relu6,
     Unary::LeakyRelu(0.01),
@@ -29,6 +29,8 @@ const ALL: [Unary; 24] = [
     Unary::Relu,
     Unary::Elu(0.5),
     Unary::Erf,
+    Unary::Sin,
+    Unary::Cos,
 ];
 
 /// The same bits, or NaN for NaN: a vector loop may turn a NaN input into the CPU's default

@@ -154,6 +154,8 @@ impl Graph {
             Unary::Abs => self.op("Abs", &name, xi, vec![], y),
             Unary::Selu => self.op("Selu", &name, xi, vec![], y),
             Unary::Erf => self.op("Erf", &name, xi, vec![], y),
+            Unary::Sin => self.op("Sin", &name, xi, vec![], y),
+            Unary::Cos => self.op("Cos", &name, xi, vec![], y),
             Unary::Gelu if self.opset >= 20 => self.op("Gelu", &name, xi, vec![], y),
             Unary::Gelu => {
                 // x * (erf(x / sqrt 2) + 1) / 2, as PyTorch writes GELU before opset 20.

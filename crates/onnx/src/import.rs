@@ -269,6 +269,8 @@ fn unary_op(op: &str) -> Option<Unary> {
         "Abs" => Unary::Abs,
         "HardSwish" => Unary::HardSwish,
         "Erf" => Unary::Erf,
+        "Sin" => Unary::Sin,
+        "Cos" => Unary::Cos,
         // ONNX's softplus is log(1 + exp(x)); PyTorch's threshold changes nothing in f32.
         "Softplus" => Unary::Softplus { beta: 1.0, threshold: 20.0 },
         _ => return None,

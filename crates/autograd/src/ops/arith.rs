@@ -85,6 +85,8 @@ unary_methods! {
     gelu => Unary::Gelu;
     /// The error function.
     erf => Unary::Erf;
+    sin => Unary::Sin;
+    cos => Unary::Cos;
     silu => Unary::Silu;
     hardswish => Unary::HardSwish;
     tanh => Unary::Tanh;

@@ -193,6 +193,8 @@ fn unary_code(u: Unary) -> (i32, f32, f32) {
         Unary::MulScalar(c) => (19, c as f32, 0.0),
         Unary::Clamp(lo, hi) => (20, lo as f32, hi as f32),
         Unary::Erf => (21, 0.0, 0.0),
+        Unary::Sin => (22, 0.0, 0.0),
+        Unary::Cos => (23, 0.0, 0.0),
     }
 }
 
