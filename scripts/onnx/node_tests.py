@@ -33,6 +33,8 @@ OPS = {
     "Resize", "Upsample",
     # Since: YOLO's oriented boxes (the angle's sine and cosine).
     "Sin", "Cos",
+    # Since: GroupNorm and InstanceNorm2d as PyTorch exports them (PoolFormer, MobileViT-v2).
+    "InstanceNormalization",
 }
 
 def main() -> None:

@@ -16,7 +16,8 @@ F.normalize, with its own seeded weights (reductions over channels, an L2 norm, 
 `small_unet.*`: a small U-Net upsampling by nearest and bilinear (both corner rules) Resize;
 and `adaptive_pool_cnn.dynamo.*`: adaptive average pooling to sizes that do not divide the map
 (the new exporter's masks through Where); and `self_attention_cnn.*`: multi-head self-attention
-over a feature map (batched MatMul), as YOLO11's C2PSA block.
+over a feature map (batched MatMul), as YOLO11's C2PSA block; and `group_norm_cnn.*`: group
+and instance normalisation.
 And `tiny_cnn.*`: a small CNN written as the tutorials write one, `x.view(x.size(0), -1)`
 before its dense layer, with its own seeded weights kept: the TorchScript exporter with a
 dynamic batch computes that shape in the graph (Shape, Gather, Unsqueeze, Concat), and the
@@ -27,7 +28,7 @@ fuzzer's 16 KiB), so the fuzzer mutates a graph that computes a shape.
     pip install torch torchvision onnx onnxruntime onnxscript
     python3 scripts/onnx/torchvision_fixtures.py            # everything
     python3 scripts/onnx/torchvision_fixtures.py NAME...    # those of MODELS, or of tiny_cnn, attention_cnn, small_unet, adaptive_pool_cnn,
-                                                            # self_attention_cnn
+                                                            # self_attention_cnn, group_norm_cnn
 """
 import os
 import shutil
@@ -231,6 +232,33 @@ def self_attention_cnn():
     with_own_weights("self_attention_cnn", SelfAttentionCnn().eval(), torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(12)))
 
 
+class GroupNormCnn(torch.nn.Module):
+    """Group normalisation (two groups of four channels) and instance normalisation with its
+    affine, as detection heads, PoolFormer and MobileViT-v2 use them: the TorchScript exporter
+    writes both as InstanceNormalization (a group norm between two Reshapes, its affine as Mul
+    and Add)."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.gn, self.inorm = torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm2d(6, affine=True)
+        with torch.no_grad():
+            for p in (self.gn.weight, self.gn.bias, self.inorm.weight, self.inorm.bias):
+                p.uniform_(0.5, 1.5)
+        self.fc = torch.nn.Linear(6, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.gn(self.conv1(x)))
+        x = torch.relu(self.inorm(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def group_norm_cnn():
+    """GroupNormCnn with its own seeded weights, on 3 seeded 3x10x10 images."""
+    torch.manual_seed(13)
+    with_own_weights("group_norm_cnn", GroupNormCnn().eval(), torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(14)))
+
+
 def adaptive_pool_cnn():
     """AdaptivePoolCnn on 2 seeded 3x64x64 images, by the new exporter (the TorchScript one
     refuses sizes that do not divide)."""
@@ -318,7 +346,7 @@ def main():
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
     extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn,
-              "self_attention_cnn": self_attention_cnn}
+              "self_attention_cnn": self_attention_cnn, "group_norm_cnn": group_norm_cnn}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

@@ -749,6 +749,16 @@ impl Builder {
                 ln.begin_axis = Some(axis);
                 self.layer(node, Some(sname), ln, x)
             }
+            "InstanceNormalization" => {
+                let x = self.runtime(need(0)?)?;
+                let (scale, bias) = (self.const_f32(need(1)?, "scale")?, self.const_f32(need(2)?, "bias")?);
+                let eps = a.float("epsilon", 1e-5)? as f64;
+                a.done()?;
+                if scale.shape().len() != 1 || bias.shape() != scale.shape() {
+                    return Err(err(format!("scale of shape {:?} and bias of shape {:?}: both must be [C]", scale.shape(), bias.shape())));
+                }
+                self.push(Step::InstanceNorm { input: x, scale: Var::constant(scale), bias: Var::constant(bias), eps })
+            }
             "Softmax" | "LogSoftmax" => {
                 let x = self.runtime(need(0)?)?;
                 let coerce = self.opset < 13;

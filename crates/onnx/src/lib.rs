@@ -16,6 +16,7 @@ mod import;
 mod indices;
 mod matmul;
 mod network;
+mod norm;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 #[rustfmt::skip]
 pub mod proto;

@@ -11,6 +11,7 @@ use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 use crate::indices::{gather, gather_nd, IntTensor};
 use crate::matmul::matmul;
+use crate::norm::instance_norm;
 use crate::resize::{resize, Coord, Sample};
 use crate::select::{broadcast, select, widen, within};
 
@@ -224,6 +225,13 @@ pub(crate) enum Step {
         x: ValueId,
         y: ValueId,
     },
+    /// ONNX's InstanceNormalization (GroupNorm as PyTorch exports it).
+    InstanceNorm {
+        input: ValueId,
+        scale: Var,
+        bias: Var,
+        eps: f64,
+    },
     /// Constant padding of every axis: (before, after).
     Pad {
         input: ValueId,
@@ -372,6 +380,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Resize { input, .. }
         | Step::Reduce { input, .. }
         | Step::Expand(input, _)
+        | Step::InstanceNorm { input, .. }
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) | Step::Where { x: a, y: b, .. } => vec![*a, *b],
@@ -583,6 +592,7 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             within("Expand", "to", &dims, most)?;
             widen(&x, &dims)?
         }
+        Step::InstanceNorm { input, scale, bias, eps } => instance_norm(&v(input), scale, bias, *eps)?,
         Step::Where { cond, dims, x, y } => {
             let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
             select(cond, dims, &v(x), &v(y), most)?

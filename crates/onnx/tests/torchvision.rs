@@ -51,7 +51,11 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
     let mut cases: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
-        .filter(|c| !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn."].iter().any(|own| c.starts_with(own)))
+        .filter(|c| {
+            !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn.", "group_norm_cnn."]
+                .iter()
+                .any(|own| c.starts_with(own))
+        })
         .collect();
     cases.sort();
     let mut n = 0;
@@ -181,6 +185,13 @@ fn adaptive_pooling_to_sizes_that_do_not_divide_imports_and_agrees_with_onnx_run
 #[test]
 fn self_attention_over_a_feature_map_imports_and_agrees_with_onnx_runtime() {
     agrees_at_any_batch("self_attention_cnn", BOTH, 1e-5);
+}
+
+/// Group normalisation and instance normalisation with its affine, which both exporters write
+/// as InstanceNormalization (a group norm between two Reshapes).
+#[test]
+fn group_and_instance_normalisation_import_and_agree_with_onnx_runtime() {
+    agrees_at_any_batch("group_norm_cnn", BOTH, 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused
