@@ -20,6 +20,7 @@ use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, M
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
 
+mod fold;
 mod fuse;
 mod indices;
 mod operators;
@@ -366,7 +367,7 @@ impl Builder {
         if let (Some(o), false) = (read_extra, op == "Split") {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only, and '{o}' is read", node.output.len())));
         }
-        if self.index_node(node, &ins, &mut a)? || self.shape_node(node, &ins, &mut a)? {
+        if self.fold_node(node, &ins, &mut a)? || self.index_node(node, &ins, &mut a)? || self.shape_node(node, &ins, &mut a)? {
             return a.done();
         }
         let id: ValueId = match op {
@@ -792,6 +793,10 @@ impl Builder {
                 let r = pads.len() / 2;
                 let pads = (0..r).map(|i| (pads[i] as usize, pads[i + r] as usize)).collect();
                 self.push(Step::Pad { input: x, pads, value: value as f64 })
+            }
+            "ConstantOfShape" => {
+                // Constant shapes were worked out by `fold_node`.
+                return Err(err(format!("ConstantOfShape of '{}': Stride fills a shape known from constants only", opt(0).unwrap_or(""))));
             }
             "Constant" => {
                 let t = a.take("value").and_then(|v| v.t.clone());

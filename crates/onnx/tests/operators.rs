@@ -118,3 +118,65 @@ fn where_takes_each_element_from_the_branch_its_constant_condition_names() {
     let e = no_grad(|| net.forward(&Var::constant(Tensor::<f32>::zeros(&[4, 3]).unwrap()), &mut Ctx::eval())).err().unwrap().to_string();
     assert!(e.contains("[2] and [4, 3] do not broadcast (axis 1: 2 against 3)"), "{e}");
 }
+
+/// `F.pad(x, (0, 1))` as the TorchScript exporter writes it: the pads computed from constants
+/// (ConstantOfShape, Concat, Reshape to pairs, a Slice that reverses them, Transpose, Reshape,
+/// Cast) are worked out when the file is read.
+#[test]
+fn pads_computed_from_constants_are_worked_out_on_reading() {
+    use stride_autograd::{no_grad, Tensor, Var};
+    use stride_nn::{Ctx, Module};
+    use stride_onnx::proto::AttributeProto;
+    let attr = |name: &str, f: &dyn Fn(&mut AttributeProto)| {
+        let mut a = AttributeProto { name: Some(name.into()), ..Default::default() };
+        f(&mut a);
+        a
+    };
+    let mut fill = node("ConstantOfShape", &["two"], "zeros");
+    fill.attribute = vec![attr("value", &|a| {
+        a.r#type = Some(4);
+        a.t = Some(common::ints("v", &[1], &[0]));
+    })];
+    let reverse = node("Slice", &["pairs", "minus_one", "far", "zero", "minus_one"], "reversed");
+    let mut transpose = node("Transpose", &["reversed"], "t");
+    transpose.attribute = vec![attr("perm", &|a| {
+        a.r#type = Some(7);
+        a.ints = vec![1, 0];
+    })];
+    let mut cast = node("Cast", &["flat"], "pads");
+    cast.attribute = vec![attr("to", &|a| {
+        a.r#type = Some(2);
+        a.i = Some(7);
+    })];
+    let mut concat = node("Concat", &["given", "zeros"], "all");
+    concat.attribute = vec![attr("axis", &|a| {
+        a.r#type = Some(2);
+        a.i = Some(0);
+    })];
+    let nodes = vec![
+        fill,
+        concat,
+        node("Reshape", &["all", "pair_shape"], "pairs"),
+        reverse,
+        transpose,
+        node("Reshape", &["t", "flat_shape"], "flat"),
+        cast,
+        node("Pad", &["x", "pads"], "y"),
+    ];
+    let consts = vec![
+        common::ints("two", &[1], &[2]),
+        common::ints("given", &[2], &[0, 1]),
+        common::ints("pair_shape", &[2], &[-1, 2]),
+        common::ints("minus_one", &[1], &[-1]),
+        common::ints("far", &[1], &[-(1 << 40)]),
+        common::ints("zero", &[1], &[0]),
+        common::ints("flat_shape", &[1], &[-1]),
+    ];
+    let mut m = with_constants(nodes, consts);
+    m.graph.as_mut().unwrap().output = vec![value("y", &[-1, 4])];
+    let mut net = stride_onnx::import(&m).unwrap_or_else(|e| panic!("{e}")).network;
+    let x = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+    let y = no_grad(|| net.forward(&Var::constant(x), &mut Ctx::eval())).unwrap().value();
+    assert_eq!(y.shape(), [2, 4]);
+    assert_eq!(y.data(), [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0]);
+}

@@ -12,6 +12,7 @@ pub const OPERATORS: &[&str] = &[
     "Clip",
     "Concat",
     "Constant",
+    "ConstantOfShape",
     "Conv",
     "ConvTranspose",
     "Cos",
