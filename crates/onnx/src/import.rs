@@ -106,7 +106,7 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
             Some(n) if !n.is_empty() => format!("'{n}'"),
             _ => format!("#{i}"),
         };
-        b.node(node).map_err(|e| e.context(format!("node {name} ({}, opset {opset})", node.op_type.as_deref().unwrap_or(""))))?;
+        b.node_or_fold(node).map_err(|e| e.context(format!("node {name} ({}, opset {opset})", node.op_type.as_deref().unwrap_or(""))))?;
     }
     let Some(first) = graph.output.first() else {
         return Err(err("the graph declares no output"));
@@ -508,19 +508,24 @@ impl Builder {
                 }
                 let eps = a.float("epsilon", 1e-5)? as f64;
                 let momentum = a.float("momentum", 0.9)? as f64;
-                if a.int("training_mode", 0)? != 0 {
-                    return Err(err("training_mode 1 is not supported: Stride imports networks for inference and fine-tuning"));
-                }
                 a.take("spatial"); // opset < 9: 1 (per channel) is the only form Stride has
+                let training = a.int("training_mode", 0)? != 0;
                 a.done()?;
-                let mut bn = BatchNorm::new(c)?;
-                bn.weight = Var::parameter(parts[0].clone());
-                bn.bias = Var::parameter(parts[1].clone());
-                bn.running_mean = parts[2].clone();
-                bn.running_var = parts[3].clone();
-                bn.opts = BatchNormOptions { eps, momentum: 1.0 - momentum };
-                let wname = need(1)?.to_string();
-                self.layer(node, Some(&wname), bn, x)
+                if training {
+                    // The statistics of the values at hand, whatever the run's mode (the running
+                    // ones it would update are outputs nothing may read).
+                    let (scale, bias) = (Var::constant(parts[0].clone()), Var::constant(parts[1].clone()));
+                    self.push(Step::Normalize { input: x, over_batch: true, scale, bias, eps })
+                } else {
+                    let mut bn = BatchNorm::new(c)?;
+                    bn.weight = Var::parameter(parts[0].clone());
+                    bn.bias = Var::parameter(parts[1].clone());
+                    bn.running_mean = parts[2].clone();
+                    bn.running_var = parts[3].clone();
+                    bn.opts = BatchNormOptions { eps, momentum: 1.0 - momentum };
+                    let wname = need(1)?.to_string();
+                    self.layer(node, Some(&wname), bn, x)
+                }
             }
             "LeakyRelu" | "Elu" | "Selu" | "Clip" => {
                 let x = self.runtime(need(0)?)?;
@@ -758,7 +763,7 @@ impl Builder {
                 if scale.shape().len() != 1 || bias.shape() != scale.shape() {
                     return Err(err(format!("scale of shape {:?} and bias of shape {:?}: both must be [C]", scale.shape(), bias.shape())));
                 }
-                self.push(Step::InstanceNorm { input: x, scale: Var::constant(scale), bias: Var::constant(bias), eps })
+                self.push(Step::Normalize { input: x, over_batch: false, scale: Var::constant(scale), bias: Var::constant(bias), eps })
             }
             "Softmax" | "LogSoftmax" => {
                 let x = self.runtime(need(0)?)?;

@@ -11,7 +11,7 @@ use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
 use crate::indices::{gather, gather_nd, IntTensor};
 use crate::matmul::matmul;
-use crate::norm::instance_norm;
+use crate::norm::normalize;
 use crate::resize::{resize, Coord, Sample};
 use crate::select::{broadcast, select, widen, within};
 
@@ -225,9 +225,11 @@ pub(crate) enum Step {
         x: ValueId,
         y: ValueId,
     },
-    /// ONNX's InstanceNormalization (GroupNorm as PyTorch exports it).
-    InstanceNorm {
+    /// ONNX's InstanceNormalization (GroupNorm as PyTorch exports it), or with `over_batch`
+    /// BatchNormalization in training mode (the statistics of the values at hand).
+    Normalize {
         input: ValueId,
+        over_batch: bool,
         scale: Var,
         bias: Var,
         eps: f64,
@@ -345,7 +347,7 @@ impl Network {
 }
 
 /// The values whose shapes a step's computed shape reads.
-fn shape_refs(s: &Step) -> Vec<ValueId> {
+pub(crate) fn shape_refs(s: &Step) -> Vec<ValueId> {
     let mut out = Vec::new();
     match s {
         Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) | Step::Resize { to: ResizeTo::Sizes(pieces), .. } => {
@@ -363,7 +365,7 @@ fn shape_refs(s: &Step) -> Vec<ValueId> {
     out
 }
 
-fn inputs(s: &Step) -> Vec<ValueId> {
+pub(crate) fn inputs(s: &Step) -> Vec<ValueId> {
     match s {
         Step::Layer { input, .. }
         | Step::Reshape(input, ..)
@@ -380,7 +382,7 @@ fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Resize { input, .. }
         | Step::Reduce { input, .. }
         | Step::Expand(input, _)
-        | Step::InstanceNorm { input, .. }
+        | Step::Normalize { input, .. }
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) | Step::Where { x: a, y: b, .. } => vec![*a, *b],
@@ -466,7 +468,7 @@ fn expanded(dims: &[usize], target: &[i64]) -> ag::Result<Vec<usize>> {
     broadcast("Expand", dims, &target.iter().map(|&t| t as usize).collect::<Vec<_>>())
 }
 
-fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &mut Ctx) -> Result<Var> {
+pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &mut Ctx) -> Result<Var> {
     let v = |i: &ValueId| vals[*i].clone().expect("a value is read before its last use");
     Ok(match step {
         Step::Layer { name, module, input } => return call(module.as_mut(), name, &v(input), ctx),
@@ -592,7 +594,7 @@ fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usize>], ctx: &
             within("Expand", "to", &dims, most)?;
             widen(&x, &dims)?
         }
-        Step::InstanceNorm { input, scale, bias, eps } => instance_norm(&v(input), scale, bias, *eps)?,
+        Step::Normalize { input, over_batch, scale, bias, eps } => normalize(&v(input), *over_batch, scale, bias, *eps)?,
         Step::Where { cond, dims, x, y } => {
             let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
             select(cond, dims, &v(x), &v(y), most)?

@@ -3,11 +3,12 @@
 //! Slice that reverses them, Transpose, Reshape and Cast (timm's HGNetV2 stem, EfficientViT).
 //! Any number of axes; at most 2^24 values.
 
-use super::{err, Attrs, Builder, Const, NodeProto, Result, Val};
+use super::{err, Attrs, Builder, Const, NodeProto, Result, Step, Val, ValueId, Var};
 use crate::indices::MAX_INDICES;
+use crate::network::{inputs, run_step, shape_refs};
 use crate::proto::tensor_proto::DataType;
 use crate::tensor::read_const;
-use stride_autograd::Tensor;
+use stride_autograd::{no_grad, Tensor};
 
 /// Integers and their dimensions.
 type Ints = (Vec<i64>, Vec<usize>);
@@ -245,6 +246,110 @@ impl Builder {
         let out = node.output.first().ok_or_else(|| err(format!("{op} has no output")))?;
         self.vals.insert(out.clone(), Val::Const(folded));
         Ok(true)
+    }
+}
+
+/// Float operations a graph may apply to constants alone (NFNet's weight standardisation: each
+/// convolution's weight centred and scaled in the graph), worked out when the file is read.
+const FLOAT_FOLDS: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Sqrt",
+    "Neg",
+    "Abs",
+    "Exp",
+    "Log",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Sin",
+    "Cos",
+    "Clip",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Flatten",
+    "Concat",
+    "Slice",
+    "Expand",
+    "Where",
+    "Cast",
+    "Identity",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "Softmax",
+];
+
+impl Builder {
+    /// A node: when every input is a constant, one of them float, and the operation is one of
+    /// [`FLOAT_FOLDS`], its output is worked out now and kept as a constant (so a convolution
+    /// whose weight the graph computes from constants still has a constant weight).
+    pub(super) fn node_or_fold(&mut self, node: &NodeProto) -> Result<()> {
+        let op = node.op_type.as_deref().unwrap_or("");
+        let given: Vec<&String> = node.input.iter().filter(|s| !s.is_empty()).collect();
+        let floats: Vec<String> =
+            given.iter().filter(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(Const::F32(_))))).map(|n| n.to_string()).collect();
+        let constant = given.iter().all(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(_))));
+        if !FLOAT_FOLDS.contains(&op) || !constant || floats.is_empty() || node.domain.as_deref().is_some_and(|d| !d.is_empty() && d != "ai.onnx") {
+            return self.node(node);
+        }
+        // The data input, a float constant, as a step of its own, so the node's rule takes it
+        // as the data flowing through (the others stay constants: a batch norm's scale).
+        let before = self.steps.len();
+        let mut saved = Vec::new();
+        for name in floats.iter().filter(|n| node.input.first() == Some(*n)) {
+            if let Some(Val::Const(Const::F32(t))) = self.vals.get(name).cloned() {
+                let id = self.push(Step::Const(Var::constant(t.clone())));
+                saved.push((name.clone(), self.vals.insert(name.clone(), Val::Runtime(id))));
+            }
+        }
+        let made = self.node(node);
+        for (name, old) in saved {
+            if let Some(v) = old {
+                self.vals.insert(name, v);
+            }
+        }
+        made?;
+        let out = node.output.first().cloned().unwrap_or_default();
+        let id = match self.vals.get(&out) {
+            Some(Val::Runtime(id)) if *id > before => *id,
+            _ => return Ok(()),
+        };
+        // Every new step reads only the steps just made.
+        let n = self.steps.len();
+        let own = |v: &ValueId| *v > before;
+        if (before..n).any(|i| !inputs(&self.steps[i]).iter().chain(&shape_refs(&self.steps[i])).all(own)) {
+            return Ok(());
+        }
+        let mut vals: Vec<Option<Var>> = vec![None; n + 1];
+        let mut shapes: Vec<Vec<usize>> = vec![Vec::new(); n + 1];
+        let mut ctx = stride_nn::Ctx::eval();
+        for i in before..n {
+            let y = no_grad(|| run_step(&mut self.steps[i], &vals, &shapes, &mut ctx))
+                .map_err(|e| err(format!("working out '{out}' from constants: {e}")))?;
+            shapes[i + 1] = y.shape();
+            vals[i + 1] = Some(y);
+        }
+        let value = vals[id].take().expect("the node's output was computed").value();
+        self.steps.truncate(before);
+        self.sigmoid_of.retain(|&k, _| k <= before);
+        self.bare_linear.retain(|&k, _| k <= before);
+        self.value_name.retain(|&k, _| k <= before);
+        self.vals.insert(out, Val::Const(Const::F32(value)));
+        Ok(())
     }
 }
 
