@@ -132,6 +132,40 @@ def where_onnx():
     out("onnx_model", "where.onnx", model.SerializeToString())
 
 
+def pads_from_constants_onnx():
+    """F.pad's pads as the TorchScript exporter computes them from constants (ConstantOfShape,
+    Concat, Reshape to pairs, a reversing Slice, Transpose, Reshape, Cast), then a batch norm in
+    training mode. Needs the `onnx` package."""
+    try:
+        import onnx
+        from onnx import TensorProto as T, helper as h
+    except ImportError:
+        print("onnx is not installed: fuzz/seeds/onnx_model/pads_from_constants.onnx left as it is")
+        return
+    nodes = [
+        h.make_node("ConstantOfShape", ["four"], ["zeros"], value=h.make_tensor("v", T.INT64, [1], [0])),
+        h.make_node("Concat", ["given", "zeros"], ["all"], axis=0),
+        h.make_node("Reshape", ["all", "pair_shape"], ["pairs"]),
+        h.make_node("Slice", ["pairs", "minus_one", "far", "zero", "minus_one"], ["reversed"]),
+        h.make_node("Transpose", ["reversed"], ["t"], perm=[1, 0]),
+        h.make_node("Reshape", ["t", "flat_shape"], ["flat"]),
+        h.make_node("Cast", ["flat"], ["pads"], to=T.INT64),
+        h.make_node("Pad", ["x", "pads"], ["p"]),
+        h.make_node("BatchNormalization", ["p", "scale", "bias", "mean", "var"], ["y"], training_mode=1),
+    ]
+    ints = [("four", [1], [4]), ("given", [4], [0, 1, 0, 1]), ("pair_shape", [2], [-1, 2]), ("minus_one", [1], [-1]),
+            ("far", [1], [-(1 << 40)]), ("zero", [1], [0]), ("flat_shape", [1], [-1])]
+    init = [h.make_tensor(name, T.INT64, dims, values) for name, dims, values in ints]
+    init += [h.make_tensor(name, T.FLOAT, [2], values) for name, values in
+             [("scale", [1.0, 2.0]), ("bias", [0.0, 0.5]), ("mean", [0.0, 0.0]), ("var", [1.0, 1.0])]]
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 3])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 4, 4])
+    model = h.make_model(h.make_graph(nodes, "pads_from_constants", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out("onnx_model", "pads_from_constants.onnx", model.SerializeToString())
+
+
 def main():
     # onnx_model's other seeds are written elsewhere (tiny.onnx by crates/train/tests/fuzz_corpus.rs
     # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
@@ -140,6 +174,7 @@ def main():
     gather_range_onnx()
     resize_onnx()
     where_onnx()
+    pads_from_constants_onnx()
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
     out("idx", "labels.idx", labels)
