@@ -5,20 +5,10 @@
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use stride_onnx::proto::{tensor_proto::DataType, AttributeProto, ModelProto, TensorProto};
 
 mod common;
-use common::{node, value};
-
-fn with_constants(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, x: &[i64], y: &[i64]) -> ModelProto {
-    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", x)], output: vec![value("y", y)], ..Default::default() };
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-}
+use common::{model, node, value};
 
 fn attr(name: &str, f: &dyn Fn(&mut AttributeProto)) -> AttributeProto {
     let mut a = AttributeProto { name: Some(name.into()), ..Default::default() };
@@ -86,7 +76,7 @@ fn pads_computed_from_constants_are_worked_out_on_reading() {
         common::ints("zero", &[1], &[0]),
         common::ints("flat_shape", &[1], &[-1]),
     ];
-    let m = with_constants(nodes, consts, &[-1, 3], &[-1, 4]);
+    let m = model(nodes, consts, &[-1, 3], &[-1, 4]);
     let y = run(&m, Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap());
     assert_eq!(y.shape(), [2, 4]);
     assert_eq!(y.data(), [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0]);
@@ -104,7 +94,7 @@ fn a_weight_computed_from_constants_is_worked_out_on_reading() {
     let nodes = vec![mean, node("Sub", &["w", "m"], "centred"), node("Conv", &["x", "centred"], "y")];
     // One filter of 1x1x2x2 with values 1..4: centred, -1.5, -0.5, 0.5, 1.5.
     let consts = vec![floats("w", &[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]), common::ints("axes", &[3], &[1, 2, 3])];
-    let m = with_constants(nodes, consts, &[-1, 1, 2, 2], &[-1, 1, 1, 1]);
+    let m = model(nodes, consts, &[-1, 1, 2, 2], &[-1, 1, 1, 1]);
     let y = run(&m, Tensor::from_vec(vec![1.0f32, 1.0, 2.0, 2.0], &[1, 1, 2, 2]).unwrap());
     assert_eq!(y.data(), [-1.5 - 0.5 + 1.0 + 3.0]);
     let names: Vec<String> = stride_onnx::import(&m).unwrap().network.layer_kinds().into_iter().map(|(_, k)| k).collect();
@@ -122,7 +112,7 @@ fn batch_norm_in_training_mode_uses_the_statistics_at_hand() {
     })];
     let consts =
         vec![floats("scale", &[2], &[1.0, 2.0]), floats("bias", &[2], &[0.0, 1.0]), floats("mean", &[2], &[0.0; 2]), floats("var", &[2], &[1.0; 2])];
-    let m = with_constants(vec![bn.clone()], consts.clone(), &[-1, 2], &[-1, 2]);
+    let m = model(vec![bn.clone()], consts.clone(), &[-1, 2], &[-1, 2]);
     // Channel 0: 1 and 3 (mean 2, variance 1); channel 1: 0 and 4 (mean 2, variance 4).
     let y = run(&m, Tensor::from_vec(vec![1.0f32, 0.0, 3.0, 4.0], &[2, 2]).unwrap());
     let want =
@@ -131,7 +121,7 @@ fn batch_norm_in_training_mode_uses_the_statistics_at_hand() {
         assert!((a - b).abs() < 1e-5, "{:?} against {want:?}", y.data());
     }
     bn.output.push("running_mean".into());
-    let mut m = with_constants(vec![bn], consts, &[-1, 2], &[-1, 2]);
+    let mut m = model(vec![bn], consts, &[-1, 2], &[-1, 2]);
     m.graph.as_mut().unwrap().output.push(value("running_mean", &[2]));
     let e = stride_onnx::import(&m).err().unwrap().to_string();
     assert!(e.contains("Stride gives the first only, and 'running_mean' is read"), "{e}");

@@ -4,21 +4,15 @@
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use stride_onnx::proto::{GraphProto, ModelProto, NodeProto};
 
 mod common;
-use common::{node, value};
+use common::{model_of, node, value};
 
 /// A one-input graph of `nodes` over x [2, 3] with scalar constants `consts`, ending in `out`.
 fn model(nodes: Vec<NodeProto>, consts: &[(&str, f32)], out: &str) -> ModelProto {
     let initializer = consts.iter().map(|(n, v)| stride_onnx::to_tensor_proto(n, &Tensor::scalar(*v))).collect();
-    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", &[2, 3])], output: vec![value(out, &[2, 3])], ..Default::default() };
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { version: Some(17), ..Default::default() }],
-        graph: Some(graph),
-        ..Default::default()
-    }
+    model_of(GraphProto { node: nodes, initializer, input: vec![value("x", &[2, 3])], output: vec![value(out, &[2, 3])], ..Default::default() }, 17)
 }
 
 /// The network's output on x, and the kinds of the layers it runs.

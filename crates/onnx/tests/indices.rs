@@ -5,20 +5,10 @@
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use stride_onnx::proto::{AttributeProto, ModelProto};
 
 mod common;
-use common::{ints, node, value};
-
-fn model(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, input: &[i64], output: &[i64]) -> ModelProto {
-    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", input)], output: vec![value("y", output)], ..Default::default() };
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-}
+use common::{ints, model, node};
 
 fn int_attr(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(2), ..Default::default() }

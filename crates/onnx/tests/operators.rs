@@ -1,23 +1,17 @@
 //! Which operators the importer has: every one listed in `OPERATORS` reaches a rule, and a graph
 //! using others is refused once, naming all of them with their nodes.
 
-use stride_onnx::proto::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use stride_onnx::proto::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
 mod common;
-use common::{node, value};
+use common::node;
 
 fn model(nodes: Vec<NodeProto>) -> ModelProto {
     with_constants(nodes, vec![])
 }
 
 fn with_constants(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>) -> ModelProto {
-    let graph = GraphProto { node: nodes, initializer, input: vec![value("x", &[-1, 3])], output: vec![value("y", &[-1, 3])], ..Default::default() };
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
-        graph: Some(graph),
-        ..Default::default()
-    }
+    common::model(nodes, initializer, &[-1, 3], &[-1, 3])
 }
 
 #[test]

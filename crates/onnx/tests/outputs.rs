@@ -3,24 +3,14 @@
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use stride_onnx::proto::{GraphProto, ModelProto, NodeProto};
 
 mod common;
-use common::{node, value};
+use common::{model_of, node, value};
 
 fn model(nodes: Vec<NodeProto>, outputs: &[&str]) -> ModelProto {
-    let graph = GraphProto {
-        node: nodes,
-        input: vec![value("x", &[-1, 3])],
-        output: outputs.iter().map(|o| value(o, &[-1, 3])).collect(),
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { version: Some(18), ..Default::default() }],
-        graph: Some(graph),
-        ..Default::default()
-    }
+    let output = outputs.iter().map(|o| value(o, &[-1, 3])).collect();
+    model_of(GraphProto { node: nodes, input: vec![value("x", &[-1, 3])], output, ..Default::default() }, 18)
 }
 
 #[test]

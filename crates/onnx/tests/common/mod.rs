@@ -4,8 +4,24 @@
 use stride_onnx::proto::{
     tensor_proto::DataType,
     tensor_shape_proto::{dimension::Value as Dim, Dimension},
-    type_proto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
+
+/// `graph` as a model of ONNX's default domain at `opset`.
+pub fn model_of(graph: GraphProto, opset: i64) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { version: Some(opset), ..Default::default() }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+/// A graph of `nodes` and `initializer` from the input x of `input` dimensions to the output y
+/// of `output` dimensions (-1: symbolic), at opset 18.
+pub fn model(nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, input: &[i64], output: &[i64]) -> ModelProto {
+    model_of(GraphProto { node: nodes, initializer, input: vec![value("x", input)], output: vec![value("y", output)], ..Default::default() }, 18)
+}
 
 /// A float32 value of `dims` (-1: a symbolic dimension, "N").
 pub fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
