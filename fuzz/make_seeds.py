@@ -50,16 +50,27 @@ def f32(values):
     return struct.pack(f"<{len(values)}f", *values)
 
 
-def gather_range_onnx():
-    """A graph that gathers each image's values in reverse by indices it computes from the batch
-    (Shape, Range, Mul, Unsqueeze, Add, Gather: the newer PyTorch exporter's as_strided), then
-    two columns by negative and positive constant indices. Needs the `onnx` package."""
+def onnx_seed(name, build):
+    """fuzz/seeds/onnx_model/{name}.onnx: the graph `build(TensorProto, helper)` gives (nodes,
+    initializers, inputs, outputs) at opset 18, checked by `onnx.checker`. Needs the `onnx`
+    package; without it the seed is left as it is."""
     try:
         import onnx
-        from onnx import TensorProto as T, helper as h
+        from onnx import TensorProto, helper
     except ImportError:
-        print("onnx is not installed: fuzz/seeds/onnx_model/gather_range.onnx left as it is")
+        print(f"onnx is not installed: fuzz/seeds/onnx_model/{name}.onnx left as it is")
         return
+    nodes, init, inputs, outputs = build(TensorProto, helper)
+    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, init), opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out("onnx_model", f"{name}.onnx", model.SerializeToString())
+
+
+def gather_range(T, h):
+    """A graph that gathers each image's values in reverse by indices it computes from the batch
+    (Shape, Range, Mul, Unsqueeze, Add, Gather: the newer PyTorch exporter's as_strided), then
+    two columns by negative and positive constant indices."""
     nodes = [
         h.make_node("Shape", ["x"], ["s"], start=0, end=1),
         h.make_node("Squeeze", ["s", "zero_axis"], ["n"]),
@@ -76,21 +87,12 @@ def gather_range_onnx():
     init = [h.make_tensor(name, T.INT64, dims, values) for name, dims, values in ints]
     x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3])
     y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2])
-    model = h.make_model(h.make_graph(nodes, "gather_range", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    out("onnx_model", "gather_range.onnx", model.SerializeToString())
+    return nodes, init, [x], [y]
 
 
-def resize_onnx():
+def resize(T, h):
     """Bilinear Resize by factors (half-pixel), then nearest Resize back to the input's own size
-    (sizes from Shape, aligned corners). Needs the `onnx` package."""
-    try:
-        import onnx
-        from onnx import TensorProto as T, helper as h
-    except ImportError:
-        print("onnx is not installed: fuzz/seeds/onnx_model/resize.onnx left as it is")
-        return
+    (sizes from Shape, aligned corners)."""
     nodes = [
         h.make_node("Resize", ["x", "", "scales"], ["up"], mode="linear", coordinate_transformation_mode="half_pixel"),
         h.make_node("Shape", ["x"], ["size"]),
@@ -100,21 +102,12 @@ def resize_onnx():
     init = [h.make_tensor("scales", T.FLOAT, [4], [1.0, 1.0, 2.0, 1.5])]
     x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 4])
     y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 3, 4])
-    model = h.make_model(h.make_graph(nodes, "resize", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    out("onnx_model", "resize.onnx", model.SerializeToString())
+    return nodes, init, [x], [y]
 
 
-def where_onnx():
+def where(T, h):
     """Masks as the newer exporter writes adaptive pooling (Where by boolean constants, a scalar
-    fill broadcast), over the rows and then the columns. Needs the `onnx` package."""
-    try:
-        import onnx
-        from onnx import TensorProto as T, helper as h
-    except ImportError:
-        print("onnx is not installed: fuzz/seeds/onnx_model/where.onnx left as it is")
-        return
+    fill broadcast), over the rows and then the columns."""
     nodes = [
         h.make_node("Where", ["rows", "zero", "x"], ["w"]),
         h.make_node("Where", ["cols", "w", "x"], ["y"]),
@@ -126,22 +119,13 @@ def where_onnx():
     ]
     x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 4])
     y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 3, 4])
-    model = h.make_model(h.make_graph(nodes, "where", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    out("onnx_model", "where.onnx", model.SerializeToString())
+    return nodes, init, [x], [y]
 
 
-def pads_from_constants_onnx():
+def pads_from_constants(T, h):
     """F.pad's pads as the TorchScript exporter computes them from constants (ConstantOfShape,
     Concat, Reshape to pairs, a reversing Slice, Transpose, Reshape, Cast), then a batch norm in
-    training mode. Needs the `onnx` package."""
-    try:
-        import onnx
-        from onnx import TensorProto as T, helper as h
-    except ImportError:
-        print("onnx is not installed: fuzz/seeds/onnx_model/pads_from_constants.onnx left as it is")
-        return
+    training mode."""
     nodes = [
         h.make_node("ConstantOfShape", ["four"], ["zeros"], value=h.make_tensor("v", T.INT64, [1], [0])),
         h.make_node("Concat", ["given", "zeros"], ["all"], axis=0),
@@ -160,10 +144,7 @@ def pads_from_constants_onnx():
              [("scale", [1.0, 2.0]), ("bias", [0.0, 0.5]), ("mean", [0.0, 0.0]), ("var", [1.0, 1.0])]]
     x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 3])
     y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 4, 4])
-    model = h.make_model(h.make_graph(nodes, "pads_from_constants", [x], [y], init), opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    out("onnx_model", "pads_from_constants.onnx", model.SerializeToString())
+    return nodes, init, [x], [y]
 
 
 def main():
@@ -171,10 +152,8 @@ def main():
     # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
     for target in ("idx", "cifar", "image", "checkpoint", "toml_model"):
         shutil.rmtree(os.path.join(HERE, "seeds", target), ignore_errors=True)
-    gather_range_onnx()
-    resize_onnx()
-    where_onnx()
-    pads_from_constants_onnx()
+    for name, build in [("gather_range", gather_range), ("resize", resize), ("where", where), ("pads_from_constants", pads_from_constants)]:
+        onnx_seed(name, build)
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])
     out("idx", "labels.idx", labels)
