@@ -234,6 +234,8 @@ pub(crate) enum Step {
         bias: Var,
         eps: f64,
     },
+    /// Integers computed from shapes as float data ([len]): ONNX's Cast of them to float.
+    Floats(Vec<Piece>),
     /// Constant padding of every axis: (before, after).
     Pad {
         input: ValueId,
@@ -350,7 +352,7 @@ impl Network {
 pub(crate) fn shape_refs(s: &Step) -> Vec<ValueId> {
     let mut out = Vec::new();
     match s {
-        Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) | Step::Resize { to: ResizeTo::Sizes(pieces), .. } => {
+        Step::Reshape(_, pieces, _) | Step::Expand(_, pieces) | Step::Floats(pieces) | Step::Resize { to: ResizeTo::Sizes(pieces), .. } => {
             for p in pieces {
                 match p {
                     Piece::One(d) => d.refs(&mut out),
@@ -384,7 +386,7 @@ pub(crate) fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Expand(input, _)
         | Step::Normalize { input, .. }
         | Step::Pad { input, .. } => vec![*input],
-        Step::Const(_) => vec![],
+        Step::Const(_) | Step::Floats(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) | Step::Where { x: a, y: b, .. } => vec![*a, *b],
         Step::Concat(v, _) => v.clone(),
     }
@@ -595,6 +597,11 @@ pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usiz
             widen(&x, &dims)?
         }
         Step::Normalize { input, over_batch, scale, bias, eps } => normalize(&v(input), *over_batch, scale, bias, *eps)?,
+        Step::Floats(pieces) => {
+            let v: Vec<f32> = eval_ints(pieces, shapes)?.into_iter().map(|d| d as f32).collect();
+            let n = v.len();
+            Var::constant(ag::Tensor::from_vec(v, &[n])?)
+        }
         Step::Where { cond, dims, x, y } => {
             let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
             select(cond, dims, &v(x), &v(y), most)?

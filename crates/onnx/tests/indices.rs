@@ -110,3 +110,29 @@ fn indices_out_of_range_and_unbounded_ranges_are_clear_errors() {
         }
     }
 }
+
+/// Integers computed from a value's shape, cast to float, as data (attention's scale, 1 / sqrt of
+/// the head size, as the TorchScript exporter writes it): worked out as the network runs.
+#[test]
+fn dimensions_cast_to_float_are_data() {
+    let mut shape = node("Shape", &["x"], "s");
+    shape.attribute = vec![int_attr("start", -1)];
+    let mut cast = node("Cast", &["s"], "f");
+    cast.attribute = vec![int_attr("to", 1)];
+    let nodes = vec![shape, cast, node("Sqrt", &["f"], "r"), node("Div", &["x", "r"], "y")];
+    for width in [4usize, 9] {
+        let m = model(nodes.clone(), vec![], &[-1, width as i64], &[-1, width as i64]);
+        let mut net = stride_onnx::import(&m).unwrap_or_else(|e| panic!("{e}")).network;
+        let x = Tensor::from_vec((0..2 * width).map(|i| i as f32).collect(), &[2, width]).unwrap();
+        let y = no_grad(|| net.forward(&Var::constant(x.clone()), &mut Ctx::eval())).unwrap().value();
+        let scale = (width as f32).sqrt();
+        assert!(y.data().iter().zip(x.data()).all(|(a, b)| (a - b / scale).abs() < 1e-6), "width {width}: {:?}", y.data());
+    }
+    let mut cast = node("Cast", &["s"], "f");
+    cast.attribute = vec![int_attr("to", 11)];
+    let e = stride_onnx::import(&model(vec![node("Shape", &["x"], "s"), cast, node("Relu", &["x"], "y")], vec![], &[-1, 3], &[-1, 3]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("Cast of integers to double"), "{e}");
+}

@@ -2,7 +2,7 @@
 //! Cast, Slice and arithmetic, before a Reshape or Slice): kept as expressions over the values'
 //! dimensions ([`Piece`], [`Dim`]), folded where constant, worked out as the network runs.
 
-use super::{err, Attrs, Builder, Const, NodeProto, Result, Val};
+use super::{err, Attrs, Builder, Const, NodeProto, Result, Step, Val};
 use crate::network::{Dim, IntOp, Piece};
 
 impl Builder {
@@ -112,10 +112,21 @@ impl Builder {
             "Cast" if self.int_pieces(first).is_some() => {
                 let to = a.int("to", 0)?;
                 a.take("saturate");
-                if to != 6 && to != 7 {
-                    return Err(err(format!("Cast of integers to {}: Stride keeps shapes as integers", crate::tensor::type_name(to as i32))));
+                let pieces = self.int_pieces(first).unwrap_or_default();
+                if to == 1 {
+                    // Dimensions as float data, worked out as the network runs (attention's
+                    // 1 / sqrt(head size) from the shape of the keys).
+                    let id = self.push(Step::Floats(pieces));
+                    self.set_output(node, id)?;
+                    return Ok(true);
                 }
-                self.int_pieces(first).unwrap_or_default()
+                if to != 6 && to != 7 {
+                    return Err(err(format!(
+                        "Cast of integers to {}: Stride keeps shapes as integers or float32",
+                        crate::tensor::type_name(to as i32)
+                    )));
+                }
+                pieces
             }
             "Add" | "Sub" | "Mul" | "Div" if ins.len() == 2 && self.int_pieces(ins[0]).is_some() && self.int_pieces(ins[1]).is_some() => {
                 let (x, y) = (self.int_list(ins[0], "operand")?, self.int_list(ins[1], "operand")?);
