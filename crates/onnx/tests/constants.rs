@@ -5,25 +5,15 @@
 
 use stride_autograd::{no_grad, Tensor, Var};
 use stride_nn::{Ctx, Module};
-use stride_onnx::proto::{tensor_proto::DataType, AttributeProto, ModelProto, TensorProto};
+use stride_onnx::proto::{AttributeProto, ModelProto};
 
 mod common;
-use common::{model, node, value};
+use common::{floats, model, node, value};
 
 fn attr(name: &str, f: &dyn Fn(&mut AttributeProto)) -> AttributeProto {
     let mut a = AttributeProto { name: Some(name.into()), ..Default::default() };
     f(&mut a);
     a
-}
-
-fn floats(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        float_data: data.to_vec(),
-        ..Default::default()
-    }
 }
 
 fn run(m: &ModelProto, x: Tensor<f32>) -> Tensor<f32> {

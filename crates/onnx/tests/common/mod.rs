@@ -56,3 +56,14 @@ pub fn ints(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
         ..Default::default()
     }
 }
+
+/// A float32 initializer.
+pub fn floats(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        float_data: data.to_vec(),
+        ..Default::default()
+    }
+}
