@@ -52,6 +52,9 @@ pub(crate) fn widen<T: ag::Elem>(x: &Var<T>, dims: &[usize]) -> ag::Result<Var<T
 pub(crate) fn select<T: ag::Elem>(cond: &[bool], cdims: &[usize], x: &Var<T>, y: &Var<T>, most: usize) -> ag::Result<Var<T>> {
     let out = broadcast("Where", &broadcast("Where", cdims, &x.shape())?, &y.shape())?;
     within("Where", "the branches and condition broadcast to", &out, most)?;
+    if out.contains(&0) {
+        return Ok(Var::constant(Tensor::zeros(&out)?));
+    }
     // The condition right-aligned to the output; the pattern repeats over the leading axes
     // where it is 1.
     let rank = out.len();
@@ -84,7 +87,6 @@ pub(crate) fn select<T: ag::Elem>(cond: &[bool], cdims: &[usize], x: &Var<T>, y:
         }
     }
     match runs[..] {
-        [] => return Ok(Var::constant(Tensor::zeros(&out)?)),
         [(true, ..)] => return widen(x, &out),
         [(false, ..)] => return widen(y, &out),
         _ => {}

@@ -69,14 +69,14 @@ fn reshape((data, dims): &Ints, shape: &[i64], allowzero: bool) -> Result<Ints> 
             _ => return Err(err(format!("cannot reshape integers to {shape:?}"))),
         }
     }
-    let known: usize = out.iter().product();
+    let known = out.iter().try_fold(1usize, |p, &d| p.checked_mul(d)).ok_or_else(|| err(format!("cannot reshape integers to {shape:?}")))?;
     if let Some(i) = infer {
         if known == 0 || data.len() % known != 0 {
             return Err(err(format!("cannot reshape {} integers to {shape:?}", data.len())));
         }
         out[i] = data.len() / known;
     }
-    if out.iter().product::<usize>() != data.len() {
+    if out.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) != Some(data.len()) {
         return Err(err(format!("cannot reshape {} integers of {dims:?} to {shape:?}", data.len())));
     }
     Ok((data.clone(), out))
@@ -154,9 +154,11 @@ fn concat(parts: &[Ints], a: i64) -> Result<Ints> {
 }
 
 impl Builder {
+    /// An integer constant whose every partial product of dimensions fits (a file may give
+    /// [0, 2^40, 2^40]: no values, but strides past 2^64).
     fn const_int_tensor(&self, name: &str) -> Option<Ints> {
         match self.vals.get(name)? {
-            Val::Const(Const::I64(d, dims)) => Some((d.clone(), dims.clone())),
+            Val::Const(Const::I64(d, dims)) if dims.iter().try_fold(1usize, |p, &v| p.checked_mul(v.max(1))).is_some() => Some((d.clone(), dims.clone())),
             _ => None,
         }
     }
@@ -372,6 +374,7 @@ mod tests {
         assert_eq!(slice(&(vec![0, 1, 2], vec![3]), &[i64::MAX], &[i64::MIN], None, Some(&[i64::MIN])).unwrap().0, [2]);
         assert!(transpose(&pairs, Some(vec![0, 0])).is_err());
         assert!(reshape(&pairs, &[3, -1], false).is_err());
+        assert!(reshape(&(vec![], vec![0]), &[0, 1 << 40, 1 << 40], true).is_err());
         assert!(concat(&[(vec![1, 2], vec![1, 2]), (vec![1, 2, 3], vec![1, 3])], 0).is_err());
     }
 }
