@@ -26,7 +26,10 @@ pub(crate) fn matmul<T: ag::Elem>(a: &Var<T>, b: &Var<T>) -> ag::Result<Var<T>> 
         return Err(ag::Error::shape("MatMul", format!("{sa:?} x {sb:?}: the inner dimensions differ ({k} against {})", db[db.len() - 2])));
     }
     let batch = broadcast("MatMul", &da[..da.len() - 2], &db[..db.len() - 2])?;
-    let count = batch.iter().try_fold(1usize, |p, &d| p.checked_mul(d)).ok_or_else(|| ag::Error::shape("MatMul", format!("{sa:?} x {sb:?}: too many matrices")))?;
+    let count = batch
+        .iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .ok_or_else(|| ag::Error::shape("MatMul", format!("{sa:?} x {sb:?}: too many matrices")))?;
     let y = if db.len() == 2 {
         // A stack against one matrix: one product over all the stack's rows.
         a2.reshape(&[count * m, k])?.matmul(&b2)?
@@ -70,7 +73,7 @@ mod tests {
             let skip = idx.len() - bd.len();
             bd.iter().zip(&idx[skip..]).fold(0, |f, (&d, &i)| f * d + if d == 1 { 0 } else { i }) * dims[dims.len() - 2] * dims[dims.len() - 1]
         };
-        let count = batch.iter().try_fold(1usize, |p, &d| p.checked_mul(d)).ok_or_else(|| ag::Error::shape("MatMul", format!("{sa:?} x {sb:?}: too many matrices")))?;
+        let count: usize = batch.iter().product();
         let mut vals = Vec::new();
         for mut f in 0..count {
             let mut idx = vec![0; batch.len()];
