@@ -147,12 +147,40 @@ def pads_from_constants(T, h):
     return nodes, init, [x], [y]
 
 
+def position_encoding(T, h):
+    """A mask of ones over each image's [N, H, W] as EdgeNeXt's and DETR's position encodings
+    write it (ConstantOfShape of a computed shape, Cast to bool, Not, Cast to float), counted
+    along H and, exclusively from the end, along W (CumSum), added to the data, then every second
+    column (Slice with a step)."""
+    nodes = [
+        h.make_node("Shape", ["x"], ["shape"]),
+        h.make_node("Gather", ["shape", "which"], ["nhw"]),
+        h.make_node("ConstantOfShape", ["nhw"], ["zeros"], value=h.make_tensor("v", T.FLOAT, [1], [0.0])),
+        h.make_node("Cast", ["zeros"], ["mask"], to=T.BOOL),
+        h.make_node("Not", ["mask"], ["not_mask"]),
+        h.make_node("Cast", ["not_mask"], ["ones"], to=T.FLOAT),
+        h.make_node("CumSum", ["ones", "one"], ["count_h"]),
+        h.make_node("CumSum", ["ones", "two"], ["count_w"], exclusive=1, reverse=1),
+        h.make_node("Add", ["count_h", "count_w"], ["counts"]),
+        h.make_node("Unsqueeze", ["counts", "one_axis"], ["per_channel"]),
+        h.make_node("Add", ["x", "per_channel"], ["sum"]),
+        h.make_node("Slice", ["sum", "zero_axis", "far", "last_axis", "two_axis"], ["y"]),
+    ]
+    ints = [("which", [3], [0, 2, 3]), ("one", [], [1]), ("two", [], [2]), ("one_axis", [1], [1]),
+            ("zero_axis", [1], [0]), ("far", [1], [1 << 40]), ("last_axis", [1], [-1]), ("two_axis", [1], [2])]
+    init = [h.make_tensor(name, T.INT64, dims, values) for name, dims, values in ints]
+    x = h.make_tensor_value_info("x", T.FLOAT, ["N", 2, 3, 4])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["N", 2, 3, 2])
+    return nodes, init, [x], [y]
+
+
 def main():
     # onnx_model's other seeds are written elsewhere (tiny.onnx by crates/train/tests/fuzz_corpus.rs
     # with STRIDE_BLESS=1, torchscript_view.onnx by scripts/onnx/torchvision_fixtures.py).
     for target in ("idx", "cifar", "image", "checkpoint", "toml_model"):
         shutil.rmtree(os.path.join(HERE, "seeds", target), ignore_errors=True)
-    for name, build in [("gather_range", gather_range), ("resize", resize), ("where", where), ("pads_from_constants", pads_from_constants)]:
+    for name, build in [("gather_range", gather_range), ("resize", resize), ("where", where), ("pads_from_constants", pads_from_constants),
+                        ("position_encoding", position_encoding)]:
         onnx_seed(name, build)
     labels = idx([10], [i % 10 for i in range(10)])
     images = idx([2, 4, 4], [(i * 37) % 256 for i in range(32)])

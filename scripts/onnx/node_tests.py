@@ -35,6 +35,8 @@ OPS = {
     "Sin", "Cos",
     # Since: GroupNorm and InstanceNorm2d as PyTorch exports them (PoolFormer, MobileViT-v2).
     "InstanceNormalization",
+    # Since: position encodings that count a mask's ones (EdgeNeXt, DETR).
+    "CumSum", "Not",
 }
 
 def main() -> None:

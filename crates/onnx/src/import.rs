@@ -23,6 +23,7 @@ use crate::{err, Result};
 mod fold;
 mod fuse;
 mod indices;
+mod masks;
 mod operators;
 mod resize;
 mod shapes;
@@ -112,12 +113,14 @@ pub fn import_with(model: &ModelProto, bound: &HashMap<String, TensorProto>) -> 
         return Err(err("the graph declares no output"));
     };
     let output_shape = tensor_shape(first).unwrap_or_default();
+    let names: Vec<&str> = graph.output.iter().map(|o| o.name.as_deref().unwrap_or("")).collect();
+    b.make_fills(&names);
     let mut outputs = Vec::with_capacity(graph.output.len());
     for output in &graph.output {
         let out_name = output.name.as_deref().unwrap_or("");
         match b.vals.get(out_name) {
             Some(Val::Runtime(id)) => outputs.push((out_name.to_string(), *id)),
-            Some(Val::Const(_) | Val::Ints(_) | Val::Indices(_)) => {
+            Some(Val::Const(_) | Val::Ints(_) | Val::Indices(_) | Val::Fill(..)) => {
                 return Err(err(format!("the graph's output '{out_name}' is a constant or computed from shapes")))
             }
             None => return Err(err(format!("the graph's output '{out_name}' is made by no node"))),
@@ -157,6 +160,9 @@ enum Val {
     Ints(Vec<Piece>),
     /// An integer tensor computed from shapes (Gather's indices).
     Indices(IntTensor),
+    /// One value filling a shape computed as the network runs, and what the value is
+    /// (ConstantOfShape of such a shape; made into data where data reads it).
+    Fill(Vec<Piece>, f64, masks::Kind),
 }
 
 /// What an error says of a value computed from shapes used where data is expected.
@@ -283,7 +289,7 @@ impl Builder {
         match self.vals.get(name) {
             Some(Val::Runtime(id)) => Ok(*id),
             Some(Val::Const(_)) => Err(err(format!("input '{name}' is a constant where Stride expects the data flowing through"))),
-            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_) | Val::Fill(..)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -297,7 +303,7 @@ impl Builder {
             }
             Some(Val::Const(Const::I64(..))) => Err(err(format!("input '{name}' holds integers; Stride computes in float32"))),
             Some(Val::Const(Const::Bool(..))) => Err(err(format!("input '{name}' holds booleans; Stride computes in float32"))),
-            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_) | Val::Fill(..)) => Err(err(format!("input '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("input '{name}' is made by no earlier node"))),
         }
     }
@@ -307,7 +313,7 @@ impl Builder {
             Some(Val::Const(Const::I64(..))) => Err(err(format!("{what} '{name}' holds integers, not float32"))),
             Some(Val::Const(Const::Bool(..))) => Err(err(format!("{what} '{name}' holds booleans, not float32"))),
             Some(Val::Runtime(_)) => Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant (an initializer)"))),
-            Some(Val::Ints(_) | Val::Indices(_)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
+            Some(Val::Ints(_) | Val::Indices(_) | Val::Fill(..)) => Err(err(format!("{what} '{name}' {SHAPE_AS_DATA}"))),
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
         }
     }
@@ -316,7 +322,7 @@ impl Builder {
             Some(Val::Const(Const::I64(d, _))) => Ok(d.clone()),
             Some(Val::Const(Const::F32(_))) => Err(err(format!("{what} '{name}' holds floats, not integers"))),
             Some(Val::Const(Const::Bool(..))) => Err(err(format!("{what} '{name}' holds booleans, not integers"))),
-            Some(Val::Runtime(_) | Val::Ints(_) | Val::Indices(_)) => {
+            Some(Val::Runtime(_) | Val::Ints(_) | Val::Indices(_) | Val::Fill(..)) => {
                 Err(err(format!("{what} '{name}' is computed in the graph; Stride needs it as a constant")))
             }
             None => Err(err(format!("{what} '{name}' is made by no earlier node"))),
@@ -367,6 +373,10 @@ impl Builder {
         if let (Some(o), false) = (read_extra, op == "Split") {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only, and '{o}' is read", node.output.len())));
         }
+        if self.mask_node(node, &ins, &mut a)? {
+            return a.done();
+        }
+        self.make_fills(&ins);
         if self.fold_node(node, &ins, &mut a)? || self.index_node(node, &ins, &mut a)? || self.shape_node(node, &ins, &mut a)? {
             return a.done();
         }
@@ -696,10 +706,12 @@ impl Builder {
                 if starts.len() != ends.len() || axes.len() != starts.len() {
                     return Err(err(format!("{} starts, {} ends and {} axes", starts.len(), ends.len(), axes.len())));
                 }
-                if let Some(st) = steps.filter(|st| st.iter().any(|&v| v != 1)) {
-                    return Err(err(format!("steps {st:?}: Stride slices with step 1")));
+                let steps = steps.unwrap_or_else(|| vec![1; axes.len()]);
+                if steps.len() != axes.len() || steps.iter().any(|&v| v < 1) {
+                    return Err(err(format!("steps {steps:?} for {} axes: Stride slices forwards, a step of 1 or more per axis", axes.len())));
                 }
-                self.push(Step::Slice { input: x, axes, starts, ends })
+                let steps = steps.iter().map(|&v| usize::try_from(v).unwrap_or(usize::MAX)).collect();
+                self.push(Step::Slice { input: x, axes, starts, ends, steps })
             }
             "Unsqueeze" | "Squeeze" => {
                 let x = self.runtime(need(0)?)?;

@@ -11,6 +11,7 @@
 //! prost-build (`scripts/onnx/gen_proto.sh`) and are checked in: building needs no protoc.
 #![forbid(unsafe_code)]
 
+mod cumsum;
 mod external;
 mod import;
 mod indices;

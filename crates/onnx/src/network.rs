@@ -9,6 +9,7 @@
 use stride_autograd::{self as ag, Var};
 use stride_nn::{call, join, Ctx, Module, Result, Slot};
 
+use crate::cumsum::cumsum;
 use crate::indices::{gather, gather_nd, IntTensor};
 use crate::matmul::matmul;
 use crate::norm::normalize;
@@ -170,13 +171,14 @@ pub(crate) enum Step {
         index: usize,
         parts: usize,
     },
-    /// ONNX's Slice with step 1: `starts[i]..ends[i]` along `axes[i]` (negative from the end,
-    /// clamped to the dimension).
+    /// ONNX's Slice forwards: every `steps[i]`-th entry of `starts[i]..ends[i]` along `axes[i]`
+    /// (negative from the end, clamped to the dimension).
     Slice {
         input: ValueId,
         axes: Vec<i64>,
         starts: Vec<Dim>,
         ends: Vec<Dim>,
+        steps: Vec<usize>,
     },
     /// New axes of length 1 at `axes` of the output (negative: from its end).
     Unsqueeze(ValueId, Vec<i64>),
@@ -236,6 +238,13 @@ pub(crate) enum Step {
     },
     /// Integers computed from shapes as float data ([len]): ONNX's Cast of them to float.
     Floats(Vec<Piece>),
+    /// ONNX's CumSum: running sums along `axis` (negative from the end).
+    CumSum {
+        input: ValueId,
+        axis: i64,
+        exclusive: bool,
+        reverse: bool,
+    },
     /// Constant padding of every axis: (before, after).
     Pad {
         input: ValueId,
@@ -385,11 +394,27 @@ pub(crate) fn inputs(s: &Step) -> Vec<ValueId> {
         | Step::Reduce { input, .. }
         | Step::Expand(input, _)
         | Step::Normalize { input, .. }
+        | Step::CumSum { input, .. }
         | Step::Pad { input, .. } => vec![*input],
         Step::Const(_) | Step::Floats(_) => vec![],
         Step::Binary(_, a, b) | Step::MatMul(a, b) | Step::Where { x: a, y: b, .. } => vec![*a, *b],
         Step::Concat(v, _) => v.clone(),
     }
+}
+
+/// Every `step`-th entry of `x` along `axis`, from the first: a view of the axis as [len / step,
+/// step] where the step divides it, else the entries gathered.
+fn every(x: &Var, axis: usize, step: usize) -> ag::Result<Var> {
+    let s = x.shape();
+    let (len, kept) = (s[axis], s[axis].div_ceil(step));
+    if len % step == 0 {
+        let split: Vec<usize> = s[..axis].iter().chain(&[kept, step]).chain(&s[axis + 1..]).copied().collect();
+        let mut out = s.clone();
+        out[axis] = kept;
+        return x.reshape(&split)?.narrow(axis + 1, 0, 1)?.reshape(&out);
+    }
+    let at: Vec<i64> = (0..kept).map(|k| (k * step) as i64).collect();
+    gather(x, axis, &at, &[kept])
 }
 
 /// A possibly negative axis of a rank-`rank` value.
@@ -526,7 +551,7 @@ pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usiz
             let start = (each * *index).min(n);
             x.narrow(a, start, each.min(n - start))?
         }
-        Step::Slice { input, axes, starts, ends } => {
+        Step::Slice { input, axes, starts, ends, steps } => {
             let mut x = v(input);
             for (i, ax) in axes.iter().enumerate() {
                 let a = axis("Slice", *ax, x.shape().len())?;
@@ -534,6 +559,9 @@ pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usiz
                 let clamp = |i: i64| (if i < 0 { i.saturating_add(n) } else { i }).clamp(0, n) as usize;
                 let (s, e) = (clamp(starts[i].eval(shapes)?), clamp(ends[i].eval(shapes)?));
                 x = x.narrow(a, s, e.max(s) - s)?;
+                if steps[i] > 1 && e > s + 1 {
+                    x = every(&x, a, steps[i])?;
+                }
             }
             x
         }
@@ -601,6 +629,11 @@ pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usiz
             let v: Vec<f32> = eval_ints(pieces, shapes)?.into_iter().map(|d| d as f32).collect();
             let n = v.len();
             Var::constant(ag::Tensor::from_vec(v, &[n])?)
+        }
+        Step::CumSum { input, axis: ax, exclusive, reverse } => {
+            let x = v(input);
+            let a = axis("CumSum", *ax, x.shape().len())?;
+            cumsum(&x, a, *exclusive, *reverse)?
         }
         Step::Where { cond, dims, x, y } => {
             let most = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);

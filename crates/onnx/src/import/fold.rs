@@ -305,6 +305,7 @@ const FLOAT_FOLDS: &[&str] = &[
     "InstanceNormalization",
     "LayerNormalization",
     "Softmax",
+    "CumSum",
 ];
 
 impl Builder {
@@ -317,7 +318,15 @@ impl Builder {
         let floats: Vec<String> =
             given.iter().filter(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(Const::F32(_))))).map(|n| n.to_string()).collect();
         let constant = given.iter().all(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(_))));
-        if !FLOAT_FOLDS.contains(&op) || !constant || floats.is_empty() || node.domain.as_deref().is_some_and(|d| !d.is_empty() && d != "ai.onnx") {
+        // A cast of floats to booleans or integers is the mask rules' (import/masks.rs).
+        let to_other =
+            op == "Cast" && node.attribute.iter().any(|a| a.name.as_deref() == Some("to") && a.i.is_some_and(|t| t != DataType::Float as i64));
+        if !FLOAT_FOLDS.contains(&op)
+            || to_other
+            || !constant
+            || floats.is_empty()
+            || node.domain.as_deref().is_some_and(|d| !d.is_empty() && d != "ai.onnx")
+        {
             return self.node(node);
         }
         // The data input, a float constant, as a step of its own, so the node's rule takes it
