@@ -82,6 +82,9 @@ struct Compiler {
     consts: Vec<Tensor<f32>>,
     relayouts: HashMap<(Buf, Layout), Buf>,
     block: usize,
+    /// Whether each node is computed from the input; the others (a position encoding made from
+    /// the input's shape alone) are constants of the plan, as the weights are.
+    varies: Vec<bool>,
 }
 
 /// A layer norm found in a recording ([`Compiler::layer_norm`]): its last node, the nodes
@@ -162,6 +165,11 @@ impl Compiler {
     fn new(input: &Var<f32>, output: &Var<f32>) -> Result<Self> {
         let rec = Recorded::walk(input, output, "plan")?;
         let n = rec.nodes.len();
+        // Parents come before their consumers.
+        let mut varies = vec![false; n];
+        for (i, v) in rec.nodes.iter().enumerate() {
+            varies[i] = v.same(input) || (!v.is_leaf() && v.0.parents.iter().any(|p| varies[rec.index[&key(p)]]));
+        }
         let batch = input.shape().first().copied().unwrap_or(1);
         let block = planned::block_for(batch);
         Ok(Compiler {
@@ -173,6 +181,7 @@ impl Compiler {
             consts: Vec::new(),
             relayouts: HashMap::new(),
             block,
+            varies,
         })
     }
 
@@ -207,9 +216,9 @@ impl Compiler {
         Src::Const(self.consts.len() - 1)
     }
 
-    /// Whether a parent is a weight (a leaf other than the input), not computed from the input.
+    /// Whether a parent is a weight, or computed from weights alone: not from the input.
     fn constant(&self, p: usize) -> bool {
-        self.vals[p].is_none() && self.rec.nodes[p].is_leaf()
+        !self.varies[p]
     }
 
     fn define(&mut self, i: usize, shape: Vec<usize>, layout: Layout) -> Buf {
@@ -725,7 +734,7 @@ impl Plan {
         c.define(ii, in_shape.clone(), Layout::Nchw);
         let in_buf = c.vals[ii].as_ref().map(|v| v.buf).expect("defined");
         for i in 0..c.rec.nodes.len() {
-            if c.done[i] || c.vals[i].is_some() || c.rec.nodes[i].is_leaf() {
+            if c.done[i] || c.vals[i].is_some() || !c.varies[i] {
                 continue;
             }
             c.compile(i)?;

@@ -29,8 +29,10 @@ fn input(dims: &[usize]) -> Tensor<f32> {
 }
 
 /// The mask of ones over [N, H, W] of the input (a shape known only as the network runs),
-/// counted along H (inclusive) and along W (exclusive, from the end), each added to every
-/// channel: y[n, c, h, w] = x + (h + 1) + (W - 1 - w).
+/// counted along H (inclusive) and along W (exclusive, from the end), the sum projected to each
+/// channel by a 1x1 convolution (weights 1 and 2, as EdgeNeXt projects its encoding) and added:
+/// y[n, c, h, w] = x + (c + 1) * ((h + 1) + (W - 1 - w)). Eagerly and through a compiled plan,
+/// where the encoding, computed from the input's shape alone, is a constant.
 #[test]
 fn a_mask_of_a_computed_shape_is_cast_negated_and_counted() {
     let mut fill = node("ConstantOfShape", &["nhw"], "zeros");
@@ -53,21 +55,33 @@ fn a_mask_of_a_computed_shape_is_cast_negated_and_counted() {
         node("CumSum", &["ones", "one"], "count_h"),
         along_w,
         node("Add", &["count_h", "count_w"], "counts"),
-        node("Unsqueeze", &["counts", "one_axis"], "per_channel"),
+        node("Unsqueeze", &["counts", "one_axis"], "one_channel"),
+        node("Conv", &["one_channel", "project"], "per_channel"),
         node("Add", &["x", "per_channel"], "y"),
     ];
-    let consts = vec![ints("which", &[3], &[0, 2, 3]), ints("one", &[], &[1]), ints("two", &[], &[2]), ints("one_axis", &[1], &[1])];
+    let consts = vec![
+        ints("which", &[3], &[0, 2, 3]),
+        ints("one", &[], &[1]),
+        ints("two", &[], &[2]),
+        ints("one_axis", &[1], &[1]),
+        common::floats("project", &[2, 1, 1, 1], &[1.0, 2.0]),
+    ];
     let m = model(nodes, consts, &[-1, 2, 3, 4], &[-1, 2, 3, 4]);
     for dims in [[1, 2, 3, 4], [3, 2, 5, 2]] {
         let x = input(&dims);
-        let y = run(&m, &x);
-        assert_eq!(y.shape(), dims);
-        let (h, w) = (dims[2], dims[3]);
-        for (i, (&got, &xv)) in y.data().iter().zip(x.data()).enumerate() {
-            let (r, c) = ((i / w) % h, i % w);
-            let want = xv + (r + 1) as f32 + (w - 1 - c) as f32;
-            assert!((got - want).abs() < 1e-5, "{dims:?} at {i}: {got} against {want}");
-        }
+        let check = |y: &Tensor<f32>, how: &str| {
+            assert_eq!(y.shape(), dims, "{how}");
+            let (ch, h, w) = (dims[1], dims[2], dims[3]);
+            for (i, (&got, &xv)) in y.data().iter().zip(x.data()).enumerate() {
+                let (k, r, c) = ((i / (h * w)) % ch, (i / w) % h, i % w);
+                let want = xv + (k + 1) as f32 * ((r + 1) as f32 + (w - 1 - c) as f32);
+                assert!((got - want).abs() < 1e-5, "{how}, {dims:?} at {i}: {got} against {want}");
+            }
+        };
+        check(&run(&m, &x), "eager");
+        let mut net = stride_onnx::import(&m).unwrap().network;
+        let mut plan = stride_nn::planned::compile(&mut net, &x).unwrap_or_else(|e| panic!("the planner refused it: {e}"));
+        check(&plan.run(&x).unwrap(), "planned");
     }
 }
 
