@@ -95,15 +95,22 @@ pub fn toml_model(data: &[u8]) -> bool {
     stride_models::from_toml("fuzz.toml", text, &mut Rng::seed(0), FILE_SPEC).is_ok()
 }
 
-/// An ONNX model: decoded and imported; when it declares a small fixed input, also run once.
+/// An ONNX model: decoded and imported; when it declares a small fixed input, also run once
+/// eagerly (`stride run`) and, if that works, through a compiled plan (`stride eval` and
+/// `predict`), which must give an output of the same shape.
 pub fn onnx_model(data: &[u8]) -> bool {
     let Ok(model) = stride_onnx::decode(data) else { return false };
     let Ok(imported) = stride_onnx::import(&model) else { return false };
     let mut net = imported.network;
     let dims: Option<Vec<usize>> = net.input_shape.iter().enumerate().map(|(i, d)| if i == 0 { Some(1) } else { *d }).collect();
-    if let Some(dims) = dims.filter(|d| !d.is_empty() && d.iter().product::<usize>() <= 4096) {
-        let x = stride_autograd::Var::constant(stride_autograd::Tensor::zeros(&dims).expect("a small input"));
-        return stride_autograd::no_grad(|| stride_nn::Module::forward(&mut net, &x, &mut stride_nn::Ctx::eval())).is_ok();
+    let Some(dims) = dims.filter(|d| !d.is_empty() && d.iter().product::<usize>() <= 4096) else { return true };
+    let n = dims.iter().product::<usize>();
+    let x = stride_autograd::Tensor::from_vec((0..n).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect(), &dims).expect("a small input");
+    let eager =
+        stride_autograd::no_grad(|| stride_nn::Module::forward(&mut net, &stride_autograd::Var::constant(x.clone()), &mut stride_nn::Ctx::eval()));
+    let Ok(eager) = eager else { return false };
+    if let Ok(planned) = stride_nn::planned::Planned::new().forward(&mut net, &x) {
+        assert_eq!(planned.shape(), eager.shape(), "the plan's output shape differs from the eager pass's");
     }
     true
 }
