@@ -261,6 +261,46 @@ def group_norm_cnn():
                      seed_fuzzer=True)
 
 
+class PaddedCnn(torch.nn.Module):
+    """Padding by the map's own values (ReflectionPad2d as CycleGAN's and style-transfer
+    networks pad, ReplicationPad2d, circular F.pad) and EdgeNeXt's sine position encoding (a mask
+    of ones over [N, H, W] counted by cumsum, every second frequency by a stepped slice,
+    projected by a 1x1 convolution) added to the features."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.reflect, self.replicate = torch.nn.ReflectionPad2d(2), torch.nn.ReplicationPad2d((1, 2, 0, 1))
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 8, 5), torch.nn.Conv2d(8, 8, 3)
+        self.project = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, classes)
+
+    def encoding(self, x):
+        n, _, h, w = x.shape
+        ones = (~torch.zeros(n, h, w, dtype=torch.bool)).float()
+        y, xs = ones.cumsum(1), ones.cumsum(2)
+        y, xs = y / (y[:, -1:, :] + 1e-6) * 6.2832, xs / (xs[:, :, -1:] + 1e-6) * 6.2832
+        t = torch.arange(4, dtype=torch.float32)
+        t = 10000.0 ** (2 * (t // 2) / 4)
+        px, py = xs[:, :, :, None] / t, y[:, :, :, None] / t
+        px = torch.stack((px[:, :, :, 0::2].sin(), px[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        py = torch.stack((py[:, :, :, 0::2].sin(), py[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return self.project(torch.cat((py, px), dim=3).permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(self.reflect(x)))
+        x = torch.relu(self.conv2(self.replicate(x)))
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular")
+        x = x + self.encoding(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def padded_cnn():
+    """PaddedCnn with its own seeded weights, on 3 seeded 3x10x12 images."""
+    torch.manual_seed(15)
+    with_own_weights("padded_cnn", PaddedCnn().eval(), torch.randn(3, 3, 10, 12, generator=torch.Generator().manual_seed(16)),
+                     seed_fuzzer=True)
+
+
 def adaptive_pool_cnn():
     """AdaptivePoolCnn on 2 seeded 3x64x64 images, by the new exporter (the TorchScript one
     refuses sizes that do not divide)."""
@@ -348,7 +388,8 @@ def main():
         f.write(nh.from_array(x.numpy(), "input").SerializeToString())
     only = set(sys.argv[1:])
     extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn,
-              "self_attention_cnn": self_attention_cnn, "group_norm_cnn": group_norm_cnn}
+              "self_attention_cnn": self_attention_cnn, "group_norm_cnn": group_norm_cnn,
+              "padded_cnn": padded_cnn}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

@@ -16,6 +16,7 @@ use stride_nn::Module;
 
 use crate::indices::IntTensor;
 use crate::network::{BinOp, Dim, Network, Piece, Reduce, Step, ValueId};
+use crate::pad::PadMode;
 use crate::proto::{attribute_proto::AttributeType, type_proto, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor::{read_const, type_name, Const};
 use crate::{err, Result};
@@ -787,9 +788,6 @@ impl Builder {
             "Pad" => {
                 let x = self.runtime(need(0)?)?;
                 let mode = a.string("mode").unwrap_or_else(|| "constant".into());
-                if mode != "constant" {
-                    return Err(err(format!("mode '{mode}' is not supported: Stride pads with a constant")));
-                }
                 let (pads, value) = if self.opset < 11 {
                     (a.ints("pads").ok_or_else(|| err("attribute pads is missing"))?, a.float("value", 0.0)?)
                 } else {
@@ -809,7 +807,9 @@ impl Builder {
                 }
                 let r = pads.len() / 2;
                 let pads = (0..r).map(|i| (pads[i] as usize, pads[i + r] as usize)).collect();
-                self.push(Step::Pad { input: x, pads, value: value as f64 })
+                let mode = PadMode::parse(&mode, value as f64)
+                    .ok_or_else(|| err(format!("mode '{mode}' is not one of ONNX's (constant, reflect, edge, wrap)")))?;
+                self.push(Step::Pad { input: x, pads, mode })
             }
             "ConstantOfShape" => {
                 // Constant shapes were worked out by `fold_node`.

@@ -18,6 +18,7 @@ mod indices;
 mod matmul;
 mod network;
 mod norm;
+mod pad;
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 #[rustfmt::skip]
 pub mod proto;

@@ -13,6 +13,7 @@ use crate::cumsum::cumsum;
 use crate::indices::{gather, gather_nd, IntTensor};
 use crate::matmul::matmul;
 use crate::norm::normalize;
+use crate::pad::{pad, PadMode};
 use crate::resize::{resize, Coord, Sample};
 use crate::select::{broadcast, select, widen, within};
 
@@ -245,11 +246,11 @@ pub(crate) enum Step {
         exclusive: bool,
         reverse: bool,
     },
-    /// Constant padding of every axis: (before, after).
+    /// Padding of every axis, (before, after), by a constant or the value's own entries.
     Pad {
         input: ValueId,
         pads: Vec<(usize, usize)>,
-        value: f64,
+        mode: PadMode,
     },
 }
 
@@ -673,19 +674,7 @@ pub(crate) fn run_step(step: &mut Step, vals: &[Option<Var>], shapes: &[Vec<usiz
             let (idx, dims) = indices.eval(shapes)?;
             gather(&x, a, &idx, &dims)?
         }
-        Step::Pad { input, pads, value } => {
-            let x = v(input);
-            if pads.len() != x.shape().len() {
-                return Err(ag::Error::shape("Pad", format!("{} pads for a {}-d value", pads.len(), x.shape().len())).into());
-            }
-            // Var::pad pads the last axes it is given: leading unpadded axes are left out.
-            let first = pads.iter().position(|&p| p != (0, 0)).unwrap_or(pads.len());
-            if first == pads.len() {
-                x
-            } else {
-                x.pad(&pads[first..], *value)?
-            }
-        }
+        Step::Pad { input, pads, mode } => pad(&v(input), pads, *mode)?,
     })
 }
 

@@ -52,7 +52,7 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
         .filter(|c| {
-            !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn.", "group_norm_cnn."]
+            !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn.", "group_norm_cnn.", "padded_cnn."]
                 .iter()
                 .any(|own| c.starts_with(own))
         })
@@ -192,6 +192,14 @@ fn self_attention_over_a_feature_map_imports_and_agrees_with_onnx_runtime() {
 #[test]
 fn group_and_instance_normalisation_import_and_agree_with_onnx_runtime() {
     agrees_at_any_batch("group_norm_cnn", BOTH, 1e-5);
+}
+
+/// Padding by the map's own values (reflect, edge and wrap: ReflectionPad2d, ReplicationPad2d,
+/// circular F.pad) and EdgeNeXt's sine position encoding (a mask of the input's shape negated
+/// and counted by CumSum, every second frequency by a stepped Slice, then convolved).
+#[test]
+fn padding_by_the_maps_own_values_and_a_position_encoding_import_and_agree_with_onnx_runtime() {
+    agrees_at_any_batch("padded_cnn", BOTH, 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused
