@@ -301,6 +301,37 @@ def padded_cnn():
                      seed_fuzzer=True)
 
 
+class OneDCnn(torch.nn.Module):
+    """A 1-d CNN over sequences of 2 channels (audio and sensor CNNs): Conv1d with padding, batch
+    norm, max pooling, a grouped strided Conv1d, ECA's channel attention (a Conv1d across the
+    channels of the pooled features, Wang et al. 2020, as timm's ECA-ResNets use it), average
+    pooling and a ConvTranspose1d."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1, self.bn = torch.nn.Conv1d(2, 8, 5, padding=2), torch.nn.BatchNorm1d(8)
+        self.conv2 = torch.nn.Conv1d(8, 8, 3, stride=2, dilation=2, groups=2)
+        self.eca = torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.up = torch.nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 1.5)
+        self.fc = torch.nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool1d(torch.relu(self.bn(self.conv1(x))), 2)
+        x = torch.relu(self.conv2(x))
+        gate = self.eca(x.mean(-1, keepdim=True).transpose(-1, -2)).transpose(-1, -2).sigmoid()
+        x = torch.nn.functional.avg_pool1d(x * gate, 2)
+        return self.fc(torch.relu(self.up(x)).mean(-1))
+
+
+def one_d_cnn():
+    """OneDCnn with its own seeded weights, on 3 seeded sequences of 2x40."""
+    torch.manual_seed(17)
+    with_own_weights("one_d_cnn", OneDCnn().eval(), torch.randn(3, 2, 40, generator=torch.Generator().manual_seed(18)))
+
+
 def adaptive_pool_cnn():
     """AdaptivePoolCnn on 2 seeded 3x64x64 images, by the new exporter (the TorchScript one
     refuses sizes that do not divide)."""
@@ -389,7 +420,7 @@ def main():
     only = set(sys.argv[1:])
     extras = {"tiny_cnn": tiny_cnn, "attention_cnn": attention_cnn, "small_unet": small_unet, "adaptive_pool_cnn": adaptive_pool_cnn,
               "self_attention_cnn": self_attention_cnn, "group_norm_cnn": group_norm_cnn,
-              "padded_cnn": padded_cnn}
+              "padded_cnn": padded_cnn, "one_d_cnn": one_d_cnn}
     unknown = only - {name for name, _ in MODELS} - set(extras)
     assert not unknown, f"neither in MODELS nor {sorted(extras)}: {sorted(unknown)}"
     for name, exporters in MODELS:

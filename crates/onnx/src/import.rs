@@ -24,6 +24,7 @@ use crate::{err, Result};
 mod fold;
 mod fuse;
 mod indices;
+mod lift;
 mod masks;
 mod operators;
 mod resize;
@@ -373,6 +374,9 @@ impl Builder {
         let read_extra = node.output.iter().skip(1).find(|o| !o.is_empty() && self.uses.get(o.as_str()).is_some_and(|&n| n > 0));
         if let (Some(o), false) = (read_extra, op == "Split") {
             return Err(err(format!("{op} with {} outputs: Stride gives the first only, and '{o}' is read", node.output.len())));
+        }
+        if self.one_d_node(node)? {
+            return Ok(());
         }
         if self.mask_node(node, &ins, &mut a)? {
             return a.done();

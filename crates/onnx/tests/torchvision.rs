@@ -52,9 +52,18 @@ fn torchvision_exports_import_and_agree_with_onnx_runtime() {
         .unwrap()
         .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".output.pb").map(str::to_string))
         .filter(|c| {
-            !["tiny_cnn.", "attention_cnn.", "small_unet.", "adaptive_pool_cnn.", "self_attention_cnn.", "group_norm_cnn.", "padded_cnn."]
-                .iter()
-                .any(|own| c.starts_with(own))
+            ![
+                "tiny_cnn.",
+                "attention_cnn.",
+                "small_unet.",
+                "adaptive_pool_cnn.",
+                "self_attention_cnn.",
+                "group_norm_cnn.",
+                "padded_cnn.",
+                "one_d_cnn.",
+            ]
+            .iter()
+            .any(|own| c.starts_with(own))
         })
         .collect();
     cases.sort();
@@ -200,6 +209,14 @@ fn group_and_instance_normalisation_import_and_agree_with_onnx_runtime() {
 #[test]
 fn padding_by_the_maps_own_values_and_a_position_encoding_import_and_agree_with_onnx_runtime() {
     agrees_at_any_batch("padded_cnn", BOTH, 1e-5);
+}
+
+/// A 1-d CNN (Conv1d with padding, groups, stride and dilation, batch norm, max and average
+/// pooling, ECA's Conv1d across channels, ConvTranspose1d): Stride's 2-d layers over maps of
+/// height 1.
+#[test]
+fn a_one_d_cnn_imports_and_agrees_with_onnx_runtime() {
+    agrees_at_any_batch("one_d_cnn", BOTH, 1e-5);
 }
 
 /// A shape computed in the graph is used only as a shape: fed to a layer as data it is refused
