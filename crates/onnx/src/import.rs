@@ -815,6 +815,7 @@ impl Builder {
                     .ok_or_else(|| err(format!("mode '{mode}' is not one of ONNX's (constant, reflect, edge, wrap)")))?;
                 self.push(Step::Pad { input: x, pads, mode })
             }
+            "Mod" => return Err(err("Mod of float data: Stride takes Mod of integers computed from shapes (a window's padding)")),
             "ConstantOfShape" => {
                 // Constant shapes were worked out by `fold_node`.
                 return Err(err(format!("ConstantOfShape of '{}': Stride fills a shape known from constants only", opt(0).unwrap_or(""))));

@@ -148,13 +148,7 @@ fn broadcast(op: IntOp, (a, da): &(Vec<i64>, Vec<usize>), (b, db): &(Vec<i64>, V
         let ia: usize = at.iter().zip(&sa).map(|(i, s)| i * s).sum();
         let ib: usize = at.iter().zip(&sb).map(|(i, s)| i * s).sum();
         let (x, y) = (a[ia], b[ib]);
-        let r = match op {
-            IntOp::Add => x.checked_add(y),
-            IntOp::Sub => x.checked_sub(y),
-            IntOp::Mul => x.checked_mul(y),
-            IntOp::Div => x.checked_div(y),
-        };
-        out.push(r.ok_or_else(|| ag::Error::arg("integer arithmetic", format!("{x} {op:?} {y} has no int64 result")))?);
+        out.push(op.apply(x, y).ok_or_else(|| ag::Error::arg("integer arithmetic", format!("{x} {op:?} {y} has no int64 result")))?);
         for i in (0..rank).rev() {
             at[i] += 1;
             if at[i] < dims[i] {

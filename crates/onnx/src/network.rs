@@ -50,13 +50,46 @@ pub(crate) enum ResizeTo {
     Sizes(Vec<Piece>),
 }
 
-/// Integer arithmetic on dimensions (ONNX's Add, Sub, Mul and Div of int64 values).
+/// Integer arithmetic on dimensions (ONNX's Add, Sub, Mul, Div and Mod of int64 values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum IntOp {
     Add,
     Sub,
     Mul,
+    /// Toward zero, as ONNX Runtime divides integers.
     Div,
+    /// ONNX's Mod with fmod 0: the remainder takes the divisor's sign (Python's %, as a
+    /// window attention's padding `(w - h % w) % w` is traced).
+    Mod,
+    /// ONNX's Mod with fmod 1: the remainder takes the dividend's sign (C's fmod).
+    Rem,
+}
+
+impl IntOp {
+    /// ONNX's operator of that name (`fmod` for Mod); None for any other.
+    pub(crate) fn of(op: &str, fmod: bool) -> Option<IntOp> {
+        Some(match op {
+            "Add" => IntOp::Add,
+            "Sub" => IntOp::Sub,
+            "Mul" => IntOp::Mul,
+            "Div" => IntOp::Div,
+            "Mod" if fmod => IntOp::Rem,
+            "Mod" => IntOp::Mod,
+            _ => return None,
+        })
+    }
+
+    /// `a op b`; None where int64 has no result (overflow, a zero divisor).
+    pub(crate) fn apply(self, a: i64, b: i64) -> Option<i64> {
+        match self {
+            IntOp::Add => a.checked_add(b),
+            IntOp::Sub => a.checked_sub(b),
+            IntOp::Mul => a.checked_mul(b),
+            IntOp::Div => a.checked_div(b),
+            IntOp::Rem => a.checked_rem(b),
+            IntOp::Mod => a.checked_rem(b).map(|r| if r != 0 && (r < 0) != (b < 0) { r + b } else { r }),
+        }
+    }
 }
 
 /// One integer of a shape computed in the graph.
@@ -112,13 +145,7 @@ impl Dim {
             }
             Dim::Bin(op, a, b) => {
                 let (a, b) = (a.eval(shapes)?, b.eval(shapes)?);
-                let r = match op {
-                    IntOp::Add => a.checked_add(b),
-                    IntOp::Sub => a.checked_sub(b),
-                    IntOp::Mul => a.checked_mul(b),
-                    IntOp::Div => a.checked_div(b),
-                };
-                r.ok_or_else(|| ag::Error::arg("shape", format!("{a} {op:?} {b} has no int64 result")))?
+                op.apply(a, b).ok_or_else(|| ag::Error::arg("shape", format!("{a} {op:?} {b} has no int64 result")))?
             }
         })
     }

@@ -136,3 +136,48 @@ fn dimensions_cast_to_float_are_data() {
         .to_string();
     assert!(e.contains("Cast of integers to double"), "{e}");
 }
+
+/// Bounds computed with Mod, as a window attention pads to whole windows (`(w - h % w) % w`):
+/// H cropped to a whole number of 4-row windows (H - H % 4), and W to W + (-W mod 3) - 3, where
+/// Mod's two rules differ: the divisor's sign (fmod 0, Python's %) gives 2 for -7 mod 3, the
+/// dividend's (fmod 1) -1.
+#[test]
+fn bounds_computed_with_mod_follow_both_of_its_rules() {
+    for (fmod, w_end) in [(0, 6), (1, 3)] {
+        let mut h = node("Shape", &["x"], "h");
+        h.attribute = vec![int_attr("start", 2), int_attr("end", 3)];
+        let mut w = node("Shape", &["x"], "w");
+        w.attribute = vec![int_attr("start", 3), int_attr("end", 4)];
+        let mut h_mod = node("Mod", &["h", "four"], "h_mod");
+        h_mod.attribute = vec![int_attr("fmod", fmod)];
+        let mut w_mod = node("Mod", &["minus_w", "three"], "w_mod");
+        w_mod.attribute = vec![int_attr("fmod", fmod)];
+        let mut ends = node("Concat", &["h_end", "w_end"], "ends");
+        ends.attribute = vec![int_attr("axis", 0)];
+        let nodes = vec![
+            h,
+            w,
+            h_mod,
+            node("Sub", &["h", "h_mod"], "h_end"),
+            node("Sub", &["zero", "w"], "minus_w"),
+            w_mod,
+            node("Add", &["w", "w_mod"], "w_wide"),
+            node("Sub", &["w_wide", "three"], "w_end"),
+            ends,
+            node("Slice", &["x", "starts", "ends", "axes"], "y"),
+        ];
+        let init = vec![
+            ints("four", &[1], &[4]),
+            ints("three", &[1], &[3]),
+            ints("zero", &[1], &[0]),
+            ints("starts", &[2], &[0, 0]),
+            ints("axes", &[2], &[2, 3]),
+        ];
+        let m = model(nodes, init, &[-1, 1, 10, 7], &[-1, 1, -1, -1]);
+        let mut net = stride_onnx::import(&m).unwrap_or_else(|e| panic!("fmod {fmod}: {e}")).network;
+        let x = Tensor::from_vec((0..140).map(|v| v as f32).collect(), &[2, 1, 10, 7]).unwrap();
+        let y = no_grad(|| net.forward(&Var::constant(x), &mut Ctx::eval())).unwrap().value();
+        assert_eq!(y.shape(), [2, 1, 8, w_end], "fmod {fmod}");
+        assert_eq!(y.data()[..w_end], (0..w_end).map(|v| v as f32).collect::<Vec<_>>()[..], "fmod {fmod}");
+    }
+}

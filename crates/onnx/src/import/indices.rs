@@ -75,16 +75,13 @@ impl Builder {
                 self.set_output(node, id)?;
                 return Ok(true);
             }
-            "Add" | "Sub" | "Mul" | "Div" if ins.len() == 2 && (ins.iter().any(|n| computed(self, n)) || ins.iter().all(|n| constant(self, n))) => {
+            "Add" | "Sub" | "Mul" | "Div" | "Mod"
+                if ins.len() == 2 && (ins.iter().any(|n| computed(self, n)) || ins.iter().all(|n| constant(self, n))) =>
+            {
                 let (Some(x), Some(y)) = (self.int_tensor(ins[0]), self.int_tensor(ins[1])) else {
                     return Ok(false);
                 };
-                let iop = match op {
-                    "Add" => IntOp::Add,
-                    "Sub" => IntOp::Sub,
-                    "Mul" => IntOp::Mul,
-                    _ => IntOp::Div,
-                };
+                let iop = IntOp::of(op, a.int("fmod", 0)? != 0).ok_or_else(|| err(format!("{op} is not integer arithmetic")))?;
                 IntTensor::Bin(iop, Box::new(x), Box::new(y))
             }
             "Unsqueeze" | "Squeeze" | "Reshape" | "Cast" if computed(self, first) || constant(self, first) => {

@@ -41,6 +41,7 @@ pub const OPERATORS: &[&str] = &[
     "LpPool",
     "MatMul",
     "MaxPool",
+    "Mod",
     "Mul",
     "Neg",
     "Not",

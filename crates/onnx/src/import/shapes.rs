@@ -128,31 +128,20 @@ impl Builder {
                 }
                 pieces
             }
-            "Add" | "Sub" | "Mul" | "Div" if ins.len() == 2 && self.int_pieces(ins[0]).is_some() && self.int_pieces(ins[1]).is_some() => {
+            "Add" | "Sub" | "Mul" | "Div" | "Mod" if ins.len() == 2 && self.int_pieces(ins[0]).is_some() && self.int_pieces(ins[1]).is_some() => {
                 let (x, y) = (self.int_list(ins[0], "operand")?, self.int_list(ins[1], "operand")?);
                 let n = x.len().max(y.len());
                 if !(x.len() == n || x.len() == 1) || !(y.len() == n || y.len() == 1) {
                     return Err(err(format!("{op} of {} and {} integers", x.len(), y.len())));
                 }
-                let iop = match op {
-                    "Add" => IntOp::Add,
-                    "Sub" => IntOp::Sub,
-                    "Mul" => IntOp::Mul,
-                    _ => IntOp::Div,
-                };
+                let iop = IntOp::of(op, a.int("fmod", 0)? != 0).ok_or_else(|| err(format!("{op} is not integer arithmetic")))?;
                 let mut out = Vec::with_capacity(n);
                 for i in 0..n {
                     let (p, q) = (x[if x.len() == 1 { 0 } else { i }].clone(), y[if y.len() == 1 { 0 } else { i }].clone());
                     out.push(Piece::One(match (&p, &q) {
-                        (Dim::Const(u), Dim::Const(v)) => Dim::Const(
-                            match iop {
-                                IntOp::Add => u.checked_add(*v),
-                                IntOp::Sub => u.checked_sub(*v),
-                                IntOp::Mul => u.checked_mul(*v),
-                                IntOp::Div => u.checked_div(*v),
-                            }
-                            .ok_or_else(|| err(format!("{op} of {u} and {v} has no int64 result")))?,
-                        ),
+                        (Dim::Const(u), Dim::Const(v)) => {
+                            Dim::Const(iop.apply(*u, *v).ok_or_else(|| err(format!("{op} of {u} and {v} has no int64 result")))?)
+                        }
                         _ => Dim::Bin(iop, Box::new(p), Box::new(q)),
                     }));
                 }
