@@ -303,27 +303,30 @@ def padded_cnn():
 
 class OneDCnn(torch.nn.Module):
     """A 1-d CNN over sequences of 2 channels (audio and sensor CNNs): Conv1d with padding, batch
-    norm, max pooling, a grouped strided Conv1d, ECA's channel attention (a Conv1d across the
-    channels of the pooled features, Wang et al. 2020, as timm's ECA-ResNets use it), average
-    pooling and a ConvTranspose1d."""
+    norm (folded by the exporters, and after a ReLU, kept), max pooling, a grouped strided dilated
+    Conv1d padding by reflection, ECA's channel attention (a Conv1d across the channels of the
+    pooled features, Wang et al. 2020, as timm's ECA-ResNets use it), average pooling, a
+    ConvTranspose1d and adaptive average pooling to one value per channel."""
 
     def __init__(self, classes=10):
         super().__init__()
-        self.conv1, self.bn = torch.nn.Conv1d(2, 8, 5, padding=2), torch.nn.BatchNorm1d(8)
-        self.conv2 = torch.nn.Conv1d(8, 8, 3, stride=2, dilation=2, groups=2)
+        self.conv1, self.bn, self.bn2 = torch.nn.Conv1d(2, 8, 5, padding=2), torch.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+        self.conv2 = torch.nn.Conv1d(8, 8, 3, stride=2, dilation=2, groups=2, padding=2, padding_mode="reflect")
+        self.pool = torch.nn.AdaptiveAvgPool1d(1)
         self.eca = torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
         self.up = torch.nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
         with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.5, 0.5)
-            self.bn.running_var.uniform_(0.5, 1.5)
+            for bn in (self.bn, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
         self.fc = torch.nn.Linear(4, classes)
 
     def forward(self, x):
         x = torch.nn.functional.max_pool1d(torch.relu(self.bn(self.conv1(x))), 2)
-        x = torch.relu(self.conv2(x))
+        x = self.bn2(torch.relu(self.conv2(x)))
         gate = self.eca(x.mean(-1, keepdim=True).transpose(-1, -2)).transpose(-1, -2).sigmoid()
         x = torch.nn.functional.avg_pool1d(x * gate, 2)
-        return self.fc(torch.relu(self.up(x)).mean(-1))
+        return self.fc(self.pool(torch.relu(self.up(x))).flatten(1))
 
 
 def one_d_cnn():

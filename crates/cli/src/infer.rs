@@ -47,7 +47,8 @@ pub struct RunArgs {
     /// Weights (optional for an ONNX model, which carries its own).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// A safetensors file with an f32 tensor named `input`, [N, C, H, W].
+    /// A safetensors file with an f32 tensor named `input`, [N, C, H, W] (for an ONNX model, what
+    /// its graph takes: [N, C, L] for a 1-d CNN).
     #[arg(long)]
     input: PathBuf,
     /// Where to write the tensor `output` (the model's raw outputs, eval mode). An ONNX model
@@ -206,8 +207,15 @@ pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>
     let x = tensors
         .get("input")
         .ok_or_else(|| format!("{}: no tensor named 'input' (found: {:?})", a.input.display(), tensors.keys().collect::<Vec<_>>()))?;
-    let [_, c, h, w] = x.shape()[..] else {
-        return Err(format!("{}: 'input' has shape {:?}, expected [N, C, H, W]", a.input.display(), x.shape()).into());
+    let onnx = a.model.ends_with(".onnx");
+    // Zoo and TOML models take images; an ONNX model what its graph does (a 1-d CNN: [N, C, L]).
+    let dims = match x.shape()[..] {
+        [_, c, h, w] => Some((c, h, w)),
+        _ if onnx && !x.shape().is_empty() => None,
+        _ => {
+            let want = if onnx { "a batch (at least one axis)" } else { "[N, C, H, W]" };
+            return Err(format!("{}: 'input' has shape {:?}, expected {want}", a.input.display(), x.shape()).into());
+        }
     };
     let mut ctx = Ctx::eval();
     ctx.debug = a.debug;
@@ -217,7 +225,7 @@ pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>
     let x = Var::constant(x.to(device)?);
     // An ONNX model gives the outputs it declares (--classes is for zoo and TOML models): one
     // as `output`, several under their names in the file.
-    let outputs = if a.model.ends_with(".onnx") {
+    let outputs = if onnx {
         let mut net = stride_models::onnx_network(&a.model)?;
         if let Some(w) = &a.weights {
             load_weights(&mut net, w)?;
@@ -231,7 +239,8 @@ pub fn run(a: &RunArgs, device: Device) -> Result<(), Box<dyn std::error::Error>
         all.retain(|(name, _)| seen.insert(name.clone()));
         all
     } else {
-        let spec = InputSpec { channels: c, height: h, width: w, classes: a.classes };
+        let (channels, height, width) = dims.expect("checked above");
+        let spec = InputSpec { channels, height, width, classes: a.classes };
         let (mut model, _) = load_model(&a.model, Some(spec), a.weights.as_deref())?;
         model.to(device)?;
         vec![("output".to_string(), no_grad(|| model.forward(&x, &mut ctx))?)]

@@ -827,5 +827,16 @@ fn run_writes_every_output_of_an_onnx_model() {
             assert_eq!(got[*name].data(), values, "{name}: {}", text(&r));
         }
     }
+    // An ONNX model takes what its graph does (a 1-d CNN's [N, C, L]); a zoo model images.
+    let seq = dir.join("seq.safetensors");
+    let x = stride_autograd::Tensor::from_vec(vec![-1.0f32, 2.0, -3.0, 4.0], &[1, 2, 2]).unwrap();
+    stride_train::checkpoint::save(&seq, &[("input".into(), x)]).unwrap();
+    let (onnx, output) = (dir.join("two.onnx"), dir.join("y.safetensors"));
+    let r = stride(&["run", "--model", onnx.to_str().unwrap(), "--input", seq.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r));
+    let got = stride_train::checkpoint::load(&output).unwrap();
+    assert_eq!((got["output"].shape(), got["output"].data()), (&[1usize, 2, 2][..], &[1.0f32, -2.0, 3.0, -4.0][..]));
+    let r = stride(&["run", "--model", "cnn", "--input", seq.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("'input' has shape [1, 2, 2], expected [N, C, H, W]"), "{}", text(&r));
     std::fs::remove_dir_all(dir).unwrap();
 }

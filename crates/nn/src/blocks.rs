@@ -126,6 +126,13 @@ impl Module for OtherPool {
             OtherPool::Lp(p, o) => ag::lp_pool2d(x, *p, o)?,
             OtherPool::AdaptiveAvg(h, w) => ag::adaptive_avg_pool2d(x, (*h, *w))?,
             OtherPool::AdaptiveMax(h, w) => ag::adaptive_max_pool2d(x, (*h, *w))?,
+            // A 1-d map [N, C, L] (ONNX's global pooling takes any rank) as one of height 1.
+            OtherPool::GlobalAvg | OtherPool::GlobalMax if x.shape().len() == 3 => {
+                let s = x.shape();
+                let x = x.reshape(&[s[0], s[1], 1, s[2]])?;
+                let y = if matches!(self, OtherPool::GlobalAvg) { ag::global_avg_pool2d(&x)? } else { ag::global_max_pool2d(&x)? };
+                y.reshape(&[s[0], s[1], 1])?
+            }
             OtherPool::GlobalAvg => ag::global_avg_pool2d(x)?,
             OtherPool::GlobalMax => ag::global_max_pool2d(x)?,
             OtherPool::ChannelMax { depth, stride } => ag::channel_max_pool(x, *depth, *stride)?,
