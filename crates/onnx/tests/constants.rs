@@ -116,3 +116,20 @@ fn batch_norm_in_training_mode_uses_the_statistics_at_hand() {
     let e = stride_onnx::import(&m).err().unwrap().to_string();
     assert!(e.contains("Stride gives the first only, and 'running_mean' is read"), "{e}");
 }
+
+/// A table of constants gathered by a constant index (an attention block's learned biases
+/// picked per head, as the new exporter writes EfficientViT's `attention_biases[:, idxs]`) is
+/// worked out on reading (before, the data flowing through was expected there), and added to
+/// the data as any constant.
+#[test]
+fn a_constant_table_gathered_by_a_constant_index_is_worked_out_on_reading() {
+    let table: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let m = model(
+        vec![node("Gather", &["table", "head"], "bias"), node("Add", &["x", "bias"], "y")],
+        vec![floats("table", &[3, 2, 2], &table), common::ints("head", &[], &[1])],
+        &[-1, 2, 2],
+        &[-1, 2, 2],
+    );
+    let y = run(&m, Tensor::from_vec(vec![0.5f32; 8], &[2, 2, 2]).unwrap());
+    assert_eq!(y.data(), [4.5, 5.5, 6.5, 7.5, 4.5, 5.5, 6.5, 7.5]);
+}

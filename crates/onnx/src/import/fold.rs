@@ -306,6 +306,7 @@ const FLOAT_FOLDS: &[&str] = &[
     "LayerNormalization",
     "Softmax",
     "CumSum",
+    "Gather",
 ];
 
 impl Builder {
