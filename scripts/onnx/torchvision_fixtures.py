@@ -305,8 +305,9 @@ class OneDCnn(torch.nn.Module):
     """A 1-d CNN over sequences of 2 channels (audio and sensor CNNs): Conv1d with padding, batch
     norm (folded by the exporters, and after a ReLU, kept), max pooling, a grouped strided dilated
     Conv1d padding by reflection, ECA's channel attention (a Conv1d across the channels of the
-    pooled features, Wang et al. 2020, as timm's ECA-ResNets use it), average pooling, a
-    ConvTranspose1d and adaptive average pooling to one value per channel."""
+    pooled features, Wang et al. 2020, as timm's ECA-ResNets use it), average pooling, nearest
+    and linear resizing, a ConvTranspose1d and adaptive average pooling to one value per
+    channel."""
 
     def __init__(self, classes=10):
         super().__init__()
@@ -326,6 +327,8 @@ class OneDCnn(torch.nn.Module):
         x = self.bn2(torch.relu(self.conv2(x)))
         gate = self.eca(x.mean(-1, keepdim=True).transpose(-1, -2)).transpose(-1, -2).sigmoid()
         x = torch.nn.functional.avg_pool1d(x * gate, 2)
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        x = torch.nn.functional.interpolate(x, size=x.shape[-1] + 3, mode="linear", align_corners=False)
         return self.fc(self.pool(torch.relu(self.up(x))).flatten(1))
 
 
