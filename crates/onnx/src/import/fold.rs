@@ -320,8 +320,7 @@ impl Builder {
             given.iter().filter(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(Const::F32(_))))).map(|n| n.to_string()).collect();
         let constant = given.iter().all(|n| matches!(self.vals.get(n.as_str()), Some(Val::Const(_))));
         // A cast of floats to booleans or integers is the mask rules' (import/masks.rs).
-        let to_other =
-            op == "Cast" && node.attribute.iter().any(|a| a.name.as_deref() == Some("to") && a.i.is_some_and(|t| t != DataType::Float as i64));
+        let to_other = op == "Cast" && super::masks::cast_to(node).is_some_and(|t| t != DataType::Float as i64);
         if !FLOAT_FOLDS.contains(&op)
             || to_other
             || !constant

@@ -54,7 +54,7 @@ impl Builder {
             }
             ("Cast", Some(Val::Const(c))) => {
                 // Read without taking: the folding rules cast integers to integers.
-                let to = node.attribute.iter().find(|x| x.name.as_deref() == Some("to")).and_then(|x| x.i).unwrap_or(0);
+                let to = cast_to(node).unwrap_or(0);
                 let out = match (c, kind_of(to)) {
                     (Const::F32(t), Some(Kind::Bool)) => Const::Bool(t.data().iter().map(|&v| v != 0.0).collect(), t.shape().to_vec()),
                     (Const::I64(d, dims), Some(Kind::Bool)) => Const::Bool(d.iter().map(|&v| v != 0).collect(), dims.clone()),
@@ -86,7 +86,8 @@ impl Builder {
                 let shape_name = ins.get(1).copied().unwrap_or("");
                 let (Some((v, kind)), true) = (one_value(c), self.is_ints(shape_name)) else { return Ok(false) };
                 let Some(shape) = self.int_pieces(shape_name) else { return Ok(false) };
-                // A constant of more than one axis broadcasts by NumPy's rule: its axes lead.
+                // A one-value constant with axes may add them to the shape (NumPy's rule): that is
+                // the Expand step's to work out.
                 let rank = match c {
                     Const::F32(t) => t.shape().len(),
                     Const::I64(_, d) | Const::Bool(_, d) => d.len(),
@@ -124,6 +125,11 @@ impl Builder {
             }
         }
     }
+}
+
+/// A Cast's target type (`to`), read without taking the attribute.
+pub(super) fn cast_to(node: &NodeProto) -> Option<i64> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some("to")).and_then(|a| a.i)
 }
 
 /// The value of a one-value constant, and its kind.
