@@ -782,6 +782,12 @@ impl Plan {
         self.steps.iter().map(|s| s.name()).collect()
     }
 
+    /// Per step, in the order of [`Plan::describe`]: the shapes a convolution or matrix
+    /// product works on and its floating-point operations; None for other steps.
+    pub fn geometry(&self) -> Vec<Option<(String, f64)>> {
+        self.steps.iter().map(|s| s.geometry()).collect()
+    }
+
     /// Runs the plan on `x`, which must have the compiled input shape.
     pub fn run(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         self.run_with(x, None)

@@ -293,15 +293,22 @@ fn infer_seconds(
     Ok(secs)
 }
 
+/// Steps listed one by one under a profile's table of kinds.
+const SLOWEST_STEPS: usize = 12;
+
 /// A table of where a planned pass spends its time: each kind of step's median over five
-/// passes, summed over its steps, largest first.
+/// passes, summed over its steps, largest first; then the slowest steps one by one, with the
+/// shapes and GFLOP/s of convolutions and products.
 fn plan_profile(plan: &mut stride_autograd::Plan, x: &stride_autograd::Tensor<f32>) -> Result<String> {
     let names = plan.describe();
+    let geometry = plan.geometry();
     let mut runs: Vec<Vec<f64>> = (0..5).map(|_| plan.run_timed(x).map(|r| r.1)).collect::<Result<_>>()?;
     let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+    let mut steps: Vec<(usize, f64)> = Vec::with_capacity(names.len());
     for (s, name) in names.iter().enumerate() {
         let mut t: Vec<f64> = runs.iter_mut().map(|r| r[s]).collect();
         t.sort_by(f64::total_cmp);
+        steps.push((s, t[2]));
         match kinds.iter_mut().find(|k| &k.0 == name) {
             Some(k) => {
                 k.1 += t[2];
@@ -315,6 +322,15 @@ fn plan_profile(plan: &mut stride_autograd::Plan, x: &stride_autograd::Tensor<f3
     let mut out = format!("{:>10} {:>6} {:>6}  step (planned pass, {} steps)\n", "ms", "share", "count", names.len());
     for (name, t, count) in kinds {
         out += &format!("{:>10.3} {:>5.1}% {count:>6}  {name}\n", t * 1e3, 100.0 * t / total.max(f64::MIN_POSITIVE));
+    }
+    steps.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out += &format!("\n{:>10} {:>6} {:>7}  slowest steps (step number: what, shapes)\n", "ms", "share", "GFLOP/s");
+    for &(s, t) in steps.iter().take(SLOWEST_STEPS) {
+        let (shapes, rate) = match &geometry[s] {
+            Some((shapes, flops)) => (format!(", {shapes}"), format!("{:.1}", flops / t.max(1e-9) / 1e9)),
+            None => (String::new(), "-".into()),
+        };
+        out += &format!("{:>10.3} {:>5.1}% {rate:>7}  {s}: {}{shapes}\n", t * 1e3, 100.0 * t / total.max(f64::MIN_POSITIVE), names[s]);
     }
     Ok(out)
 }

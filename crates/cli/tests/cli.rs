@@ -766,9 +766,14 @@ fn bench_times_an_onnx_file() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/tests/torchvision/tiny_cnn.dynamo.onnx");
     let out = stride(&["bench", "--bench", "onnx", "--batch-size", "8", "--reps", "5", "--profile", "--model", fixture.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The profile: a line per kind of step, the product with its bias and ReLU among them.
+    // The profile: a line per kind of step, the product with its bias and ReLU among them;
+    // then the slowest steps, the convolutions with their shapes (8 images of 1x28x28 into
+    // the fixture's first layer) and GFLOP/s.
     let profile = String::from_utf8_lossy(&out.stderr);
     assert!(profile.contains("step (planned pass") && profile.contains("matmul +bias"), "{profile}");
+    let slowest = profile.split_once("slowest steps").map(|s| s.1).unwrap_or_default();
+    let conv = slowest.lines().find(|l| l.contains("conv2d") && l.contains(", 8x1x28x28 -> "));
+    assert!(conv.is_some_and(|l| l.split_whitespace().nth(2).and_then(|r| r.parse::<f64>().ok()).is_some_and(|r| r > 0.0)), "{profile}");
     let line = String::from_utf8_lossy(&out.stdout);
     let rec: serde_json::Value = serde_json::from_str(line.lines().find(|l| l.starts_with('{')).expect("a JSON line")).unwrap();
     assert_eq!((rec["bench"].as_str(), rec["batch"].as_u64(), rec["input"].to_string().as_str()), (Some("onnx_infer"), Some(8), "[1,28,28]"));

@@ -343,24 +343,66 @@ fn f32_blocked_layers_match_reference() {
             (6, false, false, None),
         ] {
             let layout = if b > 1 { Layout::Blocked(b) } else { Layout::Nchw };
-            let [x, w, bv, rv] = operands(&g, xs, ws, 5);
-            let (bias64, res64) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
-            let want = expected(&g, x.data(), w.data(), bias64, res64, act);
-            let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
-            let (n, pq) = (g.n, g.p * g.q);
-            let xl = f(&to(layout, x.data(), n, g.c, g.h * g.w));
-            let rl = res64.map(|r| f(&to(layout, r, n, g.k, pq)));
-            let (wf, bf) = (f(w.data()), f(bv.data()));
-            let mut y = vec![f32::NAN; want.len()];
-            let prep = Prepared::new(&g, &wf);
-            let epi = Epilogue { bias: bias.then_some(&bf[..]), residual: rl.as_deref(), act };
-            planned::forward_into(&g, layout, &xl, &prep, epi, &mut y);
-            let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
-            let got = from(layout, &y64, n, g.k, pq);
-            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "[{i}] {a} vs {e} ({g:?}, {layout:?}, bias {bias}, residual {residual}, {act:?})");
+            check_f32(&g, (xs, ws), layout, (bias, residual, act));
+        }
+    }
+}
+
+/// `forward_into` in f32 against the f64 reference (to 1e-4), in `layout`, with the bias,
+/// residual and activation `epi` asks for.
+fn check_f32(g: &ConvGeom, (xs, ws): ([usize; 4], [usize; 4]), layout: Layout, epi: (bool, bool, Option<Unary>)) {
+    let (bias, residual, act) = epi;
+    let [x, w, bv, rv] = operands(g, xs, ws, 5);
+    let (bias64, res64) = (bias.then_some(bv.data()), residual.then_some(rv.data()));
+    let want = expected(g, x.data(), w.data(), bias64, res64, act);
+    let f = |t: &[f64]| t.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let (n, pq) = (g.n, g.p * g.q);
+    let xl = f(&to(layout, x.data(), n, g.c, g.h * g.w));
+    let rl = res64.map(|r| f(&to(layout, r, n, g.k, pq)));
+    let (wf, bf) = (f(w.data()), f(bv.data()));
+    let mut y = vec![f32::NAN; want.len()];
+    let prep = Prepared::new(g, &wf);
+    let epi = Epilogue { bias: bias.then_some(&bf[..]), residual: rl.as_deref(), act };
+    planned::forward_into(g, layout, &xl, &prep, epi, &mut y);
+    let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+    let got = from(layout, &y64, n, g.k, pq);
+    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+            "[{i}] {a} vs {e} ({g:?}, {:?}, {layout:?}, bias {bias}, residual {residual}, {act:?})",
+            prep.algo()
+        );
+    }
+}
+
+#[test]
+fn one_strided_f32_image_takes_the_direct_kernel() {
+    // One image's strided f32 layers run the kernel eager mode runs, reading the image in
+    // place (where the CPU has AVX-512F: `Algo::choose` says Direct), split by output rows
+    // where there are few groups of 32 filters: YOLO's 3 -> 16 stem (one group), 48 filters
+    // (a group of 32 and one of 16), dilated, and rows the threads share unevenly (17 rows
+    // over 2 and 3 threads). f64 and batches are lowered to columns.
+    let o = Conv2dOptions::default().stride(2);
+    let cases = [
+        ([1, 3, 35, 34], [16, 3, 3, 3], o.padding(Padding::uniform(1))),
+        ([1, 20, 17, 18], [48, 20, 3, 3], o.padding(Padding::Same)),
+        ([1, 8, 21, 20], [32, 8, 3, 3], o.dilation(2)),
+        ([1, 17, 40, 33], [64, 17, 5, 5], o.padding(Padding::uniform(2))),
+    ];
+    for (xs, ws, o) in cases {
+        let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
+        let direct = Algo::choose(&g) == Algo::Direct;
+        let want = if direct { Algo::Direct } else { Algo::Im2col };
+        assert_eq!(Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo(), want, "{g:?}");
+        assert_eq!(Prepared::new(&g, &vec![0f64; ws.iter().product()]).algo(), Algo::Im2col, "{g:?}");
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for epi in [(true, true, Some(Unary::Silu)), (false, false, None), (true, false, Some(Unary::Relu))] {
+                pool.install(|| check_f32(&g, (xs, ws), Layout::Nchw, epi));
             }
         }
+        let two = ConvGeom { n: 2, ..g };
+        assert_eq!(Prepared::new(&two, &vec![0f32; ws.iter().product()]).algo(), Algo::Im2col, "{two:?}");
     }
 }
 

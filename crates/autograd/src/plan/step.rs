@@ -240,6 +240,28 @@ impl Step {
             Step::Fallback { name, .. } => format!("{name} (eager)"),
         }
     }
+    /// The shapes a convolution or product works on and its floating-point operations (a
+    /// multiply-add counts two), for a profile's per-step lines; None for other steps.
+    pub(super) fn geometry(&self) -> Option<(String, f64)> {
+        match self {
+            Step::Conv { geom: g, .. } => {
+                let mut s = format!("{}x{}x{}x{} -> {}x{}x{} k{}x{}", g.n, g.c, g.h, g.w, g.k, g.p, g.q, g.r, g.s);
+                if g.stride != (1, 1) {
+                    s += &format!(" s{}x{}", g.stride.0, g.stride.1);
+                }
+                if g.dilation != (1, 1) {
+                    s += &format!(" d{}x{}", g.dilation.0, g.dilation.1);
+                }
+                if g.groups > 1 {
+                    s += &format!(" g{}", g.groups);
+                }
+                let macs = g.n * g.k * g.p * g.q * (g.c / g.groups) * g.r * g.s;
+                Some((s, 2.0 * macs as f64))
+            }
+            Step::MatMul { dims: [m, k, n], .. } => Some((format!("{m}x{k} . {k}x{n}"), 2.0 * (m * k * n) as f64)),
+            _ => None,
+        }
+    }
 }
 
 /// Merges a channel gather into the gather that reads its output, where nothing else reads that

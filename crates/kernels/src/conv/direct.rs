@@ -18,8 +18,6 @@
 //! chunks; one thread 140-150 (chunks: 165-175), about 65-75% of the FMA units' peak (205-230
 //! with a loop of independent multiply-adds).
 
-use std::mem::MaybeUninit;
-
 use super::ConvGeom;
 
 /// Output channels in a tile, in vectors of 16, and positions in a tile: 14 x 2 = 28
@@ -72,9 +70,10 @@ fn partial_sums(g: &ConvGeom) -> usize {
 
 /// The filters [K, C, R, S] as [K/32][C*R*S][32]: each group of 16 * B_MAIN output channels
 /// (fewer in the last) with a step's filter vectors side by side.
-fn pack_filters(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
+pub(crate) fn pack_filters<T: Copy>(g: &ConvGeom, w: &[T]) -> Vec<T> {
     let crs = g.c * g.r * g.s;
-    let mut packed = vec![0f32; g.k * crs];
+    // Every value is overwritten below (the packing is a permutation).
+    let mut packed = w.to_vec();
     for (gi, group) in packed.chunks_mut(16 * B_MAIN * crs).enumerate() {
         let lanes = group.len() / crs;
         for (i, step) in group.chunks_exact_mut(lanes).enumerate() {
@@ -104,36 +103,78 @@ fn pad_image(g: &ConvGeom, xn: &[f32], buf: &mut Vec<f32>) {
 
 /// y = conv(x, w) + bias for f32 with [`applies`] true.
 pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    assert!(w.len() == g.k * g.c * g.r * g.s, "direct convolution: weight size");
+    let len = g.n * g.k * g.p * g.q;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: `y` has room for `len` values, which `forward_raw` all writes.
+    unsafe {
+        forward_raw(g, x, &pack_filters(g, w), bias, y.as_mut_ptr(), len);
+        y.set_len(len);
+    }
+    y
+}
+
+/// [`forward`] into `y` (overwritten) with filters packed once by [`pack_filters`] (a plan's).
+pub(crate) fn forward_packed_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    assert_eq!(y.len(), g.n * g.k * g.p * g.q, "direct convolution: output size");
+    // SAFETY: `y` is `len` values long.
+    unsafe { forward_raw(g, x, packed, bias, y.as_mut_ptr(), y.len()) }
+}
+
+/// An output shared by tasks that write disjoint values of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks of `forward_raw` write disjoint values and nothing reads them meanwhile.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The value `i` places on (a method, so that closures capture the whole `Out`).
+    ///
+    /// # Safety
+    /// `i` must be within the output.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Tasks a thread should have at least, so that a layer of few images and few groups of
+/// output channels (one image through a 3 -> 16 stem) still keeps every thread busy: such
+/// layers are split by output rows as well.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Writes all `len` values of y = conv(x, packed) + bias at `y`.
+///
+/// # Safety
+/// `y` must be valid for writes of `len` values, `len` the output's size.
+unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: *mut f32, len: usize) {
     use rayon::prelude::*;
     assert!(applies(g), "direct convolution: does not apply to {g:?}");
     let (pq, chw, crs, rs) = (g.p * g.q, g.c * g.h * g.w, g.c * g.r * g.s, g.r * g.s);
-    assert!(x.len() == g.n * chw && w.len() == g.k * crs, "direct convolution: operand sizes");
+    assert!(x.len() == g.n * chw && packed.len() == g.k * crs, "direct convolution: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.k), "direct convolution: bias size");
-    let packed = pack_filters(g, w);
+    assert_eq!(len, g.n * g.k * pq, "direct convolution: output size");
     let (hp, wp) = g.bordered_size();
     // Tap (r, s) of output (p, q) reads the bordered plane at (p * sh + r * dh, q * sw + s * dw).
     let taps: Vec<usize> = (0..rs).map(|t| (t / g.s) * g.dilation.0 * wp + (t % g.s) * g.dilation.1).collect();
-    // A task: one image's outputs for a group of 16 * B_MAIN channels (fewer in the last).
+    // A task: one image's output rows `rows(task)` for a group of 16 * B_MAIN channels (fewer
+    // in the last). Tasks are image-major (a thread's consecutive tasks share their bordered
+    // image).
     let group = 16 * B_MAIN;
     let groups = g.k.div_ceil(group);
-    let per = super::share(g.n * groups);
-    let channels = |task: usize| (task % groups) * group..((task % groups + 1) * group).min(g.k);
-    // Tasks are image-major (a thread's consecutive tasks share their bordered image) and
-    // contiguous in the output: image n's channels ks are its rows n * K + ks.
-    // The output is not zeroed first: the tiles write every value (below).
-    let len = g.n * g.k * pq;
-    let mut y: Vec<f32> = Vec::with_capacity(len);
-    let mut parts: Vec<&mut [MaybeUninit<f32>]> = Vec::with_capacity(g.n * groups);
-    let mut rest = &mut y.spare_capacity_mut()[..len];
-    for len in (0..g.n * groups).map(|t| channels(t).len() * pq) {
-        let (head, tail) = rest.split_at_mut(len);
-        parts.push(head);
-        rest = tail;
-    }
-    parts.into_par_iter().enumerate().with_min_len(per.max(1)).for_each_init(
+    let wanted = TASKS_PER_THREAD * rayon::current_num_threads();
+    let splits = wanted.div_ceil(g.n * groups).clamp(1, g.p.max(1));
+    let tasks = g.n * groups * splits;
+    let rows = |task: usize| {
+        let s = task % splits;
+        s * g.p / splits..(s + 1) * g.p / splits
+    };
+    let channels = |task: usize| (task / splits % groups) * group..((task / splits % groups + 1) * group).min(g.k);
+    let out = Out(y);
+    (0..tasks).into_par_iter().with_min_len(super::share(tasks).max(1)).for_each_init(
         || (usize::MAX, Vec::new(), Vec::new()),
-        |(held, bordered, sums), (t, out)| {
-            let (ks, n) = (channels(t), t / groups);
+        |(held, bordered, sums), t| {
+            let (ks, ps, n) = (channels(t), rows(t), t / (splits * groups));
             if *held != n {
                 pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
                 *held = n;
@@ -141,6 +182,8 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
             // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
             let b = ks.len() / 16;
             let filters = &packed[ks.start * crs..ks.end * crs];
+            // This task's channels of image n start at value (n * K + ks.start) * PQ.
+            let base = (n * g.k + ks.start) * pq;
             // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `sums`
             // from one chunk to the next and written out after the last.
             let row_tiles = g.q.div_ceil(W_MAIN);
@@ -148,11 +191,14 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
             for c0 in (0..g.c).step_by(CHUNK) {
                 let cn = CHUNK.min(g.c - c0);
                 let (first, last) = (c0 == 0, c0 + cn == g.c);
-                for p in 0..g.p {
+                for p in ps.clone() {
                     for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
                         let width = W_MAIN.min(g.q - q0);
                         let part = &mut sums[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
-                        // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound.
+                        let at = base + p * g.q + q0;
+                        // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound
+                        // against the `len - at` values from `at` on. Tasks write disjoint
+                        // values: channels `ks` of image n in rows `ps`.
                         unsafe {
                             tile(
                                 (width, b),
@@ -161,7 +207,7 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
                                 (cn, hp * wp, g.stride.1),
                                 &filters[c0 * rs * 16 * b..],
                                 bias.map(|bs| &bs[ks.clone()]),
-                                (&mut out[p * g.q + q0..], part, first, last),
+                                (out.at(at), len - at, part, first, last),
                                 pq,
                             )
                         };
@@ -170,11 +216,9 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
             }
         },
     );
-    // SAFETY: the parts cover the first `len` values, and each task wrote all of its part:
-    // all of its channels (16 * b, K being a multiple of 16) in every output row, whose tiles
-    // cover positions 0..Q.
-    unsafe { y.set_len(len) };
-    y
+    // Every value is written: each task writes all of its channels (16 * b, K being a
+    // multiple of 16) in each of its rows, whose tiles cover positions 0..Q, and the tasks'
+    // rows cover 0..P.
 }
 
 /// One tile of `width` positions by `16 * b` channels (see the module's comment) over `c`
@@ -183,7 +227,7 @@ pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) 
 /// for channel `16 * bi + l` and position `j`.
 ///
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F, and `out` must be valid for writes of `room` values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     (width, b): (usize, usize),
@@ -192,7 +236,7 @@ unsafe fn tile(
     (c, cs, sw): (usize, usize, usize),
     packed: &[f32],
     bias: Option<&[f32]>,
-    (out, part, first, last): (&mut [MaybeUninit<f32>], &mut [f32], bool, bool),
+    (out, room, part, first, last): (*mut f32, usize, &mut [f32], bool, bool),
     ld: usize,
 ) {
     assert!(part.len() >= width * 16 * b, "direct tile: partial sums too short");
@@ -204,15 +248,15 @@ unsafe fn tile(
     assert!(sw <= 2 && bias.is_none_or(|bs| bs.len() >= 16 * b), "direct tile: stride or bias");
     assert!(taps.is_empty() || c == 0 || x.len() > (c - 1) * cs + max_off + (width - 1) * sw, "direct tile: input too short");
     assert!(b >= 1 && packed.len() >= b * 16 * crs, "direct tile: filters too short");
-    assert!(out.len() >= (16 * b - 1) * ld + width, "direct tile: output too short");
+    assert!(room >= (16 * b - 1) * ld + width, "direct tile: output too short");
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! widths {
             ($b:literal; $($w:literal)*) => {
                 match width {
                     $($w => match sw {
-                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out.as_mut_ptr().cast::<f32>(), part.as_mut_ptr(), first, last), ld) },
-                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out.as_mut_ptr().cast::<f32>(), part.as_mut_ptr(), first, last), ld) },
+                        1 => unsafe { x86::tile::<$w, $b, 1>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out, part.as_mut_ptr(), first, last), ld) },
+                        _ => unsafe { x86::tile::<$w, $b, 2>(x.as_ptr(), taps, c, cs, packed.as_ptr(), bias, (out, part.as_mut_ptr(), first, last), ld) },
                     },)*
                     _ => unreachable!("direct tile: width {width}"),
                 }

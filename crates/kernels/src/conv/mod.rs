@@ -50,7 +50,8 @@ pub enum Algo {
     /// on a CPU with AVX-512F: a direct kernel with register tiles of output positions by
     /// output channels that reads the image in place, no im2col copy (see `direct.rs`;
     /// ResNet's 3x3 stride-2 downsamples, B3's c7: 209 -> 259 GFLOP/s forward). Forward only:
-    /// both gradients, and other element types, are lowered as for `Im2col`.
+    /// both gradients, and other element types, are lowered as for `Im2col`. Inference plans
+    /// take it for one image and lower batches in their blocks (`planned::Prepared::new`).
     Direct,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer) unless the AVX2 tiles take their

@@ -18,6 +18,7 @@ use stride_tensor::Elem;
 use super::{depthwise, im2col, taps, winograd, Algo, ConvGeom, Pass};
 use crate::gemm::{matmul, MatRef, Panels};
 use crate::pool::PoolGeom;
+use crate::simd::{as_f32, as_f32_mut};
 use crate::unary::Unary;
 
 /// Work done on each piece of output after the product: `y = act(y + bias + residual)`.
@@ -162,7 +163,7 @@ pub struct Prepared<'a, T: Clone> {
 
 impl<'a, T: Elem> Prepared<'a, T> {
     pub fn new(g: &ConvGeom, w: &'a [T]) -> Self {
-        let prepared = Self::with_algo(g, plan_algo(g), w);
+        let prepared = Self::with_algo(g, inference_algo::<T>(g), w);
         let crs = g.c * g.r * g.s;
         let lowered = matches!(prepared.algo, Algo::Pointwise | Algo::Im2col) && g.groups == 1 && !single_channel(g);
         if lowered && g.n * g.p * g.q <= PANEL_POSITIONS && crate::gemm::panels_pay(g.n * g.p * g.q, crs, g.k) {
@@ -186,6 +187,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
             Algo::Winograd => Cow::Owned(winograd::filters_forward(g, w)),
             Algo::Taps => Cow::Owned(taps::filters_by_tap(g, w)),
             Algo::Depthwise if g.takes_small() => Cow::Owned(depthwise::small_matrices(g, w)),
+            Algo::Direct => Cow::Owned(super::direct::pack_filters(g, w)),
             _ => Cow::Borrowed(w),
         };
         Prepared { algo, w, panels: None }
@@ -243,6 +245,17 @@ fn plan_algo(g: &ConvGeom) -> Algo {
         Algo::Dense if g.is_pointwise() => Algo::Pointwise,
         Algo::Direct => Algo::Im2col,
         Algo::Winograd => Algo::for_pass(g, Pass::Planned),
+        algo => algo,
+    }
+}
+
+/// The algorithm of an inference plan's layer: [`plan_algo`]'s, except that one image's
+/// strided f32 layers take the direct kernel eager mode runs (`Algo::Direct`), in NCHW, which
+/// one image's blocks are: lowering one image to columns is a copy as large as the product is
+/// thin (YOLO's 3 -> 16 stem at 320 x 320: 27 rows of 25,600 columns for 16 filters).
+fn inference_algo<T: Elem>(g: &ConvGeom) -> Algo {
+    match plan_algo(g) {
+        Algo::Im2col if g.n == 1 && as_f32(&[T::zero()]).is_some() && Algo::choose(g) == Algo::Direct => Algo::Direct,
         algo => algo,
     }
 }
@@ -339,7 +352,16 @@ pub fn forward_with<T: Elem>(
             finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
         }
-        Algo::Dense | Algo::Direct => {
+        // Only f32 plans take `Direct` (`plan_algo`), its filters packed by `with_algo`.
+        Algo::Direct => {
+            let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(&w.w), as_f32_mut(y)) else {
+                unreachable!("forward_into: the direct kernel is planned for f32 only")
+            };
+            super::direct::forward_packed_into(g, xf, wf, epi.bias.and_then(as_f32), yf);
+            finish_nchw(g, y, Epilogue { bias: None, ..epi });
+            return;
+        }
+        Algo::Dense => {
             y.copy_from_slice(&super::forward(g, x, &w.w, epi.bias));
             finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
@@ -576,25 +598,25 @@ crate::multiversion! {
 
 /// Residual and activation over an NCHW output whose bias is already in.
 fn finish_nchw<T: Elem>(g: &ConvGeom, y: &mut [T], epi: Epilogue<T>) {
-    epilogue_images(y, (g.k * g.p * g.q).max(1), 0, epi.residual, epi.act);
-}
-
-/// `y = act(y + residual)` over whole images of `y` (each `image` elements, the first being
-/// image `first` of the residual), in parallel by image.
-pub(crate) fn epilogue_images<T: Elem>(y: &mut [T], image: usize, first: usize, residual: Option<&[T]>, act: Option<Unary>) {
-    if residual.is_none() && act.is_none() {
+    debug_assert_eq!(y.len(), g.n * g.k * g.p * g.q);
+    if epi.residual.is_none() && epi.act.is_none() {
         return;
     }
-    y.par_chunks_mut(image).enumerate().for_each(|(i, yi)| {
-        if let Some(r) = residual {
-            let r = &r[(first + i) * image..(first + i + 1) * image];
-            yi.iter_mut().zip(r).for_each(|(o, &v)| *o += v);
+    // Pieces of a few per thread, so that one image's values are shared out too.
+    let piece = y.len().div_ceil(4 * rayon::current_num_threads()).max(EPILOGUE_PIECE);
+    y.par_chunks_mut(piece).enumerate().for_each(|(i, yi)| {
+        if let Some(r) = epi.residual {
+            let len = yi.len();
+            yi.iter_mut().zip(&r[i * piece..i * piece + len]).for_each(|(o, &v)| *o += v);
         }
-        if let Some(act) = act {
+        if let Some(act) = epi.act {
             act.apply_in_place(yi);
         }
     });
 }
+
+/// Values of `y` a task of [`finish_nchw`] takes at least.
+const EPILOGUE_PIECE: usize = 1 << 14;
 
 /// The gradients of [`forward_into`]'s convolution (its epilogue's gradient is the caller's):
 /// `dx` (overwritten, when wanted), `dw` and `db` (overwritten) from `x`, `w` and `dy`, all
