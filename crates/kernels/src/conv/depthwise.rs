@@ -183,7 +183,7 @@ impl ConvGeom {
     /// Whether the forward pass goes eight channels at a time ([`lanes_task`]): one output
     /// channel per input channel, whole blocks of eight, and planes the per-plane AVX2 tiles
     /// do not take (narrower than 8 outputs, strided, dilated, other windows).
-    fn takes_lanes(&self) -> bool {
+    pub(crate) fn takes_lanes(&self) -> bool {
         self.kg() == 1 && self.c.is_multiple_of(LANES) && self.c > 0 && (self.stride.1 > 1 || !self.fits_tiles())
     }
     /// Whether the forward pass takes each plane as one small product ([`Small`]): one output
@@ -229,13 +229,16 @@ type Bufs<T> = (Vec<T>, Vec<T>);
 pub(crate) enum Filters<'a, T> {
     Given(&'a [T]),
     Small(&'a [T]),
+    /// A lanes layer's taps interleaved by [`lanes_taps`].
+    Lanes(&'a [T]),
 }
 
 impl<'a, T> Filters<'a, T> {
+    /// The filters as given, for the per-plane kernels (empty when prepared for another).
     fn given(self) -> &'a [T] {
         match self {
             Filters::Given(w) => w,
-            Filters::Small(_) => panic!("depthwise: only layers of small planes take prepared matrices"),
+            Filters::Small(_) | Filters::Lanes(_) => &[],
         }
     }
 }
@@ -288,7 +291,7 @@ fn forward_tasks<'a, T: Elem>(
     } else {
         kg * pq
     };
-    let lanes_plan = if lanes { Lanes::new(g, w.given()) } else { Lanes::default() };
+    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
     let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
     let w = if small { &[][..] } else { w.given() };
     let task = move |(buf, acc): &mut Bufs<T>, i: usize, out: &mut [T]| {
@@ -364,6 +367,7 @@ impl<'a, T: Elem> Small<'a, T> {
         let m = match w {
             Filters::Small(m) => Cow::Borrowed(m),
             Filters::Given(w) => Cow::Owned(small_matrices(g, w)),
+            Filters::Lanes(_) => unreachable!("depthwise: a lanes layer is not run as small planes"),
         };
         assert_eq!(m.len(), g.c * g.h * g.w * small_width(g.p * g.q), "depthwise: small planes' matrices");
         let bias = bias.map_or_else(|| vec![T::zero(); g.c], <[T]>::to_vec);
@@ -414,22 +418,34 @@ fn small_body<T: Elem, const P: usize>(z: SmallSizes, m: &[T], bias: &[T], x: &[
     }
 }
 
-/// What every lane task of a layer shares, worked out once per call: each block of eight
-/// channels' taps interleaved (`[block][tap][lane]`), and the taps that land inside the image
-/// for each output row and each run of output columns ([`taps_inside`]; on small maps most of
-/// a window reads border).
+/// What every lane task of a layer shares: each block of eight channels' taps interleaved
+/// (`[block][tap][lane]`, by a plan once: [`Filters::Lanes`]), and the taps that land inside
+/// the image for each output row and each run of output columns ([`taps_inside`]; on small
+/// maps most of a window reads border).
 #[derive(Default)]
-struct Lanes<T> {
-    taps: Vec<T>,
+struct Lanes<'a, T: Clone> {
+    taps: Cow<'a, [T]>,
     rows: Vec<std::ops::Range<usize>>,
     /// Runs of four output columns, then single columns: (first column, columns, taps).
     cols: Vec<(usize, usize, std::ops::Range<usize>)>,
 }
 
-impl<T: Elem> Lanes<T> {
-    fn new(g: &ConvGeom, w: &[T]) -> Self {
-        let rs = g.r * g.s;
-        let taps = (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect();
+/// A lanes layer's taps ([K, 1, R, S]) interleaved `[block of eight][tap][lane]`, for
+/// [`Filters::Lanes`]: EfficientNet-B0's interleaving took 2% of its pass at one image, made
+/// anew by every call.
+pub(crate) fn lanes_taps<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let rs = g.r * g.s;
+    (0..g.c * rs).map(|t| w[(t / (rs * LANES) * LANES + t % LANES) * rs + t / LANES % rs]).collect()
+}
+
+impl<'a, T: Elem> Lanes<'a, T> {
+    fn new(g: &ConvGeom, w: Filters<'a, T>) -> Self {
+        let taps = match w {
+            Filters::Lanes(t) => Cow::Borrowed(t),
+            Filters::Given(w) => Cow::Owned(lanes_taps(g, w)),
+            Filters::Small(_) => unreachable!("depthwise: a layer of small planes is not run in lanes"),
+        };
+        assert_eq!(taps.len(), g.c * g.r * g.s, "depthwise: a lanes layer's taps");
         let ((sh, sw), (dh, dw)) = (g.stride, g.dilation);
         let rows = (0..g.p).map(|i| taps_inside(i * sh, g.pad.0, g.h, dh, g.r)).collect();
         // The taps of outputs j..j + n: those inside for any of them (a tap inside for one and
@@ -464,7 +480,7 @@ pub(crate) fn forward_blocked_into<T: Elem>(
     }
     let small = g.takes_small();
     let lanes = !small && g.takes_lanes();
-    let lanes_plan = if lanes { Lanes::new(g, w.given()) } else { Lanes::default() };
+    let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
     let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
     let w = if small { &[][..] } else { w.given() };
     let group = if lanes { LANES } else { 1 };
@@ -508,7 +524,7 @@ fn lanes_task<T: Elem>(
     g: &ConvGeom,
     (x, first, step): (&[T], usize, usize),
     c0: usize,
-    lanes: &Lanes<T>,
+    lanes: &Lanes<'_, T>,
     bias: Option<&[T]>,
     (buf, acc): (&mut Vec<T>, &mut Vec<T>),
     (out, ld): (&mut [T], usize),

@@ -187,6 +187,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
             Algo::Winograd => Cow::Owned(winograd::filters_forward(g, w)),
             Algo::Taps => Cow::Owned(taps::filters_by_tap(g, w)),
             Algo::Depthwise if g.takes_small() => Cow::Owned(depthwise::small_matrices(g, w)),
+            Algo::Depthwise if g.takes_lanes() => Cow::Owned(depthwise::lanes_taps(g, w)),
             Algo::Direct => Cow::Owned(super::direct::pack_filters(g, w)),
             _ => Cow::Borrowed(w),
         };
@@ -340,7 +341,13 @@ pub fn forward_with<T: Elem>(
             // Residual and activation on each task's planes as they are made.
             let finish = |at: usize, piece: &mut [T]| finish_row(piece, T::zero(), epi.residual.map(|r| &r[at..at + piece.len()]), epi.act);
             // Layers of small planes were prepared as their products' matrices.
-            let filters = if g.takes_small() { depthwise::Filters::Small(&w.w) } else { depthwise::Filters::Given(&w.w) };
+            let filters = if g.takes_small() {
+                depthwise::Filters::Small(&w.w)
+            } else if g.takes_lanes() {
+                depthwise::Filters::Lanes(&w.w)
+            } else {
+                depthwise::Filters::Given(&w.w)
+            };
             match layout {
                 Layout::Nchw => depthwise::forward_into(g, x, filters, epi.bias, y, finish),
                 Layout::Blocked(b) => depthwise::forward_blocked_into(g, b.max(1), x, filters, epi.bias, y, finish),
@@ -472,8 +479,13 @@ pub fn forward_with<T: Elem>(
                     // 2x2 map with HardSwish, 576 rows of 4: 33 -> 16 us).
                     let once = ld < SHORT_ROWS && cols.len() == ld && !matches!(epi.act, None | Some(Unary::Relu));
                     let row_act = if once { None } else { epi.act };
-                    for k in 0..g.k {
-                        finish_row(&mut yb[k * ld + cols.start..k * ld + cols.end], bias(k), residual(k), row_act);
+                    let finish = |(k, row): (usize, &mut [T])| finish_row(&mut row[cols.clone()], bias(k), residual(k), row_act);
+                    // Fewer blocks than threads (one image): the threads that split the product
+                    // share its rows' epilogue as well.
+                    if blocks < rayon::current_num_threads() && g.k * cols.len() >= EPILOGUE_PIECE {
+                        yb[..g.k * ld].par_chunks_mut(ld).enumerate().for_each(finish);
+                    } else {
+                        yb[..g.k * ld].chunks_mut(ld).enumerate().for_each(finish);
                     }
                     if let (true, Some(act)) = (once, epi.act) {
                         act.apply_in_place(&mut yb[..g.k * ld]);
