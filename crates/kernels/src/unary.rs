@@ -303,17 +303,22 @@ impl Unary {
     pub fn apply_in_place<T: Elem>(self, y: &mut [T]) {
         match self {
             Unary::Relu => relu_in_place(y),
-            f => {
-                // Through the functions' own loops, a short run at a time copied aside (the
-                // loops read one slice and write another).
-                let mut x = [T::zero(); IN_PLACE_RUN];
-                for run in y.chunks_mut(IN_PLACE_RUN) {
-                    let x = &mut x[..run.len()];
-                    x.copy_from_slice(run);
-                    if !apply_fast(f, x, run) {
-                        run.iter_mut().for_each(|v| *v = f.apply(*v));
-                    }
-                }
+            // Through the functions' own loops, a short run at a time copied aside (the loops
+            // read one slice and write another), in a buffer no longer than needed: zeroing a
+            // 4 KiB one for each row of a 7x7 plane took 2% of EfficientNet-B0's pass.
+            f if y.len() <= 64 => f.in_place_runs::<T, 64>(y),
+            f if y.len() <= 256 => f.in_place_runs::<T, 256>(y),
+            f => f.in_place_runs::<T, IN_PLACE_RUN>(y),
+        }
+    }
+
+    fn in_place_runs<T: Elem, const N: usize>(self, y: &mut [T]) {
+        let mut x = [T::zero(); N];
+        for run in y.chunks_mut(N) {
+            let x = &mut x[..run.len()];
+            x.copy_from_slice(run);
+            if !apply_fast(self, x, run) {
+                run.iter_mut().for_each(|v| *v = self.apply(*v));
             }
         }
     }

@@ -41,7 +41,8 @@ fn same(a: f32, b: f32) -> bool {
 
 #[test]
 fn slices_equal_the_scalar_functions_bit_for_bit() {
-    for n in [0, 1, 7, 1000, (1 << 16) + 5, 200_003] {
+    // In place, runs go through buffers of 64, 256 and 1,024 values by length: each side of each.
+    for n in [0, 1, 7, 64, 65, 200, 256, 257, 1000, 1025, (1 << 16) + 5, 200_003] {
         let x: Vec<f32> = Rng::seed(n as u64).normal(&[n], 0.0, 2.0).unwrap().data().to_vec();
         let mut x = x;
         // Special values: signed zeros, infinities and NaN where there is room.
@@ -75,7 +76,8 @@ fn slices_equal_the_scalar_functions_bit_for_bit() {
 /// and split over threads.
 #[test]
 fn relu_gradient_over_its_output_matches_grad_slice() {
-    for n in [0, 1, 7, 1000, (1 << 16) + 5, 200_003] {
+    // In place, runs go through buffers of 64, 256 and 1,024 values by length: each side of each.
+    for n in [0, 1, 7, 64, 65, 200, 256, 257, 1000, 1025, (1 << 16) + 5, 200_003] {
         let x: Vec<f32> = Rng::seed(n as u64 + 1).normal(&[n], 0.0, 2.0).unwrap().data().to_vec();
         let g: Vec<f32> = Rng::seed(8).normal(&[n], 0.0, 1.0).unwrap().data().to_vec();
         let mut y = vec![0.0f32; n];
