@@ -263,8 +263,9 @@ pub(crate) fn forward_into<T: Elem>(g: &ConvGeom, x: &[T], w: Filters<T>, bias: 
 
 /// How the forward pass is cut up: the output's chunk length, and task `i`'s work into its
 /// chunk (every value written). Eight channels at a time where [`ConvGeom::takes_lanes`]
-/// ([`lanes_task`]), else one task per (image, input channel), so that the bordered plane is
-/// made once for all the output channels that read it.
+/// ([`lanes_task`]), else input planes (each for all the output channels that read it, so
+/// that its bordered copy is made once), several a task where they are small (about 8K
+/// outputs a task, as lanes and small planes take).
 #[allow(clippy::type_complexity)]
 fn forward_tasks<'a, T: Elem>(
     g: &'a ConvGeom,
@@ -282,14 +283,14 @@ fn forward_tasks<'a, T: Elem>(
     } else if lanes {
         (8192 / (LANES * pq).max(1)).clamp(1, (g.c / LANES * g.n).max(1))
     } else {
-        1
+        (8192 / (kg * pq).max(1)).clamp(1, (g.c * g.n).max(1))
     };
     let chunk = if small {
         per_task * pq
     } else if lanes {
         per_task * LANES * pq
     } else {
-        kg * pq
+        per_task * kg * pq
     };
     let lanes_plan = if lanes { Lanes::new(g, w) } else { Lanes::default() };
     let small_plan = if small { Small::new(g, w, bias) } else { Small::default() };
@@ -314,9 +315,13 @@ fn forward_tasks<'a, T: Elem>(
                 lanes_task(g, (x, (n * g.c + c0) * hw, hw), c0, &lanes_plan, bias, (buf, acc), (out, pq));
             }
         } else {
-            let (n, c) = (i / g.c, i % g.c);
-            let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
-            plane_outputs(g, &x[(n * g.c + c) * hw..(n * g.c + c + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
+            // Input planes i * per_task.. (NCHW order), each with its kg output planes.
+            for (k, out) in out.chunks_mut(kg * pq).enumerate() {
+                let plane = i * per_task + k;
+                let c = plane % g.c;
+                let (ks, taps) = (c * kg..(c + 1) * kg, &w[c * kg * rs..(c + 1) * kg * rs]);
+                plane_outputs(g, &x[plane * hw..(plane + 1) * hw], taps, bias.map(|b| &b[ks]), buf, out, pq);
+            }
         }
     };
     (chunk.max(1), task)
