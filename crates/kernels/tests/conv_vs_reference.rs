@@ -396,3 +396,45 @@ fn depthwise_3x3_tiles_match_reference() {
         check(c).unwrap();
     }
 }
+
+#[test]
+fn depthwise_stride_2_matches_reference() {
+    // f32 square windows of 2 to 7 at stride 2 (dilation 1) into rows of at least 24 outputs
+    // go plane by plane through the AVX-512 kernel (where the CPU has it), each input row split
+    // into its even and odd columns, sixteen outputs a vector, rows two at a time where their
+    // windows lie inside the plane: rows of 24 (a whole vector and a short one), 31, 32 (two
+    // whole), 33, 56 (three whole and a short 8), 64 (four) and 71 (four and a short 7); odd
+    // and even input widths and heights; "same" (asymmetric at stride 2), none, and padding
+    // deeper than the window's half, on the left up to the kernel's limit of 16 and past it;
+    // blocks of eight channels and a channel multiplier of 2. Narrower rows (8, 15, 16, 17)
+    // take the lanes or the portable kernel.
+    let case =
+        |n, kg, groups, (h, w), k, padding| Case { n, cg: 1, kg, groups, h, w, r: k, s: k, stride: (2, 2), dilation: (1, 1), padding, bias: true };
+    let cases = [
+        case(1, 1, 8, (16, 48), 3, Padding::Same),
+        case(2, 1, 3, (9, 62), 3, Padding::uniform(1)),
+        case(1, 1, 8, (12, 64), 3, Padding::Same),
+        case(1, 1, 2, (7, 67), 3, Padding::Valid),
+        case(1, 2, 3, (10, 62), 5, Padding::Same),
+        case(1, 1, 8, (5, 112), 3, Padding::Same),
+        case(1, 1, 2, (6, 128), 5, Padding::uniform(2)),
+        case(2, 1, 2, (4, 141), 3, Padding::uniform(1)),
+        case(1, 1, 2, (8, 48), 2, Padding::Valid),
+        case(1, 1, 2, (17, 60), 7, Padding::uniform(3)),
+        case(1, 1, 2, (9, 58), 4, Padding::Explicit { top: 3, bottom: 0, left: 4, right: 1 }),
+        case(1, 1, 2, (5, 41), 3, Padding::Explicit { top: 0, bottom: 2, left: 16, right: 5 }),
+        case(1, 1, 2, (5, 41), 3, Padding::Explicit { top: 1, bottom: 0, left: 17, right: 0 }),
+        // Narrower rows.
+        case(1, 1, 8, (16, 16), 3, Padding::Same),
+        case(2, 1, 3, (9, 30), 3, Padding::uniform(1)),
+        case(1, 1, 8, (12, 32), 3, Padding::Same),
+        case(1, 1, 2, (7, 35), 3, Padding::Valid),
+    ];
+    for c in &cases {
+        let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: c.groups, output_padding: (0, 0) };
+        let g = ConvGeom::conv2d(&[c.n, c.groups, c.h, c.w], &[c.kg * c.groups, 1, c.r, c.s], &opts).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Depthwise, "{c:?}");
+        check_f32(c);
+        check(c).unwrap();
+    }
+}

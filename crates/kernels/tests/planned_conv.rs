@@ -454,3 +454,20 @@ fn pooled_layers_match_reference() {
         }
     }
 }
+
+#[test]
+fn f32_depthwise_stride_2_layers_match_reference() {
+    // Depthwise layers of stride 2 into rows of 24 outputs or more run plane by plane through
+    // the AVX-512 kernel (where the CPU has it) in both layouts, with every epilogue: MobileNet's
+    // 3x3 and EfficientNet's 5x5 downsampling, "same" padding, blocks of two images.
+    let d = Conv2dOptions::default().stride(2).padding(Padding::Same);
+    for (xs, ws) in [([2, 16, 49, 52], [16, 1, 3, 3]), ([3, 8, 60, 57], [8, 1, 5, 5])] {
+        let g = ConvGeom::conv2d(&xs, &ws, &d.groups(xs[1])).unwrap();
+        assert_eq!(Algo::choose(&g), Algo::Depthwise);
+        for layout in [Layout::Nchw, Layout::Blocked(2)] {
+            for epi in [(true, true, Some(Unary::Silu)), (false, false, None), (true, false, Some(Unary::Relu6))] {
+                check_f32(&g, (xs, ws), layout, epi);
+            }
+        }
+    }
+}

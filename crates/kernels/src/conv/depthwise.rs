@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 use stride_tensor::Elem;
 
-use super::{depthwise_avx2 as avx2, ConvGeom};
+use super::{depthwise_avx2 as avx2, depthwise_s2 as s2, ConvGeom};
 use crate::simd::{as_f32, as_f32_mut};
 use crate::{multiversion, simd};
 
@@ -35,6 +35,18 @@ fn correlate_tiles<T: Elem>(
 ) -> bool {
     let (Some(src), Some(taps), Some(out)) = (as_f32(src), as_f32(taps), as_f32_mut(out)) else { return false };
     avx2::correlate(k, rows, cols, src, width, taps, bias.to_f32().unwrap_or(0.0), accumulate, out).is_some()
+}
+
+/// `out = bias + correlate(x, taps)` at stride 2 by the AVX-512 kernel of `depthwise_s2.rs`
+/// (the plane `x` split into its even and odd columns in `buf`) when it applies
+/// ([`ConvGeom::fits_stride_2`], f32); false when the caller must use another.
+#[allow(clippy::ptr_arg)] // the scratch grows: a Vec, taken as Vec<f32> where T is f32
+fn correlate_stride_2<T: Elem>(g: &ConvGeom, x: &[T], taps: &[T], bias: T, buf: &mut Vec<T>, out: &mut [T]) -> bool {
+    let (Some(x), Some(taps), Some(out)) = (as_f32(x), as_f32(taps), as_f32_mut(out)) else { return false };
+    // `buf` holds f32 when `T` is f32; the kernel takes it as such.
+    let Some(buf) = (buf as &mut dyn std::any::Any).downcast_mut::<Vec<f32>>() else { return false };
+    let plane = s2::Plane { h: g.h, w: g.w, top: g.pad.0, left: g.pad.2, rows: g.p, cols: g.q, k: g.r };
+    s2::correlate(&plane, x, taps, bias.to_f32().unwrap_or(0.0), buf, out).is_some()
 }
 
 /// `dw += filter gradient` by the AVX2 tiles when they apply, as [`correlate_tiles`].
@@ -184,7 +196,12 @@ impl ConvGeom {
     /// channel per input channel, whole blocks of eight, and planes the per-plane AVX2 tiles
     /// do not take (narrower than 8 outputs, strided, dilated, other windows).
     pub(crate) fn takes_lanes(&self) -> bool {
-        self.kg() == 1 && self.c.is_multiple_of(LANES) && self.c > 0 && (self.stride.1 > 1 || !self.fits_tiles())
+        self.kg() == 1 && self.c.is_multiple_of(LANES) && self.c > 0 && (self.stride.1 > 1 || !self.fits_tiles()) && !self.fits_stride_2()
+    }
+    /// A square window of stride 2 (dilation 1) that the AVX-512 kernel of `depthwise_s2.rs`
+    /// takes plane by plane (in f32; other types run such planes through the portable kernel).
+    pub(crate) fn fits_stride_2(&self) -> bool {
+        self.r == self.s && self.stride == (2, 2) && self.dilation == (1, 1) && s2::handles(self.r, self.q, self.pad.2)
     }
     /// Whether the forward pass takes each plane as one small product ([`Small`]): one output
     /// channel per input channel, at most 64 outputs and 64 inputs a plane, and the product at
@@ -652,6 +669,20 @@ fn lanes_block<T: Elem, const B: usize>(
 pub(crate) fn plane_outputs<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, buf: &mut Vec<T>, out: &mut [T], ld: usize) {
     let (pq, rs) = (g.p * g.q, g.r * g.s);
     let (bh, bw) = g.bordered_size();
+    // Stride 2 in f32 splits the plane's columns by phase instead, every output plane alike.
+    if g.fits_stride_2() {
+        let mut taken = true;
+        for (j, taps) in w.chunks_exact(rs.max(1)).enumerate() {
+            let (b, o) = (bias.map_or(T::zero(), |b| b[j]), &mut out[j * ld..j * ld + pq]);
+            taken = correlate_stride_2(g, x, taps, b, buf, o);
+            if !taken {
+                break;
+            }
+        }
+        if taken {
+            return;
+        }
+    }
     bordered(x, (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
     for (j, taps) in w.chunks_exact(rs.max(1)).enumerate() {
         let (b, o) = (bias.map_or(T::zero(), |b| b[j]), &mut out[j * ld..j * ld + pq]);

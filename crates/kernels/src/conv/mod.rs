@@ -6,6 +6,7 @@
 
 mod depthwise;
 mod depthwise_avx2;
+mod depthwise_s2;
 mod direct;
 mod geom;
 mod im2col;
