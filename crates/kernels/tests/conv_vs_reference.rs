@@ -438,3 +438,31 @@ fn depthwise_stride_2_matches_reference() {
         check(c).unwrap();
     }
 }
+
+#[test]
+fn strided_stems_match_reference() {
+    // A few images of at most four channels into 16 filters or more at stride 2, rows of at
+    // least 24 outputs: the stem kernel (where the CPU has AVX-512F), vectorised over
+    // positions from rows split into even and odd columns, eight filters by three vectors at
+    // a time: MobileNet's and YOLO's 3 -> 16 and 3 -> 32 under 3x3, ResNet's 7x7 with padding
+    // 3, a 2x2 window, odd sizes and "same" padding, two and four images, one and four input
+    // channels, 48 filters (a group of 32 and one of 16); rows of 25, 30, 32, 39 and 40
+    // outputs (whole and short vectors), and past the limits (rows of 23, five images, five
+    // channels: the direct kernel).
+    let case = |n, (cg, kg), (h, w), r, padding| Case { n, cg, kg, groups: 1, h, w, r, s: r, stride: (2, 2), dilation: (1, 1), padding, bias: true };
+    let cases = [
+        case(1, (3, 16), (64, 64), 3, Padding::uniform(1)),
+        case(2, (3, 32), (70, 77), 3, Padding::Same),
+        case(1, (3, 64), (45, 60), 7, Padding::uniform(3)),
+        case(1, (3, 16), (48, 50), 2, Padding::Valid),
+        case(4, (4, 48), (50, 49), 3, Padding::Same),
+        case(1, (1, 16), (33, 80), 5, Padding::Explicit { top: 0, bottom: 3, left: 2, right: 1 }),
+        case(1, (3, 16), (31, 48), 3, Padding::Valid),
+        case(5, (3, 16), (20, 48), 3, Padding::uniform(1)),
+        case(1, (5, 16), (20, 48), 3, Padding::uniform(1)),
+    ];
+    for c in &cases {
+        check_f32(c);
+        check(c).unwrap();
+    }
+}

@@ -15,11 +15,11 @@
 //! and masked loads ran at about one instruction a cycle.
 
 /// The largest window with a kernel here.
-const MAX_K: usize = 7;
+pub(super) const MAX_K: usize = 7;
 
 /// Zeros before each phase of a scratch row: a phase is read from a - 1 .. with a >= -left/2,
 /// so this covers padding up to 2 * LEAD on the left.
-const LEAD: usize = 8;
+pub(super) const LEAD: usize = 8;
 
 /// Output vectors of a row in flight at once (independent sums).
 const TILES: usize = 4;
@@ -66,7 +66,7 @@ impl Plane {
     /// Values of one phase of a scratch row: the zeros before, every output vector's reads
     /// (the last vector's whole 16, up to (k - 1 - left) / 2 + 1 past it), and the phase's
     /// own values.
-    fn phase_len(&self) -> usize {
+    pub(super) fn phase_len(&self) -> usize {
         let reach = self.cols.div_ceil(16) * 16 + (self.k / 2 + 1);
         LEAD + reach.max(self.w.div_ceil(32) * 16)
     }
@@ -84,29 +84,50 @@ pub(super) fn correlate(p: &Plane, x: &[f32], taps: &[f32], bias: f32, scratch: 
     assert_eq!(x.len(), p.h * p.w, "stride-2 depthwise: input plane");
     assert!(out.len() >= p.rows * p.cols, "stride-2 depthwise: output shorter than {} x {}", p.rows, p.cols);
     let len = p.phase_len();
-    // Two phases a row, each LEAD zeros, the row's values at LEAD.. and zeros after: zeroed
-    // here (whatever the scratch held before), then the values written.
     scratch.clear();
     scratch.resize(2 * len * p.h, 0.0);
+    split_plane(p, x, scratch);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX-512F (`handles`); `x86::split` reads `x`'s rows and writes
-    // `LEAD + 16 * w.div_ceil(32) <= len` values of each phase; `x86::plane` reads each phase
-    // from LEAD + a >= LEAD - left / 2 >= 0 (left <= 2 LEAD) to LEAD + 16 * vectors + a_max
-    // <= len, and writes outputs j < cols of rows i < rows.
+    // SAFETY: the CPU has AVX-512F (`handles`); `x86::plane` reads each phase from LEAD + a >=
+    // LEAD - left / 2 >= 0 (left <= 2 LEAD) to LEAD + 16 * vectors + a_max <= len (see
+    // `phase_len`), and writes outputs j < cols of rows i < rows.
     unsafe {
-        for (row, phases) in x.chunks_exact(p.w).zip(scratch.chunks_exact_mut(2 * len)) {
-            x86::split(row, phases.as_mut_ptr().add(LEAD), phases.as_mut_ptr().add(len + LEAD));
-        }
         x86::plane(p, scratch, len, taps, bias, out.as_mut_ptr());
     }
     Some(())
+}
+
+/// The plane `x` (h x w) split into `phases`, zeroed by the caller (2 * phase_len() * h
+/// values): row i's even columns at `phases[2i * len + LEAD..]`, its odd ones at
+/// `phases[(2i + 1) * len + LEAD..]`, zeros around them. Needs AVX-512F ([`available`]).
+pub(super) fn split_plane(p: &Plane, x: &[f32], phases: &mut [f32]) {
+    let len = p.phase_len();
+    assert!(available() && x.len() == p.h * p.w && phases.len() == 2 * len * p.h, "stride-2 split: sizes");
+    #[cfg(target_arch = "x86_64")]
+    for (row, phases) in x.chunks_exact(p.w).zip(phases.chunks_exact_mut(2 * len)) {
+        // SAFETY: AVX-512F (asserted); `split` writes LEAD + 16 * w.div_ceil(32) <= len values
+        // of each phase (`phase_len`).
+        unsafe { x86::split(row, phases.as_mut_ptr().add(LEAD), phases.as_mut_ptr().add(len + LEAD)) };
+    }
+}
+
+/// Where tap column s (of `k`) of output column j reads a split row: at `offsets[s] + j`
+/// from the row's start (phase b of 2a + b = s - left, at LEAD + a).
+pub(super) fn tap_offsets(k: usize, left: usize, len: usize) -> [usize; MAX_K] {
+    let mut cols = [0usize; MAX_K];
+    for (s, c) in cols.iter_mut().enumerate().take(k) {
+        let d = s as isize - left as isize;
+        let (a, b) = (d.div_euclid(2), d.rem_euclid(2) as usize);
+        *c = (b * len + LEAD).wrapping_add_signed(a);
+    }
+    cols
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Plane, LEAD, MAX_K, TILES};
+    use super::{Plane, MAX_K, TILES};
 
     /// `even[u] = row[2u]`, `odd[u] = row[2u + 1]` for u < 16 * w.div_ceil(32), zero past the
     /// row.
@@ -170,14 +191,7 @@ mod x86 {
         for (v, &t) in w.iter_mut().zip(taps) {
             *v = _mm512_set1_ps(t);
         }
-        // Tap column s reads phase b at j + a, 2a + b = s - left: as an offset into a row's
-        // scratch (its phase's start, LEAD, and a).
-        let mut cols = [0usize; MAX_K];
-        for (s, c) in cols.iter_mut().enumerate().take(k) {
-            let d = s as isize - p.left as isize;
-            let (a, b) = (d.div_euclid(2), d.rem_euclid(2) as usize);
-            *c = (b * len + LEAD).wrapping_add_signed(a);
-        }
+        let cols = super::tap_offsets(k, p.left, len);
         let vectors = p.cols.div_ceil(16);
         let bias = _mm512_set1_ps(bias);
         let row_len = 2 * len;

@@ -154,6 +154,12 @@ unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f3
     assert!(x.len() == g.n * chw && packed.len() == g.k * crs, "direct convolution: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.k), "direct convolution: bias size");
     assert_eq!(len, g.n * g.k * pq, "direct convolution: output size");
+    if super::stem::handles(g) {
+        // A few images' stem (three input channels): vectorised over positions instead.
+        // SAFETY: as this function's.
+        unsafe { super::stem::forward(g, x, packed, bias, y) };
+        return;
+    }
     let (hp, wp) = g.bordered_size();
     // Tap (r, s) of output (p, q) reads the bordered plane at (p * sh + r * dh, q * sw + s * dw).
     let taps: Vec<usize> = (0..rs).map(|t| (t / g.s) * g.dilation.0 * wp + (t % g.s) * g.dilation.1).collect();

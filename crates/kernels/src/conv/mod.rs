@@ -12,6 +12,7 @@ mod geom;
 mod im2col;
 pub mod planned;
 pub mod reference;
+mod stem;
 mod taps;
 mod winograd;
 
