@@ -37,16 +37,16 @@ fn correlate_tiles<T: Elem>(
     avx2::correlate(k, rows, cols, src, width, taps, bias.to_f32().unwrap_or(0.0), accumulate, out).is_some()
 }
 
-/// `out = bias + correlate(x, taps)` at stride 2 by the AVX-512 kernel of `depthwise_s2.rs`
-/// (the plane `x` split into its even and odd columns in `buf`) when it applies
-/// ([`ConvGeom::fits_stride_2`], f32); false when the caller must use another.
+/// Every output plane that reads the plane `x` (`taps` and `bias` for each, planes `ld`
+/// apart in `out`) at stride 2 by the AVX-512 kernel of `depthwise_s2.rs` (`x` split into its
+/// even and odd columns in `buf` once) when it applies ([`ConvGeom::fits_stride_2`], f32);
+/// false when the caller must use another.
 #[allow(clippy::ptr_arg)] // the scratch grows: a Vec, taken as Vec<f32> where T is f32
-fn correlate_stride_2<T: Elem>(g: &ConvGeom, x: &[T], taps: &[T], bias: T, buf: &mut Vec<T>, out: &mut [T]) -> bool {
+fn correlate_stride_2<T: Elem>(g: &ConvGeom, x: &[T], taps: &[T], bias: Option<&[T]>, buf: &mut Vec<T>, (out, ld): (&mut [T], usize)) -> bool {
     let (Some(x), Some(taps), Some(out)) = (as_f32(x), as_f32(taps), as_f32_mut(out)) else { return false };
     // `buf` holds f32 when `T` is f32; the kernel takes it as such.
     let Some(buf) = (buf as &mut dyn std::any::Any).downcast_mut::<Vec<f32>>() else { return false };
-    let plane = s2::Plane { h: g.h, w: g.w, top: g.pad.0, left: g.pad.2, rows: g.p, cols: g.q, k: g.r };
-    s2::correlate(&plane, x, taps, bias.to_f32().unwrap_or(0.0), buf, out).is_some()
+    s2::correlate(&s2::Plane::of(g), x, taps, bias.and_then(as_f32), buf, (out, ld)).is_some()
 }
 
 /// `dw += filter gradient` by the AVX2 tiles when they apply, as [`correlate_tiles`].
@@ -669,19 +669,9 @@ fn lanes_block<T: Elem, const B: usize>(
 pub(crate) fn plane_outputs<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, buf: &mut Vec<T>, out: &mut [T], ld: usize) {
     let (pq, rs) = (g.p * g.q, g.r * g.s);
     let (bh, bw) = g.bordered_size();
-    // Stride 2 in f32 splits the plane's columns by phase instead, every output plane alike.
-    if g.fits_stride_2() {
-        let mut taken = true;
-        for (j, taps) in w.chunks_exact(rs.max(1)).enumerate() {
-            let (b, o) = (bias.map_or(T::zero(), |b| b[j]), &mut out[j * ld..j * ld + pq]);
-            taken = correlate_stride_2(g, x, taps, b, buf, o);
-            if !taken {
-                break;
-            }
-        }
-        if taken {
-            return;
-        }
+    // Stride 2 in f32 splits the plane's columns by phase instead, for every output plane.
+    if g.fits_stride_2() && correlate_stride_2(g, x, w, bias, buf, (out, ld)) {
+        return;
     }
     bordered(x, (g.h, g.w), (g.pad.0, g.pad.2), (bh, bw), buf);
     for (j, taps) in w.chunks_exact(rs.max(1)).enumerate() {

@@ -63,6 +63,10 @@ pub(super) fn handles(k: usize, cols: usize, left: usize) -> bool {
 const MIN_COLS: usize = 24;
 
 impl Plane {
+    /// The plane of one channel of `g` (a square window: `r` is its side).
+    pub(super) fn of(g: &super::ConvGeom) -> Plane {
+        Plane { h: g.h, w: g.w, top: g.pad.0, left: g.pad.2, rows: g.p, cols: g.q, k: g.r }
+    }
     /// Values of one phase of a scratch row: the zeros before, every output vector's reads
     /// (the last vector's whole 16, up to (k - 1 - left) / 2 + 1 past it), and the phase's
     /// own values.
@@ -72,27 +76,39 @@ impl Plane {
     }
 }
 
-/// out[i, j] = bias + sum_{r,s} taps[r, s] * x[2i + r - top, 2j + s - left] (zero outside
-/// the plane) for i < rows, j < cols; `out` row-major with rows of `cols`. `scratch` holds the
-/// phases of the plane's rows (kept by the caller from plane to plane of one geometry). `None`
-/// when the kernel does not handle this ([`handles`]).
-pub(super) fn correlate(p: &Plane, x: &[f32], taps: &[f32], bias: f32, scratch: &mut Vec<f32>, out: &mut [f32]) -> Option<()> {
+/// For each output plane j that reads the input plane `x` (a channel multiplier's; `taps`
+/// holds k x k for each): out[j * ld + i * cols + c] = bias[j] + sum_{r,s} taps[j][r, s] *
+/// x[2i + r - top, 2c + s - left] (zero outside the plane) for i < rows, c < cols. `x` is split
+/// once into `scratch` for all of them. `None` when the kernel does not handle this
+/// ([`handles`]).
+pub(super) fn correlate(
+    p: &Plane,
+    x: &[f32],
+    taps: &[f32],
+    bias: Option<&[f32]>,
+    scratch: &mut Vec<f32>,
+    (out, ld): (&mut [f32], usize),
+) -> Option<()> {
     if !handles(p.k, p.cols, p.left) {
         return None;
     }
-    assert_eq!(taps.len(), p.k * p.k, "stride-2 depthwise: taps");
+    let (kk, planes) = (p.k * p.k, taps.len() / (p.k * p.k));
+    assert!(taps.len() == planes * kk && bias.is_none_or(|b| b.len() == planes), "stride-2 depthwise: taps or bias");
     assert_eq!(x.len(), p.h * p.w, "stride-2 depthwise: input plane");
-    assert!(out.len() >= p.rows * p.cols, "stride-2 depthwise: output shorter than {} x {}", p.rows, p.cols);
+    assert!(ld >= p.rows * p.cols && (planes == 0 || out.len() >= (planes - 1) * ld + p.rows * p.cols), "stride-2 depthwise: output too short");
     let len = p.phase_len();
     scratch.clear();
     scratch.resize(2 * len * p.h, 0.0);
     split_plane(p, x, scratch);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX-512F (`handles`); `x86::plane` reads each phase from LEAD + a >=
-    // LEAD - left / 2 >= 0 (left <= 2 LEAD) to LEAD + 16 * vectors + a_max <= len (see
-    // `phase_len`), and writes outputs j < cols of rows i < rows.
-    unsafe {
-        x86::plane(p, scratch, len, taps, bias, out.as_mut_ptr());
+    for (j, taps) in taps.chunks_exact(kk).enumerate() {
+        let (b, o) = (bias.map_or(0.0, |b| b[j]), &mut out[j * ld..j * ld + p.rows * p.cols]);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (`handles`); `x86::plane` reads each phase from LEAD + a
+        // >= LEAD - left / 2 >= 0 (left <= 2 LEAD) to LEAD + 16 * vectors + a_max <= len (see
+        // `phase_len`), and writes outputs j < cols of rows i < rows of `o`.
+        unsafe {
+            x86::plane(p, scratch, len, taps, b, o.as_mut_ptr());
+        }
     }
     Some(())
 }

@@ -18,7 +18,7 @@
 //! chunks; one thread 140-150 (chunks: 165-175), about 65-75% of the FMA units' peak (205-230
 //! with a loop of independent multiply-adds).
 
-use super::ConvGeom;
+use super::{ConvGeom, Out};
 
 /// Output channels in a tile, in vectors of 16, and positions in a tile: 14 x 2 = 28
 /// accumulators, 2 filter vectors and a broadcast in 32 registers (7 x 4 needs 33, and
@@ -119,23 +119,6 @@ pub(crate) fn forward_packed_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias:
     assert_eq!(y.len(), g.n * g.k * g.p * g.q, "direct convolution: output size");
     // SAFETY: `y` is `len` values long.
     unsafe { forward_raw(g, x, packed, bias, y.as_mut_ptr(), y.len()) }
-}
-
-/// An output shared by tasks that write disjoint values of it.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the tasks of `forward_raw` write disjoint values and nothing reads them meanwhile.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The value `i` places on (a method, so that closures capture the whole `Out`).
-    ///
-    /// # Safety
-    /// `i` must be within the output.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        unsafe { self.0.add(i) }
-    }
 }
 
 /// Tasks a thread should have at least, so that a layer of few images and few groups of

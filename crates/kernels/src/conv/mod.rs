@@ -263,6 +263,24 @@ fn split(n: usize) -> (bool, usize) {
     split_for(n, rayon::current_num_threads())
 }
 
+/// An output that tasks of one kernel call write at disjoint values through raw pointers
+/// (the direct, stem and depthwise kernels split outputs by rows across channel planes, which
+/// no slice split expresses).
+#[derive(Clone, Copy)]
+pub(super) struct Out(pub(super) *mut f32);
+// SAFETY: a kernel hands `Out` only to tasks that write disjoint values, and nothing reads
+// them until the tasks are joined.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Value `i`'s place (a method, so that closures capture the whole `Out`); only formed,
+    /// so in-bounds use is the writer's to ensure.
+    pub(super) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Images in each thread's contiguous share of a batch of `n` when it is split by image.
 pub(crate) fn share(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::depthwise_s2::{self as s2, Plane, MAX_K};
-use super::ConvGeom;
+use super::{ConvGeom, Out};
 
 /// Output channels of a tile.
 const KT: usize = 8;
@@ -43,25 +43,6 @@ pub(super) fn handles(g: &ConvGeom) -> bool {
         && g.q >= MIN_COLS
 }
 
-/// The plane shape `depthwise_s2` splits by.
-fn plane(g: &ConvGeom) -> Plane {
-    Plane { h: g.h, w: g.w, top: g.pad.0, left: g.pad.2, rows: g.p, cols: g.q, k: g.r }
-}
-
-/// An output shared by tasks that write disjoint values of it.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the tasks of `forward` write disjoint values and nothing reads them meanwhile.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Value `i`'s place (a method, so that closures capture the whole `Out`).
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// Tasks a thread should have at least (each is output rows of one image).
 const TASKS_PER_THREAD: usize = 4;
 
@@ -74,7 +55,7 @@ pub(super) unsafe fn forward(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Opti
     assert!(handles(g), "stem kernel: does not take {g:?}");
     let (hw, pq, crs) = (g.h * g.w, g.p * g.q, g.c * g.r * g.s);
     assert!(x.len() == g.n * g.c * hw && packed.len() == g.k * crs && bias.is_none_or(|b| b.len() == g.k), "stem kernel: sizes");
-    let p = plane(g);
+    let p = Plane::of(g);
     let len = p.phase_len();
     let split = 2 * len * g.h;
     let mut phases = vec![0f32; g.n * g.c * split];
