@@ -375,34 +375,51 @@ fn check_f32(g: &ConvGeom, (xs, ws): ([usize; 4], [usize; 4]), layout: Layout, e
     }
 }
 
+/// Whether the CPU runs the AVX-512 kernels (the direct kernel among them).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[test]
-fn one_strided_f32_image_takes_the_direct_kernel() {
-    // One image's strided f32 layers run the kernel eager mode runs, reading the image in
-    // place (where the CPU has AVX-512F: `Algo::choose` says Direct), split by output rows
-    // where there are few groups of 32 filters: YOLO's 3 -> 16 stem (one group), 48 filters
-    // (a group of 32 and one of 16), dilated, and rows the threads share unevenly (17 rows
-    // over 2 and 3 threads). f64 and batches are lowered to columns.
+fn one_f32_image_takes_the_direct_kernel() {
+    // One image's f32 layers run the direct kernel (where the CPU has AVX-512F), reading the
+    // image in place, split by output rows where there are few groups of 32 filters: strided
+    // ones as eager mode runs them (`Algo::choose` says Direct: YOLO's 3 -> 16 stem, one
+    // group; an RGB stem into rows of 30, which the stem kernel takes; 48 filters, a group of 32 and one of 16; dilated; rows the threads share
+    // unevenly, 17 rows over 2 and 3 threads), and stride-1 ones that eager mode gives
+    // Winograd (ResNet's 3x3 layers, "same" and "valid", a 5x5 window, rows of exactly 8).
+    // f64, batches and rows of fewer than 8 outputs are not.
     let o = Conv2dOptions::default().stride(2);
+    let one = Conv2dOptions::default();
     let cases = [
-        ([1, 3, 35, 34], [16, 3, 3, 3], o.padding(Padding::uniform(1))),
-        ([1, 20, 17, 18], [48, 20, 3, 3], o.padding(Padding::Same)),
-        ([1, 8, 21, 20], [32, 8, 3, 3], o.dilation(2)),
-        ([1, 17, 40, 33], [64, 17, 5, 5], o.padding(Padding::uniform(2))),
+        ([1, 3, 35, 34], [16, 3, 3, 3], o.padding(Padding::uniform(1)), true),
+        ([1, 3, 64, 60], [32, 3, 3, 3], o.padding(Padding::uniform(1)), true),
+        ([1, 20, 17, 18], [48, 20, 3, 3], o.padding(Padding::Same), true),
+        ([1, 8, 21, 20], [32, 8, 3, 3], o.dilation(2), true),
+        ([1, 17, 40, 33], [64, 17, 5, 5], o.padding(Padding::uniform(2)), true),
+        ([1, 24, 19, 23], [64, 24, 3, 3], one.padding(Padding::Same), true),
+        ([1, 33, 12, 10], [32, 33, 3, 3], one, true),
+        ([1, 16, 14, 12], [48, 16, 5, 5], one.padding(Padding::uniform(2)), true),
+        ([1, 16, 9, 9], [32, 16, 3, 3], one, false),
     ];
-    for (xs, ws, o) in cases {
+    // The same pools for every case: each thread's buffers come from the case before, holding
+    // its values where this case's border must be zero.
+    let pools = [2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+    for (xs, ws, o, fits) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
-        let direct = Algo::choose(&g) == Algo::Direct;
-        let want = if direct { Algo::Direct } else { Algo::Im2col };
-        assert_eq!(Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo(), want, "{g:?}");
-        assert_eq!(Prepared::new(&g, &vec![0f64; ws.iter().product()]).algo(), Algo::Im2col, "{g:?}");
-        for threads in [2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let direct = avx512() && fits;
+        assert_eq!(Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo() == Algo::Direct, direct, "{g:?}");
+        assert_ne!(Prepared::new(&g, &vec![0f64; ws.iter().product()]).algo(), Algo::Direct, "{g:?}");
+        for pool in &pools {
             for epi in [(true, true, Some(Unary::Silu)), (false, false, None), (true, false, Some(Unary::Relu))] {
                 pool.install(|| check_f32(&g, (xs, ws), Layout::Nchw, epi));
             }
         }
         let two = ConvGeom { n: 2, ..g };
-        assert_eq!(Prepared::new(&two, &vec![0f32; ws.iter().product()]).algo(), Algo::Im2col, "{two:?}");
+        assert_ne!(Prepared::new(&two, &vec![0f32; ws.iter().product()]).algo(), Algo::Direct, "{two:?}");
     }
 }
 
@@ -411,13 +428,22 @@ fn pooled_layers_match_reference() {
     // A convolution with its 2x2 average pooling done piece by piece inside it, against the
     // reference convolution then the pooling's definition: LeNet's two layers (the first by
     // the direct single-channel kernel), odd output sizes (the last row and column have no
-    // window) and 1x1, in f32 and f64, NCHW and blocked, with and without a residual.
+    // window), 1x1, and one image that the direct kernel takes in f32 (its output pooled
+    // afterwards), in f32 and f64, NCHW and blocked, with and without a residual.
     let d = Conv2dOptions::default();
-    let cases = [([6, 1, 28, 28], [5, 1, 3, 3]), ([6, 20, 13, 13], [7, 20, 5, 5]), ([5, 1, 12, 11], [3, 1, 5, 5]), ([4, 6, 7, 9], [5, 6, 1, 1])];
+    let cases = [
+        ([6, 1, 28, 28], [5, 1, 3, 3]),
+        ([6, 20, 13, 13], [7, 20, 5, 5]),
+        ([5, 1, 12, 11], [3, 1, 5, 5]),
+        ([4, 6, 7, 9], [5, 6, 1, 1]),
+        ([1, 8, 12, 13], [16, 8, 3, 3]),
+    ];
     for (xs, ws) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &d).unwrap();
         let pool = PoolGeom::new("avg_pool2d", &g.small_shape(), &Pool2dOptions::new(2)).unwrap();
         assert!(planned::fuses_pool(&g, &pool), "{g:?}");
+        let f32_algo = Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo();
+        assert!(g.n > 1 || !avx512() || f32_algo == Algo::Direct, "{g:?}: {f32_algo:?}");
         for (b, residual) in [(1, false), (2, true), (3, false), (4, true)] {
             let layout = if b > 1 { Layout::Blocked(b) } else { Layout::Nchw };
             let [x, w, bv, rv] = operands(&g, xs, ws, 7);

@@ -1,7 +1,7 @@
 //! Direct convolution for strided layers in f32 with AVX-512 (B3's c7, ResNet's 3x3 stride-2
-//! downsamples), forward only: no im2col copy, whose strided gather of 576 x 784 values an
-//! image cost a third as much as the product on c7, and whose columns the `gemm` crate then
-//! packed again.
+//! downsamples), and for every layer it fits in a plan of one image (see [`fits`]), forward
+//! only: no im2col copy, whose strided gather of 576 x 784 values an image cost a third as
+//! much as the product on c7, and whose columns the `gemm` crate then packed again.
 //!
 //! The filters are repacked a group of 32 output channels at a time, [K/32][C][R][S][32]. An
 //! output tile is `W` positions of one output row by `16 * B` output channels, `W * B`
@@ -41,7 +41,16 @@ const _: () = assert!(B_MAIN == 2 && W_MAIN <= 14);
 /// (batch 32) the 3x3 stride-2 layers with rows of 16 and 8 ran 214 -> 244 and 229 -> 252
 /// GFLOP/s here, but with rows of 4 231 -> 117, and the 1x1 stride-2 shortcuts 135-190 -> 127-142.
 pub(super) fn applies(g: &ConvGeom) -> bool {
-    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride != (1, 1) && g.stride.1 <= 2 && g.r * g.s > 1 && g.q >= 8 && available()
+    g.stride != (1, 1) && fits(g)
+}
+
+/// Whether the kernel can run `g` well, at any stride: [`applies`] without its rule that
+/// stride-1 layers go to Winograd. A plan of one image runs its stride-1 3x3 layers here
+/// (`planned::inference_algo`): Winograd's transforms of a lone image run on one thread, and
+/// columns copy the image nine times, where this kernel's tiles split over the threads by
+/// output rows and channels (ResNet-18's 64 x 56 x 56 layers 1.7-2.2 -> 1.0-1.1 ms).
+pub(super) fn fits(g: &ConvGeom) -> bool {
+    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride.1 <= 2 && g.r * g.s > 1 && g.q >= 8 && available()
 }
 
 fn available() -> bool {
@@ -86,39 +95,80 @@ pub(crate) fn pack_filters<T: Copy>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 }
 
 /// Image `xn` copied into `buf` with its zero border: [C][bordered_size()], the padded image
-/// (a forward geometry's windows never reach past it). The border is written only when `buf` is new: images of the same geometry leave
-/// it zero, and zeroing the whole copy again took a tenth of c7's time.
+/// (a forward geometry's windows never reach past it). Every value is written, the border
+/// as zeros, once: `buf` is a thread's buffer kept from call to call (see [`BUFFERS`]), which
+/// an earlier layer left holding its own values.
 fn pad_image(g: &ConvGeom, xn: &[f32], buf: &mut Vec<f32>) {
     let (hp, wp) = g.bordered_size();
-    if buf.len() != g.c * hp * wp {
-        buf.clear();
+    if buf.len() < g.c * hp * wp {
         buf.resize(g.c * hp * wp, 0.0);
     }
+    let (top, left) = (g.pad.0, g.pad.2);
     for (plane, dst) in xn.chunks_exact(g.h * g.w).zip(buf.chunks_exact_mut(hp * wp)) {
-        for (row, d) in plane.chunks_exact(g.w).zip(dst[g.pad.0 * wp..].chunks_exact_mut(wp)) {
-            d[g.pad.2..g.pad.2 + g.w].copy_from_slice(row);
+        let (above, rest) = dst.split_at_mut(top * wp);
+        above.fill(0.0);
+        let (inside, below) = rest.split_at_mut(g.h * wp);
+        below.fill(0.0);
+        for (row, d) in plane.chunks_exact(g.w).zip(inside.chunks_exact_mut(wp)) {
+            d[..left].fill(0.0);
+            d[left..left + g.w].copy_from_slice(row);
+            d[left + g.w..].fill(0.0);
         }
     }
 }
 
-/// y = conv(x, w) + bias for f32 with [`applies`] true.
+thread_local! {
+    /// Each thread's bordered image and partial sums, kept between calls: made afresh per
+    /// call (and zeroed: 0.86 + 0.4 MB a thread on ResNet's 64 x 56 x 56 layers) they cost
+    /// about a tenth of such a layer at one image. At most the largest layer's, per thread.
+    static BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// A thread's [`BUFFERS`], taken for one pool task and given back when it ends (a task that
+/// found them taken, which no nesting here causes, would work in new ones).
+struct Buffers {
+    held: usize,
+    bordered: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Buffers {
+    fn take() -> Self {
+        let (bordered, sums) = BUFFERS.take();
+        Buffers { held: usize::MAX, bordered, sums }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        BUFFERS.set((std::mem::take(&mut self.bordered), std::mem::take(&mut self.sums)));
+    }
+}
+
+/// What a caller does to each finished run of output values before the kernel moves on:
+/// called with the run's offset in `y` and the run, a row range of one output plane, while
+/// it is still in cache (a plan's residual and activation).
+pub(crate) type Finish<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// y = conv(x, w) + bias for f32 with [`fits`] true.
 pub(super) fn forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     assert!(w.len() == g.k * g.c * g.r * g.s, "direct convolution: weight size");
     let len = g.n * g.k * g.p * g.q;
     let mut y: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: `y` has room for `len` values, which `forward_raw` all writes.
     unsafe {
-        forward_raw(g, x, &pack_filters(g, w), bias, y.as_mut_ptr(), len);
+        forward_raw(g, x, &pack_filters(g, w), bias, None, y.as_mut_ptr(), len);
         y.set_len(len);
     }
     y
 }
 
-/// [`forward`] into `y` (overwritten) with filters packed once by [`pack_filters`] (a plan's).
-pub(crate) fn forward_packed_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+/// [`forward`] into `y` (overwritten) with filters packed once by [`pack_filters`] (a plan's),
+/// each run of values then passed to `finish`.
+pub(crate) fn forward_packed_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, finish: Option<Finish>, y: &mut [f32]) {
     assert_eq!(y.len(), g.n * g.k * g.p * g.q, "direct convolution: output size");
     // SAFETY: `y` is `len` values long.
-    unsafe { forward_raw(g, x, packed, bias, y.as_mut_ptr(), y.len()) }
+    unsafe { forward_raw(g, x, packed, bias, finish, y.as_mut_ptr(), y.len()) }
 }
 
 /// Tasks a thread should have at least, so that a layer of few images and few groups of
@@ -126,13 +176,13 @@ pub(crate) fn forward_packed_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias:
 /// layers are split by output rows as well.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Writes all `len` values of y = conv(x, packed) + bias at `y`.
+/// Writes all `len` values of y = conv(x, packed) + bias at `y`, then `finish` over them.
 ///
 /// # Safety
 /// `y` must be valid for writes of `len` values, `len` the output's size.
-unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: *mut f32, len: usize) {
+unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, finish: Option<Finish>, y: *mut f32, len: usize) {
     use rayon::prelude::*;
-    assert!(applies(g), "direct convolution: does not apply to {g:?}");
+    assert!(fits(g), "direct convolution: does not apply to {g:?}");
     let (pq, chw, crs, rs) = (g.p * g.q, g.c * g.h * g.w, g.c * g.r * g.s, g.r * g.s);
     assert!(x.len() == g.n * chw && packed.len() == g.k * crs, "direct convolution: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.k), "direct convolution: bias size");
@@ -141,6 +191,11 @@ unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f3
         // A few images' stem (three input channels): vectorised over positions instead.
         // SAFETY: as this function's.
         unsafe { super::stem::forward(g, x, packed, bias, y) };
+        if let Some(finish) = finish {
+            // SAFETY: `y` holds the `len` values just written, and nothing else refers to them.
+            let y = unsafe { std::slice::from_raw_parts_mut(y, len) };
+            y.par_chunks_mut(g.p * g.q).enumerate().for_each(|(i, plane)| finish(i * g.p * g.q, plane));
+        }
         return;
     }
     let (hp, wp) = g.bordered_size();
@@ -160,51 +215,56 @@ unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f3
     };
     let channels = |task: usize| (task / splits % groups) * group..((task / splits % groups + 1) * group).min(g.k);
     let out = Out(y);
-    (0..tasks).into_par_iter().with_min_len(super::share(tasks).max(1)).for_each_init(
-        || (usize::MAX, Vec::new(), Vec::new()),
-        |(held, bordered, sums), t| {
-            let (ks, ps, n) = (channels(t), rows(t), t / (splits * groups));
-            if *held != n {
-                pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
-                *held = n;
-            }
-            // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
-            let b = ks.len() / 16;
-            let filters = &packed[ks.start * crs..ks.end * crs];
-            // This task's channels of image n start at value (n * K + ks.start) * PQ.
-            let base = (n * g.k + ks.start) * pq;
-            // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `sums`
-            // from one chunk to the next and written out after the last.
-            let row_tiles = g.q.div_ceil(W_MAIN);
-            sums.resize(partial_sums(g), 0f32);
-            for c0 in (0..g.c).step_by(CHUNK) {
-                let cn = CHUNK.min(g.c - c0);
-                let (first, last) = (c0 == 0, c0 + cn == g.c);
-                for p in ps.clone() {
-                    for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
-                        let width = W_MAIN.min(g.q - q0);
-                        let part = &mut sums[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
-                        let at = base + p * g.q + q0;
-                        // SAFETY: the CPU has AVX-512F (`applies`); `tile` checks every bound
-                        // against the `len - at` values from `at` on. Tasks write disjoint
-                        // values: channels `ks` of image n in rows `ps`.
-                        unsafe {
-                            tile(
-                                (width, b),
-                                &bordered[c0 * hp * wp + p * g.stride.0 * wp + q0 * g.stride.1..],
-                                &taps,
-                                (cn, hp * wp, g.stride.1),
-                                &filters[c0 * rs * 16 * b..],
-                                bias.map(|bs| &bs[ks.clone()]),
-                                (out.at(at), len - at, part, first, last),
-                                pq,
-                            )
-                        };
-                    }
+    (0..tasks).into_par_iter().with_min_len(super::share(tasks).max(1)).for_each_init(Buffers::take, |Buffers { held, bordered, sums }, t| {
+        let (ks, ps, n) = (channels(t), rows(t), t / (splits * groups));
+        if *held != n {
+            pad_image(g, &x[n * chw..(n + 1) * chw], bordered);
+            *held = n;
+        }
+        // The group's filters, packed [C*R*S][16 * b] (`pack_filters`).
+        let b = ks.len() / 16;
+        let filters = &packed[ks.start * crs..ks.end * crs];
+        // This task's channels of image n start at value (n * K + ks.start) * PQ.
+        let base = (n * g.k + ks.start) * pq;
+        // The input channels a chunk at a time (`CHUNK`), each tile's sums kept in `sums`
+        // from one chunk to the next and written out after the last.
+        let row_tiles = g.q.div_ceil(W_MAIN);
+        sums.resize(partial_sums(g), 0f32);
+        for c0 in (0..g.c).step_by(CHUNK) {
+            let cn = CHUNK.min(g.c - c0);
+            let (first, last) = (c0 == 0, c0 + cn == g.c);
+            for p in ps.clone() {
+                for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
+                    let width = W_MAIN.min(g.q - q0);
+                    let part = &mut sums[(p * row_tiles + ti) * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
+                    let at = base + p * g.q + q0;
+                    // SAFETY: the CPU has AVX-512F (`fits`); `tile` checks every bound
+                    // against the `len - at` values from `at` on. Tasks write disjoint
+                    // values: channels `ks` of image n in rows `ps`.
+                    unsafe {
+                        tile(
+                            (width, b),
+                            &bordered[c0 * hp * wp + p * g.stride.0 * wp + q0 * g.stride.1..],
+                            &taps,
+                            (cn, hp * wp, g.stride.1),
+                            &filters[c0 * rs * 16 * b..],
+                            bias.map(|bs| &bs[ks.clone()]),
+                            (out.at(at), len - at, part, first, last),
+                            pq,
+                        )
+                    };
                 }
             }
-        },
-    );
+        }
+        if let Some(finish) = finish {
+            for k in ks {
+                let at = (n * g.k + k) * pq + ps.start * g.q;
+                // SAFETY: this task's values (channel k of image n, rows `ps`), all
+                // written by the last chunk's tiles above; no other task refers to them.
+                finish(at, unsafe { std::slice::from_raw_parts_mut(out.at(at), ps.len() * g.q) });
+            }
+        }
+    });
     // Every value is written: each task writes all of its channels (16 * b, K being a
     // multiple of 16) in each of its rows, whose tiles cover positions 0..Q, and the tasks'
     // rows cover 0..P.
@@ -257,7 +317,7 @@ unsafe fn tile(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("direct tile: no kernel for this architecture (`applies` is false)");
+    unreachable!("direct tile: no kernel for this architecture (`fits` is false)");
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -250,13 +250,15 @@ fn plan_algo(g: &ConvGeom) -> Algo {
     }
 }
 
-/// The algorithm of an inference plan's layer: [`plan_algo`]'s, except that one image's
-/// strided f32 layers take the direct kernel eager mode runs (`Algo::Direct`), in NCHW, which
-/// one image's blocks are: lowering one image to columns is a copy as large as the product is
-/// thin (YOLO's 3 -> 16 stem at 320 x 320: 27 rows of 25,600 columns for 16 filters).
+/// The algorithm of an inference plan's layer: [`plan_algo`]'s, except that one image's f32
+/// layers that the direct kernel fits take it (`Algo::Direct`), in NCHW, which one image's
+/// blocks are. Strided ones: lowering one image to columns is a copy as large as the product
+/// is thin (YOLO's 3 -> 16 stem at 320 x 320: 27 rows of 25,600 columns for 16 filters).
+/// Stride-1 ones, which eager mode gives Winograd: see `direct::fits` (ResNet-18 at 224 x 224,
+/// one image, 26.7-28.3 -> 19.0-19.6 ms a pass; ResNet-50 54-63 -> 43-46).
 fn inference_algo<T: Elem>(g: &ConvGeom) -> Algo {
     match plan_algo(g) {
-        Algo::Im2col if g.n == 1 && as_f32(&[T::zero()]).is_some() && Algo::choose(g) == Algo::Direct => Algo::Direct,
+        Algo::Im2col | Algo::Winograd if g.n == 1 && as_f32(&[T::zero()]).is_some() && super::direct::fits(g) => Algo::Direct,
         algo => algo,
     }
 }
@@ -364,8 +366,24 @@ pub fn forward_with<T: Elem>(
             let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(&w.w), as_f32_mut(y)) else {
                 unreachable!("forward_into: the direct kernel is planned for f32 only")
             };
-            super::direct::forward_packed_into(g, xf, wf, epi.bias.and_then(as_f32), yf);
-            finish_nchw(g, y, Epilogue { bias: None, ..epi });
+            let bias = epi.bias.and_then(as_f32);
+            let Some(pg) = pool else {
+                // Residual and activation on each task's rows as it finishes them.
+                let (residual, act) = (epi.residual.and_then(as_f32), epi.act);
+                let finish = |at: usize, run: &mut [f32]| finish_row(run, 0.0, residual.map(|r| &r[at..at + run.len()]), act);
+                let finish: Option<super::direct::Finish> = (residual.is_some() || act.is_some()).then_some(&finish);
+                super::direct::forward_packed_into(g, xf, wf, bias, finish, yf);
+                return;
+            };
+            // Pooled ([`fuses_pool`] goes by the layer, not by this plan's batch of one): the
+            // whole output, then each plane pooled.
+            let mut full = vec![T::zero(); g.n * g.k * g.p * g.q];
+            let Some(ff) = as_f32_mut(&mut full) else { unreachable!("f32 above") };
+            super::direct::forward_packed_into(g, xf, wf, bias, None, ff);
+            finish_nchw(g, &mut full, Epilogue { bias: None, ..epi });
+            for (plane, out) in full.chunks_exact(g.p * g.q).zip(y.chunks_exact_mut(out_plane)) {
+                crate::pool::avg_2x2(pg, plane, out);
+            }
             return;
         }
         Algo::Dense => {
