@@ -388,10 +388,11 @@ fn one_f32_image_takes_the_direct_kernel() {
     // One image's f32 layers run the direct kernel (where the CPU has AVX-512F), reading the
     // image in place, split by output rows where there are few groups of 32 filters: strided
     // ones as eager mode runs them (`Algo::choose` says Direct: YOLO's 3 -> 16 stem, one
-    // group; an RGB stem into rows of 30, which the stem kernel takes; 48 filters, a group of 32 and one of 16; dilated; rows the threads share
-    // unevenly, 17 rows over 2 and 3 threads), and stride-1 ones that eager mode gives
-    // Winograd (ResNet's 3x3 layers, "same" and "valid", a 5x5 window, rows of exactly 8).
-    // f64, batches and rows of fewer than 8 outputs are not.
+    // group; an RGB stem into rows of 30, which the stem kernel takes; 48 filters, a group
+    // of 32 and one of 16; dilated; rows the threads share unevenly, 17 rows over 2 and 3
+    // threads), and stride-1 ones that eager mode gives Winograd (ResNet's 3x3 layers, "same"
+    // and "valid", a 5x5 window, rows of exactly 8). f64, batches and rows of fewer than 8
+    // outputs are not.
     let o = Conv2dOptions::default().stride(2);
     let one = Conv2dOptions::default();
     let cases = [
