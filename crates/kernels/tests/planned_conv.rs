@@ -391,8 +391,10 @@ fn one_f32_image_takes_the_direct_kernel() {
     // group; an RGB stem into rows of 30, which the stem kernel takes; 48 filters, a group
     // of 32 and one of 16; dilated; rows the threads share unevenly, 17 rows over 2 and 3
     // threads), and stride-1 ones that eager mode gives Winograd (ResNet's 3x3 layers, "same"
-    // and "valid", a 5x5 window, rows of exactly 8). f64, batches and rows of fewer than 8
-    // outputs are not.
+    // and "valid", a 5x5 window, rows of exactly 8; rows of fewer than 8 at stride 1 in
+    // tiles that span rows: 7 x 7 "same" over 40 channels, chunks of 16, 16 and 8; 4 x 4 into
+    // 48 filters; dilated rows of 4; more padding below and right than "same"). f64,
+    // batches, strided rows of fewer than 8 and maps of fewer than 16 outputs are not.
     let o = Conv2dOptions::default().stride(2);
     let one = Conv2dOptions::default();
     let cases = [
@@ -404,11 +406,21 @@ fn one_f32_image_takes_the_direct_kernel() {
         ([1, 24, 19, 23], [64, 24, 3, 3], one.padding(Padding::Same), true),
         ([1, 33, 12, 10], [32, 33, 3, 3], one, true),
         ([1, 16, 14, 12], [48, 16, 5, 5], one.padding(Padding::uniform(2)), true),
-        ([1, 16, 9, 9], [32, 16, 3, 3], one, false),
+        ([1, 40, 7, 7], [64, 40, 3, 3], one.padding(Padding::Same), true),
+        ([1, 16, 6, 6], [48, 16, 3, 3], one, true),
+        ([1, 16, 9, 8], [32, 16, 3, 3], one.dilation(2), true),
+        ([1, 16, 6, 5], [32, 16, 3, 3], one.padding(Padding::Explicit { top: 1, bottom: 2, left: 0, right: 2 }), true),
+        ([1, 16, 14, 13], [32, 16, 3, 3], o.padding(Padding::uniform(1)), false),
+        ([1, 16, 5, 5], [32, 16, 3, 3], one, false),
     ];
     // The same pools for every case: each thread's buffers come from the case before, holding
     // its values where this case's border must be zero.
     let pools = [2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+    // A row-spanning case first on threads of its own, whose buffers are then exactly its
+    // size: its last tile's window reaches past the bordered image (`direct::bordered_len`).
+    let valid = ConvGeom::conv2d(&[1, 16, 9, 9], &[32, 16, 3, 3], &one).unwrap();
+    let fresh = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    fresh.install(|| check_f32(&valid, ([1, 16, 9, 9], [32, 16, 3, 3]), Layout::Nchw, (true, true, Some(Unary::Relu))));
     for (xs, ws, o, fits) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
         let direct = avx512() && fits;

@@ -36,10 +36,11 @@ const _: () = assert!(B_MAIN == 2 && W_MAIN <= 14);
 
 /// Whether the direct kernel takes this convolution: ungrouped, strided with a column stride
 /// of at most 2 (stride-1 3x3 goes to Winograd), a window of more than one tap, output
-/// channels a multiple of 16, rows of at least 8 outputs, on a CPU with AVX-512F. Narrower
-/// rows make narrow tiles, and a 1x1 window few steps per tile: on ResNet-18's layers
-/// (batch 32) the 3x3 stride-2 layers with rows of 16 and 8 ran 214 -> 244 and 229 -> 252
-/// GFLOP/s here, but with rows of 4 231 -> 117, and the 1x1 stride-2 shortcuts 135-190 -> 127-142.
+/// channels a multiple of 16, rows of at least 8 outputs (see [`flat`] for stride 1), on a
+/// CPU with AVX-512F. Narrower rows make narrow tiles, and a 1x1 window few steps per tile:
+/// on ResNet-18's layers (batch 32) the 3x3 stride-2 layers with rows of 16 and 8 ran 214 ->
+/// 244 and 229 -> 252 GFLOP/s here, but with rows of 4 231 -> 117, and the 1x1 stride-2
+/// shortcuts 135-190 -> 127-142.
 pub(super) fn applies(g: &ConvGeom) -> bool {
     g.stride != (1, 1) && fits(g)
 }
@@ -50,7 +51,19 @@ pub(super) fn applies(g: &ConvGeom) -> bool {
 /// columns copy the image nine times, where this kernel's tiles split over the threads by
 /// output rows and channels (ResNet-18's 64 x 56 x 56 layers 1.7-2.2 -> 1.0-1.1 ms).
 pub(super) fn fits(g: &ConvGeom) -> bool {
-    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride.1 <= 2 && g.r * g.s > 1 && g.q >= 8 && available()
+    g.groups == 1 && g.k.is_multiple_of(16) && g.k > 0 && g.stride.1 <= 2 && g.r * g.s > 1 && (g.q >= 8 || flat(g)) && available()
+}
+
+/// Whether the tiles run along the bordered image's rows instead of the output's (stride 1,
+/// rows of fewer than 8 outputs, maps of at least 16 positions): output (p, q) is then flat
+/// position p * Wp + q of the bordered width Wp, whose input for each tap is the same offset
+/// from it, so a tile of `W_MAIN` flat positions spans rows (the `Wp - Q` positions past the
+/// end of each row are computed and not written). A 256-channel 4 x 4 layer, one image: the
+/// columns' 193-248 us -> 132-135 (minima of 200 calls, interleaved); ResNet's 512-channel
+/// 7 x 7 layers the same either way (1.2-1.3 ms, about the time their 9.4 MB of filters take
+/// to stream in).
+fn flat(g: &ConvGeom) -> bool {
+    g.stride == (1, 1) && g.q < 8 && g.p * g.q >= 16
 }
 
 fn available() -> bool {
@@ -66,15 +79,23 @@ fn available() -> bool {
 
 /// The repacked filters (shared), and per thread one bordered image and the tiles' partial sums.
 pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
-    let (hp, wp) = g.bordered_size();
-    let per_thread = g.c * hp * wp + partial_sums(g);
+    let per_thread = bordered_len(g) + partial_sums(g);
     super::Workspace { shared: (g.k * g.c * g.r * g.s) as u64, per_thread: per_thread as u64, ..super::Workspace::default() }
 }
 
 /// Values of a task's partial sums between chunks of input channels: every tile of an output
 /// plane, [P][Q / W_MAIN rounded up][W_MAIN][16 * B_MAIN].
 fn partial_sums(g: &ConvGeom) -> usize {
-    g.p * g.q.div_ceil(W_MAIN) * W_MAIN * 16 * B_MAIN
+    let tiles = if flat(g) { (g.p * g.bordered_size().1).div_ceil(W_MAIN) + 1 } else { g.p * g.q.div_ceil(W_MAIN) };
+    tiles * W_MAIN * 16 * B_MAIN
+}
+
+/// Values of a thread's bordered image: [C][Hp * Wp], and when the tiles are [`flat`] the
+/// `Wp` values after it that the last tile's window reaches past its last row (values that
+/// only positions past the end of a row read).
+fn bordered_len(g: &ConvGeom) -> usize {
+    let (hp, wp) = g.bordered_size();
+    g.c * hp * wp + if flat(g) { wp } else { 0 }
 }
 
 /// The filters [K, C, R, S] as [K/32][C*R*S][32]: each group of 16 * B_MAIN output channels
@@ -100,8 +121,8 @@ pub(crate) fn pack_filters<T: Copy>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 /// an earlier layer left holding its own values.
 fn pad_image(g: &ConvGeom, xn: &[f32], buf: &mut Vec<f32>) {
     let (hp, wp) = g.bordered_size();
-    if buf.len() < g.c * hp * wp {
-        buf.resize(g.c * hp * wp, 0.0);
+    if buf.len() < bordered_len(g) {
+        buf.resize(bordered_len(g), 0.0);
     }
     let (top, left) = (g.pad.0, g.pad.2);
     for (plane, dst) in xn.chunks_exact(g.h * g.w).zip(buf.chunks_exact_mut(hp * wp)) {
@@ -233,6 +254,46 @@ unsafe fn forward_raw(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f3
         for c0 in (0..g.c).step_by(CHUNK) {
             let cn = CHUNK.min(g.c - c0);
             let (first, last) = (c0 == 0, c0 + cn == g.c);
+            if flat(g) {
+                // Tiles of flat positions over this task's rows, their sums always left in
+                // `sums` and, after the last chunk, written out for the positions that are
+                // outputs.
+                let span = ps.start * wp..ps.end * wp;
+                for (ti, f0) in span.clone().step_by(W_MAIN).enumerate() {
+                    let width = W_MAIN.min(span.end - f0);
+                    let part = &mut sums[ti * W_MAIN * 16 * B_MAIN..][..W_MAIN * 16 * B_MAIN];
+                    // SAFETY: as below; the tile writes no output (`last` false), its reads
+                    // stay inside `bordered` (`bordered_len`).
+                    unsafe {
+                        tile(
+                            (width, b),
+                            &bordered[c0 * hp * wp + f0..],
+                            &taps,
+                            (cn, hp * wp, 1),
+                            &filters[c0 * rs * 16 * b..],
+                            None,
+                            (out.at(base), len - base, part, first, false),
+                            pq,
+                        )
+                    };
+                    if last {
+                        for (j, lanes) in part.chunks_exact(16 * b).take(width).enumerate() {
+                            let (p, q) = ((f0 + j) / wp, (f0 + j) % wp);
+                            if q >= g.q {
+                                continue;
+                            }
+                            for (ch, &v) in lanes.iter().enumerate() {
+                                let add = bias.map_or(0.0, |bs| bs[ks.start + ch]);
+                                // SAFETY: channel ks.start + ch of image n at row p of this
+                                // task's rows (f0 + j lies in `span`), column q < Q: one of
+                                // this task's values, inside y.
+                                unsafe { *out.at(base + ch * pq + p * g.q + q) = v + add };
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
             for p in ps.clone() {
                 for (ti, q0) in (0..g.q).step_by(W_MAIN).enumerate() {
                     let width = W_MAIN.min(g.q - q0);

@@ -467,7 +467,7 @@ pub fn forward_with<T: Elem>(
                         // 1x1, stride 1: channel c of the block is already row c of the columns.
                         let xm = MatRef { data: &xb[first * hw..], rows: g.c, cols: m * pq, rs: bj * hw, cs: 1 };
                         matmul(wm, xm, out, out_ld, false, threads(m));
-                    } else if m == 1 && threads(m) > 1 && g.k <= pq && by_rows_fits(g, threads(m)) {
+                    } else if m == 1 && threads(m) > 1 && g.k <= pq && g.r * g.s > 1 && by_rows_fits(g, threads(m)) {
                         let per = rows_per_task(g, threads(m));
                         let scratch = grown(col, (crs + g.k) * per * g.q * g.p.div_ceil(per));
                         by_rows(g, &xb[first * hw..], bj * hw, wm, out, out_ld, per, scratch);
@@ -559,8 +559,12 @@ fn by_rows_fits(g: &ConvGeom, threads: usize) -> bool {
 /// its rows (in its own cache) and multiplies all the filters into them, where lowering every
 /// column by channels and then splitting the product by columns passed the columns between
 /// the threads and waited for all of them twice. For layers with no more filters than
-/// positions (ResNet's 64-channel 16x16 layers and its 7x7 stem at batch 1). `x`: the image, channel `c`
-/// at `x[c * cs..]`; `out`: [K, P*Q], rows `out_ld` apart; `per` output rows a task.
+/// positions (ResNet's 64-channel 16x16 layers and its 7x7 stem at batch 1), and a window of
+/// more than one tap: a strided 1x1 layer's columns are a quarter of its input, cheaper to
+/// lower once than its products are to run in pieces and copy back (ResNet-50's 256 -> 512
+/// shortcut at 56 x 56, one image: medians of six interleaved rounds 80 -> 128 GFLOP/s;
+/// ResNet-18's 64 -> 128, 44 -> 59). `x`: the image, channel `c` at `x[c * cs..]`; `out`:
+/// [K, P*Q], rows `out_ld` apart; `per` output rows a task.
 #[allow(clippy::too_many_arguments)]
 fn by_rows<T: Elem>(g: &ConvGeom, x: &[T], cs: usize, wm: MatRef<T>, out: &mut [T], out_ld: usize, per: usize, scratch: &mut [T]) {
     let crs = g.c * g.r * g.s;
