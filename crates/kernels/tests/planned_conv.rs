@@ -510,3 +510,38 @@ fn f32_depthwise_stride_2_layers_match_reference() {
         }
     }
 }
+
+#[test]
+fn grouped_layers_take_the_grouped_kernel() {
+    // Grouped f32 layers of 2 to 64 channels a group in a plan, stride 1 (or 2, one image), run
+    // the grouped kernel (where the CPU has AVX-512F): RegNet's groups of 8 strided and not,
+    // 6 filters a group (a tile's last channels unused), 32 filters a group of 16 channels
+    // under a 5x5 window, padding only below and left, a grouped 1x1 layer, and a batch of
+    // three. Dilated, depthwise and f64 layers are not, nor batches of strided ones.
+    let d = Conv2dOptions::default();
+    let uneven = Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 };
+    let cases = [
+        ([1, 48, 23, 21], [48, 8, 3, 3], d.groups(6).stride(2).padding(Padding::uniform(1)), true),
+        ([1, 104, 14, 14], [104, 8, 3, 3], d.groups(13).padding(Padding::Same), true),
+        ([1, 40, 9, 11], [60, 4, 3, 3], d.groups(10), true),
+        ([1, 32, 12, 13], [64, 16, 5, 5], d.groups(2).stride(2).padding(Padding::uniform(2)), true),
+        ([1, 24, 7, 7], [24, 8, 3, 3], d.groups(3).padding(uneven), true),
+        ([1, 12, 8, 8], [12, 3, 1, 1], d.groups(4), true),
+        ([3, 16, 10, 9], [32, 8, 3, 3], d.groups(2), true),
+        ([3, 16, 10, 9], [32, 8, 3, 3], d.groups(2).stride(2), false),
+        ([1, 16, 10, 10], [16, 8, 3, 3], d.groups(2).dilation(2), false),
+        ([1, 16, 10, 10], [16, 1, 3, 3], d.groups(16), false),
+    ];
+    let pools = [1, 2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+    for (xs, ws, o, fits) in cases {
+        let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
+        let grouped = avx512() && fits;
+        assert_eq!(Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo() == Algo::Grouped, grouped, "{g:?}");
+        assert_ne!(Prepared::new(&g, &vec![0f64; ws.iter().product()]).algo(), Algo::Grouped, "{g:?}");
+        for pool in &pools {
+            for epi in [(true, true, Some(Unary::Relu)), (false, false, None), (true, false, Some(Unary::Silu))] {
+                pool.install(|| check_f32(&g, (xs, ws), Layout::Nchw, epi));
+            }
+        }
+    }
+}

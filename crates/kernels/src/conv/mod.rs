@@ -9,6 +9,7 @@ mod depthwise_avx2;
 mod depthwise_s2;
 mod direct;
 mod geom;
+mod grouped;
 mod im2col;
 pub mod planned;
 pub mod reference;
@@ -55,6 +56,11 @@ pub enum Algo {
     /// both gradients, and other element types, are lowered as for `Im2col`. Inference plans
     /// take it for one image and lower batches in their blocks (`planned::Prepared::new`).
     Direct,
+    /// Grouped with 2 to 64 input channels a group, stride 1 or 2, f32 on a CPU with AVX-512F,
+    /// in inference plans only: sixteen output positions a vector over each channel's stride
+    /// phases, eight output channels of a group a tile (see `grouped.rs`), where lowering made
+    /// a small product per group (RegNetY-400MF's groups of 8).
+    Grouped,
     /// Everything else: im2col then a packed GEMM per image and group. This includes
     /// single-channel inputs (B3's c1, MNIST's first layer) unless the AVX2 tiles take their
     /// window (3x3 or 5x5, stride 1, maps at least 8 wide: then `Depthwise`): all K filters
@@ -234,6 +240,7 @@ pub fn forward_workspace(g: &ConvGeom) -> Workspace {
         Algo::Winograd => winograd::Plan::forward(g).workspace(),
         Algo::Taps => Workspace::taps(g),
         Algo::Direct => direct::workspace(g),
+        Algo::Grouped => grouped::workspace(g),
         Algo::Im2col if data_side_by_side(g) > 1 => side_by_side_workspace(g),
         Algo::Im2col => Workspace::im2col(g),
     }
@@ -252,8 +259,8 @@ pub fn backward_data_workspace(g: &ConvGeom) -> Workspace {
         Algo::Pointwise | Algo::Depthwise | Algo::Dense => Workspace::default(),
         Algo::Winograd => winograd::Plan::backward_data(g).workspace(),
         Algo::Taps => Workspace::taps(g),
-        Algo::Im2col | Algo::Direct if data_side_by_side(g) > 1 => side_by_side_workspace(g),
-        Algo::Im2col | Algo::Direct => Workspace::im2col(g),
+        Algo::Im2col | Algo::Direct | Algo::Grouped if data_side_by_side(g) > 1 => side_by_side_workspace(g),
+        Algo::Im2col | Algo::Direct | Algo::Grouped => Workspace::im2col(g),
     }
 }
 

@@ -189,6 +189,7 @@ impl<'a, T: Elem> Prepared<'a, T> {
             Algo::Depthwise if g.takes_small() => Cow::Owned(depthwise::small_matrices(g, w)),
             Algo::Depthwise if g.takes_lanes() => Cow::Owned(depthwise::lanes_taps(g, w)),
             Algo::Direct => Cow::Owned(super::direct::pack_filters(g, w)),
+            Algo::Grouped => Cow::Owned(super::grouped::pack_filters(g, w)),
             _ => Cow::Borrowed(w),
         };
         Prepared { algo, w, panels: None }
@@ -259,6 +260,7 @@ fn plan_algo(g: &ConvGeom) -> Algo {
 fn inference_algo<T: Elem>(g: &ConvGeom) -> Algo {
     match plan_algo(g) {
         Algo::Im2col | Algo::Winograd if g.n == 1 && as_f32(&[T::zero()]).is_some() && super::direct::fits(g) => Algo::Direct,
+        Algo::Im2col | Algo::Pointwise if as_f32(&[T::zero()]).is_some() && super::grouped::fits(g) => Algo::Grouped,
         algo => algo,
     }
 }
@@ -384,6 +386,14 @@ pub fn forward_with<T: Elem>(
             for (plane, out) in full.chunks_exact(g.p * g.q).zip(y.chunks_exact_mut(out_plane)) {
                 crate::pool::avg_2x2(pg, plane, out);
             }
+            return;
+        }
+        Algo::Grouped => {
+            let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(&w.w), as_f32_mut(y)) else {
+                unreachable!("forward_into: the grouped kernel is planned for f32 only")
+            };
+            super::grouped::forward_into(g, xf, wf, epi.bias.and_then(as_f32), yf);
+            finish_nchw(g, y, Epilogue { bias: None, ..epi });
             return;
         }
         Algo::Dense => {

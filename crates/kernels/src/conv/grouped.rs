@@ -1,0 +1,279 @@
+//! Grouped convolutions of a few channels a group (RegNet's groups of 8, ResNeXt's of 4 to
+//! 32), f32 with AVX-512, forward only, in inference plans (`planned::inference_algo`).
+//!
+//! Lowered, each group is its own small product (RegNetY-400MF's 440 channels in 55 groups on
+//! 7x7 maps: 55 products of 8 x 72 by 72 x 49), which the matrix library ran at 4-16 GFLOP/s,
+//! half of that network's pass at one image. Here sixteen output positions are one vector:
+//! each input channel of the image is first split into its `stride x stride` phases
+//! (`phase[a][b][i][j] = bordered[stride * i + a][stride * j + b]`), rows `WQ` apart with zeros
+//! around them, so that tap (r, s) of output (p, q) reads phase (r % stride, s % stride) at
+//! (p + r / stride) * WQ + q + s / stride: the same offset from the flat position p * WQ + q
+//! for every output. A tile is up to 48 flat positions (three vectors) by 8 output channels of
+//! a group, 24 sums; each step loads the three input vectors of one channel and tap and
+//! multiplies each into 8 broadcast filter values. The flat positions past the end of a row
+//! (`WQ - Q` of them) are computed and dropped when the tile's rows are copied out.
+
+use super::{ConvGeom, Out};
+
+/// Output channels of a tile (a group's channels go eight at a time, the last padded).
+const KT: usize = 8;
+/// Vectors of sixteen flat positions in the widest tile.
+const VECS: usize = 3;
+/// Flat positions past a phase's last row that a tile may read (its widest overshoot).
+const SLACK: usize = 16 * VECS;
+
+/// Whether the kernel takes `g`: grouped with at least two input channels a group (depthwise
+/// layers have their own kernels), at most 64 (wider groups are large enough products),
+/// stride 1, or 2 both ways for one image, no dilation, f32 on a CPU with AVX-512F. Batches of
+/// stride-2 layers stay lowered: 8 images of 48 channels from 112x112 in groups of 8, medians
+/// of 200 calls, 21 GFLOP/s lowered against 17 here (one image: 13-20 against 21-31).
+pub(super) fn fits(g: &ConvGeom) -> bool {
+    g.groups > 1
+        && (2..=64).contains(&g.cg())
+        && g.kg() > 0
+        && (g.stride == (1, 1) || (g.stride == (2, 2) && g.n == 1))
+        && g.dilation == (1, 1)
+        && g.p * g.q > 0
+        && available()
+}
+
+fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Tasks a thread should have at least (as the direct kernel's).
+const TASKS_PER_THREAD: usize = 4;
+
+/// The shape of the phase planes: values apart of their rows `wq`, rows `rows` (every output
+/// row plus the window's reach below it, and one more for a tile's overshoot past a row's
+/// end), and values apart of the phases `len` (the rows and [`SLACK`]).
+fn phases(g: &ConvGeom) -> (usize, usize, usize) {
+    let st = g.stride.0;
+    let (_, wp) = g.bordered_size();
+    let wq = wp.div_ceil(st);
+    let rows = g.p + (g.r - 1) / st + 1;
+    (wq, rows, rows * wq + SLACK)
+}
+
+/// The filters [K, Cg, R, S] as [G][Kg / 8 rounded up][Cg * R * S][8]: a tile's step reads its
+/// 8 channels' values side by side (zeros past the group's last channel).
+pub(crate) fn pack_filters<T: stride_tensor::Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (kg, crs) = (g.kg(), g.cg() * g.r * g.s);
+    let chunks = kg.div_ceil(KT);
+    let mut packed = vec![T::zero(); g.groups * chunks * crs * KT];
+    for (k, filter) in w.chunks_exact(crs).enumerate() {
+        let (gi, kk) = (k / kg, k % kg);
+        let at = (gi * chunks + kk / KT) * crs * KT + kk % KT;
+        for (i, &v) in filter.iter().enumerate() {
+            packed[at + i * KT] = v;
+        }
+    }
+    packed
+}
+
+/// Values of the per-call buffers: every channel's phase planes, and per task a tile row's
+/// flat outputs.
+pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
+    let (wq, _, len) = phases(g);
+    let st = g.stride.0;
+    super::Workspace {
+        shared: (g.groups * g.kg().div_ceil(KT) * KT * g.cg() * g.r * g.s + g.c * st * st * len) as u64,
+        per_thread: (KT * (g.p * wq + SLACK)) as u64,
+        ..super::Workspace::default()
+    }
+}
+
+/// y = conv(x, w) + bias for `fits(g)`, the filters packed by [`pack_filters`]; `y` ([N, K,
+/// P, Q]) is overwritten.
+pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(fits(g), "grouped convolution: does not apply to {g:?}");
+    let (kg, cg, crs) = (g.kg(), g.cg(), g.cg() * g.r * g.s);
+    let chunks = kg.div_ceil(KT);
+    assert_eq!(x.len(), g.n * g.c * g.h * g.w, "grouped convolution: input size");
+    assert_eq!(packed.len(), g.groups * chunks * crs * KT, "grouped convolution: filter size");
+    assert!(bias.is_none_or(|b| b.len() == g.k), "grouped convolution: bias size");
+    assert_eq!(y.len(), g.n * g.k * g.p * g.q, "grouped convolution: output size");
+    let st = g.stride.0;
+    let (wq, rows, len) = phases(g);
+    let (hw, pq) = (g.h * g.w, g.p * g.q);
+    // Tap t = (r, s): its phase plane and its offset from a flat position.
+    let taps: Vec<(usize, usize)> = (0..g.r * g.s).map(|t| ((t / g.s % st) * st + t % g.s % st, (t / g.s / st) * wq + t % g.s / st)).collect();
+    // A task: one image, one group's 8 channels, a range of output rows.
+    let wanted = TASKS_PER_THREAD * rayon::current_num_threads();
+    let per_image = g.groups * chunks;
+    let splits = wanted.div_ceil(g.n * per_image).clamp(1, g.p);
+    let out = Out(y.as_mut_ptr());
+    // A nested call on this thread (none here) would find the buffer taken and make its own.
+    let mut planes = PLANES.take();
+    planes.resize(g.c * st * st * len, 0.0);
+    for n in 0..g.n {
+        // Every channel's phases (in parallel over channels), then the tasks of this image.
+        planes
+            .par_chunks_mut(st * st * len)
+            .zip(x[n * g.c * hw..(n + 1) * g.c * hw].par_chunks(hw))
+            .for_each(|(dst, src)| split_phases(g, src, (wq, rows, len), dst));
+        let planes = &planes;
+        (0..per_image * splits).into_par_iter().for_each(|t| {
+            let mut flat = FLAT.take();
+            let (chunk, s) = (t / splits, t % splits);
+            let (gi, kc) = (chunk / chunks, chunk % chunks);
+            let rows = s * g.p / splits..(s + 1) * g.p / splits;
+            let span = rows.start * wq..rows.end * wq;
+            if span.is_empty() {
+                return;
+            }
+            flat.resize(KT * (span.len() + SLACK), 0f32);
+            let ld = span.len() + SLACK;
+            let filters = &packed[chunk * crs * KT..(chunk + 1) * crs * KT];
+            let group_planes = &planes[gi * cg * st * st * len..(gi + 1) * cg * st * st * len];
+            let mut f0 = span.start;
+            while f0 < span.end {
+                let vecs = (span.end - f0).div_ceil(16).min(VECS);
+                // SAFETY: the CPU has AVX-512F (`fits`); `tile` checks its bounds.
+                unsafe { tile(vecs, group_planes, (cg, st * st * len, len), &taps, f0, filters, &mut flat[f0 - span.start..], ld) };
+                f0 += 16 * vecs;
+            }
+            // The tile rows' outputs (q < Q of each row) with the bias, into y.
+            let live = KT.min(kg - kc * KT);
+            for k in 0..live {
+                let ch = gi * kg + kc * KT + k;
+                let add = bias.map_or(0.0, |b| b[ch]);
+                for p in rows.clone() {
+                    let src = &flat[k * ld + (p - rows.start) * wq..][..g.q];
+                    let at = (n * g.k + ch) * pq + p * g.q;
+                    // SAFETY: channel `ch` of image n, row p: this task's values (its group's
+                    // channels kc * 8.. and its rows), inside y (asserted above).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.at(at), g.q) };
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v + add;
+                    }
+                }
+            }
+            FLAT.set(flat);
+        });
+    }
+    PLANES.set(planes);
+}
+
+/// One input channel's `stride x stride` phases of its bordered plane into `dst` (phase (a,
+/// b) at `(a * stride + b) * len`, `rows` rows `wq` apart): every value written once, the
+/// border and the slack as zeros (`dst` is a buffer kept from call to call). Input rows below
+/// the phases' rows are read by no output.
+fn split_phases(g: &ConvGeom, src: &[f32], (wq, rows, len): (usize, usize, usize), dst: &mut [f32]) {
+    let st = g.stride.0;
+    let (top, left) = (g.pad.0, g.pad.2);
+    for (ph, plane) in dst.chunks_exact_mut(len).enumerate() {
+        let (a, b) = (ph / st, ph % st);
+        // Phase column pc holds bordered column st * pc + b, input column st * pc + b - left:
+        // inside the image for pc in first..end.
+        let first = left.saturating_sub(b).div_ceil(st);
+        let end = (g.w + left).saturating_sub(b).div_ceil(st).clamp(first, wq);
+        let (body, slack) = plane.split_at_mut(rows * wq);
+        slack.fill(0.0);
+        for (i, row) in body.chunks_exact_mut(wq).enumerate() {
+            let Some(y) = (st * i + a).checked_sub(top).filter(|&y| y < g.h) else {
+                row.fill(0.0);
+                continue;
+            };
+            let line = &src[y * g.w..(y + 1) * g.w];
+            row[..first].fill(0.0);
+            let x0 = st * first + b - left;
+            if st == 1 {
+                row[first..end].copy_from_slice(&line[x0..x0 + end - first]);
+            } else if end > first {
+                // Every other value (st is 2), indexed: `step_by` compiled to a loop of compares.
+                let from = &line[x0..=x0 + 2 * (end - first - 1)];
+                for (k, d) in row[first..end].iter_mut().enumerate() {
+                    *d = from[2 * k];
+                }
+            }
+            row[end..].fill(0.0);
+        }
+    }
+}
+
+thread_local! {
+    /// The phase planes of the calling thread's last call, and each pool thread's tile rows,
+    /// kept between calls (made and zeroed per call they cost as much as a layer's
+    /// arithmetic on RegNet's 48-channel 112x112 layer).
+    static PLANES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static FLAT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// One tile: `vecs` vectors of flat positions from `f0`, 8 output channels, over the group's
+/// `c` channels (phase planes `cs` apart, phases `len` apart) and every tap, into `out[k * ld +
+/// j]` for channel k and position f0 + j.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    vecs: usize,
+    planes: &[f32],
+    (c, cs, len): (usize, usize, usize),
+    taps: &[(usize, usize)],
+    f0: usize,
+    filters: &[f32],
+    out: &mut [f32],
+    ld: usize,
+) {
+    let max_off = taps.iter().map(|&(ph, off)| ph * len + off).max().unwrap_or(0);
+    assert!(c == 0 || planes.len() >= (c - 1) * cs + max_off + f0 + 16 * vecs, "grouped tile: input too short");
+    assert!(filters.len() >= c * taps.len() * KT, "grouped tile: filters too short");
+    assert!(out.len() >= (KT - 1) * ld + 16 * vecs, "grouped tile: output too short");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let args = (planes.as_ptr(), c, cs, len, taps, f0, filters.as_ptr(), out.as_mut_ptr(), ld);
+        // SAFETY: the checks above bound every access.
+        match vecs {
+            3 => unsafe { x86::tile::<3>(args) },
+            2 => unsafe { x86::tile::<2>(args) },
+            _ => unsafe { x86::tile::<1>(args) },
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("grouped tile: no kernel for this architecture (`fits` is false)");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::KT;
+    use std::arch::x86_64::*;
+
+    type Args<'a> = (*const f32, usize, usize, usize, &'a [(usize, usize)], usize, *const f32, *mut f32, usize);
+
+    /// See [`super::tile`], whose checks bound every access here.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const V: usize>((planes, c, cs, len, taps, f0, filters, out, ld): Args) {
+        let mut acc = [[_mm512_setzero_ps(); V]; KT];
+        let mut w = filters;
+        for ci in 0..c {
+            // SAFETY (every access): see `super::tile`'s checks.
+            let xc = unsafe { planes.add(ci * cs + f0) };
+            for &(ph, off) in taps {
+                let xp = unsafe { xc.add(ph * len + off) };
+                let xv: [__m512; V] = std::array::from_fn(|v| unsafe { _mm512_loadu_ps(xp.add(16 * v)) });
+                for (k, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(unsafe { *w.add(k) });
+                    for (a, &x) in row.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(wv, x, *a);
+                    }
+                }
+                w = unsafe { w.add(KT) };
+            }
+        }
+        for (k, row) in acc.iter().enumerate() {
+            for (v, a) in row.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(out.add(k * ld + 16 * v), *a) };
+            }
+        }
+    }
+}
