@@ -4,11 +4,12 @@
 //! Lowered, each group is its own small product (RegNetY-400MF's 440 channels in 55 groups on
 //! 7x7 maps: 55 products of 8 x 72 by 72 x 49), which the matrix library ran at 4-16 GFLOP/s,
 //! half of that network's pass at one image. Here sixteen output positions are one vector:
-//! each input channel of the image is first split into its `stride x stride` phases
+//! a task (one image, one group, a range of output rows) first splits each of the group's
+//! input channels into its `stride x stride` phases
 //! (`phase[a][b][i][j] = bordered[stride * i + a][stride * j + b]`), rows `WQ` apart with zeros
-//! around them, so that tap (r, s) of output (p, q) reads phase (r % stride, s % stride) at
-//! (p + r / stride) * WQ + q + s / stride: the same offset from the flat position p * WQ + q
-//! for every output. A tile is up to 48 flat positions (three vectors) by 8 output channels of
+//! around them, in a buffer of its thread, so that tap (r, s) of output (p, q) reads phase
+//! (r % stride, s % stride) at (p + r / stride) * WQ + q + s / stride: the same offset from
+//! the flat position p * WQ + q for every output. A tile is up to 48 flat positions (three vectors) by 8 output channels of
 //! a group, 24 sums; each step loads the three input vectors of one channel and tap and
 //! multiplies each into 8 broadcast filter values. The flat positions past the end of a row
 //! (`WQ - Q` of them) are computed and dropped when the tile's rows are copied out.
@@ -51,15 +52,15 @@ fn available() -> bool {
 /// Tasks a thread should have at least (as the direct kernel's).
 const TASKS_PER_THREAD: usize = 4;
 
-/// The shape of the phase planes: values apart of their rows `wq`, rows `rows` (every output
-/// row plus the window's reach below it, and one more for a tile's overshoot past a row's
-/// end), and values apart of the phases `len` (the rows and [`SLACK`]).
-fn phases(g: &ConvGeom) -> (usize, usize, usize) {
-    let st = g.stride.0;
-    let (_, wp) = g.bordered_size();
-    let wq = wp.div_ceil(st);
-    let rows = g.p + (g.r - 1) / st + 1;
-    (wq, rows, rows * wq + SLACK)
+/// Values apart of the phase planes' rows: the bordered width over the stride.
+fn pitch(g: &ConvGeom) -> usize {
+    g.bordered_size().1.div_ceil(g.stride.0)
+}
+
+/// Rows of the phase planes a task of `rows` output rows reads: its rows, the window's reach
+/// below them, and one more for a tile's overshoot past a row's end.
+fn phase_rows(g: &ConvGeom, rows: usize) -> usize {
+    rows + (g.r - 1) / g.stride.0 + 1
 }
 
 /// The filters [K, Cg, R, S] as [G][Kg / 8 rounded up][Cg * R * S][8]: a tile's step reads its
@@ -78,14 +79,14 @@ pub(crate) fn pack_filters<T: stride_tensor::Elem>(g: &ConvGeom, w: &[T]) -> Vec
     packed
 }
 
-/// Values of the per-call buffers: every channel's phase planes, and per task a tile row's
-/// flat outputs.
+/// Values of each thread's buffers: a task's phase planes (at most the whole map's rows) and
+/// its tile rows' flat outputs.
 pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
-    let (wq, _, len) = phases(g);
-    let st = g.stride.0;
+    let (wq, st) = (pitch(g), g.stride.0);
+    let len = phase_rows(g, g.p) * wq + SLACK;
     super::Workspace {
-        shared: (g.groups * g.kg().div_ceil(KT) * KT * g.cg() * g.r * g.s + g.c * st * st * len) as u64,
-        per_thread: (KT * (g.p * wq + SLACK)) as u64,
+        shared: (g.groups * g.kg().div_ceil(KT) * KT * g.cg() * g.r * g.s) as u64,
+        per_thread: (g.cg() * st * st * len + KT * (g.p * wq + SLACK)) as u64,
         ..super::Workspace::default()
     }
 }
@@ -101,73 +102,69 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option
     assert_eq!(packed.len(), g.groups * chunks * crs * KT, "grouped convolution: filter size");
     assert!(bias.is_none_or(|b| b.len() == g.k), "grouped convolution: bias size");
     assert_eq!(y.len(), g.n * g.k * g.p * g.q, "grouped convolution: output size");
-    let st = g.stride.0;
-    let (wq, rows, len) = phases(g);
+    let (st, wq) = (g.stride.0, pitch(g));
     let (hw, pq) = (g.h * g.w, g.p * g.q);
     // Tap t = (r, s): its phase plane and its offset from a flat position.
     let taps: Vec<(usize, usize)> = (0..g.r * g.s).map(|t| ((t / g.s % st) * st + t % g.s % st, (t / g.s / st) * wq + t % g.s / st)).collect();
-    // A task: one image, one group's 8 channels, a range of output rows.
+    // A task: one image, one group (its channels' phases made once for all its filters), a
+    // range of output rows (more than one range only where there are few groups).
     let wanted = TASKS_PER_THREAD * rayon::current_num_threads();
-    let per_image = g.groups * chunks;
-    let splits = wanted.div_ceil(g.n * per_image).clamp(1, g.p);
+    let splits = wanted.div_ceil(g.n * g.groups).clamp(1, g.p);
     let out = Out(y.as_mut_ptr());
-    // A nested call on this thread (none here) would find the buffer taken and make its own.
-    let mut planes = PLANES.take();
-    planes.resize(g.c * st * st * len, 0.0);
-    for n in 0..g.n {
-        // Every channel's phases (in parallel over channels), then the tasks of this image.
-        planes
-            .par_chunks_mut(st * st * len)
-            .zip(x[n * g.c * hw..(n + 1) * g.c * hw].par_chunks(hw))
-            .for_each(|(dst, src)| split_phases(g, src, (wq, rows, len), dst));
-        let planes = &planes;
-        (0..per_image * splits).into_par_iter().for_each(|t| {
-            let mut flat = FLAT.take();
-            let (chunk, s) = (t / splits, t % splits);
-            let (gi, kc) = (chunk / chunks, chunk % chunks);
-            let rows = s * g.p / splits..(s + 1) * g.p / splits;
-            let span = rows.start * wq..rows.end * wq;
-            if span.is_empty() {
-                return;
-            }
-            flat.resize(KT * (span.len() + SLACK), 0f32);
-            let ld = span.len() + SLACK;
+    (0..g.n * g.groups * splits).into_par_iter().for_each(|t| {
+        let (n, gi, s) = (t / (g.groups * splits), t / splits % g.groups, t % splits);
+        let rows = s * g.p / splits..(s + 1) * g.p / splits;
+        if rows.is_empty() {
+            return;
+        }
+        // This thread's buffers (a nested call, which nothing here makes, would find them
+        // taken and make its own).
+        let (mut planes, mut flat) = BUFFERS.take();
+        let len = phase_rows(g, rows.len()) * wq + SLACK;
+        planes.resize(cg * st * st * len, 0.0);
+        let first = (n * g.c + gi * cg) * hw;
+        for (src, dst) in x[first..first + cg * hw].chunks_exact(hw).zip(planes.chunks_exact_mut(st * st * len)) {
+            split_phases(g, src, (wq, rows.start, len), dst);
+        }
+        let span = rows.len() * wq;
+        let ld = span + SLACK;
+        flat.resize(KT * ld, 0.0);
+        for kc in 0..chunks {
+            let chunk = gi * chunks + kc;
             let filters = &packed[chunk * crs * KT..(chunk + 1) * crs * KT];
-            let group_planes = &planes[gi * cg * st * st * len..(gi + 1) * cg * st * st * len];
-            let mut f0 = span.start;
-            while f0 < span.end {
-                let vecs = (span.end - f0).div_ceil(16).min(VECS);
+            let mut f0 = 0;
+            while f0 < span {
+                let vecs = (span - f0).div_ceil(16).min(VECS);
                 // SAFETY: the CPU has AVX-512F (`fits`); `tile` checks its bounds.
-                unsafe { tile(vecs, group_planes, (cg, st * st * len, len), &taps, f0, filters, &mut flat[f0 - span.start..], ld) };
+                unsafe { tile(vecs, &planes, (cg, st * st * len, len), &taps, f0, filters, &mut flat[f0..], ld) };
                 f0 += 16 * vecs;
             }
             // The tile rows' outputs (q < Q of each row) with the bias, into y.
-            let live = KT.min(kg - kc * KT);
-            for k in 0..live {
+            for k in 0..KT.min(kg - kc * KT) {
                 let ch = gi * kg + kc * KT + k;
                 let add = bias.map_or(0.0, |b| b[ch]);
                 for p in rows.clone() {
                     let src = &flat[k * ld + (p - rows.start) * wq..][..g.q];
                     let at = (n * g.k + ch) * pq + p * g.q;
                     // SAFETY: channel `ch` of image n, row p: this task's values (its group's
-                    // channels kc * 8.. and its rows), inside y (asserted above).
+                    // channels and its rows), inside y (asserted above).
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.at(at), g.q) };
                     for (d, &v) in dst.iter_mut().zip(src) {
                         *d = v + add;
                     }
                 }
             }
-            FLAT.set(flat);
-        });
-    }
-    PLANES.set(planes);
+        }
+        BUFFERS.set((planes, flat));
+    });
 }
 
 /// One input channel's `stride x stride` phases of its bordered plane into `dst` (phase (a,
-/// b) at `(a * stride + b) * len`, `rows` rows `wq` apart): every value written once, the
-/// border and the slack as zeros (`dst` is a buffer kept from call to call). Input rows below
-/// the phases' rows are read by no output.
-fn split_phases(g: &ConvGeom, src: &[f32], (wq, rows, len): (usize, usize, usize), dst: &mut [f32]) {
+/// b) at `(a * stride + b) * len`), from phase row `row0` on, rows `wq` apart, as many as fit
+/// before the last [`SLACK`] values: every value written once, the border and the slack as
+/// zeros (`dst` is a buffer kept from call to call). Input rows past them are read by none of
+/// the task's outputs.
+fn split_phases(g: &ConvGeom, src: &[f32], (wq, row0, len): (usize, usize, usize), dst: &mut [f32]) {
     let st = g.stride.0;
     let (top, left) = (g.pad.0, g.pad.2);
     for (ph, plane) in dst.chunks_exact_mut(len).enumerate() {
@@ -176,10 +173,10 @@ fn split_phases(g: &ConvGeom, src: &[f32], (wq, rows, len): (usize, usize, usize
         // inside the image for pc in first..end.
         let first = left.saturating_sub(b).div_ceil(st);
         let end = (g.w + left).saturating_sub(b).div_ceil(st).clamp(first, wq);
-        let (body, slack) = plane.split_at_mut(rows * wq);
+        let (body, slack) = plane.split_at_mut(len - SLACK);
         slack.fill(0.0);
         for (i, row) in body.chunks_exact_mut(wq).enumerate() {
-            let Some(y) = (st * i + a).checked_sub(top).filter(|&y| y < g.h) else {
+            let Some(y) = (st * (row0 + i) + a).checked_sub(top).filter(|&y| y < g.h) else {
                 row.fill(0.0);
                 continue;
             };
@@ -201,11 +198,9 @@ fn split_phases(g: &ConvGeom, src: &[f32], (wq, rows, len): (usize, usize, usize
 }
 
 thread_local! {
-    /// The phase planes of the calling thread's last call, and each pool thread's tile rows,
-    /// kept between calls (made and zeroed per call they cost as much as a layer's
-    /// arithmetic on RegNet's 48-channel 112x112 layer).
-    static PLANES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    static FLAT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's phase planes and tile rows, kept between calls (made and zeroed per call
+    /// they cost as much as the arithmetic of RegNet's 48-channel 112x112 layer).
+    static BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// One tile: `vecs` vectors of flat positions from `f0`, 8 output channels, over the group's
