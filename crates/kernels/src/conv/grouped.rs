@@ -94,8 +94,9 @@ pub(super) fn workspace(g: &ConvGeom) -> super::Workspace {
 }
 
 /// y = conv(x, w) + bias for `fits(g)`, the filters packed by [`pack_filters`]; `y` ([N, K,
-/// P, Q]) is overwritten.
-pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+/// P, Q]) is overwritten, each output row then passed to `finish` (with its offset in `y`)
+/// while it is in the task's cache.
+pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option<&[f32]>, finish: Option<super::direct::Finish>, y: &mut [f32]) {
     use rayon::prelude::*;
     assert!(fits(g), "grouped convolution: does not apply to {g:?}");
     let (kg, cg, crs) = (g.kg(), g.cg(), g.cg() * g.r * g.s);
@@ -141,7 +142,7 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option
                 unsafe { tile(vecs, &planes, (cg, st * st * len, len), &taps, f0, filters, &mut flat[f0..], ld) };
                 f0 += 16 * vecs;
             }
-            // The tile rows' outputs (q < Q of each row) with the bias, into y.
+            // The tile rows' outputs (q < Q of each row) with the bias, into y, then finished.
             for k in 0..KT.min(kg - kc * KT) {
                 let ch = gi * kg + kc * KT + k;
                 let add = bias.map_or(0.0, |b| b[ch]);
@@ -153,6 +154,9 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.at(at), g.q) };
                     for (d, &v) in dst.iter_mut().zip(src) {
                         *d = v + add;
+                    }
+                    if let Some(finish) = finish {
+                        finish(at, dst);
                     }
                 }
             }

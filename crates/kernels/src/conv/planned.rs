@@ -392,8 +392,11 @@ pub fn forward_with<T: Elem>(
             let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(&w.w), as_f32_mut(y)) else {
                 unreachable!("forward_into: the grouped kernel is planned for f32 only")
             };
-            super::grouped::forward_into(g, xf, wf, epi.bias.and_then(as_f32), yf);
-            finish_nchw(g, y, Epilogue { bias: None, ..epi });
+            // Residual and activation on each output row as its task writes it.
+            let (residual, act) = (epi.residual.and_then(as_f32), epi.act);
+            let finish = |at: usize, run: &mut [f32]| finish_row(run, 0.0, residual.map(|r| &r[at..at + run.len()]), act);
+            let finish: Option<super::direct::Finish> = (residual.is_some() || act.is_some()).then_some(&finish);
+            super::grouped::forward_into(g, xf, wf, epi.bias.and_then(as_f32), finish, yf);
             return;
         }
         Algo::Dense => {
