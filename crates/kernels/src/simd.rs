@@ -76,9 +76,11 @@ macro_rules! multiversion_wide {
     };
 }
 
-/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`], worked out once. The
-/// environment variable `STRIDE_NO_AVX512` (any value) turns them off, so that the AVX2 builds
-/// can be tested and timed on a machine that has both (CI runs the slice tests so).
+/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`] and the convolution
+/// kernels written for AVX-512 (direct, grouped, stem, stride-2 depthwise), worked out once.
+/// The environment variable `STRIDE_NO_AVX512` (any value) turns them off, so that what a CPU
+/// without AVX-512 runs can be tested and timed on a machine that has it (CI runs the slice
+/// and convolution tests so).
 #[inline(always)]
 pub fn has_avx512() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -333,11 +333,12 @@ fn strided_f32_direct_matches_reference() {
         case(2, (32, 48), (9, 30), (3, 3), (2, 2), (1, 1), Padding::uniform(1)),
         case(2, (37, 32), (10, 19), (3, 3), (2, 1), (1, 1), Padding::uniform(1)),
     ];
-    let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+    // Unless `STRIDE_NO_AVX512` turns the AVX-512 kernels off.
+    let direct = stride_kernels::simd::has_avx512();
     for c in &cases {
         let opts = Conv2dOptions { stride: c.stride, dilation: c.dilation, padding: c.padding, groups: 1, output_padding: (0, 0) };
         let g = ConvGeom::conv2d(&[c.n, c.cg, c.h, c.w], &[c.kg, c.cg, c.r, c.s], &opts).unwrap();
-        assert_eq!(Algo::choose(&g), if avx512 { Algo::Direct } else { Algo::Im2col }, "{c:?}");
+        assert_eq!(Algo::choose(&g), if direct { Algo::Direct } else { Algo::Im2col }, "{c:?}");
         check_f32(c);
         check(c).unwrap();
     }

@@ -24,16 +24,10 @@ pub(super) const LEAD: usize = 8;
 /// Output vectors of a row in flight at once (independent sums).
 const TILES: usize = 4;
 
-/// Whether the kernel runs on this CPU (AVX-512F).
+/// Whether the kernel runs on this CPU (AVX-512F, unless `STRIDE_NO_AVX512` turns it off:
+/// [`crate::simd::has_avx512`]).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx512()
 }
 
 /// The shape of one plane's pass: the input plane (`h` x `w`), the padding above and to the

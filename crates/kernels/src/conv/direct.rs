@@ -66,15 +66,13 @@ fn flat(g: &ConvGeom) -> bool {
     g.stride == (1, 1) && g.q < 8 && g.p * g.q >= 16
 }
 
+/// AVX-512F, unless `STRIDE_NO_AVX512` turns it off ([`crate::simd::has_avx512`]), so that
+/// the switch shows what a CPU without it runs. An AVX2 build of the tile (16 channels by 6
+/// positions, 12 accumulators) was tried and not kept: ResNet-18 at one image 0.75-0.88x of
+/// the AVX2 paths it replaced (Winograd, columns), its layers at 60-100 GFLOP/s on two threads
+/// against the matrix library's 125.
 fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx512()
 }
 
 /// The repacked filters (shared), and per thread one bordered image and the tiles' partial sums.

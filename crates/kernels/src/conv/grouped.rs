@@ -40,15 +40,9 @@ pub(super) fn fits(g: &ConvGeom) -> bool {
         && available()
 }
 
+/// AVX-512F, unless `STRIDE_NO_AVX512` turns it off ([`crate::simd::has_avx512`]).
 fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx512()
 }
 
 /// Tasks a thread should have at least (as the direct kernel's).

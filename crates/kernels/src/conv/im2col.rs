@@ -146,7 +146,7 @@ mod avx512 {
     /// of `x_len` values (channel c at c * cs) and columns of `col_len` (row i at i * ld).
     fn check(g: &ConvGeom, x_len: usize, cs: usize, col_len: usize, ld: usize) -> Option<()> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::simd::has_avx512() {
             let (h, w, p, q, cg) = (g.h, g.w, g.p, g.q, g.cg());
             // Channel c is touched up to x[c * cs + (P - 1 + R - 1) * W + S - 1 + Q - 1], row
             // i of the columns up to col[i * ld + P * Q - 1].
