@@ -386,6 +386,15 @@ fn avx512() -> bool {
     stride_kernels::simd::has_avx512()
 }
 
+/// Whether the CPU runs the grouped kernel: its AVX-512 build, or its AVX2 one (where
+/// `STRIDE_NO_AVX512` turns the first off).
+fn grouped_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512() || (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"));
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[test]
 fn one_f32_image_takes_the_direct_kernel() {
     // One image's f32 layers run the direct kernel (where the CPU has AVX-512F), reading the
@@ -517,7 +526,7 @@ fn f32_depthwise_stride_2_layers_match_reference() {
 #[test]
 fn grouped_layers_take_the_grouped_kernel() {
     // Grouped f32 layers of 2 to 64 channels a group in a plan, any batch, stride 1 or 2, run
-    // the grouped kernel (where the CPU has AVX-512F): RegNet's groups of 8 strided and not,
+    // the grouped kernel (where the CPU has AVX-512F or AVX2): RegNet's groups of 8 strided and not,
     // 6 filters a group (a tile's last channels unused), 32 filters a group of 16 channels
     // under a 5x5 window, padding only below and left, a grouped 1x1 layer, and a batch of
     // three, strided and not. Dilated, depthwise and f64 layers are not.
@@ -538,7 +547,7 @@ fn grouped_layers_take_the_grouped_kernel() {
     let pools = [1, 2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
     for (xs, ws, o, fits) in cases {
         let g = ConvGeom::conv2d(&xs, &ws, &o).unwrap();
-        let grouped = avx512() && fits;
+        let grouped = grouped_kernel() && fits;
         assert_eq!(Prepared::new(&g, &vec![0f32; ws.iter().product()]).algo() == Algo::Grouped, grouped, "{g:?}");
         assert_ne!(Prepared::new(&g, &vec![0f64; ws.iter().product()]).algo(), Algo::Grouped, "{g:?}");
         for pool in &pools {

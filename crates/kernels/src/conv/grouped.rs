@@ -1,5 +1,5 @@
 //! Grouped convolutions of a few channels a group (RegNet's groups of 8, ResNeXt's of 4 to
-//! 32), f32 with AVX-512, forward only, in inference plans (`planned::inference_algo`).
+//! 32), f32 with AVX-512 or AVX2, forward only, in inference plans (`planned::inference_algo`).
 //!
 //! Lowered, each group is its own small product (RegNetY-400MF's 440 channels in 55 groups on
 //! 7x7 maps: 55 products of 8 x 72 by 72 x 49), which the matrix library ran at 4-16 GFLOP/s,
@@ -25,7 +25,7 @@ const SLACK: usize = 16 * VECS;
 
 /// Whether the kernel takes `g`: grouped with at least two input channels a group (depthwise
 /// layers have their own kernels), at most 64 (wider groups are large enough products),
-/// stride 1 or 2 both ways, no dilation, f32 on a CPU with AVX-512F. Batches too: 8 images,
+/// stride 1 or 2 both ways, no dilation, f32 on a CPU with AVX-512F or AVX2. Batches too: 8 images,
 /// medians of 200 calls in three interleaved rounds, GFLOP/s lowered against here: 48 channels
 /// from 112x112 in groups of 8 24-26 -> 29-36, 104 from 56x56 20-22 -> 23-30, 440 from 14x14
 /// 6.4-6.5 -> 10-16 (a first version, which split the whole image's phases before its tasks,
@@ -40,9 +40,17 @@ pub(super) fn fits(g: &ConvGeom) -> bool {
         && available()
 }
 
-/// AVX-512F, unless `STRIDE_NO_AVX512` turns it off ([`crate::simd::has_avx512`]).
+/// AVX-512F (unless `STRIDE_NO_AVX512` turns it off: [`crate::simd::has_avx512`]), else AVX2
+/// with FMA.
 fn available() -> bool {
-    crate::simd::has_avx512()
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::has_avx512() || (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Tasks a thread should have at least (as the direct kernel's).
@@ -132,7 +140,7 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], packed: &[f32], bias: Option
             let mut f0 = 0;
             while f0 < span {
                 let vecs = (span - f0).div_ceil(16).min(VECS);
-                // SAFETY: the CPU has AVX-512F (`fits`); `tile` checks its bounds.
+                // SAFETY: the CPU has AVX-512F or AVX2 (`fits`); `tile` checks its bounds.
                 unsafe { tile(vecs, &planes, (cg, st * st * len, len), &taps, f0, filters, &mut flat[f0..], ld) };
                 f0 += 16 * vecs;
             }
@@ -208,7 +216,7 @@ thread_local! {
 /// j]` for channel k and position f0 + j.
 ///
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F, or AVX2 and FMA (`available`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     vecs: usize,
@@ -224,6 +232,18 @@ unsafe fn tile(
     assert!(c == 0 || planes.len() >= (c - 1) * cs + max_off + f0 + 16 * vecs, "grouped tile: input too short");
     assert!(filters.len() >= c * taps.len() * KT, "grouped tile: filters too short");
     assert!(out.len() >= (KT - 1) * ld + 16 * vecs, "grouped tile: output too short");
+    #[cfg(target_arch = "x86_64")]
+    if !crate::simd::has_avx512() {
+        // AVX2 (`available`): eight positions (one vector) by the 8 filters at a time, 8
+        // accumulators, the filter values broadcast.
+        for v in 0..2 * vecs {
+            let args = (planes.as_ptr(), c, cs, len, taps, f0 + 8 * v, filters.as_ptr(), out[8 * v..].as_mut_ptr(), ld);
+            // SAFETY: the CPU has AVX2 and FMA (`available`); a vector's reads and writes are
+            // among the tile's, which the checks above bound.
+            unsafe { x86::tile_avx2(args) };
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let args = (planes.as_ptr(), c, cs, len, taps, f0, filters.as_ptr(), out.as_mut_ptr(), ld);
@@ -244,6 +264,28 @@ mod x86 {
     use std::arch::x86_64::*;
 
     type Args<'a> = (*const f32, usize, usize, usize, &'a [(usize, usize)], usize, *const f32, *mut f32, usize);
+
+    /// The AVX2 tile: 8 flat positions by [`KT`] filters. See [`super::tile`], whose checks
+    /// bound every access here.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2((planes, c, cs, len, taps, f0, filters, out, ld): Args) {
+        let mut acc = [_mm256_setzero_ps(); KT];
+        let mut w = filters;
+        for ci in 0..c {
+            // SAFETY (every access): see `super::tile`'s checks.
+            let xc = unsafe { planes.add(ci * cs + f0) };
+            for &(ph, off) in taps {
+                let xv = unsafe { _mm256_loadu_ps(xc.add(ph * len + off)) };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(unsafe { *w.add(k) }), xv, *a);
+                }
+                w = unsafe { w.add(KT) };
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            unsafe { _mm256_storeu_ps(out.add(k * ld), *a) };
+        }
+    }
 
     /// See [`super::tile`], whose checks bound every access here.
     #[target_feature(enable = "avx512f")]

@@ -56,7 +56,7 @@ pub enum Algo {
     /// both gradients, and other element types, are lowered as for `Im2col`. Inference plans
     /// take it for one image and lower batches in their blocks (`planned::Prepared::new`).
     Direct,
-    /// Grouped with 2 to 64 input channels a group, stride 1 or 2, f32 on a CPU with AVX-512F,
+    /// Grouped with 2 to 64 input channels a group, stride 1 or 2, f32 on a CPU with AVX-512F or AVX2,
     /// in inference plans only: sixteen output positions a vector over each channel's stride
     /// phases, eight output channels of a group a tile (see `grouped.rs`), where lowering made
     /// a small product per group (RegNetY-400MF's groups of 8).
