@@ -76,8 +76,8 @@ macro_rules! multiversion_wide {
     };
 }
 
-/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`] and the convolution
-/// kernels written for AVX-512 (direct, grouped, stem, stride-2 depthwise), worked out once.
+/// Whether this CPU runs the AVX-512 builds of [`multiversion_wide!`] and of the convolution
+/// kernels written for it (direct, grouped, stem, stride-2 depthwise), worked out once.
 /// The environment variable `STRIDE_NO_AVX512` (any value) turns them off, so that what a CPU
 /// without AVX-512 runs can be tested and timed on a machine that has it (CI runs the slice
 /// and convolution tests so).
