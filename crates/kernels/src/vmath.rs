@@ -31,6 +31,18 @@ fn series_past_linear(r: f32) -> f32 {
     p * r * r
 }
 
+/// e^r - 1 - r for |r| <= ln 2 / 2 (exp's reduced argument), the Taylor series to r^7
+/// (truncation below 6e-9 relative), in Estrin's form: three independent pairs, so that a
+/// vector's steps do not wait on one another as Horner's chain of 14 does.
+#[inline(always)]
+fn exp_series(r: f32) -> f32 {
+    let r2 = r * r;
+    let a = 0.5 + r * (1.0 / 6.0);
+    let b = 1.0 / 24.0 + r * (1.0 / 120.0);
+    let c = 1.0 / 720.0 + r * (1.0 / 5040.0);
+    (r2 * r2 * c + r2 * b + a) * r2
+}
+
 /// e^x.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -39,7 +51,7 @@ pub fn exp(x: f32) -> f32 {
     let shifted = xc * LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let er = 1.0 + r + series_past_linear(r);
+    let er = 1.0 + r + exp_series(r);
     // n as an integer from the low bits of `shifted` (ROUND's binade has a unit step): `n as
     // i32` saturates, which compiled to a lane-by-lane conversion with checks.
     let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
