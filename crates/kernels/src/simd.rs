@@ -19,6 +19,20 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA, which the hand-written AVX2 kernels (the depthwise tiles,
+/// the grouped kernel's AVX2 tile) use.
+#[inline(always)]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines `fn name<T: Elem>(args) -> ret { body }` compiled twice: once with AVX2 enabled,
 /// called when the CPU has it, and once for the baseline instruction set. The body and every
 /// `#[inline(always)]` helper it calls are vectorised with 256-bit registers in the first.

@@ -389,10 +389,7 @@ fn avx512() -> bool {
 /// Whether the CPU runs the grouped kernel: its AVX-512 build, or its AVX2 one (where
 /// `STRIDE_NO_AVX512` turns the first off).
 fn grouped_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return avx512() || (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"));
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    avx512() || stride_kernels::simd::has_avx2_fma()
 }
 
 #[test]

@@ -18,14 +18,7 @@ pub(super) fn handles(k: usize) -> bool {
 
 /// Whether the kernels below run on this CPU.
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx2_fma()
 }
 
 /// The checks that make every pointer access below stay inside `src`, `other` and `out`.

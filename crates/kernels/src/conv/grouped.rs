@@ -43,14 +43,7 @@ pub(super) fn fits(g: &ConvGeom) -> bool {
 /// AVX-512F (unless `STRIDE_NO_AVX512` turns it off: [`crate::simd::has_avx512`]), else AVX2
 /// with FMA.
 fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::has_avx512() || (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx512() || crate::simd::has_avx2_fma()
 }
 
 /// Tasks a thread should have at least (as the direct kernel's).
