@@ -12,9 +12,16 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 * 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to an integer.
 const ROUND: f32 = 12_582_912.0;
 /// Inputs above this overflow to infinity (ln of f32::MAX).
+#[cfg(test)]
 const EXP_HI: f32 = 88.722_84;
-/// Inputs below this give results under 2e-38, flushed to zero.
+/// Inputs below this give results under 2e-38, which may flush to zero.
+#[cfg(test)]
 const EXP_LO: f32 = -86.9;
+/// exp's clamp, a little past both ends, where the arithmetic gives the edges by itself:
+/// 89 scales by 2^128 and overflows to infinity, -87.5 scales by 2^-126 made of a zero
+/// exponent field, which is zero (no comparisons and selects a value; NaN passes the clamp).
+const CLAMP_HI: f32 = 89.0;
+const CLAMP_LO: f32 = -87.5;
 /// Inside this, e^x - 1 comes from the series without its 1 (outside, e^x - 1 cancels little).
 const NEAR: f32 = 0.5;
 
@@ -46,8 +53,8 @@ fn exp_series(r: f32) -> f32 {
 /// e^x.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let xc = x.clamp(EXP_LO, EXP_HI);
-    // x = n ln 2 + r, |r| <= ln 2 / 2
+    let xc = x.clamp(CLAMP_LO, CLAMP_HI);
+    // x = n ln 2 + r, |r| <= ln 2 / 2, -126 <= n <= 128
     let shifted = xc * LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -55,16 +62,10 @@ pub fn exp(x: f32) -> f32 {
     // n as an integer from the low bits of `shifted` (ROUND's binade has a unit step): `n as
     // i32` saturates, which compiled to a lane-by-lane conversion with checks.
     let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    // 2^n as 2^(n-1) * 2, so that n = 128 (x near EXP_HI) stays finite.
+    // 2^n as 2^(n-1) * 2, so that n = 128 (x near EXP_HI) is finite where e^x is and infinite
+    // past it; n = -126 gives a zero scale, so inputs under about -87 give zero.
     let scale = f32::from_bits((ni.wrapping_add(126) as u32) << 23);
-    let y = er * scale * 2.0;
-    if x > EXP_HI {
-        f32::INFINITY
-    } else if x < EXP_LO {
-        0.0
-    } else {
-        y
-    }
+    er * scale * 2.0
 }
 
 /// e^x - 1, accurate near 0.
@@ -195,6 +196,24 @@ mod tests {
         assert!(e <= 3.0, "exp: {e} ulp at {at}");
         let (e, at) = worst(-80.0, 80.0, exp_m1, f64::exp_m1);
         assert!(e <= 3.0, "exp_m1: {e} ulp at {at}");
+    }
+
+    /// The clamp's ends stand in for the comparisons that made the edges: past ln(f32::MAX)
+    /// exp overflows to infinity exactly where the exact value does not fit an f32, and under
+    /// -86.9 it is within 3 ulp of the exact value or zero (zero from -87.7 down).
+    #[test]
+    fn exp_edges_come_from_the_arithmetic() {
+        sweep(88.0, 1e6, |x| {
+            let want = (x as f64).exp();
+            let got = exp(x);
+            assert_eq!(got.is_infinite(), want > f32::MAX as f64, "exp({x}) = {got}, exactly {want:e}");
+            assert!(got.is_infinite() || ulps(got, want) <= 3.0, "exp({x}) = {got}, exactly {want:e}");
+        });
+        sweep(-1e6, EXP_LO, |x| {
+            let got = exp(x);
+            assert!(got == 0.0 || ulps(got, (x as f64).exp()) <= 3.0, "exp({x}) = {got:e}");
+            assert!(x > -87.7 || got == 0.0, "exp({x}) = {got:e}, not flushed");
+        });
     }
 
     #[test]
