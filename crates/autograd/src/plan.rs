@@ -302,6 +302,14 @@ impl Compiler {
                 let dst = self.define(tail, shape, layout);
                 self.steps.push(Step::Affine { scale, shift, layout, dims, act, src, dst });
             }
+            // Plane by plane, in the input's layout (its planes lie in the same order).
+            Op::UpsampleNearest { scale } if self.vals[ps[0]].is_some() && shape.len() == 4 => {
+                let from = self.rec.nodes[ps[0]].shape();
+                let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
+                let src = self.operand(ps[0], layout);
+                let dst = self.define(i, shape, layout);
+                self.steps.push(Step::Upsample { hw: (from[2], from[3]), scale: *scale, src, dst });
+            }
             Op::MaxPool2d { geom, .. } | Op::AvgPool2d { geom } if self.vals[ps[0]].is_some() => {
                 let layout = self.vals[ps[0]].as_ref().map_or(Layout::Nchw, |v| v.layout);
                 let src = self.operand(ps[0], layout);
@@ -751,7 +759,8 @@ impl Plan {
             out_buf = dst;
         }
         step::merge_gathers(&mut c.steps, &[in_buf, out_buf]);
-        let (bufs, total) = place(&c.steps, &c.buf_len, in_buf, out_buf);
+        let inside = step::place_gathers(&mut c.steps, &c.buf_len, &[in_buf, out_buf]);
+        let (bufs, total) = place(&c.steps, &c.buf_len, &inside, in_buf, out_buf);
         let argmax = c.steps.iter().filter_map(|s| if let Step::MaxPool { dst, .. } = s { Some(c.buf_len[*dst]) } else { None }).max().unwrap_or(0);
         Ok(Plan {
             steps: c.steps,
@@ -853,6 +862,7 @@ impl Plan {
                 stride_kernels::pool::max_forward_into(geom, buf(*src), dst, idx);
             }
             Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
+            Step::Upsample { hw: (h, w), scale, src, .. } => stride_kernels::resample::upsample_nearest_into(buf(*src), *h, *w, *scale, dst),
             Step::AdaptiveAvg { dims, out, src, .. } => stride_kernels::pool::adaptive_avg_forward_into(buf(*src), *dims, *out, dst),
             Step::Permute { shape, read, src, .. } => {
                 // A piece per index of the first output axis, at least 16K values to a task.

@@ -2,8 +2,8 @@
 //! pass's values, and run as planned steps (no eager fallback): a squeeze-excitation gate (global
 //! average pooling, a broadcast product), depthwise layers with their activation and a
 //! residual, ConvNeXt's block (permutes, layer norm as one step, a dense layer on rows of a
-//! 4-D value with GELU fused through the reshape), broadcast arithmetic with constants, and
-//! channel splits.
+//! 4-D value with GELU fused through the reshape), broadcast arithmetic with constants,
+//! channel splits, concatenations placed instead of copied, and nearest upsampling.
 
 use stride_autograd::ops::arith::unary;
 use stride_autograd::*;
@@ -130,9 +130,11 @@ fn shufflenet_units_gather_channels_in_blocks() {
         });
         // Split, concatenation and shuffle in the blocks, a gather merged into the one that
         // reads it: each unit's kept half, concatenation and shuffle are one copy; only the
-        // branch's half (read by a convolution) is a gather of its own.
+        // branch's half (read by a convolution) is a gather of its own, and for one image
+        // not even that: the convolution reads it where it lies in the unit's input.
         let count = |name: &str| steps.iter().filter(|s| s.split(' ').next() == Some(name)).count();
-        assert_eq!((count("narrow+concat+channel_shuffle"), count("narrow")), (2, 2), "{steps:#?}");
+        let splits = if n == 1 { 0 } else { 2 };
+        assert_eq!((count("narrow+concat+channel_shuffle"), count("narrow")), (2, splits), "{steps:#?}");
         assert!(!steps.iter().any(|s| s == "permute" || s == "concat"), "{steps:#?}");
         assert!(steps.iter().filter(|s| s.starts_with("relayout")).count() <= 2, "{steps:#?}");
     }
@@ -164,4 +166,64 @@ fn one_image_against_large_weights_plans() {
         unary(&linear(&h.permute(&[0, 2, 3, 1])?, &w2, Some(&b2))?, Unary::Gelu)
     });
     assert!(steps.iter().any(|s| s == "matmul panels +bias +gelu") && steps.iter().any(|s| s.starts_with("conv2d Pointwise")), "{steps:#?}");
+}
+
+#[test]
+fn one_image_concatenations_and_splits_are_placed_not_copied() {
+    let mut rng = Rng::seed(6);
+    let opts = Conv2dOptions::default().padding(Padding::Same);
+    let (stem, wb, wc, wd) =
+        (param(&mut rng, &[8, 3, 3, 3]), param(&mut rng, &[4, 4, 3, 3]), param(&mut rng, &[4, 4, 1, 1]), param(&mut rng, &[6, 16, 1, 1]));
+    let (wf, wk) = (param(&mut rng, &[5, 25, 1, 1]), param(&mut rng, &[2, 22, 1, 1]));
+    let net = |x: &Var<f32>| -> Result<Var<f32>> {
+        // YOLO's C2f: a layer's output split in halves, the second through two layers, all four
+        // concatenated; then DenseNet's concatenation of a layer's output and its input.
+        let a = conv2d(x, &stem, None, &opts)?;
+        let (h1, h2) = (a.narrow(1, 0, 4)?, a.narrow(1, 4, 4)?);
+        let b = unary(&conv2d(&h2, &wb, None, &opts)?, Unary::Silu)?;
+        let c = conv2d(&b, &wc, None, &opts)?;
+        let cat = concat(&[&h1, &h2, &b, &c], 1)?;
+        let d = conv2d(&cat, &wd, None, &opts)?;
+        let e = concat(&[&d, &cat], 1)?;
+        let k = conv2d(&e, &wk, None, &opts)?;
+        // The plan's input and a buffer already placed in another concatenation stay copies.
+        let f = concat(&[&e, x], 1)?;
+        let g = conv2d(&f, &wf, None, &opts)?;
+        // YOLO's neck upsamples by whole factors: a planned step.
+        concat(&[&g, &d, &k], 1)?.upsample_nearest2d((2, 3))
+    };
+    for n in [1, 2] {
+        let x = rng.normal(&[n, 3, 6, 5], 0.0, 1.0).unwrap();
+        let steps = planned_matches_eager(&format!("concatenations, batch {n}"), x, net);
+        let gathers = steps.iter().filter(|s| s.contains("concat") || s.starts_with("narrow")).count();
+        // Batch 2: the split, the four concatenations (the first with the other half merged).
+        // One image: only the two that cannot be placed.
+        assert_eq!(gathers, if n == 1 { 2 } else { 5 }, "{steps:#?}");
+        assert_eq!(steps.last().map(String::as_str), Some("upsample_nearest2d"), "{steps:#?}");
+    }
+}
+
+#[test]
+fn dense_blocks_concatenate_in_place_for_one_image() {
+    let mut rng = Rng::seed(7);
+    let opts = Conv2dOptions::default().padding(Padding::Same);
+    let stem = param(&mut rng, &[4, 3, 3, 3]);
+    let layers: Vec<Var<f32>> = (1..4).map(|i| param(&mut rng, &[2, 4 + 2 * (i - 1), 3, 3])).collect();
+    let head = param(&mut rng, &[3, 10, 1, 1]);
+    let net = |x: &Var<f32>| -> Result<Var<f32>> {
+        // DenseNet's block: each layer reads the concatenation of every feature before it.
+        let mut feats = vec![conv2d(x, &stem, None, &opts)?];
+        for w in &layers {
+            let input = if feats.len() == 1 { feats[0].clone() } else { concat(&feats.iter().collect::<Vec<_>>(), 1)? };
+            feats.push(unary(&conv2d(&input, w, None, &opts)?, Unary::Relu)?);
+        }
+        conv2d(&concat(&feats.iter().collect::<Vec<_>>(), 1)?, &head, None, &opts)
+    };
+    for n in [1, 2] {
+        let x = rng.normal(&[n, 3, 5, 4], 0.0, 1.0).unwrap();
+        let steps = planned_matches_eager(&format!("dense block, batch {n}"), x, net);
+        // One image: each concatenation holds the one before as its first part, so none copies.
+        let gathers = steps.iter().filter(|s| s.contains("concat")).count();
+        assert_eq!(gathers, if n == 1 { 0 } else { 3 }, "{steps:#?}");
+    }
 }

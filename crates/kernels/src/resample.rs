@@ -8,10 +8,18 @@ use crate::pool::planes;
 
 /// `x` ([planes, h, w]) upsampled to [planes, h * sh, w * sw], each value repeated in a sh x sw
 /// block.
-pub fn upsample_nearest<T: Elem>(x: &[T], h: usize, w: usize, (sh, sw): (usize, usize)) -> Vec<T> {
+pub fn upsample_nearest<T: Elem>(x: &[T], h: usize, w: usize, scale: (usize, usize)) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len() / (h * w).max(1) * h * scale.0 * w * scale.1];
+    upsample_nearest_into(x, h, w, scale, &mut y);
+    y
+}
+
+/// [`upsample_nearest`] into `y` (every value written): a plan's step, in any layout whose
+/// planes lie whole and in the same order in input and output.
+pub fn upsample_nearest_into<T: Elem>(x: &[T], h: usize, w: usize, (sh, sw): (usize, usize), y: &mut [T]) {
     let (oh, ow) = (h * sh, w * sw);
-    let mut y = vec![T::zero(); x.len() / (h * w).max(1) * oh * ow];
-    planes(x, h * w, &mut y, oh * ow, |out, plane| {
+    assert_eq!(y.len(), x.len() / (h * w).max(1) * oh * ow, "upsample_nearest_into: output length");
+    planes(x, h * w, y, oh * ow, |out, plane| {
         for (r, row) in plane.chunks_exact(w).enumerate() {
             let block = &mut out[r * sh * ow..(r + 1) * sh * ow];
             let (first, rest) = block.split_at_mut(ow);
@@ -23,7 +31,6 @@ pub fn upsample_nearest<T: Elem>(x: &[T], h: usize, w: usize, (sh, sw): (usize, 
             }
         }
     });
-    y
 }
 
 /// The gradient of [`upsample_nearest`]: each input's sh x sw block of `g` summed, row by row

@@ -47,6 +47,13 @@ pub(super) enum Step {
         src: Buf,
         dst: Buf,
     },
+    /// Nearest-neighbour upsampling of planes `hw` by whole factors `scale`.
+    Upsample {
+        hw: (usize, usize),
+        scale: (usize, usize),
+        src: Buf,
+        dst: Buf,
+    },
     AvgPool {
         geom: PoolGeom,
         src: Buf,
@@ -161,6 +168,7 @@ impl Step {
         match self {
             Step::Relayout { src, .. }
             | Step::MaxPool { src, .. }
+            | Step::Upsample { src, .. }
             | Step::AvgPool { src, .. }
             | Step::AdaptiveAvg { src, .. }
             | Step::Permute { src, .. }
@@ -181,6 +189,7 @@ impl Step {
             Step::Relayout { dst, .. }
             | Step::Conv { dst, .. }
             | Step::MaxPool { dst, .. }
+            | Step::Upsample { dst, .. }
             | Step::AvgPool { dst, .. }
             | Step::AdaptiveAvg { dst, .. }
             | Step::Permute { dst, .. }
@@ -217,6 +226,7 @@ impl Step {
                 s
             }
             Step::MaxPool { .. } => "max_pool2d".into(),
+            Step::Upsample { .. } => "upsample_nearest2d".into(),
             Step::AvgPool { .. } => "avg_pool2d".into(),
             Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
             Step::Permute { .. } => "permute".into(),
@@ -323,19 +333,103 @@ fn gather_feeding(steps: &[Step], t: usize, keep: &[Buf]) -> Option<usize> {
     })
 }
 
+/// Where a buffer lives inside another (parent, offset in values), for [`place`].
+pub(super) type Inside = Vec<Option<(Buf, usize)>>;
+
+/// Turns the copies of one image's channel concatenations and splits into placement: a
+/// concatenation's sources are written straight into their places in its output, a split's
+/// output is read where it lies in its source, and the step goes. A gather (channels, or a
+/// concatenation or narrow of one row) reads runs of values; each run is followed to the
+/// outermost buffer it lies in, so that a concatenation of a buffer's halves (one of them split
+/// off) takes that buffer whole, and DenseNet's concatenation of a block's features so far
+/// holds the previous one as its first part. It qualifies when it has one image and the runs
+/// make whole outermost buffers in order (a concatenation) or one run (a split). A buffer lies
+/// inside at most one other, and `keep` (the plan's input and output) inside none; a gather
+/// that cannot be placed so stays a copy. Batches of more images interleave the sources, so
+/// their gathers stay copies.
+pub(super) fn place_gathers(steps: &mut Vec<Step>, lens: &[usize], keep: &[Buf]) -> Inside {
+    let mut inside: Inside = vec![None; lens.len()];
+    let mut t = 0;
+    while t < steps.len() {
+        match gather_links(&steps[t], lens, &inside).filter(|links| links.iter().all(|l| !keep.contains(&l.0))) {
+            Some(links) => {
+                for (child, parent, offset) in links {
+                    inside[child] = Some((parent, offset));
+                }
+                steps.remove(t);
+            }
+            None => t += 1,
+        }
+    }
+    inside
+}
+
+/// The placements that make `step` a no-op, as (child, parent, offset), when it is a one-image
+/// gather whose runs make whole outermost buffers (each placed in the output) or one run
+/// (the output placed there).
+fn gather_links(step: &Step, lens: &[usize], inside: &Inside) -> Option<Vec<(Buf, Buf, usize)>> {
+    // The runs of values the output is made of, in order: (buffer, start, length).
+    let runs: Vec<(Buf, usize, usize)> = match step {
+        Step::Channels { srcs, picks, dims: [1, plane], .. } => picks.iter().map(|&(s, ch)| (srcs[s].0, ch * plane, *plane)).collect(),
+        Step::Concat { srcs, outer: 1, .. } => {
+            srcs.iter().map(|s| if let Src::Buf(b) = *s { Some((b, 0, lens[b])) } else { None }).collect::<Option<_>>()?
+        }
+        // One row: the destination holds `row` values.
+        Step::Narrow { row, offset, src, dst, .. } if lens[*dst] == *row => vec![(*src, *offset, *row)],
+        _ => return None,
+    };
+    // Each run where it lies in its outermost buffer, adjacent runs of one buffer merged.
+    let mut merged: Vec<(Buf, usize, usize)> = Vec::new();
+    for (mut b, mut start, len) in runs {
+        while let Some((parent, offset)) = inside[b] {
+            (b, start) = (parent, start + offset);
+        }
+        match merged.last_mut() {
+            Some((mb, ms, ml)) if *mb == b && *ms + *ml == start => *ml += len,
+            _ => merged.push((b, start, len)),
+        }
+    }
+    let dst = step.writes();
+    let whole = |&(b, start, len): &(Buf, usize, usize)| start == 0 && len == lens[b] && b != dst;
+    match merged[..] {
+        [(b, start, _)] if !whole(&merged[0]) && b != dst => Some(vec![(dst, b, start)]),
+        _ if merged.iter().all(whole) => {
+            // Each buffer once (a buffer taken twice stays a copy).
+            let distinct = merged.iter().enumerate().all(|(i, m)| !merged[..i].iter().any(|o| o.0 == m.0));
+            let mut at = 0;
+            let links = merged.iter().map(|&(b, _, len)| {
+                at += len;
+                (b, dst, at - len)
+            });
+            distinct.then(|| links.collect())
+        }
+        _ => None,
+    }
+}
+
 /// Places buffers in one arena by liveness: a buffer lives from the step that writes it to the
 /// last step that reads it (the input from the start, the output to the end). First fit over
 /// the free gaps; the outputs of a step are placed before its inputs are released, so a step
-/// never reads and writes the same memory.
-pub(super) fn place(steps: &[Step], lens: &[usize], input: Buf, output: Buf) -> (Vec<(usize, usize)>, usize) {
+/// never reads and writes the same memory. A buffer inside another ([`place_gathers`]) is
+/// placed with the outermost one, which lives from the first write of any of them to the
+/// last read of any.
+pub(super) fn place(steps: &[Step], lens: &[usize], inside: &Inside, input: Buf, output: Buf) -> (Vec<(usize, usize)>, usize) {
+    // Each buffer's outermost container and its offset there.
+    let root = |mut b: Buf| {
+        let mut offset = 0;
+        while let Some((parent, o)) = inside[b] {
+            (b, offset) = (parent, offset + o);
+        }
+        (b, offset)
+    };
     let mut last = vec![0usize; lens.len()];
     for (s, step) in steps.iter().enumerate() {
-        for b in step.reads() {
-            last[b] = last[b].max(s);
+        for b in step.reads().into_iter().chain([step.writes()]) {
+            let r = root(b).0;
+            last[r] = last[r].max(s);
         }
-        last[step.writes()] = last[step.writes()].max(s);
     }
-    last[output] = usize::MAX;
+    last[root(output).0] = usize::MAX;
     let mut at = vec![(0, 0); lens.len()];
     let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, len), sorted by offset
     let mut end = 0;
@@ -376,21 +470,29 @@ pub(super) fn place(steps: &[Step], lens: &[usize], input: Buf, output: Buf) -> 
         }
     };
     let mut placed = vec![false; lens.len()];
-    at[input] = (take(lens[input], &mut free, &mut end), lens[input]);
-    placed[input] = true;
+    let r = root(input).0;
+    at[r] = (take(lens[r], &mut free, &mut end), lens[r]);
+    placed[r] = true;
     for (s, step) in steps.iter().enumerate() {
-        let w = step.writes();
+        let w = root(step.writes()).0;
         if !placed[w] {
             at[w] = (take(lens[w], &mut free, &mut end), lens[w]);
             placed[w] = true;
         }
-        let mut dead: Vec<Buf> = step.reads().into_iter().chain([w]).filter(|&b| last[b] == s).collect();
+        let mut dead: Vec<Buf> = step.reads().into_iter().chain([w]).map(|b| root(b).0).filter(|&b| last[b] == s).collect();
         dead.sort_unstable();
         dead.dedup();
         for b in dead {
             if lens[b] > 0 {
                 release(at[b].0, at[b].1, &mut free);
             }
+        }
+    }
+    // The buffers inside others, where their outermost containers went.
+    for b in 0..lens.len() {
+        let (r, offset) = root(b);
+        if r != b {
+            at[b] = (at[r].0 + offset, lens[b]);
         }
     }
     (at, end)
