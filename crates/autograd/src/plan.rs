@@ -302,6 +302,13 @@ impl Compiler {
                 let dst = self.define(tail, shape, layout);
                 self.steps.push(Step::Affine { scale, shift, layout, dims, act, src, dst });
             }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } if self.vals[ps[0]].is_some() => {
+                let (axis, log) = (*axis, matches!(op, Op::LogSoftmax { .. }));
+                let dims = [shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product()];
+                let src = self.operand(ps[0], Layout::Nchw);
+                let dst = self.define(i, shape, Layout::Nchw);
+                self.steps.push(Step::Softmax { dims, log, src, dst });
+            }
             // Plane by plane, in the input's layout (its planes lie in the same order).
             Op::UpsampleNearest { scale } if self.vals[ps[0]].is_some() && shape.len() == 4 => {
                 let from = self.rec.nodes[ps[0]].shape();
@@ -862,6 +869,13 @@ impl Plan {
                 stride_kernels::pool::max_forward_into(geom, buf(*src), dst, idx);
             }
             Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
+            Step::Softmax { dims: [outer, dim, inner], log, src, .. } => {
+                if *log {
+                    dst.copy_from_slice(&stride_kernels::softmax::log_softmax(buf(*src), *outer, *dim, *inner));
+                } else {
+                    stride_kernels::softmax::softmax_into(buf(*src), *outer, *dim, *inner, dst);
+                }
+            }
             Step::Upsample { hw: (h, w), scale, src, .. } => stride_kernels::resample::upsample_nearest_into(buf(*src), *h, *w, *scale, dst),
             Step::AdaptiveAvg { dims, out, src, .. } => stride_kernels::pool::adaptive_avg_forward_into(buf(*src), *dims, *out, dst),
             Step::Permute { shape, read, src, .. } => {

@@ -227,3 +227,18 @@ fn dense_blocks_concatenate_in_place_for_one_image() {
         assert_eq!(gathers, if n == 1 { 0 } else { 3 }, "{steps:#?}");
     }
 }
+
+#[test]
+fn softmax_plans_as_a_step() {
+    let mut rng = Rng::seed(8);
+    let w = param(&mut rng, &[16, 3, 1, 1]);
+    for n in [1, 2] {
+        let x = rng.normal(&[n, 3, 4, 7], 0.0, 1.0).unwrap();
+        // YOLO's box distribution: a softmax over an inner axis; then one over rows.
+        let steps = planned_matches_eager(&format!("softmax, batch {n}"), x, |x| {
+            let y = conv2d(x, &w, None, &Conv2dOptions::default())?.reshape(&[n, 4, 4, 4 * 7])?;
+            log_softmax(&softmax(&y, 1)?, 3)
+        });
+        assert_eq!(steps[steps.len() - 2..], ["softmax", "log_softmax"], "{steps:#?}");
+    }
+}

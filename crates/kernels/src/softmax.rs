@@ -36,8 +36,14 @@ pub fn log_softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> 
 /// [dim, inner] blocks, and large tensors are split over the threads.
 pub fn softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    drive(x, x, &mut y, [outer, dim, inner], Kind { stats: softmax_stats, write: softmax_write, row: softmax_row });
+    softmax_into(x, outer, dim, inner, &mut y);
     y
+}
+
+/// [`softmax`] into `y` (every value written), for a plan's step.
+pub fn softmax_into<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize, y: &mut [T]) {
+    assert!(x.len() == outer * dim * inner && y.len() == x.len(), "softmax_into: lengths");
+    drive(x, x, y, [outer, dim, inner], Kind { stats: softmax_stats, write: softmax_write, row: softmax_row });
 }
 
 /// dx = y * (dy - sum(dy * y)) for y = softmax(x).

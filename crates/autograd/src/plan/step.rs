@@ -47,6 +47,13 @@ pub(super) enum Step {
         src: Buf,
         dst: Buf,
     },
+    /// Softmax or log-softmax along the middle axis of [outer, dim, inner] (`dims`).
+    Softmax {
+        dims: [usize; 3],
+        log: bool,
+        src: Buf,
+        dst: Buf,
+    },
     /// Nearest-neighbour upsampling of planes `hw` by whole factors `scale`.
     Upsample {
         hw: (usize, usize),
@@ -169,6 +176,7 @@ impl Step {
             Step::Relayout { src, .. }
             | Step::MaxPool { src, .. }
             | Step::Upsample { src, .. }
+            | Step::Softmax { src, .. }
             | Step::AvgPool { src, .. }
             | Step::AdaptiveAvg { src, .. }
             | Step::Permute { src, .. }
@@ -190,6 +198,7 @@ impl Step {
             | Step::Conv { dst, .. }
             | Step::MaxPool { dst, .. }
             | Step::Upsample { dst, .. }
+            | Step::Softmax { dst, .. }
             | Step::AvgPool { dst, .. }
             | Step::AdaptiveAvg { dst, .. }
             | Step::Permute { dst, .. }
@@ -227,6 +236,7 @@ impl Step {
             }
             Step::MaxPool { .. } => "max_pool2d".into(),
             Step::Upsample { .. } => "upsample_nearest2d".into(),
+            Step::Softmax { log, .. } => if *log { "log_softmax" } else { "softmax" }.into(),
             Step::AvgPool { .. } => "avg_pool2d".into(),
             Step::AdaptiveAvg { .. } => "adaptive_avg_pool2d".into(),
             Step::Permute { .. } => "permute".into(),
