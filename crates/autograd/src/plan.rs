@@ -871,7 +871,7 @@ impl Plan {
             Step::AvgPool { geom, src, .. } => stride_kernels::pool::avg_forward_into(geom, buf(*src), dst),
             Step::Softmax { dims: [outer, dim, inner], log, src, .. } => {
                 if *log {
-                    dst.copy_from_slice(&stride_kernels::softmax::log_softmax(buf(*src), *outer, *dim, *inner));
+                    stride_kernels::softmax::log_softmax_into(buf(*src), *outer, *dim, *inner, dst);
                 } else {
                     stride_kernels::softmax::softmax_into(buf(*src), *outer, *dim, *inner, dst);
                 }

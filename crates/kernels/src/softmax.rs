@@ -19,6 +19,13 @@ fn each_row(outer: usize, dim: usize, inner: usize, mut f: impl FnMut(&dyn Fn(us
 /// logits (0.001 at 10,000).
 pub fn log_softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
+    log_softmax_into(x, outer, dim, inner, &mut y);
+    y
+}
+
+/// [`log_softmax`] into `y` (every value written), for a plan's step.
+pub fn log_softmax_into<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize, y: &mut [T]) {
+    assert!(x.len() == outer * dim * inner && y.len() == x.len(), "log_softmax_into: lengths");
     each_row(outer, dim, inner, |at| {
         let m = (0..dim).map(|k| x[at(k)]).fold(T::neg_infinity(), T::max);
         let log_sum = (0..dim).map(|k| (x[at(k)] - m).exp()).sum::<T>().ln();
@@ -27,7 +34,6 @@ pub fn log_softmax<T: Elem>(x: &[T], outer: usize, dim: usize, inner: usize) -> 
             y[i] = (x[i] - m) - log_sum;
         }
     });
-    y
 }
 
 /// softmax(x)_k = exp(x_k - max) / sum exp(x - max), the exponential `vmath`'s in f32 (as the
